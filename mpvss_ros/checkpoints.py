@@ -1,0 +1,211 @@
+"""Checkpoints: official detectron2-format MPVSS files and this project's own format.
+
+Official files (spec section 5.1) are ``.pth`` (``torch.save`` of a dict, the state dict possibly
+under ``"model"``) or detectron2 ``.pkl`` (a pickle of numpy arrays, possibly under ``"model"``).
+``.pth`` files are read with ``torch.load(weights_only=True)``; ``.pkl`` files with a restricted
+unpickler that only rebuilds numpy arrays and plain containers, so neither can run code.
+
+Key matching is strict: every key of the model must be in the file and every key of the file must
+be used, except for these documented, harmless differences:
+
+* ``criterion.empty_weight`` (a loss buffer of the training criterion) is ignored;
+* ``pixel_mean`` / ``pixel_std`` and ``motion.flow_img_norm_*`` (non-persistent normalisation
+  buffers some exports still carry) are ignored: the values come from the model config;
+* BatchNorm ``num_batches_tracked`` counters may be present or absent (detectron2 FrozenBN has
+  none, SyncBN has them); they do not affect inference.
+
+Anything else missing, unexpected or of another shape raises :class:`CheckpointError` naming
+the keys.
+
+This project's own files (``models/*.pt``) are a dict::
+
+    {"format": "mpvss_ros", "version": 1, "model_config": {...}, "state_dict": {...}, "meta": {...}}
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "read_state_dict",
+    "load_state_dict_strict",
+    "load_checkpoint",
+    "save_checkpoint",
+    "IGNORED_KEYS",
+]
+
+FORMAT = "mpvss_ros"
+VERSION = 1
+
+#: Keys that official checkpoints may carry and that the model does not use.
+IGNORED_KEYS = ("criterion.empty_weight", "pixel_mean", "pixel_std", "motion.flow_img_norm_mean", "motion.flow_img_norm_std")
+_OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, of an unknown layout, or does not match the model."""
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds numpy arrays, dtypes and builtin containers."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "slice"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # protocol-2 pickles encode bytes with it; harmless
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise CheckpointError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed in .pkl checkpoints")
+
+
+def _to_tensor_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: no state dict found (expected a dict of tensors, possibly under 'model')")
+    out: dict[str, Tensor] = {}
+    for k, v in obj.items():
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(np.array(v, order="C", copy=True))  # keeps 0-d arrays 0-d
+        if not isinstance(v, Tensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        out[str(k)] = v
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.pth``/``.pt`` (weights_only) or detectron2 ``.pkl`` (numpy only).
+
+    Returns:
+        Flat mapping key -> tensor (the ``"model"`` entry when the file has one; this project's
+        own format yields its ``"state_dict"``).
+
+    Raises:
+        CheckpointError: missing file, unreadable/corrupt file, or no state dict inside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".pkl":
+            with path.open("rb") as f:
+                obj = _NumpyUnpickler(f, encoding="latin1").load()
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # corrupt zip, truncated pickle, disallowed globals, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = obj.get("state_dict")
+    return _to_tensor_dict(obj, path)
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Copy ``state_dict`` into ``model``, failing loudly on any key or shape mismatch.
+
+    See the module docstring for the few keys that are tolerated.
+
+    Raises:
+        CheckpointError: listing missing keys, unexpected keys and shape mismatches.
+    """
+    model_sd = model.state_dict()
+    given = {k: v for k, v in state_dict.items() if k not in IGNORED_KEYS}
+    optional = lambda k: k.endswith(_OPTIONAL_SUFFIXES)  # noqa: E731
+    missing = sorted(k for k in model_sd if k not in given and not optional(k))
+    unexpected = sorted(k for k in given if k not in model_sd and not optional(k))
+    mismatched = sorted(
+        f"{k}: file {tuple(given[k].shape)} vs model {tuple(model_sd[k].shape)}"
+        for k in given
+        if k in model_sd and tuple(given[k].shape) != tuple(model_sd[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        parts = [f"{source} does not match the model ({type(model).__name__})"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {title} key(s):\n  " + "\n  ".join(keys))
+        raise CheckpointError("\n".join(parts))
+    to_load = {k: v for k, v in given.items() if k in model_sd}
+    for k in model_sd:
+        if k not in to_load:  # an absent optional counter keeps its current value
+            to_load[k] = model_sd[k]
+    model.load_state_dict(to_load, strict=True)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load weights from ``path`` into ``model`` (strict, see :func:`load_state_dict_strict`).
+
+    Returns:
+        The file's ``meta`` dict for this project's format, else an empty dict.
+
+    Raises:
+        CheckpointError: as :func:`read_state_dict` and :func:`load_state_dict_strict`.
+    """
+    path = Path(path)
+    state_dict = read_state_dict(path)
+    load_state_dict_strict(model, state_dict, source=str(path))
+    meta: dict[str, Any] = {}
+    if path.suffix != ".pkl":
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and obj.get("format") == FORMAT:
+                meta = dict(obj.get("meta") or {})
+        except Exception:  # already read once above; meta is optional
+            meta = {}
+    return meta
+
+
+def read_model_config(path: str | Path) -> dict[str, Any] | None:
+    """The ``model_config`` dict stored in a file of this project's format, or None."""
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return obj.get("model_config")
+    return None
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, Any],
+                    meta: dict[str, Any] | None = None) -> None:
+    """Write this project's checkpoint format (loadable with ``weights_only=True``).
+
+    Args:
+        path: output file (parent directories are created).
+        model: the module whose ``state_dict`` is saved.
+        model_config: ``ModelConfig.to_dict()`` of the model.
+        meta: JSON-like provenance (training data, steps, metrics, ...).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": model_config,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)

@@ -1,0 +1,248 @@
+"""Model configuration: typed dataclasses loaded from ``config/models/*.yaml``.
+
+One YAML file describes one model (``mpvss_r50``, ``mpvss_lite``); code never branches on the
+model's name, only on these fields. Unknown keys are errors, so a typo in a YAML file fails at
+load time with the offending key named.
+
+Usage::
+
+    cfg = load_model_config("mpvss_lite")          # a name under config/models/
+    cfg = load_model_config("path/to/custom.yaml")  # or a file
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .paths import REPO_ROOT, data_roots
+
+__all__ = [
+    "BackboneConfig",
+    "PixelDecoderConfig",
+    "TransformerDecoderConfig",
+    "MotionConfig",
+    "InputConfig",
+    "ModelConfig",
+    "ConfigError",
+    "load_model_config",
+    "model_config_from_dict",
+    "CONFIG_DIR",
+]
+
+#: ``config/`` of the source tree.
+CONFIG_DIR = REPO_ROOT / "config"
+
+
+class ConfigError(ValueError):
+    """A model configuration file is missing, unreadable or holds unknown or bad values."""
+
+
+@dataclass
+class BackboneConfig:
+    """Backbone choice.
+
+    ``type``: ``resnet`` (detectron2 key layout, ``depth`` 50 or 101) or ``mobilenet_v2``
+    (flat ``features.*`` layout). Outputs are ``res2..res5`` at strides 4, 8, 16, 32.
+    """
+
+    type: str = "mobilenet_v2"
+    depth: int = 50
+
+
+@dataclass
+class PixelDecoderConfig:
+    """Pixel decoder: ``msdeformattn`` (Mask2Former's, pure PyTorch) or ``fpn`` (light).
+
+    ``conv_dim``: channels of the multi-scale features; ``mask_dim``: channels of the 1/4
+    mask features. The MSDeformAttn fields are ignored by ``fpn``.
+    """
+
+    type: str = "fpn"
+    conv_dim: int = 128
+    mask_dim: int = 128
+    num_layers: int = 6
+    num_heads: int = 8
+    num_points: int = 4
+    ffn_dim: int = 1024
+    num_groups: int = 32
+
+
+@dataclass
+class TransformerDecoderConfig:
+    """Masked-attention transformer decoder (Mask2Former).
+
+    ``num_layers`` masked-attention layers give ``num_layers + 1`` predictions (one from the
+    learnable queries alone). MPVSS R50 uses 9 (its ``DEC_LAYERS: 10``).
+    """
+
+    hidden_dim: int = 128
+    num_queries: int = 24
+    num_layers: int = 3
+    num_heads: int = 4
+    ffn_dim: int = 512
+    num_feature_levels: int = 3
+
+
+@dataclass
+class MotionConfig:
+    """MPVSS motion module (FlowNetS-style encoder, joint-attention motion decoder, query flow).
+
+    ``encoder_channels``: output channels of conv1..conv6 (official: 64,128,256,512,512,1024).
+    ``deconv_channels``: output channels of deconv5, deconv4, deconv3, deconv2 (128,128,128,64).
+    ``hidden_dim``: motion-decoder width; must equal the segmentor's query width.
+    ``flow_embed_dim``: size E of the flow-query embedding; the motion map has 2E channels.
+    ``mlp_hidden_dim``: hidden width of ``output_head`` and ``scale_layer``.
+    ``image_scale``: the pair is resized by this factor before the encoder (official 0.5).
+    ``image_mean``: per-channel mean subtracted after /255 (FlowNet's Caffe means).
+    """
+
+    encoder_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512, 1024])
+    deconv_channels: list[int] = field(default_factory=lambda: [128, 128, 128, 64])
+    hidden_dim: int = 256
+    num_layers: int = 9
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    flow_embed_dim: int = 256
+    mlp_hidden_dim: int = 512
+    image_scale: float = 0.5
+    image_mean: list[float] = field(default_factory=lambda: [0.411, 0.432, 0.450])
+
+
+@dataclass
+class InputConfig:
+    """Pre-processing.
+
+    ``pixel_mean``/``pixel_std``: RGB, 0-255 scale. ``size``: the network canvas (H, W) in
+    pixels that a frame is fitted into with its aspect ratio kept; None keeps the input size.
+    ``size_divisibility``: padding multiple (bottom/right, zeros after normalisation).
+    ``warp_normalization``: ``exact`` (zero flow is the identity) or ``mmtrack`` (the
+    official ``flow_warp_feats`` grid, /W with align_corners=True; needed for official
+    checkpoints to behave as trained).
+    """
+
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    size: list[int] | None = None
+    size_divisibility: int = 32
+    warp_normalization: str = "exact"
+
+
+@dataclass
+class ModelConfig:
+    """A whole MPVSS model: segmentor, motion module, classes, pre-processing.
+
+    ``class_names`` has ``num_classes`` entries; ``palette`` one RGB triple per class
+    (generated when absent).
+    """
+
+    name: str
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+    palette: list[list[int]] = field(default_factory=list)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    transformer_decoder: TransformerDecoderConfig = field(default_factory=TransformerDecoderConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    default_weights: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (YAML/JSON serialisable), the inverse of :func:`model_config_from_dict`."""
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {
+    "backbone": BackboneConfig,
+    "pixel_decoder": PixelDecoderConfig,
+    "transformer_decoder": TransformerDecoderConfig,
+    "motion": MotionConfig,
+    "input": InputConfig,
+}
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    return cls(**data)
+
+
+def model_config_from_dict(data: dict[str, Any], where: str = "model config") -> ModelConfig:
+    """Build and validate a :class:`ModelConfig` from a plain dict.
+
+    Raises:
+        ConfigError: unknown keys, missing ``name``/``num_classes``, or inconsistent values
+            (class names or palette of the wrong length, motion width != query width, ...).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    data = dict(data)
+    for key in ("name", "num_classes"):
+        if key not in data:
+            raise ConfigError(f"{where}: missing required key '{key}'")
+    sections = {k: _build(c, data.pop(k, {}) or {}, f"{where}: {k}") for k, c in _SECTIONS.items()}
+    cfg = _build(ModelConfig, {**data, **sections}, where)
+    _validate(cfg, where)
+    return cfg
+
+
+def _validate(cfg: ModelConfig, where: str) -> None:
+    if cfg.num_classes < 1:
+        raise ConfigError(f"{where}: num_classes must be >= 1, got {cfg.num_classes}")
+    if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
+        raise ConfigError(f"{where}: {len(cfg.class_names)} class_names for num_classes={cfg.num_classes}")
+    if not cfg.class_names:
+        cfg.class_names = [f"class_{i}" for i in range(cfg.num_classes)]
+    if cfg.palette:
+        if len(cfg.palette) != cfg.num_classes or any(len(c) != 3 for c in cfg.palette):
+            raise ConfigError(f"{where}: palette needs {cfg.num_classes} RGB triples")
+    if cfg.backbone.type not in ("resnet", "mobilenet_v2"):
+        raise ConfigError(f"{where}: backbone.type must be resnet or mobilenet_v2, got {cfg.backbone.type!r}")
+    if cfg.pixel_decoder.type not in ("msdeformattn", "fpn"):
+        raise ConfigError(f"{where}: pixel_decoder.type must be msdeformattn or fpn, got {cfg.pixel_decoder.type!r}")
+    if cfg.motion.hidden_dim != cfg.transformer_decoder.hidden_dim:
+        raise ConfigError(
+            f"{where}: motion.hidden_dim ({cfg.motion.hidden_dim}) must equal transformer_decoder.hidden_dim "
+            f"({cfg.transformer_decoder.hidden_dim}): flow queries start from the key frame's queries"
+        )
+    if len(cfg.motion.encoder_channels) != 6 or len(cfg.motion.deconv_channels) != 4:
+        raise ConfigError(f"{where}: motion needs 6 encoder_channels and 4 deconv_channels")
+    if cfg.input.warp_normalization not in ("exact", "mmtrack"):
+        raise ConfigError(f"{where}: input.warp_normalization must be exact or mmtrack")
+    if cfg.input.size is not None and (len(cfg.input.size) != 2 or min(cfg.input.size) < 32):
+        raise ConfigError(f"{where}: input.size must be [H, W] with both >= 32, got {cfg.input.size}")
+
+
+def _model_dirs() -> list[Path]:
+    return [root / "config" / "models" for root in data_roots()]
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """Load a model configuration by name (``config/models/<name>.yaml``) or by file path.
+
+    Raises:
+        ConfigError: the file does not exist, is not valid YAML, or fails validation.
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        candidates = [d / f"{name_or_path}.yaml" for d in _model_dirs()]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            known = sorted({p.stem for d in _model_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+            raise ConfigError(f"unknown model '{name_or_path}'; known models: {known} (or pass a .yaml file)")
+        path = found
+    if not path.is_file():
+        raise ConfigError(f"model config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return model_config_from_dict(data, where=str(path))

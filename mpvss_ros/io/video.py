@@ -1,0 +1,565 @@
+"""Frame sources (video files, image folders), a video writer, and class-ID label PNGs.
+
+Everything inside the package handles images as ``(H, W, 3)`` ``uint8`` **RGB** arrays;
+OpenCV's BGR order only exists at this module's boundary (decoding and encoding).
+
+Usage::
+
+    with open_source("drive.mp4") as src:               # or a folder of images
+        with VideoWriter("out.mp4", src.fps) as out:     # size taken from the first frame
+            for frame in src:                            # Frame(index, stamp, name, image)
+                out.write(frame.image)
+
+Time stamps are ``index / fps`` seconds from the start of the source for both kinds of source.
+For video the container's per-frame times are deliberately not used: they can be missing,
+non-monotonic or rounded, and a constant-rate clock is what key-frame scheduling needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "Frame",
+    "FrameSource",
+    "VideoFileSource",
+    "ImageFolderSource",
+    "open_source",
+    "VideoWriter",
+    "IMAGE_SUFFIXES",
+    "DEFAULT_FOLDER_FPS",
+    "write_label_png",
+    "read_label_png",
+]
+
+logger = logging.getLogger(__name__)
+
+#: File suffixes (lower case) that an image folder source reads; other files are ignored.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: Frame rate assumed for image folders when ``open_source`` is given no ``fps``.
+DEFAULT_FOLDER_FPS = 30.0
+#: Frame rate used for a video whose container reports none (0 or NaN).
+FALLBACK_VIDEO_FPS = 30.0
+
+# Codec per output suffix for VideoWriter (FourCC); all four are available in opencv-python.
+_FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Frame
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame.
+
+    Attributes:
+        index: 0-based position in the source. For a folder it counts every image file, also
+            the unreadable ones that were skipped, so ``index`` stays aligned with the files.
+        stamp: time of the frame in seconds from the start of the source, ``index / fps``.
+        name: the image's file stem for folders; the zero-padded 6-digit index for video
+            (``"000042"``). Suitable as an output file stem.
+        image: ``(H, W, 3)`` ``uint8`` RGB, C-contiguous.
+
+    Raises:
+        ValueError: ``image`` is not a C-contiguous ``(H, W, 3)`` ``uint8`` array.
+    """
+
+    index: int
+    stamp: float
+    name: str
+    image: np.ndarray
+
+    def __post_init__(self) -> None:
+        img = self.image
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            shape = getattr(img, "shape", None)
+            dtype = getattr(img, "dtype", type(img).__name__)
+            raise ValueError(f"Frame.image must be an (H, W, 3) uint8 RGB array, got shape {shape} dtype {dtype}")
+        if not img.flags.c_contiguous:
+            raise ValueError("Frame.image must be C-contiguous (use np.ascontiguousarray)")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+class FrameSource:
+    """Base class of frame sources: an iterable of :class:`Frame`, opened by :func:`open_source`.
+
+    Every ``iter(source)`` starts again from the first frame. Use as a context manager or call
+    :meth:`close`; iterating a closed source raises ``ValueError``.
+
+    Attributes:
+        path: the video file or image folder.
+        fps: frame rate in frames per second (> 0) used for the time stamps.
+        name: the file stem (video) or folder name (images).
+    """
+
+    def __init__(self, path: Path, fps: float) -> None:
+        self.path = path
+        self.fps = float(fps)
+        self.name = path.stem if path.is_file() else path.name
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def close(self) -> None:
+        """Release the source; idempotent."""
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"frame source is closed: {self.path}")
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _known_len(self) -> int | None:
+        return len(self)
+
+    def __repr__(self) -> str:
+        n = self._known_len()
+        return f"{type(self).__name__}({str(self.path)!r}, fps={self.fps:g}, frames={'?' if n is None else n})"
+
+
+class VideoFileSource(FrameSource):
+    """Frames of a video file decoded with ``cv2.VideoCapture`` (FFmpeg backend).
+
+    Frames come out as ``(H, W, 3)`` uint8 RGB, names ``"000000"``, ``"000001"``, ...,
+    stamps ``index / fps`` seconds. ``len()`` is the frame count reported by the container
+    (counted by a decoding pass if the container reports none); if decoding ends before that
+    count, a warning is logged at the end of the iteration.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: OpenCV cannot open the file, or its first frame cannot be decoded.
+    """
+
+    def __init__(self, path: str | Path, fps: float | None = None) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"input not found: {path}")
+        cap = self._open_capture(path)
+        try:
+            ok, first = cap.read()
+            if not ok or first is None:
+                raise ValueError(f"cannot read video: {path} (the first frame cannot be decoded)")
+            container_fps = cap.get(cv2.CAP_PROP_FPS)
+            count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        finally:
+            cap.release()
+        if fps is None:
+            if not math.isfinite(container_fps) or container_fps <= 0:
+                logger.warning("video %s reports no frame rate (%r); assuming %g fps",
+                               path, container_fps, FALLBACK_VIDEO_FPS)
+                fps = FALLBACK_VIDEO_FPS
+            else:
+                fps = container_fps
+        super().__init__(path, _check_fps(fps))
+        self.container_fps: float = float(container_fps)
+        self._count: int | None = int(count) if math.isfinite(count) and count > 0 else None
+        self.frame_size: tuple[int, int] = (int(first.shape[1]), int(first.shape[0]))  # (W, H)
+        self._live: set[int] = set()
+        self._caps: dict[int, cv2.VideoCapture] = {}
+
+    @staticmethod
+    def _open_capture(path: Path) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(str(path))
+        if not cap.isOpened():
+            cap.release()
+            raise ValueError(f"cannot read video: {path} (OpenCV cannot open it as a video)")
+        return cap
+
+    def __len__(self) -> int:
+        if self._count is None:
+            logger.info("video %s reports no frame count; counting frames", self.path)
+            cap = self._open_capture(self.path)
+            n = 0
+            try:
+                while cap.grab():
+                    n += 1
+            finally:
+                cap.release()
+            self._count = n
+        return self._count
+
+    def _known_len(self) -> int | None:
+        return self._count
+
+    def __iter__(self) -> Iterator[Frame]:
+        self._check_open()
+        return self._frames()
+
+    def _frames(self) -> Iterator[Frame]:
+        cap = self._open_capture(self.path)
+        key = id(cap)
+        self._caps[key] = cap
+        index = 0
+        try:
+            while not self._closed:
+                ok, bgr = cap.read()
+                if not ok or bgr is None:
+                    break
+                yield Frame(index, index / self.fps, f"{index:06d}", _bgr_to_rgb(bgr))
+                index += 1
+        finally:
+            cap.release()
+            self._caps.pop(key, None)
+        if not self._closed and self._count is not None and index < self._count:
+            logger.warning("video %s: decoded %d frames, the container reports %d (truncated or corrupt?)",
+                           self.path, index, self._count)
+
+    def close(self) -> None:
+        """Release every capture still held by an unfinished iteration; idempotent."""
+        for cap in list(self._caps.values()):
+            cap.release()
+        self._caps.clear()
+        super().close()
+
+
+class ImageFolderSource(FrameSource):
+    """Frames from the images of one folder, in file-name order.
+
+    Files with a suffix in :data:`IMAGE_SUFFIXES` (any letter case) are used, sorted by file
+    name (plain string order, so number frames with zero padding; a warning is logged when
+    numeric order would differ). Hidden files (``.name``) and sub-folders are ignored.
+
+    Images are read with ``cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR`` (EXIF orientation
+    applied) and converted to 8-bit RGB:
+
+    * grayscale -> the gray value replicated in R, G and B;
+    * alpha channel (RGBA, gray + alpha) -> dropped, colours kept as stored (not composited);
+    * palette PNG -> expanded to its colours;
+    * 16-bit -> scaled linearly to 8 bits, ``round(v * 255 / 65535)`` (no per-image
+      contrast stretch, so brightness stays comparable between frames);
+    * 32-bit float (TIFF) -> taken as [0, 1], clipped, times 255, rounded.
+
+    An image that cannot be decoded, or has another depth, is skipped with a logged warning;
+    the index still advances, so ``index``, ``stamp`` and ``name`` stay those of its file.
+    ``len()`` is the number of image files (skipped ones included).
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        ValueError: no image files in the folder; two image files with the same stem (their
+            outputs would overwrite each other); ``fps`` not a positive finite number.
+    """
+
+    def __init__(self, path: str | Path, fps: float | None = None) -> None:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"input not found: {path}")
+        files = sorted(
+            (p for p in path.iterdir()
+             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+            key=lambda p: p.name,
+        )
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder: {path}")
+        stems: dict[str, Path] = {}
+        for p in files:
+            if p.stem in stems:
+                raise ValueError(f"two images with the same name stem in {path}: {stems[p.stem].name}, {p.name}")
+            stems[p.stem] = p
+        natural = sorted(files, key=lambda p: _natural_key(p.name))
+        if natural != files:
+            logger.warning("images in %s are read in file-name order, which differs from numeric order "
+                           "(e.g. frame_10 before frame_2); zero-pad the numbers if that is wrong", path)
+        super().__init__(path, _check_fps(DEFAULT_FOLDER_FPS if fps is None else fps))
+        self.files: list[Path] = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[Frame]:
+        self._check_open()
+        return self._frames()
+
+    def _frames(self) -> Iterator[Frame]:
+        size: tuple[int, ...] | None = None
+        for index, file in enumerate(self.files):
+            if self._closed:
+                return
+            image = _read_rgb(file)
+            if image is None:
+                continue
+            if size is not None and image.shape != size:
+                logger.warning("%s: size %dx%d differs from the previous image's %dx%d",
+                               file, image.shape[1], image.shape[0], size[1], size[0])
+            size = image.shape
+            yield Frame(index, index / self.fps, file.stem, image)
+
+
+def open_source(path: str | Path, fps: float | None = None) -> FrameSource:
+    """Open a video file or a folder of images as a :class:`FrameSource`.
+
+    Args:
+        path: a video file (anything ``cv2.VideoCapture`` opens: .mp4 .avi .mkv .mov .webm ...)
+            or a folder of images (.png .jpg .jpeg .bmp .tif .tiff, read in file-name order).
+        fps: frame rate in frames/s for the time stamps. Folders: default
+            :data:`DEFAULT_FOLDER_FPS` (30). Video: default the container's rate (30 with a
+            logged warning if it reports none); a value given here overrides it.
+
+    Returns:
+        A :class:`VideoFileSource` or :class:`ImageFolderSource`; iterate it for
+        :class:`Frame` objects (``image`` ``(H, W, 3)`` uint8 RGB, ``stamp`` in seconds).
+
+    Raises:
+        FileNotFoundError: ``input not found: <path>``.
+        ValueError: ``cannot read video: <path>`` (OpenCV cannot open it or decode its first
+            frame); a folder without images; ``fps`` not positive and finite.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"input not found: {p}")
+    if p.is_dir():
+        return ImageFolderSource(p, fps)
+    return VideoFileSource(p, fps)
+
+
+def _check_fps(fps: float) -> float:
+    try:
+        value = float(fps)
+    except (TypeError, ValueError):
+        raise ValueError(f"fps must be a positive number, got {fps!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"fps must be a positive finite number, got {fps!r}")
+    return value
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
+
+
+def _bgr_to_rgb(bgr: np.ndarray) -> np.ndarray:
+    """OpenCV frame (BGR, BGRA or gray; uint8) -> C-contiguous (H, W, 3) uint8 RGB."""
+    if bgr.ndim == 2 or (bgr.ndim == 3 and bgr.shape[2] == 1):
+        return cv2.cvtColor(bgr.reshape(bgr.shape[:2]), cv2.COLOR_GRAY2RGB)
+    if bgr.shape[2] == 4:
+        return cv2.cvtColor(bgr, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _read_rgb(file: Path) -> np.ndarray | None:
+    """Decode one image file to (H, W, 3) uint8 RGB, or log a warning and return None."""
+    try:
+        data = np.fromfile(file, dtype=np.uint8)
+        img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
+    except (OSError, cv2.error) as exc:
+        logger.warning("skipping unreadable image %s: %s", file, exc)
+        return None
+    if img is None:
+        logger.warning("skipping unreadable image %s (cannot be decoded)", file)
+        return None
+    if img.dtype == np.uint16:
+        img = np.rint(img.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        if not np.all(np.isfinite(img)):
+            logger.warning("skipping image %s: float image with NaN/inf values", file)
+            return None
+        img = np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        logger.warning("skipping image %s: unsupported pixel type %s", file, img.dtype)
+        return None
+    if img.ndim == 3 and img.shape[2] not in (1, 3, 4):
+        logger.warning("skipping image %s: unsupported channel count %d", file, img.shape[2])
+        return None
+    return _bgr_to_rgb(img)
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------
+
+
+class VideoWriter:
+    """Write ``(H, W, 3)`` uint8 RGB frames to a video file with ``cv2.VideoWriter``.
+
+    The codec follows the suffix: ``mp4v`` for .mp4/.m4v/.mov, ``MJPG`` for .avi, ``XVID``
+    for .mkv (override with ``fourcc``). Missing parent folders are created.
+
+    Args:
+        path: output file.
+        fps: frame rate in frames/s, positive.
+        size: ``(W, H)`` in pixels; None takes it from the first written frame (the file is
+            then opened, and open errors raised, on that first :meth:`write`).
+        fourcc: four-character codec code, overriding the suffix's default.
+
+    Raises:
+        ValueError: unknown suffix (without ``fourcc``), bad ``fps``/``size``/``fourcc``.
+        OSError: OpenCV cannot open the file for writing (codec or path problem).
+    """
+
+    def __init__(self, path: str | Path, fps: float, size: tuple[int, int] | None = None,
+                 fourcc: str | None = None) -> None:
+        self.path = Path(path).expanduser()
+        self.fps = _check_fps(fps)
+        if fourcc is None:
+            fourcc = _FOURCC_BY_SUFFIX.get(self.path.suffix.lower())
+            if fourcc is None:
+                raise ValueError(f"unsupported video suffix {self.path.suffix!r} for {self.path}; "
+                                 f"use one of {sorted(_FOURCC_BY_SUFFIX)} or pass fourcc")
+        if not isinstance(fourcc, str) or len(fourcc) != 4:
+            raise ValueError(f"fourcc must be a 4-character code, got {fourcc!r}")
+        self.fourcc = fourcc
+        self.size: tuple[int, int] | None = None
+        self.frames_written = 0
+        self._writer: cv2.VideoWriter | None = None
+        self._closed = False
+        if size is not None:
+            self._open(size)
+
+    def _open(self, size: tuple[int, int]) -> None:
+        try:
+            w, h = (int(v) for v in size)
+        except (TypeError, ValueError):
+            raise ValueError(f"size must be (W, H), got {size!r}") from None
+        if w <= 0 or h <= 0:
+            raise ValueError(f"size must be positive (W, H), got {size!r}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
+        if not writer.isOpened():
+            writer.release()
+            raise OSError(f"cannot open video for writing: {self.path} (codec {self.fourcc!r}, {w}x{h}, "
+                          f"{self.fps:g} fps)")
+        self._writer = writer
+        self.size = (w, h)
+
+    def write(self, image: np.ndarray) -> None:
+        """Append one frame.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB with ``(W, H)`` equal to the writer's size.
+
+        Raises:
+            ValueError: wrong type, dtype, shape or size; the writer is closed.
+            OSError: opening the file on the first frame failed (``size=None``).
+        """
+        if self._closed:
+            raise ValueError(f"video writer is closed: {self.path}")
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"VideoWriter.write expects an (H, W, 3) uint8 RGB array, got shape "
+                             f"{getattr(image, 'shape', None)} dtype {getattr(image, 'dtype', type(image).__name__)}")
+        if self._writer is None:
+            self._open((image.shape[1], image.shape[0]))
+        if (image.shape[1], image.shape[0]) != self.size:
+            raise ValueError(f"frame is {image.shape[1]}x{image.shape[0]}, the video is "
+                             f"{self.size[0]}x{self.size[1]}")  # type: ignore[index]
+        assert self._writer is not None
+        self._writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        self.frames_written += 1
+
+    def close(self) -> None:
+        """Finish the file; idempotent. Logs a warning if no frame was written."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        if self.frames_written == 0:
+            logger.warning("video writer %s closed without frames", self.path)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Label images
+# --------------------------------------------------------------------------------------------
+
+
+def write_label_png(path: str | Path, labels: np.ndarray) -> None:
+    """Write a class-ID image losslessly as a single-channel PNG.
+
+    Args:
+        path: output file; must end in ``.png``. Missing parent folders are created.
+        labels: ``(H, W)`` ``uint8`` (8-bit PNG) or ``uint16`` (16-bit PNG) class IDs.
+
+    Raises:
+        ValueError: ``labels`` not a 2-D uint8/uint16 array, or the suffix is not .png.
+        OSError: encoding or writing the file failed.
+    """
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"label images must be .png (lossless), got {path}")
+    if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"labels must be an (H, W) uint8 or uint16 array, got shape "
+                         f"{getattr(labels, 'shape', None)} dtype {getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.size == 0:
+        raise ValueError(f"labels are empty: shape {labels.shape}")
+    try:
+        ok, buf = cv2.imencode(".png", labels)
+    except cv2.error as exc:
+        raise OSError(f"cannot encode label image {path}: {exc}") from exc
+    if not ok:
+        raise OSError(f"cannot encode label image {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.tobytes())
+
+
+def read_label_png(path: str | Path) -> np.ndarray:
+    """Read a class-ID image written by :func:`write_label_png` (or any gray 8/16-bit PNG).
+
+    Decoded with ``cv2.IMREAD_UNCHANGED``. A 3-channel file whose channels are all equal is
+    accepted (channel 0 is returned).
+
+    Returns:
+        ``(H, W)`` ``uint8`` or ``uint16`` class IDs.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: it cannot be decoded; it is a palette (indexed) PNG, which OpenCV would
+            expand to colours instead of class IDs; or it holds colour rather than class IDs.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"label image not found: {path}")
+    data = path.read_bytes()
+    # IHDR: signature (8) + length (4) + "IHDR" (4) + width (4) + height (4) + depth (1) + colour type.
+    if data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[12:16] == b"IHDR" and data[25] == 3:
+        raise ValueError(f"{path} is a palette (indexed) PNG: OpenCV decodes it to colours, not class IDs; "
+                         "convert it to a grayscale PNG of the indices first")
+    labels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    if labels is None:
+        raise ValueError(f"cannot read label image: {path}")
+    if labels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"label image {path} has pixel type {labels.dtype}, expected uint8 or uint16")
+    if labels.ndim == 3:
+        if labels.shape[2] == 1:
+            labels = labels[:, :, 0]
+        elif labels.shape[2] == 3 and np.array_equal(labels[..., 0], labels[..., 1]) \
+                and np.array_equal(labels[..., 0], labels[..., 2]):
+            labels = labels[:, :, 0]
+        else:
+            raise ValueError(f"label image {path} has {labels.shape[2]} distinct colour channels; "
+                             "expected single-channel class IDs")
+    return np.ascontiguousarray(labels)

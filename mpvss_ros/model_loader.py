@@ -1,0 +1,128 @@
+"""Resolve a model name or config file plus weights into a ready :class:`~mpvss_ros.nn.mpvss.MPVSS`.
+
+Rules, in order:
+
+1. ``weights`` given and in this project's format with a stored ``model_config``, and no
+   ``model`` given: the stored configuration is used (the file describes itself).
+2. Otherwise the configuration comes from ``model`` (a name under ``config/models/`` or a YAML
+   file), default ``mpvss_lite``.
+3. Weights: ``weights`` if given (it must exist and match, else :class:`CheckpointError`), else
+   the configuration's ``default_weights``. When those default weights are absent the model runs
+   **untrained** (seeded random initialisation) with a warning, and ``LoadedModel.trained`` is
+   False; callers that need a trained model check it.
+
+Relative paths are looked up in the working directory and then :func:`mpvss_ros.paths.data_roots`
+(source tree, ROS 2 share directory, ``<prefix>/share/mpvss_ros``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import CheckpointError, load_checkpoint, read_model_config
+from .config import ModelConfig, load_model_config, model_config_from_dict
+from .nn.mpvss import MPVSS
+from .paths import find_data
+
+__all__ = ["LoadedModel", "load_model", "resolve_data_path", "select_device", "DEFAULT_MODEL"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "mpvss_lite"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and where it came from.
+
+    Attributes:
+        model: the MPVSS module in eval mode on ``device``.
+        config: its configuration.
+        weights: the weights file loaded, or None for an untrained model.
+        trained: False when no weights were loaded.
+        meta: provenance stored in the weights file (this project's format), else {}.
+        device: the torch device.
+    """
+
+    model: MPVSS
+    config: ModelConfig
+    weights: Path | None
+    trained: bool
+    device: torch.device
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_data_path(path: str | Path) -> Path | None:
+    """Find a data path (e.g. ``models/x.pt``): as given, or under :func:`~mpvss_ros.paths.data_roots`."""
+    return find_data(path)
+
+
+def select_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device.
+
+    Raises:
+        ValueError: unknown device string, or CUDA requested where torch has no CUDA (says to use
+            ``--device cpu``).
+    """
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: use cpu or cuda[:N]") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but this torch build sees no CUDA GPU; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use cpu or cuda[:N]")
+    return dev
+
+
+def load_model(model: str | Path | None = None, weights: str | Path | None = None,
+               device: str = "cpu", seed: int = 0) -> LoadedModel:
+    """Build the model and load its weights (see the module docstring for the rules).
+
+    Args:
+        model: a model name (``mpvss_lite``, ``mpvss_r50``) or a YAML config file; None = from
+            the weights file, else ``mpvss_lite``.
+        weights: a checkpoint (``.pt``/``.pth`` this project's or official, or detectron2
+            ``.pkl``); None = the config's default weights.
+        device: ``cpu`` or ``cuda[:N]``.
+        seed: torch seed for the initialisation of an untrained model.
+
+    Raises:
+        ConfigError: unknown model name or bad config file.
+        CheckpointError: ``weights`` given but missing, corrupt or not matching the model.
+        ValueError: unusable device.
+    """
+    dev = select_device(device)
+    weights_path: Path | None = None
+    if weights is not None:
+        weights_path = resolve_data_path(weights)
+        if weights_path is None:
+            raise CheckpointError(f"weights file not found: {weights}")
+
+    if model is None and weights_path is not None and weights_path.suffix != ".pkl":
+        stored = read_model_config(weights_path)
+        cfg = model_config_from_dict(stored, where=f"{weights_path} (model_config)") if stored else load_model_config(DEFAULT_MODEL)
+    else:
+        cfg = load_model_config(model or DEFAULT_MODEL)
+
+    if weights_path is None and cfg.default_weights:
+        weights_path = resolve_data_path(cfg.default_weights)
+        if weights_path is None:
+            log.warning(
+                "no trained weights for %s (%s not found): running UNTRAINED, randomly initialised "
+                "(seed %d); labels will be meaningless", cfg.name, cfg.default_weights, seed)
+
+    torch.manual_seed(seed)
+    net = MPVSS(cfg)
+    meta: dict[str, Any] = {}
+    if weights_path is not None:
+        meta = load_checkpoint(net, weights_path)
+    elif not cfg.default_weights:
+        log.warning("model %s has no weights (none given, no default): running UNTRAINED", cfg.name)
+    net.eval().to(dev)
+    return LoadedModel(net, cfg, weights_path, weights_path is not None, dev, meta)

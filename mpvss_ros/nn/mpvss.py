@@ -1,0 +1,189 @@
+"""The assembled MPVSS model (Weng et al., "Mask Propagation for Efficient Video Semantic
+Segmentation", NeurIPS 2023): a Mask2Former segmentor for key frames and a query-based flow
+module that warps the key frame's masks on every other frame.
+
+Attribute names give the official checkpoint prefixes: ``backbone.``,
+``sem_seg_head.pixel_decoder.``, ``sem_seg_head.predictor.``, ``motion.encoder.``,
+``motion.decoder.``. ``pixel_mean``/``pixel_std`` are non-persistent buffers, as in detectron2.
+
+Images enter as (B, 3, Hp, Wp) float32 RGB in 0..255, zero-padded at the bottom/right to a
+multiple of 32; ``valid_hw`` gives the unpadded size. Padding is zero *after* normalisation for
+both the segmentor and the motion module, as the reference's ``ImageList`` padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .backbones import build_backbone
+from .motion import MotionModule
+from .pixel_decoder import build_pixel_decoder
+from .transformer_decoder import DecoderOutput, MaskedTransformerDecoder
+from .warp import warp_mask_logits
+
+__all__ = ["MPVSS", "KeyFrameState", "semantic_scores", "valid_mask"]
+
+
+@dataclass
+class KeyFrameState:
+    """What a non-key frame needs from its key frame (spec section 1.4).
+
+    Attributes:
+        image: (1, 3, Hp, Wp) float32 raw RGB 0..255 of the key frame, zero-padded.
+        valid_hw: unpadded (h, w) in pixels of the network canvas.
+        class_logits: (1, N, K+1) float32, reused unchanged on non-key frames.
+        mask_logits: (1, N, Hp/4, Wp/4) float32.
+        query_embeddings: (1, N, C) float32 final LayerNorm-ed queries (Q_O^k).
+    """
+
+    image: Tensor
+    valid_hw: tuple[int, int]
+    class_logits: Tensor
+    mask_logits: Tensor
+    query_embeddings: Tensor
+
+
+def valid_mask(hw_padded: tuple[int, int], valid_hw: tuple[int, int] | None, like: Tensor) -> Tensor | None:
+    """(1, 1, Hp, Wp) mask of ones inside ``valid_hw`` and zeros in the padding; None if no padding."""
+    hp, wp = hw_padded
+    if valid_hw is None or tuple(valid_hw) == (hp, wp):
+        return None
+    h, w = valid_hw
+    ones = torch.ones((1, 1, h, w), dtype=like.dtype, device=like.device)
+    return F.pad(ones, (0, wp - w, 0, hp - h))
+
+
+def semantic_scores(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+    """Mask2Former semantic inference: S[c] = sum_q softmax(class_q)[c] * sigmoid(mask_q).
+
+    The softmax runs over all K+1 logits; the no-object column is then dropped.
+
+    Args:
+        class_logits: (B, N, K+1) float32.
+        mask_logits: (B, N, h, w) float32.
+
+    Returns:
+        (B, K, h, w) float32 scores (not normalised; each in [0, N]).
+    """
+    b, n, h, w = mask_logits.shape
+    probs = class_logits.softmax(dim=-1)[..., :-1]  # (B, N, K)
+    masks = mask_logits.sigmoid().reshape(b, n, h * w)
+    return torch.bmm(probs.transpose(1, 2), masks).reshape(b, -1, h, w)
+
+
+class _SemSegHead(nn.Module):
+    """Container giving the ``sem_seg_head.{pixel_decoder,predictor}`` key prefixes."""
+
+    def __init__(self, pixel_decoder: nn.Module, predictor: MaskedTransformerDecoder) -> None:
+        super().__init__()
+        self.pixel_decoder = pixel_decoder
+        self.predictor = predictor
+
+
+class MPVSS(nn.Module):
+    """MPVSS: Mask2Former key-frame segmentor + query-based flow for non-key frames.
+
+    Args:
+        cfg: the model configuration (``config/models/*.yaml``).
+
+    Use :meth:`segment_key_frame` on key frames and :meth:`propagate` on the others; both
+    return mask logits at 1/4 of the padded canvas, which :func:`semantic_scores` turns into
+    class scores.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone)
+        pixel_decoder = build_pixel_decoder(cfg.pixel_decoder, self.backbone.out_channels)
+        predictor = MaskedTransformerDecoder(
+            cfg.transformer_decoder,
+            cfg.num_classes,
+            in_channels=cfg.pixel_decoder.conv_dim,
+            mask_dim=cfg.pixel_decoder.mask_dim,
+        )
+        self.sem_seg_head = _SemSegHead(pixel_decoder, predictor)
+        self.motion = MotionModule(cfg.motion, cfg.transformer_decoder.num_queries)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.input.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.input.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.warp_normalization = cfg.input.warp_normalization
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def normalize(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> Tensor:
+        """(B,3,Hp,Wp) 0..255 -> (x - mean) / std with zeros in the padding."""
+        x = (image - self.pixel_mean) / self.pixel_std
+        mask = valid_mask((int(image.shape[-2]), int(image.shape[-1])), valid_hw, x)
+        return x if mask is None else x * mask
+
+    def forward_segmentor(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> DecoderOutput:
+        """Run backbone, pixel decoder and masked-attention decoder (all deep-supervision outputs).
+
+        Args:
+            image: (B, 3, Hp, Wp) float32 RGB 0..255, Hp and Wp multiples of 32.
+            valid_hw: unpadded size, or None when there is no padding.
+        """
+        features = self.backbone(self.normalize(image, valid_hw))
+        mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)
+        return self.sem_seg_head.predictor(multi_scale, mask_features)
+
+    def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
+        """Segment a key frame and keep what non-key frames need.
+
+        Args:
+            image: (1, 3, Hp, Wp) float32 RGB 0..255, zero-padded to a multiple of 32.
+            valid_hw: unpadded (h, w); None = no padding.
+
+        Returns:
+            :class:`KeyFrameState` (class logits, mask logits, query embeddings, the raw image).
+        """
+        out = self.forward_segmentor(image, valid_hw)
+        hw = (int(image.shape[-2]), int(image.shape[-1])) if valid_hw is None else tuple(valid_hw)
+        return KeyFrameState(
+            image=image,
+            valid_hw=hw,
+            class_logits=out.class_logits,
+            mask_logits=out.mask_logits,
+            query_embeddings=out.query_embeddings,
+        )
+
+    def estimate_flow(self, image: Tensor, key_image: Tensor, query_embeddings: Tensor,
+                      valid_hw: tuple[int, int] | None = None) -> Tensor:
+        """Query-based flow from the current frame to the key frame (spec sections 2.1-2.6).
+
+        Args:
+            image: (B, 3, Hp, Wp) float32 current frame, RGB 0..255, zero-padded.
+            key_image: (B, 3, Hp, Wp) float32 key frame, same layout.
+            query_embeddings: (B, N, C) key-frame queries (Q_O^k).
+            valid_hw: unpadded size, or None.
+
+        Returns:
+            (B, N, 2, Hp/s, Wp/s) float32 flows in pixels of the motion module's flow grid
+            (s = ``self.motion.flow_stride``, 8 for the official scale).
+        """
+        return self.motion(image, key_image, query_embeddings.transpose(0, 1), image_size=valid_hw).flows
+
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        """Warp the key frame's mask logits to the current frame with query-based flow.
+
+        Args:
+            key: the key frame's state.
+            image: (1, 3, Hp, Wp) float32 current frame, same canvas as the key frame.
+
+        Returns:
+            (1, N, Hp/4, Wp/4) float32 warped mask logits.
+
+        Raises:
+            ValueError: if the current frame's canvas differs from the key frame's.
+        """
+        if image.shape != key.image.shape:
+            raise ValueError(f"frame canvas {tuple(image.shape)} differs from key frame {tuple(key.image.shape)}")
+        flows = self.estimate_flow(image, key.image, key.query_embeddings, key.valid_hw)
+        return warp_mask_logits(key.mask_logits, flows, self.warp_normalization)

@@ -1,0 +1,151 @@
+"""Propagators: turn a key frame's mask logits into mask logits for the current frame.
+
+All propagators share one interface, :meth:`Propagator.propagate`, and return mask logits on
+the key frame's 1/4 grid; the key frame's class logits are reused unchanged (MPVSS section 3).
+
+* ``query_flow`` (:class:`QueryFlowPropagator`): MPVSS. One flow map per mask, estimated by the
+  model's motion module from the key frame's queries and the (current, key) image pair.
+* ``optical_flow`` (:class:`OpticalFlowPropagator`): the paper's optical-flow baseline. One
+  dense flow from OpenCV (DIS or Farneback) between the grey current and key frames warps every
+  mask alike.
+* ``copy`` (:class:`CopyPropagator`): hold the key frame's masks.
+
+``per_frame`` is not a propagator: it is the schedule ``fixed:1`` (every frame a key frame).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from .nn.mpvss import MPVSS, KeyFrameState
+from .nn.warp import warp_mask_logits
+
+__all__ = [
+    "Propagator",
+    "CopyPropagator",
+    "OpticalFlowPropagator",
+    "QueryFlowPropagator",
+    "build_propagator",
+    "PROPAGATORS",
+]
+
+PROPAGATORS = ("query_flow", "optical_flow", "copy")
+
+
+class Propagator(ABC):
+    """Interface: mask logits of the current frame from the key frame's state."""
+
+    name: str = ""
+
+    @abstractmethod
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        """Propagate the key frame's masks to ``image``.
+
+        Args:
+            key: the key frame's state (mask logits (1, N, Hp/4, Wp/4) float32, ...).
+            image: (1, 3, Hp, Wp) float32 RGB 0..255 current frame on the key frame's canvas.
+
+        Returns:
+            (1, N, Hp/4, Wp/4) float32 mask logits for the current frame.
+        """
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class CopyPropagator(Propagator):
+    """Hold the key frame's masks unchanged (the "copy last key frame" baseline)."""
+
+    name = "copy"
+
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        return key.mask_logits
+
+
+class QueryFlowPropagator(Propagator):
+    """MPVSS query-based flow: each key-frame mask warped with its own flow.
+
+    Args:
+        model: the MPVSS model whose motion module estimates the flows.
+    """
+
+    name = "query_flow"
+
+    def __init__(self, model: MPVSS) -> None:
+        self.model = model
+
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        return self.model.propagate(key, image)
+
+
+class OpticalFlowPropagator(Propagator):
+    """Classic dense optical flow (OpenCV) from the current frame to the key frame.
+
+    The flow is computed on grey images at ``flow_scale`` of the canvas (DIS "fast" preset or
+    Farneback), then every mask is warped with it (``exact`` grid; see
+    :func:`~mpvss_ros.nn.warp.warp_mask_logits`). The key frame's grey image is computed once
+    per key frame.
+
+    Args:
+        method: ``dis`` or ``farneback``.
+        flow_scale: resolution of the flow computation relative to the canvas (0 < s <= 1).
+
+    Raises:
+        ValueError: on an unknown method or a bad scale.
+    """
+
+    name = "optical_flow"
+
+    def __init__(self, method: str = "dis", flow_scale: float = 0.5) -> None:
+        if method not in ("dis", "farneback"):
+            raise ValueError(f"optical-flow method must be dis or farneback, got {method!r}")
+        if not 0 < flow_scale <= 1:
+            raise ValueError(f"flow_scale must be in (0, 1], got {flow_scale}")
+        self.method = method
+        self.flow_scale = flow_scale
+        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST) if method == "dis" else None
+        self._key: KeyFrameState | None = None  # held, so identity comparison is safe
+        self._key_grey: np.ndarray | None = None
+
+    def _grey(self, image: Tensor) -> np.ndarray:
+        rgb = image[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        if self.flow_scale != 1.0:
+            h, w = grey.shape
+            size = (max(8, round(w * self.flow_scale)), max(8, round(h * self.flow_scale)))
+            grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+        return grey
+
+    def flow(self, current_grey: np.ndarray, key_grey: np.ndarray) -> np.ndarray:
+        """Backward flow (h, w, 2) float32 in pixels: current(p) ~ key(p + flow(p))."""
+        if self._dis is not None:
+            return self._dis.calc(current_grey, key_grey, None)
+        return cv2.calcOpticalFlowFarneback(current_grey, key_grey, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        if self._key is not key or self._key_grey is None:
+            self._key_grey = self._grey(key.image)
+            self._key = key
+        flow = self.flow(self._grey(image), self._key_grey)
+        flows = torch.from_numpy(flow).permute(2, 0, 1)[None, None].to(key.mask_logits)
+        return warp_mask_logits(key.mask_logits, flows, "exact")
+
+
+def build_propagator(name: str, model: MPVSS, optical_flow_method: str = "dis") -> Propagator:
+    """Make the propagator called ``name`` (one of :data:`PROPAGATORS`).
+
+    Raises:
+        ValueError: on an unknown name, listing the known ones.
+    """
+    if name == "query_flow":
+        return QueryFlowPropagator(model)
+    if name == "optical_flow":
+        return OpticalFlowPropagator(optical_flow_method)
+    if name == "copy":
+        return CopyPropagator()
+    raise ValueError(f"unknown propagator {name!r}; choose one of {', '.join(PROPAGATORS)}")

@@ -1,0 +1,253 @@
+"""Key-frame scheduling: which frames run the full segmentor.
+
+Every scheduler computes a cheap **scene score** for every frame against the last key frame, so
+the score is part of every result whatever the policy:
+
+* the frame is converted to grey and shrunk to a ``thumb_width``-pixel-wide thumbnail
+  (``cv2.INTER_AREA``);
+* ``pixel_change`` = mean absolute grey-level difference / 255, in [0, 1];
+* ``histogram_change`` = Bhattacharyya distance of 32-bin grey histograms, in [0, 1];
+* ``scene_score = max(pixel_change / pixel_scale, histogram_change)``, where
+  ``pixel_scale`` (0.25 by default) maps a typical hard cut's pixel change to about 1.
+
+The pixel term grows with camera motion (content drifting away from the key frame); the
+histogram term is insensitive to motion and fires on cuts and lighting jumps.
+
+Forced key frames, whatever the policy (``reason`` in the decision):
+
+* ``first``: the first frame, or the first after :meth:`KeyFrameScheduler.reset` (``reset``);
+* ``resolution_change``: the frame's size differs from the key frame's;
+* ``time_backwards``: the stamp is earlier than the previous frame's (bag loop, replay);
+* ``time_gap``: more than ``max_gap_s`` seconds since the previous frame.
+
+Policies:
+
+* :class:`FixedIntervalScheduler` (``fixed:N``): every N-th frame after the last key frame
+  (``interval``); N = 1 is per-frame segmentation. MPVSS uses N = 5.
+* :class:`AdaptiveScheduler` (``adaptive``): a key frame when ``scene_score >= threshold`` and at
+  least ``min_interval`` frames have passed (``scene_change``), or after ``max_interval``
+  frames (``max_interval``).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "ScheduleDecision",
+    "SceneScorer",
+    "KeyFrameScheduler",
+    "FixedIntervalScheduler",
+    "AdaptiveScheduler",
+    "parse_schedule",
+]
+
+
+@dataclass(frozen=True)
+class ScheduleDecision:
+    """The scheduler's verdict for one frame.
+
+    Attributes:
+        is_key_frame: run the segmentor on this frame.
+        scene_score: change against the last key frame (>= 0; about 1 at a hard cut). 0.0 on a
+            forced first frame.
+        reason: why it is a key frame (``first``, ``reset``, ``resolution_change``,
+            ``time_backwards``, ``time_gap``, ``interval``, ``scene_change``, ``max_interval``),
+            or ``""`` for a non-key frame.
+        frames_since_key: frames since the last key frame, counting this one (0 on a key frame).
+    """
+
+    is_key_frame: bool
+    scene_score: float
+    reason: str
+    frames_since_key: int
+
+
+class SceneScorer:
+    """Cheap scene-change score of a frame against a reference thumbnail.
+
+    Args:
+        thumb_width: thumbnail width in pixels (height keeps the aspect ratio).
+        pixel_scale: pixel change that counts as a full scene change (see module docstring).
+        bins: grey-histogram bins.
+    """
+
+    def __init__(self, thumb_width: int = 64, pixel_scale: float = 0.25, bins: int = 32) -> None:
+        if thumb_width < 4 or pixel_scale <= 0 or bins < 2:
+            raise ValueError("thumb_width >= 4, pixel_scale > 0 and bins >= 2 are required")
+        self.thumb_width = thumb_width
+        self.pixel_scale = pixel_scale
+        self.bins = bins
+
+    def thumbnail(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Grey thumbnail (h, thumb_width) uint8 and its normalised histogram (bins,) float32.
+
+        Args:
+            frame: (H, W, 3) uint8 RGB.
+        """
+        grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        h, w = grey.shape
+        tw = min(self.thumb_width, w)
+        th = max(1, round(h * tw / w))
+        thumb = cv2.resize(grey, (tw, th), interpolation=cv2.INTER_AREA)
+        hist = cv2.calcHist([thumb], [0], None, [self.bins], [0, 256]).ravel()
+        hist /= max(float(hist.sum()), 1.0)
+        return thumb, hist
+
+    def score(self, thumb: np.ndarray, hist: np.ndarray, ref_thumb: np.ndarray, ref_hist: np.ndarray) -> tuple[float, float, float]:
+        """(scene_score, pixel_change, histogram_change) of a thumbnail against a reference."""
+        pixel = float(cv2.absdiff(thumb, ref_thumb).mean()) / 255.0
+        histo = float(cv2.compareHist(hist, ref_hist, cv2.HISTCMP_BHATTACHARYYA))
+        histo = min(max(histo, 0.0), 1.0)
+        return max(pixel / self.pixel_scale, histo), pixel, histo
+
+
+class KeyFrameScheduler(ABC):
+    """Base class: scene score, forced key frames, bookkeeping. Subclasses pick the policy.
+
+    Args:
+        max_gap_s: a gap between consecutive stamps longer than this (seconds) forces a key
+            frame; ``math.inf`` disables it.
+        scorer: the scene scorer (default :class:`SceneScorer`).
+    """
+
+    def __init__(self, max_gap_s: float = 1.0, scorer: SceneScorer | None = None) -> None:
+        if not max_gap_s > 0:
+            raise ValueError(f"max_gap_s must be > 0, got {max_gap_s}")
+        self.max_gap_s = max_gap_s
+        self.scorer = scorer or SceneScorer()
+        self._frames_seen = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the key frame: the next frame is a key frame (``reset`` after the first use)."""
+        self._ref: tuple[np.ndarray, np.ndarray] | None = None
+        self._key_shape: tuple[int, ...] | None = None
+        self._last_stamp: float | None = None
+        self._since_key = 0
+        self._start_reason = "reset" if self._frames_seen else "first"
+
+    def decide(self, frame: np.ndarray, stamp: float) -> ScheduleDecision:
+        """Decide whether ``frame`` is a key frame and update the state.
+
+        Args:
+            frame: (H, W, 3) uint8 RGB.
+            stamp: capture time in seconds.
+        """
+        self._frames_seen += 1
+        thumb, hist = self.scorer.thumbnail(frame)
+        if self._ref is None:
+            return self._commit(True, 0.0, self._start_reason, thumb, hist, frame.shape, stamp)
+        ref_thumb, ref_hist = self._ref
+        if thumb.shape != ref_thumb.shape:  # another resolution or aspect ratio
+            ref_thumb = cv2.resize(ref_thumb, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_AREA)
+        score = self.scorer.score(thumb, hist, ref_thumb, ref_hist)[0]
+        reason = self._forced_reason(frame.shape, stamp) or self._policy(score, self._since_key + 1)
+        return self._commit(bool(reason), score, reason, thumb, hist, frame.shape, stamp)
+
+    @abstractmethod
+    def _policy(self, scene_score: float, frames_since_key: int) -> str:
+        """Return a reason string for a key frame, or "" for a non-key frame."""
+
+    def _forced_reason(self, shape: tuple[int, ...], stamp: float) -> str:
+        if shape != self._key_shape:
+            return "resolution_change"
+        if self._last_stamp is not None:
+            if stamp < self._last_stamp:
+                return "time_backwards"
+            if stamp - self._last_stamp > self.max_gap_s:
+                return "time_gap"
+        return ""
+
+    def _commit(self, key: bool, score: float, reason: str, thumb: np.ndarray, hist: np.ndarray,
+                shape: tuple[int, ...], stamp: float) -> ScheduleDecision:
+        self._last_stamp = stamp
+        if key:
+            self._ref = (thumb, hist)
+            self._key_shape = shape
+            self._since_key = 0
+        else:
+            self._since_key += 1
+        return ScheduleDecision(key, float(score), reason if key else "", self._since_key)
+
+
+class FixedIntervalScheduler(KeyFrameScheduler):
+    """A key frame every ``interval`` frames (``fixed:N``), plus the forced ones.
+
+    Raises:
+        ValueError: if ``interval < 1``.
+    """
+
+    def __init__(self, interval: int, max_gap_s: float = 1.0, scorer: SceneScorer | None = None) -> None:
+        if interval < 1:
+            raise ValueError(f"key-frame interval must be >= 1, got {interval}")
+        self.interval = interval
+        super().__init__(max_gap_s, scorer)
+
+    def _policy(self, scene_score: float, frames_since_key: int) -> str:
+        return "interval" if frames_since_key >= self.interval else ""
+
+    def __repr__(self) -> str:
+        return f"fixed:{self.interval}"
+
+
+class AdaptiveScheduler(KeyFrameScheduler):
+    """Scene-change key frames: ``scene_score >= threshold`` after ``min_interval`` frames, or
+    ``max_interval`` frames at the latest.
+
+    Args:
+        threshold: scene score that triggers a key frame (about 1 = hard cut).
+        min_interval: frames that must pass after a key frame before a scene change may fire
+            (1 = the very next frame may be a key frame).
+        max_interval: frames after which a key frame is forced.
+        max_gap_s, scorer: as :class:`KeyFrameScheduler`.
+
+    Raises:
+        ValueError: on a threshold <= 0 or ``not 1 <= min_interval <= max_interval``.
+    """
+
+    def __init__(self, threshold: float = 0.5, min_interval: int = 1, max_interval: int = 10,
+                 max_gap_s: float = 1.0, scorer: SceneScorer | None = None) -> None:
+        if threshold <= 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        if not 1 <= min_interval <= max_interval:
+            raise ValueError(f"need 1 <= min_interval <= max_interval, got {min_interval}, {max_interval}")
+        self.threshold = threshold
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        super().__init__(max_gap_s, scorer)
+
+    def _policy(self, scene_score: float, frames_since_key: int) -> str:
+        if frames_since_key >= self.min_interval and scene_score >= self.threshold:
+            return "scene_change"
+        if frames_since_key >= self.max_interval:
+            return "max_interval"
+        return ""
+
+    def __repr__(self) -> str:
+        return f"adaptive:{self.threshold:g}"
+
+
+def parse_schedule(spec: str, max_gap_s: float = 1.0, min_interval: int = 1, max_interval: int = 10) -> KeyFrameScheduler:
+    """Build a scheduler from ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD``.
+
+    Raises:
+        ValueError: with the accepted forms, on anything else.
+    """
+    kind, _, arg = spec.strip().partition(":")
+    try:
+        if kind == "fixed" and arg:
+            return FixedIntervalScheduler(int(arg), max_gap_s=max_gap_s)
+        if kind == "adaptive":
+            threshold = float(arg) if arg else 0.5
+            if not math.isfinite(threshold):
+                raise ValueError("threshold must be finite")
+            return AdaptiveScheduler(threshold, min_interval, max_interval, max_gap_s=max_gap_s)
+    except ValueError as exc:
+        raise ValueError(f"bad schedule {spec!r}: {exc}") from exc
+    raise ValueError(f"bad schedule {spec!r}: use fixed:N (N >= 1), adaptive or adaptive:THRESHOLD")

@@ -1,0 +1,280 @@
+"""``VideoSegmenter``: the frame-by-frame MPVSS pipeline, ROS-free.
+
+Data flows one way: frame -> :mod:`scheduling` (key frame?) -> segmentor (key frame) or
+:mod:`propagation` (other frames) -> semantic inference -> :class:`SegmentationResult`.
+
+Pre-processing fits the frame into the model's canvas (``input.size``) keeping the aspect ratio
+(``cv2.INTER_AREA`` when shrinking, ``INTER_LINEAR`` when enlarging), then zero-pads the
+bottom/right to a multiple of 32. Post-processing follows Mask2Former's order: mask logits are
+upsampled bilinearly to the padded canvas, turned into class scores, cropped to the unpadded
+area and resized bilinearly to the input resolution, where argmax gives the labels. The resize
+runs over chunks of classes with a running argmax so memory stays bounded at high resolution
+with many classes; the result is identical to resizing all classes at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .nn.mpvss import MPVSS, KeyFrameState, semantic_scores
+from .propagation import Propagator
+from .scheduling import KeyFrameScheduler, ScheduleDecision
+
+__all__ = ["FrameError", "SegmentationResult", "VideoSegmenter", "Letterbox", "check_frame"]
+
+#: Classes resized per chunk in post-processing (bounds memory: chunk x H x W float32).
+_CLASS_CHUNK = 16
+
+
+class FrameError(ValueError):
+    """A frame cannot be segmented (wrong type, dtype, shape, or an empty image)."""
+
+
+def check_frame(image: Any) -> np.ndarray:
+    """Validate a frame: (H, W, 3) uint8 RGB with H, W >= 1. Returns it C-contiguous.
+
+    Raises:
+        FrameError: naming what is wrong (type, dtype, number of channels, zero size).
+    """
+    if not isinstance(image, np.ndarray):
+        raise FrameError(f"frame must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise FrameError(f"frame must be uint8 RGB, got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise FrameError(f"frame must have shape (H, W, 3) RGB, got {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise FrameError(f"frame is empty: {image.shape[0]} x {image.shape[1]} pixels")
+    return np.ascontiguousarray(image)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a frame maps onto the network canvas (aspect ratio kept, bottom/right padding).
+
+    Attributes:
+        input_hw: the frame's (H, W) in pixels.
+        resized_hw: (h, w) after scaling, the unpadded area of the canvas.
+        padded_hw: (Hp, Wp), multiples of ``divisibility``.
+    """
+
+    input_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    padded_hw: tuple[int, int]
+
+    @staticmethod
+    def fit(input_hw: tuple[int, int], canvas_hw: tuple[int, int] | None, divisibility: int = 32) -> "Letterbox":
+        """Scale ``input_hw`` to fit inside ``canvas_hw`` (None: keep the size), pad to ``divisibility``."""
+        h, w = input_hw
+        if canvas_hw is None:
+            rh, rw = h, w
+        else:
+            s = min(canvas_hw[0] / h, canvas_hw[1] / w)
+            rh, rw = max(1, round(h * s)), max(1, round(w * s))
+        ph = int(math.ceil(rh / divisibility) * divisibility)
+        pw = int(math.ceil(rw / divisibility) * divisibility)
+        return Letterbox((h, w), (rh, rw), (ph, pw))
+
+
+@dataclass
+class SegmentationResult:
+    """The segmentation of one frame.
+
+    Attributes:
+        frame_index: 0-based count of frames pushed since construction.
+        stamp: the frame's capture time, seconds (as given).
+        labels: (H, W) class IDs at the input resolution; uint8, or uint16 when K > 255.
+        confidence: (H, W) uint8, 255 x the winning class's share of the summed class scores.
+        class_masks: {class_id: (H, W) uint8 mask, 0 or 255} for the classes present, when
+            requested, else None.
+        is_key_frame: whether the segmentor ran on this frame.
+        key_frame_index, key_frame_stamp: the key frame these labels come from.
+        scene_score: the scheduler's scene-change score (see :mod:`mpvss_ros.scheduling`).
+        key_frame_reason: why it is a key frame, "" otherwise.
+        timings_ms: per-stage wall time in ms: ``preprocess``, ``schedule``, ``segmentor`` (key
+            frames) or ``propagation`` (others), ``postprocess``, ``total``.
+    """
+
+    frame_index: int
+    stamp: float
+    labels: np.ndarray
+    confidence: np.ndarray
+    class_masks: dict[int, np.ndarray] | None
+    is_key_frame: bool
+    key_frame_index: int
+    key_frame_stamp: float
+    scene_score: float
+    key_frame_reason: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-serialisable summary without the images (one line of ``frames.jsonl``)."""
+        return {
+            "frame": self.frame_index,
+            "stamp": self.stamp,
+            "is_key_frame": self.is_key_frame,
+            "key_frame": self.key_frame_index,
+            "key_frame_stamp": self.key_frame_stamp,
+            "key_frame_reason": self.key_frame_reason,
+            "scene_score": round(self.scene_score, 5),
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+class VideoSegmenter:
+    """Push frames, get per-frame semantic labels; key frames chosen by a scheduler.
+
+    Args:
+        model: the MPVSS model (its ``cfg.input`` sets canvas, normalisation, padding).
+        propagator: how non-key frames are produced (:mod:`mpvss_ros.propagation`).
+        scheduler: which frames are key frames (:mod:`mpvss_ros.scheduling`).
+        device: torch device for the model.
+        class_masks: also return one binary mask per class present.
+
+    Not thread-safe: one segmenter per video stream.
+    """
+
+    def __init__(self, model: MPVSS, propagator: Propagator, scheduler: KeyFrameScheduler,
+                 device: str | torch.device = "cpu", class_masks: bool = False) -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.propagator = propagator
+        self.scheduler = scheduler
+        self.class_masks = class_masks
+        self.num_classes = model.num_classes
+        self.label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
+        inp = model.cfg.input
+        self._canvas = tuple(inp.size) if inp.size is not None else None
+        self._divisibility = inp.size_divisibility
+        self._frame_index = 0
+        self._key: KeyFrameState | None = None
+        self._key_letterbox: Letterbox | None = None
+        self._key_index = -1
+        self._key_stamp = float("nan")
+
+    def reset(self) -> None:
+        """Drop the key frame: the next frame is a key frame (scheduler reason ``reset``)."""
+        self.scheduler.reset()
+        self._key = None
+        self._key_letterbox = None
+
+    @torch.inference_mode()
+    def push(self, image: np.ndarray, stamp: float) -> SegmentationResult:
+        """Segment one frame.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            stamp: capture time in seconds (monotonic within a stream; going back forces a key
+                frame).
+
+        Returns:
+            :class:`SegmentationResult` at the input resolution.
+
+        Raises:
+            FrameError: on a frame that is not (H, W, 3) uint8 with H, W >= 1, or a non-finite
+                stamp.
+        """
+        t0 = time.perf_counter()
+        image = check_frame(image)
+        if not math.isfinite(stamp):
+            raise FrameError(f"stamp must be a finite number of seconds, got {stamp}")
+        timings: dict[str, float] = {}
+
+        t = time.perf_counter()
+        decision: ScheduleDecision = self.scheduler.decide(image, float(stamp))
+        letterbox = Letterbox.fit(image.shape[:2], self._canvas, self._divisibility)
+        # A non-key frame needs a key frame on the same canvas; the scheduler forces a key
+        # frame on resolution changes, this guards the invariant for custom schedulers.
+        is_key = decision.is_key_frame or self._key is None or letterbox != self._key_letterbox
+        timings["schedule"] = (time.perf_counter() - t) * 1e3
+
+        t = time.perf_counter()
+        tensor = self._to_tensor(image, letterbox)
+        timings["preprocess"] = (time.perf_counter() - t) * 1e3
+
+        t = time.perf_counter()
+        if is_key:
+            self._key = self.model.segment_key_frame(tensor, letterbox.resized_hw)
+            self._key_letterbox = letterbox
+            self._key_index = self._frame_index
+            self._key_stamp = float(stamp)
+            mask_logits = self._key.mask_logits
+            timings["segmentor"] = (time.perf_counter() - t) * 1e3
+        else:
+            assert self._key is not None
+            mask_logits = self.propagator.propagate(self._key, tensor)
+            timings["propagation"] = (time.perf_counter() - t) * 1e3
+
+        t = time.perf_counter()
+        labels, confidence = self.postprocess(self._key.class_logits, mask_logits, letterbox)
+        masks = None
+        if self.class_masks:
+            masks = {int(c): np.where(labels == c, 255, 0).astype(np.uint8) for c in np.unique(labels)}
+        timings["postprocess"] = (time.perf_counter() - t) * 1e3
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+
+        result = SegmentationResult(
+            frame_index=self._frame_index,
+            stamp=float(stamp),
+            labels=labels,
+            confidence=confidence,
+            class_masks=masks,
+            is_key_frame=is_key,
+            key_frame_index=self._key_index,
+            key_frame_stamp=self._key_stamp,
+            scene_score=decision.scene_score,
+            key_frame_reason=(decision.reason or "canvas_change") if is_key else "",
+            timings_ms=timings,
+        )
+        self._frame_index += 1
+        return result
+
+    def _to_tensor(self, image: np.ndarray, lb: Letterbox) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, 3, Hp, Wp) float32 0..255 on the device, zero padding."""
+        if lb.resized_hw != lb.input_hw:
+            shrink = lb.resized_hw[0] < lb.input_hw[0]
+            interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+            image = cv2.resize(image, (lb.resized_hw[1], lb.resized_hw[0]), interpolation=interp)
+        canvas = np.zeros((lb.padded_hw[0], lb.padded_hw[1], 3), dtype=np.uint8)
+        canvas[: lb.resized_hw[0], : lb.resized_hw[1]] = image
+        return torch.from_numpy(canvas).to(self.device).permute(2, 0, 1)[None].float()
+
+    def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                    lb: Letterbox) -> tuple[np.ndarray, np.ndarray]:
+        """Class and mask logits -> labels and confidence at the input resolution.
+
+        Args:
+            class_logits: (1, N, K+1) float32.
+            mask_logits: (1, N, Hp/4, Wp/4) float32.
+            lb: the frame's letterbox.
+
+        Returns:
+            labels (H, W) uint8/uint16 and confidence (H, W) uint8.
+        """
+        masks = F.interpolate(mask_logits, size=lb.padded_hw, mode="bilinear", align_corners=False)
+        scores = semantic_scores(class_logits, masks)[:, :, : lb.resized_hw[0], : lb.resized_hw[1]]
+        out_hw = lb.input_hw
+        best = idx = total = None
+        for start in range(0, scores.shape[1], _CLASS_CHUNK):
+            chunk = scores[:, start : start + _CLASS_CHUNK]
+            if tuple(chunk.shape[-2:]) != out_hw:
+                chunk = F.interpolate(chunk, size=out_hw, mode="bilinear", align_corners=False)
+            value, arg = chunk[0].max(dim=0)
+            chunk_sum = chunk[0].sum(dim=0)
+            if best is None:
+                best, idx, total = value, arg, chunk_sum
+            else:
+                better = value > best
+                best = torch.where(better, value, best)
+                idx = torch.where(better, arg + start, idx)
+                total = total + chunk_sum
+        confidence = (best / total.clamp_min(1e-12) * 255.0).round().clamp(0, 255).to(torch.uint8)
+        labels = idx.to(torch.int32).cpu().numpy().astype(self.label_dtype)
+        return labels, confidence.cpu().numpy()

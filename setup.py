@@ -1,0 +1,52 @@
+"""mpvss_ros: an ament_python ROS 2 package that is also a plain pip-installable Python package.
+
+``colcon build`` (ROS 2 Humble/Jazzy) and ``pip install .`` both use this file. Data files go to
+``share/mpvss_ros`` (config, launch, models, package.xml, the ament index marker).
+"""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "mpvss_ros"
+
+
+def _files(pattern: str) -> list[str]:
+    return sorted(p for p in glob(pattern) if not p.endswith("/"))
+
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    description="Real-time video semantic segmentation (MPVSS: key frames + query-based flow) for ROS 2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/config", _files("config/*.yaml") + _files("config/*.rviz")),
+        (f"share/{PACKAGE}/config/models", _files("config/models/*.yaml")),
+        (f"share/{PACKAGE}/launch", _files("launch/*.py")),
+        (f"share/{PACKAGE}/models", _files("models/*.pt") + _files("models/*.md")),
+    ],
+    install_requires=[
+        "numpy>=1.23",
+        "opencv-python-headless>=4.8",
+        "torch>=2.1",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "scipy>=1.10",
+        "matplotlib>=3.7",
+        "rosbags>=0.10",
+        "scikit-video>=1.1.11",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    zip_safe=False,
+    maintainer="mpvss_ros developers",
+    maintainer_email="mpvss-ros@example.org",
+    tests_require=["pytest"],
+    entry_points={"console_scripts": ["mpvss = mpvss_ros.cli:main"]},
+)

@@ -1,0 +1,268 @@
+"""Tests of mpvss_ros.io.video: frame sources, the video writer and label PNGs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mpvss_ros.io.samples import bikes_clip, dashcam_clip
+from mpvss_ros.io.video import (
+    Frame,
+    ImageFolderSource,
+    VideoFileSource,
+    VideoWriter,
+    open_source,
+    read_label_png,
+    write_label_png,
+)
+
+
+def _bikes() -> Path:
+    try:
+        return bikes_clip()
+    except FileNotFoundError as exc:
+        pytest.skip(f"bikes.mp4 unavailable: {exc}")
+
+
+def _write_bgr(path: Path, rgb: np.ndarray) -> None:
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+# ------------------------------------------------------------------ real video
+
+
+def test_bikes_clip_frames():
+    with open_source(_bikes()) as src:
+        assert isinstance(src, VideoFileSource)
+        assert src.fps == pytest.approx(25.0)
+        assert src.name == "bikes"
+        expected = len(src)
+        assert expected == 250
+        frames = 0
+        last_stamp = -1.0
+        for frame in src:
+            assert frame.index == frames
+            assert frame.name == f"{frames:06d}"
+            assert frame.stamp == pytest.approx(frames / 25.0)
+            assert frame.stamp > last_stamp
+            last_stamp = frame.stamp
+            if frames == 0:
+                assert frame.image.shape == (272, 640, 3)
+                assert frame.image.dtype == np.uint8
+                assert frame.image.flags.c_contiguous
+            frames += 1
+        assert frames == expected
+    assert src.closed
+    with pytest.raises(ValueError, match="closed"):
+        iter(src)
+
+
+def test_bikes_rgb_order_matches_opencv_bgr():
+    path = _bikes()
+    cap = cv2.VideoCapture(str(path))
+    ok, bgr = cap.read()
+    cap.release()
+    assert ok
+    with open_source(path) as src:
+        first = next(iter(src))
+    np.testing.assert_array_equal(first.image, bgr[:, :, ::-1])
+
+
+def test_reiteration_restarts_and_fps_override():
+    with open_source(_bikes(), fps=10.0) as src:
+        assert src.fps == 10.0
+        it = iter(src)
+        for _ in range(3):
+            next(it)
+        again = next(iter(src))
+        assert again.index == 0
+        assert next(it).index == 3
+        assert next(it).stamp == pytest.approx(0.4)
+
+
+def test_dashcam_first_frames():
+    path = dashcam_clip()
+    if path is None:
+        pytest.skip("shared data (../shared/data/video/solidWhiteRight.mp4) not available")
+    with open_source(path) as src:
+        assert src.fps == pytest.approx(25.0)
+        assert len(src) == 221
+        for frame, _ in zip(src, range(3)):
+            assert frame.image.shape == (540, 960, 3)
+            assert frame.image.dtype == np.uint8
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        open_source(tmp_path / "nope.mp4")
+
+
+def test_text_file_renamed_mp4(tmp_path):
+    fake = tmp_path / "fake.mp4"
+    fake.write_text("this is not a video\n" * 50)
+    with pytest.raises(ValueError, match="cannot read video"):
+        open_source(fake)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images"):
+        open_source(tmp_path)
+
+
+def test_bad_fps(tmp_path):
+    _write_bgr(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8))
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="fps"):
+            open_source(tmp_path, fps=bad)
+
+
+def test_frame_validates_image():
+    with pytest.raises(ValueError):
+        Frame(0, 0.0, "x", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError):
+        Frame(0, 0.0, "x", np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        Frame(0, 0.0, "x", np.zeros((4, 8, 3), np.uint8)[:, ::2])
+
+
+# ------------------------------------------------------------------ image folders
+
+
+def test_folder_with_corrupt_gray_and_16bit(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    _write_bgr(tmp_path / "f000.png", colour)
+    (tmp_path / "f001.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage, not an image")
+    gray = rng.integers(0, 256, (6, 8), dtype=np.uint8)
+    assert cv2.imwrite(str(tmp_path / "f002.png"), gray)
+    deep = np.array([[0, 257, 65535, 32896]] * 6, dtype=np.uint16).repeat(2, axis=1)
+    assert cv2.imwrite(str(tmp_path / "f003.png"), deep)
+    rgba = np.dstack([colour[:, :, ::-1], np.full((6, 8), 7, np.uint8)])  # BGRA on disk
+    assert cv2.imwrite(str(tmp_path / "f004.png"), rgba)
+    (tmp_path / "readme.txt").write_text("ignored")
+
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"):
+        with open_source(tmp_path, fps=10) as src:
+            assert isinstance(src, ImageFolderSource)
+            assert len(src) == 5
+            frames = list(src)
+    assert [f.index for f in frames] == [0, 2, 3, 4]
+    assert [f.name for f in frames] == ["f000", "f002", "f003", "f004"]
+    assert [f.stamp for f in frames] == pytest.approx([0.0, 0.2, 0.3, 0.4])
+    assert any("f001.png" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    for f in frames:
+        assert f.image.shape == (6, 8, 3) and f.image.dtype == np.uint8 and f.image.flags.c_contiguous
+    np.testing.assert_array_equal(frames[0].image, colour)
+    np.testing.assert_array_equal(frames[1].image, np.repeat(gray[:, :, None], 3, axis=2))
+    np.testing.assert_array_equal(frames[2].image[0, :, 0], [0, 0, 1, 1, 255, 255, 128, 128])
+    assert np.all(frames[2].image[..., 0] == frames[2].image[..., 2])
+    np.testing.assert_array_equal(frames[3].image, colour)  # alpha dropped
+
+
+def test_folder_default_fps_and_order(tmp_path):
+    for name in ("b.jpg", "a.PNG", "c.bmp"):
+        _write_bgr(tmp_path / name, np.full((4, 4, 3), 100, np.uint8))
+    (tmp_path / ".hidden.png").write_bytes(b"x")  # e.g. macOS resource fork: ignored
+    (tmp_path / "sub.png").mkdir()  # folders are ignored
+    src = open_source(tmp_path)
+    assert src.fps == 30.0
+    assert [f.name for f in src] == ["a", "b", "c"]
+
+
+def test_folder_duplicate_stems(tmp_path):
+    _write_bgr(tmp_path / "x.png", np.zeros((4, 4, 3), np.uint8))
+    _write_bgr(tmp_path / "x.jpg", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="same name stem"):
+        open_source(tmp_path)
+
+
+# ------------------------------------------------------------------ writer
+
+
+def test_video_writer_round_trip(tmp_path):
+    out = tmp_path / "sub" / "out.mp4"
+    frames = [np.full((48, 64, 3), (40 * i, 255 - 40 * i, 128), np.uint8) for i in range(5)]
+    with VideoWriter(out, 25.0, size=(64, 48)) as writer:
+        for f in frames:
+            writer.write(f)
+        assert writer.frames_written == 5
+    with open_source(out) as src:
+        assert len(src) == 5
+        back = list(src)
+    assert len(back) == 5
+    assert all(f.image.shape == (48, 64, 3) for f in back)
+    # Lossy codec, flat colours: close to the originals, and still RGB (not BGR) ordered.
+    assert np.abs(back[2].image.astype(int) - frames[2].astype(int)).mean() < 8
+
+
+def test_video_writer_lazy_size_and_errors(tmp_path):
+    writer = VideoWriter(tmp_path / "lazy.avi", 10)
+    writer.write(np.zeros((20, 30, 3), np.uint8))
+    assert writer.size == (30, 20)
+    with pytest.raises(ValueError, match="30x20"):
+        writer.write(np.zeros((20, 31, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        writer.write(np.zeros((20, 30, 3), np.float32))
+    with pytest.raises(ValueError):
+        writer.write(np.zeros((20, 30), np.uint8))
+    writer.close()
+    with pytest.raises(ValueError, match="closed"):
+        writer.write(np.zeros((20, 30, 3), np.uint8))
+    with pytest.raises(ValueError, match="suffix"):
+        VideoWriter(tmp_path / "x.gif", 10, (8, 8))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError):
+        VideoWriter(blocker / "x.mp4", 10, (8, 8))
+
+
+# ------------------------------------------------------------------ label PNGs
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_label_png_round_trip(tmp_path, dtype):
+    labels = (np.arange(35).reshape(5, 7) * (1 if dtype == np.uint8 else 1500)).astype(dtype)
+    write_label_png(tmp_path / "l.png", labels)
+    back = read_label_png(tmp_path / "l.png")
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, labels)
+
+
+def test_label_png_errors(tmp_path):
+    with pytest.raises(ValueError):
+        write_label_png(tmp_path / "l.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError):
+        write_label_png(tmp_path / "l.png", np.zeros((4, 4), np.int32))
+    with pytest.raises(ValueError, match=".png"):
+        write_label_png(tmp_path / "l.jpg", np.zeros((4, 4), np.uint8))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError):
+        write_label_png(blocker / "l.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(FileNotFoundError):
+        read_label_png(tmp_path / "missing.png")
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[..., 2] = 200
+    assert cv2.imwrite(str(tmp_path / "c.png"), colour)
+    with pytest.raises(ValueError, match="colour"):
+        read_label_png(tmp_path / "c.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_label_png(tmp_path / "bad.png")
+
+
+def test_label_png_rejects_palette_png(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    img = pil.fromarray(np.array([[0, 1], [2, 3]], np.uint8), mode="P")
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 12))
+    img.save(tmp_path / "p.png")
+    with pytest.raises(ValueError, match="palette"):
+        read_label_png(tmp_path / "p.png")

@@ -1,0 +1,207 @@
+"""Tests for mpvss_ros.nn.backbones: shapes, detectron2 key layout, parameter counts, ImageNet loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpvss_ros.config import BackboneConfig
+from mpvss_ros.nn.backbones import (
+    MobileNetV2,
+    ResNet,
+    build_backbone,
+    load_imagenet_weights,
+)
+
+H, W = 64, 96
+STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+
+
+def _shared_data() -> Path:
+    env = os.environ.get("MPVSS_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def _mobilenet_weights() -> Path:
+    path = _shared_data() / "weights" / "mobilenetv2_imagenet_features.pt"
+    if not path.is_file():
+        pytest.skip(f"shared data absent: {path} not found (set MPVSS_SHARED_DATA to the shared/data folder)")
+    return path
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_outputs(model: torch.nn.Module, out: dict[str, torch.Tensor], batch: int) -> None:
+    assert list(out) == ["res2", "res3", "res4", "res5"]
+    for name, stride in STRIDES.items():
+        t = out[name]
+        assert t.dtype == torch.float32
+        assert tuple(t.shape) == (batch, model.out_channels[name], H // stride, W // stride)
+        assert torch.isfinite(t).all()
+
+
+@pytest.fixture(scope="module")
+def r50() -> ResNet:
+    torch.manual_seed(0)
+    return ResNet(50).eval()
+
+
+def test_resnet50_shapes(r50: ResNet) -> None:
+    assert r50.out_channels == {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
+    with torch.no_grad():
+        out = r50(torch.randn(2, 3, H, W))
+    _check_outputs(r50, out, 2)
+
+
+def test_resnet50_param_count(r50: ResNet) -> None:
+    assert round(_n_params(r50) / 1e6, 3) == 23.508
+
+
+def test_resnet50_detectron2_keys(r50: ResNet) -> None:
+    sd = r50.state_dict()
+    expected = {
+        "stem.conv1.weight": (64, 3, 7, 7),
+        "stem.conv1.norm.weight": (64,),
+        "stem.conv1.norm.bias": (64,),
+        "stem.conv1.norm.running_mean": (64,),
+        "stem.conv1.norm.running_var": (64,),
+        "res2.0.shortcut.weight": (256, 64, 1, 1),
+        "res2.0.shortcut.norm.running_var": (256,),
+        "res2.0.conv1.weight": (64, 64, 1, 1),
+        "res2.0.conv1.norm.weight": (64,),
+        "res2.0.conv2.weight": (64, 64, 3, 3),
+        "res2.0.conv3.weight": (256, 64, 1, 1),
+        "res2.2.conv1.weight": (64, 256, 1, 1),
+        "res3.0.shortcut.weight": (512, 256, 1, 1),
+        "res3.0.conv1.weight": (128, 256, 1, 1),
+        "res3.3.conv3.norm.running_mean": (512,),
+        "res4.5.conv2.weight": (256, 256, 3, 3),
+        "res5.0.shortcut.weight": (2048, 1024, 1, 1),
+        "res5.2.conv3.weight": (2048, 512, 1, 1),
+        "res5.2.conv3.norm.bias": (2048,),
+    }
+    for key, shape in expected.items():
+        assert key in sd, key
+        assert tuple(sd[key].shape) == shape, key
+    # No conv biases, shortcuts only in block 0, exactly 3/4/6/3 blocks.
+    assert not any(k.endswith(("conv1.bias", "conv2.bias", "conv3.bias", "shortcut.bias")) for k in sd)
+    shortcut_blocks = {k.split(".shortcut")[0] for k in sd if ".shortcut." in k}
+    assert shortcut_blocks == {"res2.0", "res3.0", "res4.0", "res5.0"}
+    for stage, n in zip(("res2", "res3", "res4", "res5"), (3, 4, 6, 3)):
+        assert len(getattr(r50, stage)) == n
+    # Every key is under stem or a stage; num_batches_tracked is the only non-detectron2 suffix.
+    assert {k.split(".")[0] for k in sd} == {"stem", "res2", "res3", "res4", "res5"}
+    suffixes = {k.rsplit(".", 1)[1] for k in sd}
+    assert suffixes == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_resnet_stride_in_3x3(r50: ResNet) -> None:
+    block = r50.res3[0]
+    assert block.conv1.stride == (1, 1)
+    assert block.conv2.stride == (2, 2)
+    assert block.shortcut.stride == (2, 2)
+    assert r50.res2[0].conv2.stride == (1, 1)
+
+
+def test_resnet101_builds() -> None:
+    torch.manual_seed(0)
+    model = ResNet(101).eval()
+    assert len(model.res4) == 23
+    assert round(_n_params(model) / 1e6, 3) == 42.500
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, H, W))
+    _check_outputs(model, out, 1)
+
+
+def test_resnet_bad_depth() -> None:
+    with pytest.raises(ValueError, match="depth"):
+        ResNet(34)
+
+
+def test_mobilenetv2_shapes() -> None:
+    torch.manual_seed(0)
+    model = MobileNetV2().eval()
+    assert model.out_channels == {"res2": 24, "res3": 32, "res4": 96, "res5": 1280}
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, H, W))
+    _check_outputs(model, out, 2)
+    # Residual connections exactly where stride 1 and in == out channels.
+    flags = [blk.use_res_connect for blk in list(model.features)[1:18]]
+    t, f = True, False
+    expected = [f, f, t, f, t, t, f, t, t, t, f, t, t, f, t, t, f]
+    assert flags == expected
+    assert round(_n_params(model) / 1e6, 3) == 2.224
+
+
+def test_mobilenetv2_layout_keys() -> None:
+    sd = MobileNetV2().state_dict()
+    assert len(sd) == 312
+    assert tuple(sd["features.0.0.weight"].shape) == (32, 3, 3, 3)
+    assert tuple(sd["features.1.conv.0.weight"].shape) == (32, 1, 3, 3)
+    assert tuple(sd["features.1.conv.3.weight"].shape) == (16, 32, 1, 1)
+    assert tuple(sd["features.2.conv.6.weight"].shape) == (24, 96, 1, 1)
+    assert tuple(sd["features.17.conv.7.running_var"].shape) == (320,)
+    assert tuple(sd["features.18.0.weight"].shape) == (1280, 320, 1, 1)
+    assert tuple(sd["features.18.1.weight"].shape) == (1280,)
+
+
+def test_mobilenetv2_loads_imagenet_weights() -> None:
+    path = _mobilenet_weights()
+    torch.manual_seed(0)
+    model = MobileNetV2()
+    model.load_imagenet_weights(path)
+    file_sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = model.state_dict()
+    assert set(sd) == set(file_sd)
+    for k, v in file_sd.items():
+        assert torch.equal(sd[k], v), k
+    # BN running statistics are real (trained), not the defaults 0 / 1.
+    bn = model.features[5].conv[1]
+    assert bn.running_mean.abs().max() > 1e-2
+    assert (bn.running_var - 1).abs().max() > 1e-2
+    stem_bn = model.features[0][1]
+    assert not torch.allclose(stem_bn.running_var, torch.ones_like(stem_bn.running_var))
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, H, W))
+    _check_outputs(model, out, 1)
+    assert out["res5"].min() >= 0 and out["res5"].max() <= 6  # ends in ReLU6
+
+
+def test_load_imagenet_weights_errors(tmp_path: Path) -> None:
+    model = MobileNetV2()
+    with pytest.raises(FileNotFoundError):
+        load_imagenet_weights(model, tmp_path / "nope.pt")
+    sd = model.state_dict()
+    bad = dict(sd)
+    del bad["features.3.conv.1.weight"]
+    bad["features.99.weight"] = torch.zeros(1)
+    bad["features.18.0.weight"] = torch.zeros(10, 320, 1, 1)
+    path = tmp_path / "bad.pt"
+    torch.save(bad, path)
+    with pytest.raises(ValueError) as err:
+        load_imagenet_weights(model, path)
+    msg = str(err.value)
+    assert "features.3.conv.1.weight" in msg
+    assert "features.99.weight" in msg
+    assert "features.18.0.weight" in msg
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="state dict"):
+        load_imagenet_weights(model, tmp_path / "list.pt")
+
+
+def test_build_backbone() -> None:
+    assert isinstance(build_backbone(BackboneConfig(type="mobilenet_v2")), MobileNetV2)
+    r = build_backbone(BackboneConfig(type="resnet", depth=50))
+    assert isinstance(r, ResNet) and r.depth == 50
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone(BackboneConfig(type="vgg"))
+    with pytest.raises(ValueError):
+        build_backbone(BackboneConfig(type="resnet", depth=18))

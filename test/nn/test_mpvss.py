@@ -1,0 +1,162 @@
+"""The assembled model: shapes, semantic inference, the official key layout (spec section 5)."""
+
+import math
+
+import pytest
+import torch
+
+from mpvss_ros.config import load_model_config
+from mpvss_ros.nn.mpvss import MPVSS, semantic_scores
+
+
+@pytest.fixture(scope="module")
+def r50() -> MPVSS:
+    torch.manual_seed(0)
+    return MPVSS(load_model_config("mpvss_r50")).eval()
+
+
+@pytest.fixture(scope="module")
+def lite() -> MPVSS:
+    torch.manual_seed(0)
+    return MPVSS(load_model_config("mpvss_lite")).eval()
+
+
+def test_semantic_inference_hand_computed():
+    # Two queries, two classes + no-object. softmax(log p) = p.
+    class_logits = torch.log(torch.tensor([[[2.0, 1.0, 1.0], [1.0, 2.0, 1.0]]]))  # -> [.5,.25,.25], [.25,.5,.25]
+    m = math.log(3.0)  # sigmoid(ln 3) = 0.75, sigmoid(-ln 3) = 0.25
+    mask_logits = torch.tensor([[[[0.0, m]], [[m, -m]]]])  # (1, 2, 1, 2): pixels a, b
+    s = semantic_scores(class_logits, mask_logits)
+    assert s.shape == (1, 2, 1, 2)
+    # pixel a: S0 = .5*.5 + .25*.75 = .4375, S1 = .25*.5 + .5*.75 = .5
+    # pixel b: S0 = .5*.75 + .25*.25 = .4375, S1 = .25*.75 + .5*.25 = .3125
+    expected = torch.tensor([[[[0.4375, 0.4375]], [[0.5, 0.3125]]]])
+    torch.testing.assert_close(s, expected, atol=1e-6, rtol=0)
+
+
+def test_semantic_inference_ignores_no_object_column():
+    class_logits = torch.tensor([[[0.0, 0.0, 100.0]]])  # all mass on no-object
+    s = semantic_scores(class_logits, torch.zeros(1, 1, 2, 2))
+    assert s.abs().max() < 1e-20
+
+
+def test_lite_shapes(lite):
+    cfg = lite.cfg
+    n, k = cfg.transformer_decoder.num_queries, cfg.num_classes
+    image = torch.rand(1, 3, 96, 128) * 255
+    with torch.inference_mode():
+        out = lite.forward_segmentor(image)
+        key = lite.segment_key_frame(image, valid_hw=(90, 128))
+        warped = lite.propagate(key, torch.rand(1, 3, 96, 128) * 255)
+    assert out.class_logits.shape == (1, n, k + 1)
+    assert out.mask_logits.shape == (1, n, 24, 32)
+    assert out.query_embeddings.shape == (1, n, cfg.transformer_decoder.hidden_dim)
+    assert len(out.aux_class_logits) == cfg.transformer_decoder.num_layers
+    assert len(out.aux_mask_logits) == cfg.transformer_decoder.num_layers
+    assert key.valid_hw == (90, 128)
+    assert warped.shape == key.mask_logits.shape
+    # Query embeddings are LayerNorm-ed (decoder_norm): zero mean per query (affine is 1/0 at init).
+    assert out.query_embeddings.mean(-1).abs().max() < 1e-4
+
+
+def test_padding_is_zero_after_normalisation(lite):
+    image = torch.full((1, 3, 64, 64), 255.0)
+    x = lite.normalize(image, valid_hw=(40, 50))
+    assert torch.all(x[..., 40:, :] == 0) and torch.all(x[..., :, 50:] == 0)
+    assert torch.all(x[..., :40, :50] != 0)
+
+
+def test_propagate_rejects_other_canvas(lite):
+    with torch.inference_mode():
+        key = lite.segment_key_frame(torch.zeros(1, 3, 64, 64))
+        with pytest.raises(ValueError, match="canvas"):
+            lite.propagate(key, torch.zeros(1, 3, 64, 96))
+
+
+def test_r50_shapes_small_input(r50):
+    with torch.inference_mode():
+        key = r50.segment_key_frame(torch.rand(1, 3, 64, 96) * 255)
+        warped = r50.propagate(key, torch.rand(1, 3, 64, 96) * 255)
+    assert key.class_logits.shape == (1, 100, 125)
+    assert key.mask_logits.shape == (1, 100, 16, 24)
+    assert key.query_embeddings.shape == (1, 100, 256)
+    assert warped.shape == (1, 100, 16, 24)
+
+
+def _count(module) -> float:
+    return round(sum(p.numel() for p in module.parameters()) / 1e6, 3)
+
+
+def test_r50_parameter_counts_match_official(r50):
+    # Spec 5.3 (executed on the official modules).
+    assert _count(r50.backbone) == 23.508
+    assert _count(r50.sem_seg_head.pixel_decoder) == 6.036
+    assert _count(r50.sem_seg_head.predictor) == 14.491
+    assert _count(r50.motion.encoder) == 24.051
+    assert _count(r50.motion.decoder) == 16.034
+    assert round(sum(p.numel() for p in r50.parameters()) / 1e6, 2) == 84.12
+
+
+# Spec 5.2: representative official keys and shapes (R50 head, VSPW, S = 9).
+OFFICIAL_KEYS = {
+    "backbone.stem.conv1.weight": (64, 3, 7, 7),
+    "backbone.stem.conv1.norm.running_var": (64,),
+    "backbone.res2.0.shortcut.weight": (256, 64, 1, 1),
+    "backbone.res2.0.conv1.weight": (64, 64, 1, 1),
+    "backbone.res3.0.conv2.weight": (128, 128, 3, 3),
+    "backbone.res5.2.conv3.norm.weight": (2048,),
+    "sem_seg_head.pixel_decoder.input_proj.0.0.weight": (256, 2048, 1, 1),
+    "sem_seg_head.pixel_decoder.input_proj.2.0.weight": (256, 512, 1, 1),
+    "sem_seg_head.pixel_decoder.input_proj.1.1.weight": (256,),
+    "sem_seg_head.pixel_decoder.transformer.level_embed": (3, 256),
+    "sem_seg_head.pixel_decoder.transformer.encoder.layers.5.self_attn.sampling_offsets.weight": (192, 256),
+    "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.self_attn.sampling_offsets.bias": (192,),
+    "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.self_attn.attention_weights.weight": (96, 256),
+    "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.self_attn.value_proj.weight": (256, 256),
+    "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.self_attn.output_proj.weight": (256, 256),
+    "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.linear1.weight": (1024, 256),
+    "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.linear2.weight": (256, 1024),
+    "sem_seg_head.pixel_decoder.transformer.encoder.layers.0.norm2.weight": (256,),
+    "sem_seg_head.pixel_decoder.mask_features.weight": (256, 256, 1, 1),
+    "sem_seg_head.pixel_decoder.mask_features.bias": (256,),
+    "sem_seg_head.pixel_decoder.adapter_1.weight": (256, 256, 1, 1),
+    "sem_seg_head.pixel_decoder.adapter_1.norm.weight": (256,),
+    "sem_seg_head.pixel_decoder.layer_1.weight": (256, 256, 3, 3),
+    "sem_seg_head.pixel_decoder.layer_1.norm.bias": (256,),
+    "sem_seg_head.predictor.transformer_self_attention_layers.0.self_attn.in_proj_weight": (768, 256),
+    "sem_seg_head.predictor.transformer_self_attention_layers.8.self_attn.out_proj.weight": (256, 256),
+    "sem_seg_head.predictor.transformer_cross_attention_layers.8.multihead_attn.in_proj_bias": (768,),
+    "sem_seg_head.predictor.transformer_cross_attention_layers.0.norm.weight": (256,),
+    "sem_seg_head.predictor.transformer_ffn_layers.8.linear1.weight": (2048, 256),
+    "sem_seg_head.predictor.transformer_ffn_layers.8.linear2.weight": (256, 2048),
+    "sem_seg_head.predictor.decoder_norm.weight": (256,),
+    "sem_seg_head.predictor.query_feat.weight": (100, 256),
+    "sem_seg_head.predictor.query_embed.weight": (100, 256),
+    "sem_seg_head.predictor.level_embed.weight": (3, 256),
+    "sem_seg_head.predictor.class_embed.weight": (125, 256),
+    "sem_seg_head.predictor.class_embed.bias": (125,),
+    "sem_seg_head.predictor.mask_embed.layers.2.weight": (256, 256),
+    "motion.encoder.conv1.0.conv.weight": (64, 6, 7, 7),
+    "motion.encoder.conv6.1.conv.weight": (1024, 1024, 3, 3),
+    "motion.decoder.deconv5.conv.weight": (256, 128, 4, 4),
+    "motion.decoder.predict_flow.conv.weight": (2, 194, 3, 3),
+    "motion.decoder.fuse_layer.conv.weight": (2, 4, 3, 3),
+    "motion.decoder.input_proj.0.weight": (256, 1024, 1, 1),
+    "motion.decoder.output_head.layers.0.weight": (512, 256),
+    "motion.decoder.scale_layer.layers.0.weight": (512, 128),
+    "motion.decoder.transformer_self_attention_layers.8.self_attn.in_proj_weight": (768, 256),
+}
+
+
+def test_r50_official_key_layout(r50):
+    sd = r50.state_dict()
+    for key, shape in OFFICIAL_KEYS.items():
+        assert key in sd, f"missing official key {key}"
+        assert tuple(sd[key].shape) == shape, f"{key}: {tuple(sd[key].shape)} != {shape}"
+    prefixes = {"backbone.", "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor.", "motion.encoder.", "motion.decoder."}
+    assert all(any(k.startswith(p) for p in prefixes) for k in sd), "a key outside the official prefixes"
+    # input_proj of the predictor is an identity (no keys); no cross-attention in the motion decoder.
+    assert not any(k.startswith("sem_seg_head.predictor.input_proj") for k in sd)
+    assert not any(k.startswith("motion.decoder.transformer_cross_attention_layers") for k in sd)
+    # Normalisation buffers are not persistent (not saved), as in detectron2.
+    assert "pixel_mean" not in sd and "pixel_std" not in sd

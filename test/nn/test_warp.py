@@ -1,0 +1,91 @@
+"""Warping of mask logits with per-mask flows (mpvss_ros.nn.warp)."""
+
+import math
+
+import pytest
+import torch
+
+from mpvss_ros.nn.warp import warp_mask_logits
+
+
+def _smooth_pattern(h: int, w: int, n: int = 1) -> torch.Tensor:
+    ys = torch.arange(h, dtype=torch.float32).view(h, 1)
+    xs = torch.arange(w, dtype=torch.float32).view(1, w)
+    maps = [torch.sin(xs / (3.0 + i)) * torch.cos(ys / (4.0 + i)) * 5.0 + 0.1 * xs - 0.05 * ys for i in range(n)]
+    return torch.stack(maps)[None]  # (1, n, h, w)
+
+
+def test_zero_flow_is_identity_exact():
+    masks = torch.randn(2, 5, 23, 37) * 10
+    out = warp_mask_logits(masks, torch.zeros(2, 5, 2, 23, 37), "exact")
+    rng = float(masks.max() - masks.min())
+    # Documented tolerance: float32 rounding of the normalised grid, < 1e-5 x the range.
+    assert (out - masks).abs().max().item() < 1e-5 * rng
+
+
+def test_zero_flow_mmtrack_reproduces_reference_shift():
+    # Spec 2.7: a 16-wide ramp warped with zero flow gives x * (W - 1) / W.
+    ramp = torch.arange(16, dtype=torch.float32).view(1, 1, 1, 16).expand(1, 1, 4, 16).contiguous()
+    out = warp_mask_logits(ramp, torch.zeros(1, 1, 2, 4, 16), "mmtrack")
+    expected = torch.arange(16, dtype=torch.float32) * 15 / 16
+    torch.testing.assert_close(out[0, 0, 0], expected, atol=1e-5, rtol=0)
+    assert out[0, 0, 0, 1].item() == pytest.approx(0.9375, abs=1e-5)
+    assert out[0, 0, 0, -1].item() == pytest.approx(14.0625, abs=1e-5)
+
+
+@pytest.mark.parametrize("dx,dy", [(3, -2), (-5, 4), (0, 7)])
+def test_translation_is_recovered(dx, dy):
+    h, w = 40, 56
+    big = _smooth_pattern(h + 20, w + 20)
+    key = big[..., 10 : 10 + h, 10 : 10 + w]
+    # The current frame sees the key content shifted: current(p) = key(p + d).
+    current = big[..., 10 + dy : 10 + dy + h, 10 + dx : 10 + dx + w]
+    flow = torch.tensor([float(dx), float(dy)]).view(1, 1, 2, 1, 1).expand(1, 1, 2, h, w)
+    out = warp_mask_logits(key, flow, "exact")
+    m = 8  # border padding differs from the true content near the edges
+    torch.testing.assert_close(out[..., m:-m, m:-m], current[..., m:-m, m:-m], atol=1e-4, rtol=0)
+    # And it is not trivially equal to the unwarped key.
+    assert (key[..., m:-m, m:-m] - current[..., m:-m, m:-m]).abs().max() > 0.5
+
+
+def test_each_mask_uses_its_own_flow():
+    h, w = 32, 32
+    key = _smooth_pattern(h, w, n=2)
+    flows = torch.zeros(1, 2, 2, h, w)
+    flows[0, 0, 0] = 2.0  # mask 0 moves by x+2, mask 1 by y-3
+    flows[0, 1, 1] = -3.0
+    out = warp_mask_logits(key, flows, "exact")
+    one_0 = warp_mask_logits(key[:, :1], flows[:, :1], "exact")
+    one_1 = warp_mask_logits(key[:, 1:], flows[:, 1:], "exact")
+    torch.testing.assert_close(out[:, :1], one_0)
+    torch.testing.assert_close(out[:, 1:], one_1)
+    torch.testing.assert_close(out[0, 0, 4:-4, 4:-6], key[0, 0, 4:-4, 6:-4], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[0, 1, 7:-4, 4:-4], key[0, 1, 4:-7, 4:-4], atol=1e-4, rtol=0)
+
+
+def test_shared_flow_equals_repeated_flow():
+    key = torch.randn(1, 6, 24, 32)
+    flow = torch.randn(1, 1, 2, 12, 16)
+    shared = warp_mask_logits(key, flow, "exact")
+    repeated = warp_mask_logits(key, flow.expand(1, 6, 2, 12, 16).contiguous(), "exact")
+    torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=0)
+
+
+def test_coarse_flow_is_scaled_to_the_mask_grid():
+    # Flow of 1 px on a grid 2x coarser than the masks moves the masks by 2 px.
+    h, w = 32, 48
+    key = _smooth_pattern(h, w)
+    flow = torch.zeros(1, 1, 2, h // 2, w // 2)
+    flow[:, :, 0] = 1.0
+    out = warp_mask_logits(key, flow, "exact")
+    torch.testing.assert_close(out[..., :, 2:-4], key[..., :, 4:-2], atol=1e-4, rtol=0)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="normalization"):
+        warp_mask_logits(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 4, 4), "bogus")
+    with pytest.raises(ValueError):
+        warp_mask_logits(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 2, 4, 4))
+    with pytest.raises(ValueError):
+        warp_mask_logits(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 3, 4, 4))
+    assert math.isfinite(warp_mask_logits(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 2, 1, 1)).item())

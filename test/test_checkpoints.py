@@ -1,0 +1,129 @@
+"""Checkpoints: official detectron2 layout (.pth / .pkl), this project's format, failures."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mpvss_ros.checkpoints import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from mpvss_ros.config import load_model_config
+from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.mpvss import MPVSS
+
+
+@pytest.fixture(scope="module")
+def r50_pair():
+    cfg = load_model_config("mpvss_r50")
+    torch.manual_seed(1)
+    source = MPVSS(cfg)
+    with torch.no_grad():
+        for t in source.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t))
+    torch.manual_seed(2)
+    return source, MPVSS(cfg)
+
+
+def _official_dict(model: MPVSS, frozen_bn: bool) -> dict:
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    if frozen_bn:  # detectron2 FrozenBN carries no num_batches_tracked
+        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    sd["criterion.empty_weight"] = torch.ones(125)
+    return sd
+
+
+def _assert_same(a: MPVSS, b: MPVSS) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if k.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_official_pth_under_model_reloads_exactly(tmp_path, r50_pair):
+    source, target = r50_pair
+    path = tmp_path / "mpvss_r50_official.pth"
+    torch.save({"model": _official_dict(source, frozen_bn=True), "iteration": 89999}, path)
+    load_checkpoint(target, path)
+    _assert_same(source, target)
+
+
+def test_official_pkl_numpy_reloads_exactly(tmp_path, r50_pair):
+    source, target = r50_pair
+    with torch.no_grad():
+        for t in target.state_dict().values():
+            t.zero_()
+    sd = {k: v.numpy() for k, v in _official_dict(source, frozen_bn=False).items()}
+    path = tmp_path / "model_final.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"model": sd, "__author__": "test"}, f)
+    load_checkpoint(target, path)
+    _assert_same(source, target)
+
+
+def test_missing_unexpected_and_shape_errors_list_keys(tmp_path, r50_pair):
+    source, target = r50_pair
+    sd = _official_dict(source, frozen_bn=True)
+    del sd["motion.decoder.fuse_layer.conv.bias"]
+    sd["sem_seg_head.predictor.static_query.weight"] = torch.zeros(100, 256)
+    sd["sem_seg_head.predictor.class_embed.weight"] = torch.zeros(20, 256)
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(target, path)
+    text = str(err.value)
+    assert "1 missing key(s)" in text and "motion.decoder.fuse_layer.conv.bias" in text
+    assert "1 unexpected key(s)" in text and "static_query" in text
+    assert "class_embed.weight: file (20, 256) vs model (125, 256)" in text
+
+
+def test_corrupt_missing_and_malicious_files(tmp_path):
+    model = MPVSS(load_model_config("mpvss_lite"))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(model, corrupt)
+    with pytest.raises(CheckpointError, match="not found"):
+        read_state_dict(tmp_path / "nope.pth")
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"model": {"a": Evil()}}))
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        read_state_dict(evil)
+    evil_pt = tmp_path / "evil.pth"
+    torch.save({"model": {"a": np.ones(2)}}, evil_pt)  # a numpy object: not allowed by weights_only
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_state_dict(evil_pt)
+
+
+def test_own_format_round_trip_and_self_describing(tmp_path):
+    cfg = load_model_config("mpvss_lite")
+    torch.manual_seed(3)
+    model = MPVSS(cfg)
+    path = tmp_path / "lite.pt"
+    save_checkpoint(path, model, cfg.to_dict(), meta={"steps": 7})
+    # weights_only loading of the raw file works.
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "mpvss_ros" and raw["meta"] == {"steps": 7}
+    loaded = load_model(None, path)
+    assert loaded.trained and loaded.config.name == "mpvss_lite" and loaded.meta == {"steps": 7}
+    _assert_same(model, loaded.model)
+
+
+def test_untrained_default_is_reported(monkeypatch, caplog):
+    monkeypatch.setattr("mpvss_ros.model_loader.resolve_data_path", lambda p: None)
+    loaded = load_model("mpvss_lite")
+    assert not loaded.trained and loaded.weights is None
+    assert "UNTRAINED" in caplog.text
+
+
+def test_given_weights_missing_is_an_error():
+    with pytest.raises(CheckpointError, match="weights file not found: /no/such.pt"):
+        load_model("mpvss_lite", "/no/such.pt")

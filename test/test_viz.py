@@ -1,0 +1,166 @@
+"""Tests of mpvss_ros.viz: palettes, colorize, overlay and its legend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpvss_ros.viz import LEGEND_CORNERS, colorize, draw_legend, legend_entries, make_palette, overlay
+
+
+def _scene(h: int = 272, w: int = 640) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    labels = np.full((h, w), 11, np.uint8)  # void everywhere ...
+    labels[: h // 2, : w // 2] = 0
+    labels[h // 2 :, : w // 2] = 3
+    labels[:, w // 2 : w // 2 + 40] = 8  # ... except classes 0, 3, 8
+    return image, labels
+
+
+# ------------------------------------------------------------------ palettes
+
+
+def test_make_palette_generated_distinct_and_deterministic():
+    pal = make_palette(300)
+    assert pal.shape == (300, 3) and pal.dtype == np.uint8
+    assert len({tuple(c) for c in pal}) == 300
+    assert not np.any(np.all(pal == 0, axis=1))  # black is reserved for void
+    np.testing.assert_array_equal(pal, make_palette(300))
+    np.testing.assert_array_equal(pal[:3], [[128, 0, 0], [0, 128, 0], [128, 128, 0]])
+
+
+def test_make_palette_base():
+    base = [[1, 2, 3], [4, 5, 6]]
+    pal = make_palette(2, base)
+    np.testing.assert_array_equal(pal, base)
+    pal4 = make_palette(4, base)
+    np.testing.assert_array_equal(pal4[:2], base)
+    np.testing.assert_array_equal(pal4[2:], make_palette(4)[2:])
+    np.testing.assert_array_equal(make_palette(3, []), make_palette(3))
+    with pytest.raises(ValueError):
+        make_palette(1, base)
+    with pytest.raises(ValueError):
+        make_palette(2, [[0, 0, 256], [0, 0, 0]])
+    with pytest.raises(ValueError):
+        make_palette(2, [[0, 0], [0, 0]])
+    with pytest.raises(ValueError):
+        make_palette(0)
+
+
+# ------------------------------------------------------------------ colorize
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_colorize_hand_built(dtype):
+    palette = np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90]], np.uint8)
+    labels = np.array([[0, 1, 2], [2, 3, 255]], dtype=dtype)
+    out = colorize(labels, palette)
+    assert out.shape == (2, 3, 3) and out.dtype == np.uint8
+    expected = np.array(
+        [[[10, 20, 30], [40, 50, 60], [70, 80, 90]], [[70, 80, 90], [0, 0, 0], [0, 0, 0]]], np.uint8
+    )
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_colorize_large_uint16_palette_and_negatives():
+    pal = make_palette(1000)
+    labels = np.array([[0, 999, 1000, 65535]], np.uint16)
+    out = colorize(labels, pal)
+    np.testing.assert_array_equal(out[0, :2], pal[[0, 999]])
+    np.testing.assert_array_equal(out[0, 2:], 0)
+    out = colorize(np.array([[-1, 1]], np.int64), pal)
+    np.testing.assert_array_equal(out[0], [[0, 0, 0], pal[1]])
+
+
+def test_colorize_rejects_bad_input():
+    with pytest.raises(ValueError):
+        colorize(np.zeros((2, 2), np.float32), make_palette(2))
+    with pytest.raises(ValueError):
+        colorize(np.zeros((2, 2, 1), np.uint8), make_palette(2))
+    with pytest.raises(ValueError):
+        colorize(np.zeros((2, 2), np.uint8), np.zeros((2, 4), np.uint8))
+
+
+# ------------------------------------------------------------------ overlay and legend
+
+
+def test_overlay_shape_dtype_and_blend():
+    image, labels = _scene()
+    pal = make_palette(11)
+    out = overlay(image, labels, pal, alpha=0.5, legend=False)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    expected = np.round(0.5 * image[0, 0].astype(float) + 0.5 * pal[0].astype(float))
+    assert np.abs(out[0, 0].astype(float) - expected).max() <= 1
+    np.testing.assert_array_equal(out[labels == 11], image[labels == 11])  # void keeps the image
+    np.testing.assert_array_equal(overlay(image, labels, pal, alpha=1.0, legend=False)[labels == 3][0], pal[3])
+
+
+def test_overlay_alpha0_only_changes_legend_area():
+    image, labels = _scene()
+    pal = make_palette(11)
+    before = image.copy()
+    out = overlay(image, labels, pal, alpha=0.0)
+    np.testing.assert_array_equal(image, before)  # input untouched
+    legend = draw_legend(image.copy(), labels, pal)
+    assert legend.box is not None
+    x0, y0, x1, y1 = legend.box
+    outside = np.ones(labels.shape, bool)
+    outside[y0:y1, x0:x1] = False
+    np.testing.assert_array_equal(out[outside], image[outside])
+    assert not np.array_equal(out[y0:y1, x0:x1], image[y0:y1, x0:x1])
+    assert x0 >= 0 and y0 >= 0 and x1 <= 640 and y1 <= 272
+    assert (x1 - x0) * (y1 - y0) < 0.25 * 640 * 272
+
+
+def test_legend_lists_exactly_present_classes():
+    image, labels = _scene()
+    names = [f"name{i}" for i in range(11)]
+    assert legend_entries(labels, 11, names) == [(0, "name0"), (3, "name3"), (8, "name8")]
+    legend = draw_legend(image.copy(), labels, make_palette(11), names)
+    assert legend.entries == [(0, "name0"), (3, "name3"), (8, "name8")]
+    assert legend.hidden == 0
+    assert legend_entries(np.full((4, 4), 11, np.uint8), 11) == []
+    assert draw_legend(image.copy(), np.full(labels.shape, 11, np.uint8), make_palette(11)).box is None
+
+
+@pytest.mark.parametrize("corner", LEGEND_CORNERS)
+def test_legend_corners_inside_image(corner):
+    image, labels = _scene()
+    x0, y0, x1, y1 = draw_legend(image.copy(), labels, make_palette(11), corner=corner).box
+    assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 272
+    assert (x0 < 320) == corner.endswith("left")
+    assert (y0 < 136) == corner.startswith("top")
+
+
+def test_legend_caps_entries_on_small_images():
+    h, w = 48, 64
+    labels = (np.arange(h * w).reshape(h, w) % 40).astype(np.uint16)
+    labels[:, :20] = 5  # class 5 is by far the largest
+    image = np.zeros((h, w, 3), np.uint8)
+    pal = make_palette(40)
+    legend = draw_legend(image, labels, pal, [f"a very long class name {i}" for i in range(40)])
+    assert legend.box is not None
+    x0, y0, x1, y1 = legend.box
+    assert 0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h
+    assert 1 <= len(legend.entries) < 40
+    assert legend.hidden == 40 - len(legend.entries)
+    assert 5 in [i for i, _ in legend.entries]
+    assert [i for i, _ in legend.entries] == sorted(i for i, _ in legend.entries)
+    out = overlay(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8), make_palette(1))
+    assert out.shape == (8, 8, 3)  # too small for a legend: no error, nothing drawn
+
+
+def test_overlay_rejects_bad_input():
+    image, labels = _scene(20, 30)
+    pal = make_palette(11)
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(image, labels, pal, alpha=1.5)
+    with pytest.raises(ValueError, match="differ"):
+        overlay(image, labels[:10], pal)
+    with pytest.raises(ValueError):
+        overlay(image.astype(np.float32), labels, pal)
+    with pytest.raises(ValueError, match="class_names"):
+        overlay(image, labels, pal, class_names=["only one"])
+    with pytest.raises(ValueError, match="corner"):
+        overlay(image, labels, pal, legend_corner="middle")
