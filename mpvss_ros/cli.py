@@ -100,14 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="mpvss: %(levelname)s: %(message)s")
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     commands = {"segment": _cmd_segment}
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
         return commands[args.command](args)
     except (FileNotFoundError, ConfigError, ValueError) as exc:
         print(f"mpvss: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # output folder not writable, disk full, ...
+        print(f"mpvss: error: {exc}", file=sys.stderr)
+        return 1
     except CheckpointError as exc:
         print(f"mpvss: error: {exc}", file=sys.stderr)
         return 1

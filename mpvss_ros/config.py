@@ -27,6 +27,7 @@ __all__ = [
     "TransformerDecoderConfig",
     "MotionConfig",
     "InputConfig",
+    "PostprocessConfig",
     "ModelConfig",
     "ConfigError",
     "load_model_config",
@@ -133,6 +134,20 @@ class InputConfig:
 
 
 @dataclass
+class PostprocessConfig:
+    """Semantic inference and resizing to the input.
+
+    ``score_resolution``: ``canvas`` follows Mask2Former exactly (mask logits upsampled to the
+    padded canvas, then class scores); ``mask`` computes the class scores on the 1/4 mask grid
+    and upsamples the K score maps instead: about 16x less work for the sigmoid and the
+    query-class product, at the cost of bilinearly interpolated scores instead of interpolated
+    mask logits (labels differ only along class boundaries).
+    """
+
+    score_resolution: str = "canvas"
+
+
+@dataclass
 class ModelConfig:
     """A whole MPVSS model: segmentor, motion module, classes, pre-processing.
 
@@ -149,6 +164,7 @@ class ModelConfig:
     transformer_decoder: TransformerDecoderConfig = field(default_factory=TransformerDecoderConfig)
     motion: MotionConfig = field(default_factory=MotionConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     default_weights: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +178,7 @@ _SECTIONS = {
     "transformer_decoder": TransformerDecoderConfig,
     "motion": MotionConfig,
     "input": InputConfig,
+    "postprocess": PostprocessConfig,
 }
 
 
@@ -215,6 +232,8 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         )
     if len(cfg.motion.encoder_channels) != 6 or len(cfg.motion.deconv_channels) != 4:
         raise ConfigError(f"{where}: motion needs 6 encoder_channels and 4 deconv_channels")
+    if cfg.postprocess.score_resolution not in ("canvas", "mask"):
+        raise ConfigError(f"{where}: postprocess.score_resolution must be canvas or mask")
     if cfg.input.warp_normalization not in ("exact", "mmtrack"):
         raise ConfigError(f"{where}: input.warp_normalization must be exact or mmtrack")
     if cfg.input.size is not None and (len(cfg.input.size) != 2 or min(cfg.input.size) < 32):

@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 PROPAGATORS = ("query_flow", "optical_flow", "copy")
+_MIN_FLOW_SIDE = 32
 
 
 class Propagator(ABC):
@@ -115,10 +116,12 @@ class OpticalFlowPropagator(Propagator):
     def _grey(self, image: Tensor) -> np.ndarray:
         rgb = image[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).cpu().numpy()
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        if self.flow_scale != 1.0:
-            h, w = grey.shape
-            size = (max(8, round(w * self.flow_scale)), max(8, round(h * self.flow_scale)))
-            grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+        h, w = grey.shape
+        # OpenCV's DIS crashes (SIGSEGV, opencv 5.0) on images under 32 px on a side: keep both
+        # sides >= 32; warp_mask_logits rescales the flow per axis to the mask grid.
+        size = (max(_MIN_FLOW_SIDE, round(w * self.flow_scale)), max(_MIN_FLOW_SIDE, round(h * self.flow_scale)))
+        if size != (w, h):
+            grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA if size[0] < w else cv2.INTER_LINEAR)
         return grey
 
     def flow(self, current_grey: np.ndarray, key_grey: np.ndarray) -> np.ndarray:

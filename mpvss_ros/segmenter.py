@@ -7,7 +7,8 @@ Pre-processing fits the frame into the model's canvas (``input.size``) keeping t
 (``cv2.INTER_AREA`` when shrinking, ``INTER_LINEAR`` when enlarging), then zero-pads the
 bottom/right to a multiple of 32. Post-processing follows Mask2Former's order: mask logits are
 upsampled bilinearly to the padded canvas, turned into class scores, cropped to the unpadded
-area and resized bilinearly to the input resolution, where argmax gives the labels. The resize
+area and resized bilinearly to the input resolution, where argmax gives the labels (or, with
+``postprocess.score_resolution: mask``, scores are computed on the mask grid and upsampled). The resize
 runs over chunks of classes with a running argmax so memory stays bounded at high resolution
 with many classes; the result is identical to resizing all classes at once.
 """
@@ -153,6 +154,7 @@ class VideoSegmenter:
         inp = model.cfg.input
         self._canvas = tuple(inp.size) if inp.size is not None else None
         self._divisibility = inp.size_divisibility
+        self._score_resolution = model.cfg.postprocess.score_resolution
         self._frame_index = 0
         self._key: KeyFrameState | None = None
         self._key_letterbox: Letterbox | None = None
@@ -258,8 +260,13 @@ class VideoSegmenter:
         Returns:
             labels (H, W) uint8/uint16 and confidence (H, W) uint8.
         """
-        masks = F.interpolate(mask_logits, size=lb.padded_hw, mode="bilinear", align_corners=False)
-        scores = semantic_scores(class_logits, masks)[:, :, : lb.resized_hw[0], : lb.resized_hw[1]]
+        if self._score_resolution == "canvas":  # Mask2Former: upsample mask logits, then score
+            masks = F.interpolate(mask_logits, size=lb.padded_hw, mode="bilinear", align_corners=False)
+            scores = semantic_scores(class_logits, masks)
+        else:  # score on the mask grid, then upsample the K score maps
+            scores = semantic_scores(class_logits, mask_logits)
+            scores = F.interpolate(scores, size=lb.padded_hw, mode="bilinear", align_corners=False)
+        scores = scores[:, :, : lb.resized_hw[0], : lb.resized_hw[1]]
         out_hw = lb.input_hw
         best = idx = total = None
         for start in range(0, scores.shape[1], _CLASS_CHUNK):

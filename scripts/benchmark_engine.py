@@ -19,14 +19,18 @@ What it measures, for each model (``mpvss_r50`` at 480x853, the VSPW test size, 
   - end to end: ``VideoSegmenter.push`` of a key frame (schedule ``fixed:1``) and of a non-key
     frame (``query_flow`` propagator, schedule ``fixed:1000000`` after one key frame).
 
-  Before timing, the stage-by-stage outputs are checked against ``MPVSS.segment_key_frame`` and
+  Each timed iteration runs the key stages, the non-key stages and both push() calls in turn,
+  so that a change of machine load hits all of them alike. Before timing, the stage-by-stage
+  outputs are checked against ``MPVSS.segment_key_frame`` and
   ``MPVSS.propagate`` so the stages are the code path the segmenter runs.
 
 * **GMAC per stage** with ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs
   per multiply-add; the figures are divided by 2 so that they read like fvcore / detectron2
   "GFLOPs" (1 multiply-add = 1 FLOP), the unit of the MPVSS paper. FlopCounterMode counts
   matrix products and convolutions only (mm, addmm, bmm, baddbmm, conv, conv-transpose,
-  attention kernels). A second column adds what fvcore's default handles also count and
+  attention kernels); its registry lacks the CPU attention kernel that ``nn.MultiheadAttention``
+  runs (``_scaled_dot_product_flash_attention_for_cpu``), so the script registers it (QK^T and
+  AV counted dense, masked entries included, as fvcore does). A second column adds what fvcore's default handles also count and
   FlopCounterMode does not: norms (BN/GN/LN), bilinear interpolation and ``grid_sample``
   (MSDeformAttn sampling in the pixel decoder, the mask warp), all as small per-element
   costs. Neither counts other element-wise work (activations, softmax, sigmoid, additions,
@@ -73,7 +77,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
@@ -194,6 +198,21 @@ class FvcoreExtraOps(TorchDispatchMode):
         return out
 
 
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten._scaled_dot_product_flash_attention_for_cpu`` (QK^T and AV, dense)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: Ops FlopCounterMode's registry lacks (torch 2.13): nn.MultiheadAttention on CPU runs
+#: ``_scaled_dot_product_flash_attention_for_cpu``, whose QK^T and AV products would otherwise go
+#: uncounted. Counted dense (masked-out entries included), as fvcore counts the matmuls.
+_EXTRA_FLOP_MAPPING = {
+    getattr(aten, name): _sdpa_cpu_flop
+    for name in ("_scaled_dot_product_flash_attention_for_cpu",)
+    if hasattr(aten, name)
+}
+
+
 @dataclass
 class FlopCount:
     """One stage's counts. ``gmac``: FlopCounterMode FLOPs / 2 / 1e9; ``extra_g``: fvcore extras."""
@@ -207,7 +226,7 @@ class FlopCount:
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, FlopCount]:
     """Run ``fn`` once under FlopCounterMode (+ the fvcore extras) and return its result and counts."""
     extra = FvcoreExtraOps()
-    with FlopCounterMode(display=False) as fc, extra:
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_MAPPING) as fc, extra:
         out = fn()
     by_op = {str(op): n / 2e9 for op, n in fc.get_flop_counts().get("Global", {}).items()}
     count = FlopCount(
@@ -363,15 +382,46 @@ def _timed(times: dict[str, list[float]], name: str, record: bool, fn: Callable[
     return out
 
 
-def measure_stages(st: Stages, frames: list[np.ndarray], warmup: int, repeats: int) -> tuple[dict, dict]:
-    """Per-stage wall time of key and non-key frames, interleaved, iteration by iteration."""
+class PushRunner:
+    """A ``VideoSegmenter`` that pushes only key frames (``fixed:1``) or, after one key frame,
+    only non-key frames (``query_flow`` propagator, ``fixed:1000000``)."""
+
+    def __init__(self, model: MPVSS, frames: list[np.ndarray], fps: float, kind: str) -> None:
+        self.kind = kind
+        self.schedule = "fixed:1" if kind == "key" else "fixed:1000000"
+        self.seg = VideoSegmenter(model, QueryFlowPropagator(model), parse_schedule(self.schedule), device="cpu")
+        self.frames = frames
+        self.dt = 1.0 / fps
+        self.stamp = 0.0
+        self.count = 0
+        if kind == "nonkey":
+            self.seg.push(frames[0], self.stamp)  # the key frame
+
+    def push(self) -> Any:
+        n = len(self.frames)
+        f = self.frames[self.count % n] if self.kind == "key" else self.frames[1 + self.count % (n - 1)]
+        self.count += 1
+        self.stamp += self.dt
+        res = self.seg.push(f, self.stamp)
+        if res.is_key_frame != (self.kind == "key"):
+            raise RuntimeError(f"push: expected a {self.kind} frame, got is_key_frame={res.is_key_frame} "
+                               f"({res.key_frame_reason})")
+        return res
+
+
+def measure(st: Stages, frames: list[np.ndarray], fps: float, warmup: int, repeats: int) -> dict[str, Any]:
+    """Wall times of every stage and of push(), key and non-key, interleaved iteration by
+    iteration so that a change of machine load hits all of them alike."""
     key_t: dict[str, list[float]] = defaultdict(list)
     nk_t: dict[str, list[float]] = defaultdict(list)
+    push_t: dict[str, list[float]] = defaultdict(list)
+    push_inner: dict[str, dict[str, list[float]]] = {"key": defaultdict(list), "nonkey": defaultdict(list)}
+    runners = {kind: PushRunner(st.model, frames, fps, kind) for kind in ("key", "nonkey")}
     key_state = st.key_state(frames[0])
     n = len(frames)
     for it in range(warmup + repeats):
         rec = it >= warmup
-        # key frame
+        # key frame, stage by stage
         f = frames[it % n]
         lb = st.letterbox(f)
         img = _timed(key_t, "preprocess", rec, lambda: st.preprocess(f, lb))
@@ -380,7 +430,7 @@ def measure_stages(st: Stages, frames: list[np.ndarray], warmup: int, repeats: i
         dec = _timed(key_t, "transformer_decoder", rec, lambda: st.transformer_decoder(pd))
         _timed(key_t, "semantic_post", rec, lambda: st.postprocess(dec.class_logits, dec.mask_logits, lb))
         del feats, pd, dec
-        # non-key frame (key = frames[0])
+        # non-key frame, stage by stage (key = frames[0])
         f = frames[1 + it % (n - 1)]
         lb = st.letterbox(f)
         cur = _timed(nk_t, "preprocess", rec, lambda: st.preprocess(f, lb))
@@ -389,7 +439,23 @@ def measure_stages(st: Stages, frames: list[np.ndarray], warmup: int, repeats: i
         warped = _timed(nk_t, "warp", rec, lambda: st.warp(key_state, flows))
         _timed(nk_t, "semantic_post", rec, lambda: st.postprocess(key_state.class_logits, warped, lb))
         del mfeats, flows, warped
-    return dict(key_t), dict(nk_t)
+        # end to end
+        for kind, runner in runners.items():
+            res = _timed(push_t, kind, rec, runner.push)
+            if rec:
+                for k, v in res.timings_ms.items():
+                    push_inner[kind][k].append(v)
+    push: dict[str, Any] = {}
+    for kind, runner in runners.items():
+        res, flops = count_flops(runner.push)
+        push[kind] = {
+            "schedule": runner.schedule,
+            "propagator": "query_flow",
+            "wall": _stats(push_t[kind]),
+            "timings_ms_median": {k: float(np.median(v)) for k, v in push_inner[kind].items()},
+            "flops": flops,
+        }
+    return {"key": dict(key_t), "nonkey": dict(nk_t), "push": push}
 
 
 def count_stages(st: Stages, frames: list[np.ndarray]) -> tuple[dict[str, FlopCount], dict[str, FlopCount]]:
@@ -411,46 +477,6 @@ def count_stages(st: Stages, frames: list[np.ndarray]) -> tuple[dict[str, FlopCo
     warped, nk_c["warp"] = count_flops(lambda: st.warp(key_state, flows))
     _, nk_c["semantic_post"] = count_flops(lambda: st.postprocess(key_state.class_logits, warped, lb))
     return key_c, nk_c
-
-
-def measure_push(model: MPVSS, frames: list[np.ndarray], fps: float, warmup: int, repeats: int) -> dict[str, Any]:
-    """End-to-end ``VideoSegmenter.push``: key frames (fixed:1) and non-key frames (query_flow)."""
-    dt = 1.0 / fps
-    n = len(frames)
-    out: dict[str, Any] = {}
-    for kind in ("key", "nonkey"):
-        schedule = "fixed:1" if kind == "key" else "fixed:1000000"
-        seg = VideoSegmenter(model, QueryFlowPropagator(model), parse_schedule(schedule), device="cpu")
-        stamp = 0.0
-        if kind == "nonkey":
-            seg.push(frames[0], stamp)  # the key frame
-        wall: list[float] = []
-        inner: dict[str, list[float]] = defaultdict(list)
-        for it in range(warmup + repeats):
-            stamp += dt
-            f = frames[it % n] if kind == "key" else frames[1 + it % (n - 1)]
-            t = time.perf_counter()
-            res = seg.push(f, stamp)
-            ms = (time.perf_counter() - t) * 1e3
-            if res.is_key_frame != (kind == "key"):
-                raise RuntimeError(f"push: expected a {kind} frame, got is_key_frame={res.is_key_frame} "
-                                   f"({res.key_frame_reason})")
-            if it >= warmup:
-                wall.append(ms)
-                for k, v in res.timings_ms.items():
-                    inner[k].append(v)
-        stamp += dt
-        f = frames[0] if kind == "key" else frames[1]
-        res, flops = count_flops(lambda: seg.push(f, stamp))
-        assert res.is_key_frame == (kind == "key")
-        out[kind] = {
-            "schedule": schedule,
-            "propagator": "query_flow",
-            "wall": _stats(wall),
-            "timings_ms_median": {k: float(np.median(v)) for k, v in inner.items()},
-            "flops": flops,
-        }
-    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -515,8 +541,8 @@ def run_model(name: str, repeats: int | None, warmup: int | None) -> dict[str, A
     with torch.inference_mode():
         check = _check_path(st, frames)
         key_c, nk_c = count_stages(st, frames)
-        key_t, nk_t = measure_stages(st, frames, warmup, repeats)
-        push = measure_push(model, frames, fps, warmup, repeats)
+        times = measure(st, frames, fps, warmup, repeats)
+    key_t, nk_t, push = times["key"], times["nonkey"], times["push"]
 
     def rows(stage_list, counts, times):
         out = {}
@@ -652,7 +678,10 @@ Notes:
 - GMAC = torch.utils.flop_counter.FlopCounterMode FLOPs / 2 (it counts 2 FLOPs per multiply-add;
   fvcore, detectron2 and the MPVSS paper count 1), so the GMAC column reads as fvcore-style GFLOPs.
 - FlopCounterMode counts matrix products and convolutions only (mm, addmm, bmm, baddbmm, conv,
-  conv-transpose, SDPA). It does NOT count grid_sample (the MSDeformAttn sampling of the pixel
+  conv-transpose, SDPA). Its registry (torch 2.13) lacks the CPU attention kernel of
+  nn.MultiheadAttention (_scaled_dot_product_flash_attention_for_cpu); this script adds it (QK^T and
+  AV, dense: masked-out entries count, as in fvcore), else the R50 decoder loses ~1.3 GMAC of masked
+  cross-attention. It does NOT count grid_sample (the MSDeformAttn sampling of the pixel
   decoder, the per-query mask warp), bilinear interpolation, BatchNorm/GroupNorm/LayerNorm, nor any
   element-wise op (activations, softmax, sigmoid, additions, the MSDeformAttn weighted sum, argmax).
   The "+ fvcore" column adds what fvcore's default handles count on top (norm 5/element with

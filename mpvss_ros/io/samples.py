@@ -119,3 +119,10 @@ def dashcam_clip() -> Path | None:
     root = shared_data_dir()
     path = root / "video" / "solidWhiteRight.mp4" if root is not None else None
     return path if path is not None and path.is_file() else None
+
+
+def imagenet_mobilenet_v2() -> Path | None:
+    """``weights/mobilenetv2_imagenet_features.pt`` of the shared data (ImageNet MobileNetV2), or None."""
+    root = shared_data_dir()
+    path = root / "weights" / "mobilenetv2_imagenet_features.pt" if root is not None else None
+    return path if path is not None and path.is_file() else None

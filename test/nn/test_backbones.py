@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from mpvss_ros.config import BackboneConfig
+from mpvss_ros.io.samples import imagenet_mobilenet_v2
 from mpvss_ros.nn.backbones import (
     MobileNetV2,
     ResNet,
@@ -20,17 +20,10 @@ H, W = 64, 96
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
 
-def _shared_data() -> Path:
-    env = os.environ.get("MPVSS_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
 def _mobilenet_weights() -> Path:
-    path = _shared_data() / "weights" / "mobilenetv2_imagenet_features.pt"
-    if not path.is_file():
-        pytest.skip(f"shared data absent: {path} not found (set MPVSS_SHARED_DATA to the shared/data folder)")
+    path = imagenet_mobilenet_v2()
+    if path is None:
+        pytest.skip("shared data absent: weights/mobilenetv2_imagenet_features.pt not found (set MPVSS_SHARED_DATA)")
     return path
 
 

@@ -1,0 +1,5 @@
+"""Evaluation metrics for semantic and video semantic segmentation (spec sections 4.2-4.3)."""
+
+from .metrics import ConfusionMatrix, VideoConsistency, video_consistency
+
+__all__ = ["ConfusionMatrix", "VideoConsistency", "video_consistency"]

@@ -1,0 +1,273 @@
+"""Segmentation metrics: confusion-matrix IoU scores and VSPW video consistency.
+
+Spec: ``docs/mpvss_architecture.md`` section 4.2 (mIoU, fwIoU, pixel accuracy as in the VSPW /
+detectron2 semantic-segmentation evaluator) and section 4.3 (VC_n as in VSPW's
+``VC_perclip.py``). Everything is computed with numpy in int64 / float64; inputs may be numpy
+arrays or torch tensors (moved to the CPU).
+
+Conventions:
+
+* Ground truth values outside ``0..K-1`` (CamVid void 11, the ``ignore_index`` 255, ...) are
+  ignored: those pixels enter neither GT_c nor Pred_c.
+* ``IoU_c = TP_c / (GT_c + Pred_c - TP_c)``, NaN when ``GT_c + Pred_c == 0``.
+* ``mIoU`` = mean of IoU_c over the classes with ``GT_c + Pred_c > 0`` (detectron2): a class
+  that is predicted but absent from the ground truth counts as 0.
+* ``fwIoU = sum_c (GT_c / sum_c' GT_c') * IoU_c``.
+* All scores returned by the methods are fractions in [0, 1]; :meth:`ConfusionMatrix.summary`
+  reports percent.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ConfusionMatrix", "VideoConsistency", "video_consistency"]
+
+
+def _as_int_array(x: Any, name: str) -> np.ndarray:
+    """numpy int64 view of an array-like or a torch tensor (detached, on the CPU)."""
+    if hasattr(x, "detach"):  # torch.Tensor without importing torch here
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iub":
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+class ConfusionMatrix:
+    """Accumulates a K x K confusion matrix ``mat[gt, pred]`` of pixel counts (int64).
+
+    Args:
+        num_classes: K >= 1.
+        ignore_index: a ground-truth label that is ignored. Any other GT value outside
+            ``0..K-1`` is ignored too, so the raw CamVid void label 11 needs no remapping.
+
+    Raises:
+        ValueError: ``num_classes < 1``.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.mat = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    def reset(self) -> None:
+        """Set all counts to zero."""
+        self.mat[:] = 0
+
+    def update(self, pred: Any, gt: Any) -> None:
+        """Add one image (or any batch of pixels of the same shape).
+
+        Args:
+            pred: (H, W) (or any shape) integer class ids in ``0..K-1``; numpy or torch.
+            gt: same shape, integer labels; values outside ``0..K-1`` are ignored.
+
+        Raises:
+            ValueError: shapes differ, non-integer dtype, or a prediction outside ``0..K-1``
+                on a pixel that is not ignored.
+        """
+        p = _as_int_array(pred, "pred")
+        g = _as_int_array(gt, "gt")
+        if p.shape != g.shape:
+            raise ValueError(f"pred shape {p.shape} differs from gt shape {g.shape}")
+        k = self.num_classes
+        valid = (g >= 0) & (g < k) & (g != self.ignore_index)
+        p = p[valid]
+        g = g[valid]
+        if p.size and (p.min() < 0 or p.max() >= k):
+            raise ValueError(f"predictions must be in 0..{k - 1}, got values in {p.min()}..{p.max()}")
+        self.mat += np.bincount(g * k + p, minlength=k * k).reshape(k, k)
+
+    def merge(self, other: "ConfusionMatrix") -> None:
+        """Add the counts of another matrix with the same number of classes.
+
+        Raises:
+            ValueError: different ``num_classes``.
+        """
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot merge {other.num_classes}-class matrix into {self.num_classes}-class one")
+        self.mat += other.mat
+
+    # -- per-class counts --------------------------------------------------------------------
+    @property
+    def gt_pixels(self) -> np.ndarray:
+        """(K,) int64 GT_c: pixels whose (non-ignored) ground truth is c."""
+        return self.mat.sum(axis=1)
+
+    @property
+    def pred_pixels(self) -> np.ndarray:
+        """(K,) int64 Pred_c: non-ignored pixels predicted as c."""
+        return self.mat.sum(axis=0)
+
+    @property
+    def true_positives(self) -> np.ndarray:
+        """(K,) int64 TP_c."""
+        return np.diag(self.mat).copy()
+
+    # -- scores ------------------------------------------------------------------------------
+    def iou(self) -> np.ndarray:
+        """(K,) float64 IoU_c = TP / (GT + Pred - TP); NaN where GT_c + Pred_c == 0."""
+        tp = self.true_positives.astype(np.float64)
+        union = self.gt_pixels + self.pred_pixels - self.true_positives
+        out = np.full(self.num_classes, np.nan)
+        np.divide(tp, union, out=out, where=union > 0)
+        return out
+
+    def miou(self) -> float:
+        """Mean IoU over classes with GT_c + Pred_c > 0 (predicted-but-absent count 0); NaN if none."""
+        iou = self.iou()
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+    def fwiou(self) -> float:
+        """Frequency-weighted IoU: sum_c (GT_c / sum GT) * IoU_c; NaN with no GT pixels."""
+        gt = self.gt_pixels.astype(np.float64)
+        total = gt.sum()
+        if total == 0:
+            return float("nan")
+        iou = np.nan_to_num(self.iou(), nan=0.0)  # NaN only where GT_c == 0, i.e. zero weight
+        return float((gt / total * iou).sum())
+
+    def pixel_accuracy(self) -> float:
+        """Fraction of non-ignored pixels predicted correctly (pACC); NaN with no pixels."""
+        total = self.mat.sum()
+        return float(np.trace(self.mat) / total) if total else float("nan")
+
+    def class_accuracy(self) -> np.ndarray:
+        """(K,) float64 TP_c / GT_c (recall); NaN where GT_c == 0."""
+        gt = self.gt_pixels
+        out = np.full(self.num_classes, np.nan)
+        np.divide(self.true_positives.astype(np.float64), gt, out=out, where=gt > 0)
+        return out
+
+    def mean_accuracy(self) -> float:
+        """Mean of :meth:`class_accuracy` over classes with GT_c > 0 (mACC); NaN if none."""
+        acc = self.class_accuracy()
+        return float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
+
+    def summary(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """JSON-ready summary, scores in **percent** (0..100), NaN written as None.
+
+        Args:
+            class_names: K names (default ``class_0`` ...).
+
+        Returns:
+            ``{"mIoU", "fwIoU", "pACC", "mACC": float | None, "IoU": {name: float | None},
+            "pixels": int (non-ignored pixels counted), "num_classes": K}``.
+
+        Raises:
+            ValueError: ``class_names`` does not have K entries.
+        """
+        names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.num_classes)]
+        if len(names) != self.num_classes:
+            raise ValueError(f"{len(names)} class names for {self.num_classes} classes")
+
+        def pct(v: float) -> float | None:
+            return None if not np.isfinite(v) else round(100.0 * float(v), 4)
+
+        return {
+            "mIoU": pct(self.miou()),
+            "fwIoU": pct(self.fwiou()),
+            "pACC": pct(self.pixel_accuracy()),
+            "mACC": pct(self.mean_accuracy()),
+            "IoU": {n: pct(v) for n, v in zip(names, self.iou())},
+            "pixels": int(self.mat.sum()),
+            "num_classes": self.num_classes,
+        }
+
+
+class VideoConsistency:
+    """Streaming VC_n (VSPW ``VC_perclip.py``, spec section 4.3) over one or more clips.
+
+    Feed the frames of a clip in order with :meth:`update`; call :meth:`end_clip` between
+    clips. For each window of n consecutive frames ``i..i+n-1`` with ``i in range(len - n)``
+    (so the window that ends on the clip's last frame is skipped, as in the reference):
+
+    * G = pixels whose raw GT (any values, void included, no remapping) is identical over the
+      window; P = pixels whose prediction is identical over the window;
+    * acc_i = |G ∩ P| / |G| (NaN when |G| = 0).
+
+    :meth:`value` is the NaN-mean over all windows of all clips (window-weighted). Memory: n+1
+    frames of predictions and labels.
+
+    Args:
+        n: window length (8 and 16 in the VSPW protocol), >= 2.
+
+    Raises:
+        ValueError: ``n < 2``.
+    """
+
+    def __init__(self, n: int) -> None:
+        if n < 2:
+            raise ValueError(f"VC window n must be >= 2, got {n}")
+        self.n = int(n)
+        self.window_acc: list[float] = []
+        self._frames: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=self.n + 1)
+
+    def update(self, pred: Any, gt: Any) -> None:
+        """Add the next frame of the current clip.
+
+        Args:
+            pred: (H, W) integer predicted labels (numpy or torch).
+            gt: (H, W) integer raw ground truth.
+
+        Raises:
+            ValueError: shapes differ from each other or from the clip's earlier frames.
+        """
+        p = _as_int_array(pred, "pred")
+        g = _as_int_array(gt, "gt")
+        if p.shape != g.shape:
+            raise ValueError(f"pred shape {p.shape} differs from gt shape {g.shape}")
+        if self._frames and self._frames[0][0].shape != p.shape:
+            raise ValueError(f"frame shape {p.shape} differs from the clip's {self._frames[0][0].shape}")
+        self._frames.append((p, g))
+        if len(self._frames) == self.n + 1:  # frame i+n exists, so window i..i+n-1 counts
+            self.window_acc.append(self._window(list(self._frames)[: self.n]))
+
+    @staticmethod
+    def _window(frames: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        p0, g0 = frames[0]
+        g_same = np.ones(g0.shape, dtype=bool)
+        p_same = np.ones(p0.shape, dtype=bool)
+        for p, g in frames[1:]:
+            g_same &= g == g0
+            p_same &= p == p0
+        denom = int(g_same.sum())
+        return float((g_same & p_same).sum() / denom) if denom else float("nan")
+
+    def end_clip(self) -> None:
+        """Close the current clip (its windows are kept; the next frame starts a new clip)."""
+        self._frames.clear()
+
+    def value(self) -> float:
+        """NaN-mean of all window accuracies, a fraction in [0, 1]; NaN with no valid window."""
+        acc = np.asarray(self.window_acc, dtype=np.float64)
+        return float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan")
+
+
+def video_consistency(preds: Sequence[Any], gts: Sequence[Any], n: int) -> float:
+    """VC_n of one clip (VSPW ``VC_perclip.py``; spec section 4.3).
+
+    Args:
+        preds: T predicted label maps (H, W), integer, in frame order.
+        gts: T raw ground-truth maps (H, W), integer (void kept as is).
+        n: window length (e.g. 8 or 16).
+
+    Returns:
+        The NaN-mean over windows ``i in range(T - n)`` of |G ∩ P| / |G| as a fraction in
+        [0, 1]; NaN when ``T <= n`` (no window) or every window has an empty G.
+
+    Raises:
+        ValueError: ``len(preds) != len(gts)``, ``n < 2``, or mismatched shapes.
+    """
+    if len(preds) != len(gts):
+        raise ValueError(f"{len(preds)} predictions for {len(gts)} ground-truth frames")
+    vc = VideoConsistency(n)
+    for p, g in zip(preds, gts):
+        vc.update(p, g)
+    return vc.value()

@@ -1,0 +1,225 @@
+"""CamVid frames for training the key-frame segmentor (stage 1).
+
+Layout (``shared/data/README.md``): ``<split>/`` holds 480x360 RGB PNGs, ``<split>annot/`` 8-bit
+label PNGs with the same names, values 0..10 classes and 11 void. Labels are returned with void
+(and anything outside ``0..num_classes-1``) mapped to ``ignore_index`` (255).
+
+Training augmentation (applied in this order, all with OpenCV on numpy arrays):
+
+1. random scale by s ~ U(scale) of both sides (``cv2.INTER_LINEAR`` image, ``INTER_NEAREST``
+   label);
+2. random crop to ``crop`` = (H, W); where the scaled frame is smaller, it is first padded at
+   the bottom/right with image 0 and label ``ignore_index``;
+3. colour jitter (each with probability 0.5, modest): brightness +-``BRIGHTNESS_DELTA`` grey
+   levels, contrast x U(1 -/+ ``CONTRAST_RANGE``), saturation x U(1 -/+ ``SATURATION_RANGE``)
+   and hue +- ``HUE_DELTA_DEG`` degrees (float HSV), clipped to 0..255;
+4. horizontal flip with probability 0.5.
+
+Randomness: sample ``idx`` in epoch ``e`` uses ``np.random.default_rng([seed, e, idx])``, so a
+sample is a pure function of (seed, epoch, index): repeatable, independent of worker count and
+of the order samples are drawn in, and exactly resumable. Call :meth:`CamVidFrames.set_epoch`
+at each epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["CamVidFrames", "list_frames", "load_frame", "BRIGHTNESS_DELTA", "CONTRAST_RANGE",
+           "SATURATION_RANGE", "HUE_DELTA_DEG"]
+
+#: Colour jitter strengths (modest; applied each with probability 0.5).
+BRIGHTNESS_DELTA = 24.0  # grey levels on the 0..255 scale
+CONTRAST_RANGE = 0.2  # factor in [0.8, 1.2]
+SATURATION_RANGE = 0.2  # factor in [0.8, 1.2]
+HUE_DELTA_DEG = 9.0  # degrees on the 0..360 hue circle
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def list_frames(image_dir: str | Path, annot_dir: str | Path) -> list[tuple[Path, Path]]:
+    """Sorted (image, label) path pairs with the same file name in both folders.
+
+    Raises:
+        FileNotFoundError: a folder is missing, it holds no images, or an image has no label.
+    """
+    image_dir, annot_dir = Path(image_dir), Path(annot_dir)
+    for d in (image_dir, annot_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"folder not found: {d}")
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f"no images in {image_dir}")
+    pairs = []
+    for img in images:
+        lab = annot_dir / img.name
+        if not lab.is_file():
+            raise FileNotFoundError(f"label missing for {img.name}: expected {lab}")
+        pairs.append((img, lab))
+    return pairs
+
+
+def load_frame(image_path: str | Path, label_path: str | Path, num_classes: int = 11,
+               ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """Read one frame.
+
+    Returns:
+        image (H, W, 3) uint8 RGB and label (H, W) uint8 with values outside
+        ``0..num_classes-1`` set to ``ignore_index``.
+
+    Raises:
+        FileNotFoundError: unreadable image or label.
+        ValueError: label not single-channel or of another size than the image.
+    """
+    bgr = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise FileNotFoundError(f"cannot read image {image_path}")
+    label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise FileNotFoundError(f"cannot read label {label_path}")
+    if label.ndim != 2:
+        raise ValueError(f"{label_path}: label must be single-channel, got shape {label.shape}")
+    if label.shape != bgr.shape[:2]:
+        raise ValueError(f"{label_path}: label {label.shape} vs image {bgr.shape[:2]}")
+    label = label.astype(np.uint8, copy=True)
+    label[label >= num_classes] = ignore_index
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), label
+
+
+def _color_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) float32 RGB 0..255 -> jittered, clipped to 0..255 (float32)."""
+    draws = rng.random(4)  # fixed number of draws per call keeps the stream layout stable
+    params = rng.uniform(-1.0, 1.0, size=4)
+    img = image
+    if draws[0] < 0.5:
+        img = img + BRIGHTNESS_DELTA * params[0]
+    if draws[1] < 0.5:
+        img = img * (1.0 + CONTRAST_RANGE * params[1])
+    img = np.clip(img, 0.0, 255.0).astype(np.float32)
+    if draws[2] < 0.5 or draws[3] < 0.5:
+        hsv = cv2.cvtColor(img / 255.0, cv2.COLOR_RGB2HSV)  # float: H in [0, 360), S, V in [0, 1]
+        if draws[2] < 0.5:
+            hsv[..., 1] = np.clip(hsv[..., 1] * (1.0 + SATURATION_RANGE * params[2]), 0.0, 1.0)
+        if draws[3] < 0.5:
+            hsv[..., 0] = np.mod(hsv[..., 0] + HUE_DELTA_DEG * params[3], 360.0)
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
+    return np.clip(img, 0.0, 255.0).astype(np.float32)
+
+
+class CamVidFrames(Dataset):
+    """CamVid image/label pairs with Mask2Former-style training augmentation.
+
+    Args:
+        root_split_dir: image folder (e.g. ``camvid/train``).
+        annot_dir: label folder (e.g. ``camvid/trainannot``).
+        crop: (H, W) training crop in pixels (ignored when ``train=False``).
+        scale: (min, max) random scale factors, min <= max, > 0.
+        flip: random horizontal flip.
+        color_jitter: random brightness/contrast/saturation/hue.
+        train: False returns full frames with no augmentation at all.
+        num_classes: label values >= this (CamVid void 11) become ``ignore_index``.
+        ignore_index: the void value of the returned labels (255).
+        seed: base seed of the per-sample generators.
+        files: optional subset of file names (e.g. ``["0001TP_006690.png"]``) to use, in the
+            given order; default all frames, sorted by name.
+
+    Items: ``(image, label)`` with image (3, H, W) float32 RGB in 0..255 and label (H, W) int64
+    (0..K-1, ``ignore_index`` for void).
+
+    Raises:
+        FileNotFoundError: folders or labels missing; a requested file not present.
+        ValueError: bad crop or scale.
+    """
+
+    def __init__(self, root_split_dir: str | Path, annot_dir: str | Path, crop: Sequence[int] = (240, 320),
+                 scale: Sequence[float] = (0.75, 1.5), flip: bool = True, color_jitter: bool = True,
+                 train: bool = True, num_classes: int = 11, ignore_index: int = 255, seed: int = 0,
+                 files: Sequence[str] | None = None) -> None:
+        pairs = list_frames(root_split_dir, annot_dir)
+        if files is not None:
+            by_name = {p[0].name: p for p in pairs}
+            missing = [f for f in files if f not in by_name]
+            if missing:
+                raise FileNotFoundError(f"frames not found in {root_split_dir}: {missing}")
+            pairs = [by_name[f] for f in files]
+        if len(crop) != 2 or min(crop) < 1:
+            raise ValueError(f"crop must be (H, W) with positive sizes, got {crop}")
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {scale}")
+        self.pairs = pairs
+        self.crop = (int(crop[0]), int(crop[1]))
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.flip = bool(flip)
+        self.color_jitter = bool(color_jitter)
+        self.train = bool(train)
+        self.num_classes = int(num_classes)
+        self.ignore_index = int(ignore_index)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation draws :meth:`__getitem__` uses."""
+        self.epoch = int(epoch)
+
+    def names(self) -> list[str]:
+        """File names in dataset order."""
+        return [p[0].name for p in self.pairs]
+
+    def __getitem__(self, idx: int) -> tuple[Tensor, Tensor]:
+        image, label = load_frame(*self.pairs[idx], num_classes=self.num_classes, ignore_index=self.ignore_index)
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, int(idx)])
+            image, label = self.augment(image, label, rng)
+        else:
+            image = image.astype(np.float32)
+        img_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        lab_t = torch.from_numpy(np.ascontiguousarray(label)).to(torch.int64)
+        return img_t, lab_t
+
+    def augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Scale, crop (with padding), colour jitter, flip.
+
+        Args:
+            image: (H, W, 3) uint8 RGB; label: (H, W) uint8.
+            rng: the sample's generator.
+
+        Returns:
+            image (ch, cw, 3) float32 0..255 and label (ch, cw) uint8, (ch, cw) = ``crop``.
+        """
+        # A fixed set of draws per sample, whatever the options, keeps streams comparable.
+        s = rng.uniform(*self.scale)
+        oy, ox = rng.random(2)
+        do_flip = rng.random() < 0.5
+        jitter_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
+
+        h, w = label.shape
+        nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+        if (nh, nw) != (h, w):
+            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+            label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        ch, cw = self.crop
+        ph, pw = max(ch - nh, 0), max(cw - nw, 0)
+        if ph or pw:
+            image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+            label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=self.ignore_index)
+        hh, ww = label.shape
+        y0 = int(oy * (hh - ch + 1))
+        x0 = int(ox * (ww - cw + 1))
+        image = image[y0:y0 + ch, x0:x0 + cw].astype(np.float32)
+        label = label[y0:y0 + ch, x0:x0 + cw]
+        if self.color_jitter:
+            image = _color_jitter(image, jitter_rng)
+        if self.flip and do_flip:
+            image = image[:, ::-1]
+            label = label[:, ::-1]
+        return image, label

@@ -1,0 +1,652 @@
+"""Stage-1 training: the key-frame segmentor (Mask2Former part of MPVSS) on CamVid.
+
+Only the segmentor trains here (``backbone.*`` and ``sem_seg_head.*``); the motion module is
+frozen and left out of the optimiser (it is trained in stage 2 on frame pairs). The recipe
+follows Mask2Former / MPVSS (spec ``docs/mpvss_architecture.md`` sections 3.4-3.5) scaled
+down for a CPU:
+
+* loss: :class:`~mpvss_ros.training.criterion.SetCriterion` (CE 2, mask BCE 5, dice 5,
+  no-object 0.1, 12544 importance-sampled points, deep supervision on all decoder outputs)
+  with the Hungarian matcher (``matcher="hungarian"``, the paper's) or the fixed
+  query-per-class matcher (``"fixed"``);
+* AdamW, weight decay 0.05 except norms (BatchNorm, GroupNorm, LayerNorm) and ``nn.Embedding``
+  (0, detectron2's defaults), backbone learning rate = ``lr * backbone_lr_mult``;
+* learning-rate factor: linear warm-up from ``warmup_factor`` to 1 over ``warmup_steps``, times
+  the poly decay ``(1 - step / steps) ** poly_power`` (detectron2 ``WarmupPolyLR``), updated
+  every step;
+* gradient clipping of the whole model's L2 norm to ``clip_grad_norm`` (spec: 0.01);
+* backbone BatchNorm statistics frozen at their ImageNet values by default (``freeze_bn``):
+  small CPU batches give poor batch statistics; the BN affine parameters still train.
+
+Defaults chosen for a few CPU hours (see :class:`TrainOptions`): the head learning rate 2e-4
+is twice Mask2Former's 1e-4 because runs are short (thousands, not 90k, steps); the backbone
+keeps Mask2Former's 0.1 multiplier so the ImageNet features are adapted gently.
+
+Data: :class:`~mpvss_ros.training.data.CamVidFrames` on ``<data_root>/train`` (never val).
+Batches are a pure function of (seed, step): epoch e uses the permutation
+``default_rng([seed, 1, e])`` of the frames and the per-sample augmentation generators of
+:class:`CamVidFrames`; with the torch RNG state (random points of the matcher and the loss)
+stored in the trainer state, ``resume=True`` continues exactly where a run stopped.
+
+Run directory contents:
+
+* ``options.json``: the options of the (last) run; ``model_config.json``;
+* ``log.jsonl``: one JSON object per training step (``step``, ``loss``, final-layer
+  ``loss_ce``/``loss_mask``/``loss_dice``, ``loss_ce_all``/``loss_mask_all``/``loss_dice_all``
+  summed over all predictions (unweighted), ``grad_norm`` (before clipping), ``lr``,
+  ``lr_backbone``, ``sec_per_step``, ``epoch``) and one per validation (``"val": true``,
+  ``step``, ``mIoU``, ``pACC`` in percent, ``frames``, ``sec``);
+  On resume, records after the resumed step (from an interrupted stretch) are dropped.
+* ``checkpoint_last.pt``: the model (:func:`mpvss_ros.checkpoints.save_checkpoint`, meta has
+  ``step``), written every ``checkpoint_every`` steps and at the end;
+* ``trainer_state.pt``: ``{"step", "optimizer", "scheduler", "torch_rng", "options"}``
+  (readable with ``torch.load(weights_only=True)``), written together with it;
+* ``model_final.pt``: the model after the last step of the schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..checkpoints import load_checkpoint, save_checkpoint
+from ..config import ModelConfig, load_model_config
+from ..evaluation.metrics import ConfusionMatrix
+from ..io.samples import shared_data_dir
+from ..nn.backbones import MobileNetV2, load_imagenet_weights
+from ..nn.mpvss import MPVSS, semantic_scores
+from .criterion import SetCriterion, semantic_batch_to_targets
+from .data import CamVidFrames
+from .matcher import FixedMatcher, HungarianMatcher
+
+__all__ = [
+    "TrainOptions",
+    "TrainResult",
+    "train_segmentor",
+    "build_param_groups",
+    "lr_factor",
+    "segment_frame",
+    "evaluate_frames",
+    "add_train_arguments",
+    "options_from_args",
+    "default_imagenet_weights",
+    "IGNORE_INDEX",
+]
+
+log = logging.getLogger(__name__)
+
+#: Label value of void pixels in training targets.
+IGNORE_INDEX = 255
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+MODEL_FILE = "checkpoint_last.pt"
+STATE_FILE = "trainer_state.pt"
+FINAL_FILE = "model_final.pt"
+LOG_FILE = "log.jsonl"
+
+
+def default_imagenet_weights() -> Path | None:
+    """``<shared data>/weights/mobilenetv2_imagenet_features.pt``, or None without shared data."""
+    root = shared_data_dir()
+    return None if root is None else root / "weights" / "mobilenetv2_imagenet_features.pt"
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a stage-1 run (CLI flags in brackets; see :func:`add_train_arguments`).
+
+    Attributes:
+        run_dir: output folder [--run-dir] (created).
+        model: model name under ``config/models`` or a YAML file [--model].
+        steps: length of the schedule in optimiser steps [--steps].
+        batch_size: images per step [--batch-size].
+        crop: (H, W) training crop in pixels [--crop H W]; padded internally to a multiple of 32
+            (void labels, zero image after normalisation).
+        scale: random scale range [--scale MIN MAX].
+        flip, color_jitter: augmentations [--no-flip, --no-color-jitter].
+        lr: AdamW learning rate of the heads [--lr].
+        backbone_lr_mult: backbone lr = lr * this [--backbone-lr-mult].
+        weight_decay: AdamW decay, 0 for norms and embeddings [--weight-decay].
+        warmup_steps, warmup_factor: linear warm-up length and start factor [--warmup-steps,
+            --warmup-factor].
+        poly_power: poly decay exponent [--poly-power].
+        clip_grad_norm: max L2 norm of all gradients; <= 0 disables [--clip-grad-norm].
+        matcher: ``hungarian`` or ``fixed`` [--matcher].
+        num_points: points per mask in the matcher and the loss [--num-points].
+        no_object_weight: CE weight of the no-object class [--no-object-weight].
+        imagenet_weights: MobileNetV2 ImageNet file; None = :func:`default_imagenet_weights`;
+            ``"none"`` = random backbone [--imagenet-weights].
+        init_checkpoint: a full model checkpoint to start from instead [--init-checkpoint].
+        data_root: CamVid root with ``train/ trainannot/ val/ valannot/``; None = shared data
+            [--data-root].
+        train_files: optional subset of training file names (debugging) [--train-files].
+        freeze_bn: keep backbone BatchNorm statistics fixed [--no-freeze-bn].
+        checkpoint_every: steps between checkpoints (0 = only at the end) [--checkpoint-every].
+        val_every: steps between quick validations (0 = only at the end; -1 = never)
+            [--val-every].
+        val_frames: evenly spaced val frames for the quick validation [--val-frames].
+        threads: ``torch.set_num_threads`` (0 = leave as is) [--threads].
+        seed: seeds initialisation, data order, augmentation and point sampling [--seed].
+        resume: continue from ``run_dir``'s checkpoint and trainer state [--resume].
+        stop_at: stop (with a checkpoint) after this global step although the schedule spans
+            ``steps`` (time-sliced training; None = run to the end) [--stop-at].
+        max_minutes: stop (with a checkpoint) after this wall time (None = no limit)
+            [--max-minutes].
+        progress: show a tqdm bar [--no-progress].
+    """
+
+    run_dir: str
+    model: str = "mpvss_lite"
+    steps: int = 4000
+    batch_size: int = 8
+    crop: tuple[int, int] = (256, 320)
+    scale: tuple[float, float] = (0.75, 1.5)
+    flip: bool = True
+    color_jitter: bool = True
+    lr: float = 2e-4
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    warmup_factor: float = 0.01
+    poly_power: float = 0.9
+    clip_grad_norm: float = 0.01
+    matcher: str = "hungarian"
+    num_points: int = 12544
+    no_object_weight: float = 0.1
+    imagenet_weights: str | None = None
+    init_checkpoint: str | None = None
+    data_root: str | None = None
+    train_files: list[str] | None = None
+    freeze_bn: bool = True
+    checkpoint_every: int = 250
+    val_every: int = 500
+    val_frames: int = 10
+    threads: int = 2
+    seed: int = 0
+    resume: bool = False
+    stop_at: int | None = None
+    max_minutes: float | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value."""
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if len(self.crop) != 2 or min(self.crop) < 32:
+            raise ValueError(f"crop must be (H, W) with both >= 32, got {self.crop}")
+        if self.matcher not in ("hungarian", "fixed"):
+            raise ValueError(f"matcher must be 'hungarian' or 'fixed', got {self.matcher!r}")
+        if self.lr <= 0 or self.backbone_lr_mult < 0:
+            raise ValueError(f"lr must be > 0 and backbone_lr_mult >= 0, got {self.lr}, {self.backbone_lr_mult}")
+        if self.warmup_steps < 0 or not 0 < self.warmup_factor <= 1:
+            raise ValueError(f"warmup_steps must be >= 0 and warmup_factor in (0, 1], got {self.warmup_steps}, "
+                             f"{self.warmup_factor}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be in 1..steps ({self.steps}), got {self.stop_at}")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_segmentor` did.
+
+    Attributes:
+        run_dir: the run folder.
+        step: global steps completed (== ``steps`` when the schedule finished).
+        finished: True when the whole schedule ran (``model_final.pt`` written).
+        checkpoint: path of the latest model file (``model_final.pt`` or ``checkpoint_last.pt``).
+        losses: total loss of every step run in this call.
+        sec_per_step: mean wall seconds per step in this call (data + forward + backward + step).
+        val: the validation records of this call (``{"step", "mIoU", "pACC", "frames", "sec"}``).
+    """
+
+    run_dir: Path
+    step: int
+    finished: bool
+    checkpoint: Path
+    losses: list[float] = field(default_factory=list)
+    sec_per_step: float = float("nan")
+    val: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, warmup_factor: float, power: float) -> float:
+    """Learning-rate multiplier before optimiser step ``step`` (0-based).
+
+    ``warmup(step) * (1 - step / steps) ** power`` with ``warmup = warmup_factor * (1 - a) + a``,
+    ``a = step / warmup_steps`` while ``step < warmup_steps`` and 1 afterwards (detectron2
+    ``WarmupPolyLR`` with linear warm-up).
+    """
+    if step < warmup_steps:
+        a = step / warmup_steps
+        warm = warmup_factor * (1.0 - a) + a
+    else:
+        warm = 1.0
+    return warm * max(0.0, 1.0 - step / steps) ** power
+
+
+def build_param_groups(model: MPVSS, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the segmentor (motion module excluded).
+
+    Groups: backbone / head x decay / no decay. No decay for every parameter of a norm layer
+    (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) and of ``nn.Embedding`` modules. Only
+    parameters with ``requires_grad`` are included; each appears once.
+
+    Returns:
+        list of ``{"params", "lr", "weight_decay", "name"}`` dicts (empty groups dropped).
+    """
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, _NORM_TYPES + (nn.Embedding,)):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    groups: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for prefix, sub, mult in (("backbone", model.backbone, backbone_lr_mult), ("head", model.sem_seg_head, 1.0)):
+        for p in sub.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            nd = id(p) in no_decay
+            key = f"{prefix}_{'no_decay' if nd else 'decay'}"
+            g = groups.setdefault(key, {"params": [], "lr": lr * mult, "weight_decay": 0.0 if nd else weight_decay,
+                                        "name": key})
+            g["params"].append(p)
+    order = ["backbone_decay", "backbone_no_decay", "head_decay", "head_no_decay"]
+    return [groups[k] for k in order if k in groups]
+
+
+def _pad_to(x: Tensor, hw: tuple[int, int], value: float) -> Tensor:
+    """Pad the last two dims of ``x`` at the bottom/right to ``hw``."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(hw):
+        return x
+    return F.pad(x, (0, hw[1] - w, 0, hw[0] - h), value=value)
+
+
+def _padded_hw(hw: Sequence[int], div: int) -> tuple[int, int]:
+    return (int(math.ceil(hw[0] / div) * div), int(math.ceil(hw[1] / div) * div))
+
+
+@torch.no_grad()
+def segment_frame(model: MPVSS, image: Tensor) -> Tensor:
+    """Per-frame semantic segmentation at the frame's own resolution (spec section 1.6 order).
+
+    The frame is zero-padded (after normalisation) to a multiple of the model's size
+    divisibility, the segmentor runs, the final mask logits are upsampled bilinearly
+    (align_corners=False) to the padded canvas, turned into class scores with
+    :func:`semantic_scores`, cropped to the frame and arg-maxed.
+
+    Args:
+        model: the MPVSS model (put it in eval mode first).
+        image: (3, H, W) float32 RGB in 0..255.
+
+    Returns:
+        (H, W) int64 labels in ``0..K-1``.
+    """
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    hp, wp = _padded_hw((h, w), model.cfg.input.size_divisibility)
+    x = _pad_to(image[None].float(), (hp, wp), 0.0)
+    out = model.forward_segmentor(x, valid_hw=(h, w))
+    masks = F.interpolate(out.mask_logits, size=(hp, wp), mode="bilinear", align_corners=False)
+    scores = semantic_scores(out.class_logits, masks)[0, :, :h, :w]
+    return scores.argmax(0)
+
+
+def evaluate_frames(model: MPVSS, dataset: CamVidFrames, indices: Sequence[int]) -> ConfusionMatrix:
+    """Confusion matrix of :func:`segment_frame` over ``dataset[i]`` for ``i in indices``.
+
+    The model is put in eval mode for the call and its previous mode restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(model.num_classes, ignore_index=IGNORE_INDEX)
+    try:
+        for i in indices:
+            image, label = dataset[int(i)]
+            cm.update(segment_frame(model, image), label)
+    finally:
+        model.train(was_training)
+    return cm
+
+
+def _set_bn_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _camvid_root(opts: TrainOptions) -> Path:
+    if opts.data_root is not None:
+        root = Path(opts.data_root).expanduser()
+    else:
+        shared = shared_data_dir()
+        if shared is None:
+            raise FileNotFoundError("no CamVid data: pass data_root (a folder with train/ trainannot/ val/ valannot/) "
+                                    "or provide the shared data folder ($MPVSS_SHARED_DATA)")
+        root = shared / "camvid"
+    if not root.is_dir():
+        raise FileNotFoundError(f"CamVid root not found: {root}")
+    return root
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _options_dict(opts: TrainOptions) -> dict[str, Any]:
+    d = dataclasses.asdict(opts)
+    d["crop"] = list(d["crop"])
+    d["scale"] = list(d["scale"])
+    return d
+
+
+def _build_model(opts: TrainOptions, cfg: ModelConfig) -> MPVSS:
+    torch.manual_seed(opts.seed)
+    model = MPVSS(cfg)
+    if opts.init_checkpoint:
+        load_checkpoint(model, opts.init_checkpoint)
+        log.info("initialised from %s", opts.init_checkpoint)
+    elif opts.imagenet_weights != "none":
+        if isinstance(model.backbone, MobileNetV2):
+            path = Path(opts.imagenet_weights) if opts.imagenet_weights else default_imagenet_weights()
+            if path is None:
+                raise FileNotFoundError("ImageNet MobileNetV2 weights: no shared data folder; pass imagenet_weights "
+                                        "(or 'none' to train the backbone from scratch)")
+            load_imagenet_weights(model.backbone, path)
+            log.info("backbone initialised from %s", path)
+        elif opts.imagenet_weights:
+            raise ValueError(f"imagenet_weights is for the MobileNetV2 backbone; model {cfg.name} uses "
+                             f"{cfg.backbone.type} (use init_checkpoint)")
+        else:
+            log.warning("backbone %s starts from random initialisation (no ImageNet file for it)", cfg.backbone.type)
+    for p in model.motion.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _warn_option_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    keys = ("model", "steps", "batch_size", "crop", "scale", "flip", "color_jitter", "lr", "backbone_lr_mult",
+            "weight_decay", "warmup_steps", "warmup_factor", "poly_power", "clip_grad_norm", "matcher", "num_points",
+            "no_object_weight", "seed", "train_files", "freeze_bn", "data_root")
+    changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    if changed:
+        log.warning("resuming with changed options (the run is no longer a straight continuation): %s",
+                    "; ".join(changed))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records after ``step`` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    path.write_text("".join(x + "\n" for x in kept))
+
+
+def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> TrainResult:
+    """Stage-1 training of the MPVSS key-frame segmentor on CamVid (see the module docstring).
+
+    Call either ``train_segmentor(TrainOptions(...))`` or ``train_segmentor(run_dir=..., steps=...,
+    ...)`` with :class:`TrainOptions` fields as keywords.
+
+    Returns:
+        :class:`TrainResult`.
+
+    Raises:
+        ValueError: bad options; ``resume`` with an inconsistent run folder.
+        FileNotFoundError: missing data, ImageNet weights or (with ``resume``) checkpoint files.
+        mpvss_ros.checkpoints.CheckpointError: a checkpoint that does not match the model.
+    """
+    if options is None:
+        options = TrainOptions(**kwargs)
+    elif kwargs:
+        options = dataclasses.replace(options, **kwargs)
+    opts = dataclasses.replace(options, crop=(int(options.crop[0]), int(options.crop[1])),
+                               scale=(float(options.scale[0]), float(options.scale[1])))
+    opts.validate()
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+
+    run_dir = Path(opts.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_model_config(opts.model)
+    model = _build_model(opts, cfg)
+    k = cfg.num_classes
+
+    root = _camvid_root(opts)
+    train_set = CamVidFrames(root / "train", root / "trainannot", crop=opts.crop, scale=opts.scale, flip=opts.flip,
+                             color_jitter=opts.color_jitter, train=True, num_classes=k, ignore_index=IGNORE_INDEX,
+                             seed=opts.seed, files=opts.train_files)
+    val_set = None
+    if opts.val_every >= 0 and opts.val_frames > 0 and (root / "val").is_dir():
+        val_set = CamVidFrames(root / "val", root / "valannot", train=False, num_classes=k, ignore_index=IGNORE_INDEX)
+    if len(train_set) < opts.batch_size:
+        raise ValueError(f"{len(train_set)} training frames for batch_size {opts.batch_size}")
+    batches_per_epoch = len(train_set) // opts.batch_size
+
+    matcher = (HungarianMatcher(2.0, 5.0, 5.0, num_points=opts.num_points) if opts.matcher == "hungarian"
+               else FixedMatcher(k))
+    criterion = SetCriterion(k, matcher, weight_class=2.0, weight_mask=5.0, weight_dice=5.0,
+                             no_object_weight=opts.no_object_weight, num_points=opts.num_points)
+
+    groups = build_param_groups(model, opts.lr, opts.backbone_lr_mult, opts.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, opts.steps, opts.warmup_steps, opts.warmup_factor, opts.poly_power))
+
+    start = 0
+    state_path, model_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
+    if opts.resume:
+        if not state_path.is_file() or not model_path.is_file():
+            raise FileNotFoundError(f"resume: {model_path} and {state_path} are both needed")
+        meta = load_checkpoint(model, model_path)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if int(meta.get("step", -1)) != int(state["step"]):
+            raise ValueError(f"resume: {model_path} is at step {meta.get('step')} but {state_path} at step "
+                             f"{state['step']} (interrupted while saving?)")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        _warn_option_changes(state.get("options") or {}, _options_dict(opts))
+        start = int(state["step"])
+        _truncate_log(run_dir / LOG_FILE, start)
+        log.info("resumed %s at step %d", run_dir, start)
+    else:
+        torch.manual_seed(opts.seed + 1)  # point-sampling stream, distinct from the init stream
+    for p in model.motion.parameters():  # the checkpoint load keeps requires_grad, but be explicit
+        p.requires_grad_(False)
+
+    (run_dir / "options.json").write_text(json.dumps(_options_dict(opts), indent=2, default=_json_default))
+    (run_dir / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    stop = opts.steps if opts.stop_at is None else max(opts.stop_at, start)
+    result = TrainResult(run_dir=run_dir, step=start, finished=start >= opts.steps, checkpoint=model_path)
+    val_indices = (np.unique(np.linspace(0, len(val_set) - 1, opts.val_frames).round().astype(int)).tolist()
+                   if val_set is not None else [])
+    hp, wp = _padded_hw(opts.crop, cfg.input.size_divisibility)
+    last_val: dict[str, Any] | None = None
+
+    def save(step: int) -> None:
+        meta = {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": "CamVid train (SegNet split)",
+                "matcher": opts.matcher, "seed": opts.seed, "val": last_val}
+        save_checkpoint(model_path, model, cfg.to_dict(), meta=meta)
+        payload = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "torch_rng": torch.get_rng_state(), "options": _options_dict(opts)}
+        tmp = state_path.with_suffix(".pt.tmp")
+        torch.save(payload, tmp)
+        tmp.replace(state_path)
+        result.checkpoint = model_path
+
+    def validate(step: int, logf: Any) -> None:
+        nonlocal last_val
+        if not val_indices:
+            return
+        t0 = time.perf_counter()
+        cm = evaluate_frames(model, val_set, val_indices)
+        if opts.freeze_bn:
+            _set_bn_eval(model.backbone)
+        rec = {"val": True, "step": step, "mIoU": _finite(100 * cm.miou()), "pACC": _finite(100 * cm.pixel_accuracy()),
+               "frames": len(val_indices), "sec": round(time.perf_counter() - t0, 3)}
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        last_val = rec
+        result.val.append(rec)
+        log.info("step %d: quick val mIoU %.2f (%d frames)", step, rec["mIoU"] or float("nan"), len(val_indices))
+
+    model.train()
+    if opts.freeze_bn:
+        _set_bn_eval(model.backbone)
+    t_start = time.perf_counter()
+    times: list[float] = []
+    epoch, perm = -1, None
+    step = start
+    bar = tqdm(total=stop, initial=start, disable=not opts.progress, desc="stage-1", dynamic_ncols=True)
+    with open(run_dir / LOG_FILE, "a") as logf:
+        try:
+            while step < stop:
+                t0 = time.perf_counter()
+                e, within = divmod(step, batches_per_epoch)
+                if e != epoch:
+                    epoch = e
+                    perm = np.random.default_rng([opts.seed, 1, epoch]).permutation(len(train_set))
+                    train_set.set_epoch(epoch)
+                idx = perm[within * opts.batch_size:(within + 1) * opts.batch_size]
+                samples = [train_set[int(i)] for i in idx]
+                images = _pad_to(torch.stack([s[0] for s in samples]), (hp, wp), 0.0)
+                labels = _pad_to(torch.stack([s[1] for s in samples]), (hp, wp), IGNORE_INDEX)
+                targets = semantic_batch_to_targets(labels, k, IGNORE_INDEX)
+
+                out = model.forward_segmentor(images, valid_hw=opts.crop)
+                losses = criterion(out, targets)
+                loss = losses["loss"]
+                if not torch.isfinite(loss.detach()):
+                    raise FloatingPointError(f"non-finite loss {float(loss.detach())} at step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if opts.clip_grad_norm > 0:
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, opts.clip_grad_norm))
+                else:
+                    gnorm = float(torch.linalg.vector_norm(
+                        torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                times.append(dt)
+                vals = {kk: float(v.detach()) for kk, v in losses.items()}
+                rec = {"step": step, "epoch": epoch, "loss": vals["loss"]}
+                for name in ("ce", "mask", "dice"):
+                    rec[f"loss_{name}"] = vals[f"loss_{name}"]
+                    rec[f"loss_{name}_all"] = sum(v for kk, v in vals.items()
+                                                  if kk == f"loss_{name}" or kk.startswith(f"loss_{name}_"))
+                rec.update(grad_norm=gnorm, lr=lrs.get("head_decay", next(iter(lrs.values()))),
+                           lr_backbone=lrs.get("backbone_decay"), sec_per_step=round(dt, 4))
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                result.losses.append(vals["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{vals['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+
+                timed_out = opts.max_minutes is not None and (time.perf_counter() - t_start) > 60 * opts.max_minutes
+                at_end = step >= stop or timed_out
+                if (opts.val_every > 0 and step % opts.val_every == 0) or (at_end and opts.val_every >= 0):
+                    validate(step, logf)
+                if at_end or (opts.checkpoint_every > 0 and step % opts.checkpoint_every == 0):
+                    save(step)
+                if timed_out:
+                    log.info("max_minutes reached at step %d", step)
+                    break
+        except KeyboardInterrupt:
+            log.warning("interrupted at step %d: saving a checkpoint", step)
+            save(step)
+            raise
+        finally:
+            bar.close()
+
+    result.step = step
+    result.sec_per_step = float(np.mean(times)) if times else float("nan")
+    if step >= opts.steps:
+        result.finished = True
+        meta = {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": "CamVid train (SegNet split)",
+                "matcher": opts.matcher, "seed": opts.seed, "val": last_val}
+        save_checkpoint(run_dir / FINAL_FILE, model, cfg.to_dict(), meta=meta)
+        result.checkpoint = run_dir / FINAL_FILE
+    return result
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the :class:`TrainOptions` flags to ``parser`` (for ``mpvss train``)."""
+    d = TrainOptions(run_dir="")
+    a = parser.add_argument
+    a("--run-dir", required=True, help="output folder (log.jsonl, checkpoints)")
+    a("--model", default=d.model, help="model name under config/models or a YAML file (default %(default)s)")
+    a("--steps", type=int, default=d.steps, help="schedule length in steps (default %(default)s)")
+    a("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    a("--crop", type=int, nargs=2, metavar=("H", "W"), default=list(d.crop), help="crop size (default %(default)s)")
+    a("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), default=list(d.scale),
+      help="random scale range (default %(default)s)")
+    a("--no-flip", dest="flip", action="store_false", help="disable horizontal flips")
+    a("--no-color-jitter", dest="color_jitter", action="store_false", help="disable colour jitter")
+    a("--lr", type=float, default=d.lr, help="AdamW lr of the heads (default %(default)s)")
+    a("--backbone-lr-mult", type=float, default=d.backbone_lr_mult, help="default %(default)s")
+    a("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
+    a("--warmup-steps", type=int, default=d.warmup_steps, help="default %(default)s")
+    a("--warmup-factor", type=float, default=d.warmup_factor, help="default %(default)s")
+    a("--poly-power", type=float, default=d.poly_power, help="default %(default)s")
+    a("--clip-grad-norm", type=float, default=d.clip_grad_norm, help="<= 0 disables (default %(default)s)")
+    a("--matcher", choices=("hungarian", "fixed"), default=d.matcher, help="default %(default)s")
+    a("--num-points", type=int, default=d.num_points, help="points per mask (default %(default)s)")
+    a("--no-object-weight", type=float, default=d.no_object_weight, help="default %(default)s")
+    a("--imagenet-weights", default=None, help="MobileNetV2 ImageNet file (default: shared data; 'none': random)")
+    a("--init-checkpoint", default=None, help="start from this full model checkpoint")
+    a("--data-root", default=None, help="CamVid root with train/ trainannot/ val/ valannot/ (default: shared data)")
+    a("--train-files", nargs="+", default=None, help="train on these file names only (debugging)")
+    a("--no-freeze-bn", dest="freeze_bn", action="store_false", help="update backbone BatchNorm statistics")
+    a("--checkpoint-every", type=int, default=d.checkpoint_every, help="default %(default)s")
+    a("--val-every", type=int, default=d.val_every, help="0: only at the end, -1: never (default %(default)s)")
+    a("--val-frames", type=int, default=d.val_frames, help="default %(default)s")
+    a("--threads", type=int, default=d.threads, help="torch threads, 0 = unchanged (default %(default)s)")
+    a("--seed", type=int, default=d.seed, help="default %(default)s")
+    a("--resume", action="store_true", help="continue the run in --run-dir")
+    a("--stop-at", type=int, default=None, help="stop after this global step (checkpointed)")
+    a("--max-minutes", type=float, default=None, help="stop after this wall time (checkpointed)")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    """:class:`TrainOptions` from a namespace parsed with :func:`add_train_arguments`."""
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["crop"] = tuple(values["crop"])
+    values["scale"] = tuple(values["scale"])
+    return TrainOptions(**values)

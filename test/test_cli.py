@@ -1,0 +1,261 @@
+"""Tests of the ``mpvss`` command line (mpvss_ros.cli.main, run in-process) and offline outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mpvss_ros.cli import main
+from mpvss_ros.io.video import read_label_png
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+BIKES_HW = (272, 640)
+N = 8
+RECORD_KEYS = {"frame", "stamp", "is_key_frame", "scene_score", "timings_ms"}
+
+
+def _segment(input_path, out: Path, *extra: str) -> int:
+    return main(["segment", str(input_path), "--out", str(out), "--no-progress", *extra])
+
+
+def _error_line(err: str) -> str:
+    """The one ``mpvss: error:`` line (log records, if any reach stderr, are not counted)."""
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("mpvss: WARNING", "mpvss: INFO"))]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mpvss: error: "), err
+    return lines[0]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+# ------------------------------------------------------------------ video input, every propagator/schedule
+
+#: (propagator, schedule, expected key frames among the first 8 frames of bikes.mp4). The first
+#: cut of bikes.mp4 is at frame 30 and the scene score stays below 0.2 up to frame 8, so the
+#: adaptive schedule (max interval 10) has only the first frame as key frame.
+CASES = [
+    ("query_flow", "fixed:1", list(range(8))),
+    ("query_flow", "fixed:3", [0, 3, 6]),
+    ("optical_flow", "fixed:3", [0, 3, 6]),
+    ("copy", "fixed:3", [0, 3, 6]),
+    ("query_flow", "adaptive", [0]),
+    ("optical_flow", "adaptive", [0]),
+    ("copy", "adaptive", [0]),
+]
+
+
+@pytest.mark.parametrize("propagator, schedule, keys", CASES, ids=[f"{p}-{s}" for p, s, _ in CASES])
+def test_segment_bikes(bikes_path, tmp_path, capsys, propagator, schedule, keys):
+    out = tmp_path / "out"
+    rc = _segment(bikes_path, out, "--max-frames", str(N), "--propagator", propagator, "--schedule", schedule)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    brief = json.loads(captured.out.splitlines()[0])
+    assert brief["frames"] == N and brief["key_frames"] == len(keys)
+
+    # labels/*.png: one per frame, at the input size, valid class IDs
+    names = sorted(p.name for p in (out / "labels").iterdir())
+    assert names == [f"{i:06d}.png" for i in range(N)]
+    for name in names:
+        labels = read_label_png(out / "labels" / name)
+        assert labels.shape == BIKES_HW and labels.dtype == np.uint8
+        assert int(labels.max()) < 11
+
+    # frames.jsonl: one record per frame, in order, with the schedule's key frames
+    records = _read_jsonl(out / "frames.jsonl")
+    assert len(records) == N
+    for i, rec in enumerate(records):
+        assert RECORD_KEYS <= set(rec)
+        assert rec["frame"] == i and rec["name"] == f"{i:06d}"
+        assert rec["stamp"] == pytest.approx(i / 25.0)
+        assert rec["scene_score"] >= 0.0
+        stage = "segmentor" if rec["is_key_frame"] else "propagation"
+        assert stage in rec["timings_ms"] and "total" in rec["timings_ms"]
+    assert [r["frame"] for r in records if r["is_key_frame"]] == keys
+    expected_reasons = ["first"] + ["interval"] * (len(keys) - 1)
+    assert [r["key_frame_reason"] for r in records if r["is_key_frame"]] == expected_reasons
+    assert [r["key_frame"] for r in records] == [max(k for k in keys if k <= i) for i in range(N)]
+
+    # summary.json agrees
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == N and summary["key_frames"] == len(keys)
+    assert summary["key_frame_ratio"] == pytest.approx(len(keys) / N)
+    assert summary["propagator"] == propagator and summary["schedule"] == schedule
+    assert summary["key_frame_reasons"] == {r: expected_reasons.count(r) for r in set(expected_reasons)}
+    assert sum(summary["class_pixel_share"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert summary["timings_ms"]["total"]["count"] == N
+
+    # overlay.mp4: 8 frames at the input size
+    cap = cv2.VideoCapture(str(out / "overlay.mp4"))
+    try:
+        assert cap.isOpened()
+        assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (640, 272)
+        frames = 0
+        while cap.read()[0]:
+            frames += 1
+    finally:
+        cap.release()
+    assert frames == N
+
+
+def test_segment_no_overlay(bikes_path, tmp_path):
+    out = tmp_path / "o"
+    assert _segment(bikes_path, out, "--max-frames", "2", "--propagator", "copy", "--no-overlay") == 0
+    assert not (out / "overlay.mp4").exists()
+    assert len(list((out / "labels").glob("*.png"))) == 2
+
+
+# ------------------------------------------------------------------ image folder input
+
+
+def _write_folder(folder: Path, images: dict[str, np.ndarray]) -> None:
+    folder.mkdir()
+    for stem, rgb in images.items():
+        assert cv2.imwrite(str(folder / f"{stem}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def _check_folder_run(out: Path, stems: list[str], hw: tuple[int, int], fps: float, interval: int) -> None:
+    assert sorted(p.name for p in (out / "labels").iterdir()) == sorted(f"{s}.png" for s in stems)
+    for s in stems:
+        assert read_label_png(out / "labels" / f"{s}.png").shape == hw
+    records = _read_jsonl(out / "frames.jsonl")
+    assert [r["name"] for r in records] == stems
+    assert [r["stamp"] for r in records] == pytest.approx([i / fps for i in range(len(stems))])
+    assert [r["frame"] for r in records if r["is_key_frame"]] == list(range(0, len(stems), interval))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == len(stems)
+
+
+def test_segment_image_folder_synthetic(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    stems = ["a_000", "a_001", "b_002", "c_003", "z_004"]
+    base = rng.integers(0, 256, (13, 19, 3), dtype=np.uint8)
+    images = {s: np.ascontiguousarray(cv2.resize(np.roll(base, i, axis=1), (157, 101))) for i, s in enumerate(stems)}
+    folder = tmp_path / "frames"
+    _write_folder(folder, images)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    rc = _segment(folder, out, "--propagator", "optical_flow", "--schedule", "fixed:2", "--fps", "10")
+    assert rc == 0, capsys.readouterr().err
+    _check_folder_run(out, stems, (101, 157), 10.0, 2)
+
+
+def test_segment_image_folder_camvid(camvid_val, tmp_path, capsys):
+    files = sorted(camvid_val.glob("*.png"))[:5]
+    assert len(files) == 5
+    folder = tmp_path / "camvid5"
+    folder.mkdir()
+    for f in files:
+        (folder / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    rc = _segment(folder, out, "--propagator", "copy", "--schedule", "fixed:5")
+    assert rc == 0, capsys.readouterr().err
+    _check_folder_run(out, [f.stem for f in files], (360, 480), 30.0, 5)
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path) -> Path:
+    folder = tmp_path / "tiny"
+    _write_folder(folder, {"f0": np.full((20, 30, 3), 90, np.uint8)})
+    return folder
+
+
+def test_error_missing_input(tmp_path, capsys):
+    rc = _segment(tmp_path / "nope.mp4", tmp_path / "out")
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "input not found" in line and "nope.mp4" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_text_file_named_mp4(tmp_path, capsys):
+    fake = tmp_path / "x.mp4"
+    fake.write_text("this is not a video\n" * 20)
+    rc = _segment(fake, tmp_path / "out")
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "cannot read video" in line and "x.mp4" in line
+
+
+def test_error_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = _segment(tmp_path / "empty", tmp_path / "out")
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "no images" in line
+
+
+@pytest.mark.parametrize("spec", ["fixed:0", "fixed:x", "adaptive:nan", "sometimes"])
+def test_error_bad_schedule(tiny_folder, tmp_path, capsys, spec):
+    rc = _segment(tiny_folder, tmp_path / "out", "--schedule", spec)
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "bad schedule" in line and spec in line
+    assert not (tmp_path / "out").exists()  # validated before anything is written
+
+
+def test_error_bad_max_frames(tiny_folder, tmp_path, capsys):
+    rc = _segment(tiny_folder, tmp_path / "out", "--max-frames", "0")
+    assert rc == 2 and "--max-frames" in _error_line(capsys.readouterr().err)
+
+
+def test_error_bogus_propagator(tiny_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _segment(tiny_folder, tmp_path / "out", "--propagator", "bogus")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "'bogus'" in err and "query_flow" in err
+
+
+def test_error_missing_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+def test_error_missing_weights(tiny_folder, tmp_path, capsys):
+    rc = _segment(tiny_folder, tmp_path / "out", "--weights", "missing.pt")
+    line = _error_line(capsys.readouterr().err)
+    assert rc in (1, 2) and "missing.pt" in line and "not found" in line
+
+
+def test_error_unknown_model(tiny_folder, tmp_path, capsys):
+    rc = _segment(tiny_folder, tmp_path / "out", "--model", "no_such_model")
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "no_such_model" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA; the error needs a CPU-only torch")
+def test_error_cuda_on_cpu_only_machine(tiny_folder, tmp_path, capsys):
+    rc = _segment(tiny_folder, tmp_path / "out", "--device", "cuda")
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "CUDA" in line and "--device cpu" in line
+
+
+def test_error_bad_device_name(tiny_folder, tmp_path, capsys):
+    rc = _segment(tiny_folder, tmp_path / "out", "--device", "gpu0")
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "gpu0" in line
+
+
+def test_error_bad_threads(tiny_folder, tmp_path, capsys):
+    rc = _segment(tiny_folder, tmp_path / "out", "--threads", "-1")
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "--threads" in line
+
+
+def test_error_out_is_a_file(tiny_folder, tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    rc = _segment(tiny_folder, blocker)
+    line = _error_line(capsys.readouterr().err)
+    assert rc in (1, 2) and "taken" in line

