@@ -84,7 +84,7 @@ class ConfusionMatrix:
             raise ValueError(f"predictions must be in 0..{k - 1}, got values in {p.min()}..{p.max()}")
         self.mat += np.bincount(g * k + p, minlength=k * k).reshape(k, k)
 
-    def merge(self, other: "ConfusionMatrix") -> None:
+    def merge(self, other: ConfusionMatrix) -> None:
         """Add the counts of another matrix with the same number of classes.
 
         Raises:

@@ -138,7 +138,9 @@ class TrainOptions:
         val_every: steps between quick validations (0 = only at the end; -1 = never)
             [--val-every].
         val_frames: evenly spaced val frames for the quick validation [--val-frames].
-        threads: ``torch.set_num_threads`` (0 = leave as is) [--threads].
+        threads: ``torch.set_num_threads`` during the call, restored afterwards (0 = leave as
+            is) [--threads]. On a CPU shared with other busy processes 1 thread can be faster
+            than 2 (OpenMP threads spin against each other).
         seed: seeds initialisation, data order, augmentation and point sampling [--seed].
         resume: continue from ``run_dir``'s checkpoint and trainer state [--resume].
         stop_at: stop (with a checkpoint) after this global step although the schedule spans
@@ -211,6 +213,7 @@ class TrainResult:
         checkpoint: path of the latest model file (``model_final.pt`` or ``checkpoint_last.pt``).
         losses: total loss of every step run in this call.
         sec_per_step: mean wall seconds per step in this call (data + forward + backward + step).
+        sec_per_step_median: the median (robust to stalls from other processes on shared CPUs).
         val: the validation records of this call (``{"step", "mIoU", "pACC", "frames", "sec"}``).
     """
 
@@ -220,6 +223,7 @@ class TrainResult:
     checkpoint: Path
     losses: list[float] = field(default_factory=list)
     sec_per_step: float = float("nan")
+    sec_per_step_median: float = float("nan")
     val: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -363,10 +367,12 @@ def _options_dict(opts: TrainOptions) -> dict[str, Any]:
     return d
 
 
-def _build_model(opts: TrainOptions, cfg: ModelConfig) -> MPVSS:
+def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) -> MPVSS:
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
-    if opts.init_checkpoint:
+    if not initialise:  # resuming: the weights come from the run's checkpoint
+        pass
+    elif opts.init_checkpoint:
         load_checkpoint(model, opts.init_checkpoint)
         log.info("initialised from %s", opts.init_checkpoint)
     elif opts.imagenet_weights != "none":
@@ -432,13 +438,20 @@ def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> Train
     opts = dataclasses.replace(options, crop=(int(options.crop[0]), int(options.crop[1])),
                                scale=(float(options.scale[0]), float(options.scale[1])))
     opts.validate()
+    threads_before = torch.get_num_threads()
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
+    try:
+        return _train(opts)
+    finally:
+        torch.set_num_threads(threads_before)
 
+
+def _train(opts: TrainOptions) -> TrainResult:
     run_dir = Path(opts.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_model_config(opts.model)
-    model = _build_model(opts, cfg)
+    model = _build_model(opts, cfg, initialise=not opts.resume)
     k = cfg.num_classes
 
     root = _camvid_root(opts)
@@ -595,6 +608,7 @@ def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> Train
 
     result.step = step
     result.sec_per_step = float(np.mean(times)) if times else float("nan")
+    result.sec_per_step_median = float(np.median(times)) if times else float("nan")
     if step >= opts.steps:
         result.finished = True
         meta = {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": "CamVid train (SegNet split)",

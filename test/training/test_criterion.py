@@ -31,7 +31,9 @@ def test_semantic_to_targets_void_in_no_mask():
 
 def _outputs(b=2, n=6, h=8, w=10, aux=2, seed=0, requires_grad=True):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=g).requires_grad_(requires_grad)  # noqa: E731
+    def mk(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_(requires_grad)
+
     return DecoderOutput(class_logits=mk(b, n, K + 1), mask_logits=mk(b, n, h, w), query_embeddings=torch.zeros(b, n, 4),
                          aux_class_logits=[mk(b, n, K + 1) for _ in range(aux)],
                          aux_mask_logits=[mk(b, n, h, w) for _ in range(aux)])
