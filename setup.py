@@ -1,7 +1,10 @@
-"""mpvss_ros: an ament_python ROS 2 package that is also a plain pip-installable Python package.
+"""mpvss_ros as a plain Python package: ``pip install .`` / ``pip install -e .`` (no ROS needed).
 
-``colcon build`` (ROS 2 Humble/Jazzy) and ``pip install .`` both use this file. Data files go to
-``share/mpvss_ros`` (config, launch, models, package.xml, the ament index marker).
+ROS 2 (Humble/Jazzy) does not use this file: package.xml declares ``ament_cmake`` and
+CMakeLists.txt generates the messages and installs the same ``mpvss_ros`` sources, launch files,
+config and models. Here, data files go to ``<prefix>/share/mpvss_ros`` (config, launch, models,
+package.xml and the ament index marker ``resource/mpvss_ros``), where
+:func:`mpvss_ros.paths.data_roots` finds them.
 """
 
 from glob import glob
@@ -42,6 +45,8 @@ setup(
         "matplotlib>=3.7",
         "rosbags>=0.10",
         "scikit-video>=1.1.11",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     zip_safe=False,

@@ -186,7 +186,7 @@ def read_model_config(path: str | Path) -> dict[str, Any] | None:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, Any],
-                    meta: dict[str, Any] | None = None) -> None:
+                    meta: dict[str, Any] | None = None, half: bool = False) -> None:
     """Write this project's checkpoint format (loadable with ``weights_only=True``).
 
     Args:
@@ -194,15 +194,22 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, 
         model: the module whose ``state_dict`` is saved.
         model_config: ``ModelConfig.to_dict()`` of the model.
         meta: JSON-like provenance (training data, steps, metrics, ...).
+        half: store floating-point tensors as float16 (half the size; loading copies them back
+            into the model's float32 parameters). ``meta["stored_dtype"]`` records it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+
+    def prepare(t: Tensor) -> Tensor:
+        t = t.detach().cpu().contiguous()
+        return t.half() if half and t.is_floating_point() else t
+
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "model_config": model_config,
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "meta": meta or {},
+        "state_dict": {k: prepare(v) for k, v in model.state_dict().items()},
+        "meta": {**(meta or {}), "stored_dtype": "float16" if half else "float32"},
     }
     buf = io.BytesIO()
     torch.save(payload, buf)

@@ -1,7 +1,15 @@
 """The ``mpvss`` command line.
 
-``mpvss segment INPUT --out DIR [--model NAME|CONFIG] [--weights FILE]
-[--propagator query_flow|optical_flow|copy] [--schedule fixed:N|adaptive[:T]] [--device cpu|cuda]``
+* ``mpvss segment INPUT --out DIR [--model NAME|CONFIG] [--weights FILE]
+  [--propagator query_flow|optical_flow|copy] [--schedule fixed:N|adaptive[:T]] [--device cpu|cuda]``
+* ``mpvss eval [IMAGES --labels DIR] [--study] [--out DIR]``: mIoU, fwIoU, VC_8/16, cost; the
+  key-interval study with ``--study``.
+* ``mpvss train segmentor ...`` (stage 1) and ``mpvss train motion ...`` (stage 2).
+* ``mpvss export --out DIR``, ``mpvss build-engine``, ``mpvss bench``: ONNX graphs + contract,
+  TensorRT engines, latency per backend (:mod:`mpvss_ros.runtime`); ``segment`` and ``eval`` take
+  ``--backend torch|onnxruntime|tensorrt`` and ``--precision fp32|fp16``.
+* ``mpvss bag IN OUT --topic TOPIC [--compressed] [--namespace NS] [--storage sqlite3|mcap]``:
+  segment an image topic of a rosbag2 bag into a new bag with the node's output topics.
 
 Errors (missing files, unreadable videos, bad options, bad model files) print one line,
 ``mpvss: error: ...``, and exit with status 2 (usage) or 1 (runtime).
@@ -21,6 +29,7 @@ from .checkpoints import CheckpointError
 from .config import ConfigError
 from .io.samples import bikes_clip
 from .propagation import PROPAGATORS
+from .runtime.commands import RUNTIME_COMMANDS, add_backend_options, add_runtime_commands, load_model_and_backend
 
 #: Named sample inputs that ship inside registry packages.
 SAMPLES = {"sample:bikes": bikes_clip}
@@ -62,11 +71,74 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(seg)
     _add_pipeline_options(seg)
+    add_backend_options(seg)
+
+    ev = sub.add_parser("eval", help="score a labelled image sequence (mIoU, fwIoU, VC_8, VC_16, cost), or the key-interval study",
+                        description="Segment a labelled image sequence as video and score it. Default data: the CamVid val clip "
+                                    "(../shared/data/camvid/val, 15 fps).")
+    ev.add_argument("images", nargs="?", default=None, help="folder of frames (default: CamVid val)")
+    ev.add_argument("--labels", default=None, help="folder of label PNGs named like the frames (default: CamVid valannot)")
+    ev.add_argument("--fps", type=float, default=15.0, help="frame rate of the sequence (default 15)")
+    ev.add_argument("--max-frames", type=int, default=None, help="use the first N frames")
+    ev.add_argument("--study", action="store_true",
+                    help="run the key-interval study (intervals 1,2,3,5,10 x copy/optical_flow/query_flow, plus adaptive)")
+    ev.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 5, 10], help="study intervals")
+    ev.add_argument("--out", default=None, help="folder for eval.json / study.json and study.png")
+    _add_model_options(ev)
+    _add_pipeline_options(ev)
+    add_backend_options(ev)
+
+    tr = sub.add_parser("train", help="train mpvss_lite: stage 1 (segmentor) or stage 2 (query-based flow)")
+    stages = tr.add_subparsers(dest="stage", required=True)
+    from .training.trainer import add_train_arguments
+
+    add_train_arguments(stages.add_parser("segmentor", help="stage 1: the key-frame segmentor on CamVid train"))
+    mo = stages.add_parser("motion", help="stage 2: the motion module (and class/mask heads) on frame pairs")
+    _add_motion_train_arguments(mo)
+
+    bag = sub.add_parser("bag", help="segment an image topic of a rosbag2 bag (sqlite3 or mcap) into a new bag",
+                         description="Segment an image topic of a rosbag2 bag (no ROS needed) and write a new bag with the "
+                                     "input topic and NS/labels, NS/confidence, NS/label_info, NS/colored, NS/overlay, "
+                                     "NS/class_masks and NS/info, each with the input message's header and bag time.")
+    bag.add_argument("input", help="rosbag2 bag folder (or a .db3 / .mcap file)")
+    bag.add_argument("output", help="new bag folder (must not exist)")
+    bag.add_argument("--topic", required=True, help="image topic (sensor_msgs/msg/Image or CompressedImage)")
+    bag.add_argument("--compressed", action="store_true", default=None,
+                     help="the topic is sensor_msgs/msg/CompressedImage (default: detected from the bag)")
+    bag.add_argument("--namespace", default="/mpvss", help="prefix of the output topics (default /mpvss)")
+    bag.add_argument("--storage", choices=("sqlite3", "mcap"), default=None, help="output storage (default: as the input)")
+    bag.add_argument("--max-frames", type=int, default=None, help="stop after N input messages")
+    bag.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
+    bag.add_argument("--no-colored", action="store_true", help="do not write NS/colored")
+    bag.add_argument("--no-overlay", action="store_true", help="do not write NS/overlay")
+    bag.add_argument("--no-class-masks", action="store_true", help="do not write NS/class_masks")
+    bag.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_options(bag)
+    _add_pipeline_options(bag)
+    add_runtime_commands(sub)
     return parser
 
 
+def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .training.motion_trainer import MotionTrainOptions
+
+    d = MotionTrainOptions(run_dir="", init_checkpoint="")
+    p.add_argument("--run-dir", required=True, help="output folder")
+    p.add_argument("--init-checkpoint", required=True, help="the stage-1 model (mpvss_ros .pt)")
+    for name, typ in (("steps", int), ("batch_size", int), ("lr", float), ("head_lr_mult", float),
+                      ("weight_decay", float), ("warmup_steps", int), ("poly_power", float), ("clip_grad_norm", float),
+                      ("flow_weight", float), ("video_fraction", float), ("max_gap", int),
+                      ("pseudo_label_confidence", float), ("num_points", int), ("val_every", int), ("val_frames", int),
+                      ("checkpoint_every", int), ("threads", int), ("seed", int), ("max_minutes", float),
+                      ("max_clip_frames", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
+                       help=f"default {getattr(d, name)}")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=list(d.crop), help=f"default {d.crop}")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .model_loader import load_model
     from .offline import SegmentOptions, segment_path
     from .scheduling import parse_schedule
 
@@ -77,7 +149,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     parse_schedule(args.schedule, max_interval=args.max_interval)  # validate before loading the model
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
-    loaded = load_model(args.model, args.weights, args.device)
+    loaded, backend = load_model_and_backend(args)
     options = SegmentOptions(
         propagator=args.propagator,
         schedule=args.schedule,
@@ -87,11 +159,106 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         write_overlay=not args.no_overlay,
         progress=not args.no_progress,
     )
-    summary = segment_path(args.input, args.out, loaded, options)
+    summary = segment_path(args.input, args.out, loaded, options, backend=backend)
     brief = {k: summary[k] for k in ("frames", "key_frames", "key_frame_ratio", "fps", "trained")}
     brief["median_total_ms"] = {"key": summary["median_total_ms_key_frame"], "non_key": summary["median_total_ms_non_key_frame"]}
     print(json.dumps(brief))
     print(f"wrote {args.out}/labels/, overlay.mp4, frames.jsonl, summary.json")
+    return 0
+
+
+def _cmd_bag(args: argparse.Namespace) -> int:
+    from .model_loader import load_model
+    from .ros.bag import BagOptions, normalize_namespace, process_bag
+    from .scheduling import parse_schedule
+
+    if not Path(args.input).exists():
+        raise FileNotFoundError(f"input bag not found: {args.input}")
+    if Path(args.output).exists():
+        raise ValueError(f"output bag {args.output} exists already; choose a new path")
+    parse_schedule(args.schedule, max_interval=args.max_interval)  # validate before loading the model
+    normalize_namespace(args.namespace)
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError("--max-frames must be >= 1")
+    loaded = load_model(args.model, args.weights, args.device)
+    options = BagOptions(
+        propagator=args.propagator,
+        schedule=args.schedule,
+        max_interval=args.max_interval,
+        max_frames=args.max_frames,
+        alpha=args.alpha,
+        colored=not args.no_colored,
+        overlay=not args.no_overlay,
+        class_masks=not args.no_class_masks,
+        progress=not args.no_progress,
+    )
+    summary = process_bag(args.input, args.output, args.topic, loaded, options, compressed=args.compressed,
+                          namespace=args.namespace, storage=args.storage)
+    brief = {k: summary[k] for k in ("frames", "written", "skipped", "skipped_by_reason", "key_frames",
+                                     "key_frame_ratio", "median_total_ms", "fps", "trained")}
+    print(json.dumps(brief))
+    print(f"wrote {summary['output']} ({summary['storage']}): " + ", ".join(
+        f"{t} x{n}" for t, n in summary["messages_per_topic"].items()))
+    if summary["written"] == 0:
+        print(f"mpvss: error: no message of {summary['topic']} could be segmented", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.study import evaluate_sequence, key_interval_study, load_sequence, plot_study, write_json
+    from .io.samples import camvid_annot_dir, camvid_dir
+    from .scheduling import parse_schedule
+
+    images = args.images or camvid_dir("val")
+    labels = args.labels or (camvid_annot_dir("val") if args.images is None else None)
+    if images is None or labels is None:
+        raise FileNotFoundError("give IMAGES and --labels (CamVid val from the shared data was not found)")
+    if not args.study:
+        parse_schedule(args.schedule, max_interval=args.max_interval)
+    seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames)
+    loaded, backend = load_model_and_backend(args)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.study:
+        study = key_interval_study(loaded, seq, intervals=args.intervals, backend=backend)
+        for r in study["rows"]:
+            print(f"{r['mode']:8s} N={r['interval']:<3d} {r['propagator']:12s} key ratio {r['key_frame_ratio']:.3f}  "
+                  f"mIoU {r['mIoU']:6.2f}  fwIoU {r['fwIoU']:6.2f}  VC_8 {r['VC_8'] or float('nan'):6.2f}  "
+                  f"{r['mean_ms_per_frame']:7.1f} ms/frame")
+        if out:
+            write_json(study, out / "study.json")
+            plot_study(study, out / "study.png")
+            print(f"wrote {out}/study.json, study.png")
+        return 0
+    sched = parse_schedule(args.schedule, max_interval=args.max_interval)
+    result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend)
+    result.update(model=loaded.config.name, weights=str(loaded.weights) if loaded.weights else None, trained=loaded.trained)
+    print(json.dumps({k: v for k, v in result.items() if k != "IoU"}))
+    if out:
+        write_json(result, out / "eval.json")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.stage == "segmentor":
+        from .training.trainer import options_from_args, train_segmentor
+
+        result = train_segmentor(options_from_args(args))
+        print(json.dumps({"step": result.step, "finished": result.finished, "checkpoint": str(result.checkpoint),
+                          "sec_per_step_median": result.sec_per_step_median, "val": result.val[-1] if result.val else None}))
+        return 0
+    from .training.motion_trainer import MotionTrainOptions, train_motion
+
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(MotionTrainOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["crop"] = tuple(values["crop"])
+    result = train_motion(MotionTrainOptions(**values))
+    print(json.dumps({"step": result.step, "finished": result.finished, "checkpoint": str(result.checkpoint),
+                      "sec_per_step_median": result.sec_per_step_median, "val": result.val[-1] if result.val else None}))
     return 0
 
 
@@ -100,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="mpvss: %(levelname)s: %(message)s")
-    commands = {"segment": _cmd_segment}
+    commands = {"segment": _cmd_segment, "eval": _cmd_eval, "train": _cmd_train, "bag": _cmd_bag}
+    commands.update(RUNTIME_COMMANDS)
     try:
         threads = getattr(args, "threads", None)
         if threads is not None:

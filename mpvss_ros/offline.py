@@ -86,7 +86,7 @@ def summarize(results: list[dict[str, Any]], num_classes: int, class_pixels: np.
 
 
 def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedModel, options: SegmentOptions,
-                 on_result: Callable[[SegmentationResult], None] | None = None) -> dict[str, Any]:
+                 on_result: Callable[[SegmentationResult], None] | None = None, backend: Any = None) -> dict[str, Any]:
     """Segment every frame of ``input_path`` and write the outputs (see the module docstring).
 
     Args:
@@ -95,6 +95,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         loaded: the model (:func:`~mpvss_ros.model_loader.load_model`).
         options: run settings.
         on_result: called with every result (tests, custom sinks).
+        backend: an inference backend (:func:`mpvss_ros.runtime.load_backend`) to run instead
+            of ``loaded.model``.
 
     Returns:
         The summary dict also written to ``summary.json``.
@@ -105,8 +107,9 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     """
     cfg = loaded.config
     scheduler = parse_schedule(options.schedule, max_interval=options.max_interval)
-    propagator = build_propagator(options.propagator, loaded.model)
-    segmenter = VideoSegmenter(loaded.model, propagator, scheduler, device=loaded.device)
+    model = backend if backend is not None else loaded.model
+    propagator = build_propagator(options.propagator, model)
+    segmenter = VideoSegmenter(model, propagator, scheduler, device=loaded.device)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     out = Path(out_dir)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -148,6 +151,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         "weights": str(loaded.weights) if loaded.weights else None,
         "trained": loaded.trained,
         "device": str(loaded.device),
+        "backend": segmenter.model.describe() if hasattr(segmenter.model, "describe") else None,
         "propagator": options.propagator,
         "schedule": options.schedule,
         "class_names": cfg.class_names,

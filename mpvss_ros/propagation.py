@@ -16,6 +16,7 @@ the key frame's 1/4 grid; the key frame's class logits are reused unchanged (MPV
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -24,6 +25,9 @@ from torch import Tensor
 
 from .nn.mpvss import MPVSS, KeyFrameState
 from .nn.warp import warp_mask_logits
+
+if TYPE_CHECKING:
+    from .runtime.base import Backend
 
 __all__ = [
     "Propagator",
@@ -72,12 +76,13 @@ class QueryFlowPropagator(Propagator):
     """MPVSS query-based flow: each key-frame mask warped with its own flow.
 
     Args:
-        model: the MPVSS model whose motion module estimates the flows.
+        model: the MPVSS model whose motion module estimates the flows, or an inference backend
+            (:mod:`mpvss_ros.runtime`); anything with ``propagate(key, image)``.
     """
 
     name = "query_flow"
 
-    def __init__(self, model: MPVSS) -> None:
+    def __init__(self, model: "MPVSS | Backend") -> None:
         self.model = model
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
@@ -139,8 +144,9 @@ class OpticalFlowPropagator(Propagator):
         return warp_mask_logits(key.mask_logits, flows, "exact")
 
 
-def build_propagator(name: str, model: MPVSS, optical_flow_method: str = "dis") -> Propagator:
-    """Make the propagator called ``name`` (one of :data:`PROPAGATORS`).
+def build_propagator(name: str, model: "MPVSS | Backend", optical_flow_method: str = "dis") -> Propagator:
+    """Make the propagator called ``name`` (one of :data:`PROPAGATORS`); ``model`` is the MPVSS
+    model or an inference backend (used by ``query_flow``).
 
     Raises:
         ValueError: on an unknown name, listing the known ones.

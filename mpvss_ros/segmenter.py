@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from .nn.mpvss import MPVSS, KeyFrameState, semantic_scores
 from .propagation import Propagator
 from .scheduling import KeyFrameScheduler, ScheduleDecision
+
+if TYPE_CHECKING:
+    from .runtime.base import Backend
 
 __all__ = ["FrameError", "SegmentationResult", "VideoSegmenter", "Letterbox", "check_frame"]
 
@@ -133,28 +136,36 @@ class VideoSegmenter:
     """Push frames, get per-frame semantic labels; key frames chosen by a scheduler.
 
     Args:
-        model: the MPVSS model (its ``cfg.input`` sets canvas, normalisation, padding).
+        model: an inference backend (:func:`mpvss_ros.runtime.load_backend`: torch,
+            onnxruntime, tensorrt) or the MPVSS model itself, which is wrapped in the torch
+            backend (eval mode, moved to ``device``). Its ``cfg.input`` sets canvas,
+            normalisation, padding.
         propagator: how non-key frames are produced (:mod:`mpvss_ros.propagation`).
         scheduler: which frames are key frames (:mod:`mpvss_ros.scheduling`).
-        device: torch device for the model.
+        device: torch device for a model given as a module; a backend has its own.
         class_masks: also return one binary mask per class present.
+
+    Attributes:
+        model: the backend the segmenter runs on.
 
     Not thread-safe: one segmenter per video stream.
     """
 
-    def __init__(self, model: MPVSS, propagator: Propagator, scheduler: KeyFrameScheduler,
+    def __init__(self, model: "Backend | MPVSS", propagator: Propagator, scheduler: KeyFrameScheduler,
                  device: str | torch.device = "cpu", class_masks: bool = False) -> None:
-        self.model = model.eval().to(device)
-        self.device = torch.device(device)
+        from .runtime.base import as_backend
+
+        self.model = as_backend(model, device)
+        self.device = torch.device(getattr(self.model, "device", device))
         self.propagator = propagator
         self.scheduler = scheduler
         self.class_masks = class_masks
-        self.num_classes = model.num_classes
+        self.num_classes = self.model.num_classes
         self.label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
-        inp = model.cfg.input
+        inp = self.model.cfg.input
         self._canvas = tuple(inp.size) if inp.size is not None else None
         self._divisibility = inp.size_divisibility
-        self._score_resolution = model.cfg.postprocess.score_resolution
+        self._score_resolution = self.model.cfg.postprocess.score_resolution
         self._frame_index = 0
         self._key: KeyFrameState | None = None
         self._key_letterbox: Letterbox | None = None
@@ -201,6 +212,12 @@ class VideoSegmenter:
         tensor = self._to_tensor(image, letterbox)
         timings["preprocess"] = (time.perf_counter() - t) * 1e3
 
+        if is_key and hasattr(self.model, "prepare"):
+            # Fixed-shape backends export graphs / build engines for a new size here; one-off set-up
+            # is not frame time, so it is left out of the timings.
+            t = time.perf_counter()
+            self.model.prepare(letterbox.resized_hw)
+            t0 += time.perf_counter() - t
         t = time.perf_counter()
         if is_key:
             self._key = self.model.segment_key_frame(tensor, letterbox.resized_hw)

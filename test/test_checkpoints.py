@@ -111,10 +111,29 @@ def test_own_format_round_trip_and_self_describing(tmp_path):
     save_checkpoint(path, model, cfg.to_dict(), meta={"steps": 7})
     # weights_only loading of the raw file works.
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "mpvss_ros" and raw["meta"] == {"steps": 7}
+    assert raw["format"] == "mpvss_ros" and raw["meta"] == {"steps": 7, "stored_dtype": "float32"}
     loaded = load_model(None, path)
-    assert loaded.trained and loaded.config.name == "mpvss_lite" and loaded.meta == {"steps": 7}
+    assert loaded.trained and loaded.config.name == "mpvss_lite" and loaded.meta["steps"] == 7
     _assert_same(model, loaded.model)
+
+
+def test_half_storage_loads_into_float32(tmp_path):
+    cfg = load_model_config("mpvss_lite")
+    torch.manual_seed(4)
+    model = MPVSS(cfg)
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    save_checkpoint(full, model, cfg.to_dict())
+    save_checkpoint(half, model, cfg.to_dict(), half=True)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    raw = torch.load(half, weights_only=True)
+    assert raw["meta"]["stored_dtype"] == "float16"
+    assert all(v.dtype == torch.float16 for v in raw["state_dict"].values() if v.is_floating_point())
+    loaded = load_model(None, half).model
+    for k, v in model.state_dict().items():
+        w = loaded.state_dict()[k]
+        assert w.dtype == v.dtype, k
+        if v.is_floating_point():
+            assert torch.equal(w, v.half().float()), k
 
 
 def test_untrained_default_is_reported(monkeypatch, caplog):

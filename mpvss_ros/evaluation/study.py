@@ -83,8 +83,9 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.
 
 
 def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: str,
-                      scheduler: KeyFrameScheduler | str, progress: bool = False) -> dict[str, Any]:
-    """Segment ``seq`` as one video and score it.
+                      scheduler: KeyFrameScheduler | str, progress: bool = False, backend: Any = None) -> dict[str, Any]:
+    """Segment ``seq`` as one video and score it (on ``backend``, an inference backend of
+    :mod:`mpvss_ros.runtime`, when given; else on ``loaded.model``).
 
     Returns:
         ``{"mIoU", "fwIoU", "pACC", "mACC", "IoU" (per class), "VC_8", "VC_16"`` (percent),
@@ -93,7 +94,8 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
     """
     cfg = loaded.config
     sched = parse_schedule(scheduler) if isinstance(scheduler, str) else scheduler
-    segmenter = VideoSegmenter(loaded.model, build_propagator(propagator, loaded.model), sched, device=loaded.device)
+    model = backend if backend is not None else loaded.model
+    segmenter = VideoSegmenter(model, build_propagator(propagator, model), sched, device=loaded.device)
     conf = ConfusionMatrix(cfg.num_classes)
     vcs = {n: VideoConsistency(n) for n in (8, 16)}
     times, key_times, non_key_times, keys = [], [], [], 0
@@ -153,8 +155,9 @@ def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_ke
 
 def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Sequence[int] = (1, 2, 3, 5, 10),
                        propagators: Sequence[str] = ("copy", "optical_flow", "query_flow"),
-                       adaptive: bool = True, progress: bool = True) -> dict[str, Any]:
-    """The key-interval study: every propagator at every fixed interval, plus adaptive.
+                       adaptive: bool = True, progress: bool = True, backend: Any = None) -> dict[str, Any]:
+    """The key-interval study: every propagator at every fixed interval, plus adaptive
+    (``backend``: as :func:`evaluate_sequence`).
 
     For interval N > 1 the adaptive schedule (``max_interval`` = 2N) gets the threshold that
     matches the key-frame count of ``fixed:N`` on this clip (:func:`match_adaptive_threshold`).
@@ -170,7 +173,7 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
             if n == 1 and per_frame is not None:  # per-frame: the propagator never runs
                 rows.append({**per_frame, "propagator": prop})
                 continue
-            r = evaluate_sequence(loaded, seq, prop, f"fixed:{n}", progress=progress)
+            r = evaluate_sequence(loaded, seq, prop, f"fixed:{n}", progress=progress, backend=backend)
             r.update(interval=n, mode="fixed", threshold=None)
             rows.append(r)
             if n == 1:
@@ -180,7 +183,7 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
             threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval=2 * n)
             for prop in propagators:
                 sched = AdaptiveScheduler(threshold=threshold, max_interval=2 * n, max_gap_s=math.inf)
-                r = evaluate_sequence(loaded, seq, prop, sched, progress=progress)
+                r = evaluate_sequence(loaded, seq, prop, sched, progress=progress, backend=backend)
                 r.update(interval=n, mode="adaptive", threshold=threshold, target_key_frames=target)
                 rows.append(r)
     return {"frames": len(seq.images), "fps": seq.fps, "model": loaded.config.name,
@@ -223,6 +226,16 @@ def plot_study(study: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: str | Path) -> None:
-    """Write ``obj`` as indented JSON (NaN as null)."""
-    Path(path).write_text(json.dumps(obj, indent=2, default=lambda o: None) + "\n")
+    """Write ``obj`` as indented, strictly valid JSON: NaN and infinities become null."""
+    Path(path).write_text(json.dumps(_finite_or_none(obj), indent=2, allow_nan=False) + "\n")

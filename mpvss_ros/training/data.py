@@ -187,7 +187,7 @@ class CamVidFrames(Dataset):
         return img_t, lab_t
 
     def augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Scale, crop (with padding), colour jitter, flip.
+        """Scale, crop (with padding), colour jitter, flip (:func:`augment_frames` on one image).
 
         Args:
             image: (H, W, 3) uint8 RGB; label: (H, W) uint8.
@@ -196,30 +196,54 @@ class CamVidFrames(Dataset):
         Returns:
             image (ch, cw, 3) float32 0..255 and label (ch, cw) uint8, (ch, cw) = ``crop``.
         """
-        # A fixed set of draws per sample, whatever the options, keeps streams comparable.
-        s = rng.uniform(*self.scale)
-        oy, ox = rng.random(2)
-        do_flip = rng.random() < 0.5
-        jitter_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
-
-        h, w = label.shape
-        nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
-        if (nh, nw) != (h, w):
-            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-            label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
-        ch, cw = self.crop
-        ph, pw = max(ch - nh, 0), max(cw - nw, 0)
-        if ph or pw:
-            image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-            label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=self.ignore_index)
-        hh, ww = label.shape
-        y0 = int(oy * (hh - ch + 1))
-        x0 = int(ox * (ww - cw + 1))
-        image = image[y0:y0 + ch, x0:x0 + cw].astype(np.float32)
-        label = label[y0:y0 + ch, x0:x0 + cw]
-        if self.color_jitter:
-            image = _color_jitter(image, jitter_rng)
-        if self.flip and do_flip:
-            image = image[:, ::-1]
-            label = label[:, ::-1]
+        (image,), label = augment_frames([image], label, rng, self.crop, self.scale, self.flip,
+                                         self.color_jitter, self.ignore_index)
         return image, label
+
+
+def augment_frames(images: Sequence[np.ndarray], label: np.ndarray, rng: np.random.Generator,
+                   crop: Sequence[int], scale: Sequence[float], flip: bool, color_jitter: bool,
+                   ignore_index: int = 255) -> tuple[list[np.ndarray], np.ndarray]:
+    """The same random scale, crop (with padding), colour jitter and flip on several frames.
+
+    Used for single frames (stage 1) and for (key, current) pairs (stage 2: MPVSS shares the
+    augmentation across the pair). The draws are the same whatever the options, so streams stay
+    comparable between runs.
+
+    Args:
+        images: frames (H, W, 3) uint8 RGB of one size.
+        label: (H, W) uint8 label of the last frame (``ignore_index`` = void).
+        rng: the sample's generator.
+        crop: (ch, cw) output size in pixels; scale: (min, max) factors.
+        flip, color_jitter: enable those augmentations.
+        ignore_index: label value of padded pixels.
+
+    Returns:
+        frames (ch, cw, 3) float32 0..255 and label (ch, cw) uint8.
+    """
+    s = rng.uniform(*scale)
+    oy, ox = rng.random(2)
+    do_flip = rng.random() < 0.5
+    jitter_seed = rng.integers(0, 2**63 - 1)
+
+    h, w = label.shape
+    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    if (nh, nw) != (h, w):
+        images = [cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR) for im in images]
+        label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
+    ch, cw = int(crop[0]), int(crop[1])
+    ph, pw = max(ch - nh, 0), max(cw - nw, 0)
+    if ph or pw:
+        images = [cv2.copyMakeBorder(im, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0)) for im in images]
+        label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=ignore_index)
+    hh, ww = label.shape
+    y0 = int(oy * (hh - ch + 1))
+    x0 = int(ox * (ww - cw + 1))
+    out = [im[y0:y0 + ch, x0:x0 + cw].astype(np.float32) for im in images]
+    label = label[y0:y0 + ch, x0:x0 + cw]
+    if color_jitter:  # one parameter draw, applied alike to every frame
+        out = [_color_jitter(im, np.random.default_rng(jitter_seed)) for im in out]
+    if flip and do_flip:
+        out = [im[:, ::-1] for im in out]
+        label = label[:, ::-1]
+    return out, label

@@ -403,7 +403,18 @@ def _warn_option_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
                     "; ".join(changed))
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def sync_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """After a resume, set each group's lr from the *current* schedule at ``step``.
+
+    The optimizer state carries the lr of the run that saved it; when the schedule changed (for
+    example ``steps`` was raised to continue a finished run) that value is stale (0 at the end of a
+    poly schedule), so the first resumed step would not train.
+    """
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+
+
+def truncate_log(path: Path, step: int) -> None:
     """Drop log records after ``step`` (written after the checkpoint a run resumes from)."""
     if not path.is_file():
         return
@@ -488,10 +499,11 @@ def _train(opts: TrainOptions) -> TrainResult:
                              f"{state['step']} (interrupted while saving?)")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        sync_lr(optimizer, scheduler, int(state["step"]))
         torch.set_rng_state(state["torch_rng"])
         _warn_option_changes(state.get("options") or {}, _options_dict(opts))
         start = int(state["step"])
-        _truncate_log(run_dir / LOG_FILE, start)
+        truncate_log(run_dir / LOG_FILE, start)
         log.info("resumed %s at step %d", run_dir, start)
     else:
         torch.manual_seed(opts.seed + 1)  # point-sampling stream, distinct from the init stream

@@ -1,0 +1,123 @@
+"""Start the mpvss_ros segmentation node (and optionally RViz2).
+
+    ros2 launch mpvss_ros segment.launch.py image:=/camera/image_raw
+    ros2 launch mpvss_ros segment.launch.py image:=/cam/front/image_raw namespace:=front use_rviz:=true
+    ros2 launch mpvss_ros segment.launch.py model:=mpvss_r50 weights:=/data/mpvss_r50.pth
+
+Arguments:
+    image: the camera image topic (sensor_msgs/Image); with input_compressed: true in the params
+        file the node reads <image>/compressed (sensor_msgs/CompressedImage) instead.
+    namespace: namespace of the node (one instance per camera); outputs are
+        /<namespace>/mpvss_segmenter/{labels,confidence,info,label_info,colored,overlay,class_masks}.
+    config: the parameters file (default: the package's config/segment.yaml).
+    model, weights: override those parameters when not empty.
+    use_rviz: also start RViz2 showing the camera image, ~/overlay and ~/colored.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import yaml
+from ament_index_python.packages import get_package_share_directory
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+from launch import LaunchDescription
+
+PACKAGE = "mpvss_ros"
+NODE_NAME = "mpvss_segmenter"
+#: Topics written in config/mpvss.rviz, replaced by the launch arguments' topics.
+RVIZ_IMAGE_TOPIC = "/camera/image_raw"
+RVIZ_NODE_PREFIX = "/mpvss_segmenter/"
+
+
+def _true(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _temp_file(text: str, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(prefix="mpvss_", suffix=suffix)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _namespaced_params_file(config: str, namespace: str) -> str:
+    """The params file for /<namespace>/mpvss_segmenter.
+
+    A params file's `mpvss_segmenter:` key matches only the node without a namespace, so for a
+    namespaced node the node's sections (`mpvss_segmenter`, `/**`, `.../mpvss_segmenter`) are
+    merged under its full name into a temporary copy.
+    """
+    if not namespace:
+        return config
+    with open(config, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    params = {}
+    for key, section in doc.items():
+        last = str(key).rstrip("/").split("/")[-1]
+        if last in (NODE_NAME, "**", "*") and isinstance(section, dict):
+            params.update(section.get("ros__parameters") or {})
+    return _temp_file(yaml.safe_dump({f"/{namespace}/{NODE_NAME}": {"ros__parameters": params}}), ".yaml")
+
+
+def _rviz_config(template: str, image: str, namespace: str) -> str:
+    """config/mpvss.rviz showing this instance: the camera image and /<namespace>/mpvss_segmenter/*."""
+    if not image.startswith("/"):
+        image = f"/{namespace}/{image}" if namespace else f"/{image}"
+    prefix = f"/{namespace}/{NODE_NAME}/" if namespace else f"/{NODE_NAME}/"
+    return template.replace(RVIZ_IMAGE_TOPIC, image).replace(RVIZ_NODE_PREFIX, prefix)
+
+
+def _launch_setup(context, *args, **kwargs):
+    share = get_package_share_directory(PACKAGE)
+    image = LaunchConfiguration("image").perform(context).strip()
+    namespace = LaunchConfiguration("namespace").perform(context).strip().strip("/")
+    config = LaunchConfiguration("config").perform(context).strip()
+    overrides = {}
+    for name in ("model", "weights"):
+        value = LaunchConfiguration(name).perform(context).strip()
+        if value:
+            overrides[name] = value
+    parameters = [_namespaced_params_file(config, namespace)] + ([overrides] if overrides else [])
+    image_topic = image.rstrip("/")
+    actions = [
+        Node(
+            package=PACKAGE,
+            executable="mpvss_node",
+            name=NODE_NAME,
+            namespace=namespace,
+            parameters=parameters,
+            remappings=[("image", image_topic), ("image/compressed", image_topic + "/compressed")],
+            output="screen",
+            emulate_tty=True,
+        )
+    ]
+    if _true(LaunchConfiguration("use_rviz").perform(context)):
+        with open(os.path.join(share, "config", "mpvss.rviz"), encoding="utf-8") as f:
+            rviz = _rviz_config(f.read(), image_topic, namespace)
+        actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", namespace=namespace,
+                            arguments=["-d", _temp_file(rviz, ".rviz")], output="screen"))
+    return actions
+
+
+def generate_launch_description() -> LaunchDescription:
+    share = get_package_share_directory(PACKAGE)
+    return LaunchDescription([
+        DeclareLaunchArgument("image", default_value="/camera/image_raw",
+                              description="Camera image topic (sensor_msgs/Image)"),
+        DeclareLaunchArgument("namespace", default_value="",
+                              description="Namespace of the node (one instance per camera)"),
+        DeclareLaunchArgument("config", default_value=os.path.join(share, "config", "segment.yaml"),
+                              description="Parameters file of the node"),
+        DeclareLaunchArgument("model", default_value="",
+                              description="Model name or YAML (overrides the params file when set)"),
+        DeclareLaunchArgument("weights", default_value="",
+                              description="Weights file (overrides the params file when set)"),
+        DeclareLaunchArgument("use_rviz", default_value="false",
+                              description="Also start RViz2 with config/mpvss.rviz"),
+        OpaqueFunction(function=_launch_setup),
+    ])

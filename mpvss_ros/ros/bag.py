@@ -1,0 +1,399 @@
+"""Offline segmentation of a rosbag2 recording (``mpvss bag``), without ROS installed.
+
+Reads a rosbag2 bag (sqlite3 or MCAP, a bag folder or a single ``.db3``/``.mcap`` file) with
+the pure-Python ``rosbags`` library, segments one image topic (``sensor_msgs/msg/Image`` or
+``sensor_msgs/msg/CompressedImage``) with the same :class:`~mpvss_ros.segmenter.VideoSegmenter`
+set-up as ``mpvss segment``, and writes a **new** bag holding the input topic (copied byte for
+byte, with its offered QoS) and the topics the ROS node publishes:
+
+========================  ==================================  ====================================
+topic                     type                                content
+========================  ==================================  ====================================
+``NS/labels``             ``sensor_msgs/msg/Image``           ``mono8`` class IDs (``mono16`` > 256 classes)
+``NS/confidence``         ``sensor_msgs/msg/Image``           ``mono8`` confidence 0..255
+``NS/label_info``         ``vision_msgs/msg/LabelInfo``       once, offered reliable + transient-local
+``NS/colored``            ``sensor_msgs/msg/Image``           ``rgb8`` palette colours
+``NS/overlay``            ``sensor_msgs/msg/Image``           ``rgb8`` input + colours + legend
+``NS/class_masks``        ``mpvss_ros/msg/ClassMasks``        one ``mono8`` mask per class present
+``NS/info``               ``mpvss_ros/msg/SegmentationInfo``  key frame, scene score, latencies
+========================  ==================================  ====================================
+
+Every output message carries the input message's ``header`` unchanged and is stored at the
+input message's bag timestamp, so ``ros2 bag play`` replays masks in step with the camera.
+Messages that cannot be segmented (unsupported encoding, inconsistent sizes, corrupt JPEG,
+undecodable CDR) are logged, counted by reason and skipped; they never abort the run. The
+messages are built by :func:`mpvss_ros.ros.conversions.build_outputs`, the same code the node
+uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from ..model_loader import LoadedModel
+from ..offline import summarize
+from ..propagation import build_propagator
+from ..scheduling import parse_schedule
+from ..segmenter import FrameError, VideoSegmenter
+from ..viz import make_palette
+from .conversions import (
+    ConversionError,
+    build_outputs,
+    compressed_to_rgb,
+    image_to_rgb,
+    make_label_info,
+    rosbags_message_types,
+    stamp_to_seconds,
+)
+
+__all__ = ["BagOptions", "process_bag", "output_topics", "IMAGE_TYPE", "COMPRESSED_TYPE", "STORAGES"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+LABEL_INFO_TYPE = "vision_msgs/msg/LabelInfo"
+CLASS_MASKS_TYPE = "mpvss_ros/msg/ClassMasks"
+INFO_TYPE = "mpvss_ros/msg/SegmentationInfo"
+
+#: Output storage formats (rosbag2 storage identifiers).
+STORAGES = ("sqlite3", "mcap")
+
+#: Bad messages logged at WARNING per reason; later ones at DEBUG (counted either way).
+_WARN_PER_REASON = 10
+#: Skipped messages described in the summary.
+_MAX_SKIP_EXAMPLES = 20
+
+_NAME_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class BagOptions:
+    """Settings of one ``mpvss bag`` run.
+
+    Attributes:
+        propagator: ``query_flow``, ``optical_flow`` or ``copy`` (as ``mpvss segment``).
+        schedule: ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD``.
+        max_interval: adaptive schedule: longest run of frames between key frames.
+        max_frames: stop after this many input messages (None = all).
+        alpha: overlay opacity of the class colours, 0..1.
+        colored, overlay, class_masks: write ``NS/colored``, ``NS/overlay``, ``NS/class_masks``.
+        progress: show a progress bar.
+    """
+
+    propagator: str = "query_flow"
+    schedule: str = "fixed:5"
+    max_interval: int = 10
+    max_frames: int | None = None
+    alpha: float = 0.5
+    colored: bool = True
+    overlay: bool = True
+    class_masks: bool = True
+    progress: bool = True
+
+
+def _opt(options: Any, name: str) -> Any:
+    """An option from ``BagOptions`` or any object with some of its attributes (``SegmentOptions``)."""
+    return getattr(options, name, getattr(BagOptions, name))
+
+
+def normalize_namespace(namespace: str) -> str:
+    """``"/mpvss"``, ``"mpvss/"`` -> ``"/mpvss"``; ``""`` or ``"/"`` -> ``""`` (root).
+
+    Raises:
+        ValueError: a part that is not a valid ROS name token.
+    """
+    parts = [p for p in str(namespace).strip().split("/") if p]
+    for p in parts:
+        if not _NAME_TOKEN.match(p):
+            raise ValueError(f"invalid namespace {namespace!r}: {p!r} is not a ROS name "
+                             "(letters, digits and _, not starting with a digit)")
+    return "".join("/" + p for p in parts)
+
+
+def output_topics(namespace: str = "/mpvss") -> dict[str, str]:
+    """``{output: topic}`` for ``labels``, ``confidence``, ``label_info``, ``colored``,
+    ``overlay``, ``class_masks`` and ``info`` under ``namespace``."""
+    ns = normalize_namespace(namespace)
+    return {k: f"{ns}/{k}" for k in ("labels", "confidence", "label_info", "colored", "overlay", "class_masks", "info")}
+
+
+@contextlib.contextmanager
+def _open_reader(path: Path) -> Iterator[Any]:
+    """A rosbags ``Reader``, open; its errors become ValueError naming the bag."""
+    from rosbags.rosbag2 import Reader, ReaderError
+
+    try:
+        reader = Reader(path)
+        reader.open()
+    except ReaderError as exc:
+        raise ValueError(f"cannot read bag {path}: {exc}") from None
+    try:
+        yield reader
+    except ReaderError as exc:
+        raise ValueError(f"cannot read bag {path}: {exc}") from None
+    finally:
+        reader.close()
+
+
+def _bag_storage_and_version(path: Path) -> tuple[str, int]:
+    """Storage identifier and metadata version of a bag folder or storage file."""
+    if path.is_dir():
+        meta = path / "metadata.yaml"
+        if not meta.is_file():
+            raise FileNotFoundError(f"{path} is not a rosbag2 bag: it has no metadata.yaml")
+        try:
+            info = yaml.safe_load(meta.read_text())["rosbag2_bagfile_information"]
+            return str(info.get("storage_identifier", "sqlite3")), int(info.get("version", 9))
+        except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"cannot read {meta}: {exc}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".mcap":
+        return "mcap", 9
+    if suffix == ".db3":
+        return "sqlite3", 9
+    raise ValueError(f"{path} is not a rosbag2 bag: give the bag folder, a .db3 or a .mcap file")
+
+
+def _transient_local_qos() -> list[Any]:
+    """Reliable + transient-local + keep-last-1 as rosbags ``Qos`` (what LabelInfo is offered with)."""
+    try:
+        from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness,
+                                        QosReliability, QosTime)
+    except ImportError:  # older rosbags without QoS objects
+        return []
+    zero = QosTime(sec=0, nsec=0)
+    return [Qos(history=QosHistory.KEEP_LAST, depth=1, reliability=QosReliability.RELIABLE,
+                durability=QosDurability.TRANSIENT_LOCAL, deadline=zero, lifespan=zero,
+                liveliness=QosLiveliness.AUTOMATIC, liveliness_lease_duration=zero,
+                avoid_ros_namespace_conventions=False)]
+
+
+def _add_connection(writer: Any, topic: str, msgtype: str, typestore: Any, qos: list[Any]) -> Any:
+    if qos:
+        try:
+            return writer.add_connection(topic, msgtype, typestore=typestore, offered_qos_profiles=qos)
+        except TypeError:  # this rosbags takes no QoS objects
+            log.debug("rosbags cannot store offered QoS for %s", topic)
+    return writer.add_connection(topic, msgtype, typestore=typestore)
+
+
+def _select_topic(connections: list[Any], topic: str, compressed: bool | None, where: Path) -> tuple[list[Any], str]:
+    """The input connections of ``topic`` and their message type; ValueError with the image topics present."""
+    image_topics = sorted({f"{c.topic} ({c.msgtype})" for c in connections if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)})
+    listing = ", ".join(image_topics) if image_topics else "none"
+    chosen = [c for c in connections if c.topic == topic]
+    if not chosen and not topic.startswith("/"):
+        chosen = [c for c in connections if c.topic == "/" + topic]
+    if not chosen:
+        raise ValueError(f"topic {topic!r} is not in {where}; image topics in the bag: {listing}")
+    msgtypes = sorted({c.msgtype for c in chosen})
+    if len(msgtypes) > 1:
+        raise ValueError(f"topic {topic!r} has several message types in {where}: {', '.join(msgtypes)}")
+    msgtype = msgtypes[0]
+    if msgtype not in (IMAGE_TYPE, COMPRESSED_TYPE):
+        raise ValueError(f"topic {topic!r} has type {msgtype}, not {IMAGE_TYPE} or {COMPRESSED_TYPE}; "
+                         f"image topics in the bag: {listing}")
+    if compressed is True and msgtype != COMPRESSED_TYPE:
+        raise ValueError(f"--compressed was given but {topic!r} is a {msgtype}; leave --compressed out")
+    if compressed is False and msgtype != IMAGE_TYPE:
+        raise ValueError(f"{topic!r} is a {msgtype}, not a raw {IMAGE_TYPE}; use --compressed (or let it be detected)")
+    return chosen, msgtype
+
+
+def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: LoadedModel, options: Any = None,
+                compressed: bool | None = None, namespace: str = "/mpvss", storage: str | None = None) -> dict[str, Any]:
+    """Segment ``topic`` of the bag ``in_path`` and write a new bag ``out_path`` (see the module docstring).
+
+    Args:
+        in_path: rosbag2 bag folder (or a single ``.db3``/``.mcap`` file).
+        out_path: the new bag folder; must not exist.
+        topic: the image topic (``sensor_msgs/msg/Image`` or ``sensor_msgs/msg/CompressedImage``).
+        loaded: the model (:func:`~mpvss_ros.model_loader.load_model`).
+        options: :class:`BagOptions` (or an object with some of its attributes, e.g.
+            :class:`~mpvss_ros.offline.SegmentOptions`); None = defaults.
+        compressed: True = the topic must be CompressedImage, False = Image, None = detect.
+        namespace: prefix of the output topics.
+        storage: ``sqlite3`` or ``mcap``; None = as the input bag.
+
+    Returns:
+        Summary: ``frames`` (input messages read), ``written`` (segmented and written),
+        ``skipped`` and ``skipped_by_reason``, ``skip_examples``, ``key_frames``,
+        ``key_frame_reasons``, ``median_total_ms`` (key / non-key frames), per-stage
+        ``timings_ms``, ``messages_per_topic`` and run settings.
+
+    Raises:
+        FileNotFoundError: ``in_path`` missing or not a bag. FileExistsError: ``out_path``
+        exists. ValueError: topic missing or not an image topic (the message lists the image
+        topics present), bad namespace, storage, schedule or propagator.
+    """
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    options = options if options is not None else BagOptions()
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not in_path.exists():
+        raise FileNotFoundError(f"input bag not found: {in_path}")
+    if out_path.exists():
+        raise FileExistsError(f"output bag {out_path} exists already; choose a new path (bags are never overwritten)")
+    in_storage, in_version = _bag_storage_and_version(in_path)
+    storage = storage or in_storage
+    if storage not in STORAGES:
+        raise ValueError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
+    topics = output_topics(namespace)
+    max_frames = _opt(options, "max_frames")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    want = {"colored": bool(_opt(options, "colored")), "overlay": bool(_opt(options, "overlay")),
+            "class_masks": bool(_opt(options, "class_masks"))}
+    alpha = float(_opt(options, "alpha"))
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+    cfg = loaded.config
+    scheduler = parse_schedule(_opt(options, "schedule"), max_interval=_opt(options, "max_interval"))
+    propagator = build_propagator(_opt(options, "propagator"), loaded.model)
+    segmenter = VideoSegmenter(loaded.model, propagator, scheduler, device=loaded.device)
+    palette = make_palette(cfg.num_classes, cfg.palette or None)
+    class_names = list(cfg.class_names) if len(cfg.class_names) == cfg.num_classes else [f"class {i}" for i in range(cfg.num_classes)]
+
+    typestore = get_typestore(Stores.ROS2_HUMBLE)
+    types = rosbags_message_types(typestore)
+
+    counts: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    skip_examples: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
+    frames = 0
+    t_start = time.perf_counter()
+
+    def skip(reason: str, index: int, stamp_ns: int, exc: BaseException) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+        level = logging.WARNING if skipped[reason] <= _WARN_PER_REASON else logging.DEBUG
+        log.log(level, "skipping message %d at %d ns on %s (%s): %s", index, stamp_ns, in_topic, reason, exc)
+        if len(skip_examples) < _MAX_SKIP_EXAMPLES:
+            skip_examples.append({"index": index, "timestamp_ns": stamp_ns, "reason": reason, "error": str(exc)})
+
+    with _open_reader(in_path) as reader:
+        chosen, msgtype = _select_topic(list(reader.connections), topic, compressed, in_path)
+        in_topic = chosen[0].topic
+        if in_topic in topics.values():
+            raise ValueError(f"input topic {in_topic} would be overwritten by an output; use another --namespace")
+        is_compressed = msgtype == COMPRESSED_TYPE
+        decode = compressed_to_rgb if is_compressed else image_to_rgb
+        total = sum(int(getattr(c, "msgcount", 0) or 0) for c in chosen) or None
+        if max_frames is not None and total is not None:
+            total = min(total, max_frames)
+        in_qos = list(getattr(getattr(chosen[0], "ext", None), "offered_qos_profiles", []) or [])
+
+        writer = Writer(out_path, version=9 if in_version >= 9 else 8,
+                        storage_plugin=StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3)
+        with writer:
+            conn_in = _add_connection(writer, in_topic, msgtype, typestore, in_qos)
+            out_types = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE,
+                         "colored": IMAGE_TYPE, "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "info": INFO_TYPE}
+            conns = {}
+            for key, msgt in out_types.items():
+                if key in want and not want[key]:
+                    continue
+                qos = _transient_local_qos() if key == "label_info" else []
+                conns[key] = _add_connection(writer, topics[key], msgt, typestore, qos)
+
+            def put(key: str, stamp_ns: int, msg: Any, msgt: str) -> None:
+                writer.write(conns[key], stamp_ns, typestore.serialize_cdr(msg, msgt))
+                counts[topics[key]] = counts.get(topics[key], 0) + 1
+
+            label_info_written = False
+            bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
+            try:
+                for _conn, stamp_ns, raw in reader.messages(connections=chosen):
+                    if max_frames is not None and frames >= max_frames:
+                        break
+                    index = frames
+                    frames += 1
+                    bar.update(1)
+                    writer.write(conn_in, stamp_ns, raw)  # the input, copied unchanged
+                    counts[in_topic] = counts.get(in_topic, 0) + 1
+                    try:
+                        msg = typestore.deserialize_cdr(raw, msgtype)
+                    except Exception as exc:  # noqa: BLE001 - any malformed CDR payload
+                        skip("deserialize", index, stamp_ns, exc)
+                        continue
+                    try:
+                        rgb = decode(msg)
+                        result = segmenter.push(rgb, stamp_to_seconds(msg.header.stamp))
+                    except ConversionError as exc:
+                        skip("conversion", index, stamp_ns, exc)
+                        continue
+                    except FrameError as exc:
+                        skip("frame", index, stamp_ns, exc)
+                        continue
+                    header = msg.header
+                    if not label_info_written:
+                        put("label_info", stamp_ns, make_label_info(types.label_info, types.vision_class, header, class_names),
+                            LABEL_INFO_TYPE)
+                        label_info_written = True
+                    out = build_outputs(types, header, result, rgb, palette, class_names, alpha=alpha,
+                                        want_colored=want["colored"], want_overlay=want["overlay"],
+                                        want_class_masks=want["class_masks"])
+                    put("labels", stamp_ns, out.labels, IMAGE_TYPE)
+                    put("confidence", stamp_ns, out.confidence, IMAGE_TYPE)
+                    if out.colored is not None:
+                        put("colored", stamp_ns, out.colored, IMAGE_TYPE)
+                    if out.overlay is not None:
+                        put("overlay", stamp_ns, out.overlay, IMAGE_TYPE)
+                    if out.class_masks is not None:
+                        put("class_masks", stamp_ns, out.class_masks, CLASS_MASKS_TYPE)
+                    put("info", stamp_ns, out.info, INFO_TYPE)
+                    records.append(result.to_record())
+                    class_pixels += np.bincount(result.labels.ravel(), minlength=cfg.num_classes)[: cfg.num_classes]
+                    if skipped:
+                        bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
+            finally:
+                bar.close()
+    wall = time.perf_counter() - t_start
+
+    stats = summarize(records, cfg.num_classes, class_pixels) if records else {
+        "key_frames": 0, "key_frame_reasons": {}, "timings_ms": {}, "median_total_ms_key_frame": None,
+        "median_total_ms_non_key_frame": None, "class_pixel_share": {}}
+    totals = [r["timings_ms"]["total"] for r in records]
+    return {
+        "input": str(in_path),
+        "output": str(out_path),
+        "topic": in_topic,
+        "msgtype": msgtype,
+        "storage": storage,
+        "namespace": normalize_namespace(namespace),
+        "model": cfg.name,
+        "weights": str(loaded.weights) if loaded.weights else None,
+        "trained": loaded.trained,
+        "device": str(loaded.device),
+        "propagator": _opt(options, "propagator"),
+        "schedule": _opt(options, "schedule"),
+        "frames": frames,
+        "written": len(records),
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(sorted(skipped.items())),
+        "skip_examples": skip_examples,
+        "key_frames": stats["key_frames"],
+        "key_frame_ratio": stats["key_frames"] / len(records) if records else 0.0,
+        "key_frame_reasons": stats["key_frame_reasons"],
+        "median_total_ms": {"all": float(np.median(totals)) if totals else None,
+                            "key": stats["median_total_ms_key_frame"], "non_key": stats["median_total_ms_non_key_frame"]},
+        "timings_ms": stats["timings_ms"],
+        "class_pixel_share": stats["class_pixel_share"],
+        "messages_per_topic": dict(sorted(counts.items())),
+        "wall_time_s": wall,
+        "fps": len(records) / wall if wall > 0 else None,
+    }

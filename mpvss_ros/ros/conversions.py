@@ -1,0 +1,560 @@
+"""ROS message <-> numpy conversions for mpvss_ros, without importing rclpy.
+
+Everything here works on message objects by duck typing (field names as in rclpy), so the same
+code serves the rclpy node and the offline ``mpvss bag`` tool, which uses the pure-Python
+``rosbags`` message classes. Message **classes** are always passed in, never imported:
+
+* rclpy: ``MessageTypes(image=sensor_msgs.msg.Image, ...)`` built by the node;
+* rosbags: :func:`rosbags_message_types` (registers ``vision_msgs`` and this package's own
+  messages in a ``rosbags`` typestore).
+
+Input images (:func:`image_to_rgb`, :func:`compressed_to_rgb`) become ``(H, W, 3)`` ``uint8``
+RGB; anything that cannot be converted raises :class:`ConversionError` with a message naming
+what is wrong. Outputs (:func:`build_outputs`) follow the downstream contract of Nav2's
+semantic segmentation layer and Autoware: ``mono8`` class IDs at the input resolution
+(``mono16`` with more than 256 classes), ``mono8`` confidence, ``vision_msgs/LabelInfo``, and
+the input image's ``header`` (stamp and frame_id) copied unchanged onto every output.
+
+Array fields are filled the way each library serialises fastest: numpy arrays for ``rosbags``
+classes (dataclasses), ``array.array`` for rclpy classes (whose setters take ``array.array``
+without a per-element check).
+"""
+
+from __future__ import annotations
+
+import array as _array
+import dataclasses
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ..viz import colorize, overlay
+
+__all__ = [
+    "ConversionError",
+    "SUPPORTED_ENCODINGS",
+    "OUTPUT_ENCODINGS",
+    "MSG_DEFINITIONS",
+    "image_to_rgb",
+    "compressed_to_rgb",
+    "make_image",
+    "make_label_info",
+    "make_class_masks",
+    "make_segmentation_info",
+    "stamp_to_seconds",
+    "seconds_to_stamp",
+    "class_masks_from_labels",
+    "MessageTypes",
+    "OutputMessages",
+    "build_outputs",
+    "rosbags_message_types",
+]
+
+
+class ConversionError(ValueError):
+    """A message cannot be converted (unsupported encoding, inconsistent sizes, corrupt data)."""
+
+
+#: Bytes per pixel of each supported input encoding (sensor_msgs/image_encodings names).
+#: ``yuv422`` is ROS's UYVY (U0 Y0 V0 Y1); ``yuv422_yuy2`` and ``yuyv`` are YUYV (Y0 U0 Y1 V0);
+#: ``uyvy`` is the newer (Jazzy) name of UYVY.
+_BYTES_PER_PIXEL: dict[str, int] = {
+    "rgb8": 3,
+    "bgr8": 3,
+    "rgba8": 4,
+    "bgra8": 4,
+    "mono8": 1,
+    "yuv422": 2,
+    "uyvy": 2,
+    "yuv422_yuy2": 2,
+    "yuyv": 2,
+}
+
+#: Input encodings :func:`image_to_rgb` accepts.
+SUPPORTED_ENCODINGS: tuple[str, ...] = tuple(_BYTES_PER_PIXEL)
+
+#: Encodings :func:`make_image` writes.
+OUTPUT_ENCODINGS: tuple[str, ...] = ("mono8", "mono16", "rgb8")
+
+_YUV_CODES = {
+    "yuv422": cv2.COLOR_YUV2RGB_UYVY,
+    "uyvy": cv2.COLOR_YUV2RGB_UYVY,
+    "yuv422_yuy2": cv2.COLOR_YUV2RGB_YUYV,
+    "yuyv": cv2.COLOR_YUV2RGB_YUYV,
+}
+_COLOUR_CODES = {"bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB, "bgra8": cv2.COLOR_BGRA2RGB,
+                 "mono8": cv2.COLOR_GRAY2RGB}
+
+#: .msg definitions registered by :func:`rosbags_message_types`: ``vision_msgs`` (as in
+#: vision_msgs 4.x, ROS 2 Humble and later) and this package's own messages, whose text is
+#: identical to ``msg/*.msg`` (a test checks it).
+MSG_DEFINITIONS: dict[str, str] = {
+    "vision_msgs/msg/VisionClass": """\
+# A key value pair that maps an integer class_id to a string class label
+# in computer vision systems.
+
+# The integer class id.
+uint16 class_id
+
+# The name of the class represented by the class_id
+string class_name
+""",
+    "vision_msgs/msg/LabelInfo": """\
+# Provides meta-information about a visual pipeline, used to map class IDs to class names.
+
+# Header: stamp of the last change to the information, frame_id unused.
+std_msgs/Header header
+
+# An array of uint16 keys mapped to class names.
+VisionClass[] class_map
+
+# The value between 0-1 used as confidence threshold for the inference.
+float32 threshold
+""",
+    "mpvss_ros/msg/ClassMasks": """\
+# One binary mask per class present in a segmented frame (mpvss_ros).
+#
+# Published on <namespace>/class_masks when someone subscribes. The label image
+# (<namespace>/labels, mono8 or mono16 class IDs) carries the same information in one image;
+# this message is for consumers that want one mask per class (e.g. a costmap layer per class).
+
+# Exactly the header of the input image this frame was segmented from (stamp and frame_id),
+# also on frames whose labels were warped from an earlier key frame.
+std_msgs/Header header
+
+# Class IDs present in the frame, ascending; the same IDs as in vision_msgs/LabelInfo
+# (<namespace>/label_info) and in the label image.
+uint16[] class_ids
+
+# Class names, one per entry of class_ids (same order).
+string[] class_names
+
+# One mono8 mask per entry of class_ids (same order), at the input image's resolution:
+# 255 where the pixel belongs to the class, 0 elsewhere. Each mask has the header above.
+sensor_msgs/Image[] masks
+""",
+    "mpvss_ros/msg/SegmentationInfo": """\
+# Per-frame metadata of the MPVSS video segmentation (mpvss_ros): key frames, scene score and
+# latency. Published on <namespace>/info for every segmented frame.
+
+# Exactly the header of the input image this frame was segmented from (stamp and frame_id).
+std_msgs/Header header
+
+# 0-based count of frames segmented since the segmenter started (or was reset).
+uint32 frame_index
+
+# True when the key-frame segmentor ran on this frame; false when the labels were propagated
+# (warped) from the key frame.
+bool is_key_frame
+
+# Header stamp of the key frame these labels come from (equals header.stamp on key frames).
+builtin_interfaces/Time key_frame_stamp
+
+# Why this frame is a key frame ("" on non-key frames), e.g. first, interval, scene_change,
+# max_interval, resolution_change, time_backwards, time_gap, reset.
+string key_frame_reason
+
+# The scheduler's scene-change score of this frame against the key frame (0 = same scene).
+float32 scene_score
+
+# Wall time of each pipeline stage in milliseconds, in execution order: stage_names[i] took
+# stage_latency_ms[i] (e.g. schedule, preprocess, segmentor or propagation, postprocess).
+string[] stage_names
+float32[] stage_latency_ms
+
+# Wall time from receiving the frame to the finished segmentation, milliseconds (message
+# building and publishing not included).
+float32 total_latency_ms
+""",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Input: sensor_msgs/Image and sensor_msgs/CompressedImage -> RGB
+# --------------------------------------------------------------------------------------------
+
+
+def _as_bytes(data: Any, what: str = "data") -> np.ndarray:
+    """A message's ``uint8[]`` payload as a 1-D uint8 array, without copying where possible.
+
+    ``rosbags`` gives numpy arrays; rclpy gives ``array.array('B')``; ``bytes``, ``bytearray``
+    and ``memoryview`` work as well (any buffer), lists are copied.
+    """
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise ConversionError(f"{what} must hold uint8 bytes, got dtype {data.dtype}")
+        return data.reshape(-1)
+    if isinstance(data, (list, tuple)):
+        try:
+            return np.asarray(data, dtype=np.uint8)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ConversionError(f"{what} is not a byte sequence: {exc}") from None
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{what} of type {type(data).__name__} is not a byte buffer: {exc}") from None
+
+
+def _int_field(msg: Any, name: str) -> int:
+    value = getattr(msg, name, None)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConversionError(f"image field {name!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """A ``sensor_msgs/Image`` as an ``(H, W, 3)`` ``uint8`` RGB array.
+
+    Supports :data:`SUPPORTED_ENCODINGS`. Honours ``step`` (row stride in bytes; bytes past
+    ``width x bytes-per-pixel`` in each row are padding and ignored). ``is_bigendian`` has no
+    effect on these 8-bit encodings but must be 0/1 (or a bool).
+
+    For ``rgb8`` with ``step == width * 3`` the result is a view of ``msg.data`` (no copy; it
+    may be read-only); other encodings, or rows with padding, give a new array.
+
+    Raises:
+        ConversionError: unsupported encoding (the message lists the supported ones), zero or
+            negative size, ``step`` smaller than a row, ``data`` shorter than
+            ``step x height``, an odd width for YUV 4:2:2, or a bad ``is_bigendian``.
+    """
+    raw_encoding = getattr(msg, "encoding", None)
+    if not isinstance(raw_encoding, str):
+        raise ConversionError(f"image encoding must be a string, got {raw_encoding!r}")
+    encoding = raw_encoding.strip().lower()
+    bpp = _BYTES_PER_PIXEL.get(encoding)
+    if bpp is None:
+        raise ConversionError(
+            f"unsupported image encoding {raw_encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)} "
+            "(depth and floating-point images such as 16UC1 or 32FC1 cannot be segmented)")
+    height, width, step = _int_field(msg, "height"), _int_field(msg, "width"), _int_field(msg, "step")
+    if height <= 0 or width <= 0:
+        raise ConversionError(f"image is empty or has a negative size: {width} x {height} pixels ({encoding})")
+    big = getattr(msg, "is_bigendian", 0)
+    if not isinstance(big, (bool, int, np.integer)) or int(big) not in (0, 1):
+        raise ConversionError(f"is_bigendian must be 0 or 1, got {big!r}")
+    row_bytes = width * bpp
+    if step < row_bytes:
+        raise ConversionError(f"step {step} is smaller than one row of {width} {encoding} pixels "
+                              f"({width} x {bpp} = {row_bytes} bytes)")
+    if encoding in _YUV_CODES and width % 2:
+        raise ConversionError(f"YUV 4:2:2 image ({encoding}) must have an even width, got {width}")
+    buf = _as_bytes(getattr(msg, "data", None), "image data")
+    need = step * height
+    if buf.size < need:
+        raise ConversionError(f"image data too short: {buf.size} bytes for step {step} x height {height} "
+                              f"= {need} bytes ({width} x {height} {encoding})")
+    rows = buf[:need].reshape(height, step)
+    if step != row_bytes:
+        rows = rows[:, :row_bytes]  # drop the padding bytes at the end of each row (a view)
+    if encoding == "mono8":
+        return cv2.cvtColor(np.ascontiguousarray(rows), cv2.COLOR_GRAY2RGB)
+    pixels = rows.reshape(height, width, bpp)
+    if encoding == "rgb8":
+        return pixels if step == row_bytes else np.ascontiguousarray(pixels)
+    pixels = np.ascontiguousarray(pixels)  # no-op without row padding
+    if encoding in _YUV_CODES:
+        return cv2.cvtColor(pixels, _YUV_CODES[encoding])
+    return cv2.cvtColor(pixels, _COLOUR_CODES[encoding])
+
+
+_COMPRESSED_KINDS = ("jpeg", "jpg", "png")
+
+
+def compressed_to_rgb(msg: Any) -> np.ndarray:
+    """A ``sensor_msgs/CompressedImage`` (JPEG or PNG) as an ``(H, W, 3)`` ``uint8`` RGB array.
+
+    ``format`` must name jpeg/jpg/png, alone or in image_transport's long form (e.g.
+    ``"rgb8; jpeg compressed bgr8"``); an empty format lets the decoder detect it. Greyscale
+    images come back as three equal channels, an alpha channel is dropped.
+
+    Raises:
+        ConversionError: another format (e.g. ``compressedDepth``), an empty payload, a JPEG
+            without its end-of-image marker (truncated), or data the decoder cannot read.
+    """
+    fmt = getattr(msg, "format", "")
+    if not isinstance(fmt, str):
+        raise ConversionError(f"compressed image format must be a string, got {fmt!r}")
+    low = fmt.lower()
+    if "compresseddepth" in low or (low.strip() and not any(k in low for k in _COMPRESSED_KINDS)):
+        raise ConversionError(f"unsupported compressed image format {fmt!r}; supported: jpeg and png "
+                              "(e.g. 'jpeg', 'png', 'rgb8; jpeg compressed bgr8')")
+    buf = _as_bytes(getattr(msg, "data", None), "compressed image data")
+    if buf.size == 0:
+        raise ConversionError(f"compressed image ({fmt or 'no format'}) has no data")
+    if buf.size >= 2 and buf[0] == 0xFF and buf[1] == 0xD8:  # JPEG: decoders fill a truncated one with grey
+        tail = buf[-64:].tobytes()
+        if b"\xff\xd9" not in tail:
+            raise ConversionError(f"corrupt JPEG ({buf.size} bytes): no end-of-image marker, the data is truncated")
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        raise ConversionError(f"could not decode the {fmt or 'compressed'} image ({buf.size} bytes): {exc}") from None
+    if bgr is None or bgr.size == 0:
+        raise ConversionError(f"could not decode the {fmt or 'compressed'} image ({buf.size} bytes): "
+                              "corrupt data or not a JPEG/PNG")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# --------------------------------------------------------------------------------------------
+# Time
+# --------------------------------------------------------------------------------------------
+
+
+def stamp_to_seconds(stamp: Any) -> float:
+    """``builtin_interfaces/Time`` (``sec``, ``nanosec``) -> seconds as a float."""
+    return float(stamp.sec) + float(stamp.nanosec) * 1e-9
+
+
+def seconds_to_stamp(time_cls: type, t: float) -> Any:
+    """Seconds -> ``time_cls(sec=..., nanosec=...)`` with ``0 <= nanosec < 1e9``.
+
+    Raises:
+        ConversionError: ``t`` is not finite.
+    """
+    t = float(t)
+    if not math.isfinite(t):
+        raise ConversionError(f"cannot convert a non-finite time {t} to a stamp")
+    sec = math.floor(t)
+    nanosec = round((t - sec) * 1e9)  # t - sec is exact in floating point
+    if nanosec >= 1_000_000_000:
+        sec, nanosec = sec + 1, nanosec - 1_000_000_000
+    return time_cls(sec=int(sec), nanosec=int(nanosec))
+
+
+# --------------------------------------------------------------------------------------------
+# Output builders
+# --------------------------------------------------------------------------------------------
+
+
+def _uses_numpy(cls: type) -> bool:
+    """True for ``rosbags`` message classes (dataclasses; numpy arrays for primitive arrays)."""
+    return dataclasses.is_dataclass(cls)
+
+
+def _byte_array(cls: type, arr: np.ndarray) -> Any:
+    """A C-contiguous array's bytes as the ``uint8[]`` value ``cls`` takes best."""
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    if _uses_numpy(cls):
+        return flat
+    out = _array.array("B")
+    out.frombytes(flat)
+    return out
+
+
+def _typed_array(cls: type, values: Sequence[Any], dtype: Any, typecode: str) -> Any:
+    if _uses_numpy(cls):
+        return np.asarray(values, dtype=dtype)
+    return _array.array(typecode, values)
+
+
+def make_image(image_cls: type, header: Any, array: np.ndarray, encoding: str) -> Any:
+    """A ``sensor_msgs/Image`` from an array, with ``header`` copied unchanged.
+
+    Args:
+        image_cls: the Image message class (rclpy or rosbags).
+        header: the ``std_msgs/Header`` to put on the message (the input image's).
+        array: ``(H, W)`` ``uint8`` for ``mono8``, ``(H, W)`` ``uint16`` for ``mono16``
+            (native byte order; ``is_bigendian`` says which), ``(H, W, 3)`` ``uint8`` for
+            ``rgb8``.
+        encoding: one of :data:`OUTPUT_ENCODINGS`.
+
+    Raises:
+        ConversionError: unknown encoding, or an array whose shape/dtype does not fit it.
+    """
+    arr = np.asarray(array)
+    expect = {"mono8": (2, np.uint8), "mono16": (2, np.uint16), "rgb8": (3, np.uint8)}.get(encoding)
+    if expect is None:
+        raise ConversionError(f"cannot build an image with encoding {encoding!r}; supported: {', '.join(OUTPUT_ENCODINGS)}")
+    ndim, dtype = expect
+    if arr.ndim != ndim or (ndim == 3 and arr.shape[2] != 3) or arr.dtype.kind != "u" or arr.dtype.itemsize != np.dtype(dtype).itemsize:
+        raise ConversionError(f"{encoding} needs an array of shape {'(H, W, 3)' if ndim == 3 else '(H, W)'} "
+                              f"and dtype {np.dtype(dtype).name}, got shape {arr.shape} dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr.astype(dtype, copy=False))  # native byte order
+    height, width = arr.shape[:2]
+    step = width * arr.itemsize * (arr.shape[2] if ndim == 3 else 1)
+    big = int(arr.itemsize > 1 and sys.byteorder == "big")
+    return image_cls(header=header, height=int(height), width=int(width), encoding=encoding,
+                     is_bigendian=big, step=int(step), data=_byte_array(image_cls, arr))
+
+
+def make_label_info(label_info_cls: type, vision_class_cls: type, header: Any,
+                    class_names: Sequence[str], threshold: float = 0.0) -> Any:
+    """``vision_msgs/LabelInfo``: class ``i`` (``0 .. K-1``) is ``class_names[i]``.
+
+    Raises:
+        ConversionError: more than 65536 classes (``class_id`` is uint16).
+    """
+    names = [str(n) for n in class_names]
+    if len(names) > 65536:
+        raise ConversionError(f"LabelInfo holds at most 65536 classes (uint16 ids), got {len(names)}")
+    class_map = [vision_class_cls(class_id=i, class_name=n) for i, n in enumerate(names)]
+    return label_info_cls(header=header, class_map=class_map, threshold=float(threshold))
+
+
+def class_masks_from_labels(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """``{class_id: (H, W) uint8 mask 0/255}`` for each class present, ascending (the same masks
+    :class:`~mpvss_ros.segmenter.VideoSegmenter` makes with ``class_masks=True``)."""
+    if labels.dtype in (np.uint8, np.uint16) and labels.ndim == 2:
+        present = np.flatnonzero(np.bincount(labels.reshape(-1)))  # faster than np.unique (no sort)
+        labels = np.ascontiguousarray(labels)
+        return {int(c): cv2.compare(labels, float(c), cv2.CMP_EQ) for c in present}  # 0/255 uint8
+    return {int(c): (labels == c).view(np.uint8) * np.uint8(255) for c in np.unique(labels)}
+
+
+def _class_name(class_names: Sequence[str], class_id: int) -> str:
+    return str(class_names[class_id]) if 0 <= class_id < len(class_names) else f"class {class_id}"
+
+
+def make_class_masks(class_masks_cls: type, image_cls: type, header: Any,
+                     class_masks: Mapping[int, np.ndarray], class_names: Sequence[str]) -> Any:
+    """``mpvss_ros/ClassMasks``: one ``mono8`` mask (0/255) per class, ascending class id.
+
+    Every mask image carries ``header``. Classes without a name get ``"class <id>"``.
+    """
+    ids = sorted(int(c) for c in class_masks)
+    if ids and not 0 <= ids[0] <= ids[-1] <= 65535:
+        raise ConversionError(f"class ids must be in 0..65535 (uint16), got {ids[0]}..{ids[-1]}")
+    masks = [make_image(image_cls, header, class_masks[c], "mono8") for c in ids]
+    return class_masks_cls(header=header, class_ids=_typed_array(class_masks_cls, ids, np.uint16, "H"),
+                           class_names=[_class_name(class_names, c) for c in ids], masks=masks)
+
+
+def make_segmentation_info(info_cls: type, time_cls: type, header: Any, result: Any) -> Any:
+    """``mpvss_ros/SegmentationInfo`` from a :class:`~mpvss_ros.segmenter.SegmentationResult`.
+
+    ``key_frame_stamp`` comes from ``result.key_frame_stamp`` (seconds; zero when unknown),
+    stages and latencies from ``result.timings_ms`` without ``total`` (kept in
+    ``total_latency_ms``).
+    """
+    timings = dict(result.timings_ms)
+    total = timings.pop("total", sum(timings.values()))
+    key_stamp = float(result.key_frame_stamp)
+    key_time = seconds_to_stamp(time_cls, key_stamp) if math.isfinite(key_stamp) else time_cls(sec=0, nanosec=0)
+    return info_cls(
+        header=header,
+        frame_index=int(result.frame_index) % 2**32,
+        is_key_frame=bool(result.is_key_frame),
+        key_frame_stamp=key_time,
+        key_frame_reason=str(result.key_frame_reason),
+        scene_score=float(result.scene_score),
+        stage_names=[str(k) for k in timings],
+        stage_latency_ms=_typed_array(info_cls, [float(v) for v in timings.values()], np.float32, "f"),
+        total_latency_ms=float(total),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# SegmentationResult -> all output messages
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MessageTypes:
+    """The message classes the builders need (rclpy's or a rosbags typestore's)."""
+
+    image: type
+    compressed_image: type
+    header: type
+    time: type
+    label_info: type
+    vision_class: type
+    class_masks: type
+    segmentation_info: type
+
+
+@dataclass
+class OutputMessages:
+    """The messages of one segmented frame; optional ones are None when not requested.
+
+    Attributes:
+        labels: ``sensor_msgs/Image`` ``mono8`` class IDs (``mono16`` when labels are uint16).
+        confidence: ``sensor_msgs/Image`` ``mono8``, 0..255.
+        info: ``mpvss_ros/SegmentationInfo``.
+        colored: ``sensor_msgs/Image`` ``rgb8`` palette colours, or None.
+        overlay: ``sensor_msgs/Image`` ``rgb8`` input blended with the colours and a legend, or None.
+        class_masks: ``mpvss_ros/ClassMasks``, or None.
+    """
+
+    labels: Any
+    confidence: Any
+    info: Any
+    colored: Any = None
+    overlay: Any = None
+    class_masks: Any = None
+
+
+def build_outputs(types: MessageTypes, header: Any, result: Any, frame_rgb: np.ndarray | None,
+                  palette: np.ndarray, class_names: Sequence[str], alpha: float = 0.5,
+                  want_colored: bool = False, want_overlay: bool = False,
+                  want_class_masks: bool = False) -> OutputMessages:
+    """Turn a :class:`~mpvss_ros.segmenter.SegmentationResult` into output messages.
+
+    The one place that does so, for the node and ``mpvss bag`` alike. Every message (and every
+    mask inside ``class_masks``) carries ``header`` unchanged: pass the input image's header.
+
+    Args:
+        types: message classes.
+        header: the input image's ``std_msgs/Header``.
+        result: the segmentation of that image.
+        frame_rgb: the input as ``(H, W, 3)`` uint8 RGB (only needed for the overlay).
+        palette: ``(K, 3)`` RGB colours (:func:`~mpvss_ros.viz.make_palette`).
+        class_names: ``K`` names (legend, class masks).
+        alpha: overlay opacity of the colours, 0..1.
+        want_colored, want_overlay, want_class_masks: build those optional messages.
+            Class masks come from ``result.class_masks`` when the segmenter made them, else
+            from the labels.
+    """
+    labels = result.labels
+    label_encoding = "mono16" if labels.dtype == np.uint16 else "mono8"
+    out = OutputMessages(
+        labels=make_image(types.image, header, labels, label_encoding),
+        confidence=make_image(types.image, header, result.confidence, "mono8"),
+        info=make_segmentation_info(types.segmentation_info, types.time, header, result),
+    )
+    if want_colored:
+        out.colored = make_image(types.image, header, colorize(labels, palette), "rgb8")
+    if want_overlay:
+        if frame_rgb is None:
+            raise ValueError("want_overlay needs frame_rgb")
+        vis = overlay(frame_rgb, labels, palette, alpha=alpha, class_names=class_names)
+        out.overlay = make_image(types.image, header, vis, "rgb8")
+    if want_class_masks:
+        masks = result.class_masks if result.class_masks is not None else class_masks_from_labels(labels)
+        out.class_masks = make_class_masks(types.class_masks, types.image, header, masks, class_names)
+    return out
+
+
+def rosbags_message_types(typestore: Any) -> MessageTypes:
+    """Register the extra message types in a ``rosbags`` typestore and return its classes.
+
+    ``vision_msgs/msg/VisionClass`` and ``vision_msgs/msg/LabelInfo`` are registered only when
+    the typestore lacks them; ``mpvss_ros/msg/ClassMasks`` and ``mpvss_ros/msg/SegmentationInfo``
+    from :data:`MSG_DEFINITIONS` (identical to ``msg/*.msg``).
+
+    Args:
+        typestore: e.g. ``rosbags.typesys.get_typestore(Stores.ROS2_HUMBLE)``.
+    """
+    from rosbags.typesys import get_types_from_msg  # only needed here: the node never calls this
+
+    missing: dict[str, Any] = {}
+    for name, text in MSG_DEFINITIONS.items():
+        if name not in typestore.types:
+            missing.update(get_types_from_msg(text, name))
+    if missing:
+        typestore.register(missing)
+    t = typestore.types
+    return MessageTypes(
+        image=t["sensor_msgs/msg/Image"],
+        compressed_image=t["sensor_msgs/msg/CompressedImage"],
+        header=t["std_msgs/msg/Header"],
+        time=t["builtin_interfaces/msg/Time"],
+        label_info=t["vision_msgs/msg/LabelInfo"],
+        vision_class=t["vision_msgs/msg/VisionClass"],
+        class_masks=t["mpvss_ros/msg/ClassMasks"],
+        segmentation_info=t["mpvss_ros/msg/SegmentationInfo"],
+    )

@@ -1,0 +1,613 @@
+"""Everything the segmentation node does, without ROS: the node (:mod:`mpvss_ros.ros.node`) is a
+thin rclpy shell around these classes.
+
+* :class:`LatestSlot`: a thread-safe single-item mailbox between the subscription callback and
+  the worker. ``put`` never blocks and replaces an unprocessed message (counted as dropped), so
+  the node always segments the newest frame and never queues stale ones.
+* :class:`SegmentationCore`: one incoming image message -> output messages. Per message, in
+  order: the enable switch (disabled: counted and dropped, no inference), a pending reset,
+  the age check (header stamp against the node clock, ``max_frame_age_s``; stale -> dropped),
+  decoding (:mod:`mpvss_ros.ros.conversions`; a bad encoding, a corrupt JPEG, a 0x0 image or
+  a too small ``step`` -> skipped and counted, never raised), the engine
+  (:class:`~mpvss_ros.segmenter.VideoSegmenter`; its scheduler forces a key frame on
+  resolution changes and stamps going backwards), then the output messages, each carrying the
+  input header. Counters and rolling statistics feed :meth:`SegmentationCore.diagnostic_status`.
+* :class:`Worker`: the thread that takes from the slot, runs the core and publishes.
+
+Message classes come in a :class:`~mpvss_ros.ros.conversions.MessageTypes`, so the same code
+runs on rclpy messages (the node) and on rosbags messages (tests, bag processing).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+import time
+import traceback
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from ..model_loader import LoadedModel
+from ..segmenter import FrameError, VideoSegmenter
+from .parameters import NodeConfig, palette_to_rgb
+
+__all__ = [
+    "LatestSlot",
+    "OutputDemand",
+    "DiagnosticSummary",
+    "SegmentationCore",
+    "Worker",
+    "StartupError",
+    "build_segmenter",
+    "load_configured_model",
+    "configure_threads",
+    "FORCED_KEY_FRAME_REASONS",
+    "OK",
+    "WARN",
+    "ERROR",
+]
+
+#: Diagnostic levels, the values of ``diagnostic_msgs/DiagnosticStatus`` OK/WARN/ERROR.
+OK, WARN, ERROR = 0, 1, 2
+LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
+
+#: Key-frame reasons that the schedule did not choose (see :mod:`mpvss_ros.scheduling`).
+FORCED_KEY_FRAME_REASONS = ("first", "reset", "resolution_change", "time_backwards", "time_gap",
+                            "canvas_change")
+
+_log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Mailbox
+# --------------------------------------------------------------------------------------------
+
+
+class LatestSlot:
+    """A single-item mailbox: the newest item wins.
+
+    ``put`` stores an item and returns at once; an item not yet taken is replaced and counted in
+    :attr:`replaced`. ``take`` blocks until an item is there (or the timeout passes, or the slot
+    is closed) and empties the slot.
+
+    Args:
+        on_put: called (outside the lock) after every put, e.g. ``core.note_received``.
+        on_replaced: called (outside the lock) when a put replaced an untaken item, e.g.
+            ``core.note_replaced``.
+    """
+
+    def __init__(self, on_put: Callable[[], None] | None = None,
+                 on_replaced: Callable[[], None] | None = None) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._item: Any = None
+        self._full = False
+        self._closed = False
+        self._on_put = on_put
+        self._on_replaced = on_replaced
+        self.puts = 0
+        self.replaced = 0
+        self.taken = 0
+
+    def put(self, item: Any) -> bool:
+        """Store ``item`` (never blocks). Returns True when it replaced an untaken item."""
+        with self._cond:
+            replaced = self._full
+            self._item = item
+            self._full = True
+            self.puts += 1
+            if replaced:
+                self.replaced += 1
+            self._cond.notify()
+        if self._on_put is not None:
+            self._on_put()
+        if replaced and self._on_replaced is not None:
+            self._on_replaced()
+        return replaced
+
+    def take(self, timeout: float | None = None) -> Any:
+        """The item, removed from the slot; None after ``timeout`` seconds or once closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._full or self._closed, timeout)
+            if not self._full:
+                return None
+            item, self._item, self._full = self._item, None, False
+            self.taken += 1
+            return item
+
+    def close(self) -> None:
+        """Wake every ``take``; later takes return a remaining item or None without waiting."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return int(self._full)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and engine set-up
+# --------------------------------------------------------------------------------------------
+
+
+class StartupError(RuntimeError):
+    """The node cannot start (bad model, missing or corrupt weights, unusable device).
+
+    ``str(exc)`` is one line, for a single fatal log line.
+    """
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    line = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def load_configured_model(config: NodeConfig) -> LoadedModel:
+    """Load the model the parameters name (``model`` '' = from the weights, ``weights`` '' = default).
+
+    Raises:
+        StartupError: one line naming the problem (unknown model or bad config file, weights
+            missing, corrupt or not matching, unusable device, unsupported backend).
+    """
+    from ..checkpoints import CheckpointError
+    from ..config import ConfigError
+    from ..model_loader import load_model
+
+    if config.backend != "torch":
+        raise StartupError(f"backend '{config.backend}' is not available; use backend:=torch")
+    try:
+        return load_model(config.model or None, config.weights or None, config.device)
+    except CheckpointError as exc:
+        raise StartupError(_one_line(f"cannot load weights: {exc}")) from None
+    except ConfigError as exc:
+        raise StartupError(_one_line(f"cannot load model '{config.model}': {exc}")) from None
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise StartupError(_one_line(f"cannot load model '{config.model}' on {config.device}: "
+                                     f"{type(exc).__name__}: {exc}")) from None
+
+
+def configure_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` when ``threads > 0`` (0 keeps torch's default)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
+    """The :class:`VideoSegmenter` the parameters describe (propagator, schedule, device)."""
+    from ..propagation import build_propagator
+    from ..scheduling import AdaptiveScheduler, FixedIntervalScheduler
+
+    if config.schedule == "adaptive":
+        scheduler = AdaptiveScheduler(config.scene_threshold, config.min_interval, config.max_interval,
+                                      max_gap_s=config.max_gap_s)
+    else:  # validated: fixed:N
+        scheduler = FixedIntervalScheduler(int(config.schedule.split(":", 1)[1]), max_gap_s=config.max_gap_s)
+    propagator = build_propagator(config.propagator, loaded.model)
+    return VideoSegmenter(loaded.model, propagator, scheduler, device=loaded.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Core
+# --------------------------------------------------------------------------------------------
+
+
+class OutputDemand(NamedTuple):
+    """Which optional outputs someone wants now (the node: subscription count > 0)."""
+
+    colored: bool = True
+    overlay: bool = True
+    class_masks: bool = True
+
+
+@dataclass
+class DiagnosticSummary:
+    """What ``/diagnostics`` shows: a level (:data:`OK`/:data:`WARN`/:data:`ERROR`), a one-line
+    message and ``(key, value)`` strings."""
+
+    level: int
+    message: str
+    values: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def level_name(self) -> str:
+        return LEVEL_NAMES[self.level]
+
+
+def _rate(times: deque, now: float, window: float) -> float:
+    """Events per second over the events inside ``(now - window, now]``."""
+    recent = [t for t in times if now - t <= window]
+    if len(recent) < 2:
+        return 0.0
+    span = recent[-1] - recent[0]
+    return (len(recent) - 1) / span if span > 0 else 0.0
+
+
+class SegmentationCore:
+    """One image message in, the node's output messages out (see the module docstring).
+
+    Args:
+        config: validated node parameters.
+        loaded: the model (:func:`load_configured_model`).
+        message_types: message classes (rclpy's in the node, rosbags' in tests).
+        segmenter: the engine; default :func:`build_segmenter` from ``config``.
+        clock: monotonic seconds for rates, latencies and the "no output" timer.
+        logger: anything with ``warning``/``error``/``info`` taking one string (a
+            ``logging.Logger`` or an rclpy logger); default this module's logger.
+        window_s: length of the rolling window of the statistics (seconds).
+        no_output_warn_s: WARN when no output was produced for this long while enabled.
+
+    Thread safety: :meth:`process` runs on one thread (the worker); the other methods may be
+    called from any thread (subscription, services, diagnostics timer).
+    """
+
+    def __init__(self, config: NodeConfig, loaded: LoadedModel, message_types: Any, *,
+                 segmenter: VideoSegmenter | None = None, clock: Callable[[], float] = time.monotonic,
+                 logger: Any = None, window_s: float = 5.0, no_output_warn_s: float = 5.0) -> None:
+        from ..viz import make_palette
+        from . import conversions
+
+        self._conv = conversions
+        self.config = config
+        self.loaded = loaded
+        self.types = message_types
+        self.segmenter = segmenter if segmenter is not None else build_segmenter(config, loaded)
+        self.clock = clock
+        self.log = logger if logger is not None else _log
+        self.window_s = window_s
+        self.no_output_warn_s = no_output_warn_s
+
+        num_classes = int(self.segmenter.num_classes)
+        if len(config.palette) > num_classes:
+            raise ValueError(f"parameter 'palette': {len(config.palette)} colours for a model with "
+                             f"{num_classes} classes")
+        base = palette_to_rgb(config.palette) if config.palette else (loaded.config.palette or None)
+        self.palette = make_palette(num_classes, base)
+        names = list(loaded.config.class_names or [])
+        self.class_names = names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
+
+        self._lock = threading.Lock()
+        self._enabled = True
+        self._reset_requested = False
+        self.counters: Counter[str] = Counter({k: 0 for k in (
+            "received", "processed", "published", "dropped_stale", "dropped_replaced",
+            "dropped_disabled", "skipped_decode", "skipped_frame", "errors", "key_frames")})
+        self.key_frame_reasons: Counter[str] = Counter()
+        self._arrivals: deque[float] = deque(maxlen=4096)
+        self._replaced: deque[float] = deque(maxlen=4096)
+        self._stale: deque[float] = deque(maxlen=4096)
+        self._outputs: deque[float] = deque(maxlen=4096)
+        self._failures: deque[float] = deque(maxlen=4096)
+        self._recent: deque[tuple[float, float, bool]] = deque(maxlen=200)  # (t, latency ms, key)
+        self._last_problem = ""
+        self._since = clock()  # start, or last enable: the "no output" timer's origin
+        self._last_log: dict[str, tuple[float, int]] = {}
+        self._label_info_frame_id: str | None = None
+
+    # -- control (any thread) ----------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def set_enabled(self, enabled: bool) -> bool:
+        """Switch inference on or off. Returns the previous state.
+
+        Re-enabling resets the engine (the first frame after is a key frame, reason ``reset``).
+        """
+        with self._lock:
+            before = self._enabled
+            self._enabled = bool(enabled)
+            if enabled and not before:
+                self._reset_requested = True
+                self._since = self.clock()
+        return before
+
+    def reset(self) -> None:
+        """Make the next processed frame a key frame (scheduler and key-frame state reset)."""
+        with self._lock:
+            self._reset_requested = True
+
+    def note_received(self) -> None:
+        """Count one arriving message (the slot's ``on_put`` hook)."""
+        t = self.clock()
+        with self._lock:
+            self.counters["received"] += 1
+            self._arrivals.append(t)
+
+    def note_replaced(self) -> None:
+        """Count one message replaced in the slot before it was processed (``on_replaced``)."""
+        t = self.clock()
+        with self._lock:
+            self.counters["dropped_replaced"] += 1
+            self._replaced.append(t)
+
+    def make_slot(self) -> LatestSlot:
+        """A :class:`LatestSlot` whose puts and replacements are counted by this core."""
+        return LatestSlot(on_put=self.note_received, on_replaced=self.note_replaced)
+
+    def record_published(self) -> None:
+        """Count one frame whose outputs were published."""
+        with self._lock:
+            self.counters["published"] += 1
+
+    def record_error(self, what: str, exc: BaseException) -> None:
+        """Count and log an unexpected error (the worker's last resort)."""
+        t = self.clock()
+        with self._lock:
+            self.counters["errors"] += 1
+            self._failures.append(t)
+            self._last_problem = f"{what}: {type(exc).__name__}: {exc}"
+        detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        self._log_throttled("error:" + what, "error", f"{what}: {type(exc).__name__}: {exc}\n{detail}")
+
+    # -- per message (worker thread) ----------------------------------------------------------
+
+    def process(self, msg: Any, now: float | None = None, want_colored: bool = True,
+                want_overlay: bool = True, want_class_masks: bool = True) -> Any:
+        """Segment one ``sensor_msgs/Image`` (or ``CompressedImage`` with ``input_compressed``).
+
+        Args:
+            msg: the image message.
+            now: the node clock in seconds, for the age check; None skips it.
+            want_colored, want_overlay, want_class_masks: whether someone subscribes to the
+                optional outputs (and-ed with the ``publish_*`` parameters).
+
+        Returns:
+            :class:`~mpvss_ros.ros.conversions.OutputMessages` (every message with ``msg``'s
+            header), or None when the message was dropped or skipped (counted, logged). Never
+            raises.
+        """
+        t0 = self.clock()
+        with self._lock:
+            if not self._enabled:
+                self.counters["dropped_disabled"] += 1
+                return None
+            reset, self._reset_requested = self._reset_requested, False
+        try:
+            if reset:
+                self.segmenter.reset()
+            header = msg.header
+            stamp = self._conv.stamp_to_seconds(header.stamp)
+            if self.config.max_frame_age_s > 0 and now is not None:
+                age = now - stamp
+                if age > self.config.max_frame_age_s:
+                    with self._lock:
+                        self.counters["dropped_stale"] += 1
+                        self._stale.append(t0)
+                    self._log_throttled("stale", "warning", (
+                        f"dropping stale frame: stamp {stamp:.3f} s is {age:.3f} s old (max_frame_age_s "
+                        f"{self.config.max_frame_age_s:g}); if the clocks differ (bag replay, "
+                        f"use_sim_time) set max_frame_age_s:=0"))
+                    return None
+        except Exception as exc:  # noqa: BLE001 - a message without a usable header
+            return self._skip("skipped_decode", "bad header", exc, t0)
+
+        try:
+            if self.config.input_compressed:
+                rgb = self._conv.compressed_to_rgb(msg)
+            else:
+                rgb = self._conv.image_to_rgb(msg)
+        except Exception as exc:  # noqa: BLE001 - ConversionError, or anything a broken message raises
+            return self._skip("skipped_decode", "cannot decode image", exc, t0)
+
+        masks = want_class_masks and self.config.publish_class_masks
+        try:
+            self.segmenter.class_masks = masks
+            result = self.segmenter.push(rgb, stamp)
+        except FrameError as exc:
+            return self._skip("skipped_frame", "cannot segment frame", exc, t0)
+        except Exception as exc:  # noqa: BLE001 - counted, logged, the node keeps running
+            self.record_error("segmentation failed", exc)
+            return None
+
+        try:
+            outputs = self._conv.build_outputs(
+                self.types, header, result, rgb, self.palette, self.class_names,
+                self.config.overlay_alpha,
+                want_colored=want_colored and self.config.publish_colored,
+                want_overlay=want_overlay and self.config.publish_overlay,
+                want_class_masks=masks)
+        except Exception as exc:  # noqa: BLE001 - counted, logged, the node keeps running
+            self.record_error("building output messages failed", exc)
+            return None
+
+        t1 = self.clock()
+        with self._lock:
+            self.counters["processed"] += 1
+            self._outputs.append(t1)
+            self._recent.append((t1, (t1 - t0) * 1e3, result.is_key_frame))
+            if result.is_key_frame:
+                self.counters["key_frames"] += 1
+                self.key_frame_reasons[result.key_frame_reason or "unknown"] += 1
+        return outputs
+
+    def _skip(self, counter: str, what: str, exc: BaseException, t: float) -> None:
+        with self._lock:
+            self.counters[counter] += 1
+            self._failures.append(t)
+            self._last_problem = f"{what}: {exc}"
+        self._log_throttled(counter, "warning", f"{what}, frame skipped: {exc}")
+
+    def _log_throttled(self, key: str, level: str, text: str, period_s: float = 5.0) -> None:
+        """Log the first occurrence of ``key`` and then at most once per ``period_s``."""
+        t = self.clock()
+        with self._lock:
+            last, suppressed = self._last_log.get(key, (-math.inf, 0))
+            if t - last < period_s:
+                self._last_log[key] = (last, suppressed + 1)
+                return
+            self._last_log[key] = (t, 0)
+        if suppressed:
+            text += f" ({suppressed} more like this since the last report)"
+        getattr(self.log, level)(text)
+
+    # -- LabelInfo ----------------------------------------------------------------------------
+
+    def label_info(self, header: Any) -> Any:
+        """A ``vision_msgs/LabelInfo`` for this model's classes with ``header``; remembers its
+        frame_id for :meth:`label_info_update`."""
+        with self._lock:
+            self._label_info_frame_id = header.frame_id
+        return self._conv.make_label_info(self.types.label_info, self.types.vision_class, header,
+                                          self.class_names)
+
+    def label_info_update(self, header: Any) -> Any:
+        """A new LabelInfo when none was made yet or the input's frame_id changed, else None."""
+        with self._lock:
+            same = self._label_info_frame_id == header.frame_id
+        return None if same else self.label_info(header)
+
+    # -- diagnostics --------------------------------------------------------------------------
+
+    def stats(self, now: float | None = None) -> dict[str, float]:
+        """Rolling statistics over the last ``window_s`` seconds.
+
+        Returns:
+            ``input_rate_hz``, ``output_rate_hz``, ``latency_median_ms`` (receive-to-outputs
+            time of the processed frames, NaN when none), ``key_frame_ratio`` (of the last 200
+            processed frames, NaN when none), ``drop_ratio`` ((stale + replaced) / received in
+            the window), ``failures`` and ``outputs`` in the window, ``since_output_s``.
+        """
+        now = self.clock() if now is None else now
+        w = self.window_s
+        with self._lock:
+            arrivals = sum(1 for t in self._arrivals if now - t <= w)
+            dropped = sum(1 for t in self._replaced if now - t <= w) + sum(1 for t in self._stale if now - t <= w)
+            recent = list(self._recent)
+            last_output = self._outputs[-1] if self._outputs else None
+            since_origin = self._since
+            return {
+                "input_rate_hz": _rate(self._arrivals, now, w),
+                "output_rate_hz": _rate(self._outputs, now, w),
+                "latency_median_ms": statistics.median([r[1] for r in recent if now - r[0] <= w] or [math.nan]),
+                "key_frame_ratio": (sum(r[2] for r in recent) / len(recent)) if recent else math.nan,
+                "drop_ratio": min(1.0, dropped / arrivals) if arrivals else 0.0,
+                "failures": float(sum(1 for t in self._failures if now - t <= w)),
+                "outputs": float(sum(1 for t in self._outputs if now - t <= w)),
+                "arrivals": float(arrivals),
+                "since_output_s": now - max(last_output if last_output is not None else -math.inf, since_origin),
+            }
+
+    def diagnostic_status(self, now: float | None = None) -> DiagnosticSummary:
+        """Level, message and values for ``/diagnostics``.
+
+        Levels: ERROR when, in the last ``window_s``, frames failed (decode, frame, engine) and
+        none succeeded; WARN when no output was produced for ``no_output_warn_s`` while enabled,
+        or more than half the received frames were dropped (stale or replaced); OK otherwise
+        (and while disabled).
+        """
+        s = self.stats(now)
+        with self._lock:
+            c = dict(self.counters)
+            reasons = dict(self.key_frame_reasons)
+            enabled = self._enabled
+            problem = self._last_problem
+
+        def fmt(x: float, digits: int = 1) -> str:
+            return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+
+        values = [
+            ("enabled", str(enabled).lower()),
+            ("model", self.loaded.config.name),
+            ("trained", str(self.loaded.trained).lower()),
+            ("device", str(self.loaded.device)),
+            ("propagator", self.config.propagator),
+            ("schedule", self.config.schedule),
+            ("input rate (Hz)", fmt(s["input_rate_hz"])),
+            ("output rate (Hz)", fmt(s["output_rate_hz"])),
+            ("latency median (ms)", fmt(s["latency_median_ms"])),
+            ("key-frame ratio", fmt(s["key_frame_ratio"], 3)),
+            ("drop ratio", fmt(s["drop_ratio"], 3)),
+        ]
+        values += [(name.replace("_", " "), str(c[name])) for name in (
+            "received", "processed", "published", "dropped_stale", "dropped_replaced", "dropped_disabled",
+            "skipped_decode", "skipped_frame", "errors", "key_frames")]
+        values += [(f"key frames ({reason})", str(n)) for reason, n in sorted(reasons.items())]
+        values.append(("forced key frames", str(sum(n for r, n in reasons.items() if r in FORCED_KEY_FRAME_REASONS))))
+        if problem:
+            values.append(("last problem", problem))
+
+        if not enabled:
+            return DiagnosticSummary(OK, "disabled (call ~/enable to resume)", values)
+        if s["failures"] > 0 and s["outputs"] == 0:
+            return DiagnosticSummary(ERROR, f"every frame failed in the last {self.window_s:g} s: {problem}", values)
+        warnings = []
+        if s["since_output_s"] > self.no_output_warn_s:
+            why = "no input received" if s["arrivals"] == 0 else "frames arrive but none was segmented"
+            warnings.append(f"no output for {s['since_output_s']:.1f} s ({why})")
+        if s["drop_ratio"] > 0.5:
+            warnings.append(f"dropping {100 * s['drop_ratio']:.0f}% of input frames "
+                            f"({c['dropped_stale']} stale, {c['dropped_replaced']} replaced in total)")
+        if warnings:
+            return DiagnosticSummary(WARN, "; ".join(warnings), values)
+        return DiagnosticSummary(OK, f"segmenting at {s['output_rate_hz']:.1f} Hz", values)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker
+# --------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """The inference thread: take the newest message, run the core, publish.
+
+    Args:
+        slot: where the subscription puts messages (best made by ``core.make_slot()``).
+        core: the :class:`SegmentationCore`.
+        publish: ``publish(outputs, label_info)``; ``label_info`` is a LabelInfo message to
+            publish too (first frame, or the input's frame_id changed), else None.
+        now: the node clock in seconds (for the age check), or None to skip the check.
+        demand: which optional outputs are wanted now (:class:`OutputDemand`).
+        poll_s: how often the thread checks for :meth:`stop` while idle.
+    """
+
+    def __init__(self, slot: LatestSlot, core: SegmentationCore, publish: Callable[[Any, Any], None],
+                 now: Callable[[], float | None] = lambda: None,
+                 demand: Callable[[], OutputDemand] = OutputDemand, poll_s: float = 0.1,
+                 name: str = "mpvss-worker") -> None:
+        self.slot = slot
+        self.core = core
+        self.publish = publish
+        self.now = now
+        self.demand = demand
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> Worker:
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Ask the thread to finish (after the frame in hand) and wait. True when it ended."""
+        self._stop.set()
+        self.slot.close()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msg = self.slot.take(self.poll_s)
+            if msg is None or self._stop.is_set():
+                continue
+            try:
+                want = self.demand()
+                outputs = self.core.process(msg, self.now(), want.colored, want.overlay, want.class_masks)
+                if outputs is None:
+                    continue
+                self.publish(outputs, self.core.label_info_update(msg.header))
+                self.core.record_published()
+            except Exception as exc:  # noqa: BLE001 - keep the thread alive whatever a publisher does
+                self.core.record_error("publishing failed", exc)
+

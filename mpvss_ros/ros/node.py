@@ -1,0 +1,221 @@
+"""The rclpy node ``mpvss_segmenter``: a thin shell around :mod:`mpvss_ros.ros.core`.
+
+All logic (age check, decoding, the engine, output messages, counters, diagnostics) lives in
+the ROS-free, unit-tested :class:`~mpvss_ros.ros.core.SegmentationCore`; parameters come from
+the table in :mod:`mpvss_ros.ros.parameters`. This file only wires ROS to them:
+
+* subscription ``image`` (``sensor_msgs/Image``) or ``image/compressed``
+  (``sensor_msgs/CompressedImage``, with ``input_compressed``); QoS from ``input_reliability``
+  and ``input_depth`` (default best effort, keep last 1). The callback only puts the message
+  into a :class:`~mpvss_ros.ros.core.LatestSlot`; a :class:`~mpvss_ros.ros.core.Worker` thread
+  segments the newest message and publishes;
+* publishers (reliable, keep last 1, so every subscriber QoS matches): ``~/labels``,
+  ``~/confidence`` and ``~/info`` always; ``~/colored``, ``~/overlay`` and ``~/class_masks``
+  built only while they have subscribers; ``~/label_info`` (``vision_msgs/LabelInfo``, reliable
+  + transient local, depth 1) published once at start; every output carries the input header;
+* ``/diagnostics`` (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``;
+* services ``~/enable`` (``std_srvs/SetBool``) and ``~/reset`` (``std_srvs/Trigger``).
+
+Parameters are read once at start (declared read-only; change them in the params file or on
+the command line and restart). A model that cannot be loaded ends the process with one fatal
+log line and exit status 1.
+
+Run: ``ros2 launch mpvss_ros segment.launch.py image:=/camera/image_raw`` or
+``ros2 run mpvss_ros mpvss_node --ros-args -r image:=/camera/image_raw``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import rclpy
+import rclpy.executors
+import rclpy.logging
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import ParameterException, ParameterUninitializedException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header
+from std_srvs.srv import SetBool, Trigger
+from vision_msgs.msg import LabelInfo, VisionClass
+
+from mpvss_ros.msg import ClassMasks, SegmentationInfo
+from mpvss_ros.ros.conversions import MessageTypes
+from mpvss_ros.ros.core import (
+    ERROR,
+    OK,
+    WARN,
+    OutputDemand,
+    SegmentationCore,
+    StartupError,
+    Worker,
+    configure_threads,
+    load_configured_model,
+)
+from mpvss_ros.ros.parameters import NODE_NAME, PARAMETERS, NodeConfig, descriptor_fields, validate
+
+__all__ = ["MPVSSNode", "main"]
+
+_RELIABILITY = {
+    "best_effort": ReliabilityPolicy.BEST_EFFORT,
+    "reliable": ReliabilityPolicy.RELIABLE,
+    "system_default": ReliabilityPolicy.SYSTEM_DEFAULT,
+}
+_LEVEL = {OK: DiagnosticStatus.OK, WARN: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR}
+_OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+_LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+class MPVSSNode(Node):
+    """The segmentation node. Raises :class:`StartupError` (one line) when it cannot start."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        self.config: NodeConfig = self._declare_and_read_parameters()
+        configure_threads(self.config.threads)
+        loaded = load_configured_model(self.config)
+        if not loaded.trained:
+            self.get_logger().warning(f"model {loaded.config.name} has no trained weights: labels are meaningless")
+        types = MessageTypes(image=Image, compressed_image=CompressedImage, header=Header, time=Time,
+                             label_info=LabelInfo, vision_class=VisionClass, class_masks=ClassMasks,
+                             segmentation_info=SegmentationInfo)
+        try:
+            self.core = SegmentationCore(self.config, loaded, types, logger=self.get_logger())
+        except ValueError as exc:  # e.g. more palette colours than classes
+            raise StartupError(str(exc)) from None
+        cfg = self.config
+
+        self._pub_labels = self.create_publisher(Image, "~/labels", _OUTPUT_QOS)
+        self._pub_confidence = self.create_publisher(Image, "~/confidence", _OUTPUT_QOS)
+        self._pub_info = self.create_publisher(SegmentationInfo, "~/info", _OUTPUT_QOS)
+        self._pub_colored = self.create_publisher(Image, "~/colored", _OUTPUT_QOS) if cfg.publish_colored else None
+        self._pub_overlay = self.create_publisher(Image, "~/overlay", _OUTPUT_QOS) if cfg.publish_overlay else None
+        self._pub_masks = (self.create_publisher(ClassMasks, "~/class_masks", _OUTPUT_QOS)
+                           if cfg.publish_class_masks else None)
+        self._pub_label_info = self.create_publisher(LabelInfo, "~/label_info", _LATCHED_QOS)
+        self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._pub_label_info.publish(self.core.label_info(Header(stamp=self.get_clock().now().to_msg())))
+
+        self._slot = self.core.make_slot()
+        self._worker = Worker(self._slot, self.core, self._publish, now=self._now, demand=self._demand)
+        input_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.input_depth,
+                               reliability=_RELIABILITY[cfg.input_reliability],
+                               durability=DurabilityPolicy.VOLATILE)
+        msg_type, topic = (CompressedImage, "image/compressed") if cfg.input_compressed else (Image, "image")
+        self._sub = self.create_subscription(msg_type, topic, self._slot.put, input_qos)
+        self.create_service(SetBool, "~/enable", self._on_enable)
+        self.create_service(Trigger, "~/reset", self._on_reset)
+        self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics)
+        self._worker.start()
+        self.get_logger().info(
+            f"segmenting {self._sub.topic_name} ({cfg.input_reliability}, depth {cfg.input_depth}) with "
+            f"{loaded.config.name} on {loaded.device}, {cfg.propagator}, schedule {cfg.schedule}")
+
+    def _declare_and_read_parameters(self) -> NodeConfig:
+        values = {}
+        for spec in PARAMETERS:
+            f = descriptor_fields(spec)
+            desc = ParameterDescriptor(description=f["description"],
+                                       additional_constraints=f["additional_constraints"], read_only=True)
+            if f["integer_range"] is not None:
+                lo, hi, step = f["integer_range"]
+                desc.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=step)]
+            if f["floating_point_range"] is not None:
+                lo, hi, step = f["floating_point_range"]
+                desc.floating_point_range = [FloatingPointRange(from_value=lo, to_value=hi, step=step)]
+            # An empty list cannot carry a type: declare the array statically typed, unset.
+            default = Parameter.Type.INTEGER_ARRAY if spec.type == "int_array" else spec.default
+            try:
+                self.declare_parameter(spec.name, default, desc)
+                values[spec.name] = self.get_parameter(spec.name).value
+            except ParameterUninitializedException:
+                values[spec.name] = None  # e.g. palette: [] in a params file: the default
+            except ParameterException as exc:  # wrong type or out of range in the params file
+                raise StartupError(f"parameter '{spec.name}': {exc}") from None
+        try:
+            return validate(values)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+
+    # -- worker thread -------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _demand(self) -> OutputDemand:
+        def wanted(pub) -> bool:
+            return pub is not None and pub.get_subscription_count() > 0
+
+        return OutputDemand(wanted(self._pub_colored), wanted(self._pub_overlay), wanted(self._pub_masks))
+
+    def _publish(self, out, label_info) -> None:
+        if label_info is not None:
+            self._pub_label_info.publish(label_info)
+        self._pub_labels.publish(out.labels)
+        self._pub_confidence.publish(out.confidence)
+        self._pub_info.publish(out.info)
+        if out.colored is not None and self._pub_colored is not None:
+            self._pub_colored.publish(out.colored)
+        if out.overlay is not None and self._pub_overlay is not None:
+            self._pub_overlay.publish(out.overlay)
+        if out.class_masks is not None and self._pub_masks is not None:
+            self._pub_masks.publish(out.class_masks)
+
+    # -- executor callbacks --------------------------------------------------------------------
+
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        before = self.core.set_enabled(request.data)
+        state = "enabled" if request.data else "disabled"
+        response.success = True
+        response.message = f"segmentation {state}" + ("" if before != request.data else " (no change)")
+        self.get_logger().info(response.message)
+        return response
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self.core.reset()
+        response.success = True
+        response.message = "reset: the next frame is a key frame"
+        return response
+
+    def _publish_diagnostics(self) -> None:
+        s = self.core.diagnostic_status()
+        status = DiagnosticStatus(level=_LEVEL[s.level], name=f"{self.get_fully_qualified_name()}: segmentation",
+                                  message=s.message, hardware_id=str(self.core.loaded.device),
+                                  values=[KeyValue(key=k, value=v) for k, v in s.values])
+        self._pub_diagnostics.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
+                                                      status=[status]))
+
+    def destroy_node(self) -> None:
+        self._worker.stop()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point (``ros2 run mpvss_ros mpvss_node``). Returns the exit status."""
+    rclpy.init(args=args)
+    node = None
+    status = 0
+    try:
+        node = MPVSSNode()
+        rclpy.spin(node)
+    except StartupError as exc:
+        rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
+        status = 1
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.try_shutdown()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The node's parameters: one table, the single source of names, types, defaults and ranges.
+
+ROS-free. Three things are derived from :data:`PARAMETERS` and nothing else:
+
+* ``config/segment.yaml`` (:func:`render_yaml`; a test checks the shipped file against the table,
+  and ``python3 -m mpvss_ros.ros.parameters > config/segment.yaml`` regenerates it);
+* the node's ``declare_parameter`` calls (:func:`descriptor_fields` gives the description, the
+  accepted values and the integer/floating-point range of the ``ParameterDescriptor``);
+* validation of the values the node reads back (:func:`validate` -> :class:`NodeConfig`, raising
+  ``ValueError`` that names the parameter).
+
+Usage::
+
+    cfg = validate({"device": "cuda", "overlay_alpha": 0.3})   # missing names take the defaults
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "NODE_NAME",
+    "BACKENDS",
+    "PROPAGATOR_CHOICES",
+    "RELIABILITIES",
+    "ParamSpec",
+    "PARAMETERS",
+    "SPECS",
+    "NodeConfig",
+    "defaults",
+    "validate",
+    "descriptor_fields",
+    "render_yaml",
+    "palette_to_rgb",
+]
+
+#: The node's name; also the top-level key of ``config/segment.yaml``.
+NODE_NAME = "mpvss_segmenter"
+
+#: Inference backends the node accepts (ONNX Runtime / TensorRT join when ``runtime/`` lands).
+BACKENDS = ("torch",)
+#: Kept in step with :data:`mpvss_ros.propagation.PROPAGATORS` (a test checks it); not imported
+#: so that reading the table does not import torch.
+PROPAGATOR_CHOICES = ("query_flow", "optical_flow", "copy")
+#: ``input_reliability`` values: SensorDataQoS-like best effort, reliable, or the RMW default.
+RELIABILITIES = ("best_effort", "reliable", "system_default")
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_SCHEDULE_RE = re.compile(r"^(adaptive|fixed:[1-9]\d*)$")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One node parameter.
+
+    Attributes:
+        name: the ROS parameter name.
+        type: ``bool``, ``int``, ``float``, ``str`` or ``int_array`` (a list of integers).
+        default: the default value (what ``config/segment.yaml`` holds).
+        description: one line for ``ros2 param describe``.
+        choices: accepted strings, for ``str`` parameters with a fixed set of values.
+        min, max: inclusive range for ``int``/``float`` (and per element for ``int_array``).
+        constraints: the accepted values in words, when neither choices nor range says it.
+    """
+
+    name: str
+    type: str
+    default: Any
+    description: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    constraints: str = ""
+
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("model", "str", "mpvss_lite",
+              "Model: a name under config/models/ (mpvss_lite, mpvss_r50) or a model YAML file; "
+              "'' = the configuration stored in the weights file, else mpvss_lite.",
+              constraints="a model name, a .yaml file, or ''"),
+    ParamSpec("weights", "str", "",
+              "Weights file (.pt/.pth of this project or official, detectron2 .pkl); '' = the "
+              "model's default weights (the model runs untrained, with a warning, when they are "
+              "absent).",
+              constraints="a file path, or ''"),
+    ParamSpec("device", "str", "cpu", "Torch device for inference.",
+              constraints="cpu, cuda or cuda:N"),
+    ParamSpec("backend", "str", "torch", "Inference backend.", choices=BACKENDS),
+    ParamSpec("propagator", "str", "query_flow",
+              "How non-key frames are produced from the last key frame: query_flow (MPVSS), "
+              "optical_flow (OpenCV DIS) or copy.", choices=PROPAGATOR_CHOICES),
+    ParamSpec("schedule", "str", "adaptive",
+              "Key-frame schedule: 'adaptive' (scene change >= scene_threshold, or max_interval "
+              "frames) or 'fixed:N' (every N-th frame; fixed:1 = per-frame segmentation).",
+              constraints="adaptive or fixed:N with N >= 1"),
+    ParamSpec("scene_threshold", "float", 0.5,
+              "Adaptive schedule: scene score that triggers a key frame (about 1 = a hard cut).",
+              min=0.001, max=100.0),
+    ParamSpec("min_interval", "int", 1,
+              "Adaptive schedule: frames after a key frame before a scene change may trigger the "
+              "next one.", min=1, max=10000),
+    ParamSpec("max_interval", "int", 10,
+              "Adaptive schedule: a key frame is forced after this many frames.",
+              min=1, max=10000),
+    ParamSpec("max_gap_s", "float", 1.0,
+              "A gap between consecutive input stamps longer than this (seconds) forces a key "
+              "frame.", min=0.001, max=86400.0),
+    ParamSpec("input_compressed", "bool", False,
+              "Subscribe to image/compressed (sensor_msgs/CompressedImage) instead of image "
+              "(sensor_msgs/Image)."),
+    ParamSpec("input_reliability", "str", "best_effort",
+              "Input QoS reliability: best_effort (SensorDataQoS-like, matches every publisher), "
+              "reliable, or system_default.", choices=RELIABILITIES),
+    ParamSpec("input_depth", "int", 1,
+              "Input QoS history depth (keep last). The node processes only the newest frame "
+              "anyway.", min=1, max=100),
+    ParamSpec("max_frame_age_s", "float", 0.5,
+              "Drop a frame whose header stamp is older than this (seconds, node clock) when "
+              "its turn comes; 0 disables the check (e.g. bags played without --clock).",
+              min=0.0, max=86400.0),
+    ParamSpec("publish_colored", "bool", True,
+              "Publish ~/colored (rgb8 colour labels) when it has subscribers."),
+    ParamSpec("publish_overlay", "bool", True,
+              "Publish ~/overlay (labels blended over the image, with a legend) when it has "
+              "subscribers."),
+    ParamSpec("publish_class_masks", "bool", True,
+              "Publish ~/class_masks (mpvss_ros/ClassMasks) when it has subscribers."),
+    ParamSpec("overlay_alpha", "float", 0.5,
+              "Opacity of the class colours in ~/overlay (0 = image only, 1 = colours only).",
+              min=0.0, max=1.0),
+    ParamSpec("palette", "int_array", [],
+              "Class colours as 24-bit 0xRRGGBB integers, one per class from class 0; classes "
+              "beyond the list get generated colours; [] = the model's palette.",
+              min=0, max=0xFFFFFF),
+    ParamSpec("diagnostics_period_s", "float", 1.0,
+              "Period of the /diagnostics status (seconds).", min=0.05, max=3600.0),
+    ParamSpec("threads", "int", 0,
+              "Torch CPU threads (torch.set_num_threads); 0 = torch's default.", min=0, max=1024),
+)
+
+#: :data:`PARAMETERS` by name.
+SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMETERS}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated node parameters (see :data:`PARAMETERS` for their meaning)."""
+
+    model: str = "mpvss_lite"
+    weights: str = ""
+    device: str = "cpu"
+    backend: str = "torch"
+    propagator: str = "query_flow"
+    schedule: str = "adaptive"
+    scene_threshold: float = 0.5
+    min_interval: int = 1
+    max_interval: int = 10
+    max_gap_s: float = 1.0
+    input_compressed: bool = False
+    input_reliability: str = "best_effort"
+    input_depth: int = 1
+    max_frame_age_s: float = 0.5
+    publish_colored: bool = True
+    publish_overlay: bool = True
+    publish_class_masks: bool = True
+    overlay_alpha: float = 0.5
+    palette: tuple[int, ...] = ()
+    diagnostics_period_s: float = 1.0
+    threads: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Parameter name -> value (``palette`` as a list), in table order."""
+        return {p.name: (list(getattr(self, p.name)) if p.type == "int_array" else getattr(self, p.name))
+                for p in PARAMETERS}
+
+
+def defaults() -> dict[str, Any]:
+    """Parameter name -> default value, in table order (fresh lists)."""
+    return {p.name: (list(p.default) if isinstance(p.default, list) else p.default) for p in PARAMETERS}
+
+
+def _check(spec: ParamSpec, value: Any) -> Any:
+    """Type-, range- and choice-check one value; returns it normalised (float, tuple)."""
+    name = spec.name
+
+    def fail(why: str) -> ValueError:
+        return ValueError(f"parameter '{name}': {why}, got {value!r}")
+
+    def in_range(v: float) -> bool:
+        return (spec.min is None or v >= spec.min) and (spec.max is None or v <= spec.max)
+
+    if spec.type == "bool":
+        if not isinstance(value, bool):
+            raise fail("must be a bool (true/false)")
+        return value
+    if spec.type == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("must be an integer")
+        if not in_range(value):
+            raise fail(f"must be in [{spec.min:g}, {spec.max:g}]")
+        return int(value)
+    if spec.type == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("must be a number")
+        v = float(value)
+        if not math.isfinite(v) or not in_range(v):
+            raise fail(f"must be a finite number in [{spec.min:g}, {spec.max:g}]")
+        return v
+    if spec.type == "str":
+        if not isinstance(value, str):
+            raise fail("must be a string")
+        if spec.choices is not None and value not in spec.choices:
+            raise fail(f"must be one of {', '.join(spec.choices)}")
+        return value
+    if spec.type == "int_array":
+        if value is None:  # an empty list in a params file reaches rclpy as "not set"
+            return ()
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise fail("must be a list of integers")
+        items = list(value)
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise fail("must be a list of integers")
+            if not in_range(item):
+                raise fail(f"entries must be in [{spec.min:#x}, {spec.max:#x}] (0xRRGGBB)")
+        return tuple(int(i) for i in items)
+    raise AssertionError(f"unknown parameter type {spec.type!r}")  # pragma: no cover
+
+
+def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
+    """Check parameter values and build a :class:`NodeConfig`; missing names take the defaults.
+
+    Raises:
+        ValueError: naming the parameter: unknown name, wrong type, out of range, not one of the
+            choices, a malformed ``device``/``schedule``, or ``min_interval > max_interval``.
+    """
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(SPECS))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; known: {sorted(SPECS)}")
+    merged = defaults()
+    merged.update(values)
+    checked = {name: _check(SPECS[name], v) for name, v in merged.items()}
+    if not _DEVICE_RE.match(checked["device"]):
+        raise ValueError(f"parameter 'device': must be cpu, cuda or cuda:N, got {checked['device']!r}")
+    if not _SCHEDULE_RE.match(checked["schedule"].strip()):
+        raise ValueError(f"parameter 'schedule': must be 'adaptive' or 'fixed:N' (N >= 1), "
+                         f"got {checked['schedule']!r}")
+    checked["schedule"] = checked["schedule"].strip()
+    if checked["min_interval"] > checked["max_interval"]:
+        raise ValueError(f"parameter 'min_interval': must be <= max_interval ({checked['max_interval']}), "
+                         f"got {checked['min_interval']}")
+    return NodeConfig(**checked)
+
+
+def descriptor_fields(spec: ParamSpec) -> dict[str, Any]:
+    """What the node puts into the parameter's ``rcl_interfaces/ParameterDescriptor``.
+
+    Returns:
+        ``{"description": str, "additional_constraints": str, "integer_range": (from, to, step)
+        or None, "floating_point_range": (from, to, step) or None}``. Ranges are given only for
+        scalar numeric parameters (step 1 for integers, 0 = continuous for floats).
+    """
+    if spec.choices is not None:
+        constraints = "one of: " + ", ".join(spec.choices)
+    elif spec.constraints:
+        constraints = spec.constraints
+    elif spec.type == "int_array":
+        constraints = f"integers in [{int(spec.min):#x}, {int(spec.max):#x}]"
+    elif spec.min is not None:
+        constraints = f"[{spec.min:g}, {spec.max:g}]"
+    else:
+        constraints = ""
+    int_range = (int(spec.min), int(spec.max), 1) if spec.type == "int" else None
+    float_range = (float(spec.min), float(spec.max), 0.0) if spec.type == "float" else None
+    return {"description": spec.description, "additional_constraints": constraints,
+            "integer_range": int_range, "floating_point_range": float_range}
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + ([line] if line else [])
+
+
+def render_yaml(node_name: str = NODE_NAME) -> str:
+    """``config/segment.yaml``: every parameter with its default, its description as a comment."""
+    out = [
+        "# Parameters of the mpvss_ros segmentation node (every parameter, at its default).",
+        "# Generated from mpvss_ros/ros/parameters.py, the single source of names, defaults and",
+        "# ranges: python3 -m mpvss_ros.ros.parameters > config/segment.yaml",
+        "# Use: ros2 launch mpvss_ros segment.launch.py config:=<copy of this file>",
+        f"{node_name}:",
+        "  ros__parameters:",
+    ]
+    for spec in PARAMETERS:
+        extra = descriptor_fields(spec)["additional_constraints"]
+        if spec.choices is not None:
+            extra = "one of " + ", ".join(spec.choices)
+        comment = spec.description + (f" Accepted: {extra}." if extra else "")
+        out += [f"    # {line}" for line in _wrap(comment, 92)]
+        out.append(f"    {spec.name}: {_yaml_value(spec.default)}")
+    return "\n".join(out) + "\n"
+
+
+def palette_to_rgb(palette: tuple[int, ...] | list[int]) -> list[list[int]]:
+    """``0xRRGGBB`` integers -> ``[[R, G, B], ...]`` (the form :func:`mpvss_ros.viz.make_palette` takes)."""
+    return [[(int(v) >> 16) & 0xFF, (int(v) >> 8) & 0xFF, int(v) & 0xFF] for v in palette]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(render_yaml(), end="")

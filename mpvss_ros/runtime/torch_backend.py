@@ -1,0 +1,85 @@
+"""The PyTorch backend: the MPVSS module itself, on CPU or CUDA, fp32 or fp16 autocast.
+
+fp16 (CUDA only) follows the official Mask2Former/MPVSS code: the backbone, the masked-attention
+decoder and the motion module run under ``torch.autocast(dtype=float16)``; the pixel decoder
+runs in float32 (the reference decorates it ``@autocast(enabled=False)``: deformable attention's
+sampling locations lose too much in half precision), and the final mask warp runs in float32
+(the ``grid_sample`` coordinates would lose sub-pixel precision). Outputs are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.mpvss import MPVSS, KeyFrameState
+from ..nn.warp import warp_mask_logits
+from .base import Backend, BackendUnavailable, check_precision
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend(Backend):
+    """Run the PyTorch model (any module with ``segment_key_frame``/``propagate``).
+
+    Args:
+        model: the :class:`~mpvss_ros.nn.mpvss.MPVSS` module (or a stand-in with the same
+            methods); it is put in eval mode and moved to ``device``.
+        device: ``cpu`` or ``cuda[:N]``.
+        precision: ``fp32``, or ``fp16`` (autocast; CUDA and an MPVSS model only).
+
+    Raises:
+        BackendUnavailable: fp16 on CPU or CUDA requested where torch has none.
+        ValueError: unknown precision.
+    """
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
+        check_precision(precision)
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("torch backend on CUDA needs a CUDA build of torch and a GPU; use --device cpu")
+        if precision == "fp16" and dev.type != "cuda":
+            raise BackendUnavailable("fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 on CPU")
+        if precision == "fp16" and not isinstance(model, MPVSS):
+            raise BackendUnavailable(f"fp16 autocast is implemented for the MPVSS model, not {type(model).__name__}")
+        self.model = model.eval().to(dev)
+        self.cfg = model.cfg
+        self.device = dev
+        self.precision = precision
+        self.name = "torch" if precision == "fp32" else "torch[fp16 autocast]"
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", self.cfg.num_classes))
+
+    def _autocast(self, enabled: bool = True):
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
+
+    def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
+        if self.precision == "fp32":
+            return self.model.segment_key_frame(image, valid_hw)
+        m: MPVSS = self.model  # type: ignore[assignment]
+        with self._autocast():
+            features = m.backbone(m.normalize(image, valid_hw))
+        with self._autocast(enabled=False):  # official: the pixel decoder always runs in fp32
+            mask_features, multi_scale = m.sem_seg_head.pixel_decoder({k: v.float() for k, v in features.items()})
+        with self._autocast():
+            out = m.sem_seg_head.predictor(multi_scale, mask_features)
+        hw = (int(image.shape[-2]), int(image.shape[-1])) if valid_hw is None else tuple(int(v) for v in valid_hw)
+        return KeyFrameState(
+            image=image,
+            valid_hw=hw,
+            class_logits=out.class_logits.float(),
+            mask_logits=out.mask_logits.float(),
+            query_embeddings=out.query_embeddings.float(),
+        )
+
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        if self.precision == "fp32":
+            return self.model.propagate(key, image)
+        m: MPVSS = self.model  # type: ignore[assignment]
+        if image.shape != key.image.shape:
+            raise ValueError(f"frame canvas {tuple(image.shape)} differs from key frame {tuple(key.image.shape)}")
+        with self._autocast():
+            flows = m.estimate_flow(image, key.image, key.query_embeddings, key.valid_hw)
+        return warp_mask_logits(key.mask_logits.float(), flows.float(), m.warp_normalization)

@@ -1,0 +1,203 @@
+"""(key frame, current frame) pairs for stage 2, the query-based flow (MPVSS section 3.3).
+
+Two sources, mixed in every batch:
+
+* **CamVid train pairs** (labelled): consecutive labelled frames of one sequence (``<seq>_<raw
+  index>.png``, 1 s apart at 30 fps), in both time orders; the target is the current frame's
+  ground truth. Both orders are used because the motion between two frames is as informative
+  backwards as forwards, and CamVid has only 364 forward pairs.
+* **Video pairs** (unlabelled): frames ``d`` = 1..``max_gap`` apart inside one shot of a real
+  clip, the earlier frame as key (as the official sampler); shots are split at hard cuts found
+  with the scheduler's :class:`~mpvss_ros.scheduling.SceneScorer` (frame-to-frame score >= 0.5).
+  The target is the frozen segmentor's own prediction on the current frame, with pixels below a
+  confidence threshold ignored (pseudo-labels, as the issue specifies).
+
+Every item also carries a flow target for the short video pairs: OpenCV DIS optical flow from the
+current to the key frame on the augmented crop, averaged onto the motion module's flow grid and
+expressed in pixels of that grid. It bootstraps the flow branch (see :mod:`.motion_trainer`);
+CamVid pairs, 1 s apart, are too far apart for DIS and carry no flow target.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..io.video import open_source
+from ..scheduling import SceneScorer
+from ..segmenter import Letterbox
+from .data import augment_frames, list_frames, load_frame
+
+__all__ = ["PairSample", "FramePairs", "camvid_pairs", "video_shots", "dis_flow_target", "load_clip_on_canvas"]
+
+_NAME = re.compile(r"^(?P<seq>.+)_(?P<index>[^_]+)$")
+
+
+@dataclass
+class PairSample:
+    """One training pair after augmentation.
+
+    Attributes:
+        key: (3, H, W) float32 RGB 0..255, the key frame.
+        current: (3, H, W) float32 RGB 0..255, the frame the masks are warped to.
+        label: (H, W) int64 target of the current frame, 255 = ignore.
+        flow: (2, H/s, W/s) float32 DIS flow current -> key in flow-grid pixels (zeros if none).
+        has_flow: whether ``flow`` is a real target.
+        source: ``camvid`` or ``video``.
+    """
+
+    key: Tensor
+    current: Tensor
+    label: Tensor
+    flow: Tensor
+    has_flow: bool
+    source: str
+
+
+def camvid_pairs(image_dir: str | Path, annot_dir: str | Path, both_orders: bool = True) -> list[tuple[Path, Path, Path]]:
+    """(key image, current image, current label) paths of consecutive labelled frames per sequence."""
+    frames = list_frames(image_dir, annot_dir)
+    by_seq: dict[str, list[tuple[Path, Path]]] = {}
+    for img, lab in frames:
+        m = _NAME.match(img.stem)
+        seq = m.group("seq") if m else img.stem
+        by_seq.setdefault(seq, []).append((img, lab))
+    pairs = []
+    for items in by_seq.values():
+        for (k_img, k_lab), (c_img, c_lab) in zip(items[:-1], items[1:]):
+            pairs.append((k_img, c_img, c_lab))
+            if both_orders:
+                pairs.append((c_img, k_img, k_lab))
+    return pairs
+
+
+def video_shots(frames: Sequence[np.ndarray], cut_threshold: float = 0.5) -> list[tuple[int, int]]:
+    """Split a clip at hard cuts: [(start, end_exclusive)] of frames between cuts.
+
+    A cut is a frame whose frame-to-frame scene score (:class:`SceneScorer`) is >= the threshold.
+    """
+    scorer = SceneScorer()
+    shots, start, prev = [], 0, None
+    for i, f in enumerate(frames):
+        thumb, hist = scorer.thumbnail(f)
+        if prev is not None and scorer.score(thumb, hist, *prev)[0] >= cut_threshold:
+            shots.append((start, i))
+            start = i
+        prev = (thumb, hist)
+    shots.append((start, len(frames)))
+    return shots
+
+
+def dis_flow_target(current: np.ndarray, key: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """DIS optical flow current -> key, averaged onto a coarser grid, in that grid's pixels.
+
+    Args:
+        current, key: (H, W, 3) float32 or uint8 RGB frames of one size.
+        grid_hw: (h, w) of the flow grid.
+
+    Returns:
+        (2, h, w) float32: x then y displacement in pixels of the (h, w) grid.
+    """
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    g_cur = cv2.cvtColor(np.clip(current, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    g_key = cv2.cvtColor(np.clip(key, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    flow = dis.calc(g_cur, g_key, None)  # (H, W, 2), image pixels
+    h, w = grid_hw
+    H, W = g_cur.shape
+    small = cv2.resize(flow, (w, h), interpolation=cv2.INTER_AREA)
+    small[..., 0] *= w / W
+    small[..., 1] *= h / H
+    return np.ascontiguousarray(small.transpose(2, 0, 1), dtype=np.float32)
+
+
+class FramePairs:
+    """Random (key, current) pairs from CamVid and from unlabelled clips, with shared augmentation.
+
+    Args:
+        camvid_image_dir, camvid_annot_dir: CamVid train folders (never val).
+        clips: unlabelled videos, each a list of (H, W, 3) uint8 RGB frames already on the
+            model's canvas scale, with its pseudo-labels (H, W) uint8 (255 = ignore).
+        crop: (H, W) crop in pixels (a multiple of 32 keeps the flow grid exact).
+        flow_stride: image pixels per flow-grid pixel (8 for MPVSS).
+        max_gap: largest key-current distance of video pairs, in frames.
+        video_fraction: probability that a sample is a video pair.
+        scale, flip, color_jitter: augmentation as stage 1.
+        seed: base seed; ``sample(step, i)`` is a pure function of (seed, step, i).
+    """
+
+    def __init__(self, camvid_image_dir: str | Path, camvid_annot_dir: str | Path,
+                 clips: Sequence[tuple[list[np.ndarray], list[np.ndarray]]], crop: Sequence[int] = (256, 320),
+                 flow_stride: float = 8.0, max_gap: int = 10, video_fraction: float = 0.5,
+                 scale: Sequence[float] = (0.75, 1.5), flip: bool = True, color_jitter: bool = True,
+                 num_classes: int = 11, seed: int = 0) -> None:
+        self.camvid = camvid_pairs(camvid_image_dir, camvid_annot_dir)
+        self._images: dict[Path, np.ndarray] = {}
+        self.clips = list(clips)
+        self.video = []  # (clip index, key index, current index)
+        for c, (frames, _) in enumerate(self.clips):
+            for start, end in video_shots(frames):
+                for k in range(start, end):
+                    for d in range(1, max_gap + 1):
+                        if k + d < end:
+                            self.video.append((c, k, k + d))
+        if not self.camvid and not self.video:
+            raise ValueError("no training pairs")
+        self.crop = (int(crop[0]), int(crop[1]))
+        self.grid = (int(math.ceil(self.crop[0] / flow_stride)), int(math.ceil(self.crop[1] / flow_stride)))
+        self.video_fraction = video_fraction if self.video else 0.0
+        self.scale, self.flip, self.color_jitter = scale, flip, color_jitter
+        self.num_classes = num_classes
+        self.seed = seed
+
+    def sample(self, step: int, i: int) -> PairSample:
+        """The i-th pair of a step's batch (deterministic given the seed)."""
+        rng = np.random.default_rng([self.seed, 2, step, i])
+        if rng.random() < self.video_fraction:
+            c, k, t = self.video[int(rng.integers(len(self.video)))]
+            frames, labels = self.clips[c]
+            key, cur, label, source = frames[k], frames[t], labels[t], "video"
+        else:
+            k_img, c_img, c_lab = self.camvid[int(rng.integers(len(self.camvid)))]
+            key = self._image(k_img)
+            cur, label = load_frame(c_img, c_lab, num_classes=self.num_classes)
+            source = "camvid"
+        (key_a, cur_a), lab_a = augment_frames([key, cur], label, rng, self.crop, self.scale, self.flip,
+                                               self.color_jitter)
+        if source == "video":
+            flow, has_flow = dis_flow_target(cur_a, key_a, self.grid), True
+        else:
+            flow, has_flow = np.zeros((2, *self.grid), np.float32), False
+        to_t = lambda im: torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))  # noqa: E731
+        return PairSample(to_t(key_a), to_t(cur_a), torch.from_numpy(np.ascontiguousarray(lab_a)).long(),
+                          torch.from_numpy(flow), has_flow, source)
+
+    def _image(self, path: Path) -> np.ndarray:
+        if path not in self._images:
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise FileNotFoundError(f"cannot read image {path}")
+            self._images[path] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return self._images[path]
+
+
+def load_clip_on_canvas(path: str | Path, canvas_hw: Sequence[int], limit: int | None = None) -> list[np.ndarray]:
+    """Frames of a video fitted into the model canvas (aspect kept, no padding), uint8 RGB."""
+    frames = []
+    with open_source(path) as source:
+        for frame in source:
+            if limit is not None and len(frames) >= limit:
+                break
+            lb = Letterbox.fit(frame.image.shape[:2], tuple(canvas_hw))
+            img = frame.image
+            if lb.resized_hw != lb.input_hw:
+                img = cv2.resize(img, (lb.resized_hw[1], lb.resized_hw[0]), interpolation=cv2.INTER_AREA)
+            frames.append(img)
+    return frames

@@ -1,0 +1,382 @@
+"""``mpvss bag`` (mpvss_ros.ros.bag): real rosbag2 bags (sqlite3 and MCAP) written and read with
+rosbags, from real CamVid val frames; no ROS installed.
+
+The reference for the labels is ``VideoSegmenter`` set up exactly as ``mpvss segment`` does
+(``parse_schedule`` + ``build_propagator`` + ``VideoSegmenter``), run on the same decoded frames
+with the header stamps as times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from rosbags.interfaces import QosDurability, QosReliability
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.serde import SerdeError
+from rosbags.typesys import Stores, get_typestore
+
+from mpvss_ros.cli import main
+from mpvss_ros.model_loader import LoadedModel
+from mpvss_ros.propagation import build_propagator
+from mpvss_ros.ros.bag import BagOptions, normalize_namespace, output_topics, process_bag
+from mpvss_ros.ros.conversions import rosbags_message_types
+from mpvss_ros.scheduling import parse_schedule
+from mpvss_ros.segmenter import VideoSegmenter
+
+TOPIC = "/camera/image_raw"
+CTOPIC = "/camera/image_raw/compressed"
+IMAGE = "sensor_msgs/msg/Image"
+COMPRESSED = "sensor_msgs/msg/CompressedImage"
+T0 = 1_700_000_000  # header stamp seconds of the first frame
+N_FRAMES = 6
+
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def ts():
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    rosbags_message_types(store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def frames(camvid_val: Path) -> list[np.ndarray]:
+    """The first CamVid val frames, (360, 480, 3) uint8 RGB."""
+    paths = sorted(camvid_val.glob("*.png"))[:N_FRAMES]
+    return [cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for p in paths]
+
+
+def header(ts, stamp_ns: int, frame_id: str = "camera_optical"):
+    t = ts.types
+    return t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9),
+                                    frame_id=frame_id)
+
+
+def raw_image(ts, rgb: np.ndarray, stamp_ns: int, encoding: str = "rgb8", frame_id: str = "camera_optical"):
+    h, w = rgb.shape[:2]
+    data = np.ascontiguousarray(rgb).reshape(-1)
+    return ts.types[IMAGE](header=header(ts, stamp_ns, frame_id), height=h, width=w, encoding=encoding,
+                           is_bigendian=0, step=data.size // h, data=data)
+
+
+def jpeg_image(ts, rgb: np.ndarray, stamp_ns: int):
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    assert ok
+    return ts.types[COMPRESSED](header=header(ts, stamp_ns), format="rgb8; jpeg compressed bgr8", data=jpg.reshape(-1))
+
+
+def stamps(n: int) -> list[int]:
+    """15 fps header stamps (ns)."""
+    return [T0 * 10**9 + round(i * 1e9 / 15) for i in range(n)]
+
+
+def write_bag(ts, path: Path, storage: str, entries: list[tuple[str, str, int, object]]) -> None:
+    """entries: (topic, msgtype, bag timestamp ns, message object or raw CDR bytes)."""
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    with Writer(path, version=9, storage_plugin=plugin) as writer:
+        conns = {}
+        for topic, msgtype, t, msg in entries:
+            if topic not in conns:
+                conns[topic] = writer.add_connection(topic, msgtype, typestore=ts)
+            data = msg if isinstance(msg, (bytes, bytearray)) else ts.serialize_cdr(msg, msgtype)
+            writer.write(conns[topic], t, data)
+
+
+def read_bag(ts, path: Path) -> dict[str, list[tuple[int, object, bytes]]]:
+    """{topic: [(bag timestamp, message or None when undecodable, raw bytes)]}."""
+    out: dict[str, list] = {}
+    with Reader(path) as reader:
+        for conn, t, raw in reader.messages():
+            try:
+                msg = ts.deserialize_cdr(raw, conn.msgtype)
+            except SerdeError:
+                msg = None
+            out.setdefault(conn.topic, []).append((t, msg, raw))
+    return out
+
+
+def reference_results(loaded: LoadedModel, options: BagOptions, decoded: list[np.ndarray], header_ns: list[int]):
+    """What ``mpvss segment`` computes: same set-up, frames pushed in order with their stamps."""
+    scheduler = parse_schedule(options.schedule, max_interval=options.max_interval)
+    propagator = build_propagator(options.propagator, loaded.model)
+    seg = VideoSegmenter(loaded.model, propagator, scheduler, device=loaded.device)
+    return [seg.push(f, s / 1e9) for f, s in zip(decoded, header_ns)]
+
+
+def image_array(msg) -> np.ndarray:
+    assert msg.encoding in ("mono8", "rgb8", "mono16")
+    c = 3 if msg.encoding == "rgb8" else 1
+    if msg.encoding == "mono16":
+        return np.frombuffer(msg.data.tobytes(), "<u2" if not msg.is_bigendian else ">u2").reshape(msg.height, msg.width)
+    arr = msg.data.reshape(msg.height, msg.step)[:, : msg.width * c]
+    return arr.reshape(msg.height, msg.width, 3) if c == 3 else arr
+
+
+@pytest.fixture()
+def band_loaded(lite: LoadedModel, make_band_model) -> LoadedModel:
+    """A deterministic 5-class model with meaningful labels (conftest's BandModel) as a LoadedModel."""
+    cfg = dataclasses.replace(lite.config, name="band5", num_classes=5,
+                              class_names=["dark", "dim", "mid", "bright", "white"], palette=[])
+    return LoadedModel(model=make_band_model(5), config=cfg, weights=None, trained=False, device=torch.device("cpu"))
+
+
+def check_outputs(ts, out_bag: Path, in_entries, decoded, loaded, options, namespace="/mpvss",
+                  storage: str | None = None) -> dict:
+    """Everything the round trip must satisfy; returns the output bag's messages."""
+    header_ns = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for _, _, _, m in in_entries]
+    bag_ns = [t for _, _, t, _ in in_entries]
+    n = len(in_entries)
+    got = read_bag(ts, out_bag)
+    topics = output_topics(namespace)
+    in_topic = in_entries[0][0]
+    assert set(got) == {in_topic, *topics.values()}
+    # the input is copied byte for byte at its own bag timestamps
+    assert [t for t, _, _ in got[in_topic]] == bag_ns
+    assert [raw for _, _, raw in got[in_topic]] == [ts.serialize_cdr(m, mt) for _, mt, _, m in in_entries]
+    for key, topic in topics.items():
+        msgs = got[topic]
+        assert len(msgs) == (1 if key == "label_info" else n), key
+        for (t, m, _), t_in, s_in in zip(msgs, bag_ns, header_ns):
+            assert t == t_in, key  # bag time = the input message's bag time
+            assert m.header.stamp.sec * 10**9 + m.header.stamp.nanosec == s_in, key  # header stamp copied
+            assert m.header.frame_id == "camera_optical", key
+    # LabelInfo: the model's classes, offered reliable + transient-local
+    info_msg = got[topics["label_info"]][0][1]
+    assert [c.class_id for c in info_msg.class_map] == list(range(loaded.config.num_classes))
+    assert [c.class_name for c in info_msg.class_map] == loaded.config.class_names
+    with Reader(out_bag) as reader:
+        conn = next(c for c in reader.connections if c.topic == topics["label_info"])
+        qos = conn.ext.offered_qos_profiles
+        assert qos and qos[0].durability == QosDurability.TRANSIENT_LOCAL and qos[0].reliability == QosReliability.RELIABLE
+    if storage:
+        meta = yaml.safe_load((out_bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+        assert meta["storage_identifier"] == storage
+    # labels identical to mpvss segment's VideoSegmenter on the same decoded frames
+    expected = reference_results(loaded, options, decoded, header_ns)
+    for (_, lab, _), (_, conf, _), (_, inf, _), (_, masks, _), r in zip(
+            got[topics["labels"]], got[topics["confidence"]], got[topics["info"]], got[topics["class_masks"]], expected):
+        assert lab.encoding == "mono8" and conf.encoding == "mono8"
+        np.testing.assert_array_equal(image_array(lab), r.labels)
+        np.testing.assert_array_equal(image_array(conf), r.confidence)
+        assert (inf.frame_index, inf.is_key_frame, inf.key_frame_reason) == (r.frame_index, r.is_key_frame, r.key_frame_reason)
+        assert list(masks.class_ids) == sorted(int(c) for c in np.unique(r.labels))
+        for cid, m in zip(masks.class_ids, masks.masks):
+            np.testing.assert_array_equal(image_array(m), np.where(r.labels == cid, 255, 0))
+    for (_, col, _), (_, ov, _), f in zip(got[topics["colored"]], got[topics["overlay"]], decoded):
+        assert col.encoding == ov.encoding == "rgb8" and image_array(ov).shape == f.shape
+    return got
+
+
+def raw_entries(ts, frames, topic=TOPIC):
+    return [(topic, IMAGE, s + 3_000_000 + i, raw_image(ts, f, s)) for i, (f, s) in enumerate(zip(frames, stamps(len(frames))))]
+
+
+def jpeg_entries(ts, frames, topic=CTOPIC):
+    return [(topic, COMPRESSED, s + 3_000_000 + i, jpeg_image(ts, f, s)) for i, (f, s) in enumerate(zip(frames, stamps(len(frames))))]
+
+
+# --------------------------------------------------------------------------------------------
+# Round trips
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_raw_rgb8_round_trip(ts, tmp_path, frames, lite, storage):
+    entries = raw_entries(ts, frames)
+    write_bag(ts, tmp_path / "in", storage, entries)
+    options = BagOptions(propagator="query_flow", schedule="fixed:3", progress=False)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite, options)
+    assert (summary["frames"], summary["written"], summary["skipped"]) == (N_FRAMES, N_FRAMES, 0)
+    assert summary["storage"] == storage and summary["msgtype"] == IMAGE
+    assert summary["key_frames"] == 2 and summary["median_total_ms"]["key"] > 0
+    assert summary["messages_per_topic"]["/mpvss/labels"] == N_FRAMES
+    # raw rgb8: the decoded frames are the PNGs themselves
+    check_outputs(ts, tmp_path / "out", entries, frames, lite, options, storage=storage)
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_jpeg_round_trip(ts, tmp_path, frames, lite, storage):
+    entries = jpeg_entries(ts, frames)
+    write_bag(ts, tmp_path / "in", storage, entries)
+    options = BagOptions(propagator="query_flow", schedule="fixed:3", progress=False)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", CTOPIC, lite, options, compressed=True)
+    assert (summary["frames"], summary["written"], summary["skipped"]) == (N_FRAMES, N_FRAMES, 0)
+    assert summary["msgtype"] == COMPRESSED
+    decoded = [cv2.cvtColor(cv2.imdecode(m.data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for _, _, _, m in entries]
+    assert not all(np.array_equal(d, f) for d, f in zip(decoded, frames))  # JPEG is lossy: compare with decoded
+    check_outputs(ts, tmp_path / "out", entries, decoded, lite, options, storage=storage)
+
+
+def test_meaningful_labels_optical_flow_and_storage_override(ts, tmp_path, frames, band_loaded):
+    """A model whose labels follow the image (several classes, real boundaries), optical-flow
+    propagation, compressed auto-detected, sqlite3 in -> mcap out, another namespace."""
+    entries = jpeg_entries(ts, frames)
+    write_bag(ts, tmp_path / "in", "sqlite3", entries)
+    options = BagOptions(propagator="optical_flow", schedule="fixed:4", progress=False)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", CTOPIC, band_loaded, options,
+                          namespace="front/seg/", storage="mcap")
+    assert summary["written"] == N_FRAMES and summary["namespace"] == "/front/seg"
+    decoded = [cv2.cvtColor(cv2.imdecode(m.data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for _, _, _, m in entries]
+    got = check_outputs(ts, tmp_path / "out", entries, decoded, band_loaded, options, namespace="/front/seg", storage="mcap")
+    labels = [image_array(m) for _, m, _ in got["/front/seg/labels"]]
+    assert all(len(np.unique(lab)) >= 3 for lab in labels)
+    assert not np.array_equal(labels[1], labels[0])  # warped, not copied
+
+
+def test_optional_outputs_off(ts, tmp_path, frames, lite):
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]))
+    options = BagOptions(colored=False, overlay=False, class_masks=False, progress=False)
+    process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite, options)
+    assert set(read_bag(ts, tmp_path / "out")) == {TOPIC, "/mpvss/labels", "/mpvss/confidence", "/mpvss/label_info", "/mpvss/info"}
+
+
+def test_single_storage_file_and_max_frames(ts, tmp_path, frames, lite):
+    write_bag(ts, tmp_path / "in", "mcap", raw_entries(ts, frames))
+    mcap = next((tmp_path / "in").glob("*.mcap"))
+    summary = process_bag(mcap, tmp_path / "out", TOPIC, lite, BagOptions(max_frames=3, progress=False))
+    assert summary["frames"] == summary["written"] == 3 and summary["storage"] == "mcap"
+    assert len(read_bag(ts, tmp_path / "out")["/mpvss/labels"]) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Bad messages never abort
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_bad_messages_are_skipped_and_counted(ts, tmp_path, frames, band_loaded, storage):
+    s = stamps(8)
+    small = cv2.resize(frames[5], (320, 240), interpolation=cv2.INTER_AREA)
+    depth = ts.types[IMAGE](header=header(ts, s[2]), height=4, width=4, encoding="32FC1", is_bigendian=0, step=16,
+                            data=np.zeros(64, np.uint8))
+    truncated = raw_image(ts, frames[3], s[4])
+    truncated.data = truncated.data[: truncated.data.size // 2]
+    entries = [
+        (TOPIC, IMAGE, s[0], raw_image(ts, frames[0], s[0])),
+        (TOPIC, IMAGE, s[1], raw_image(ts, frames[1], s[1])),
+        (TOPIC, IMAGE, s[2], depth),                                     # 32FC1
+        (TOPIC, IMAGE, s[3], raw_image(ts, frames[2], s[3])),
+        (TOPIC, IMAGE, s[4], truncated),                                 # data shorter than step x height
+        (TOPIC, IMAGE, s[5], raw_image(ts, frames[3], s[2])),            # header stamp goes back (s[2] < s[3])
+        (TOPIC, IMAGE, s[6], raw_image(ts, small, s[6])),                # resolution change
+        (TOPIC, IMAGE, s[7], raw_image(ts, cv2.resize(frames[4], (320, 240), interpolation=cv2.INTER_AREA), s[7])),
+        (TOPIC, IMAGE, s[7] + 1, b"\x00\x01\x00\x00garbage"),            # undecodable CDR
+    ]
+    write_bag(ts, tmp_path / "in", storage, entries)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(propagator="copy", schedule="fixed:10", progress=False))
+    assert summary["frames"] == 9 and summary["written"] == 6 and summary["skipped"] == 3
+    assert summary["skipped_by_reason"] == {"conversion": 2, "deserialize": 1}
+    errors = " | ".join(e["error"] for e in summary["skip_examples"])
+    assert "32FC1" in errors and "too short" in errors
+    assert [e["timestamp_ns"] for e in summary["skip_examples"]] == [s[2], s[4], s[7] + 1]
+    got = read_bag(ts, tmp_path / "out")
+    assert len(got[TOPIC]) == 9  # every input message copied, bad ones included
+    infos = [m for _, m, _ in got["/mpvss/info"]]
+    assert [i.key_frame_reason for i in infos] == ["first", "", "", "time_backwards", "resolution_change", ""]
+    assert [i.is_key_frame for i in infos] == [True, False, False, True, True, False]
+    assert [t for t, _, _ in got["/mpvss/labels"]] == [s[0], s[1], s[3], s[5], s[6], s[7]]
+    shapes = [(m.height, m.width) for _, m, _ in got["/mpvss/labels"]]
+    assert shapes == [(360, 480)] * 4 + [(240, 320)] * 2
+    assert summary["key_frame_reasons"] == {"first": 1, "resolution_change": 1, "time_backwards": 1}
+
+
+def test_corrupt_jpeg_skipped(ts, tmp_path, frames, lite):
+    entries = jpeg_entries(ts, frames[:3])
+    bad = entries[1][3]
+    bad.data = bad.data[: bad.data.size // 3]
+    write_bag(ts, tmp_path / "in", "sqlite3", entries)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", CTOPIC, lite, BagOptions(progress=False))
+    assert summary["written"] == 2 and summary["skipped_by_reason"] == {"conversion": 1}
+    assert "JPEG" in summary["skip_examples"][0]["error"]
+
+
+# --------------------------------------------------------------------------------------------
+# Topic and argument errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def small_bag(ts, tmp_path, frames) -> Path:
+    string = ts.types["std_msgs/msg/String"](data="hello")
+    entries = raw_entries(ts, frames[:1]) + jpeg_entries(ts, frames[:1]) + [("/chatter", "std_msgs/msg/String", 5, string)]
+    write_bag(ts, tmp_path / "small", "sqlite3", entries)
+    return tmp_path / "small"
+
+
+def test_missing_topic_lists_image_topics(small_bag, tmp_path, lite):
+    with pytest.raises(ValueError) as err:
+        process_bag(small_bag, tmp_path / "out", "/nope", lite, BagOptions(progress=False))
+    msg = str(err.value)
+    assert "'/nope' is not in" in msg and f"{TOPIC} ({IMAGE})" in msg and f"{CTOPIC} ({COMPRESSED})" in msg
+    assert "/chatter" not in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_topic_type(small_bag, tmp_path, lite):
+    with pytest.raises(ValueError, match=r"'/chatter' has type std_msgs/msg/String.*image topics in the bag: /camera"):
+        process_bag(small_bag, tmp_path / "out", "/chatter", lite)
+    with pytest.raises(ValueError, match="--compressed was given"):
+        process_bag(small_bag, tmp_path / "out", TOPIC, lite, compressed=True)
+    with pytest.raises(ValueError, match="use --compressed"):
+        process_bag(small_bag, tmp_path / "out", CTOPIC, lite, compressed=False)
+
+
+def test_topic_without_leading_slash_and_existing_output(small_bag, tmp_path, lite):
+    summary = process_bag(small_bag, tmp_path / "out", TOPIC.lstrip("/"), lite, BagOptions(progress=False))
+    assert summary["topic"] == TOPIC and summary["written"] == 1
+    with pytest.raises(FileExistsError):
+        process_bag(small_bag, tmp_path / "out", TOPIC, lite)
+
+
+def test_not_a_bag(tmp_path, lite):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="metadata.yaml"):
+        process_bag(tmp_path / "empty", tmp_path / "out", TOPIC, lite)
+    with pytest.raises(FileNotFoundError):
+        process_bag(tmp_path / "missing", tmp_path / "out", TOPIC, lite)
+
+
+def test_namespaces():
+    assert normalize_namespace("/mpvss") == normalize_namespace("mpvss/") == "/mpvss"
+    assert normalize_namespace("/") == "" and output_topics("/")["labels"] == "/labels"
+    assert output_topics("/a/b")["class_masks"] == "/a/b/class_masks"
+    for bad in ("/1abc", "/a-b", "/a b"):
+        with pytest.raises(ValueError, match="invalid namespace"):
+            normalize_namespace(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_bag(ts, tmp_path, frames, capsys):
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:3]))
+    rc = main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", TOPIC, "--no-progress",
+               "--schedule", "fixed:2", "--storage", "mcap", "--namespace", "/seg", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    brief = json.loads(out.splitlines()[0])
+    assert brief["frames"] == brief["written"] == 3 and brief["skipped"] == 0 and brief["key_frames"] == 2
+    assert "/seg/labels x3" in out and "(mcap)" in out
+    assert len(read_bag(ts, tmp_path / "out")["/seg/overlay"]) == 3
+
+
+def test_cli_bag_errors(ts, small_bag, tmp_path, capsys):
+    assert main(["bag", str(small_bag), str(tmp_path / "out"), "--topic", "/nope", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mpvss: error: topic '/nope' is not in") and TOPIC in err
+    assert main(["bag", str(tmp_path / "missing"), str(tmp_path / "out"), "--topic", TOPIC]) == 2
+    assert main(["bag", str(small_bag), str(small_bag), "--topic", TOPIC]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert main(["bag", str(small_bag), str(tmp_path / "o2"), "--topic", TOPIC, "--namespace", "/9x"]) == 2

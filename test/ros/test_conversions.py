@@ -1,0 +1,647 @@
+"""Message conversions (mpvss_ros.ros.conversions) against real rosbags message classes; no ROS.
+
+Input messages are built here from a real CamVid val frame and synthetic frames, serialised to
+CDR and read back with the rosbags typestore (as a bag or a subscriber would see them), then
+converted. Output messages are checked field by field and after a CDR round trip.
+"""
+
+from __future__ import annotations
+
+import array
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+from mpvss_ros.propagation import CopyPropagator
+from mpvss_ros.ros.conversions import (
+    MSG_DEFINITIONS,
+    SUPPORTED_ENCODINGS,
+    ConversionError,
+    MessageTypes,
+    build_outputs,
+    class_masks_from_labels,
+    compressed_to_rgb,
+    image_to_rgb,
+    make_class_masks,
+    make_image,
+    make_label_info,
+    make_segmentation_info,
+    rosbags_message_types,
+    seconds_to_stamp,
+    stamp_to_seconds,
+)
+from mpvss_ros.scheduling import FixedIntervalScheduler
+from mpvss_ros.segmenter import SegmentationResult, VideoSegmenter
+from mpvss_ros.viz import colorize, make_palette, overlay
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE = "sensor_msgs/msg/Image"
+COMPRESSED = "sensor_msgs/msg/CompressedImage"
+BPP = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "yuv422": 2, "uyvy": 2, "yuv422_yuy2": 2, "yuyv": 2}
+UYVY = ("yuv422", "uyvy")
+YUYV = ("yuv422_yuy2", "yuyv")
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and helpers (test-side encoders, independent of the code under test)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ts():
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    rosbags_message_types(store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def types(ts) -> MessageTypes:
+    return rosbags_message_types(ts)
+
+
+def make_header(ts, sec: int = 1700000000, nanosec: int = 123456789, frame_id: str = "camera_optical"):
+    t = ts.types
+    return t["std_msgs/msg/Header"](stamp=t["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec), frame_id=frame_id)
+
+
+def roundtrip(ts, msg, msgtype: str):
+    """Serialise to CDR and back: the message as a bag reader or subscriber gets it."""
+    return ts.deserialize_cdr(ts.serialize_cdr(msg, msgtype), msgtype)
+
+
+@pytest.fixture(scope="module")
+def camvid_frame(camvid_val: Path) -> np.ndarray:
+    path = sorted(camvid_val.glob("*.png"))[0]
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def synthetic_frame(h: int = 38, w: int = 50, seed: int = 0) -> np.ndarray:
+    """Random texture plus smooth gradients (saturated and mid-range colours)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) * 255 // (h + w - 2)], -1)
+    noise = rng.integers(0, 256, (h, w, 3))
+    return np.where((xx % 7 < 3)[..., None], smooth, noise).astype(np.uint8)
+
+
+def pack_yuv422(rgb: np.ndarray, order: str) -> np.ndarray:
+    """BT.601 video-range RGB -> (H, W, 2) UYVY or YUYV with chroma averaged over pixel pairs."""
+    f = rgb.astype(np.float64)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    q = lambda a: np.clip(np.round(a), 0, 255).astype(np.uint8)  # noqa: E731
+    Y, U, V = q(y), q((u[:, 0::2] + u[:, 1::2]) / 2), q((v[:, 0::2] + v[:, 1::2]) / 2)
+    out = np.empty(rgb.shape[:2] + (2,), np.uint8)
+    if order == "uyvy":
+        out[:, 0::2, 0], out[:, 1::2, 0], out[..., 1] = U, V, Y
+    else:
+        out[..., 0], out[:, 0::2, 1], out[:, 1::2, 1] = Y, U, V
+    return out
+
+
+def pixel_bytes(rgb: np.ndarray, encoding: str, seed: int = 1) -> np.ndarray:
+    """(H, W, bpp) uint8 pixels of ``rgb`` in ``encoding``."""
+    alpha = np.random.default_rng(seed).integers(0, 256, rgb.shape[:2] + (1,), dtype=np.uint8)
+    if encoding == "rgb8":
+        return rgb
+    if encoding == "bgr8":
+        return rgb[..., ::-1]
+    if encoding == "rgba8":
+        return np.concatenate([rgb, alpha], -1)
+    if encoding == "bgra8":
+        return np.concatenate([rgb[..., ::-1], alpha], -1)
+    if encoding == "mono8":
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None]
+    return pack_yuv422(rgb, "uyvy" if encoding in UYVY else "yuyv")
+
+
+def encode(ts, rgb: np.ndarray, encoding: str, pad: int = 0, header=None, is_bigendian=0):
+    """A rosbags Image of ``rgb`` in ``encoding``; ``pad`` garbage bytes after every row."""
+    pix = np.ascontiguousarray(pixel_bytes(rgb, encoding))
+    h, w = pix.shape[:2]
+    rows = pix.reshape(h, -1)
+    if pad:
+        garbage = np.random.default_rng(7).integers(0, 256, (h, pad), dtype=np.uint8)
+        rows = np.concatenate([rows, garbage], 1)
+    return ts.types[IMAGE](header=header or make_header(ts), height=h, width=w, encoding=encoding,
+                           is_bigendian=is_bigendian, step=rows.shape[1], data=np.ascontiguousarray(rows).reshape(-1))
+
+
+def fake_image(**fields):
+    """An Image-like object (duck typing, as rclpy gives), with defaults for a valid 2x2 rgb8 image."""
+    base = dict(header=None, height=2, width=2, encoding="rgb8", is_bigendian=0, step=6, data=bytes(range(12)))
+    base.update(fields)
+    return SimpleNamespace(**base)
+
+
+def check_decoded(rgb: np.ndarray, encoding: str, out: np.ndarray, yuv_max_grey_error: int = 8,
+                  yuv_stats: bool = True) -> None:
+    """Exact for the RGB family and mono8; YUV: cv2's conversion, grey within a few levels.
+
+    ``yuv_max_grey_error``: worst pixel; saturated colours next to very different ones (random
+    noise) lose more to 4:2:2 chroma clipping than real camera frames do. ``yuv_stats``: also
+    check the 95th percentile and the mean (meaningless on a few pixels).
+    """
+    assert out.dtype == np.uint8 and out.shape == rgb.shape
+    if encoding in ("rgb8", "bgr8", "rgba8", "bgra8"):
+        np.testing.assert_array_equal(out, rgb)
+    elif encoding == "mono8":
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        np.testing.assert_array_equal(out, np.repeat(grey[..., None], 3, axis=2))
+    else:
+        packed = pack_yuv422(rgb, "uyvy" if encoding in UYVY else "yuyv")
+        code = cv2.COLOR_YUV2RGB_UYVY if encoding in UYVY else cv2.COLOR_YUV2RGB_YUYV
+        np.testing.assert_array_equal(out, cv2.cvtColor(packed, code))  # cv2's own conversion
+        g_out = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY).astype(int)
+        g_src = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(int)
+        diff = np.abs(g_out - g_src)
+        if yuv_stats:
+            assert np.percentile(diff, 95) <= 2 and diff.mean() < 1.0, (np.percentile(diff, 95), diff.mean())
+        assert diff.max() <= yuv_max_grey_error, diff.max()  # luma survives 4:2:2
+
+
+# --------------------------------------------------------------------------------------------
+# image_to_rgb
+# --------------------------------------------------------------------------------------------
+
+
+def test_supported_encodings_list():
+    for enc in ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "yuv422", "yuv422_yuy2", "yuyv"):
+        assert enc in SUPPORTED_ENCODINGS
+    assert set(SUPPORTED_ENCODINGS) <= set(BPP)
+
+
+@pytest.mark.parametrize("pad", [0, 6])
+@pytest.mark.parametrize("encoding", SUPPORTED_ENCODINGS)
+def test_every_encoding_on_real_camvid_frame(ts, camvid_frame, encoding, pad):
+    msg = roundtrip(ts, encode(ts, camvid_frame, encoding, pad=pad), IMAGE)
+    assert msg.step == camvid_frame.shape[1] * BPP[encoding] + pad
+    check_decoded(camvid_frame, encoding, image_to_rgb(msg))
+
+
+@pytest.mark.parametrize("shape", [(38, 50), (1, 2), (7, 2), (40, 64)])
+@pytest.mark.parametrize("pad", [0, 1, 13])
+@pytest.mark.parametrize("encoding", SUPPORTED_ENCODINGS)
+def test_every_encoding_on_synthetic_frames(ts, encoding, pad, shape):
+    rgb = synthetic_frame(*shape, seed=shape[0])
+    out = image_to_rgb(roundtrip(ts, encode(ts, rgb, encoding, pad=pad), IMAGE))
+    check_decoded(rgb, encoding, out, yuv_max_grey_error=48, yuv_stats=rgb.shape[0] * rgb.shape[1] >= 1000)
+
+
+@pytest.mark.parametrize("encoding", ["yuv422", "yuyv"])
+def test_yuv_packed_by_opencv(ts, camvid_frame, encoding):
+    """Frames packed by OpenCV's own RGB -> UYVY/YUYV (OpenCV >= 4.7) decode to the same grey."""
+    name = "COLOR_RGB2YUV_UYVY" if encoding == "yuv422" else "COLOR_RGB2YUV_YUYV"
+    if not hasattr(cv2, name):
+        pytest.skip(f"this OpenCV ({cv2.__version__}) has no {name}")
+    packed = cv2.cvtColor(camvid_frame, getattr(cv2, name))
+    h, w = camvid_frame.shape[:2]
+    msg = ts.types[IMAGE](header=make_header(ts), height=h, width=w, encoding=encoding, is_bigendian=0,
+                          step=2 * w, data=packed.reshape(-1))
+    out = image_to_rgb(roundtrip(ts, msg, IMAGE))
+    diff = np.abs(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY).astype(int) - cv2.cvtColor(camvid_frame, cv2.COLOR_RGB2GRAY).astype(int))
+    assert diff.max() <= 8 and diff.mean() < 1.0
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "mono8"])
+def test_odd_width_and_padding_for_non_yuv(ts, encoding):
+    rgb = synthetic_frame(9, 13, seed=3)
+    check_decoded(rgb, encoding, image_to_rgb(encode(ts, rgb, encoding, pad=3)))
+
+
+def test_padding_bytes_are_ignored(ts):
+    """Same pixels, different garbage in the row padding: identical output."""
+    rgb = synthetic_frame(20, 30)
+    a = encode(ts, rgb, "bgr8", pad=10)
+    b = encode(ts, rgb, "bgr8", pad=10)
+    rows = b.data.reshape(20, -1)
+    rows[:, 90:] = 255 - rows[:, 90:]
+    np.testing.assert_array_equal(image_to_rgb(a), image_to_rgb(b))
+    np.testing.assert_array_equal(image_to_rgb(a), rgb)
+
+
+def test_data_longer_than_step_times_height_is_fine(ts):
+    rgb = synthetic_frame(10, 12)
+    msg = encode(ts, rgb, "rgb8")
+    msg.data = np.concatenate([msg.data, np.full(17, 9, np.uint8)])
+    np.testing.assert_array_equal(image_to_rgb(msg), rgb)
+
+
+def test_rgb8_is_zero_copy(ts):
+    rgb = synthetic_frame(16, 24)
+    msg = encode(ts, rgb, "rgb8")
+    out = image_to_rgb(msg)
+    assert np.shares_memory(out, msg.data)
+    assert out.flags.c_contiguous
+    padded = image_to_rgb(encode(ts, rgb, "rgb8", pad=4))
+    assert padded.flags.c_contiguous  # rows with padding: one copy, contiguous for OpenCV/torch
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "array", "memoryview", "list"])
+def test_rclpy_style_payloads(ts, kind):
+    """rclpy gives array.array('B'); bytes/bytearray/memoryview/list work as well."""
+    rgb = synthetic_frame(6, 8)
+    msg = encode(ts, rgb, "bgr8", pad=2)
+    raw = msg.data.tobytes()
+    data = {"bytes": raw, "bytearray": bytearray(raw), "array": array.array("B", raw),
+            "memoryview": memoryview(raw), "list": list(raw)}[kind]
+    fake = fake_image(height=6, width=8, encoding="bgr8", step=msg.step, data=data)
+    np.testing.assert_array_equal(image_to_rgb(fake), rgb)
+
+
+@pytest.mark.parametrize("flag", [0, 1, True, False, np.uint8(1)])
+def test_is_bigendian_accepted_and_irrelevant_for_8_bit(ts, flag):
+    rgb = synthetic_frame(5, 6)
+    np.testing.assert_array_equal(image_to_rgb(encode(ts, rgb, "rgb8", is_bigendian=flag)), rgb)
+    # through CDR (uint8 field)
+    np.testing.assert_array_equal(image_to_rgb(roundtrip(ts, encode(ts, rgb, "bgr8", is_bigendian=int(flag)), IMAGE)), rgb)
+
+
+@pytest.mark.parametrize("flag", [2, -1, "yes", None, 1.0])
+def test_bad_is_bigendian(flag):
+    with pytest.raises(ConversionError, match="is_bigendian"):
+        image_to_rgb(fake_image(is_bigendian=flag))
+
+
+def test_encoding_names_are_case_insensitive(ts):
+    rgb = synthetic_frame(4, 6)
+    msg = encode(ts, rgb, "bgr8")
+    msg.encoding = "BGR8"
+    np.testing.assert_array_equal(image_to_rgb(msg), rgb)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input messages
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["32FC1", "16UC1", "mono16", "bayer_rggb8", "8UC3", ""])
+def test_unsupported_encoding(ts, encoding):
+    depth = np.zeros((4, 4), np.float32)
+    msg = ts.types[IMAGE](header=make_header(ts), height=4, width=4, encoding=encoding, is_bigendian=0,
+                          step=16, data=depth.view(np.uint8).reshape(-1))
+    with pytest.raises(ConversionError) as err:
+        image_to_rgb(roundtrip(ts, msg, IMAGE))
+    text = str(err.value)
+    assert repr(encoding) in text and "unsupported image encoding" in text
+    assert "rgb8" in text and "yuv422" in text and "mono8" in text  # lists what is supported
+
+
+def test_step_too_small(ts):
+    msg = encode(ts, synthetic_frame(4, 6), "rgb8")
+    msg.step = 17
+    with pytest.raises(ConversionError, match=r"step 17 is smaller than one row .*6 x 3 = 18 bytes"):
+        image_to_rgb(roundtrip(ts, msg, IMAGE))
+
+
+def test_data_too_short(ts):
+    msg = encode(ts, synthetic_frame(4, 6), "rgb8")
+    msg.data = msg.data[:-1]
+    with pytest.raises(ConversionError, match=r"image data too short: 71 bytes .* = 72 bytes"):
+        image_to_rgb(roundtrip(ts, msg, IMAGE))
+
+
+@pytest.mark.parametrize("hw", [(0, 0), (0, 4), (4, 0)])
+def test_empty_image(ts, hw):
+    msg = ts.types[IMAGE](header=make_header(ts), height=hw[0], width=hw[1], encoding="rgb8", is_bigendian=0,
+                          step=hw[1] * 3, data=np.zeros(0, np.uint8))
+    with pytest.raises(ConversionError, match=rf"empty.*{hw[1]} x {hw[0]} pixels"):
+        image_to_rgb(roundtrip(ts, msg, IMAGE))
+
+
+def test_negative_size():
+    with pytest.raises(ConversionError, match="negative"):
+        image_to_rgb(fake_image(height=-2))
+
+
+@pytest.mark.parametrize("encoding", ["yuv422", "yuyv", "yuv422_yuy2"])
+def test_yuv_odd_width(encoding):
+    with pytest.raises(ConversionError, match="even width"):
+        image_to_rgb(fake_image(width=3, height=2, step=6, encoding=encoding, data=bytes(12)))
+
+
+def test_non_integer_fields():
+    with pytest.raises(ConversionError, match="'width' must be an integer"):
+        image_to_rgb(fake_image(width="2"))
+    with pytest.raises(ConversionError, match="encoding must be a string"):
+        image_to_rgb(fake_image(encoding=None))
+    with pytest.raises(ConversionError, match="not a byte buffer"):
+        image_to_rgb(fake_image(data=object()))
+
+
+# --------------------------------------------------------------------------------------------
+# CompressedImage
+# --------------------------------------------------------------------------------------------
+
+
+def compressed(ts, payload: bytes | np.ndarray, fmt: str):
+    data = np.frombuffer(bytes(payload), np.uint8) if not isinstance(payload, np.ndarray) else payload
+    return ts.types[COMPRESSED](header=make_header(ts), format=fmt, data=data)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "jpg", "rgb8; jpeg compressed bgr8", "bgr8; jpeg compressed bgr8", "JPEG", ""])
+def test_jpeg_formats(ts, camvid_frame, fmt):
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(camvid_frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    out = compressed_to_rgb(roundtrip(ts, compressed(ts, jpg.reshape(-1), fmt), COMPRESSED))
+    expected = cv2.cvtColor(cv2.imdecode(jpg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(out, expected)
+    assert np.abs(out.astype(int) - camvid_frame.astype(int)).mean() < 6  # it is the frame
+
+
+@pytest.mark.parametrize("fmt", ["png", "rgb8; png compressed rgb8"])
+def test_png_is_lossless(ts, fmt):
+    rgb = synthetic_frame(30, 41)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    out = compressed_to_rgb(roundtrip(ts, compressed(ts, png.reshape(-1), fmt), COMPRESSED))
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_grey_jpeg_gives_three_channels(ts):
+    grey = cv2.cvtColor(synthetic_frame(16, 16), cv2.COLOR_RGB2GRAY)
+    _, jpg = cv2.imencode(".jpg", grey)
+    out = compressed_to_rgb(compressed(ts, jpg.reshape(-1), "mono8; jpeg compressed mono8"))
+    assert out.shape == (16, 16, 3) and (out[..., 0] == out[..., 1]).all()
+
+
+def test_corrupt_jpeg(ts, camvid_frame):
+    _, jpg = cv2.imencode(".jpg", camvid_frame)
+    raw = jpg.reshape(-1).tobytes()
+    garbage = b"\xff\xd8" + bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)) + b"\xff\xd9"
+    with pytest.raises(ConversionError, match="could not decode"):
+        compressed_to_rgb(roundtrip(ts, compressed(ts, garbage, "jpeg"), COMPRESSED))
+    with pytest.raises(ConversionError, match="truncated"):
+        compressed_to_rgb(roundtrip(ts, compressed(ts, raw[: len(raw) // 2], "jpeg"), COMPRESSED))
+    with pytest.raises(ConversionError, match="could not decode"):
+        compressed_to_rgb(compressed(ts, b"not an image at all", "jpeg"))
+    with pytest.raises(ConversionError, match="no data"):
+        compressed_to_rgb(compressed(ts, b"", "jpeg"))
+
+
+@pytest.mark.parametrize("fmt", ["16UC1; compressedDepth png", "tiff", "rgb8; theora"])
+def test_unsupported_compressed_format(ts, fmt):
+    _, png = cv2.imencode(".png", synthetic_frame(4, 4))
+    with pytest.raises(ConversionError, match="unsupported compressed image format"):
+        compressed_to_rgb(compressed(ts, png.reshape(-1), fmt))
+
+
+# --------------------------------------------------------------------------------------------
+# Time
+# --------------------------------------------------------------------------------------------
+
+
+def test_stamp_conversions(ts):
+    Time = ts.types["builtin_interfaces/msg/Time"]
+    assert stamp_to_seconds(Time(sec=12, nanosec=500_000_000)) == 12.5
+    for t in (0.0, 12.5, 1.25e-7, 1700000000.123456, 0.9999999999, -1.25):
+        s = seconds_to_stamp(Time, t)
+        assert 0 <= s.nanosec < 1_000_000_000
+        assert abs(stamp_to_seconds(s) - t) < 1e-6  # float64 resolves ~0.24 us at 1.7e9 s
+    assert (seconds_to_stamp(Time, 0.9999999999).sec, seconds_to_stamp(Time, 0.9999999999).nanosec) == (1, 0)
+    assert (seconds_to_stamp(Time, -1.25).sec, seconds_to_stamp(Time, -1.25).nanosec) == (-2, 750_000_000)
+    with pytest.raises(ConversionError):
+        seconds_to_stamp(Time, float("nan"))
+
+
+# --------------------------------------------------------------------------------------------
+# Output builders
+# --------------------------------------------------------------------------------------------
+
+
+def assert_same_header(msg, header) -> None:
+    assert msg.header.stamp.sec == header.stamp.sec
+    assert msg.header.stamp.nanosec == header.stamp.nanosec
+    assert msg.header.frame_id == header.frame_id
+
+
+def decode_image(msg) -> np.ndarray:
+    if msg.encoding == "mono16":
+        dt = np.dtype(">u2" if msg.is_bigendian else "<u2")
+        return np.frombuffer(np.asarray(msg.data).tobytes(), dt).reshape(msg.height, msg.step // 2)[:, : msg.width]
+    c = 3 if msg.encoding == "rgb8" else 1
+    arr = np.asarray(msg.data).reshape(msg.height, msg.step)[:, : msg.width * c]
+    return arr.reshape(msg.height, msg.width, 3) if c == 3 else arr
+
+
+@pytest.mark.parametrize("encoding,arr", [
+    ("mono8", np.arange(35, dtype=np.uint8).reshape(5, 7)),
+    ("mono16", (np.arange(35, dtype=np.uint16) * 1000).reshape(5, 7)),
+    ("mono16", (np.arange(35, dtype=np.uint16) * 1000).reshape(5, 7).astype(">u2")),
+    ("rgb8", synthetic_frame(5, 7)),
+])
+def test_make_image(ts, types, encoding, arr):
+    header = make_header(ts, frame_id="cam_left")
+    msg = make_image(types.image, header, arr, encoding)
+    assert msg.header is header  # copied unchanged
+    back = roundtrip(ts, msg, IMAGE)
+    assert_same_header(back, header)
+    assert (back.height, back.width, back.encoding) == (5, 7, encoding)
+    itemsize, channels = (2, 1) if encoding == "mono16" else (1, 3 if encoding == "rgb8" else 1)
+    assert back.step == 7 * itemsize * channels
+    assert back.is_bigendian == int(itemsize == 2 and sys.byteorder == "big")
+    np.testing.assert_array_equal(decode_image(back), arr)
+
+
+def test_make_image_little_endian_mono16_bytes(types, ts):
+    msg = make_image(types.image, make_header(ts), np.array([[0x0102, 0xA0B0]], np.uint16), "mono16")
+    if sys.byteorder == "little":
+        assert msg.is_bigendian == 0
+        assert msg.data.tobytes() == b"\x02\x01\xb0\xa0"
+
+
+@pytest.mark.parametrize("encoding,arr", [
+    ("mono8", np.zeros((4, 4), np.uint16)),
+    ("mono16", np.zeros((4, 4), np.uint8)),
+    ("rgb8", np.zeros((4, 4), np.uint8)),
+    ("rgb8", np.zeros((4, 4, 4), np.uint8)),
+    ("mono8", np.zeros((4, 4), np.float32)),
+    ("bgr8", np.zeros((4, 4, 3), np.uint8)),
+])
+def test_make_image_rejects_mismatch(types, ts, encoding, arr):
+    with pytest.raises(ConversionError):
+        make_image(types.image, make_header(ts), arr, encoding)
+
+
+class RclpyLikeImage:
+    """Not a dataclass: the builders must fill it as rclpy wants (array.array payloads)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class RclpyLikeMasks(RclpyLikeImage):
+    pass
+
+
+def test_rclpy_style_classes_get_array_array(ts):
+    header = make_header(ts)
+    img = make_image(RclpyLikeImage, header, np.full((3, 4), 7, np.uint8), "mono8")
+    assert isinstance(img.data, array.array) and img.data.typecode == "B" and img.data.tobytes() == bytes([7] * 12)
+    masks = make_class_masks(RclpyLikeMasks, RclpyLikeImage, header, {2: np.zeros((3, 4), np.uint8)}, ["a", "b", "c"])
+    assert isinstance(masks.class_ids, array.array) and masks.class_ids.typecode == "H" and list(masks.class_ids) == [2]
+    assert masks.class_names == ["c"]
+
+
+def test_label_info_matches_model_classes(ts, types, lite):
+    header = make_header(ts)
+    names = lite.config.class_names
+    msg = roundtrip(ts, make_label_info(types.label_info, types.vision_class, header, names, threshold=0.25),
+                    "vision_msgs/msg/LabelInfo")
+    assert_same_header(msg, header)
+    assert [c.class_id for c in msg.class_map] == list(range(lite.config.num_classes))
+    assert [c.class_name for c in msg.class_map] == names
+    assert msg.threshold == pytest.approx(0.25)
+
+
+def test_label_info_many_classes(ts, types):
+    names = [f"c{i}" for i in range(300)]
+    msg = roundtrip(ts, make_label_info(types.label_info, types.vision_class, make_header(ts), names), "vision_msgs/msg/LabelInfo")
+    assert [c.class_id for c in msg.class_map] == list(range(300)) and msg.class_map[299].class_name == "c299"
+
+
+def fake_result(h: int = 48, w: int = 64, k: int = 5, dtype=np.uint8, masks: bool = False) -> SegmentationResult:
+    yy, xx = np.mgrid[0:h, 0:w]
+    labels = ((xx * k) // w).astype(dtype)
+    return SegmentationResult(
+        frame_index=7, stamp=1700000000.5, labels=labels, confidence=(yy * 255 // max(h - 1, 1)).astype(np.uint8),
+        class_masks=class_masks_from_labels(labels) if masks else None, is_key_frame=False, key_frame_index=5,
+        key_frame_stamp=1700000000.25, scene_score=0.125, key_frame_reason="",
+        timings_ms={"schedule": 0.5, "preprocess": 1.0, "propagation": 4.0, "postprocess": 2.0, "total": 7.75})
+
+
+def test_segmentation_info_fields(ts, types):
+    header = make_header(ts)
+    result = fake_result()
+    msg = roundtrip(ts, make_segmentation_info(types.segmentation_info, types.time, header, result), "mpvss_ros/msg/SegmentationInfo")
+    assert_same_header(msg, header)
+    assert msg.frame_index == 7 and msg.is_key_frame is False and msg.key_frame_reason == ""
+    assert (msg.key_frame_stamp.sec, msg.key_frame_stamp.nanosec) == (1700000000, 250_000_000)
+    assert msg.scene_score == pytest.approx(0.125)
+    assert list(msg.stage_names) == ["schedule", "preprocess", "propagation", "postprocess"]
+    np.testing.assert_allclose(msg.stage_latency_ms, [0.5, 1.0, 4.0, 2.0])
+    assert msg.total_latency_ms == pytest.approx(7.75)
+
+
+def test_build_outputs_on_real_frame(ts, types, camvid_frame, band_model, lite):
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(3))
+    header = make_header(ts, sec=1700000001, nanosec=66_666_667, frame_id="front_camera")
+    result = seg.push(camvid_frame, stamp_to_seconds(header.stamp))
+    assert len(np.unique(result.labels)) >= 2  # real boundaries
+    names = lite.config.class_names[:5]
+    palette = make_palette(5)
+    out = build_outputs(types, header, result, camvid_frame, palette, names, alpha=0.4,
+                        want_colored=True, want_overlay=True, want_class_masks=True)
+    msgs = {"labels": (out.labels, IMAGE), "confidence": (out.confidence, IMAGE), "colored": (out.colored, IMAGE),
+            "overlay": (out.overlay, IMAGE), "class_masks": (out.class_masks, "mpvss_ros/msg/ClassMasks"),
+            "info": (out.info, "mpvss_ros/msg/SegmentationInfo")}
+    back = {k: roundtrip(ts, m, t) for k, (m, t) in msgs.items()}
+    for k, m in back.items():
+        assert_same_header(m, header), k
+    for m in back["class_masks"].masks:
+        assert_same_header(m, header)
+    h, w = camvid_frame.shape[:2]
+    assert back["labels"].encoding == "mono8" and (back["labels"].height, back["labels"].width) == (h, w)
+    np.testing.assert_array_equal(decode_image(back["labels"]), result.labels)
+    assert back["confidence"].encoding == "mono8"
+    np.testing.assert_array_equal(decode_image(back["confidence"]), result.confidence)
+    np.testing.assert_array_equal(decode_image(back["colored"]), colorize(result.labels, palette))
+    np.testing.assert_array_equal(decode_image(back["overlay"]),
+                                  overlay(camvid_frame, result.labels, palette, alpha=0.4, class_names=names))
+    cm = back["class_masks"]
+    present = sorted(int(c) for c in np.unique(result.labels))
+    assert list(cm.class_ids) == present and cm.class_names == [names[c] for c in present]
+    for cid, m in zip(cm.class_ids, cm.masks):
+        assert m.encoding == "mono8"
+        np.testing.assert_array_equal(decode_image(m), np.where(result.labels == cid, 255, 0))
+    info = back["info"]
+    assert info.is_key_frame is True and info.key_frame_reason == "first" and info.frame_index == 0
+    assert info.key_frame_stamp.sec == header.stamp.sec
+    assert abs(int(info.key_frame_stamp.nanosec) - header.stamp.nanosec) < 1000  # float seconds in between
+    assert list(info.stage_names) == [k for k in result.timings_ms if k != "total"]
+
+
+@pytest.mark.parametrize("k", [5, 300])
+def test_class_masks_from_labels_equal_segmenter_masks(make_band_model, camvid_frame, k):
+    seg = VideoSegmenter(make_band_model(k), CopyPropagator(), FixedIntervalScheduler(2), class_masks=True)
+    result = seg.push(camvid_frame[:120, :160], 0.0)
+    mine = class_masks_from_labels(result.labels)
+    assert list(mine) == sorted(result.class_masks) and len(mine) >= 2
+    for c, m in result.class_masks.items():
+        assert mine[c].dtype == np.uint8
+        np.testing.assert_array_equal(mine[c], m)
+
+
+def test_build_outputs_optional_messages_off(ts, types):
+    out = build_outputs(types, make_header(ts), fake_result(), None, make_palette(5), ["a"] * 5)
+    assert out.colored is None and out.overlay is None and out.class_masks is None
+    assert out.labels is not None and out.confidence is not None and out.info is not None
+
+
+def test_build_outputs_uses_segmenter_masks_when_present(ts, types):
+    result = fake_result(masks=True)
+    result.class_masks = {1: result.class_masks[1]}  # only what the segmenter gave is published
+    out = build_outputs(types, make_header(ts), result, None, make_palette(5), list("abcde"), want_class_masks=True)
+    assert list(out.class_masks.class_ids) == [1] and out.class_masks.class_names == ["b"]
+
+
+def test_mono16_labels_when_more_than_255_classes(ts, types, make_band_model):
+    seg = VideoSegmenter(make_band_model(300), CopyPropagator(), FixedIntervalScheduler(2))
+    frame = synthetic_frame(40, 64)
+    result = seg.push(frame, 1.0)
+    assert result.labels.dtype == np.uint16
+    header = make_header(ts)
+    out = build_outputs(types, header, result, frame, make_palette(300), [f"c{i}" for i in range(300)],
+                        want_colored=True, want_class_masks=True)
+    back = roundtrip(ts, out.labels, IMAGE)
+    assert back.encoding == "mono16" and back.step == 2 * 64
+    np.testing.assert_array_equal(decode_image(back), result.labels)
+    assert_same_header(back, header)
+    high = fake_result(k=300, dtype=np.uint16)
+    back = roundtrip(ts, build_outputs(types, header, high, None, make_palette(300), []).labels, IMAGE)
+    assert back.encoding == "mono16" and decode_image(back).max() == high.labels.max() > 255
+    np.testing.assert_array_equal(decode_image(back), high.labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Message definitions and the no-rclpy rule
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ClassMasks", "SegmentationInfo"])
+def test_msg_files_match_registered_definitions(name):
+    text = (REPO / "msg" / f"{name}.msg").read_text()
+    assert text == MSG_DEFINITIONS[f"mpvss_ros/msg/{name}"]
+    assert f"mpvss_ros/msg/{name}" in get_types_from_msg(text, f"mpvss_ros/msg/{name}")
+
+
+def test_registered_fields(ts):
+    fields = {n: [f[0] for f in ts.get_msgdef(n).fields] for n in
+              ("mpvss_ros/msg/ClassMasks", "mpvss_ros/msg/SegmentationInfo", "vision_msgs/msg/LabelInfo", "vision_msgs/msg/VisionClass")}
+    assert fields["mpvss_ros/msg/ClassMasks"] == ["header", "class_ids", "class_names", "masks"]
+    assert fields["mpvss_ros/msg/SegmentationInfo"] == [
+        "header", "frame_index", "is_key_frame", "key_frame_stamp", "key_frame_reason", "scene_score",
+        "stage_names", "stage_latency_ms", "total_latency_ms"]
+    assert fields["vision_msgs/msg/LabelInfo"] == ["header", "class_map", "threshold"]
+    assert fields["vision_msgs/msg/VisionClass"] == ["class_id", "class_name"]
+
+
+def test_registration_is_idempotent():
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    a = rosbags_message_types(store)
+    b = rosbags_message_types(store)
+    assert a == b
+
+
+def test_ros_modules_import_without_rclpy():
+    code = ("import sys; sys.modules['rclpy'] = None\n"
+            "import mpvss_ros.ros.conversions, mpvss_ros.ros.bag\n"
+            "assert 'rclpy' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)

@@ -1,0 +1,646 @@
+"""The node's ROS-free logic (mpvss_ros.ros.core) on rosbags messages: no rclpy needed.
+
+Most tests use the fake 5-class BandModel (test/conftest.py) with the ``copy`` propagator so that
+a frame costs milliseconds; one test runs the untrained lite model end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mpvss_ros.model_loader import LoadedModel
+from mpvss_ros.ros.conversions import rosbags_message_types, stamp_to_seconds
+from mpvss_ros.ros.core import (
+    ERROR,
+    OK,
+    WARN,
+    LatestSlot,
+    OutputDemand,
+    SegmentationCore,
+    StartupError,
+    Worker,
+    build_segmenter,
+    load_configured_model,
+)
+from mpvss_ros.ros.parameters import NodeConfig, validate
+from mpvss_ros.scheduling import AdaptiveScheduler, FixedIntervalScheduler
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+H, W = 48, 64
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+class ListLogger:
+    """Collects log lines like an rclpy logger (one string argument)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def _add(self, level: str, text: str) -> None:
+        self.lines.append((level, text))
+
+    def info(self, text: str) -> None:
+        self._add("info", text)
+
+    def warning(self, text: str) -> None:
+        self._add("warning", text)
+
+    def error(self, text: str) -> None:
+        self._add("error", text)
+
+
+@pytest.fixture(scope="module")
+def types():
+    from rosbags.typesys import Stores, get_typestore
+
+    return rosbags_message_types(get_typestore(Stores.ROS2_HUMBLE))
+
+
+@pytest.fixture()
+def band_loaded(lite: LoadedModel, make_band_model) -> LoadedModel:
+    """The fake 5-class model wrapped as a LoadedModel with a matching 5-class config."""
+    model = make_band_model(5)
+    cfg = dataclasses.replace(lite.config, name="band5", num_classes=5,
+                              class_names=["road", "car", "tree", "sky", "person"], palette=[])
+    return LoadedModel(model=model, config=cfg, weights=None, trained=False, device=torch.device("cpu"))
+
+
+@pytest.fixture()
+def make_core(band_loaded, types):
+    """``make_core(**params)`` -> (core, clock, logger) on the band model; age check off unless given."""
+    def make(**params):
+        values = {"propagator": "copy", "max_frame_age_s": 0.0, "schedule": "fixed:100"}
+        values.update(params)
+        clock, logger = FakeClock(), ListLogger()
+        core = SegmentationCore(validate(values), band_loaded, types, clock=clock, logger=logger)
+        return core, clock, logger
+
+    return make
+
+
+def header(types, stamp: float, frame_id: str = "camera_optical"):
+    sec = math.floor(stamp)
+    return types.header(stamp=types.time(sec=sec, nanosec=round((stamp - sec) * 1e9)), frame_id=frame_id)
+
+
+def frame(h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
+    """A smooth RGB gradient scene with a few shades (several band-model classes)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = (255 * (x / max(w - 1, 1) * 0.7 + y / max(h - 1, 1) * 0.3)).astype(np.uint8)
+    rgb = np.stack([base, base, base], axis=-1).copy()
+    rgb[: h // 4, : w // 4] = rng.integers(0, 255, 3, dtype=np.uint8)
+    return rgb
+
+
+def image_msg(types, rgb: np.ndarray, stamp: float, frame_id: str = "camera_optical",
+              encoding: str = "rgb8", step: int | None = None, data=None):
+    h, w = rgb.shape[:2]
+    if data is None:
+        data = np.ascontiguousarray(rgb).reshape(-1)
+    return types.image(header=header(types, stamp, frame_id), height=h, width=w, encoding=encoding,
+                       is_bigendian=0, step=w * 3 if step is None else step, data=data)
+
+
+def jpeg_msg(types, rgb: np.ndarray, stamp: float, truncate: bool = False):
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    data = buf.reshape(-1)
+    if truncate:
+        data = data[: len(data) // 2].copy()
+    return types.compressed_image(header=header(types, stamp), format="jpeg", data=data)
+
+
+def all_headers(out) -> list:
+    hs = [out.labels.header, out.confidence.header, out.info.header]
+    for extra in (out.colored, out.overlay):
+        if extra is not None:
+            hs.append(extra.header)
+    if out.class_masks is not None:
+        hs.append(out.class_masks.header)
+        hs += [m.header for m in out.class_masks.masks]
+    return hs
+
+
+# --------------------------------------------------------------------------------------------
+# LatestSlot
+# --------------------------------------------------------------------------------------------
+
+
+def test_slot_newest_wins_and_counts_replaced():
+    puts, replaced = [], []
+    slot = LatestSlot(on_put=lambda: puts.append(1), on_replaced=lambda: replaced.append(1))
+    assert slot.take(timeout=0) is None
+    assert slot.put("a") is False
+    assert slot.put("b") is True
+    assert slot.put("c") is True
+    assert len(slot) == 1
+    assert slot.take(timeout=0) == "c"
+    assert slot.take(timeout=0.01) is None
+    assert (slot.puts, slot.replaced, slot.taken) == (3, 2, 1)
+    assert (len(puts), len(replaced)) == (3, 2)
+
+
+def test_slot_take_blocks_until_put_and_close_wakes():
+    slot = LatestSlot()
+    got = []
+    t = threading.Thread(target=lambda: got.append(slot.take(timeout=5.0)))
+    t.start()
+    time.sleep(0.05)
+    slot.put(42)
+    t.join(2.0)
+    assert got == [42]
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=lambda: got.append(slot.take(timeout=5.0)))
+    t.start()
+    time.sleep(0.05)
+    slot.close()
+    t.join(2.0)
+    assert not t.is_alive() and got[-1] is None
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_slot_under_threads_consumer_sees_increasing_items_and_the_last_one():
+    slot = LatestSlot()
+    n = 3000
+    taken: list[int] = []
+    done = threading.Event()
+
+    def consumer():
+        while True:
+            item = slot.take(timeout=0.05)
+            if item is None:
+                if done.is_set() and len(slot) == 0:
+                    return
+                continue
+            taken.append(item)
+            time.sleep(0.0005)  # slower than the producer: most items get replaced
+
+    def producer():
+        for i in range(n):
+            slot.put(i)
+        done.set()
+
+    threads = [threading.Thread(target=consumer), threading.Thread(target=producer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20.0)
+    assert taken == sorted(set(taken)), "items must come out newest-first, never older than one taken"
+    assert taken[-1] == n - 1, "the newest item is never lost"
+    assert slot.puts == n
+    assert slot.replaced + slot.taken == n
+    assert slot.replaced > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs and headers
+# --------------------------------------------------------------------------------------------
+
+
+def test_outputs_carry_the_input_header_exactly(make_core, types):
+    core, _, _ = make_core()
+    msg = image_msg(types, frame(), 1234.567891234, frame_id="cam_left_optical")
+    out = core.process(msg)
+    assert out is not None
+    assert out.colored is not None and out.overlay is not None and out.class_masks is not None
+    for h in all_headers(out):
+        assert h.frame_id == "cam_left_optical"
+        assert (h.stamp.sec, h.stamp.nanosec) == (msg.header.stamp.sec, msg.header.stamp.nanosec)
+    assert out.labels.encoding == "mono8" and (out.labels.height, out.labels.width) == (H, W)
+    assert out.confidence.encoding == "mono8"
+    assert out.info.is_key_frame and out.info.key_frame_reason == "first"
+    labels = np.asarray(out.labels.data).reshape(H, W)
+    assert labels.max() < 5 and len(np.unique(labels)) > 1
+    assert list(out.class_masks.class_ids) == sorted(np.unique(labels).tolist())
+    assert core.counters["processed"] == 1 and core.counters["key_frames"] == 1
+
+
+def test_lazy_outputs_absent_when_not_wanted(make_core, types):
+    core, _, _ = make_core()
+    out = core.process(image_msg(types, frame(), 1.0), want_colored=False, want_overlay=False,
+                       want_class_masks=False)
+    assert out.colored is None and out.overlay is None and out.class_masks is None
+    assert out.labels is not None and out.confidence is not None and out.info is not None
+
+    core, _, _ = make_core(publish_colored=False, publish_overlay=False, publish_class_masks=False)
+    out = core.process(image_msg(types, frame(), 1.0))  # subscribers present, parameters say no
+    assert out.colored is None and out.overlay is None and out.class_masks is None
+
+    core, _, _ = make_core()
+    out = core.process(image_msg(types, frame(), 1.0), want_colored=True, want_overlay=False,
+                       want_class_masks=False)
+    assert out.colored is not None and out.overlay is None and out.class_masks is None
+
+
+def test_palette_parameter_and_class_names(make_core, types):
+    core, _, _ = make_core(palette=[0xFF0000, 0x00FF00])
+    assert core.palette.shape == (5, 3)
+    assert core.palette[0].tolist() == [255, 0, 0] and core.palette[1].tolist() == [0, 255, 0]
+    assert core.class_names == ["road", "car", "tree", "sky", "person"]
+    info = core.label_info(header(types, 0.0, ""))
+    assert [(c.class_id, c.class_name) for c in info.class_map][:2] == [(0, "road"), (1, "car")]
+    with pytest.raises(ValueError, match="palette"):
+        make_core(palette=[0] * 6)
+
+
+def test_label_info_made_once(make_core, types):
+    core, _, _ = make_core()
+    first = core.label_info_update(header(types, 1.0))
+    assert first is not None and len(first.class_map) == 5
+    assert core.label_info_update(header(types, 2.0)) is None
+
+
+def test_compressed_input(make_core, types):
+    core, _, _ = make_core(input_compressed=True)
+    out = core.process(jpeg_msg(types, frame(), 5.0))
+    assert out is not None and (out.labels.height, out.labels.width) == (H, W)
+    assert out.labels.header.stamp.sec == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Drops and skips: counted, never raised
+# --------------------------------------------------------------------------------------------
+
+
+def test_stale_frames_dropped_by_age(make_core, types):
+    core, _, logger = make_core(max_frame_age_s=0.5)
+    assert core.process(image_msg(types, frame(), 100.0), now=101.0) is None
+    assert core.counters["dropped_stale"] == 1 and core.counters["processed"] == 0
+    assert any("stale" in text and "max_frame_age_s" in text for _, text in logger.lines)
+    assert core.process(image_msg(types, frame(), 100.0), now=100.3) is not None
+    assert core.process(image_msg(types, frame(), 200.0), now=199.0) is not None  # future stamp: kept
+    assert core.process(image_msg(types, frame(), 100.0), now=None) is not None  # no clock: no check
+
+    core, _, _ = make_core(max_frame_age_s=0.0)  # 0 disables the check
+    assert core.process(image_msg(types, frame(), 100.0), now=1e9) is not None
+    assert core.counters["dropped_stale"] == 0
+
+
+def _bad_messages(types):
+    rgb = frame()
+    good = image_msg(types, rgb, 1.0)
+    return {
+        "unsupported encoding": dataclasses.replace(good, encoding="32FC1", step=W * 4,
+                                                    data=np.zeros(H * W * 4, np.uint8)),
+        "0x0 image": dataclasses.replace(good, height=0, width=0, step=0, data=np.zeros(0, np.uint8)),
+        "step too small": dataclasses.replace(good, step=W * 3 - 1),
+        "data too short": dataclasses.replace(good, data=good.data[: H * W]),
+        "odd yuv width": image_msg(types, np.zeros((4, 5, 3), np.uint8), 1.0, encoding="yuv422", step=10,
+                                   data=np.zeros(40, np.uint8)),
+        "data is not bytes": dataclasses.replace(good, data=None),
+    }
+
+
+@pytest.mark.parametrize("case", ["unsupported encoding", "0x0 image", "step too small", "data too short",
+                                  "odd yuv width", "data is not bytes"])
+def test_bad_images_are_skipped_and_counted(make_core, types, case):
+    core, _, logger = make_core()
+    msg = _bad_messages(types)[case]
+    assert core.process(msg) is None
+    assert core.counters["skipped_decode"] == 1
+    assert core.counters["processed"] == 0
+    assert logger.lines and logger.lines[0][0] == "warning"
+    # a good frame afterwards works
+    assert core.process(image_msg(types, frame(), 2.0)) is not None
+
+
+def test_corrupt_and_garbage_jpeg_are_skipped(make_core, types):
+    core, _, _ = make_core(input_compressed=True)
+    assert core.process(jpeg_msg(types, frame(), 1.0, truncate=True)) is None
+    garbage = types.compressed_image(header=header(types, 1.0), format="jpeg",
+                                     data=np.frombuffer(b"not a jpeg at all", np.uint8).copy())
+    assert core.process(garbage) is None
+    depth = types.compressed_image(header=header(types, 1.0), format="16UC1; compressedDepth",
+                                   data=np.zeros(10, np.uint8))
+    assert core.process(depth) is None
+    assert core.counters["skipped_decode"] == 3
+    assert core.process(jpeg_msg(types, frame(), 2.0)) is not None
+
+
+def test_message_without_header_is_skipped(make_core):
+    core, _, _ = make_core()
+    assert core.process(object()) is None
+    assert core.counters["skipped_decode"] == 1
+
+
+def test_frame_error_from_engine_is_skipped(make_core, types, monkeypatch):
+    from mpvss_ros.segmenter import FrameError
+
+    core, _, _ = make_core()
+
+    def boom(rgb, stamp):
+        raise FrameError("stamp must be finite")
+
+    monkeypatch.setattr(core.segmenter, "push", boom)
+    assert core.process(image_msg(types, frame(), 1.0)) is None
+    assert core.counters["skipped_frame"] == 1
+
+
+def test_unexpected_engine_error_is_counted_not_raised(make_core, types, monkeypatch):
+    core, _, logger = make_core()
+
+    def boom(rgb, stamp):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(core.segmenter, "push", boom)
+    assert core.process(image_msg(types, frame(), 1.0)) is None
+    assert core.counters["errors"] == 1
+    assert any(level == "error" and "CUDA out of memory" in text for level, text in logger.lines)
+
+
+def test_repeated_problems_are_log_throttled(make_core, types):
+    core, clock, logger = make_core()
+    bad = _bad_messages(types)["step too small"]
+    for _ in range(50):
+        core.process(bad)
+    assert core.counters["skipped_decode"] == 50
+    assert len(logger.lines) == 1
+    clock.advance(6.0)
+    core.process(bad)
+    assert len(logger.lines) == 2 and "49 more" in logger.lines[1][1]
+
+
+# --------------------------------------------------------------------------------------------
+# Forced key frames: resolution changes, stamps going backwards
+# --------------------------------------------------------------------------------------------
+
+
+def test_resolution_change_mid_stream_forces_a_key_frame(make_core, types):
+    core, _, _ = make_core()
+    outs = [core.process(image_msg(types, frame(), 1.0 + 0.1 * i)) for i in range(3)]
+    assert [o.info.is_key_frame for o in outs] == [True, False, False]
+    big = core.process(image_msg(types, frame(60, 80), 1.3))
+    assert big is not None and big.info.is_key_frame
+    assert big.info.key_frame_reason == "resolution_change"
+    assert (big.labels.height, big.labels.width) == (60, 80)
+    back = core.process(image_msg(types, frame(), 1.4))
+    assert back.info.key_frame_reason == "resolution_change" and back.labels.width == W
+    assert core.key_frame_reasons["resolution_change"] == 2
+
+
+def test_stamps_going_backwards_force_a_key_frame_and_keep_their_stamp(make_core, types):
+    core, _, _ = make_core()
+    for i in range(3):
+        assert core.process(image_msg(types, frame(), 10.0 + 0.1 * i)) is not None
+    out = core.process(image_msg(types, frame(), 5.0))  # bag loop
+    assert out is not None and out.info.is_key_frame and out.info.key_frame_reason == "time_backwards"
+    assert stamp_to_seconds(out.labels.header.stamp) == pytest.approx(5.0)
+    nxt = core.process(image_msg(types, frame(), 5.1))
+    assert nxt is not None and not nxt.info.is_key_frame
+    gap = core.process(image_msg(types, frame(), 50.0))  # more than max_gap_s later
+    assert gap.info.key_frame_reason == "time_gap"
+    values = dict(core.diagnostic_status().values)
+    assert values["key frames (time_backwards)"] == "1" and values["forced key frames"] == "3"
+
+
+# --------------------------------------------------------------------------------------------
+# enable / disable / reset
+# --------------------------------------------------------------------------------------------
+
+
+def test_disable_enable_reset(make_core, types, band_loaded):
+    core, _, _ = make_core()
+    calls = band_loaded.model.calls
+    assert core.process(image_msg(types, frame(), 1.0)).info.key_frame_reason == "first"
+    assert core.set_enabled(False) is True
+    assert not core.enabled
+    for i in range(3):
+        assert core.process(image_msg(types, frame(), 1.1 + 0.01 * i)) is None
+    assert core.counters["dropped_disabled"] == 3
+    assert band_loaded.model.calls == calls + 1, "no inference while disabled"
+    assert core.diagnostic_status().level == OK
+    assert "disabled" in core.diagnostic_status().message
+
+    assert core.set_enabled(True) is False
+    out = core.process(image_msg(types, frame(), 1.2))
+    assert out.info.is_key_frame and out.info.key_frame_reason == "reset"
+    assert not core.process(image_msg(types, frame(), 1.25)).info.is_key_frame
+
+    core.reset()
+    out = core.process(image_msg(types, frame(), 1.3))
+    assert out.info.is_key_frame and out.info.key_frame_reason == "reset"
+    assert not core.process(image_msg(types, frame(), 1.35)).info.is_key_frame
+    assert core.key_frame_reasons == {"first": 1, "reset": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnostics
+# --------------------------------------------------------------------------------------------
+
+
+def feed(core, clock, slot, msg, dt=0.1, process=True):
+    clock.advance(dt)
+    slot.put(msg)
+    if process:
+        return core.process(slot.take(timeout=0))
+    return None
+
+
+def test_diagnostics_ok_with_rates_latency_and_key_frame_ratio(make_core, types):
+    core, clock, _ = make_core(schedule="fixed:2")
+    slot = core.make_slot()
+    for i in range(10):
+        assert feed(core, clock, slot, image_msg(types, frame(), 1.0 + 0.1 * i)) is not None
+        core.record_published()
+    status = core.diagnostic_status()
+    values = dict(status.values)
+    assert status.level == OK, status.message
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in status.values)
+    assert float(values["input rate (Hz)"]) == pytest.approx(10.0)
+    assert float(values["output rate (Hz)"]) == pytest.approx(10.0)
+    assert values["latency median (ms)"] == "0.0"  # the fake clock does not move during process()
+    assert float(values["key-frame ratio"]) == pytest.approx(0.5)
+    assert values["received"] == "10" and values["processed"] == "10" and values["published"] == "10"
+    assert values["drop ratio"] == "0.000"
+
+
+def test_diagnostics_warn_when_no_output(make_core, types):
+    core, clock, _ = make_core()
+    assert core.diagnostic_status().level == OK  # just started
+    clock.advance(6.0)
+    status = core.diagnostic_status()
+    assert status.level == WARN and "no output" in status.message and "no input" in status.message
+    slot = core.make_slot()
+    feed(core, clock, slot, image_msg(types, frame(), 1.0))
+    assert core.diagnostic_status().level == OK
+    clock.advance(5.5)
+    assert core.diagnostic_status().level == WARN
+
+
+def test_diagnostics_warn_when_dropping_more_than_half(make_core, types):
+    core, clock, _ = make_core()
+    slot = core.make_slot()
+    for i in range(12):  # 3 of 4 frames replaced before the worker gets to them
+        feed(core, clock, slot, image_msg(types, frame(), 1.0 + 0.05 * i), dt=0.05, process=(i % 4 == 3))
+    status = core.diagnostic_status()
+    values = dict(status.values)
+    assert values["dropped replaced"] == "9"
+    assert status.level == WARN and "dropping 75%" in status.message
+
+    core, clock, _ = make_core(max_frame_age_s=0.5)  # stale frames count as drops too
+    slot = core.make_slot()
+    for i in range(4):
+        clock.advance(0.1)
+        slot.put(image_msg(types, frame(), 1.0 + 0.1 * i))
+        core.process(slot.take(timeout=0), now=10.0 + 0.1 * i)
+    status = core.diagnostic_status()
+    assert status.level == WARN and "4 stale" in status.message
+
+
+def test_diagnostics_error_when_every_frame_fails_and_recovers(make_core, types):
+    core, clock, _ = make_core()
+    slot = core.make_slot()
+    bad = _bad_messages(types)["unsupported encoding"]
+    for _ in range(5):
+        feed(core, clock, slot, bad)
+    status = core.diagnostic_status()
+    assert status.level == ERROR and "unsupported image encoding" in status.message
+    assert dict(status.values)["skipped decode"] == "5"
+    feed(core, clock, slot, image_msg(types, frame(), 2.0))
+    assert core.diagnostic_status().level == OK  # one success in the window
+    clock.advance(6.0)  # the failures leave the window
+    for _ in range(2):
+        feed(core, clock, slot, bad)
+    assert core.diagnostic_status().level == ERROR
+
+
+# --------------------------------------------------------------------------------------------
+# Worker
+# --------------------------------------------------------------------------------------------
+
+
+def _wait(pred, timeout=10.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_worker_processes_publishes_and_stops(band_loaded, types):
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    slot = core.make_slot()
+    published = []
+    demand = OutputDemand(colored=False, overlay=True, class_masks=False)
+    worker = Worker(slot, core, lambda out, li: published.append((out, li)), demand=lambda: demand).start()
+    try:
+        for i in range(5):
+            slot.put(image_msg(types, frame(), 1.0 + 0.1 * i))
+            assert _wait(lambda n=i + 1: len(published) == n), f"frame {i} not published"
+    finally:
+        assert worker.stop(timeout=5.0)
+    assert not worker.alive
+    assert core.counters["published"] == 5 and core.counters["processed"] == 5
+    assert published[0][1] is not None and all(li is None for _, li in published[1:])
+    out = published[-1][0]
+    assert out.colored is None and out.overlay is not None and out.class_masks is None
+    assert stamp_to_seconds(out.labels.header.stamp) == pytest.approx(1.4)
+
+
+def test_worker_stop_is_prompt_when_idle_and_survives_publish_errors(band_loaded, types, caplog):
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    slot = core.make_slot()
+
+    def publish(out, li):
+        raise RuntimeError("publisher gone")
+
+    worker = Worker(slot, core, publish, poll_s=0.05).start()
+    with caplog.at_level(logging.ERROR, logger="mpvss_ros.ros.core"):
+        slot.put(image_msg(types, frame(), 1.0))
+        assert _wait(lambda: core.counters["errors"] == 1)
+        assert worker.alive
+    assert "publisher gone" in caplog.text
+    t0 = time.monotonic()
+    assert worker.stop(timeout=5.0)
+    assert time.monotonic() - t0 < 2.0
+    assert worker.stop()  # idempotent
+
+
+def test_worker_passes_the_node_clock_for_the_age_check(band_loaded, types):
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.5}), band_loaded, types)
+    slot = core.make_slot()
+    published = []
+    worker = Worker(slot, core, lambda out, li: published.append(out), now=lambda: 100.0).start()
+    try:
+        slot.put(image_msg(types, frame(), 10.0))  # 90 s old
+        assert _wait(lambda: core.counters["dropped_stale"] == 1)
+        slot.put(image_msg(types, frame(), 99.9))
+        assert _wait(lambda: len(published) == 1)
+    finally:
+        worker.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up: engine from parameters, model loading errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_build_segmenter_follows_the_parameters(lite):
+    seg = build_segmenter(validate({"schedule": "fixed:5", "max_gap_s": 2.0}), lite)
+    assert isinstance(seg.scheduler, FixedIntervalScheduler) and seg.scheduler.interval == 5
+    assert seg.scheduler.max_gap_s == 2.0 and seg.propagator.name == "query_flow"
+    seg = build_segmenter(validate({"scene_threshold": 0.8, "min_interval": 2, "max_interval": 7,
+                                    "propagator": "optical_flow"}), lite)
+    assert isinstance(seg.scheduler, AdaptiveScheduler)
+    assert (seg.scheduler.threshold, seg.scheduler.min_interval, seg.scheduler.max_interval) == (0.8, 2, 7)
+    assert seg.propagator.name == "optical_flow"
+
+
+def test_startup_errors_are_one_line(tmp_path):
+    with pytest.raises(StartupError) as exc:
+        load_configured_model(validate({"weights": str(tmp_path / "missing.pt")}))
+    assert "missing.pt" in str(exc.value) and "\n" not in str(exc.value)
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 truncated zip, not a checkpoint")
+    with pytest.raises(StartupError) as exc:
+        load_configured_model(validate({"weights": str(corrupt)}))
+    assert "corrupt.pt" in str(exc.value) and "\n" not in str(exc.value)
+
+    with pytest.raises(StartupError, match="unknown model"):
+        load_configured_model(validate({"model": "no_such_model"}))
+    with pytest.raises(StartupError, match="backend"):
+        load_configured_model(NodeConfig(backend="tensorrt"))
+
+
+def test_lite_model_end_to_end_with_query_flow(lite, types):
+    """The real engine: key frame, then a propagated frame; every output keeps its header."""
+    core = SegmentationCore(validate({"max_frame_age_s": 0.0, "schedule": "fixed:5"}), lite, types)
+    first = core.process(image_msg(types, frame(), 3.0))
+    second = core.process(image_msg(types, frame(seed=1), 3.1), want_overlay=False)
+    assert first.info.is_key_frame and not second.info.is_key_frame
+    assert "propagation" in list(second.info.stage_names)
+    for out, stamp in ((first, 3.0), (second, 3.1)):
+        for h in all_headers(out):
+            assert stamp_to_seconds(h.stamp) == pytest.approx(stamp) and h.frame_id == "camera_optical"
+    assert len(core.label_info(header(types, 0.0, "")).class_map) == lite.config.num_classes

@@ -1,0 +1,280 @@
+"""The node's parameter table (mpvss_ros.ros.parameters) against config/segment.yaml, the node's
+declarations and validation. No ROS needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import tempfile
+import types
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+import yaml
+
+from mpvss_ros.ros.parameters import (
+    NODE_NAME,
+    PARAMETERS,
+    PROPAGATOR_CHOICES,
+    SPECS,
+    NodeConfig,
+    defaults,
+    descriptor_fields,
+    palette_to_rgb,
+    render_yaml,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SEGMENT_YAML = ROOT / "config" / "segment.yaml"
+
+EXPECTED_DEFAULTS = {
+    "model": "mpvss_lite", "weights": "", "device": "cpu", "backend": "torch", "propagator": "query_flow",
+    "schedule": "adaptive", "scene_threshold": 0.5, "min_interval": 1, "max_interval": 10, "max_gap_s": 1.0,
+    "input_compressed": False, "input_reliability": "best_effort", "input_depth": 1, "max_frame_age_s": 0.5,
+    "publish_colored": True, "publish_overlay": True, "publish_class_masks": True, "overlay_alpha": 0.5,
+    "palette": [], "diagnostics_period_s": 1.0, "threads": 0,
+}
+
+
+def test_segment_yaml_matches_the_table_exactly():
+    doc = yaml.safe_load(SEGMENT_YAML.read_text())
+    assert list(doc) == [NODE_NAME]
+    assert list(doc[NODE_NAME]) == ["ros__parameters"]
+    params = doc[NODE_NAME]["ros__parameters"]
+    assert list(params) == [p.name for p in PARAMETERS], "same names, same order"
+    assert params == defaults()
+    for name, value in params.items():  # YAML types must be what the node declares
+        assert type(value) is type(SPECS[name].default), name
+    assert SEGMENT_YAML.read_text() == render_yaml(), (
+        "config/segment.yaml is out of date: python3 -m mpvss_ros.ros.parameters > config/segment.yaml")
+
+
+def test_table_holds_the_documented_defaults():
+    assert defaults() == EXPECTED_DEFAULTS
+
+
+def test_node_config_mirrors_the_table():
+    assert [f.name for f in dataclasses.fields(NodeConfig)] == [p.name for p in PARAMETERS]
+    assert validate({}).as_dict() == defaults()
+    assert NodeConfig().as_dict() == defaults()
+    assert validate() == NodeConfig()
+
+
+def test_every_parameter_is_described_and_its_default_valid():
+    for spec in PARAMETERS:
+        assert spec.type in ("bool", "int", "float", "str", "int_array"), spec.name
+        assert len(spec.description) > 10, spec.name
+        fields = descriptor_fields(spec)
+        assert fields["description"] == spec.description
+        if spec.type == "int":
+            lo, hi, step = fields["integer_range"]
+            assert step == 1 and lo <= spec.default <= hi and fields["floating_point_range"] is None
+            assert all(isinstance(v, int) for v in (lo, hi, step))
+        elif spec.type == "float":
+            lo, hi, step = fields["floating_point_range"]
+            assert step == 0.0 and lo <= spec.default <= hi and fields["integer_range"] is None
+            assert isinstance(spec.default, float), f"{spec.name}: a float default keeps the ROS type DOUBLE"
+        else:
+            assert fields["integer_range"] is None and fields["floating_point_range"] is None
+        if spec.choices:
+            assert spec.default in spec.choices
+            assert fields["additional_constraints"] == "one of: " + ", ".join(spec.choices)
+        if spec.type != "bool":
+            assert fields["additional_constraints"], spec.name
+
+
+def test_propagator_choices_follow_the_engine():
+    from mpvss_ros.propagation import PROPAGATORS
+
+    assert PROPAGATOR_CHOICES == PROPAGATORS
+
+
+def test_validate_normalises_values():
+    cfg = validate({"max_gap_s": 2, "overlay_alpha": 1, "palette": [0xFF0000, 255], "schedule": " fixed:5 ",
+                    "device": "cuda:1", "model": "", "input_reliability": "reliable"})
+    assert cfg.max_gap_s == 2.0 and isinstance(cfg.max_gap_s, float)
+    assert cfg.overlay_alpha == 1.0
+    assert cfg.palette == (0xFF0000, 255)
+    assert cfg.schedule == "fixed:5"
+    assert cfg.as_dict()["palette"] == [0xFF0000, 255]
+    # an empty list in a params file reaches rclpy as "not set": the node passes None
+    assert validate({"palette": None}).palette == ()
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("overlay_alpha", 1.5, "[0, 1]"),
+    ("overlay_alpha", math.nan, "finite"),
+    ("overlay_alpha", "0.5", "number"),
+    ("input_depth", 0, "[1, 100]"),
+    ("input_depth", 2.0, "integer"),
+    ("input_depth", True, "integer"),
+    ("threads", -1, "[0, 1024]"),
+    ("max_frame_age_s", -0.1, "[0, 86400]"),
+    ("scene_threshold", 0.0, "[0.001, 100]"),
+    ("input_reliability", "fast", "best_effort, reliable, system_default"),
+    ("propagator", "flow", "query_flow"),
+    ("backend", "tensorrt", "torch"),
+    ("device", "gpu", "cpu, cuda or cuda:N"),
+    ("schedule", "fixed:0", "fixed:N"),
+    ("schedule", "adaptive:0.3", "adaptive"),
+    ("schedule", "every frame", "fixed:N"),
+    ("publish_colored", "yes", "bool"),
+    ("publish_overlay", 1, "bool"),
+    ("palette", [0x1000000], "0xffffff"),
+    ("palette", [-1], "0x0"),
+    ("palette", "red", "list of integers"),
+    ("palette", [1.0], "list of integers"),
+    ("model", 3, "string"),
+])
+def test_validation_errors_name_the_parameter(name, value, words):
+    with pytest.raises(ValueError) as exc:
+        validate({name: value})
+    msg = str(exc.value)
+    assert f"'{name}'" in msg and words in msg
+
+
+def test_cross_parameter_and_unknown_name_errors():
+    with pytest.raises(ValueError, match="'min_interval'.*max_interval"):
+        validate({"min_interval": 20, "max_interval": 10})
+    validate({"min_interval": 10, "max_interval": 10})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['image_topic'\]"):
+        validate({"image_topic": "/camera/image_raw"})
+
+
+def test_palette_to_rgb():
+    assert palette_to_rgb([0xFF8000, 0x000001]) == [[255, 128, 0], [0, 0, 1]]
+    assert palette_to_rgb(()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Where the table's YAML goes: the launch file passes it to the node, the ament_cmake package
+# installs it (a ROS-free look at the package layout; the launch file runs on stand-in modules).
+# --------------------------------------------------------------------------------------------
+
+
+def test_package_layout_generates_messages_and_installs_python_config_and_launchers():
+    cmake = re.sub(r"#[^\n]*", "", (ROOT / "CMakeLists.txt").read_text())
+    assert re.search(r"rosidl_generate_interfaces\(\$\{PROJECT_NAME\}\s+msg/ClassMasks\.msg\s+"
+                     r"msg/SegmentationInfo\.msg\s+DEPENDENCIES std_msgs sensor_msgs builtin_interfaces\s*\)", cmake)
+    assert "ament_python_install_package" not in cmake, "clashes with rosidl's (ros2/rosidl_python#141)"
+    assert re.search(r"install\(DIRECTORY mpvss_ros\s+DESTINATION \$\{PYTHON_INSTALL_DIR\}\s+PATTERN __pycache__ EXCLUDE",
+                     cmake)
+    assert re.search(r"install\(DIRECTORY config launch\s+DESTINATION share/\$\{PROJECT_NAME\}", cmake)
+    assert "add_launch_test(test/ros/test_node_launch.py" in cmake
+    for script in ("mpvss_node", "mpvss"):
+        path = ROOT / "scripts" / script
+        assert path.is_file() and os.access(path, os.X_OK), f"scripts/{script} must exist and be executable"
+        assert f"scripts/{script}" in cmake
+        compile(path.read_text(), str(path), "exec")
+    for msg in ("ClassMasks", "SegmentationInfo"):
+        assert (ROOT / "msg" / f"{msg}.msg").is_file()
+    # rosidl writes an empty mpvss_ros/__init__.py into the same folder: ours must stay empty
+    assert (ROOT / "mpvss_ros" / "__init__.py").read_text().strip() == ""
+    pkg = ElementTree.parse(ROOT / "package.xml").getroot()
+    assert pkg.findtext("export/build_type") == "ament_cmake"
+    assert pkg.findtext("member_of_group") == "rosidl_interface_packages"
+    buildtool = {e.text for e in pkg.findall("buildtool_depend")}
+    assert {"ament_cmake", "ament_cmake_python", "rosidl_default_generators"} <= buildtool
+    exec_deps = {e.text for e in pkg.findall("exec_depend")} | {e.text for e in pkg.findall("depend")}
+    assert {"rclpy", "std_srvs", "vision_msgs", "diagnostic_msgs", "sensor_msgs", "launch_ros",
+            "rosidl_default_runtime"} <= exec_deps
+    tests = {e.text for e in pkg.findall("test_depend")}
+    assert {"launch_testing", "launch_testing_ros", "launch_testing_ament_cmake", "ament_cmake_pytest"} <= tests
+    assert not (ROOT / "setup.cfg").exists(), "setup.cfg only served ament_python"
+
+
+class _Config:
+    """Stand-in for launch.substitutions.LaunchConfiguration: perform() reads a dict context."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def perform(self, context):
+        return context[self.name]
+
+
+class _Record:
+    """Stand-in for launch actions: keeps its arguments."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+@pytest.fixture()
+def launch_file(monkeypatch, tmp_path):
+    """launch/segment.launch.py loaded with stand-ins for launch, launch_ros and ament_index."""
+    share = tmp_path / "share"
+    (share / "config").mkdir(parents=True)
+    for name in ("segment.yaml", "mpvss.rviz"):
+        (share / "config" / name).write_text((ROOT / "config" / name).read_text())
+    stubs = {
+        "launch": {"LaunchDescription": list},
+        "launch.actions": {"DeclareLaunchArgument": _Record, "OpaqueFunction": _Record},
+        "launch.substitutions": {"LaunchConfiguration": _Config},
+        "launch_ros": {},
+        "launch_ros.actions": {"Node": _Record},
+        "ament_index_python": {},
+        "ament_index_python.packages": {"get_package_share_directory": lambda pkg: str(share)},
+    }
+    for name, attrs in stubs.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("segment_launch", ROOT / "launch" / "segment.launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.share = share
+    return module
+
+
+def _run(launch_file, **args):
+    context = {"image": "/camera/image_raw", "namespace": "", "model": "", "weights": "", "use_rviz": "false",
+               "config": str(launch_file.share / "config" / "segment.yaml")}
+    context.update(args)
+    return launch_file._launch_setup(context)
+
+
+def test_launch_arguments(launch_file):
+    description = launch_file.generate_launch_description()
+    declared = {a.args[0]: a.kwargs["default_value"] for a in description if a.args}
+    assert declared == {"image": "/camera/image_raw", "namespace": "", "model": "", "weights": "",
+                        "use_rviz": "false", "config": str(launch_file.share / "config" / "segment.yaml")}
+
+
+def test_launch_starts_the_node_with_the_params_file_and_overrides(launch_file):
+    (node,) = _run(launch_file)
+    kw = node.kwargs
+    assert (kw["package"], kw["executable"], kw["name"], kw["namespace"]) == (
+        "mpvss_ros", "mpvss_node", NODE_NAME, "")
+    assert kw["parameters"] == [str(launch_file.share / "config" / "segment.yaml")]
+    assert kw["remappings"] == [("image", "/camera/image_raw"), ("image/compressed", "/camera/image_raw/compressed")]
+
+    (node,) = _run(launch_file, image="/front/image_color/", model="mpvss_r50", weights="/w/r50.pth")
+    assert node.kwargs["parameters"][1] == {"model": "mpvss_r50", "weights": "/w/r50.pth"}
+    assert node.kwargs["remappings"][1] == ("image/compressed", "/front/image_color/compressed")
+
+
+def test_launch_namespaced_node_gets_its_parameters(launch_file):
+    (node,) = _run(launch_file, namespace="/front/")
+    assert node.kwargs["namespace"] == "front"
+    doc = yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text())
+    assert doc == {f"/front/{NODE_NAME}": {"ros__parameters": defaults()}}
+
+
+def test_launch_rviz_shows_this_instances_topics(launch_file):
+    _node, rviz = _run(launch_file, use_rviz="true", namespace="front", image="image_raw")
+    assert (rviz.kwargs["package"], rviz.kwargs["executable"]) == ("rviz2", "rviz2")
+    flag, path = rviz.kwargs["arguments"]
+    text = Path(path).read_text()
+    assert flag == "-d"
+    topics = re.findall(r"Value: (/\S+)", text)
+    assert topics == ["/front/image_raw", f"/front/{NODE_NAME}/overlay", f"/front/{NODE_NAME}/colored",
+                      f"/front/{NODE_NAME}/confidence"]
+    assert yaml.safe_load(text)["Visualization Manager"]["Displays"][0]["Class"] == "rviz_default_plugins/Image"

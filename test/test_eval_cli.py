@@ -1,0 +1,241 @@
+"""``mpvss eval`` (one setting and the key-interval study) and mpvss_ros.evaluation.study on CamVid val.
+
+Needs the shared data folder (CamVid val); skips otherwise. The model is a small checkpoint made
+here (seeded lite model, ImageNet backbone when available): the scores are not meaningful, the
+bookkeeping is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from mpvss_ros.checkpoints import save_checkpoint
+from mpvss_ros.cli import main
+from mpvss_ros.config import load_model_config
+from mpvss_ros.evaluation.study import (
+    _count_key_frames,
+    evaluate_sequence,
+    load_sequence,
+    match_adaptive_threshold,
+    write_json,
+)
+from mpvss_ros.io.samples import (
+    camvid_annot_dir,
+    camvid_dir,
+    imagenet_mobilenet_v2,
+    shared_data_dir,
+)
+from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.mpvss import MPVSS
+from mpvss_ros.propagation import PROPAGATORS
+
+CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                  "Pedestrian", "Bicyclist"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(torch_single_thread):
+    cv2.setNumThreads(1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def val_dirs() -> tuple[Path, Path]:
+    if shared_data_dir() is None:
+        pytest.skip("shared data folder unavailable (../shared/data or $MPVSS_SHARED_DATA)")
+    img, ann = camvid_dir("val"), camvid_annot_dir("val")
+    if img is None or ann is None:
+        pytest.skip("CamVid val / valannot missing from the shared data folder")
+    return img, ann
+
+
+@pytest.fixture(scope="session")
+def eval_checkpoint(tmp_path_factory) -> Path:
+    """A small checkpoint: seeded lite model, ImageNet backbone if the file exists."""
+    torch.manual_seed(0)
+    cfg = load_model_config("mpvss_lite")
+    model = MPVSS(cfg)
+    weights = imagenet_mobilenet_v2()
+    if weights is not None:
+        model.backbone.load_imagenet_weights(weights)
+    path = tmp_path_factory.mktemp("ckpt") / "lite_test.pt"
+    save_checkpoint(path, model, cfg.to_dict(), meta={"stage": "test"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(eval_checkpoint):
+    return load_model(weights=eval_checkpoint)
+
+
+def _eval(*args: str) -> int:
+    before = torch.get_num_threads()
+    try:
+        return main(["eval", *args, "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pct_or_none(v) -> bool:
+    return v is None or (isinstance(v, float) and 0.0 <= v <= 100.0)
+
+
+# --------------------------------------------------------------------------- one setting
+
+def test_eval_cli_writes_eval_json(val_dirs, eval_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = _eval("--weights", str(eval_checkpoint), "--max-frames", "6", "--schedule", "fixed:2",
+               "--propagator", "copy", "--out", str(out))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    r = json.loads((out / "eval.json").read_text())
+    for k in ("mIoU", "fwIoU", "pACC", "mACC", "VC_8", "VC_16"):
+        assert k in r and _pct_or_none(r[k]), (k, r.get(k))
+    assert isinstance(r["mIoU"], float) and isinstance(r["fwIoU"], float)
+    assert r["VC_8"] is None and r["VC_16"] is None  # VC_n needs n + 1 frames (VSPW windows); 6 < 9
+    assert list(r["IoU"]) == CAMVID_CLASSES
+    assert all(_pct_or_none(v) for v in r["IoU"].values())
+    assert r["frames"] == 6 and r["key_frames"] == 3 and r["key_frame_ratio"] == pytest.approx(0.5)
+    assert r["propagator"] == "copy" and r["trained"] is True
+    assert Path(r["weights"]) == eval_checkpoint and r["model"] == "mpvss_lite"
+    assert r["mean_ms_per_frame"] > 0
+    assert r["median_ms_key_frame"] > 0 and r["median_ms_non_key_frame"] > 0
+    # the summary line on stdout is the same result without the per-class IoU
+    line = next(ln for ln in captured.out.splitlines() if ln.startswith("{"))
+    brief = json.loads(line)
+    assert "IoU" not in brief and brief["mIoU"] == r["mIoU"] and brief["key_frames"] == 3
+
+
+def test_eval_cli_explicit_folders_match_default(val_dirs, eval_checkpoint, tmp_path, capsys):
+    img, ann = val_dirs
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    common = ["--weights", str(eval_checkpoint), "--max-frames", "9", "--schedule", "fixed:3", "--propagator", "copy"]
+    assert _eval(*common, "--out", str(out_a)) == 0
+    assert _eval(str(img), "--labels", str(ann), *common, "--out", str(out_b)) == 0
+    a = json.loads((out_a / "eval.json").read_text())
+    b = json.loads((out_b / "eval.json").read_text())
+    for k in ("mIoU", "fwIoU", "IoU", "VC_8", "VC_16", "key_frames", "frames"):
+        assert a[k] == b[k], k
+    assert a["frames"] == 9 and a["key_frames"] == 3
+    assert isinstance(a["VC_8"], float) and 0.0 <= a["VC_8"] <= 100.0  # 9 frames: one VC_8 window
+    assert a["VC_16"] is None
+
+
+# --------------------------------------------------------------------------- the study
+
+def test_eval_cli_study(val_dirs, eval_checkpoint, tmp_path, capsys):
+    out = tmp_path / "study"
+    rc = _eval("--weights", str(eval_checkpoint), "--study", "--intervals", "1", "2", "--max-frames", "6",
+               "--out", str(out))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    study = json.loads((out / "study.json").read_text())
+    assert study["frames"] == 6 and study["fps"] == 15.0 and study["model"] == "mpvss_lite"
+    rows = study["rows"]
+    fixed = {(r["interval"], r["propagator"]): r for r in rows if r["mode"] == "fixed"}
+    adaptive = {(r["interval"], r["propagator"]): r for r in rows if r["mode"] == "adaptive"}
+    assert set(fixed) == {(n, p) for n in (1, 2) for p in PROPAGATORS}
+    assert set(adaptive) == {(2, p) for p in PROPAGATORS}
+    assert len(rows) == 9
+    for r in rows:
+        assert r["frames"] == 6 and _pct_or_none(r["mIoU"]) and list(r["IoU"]) == CAMVID_CLASSES
+    for p in PROPAGATORS:
+        assert fixed[(1, p)]["key_frames"] == 6
+        assert fixed[(1, p)]["mIoU"] == fixed[(1, "copy")]["mIoU"]  # per-frame: no propagation at all
+        assert fixed[(2, p)]["key_frames"] == 3
+        a = adaptive[(2, p)]
+        assert abs(a["key_frames"] - fixed[(2, p)]["key_frames"]) <= 1
+        assert a["target_key_frames"] == 3 and a["threshold"] > 0
+        assert a["propagator"] == p
+    # one threshold for the three propagators, so the same key frames
+    assert len({adaptive[(2, p)]["threshold"] for p in PROPAGATORS}) == 1
+    assert len({adaptive[(2, p)]["key_frames"] for p in PROPAGATORS}) == 1
+    # a printed line per row
+    assert sum(1 for ln in captured.out.splitlines() if "key ratio" in ln) == 9
+
+    png = out / "study.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = cv2.imread(str(png))
+    assert image is not None and image.shape[0] > 100 and image.shape[1] > 100
+
+
+# --------------------------------------------------------------------------- library functions
+
+def test_copy_fixed1_equals_per_frame(val_dirs, loaded):
+    seq = load_sequence(*val_dirs, limit=4)
+    copy = evaluate_sequence(loaded, seq, "copy", "fixed:1")
+    qf = evaluate_sequence(loaded, seq, "query_flow", "fixed:1")
+    assert copy["key_frames"] == qf["key_frames"] == 4 and copy["key_frame_ratio"] == 1.0
+    for k in ("mIoU", "fwIoU", "pACC", "mACC", "IoU", "VC_8", "VC_16"):
+        assert copy[k] == qf[k], k
+    assert copy["median_ms_non_key_frame"] is None
+
+
+def test_match_adaptive_threshold_hits_target(val_dirs):
+    seq = load_sequence(*val_dirs, limit=20)
+    assert len(seq.images) == 20
+    for target, max_interval in ((10, 4), (7, 6), (4, 10)):
+        threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval)
+        assert abs(count - target) <= 1, (target, count)
+        assert 0.01 <= threshold <= 3.0 and math.isfinite(threshold)
+        # the reported count is what that threshold gives
+        assert _count_key_frames(seq.images, seq.fps, threshold, max_interval) == count
+    # a target the schedule cannot go below (max_interval forces key frames): the closest it can
+    _, count = match_adaptive_threshold(seq.images, seq.fps, 1, 4)
+    assert count == 5  # frames 0, 4, 8, 12, 16 at the least
+
+
+def test_write_json_nan_as_null(tmp_path):
+    path = tmp_path / "x.json"
+    write_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2.5}}, path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": 2.5}}
+
+
+# --------------------------------------------------------------------------- errors
+
+def _error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("mpvss: WARNING", "mpvss: INFO"))]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mpvss: error: "), err
+    return lines[0]
+
+
+def test_eval_cli_missing_labels_folder(val_dirs, eval_checkpoint, tmp_path, capsys):
+    img, _ = val_dirs
+    missing = tmp_path / "no_such_labels"
+    rc = _eval(str(img), "--labels", str(missing), "--weights", str(eval_checkpoint), "--max-frames", "2")
+    assert rc == 2
+    line = _error_line(capsys.readouterr().err)
+    assert str(missing) in line
+
+
+def test_eval_cli_images_without_labels(val_dirs, eval_checkpoint, capsys):
+    img, _ = val_dirs
+    assert _eval(str(img), "--weights", str(eval_checkpoint)) == 2
+    assert "--labels" in _error_line(capsys.readouterr().err)
+
+
+def test_eval_cli_bad_schedule_and_propagator(val_dirs, eval_checkpoint, capsys):
+    assert _eval("--weights", str(eval_checkpoint), "--schedule", "sometimes") == 2
+    assert "bad schedule" in _error_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exc:
+        _eval("--propagator", "teleport")
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_eval_cli_missing_weights_is_runtime_error(val_dirs, tmp_path, capsys):
+    rc = _eval("--weights", str(tmp_path / "missing.pt"), "--max-frames", "2")
+    assert rc == 1
+    assert "not found" in _error_line(capsys.readouterr().err)
+
+

