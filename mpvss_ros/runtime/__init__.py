@@ -39,12 +39,17 @@ def backend_missing(backend: str, device: str = "cpu", precision: str = "fp32") 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     check_precision(precision)
-    if backend == "torch":
-        import torch
+    import torch
 
+    try:
         dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use cpu or cuda[:N]")
+    if backend == "torch":
         if dev.type == "cuda" and not torch.cuda.is_available():
-            return "torch backend on CUDA needs a CUDA build of torch and a GPU; use --device cpu"
+            return "CUDA was requested but this torch build sees no CUDA GPU; use --device cpu"
         if precision == "fp16" and dev.type != "cuda":
             return "fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 on CPU"
         return None

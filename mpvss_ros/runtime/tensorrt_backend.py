@@ -78,12 +78,12 @@ def _import_cudart() -> Any | None:
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
         return cudart
-    except ImportError:
+    except Exception:  # noqa: BLE001
         pass
     try:
         from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
         return cudart
-    except ImportError:
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -91,7 +91,7 @@ def _import_pycuda() -> Any | None:
     try:
         import pycuda.driver as drv
         return drv
-    except ImportError:
+    except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA driver library
         return None
 
 
@@ -121,6 +121,8 @@ def tensorrt_missing() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         missing.append("the tensorrt Python package")
+    except Exception as exc:  # noqa: BLE001 - e.g. libnvinfer not loadable
+        missing.append(f"a working tensorrt ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     if _import_cudart() is None and _import_pycuda() is None:
         missing.append("cuda-python or pycuda")
     if not _gpu_present():
@@ -218,7 +220,12 @@ class _CudaApi:
 
     @property
     def stream_handle(self) -> int:
-        return int(self.stream) if self.cudart is not None else int(self.stream.handle)
+        if self.cudart is None:
+            return int(self.stream.handle)
+        try:
+            return int(self.stream)
+        except TypeError:  # cuda-python versions without __int__ on handles
+            return int(self.stream.getPtr())
 
     # -- memory
     def malloc(self, nbytes: int) -> int:

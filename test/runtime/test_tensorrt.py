@@ -1,0 +1,187 @@
+"""TensorRT and CUDA backends.
+
+The engine-cache key and the missing-backend errors are tested everywhere; building and running
+engines, and the CUDA torch / onnxruntime paths, need the tensorrt package and a CUDA GPU and
+skip cleanly without them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mpvss_ros.cli import main
+from mpvss_ros.runtime import BackendUnavailable, backend_missing, load_backend
+from mpvss_ros.runtime.tensorrt_backend import FP32_LAYER_PATTERNS, engine_cache_key, tensorrt_missing
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+TRT_MISSING = tensorrt_missing()
+needs_trt = pytest.mark.skipif(TRT_MISSING is not None, reason=f"TensorRT unavailable: {TRT_MISSING}")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU for torch")
+
+BASE = dict(onnx_sha256="a" * 64, tensorrt_version="10.3.0", gpu_name="NVIDIA H100 80GB HBM3",
+            compute_capability=(9, 0), precision="fp32", input_shapes={"image": [1, 3, 384, 480]},
+            options={"workspace_mb": 2048, "fp32_layer_patterns": []})
+
+
+# ------------------------------------------------------------------------------ cache key (pure)
+
+
+def test_engine_cache_key_is_stable():
+    assert engine_cache_key(**BASE) == engine_cache_key(**BASE)
+    assert len(engine_cache_key(**BASE)) == 64
+    assert engine_cache_key(**{**BASE, "compute_capability": "9.0"}) == engine_cache_key(**BASE)
+    shapes = {"b": [1, 2], "a": [3]}
+    assert engine_cache_key(**{**BASE, "input_shapes": shapes}) == \
+        engine_cache_key(**{**BASE, "input_shapes": dict(reversed(list(shapes.items())))})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("onnx_sha256", "b" * 64),
+    ("tensorrt_version", "10.4.0"),
+    ("gpu_name", "NVIDIA GeForce RTX 4090"),
+    ("compute_capability", (8, 9)),
+    ("precision", "fp16"),
+    ("input_shapes", {"image": [1, 3, 512, 1024]}),
+    ("options", {"workspace_mb": 1024, "fp32_layer_patterns": []}),
+    ("options", {"workspace_mb": 2048, "fp32_layer_patterns": list(FP32_LAYER_PATTERNS["key_frame"])}),
+])
+def test_engine_cache_key_changes_with_each_component(field, value):
+    assert engine_cache_key(**{**BASE, field: value}) != engine_cache_key(**BASE)
+
+
+def test_fp32_patterns_match_exported_node_names():
+    import re
+
+    key = [re.compile(p) for p in FP32_LAYER_PATTERNS["key_frame"]]
+    non_key = [re.compile(p) for p in FP32_LAYER_PATTERNS["non_key_frame"]]
+    assert any(r.search("/pixel_decoder/transformer/encoder/layers.0/self_attn/GridSample") for r in key)
+    assert not any(r.search("/backbone/res2/Conv") for r in key)
+    assert any(r.search("/GridSample") for r in non_key)
+    assert not any(r.search("/motion/decoder/Conv") for r in non_key)
+
+
+# ------------------------------------------------------------------------------ missing TensorRT
+
+
+@pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT is available here")
+def test_missing_tensorrt_one_clear_line(lite):
+    msg = backend_missing("tensorrt")
+    assert msg == TRT_MISSING and "\n" not in msg
+    assert msg.startswith("tensorrt backend needs the tensorrt Python package")
+    assert msg.endswith("use --backend onnxruntime or torch")
+    with pytest.raises(BackendUnavailable) as info:
+        load_backend("tensorrt", lite)
+    assert str(info.value) == msg
+
+
+@pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT is available here")
+@pytest.mark.parametrize("argv", [
+    ["segment", "IMAGES", "--out", "OUT", "--backend", "tensorrt"],
+    ["eval", "IMAGES", "--labels", "IMAGES", "--backend", "tensorrt", "--precision", "fp16"],
+    ["build-engine", "--height", "96", "--width", "128"],
+])
+def test_cli_tensorrt_missing_exits_2(tmp_path, capsys, argv):
+    import cv2
+
+    images = tmp_path / "img"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.zeros((40, 50, 3), np.uint8))
+    argv = [str(images) if a == "IMAGES" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("mpvss: WARNING")]
+    assert len(err) == 1, err
+    assert err[0] == f"mpvss: error: {TRT_MISSING}"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cli_cuda_backends_missing_exit_2(tmp_path, capsys):
+    import cv2
+
+    images = tmp_path / "img"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.zeros((40, 50, 3), np.uint8))
+    assert main(["segment", str(images), "--out", str(tmp_path / "o"), "--precision", "fp16"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ with a GPU
+
+
+@needs_trt
+@pytest.mark.parametrize("precision, atol, agreement", [("fp32", 1e-2, 0.999), ("fp16", 0.25, 0.98)])
+def test_tensorrt_backend_matches_torch(lite, tmp_path, precision, atol, agreement):
+    from mpvss_ros.runtime.tensorrt_backend import TensorRTBackend
+
+    backend = load_backend("tensorrt", lite, device="cuda", precision=precision, input_hw=(96, 128), cache_dir=tmp_path)
+    assert isinstance(backend, TensorRTBackend)
+    try:
+        rng = np.random.default_rng(0)
+        imgs = [torch.from_numpy(rng.integers(0, 256, (1, 3, 96, 128)).astype(np.float32)) for _ in range(2)]
+        with torch.no_grad():
+            k_ref = lite.model.cpu().segment_key_frame(imgs[0], (96, 128))
+            w_ref = lite.model.propagate(k_ref, imgs[1])
+        k = backend.segment_key_frame(imgs[0], (96, 128))
+        w = backend.propagate(k, imgs[1])
+        w_again = backend.propagate(k, imgs[1])  # key inputs kept on the GPU
+        assert torch.equal(w, w_again)
+        assert (k.mask_logits - k_ref.mask_logits).abs().max() <= atol
+        assert (w - w_ref).abs().max() <= atol
+        assert (w.argmax(1) == w_ref.argmax(1)).float().mean() >= agreement
+        k_other = lite.model.segment_key_frame(imgs[1], (96, 128))  # a key state not made by the engine
+        w_other = backend.propagate(k_other, imgs[0])
+        assert (w_other - lite.model.propagate(k_other, imgs[0])).abs().max() <= atol
+    finally:
+        backend.close()
+
+
+@needs_trt
+def test_engine_cache_reused(lite, tmp_path):
+    from mpvss_ros.runtime.export import GraphSource
+    from mpvss_ros.runtime.tensorrt_backend import build_engines
+
+    source = GraphSource.from_model(lite.model, tmp_path)
+    messages = []
+    first = build_engines(source, (64, 64), "fp32", tmp_path, progress=messages.append)
+    assert len(messages) == 4  # two "building" + two "built"
+    stamp = first["key_frame"].stat().st_mtime_ns
+    again = build_engines(source, (64, 64), "fp32", tmp_path, progress=messages.append)
+    assert again == first and len(messages) == 4
+    assert first["key_frame"].stat().st_mtime_ns == stamp
+    fp16 = build_engines(source, (64, 64), "fp16", tmp_path, progress=messages.append)
+    assert fp16["key_frame"] != first["key_frame"]
+
+
+@needs_cuda
+def test_torch_cuda_fp16_close_to_fp32(lite):
+    import copy
+
+    from mpvss_ros.runtime.torch_backend import TorchBackend
+
+    model = copy.deepcopy(lite.model)
+    fp32 = TorchBackend(model, "cuda")
+    fp16 = TorchBackend(model, "cuda", "fp16")
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 96, 128)).astype(np.float32)).cuda()
+    with torch.no_grad():
+        a, b = fp32.segment_key_frame(img, (96, 128)), fp16.segment_key_frame(img, (96, 128))
+        assert b.mask_logits.dtype == torch.float32
+        assert (a.mask_logits.argmax(1) == b.mask_logits.argmax(1)).float().mean() >= 0.98
+        wa, wb = fp32.propagate(a, img), fp16.propagate(a, img)
+        assert (wa - wb).abs().max() <= 0.25
+
+
+@needs_cuda
+def test_onnxruntime_cuda_provider(lite, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime without CUDAExecutionProvider (install onnxruntime-gpu)")
+    backend = load_backend("onnxruntime", lite, device="cuda", input_hw=(64, 64), cache_dir=tmp_path)
+    img = torch.full((1, 3, 64, 64), 100.0)
+    with torch.no_grad():
+        ref = lite.model.cpu().segment_key_frame(img, (64, 64))
+    got = backend.segment_key_frame(img, (64, 64))
+    assert (got.mask_logits - ref.mask_logits).abs().max() <= 1e-2
