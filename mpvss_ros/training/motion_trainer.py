@@ -28,17 +28,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import load_checkpoint, save_checkpoint
-from ..config import model_config_from_dict
-from ..checkpoints import read_model_config
+from ..checkpoints import load_checkpoint, read_model_config, save_checkpoint
+from ..config import load_model_config, model_config_from_dict
+from ..evaluation.metrics import ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
 from ..nn.warp import warp_mask_logits
-from ..segmenter import Letterbox, VideoSegmenter
 from ..propagation import QueryFlowPropagator
 from ..scheduling import FixedIntervalScheduler
-from ..evaluation.metrics import ConfusionMatrix
+from ..segmenter import VideoSegmenter
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .pairs import FramePairs, load_clip_on_canvas
@@ -70,6 +69,8 @@ class MotionTrainOptions:
         checkpoint_every, threads, seed, max_minutes, progress: as stage 1.
         resume: continue from ``run_dir``'s checkpoint and trainer state.
         max_clip_frames: use only the first frames of each unlabelled clip (tests, debugging).
+        model: a model name or YAML whose configuration replaces the one stored in
+            ``init_checkpoint`` (e.g. a changed motion module; the weights must still fit).
     """
 
     run_dir: str
@@ -97,6 +98,7 @@ class MotionTrainOptions:
     progress: bool = True
     resume: bool = False
     max_clip_frames: int | None = None
+    model: str | None = None
 
 
 @dataclass
@@ -162,10 +164,13 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
 def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     run_dir = Path(opts.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stored = read_model_config(opts.init_checkpoint)
-    if stored is None:
-        raise ValueError(f"{opts.init_checkpoint} is not an mpvss_ros checkpoint with a model config")
-    cfg = model_config_from_dict(stored)
+    if opts.model is not None:
+        cfg = load_model_config(opts.model)
+    else:
+        stored = read_model_config(opts.init_checkpoint)
+        if stored is None:
+            raise ValueError(f"{opts.init_checkpoint} has no stored model config: pass model=")
+        cfg = model_config_from_dict(stored)
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
     init_meta = load_checkpoint(model, opts.init_checkpoint)
