@@ -128,3 +128,47 @@ def make_band_model(lite: LoadedModel):
         return BandModel(lite.config.input, num_classes, post)
 
     return make
+
+
+def _camvid_dirs(split: str) -> tuple[Path, Path]:
+    from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir, shared_data_dir
+
+    if shared_data_dir() is None:
+        pytest.skip("shared data folder unavailable (../shared/data or $MPVSS_SHARED_DATA)")
+    img, ann = camvid_dir(split), camvid_annot_dir(split)
+    if img is None or ann is None:
+        pytest.skip(f"CamVid {split} / {split}annot missing from the shared data folder")
+    return img, ann
+
+
+@pytest.fixture(scope="session")
+def camvid_train_dirs() -> tuple[Path, Path]:
+    """(images, labels) folders of CamVid train; skips without the shared data."""
+    return _camvid_dirs("train")
+
+
+@pytest.fixture(scope="session")
+def camvid_val_dirs() -> tuple[Path, Path]:
+    """(images, labels) folders of CamVid val; skips without the shared data."""
+    return _camvid_dirs("val")
+
+
+@pytest.fixture(scope="session")
+def lite_checkpoint(tmp_path_factory) -> Path:
+    """A small mpvss_ros checkpoint: seeded lite model, ImageNet backbone if the file exists."""
+    import torch
+
+    from mpvss_ros.checkpoints import save_checkpoint
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.io.samples import imagenet_mobilenet_v2
+    from mpvss_ros.nn.mpvss import MPVSS
+
+    torch.manual_seed(0)
+    cfg = load_model_config("mpvss_lite")
+    model = MPVSS(cfg)
+    weights = imagenet_mobilenet_v2()
+    if weights is not None:
+        model.backbone.load_imagenet_weights(weights)
+    path = tmp_path_factory.mktemp("ckpt") / "lite_test.pt"
+    save_checkpoint(path, model, cfg.to_dict(), meta={"stage": "test"})
+    return path

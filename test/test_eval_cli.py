@@ -15,9 +15,7 @@ import cv2
 import pytest
 import torch
 
-from mpvss_ros.checkpoints import save_checkpoint
 from mpvss_ros.cli import main
-from mpvss_ros.config import load_model_config
 from mpvss_ros.evaluation.study import (
     _count_key_frames,
     evaluate_sequence,
@@ -25,14 +23,7 @@ from mpvss_ros.evaluation.study import (
     match_adaptive_threshold,
     write_json,
 )
-from mpvss_ros.io.samples import (
-    camvid_annot_dir,
-    camvid_dir,
-    imagenet_mobilenet_v2,
-    shared_data_dir,
-)
 from mpvss_ros.model_loader import load_model
-from mpvss_ros.nn.mpvss import MPVSS
 from mpvss_ros.propagation import PROPAGATORS
 
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -45,33 +36,13 @@ def _one_thread(torch_single_thread):
     yield
 
 
-@pytest.fixture(scope="module")
-def val_dirs() -> tuple[Path, Path]:
-    if shared_data_dir() is None:
-        pytest.skip("shared data folder unavailable (../shared/data or $MPVSS_SHARED_DATA)")
-    img, ann = camvid_dir("val"), camvid_annot_dir("val")
-    if img is None or ann is None:
-        pytest.skip("CamVid val / valannot missing from the shared data folder")
-    return img, ann
 
 
-@pytest.fixture(scope="session")
-def eval_checkpoint(tmp_path_factory) -> Path:
-    """A small checkpoint: seeded lite model, ImageNet backbone if the file exists."""
-    torch.manual_seed(0)
-    cfg = load_model_config("mpvss_lite")
-    model = MPVSS(cfg)
-    weights = imagenet_mobilenet_v2()
-    if weights is not None:
-        model.backbone.load_imagenet_weights(weights)
-    path = tmp_path_factory.mktemp("ckpt") / "lite_test.pt"
-    save_checkpoint(path, model, cfg.to_dict(), meta={"stage": "test"})
-    return path
 
 
 @pytest.fixture(scope="module")
-def loaded(eval_checkpoint):
-    return load_model(weights=eval_checkpoint)
+def loaded(lite_checkpoint):
+    return load_model(weights=lite_checkpoint)
 
 
 def _eval(*args: str) -> int:
@@ -88,9 +59,9 @@ def _pct_or_none(v) -> bool:
 
 # --------------------------------------------------------------------------- one setting
 
-def test_eval_cli_writes_eval_json(val_dirs, eval_checkpoint, tmp_path, capsys):
+def test_eval_cli_writes_eval_json(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = _eval("--weights", str(eval_checkpoint), "--max-frames", "6", "--schedule", "fixed:2",
+    rc = _eval("--weights", str(lite_checkpoint), "--max-frames", "6", "--schedule", "fixed:2",
                "--propagator", "copy", "--out", str(out))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -103,7 +74,7 @@ def test_eval_cli_writes_eval_json(val_dirs, eval_checkpoint, tmp_path, capsys):
     assert all(_pct_or_none(v) for v in r["IoU"].values())
     assert r["frames"] == 6 and r["key_frames"] == 3 and r["key_frame_ratio"] == pytest.approx(0.5)
     assert r["propagator"] == "copy" and r["trained"] is True
-    assert Path(r["weights"]) == eval_checkpoint and r["model"] == "mpvss_lite"
+    assert Path(r["weights"]) == lite_checkpoint and r["model"] == "mpvss_lite"
     assert r["mean_ms_per_frame"] > 0
     assert r["median_ms_key_frame"] > 0 and r["median_ms_non_key_frame"] > 0
     # the summary line on stdout is the same result without the per-class IoU
@@ -112,10 +83,10 @@ def test_eval_cli_writes_eval_json(val_dirs, eval_checkpoint, tmp_path, capsys):
     assert "IoU" not in brief and brief["mIoU"] == r["mIoU"] and brief["key_frames"] == 3
 
 
-def test_eval_cli_explicit_folders_match_default(val_dirs, eval_checkpoint, tmp_path, capsys):
-    img, ann = val_dirs
+def test_eval_cli_explicit_folders_match_default(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
+    img, ann = camvid_val_dirs
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    common = ["--weights", str(eval_checkpoint), "--max-frames", "9", "--schedule", "fixed:3", "--propagator", "copy"]
+    common = ["--weights", str(lite_checkpoint), "--max-frames", "9", "--schedule", "fixed:3", "--propagator", "copy"]
     assert _eval(*common, "--out", str(out_a)) == 0
     assert _eval(str(img), "--labels", str(ann), *common, "--out", str(out_b)) == 0
     a = json.loads((out_a / "eval.json").read_text())
@@ -129,9 +100,9 @@ def test_eval_cli_explicit_folders_match_default(val_dirs, eval_checkpoint, tmp_
 
 # --------------------------------------------------------------------------- the study
 
-def test_eval_cli_study(val_dirs, eval_checkpoint, tmp_path, capsys):
+def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
     out = tmp_path / "study"
-    rc = _eval("--weights", str(eval_checkpoint), "--study", "--intervals", "1", "2", "--max-frames", "6",
+    rc = _eval("--weights", str(lite_checkpoint), "--study", "--intervals", "1", "2", "--max-frames", "6",
                "--out", str(out))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -167,8 +138,8 @@ def test_eval_cli_study(val_dirs, eval_checkpoint, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- library functions
 
-def test_copy_fixed1_equals_per_frame(val_dirs, loaded):
-    seq = load_sequence(*val_dirs, limit=4)
+def test_copy_fixed1_equals_per_frame(camvid_val_dirs, loaded):
+    seq = load_sequence(*camvid_val_dirs, limit=4)
     copy = evaluate_sequence(loaded, seq, "copy", "fixed:1")
     qf = evaluate_sequence(loaded, seq, "query_flow", "fixed:1")
     assert copy["key_frames"] == qf["key_frames"] == 4 and copy["key_frame_ratio"] == 1.0
@@ -177,8 +148,8 @@ def test_copy_fixed1_equals_per_frame(val_dirs, loaded):
     assert copy["median_ms_non_key_frame"] is None
 
 
-def test_match_adaptive_threshold_hits_target(val_dirs):
-    seq = load_sequence(*val_dirs, limit=20)
+def test_match_adaptive_threshold_hits_target(camvid_val_dirs):
+    seq = load_sequence(*camvid_val_dirs, limit=20)
     assert len(seq.images) == 20
     for target, max_interval in ((10, 4), (7, 6), (4, 10)):
         threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval)
@@ -209,23 +180,23 @@ def _error_line(err: str) -> str:
     return lines[0]
 
 
-def test_eval_cli_missing_labels_folder(val_dirs, eval_checkpoint, tmp_path, capsys):
-    img, _ = val_dirs
+def test_eval_cli_missing_labels_folder(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
+    img, _ = camvid_val_dirs
     missing = tmp_path / "no_such_labels"
-    rc = _eval(str(img), "--labels", str(missing), "--weights", str(eval_checkpoint), "--max-frames", "2")
+    rc = _eval(str(img), "--labels", str(missing), "--weights", str(lite_checkpoint), "--max-frames", "2")
     assert rc == 2
     line = _error_line(capsys.readouterr().err)
     assert str(missing) in line
 
 
-def test_eval_cli_images_without_labels(val_dirs, eval_checkpoint, capsys):
-    img, _ = val_dirs
-    assert _eval(str(img), "--weights", str(eval_checkpoint)) == 2
+def test_eval_cli_images_without_labels(camvid_val_dirs, lite_checkpoint, capsys):
+    img, _ = camvid_val_dirs
+    assert _eval(str(img), "--weights", str(lite_checkpoint)) == 2
     assert "--labels" in _error_line(capsys.readouterr().err)
 
 
-def test_eval_cli_bad_schedule_and_propagator(val_dirs, eval_checkpoint, capsys):
-    assert _eval("--weights", str(eval_checkpoint), "--schedule", "sometimes") == 2
+def test_eval_cli_bad_schedule_and_propagator(camvid_val_dirs, lite_checkpoint, capsys):
+    assert _eval("--weights", str(lite_checkpoint), "--schedule", "sometimes") == 2
     assert "bad schedule" in _error_line(capsys.readouterr().err)
     with pytest.raises(SystemExit) as exc:
         _eval("--propagator", "teleport")
@@ -233,7 +204,7 @@ def test_eval_cli_bad_schedule_and_propagator(val_dirs, eval_checkpoint, capsys)
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_eval_cli_missing_weights_is_runtime_error(val_dirs, tmp_path, capsys):
+def test_eval_cli_missing_weights_is_runtime_error(camvid_val_dirs, tmp_path, capsys):
     rc = _eval("--weights", str(tmp_path / "missing.pt"), "--max-frames", "2")
     assert rc == 1
     assert "not found" in _error_line(capsys.readouterr().err)

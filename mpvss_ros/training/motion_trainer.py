@@ -41,7 +41,7 @@ from ..segmenter import VideoSegmenter
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .pairs import FramePairs, load_clip_on_canvas
-from .trainer import lr_factor, sync_lr, truncate_log
+from .trainer import lr_factor, sync_lr, torch_threads, truncate_log
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels"]
 
@@ -152,13 +152,8 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
     opts = options or MotionTrainOptions(**kwargs)
     if options is not None and kwargs:
         opts = dataclasses.replace(options, **kwargs)
-    threads_before = torch.get_num_threads()
-    if opts.threads > 0:
-        torch.set_num_threads(opts.threads)
-    try:
+    with torch_threads(opts.threads):
         return _train(opts)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _train(opts: MotionTrainOptions) -> MotionTrainResult:

@@ -47,6 +47,7 @@ Run directory contents:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -55,7 +56,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -449,13 +450,20 @@ def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> Train
     opts = dataclasses.replace(options, crop=(int(options.crop[0]), int(options.crop[1])),
                                scale=(float(options.scale[0]), float(options.scale[1])))
     opts.validate()
-    threads_before = torch.get_num_threads()
-    if opts.threads > 0:
-        torch.set_num_threads(opts.threads)
-    try:
+    with torch_threads(opts.threads):
         return _train(opts)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block (0 = leave as is), restored afterwards."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(before)
 
 
 def _train(opts: TrainOptions) -> TrainResult:

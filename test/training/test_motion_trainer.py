@@ -15,17 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from mpvss_ros.checkpoints import read_state_dict, save_checkpoint
-from mpvss_ros.config import load_model_config
+from mpvss_ros.checkpoints import read_state_dict
 from mpvss_ros.io.samples import (
     bikes_clip,
     camvid_annot_dir,
     camvid_dir,
-    imagenet_mobilenet_v2,
     shared_data_dir,
 )
 from mpvss_ros.model_loader import load_model
-from mpvss_ros.nn.mpvss import MPVSS
 from mpvss_ros.training.motion_trainer import (
     MotionTrainOptions,
     pseudo_labels,
@@ -51,18 +48,6 @@ def needs_data():
         pytest.skip(f"bikes.mp4 unavailable: {exc}")
 
 
-@pytest.fixture(scope="session")
-def stage1_checkpoint(tmp_path_factory) -> Path:
-    """A small stage-1-like checkpoint: seeded lite model, ImageNet backbone if the file exists."""
-    torch.manual_seed(0)
-    cfg = load_model_config("mpvss_lite")
-    model = MPVSS(cfg)
-    weights = imagenet_mobilenet_v2()
-    if weights is not None:
-        model.backbone.load_imagenet_weights(weights)
-    path = tmp_path_factory.mktemp("stage1") / "stage1.pt"
-    save_checkpoint(path, model, cfg.to_dict(), meta={"stage": "test"})
-    return path
 
 
 def _val_frames(n: int) -> list[np.ndarray]:
@@ -73,8 +58,8 @@ def _val_frames(n: int) -> list[np.ndarray]:
     return out
 
 
-def test_pseudo_labels_ignore_low_confidence(needs_data, stage1_checkpoint):
-    loaded = load_model(weights=stage1_checkpoint)
+def test_pseudo_labels_ignore_low_confidence(needs_data, lite_checkpoint):
+    loaded = load_model(weights=lite_checkpoint)
     frames = _val_frames(3)
     sure = pseudo_labels(loaded.model, frames, 0.99)
     everything = pseudo_labels(loaded.model, frames, 0.0)
@@ -103,15 +88,15 @@ def _options(run_dir: Path, init: Path, steps: int, resume: bool = False) -> Mot
 
 
 @pytest.fixture(scope="module")
-def motion_run(needs_data, stage1_checkpoint, tmp_path_factory):
+def motion_run(needs_data, lite_checkpoint, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("motion")
-    result = train_motion(_options(run_dir, stage1_checkpoint, 3))
+    result = train_motion(_options(run_dir, lite_checkpoint, 3))
     log_lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     last = read_state_dict(run_dir / "checkpoint_last.pt")
     return run_dir, result, log_lines, last
 
 
-def test_train_motion_steps_log_and_checkpoint(motion_run, stage1_checkpoint):
+def test_train_motion_steps_log_and_checkpoint(motion_run, lite_checkpoint):
     run_dir, result, lines, _ = motion_run
     assert result.step == 3 and result.finished
     assert len(result.losses) == 3 and all(np.isfinite(result.losses))
@@ -134,9 +119,9 @@ def test_train_motion_steps_log_and_checkpoint(motion_run, stage1_checkpoint):
     assert loaded.meta["val"]["step"] == 3
 
 
-def test_train_motion_changes_only_motion_and_heads(motion_run, stage1_checkpoint):
+def test_train_motion_changes_only_motion_and_heads(motion_run, lite_checkpoint):
     _, _, _, last = motion_run
-    init = read_state_dict(stage1_checkpoint)
+    init = read_state_dict(lite_checkpoint)
     assert set(init) == set(last)
     frozen = [k for k in init if not k.startswith(TRAINED_PREFIXES)]
     assert any(k.startswith("backbone.") for k in frozen)
@@ -154,11 +139,11 @@ def test_train_motion_changes_only_motion_and_heads(motion_run, stage1_checkpoin
 
 
 @pytest.fixture(scope="module")
-def resumed_run(motion_run, stage1_checkpoint, tmp_path_factory):
+def resumed_run(motion_run, lite_checkpoint, tmp_path_factory):
     """The 3-step run copied and resumed with steps=4 (the shared run stays as it was)."""
     run_dir = tmp_path_factory.mktemp("resumed") / "run"
     shutil.copytree(motion_run[0], run_dir)
-    result = train_motion(_options(run_dir, stage1_checkpoint, 4, resume=True))
+    result = train_motion(_options(run_dir, lite_checkpoint, 4, resume=True))
     return run_dir, result
 
 
@@ -191,17 +176,17 @@ def test_train_motion_resume_trains_the_resumed_step(motion_run, resumed_run):
     assert len(changed) >= 0.9 * len(motion)
 
 
-def test_train_motion_resume_after_interruption_keeps_one_record_per_step(needs_data, stage1_checkpoint, tmp_path):
-    train_motion(_options(tmp_path, stage1_checkpoint, 2))
+def test_train_motion_resume_after_interruption_keeps_one_record_per_step(needs_data, lite_checkpoint, tmp_path):
+    train_motion(_options(tmp_path, lite_checkpoint, 2))
     with open(tmp_path / "log.jsonl", "a") as f:  # written after the last checkpoint, then interrupted
         f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
-    result = train_motion(_options(tmp_path, stage1_checkpoint, 3, resume=True))
+    result = train_motion(_options(tmp_path, lite_checkpoint, 3, resume=True))
     assert result.step == 3
     steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == [1, 2, 3]
 
 
-def test_train_motion_resume_without_checkpoint_is_an_error(needs_data, stage1_checkpoint, tmp_path):
+def test_train_motion_resume_without_checkpoint_is_an_error(needs_data, lite_checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="resume"):
-        train_motion(_options(tmp_path, stage1_checkpoint, 2, resume=True))
+        train_motion(_options(tmp_path, lite_checkpoint, 2, resume=True))

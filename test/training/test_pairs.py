@@ -16,9 +16,6 @@ import torch
 
 from mpvss_ros.io.samples import (
     bikes_clip,
-    camvid_annot_dir,
-    camvid_dir,
-    shared_data_dir,
 )
 from mpvss_ros.training.data import augment_frames
 from mpvss_ros.training.pairs import (
@@ -38,14 +35,6 @@ def _one_thread(torch_single_thread):
     yield
 
 
-@pytest.fixture(scope="module")
-def camvid_train() -> tuple[Path, Path]:
-    if shared_data_dir() is None:
-        pytest.skip("shared data folder unavailable (../shared/data or $MPVSS_SHARED_DATA)")
-    img, ann = camvid_dir("train"), camvid_annot_dir("train")
-    if img is None or ann is None:
-        pytest.skip("CamVid train / trainannot missing from the shared data folder")
-    return img, ann
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +59,8 @@ def _seq(path: Path) -> str:
     return path.stem.rsplit("_", 1)[0]
 
 
-def test_camvid_pairs_within_sequence_consecutive_both_orders(camvid_train):
-    img_dir, ann_dir = camvid_train
+def test_camvid_pairs_within_sequence_consecutive_both_orders(camvid_train_dirs):
+    img_dir, ann_dir = camvid_train_dirs
     names = sorted(p.name for p in img_dir.iterdir() if p.suffix == ".png")
     seqs = {n.rsplit("_", 1)[0] for n in names}
     pairs = camvid_pairs(img_dir, ann_dir)
@@ -156,17 +145,17 @@ def test_dis_flow_target_zero_for_identical_frames_and_anisotropic_grid():
 
 # --------------------------------------------------------------------------- augment_frames
 
-def _real_frame(camvid_train) -> tuple[np.ndarray, np.ndarray]:
+def _real_frame(camvid_train_dirs) -> tuple[np.ndarray, np.ndarray]:
     from mpvss_ros.training.data import load_frame
 
-    img_dir, ann_dir = camvid_train
+    img_dir, ann_dir = camvid_train_dirs
     name = sorted(p.name for p in img_dir.iterdir())[10]
     return load_frame(img_dir / name, ann_dir / name)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
-def test_augment_frames_identical_frames_identical_outputs(camvid_train, seed):
-    image, label = _real_frame(camvid_train)
+def test_augment_frames_identical_frames_identical_outputs(camvid_train_dirs, seed):
+    image, label = _real_frame(camvid_train_dirs)
     (a, b), lab = augment_frames([image, image.copy()], label, np.random.default_rng(seed), CROP,
                                  (0.5, 1.5), True, True)
     assert a.shape == b.shape == (*CROP, 3) and a.dtype == np.float32
@@ -182,9 +171,9 @@ def test_augment_frames_identical_frames_identical_outputs(camvid_train, seed):
     np.testing.assert_array_equal(lab, lab2)
 
 
-def test_augment_frames_same_draws_for_every_frame(camvid_train):
+def test_augment_frames_same_draws_for_every_frame(camvid_train_dirs):
     """Each frame of a pair gets exactly what it would get alone with the same generator."""
-    image, label = _real_frame(camvid_train)
+    image, label = _real_frame(camvid_train_dirs)
     other = np.ascontiguousarray(image[:, ::-1])  # a different frame of the same size
     for seed in range(4):
         (a, b), lab = augment_frames([image, other], label, np.random.default_rng(seed), CROP, (0.75, 1.5), True, True)
@@ -196,8 +185,8 @@ def test_augment_frames_same_draws_for_every_frame(camvid_train):
         assert not np.array_equal(a, b)
 
 
-def test_augment_frames_pads_label_with_ignore(camvid_train):
-    image, label = _real_frame(camvid_train)
+def test_augment_frames_pads_label_with_ignore(camvid_train_dirs):
+    image, label = _real_frame(camvid_train_dirs)
     (a, b), lab = augment_frames([image, image], label, np.random.default_rng(0), (200, 300), (0.5, 0.5),
                                  False, False)
     # 360x480 * 0.5 = 180x240 < 200x300: padded bottom/right, label 255, image 0
@@ -226,8 +215,8 @@ def _equal(a, b) -> bool:
             and torch.equal(a.current, b.current) and torch.equal(a.label, b.label) and torch.equal(a.flow, b.flow))
 
 
-def test_frame_pairs_shapes_sources_and_determinism(camvid_train, small_clip):
-    img_dir, ann_dir = camvid_train
+def test_frame_pairs_shapes_sources_and_determinism(camvid_train_dirs, small_clip):
+    img_dir, ann_dir = camvid_train_dirs
     fp = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=7)
     assert fp.grid == (12, 16)
     assert len(fp.camvid) == len(camvid_pairs(img_dir, ann_dir))
@@ -256,9 +245,9 @@ def test_frame_pairs_shapes_sources_and_determinism(camvid_train, small_clip):
     assert not all(_equal(fp3.sample(*k), s) for k, s in samples.items())
 
 
-def test_frame_pairs_video_flow_is_plausible(camvid_train, small_clip):
+def test_frame_pairs_video_flow_is_plausible(camvid_train_dirs, small_clip):
     """Video pairs of bikes a few frames apart: the DIS target is finite and small in grid pixels."""
-    img_dir, ann_dir = camvid_train
+    img_dir, ann_dir = camvid_train_dirs
     fp = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=2, video_fraction=1.0, seed=0)
     for i in range(4):
         s = fp.sample(0, i)
@@ -267,8 +256,8 @@ def test_frame_pairs_video_flow_is_plausible(camvid_train, small_clip):
         assert float(s.flow.abs().max()) < 8.0
 
 
-def test_frame_pairs_video_fraction_zero_gives_camvid_only(camvid_train, small_clip):
-    img_dir, ann_dir = camvid_train
+def test_frame_pairs_video_fraction_zero_gives_camvid_only(camvid_train_dirs, small_clip):
+    img_dir, ann_dir = camvid_train_dirs
     fp = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.0, seed=0)
     for step in range(3):
         for i in range(4):
@@ -281,9 +270,9 @@ def test_frame_pairs_video_fraction_zero_gives_camvid_only(camvid_train, small_c
     assert all(fp0.sample(0, i).source == "camvid" for i in range(4))
 
 
-def test_camvid_pair_sample_label_is_the_current_frames(camvid_train):
+def test_camvid_pair_sample_label_is_the_current_frames(camvid_train_dirs):
     """A CamVid sample: key and current from its pair, label = the current frame's, same crop."""
-    img_dir, ann_dir = camvid_train
+    img_dir, ann_dir = camvid_train_dirs
     fp = FramePairs(img_dir, ann_dir, [], crop=CROP, video_fraction=0.0, seed=0, color_jitter=False,
                     scale=(1.0, 1.0), flip=False)
     k_img, c_img, c_lab = next(p for p in fp.camvid if p[0].name > p[1].name)  # a backward pair
