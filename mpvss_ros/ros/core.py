@@ -157,8 +157,6 @@ def load_configured_model(config: NodeConfig) -> LoadedModel:
     from ..config import ConfigError
     from ..model_loader import load_model
 
-    if config.backend != "torch":
-        raise StartupError(f"backend '{config.backend}' is not available; use backend:=torch")
     try:
         return load_model(config.model or None, config.weights or None, config.device)
     except CheckpointError as exc:
@@ -188,8 +186,16 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
                                       max_gap_s=config.max_gap_s)
     else:  # validated: fixed:N
         scheduler = FixedIntervalScheduler(int(config.schedule.split(":", 1)[1]), max_gap_s=config.max_gap_s)
-    propagator = build_propagator(config.propagator, loaded.model)
-    return VideoSegmenter(loaded.model, propagator, scheduler, device=loaded.device)
+    model: Any = loaded.model
+    if config.backend != "torch" or config.precision != "fp32":
+        from ..runtime import load_backend
+
+        try:  # BackendUnavailable: one line saying what is missing and which backend would work
+            model = load_backend(config.backend, loaded, device=config.device, precision=config.precision)
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise StartupError(_one_line(f"backend '{config.backend}' ({config.precision}): {exc}")) from None
+    propagator = build_propagator(config.propagator, model)
+    return VideoSegmenter(model, propagator, scheduler, device=loaded.device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,8 +41,10 @@ __all__ = [
 #: The node's name; also the top-level key of ``config/segment.yaml``.
 NODE_NAME = "mpvss_segmenter"
 
-#: Inference backends the node accepts (ONNX Runtime / TensorRT join when ``runtime/`` lands).
-BACKENDS = ("torch",)
+#: Inference backends (:func:`mpvss_ros.runtime.load_backend`); kept in step with the runtime.
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+#: Numeric precision of the backend.
+PRECISIONS = ("fp32", "fp16")
 #: Kept in step with :data:`mpvss_ros.propagation.PROPAGATORS` (a test checks it); not imported
 #: so that reading the table does not import torch.
 PROPAGATOR_CHOICES = ("query_flow", "optical_flow", "copy")
@@ -89,7 +91,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               constraints="a file path, or ''"),
     ParamSpec("device", "str", "cpu", "Torch device for inference.",
               constraints="cpu, cuda or cuda:N"),
-    ParamSpec("backend", "str", "torch", "Inference backend.", choices=BACKENDS),
+    ParamSpec("backend", "str", "torch",
+              "Inference backend: torch (CPU/CUDA), onnxruntime (CPU, CUDA provider when present) or "
+              "tensorrt (cached engines built from the exported ONNX graphs; prebuild with "
+              "'mpvss build-engine' so the node does not stall on first start).", choices=BACKENDS),
+    ParamSpec("precision", "str", "fp32",
+              "fp32, or fp16 (torch: CUDA autocast; tensorrt: FP16 engines with the pixel decoder kept "
+              "in fp32; not for onnxruntime).", choices=PRECISIONS),
     ParamSpec("propagator", "str", "query_flow",
               "How non-key frames are produced from the last key frame: query_flow (MPVSS), "
               "optical_flow (OpenCV DIS) or copy.", choices=PROPAGATOR_CHOICES),
@@ -154,6 +162,7 @@ class NodeConfig:
     weights: str = ""
     device: str = "cpu"
     backend: str = "torch"
+    precision: str = "fp32"
     propagator: str = "query_flow"
     schedule: str = "adaptive"
     scene_threshold: float = 0.5

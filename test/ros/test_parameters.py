@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SEGMENT_YAML = ROOT / "config" / "segment.yaml"
 
 EXPECTED_DEFAULTS = {
-    "model": "mpvss_lite", "weights": "", "device": "cpu", "backend": "torch", "propagator": "query_flow",
+    "model": "mpvss_lite", "weights": "", "device": "cpu", "backend": "torch", "precision": "fp32",
+    "propagator": "query_flow",
     "schedule": "adaptive", "scene_threshold": 0.5, "min_interval": 1, "max_interval": 10, "max_gap_s": 1.0,
     "input_compressed": False, "input_reliability": "best_effort", "input_depth": 1, "max_frame_age_s": 0.5,
     "publish_colored": True, "publish_overlay": True, "publish_class_masks": True, "overlay_alpha": 0.5,
@@ -119,7 +120,8 @@ def test_validate_normalises_values():
     ("scene_threshold", 0.0, "[0.001, 100]"),
     ("input_reliability", "fast", "best_effort, reliable, system_default"),
     ("propagator", "flow", "query_flow"),
-    ("backend", "tensorrt", "torch"),
+    ("backend", "openvino", "torch, onnxruntime, tensorrt"),
+    ("precision", "int8", "fp32, fp16"),
     ("device", "gpu", "cpu, cuda or cuda:N"),
     ("schedule", "fixed:0", "fixed:N"),
     ("schedule", "adaptive:0.3", "adaptive"),
