@@ -353,19 +353,27 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
     padded = padded_size(valid_hw, cfg.input.size_divisibility)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
     model = _cpu_eval(model)
     t0 = time.perf_counter()
     key_path, non_key_path = out / KEY_FRAME_FILE, out / NON_KEY_FRAME_FILE
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings: shapes become constants, by design
-        image, cls, masks, queries = _example_inputs(model, valid_hw, padded)
-        torch.onnx.export(KeyFrameGraph(model, valid_hw), (image,), str(key_path), opset_version=OPSET,
-                          dynamo=False, input_names=list(KEY_INPUTS), output_names=list(KEY_OUTPUTS),
-                          do_constant_folding=True)
-        current = (image * 0.9 + 10.0).clamp(0, 255)
-        torch.onnx.export(NonKeyFrameGraph(model, valid_hw), (current, image, queries, masks, cls), str(non_key_path),
-                          opset_version=OPSET, dynamo=False, input_names=list(NON_KEY_INPUTS),
-                          output_names=list(NON_KEY_OUTPUTS), do_constant_folding=True)
+    # The wrappers must be in eval mode too: torch.onnx.export restores the *wrapper's* training flag
+    # recursively after exporting, which would leave the caller's model in train mode (BatchNorm
+    # would then update its running statistics on the next forward).
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings: shapes become constants, by design
+            image, cls, masks, queries = _example_inputs(model, valid_hw, padded)
+            torch.onnx.export(KeyFrameGraph(model, valid_hw).eval(), (image,), str(key_path), opset_version=OPSET,
+                              dynamo=False, input_names=list(KEY_INPUTS), output_names=list(KEY_OUTPUTS),
+                              do_constant_folding=True)
+            current = (image * 0.9 + 10.0).clamp(0, 255)
+            torch.onnx.export(NonKeyFrameGraph(model, valid_hw).eval(), (current, image, queries, masks, cls),
+                              str(non_key_path), opset_version=OPSET, dynamo=False,
+                              input_names=list(NON_KEY_INPUTS), output_names=list(NON_KEY_OUTPUTS),
+                              do_constant_folding=True)
+    finally:
+        model.train(was_training)
     for path in (key_path, non_key_path):
         graph = onnx.load(str(path))
         if check:

@@ -272,3 +272,14 @@ def test_cli_bad_export_size(tmp_path, capsys):
     assert main(["export", "--out", str(tmp_path), "--height", "64"]) == 2
     assert "--height and --width" in capsys.readouterr().err
 
+
+
+def test_export_leaves_the_model_in_eval_mode_and_unchanged(lite, tmp_path):
+    model = lite.model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "x", (64, 64))
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        model.segment_key_frame(torch.rand(1, 3, 64, 64) * 255)  # a forward must not touch BN statistics
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
