@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
 from .base import Backend, BackendUnavailable, check_precision
-from .export import KEY_OUTPUTS, GraphSource, default_cache_dir, read_contract
+from .export import KEY_OUTPUTS, GraphSource, _sha256_file, default_cache_dir, read_contract
 
 __all__ = [
     "FP32_LAYER_PATTERNS",
@@ -400,12 +400,6 @@ def _device_identity(device_index: int) -> tuple[str, tuple[int, int]]:
         api.close()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], graph: str, precision: str = "fp32",

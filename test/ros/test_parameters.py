@@ -280,3 +280,13 @@ def test_launch_rviz_shows_this_instances_topics(launch_file):
     assert topics == ["/front/image_raw", f"/front/{NODE_NAME}/overlay", f"/front/{NODE_NAME}/colored",
                       f"/front/{NODE_NAME}/confidence"]
     assert yaml.safe_load(text)["Visualization Manager"]["Displays"][0]["Class"] == "rviz_default_plugins/Image"
+
+
+def test_backend_and_precision_choices_match_the_runtime():
+    # parameters.py keeps its own copies so that reading the table does not import torch.
+    from mpvss_ros.ros import parameters
+    from mpvss_ros.runtime import BACKENDS as RUNTIME_BACKENDS
+    from mpvss_ros.runtime import PRECISIONS as RUNTIME_PRECISIONS
+
+    assert tuple(parameters.BACKENDS) == tuple(RUNTIME_BACKENDS)
+    assert tuple(parameters.PRECISIONS) == tuple(RUNTIME_PRECISIONS)
