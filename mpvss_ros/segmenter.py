@@ -32,7 +32,7 @@ from .scheduling import KeyFrameScheduler, ScheduleDecision
 if TYPE_CHECKING:
     from .runtime.base import Backend
 
-__all__ = ["FrameError", "SegmentationResult", "VideoSegmenter", "Letterbox", "check_frame"]
+__all__ = ["FrameError", "SegmentationResult", "VideoSegmenter", "Letterbox", "check_frame", "class_masks_from_labels"]
 
 #: Classes resized per chunk in post-processing (bounds memory: chunk x H x W float32).
 _CLASS_CHUNK = 16
@@ -57,6 +57,19 @@ def check_frame(image: Any) -> np.ndarray:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise FrameError(f"frame is empty: {image.shape[0]} x {image.shape[1]} pixels")
     return np.ascontiguousarray(image)
+
+
+def class_masks_from_labels(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """``{class_id: (H, W) uint8 mask, 0 or 255}`` for each class present in ``labels``, ascending.
+
+    Args:
+        labels: (H, W) uint8 or uint16 class IDs (other integer dtypes take a slower path).
+    """
+    if labels.dtype in (np.uint8, np.uint16) and labels.ndim == 2:
+        present = np.flatnonzero(np.bincount(labels.reshape(-1)))  # faster than np.unique (no sort)
+        labels = np.ascontiguousarray(labels)
+        return {int(c): cv2.compare(labels, float(c), cv2.CMP_EQ) for c in present}  # 0/255 uint8
+    return {int(c): (labels == c).view(np.uint8) * np.uint8(255) for c in np.unique(labels)}
 
 
 @dataclass(frozen=True)
@@ -233,9 +246,7 @@ class VideoSegmenter:
 
         t = time.perf_counter()
         labels, confidence = self.postprocess(self._key.class_logits, mask_logits, letterbox)
-        masks = None
-        if self.class_masks:
-            masks = {int(c): np.where(labels == c, 255, 0).astype(np.uint8) for c in np.unique(labels)}
+        masks = class_masks_from_labels(labels) if self.class_masks else None
         timings["postprocess"] = (time.perf_counter() - t) * 1e3
         timings["total"] = (time.perf_counter() - t0) * 1e3
 

@@ -35,6 +35,8 @@ import numpy as np
 
 from ..viz import colorize, overlay
 
+from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
+
 __all__ = [
     "ConversionError",
     "SUPPORTED_ENCODINGS",
@@ -394,16 +396,6 @@ def make_label_info(label_info_cls: type, vision_class_cls: type, header: Any,
         raise ConversionError(f"LabelInfo holds at most 65536 classes (uint16 ids), got {len(names)}")
     class_map = [vision_class_cls(class_id=i, class_name=n) for i, n in enumerate(names)]
     return label_info_cls(header=header, class_map=class_map, threshold=float(threshold))
-
-
-def class_masks_from_labels(labels: np.ndarray) -> dict[int, np.ndarray]:
-    """``{class_id: (H, W) uint8 mask 0/255}`` for each class present, ascending (the same masks
-    :class:`~mpvss_ros.segmenter.VideoSegmenter` makes with ``class_masks=True``)."""
-    if labels.dtype in (np.uint8, np.uint16) and labels.ndim == 2:
-        present = np.flatnonzero(np.bincount(labels.reshape(-1)))  # faster than np.unique (no sort)
-        labels = np.ascontiguousarray(labels)
-        return {int(c): cv2.compare(labels, float(c), cv2.CMP_EQ) for c in present}  # 0/255 uint8
-    return {int(c): (labels == c).view(np.uint8) * np.uint8(255) for c in np.unique(labels)}
 
 
 def _class_name(class_names: Sequence[str], class_id: int) -> str:

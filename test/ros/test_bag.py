@@ -20,13 +20,11 @@ import yaml
 from rosbags.interfaces import QosDurability, QosReliability
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.serde import SerdeError
-from rosbags.typesys import Stores, get_typestore
 
 from mpvss_ros.cli import main
 from mpvss_ros.model_loader import LoadedModel
 from mpvss_ros.propagation import build_propagator
 from mpvss_ros.ros.bag import BagOptions, normalize_namespace, output_topics, process_bag
-from mpvss_ros.ros.conversions import rosbags_message_types
 from mpvss_ros.scheduling import parse_schedule
 from mpvss_ros.segmenter import VideoSegmenter
 
@@ -39,13 +37,6 @@ N_FRAMES = 6
 
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-@pytest.fixture(scope="module")
-def ts():
-    store = get_typestore(Stores.ROS2_HUMBLE)
-    rosbags_message_types(store)
-    return store
 
 
 @pytest.fixture(scope="module")

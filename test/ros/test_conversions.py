@@ -23,7 +23,6 @@ from mpvss_ros.ros.conversions import (
     MSG_DEFINITIONS,
     SUPPORTED_ENCODINGS,
     ConversionError,
-    MessageTypes,
     build_outputs,
     class_masks_from_labels,
     compressed_to_rgb,
@@ -51,18 +50,6 @@ YUYV = ("yuv422_yuy2", "yuyv")
 # --------------------------------------------------------------------------------------------
 # Fixtures and helpers (test-side encoders, independent of the code under test)
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ts():
-    store = get_typestore(Stores.ROS2_HUMBLE)
-    rosbags_message_types(store)
-    return store
-
-
-@pytest.fixture(scope="module")
-def types(ts) -> MessageTypes:
-    return rosbags_message_types(ts)
 
 
 def make_header(ts, sec: int = 1700000000, nanosec: int = 123456789, frame_id: str = "camera_optical"):
@@ -572,11 +559,16 @@ def test_build_outputs_on_real_frame(ts, types, camvid_frame, band_model, lite):
 def test_class_masks_from_labels_equal_segmenter_masks(make_band_model, camvid_frame, k):
     seg = VideoSegmenter(make_band_model(k), CopyPropagator(), FixedIntervalScheduler(2), class_masks=True)
     result = seg.push(camvid_frame[:120, :160], 0.0)
-    mine = class_masks_from_labels(result.labels)
-    assert list(mine) == sorted(result.class_masks) and len(mine) >= 2
-    for c, m in result.class_masks.items():
-        assert mine[c].dtype == np.uint8
-        np.testing.assert_array_equal(mine[c], m)
+    # Independent reference: one 0/255 mask per class present, by plain comparison.
+    reference = {int(c): np.where(result.labels == c, 255, 0).astype(np.uint8) for c in np.unique(result.labels)}
+    for masks in (class_masks_from_labels(result.labels), result.class_masks):
+        assert list(masks) == sorted(reference) and len(masks) >= 2
+        for c, m in reference.items():
+            assert masks[c].dtype == np.uint8
+            np.testing.assert_array_equal(masks[c], m)
+    wide = result.labels.astype(np.int32)  # the slow path for other integer dtypes
+    assert {c: m.tolist() for c, m in class_masks_from_labels(wide).items()} == \
+        {c: m.tolist() for c, m in reference.items()}
 
 
 def test_build_outputs_optional_messages_off(ts, types):

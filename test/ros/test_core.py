@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mpvss_ros.model_loader import LoadedModel
-from mpvss_ros.ros.conversions import rosbags_message_types, stamp_to_seconds
+from mpvss_ros.ros.conversions import stamp_to_seconds
 from mpvss_ros.ros.core import (
     ERROR,
     OK,
@@ -74,13 +74,6 @@ class ListLogger:
 
     def error(self, text: str) -> None:
         self._add("error", text)
-
-
-@pytest.fixture(scope="module")
-def types():
-    from rosbags.typesys import Stores, get_typestore
-
-    return rosbags_message_types(get_typestore(Stores.ROS2_HUMBLE))
 
 
 @pytest.fixture()
