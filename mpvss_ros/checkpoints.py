@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "CheckpointError",
+    "CheckpointFile",
+    "read_checkpoint",
     "read_state_dict",
     "load_state_dict_strict",
     "load_checkpoint",
@@ -92,12 +95,25 @@ def _to_tensor_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     return out
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from ``.pth``/``.pt`` (weights_only) or detectron2 ``.pkl`` (numpy only).
+@dataclass
+class CheckpointFile:
+    """What one read of a checkpoint file gives.
 
-    Returns:
-        Flat mapping key -> tensor (the ``"model"`` entry when the file has one; this project's
-        own format yields its ``"state_dict"``).
+    Attributes:
+        state_dict: flat key -> tensor (the ``"model"`` entry of detectron2 files, the
+            ``"state_dict"`` of this project's format).
+        model_config: the stored ``ModelConfig`` dict (this project's format), else None.
+        meta: the stored provenance (this project's format), else {}.
+    """
+
+    state_dict: dict[str, Tensor]
+    model_config: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_checkpoint(path: str | Path) -> CheckpointFile:
+    """Read a checkpoint once: ``.pth``/``.pt`` with ``weights_only=True``, detectron2 ``.pkl``
+    with a numpy-only unpickler.
 
     Raises:
         CheckpointError: missing file, unreadable/corrupt file, or no state dict inside.
@@ -116,8 +132,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     except Exception as exc:  # corrupt zip, truncated pickle, disallowed globals, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        obj = obj.get("state_dict")
-    return _to_tensor_dict(obj, path)
+        return CheckpointFile(_to_tensor_dict(obj.get("state_dict"), path), obj.get("model_config"),
+                              dict(obj.get("meta") or {}))
+    return CheckpointFile(_to_tensor_dict(obj, path))
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The state dict of a checkpoint (see :func:`read_checkpoint`).
+
+    Raises:
+        CheckpointError: missing file, unreadable/corrupt file, or no state dict inside.
+    """
+    return read_checkpoint(path).state_dict
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
@@ -158,31 +184,20 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
         The file's ``meta`` dict for this project's format, else an empty dict.
 
     Raises:
-        CheckpointError: as :func:`read_state_dict` and :func:`load_state_dict_strict`.
+        CheckpointError: as :func:`read_checkpoint` and :func:`load_state_dict_strict`.
     """
-    path = Path(path)
-    state_dict = read_state_dict(path)
-    load_state_dict_strict(model, state_dict, source=str(path))
-    meta: dict[str, Any] = {}
-    if path.suffix != ".pkl":
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict) and obj.get("format") == FORMAT:
-                meta = dict(obj.get("meta") or {})
-        except Exception:  # already read once above; meta is optional
-            meta = {}
-    return meta
+    ckpt = read_checkpoint(path)
+    load_state_dict_strict(model, ckpt.state_dict, source=str(path))
+    return ckpt.meta
 
 
 def read_model_config(path: str | Path) -> dict[str, Any] | None:
-    """The ``model_config`` dict stored in a file of this project's format, or None."""
-    try:
-        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return obj.get("model_config")
-    return None
+    """The ``model_config`` dict stored in a file of this project's format, or None.
+
+    Raises:
+        CheckpointError: as :func:`read_checkpoint`.
+    """
+    return read_checkpoint(path).model_config
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, Any],

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import CheckpointError, load_checkpoint, read_model_config
+from .checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
 from .config import ModelConfig, load_model_config, model_config_from_dict
 from .nn.mpvss import MPVSS
 from .paths import find_data
@@ -104,9 +104,9 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
         if weights_path is None:
             raise CheckpointError(f"weights file not found: {weights}")
 
-    if model is None and weights_path is not None and weights_path.suffix != ".pkl":
-        stored = read_model_config(weights_path)
-        cfg = model_config_from_dict(stored, where=f"{weights_path} (model_config)") if stored else load_model_config(DEFAULT_MODEL)
+    ckpt = read_checkpoint(weights_path) if weights_path is not None else None  # the file is read once
+    if model is None and ckpt is not None and ckpt.model_config:
+        cfg = model_config_from_dict(ckpt.model_config, where=f"{weights_path} (model_config)")
     else:
         cfg = load_model_config(model or DEFAULT_MODEL)
 
@@ -116,12 +116,15 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             log.warning(
                 "no trained weights for %s (%s not found): running UNTRAINED, randomly initialised "
                 "(seed %d); labels will be meaningless", cfg.name, cfg.default_weights, seed)
+        else:
+            ckpt = read_checkpoint(weights_path)
 
     torch.manual_seed(seed)
     net = MPVSS(cfg)
     meta: dict[str, Any] = {}
-    if weights_path is not None:
-        meta = load_checkpoint(net, weights_path)
+    if ckpt is not None:
+        load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path))
+        meta = ckpt.meta
     elif not cfg.default_weights:
         log.warning("model %s has no weights (none given, no default): running UNTRAINED", cfg.name)
     net.eval().to(dev)
