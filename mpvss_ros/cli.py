@@ -6,7 +6,7 @@
   key-interval study with ``--study``.
 * ``mpvss train segmentor ...`` (stage 1) and ``mpvss train motion ...`` (stage 2).
 * ``mpvss export --out DIR``, ``mpvss build-engine``, ``mpvss bench``: ONNX graphs + contract,
-  TensorRT engines, latency per backend (:mod:`mpvss_ros.runtime`); ``segment`` and ``eval`` take
+  TensorRT engines, latency per backend (:mod:`mpvss_ros.runtime`); ``segment``, ``eval`` and ``bag`` take
   ``--backend torch|onnxruntime|tensorrt`` and ``--precision fp32|fp16``.
 * ``mpvss bag IN OUT --topic TOPIC [--compressed] [--namespace NS] [--storage sqlite3|mcap]``:
   segment an image topic of a rosbag2 bag into a new bag with the node's output topics.
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     bag.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(bag)
     _add_pipeline_options(bag)
+    add_backend_options(bag)
     add_runtime_commands(sub)
     return parser
 
@@ -169,7 +170,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_bag(args: argparse.Namespace) -> int:
-    from .model_loader import load_model
     from .ros.bag import BagOptions, normalize_namespace, process_bag
     from .scheduling import parse_schedule
 
@@ -181,7 +181,7 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     normalize_namespace(args.namespace)
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
-    loaded = load_model(args.model, args.weights, args.device)
+    loaded, backend = load_model_and_backend(args)
     options = BagOptions(
         propagator=args.propagator,
         schedule=args.schedule,
@@ -194,7 +194,7 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     summary = process_bag(args.input, args.output, args.topic, loaded, options, compressed=args.compressed,
-                          namespace=args.namespace, storage=args.storage)
+                          namespace=args.namespace, storage=args.storage, backend=backend)
     brief = {k: summary[k] for k in ("frames", "written", "skipped", "skipped_by_reason", "key_frames",
                                      "key_frame_ratio", "median_total_ms", "fps", "trained")}
     print(json.dumps(brief))

@@ -212,7 +212,8 @@ def _select_topic(connections: list[Any], topic: str, compressed: bool | None, w
 
 
 def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: LoadedModel, options: Any = None,
-                compressed: bool | None = None, namespace: str = "/mpvss", storage: str | None = None) -> dict[str, Any]:
+                compressed: bool | None = None, namespace: str = "/mpvss", storage: str | None = None,
+                backend: Any = None) -> dict[str, Any]:
     """Segment ``topic`` of the bag ``in_path`` and write a new bag ``out_path`` (see the module docstring).
 
     Args:
@@ -225,6 +226,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         compressed: True = the topic must be CompressedImage, False = Image, None = detect.
         namespace: prefix of the output topics.
         storage: ``sqlite3`` or ``mcap``; None = as the input bag.
+        backend: an inference backend (:func:`mpvss_ros.runtime.load_backend`, e.g. onnxruntime or
+            TensorRT) to run instead of ``loaded.model``; None = the PyTorch model.
 
     Returns:
         Summary: ``frames`` (input messages read), ``written`` (segmented and written),
@@ -262,8 +265,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
 
     cfg = loaded.config
     scheduler = parse_schedule(_opt(options, "schedule"), max_interval=_opt(options, "max_interval"))
-    propagator = build_propagator(_opt(options, "propagator"), loaded.model)
-    segmenter = VideoSegmenter(loaded.model, propagator, scheduler, device=loaded.device)
+    model = backend if backend is not None else loaded.model
+    propagator = build_propagator(_opt(options, "propagator"), model)
+    segmenter = VideoSegmenter(model, propagator, scheduler, device=loaded.device)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     class_names = list(cfg.class_names) if len(cfg.class_names) == cfg.num_classes else [f"class {i}" for i in range(cfg.num_classes)]
 
@@ -379,6 +383,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "weights": str(loaded.weights) if loaded.weights else None,
         "trained": loaded.trained,
         "device": str(loaded.device),
+        "backend": model.describe() if hasattr(model, "describe") else None,
         "propagator": _opt(options, "propagator"),
         "schedule": _opt(options, "schedule"),
         "frames": frames,

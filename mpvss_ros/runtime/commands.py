@@ -1,7 +1,7 @@
 """Command-line pieces of :mod:`mpvss_ros.runtime`, used by :mod:`mpvss_ros.cli`.
 
 * ``--backend torch|onnxruntime|tensorrt``, ``--precision fp32|fp16`` and ``--cache-dir`` for
-  ``mpvss segment`` and ``mpvss eval`` (:func:`add_backend_options`, :func:`load_model_and_backend`);
+  ``mpvss segment``, ``mpvss eval`` and ``mpvss bag`` (:func:`add_backend_options`, :func:`load_model_and_backend`);
 * ``mpvss export --out DIR [--model M] [--weights W] [--height H --width W]``: the two ONNX graphs,
   ``contract.json`` and the onnxruntime-vs-PyTorch parity figures;
 * ``mpvss build-engine [--model M] [--height H --width W] [--precision P]``: prebuild the

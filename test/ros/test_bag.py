@@ -376,6 +376,25 @@ def test_cli_bag(ts, tmp_path, frames, capsys):
     assert len(read_bag(ts, tmp_path / "out")["/seg/overlay"]) == 3
 
 
+def test_cli_bag_onnxruntime_matches_torch(ts, tmp_path, frames, capsys, monkeypatch):
+    """``mpvss bag --backend onnxruntime``: same messages, labels as the PyTorch run's (issue 5)."""
+    monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path / "cache"))
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:3]))
+    common = ["--topic", TOPIC, "--no-progress", "--schedule", "fixed:2", "--threads", "1",
+              "--no-colored", "--no-overlay", "--no-class-masks"]
+    assert main(["bag", str(tmp_path / "in"), str(tmp_path / "torch"), *common]) == 0
+    assert main(["bag", str(tmp_path / "in"), str(tmp_path / "ort"), *common, "--backend", "onnxruntime"]) == 0, \
+        capsys.readouterr().err
+    briefs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [b["written"] for b in briefs] == [3, 3] and [b["key_frames"] for b in briefs] == [2, 2]
+    want, got = read_bag(ts, tmp_path / "torch"), read_bag(ts, tmp_path / "ort")
+    assert set(got) == set(want)
+    for (t_w, m_w, _), (t_g, m_g, _) in zip(want["/mpvss/labels"], got["/mpvss/labels"]):
+        assert t_w == t_g and m_w.header.stamp == m_g.header.stamp
+        agree = np.mean(image_array(m_w) == image_array(m_g))
+        assert agree > 0.999, agree
+
+
 def test_cli_bag_errors(ts, small_bag, tmp_path, capsys):
     assert main(["bag", str(small_bag), str(tmp_path / "out"), "--topic", "/nope", "--no-progress"]) == 2
     err = capsys.readouterr().err
