@@ -70,6 +70,10 @@ def make_session(path: str | Path, threads: int | None = None, device: str | tor
             raise ValueError(f"threads must be >= 1, got {threads}")
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
+    # onnxruntime's intra-op workers spin-wait after each run by default. Between runs this process
+    # does torch post-processing, decoding and scene scoring, and on a robot other nodes share the
+    # cores: spinning workers then steal them. Measured on 2 cores: see docs/runtime.md.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     dev = torch.device(device)
     providers: list[Any] = ["CPUExecutionProvider"]
     if dev.type == "cuda":

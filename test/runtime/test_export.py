@@ -283,3 +283,13 @@ def test_export_leaves_the_model_in_eval_mode_and_unchanged(lite, tmp_path):
         model.segment_key_frame(torch.rand(1, 3, 64, 64) * 255)  # a forward must not touch BN statistics
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sessions_do_not_spin(lite_small):
+    """onnxruntime workers must not spin-wait between runs: the same cores run torch
+    post-processing right after every run (and, on a robot, other nodes)."""
+    from mpvss_ros.runtime.onnx_backend import make_session
+
+    sess = make_session(lite_small.non_key_frame, threads=2)
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert sess.get_session_options().intra_op_num_threads == 2
