@@ -385,6 +385,25 @@ def test_postprocess_chunked_equals_direct(make_band_model, num_classes, input_h
     assert diff.max() <= 1 and (diff == 0).mean() > 0.999
 
 
+@pytest.mark.parametrize("input_hw, canvas", [((75, 101), (48, 64)), ((21, 29), (48, 64)), ((50, 70), None)])
+def test_score_resize_cv2_and_torch_paths_agree(input_hw, canvas):
+    """CPU tensors are resized with cv2 in (H, W, C) layout, GPU tensors with F.interpolate: both
+    follow the reference (upsample to the padded canvas, crop, resize to the input)."""
+    from mpvss_ros.segmenter import _scores_to_input_size
+
+    lb = Letterbox.fit(input_hw, canvas, 32)
+    scores = torch.rand((7, lb.padded_hw[0] // 4, lb.padded_hw[1] // 4), generator=torch.Generator().manual_seed(3))
+    ref = F.interpolate(scores[None], size=lb.padded_hw, mode="bilinear", align_corners=False)
+    ref = ref[:, :, : lb.resized_hw[0], : lb.resized_hw[1]]
+    if tuple(ref.shape[-2:]) != lb.input_hw:
+        ref = F.interpolate(ref, size=lb.input_hw, mode="bilinear", align_corners=False)
+    ref = ref[0].permute(1, 2, 0)
+    for use_cv2 in (True, False):
+        got = _scores_to_input_size(scores, lb, use_cv2=use_cv2)
+        assert got.shape == (*input_hw, 7)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("score_resolution", ["canvas", "mask"])
 def test_postprocess_confidence_hand_built(make_band_model, score_resolution):
     """Two classes, one query each, masks saturated: confidence = round(255 * max / sum)."""

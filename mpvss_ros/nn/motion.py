@@ -474,7 +474,9 @@ class MotionModule(nn.Module):
 
         ``cat[current, key]`` along channels, ``x / 255 - image_mean`` (the RGB mean repeated
         for both frames), then a bilinear resize (align_corners=False) to the explicit Python-int
-        size ``(int(H*s), int(W*s))`` with ``s = image_scale`` (skipped when s == 1).
+        size ``(int(H*s), int(W*s))`` with ``s = image_scale`` (skipped when s == 1). Computed in
+        the cheaper order resize-then-normalise, which equals it up to float32 rounding when the
+        raw padding is zero (as :class:`~mpvss_ros.segmenter.Letterbox` pads).
 
         Args:
             current: (B, 3, H, W) float32 RGB in 0..255, the non-key frame, zero-padded at the
@@ -505,13 +507,25 @@ class MotionModule(nn.Module):
             if image_size is not None and (image_size[0] > hh or image_size[1] > ww or min(image_size) < 1):
                 raise ValueError(f"image_size {tuple(image_size)} must lie within the padded size {(hh, ww)}")
         height, width = int(current.shape[-2]), int(current.shape[-1])
-        x = torch.cat([current, key], dim=1) / 255.0 - self.image_mean.to(current.dtype)
+        # Resize first, normalise on the small grid: bilinear resampling is a convex combination
+        # per output pixel, so resize(M * (x / 255 - mean)) = resize(x) / 255 - mean * resize(M) for
+        # a zero raw padding (x = M * x; the letterbox and the ONNX contract guarantee it), with M
+        # the 0/1 valid-area mask. Same result up to float32 rounding, 1/16 of the arithmetic.
+        size = self.input_size(height, width)
+        if self.image_scale != 1.0:
+            x = torch.cat([F.interpolate(current, size=size, mode="bilinear", align_corners=False),
+                           F.interpolate(key, size=size, mode="bilinear", align_corners=False)], dim=1)
+        else:
+            x = torch.cat([current, key], dim=1)
+        mean = self.image_mean.to(current.dtype)
         if image_size is not None and (int(image_size[0]) < height or int(image_size[1]) < width):
             rows = (torch.arange(height, device=x.device) < int(image_size[0])).to(x.dtype)
             cols = (torch.arange(width, device=x.device) < int(image_size[1])).to(x.dtype)
-            x = x * (rows[:, None] * cols[None, :])
-        if self.image_scale != 1.0:
-            x = F.interpolate(x, size=self.input_size(height, width), mode="bilinear", align_corners=False)
+            valid = (rows[:, None] * cols[None, :])[None, None]
+            if self.image_scale != 1.0:
+                valid = F.interpolate(valid, size=size, mode="bilinear", align_corners=False)
+            mean = mean * valid
+        x = x / 255.0 - mean
         return x
 
     def forward(

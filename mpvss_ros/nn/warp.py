@@ -26,10 +26,12 @@ __all__ = ["warp_mask_logits", "WARP_NORMALIZATIONS"]
 WARP_NORMALIZATIONS = ("exact", "mmtrack")
 
 
-def _base_grid(h: int, w: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    ys = torch.arange(h, dtype=dtype, device=device).view(1, h, 1).expand(1, h, w)
-    xs = torch.arange(w, dtype=dtype, device=device).view(1, 1, w).expand(1, h, w)
-    return xs, ys
+def _normalised_base_grid(h: int, w: int, scale_x: float, scale_y: float, dtype: torch.dtype,
+                          device: torch.device) -> Tensor:
+    """(1, 2, h, w): ``x * scale_x - 1`` and ``y * scale_y - 1``, the grid of zero flow."""
+    xs = torch.arange(w, dtype=dtype, device=device) * scale_x - 1.0
+    ys = torch.arange(h, dtype=dtype, device=device) * scale_y - 1.0
+    return torch.stack((xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w)))[None]
 
 
 def warp_mask_logits(mask_logits: Tensor, flows: Tensor, normalization: str = "exact") -> Tensor:
@@ -63,25 +65,22 @@ def warp_mask_logits(mask_logits: Tensor, flows: Tensor, normalization: str = "e
     if fb != b or fn not in (1, n):
         raise ValueError(f"flows {tuple(flows.shape)} do not match mask_logits {tuple(mask_logits.shape)}")
 
-    flow = flows.reshape(b * fn, 2, hf, wf)
+    # grid = (base + flow_up * pixel_scale) * norm - 1 per axis. Upsampling is linear, so the
+    # per-axis factors are applied on the small flow grid and the zero-flow grid is added after;
+    # grid_sample takes the permuted (B*fn, h, w, 2) view without a copy. Same result as
+    # upsample-scale-add-normalise-stack up to float32 rounding, with 5 fewer full-size passes.
+    if normalization == "mmtrack":
+        pixel_scale = (w / wf, w / wf)
+        norm = (2.0 / w, 2.0 / h)
+    else:
+        pixel_scale = (w / wf, h / hf)
+        norm = (2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1))
+    factor = torch.tensor([pixel_scale[0] * norm[0], pixel_scale[1] * norm[1]], dtype=flows.dtype,
+                          device=flows.device).view(1, 2, 1, 1)
+    flow = flows.reshape(b * fn, 2, hf, wf) * factor
     if (hf, wf) != (h, w):
         flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-    if normalization == "mmtrack":
-        flow = flow * (w / wf)
-    else:
-        flow = flow * torch.tensor([w / wf, h / hf], dtype=flow.dtype, device=flow.device).view(1, 2, 1, 1)
-
-    xs, ys = _base_grid(h, w, flow.dtype, flow.device)
-    gx = xs + flow[:, 0]
-    gy = ys + flow[:, 1]
-    if normalization == "mmtrack":
-        gx = gx / w * 2.0 - 1.0
-        gy = gy / h * 2.0 - 1.0
-    else:
-        gx = gx / max(w - 1, 1) * 2.0 - 1.0
-        gy = gy / max(h - 1, 1) * 2.0 - 1.0
-    grid = torch.stack((gx, gy), dim=-1)  # (B*fn, h, w, 2)
-
+    grid = (flow + _normalised_base_grid(h, w, norm[0], norm[1], flow.dtype, flow.device)).permute(0, 2, 3, 1)
     if fn == 1:
         # One flow for every mask: the masks are the channels of one sample.
         src = mask_logits

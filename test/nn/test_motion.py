@@ -314,6 +314,10 @@ def test_prepare_images_normalisation(lite: MotionModule) -> None:
 
 def test_prepare_images_valid_size_mask(lite: MotionModule) -> None:
     cur, key = images(1, 64, 96)
+    cur[..., 60:, :] = 0  # zero raw padding at the bottom/right, as the letterbox pads
+    cur[..., 90:] = 0
+    key[..., 60:, :] = 0
+    key[..., 90:] = 0
     x = lite.prepare_images(cur, key, image_size=(60, 90))
     mean = torch.tensor([0.411, 0.432, 0.450] * 2).view(1, 6, 1, 1)
     norm = torch.cat([cur, key], dim=1) / 255 - mean
