@@ -57,7 +57,8 @@ class MotionTrainOptions:
         run_dir: output folder (log.jsonl, checkpoints).
         init_checkpoint: the stage-1 model (this project's format).
         steps: schedule length; batch_size: pairs per step; crop: (H, W) pixels.
-        lr: AdamW lr of the motion module; head_lr_mult: lr multiplier of class/mask embeddings.
+        lr: AdamW lr of the motion module; head_lr_mult: lr multiplier of class/mask embeddings
+            (0 freezes them).
         weight_decay, warmup_steps, poly_power, clip_grad_norm: as stage 1.
         flow_weight: weight of the DIS-flow L1 term (0 disables it).
         video_fraction: share of unlabelled video pairs per batch.
@@ -203,6 +204,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     predictor = model.sem_seg_head.predictor
     motion_params = list(model.motion.parameters())
     head_params = list(predictor.class_embed.parameters()) + list(predictor.mask_embed.parameters())
+    if opts.head_lr_mult == 0:  # heads frozen: the model ships with the segmentor's own heads
+        head_params = []
     for p in motion_params + head_params:
         p.requires_grad_(True)
 
@@ -212,8 +215,10 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         return [{"params": decay, "lr": lr, "weight_decay": opts.weight_decay, "name": f"{name}_decay"},
                 {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}_no_decay"}]
 
-    optimizer = torch.optim.AdamW(groups(motion_params, opts.lr, "motion")
-                                  + groups(head_params, opts.lr * opts.head_lr_mult, "heads"), lr=opts.lr)
+    param_groups = groups(motion_params, opts.lr, "motion")
+    if head_params:
+        param_groups += groups(head_params, opts.lr * opts.head_lr_mult, "heads")
+    optimizer = torch.optim.AdamW(param_groups, lr=opts.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, opts.steps, opts.warmup_steps, 0.01, opts.poly_power))
     criterion = SetCriterion(cfg.num_classes, HungarianMatcher(2.0, 5.0, 5.0, num_points=opts.num_points),

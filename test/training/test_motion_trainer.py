@@ -138,6 +138,17 @@ def test_train_motion_changes_only_motion_and_heads(motion_run, lite_checkpoint)
     assert any(not torch.equal(init[k], last[k]) for k in init if k.startswith("sem_seg_head.predictor.mask_embed."))
 
 
+def test_train_motion_head_lr_mult_zero_freezes_heads(needs_data, lite_checkpoint, tmp_path):
+    opts = _options(tmp_path / "run", lite_checkpoint, 1)
+    opts.head_lr_mult = 0.0
+    opts.val_every = 0
+    train_motion(opts)
+    init, last = read_state_dict(lite_checkpoint), read_state_dict(tmp_path / "run" / "checkpoint_last.pt")
+    heads = [k for k in init if k.startswith(TRAINED_PREFIXES[1:])]
+    assert heads and all(torch.equal(init[k], last[k]) for k in heads)
+    assert any(not torch.equal(init[k], last[k]) for k in init if k.startswith("motion."))
+
+
 @pytest.fixture(scope="module")
 def resumed_run(motion_run, lite_checkpoint, tmp_path_factory):
     """The 3-step run copied and resumed with steps=4 (the shared run stays as it was)."""
