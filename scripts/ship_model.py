@@ -1,21 +1,42 @@
 #!/usr/bin/env python3
 """Assemble the shipped default model from the two training stages.
 
-    python3 scripts/ship_model.py --segmentor runs/stage1/model_final.pt \
-        --motion runs/stage2/model_final.pt --out models/mpvss_lite_camvid.pt
+    python3 scripts/ship_model.py --segmentor runs/stage1c/model_final.pt \
+        --motion runs/stage2c/model_final.pt --out models/mpvss_lite_camvid.pt
 
 The segmentor (backbone, pixel decoder, transformer decoder with its class/mask heads) comes from
 stage 1, the motion module from stage 2, and the configuration from stage 2's checkpoint (it
 carries the motion settings stage 2 trained with). Floating-point tensors are stored as float16.
-Why stage 1's heads: on the CamVid val clip stage 2's fine-tuned heads gave 64.12 per-frame and
-58.53 query_flow@5 mIoU, stage 1's 65.40 and 59.63 (see models/README.md).
+The provenance in ``meta["training"]`` is read from the runs' ``options.json`` files, following
+``init_checkpoint`` back to the first run (see models/README.md for the commands).
 """
 
 import argparse
+import json
+from pathlib import Path
+from typing import Any
 
 from mpvss_ros.checkpoints import read_model_config, read_state_dict, save_checkpoint
 from mpvss_ros.config import model_config_from_dict
 from mpvss_ros.nn.mpvss import MPVSS
+
+#: Options worth recording from a run's options.json.
+_KEEP = ("run_dir", "model", "steps", "batch_size", "crop", "lr", "head_lr_mult", "matcher", "flow_weight",
+         "init_checkpoint", "seed", "threads")
+
+
+def run_chain(checkpoint: str) -> list[dict[str, Any]]:
+    """Options of the run that wrote ``checkpoint`` and of the runs it was initialised from, oldest first."""
+    chain: list[dict[str, Any]] = []
+    path: str | None = checkpoint
+    while path:
+        options = Path(path).parent / "options.json"
+        if not options.is_file() or len(chain) > 10:
+            break
+        opts = json.loads(options.read_text())
+        chain.append({k: opts[k] for k in _KEEP if k in opts})
+        path = opts.get("init_checkpoint")
+    return chain[::-1]
 
 
 def main() -> None:
@@ -32,8 +53,8 @@ def main() -> None:
     meta = {
         "model": cfg.name, "classes": cfg.class_names,
         "segmentor_from": args.segmentor, "motion_from": args.motion,
-        "training": "stage 1: CamVid train, 1800 steps x 8 crops 256x320, Hungarian matcher; stage 2: 1000 steps "
-                    "x 8 pairs (CamVid train pairs + pseudo-labelled solidWhiteRight/bikes pairs)",
+        "training": {"segmentor": run_chain(args.segmentor), "motion": run_chain(args.motion)},
+        "data": "CamVid train (367 frames, SegNet split); stage 2 also pseudo-labelled solidWhiteRight.mp4 / bikes.mp4 pairs",
         "hardware": "2 CPU cores (AMD EPYC), torch 2.13.0+cpu, no GPU",
     }
     save_checkpoint(args.out, model, cfg.to_dict(), meta=meta, half=True)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import load_checkpoint, read_model_config, save_checkpoint
+from ..checkpoints import load_checkpoint, read_model_config, read_state_dict, save_checkpoint
 from ..config import load_model_config, model_config_from_dict
 from ..evaluation.metrics import ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
@@ -72,6 +72,8 @@ class MotionTrainOptions:
         max_clip_frames: use only the first frames of each unlabelled clip (tests, debugging).
         model: a model name or YAML whose configuration replaces the one stored in
             ``init_checkpoint`` (e.g. a changed motion module; the weights must still fit).
+        init_motion: start the motion module from this checkpoint's ``motion.*`` weights instead
+            of ``init_checkpoint``'s (warm start after retraining the segmentor); strict.
     """
 
     run_dir: str
@@ -100,6 +102,7 @@ class MotionTrainOptions:
     resume: bool = False
     max_clip_frames: int | None = None
     model: str | None = None
+    init_motion: str | None = None
 
 
 @dataclass
@@ -170,6 +173,13 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
     init_meta = load_checkpoint(model, opts.init_checkpoint)
+    if opts.init_motion:
+        motion_state = {k[len("motion."):]: v for k, v in read_state_dict(opts.init_motion).items()
+                        if k.startswith("motion.")}
+        if not motion_state:
+            raise ValueError(f"{opts.init_motion} holds no motion.* weights")
+        model.motion.load_state_dict(motion_state, strict=True)  # lists missing/unexpected keys
+        log.info("motion module initialised from %s", opts.init_motion)
     model.eval()
 
     train_dir, train_annot = camvid_dir("train"), camvid_annot_dir("train")

@@ -149,6 +149,25 @@ def test_train_motion_head_lr_mult_zero_freezes_heads(needs_data, lite_checkpoin
     assert any(not torch.equal(init[k], last[k]) for k in init if k.startswith("motion."))
 
 
+def test_train_motion_init_motion_warm_start(needs_data, lite_checkpoint, motion_run, tmp_path):
+    """--init-motion takes the motion module from another checkpoint (lr 0: nothing moves after)."""
+    donor = motion_run[0] / "checkpoint_last.pt"
+    opts = _options(tmp_path / "run", lite_checkpoint, 1)
+    opts.lr, opts.head_lr_mult, opts.val_every, opts.init_motion = 0.0, 0.0, 0, str(donor)
+    train_motion(opts)
+    init, want = read_state_dict(lite_checkpoint), read_state_dict(donor)
+    got = read_state_dict(tmp_path / "run" / "checkpoint_last.pt")
+    motion = [k for k in want if k.startswith("motion.") and want[k].is_floating_point()]
+    assert all(torch.equal(got[k], want[k]) for k in motion)
+    assert any(not torch.equal(got[k], init[k]) for k in motion)
+    assert all(torch.equal(got[k], init[k]) for k in init if not k.startswith("motion."))
+    opts = _options(tmp_path / "bad", lite_checkpoint, 1)
+    opts.init_motion = str(tmp_path / "none.pt")
+    torch.save({"backbone.x": torch.zeros(1)}, opts.init_motion)
+    with pytest.raises(ValueError):
+        train_motion(opts)
+
+
 @pytest.fixture(scope="module")
 def resumed_run(motion_run, lite_checkpoint, tmp_path_factory):
     """The 3-step run copied and resumed with steps=4 (the shared run stays as it was)."""
