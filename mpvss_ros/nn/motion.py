@@ -67,6 +67,16 @@ def _checking() -> bool:
     return not torch.jit.is_tracing()
 
 
+def flow_grid_size(image_scale: float, height: int, width: int) -> tuple[int, int]:
+    """Size (h, w) of the motion module's flow grid for a padded image of (height, width) pixels.
+
+    The pair is resized to ``(int(H*s), int(W*s))``; conv1 and conv2 (stride 2, 'same' padding)
+    each map n to ceil(n / 2). For the official s = 0.5 and H, W multiples of 32: (H/8, W/8).
+    """
+    h, w = int(height * image_scale), int(width * image_scale)
+    return ((h + 1) // 2 + 1) // 2, ((w + 1) // 2 + 1) // 2
+
+
 def crop_like(x: Tensor, target: Tensor) -> Tensor:
     """Crop ``x`` at the bottom/right to the spatial size of ``target`` (FlowNetS ``crop_like``).
 
@@ -461,13 +471,9 @@ class MotionModule(nn.Module):
         return int(height * self.image_scale), int(width * self.image_scale)
 
     def flow_size(self, height: int, width: int) -> tuple[int, int]:
-        """Size (h, w) of the flow grid for a padded image of (height, width) pixels.
-
-        Exact conv arithmetic: conv1 and conv2 (stride 2, 'same' padding) each map n to
-        ceil(n / 2). For the official scale and H, W multiples of 32 this is (H/8, W/8).
-        """
-        h, w = self.input_size(height, width)
-        return ((h + 1) // 2 + 1) // 2, ((w + 1) // 2 + 1) // 2
+        """Size (h, w) of the flow grid for a padded image of (height, width) pixels
+        (:func:`flow_grid_size`)."""
+        return flow_grid_size(self.image_scale, height, width)
 
     def prepare_images(self, current: Tensor, key: Tensor, image_size: tuple[int, int] | None = None) -> Tensor:
         """Build the encoder input from the two frames (spec §2.1).

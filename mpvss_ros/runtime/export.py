@@ -8,9 +8,11 @@
   only);
 * ``non_key_frame.onnx``: ``image``, ``key_image`` (both (1, 3, Hp, Wp) float32 0..255),
   ``key_query_embeddings`` (1, N, C), ``key_mask_logits`` (1, N, Hp/4, Wp/4),
-  ``key_class_logits`` (1, N, K+1) -> ``warped_mask_logits`` (1, N, Hp/4, Wp/4) and ``scores``
+  ``key_class_logits`` (1, N, K+1) -> ``warped_mask_logits`` (1, N, Hp/4, Wp/4), ``scores``
   (1, K, Hp/4, Wp/4) = :func:`~mpvss_ros.nn.mpvss.semantic_scores` on the mask grid (the
-  motion module, the per-query warp, and semantic inference);
+  motion module, the per-query warp, and semantic inference) and the per-query ``flows``
+  (1, N, 2, hf, wf) on the motion grid (a runtime with a slow GridSample kernel can prune the
+  warp and warp the key frame's mask logits itself; the onnxruntime CPU backend does);
 * ``contract.json``: the interface for anyone running the graphs or bringing their own model
   (:func:`build_contract`): input/output names, shapes and dtypes, pixel mean/std, the canvas
   and valid size, class names, the model configuration, and the ONNX-vs-PyTorch parity
@@ -61,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..nn.motion import flow_grid_size
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..nn.warp import warp_mask_logits
 from .base import padded_size
@@ -106,7 +109,7 @@ CONTRACT_FILE = "contract.json"
 KEY_INPUTS = ("image",)
 KEY_OUTPUTS = ("class_logits", "mask_logits", "query_embeddings")
 NON_KEY_INPUTS = ("image", "key_image", "key_query_embeddings", "key_mask_logits", "key_class_logits")
-NON_KEY_OUTPUTS = ("warped_mask_logits", "scores")
+NON_KEY_OUTPUTS = ("warped_mask_logits", "scores", "flows")
 #: Data-dependent or control-flow ops that TensorRT handles badly (spec section 6.3).
 FORBIDDEN_OPS = frozenset({"NonZero", "ScatterND", "Loop", "If"})
 #: Parity tolerance: max |onnx - torch| <= PARITY_ATOL + PARITY_RTOL * max |torch|.
@@ -125,6 +128,8 @@ _DESCRIPTIONS = {
     "warped_mask_logits": "key-frame mask logits warped to the current frame with one flow per query",
     "scores": "semantic scores S[c] = sum_q softmax(class_q)[c] * sigmoid(mask_q) on the 1/4 grid "
               "(no-object dropped; argmax over c gives labels)",
+    "flows": "one flow per query on the motion grid, (x, y) in grid pixels, current -> key frame; "
+             "warped_mask_logits = warp(key_mask_logits, flows) (for runtimes that warp outside the graph)",
 }
 
 
@@ -143,7 +148,7 @@ class KeyFrameGraph(nn.Module):
 
 class NonKeyFrameGraph(nn.Module):
     """``(image, key_image, key_query_embeddings, key_mask_logits, key_class_logits) ->
-    (warped_mask_logits, scores)`` for one fixed valid size."""
+    (warped_mask_logits, scores, flows)`` for one fixed valid size."""
 
     def __init__(self, model: MPVSS, valid_hw: tuple[int, int]) -> None:
         super().__init__()
@@ -151,10 +156,10 @@ class NonKeyFrameGraph(nn.Module):
         self.valid_hw = (int(valid_hw[0]), int(valid_hw[1]))
 
     def forward(self, image: Tensor, key_image: Tensor, key_query_embeddings: Tensor, key_mask_logits: Tensor,
-                key_class_logits: Tensor) -> tuple[Tensor, Tensor]:
+                key_class_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         flows = self.model.estimate_flow(image, key_image, key_query_embeddings, self.valid_hw)
         warped = warp_mask_logits(key_mask_logits, flows, self.model.warp_normalization)
-        return warped, semantic_scores(key_class_logits, warped)
+        return warped, semantic_scores(key_class_logits, warped), flows
 
 
 @dataclass
@@ -199,6 +204,7 @@ def _io_shapes(cfg: ModelConfig, padded_hw: tuple[int, int]) -> dict[str, tuple[
         "key_class_logits": (1, n, k + 1),
         "warped_mask_logits": (1, n, *grid),
         "scores": (1, k, *grid),
+        "flows": (1, n, 2, *flow_grid_size(cfg.motion.image_scale, hp, wp)),
     }
 
 
@@ -488,10 +494,11 @@ def check_parity(export_dir: str | Path, model: MPVSS, frames: Sequence[np.ndarr
     non_key_sess = make_session(d / contract["graphs"]["non_key_frame"]["file"], threads=threads)
     with torch.no_grad():
         key = model.segment_key_frame(key_img, valid)
-        warped = model.propagate(key, cur_img)
+        flows = model.estimate_flow(cur_img, key.image, key.query_embeddings, key.valid_hw)
+        warped = warp_mask_logits(key.mask_logits, flows, model.warp_normalization)
         ref = {
             "class_logits": key.class_logits, "mask_logits": key.mask_logits, "query_embeddings": key.query_embeddings,
-            "warped_mask_logits": warped, "scores": semantic_scores(key.class_logits, warped),
+            "warped_mask_logits": warped, "scores": semantic_scores(key.class_logits, warped), "flows": flows,
         }
     got_key = dict(zip(KEY_OUTPUTS, key_sess.run(list(KEY_OUTPUTS), {"image": key_img.numpy()})))
     feeds = {"image": cur_img.numpy(), "key_image": key_img.numpy(),

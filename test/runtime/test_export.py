@@ -8,6 +8,7 @@ and the seeded-random variants still run.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -36,7 +37,7 @@ from mpvss_ros.runtime.export import (
     parity_frames,
     read_contract,
 )
-from mpvss_ros.runtime.onnx_backend import OnnxRuntimeBackend
+from mpvss_ros.runtime.onnx_backend import OnnxRuntimeBackend, make_session
 from mpvss_ros.runtime.torch_backend import TorchBackend
 from mpvss_ros.scheduling import FixedIntervalScheduler
 from mpvss_ros.segmenter import VideoSegmenter
@@ -117,7 +118,10 @@ def test_contract_lists_names_shapes(lite_small, lite):
     assert key["query_embeddings"]["shape"] == [1, n, c]
     nk = contract["graphs"]["non_key_frame"]
     assert [t["name"] for t in nk["inputs"]] == list(NON_KEY_INPUTS)
-    assert {t["name"]: t["shape"] for t in nk["outputs"]} == {"warped_mask_logits": [1, n, 24, 32], "scores": [1, k, 24, 32]}
+    # flows on the motion grid: 96 x 128 at image_scale 0.25 -> 24 x 32 -> conv1, conv2 (stride 2) -> 6 x 8
+    assert cfg.motion.image_scale == 0.25
+    assert {t["name"]: t["shape"] for t in nk["outputs"]} == {
+        "warped_mask_logits": [1, n, 24, 32], "scores": [1, k, 24, 32], "flows": [1, n, 2, 6, 8]}
     assert all(t["dtype"] == "float32" for g in contract["graphs"].values() for t in g["inputs"] + g["outputs"])
     assert contract["preprocess"]["pixel_mean"] == list(cfg.input.pixel_mean)
     assert contract["preprocess"]["pixel_std"] == list(cfg.input.pixel_std)
@@ -129,6 +133,9 @@ def test_contract_lists_names_shapes(lite_small, lite):
     graph = onnx.load(str(lite_small.key_frame)).graph
     onnx_shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(graph.input) + list(graph.output)}
     assert onnx_shapes == {name: t["shape"] for name, t in key.items()}
+    graph = onnx.load(str(lite_small.non_key_frame)).graph
+    onnx_shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(graph.input) + list(graph.output)}
+    assert onnx_shapes == {t["name"]: t["shape"] for t in nk["inputs"] + nk["outputs"]}
 
 
 def test_padded_size_in_contract(lite_360):
@@ -206,6 +213,38 @@ def test_onnxruntime_backend_logits_close(lite, lite_small):
     assert (w.argmax(1) == w_ref.argmax(1)).float().mean() >= 0.999
     s, s_ref = semantic_scores(k.class_logits, w), semantic_scores(k_ref.class_logits, w_ref)
     assert torch.allclose(s, s_ref, atol=1e-3)
+
+
+def test_onnxruntime_cpu_warps_in_torch_and_matches_the_whole_graph(lite_small, tmp_path):
+    """The CPU backend runs the non-key graph up to ``flows`` and warps in torch; the result equals
+    the graph's own ``warped_mask_logits``. A graph without ``flows`` (older export) runs whole."""
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
+    frames = _random_frames((96, 128), 2, seed=5)
+    imgs = [torch.from_numpy(f).permute(2, 0, 1)[None].float() for f in frames]
+    k = backend.segment_key_frame(imgs[0], (96, 128))
+    w = backend.propagate(k, imgs[1])
+    assert backend._non_key_output[(96, 128)] == "flows"
+    whole = make_session(lite_small.non_key_frame, threads=1)
+    feeds = {"image": imgs[1].numpy(), "key_image": imgs[0].numpy(), "key_query_embeddings": k.query_embeddings.numpy(),
+             "key_mask_logits": k.mask_logits.numpy(), "key_class_logits": k.class_logits.numpy()}
+    (w_graph,) = whole.run(["warped_mask_logits"], feeds)
+    np.testing.assert_allclose(w.numpy(), w_graph, atol=1e-4, rtol=0)
+
+    old = tmp_path / "old"  # the same export without the flows output, as written before it existed
+    shutil.copytree(lite_small.out_dir, old)
+    model = onnx.load(str(old / "non_key_frame.onnx"))
+    keep = [o for o in model.graph.output if o.name != "flows"]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    onnx.save(model, str(old / "non_key_frame.onnx"))
+    contract = json.loads((old / CONTRACT_FILE).read_text())
+    contract["graphs"]["non_key_frame"]["outputs"] = [
+        t for t in contract["graphs"]["non_key_frame"]["outputs"] if t["name"] != "flows"]
+    (old / CONTRACT_FILE).write_text(json.dumps(contract))
+    old_backend = OnnxRuntimeBackend(GraphSource.from_dir(old), threads=1)
+    w_old = old_backend.propagate(old_backend.segment_key_frame(imgs[0], (96, 128)), imgs[1])
+    assert old_backend._non_key_output[(96, 128)] == "warped_mask_logits"
+    np.testing.assert_allclose(w_old.numpy(), w_graph, atol=1e-4, rtol=0)
 
 
 def test_backend_from_dir_wrong_size_is_clear(lite_small):
