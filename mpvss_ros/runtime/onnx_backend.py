@@ -52,7 +52,8 @@ def make_session(path: str | Path, threads: int | None = None, device: str | tor
         path: the ONNX file.
         threads: intra-op threads (None: onnxruntime's default).
         device: ``cpu``, or ``cuda[:N]`` for ``CUDAExecutionProvider`` (device id N).
-        drop_outputs: graph outputs to remove before loading (their exclusive nodes are pruned).
+        drop_outputs: graph outputs to remove before loading; the session holds only the nodes
+            the remaining outputs need (``onnx.utils.Extractor``).
 
     Raises:
         BackendUnavailable: onnxruntime missing, or no CUDA provider for a CUDA device.
@@ -79,16 +80,25 @@ def make_session(path: str | Path, threads: int | None = None, device: str | tor
     providers: list[Any] = ["CPUExecutionProvider"]
     if dev.type == "cuda":
         providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
-    source: str | bytes = str(path)
-    if drop_outputs:
-        import onnx
-
-        model = onnx.load(str(path))
-        keep = [o for o in model.graph.output if o.name not in set(drop_outputs)]
-        del model.graph.output[:]
-        model.graph.output.extend(keep)
-        source = model.SerializeToString()
+    source: str | bytes = str(path) if not drop_outputs else without_outputs(path, drop_outputs).SerializeToString()
     return ort.InferenceSession(source, sess_options=so, providers=providers)
+
+
+def without_outputs(path: str | Path, drop_outputs: Sequence[str]) -> Any:
+    """The ONNX model at ``path`` reduced to the nodes its outputs other than ``drop_outputs`` need.
+
+    onnxruntime runs nodes whose outputs nobody reads (a GridSample feeding only a dropped output
+    still ran), so the sub-graph is extracted (``onnx.utils.Extractor``).
+
+    Returns:
+        ``onnx.ModelProto``.
+    """
+    import onnx
+    import onnx.utils
+
+    model = onnx.load(str(path))
+    keep = [o.name for o in model.graph.output if o.name not in set(drop_outputs)]
+    return onnx.utils.Extractor(model).extract_model([i.name for i in model.graph.input], keep)
 
 
 def _np(t: Tensor) -> np.ndarray:

@@ -37,7 +37,7 @@ from mpvss_ros.runtime.export import (
     parity_frames,
     read_contract,
 )
-from mpvss_ros.runtime.onnx_backend import OnnxRuntimeBackend, make_session
+from mpvss_ros.runtime.onnx_backend import OnnxRuntimeBackend, make_session, without_outputs
 from mpvss_ros.runtime.torch_backend import TorchBackend
 from mpvss_ros.scheduling import FixedIntervalScheduler
 from mpvss_ros.segmenter import VideoSegmenter
@@ -224,6 +224,9 @@ def test_onnxruntime_cpu_warps_in_torch_and_matches_the_whole_graph(lite_small, 
     k = backend.segment_key_frame(imgs[0], (96, 128))
     w = backend.propagate(k, imgs[1])
     assert backend._non_key_output[(96, 128)] == "flows"
+    pruned = without_outputs(lite_small.non_key_frame, ("scores", "warped_mask_logits"))
+    assert [o.name for o in pruned.graph.output] == ["flows"]
+    assert "GridSample" not in {n.op_type for n in pruned.graph.node}  # the warp is gone, not just unread
     whole = make_session(lite_small.non_key_frame, threads=1)
     feeds = {"image": imgs[1].numpy(), "key_image": imgs[0].numpy(), "key_query_embeddings": k.query_embeddings.numpy(),
              "key_mask_logits": k.mask_logits.numpy(), "key_class_logits": k.class_logits.numpy()}
