@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Assemble the shipped default model from the two training stages.
 
-    python3 scripts/ship_model.py --segmentor runs/stage1c/model_final.pt \
-        --motion runs/stage2c/model_final.pt --out models/mpvss_lite_camvid.pt
+    python3 scripts/ship_model.py --segmentor runs/stage1d/model_final.pt \
+        --motion runs/stage2d/model_final.pt --out models/mpvss_lite_camvid.pt
 
 The segmentor (backbone, pixel decoder, transformer decoder with its class/mask heads) comes from
 stage 1, the motion module from stage 2, and the configuration from stage 2's checkpoint (it
@@ -16,17 +16,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mpvss_ros.checkpoints import read_model_config, read_state_dict, save_checkpoint
+from mpvss_ros.checkpoints import read_checkpoint, read_state_dict, save_checkpoint
 from mpvss_ros.config import model_config_from_dict
 from mpvss_ros.nn.mpvss import MPVSS
 
 #: Options worth recording from a run's options.json.
 _KEEP = ("run_dir", "model", "steps", "batch_size", "crop", "lr", "head_lr_mult", "matcher", "flow_weight",
-         "init_checkpoint", "seed", "threads")
+         "init_checkpoint", "init_motion", "seed", "threads")
 
 
-def run_chain(checkpoint: str) -> list[dict[str, Any]]:
-    """Options of the run that wrote ``checkpoint`` and of the runs it was initialised from, oldest first."""
+def run_chain(checkpoint: str, follow: str = "init_checkpoint") -> list[dict[str, Any]]:
+    """Options of the run that wrote ``checkpoint`` and of the runs it was initialised from, oldest first.
+
+    ``follow`` names the option that points to the previous run's checkpoint; ``init_motion``
+    (where a run has it) traces the motion module's lineage instead of the segmentor's.
+    """
     chain: list[dict[str, Any]] = []
     path: str | None = checkpoint
     while path:
@@ -35,7 +39,7 @@ def run_chain(checkpoint: str) -> list[dict[str, Any]]:
             break
         opts = json.loads(options.read_text())
         chain.append({k: opts[k] for k in _KEEP if k in opts})
-        path = opts.get("init_checkpoint")
+        path = opts.get(follow) or opts.get("init_checkpoint")
     return chain[::-1]
 
 
@@ -45,15 +49,15 @@ def main() -> None:
     ap.add_argument("--motion", required=True, help="stage-2 checkpoint (motion module and config)")
     ap.add_argument("--out", default="models/mpvss_lite_camvid.pt")
     args = ap.parse_args()
-    seg, mot = read_state_dict(args.segmentor), read_state_dict(args.motion)
-    cfg = model_config_from_dict(read_model_config(args.motion))
+    seg, mot = read_state_dict(args.segmentor), read_checkpoint(args.motion)
+    cfg = model_config_from_dict(mot.model_config)
     cfg.default_weights = "models/mpvss_lite_camvid.pt"
     model = MPVSS(cfg)
-    model.load_state_dict({k: (mot[k] if k.startswith("motion.") else seg[k]) for k in model.state_dict()})
+    model.load_state_dict({k: (mot.state_dict[k] if k.startswith("motion.") else seg[k]) for k in model.state_dict()})
     meta = {
         "model": cfg.name, "classes": cfg.class_names,
         "segmentor_from": args.segmentor, "motion_from": args.motion,
-        "training": {"segmentor": run_chain(args.segmentor), "motion": run_chain(args.motion)},
+        "training": {"segmentor": run_chain(args.segmentor), "motion": run_chain(args.motion, follow="init_motion")},
         "data": "CamVid train (367 frames, SegNet split); stage 2 also pseudo-labelled solidWhiteRight.mp4 / bikes.mp4 pairs",
         "hardware": "2 CPU cores (AMD EPYC), torch 2.13.0+cpu, no GPU",
     }

@@ -155,8 +155,8 @@ class OnnxRuntimeBackend(Backend):
             key = make_session(d / g["key_frame"]["file"], self.threads, self.exec_device)
             outputs = [o["name"] for o in g["non_key_frame"].get("outputs", [])]
             run = "flows" if self._warp_in_torch and "flows" in outputs else "warped_mask_logits"
-            drop = tuple(o for o in outputs if o != run) or ("scores",)
-            non_key = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device, drop_outputs=drop)
+            non_key = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device,
+                                   drop_outputs=tuple(o for o in outputs if o != run))
             self._non_key_output[hw] = run
             self._sessions[hw] = (key, non_key, tuple(contract["canvas"]["padded_hw"]))  # type: ignore[assignment]
         return self._sessions[hw]
