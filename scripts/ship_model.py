@@ -21,7 +21,7 @@ from mpvss_ros.config import model_config_from_dict
 from mpvss_ros.nn.mpvss import MPVSS
 
 #: Options worth recording from a run's options.json.
-_KEEP = ("run_dir", "model", "steps", "batch_size", "crop", "lr", "head_lr_mult", "matcher", "flow_weight",
+_KEEP = ("run_dir", "model", "steps", "batch_size", "crop", "scale", "lr", "head_lr_mult", "matcher", "flow_weight",
          "init_checkpoint", "init_motion", "seed", "threads")
 
 

@@ -153,13 +153,22 @@ def test_match_adaptive_threshold_hits_target(camvid_val_dirs):
     assert len(seq.images) == 20
     for target, max_interval in ((10, 4), (7, 6), (4, 10)):
         threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval)
-        assert abs(count - target) <= 1, (target, count)
+        assert count == target, (target, count)  # the bisection finds the exact count here
         assert 0.01 <= threshold <= 3.0 and math.isfinite(threshold)
         # the reported count is what that threshold gives
         assert _count_key_frames(seq.images, seq.fps, threshold, max_interval) == count
     # a target the schedule cannot go below (max_interval forces key frames): the closest it can
     _, count = match_adaptive_threshold(seq.images, seq.fps, 1, 4)
     assert count == 5  # frames 0, 4, 8, 12, 16 at the least
+
+
+def test_match_adaptive_threshold_exact_on_the_whole_clip(camvid_val_dirs):
+    # The 60-point grid alone gave 52 and 32 key frames for targets 51 and 34 (intervals 2 and 3).
+    seq = load_sequence(*camvid_val_dirs)
+    for n in (2, 3):
+        target = math.ceil(len(seq.images) / n)
+        threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, 2 * n)
+        assert count == target, (n, count)
 
 
 def test_write_json_nan_as_null(tmp_path):

@@ -137,20 +137,39 @@ def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_ke
                              max_interval: int) -> tuple[float, int]:
     """Threshold whose adaptive schedule makes the key-frame count closest to the target.
 
-    Searches a log-spaced grid of thresholds (0.01 .. 3); on ties prefers fewer key frames, so
-    the adaptive schedule never gets more segmentor runs than the fixed one it is compared with.
+    Searches a log-spaced grid of thresholds (0.01 .. 3), then bisects (in log space) between
+    the grid's thresholds that bracket the target, since a coarse grid can step over the exact
+    count; on ties prefers fewer key frames, so the adaptive schedule never gets more segmentor
+    runs than the fixed one it is compared with.
 
     Returns:
         (threshold, key frames it gives).
     """
-    best: tuple[tuple[int, int], float, int] | None = None
-    for t in np.geomspace(0.01, 3.0, 60):
-        n = _count_key_frames(images, fps, float(t), max_interval)
-        rank = (abs(n - target_key_frames), int(n > target_key_frames))
-        if best is None or rank < best[0]:
-            best = (rank, float(t), n)
-    assert best is not None
-    return best[1], best[2]
+    tried: dict[float, int] = {}
+
+    def count(t: float) -> int:
+        if t not in tried:
+            tried[t] = _count_key_frames(images, fps, t, max_interval)
+        return tried[t]
+
+    grid = [float(t) for t in np.geomspace(0.01, 3.0, 60)]
+    counts = [count(t) for t in grid]
+    # the count falls as the threshold rises: bisect between the last grid point above the target
+    # and the first at or below it
+    above = [t for t, n in zip(grid, counts) if n > target_key_frames]
+    below = [t for t, n in zip(grid, counts) if n <= target_key_frames]
+    if above and below and max(above) < min(below):
+        lo, hi = max(above), min(below)
+        for _ in range(30):
+            mid = math.sqrt(lo * hi)
+            if count(mid) > target_key_frames:
+                lo = mid
+            else:
+                hi = mid
+            if count(hi) == target_key_frames:
+                break
+    best = min(tried.items(), key=lambda tn: (abs(tn[1] - target_key_frames), int(tn[1] > target_key_frames), tn[0]))
+    return best
 
 
 def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Sequence[int] = (1, 2, 3, 5, 10),

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mpvss_ros.cli import main
+from mpvss_ros.config import load_model_config
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import semantic_scores
 from mpvss_ros.propagation import QueryFlowPropagator
@@ -40,7 +41,7 @@ from mpvss_ros.runtime.export import (
 from mpvss_ros.runtime.onnx_backend import OnnxRuntimeBackend, make_session, without_outputs
 from mpvss_ros.runtime.torch_backend import TorchBackend
 from mpvss_ros.scheduling import FixedIntervalScheduler
-from mpvss_ros.segmenter import VideoSegmenter
+from mpvss_ros.segmenter import Letterbox, VideoSegmenter
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -183,11 +184,12 @@ def _segment(backend, frames, interval=3):
 
 
 def test_onnxruntime_backend_matches_torch_on_real_frames(lite, lite_360, real_frames):
-    """Key (frame 0, 3) and non-key frames (1, 2): labels and confidences as the torch backend."""
-    if real_frames[0].shape[:2] == (360, 480):  # CamVid: the canvas of the 360x480 export
-        ort_backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_360.out_dir), threads=1)
-    else:  # bikes.mp4 letterboxes to 204x480: exported on demand
-        ort_backend = load_backend("onnxruntime", lite, cache_dir=lite_360.out_dir.parent / "cache", threads=1)
+    """Key (frame 0, 3) and non-key frames (1, 2): labels and confidences as the torch backend.
+
+    Both run at the model's canvas: a ``from_dir`` backend would letterbox into its export's size
+    instead, so the graphs are exported on demand for the size the frames letterbox to.
+    """
+    ort_backend = load_backend("onnxruntime", lite, cache_dir=lite_360.out_dir.parent / "cache", threads=1)
     torch_backend = TorchBackend(lite.model)
     got = _segment(ort_backend, real_frames)
     ref = _segment(torch_backend, real_frames)
@@ -307,7 +309,8 @@ def test_cli_segment_onnxruntime(tmp_path, capsys, bikes_path, monkeypatch):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["backend"]["backend"] == "onnxruntime[CPUExecutionProvider]"
     assert len(list((tmp_path / "o" / "labels").glob("*.png"))) == 3
-    assert any(p.name.startswith("mpvss_lite-204x480-") for p in (tmp_path / "cache" / "onnx").iterdir())
+    h, w = Letterbox.fit((272, 640), tuple(load_model_config("mpvss_lite").input.size)).resized_hw  # bikes: 640x272
+    assert any(p.name.startswith(f"mpvss_lite-{h}x{w}-") for p in (tmp_path / "cache" / "onnx").iterdir())
 
 
 def test_cli_bad_export_size(tmp_path, capsys):
