@@ -158,8 +158,9 @@ def test_parity_real_frames_360x480(lite_360, lite, real_frames):
         pytest.skip("no real frames")
     parity = check_parity(lite_360.out_dir, lite.model, frames, source=source)
     assert parity["passed"], parity
-    assert parity["outputs"]["mask_logits"]["max_abs_diff"] <= 1e-3
-    assert parity["outputs"]["warped_mask_logits"]["max_abs_diff"] <= 1e-3
+    for name in ("mask_logits", "warped_mask_logits"):  # 5x tighter than the contract's relative term
+        out = parity["outputs"][name]
+        assert out["max_abs_diff"] <= 1e-3 + 2e-5 * out["max_abs_ref"], (name, out)
     assert min(parity["label_agreement"].values()) >= 0.999
 
 
