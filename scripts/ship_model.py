@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Assemble the shipped default model from the two training stages.
 
-    python3 scripts/ship_model.py --segmentor runs/stage1d/model_final.pt \
-        --motion runs/stage2d/model_final.pt --out models/mpvss_lite_camvid.pt
+    python3 scripts/ship_model.py --segmentor runs/stage1f/model_final.pt \
+        --motion runs/stage2e/model_final.pt --out models/mpvss_lite_camvid.pt
 
 The segmentor (backbone, pixel decoder, transformer decoder with its class/mask heads) comes from
 stage 1, the motion module from stage 2, and the configuration from stage 2's checkpoint (it

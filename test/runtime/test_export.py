@@ -184,13 +184,13 @@ def _segment(backend, frames, interval=3):
     return [seg.push(f, i / 15) for i, f in enumerate(frames)]
 
 
-def test_onnxruntime_backend_matches_torch_on_real_frames(lite, lite_360, real_frames):
+def test_onnxruntime_backend_matches_torch_on_real_frames(lite, real_frames, tmp_path):
     """Key (frame 0, 3) and non-key frames (1, 2): labels and confidences as the torch backend.
 
     Both run at the model's canvas: a ``from_dir`` backend would letterbox into its export's size
     instead, so the graphs are exported on demand for the size the frames letterbox to.
     """
-    ort_backend = load_backend("onnxruntime", lite, cache_dir=lite_360.out_dir.parent / "cache", threads=1)
+    ort_backend = load_backend("onnxruntime", lite, cache_dir=tmp_path / "cache", threads=1)
     torch_backend = TorchBackend(lite.model)
     got = _segment(ort_backend, real_frames)
     ref = _segment(torch_backend, real_frames)
