@@ -35,6 +35,8 @@ __all__ = [
     "OpticalFlowPropagator",
     "QueryFlowPropagator",
     "build_propagator",
+    "grid_hw",
+    "pool_flow",
     "PROPAGATORS",
 ]
 
@@ -100,20 +102,27 @@ class OpticalFlowPropagator(Propagator):
     Args:
         method: ``dis`` or ``farneback``.
         flow_scale: resolution of the flow computation relative to the canvas (0 < s <= 1).
+        grid_stride: when set, the flow is area-averaged onto a grid of ``ceil(H / stride) x
+            ceil(W / stride)`` cells of the (H, W) canvas before warping (16 = the lite motion
+            module's flow grid). A diagnostic: it tells whether the coarser flow grid of
+            query-based flow, rather than the flow itself, limits accuracy.
 
     Raises:
-        ValueError: on an unknown method or a bad scale.
+        ValueError: on an unknown method, a bad scale or a grid stride < 1.
     """
 
     name = "optical_flow"
 
-    def __init__(self, method: str = "dis", flow_scale: float = 0.5) -> None:
+    def __init__(self, method: str = "dis", flow_scale: float = 0.5, grid_stride: int | None = None) -> None:
         if method not in ("dis", "farneback"):
             raise ValueError(f"optical-flow method must be dis or farneback, got {method!r}")
         if not 0 < flow_scale <= 1:
             raise ValueError(f"flow_scale must be in (0, 1], got {flow_scale}")
+        if grid_stride is not None and grid_stride < 1:
+            raise ValueError(f"grid_stride must be >= 1 or None, got {grid_stride}")
         self.method = method
         self.flow_scale = flow_scale
+        self.grid_stride = grid_stride
         self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST) if method == "dis" else None
         self._key: KeyFrameState | None = None  # held, so identity comparison is safe
         self._key_grey: np.ndarray | None = None
@@ -140,8 +149,38 @@ class OpticalFlowPropagator(Propagator):
             self._key_grey = self._grey(key.image)
             self._key = key
         flow = self.flow(self._grey(image), self._key_grey)
+        if self.grid_stride is not None:
+            flow = pool_flow(flow, grid_hw(image.shape[-2:], self.grid_stride))
         flows = torch.from_numpy(flow).permute(2, 0, 1)[None, None].to(key.mask_logits)
         return warp_mask_logits(key.mask_logits, flows, "exact")
+
+
+def grid_hw(canvas_hw: tuple[int, int] | torch.Size, stride: int) -> tuple[int, int]:
+    """(ceil(H / stride), ceil(W / stride)): cells of a flow grid with ``stride`` canvas pixels."""
+    return -(-int(canvas_hw[0]) // stride), -(-int(canvas_hw[1]) // stride)
+
+
+def pool_flow(flow: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Area-average a dense flow onto a coarser grid, keeping it in that grid's pixels.
+
+    Args:
+        flow: (h, w, 2) float32, x then y displacement in pixels of its own (h, w) grid.
+        grid: (gh, gw) output cells, each at most (h, w).
+
+    Returns:
+        (gh, gw, 2) float32 in pixels of the (gh, gw) grid (x scaled by gw / w, y by gh / h).
+
+    Raises:
+        ValueError: ``flow`` is not (h, w, 2) or ``grid`` is larger than (h, w).
+    """
+    if flow.ndim != 3 or flow.shape[2] != 2:
+        raise ValueError(f"flow must be (h, w, 2), got {flow.shape}")
+    h, w = flow.shape[:2]
+    gh, gw = int(grid[0]), int(grid[1])
+    if not (1 <= gh <= h and 1 <= gw <= w):
+        raise ValueError(f"grid {grid} must lie within the flow's size {(h, w)}")
+    small = cv2.resize(flow, (gw, gh), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(small * np.array([gw / w, gh / h], np.float32))
 
 
 def build_propagator(name: str, model: "MPVSS | Backend", optical_flow_method: str = "dis") -> Propagator:

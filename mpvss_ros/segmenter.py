@@ -32,7 +32,7 @@ from .scheduling import KeyFrameScheduler, ScheduleDecision
 if TYPE_CHECKING:
     from .runtime.base import Backend
 
-__all__ = ["FrameError", "SegmentationResult", "VideoSegmenter", "Letterbox", "check_frame", "class_masks_from_labels"]
+__all__ = ["FrameError", "SegmentationResult", "VideoSegmenter", "Letterbox", "canvas_tensor", "check_frame", "class_masks_from_labels"]
 
 #: Classes resized per chunk in post-processing (bounds memory: chunk x H x W float32).
 _CLASS_CHUNK = 16
@@ -133,6 +133,27 @@ class Letterbox:
         ph = int(math.ceil(rh / divisibility) * divisibility)
         pw = int(math.ceil(rw / divisibility) * divisibility)
         return Letterbox((h, w), (rh, rw), (ph, pw))
+
+
+def canvas_tensor(image: np.ndarray, lb: Letterbox, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Place a frame on the network canvas as the segmenter does.
+
+    Args:
+        image: (H, W, 3) uint8 RGB with (H, W) = ``lb.input_hw``.
+        lb: its :class:`Letterbox` (``Letterbox.fit(image.shape[:2], canvas_hw)``).
+        device: where the tensor goes.
+
+    Returns:
+        (1, 3, Hp, Wp) float32 RGB 0..255: the frame resized to ``lb.resized_hw`` (area when
+        shrinking, bilinear when enlarging) at the top left, zeros in the bottom/right padding.
+    """
+    if lb.resized_hw != lb.input_hw:
+        shrink = lb.resized_hw[0] < lb.input_hw[0]
+        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        image = cv2.resize(image, (lb.resized_hw[1], lb.resized_hw[0]), interpolation=interp)
+    canvas = np.zeros((lb.padded_hw[0], lb.padded_hw[1], 3), dtype=np.uint8)
+    canvas[: lb.resized_hw[0], : lb.resized_hw[1]] = image
+    return torch.from_numpy(canvas).to(device).permute(2, 0, 1)[None].float()
 
 
 @dataclass
@@ -302,14 +323,7 @@ class VideoSegmenter:
         return result
 
     def _to_tensor(self, image: np.ndarray, lb: Letterbox) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (1, 3, Hp, Wp) float32 0..255 on the device, zero padding."""
-        if lb.resized_hw != lb.input_hw:
-            shrink = lb.resized_hw[0] < lb.input_hw[0]
-            interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-            image = cv2.resize(image, (lb.resized_hw[1], lb.resized_hw[0]), interpolation=interp)
-        canvas = np.zeros((lb.padded_hw[0], lb.padded_hw[1], 3), dtype=np.uint8)
-        canvas[: lb.resized_hw[0], : lb.resized_hw[1]] = image
-        return torch.from_numpy(canvas).to(self.device).permute(2, 0, 1)[None].float()
+        return canvas_tensor(image, lb, self.device)
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
                     lb: Letterbox) -> tuple[np.ndarray, np.ndarray]:

@@ -219,3 +219,50 @@ def test_eval_cli_missing_weights_is_runtime_error(camvid_val_dirs, tmp_path, ca
     assert "not found" in _error_line(capsys.readouterr().err)
 
 
+
+
+# --------------------------------------------------------------------------- propagation diagnostics
+
+def test_evaluate_sequence_takes_a_propagator_instance(camvid_val_dirs, loaded):
+    from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator
+
+    seq = load_sequence(*camvid_val_dirs, limit=6)
+    by_name = evaluate_sequence(loaded, seq, "copy", "fixed:3")
+    by_instance = evaluate_sequence(loaded, seq, CopyPropagator(), "fixed:3")
+    assert by_instance["propagator"] == "copy" and by_instance["mIoU"] == by_name["mIoU"]
+    assert by_instance["IoU"] == by_name["IoU"] and by_instance["key_frames"] == 2
+    pooled = evaluate_sequence(loaded, seq, OpticalFlowPropagator(grid_stride=16), "fixed:3")
+    assert pooled["propagator"] == "optical_flow" and _pct_or_none(pooled["mIoU"])
+
+
+def test_propagation_diagnostics_script(camvid_val_dirs, lite_checkpoint, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "propagation_diagnostics.py"
+    spec = importlib.util.spec_from_file_location("propagation_diagnostics", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "diag.json"
+    monkeypatch.setattr(sys, "argv", ["propagation_diagnostics.py", "--weights", str(lite_checkpoint),
+                                      "--max-frames", "6", "--intervals", "2", "--gaps", "1", "--threads", "1",
+                                      "--out", str(out)])
+    before = torch.get_num_threads()
+    try:
+        module.main()
+    finally:
+        torch.set_num_threads(before)
+    printed = capsys.readouterr().out
+    d = json.loads(out.read_text())
+    names = [r["propagator"] for r in d["rows"]]
+    assert names == ["copy", "query_flow", "query_flow/pixel_flow", "optical_flow/dis@0.5",
+                     f"optical_flow/dis@0.5 on the 1/{d['flow_grid_stride']} grid",
+                     f"optical_flow/dis@{d['motion_image_scale']:g}", "copy"]
+    assert [r["schedule"] for r in d["rows"]] == ["fixed:1"] + ["fixed:2"] * 6
+    assert d["rows"][0]["key_frames"] == 6 and all(r["key_frames"] == 3 for r in d["rows"][1:])
+    assert all(_pct_or_none(r["mIoU"]) for r in d["rows"])
+    (epe,) = d["flow_epe"]
+    assert epe["gap"] == 1 and epe["pairs"] == 1  # key frames every 5 frames: pair (0, 1) of 6 frames
+    assert epe["epe"] >= 0 and epe["zero_flow_epe"] > 0  # the camera moves between frames 0 and 1
+    assert epe["ratio"] == pytest.approx(epe["epe"] / epe["zero_flow_epe"])
+    assert "| query_flow/pixel_flow fixed:2 |" in printed and "| frames apart |" in printed

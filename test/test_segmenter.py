@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator, QueryFlowPropagator
+from mpvss_ros.nn.mpvss import KeyFrameState
+from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator, QueryFlowPropagator, grid_hw, pool_flow
 from mpvss_ros.scheduling import FixedIntervalScheduler, KeyFrameScheduler, ScheduleDecision, parse_schedule
 from mpvss_ros.segmenter import FrameError, Letterbox, SegmentationResult, VideoSegmenter, check_frame
 
@@ -279,6 +280,46 @@ def test_optical_flow_on_identical_frame_reproduces_key(band_model, bikes_frames
     b = seg.push(bikes_frames[3], 0.04)
     assert not b.is_key_frame
     assert (b.labels == a.labels).mean() > 0.999
+
+
+def test_pool_flow_keeps_a_constant_flow_in_grid_pixels():
+    flow = np.zeros((64, 80, 2), np.float32)
+    flow[..., 0], flow[..., 1] = 3.0, -2.0  # pixels of the 64x80 grid
+    pooled = pool_flow(flow, (16, 20))  # 4x coarser on both axes
+    assert pooled.shape == (16, 20, 2) and pooled.dtype == np.float32
+    np.testing.assert_allclose(pooled[..., 0], 0.75, rtol=1e-6)
+    np.testing.assert_allclose(pooled[..., 1], -0.5, rtol=1e-6)
+    aniso = pool_flow(flow, (32, 10))  # y halves, x divides by 8
+    np.testing.assert_allclose(aniso[0, 0], [3.0 / 8, -1.0], rtol=1e-6)
+    assert grid_hw((480, 640), 16) == (30, 40) and grid_hw((360, 480), 16) == (23, 30)
+    with pytest.raises(ValueError, match="within"):
+        pool_flow(flow, (65, 20))
+    with pytest.raises(ValueError, match=r"\(h, w, 2\)"):
+        pool_flow(flow[..., :1], (16, 20))
+    with pytest.raises(ValueError, match="grid_stride"):
+        OpticalFlowPropagator(grid_stride=0)
+
+
+def test_optical_flow_on_a_coarse_grid_still_tracks_a_real_pan(bikes_frames):
+    """A global pan survives averaging the flow onto the 1/16 grid: the pooled-flow warp stays
+    close to the full-flow warp and far closer to the truth than copying."""
+    img = cv2.resize(bikes_frames[0], (320, 128), interpolation=cv2.INTER_AREA)
+    shift = 12  # canvas pixels, the content moves left: current(p) = key(p + 12)
+    key_t = torch.from_numpy(img[:, :-shift]).permute(2, 0, 1)[None].float()
+    cur_t = torch.from_numpy(img[:, shift:]).permute(2, 0, 1)[None].float()
+    key_t, cur_t = (F.pad(t, (0, 320 - t.shape[-1])) for t in (key_t, cur_t))
+    h, w = 128, 320 - shift
+    # Mask logits: the key frame's own grey levels on the 1/4 grid (a textured "mask").
+    logits = F.interpolate(key_t.mean(1, keepdim=True), size=(32, 80), mode="area") / 255.0
+    key = KeyFrameState(key_t, (h, w), torch.zeros(1, 1, 2), logits, torch.zeros(1, 1, 4))
+    truth = F.interpolate(cur_t.mean(1, keepdim=True), size=(32, 80), mode="area") / 255.0
+    inner = (slice(None), slice(None), slice(4, 28), slice(4, 70))  # away from borders and padding
+    err = lambda x: float((x - truth)[inner].abs().mean())  # noqa: E731
+    full = OpticalFlowPropagator().propagate(key, cur_t)
+    coarse = OpticalFlowPropagator(grid_stride=16).propagate(key, cur_t)
+    copied = err(logits)
+    assert err(full) < 0.1 * copied, (err(full), copied)
+    assert err(coarse) < 0.1 * copied, (err(coarse), copied)
 
 
 def test_optical_flow_very_wide_frame_does_not_crash():

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..io.video import read_label_png
 from ..model_loader import LoadedModel
-from ..propagation import build_propagator
+from ..propagation import Propagator, build_propagator
 from ..scheduling import AdaptiveScheduler, KeyFrameScheduler, parse_schedule
 from ..segmenter import VideoSegmenter
 from .metrics import ConfusionMatrix, VideoConsistency
@@ -82,10 +82,14 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.
     return LabelledSequence(names, images, labels, fps)
 
 
-def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: str,
+def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Propagator,
                       scheduler: KeyFrameScheduler | str, progress: bool = False, backend: Any = None) -> dict[str, Any]:
     """Segment ``seq`` as one video and score it (on ``backend``, an inference backend of
     :mod:`mpvss_ros.runtime`, when given; else on ``loaded.model``).
+
+    ``propagator`` is a name of :data:`~mpvss_ros.propagation.PROPAGATORS` or a ready
+    :class:`~mpvss_ros.propagation.Propagator` (a variant under study); the result's
+    ``"propagator"`` is its name.
 
     Returns:
         ``{"mIoU", "fwIoU", "pACC", "mACC", "IoU" (per class), "VC_8", "VC_16"`` (percent),
@@ -95,11 +99,12 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
     cfg = loaded.config
     sched = parse_schedule(scheduler) if isinstance(scheduler, str) else scheduler
     model = backend if backend is not None else loaded.model
-    segmenter = VideoSegmenter(model, build_propagator(propagator, model), sched, device=loaded.device)
+    prop = build_propagator(propagator, model) if isinstance(propagator, str) else propagator
+    segmenter = VideoSegmenter(model, prop, sched, device=loaded.device)
     conf = ConfusionMatrix(cfg.num_classes)
     vcs = {n: VideoConsistency(n) for n in (8, 16)}
     times, key_times, non_key_times, keys = [], [], [], 0
-    for i in tqdm(range(len(seq.images)), disable=not progress, desc=f"{propagator} {sched!r}", leave=False):
+    for i in tqdm(range(len(seq.images)), disable=not progress, desc=f"{prop.name} {sched!r}", leave=False):
         result = segmenter.push(seq.images[i], i / seq.fps)
         conf.update(result.labels, seq.labels[i])
         for vc in vcs.values():
@@ -112,7 +117,7 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
     out.update({
         "VC_8": _pct(vcs[8].value()),
         "VC_16": _pct(vcs[16].value()),
-        "propagator": propagator,
+        "propagator": prop.name,
         "schedule": repr(sched),
         "frames": len(times),
         "key_frames": keys,

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..io.video import open_source
+from ..propagation import pool_flow
 from ..scheduling import SceneScorer
 from ..segmenter import Letterbox
 from .data import augment_frames, list_frames, load_frame
@@ -110,12 +111,7 @@ def dis_flow_target(current: np.ndarray, key: np.ndarray, grid_hw: tuple[int, in
     g_cur = cv2.cvtColor(np.clip(current, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
     g_key = cv2.cvtColor(np.clip(key, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
     flow = dis.calc(g_cur, g_key, None)  # (H, W, 2), image pixels
-    h, w = grid_hw
-    H, W = g_cur.shape
-    small = cv2.resize(flow, (w, h), interpolation=cv2.INTER_AREA)
-    small[..., 0] *= w / W
-    small[..., 1] *= h / H
-    return np.ascontiguousarray(small.transpose(2, 0, 1), dtype=np.float32)
+    return np.ascontiguousarray(pool_flow(flow, grid_hw).transpose(2, 0, 1), dtype=np.float32)
 
 
 class FramePairs:
