@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where does query-based flow lose accuracy? Ablations on a labelled clip (CamVid val by default).
 
-    PYTHONPATH=. python3 scripts/propagation_diagnostics.py --threads 2 --out runs/diagnostics.json
+    PYTHONPATH=. python3 scripts/propagation_diagnostics.py --threads 2 --out runs/diagnostics/diagnostics.json
 
 For each key interval (fixed schedule) it scores, with the same key frames and post-processing:
 
@@ -24,8 +24,6 @@ than predicting no motion). Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState
 from mpvss_ros.nn.warp import warp_mask_logits
-from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator, Propagator, QueryFlowPropagator
+from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator, Propagator, QueryFlowPropagator, grid_hw
 from mpvss_ros.segmenter import Letterbox, canvas_tensor
 from mpvss_ros.training.pairs import dis_flow_target
 
@@ -76,8 +74,7 @@ def flow_epe(model: MPVSS, images: list[np.ndarray], canvas_hw: tuple[int, int],
             with torch.no_grad():
                 q = model.forward_segmentor(key_t, valid_hw=valid).query_embeddings
                 flow = model.motion(cur_t, key_t, q.transpose(0, 1), image_size=valid).pixel_flow[0].numpy()
-            stride = model.motion.flow_stride
-            gh, gw = math.ceil(valid[0] / stride), math.ceil(valid[1] / stride)
+            gh, gw = grid_hw(valid, int(round(model.motion.flow_stride)))
             cur = cur_t[0, :, : valid[0], : valid[1]].permute(1, 2, 0).numpy()
             key = key_t[0, :, : valid[0], : valid[1]].permute(1, 2, 0).numpy()
             target = dis_flow_target(cur, key, (gh, gw))
