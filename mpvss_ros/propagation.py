@@ -15,6 +15,7 @@ the key frame's 1/4 grid; the key frame's class logits are reused unchanged (MPV
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -155,9 +156,10 @@ class OpticalFlowPropagator(Propagator):
         return warp_mask_logits(key.mask_logits, flows, "exact")
 
 
-def grid_hw(canvas_hw: tuple[int, int] | torch.Size, stride: int) -> tuple[int, int]:
-    """(ceil(H / stride), ceil(W / stride)): cells of a flow grid with ``stride`` canvas pixels."""
-    return -(-int(canvas_hw[0]) // stride), -(-int(canvas_hw[1]) // stride)
+def grid_hw(canvas_hw: tuple[int, int] | torch.Size, stride: float) -> tuple[int, int]:
+    """(ceil(H / stride), ceil(W / stride)): cells of a flow grid with ``stride`` canvas pixels
+    per cell (e.g. the motion module's ``flow_stride``, 16.0 for ``mpvss_lite``)."""
+    return math.ceil(int(canvas_hw[0]) / stride), math.ceil(int(canvas_hw[1]) / stride)
 
 
 def pool_flow(flow: np.ndarray, grid: tuple[int, int]) -> np.ndarray:

@@ -278,7 +278,7 @@ class VideoSegmenter:
         timings["schedule"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
-        tensor = self._to_tensor(image, letterbox)
+        tensor = canvas_tensor(image, letterbox, self.device)
         timings["preprocess"] = (time.perf_counter() - t) * 1e3
 
         if is_key and hasattr(self.model, "prepare"):
@@ -321,9 +321,6 @@ class VideoSegmenter:
         )
         self._frame_index += 1
         return result
-
-    def _to_tensor(self, image: np.ndarray, lb: Letterbox) -> torch.Tensor:
-        return canvas_tensor(image, lb, self.device)
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
                     lb: Letterbox) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ What it measures, for each model (``mpvss_r50`` at 480x853, the VSPW test size, 
 * **Latency per stage** (median and p90 in ms over ``--repeats`` runs, after ``--warmup`` runs),
   calling the real submodules one after the other, under ``torch.inference_mode``:
 
-  - key frame: preprocess (letterbox + tensor, ``VideoSegmenter._to_tensor``), backbone
+  - key frame: preprocess (letterbox + tensor, ``segmenter.canvas_tensor``), backbone
     (with input normalisation), pixel decoder (``model.sem_seg_head.pixel_decoder``),
     transformer decoder (``model.sem_seg_head.predictor``), semantic inference +
     post-processing (``VideoSegmenter.postprocess``: upsample, class scores, crop, resize,
@@ -90,7 +90,7 @@ from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState  # noqa: E402
 from mpvss_ros.nn.warp import warp_mask_logits  # noqa: E402
 from mpvss_ros.propagation import QueryFlowPropagator  # noqa: E402
 from mpvss_ros.scheduling import parse_schedule  # noqa: E402
-from mpvss_ros.segmenter import Letterbox, VideoSegmenter  # noqa: E402
+from mpvss_ros.segmenter import Letterbox, VideoSegmenter, canvas_tensor  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -317,7 +317,7 @@ class Stages:
 
     # key frame
     def preprocess(self, frame: np.ndarray, lb: Letterbox) -> torch.Tensor:
-        return self.seg._to_tensor(frame, lb)
+        return canvas_tensor(frame, lb, self.seg.device)
 
     def backbone(self, image: torch.Tensor, lb: Letterbox) -> dict[str, torch.Tensor]:
         return self.model.backbone(self.model.normalize(image, lb.resized_hw))

@@ -61,28 +61,30 @@ def _named(prop: Propagator, name: str) -> Propagator:
 def flow_epe(model: MPVSS, images: list[np.ndarray], canvas_hw: tuple[int, int], divisibility: int, gaps: list[int],
              key_every: int) -> list[dict[str, float]]:
     """EPE of the pixel-wise flow against DIS on (key, key + d) pairs, in flow-grid pixels."""
-    rows = []
     frames = []
     for img in images:
         lb = Letterbox.fit(img.shape[:2], canvas_hw, divisibility)
         frames.append((canvas_tensor(img, lb), lb.resized_hw))
-    for d in gaps:
-        err, mag = [], []
-        for k in range(0, len(frames) - d, key_every):
-            key_t, valid = frames[k]
+    err: dict[int, list[float]] = {d: [] for d in gaps}
+    mag: dict[int, list[float]] = {d: [] for d in gaps}
+    for k in range(0, len(frames) - min(gaps), key_every):
+        key_t, valid = frames[k]
+        gh, gw = grid_hw(valid, model.motion.flow_stride)
+        key = key_t[0, :, : valid[0], : valid[1]].permute(1, 2, 0).numpy()
+        with torch.no_grad():
+            queries = model.forward_segmentor(key_t, valid_hw=valid).query_embeddings.transpose(0, 1)
+        for d in gaps:
+            if k + d >= len(frames):
+                continue
             cur_t, _ = frames[k + d]
             with torch.no_grad():
-                q = model.forward_segmentor(key_t, valid_hw=valid).query_embeddings
-                flow = model.motion(cur_t, key_t, q.transpose(0, 1), image_size=valid).pixel_flow[0].numpy()
-            gh, gw = grid_hw(valid, int(round(model.motion.flow_stride)))
+                flow = model.motion(cur_t, key_t, queries, image_size=valid).pixel_flow[0].numpy()
             cur = cur_t[0, :, : valid[0], : valid[1]].permute(1, 2, 0).numpy()
-            key = key_t[0, :, : valid[0], : valid[1]].permute(1, 2, 0).numpy()
             target = dis_flow_target(cur, key, (gh, gw))
-            err.append(float(np.linalg.norm(flow[:, :gh, :gw] - target, axis=0).mean()))
-            mag.append(float(np.linalg.norm(target, axis=0).mean()))
-        rows.append({"gap": d, "pairs": len(err), "epe": float(np.mean(err)), "zero_flow_epe": float(np.mean(mag)),
-                     "ratio": float(np.mean(err) / np.mean(mag))})
-    return rows
+            err[d].append(float(np.linalg.norm(flow[:, :gh, :gw] - target, axis=0).mean()))
+            mag[d].append(float(np.linalg.norm(target, axis=0).mean()))
+    return [{"gap": d, "pairs": len(err[d]), "epe": float(np.mean(err[d])), "zero_flow_epe": float(np.mean(mag[d])),
+             "ratio": float(np.mean(err[d]) / np.mean(mag[d]))} for d in gaps]
 
 
 def main() -> None:

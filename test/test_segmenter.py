@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from mpvss_ros.nn.mpvss import KeyFrameState
 from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator, QueryFlowPropagator, grid_hw, pool_flow
 from mpvss_ros.scheduling import FixedIntervalScheduler, KeyFrameScheduler, ScheduleDecision, parse_schedule
-from mpvss_ros.segmenter import FrameError, Letterbox, SegmentationResult, VideoSegmenter, check_frame
+from mpvss_ros.segmenter import FrameError, Letterbox, SegmentationResult, VideoSegmenter, canvas_tensor, check_frame
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -251,7 +251,7 @@ def test_query_flow_on_real_consecutive_frames(lite, bikes_frames):
         assert "propagation" in r.timings_ms or r.is_key_frame
     # The motion module really ran: warped mask logits differ from the key frame's.
     key = seg._key
-    tensor = seg._to_tensor(bikes_frames[2], seg._key_letterbox)
+    tensor = canvas_tensor(bikes_frames[2], seg._key_letterbox)
     with torch.inference_mode():
         warped = seg.propagator.propagate(key, tensor)
     assert warped.shape == key.mask_logits.shape and torch.isfinite(warped).all()

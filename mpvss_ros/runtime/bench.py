@@ -215,12 +215,12 @@ def _median_ms(times: list[float]) -> float:
 def _bench_one(backend: Any, spec: BackendSpec, frames: list[np.ndarray], opts: BenchOptions) -> dict[str, Any]:
     from ..propagation import QueryFlowPropagator
     from ..scheduling import parse_schedule
-    from ..segmenter import Letterbox, VideoSegmenter
+    from ..segmenter import Letterbox, VideoSegmenter, canvas_tensor
 
     seg = VideoSegmenter(backend, QueryFlowPropagator(backend), parse_schedule("fixed:1"))
     hw = frames[0].shape[:2]
     lb = Letterbox.fit(hw, seg._canvas, seg._divisibility)
-    tensors = [seg._to_tensor(f, lb) for f in frames]
+    tensors = [canvas_tensor(f, lb, seg.device) for f in frames]
     n = len(tensors)
     key_t, non_key_t = [], []
     with torch.inference_mode():

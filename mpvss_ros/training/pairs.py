@@ -20,7 +20,6 @@ CamVid pairs, 1 s apart, are too far apart for DIS and carry no flow target.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..io.video import open_source
-from ..propagation import pool_flow
+from ..propagation import grid_hw, pool_flow
 from ..scheduling import SceneScorer
 from ..segmenter import Letterbox
 from .data import augment_frames, list_frames, load_frame
@@ -147,7 +146,7 @@ class FramePairs:
         if not self.camvid and not self.video:
             raise ValueError("no training pairs")
         self.crop = (int(crop[0]), int(crop[1]))
-        self.grid = (int(math.ceil(self.crop[0] / flow_stride)), int(math.ceil(self.crop[1] / flow_stride)))
+        self.grid = grid_hw(self.crop, flow_stride)
         self.video_fraction = video_fraction if self.video else 0.0
         self.scale, self.flip, self.color_jitter = scale, flip, color_jitter
         self.num_classes = num_classes
