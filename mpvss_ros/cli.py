@@ -28,7 +28,7 @@ import torch
 from .checkpoints import CheckpointError
 from .config import ConfigError
 from .io.samples import bikes_clip
-from .propagation import PROPAGATORS
+from .propagation import DIS_PRESETS, PROPAGATORS
 from .runtime.commands import RUNTIME_COMMANDS, add_backend_options, add_runtime_commands, load_model_and_backend
 
 #: Named sample inputs that ship inside registry packages.
@@ -46,10 +46,25 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _flow_scale(text: str) -> float:
+    """argparse type of ``--optical-flow-scale``: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
+    return value
+
+
 def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline")
     g.add_argument("--propagator", choices=PROPAGATORS, default="query_flow",
                    help="how non-key frames are made (default: query_flow)")
+    g.add_argument("--optical-flow-preset", choices=tuple(DIS_PRESETS), default="fast",
+                   help="optical_flow: OpenCV DIS preset (default: fast; medium is more accurate and slower)")
+    g.add_argument("--optical-flow-scale", type=_flow_scale, default=0.5,
+                   help="optical_flow: DIS resolution relative to the network canvas, 0 < s <= 1 (default 0.5)")
     g.add_argument("--schedule", default="fixed:5",
                    help="key frames: fixed:N (fixed:1 = per-frame), adaptive or adaptive:THRESHOLD (default: fixed:5)")
     g.add_argument("--max-interval", type=int, default=10, help="adaptive: most frames between key frames (default 10)")
@@ -156,6 +171,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     loaded, backend = load_model_and_backend(args)
     options = SegmentOptions(
         propagator=args.propagator,
+        optical_flow_preset=args.optical_flow_preset,
+        optical_flow_scale=args.optical_flow_scale,
         schedule=args.schedule,
         max_interval=args.max_interval,
         fps=args.fps,
@@ -186,6 +203,8 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     loaded, backend = load_model_and_backend(args)
     options = BagOptions(
         propagator=args.propagator,
+        optical_flow_preset=args.optical_flow_preset,
+        optical_flow_scale=args.optical_flow_scale,
         schedule=args.schedule,
         max_interval=args.max_interval,
         max_frames=args.max_frames,
@@ -219,13 +238,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError("give IMAGES and --labels (CamVid val from the shared data was not found)")
     if not args.study:
         parse_schedule(args.schedule, max_interval=args.max_interval)
+    flow_opts = {"optical_flow_preset": args.optical_flow_preset, "optical_flow_scale": args.optical_flow_scale}
     seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames)
     loaded, backend = load_model_and_backend(args)
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
     if args.study:
-        study = key_interval_study(loaded, seq, intervals=args.intervals, backend=backend)
+        study = key_interval_study(loaded, seq, intervals=args.intervals, backend=backend, **flow_opts)
         for r in study["rows"]:
             print(f"{r['mode']:8s} N={r['interval']:<3d} {r['propagator']:12s} key ratio {r['key_frame_ratio']:.3f}  "
                   f"mIoU {r['mIoU']:6.2f}  fwIoU {r['fwIoU']:6.2f}  VC_8 {r['VC_8'] or float('nan'):6.2f}  "
@@ -236,7 +256,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"wrote {out}/study.json, study.png")
         return 0
     sched = parse_schedule(args.schedule, max_interval=args.max_interval)
-    result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend)
+    result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts)
     result.update(model=loaded.config.name, weights=str(loaded.weights) if loaded.weights else None, trained=loaded.trained)
     print(json.dumps({k: v for k, v in result.items() if k != "IoU"}))
     if out:

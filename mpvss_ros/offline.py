@@ -42,6 +42,8 @@ class SegmentOptions:
 
     Attributes:
         propagator: ``query_flow``, ``optical_flow`` or ``copy``.
+        optical_flow_preset, optical_flow_scale: DIS preset and resolution (relative to the
+            canvas) of ``optical_flow`` (:func:`~mpvss_ros.propagation.build_propagator`).
         schedule: ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD``.
         max_interval: adaptive schedule: longest run of frames between key frames.
         fps: frame rate for image folders (frames/s); video files use their own.
@@ -52,6 +54,8 @@ class SegmentOptions:
     """
 
     propagator: str = "query_flow"
+    optical_flow_preset: str = "fast"
+    optical_flow_scale: float = 0.5
     schedule: str = "fixed:5"
     max_interval: int = 10
     fps: float | None = None
@@ -108,7 +112,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     cfg = loaded.config
     scheduler = parse_schedule(options.schedule, max_interval=options.max_interval)
     model = backend if backend is not None else loaded.model
-    propagator = build_propagator(options.propagator, model)
+    propagator = build_propagator(options.propagator, model, options.optical_flow_preset, options.optical_flow_scale)
     segmenter = VideoSegmenter(model, propagator, scheduler, device=loaded.device)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     out = Path(out_dir)
@@ -153,6 +157,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         "device": str(loaded.device),
         "backend": segmenter.model.describe() if hasattr(segmenter.model, "describe") else None,
         "propagator": options.propagator,
+        "propagator_settings": propagator.describe(),
         "schedule": options.schedule,
         "class_names": cfg.class_names,
         "wall_time_s": wall,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -39,9 +39,16 @@ __all__ = [
     "grid_hw",
     "pool_flow",
     "PROPAGATORS",
+    "DIS_PRESETS",
 ]
 
 PROPAGATORS = ("query_flow", "optical_flow", "copy")
+#: OpenCV DIS presets by name (``cv2.DISOPTICAL_FLOW_PRESET_*``), fastest first.
+DIS_PRESETS = {
+    "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+    "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+    "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
+}
 _MIN_FLOW_SIDE = 32
 
 
@@ -61,6 +68,10 @@ class Propagator(ABC):
         Returns:
             (1, N, Hp/4, Wp/4) float32 mask logits for the current frame.
         """
+
+    def describe(self) -> dict[str, Any]:
+        """The propagator's name and settings (JSON-ready), for run summaries."""
+        return {"name": self.name}
 
     def __repr__(self) -> str:
         return self.name
@@ -95,28 +106,38 @@ class QueryFlowPropagator(Propagator):
 class OpticalFlowPropagator(Propagator):
     """Classic dense optical flow (OpenCV) from the current frame to the key frame.
 
-    The flow is computed on grey images at ``flow_scale`` of the canvas (DIS "fast" preset or
-    Farneback), then every mask is warped with it (``exact`` grid; see
-    :func:`~mpvss_ros.nn.warp.warp_mask_logits`). The key frame's grey image is computed once
-    per key frame.
+    The flow is computed on grey images at ``flow_scale`` of the canvas (DIS, Kroeger et al.
+    ECCV 2016, with an OpenCV preset; or Farneback), then every mask is warped with it (``exact``
+    grid; see :func:`~mpvss_ros.nn.warp.warp_mask_logits`). The key frame's grey image is
+    computed once per key frame.
+
+    Accuracy against cost, CamVid val clip, shipped ``mpvss_lite`` weights, fixed key interval
+    5 / 10, 2 CPU threads (median ms per non-key frame at interval 5, the whole
+    ``VideoSegmenter.push``): fast@0.5 68.13 / 62.46 mIoU (10.9 ms), medium@0.5 69.03 / 64.23
+    (15.1 ms), fast@1.0 68.70 / 63.39 (14.2 ms), medium@1.0 69.45 / 64.98 (27.3 ms); see
+    ``models/README.md``.
 
     Args:
         method: ``dis`` or ``farneback``.
         flow_scale: resolution of the flow computation relative to the canvas (0 < s <= 1).
+        preset: DIS preset, a key of :data:`DIS_PRESETS` (ignored by Farneback).
         grid_stride: when set, the flow is area-averaged onto a grid of ``ceil(H / stride) x
             ceil(W / stride)`` cells of the (H, W) canvas before warping (16 = the lite motion
             module's flow grid). A diagnostic: it tells whether the coarser flow grid of
             query-based flow, rather than the flow itself, limits accuracy.
 
     Raises:
-        ValueError: on an unknown method, a bad scale or a grid stride < 1.
+        ValueError: on an unknown method or preset, a bad scale or a grid stride < 1.
     """
 
     name = "optical_flow"
 
-    def __init__(self, method: str = "dis", flow_scale: float = 0.5, grid_stride: int | None = None) -> None:
+    def __init__(self, method: str = "dis", flow_scale: float = 0.5, grid_stride: int | None = None,
+                 preset: str = "fast") -> None:
         if method not in ("dis", "farneback"):
             raise ValueError(f"optical-flow method must be dis or farneback, got {method!r}")
+        if preset not in DIS_PRESETS:
+            raise ValueError(f"DIS preset must be one of {', '.join(DIS_PRESETS)}, got {preset!r}")
         if not 0 < flow_scale <= 1:
             raise ValueError(f"flow_scale must be in (0, 1], got {flow_scale}")
         if grid_stride is not None and grid_stride < 1:
@@ -124,9 +145,14 @@ class OpticalFlowPropagator(Propagator):
         self.method = method
         self.flow_scale = flow_scale
         self.grid_stride = grid_stride
-        self._dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST) if method == "dis" else None
+        self.preset = preset
+        self._dis = cv2.DISOpticalFlow_create(DIS_PRESETS[preset]) if method == "dis" else None
         self._key: KeyFrameState | None = None  # held, so identity comparison is safe
         self._key_grey: np.ndarray | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method, "preset": self.preset if self.method == "dis" else None,
+                "flow_scale": self.flow_scale, "grid_stride": self.grid_stride}
 
     def _grey(self, image: Tensor) -> np.ndarray:
         rgb = image[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).cpu().numpy()
@@ -185,17 +211,24 @@ def pool_flow(flow: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(small * np.array([gw / w, gh / h], np.float32))
 
 
-def build_propagator(name: str, model: "MPVSS | Backend", optical_flow_method: str = "dis") -> Propagator:
-    """Make the propagator called ``name`` (one of :data:`PROPAGATORS`); ``model`` is the MPVSS
-    model or an inference backend (used by ``query_flow``).
+def build_propagator(name: str, model: "MPVSS | Backend", optical_flow_preset: str = "fast",
+                     optical_flow_scale: float = 0.5) -> Propagator:
+    """Make the propagator called ``name`` (one of :data:`PROPAGATORS`).
+
+    Args:
+        name: ``query_flow``, ``optical_flow`` or ``copy``.
+        model: the MPVSS model or an inference backend (used by ``query_flow``).
+        optical_flow_preset: DIS preset of ``optical_flow`` (a key of :data:`DIS_PRESETS`).
+        optical_flow_scale: resolution of ``optical_flow``'s DIS computation relative to the
+            canvas, 0 < s <= 1.
 
     Raises:
-        ValueError: on an unknown name, listing the known ones.
+        ValueError: on an unknown name (listing the known ones), preset or a bad scale.
     """
     if name == "query_flow":
         return QueryFlowPropagator(model)
     if name == "optical_flow":
-        return OpticalFlowPropagator(optical_flow_method)
+        return OpticalFlowPropagator("dis", flow_scale=optical_flow_scale, preset=optical_flow_preset)
     if name == "copy":
         return CopyPropagator()
     raise ValueError(f"unknown propagator {name!r}; choose one of {', '.join(PROPAGATORS)}")

@@ -108,6 +108,20 @@ def test_segment_bikes(bikes_path, tmp_path, capsys, propagator, schedule, keys)
     assert frames == N
 
 
+def test_segment_optical_flow_settings_reach_the_propagator(bikes_path, tmp_path):
+    out = tmp_path / "medium"
+    assert _segment(bikes_path, out, "--max-frames", "3", "--propagator", "optical_flow", "--schedule", "fixed:3",
+                    "--optical-flow-preset", "medium", "--optical-flow-scale", "0.25", "--no-overlay") == 0
+    settings = json.loads((out / "summary.json").read_text())["propagator_settings"]
+    assert (settings["name"], settings["preset"], settings["flow_scale"]) == ("optical_flow", "medium", 0.25)
+
+
+def test_error_bad_optical_flow_scale(tiny_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _segment(tiny_folder, tmp_path / "out", "--optical-flow-scale", "0")
+    assert exc.value.code == 2 and "must be in (0, 1]" in capsys.readouterr().err
+
+
 def test_segment_no_overlay(bikes_path, tmp_path):
     out = tmp_path / "o"
     assert _segment(bikes_path, out, "--max-frames", "2", "--propagator", "copy", "--no-overlay") == 0

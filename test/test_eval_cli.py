@@ -266,3 +266,29 @@ def test_propagation_diagnostics_script(camvid_val_dirs, lite_checkpoint, tmp_pa
     assert epe["epe"] >= 0 and epe["zero_flow_epe"] > 0  # the camera moves between frames 0 and 1
     assert epe["ratio"] == pytest.approx(epe["epe"] / epe["zero_flow_epe"])
     assert "| query_flow/pixel_flow fixed:2 |" in printed and "| frames apart |" in printed
+
+
+def test_eval_cli_optical_flow_preset_and_scale(camvid_val_dirs, lite_checkpoint, loaded, tmp_path, capsys):
+    """--optical-flow-preset / --optical-flow-scale reach the optical_flow propagator: eval.json names
+    them, and its scores equal those of an explicitly built propagator with the same settings."""
+    from mpvss_ros.propagation import OpticalFlowPropagator
+
+    out = tmp_path / "medium"
+    common = ["--weights", str(lite_checkpoint), "--max-frames", "6", "--schedule", "fixed:3",
+              "--propagator", "optical_flow"]
+    assert _eval(*common, "--optical-flow-preset", "medium", "--optical-flow-scale", "1.0", "--out", str(out)) == 0
+    r = json.loads((out / "eval.json").read_text())
+    assert r["propagator_settings"] == {"name": "optical_flow", "method": "dis", "preset": "medium",
+                                        "flow_scale": 1.0, "grid_stride": None}
+    seq = load_sequence(*camvid_val_dirs, limit=6)
+    explicit = evaluate_sequence(loaded, seq, OpticalFlowPropagator(preset="medium", flow_scale=1.0), "fixed:3")
+    assert r["mIoU"] == explicit["mIoU"] and r["IoU"] == explicit["IoU"]
+    default = evaluate_sequence(loaded, seq, "optical_flow", "fixed:3")
+    assert default["propagator_settings"]["preset"] == "fast" and default["propagator_settings"]["flow_scale"] == 0.5
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        _eval(*common, "--optical-flow-scale", "1.5")
+    assert exc.value.code == 2 and "must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        _eval(*common, "--optical-flow-preset", "slow")
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err

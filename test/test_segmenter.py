@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from mpvss_ros.nn.mpvss import KeyFrameState
-from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator, QueryFlowPropagator, grid_hw, pool_flow
+from mpvss_ros.propagation import (DIS_PRESETS, CopyPropagator, OpticalFlowPropagator, QueryFlowPropagator, grid_hw,
+                                   pool_flow)
 from mpvss_ros.scheduling import FixedIntervalScheduler, KeyFrameScheduler, ScheduleDecision, parse_schedule
 from mpvss_ros.segmenter import FrameError, Letterbox, SegmentationResult, VideoSegmenter, canvas_tensor, check_frame
 
@@ -320,6 +321,11 @@ def test_optical_flow_on_a_coarse_grid_still_tracks_a_real_pan(bikes_frames):
     copied = err(logits)
     assert err(full) < 0.1 * copied, (err(full), copied)
     assert err(coarse) < 0.1 * copied, (err(coarse), copied)
+    for preset in DIS_PRESETS:  # every preset the node and the CLI accept tracks the pan
+        warped = OpticalFlowPropagator(preset=preset, flow_scale=1.0).propagate(key, cur_t)
+        assert err(warped) < 0.1 * copied, (preset, err(warped), copied)
+    with pytest.raises(ValueError, match="DIS preset"):
+        OpticalFlowPropagator(preset="slow")
 
 
 def test_optical_flow_very_wide_frame_does_not_crash():

@@ -83,13 +83,15 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.
 
 
 def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Propagator,
-                      scheduler: KeyFrameScheduler | str, progress: bool = False, backend: Any = None) -> dict[str, Any]:
+                      scheduler: KeyFrameScheduler | str, progress: bool = False, backend: Any = None,
+                      optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5) -> dict[str, Any]:
     """Segment ``seq`` as one video and score it (on ``backend``, an inference backend of
     :mod:`mpvss_ros.runtime`, when given; else on ``loaded.model``).
 
     ``propagator`` is a name of :data:`~mpvss_ros.propagation.PROPAGATORS` or a ready
     :class:`~mpvss_ros.propagation.Propagator` (a variant under study); the result's
-    ``"propagator"`` is its name.
+    ``"propagator"`` is its name. ``optical_flow_preset`` / ``optical_flow_scale`` configure a
+    named ``optical_flow`` (:func:`~mpvss_ros.propagation.build_propagator`).
 
     Returns:
         ``{"mIoU", "fwIoU", "pACC", "mACC", "IoU" (per class), "VC_8", "VC_16"`` (percent),
@@ -99,7 +101,8 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
     cfg = loaded.config
     sched = parse_schedule(scheduler) if isinstance(scheduler, str) else scheduler
     model = backend if backend is not None else loaded.model
-    prop = build_propagator(propagator, model) if isinstance(propagator, str) else propagator
+    prop = (build_propagator(propagator, model, optical_flow_preset, optical_flow_scale)
+            if isinstance(propagator, str) else propagator)
     segmenter = VideoSegmenter(model, prop, sched, device=loaded.device)
     conf = ConfusionMatrix(cfg.num_classes)
     vcs = {n: VideoConsistency(n) for n in (8, 16)}
@@ -118,6 +121,7 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
         "VC_8": _pct(vcs[8].value()),
         "VC_16": _pct(vcs[16].value()),
         "propagator": prop.name,
+        "propagator_settings": prop.describe(),
         "schedule": repr(sched),
         "frames": len(times),
         "key_frames": keys,
@@ -179,9 +183,10 @@ def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_ke
 
 def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Sequence[int] = (1, 2, 3, 5, 10),
                        propagators: Sequence[str] = ("copy", "optical_flow", "query_flow"),
-                       adaptive: bool = True, progress: bool = True, backend: Any = None) -> dict[str, Any]:
+                       adaptive: bool = True, progress: bool = True, backend: Any = None,
+                       optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5) -> dict[str, Any]:
     """The key-interval study: every propagator at every fixed interval, plus adaptive
-    (``backend``: as :func:`evaluate_sequence`).
+    (``backend``, ``optical_flow_preset``, ``optical_flow_scale``: as :func:`evaluate_sequence`).
 
     For interval N > 1 the adaptive schedule (``max_interval`` = 2N) gets the threshold that
     matches the key-frame count of ``fixed:N`` on this clip (:func:`match_adaptive_threshold`).
@@ -192,25 +197,27 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     """
     rows: list[dict[str, Any]] = []
     per_frame = None
+    flow_opts = {"optical_flow_preset": optical_flow_preset, "optical_flow_scale": optical_flow_scale}
     for n in intervals:
         for prop in propagators:
             if n == 1 and per_frame is not None:  # per-frame: the propagator never runs
                 rows.append({**per_frame, "propagator": prop})
                 continue
-            r = evaluate_sequence(loaded, seq, prop, f"fixed:{n}", progress=progress, backend=backend)
+            r = evaluate_sequence(loaded, seq, prop, f"fixed:{n}", progress=progress, backend=backend, **flow_opts)
             r.update(interval=n, mode="fixed", threshold=None)
             rows.append(r)
             if n == 1:
+                r["propagator_settings"] = None  # every frame is a key frame: no propagator runs
                 per_frame = r
         if adaptive and n > 1:
             target = math.ceil(len(seq.images) / n)
             threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval=2 * n)
             for prop in propagators:
                 sched = AdaptiveScheduler(threshold=threshold, max_interval=2 * n, max_gap_s=math.inf)
-                r = evaluate_sequence(loaded, seq, prop, sched, progress=progress, backend=backend)
+                r = evaluate_sequence(loaded, seq, prop, sched, progress=progress, backend=backend, **flow_opts)
                 r.update(interval=n, mode="adaptive", threshold=threshold, target_key_frames=target)
                 rows.append(r)
-    return {"frames": len(seq.images), "fps": seq.fps, "model": loaded.config.name,
+    return {"frames": len(seq.images), "fps": seq.fps, "model": loaded.config.name, "optical_flow": flow_opts,
             "weights": str(loaded.weights) if loaded.weights else None, "rows": rows}
 
 

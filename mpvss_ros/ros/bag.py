@@ -83,6 +83,7 @@ class BagOptions:
 
     Attributes:
         propagator: ``query_flow``, ``optical_flow`` or ``copy`` (as ``mpvss segment``).
+        optical_flow_preset, optical_flow_scale: DIS preset and resolution of ``optical_flow``.
         schedule: ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD``.
         max_interval: adaptive schedule: longest run of frames between key frames.
         max_frames: stop after this many input messages (None = all).
@@ -92,6 +93,8 @@ class BagOptions:
     """
 
     propagator: str = "query_flow"
+    optical_flow_preset: str = "fast"
+    optical_flow_scale: float = 0.5
     schedule: str = "fixed:5"
     max_interval: int = 10
     max_frames: int | None = None
@@ -266,7 +269,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     cfg = loaded.config
     scheduler = parse_schedule(_opt(options, "schedule"), max_interval=_opt(options, "max_interval"))
     model = backend if backend is not None else loaded.model
-    propagator = build_propagator(_opt(options, "propagator"), model)
+    propagator = build_propagator(_opt(options, "propagator"), model, _opt(options, "optical_flow_preset"),
+                                  _opt(options, "optical_flow_scale"))
     segmenter = VideoSegmenter(model, propagator, scheduler, device=loaded.device)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     class_names = list(cfg.class_names) if len(cfg.class_names) == cfg.num_classes else [f"class {i}" for i in range(cfg.num_classes)]
@@ -385,6 +389,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "device": str(loaded.device),
         "backend": model.describe() if hasattr(model, "describe") else None,
         "propagator": _opt(options, "propagator"),
+        "propagator_settings": propagator.describe(),
         "schedule": _opt(options, "schedule"),
         "frames": frames,
         "written": len(records),

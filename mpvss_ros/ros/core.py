@@ -194,7 +194,7 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
             model = load_backend(config.backend, loaded, device=config.device, precision=config.precision)
         except (ValueError, OSError, RuntimeError) as exc:
             raise StartupError(_one_line(f"backend '{config.backend}' ({config.precision}): {exc}")) from None
-    propagator = build_propagator(config.propagator, model)
+    propagator = build_propagator(config.propagator, model, config.optical_flow_preset, config.optical_flow_scale)
     return VideoSegmenter(model, propagator, scheduler, device=loaded.device)
 
 

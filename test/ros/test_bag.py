@@ -98,7 +98,8 @@ def read_bag(ts, path: Path) -> dict[str, list[tuple[int, object, bytes]]]:
 def reference_results(loaded: LoadedModel, options: BagOptions, decoded: list[np.ndarray], header_ns: list[int]):
     """What ``mpvss segment`` computes: same set-up, frames pushed in order with their stamps."""
     scheduler = parse_schedule(options.schedule, max_interval=options.max_interval)
-    propagator = build_propagator(options.propagator, loaded.model)
+    propagator = build_propagator(options.propagator, loaded.model, options.optical_flow_preset,
+                                  options.optical_flow_scale)
     seg = VideoSegmenter(loaded.model, propagator, scheduler, device=loaded.device)
     return [seg.push(f, s / 1e9) for f, s in zip(decoded, header_ns)]
 
@@ -212,10 +213,11 @@ def test_meaningful_labels_optical_flow_and_storage_override(ts, tmp_path, frame
     propagation, compressed auto-detected, sqlite3 in -> mcap out, another namespace."""
     entries = jpeg_entries(ts, frames)
     write_bag(ts, tmp_path / "in", "sqlite3", entries)
-    options = BagOptions(propagator="optical_flow", schedule="fixed:4", progress=False)
+    options = BagOptions(propagator="optical_flow", optical_flow_preset="medium", schedule="fixed:4", progress=False)
     summary = process_bag(tmp_path / "in", tmp_path / "out", CTOPIC, band_loaded, options,
                           namespace="front/seg/", storage="mcap")
     assert summary["written"] == N_FRAMES and summary["namespace"] == "/front/seg"
+    assert (summary["propagator_settings"]["preset"], summary["propagator_settings"]["flow_scale"]) == ("medium", 0.5)
     decoded = [cv2.cvtColor(cv2.imdecode(m.data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for _, _, _, m in entries]
     got = check_outputs(ts, tmp_path / "out", entries, decoded, band_loaded, options, namespace="/front/seg", storage="mcap")
     labels = [image_array(m) for _, m, _ in got["/front/seg/labels"]]

@@ -607,6 +607,12 @@ def test_build_segmenter_follows_the_parameters(lite):
     assert isinstance(seg.scheduler, AdaptiveScheduler)
     assert (seg.scheduler.threshold, seg.scheduler.min_interval, seg.scheduler.max_interval) == (0.8, 2, 7)
     assert seg.propagator.name == "optical_flow"
+    assert (seg.propagator.preset, seg.propagator.flow_scale) == ("fast", 0.5)
+    seg = build_segmenter(validate({"propagator": "optical_flow", "optical_flow_preset": "medium",
+                                    "optical_flow_scale": 1.0}), lite)
+    assert (seg.propagator.preset, seg.propagator.flow_scale) == ("medium", 1.0)
+    with pytest.raises(ValueError, match="optical_flow_preset"):
+        validate({"optical_flow_preset": "slow"})
 
 
 def test_startup_errors_are_one_line(tmp_path):

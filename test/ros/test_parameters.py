@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from mpvss_ros.ros.parameters import (
+    DIS_PRESET_CHOICES,
     NODE_NAME,
     PARAMETERS,
     PROPAGATOR_CHOICES,
@@ -35,7 +36,7 @@ SEGMENT_YAML = ROOT / "config" / "segment.yaml"
 
 EXPECTED_DEFAULTS = {
     "model": "mpvss_lite", "weights": "", "device": "cpu", "backend": "torch", "precision": "fp32",
-    "propagator": "query_flow",
+    "propagator": "query_flow", "optical_flow_preset": "fast", "optical_flow_scale": 0.5,
     "schedule": "adaptive", "scene_threshold": 0.5, "min_interval": 1, "max_interval": 10, "max_gap_s": 1.0,
     "input_compressed": False, "input_reliability": "best_effort", "input_depth": 1, "max_frame_age_s": 0.5,
     "publish_colored": True, "publish_overlay": True, "publish_class_masks": True, "overlay_alpha": 0.5,
@@ -94,6 +95,12 @@ def test_propagator_choices_follow_the_engine():
     from mpvss_ros.propagation import PROPAGATORS
 
     assert PROPAGATOR_CHOICES == PROPAGATORS
+
+
+def test_dis_preset_choices_follow_the_engine():
+    from mpvss_ros.propagation import DIS_PRESETS
+
+    assert DIS_PRESET_CHOICES == tuple(DIS_PRESETS)
 
 
 def test_validate_normalises_values():
