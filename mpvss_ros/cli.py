@@ -143,7 +143,7 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-checkpoint", required=True, help="the stage-1 model (mpvss_ros .pt)")
     for name, typ in (("steps", int), ("batch_size", int), ("lr", float), ("head_lr_mult", float),
                       ("weight_decay", float), ("warmup_steps", int), ("poly_power", float), ("clip_grad_norm", float),
-                      ("flow_weight", float), ("video_fraction", float), ("max_gap", int),
+                      ("flow_weight", float), ("video_fraction", float), ("synthetic_fraction", float), ("max_gap", int),
                       ("pseudo_label_confidence", float), ("num_points", int), ("val_every", int), ("val_frames", int),
                       ("checkpoint_every", int), ("threads", int), ("seed", int), ("max_minutes", float),
                       ("max_clip_frames", int)):

@@ -22,19 +22,26 @@ from mpvss_ros.nn.mpvss import MPVSS
 
 #: Options worth recording from a run's options.json.
 _KEEP = ("run_dir", "model", "steps", "batch_size", "crop", "scale", "lr", "head_lr_mult", "matcher", "flow_weight",
+         "video_fraction", "synthetic_fraction",
          "init_checkpoint", "init_motion", "seed", "threads")
 
 
-def run_chain(checkpoint: str, follow: str = "init_checkpoint") -> list[dict[str, Any]]:
+def run_chain(checkpoint: str, follow: str = "init_checkpoint", part: str = "segmentor") -> list[dict[str, Any]]:
     """Options of the run that wrote ``checkpoint`` and of the runs it was initialised from, oldest first.
 
     ``follow`` names the option that points to the previous run's checkpoint; ``init_motion``
-    (where a run has it) traces the motion module's lineage instead of the segmentor's.
+    (where a run has it) traces the motion module's lineage instead of the segmentor's. A
+    checkpoint without a run folder (e.g. the shipped file, used as a starting point) contributes
+    the lineage of ``part`` recorded in its own ``meta["training"]``.
     """
     chain: list[dict[str, Any]] = []
     path: str | None = checkpoint
     while path:
         options = Path(path).parent / "options.json"
+        if not options.is_file() and Path(path).is_file():
+            stored = read_checkpoint(path).meta.get("training", {}).get(part, [])
+            chain.extend(reversed(stored))
+            break
         if not options.is_file() or len(chain) > 10:
             break
         opts = json.loads(options.read_text())
@@ -57,7 +64,8 @@ def main() -> None:
     meta = {
         "model": cfg.name, "classes": cfg.class_names,
         "segmentor_from": args.segmentor, "motion_from": args.motion,
-        "training": {"segmentor": run_chain(args.segmentor), "motion": run_chain(args.motion, follow="init_motion")},
+        "training": {"segmentor": run_chain(args.segmentor),
+                     "motion": run_chain(args.motion, follow="init_motion", part="motion")},
         "data": "CamVid train (367 frames, SegNet split); stage 2 also pseudo-labelled solidWhiteRight.mp4 / bikes.mp4 pairs",
         "hardware": "2 CPU cores (AMD EPYC), torch 2.13.0+cpu, no GPU",
     }

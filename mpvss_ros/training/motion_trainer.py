@@ -9,8 +9,9 @@ them, with the key frame's class logits, to the current frame's target (spec sec
 Added to the official recipe, because this model trains from scratch on a CPU in tens of minutes
 rather than 90k GPU iterations: on short video pairs an L1 term pulls the pixel-wise flow and
 the fused per-query flows towards OpenCV DIS optical flow (``flow_weight``; see
-:mod:`.pairs`). It only bootstraps the flow branch: the mask loss alone decides how each
-segment moves.
+:mod:`.pairs`), and, on optional synthetic pairs made from single CamVid frames under a known
+motion (``synthetic_fraction``, :mod:`.synthetic`), towards their exact flow. It only bootstraps
+the flow branch: the mask loss alone decides how each segment moves.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class MotionTrainOptions:
             (0 freezes them).
         weight_decay, warmup_steps, poly_power, clip_grad_norm: as stage 1.
         flow_weight: weight of the DIS-flow L1 term (0 disables it).
-        video_fraction: share of unlabelled video pairs per batch.
+        video_fraction: share of unlabelled video pairs among the non-synthetic pairs.
+        synthetic_fraction: share of synthetic pairs with exact flow (:mod:`.synthetic`).
         max_gap: largest key-current distance of video pairs (frames).
         pseudo_label_confidence: video-target pixels below this confidence are ignored.
         num_points: points per mask in matcher and loss.
@@ -89,6 +91,7 @@ class MotionTrainOptions:
     clip_grad_norm: float = 0.01
     flow_weight: float = 5.0
     video_fraction: float = 0.5
+    synthetic_fraction: float = 0.0
     max_gap: int = 10
     pseudo_label_confidence: float = 0.5
     num_points: int = 12544
@@ -195,8 +198,9 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         log.info("pseudo-labelled %d frames of %s", len(frames), path.name)
     pairs = FramePairs(train_dir, train_annot, clips, crop=opts.crop, flow_stride=model.motion.flow_stride,
                        max_gap=opts.max_gap, video_fraction=opts.video_fraction, num_classes=cfg.num_classes,
-                       seed=opts.seed)
-    log.info("%d CamVid pairs, %d video pairs", len(pairs.camvid), len(pairs.video))
+                       seed=opts.seed, synthetic_fraction=opts.synthetic_fraction)
+    log.info("%d CamVid pairs, %d video pairs, synthetic fraction %.2f", len(pairs.camvid), len(pairs.video),
+             opts.synthetic_fraction)
 
     val_dir, val_annot = camvid_dir("val"), camvid_annot_dir("val")
     val_frames, val_labels = [], []
@@ -317,7 +321,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             rec = {"step": step, "loss": float(loss.detach()), "loss_mask_criterion": float(losses["loss"].detach()),
                    "loss_flow": float(flow_loss.detach()), "loss_ce": float(losses["loss_ce"].detach()),
                    "loss_dice": float(losses["loss_dice"].detach()), "grad_norm": gnorm,
-                   "lr": optimizer.param_groups[0]["lr"], "video_pairs": int(has_flow.sum()), "sec_per_step": round(dt, 4)}
+                   "lr": optimizer.param_groups[0]["lr"], "video_pairs": sum(s.source == "video" for s in samples),
+                   "synthetic_pairs": sum(s.source == "synthetic" for s in samples), "sec_per_step": round(dt, 4)}
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
             result.losses.append(rec["loss"])

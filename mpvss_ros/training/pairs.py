@@ -12,10 +12,14 @@ Two sources, mixed in every batch:
   The target is the frozen segmentor's own prediction on the current frame, with pixels below a
   confidence threshold ignored (pseudo-labels, as the issue specifies).
 
+* **Synthetic pairs** (optional, ``synthetic_fraction``): one CamVid train frame and a copy of it
+  resampled under a known motion (:mod:`.synthetic`), with the exact flow and label.
+
 Every item also carries a flow target for the short video pairs: OpenCV DIS optical flow from the
 current to the key frame on the augmented crop, averaged onto the motion module's flow grid and
 expressed in pixels of that grid. It bootstraps the flow branch (see :mod:`.motion_trainer`);
-CamVid pairs, 1 s apart, are too far apart for DIS and carry no flow target.
+CamVid pairs, 1 s apart, are too far apart for DIS and carry no flow target. Synthetic pairs
+carry their exact flow, averaged onto the grid the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ..propagation import grid_hw, pool_flow
 from ..scheduling import SceneScorer
 from ..segmenter import Letterbox
 from .data import augment_frames, list_frames, load_frame
+from .synthetic import SyntheticMotion, synthetic_pair
 
 __all__ = ["PairSample", "FramePairs", "camvid_pairs", "video_shots", "dis_flow_target", "load_clip_on_canvas"]
 
@@ -51,7 +56,7 @@ class PairSample:
         label: (H, W) int64 target of the current frame, 255 = ignore.
         flow: (2, H/s, W/s) float32 DIS flow current -> key in flow-grid pixels (zeros if none).
         has_flow: whether ``flow`` is a real target.
-        source: ``camvid`` or ``video``.
+        source: ``camvid``, ``video`` or ``synthetic``.
     """
 
     key: Tensor
@@ -123,7 +128,10 @@ class FramePairs:
         crop: (H, W) crop in pixels (a multiple of 32 keeps the flow grid exact).
         flow_stride: image pixels per flow-grid pixel (8 for MPVSS).
         max_gap: largest key-current distance of video pairs, in frames.
-        video_fraction: probability that a sample is a video pair.
+        video_fraction: probability that a non-synthetic sample is a video pair.
+        synthetic_fraction: probability that a sample is a synthetic pair (drawn from its own
+            generator, so 0 leaves the other samples exactly as without synthetic pairs).
+        synthetic_motion: ranges of the synthetic motion (pixels of the crop).
         scale, flip, color_jitter: augmentation as stage 1.
         seed: base seed; ``sample(step, i)`` is a pure function of (seed, step, i).
     """
@@ -132,8 +140,14 @@ class FramePairs:
                  clips: Sequence[tuple[list[np.ndarray], list[np.ndarray]]], crop: Sequence[int] = (256, 320),
                  flow_stride: float = 8.0, max_gap: int = 10, video_fraction: float = 0.5,
                  scale: Sequence[float] = (0.75, 1.5), flip: bool = True, color_jitter: bool = True,
-                 num_classes: int = 11, seed: int = 0) -> None:
+                 num_classes: int = 11, seed: int = 0, synthetic_fraction: float = 0.0,
+                 synthetic_motion: SyntheticMotion = SyntheticMotion()) -> None:
+        if not 0.0 <= synthetic_fraction <= 1.0:
+            raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
         self.camvid = camvid_pairs(camvid_image_dir, camvid_annot_dir)
+        self.frames = list_frames(camvid_image_dir, camvid_annot_dir) if synthetic_fraction > 0 else []
+        self.synthetic_fraction = synthetic_fraction
+        self.synthetic_motion = synthetic_motion
         self._images: dict[Path, np.ndarray] = {}
         self.clips = list(clips)
         self.video = []  # (clip index, key index, current index)
@@ -154,6 +168,10 @@ class FramePairs:
 
     def sample(self, step: int, i: int) -> PairSample:
         """The i-th pair of a step's batch (deterministic given the seed)."""
+        if self.synthetic_fraction > 0:
+            rng_s = np.random.default_rng([self.seed, 3, step, i])
+            if rng_s.random() < self.synthetic_fraction:
+                return self._synthetic(rng_s)
         rng = np.random.default_rng([self.seed, 2, step, i])
         if rng.random() < self.video_fraction:
             c, k, t = self.video[int(rng.integers(len(self.video)))]
@@ -173,6 +191,16 @@ class FramePairs:
         to_t = lambda im: torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))  # noqa: E731
         return PairSample(to_t(key_a), to_t(cur_a), torch.from_numpy(np.ascontiguousarray(lab_a)).long(),
                           torch.from_numpy(flow), has_flow, source)
+
+    def _synthetic(self, rng: np.random.Generator) -> PairSample:
+        img, lab = self.frames[int(rng.integers(len(self.frames)))]
+        image, label = load_frame(img, lab, num_classes=self.num_classes)
+        (key,), label = augment_frames([image], label, rng, self.crop, self.scale, self.flip, self.color_jitter)
+        cur, cur_label, flow = synthetic_pair(key, label, rng, self.synthetic_motion)
+        grid_flow = pool_flow(flow, self.grid).transpose(2, 0, 1)
+        to_t = lambda im: torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))  # noqa: E731
+        return PairSample(to_t(key), to_t(cur), torch.from_numpy(cur_label.astype(np.int64)),
+                          torch.from_numpy(np.ascontiguousarray(grid_flow, dtype=np.float32)), True, "synthetic")
 
     def _image(self, path: Path) -> np.ndarray:
         if path not in self._images:

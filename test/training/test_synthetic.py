@@ -1,0 +1,133 @@
+"""Synthetic stage-2 pairs with exact flow (mpvss_ros.training.synthetic) and their place in FramePairs.
+
+The motion is checked against what it must be (a pure shift, an object's extra shift) and against
+an independent estimate (OpenCV DIS on the synthetic pair of a real frame), so that a sign or
+axis mix-up in the flow convention ``current(p) = key(p + flow(p))`` fails.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mpvss_ros.propagation import pool_flow
+from mpvss_ros.training.pairs import FramePairs
+from mpvss_ros.training.synthetic import SyntheticMotion, synthetic_pair
+
+STILL = dict(zoom=0.0, rotation_deg=0.0)
+
+
+def _frame(bikes_frames) -> np.ndarray:
+    return np.ascontiguousarray(bikes_frames[0][:240, :320]).astype(np.float32)
+
+
+def test_pure_shift_moves_image_and_label_and_marks_the_uncovered_border(bikes_frames):
+    key = _frame(bikes_frames)
+    label = np.zeros(key.shape[:2], np.uint8)
+    label[:, 160:] = 3
+    motion = SyntheticMotion(max_shift=12.0, object_probability=0.0, **STILL)
+    cur, cur_label, flow = synthetic_pair(key, label, np.random.default_rng(0), motion)
+    sx, sy = flow[0, 0]
+    assert np.allclose(flow[..., 0], sx, atol=1e-4) and np.allclose(flow[..., 1], sy, atol=1e-4)
+    assert 0 < max(abs(sx), abs(sy)) <= 12.0
+    h, w = label.shape
+    ys, xs = slice(20, h - 20), slice(20, w - 20)
+    shifted = cv2.remap(key, (np.mgrid[0:h, 0:w][1] + sx).astype(np.float32),
+                        (np.mgrid[0:h, 0:w][0] + sy).astype(np.float32), cv2.INTER_LINEAR)
+    assert np.abs(cur[ys, xs] - shifted[ys, xs]).max() < 1e-3
+    # the label boundary at column 160 appears at 160 - sx in the current frame
+    row = cur_label[h // 2]
+    assert row[int(160 - sx) - 2] == 0 and row[int(160 - sx) + 2] == 3
+    # pixels whose source lies outside the key frame are ignored
+    if sx > 1:
+        assert (cur_label[:, -1] == 255).all()
+    elif sx < -1:
+        assert (cur_label[:, 0] == 255).all()
+    again = synthetic_pair(key, label, np.random.default_rng(0), motion)
+    assert np.array_equal(again[0], cur) and np.array_equal(again[1], cur_label)  # same draws, same pair
+
+
+def test_moving_object_gets_its_own_flow(bikes_frames):
+    key = _frame(bikes_frames)
+    label = np.zeros(key.shape[:2], np.uint8)
+    label[100:160, 120:200] = 8  # a "car"
+    motion = SyntheticMotion(max_shift=6.0, object_shift=16.0, object_probability=1.0, **STILL)
+    for seed in range(5):
+        cur, cur_label, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+        bg = flow[5, 5]
+        car = cur_label == 8
+        assert car.sum() > 0.8 * 60 * 80
+        # Car pixels of the current frame: the moved car (background flow + one rigid extra shift)
+        # and, where the background still shows the key frame's car (no inpainting, as
+        # FlyingChairs-style compositing), the background flow.
+        extra = flow[car] - bg
+        moved = np.abs(extra).max(axis=1) > 1e-3
+        assert moved.sum() > 0.5 * car.sum()
+        assert np.allclose(extra[moved], extra[moved][0], atol=1e-3)
+        assert np.abs(extra[moved][0]).max() <= 16.0 + 1e-3
+        # where the car is in the current frame, the key frame has the car at p + flow(p)
+        ys, xs = np.nonzero(car)
+        src_y = np.round(ys + flow[ys, xs, 1]).astype(int)
+        src_x = np.round(xs + flow[ys, xs, 0]).astype(int)
+        assert (label[src_y, src_x] == 8).mean() > 0.97
+
+
+def test_dis_recovers_the_synthetic_flow_on_a_real_frame(bikes_frames):
+    """An independent check of sign and axes: DIS on (current, key) matches the returned flow."""
+    key = _frame(bikes_frames)
+    label = np.zeros(key.shape[:2], np.uint8)
+    motion = SyntheticMotion(max_shift=8.0, zoom=0.04, rotation_deg=1.0, object_probability=0.0)
+    cur, _, flow = synthetic_pair(key, label, np.random.default_rng(3), motion)
+    grey = lambda im: cv2.cvtColor(im.astype(np.uint8), cv2.COLOR_RGB2GRAY)  # noqa: E731
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM).calc(grey(cur), grey(key), None)
+    inner = (slice(24, -24), slice(24, -24))
+    epe = np.linalg.norm(dis[inner] - flow[inner], axis=-1)
+    magnitude = np.linalg.norm(flow[inner], axis=-1)
+    assert float(np.median(magnitude)) > 2.0  # the frame really moved
+    assert float(np.median(epe)) < 0.25 * float(np.median(magnitude)), (np.median(epe), np.median(magnitude))
+
+
+def test_synthetic_pair_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="same size"):
+        synthetic_pair(np.zeros((8, 8, 3), np.float32), np.zeros((8, 9), np.uint8), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="same size"):
+        synthetic_pair(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.uint8), np.random.default_rng(0))
+
+
+def test_frame_pairs_synthetic_fraction(camvid_train_dirs):
+    img_dir, ann_dir = camvid_train_dirs
+    crop = (96, 128)
+    fp = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=1.0,
+                    flow_stride=8.0)
+    for i in range(3):
+        s = fp.sample(2, i)
+        assert s.source == "synthetic" and s.has_flow
+        assert s.key.shape == s.current.shape == (3, *crop) and s.label.shape == crop
+        assert s.flow.shape == (2, *fp.grid) and torch.isfinite(s.flow).all()
+        assert float(s.flow.abs().max()) > 0  # a real motion target, in grid pixels
+        assert set(torch.unique(s.label).tolist()) <= set(range(11)) | {255}
+        assert not torch.equal(s.key, s.current)
+    again = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=1.0,
+                       flow_stride=8.0).sample(2, 1)
+    assert torch.equal(again.current, fp.sample(2, 1).current) and torch.equal(again.flow, fp.sample(2, 1).flow)
+    # synthetic_fraction 0 leaves the non-synthetic stream exactly as it was
+    plain = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4)
+    zero = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=0.0)
+    assert torch.equal(plain.sample(1, 0).current, zero.sample(1, 0).current)
+    mixed = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=0.5)
+    sources = [mixed.sample(s, i).source for s in range(4) for i in range(4)]
+    assert {"synthetic", "camvid"} == set(sources)
+    with pytest.raises(ValueError, match="synthetic_fraction"):
+        FramePairs(img_dir, ann_dir, [], crop=crop, synthetic_fraction=1.5)
+
+
+def test_pooled_synthetic_flow_is_in_grid_pixels(bikes_frames):
+    key = _frame(bikes_frames)
+    label = np.zeros(key.shape[:2], np.uint8)
+    _, _, flow = synthetic_pair(key, label, np.random.default_rng(1),
+                                SyntheticMotion(max_shift=16.0, object_probability=0.0, **STILL))
+    pooled = pool_flow(flow, (15, 20))  # 16x coarser
+    np.testing.assert_allclose(pooled[..., 0], flow[0, 0, 0] / 16, rtol=1e-4)
+    np.testing.assert_allclose(pooled[..., 1], flow[0, 0, 1] / 16, rtol=1e-4)
