@@ -1,6 +1,6 @@
 """(key frame, current frame) pairs for stage 2, the query-based flow (MPVSS section 3.3).
 
-Two sources, mixed in every batch:
+Two sources, mixed in every batch (three with synthetic pairs):
 
 * **CamVid train pairs** (labelled): consecutive labelled frames of one sequence (``<seq>_<raw
   index>.png``, 1 s apart at 30 fps), in both time orders; the target is the current frame's
@@ -44,6 +44,11 @@ from .synthetic import SyntheticMotion, synthetic_pair
 __all__ = ["PairSample", "FramePairs", "camvid_pairs", "video_shots", "dis_flow_target", "load_clip_on_canvas"]
 
 _NAME = re.compile(r"^(?P<seq>.+)_(?P<index>[^_]+)$")
+
+
+def _chw(image: np.ndarray) -> Tensor:
+    """(H, W, 3) float32 -> (3, H, W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 @dataclass
@@ -188,8 +193,7 @@ class FramePairs:
             flow, has_flow = dis_flow_target(cur_a, key_a, self.grid), True
         else:
             flow, has_flow = np.zeros((2, *self.grid), np.float32), False
-        to_t = lambda im: torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))  # noqa: E731
-        return PairSample(to_t(key_a), to_t(cur_a), torch.from_numpy(np.ascontiguousarray(lab_a)).long(),
+        return PairSample(_chw(key_a), _chw(cur_a), torch.from_numpy(np.ascontiguousarray(lab_a)).long(),
                           torch.from_numpy(flow), has_flow, source)
 
     def _synthetic(self, rng: np.random.Generator) -> PairSample:
@@ -198,8 +202,7 @@ class FramePairs:
         (key,), label = augment_frames([image], label, rng, self.crop, self.scale, self.flip, self.color_jitter)
         cur, cur_label, flow = synthetic_pair(key, label, rng, self.synthetic_motion)
         grid_flow = pool_flow(flow, self.grid).transpose(2, 0, 1)
-        to_t = lambda im: torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))  # noqa: E731
-        return PairSample(to_t(key), to_t(cur), torch.from_numpy(cur_label.astype(np.int64)),
+        return PairSample(_chw(key), _chw(cur), torch.from_numpy(cur_label.astype(np.int64)),
                           torch.from_numpy(np.ascontiguousarray(grid_flow, dtype=np.float32)), True, "synthetic")
 
     def _image(self, path: Path) -> np.ndarray:
