@@ -61,7 +61,8 @@ class MotionTrainOptions:
         lr: AdamW lr of the motion module; head_lr_mult: lr multiplier of class/mask embeddings
             (0 freezes them).
         weight_decay, warmup_steps, poly_power, clip_grad_norm: as stage 1.
-        flow_weight: weight of the DIS-flow L1 term (0 disables it).
+        flow_weight: weight of the flow L1 term (DIS on video pairs, the exact flow on synthetic
+            pairs; 0 disables it).
         video_fraction: share of unlabelled video pairs among the non-synthetic pairs.
         synthetic_fraction: share of synthetic pairs with exact flow (:mod:`.synthetic`).
         max_gap: largest key-current distance of video pairs (frames).

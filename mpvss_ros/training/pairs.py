@@ -154,6 +154,7 @@ class FramePairs:
         self.synthetic_fraction = synthetic_fraction
         self.synthetic_motion = synthetic_motion
         self._images: dict[Path, np.ndarray] = {}
+        self._labelled: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
         self.clips = list(clips)
         self.video = []  # (clip index, key index, current index)
         for c, (frames, _) in enumerate(self.clips):
@@ -185,7 +186,7 @@ class FramePairs:
         else:
             k_img, c_img, c_lab = self.camvid[int(rng.integers(len(self.camvid)))]
             key = self._image(k_img)
-            cur, label = load_frame(c_img, c_lab, num_classes=self.num_classes)
+            cur, label = self._labelled_frame(c_img, c_lab)
             source = "camvid"
         (key_a, cur_a), lab_a = augment_frames([key, cur], label, rng, self.crop, self.scale, self.flip,
                                                self.color_jitter)
@@ -198,12 +199,18 @@ class FramePairs:
 
     def _synthetic(self, rng: np.random.Generator) -> PairSample:
         img, lab = self.frames[int(rng.integers(len(self.frames)))]
-        image, label = load_frame(img, lab, num_classes=self.num_classes)
+        image, label = self._labelled_frame(img, lab)
         (key,), label = augment_frames([image], label, rng, self.crop, self.scale, self.flip, self.color_jitter)
         cur, cur_label, flow = synthetic_pair(key, label, rng, self.synthetic_motion)
         grid_flow = pool_flow(flow, self.grid).transpose(2, 0, 1)
         return PairSample(_chw(key), _chw(cur), torch.from_numpy(cur_label.astype(np.int64)),
                           torch.from_numpy(np.ascontiguousarray(grid_flow, dtype=np.float32)), True, "synthetic")
+
+    def _labelled_frame(self, image: Path, label: Path) -> tuple[np.ndarray, np.ndarray]:
+        """``load_frame`` once per file (the arrays are only read downstream)."""
+        if image not in self._labelled:
+            self._labelled[image] = load_frame(image, label, num_classes=self.num_classes)
+        return self._labelled[image]
 
     def _image(self, path: Path) -> np.ndarray:
         if path not in self._images:

@@ -9,7 +9,10 @@ exactly: the current frame is the key frame resampled under
   ``+- rotation_deg``, shift ``+- max_shift`` pixels per axis), and
 * with probability ``object_probability``, one connected segment of a "thing" class
   (``thing_classes``: poles, signs, cars, pedestrians, bicyclists for CamVid) moving with an
-  extra shift of ``+- object_shift`` pixels, drawn over the background (occlusion included).
+  extra shift of ``+- object_shift`` pixels, drawn over the background. There is no inpainting:
+  where the background uncovered by the segment is not known, the background motion still
+  samples the key frame's copy of the segment, so the pair shows it twice; image, label and flow
+  agree there (``current(p) = key(p + flow(p))`` everywhere).
 
 The current frame's label is the key frame's label resampled the same way (nearest), with
 pixels that sample outside the key frame set to ``ignore_index``. The flow points from the
