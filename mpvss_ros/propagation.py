@@ -40,6 +40,7 @@ __all__ = [
     "pool_flow",
     "PROPAGATORS",
     "DIS_PRESETS",
+    "OPTICAL_FLOW_SCALE_RANGE",
 ]
 
 PROPAGATORS = ("query_flow", "optical_flow", "copy")
@@ -49,6 +50,9 @@ DIS_PRESETS = {
     "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
     "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
 }
+#: Allowed ``flow_scale`` of :class:`OpticalFlowPropagator` (inclusive): below 0.1 a 480 x 640
+#: canvas leaves DIS fewer than 64 pixels across.
+OPTICAL_FLOW_SCALE_RANGE = (0.1, 1.0)
 _MIN_FLOW_SIDE = 32
 
 
@@ -119,7 +123,8 @@ class OpticalFlowPropagator(Propagator):
 
     Args:
         method: ``dis`` or ``farneback``.
-        flow_scale: resolution of the flow computation relative to the canvas (0 < s <= 1).
+        flow_scale: resolution of the flow computation relative to the canvas, in
+            :data:`OPTICAL_FLOW_SCALE_RANGE` (0.1 <= s <= 1).
         preset: DIS preset, a key of :data:`DIS_PRESETS` (ignored by Farneback).
         grid_stride: when set, the flow is area-averaged onto a grid of ``ceil(H / stride) x
             ceil(W / stride)`` cells of the (H, W) canvas before warping (16 = the lite motion
@@ -138,8 +143,9 @@ class OpticalFlowPropagator(Propagator):
             raise ValueError(f"optical-flow method must be dis or farneback, got {method!r}")
         if preset not in DIS_PRESETS:
             raise ValueError(f"DIS preset must be one of {', '.join(DIS_PRESETS)}, got {preset!r}")
-        if not 0 < flow_scale <= 1:
-            raise ValueError(f"flow_scale must be in (0, 1], got {flow_scale}")
+        lo, hi = OPTICAL_FLOW_SCALE_RANGE
+        if not lo <= flow_scale <= hi:
+            raise ValueError(f"flow_scale must be in [{lo:g}, {hi:g}], got {flow_scale}")
         if grid_stride is not None and grid_stride < 1:
             raise ValueError(f"grid_stride must be >= 1 or None, got {grid_stride}")
         self.method = method
@@ -220,7 +226,7 @@ def build_propagator(name: str, model: "MPVSS | Backend", optical_flow_preset: s
         model: the MPVSS model or an inference backend (used by ``query_flow``).
         optical_flow_preset: DIS preset of ``optical_flow`` (a key of :data:`DIS_PRESETS`).
         optical_flow_scale: resolution of ``optical_flow``'s DIS computation relative to the
-            canvas, 0 < s <= 1.
+            canvas, 0.1 <= s <= 1 (:data:`OPTICAL_FLOW_SCALE_RANGE`).
 
     Raises:
         ValueError: on an unknown name (listing the known ones), preset or a bad scale.

@@ -117,9 +117,10 @@ def test_segment_optical_flow_settings_reach_the_propagator(bikes_path, tmp_path
 
 
 def test_error_bad_optical_flow_scale(tiny_folder, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        _segment(tiny_folder, tmp_path / "out", "--optical-flow-scale", "0")
-    assert exc.value.code == 2 and "must be in (0, 1]" in capsys.readouterr().err
+    for bad in ("0", "0.05", "1.01"):  # the node parameter's range, [0.1, 1]
+        with pytest.raises(SystemExit) as exc:
+            _segment(tiny_folder, tmp_path / "out", "--optical-flow-scale", bad)
+        assert exc.value.code == 2 and "must be in [0.1, 1]" in capsys.readouterr().err
 
 
 def test_segment_no_overlay(bikes_path, tmp_path):

@@ -288,7 +288,7 @@ def test_eval_cli_optical_flow_preset_and_scale(camvid_val_dirs, lite_checkpoint
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         _eval(*common, "--optical-flow-scale", "1.5")
-    assert exc.value.code == 2 and "must be in (0, 1]" in capsys.readouterr().err
+    assert exc.value.code == 2 and "must be in [0.1, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         _eval(*common, "--optical-flow-preset", "slow")
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err

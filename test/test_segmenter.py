@@ -326,6 +326,12 @@ def test_optical_flow_on_a_coarse_grid_still_tracks_a_real_pan(bikes_frames):
         assert err(warped) < 0.1 * copied, (preset, err(warped), copied)
     with pytest.raises(ValueError, match="DIS preset"):
         OpticalFlowPropagator(preset="slow")
+    for bad in (0.0, 0.05, 1.5):  # [0.1, 1], the node parameter's range
+        with pytest.raises(ValueError, match="flow_scale"):
+            OpticalFlowPropagator(flow_scale=bad)
+    with pytest.raises(ValueError, match="method"):
+        OpticalFlowPropagator("lucas_kanade")
+    assert OpticalFlowPropagator(flow_scale=0.1).flow_scale == 0.1
 
 
 def test_optical_flow_very_wide_frame_does_not_crash():

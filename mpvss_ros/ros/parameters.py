@@ -27,6 +27,7 @@ __all__ = [
     "BACKENDS",
     "PROPAGATOR_CHOICES",
     "DIS_PRESET_CHOICES",
+    "OPTICAL_FLOW_SCALE_RANGE",
     "RELIABILITIES",
     "ParamSpec",
     "PARAMETERS",
@@ -52,6 +53,8 @@ PROPAGATOR_CHOICES = ("query_flow", "optical_flow", "copy")
 #: Kept in step with :data:`mpvss_ros.propagation.DIS_PRESETS` (a test checks it), not imported
 #: for the same reason.
 DIS_PRESET_CHOICES = ("ultrafast", "fast", "medium")
+#: Kept in step with :data:`mpvss_ros.propagation.OPTICAL_FLOW_SCALE_RANGE` (a test checks it).
+OPTICAL_FLOW_SCALE_RANGE = (0.1, 1.0)
 #: ``input_reliability`` values: SensorDataQoS-like best effort, reliable, or the RMW default.
 RELIABILITIES = ("best_effort", "reliable", "system_default")
 
@@ -111,7 +114,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               choices=DIS_PRESET_CHOICES),
     ParamSpec("optical_flow_scale", "float", 0.5,
               "optical_flow only: resolution of the DIS computation relative to the network canvas.",
-              min=0.1, max=1.0),
+              min=OPTICAL_FLOW_SCALE_RANGE[0], max=OPTICAL_FLOW_SCALE_RANGE[1]),
     ParamSpec("schedule", "str", "adaptive",
               "Key-frame schedule: 'adaptive' (scene change >= scene_threshold, or max_interval "
               "frames) or 'fixed:N' (every N-th frame; fixed:1 = per-frame segmentation).",

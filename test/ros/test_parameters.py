@@ -19,6 +19,7 @@ import yaml
 
 from mpvss_ros.ros.parameters import (
     DIS_PRESET_CHOICES,
+    OPTICAL_FLOW_SCALE_RANGE,
     NODE_NAME,
     PARAMETERS,
     PROPAGATOR_CHOICES,
@@ -101,6 +102,12 @@ def test_dis_preset_choices_follow_the_engine():
     from mpvss_ros.propagation import DIS_PRESETS
 
     assert DIS_PRESET_CHOICES == tuple(DIS_PRESETS)
+
+
+def test_optical_flow_scale_range_follows_the_engine():
+    from mpvss_ros.propagation import OPTICAL_FLOW_SCALE_RANGE as ENGINE_RANGE
+
+    assert OPTICAL_FLOW_SCALE_RANGE == ENGINE_RANGE
 
 
 def test_validate_normalises_values():
