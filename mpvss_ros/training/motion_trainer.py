@@ -42,6 +42,7 @@ from ..segmenter import VideoSegmenter
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .pairs import FramePairs, load_clip_on_canvas
+from .synthetic import SyntheticMotion
 from .trainer import lr_factor, sync_lr, torch_threads, truncate_log
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels"]
@@ -65,6 +66,9 @@ class MotionTrainOptions:
             pairs; 0 disables it).
         video_fraction: share of unlabelled video pairs among the non-synthetic pairs.
         synthetic_fraction: share of synthetic pairs with exact flow (:mod:`.synthetic`).
+        synthetic_travel: share of synthetic pairs with camera travel and parallax
+            (``SyntheticMotion.travel_probability``; 0, the default, gives the similarity-only
+            pairs of stage-2 run 5).
         max_gap: largest key-current distance of video pairs (frames).
         pseudo_label_confidence: video-target pixels below this confidence are ignored.
         num_points: points per mask in matcher and loss.
@@ -93,6 +97,7 @@ class MotionTrainOptions:
     flow_weight: float = 5.0
     video_fraction: float = 0.5
     synthetic_fraction: float = 0.0
+    synthetic_travel: float = 0.0
     max_gap: int = 10
     pseudo_label_confidence: float = 0.5
     num_points: int = 12544
@@ -165,6 +170,7 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
 
 
 def _train(opts: MotionTrainOptions) -> MotionTrainResult:
+    synthetic_motion = SyntheticMotion(travel_probability=opts.synthetic_travel)  # checks the range first
     run_dir = Path(opts.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if opts.model is not None:
@@ -199,9 +205,10 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         log.info("pseudo-labelled %d frames of %s", len(frames), path.name)
     pairs = FramePairs(train_dir, train_annot, clips, crop=opts.crop, flow_stride=model.motion.flow_stride,
                        max_gap=opts.max_gap, video_fraction=opts.video_fraction, num_classes=cfg.num_classes,
-                       seed=opts.seed, synthetic_fraction=opts.synthetic_fraction)
-    log.info("%d CamVid pairs, %d video pairs, synthetic fraction %.2f", len(pairs.camvid), len(pairs.video),
-             opts.synthetic_fraction)
+                       seed=opts.seed, synthetic_fraction=opts.synthetic_fraction,
+                       synthetic_motion=synthetic_motion)
+    log.info("%d CamVid pairs, %d video pairs, synthetic fraction %.2f (camera travel in %.2f of them)",
+             len(pairs.camvid), len(pairs.video), opts.synthetic_fraction, opts.synthetic_travel)
 
     val_dir, val_annot = camvid_dir("val"), camvid_annot_dir("val")
     val_frames, val_labels = [], []

@@ -153,12 +153,21 @@ def test_train_motion_synthetic_pairs_carry_the_flow_term(needs_data, lite_check
     """With synthetic_fraction 1 every pair is synthetic: the log counts them and the exact-flow L1
     term is active (video pairs are the only other source of a flow target)."""
     opts = _options(tmp_path / "run", lite_checkpoint, 2)
-    opts.synthetic_fraction, opts.val_every, opts.max_clip_frames = 1.0, 0, 4
+    opts.synthetic_fraction, opts.synthetic_travel, opts.val_every, opts.max_clip_frames = 1.0, 1.0, 0, 4
     result = train_motion(opts)
     records = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert result.finished and [r["synthetic_pairs"] for r in records] == [2, 2]
     assert all(r["video_pairs"] == 0 and r["loss_flow"] > 0 and np.isfinite(r["loss"]) for r in records)
-    assert json.loads((tmp_path / "run" / "options.json").read_text())["synthetic_fraction"] == 1.0
+    stored = json.loads((tmp_path / "run" / "options.json").read_text())
+    assert stored["synthetic_fraction"] == 1.0 and stored["synthetic_travel"] == 1.0
+
+
+def test_train_motion_rejects_a_bad_travel_share_before_any_work(lite_checkpoint, tmp_path):
+    opts = _options(tmp_path / "run", lite_checkpoint, 1)
+    opts.synthetic_travel = 1.5
+    with pytest.raises(ValueError, match="travel_probability"):
+        train_motion(opts)
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_motion_init_motion_warm_start(needs_data, lite_checkpoint, motion_run, tmp_path):

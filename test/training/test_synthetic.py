@@ -14,9 +14,9 @@ import torch
 
 from mpvss_ros.propagation import pool_flow
 from mpvss_ros.training.pairs import FramePairs
-from mpvss_ros.training.synthetic import SyntheticMotion, synthetic_pair
+from mpvss_ros.training.synthetic import SyntheticMotion, inverse_depth, synthetic_pair
 
-STILL = dict(zoom=0.0, rotation_deg=0.0)
+STILL = dict(zoom=0.0, rotation_deg=0.0, travel_probability=0.0)
 
 
 def _frame(bikes_frames) -> np.ndarray:
@@ -78,7 +78,7 @@ def test_dis_recovers_the_synthetic_flow_on_a_real_frame(bikes_frames):
     """An independent check of sign and axes: DIS on (current, key) matches the returned flow."""
     key = _frame(bikes_frames)
     label = np.zeros(key.shape[:2], np.uint8)
-    motion = SyntheticMotion(max_shift=8.0, zoom=0.04, rotation_deg=1.0, object_probability=0.0)
+    motion = SyntheticMotion(max_shift=8.0, zoom=0.04, rotation_deg=1.0, object_probability=0.0, travel_probability=0.0)
     cur, _, flow = synthetic_pair(key, label, np.random.default_rng(3), motion)
     grey = lambda im: cv2.cvtColor(im.astype(np.uint8), cv2.COLOR_RGB2GRAY)  # noqa: E731
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM).calc(grey(cur), grey(key), None)
@@ -87,6 +87,13 @@ def test_dis_recovers_the_synthetic_flow_on_a_real_frame(bikes_frames):
     magnitude = np.linalg.norm(flow[inner], axis=-1)
     assert float(np.median(magnitude)) > 2.0  # the frame really moved
     assert float(np.median(epe)) < 0.25 * float(np.median(magnitude)), (np.median(epe), np.median(magnitude))
+
+
+def test_synthetic_motion_rejects_bad_ranges():
+    for bad in (dict(travel_probability=1.5), dict(object_probability=-0.1), dict(max_shift=-1.0),
+                dict(max_travel=3.0)):
+        with pytest.raises(ValueError, match="SyntheticMotion"):
+            SyntheticMotion(**bad)
 
 
 def test_synthetic_pair_rejects_mismatched_inputs():
@@ -131,3 +138,81 @@ def test_pooled_synthetic_flow_is_in_grid_pixels(bikes_frames):
     pooled = pool_flow(flow, (15, 20))  # 16x coarser
     np.testing.assert_allclose(pooled[..., 0], flow[0, 0, 0] / 16, rtol=1e-4)
     np.testing.assert_allclose(pooled[..., 1], flow[0, 0, 1] / 16, rtol=1e-4)
+
+
+def _street_label(h: int = 120, w: int = 160) -> np.ndarray:
+    """Sky above row 40, road below row 60, a building (1) between, a car (8) standing on the road."""
+    label = np.full((h, w), 3, np.uint8)
+    label[:40] = 0
+    label[40:60] = 1
+    label[70:100, 100:130] = 8
+    return label
+
+
+def test_inverse_depth_ground_plane_sky_and_upright_objects():
+    label = _street_label()
+    rho = inverse_depth(label, horizon=55.0)
+    assert rho.dtype == np.float32 and rho.shape == label.shape
+    assert (rho[:40] == 0).all()  # sky at infinity
+    road_rows = rho[100:, 10]
+    np.testing.assert_allclose(road_rows, (np.arange(100, 120) - 55.0) / (119 - 55.0), rtol=1e-5)
+    # the building stands on the road at row 59 (its run's lowest row): one value per column,
+    # the ground value of that row
+    np.testing.assert_allclose(rho[40:60, 10], (59 - 55.0) / 64.0, rtol=1e-5)
+    # the car's columns take the ground value of the car's lowest row (99), nearer than the building
+    np.testing.assert_allclose(rho[70:100, 110], (99 - 55.0) / 64.0, rtol=1e-5)
+    assert rho[80, 110] > rho[50, 110]
+    assert 0.0 <= rho.min() and rho.max() <= 1.0
+    with pytest.raises(ValueError, match="horizon"):
+        inverse_depth(label, horizon=119.0)
+    with pytest.raises(ValueError, match="label"):
+        inverse_depth(label[None], horizon=50.0)
+
+
+def test_camera_travel_streams_out_from_the_focus_of_expansion():
+    """Forward travel: current(p) samples the key frame nearer the focus of expansion, by more for
+    nearer pixels; the sky does not move; image, label and flow stay consistent."""
+    label = _street_label()
+    rng = np.random.default_rng(0)
+    key = rng.uniform(0, 255, (*label.shape, 3)).astype(np.float32)
+    key = cv2.GaussianBlur(key, (0, 0), 1.5)
+    motion = SyntheticMotion(object_probability=0.0, travel_probability=1.0, max_travel=0.3, **{
+        k: v for k, v in STILL.items() if k != "travel_probability"}, max_shift=0.0)
+    seen_forward = False
+    for seed in range(8):
+        cur, cur_label, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+        # the sky (rows 0..39 of the current frame, away from the building's edge) is still
+        assert np.abs(flow[:30]).max() < 1e-4
+        # ground pixels of one column move along the same line; the bottom row moves most
+        col = flow[70:, 20]
+        mag = np.linalg.norm(col, axis=-1)
+        assert mag[-1] >= mag[0] - 1e-4
+        # consistency: the current label is the key label at p + flow(p), where inside
+        ys, xs = np.mgrid[0:120, 0:160]
+        sx, sy = np.round(xs + flow[..., 0]).astype(int), np.round(ys + flow[..., 1]).astype(int)
+        inside = (sx >= 0) & (sx < 160) & (sy >= 0) & (sy < 120)
+        assert (cur_label[inside] == label[sy[inside], sx[inside]]).mean() > 0.97
+        assert (cur_label[~inside] == 255).all()
+        if mag[-1] > 2.0:
+            seen_forward = True
+            # radial about the focus of expansion: along the bottom row (all road) the x-flow is
+            # linear in x, and it shrinks towards the focus (slope < 0) exactly when the row samples
+            # the key frame higher up (forward travel, y-flow < 0), and grows when travelling back
+            bottom = flow[-1, 5:-5]
+            slope, offset = np.polyfit(np.arange(5, 155), bottom[:, 0], 1)
+            assert np.abs(np.polyval([slope, offset], np.arange(5, 155)) - bottom[:, 0]).max() < 0.05
+            assert np.allclose(bottom[:, 1], bottom[0, 1], atol=1e-3)
+            assert np.sign(slope) == np.sign(bottom[0, 1]) and abs(bottom[0, 1]) > 1.0
+    assert seen_forward
+
+
+def test_frame_pairs_synthetic_camera_travel_draws_are_seeded(camvid_train_dirs):
+    img_dir, ann_dir = camvid_train_dirs
+    travel = SyntheticMotion(travel_probability=1.0, object_probability=0.0, max_shift=0.0, zoom=0.0, rotation_deg=0.0)
+    a = FramePairs(img_dir, ann_dir, [], crop=(96, 128), video_fraction=0.0, seed=2, synthetic_fraction=1.0,
+                   flow_stride=8.0, synthetic_motion=travel)
+    b = FramePairs(img_dir, ann_dir, [], crop=(96, 128), video_fraction=0.0, seed=2, synthetic_fraction=1.0,
+                   flow_stride=8.0, synthetic_motion=travel)
+    flows = [a.sample(0, i).flow for i in range(4)]
+    assert all(torch.equal(f, b.sample(0, i).flow) for i, f in enumerate(flows))
+    assert any(float(f.abs().max()) > 0.05 for f in flows)  # some crops really travel
