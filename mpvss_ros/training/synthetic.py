@@ -172,16 +172,14 @@ def synthetic_pair(key: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     theta = np.deg2rad(rng.uniform(-motion.rotation_deg, motion.rotation_deg))
     shift = rng.uniform(-motion.max_shift, motion.max_shift, 2)
     a, b = scale * np.cos(theta), scale * np.sin(theta)
-    dx, dy = xx - cx, yy - cy
-    map_x = (cx + a * dx - b * dy + shift[0]).astype(np.float32)
-    map_y = (cy + b * dx + a * dy + shift[1]).astype(np.float32)
-
     moves = rng.random() < motion.object_probability
     object_shift = rng.uniform(-motion.object_shift, motion.object_shift, 2).astype(np.float32)
     pick = rng.random()
     travels = rng.random() < motion.travel_probability
     travel = rng.uniform(-motion.max_travel / 3, motion.max_travel)
     foe_x = rng.uniform(0.3, 0.7) * w
+
+    bx, by = xx, yy  # where each current pixel is before the similarity: itself, or its travel source
     if travels:
         horizon = _horizon(label, motion.ground_classes, fallback=0.45 * h)
         rho_key = inverse_depth(label, horizon, motion.sky_classes, motion.ground_classes)
@@ -197,9 +195,10 @@ def synthetic_pair(key: np.ndarray, label: np.ndarray, rng: np.random.Generator,
             bx, by = travel_source(rho)
             rho = cv2.remap(rho_key, bx, by, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)
         bx, by = travel_source(rho)
-        dx, dy = bx - cx, by - cy
-        map_x = (cx + a * dx - b * dy + shift[0]).astype(np.float32)
-        map_y = (cy + b * dx + a * dy + shift[1]).astype(np.float32)
+    dx, dy = bx - cx, by - cy
+    map_x = (cx + a * dx - b * dy + shift[0]).astype(np.float32)
+    map_y = (cy + b * dx + a * dy + shift[1]).astype(np.float32)
+
     if moves:
         count, segments, stats, _ = cv2.connectedComponentsWithStats(
             np.isin(label, list(motion.thing_classes)).astype(np.uint8), connectivity=8)
