@@ -176,8 +176,8 @@ def test_camera_travel_streams_out_from_the_focus_of_expansion():
     rng = np.random.default_rng(0)
     key = rng.uniform(0, 255, (*label.shape, 3)).astype(np.float32)
     key = cv2.GaussianBlur(key, (0, 0), 1.5)
-    motion = SyntheticMotion(object_probability=0.0, travel_probability=1.0, max_travel=0.3, **{
-        k: v for k, v in STILL.items() if k != "travel_probability"}, max_shift=0.0)
+    motion = SyntheticMotion(travel_probability=1.0, max_travel=0.3, object_probability=0.0, max_shift=0.0,
+                             zoom=0.0, rotation_deg=0.0)
     seen_forward = False
     for seed in range(8):
         cur, cur_label, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
