@@ -30,6 +30,7 @@ from .config import ConfigError
 from .io.samples import bikes_clip
 from .propagation import DIS_PRESETS, OPTICAL_FLOW_SCALE_RANGE, PROPAGATORS
 from .runtime.commands import RUNTIME_COMMANDS, add_backend_options, add_runtime_commands, load_model_and_backend
+from .scheduling import DEFAULT_CUT_THRESHOLD, KeyFrameScheduler, parse_schedule
 
 #: Named sample inputs that ship inside registry packages.
 SAMPLES = {"sample:bikes": bikes_clip}
@@ -69,6 +70,14 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="fixed:5",
                    help="key frames: fixed:N (fixed:1 = per-frame), adaptive or adaptive:THRESHOLD (default: fixed:5)")
     g.add_argument("--max-interval", type=int, default=10, help="adaptive: most frames between key frames (default 10)")
+    g.add_argument("--cut-threshold", type=float, default=DEFAULT_CUT_THRESHOLD,
+                   help="adaptive: frame-to-frame change that counts as a hard cut "
+                        f"(default {DEFAULT_CUT_THRESHOLD}; above 4 = off)")
+
+
+def _scheduler(args: argparse.Namespace) -> KeyFrameScheduler:
+    """The schedule the pipeline options describe (raises ValueError on a bad one)."""
+    return parse_schedule(args.schedule, max_interval=args.max_interval, cut_threshold=args.cut_threshold)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,13 +170,12 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .offline import SegmentOptions, segment_path
-    from .scheduling import parse_schedule
 
     if args.input in SAMPLES:
         args.input = str(SAMPLES[args.input]())
     if not Path(args.input).exists():
         raise FileNotFoundError(f"input not found: {args.input}")
-    parse_schedule(args.schedule, max_interval=args.max_interval)  # validate before loading the model
+    _scheduler(args)  # validate before loading the model
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
     loaded, backend = load_model_and_backend(args)
@@ -177,6 +185,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         optical_flow_scale=args.optical_flow_scale,
         schedule=args.schedule,
         max_interval=args.max_interval,
+        cut_threshold=args.cut_threshold,
         fps=args.fps,
         max_frames=args.max_frames,
         write_overlay=not args.no_overlay,
@@ -192,13 +201,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 def _cmd_bag(args: argparse.Namespace) -> int:
     from .ros.bag import BagOptions, normalize_namespace, process_bag
-    from .scheduling import parse_schedule
 
     if not Path(args.input).exists():
         raise FileNotFoundError(f"input bag not found: {args.input}")
     if Path(args.output).exists():
         raise ValueError(f"output bag {args.output} exists already; choose a new path")
-    parse_schedule(args.schedule, max_interval=args.max_interval)  # validate before loading the model
+    _scheduler(args)  # validate before loading the model
     normalize_namespace(args.namespace)
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
@@ -209,6 +217,7 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         optical_flow_scale=args.optical_flow_scale,
         schedule=args.schedule,
         max_interval=args.max_interval,
+        cut_threshold=args.cut_threshold,
         max_frames=args.max_frames,
         alpha=args.alpha,
         colored=not args.no_colored,
@@ -232,14 +241,13 @@ def _cmd_bag(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.study import evaluate_sequence, key_interval_study, load_sequence, plot_study, write_json
     from .io.samples import camvid_annot_dir, camvid_dir
-    from .scheduling import parse_schedule
 
     images = args.images or camvid_dir("val")
     labels = args.labels or (camvid_annot_dir("val") if args.images is None else None)
     if images is None or labels is None:
         raise FileNotFoundError("give IMAGES and --labels (CamVid val from the shared data was not found)")
     if not args.study:
-        parse_schedule(args.schedule, max_interval=args.max_interval)
+        _scheduler(args)
     flow_opts = {"optical_flow_preset": args.optical_flow_preset, "optical_flow_scale": args.optical_flow_scale}
     seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames)
     loaded, backend = load_model_and_backend(args)
@@ -257,7 +265,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             plot_study(study, out / "study.png")
             print(f"wrote {out}/study.json, study.png")
         return 0
-    sched = parse_schedule(args.schedule, max_interval=args.max_interval)
+    sched = _scheduler(args)
     result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts)
     result.update(model=loaded.config.name, weights=str(loaded.weights) if loaded.weights else None, trained=loaded.trained)
     print(json.dumps({k: v for k, v in result.items() if k != "IoU"}))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .io.video import VideoWriter, open_source, write_label_png
 from .model_loader import LoadedModel
 from .propagation import build_propagator
-from .scheduling import parse_schedule
+from .scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
 from .segmenter import SegmentationResult, VideoSegmenter
 from .viz import make_palette, overlay
 
@@ -46,6 +46,8 @@ class SegmentOptions:
             canvas) of ``optical_flow`` (:func:`~mpvss_ros.propagation.build_propagator`).
         schedule: ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD``.
         max_interval: adaptive schedule: longest run of frames between key frames.
+        cut_threshold: adaptive schedule: cut score of a hard cut
+            (:class:`~mpvss_ros.scheduling.AdaptiveScheduler`).
         fps: frame rate for image folders (frames/s); video files use their own.
         max_frames: stop after this many frames (None = all).
         write_overlay: write ``overlay.mp4``.
@@ -58,6 +60,7 @@ class SegmentOptions:
     optical_flow_scale: float = 0.5
     schedule: str = "fixed:5"
     max_interval: int = 10
+    cut_threshold: float = DEFAULT_CUT_THRESHOLD
     fps: float | None = None
     max_frames: int | None = None
     write_overlay: bool = True
@@ -110,7 +113,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         schedule or propagator name.
     """
     cfg = loaded.config
-    scheduler = parse_schedule(options.schedule, max_interval=options.max_interval)
+    scheduler = parse_schedule(options.schedule, max_interval=options.max_interval,
+                               cut_threshold=options.cut_threshold)
     model = backend if backend is not None else loaded.model
     propagator = build_propagator(options.propagator, model, options.optical_flow_preset, options.optical_flow_scale)
     segmenter = VideoSegmenter(model, propagator, scheduler, device=loaded.device)

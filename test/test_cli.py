@@ -218,6 +218,26 @@ def test_error_bad_schedule(tiny_folder, tmp_path, capsys, spec):
     assert not (tmp_path / "out").exists()  # validated before anything is written
 
 
+@pytest.mark.parametrize("cut_threshold, keys", [("0.45", {0: "first", 30: "scene_cut"}), ("5", {0: "first"})])
+def test_cut_threshold_reaches_the_scheduler(bikes_path, tmp_path, capsys, cut_threshold, keys):
+    # The first 32 frames of bikes.mp4 hold one hard cut (frame 30); a scene threshold no drift
+    # reaches leaves it to cut detection, which --cut-threshold 5 turns off.
+    out = tmp_path / "out"
+    rc = _segment(bikes_path, out, "--max-frames", "32", "--propagator", "copy", "--no-overlay",
+                  "--schedule", "adaptive:50", "--max-interval", "100", "--cut-threshold", cut_threshold)
+    assert rc == 0, capsys.readouterr().err
+    records = _read_jsonl(out / "frames.jsonl")
+    assert {r["frame"]: r["key_frame_reason"] for r in records if r["is_key_frame"]} == keys
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_error_bad_cut_threshold(tiny_folder, tmp_path, capsys, value):
+    rc = _segment(tiny_folder, tmp_path / "out", "--schedule", "adaptive", "--cut-threshold", value)
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "cut_threshold" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_error_bad_max_frames(tiny_folder, tmp_path, capsys):
     rc = _segment(tiny_folder, tmp_path / "out", "--max-frames", "0")
     assert rc == 2 and "--max-frames" in _error_line(capsys.readouterr().err)

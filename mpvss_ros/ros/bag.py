@@ -43,7 +43,7 @@ from tqdm import tqdm
 from ..model_loader import LoadedModel
 from ..offline import summarize
 from ..propagation import build_propagator
-from ..scheduling import parse_schedule
+from ..scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
 from ..segmenter import FrameError, VideoSegmenter
 from ..viz import make_palette
 from .conversions import (
@@ -86,6 +86,8 @@ class BagOptions:
         optical_flow_preset, optical_flow_scale: DIS preset and resolution of ``optical_flow``.
         schedule: ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD``.
         max_interval: adaptive schedule: longest run of frames between key frames.
+        cut_threshold: adaptive schedule: cut score of a hard cut
+            (:class:`~mpvss_ros.scheduling.AdaptiveScheduler`).
         max_frames: stop after this many input messages (None = all).
         alpha: overlay opacity of the class colours, 0..1.
         colored, overlay, class_masks: write ``NS/colored``, ``NS/overlay``, ``NS/class_masks``.
@@ -97,6 +99,7 @@ class BagOptions:
     optical_flow_scale: float = 0.5
     schedule: str = "fixed:5"
     max_interval: int = 10
+    cut_threshold: float = DEFAULT_CUT_THRESHOLD
     max_frames: int | None = None
     alpha: float = 0.5
     colored: bool = True
@@ -267,7 +270,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
     cfg = loaded.config
-    scheduler = parse_schedule(_opt(options, "schedule"), max_interval=_opt(options, "max_interval"))
+    scheduler = parse_schedule(_opt(options, "schedule"), max_interval=_opt(options, "max_interval"),
+                               cut_threshold=_opt(options, "cut_threshold"))
     model = backend if backend is not None else loaded.model
     propagator = build_propagator(_opt(options, "propagator"), model, _opt(options, "optical_flow_preset"),
                                   _opt(options, "optical_flow_scale"))

@@ -157,8 +157,8 @@ bool is_key_frame
 # Header stamp of the key frame these labels come from (equals header.stamp on key frames).
 builtin_interfaces/Time key_frame_stamp
 
-# Why this frame is a key frame ("" on non-key frames), e.g. first, interval, scene_change,
-# max_interval, resolution_change, time_backwards, time_gap, reset.
+# Why this frame is a key frame ("" on non-key frames), e.g. first, interval, scene_cut,
+# scene_change, max_interval, resolution_change, time_backwards, time_gap, reset.
 string key_frame_reason
 
 # The scheduler's scene-change score of this frame against the key frame (0 = same scene).

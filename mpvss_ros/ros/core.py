@@ -183,7 +183,7 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
 
     if config.schedule == "adaptive":
         scheduler = AdaptiveScheduler(config.scene_threshold, config.min_interval, config.max_interval,
-                                      max_gap_s=config.max_gap_s)
+                                      max_gap_s=config.max_gap_s, cut_threshold=config.cut_threshold)
     else:  # validated: fixed:N
         scheduler = FixedIntervalScheduler(int(config.schedule.split(":", 1)[1]), max_gap_s=config.max_gap_s)
     model: Any = loaded.model

@@ -28,6 +28,7 @@ __all__ = [
     "PROPAGATOR_CHOICES",
     "DIS_PRESET_CHOICES",
     "OPTICAL_FLOW_SCALE_RANGE",
+    "DEFAULT_CUT_THRESHOLD",
     "RELIABILITIES",
     "ParamSpec",
     "PARAMETERS",
@@ -55,6 +56,8 @@ PROPAGATOR_CHOICES = ("query_flow", "optical_flow", "copy")
 DIS_PRESET_CHOICES = ("ultrafast", "fast", "medium")
 #: Kept in step with :data:`mpvss_ros.propagation.OPTICAL_FLOW_SCALE_RANGE` (a test checks it).
 OPTICAL_FLOW_SCALE_RANGE = (0.1, 1.0)
+#: Kept in step with :data:`mpvss_ros.scheduling.DEFAULT_CUT_THRESHOLD` (a test checks it).
+DEFAULT_CUT_THRESHOLD = 0.45
 #: ``input_reliability`` values: SensorDataQoS-like best effort, reliable, or the RMW default.
 RELIABILITIES = ("best_effort", "reliable", "system_default")
 
@@ -116,15 +119,22 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "optical_flow only: resolution of the DIS computation relative to the network canvas.",
               min=OPTICAL_FLOW_SCALE_RANGE[0], max=OPTICAL_FLOW_SCALE_RANGE[1]),
     ParamSpec("schedule", "str", "adaptive",
-              "Key-frame schedule: 'adaptive' (scene change >= scene_threshold, or max_interval "
-              "frames) or 'fixed:N' (every N-th frame; fixed:1 = per-frame segmentation).",
+              "Key-frame schedule: 'adaptive' (a hard cut, scene change >= scene_threshold, or "
+              "max_interval frames) or 'fixed:N' (every N-th frame; fixed:1 = per-frame segmentation).",
               constraints="adaptive or fixed:N with N >= 1"),
     ParamSpec("scene_threshold", "float", 0.5,
-              "Adaptive schedule: scene score that triggers a key frame (about 1 = a hard cut).",
+              "Adaptive schedule: scene score (grey change integrated since the key frame) that "
+              "triggers a key frame; 0.5 gives about 1 key frame in 5 on a 15 fps drive, higher = "
+              "fewer. Hard cuts are keyed by cut_threshold whatever this is.",
               min=0.001, max=100.0),
+    ParamSpec("cut_threshold", "float", DEFAULT_CUT_THRESHOLD,
+              "Adaptive schedule: frame-to-frame change that counts as a hard cut and makes a key "
+              "frame (hard cuts of a street clip score 0.56-0.85, other frames at most 0.32); above "
+              "4 turns cut detection off.",
+              min=0.05, max=5.0),
     ParamSpec("min_interval", "int", 1,
-              "Adaptive schedule: frames after a key frame before a scene change may trigger the "
-              "next one.", min=1, max=10000),
+              "Adaptive schedule: frames after a key frame before a cut or a scene change may "
+              "trigger the next one.", min=1, max=10000),
     ParamSpec("max_interval", "int", 10,
               "Adaptive schedule: a key frame is forced after this many frames.",
               min=1, max=10000),
@@ -182,6 +192,7 @@ class NodeConfig:
     optical_flow_scale: float = 0.5
     schedule: str = "adaptive"
     scene_threshold: float = 0.5
+    cut_threshold: float = DEFAULT_CUT_THRESHOLD
     min_interval: int = 1
     max_interval: int = 10
     max_gap_s: float = 1.0

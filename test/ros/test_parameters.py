@@ -20,6 +20,7 @@ import yaml
 from mpvss_ros.ros.parameters import (
     DIS_PRESET_CHOICES,
     OPTICAL_FLOW_SCALE_RANGE,
+    DEFAULT_CUT_THRESHOLD,
     NODE_NAME,
     PARAMETERS,
     PROPAGATOR_CHOICES,
@@ -38,7 +39,8 @@ SEGMENT_YAML = ROOT / "config" / "segment.yaml"
 EXPECTED_DEFAULTS = {
     "model": "mpvss_lite", "weights": "", "device": "cpu", "backend": "torch", "precision": "fp32",
     "propagator": "query_flow", "optical_flow_preset": "fast", "optical_flow_scale": 0.5,
-    "schedule": "adaptive", "scene_threshold": 0.5, "min_interval": 1, "max_interval": 10, "max_gap_s": 1.0,
+    "schedule": "adaptive", "scene_threshold": 0.5, "cut_threshold": 0.45, "min_interval": 1, "max_interval": 10,
+    "max_gap_s": 1.0,
     "input_compressed": False, "input_reliability": "best_effort", "input_depth": 1, "max_frame_age_s": 0.5,
     "publish_colored": True, "publish_overlay": True, "publish_class_masks": True, "overlay_alpha": 0.5,
     "palette": [], "diagnostics_period_s": 1.0, "threads": 0,
@@ -110,6 +112,12 @@ def test_optical_flow_scale_range_follows_the_engine():
     assert OPTICAL_FLOW_SCALE_RANGE == ENGINE_RANGE
 
 
+def test_cut_threshold_default_follows_the_scheduler():
+    from mpvss_ros.scheduling import DEFAULT_CUT_THRESHOLD as ENGINE_CUT
+
+    assert DEFAULT_CUT_THRESHOLD == ENGINE_CUT
+
+
 def test_validate_normalises_values():
     cfg = validate({"max_gap_s": 2, "overlay_alpha": 1, "palette": [0xFF0000, 255], "schedule": " fixed:5 ",
                     "device": "cuda:1", "model": "", "input_reliability": "reliable"})
@@ -132,6 +140,8 @@ def test_validate_normalises_values():
     ("threads", -1, "[0, 1024]"),
     ("max_frame_age_s", -0.1, "[0, 86400]"),
     ("scene_threshold", 0.0, "[0.001, 100]"),
+    ("cut_threshold", 0.0, "[0.05, 5]"),
+    ("cut_threshold", 5.5, "[0.05, 5]"),
     ("input_reliability", "fast", "best_effort, reliable, system_default"),
     ("propagator", "flow", "query_flow"),
     ("backend", "openvino", "torch, onnxruntime, tensorrt"),
