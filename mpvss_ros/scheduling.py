@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -69,6 +70,7 @@ __all__ = [
     "FixedIntervalScheduler",
     "AdaptiveScheduler",
     "parse_schedule",
+    "schedule_key_frames",
     "DEFAULT_CUT_THRESHOLD",
 ]
 
@@ -313,6 +315,13 @@ class AdaptiveScheduler(KeyFrameScheduler):
 
     def __repr__(self) -> str:
         return f"adaptive:{self.threshold:g}"
+
+
+def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarray], fps: float) -> list[int]:
+    """Indices of the key frames ``scheduler`` picks on a clip, from a fresh start (it is reset
+    first; frame i is stamped ``i / fps`` seconds)."""
+    scheduler.reset()
+    return [i for i, image in enumerate(images) if scheduler.decide(image, i / fps).is_key_frame]
 
 
 def parse_schedule(spec: str, max_gap_s: float = 1.0, min_interval: int = 1, max_interval: int = 10,

@@ -20,6 +20,7 @@ from mpvss_ros.scheduling import (
     FixedIntervalScheduler,
     SceneScorer,
     parse_schedule,
+    schedule_key_frames,
 )
 
 #: Hard cuts of bikes.mp4, measured frame-to-frame with the default SceneScorer: the
@@ -324,6 +325,14 @@ def test_adaptive_cut_within_min_interval_fires_when_it_has_passed():
     decisions = _run(AdaptiveScheduler(threshold=90.0, min_interval=3, max_interval=100), frames)
     assert [(i, decisions[i].reason) for i in _keys(decisions)] == [(0, "first"), (3, "scene_cut")]
     assert decisions[3].scene_score < 90.0
+
+
+def test_schedule_key_frames_starts_fresh(bikes_frames):
+    sched = AdaptiveScheduler(threshold=0.5, max_interval=1000)
+    keys = schedule_key_frames(sched, bikes_frames[:80], FPS)
+    assert keys == _keys(_run(AdaptiveScheduler(threshold=0.5, max_interval=1000), bikes_frames[:80]))
+    assert {30, 76} <= set(keys)
+    assert schedule_key_frames(sched, bikes_frames[:80], FPS) == keys  # reset: the same again
 
 
 def test_adaptive_max_interval():

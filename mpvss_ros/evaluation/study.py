@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..io.video import read_label_png
 from ..model_loader import LoadedModel
 from ..propagation import Propagator, build_propagator
-from ..scheduling import AdaptiveScheduler, KeyFrameScheduler, parse_schedule
+from ..scheduling import AdaptiveScheduler, KeyFrameScheduler, parse_schedule, schedule_key_frames
 from ..segmenter import VideoSegmenter
 from .metrics import ConfusionMatrix, VideoConsistency
 
@@ -139,7 +139,7 @@ def _pct(v: float) -> float | None:
 
 def _count_key_frames(images: Sequence[np.ndarray], fps: float, threshold: float, max_interval: int) -> int:
     sched = AdaptiveScheduler(threshold=threshold, max_interval=max_interval, max_gap_s=math.inf)
-    return sum(sched.decide(im, i / fps).is_key_frame for i, im in enumerate(images))
+    return len(schedule_key_frames(sched, images, fps))
 
 
 def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_key_frames: int,

