@@ -156,7 +156,7 @@ def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagat
     prop = build_propagator(propagator, model, optical_flow_preset, optical_flow_scale)
     t_max, k_cls = len(images), cfg.num_classes
     conf = np.zeros((t_max, horizon + 1, k_cls, k_cls), dtype=np.int64)
-    own: dict[int, np.ndarray] = {}  # per-frame labels of the key frames done so far
+    own: dict[int, np.ndarray] = {}  # per-frame labels of the key frames still within reach
     # Last key frame first, so that on an unlabelled clip every later frame's own per-frame
     # labels (the reference) are known when a key frame is propagated onto it.
     for k in tqdm(range(t_max - 1, -1, -1), disable=not progress, desc=f"pair table {prop.name}"):
@@ -169,8 +169,7 @@ def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagat
             m = ConfusionMatrix(k_cls)
             m.update(result.labels, labels[t] if labels is not None else own[t])
             conf[k, t - k] = m.mat
-        if labels is not None:
-            own.clear()
+        own.pop(k + horizon, None)  # no earlier key frame reaches it
     return PairTable(conf, prop.name, "labels" if labels is not None else "per_frame", list(cfg.class_names))
 
 
