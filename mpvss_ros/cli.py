@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fps", type=float, default=15.0, help="frame rate of the sequence (default 15)")
     ev.add_argument("--max-frames", type=int, default=None, help="use the first N frames")
     ev.add_argument("--study", action="store_true",
-                    help="run the key-interval study (intervals 1,2,3,5,10 x copy/optical_flow/query_flow, plus adaptive)")
+                    help="run the key-interval study (intervals 1,2,3,5,10 x copy/optical_flow/query_flow, plus adaptive "
+                         "with max interval 2N and --cut-threshold)")
     ev.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 5, 10], help="study intervals")
     ev.add_argument("--out", default=None, help="folder for eval.json / study.json and study.png")
     _add_model_options(ev)
@@ -246,7 +247,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     labels = args.labels or (camvid_annot_dir("val") if args.images is None else None)
     if images is None or labels is None:
         raise FileNotFoundError("give IMAGES and --labels (CamVid val from the shared data was not found)")
-    if not args.study:
+    # a bad schedule or cut threshold is a usage error before any work (the study's adaptive rows
+    # use --cut-threshold; their max interval is 2N and --schedule does not apply)
+    if args.study:
+        parse_schedule("adaptive", cut_threshold=args.cut_threshold)
+    else:
         _scheduler(args)
     flow_opts = {"optical_flow_preset": args.optical_flow_preset, "optical_flow_scale": args.optical_flow_scale}
     seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames)
@@ -255,7 +260,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if out:
         out.mkdir(parents=True, exist_ok=True)
     if args.study:
-        study = key_interval_study(loaded, seq, intervals=args.intervals, backend=backend, **flow_opts)
+        study = key_interval_study(loaded, seq, intervals=args.intervals, backend=backend,
+                                   cut_threshold=args.cut_threshold, **flow_opts)
         for r in study["rows"]:
             print(f"{r['mode']:8s} N={r['interval']:<3d} {r['propagator']:12s} key ratio {r['key_frame_ratio']:.3f}  "
                   f"mIoU {r['mIoU']:6.2f}  fwIoU {r['fwIoU']:6.2f}  VC_8 {r['VC_8'] or float('nan'):6.2f}  "

@@ -163,6 +163,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         "propagator": options.propagator,
         "propagator_settings": propagator.describe(),
         "schedule": options.schedule,
+        "schedule_settings": scheduler.describe(),
         "class_names": cfg.class_names,
         "wall_time_s": wall,
         "fps": len(records) / wall if wall > 0 else None,

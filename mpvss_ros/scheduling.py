@@ -59,6 +59,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -215,6 +216,11 @@ class KeyFrameScheduler(ABC):
         self._drift, self._cut = drift, cut
         return self._commit(bool(reason), score, reason, thumb, hist, frame.shape, stamp)
 
+    def describe(self) -> dict[str, Any]:
+        """The schedule (``repr``) and every setting that decides its key frames, JSON-ready
+        (``max_gap_s`` None when disabled), for run summaries; subclasses add theirs."""
+        return {"schedule": repr(self), "max_gap_s": self.max_gap_s if math.isfinite(self.max_gap_s) else None}
+
     @abstractmethod
     def _policy(self, scene_score: float, cut_score: float, frames_since_key: int) -> str:
         """Return a reason string for a key frame, or "" for a non-key frame.
@@ -262,6 +268,9 @@ class FixedIntervalScheduler(KeyFrameScheduler):
 
     def _policy(self, scene_score: float, cut_score: float, frames_since_key: int) -> str:
         return "interval" if frames_since_key >= self.interval else ""
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "interval": self.interval}
 
     def __repr__(self) -> str:
         return f"fixed:{self.interval}"
@@ -312,6 +321,10 @@ class AdaptiveScheduler(KeyFrameScheduler):
         if frames_since_key >= self.max_interval:
             return "max_interval"
         return ""
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "threshold": self.threshold, "min_interval": self.min_interval,
+                "max_interval": self.max_interval, "cut_threshold": self.cut_threshold}
 
     def __repr__(self) -> str:
         return f"adaptive:{self.threshold:g}"

@@ -91,6 +91,14 @@ def test_segment_bikes(bikes_path, tmp_path, capsys, propagator, schedule, keys)
     assert summary["frames"] == N and summary["key_frames"] == len(keys)
     assert summary["key_frame_ratio"] == pytest.approx(len(keys) / N)
     assert summary["propagator"] == propagator and summary["schedule"] == schedule
+    settings = summary["schedule_settings"]  # every setting that decided the key frames
+    assert settings["max_gap_s"] == 1.0
+    if schedule.startswith("adaptive"):
+        assert settings["schedule"] == "adaptive:0.5" and settings["threshold"] == 0.5  # the default threshold
+        assert (settings["max_interval"], settings["cut_threshold"], settings["min_interval"]) == (10, 0.45, 1)
+    else:
+        assert settings["schedule"] == schedule and settings["interval"] == int(schedule.split(":")[1])
+        assert "cut_threshold" not in settings
     assert summary["key_frame_reasons"] == {r: expected_reasons.count(r) for r in set(expected_reasons)}
     assert sum(summary["class_pixel_share"].values()) == pytest.approx(1.0, abs=1e-4)
     assert summary["timings_ms"]["total"]["count"] == N
@@ -228,6 +236,8 @@ def test_cut_threshold_reaches_the_scheduler(bikes_path, tmp_path, capsys, cut_t
     assert rc == 0, capsys.readouterr().err
     records = _read_jsonl(out / "frames.jsonl")
     assert {r["frame"]: r["key_frame_reason"] for r in records if r["is_key_frame"]} == keys
+    settings = json.loads((out / "summary.json").read_text())["schedule_settings"]
+    assert (settings["threshold"], settings["max_interval"], settings["cut_threshold"]) == (50, 100, float(cut_threshold))
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

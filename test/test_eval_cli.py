@@ -103,7 +103,7 @@ def test_eval_cli_explicit_folders_match_default(camvid_val_dirs, lite_checkpoin
 def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
     out = tmp_path / "study"
     rc = _eval("--weights", str(lite_checkpoint), "--study", "--intervals", "1", "2", "--max-frames", "6",
-               "--out", str(out))
+               "--cut-threshold", "0.3", "--out", str(out))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     study = json.loads((out / "study.json").read_text())
@@ -124,6 +124,10 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
         assert abs(a["key_frames"] - fixed[(2, p)]["key_frames"]) <= 1
         assert a["target_key_frames"] == 3 and a["threshold"] > 0
         assert a["propagator"] == p
+        # the scheduler that ran: matched threshold, max interval 2N, the --cut-threshold given
+        assert a["schedule_settings"] == {"schedule": a["schedule"], "threshold": a["threshold"], "min_interval": 1,
+                                          "max_interval": 4, "cut_threshold": 0.3, "max_gap_s": None}
+        assert fixed[(2, p)]["schedule_settings"]["interval"] == 2
     # one threshold for the three propagators, so the same key frames
     assert len({adaptive[(2, p)]["threshold"] for p in PROPAGATORS}) == 1
     assert len({adaptive[(2, p)]["key_frames"] for p in PROPAGATORS}) == 1
@@ -134,6 +138,28 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = cv2.imread(str(png))
     assert image is not None and image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_eval_cli_study_bad_cut_threshold(camvid_val_dirs, lite_checkpoint, tmp_path, capsys, value):
+    out = tmp_path / "study"
+    rc = _eval("--weights", str(lite_checkpoint), "--study", "--max-frames", "4", "--cut-threshold", value,
+               "--out", str(out))
+    assert rc == 2 and "cut_threshold" in capsys.readouterr().err
+    assert not out.exists()  # a usage error before any work
+
+
+def test_study_threshold_matching_uses_the_cut_threshold(bikes_frames):
+    # bikes.mp4 has a hard cut at frame 30: with a scene threshold no drift reaches, cut detection
+    # alone decides whether the first 32 frames get a second key frame.
+    frames = bikes_frames[:32]
+    assert _count_key_frames(frames, 25.0, 50.0, 100) == 2
+    assert _count_key_frames(frames, 25.0, 50.0, 100, cut_threshold=5.0) == 1
+    # matching 2 key frames: with cut detection on, every threshold on the grid's high end gives 2;
+    # with it off, only a threshold the drift reaches does
+    t_on, n_on = match_adaptive_threshold(frames, 25.0, 2, 100)
+    t_off, n_off = match_adaptive_threshold(frames, 25.0, 2, 100, cut_threshold=5.0)
+    assert n_on == n_off == 2 and t_off < t_on
 
 
 # --------------------------------------------------------------------------- library functions

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..io.video import read_label_png
 from ..model_loader import LoadedModel
 from ..propagation import Propagator, build_propagator
-from ..scheduling import AdaptiveScheduler, KeyFrameScheduler, parse_schedule, schedule_key_frames
+from ..scheduling import DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, KeyFrameScheduler, parse_schedule, schedule_key_frames
 from ..segmenter import VideoSegmenter
 from .metrics import ConfusionMatrix, VideoConsistency
 
@@ -96,7 +96,8 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
     Returns:
         ``{"mIoU", "fwIoU", "pACC", "mACC", "IoU" (per class), "VC_8", "VC_16"`` (percent),
         ``"key_frames", "key_frame_ratio", "mean_ms_per_frame", "median_ms_key_frame",
-        "median_ms_non_key_frame", "propagator", "schedule"}``.
+        "median_ms_non_key_frame", "propagator", "propagator_settings", "schedule",
+        "schedule_settings"}``.
     """
     cfg = loaded.config
     sched = parse_schedule(scheduler) if isinstance(scheduler, str) else scheduler
@@ -123,6 +124,7 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
         "propagator": prop.name,
         "propagator_settings": prop.describe(),
         "schedule": repr(sched),
+        "schedule_settings": sched.describe(),
         "frames": len(times),
         "key_frames": keys,
         "key_frame_ratio": keys / len(times),
@@ -137,14 +139,17 @@ def _pct(v: float) -> float | None:
     return None if not math.isfinite(v) else round(100.0 * v, 4)
 
 
-def _count_key_frames(images: Sequence[np.ndarray], fps: float, threshold: float, max_interval: int) -> int:
-    sched = AdaptiveScheduler(threshold=threshold, max_interval=max_interval, max_gap_s=math.inf)
+def _count_key_frames(images: Sequence[np.ndarray], fps: float, threshold: float, max_interval: int,
+                      cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> int:
+    sched = AdaptiveScheduler(threshold=threshold, max_interval=max_interval, max_gap_s=math.inf,
+                              cut_threshold=cut_threshold)
     return len(schedule_key_frames(sched, images, fps))
 
 
 def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_key_frames: int,
-                             max_interval: int) -> tuple[float, int]:
-    """Threshold whose adaptive schedule makes the key-frame count closest to the target.
+                             max_interval: int, cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> tuple[float, int]:
+    """Threshold whose adaptive schedule (with ``max_interval`` and ``cut_threshold`` as
+    :class:`AdaptiveScheduler`) makes the key-frame count closest to the target.
 
     Searches a log-spaced grid of thresholds (0.01 .. 3), then bisects (in log space) between
     the grid's thresholds that bracket the target, since a coarse grid can step over the exact
@@ -158,7 +163,7 @@ def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_ke
 
     def count(t: float) -> int:
         if t not in tried:
-            tried[t] = _count_key_frames(images, fps, t, max_interval)
+            tried[t] = _count_key_frames(images, fps, t, max_interval, cut_threshold)
         return tried[t]
 
     grid = [float(t) for t in np.geomspace(0.01, 3.0, 60)]
@@ -184,17 +189,24 @@ def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_ke
 def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Sequence[int] = (1, 2, 3, 5, 10),
                        propagators: Sequence[str] = ("copy", "optical_flow", "query_flow"),
                        adaptive: bool = True, progress: bool = True, backend: Any = None,
-                       optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5) -> dict[str, Any]:
+                       optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5,
+                       cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> dict[str, Any]:
     """The key-interval study: every propagator at every fixed interval, plus adaptive
     (``backend``, ``optical_flow_preset``, ``optical_flow_scale``: as :func:`evaluate_sequence`).
 
-    For interval N > 1 the adaptive schedule (``max_interval`` = 2N) gets the threshold that
-    matches the key-frame count of ``fixed:N`` on this clip (:func:`match_adaptive_threshold`).
+    For interval N > 1 the adaptive schedule (``max_interval`` = 2N, ``cut_threshold`` as
+    :class:`AdaptiveScheduler`) gets the threshold that matches the key-frame count of
+    ``fixed:N`` on this clip (:func:`match_adaptive_threshold`).
+
+    Raises:
+        ValueError: on a ``cut_threshold`` <= 0 or not finite.
 
     Returns:
         ``{"rows": [evaluate_sequence(...) + {"interval": N, "mode": "fixed"|"adaptive",
         "threshold": T}], "frames": T, "fps": ...}``.
     """
+    if adaptive:  # a bad cut threshold fails before the first (slow) row, not after
+        AdaptiveScheduler(cut_threshold=cut_threshold)
     rows: list[dict[str, Any]] = []
     per_frame = None
     flow_opts = {"optical_flow_preset": optical_flow_preset, "optical_flow_scale": optical_flow_scale}
@@ -211,9 +223,11 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
                 per_frame = r
         if adaptive and n > 1:
             target = math.ceil(len(seq.images) / n)
-            threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval=2 * n)
+            threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval=2 * n,
+                                                        cut_threshold=cut_threshold)
             for prop in propagators:
-                sched = AdaptiveScheduler(threshold=threshold, max_interval=2 * n, max_gap_s=math.inf)
+                sched = AdaptiveScheduler(threshold=threshold, max_interval=2 * n, max_gap_s=math.inf,
+                                          cut_threshold=cut_threshold)
                 r = evaluate_sequence(loaded, seq, prop, sched, progress=progress, backend=backend, **flow_opts)
                 r.update(interval=n, mode="adaptive", threshold=threshold, target_key_frames=target)
                 rows.append(r)

@@ -395,6 +395,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "propagator": _opt(options, "propagator"),
         "propagator_settings": propagator.describe(),
         "schedule": _opt(options, "schedule"),
+        "schedule_settings": scheduler.describe(),
         "frames": frames,
         "written": len(records),
         "skipped": sum(skipped.values()),

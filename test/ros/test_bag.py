@@ -191,6 +191,7 @@ def test_raw_rgb8_round_trip(ts, tmp_path, frames, lite, storage):
     assert summary["storage"] == storage and summary["msgtype"] == IMAGE
     assert summary["key_frames"] == 2 and summary["median_total_ms"]["key"] > 0
     assert summary["messages_per_topic"]["/mpvss/labels"] == N_FRAMES
+    assert summary["schedule_settings"] == {"schedule": "fixed:3", "interval": 3, "max_gap_s": 1.0}
     # raw rgb8: the decoded frames are the PNGs themselves
     check_outputs(ts, tmp_path / "out", entries, frames, lite, options, storage=storage)
 
