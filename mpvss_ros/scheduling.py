@@ -130,15 +130,17 @@ class SceneScorer:
         hist /= max(float(hist.sum()), 1.0)
         return thumb, hist
 
-    def score(self, thumb: np.ndarray, hist: np.ndarray, ref_thumb: np.ndarray, ref_hist: np.ndarray) -> tuple[float, float, float]:
-        """(scene_score, pixel_change, histogram_change) of a thumbnail against a reference.
+    def cut_score(self, thumb: np.ndarray, hist: np.ndarray, prev_thumb: np.ndarray, prev_hist: np.ndarray) -> float:
+        """Cut score of a frame against the previous one, in [0, 1 / pixel_scale]:
+        ``max(frame_change / pixel_scale, histogram_change)`` (module docstring). A hard cut
+        scores >= ``DEFAULT_CUT_THRESHOLD``; the scheduler and stage-2 shot splitting
+        (:func:`mpvss_ros.training.pairs.video_shots`) both use it.
 
-        A two-frame score (raw mean absolute grey difference / 255 against ``ref_thumb``), used to
-        find hard cuts between consecutive frames (stage-2 shot splitting, tests).
+        Args:
+            thumb, hist: the frame's thumbnail and histogram (:meth:`thumbnail`).
+            prev_thumb, prev_hist: the previous frame's, the thumbnail of the same size.
         """
-        pixel = float(cv2.absdiff(thumb, ref_thumb).mean()) / 255.0
-        histo = self.histogram_change(hist, ref_hist)
-        return max(pixel / self.pixel_scale, histo), pixel, histo
+        return max(self.frame_change(thumb, prev_thumb) / self.pixel_scale, self.histogram_change(hist, prev_hist))
 
     @staticmethod
     def histogram_change(hist: np.ndarray, ref_hist: np.ndarray) -> float:
@@ -208,10 +210,9 @@ class KeyFrameScheduler(ABC):
         if thumb.shape != prev.shape:  # another resolution or aspect ratio (a forced key frame)
             prev = cv2.resize(prev, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_AREA)
         scorer = self.scorer
-        change = scorer.frame_change(thumb, prev)
-        drift = self._drift + change
+        drift = self._drift + scorer.frame_change(thumb, prev)
         score = max(drift / scorer.pixel_scale, scorer.histogram_change(hist, self._ref[1]))
-        cut = max(self._cut, change / scorer.pixel_scale, scorer.histogram_change(hist, prev_hist))
+        cut = max(self._cut, scorer.cut_score(thumb, hist, prev, prev_hist))
         reason = self._forced_reason(frame.shape, stamp) or self._policy(score, cut, self._since_key + 1)
         self._drift, self._cut = drift, cut
         return self._commit(bool(reason), score, reason, thumb, hist, frame.shape, stamp)

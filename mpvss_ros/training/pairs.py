@@ -8,7 +8,8 @@ Two sources, mixed in every batch (three with synthetic pairs):
   backwards as forwards, and CamVid has only 364 forward pairs.
 * **Video pairs** (unlabelled): frames ``d`` = 1..``max_gap`` apart inside one shot of a real
   clip, the earlier frame as key (as the official sampler); shots are split at hard cuts found
-  with the scheduler's :class:`~mpvss_ros.scheduling.SceneScorer` (frame-to-frame score >= 0.5).
+  with the scheduler's cut score (:meth:`~mpvss_ros.scheduling.SceneScorer.cut_score` >=
+  ``DEFAULT_CUT_THRESHOLD``).
   The target is the frozen segmentor's own prediction on the current frame, with pixels below a
   confidence threshold ignored (pseudo-labels, as the issue specifies).
 
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from ..io.video import open_source
 from ..propagation import grid_hw, pool_flow
-from ..scheduling import SceneScorer
+from ..scheduling import DEFAULT_CUT_THRESHOLD, SceneScorer
 from ..segmenter import Letterbox
 from .data import augment_frames, list_frames, load_frame
 from .synthetic import SyntheticMotion, synthetic_pair
@@ -89,16 +90,21 @@ def camvid_pairs(image_dir: str | Path, annot_dir: str | Path, both_orders: bool
     return pairs
 
 
-def video_shots(frames: Sequence[np.ndarray], cut_threshold: float = 0.5) -> list[tuple[int, int]]:
+def video_shots(frames: Sequence[np.ndarray],
+                cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> list[tuple[int, int]]:
     """Split a clip at hard cuts: [(start, end_exclusive)] of frames between cuts.
 
-    A cut is a frame whose frame-to-frame scene score (:class:`SceneScorer`) is >= the threshold.
+    A cut is a frame whose cut score against the previous frame
+    (:meth:`SceneScorer.cut_score`, the adaptive scheduler's) is >= ``cut_threshold``.
+
+    Args:
+        frames: (H, W, 3) uint8 RGB frames of one clip, in order.
     """
     scorer = SceneScorer()
     shots, start, prev = [], 0, None
     for i, f in enumerate(frames):
         thumb, hist = scorer.thumbnail(f)
-        if prev is not None and scorer.score(thumb, hist, *prev)[0] >= cut_threshold:
+        if prev is not None and scorer.cut_score(thumb, hist, *prev) >= cut_threshold:
             shots.append((start, i))
             start = i
         prev = (thumb, hist)

@@ -103,6 +103,7 @@ def test_video_shots_edge_cases(bikes_frames):
     assert video_shots(bikes_frames[:1]) == [(0, 1)]
     # frames 25..35 straddle the cut at 30
     assert video_shots(bikes_frames[25:35]) == [(0, 5), (5, 10)]
+    assert video_shots(bikes_frames[25:35], cut_threshold=5.0) == [(0, 10)]  # above any cut score: off
 
 
 # --------------------------------------------------------------------------- dis_flow_target
