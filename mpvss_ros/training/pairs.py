@@ -100,16 +100,9 @@ def video_shots(frames: Sequence[np.ndarray],
     Args:
         frames: (H, W, 3) uint8 RGB frames of one clip, in order.
     """
-    scorer = SceneScorer()
-    shots, start, prev = [], 0, None
-    for i, f in enumerate(frames):
-        thumb, hist = scorer.thumbnail(f)
-        if prev is not None and scorer.cut_score(thumb, hist, *prev) >= cut_threshold:
-            shots.append((start, i))
-            start = i
-        prev = (thumb, hist)
-    shots.append((start, len(frames)))
-    return shots
+    cuts = np.flatnonzero(SceneScorer().cut_scores(frames) >= cut_threshold).tolist()
+    bounds = [0, *cuts, len(frames)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def dis_flow_target(current: np.ndarray, key: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
