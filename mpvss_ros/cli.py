@@ -18,10 +18,12 @@ Errors (missing files, unreadable videos, bad options, bad model files) print on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,6 +80,13 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
 def _scheduler(args: argparse.Namespace) -> KeyFrameScheduler:
     """The schedule the pipeline options describe (raises ValueError on a bad one)."""
     return parse_schedule(args.schedule, max_interval=args.max_interval, cut_threshold=args.cut_threshold)
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~mpvss_ros.offline.EngineOptions` fields of the pipeline options (keyword arguments)."""
+    from .offline import EngineOptions
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineOptions)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,12 +190,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         raise ValueError("--max-frames must be >= 1")
     loaded, backend = load_model_and_backend(args)
     options = SegmentOptions(
-        propagator=args.propagator,
-        optical_flow_preset=args.optical_flow_preset,
-        optical_flow_scale=args.optical_flow_scale,
-        schedule=args.schedule,
-        max_interval=args.max_interval,
-        cut_threshold=args.cut_threshold,
+        **_engine_options(args),
         fps=args.fps,
         max_frames=args.max_frames,
         write_overlay=not args.no_overlay,
@@ -213,12 +217,7 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         raise ValueError("--max-frames must be >= 1")
     loaded, backend = load_model_and_backend(args)
     options = BagOptions(
-        propagator=args.propagator,
-        optical_flow_preset=args.optical_flow_preset,
-        optical_flow_scale=args.optical_flow_scale,
-        schedule=args.schedule,
-        max_interval=args.max_interval,
-        cut_threshold=args.cut_threshold,
+        **_engine_options(args),
         max_frames=args.max_frames,
         alpha=args.alpha,
         colored=not args.no_colored,

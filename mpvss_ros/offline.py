@@ -31,14 +31,14 @@ from .scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
 from .segmenter import SegmentationResult, VideoSegmenter
 from .viz import make_palette, overlay
 
-__all__ = ["SegmentOptions", "segment_path", "summarize"]
+__all__ = ["EngineOptions", "SegmentOptions", "segment_path", "summarize"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SegmentOptions:
-    """Settings of one offline run.
+class EngineOptions:
+    """The engine settings of every offline run (``mpvss segment``, ``mpvss bag``).
 
     Attributes:
         propagator: ``query_flow``, ``optical_flow`` or ``copy``.
@@ -48,11 +48,6 @@ class SegmentOptions:
         max_interval: adaptive schedule: longest run of frames between key frames.
         cut_threshold: adaptive schedule: cut score of a hard cut
             (:class:`~mpvss_ros.scheduling.AdaptiveScheduler`).
-        fps: frame rate for image folders (frames/s); video files use their own.
-        max_frames: stop after this many frames (None = all).
-        write_overlay: write ``overlay.mp4``.
-        write_labels: write ``labels/*.png``.
-        progress: show a progress bar.
     """
 
     propagator: str = "query_flow"
@@ -61,6 +56,49 @@ class SegmentOptions:
     schedule: str = "fixed:5"
     max_interval: int = 10
     cut_threshold: float = DEFAULT_CUT_THRESHOLD
+
+    def build_segmenter(self, loaded: LoadedModel, backend: Any = None) -> VideoSegmenter:
+        """The :class:`~mpvss_ros.segmenter.VideoSegmenter` of these settings on ``loaded``'s
+        device, running ``backend`` (:func:`mpvss_ros.runtime.load_backend`) if given, else
+        ``loaded.model``.
+
+        Raises:
+            ValueError: a bad schedule, propagator name or propagator setting.
+        """
+        scheduler = parse_schedule(self.schedule, max_interval=self.max_interval, cut_threshold=self.cut_threshold)
+        model = backend if backend is not None else loaded.model
+        propagator = build_propagator(self.propagator, model, self.optical_flow_preset, self.optical_flow_scale)
+        return VideoSegmenter(model, propagator, scheduler, device=loaded.device)
+
+    def run_settings(self, loaded: LoadedModel, segmenter: VideoSegmenter) -> dict[str, Any]:
+        """The settings a run summary records: model, weights, trained, device, backend,
+        propagator and schedule, each with every setting that decides it (JSON-ready)."""
+        model = segmenter.model
+        return {
+            "model": loaded.config.name,
+            "weights": str(loaded.weights) if loaded.weights else None,
+            "trained": loaded.trained,
+            "device": str(loaded.device),
+            "backend": model.describe() if hasattr(model, "describe") else None,
+            "propagator": self.propagator,
+            "propagator_settings": segmenter.propagator.describe(),
+            "schedule": self.schedule,
+            "schedule_settings": segmenter.scheduler.describe(),
+        }
+
+
+@dataclass
+class SegmentOptions(EngineOptions):
+    """Settings of one offline run: the engine's (:class:`EngineOptions`) and these.
+
+    Attributes:
+        fps: frame rate for image folders (frames/s); video files use their own.
+        max_frames: stop after this many frames (None = all).
+        write_overlay: write ``overlay.mp4``.
+        write_labels: write ``labels/*.png``.
+        progress: show a progress bar.
+    """
+
     fps: float | None = None
     max_frames: int | None = None
     write_overlay: bool = True
@@ -113,11 +151,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         schedule or propagator name.
     """
     cfg = loaded.config
-    scheduler = parse_schedule(options.schedule, max_interval=options.max_interval,
-                               cut_threshold=options.cut_threshold)
-    model = backend if backend is not None else loaded.model
-    propagator = build_propagator(options.propagator, model, options.optical_flow_preset, options.optical_flow_scale)
-    segmenter = VideoSegmenter(model, propagator, scheduler, device=loaded.device)
+    segmenter = options.build_segmenter(loaded, backend)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     out = Path(out_dir)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -155,15 +189,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
 
     summary = {
         "input": str(input_path),
-        "model": cfg.name,
-        "weights": str(loaded.weights) if loaded.weights else None,
-        "trained": loaded.trained,
-        "device": str(loaded.device),
-        "backend": segmenter.model.describe() if hasattr(segmenter.model, "describe") else None,
-        "propagator": options.propagator,
-        "propagator_settings": propagator.describe(),
-        "schedule": options.schedule,
-        "schedule_settings": scheduler.describe(),
+        **options.run_settings(loaded, segmenter),
         "class_names": cfg.class_names,
         "wall_time_s": wall,
         "fps": len(records) / wall if wall > 0 else None,

@@ -41,10 +41,8 @@ import yaml
 from tqdm import tqdm
 
 from ..model_loader import LoadedModel
-from ..offline import summarize
-from ..propagation import build_propagator
-from ..scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
-from ..segmenter import FrameError, VideoSegmenter
+from ..offline import EngineOptions, summarize
+from ..segmenter import FrameError
 from ..viz import make_palette
 from .conversions import (
     ConversionError,
@@ -78,28 +76,17 @@ _NAME_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass
-class BagOptions:
-    """Settings of one ``mpvss bag`` run.
+class BagOptions(EngineOptions):
+    """Settings of one ``mpvss bag`` run: the engine's (:class:`~mpvss_ros.offline.EngineOptions`,
+    as ``mpvss segment``) and these.
 
     Attributes:
-        propagator: ``query_flow``, ``optical_flow`` or ``copy`` (as ``mpvss segment``).
-        optical_flow_preset, optical_flow_scale: DIS preset and resolution of ``optical_flow``.
-        schedule: ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD``.
-        max_interval: adaptive schedule: longest run of frames between key frames.
-        cut_threshold: adaptive schedule: cut score of a hard cut
-            (:class:`~mpvss_ros.scheduling.AdaptiveScheduler`).
         max_frames: stop after this many input messages (None = all).
         alpha: overlay opacity of the class colours, 0..1.
         colored, overlay, class_masks: write ``NS/colored``, ``NS/overlay``, ``NS/class_masks``.
         progress: show a progress bar.
     """
 
-    propagator: str = "query_flow"
-    optical_flow_preset: str = "fast"
-    optical_flow_scale: float = 0.5
-    schedule: str = "fixed:5"
-    max_interval: int = 10
-    cut_threshold: float = DEFAULT_CUT_THRESHOLD
     max_frames: int | None = None
     alpha: float = 0.5
     colored: bool = True
@@ -108,8 +95,8 @@ class BagOptions:
     progress: bool = True
 
 
-def _opt(options: Any, name: str) -> Any:
-    """An option from ``BagOptions`` or any object with some of its attributes (``SegmentOptions``)."""
+def _opt(options: EngineOptions, name: str) -> Any:
+    """An option of ``BagOptions``, or its default for other engine options (``SegmentOptions``)."""
     return getattr(options, name, getattr(BagOptions, name))
 
 
@@ -217,7 +204,8 @@ def _select_topic(connections: list[Any], topic: str, compressed: bool | None, w
     return chosen, msgtype
 
 
-def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: LoadedModel, options: Any = None,
+def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: LoadedModel,
+                options: EngineOptions | None = None,
                 compressed: bool | None = None, namespace: str = "/mpvss", storage: str | None = None,
                 backend: Any = None) -> dict[str, Any]:
     """Segment ``topic`` of the bag ``in_path`` and write a new bag ``out_path`` (see the module docstring).
@@ -227,8 +215,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         out_path: the new bag folder; must not exist.
         topic: the image topic (``sensor_msgs/msg/Image`` or ``sensor_msgs/msg/CompressedImage``).
         loaded: the model (:func:`~mpvss_ros.model_loader.load_model`).
-        options: :class:`BagOptions` (or an object with some of its attributes, e.g.
-            :class:`~mpvss_ros.offline.SegmentOptions`); None = defaults.
+        options: :class:`BagOptions` (or other :class:`~mpvss_ros.offline.EngineOptions`, e.g.
+            :class:`~mpvss_ros.offline.SegmentOptions`, with the bag's defaults for the rest);
+            None = defaults.
         compressed: True = the topic must be CompressedImage, False = Image, None = detect.
         namespace: prefix of the output topics.
         storage: ``sqlite3`` or ``mcap``; None = as the input bag.
@@ -270,12 +259,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
     cfg = loaded.config
-    scheduler = parse_schedule(_opt(options, "schedule"), max_interval=_opt(options, "max_interval"),
-                               cut_threshold=_opt(options, "cut_threshold"))
-    model = backend if backend is not None else loaded.model
-    propagator = build_propagator(_opt(options, "propagator"), model, _opt(options, "optical_flow_preset"),
-                                  _opt(options, "optical_flow_scale"))
-    segmenter = VideoSegmenter(model, propagator, scheduler, device=loaded.device)
+    segmenter = options.build_segmenter(loaded, backend)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     class_names = list(cfg.class_names) if len(cfg.class_names) == cfg.num_classes else [f"class {i}" for i in range(cfg.num_classes)]
 
@@ -387,15 +371,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "msgtype": msgtype,
         "storage": storage,
         "namespace": normalize_namespace(namespace),
-        "model": cfg.name,
-        "weights": str(loaded.weights) if loaded.weights else None,
-        "trained": loaded.trained,
-        "device": str(loaded.device),
-        "backend": model.describe() if hasattr(model, "describe") else None,
-        "propagator": _opt(options, "propagator"),
-        "propagator_settings": propagator.describe(),
-        "schedule": _opt(options, "schedule"),
-        "schedule_settings": scheduler.describe(),
+        **options.run_settings(loaded, segmenter),
         "frames": frames,
         "written": len(records),
         "skipped": sum(skipped.values()),
