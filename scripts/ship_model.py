@@ -16,9 +16,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mpvss_ros.checkpoints import read_checkpoint, read_state_dict, save_checkpoint
 from mpvss_ros.config import model_config_from_dict
 from mpvss_ros.nn.mpvss import MPVSS
+from mpvss_ros.runtime.bench import hardware_info
 
 #: Options worth recording from a run's options.json.
 _KEEP = ("run_dir", "model", "steps", "batch_size", "crop", "scale", "lr", "head_lr_mult", "matcher", "flow_weight",
@@ -50,6 +53,12 @@ def run_chain(checkpoint: str, follow: str = "init_checkpoint", part: str = "seg
     return chain[::-1]
 
 
+def this_machine() -> str:
+    """CPU cores and model, torch build and GPU of this machine (which trained the last stage-2 run)."""
+    hw = hardware_info(threads=torch.get_num_threads())
+    return f"{hw['logical_cpus']} CPU cores ({hw['cpu']}), torch {hw['torch']}, {hw['gpu'] or 'no GPU'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--segmentor", required=True, help="stage-1 checkpoint (segmentor and heads)")
@@ -67,7 +76,7 @@ def main() -> None:
         "training": {"segmentor": run_chain(args.segmentor),
                      "motion": run_chain(args.motion, follow="init_motion", part="motion")},
         "data": "CamVid train (367 frames, SegNet split); stage 2 also pseudo-labelled solidWhiteRight.mp4 / bikes.mp4 pairs",
-        "hardware": "2 CPU cores (AMD EPYC), torch 2.13.0+cpu, no GPU",
+        "hardware": this_machine(),
     }
     save_checkpoint(args.out, model, cfg.to_dict(), meta=meta, half=True)
     print(f"wrote {args.out}")
