@@ -13,6 +13,9 @@ For each key interval (fixed schedule) it scores, with the same key frames and p
   motion module sees it);
 * ``optical_flow/dis@0.5 on the flow grid``: the same DIS flow area-averaged onto the motion
   module's flow grid (is the coarse flow grid the limit?);
+* ``optical_flow/dis-medium@1 on the flow grid``: DIS ``medium`` at the full canvas averaged onto
+  the flow grid, i.e. the stage-2 flow target of the video pairs (``training.pairs.dis_flow_target``):
+  what the learned flow would score if it matched its teacher exactly;
 * ``copy``.
 
 It then measures the motion module's pixel-wise flow against DIS (``medium`` preset, at the full
@@ -124,6 +127,8 @@ def main() -> None:
                 PixelFlowPropagator(model),
                 _named(OpticalFlowPropagator(flow_scale=0.5), "optical_flow/dis@0.5"),
                 _named(OpticalFlowPropagator(flow_scale=0.5, grid_stride=grid), f"optical_flow/dis@0.5 on the 1/{grid} grid"),
+                _named(OpticalFlowPropagator(flow_scale=1.0, grid_stride=grid, preset="medium"),
+                       f"optical_flow/dis-medium@1 on the 1/{grid} grid"),
                 _named(OpticalFlowPropagator(flow_scale=s), f"optical_flow/dis@{s:g}"),
                 CopyPropagator(),
             ]

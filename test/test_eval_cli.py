@@ -283,8 +283,9 @@ def test_propagation_diagnostics_script(camvid_val_dirs, lite_checkpoint, tmp_pa
     names = [r["propagator"] for r in d["rows"]]
     assert names == ["copy", "query_flow", "query_flow/pixel_flow", "optical_flow/dis@0.5",
                      f"optical_flow/dis@0.5 on the 1/{d['flow_grid_stride']} grid",
+                     f"optical_flow/dis-medium@1 on the 1/{d['flow_grid_stride']} grid",
                      f"optical_flow/dis@{d['motion_image_scale']:g}", "copy"]
-    assert [r["schedule"] for r in d["rows"]] == ["fixed:1"] + ["fixed:2"] * 6
+    assert [r["schedule"] for r in d["rows"]] == ["fixed:1"] + ["fixed:2"] * 7
     assert d["rows"][0]["key_frames"] == 6 and all(r["key_frames"] == 3 for r in d["rows"][1:])
     assert all(_pct_or_none(r["mIoU"]) for r in d["rows"])
     (epe,) = d["flow_epe"]

@@ -132,6 +132,23 @@ def test_dis_flow_target_recovers_shift_in_grid_pixels():
     np.testing.assert_array_equal(flow_f, flow)
 
 
+def test_dis_flow_target_is_the_diagnostics_teacher_row():
+    """scripts/propagation_diagnostics.py scores OpticalFlowPropagator(medium, scale 1, grid 16) as
+    "the training target": its pooled flow must be dis_flow_target's, value for value."""
+    from mpvss_ros.propagation import OpticalFlowPropagator, pool_flow
+
+    big = _texture(512, 640, seed=3)
+    key, current = big[100:356, 120:440], big[106:362, 111:431]
+    prop = OpticalFlowPropagator(flow_scale=1.0, grid_stride=16, preset="medium")
+    grey = [cv2.cvtColor(x, cv2.COLOR_RGB2GRAY) for x in (current, key)]
+    pooled = pool_flow(prop.flow(*grey), (16, 20)).transpose(2, 0, 1)
+    target = dis_flow_target(current, key, (16, 20))
+    np.testing.assert_allclose(pooled, target, atol=1e-5)
+    assert np.abs(target[:, 2:-2, 2:-2]).mean() > 0.3  # a real shift, not two zero fields
+    fast = OpticalFlowPropagator(flow_scale=1.0, grid_stride=16, preset="fast")
+    assert not np.allclose(pool_flow(fast.flow(*grey), (16, 20)).transpose(2, 0, 1), target, atol=1e-3)
+
+
 def test_dis_flow_target_zero_for_identical_frames_and_anisotropic_grid():
     img = _texture(256, 320, seed=1)
     flow = dis_flow_target(img, img, (16, 40))  # x scaled by 40/320, y by 16/256
