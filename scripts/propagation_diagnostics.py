@@ -13,8 +13,9 @@ For each key interval (fixed schedule) it scores, with the same key frames and p
   motion module sees it);
 * ``optical_flow/dis@0.5 on the flow grid``: the same DIS flow area-averaged onto the motion
   module's flow grid (is the coarse flow grid the limit?);
-* ``optical_flow/dis-medium@1 on the flow grid``: DIS ``medium`` at the full canvas averaged onto
-  the flow grid, i.e. the stage-2 flow target of the video pairs (``training.pairs.dis_flow_target``):
+* ``optical_flow/dis-medium@1 on the flow grid``: DIS at the full canvas with the preset of the
+  stage-2 flow target (``training.pairs.FLOW_TARGET_DIS_PRESET``, ``medium``) averaged onto the flow
+  grid, i.e. that target itself (``training.pairs.dis_flow_target``):
   what the learned flow would score if it matched its teacher exactly;
 * ``copy``.
 
@@ -40,7 +41,7 @@ from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState
 from mpvss_ros.nn.warp import warp_mask_logits
 from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator, Propagator, QueryFlowPropagator, grid_hw
 from mpvss_ros.segmenter import Letterbox, canvas_tensor
-from mpvss_ros.training.pairs import dis_flow_target
+from mpvss_ros.training.pairs import FLOW_TARGET_DIS_PRESET, dis_flow_target
 
 
 class PixelFlowPropagator(Propagator):
@@ -127,8 +128,8 @@ def main() -> None:
                 PixelFlowPropagator(model),
                 _named(OpticalFlowPropagator(flow_scale=0.5), "optical_flow/dis@0.5"),
                 _named(OpticalFlowPropagator(flow_scale=0.5, grid_stride=grid), f"optical_flow/dis@0.5 on the 1/{grid} grid"),
-                _named(OpticalFlowPropagator(flow_scale=1.0, grid_stride=grid, preset="medium"),
-                       f"optical_flow/dis-medium@1 on the 1/{grid} grid"),
+                _named(OpticalFlowPropagator(flow_scale=1.0, grid_stride=grid, preset=FLOW_TARGET_DIS_PRESET),
+                       f"optical_flow/dis-{FLOW_TARGET_DIS_PRESET}@1 on the 1/{grid} grid"),
                 _named(OpticalFlowPropagator(flow_scale=s), f"optical_flow/dis@{s:g}"),
                 CopyPropagator(),
             ]

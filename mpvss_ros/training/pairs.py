@@ -36,13 +36,17 @@ import torch
 from torch import Tensor
 
 from ..io.video import open_source
-from ..propagation import grid_hw, pool_flow
+from ..propagation import DIS_PRESETS, grid_hw, pool_flow
 from ..scheduling import DEFAULT_CUT_THRESHOLD, SceneScorer
 from ..segmenter import Letterbox
 from .data import augment_frames, list_frames, load_frame
 from .synthetic import SyntheticMotion, synthetic_pair
 
-__all__ = ["PairSample", "FramePairs", "camvid_pairs", "video_shots", "dis_flow_target", "load_clip_on_canvas"]
+__all__ = ["PairSample", "FramePairs", "camvid_pairs", "video_shots", "dis_flow_target", "FLOW_TARGET_DIS_PRESET",
+           "load_clip_on_canvas"]
+
+#: DIS preset of the video pairs' flow target (:func:`dis_flow_target`, full resolution of the pair).
+FLOW_TARGET_DIS_PRESET = "medium"
 
 _NAME = re.compile(r"^(?P<seq>.+)_(?P<index>[^_]+)$")
 
@@ -106,7 +110,8 @@ def video_shots(frames: Sequence[np.ndarray],
 
 
 def dis_flow_target(current: np.ndarray, key: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
-    """DIS optical flow current -> key, averaged onto a coarser grid, in that grid's pixels.
+    """DIS optical flow current -> key (:data:`FLOW_TARGET_DIS_PRESET`, at the frames' own
+    resolution), averaged onto a coarser grid, in that grid's pixels.
 
     Args:
         current, key: (H, W, 3) float32 or uint8 RGB frames of one size.
@@ -115,7 +120,7 @@ def dis_flow_target(current: np.ndarray, key: np.ndarray, grid_hw: tuple[int, in
     Returns:
         (2, h, w) float32: x then y displacement in pixels of the (h, w) grid.
     """
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    dis = cv2.DISOpticalFlow_create(DIS_PRESETS[FLOW_TARGET_DIS_PRESET])
     g_cur = cv2.cvtColor(np.clip(current, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
     g_key = cv2.cvtColor(np.clip(key, 0, 255).astype(np.uint8), cv2.COLOR_RGB2GRAY)
     flow = dis.calc(g_cur, g_key, None)  # (H, W, 2), image pixels

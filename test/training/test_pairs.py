@@ -133,13 +133,16 @@ def test_dis_flow_target_recovers_shift_in_grid_pixels():
 
 
 def test_dis_flow_target_is_the_diagnostics_teacher_row():
-    """scripts/propagation_diagnostics.py scores OpticalFlowPropagator(medium, scale 1, grid 16) as
-    "the training target": its pooled flow must be dis_flow_target's, value for value."""
+    """scripts/propagation_diagnostics.py scores OpticalFlowPropagator(FLOW_TARGET_DIS_PRESET, scale 1,
+    grid 16) as "the training target": its pooled flow must be dis_flow_target's, value for value."""
     from mpvss_ros.propagation import OpticalFlowPropagator, pool_flow
+    from mpvss_ros.training.pairs import FLOW_TARGET_DIS_PRESET
+
+    assert FLOW_TARGET_DIS_PRESET == "medium"  # the preset the shipped motion module was trained on
 
     big = _texture(512, 640, seed=3)
     key, current = big[100:356, 120:440], big[106:362, 111:431]
-    prop = OpticalFlowPropagator(flow_scale=1.0, grid_stride=16, preset="medium")
+    prop = OpticalFlowPropagator(flow_scale=1.0, grid_stride=16, preset=FLOW_TARGET_DIS_PRESET)
     grey = [cv2.cvtColor(x, cv2.COLOR_RGB2GRAY) for x in (current, key)]
     pooled = pool_flow(prop.flow(*grey), (16, 20)).transpose(2, 0, 1)
     target = dis_flow_target(current, key, (16, 20))
