@@ -69,6 +69,9 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="optical_flow: OpenCV DIS preset (default: fast; medium is more accurate and slower)")
     g.add_argument("--optical-flow-scale", type=_flow_scale, default=0.5,
                    help="optical_flow: DIS resolution relative to the network canvas, 0.1 <= s <= 1 (default 0.5)")
+    g.add_argument("--chain-flow", action=argparse.BooleanOptionalAction, default=True,
+                   help="query_flow / optical_flow: compose frame-to-frame flows back to the key frame "
+                        "(default); --no-chain-flow = the paper's direct flow to the key frame")
     g.add_argument("--schedule", default="fixed:5",
                    help="key frames: fixed:N (fixed:1 = per-frame), adaptive or adaptive:THRESHOLD (default: fixed:5)")
     g.add_argument("--max-interval", type=int, default=10, help="adaptive: most frames between key frames (default 10)")
@@ -239,7 +242,7 @@ def _cmd_bag(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.study import evaluate_sequence, key_interval_study, load_sequence, plot_study, write_json
+    from .evaluation.study import evaluate_sequence, key_interval_study, load_sequence, plot_study, row_label, write_json
     from .io.samples import camvid_annot_dir, camvid_dir
 
     images = args.images or camvid_dir("val")
@@ -253,6 +256,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         _scheduler(args)
     flow_opts = {"optical_flow_preset": args.optical_flow_preset, "optical_flow_scale": args.optical_flow_scale}
+    chain = {"chain_flow": args.chain_flow}
     seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames)
     loaded, backend = load_model_and_backend(args)
     out = Path(args.out) if args.out else None
@@ -262,7 +266,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         study = key_interval_study(loaded, seq, intervals=args.intervals, backend=backend,
                                    cut_threshold=args.cut_threshold, **flow_opts)
         for r in study["rows"]:
-            print(f"{r['mode']:8s} N={r['interval']:<3d} {r['propagator']:12s} key ratio {r['key_frame_ratio']:.3f}  "
+            print(f"{r['mode']:8s} N={r['interval']:<3d} {row_label(r):22s} key ratio {r['key_frame_ratio']:.3f}  "
                   f"mIoU {r['mIoU']:6.2f}  fwIoU {r['fwIoU']:6.2f}  VC_8 {r['VC_8'] or float('nan'):6.2f}  "
                   f"{r['mean_ms_per_frame']:7.1f} ms/frame")
         if out:
@@ -271,7 +275,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"wrote {out}/study.json, study.png")
         return 0
     sched = _scheduler(args)
-    result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts)
+    result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts, **chain)
     result.update(model=loaded.config.name, weights=str(loaded.weights) if loaded.weights else None, trained=loaded.trained)
     print(json.dumps({k: v for k, v in result.items() if k != "IoU"}))
     if out:

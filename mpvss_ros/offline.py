@@ -44,6 +44,8 @@ class EngineOptions:
         propagator: ``query_flow``, ``optical_flow`` or ``copy``.
         optical_flow_preset, optical_flow_scale: DIS preset and resolution (relative to the
             canvas) of ``optical_flow`` (:func:`~mpvss_ros.propagation.build_propagator`).
+        chain_flow: chained flow for ``query_flow`` / ``optical_flow`` (each frame's flow to the
+            previous frame, composed back to the key frame); False = the paper's direct flow.
         schedule: ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD``.
         max_interval: adaptive schedule: longest run of frames between key frames.
         cut_threshold: adaptive schedule: cut score of a hard cut
@@ -53,6 +55,7 @@ class EngineOptions:
     propagator: str = "query_flow"
     optical_flow_preset: str = "fast"
     optical_flow_scale: float = 0.5
+    chain_flow: bool = True
     schedule: str = "fixed:5"
     max_interval: int = 10
     cut_threshold: float = DEFAULT_CUT_THRESHOLD
@@ -67,7 +70,8 @@ class EngineOptions:
         """
         scheduler = parse_schedule(self.schedule, max_interval=self.max_interval, cut_threshold=self.cut_threshold)
         model = backend if backend is not None else loaded.model
-        propagator = build_propagator(self.propagator, model, self.optical_flow_preset, self.optical_flow_scale)
+        propagator = build_propagator(self.propagator, model, self.optical_flow_preset, self.optical_flow_scale,
+                                      self.chain_flow)
         return VideoSegmenter(model, propagator, scheduler, device=loaded.device)
 
     def run_settings(self, loaded: LoadedModel, segmenter: VideoSegmenter) -> dict[str, Any]:

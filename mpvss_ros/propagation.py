@@ -10,6 +10,17 @@ the key frame's 1/4 grid; the key frame's class logits are reused unchanged (MPV
   mask alike.
 * ``copy`` (:class:`CopyPropagator`): hold the key frame's masks.
 
+Chained flow (``chain_flow``, on by default for both flow propagators): instead of one flow from
+the current frame straight back to the key frame (the paper's setting), each non-key frame's flow
+is estimated to the previous frame only and composed with the previous frame's flow to the key
+frame (:func:`~mpvss_ros.nn.warp.compose_flows`), so the flow is always estimated over one frame,
+where it is most accurate; the masks are still warped once, from the key frame. Same cost per frame
+(one flow estimate, plus a composition on the flow grid). CamVid val clip, shipped weights, key
+interval 5 / 10: query flow 68.43 / 65.11 chained against 68.06 / 62.94 direct; DIS 69.19 / 66.41
+against 68.13 / 62.46 (``models/README.md``). Chaining needs the frames in order, each one
+propagated: a propagator follows the key frame it was last given and restarts its chain at a new
+key frame.
+
 ``per_frame`` is not a propagator: it is the schedule ``fixed:1`` (every frame a key frame).
 """
 
@@ -25,13 +36,14 @@ import torch
 from torch import Tensor
 
 from .nn.mpvss import MPVSS, KeyFrameState
-from .nn.warp import warp_mask_logits
+from .nn.warp import compose_flows, warp_mask_logits
 
 if TYPE_CHECKING:
     from .runtime.base import Backend
 
 __all__ = [
     "Propagator",
+    "FlowChain",
     "CopyPropagator",
     "OpticalFlowPropagator",
     "QueryFlowPropagator",
@@ -39,11 +51,14 @@ __all__ = [
     "grid_hw",
     "pool_flow",
     "PROPAGATORS",
+    "FLOW_PROPAGATORS",
     "DIS_PRESETS",
     "OPTICAL_FLOW_SCALE_RANGE",
 ]
 
 PROPAGATORS = ("query_flow", "optical_flow", "copy")
+#: The propagators that warp with a flow (and so take ``chain_flow``).
+FLOW_PROPAGATORS = ("query_flow", "optical_flow")
 #: OpenCV DIS presets by name (``cv2.DISOPTICAL_FLOW_PRESET_*``), fastest first.
 DIS_PRESETS = {
     "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
@@ -90,21 +105,62 @@ class CopyPropagator(Propagator):
         return key.mask_logits
 
 
+class FlowChain:
+    """A chained flow's state: the key frame it belongs to, the last frame it reached and the
+    composed flow from that frame to the key frame.
+
+    Usage per non-key frame: ``reference = chain.start(key, key_reference)`` gives the frame to
+    estimate the step flow to (the key frame's own reference right after a new key frame, else the
+    previous frame); ``chain.advance(step, current_reference)`` composes the step and returns the
+    flow from the current frame to the key frame.
+    """
+
+    def __init__(self) -> None:
+        self.key: KeyFrameState | None = None  # held, so identity comparison is safe
+        self.reference: Any = None
+        self.flow: Tensor | None = None
+
+    def start(self, key: KeyFrameState, key_reference: Any) -> Any:
+        """The frame the current frame's step flow points into (``key_reference`` at a new key)."""
+        if self.key is not key:
+            self.key, self.reference, self.flow = key, key_reference, None
+        return self.reference
+
+    def advance(self, step: Tensor, reference: Any) -> Tensor:
+        """Compose ``step`` (B, N|1, 2, h, w) (current -> previous) onto the chain; ``reference``
+        is the current frame in the form :meth:`start` returns. Returns current -> key frame."""
+        self.flow = step if self.flow is None else compose_flows(self.flow, step)
+        self.reference = reference
+        return self.flow
+
+
 class QueryFlowPropagator(Propagator):
     """MPVSS query-based flow: each key-frame mask warped with its own flow.
 
     Args:
         model: the MPVSS model whose motion module estimates the flows, or an inference backend
-            (:mod:`mpvss_ros.runtime`); anything with ``propagate(key, image)``.
+            (:mod:`mpvss_ros.runtime`); anything with ``propagate(key, image)`` and
+            ``query_flows(key, image, reference)``.
+        chain_flow: compose frame-to-frame flows (see the module docstring) instead of the paper's
+            direct flow from the current frame to the key frame.
     """
 
     name = "query_flow"
 
-    def __init__(self, model: "MPVSS | Backend") -> None:
+    def __init__(self, model: "MPVSS | Backend", chain_flow: bool = True) -> None:
         self.model = model
+        self.chain_flow = bool(chain_flow)
+        self._chain = FlowChain()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "chain_flow": self.chain_flow}
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
-        return self.model.propagate(key, image)
+        if not self.chain_flow:
+            return self.model.propagate(key, image)
+        previous = self._chain.start(key, key.image)
+        flows = self._chain.advance(self.model.query_flows(key, image, previous), image)
+        return warp_mask_logits(key.mask_logits, flows, self.model.cfg.input.warp_normalization)
 
 
 class OpticalFlowPropagator(Propagator):
@@ -116,10 +172,10 @@ class OpticalFlowPropagator(Propagator):
     computed once per key frame.
 
     Accuracy against cost, CamVid val clip, shipped ``mpvss_lite`` weights, fixed key interval
-    5 / 10, 2 CPU threads (median ms per non-key frame at interval 5, the whole
-    ``VideoSegmenter.push``): fast@0.5 68.13 / 62.46 mIoU (10.9 ms), medium@0.5 69.03 / 64.23
-    (15.1 ms), fast@1.0 68.70 / 63.39 (14.2 ms), medium@1.0 69.45 / 64.98 (27.3 ms); see
-    ``models/README.md``.
+    5 / 10, 2 CPU threads (AMD EPYC; median ms per non-key frame at interval 5, the whole
+    ``VideoSegmenter.push``), chained flow: fast@0.5 69.19 / 66.41 mIoU (22.0 ms), medium@0.5
+    69.87 / 67.83 (30.4 ms), fast@1.0 69.90 / 67.81 (33.3 ms), medium@1.0 70.36 / 68.67 (57.3 ms);
+    direct flow 68.13 / 62.46, 69.03 / 64.23, 68.70 / 63.39, 69.45 / 64.98; see ``models/README.md``.
 
     Args:
         method: ``dis`` or ``farneback``.
@@ -130,6 +186,8 @@ class OpticalFlowPropagator(Propagator):
             ceil(W / stride)`` cells of the (H, W) canvas before warping (16 = the lite motion
             module's flow grid). A diagnostic: it tells whether the coarser flow grid of
             query-based flow, rather than the flow itself, limits accuracy.
+        chain_flow: compose frame-to-frame flows (see the module docstring) instead of the
+            paper's direct flow from the current frame to the key frame.
 
     Raises:
         ValueError: on an unknown method or preset, a bad scale or a grid stride < 1.
@@ -138,7 +196,7 @@ class OpticalFlowPropagator(Propagator):
     name = "optical_flow"
 
     def __init__(self, method: str = "dis", flow_scale: float = 0.5, grid_stride: int | None = None,
-                 preset: str = "fast") -> None:
+                 preset: str = "fast", chain_flow: bool = True) -> None:
         if method not in ("dis", "farneback"):
             raise ValueError(f"optical-flow method must be dis or farneback, got {method!r}")
         if preset not in DIS_PRESETS:
@@ -152,13 +210,15 @@ class OpticalFlowPropagator(Propagator):
         self.flow_scale = flow_scale
         self.grid_stride = grid_stride
         self.preset = preset
+        self.chain_flow = bool(chain_flow)
+        self._chain = FlowChain()
         self._dis = cv2.DISOpticalFlow_create(DIS_PRESETS[preset]) if method == "dis" else None
         self._key: KeyFrameState | None = None  # held, so identity comparison is safe
         self._key_grey: np.ndarray | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "preset": self.preset if self.method == "dis" else None,
-                "flow_scale": self.flow_scale, "grid_stride": self.grid_stride}
+                "flow_scale": self.flow_scale, "grid_stride": self.grid_stride, "chain_flow": self.chain_flow}
 
     def _grey(self, image: Tensor) -> np.ndarray:
         rgb = image[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).cpu().numpy()
@@ -181,10 +241,16 @@ class OpticalFlowPropagator(Propagator):
         if self._key is not key or self._key_grey is None:
             self._key_grey = self._grey(key.image)
             self._key = key
-        flow = self.flow(self._grey(image), self._key_grey)
+        grey = self._grey(image)
+        if self.chain_flow:
+            step = self.flow(grey, self._chain.start(key, self._key_grey))
+            chained = self._chain.advance(torch.from_numpy(step).permute(2, 0, 1)[None, None], grey)
+            flow = chained[0, 0].permute(1, 2, 0).numpy()
+        else:
+            flow = self.flow(grey, self._key_grey)
         if self.grid_stride is not None:
-            flow = pool_flow(flow, grid_hw(image.shape[-2:], self.grid_stride))
-        flows = torch.from_numpy(flow).permute(2, 0, 1)[None, None].to(key.mask_logits)
+            flow = pool_flow(np.ascontiguousarray(flow), grid_hw(image.shape[-2:], self.grid_stride))
+        flows = torch.from_numpy(np.ascontiguousarray(flow)).permute(2, 0, 1)[None, None].to(key.mask_logits)
         return warp_mask_logits(key.mask_logits, flows, "exact")
 
 
@@ -218,7 +284,7 @@ def pool_flow(flow: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 
 def build_propagator(name: str, model: "MPVSS | Backend", optical_flow_preset: str = "fast",
-                     optical_flow_scale: float = 0.5) -> Propagator:
+                     optical_flow_scale: float = 0.5, chain_flow: bool = True) -> Propagator:
     """Make the propagator called ``name`` (one of :data:`PROPAGATORS`).
 
     Args:
@@ -227,14 +293,17 @@ def build_propagator(name: str, model: "MPVSS | Backend", optical_flow_preset: s
         optical_flow_preset: DIS preset of ``optical_flow`` (a key of :data:`DIS_PRESETS`).
         optical_flow_scale: resolution of ``optical_flow``'s DIS computation relative to the
             canvas, 0.1 <= s <= 1 (:data:`OPTICAL_FLOW_SCALE_RANGE`).
+        chain_flow: chained flow for ``query_flow`` and ``optical_flow`` (module docstring);
+            False = the paper's direct flow to the key frame. Ignored by ``copy``.
 
     Raises:
         ValueError: on an unknown name (listing the known ones), preset or a bad scale.
     """
     if name == "query_flow":
-        return QueryFlowPropagator(model)
+        return QueryFlowPropagator(model, chain_flow=chain_flow)
     if name == "optical_flow":
-        return OpticalFlowPropagator("dis", flow_scale=optical_flow_scale, preset=optical_flow_preset)
+        return OpticalFlowPropagator("dis", flow_scale=optical_flow_scale, preset=optical_flow_preset,
+                                     chain_flow=chain_flow)
     if name == "copy":
         return CopyPropagator()
     raise ValueError(f"unknown propagator {name!r}; choose one of {', '.join(PROPAGATORS)}")

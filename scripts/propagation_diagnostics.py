@@ -5,7 +5,7 @@
 
 For each key interval (fixed schedule) it scores, with the same key frames and post-processing:
 
-* ``query_flow``: the model's fused per-query flows (what ships);
+* ``query_flow``: the model's fused per-query flows, direct from the key frame;
 * ``query_flow/pixel_flow``: the motion module's pixel-wise flow alone, shared by every mask
   (how much the per-query part adds);
 * ``optical_flow/dis@s``: OpenCV DIS at ``s`` of the canvas (0.5 is the ``optical_flow``
@@ -17,6 +17,8 @@ For each key interval (fixed schedule) it scores, with the same key frames and p
   stage-2 flow target (``training.pairs.FLOW_TARGET_DIS_PRESET``, ``medium``) averaged onto the flow
   grid, i.e. that target itself (``training.pairs.dis_flow_target``):
   what the learned flow would score if it matched its teacher exactly;
+* ``query_flow (chained)`` and ``optical_flow/dis@0.5 (chained)``: the same flows chained frame to
+  frame (``chain_flow``; every row above uses the direct flow from the key frame, as estimated);
 * ``copy``.
 
 It then measures the motion module's pixel-wise flow against DIS (``medium`` preset, at the full
@@ -123,14 +125,18 @@ def main() -> None:
     with torch.no_grad():
         rows.append(evaluate_sequence(loaded, seq, CopyPropagator(), "fixed:1"))
         for n in args.intervals:
+            direct = {"chain_flow": False}  # the flows as estimated, key frame to current frame
             variants = [
-                QueryFlowPropagator(model),
+                QueryFlowPropagator(model, **direct),
                 PixelFlowPropagator(model),
-                _named(OpticalFlowPropagator(flow_scale=0.5), "optical_flow/dis@0.5"),
-                _named(OpticalFlowPropagator(flow_scale=0.5, grid_stride=grid), f"optical_flow/dis@0.5 on the 1/{grid} grid"),
-                _named(OpticalFlowPropagator(flow_scale=1.0, grid_stride=grid, preset=FLOW_TARGET_DIS_PRESET),
+                _named(OpticalFlowPropagator(flow_scale=0.5, **direct), "optical_flow/dis@0.5"),
+                _named(OpticalFlowPropagator(flow_scale=0.5, grid_stride=grid, **direct),
+                       f"optical_flow/dis@0.5 on the 1/{grid} grid"),
+                _named(OpticalFlowPropagator(flow_scale=1.0, grid_stride=grid, preset=FLOW_TARGET_DIS_PRESET, **direct),
                        f"optical_flow/dis-{FLOW_TARGET_DIS_PRESET}@1 on the 1/{grid} grid"),
-                _named(OpticalFlowPropagator(flow_scale=s), f"optical_flow/dis@{s:g}"),
+                _named(OpticalFlowPropagator(flow_scale=s, **direct), f"optical_flow/dis@{s:g}"),
+                _named(QueryFlowPropagator(model, chain_flow=True), "query_flow (chained)"),
+                _named(OpticalFlowPropagator(flow_scale=0.5, chain_flow=True), "optical_flow/dis@0.5 (chained)"),
                 CopyPropagator(),
             ]
             for prop in variants:
@@ -148,7 +154,7 @@ def main() -> None:
     for e in epe:
         print(f"| {e['gap']} | {e['pairs']} | {e['epe']:.3f} | {e['zero_flow_epe']:.3f} | {e['ratio']:.2f} |")
     if args.out:
-        keep = ("propagator", "schedule", "mIoU", "fwIoU", "VC_8", "key_frames", "mean_ms_per_frame",
+        keep = ("propagator", "propagator_settings", "schedule", "mIoU", "fwIoU", "VC_8", "key_frames", "mean_ms_per_frame",
                 "median_ms_non_key_frame")
         out = {"weights": str(loaded.weights),
                "canvas": list(canvas), "flow_grid_stride": grid, "motion_image_scale": s, "frames": len(seq.images),

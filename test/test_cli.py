@@ -122,6 +122,16 @@ def test_segment_optical_flow_settings_reach_the_propagator(bikes_path, tmp_path
                     "--optical-flow-preset", "medium", "--optical-flow-scale", "0.25", "--no-overlay") == 0
     settings = json.loads((out / "summary.json").read_text())["propagator_settings"]
     assert (settings["name"], settings["preset"], settings["flow_scale"]) == ("optical_flow", "medium", 0.25)
+    assert settings["chain_flow"] is True  # the default
+
+
+@pytest.mark.parametrize("propagator", ["query_flow", "optical_flow"])
+def test_segment_no_chain_flow_reaches_the_propagator(bikes_path, tmp_path, propagator):
+    out = tmp_path / propagator
+    assert _segment(bikes_path, out, "--max-frames", "3", "--propagator", propagator, "--schedule", "fixed:3",
+                    "--no-chain-flow", "--no-overlay") == 0
+    settings = json.loads((out / "summary.json").read_text())["propagator_settings"]
+    assert (settings["name"], settings["chain_flow"]) == (propagator, False)
 
 
 def test_error_bad_optical_flow_scale(tiny_folder, tmp_path, capsys):

@@ -21,10 +21,11 @@ from mpvss_ros.evaluation.study import (
     evaluate_sequence,
     load_sequence,
     match_adaptive_threshold,
+    row_label,
     write_json,
 )
 from mpvss_ros.model_loader import load_model
-from mpvss_ros.propagation import PROPAGATORS
+from mpvss_ros.propagation import FLOW_PROPAGATORS
 
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                   "Pedestrian", "Bicyclist"]
@@ -109,30 +110,35 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
     study = json.loads((out / "study.json").read_text())
     assert study["frames"] == 6 and study["fps"] == 15.0 and study["model"] == "mpvss_lite"
     rows = study["rows"]
-    fixed = {(r["interval"], r["propagator"]): r for r in rows if r["mode"] == "fixed"}
-    adaptive = {(r["interval"], r["propagator"]): r for r in rows if r["mode"] == "adaptive"}
-    assert set(fixed) == {(n, p) for n in (1, 2) for p in PROPAGATORS}
-    assert set(adaptive) == {(2, p) for p in PROPAGATORS}
-    assert len(rows) == 9
+    # copy once; each flow propagator with the paper's direct flow and with chained flow
+    settings = [("copy", None)] + [(p, c) for p in FLOW_PROPAGATORS for c in (False, True)]
+    fixed = {(r["interval"], r["propagator"], r["chain_flow"]): r for r in rows if r["mode"] == "fixed"}
+    adaptive = {(r["interval"], r["propagator"], r["chain_flow"]): r for r in rows if r["mode"] == "adaptive"}
+    assert set(fixed) == {(n, p, c) for n in (1, 2) for p, c in settings}
+    assert set(adaptive) == {(2, p, c) for p, c in settings}
+    assert len(rows) == 15
     for r in rows:
         assert r["frames"] == 6 and _pct_or_none(r["mIoU"]) and list(r["IoU"]) == CAMVID_CLASSES
-    for p in PROPAGATORS:
-        assert fixed[(1, p)]["key_frames"] == 6
-        assert fixed[(1, p)]["mIoU"] == fixed[(1, "copy")]["mIoU"]  # per-frame: no propagation at all
-        assert fixed[(2, p)]["key_frames"] == 3
-        a = adaptive[(2, p)]
-        assert abs(a["key_frames"] - fixed[(2, p)]["key_frames"]) <= 1
+    for p, c in settings:
+        assert fixed[(1, p, c)]["key_frames"] == 6
+        assert fixed[(1, p, c)]["mIoU"] == fixed[(1, "copy", None)]["mIoU"]  # per-frame: no propagation at all
+        assert fixed[(2, p, c)]["key_frames"] == 3
+        if c is not None:  # the propagator that ran had the row's flow mode
+            assert fixed[(2, p, c)]["propagator_settings"]["chain_flow"] is c
+        a = adaptive[(2, p, c)]
+        assert abs(a["key_frames"] - fixed[(2, p, c)]["key_frames"]) <= 1
         assert a["target_key_frames"] == 3 and a["threshold"] > 0
-        assert a["propagator"] == p
+        assert a["propagator"] == p and row_label(a) == (p if c is None else f"{p} ({'chained' if c else 'direct'})")
         # the scheduler that ran: matched threshold, max interval 2N, the --cut-threshold given
         assert a["schedule_settings"] == {"schedule": a["schedule"], "threshold": a["threshold"], "min_interval": 1,
                                           "max_interval": 4, "cut_threshold": 0.3, "max_gap_s": None}
-        assert fixed[(2, p)]["schedule_settings"]["interval"] == 2
-    # one threshold for the three propagators, so the same key frames
-    assert len({adaptive[(2, p)]["threshold"] for p in PROPAGATORS}) == 1
-    assert len({adaptive[(2, p)]["key_frames"] for p in PROPAGATORS}) == 1
-    # a printed line per row
-    assert sum(1 for ln in captured.out.splitlines() if "key ratio" in ln) == 9
+        assert fixed[(2, p, c)]["schedule_settings"]["interval"] == 2
+    # one threshold for every propagator, so the same key frames
+    assert len({a["threshold"] for a in adaptive.values()}) == 1
+    assert len({a["key_frames"] for a in adaptive.values()}) == 1
+    # a printed line per row, naming the flow mode
+    lines = [ln for ln in captured.out.splitlines() if "key ratio" in ln]
+    assert len(lines) == 15 and sum("query_flow (chained)" in ln for ln in lines) == 3
 
     png = out / "study.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -284,8 +290,12 @@ def test_propagation_diagnostics_script(camvid_val_dirs, lite_checkpoint, tmp_pa
     assert names == ["copy", "query_flow", "query_flow/pixel_flow", "optical_flow/dis@0.5",
                      f"optical_flow/dis@0.5 on the 1/{d['flow_grid_stride']} grid",
                      f"optical_flow/dis-medium@1 on the 1/{d['flow_grid_stride']} grid",
-                     f"optical_flow/dis@{d['motion_image_scale']:g}", "copy"]
-    assert [r["schedule"] for r in d["rows"]] == ["fixed:1"] + ["fixed:2"] * 7
+                     f"optical_flow/dis@{d['motion_image_scale']:g}", "query_flow (chained)",
+                     "optical_flow/dis@0.5 (chained)", "copy"]
+    # the rows diagnose the flows as estimated (direct from the key frame) except the two chained ones
+    chained = [(r["propagator_settings"] or {}).get("chain_flow") for r in d["rows"]]
+    assert chained == [None, False, None] + [False] * 4 + [True] * 2 + [None]  # pixel flow: direct, unlabelled
+    assert [r["schedule"] for r in d["rows"]] == ["fixed:1"] + ["fixed:2"] * 9
     assert d["rows"][0]["key_frames"] == 6 and all(r["key_frames"] == 3 for r in d["rows"][1:])
     assert all(_pct_or_none(r["mIoU"]) for r in d["rows"])
     (epe,) = d["flow_epe"]
@@ -306,10 +316,16 @@ def test_eval_cli_optical_flow_preset_and_scale(camvid_val_dirs, lite_checkpoint
     assert _eval(*common, "--optical-flow-preset", "medium", "--optical-flow-scale", "1.0", "--out", str(out)) == 0
     r = json.loads((out / "eval.json").read_text())
     assert r["propagator_settings"] == {"name": "optical_flow", "method": "dis", "preset": "medium",
-                                        "flow_scale": 1.0, "grid_stride": None}
+                                        "flow_scale": 1.0, "grid_stride": None, "chain_flow": True}
     seq = load_sequence(*camvid_val_dirs, limit=6)
     explicit = evaluate_sequence(loaded, seq, OpticalFlowPropagator(preset="medium", flow_scale=1.0), "fixed:3")
     assert r["mIoU"] == explicit["mIoU"] and r["IoU"] == explicit["IoU"]
+    # --no-chain-flow: the paper's direct flow, the same scores as an explicit direct propagator
+    assert _eval(*common, "--no-chain-flow", "--out", str(tmp_path / "direct")) == 0
+    r = json.loads((tmp_path / "direct" / "eval.json").read_text())
+    assert r["propagator_settings"]["chain_flow"] is False
+    direct = evaluate_sequence(loaded, seq, OpticalFlowPropagator(chain_flow=False), "fixed:3")
+    assert r["mIoU"] == direct["mIoU"] and r["IoU"] == direct["IoU"]
     default = evaluate_sequence(loaded, seq, "optical_flow", "fixed:3")
     assert default["propagator_settings"]["preset"] == "fast" and default["propagator_settings"]["flow_scale"] == 0.5
     capsys.readouterr()

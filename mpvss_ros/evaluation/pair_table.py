@@ -2,8 +2,9 @@
 
 A clip's segmentation under any schedule is fixed by which key frame each frame is propagated
 from: with the propagators of :mod:`mpvss_ros.propagation` a non-key frame's labels depend only on
-its key frame and on itself (query flow and optical flow are estimated between the key frame and
-the current frame; copy holds the key frame's labels). So one pass that propagates every key frame
+its key frame and on the clip's frames from the key frame to itself (direct query flow and optical
+flow are estimated between the key frame and the current frame, chained flow through every frame
+in between, in order; copy holds the key frame's labels). So one pass that propagates every key frame
 ``k`` to every frame ``k .. k + horizon`` and keeps the confusion matrix of each pair gives the
 confusion matrix, hence the mIoU, of every schedule whose key frames are at most ``horizon``
 frames apart: the sum of its pairs' matrices. That makes it cheap to compare scheduling policies
@@ -125,7 +126,7 @@ class PairTable:
 def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagator: str,
                      labels: Sequence[np.ndarray] | None = None, horizon: int = 20, fps: float = 15.0,
                      backend: Any = None, optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5,
-                     progress: bool = False) -> PairTable:
+                     progress: bool = False, chain_flow: bool = True) -> PairTable:
     """Propagate every frame of a clip, as a key frame, to the ``horizon`` frames after it.
 
     Runs the segmentor T times and the propagator about T x horizon times (the val clip, 101
@@ -136,7 +137,8 @@ def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagat
             it instead when given.
         images: T (H, W, 3) uint8 RGB frames in time order.
         propagator: a name of :data:`~mpvss_ros.propagation.PROPAGATORS`, with
-            ``optical_flow_preset`` / ``optical_flow_scale`` for ``optical_flow``.
+            ``optical_flow_preset`` / ``optical_flow_scale`` for ``optical_flow`` and
+            ``chain_flow`` for both flow propagators (:func:`~mpvss_ros.propagation.build_propagator`).
         labels: T (H, W) integer label maps (values >= K ignored), or None to score against the
             model's own per-frame labels (``reference="per_frame"``).
         horizon: the longest key-frame distance kept (frames, >= 1).
@@ -153,7 +155,7 @@ def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagat
         raise ValueError(f"{len(labels)} label maps for {len(images)} frames")
     cfg = loaded.config
     model = backend if backend is not None else loaded.model
-    prop = build_propagator(propagator, model, optical_flow_preset, optical_flow_scale)
+    prop = build_propagator(propagator, model, optical_flow_preset, optical_flow_scale, chain_flow)
     t_max, k_cls = len(images), cfg.num_classes
     conf = np.zeros((t_max, horizon + 1, k_cls, k_cls), dtype=np.int64)
     own: dict[int, np.ndarray] = {}  # per-frame labels of the key frames still within reach

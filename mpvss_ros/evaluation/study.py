@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 from ..io.video import read_label_png
 from ..model_loader import LoadedModel
-from ..propagation import Propagator, build_propagator
+from ..propagation import FLOW_PROPAGATORS, Propagator, build_propagator
 from ..scheduling import DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, KeyFrameScheduler, parse_schedule, schedule_key_frames
 from ..segmenter import VideoSegmenter
 from .metrics import ConfusionMatrix, VideoConsistency
 
 __all__ = ["LabelledSequence", "load_sequence", "evaluate_sequence", "match_adaptive_threshold",
-           "key_interval_study", "plot_study"]
+           "key_interval_study", "plot_study", "row_label"]
 
 
 @dataclass
@@ -84,14 +84,16 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.
 
 def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Propagator,
                       scheduler: KeyFrameScheduler | str, progress: bool = False, backend: Any = None,
-                      optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5) -> dict[str, Any]:
+                      optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5,
+                      chain_flow: bool = True) -> dict[str, Any]:
     """Segment ``seq`` as one video and score it (on ``backend``, an inference backend of
     :mod:`mpvss_ros.runtime`, when given; else on ``loaded.model``).
 
     ``propagator`` is a name of :data:`~mpvss_ros.propagation.PROPAGATORS` or a ready
     :class:`~mpvss_ros.propagation.Propagator` (a variant under study); the result's
     ``"propagator"`` is its name. ``optical_flow_preset`` / ``optical_flow_scale`` configure a
-    named ``optical_flow`` (:func:`~mpvss_ros.propagation.build_propagator`).
+    named ``optical_flow``, ``chain_flow`` a named ``query_flow`` or ``optical_flow``
+    (:func:`~mpvss_ros.propagation.build_propagator`).
 
     Returns:
         ``{"mIoU", "fwIoU", "pACC", "mACC", "IoU" (per class), "VC_8", "VC_16"`` (percent),
@@ -102,7 +104,7 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
     cfg = loaded.config
     sched = parse_schedule(scheduler) if isinstance(scheduler, str) else scheduler
     model = backend if backend is not None else loaded.model
-    prop = (build_propagator(propagator, model, optical_flow_preset, optical_flow_scale)
+    prop = (build_propagator(propagator, model, optical_flow_preset, optical_flow_scale, chain_flow)
             if isinstance(propagator, str) else propagator)
     segmenter = VideoSegmenter(model, prop, sched, device=loaded.device)
     conf = ConfusionMatrix(cfg.num_classes)
@@ -190,9 +192,15 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
                        propagators: Sequence[str] = ("copy", "optical_flow", "query_flow"),
                        adaptive: bool = True, progress: bool = True, backend: Any = None,
                        optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5,
-                       cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> dict[str, Any]:
+                       cut_threshold: float = DEFAULT_CUT_THRESHOLD,
+                       chain_flow_modes: Sequence[bool] = (False, True)) -> dict[str, Any]:
     """The key-interval study: every propagator at every fixed interval, plus adaptive
     (``backend``, ``optical_flow_preset``, ``optical_flow_scale``: as :func:`evaluate_sequence`).
+
+    The flow propagators (``query_flow``, ``optical_flow``) run once per ``chain_flow_modes``
+    entry: False is the paper's direct flow to the key frame, True the chained flow
+    (:mod:`mpvss_ros.propagation`); ``copy`` runs once. Each row's ``"chain_flow"`` says which
+    (None for ``copy`` and per-frame); :func:`row_label` names a row.
 
     For interval N > 1 the adaptive schedule (``max_interval`` = 2N, ``cut_threshold`` as
     :class:`AdaptiveScheduler`) gets the threshold that matches the key-frame count of
@@ -210,13 +218,18 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     rows: list[dict[str, Any]] = []
     per_frame = None
     flow_opts = {"optical_flow_preset": optical_flow_preset, "optical_flow_scale": optical_flow_scale}
+    if not chain_flow_modes:
+        raise ValueError("chain_flow_modes must hold at least one of False, True")
+    settings = [(prop, chain if prop in FLOW_PROPAGATORS else None)
+                for prop in propagators for chain in (chain_flow_modes if prop in FLOW_PROPAGATORS else (None,))]
     for n in intervals:
-        for prop in propagators:
+        for prop, chain in settings:
             if n == 1 and per_frame is not None:  # per-frame: the propagator never runs
-                rows.append({**per_frame, "propagator": prop})
+                rows.append({**per_frame, "propagator": prop, "chain_flow": chain})
                 continue
-            r = evaluate_sequence(loaded, seq, prop, f"fixed:{n}", progress=progress, backend=backend, **flow_opts)
-            r.update(interval=n, mode="fixed", threshold=None)
+            r = evaluate_sequence(loaded, seq, prop, f"fixed:{n}", progress=progress, backend=backend, **flow_opts,
+                                  chain_flow=bool(chain))
+            r.update(interval=n, mode="fixed", threshold=None, chain_flow=chain)
             rows.append(r)
             if n == 1:
                 r["propagator_settings"] = None  # every frame is a key frame: no propagator runs
@@ -225,14 +238,22 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
             target = math.ceil(len(seq.images) / n)
             threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval=2 * n,
                                                         cut_threshold=cut_threshold)
-            for prop in propagators:
+            for prop, chain in settings:
                 sched = AdaptiveScheduler(threshold=threshold, max_interval=2 * n, max_gap_s=math.inf,
                                           cut_threshold=cut_threshold)
-                r = evaluate_sequence(loaded, seq, prop, sched, progress=progress, backend=backend, **flow_opts)
-                r.update(interval=n, mode="adaptive", threshold=threshold, target_key_frames=target)
+                r = evaluate_sequence(loaded, seq, prop, sched, progress=progress, backend=backend, **flow_opts,
+                                      chain_flow=bool(chain))
+                r.update(interval=n, mode="adaptive", threshold=threshold, target_key_frames=target, chain_flow=chain)
                 rows.append(r)
     return {"frames": len(seq.images), "fps": seq.fps, "model": loaded.config.name, "optical_flow": flow_opts,
             "weights": str(loaded.weights) if loaded.weights else None, "rows": rows}
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """A study row's propagator with its flow mode: ``copy``, ``query_flow (direct)``,
+    ``query_flow (chained)``; rows without ``chain_flow`` (older studies) give the bare name."""
+    chain = row.get("chain_flow")
+    return row["propagator"] if chain is None else f"{row['propagator']} ({'chained' if chain else 'direct'})"
 
 
 def plot_study(study: dict[str, Any], path: str | Path) -> None:
@@ -244,19 +265,22 @@ def plot_study(study: dict[str, Any], path: str | Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     colours = {"copy": "tab:gray", "optical_flow": "tab:blue", "query_flow": "tab:red"}
+    # chained flow in full colour, the paper's direct flow paler
+    flow_modes = {None: 1.0, True: 1.0, False: 0.45}
     for prop, colour in colours.items():
-        for mode, style in (("fixed", "-o"), ("adaptive", "--s")):
-            rows = sorted((r for r in study["rows"] if r["propagator"] == prop and r["mode"] == mode),
-                          key=lambda r: r["interval"])
-            if mode == "adaptive":  # start the adaptive line at per-frame for readability
-                rows = [r for r in study["rows"] if r["propagator"] == prop and r["interval"] == 1] + rows
-            if len(rows) < 2:
-                continue
-            x = [1.0 / r["key_frame_ratio"] for r in rows]
-            y = [r["mIoU"] for r in rows]
-            label = f"{prop} ({mode})"
-            ax1.plot(x, y, style, color=colour, label=label)
-            ax2.plot([r["mean_ms_per_frame"] for r in rows], y, style, color=colour, label=label)
+        for chain, alpha in flow_modes.items():
+            for mode, style in (("fixed", "-o"), ("adaptive", "--s")):
+                mine = [r for r in study["rows"] if r["propagator"] == prop and r.get("chain_flow") == chain]
+                rows = sorted((r for r in mine if r["mode"] == mode), key=lambda r: r["interval"])
+                if mode == "adaptive":  # start the adaptive line at per-frame for readability
+                    rows = [r for r in mine if r["interval"] == 1] + rows
+                if len(rows) < 2:
+                    continue
+                x = [1.0 / r["key_frame_ratio"] for r in rows]
+                y = [r["mIoU"] for r in rows]
+                label = f"{row_label(rows[-1])}, {mode}"
+                ax1.plot(x, y, style, color=colour, alpha=alpha, label=label)
+                ax2.plot([r["mean_ms_per_frame"] for r in rows], y, style, color=colour, alpha=alpha, label=label)
     ax1.set_xlabel("frames per key frame (1 / key-frame ratio)")
     ax1.set_ylabel("mIoU (%)")
     ax1.set_title(f"{study['model']}: mIoU vs key interval ({study['frames']} frames, {study['fps']:g} fps)")

@@ -170,6 +170,31 @@ class MPVSS(nn.Module):
         """
         return self.motion(image, key_image, query_embeddings.transpose(0, 1), image_size=valid_hw).flows
 
+    def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
+        """Query-based flows from ``image`` to ``reference`` for the key frame's queries.
+
+        With ``reference`` None (the key frame's image) these are the flows :meth:`propagate`
+        warps with; with the previous frame as ``reference`` they are one link of a chain of
+        frame-to-frame flows (:func:`~mpvss_ros.nn.warp.compose_flows`).
+
+        Args:
+            key: the key frame's state (its queries and valid size are used).
+            image: (1, 3, Hp, Wp) float32 current frame, RGB 0..255, on the key frame's canvas.
+            reference: (1, 3, Hp, Wp) float32 frame the flow points into; None = ``key.image``.
+
+        Returns:
+            (1, N, 2, Hp/s, Wp/s) float32 flows in pixels of the flow grid
+            (s = ``self.motion.flow_stride``).
+
+        Raises:
+            ValueError: if ``image`` or ``reference`` is not on the key frame's canvas.
+        """
+        reference = key.image if reference is None else reference
+        for name, t in (("frame", image), ("reference frame", reference)):
+            if t.shape != key.image.shape:
+                raise ValueError(f"{name} canvas {tuple(t.shape)} differs from key frame {tuple(key.image.shape)}")
+        return self.estimate_flow(image, reference, key.query_embeddings, key.valid_hw)
+
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
         """Warp the key frame's mask logits to the current frame with query-based flow.
 
@@ -183,7 +208,4 @@ class MPVSS(nn.Module):
         Raises:
             ValueError: if the current frame's canvas differs from the key frame's.
         """
-        if image.shape != key.image.shape:
-            raise ValueError(f"frame canvas {tuple(image.shape)} differs from key frame {tuple(key.image.shape)}")
-        flows = self.estimate_flow(image, key.image, key.query_embeddings, key.valid_hw)
-        return warp_mask_logits(key.mask_logits, flows, self.warp_normalization)
+        return warp_mask_logits(key.mask_logits, self.query_flows(key, image), self.warp_normalization)

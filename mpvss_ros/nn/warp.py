@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["warp_mask_logits", "WARP_NORMALIZATIONS"]
+__all__ = ["warp_mask_logits", "compose_flows", "WARP_NORMALIZATIONS"]
 
 WARP_NORMALIZATIONS = ("exact", "mmtrack")
 
@@ -88,3 +88,42 @@ def warp_mask_logits(mask_logits: Tensor, flows: Tensor, normalization: str = "e
         src = mask_logits.reshape(b * n, 1, h, w)
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
     return out.reshape(b, n, h, w)
+
+
+def compose_flows(previous: Tensor, step: Tensor) -> Tensor:
+    """Chain two backward flows: ``key <- previous frame <- current frame``.
+
+    ``previous`` maps the previous frame to the key frame, ``step`` the current frame to the
+    previous frame, both backward (a pixel ``p`` of the source frame sits at ``p + flow(p)`` in
+    the target frame). The result maps the current frame to the key frame:
+    ``flow(p) = step(p) + previous(p + step(p))``, with ``previous`` sampled bilinearly at the
+    displaced point (``exact`` grid, border padding: see :func:`warp_mask_logits`). This is the
+    composition of a chain of frame-to-frame flows that the ``chain_flow`` option of the
+    propagators (:mod:`mpvss_ros.propagation`) builds one frame at a time.
+
+    Args:
+        previous: (B, N, 2, h, w) float32, previous frame -> key frame, (x, y) in pixels of the
+            (h, w) grid; N = 1 for one flow shared by every mask.
+        step: (B, N or 1, 2, h, w) float32, current frame -> previous frame, same grid; a shared
+            step (N = 1) moves every one of the ``previous`` flows.
+
+    Returns:
+        (B, max(N, N_step), 2, h, w) float32, current frame -> key frame, same units.
+
+    Raises:
+        ValueError: if the shapes are not (B, N, 2, h, w) or do not match.
+    """
+    if previous.dim() != 5 or step.dim() != 5 or previous.shape[2] != 2 or step.shape[2] != 2:
+        raise ValueError(f"expected flows (B,N,2,h,w); got {tuple(previous.shape)} and {tuple(step.shape)}")
+    b, n, _, h, w = (int(v) for v in previous.shape)
+    sb, sn, _, sh, sw = (int(v) for v in step.shape)
+    if (sb, sh, sw) != (b, h, w) or not (sn == n or 1 in (sn, n)):
+        raise ValueError(f"step flow {tuple(step.shape)} does not match previous flow {tuple(previous.shape)}")
+    m = max(n, sn)
+    if n != m:
+        previous = previous.expand(b, m, 2, h, w)
+    # Each flow component is a "mask" warped by its own query's step flow: (B, 2M, h, w) with
+    # the step repeated for x and y.
+    src = previous.reshape(b, m * 2, h, w)
+    moved = warp_mask_logits(src, step.expand(b, m, 2, h, w).repeat_interleave(2, dim=1), "exact")
+    return step + moved.reshape(b, m, 2, h, w)

@@ -194,7 +194,8 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
             model = load_backend(config.backend, loaded, device=config.device, precision=config.precision)
         except (ValueError, OSError, RuntimeError) as exc:
             raise StartupError(_one_line(f"backend '{config.backend}' ({config.precision}): {exc}")) from None
-    propagator = build_propagator(config.propagator, model, config.optical_flow_preset, config.optical_flow_scale)
+    propagator = build_propagator(config.propagator, model, config.optical_flow_preset, config.optical_flow_scale,
+                                  config.chain_flow)
     return VideoSegmenter(model, propagator, scheduler, device=loaded.device)
 
 
@@ -524,6 +525,7 @@ class SegmentationCore:
             ("trained", str(self.loaded.trained).lower()),
             ("device", str(self.loaded.device)),
             ("propagator", self.config.propagator),
+            ("chain flow", str(self.config.chain_flow).lower()),
             ("schedule", self.config.schedule),
             ("input rate (Hz)", fmt(s["input_rate_hz"])),
             ("output rate (Hz)", fmt(s["output_rate_hz"])),

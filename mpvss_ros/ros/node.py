@@ -115,7 +115,8 @@ class MPVSSNode(Node):
         self._worker.start()
         self.get_logger().info(
             f"segmenting {self._sub.topic_name} ({cfg.input_reliability}, depth {cfg.input_depth}) with "
-            f"{loaded.config.name} on {loaded.device}, {cfg.propagator}, schedule {cfg.schedule}")
+            f"{loaded.config.name} on {loaded.device}, {cfg.propagator}"
+            f"{' (chained flow)' if cfg.chain_flow and cfg.propagator != 'copy' else ''}, schedule {cfg.schedule}")
 
     def _declare_and_read_parameters(self) -> NodeConfig:
         values = {}

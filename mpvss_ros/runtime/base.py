@@ -9,7 +9,9 @@ A backend is what the segmenter needs from a model, nothing more:
   RGB 0..255 zero-padded at the bottom/right to a multiple of 32 and ``valid_hw`` its unpadded
   (h, w);
 * ``propagate(key, image) -> Tensor``: (1, N, Hp/4, Wp/4) float32 mask logits of the current
-  frame, warped from the key frame's.
+  frame, warped from the key frame's;
+* ``query_flows(key, image, reference=None) -> Tensor``: (1, N, 2, h, w) float32 query-based flows
+  from ``image`` to ``reference`` (default the key frame), for chained flow.
 
 Implementations: :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` (the PyTorch model, CPU
 or CUDA, optional fp16 autocast), :class:`~mpvss_ros.runtime.onnx_backend.OnnxRuntimeBackend`
@@ -110,6 +112,22 @@ class Backend(ABC):
 
         Returns:
             (1, N, Hp/4, Wp/4) float32 mask logits on ``device``.
+        """
+
+    @abstractmethod
+    def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
+        """Query-based flows from ``image`` to ``reference`` (None: the key frame's image) for the
+        key frame's queries; a link of a chained flow (:func:`~mpvss_ros.nn.warp.compose_flows`).
+
+        Args:
+            key: the key frame's state.
+            image, reference: (1, 3, Hp, Wp) float32 RGB 0..255 on the key frame's canvas.
+
+        Returns:
+            (1, N, 2, h, w) float32 flows in pixels of the motion module's flow grid, on ``device``.
+
+        Raises:
+            ValueError: a frame not on the key frame's canvas, or graphs without a ``flows`` output.
         """
 
     def prepare(self, valid_hw: tuple[int, int]) -> None:

@@ -142,6 +142,8 @@ class OnnxRuntimeBackend(Backend):
         # Graphs exported before the ``flows`` output existed run whole.
         self._warp_in_torch = provider == "CPUExecutionProvider"
         self._non_key_output: dict[tuple[int, int], str] = {}
+        self._graph_outputs: dict[tuple[int, int], tuple[str, ...]] = {}
+        self._flow_sessions: dict[tuple[int, int], Any] = {}
         self._sessions: dict[tuple[int, int], tuple[Any, Any, tuple[int, int]]] = {}
         for hw in preload_hw:
             self._get(hw)
@@ -158,8 +160,26 @@ class OnnxRuntimeBackend(Backend):
             non_key = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device,
                                    drop_outputs=tuple(o for o in outputs if o != run))
             self._non_key_output[hw] = run
+            self._graph_outputs[hw] = tuple(outputs)
             self._sessions[hw] = (key, non_key, tuple(contract["canvas"]["padded_hw"]))  # type: ignore[assignment]
         return self._sessions[hw]
+
+    def _flow_session(self, valid_hw: tuple[int, int]) -> Any:
+        """The session that outputs the non-key graph's ``flows`` (the non-key session itself on
+        the CPU; a second, flows-only session of the same graph where the warp runs in the graph)."""
+        _, non_key, _ = self._get(valid_hw)
+        hw = (int(valid_hw[0]), int(valid_hw[1]))
+        if self._non_key_output[hw] == "flows":
+            return non_key
+        if "flows" not in self._graph_outputs[hw]:
+            raise ValueError(f"the non-key graph for {hw[0]}x{hw[1]} has no 'flows' output (exported before it "
+                             "existed): re-export it (mpvss export) to use query-based flows on their own (chain_flow)")
+        if hw not in self._flow_sessions:
+            d = self.source.get(hw)
+            g = read_contract(d)["graphs"]["non_key_frame"]
+            self._flow_sessions[hw] = make_session(d / g["file"], self.threads, self.exec_device,
+                                                   drop_outputs=tuple(o for o in self._graph_outputs[hw] if o != "flows"))
+        return self._flow_sessions[hw]
 
     @staticmethod
     def _check_canvas(image: Tensor, padded: tuple[int, int]) -> None:
@@ -177,23 +197,36 @@ class OnnxRuntimeBackend(Backend):
         cls, masks, queries = (torch.from_numpy(o) for o in outs)
         return KeyFrameState(image=image, valid_hw=hw, class_logits=cls, mask_logits=masks, query_embeddings=queries)
 
-    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
-        if image.shape != key.image.shape:
-            raise ValueError(f"frame canvas {tuple(image.shape)} differs from key frame {tuple(key.image.shape)}")
-        _, non_key_sess, padded = self._get(key.valid_hw)
+    def _non_key_feeds(self, key: KeyFrameState, image: Tensor, reference: Tensor) -> dict[str, np.ndarray]:
+        for name, t in (("frame", image), ("reference frame", reference)):
+            if t.shape != key.image.shape:
+                raise ValueError(f"{name} canvas {tuple(t.shape)} differs from key frame {tuple(key.image.shape)}")
+        _, _, padded = self._get(key.valid_hw)
         self._check_canvas(image, padded)
-        feeds = {
+        return {
             "image": _np(image),
-            "key_image": _np(key.image),
+            "key_image": _np(reference),
             "key_query_embeddings": _np(key.query_embeddings),
             "key_mask_logits": _np(key.mask_logits),
             "key_class_logits": _np(key.class_logits),
         }
-        output = self._non_key_output[key.valid_hw]
-        (out,) = non_key_sess.run([output], feeds)
-        if output == "flows":
-            return warp_mask_logits(key.mask_logits, torch.from_numpy(out), self.cfg.input.warp_normalization)
+
+    def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
+        feeds = self._non_key_feeds(key, image, key.image if reference is None else reference)
+        (out,) = self._flow_session(key.valid_hw).run(["flows"], feeds)
         return torch.from_numpy(out)
+
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        if self._non_key_output[self._hw(key)] == "flows":
+            return warp_mask_logits(key.mask_logits, self.query_flows(key, image), self.cfg.input.warp_normalization)
+        feeds = self._non_key_feeds(key, image, key.image)
+        _, non_key_sess, _ = self._get(key.valid_hw)
+        (out,) = non_key_sess.run(["warped_mask_logits"], feeds)
+        return torch.from_numpy(out)
+
+    def _hw(self, key: KeyFrameState) -> tuple[int, int]:
+        self._get(key.valid_hw)
+        return (int(key.valid_hw[0]), int(key.valid_hw[1]))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threads": self.threads}

@@ -553,6 +553,7 @@ class TensorRTBackend(Backend):
         self.name = f"tensorrt {trt.__version__}[{self.cuda.gpu_name}, {precision}]"
         self._engines: dict[tuple[int, int], tuple[_Engine, _Engine, tuple[int, int]]] = {}
         self._device_key: KeyFrameState | None = None  # the key state held in the non-key engine's inputs
+        self._device_reference: Tensor | None = None  # the frame held in the non-key engine's key_image
         for hw in preload_hw:
             self._get(hw)
 
@@ -595,28 +596,44 @@ class TensorRTBackend(Backend):
             query_embeddings=key_engine.result("query_embeddings"),
         )
         self._device_key = state
+        self._device_reference = image  # the key frame's image, copied into key_image above
         return state
 
-    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
-        if image.shape != key.image.shape:
-            raise ValueError(f"frame canvas {tuple(image.shape)} differs from key frame {tuple(key.image.shape)}")
+    def _run_non_key(self, key: KeyFrameState, image: Tensor, reference: Tensor, output: str) -> Tensor:
+        """Run the non-key engine on (image, reference) with the key frame's state; one output."""
+        for name, t in (("frame", image), ("reference frame", reference)):
+            if t.shape != key.image.shape:
+                raise ValueError(f"{name} canvas {tuple(t.shape)} differs from key frame {tuple(key.image.shape)}")
         _, non_key, _ = self._get(key.valid_hw)
+        if output not in non_key.host:
+            raise ValueError(f"the non-key engine has no {output!r} output (built from graphs exported before it "
+                             "existed): re-export the graphs (mpvss export) and rebuild the engines")
         with self.cuda.activate() as cuda:
             if self._device_key is not key:  # another key state: upload it
-                non_key.upload("key_image", key.image)
                 non_key.upload("key_class_logits", key.class_logits)
                 non_key.upload("key_mask_logits", key.mask_logits)
                 non_key.upload("key_query_embeddings", key.query_embeddings)
                 self._device_key = key
+                self._device_reference = None
+            if self._device_reference is not reference:  # the key frame's image, or a chain's previous frame
+                non_key.upload("key_image", reference)
+                self._device_reference = reference
             non_key.upload("image", image)
             non_key.execute()
-            non_key.download("warped_mask_logits")
+            non_key.download(output)
             cuda.synchronize()
-        return non_key.result("warped_mask_logits")
+        return non_key.result(output)
+
+    def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
+        return self._run_non_key(key, image, key.image if reference is None else reference, "flows")
+
+    def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
+        return self._run_non_key(key, image, key.image, "warped_mask_logits")
 
     def close(self) -> None:
         self._engines.clear()
         self._device_key = None
+        self._device_reference = None
         if getattr(self, "cuda", None) is not None:
             self.cuda.close()
             self.cuda = None  # type: ignore[assignment]

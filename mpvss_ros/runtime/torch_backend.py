@@ -74,12 +74,13 @@ class TorchBackend(Backend):
             query_embeddings=out.query_embeddings.float(),
         )
 
+    def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
+        with self._autocast(enabled=self.precision == "fp16"):
+            flows = self.model.query_flows(key, image, reference)
+        return flows.float()
+
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
         if self.precision == "fp32":
             return self.model.propagate(key, image)
         m: MPVSS = self.model  # type: ignore[assignment]
-        if image.shape != key.image.shape:
-            raise ValueError(f"frame canvas {tuple(image.shape)} differs from key frame {tuple(key.image.shape)}")
-        with self._autocast():
-            flows = m.estimate_flow(image, key.image, key.query_embeddings, key.valid_hw)
-        return warp_mask_logits(key.mask_logits.float(), flows.float(), m.warp_normalization)
+        return warp_mask_logits(key.mask_logits.float(), self.query_flows(key, image), m.warp_normalization)

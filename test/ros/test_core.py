@@ -474,6 +474,7 @@ def test_diagnostics_ok_with_rates_latency_and_key_frame_ratio(make_core, types)
     assert float(values["key-frame ratio"]) == pytest.approx(0.5)
     assert values["received"] == "10" and values["processed"] == "10" and values["published"] == "10"
     assert values["drop ratio"] == "0.000"
+    assert values["chain flow"] == "true"  # the default
 
 
 def test_diagnostics_warn_when_no_output(make_core, types):
@@ -612,6 +613,11 @@ def test_build_segmenter_follows_the_parameters(lite):
     seg = build_segmenter(validate({"propagator": "optical_flow", "optical_flow_preset": "medium",
                                     "optical_flow_scale": 1.0}), lite)
     assert (seg.propagator.preset, seg.propagator.flow_scale) == ("medium", 1.0)
+    assert seg.propagator.chain_flow is True  # the default
+    for prop in ("optical_flow", "query_flow"):
+        assert build_segmenter(validate({"propagator": prop, "chain_flow": False}), lite).propagator.chain_flow is False
+    with pytest.raises(ValueError, match="chain_flow"):
+        validate({"chain_flow": "sometimes"})
     with pytest.raises(ValueError, match="optical_flow_preset"):
         validate({"optical_flow_preset": "slow"})
 

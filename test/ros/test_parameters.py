@@ -38,7 +38,7 @@ SEGMENT_YAML = ROOT / "config" / "segment.yaml"
 
 EXPECTED_DEFAULTS = {
     "model": "mpvss_lite", "weights": "", "device": "cpu", "backend": "torch", "precision": "fp32",
-    "propagator": "query_flow", "optical_flow_preset": "fast", "optical_flow_scale": 0.5,
+    "propagator": "query_flow", "optical_flow_preset": "fast", "optical_flow_scale": 0.5, "chain_flow": True,
     "schedule": "adaptive", "scene_threshold": 0.5, "cut_threshold": 0.45, "min_interval": 1, "max_interval": 10,
     "max_gap_s": 1.0,
     "input_compressed": False, "input_reliability": "best_effort", "input_depth": 1, "max_frame_age_s": 0.5,

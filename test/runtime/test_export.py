@@ -216,6 +216,12 @@ def test_onnxruntime_backend_logits_close(lite, lite_small):
     assert (w.argmax(1) == w_ref.argmax(1)).float().mean() >= 0.999
     s, s_ref = semantic_scores(k.class_logits, w), semantic_scores(k_ref.class_logits, w_ref)
     assert torch.allclose(s, s_ref, atol=1e-3)
+    # a link of a chained flow: flows from the key frame's image into the other frame
+    with torch.no_grad():
+        f_ref = lite.model.query_flows(k_ref, imgs[0], imgs[1])
+    f = backend.query_flows(k, imgs[0], imgs[1])
+    assert f.shape == f_ref.shape and torch.allclose(f, f_ref, atol=1e-3)
+    assert not torch.allclose(f, backend.query_flows(k, imgs[1]), atol=1e-3)  # the reference really changed
 
 
 def test_onnxruntime_cpu_warps_in_torch_and_matches_the_whole_graph(lite_small, tmp_path):
@@ -251,6 +257,8 @@ def test_onnxruntime_cpu_warps_in_torch_and_matches_the_whole_graph(lite_small, 
     w_old = old_backend.propagate(old_backend.segment_key_frame(imgs[0], (96, 128)), imgs[1])
     assert old_backend._non_key_output[(96, 128)] == "warped_mask_logits"
     np.testing.assert_allclose(w_old.numpy(), w_graph, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="no 'flows' output.*re-export"):  # chained flow needs the flows
+        old_backend.query_flows(old_backend.segment_key_frame(imgs[0], (96, 128)), imgs[1], imgs[0])
 
 
 def test_backend_from_dir_wrong_size_is_clear(lite_small):

@@ -131,6 +131,12 @@ def test_tensorrt_backend_matches_torch(lite, tmp_path, precision, atol, agreeme
         assert (k.mask_logits - k_ref.mask_logits).abs().max() <= atol
         assert (w - w_ref).abs().max() <= atol
         assert (w.argmax(1) == w_ref.argmax(1)).float().mean() >= agreement
+        # a link of a chained flow: flows into another frame than the key frame, then the key frame again
+        with torch.no_grad():
+            f_ref = lite.model.query_flows(k_ref, imgs[0], imgs[1])
+        f = backend.query_flows(k, imgs[0], imgs[1])
+        assert f.shape == f_ref.shape and (f - f_ref).abs().max() <= atol
+        assert torch.equal(backend.propagate(k, imgs[1]), w)  # key_image holds the key frame again
         k_other = lite.model.segment_key_frame(imgs[1], (96, 128))  # a key state not made by the engine
         w_other = backend.propagate(k_other, imgs[0])
         assert (w_other - lite.model.propagate(k_other, imgs[0])).abs().max() <= atol
@@ -185,3 +191,8 @@ def test_onnxruntime_cuda_provider(lite, tmp_path):
         ref = lite.model.cpu().segment_key_frame(img, (64, 64))
     got = backend.segment_key_frame(img, (64, 64))
     assert (got.mask_logits - ref.mask_logits).abs().max() <= 1e-2
+    # the warp runs in the graph on CUDA; chained flow's links come from a second, flows-only session
+    other = torch.full((1, 3, 64, 64), 140.0)
+    with torch.no_grad():
+        f_ref = lite.model.query_flows(ref, other, img)
+    assert (backend.query_flows(got, other, img) - f_ref).abs().max() <= 1e-2
