@@ -24,17 +24,21 @@ from mpvss_ros.segmenter import VideoSegmenter
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
-def test_table_on_real_labels_reproduces_evaluate_sequence(camvid_val_dirs, lite_checkpoint):
+@pytest.mark.parametrize("chain_flow", [True, False])
+def test_table_on_real_labels_reproduces_evaluate_sequence(camvid_val_dirs, lite_checkpoint, chain_flow):
+    """Chained flow too: it passes through every frame between the key frame and the current one,
+    so it is still a function of the pair."""
     loaded = load_model(weights=lite_checkpoint)
     seq = load_sequence(*camvid_val_dirs, limit=10)
-    table = build_pair_table(loaded, seq.images, "query_flow", seq.labels, horizon=4, fps=seq.fps)
+    table = build_pair_table(loaded, seq.images, "query_flow", seq.labels, horizon=4, fps=seq.fps,
+                             chain_flow=chain_flow)
     assert table.conf.shape == (10, 5, 11, 11) and table.reference == "labels"
     assert table.propagator == "query_flow" and table.horizon == 4 and table.frames == 10
     adaptive = AdaptiveScheduler(0.15, max_interval=4, max_gap_s=math.inf)
     keys = schedule_key_frames(adaptive, seq.images, seq.fps)
     assert len(set(np.diff(keys))) > 1, keys  # irregular spacing (measured: 0, 2, 4, 6, 9)
     for sched in (FixedIntervalScheduler(2), FixedIntervalScheduler(5), adaptive):
-        ran = evaluate_sequence(loaded, seq, "query_flow", sched)
+        ran = evaluate_sequence(loaded, seq, "query_flow", sched, chain_flow=chain_flow)
         scored = table.score(schedule_key_frames(sched, seq.images, seq.fps))
         assert scored["key_frames"] == ran["key_frames"]
         for k in ("mIoU", "fwIoU", "pACC", "mACC", "IoU", "pixels"):
