@@ -256,7 +256,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         _scheduler(args)
     flow_opts = {"optical_flow_preset": args.optical_flow_preset, "optical_flow_scale": args.optical_flow_scale}
-    chain = {"chain_flow": args.chain_flow}
     seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames)
     loaded, backend = load_model_and_backend(args)
     out = Path(args.out) if args.out else None
@@ -275,7 +274,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"wrote {out}/study.json, study.png")
         return 0
     sched = _scheduler(args)
-    result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts, **chain)
+    result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts,
+                               chain_flow=args.chain_flow)
     result.update(model=loaded.config.name, weights=str(loaded.weights) if loaded.weights else None, trained=loaded.trained)
     print(json.dumps({k: v for k, v in result.items() if k != "IoU"}))
     if out:

@@ -47,6 +47,20 @@ class KeyFrameState:
     mask_logits: Tensor
     query_embeddings: Tensor
 
+    def check_canvas(self, image: Tensor, reference: Tensor | None = None) -> None:
+        """Check that a frame (and the frame its flow points into) lie on this key frame's canvas.
+
+        Args:
+            image: (1, 3, Hp, Wp) current frame.
+            reference: (1, 3, Hp, Wp) frame a flow is estimated into, or None.
+
+        Raises:
+            ValueError: a shape other than ``image``'s of the key frame.
+        """
+        for name, t in (("frame", image), ("reference frame", reference)):
+            if t is not None and t.shape != self.image.shape:
+                raise ValueError(f"{name} canvas {tuple(t.shape)} differs from key frame {tuple(self.image.shape)}")
+
 
 def valid_mask(hw_padded: tuple[int, int], valid_hw: tuple[int, int] | None, like: Tensor) -> Tensor | None:
     """(1, 1, Hp, Wp) mask of ones inside ``valid_hw`` and zeros in the padding; None if no padding."""
@@ -189,10 +203,8 @@ class MPVSS(nn.Module):
         Raises:
             ValueError: if ``image`` or ``reference`` is not on the key frame's canvas.
         """
+        key.check_canvas(image, reference)
         reference = key.image if reference is None else reference
-        for name, t in (("frame", image), ("reference frame", reference)):
-            if t.shape != key.image.shape:
-                raise ValueError(f"{name} canvas {tuple(t.shape)} differs from key frame {tuple(key.image.shape)}")
         return self.estimate_flow(image, reference, key.query_embeddings, key.valid_hw)
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:

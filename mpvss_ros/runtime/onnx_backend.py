@@ -198,9 +198,7 @@ class OnnxRuntimeBackend(Backend):
         return KeyFrameState(image=image, valid_hw=hw, class_logits=cls, mask_logits=masks, query_embeddings=queries)
 
     def _non_key_feeds(self, key: KeyFrameState, image: Tensor, reference: Tensor) -> dict[str, np.ndarray]:
-        for name, t in (("frame", image), ("reference frame", reference)):
-            if t.shape != key.image.shape:
-                raise ValueError(f"{name} canvas {tuple(t.shape)} differs from key frame {tuple(key.image.shape)}")
+        key.check_canvas(image, reference)
         _, _, padded = self._get(key.valid_hw)
         self._check_canvas(image, padded)
         return {
@@ -217,16 +215,11 @@ class OnnxRuntimeBackend(Backend):
         return torch.from_numpy(out)
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
-        if self._non_key_output[self._hw(key)] == "flows":
-            return warp_mask_logits(key.mask_logits, self.query_flows(key, image), self.cfg.input.warp_normalization)
-        feeds = self._non_key_feeds(key, image, key.image)
         _, non_key_sess, _ = self._get(key.valid_hw)
-        (out,) = non_key_sess.run(["warped_mask_logits"], feeds)
+        if self._non_key_output[key.valid_hw] == "flows":
+            return warp_mask_logits(key.mask_logits, self.query_flows(key, image), self.cfg.input.warp_normalization)
+        (out,) = non_key_sess.run(["warped_mask_logits"], self._non_key_feeds(key, image, key.image))
         return torch.from_numpy(out)
-
-    def _hw(self, key: KeyFrameState) -> tuple[int, int]:
-        self._get(key.valid_hw)
-        return (int(key.valid_hw[0]), int(key.valid_hw[1]))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threads": self.threads}

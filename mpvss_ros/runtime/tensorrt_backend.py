@@ -601,9 +601,7 @@ class TensorRTBackend(Backend):
 
     def _run_non_key(self, key: KeyFrameState, image: Tensor, reference: Tensor, output: str) -> Tensor:
         """Run the non-key engine on (image, reference) with the key frame's state; one output."""
-        for name, t in (("frame", image), ("reference frame", reference)):
-            if t.shape != key.image.shape:
-                raise ValueError(f"{name} canvas {tuple(t.shape)} differs from key frame {tuple(key.image.shape)}")
+        key.check_canvas(image, reference)
         _, non_key, _ = self._get(key.valid_hw)
         if output not in non_key.host:
             raise ValueError(f"the non-key engine has no {output!r} output (built from graphs exported before it "
