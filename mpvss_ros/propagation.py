@@ -16,8 +16,8 @@ is estimated to the previous frame only and composed with the previous frame's f
 frame (:func:`~mpvss_ros.nn.warp.compose_flows`), so the flow is always estimated over one frame,
 where it is most accurate; the masks are still warped once, from the key frame. Same cost per frame
 (one flow estimate, plus a composition on the flow grid). CamVid val clip, shipped weights, key
-interval 5 / 10: query flow 68.43 / 65.11 chained against 68.06 / 62.94 direct; DIS 69.19 / 66.41
-against 68.13 / 62.46 (``models/README.md``). Chaining needs the frames in order, each one
+interval 5 / 10: query flow 68.88 / 66.00 chained against 67.44 / 61.42 direct (68.06 / 62.94 direct
+with the motion input at 1/4); DIS 69.19 / 66.41 against 68.13 / 62.46 (``models/README.md``). Chaining needs the frames in order, each one
 propagated: a propagator follows the key frame it was last given and restarts its chain at a new
 key frame.
 
@@ -183,8 +183,9 @@ class OpticalFlowPropagator(Propagator):
             :data:`OPTICAL_FLOW_SCALE_RANGE` (0.1 <= s <= 1).
         preset: DIS preset, a key of :data:`DIS_PRESETS` (ignored by Farneback).
         grid_stride: when set, the flow is area-averaged onto a grid of ``ceil(H / stride) x
-            ceil(W / stride)`` cells of the (H, W) canvas before warping (16 = the lite motion
-            module's flow grid). A diagnostic: it tells whether the coarser flow grid of
+            ceil(W / stride)`` cells of the (H, W) canvas before warping (canvas pixels per cell,
+            may be fractional: the motion module's ``flow_stride``, 32/3 for ``mpvss_lite``,
+            gives its flow grid). A diagnostic: it tells whether the coarser flow grid of
             query-based flow, rather than the flow itself, limits accuracy.
         chain_flow: compose frame-to-frame flows (see the module docstring) instead of the
             paper's direct flow from the current frame to the key frame.
@@ -195,7 +196,7 @@ class OpticalFlowPropagator(Propagator):
 
     name = "optical_flow"
 
-    def __init__(self, method: str = "dis", flow_scale: float = 0.5, grid_stride: int | None = None,
+    def __init__(self, method: str = "dis", flow_scale: float = 0.5, grid_stride: float | None = None,
                  preset: str = "fast", chain_flow: bool = True) -> None:
         if method not in ("dis", "farneback"):
             raise ValueError(f"optical-flow method must be dis or farneback, got {method!r}")
@@ -256,7 +257,7 @@ class OpticalFlowPropagator(Propagator):
 
 def grid_hw(canvas_hw: tuple[int, int] | torch.Size, stride: float) -> tuple[int, int]:
     """(ceil(H / stride), ceil(W / stride)): cells of a flow grid with ``stride`` canvas pixels
-    per cell (e.g. the motion module's ``flow_stride``, 16.0 for ``mpvss_lite``)."""
+    per cell (e.g. the motion module's ``flow_stride``, 32/3 for ``mpvss_lite``)."""
     return math.ceil(int(canvas_hw[0]) / stride), math.ceil(int(canvas_hw[1]) / stride)
 
 

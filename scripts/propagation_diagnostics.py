@@ -118,7 +118,7 @@ def main() -> None:
     if not isinstance(model, MPVSS):
         raise SystemExit("the diagnostics need the torch model")
     canvas = tuple(loaded.config.input.size)
-    grid = int(round(model.motion.flow_stride))
+    grid = model.motion.flow_stride
     s = model.motion.image_scale
 
     rows: list[dict[str, Any]] = []

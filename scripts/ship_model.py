@@ -6,7 +6,9 @@
 
 The segmentor (backbone, pixel decoder, transformer decoder with its class/mask heads) comes from
 stage 1, the motion module from stage 2, and the configuration from stage 2's checkpoint (it
-carries the motion settings stage 2 trained with). Floating-point tensors are stored as float16.
+carries the motion settings stage 2 trained with), or from ``--model`` (a name or YAML file) for a
+setting that changes no weight shape, such as ``motion.image_scale`` at inference; the weights must
+then load into the model it describes, key for key. Floating-point tensors are stored as float16.
 The provenance in ``meta["training"]`` is read from the runs' ``options.json`` files, following
 ``init_checkpoint`` back to the first run (see models/README.md for the commands).
 """
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from mpvss_ros.checkpoints import read_checkpoint, read_state_dict, save_checkpoint
-from mpvss_ros.config import model_config_from_dict
+from mpvss_ros.config import load_model_config, model_config_from_dict
 from mpvss_ros.nn.mpvss import MPVSS
 from mpvss_ros.runtime.bench import hardware_info
 
@@ -64,15 +66,16 @@ def main() -> None:
     ap.add_argument("--segmentor", required=True, help="stage-1 checkpoint (segmentor and heads)")
     ap.add_argument("--motion", required=True, help="stage-2 checkpoint (motion module and config)")
     ap.add_argument("--out", default="models/mpvss_lite_camvid.pt")
+    ap.add_argument("--model", default=None, help="model name or YAML replacing the motion checkpoint's config")
     args = ap.parse_args()
     seg, mot = read_state_dict(args.segmentor), read_checkpoint(args.motion)
-    cfg = model_config_from_dict(mot.model_config)
+    cfg = load_model_config(args.model) if args.model else model_config_from_dict(mot.model_config)
     cfg.default_weights = "models/mpvss_lite_camvid.pt"
     model = MPVSS(cfg)
     model.load_state_dict({k: (mot.state_dict[k] if k.startswith("motion.") else seg[k]) for k in model.state_dict()})
     meta = {
         "model": cfg.name, "classes": cfg.class_names,
-        "segmentor_from": args.segmentor, "motion_from": args.motion,
+        "segmentor_from": args.segmentor, "motion_from": args.motion, "config_from": args.model or args.motion,
         "training": {"segmentor": run_chain(args.segmentor),
                      "motion": run_chain(args.motion, follow="init_motion", part="motion")},
         "data": "CamVid train (367 frames, SegNet split); stage 2 also pseudo-labelled solidWhiteRight.mp4 / bikes.mp4 pairs",

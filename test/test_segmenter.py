@@ -293,6 +293,10 @@ def test_pool_flow_keeps_a_constant_flow_in_grid_pixels():
     aniso = pool_flow(flow, (32, 10))  # y halves, x divides by 8
     np.testing.assert_allclose(aniso[0, 0], [3.0 / 8, -1.0], rtol=1e-6)
     assert grid_hw((480, 640), 16) == (30, 40) and grid_hw((360, 480), 16) == (23, 30)
+    # a fractional stride (the lite motion module's 32/3) gives the motion module's own flow grid
+    from mpvss_ros.nn.motion import flow_grid_size
+    for scale, hw in ((0.375, (480, 640)), (0.375, (96, 128)), (0.25, (480, 640)), (0.5, (360, 480))):
+        assert grid_hw(hw, 4 / scale) == flow_grid_size(scale, *hw), (scale, hw)
     with pytest.raises(ValueError, match="within"):
         pool_flow(flow, (65, 20))
     with pytest.raises(ValueError, match=r"\(h, w, 2\)"):

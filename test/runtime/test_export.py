@@ -119,10 +119,10 @@ def test_contract_lists_names_shapes(lite_small, lite):
     assert key["query_embeddings"]["shape"] == [1, n, c]
     nk = contract["graphs"]["non_key_frame"]
     assert [t["name"] for t in nk["inputs"]] == list(NON_KEY_INPUTS)
-    # flows on the motion grid: 96 x 128 at image_scale 0.25 -> 24 x 32 -> conv1, conv2 (stride 2) -> 6 x 8
-    assert cfg.motion.image_scale == 0.25
+    # flows on the motion grid: 96 x 128 at image_scale 0.375 -> 36 x 48 -> conv1, conv2 (stride 2) -> 9 x 12
+    assert cfg.motion.image_scale == 0.375
     assert {t["name"]: t["shape"] for t in nk["outputs"]} == {
-        "warped_mask_logits": [1, n, 24, 32], "scores": [1, k, 24, 32], "flows": [1, n, 2, 6, 8]}
+        "warped_mask_logits": [1, n, 24, 32], "scores": [1, k, 24, 32], "flows": [1, n, 2, 9, 12]}
     assert all(t["dtype"] == "float32" for g in contract["graphs"].values() for t in g["inputs"] + g["outputs"])
     assert contract["preprocess"]["pixel_mean"] == list(cfg.input.pixel_mean)
     assert contract["preprocess"]["pixel_std"] == list(cfg.input.pixel_std)

@@ -1,0 +1,80 @@
+"""scripts/ship_model.py: the shipped file takes the segmentor from stage 1, the motion module from
+stage 2, and the configuration from stage 2 or from ``--model``."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpvss_ros.checkpoints import read_checkpoint, save_checkpoint
+from mpvss_ros.config import load_model_config
+from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.mpvss import MPVSS
+
+
+def _ship_main():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
+    spec = importlib.util.spec_from_file_location("ship_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """(stage-1 file, stage-2 file at motion image_scale 0.25, the two models)."""
+    out = tmp_path_factory.mktemp("ship")
+    cfg = load_model_config("mpvss_lite")
+    stage2_cfg = dataclasses.replace(cfg, motion=dataclasses.replace(cfg.motion, image_scale=0.25))
+    torch.manual_seed(1)
+    seg = MPVSS(cfg)
+    torch.manual_seed(2)
+    mot = MPVSS(stage2_cfg)
+    save_checkpoint(out / "stage1.pt", seg, cfg.to_dict())
+    save_checkpoint(out / "stage2.pt", mot, stage2_cfg.to_dict())
+    return out / "stage1.pt", out / "stage2.pt", seg, mot
+
+
+def _ship(monkeypatch, stage1, stage2, out, *extra):
+    monkeypatch.setattr(sys, "argv", ["ship_model.py", "--segmentor", str(stage1), "--motion", str(stage2),
+                                      "--out", str(out), *extra])
+    _ship_main()()
+
+
+def _check_parts(path, seg, mot):
+    shipped = load_model(None, path).model.state_dict()
+    for k, v in shipped.items():
+        src = (mot if k.startswith("motion.") else seg).state_dict()[k]
+        assert torch.equal(v, src.half().float() if src.is_floating_point() else src), k
+
+
+def test_parts_and_config_from_stage_2(stages, tmp_path, monkeypatch):
+    stage1, stage2, seg, mot = stages
+    _ship(monkeypatch, stage1, stage2, tmp_path / "shipped.pt")
+    ck = read_checkpoint(tmp_path / "shipped.pt")
+    assert ck.model_config["motion"]["image_scale"] == 0.25
+    assert ck.meta["config_from"] == str(stage2) and ck.meta["stored_dtype"] == "float16"
+    _check_parts(tmp_path / "shipped.pt", seg, mot)
+
+
+def test_model_option_replaces_the_config(stages, tmp_path, monkeypatch):
+    stage1, stage2, seg, mot = stages
+    _ship(monkeypatch, stage1, stage2, tmp_path / "shipped.pt", "--model", "mpvss_lite")
+    ck = read_checkpoint(tmp_path / "shipped.pt")
+    want = load_model_config("mpvss_lite").motion.image_scale
+    assert want != 0.25 and ck.model_config["motion"]["image_scale"] == want
+    assert ck.meta["config_from"] == "mpvss_lite"
+    _check_parts(tmp_path / "shipped.pt", seg, mot)
+    assert load_model(None, tmp_path / "shipped.pt").model.motion.image_scale == want
+
+
+def test_model_option_that_changes_shapes_fails(stages, tmp_path, monkeypatch):
+    stage1, stage2, _, _ = stages
+    with pytest.raises((KeyError, RuntimeError)):
+        _ship(monkeypatch, stage1, stage2, tmp_path / "shipped.pt", "--model", "mpvss_r50")
+    assert not (tmp_path / "shipped.pt").exists()
