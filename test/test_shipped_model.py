@@ -26,6 +26,15 @@ def test_shipped_file_loads_weights_only_and_is_small():
     assert loaded.config.motion.image_scale == raw["model_config"]["motion"]["image_scale"]
 
 
+def test_shipped_config_is_the_committed_config():
+    """``--model mpvss_lite`` (config/models/mpvss_lite.yaml) and the file's own config describe the
+    same model: the card's figures hold whichever way the shipped weights are loaded."""
+    from mpvss_ros.config import load_model_config
+
+    raw = torch.load(SHIPPED, map_location="cpu", weights_only=True)
+    assert raw["model_config"] == load_model_config("mpvss_lite").to_dict()
+
+
 def test_shipped_model_per_frame_miou_on_five_val_frames(camvid_val_dirs):
     seq = load_sequence(*camvid_val_dirs, fps=15)
     idx = [0, 25, 50, 75, 100]
