@@ -17,9 +17,9 @@ frame (:func:`~mpvss_ros.nn.warp.compose_flows`), so the flow is always estimate
 where it is most accurate; the masks are still warped once, from the key frame. Same cost per frame
 (one flow estimate, plus a composition on the flow grid). CamVid val clip, shipped weights, key
 interval 5 / 10: query flow 68.88 / 66.00 chained against 67.44 / 61.42 direct (68.06 / 62.94 direct
-with the motion input at 1/4); DIS 69.19 / 66.41 against 68.13 / 62.46 (``models/README.md``). Chaining needs the frames in order, each one
-propagated: a propagator follows the key frame it was last given and restarts its chain at a new
-key frame.
+with the motion input at 1/4); DIS 69.19 / 66.41 against 68.13 / 62.46 (``models/README.md``).
+Chaining needs the frames in order, each one propagated: a propagator follows the key frame it was
+last given and restarts its chain at a new key frame.
 
 ``per_frame`` is not a propagator: it is the schedule ``fixed:1`` (every frame a key frame).
 """

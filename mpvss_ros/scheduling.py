@@ -31,9 +31,9 @@ spacing at 1 in 5 and 1 in 10 and is up to 0.45 below it at 1 in 2 and 3
 direct flow; with chained flow (the propagators' default, :mod:`mpvss_ros.propagation`), whose
 error grows more slowly with the distance to the key frame, the adaptive schedule is 0.05-0.20
 below uniform spacing at 1 in 2, 3 and 5 and 0.14 above it at 1 in 10 on that clip for query flow
-(and above direct flow with either schedule at 1 in 5 and 1 in 10). It stays the node's default for what uniform spacing
-cannot do: key hard cuts and follow a robot that stops and starts. The histogram term is
-insensitive to motion and follows lighting changes.
+(and above direct flow with either schedule at 1 in 5 and 1 in 10). It stays the node's default
+for what uniform spacing cannot do: key hard cuts and follow a robot that stops and starts. The
+histogram term is insensitive to motion and follows lighting changes.
 
 Hard cuts are a separate test (``cut_score >= cut_threshold``) rather than a large step of the
 scene score: a cut adds only 0.56-0.85 to the scene score, so with the scene score alone a threshold

@@ -37,6 +37,22 @@ def torch_single_thread():
 
 
 @pytest.fixture(scope="session")
+def load_script():
+    """A loader of this repository's ``scripts/<name>.py`` as a module (scripts are not a package):
+    ``load_script("schedule_table").main()`` runs it with the current ``sys.argv``."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def lite() -> LoadedModel:
     """``mpvss_lite`` as ``load_model`` gives it (untrained, seeded, unless weights are installed).
 

@@ -267,14 +267,11 @@ def test_evaluate_sequence_takes_a_propagator_instance(camvid_val_dirs, loaded):
     assert pooled["propagator"] == "optical_flow" and _pct_or_none(pooled["mIoU"])
 
 
-def test_propagation_diagnostics_script(camvid_val_dirs, lite_checkpoint, tmp_path, monkeypatch, capsys):
-    import importlib.util
+def test_propagation_diagnostics_script(camvid_val_dirs, lite_checkpoint, tmp_path, monkeypatch, capsys,
+                                        load_script):
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "propagation_diagnostics.py"
-    spec = importlib.util.spec_from_file_location("propagation_diagnostics", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("propagation_diagnostics")
     out = tmp_path / "diag.json"
     monkeypatch.setattr(sys, "argv", ["propagation_diagnostics.py", "--weights", str(lite_checkpoint),
                                       "--max-frames", "6", "--intervals", "2", "--gaps", "1", "--threads", "1",

@@ -151,10 +151,8 @@ def test_build_rejects_bad_arguments(lite, bikes_frames):
         build_pair_table(lite, bikes_frames[:2], "copy", labels=[np.zeros((272, 640), np.uint8)])
 
 
-def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, monkeypatch, capsys):
-    import importlib.util
+def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, monkeypatch, capsys, load_script):
     import sys
-    from pathlib import Path
 
     import cv2
     import torch
@@ -163,10 +161,7 @@ def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, monkeypa
     folder.mkdir()
     for i, frame in enumerate(bikes_frames[:6]):
         cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    path = Path(__file__).resolve().parents[1] / "scripts" / "schedule_table.py"
-    spec = importlib.util.spec_from_file_location("schedule_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("schedule_table")
     argv = ["schedule_table.py", "--clip", str(folder), "--fps", "25", "--weights", str(lite_checkpoint),
             "--propagators", "copy", "--horizon", "3", "--intervals", "2", "--oracle", "--thresholds", "0.5",
             "--cut-thresholds", "0.45,5", "--max-interval", "3", "--threads", "1", "--out", str(tmp_path / "tables")]
@@ -188,10 +183,8 @@ def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, monkeypa
     assert first.replace(f"wrote {table}\n", "") == second
 
 
-def test_schedule_table_script_cut_scores(bikes_frames, tmp_path, monkeypatch, capsys):
-    import importlib.util
+def test_schedule_table_script_cut_scores(bikes_frames, tmp_path, monkeypatch, capsys, load_script):
     import sys
-    from pathlib import Path
 
     import cv2
 
@@ -199,10 +192,7 @@ def test_schedule_table_script_cut_scores(bikes_frames, tmp_path, monkeypatch, c
     folder.mkdir()
     for i, frame in enumerate(bikes_frames[25:35]):  # the hard cut at frame 30 is frame 5 here
         cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    path = Path(__file__).resolve().parents[1] / "scripts" / "schedule_table.py"
-    spec = importlib.util.spec_from_file_location("schedule_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("schedule_table")
     monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", str(folder), "--fps", "25", "--cut-scores",
                                       "--threads", "1"])
     module.main()  # no --out, no model: cut scores only

@@ -4,9 +4,7 @@ stage 2, and the configuration from stage 2 or from ``--model``."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +13,6 @@ from mpvss_ros.checkpoints import read_checkpoint, save_checkpoint
 from mpvss_ros.config import load_model_config
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import MPVSS
-
-
-def _ship_main():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
-    spec = importlib.util.spec_from_file_location("ship_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +30,17 @@ def stages(tmp_path_factory):
     return out / "stage1.pt", out / "stage2.pt", seg, mot
 
 
-def _ship(monkeypatch, stage1, stage2, out, *extra):
-    monkeypatch.setattr(sys, "argv", ["ship_model.py", "--segmentor", str(stage1), "--motion", str(stage2),
-                                      "--out", str(out), *extra])
-    _ship_main()()
+@pytest.fixture()
+def ship(monkeypatch, load_script):
+    """Run scripts/ship_model.py: ``ship(stage1, stage2, out, *extra_args)``."""
+    main = load_script("ship_model").main
+
+    def run(stage1, stage2, out, *extra):
+        monkeypatch.setattr(sys, "argv", ["ship_model.py", "--segmentor", str(stage1), "--motion", str(stage2),
+                                          "--out", str(out), *extra])
+        main()
+
+    return run
 
 
 def _check_parts(path, seg, mot):
@@ -53,18 +50,18 @@ def _check_parts(path, seg, mot):
         assert torch.equal(v, src.half().float() if src.is_floating_point() else src), k
 
 
-def test_parts_and_config_from_stage_2(stages, tmp_path, monkeypatch):
+def test_parts_and_config_from_stage_2(stages, tmp_path, ship):
     stage1, stage2, seg, mot = stages
-    _ship(monkeypatch, stage1, stage2, tmp_path / "shipped.pt")
+    ship(stage1, stage2, tmp_path / "shipped.pt")
     ck = read_checkpoint(tmp_path / "shipped.pt")
     assert ck.model_config["motion"]["image_scale"] == 0.25
     assert ck.meta["config_from"] == str(stage2) and ck.meta["stored_dtype"] == "float16"
     _check_parts(tmp_path / "shipped.pt", seg, mot)
 
 
-def test_model_option_replaces_the_config(stages, tmp_path, monkeypatch):
+def test_model_option_replaces_the_config(stages, tmp_path, ship):
     stage1, stage2, seg, mot = stages
-    _ship(monkeypatch, stage1, stage2, tmp_path / "shipped.pt", "--model", "mpvss_lite")
+    ship(stage1, stage2, tmp_path / "shipped.pt", "--model", "mpvss_lite")
     ck = read_checkpoint(tmp_path / "shipped.pt")
     want = load_model_config("mpvss_lite").motion.image_scale
     assert want != 0.25 and ck.model_config["motion"]["image_scale"] == want
@@ -73,8 +70,8 @@ def test_model_option_replaces_the_config(stages, tmp_path, monkeypatch):
     assert load_model(None, tmp_path / "shipped.pt").model.motion.image_scale == want
 
 
-def test_model_option_that_changes_shapes_fails(stages, tmp_path, monkeypatch):
+def test_model_option_that_changes_shapes_fails(stages, tmp_path, ship):
     stage1, stage2, _, _ = stages
     with pytest.raises((KeyError, RuntimeError)):
-        _ship(monkeypatch, stage1, stage2, tmp_path / "shipped.pt", "--model", "mpvss_r50")
+        ship(stage1, stage2, tmp_path / "shipped.pt", "--model", "mpvss_r50")
     assert not (tmp_path / "shipped.pt").exists()
