@@ -60,6 +60,16 @@ def test_per_frame_reference_on_bikes(lite, bikes_frames):
     assert 0 < table.score([0, 3, 6])["pACC"] < 100.0  # copy does lose something across 2 frames
 
 
+def test_build_takes_a_ready_propagator(lite, bikes_frames):
+    """A propagator object gives the table its name gives (the ad-hoc variants of scripts/ pass one)."""
+    frames = bikes_frames[:6]
+    by_name = build_pair_table(lite, frames, "query_flow", horizon=3, fps=25.0)
+    ready = build_pair_table(lite, frames, build_propagator("query_flow", lite.model), horizon=3, fps=25.0)
+    assert ready.propagator == "query_flow"
+    np.testing.assert_array_equal(ready.conf, by_name.conf)
+    assert by_name.conf[:, 1:].sum() > 0
+
+
 def _run(loaded, frames, propagator, scheduler):
     seg = VideoSegmenter(loaded.model, build_propagator(propagator, loaded.model), scheduler, device=loaded.device)
     return [seg.push(f, i / 25.0) for i, f in enumerate(frames)]

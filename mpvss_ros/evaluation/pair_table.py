@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..model_loader import LoadedModel
-from ..propagation import build_propagator
+from ..propagation import Propagator, build_propagator
 from ..scheduling import FixedIntervalScheduler
 from ..segmenter import VideoSegmenter
 from .metrics import ConfusionMatrix
@@ -123,7 +123,7 @@ class PairTable:
                        [str(n) for n in z["class_names"]])
 
 
-def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagator: str,
+def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagator: str | Propagator,
                      labels: Sequence[np.ndarray] | None = None, horizon: int = 20, fps: float = 15.0,
                      backend: Any = None, optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5,
                      progress: bool = False, chain_flow: bool = True) -> PairTable:
@@ -138,7 +138,9 @@ def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagat
         images: T (H, W, 3) uint8 RGB frames in time order.
         propagator: a name of :data:`~mpvss_ros.propagation.PROPAGATORS`, with
             ``optical_flow_preset`` / ``optical_flow_scale`` for ``optical_flow`` and
-            ``chain_flow`` for both flow propagators (:func:`~mpvss_ros.propagation.build_propagator`).
+            ``chain_flow`` for both flow propagators (:func:`~mpvss_ros.propagation.build_propagator`);
+            or a ready :class:`~mpvss_ros.propagation.Propagator` (a variant under study, used for
+            every key frame in turn, last key frame first; the table takes its name).
         labels: T (H, W) integer label maps (values >= K ignored), or None to score against the
             model's own per-frame labels (``reference="per_frame"``).
         horizon: the longest key-frame distance kept (frames, >= 1).
@@ -155,7 +157,8 @@ def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagat
         raise ValueError(f"{len(labels)} label maps for {len(images)} frames")
     cfg = loaded.config
     model = backend if backend is not None else loaded.model
-    prop = build_propagator(propagator, model, optical_flow_preset, optical_flow_scale, chain_flow)
+    prop = (build_propagator(propagator, model, optical_flow_preset, optical_flow_scale, chain_flow)
+            if isinstance(propagator, str) else propagator)
     t_max, k_cls = len(images), cfg.num_classes
     conf = np.zeros((t_max, horizon + 1, k_cls, k_cls), dtype=np.int64)
     own: dict[int, np.ndarray] = {}  # per-frame labels of the key frames still within reach
