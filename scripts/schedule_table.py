@@ -2,6 +2,7 @@
 """Compare key-frame schedules on one clip exactly, from a pair table (mpvss_ros.evaluation.pair_table).
 
     PYTHONPATH=. python3 scripts/schedule_table.py --clip val --out runs/pair_tables --oracle --threads 2
+    PYTHONPATH=. python3 scripts/schedule_table.py --clip val --out runs/pair_tables --own-oracle --threads 2
     PYTHONPATH=. python3 scripts/schedule_table.py --clip bikes --out runs/pair_tables \\
         --thresholds 0.5,1,2 --cut-thresholds 0.45,5 --threads 2
     PYTHONPATH=. python3 scripts/schedule_table.py --clip bikes --cut-scores
@@ -15,7 +16,12 @@ propagators: chained flow unless ``--no-chain-flow``) and read back on later run
 For each key interval N it prints mIoU / pixel accuracy of ``fixed:N`` and of the adaptive
 schedule at the same key-frame count (the study's threshold search, ``max_interval`` 2N), and with
 ``--oracle`` the best schedule a local search finds with the reference in hand (an upper bound
-for any policy, not a policy). ``--thresholds`` adds adaptive schedules at the given thresholds
+for any policy, not a policy) and the three classes whose IoU it changes most. ``--own-oracle`` (a labelled clip) also builds the table against the
+model's own per-frame labels (``..._own.npz``), prints fixed and adaptive against that reference
+and runs the same local search on it: the schedule that best preserves what segmenting every
+frame would give, i.e. the goal of any scheduler that judges propagation quality without labels,
+is then scored against the labels, to tell whether that goal agrees with the labelled one on the
+clip. ``--thresholds`` adds adaptive schedules at the given thresholds
 (``max_interval`` from ``--max-interval``), once per ``--cut-thresholds`` value.
 
 ``--cut-scores`` prints the clip's cut scores (:meth:`~mpvss_ros.scheduling.SceneScorer.cut_scores`)
@@ -73,6 +79,13 @@ def print_cut_scores(name: str, frames: list, cut_threshold: float) -> None:
           + (f" (frame {int(np.flatnonzero(scores == rest.max())[0])})" if rest.size else ""))
 
 
+def class_gains(table: PairTable, keys: list[int], base: list[int], top: int = 3) -> str:
+    """The ``top`` classes whose IoU changes most from schedule ``base`` to ``keys`` (IoU points)."""
+    a, b = table.score(keys)["IoU"], table.score(base)["IoU"]
+    gains = {c: a[c] - b[c] for c in a if a[c] is not None and b[c] is not None}
+    return ", ".join(f"{c} {g:+.2f}" for c, g in sorted(gains.items(), key=lambda x: -abs(x[1]))[:top])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clip", default="val")
@@ -85,6 +98,8 @@ def main() -> None:
     ap.add_argument("--horizon", type=int, default=20, help="longest key-frame distance kept (frames)")
     ap.add_argument("--intervals", default="2,3,5,10")
     ap.add_argument("--oracle", action="store_true", help="also run the hindsight local search")
+    ap.add_argument("--own-oracle", action="store_true",
+                    help="labelled clip: also search against the model's own per-frame labels, score against the labels")
     ap.add_argument("--thresholds", default="", help="adaptive thresholds to score, comma-separated")
     ap.add_argument("--cut-thresholds", default=str(DEFAULT_CUT_THRESHOLD))
     ap.add_argument("--max-interval", type=int, default=10, help="max_interval for --thresholds")
@@ -97,6 +112,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     name, frames, labels, fps = load_clip(args.clip, args.fps)
+    if args.own_oracle and labels is None:
+        ap.error(f"--own-oracle needs a labelled clip; {name} has no labels")
     if args.cut_scores:
         print_cut_scores(name, frames, min(_floats(args.cut_thresholds)))
         return
@@ -106,20 +123,26 @@ def main() -> None:
     intervals = [int(n) for n in args.intervals.split(",")]
     print(f"clip {name}: {len(frames)} frames at {fps:g} fps, reference "
           f"{'labels' if labels is not None else 'per-frame predictions'}; mIoU / pixel accuracy")
-    for prop in args.propagators.split(","):
+
+    def table_for(prop: str, reference: list | None, suffix: str = "") -> PairTable:
+        nonlocal loaded
         mode = ("_chained" if args.chain_flow else "_direct") if prop in FLOW_PROPAGATORS else ""
-        path = out / f"{name}_{prop}{mode}.npz"
+        path = out / f"{name}_{prop}{mode}{suffix}.npz"
         if path.is_file():
-            table = PairTable.load(path)
-        else:
-            loaded = loaded or load_model(args.model, args.weights)
-            table = build_pair_table(loaded, frames, prop, labels, horizon=args.horizon, fps=fps, progress=True,
-                                     chain_flow=args.chain_flow)
-            table.save(path)
-            print(f"wrote {path}")
+            return PairTable.load(path)
+        loaded = loaded or load_model(args.model, args.weights)
+        table = build_pair_table(loaded, frames, prop, reference, horizon=args.horizon, fps=fps, progress=True,
+                                 chain_flow=args.chain_flow)
+        table.save(path)
+        print(f"wrote {path}")
+        return table
+
+    for prop in args.propagators.split(","):
+        table = table_for(prop, labels)
+        own = table_for(prop, None, "_own") if args.own_oracle else None
         t = table.frames
 
-        def fmt(keys: list[int]) -> str:
+        def fmt(keys: list[int], table: PairTable = table) -> str:
             try:
                 s = table.score(keys)
             except ValueError as exc:  # a gap longer than the table's horizon
@@ -134,8 +157,12 @@ def main() -> None:
                                            frames, fps)
             line = f"  1 in {n}: fixed {fmt(fixed)} | adaptive:{threshold:.4g} {fmt(adaptive)}"
             if args.oracle:
-                _, value = local_search(table, fixed, max_gap=2 * n)
-                line += f" | hindsight search from fixed {value:.2f}"
+                keys, value = local_search(table, fixed, max_gap=2 * n)
+                line += f" | hindsight search from fixed {value:.2f} ({class_gains(table, keys, fixed)})"
+            if own is not None:
+                own_keys, own_value = local_search(own, fixed, max_gap=2 * n)
+                line += (f"\n    against its own per-frame labels: fixed {fmt(fixed, own)} | adaptive {fmt(adaptive, own)}"
+                         f" | hindsight search {own_value:.2f}, its key frames against the labels {fmt(own_keys)}")
             print(line, flush=True)
         for threshold in _floats(args.thresholds):
             for cut in _floats(args.cut_thresholds):

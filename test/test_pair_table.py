@@ -212,3 +212,70 @@ def test_schedule_table_script_cut_scores(bikes_frames, tmp_path, monkeypatch, c
     monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", str(folder), "--fps", "25"])
     with pytest.raises(SystemExit):  # the pair tables need --out
         module.main()
+
+
+def test_schedule_table_own_oracle(bikes_frames, lite_checkpoint, tmp_path, monkeypatch, capsys, load_script):
+    """--own-oracle: a second table against the model's own labels, searched, then scored on the labels."""
+    import sys
+
+    import torch
+
+    module = load_script("schedule_table")
+    frames = bikes_frames[:6]
+    h, w = frames[0].shape[:2]
+    labels = [((np.arange(w)[None, :] // 80 + i + np.arange(h)[:, None] // 90) % 12).astype(np.uint8) for i in range(6)]
+    monkeypatch.setattr(module, "load_clip", lambda spec, fps: ("tiny", frames, labels, 25.0))
+    out = tmp_path / "tables"
+    monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", "tiny", "--weights", str(lite_checkpoint),
+                                      "--propagators", "copy", "--horizon", "3", "--intervals", "2", "--oracle",
+                                      "--own-oracle", "--threads", "1", "--out", str(out)])
+    before = torch.get_num_threads()
+    try:
+        module.main()
+    finally:
+        torch.set_num_threads(before)
+    text = capsys.readouterr().out
+    table, own = PairTable.load(out / "tiny_copy.npz"), PairTable.load(out / "tiny_copy_own.npz")
+    assert table.reference == "labels" and own.reference == "per_frame"
+    fixed = [0, 2, 4]
+    own_keys, own_value = local_search(own, fixed, max_gap=4)
+    expected = (f"against its own per-frame labels: fixed {own.score(fixed)['mIoU']:.2f} / "
+                f"{own.score(fixed)['pACC']:.2f} (3 key frames)")
+    assert expected in text, text
+    assert (f"hindsight search {own_value:.2f}, its key frames against the labels "
+            f"{table.score(own_keys)['mIoU']:.2f} / {table.score(own_keys)['pACC']:.2f} (3 key frames)") in text, text
+
+
+def test_schedule_table_own_oracle_needs_labels(bikes_frames, tmp_path, monkeypatch, load_script):
+    import sys
+
+    import cv2
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i, frame in enumerate(bikes_frames[:3]):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    module = load_script("schedule_table")
+    monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", str(folder), "--fps", "25", "--own-oracle",
+                                      "--out", str(tmp_path / "tables")])
+    with pytest.raises(SystemExit):
+        module.main()
+    assert not (tmp_path / "tables").exists()  # refused before any model or table
+
+
+def test_class_gains_names_the_largest_changes(load_script):
+    module = load_script("schedule_table")
+    conf = np.zeros((4, 3, 3, 3), np.int64)
+    for k in range(4):
+        for d in range(3):
+            conf[k, d] = np.diag([10, 10, 10])
+    conf[1, 1] = [[5, 5, 0], [0, 10, 0], [0, 0, 10]]  # frame 2 from key 1: half of class a taken for b
+    conf[2, 1] = [[10, 0, 0], [0, 10, 0], [0, 2, 8]]  # frame 3 from key 2: class c loses a little
+    table = PairTable(conf, "copy", "labels", ["a", "b", "c"])
+    # key frames [0, 2]: frame 3 from key 2 (c: TP 38 of 40, b: 2 false positives);
+    # [0, 1]: frame 2 from key 1 (a: TP 35 of 40, b: 5 false positives), frame 3 from key 1 exact
+    a = 100 * 35 / 40 - 100.0
+    b = 100 * 40 / 45 - 100 * 40 / 42
+    c = 100.0 - 100 * 38 / 40
+    assert module.class_gains(table, [0, 1], [0, 2], top=3) == f"a {a:+.2f}, b {b:+.2f}, c {c:+.2f}"
+    assert module.class_gains(table, [0, 1], [0, 2], top=1) == f"a {a:+.2f}"
