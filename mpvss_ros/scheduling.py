@@ -31,7 +31,10 @@ spacing at 1 in 5 and 1 in 10 and is up to 0.45 below it at 1 in 2 and 3
 direct flow; with chained flow (the propagators' default, :mod:`mpvss_ros.propagation`), whose
 error grows more slowly with the distance to the key frame, the adaptive schedule is 0.05-0.20
 below uniform spacing at 1 in 2, 3 and 5 and 0.14 above it at 1 in 10 on that clip for query flow
-(and above direct flow with either schedule at 1 in 5 and 1 in 10). It stays the node's default
+(and above direct flow with either schedule at 1 in 5 and 1 in 10). Aiming at the per-frame
+segmentation does not help there either: the schedule that best preserves it, found by a local search
+with it in hand, also scores below uniform spacing against the labels at 1 in 2, 3 and 5
+(``scripts/schedule_table.py --own-oracle``, ``models/README.md``). It stays the node's default
 for what uniform spacing cannot do: key hard cuts and follow a robot that stops and starts. The
 histogram term is insensitive to motion and follows lighting changes.
 
