@@ -52,6 +52,40 @@ def load_script():
     return load
 
 
+@pytest.fixture()
+def run_script(monkeypatch, capsys):
+    """A runner of a loaded script's ``main()``: ``run_script(module, *args)`` sets ``sys.argv``,
+    runs it, restores torch's thread count (the scripts set it from ``--threads``) and returns
+    what it printed."""
+    import sys
+
+    def run(module, *args: str) -> str:
+        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *args])
+        before = torch.get_num_threads()
+        try:
+            module.main()
+        finally:
+            torch.set_num_threads(before)
+        return capsys.readouterr().out
+
+    return run
+
+
+@pytest.fixture()
+def frame_folder(tmp_path):
+    """A writer of RGB frames as a folder of PNG images (``000.png``, ...) under ``tmp_path / "clip"``,
+    the image-folder clip the scripts' ``--clip`` takes; returns the folder."""
+
+    def write(frames) -> Path:
+        folder = tmp_path / "clip"
+        folder.mkdir()
+        for i, frame in enumerate(frames):
+            assert cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        return folder
+
+    return write
+
+
 @pytest.fixture(scope="session")
 def lite() -> LoadedModel:
     """``mpvss_lite`` as ``load_model`` gives it (untrained, seeded, unless weights are installed).

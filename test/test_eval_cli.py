@@ -267,21 +267,11 @@ def test_evaluate_sequence_takes_a_propagator_instance(camvid_val_dirs, loaded):
     assert pooled["propagator"] == "optical_flow" and _pct_or_none(pooled["mIoU"])
 
 
-def test_propagation_diagnostics_script(camvid_val_dirs, lite_checkpoint, tmp_path, monkeypatch, capsys,
-                                        load_script):
-    import sys
-
+def test_propagation_diagnostics_script(camvid_val_dirs, lite_checkpoint, tmp_path, load_script, run_script):
     module = load_script("propagation_diagnostics")
     out = tmp_path / "diag.json"
-    monkeypatch.setattr(sys, "argv", ["propagation_diagnostics.py", "--weights", str(lite_checkpoint),
-                                      "--max-frames", "6", "--intervals", "2", "--gaps", "1", "--threads", "1",
-                                      "--out", str(out)])
-    before = torch.get_num_threads()
-    try:
-        module.main()
-    finally:
-        torch.set_num_threads(before)
-    printed = capsys.readouterr().out
+    printed = run_script(module, "--weights", str(lite_checkpoint), "--max-frames", "6", "--intervals", "2",
+                         "--gaps", "1", "--threads", "1", "--out", str(out))
     d = json.loads(out.read_text())
     names = [r["propagator"] for r in d["rows"]]
     assert names == ["copy", "query_flow", "query_flow/pixel_flow", "optical_flow/dis@0.5",

@@ -161,29 +161,14 @@ def test_build_rejects_bad_arguments(lite, bikes_frames):
         build_pair_table(lite, bikes_frames[:2], "copy", labels=[np.zeros((272, 640), np.uint8)])
 
 
-def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, monkeypatch, capsys, load_script):
-    import sys
-
-    import cv2
-    import torch
-
-    folder = tmp_path / "clip"
-    folder.mkdir()
-    for i, frame in enumerate(bikes_frames[:6]):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, load_script, run_script, frame_folder):
+    folder = frame_folder(bikes_frames[:6])
     module = load_script("schedule_table")
-    argv = ["schedule_table.py", "--clip", str(folder), "--fps", "25", "--weights", str(lite_checkpoint),
-            "--propagators", "copy", "--horizon", "3", "--intervals", "2", "--oracle", "--thresholds", "0.5",
-            "--cut-thresholds", "0.45,5", "--max-interval", "3", "--threads", "1", "--out", str(tmp_path / "tables")]
-    monkeypatch.setattr(sys, "argv", argv)
-    before = torch.get_num_threads()
-    try:
-        module.main()
-        first = capsys.readouterr().out
-        module.main()  # reads the table back instead of building it again
-        second = capsys.readouterr().out
-    finally:
-        torch.set_num_threads(before)
+    args = ["--clip", str(folder), "--fps", "25", "--weights", str(lite_checkpoint), "--propagators", "copy",
+            "--horizon", "3", "--intervals", "2", "--oracle", "--thresholds", "0.5", "--cut-thresholds", "0.45,5",
+            "--max-interval", "3", "--threads", "1", "--out", str(tmp_path / "tables")]
+    first = run_script(module, *args)
+    second = run_script(module, *args)  # reads the table back instead of building it again
     table = tmp_path / "tables" / "clip_copy.npz"
     assert f"wrote {table}" in first and "wrote" not in second
     assert PairTable.load(table).conf.shape == (6, 4, 11, 11)
@@ -193,48 +178,28 @@ def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, monkeypa
     assert first.replace(f"wrote {table}\n", "") == second
 
 
-def test_schedule_table_script_cut_scores(bikes_frames, tmp_path, monkeypatch, capsys, load_script):
-    import sys
-
-    import cv2
-
-    folder = tmp_path / "clip"
-    folder.mkdir()
-    for i, frame in enumerate(bikes_frames[25:35]):  # the hard cut at frame 30 is frame 5 here
-        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+def test_schedule_table_script_cut_scores(bikes_frames, tmp_path, load_script, run_script, frame_folder):
+    folder = frame_folder(bikes_frames[25:35])  # the hard cut at frame 30 is frame 5 here
     module = load_script("schedule_table")
-    monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", str(folder), "--fps", "25", "--cut-scores",
-                                      "--threads", "1"])
-    module.main()  # no --out, no model: cut scores only
-    out = capsys.readouterr().out
+    out = run_script(module, "--clip", str(folder), "--fps", "25", "--cut-scores", "--threads", "1")
+    # no --out, no model: cut scores only
     assert "10 frames; cut score >= 0.45 at 5 (0.676)" in out, out
     assert "highest of the other frames: 0." in out and not (tmp_path / "tables").exists()
-    monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", str(folder), "--fps", "25"])
     with pytest.raises(SystemExit):  # the pair tables need --out
-        module.main()
+        run_script(module, "--clip", str(folder), "--fps", "25")
 
 
-def test_schedule_table_own_oracle(bikes_frames, lite_checkpoint, tmp_path, monkeypatch, capsys, load_script):
+def test_schedule_table_own_oracle(bikes_frames, lite_checkpoint, tmp_path, monkeypatch, load_script, run_script):
     """--own-oracle: a second table against the model's own labels, searched, then scored on the labels."""
-    import sys
-
-    import torch
-
     module = load_script("schedule_table")
     frames = bikes_frames[:6]
     h, w = frames[0].shape[:2]
     labels = [((np.arange(w)[None, :] // 80 + i + np.arange(h)[:, None] // 90) % 12).astype(np.uint8) for i in range(6)]
     monkeypatch.setattr(module, "load_clip", lambda spec, fps: ("tiny", frames, labels, 25.0))
     out = tmp_path / "tables"
-    monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", "tiny", "--weights", str(lite_checkpoint),
-                                      "--propagators", "copy", "--horizon", "3", "--intervals", "2", "--oracle",
-                                      "--own-oracle", "--threads", "1", "--out", str(out)])
-    before = torch.get_num_threads()
-    try:
-        module.main()
-    finally:
-        torch.set_num_threads(before)
-    text = capsys.readouterr().out
+    text = run_script(module, "--clip", "tiny", "--weights", str(lite_checkpoint), "--propagators", "copy",
+                      "--horizon", "3", "--intervals", "2", "--oracle", "--own-oracle", "--threads", "1",
+                      "--out", str(out))
     table, own = PairTable.load(out / "tiny_copy.npz"), PairTable.load(out / "tiny_copy_own.npz")
     assert table.reference == "labels" and own.reference == "per_frame"
     fixed = [0, 2, 4]
@@ -246,20 +211,11 @@ def test_schedule_table_own_oracle(bikes_frames, lite_checkpoint, tmp_path, monk
             f"{table.score(own_keys)['mIoU']:.2f} / {table.score(own_keys)['pACC']:.2f} (3 key frames)") in text, text
 
 
-def test_schedule_table_own_oracle_needs_labels(bikes_frames, tmp_path, monkeypatch, load_script):
-    import sys
-
-    import cv2
-
-    folder = tmp_path / "clip"
-    folder.mkdir()
-    for i, frame in enumerate(bikes_frames[:3]):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    module = load_script("schedule_table")
-    monkeypatch.setattr(sys, "argv", ["schedule_table.py", "--clip", str(folder), "--fps", "25", "--own-oracle",
-                                      "--out", str(tmp_path / "tables")])
+def test_schedule_table_own_oracle_needs_labels(bikes_frames, tmp_path, load_script, run_script, frame_folder):
+    folder = frame_folder(bikes_frames[:3])
     with pytest.raises(SystemExit):
-        module.main()
+        run_script(load_script("schedule_table"), "--clip", str(folder), "--fps", "25", "--own-oracle",
+                   "--out", str(tmp_path / "tables"))
     assert not (tmp_path / "tables").exists()  # refused before any model or table
 
 

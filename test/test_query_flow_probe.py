@@ -7,8 +7,6 @@ mean nothing: the bookkeeping is what is tested.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
@@ -53,27 +51,12 @@ def test_score_policy_and_its_bisection(probe_module):
     assert len(probe_module.match_score_policy(score, 4, 10, set())) == 4
 
 
-def test_script_reproduces_the_fixed_schedule(probe_module, bikes_frames, lite_checkpoint, tmp_path,
-                                              monkeypatch, capsys):
-    import cv2
-    import torch
-
-    folder = tmp_path / "clip"
-    folder.mkdir()
-    for i, frame in enumerate(bikes_frames[:6]):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+def test_script_reproduces_the_fixed_schedule(probe_module, bikes_frames, lite_checkpoint, run_script, frame_folder):
+    folder = frame_folder(bikes_frames[:6])
     common = ["--clip", str(folder), "--fps", "25", "--weights", str(lite_checkpoint), "--horizon", "3",
               "--intervals", "2", "--threads", "1"]
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.setattr(sys, "argv", ["query_flow_probe.py", *common])
-        probe_module.main()
-        out = capsys.readouterr().out
-        monkeypatch.setattr(sys, "argv", ["query_flow_probe.py", *common, "--rigid-prior", "all", "--rigid-weight", "0"])
-        probe_module.main()
-        rigid = capsys.readouterr().out
-    finally:
-        torch.set_num_threads(before)
+    out = run_script(probe_module, *common)
+    rigid = run_script(probe_module, *common, "--rigid-prior", "all", "--rigid-weight", "0")
     table = build_pair_table(load_model(weights=lite_checkpoint), bikes_frames[:6],  # PNG is lossless
                              "query_flow", horizon=3, fps=25.0)
     fixed = table.score([0, 2, 4])
