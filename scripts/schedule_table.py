@@ -16,13 +16,16 @@ propagators: chained flow unless ``--no-chain-flow``) and read back on later run
 For each key interval N it prints mIoU / pixel accuracy of ``fixed:N`` and of the adaptive
 schedule at the same key-frame count (the study's threshold search, ``max_interval`` 2N), and with
 ``--oracle`` the best schedule a local search finds with the reference in hand (an upper bound
-for any policy, not a policy) and the three classes whose IoU it changes most. ``--own-oracle`` (a labelled clip) also builds the table against the
-model's own per-frame labels (``..._own.npz``), prints fixed and adaptive against that reference
-and runs the same local search on it: the schedule that best preserves what segmenting every
-frame would give, i.e. the goal of any scheduler that judges propagation quality without labels,
-is then scored against the labels, to tell whether that goal agrees with the labelled one on the
-clip. ``--thresholds`` adds adaptive schedules at the given thresholds
-(``max_interval`` from ``--max-interval``), once per ``--cut-thresholds`` value.
+for any policy, not a policy) and the three classes whose IoU it changes most.
+
+``--own-oracle`` (a labelled clip) also builds the table against the model's own per-frame labels
+(``..._own.npz``), prints fixed and adaptive against that reference and runs the same local search
+on it. The schedule that best preserves what segmenting every frame would give, the goal of any
+scheduler that judges propagation quality without labels, is then scored against the labels: does
+that goal agree with the labelled one on the clip?
+
+``--thresholds`` adds adaptive schedules at the given thresholds (``max_interval`` from
+``--max-interval``), once per ``--cut-thresholds`` value.
 
 ``--cut-scores`` prints the clip's cut scores (:meth:`~mpvss_ros.scheduling.SceneScorer.cut_scores`)
 instead: every frame at or above the lowest ``--cut-thresholds`` value, and the highest score of
