@@ -241,6 +241,10 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_ratio(value: float | None) -> str:
+    return "  -  " if value is None else f"{value:.3f}"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.study import evaluate_sequence, key_interval_study, load_sequence, plot_study, row_label, write_json
     from .io.samples import camvid_annot_dir, camvid_dir
@@ -267,7 +271,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for r in study["rows"]:
             print(f"{r['mode']:8s} N={r['interval']:<3d} {row_label(r):22s} key ratio {r['key_frame_ratio']:.3f}  "
                   f"mIoU {r['mIoU']:6.2f}  fwIoU {r['fwIoU']:6.2f}  VC_8 {r['VC_8'] or float('nan'):6.2f}  "
-                  f"{r['mean_ms_per_frame']:7.1f} ms/frame")
+                  f"{r['mean_ms_per_frame']:7.1f} ms/frame  cost ratio {_fmt_ratio(r['cost_ratio'])} "
+                  f"(within run {_fmt_ratio(r['cost_ratio_within_run'])})")
         if out:
             write_json(study, out / "study.json")
             plot_study(study, out / "study.png")

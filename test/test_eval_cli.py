@@ -17,6 +17,7 @@ import torch
 
 from mpvss_ros.cli import main
 from mpvss_ros.evaluation.study import (
+    _cost_ratio_within_run,
     _count_key_frames,
     evaluate_sequence,
     load_sequence,
@@ -78,6 +79,8 @@ def test_eval_cli_writes_eval_json(camvid_val_dirs, lite_checkpoint, tmp_path, c
     assert Path(r["weights"]) == lite_checkpoint and r["model"] == "mpvss_lite"
     assert r["mean_ms_per_frame"] > 0
     assert r["median_ms_key_frame"] > 0 and r["median_ms_non_key_frame"] > 0
+    assert r["cost_ratio_within_run"] == pytest.approx(
+        (3 * r["median_ms_key_frame"] + 3 * r["median_ms_non_key_frame"]) / (6 * r["median_ms_key_frame"]))
     # the summary line on stdout is the same result without the per-class IoU
     line = next(ln for ln in captured.out.splitlines() if ln.startswith("{"))
     brief = json.loads(line)
@@ -133,12 +136,17 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
         assert a["schedule_settings"] == {"schedule": a["schedule"], "threshold": a["threshold"], "min_interval": 1,
                                           "max_interval": 4, "cut_threshold": 0.3, "max_gap_s": None}
         assert fixed[(2, p, c)]["schedule_settings"]["interval"] == 2
+        # cost against per-frame: two runs' means, and one run's own medians
+        for r in (fixed[(2, p, c)], a, fixed[(1, p, c)]):
+            assert r["cost_ratio"] == pytest.approx(r["mean_ms_per_frame"] / fixed[(1, "copy", None)]["mean_ms_per_frame"])
+        assert fixed[(1, p, c)]["cost_ratio_within_run"] == 1.0
     # one threshold for every propagator, so the same key frames
     assert len({a["threshold"] for a in adaptive.values()}) == 1
     assert len({a["key_frames"] for a in adaptive.values()}) == 1
     # a printed line per row, naming the flow mode
     lines = [ln for ln in captured.out.splitlines() if "key ratio" in ln]
     assert len(lines) == 15 and sum("query_flow (chained)" in ln for ln in lines) == 3
+    assert all("cost ratio" in ln and "(within run " in ln for ln in lines)
 
     png = out / "study.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -178,6 +186,13 @@ def test_copy_fixed1_equals_per_frame(camvid_val_dirs, loaded):
     for k in ("mIoU", "fwIoU", "pACC", "mACC", "IoU", "VC_8", "VC_16"):
         assert copy[k] == qf[k], k
     assert copy["median_ms_non_key_frame"] is None
+
+
+def test_cost_ratio_within_run_by_hand():
+    # medians 110 ms (key) and 21.5 ms (non-key): (3 x 110 + 4 x 21.5) / (7 x 110)
+    assert _cost_ratio_within_run([100.0, 120.0, 110.0], [20.0, 22.0, 21.0, 40.0]) == pytest.approx(416 / 770)
+    assert _cost_ratio_within_run([50.0, 70.0], []) == 1.0  # every frame a key frame: per-frame mode
+    assert _cost_ratio_within_run([], [10.0]) is None  # no key-frame cost to compare with
 
 
 def test_match_adaptive_threshold_hits_target(camvid_val_dirs):

@@ -98,8 +98,14 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
     Returns:
         ``{"mIoU", "fwIoU", "pACC", "mACC", "IoU" (per class), "VC_8", "VC_16"`` (percent),
         ``"key_frames", "key_frame_ratio", "mean_ms_per_frame", "median_ms_key_frame",
-        "median_ms_non_key_frame", "propagator", "propagator_settings", "schedule",
-        "schedule_settings"}``.
+        "median_ms_non_key_frame", "cost_ratio_within_run", "propagator", "propagator_settings",
+        "schedule", "schedule_settings"}``. Times are wall-clock ms of ``VideoSegmenter.push``.
+        ``cost_ratio_within_run`` is the schedule's cost relative to per-frame mode estimated from
+        this run alone: ``(key frames x median key-frame ms + other frames x median non-key ms)
+        / (frames x median key-frame ms)`` (1.0 when every frame is a key frame; None without a key
+        frame). Unlike a ratio of two runs' means it does not move with the machine's speed between
+        runs: on 2 shared CPU cores the per-frame mean has differed by 19 % from the key frames of
+        the interval-5 run of the same study (``models/README.md``, "Cost on an Intel machine").
     """
     cfg = loaded.config
     sched = parse_schedule(scheduler) if isinstance(scheduler, str) else scheduler
@@ -133,8 +139,19 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
         "mean_ms_per_frame": float(np.mean(times)),
         "median_ms_key_frame": float(np.median(key_times)) if key_times else None,
         "median_ms_non_key_frame": float(np.median(non_key_times)) if non_key_times else None,
+        "cost_ratio_within_run": _cost_ratio_within_run(key_times, non_key_times),
     })
     return out
+
+
+def _cost_ratio_within_run(key_times: Sequence[float], non_key_times: Sequence[float]) -> float | None:
+    """Mean cost per frame over the median key-frame cost, from medians of one run (see
+    :func:`evaluate_sequence`); None without a key frame."""
+    if not key_times:
+        return None
+    key = float(np.median(key_times))
+    non_key = float(np.median(non_key_times)) if non_key_times else 0.0
+    return (len(key_times) * key + len(non_key_times) * non_key) / ((len(key_times) + len(non_key_times)) * key)
 
 
 def _pct(v: float) -> float | None:
@@ -211,7 +228,9 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
 
     Returns:
         ``{"rows": [evaluate_sequence(...) + {"interval": N, "mode": "fixed"|"adaptive",
-        "threshold": T}], "frames": T, "fps": ...}``.
+        "threshold": T, "cost_ratio": R}], "frames": T, "fps": ...}``, where ``cost_ratio`` is the
+        row's mean ms per frame over the per-frame row's (two runs; None without interval 1 in
+        ``intervals``); each row's ``cost_ratio_within_run`` estimates the same from its own run.
     """
     if adaptive:  # a bad cut threshold fails before the first (slow) row, not after
         AdaptiveScheduler(cut_threshold=cut_threshold)
@@ -245,6 +264,8 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
                                       chain_flow=bool(chain))
                 r.update(interval=n, mode="adaptive", threshold=threshold, target_key_frames=target, chain_flow=chain)
                 rows.append(r)
+    for r in rows:
+        r["cost_ratio"] = r["mean_ms_per_frame"] / per_frame["mean_ms_per_frame"] if per_frame else None
     return {"frames": len(seq.images), "fps": seq.fps, "model": loaded.config.name, "optical_flow": flow_opts,
             "weights": str(loaded.weights) if loaded.weights else None, "rows": rows}
 
