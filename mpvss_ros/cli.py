@@ -177,6 +177,8 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-motion", default=None,
                    help="start the motion module from this checkpoint's motion weights (warm start)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=list(d.crop), help=f"default {d.crop}")
+    p.add_argument("--chain-training", action="store_true",
+                   help="train video pairs through the chain of one-frame flows that chained propagation composes")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 

@@ -35,7 +35,7 @@ from ..evaluation.metrics import ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
-from ..nn.warp import warp_mask_logits
+from ..nn.warp import compose_flows, warp_mask_logits
 from ..propagation import QueryFlowPropagator
 from ..scheduling import FixedIntervalScheduler
 from ..segmenter import VideoSegmenter
@@ -70,6 +70,11 @@ class MotionTrainOptions:
             (``SyntheticMotion.travel_probability``; 0, the default, gives the similarity-only
             pairs of stage-2 run 5).
         max_gap: largest key-current distance of video pairs (frames).
+        chain_training: train video pairs d frames apart through the chain of d one-frame flows,
+            composed as chained propagation composes them at inference
+            (:func:`~mpvss_ros.nn.warp.compose_flows`), with the flow term on every link's DIS
+            target; CamVid and synthetic pairs stay one link (key -> current). False: every pair
+            is one direct flow, as the paper trains it.
         pseudo_label_confidence: video-target pixels below this confidence are ignored.
         num_points: points per mask in matcher and loss.
         val_every, val_frames: quick check of query_flow at key interval 5 on CamVid val frames
@@ -99,6 +104,7 @@ class MotionTrainOptions:
     synthetic_fraction: float = 0.0
     synthetic_travel: float = 0.0
     max_gap: int = 10
+    chain_training: bool = False
     pseudo_label_confidence: float = 0.5
     num_points: int = 12544
     val_every: int = 500
@@ -154,6 +160,53 @@ def _quick_val(model: MPVSS, frames: list[np.ndarray], labels: list[np.ndarray])
     return {"mIoU_interval5": 100 * cm.miou()}
 
 
+def _flow_l1(motion_out: Any, sel: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The flow term of one link: mean L1 of the pixel-wise flow and of every query's flow against
+    the (B, 2, h, w) ``target`` on the samples ``sel`` (B bools), in flow-grid pixels."""
+    flows = motion_out.flows
+    gh, gw = flows.shape[-2:]
+    tgt = target[sel][..., :gh, :gw]
+    return (motion_out.pixel_flow[sel] - tgt).abs().mean() + (flows[sel] - tgt[:, None]).abs().mean()
+
+
+def _chained_flows(model: MPVSS, samples: list[Any], query_init: torch.Tensor, crop: tuple[int, int],
+                   pad: Any) -> tuple[torch.Tensor, list[tuple[Any, torch.Tensor, torch.Tensor]]]:
+    """Flows key <- current through each sample's chain of one-frame links (``chain_training``).
+
+    Link j estimates the flow from frame j + 1 to frame j of every sample (frame 0 = key frame,
+    frame d = current frame, d = ``frames_apart``) and composes it onto the flow so far as
+    :class:`~mpvss_ros.propagation.FlowChain` does at inference. A sample with fewer links than
+    the batch's longest keeps its composed flow after its last link (the extra links see its
+    current frame twice and are masked out of the result and of the flow term).
+
+    Returns:
+        flows (B, N, 2, h, w) current -> key, and per link ``(motion output, B bools: which
+        samples have a flow target for it, (B, 2, h, w) targets)``.
+    """
+    d = [s.frames_apart for s in samples]
+
+    def frame(s: Any, di: int, j: int) -> torch.Tensor:
+        return s.key if j == 0 else (s.links[j - 1] if j < di else s.current)
+
+    seq = [pad(torch.stack([frame(s, di, j) for s, di in zip(samples, d)]), 0.0) for j in range(max(d) + 1)]
+    flows: torch.Tensor | None = None
+    links = []
+    for j in range(max(d)):
+        motion_out = model.motion(seq[j + 1], seq[j], query_init, image_size=crop)
+        active = torch.tensor([j < di for di in d])
+        flows = motion_out.flows if flows is None else torch.where(
+            active.view(-1, 1, 1, 1, 1), compose_flows(flows, motion_out.flows), flows)
+        targets, sel = [], []
+        for s, di in zip(samples, d):
+            if s.link_flows is not None and j < di:
+                targets.append(s.link_flows[j]), sel.append(True)
+            else:  # a one-link pair's own target (synthetic), or none
+                targets.append(s.flow), sel.append(j == 0 and s.has_flow and s.link_flows is None)
+        links.append((motion_out, torch.tensor(sel), torch.stack(targets)))
+    assert flows is not None
+    return flows, links
+
+
 def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> MotionTrainResult:
     """Stage-2 training (see the module docstring). Writes ``checkpoint_last.pt`` and, at the end
     of the schedule, ``model_final.pt`` in this project's checkpoint format.
@@ -206,7 +259,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     pairs = FramePairs(train_dir, train_annot, clips, crop=opts.crop, flow_stride=model.motion.flow_stride,
                        max_gap=opts.max_gap, video_fraction=opts.video_fraction, num_classes=cfg.num_classes,
                        seed=opts.seed, synthetic_fraction=opts.synthetic_fraction,
-                       synthetic_motion=synthetic_motion)
+                       synthetic_motion=synthetic_motion, chain=opts.chain_training)
     log.info("%d CamVid pairs, %d video pairs, synthetic fraction %.2f (camera travel in %.2f of them)",
              len(pairs.camvid), len(pairs.video), opts.synthetic_fraction, opts.synthetic_travel)
 
@@ -301,21 +354,23 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             targets = semantic_batch_to_targets(labels, cfg.num_classes, IGNORE_INDEX)
 
             out = model.forward_segmentor(key, valid_hw=opts.crop)  # grads reach only the heads
-            motion_out = model.motion(cur, key, out.query_embeddings.detach().transpose(0, 1), image_size=opts.crop)
-            flows = motion_out.flows
+            query_init = out.query_embeddings.detach().transpose(0, 1)
+            if max(s.frames_apart for s in samples) == 1:  # one direct flow per pair
+                motion_out = model.motion(cur, key, query_init, image_size=opts.crop)
+                flows, links = motion_out.flows, [(motion_out, has_flow, flow_t)]
+            else:
+                flows, links = _chained_flows(model, samples, query_init, opts.crop, pad)
             warp = lambda m: warp_mask_logits(m, flows, cfg.input.warp_normalization)  # noqa: E731
             warped = DecoderOutput(out.class_logits, warp(out.mask_logits), out.query_embeddings,
                                    out.aux_class_logits, [warp(m) for m in out.aux_mask_logits])
             losses = criterion(warped, targets)
             loss = losses["loss"]
             flow_loss = torch.zeros(())
-            if opts.flow_weight > 0 and bool(has_flow.any()):
-                sel = has_flow
-                gh, gw = flows.shape[-2:]
-                tgt = flow_t[sel][..., :gh, :gw]
-                flow_loss = (motion_out.pixel_flow[sel] - tgt).abs().mean() + \
-                    (flows[sel] - tgt[:, None]).abs().mean()
-                loss = loss + opts.flow_weight * flow_loss
+            if opts.flow_weight > 0:
+                terms = [_flow_l1(*link) for link in links if bool(link[1].any())]
+                if terms:
+                    flow_loss = torch.stack(terms).mean()
+                    loss = loss + opts.flow_weight * flow_loss
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"non-finite loss at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -330,7 +385,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
                    "loss_flow": float(flow_loss.detach()), "loss_ce": float(losses["loss_ce"].detach()),
                    "loss_dice": float(losses["loss_dice"].detach()), "grad_norm": gnorm,
                    "lr": optimizer.param_groups[0]["lr"], "video_pairs": sum(s.source == "video" for s in samples),
-                   "synthetic_pairs": sum(s.source == "synthetic" for s in samples), "sec_per_step": round(dt, 4)}
+                   "synthetic_pairs": sum(s.source == "synthetic" for s in samples), "links": len(links),
+                   "sec_per_step": round(dt, 4)}
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
             result.losses.append(rec["loss"])

@@ -67,6 +67,12 @@ class PairSample:
         flow: (2, H/s, W/s) float32 DIS flow current -> key in flow-grid pixels (zeros if none).
         has_flow: whether ``flow`` is a real target.
         source: ``camvid``, ``video`` or ``synthetic``.
+        links: video pairs of a :class:`FramePairs` with ``chain=True`` only: (d - 1, 3, H, W)
+            float32, the frames strictly between the key frame and the current one (d frames
+            apart; empty for d = 1), augmented alike; else None.
+        link_flows: with ``links``: (d, 2, H/s, W/s) float32, the DIS target of every one-frame
+            link, ``link_flows[j]`` from frame j + 1 to frame j (frame 0 = the key frame, frame d =
+            the current one), as ``flow``; else None.
     """
 
     key: Tensor
@@ -75,6 +81,13 @@ class PairSample:
     flow: Tensor
     has_flow: bool
     source: str
+    links: Tensor | None = None
+    link_flows: Tensor | None = None
+
+    @property
+    def frames_apart(self) -> int:
+        """d: the number of one-frame links from the key frame to the current one (1 without ``links``)."""
+        return 1 if self.links is None else 1 + int(self.links.shape[0])
 
 
 def camvid_pairs(image_dir: str | Path, annot_dir: str | Path, both_orders: bool = True) -> list[tuple[Path, Path, Path]]:
@@ -143,6 +156,10 @@ class FramePairs:
         synthetic_motion: ranges of the synthetic motion (pixels of the crop).
         scale, flip, color_jitter: augmentation as stage 1.
         seed: base seed; ``sample(step, i)`` is a pure function of (seed, step, i).
+        chain: video pairs also carry the frames between key and current and a DIS target per
+            one-frame link (``PairSample.links``, ``link_flows``), to train the flow through the
+            chain of one-frame flows that chained propagation composes; the rest of every sample
+            is the same as without it.
     """
 
     def __init__(self, camvid_image_dir: str | Path, camvid_annot_dir: str | Path,
@@ -150,7 +167,7 @@ class FramePairs:
                  flow_stride: float = 8.0, max_gap: int = 10, video_fraction: float = 0.5,
                  scale: Sequence[float] = (0.75, 1.5), flip: bool = True, color_jitter: bool = True,
                  num_classes: int = 11, seed: int = 0, synthetic_fraction: float = 0.0,
-                 synthetic_motion: SyntheticMotion = SyntheticMotion()) -> None:
+                 synthetic_motion: SyntheticMotion = SyntheticMotion(), chain: bool = False) -> None:
         if not 0.0 <= synthetic_fraction <= 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
         self.camvid = camvid_pairs(camvid_image_dir, camvid_annot_dir)
@@ -175,6 +192,7 @@ class FramePairs:
         self.scale, self.flip, self.color_jitter = scale, flip, color_jitter
         self.num_classes = num_classes
         self.seed = seed
+        self.chain = bool(chain)
 
     def sample(self, step: int, i: int) -> PairSample:
         """The i-th pair of a step's batch (deterministic given the seed)."""
@@ -186,20 +204,27 @@ class FramePairs:
         if rng.random() < self.video_fraction:
             c, k, t = self.video[int(rng.integers(len(self.video)))]
             frames, labels = self.clips[c]
-            key, cur, label, source = frames[k], frames[t], labels[t], "video"
+            sequence = frames[k:t + 1] if self.chain else [frames[k], frames[t]]
+            label, source = labels[t], "video"
         else:
             k_img, c_img, c_lab = self.camvid[int(rng.integers(len(self.camvid)))]
-            key = self._image(k_img)
             cur, label = self._labelled_frame(c_img, c_lab)
-            source = "camvid"
-        (key_a, cur_a), lab_a = augment_frames([key, cur], label, rng, self.crop, self.scale, self.flip,
-                                               self.color_jitter)
+            sequence, source = [self._image(k_img), cur], "camvid"
+        # the draws do not depend on the number of frames: key, current and label are the same with chain
+        seq_a, lab_a = augment_frames(sequence, label, rng, self.crop, self.scale, self.flip, self.color_jitter)
+        key_a, cur_a = seq_a[0], seq_a[-1]
+        links = link_flows = None
         if source == "video":
             flow, has_flow = dis_flow_target(cur_a, key_a, self.grid), True
+            if self.chain:
+                links = torch.stack([_chw(f) for f in seq_a[1:-1]]) if len(seq_a) > 2 else \
+                    torch.zeros((0, 3, *self.crop), dtype=torch.float32)
+                link_flows = torch.from_numpy(np.stack([dis_flow_target(seq_a[j + 1], seq_a[j], self.grid)
+                                                        for j in range(len(seq_a) - 1)]))
         else:
             flow, has_flow = np.zeros((2, *self.grid), np.float32), False
         return PairSample(_chw(key_a), _chw(cur_a), torch.from_numpy(np.ascontiguousarray(lab_a)).long(),
-                          torch.from_numpy(flow), has_flow, source)
+                          torch.from_numpy(flow), has_flow, source, links, link_flows)
 
     def _synthetic(self, rng: np.random.Generator) -> PairSample:
         img, lab = self.frames[int(rng.integers(len(self.frames)))]

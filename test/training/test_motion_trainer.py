@@ -241,3 +241,55 @@ def test_train_motion_resume_after_interruption_keeps_one_record_per_step(needs_
 def test_train_motion_resume_without_checkpoint_is_an_error(needs_data, lite_checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="resume"):
         train_motion(_options(tmp_path, lite_checkpoint, 2, resume=True))
+
+
+def _step_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_train_motion_chain_training_trains_through_the_links(needs_data, lite_checkpoint, tmp_path):
+    """chain_training: video pairs up to 3 frames apart are trained through their chain of
+    one-frame flows (the log counts the links of each step's longest chain)."""
+    opts = _options(tmp_path / "run", lite_checkpoint, 3)
+    opts.chain_training, opts.max_gap, opts.video_fraction, opts.val_every = True, 3, 1.0, 0
+    result = train_motion(opts)
+    records = _step_records(tmp_path / "run")
+    assert result.finished and all(np.isfinite(r["loss"]) and r["loss_flow"] > 0 for r in records)
+    assert max(r["links"] for r in records) > 1, records
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["chain_training"] is True
+    init, last = read_state_dict(lite_checkpoint), read_state_dict(tmp_path / "run" / "checkpoint_last.pt")
+    assert any(not torch.equal(init[k], last[k]) for k in init if k.startswith("motion."))
+
+
+def test_train_motion_chain_training_of_one_frame_pairs_is_the_direct_recipe(needs_data, lite_checkpoint, tmp_path):
+    """With pairs one frame apart every chain is one link: the same losses as without chain_training."""
+    runs = []
+    for chain in (False, True):
+        opts = _options(tmp_path / f"run_{chain}", lite_checkpoint, 2)
+        opts.chain_training, opts.max_gap, opts.val_every = chain, 1, 0
+        train_motion(opts)
+        runs.append(_step_records(tmp_path / f"run_{chain}"))
+    for a, b in zip(*runs):
+        assert a["links"] == b["links"] == 1
+        for k in ("loss", "loss_mask_criterion", "loss_flow"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6), (k, a, b)
+
+
+def test_cli_train_motion_options_reach_the_trainer(monkeypatch, tmp_path):
+    """``mpvss train motion`` flags, --chain-training included, become the trainer's options."""
+    import mpvss_ros.training.motion_trainer as mt
+    from mpvss_ros.cli import main
+
+    seen = {}
+
+    def fake_train(opts):
+        seen["opts"] = opts
+        return mt.MotionTrainResult(Path(opts.run_dir), 0, False, Path(opts.run_dir) / "x.pt")
+
+    monkeypatch.setattr(mt, "train_motion", fake_train)
+    assert main(["train", "motion", "--run-dir", str(tmp_path), "--init-checkpoint", "c.pt", "--chain-training",
+                 "--max-gap", "3", "--no-progress"]) == 0
+    opts = seen["opts"]
+    assert opts.chain_training is True and opts.max_gap == 3 and opts.progress is False
+    assert main(["train", "motion", "--run-dir", str(tmp_path), "--init-checkpoint", "c.pt"]) == 0
+    assert seen["opts"].chain_training is False

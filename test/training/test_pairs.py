@@ -311,3 +311,32 @@ def test_camvid_pair_sample_label_is_the_current_frames(camvid_train_dirs):
     lab = label[y:y + CROP[0], x:x + CROP[1]].astype(np.int64)
     lab[lab >= 11] = 255
     np.testing.assert_array_equal(s.label.numpy(), lab)
+
+
+def test_frame_pairs_chain_adds_the_links_and_changes_nothing_else(camvid_train_dirs, small_clip):
+    """chain=True: video samples carry the frames between key and current and a DIS target per
+    one-frame link; key, current, label and the direct flow are those of chain=False."""
+    img_dir, ann_dir = camvid_train_dirs
+    plain = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.7, seed=3)
+    chain = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.7, seed=3, chain=True)
+    seen = set()
+    for step in range(4):
+        for i in range(3):
+            a, b = plain.sample(step, i), chain.sample(step, i)
+            assert _equal(a, b), (step, i)
+            assert a.links is None and a.link_flows is None and a.frames_apart == 1
+            if b.source != "video":
+                assert b.links is None and b.link_flows is None and b.frames_apart == 1
+                continue
+            d = b.frames_apart
+            seen.add(d)
+            assert 1 <= d <= 3 and b.links.shape == (d - 1, 3, *CROP) and b.links.dtype == torch.float32
+            assert b.link_flows.shape == (d, 2, *chain.grid) and torch.isfinite(b.link_flows).all()
+            frames = [b.key, *b.links, b.current]
+            for j in range(d):  # each link's target is DIS between its two frames
+                expected = dis_flow_target(frames[j + 1].permute(1, 2, 0).numpy(), frames[j].permute(1, 2, 0).numpy(),
+                                           chain.grid)
+                np.testing.assert_allclose(b.link_flows[j].numpy(), expected, atol=1e-6)
+            if d == 1:
+                assert torch.equal(b.link_flows[0], b.flow)  # one link: the direct target
+    assert len(seen) >= 2, seen  # chains of more than one link were drawn
