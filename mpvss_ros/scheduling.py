@@ -29,8 +29,8 @@ frame in 2, 3 and 5 and level at 1 in 10 (previous release); the integrated drif
 spacing at 1 in 5 and 1 in 10 and is up to 0.45 below it at 1 in 2 and 3
 (``docs/study_mpvss_lite_camvid.json``, ``models/README.md``). Those figures are for the paper's
 direct flow; with chained flow (the propagators' default, :mod:`mpvss_ros.propagation`), whose
-error grows more slowly with the distance to the key frame, the adaptive schedule is 0.05-0.20
-below uniform spacing at 1 in 2, 3 and 5 and 0.14 above it at 1 in 10 on that clip for query flow
+error grows more slowly with the distance to the key frame, the adaptive schedule is 0.02-0.20
+below uniform spacing at 1 in 2, 3 and 5 and 0.22 above it at 1 in 10 on that clip for query flow
 (and above direct flow with either schedule at 1 in 5 and 1 in 10). Aiming at the per-frame
 segmentation does not help there either: the schedule that best preserves it, found by a local search
 with it in hand, also scores below uniform spacing against the labels at 1 in 2, 3 and 5
