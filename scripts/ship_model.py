@@ -27,7 +27,7 @@ from mpvss_ros.runtime.bench import hardware_info
 
 #: Options worth recording from a run's options.json.
 _KEEP = ("run_dir", "model", "steps", "batch_size", "crop", "scale", "lr", "head_lr_mult", "matcher", "flow_weight",
-         "video_fraction", "synthetic_fraction",
+         "video_fraction", "synthetic_fraction", "synthetic_travel", "max_gap", "chain_training",
          "init_checkpoint", "init_motion", "seed", "threads")
 
 
