@@ -12,6 +12,10 @@ the fused per-query flows towards OpenCV DIS optical flow (``flow_weight``; see
 :mod:`.pairs`), and, on optional synthetic pairs made from single CamVid frames under a known
 motion (``synthetic_fraction``, :mod:`.synthetic`), towards their exact flow. It only bootstraps
 the flow branch: the mask loss alone decides how each segment moves.
+
+With ``chain_training`` a video pair d frames apart is trained as chained propagation uses the
+flow: d one-frame flows, each from the key frame's queries, composed onto each other
+(:func:`~mpvss_ros.nn.warp.compose_flows`); the masks are warped once with the result.
 """
 
 from __future__ import annotations
@@ -196,12 +200,10 @@ def _chained_flows(model: MPVSS, samples: list[Any], query_init: torch.Tensor, c
         active = torch.tensor([j < di for di in d])
         flows = motion_out.flows if flows is None else torch.where(
             active.view(-1, 1, 1, 1, 1), compose_flows(flows, motion_out.flows), flows)
-        targets, sel = [], []
-        for s, di in zip(samples, d):
-            if s.link_flows is not None and j < di:
-                targets.append(s.link_flows[j]), sel.append(True)
-            else:  # a one-link pair's own target (synthetic), or none
-                targets.append(s.flow), sel.append(j == 0 and s.has_flow and s.link_flows is None)
+        # link j's flow target: a chained video pair's DIS target of that link; a one-link pair's
+        # own target (synthetic, exact flow) at j = 0; nothing otherwise
+        sel = [j < di if s.link_flows is not None else (j == 0 and s.has_flow) for s, di in zip(samples, d)]
+        targets = [s.link_flows[j] if s.link_flows is not None and j < di else s.flow for s, di in zip(samples, d)]
         links.append((motion_out, torch.tensor(sel), torch.stack(targets)))
     assert flows is not None
     return flows, links
