@@ -173,12 +173,14 @@ def _flow_l1(motion_out: Any, sel: torch.Tensor, target: torch.Tensor) -> torch.
     return (motion_out.pixel_flow[sel] - tgt).abs().mean() + (flows[sel] - tgt[:, None]).abs().mean()
 
 
-def _chained_flows(model: MPVSS, samples: list[Any], query_init: torch.Tensor, crop: tuple[int, int],
-                   pad: Any) -> tuple[torch.Tensor, list[tuple[Any, torch.Tensor, torch.Tensor]]]:
-    """Flows key <- current through each sample's chain of one-frame links (``chain_training``).
+def _chained_flows(model: MPVSS, samples: list[Any], key: torch.Tensor, query_init: torch.Tensor,
+                   crop: tuple[int, int], pad: Any) -> tuple[torch.Tensor, list[tuple[Any, torch.Tensor, torch.Tensor]]]:
+    """Flows key <- current through each sample's chain of one-frame links (``chain_training``);
+    a batch without ``links`` is one link, the direct flow current -> key of every pair.
 
-    Link j estimates the flow from frame j + 1 to frame j of every sample (frame 0 = key frame,
-    frame d = current frame, d = ``frames_apart``) and composes it onto the flow so far as
+    ``key`` is the batch's padded (B, 3, Hp, Wp) key frames, as the segmentor saw them. Link j
+    estimates the flow from frame j + 1 to frame j of every sample (frame 0 = key frame, frame d =
+    current frame, d = ``frames_apart``) and composes it onto the flow so far as
     :class:`~mpvss_ros.propagation.FlowChain` does at inference. A sample with fewer links than
     the batch's longest keeps its composed flow after its last link (the extra links see its
     current frame twice and are masked out of the result and of the flow term).
@@ -189,10 +191,10 @@ def _chained_flows(model: MPVSS, samples: list[Any], query_init: torch.Tensor, c
     """
     d = [s.frames_apart for s in samples]
 
-    def frame(s: Any, di: int, j: int) -> torch.Tensor:
-        return s.key if j == 0 else (s.links[j - 1] if j < di else s.current)
+    def frame(s: Any, di: int, j: int) -> torch.Tensor:  # frame j >= 1 of a sample d = di frames apart
+        return s.links[j - 1] if j < di else s.current
 
-    seq = [pad(torch.stack([frame(s, di, j) for s, di in zip(samples, d)]), 0.0) for j in range(max(d) + 1)]
+    seq = [key] + [pad(torch.stack([frame(s, di, j) for s, di in zip(samples, d)]), 0.0) for j in range(1, max(d) + 1)]
     flows: torch.Tensor | None = None
     links = []
     for j in range(max(d)):
@@ -200,8 +202,8 @@ def _chained_flows(model: MPVSS, samples: list[Any], query_init: torch.Tensor, c
         active = torch.tensor([j < di for di in d])
         flows = motion_out.flows if flows is None else torch.where(
             active.view(-1, 1, 1, 1, 1), compose_flows(flows, motion_out.flows), flows)
-        # link j's flow target: a chained video pair's DIS target of that link; a one-link pair's
-        # own target (synthetic, exact flow) at j = 0; nothing otherwise
+        # link j's flow target: a chained video pair's DIS target of that link; at j = 0 a one-link
+        # pair's own target (DIS for video pairs, the exact flow for synthetic ones); none for CamVid
         sel = [j < di if s.link_flows is not None else (j == 0 and s.has_flow) for s, di in zip(samples, d)]
         targets = [s.link_flows[j] if s.link_flows is not None and j < di else s.flow for s, di in zip(samples, d)]
         links.append((motion_out, torch.tensor(sel), torch.stack(targets)))
@@ -349,19 +351,13 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             t0 = time.perf_counter()
             samples = [pairs.sample(step, i) for i in range(opts.batch_size)]
             key = pad(torch.stack([s.key for s in samples]), 0.0)
-            cur = pad(torch.stack([s.current for s in samples]), 0.0)
             labels = pad(torch.stack([s.label for s in samples]), IGNORE_INDEX)
-            flow_t = torch.stack([s.flow for s in samples])
-            has_flow = torch.tensor([s.has_flow for s in samples])
             targets = semantic_batch_to_targets(labels, cfg.num_classes, IGNORE_INDEX)
 
             out = model.forward_segmentor(key, valid_hw=opts.crop)  # grads reach only the heads
-            query_init = out.query_embeddings.detach().transpose(0, 1)
-            if max(s.frames_apart for s in samples) == 1:  # one direct flow per pair
-                motion_out = model.motion(cur, key, query_init, image_size=opts.crop)
-                flows, links = motion_out.flows, [(motion_out, has_flow, flow_t)]
-            else:
-                flows, links = _chained_flows(model, samples, query_init, opts.crop, pad)
+            # one link per pair (the direct flow) unless chain_training gave video pairs several
+            flows, links = _chained_flows(model, samples, key, out.query_embeddings.detach().transpose(0, 1),
+                                          opts.crop, pad)
             warp = lambda m: warp_mask_logits(m, flows, cfg.input.warp_normalization)  # noqa: E731
             warped = DecoderOutput(out.class_logits, warp(out.mask_logits), out.query_embeddings,
                                    out.aux_class_logits, [warp(m) for m in out.aux_mask_logits])

@@ -215,12 +215,16 @@ class FramePairs:
         key_a, cur_a = seq_a[0], seq_a[-1]
         links = link_flows = None
         if source == "video":
-            flow, has_flow = dis_flow_target(cur_a, key_a, self.grid), True
+            has_flow = True
             if self.chain:
                 links = torch.stack([_chw(f) for f in seq_a[1:-1]]) if len(seq_a) > 2 else \
                     torch.zeros((0, 3, *self.crop), dtype=torch.float32)
-                link_flows = torch.from_numpy(np.stack([dis_flow_target(seq_a[j + 1], seq_a[j], self.grid)
-                                                        for j in range(len(seq_a) - 1)]))
+                per_link = [dis_flow_target(seq_a[j + 1], seq_a[j], self.grid) for j in range(len(seq_a) - 1)]
+                link_flows = torch.from_numpy(np.stack(per_link))
+                # one link is the pair itself: its target is the direct one, not computed twice
+                flow = per_link[0] if len(per_link) == 1 else dis_flow_target(cur_a, key_a, self.grid)
+            else:
+                flow = dis_flow_target(cur_a, key_a, self.grid)
         else:
             flow, has_flow = np.zeros((2, *self.grid), np.float32), False
         return PairSample(_chw(key_a), _chw(cur_a), torch.from_numpy(np.ascontiguousarray(lab_a)).long(),
