@@ -90,7 +90,8 @@ def frame_folder(tmp_path):
 def lite() -> LoadedModel:
     """``mpvss_lite`` as ``load_model`` gives it (untrained, seeded, unless weights are installed).
 
-    Tests using it must not depend on the weights; they must not modify the model either.
+    Tests using it must not depend on the weights; they must not modify the model either. (A
+    CPU ``TorchBackend`` built on it stores some of its modules channels-last: same values.)
     """
     return load_model("mpvss_lite")
 
