@@ -350,7 +350,7 @@ class VideoSegmenter:
         if self._score_resolution == "canvas":  # Mask2Former: upsample mask logits, then score
             masks = F.interpolate(mask_logits, size=lb.padded_hw, mode="bilinear", align_corners=False)
             scores = semantic_scores(class_logits, masks)
-        else:  # score on the mask grid, then upsample the K score maps
+        else:  # score on the mask grid, then resize the K score maps
             scores = semantic_scores(class_logits, mask_logits)
         # Resizing is linear, so the sum of the resized score maps is the resized sum: one map.
         total = _scores_to_input_size(scores[0].sum(dim=0, keepdim=True), lb)[:, :, 0]
