@@ -13,6 +13,8 @@ threads of a Xeon). ``mpvss_lite``, 2 threads, medians: backbone 81 -> 60 ms, pi
 NHWC features) 23 -> 12 ms, motion encoder 4.2 -> 3.5 ms; labels of 50 CamVid val frames equal
 on all but 1 pixel in 3.4 million. The masked-attention and motion decoders gained nothing, and
 converting the whole model made non-key frames slower, so only these two are converted.
+``mpvss_r50`` (untrained, one 480 x 640 frame, 5 runs): key frame 1333 -> 1288 ms, query flows
+113 -> 118 ms, about even.
 """
 
 from __future__ import annotations
