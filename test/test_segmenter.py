@@ -401,13 +401,10 @@ def test_check_frame_makes_contiguous():
 
 
 def _reference_resize(scores, lb):
-    """(1, C, h, w) scores on the canvas or the 1/4 mask grid -> (1, C, H, W): the frame's whole
-    cells cropped and resized once, else upsampled to the canvas, cropped and resized."""
-    cells = [r * n / p for r, n, p in zip(lb.resized_hw, scores.shape[-2:], lb.padded_hw)]
-    if not all(c.is_integer() for c in cells):
-        scores = F.interpolate(scores, size=lb.padded_hw, mode="bilinear", align_corners=False)
-        cells = lb.resized_hw
-    scores = scores[:, :, : int(cells[0]), : int(cells[1])]
+    """(1, C, h, w) scores on the canvas or the 1/4 mask grid -> (1, C, H, W): upsampled to the
+    padded canvas, cropped to the frame's area, resized to the input (Mask2Former's order)."""
+    scores = F.interpolate(scores, size=lb.padded_hw, mode="bilinear", align_corners=False)
+    scores = scores[:, :, : lb.resized_hw[0], : lb.resized_hw[1]]
     if tuple(scores.shape[-2:]) != lb.input_hw:
         scores = F.interpolate(scores, size=lb.input_hw, mode="bilinear", align_corners=False)
     return scores
@@ -419,7 +416,7 @@ def _reference_postprocess(class_logits, mask_logits, lb, score_resolution):
     if score_resolution == "canvas":   # Mask2Former: upsample mask logits, then score
         masks = F.interpolate(mask_logits, size=lb.padded_hw, mode="bilinear", align_corners=False)
         scores = torch.einsum("bnk,bnhw->bkhw", probs, masks.sigmoid())
-    else:                              # score on the mask grid, then resize the scores
+    else:                              # score on the mask grid, then upsample the scores
         scores = torch.einsum("bnk,bnhw->bkhw", probs, mask_logits.sigmoid())
     scores = _reference_resize(scores, lb)
     best, labels = scores[0].max(0)
@@ -453,13 +450,11 @@ def test_postprocess_chunked_equals_direct(make_band_model, num_classes, input_h
 
 
 @pytest.mark.parametrize("input_hw, canvas", [
-    ((75, 101), (48, 64)), ((21, 29), (48, 64)), ((50, 70), None),   # partial grid cells: two steps
-    ((36, 48), (48, 64)), ((30, 64), (48, 64)), ((360, 480), (480, 640)),  # whole cells: one step
+    ((75, 101), (48, 64)), ((21, 29), (48, 64)), ((50, 70), None), ((36, 48), (48, 64)), ((360, 480), (480, 640)),
 ])
 def test_score_resize_cv2_and_torch_paths_agree(input_hw, canvas):
     """CPU tensors are resized with cv2 in (H, W, C) layout, GPU tensors with F.interpolate: both
-    follow the reference (the frame's whole grid cells resized once; else upsample to the padded
-    canvas, crop, resize to the input)."""
+    follow the reference (upsample to the padded canvas, crop, resize to the input)."""
     from mpvss_ros.segmenter import _scores_to_input_size
 
     lb = Letterbox.fit(input_hw, canvas, 32)
@@ -475,9 +470,7 @@ def test_score_resize_cv2_and_torch_paths_agree(input_hw, canvas):
 def test_score_resize_samples_where_the_canvas_maps_each_pixel(input_hw, canvas):
     """A score ramp over the mask grid's columns/rows (bilinear interpolation reproduces it
     exactly): input pixel centre x must read grid coordinate (x + 0.5) * w_frame / (4 W) - 0.5,
-    where the letterbox puts it, on the one-step and the two-step paths alike. (At the frame's
-    last half cell they differ: the one-step path clamps there, the two-step path reads into the
-    canvas padding.)"""
+    where the letterbox puts it (two bilinear steps reproduce a ramp as one does)."""
     from mpvss_ros.segmenter import _scores_to_input_size
 
     lb = Letterbox.fit(input_hw, canvas, 32)
