@@ -6,15 +6,17 @@ runs in float32 (the reference decorates it ``@autocast(enabled=False)``: deform
 sampling locations lose too much in half precision), and the final mask warp runs in float32
 (the ``grid_sample`` coordinates would lose sub-pixel precision). Outputs are float32.
 
-On CPU the backbone and the motion encoder run channels-last (NHWC): oneDNN's NCHW kernels for
-MobileNetV2's 1x1 and depthwise convolutions at the canvas's early strides are several times
-slower than its NHWC ones (16.3 vs 1.1 ms for the 16 -> 96 1x1 convolution at 240 x 320, 2
-threads of a Xeon). ``mpvss_lite``, 2 threads, medians: backbone 81 -> 60 ms, pixel decoder (fed
-NHWC features) 23 -> 12 ms, motion encoder 4.2 -> 3.5 ms; labels of 50 CamVid val frames equal
-on all but 1 pixel in 3.4 million. The masked-attention and motion decoders gained nothing, and
-converting the whole model made non-key frames slower, so only these two are converted.
-``mpvss_r50`` (untrained, one 480 x 640 frame, 5 runs): key frame 1333 -> 1288 ms, query flows
-113 -> 118 ms, about even.
+On CPU the backbone runs channels-last (NHWC): oneDNN's NCHW kernels for MobileNetV2's 1x1 and
+depthwise convolutions at the canvas's early strides are several times slower than its NHWC ones
+(16.3 vs 1.1 ms for the 16 -> 96 1x1 convolution at 240 x 320, 2 threads of a Xeon).
+``mpvss_lite``, 2 threads, medians: backbone 81 -> 60 ms, and the pixel decoder, fed NHWC
+features, 23 -> 12 ms; whole key frames in ``VideoSegmenter.push`` 138 -> 107 ms (the median of
+three interleaved runs of 70 CamVid val frames each); labels equal on all but 1 pixel in 3.4
+million. The rest stays NCHW: the masked-attention and motion decoders gained nothing, the
+motion encoder alone went 4.2 -> 3.5 ms but non-key frames in ``push()`` did not change
+(propagation 16.7 against 16.5 ms, same three runs), and converting the whole motion module made
+them slower. ``mpvss_r50`` (untrained, one 480 x 640 frame, 5 runs, backbone and motion encoder
+converted): key frame 1333 -> 1288 ms, query flows 113 -> 118 ms, about even.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .base import Backend, BackendUnavailable, check_precision
 __all__ = ["CHANNELS_LAST_MODULES", "TorchBackend"]
 
 #: Submodules run channels-last on CPU (see the module docstring for the measurements).
-CHANNELS_LAST_MODULES = ("backbone", "motion.encoder")
+CHANNELS_LAST_MODULES = ("backbone",)
 
 
 class TorchBackend(Backend):

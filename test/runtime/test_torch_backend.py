@@ -1,4 +1,4 @@
-"""The PyTorch backend's CPU layout: backbone and motion encoder channels-last, same outputs."""
+"""The PyTorch backend's CPU layout: the backbone channels-last, the rest NCHW, same outputs."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_cpu_layout_follows_the_setting(channels_last):
     for name in CHANNELS_LAST_MODULES:
         weights = _conv_weights(model.get_submodule(name))
         assert weights and all(_is_channels_last(p) == (channels_last is None) for p in weights), name
-    others = _conv_weights(model.sem_seg_head) + _conv_weights(model.motion.decoder)
+    others = _conv_weights(model.sem_seg_head) + _conv_weights(model.motion)
     assert others and not any(_is_channels_last(p) for p in others)
 
 
