@@ -139,10 +139,9 @@ class PostprocessConfig:
 
     ``score_resolution``: ``canvas`` follows Mask2Former exactly (mask logits upsampled to the
     padded canvas, then class scores); ``mask`` computes the class scores on the 1/4 mask grid
-    and resizes the K score maps to the input instead (in one step when the frame covers whole
-    grid cells): about 16x less work for the sigmoid and the query-class product, at the cost of
-    bilinearly interpolated scores instead of interpolated mask logits (labels differ only along
-    class boundaries).
+    and upsamples the K score maps instead: about 16x less work for the sigmoid and the
+    query-class product, at the cost of bilinearly interpolated scores instead of interpolated
+    mask logits (labels differ only along class boundaries).
     """
 
     score_resolution: str = "canvas"

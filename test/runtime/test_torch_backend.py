@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mpvss_ros.model_loader import load_model
-from mpvss_ros.runtime import BackendUnavailable
 from mpvss_ros.runtime.torch_backend import CHANNELS_LAST_MODULES, TorchBackend
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -56,7 +55,3 @@ def test_channels_last_gives_the_same_key_frame_and_flows():
     torch.testing.assert_close(warped[1], warped[0], atol=2e-3, rtol=1e-3)
     assert float(np.abs(flows[0].numpy()).max()) > 0.1  # non-trivial flows were compared
 
-
-def test_fp16_on_cpu_is_refused():
-    with pytest.raises(BackendUnavailable, match="needs CUDA"):
-        TorchBackend(load_model("mpvss_lite").model, "cpu", "fp16")
