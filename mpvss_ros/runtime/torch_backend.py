@@ -30,10 +30,30 @@ from ..nn.mpvss import MPVSS, KeyFrameState
 from ..nn.warp import warp_mask_logits
 from .base import Backend, BackendUnavailable, check_precision
 
-__all__ = ["CHANNELS_LAST_MODULES", "TorchBackend"]
+__all__ = ["CHANNELS_LAST_MODULES", "TorchBackend", "to_channels_last"]
 
 #: Submodules run channels-last on CPU (see the module docstring for the measurements).
 CHANNELS_LAST_MODULES = ("backbone",)
+
+
+def to_channels_last(model: nn.Module) -> list[str]:
+    """Store the model's :data:`CHANNELS_LAST_MODULES` channels-last, in place.
+
+    Parameter values and the layout of the model's outputs are unchanged; only the memory layout
+    of those submodules' weights (and so of the activations they produce) changes.
+
+    Returns:
+        The names of the submodules converted (those of :data:`CHANNELS_LAST_MODULES` the model has).
+    """
+    converted = []
+    for name in CHANNELS_LAST_MODULES:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # a stand-in model without it
+            continue
+        module.to(memory_format=torch.channels_last)
+        converted.append(name)
+    return converted
 
 
 class TorchBackend(Backend):
@@ -71,11 +91,7 @@ class TorchBackend(Backend):
         self.name = "torch" if precision == "fp32" else "torch[fp16 autocast]"
         self.channels_last = dev.type == "cpu" if channels_last is None else bool(channels_last)
         if self.channels_last:
-            for name in CHANNELS_LAST_MODULES:
-                try:
-                    model.get_submodule(name).to(memory_format=torch.channels_last)
-                except AttributeError:  # a stand-in model without it
-                    pass
+            to_channels_last(model)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "channels_last": self.channels_last}

@@ -41,6 +41,7 @@ from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
 from ..nn.warp import compose_flows, warp_mask_logits
 from ..propagation import QueryFlowPropagator
+from ..runtime.torch_backend import to_channels_last
 from ..scheduling import FixedIntervalScheduler
 from ..segmenter import VideoSegmenter
 from .criterion import SetCriterion, semantic_batch_to_targets
@@ -248,6 +249,10 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         model.motion.load_state_dict(motion_state, strict=True)  # lists missing/unexpected keys
         log.info("motion module initialised from %s", opts.init_motion)
     model.eval()
+    # The backbone stays frozen in stage 2: run it channels-last, as inference on CPU does
+    # (forward_segmentor on 8 crops of 256 x 320, 2 threads, grad mode: 383 -> 291 ms; 30-step
+    # chain-training runs: 1.53 -> 1.49 s/step median, the same losses to the digit).
+    to_channels_last(model)
 
     train_dir, train_annot = camvid_dir("train"), camvid_annot_dir("train")
     if train_dir is None or train_annot is None:
