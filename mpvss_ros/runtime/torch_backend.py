@@ -36,24 +36,18 @@ __all__ = ["CHANNELS_LAST_MODULES", "TorchBackend", "to_channels_last"]
 CHANNELS_LAST_MODULES = ("backbone",)
 
 
-def to_channels_last(model: nn.Module) -> list[str]:
-    """Store the model's :data:`CHANNELS_LAST_MODULES` channels-last, in place.
+def to_channels_last(model: nn.Module) -> None:
+    """Store those of the model's :data:`CHANNELS_LAST_MODULES` that it has channels-last, in place.
 
     Parameter values and the layout of the model's outputs are unchanged; only the memory layout
     of those submodules' weights (and so of the activations they produce) changes.
-
-    Returns:
-        The names of the submodules converted (those of :data:`CHANNELS_LAST_MODULES` the model has).
     """
-    converted = []
     for name in CHANNELS_LAST_MODULES:
         try:
             module = model.get_submodule(name)
         except AttributeError:  # a stand-in model without it
             continue
         module.to(memory_format=torch.channels_last)
-        converted.append(name)
-    return converted
 
 
 class TorchBackend(Backend):
