@@ -7,7 +7,7 @@
 * ``mpvss train segmentor ...`` (stage 1) and ``mpvss train motion ...`` (stage 2).
 * ``mpvss export --out DIR``, ``mpvss build-engine``, ``mpvss bench``: ONNX graphs + contract,
   TensorRT engines, latency per backend (:mod:`mpvss_ros.runtime`); ``segment``, ``eval`` and ``bag`` take
-  ``--backend torch|onnxruntime|tensorrt`` and ``--precision fp32|fp16``.
+  ``--backend torch|onnxruntime|tensorrt`` and ``--precision fp32|fp16|bf16``.
 * ``mpvss bag IN OUT --topic TOPIC [--compressed] [--namespace NS] [--storage sqlite3|mcap]``:
   segment an image topic of a rosbag2 bag into a new bag with the node's output topics.
 

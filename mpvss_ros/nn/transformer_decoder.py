@@ -101,7 +101,7 @@ class MaskedTransformerDecoder(nn.Module):
         for lvl in range(self.num_feature_levels):
             x = multi_scale_features[lvl]
             sizes.append((int(x.shape[-2]), int(x.shape[-1])))
-            pos.append(self.pe_layer(x).flatten(2).permute(2, 0, 1))
+            pos.append(self.pe_layer(x).to(x.dtype).flatten(2).permute(2, 0, 1))
             s = self.input_proj[lvl](x).flatten(2) + self.level_embed.weight[lvl][None, :, None]
             src.append(s.permute(2, 0, 1))
         bs = mask_features.shape[0]

@@ -47,7 +47,7 @@ NODE_NAME = "mpvss_segmenter"
 #: Inference backends (:func:`mpvss_ros.runtime.load_backend`); kept in step with the runtime.
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 #: Numeric precision of the backend.
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 #: Kept in step with :data:`mpvss_ros.propagation.PROPAGATORS` (a test checks it); not imported
 #: so that reading the table does not import torch.
 PROPAGATOR_CHOICES = ("query_flow", "optical_flow", "copy")
@@ -106,8 +106,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "tensorrt (cached engines built from the exported ONNX graphs; prebuild with "
               "'mpvss build-engine' so the node does not stall on first start).", choices=BACKENDS),
     ParamSpec("precision", "str", "fp32",
-              "fp32, or fp16 (torch: CUDA autocast; tensorrt: FP16 engines with the pixel decoder kept "
-              "in fp32; not for onnxruntime).", choices=PRECISIONS),
+              "fp32, fp16 (torch: CUDA autocast; tensorrt: FP16 engines with the pixel decoder kept "
+              "in fp32; not for onnxruntime) or bf16 (torch on a CPU with bfloat16 instructions, "
+              "AVX-512 BF16 or AMX: bfloat16 weights, pixel decoder and warp in fp32).", choices=PRECISIONS),
     ParamSpec("propagator", "str", "query_flow",
               "How non-key frames are produced from the last key frame: query_flow (MPVSS), "
               "optical_flow (OpenCV DIS) or copy.", choices=PROPAGATOR_CHOICES),

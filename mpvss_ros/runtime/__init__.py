@@ -51,15 +51,21 @@ def backend_missing(backend: str, device: str = "cpu", precision: str = "fp32") 
         if dev.type == "cuda" and not torch.cuda.is_available():
             return "CUDA was requested but this torch build sees no CUDA GPU; use --device cpu"
         if precision == "fp16" and dev.type != "cuda":
-            return "fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 on CPU"
+            return "fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 or bf16 on CPU"
+        if precision == "bf16":
+            from .torch_backend import bf16_missing
+
+            return bf16_missing(dev)
         return None
     if backend == "onnxruntime":
         from .onnx_backend import onnxruntime_missing
 
         if precision != "fp32":
             return ("onnxruntime backend runs the float32 graphs only; use --precision fp32, "
-                    "or --backend tensorrt / torch --device cuda for fp16")
+                    "or --backend tensorrt / torch --device cuda for fp16, or torch for bf16 on CPU")
         return onnxruntime_missing(device)
+    if precision == "bf16":
+        return "tensorrt backend builds fp32 or fp16 engines; use --precision fp16 (or torch for bf16 on CPU)"
     from .tensorrt_backend import tensorrt_missing
 
     return tensorrt_missing()
@@ -80,7 +86,8 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
         model, weights: as :func:`~mpvss_ros.model_loader.load_model` when ``loaded`` is None.
         device: ``cpu`` or ``cuda[:N]``. onnxruntime: the execution provider; tensorrt: the GPU
             (``cpu`` = GPU 0). Tensors in/out of onnxruntime and TensorRT backends are on the CPU.
-        precision: ``fp32`` or ``fp16`` (torch on CUDA: autocast; tensorrt: FP16 engines).
+        precision: ``fp32``, ``fp16`` (torch on CUDA: autocast; tensorrt: FP16 engines) or ``bf16``
+            (torch on CPU: bfloat16 weights, see :class:`~mpvss_ros.runtime.torch_backend.TorchBackend`).
         input_hw: valid (unpadded) size(s) (h, w) to prepare now (export/build); default the
             model's canvas ``cfg.input.size``. Other sizes are prepared when a frame needs them.
         cache_dir: where exported graphs and engines are cached (default

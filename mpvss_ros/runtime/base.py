@@ -14,7 +14,7 @@ A backend is what the segmenter needs from a model, nothing more:
   from ``image`` to ``reference`` (default the key frame), for chained flow.
 
 Implementations: :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` (the PyTorch model, CPU
-or CUDA, optional fp16 autocast), :class:`~mpvss_ros.runtime.onnx_backend.OnnxRuntimeBackend`
+or CUDA, optional fp16 autocast on CUDA or bfloat16 weights on CPU), :class:`~mpvss_ros.runtime.onnx_backend.OnnxRuntimeBackend`
 and :class:`~mpvss_ros.runtime.tensorrt_backend.TensorRTBackend` (both on the two ONNX graphs of
 :mod:`mpvss_ros.runtime.export`, one pair per canvas size).
 
@@ -47,7 +47,7 @@ __all__ = [
 #: Backend names accepted by :func:`~mpvss_ros.runtime.load_backend` and ``--backend``.
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 #: Precisions accepted by ``--precision``.
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 class BackendUnavailable(ValueError):
@@ -58,7 +58,7 @@ class BackendUnavailable(ValueError):
 
 
 def check_precision(precision: str) -> str:
-    """Validate ``precision`` (``fp32``/``fp16``).
+    """Validate ``precision`` (``fp32``/``fp16``/``bf16``).
 
     Raises:
         ValueError: any other value.
@@ -81,7 +81,7 @@ class Backend(ABC):
         cfg: the model configuration.
         name: short description of the backend and where it runs.
         device: torch device of input and output tensors.
-        precision: ``fp32`` or ``fp16``.
+        precision: ``fp32``, ``fp16`` or ``bf16``.
     """
 
     cfg: Any

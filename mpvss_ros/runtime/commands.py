@@ -1,6 +1,6 @@
 """Command-line pieces of :mod:`mpvss_ros.runtime`, used by :mod:`mpvss_ros.cli`.
 
-* ``--backend torch|onnxruntime|tensorrt``, ``--precision fp32|fp16`` and ``--cache-dir`` for
+* ``--backend torch|onnxruntime|tensorrt``, ``--precision fp32|fp16|bf16`` and ``--cache-dir`` for
   ``mpvss segment``, ``mpvss eval`` and ``mpvss bag`` (:func:`add_backend_options`, :func:`load_model_and_backend`);
 * ``mpvss export --out DIR [--model M] [--weights W] [--height H --width W]``: the two ONNX graphs,
   ``contract.json`` and the onnxruntime-vs-PyTorch parity figures;
@@ -28,7 +28,8 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="torch (default), onnxruntime (exported ONNX graphs, cached) or tensorrt (engines, cached; "
                         "needs a CUDA GPU); --device picks the CPU/GPU")
     g.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default) or fp16 (torch on CUDA: autocast, pixel decoder in fp32; tensorrt: fp16 engines)")
+                   help="fp32 (default), fp16 (torch on CUDA: autocast, pixel decoder in fp32; tensorrt: fp16 engines) "
+                        "or bf16 (torch on a CPU with bfloat16 instructions: bfloat16 weights, pixel decoder in fp32)")
     g.add_argument("--cache-dir", default=None,
                    help="cache of exported ONNX graphs and TensorRT engines (default $MPVSS_CACHE_DIR or ~/.cache/mpvss_ros)")
 
@@ -84,7 +85,7 @@ def add_runtime_commands(sub: Any) -> None:
                                     "keyed by ONNX hash, TensorRT version, GPU, compute capability, precision and shape.")
     _model(be)
     _size(be)
-    be.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default) or fp16")
+    be.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp32 (default) or fp16")
     be.add_argument("--device", default="cuda", help="the GPU, cuda[:N] (default cuda)")
     be.add_argument("--workspace-mb", type=int, default=None, help="builder workspace limit in MiB (default 2048)")
     be.add_argument("--no-keep-fp32", action="store_true",

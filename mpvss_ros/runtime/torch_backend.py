@@ -1,10 +1,17 @@
-"""The PyTorch backend: the MPVSS module itself, on CPU or CUDA, fp32 or fp16 autocast.
+"""The PyTorch backend: the MPVSS module itself, on CPU or CUDA; fp32, fp16 autocast or bf16 weights.
 
 fp16 (CUDA only) follows the official Mask2Former/MPVSS code: the backbone, the masked-attention
 decoder and the motion module run under ``torch.autocast(dtype=float16)``; the pixel decoder
 runs in float32 (the reference decorates it ``@autocast(enabled=False)``: deformable attention's
 sampling locations lose too much in half precision), and the final mask warp runs in float32
 (the ``grid_sample`` coordinates would lose sub-pixel precision). Outputs are float32.
+
+bf16 (CPU only, with bfloat16 instructions: AVX-512 BF16 or AMX) stores the weights of
+:data:`BF16_MODULES` (backbone and motion encoder) as bfloat16, channels-last, and casts their
+inputs; the rest runs in float32 (autocast on CPU re-casts the weights at every call and was
+slower than float32). CamVid val clip, shipped weights, 2 threads of a Xeon with AMX: 93 against
+108 ms per key frame on average, 70.60 against 70.73 per-frame mIoU, 69.11 against 69.10 at one
+key frame in 5 (``docs/runtime.md``, "bf16 on CPU").
 
 On CPU the backbone runs channels-last (NHWC): oneDNN's NCHW kernels for MobileNetV2's 1x1 and
 depthwise convolutions at the canvas's early strides are several times slower than its NHWC ones
@@ -30,10 +37,27 @@ from ..nn.mpvss import MPVSS, KeyFrameState
 from ..nn.warp import warp_mask_logits
 from .base import Backend, BackendUnavailable, check_precision
 
-__all__ = ["CHANNELS_LAST_MODULES", "TorchBackend", "to_channels_last"]
+__all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "TorchBackend", "bf16_missing", "to_channels_last"]
 
 #: Submodules run channels-last on CPU (see the module docstring for the measurements).
 CHANNELS_LAST_MODULES = ("backbone",)
+
+#: Submodules whose weights become bfloat16 with ``precision="bf16"`` (CPU); the pixel decoder and
+#: the warp stay float32, as in the fp16 path.
+BF16_MODULES = ("backbone", "motion.encoder")
+
+
+def bf16_missing(device: torch.device | str = "cpu") -> str | None:
+    """Why ``precision="bf16"`` cannot run on ``device`` with the torch backend, or None.
+
+    bf16 is a CPU precision here: it needs oneDNN with bfloat16 instructions (AVX-512 BF16 or
+    AMX); without them bfloat16 convolutions are emulated and slower than float32.
+    """
+    if torch.device(device).type != "cpu":
+        return "bf16 with the torch backend runs on CPU; on CUDA use --precision fp16"
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return "bf16 needs a CPU with bfloat16 instructions (AVX-512 BF16 or AMX) and oneDNN; use --precision fp32"
+    return None
 
 
 def to_channels_last(model: nn.Module) -> None:
@@ -57,14 +81,17 @@ class TorchBackend(Backend):
         model: the :class:`~mpvss_ros.nn.mpvss.MPVSS` module (or a stand-in with the same
             methods); it is put in eval mode and moved to ``device``.
         device: ``cpu`` or ``cuda[:N]``.
-        precision: ``fp32``, or ``fp16`` (autocast; CUDA and an MPVSS model only).
+        precision: ``fp32``, ``fp16`` (autocast; CUDA and an MPVSS model only) or ``bf16``
+            (bfloat16 weights for :data:`BF16_MODULES`; CPU with bfloat16 instructions and an
+            MPVSS model only).
         channels_last: run the model's :data:`CHANNELS_LAST_MODULES` that it has channels-last;
             None = on CPU only (measured there; CUDA is left as it was). Their parameters are
             converted in place, as ``model.eval().to(device)`` already moves them; values and
             outputs' layouts are unchanged.
 
     Raises:
-        BackendUnavailable: fp16 on CPU or CUDA requested where torch has none.
+        BackendUnavailable: fp16 on CPU, bf16 on CUDA or on a CPU without bfloat16 instructions
+            (:func:`bf16_missing`), or CUDA requested where torch has none.
         ValueError: unknown precision.
     """
 
@@ -76,16 +103,22 @@ class TorchBackend(Backend):
             raise BackendUnavailable("torch backend on CUDA needs a CUDA build of torch and a GPU; use --device cpu")
         if precision == "fp16" and dev.type != "cuda":
             raise BackendUnavailable("fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 on CPU")
-        if precision == "fp16" and not isinstance(model, MPVSS):
-            raise BackendUnavailable(f"fp16 autocast is implemented for the MPVSS model, not {type(model).__name__}")
+        if precision == "bf16" and (why := bf16_missing(dev)):
+            raise BackendUnavailable(why)
+        if precision != "fp32" and not isinstance(model, MPVSS):
+            raise BackendUnavailable(f"{precision} is implemented for the MPVSS model, not {type(model).__name__}")
         self.model = model.eval().to(dev)
         self.cfg = model.cfg
         self.device = dev
         self.precision = precision
-        self.name = "torch" if precision == "fp32" else "torch[fp16 autocast]"
+        self.name = {"fp32": "torch", "fp16": "torch[fp16 autocast]", "bf16": "torch[bf16 weights]"}[precision]
         self.channels_last = dev.type == "cpu" if channels_last is None else bool(channels_last)
         if self.channels_last:
             to_channels_last(model)
+        if precision == "bf16":
+            fmt = torch.channels_last if self.channels_last else torch.preserve_format
+            for name in BF16_MODULES:
+                model.get_submodule(name).to(torch.bfloat16, memory_format=fmt)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "channels_last": self.channels_last}
@@ -95,18 +128,28 @@ class TorchBackend(Backend):
         return int(getattr(self.model, "num_classes", self.cfg.num_classes))
 
     def _autocast(self, enabled: bool = True):
-        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
+        # fp16: autocast; bf16: the weights are bfloat16 already and _input casts the inputs.
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16,
+                              enabled=enabled and self.precision == "fp16")
+
+    def _input(self, name: str, x: Tensor) -> Tensor:
+        """``x`` cast for submodule ``name``: bfloat16 if it is one of :data:`BF16_MODULES` under
+        bf16, float32 otherwise; unchanged for fp32 and fp16 (autocast casts)."""
+        if self.precision != "bf16":
+            return x
+        return x.to(torch.bfloat16 if name in BF16_MODULES else torch.float32)
 
     def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
         if self.precision == "fp32":
             return self.model.segment_key_frame(image, valid_hw)
         m: MPVSS = self.model  # type: ignore[assignment]
         with self._autocast():
-            features = m.backbone(m.normalize(image, valid_hw))
+            features = m.backbone(self._input("backbone", m.normalize(image, valid_hw)))
         with self._autocast(enabled=False):  # official: the pixel decoder always runs in fp32
             mask_features, multi_scale = m.sem_seg_head.pixel_decoder({k: v.float() for k, v in features.items()})
         with self._autocast():
-            out = m.sem_seg_head.predictor(multi_scale, mask_features)
+            p = "sem_seg_head.predictor"
+            out = m.sem_seg_head.predictor([self._input(p, x) for x in multi_scale], self._input(p, mask_features))
         hw = (int(image.shape[-2]), int(image.shape[-1])) if valid_hw is None else tuple(int(v) for v in valid_hw)
         return KeyFrameState(
             image=image,
@@ -117,9 +160,16 @@ class TorchBackend(Backend):
         )
 
     def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
-        with self._autocast(enabled=self.precision == "fp16"):
-            flows = self.model.query_flows(key, image, reference)
-        return flows.float()
+        if self.precision != "bf16":
+            with self._autocast():
+                flows = self.model.query_flows(key, image, reference)
+            return flows.float()
+        m: MPVSS = self.model  # type: ignore[assignment]
+        key.check_canvas(image, reference)
+        pair = m.motion.prepare_images(image, key.image if reference is None else reference, key.valid_hw)
+        features = [self._input("motion.decoder", f) for f in m.motion.encoder(self._input("motion.encoder", pair))]
+        out = m.motion.decoder(features, self._input("motion.decoder", key.query_embeddings.transpose(0, 1)))
+        return out.flows.float()
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
         if self.precision == "fp32":
