@@ -86,7 +86,8 @@ class Propagator(ABC):
             image: (1, 3, Hp, Wp) float32 RGB 0..255 current frame on the key frame's canvas.
 
         Returns:
-            (1, N, Hp/4, Wp/4) float32 mask logits for the current frame.
+            (1, M, Hp/4, Wp/4) float32 mask logits for the current frame, of the key frame's
+            active queries (``key.propagated``: M = N unless ``key.active`` limits them).
         """
 
     def describe(self) -> dict[str, Any]:
@@ -103,7 +104,7 @@ class CopyPropagator(Propagator):
     name = "copy"
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
-        return key.mask_logits
+        return key.propagated(key.mask_logits)
 
 
 class FlowChain:
@@ -158,10 +159,10 @@ class QueryFlowPropagator(Propagator):
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
         if not self.chain_flow:
-            return self.model.propagate(key, image)
+            return key.propagated(self.model.propagate(key, image))
         previous = self._chain.start(key, key.image)
-        flows = self._chain.advance(self.model.query_flows(key, image, previous), image)
-        return warp_mask_logits(key.mask_logits, flows, self.model.cfg.input.warp_normalization)
+        flows = self._chain.advance(key.propagated(self.model.query_flows(key, image, previous)), image)
+        return warp_mask_logits(key.propagated(key.mask_logits), flows, self.model.cfg.input.warp_normalization)
 
 
 class OpticalFlowPropagator(Propagator):
@@ -253,7 +254,7 @@ class OpticalFlowPropagator(Propagator):
         if self.grid_stride is not None:
             flow = pool_flow(np.ascontiguousarray(flow), grid_hw(image.shape[-2:], self.grid_stride))
         flows = torch.from_numpy(np.ascontiguousarray(flow)).permute(2, 0, 1)[None, None].to(key.mask_logits)
-        return warp_mask_logits(key.mask_logits, flows, "exact")
+        return warp_mask_logits(key.propagated(key.mask_logits), flows, "exact")
 
 
 def grid_hw(canvas_hw: tuple[int, int] | torch.Size, stride: float) -> tuple[int, int]:

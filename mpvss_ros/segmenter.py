@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .nn.mpvss import MPVSS, KeyFrameState, semantic_scores
+from .nn.mpvss import MPVSS, KeyFrameState, active_queries, semantic_scores
 from .propagation import Propagator
 from .scheduling import KeyFrameScheduler, ScheduleDecision
 
@@ -236,6 +236,7 @@ class VideoSegmenter:
         self._canvas = tuple(inp.size) if inp.size is not None else None
         self._divisibility = inp.size_divisibility
         self._score_resolution = self.model.cfg.postprocess.score_resolution
+        self._min_query_score = float(self.model.cfg.postprocess.min_query_score)
         self._frame_index = 0
         self._key: KeyFrameState | None = None
         self._key_letterbox: Letterbox | None = None
@@ -290,11 +291,12 @@ class VideoSegmenter:
             t0 += time.perf_counter() - t
         t = time.perf_counter()
         if is_key:
-            self._key = self.model.segment_key_frame(tensor, letterbox.resized_hw)
+            key = self.model.segment_key_frame(tensor, letterbox.resized_hw)
+            self._key = replace(key, active=active_queries(key.class_logits, self._min_query_score))
             self._key_letterbox = letterbox
             self._key_index = self._frame_index
             self._key_stamp = float(stamp)
-            mask_logits = self._key.mask_logits
+            mask_logits = self._key.propagated(self._key.mask_logits)
             timings["segmentor"] = (time.perf_counter() - t) * 1e3
         else:
             assert self._key is not None
@@ -302,7 +304,13 @@ class VideoSegmenter:
             timings["propagation"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
-        labels, confidence = self.postprocess(self._key.class_logits, mask_logits, letterbox)
+        # Every frame is scored over the key frame's active queries (all N unless
+        # postprocess.min_query_score drops some), so copy reproduces the key frame exactly.
+        class_logits = self._key.propagated(self._key.class_logits)
+        if mask_logits.shape[1] != class_logits.shape[1]:
+            raise RuntimeError(f"propagator {self.propagator.name!r} returned {mask_logits.shape[1]} masks for "
+                               f"{class_logits.shape[1]} active queries (KeyFrameState.propagated)")
+        labels, confidence = self.postprocess(class_logits, mask_logits, letterbox)
         masks = class_masks_from_labels(labels) if self.class_masks else None
         timings["postprocess"] = (time.perf_counter() - t) * 1e3
         timings["total"] = (time.perf_counter() - t0) * 1e3

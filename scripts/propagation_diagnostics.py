@@ -56,7 +56,7 @@ class PixelFlowPropagator(Propagator):
 
     def propagate(self, key: KeyFrameState, image: torch.Tensor) -> torch.Tensor:
         out = self.model.motion(image, key.image, key.query_embeddings.transpose(0, 1), image_size=key.valid_hw)
-        return warp_mask_logits(key.mask_logits, out.pixel_flow[:, None], self.model.warp_normalization)
+        return warp_mask_logits(key.propagated(key.mask_logits), out.pixel_flow[:, None], self.model.warp_normalization)
 
 
 def _named(prop: Propagator, name: str) -> Propagator:

@@ -108,7 +108,7 @@ class ProbeQueryFlow(QueryFlowPropagator):
         hf, wf = flows.shape[-2:]
         scores["flow_mag"] = float(torch.hypot(flows[0, :, 0] * (w / wf), flows[0, :, 1] * (h / hf)).mean())
         self.records.append((key, scores))
-        return out
+        return key.propagated(out)  # the segmenter scores the key frame's active queries
 
 
 def score_array(records, frames: int, horizon: int) -> dict[str, np.ndarray]:

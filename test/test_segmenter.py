@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import KeyFrameState
 from mpvss_ros.propagation import (DIS_PRESETS, CopyPropagator, OpticalFlowPropagator, QueryFlowPropagator, grid_hw,
                                    pool_flow)
@@ -255,8 +256,8 @@ def test_query_flow_on_real_consecutive_frames(lite, bikes_frames):
     tensor = canvas_tensor(bikes_frames[2], seg._key_letterbox)
     with torch.inference_mode():
         warped = seg.propagator.propagate(key, tensor)
-    assert warped.shape == key.mask_logits.shape and torch.isfinite(warped).all()
-    assert not torch.equal(warped, key.mask_logits)
+    assert warped.shape == key.propagated(key.mask_logits).shape and torch.isfinite(warped).all()
+    assert not torch.equal(warped, key.propagated(key.mask_logits))
 
 
 def test_optical_flow_on_real_consecutive_frames(band_model, bikes_frames):
@@ -499,3 +500,29 @@ def test_postprocess_confidence_hand_built(make_band_model, score_resolution):
     labels, conf = seg.postprocess(class_logits, mask_logits, lb)
     assert labels[:, :12].tolist() == [[0] * 12] * 32 and labels[:, 20:].tolist() == [[1] * 12] * 32
     assert np.all(conf[:, :12] == round(255 * 0.75)) and np.all(conf[:, 20:] == round(255 * 0.75))
+
+
+def test_segmenter_scores_every_frame_over_the_active_queries(bikes_frames):
+    """Key and non-key frames use the same active queries: copy reproduces the key frame, the
+    propagated masks are those queries' masks, and min_query_score 0 keeps all N."""
+    from dataclasses import replace
+
+    model = load_model("mpvss_lite").model  # its own copy: the config is changed below
+    cfg = model.cfg
+    n = cfg.transformer_decoder.num_queries
+    model.cfg = replace(cfg, postprocess=replace(cfg.postprocess, min_query_score=0.5))
+    seg = VideoSegmenter(model, QueryFlowPropagator(model), FixedIntervalScheduler(3))
+    seg.push(bikes_frames[0], 0.0)
+    key = seg._key
+    expected = (key.class_logits[0].softmax(-1)[:, :-1].amax(-1) >= 0.5).nonzero().flatten()
+    assert key.active is not None and key.active.tolist() == expected.tolist() and 0 < len(expected) < n
+    with torch.inference_mode():
+        warped = seg.propagator.propagate(key, canvas_tensor(bikes_frames[1], seg._key_letterbox))
+    assert warped.shape[1] == len(expected)
+    copy = VideoSegmenter(model, CopyPropagator(), FixedIntervalScheduler(3))
+    a, b = copy.push(bikes_frames[0], 0.0), copy.push(bikes_frames[1], 0.04)
+    np.testing.assert_array_equal(b.labels, a.labels)
+    model.cfg = replace(cfg, postprocess=replace(cfg.postprocess, min_query_score=0.0))
+    seg = VideoSegmenter(model, CopyPropagator(), FixedIntervalScheduler(3))
+    seg.push(bikes_frames[0], 0.0)
+    assert seg._key.active is None and seg._key.propagated(seg._key.mask_logits).shape[1] == n

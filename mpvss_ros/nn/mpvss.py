@@ -26,7 +26,7 @@ from .pixel_decoder import build_pixel_decoder
 from .transformer_decoder import DecoderOutput, MaskedTransformerDecoder
 from .warp import warp_mask_logits
 
-__all__ = ["MPVSS", "KeyFrameState", "semantic_scores", "valid_mask"]
+__all__ = ["MPVSS", "KeyFrameState", "active_queries", "semantic_scores", "valid_mask"]
 
 
 @dataclass
@@ -39,6 +39,9 @@ class KeyFrameState:
         class_logits: (1, N, K+1) float32, reused unchanged on non-key frames.
         mask_logits: (1, N, Hp/4, Wp/4) float32.
         query_embeddings: (1, N, C) float32 final LayerNorm-ed queries (Q_O^k).
+        active: (M,) int64 indices of the queries whose masks non-key frames carry forward
+            (:func:`active_queries`), or None for all N. The motion module still attends over
+            all N queries; only the per-query flows, warps and scores are limited to these.
     """
 
     image: Tensor
@@ -46,6 +49,11 @@ class KeyFrameState:
     class_logits: Tensor
     mask_logits: Tensor
     query_embeddings: Tensor
+    active: Tensor | None = None
+
+    def propagated(self, x: Tensor) -> Tensor:
+        """``x`` (1, N, ...) limited to the :attr:`active` queries along dim 1: (1, M, ...)."""
+        return x if self.active is None else x.index_select(1, self.active)
 
     def check_canvas(self, image: Tensor, reference: Tensor | None = None) -> None:
         """Check that a frame (and the frame its flow points into) lie on this key frame's canvas.
@@ -70,6 +78,30 @@ def valid_mask(hw_padded: tuple[int, int], valid_hw: tuple[int, int] | None, lik
     h, w = valid_hw
     ones = torch.ones((1, 1, h, w), dtype=like.dtype, device=like.device)
     return F.pad(ones, (0, wp - w, 0, hp - h))
+
+
+def active_queries(class_logits: Tensor, min_score: float) -> Tensor | None:
+    """The queries that take part in semantic inference: best class probability >= ``min_score``.
+
+    Mask2Former's semantic inference weighs each mask by its softmax class probabilities (the
+    no-object column dropped, :func:`semantic_scores`); a query whose best class probability is
+    below ``min_score`` adds less than ``min_score`` to any class score anywhere, so dropping it
+    moves every score by less than ``min_score`` times the number of dropped queries.
+
+    Args:
+        class_logits: (1, N, K+1) float32.
+        min_score: probability threshold in [0, 1); 0 keeps every query.
+
+    Returns:
+        (M,) int64 indices in ascending order, or None to keep every query: when all clear
+        ``min_score``, and when none does (a frame the model sees as nothing is scored over all
+        queries rather than over none).
+    """
+    if min_score <= 0:
+        return None
+    best = class_logits[0].softmax(dim=-1)[:, :-1].amax(dim=-1)  # (N,)
+    keep = torch.nonzero(best >= min_score).flatten()
+    return None if keep.numel() in (0, best.numel()) else keep
 
 
 def semantic_scores(class_logits: Tensor, mask_logits: Tensor) -> Tensor:

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpvss_ros.config import load_model_config
 from mpvss_ros.nn.mpvss import MPVSS, semantic_scores
@@ -160,3 +162,51 @@ def test_r50_official_key_layout(r50):
     assert not any(k.startswith("motion.decoder.transformer_cross_attention_layers") for k in sd)
     # Normalisation buffers are not persistent (not saved), as in detectron2.
     assert "pixel_mean" not in sd and "pixel_std" not in sd
+
+
+# ------------------------------------------------------------------ active queries
+
+
+def test_active_queries_keeps_the_queries_with_a_class_probability_at_the_threshold():
+    from mpvss_ros.nn.mpvss import active_queries
+
+    # 3 classes + no-object; softmax of these rows: query 0 -> class 1 at ~0.94, query 1 mostly
+    # no-object (best class ~0.0025), query 2 uniform (0.25 each), query 3 no-object only.
+    logits = torch.tensor([[[0.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 6.0], [1.0, 1.0, 1.0, 1.0],
+                            [-30.0, -30.0, -30.0, 30.0]]])
+    assert active_queries(logits, 0.0) is None  # 0 keeps all
+    assert active_queries(logits, 1e-30) is None  # every query clears it: None, not all indices
+    assert active_queries(logits, 0.01).tolist() == [0, 2]
+    assert active_queries(logits, 0.25).tolist() == [0, 2]
+    assert active_queries(logits, 0.3).tolist() == [0]
+    assert active_queries(logits, 0.99) is None  # none clears it: all are kept, not none
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), min_score=st.floats(0.001, 0.2))
+def test_dropping_inactive_queries_moves_each_score_by_less_than_their_class_probabilities(seed, min_score):
+    """The bound of active_queries' docstring: at most min_score per dropped query."""
+    from mpvss_ros.nn.mpvss import active_queries
+
+    g = torch.Generator().manual_seed(seed)
+    class_logits = torch.randn((1, 16, 6), generator=g) * 4
+    mask_logits = torch.randn((1, 16, 5, 7), generator=g) * 3
+    keep = active_queries(class_logits, min_score)
+    full = semantic_scores(class_logits, mask_logits)
+    if keep is None:
+        return
+    pruned = semantic_scores(class_logits[:, keep], mask_logits[:, keep])
+    dropped = 16 - keep.numel()
+    assert float((full - pruned).max()) <= min_score * dropped + 1e-6
+    assert float((full - pruned).min()) >= 0.0  # only non-negative terms are dropped
+
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2.0])
+def test_min_query_score_outside_zero_one_is_a_config_error(bad):
+    from mpvss_ros.config import ConfigError, model_config_from_dict
+
+    data = load_model_config("mpvss_lite").to_dict()
+    data["postprocess"]["min_query_score"] = bad
+    with pytest.raises(ConfigError, match="min_query_score"):
+        model_config_from_dict(data)
