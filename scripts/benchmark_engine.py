@@ -69,7 +69,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,7 +86,7 @@ if str(_REPO) not in sys.path:
 from mpvss_ros.io import samples  # noqa: E402
 from mpvss_ros.io.video import open_source  # noqa: E402
 from mpvss_ros.model_loader import load_model  # noqa: E402
-from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState  # noqa: E402
+from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState, active_queries  # noqa: E402
 from mpvss_ros.nn.warp import warp_mask_logits  # noqa: E402
 from mpvss_ros.propagation import QueryFlowPropagator  # noqa: E402
 from mpvss_ros.scheduling import parse_schedule  # noqa: E402
@@ -330,6 +330,12 @@ class Stages:
         return self.model.sem_seg_head.predictor(multi_scale, mask_features)
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, lb: Letterbox):
+        """Semantic inference over the active queries (``postprocess.min_query_score``), as push()."""
+        keep = active_queries(class_logits, self.model.cfg.postprocess.min_query_score)
+        if keep is not None and mask_logits.shape[1] == class_logits.shape[1]:  # a key frame's N masks
+            mask_logits = mask_logits.index_select(1, keep)
+        if keep is not None:
+            class_logits = class_logits.index_select(1, keep)
         return self.seg.postprocess(class_logits, mask_logits, lb)
 
     # non-key frame
@@ -341,11 +347,14 @@ class Stages:
         return self.model.motion.decoder(feats, key.query_embeddings.transpose(0, 1)).flows
 
     def warp(self, key: KeyFrameState, flows: torch.Tensor) -> torch.Tensor:
-        return warp_mask_logits(key.mask_logits, flows, self.model.warp_normalization)
+        return warp_mask_logits(key.propagated(key.mask_logits), key.propagated(flows), self.model.warp_normalization)
+
+    def with_active(self, key: KeyFrameState) -> KeyFrameState:
+        return replace(key, active=active_queries(key.class_logits, self.model.cfg.postprocess.min_query_score))
 
     def key_state(self, frame: np.ndarray) -> KeyFrameState:
         lb = self.letterbox(frame)
-        return self.model.segment_key_frame(self.preprocess(frame, lb), lb.resized_hw)
+        return self.with_active(self.model.segment_key_frame(self.preprocess(frame, lb), lb.resized_hw))
 
 
 def _check_path(st: Stages, frames: list[np.ndarray]) -> str:
@@ -353,12 +362,12 @@ def _check_path(st: Stages, frames: list[np.ndarray]) -> str:
     lb = st.letterbox(frames[0])
     img = st.preprocess(frames[0], lb)
     dec = st.transformer_decoder(st.pixel_decoder(st.backbone(img, lb)))
-    ref = st.model.segment_key_frame(img, lb.resized_hw)
+    ref = st.with_active(st.model.segment_key_frame(img, lb.resized_hw))
     d_key = max(float((dec.mask_logits - ref.mask_logits).abs().max()),
                 float((dec.class_logits - ref.class_logits).abs().max()))
     cur = st.preprocess(frames[1], lb)
     warped = st.warp(ref, st.motion_decoder(st.motion_encoder(cur, ref), ref))
-    d_nk = float((warped - st.model.propagate(ref, cur)).abs().max())
+    d_nk = float((warped - ref.propagated(st.model.propagate(ref, cur))).abs().max())
     if d_key > 1e-4 or d_nk > 1e-4:
         raise RuntimeError(f"stage-by-stage path differs from the model's (key {d_key:.3g}, non-key {d_nk:.3g})")
     return f"stage-by-stage outputs equal segment_key_frame/propagate (max |diff| key {d_key:.1e}, non-key {d_nk:.1e})"
@@ -469,7 +478,7 @@ def count_stages(st: Stages, frames: list[np.ndarray]) -> tuple[dict[str, FlopCo
     pd, key_c["pixel_decoder"] = count_flops(lambda: st.pixel_decoder(feats))
     dec, key_c["transformer_decoder"] = count_flops(lambda: st.transformer_decoder(pd))
     _, key_c["semantic_post"] = count_flops(lambda: st.postprocess(dec.class_logits, dec.mask_logits, lb))
-    key_state = st.model.segment_key_frame(img, lb.resized_hw)
+    key_state = st.with_active(st.model.segment_key_frame(img, lb.resized_hw))
     f1 = frames[1]
     cur, nk_c["preprocess"] = count_flops(lambda: st.preprocess(f1, lb))
     mfeats, nk_c["motion_encoder"] = count_flops(lambda: st.motion_encoder(cur, key_state))
