@@ -108,7 +108,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("precision", "str", "fp32",
               "fp32, fp16 (torch: CUDA autocast; tensorrt: FP16 engines with the pixel decoder kept "
               "in fp32; not for onnxruntime) or bf16 (torch on a CPU with bfloat16 instructions, "
-              "AVX-512 BF16 or AMX: bfloat16 weights, pixel decoder and warp in fp32).", choices=PRECISIONS),
+              "AVX-512 BF16 or AMX: backbone and motion encoder in bfloat16, the rest in fp32).", choices=PRECISIONS),
     ParamSpec("propagator", "str", "query_flow",
               "How non-key frames are produced from the last key frame: query_flow (MPVSS), "
               "optical_flow (OpenCV DIS) or copy.", choices=PROPAGATOR_CHOICES),

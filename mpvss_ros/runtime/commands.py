@@ -29,7 +29,7 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "needs a CUDA GPU); --device picks the CPU/GPU")
     g.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default), fp16 (torch on CUDA: autocast, pixel decoder in fp32; tensorrt: fp16 engines) "
-                        "or bf16 (torch on a CPU with bfloat16 instructions: bfloat16 weights, pixel decoder in fp32)")
+                        "or bf16 (torch on a CPU with bfloat16 instructions: backbone and motion encoder in bfloat16)")
     g.add_argument("--cache-dir", default=None,
                    help="cache of exported ONNX graphs and TensorRT engines (default $MPVSS_CACHE_DIR or ~/.cache/mpvss_ros)")
 

@@ -102,7 +102,7 @@ class TorchBackend(Backend):
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("torch backend on CUDA needs a CUDA build of torch and a GPU; use --device cpu")
         if precision == "fp16" and dev.type != "cuda":
-            raise BackendUnavailable("fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 on CPU")
+            raise BackendUnavailable("fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 or bf16 on CPU")
         if precision == "bf16" and (why := bf16_missing(dev)):
             raise BackendUnavailable(why)
         if precision != "fp32" and not isinstance(model, MPVSS):
