@@ -276,6 +276,10 @@ def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path |
                       "'scores'); canvas mode upsamples mask_logits to padded_hw first, mask mode upsamples the "
                       "scores; crop to valid_hw, resize bilinearly to the frame, argmax over classes",
             "non_key_class_logits": "non-key frames reuse the key frame's class_logits unchanged",
+            "min_query_score": cfg.postprocess.min_query_score,
+            "active_queries": "mpvss_ros scores every frame over the key frame's queries whose best class "
+                              "probability (softmax(class_logits)[..., :K].max) is >= min_query_score (all when "
+                              "none or every query clears it); the graph's 'scores' sum over all N queries",
         },
         "graphs": graphs,
         "model_config": _exported_config(cfg, valid_hw),
