@@ -330,13 +330,15 @@ class Stages:
         return self.model.sem_seg_head.predictor(multi_scale, mask_features)
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, lb: Letterbox):
-        """Semantic inference over the active queries (``postprocess.min_query_score``), as push()."""
-        keep = active_queries(class_logits, self.model.cfg.postprocess.min_query_score)
-        if keep is not None and mask_logits.shape[1] == class_logits.shape[1]:  # a key frame's N masks
-            mask_logits = mask_logits.index_select(1, keep)
-        if keep is not None:
-            class_logits = class_logits.index_select(1, keep)
         return self.seg.postprocess(class_logits, mask_logits, lb)
+
+    def key_postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, lb: Letterbox):
+        """A key frame's post-processing as push() runs it: over its active queries
+        (``postprocess.min_query_score``), which the key frame itself selects."""
+        keep = active_queries(class_logits, self.model.cfg.postprocess.min_query_score)
+        if keep is not None:
+            class_logits, mask_logits = class_logits.index_select(1, keep), mask_logits.index_select(1, keep)
+        return self.postprocess(class_logits, mask_logits, lb)
 
     # non-key frame
     def motion_encoder(self, image: torch.Tensor, key: KeyFrameState) -> list[torch.Tensor]:
@@ -437,7 +439,7 @@ def measure(st: Stages, frames: list[np.ndarray], fps: float, warmup: int, repea
         feats = _timed(key_t, "backbone", rec, lambda: st.backbone(img, lb))
         pd = _timed(key_t, "pixel_decoder", rec, lambda: st.pixel_decoder(feats))
         dec = _timed(key_t, "transformer_decoder", rec, lambda: st.transformer_decoder(pd))
-        _timed(key_t, "semantic_post", rec, lambda: st.postprocess(dec.class_logits, dec.mask_logits, lb))
+        _timed(key_t, "semantic_post", rec, lambda: st.key_postprocess(dec.class_logits, dec.mask_logits, lb))
         del feats, pd, dec
         # non-key frame, stage by stage (key = frames[0])
         f = frames[1 + it % (n - 1)]
@@ -446,7 +448,7 @@ def measure(st: Stages, frames: list[np.ndarray], fps: float, warmup: int, repea
         mfeats = _timed(nk_t, "motion_encoder", rec, lambda: st.motion_encoder(cur, key_state))
         flows = _timed(nk_t, "motion_decoder", rec, lambda: st.motion_decoder(mfeats, key_state))
         warped = _timed(nk_t, "warp", rec, lambda: st.warp(key_state, flows))
-        _timed(nk_t, "semantic_post", rec, lambda: st.postprocess(key_state.class_logits, warped, lb))
+        _timed(nk_t, "semantic_post", rec, lambda: st.postprocess(key_state.propagated(key_state.class_logits), warped, lb))
         del mfeats, flows, warped
         # end to end
         for kind, runner in runners.items():
@@ -477,14 +479,14 @@ def count_stages(st: Stages, frames: list[np.ndarray]) -> tuple[dict[str, FlopCo
     feats, key_c["backbone"] = count_flops(lambda: st.backbone(img, lb))
     pd, key_c["pixel_decoder"] = count_flops(lambda: st.pixel_decoder(feats))
     dec, key_c["transformer_decoder"] = count_flops(lambda: st.transformer_decoder(pd))
-    _, key_c["semantic_post"] = count_flops(lambda: st.postprocess(dec.class_logits, dec.mask_logits, lb))
+    _, key_c["semantic_post"] = count_flops(lambda: st.key_postprocess(dec.class_logits, dec.mask_logits, lb))
     key_state = st.with_active(st.model.segment_key_frame(img, lb.resized_hw))
     f1 = frames[1]
     cur, nk_c["preprocess"] = count_flops(lambda: st.preprocess(f1, lb))
     mfeats, nk_c["motion_encoder"] = count_flops(lambda: st.motion_encoder(cur, key_state))
     flows, nk_c["motion_decoder"] = count_flops(lambda: st.motion_decoder(mfeats, key_state))
     warped, nk_c["warp"] = count_flops(lambda: st.warp(key_state, flows))
-    _, nk_c["semantic_post"] = count_flops(lambda: st.postprocess(key_state.class_logits, warped, lb))
+    _, nk_c["semantic_post"] = count_flops(lambda: st.postprocess(key_state.propagated(key_state.class_logits), warped, lb))
     return key_c, nk_c
 
 
