@@ -159,9 +159,9 @@ class QueryFlowPropagator(Propagator):
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
         if not self.chain_flow:
-            return key.propagated(self.model.propagate(key, image))
+            return self.model.propagate(key, image)
         previous = self._chain.start(key, key.image)
-        flows = self._chain.advance(key.propagated(self.model.query_flows(key, image, previous)), image)
+        flows = self._chain.advance(self.model.query_flows(key, image, previous), image)
         return warp_mask_logits(key.propagated(key.mask_logits), flows, self.model.cfg.input.warp_normalization)
 
 

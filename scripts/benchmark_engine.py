@@ -346,10 +346,10 @@ class Stages:
         return self.model.motion.encoder(x)
 
     def motion_decoder(self, feats: list[torch.Tensor], key: KeyFrameState) -> torch.Tensor:
-        return self.model.motion.decoder(feats, key.query_embeddings.transpose(0, 1)).flows
+        return self.model.motion.decoder(feats, key.query_embeddings.transpose(0, 1), key.active).flows
 
     def warp(self, key: KeyFrameState, flows: torch.Tensor) -> torch.Tensor:
-        return warp_mask_logits(key.propagated(key.mask_logits), key.propagated(flows), self.model.warp_normalization)
+        return warp_mask_logits(key.propagated(key.mask_logits), flows, self.model.warp_normalization)
 
     def with_active(self, key: KeyFrameState) -> KeyFrameState:
         return replace(key, active=active_queries(key.class_logits, self.model.cfg.postprocess.min_query_score))
@@ -369,7 +369,7 @@ def _check_path(st: Stages, frames: list[np.ndarray]) -> str:
                 float((dec.class_logits - ref.class_logits).abs().max()))
     cur = st.preprocess(frames[1], lb)
     warped = st.warp(ref, st.motion_decoder(st.motion_encoder(cur, ref), ref))
-    d_nk = float((warped - ref.propagated(st.model.propagate(ref, cur))).abs().max())
+    d_nk = float((warped - st.model.propagate(ref, cur)).abs().max())
     if d_key > 1e-4 or d_nk > 1e-4:
         raise RuntimeError(f"stage-by-stage path differs from the model's (key {d_key:.3g}, non-key {d_nk:.3g})")
     return f"stage-by-stage outputs equal segment_key_frame/propagate (max |diff| key {d_key:.1e}, non-key {d_nk:.1e})"

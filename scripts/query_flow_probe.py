@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -85,7 +86,8 @@ class ProbeQueryFlow(QueryFlowPropagator):
         return (flows[0] * (1 - a) + affine * a)[None]
 
     def propagate(self, key: KeyFrameState, image: torch.Tensor) -> torch.Tensor:
-        flows = self._chain.advance(self.model.query_flows(key, image, self._chain.start(key, key.image)), image)
+        every = replace(key, active=None)  # the scores blend all N queries (flows of every query)
+        flows = self._chain.advance(self.model.query_flows(every, image, self._chain.start(key, key.image)), image)
         norm = self.model.cfg.input.warp_normalization
         out = warp_mask_logits(key.mask_logits, flows, norm)
         if self.rigid_prior:

@@ -357,27 +357,33 @@ class MotionDecoder(nn.Module):
             x = torch.cat([skip, out_deconv, flow_up], dim=1)
         return self.predict_flow(x)
 
-    def query_flows(self, query_feat: Tensor, conv2: Tensor) -> Tensor:
+    def query_flows(self, query_feat: Tensor, conv2: Tensor, queries: Tensor | None = None) -> Tensor:
         """Query-based (segment-aware) flows (spec §2.5).
 
         Args:
             query_feat: (N, B, hidden) float32 flow queries after the transformer.
             conv2: (B, c2, h, w) float32, the **raw** conv2 encoder features.
+            queries: optional (M,) int64 indices of the queries whose flows are wanted (the key
+                frame's active queries); None = all N. Each query's flow depends only on its
+                own embedding here, so the selected flows equal those of a full run.
 
         Returns:
-            (B, N, 2, h, w) float32: channel 0 = ``<e_q, M[E:2E]>`` (x), channel 1 =
-            ``<e_q, M[0:E]>`` (y), where ``M = scale_layer(conv2)`` (per pixel) and
-            ``e = output_head(decoder_norm(query_feat))``.
+            (B, M, 2, h, w) float32 (M = N without ``queries``): channel 0 = ``<e_q, M[E:2E]>``
+            (x), channel 1 = ``<e_q, M[0:E]>`` (y), where ``M = scale_layer(conv2)`` (per
+            pixel) and ``e = output_head(decoder_norm(query_feat))``.
         """
         e = self.flow_embed_dim
-        emb = self.output_head(self.decoder_norm(query_feat)).transpose(0, 1)  # (B, N, E)
+        if queries is not None:
+            query_feat = query_feat.index_select(0, queries)
+        emb = self.output_head(self.decoder_norm(query_feat)).transpose(0, 1)  # (B, M, E)
         b, _, h, w = conv2.shape
         motion = self.scale_layer(conv2.flatten(2).transpose(1, 2))  # (B, hw, 2E), channels-last
         basis_y = motion[:, :, :e].transpose(1, 2)  # (B, E, hw)
         basis_x = motion[:, :, e:].transpose(1, 2)
         flow_x = torch.matmul(emb, basis_x)  # (B, N, hw)
         flow_y = torch.matmul(emb, basis_y)
-        return torch.stack([flow_x, flow_y], dim=2).reshape(b, self.num_queries, 2, h, w)
+        m = self.num_queries if queries is None else int(queries.numel())  # a Python int for export
+        return torch.stack([flow_x, flow_y], dim=2).reshape(b, m, 2, h, w)
 
     def fuse(self, pixel_flow: Tensor, query_flows: Tensor) -> Tensor:
         """Fuse the pixel-wise flow with each query flow (spec §2.6).
@@ -395,7 +401,7 @@ class MotionDecoder(nn.Module):
         x = torch.cat([pix, query_flows], dim=2).reshape(b * n, 4, h, w)
         return self.fuse_layer(x).reshape(b, n, 2, h, w)
 
-    def forward(self, features: Sequence[Tensor], query_init: Tensor) -> MotionOutput:
+    def forward(self, features: Sequence[Tensor], query_init: Tensor, queries: Tensor | None = None) -> MotionOutput:
         """Compute one flow per query.
 
         Args:
@@ -403,9 +409,13 @@ class MotionDecoder(nn.Module):
                 (B, c_k, h_k, w_k) float32.
             query_init: (N, B, hidden) float32 sequence-first key-frame queries
                 (``query_out``: after the segmentor decoder's final LayerNorm).
+            queries: optional (M,) int64 indices of the queries whose flows are returned (see
+                :meth:`query_flows`); the transformer still runs over all N queries, so these
+                flows equal the corresponding ones of a full run. None = all N.
 
         Returns:
-            :class:`MotionOutput` with ``flows`` (B, N, 2, h2, w2) and ``pixel_flow``
+            :class:`MotionOutput` with ``flows`` (B, M, 2, h2, w2) (M = N without
+            ``queries``) and ``pixel_flow``
             (B, 2, h2, w2), float32, (x, y) displacements in pixels of the conv2 grid, pointing
             from the current frame to the key frame.
 
@@ -414,7 +424,7 @@ class MotionDecoder(nn.Module):
         """
         refined, query_feat = self.refine_features(features, query_init)
         pixel_flow = self.pixel_flow(refined)
-        query_flows = self.query_flows(query_feat, features[0])
+        query_flows = self.query_flows(query_feat, features[0], queries)
         return MotionOutput(self.fuse(pixel_flow, query_flows), pixel_flow)
 
 
@@ -540,6 +550,7 @@ class MotionModule(nn.Module):
         key: Tensor,
         query_init: Tensor,
         image_size: tuple[int, int] | None = None,
+        queries: Tensor | None = None,
     ) -> MotionOutput:
         """Estimate one flow per key-frame query, from the current frame to the key frame.
 
@@ -548,13 +559,16 @@ class MotionModule(nn.Module):
             key: (B, 3, H, W) float32 RGB 0..255, the key frame, padded the same way.
             query_init: (N, B, hidden) float32, sequence-first key-frame ``query_out``.
             image_size: optional unpadded (height, width); see :meth:`prepare_images`.
+            queries: optional (M,) int64 indices of the queries whose flows are returned
+                (:meth:`MotionDecoder.forward`); None = all N.
 
         Returns:
-            :class:`MotionOutput`: ``flows`` (B, N, 2, h, w) and ``pixel_flow`` (B, 2, h, w),
+            :class:`MotionOutput`: ``flows`` (B, M, 2, h, w) (M = N without ``queries``) and
+            ``pixel_flow`` (B, 2, h, w),
             float32, (x, y) in pixels of the flow grid, (h, w) = :meth:`flow_size` (H/8, W/8
             for the official scale).
 
         Raises:
             ValueError: bad input shapes (outside ``torch.jit`` tracing).
         """
-        return self.decoder(self.encoder(self.prepare_images(current, key, image_size)), query_init)
+        return self.decoder(self.encoder(self.prepare_images(current, key, image_size)), query_init, queries)

@@ -41,7 +41,8 @@ class KeyFrameState:
         query_embeddings: (1, N, C) float32 final LayerNorm-ed queries (Q_O^k).
         active: (M,) int64 indices of the queries whose masks non-key frames carry forward
             (:func:`active_queries`), or None for all N. The motion module still attends over
-            all N queries; only the per-query flows, warps and scores are limited to these.
+            all N queries; only the per-query flows (their heads and fusion), warps and scores
+            are limited to these.
     """
 
     image: Tensor
@@ -201,7 +202,7 @@ class MPVSS(nn.Module):
         )
 
     def estimate_flow(self, image: Tensor, key_image: Tensor, query_embeddings: Tensor,
-                      valid_hw: tuple[int, int] | None = None) -> Tensor:
+                      valid_hw: tuple[int, int] | None = None, queries: Tensor | None = None) -> Tensor:
         """Query-based flow from the current frame to the key frame (spec sections 2.1-2.6).
 
         Args:
@@ -209,35 +210,38 @@ class MPVSS(nn.Module):
             key_image: (B, 3, Hp, Wp) float32 key frame, same layout.
             query_embeddings: (B, N, C) key-frame queries (Q_O^k).
             valid_hw: unpadded size, or None.
+            queries: optional (M,) int64 indices of the queries whose flows are returned; the
+                motion transformer still attends over all N. None = all N.
 
         Returns:
-            (B, N, 2, Hp/s, Wp/s) float32 flows in pixels of the motion module's flow grid
-            (s = ``self.motion.flow_stride``, 8 for the official scale).
+            (B, M, 2, Hp/s, Wp/s) float32 flows (M = N without ``queries``) in pixels of the
+            motion module's flow grid (s = ``self.motion.flow_stride``, 8 for the official scale).
         """
-        return self.motion(image, key_image, query_embeddings.transpose(0, 1), image_size=valid_hw).flows
+        return self.motion(image, key_image, query_embeddings.transpose(0, 1), image_size=valid_hw,
+                           queries=queries).flows
 
     def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
-        """Query-based flows from ``image`` to ``reference`` for the key frame's queries.
+        """Query-based flows from ``image`` to ``reference`` for the key frame's active queries.
 
         With ``reference`` None (the key frame's image) these are the flows :meth:`propagate`
         warps with; with the previous frame as ``reference`` they are one link of a chain of
         frame-to-frame flows (:func:`~mpvss_ros.nn.warp.compose_flows`).
 
         Args:
-            key: the key frame's state (its queries and valid size are used).
+            key: the key frame's state (its queries, active queries and valid size are used).
             image: (1, 3, Hp, Wp) float32 current frame, RGB 0..255, on the key frame's canvas.
             reference: (1, 3, Hp, Wp) float32 frame the flow points into; None = ``key.image``.
 
         Returns:
-            (1, N, 2, Hp/s, Wp/s) float32 flows in pixels of the flow grid
-            (s = ``self.motion.flow_stride``).
+            (1, M, 2, Hp/s, Wp/s) float32 flows for the M queries of ``key.active`` (all N when
+            it is None) in pixels of the flow grid (s = ``self.motion.flow_stride``).
 
         Raises:
             ValueError: if ``image`` or ``reference`` is not on the key frame's canvas.
         """
         key.check_canvas(image, reference)
         reference = key.image if reference is None else reference
-        return self.estimate_flow(image, reference, key.query_embeddings, key.valid_hw)
+        return self.estimate_flow(image, reference, key.query_embeddings, key.valid_hw, key.active)
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
         """Warp the key frame's mask logits to the current frame with query-based flow.
@@ -247,9 +251,10 @@ class MPVSS(nn.Module):
             image: (1, 3, Hp, Wp) float32 current frame, same canvas as the key frame.
 
         Returns:
-            (1, N, Hp/4, Wp/4) float32 warped mask logits.
+            (1, M, Hp/4, Wp/4) float32 warped mask logits of the key frame's active queries
+            (``key.propagated``; M = N when ``key.active`` is None).
 
         Raises:
             ValueError: if the current frame's canvas differs from the key frame's.
         """
-        return warp_mask_logits(key.mask_logits, self.query_flows(key, image), self.warp_normalization)
+        return warp_mask_logits(key.propagated(key.mask_logits), self.query_flows(key, image), self.warp_normalization)

@@ -8,10 +8,13 @@ A backend is what the segmenter needs from a model, nothing more:
 * ``segment_key_frame(image, valid_hw) -> KeyFrameState`` with ``image`` (1, 3, Hp, Wp) float32
   RGB 0..255 zero-padded at the bottom/right to a multiple of 32 and ``valid_hw`` its unpadded
   (h, w);
-* ``propagate(key, image) -> Tensor``: (1, N, Hp/4, Wp/4) float32 mask logits of the current
+* ``propagate(key, image) -> Tensor``: (1, M, Hp/4, Wp/4) float32 mask logits of the current
   frame, warped from the key frame's;
-* ``query_flows(key, image, reference=None) -> Tensor``: (1, N, 2, h, w) float32 query-based flows
+* ``query_flows(key, image, reference=None) -> Tensor``: (1, M, 2, h, w) float32 query-based flows
   from ``image`` to ``reference`` (default the key frame), for chained flow.
+
+Both cover the key frame's M active queries (``key.active``, ``KeyFrameState.propagated``;
+M = N when it is None).
 
 Implementations: :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` (the PyTorch model, CPU
 or CUDA, optional fp16 autocast on CUDA or bfloat16 weights on CPU), :class:`~mpvss_ros.runtime.onnx_backend.OnnxRuntimeBackend`
@@ -111,7 +114,8 @@ class Backend(ABC):
         """Warp the key frame's mask logits to ``image`` (same canvas as the key frame).
 
         Returns:
-            (1, N, Hp/4, Wp/4) float32 mask logits on ``device``.
+            (1, M, Hp/4, Wp/4) float32 mask logits of the key frame's M active queries
+            (``key.propagated``), on ``device``.
         """
 
     @abstractmethod
@@ -124,7 +128,8 @@ class Backend(ABC):
             image, reference: (1, 3, Hp, Wp) float32 RGB 0..255 on the key frame's canvas.
 
         Returns:
-            (1, N, 2, h, w) float32 flows in pixels of the motion module's flow grid, on ``device``.
+            (1, M, 2, h, w) float32 flows of the key frame's M active queries (``key.propagated``)
+            in pixels of the motion module's flow grid, on ``device``.
 
         Raises:
             ValueError: a frame not on the key frame's canvas, or graphs without a ``flows`` output.

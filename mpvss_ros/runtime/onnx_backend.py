@@ -212,14 +212,15 @@ class OnnxRuntimeBackend(Backend):
     def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
         feeds = self._non_key_feeds(key, image, key.image if reference is None else reference)
         (out,) = self._flow_session(key.valid_hw).run(["flows"], feeds)
-        return torch.from_numpy(out)
+        return key.propagated(torch.from_numpy(out))  # the graph computes all N
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
         _, non_key_sess, _ = self._get(key.valid_hw)
         if self._non_key_output[key.valid_hw] == "flows":
-            return warp_mask_logits(key.mask_logits, self.query_flows(key, image), self.cfg.input.warp_normalization)
+            return warp_mask_logits(key.propagated(key.mask_logits), self.query_flows(key, image),
+                                    self.cfg.input.warp_normalization)
         (out,) = non_key_sess.run(["warped_mask_logits"], self._non_key_feeds(key, image, key.image))
-        return torch.from_numpy(out)
+        return key.propagated(torch.from_numpy(out))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threads": self.threads}

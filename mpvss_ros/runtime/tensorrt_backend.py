@@ -623,10 +623,11 @@ class TensorRTBackend(Backend):
         return non_key.result(output)
 
     def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
-        return self._run_non_key(key, image, key.image if reference is None else reference, "flows")
+        # The engine computes all N queries; the interface returns the active ones.
+        return key.propagated(self._run_non_key(key, image, key.image if reference is None else reference, "flows"))
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
-        return self._run_non_key(key, image, key.image, "warped_mask_logits")
+        return key.propagated(self._run_non_key(key, image, key.image, "warped_mask_logits"))
 
     def close(self) -> None:
         self._engines.clear()

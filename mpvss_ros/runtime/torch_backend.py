@@ -168,11 +168,11 @@ class TorchBackend(Backend):
         key.check_canvas(image, reference)
         pair = m.motion.prepare_images(image, key.image if reference is None else reference, key.valid_hw)
         features = [self._input("motion.decoder", f) for f in m.motion.encoder(self._input("motion.encoder", pair))]
-        out = m.motion.decoder(features, self._input("motion.decoder", key.query_embeddings.transpose(0, 1)))
+        out = m.motion.decoder(features, self._input("motion.decoder", key.query_embeddings.transpose(0, 1)), key.active)
         return out.flows.float()
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
         if self.precision == "fp32":
             return self.model.propagate(key, image)
         m: MPVSS = self.model  # type: ignore[assignment]
-        return warp_mask_logits(key.mask_logits.float(), self.query_flows(key, image), m.warp_normalization)
+        return warp_mask_logits(key.propagated(key.mask_logits).float(), self.query_flows(key, image), m.warp_normalization)

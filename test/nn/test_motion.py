@@ -257,6 +257,24 @@ def test_fusion_channel_order(lite: MotionModule) -> None:
             torch.testing.assert_close(out.flows, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_selected_queries_get_the_flows_of_a_full_run(lite: MotionModule) -> None:
+    """``queries`` limits the flow heads and the fusion, not the transformer: the selected flows
+    equal those of the full run, in the order given, and the pixel flow is unchanged."""
+    perturb_fuse(lite)
+    cur, key = images(2, 64, 96)
+    q = torch.randn(8, 2, 128, generator=torch.Generator().manual_seed(3))
+    keep = torch.tensor([1, 4, 5])
+    with torch.no_grad():
+        full = lite(cur, key, q)
+        part = lite(cur, key, q, queries=keep)
+        reordered = lite(cur, key, q, queries=torch.tensor([6, 0]))
+    assert part.flows.shape == (2, 3, 2) + tuple(full.flows.shape[-2:])
+    torch.testing.assert_close(part.flows, full.flows[:, keep], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(reordered.flows, full.flows[:, [6, 0]], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(part.pixel_flow, full.pixel_flow, rtol=0, atol=0)
+    assert not torch.allclose(part.flows[:, 0], part.flows[:, 1])  # distinct queries compared
+
+
 def test_batch_matches_single_samples(lite: MotionModule) -> None:
     perturb_fuse(lite)
     cur, key = images(2, 64, 96)

@@ -165,6 +165,31 @@ def test_r50_official_key_layout(r50):
 
 
 # ------------------------------------------------------------------ active queries
+def test_query_flows_and_propagate_cover_the_active_queries():
+    """With ``key.active`` set, flows and warped masks are those of the active queries, equal to
+    the corresponding ones of a run over all N (the motion transformer still sees all N)."""
+    from dataclasses import replace
+
+    from mpvss_ros.model_loader import load_model
+
+    lite = load_model("mpvss_lite").model  # trained: an untrained fusion gives one constant flow
+    g = torch.Generator().manual_seed(4)
+    key_image = torch.rand((1, 3, 96, 128), generator=g) * 255
+    image = (key_image + torch.randn((1, 3, 96, 128), generator=g) * 8).clamp(0, 255)
+    with torch.inference_mode():
+        key = lite.segment_key_frame(key_image, (90, 128))
+        active = replace(key, active=torch.tensor([0, 3, 7, 30]))
+        flows, part = lite.query_flows(key, image), lite.query_flows(active, image)
+        chained = lite.query_flows(active, image, reference=image)
+        warped, warped_part = lite.propagate(key, image), lite.propagate(active, image)
+    assert flows.shape[1] == lite.cfg.transformer_decoder.num_queries and part.shape[1] == 4
+    torch.testing.assert_close(part, flows[:, active.active], rtol=1e-6, atol=1e-6)
+    assert chained.shape == part.shape and not torch.allclose(chained, part)
+    assert warped_part.shape == (1, 4) + tuple(key.mask_logits.shape[-2:])
+    torch.testing.assert_close(warped_part, warped[:, active.active], rtol=1e-5, atol=1e-5)
+
+
+
 
 
 def test_active_queries_keeps_the_queries_with_a_class_probability_at_the_threshold():

@@ -224,6 +224,27 @@ def test_onnxruntime_backend_logits_close(lite, lite_small):
     assert not torch.allclose(f, backend.query_flows(k, imgs[1]), atol=1e-3)  # the reference really changed
 
 
+def test_onnxruntime_backend_returns_the_active_queries(lite, lite_small):
+    """The graph computes all N queries; the backend returns the key frame's active ones, as the
+    torch model does (``Backend.query_flows`` / ``propagate``)."""
+    from dataclasses import replace
+
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
+    frames = _random_frames((96, 128), 2, seed=4)
+    imgs = [torch.from_numpy(f).permute(2, 0, 1)[None].float() for f in frames]
+    keep = torch.tensor([2, 5, 11])
+    k = backend.segment_key_frame(imgs[0], (96, 128))
+    active = replace(k, active=keep)
+    f, f_part = backend.query_flows(k, imgs[1]), backend.query_flows(active, imgs[1])
+    w, w_part = backend.propagate(k, imgs[1]), backend.propagate(active, imgs[1])
+    assert f_part.shape[1] == 3 and w_part.shape[1] == 3
+    torch.testing.assert_close(f_part, f[:, keep], rtol=0, atol=0)
+    torch.testing.assert_close(w_part, w[:, keep], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        ref = lite.model.query_flows(replace(k, active=keep), imgs[1])
+    torch.testing.assert_close(f_part, ref, rtol=0, atol=1e-3)
+
+
 def test_onnxruntime_cpu_warps_in_torch_and_matches_the_whole_graph(lite_small, tmp_path):
     """The CPU backend runs the non-key graph up to ``flows`` and warps in torch; the result equals
     the graph's own ``warped_mask_logits``. A graph without ``flows`` (older export) runs whole."""

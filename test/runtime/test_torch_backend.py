@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -93,6 +95,12 @@ def test_bf16_runs_the_listed_modules_in_bfloat16_and_matches_fp32():
     assert float((flows[1] - flows[0]).abs().max()) < 0.1 * float(flows[0].abs().max())
     assert float(flows[0].abs().max()) > 0.1
     assert warped.shape == keys[1].mask_logits.shape
+    keep = torch.tensor([1, 8, 20])
+    with torch.inference_mode():
+        part = bf16.query_flows(replace(keys[1], active=keep), image)
+        warped_part = bf16.propagate(replace(keys[1], active=keep), image)
+    torch.testing.assert_close(part, flows[1][:, keep], rtol=0, atol=1e-5)  # the key frame's active queries
+    torch.testing.assert_close(warped_part, warped[:, keep], rtol=0, atol=1e-4)
 
 
 def test_bf16_is_a_cpu_precision_of_the_torch_backend():
