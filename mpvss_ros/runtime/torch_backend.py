@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..nn.mpvss import MPVSS, KeyFrameState
 from ..nn.warp import warp_mask_logits
-from .base import Backend, BackendUnavailable, check_precision
+from .base import Backend, BackendUnavailable
 
 __all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "TorchBackend", "bf16_missing", "to_channels_last"]
 
@@ -97,13 +97,10 @@ class TorchBackend(Backend):
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32",
                  channels_last: bool | None = None) -> None:
-        check_precision(precision)
+        from . import backend_missing  # the package imports this module lazily: no cycle
+
         dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise BackendUnavailable("torch backend on CUDA needs a CUDA build of torch and a GPU; use --device cpu")
-        if precision == "fp16" and dev.type != "cuda":
-            raise BackendUnavailable("fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 or bf16 on CPU")
-        if precision == "bf16" and (why := bf16_missing(dev)):
+        if why := backend_missing("torch", str(dev), precision):
             raise BackendUnavailable(why)
         if precision != "fp32" and not isinstance(model, MPVSS):
             raise BackendUnavailable(f"{precision} is implemented for the MPVSS model, not {type(model).__name__}")
