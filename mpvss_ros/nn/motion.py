@@ -380,7 +380,7 @@ class MotionDecoder(nn.Module):
         motion = self.scale_layer(conv2.flatten(2).transpose(1, 2))  # (B, hw, 2E), channels-last
         basis_y = motion[:, :, :e].transpose(1, 2)  # (B, E, hw)
         basis_x = motion[:, :, e:].transpose(1, 2)
-        flow_x = torch.matmul(emb, basis_x)  # (B, N, hw)
+        flow_x = torch.matmul(emb, basis_x)  # (B, M, hw)
         flow_y = torch.matmul(emb, basis_y)
         m = self.num_queries if queries is None else int(queries.numel())  # a Python int for export
         return torch.stack([flow_x, flow_y], dim=2).reshape(b, m, 2, h, w)
