@@ -7,8 +7,9 @@ sampling locations lose too much in half precision), and the final mask warp run
 (the ``grid_sample`` coordinates would lose sub-pixel precision). Outputs are float32.
 
 bf16 (CPU only, with bfloat16 instructions: AVX-512 BF16 or AMX) stores the weights of
-:data:`BF16_MODULES` (backbone and motion encoder) as bfloat16, channels-last, and casts their
-inputs; the rest runs in float32 (autocast on CPU re-casts the weights at every call and was
+:data:`BF16_MODULES` (backbone and motion encoder) as bfloat16, channels-last, and gives each of
+them hooks that cast its floating-point inputs to bfloat16 and its outputs back to float32
+(:func:`run_in_bf16`), so the model's own forward paths run unchanged; the rest runs in float32 (autocast on CPU re-casts the weights at every call and was
 slower than float32). CamVid val clip, shipped weights, 2 threads of a Xeon with AMX: 93 against
 108 ms per key frame on average, 70.60 against 70.73 per-frame mIoU, 69.11 against 69.10 at one
 key frame in 5 (``docs/runtime.md``, "bf16 on CPU").
@@ -37,7 +38,7 @@ from ..nn.mpvss import MPVSS, KeyFrameState
 from ..nn.warp import warp_mask_logits
 from .base import Backend, BackendUnavailable
 
-__all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "TorchBackend", "bf16_missing", "to_channels_last"]
+__all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "TorchBackend", "bf16_missing", "run_in_bf16", "to_channels_last"]
 
 #: Submodules run channels-last on CPU (see the module docstring for the measurements).
 CHANNELS_LAST_MODULES = ("backbone",)
@@ -58,6 +59,29 @@ def bf16_missing(device: torch.device | str = "cpu") -> str | None:
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return "bf16 needs a CPU with bfloat16 instructions (AVX-512 BF16 or AMX) and oneDNN; use --precision fp32"
     return None
+
+
+def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    """``x`` with every floating-point tensor in it (nested in lists, tuples, dicts) cast to ``dtype``."""
+    if isinstance(x, Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _cast_floats(v, dtype) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast_floats(v, dtype) for v in x)
+    return x
+
+
+def run_in_bf16(module: nn.Module, memory_format: torch.memory_format = torch.preserve_format) -> None:
+    """Make ``module`` compute in bfloat16 behind a float32 interface, in place.
+
+    Its parameters and buffers become bfloat16 (in ``memory_format``); a forward pre-hook casts
+    its floating-point inputs to bfloat16 and a forward hook casts its outputs (tensors, or lists,
+    tuples and dicts of them) back to float32, so callers see float32 exactly as before.
+    """
+    module.to(torch.bfloat16, memory_format=memory_format)
+    module.register_forward_pre_hook(lambda _m, args: _cast_floats(args, torch.bfloat16))
+    module.register_forward_hook(lambda _m, _args, out: _cast_floats(out, torch.float32))
 
 
 def to_channels_last(model: nn.Module) -> None:
@@ -115,7 +139,7 @@ class TorchBackend(Backend):
         if precision == "bf16":
             fmt = torch.channels_last if self.channels_last else torch.preserve_format
             for name in BF16_MODULES:
-                model.get_submodule(name).to(torch.bfloat16, memory_format=fmt)
+                run_in_bf16(model.get_submodule(name), fmt)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "channels_last": self.channels_last}
@@ -125,28 +149,20 @@ class TorchBackend(Backend):
         return int(getattr(self.model, "num_classes", self.cfg.num_classes))
 
     def _autocast(self, enabled: bool = True):
-        # fp16: autocast; bf16: the weights are bfloat16 already and _input casts the inputs.
+        # fp16 only; bf16 casts at the boundaries of BF16_MODULES (run_in_bf16).
         return torch.autocast(device_type=self.device.type, dtype=torch.float16,
                               enabled=enabled and self.precision == "fp16")
 
-    def _input(self, name: str, x: Tensor) -> Tensor:
-        """``x`` cast for submodule ``name``: bfloat16 if it is one of :data:`BF16_MODULES` under
-        bf16, float32 otherwise; unchanged for fp32 and fp16 (autocast casts)."""
-        if self.precision != "bf16":
-            return x
-        return x.to(torch.bfloat16 if name in BF16_MODULES else torch.float32)
-
     def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
-        if self.precision == "fp32":
+        if self.precision != "fp16":
             return self.model.segment_key_frame(image, valid_hw)
         m: MPVSS = self.model  # type: ignore[assignment]
         with self._autocast():
-            features = m.backbone(self._input("backbone", m.normalize(image, valid_hw)))
+            features = m.backbone(m.normalize(image, valid_hw))
         with self._autocast(enabled=False):  # official: the pixel decoder always runs in fp32
             mask_features, multi_scale = m.sem_seg_head.pixel_decoder({k: v.float() for k, v in features.items()})
         with self._autocast():
-            p = "sem_seg_head.predictor"
-            out = m.sem_seg_head.predictor([self._input(p, x) for x in multi_scale], self._input(p, mask_features))
+            out = m.sem_seg_head.predictor(multi_scale, mask_features)
         hw = (int(image.shape[-2]), int(image.shape[-1])) if valid_hw is None else tuple(int(v) for v in valid_hw)
         return KeyFrameState(
             image=image,
@@ -157,19 +173,12 @@ class TorchBackend(Backend):
         )
 
     def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
-        if self.precision != "bf16":
-            with self._autocast():
-                flows = self.model.query_flows(key, image, reference)
-            return flows.float()
-        m: MPVSS = self.model  # type: ignore[assignment]
-        key.check_canvas(image, reference)
-        pair = m.motion.prepare_images(image, key.image if reference is None else reference, key.valid_hw)
-        features = [self._input("motion.decoder", f) for f in m.motion.encoder(self._input("motion.encoder", pair))]
-        out = m.motion.decoder(features, self._input("motion.decoder", key.query_embeddings.transpose(0, 1)), key.active)
-        return out.flows.float()
+        with self._autocast():
+            flows = self.model.query_flows(key, image, reference)
+        return flows.float()
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
-        if self.precision == "fp32":
+        if self.precision != "fp16":
             return self.model.propagate(key, image)
         m: MPVSS = self.model  # type: ignore[assignment]
         return warp_mask_logits(key.propagated(key.mask_logits).float(), self.query_flows(key, image), m.warp_normalization)

@@ -10,7 +10,8 @@ import torch
 
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.runtime import BackendUnavailable, backend_missing
-from mpvss_ros.runtime.torch_backend import BF16_MODULES, CHANNELS_LAST_MODULES, TorchBackend, bf16_missing
+from mpvss_ros.runtime.torch_backend import (BF16_MODULES, CHANNELS_LAST_MODULES, TorchBackend, bf16_missing,
+                                             run_in_bf16)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -111,3 +112,27 @@ def test_bf16_is_a_cpu_precision_of_the_torch_backend():
     if bf16_missing() is not None:
         with pytest.raises(BackendUnavailable, match="bfloat16"):
             TorchBackend(load_model("mpvss_lite").model, "cpu", precision="bf16")
+
+
+def test_run_in_bf16_keeps_a_float32_interface():
+    """bfloat16 weights inside; float32 (and integer) tensors in and out, nested outputs included."""
+
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor, idx: torch.Tensor) -> dict:
+            assert x.dtype == torch.bfloat16 and idx.dtype == torch.int64  # what the pre-hook passes in
+            y = self.lin(x)
+            return {"y": y, "pair": [y * 2, idx]}
+
+    torch.manual_seed(0)
+    module = Two()
+    x = torch.randn(5, 4)
+    expected = module.lin(x)
+    run_in_bf16(module)
+    assert module.lin.weight.dtype == torch.bfloat16
+    out = module(x, torch.arange(3))
+    assert out["y"].dtype == out["pair"][0].dtype == torch.float32 and out["pair"][1].dtype == torch.int64
+    torch.testing.assert_close(out["y"], expected, atol=0.05, rtol=0.02)
