@@ -425,7 +425,9 @@ class MotionDecoder(nn.Module):
         refined, query_feat = self.refine_features(features, query_init)
         pixel_flow = self.pixel_flow(refined)
         query_flows = self.query_flows(query_feat, features[0], queries)
-        return MotionOutput(self.fuse(pixel_flow, query_flows), pixel_flow)
+        # Contiguous (NCHW) outputs whatever the layout the convolutions ran in: a channels-last
+        # flow would make the warp's 2-channel upsampling several times slower.
+        return MotionOutput(self.fuse(pixel_flow, query_flows).contiguous(), pixel_flow.contiguous())
 
 
 class MotionModule(nn.Module):

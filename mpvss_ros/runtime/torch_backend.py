@@ -20,11 +20,15 @@ depthwise convolutions at the canvas's early strides are several times slower th
 ``mpvss_lite``, 2 threads, medians: backbone 81 -> 60 ms, and the pixel decoder, fed NHWC
 features, 23 -> 12 ms; whole key frames in ``VideoSegmenter.push`` 138 -> 107 ms (the median of
 three interleaved runs of 70 CamVid val frames each); labels equal on all but 1 pixel in 3.4
-million. The rest stays NCHW: the masked-attention and motion decoders gained nothing, the
-motion encoder alone went 4.2 -> 3.5 ms but non-key frames in ``push()`` did not change
-(propagation 16.7 against 16.5 ms, same three runs), and converting the whole motion module made
-them slower. ``mpvss_r50`` (untrained, one 480 x 640 frame, 5 runs, backbone and motion encoder
-converted): key frame 1333 -> 1288 ms, query flows 113 -> 118 ms, about even.
+million. The motion module runs channels-last too: its 2-channel flow predictions and its
+encoder are faster in NHWC (conv 98 -> 2 at 45 x 60: 0.43 -> 0.24 ms alone), and it returns
+contiguous NCHW flows (a channels-last flow had made the warp's 2-channel upsampling 0.3 -> 1.3 ms,
+which is why converting it once measured slower). CamVid val clip, chained query flow at one key
+frame in 5, three interleaved passes (``VideoSegmenter.push``, medians per pass): propagation
+14.1 / 15.1 / 14.7 -> 13.1 / 13.4 / 14.2 ms, labels identical. The masked-attention decoder stays
+NCHW (it gained nothing). ``mpvss_r50`` (untrained, one 480 x 640 frame): key frame 1333 -> 1288
+ms with the backbone converted (5 runs); the whole motion module 112.1 / 110.1 / 117.1 -> 104.9 /
+102.3 / 108.9 ms (3 interleaved rounds of 3 runs, all 100 queries).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from .base import Backend, BackendUnavailable
 __all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "TorchBackend", "bf16_missing", "run_in_bf16", "to_channels_last"]
 
 #: Submodules run channels-last on CPU (see the module docstring for the measurements).
-CHANNELS_LAST_MODULES = ("backbone",)
+CHANNELS_LAST_MODULES = ("backbone", "motion")
 
 #: Submodules whose weights become bfloat16 with ``precision="bf16"`` (CPU); the pixel decoder and
 #: the warp stay float32, as in the fp16 path.
@@ -67,6 +71,8 @@ def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
         return x.to(dtype) if x.is_floating_point() else x
     if isinstance(x, dict):
         return {k: _cast_floats(v, dtype) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a NamedTuple, e.g. MotionOutput
+        return type(x)(*(_cast_floats(v, dtype) for v in x))
     if isinstance(x, (list, tuple)):
         return type(x)(_cast_floats(v, dtype) for v in x)
     return x

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.motion import MotionOutput
 from mpvss_ros.runtime import BackendUnavailable, backend_missing
 from mpvss_ros.runtime.torch_backend import (BF16_MODULES, CHANNELS_LAST_MODULES, TorchBackend, bf16_missing,
-                                             run_in_bf16)
+                                             run_in_bf16, to_channels_last)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -34,8 +35,18 @@ def test_cpu_layout_follows_the_setting(channels_last):
     for name in CHANNELS_LAST_MODULES:
         weights = _conv_weights(model.get_submodule(name))
         assert weights and all(_is_channels_last(p) == (channels_last is None) for p in weights), name
-    others = _conv_weights(model.sem_seg_head) + _conv_weights(model.motion)
-    assert others and not any(_is_channels_last(p) for p in others)
+
+
+def test_to_channels_last_converts_the_listed_modules_only():
+    """mpvss_lite's masked-attention side has only 1x1 and depthwise kernels (layout-free), so a
+    stand-in with a 3x3 convolution per top-level module checks which ones are converted."""
+    model = torch.nn.Module()
+    for name in ("backbone", "sem_seg_head", "motion"):
+        model.add_module(name, torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3)))
+    to_channels_last(model)
+    for name, module in model.named_children():
+        assert _is_channels_last(module[0].weight) == (name in CHANNELS_LAST_MODULES), name
+    assert not _is_channels_last(model.sem_seg_head[0].weight)
 
 
 def test_channels_last_gives_the_same_key_frame_and_flows():
@@ -125,7 +136,7 @@ def test_run_in_bf16_keeps_a_float32_interface():
         def forward(self, x: torch.Tensor, idx: torch.Tensor) -> dict:
             assert x.dtype == torch.bfloat16 and idx.dtype == torch.int64  # what the pre-hook passes in
             y = self.lin(x)
-            return {"y": y, "pair": [y * 2, idx]}
+            return {"y": y, "pair": [y * 2, idx], "named": MotionOutput(y, idx)}
 
     torch.manual_seed(0)
     module = Two()
@@ -135,4 +146,6 @@ def test_run_in_bf16_keeps_a_float32_interface():
     assert module.lin.weight.dtype == torch.bfloat16
     out = module(x, torch.arange(3))
     assert out["y"].dtype == out["pair"][0].dtype == torch.float32 and out["pair"][1].dtype == torch.int64
+    assert isinstance(out["named"], MotionOutput)  # a NamedTuple is rebuilt field by field
+    assert out["named"].flows.dtype == torch.float32 and out["named"].pixel_flow.dtype == torch.int64
     torch.testing.assert_close(out["y"], expected, atol=0.05, rtol=0.02)
