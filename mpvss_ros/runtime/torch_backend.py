@@ -24,8 +24,8 @@ million. The motion module runs channels-last too: its 2-channel flow prediction
 encoder are faster in NHWC (conv 98 -> 2 at 45 x 60: 0.43 -> 0.24 ms alone), and it returns
 contiguous NCHW flows (a channels-last flow had made the warp's 2-channel upsampling 0.3 -> 1.3 ms,
 which is why converting it once measured slower). CamVid val clip, chained query flow at one key
-frame in 5, three interleaved passes (``VideoSegmenter.push``, medians per pass): propagation
-14.1 / 15.1 / 14.7 -> 13.1 / 13.4 / 14.2 ms, labels identical. The masked-attention decoder stays
+frame in 5, five passes alternating with the NCHW module (``VideoSegmenter.push``, medians per
+pass): propagation 14.2-14.7 -> 12.7-13.3 ms, labels identical. The masked-attention decoder stays
 NCHW (it gained nothing). ``mpvss_r50`` (untrained, one 480 x 640 frame): key frame 1333 -> 1288
 ms with the backbone converted (5 runs); the whole motion module 112.1 / 110.1 / 117.1 -> 104.9 /
 102.3 / 108.9 ms (3 interleaved rounds of 3 runs, all 100 queries).
