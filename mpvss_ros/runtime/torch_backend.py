@@ -90,13 +90,14 @@ def run_in_bf16(module: nn.Module, memory_format: torch.memory_format = torch.pr
     module.register_forward_hook(lambda _m, _args, out: _cast_floats(out, torch.float32))
 
 
-def to_channels_last(model: nn.Module) -> None:
-    """Store those of the model's :data:`CHANNELS_LAST_MODULES` that it has channels-last, in place.
+def to_channels_last(model: nn.Module, modules: tuple[str, ...] = CHANNELS_LAST_MODULES) -> None:
+    """Store those of the model's ``modules`` (default :data:`CHANNELS_LAST_MODULES`) that it has
+    channels-last, in place.
 
     Parameter values and the layout of the model's outputs are unchanged; only the memory layout
     of those submodules' weights (and so of the activations they produce) changes.
     """
-    for name in CHANNELS_LAST_MODULES:
+    for name in modules:
         try:
             module = model.get_submodule(name)
         except AttributeError:  # a stand-in model without it

@@ -43,6 +43,9 @@ def test_to_channels_last_converts_the_listed_modules_only():
     model = torch.nn.Module()
     for name in ("backbone", "sem_seg_head", "motion"):
         model.add_module(name, torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3)))
+    to_channels_last(model, ("backbone",))  # what stage-2 training converts (the frozen part)
+    for name, module in model.named_children():
+        assert _is_channels_last(module[0].weight) == (name == "backbone"), name
     to_channels_last(model)
     for name, module in model.named_children():
         assert _is_channels_last(module[0].weight) == (name in CHANNELS_LAST_MODULES), name
