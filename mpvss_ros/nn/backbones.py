@@ -104,7 +104,7 @@ class Conv2dNorm(nn.Conv2d):
         if self.norm is not None:
             x = self.norm(x)
         if self.relu:
-            x = F.relu(x)
+            x = F.relu(x, inplace=True)  # x is this layer's own fresh output
         return x
 
 
@@ -275,8 +275,8 @@ class InvertedResidual(nn.Module):
         self.use_res_connect = stride == 1 and in_channels == out_channels
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            layers += _conv_bn(in_channels, hidden, 1) + [nn.ReLU6()]
-        layers += _conv_bn(hidden, hidden, 3, stride=stride, groups=hidden) + [nn.ReLU6()]
+            layers += _conv_bn(in_channels, hidden, 1) + [nn.ReLU6(inplace=True)]
+        layers += _conv_bn(hidden, hidden, 3, stride=stride, groups=hidden) + [nn.ReLU6(inplace=True)]
         layers += _conv_bn(hidden, out_channels, 1)
         self.conv = nn.Sequential(*layers)
 
@@ -308,13 +308,13 @@ class MobileNetV2(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, 32, 3, stride=2), nn.ReLU6())]
+        layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, 32, 3, stride=2), nn.ReLU6(inplace=True))]
         in_ch = 32
         for t, c, n, s in MOBILENETV2_SETTINGS:
             for i in range(n):
                 layers.append(InvertedResidual(in_ch, c, s if i == 0 else 1, t))
                 in_ch = c
-        layers.append(nn.Sequential(*_conv_bn(in_ch, 1280, 1), nn.ReLU6()))
+        layers.append(nn.Sequential(*_conv_bn(in_ch, 1280, 1), nn.ReLU6(inplace=True)))
         self.features = nn.Sequential(*layers)
         self.out_channels: dict[str, int] = {"res2": 24, "res3": 32, "res4": 96, "res5": 1280}
         self._init_weights()

@@ -53,7 +53,7 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < last:
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)  # the Linear's fresh output
         return x
 
 
@@ -247,5 +247,5 @@ class ConvAct(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x)
         if self.negative_slope is not None:
-            x = F.leaky_relu(x, self.negative_slope)
+            x = F.leaky_relu(x, self.negative_slope, inplace=True)  # the convolution's fresh output
         return x

@@ -491,7 +491,7 @@ class SeparableConvGNReLU(nn.Module):
         _xavier_fill_(self.pointwise)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.norm(self.pointwise(self.depthwise(x))))
+        return F.relu(self.norm(self.pointwise(self.depthwise(x))), inplace=True)
 
 
 class FPNPixelDecoder(nn.Module):

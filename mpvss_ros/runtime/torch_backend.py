@@ -37,12 +37,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from ..nn.backbones import Conv2dNorm
 from ..nn.mpvss import MPVSS, KeyFrameState
 from ..nn.warp import warp_mask_logits
 from .base import Backend, BackendUnavailable
 
-__all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "TorchBackend", "bf16_missing", "run_in_bf16", "to_channels_last"]
+__all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "TorchBackend", "bf16_missing", "fold_batch_norms", "run_in_bf16",
+           "to_channels_last"]
 
 #: Submodules run channels-last on CPU (see the module docstring for the measurements).
 CHANNELS_LAST_MODULES = ("backbone", "motion")
@@ -90,6 +93,47 @@ def run_in_bf16(module: nn.Module, memory_format: torch.memory_format = torch.pr
     module.register_forward_hook(lambda _m, _args, out: _cast_floats(out, torch.float32))
 
 
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold every BatchNorm2d that directly follows a convolution into that convolution, in place.
+
+    Inference only: the model must be in eval mode (running statistics are used). Matched are
+    ``nn.Sequential`` runs ``[Conv2d, BatchNorm2d]`` (MobileNetV2; the norm becomes ``nn.Identity``)
+    and :class:`~mpvss_ros.nn.backbones.Conv2dNorm` with a BatchNorm2d ``norm`` (ResNet; the norm
+    becomes None and the convolution gets a bias). The folded weights come from
+    :func:`torch.nn.utils.fusion.fuse_conv_bn_weights`. Outputs are unchanged up to float32
+    rounding, but the module tree and its ``state_dict`` keys change: a folded model can no
+    longer be trained or saved as a checkpoint.
+
+    Returns:
+        The number of BatchNorm2d layers folded.
+
+    Raises:
+        ValueError: a BatchNorm2d to fold is in training mode or keeps no running statistics.
+    """
+    folded = 0
+
+    def weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[nn.Parameter, nn.Parameter]:
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            raise ValueError("fold_batch_norms needs eval-mode BatchNorm2d layers with running statistics")
+        return fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                    bn.weight, bn.bias)
+
+    for module in list(model.modules()):
+        if isinstance(module, Conv2dNorm) and isinstance(module.norm, nn.BatchNorm2d):
+            module.weight, module.bias = weights(module, module.norm)
+            module.norm = None
+            folded += 1
+        elif isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for first, second in zip(names, names[1:]):
+                conv, bn = module._modules[first], module._modules[second]
+                if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
+                    conv.weight, conv.bias = weights(conv, bn)
+                    module._modules[second] = nn.Identity()
+                    folded += 1
+    return folded
+
+
 def to_channels_last(model: nn.Module, modules: tuple[str, ...] = CHANNELS_LAST_MODULES) -> None:
     """Store those of the model's ``modules`` (default :data:`CHANNELS_LAST_MODULES`) that it has
     channels-last, in place.
@@ -119,6 +163,10 @@ class TorchBackend(Backend):
             None = on CPU only (measured there; CUDA is left as it was). Their parameters are
             converted in place, as ``model.eval().to(device)`` already moves them; values and
             outputs' layouts are unchanged.
+        fold_batch_norm: fold the backbone's BatchNorm layers into its convolutions
+            (:func:`fold_batch_norms`), in place. This changes the model's module tree and
+            state-dict keys, so pass False for a model that will still be trained or saved
+            (stage-2 training's pseudo-labels and quick validation do).
 
     Raises:
         BackendUnavailable: fp16 on CPU, bf16 on CUDA or on a CPU without bfloat16 instructions
@@ -127,7 +175,7 @@ class TorchBackend(Backend):
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32",
-                 channels_last: bool | None = None) -> None:
+                 channels_last: bool | None = None, fold_batch_norm: bool = True) -> None:
         from . import backend_missing  # the package imports this module lazily: no cycle
 
         dev = torch.device(device)
@@ -141,6 +189,8 @@ class TorchBackend(Backend):
         self.precision = precision
         self.name = {"fp32": "torch", "fp16": "torch[fp16 autocast]", "bf16": "torch[bf16 weights]"}[precision]
         self.channels_last = dev.type == "cpu" if channels_last is None else bool(channels_last)
+        self.fold_batch_norm = bool(fold_batch_norm)
+        self.folded_batch_norms = fold_batch_norms(model) if fold_batch_norm else 0  # 0 when folded before
         if self.channels_last:
             to_channels_last(model)
         if precision == "bf16":
@@ -149,7 +199,7 @@ class TorchBackend(Backend):
                 run_in_bf16(model.get_submodule(name), fmt)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "channels_last": self.channels_last}
+        return {**super().describe(), "channels_last": self.channels_last, "fold_batch_norm": self.fold_batch_norm}
 
     @property
     def num_classes(self) -> int:

@@ -41,7 +41,7 @@ from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
 from ..nn.warp import compose_flows, warp_mask_logits
 from ..propagation import QueryFlowPropagator
-from ..runtime.torch_backend import to_channels_last
+from ..runtime.torch_backend import TorchBackend, to_channels_last
 from ..scheduling import FixedIntervalScheduler
 from ..segmenter import VideoSegmenter
 from .criterion import SetCriterion, semantic_batch_to_targets
@@ -138,6 +138,12 @@ class MotionTrainResult:
     sec_per_step_median: float = float("nan")
 
 
+def _inference_view(model: MPVSS) -> TorchBackend:
+    """The training model behind the inference interface, left as it is: no BatchNorm folding
+    and no re-layout (the model goes on training and is saved afterwards)."""
+    return TorchBackend(model, next(model.parameters()).device, channels_last=False, fold_batch_norm=False)
+
+
 @torch.no_grad()
 def pseudo_labels(model: MPVSS, frames: list[np.ndarray], min_confidence: float) -> list[np.ndarray]:
     """The frozen segmentor's labels for unlabelled frames, (H, W) uint8, 255 where unsure.
@@ -147,7 +153,8 @@ def pseudo_labels(model: MPVSS, frames: list[np.ndarray], min_confidence: float)
         frames: (H, W, 3) uint8 RGB frames, already at the canvas scale.
         min_confidence: pixels whose winning share of the class scores is lower are ignored.
     """
-    seg = VideoSegmenter(model, QueryFlowPropagator(model), FixedIntervalScheduler(1))
+    backend = _inference_view(model)
+    seg = VideoSegmenter(backend, QueryFlowPropagator(backend), FixedIntervalScheduler(1))
     out = []
     for i, f in enumerate(frames):
         r = seg.push(f, i / 25.0)
@@ -158,7 +165,8 @@ def pseudo_labels(model: MPVSS, frames: list[np.ndarray], min_confidence: float)
 
 
 def _quick_val(model: MPVSS, frames: list[np.ndarray], labels: list[np.ndarray]) -> dict[str, float]:
-    seg = VideoSegmenter(model, QueryFlowPropagator(model), FixedIntervalScheduler(5))
+    backend = _inference_view(model)
+    seg = VideoSegmenter(backend, QueryFlowPropagator(backend), FixedIntervalScheduler(5))
     cm = ConfusionMatrix(model.num_classes)
     for i, (f, g) in enumerate(zip(frames, labels)):
         cm.update(seg.push(f, i / 15.0).labels, g)

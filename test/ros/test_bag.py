@@ -194,7 +194,7 @@ def test_raw_rgb8_round_trip(ts, tmp_path, frames, lite, storage):
     assert summary["schedule_settings"] == {"schedule": "fixed:3", "interval": 3, "max_gap_s": 1.0}
     # the run settings are mpvss segment's (EngineOptions.run_settings), the PyTorch backend included
     assert summary["backend"] == {"backend": "torch", "device": "cpu", "precision": "fp32",
-                                  "channels_last": True}
+                                  "channels_last": True, "fold_batch_norm": True}
     assert summary["propagator"] == "query_flow" and summary["propagator_settings"] == {"name": "query_flow", "chain_flow": True}
     # raw rgb8: the decoded frames are the PNGs themselves
     check_outputs(ts, tmp_path / "out", entries, frames, lite, options, storage=storage)

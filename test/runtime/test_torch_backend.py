@@ -12,7 +12,7 @@ from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.motion import MotionOutput
 from mpvss_ros.runtime import BackendUnavailable, backend_missing
 from mpvss_ros.runtime.torch_backend import (BF16_MODULES, CHANNELS_LAST_MODULES, TorchBackend, bf16_missing,
-                                             run_in_bf16, to_channels_last)
+                                             fold_batch_norms, run_in_bf16, to_channels_last)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -152,3 +152,60 @@ def test_run_in_bf16_keeps_a_float32_interface():
     assert isinstance(out["named"], MotionOutput)  # a NamedTuple is rebuilt field by field
     assert out["named"].flows.dtype == torch.float32 and out["named"].pixel_flow.dtype == torch.int64
     torch.testing.assert_close(out["y"], expected, atol=0.05, rtol=0.02)
+
+
+def _batch_norms(module: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def _with_running_stats(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so that folding has work to do."""
+    g = torch.Generator().manual_seed(seed)
+    for bn in _batch_norms(module):
+        c = bn.num_features
+        bn.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+    return module.eval()
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50"])
+def test_fold_batch_norms_keeps_the_outputs_and_removes_every_batch_norm(backbone):
+    """MobileNetV2 ([Conv2d, BatchNorm2d] in nn.Sequential) and ResNet (Conv2dNorm with a
+    BatchNorm2d norm): every BatchNorm2d folded, features equal to float rounding, idempotent."""
+    from mpvss_ros.nn.backbones import MobileNetV2, ResNet
+
+    torch.manual_seed(0)
+    model = _with_running_stats(MobileNetV2() if backbone == "mobilenet_v2" else ResNet())
+    expected_count = len(_batch_norms(model))
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == expected_count > 0
+        after = model(x)
+    assert not _batch_norms(model)
+    for name in before:  # float32 rounding only: errors far below the features' own scale
+        scale = float(before[name].abs().max())
+        assert float((after[name] - before[name]).abs().max()) <= 1e-5 * scale, name
+    assert fold_batch_norms(model) == 0  # nothing left to fold
+
+
+def test_fold_batch_norms_refuses_training_mode():
+    from mpvss_ros.nn.backbones import MobileNetV2
+
+    model = MobileNetV2().train()
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batch_norms(model)
+
+
+def test_torch_backend_folds_unless_told_not_to():
+    """The default backend folds (inference); ``fold_batch_norm=False`` leaves the module tree
+    and state-dict keys alone (stage-2 training wraps its model that way)."""
+    model = load_model("mpvss_lite").model
+    keys = set(model.state_dict())
+    TorchBackend(model, "cpu", channels_last=False, fold_batch_norm=False)
+    assert set(model.state_dict()) == keys and _batch_norms(model.backbone)
+    backend = TorchBackend(model, "cpu")
+    assert backend.describe()["fold_batch_norm"] is True and backend.folded_batch_norms == 52
+    assert not _batch_norms(model.backbone) and set(model.state_dict()) != keys
