@@ -332,7 +332,7 @@ class Stages:
 
     def transformer_decoder(self, pd_out: tuple[torch.Tensor, list[torch.Tensor]]):
         mask_features, multi_scale = pd_out
-        return self.model.sem_seg_head.predictor(multi_scale, mask_features)
+        return self.model.sem_seg_head.predictor(multi_scale, mask_features, aux=False)  # as segment_key_frame
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, lb: Letterbox):
         return self.seg.postprocess(class_logits, mask_logits, lb)

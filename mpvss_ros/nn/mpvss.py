@@ -170,16 +170,20 @@ class MPVSS(nn.Module):
         mask = valid_mask((int(image.shape[-2]), int(image.shape[-1])), valid_hw, x)
         return x if mask is None else x * mask
 
-    def forward_segmentor(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> DecoderOutput:
-        """Run backbone, pixel decoder and masked-attention decoder (all deep-supervision outputs).
+    def forward_segmentor(self, image: Tensor, valid_hw: tuple[int, int] | None = None,
+                          aux: bool = True) -> DecoderOutput:
+        """Run backbone, pixel decoder and masked-attention decoder.
 
         Args:
             image: (B, 3, Hp, Wp) float32 RGB 0..255, Hp and Wp multiples of 32.
             valid_hw: unpadded size, or None when there is no padding.
+            aux: also return the deep-supervision predictions (training); False = the final
+                prediction only, with cheaper intermediate attention masks (inference; see
+                :meth:`~mpvss_ros.nn.transformer_decoder.MaskedTransformerDecoder.forward`).
         """
         features = self.backbone(self.normalize(image, valid_hw))
         mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)
-        return self.sem_seg_head.predictor(multi_scale, mask_features)
+        return self.sem_seg_head.predictor(multi_scale, mask_features, aux=aux)
 
     def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
         """Segment a key frame and keep what non-key frames need.
@@ -191,7 +195,7 @@ class MPVSS(nn.Module):
         Returns:
             :class:`KeyFrameState` (class logits, mask logits, query embeddings, the raw image).
         """
-        out = self.forward_segmentor(image, valid_hw)
+        out = self.forward_segmentor(image, valid_hw, aux=False)
         hw = (int(image.shape[-2]), int(image.shape[-1])) if valid_hw is None else tuple(valid_hw)
         return KeyFrameState(
             image=image,

@@ -34,8 +34,9 @@ class DecoderOutput:
         mask_logits: (B, N, H/4, W/4) float32 mask logits (before sigmoid); final prediction.
         query_embeddings: (B, N, C) float32, the final LayerNorm-ed queries (``query_out``,
             Q_O^k in the MPVSS paper) that initialise the flow queries on non-key frames.
-        aux_class_logits: list of the ``num_layers`` earlier class logits (deep supervision).
-        aux_mask_logits: list of the ``num_layers`` earlier mask logits.
+        aux_class_logits: list of the ``num_layers`` earlier class logits (deep supervision);
+            empty when the decoder ran with ``aux=False``.
+        aux_mask_logits: list of the ``num_layers`` earlier mask logits; empty with ``aux=False``.
     """
 
     class_logits: Tensor
@@ -86,16 +87,23 @@ class MaskedTransformerDecoder(nn.Module):
         self.class_embed = nn.Linear(c, num_classes + 1)
         self.mask_embed = MLP(c, c, mask_dim, 3)
 
-    def forward(self, multi_scale_features: list[Tensor], mask_features: Tensor) -> DecoderOutput:
+    def forward(self, multi_scale_features: list[Tensor], mask_features: Tensor, aux: bool = True) -> DecoderOutput:
         """Decode queries into class and mask logits.
 
         Args:
             multi_scale_features: ``num_feature_levels`` maps (B, C, h_l, w_l) float32, coarsest
                 first (1/32, 1/16, 1/8).
             mask_features: (B, mask_dim, H/4, W/4) float32.
+            aux: also return the ``num_layers`` intermediate predictions (deep supervision, for
+                training). With False (inference) the intermediate heads compute only the next
+                layer's attention mask, directly at that layer's resolution: ``mask_embed`` times
+                ``mask_features`` resized bilinearly to it, which equals resizing the full-size
+                mask logits (resizing is linear per channel) up to float32 rounding, at 1/4 to
+                1/64 of the products. The final prediction is computed as with ``aux=True``.
 
         Returns:
-            :class:`DecoderOutput` with ``num_layers + 1`` predictions (final + auxiliary).
+            :class:`DecoderOutput` with the final prediction and, with ``aux``, the
+            ``num_layers`` earlier ones.
         """
         src, pos, sizes = [], [], []
         for lvl in range(self.num_feature_levels):
@@ -108,10 +116,11 @@ class MaskedTransformerDecoder(nn.Module):
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
 
+        # Inference: mask_features at each attention resolution, for the intermediate heads.
+        small = ({size: F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                  for size in dict.fromkeys(sizes)} if not aux else None)
         classes, masks = [], []
-        cls, msk, attn_mask = self._heads(output, mask_features, sizes[0])
-        classes.append(cls)
-        masks.append(msk)
+        attn_mask = self._intermediate_heads(output, mask_features, sizes[0], small, classes, masks)
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
             # A query whose mask blocks every pixel attends everywhere instead (static form).
@@ -121,26 +130,42 @@ class MaskedTransformerDecoder(nn.Module):
             )
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
-            cls, msk, attn_mask = self._heads(output, mask_features, sizes[(i + 1) % self.num_feature_levels])
-            classes.append(cls)
-            masks.append(msk)
+            if i < self.num_layers - 1:
+                size = sizes[(i + 1) % self.num_feature_levels]
+                attn_mask = self._intermediate_heads(output, mask_features, size, small, classes, masks)
+        class_logits, mask_logits = self._heads(output, mask_features)
         query_out = self.decoder_norm(output).transpose(0, 1)
         return DecoderOutput(
-            class_logits=classes[-1],
-            mask_logits=masks[-1],
+            class_logits=class_logits,
+            mask_logits=mask_logits,
             query_embeddings=query_out,
-            aux_class_logits=classes[:-1],
-            aux_mask_logits=masks[:-1],
+            aux_class_logits=classes,
+            aux_mask_logits=masks,
         )
 
-    def _heads(self, output: Tensor, mask_features: Tensor, target_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    def _heads(self, output: Tensor, mask_features: Tensor) -> tuple[Tensor, Tensor]:
+        """Class logits (B, N, K+1) and mask logits (B, N, H/4, W/4) of the queries ``output``."""
         decoder_output = self.decoder_norm(output).transpose(0, 1)  # (B, N, C)
-        class_logits = self.class_embed(decoder_output)
-        mask_embed = self.mask_embed(decoder_output)  # (B, N, D)
         b, d, h, w = mask_features.shape
+        mask_embed = self.mask_embed(decoder_output)  # (B, N, D)
         mask_logits = torch.bmm(mask_embed, mask_features.reshape(b, d, h * w)).reshape(b, -1, h, w)
-        attn = F.interpolate(mask_logits, size=target_size, mode="bilinear", align_corners=False)
+        return self.class_embed(decoder_output), mask_logits
+
+    def _intermediate_heads(self, output: Tensor, mask_features: Tensor, target_size: tuple[int, int],
+                            small: dict[tuple[int, int], Tensor] | None, classes: list[Tensor],
+                            masks: list[Tensor]) -> Tensor:
+        """The attention mask of the next layer, at ``target_size``; with ``small`` None (aux
+        mode) also appends this prediction's class and mask logits to ``classes`` / ``masks``."""
+        if small is None:
+            class_logits, mask_logits = self._heads(output, mask_features)
+            classes.append(class_logits)
+            masks.append(mask_logits)
+            attn = F.interpolate(mask_logits, size=target_size, mode="bilinear", align_corners=False).flatten(2)
+        else:
+            features = small[target_size]
+            mask_embed = self.mask_embed(self.decoder_norm(output).transpose(0, 1))  # (B, N, D)
+            attn = torch.bmm(mask_embed, features.flatten(2))  # (B, N, h*w) at the target size
         # (B, N, hw) -> (B*heads, N, hw); True = blocked. sigmoid < 0.5 as the reference (not
         # logit < 0: they differ where sigmoid rounds to exactly 0.5).
-        attn = attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
-        return class_logits, mask_logits, attn.detach()
+        attn = attn.sigmoid().unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
+        return attn.detach()

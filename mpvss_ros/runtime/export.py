@@ -142,7 +142,7 @@ class KeyFrameGraph(nn.Module):
         self.valid_hw = (int(valid_hw[0]), int(valid_hw[1]))
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = self.model.forward_segmentor(image, self.valid_hw)
+        out = self.model.forward_segmentor(image, self.valid_hw, aux=False)
         return out.class_logits, out.mask_logits, out.query_embeddings
 
 

@@ -228,7 +228,7 @@ class TorchBackend(Backend):
         with self._autocast(enabled=False):  # official: the pixel decoder always runs in fp32
             mask_features, multi_scale = m.sem_seg_head.pixel_decoder({k: v.float() for k, v in features.items()})
         with self._autocast():
-            out = m.sem_seg_head.predictor(multi_scale, mask_features)
+            out = m.sem_seg_head.predictor(multi_scale, mask_features, aux=False)
         hw = (int(image.shape[-2]), int(image.shape[-1])) if valid_hw is None else tuple(int(v) for v in valid_hw)
         return KeyFrameState(
             image=image,

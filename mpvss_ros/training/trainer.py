@@ -304,7 +304,7 @@ def segment_frame(model: MPVSS, image: Tensor) -> Tensor:
     h, w = int(image.shape[-2]), int(image.shape[-1])
     hp, wp = _padded_hw((h, w), model.cfg.input.size_divisibility)
     x = _pad_to(image[None].float(), (hp, wp), 0.0)
-    out = model.forward_segmentor(x, valid_hw=(h, w))
+    out = model.forward_segmentor(x, valid_hw=(h, w), aux=False)
     masks = F.interpolate(out.mask_logits, size=(hp, wp), mode="bilinear", align_corners=False)
     scores = semantic_scores(out.class_logits, masks)[0, :, :h, :w]
     return scores.argmax(0)

@@ -61,6 +61,24 @@ def test_lite_shapes(lite):
     assert out.query_embeddings.mean(-1).abs().max() < 1e-4
 
 
+def test_inference_skips_the_deep_supervision_and_keeps_the_final_prediction(lite):
+    """``aux=False`` (what segment_key_frame runs) computes the intermediate attention masks at
+    their own resolution: same final logits and queries as the training path, no aux lists."""
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand((1, 3, 96, 128), generator=g) * 255
+    with torch.inference_mode():
+        full = lite.forward_segmentor(image, (90, 128))
+        fast = lite.forward_segmentor(image, (90, 128), aux=False)
+        key = lite.segment_key_frame(image, (90, 128))
+    assert fast.aux_class_logits == [] and fast.aux_mask_logits == []
+    for name in ("class_logits", "mask_logits", "query_embeddings"):
+        torch.testing.assert_close(getattr(fast, name), getattr(full, name), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(key.mask_logits, fast.mask_logits, atol=0, rtol=0)
+    # the attention masks the two paths derive were not trivial: neither all blocked nor all open
+    blocked = torch.stack([m < 0 for m in full.aux_mask_logits[1:]]).float().mean()
+    assert 0.05 < float(blocked) < 0.95
+
+
 def test_padding_is_zero_after_normalisation(lite):
     image = torch.full((1, 3, 64, 64), 255.0)
     x = lite.normalize(image, valid_hw=(40, 50))
