@@ -12,7 +12,9 @@ them hooks that cast its floating-point inputs to bfloat16 and its outputs back 
 (:func:`run_in_bf16`), so the model's own forward paths run unchanged; the rest runs in float32 (autocast on CPU re-casts the weights at every call and was
 slower than float32). CamVid val clip, shipped weights, 2 threads of a Xeon with AMX: 93 against
 108 ms per key frame on average, 70.60 against 70.73 per-frame mIoU, 69.11 against 69.10 at one
-key frame in 5 (``docs/runtime.md``, "bf16 on CPU").
+key frame in 5 (``docs/runtime.md``, "bf16 on CPU"); since the BatchNorm folding below, fp32 key
+frames are faster than bf16 ones there (72-73 against 77-78 ms), and bf16 saves only about 1.5 ms
+per non-key frame.
 
 The backend prepares the model it is given for inference, in place: eval mode, the device, the
 backbone's BatchNorm layers folded into its convolutions (:func:`fold_batch_norms`; every device),
