@@ -120,9 +120,13 @@ class MaskedTransformerDecoder(nn.Module):
         small = ({size: F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
                   for size in dict.fromkeys(sizes)} if not aux else None)
         classes, masks = [], []
-        attn_mask = self._intermediate_heads(output, mask_features, sizes[0], small, classes, masks)
         for i in range(self.num_layers):
             lvl = i % self.num_feature_levels
+            # The prediction before layer i gives its attention mask (and, with aux, is kept).
+            attn_mask, cls, msk = self._intermediate_heads(output, mask_features, sizes[lvl], small)
+            if aux:
+                classes.append(cls)
+                masks.append(msk)
             # A query whose mask blocks every pixel attends everywhere instead (static form).
             attn_mask = attn_mask & ~attn_mask.all(dim=-1, keepdim=True)
             output = self.transformer_cross_attention_layers[i](
@@ -130,9 +134,6 @@ class MaskedTransformerDecoder(nn.Module):
             )
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
-            if i < self.num_layers - 1:
-                size = sizes[(i + 1) % self.num_feature_levels]
-                attn_mask = self._intermediate_heads(output, mask_features, size, small, classes, masks)
         class_logits, mask_logits = self._heads(output, mask_features)
         query_out = self.decoder_norm(output).transpose(0, 1)
         return DecoderOutput(
@@ -151,21 +152,21 @@ class MaskedTransformerDecoder(nn.Module):
         mask_logits = torch.bmm(mask_embed, mask_features.reshape(b, d, h * w)).reshape(b, -1, h, w)
         return self.class_embed(decoder_output), mask_logits
 
-    def _intermediate_heads(self, output: Tensor, mask_features: Tensor, target_size: tuple[int, int],
-                            small: dict[tuple[int, int], Tensor] | None, classes: list[Tensor],
-                            masks: list[Tensor]) -> Tensor:
-        """The attention mask of the next layer, at ``target_size``; with ``small`` None (aux
-        mode) also appends this prediction's class and mask logits to ``classes`` / ``masks``."""
+    def _intermediate_heads(
+        self, output: Tensor, mask_features: Tensor, target_size: tuple[int, int],
+        small: dict[tuple[int, int], Tensor] | None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The next layer's attention mask (B*heads, N, h*w) bool at ``target_size``, and this
+        prediction's class and mask logits when ``small`` is None (aux mode; else None, None:
+        the mask logits are computed at ``target_size`` only, from ``small[target_size]``)."""
+        class_logits = mask_logits = None
         if small is None:
             class_logits, mask_logits = self._heads(output, mask_features)
-            classes.append(class_logits)
-            masks.append(mask_logits)
             attn = F.interpolate(mask_logits, size=target_size, mode="bilinear", align_corners=False).flatten(2)
         else:
-            features = small[target_size]
             mask_embed = self.mask_embed(self.decoder_norm(output).transpose(0, 1))  # (B, N, D)
-            attn = torch.bmm(mask_embed, features.flatten(2))  # (B, N, h*w) at the target size
+            attn = torch.bmm(mask_embed, small[target_size].flatten(2))  # (B, N, h*w) at the target size
         # (B, N, hw) -> (B*heads, N, hw); True = blocked. sigmoid < 0.5 as the reference (not
         # logit < 0: they differ where sigmoid rounds to exactly 0.5).
         attn = attn.sigmoid().unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
-        return attn.detach()
+        return attn.detach(), class_logits, mask_logits
