@@ -75,6 +75,20 @@ def test_pseudo_labels_ignore_low_confidence(needs_data, lite_checkpoint):
     assert n_sure > n_all == 0
 
 
+def test_pseudo_labels_leave_the_trained_model_unfolded():
+    """Stage 2 labels frames with the model it then trains and saves: the inference view must not
+    fold its BatchNorms (other state-dict keys) or re-layout it. No shared data needed."""
+    model = load_model("mpvss_lite").model
+    keys = set(model.state_dict())
+    g = np.random.default_rng(0)
+    frames = [g.integers(0, 256, (60, 80, 3), dtype=np.uint8) for _ in range(2)]
+    labels = pseudo_labels(model, frames, 0.0)
+    assert [lab.shape for lab in labels] == [(60, 80), (60, 80)]
+    assert set(model.state_dict()) == keys
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    assert not model.motion.encoder.conv1[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 # --------------------------------------------------------------------------- train_motion
 
 TRAINED_PREFIXES = ("motion.", "sem_seg_head.predictor.class_embed.", "sem_seg_head.predictor.mask_embed.")
