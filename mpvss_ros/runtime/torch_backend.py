@@ -174,8 +174,8 @@ class TorchBackend(Backend):
             None = on CPU only (measured there; CUDA is left as it was). Their parameters are
             converted in place, as ``model.eval().to(device)`` already moves them; values and
             outputs' layouts are unchanged.
-        fold_batch_norm: fold the backbone's BatchNorm layers into its convolutions
-            (:func:`fold_batch_norms`), in place. This changes the model's module tree and
+        fold_batch_norm: fold the model's BatchNorm layers (the backbone's) into the
+            convolutions in front of them (:func:`fold_batch_norms`), in place. This changes the model's module tree and
             state-dict keys, so pass False for a model that will still be trained or saved
             (stage-2 training's pseudo-labels and quick validation do).
 
@@ -201,7 +201,8 @@ class TorchBackend(Backend):
         self.name = {"fp32": "torch", "fp16": "torch[fp16 autocast]", "bf16": "torch[bf16 weights]"}[precision]
         self.channels_last = dev.type == "cpu" if channels_last is None else bool(channels_last)
         self.fold_batch_norm = bool(fold_batch_norm)
-        self.folded_batch_norms = fold_batch_norms(model) if fold_batch_norm else 0  # 0 when folded before
+        if self.fold_batch_norm:
+            fold_batch_norms(model)
         if self.channels_last:
             to_channels_last(model)
         if precision == "bf16":
