@@ -91,7 +91,7 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
         input_hw: valid (unpadded) size(s) (h, w) to prepare now (export/build); default the
             model's canvas ``cfg.input.size``. Other sizes are prepared when a frame needs them.
         cache_dir: where exported graphs and engines are cached (default
-            :func:`~mpvss_ros.runtime.export.default_cache_dir`).
+            :func:`~mpvss_ros.runtime.cache.default_cache_dir`).
         onnx_dir: an ``mpvss export`` folder to run instead of exporting (onnxruntime/tensorrt).
         threads: onnxruntime intra-op threads.
         workspace_mb: TensorRT builder workspace (MiB).

@@ -6,7 +6,9 @@
   ``contract.json`` and the onnxruntime-vs-PyTorch parity figures;
 * ``mpvss build-engine [--model M] [--height H --width W] [--precision P]``: prebuild the
   TensorRT engines into the cache;
-* ``mpvss bench [--models ...] [--sizes HxW ...] [--backends ...] [--repeats N]``: latency table.
+* ``mpvss bench [--models ...] [--sizes HxW ...] [--backends ...] [--repeats N]``: latency table;
+* ``mpvss cache [--prune [--max-mb N] | --clear] [--cache-dir D]``: list the cache of exported graphs
+  and engines, prune it to a budget or empty it (:mod:`mpvss_ros.runtime.cache`).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _model(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_commands(sub: Any) -> None:
-    """Add the ``export``, ``build-engine`` and ``bench`` sub-commands."""
+    """Add the ``export``, ``build-engine``, ``bench`` and ``cache`` sub-commands."""
     ex = sub.add_parser("export", help="export the model to two ONNX graphs (key / non-key frame) + contract.json",
                         description="Export key_frame.onnx and non_key_frame.onnx (opset 17, static shapes: one pair per "
                                     "input size) and contract.json into --out, check them with onnx.checker and compare "
@@ -107,6 +109,18 @@ def add_runtime_commands(sub: Any) -> None:
     bn.add_argument("--weights", nargs="*", default=[], metavar="MODEL=FILE", help="weights per model (default: shipped)")
     bn.add_argument("--cache-dir", default=None, help="ONNX/engine cache root")
     bn.add_argument("--json", default=None, help="also write the results as JSON to this file")
+
+
+    ca = sub.add_parser("cache", help="list, prune or clear the cache of exported ONNX graphs and TensorRT engines",
+                        description="List the cache's entries, most recently used first. New exports and engine builds "
+                                    "prune it to $MPVSS_CACHE_MAX_MB MiB (default 2048; 0 = no limit) by themselves, "
+                                    "least recently used entries first.")
+    ca.add_argument("--cache-dir", default=None, help="cache root (default $MPVSS_CACHE_DIR or ~/.cache/mpvss_ros)")
+    action = ca.add_mutually_exclusive_group()
+    action.add_argument("--prune", action="store_true", help="remove least recently used entries down to the budget")
+    action.add_argument("--clear", action="store_true", help="remove every entry")
+    ca.add_argument("--max-mb", type=float, default=None,
+                    help="budget for --prune in MiB, > 0 (default $MPVSS_CACHE_MAX_MB, else 2048)")
 
 
 def _hw(args: argparse.Namespace, cfg: Any) -> tuple[int, int]:
@@ -199,8 +213,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import cache_budget_bytes, cache_entries, default_cache_dir, format_entries, prune_cache
+
+    root = args.cache_dir or default_cache_dir()
+    if args.max_mb is not None and not args.prune:
+        raise ValueError("--max-mb goes with --prune")
+    if args.prune or args.clear:
+        if args.clear:
+            budget = 0
+        elif args.max_mb is not None:
+            if not 0 < args.max_mb < float("inf"):
+                raise ValueError(f"--max-mb must be a number of MiB > 0 (--clear empties the cache), got {args.max_mb}")
+            budget = int(args.max_mb * 2**20)
+        else:
+            budget = cache_budget_bytes()
+            if budget is None:
+                raise ValueError("MPVSS_CACHE_MAX_MB is 0 (no limit): give --max-mb, or --clear")
+        removed = prune_cache(root, budget)
+        print(f"removed {len(removed)} entries, {sum(e.size_bytes for e in removed) / 2**20:.1f} MiB")
+    print(f"cache {root}")
+    print(format_entries(cache_entries(root)))
+    return 0
+
+
 RUNTIME_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": cmd_export,
     "build-engine": cmd_build_engine,
     "bench": cmd_bench,
+    "cache": cmd_cache,
 }

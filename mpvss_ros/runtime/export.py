@@ -67,6 +67,7 @@ from ..nn.motion import flow_grid_size
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..nn.warp import warp_mask_logits
 from .base import padded_size
+from .cache import default_cache_dir, mark_used, prune_to_budget
 
 __all__ = [
     "OPSET",
@@ -92,7 +93,6 @@ __all__ = [
     "check_parity",
     "format_parity",
     "model_fingerprint",
-    "default_cache_dir",
     "cached_export",
     "replace_canvas",
     "GraphSource",
@@ -550,15 +550,6 @@ def format_parity(parity: dict[str, Any]) -> str:
 # Export cache (used by the onnxruntime and TensorRT backends)
 
 
-def default_cache_dir() -> Path:
-    """``$MPVSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mpvss_ros``, else ``~/.cache/mpvss_ros``."""
-    env = os.environ.get("MPVSS_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mpvss_ros"
-
-
 def _source_digest() -> str:
     """Hash of the code that defines the exported graphs (nn/ and this file)."""
     h = hashlib.sha256()
@@ -590,7 +581,8 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
 
     The folder is ``<cache>/onnx/<model>-<h>x<w>-<fingerprint[:16]>`` (see
     :func:`model_fingerprint`); it is written to a temporary folder and renamed, so a crashed
-    export never leaves a half-written entry.
+    export never leaves a half-written entry. A reused entry is marked used; a new one prunes the
+    cache to its budget (:mod:`mpvss_ros.runtime.cache`).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fp = fingerprint or model_fingerprint(model)
@@ -599,6 +591,7 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
     if (final / CONTRACT_FILE).is_file():
         try:
             read_contract(final)
+            mark_used(final)
             return final
         except (FileNotFoundError, ValueError):
             shutil.rmtree(final, ignore_errors=True)
@@ -614,6 +607,8 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    mark_used(final)
+    prune_to_budget(cache, keep=[final])
     return final
 
 

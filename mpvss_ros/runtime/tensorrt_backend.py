@@ -45,7 +45,8 @@ from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
 from .base import Backend, BackendUnavailable, check_precision
-from .export import KEY_OUTPUTS, GraphSource, _sha256_file, default_cache_dir, read_contract
+from .cache import default_cache_dir, mark_used, prune_to_budget
+from .export import KEY_OUTPUTS, GraphSource, _sha256_file, read_contract
 
 __all__ = [
     "FP32_LAYER_PATTERNS",
@@ -412,7 +413,8 @@ def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], gr
         input_shapes: its input shapes (part of the key).
         graph: ``key_frame`` or ``non_key_frame`` (selects :data:`FP32_LAYER_PATTERNS`).
         precision, workspace_mb, keep_fp32: build options (part of the key).
-        cache_dir: cache root (default :func:`~mpvss_ros.runtime.export.default_cache_dir`).
+        cache_dir: cache root (default :func:`~mpvss_ros.runtime.cache.default_cache_dir`); a
+            reused engine is marked used (pruning is :func:`build_engines`' job).
         device_index: the CUDA device.
         progress: called with a message before a (slow) build; default prints to stderr.
     """
@@ -426,6 +428,7 @@ def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], gr
     folder = root / "engines"
     path = folder / f"{graph}-{precision}-{key[:24]}.engine"
     if path.is_file():
+        mark_used(path)
         return path
     folder.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -453,14 +456,20 @@ def build_engines(source: GraphSource, valid_hw: tuple[int, int], precision: str
                   cache_dir: str | Path | None = None, device_index: int = 0,
                   workspace_mb: int = DEFAULT_WORKSPACE_MB, keep_fp32: bool = True,
                   progress: Callable[[str], None] | None = None) -> dict[str, Path]:
-    """Export (if needed) and build both engines for ``valid_hw``; returns {graph: engine path}."""
+    """Export (if needed) and build both engines for ``valid_hw``; returns {graph: engine path}.
+
+    The cache is then pruned to its budget, keeping both engines and their ONNX graphs
+    (:func:`~mpvss_ros.runtime.cache.prune_to_budget`).
+    """
     d = source.get(valid_hw)
     contract = read_contract(d)
-    return {
+    paths = {
         g: engine_for(d / contract["graphs"][g]["file"], _input_shapes(contract, g), g, precision, cache_dir,
                       device_index, workspace_mb, keep_fp32, progress)
         for g in ("key_frame", "non_key_frame")
     }
+    prune_to_budget(cache_dir, keep=[*paths.values(), d])
+    return paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +529,7 @@ class TensorRTBackend(Backend):
         source: where the ONNX graphs come from (:class:`~mpvss_ros.runtime.export.GraphSource`).
         device: ``cuda[:N]`` (``cpu`` is taken as the default GPU 0: TensorRT runs on a GPU).
         precision: ``fp32`` or ``fp16``.
-        cache_dir: engine cache root (default :func:`~mpvss_ros.runtime.export.default_cache_dir`).
+        cache_dir: engine cache root (default :func:`~mpvss_ros.runtime.cache.default_cache_dir`).
         workspace_mb: builder workspace limit in MiB.
         keep_fp32: in fp16 engines keep the pixel decoder and the warp in fp32 (see the module
             docstring).

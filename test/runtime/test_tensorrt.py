@@ -7,6 +7,8 @@ skip cleanly without them.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -153,10 +155,14 @@ def test_engine_cache_reused(lite, tmp_path):
     messages = []
     first = build_engines(source, (64, 64), "fp32", tmp_path, progress=messages.append)
     assert len(messages) == 4  # two "building" + two "built"
-    stamp = first["key_frame"].stat().st_mtime_ns
+    side_car = first["key_frame"].with_suffix(".json")
+    built = side_car.stat().st_mtime_ns  # written by a build only
+    used = first["key_frame"].stat().st_mtime_ns
+    time.sleep(0.01)
     again = build_engines(source, (64, 64), "fp32", tmp_path, progress=messages.append)
     assert again == first and len(messages) == 4
-    assert first["key_frame"].stat().st_mtime_ns == stamp
+    assert side_car.stat().st_mtime_ns == built  # not rebuilt
+    assert first["key_frame"].stat().st_mtime_ns > used  # marked used (runtime.cache)
     fp16 = build_engines(source, (64, 64), "fp16", tmp_path, progress=messages.append)
     assert fp16["key_frame"] != first["key_frame"]
 

@@ -1,0 +1,196 @@
+"""The export / engine cache: entries, least-recently-used pruning, the budget, ``mpvss cache``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from mpvss_ros.cli import main
+from mpvss_ros.model_loader import load_model
+from mpvss_ros.runtime.cache import (
+    DEFAULT_MAX_MB,
+    STALE_TEMP_SECONDS,
+    cache_budget_bytes,
+    cache_entries,
+    mark_used,
+    prune_cache,
+    prune_to_budget,
+)
+from mpvss_ros.runtime.export import cached_export
+
+MIB = 2**20
+T0 = 1_700_000_000.0  # mtimes of the fake entries, seconds since the epoch
+
+
+def _onnx(root, name, mib, stamp):
+    d = root / "onnx" / name
+    (d / "sub").mkdir(parents=True)
+    (d / "key_frame.onnx").write_bytes(b"k" * (mib * MIB - 100))
+    (d / "sub" / "contract.json").write_bytes(b"c" * 100)
+    os.utime(d, (stamp, stamp))
+    return d
+
+
+def _engine(root, name, mib, stamp):
+    (root / "engines").mkdir(parents=True, exist_ok=True)
+    e = root / "engines" / f"{name}.engine"
+    e.write_bytes(b"e" * (mib * MIB - 10))
+    e.with_suffix(".json").write_bytes(b"j" * 10)
+    os.utime(e, (stamp, stamp))
+    return e
+
+
+@pytest.fixture
+def fake_cache(tmp_path):
+    """Four entries of 1-4 MiB, oldest first: a (onnx, 1), b (engine, 2), c (onnx, 3), d (engine, 4);
+    plus an interrupted export and an interrupted engine write, which are not entries."""
+    paths = {
+        "a": _onnx(tmp_path, "m-64x64-aaaa", 1, T0),
+        "b": _engine(tmp_path, "key_frame-fp32-bbbb", 2, T0 + 10),
+        "c": _onnx(tmp_path, "m-64x64-cccc", 3, T0 + 20),
+        "d": _engine(tmp_path, "non_key_frame-fp32-dddd", 4, T0 + 30),
+    }
+    (tmp_path / "onnx" / ".export-tmp1").mkdir()
+    (tmp_path / "engines" / ".engine-tmp2").write_bytes(b"x")
+    return tmp_path, paths
+
+
+def test_entries_most_recent_first_with_sizes(fake_cache):
+    root, p = fake_cache
+    entries = cache_entries(root)
+    assert [e.path for e in entries] == [p["d"], p["c"], p["b"], p["a"]]
+    assert [e.kind for e in entries] == ["engine", "onnx", "engine", "onnx"]
+    assert [e.size_bytes for e in entries] == [4 * MIB, 3 * MIB, 2 * MIB, 1 * MIB]
+    assert entries[0].files == (p["d"], p["d"].with_suffix(".json"))
+    assert entries[1].files == (p["c"] / "key_frame.onnx", p["c"] / "sub" / "contract.json")
+    assert [e.last_used for e in entries] == [T0 + 30, T0 + 20, T0 + 10, T0]
+    assert cache_entries(root / "absent") == []
+
+
+def test_prune_removes_least_recently_used_until_within_budget(fake_cache):
+    root, p = fake_cache
+    removed = prune_cache(root, 7 * MIB, now=T0 + 40)  # 10 MiB held: a (1) and b (2) go, 7 MiB stay
+    assert [e.path for e in removed] == [p["a"], p["b"]]
+    assert not p["a"].exists() and not p["b"].exists() and not p["b"].with_suffix(".json").exists()
+    assert [e.path for e in cache_entries(root)] == [p["d"], p["c"]]
+    assert prune_cache(root, 7 * MIB, now=T0 + 40) == []  # within budget: nothing more
+
+
+def test_mark_used_moves_an_entry_to_the_front(fake_cache):
+    root, p = fake_cache
+    mark_used(p["a"])  # now the most recently used
+    removed = prune_cache(root, 5 * MIB, now=T0 + 40)
+    assert [e.path for e in removed] == [p["b"], p["c"]]
+    assert {e.path for e in cache_entries(root)} == {p["a"], p["d"]}
+
+
+def test_prune_keeps_protected_entries_even_over_budget(fake_cache):
+    root, p = fake_cache
+    removed = prune_cache(root, 0, keep=[p["a"], str(p["b"])], now=T0 + 40)
+    assert [e.path for e in removed] == [p["c"], p["d"]]
+    assert [e.path for e in cache_entries(root)] == [p["b"], p["a"]]  # 3 MiB > 0: protected
+    with pytest.raises(ValueError, match="max_bytes"):
+        prune_cache(root, -1)
+
+
+def test_stale_temporaries_removed_fresh_ones_kept(fake_cache):
+    root, _ = fake_cache
+    tmp_export, tmp_engine = root / "onnx" / ".export-tmp1", root / "engines" / ".engine-tmp2"
+    prune_cache(root, 100 * MIB)  # now: the temporaries were just written, a write may be running
+    assert tmp_export.exists() and tmp_engine.exists()
+    prune_cache(root, 100 * MIB, now=tmp_export.stat().st_mtime + STALE_TEMP_SECONDS + 1)
+    assert not tmp_export.exists() and not tmp_engine.exists()
+    assert len(cache_entries(root)) == 4
+
+
+@pytest.mark.parametrize("raw, expected", [(None, DEFAULT_MAX_MB * MIB), ("", DEFAULT_MAX_MB * MIB), ("0", None),
+                                           ("512", 512 * MIB), (" 0.5 ", MIB // 2)])
+def test_budget_from_environment(monkeypatch, raw, expected):
+    if raw is None:
+        monkeypatch.delenv("MPVSS_CACHE_MAX_MB", raising=False)
+    else:
+        monkeypatch.setenv("MPVSS_CACHE_MAX_MB", raw)
+    assert cache_budget_bytes() == expected
+
+
+@pytest.mark.parametrize("raw", ["lots", "-1", "inf", "nan"])
+def test_bad_budget_is_a_clear_error_and_automatic_pruning_skips(fake_cache, monkeypatch, caplog, raw):
+    root, _ = fake_cache
+    monkeypatch.setenv("MPVSS_CACHE_MAX_MB", raw)
+    with pytest.raises(ValueError, match="MPVSS_CACHE_MAX_MB"):
+        cache_budget_bytes()
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.runtime.cache"):
+        assert prune_to_budget(root, keep=[]) == []
+    assert "pruning skipped" in caplog.text and len(cache_entries(root)) == 4
+
+
+def test_automatic_pruning_follows_the_budget(fake_cache, monkeypatch):
+    root, p = fake_cache
+    monkeypatch.setenv("MPVSS_CACHE_MAX_MB", "0")  # off
+    assert prune_to_budget(root, keep=[]) == [] and len(cache_entries(root)) == 4
+    monkeypatch.setenv("MPVSS_CACHE_MAX_MB", "5")
+    assert [e.path for e in prune_to_budget(root, keep=[p["a"]])] == [p["b"], p["c"]]
+    assert {e.path for e in cache_entries(root)} == {p["a"], p["d"]}  # 5 MiB: a is kept
+
+
+def test_cached_export_marks_use_and_prunes_older_exports(tmp_path, monkeypatch):
+    model = load_model("mpvss_lite").model
+    first = cached_export(model, (64, 64), tmp_path)
+    os.utime(first, (T0, T0))
+    assert cached_export(model, (64, 64), tmp_path) == first
+    assert first.stat().st_mtime > T0  # a reuse marks the entry used
+    size = cache_entries(tmp_path)[0].size_bytes
+    monkeypatch.setenv("MPVSS_CACHE_MAX_MB", str(1.5 * size / MIB))  # room for one export, not two
+    with torch.no_grad():
+        model.sem_seg_head.predictor.class_embed.bias.add_(1e-3)  # other weights: another entry
+    second = cached_export(model, (64, 64), tmp_path)
+    assert second != first and not first.exists()
+    assert [e.path for e in cache_entries(tmp_path)] == [second]
+
+
+def test_cli_lists_prunes_and_clears(fake_cache, capsys):
+    root, p = fake_cache
+    assert main(["cache", "--cache-dir", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "4 entries, 10.0 MiB" in out and str(p["d"]) in out
+    assert main(["cache", "--cache-dir", str(root), "--prune", "--max-mb", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 2 entries, 3.0 MiB" in out and "2 entries, 7.0 MiB" in out
+    assert main(["cache", "--cache-dir", str(root), "--clear"]) == 0
+    assert "0 entries, 0.0 MiB" in capsys.readouterr().out and cache_entries(root) == []
+
+
+@pytest.mark.parametrize("argv, message", [(["--max-mb", "5"], "--max-mb goes with --prune"),
+                                           (["--prune", "--max-mb", "0"], "--max-mb must be"),
+                                           (["--prune", "--clear"], "not allowed with")])
+def test_cli_errors(fake_cache, capsys, argv, message):
+    root, _ = fake_cache
+    try:
+        code = main(["cache", "--cache-dir", str(root), *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert len(cache_entries(root)) == 4
+
+
+def test_build_engines_prunes_keeping_its_engines_and_graphs(tmp_path, monkeypatch):
+    """build_engines prunes after both engines exist and keeps them and their ONNX folder, even
+    when they alone exceed the budget (TensorRT replaced by a stub that writes engine files)."""
+    from mpvss_ros.runtime import tensorrt_backend
+    from mpvss_ros.runtime.export import GraphSource
+
+    def fake_engine_for(onnx_path, input_shapes, graph, precision, cache_dir, *rest):
+        return _engine(tmp_path, f"{graph}-{precision}-new", 2, T0 + 100)
+
+    monkeypatch.setattr(tensorrt_backend, "engine_for", fake_engine_for)
+    source = GraphSource.from_model(load_model("mpvss_lite").model, tmp_path)
+    source.get((64, 64))  # exported first, so only build_engines itself can prune below
+    old = _engine(tmp_path, "key_frame-fp32-old", 1, T0)
+    monkeypatch.setenv("MPVSS_CACHE_MAX_MB", "1")
+    paths = tensorrt_backend.build_engines(source, (64, 64), "fp32", tmp_path)
+    left = {e.path for e in cache_entries(tmp_path)}
+    assert left == {paths["key_frame"], paths["non_key_frame"], source.get((64, 64))}
+    assert not old.exists()
