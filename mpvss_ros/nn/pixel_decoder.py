@@ -5,7 +5,8 @@ Common contract (both decoders):
 * the constructor takes ``in_channels: dict[str, int]`` (the backbone's ``out_channels``,
   keys ``res2..res5``) plus configuration values;
 * ``forward(features)`` takes the backbone's dict ``{"res2": (B, C2, H/4, W/4), ...,
-  "res5": (B, C5, H/32, W/32)}`` (any float dtype; cast to float32) and returns
+  "res5": (B, C5, H/32, W/32)}`` (any float dtype; cast to float32; autocast is off inside, as
+  the official ``@autocast(enabled=False)``) and returns
   ``(mask_features, multi_scale_features)``: ``mask_features`` (B, mask_dim, H/4, W/4) and
   ``multi_scale_features`` = ``[1/32, 1/16, 1/8]`` maps, each (B, conv_dim, h, w), all float32.
 
@@ -26,6 +27,7 @@ An engine is therefore specific to one input resolution (spec section 6.3).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -49,6 +51,25 @@ __all__ = [
     "build_pixel_decoder",
     "FEATURE_NAMES",
 ]
+
+
+def _autocast_off(forward):
+    """Run a pixel decoder's ``forward(self, features)`` with autocast off on the features' device.
+
+    The official pixel decoders are decorated ``@autocast(enabled=False)``: deformable attention's
+    sampling locations lose too much in half precision, so under fp16 autocast
+    (:class:`~mpvss_ros.runtime.torch_backend.TorchBackend` with ``precision="fp16"``) the pixel
+    decoder still computes in float32; each forward casts its (possibly half) features to float32
+    itself. Without autocast this changes nothing.
+    """
+
+    @functools.wraps(forward)
+    def wrapped(self: nn.Module, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        device_type = next(iter(features.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return forward(self, features)
+
+    return wrapped
 
 #: Backbone feature names every pixel decoder needs, finest first.
 FEATURE_NAMES: tuple[str, ...] = ("res2", "res3", "res4", "res5")
@@ -452,6 +473,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         _xavier_fill_(self.adapter_1)
         _xavier_fill_(self.layer_1)
 
+    @_autocast_off
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         srcs = []
         pos = []
@@ -533,6 +555,7 @@ class FPNPixelDecoder(nn.Module):
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
         _xavier_fill_(self.mask_features)
 
+    @_autocast_off
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         outs: list[Tensor] = []
         y: Tensor | None = None

@@ -3,8 +3,8 @@
 fp16 (CUDA only) follows the official Mask2Former/MPVSS code: the backbone, the masked-attention
 decoder and the motion module run under ``torch.autocast(dtype=float16)``; the pixel decoder
 runs in float32 (the reference decorates it ``@autocast(enabled=False)``: deformable attention's
-sampling locations lose too much in half precision; here :data:`FP32_MODULES` wrapped by
-:func:`run_in_fp32`, so the model's own ``segment_key_frame`` runs under autocast), and the final mask warp runs in float32
+sampling locations lose too much in half precision; the model's pixel decoders carry the same
+switch, so the backend runs the model's own ``segment_key_frame`` under autocast), and the final mask warp runs in float32
 (the ``grid_sample`` coordinates would lose sub-pixel precision). Outputs are float32.
 
 bf16 (CPU only, with bfloat16 instructions: AVX-512 BF16 or AMX) stores the weights of
@@ -57,8 +57,8 @@ from ..nn.mpvss import MPVSS, KeyFrameState
 from ..nn.warp import warp_mask_logits
 from .base import Backend, BackendUnavailable
 
-__all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "FP32_MODULES", "TorchBackend", "bf16_missing", "fold_batch_norms",
-           "run_in_bf16", "run_in_fp32", "to_channels_last"]
+__all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "TorchBackend", "bf16_missing", "fold_batch_norms", "run_in_bf16",
+           "to_channels_last"]
 
 #: Submodules run channels-last on CPU (see the module docstring for the measurements).
 CHANNELS_LAST_MODULES = ("backbone", "motion")
@@ -66,10 +66,6 @@ CHANNELS_LAST_MODULES = ("backbone", "motion")
 #: Submodules whose weights become bfloat16 with ``precision="bf16"`` (CPU); the pixel decoder and
 #: the warp stay float32, as in the fp16 path.
 BF16_MODULES = ("backbone", "motion.encoder")
-
-#: Submodules that run in float32 under fp16 autocast (:func:`run_in_fp32`): the official code's
-#: ``@autocast(enabled=False)`` pixel decoder (deformable attention's sampling locations).
-FP32_MODULES = ("sem_seg_head.pixel_decoder",)
 
 
 def bf16_missing(device: torch.device | str = "cpu") -> str | None:
@@ -96,24 +92,6 @@ def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, (list, tuple)):
         return type(x)(_cast_floats(v, dtype) for v in x)
     return x
-
-
-def run_in_fp32(module: nn.Module) -> None:
-    """Make ``module`` compute in float32 with autocast off, even inside an autocast region, in place.
-
-    Its ``forward`` is wrapped: autocast is disabled for the call (on the device of its first
-    parameter) and its floating-point inputs are cast to float32 (tensors, or lists, tuples and
-    dicts of them), as the official code's ``@autocast(enabled=False)`` on the pixel decoder plus
-    the ``.float()`` of its inputs. Outputs are float32.
-    """
-    forward = module.forward
-    device_type = next(module.parameters()).device.type
-
-    def forward_fp32(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type=device_type, enabled=False):
-            return forward(*_cast_floats(args, torch.float32), **_cast_floats(kwargs, torch.float32))
-
-    module.forward = forward_fp32  # type: ignore[method-assign]
 
 
 def run_in_bf16(module: nn.Module, memory_format: torch.memory_format = torch.preserve_format) -> None:
@@ -233,9 +211,6 @@ class TorchBackend(Backend):
             fmt = torch.channels_last if self.channels_last else torch.preserve_format
             for name in BF16_MODULES:
                 run_in_bf16(model.get_submodule(name), fmt)
-        if precision == "fp16":
-            for name in FP32_MODULES:
-                run_in_fp32(model.get_submodule(name))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "channels_last": self.channels_last, "fold_batch_norm": self.fold_batch_norm}
@@ -252,7 +227,7 @@ class TorchBackend(Backend):
     def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
         if self.precision != "fp16":
             return self.model.segment_key_frame(image, valid_hw)
-        with self._autocast():  # the pixel decoder runs in float32 (FP32_MODULES)
+        with self._autocast():  # the pixel decoder turns autocast off for itself (nn.pixel_decoder)
             key = self.model.segment_key_frame(image, valid_hw)
         return replace(key, class_logits=key.class_logits.float(), mask_logits=key.mask_logits.float(),
                        query_embeddings=key.query_embeddings.float())

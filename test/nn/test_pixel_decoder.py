@@ -317,6 +317,27 @@ def test_fpn_decoder_bad_args() -> None:
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("make, conv_dim, mask_dim", [(lambda: FPNPixelDecoder(MBV2_CH), 128, 128),
+                                                     (lambda: MSDeformAttnPixelDecoder(MBV2_CH, **SMALL_MSDEFORM), 64, 32)],
+                         ids=["fpn", "msdeform"])
+def test_pixel_decoders_compute_in_float32_under_fp16_autocast(make, conv_dim, mask_dim) -> None:
+    """The official ``@autocast(enabled=False)``: inside an fp16 autocast region (CPU autocast here,
+    the same switch as CUDA's) a pixel decoder fed half features returns exactly what it returns
+    in float32 for those features cast up, while the region around it stays in half precision."""
+    torch.manual_seed(0)
+    dec = make().eval()
+    features = _features(MBV2_CH, dtype=torch.float16)
+    with torch.no_grad():
+        expected = dec({k: v.float() for k, v in features.items()})
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = dec(features)
+            assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype == torch.float16  # autocast is back on
+    _check_decoder_outputs(dec, got, 1, conv_dim, mask_dim)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    for a, b in zip(got[1], expected[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_build_pixel_decoder() -> None:
     dec = build_pixel_decoder(PixelDecoderConfig(type="fpn", conv_dim=64, mask_dim=64, num_groups=16), MBV2_CH)
     assert isinstance(dec, FPNPixelDecoder) and dec.conv_dim == 64

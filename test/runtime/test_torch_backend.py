@@ -11,8 +11,8 @@ import torch
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.motion import MotionOutput
 from mpvss_ros.runtime import BackendUnavailable, backend_missing
-from mpvss_ros.runtime.torch_backend import (BF16_MODULES, CHANNELS_LAST_MODULES, FP32_MODULES, TorchBackend,
-                                             bf16_missing, fold_batch_norms, run_in_bf16, run_in_fp32, to_channels_last)
+from mpvss_ros.runtime.torch_backend import (BF16_MODULES, CHANNELS_LAST_MODULES, TorchBackend, bf16_missing,
+                                             fold_batch_norms, run_in_bf16, to_channels_last)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -152,24 +152,6 @@ def test_run_in_bf16_keeps_a_float32_interface():
     assert isinstance(out["named"], MotionOutput)  # a NamedTuple is rebuilt field by field
     assert out["named"].flows.dtype == torch.float32 and out["named"].pixel_flow.dtype == torch.int64
     torch.testing.assert_close(out["y"], expected, atol=0.05, rtol=0.02)
-
-
-def test_run_in_fp32_computes_in_float32_inside_autocast():
-    """The fp16 path's pixel decoder: float32 maths inside an fp16 autocast region, half inputs
-    cast up, the rest of the region still in half precision (CPU autocast, same mechanism as CUDA)."""
-    torch.manual_seed(0)
-    outer, inner = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
-    x = torch.randn(5, 4)
-    with torch.autocast("cpu", dtype=torch.float16):
-        h = outer(x)
-        assert h.dtype == torch.float16 and inner(h).dtype == torch.float16  # autocast without the wrapper
-        run_in_fp32(inner)
-        y = inner(h)
-        z = outer(x)
-    assert y.dtype == torch.float32 and z.dtype == torch.float16  # only the wrapped module left autocast
-    torch.testing.assert_close(y, torch.nn.functional.linear(h.float(), inner.weight, inner.bias), rtol=0, atol=0)
-    model = load_model("mpvss_lite").model
-    assert all(model.get_submodule(name) is not None for name in FP32_MODULES)  # the names resolve
 
 
 def _batch_norms(module: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
