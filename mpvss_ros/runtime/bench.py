@@ -28,6 +28,8 @@ run here: ``torch`` and ``onnxruntime`` on the CPU; with a GPU also ``torch:cuda
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -283,16 +285,18 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
     result: dict[str, Any] = {"hardware": hardware_info(threads), "frames": frames_source, "weights": {}, "rows": [],
                               "options": {"repeats": opts.repeats, "warmup": opts.warmup, "e2e_frames": opts.e2e_frames}}
     for model_name in opts.models:
-        loaded = load_model(model_name, opts.weights.get(model_name), "cpu")
-        result["weights"][model_name] = str(loaded.weights) if loaded.weights else "untrained (seeded random init)"
-        base_cfg = loaded.model.cfg
+        pristine = load_model(model_name, opts.weights.get(model_name), "cpu")
+        result["weights"][model_name] = str(pristine.weights) if pristine.weights else "untrained (seeded random init)"
         for hw in opts.sizes:
             frames = _resize(raw, hw)
-            loaded.model.cfg = replace_canvas(base_cfg, hw)
-            loaded.config = loaded.model.cfg
             for spec in specs:
                 row: dict[str, Any] = {"model": model_name, "size": f"{hw[0]}x{hw[1]}", "backend": str(spec)}
                 say(f"bench {model_name} {hw[0]}x{hw[1]} {spec} ...")
+                # Each backend gets its own copy: the torch backend prepares the model it is given
+                # in place (device, folded BatchNorm, layout), which a later export must not inherit.
+                model = copy.deepcopy(pristine.model)
+                model.cfg = replace_canvas(pristine.model.cfg, hw)
+                loaded = dataclasses.replace(pristine, model=model, config=model.cfg)
                 backend = None
                 try:
                     backend = _make_backend(spec, loaded, hw, opts, threads)
@@ -306,12 +310,11 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
                 finally:
                     if backend is not None and hasattr(backend, "close"):
                         backend.close()
+                    del backend, loaded, model
                     if spec.device == "cuda" and torch.cuda.is_available():
                         torch.cuda.empty_cache()
                 result["rows"].append(row)
                 say(_row_text(row))
-        loaded.model.cfg = base_cfg
-        loaded.model.cpu()
     return result
 
 

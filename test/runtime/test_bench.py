@@ -54,6 +54,14 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
     for r in result["rows"]:
         assert r["key_ms"] > 0 and r["non_key_ms"] > 0 and r["fps_fixed5"] > 0
     assert "mpvss_lite" in result["weights"]
+    # onnxruntime exported the model as loaded, not the copy the torch row folded and re-laid out
+    from mpvss_ros.model_loader import load_model
+    from mpvss_ros.runtime.export import model_fingerprint, replace_canvas
+
+    model = load_model("mpvss_lite").model
+    model.cfg = replace_canvas(model.cfg, (64, 96))
+    entries = [p.name for p in (tmp_path / "cache" / "onnx").iterdir()]
+    assert entries == [f"mpvss_lite-64x96-{model_fingerprint(model)[:16]}"]
 
 
 def test_bench_unavailable_backend_is_a_row(tmp_path, capsys, monkeypatch):
