@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .nn.mpvss import MPVSS, KeyFrameState, active_queries, semantic_scores
+from .nn.mpvss import MPVSS, KeyFrameState, semantic_scores
 from .propagation import Propagator
 from .scheduling import KeyFrameScheduler, ScheduleDecision
 
@@ -292,7 +292,7 @@ class VideoSegmenter:
         t = time.perf_counter()
         if is_key:
             key = self.model.segment_key_frame(tensor, letterbox.resized_hw)
-            self._key = replace(key, active=active_queries(key.class_logits, self._min_query_score))
+            self._key = key.with_active_queries(self._min_query_score)
             self._key_letterbox = letterbox
             self._key_index = self._frame_index
             self._key_stamp = float(stamp)

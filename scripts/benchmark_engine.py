@@ -72,7 +72,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -356,7 +356,7 @@ class Stages:
         return warp_mask_logits(key.propagated(key.mask_logits), flows, self.model.warp_normalization)
 
     def with_active(self, key: KeyFrameState) -> KeyFrameState:
-        return replace(key, active=active_queries(key.class_logits, self.model.cfg.postprocess.min_query_score))
+        return key.with_active_queries(self.model.cfg.postprocess.min_query_score)
 
     def key_state(self, frame: np.ndarray) -> KeyFrameState:
         lb = self.letterbox(frame)

@@ -13,7 +13,7 @@ both the segmentor and the motion module, as the reference's ``ImageList`` paddi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,11 @@ class KeyFrameState:
     mask_logits: Tensor
     query_embeddings: Tensor
     active: Tensor | None = None
+
+    def with_active_queries(self, min_score: float) -> "KeyFrameState":
+        """This state with :attr:`active` chosen from its class logits (:func:`active_queries`,
+        probability threshold ``min_score`` in [0, 1); 0 keeps all N)."""
+        return replace(self, active=active_queries(self.class_logits, min_score))
 
     def propagated(self, x: Tensor) -> Tensor:
         """``x`` (1, N, ...) limited to the :attr:`active` queries along dim 1: (1, M, ...)."""
