@@ -181,6 +181,8 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="train video pairs through the chain of one-frame flows that chained propagation composes")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--device", default=d.device,
+                   help=f"auto (a CUDA GPU when there is one, else the CPU), cpu or cuda[:N] (default {d.device})")
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:

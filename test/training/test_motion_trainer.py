@@ -6,6 +6,7 @@ The stage-1 checkpoint is made here (seeded lite model, ImageNet backbone when a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -130,6 +131,7 @@ def test_train_motion_steps_log_and_checkpoint(motion_run, lite_checkpoint):
     loaded = load_model(weights=run_dir / "checkpoint_last.pt")
     assert loaded.trained and loaded.config.name == "mpvss_lite"
     assert loaded.meta["stage"] == "query_flow" and loaded.meta["step"] == 3
+    assert loaded.meta["device"] == "cpu (1 thread)"  # what trained it, for the model card
     assert loaded.meta["val"]["step"] == 3
 
 
@@ -307,3 +309,18 @@ def test_cli_train_motion_options_reach_the_trainer(monkeypatch, tmp_path):
     assert opts.chain_training is True and opts.max_gap == 3 and opts.progress is False
     assert main(["train", "motion", "--run-dir", str(tmp_path), "--init-checkpoint", "c.pt"]) == 0
     assert seen["opts"].chain_training is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU for torch")
+def test_train_motion_on_cuda_chained_and_resumed(needs_data, lite_checkpoint, tmp_path):
+    """Stage 2 on a CUDA GPU with chain training (multi-link batches): finite losses, a resumable
+    state with the CUDA generator, and a checkpoint that loads on the CPU."""
+    opts = dataclasses.replace(_options(tmp_path, lite_checkpoint, 2), device="cuda", chain_training=True,
+                               video_fraction=1.0, max_gap=3)
+    result = train_motion(opts)
+    assert result.finished and all(np.isfinite(result.losses))
+    assert "cuda_rng" in torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    again = train_motion(dataclasses.replace(opts, steps=3, resume=True))
+    assert again.step == 3 and np.isfinite(again.losses).all()
+    loaded = load_model(weights=tmp_path / "model_final.pt", device="cpu")
+    assert loaded.meta["device"].startswith("cuda:0 (")

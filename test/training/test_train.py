@@ -15,6 +15,9 @@ from mpvss_ros.training.trainer import (
     default_imagenet_weights,
     lr_factor,
     options_from_args,
+    restore_rng_state,
+    rng_state,
+    train_device,
     train_segmentor,
 )
 
@@ -25,6 +28,7 @@ needs_data = pytest.mark.skipif(
     reason="shared CamVid data / ImageNet weights not available (../shared/data or $MPVSS_SHARED_DATA)",
 )
 FILES = ["0001TP_006690.png", "0016E5_06390.png"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU for torch")
 
 
 def test_lr_schedule():
@@ -44,6 +48,34 @@ def test_cli_arguments_round_trip(tmp_path):
     assert opts.crop == (96, 128) and opts.matcher == "fixed" and opts.steps == TrainOptions(run_dir="").steps
     with pytest.raises(ValueError):
         TrainOptions(run_dir="x", matcher="greedy").validate()
+
+
+def test_train_device_auto_picks_a_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cpu"):
+        train_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_device("auto") == torch.device("cuda")
+    assert train_device("cpu") == torch.device("cpu") and train_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="unknown device"):
+        train_device("gpu")
+    p = __import__("argparse").ArgumentParser()
+    add_train_arguments(p)
+    assert options_from_args(p.parse_args(["--run-dir", "r", "--device", "cpu"])).device == "cpu"
+    assert options_from_args(p.parse_args(["--run-dir", "r"])).device == "auto"
+
+
+def test_rng_state_round_trip_and_a_device_change_is_logged(caplog):
+    torch.manual_seed(7)
+    state = rng_state(torch.device("cpu"))
+    assert set(state) == {"torch_rng"}
+    first = torch.rand(3)
+    restore_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), first)
+    with caplog.at_level("WARNING", logger="mpvss_ros.training.trainer"):
+        restore_rng_state({**state, "cuda_rng": torch.zeros(8, dtype=torch.uint8)}, torch.device("cpu"))
+    assert "another kind of device" in caplog.text
 
 
 def test_param_groups_exclude_motion_and_split_decay():
@@ -115,6 +147,8 @@ def test_few_steps_reduce_the_loss(straight_run):
     assert [x["step"] for x in steps] == list(range(1, 9))
     assert {"loss", "loss_ce", "loss_mask", "loss_dice", "lr", "lr_backbone", "sec_per_step"} <= set(steps[0])
     assert (run / "model_final.pt").is_file() and (run / "checkpoint_last.pt").is_file()
+    meta = torch.load(run / "model_final.pt", weights_only=True)["meta"]
+    assert meta["device"] == "cpu (1 thread)"  # what trained it, for the model card
 
 
 @needs_data
@@ -137,3 +171,21 @@ def test_resume_continues_exactly(straight_run, tmp_path):
     mb = torch.load(tmp_path / "model_final.pt", weights_only=True)["state_dict"]
     for k in ma:
         torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)
+
+
+@needs_data
+@needs_cuda
+def test_cuda_steps_reduce_the_loss_resume_and_load_on_cpu(tmp_path):
+    """The same 8 steps on a CUDA GPU: the loss falls as on the CPU, a run stopped at step 5 and
+    resumed follows the straight run (CUDA kernels are not bitwise deterministic: loose tolerance),
+    and the checkpoint loads on the CPU and says what trained it."""
+    from mpvss_ros.model_loader import load_model
+
+    straight = train_segmentor(_opts(tmp_path / "straight", device="cuda"))
+    assert straight.finished and straight.losses[-1] < 0.9 * straight.losses[0]
+    first = train_segmentor(_opts(tmp_path / "resumed", device="cuda", stop_at=5))
+    second = train_segmentor(_opts(tmp_path / "resumed", device="cuda", resume=True))
+    assert "cuda_rng" in torch.load(tmp_path / "resumed" / "trainer_state.pt", weights_only=True)
+    np.testing.assert_allclose(first.losses + second.losses, straight.losses, rtol=1e-2)
+    loaded = load_model(weights=tmp_path / "straight" / "model_final.pt", device="cpu")
+    assert loaded.trained and loaded.meta["device"].startswith("cuda:0 (")
