@@ -1,7 +1,7 @@
 """The ``mpvss`` command line.
 
 * ``mpvss segment INPUT --out DIR [--model NAME|CONFIG] [--weights FILE]
-  [--propagator query_flow|optical_flow|copy] [--schedule fixed:N|adaptive[:T]] [--device cpu|cuda]``
+  [--propagator query_flow|optical_flow|copy] [--schedule fixed:N|adaptive[:T]] [--device auto|cpu|cuda]``
 * ``mpvss eval [IMAGES --labels DIR] [--study] [--out DIR]``: mIoU, fwIoU, VC_8/16, cost; the
   key-interval study with ``--study``.
 * ``mpvss train segmentor ...`` (stage 1) and ``mpvss train motion ...`` (stage 2).
@@ -45,7 +45,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="model name (mpvss_lite, mpvss_r50) or a YAML config file "
                    "(default: the weights file's own config, else mpvss_lite)")
     g.add_argument("--weights", default=None, help="checkpoint (.pt/.pth/.pkl); default: the model's shipped weights")
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU when torch sees one, else the CPU), cpu or cuda[:N] (default: auto)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 

@@ -29,7 +29,7 @@ from .config import ModelConfig, load_model_config, model_config_from_dict
 from .nn.mpvss import MPVSS
 from .paths import find_data
 
-__all__ = ["LoadedModel", "load_model", "resolve_data_path", "select_device", "DEFAULT_MODEL"]
+__all__ = ["LoadedModel", "load_model", "resolve_data_path", "resolve_device", "select_device", "DEFAULT_MODEL"]
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,29 @@ def resolve_data_path(path: str | Path) -> Path | None:
     return find_data(path)
 
 
+def resolve_device(device: str, backend: str = "torch", precision: str = "fp32") -> str:
+    """``auto`` -> ``cuda`` when ``backend`` can run there with ``precision``
+    (:func:`~mpvss_ros.runtime.backend_missing`: for torch, when torch sees a CUDA GPU; for
+    onnxruntime, when its CUDA provider is installed), else ``cpu``; any other string unchanged.
+
+    Raises:
+        ValueError: unknown backend or precision (with ``auto``).
+    """
+    if device != "auto":
+        return device
+    from .runtime import backend_missing
+
+    return "cuda" if backend_missing(backend, "cuda", precision) is None else "cpu"
+
+
 def select_device(device: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` -> torch.device.
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` -> torch.device (``auto``: :func:`resolve_device`).
 
     Raises:
         ValueError: unknown device string, or CUDA requested where torch has no CUDA (says to use
             ``--device cpu``).
     """
+    device = resolve_device(device)
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
@@ -89,7 +105,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             the weights file, else ``mpvss_lite``.
         weights: a checkpoint (``.pt``/``.pth`` this project's or official, or detectron2
             ``.pkl``); None = the config's default weights.
-        device: ``cpu`` or ``cuda[:N]``.
+        device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``.
         seed: torch seed for the initialisation of an untrained model.
 
     Raises:

@@ -155,10 +155,11 @@ def load_configured_model(config: NodeConfig) -> LoadedModel:
     """
     from ..checkpoints import CheckpointError
     from ..config import ConfigError
-    from ..model_loader import load_model
+    from ..model_loader import load_model, resolve_device
 
-    try:
-        return load_model(config.model or None, config.weights or None, config.device)
+    try:  # 'auto': the GPU when the configured backend can use one there, else the CPU
+        return load_model(config.model or None, config.weights or None,
+                          resolve_device(config.device, config.backend, config.precision))
     except CheckpointError as exc:
         raise StartupError(_one_line(f"cannot load weights: {exc}")) from None
     except ConfigError as exc:
@@ -191,7 +192,7 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
         from ..runtime import load_backend
 
         try:  # BackendUnavailable: one line saying what is missing and which backend would work
-            model = load_backend(config.backend, loaded, device=config.device, precision=config.precision)
+            model = load_backend(config.backend, loaded, device=str(loaded.device), precision=config.precision)
         except (ValueError, OSError, RuntimeError) as exc:
             raise StartupError(_one_line(f"backend '{config.backend}' ({config.precision}): {exc}")) from None
     propagator = build_propagator(config.propagator, model, config.optical_flow_preset, config.optical_flow_scale,

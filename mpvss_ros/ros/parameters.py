@@ -61,7 +61,7 @@ DEFAULT_CUT_THRESHOLD = 0.45
 #: ``input_reliability`` values: SensorDataQoS-like best effort, reliable, or the RMW default.
 RELIABILITIES = ("best_effort", "reliable", "system_default")
 
-_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _SCHEDULE_RE = re.compile(r"^(adaptive|fixed:[1-9]\d*)$")
 
 
@@ -99,8 +99,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "model's default weights (the model runs untrained, with a warning, when they are "
               "absent).",
               constraints="a file path, or ''"),
-    ParamSpec("device", "str", "cpu", "Torch device for inference.",
-              constraints="cpu, cuda or cuda:N"),
+    ParamSpec("device", "str", "auto", "Torch device for inference: auto = a CUDA GPU when torch sees one, "
+              "else the CPU.",
+              constraints="auto, cpu, cuda or cuda:N"),
     ParamSpec("backend", "str", "torch",
               "Inference backend: torch (CPU/CUDA), onnxruntime (CPU, CUDA provider when present) or "
               "tensorrt (cached engines built from the exported ONNX graphs; prebuild with "
@@ -189,7 +190,7 @@ class NodeConfig:
 
     model: str = "mpvss_lite"
     weights: str = ""
-    device: str = "cpu"
+    device: str = "auto"
     backend: str = "torch"
     precision: str = "fp32"
     propagator: str = "query_flow"
@@ -288,7 +289,7 @@ def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
     merged.update(values)
     checked = {name: _check(SPECS[name], v) for name, v in merged.items()}
     if not _DEVICE_RE.match(checked["device"]):
-        raise ValueError(f"parameter 'device': must be cpu, cuda or cuda:N, got {checked['device']!r}")
+        raise ValueError(f"parameter 'device': must be auto, cpu, cuda or cuda:N, got {checked['device']!r}")
     if not _SCHEDULE_RE.match(checked["schedule"].strip()):
         raise ValueError(f"parameter 'schedule': must be 'adaptive' or 'fixed:N' (N >= 1), "
                          f"got {checked['schedule']!r}")

@@ -46,16 +46,17 @@ def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
     Raises:
         BackendUnavailable: (a ValueError) the backend cannot run here.
     """
-    from ..model_loader import load_model
+    from ..model_loader import load_model, resolve_device
     from . import backend_missing, load_backend
 
     backend_name = getattr(args, "backend", "torch")
     precision = getattr(args, "precision", "fp32")
-    missing = backend_missing(backend_name, args.device, precision)
+    device = resolve_device(args.device, backend_name, precision)
+    missing = backend_missing(backend_name, device, precision)
     if missing:
         raise BackendUnavailable(missing)
-    loaded = load_model(args.model, args.weights, args.device if backend_name == "torch" else "cpu")
-    backend = load_backend(backend_name, loaded, device=args.device, precision=precision,
+    loaded = load_model(args.model, args.weights, device if backend_name == "torch" else "cpu")
+    backend = load_backend(backend_name, loaded, device=device, precision=precision,
                            cache_dir=getattr(args, "cache_dir", None), threads=getattr(args, "threads", None))
     return loaded, backend
 

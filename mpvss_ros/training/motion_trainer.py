@@ -37,6 +37,7 @@ from ..checkpoints import load_checkpoint, read_model_config, read_state_dict, s
 from ..config import load_model_config, model_config_from_dict
 from ..evaluation.metrics import ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
+from ..model_loader import select_device
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
 from ..nn.warp import compose_flows, warp_mask_logits
@@ -48,8 +49,7 @@ from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .pairs import FramePairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
-from .trainer import (device_description, lr_factor, restore_rng_state, rng_state, sync_lr, torch_threads, train_device,
-                      truncate_log)
+from .trainer import device_description, lr_factor, restore_rng_state, rng_state, sync_lr, torch_threads, truncate_log
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels"]
 
@@ -93,7 +93,7 @@ class MotionTrainOptions:
         init_motion: start the motion module from this checkpoint's ``motion.*`` weights instead
             of ``init_checkpoint``'s (warm start after retraining the segmentor); strict.
         device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``
-            (:func:`~mpvss_ros.training.trainer.train_device`).
+            (:func:`~mpvss_ros.model_loader.select_device`).
     """
 
     run_dir: str
@@ -251,7 +251,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         if stored is None:
             raise ValueError(f"{opts.init_checkpoint} has no stored model config: pass model=")
         cfg = model_config_from_dict(stored)
-    device = train_device(opts.device)
+    device = select_device(opts.device)
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
     init_meta = load_checkpoint(model, opts.init_checkpoint)

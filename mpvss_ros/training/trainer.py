@@ -23,7 +23,7 @@ is twice Mask2Former's 1e-4 because runs are short (thousands, not 90k, steps); 
 keeps Mask2Former's 0.1 multiplier so the ImageNet features are adapted gently.
 
 Device: ``device="auto"`` trains on the first CUDA GPU when torch sees one, else on the CPU
-(:func:`train_device`); batches move to it, checkpoints are written from CPU copies and record it
+(:func:`~mpvss_ros.model_loader.select_device`); batches move to it, checkpoints are written from CPU copies and record it
 (``meta["device"]``), and the trainer state keeps the CUDA generator too (:func:`rng_state`), so
 a resumed GPU run continues the same random points (CUDA kernels themselves are not bitwise
 deterministic; on the CPU the continuation is exact).
@@ -74,6 +74,7 @@ from ..checkpoints import load_checkpoint, save_checkpoint
 from ..config import ModelConfig, load_model_config
 from ..evaluation.metrics import ConfusionMatrix
 from ..io.samples import shared_data_dir
+from ..model_loader import select_device
 from ..nn.backbones import MobileNetV2, load_imagenet_weights
 from ..nn.mpvss import MPVSS, semantic_scores
 from .criterion import SetCriterion, semantic_batch_to_targets
@@ -91,7 +92,6 @@ __all__ = [
     "add_train_arguments",
     "options_from_args",
     "default_imagenet_weights",
-    "train_device",
     "device_description",
     "rng_state",
     "restore_rng_state",
@@ -160,7 +160,7 @@ class TrainOptions:
             [--max-minutes].
         progress: show a tqdm bar [--no-progress].
         device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``
-            [--device] (:func:`train_device`).
+            [--device] (:func:`~mpvss_ros.model_loader.select_device`).
     """
 
     run_dir: str
@@ -467,20 +467,6 @@ def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> Train
         return _train(opts)
 
 
-def train_device(device: str) -> torch.device:
-    """The device a training run uses: ``auto`` = the first CUDA GPU when torch sees one, else the
-    CPU; otherwise ``cpu`` / ``cuda[:N]`` as :func:`~mpvss_ros.model_loader.select_device`.
-
-    Raises:
-        ValueError: an unknown device, or CUDA asked for where torch sees none.
-    """
-    from ..model_loader import select_device
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return select_device(device)
-
-
 def device_description(device: torch.device) -> str:
     """What a run trained on, for logs and checkpoint metadata: ``cpu (2 threads)`` or
     ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
@@ -527,7 +513,7 @@ def _train(opts: TrainOptions) -> TrainResult:
     run_dir = Path(opts.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_model_config(opts.model)
-    device = train_device(opts.device)
+    device = select_device(opts.device)
     model = _build_model(opts, cfg, initialise=not opts.resume).to(device)
     k = cfg.num_classes
     log.info("training on %s", device_description(device))

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEGMENT_YAML = ROOT / "config" / "segment.yaml"
 
 EXPECTED_DEFAULTS = {
-    "model": "mpvss_lite", "weights": "", "device": "cpu", "backend": "torch", "precision": "fp32",
+    "model": "mpvss_lite", "weights": "", "device": "auto", "backend": "torch", "precision": "fp32",
     "propagator": "query_flow", "optical_flow_preset": "fast", "optical_flow_scale": 0.5, "chain_flow": True,
     "schedule": "adaptive", "scene_threshold": 0.5, "cut_threshold": 0.45, "min_interval": 1, "max_interval": 10,
     "max_gap_s": 1.0,

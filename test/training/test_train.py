@@ -17,7 +17,6 @@ from mpvss_ros.training.trainer import (
     options_from_args,
     restore_rng_state,
     rng_state,
-    train_device,
     train_segmentor,
 )
 
@@ -50,16 +49,7 @@ def test_cli_arguments_round_trip(tmp_path):
         TrainOptions(run_dir="x", matcher="greedy").validate()
 
 
-def test_train_device_auto_picks_a_gpu_when_there_is_one(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train_device("auto") == torch.device("cpu")
-    with pytest.raises(ValueError, match="--device cpu"):
-        train_device("cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train_device("auto") == torch.device("cuda")
-    assert train_device("cpu") == torch.device("cpu") and train_device("cuda:1") == torch.device("cuda:1")
-    with pytest.raises(ValueError, match="unknown device"):
-        train_device("gpu")
+def test_device_option_reaches_the_options():
     p = __import__("argparse").ArgumentParser()
     add_train_arguments(p)
     assert options_from_args(p.parse_args(["--run-dir", "r", "--device", "cpu"])).device == "cpu"
