@@ -71,6 +71,7 @@ def _autocast_off(forward):
 
     return wrapped
 
+
 #: Backbone feature names every pixel decoder needs, finest first.
 FEATURE_NAMES: tuple[str, ...] = ("res2", "res3", "res4", "res5")
 

@@ -4,8 +4,9 @@ fp16 (CUDA only) follows the official Mask2Former/MPVSS code: the backbone, the 
 decoder and the motion module run under ``torch.autocast(dtype=float16)``; the pixel decoder
 runs in float32 (the reference decorates it ``@autocast(enabled=False)``: deformable attention's
 sampling locations lose too much in half precision; the model's pixel decoders carry the same
-switch, so the backend runs the model's own ``segment_key_frame`` under autocast), and the final mask warp runs in float32
-(the ``grid_sample`` coordinates would lose sub-pixel precision). Outputs are float32.
+switch, so the backend runs the model's own ``segment_key_frame`` under autocast), and the final
+mask warp runs in float32 (the ``grid_sample`` coordinates would lose sub-pixel precision).
+Outputs are float32.
 
 bf16 (CPU only, with bfloat16 instructions: AVX-512 BF16 or AMX) stores the weights of
 :data:`BF16_MODULES` (backbone and motion encoder) as bfloat16, channels-last, and gives each of
