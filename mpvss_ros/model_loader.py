@@ -88,11 +88,11 @@ def select_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r}: use cpu or cuda[:N]") from exc
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA was requested but this torch build sees no CUDA GPU; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}: use cpu or cuda[:N]")
+        raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
     return dev
 
 

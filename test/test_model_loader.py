@@ -15,6 +15,9 @@ def test_auto_without_a_gpu_is_the_cpu(monkeypatch):
         assert resolve_device("auto", backend, precision) == "cpu"
     assert select_device("auto") == torch.device("cpu")
     assert load_model("mpvss_lite", device="auto").device == torch.device("cpu")
+    from mpvss_ros.runtime import backend_missing, load_backend
+
+    assert backend_missing("torch", "auto") is None and load_backend("torch", device="auto").device.type == "cpu"
     with pytest.raises(ValueError, match="--device cpu"):
         select_device("cuda")
 

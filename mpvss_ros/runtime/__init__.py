@@ -31,7 +31,8 @@ __all__ = [
 
 def backend_missing(backend: str, device: str = "cpu", precision: str = "fp32") -> str | None:
     """None when ``backend`` can run here with these options, else a one-line reason (cheap:
-    imports only; nothing is loaded or built).
+    imports only; nothing is loaded or built). ``device`` ``auto`` is resolved first
+    (:func:`~mpvss_ros.model_loader.resolve_device`).
 
     Raises:
         ValueError: unknown backend or precision.
@@ -41,12 +42,17 @@ def backend_missing(backend: str, device: str = "cpu", precision: str = "fp32") 
     check_precision(precision)
     import torch
 
+    if device == "auto":
+        from ..model_loader import resolve_device
+
+        device = resolve_device(device, backend, precision)
+
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use cpu or cuda[:N]") from None
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}: use cpu or cuda[:N]")
+        raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
     if backend == "torch":
         if dev.type == "cuda" and not torch.cuda.is_available():
             return "CUDA was requested but this torch build sees no CUDA GPU; use --device cpu"
@@ -84,8 +90,8 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
             ``model``/``weights`` with :func:`~mpvss_ros.model_loader.load_model` (on ``device``
             for torch, on CPU for export otherwise). Ignored when ``onnx_dir`` is given.
         model, weights: as :func:`~mpvss_ros.model_loader.load_model` when ``loaded`` is None.
-        device: ``cpu`` or ``cuda[:N]``. onnxruntime: the execution provider; tensorrt: the GPU
-            (``cpu`` = GPU 0). Tensors in/out of onnxruntime and TensorRT backends are on the CPU.
+        device: ``auto`` (:func:`~mpvss_ros.model_loader.resolve_device`), ``cpu`` or ``cuda[:N]``.
+            onnxruntime: the execution provider; tensorrt: the GPU (``cpu`` = GPU 0). Tensors in/out of onnxruntime and TensorRT backends are on the CPU.
         precision: ``fp32``, ``fp16`` (torch on CUDA: autocast; tensorrt: FP16 engines) or ``bf16``
             (torch on CPU: bfloat16 weights, see :class:`~mpvss_ros.runtime.torch_backend.TorchBackend`).
         input_hw: valid (unpadded) size(s) (h, w) to prepare now (export/build); default the
@@ -101,10 +107,12 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
         BackendUnavailable: the backend cannot run here (one line: what is missing, what works).
         ValueError: unknown backend/precision, bad device.
     """
+    from ..model_loader import LoadedModel, load_model, resolve_device
+
+    device = resolve_device(device, backend, precision)
     missing = backend_missing(backend, device, precision)
     if missing:
         raise BackendUnavailable(missing)
-    from ..model_loader import LoadedModel, load_model
 
     if backend == "torch":
         from .torch_backend import TorchBackend
