@@ -111,7 +111,6 @@ def add_runtime_commands(sub: Any) -> None:
     bn.add_argument("--cache-dir", default=None, help="ONNX/engine cache root")
     bn.add_argument("--json", default=None, help="also write the results as JSON to this file")
 
-
     ca = sub.add_parser("cache", help="list, prune or clear the cache of exported ONNX graphs and TensorRT engines",
                         description="List the cache's entries, most recently used first. New exports and engine builds "
                                     "prune it to $MPVSS_CACHE_MAX_MB MiB (default 2048; 0 = no limit) by themselves, "
