@@ -46,7 +46,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "(default: the weights file's own config, else mpvss_lite)")
     g.add_argument("--weights", default=None, help="checkpoint (.pt/.pth/.pkl); default: the model's shipped weights")
     g.add_argument("--device", default="auto",
-                   help="auto (a CUDA GPU when torch sees one, else the CPU), cpu or cuda[:N] (default: auto)")
+                   help="auto (the GPU when the chosen backend and precision can run on it, else the CPU), cpu or "
+                        "cuda[:N] (default: auto)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 

@@ -99,8 +99,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "model's default weights (the model runs untrained, with a warning, when they are "
               "absent).",
               constraints="a file path, or ''"),
-    ParamSpec("device", "str", "auto", "Torch device for inference: auto = a CUDA GPU when torch sees one, "
-              "else the CPU.",
+    ParamSpec("device", "str", "auto", "Torch device for inference: auto = the GPU when the backend and "
+              "precision below can run on it, else the CPU.",
               constraints="auto, cpu, cuda or cuda:N"),
     ParamSpec("backend", "str", "torch",
               "Inference backend: torch (CPU/CUDA), onnxruntime (CPU, CUDA provider when present) or "

@@ -91,7 +91,8 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
             for torch, on CPU for export otherwise). Ignored when ``onnx_dir`` is given.
         model, weights: as :func:`~mpvss_ros.model_loader.load_model` when ``loaded`` is None.
         device: ``auto`` (:func:`~mpvss_ros.model_loader.resolve_device`), ``cpu`` or ``cuda[:N]``.
-            onnxruntime: the execution provider; tensorrt: the GPU (``cpu`` = GPU 0). Tensors in/out of onnxruntime and TensorRT backends are on the CPU.
+            onnxruntime: the execution provider; tensorrt: the GPU (``cpu`` = GPU 0). Tensors
+            in/out of onnxruntime and TensorRT backends are on the CPU.
         precision: ``fp32``, ``fp16`` (torch on CUDA: autocast; tensorrt: FP16 engines) or ``bf16``
             (torch on CPU: bfloat16 weights, see :class:`~mpvss_ros.runtime.torch_backend.TorchBackend`).
         input_hw: valid (unpadded) size(s) (h, w) to prepare now (export/build); default the

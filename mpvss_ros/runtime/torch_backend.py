@@ -11,8 +11,8 @@ Outputs are float32.
 bf16 (CPU only, with bfloat16 instructions: AVX-512 BF16 or AMX) stores the weights of
 :data:`BF16_MODULES` (backbone and motion encoder) as bfloat16, channels-last, and gives each of
 them hooks that cast its floating-point inputs to bfloat16 and its outputs back to float32
-(:func:`run_in_bf16`), so the model's own forward paths run unchanged; the rest runs in float32 (autocast on CPU re-casts the weights at every call and was
-slower than float32). CamVid val clip, shipped weights, 2 threads of a Xeon with AMX: 93 against
+(:func:`run_in_bf16`), so the model's own forward paths run unchanged; the rest runs in float32
+(autocast on CPU re-casts the weights at every call and was slower than float32). CamVid val clip, shipped weights, 2 threads of a Xeon with AMX: 93 against
 108 ms per key frame on average, 70.60 against 70.73 per-frame mIoU, 69.11 against 69.10 at one
 key frame in 5 (``docs/runtime.md``, "bf16 on CPU"); since the BatchNorm folding below, fp32 key
 frames are faster than bf16 ones there (72-73 against 77-78 ms), and bf16 saves only about 1.5 ms
@@ -178,8 +178,8 @@ class TorchBackend(Backend):
             converted in place, as ``model.eval().to(device)`` already moves them; values and
             outputs' layouts are unchanged.
         fold_batch_norm: fold the model's BatchNorm layers (the backbone's) into the
-            convolutions in front of them (:func:`fold_batch_norms`), in place. This changes the model's module tree and
-            state-dict keys, so pass False for a model that will still be trained or saved
+            convolutions in front of them (:func:`fold_batch_norms`), in place. This changes the
+            model's module tree and state-dict keys, so pass False for a model that will still be trained or saved
             (stage-2 training's pseudo-labels and quick validation do).
 
     Raises:
@@ -220,10 +220,9 @@ class TorchBackend(Backend):
     def num_classes(self) -> int:
         return int(getattr(self.model, "num_classes", self.cfg.num_classes))
 
-    def _autocast(self, enabled: bool = True):
+    def _autocast(self):
         # fp16 only; bf16 casts at the boundaries of BF16_MODULES (run_in_bf16).
-        return torch.autocast(device_type=self.device.type, dtype=torch.float16,
-                              enabled=enabled and self.precision == "fp16")
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.precision == "fp16")
 
     def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
         if self.precision != "fp16":

@@ -263,7 +263,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         model.motion.load_state_dict(motion_state, strict=True)  # lists missing/unexpected keys
         log.info("motion module initialised from %s", opts.init_motion)
     model.eval().to(device)
-    log.info("training on %s", device_description(device))
+    trained_on = device_description(device)
+    log.info("training on %s", trained_on)
     # The backbone stays frozen in stage 2: run it channels-last on CPU, as inference there does
     # (forward_segmentor on 8 crops of 256 x 320, 2 threads, grad mode: 383 -> 291 ms; 30-step
     # chain-training runs: 1.53 -> 1.49 s/step median, the same losses to the digit). The motion
@@ -352,7 +353,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     def meta(step: int) -> dict[str, Any]:
         return {"stage": "query_flow", "step": step, "steps": opts.steps, "init": str(opts.init_checkpoint),
                 "init_meta": init_meta, "data": "CamVid train pairs + pseudo-labelled solidWhiteRight/bikes pairs",
-                "seed": opts.seed, "val": last_val, "device": device_description(device)}
+                "seed": opts.seed, "val": last_val, "device": trained_on}
 
     def save(step: int) -> None:
         save_checkpoint(model_path, model, cfg.to_dict(), meta=meta(step))

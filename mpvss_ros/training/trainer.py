@@ -23,10 +23,10 @@ is twice Mask2Former's 1e-4 because runs are short (thousands, not 90k, steps); 
 keeps Mask2Former's 0.1 multiplier so the ImageNet features are adapted gently.
 
 Device: ``device="auto"`` trains on the first CUDA GPU when torch sees one, else on the CPU
-(:func:`~mpvss_ros.model_loader.select_device`); batches move to it, checkpoints are written from CPU copies and record it
-(``meta["device"]``), and the trainer state keeps the CUDA generator too (:func:`rng_state`), so
-a resumed GPU run continues the same random points (CUDA kernels themselves are not bitwise
-deterministic; on the CPU the continuation is exact).
+(:func:`~mpvss_ros.model_loader.select_device`); batches move to it, checkpoints are written from
+CPU copies and record it (``meta["device"]``), and the trainer state keeps the CUDA generator too
+(:func:`rng_state`), so a resumed GPU run continues the same random points (CUDA kernels
+themselves are not bitwise deterministic; on the CPU the continuation is exact).
 
 Data: :class:`~mpvss_ros.training.data.CamVidFrames` on ``<data_root>/train`` (never val).
 Batches are a pure function of (seed, step): epoch e uses the permutation
@@ -516,7 +516,8 @@ def _train(opts: TrainOptions) -> TrainResult:
     device = select_device(opts.device)
     model = _build_model(opts, cfg, initialise=not opts.resume).to(device)
     k = cfg.num_classes
-    log.info("training on %s", device_description(device))
+    trained_on = device_description(device)
+    log.info("training on %s", trained_on)
 
     root = _camvid_root(opts)
     train_set = CamVidFrames(root / "train", root / "trainannot", crop=opts.crop, scale=opts.scale, flip=opts.flip,
@@ -575,7 +576,7 @@ def _train(opts: TrainOptions) -> TrainResult:
 
     def meta(step: int) -> dict[str, Any]:
         return {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": "CamVid train (SegNet split)",
-                "matcher": opts.matcher, "seed": opts.seed, "val": last_val, "device": device_description(device)}
+                "matcher": opts.matcher, "seed": opts.seed, "val": last_val, "device": trained_on}
 
     def save(step: int) -> None:
         save_checkpoint(model_path, model, cfg.to_dict(), meta=meta(step))
