@@ -9,8 +9,8 @@ Layout under the cache root (:func:`default_cache_dir`; ``--cache-dir`` override
 
 Entries are keyed by everything that changes them (weights, export code, torch, TensorRT, GPU), so
 an upgrade or a retrained model adds entries and never reuses stale ones; without a bound the cache
-grows by one entry per such change (about 35 MB per ONNX pair of ``mpvss_lite``, hundreds of MB per
-``mpvss_r50`` pair or engine), which a robot's disk does not absorb for long. The policy is
+grows by one entry per such change (33 MiB per ONNX pair of ``mpvss_lite`` at 480 x 640, 404 MiB per
+``mpvss_r50`` pair at 480 x 853; engines come on top), which a robot's disk does not absorb for long. The policy is
 ccache's ``max_size``: every use of an entry marks it used (its modification time); every new export and
 every :func:`~mpvss_ros.runtime.tensorrt_backend.build_engines` prunes the cache, removing
 least-recently-used entries until the whole cache holds at most the budget, never the entries
