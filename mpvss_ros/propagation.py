@@ -18,7 +18,7 @@ where it is most accurate; the masks are still warped once, from the key frame. 
 (one flow estimate, plus a composition on the flow grid). CamVid val clip, shipped weights, key
 interval 5 / 10: query flow 69.10 / 66.23 chained against 67.67 / 61.33 direct (the motion module
 trained through the chain, ``--chain-training``); DIS 69.19 / 66.41 against 68.13 / 62.46
-(``models/README.md``).
+(``docs/experiment_log.md``, "Chained flow").
 Chaining needs the frames in order, each one propagated: a propagator follows the key frame it was
 last given and restarts its chain at a new key frame.
 
@@ -177,7 +177,7 @@ class OpticalFlowPropagator(Propagator):
     5 / 10, 2 CPU threads (AMD EPYC; median ms per non-key frame at interval 5, the whole
     ``VideoSegmenter.push``), chained flow: fast@0.5 69.19 / 66.41 mIoU (22.0 ms), medium@0.5
     69.87 / 67.83 (30.4 ms), fast@1.0 69.90 / 67.81 (33.3 ms), medium@1.0 70.36 / 68.67 (57.3 ms);
-    direct flow 68.13 / 62.46, 69.03 / 64.23, 68.70 / 63.39, 69.45 / 64.98; see ``models/README.md``.
+    direct flow 68.13 / 62.46, 69.03 / 64.23, 68.70 / 63.39, 69.45 / 64.98; see ``docs/experiment_log.md``, "Chained flow".
 
     Args:
         method: ``dis`` or ``farneback``.

@@ -27,14 +27,14 @@ content has shifted by more than the texture scale. Measured on the CamVid val c
 frames matched in number: the direct difference was 0.2-1.2 mIoU below uniform spacing at 1 key
 frame in 2, 3 and 5 and level at 1 in 10 (previous release); the integrated drift beats uniform
 spacing at 1 in 5 and 1 in 10 and is up to 0.45 below it at 1 in 2 and 3
-(``docs/study_mpvss_lite_camvid.json``, ``models/README.md``). Those figures are for the paper's
+(``docs/study_mpvss_lite_camvid.json``, ``docs/experiment_log.md``). Those figures are for the paper's
 direct flow; with chained flow (the propagators' default, :mod:`mpvss_ros.propagation`), whose
 error grows more slowly with the distance to the key frame, the adaptive schedule is 0.02-0.20
 below uniform spacing at 1 in 2, 3 and 5 and 0.22 above it at 1 in 10 on that clip for query flow
 (and above direct flow with either schedule at 1 in 5 and 1 in 10). Aiming at the per-frame
 segmentation does not help there either: the schedule that best preserves it, found by a local search
 with it in hand, also scores below uniform spacing against the labels at 1 in 2, 3 and 5
-(``scripts/schedule_table.py --own-oracle``, ``models/README.md``). It stays the node's default
+(``scripts/schedule_table.py --own-oracle``, ``docs/experiment_log.md``). It stays the node's default
 for what uniform spacing cannot do: key hard cuts and follow a robot that stops and starts. The
 histogram term is insensitive to motion and follows lighting changes.
 

@@ -12,7 +12,8 @@ from mpvss_ros.model_loader import load_model
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "mpvss_lite_camvid.pt"
 #: models/README.md: per-frame mIoU on val frames 0, 25, 50, 75, 100 measured 70.77 when the file
-#: was written; the floor leaves 2 points for library differences (OpenCV resize, BLAS).
+#: was written and 70.76 with the code of 2026-12-05; the floor leaves 2 points for library
+#: differences (OpenCV resize, BLAS).
 FIVE_FRAME_FLOOR = 68.7
 
 

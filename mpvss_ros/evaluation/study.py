@@ -105,7 +105,7 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
         / (frames x median key-frame ms)`` (1.0 when every frame is a key frame; None without a key
         frame). Unlike a ratio of two runs' means it does not move with the machine's speed between
         runs: on 2 shared CPU cores the per-frame mean has differed by 19 % from the key frames of
-        the interval-5 run of the same study (``models/README.md``, "Cost on an Intel machine").
+        the interval-5 run of the same study (``docs/experiment_log.md``, "Cost on an Intel machine").
     """
     cfg = loaded.config
     sched = parse_schedule(scheduler) if isinstance(scheduler, str) else scheduler
