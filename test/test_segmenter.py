@@ -450,6 +450,107 @@ def test_postprocess_chunked_equals_direct(make_band_model, num_classes, input_h
     assert diff.max() <= 1 and (diff == 0).mean() > 0.999
 
 
+def _smooth_scores(hw, classes, seed, sharpness=4.0):
+    """(h, w, C) float32 scores with blob-shaped class regions, like real class score maps."""
+    rng = np.random.default_rng(seed)
+    low = rng.random((max(2, hw[0] // 6), max(2, hw[1] // 6), classes), dtype=np.float32) ** sharpness
+    x = cv2.resize(low, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(x.reshape(hw[0], hw[1], classes))
+
+
+def _resize_then_argmax(x, out_hw):
+    y = cv2.resize(x, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_LINEAR).reshape(out_hw[0], out_hw[1], -1)
+    best, labels = torch.from_numpy(y).max(dim=-1)
+    return best, labels
+
+
+@pytest.mark.parametrize("src_hw, out_hw", [
+    ((360, 640), (1080, 1920)),   # the 480 x 640 canvas area of a 1080p frame, x3
+    ((360, 640), (720, 1280)),    # 720p, x2
+    ((90, 160), (361, 479)),      # non-integer factors, odd output
+    ((7, 5), (30, 41)),
+    ((1, 9), (4, 40)),            # a single source row
+    ((40, 60), (40, 60)),         # same size
+    ((60, 80), (37, 51)),         # shrinking: correct, though not where it saves time
+])
+@pytest.mark.parametrize("classes, smooth", [(11, True), (11, False), (2, True), (1, True), (16, False)])
+def test_argmax_of_upsampled_equals_resizing_every_class(src_hw, out_hw, classes, smooth):
+    """Labels equal to cv2.resize of all class maps then arg-max, maximum to float rounding: on
+    smooth maps (few boundary pixels) and on noise (almost every pixel is near a boundary)."""
+    from mpvss_ros.segmenter import argmax_of_upsampled
+
+    seed = src_hw[0] * 1000 + out_hw[1] + classes
+    x = _smooth_scores(src_hw, classes, seed) if smooth else \
+        np.random.default_rng(seed).random((*src_hw, classes), dtype=np.float32)
+    best, labels = argmax_of_upsampled(x, out_hw)
+    ref_best, ref_labels = _resize_then_argmax(x, out_hw)
+    assert best.shape == labels.shape == out_hw and labels.dtype == torch.uint8 and best.dtype == torch.float32
+    if classes > 1:
+        assert len(torch.unique(ref_labels)) > 1  # a non-trivial case
+    assert torch.equal(labels.long(), ref_labels)
+    torch.testing.assert_close(best, ref_best, atol=1e-5, rtol=0)
+
+
+def test_argmax_of_upsampled_interpolates_boundaries():
+    """Where the four source pixels disagree, the enlarged arg-max is not any source pixel's label:
+    a thin class-1 ridge between two class-0 pixels wins only at its centre when enlarged."""
+    from mpvss_ros.segmenter import argmax_of_upsampled
+
+    x = np.zeros((3, 3, 2), np.float32)
+    x[:, :, 0] = 0.5
+    x[:, 1, 1] = 0.6         # the middle column is class 1, barely
+    x[:, 0, 1] = x[:, 2, 1] = 0.45
+    best, labels = argmax_of_upsampled(x, (3, 30))
+    ref_best, ref_labels = _resize_then_argmax(x, (3, 30))
+    assert torch.equal(labels.long(), ref_labels)
+    nearest = cv2.resize(x.argmax(-1).astype(np.uint8), (30, 3), interpolation=cv2.INTER_NEAREST_EXACT)
+    assert (nearest != ref_labels.numpy()).any()   # nearest-neighbour labels alone would be wrong here
+    torch.testing.assert_close(best, ref_best, atol=1e-6, rtol=0)
+
+
+def test_argmax_of_upsampled_rejects_bad_scores():
+    from mpvss_ros.segmenter import argmax_of_upsampled
+
+    with pytest.raises(ValueError, match="1 <= C <= 255"):
+        argmax_of_upsampled(np.zeros((4, 4), np.float32), (8, 8))
+    with pytest.raises(ValueError, match="1 <= C <= 255"):
+        argmax_of_upsampled(np.zeros((4, 4, 300), np.float32), (8, 8))
+
+
+@pytest.mark.parametrize("input_hw", [(1080, 1920), (725, 1283), (100, 64)])
+def test_postprocess_enlarging_takes_the_boundary_shortcut(make_band_model, monkeypatch, input_hw):
+    """Frames larger than the canvas (11 classes, on the 480 x 640 canvas of the shipped config and
+    a small one) go through argmax_of_upsampled and give the labels of resizing every class map
+    with cv2 (the path it replaces), the reference's (F.interpolate) except at near-ties, and its
+    confidence."""
+    import mpvss_ros.segmenter as segmenter_module
+    from mpvss_ros.nn.mpvss import semantic_scores
+
+    calls = []
+    real = segmenter_module.argmax_of_upsampled
+    monkeypatch.setattr(segmenter_module, "argmax_of_upsampled", lambda *a: calls.append(a[1]) or real(*a))
+    seg = VideoSegmenter(make_band_model(11, "mask"), CopyPropagator(), FixedIntervalScheduler(1))
+    canvas = (480, 640) if input_hw[0] > 500 else (48, 32)
+    lb = Letterbox.fit(input_hw, canvas, 32)
+    assert lb.input_hw[0] > lb.resized_hw[0]
+    g = torch.Generator().manual_seed(input_hw[1])
+    class_logits = torch.randn((1, 9, 12), generator=g) * 3
+    low = torch.randn((1, 9, 6, 8), generator=g) * 6     # smooth masks: blobs, as real mask logits
+    mask_logits = F.interpolate(low, size=(lb.padded_hw[0] // 4, lb.padded_hw[1] // 4), mode="bilinear")
+    labels, conf = seg.postprocess(class_logits, mask_logits, lb)
+    assert calls == [lb.input_hw]
+    assert labels.dtype == np.uint8 and len(np.unique(labels)) > 3
+    every_class = segmenter_module._scores_to_input_size(semantic_scores(class_logits, mask_logits)[0], lb)
+    np.testing.assert_array_equal(labels, every_class.argmax(dim=-1).numpy())
+    ref_labels, ref_conf = _reference_postprocess(class_logits, mask_logits, lb, "mask")
+    top2 = _reference_resize(semantic_scores(class_logits, mask_logits), lb)[0].topk(2, dim=0).values
+    clear = (top2[0] - top2[1] > 1e-4).numpy()
+    assert clear.mean() > 0.999
+    np.testing.assert_array_equal(labels[clear], ref_labels[clear])
+    diff = np.abs(conf.astype(np.int32) - ref_conf.astype(np.int32))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+
+
 @pytest.mark.parametrize("input_hw, canvas", [
     ((75, 101), (48, 64)), ((21, 29), (48, 64)), ((50, 70), None), ((36, 48), (48, 64)), ((360, 480), (480, 640)),
 ])

@@ -16,7 +16,11 @@ For every model x size x backend:
 The model's canvas is set to the benchmark size and the frames are real: CamVid val (15 fps),
 else ``solidWhiteRight.mp4``, else ``bikes.mp4``, resized to exactly the size (so the canvas has
 no letterbox margin; 360x480 is padded to 384x480); seeded random frames with a note when none
-is available. Weights are :func:`~mpvss_ros.model_loader.load_model`'s defaults: untrained
+is available. With ``keep_canvas`` (``--keep-canvas``) the model keeps its configured canvas
+(``input.size``) and the frames of each size are letterboxed onto it, as a camera of that
+resolution is with the shipped configuration: the key and non-key latencies then hardly change
+with the size, while the end-to-end rates include scheduling, letterboxing and the
+post-processing at the frame's size. Each row names its padded canvas (``canvas``). Weights are :func:`~mpvss_ros.model_loader.load_model`'s defaults: untrained
 (seeded random) when no trained weights are installed, which is stated; latency does not depend
 on the weights (all operations are dense).
 
@@ -133,6 +137,7 @@ class BenchOptions:
     threads: int | None = None
     weights: dict[str, str] = field(default_factory=dict)  # model -> weights file
     cache_dir: str | None = None
+    keep_canvas: bool = False  # True: the model's own canvas, frames letterboxed onto it
 
 
 def hardware_info(threads: int) -> dict[str, Any]:
@@ -240,7 +245,8 @@ def _bench_one(backend: Any, spec: BackendSpec, frames: list[np.ndarray], opts: 
             _sync(spec)
             non_key_t.append(time.perf_counter() - t)
     key_ms, non_key_ms = _median_ms(key_t), _median_ms(non_key_t)
-    row: dict[str, Any] = {"key_ms": key_ms, "non_key_ms": non_key_ms, "ratio": key_ms / non_key_ms}
+    row: dict[str, Any] = {"canvas": f"{lb.padded_hw[0]}x{lb.padded_hw[1]}", "key_ms": key_ms, "non_key_ms": non_key_ms,
+                           "ratio": key_ms / non_key_ms}
     for sched in ("fixed:5", "adaptive"):
         seg = VideoSegmenter(backend, QueryFlowPropagator(backend), parse_schedule(sched))
         keys = 0
@@ -273,6 +279,7 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
     key_ratio_adaptive, or ``error`` (backend unavailable, out of memory) instead of figures.
     """
     from ..model_loader import load_model
+    from ..segmenter import Letterbox
     from . import BackendUnavailable
     from .export import replace_canvas
 
@@ -283,7 +290,8 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
     count = max(opts.e2e_frames, opts.repeats + opts.warmup + 3)
     raw, frames_source = bench_frames(count)
     result: dict[str, Any] = {"hardware": hardware_info(threads), "frames": frames_source, "weights": {}, "rows": [],
-                              "options": {"repeats": opts.repeats, "warmup": opts.warmup, "e2e_frames": opts.e2e_frames}}
+                              "options": {"repeats": opts.repeats, "warmup": opts.warmup, "e2e_frames": opts.e2e_frames,
+                                          "keep_canvas": opts.keep_canvas}}
     for model_name in opts.models:
         pristine = load_model(model_name, opts.weights.get(model_name), "cpu")
         result["weights"][model_name] = str(pristine.weights) if pristine.weights else "untrained (seeded random init)"
@@ -295,11 +303,16 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
                 # Each backend gets its own copy: the torch backend prepares the model it is given
                 # in place (device, folded BatchNorm, layout), which a later export must not inherit.
                 model = copy.deepcopy(pristine.model)
-                model.cfg = replace_canvas(pristine.model.cfg, hw)
+                valid_hw = hw
+                if opts.keep_canvas:
+                    inp = model.cfg.input
+                    valid_hw = Letterbox.fit(hw, tuple(inp.size) if inp.size else None, inp.size_divisibility).resized_hw
+                else:
+                    model.cfg = replace_canvas(pristine.model.cfg, hw)
                 loaded = dataclasses.replace(pristine, model=model, config=model.cfg)
                 backend = None
                 try:
-                    backend = _make_backend(spec, loaded, hw, opts, threads)
+                    backend = _make_backend(spec, loaded, valid_hw, opts, threads)
                     row.update(_bench_one(backend, spec, frames, opts))
                 except BackendUnavailable as exc:
                     row["error"] = str(exc)
@@ -333,18 +346,21 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"**Hardware:** {hw['cpu']} ({hw['logical_cpus']} logical CPUs, {hw['threads']} threads used); "
         f"GPU: {hw['gpu'] or 'none'}; {libs}; load average {hw.get('load_average')}",
         "",
-        f"**Frames:** {result['frames']}, resized to each size. **Weights:** "
+        f"**Frames:** {result['frames']}, resized to each size"
+        + (" and letterboxed onto the model's own canvas" if result["options"].get("keep_canvas")
+           else ", the model's canvas set to it")
+        + ". **Weights:** "
         + "; ".join(f"{m}: {w}" for m, w in result["weights"].items())
         + f". Medians over {result['options']['repeats']} runs; end to end over {result['options']['e2e_frames']} frames.",
         "",
-        "| model | size | backend | key frame ms | non-key frame ms | key/non-key | fps fixed:5 | fps adaptive (key ratio) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | size | canvas | backend | key frame ms | non-key frame ms | key/non-key | fps fixed:5 | fps adaptive (key ratio) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | – | – | – | – | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['size']} | – | {r['backend']} | – | – | – | – | {r['error']} |")
         else:
-            lines.append(f"| {r['model']} | {r['size']} | {r['backend']} | {r['key_ms']:.1f} | {r['non_key_ms']:.1f} | "
+            lines.append(f"| {r['model']} | {r['size']} | {r['canvas']} | {r['backend']} | {r['key_ms']:.1f} | {r['non_key_ms']:.1f} | "
                          f"{r['ratio']:.2f} | {r['fps_fixed5']:.2f} | {r['fps_adaptive']:.2f} ({r['key_ratio_adaptive']:.2f}) |")
     return "\n".join(lines)
 

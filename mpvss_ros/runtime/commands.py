@@ -6,7 +6,7 @@
   ``contract.json`` and the onnxruntime-vs-PyTorch parity figures;
 * ``mpvss build-engine [--model M] [--height H --width W] [--precision P]``: prebuild the
   TensorRT engines into the cache;
-* ``mpvss bench [--models ...] [--sizes HxW ...] [--backends ...] [--repeats N]``: latency table;
+* ``mpvss bench [--models ...] [--sizes HxW ...] [--backends ...] [--repeats N] [--keep-canvas]``: latency table;
 * ``mpvss cache [--prune [--max-mb N] | --clear] [--cache-dir D]``: list the cache of exported graphs
   and engines, prune it to a budget or empty it (:mod:`mpvss_ros.runtime.cache`).
 """
@@ -109,6 +109,9 @@ def add_runtime_commands(sub: Any) -> None:
     bn.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: torch's)")
     bn.add_argument("--weights", nargs="*", default=[], metavar="MODEL=FILE", help="weights per model (default: shipped)")
     bn.add_argument("--cache-dir", default=None, help="ONNX/engine cache root")
+    bn.add_argument("--keep-canvas", action="store_true",
+                    help="keep each model's configured canvas and letterbox the frames of each size onto it, as a "
+                         "camera of that resolution is (default: the canvas is set to each size)")
     bn.add_argument("--json", default=None, help="also write the results as JSON to this file")
 
     ca = sub.add_parser("cache", help="list, prune or clear the cache of exported ONNX graphs and TensorRT engines",
@@ -205,6 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         weights=weights,
         cache_dir=args.cache_dir,
+        keep_canvas=args.keep_canvas,
     )
     result = run_bench(opts, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_markdown(result))

@@ -48,7 +48,8 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert rc == 0
     assert "**Hardware:**" in out and "threads used" in out
-    assert "| mpvss_lite | 64x96 | torch |" in out and "| mpvss_lite | 64x96 | onnxruntime |" in out
+    assert "| mpvss_lite | 64x96 | 64x96 | torch |" in out and "| mpvss_lite | 64x96 | 64x96 | onnxruntime |" in out
+    assert "the model's canvas set to it" in out
     result = json.loads((tmp_path / "b.json").read_text())
     assert [r["backend"] for r in result["rows"]] == ["torch", "onnxruntime"]
     for r in result["rows"]:
@@ -62,6 +63,21 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
     model.cfg = replace_canvas(model.cfg, (64, 96))
     entries = [p.name for p in (tmp_path / "cache" / "onnx").iterdir()]
     assert entries == [f"mpvss_lite-64x96-{model_fingerprint(model)[:16]}"]
+
+
+def test_bench_keep_canvas_letterboxes_onto_the_configured_canvas(tmp_path, capsys, monkeypatch):
+    """--keep-canvas: a 720p-shaped frame size on the shipped 480 x 640 canvas (letterboxed to
+    360 x 640, padded to 384 x 640); the row says so and the end-to-end rate is measured."""
+    monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path / "cache"))
+    rc = main(["bench", "--models", "mpvss_lite", "--sizes", "180x320", "--backends", "torch", "--keep-canvas",
+               "--repeats", "1", "--warmup", "0", "--e2e-frames", "2", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| mpvss_lite | 180x320 | 384x640 | torch |" in out and "letterboxed onto the model's own canvas" in out
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["options"]["keep_canvas"] is True
+    (row,) = result["rows"]
+    assert row["canvas"] == "384x640" and row["fps_fixed5"] > 0
 
 
 def test_bench_unavailable_backend_is_a_row(tmp_path, capsys, monkeypatch):
