@@ -60,8 +60,8 @@ def _linear_taps(n_src: int, n_dst: int) -> tuple[torch.Tensor, torch.Tensor, to
 
     Follows ``cv2.resize(..., INTER_LINEAR)`` (half-pixel centres: ``f = (d + 0.5) * n_src /
     n_dst - 0.5``, computed in float32; ``s0 = floor(f)``; weight ``f - s0`` on ``s0 + 1``; clamped
-    to the edge pixel with weight 0 outside the source), which matches ``F.interpolate(...,
-    mode="bilinear", align_corners=False)``.
+    to the edge pixel with weight 0 outside the source), the sampling of ``F.interpolate(...,
+    mode="bilinear", align_corners=False)`` as well.
 
     Returns:
         ``(s0, s1, a)``: (n_dst,) int64 taps and (n_dst,) float32 weight of ``s1``.
@@ -167,6 +167,38 @@ def _scores_to_input_size(scores: torch.Tensor, lb: Letterbox, use_cv2: bool | N
     if tuple(x.shape[-2:]) != tuple(lb.input_hw):
         x = F.interpolate(x, size=lb.input_hw, mode="bilinear", align_corners=False)
     return x[0].permute(1, 2, 0)
+
+
+def _best_class(scores: torch.Tensor, lb: Letterbox) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximum and arg-max over classes of the scores resized to the input (Mask2Former's order).
+
+    Args:
+        scores: (C, h, w) float32 class scores on the mask grid or the padded canvas.
+        lb: the frame's letterbox.
+
+    Returns:
+        ``(best, idx)``: (H, W) float32 and (H, W) class indices (uint8 from
+        :func:`argmax_of_upsampled`, else int64) at ``lb.input_hw``.
+    """
+    (valid_h, valid_w), (in_h, in_w) = lb.resized_hw, lb.input_hw
+    if (scores.device.type == "cpu" and scores.shape[0] <= _CLASS_CHUNK and in_h >= valid_h and in_w >= valid_w
+            and (in_h, in_w) != (valid_h, valid_w)):
+        # The input is larger than the canvas area: arg-max on the canvas, full interpolation only
+        # near class boundaries (module docstring).
+        return argmax_of_upsampled(_scores_on_canvas(scores, lb), lb.input_hw)
+    best = idx = None
+    for start in range(0, scores.shape[0], _CLASS_CHUNK):
+        # (H, W, C) scores of C classes at the input resolution
+        chunk = _scores_to_input_size(scores[start : start + _CLASS_CHUNK], lb)
+        value, arg = chunk.max(dim=-1)
+        if best is None:
+            best, idx = value, arg
+        else:
+            better = value > best
+            best = torch.where(better, value, best)
+            idx = torch.where(better, arg + start, idx)
+    assert best is not None and idx is not None
+    return best, idx
 
 
 class FrameError(ValueError):
@@ -446,23 +478,7 @@ class VideoSegmenter:
         # Resizing is linear, so the sum of the resized score maps is the resized sum: one map
         # (CamVid 360 x 480, 2 threads, medians of 3 interleaved runs: 7.1 -> 6.4 ms per non-key frame).
         total = _scores_to_input_size(scores[0].sum(dim=0, keepdim=True), lb)[:, :, 0]
-        best = idx = None
-        (valid_h, valid_w), (in_h, in_w) = lb.resized_hw, lb.input_hw
-        if (scores.device.type == "cpu" and scores.shape[1] <= _CLASS_CHUNK and in_h >= valid_h and in_w >= valid_w
-                and (in_h, in_w) != (valid_h, valid_w)):
-            # The input is larger than the canvas area: arg-max on the canvas, full interpolation
-            # only near class boundaries (module docstring).
-            best, idx = argmax_of_upsampled(_scores_on_canvas(scores[0], lb), lb.input_hw)
-        for start in range(0, scores.shape[1] if best is None else 0, _CLASS_CHUNK):
-            # (H, W, C) scores of C classes at the input resolution
-            chunk = _scores_to_input_size(scores[0, start : start + _CLASS_CHUNK], lb)
-            value, arg = chunk.max(dim=-1)
-            if best is None:
-                best, idx = value, arg
-            else:
-                better = value > best
-                best = torch.where(better, value, best)
-                idx = torch.where(better, arg + start, idx)
+        best, idx = _best_class(scores[0], lb)
         confidence = (best / total.clamp_min(1e-12) * 255.0).round().clamp(0, 255).to(torch.uint8)
         labels = (idx if idx.dtype == torch.uint8 else idx.to(torch.int32)).cpu().numpy().astype(self.label_dtype, copy=False)
         return labels, confidence.cpu().numpy()
