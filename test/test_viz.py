@@ -63,6 +63,21 @@ def test_colorize_hand_built(dtype):
     np.testing.assert_array_equal(out, expected)
 
 
+def test_colorize_uint8_matches_a_palette_gather_on_strided_and_void_labels():
+    """The uint8 path (OpenCV table look-up) against plain indexing, on a non-contiguous view with
+    void labels (>= K: black) and a 300-colour palette (only 256 can occur)."""
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 256, (40, 60), dtype=np.uint8)
+    labels = full[::2, 1::3]                    # strided view
+    assert not labels.flags.c_contiguous
+    for k in (11, 300):
+        palette = rng.integers(0, 256, (k, 3), dtype=np.uint8)
+        expected = np.zeros((*labels.shape, 3), np.uint8)
+        inside = labels < k
+        expected[inside] = palette[labels[inside]]
+        np.testing.assert_array_equal(colorize(labels, palette), expected)
+
+
 def test_colorize_large_uint16_palette_and_negatives():
     pal = make_palette(1000)
     labels = np.array([[0, 999, 1000, 65535]], np.uint16)
