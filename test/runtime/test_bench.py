@@ -41,16 +41,22 @@ def test_default_specs_include_cpu_backends():
     assert BackendSpec("torch") in specs and BackendSpec("onnxruntime") in specs
 
 
-def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
+def _bench(tmp_path, capsys, monkeypatch, *args: str) -> tuple[str, dict]:
+    """Run ``mpvss bench --models mpvss_lite ARGS`` (1 repeat, no warm-up, 1 thread) with a private
+    cache; returns the printed Markdown and the JSON result."""
     monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path / "cache"))
-    rc = main(["bench", "--models", "mpvss_lite", "--sizes", "64x96", "--backends", "torch", "onnxruntime",
-               "--repeats", "1", "--warmup", "0", "--e2e-frames", "3", "--threads", "1", "--json", str(tmp_path / "b.json")])
-    out = capsys.readouterr().out
+    rc = main(["bench", "--models", "mpvss_lite", *args, "--repeats", "1", "--warmup", "0", "--threads", "1",
+               "--json", str(tmp_path / "b.json")])
     assert rc == 0
+    return capsys.readouterr().out, json.loads((tmp_path / "b.json").read_text())
+
+
+def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
+    out, result = _bench(tmp_path, capsys, monkeypatch, "--sizes", "64x96", "--backends", "torch", "onnxruntime",
+                         "--e2e-frames", "3")
     assert "**Hardware:**" in out and "threads used" in out
     assert "| mpvss_lite | 64x96 | 64x96 | torch |" in out and "| mpvss_lite | 64x96 | 64x96 | onnxruntime |" in out
     assert "the model's canvas set to it" in out
-    result = json.loads((tmp_path / "b.json").read_text())
     assert [r["backend"] for r in result["rows"]] == ["torch", "onnxruntime"]
     for r in result["rows"]:
         assert r["key_ms"] > 0 and r["non_key_ms"] > 0 and r["fps_fixed5"] > 0
@@ -68,13 +74,9 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
 def test_bench_keep_canvas_letterboxes_onto_the_configured_canvas(tmp_path, capsys, monkeypatch):
     """--keep-canvas: a 720p-shaped frame size on the shipped 480 x 640 canvas (letterboxed to
     360 x 640, padded to 384 x 640); the row says so and the end-to-end rate is measured."""
-    monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path / "cache"))
-    rc = main(["bench", "--models", "mpvss_lite", "--sizes", "180x320", "--backends", "torch", "--keep-canvas",
-               "--repeats", "1", "--warmup", "0", "--e2e-frames", "2", "--threads", "1", "--json", str(tmp_path / "b.json")])
-    out = capsys.readouterr().out
-    assert rc == 0
+    out, result = _bench(tmp_path, capsys, monkeypatch, "--sizes", "180x320", "--backends", "torch", "--keep-canvas",
+                         "--e2e-frames", "2")
     assert "| mpvss_lite | 180x320 | 384x640 | torch |" in out and "letterboxed onto the model's own canvas" in out
-    result = json.loads((tmp_path / "b.json").read_text())
     assert result["options"]["keep_canvas"] is True
     (row,) = result["rows"]
     assert row["canvas"] == "384x640" and row["fps_fixed5"] > 0
