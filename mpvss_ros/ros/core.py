@@ -146,6 +146,14 @@ def _one_line(text: str, limit: int = 600) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _inference_device(config: NodeConfig) -> str:
+    """The ``device`` parameter with ``auto`` resolved for the configured backend and precision:
+    the GPU when they can run there, else the CPU (:func:`~mpvss_ros.model_loader.resolve_device`)."""
+    from ..model_loader import resolve_device
+
+    return resolve_device(config.device, config.backend, config.precision)
+
+
 def load_configured_model(config: NodeConfig) -> LoadedModel:
     """Load the model the parameters name (``model`` '' = from the weights, ``weights`` '' = default).
 
@@ -155,11 +163,11 @@ def load_configured_model(config: NodeConfig) -> LoadedModel:
     """
     from ..checkpoints import CheckpointError
     from ..config import ConfigError
-    from ..model_loader import load_model, resolve_device
+    from ..model_loader import load_model
 
-    try:  # 'auto': the GPU when the configured backend can use one there, else the CPU
+    try:  # the torch backend runs the model itself; the others only export it, on the CPU
         return load_model(config.model or None, config.weights or None,
-                          resolve_device(config.device, config.backend, config.precision))
+                          _inference_device(config) if config.backend == "torch" else "cpu")
     except CheckpointError as exc:
         raise StartupError(_one_line(f"cannot load weights: {exc}")) from None
     except ConfigError as exc:
@@ -192,7 +200,7 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
         from ..runtime import load_backend
 
         try:  # BackendUnavailable: one line saying what is missing and which backend would work
-            model = load_backend(config.backend, loaded, device=str(loaded.device), precision=config.precision)
+            model = load_backend(config.backend, loaded, device=_inference_device(config), precision=config.precision)
         except (ValueError, OSError, RuntimeError) as exc:
             raise StartupError(_one_line(f"backend '{config.backend}' ({config.precision}): {exc}")) from None
     propagator = build_propagator(config.propagator, model, config.optical_flow_preset, config.optical_flow_scale,

@@ -668,6 +668,26 @@ def test_unavailable_backend_is_one_startup_line(lite):
     assert "\n" not in text and "tensorrt" in text and "onnxruntime" in text
 
 
+def test_auto_device_on_a_gpu_machine_exports_from_the_cpu(monkeypatch):
+    """device 'auto' with onnxruntime where a GPU and its CUDA provider are present (both faked):
+    the torch model, which the backend only exports, is loaded on the CPU (as ``mpvss segment
+    --backend onnxruntime`` does), and the backend is asked for the GPU."""
+    import mpvss_ros.runtime as runtime
+    import mpvss_ros.runtime.onnx_backend as onnx_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(onnx_backend, "onnxruntime_missing", lambda device="cpu": None)
+    config = validate({"backend": "onnxruntime"})
+    assert config.device == "auto"
+    loaded = load_configured_model(config)   # on a real CUDA device this would not be the CPU
+    assert loaded.device == torch.device("cpu")
+    asked = []
+    monkeypatch.setattr(runtime, "load_backend", lambda backend, loaded, device, precision: asked.append(device)
+                        or loaded.model)
+    build_segmenter(config, loaded)
+    assert asked == ["cuda"]
+
+
 def test_onnxruntime_backend_builds_a_segmenter(lite):
     from mpvss_ros.ros.core import build_segmenter
     from mpvss_ros.ros.parameters import validate
