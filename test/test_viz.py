@@ -179,3 +179,21 @@ def test_overlay_rejects_bad_input():
         overlay(image, labels, pal, class_names=["only one"])
     with pytest.raises(ValueError, match="corner"):
         overlay(image, labels, pal, legend_corner="middle")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_class_counts_match_a_plain_count(dtype):
+    # uint8 labels go through cv2.calcHist, the others through bincount; both count classes
+    # 0..k-1 exactly and ignore the rest (void 255, out-of-range, negative).
+    from mpvss_ros.viz import _class_counts
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 14, size=(37, 53)).astype(dtype)
+    labels[0, :5] = 255
+    if dtype == np.int32:
+        labels[1, :3] = -2
+    for k in (1, 11, 14, 300):
+        expected = np.array([(labels == c).sum() for c in range(k)], dtype=np.int64)
+        counts = _class_counts(labels, k)
+        assert counts.dtype == np.int64 and counts.shape == (k,)
+        np.testing.assert_array_equal(counts, expected)
