@@ -170,7 +170,7 @@ class Legend:
 
 def _class_counts(labels: np.ndarray, k: int) -> np.ndarray:
     """Pixel count of each class 0..k-1, ``(k,)`` int64; out-of-range labels are ignored."""
-    if labels.dtype == np.uint8:
+    if labels.dtype == np.uint8 and labels.size < 2**24:  # float32 bins count exactly below 2**24
         # OpenCV's histogram (random 1080p labels: 0.64 against 2.5 ms for the int copy and bincount).
         hist = cv2.calcHist([np.ascontiguousarray(labels)], [0], None, [256], [0, 256]).reshape(-1)
         counts = np.zeros(k, dtype=np.int64)
