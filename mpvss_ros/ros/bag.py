@@ -311,6 +311,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 counts[topics[key]] = counts.get(topics[key], 0) + 1
 
             label_info_written = False
+            key_stamp = None  # the last info message's key_frame_stamp
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
             try:
                 for _conn, stamp_ns, raw in reader.messages(connections=chosen):
@@ -342,7 +343,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                         label_info_written = True
                     out = build_outputs(types, header, result, rgb, palette, class_names, alpha=alpha,
                                         want_colored=want["colored"], want_overlay=want["overlay"],
-                                        want_class_masks=want["class_masks"])
+                                        want_class_masks=want["class_masks"], previous_key_frame_stamp=key_stamp)
+                    key_stamp = out.info.key_frame_stamp
                     put("labels", stamp_ns, out.labels, IMAGE_TYPE)
                     put("confidence", stamp_ns, out.confidence, IMAGE_TYPE)
                     if out.colored is not None:

@@ -416,17 +416,34 @@ def make_class_masks(class_masks_cls: type, image_cls: type, header: Any,
                            class_names=[_class_name(class_names, c) for c in ids], masks=masks)
 
 
-def make_segmentation_info(info_cls: type, time_cls: type, header: Any, result: Any) -> Any:
+def _key_frame_time(time_cls: type, header: Any, result: Any, previous: Any | None) -> Any:
+    """The key frame's exact header stamp: ``header.stamp`` on a key frame; on other frames
+    ``previous`` (the last message's ``key_frame_stamp``) when it is the same instant as
+    ``result.key_frame_stamp`` to within 1 us, else that float converted (it loses ~100 ns at
+    today's epoch); zero when unknown."""
+    if result.is_key_frame:
+        return time_cls(sec=int(header.stamp.sec), nanosec=int(header.stamp.nanosec))
+    key_stamp = float(result.key_frame_stamp)
+    if not math.isfinite(key_stamp):
+        return time_cls(sec=0, nanosec=0)
+    if previous is not None and abs(stamp_to_seconds(previous) - key_stamp) < 1e-6:
+        return time_cls(sec=int(previous.sec), nanosec=int(previous.nanosec))
+    return seconds_to_stamp(time_cls, key_stamp)
+
+
+def make_segmentation_info(info_cls: type, time_cls: type, header: Any, result: Any,
+                           previous_key_frame_stamp: Any | None = None) -> Any:
     """``mpvss_ros/SegmentationInfo`` from a :class:`~mpvss_ros.segmenter.SegmentationResult`.
 
-    ``key_frame_stamp`` comes from ``result.key_frame_stamp`` (seconds; zero when unknown),
-    stages and latencies from ``result.timings_ms`` without ``total`` (kept in
+    ``key_frame_stamp`` is the key frame's header stamp, exactly: ``header.stamp`` on key frames;
+    on other frames ``previous_key_frame_stamp`` (the previous message's ``key_frame_stamp``),
+    provided it is the instant of ``result.key_frame_stamp`` (seconds), else that converted; zero
+    when unknown. Stages and latencies come from ``result.timings_ms`` without ``total`` (kept in
     ``total_latency_ms``).
     """
     timings = dict(result.timings_ms)
     total = timings.pop("total", sum(timings.values()))
-    key_stamp = float(result.key_frame_stamp)
-    key_time = seconds_to_stamp(time_cls, key_stamp) if math.isfinite(key_stamp) else time_cls(sec=0, nanosec=0)
+    key_time = _key_frame_time(time_cls, header, result, previous_key_frame_stamp)
     return info_cls(
         header=header,
         frame_index=int(result.frame_index) % 2**32,
@@ -483,7 +500,7 @@ class OutputMessages:
 def build_outputs(types: MessageTypes, header: Any, result: Any, frame_rgb: np.ndarray | None,
                   palette: np.ndarray, class_names: Sequence[str], alpha: float = 0.5,
                   want_colored: bool = False, want_overlay: bool = False,
-                  want_class_masks: bool = False) -> OutputMessages:
+                  want_class_masks: bool = False, previous_key_frame_stamp: Any | None = None) -> OutputMessages:
     """Turn a :class:`~mpvss_ros.segmenter.SegmentationResult` into output messages.
 
     The one place that does so, for the node and ``mpvss bag`` alike. Every message (and every
@@ -500,13 +517,16 @@ def build_outputs(types: MessageTypes, header: Any, result: Any, frame_rgb: np.n
         want_colored, want_overlay, want_class_masks: build those optional messages.
             Class masks come from ``result.class_masks`` when the segmenter made them, else
             from the labels.
+        previous_key_frame_stamp: the ``info.key_frame_stamp`` of the previous frame's messages
+            (None for the first), so that non-key frames carry the key frame's exact stamp
+            (:func:`make_segmentation_info`).
     """
     labels = result.labels
     label_encoding = "mono16" if labels.dtype == np.uint16 else "mono8"
     out = OutputMessages(
         labels=make_image(types.image, header, labels, label_encoding),
         confidence=make_image(types.image, header, result.confidence, "mono8"),
-        info=make_segmentation_info(types.segmentation_info, types.time, header, result),
+        info=make_segmentation_info(types.segmentation_info, types.time, header, result, previous_key_frame_stamp),
     )
     if want_colored:
         out.colored = make_image(types.image, header, colorize(labels, palette), "rgb8")

@@ -290,6 +290,7 @@ class SegmentationCore:
         self._lock = threading.Lock()
         self._enabled = True
         self._reset_requested = False
+        self._key_frame_stamp: Any = None  # the last output's key_frame_stamp (builtin_interfaces/Time)
         self.counters: Counter[str] = Counter({k: 0 for k in (
             "received", "processed", "published", "dropped_stale", "dropped_replaced",
             "dropped_disabled", "skipped_decode", "skipped_frame", "errors", "key_frames")})
@@ -428,10 +429,11 @@ class SegmentationCore:
                 self.config.overlay_alpha,
                 want_colored=want_colored and self.config.publish_colored,
                 want_overlay=want_overlay and self.config.publish_overlay,
-                want_class_masks=masks)
+                want_class_masks=masks, previous_key_frame_stamp=self._key_frame_stamp)
         except Exception as exc:  # noqa: BLE001 - counted, logged, the node keeps running
             self.record_error("building output messages failed", exc)
             return None
+        self._key_frame_stamp = outputs.info.key_frame_stamp
 
         t1 = self.clock()
         with self._lock:

@@ -160,6 +160,8 @@ def check_outputs(ts, out_bag: Path, in_entries, decoded, loaded, options, names
         np.testing.assert_array_equal(image_array(lab), r.labels)
         np.testing.assert_array_equal(image_array(conf), r.confidence)
         assert (inf.frame_index, inf.is_key_frame, inf.key_frame_reason) == (r.frame_index, r.is_key_frame, r.key_frame_reason)
+        key_ns = inf.key_frame_stamp.sec * 10**9 + inf.key_frame_stamp.nanosec
+        assert key_ns == header_ns[r.key_frame_index]  # the key frame's header stamp, to the nanosecond
         assert list(masks.class_ids) == sorted(int(c) for c in np.unique(r.labels))
         for cid, m in zip(masks.class_ids, masks.masks):
             np.testing.assert_array_equal(image_array(m), np.where(r.labels == cid, 255, 0))

@@ -400,6 +400,25 @@ def test_resolution_change_mid_stream_forces_a_key_frame(make_core, types):
     assert core.key_frame_reasons["resolution_change"] == 2
 
 
+def test_key_frame_stamp_is_the_key_frames_exact_header_stamp(make_core, types):
+    # Epoch-scale stamps do not survive float seconds to the nanosecond (1700000000.123456789
+    # comes back as ...456717): the info message must carry the key frame's header stamp itself.
+    core, _, _ = make_core()
+    msgs = []
+    for i, nanosec in enumerate((123_456_789, 190_000_001, 256_543_211, 323_000_007)):
+        m = image_msg(types, frame(), 0.0)
+        m.header.stamp = types.time(sec=1_700_000_000, nanosec=nanosec)
+        msgs.append(m)
+    outs = [core.process(m) for m in msgs]
+    assert [o.info.is_key_frame for o in outs] == [True, False, False, False]
+    for o in outs:
+        assert (o.info.key_frame_stamp.sec, o.info.key_frame_stamp.nanosec) == (1_700_000_000, 123_456_789)
+    core.reset()
+    out = core.process(msgs[3])
+    assert out.info.is_key_frame
+    assert (out.info.key_frame_stamp.sec, out.info.key_frame_stamp.nanosec) == (1_700_000_000, 323_000_007)
+
+
 def test_stamps_going_backwards_force_a_key_frame_and_keep_their_stamp(make_core, types):
     core, _, _ = make_core()
     for i in range(3):
