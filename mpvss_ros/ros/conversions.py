@@ -221,8 +221,8 @@ def image_to_rgb(msg: Any) -> np.ndarray:
 
     Raises:
         ConversionError: unsupported encoding (the message lists the supported ones), zero or
-            negative size, ``step`` smaller than a row, ``data`` shorter than
-            ``step x height``, an odd width for YUV 4:2:2, or a bad ``is_bigendian``.
+            negative size, ``step`` smaller than a row, ``data`` not exactly ``step x height``
+            bytes (as cv_bridge), an odd width for YUV 4:2:2, or a bad ``is_bigendian``.
     """
     raw_encoding = getattr(msg, "encoding", None)
     if not isinstance(raw_encoding, str):
@@ -247,10 +247,11 @@ def image_to_rgb(msg: Any) -> np.ndarray:
         raise ConversionError(f"YUV 4:2:2 image ({encoding}) must have an even width, got {width}")
     buf = _as_bytes(getattr(msg, "data", None), "image data")
     need = step * height
-    if buf.size < need:
-        raise ConversionError(f"image data too short: {buf.size} bytes for step {step} x height {height} "
+    if buf.size != need:  # as cv_bridge: a wrong height or step would crop or shear the image
+        raise ConversionError(f"image data too {'short' if buf.size < need else 'long'}: {buf.size} bytes for "
+                              f"step {step} x height {height} "
                               f"= {need} bytes ({width} x {height} {encoding})")
-    rows = buf[:need].reshape(height, step)
+    rows = buf.reshape(height, step)
     if step != row_bytes:
         rows = rows[:, :row_bytes]  # drop the padding bytes at the end of each row (a view)
     if encoding == "mono8":
@@ -289,9 +290,12 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     if buf.size == 0:
         raise ConversionError(f"compressed image ({fmt or 'no format'}) has no data")
     if buf.size >= 2 and buf[0] == 0xFF and buf[1] == 0xD8:  # JPEG: decoders fill a truncated one with grey
-        tail = buf[-64:].tobytes()
-        if b"\xff\xd9" not in tail:
-            raise ConversionError(f"corrupt JPEG ({buf.size} bytes): no end-of-image marker, the data is truncated")
+        if b"\xff\xd9" not in buf[-64:].tobytes():
+            # MJPEG camera buffers may be padded with 0x00 / 0xFF after the end-of-image marker.
+            body = np.flatnonzero((buf != 0x00) & (buf != 0xFF))
+            end = int(body[-1]) + 1 if body.size else 0
+            if b"\xff\xd9" not in buf[max(0, end - 64) : end].tobytes():
+                raise ConversionError(f"corrupt JPEG ({buf.size} bytes): no end-of-image marker, the data is truncated")
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as exc:
