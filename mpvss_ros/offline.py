@@ -3,7 +3,7 @@
 Writes into ``out_dir``:
 
 * ``labels/<name>.png``: single-channel class IDs at the input resolution (8-bit, or 16-bit when
-  there are more than 256 classes); ``<name>`` is the image's stem, or the zero-padded frame
+  there are more than 255 classes); ``<name>`` is the image's stem, or the zero-padded frame
   index for video;
 * ``overlay.mp4``: the input with the colour labels blended in and a legend (when enabled);
 * ``frames.jsonl``: one JSON object per frame (:meth:`SegmentationResult.to_record`);

@@ -358,7 +358,7 @@ class VideoSegmenter:
         self.scheduler = scheduler
         self.class_masks = class_masks
         self.num_classes = self.model.num_classes
-        self.label_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
+        self.label_dtype = np.uint8 if self.num_classes <= 255 else np.uint16  # 255 = UNLABELED (VisionClass)
         inp = self.model.cfg.input
         self._canvas = tuple(inp.size) if inp.size is not None else None
         self._divisibility = inp.size_divisibility

@@ -443,7 +443,7 @@ def test_postprocess_chunked_equals_direct(make_band_model, num_classes, input_h
     labels, conf = seg.postprocess(class_logits, mask_logits, lb)
     ref_labels, ref_conf = _reference_postprocess(class_logits, mask_logits, lb, score_resolution)
     assert labels.shape == input_hw and conf.shape == input_hw and conf.dtype == np.uint8
-    assert labels.dtype == (np.uint8 if num_classes <= 256 else np.uint16)
+    assert labels.dtype == (np.uint8 if num_classes <= 255 else np.uint16)
     assert len(np.unique(labels)) > 3  # a non-trivial case
     np.testing.assert_array_equal(labels, ref_labels)
     diff = np.abs(conf.astype(np.int32) - ref_conf.astype(np.int32))
@@ -627,3 +627,11 @@ def test_segmenter_scores_every_frame_over_the_active_queries(bikes_frames):
     seg = VideoSegmenter(model, CopyPropagator(), FixedIntervalScheduler(3))
     seg.push(bikes_frames[0], 0.0)
     assert seg._key.active is None and seg._key.propagated(seg._key.mask_logits).shape[1] == n
+
+
+@pytest.mark.parametrize("num_classes, dtype", [(254, np.uint8), (255, np.uint8), (256, np.uint16)])
+def test_label_dtype_keeps_255_for_unlabelled(make_band_model, num_classes, dtype):
+    # mono8 only while every class ID stays below 255, vision_msgs' VisionClass.UNLABELED
+    seg = VideoSegmenter(make_band_model(num_classes), CopyPropagator(), FixedIntervalScheduler(1))
+    frame = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    assert seg.push(frame, 0.0).labels.dtype == dtype

@@ -9,7 +9,7 @@ byte, with its offered QoS) and the topics the ROS node publishes:
 ========================  ==================================  ====================================
 topic                     type                                content
 ========================  ==================================  ====================================
-``NS/labels``             ``sensor_msgs/msg/Image``           ``mono8`` class IDs (``mono16`` > 256 classes)
+``NS/labels``             ``sensor_msgs/msg/Image``           ``mono8`` class IDs (``mono16`` > 255 classes)
 ``NS/confidence``         ``sensor_msgs/msg/Image``           ``mono8`` confidence 0..255
 ``NS/label_info``         ``vision_msgs/msg/LabelInfo``       once, offered reliable + transient-local
 ``NS/colored``            ``sensor_msgs/msg/Image``           ``rgb8`` palette colours
