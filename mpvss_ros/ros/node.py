@@ -123,7 +123,8 @@ class MPVSSNode(Node):
         for spec in PARAMETERS:
             f = descriptor_fields(spec)
             desc = ParameterDescriptor(description=f["description"],
-                                       additional_constraints=f["additional_constraints"], read_only=True)
+                                       additional_constraints=f["additional_constraints"], read_only=True,
+                                       dynamic_typing=f["dynamic_typing"])
             if f["integer_range"] is not None:
                 lo, hi, step = f["integer_range"]
                 desc.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=step)]

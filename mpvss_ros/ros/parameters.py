@@ -305,8 +305,12 @@ def descriptor_fields(spec: ParamSpec) -> dict[str, Any]:
 
     Returns:
         ``{"description": str, "additional_constraints": str, "integer_range": (from, to, step)
-        or None, "floating_point_range": (from, to, step) or None}``. Ranges are given only for
-        scalar numeric parameters (step 1 for integers, 0 = continuous for floats).
+        or None, "floating_point_range": (from, to, step) or None, "dynamic_typing": bool}``.
+        Ranges are given only for scalar numeric parameters (step 1 for integers, 0 = continuous
+        for floats). Float parameters are dynamically typed: a whole number in a params file or
+        on the command line (``max_gap_s: 2``, ``-p max_frame_age_s:=0``) arrives as INTEGER,
+        which rclpy rejects for a DOUBLE parameter and would stop the node; :func:`validate`
+        then checks the type and range and converts it to float.
     """
     if spec.choices is not None:
         constraints = "one of: " + ", ".join(spec.choices)
@@ -321,7 +325,8 @@ def descriptor_fields(spec: ParamSpec) -> dict[str, Any]:
     int_range = (int(spec.min), int(spec.max), 1) if spec.type == "int" else None
     float_range = (float(spec.min), float(spec.max), 0.0) if spec.type == "float" else None
     return {"description": spec.description, "additional_constraints": constraints,
-            "integer_range": int_range, "floating_point_range": float_range}
+            "integer_range": int_range, "floating_point_range": float_range,
+            "dynamic_typing": spec.type == "float"}
 
 
 def _yaml_value(value: Any) -> str:

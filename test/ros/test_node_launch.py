@@ -51,7 +51,8 @@ def generate_test_description():
         executable="mpvss_node",
         name="mpvss_segmenter",
         namespace=NAMESPACE,
-        parameters=[{"model": "mpvss_lite", "device": "cpu", "threads": 1, "max_frame_age_s": 0.0,
+        # max_frame_age_s as a whole number, as users write it: a float parameter must accept it
+        parameters=[{"model": "mpvss_lite", "device": "cpu", "threads": 1, "max_frame_age_s": 0,
                      "schedule": "fixed:3"}],
         remappings=[("image", IMAGE_TOPIC)],
         output="screen",

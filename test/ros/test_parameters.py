@@ -85,8 +85,12 @@ def test_every_parameter_is_described_and_its_default_valid():
             lo, hi, step = fields["floating_point_range"]
             assert step == 0.0 and lo <= spec.default <= hi and fields["integer_range"] is None
             assert isinstance(spec.default, float), f"{spec.name}: a float default keeps the ROS type DOUBLE"
+            assert fields["dynamic_typing"], f"{spec.name}: '2' in a params file must not stop the node"
+            assert validate({spec.name: int(math.ceil(lo))}).as_dict()[spec.name] == float(math.ceil(lo))
         else:
             assert fields["integer_range"] is None and fields["floating_point_range"] is None
+        if spec.type != "float":
+            assert not fields["dynamic_typing"], spec.name
         if spec.choices:
             assert spec.default in spec.choices
             assert fields["additional_constraints"] == "one of: " + ", ".join(spec.choices)
