@@ -13,6 +13,9 @@ the table in :mod:`mpvss_ros.ros.parameters`. This file only wires ROS to them:
   ``~/confidence`` and ``~/info`` always; ``~/colored``, ``~/overlay`` and ``~/class_masks``
   built only while they have subscribers; ``~/label_info`` (``vision_msgs/LabelInfo``, reliable
   + transient local, depth 1) published once at start; every output carries the input header;
+* every topic's history, depth and reliability can be changed at start with rclpy's
+  ``qos_overrides`` parameters (e.g. ``qos_overrides./mpvss_segmenter/overlay.publisher.reliability:
+  best_effort`` for a debug view over Wi-Fi);
 * ``/diagnostics`` (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``;
 * services ``~/enable`` (``std_srvs/SetBool``) and ``~/reset`` (``std_srvs/Trigger``).
 
@@ -38,6 +41,7 @@ from rclpy.exceptions import ParameterException, ParameterUninitializedException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool, Trigger
@@ -66,10 +70,17 @@ _RELIABILITY = {
     "system_default": ReliabilityPolicy.SYSTEM_DEFAULT,
 }
 _LEVEL = {OK: DiagnosticStatus.OK, WARN: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR}
-_OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.VOLATILE)
-_LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def _qos(durability: DurabilityPolicy = DurabilityPolicy.VOLATILE, depth: int = 1,
+         reliability: ReliabilityPolicy = ReliabilityPolicy.RELIABLE) -> QoSProfile:
+    """A new profile per topic: rclpy applies ``qos_overrides`` parameters to it in place."""
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=reliability, durability=durability)
+
+
+#: ``qos_overrides./<ns>/mpvss_segmenter/<topic>.{publisher,subscription}.{history,depth,reliability}``
+#: parameters (read at start) change any topic's QoS, as in Nav2.
+_OVERRIDES = QoSOverridingOptions.with_default_policies()
 
 
 class MPVSSNode(Node):
@@ -91,24 +102,25 @@ class MPVSSNode(Node):
             raise StartupError(str(exc)) from None
         cfg = self.config
 
-        self._pub_labels = self.create_publisher(Image, "~/labels", _OUTPUT_QOS)
-        self._pub_confidence = self.create_publisher(Image, "~/confidence", _OUTPUT_QOS)
-        self._pub_info = self.create_publisher(SegmentationInfo, "~/info", _OUTPUT_QOS)
-        self._pub_colored = self.create_publisher(Image, "~/colored", _OUTPUT_QOS) if cfg.publish_colored else None
-        self._pub_overlay = self.create_publisher(Image, "~/overlay", _OUTPUT_QOS) if cfg.publish_overlay else None
-        self._pub_masks = (self.create_publisher(ClassMasks, "~/class_masks", _OUTPUT_QOS)
-                           if cfg.publish_class_masks else None)
-        self._pub_label_info = self.create_publisher(LabelInfo, "~/label_info", _LATCHED_QOS)
+        def publisher(msg_type, topic, qos=None):
+            return self.create_publisher(msg_type, topic, qos or _qos(), qos_overriding_options=_OVERRIDES)
+
+        self._pub_labels = publisher(Image, "~/labels")
+        self._pub_confidence = publisher(Image, "~/confidence")
+        self._pub_info = publisher(SegmentationInfo, "~/info")
+        self._pub_colored = publisher(Image, "~/colored") if cfg.publish_colored else None
+        self._pub_overlay = publisher(Image, "~/overlay") if cfg.publish_overlay else None
+        self._pub_masks = publisher(ClassMasks, "~/class_masks") if cfg.publish_class_masks else None
+        self._pub_label_info = publisher(LabelInfo, "~/label_info", _qos(DurabilityPolicy.TRANSIENT_LOCAL))
         self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._pub_label_info.publish(self.core.label_info(Header(stamp=self.get_clock().now().to_msg())))
 
         self._slot = self.core.make_slot()
         self._worker = Worker(self._slot, self.core, self._publish, now=self._now, demand=self._demand)
-        input_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=cfg.input_depth,
-                               reliability=_RELIABILITY[cfg.input_reliability],
-                               durability=DurabilityPolicy.VOLATILE)
+        input_qos = _qos(depth=cfg.input_depth, reliability=_RELIABILITY[cfg.input_reliability])
         msg_type, topic = (CompressedImage, "image/compressed") if cfg.input_compressed else (Image, "image")
-        self._sub = self.create_subscription(msg_type, topic, self._slot.put, input_qos)
+        self._sub = self.create_subscription(msg_type, topic, self._slot.put, input_qos,
+                                             qos_overriding_options=_OVERRIDES)
         self.create_service(SetBool, "~/enable", self._on_enable)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics)
