@@ -45,23 +45,47 @@ def _temp_file(text: str, suffix: str) -> str:
     return path
 
 
+def _key_matches(key: str, namespace: str) -> bool:
+    """Whether a params-file key names /<namespace>/mpvss_segmenter: a fully qualified name with
+    rcl's wildcards (`*` one token, `**` any number), or the bare node name (the package default)."""
+    key = str(key).strip()
+    if key == NODE_NAME:
+        return True
+    if not key.startswith("/"):
+        return False
+    pattern = [t for t in key.split("/") if t]
+    name = [t for t in namespace.split("/") if t] + [NODE_NAME]
+
+    def match(p: list[str], n: list[str]) -> bool:
+        if not p:
+            return not n
+        if p[0] == "**":
+            return any(match(p[1:], n[i:]) for i in range(len(n) + 1))
+        return bool(n) and p[0] in ("*", n[0]) and match(p[1:], n[1:])
+
+    return match(pattern, name)
+
+
 def _namespaced_params_file(config: str, namespace: str) -> str:
     """The params file for /<namespace>/mpvss_segmenter.
 
     A params file's `mpvss_segmenter:` key matches only the node without a namespace, so for a
-    namespaced node the node's sections (`mpvss_segmenter`, `/**`, `.../mpvss_segmenter`) are
-    merged under its full name into a temporary copy.
+    namespaced node the sections that apply to it (`mpvss_segmenter`, wildcards such as `/**` or
+    `/**/mpvss_segmenter`, and `/<namespace>/mpvss_segmenter` itself, applied last) are merged
+    under its full name into a temporary copy; other cameras' sections are left out.
     """
     if not namespace:
         return config
     with open(config, encoding="utf-8") as f:
         doc = yaml.safe_load(f) or {}
+    exact = f"/{namespace}/{NODE_NAME}"
     params = {}
-    for key, section in doc.items():
-        last = str(key).rstrip("/").split("/")[-1]
-        if last in (NODE_NAME, "**", "*") and isinstance(section, dict):
+    sections = [(k, v) for k, v in doc.items() if str(k).rstrip("/") != exact]
+    sections += [(k, v) for k, v in doc.items() if str(k).rstrip("/") == exact]
+    for key, section in sections:
+        if _key_matches(str(key).rstrip("/"), namespace) and isinstance(section, dict):
             params.update(section.get("ros__parameters") or {})
-    return _temp_file(yaml.safe_dump({f"/{namespace}/{NODE_NAME}": {"ros__parameters": params}}), ".yaml")
+    return _temp_file(yaml.safe_dump({exact: {"ros__parameters": params}}), ".yaml")
 
 
 def _rviz_config(template: str, image: str, namespace: str) -> str:

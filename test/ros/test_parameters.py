@@ -298,6 +298,32 @@ def test_launch_namespaced_node_gets_its_parameters(launch_file):
     assert doc == {f"/front/{NODE_NAME}": {"ros__parameters": defaults()}}
 
 
+def test_launch_namespaced_node_takes_only_its_own_sections(launch_file, tmp_path):
+    # a multi-camera params file: each camera's section applies to its own node only; wildcards
+    # apply to all, the exact section wins whatever its place in the file
+    config = tmp_path / "cameras.yaml"
+    config.write_text(yaml.safe_dump({
+        f"/front/{NODE_NAME}": {"ros__parameters": {"input_compressed": False, "max_frame_age_s": 0.5}},
+        "/**": {"ros__parameters": {"threads": 3, "max_frame_age_s": 0.9}},
+        f"/rear/{NODE_NAME}": {"ros__parameters": {"input_compressed": True, "max_frame_age_s": 0.2}},
+        f"/**/{NODE_NAME}": {"ros__parameters": {"schedule": "fixed:4"}},
+        "/*/other_node": {"ros__parameters": {"threads": 7}},
+        f"/robot/rear/{NODE_NAME}": {"ros__parameters": {"threads": 8}},
+        NODE_NAME: {"ros__parameters": {"propagator": "copy"}},
+    }, sort_keys=False))
+    expected = {
+        "rear": {"input_compressed": True, "max_frame_age_s": 0.2, "threads": 3, "schedule": "fixed:4",
+                 "propagator": "copy"},
+        "front": {"input_compressed": False, "max_frame_age_s": 0.5, "threads": 3, "schedule": "fixed:4",
+                  "propagator": "copy"},
+        "robot/rear": {"threads": 8, "max_frame_age_s": 0.9, "schedule": "fixed:4", "propagator": "copy"},
+    }
+    for namespace, params in expected.items():
+        (node,) = _run(launch_file, namespace=namespace, config=str(config))
+        doc = yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text())
+        assert doc == {f"/{namespace}/{NODE_NAME}": {"ros__parameters": params}}, namespace
+
+
 def test_launch_rviz_shows_this_instances_topics(launch_file):
     _node, rviz = _run(launch_file, use_rviz="true", namespace="front", image="image_raw")
     assert (rviz.kwargs["package"], rviz.kwargs["executable"]) == ("rviz2", "rviz2")
