@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from mpvss_ros.checkpoints import read_checkpoint, save_checkpoint
 from mpvss_ros.config import load_model_config
@@ -72,6 +73,14 @@ def test_model_option_replaces_the_config(stages, tmp_path, ship):
 
 def test_model_option_that_changes_shapes_fails(stages, tmp_path, ship):
     stage1, stage2, _, _ = stages
-    with pytest.raises((KeyError, RuntimeError)):
+    with pytest.raises((KeyError, RuntimeError)):  # another model: other keys
         ship(stage1, stage2, tmp_path / "shipped.pt", "--model", "mpvss_r50")
+    assert not (tmp_path / "shipped.pt").exists()
+    # the same keys with other shapes (a narrower flow embedding): load_state_dict refuses it
+    cfg = load_model_config("mpvss_lite").to_dict()
+    cfg["motion"]["flow_embed_dim"] = 32
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ship(stage1, stage2, tmp_path / "shipped.pt", "--model", str(narrow))
     assert not (tmp_path / "shipped.pt").exists()

@@ -15,6 +15,9 @@ SHIPPED = ROOT / "models" / "mpvss_lite_camvid.pt"
 #: was written and 70.76 with the code of 2026-12-05; the floor leaves 2 points for library
 #: differences (OpenCV resize, BLAS).
 FIVE_FRAME_FLOOR = 68.7
+#: models/README.md: `mpvss eval --max-frames 10 --schedule fixed:5` (chained query flow, 2 key
+#: frames) measured 66.66 on 2026-12-05 (copy 60.52, DIS 68.15 on the same frames); 2 points below.
+TEN_FRAME_FLOOR = 64.7
 
 
 def test_shipped_file_loads_weights_only_and_is_small():
@@ -52,7 +55,7 @@ def test_eval_runs_on_ten_real_frames(camvid_val_dirs, tmp_path, capsys):
 
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["frames"] == 10 and result["key_frames"] == 2 and result["trained"]
-    assert result["mIoU"] > 40.0
+    assert result["mIoU"] >= TEN_FRAME_FLOOR, result["mIoU"]
 
 
 if __name__ == "__main__":

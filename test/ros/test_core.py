@@ -171,14 +171,12 @@ def test_slot_take_blocks_until_put_and_close_wakes():
     t.join(2.0)
     assert got == [42]
 
-    t0 = time.monotonic()
     t = threading.Thread(target=lambda: got.append(slot.take(timeout=5.0)))
     t.start()
     time.sleep(0.05)
     slot.close()
-    t.join(2.0)
+    t.join(2.0)  # well before take's own 5 s timeout: close() woke it
     assert not t.is_alive() and got[-1] is None
-    assert time.monotonic() - t0 < 2.0
 
 
 def test_slot_under_threads_consumer_sees_increasing_items_and_the_last_one():
