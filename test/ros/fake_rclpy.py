@@ -1,0 +1,453 @@
+"""A stand-in for the parts of rclpy (and of the ROS message packages) that ``mpvss_ros/ros/node.py``
+uses, so that the node shell runs where ROS 2 is not installed.
+
+It exercises the node's wiring (parameters, publishers, subscription, services, timer, worker,
+``main``), not rclpy itself: ``test_node_launch.py`` runs the real node on machines with ROS 2.
+Where the behaviour matters to the node it follows rclpy (Humble), read from its source:
+
+* ``declare_parameter`` takes the value from the overrides (the params file / ``-p``), and unless
+  the descriptor sets ``dynamic_typing`` refuses an override whose type differs from the default's
+  (``InvalidParameterTypeException``, e.g. ``2`` for a DOUBLE parameter); integer and
+  floating-point ranges are checked for values of their own type only; a parameter declared with
+  a type and no value raises ``ParameterUninitializedException`` on ``get_parameter``;
+* ``create_publisher`` / ``create_subscription`` take ``qos_overriding_options`` as a keyword and
+  apply ``qos_overrides.<topic>.<publisher|subscription>.<policy>`` to the profile in place;
+* ``~/x`` topics resolve to ``/<namespace>/<node>/x``.
+
+Message classes come from ``rosbags`` (same field names as rclpy's), wrapped so that omitted
+fields take defaults, as rclpy's message constructors do.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import threading
+import time
+import types
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+from rosbags.typesys import Stores, get_typestore
+
+from mpvss_ros.ros.conversions import rosbags_message_types
+
+TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
+MESSAGE_TYPES = rosbags_message_types(TYPESTORE)
+
+
+def _default(tp: Any) -> Any:
+    """The zero value of a rosbags field annotation (a message class name or a Python type)."""
+    text = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+    if text in ("int", "float"):
+        return 0
+    if text == "bool":
+        return False
+    if text == "str":
+        return ""
+    if text.startswith(("list", "np.ndarray", "numpy", "ndarray")) or "[" in text:
+        return []
+    cls = TYPESTORE.types.get(text.replace("__", "/"))
+    return with_defaults(cls)() if cls is not None else None
+
+
+def with_defaults(cls: type) -> type:
+    """A subclass of a rosbags message dataclass whose omitted fields take default values."""
+    if cls is None or not is_dataclass(cls):
+        raise TypeError(f"not a rosbags message class: {cls!r}")
+
+    class Msg(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, **kw: Any) -> None:
+            values = {}
+            for f in fields(cls):
+                if str(f.type).startswith("ClassVar"):
+                    continue
+                if f.name in kw:
+                    values[f.name] = kw.pop(f.name)
+                else:
+                    values[f.name] = _default(f.type)
+            if kw:
+                raise TypeError(f"{cls.__name__} has no field(s) {sorted(kw)}")
+            super().__init__(**values)
+
+    Msg.__name__ = Msg.__qualname__ = cls.__name__
+    for name, value in vars(cls).items():
+        if name.isupper():
+            setattr(Msg, name, value)
+    return Msg
+
+
+def _msg(name: str) -> type:
+    return with_defaults(TYPESTORE.types[name])
+
+
+# ------------------------------------------------------------------------------ rclpy.parameter
+
+
+class ParameterType(enum.IntEnum):
+    NOT_SET = 0
+    BOOL = 1
+    INTEGER = 2
+    DOUBLE = 3
+    STRING = 4
+    BYTE_ARRAY = 5
+    BOOL_ARRAY = 6
+    INTEGER_ARRAY = 7
+    DOUBLE_ARRAY = 8
+    STRING_ARRAY = 9
+
+    @classmethod
+    def from_value(cls, value: Any) -> "ParameterType":
+        if value is None:
+            return cls.NOT_SET
+        if isinstance(value, bool):
+            return cls.BOOL
+        if isinstance(value, int):
+            return cls.INTEGER
+        if isinstance(value, float):
+            return cls.DOUBLE
+        if isinstance(value, str):
+            return cls.STRING
+        if isinstance(value, (list, tuple)):
+            if all(isinstance(v, bool) for v in value) and value:
+                return cls.BOOL_ARRAY
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                return cls.INTEGER_ARRAY
+            if all(isinstance(v, float) for v in value):
+                return cls.DOUBLE_ARRAY
+            if all(isinstance(v, str) for v in value):
+                return cls.STRING_ARRAY
+        raise TypeError(f"not a parameter value: {value!r}")
+
+
+class Parameter:
+    Type = ParameterType
+
+    def __init__(self, name: str, type_: ParameterType, value: Any) -> None:
+        self.name, self.type_, self.value = name, type_, value
+
+
+class ParameterException(Exception):
+    pass
+
+
+class InvalidParameterTypeException(ParameterException):
+    pass
+
+
+class InvalidParameterValueException(ParameterException):
+    pass
+
+
+class ParameterUninitializedException(ParameterException):
+    pass
+
+
+class ParameterDescriptor:
+    def __init__(self, description: str = "", additional_constraints: str = "", read_only: bool = False,
+                 dynamic_typing: bool = False) -> None:
+        self.description, self.additional_constraints = description, additional_constraints
+        self.read_only, self.dynamic_typing = read_only, dynamic_typing
+        self.integer_range: list[Any] = []
+        self.floating_point_range: list[Any] = []
+
+
+class IntegerRange:
+    def __init__(self, from_value: int = 0, to_value: int = 0, step: int = 0) -> None:
+        self.from_value, self.to_value, self.step = from_value, to_value, step
+
+
+class FloatingPointRange:
+    def __init__(self, from_value: float = 0.0, to_value: float = 0.0, step: float = 0.0) -> None:
+        self.from_value, self.to_value, self.step = from_value, to_value, step
+
+
+# ------------------------------------------------------------------------------------ rclpy.qos
+
+
+class HistoryPolicy(enum.IntEnum):
+    SYSTEM_DEFAULT = 0
+    KEEP_LAST = 1
+    KEEP_ALL = 2
+
+
+class ReliabilityPolicy(enum.IntEnum):
+    SYSTEM_DEFAULT = 0
+    RELIABLE = 1
+    BEST_EFFORT = 2
+
+
+class DurabilityPolicy(enum.IntEnum):
+    SYSTEM_DEFAULT = 0
+    TRANSIENT_LOCAL = 1
+    VOLATILE = 2
+
+
+class QoSProfile:
+    def __init__(self, *, history: HistoryPolicy, depth: int, reliability: ReliabilityPolicy,
+                 durability: DurabilityPolicy) -> None:
+        self.history, self.depth, self.reliability, self.durability = history, depth, reliability, durability
+
+
+class QoSOverridingOptions:
+    def __init__(self, policy_kinds: tuple[str, ...]) -> None:
+        self.policy_kinds = policy_kinds
+
+    @classmethod
+    def with_default_policies(cls) -> "QoSOverridingOptions":
+        return cls(("history", "depth", "reliability"))
+
+
+_POLICY_ENUMS = {"history": HistoryPolicy, "reliability": ReliabilityPolicy}
+
+
+# ----------------------------------------------------------------------------------- rclpy.node
+
+
+class Logger:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lines: list[tuple[str, str]] = []
+
+    def _log(self, level: str, text: str) -> None:
+        self.lines.append((level, text))
+
+    def debug(self, text: str) -> None:
+        self._log("debug", text)
+
+    def info(self, text: str) -> None:
+        self._log("info", text)
+
+    def warning(self, text: str) -> None:
+        self._log("warning", text)
+
+    warn = warning
+
+    def error(self, text: str) -> None:
+        self._log("error", text)
+
+    def fatal(self, text: str) -> None:
+        self._log("fatal", text)
+
+
+_LOGGERS: dict[str, Logger] = {}
+
+
+def get_logger(name: str) -> Logger:
+    return _LOGGERS.setdefault(name, Logger(name))
+
+
+class _Stamp:
+    def __init__(self, ns: int) -> None:
+        self.nanoseconds = ns
+
+    def to_msg(self) -> Any:
+        return MESSAGE_TYPES.time(sec=self.nanoseconds // 10**9, nanosec=self.nanoseconds % 10**9)
+
+
+class _Clock:
+    def now(self) -> _Stamp:
+        return _Stamp(time.time_ns())
+
+
+class Publisher:
+    def __init__(self, msg_type: type, topic: str, qos: QoSProfile) -> None:
+        self.msg_type, self.topic_name, self.qos = msg_type, topic, qos
+        self.messages: list[Any] = []
+        self.subscribers = 0
+        self._lock = threading.Lock()
+
+    def publish(self, msg: Any) -> None:
+        if not isinstance(msg, self.msg_type):
+            raise TypeError(f"{self.topic_name}: expected {self.msg_type.__name__}, got {type(msg).__name__}")
+        with self._lock:
+            self.messages.append(msg)
+
+    def get_subscription_count(self) -> int:
+        return self.subscribers
+
+
+class Subscription:
+    def __init__(self, msg_type: type, topic: str, callback: Any, qos: QoSProfile) -> None:
+        self.msg_type, self.topic_name, self.callback, self.qos = msg_type, topic, callback, qos
+
+
+class Node:
+    #: What a params file / ``--ros-args -p`` gives, by parameter name (set by the test).
+    overrides: dict[str, Any] = {}
+    namespace = "/"
+
+    def __init__(self, node_name: str, **kwargs: Any) -> None:
+        self._name = node_name
+        self._params: dict[str, Parameter] = {}
+        self.publishers: dict[str, Publisher] = {}
+        self.subscriptions: dict[str, Subscription] = {}
+        self.services: dict[str, tuple[Any, Any]] = {}
+        self.timers: list[tuple[float, Any]] = []
+        self.destroyed = False
+
+    def get_fully_qualified_name(self) -> str:
+        return f"{self.namespace.rstrip('/')}/{self._name}"
+
+    def _resolve(self, topic: str) -> str:
+        if topic.startswith("~/"):
+            return f"{self.get_fully_qualified_name()}/{topic[2:]}"
+        return topic if topic.startswith("/") else f"{self.namespace.rstrip('/')}/{topic}"
+
+    # -- parameters (rclpy Humble's Node.declare_parameter / _apply_descriptor) --
+    def declare_parameter(self, name: str, value: Any, descriptor: ParameterDescriptor) -> Parameter:
+        declared = value if isinstance(value, ParameterType) else ParameterType.from_value(value)
+        given = self.overrides.get(name, None if isinstance(value, ParameterType) else value)
+        given_type = ParameterType.from_value(given)
+        if not descriptor.dynamic_typing and given_type not in (ParameterType.NOT_SET, declared):
+            raise InvalidParameterTypeException(
+                f"Trying to set parameter '{name}' to '{given}' of type '{given_type.name}', "
+                f"expecting type '{declared.name}'")
+        if given_type == ParameterType.INTEGER and descriptor.integer_range:
+            r = descriptor.integer_range[0]
+            if not r.from_value <= given <= r.to_value:
+                raise InvalidParameterValueException(f"{name}: {given} out of range")
+        if given_type == ParameterType.DOUBLE and descriptor.floating_point_range:
+            r = descriptor.floating_point_range[0]
+            if not r.from_value <= given <= r.to_value:
+                raise InvalidParameterValueException(f"{name}: {given} out of range")
+        param = Parameter(name, given_type, given)
+        self._params[name] = param
+        return param
+
+    def get_parameter(self, name: str) -> Parameter:
+        param = self._params[name]
+        if param.type_ == ParameterType.NOT_SET:
+            raise ParameterUninitializedException(f"parameter '{name}' is not initialized")
+        return param
+
+    def _apply_qos_overrides(self, topic: str, kind: str, qos: QoSProfile, options: Any) -> None:
+        if options is None:
+            return
+        for policy in options.policy_kinds:
+            key = f"qos_overrides.{topic}.{kind}.{policy}"
+            if key in self.overrides:
+                value = self.overrides[key]
+                setattr(qos, policy, _POLICY_ENUMS[policy][value.upper()] if policy in _POLICY_ENUMS else value)
+
+    # -- entities --
+    def create_publisher(self, msg_type: type, topic: str, qos_profile: QoSProfile, *,
+                         qos_overriding_options: Any = None) -> Publisher:
+        name = self._resolve(topic)
+        self._apply_qos_overrides(name, "publisher", qos_profile, qos_overriding_options)
+        self.publishers[name] = Publisher(msg_type, name, qos_profile)
+        return self.publishers[name]
+
+    def create_subscription(self, msg_type: type, topic: str, callback: Any, qos_profile: QoSProfile, *,
+                            qos_overriding_options: Any = None) -> Subscription:
+        name = self._resolve(topic)
+        self._apply_qos_overrides(name, "subscription", qos_profile, qos_overriding_options)
+        self.subscriptions[name] = Subscription(msg_type, name, callback, qos_profile)
+        return self.subscriptions[name]
+
+    def create_service(self, srv_type: Any, name: str, callback: Any) -> None:
+        self.services[self._resolve(name)] = (srv_type, callback)
+
+    def create_timer(self, period_s: float, callback: Any) -> None:
+        self.timers.append((period_s, callback))
+
+    def get_logger(self) -> Logger:
+        return get_logger(self.get_fully_qualified_name())
+
+    def get_clock(self) -> _Clock:
+        return _Clock()
+
+    def destroy_node(self) -> None:
+        self.destroyed = True
+
+
+# ---------------------------------------------------------------------------------- services
+
+
+class _Service:
+    class Request:
+        def __init__(self, data: bool = False) -> None:
+            self.data = data
+
+    class Response:
+        def __init__(self) -> None:
+            self.success, self.message = False, ""
+
+
+class SetBool(_Service):
+    pass
+
+
+class Trigger(_Service):
+    pass
+
+
+# ----------------------------------------------------------------------------------- install
+
+
+class ExternalShutdownException(Exception):
+    pass
+
+
+class _Runtime:
+    """``rclpy.init`` / ``spin`` / ``ok`` / ``try_shutdown``; ``spin`` returns at once."""
+
+    def __init__(self) -> None:
+        self.initialised = False
+        self.spun: list[Any] = []
+
+    def init(self, args: Any = None) -> None:
+        self.initialised = True
+
+    def spin(self, node: Any) -> None:
+        self.spun.append(node)
+
+    def ok(self) -> bool:
+        return self.initialised
+
+    def try_shutdown(self) -> None:
+        self.initialised = False
+
+
+def install(monkeypatch: Any) -> _Runtime:
+    """Put the stand-in modules into ``sys.modules`` (undone by ``monkeypatch``); returns the
+    runtime whose ``init``/``spin``/``ok``/``try_shutdown`` the fake ``rclpy`` exposes."""
+    runtime = _Runtime()
+    t = TYPESTORE.types
+    modules = {
+        "rclpy": {"init": runtime.init, "spin": runtime.spin, "ok": runtime.ok, "try_shutdown": runtime.try_shutdown},
+        "rclpy.executors": {"ExternalShutdownException": ExternalShutdownException},
+        "rclpy.logging": {"get_logger": get_logger},
+        "rclpy.exceptions": {"ParameterException": ParameterException,
+                             "ParameterUninitializedException": ParameterUninitializedException,
+                             "InvalidParameterTypeException": InvalidParameterTypeException},
+        "rclpy.node": {"Node": Node},
+        "rclpy.parameter": {"Parameter": Parameter},
+        "rclpy.qos": {"DurabilityPolicy": DurabilityPolicy, "HistoryPolicy": HistoryPolicy, "QoSProfile": QoSProfile,
+                      "ReliabilityPolicy": ReliabilityPolicy},
+        "rclpy.qos_overriding_options": {"QoSOverridingOptions": QoSOverridingOptions},
+        "builtin_interfaces": {}, "builtin_interfaces.msg": {"Time": MESSAGE_TYPES.time},
+        "diagnostic_msgs": {}, "diagnostic_msgs.msg": {
+            "DiagnosticArray": _msg("diagnostic_msgs/msg/DiagnosticArray"),
+            "DiagnosticStatus": _msg("diagnostic_msgs/msg/DiagnosticStatus"),
+            "KeyValue": _msg("diagnostic_msgs/msg/KeyValue")},
+        "rcl_interfaces": {}, "rcl_interfaces.msg": {"FloatingPointRange": FloatingPointRange,
+                                                     "IntegerRange": IntegerRange,
+                                                     "ParameterDescriptor": ParameterDescriptor},
+        "sensor_msgs": {}, "sensor_msgs.msg": {"CompressedImage": MESSAGE_TYPES.compressed_image,
+                                               "Image": MESSAGE_TYPES.image},
+        "std_msgs": {}, "std_msgs.msg": {"Header": with_defaults(t["std_msgs/msg/Header"])},
+        "std_srvs": {}, "std_srvs.srv": {"SetBool": SetBool, "Trigger": Trigger},
+        "vision_msgs": {}, "vision_msgs.msg": {"LabelInfo": MESSAGE_TYPES.label_info,
+                                               "VisionClass": MESSAGE_TYPES.vision_class},
+        "mpvss_ros.msg": {"ClassMasks": MESSAGE_TYPES.class_masks, "SegmentationInfo": MESSAGE_TYPES.segmentation_info},
+    }
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+    rclpy = sys.modules["rclpy"]
+    for sub in ("executors", "logging"):
+        setattr(rclpy, sub, sys.modules[f"rclpy.{sub}"])
+    monkeypatch.delitem(sys.modules, "mpvss_ros.ros.node", raising=False)
+    return runtime

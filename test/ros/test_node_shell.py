@@ -1,0 +1,151 @@
+"""The rclpy node shell (``mpvss_ros/ros/node.py``) run against the stand-in rclpy of
+``fake_rclpy.py``: parameters, QoS and overrides, publishing with the input header, services,
+diagnostics and ``main``'s exit status. On machines with ROS 2, ``test_node_launch.py`` runs the
+real node; this test covers the same wiring everywhere else (CI included)."""
+
+from __future__ import annotations
+
+import time
+
+import fake_rclpy as fr
+import numpy as np
+import pytest
+import torch
+
+NODE = "/mpvss_segmenter"
+SEC = 1_700_000_000
+
+
+@pytest.fixture()
+def node_module(monkeypatch):
+    """``(start, runtime)``: ``start(**overrides)`` imports node.py on the stand-ins and builds
+    an ``MPVSSNode`` whose params file holds ``overrides``."""
+    runtime = fr.install(monkeypatch)
+    threads = torch.get_num_threads()
+    made = []
+
+    def start(**overrides):
+        monkeypatch.setattr(fr.Node, "overrides", {"device": "cpu", "threads": threads, **overrides})
+        import mpvss_ros.ros.node as node_py
+
+        node = node_py.MPVSSNode()
+        made.append(node)
+        return node
+
+    yield start, runtime
+    for node in made:
+        node.destroy_node()
+    torch.set_num_threads(threads)
+
+
+def image(nanosec: int, h: int = 48, w: int = 64):
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)
+    t = fr.MESSAGE_TYPES
+    header = t.header(stamp=t.time(sec=SEC, nanosec=nanosec), frame_id="camera_optical")
+    return t.image(header=header, height=h, width=w, encoding="rgb8", is_bigendian=0, step=w * 3,
+                   data=rgb.reshape(-1))
+
+
+def feed(node, msg, count_before: int, timeout_s: float = 60.0):
+    """Hand ``msg`` to the subscription callback and wait for the worker to publish its labels."""
+    labels = node.publishers[f"{NODE}/labels"]
+    node.subscriptions["/image"].callback(msg)
+    t0 = time.monotonic()
+    while len(labels.messages) <= count_before and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.01)
+    assert len(labels.messages) == count_before + 1, "the worker published nothing"
+    return labels.messages[-1]
+
+
+def test_node_publishes_every_output_with_the_input_header(node_module):
+    start, _ = node_module
+    # max_frame_age_s as the whole number 0: a float parameter must take it (dynamic typing);
+    # the overlay's QoS overridden to best effort through rclpy's qos_overrides parameters
+    node = start(max_frame_age_s=0, schedule="fixed:3",
+                 **{f"qos_overrides.{NODE}/overlay.publisher.reliability": "best_effort"})
+    pubs = node.publishers
+    assert set(pubs) == {f"{NODE}/{t}" for t in ("labels", "confidence", "info", "colored", "overlay",
+                                                 "class_masks", "label_info")} | {"/diagnostics"}
+    for topic in ("labels", "confidence", "info", "colored", "class_masks"):
+        qos = pubs[f"{NODE}/{topic}"].qos
+        assert (qos.reliability, qos.history, qos.depth, qos.durability) == (
+            fr.ReliabilityPolicy.RELIABLE, fr.HistoryPolicy.KEEP_LAST, 1, fr.DurabilityPolicy.VOLATILE), topic
+    assert pubs[f"{NODE}/overlay"].qos.reliability == fr.ReliabilityPolicy.BEST_EFFORT  # only that topic
+    assert pubs[f"{NODE}/label_info"].qos.durability == fr.DurabilityPolicy.TRANSIENT_LOCAL
+    sub = node.subscriptions["/image"]
+    assert sub.msg_type is fr.MESSAGE_TYPES.image and sub.qos.reliability == fr.ReliabilityPolicy.BEST_EFFORT
+    (info,) = pubs[f"{NODE}/label_info"].messages  # published at start
+    assert [c.class_name for c in info.class_map][:3] == ["Sky", "Building", "Pole"]
+
+    pubs[f"{NODE}/overlay"].subscribers = 1  # optional outputs only while subscribed
+    stamps = [123_456_789, 190_000_001, 256_543_211, 323_000_007]
+    outs = [feed(node, image(ns), i) for i, ns in enumerate(stamps)]
+    infos = pubs[f"{NODE}/info"].messages
+    assert [i.is_key_frame for i in infos] == [True, False, False, True]
+    for msg, ns in zip(outs, stamps):
+        assert (msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id) == (SEC, ns, "camera_optical")
+        assert (msg.height, msg.width, msg.encoding) == (48, 64, "mono8")
+    for topic in ("confidence", "info", "overlay"):
+        got = [(m.header.stamp.nanosec, m.header.frame_id) for m in pubs[f"{NODE}/{topic}"].messages]
+        assert got == [(ns, "camera_optical") for ns in stamps], topic
+    assert not pubs[f"{NODE}/colored"].messages and not pubs[f"{NODE}/class_masks"].messages
+    assert [i.key_frame_stamp.nanosec for i in infos] == [stamps[0]] * 3 + [stamps[3]]
+
+    # services: disabled frames are dropped, reset keys the next frame
+    enable = node.services[f"{NODE}/enable"][1]
+    reply = enable(fr.SetBool.Request(False), fr.SetBool.Response())
+    assert reply.success and reply.message == "segmentation disabled"
+    node.subscriptions["/image"].callback(image(400_000_000))
+    t0 = time.monotonic()
+    while node.core.counters["dropped_disabled"] == 0 and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert node.core.counters["dropped_disabled"] == 1 and len(pubs[f"{NODE}/labels"].messages) == 4
+    assert enable(fr.SetBool.Request(True), fr.SetBool.Response()).success
+    reset = node.services[f"{NODE}/reset"][1]
+    assert reset(None, fr.Trigger.Response()).success
+    feed(node, image(500_000_000), 4)
+    assert infos[-1].is_key_frame and infos[-1].key_frame_reason == "reset"
+
+    # diagnostics on the timer
+    period, publish_diagnostics = node.timers[0]
+    assert period == 1.0
+    publish_diagnostics()
+    (status,) = pubs["/diagnostics"].messages[-1].status
+    assert status.name == f"{NODE}: segmentation" and status.level == fr.TYPESTORE.types[
+        "diagnostic_msgs/msg/DiagnosticStatus"].OK
+    values = {kv.key: kv.value for kv in status.values}
+    assert values and any("key" in k for k in values)
+
+    node.destroy_node()
+    assert not node._worker.alive
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"threads": 1.5}, "parameter 'threads'"),                   # rclpy refuses the type
+    ({"max_gap_s": "two"}, "parameter 'max_gap_s'"),             # validate() refuses it
+    ({"schedule": "every frame"}, "parameter 'schedule'"),
+    ({"weights": "/nonexistent/model.pt"}, "/nonexistent/model.pt"),
+])
+def test_bad_parameters_stop_the_node_with_one_line(node_module, overrides, words):
+    start, _ = node_module
+    import mpvss_ros.ros.core as core
+
+    with pytest.raises(core.StartupError) as info:
+        start(**overrides)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_main_exit_status(node_module, monkeypatch):
+    start, runtime = node_module
+    import mpvss_ros.ros.node as node_py
+
+    monkeypatch.setattr(fr.Node, "overrides", {"device": "cpu", "weights": "/nonexistent/model.pt"})
+    assert node_py.main([]) == 1
+    assert any(level == "fatal" and "cannot start" in text for level, text in fr.get_logger("mpvss_segmenter").lines)
+    assert not runtime.ok()
+
+    monkeypatch.setattr(fr.Node, "overrides", {"device": "cpu", "threads": torch.get_num_threads()})
+    assert node_py.main([]) == 0
+    (node,) = runtime.spun
+    assert node.destroyed and not node._worker.alive and not runtime.ok()
