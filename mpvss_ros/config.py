@@ -33,10 +33,17 @@ __all__ = [
     "load_model_config",
     "model_config_from_dict",
     "CONFIG_DIR",
+    "default_class_names",
 ]
 
 #: ``config/`` of the source tree.
 CONFIG_DIR = REPO_ROOT / "config"
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """The names of classes a model does not name: ``class_0`` .. ``class_{K-1}`` (every tool,
+    legend and message uses these)."""
+    return [f"class_{i}" for i in range(int(num_classes))]
 
 
 class ConfigError(ValueError):
@@ -225,7 +232,7 @@ def _validate(cfg: ModelConfig, where: str) -> None:
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"{where}: {len(cfg.class_names)} class_names for num_classes={cfg.num_classes}")
     if not cfg.class_names:
-        cfg.class_names = [f"class_{i}" for i in range(cfg.num_classes)]
+        cfg.class_names = default_class_names(cfg.num_classes)
     if cfg.palette:
         if len(cfg.palette) != cfg.num_classes or any(len(c) != 3 for c in cfg.palette):
             raise ConfigError(f"{where}: palette needs {cfg.num_classes} RGB triples")

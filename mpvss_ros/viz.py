@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from .config import default_class_names
+
 __all__ = [
     "make_palette",
     "colorize",
@@ -185,7 +187,7 @@ def _class_counts(labels: np.ndarray, k: int) -> np.ndarray:
 
 def _names(class_names: Sequence[str] | None, k: int) -> list[str]:
     if class_names is None:
-        return [f"class {i}" for i in range(k)]
+        return default_class_names(k)
     names = [str(n) for n in class_names]
     if len(names) != k:
         raise ValueError(f"{len(names)} class_names for a palette of {k} colours")

@@ -197,3 +197,11 @@ def test_class_counts_match_a_plain_count(dtype):
         counts = _class_counts(labels, k)
         assert counts.dtype == np.int64 and counts.shape == (k,)
         np.testing.assert_array_equal(counts, expected)
+
+
+def test_unnamed_classes_use_the_projects_default_names():
+    from mpvss_ros.config import default_class_names
+
+    labels = np.array([[0, 2], [2, 9]], np.uint8)
+    assert legend_entries(labels, 3) == [(0, "class_0"), (2, "class_2")]
+    assert default_class_names(3) == ["class_0", "class_1", "class_2"]

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ..config import default_class_names
+
 __all__ = ["ConfusionMatrix", "VideoConsistency", "video_consistency"]
 
 
@@ -163,7 +165,7 @@ class ConfusionMatrix:
         Raises:
             ValueError: ``class_names`` does not have K entries.
         """
-        names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(self.num_classes)]
+        names = list(class_names) if class_names is not None else default_class_names(self.num_classes)
         if len(names) != self.num_classes:
             raise ValueError(f"{len(names)} class names for {self.num_classes} classes")
 

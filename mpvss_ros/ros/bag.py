@@ -40,6 +40,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from ..config import default_class_names
 from ..model_loader import LoadedModel
 from ..offline import EngineOptions, summarize
 from ..segmenter import FrameError
@@ -261,7 +262,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     cfg = loaded.config
     segmenter = options.build_segmenter(loaded, backend)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
-    class_names = list(cfg.class_names) if len(cfg.class_names) == cfg.num_classes else [f"class {i}" for i in range(cfg.num_classes)]
+    class_names = list(cfg.class_names) if len(cfg.class_names) == cfg.num_classes else default_class_names(cfg.num_classes)
 
     typestore = get_typestore(Stores.ROS2_HUMBLE)
     types = rosbags_message_types(typestore)

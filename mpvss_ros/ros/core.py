@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ..config import default_class_names
 from ..model_loader import LoadedModel
 from ..segmenter import FrameError, VideoSegmenter
 from .parameters import NodeConfig, palette_to_rgb
@@ -285,7 +286,7 @@ class SegmentationCore:
         base = palette_to_rgb(config.palette) if config.palette else (loaded.config.palette or None)
         self.palette = make_palette(num_classes, base)
         names = list(loaded.config.class_names or [])
-        self.class_names = names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
+        self.class_names = names if len(names) == num_classes else default_class_names(num_classes)
 
         self._lock = threading.Lock()
         self._enabled = True
