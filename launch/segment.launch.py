@@ -16,6 +16,7 @@ Arguments:
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 
@@ -38,10 +39,20 @@ def _true(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def _temp_file(text: str, suffix: str) -> str:
+    """A temporary file with ``text``, removed when the launch process exits (the node and RViz
+    read theirs at start)."""
     fd, path = tempfile.mkstemp(prefix="mpvss_", suffix=suffix)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    atexit.register(_remove, path)
     return path
 
 
