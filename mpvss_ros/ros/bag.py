@@ -11,7 +11,7 @@ topic                     type                                content
 ========================  ==================================  ====================================
 ``NS/labels``             ``sensor_msgs/msg/Image``           ``mono8`` class IDs (``mono16`` > 255 classes)
 ``NS/confidence``         ``sensor_msgs/msg/Image``           ``mono8`` confidence 0..255
-``NS/label_info``         ``vision_msgs/msg/LabelInfo``       once, offered reliable + transient-local
+``NS/label_info``         ``vision_msgs/msg/LabelInfo``       on key frames, offered reliable + transient-local
 ``NS/colored``            ``sensor_msgs/msg/Image``           ``rgb8`` palette colours
 ``NS/overlay``            ``sensor_msgs/msg/Image``           ``rgb8`` input + colours + legend
 ``NS/class_masks``        ``mpvss_ros/msg/ClassMasks``        one ``mono8`` mask per class present
@@ -338,7 +338,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                         skip("frame", index, stamp_ns, exc)
                         continue
                     header = msg.header
-                    if not label_info_written:
+                    if not label_info_written or result.is_key_frame:  # as the node: with each key frame
                         put("label_info", stamp_ns, make_label_info(types.label_info, types.vision_class, header, class_names),
                             LABEL_INFO_TYPE)
                         label_info_written = True

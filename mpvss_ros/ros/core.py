@@ -476,11 +476,13 @@ class SegmentationCore:
         return self._conv.make_label_info(self.types.label_info, self.types.vision_class, header,
                                           self.class_names)
 
-    def label_info_update(self, header: Any) -> Any:
-        """A new LabelInfo when none was made yet or the input's frame_id changed, else None."""
+    def label_info_update(self, header: Any, key_frame: bool = False) -> Any:
+        """A LabelInfo with ``header`` to publish now: on key frames (the label map is re-made
+        there; vision_msgs' advice is to publish it with the labels, as camera_info, besides
+        latching it), when none was made yet, or when the input's frame_id changed; else None."""
         with self._lock:
             same = self._label_info_frame_id == header.frame_id
-        return None if same else self.label_info(header)
+        return None if same and not key_frame else self.label_info(header)
 
     # -- diagnostics --------------------------------------------------------------------------
 
@@ -626,7 +628,7 @@ class Worker:
                 outputs = self.core.process(msg, self.now(), want.colored, want.overlay, want.class_masks)
                 if outputs is None:
                     continue
-                self.publish(outputs, self.core.label_info_update(msg.header))
+                self.publish(outputs, self.core.label_info_update(msg.header, outputs.info.is_key_frame))
                 self.core.record_published()
             except Exception as exc:  # noqa: BLE001 - keep the thread alive whatever a publisher does
                 self.core.record_error("publishing failed", exc)

@@ -12,7 +12,8 @@ the table in :mod:`mpvss_ros.ros.parameters`. This file only wires ROS to them:
 * publishers (reliable, keep last 1, so every subscriber QoS matches): ``~/labels``,
   ``~/confidence`` and ``~/info`` always; ``~/colored``, ``~/overlay`` and ``~/class_masks``
   built only while they have subscribers; ``~/label_info`` (``vision_msgs/LabelInfo``, reliable
-  + transient local, depth 1) published once at start; every output carries the input header;
+  + transient local, depth 1) published at start and with every key frame; every output carries
+  the input header;
 * every topic's history, depth and reliability can be changed at start with rclpy's
   ``qos_overrides`` parameters (e.g. ``qos_overrides./mpvss_segmenter/overlay.publisher.reliability:
   best_effort`` for a debug view over Wi-Fi);

@@ -263,11 +263,14 @@ def test_palette_parameter_and_class_names(make_core, types):
         make_core(palette=[0] * 6)
 
 
-def test_label_info_made_once(make_core, types):
+def test_label_info_on_key_frames_and_frame_id_changes(make_core, types):
     core, _, _ = make_core()
     first = core.label_info_update(header(types, 1.0))
     assert first is not None and len(first.class_map) == 5
     assert core.label_info_update(header(types, 2.0)) is None
+    again = core.label_info_update(header(types, 3.0), key_frame=True)
+    assert again is not None and stamp_to_seconds(again.header.stamp) == pytest.approx(3.0)
+    assert core.label_info_update(header(types, 4.0, "other_camera")).header.frame_id == "other_camera"
 
 
 def test_compressed_input(make_core, types):

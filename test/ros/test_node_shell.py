@@ -91,6 +91,10 @@ def test_node_publishes_every_output_with_the_input_header(node_module):
         assert got == [(ns, "camera_optical") for ns in stamps], topic
     assert not pubs[f"{NODE}/colored"].messages and not pubs[f"{NODE}/class_masks"].messages
     assert [i.key_frame_stamp.nanosec for i in infos] == [stamps[0]] * 3 + [stamps[3]]
+    # LabelInfo: at start, then with each key frame, carrying that frame's header
+    label_infos = pubs[f"{NODE}/label_info"].messages
+    assert [(m.header.stamp.nanosec, m.header.frame_id) for m in label_infos[1:]] == [
+        (stamps[0], "camera_optical"), (stamps[3], "camera_optical")]
 
     # services: disabled frames are dropped, reset keys the next frame
     enable = node.services[f"{NODE}/enable"][1]

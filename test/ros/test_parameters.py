@@ -344,3 +344,22 @@ def test_backend_and_precision_choices_match_the_runtime():
 
     assert tuple(parameters.BACKENDS) == tuple(RUNTIME_BACKENDS)
     assert tuple(parameters.PRECISIONS) == tuple(RUNTIME_PRECISIONS)
+
+
+def test_nav2_semantic_layer_snippet_matches_the_node():
+    # config/nav2_semantic_layer.yaml: the node's topic names, and class names that its LabelInfo
+    # carries (the layer ignores names it does not find there)
+    from mpvss_ros.config import load_model_config
+
+    doc = yaml.safe_load((ROOT / "config" / "nav2_semantic_layer.yaml").read_text())["semantic_segmentation_layer"]
+    assert doc["plugin"] == "semantic_segmentation_layer::SemanticSegmentationLayer"
+    (source,) = doc["observation_sources"].split()
+    src = doc[source]
+    assert (src["segmentation_topic"], src["confidence_topic"], src["labels_topic"]) == (
+        f"/{NODE_NAME}/labels", f"/{NODE_NAME}/confidence", f"/{NODE_NAME}/label_info")
+    names = [n for t in src["class_types"] for n in src[t]["classes"]]
+    assert len(names) == len(set(names))
+    assert set(names) <= set(load_model_config("mpvss_lite").class_names)
+    for t in src["class_types"]:
+        p = src[t]
+        assert 0 <= p["base_cost"] <= p["max_cost"] <= 254 and 0 <= p["mark_confidence"] <= 255, t
