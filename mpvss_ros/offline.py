@@ -29,7 +29,7 @@ from .model_loader import LoadedModel
 from .propagation import build_propagator
 from .scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
 from .segmenter import SegmentationResult, VideoSegmenter
-from .viz import make_palette, overlay
+from .viz import frame_tag, make_palette, overlay
 
 __all__ = ["EngineOptions", "SegmentOptions", "segment_path", "summarize"]
 
@@ -178,7 +178,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                 if options.write_labels:
                     write_label_png(out / "labels" / f"{frame.name}.png", result.labels)
                 if writer is not None:
-                    vis = overlay(frame.image, result.labels, palette, alpha=0.5, class_names=cfg.class_names)
+                    vis = overlay(frame.image, result.labels, palette, alpha=0.5, class_names=cfg.class_names,
+                                  tag=frame_tag(result.is_key_frame, result.frame_index - result.key_frame_index))
                     if writer.size is not None and (vis.shape[1], vis.shape[0]) != writer.size:
                         vis = cv2.resize(vis, writer.size, interpolation=cv2.INTER_AREA)  # resolution changed mid-stream
                     writer.write(vis)

@@ -8,7 +8,10 @@ void = 11 with 11 classes) are "void": black in :func:`colorize`, left as the im
 Usage::
 
     palette = make_palette(cfg.num_classes, cfg.palette or None)
-    vis = overlay(frame.image, labels, palette, alpha=0.5, class_names=cfg.class_names)
+    vis = overlay(frame.image, labels, palette, alpha=0.5, class_names=cfg.class_names,
+                  tag=frame_tag(result.is_key_frame, result.frame_index - result.key_frame_index))
+
+The tag (:func:`draw_tag`, beside the legend) tells propagated frames from key frames.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = [
     "overlay",
     "legend_entries",
     "draw_legend",
+    "draw_tag",
+    "frame_tag",
     "Legend",
     "LEGEND_CORNERS",
 ]
@@ -244,7 +249,7 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
         image: ``(H, W, 3)`` ``uint8`` RGB, C-contiguous and writable; modified in place.
         labels: ``(H, W)`` integer class IDs (``uint8``/``uint16``).
         palette: ``(K, 3)`` RGB colours; labels ``>= K`` are void and not listed.
-        class_names: ``K`` names, or None for ``"class <id>"``.
+        class_names: ``K`` names, or None for ``"class_<id>"``.
         corner: one of :data:`LEGEND_CORNERS`.
         max_entries: most lines, ``+N more`` included (>= 1).
 
@@ -273,8 +278,7 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
         return Legend()
 
     h, w = image.shape[:2]
-    scale = float(np.clip(h / 600.0, 0.35, 1.5))
-    thick = 1 if scale < 0.9 else 2
+    scale, thick = _text_metrics(h)
     (_, text_h), text_base = cv2.getTextSize("Ag", _FONT, scale, thick)
     pad = max(2, round(5 * scale))
     swatch = text_h + text_base
@@ -322,6 +326,56 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
     return Legend(box=(x0, y0, x1, y1), entries=entries, hidden=hidden)
 
 
+def _text_metrics(h: int) -> tuple[float, int]:
+    """Font scale and thickness for an image ``h`` pixels high (legend and tag alike)."""
+    scale = float(np.clip(h / 600.0, 0.35, 1.5))
+    return scale, 1 if scale < 0.9 else 2
+
+
+def draw_tag(image: np.ndarray, text: str, corner: str = "top-right") -> tuple[int, int, int, int] | None:
+    """Draw, in place, one line of white text on a darkened box in a corner (e.g. whether the
+    labels come from a key frame or were propagated), in the legend's font and size.
+
+    Args:
+        image: ``(H, W, 3)`` ``uint8`` RGB, C-contiguous and writable; modified in place.
+        text: the line; shortened with ``..`` to fit, non-ASCII drawn as ``?``.
+        corner: one of :data:`LEGEND_CORNERS`.
+
+    Returns:
+        The ``(x0, y0, x1, y1)`` pixel box drawn (x1, y1 exclusive), or None when the image is
+        too small for it.
+
+    Raises:
+        ValueError: bad image or corner.
+    """
+    _check_image(image)
+    if not image.flags.c_contiguous or not image.flags.writeable:
+        raise ValueError("draw_tag draws in place: image must be C-contiguous and writable")
+    if corner not in LEGEND_CORNERS:
+        raise ValueError(f"corner must be one of {LEGEND_CORNERS}, got {corner!r}")
+    h, w = image.shape[:2]
+    scale, thick = _text_metrics(h)
+    (_, text_h), text_base = cv2.getTextSize("Ag", _FONT, scale, thick)
+    pad = max(2, round(5 * scale))
+    line = _fit(_ascii(text), w - 4 * pad, scale, thick)
+    box_h = text_h + text_base + 2 * pad
+    if not line or box_h + 2 * pad > h:
+        return None
+    box_w = cv2.getTextSize(line, _FONT, scale, thick)[0][0] + 2 * pad
+    x0 = pad if corner.endswith("left") else w - pad - box_w
+    y0 = pad if corner.startswith("top") else h - pad - box_h
+    roi = image[y0 : y0 + box_h, x0 : x0 + box_w]
+    roi[...] = (roi.astype(np.uint16) * 3 // 8).astype(np.uint8)
+    cv2.putText(image, line, (x0 + pad, y0 + pad + text_h), _FONT, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return x0, y0, x0 + box_w, y0 + box_h
+
+
+def frame_tag(is_key_frame: bool, frames_since_key: int) -> str:
+    """The overlay's tag for a frame: ``key frame``, or ``propagated +N`` (N frames after its key
+    frame), so that warped labels are told from inferred ones at a glance."""
+    return "key frame" if is_key_frame else f"propagated +{int(frames_since_key)}"
+
+
 # --------------------------------------------------------------------------------------------
 # Overlay
 # --------------------------------------------------------------------------------------------
@@ -335,7 +389,7 @@ def _check_image(image: np.ndarray) -> None:
 
 def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray,
             alpha: float = 0.5, class_names: Sequence[str] | None = None, legend: bool = True,
-            legend_corner: str = "top-left", max_legend_entries: int = 12) -> np.ndarray:
+            legend_corner: str = "top-left", max_legend_entries: int = 12, tag: str | None = None) -> np.ndarray:
     """Blend class colours over an image and add a legend of the classes present.
 
     Pixel = ``(1 - alpha) * image + alpha * colour`` (``cv2.addWeighted``, rounded); void
@@ -346,10 +400,12 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[in
         labels: ``(H, W)`` class IDs, ``uint8``/``uint16``.
         palette: ``(K, 3)`` RGB (see :func:`make_palette`).
         alpha: opacity of the class colours in 0..1 (0 = image only, 1 = colours only).
-        class_names: ``K`` names for the legend, or None for ``"class <id>"``.
+        class_names: ``K`` names for the legend, or None for ``"class_<id>"``.
         legend: draw the legend.
         legend_corner: one of :data:`LEGEND_CORNERS`.
         max_legend_entries: most legend lines (see :func:`draw_legend`).
+        tag: a line drawn in the corner beside the legend's (top-right for a top-left legend;
+            :func:`draw_tag`), e.g. :func:`frame_tag`; None draws none.
 
     Returns:
         New ``(H, W, 3)`` ``uint8`` RGB image.
@@ -374,4 +430,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[in
         out[~valid] = src[~valid]
     if legend:
         draw_legend(out, labels, pal, class_names, corner=legend_corner, max_entries=max_legend_entries)
+    if tag:
+        side = "right" if legend_corner.endswith("left") else "left"
+        draw_tag(out, tag, f"{legend_corner.split('-')[0]}-{side}")
     return out

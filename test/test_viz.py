@@ -205,3 +205,26 @@ def test_unnamed_classes_use_the_projects_default_names():
     labels = np.array([[0, 2], [2, 9]], np.uint8)
     assert legend_entries(labels, 3) == [(0, "class_0"), (2, "class_2")]
     assert default_class_names(3) == ["class_0", "class_1", "class_2"]
+
+
+def test_overlay_tags_key_and_propagated_frames_beside_the_legend():
+    from mpvss_ros.viz import draw_tag, frame_tag
+
+    image, labels = _scene()
+    pal = make_palette(11)
+    assert frame_tag(True, 0) == "key frame" and frame_tag(False, 3) == "propagated +3"
+    plain = overlay(image, labels, pal)
+    tagged = overlay(image, labels, pal, tag=frame_tag(False, 3))
+    box = draw_tag(plain.copy(), "propagated +3", "top-right")
+    assert box is not None
+    x0, y0, x1, y1 = box
+    assert x1 <= 640 and x0 > 320 and y0 < 20  # top-right: the legend is top-left
+    inside = np.zeros(labels.shape, bool)
+    inside[y0:y1, x0:x1] = True
+    np.testing.assert_array_equal(tagged[~inside], plain[~inside])  # only the tag's box changes
+    assert not np.array_equal(tagged[inside], plain[inside])
+    assert (tagged[inside].astype(int).sum(-1) >= 3 * 250).any()  # white text
+    # legend at the bottom right: the tag goes bottom left
+    bl = overlay(image, labels, pal, legend_corner="bottom-right", tag="key frame")
+    assert not np.array_equal(bl[-30:, :100], overlay(image, labels, pal, legend_corner="bottom-right")[-30:, :100])
+    assert draw_tag(np.zeros((6, 40, 3), np.uint8), "key frame") is None  # too small: nothing drawn

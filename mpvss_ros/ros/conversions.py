@@ -33,7 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..viz import colorize, overlay
+from ..viz import colorize, frame_tag, overlay
 
 from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
 
@@ -537,7 +537,8 @@ def build_outputs(types: MessageTypes, header: Any, result: Any, frame_rgb: np.n
     if want_overlay:
         if frame_rgb is None:
             raise ValueError("want_overlay needs frame_rgb")
-        vis = overlay(frame_rgb, labels, palette, alpha=alpha, class_names=class_names)
+        vis = overlay(frame_rgb, labels, palette, alpha=alpha, class_names=class_names,
+                      tag=frame_tag(result.is_key_frame, result.frame_index - result.key_frame_index))
         out.overlay = make_image(types.image, header, vis, "rgb8")
     if want_class_masks:
         masks = result.class_masks if result.class_masks is not None else class_masks_from_labels(labels)

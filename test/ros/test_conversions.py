@@ -552,8 +552,8 @@ def test_build_outputs_on_real_frame(ts, types, camvid_frame, band_model, lite):
     assert back["confidence"].encoding == "mono8"
     np.testing.assert_array_equal(decode_image(back["confidence"]), result.confidence)
     np.testing.assert_array_equal(decode_image(back["colored"]), colorize(result.labels, palette))
-    np.testing.assert_array_equal(decode_image(back["overlay"]),
-                                  overlay(camvid_frame, result.labels, palette, alpha=0.4, class_names=names))
+    np.testing.assert_array_equal(decode_image(back["overlay"]), overlay(
+        camvid_frame, result.labels, palette, alpha=0.4, class_names=names, tag="key frame"))
     cm = back["class_masks"]
     present = sorted(int(c) for c in np.unique(result.labels))
     assert list(cm.class_ids) == present and cm.class_names == [names[c] for c in present]
