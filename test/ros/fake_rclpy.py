@@ -205,7 +205,9 @@ _POLICY_ENUMS = {"history": HistoryPolicy, "reliability": ReliabilityPolicy}
 
 
 class Logger:
-    def __init__(self, name: str) -> None:
+    """Collects ``(level, text)`` lines like an rclpy logger (one string argument)."""
+
+    def __init__(self, name: str = "test") -> None:
         self.name = name
         self.lines: list[tuple[str, str]] = []
 

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from fake_rclpy import Logger as ListLogger
 
 from mpvss_ros.model_loader import LoadedModel
 from mpvss_ros.ros.conversions import stamp_to_seconds
@@ -55,25 +56,6 @@ class FakeClock:
 
     def advance(self, dt: float) -> None:
         self.t += dt
-
-
-class ListLogger:
-    """Collects log lines like an rclpy logger (one string argument)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def _add(self, level: str, text: str) -> None:
-        self.lines.append((level, text))
-
-    def info(self, text: str) -> None:
-        self._add("info", text)
-
-    def warning(self, text: str) -> None:
-        self._add("warning", text)
-
-    def error(self, text: str) -> None:
-        self._add("error", text)
 
 
 @pytest.fixture()
