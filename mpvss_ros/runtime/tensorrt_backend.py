@@ -6,14 +6,17 @@ name-based I/O API and ``execute_async_v3``), a CUDA GPU, and ``cuda-python``
 whichever imports. Without them :class:`TensorRTBackend` raises
 :class:`~mpvss_ros.runtime.base.BackendUnavailable` with one line naming what is missing.
 
-**Engines.** :func:`build_engine` parses an ONNX graph, sets the workspace pool limit and, for
-``fp16``, the FP16 builder flag. With ``keep_fp32`` (default) the layers that are fragile in
+**Engines.** :func:`build_engine` parses an ONNX graph (InstanceNormalization as TensorRT's
+native layer, not the 8.6 parser's default plugin, which a later process could not deserialize
+without registering the plugin library), sets the workspace pool limit, clears TF32 for ``fp32``
+engines (float32 as exported) and sets the FP16 builder flag for ``fp16``. Engines are built and
+loaded with their GPU current. With ``keep_fp32`` (default) the layers that are fragile in
 half precision stay in float32 through layer precision constraints
 (``OBEY_PRECISION_CONSTRAINTS``): the pixel decoder of the key graph (MSDeformAttn sampling
 locations, as the official ``@autocast(enabled=False)``) and the top-level warp + semantic
 inference of the non-key graph (``grid_sample`` coordinates); see :data:`FP32_LAYER_PATTERNS`.
 
-**Cache.** An engine is stored under ``<cache>/engines/<graph>-<key[:24]>.engine`` with a JSON
+**Cache.** An engine is stored under ``<cache>/engines/<graph>-<precision>-<key[:24]>.engine`` with a JSON
 side-car, where the key is :func:`engine_cache_key` = sha256 of (ONNX file sha256, TensorRT
 version, GPU name, compute capability, precision, input shapes, build options). Changing any of
 them gives another key, so the engine is rebuilt; ``mpvss build-engine`` prebuilds.
@@ -330,6 +333,49 @@ def _trt() -> Any:
     return trt
 
 
+_TRT_LOGGER: Any = None
+
+
+def _trt_logger(trt: Any) -> Any:
+    """The process's one TensorRT logger (TensorRT warns when builders and runtimes get different
+    ones) with TensorRT's plugins registered, so that an engine that uses one deserializes."""
+    global _TRT_LOGGER
+    if _TRT_LOGGER is None:
+        _TRT_LOGGER = trt.Logger(trt.Logger.WARNING)
+        if hasattr(trt, "init_libnvinfer_plugins"):
+            trt.init_libnvinfer_plugins(_TRT_LOGGER, "")
+    return _TRT_LOGGER
+
+
+class _OnDevice:
+    """Context manager making CUDA device ``index`` current in this thread (through torch when it
+    has CUDA, else cuda-python/pycuda), for building an engine on the GPU it is cached for."""
+
+    def __init__(self, index: int) -> None:
+        self.index = int(index)
+        self._torch: Any = None
+        self._api: _CudaApi | None = None
+        self._active: _Active | None = None
+
+    def __enter__(self) -> "_OnDevice":
+        if torch.cuda.is_available():
+            self._torch = torch.cuda.device(self.index)
+            self._torch.__enter__()
+        else:
+            self._api = _CudaApi(self.index)
+            self._active = self._api.activate()
+            self._active.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._torch is not None:
+            self._torch.__exit__(*exc)
+        if self._active is not None:
+            self._active.__exit__(*exc)
+        if self._api is not None:
+            self._api.close()
+
+
 def build_engine(onnx_path: str | Path, precision: str = "fp32", workspace_mb: int = DEFAULT_WORKSPACE_MB,
                  fp32_layer_patterns: Sequence[str] = ()) -> bytes:
     """Build a serialized TensorRT engine from an ONNX file.
@@ -343,11 +389,13 @@ def build_engine(onnx_path: str | Path, precision: str = "fp32", workspace_mb: i
 
     Raises:
         BackendUnavailable: TensorRT or CUDA missing.
+        ValueError: a precision other than fp32 and fp16.
         RuntimeError: the parser or the builder failed (their messages are included).
     """
-    check_precision(precision)
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"TensorRT engines are fp32 or fp16, got {precision!r}")
     trt = _trt()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
@@ -355,12 +403,21 @@ def build_engine(onnx_path: str | Path, precision: str = "fp32", workspace_mb: i
         flags |= 1 << int(explicit)  # TensorRT 8.x; implicit in (and deprecated by) TensorRT 10
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
+    native_norm = getattr(getattr(trt, "OnnxParserFlag", None), "NATIVE_INSTANCENORM", None)
+    if native_norm is not None:  # the default from TensorRT 10; 8.6 would use a plugin
+        parser.set_flag(native_norm)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if precision == "fp32" and tf32 is not None:  # on by default: Ampere+ would run fp32 layers in TF32
+        config.clear_flag(tf32)
     if precision == "fp16":
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            raise RuntimeError(f"TensorRT {trt.__version__} has no FP16 builder flag (weakly typed fp16 was removed "
+                               "in favour of strongly typed networks): use fp32 engines, or TensorRT 8.6-10.x for fp16")
         if hasattr(builder, "platform_has_fast_fp16") and not builder.platform_has_fast_fp16:
             log.warning("this GPU has no fast fp16; the fp16 engine may not be faster")
         config.set_flag(trt.BuilderFlag.FP16)
@@ -435,7 +492,8 @@ def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], gr
     say(f"mpvss: building TensorRT {precision} engine for {onnx_path.name} on {gpu_name} "
         f"(TensorRT {trt.__version__}); this takes a few minutes once, then it is cached in {folder}")
     t0 = time.perf_counter()
-    blob = build_engine(onnx_path, precision, workspace_mb, patterns)
+    with _OnDevice(device_index):  # an engine belongs to the device current while it is built
+        blob = build_engine(onnx_path, precision, workspace_mb, patterns)
     fd, tmp = tempfile.mkstemp(prefix=".engine-", dir=folder)
     with os.fdopen(fd, "wb") as f:
         f.write(blob)
@@ -481,12 +539,13 @@ class _Engine:
 
     def __init__(self, trt: Any, path: Path, cuda: _CudaApi) -> None:
         self.cuda = cuda
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
+        self.runtime = trt.Runtime(_trt_logger(trt))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"cannot load the TensorRT engine {path} (delete it to rebuild)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"cannot create an execution context for {path} (GPU memory?)")
         self.device: dict[str, int] = {}
         self.host: dict[str, np.ndarray] = {}
         self.inputs: list[str] = []
@@ -499,7 +558,8 @@ class _Engine:
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
             self.host[name] = cuda.pinned(shape, dtype)
             self.device[name] = cuda.malloc(self.host[name].nbytes)
-            self.context.set_tensor_address(name, self.device[name])
+            if self.context.set_tensor_address(name, self.device[name]) is False:
+                raise RuntimeError(f"{path}: TensorRT refused the address of tensor {name}")
             (self.inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(name)
 
     def upload(self, name: str, value: Tensor) -> None:
@@ -543,6 +603,8 @@ class TensorRTBackend(Backend):
                  cache_dir: str | Path | None = None, workspace_mb: int = DEFAULT_WORKSPACE_MB, keep_fp32: bool = True,
                  preload_hw: Sequence[tuple[int, int]] = ()) -> None:
         check_precision(precision)
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"the tensorrt backend runs fp32 or fp16 engines, got {precision!r}")
         missing = tensorrt_missing()
         if missing:
             raise BackendUnavailable(missing)
@@ -616,7 +678,7 @@ class TensorRTBackend(Backend):
             raise ValueError(f"the non-key engine has no {output!r} output (built from graphs exported before it "
                              "existed): re-export the graphs (mpvss export) and rebuild the engines")
         with self.cuda.activate() as cuda:
-            if self._device_key is not key:  # another key state: upload it
+            if not self._holds_key(key):  # another key frame: upload its state
                 non_key.upload("key_class_logits", key.class_logits)
                 non_key.upload("key_mask_logits", key.mask_logits)
                 non_key.upload("key_query_embeddings", key.query_embeddings)
@@ -630,6 +692,14 @@ class TensorRTBackend(Backend):
             non_key.download(output)
             cuda.synchronize()
         return non_key.result(output)
+
+    def _holds_key(self, key: KeyFrameState) -> bool:
+        """Whether the non-key engine's key inputs hold ``key``'s tensors. Compared tensor by
+        tensor: the segmenter passes a copy of the state (``with_active_queries``) that shares
+        them."""
+        held = self._device_key
+        return held is not None and all(
+            getattr(held, name) is getattr(key, name) for name in ("class_logits", "mask_logits", "query_embeddings"))
 
     def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
         # The engine computes all N queries; the interface returns the active ones.

@@ -202,3 +202,135 @@ def test_onnxruntime_cuda_provider(lite, tmp_path):
     with torch.no_grad():
         f_ref = lite.model.query_flows(ref, other, img)
     assert (backend.query_flows(got, other, img) - f_ref).abs().max() <= 1e-2
+
+
+# ------------------------------------------ builder and key-state logic with a stand-in TensorRT
+# No TensorRT here: these check what the backend asks of TensorRT (flags, parser settings) and
+# when it re-uploads a key frame, against a recording stand-in whose names are those of the
+# TensorRT 8.6 / 10 Python API.
+
+
+class _Recorder:
+    def __init__(self, log, name):
+        self._log, self._name = log, name
+
+    def __getattr__(self, attr):
+        def call(*args):
+            self._log.append((self._name, attr, args))
+            return True
+        return call
+
+
+def _fake_tensorrt(log, version="8.6.1"):
+    import types
+
+    class Network(_Recorder):
+        num_layers = 0
+
+    class Builder(_Recorder):
+        platform_has_fast_fp16 = True
+
+        def __init__(self, logger):
+            super().__init__(log, "builder")
+
+        def create_network(self, flags):
+            log.append(("builder", "create_network", (flags,)))
+            return Network(log, "network")
+
+        def create_builder_config(self):
+            return _Recorder(log, "config")
+
+        def build_serialized_network(self, network, config):
+            return b"engine"
+
+    class Parser(_Recorder):
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            super().__init__(log, "parser")
+
+        def parse_from_file(self, path):
+            log.append(("parser", "parse_from_file", (path,)))
+            return True
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            log.append(("trt", "Logger", (level,)))
+
+    enum = types.SimpleNamespace
+    return types.SimpleNamespace(
+        __version__=version, Logger=Logger, Builder=Builder, OnnxParser=Parser,
+        init_libnvinfer_plugins=lambda logger, ns: log.append(("trt", "init_libnvinfer_plugins", (ns,))),
+        NetworkDefinitionCreationFlag=enum(EXPLICIT_BATCH=0), OnnxParserFlag=enum(NATIVE_INSTANCENORM=0),
+        BuilderFlag=enum(FP16="FP16", TF32="TF32", OBEY_PRECISION_CONSTRAINTS="OBEY"),
+        MemoryPoolType=enum(WORKSPACE="WORKSPACE"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_build_engine_settings(monkeypatch, precision):
+    import mpvss_ros.runtime.tensorrt_backend as trt_backend
+
+    log = []
+    monkeypatch.setattr(trt_backend, "_trt", lambda: _fake_tensorrt(log))
+    monkeypatch.setattr(trt_backend, "_TRT_LOGGER", None)
+    assert trt_backend.build_engine("graph.onnx", precision, workspace_mb=64) == b"engine"
+    calls = [(who, what, args) for who, what, args in log]
+    # InstanceNormalization as a native layer: the 8.6 plugin would not deserialize in a new process
+    assert ("parser", "set_flag", (0,)) in calls
+    assert ("trt", "init_libnvinfer_plugins", ("",)) in calls  # and the plugins registered anyway
+    assert ("config", "set_memory_pool_limit", ("WORKSPACE", 64 << 20)) in calls
+    assert ("builder", "create_network", (1,)) in calls  # explicit batch on TensorRT 8
+    if precision == "fp32":
+        assert ("config", "clear_flag", ("TF32",)) in calls and ("config", "set_flag", ("FP16",)) not in calls
+    else:
+        assert ("config", "set_flag", ("FP16",)) in calls and ("config", "clear_flag", ("TF32",)) not in calls
+    trt_backend.build_engine("graph.onnx", precision)
+    assert sum(1 for c in calls if c[1] == "Logger") == 1  # one logger for the process
+    with pytest.raises(ValueError, match="fp32 or fp16"):
+        trt_backend.build_engine("graph.onnx", "bf16")
+
+
+def test_key_state_is_uploaded_once_per_key_frame(monkeypatch, lite):
+    # The segmenter hands the backend a copy of the key state (with_active_queries): the key
+    # tensors already on the GPU must not be uploaded again for every non-key frame.
+    import contextlib
+
+    import mpvss_ros.runtime.tensorrt_backend as trt_backend
+    from mpvss_ros.nn.mpvss import KeyFrameState
+
+    uploads = []
+
+    class Engine:
+        host = {"warped_mask_logits": None, "flows": None}
+
+        def upload(self, name, value):
+            uploads.append(name)
+
+        def execute(self):
+            pass
+
+        def download(self, name):
+            pass
+
+        def result(self, name):
+            return torch.zeros(1, 4, 2, 3, 4)
+
+    backend = trt_backend.TensorRTBackend.__new__(trt_backend.TensorRTBackend)
+    backend.cuda = type("Cuda", (), {"activate": lambda self: contextlib.nullcontext(self),
+                                     "synchronize": lambda self: None, "close": lambda self: None})()
+    backend._get = lambda hw: (None, Engine(), (32, 32))
+    image = torch.zeros(1, 3, 32, 32)
+    key = KeyFrameState(image=image, valid_hw=(32, 32), class_logits=torch.zeros(1, 4, 3),
+                        mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8))
+    backend._device_key, backend._device_reference = key, image  # as segment_key_frame leaves them
+    active = key.with_active_queries(0.0)
+    assert active is not key
+    for _ in range(3):
+        backend.propagate(active, torch.ones(1, 3, 32, 32))
+    assert uploads == ["image"] * 3
+    other = KeyFrameState(image=image, valid_hw=(32, 32), class_logits=torch.ones(1, 4, 3),
+                          mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8))
+    backend.propagate(other, torch.ones(1, 3, 32, 32))
+    assert uploads[3:] == ["key_class_logits", "key_mask_logits", "key_query_embeddings", "key_image", "image"]
