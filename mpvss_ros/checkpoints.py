@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ def _to_tensor_dict(obj: Any, path: Path) -> dict[str, Tensor]:
             v = torch.from_numpy(np.array(v, order="C", copy=True))  # keeps 0-d arrays 0-d
         if not isinstance(v, Tensor):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: tensor {k!r} holds NaN or infinite values (a diverged or corrupt file)")
         out[str(k)] = v
     return out
 
@@ -126,6 +129,10 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
             with path.open("rb") as f:
                 obj = _NumpyUnpickler(f, encoding="latin1").load()
         else:
+            if zipfile.is_zipfile(path):  # torch.save's format: check every member's CRC first
+                bad = zipfile.ZipFile(path).testzip()
+                if bad is not None:
+                    raise CheckpointError(f"corrupt checkpoint {path}: member {bad} fails its CRC check")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise

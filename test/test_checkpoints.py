@@ -1,12 +1,13 @@
 """Checkpoints: official detectron2 layout (.pth / .pkl), this project's format, failures."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mpvss_ros.checkpoints import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint
+from mpvss_ros.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, read_state_dict, save_checkpoint
 from mpvss_ros.config import load_model_config
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import MPVSS
@@ -101,6 +102,27 @@ def test_corrupt_missing_and_malicious_files(tmp_path):
     torch.save({"model": {"a": np.ones(2)}}, evil_pt)  # a numpy object: not allowed by weights_only
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         read_state_dict(evil_pt)
+
+
+def test_damaged_weights_are_refused(tmp_path):
+    # bytes zeroed inside the shipped file: torch.load alone reads it (one weight silently changed)
+    shipped = Path(__file__).resolve().parents[1] / "models" / "mpvss_lite_camvid.pt"
+    data = bytearray(shipped.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 20_000] = bytes(20_000)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its CRC check"):
+        read_checkpoint(damaged)
+    # a weight that diverged to NaN made every pixel class 0
+    cfg = load_model_config("mpvss_lite")
+    model = MPVSS(cfg)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[3] = float("nan")
+    nan_file = tmp_path / "nan.pt"
+    save_checkpoint(nan_file, model, cfg.to_dict())
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_model(None, nan_file)
 
 
 def test_own_format_round_trip_and_self_describing(tmp_path):
