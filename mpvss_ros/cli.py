@@ -209,7 +209,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     brief = {k: summary[k] for k in ("frames", "key_frames", "key_frame_ratio", "fps", "trained")}
     brief["median_total_ms"] = {"key": summary["median_total_ms_key_frame"], "non_key": summary["median_total_ms_non_key_frame"]}
     print(json.dumps(brief))
-    print(f"wrote {args.out}/labels/, overlay.mp4, frames.jsonl, summary.json")
+    print(f"wrote {args.out}/labels/, {'overlay.mp4, ' if summary['overlay'] else ''}frames.jsonl, summary.json")
     return 0
 
 

@@ -9,6 +9,12 @@ Writes into ``out_dir``:
 * ``frames.jsonl``: one JSON object per frame (:meth:`SegmentationResult.to_record`);
 * ``summary.json``: the run's settings, key-frame ratio, per-stage timing statistics (ms) and
   the share of pixels per class.
+
+A run replaces the outputs of an earlier run in the same folder (so that labels of two runs never
+mix), refuses a folder whose ``labels/`` holds PNGs that no run wrote, and refuses to write over its
+own input. The overlay video is a by-product: frames are padded to even sizes for the codec, its
+frame rate is kept within 1-240 fps, and when it cannot be written the run goes on without it
+(logged; ``summary["overlay"]`` is then None).
 """
 
 from __future__ import annotations
@@ -34,6 +40,75 @@ from .viz import frame_tag, make_palette, overlay
 __all__ = ["EngineOptions", "SegmentOptions", "segment_path", "summarize"]
 
 log = logging.getLogger(__name__)
+
+#: The files a run writes besides ``labels/``.
+RUN_FILES = ("frames.jsonl", "summary.json", "overlay.mp4")
+#: Frame rates the overlay video is written at (frames/s); the stamps keep the input's.
+OVERLAY_FPS_RANGE = (1.0, 240.0)
+
+
+def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
+    """Create ``out/labels`` for a run, removing an earlier run's outputs.
+
+    Raises:
+        ValueError: the run would write over its input (the input is one of the output files,
+            or lies in ``out/labels``), or ``out/labels`` holds PNGs but ``out`` has no earlier
+            run's ``frames.jsonl``/``summary.json`` (they may be someone's data).
+    """
+    src = Path(input_path).expanduser().resolve()
+    out = out.expanduser().resolve()
+    labels = out / "labels"
+    if src in [out / name for name in RUN_FILES] or src == labels or labels in src.parents:
+        raise ValueError(f"--out {out} would write over the input {src}: choose another output folder")
+    earlier = [out / name for name in RUN_FILES[:2] if (out / name).exists()]
+    pngs = sorted(labels.glob("*.png")) if labels.is_dir() else []
+    if pngs and not earlier:
+        raise ValueError(f"{labels} already holds {len(pngs)} PNG files that no mpvss segment run wrote "
+                         f"(no frames.jsonl or summary.json beside it): choose another output folder")
+    for path in pngs:
+        path.unlink()
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+
+
+class _OverlayVideo:
+    """``overlay.mp4`` as a by-product: even frame sizes for the codec (black padding at the
+    bottom/right), a frame rate within :data:`OVERLAY_FPS_RANGE`, the first frame's size kept
+    (later sizes resized), and on any write error a logged warning after which it stops."""
+
+    def __init__(self, path: Path, fps: float) -> None:
+        self.path = path
+        self.fps = float(min(max(fps, OVERLAY_FPS_RANGE[0]), OVERLAY_FPS_RANGE[1]))
+        self.writer: VideoWriter | None = None
+        self.failed = False
+
+    def write(self, vis: np.ndarray) -> None:
+        if self.failed:
+            return
+        h, w = vis.shape[:2]
+        eh, ew = max(2, h + h % 2), max(2, w + w % 2)
+        if (eh, ew) != (h, w):
+            vis = cv2.copyMakeBorder(vis, 0, eh - h, 0, ew - w, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        try:
+            if self.writer is None:
+                self.writer = VideoWriter(self.path, self.fps)
+            elif (vis.shape[1], vis.shape[0]) != self.writer.size:
+                vis = cv2.resize(vis, self.writer.size, interpolation=cv2.INTER_AREA)  # resolution changed mid-stream
+            self.writer.write(vis)
+        except (OSError, ValueError, cv2.error) as exc:
+            log.warning("cannot write %s (%s); going on without the overlay video", self.path, exc)
+            self.failed = True
+            self.close()
+            self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    @property
+    def written(self) -> bool:
+        return self.writer is not None and not self.failed and self.writer.frames_written > 0
 
 
 @dataclass
@@ -158,13 +233,13 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     segmenter = options.build_segmenter(loaded, backend)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     out = Path(out_dir)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
+    _prepare_out_dir(input_path, out)
 
     records: list[dict[str, Any]] = []
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     t_start = time.perf_counter()
     with open_source(input_path, fps=options.fps) as source, open(out / "frames.jsonl", "w") as jsonl:
-        writer = VideoWriter(out / "overlay.mp4", source.fps) if options.write_overlay else None
+        writer = _OverlayVideo(out / "overlay.mp4", source.fps) if options.write_overlay else None
         total = len(source) if options.max_frames is None else min(len(source), options.max_frames)
         try:
             for frame in tqdm(source, total=total, unit="frame", disable=not options.progress, desc="mpvss segment"):
@@ -178,11 +253,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                 if options.write_labels:
                     write_label_png(out / "labels" / f"{frame.name}.png", result.labels)
                 if writer is not None:
-                    vis = overlay(frame.image, result.labels, palette, alpha=0.5, class_names=cfg.class_names,
-                                  tag=frame_tag(result.is_key_frame, result.frame_index - result.key_frame_index))
-                    if writer.size is not None and (vis.shape[1], vis.shape[0]) != writer.size:
-                        vis = cv2.resize(vis, writer.size, interpolation=cv2.INTER_AREA)  # resolution changed mid-stream
-                    writer.write(vis)
+                    writer.write(overlay(frame.image, result.labels, palette, alpha=0.5, class_names=cfg.class_names,
+                                         tag=frame_tag(result.is_key_frame, result.frame_index - result.key_frame_index)))
                 if on_result is not None:
                     on_result(result)
         finally:
@@ -194,6 +266,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
 
     summary = {
         "input": str(input_path),
+        "overlay": str(out / "overlay.mp4") if writer is not None and writer.written else None,
         **options.run_settings(loaded, segmenter),
         "class_names": cfg.class_names,
         "wall_time_s": wall,

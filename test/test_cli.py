@@ -314,3 +314,58 @@ def test_error_out_is_a_file(tiny_folder, tmp_path, capsys):
     rc = _segment(tiny_folder, blocker)
     line = _error_line(capsys.readouterr().err)
     assert rc in (1, 2) and "taken" in line
+
+
+# ------------------------------------------------------------------ output folder and overlay video
+
+
+def test_segment_output_folder_is_never_mixed_nor_written_over_the_input(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    first = tmp_path / "first"
+    _write_folder(first, {f"f{i}": rng.integers(0, 256, (21, 33, 3), dtype=np.uint8) for i in range(3)})
+    out = tmp_path / "out"
+    assert _segment(first, out, "--propagator", "copy") == 0
+    cap = cv2.VideoCapture(str(out / "overlay.mp4"))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok and frame.shape[:2] == (22, 34)  # odd sizes padded for the codec, no pixel cropped
+    assert json.loads((out / "summary.json").read_text())["overlay"] == str(out / "overlay.mp4")
+    # a second run into the same folder replaces the first run's outputs
+    second = tmp_path / "second"
+    _write_folder(second, {"g0": rng.integers(0, 256, (21, 33, 3), dtype=np.uint8)})
+    assert _segment(second, out, "--propagator", "copy", "--no-overlay") == 0
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["g0.png"]
+    assert len(_read_jsonl(out / "frames.jsonl")) == 1 and not (out / "overlay.mp4").exists()
+    capsys.readouterr()
+    # PNGs that no run wrote are left alone
+    foreign = tmp_path / "foreign"
+    (foreign / "labels").mkdir(parents=True)
+    (foreign / "labels" / "mine.png").write_bytes(b"x")
+    assert _segment(second, foreign, "--propagator", "copy") == 2
+    assert "no mpvss segment run wrote" in _error_line(capsys.readouterr().err)
+    assert (foreign / "labels" / "mine.png").read_bytes() == b"x"
+    # the run would overwrite its input: refused before anything is written
+    video = out / "overlay.mp4"
+    assert _segment(first, out, "--propagator", "copy") == 0
+    assert _segment(video, out, "--propagator", "copy") == 2
+    assert "would write over the input" in _error_line(capsys.readouterr().err)
+    assert video.stat().st_size > 0
+    assert _segment(out / "labels", out, "--propagator", "copy") == 2
+    assert "would write over the input" in _error_line(capsys.readouterr().err)
+
+
+def test_segment_goes_on_without_the_overlay_video_when_it_cannot_be_written(tiny_folder, tmp_path, capsys,
+                                                                               monkeypatch):
+    import mpvss_ros.offline as offline
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise OSError("cannot open video for writing (codec)")
+
+    monkeypatch.setattr(offline, "VideoWriter", Broken)
+    out = tmp_path / "out"
+    assert _segment(tiny_folder, out, "--propagator", "copy") == 0
+    stdout = capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["overlay"] is None
+    assert "overlay.mp4" not in stdout and (out / "labels" / "f0.png").is_file()
+    assert not (out / "overlay.mp4").exists()
