@@ -49,6 +49,9 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 DEFAULT_FOLDER_FPS = 30.0
 #: Frame rate used for a video whose container reports none (0 or NaN).
 FALLBACK_VIDEO_FPS = 30.0
+#: Failed reads in a row, before the container's last frame, after which a video is taken as
+#: ending there (single damaged frames are skipped).
+MAX_BAD_READS = 50
 
 # Codec per output suffix for VideoWriter (FourCC); all four are available in opencv-python.
 _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
@@ -153,8 +156,10 @@ class VideoFileSource(FrameSource):
 
     Frames come out as ``(H, W, 3)`` uint8 RGB, names ``"000000"``, ``"000001"``, ...,
     stamps ``index / fps`` seconds. ``len()`` is the frame count reported by the container
-    (counted by a decoding pass if the container reports none); if decoding ends before that
-    count, a warning is logged at the end of the iteration.
+    (counted by a decoding pass if the container reports none). A frame that fails to decode
+    before that count (a damaged stretch of the file) is skipped, its index left out, and decoding
+    goes on, up to :data:`MAX_BAD_READS` failures in a row; skipped frames, and decoding ending
+    before the count, are logged as warnings at the end of the iteration.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -220,20 +225,37 @@ class VideoFileSource(FrameSource):
         cap = self._open_capture(self.path)
         key = id(cap)
         self._caps[key] = cap
-        index = 0
+        index = decoded = 0
+        skipped: list[int] = []  # damaged frames with decoded frames after them
+        failing: list[int] = []  # failed reads since the last decoded frame
         try:
             while not self._closed:
                 ok, bgr = cap.read()
                 if not ok or bgr is None:
-                    break
+                    # Before the container's last frame a failed read is a damaged frame and the
+                    # decoder moves on: skip it (indices and stamps stay the container's); give up
+                    # after MAX_BAD_READS failures in a row, or at the end.
+                    if self._count is None or index >= self._count or len(failing) >= MAX_BAD_READS:
+                        break
+                    failing.append(index)
+                    index += 1
+                    continue
+                skipped += failing
+                failing = []
                 yield Frame(index, index / self.fps, f"{index:06d}", _bgr_to_rgb(bgr))
                 index += 1
+                decoded += 1
         finally:
             cap.release()
             self._caps.pop(key, None)
-        if not self._closed and self._count is not None and index < self._count:
+        if self._closed:
+            return
+        if skipped:
+            logger.warning("video %s: skipped %d undecodable frames (from %d to %d); decoding went on after them",
+                           self.path, len(skipped), skipped[0], skipped[-1])
+        if self._count is not None and index < self._count:  # stopped before the end: cut short
             logger.warning("video %s: decoded %d frames, the container reports %d (truncated or corrupt?)",
-                           self.path, index, self._count)
+                           self.path, decoded, self._count)
 
     def close(self) -> None:
         """Release every capture still held by an unfinished iteration; idempotent."""

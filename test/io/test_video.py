@@ -99,6 +99,26 @@ def test_dashcam_first_frames():
 # ------------------------------------------------------------------ errors
 
 
+def test_damaged_stretch_of_a_video_is_skipped_not_the_rest(tmp_path, caplog):
+    # 50 KB zeroed a quarter into bikes.mp4: OpenCV fails to decode some frames there, then
+    # recovers; decoding used to stop at the first failure and lose two thirds of the clip
+    data = bytearray(_bikes().read_bytes())
+    quarter = len(data) // 4
+    data[quarter : quarter + 50_000] = bytes(50_000)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"), open_source(damaged) as src:
+        frames = [(f.index, f.stamp, f.name) for f in src]
+        count = len(src)
+    indices = [i for i, _, _ in frames]
+    gaps = [b - a for a, b in zip(indices, indices[1:]) if b - a > 1]
+    assert count == 250 and 200 <= len(frames) < 250 and len(gaps) >= 1
+    assert indices == sorted(indices) and indices[-1] == 249  # read to the end
+    assert all(stamp == pytest.approx(i / 25.0) and name == f"{i:06d}" for i, stamp, name in frames)
+    skipped = 250 - len(frames)
+    assert f"skipped {skipped} undecodable frames" in caplog.text and "truncated" not in caplog.text
+
+
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="input not found"):
         open_source(tmp_path / "nope.mp4")
