@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,16 +83,17 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_CUT_THRESHOLD}; above 4 = off)")
 
 
-def _scheduler(args: argparse.Namespace) -> KeyFrameScheduler:
+def _scheduler(args: argparse.Namespace, max_gap_s: float = 1.0) -> KeyFrameScheduler:
     """The schedule the pipeline options describe (raises ValueError on a bad one)."""
-    return parse_schedule(args.schedule, max_interval=args.max_interval, cut_threshold=args.cut_threshold)
+    return parse_schedule(args.schedule, max_gap_s=max_gap_s, max_interval=args.max_interval,
+                          cut_threshold=args.cut_threshold)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`~mpvss_ros.offline.EngineOptions` fields of the pipeline options (keyword arguments)."""
     from .offline import EngineOptions
 
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineOptions)}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineOptions) if hasattr(args, f.name)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +202,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     loaded, backend = load_model_and_backend(args)
     options = SegmentOptions(
         **_engine_options(args),
+        max_gap_s=math.inf,  # stamps are frame index / fps: no real gaps
         fps=args.fps,
         max_frames=args.max_frames,
         write_overlay=not args.no_overlay,
@@ -263,8 +266,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # use --cut-threshold; their max interval is 2N and --schedule does not apply)
     if args.study:
         parse_schedule("adaptive", cut_threshold=args.cut_threshold)
+        if min(args.intervals) < 1:
+            raise ValueError(f"--intervals must all be >= 1, got {args.intervals}")
     else:
         _scheduler(args)
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError("--max-frames must be >= 1")
     flow_opts = {"optical_flow_preset": args.optical_flow_preset, "optical_flow_scale": args.optical_flow_scale}
     seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames)
     loaded, backend = load_model_and_backend(args)
@@ -284,7 +291,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             plot_study(study, out / "study.png")
             print(f"wrote {out}/study.json, study.png")
         return 0
-    sched = _scheduler(args)
+    sched = _scheduler(args, max_gap_s=math.inf)  # stamps are frame index / fps
     result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts,
                                chain_flow=args.chain_flow)
     result.update(model=loaded.config.name, weights=str(loaded.weights) if loaded.weights else None, trained=loaded.trained)
@@ -325,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         threads = getattr(args, "threads", None)
         if threads is not None:
-            if threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {threads}")
+            if not 1 <= threads <= 4096:
+                raise ValueError(f"--threads must be in [1, 4096], got {threads}")
             torch.set_num_threads(threads)
         return commands[args.command](args)
     except (FileNotFoundError, ConfigError, ValueError) as exc:

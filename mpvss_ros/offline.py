@@ -125,6 +125,9 @@ class EngineOptions:
         max_interval: adaptive schedule: longest run of frames between key frames.
         cut_threshold: adaptive schedule: cut score of a hard cut
             (:class:`~mpvss_ros.scheduling.AdaptiveScheduler`).
+        max_gap_s: a key frame after a gap of more than this many seconds between stamps;
+            1.0 for recorded stamps (bags), infinite for files whose stamps are frame index / fps
+            (a frame rate below 1 fps would otherwise make every frame a key frame).
     """
 
     propagator: str = "query_flow"
@@ -134,6 +137,7 @@ class EngineOptions:
     schedule: str = "fixed:5"
     max_interval: int = 10
     cut_threshold: float = DEFAULT_CUT_THRESHOLD
+    max_gap_s: float = 1.0
 
     def build_segmenter(self, loaded: LoadedModel, backend: Any = None) -> VideoSegmenter:
         """The :class:`~mpvss_ros.segmenter.VideoSegmenter` of these settings on ``loaded``'s
@@ -143,7 +147,8 @@ class EngineOptions:
         Raises:
             ValueError: a bad schedule, propagator name or propagator setting.
         """
-        scheduler = parse_schedule(self.schedule, max_interval=self.max_interval, cut_threshold=self.cut_threshold)
+        scheduler = parse_schedule(self.schedule, max_gap_s=self.max_gap_s, max_interval=self.max_interval,
+                                   cut_threshold=self.cut_threshold)
         model = backend if backend is not None else loaded.model
         propagator = build_propagator(self.propagator, model, self.optical_flow_preset, self.optical_flow_scale,
                                       self.chain_flow)

@@ -369,3 +369,13 @@ def test_segment_goes_on_without_the_overlay_video_when_it_cannot_be_written(tin
     assert json.loads((out / "summary.json").read_text())["overlay"] is None
     assert "overlay.mp4" not in stdout and (out / "labels" / "f0.png").is_file()
     assert not (out / "overlay.mp4").exists()
+
+
+def test_segment_at_a_frame_rate_below_one_keeps_the_schedule(tmp_path, capsys):
+    # image-folder stamps are index / fps: at 0.5 fps they are 2 s apart, which is no time gap
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "slow"
+    _write_folder(folder, {f"s{i}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(4)})
+    out = tmp_path / "out"
+    assert _segment(folder, out, "--propagator", "copy", "--schedule", "fixed:3", "--fps", "0.5") == 0
+    assert [r["is_key_frame"] for r in _read_jsonl(out / "frames.jsonl")] == [True, False, False, True]

@@ -337,3 +337,16 @@ def test_eval_cli_optical_flow_preset_and_scale(camvid_val_dirs, lite_checkpoint
     with pytest.raises(SystemExit) as exc:
         _eval(*common, "--optical-flow-preset", "slow")
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--study", "--intervals", "2", "0"], "--intervals must all be >= 1"),
+    (["--max-frames", "0"], "--max-frames must be >= 1"),
+    (["--threads", "2147483648"], "--threads must be in [1, 4096]"),
+])
+def test_eval_options_checked_before_any_work(camvid_val_dirs, tmp_path, capsys, argv, words):
+    images, labels = camvid_val_dirs
+    rc = main(["eval", str(images), "--labels", str(labels), "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err, err
+    assert not (tmp_path / "o").exists()

@@ -49,6 +49,8 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".ti
 DEFAULT_FOLDER_FPS = 30.0
 #: Frame rate used for a video whose container reports none (0 or NaN).
 FALLBACK_VIDEO_FPS = 30.0
+#: Frame rates accepted for stamps (frames/s): below, stamps of long clips overflow; above, no camera.
+FPS_RANGE = (1e-3, 1e5)
 #: Failed reads in a row, before the container's last frame, after which a video is taken as
 #: ending there (single damaged frames are skipped).
 MAX_BAD_READS = 50
@@ -180,8 +182,8 @@ class VideoFileSource(FrameSource):
         finally:
             cap.release()
         if fps is None:
-            if not math.isfinite(container_fps) or container_fps <= 0:
-                logger.warning("video %s reports no frame rate (%r); assuming %g fps",
+            if not (math.isfinite(container_fps) and FPS_RANGE[0] <= container_fps <= FPS_RANGE[1]):
+                logger.warning("video %s reports no usable frame rate (%r); assuming %g fps",
                                path, container_fps, FALLBACK_VIDEO_FPS)
                 fps = FALLBACK_VIDEO_FPS
             else:
@@ -371,6 +373,8 @@ def _check_fps(fps: float) -> float:
         raise ValueError(f"fps must be a positive number, got {fps!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"fps must be a positive finite number, got {fps!r}")
+    if not FPS_RANGE[0] <= value <= FPS_RANGE[1]:
+        raise ValueError(f"fps must be in [{FPS_RANGE[0]:g}, {FPS_RANGE[1]:g}] frames/s, got {fps!r}")
     return value
 
 

@@ -139,7 +139,7 @@ def test_empty_folder(tmp_path):
 
 def test_bad_fps(tmp_path):
     _write_bgr(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8))
-    for bad in (0, -1, float("nan"), float("inf")):
+    for bad in (0, -1, float("nan"), float("inf"), 5e-324, 1e-4, 1e6):
         with pytest.raises(ValueError, match="fps"):
             open_source(tmp_path, fps=bad)
 
