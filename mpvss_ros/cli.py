@@ -84,7 +84,9 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
 
 
 def _scheduler(args: argparse.Namespace, max_gap_s: float = 1.0) -> KeyFrameScheduler:
-    """The schedule the pipeline options describe (raises ValueError on a bad one)."""
+    """The schedule the pipeline options describe (raises ValueError on a bad one, and on bad
+    adaptive settings even when the schedule is fixed and does not use them)."""
+    parse_schedule("adaptive", max_interval=args.max_interval, cut_threshold=args.cut_threshold)
     return parse_schedule(args.schedule, max_gap_s=max_gap_s, max_interval=args.max_interval,
                           cut_threshold=args.cut_threshold)
 

@@ -379,3 +379,12 @@ def test_segment_at_a_frame_rate_below_one_keeps_the_schedule(tmp_path, capsys):
     out = tmp_path / "out"
     assert _segment(folder, out, "--propagator", "copy", "--schedule", "fixed:3", "--fps", "0.5") == 0
     assert [r["is_key_frame"] for r in _read_jsonl(out / "frames.jsonl")] == [True, False, False, True]
+
+
+@pytest.mark.parametrize("extra, words", [(["--max-interval", "-3"], "max_interval"),
+                                          (["--cut-threshold", "nan"], "cut_threshold")])
+def test_error_bad_adaptive_settings_even_with_a_fixed_schedule(tiny_folder, tmp_path, capsys, extra, words):
+    rc = _segment(tiny_folder, tmp_path / "out", "--schedule", "fixed:3", *extra)
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and words in line
+    assert not (tmp_path / "out").exists()
