@@ -311,7 +311,6 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 writer.write(conns[key], stamp_ns, typestore.serialize_cdr(msg, msgt))
                 counts[topics[key]] = counts.get(topics[key], 0) + 1
 
-            label_info_written = False
             key_stamp = None  # the last info message's key_frame_stamp
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
             try:
@@ -338,10 +337,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                         skip("frame", index, stamp_ns, exc)
                         continue
                     header = msg.header
-                    if not label_info_written or result.is_key_frame:  # as the node: with each key frame
+                    if result.is_key_frame:  # as the node: with each key frame (the first frame is one)
                         put("label_info", stamp_ns, make_label_info(types.label_info, types.vision_class, header, class_names),
                             LABEL_INFO_TYPE)
-                        label_info_written = True
                     out = build_outputs(types, header, result, rgb, palette, class_names, alpha=alpha,
                                         want_colored=want["colored"], want_overlay=want["overlay"],
                                         want_class_masks=want["class_masks"], previous_key_frame_stamp=key_stamp)

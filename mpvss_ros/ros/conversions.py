@@ -12,8 +12,9 @@ Input images (:func:`image_to_rgb`, :func:`compressed_to_rgb`) become ``(H, W, 3
 RGB; anything that cannot be converted raises :class:`ConversionError` with a message naming
 what is wrong. Outputs (:func:`build_outputs`) follow the downstream contract of Nav2's
 semantic segmentation layer and Autoware: ``mono8`` class IDs at the input resolution
-(``mono16`` with more than 255 classes: 255 is VisionClass.UNLABELED), ``mono8`` confidence, ``vision_msgs/LabelInfo``, and
-the input image's ``header`` (stamp and frame_id) copied unchanged onto every output.
+(``mono16`` with more than 255 classes: 255 is VisionClass.UNLABELED), ``mono8`` confidence,
+``vision_msgs/LabelInfo``, and the input image's ``header`` (stamp and frame_id) copied unchanged
+onto every output.
 
 Array fields are filled the way each library serialises fastest: numpy arrays for ``rosbags``
 classes (dataclasses), ``array.array`` for rclpy classes (whose setters take ``array.array``

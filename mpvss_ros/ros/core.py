@@ -477,9 +477,9 @@ class SegmentationCore:
                                           self.class_names)
 
     def label_info_update(self, header: Any, key_frame: bool = False) -> Any:
-        """A LabelInfo with ``header`` to publish now: on key frames (the label map is re-made
-        there; vision_msgs' advice is to publish it with the labels, as camera_info, besides
-        latching it), when none was made yet, or when the input's frame_id changed; else None."""
+        """A LabelInfo with ``header`` to publish now: on key frames (vision_msgs' advice is to
+        publish it along with the labels, as camera_info, besides latching it; key frames keep
+        that rare), when none was made yet, or when the input's frame_id changed; else None."""
         with self._lock:
             same = self._label_info_frame_id == header.frame_id
         return None if same and not key_frame else self.label_info(header)
