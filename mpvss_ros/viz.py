@@ -308,8 +308,7 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
     y0 = pad if corner.startswith("top") else h - pad - box_h
     x1, y1 = x0 + box_w, y0 + box_h
 
-    roi = image[y0:y1, x0:x1]
-    roi[...] = (roi.astype(np.uint16) * 3 // 8).astype(np.uint8)  # darken to 37.5 %
+    _darken(image[y0:y1, x0:x1])
     white = (255, 255, 255)
     for row in range(n_lines):
         top = y0 + pad + row * line_h
@@ -324,6 +323,11 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
             text = more  # type: ignore[assignment]
         cv2.putText(image, text, (tx, baseline_y), _FONT, scale, white, thick, cv2.LINE_AA)
     return Legend(box=(x0, y0, x1, y1), entries=entries, hidden=hidden)
+
+
+def _darken(roi: np.ndarray) -> None:
+    """Darken a uint8 image region in place to 37.5 % (the background of legend and tag)."""
+    roi[...] = (roi.astype(np.uint16) * 3 // 8).astype(np.uint8)
 
 
 def _text_metrics(h: int) -> tuple[float, int]:
@@ -364,8 +368,7 @@ def draw_tag(image: np.ndarray, text: str, corner: str = "top-right") -> tuple[i
     box_w = cv2.getTextSize(line, _FONT, scale, thick)[0][0] + 2 * pad
     x0 = pad if corner.endswith("left") else w - pad - box_w
     y0 = pad if corner.startswith("top") else h - pad - box_h
-    roi = image[y0 : y0 + box_h, x0 : x0 + box_w]
-    roi[...] = (roi.astype(np.uint16) * 3 // 8).astype(np.uint8)
+    _darken(image[y0 : y0 + box_h, x0 : x0 + box_w])
     cv2.putText(image, line, (x0 + pad, y0 + pad + text_h), _FONT, scale, (255, 255, 255), thick, cv2.LINE_AA)
     return x0, y0, x0 + box_w, y0 + box_h
 
