@@ -336,6 +336,13 @@ def _trt() -> Any:
 _TRT_LOGGER: Any = None
 
 
+def _check_engine_precision(precision: str) -> None:
+    """TensorRT engines here are ``fp32`` or ``fp16`` (bf16 is a torch-on-CPU option)."""
+    check_precision(precision)
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"TensorRT engines are fp32 or fp16, got {precision!r}")
+
+
 def _trt_logger(trt: Any) -> Any:
     """The process's one TensorRT logger (TensorRT warns when builders and runtimes get different
     ones) with TensorRT's plugins registered, so that an engine that uses one deserializes."""
@@ -392,8 +399,7 @@ def build_engine(onnx_path: str | Path, precision: str = "fp32", workspace_mb: i
         ValueError: a precision other than fp32 and fp16.
         RuntimeError: the parser or the builder failed (their messages are included).
     """
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"TensorRT engines are fp32 or fp16, got {precision!r}")
+    _check_engine_precision(precision)
     trt = _trt()
     logger = _trt_logger(trt)
     builder = trt.Builder(logger)
@@ -602,9 +608,7 @@ class TensorRTBackend(Backend):
     def __init__(self, source: GraphSource, device: str | torch.device = "cuda", precision: str = "fp32",
                  cache_dir: str | Path | None = None, workspace_mb: int = DEFAULT_WORKSPACE_MB, keep_fp32: bool = True,
                  preload_hw: Sequence[tuple[int, int]] = ()) -> None:
-        check_precision(precision)
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"the tensorrt backend runs fp32 or fp16 engines, got {precision!r}")
+        _check_engine_precision(precision)
         missing = tensorrt_missing()
         if missing:
             raise BackendUnavailable(missing)
