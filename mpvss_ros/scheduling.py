@@ -234,8 +234,13 @@ class KeyFrameScheduler(ABC):
 
         Args:
             frame: (H, W, 3) uint8 RGB.
-            stamp: capture time in seconds.
+            stamp: capture time in seconds, finite.
+
+        Raises:
+            ValueError: a non-finite stamp (it would disable both time checks from then on).
         """
+        if not math.isfinite(stamp):
+            raise ValueError(f"stamp must be a finite number of seconds, got {stamp}")
         self._frames_seen += 1
         thumb, hist = self.scorer.thumbnail(frame)
         if self._ref is None:

@@ -390,7 +390,9 @@ class VideoSegmenter:
 
         Raises:
             FrameError: on a frame that is not (H, W, 3) uint8 with H, W >= 1, or a non-finite
-                stamp.
+                stamp (state untouched).
+            Exception: whatever the backend raises on a key frame (e.g. out of memory); the
+                segmenter is then reset, so the next frame is a key frame.
         """
         t0 = time.perf_counter()
         image = check_frame(image)
@@ -418,8 +420,16 @@ class VideoSegmenter:
             t0 += time.perf_counter() - t
         t = time.perf_counter()
         if is_key:
-            key = self.model.segment_key_frame(tensor, letterbox.resized_hw)
-            self._key = key.with_active_queries(self._min_query_score)
+            try:
+                key = self.model.segment_key_frame(tensor, letterbox.resized_hw)
+            except BaseException:
+                # The scheduler has already counted this frame as the key frame: start over, so
+                # that the next frame is one (reason "reset") rather than propagated from the
+                # previous key frame across what may be a cut.
+                self.reset()
+                raise
+            # Padding filled: warps clamp to the valid area's edge (KeyFrameState.with_padding_filled).
+            self._key = key.with_active_queries(self._min_query_score).with_padding_filled()
             self._key_letterbox = letterbox
             self._key_index = self._frame_index
             self._key_stamp = float(stamp)

@@ -23,7 +23,7 @@ from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import KeyFrameState
 from mpvss_ros.propagation import (DIS_PRESETS, CopyPropagator, OpticalFlowPropagator, QueryFlowPropagator, grid_hw,
                                    pool_flow)
-from mpvss_ros.scheduling import FixedIntervalScheduler, KeyFrameScheduler, ScheduleDecision, parse_schedule
+from mpvss_ros.scheduling import AdaptiveScheduler, FixedIntervalScheduler, KeyFrameScheduler, ScheduleDecision, parse_schedule
 from mpvss_ros.segmenter import FrameError, Letterbox, SegmentationResult, VideoSegmenter, canvas_tensor, check_frame
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -635,3 +635,55 @@ def test_label_dtype_keeps_255_for_unlabelled(make_band_model, num_classes, dtyp
     seg = VideoSegmenter(make_band_model(num_classes), CopyPropagator(), FixedIntervalScheduler(1))
     frame = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     assert seg.push(frame, 0.0).labels.dtype == dtype
+
+
+@pytest.mark.parametrize("chain_flow", [True, False])
+def test_propagation_does_not_pull_the_padding_class_in(band_model, chain_flow):
+    # 720p on the 480 x 640 canvas: 360 x 640 valid, padded to 384 x 640. The scene tilts up 24
+    # pixels a frame, so the flow at the bottom edge points below the valid area, into the
+    # black padding, which the band model labels class 0; the true bottom is bright (class 4).
+    rng = np.random.default_rng(0)
+    h, w = 720, 1280
+    texture = cv2.resize(rng.integers(0, 40, ((h + 400) // 8, w // 8)).astype(np.uint8), (w, h + 400),
+                         interpolation=cv2.INTER_CUBIC)
+    texture[500:] += 215
+    seg = VideoSegmenter(band_model, OpticalFlowPropagator(chain_flow=chain_flow), FixedIntervalScheduler(10))
+    for i in range(5):
+        grey = texture[24 * i : 24 * i + h]
+        result = seg.push(np.repeat(grey[:, :, None], 3, axis=2), i * 0.04)
+        bottom = result.labels[-40:]
+        assert (bottom == 0).sum() == 0, (i, np.bincount(bottom.ravel(), minlength=5))
+
+
+def test_failed_key_frame_leaves_no_half_state(band_model):
+    # the scheduler counts a frame as the key frame before the segmentor runs; when the
+    # segmentor fails (a GPU out of memory), the next frame must be a key frame, not propagated
+    # from the previous key frame across the cut
+    class Flaky(type(band_model)):
+        fail = False
+
+        def segment_key_frame(self, image, valid_hw=None):
+            if self.fail:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return super().segment_key_frame(image, valid_hw)
+
+    model = Flaky(band_model.cfg.input, 5, band_model.cfg.postprocess)
+    seg = VideoSegmenter(model, CopyPropagator(), AdaptiveScheduler())
+    dark, bright = np.full((360, 480, 3), 10, np.uint8), np.full((360, 480, 3), 240, np.uint8)
+    assert seg.push(dark, 0.0).is_key_frame and not seg.push(dark, 0.04).is_key_frame
+    model.fail = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        seg.push(bright, 0.08)  # a cut: a key frame that fails
+    model.fail = False
+    after = seg.push(bright, 0.12)
+    assert after.is_key_frame and after.key_frame_reason == "reset" and set(np.unique(after.labels)) == {4}
+
+
+def test_scheduler_refuses_non_finite_stamps():
+    frame = np.zeros((24, 32, 3), np.uint8)
+    for scheduler in (FixedIntervalScheduler(3), AdaptiveScheduler()):
+        scheduler.decide(frame, 0.0)
+        for bad in (math.nan, math.inf):
+            with pytest.raises(ValueError, match="finite"):
+                scheduler.decide(frame, bad)
+        assert scheduler.decide(frame, -5.0).reason == "time_backwards"  # the state was not spoilt

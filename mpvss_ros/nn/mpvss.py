@@ -57,6 +57,27 @@ class KeyFrameState:
         probability threshold ``min_score`` in [0, 1); 0 keeps all N)."""
         return replace(self, active=active_queries(self.class_logits, min_score))
 
+    def with_padding_filled(self) -> "KeyFrameState":
+        """This state with the letterbox padding of :attr:`mask_logits` (the mask-grid rows and
+        columns past ``ceil(valid / 4)``) replaced by the last valid row and column.
+
+        A warp that samples past the valid area then takes its edge, as it does at the canvas
+        edge (``padding_mode="border"``), instead of what the network predicted for the black
+        padding; without it, flow pointing down or right at the bottom/right edge of a padded
+        frame (e.g. 720p on a 480 x 640 canvas) pulled the padding's class into the labels. The
+        valid area's own cells are unchanged; a state without padding is returned as is.
+        """
+        hm, wm = (int(s) for s in self.mask_logits.shape[-2:])
+        hp, wp = (int(s) for s in self.image.shape[-2:])
+        vh = min(hm, max(1, -(-int(self.valid_hw[0]) * hm // hp)))
+        vw = min(wm, max(1, -(-int(self.valid_hw[1]) * wm // wp)))
+        if (vh, vw) == (hm, wm):
+            return self
+        dev = self.mask_logits.device
+        rows = torch.arange(hm, device=dev).clamp_(max=vh - 1)
+        cols = torch.arange(wm, device=dev).clamp_(max=vw - 1)
+        return replace(self, mask_logits=self.mask_logits.index_select(-2, rows).index_select(-1, cols))
+
     def propagated(self, x: Tensor) -> Tensor:
         """``x`` (1, N, ...) limited to the :attr:`active` queries along dim 1: (1, M, ...)."""
         return x if self.active is None else x.index_select(1, self.active)

@@ -253,3 +253,19 @@ def test_min_query_score_outside_zero_one_is_a_config_error(bad):
     data["postprocess"]["min_query_score"] = bad
     with pytest.raises(ConfigError, match="min_query_score"):
         model_config_from_dict(data)
+
+
+def test_key_frame_state_padding_filled_with_the_valid_edge():
+    from mpvss_ros.nn.mpvss import KeyFrameState
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randn((1, 3, 12, 16), generator=g)
+    image = torch.zeros(1, 3, 48, 64)
+    state = KeyFrameState(image, (37, 50), torch.zeros(1, 3, 4), masks, torch.zeros(1, 3, 8))
+    filled = state.with_padding_filled().mask_logits
+    vh, vw = 10, 13  # ceil(37 / 4), ceil(50 / 4)
+    assert torch.equal(filled[..., :vh, :vw], masks[..., :vh, :vw])  # the valid cells as they were
+    assert torch.equal(filled[..., vh:, :vw], masks[..., vh - 1 : vh, :vw].expand(-1, -1, 12 - vh, -1))
+    assert torch.equal(filled[..., :, vw:], filled[..., :, vw - 1 : vw].expand(-1, -1, -1, 16 - vw))
+    unpadded = KeyFrameState(image, (48, 64), torch.zeros(1, 3, 4), masks, torch.zeros(1, 3, 8))
+    assert unpadded.with_padding_filled() is unpadded
