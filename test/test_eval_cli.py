@@ -350,3 +350,10 @@ def test_eval_options_checked_before_any_work(camvid_val_dirs, tmp_path, capsys,
     err = capsys.readouterr().err
     assert rc == 2 and words in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_fixed_schedule_keeps_its_interval_at_a_frame_rate_below_one(camvid_val_dirs, lite):
+    # the sequence's stamps are index / fps: 2 s apart at 0.5 fps, which must not be a time gap
+    seq = load_sequence(*camvid_val_dirs, fps=0.5, limit=10)
+    result = evaluate_sequence(lite, seq, "copy", "fixed:5")
+    assert result["key_frames"] == 2

@@ -108,7 +108,8 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
         the interval-5 run of the same study (``docs/experiment_log.md``, "Cost on an Intel machine").
     """
     cfg = loaded.config
-    sched = parse_schedule(scheduler) if isinstance(scheduler, str) else scheduler
+    # the sequence's stamps are frame index / fps: no time-gap key frames (fps < 1 would key every frame)
+    sched = parse_schedule(scheduler, max_gap_s=math.inf) if isinstance(scheduler, str) else scheduler
     model = backend if backend is not None else loaded.model
     prop = (build_propagator(propagator, model, optical_flow_preset, optical_flow_scale, chain_flow)
             if isinstance(propagator, str) else propagator)

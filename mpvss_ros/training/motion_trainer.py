@@ -49,7 +49,8 @@ from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .pairs import FramePairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
-from .trainer import device_description, lr_factor, restore_rng_state, rng_state, sync_lr, torch_threads, truncate_log
+from .trainer import (InterruptAfterStep, check_same_step, device_description, lr_factor, no_decay_parameters,
+                      restore_rng_state, rng_state, sync_lr, torch_threads, truncate_log)
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels"]
 
@@ -311,9 +312,11 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     for p in motion_params + head_params:
         p.requires_grad_(True)
 
+    skip_decay = no_decay_parameters(model)  # norms and embeddings, as stage 1
+
     def groups(params: list[torch.Tensor], lr: float, name: str) -> list[dict[str, Any]]:
-        decay = [p for p in params if p.dim() > 1]
-        no_decay = [p for p in params if p.dim() <= 1]
+        decay = [p for p in params if id(p) not in skip_decay]
+        no_decay = [p for p in params if id(p) in skip_decay]
         return [{"params": decay, "lr": lr, "weight_decay": opts.weight_decay, "name": f"{name}_decay"},
                 {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}_no_decay"}]
 
@@ -332,8 +335,9 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     if opts.resume:
         if not model_path.is_file() or not state_path.is_file():
             raise FileNotFoundError(f"resume: {model_path} and {state_path} are both needed")
-        load_checkpoint(model, model_path)
+        meta_loaded = load_checkpoint(model, model_path)
         state = torch.load(state_path, map_location="cpu", weights_only=True)
+        check_same_step(meta_loaded, state, model_path, state_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state, device)
@@ -369,7 +373,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     times: list[float] = []
     step = start
     bar = tqdm(total=opts.steps, initial=start, disable=not opts.progress, desc="stage-2", dynamic_ncols=True)
-    with open(run_dir / "log.jsonl", "a") as logf:
+    with open(run_dir / "log.jsonl", "a") as logf, InterruptAfterStep() as interrupt:
         while step < opts.steps:
             t0 = time.perf_counter()
             samples = [pairs.sample(step, i) for i in range(opts.batch_size)]
@@ -397,6 +401,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, opts.clip_grad_norm)) if opts.clip_grad_norm > 0 else float("nan")
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler steps next)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -405,7 +410,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             rec = {"step": step, "loss": float(loss.detach()), "loss_mask_criterion": float(losses["loss"].detach()),
                    "loss_flow": float(flow_loss.detach()), "loss_ce": float(losses["loss_ce"].detach()),
                    "loss_dice": float(losses["loss_dice"].detach()), "grad_norm": gnorm,
-                   "lr": optimizer.param_groups[0]["lr"], "video_pairs": sum(s.source == "video" for s in samples),
+                   "lr": lr, "video_pairs": sum(s.source == "video" for s in samples),
                    "synthetic_pairs": sum(s.source == "synthetic" for s in samples), "links": len(links),
                    "sec_per_step": round(dt, 4)}
             logf.write(json.dumps(rec) + "\n")
@@ -421,8 +426,12 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
                 logf.write(json.dumps(last_val) + "\n")
                 result.val.append(last_val)
                 log.info("step %d: quick val query_flow@5 mIoU %.2f", step, last_val["mIoU_interval5"])
-            if at_end or (opts.checkpoint_every > 0 and step % opts.checkpoint_every == 0):
+            if at_end or interrupt.requested or (opts.checkpoint_every > 0 and step % opts.checkpoint_every == 0):
                 save(step)
+            if interrupt.requested:
+                bar.close()
+                log.warning("interrupted: checkpoint at step %d (resume with --resume)", step)
+                raise KeyboardInterrupt
             if timed_out:
                 log.info("max_minutes reached at step %d", step)
                 break

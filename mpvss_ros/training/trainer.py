@@ -58,6 +58,8 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -256,6 +258,17 @@ def lr_factor(step: int, steps: int, warmup_steps: int, warmup_factor: float, po
     return warm * max(0.0, 1.0 - step / steps) ** power
 
 
+def no_decay_parameters(model: nn.Module) -> set[int]:
+    """``id()`` of the parameters that take no weight decay (detectron2 / Mask2Former, spec
+    section 3.5): every parameter of a norm layer (BatchNorm, GroupNorm, LayerNorm,
+    InstanceNorm) and of ``nn.Embedding`` modules; biases of other layers do decay."""
+    ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, _NORM_TYPES + (nn.Embedding,)):
+            ids.update(id(p) for p in module.parameters(recurse=False))
+    return ids
+
+
 def build_param_groups(model: MPVSS, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW parameter groups of the segmentor (motion module excluded).
 
@@ -266,10 +279,7 @@ def build_param_groups(model: MPVSS, lr: float, backbone_lr_mult: float, weight_
     Returns:
         list of ``{"params", "lr", "weight_decay", "name"}`` dicts (empty groups dropped).
     """
-    no_decay: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, _NORM_TYPES + (nn.Embedding,)):
-            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    no_decay = no_decay_parameters(model)
     groups: dict[str, dict[str, Any]] = {}
     seen: set[int] = set()
     for prefix, sub, mult in (("backbone", model.backbone, backbone_lr_mult), ("head", model.sem_seg_head, 1.0)):
@@ -442,6 +452,49 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(x + "\n" for x in kept))
 
 
+def check_same_step(meta: dict[str, Any], state: dict[str, Any], model_path: Path, state_path: Path) -> None:
+    """Refuse to resume from a model checkpoint and a trainer state of different steps (a run
+    stopped between writing the two).
+
+    Raises:
+        ValueError: naming both files and their steps.
+    """
+    if int(meta.get("step", -1)) != int(state["step"]):
+        raise ValueError(f"resume: {model_path} is at step {meta.get('step')} but {state_path} at step "
+                         f"{state['step']} (interrupted while saving?)")
+
+
+class InterruptAfterStep:
+    """Ctrl-C (SIGINT) during training: finish the step in hand, save a checkpoint, then stop.
+
+    A ``KeyboardInterrupt`` raised in the middle of a step leaves the model, the optimizer, the
+    LR schedule and the RNG at different points, so a checkpoint saved then does not resume
+    exactly (the step is trained twice, or the random draws shift). Inside this context the
+    first SIGINT only sets :attr:`requested`, which the training loop checks after each step;
+    a second one stops at once, without a checkpoint. Outside the main thread, where Python
+    delivers no signals, it changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "InterruptAfterStep":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: stopping after this step, with a checkpoint (Ctrl-C again: at once, without one)")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> TrainResult:
     """Stage-1 training of the MPVSS key-frame segmentor on CamVid (see the module docstring).
 
@@ -548,9 +601,7 @@ def _train(opts: TrainOptions) -> TrainResult:
             raise FileNotFoundError(f"resume: {model_path} and {state_path} are both needed")
         meta = load_checkpoint(model, model_path)
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if int(meta.get("step", -1)) != int(state["step"]):
-            raise ValueError(f"resume: {model_path} is at step {meta.get('step')} but {state_path} at step "
-                             f"{state['step']} (interrupted while saving?)")
+        check_same_step(meta, state, model_path, state_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sync_lr(optimizer, scheduler, int(state["step"]))
@@ -611,7 +662,7 @@ def _train(opts: TrainOptions) -> TrainResult:
     epoch, perm = -1, None
     step = start
     bar = tqdm(total=stop, initial=start, disable=not opts.progress, desc="stage-1", dynamic_ncols=True)
-    with open(run_dir / LOG_FILE, "a") as logf:
+    with open(run_dir / LOG_FILE, "a") as logf, InterruptAfterStep() as interrupt:
         try:
             while step < stop:
                 t0 = time.perf_counter()
@@ -662,15 +713,14 @@ def _train(opts: TrainOptions) -> TrainResult:
                 at_end = step >= stop or timed_out
                 if (opts.val_every > 0 and step % opts.val_every == 0) or (at_end and opts.val_every >= 0):
                     validate(step, logf)
-                if at_end or (opts.checkpoint_every > 0 and step % opts.checkpoint_every == 0):
+                if at_end or interrupt.requested or (opts.checkpoint_every > 0 and step % opts.checkpoint_every == 0):
                     save(step)
+                if interrupt.requested:
+                    log.warning("interrupted: checkpoint at step %d (resume with --resume)", step)
+                    raise KeyboardInterrupt
                 if timed_out:
                     log.info("max_minutes reached at step %d", step)
                     break
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d: saving a checkpoint", step)
-            save(step)
-            raise
         finally:
             bar.close()
 

@@ -324,3 +324,21 @@ def test_train_motion_on_cuda_chained_and_resumed(needs_data, lite_checkpoint, t
     assert again.step == 3 and np.isfinite(again.losses).all()
     loaded = load_model(weights=tmp_path / "model_final.pt", device="cpu")
     assert loaded.meta["device"].startswith("cuda:0 (")
+
+
+def test_train_motion_resume_refuses_a_model_and_state_of_different_steps(needs_data, lite_checkpoint, tmp_path):
+    train_motion(_options(tmp_path, lite_checkpoint, 2))
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    state["step"] = 1  # as if the run had stopped between writing the two files
+    torch.save(state, tmp_path / "trainer_state.pt")
+    with pytest.raises(ValueError, match="at step 2 but .* at step 1"):
+        train_motion(_options(tmp_path, lite_checkpoint, 3, resume=True))
+
+
+def test_train_motion_logs_the_rate_each_step_used(motion_run):
+    # read before the scheduler steps: with no warm-up the first step runs at the full rate, and
+    # the last of the 3 steps at a positive one (the next step's rate was logged: 0 at the end)
+    run_dir, _, log_lines, _ = motion_run
+    lrs = [r["lr"] for r in log_lines if "loss" in r]
+    base = json.loads((run_dir / "options.json").read_text())["lr"]
+    assert lrs[0] == pytest.approx(base) and lrs == sorted(lrs, reverse=True) and lrs[-1] > 0

@@ -179,3 +179,49 @@ def test_cuda_steps_reduce_the_loss_resume_and_load_on_cpu(tmp_path):
     np.testing.assert_allclose(first.losses + second.losses, straight.losses, rtol=1e-2)
     loaded = load_model(weights=tmp_path / "straight" / "model_final.pt", device="cpu")
     assert loaded.trained and loaded.meta["device"].startswith("cuda:0 (")
+
+
+@needs_data
+def test_ctrl_c_inside_a_step_saves_that_step_complete_and_resumes_exactly(straight_run, tmp_path, monkeypatch):
+    # SIGINT arrives after the optimizer has stepped but before the step is counted: the old
+    # handler saved "step 4" with step 5's weights, and the resumed run trained step 5 twice
+    import signal
+
+    _, straight = straight_run
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step_then_interrupt(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_segmentor(_opts(tmp_path))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 5 and state["scheduler"]["last_epoch"] == 5
+    assert int(next(iter(state["optimizer"]["state"].values()))["step"]) == 5
+    resumed = train_segmentor(_opts(tmp_path, resume=True))
+    assert resumed.step == 8 and resumed.finished
+    np.testing.assert_allclose(resumed.losses, straight.losses[5:], rtol=1e-5)
+
+
+def test_no_weight_decay_for_norms_and_embeddings_only():
+    # spec section 3.5 (detectron2): norms and nn.Embedding take none, biases do
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.training.trainer import no_decay_parameters
+
+    model = MPVSS(load_model_config("mpvss_lite"))
+    skip = no_decay_parameters(model)
+    named = dict(model.named_parameters())
+    for name in ("motion.decoder.level_embed.weight", "motion.decoder.query_embed.weight",
+                 "motion.decoder.decoder_norm.weight", "motion.decoder.decoder_norm.bias"):
+        assert id(named[name]) in skip, name
+    for name in ("motion.decoder.input_proj.0.bias", "motion.encoder.conv1.0.conv.bias",
+                 "motion.decoder.input_proj.0.weight"):
+        assert id(named[name]) not in skip, name
