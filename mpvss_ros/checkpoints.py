@@ -25,6 +25,7 @@ This project's own files (``models/*.pt``) are a dict::
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ __all__ = [
 
 FORMAT = "mpvss_ros"
 VERSION = 1
+
+log = logging.getLogger(__name__)
 
 #: Keys that official checkpoints may carry and that the model does not use.
 IGNORED_KEYS = ("criterion.empty_weight", "pixel_mean", "pixel_std", "motion.flow_img_norm_mean", "motion.flow_img_norm_std")
@@ -162,6 +165,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
         CheckpointError: listing missing keys, unexpected keys and shape mismatches.
     """
     model_sd = model.state_dict()
+    _check_normalisation(model, state_dict, source)
     given = {k: v for k, v in state_dict.items() if k not in IGNORED_KEYS}
     optional = lambda k: k.endswith(_OPTIONAL_SUFFIXES)  # noqa: E731
     missing = sorted(k for k in model_sd if k not in given and not optional(k))
@@ -182,6 +186,31 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
         if k not in to_load:  # an absent optional counter keeps its current value
             to_load[k] = model_sd[k]
     model.load_state_dict(to_load, strict=True)
+
+
+def _check_normalisation(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """A file that stores ``pixel_mean`` / ``pixel_std`` (official ones do not: non-persistent
+    buffers, spec section 5.1) must agree with the model's configured input normalisation:
+    weights trained on another one (e.g. BGR order) would load and segment wrongly.
+
+    Raises:
+        CheckpointError: naming the key, both values and where to set the configuration's.
+    """
+    buffers = dict(model.named_buffers())
+    for key in ("pixel_mean", "pixel_std"):
+        if key not in state_dict or key not in buffers:
+            continue
+        stored = state_dict[key].detach().double().flatten()
+        configured = buffers[key].detach().double().flatten().cpu()
+        if stored.numel() != configured.numel() or not torch.allclose(stored, configured, rtol=1e-4, atol=1e-3):
+            raise CheckpointError(
+                f"{source}: {key} {[round(v, 3) for v in stored.tolist()]} differs from the model configuration's "
+                f"{[round(v, 3) for v in configured.tolist()]} (input.{key} in the model YAML): the weights expect "
+                f"another input normalisation, e.g. BGR order; set it in a model YAML passed with --model")
+    for key in ("motion.flow_img_norm_mean", "motion.flow_img_norm_std"):
+        if key in state_dict:
+            log.warning("%s: %s is ignored; the motion module normalises with motion.image_mean of the model "
+                        "configuration", source, key)
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:

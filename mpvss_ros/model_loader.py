@@ -96,6 +96,16 @@ def select_device(device: str) -> torch.device:
     return dev
 
 
+def official_model_name(state_dict: dict[str, Any]) -> str | None:
+    """The model an official MPVSS / Mask2Former checkpoint (no stored configuration) belongs to,
+    from its keys: ``mpvss_r50`` for a detectron2 ResNet-50 backbone (6 ``res4`` blocks), else
+    None (other backbones, e.g. ResNet-101 or Swin, have no configuration here)."""
+    if "backbone.stem.conv1.weight" not in state_dict:
+        return None
+    res4 = {k.split(".")[2] for k in state_dict if k.startswith("backbone.res4.")}
+    return "mpvss_r50" if len(res4) == 6 else None
+
+
 def load_model(model: str | Path | None = None, weights: str | Path | None = None,
                device: str = "cpu", seed: int = 0) -> LoadedModel:
     """Build the model and load its weights (see the module docstring for the rules).
@@ -123,6 +133,9 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
     ckpt = read_checkpoint(weights_path) if weights_path is not None else None  # the file is read once
     if model is None and ckpt is not None and ckpt.model_config:
         cfg = model_config_from_dict(ckpt.model_config, where=f"{weights_path} (model_config)")
+    elif model is None and ckpt is not None and (guess := official_model_name(ckpt.state_dict)) is not None:
+        log.info("%s holds no model configuration; its keys are those of %s", weights_path, guess)
+        cfg = load_model_config(guess)
     else:
         cfg = load_model_config(model or DEFAULT_MODEL)
 

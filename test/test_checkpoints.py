@@ -168,3 +168,26 @@ def test_untrained_default_is_reported(monkeypatch, caplog):
 def test_given_weights_missing_is_an_error():
     with pytest.raises(CheckpointError, match="weights file not found: /no/such.pt"):
         load_model("mpvss_lite", "/no/such.pt")
+
+
+def test_official_file_without_config_is_recognised_and_its_normalisation_checked(tmp_path):
+    from mpvss_ros.model_loader import official_model_name
+
+    cfg = load_model_config("mpvss_r50")
+    assert cfg.postprocess.min_query_score == 0.0  # faithful: Mask2Former scores every query
+    model = MPVSS(cfg)
+    official = {k: v for k, v in model.state_dict().items()}
+    assert official_model_name(official) == "mpvss_r50"
+    assert official_model_name(MPVSS(load_model_config("mpvss_lite")).state_dict()) is None
+    path = tmp_path / "mpvss_r50_official.pth"
+    torch.save({"model": official, "iteration": 9}, path)
+    loaded = load_model(None, path)  # no --model: the keys say which model
+    assert loaded.config.name == "mpvss_r50" and loaded.trained
+    # a file that stores another input normalisation (BGR mean) is refused, not loaded silently
+    bgr = dict(official, pixel_mean=torch.tensor([103.53, 116.28, 123.675]).view(1, 3, 1, 1))
+    torch.save({"model": bgr}, tmp_path / "bgr.pth")
+    with pytest.raises(CheckpointError, match="pixel_mean .* differs"):
+        load_model("mpvss_r50", tmp_path / "bgr.pth")
+    same = dict(official, pixel_mean=torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1))
+    torch.save({"model": same}, tmp_path / "same.pth")
+    assert load_model("mpvss_r50", tmp_path / "same.pth").trained

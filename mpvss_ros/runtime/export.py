@@ -258,8 +258,10 @@ def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path |
             "mask_hw": [int(padded[0]) // 4, int(padded[1]) // 4],
             "size_divisibility": cfg.input.size_divisibility,
             "note": "static shapes: one pair of graphs per resolution. Letterbox each frame (aspect kept) to "
-                    "valid_hw, put it at the top-left of a zero canvas of padded_hw; the graphs zero the "
-                    "normalised padding themselves (valid_hw is a constant of the graphs).",
+                    "valid_hw, put it at the top-left of a canvas of padded_hw whose padding is exactly zero: "
+                    "the key-frame graph zeroes its normalised padding, the non-key graph's motion module "
+                    "resizes the pair before normalising and relies on the zero raw padding (valid_hw is a "
+                    "constant of the graphs).",
         },
         "preprocess": {
             "color": "RGB",
@@ -561,10 +563,13 @@ def _source_digest() -> str:
 
 
 def model_fingerprint(model: MPVSS) -> str:
-    """sha256 of the configuration, every parameter and persistent buffer, the export code,
+    """sha256 of the configuration (without the canvas, ``input.size``: the graphs are exported
+    for a valid size given apart), every parameter and persistent buffer, the export code,
     torch's version and the opset: two models with the same fingerprint export identically."""
     h = hashlib.sha256()
-    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    cfg = model.cfg.to_dict()
+    cfg["input"] = {k: v for k, v in cfg["input"].items() if k != "size"}
+    h.update(json.dumps(cfg, sort_keys=True).encode())
     h.update(f"{CONTRACT_FORMAT}|opset{OPSET}|torch{torch.__version__}|{_source_digest()}".encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
@@ -590,11 +595,13 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
     final = cache / "onnx" / f"{model.cfg.name}-{h}x{w}-{fp[:16]}"
     if (final / CONTRACT_FILE).is_file():
         try:
-            read_contract(final)
-            mark_used(final)
-            return final
-        except (FileNotFoundError, ValueError):
-            shutil.rmtree(final, ignore_errors=True)
+            if _graphs_intact(final, read_contract(final)):
+                mark_used(final)
+                return final
+            log.warning("cached ONNX graphs in %s do not match their contract's sha256 (damaged): exporting again", final)
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        shutil.rmtree(final, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     log.info("exporting %s to ONNX for %dx%d (cached in %s)", model.cfg.name, h, w, final)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
@@ -610,6 +617,16 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
     mark_used(final)
     prune_to_budget(cache, keep=[final])
     return final
+
+
+def _graphs_intact(export_dir: Path, contract: dict[str, Any]) -> bool:
+    """Whether both graph files still have the sha256 their contract recorded (a truncated or
+    damaged cache entry is exported again instead of failing every later start)."""
+    for g in ("key_frame", "non_key_frame"):
+        info = contract["graphs"][g]
+        if info.get("sha256") and _sha256_file(export_dir / info["file"]) != info["sha256"]:
+            return False
+    return True
 
 
 def replace_canvas(cfg: ModelConfig, valid_hw: tuple[int, int]) -> ModelConfig:
@@ -674,8 +691,9 @@ class GraphSource:
             ValueError: a fixed folder was given and it is for another size.
         """
         hw = (int(valid_hw[0]), int(valid_hw[1]))
-        if hw in self._dirs:
+        if hw in self._dirs and (self.model is None or (self._dirs[hw] / CONTRACT_FILE).is_file()):
             return self._dirs[hw]
+        # (a cache entry another process pruned since is exported again below)
         if self.model is None:
             have = ", ".join(f"{h}x{w}" for h, w in self.sizes)
             raise ValueError(f"the ONNX graphs in {self.export_dir} are for a valid size of {have}, this frame needs "

@@ -77,7 +77,11 @@ def bf16_missing(device: torch.device | str = "cpu") -> str | None:
     """
     if torch.device(device).type != "cpu":
         return "bf16 with the torch backend runs on CPU; on CUDA use --precision fp16"
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    # oneDNN reports bf16 "supported" on any AVX-512 CPU, where it is emulated (1.7x slower than
+    # fp32 on a key frame with AVX-512 VNNI alone): ask for the instructions themselves.
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() and native):
         return "bf16 needs a CPU with bfloat16 instructions (AVX-512 BF16 or AMX) and oneDNN; use --precision fp32"
     return None
 

@@ -317,6 +317,33 @@ def test_cached_export_reused_and_keyed_by_weights(tmp_path):
     assert model_fingerprint(load_model("mpvss_lite").model) == model_fingerprint(model)
 
 
+def test_cached_export_survives_damage_pruning_and_a_canvas_change(tmp_path):
+    import dataclasses
+
+    from mpvss_ros.runtime.export import replace_canvas
+
+    model = load_model("mpvss_lite").model
+    # the canvas (input.size) does not change the graphs of a given valid size: same key
+    moved = load_model("mpvss_lite").model
+    moved.cfg = replace_canvas(moved.cfg, (360, 480))
+    assert model_fingerprint(moved) == model_fingerprint(model)
+    renamed = dataclasses.replace(model.cfg, input=dataclasses.replace(model.cfg.input, size_divisibility=64))
+    changed = load_model("mpvss_lite").model
+    changed.cfg = renamed
+    assert model_fingerprint(changed) != model_fingerprint(model)  # any other input setting: another key
+    # a truncated graph in the cache is exported again, not loaded (it failed every later start)
+    a = cached_export(model, (64, 64), tmp_path)
+    graph = a / "key_frame.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    assert cached_export(model, (64, 64), tmp_path) == a
+    assert onnx.load(str(graph)) is not None and read_contract(a)["graphs"]["key_frame"]["sha256"]
+    # an entry another process pruned meanwhile is exported again by the same GraphSource
+    source = GraphSource.from_model(model, tmp_path)
+    d = source.get((64, 64))
+    shutil.rmtree(d)
+    assert source.get((64, 64)) == d and (d / CONTRACT_FILE).is_file()
+
+
 def test_load_backend_variants_and_errors(lite):
     assert isinstance(load_backend("torch", lite), TorchBackend)
     assert as_backend(lite.model).model is lite.model

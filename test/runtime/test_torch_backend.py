@@ -210,3 +210,13 @@ def test_torch_backend_folds_unless_told_not_to():
     backend = TorchBackend(model, "cpu")
     assert backend.describe()["fold_batch_norm"] is True
     assert not _batch_norms(model.backbone) and set(model.state_dict()) != keys
+
+
+def test_bf16_needs_the_instructions_not_only_onednn(monkeypatch):
+    # oneDNN says bf16 is "supported" on any AVX-512 CPU, where it is emulated and slower
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert "AVX-512 BF16 or AMX" in bf16_missing("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert bf16_missing("cpu") is None
