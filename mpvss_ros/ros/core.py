@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from ..config import default_class_names
 from ..model_loader import LoadedModel
-from ..segmenter import FrameError, VideoSegmenter
+from ..segmenter import FrameError, Letterbox, VideoSegmenter
 from .parameters import NodeConfig, palette_to_rgb
 
 __all__ = [
@@ -200,8 +200,14 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
     if config.backend != "torch" or config.precision != "fp32":
         from ..runtime import load_backend
 
+        input_hw = None  # fixed-shape backends: prepare the expected camera's letterboxed size, else the canvas
+        if config.image_size:
+            inp = loaded.config.input
+            input_hw = Letterbox.fit(tuple(config.image_size), tuple(inp.size) if inp.size else None,
+                                     inp.size_divisibility).resized_hw
         try:  # BackendUnavailable: one line saying what is missing and which backend would work
-            model = load_backend(config.backend, loaded, device=_inference_device(config), precision=config.precision)
+            model = load_backend(config.backend, loaded, device=_inference_device(config), precision=config.precision,
+                                 input_hw=input_hw)
         except (ValueError, OSError, RuntimeError) as exc:
             raise StartupError(_one_line(f"backend '{config.backend}' ({config.precision}): {exc}")) from None
     propagator = build_propagator(config.propagator, model, config.optical_flow_preset, config.optical_flow_scale,

@@ -106,6 +106,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Inference backend: torch (CPU/CUDA), onnxruntime (CPU, CUDA provider when present) or "
               "tensorrt (cached engines built from the exported ONNX graphs; prebuild with "
               "'mpvss build-engine' so the node does not stall on first start).", choices=BACKENDS),
+    ParamSpec("image_size", "int_array", [],
+              "Expected camera image size [height, width] in pixels. The onnxruntime and tensorrt "
+              "backends prepare their graphs/engines for it at start (tensorrt: minutes once, then "
+              "cached) instead of for the model's canvas; [] = the canvas. A frame of another size "
+              "is prepared when it comes.",
+              min=1, max=16384, constraints="[] or [height, width], each in [1, 16384]"),
     ParamSpec("precision", "str", "fp32",
               "fp32, fp16 (torch: CUDA autocast; tensorrt: FP16 engines with the pixel decoder kept "
               "in fp32; not for onnxruntime) or bf16 (torch on a CPU with bfloat16 instructions, "
@@ -192,6 +198,7 @@ class NodeConfig:
     weights: str = ""
     device: str = "auto"
     backend: str = "torch"
+    image_size: tuple[int, ...] = ()
     precision: str = "fp32"
     propagator: str = "query_flow"
     optical_flow_preset: str = "fast"
@@ -216,7 +223,7 @@ class NodeConfig:
     threads: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        """Parameter name -> value (``palette`` as a list), in table order."""
+        """Parameter name -> value (``int_array`` ones as lists), in table order."""
         return {p.name: (list(getattr(self, p.name)) if p.type == "int_array" else getattr(self, p.name))
                 for p in PARAMETERS}
 
@@ -294,6 +301,8 @@ def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
         raise ValueError(f"parameter 'schedule': must be 'adaptive' or 'fixed:N' (N >= 1), "
                          f"got {checked['schedule']!r}")
     checked["schedule"] = checked["schedule"].strip()
+    if len(checked["image_size"]) not in (0, 2):
+        raise ValueError(f"parameter 'image_size': must be [] or [height, width], got {list(checked['image_size'])}")
     if checked["min_interval"] > checked["max_interval"]:
         raise ValueError(f"parameter 'min_interval': must be <= max_interval ({checked['max_interval']}), "
                          f"got {checked['min_interval']}")

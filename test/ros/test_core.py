@@ -684,10 +684,13 @@ def test_auto_device_on_a_gpu_machine_exports_from_the_cpu(monkeypatch):
     loaded = load_configured_model(config)   # on a real CUDA device this would not be the CPU
     assert loaded.device == torch.device("cpu")
     asked = []
-    monkeypatch.setattr(runtime, "load_backend", lambda backend, loaded, device, precision: asked.append(device)
-                        or loaded.model)
+    monkeypatch.setattr(runtime, "load_backend", lambda backend, loaded, device, precision, input_hw:
+                        asked.append((device, input_hw)) or loaded.model)
     build_segmenter(config, loaded)
-    assert asked == ["cuda"]
+    assert asked == [("cuda", None)]  # no image_size: the backend prepares the model's canvas
+    # a 1280 x 720 camera: the backend prepares its letterboxed size on the 480 x 640 canvas
+    build_segmenter(validate({"backend": "onnxruntime", "image_size": [720, 1280]}), loaded)
+    assert asked[-1] == ("cuda", (360, 640))
 
 
 def test_onnxruntime_backend_builds_a_segmenter(lite):

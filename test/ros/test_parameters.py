@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEGMENT_YAML = ROOT / "config" / "segment.yaml"
 
 EXPECTED_DEFAULTS = {
-    "model": "mpvss_lite", "weights": "", "device": "auto", "backend": "torch", "precision": "fp32",
+    "model": "mpvss_lite", "weights": "", "device": "auto", "backend": "torch", "image_size": [], "precision": "fp32",
     "propagator": "query_flow", "optical_flow_preset": "fast", "optical_flow_scale": 0.5, "chain_flow": True,
     "schedule": "adaptive", "scene_threshold": 0.5, "cut_threshold": 0.45, "min_interval": 1, "max_interval": 10,
     "max_gap_s": 1.0,
@@ -363,3 +363,10 @@ def test_nav2_semantic_layer_snippet_matches_the_node():
     for t in src["class_types"]:
         p = src[t]
         assert 0 <= p["base_cost"] <= p["max_cost"] <= 254 and 0 <= p["mark_confidence"] <= 255, t
+
+
+@pytest.mark.parametrize("bad", [[720], [720, 1280, 3], [0, 640], [720, 20000]])
+def test_image_size_is_empty_or_height_and_width(bad):
+    with pytest.raises(ValueError, match="image_size"):
+        validate({"image_size": bad})
+    assert validate({"image_size": [720, 1280]}).image_size == (720, 1280)
