@@ -18,6 +18,10 @@ the caller is about to load. The budget is ``$MPVSS_CACHE_MAX_MB`` MiB (default
 :data:`DEFAULT_MAX_MB`; ``0`` turns automatic pruning off). Left-over temporary files of crashed
 writes (``.export-*``, ``.engine-*``) older than :data:`STALE_TEMP_SECONDS` go as well.
 
+Exports and engine builds of one entry are serialised across processes by an advisory file lock
+(:func:`build_lock`, ``fcntl.flock`` on a hidden ``.<entry>.lock`` beside it): two nodes that
+start together export or build once, the second then finds the entry made.
+
 Housekeeping never fails the export or build that triggered it: errors are logged. A process that
 removes an entry another process has open does not disturb it (POSIX keeps open files alive); the
 other process re-exports the entry the next time it needs it. ``mpvss cache`` lists and prunes by
@@ -26,17 +30,24 @@ hand (:func:`format_entries`, :func:`prune_cache`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process lock (exports may then run twice, harmlessly)
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "CacheEntry",
     "DEFAULT_MAX_MB",
+    "build_lock",
     "STALE_TEMP_SECONDS",
     "cache_budget_bytes",
     "cache_entries",
@@ -54,6 +65,27 @@ DEFAULT_MAX_MB = 2048
 #: Temporary files and folders of interrupted writes older than this (seconds) are removed.
 STALE_TEMP_SECONDS = 3600.0
 _TEMP_PREFIXES = (".export-", ".engine-")
+
+
+@contextlib.contextmanager
+def build_lock(entry: str | Path) -> Iterator[None]:
+    """Hold the cross-process lock of one cache entry (exclusive, blocking) while making it.
+
+    The lock is ``fcntl.flock`` on ``<parent>/.<name>.lock`` (created if needed, left in place: a
+    few bytes, never counted as an entry). The caller re-checks for the entry once it holds the
+    lock, since another process may have made it meanwhile. Without ``fcntl`` it locks nothing.
+    """
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(entry.parent / f".{entry.name}.lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def default_cache_dir() -> Path:

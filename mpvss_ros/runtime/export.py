@@ -67,7 +67,7 @@ from ..nn.motion import flow_grid_size
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..nn.warp import warp_mask_logits
 from .base import padded_size
-from .cache import default_cache_dir, mark_used, prune_to_budget
+from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
 
 __all__ = [
     "OPSET",
@@ -593,30 +593,40 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
     fp = fingerprint or model_fingerprint(model)
     h, w = int(valid_hw[0]), int(valid_hw[1])
     final = cache / "onnx" / f"{model.cfg.name}-{h}x{w}-{fp[:16]}"
-    if (final / CONTRACT_FILE).is_file():
+    if _reuse(final):
+        return final
+    with build_lock(final):  # another process exporting the same entry: wait for it, then reuse it
+        if _reuse(final):
+            return final
+        log.info("exporting %s to ONNX for %dx%d (cached in %s)", model.cfg.name, h, w, final)
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
         try:
-            if _graphs_intact(final, read_contract(final)):
-                mark_used(final)
-                return final
-            log.warning("cached ONNX graphs in %s do not match their contract's sha256 (damaged): exporting again", final)
-        except (FileNotFoundError, ValueError, KeyError):
-            pass
-        shutil.rmtree(final, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    log.info("exporting %s to ONNX for %dx%d (cached in %s)", model.cfg.name, h, w, final)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
-    try:
-        export_onnx(model, tmp, (h, w), weights=weights, trained=trained)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process exported it meanwhile
-            if not (final / CONTRACT_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            export_onnx(model, tmp, (h, w), weights=weights, trained=trained)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # made meanwhile by a process without the lock
+                if not (final / CONTRACT_FILE).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     mark_used(final)
     prune_to_budget(cache, keep=[final])
     return final
+
+
+def _reuse(final: Path) -> bool:
+    """Whether the cache entry ``final`` exists intact (then marked used); a damaged one is removed."""
+    if not (final / CONTRACT_FILE).is_file():
+        return False
+    try:
+        if _graphs_intact(final, read_contract(final)):
+            mark_used(final)
+            return True
+        log.warning("cached ONNX graphs in %s do not match their contract's sha256 (damaged): exporting again", final)
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
+    shutil.rmtree(final, ignore_errors=True)
+    return False
 
 
 def _graphs_intact(export_dir: Path, contract: dict[str, Any]) -> bool:

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
 from .base import Backend, BackendUnavailable, check_precision
-from .cache import default_cache_dir, mark_used, prune_to_budget
+from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
 from .export import KEY_OUTPUTS, GraphSource, _sha256_file, read_contract
 
 __all__ = [
@@ -493,21 +493,25 @@ def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], gr
     if path.is_file():
         mark_used(path)
         return path
-    folder.mkdir(parents=True, exist_ok=True)
-    say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
-    say(f"mpvss: building TensorRT {precision} engine for {onnx_path.name} on {gpu_name} "
-        f"(TensorRT {trt.__version__}); this takes a few minutes once, then it is cached in {folder}")
-    t0 = time.perf_counter()
-    with _OnDevice(device_index):  # an engine belongs to the device current while it is built
-        blob = build_engine(onnx_path, precision, workspace_mb, patterns)
-    fd, tmp = tempfile.mkstemp(prefix=".engine-", dir=folder)
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
-    meta = {"onnx": str(onnx_path), "tensorrt": trt.__version__, "gpu": gpu_name, "compute_capability": list(cc),
-            "precision": precision, "input_shapes": {k: list(v) for k, v in input_shapes.items()}, "options": options,
-            "key": key, "build_seconds": round(time.perf_counter() - t0, 1)}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    with build_lock(path):  # two nodes starting together: one builds, the other waits and reuses it
+        if path.is_file():
+            mark_used(path)
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
+        say(f"mpvss: building TensorRT {precision} engine for {onnx_path.name} on {gpu_name} "
+            f"(TensorRT {trt.__version__}); this takes a few minutes once, then it is cached in {folder}")
+        t0 = time.perf_counter()
+        with _OnDevice(device_index):  # an engine belongs to the device current while it is built
+            blob = build_engine(onnx_path, precision, workspace_mb, patterns)
+        fd, tmp = tempfile.mkstemp(prefix=".engine-", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+        meta = {"onnx": str(onnx_path), "tensorrt": trt.__version__, "gpu": gpu_name, "compute_capability": list(cc),
+                "precision": precision, "input_shapes": {k: list(v) for k, v in input_shapes.items()},
+                "options": options, "key": key, "build_seconds": round(time.perf_counter() - t0, 1)}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     say(f"mpvss: engine built in {meta['build_seconds']} s: {path}")
     return path
 

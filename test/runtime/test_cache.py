@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 import torch
@@ -194,3 +195,35 @@ def test_build_engines_prunes_keeping_its_engines_and_graphs(tmp_path, monkeypat
     left = {e.path for e in cache_entries(tmp_path)}
     assert left == {paths["key_frame"], paths["non_key_frame"], source.get((64, 64))}
     assert not old.exists()
+
+
+def test_concurrent_exports_of_one_entry_export_once(tmp_path, monkeypatch):
+    # two nodes starting together: the second waits on the entry's lock, then reuses the export
+    import threading
+
+    import mpvss_ros.runtime.export as export
+    from mpvss_ros.model_loader import load_model
+
+    model = load_model("mpvss_lite").model
+    real_export = export.export_onnx
+    calls = []
+
+    def slow_export(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.5)  # the other thread arrives meanwhile
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(export, "export_onnx", slow_export)
+    fingerprint = export.model_fingerprint(model)
+    results = {}
+
+    def run(name):
+        results[name] = export.cached_export(model, (64, 64), tmp_path, fingerprint=fingerprint)
+
+    threads = [threading.Thread(target=run, args=(n,), name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(calls) == 1 and results["a"] == results["b"] and (results["a"] / "contract.json").is_file()
+    assert [e.path for e in cache_entries(tmp_path)] == [results["a"]]  # the lock file is no entry
