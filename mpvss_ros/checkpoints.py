@@ -9,13 +9,14 @@ Key matching is strict: every key of the model must be in the file and every key
 be used, except for these documented, harmless differences:
 
 * ``criterion.empty_weight`` (a loss buffer of the training criterion) is ignored;
-* ``pixel_mean`` / ``pixel_std`` and ``motion.flow_img_norm_*`` (non-persistent normalisation
-  buffers some exports still carry) are ignored: the values come from the model config;
+* ``pixel_mean`` / ``pixel_std`` (non-persistent normalisation buffers some exports still carry)
+  must equal the model configuration's, else :class:`CheckpointError` (weights trained with
+  another normalisation, e.g. BGR order); ``motion.flow_img_norm_*`` are ignored with a warning;
 * BatchNorm ``num_batches_tracked`` counters may be present or absent (detectron2 FrozenBN has
   none, SyncBN has them); they do not affect inference.
 
 Anything else missing, unexpected or of another shape raises :class:`CheckpointError` naming
-the keys.
+the keys. So do a torch zip whose member fails its CRC check and tensors holding NaN or inf.
 
 This project's own files (``models/*.pt``) are a dict::
 

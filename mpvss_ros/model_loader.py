@@ -4,9 +4,11 @@ Rules, in order:
 
 1. ``weights`` given and in this project's format with a stored ``model_config``, and no
    ``model`` given: the stored configuration is used (the file describes itself).
-2. Otherwise the configuration comes from ``model`` (a name under ``config/models/`` or a YAML
+2. ``weights`` given without a configuration, no ``model``, and its keys those of an official
+   ResNet-50 MPVSS (:func:`official_model_name`): ``mpvss_r50``.
+3. Otherwise the configuration comes from ``model`` (a name under ``config/models/`` or a YAML
    file), default ``mpvss_lite``.
-3. Weights: ``weights`` if given (it must exist and match, else :class:`CheckpointError`), else
+4. Weights: ``weights`` if given (it must exist and match, else :class:`CheckpointError`), else
    the configuration's ``default_weights``. When those default weights are absent the model runs
    **untrained** (seeded random initialisation) with a warning, and ``LoadedModel.trained`` is
    False; callers that need a trained model check it.

@@ -5,7 +5,8 @@ Writes into ``out_dir``:
 * ``labels/<name>.png``: single-channel class IDs at the input resolution (8-bit, or 16-bit when
   there are more than 255 classes); ``<name>`` is the image's stem, or the zero-padded frame
   index for video;
-* ``overlay.mp4``: the input with the colour labels blended in and a legend (when enabled);
+* ``overlay.mp4``: the input with the colour labels blended in, a legend and a ``key frame`` /
+  ``propagated +N`` tag (when enabled);
 * ``frames.jsonl``: one JSON object per frame (:meth:`SegmentationResult.to_record`);
 * ``summary.json``: the run's settings, key-frame ratio, per-stage timing statistics (ms) and
   the share of pixels per class.

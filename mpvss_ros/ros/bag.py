@@ -13,7 +13,7 @@ topic                     type                                content
 ``NS/confidence``         ``sensor_msgs/msg/Image``           ``mono8`` confidence 0..255
 ``NS/label_info``         ``vision_msgs/msg/LabelInfo``       on key frames, offered reliable + transient-local
 ``NS/colored``            ``sensor_msgs/msg/Image``           ``rgb8`` palette colours
-``NS/overlay``            ``sensor_msgs/msg/Image``           ``rgb8`` input + colours + legend
+``NS/overlay``            ``sensor_msgs/msg/Image``           ``rgb8`` input + colours + legend + tag
 ``NS/class_masks``        ``mpvss_ros/msg/ClassMasks``        one ``mono8`` mask per class present
 ``NS/info``               ``mpvss_ros/msg/SegmentationInfo``  key frame, scene score, latencies
 ========================  ==================================  ====================================

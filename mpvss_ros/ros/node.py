@@ -14,7 +14,7 @@ the table in :mod:`mpvss_ros.ros.parameters`. This file only wires ROS to them:
   built only while they have subscribers; ``~/label_info`` (``vision_msgs/LabelInfo``, reliable
   + transient local, depth 1) published at start and with every key frame; every output carries
   the input header;
-* every topic's history, depth and reliability can be changed at start with rclpy's
+* every input and output topic's (not ``/diagnostics``) history, depth and reliability can be changed at start with rclpy's
   ``qos_overrides`` parameters (e.g. ``qos_overrides./mpvss_segmenter/overlay.publisher.reliability:
   best_effort`` for a debug view over Wi-Fi);
 * ``/diagnostics`` (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``;

@@ -92,7 +92,8 @@ class ParamSpec:
 PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("model", "str", "mpvss_lite",
               "Model: a name under config/models/ (mpvss_lite, mpvss_r50) or a model YAML file; "
-              "'' = the configuration stored in the weights file, else mpvss_lite.",
+              "'' = the configuration stored in the weights file, else mpvss_r50 for an official "
+              "ResNet-50 MPVSS file, else mpvss_lite.",
               constraints="a model name, a .yaml file, or ''"),
     ParamSpec("weights", "str", "",
               "Weights file (.pt/.pth of this project or official, detectron2 .pkl); '' = the "
@@ -169,7 +170,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("publish_colored", "bool", True,
               "Publish ~/colored (rgb8 colour labels) when it has subscribers."),
     ParamSpec("publish_overlay", "bool", True,
-              "Publish ~/overlay (labels blended over the image, with a legend) when it has "
+              "Publish ~/overlay (labels blended over the image, with a legend and a key frame / "
+              "propagated +N tag) when it has "
               "subscribers."),
     ParamSpec("publish_class_masks", "bool", True,
               "Publish ~/class_masks (mpvss_ros/ClassMasks) when it has subscribers."),
