@@ -262,6 +262,12 @@ class Letterbox:
         pw = int(math.ceil(rw / divisibility) * divisibility)
         return Letterbox((h, w), (rh, rw), (ph, pw))
 
+    @staticmethod
+    def for_input(input_hw: tuple[int, int], inp: Any) -> "Letterbox":
+        """:meth:`fit` onto the canvas of a model's ``InputConfig`` (``size``, None = the frame's
+        own size; ``size_divisibility``), as :class:`VideoSegmenter` places its frames."""
+        return Letterbox.fit(input_hw, tuple(inp.size) if inp.size is not None else None, inp.size_divisibility)
+
 
 def canvas_tensor(image: np.ndarray, lb: Letterbox, device: torch.device | str = "cpu") -> torch.Tensor:
     """Place a frame on the network canvas as the segmenter does.

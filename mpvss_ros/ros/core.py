@@ -202,9 +202,7 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
 
         input_hw = None  # fixed-shape backends: prepare the expected camera's letterboxed size, else the canvas
         if config.image_size:
-            inp = loaded.config.input
-            input_hw = Letterbox.fit(tuple(config.image_size), tuple(inp.size) if inp.size else None,
-                                     inp.size_divisibility).resized_hw
+            input_hw = Letterbox.for_input(tuple(config.image_size), loaded.config.input).resized_hw
         try:  # BackendUnavailable: one line saying what is missing and which backend would work
             model = load_backend(config.backend, loaded, device=_inference_device(config), precision=config.precision,
                                  input_hw=input_hw)

@@ -305,8 +305,7 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
                 model = copy.deepcopy(pristine.model)
                 valid_hw = hw
                 if opts.keep_canvas:
-                    inp = model.cfg.input
-                    valid_hw = Letterbox.fit(hw, tuple(inp.size) if inp.size else None, inp.size_divisibility).resized_hw
+                    valid_hw = Letterbox.for_input(hw, model.cfg.input).resized_hw
                 else:
                     model.cfg = replace_canvas(pristine.model.cfg, hw)
                 loaded = dataclasses.replace(pristine, model=model, config=model.cfg)
