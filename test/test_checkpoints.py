@@ -108,10 +108,11 @@ def test_damaged_weights_are_refused(tmp_path):
     # bytes zeroed inside the shipped file: torch.load alone reads it (one weight silently changed)
     shipped = Path(__file__).resolve().parents[1] / "models" / "mpvss_lite_camvid.pt"
     data = bytearray(shipped.read_bytes())
-    mid = len(data) // 2
-    data[mid : mid + 20_000] = bytes(20_000)
+    start = int(len(data) * 0.4)  # inside one tensor's data (at the middle torch.load itself fails)
+    data[start : start + 20_000] = bytes(20_000)
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(bytes(data))
+    torch.load(damaged, map_location="cpu", weights_only=True)  # no error from torch alone
     with pytest.raises(CheckpointError, match="fails its CRC check"):
         read_checkpoint(damaged)
     # a weight that diverged to NaN made every pixel class 0
