@@ -382,6 +382,19 @@ class VideoSegmenter:
         self._key = None
         self._key_letterbox = None
 
+    def replace(self, propagator: Propagator | None = None, scheduler: KeyFrameScheduler | None = None) -> None:
+        """Swap the propagator and/or the scheduler (parameters changed while a stream runs).
+
+        The key frame is dropped, so the next frame is a key frame, reported with reason
+        ``reset`` (a fresh scheduler's ``first`` is renamed once frames have been segmented):
+        a key frame's state belongs to the propagation that made it (e.g. a chained flow).
+        """
+        if propagator is not None:
+            self.propagator = propagator
+        if scheduler is not None:
+            self.scheduler = scheduler
+        self.reset()
+
     @torch.inference_mode()
     def push(self, image: np.ndarray, stamp: float) -> SegmentationResult:
         """Segment one frame.
@@ -468,11 +481,18 @@ class VideoSegmenter:
             key_frame_index=self._key_index,
             key_frame_stamp=self._key_stamp,
             scene_score=decision.scene_score,
-            key_frame_reason=(decision.reason or "canvas_change") if is_key else "",
+            key_frame_reason=self._key_frame_reason(decision) if is_key else "",
             timings_ms=timings,
         )
         self._frame_index += 1
         return result
+
+    def _key_frame_reason(self, decision: ScheduleDecision) -> str:
+        """Why this frame is a key frame: the scheduler's reason; ``canvas_change`` when only the
+        segmenter's own check made it one; ``reset`` for a replaced scheduler's ``first``."""
+        if not decision.reason:
+            return "canvas_change"
+        return "reset" if decision.reason == "first" and self._frame_index > 0 else decision.reason
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
                     lb: Letterbox) -> tuple[np.ndarray, np.ndarray]:

@@ -219,6 +219,27 @@ def test_reset_forces_key_frame(band_model):
     assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index, r.frame_index) == (True, "reset", 3, 3)
 
 
+def test_replace_swaps_propagation_and_schedule_from_a_key_frame(band_model):
+    """A run-time parameter change: the new propagator and scheduler take over, starting from a
+    key frame reported as ``reset`` (the fresh scheduler's ``first``); on a brand-new segmenter
+    the first key frame stays ``first``."""
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    assert [seg.push(img, 0.1 * i).is_key_frame for i in range(3)] == [True, False, False]
+    flow, every_second = OpticalFlowPropagator(), FixedIntervalScheduler(2)
+    seg.replace(propagator=flow, scheduler=every_second)
+    assert seg.propagator is flow and seg.scheduler is every_second
+    r = [seg.push(img, 0.3 + 0.1 * i) for i in range(4)]
+    assert [(x.is_key_frame, x.key_frame_reason) for x in r] == [(True, "reset"), (False, ""), (True, "interval"),
+                                                                 (False, "")]
+    assert r[0].key_frame_index == 3
+    seg.replace()  # nothing swapped: still a key frame next
+    assert seg.push(img, 0.7).key_frame_reason == "reset"
+    fresh = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    fresh.replace(scheduler=FixedIntervalScheduler(3))
+    assert fresh.push(img, 0.0).key_frame_reason == "first"
+
+
 # ------------------------------------------------------------------ propagators
 
 

@@ -148,7 +148,7 @@ sensor_msgs/Image[] masks
 # Exactly the header of the input image this frame was segmented from (stamp and frame_id).
 std_msgs/Header header
 
-# 0-based count of frames segmented since the segmenter started (or was reset).
+# 0-based count of frames segmented since the node started (a reset does not restart it).
 uint32 frame_index
 
 # True when the key-frame segmentor ran on this frame; false when the labels were propagated
@@ -159,7 +159,8 @@ bool is_key_frame
 builtin_interfaces/Time key_frame_stamp
 
 # Why this frame is a key frame ("" on non-key frames), e.g. first, interval, scene_cut,
-# scene_change, max_interval, resolution_change, time_backwards, time_gap, reset.
+# scene_change, max_interval, resolution_change, time_backwards, time_gap, reset (the ~/reset
+# service, re-enabling, or a schedule or propagation parameter changed while running).
 string key_frame_reason
 
 # The scheduler's scene-change score of this frame against the key frame (0 = same scene).

@@ -44,6 +44,10 @@ __all__ = [
     "Worker",
     "StartupError",
     "build_segmenter",
+    "build_scheduler",
+    "build_propagator_for",
+    "SCHEDULE_PARAMETERS",
+    "PROPAGATION_PARAMETERS",
     "load_configured_model",
     "configure_threads",
     "FORCED_KEY_FRAME_REASONS",
@@ -186,16 +190,33 @@ def configure_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
-    """The :class:`VideoSegmenter` the parameters describe (propagator, schedule, device)."""
-    from ..propagation import build_propagator
+#: Parameters that decide the key-frame scheduler (:func:`build_scheduler`).
+SCHEDULE_PARAMETERS = ("schedule", "scene_threshold", "cut_threshold", "min_interval", "max_interval", "max_gap_s")
+#: Parameters that decide the propagator (:func:`build_propagator_for`).
+PROPAGATION_PARAMETERS = ("propagator", "optical_flow_preset", "optical_flow_scale", "chain_flow")
+
+
+def build_scheduler(config: NodeConfig) -> Any:
+    """The key-frame scheduler the parameters describe (``adaptive`` or ``fixed:N``)."""
     from ..scheduling import AdaptiveScheduler, FixedIntervalScheduler
 
     if config.schedule == "adaptive":
-        scheduler = AdaptiveScheduler(config.scene_threshold, config.min_interval, config.max_interval,
-                                      max_gap_s=config.max_gap_s, cut_threshold=config.cut_threshold)
-    else:  # validated: fixed:N
-        scheduler = FixedIntervalScheduler(int(config.schedule.split(":", 1)[1]), max_gap_s=config.max_gap_s)
+        return AdaptiveScheduler(config.scene_threshold, config.min_interval, config.max_interval,
+                                 max_gap_s=config.max_gap_s, cut_threshold=config.cut_threshold)
+    # validated: fixed:N
+    return FixedIntervalScheduler(int(config.schedule.split(":", 1)[1]), max_gap_s=config.max_gap_s)
+
+
+def build_propagator_for(config: NodeConfig, model: Any) -> Any:
+    """The propagator the parameters describe, running on ``model`` (a backend or the MPVSS model)."""
+    from ..propagation import build_propagator
+
+    return build_propagator(config.propagator, model, config.optical_flow_preset, config.optical_flow_scale,
+                            config.chain_flow)
+
+
+def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
+    """The :class:`VideoSegmenter` the parameters describe (propagator, schedule, device)."""
     model: Any = loaded.model
     if config.backend != "torch" or config.precision != "fp32":
         from ..runtime import load_backend
@@ -208,9 +229,22 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
                                  input_hw=input_hw)
         except (ValueError, OSError, RuntimeError) as exc:
             raise StartupError(_one_line(f"backend '{config.backend}' ({config.precision}): {exc}")) from None
-    propagator = build_propagator(config.propagator, model, config.optical_flow_preset, config.optical_flow_scale,
-                                  config.chain_flow)
-    return VideoSegmenter(model, propagator, scheduler, device=loaded.device)
+    return VideoSegmenter(model, build_propagator_for(config, model), build_scheduler(config), device=loaded.device)
+
+
+def _class_palette(config: NodeConfig, loaded: LoadedModel, num_classes: int) -> Any:
+    """(num_classes, 3) uint8 RGB: the ``palette`` parameter, else the model's, generated beyond.
+
+    Raises:
+        ValueError: more colours than classes.
+    """
+    from ..viz import make_palette
+
+    if len(config.palette) > num_classes:
+        raise ValueError(f"parameter 'palette': {len(config.palette)} colours for a model with "
+                         f"{num_classes} classes")
+    base = palette_to_rgb(config.palette) if config.palette else (loaded.config.palette or None)
+    return make_palette(num_classes, base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +304,6 @@ class SegmentationCore:
     def __init__(self, config: NodeConfig, loaded: LoadedModel, message_types: Any, *,
                  segmenter: VideoSegmenter | None = None, clock: Callable[[], float] = time.monotonic,
                  logger: Any = None, window_s: float = 5.0, no_output_warn_s: float = 5.0) -> None:
-        from ..viz import make_palette
         from . import conversions
 
         self._conv = conversions
@@ -284,17 +317,14 @@ class SegmentationCore:
         self.no_output_warn_s = no_output_warn_s
 
         num_classes = int(self.segmenter.num_classes)
-        if len(config.palette) > num_classes:
-            raise ValueError(f"parameter 'palette': {len(config.palette)} colours for a model with "
-                             f"{num_classes} classes")
-        base = palette_to_rgb(config.palette) if config.palette else (loaded.config.palette or None)
-        self.palette = make_palette(num_classes, base)
+        self.palette = _class_palette(config, loaded, num_classes)
         names = list(loaded.config.class_names or [])
         self.class_names = names if len(names) == num_classes else default_class_names(num_classes)
 
         self._lock = threading.Lock()
         self._enabled = True
         self._reset_requested = False
+        self._pending_engine: dict[str, Any] = {}  # "scheduler"/"propagator" from reconfigure, for the worker
         self._key_frame_stamp: Any = None  # the last output's key_frame_stamp (builtin_interfaces/Time)
         self.counters: Counter[str] = Counter({k: 0 for k in (
             "received", "processed", "published", "dropped_stale", "dropped_replaced",
@@ -334,6 +364,43 @@ class SegmentationCore:
         """Make the next processed frame a key frame (scheduler and key-frame state reset)."""
         with self._lock:
             self._reset_requested = True
+
+    def reconfigure(self, changes: dict[str, Any]) -> NodeConfig:
+        """Apply parameter changes while the node runs (the node's on-set-parameters callback).
+
+        The whole new configuration is checked first (:func:`~mpvss_ros.ros.parameters.reconfigure`)
+        and the new scheduler, propagator or palette built; nothing changes when that raises.
+        Then the configuration and palette take effect at once, and a changed scheduler or
+        propagator is installed by the worker before its next frame, which is then a key frame
+        (reason ``reset``): the key frame's state belongs to the propagation that made it.
+
+        Args:
+            changes: parameter name -> value, names from
+                :data:`~mpvss_ros.ros.parameters.DYNAMIC_PARAMETERS`.
+
+        Returns:
+            The new configuration.
+
+        Raises:
+            ValueError: a read-only or unknown name, or a value the parameter table refuses
+                (naming the parameter); also a palette with more colours than classes.
+        """
+        from .parameters import reconfigure
+
+        with self._lock:
+            old = self.config
+            new = reconfigure(old, changes)
+            changed = {name for name in changes if getattr(new, name) != getattr(old, name)}
+            engine: dict[str, Any] = {}
+            if changed & set(SCHEDULE_PARAMETERS):
+                engine["scheduler"] = build_scheduler(new)
+            if changed & set(PROPAGATION_PARAMETERS):
+                engine["propagator"] = build_propagator_for(new, self.segmenter.model)
+            palette = (_class_palette(new, self.loaded, int(self.segmenter.num_classes))
+                       if "palette" in changed else self.palette)
+            self.config, self.palette = new, palette
+            self._pending_engine.update(engine)
+        return new
 
     def note_received(self) -> None:
         """Count one arriving message (the slot's ``on_put`` hook)."""
@@ -391,34 +458,38 @@ class SegmentationCore:
                 self.counters["dropped_disabled"] += 1
                 return None
             reset, self._reset_requested = self._reset_requested, False
+            engine, self._pending_engine = self._pending_engine, {}
+            cfg, palette = self.config, self.palette  # one configuration per frame (reconfigure may run meanwhile)
+        if engine:
+            self.segmenter.replace(**engine)  # attribute swaps and a reset
         try:
             if reset:
                 self.segmenter.reset()
             header = msg.header
             stamp = self._conv.stamp_to_seconds(header.stamp)
-            if self.config.max_frame_age_s > 0 and now is not None:
+            if cfg.max_frame_age_s > 0 and now is not None:
                 age = now - stamp
-                if age > self.config.max_frame_age_s:
+                if age > cfg.max_frame_age_s:
                     with self._lock:
                         self.counters["dropped_stale"] += 1
                         self._stale.append(t0)
                     self._log_throttled("stale", "warning", (
                         f"dropping stale frame: stamp {stamp:.3f} s is {age:.3f} s old (max_frame_age_s "
-                        f"{self.config.max_frame_age_s:g}); if the clocks differ (bag replay, "
+                        f"{cfg.max_frame_age_s:g}); if the clocks differ (bag replay, "
                         f"use_sim_time) set max_frame_age_s:=0"))
                     return None
         except Exception as exc:  # noqa: BLE001 - a message without a usable header
             return self._skip("skipped_decode", "bad header", exc, t0)
 
         try:
-            if self.config.input_compressed:
+            if cfg.input_compressed:
                 rgb = self._conv.compressed_to_rgb(msg)
             else:
                 rgb = self._conv.image_to_rgb(msg)
         except Exception as exc:  # noqa: BLE001 - ConversionError, or anything a broken message raises
             return self._skip("skipped_decode", "cannot decode image", exc, t0)
 
-        masks = want_class_masks and self.config.publish_class_masks
+        masks = want_class_masks and cfg.publish_class_masks
         try:
             self.segmenter.class_masks = masks
             result = self.segmenter.push(rgb, stamp)
@@ -430,10 +501,10 @@ class SegmentationCore:
 
         try:
             outputs = self._conv.build_outputs(
-                self.types, header, result, rgb, self.palette, self.class_names,
-                self.config.overlay_alpha,
-                want_colored=want_colored and self.config.publish_colored,
-                want_overlay=want_overlay and self.config.publish_overlay,
+                self.types, header, result, rgb, palette, self.class_names,
+                cfg.overlay_alpha,
+                want_colored=want_colored and cfg.publish_colored,
+                want_overlay=want_overlay and cfg.publish_overlay,
                 want_class_masks=masks, previous_key_frame_stamp=self._key_frame_stamp)
         except Exception as exc:  # noqa: BLE001 - counted, logged, the node keeps running
             self.record_error("building output messages failed", exc)

@@ -20,7 +20,11 @@ the table in :mod:`mpvss_ros.ros.parameters`. This file only wires ROS to them:
 * ``/diagnostics`` (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``;
 * services ``~/enable`` (``std_srvs/SetBool``) and ``~/reset`` (``std_srvs/Trigger``).
 
-Parameters are read once at start (declared read-only; change them in the params file or on
+Parameters are read at start. The schedule, propagation, frame-age, overlay-opacity and
+palette parameters (``dynamic`` in the table) can also be changed while the node runs
+(``ros2 param set /mpvss_segmenter schedule fixed:5``): the on-set-parameters callback hands
+them to :meth:`~mpvss_ros.ros.core.SegmentationCore.reconfigure`, which refuses an invalid
+change with its reason; the others are declared read-only (change them in the params file or on
 the command line and restart). A model that cannot be loaded ends the process with one fatal
 log line and exit status 1.
 
@@ -37,7 +41,7 @@ import rclpy.executors
 import rclpy.logging
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.exceptions import ParameterException, ParameterUninitializedException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -61,7 +65,7 @@ from mpvss_ros.ros.core import (
     configure_threads,
     load_configured_model,
 )
-from mpvss_ros.ros.parameters import NODE_NAME, PARAMETERS, NodeConfig, descriptor_fields, validate
+from mpvss_ros.ros.parameters import NODE_NAME, PARAMETERS, SPECS, NodeConfig, descriptor_fields, validate
 
 __all__ = ["MPVSSNode", "main"]
 
@@ -126,6 +130,7 @@ class MPVSSNode(Node):
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics)
         self._worker.start()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.get_logger().info(
             f"segmenting {self._sub.topic_name} ({cfg.input_reliability}, depth {cfg.input_depth}) with "
             f"{loaded.config.name} on {loaded.device}, {cfg.propagator}"
@@ -136,7 +141,7 @@ class MPVSSNode(Node):
         for spec in PARAMETERS:
             f = descriptor_fields(spec)
             desc = ParameterDescriptor(description=f["description"],
-                                       additional_constraints=f["additional_constraints"], read_only=True,
+                                       additional_constraints=f["additional_constraints"], read_only=f["read_only"],
                                        dynamic_typing=f["dynamic_typing"])
             if f["integer_range"] is not None:
                 lo, hi, step = f["integer_range"]
@@ -197,6 +202,21 @@ class MPVSSNode(Node):
         response.success = True
         response.message = "reset: the next frame is a key frame"
         return response
+
+    def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+        """rclpy has checked read-only flags, types and ranges; the core checks the rest. Parameters
+        outside the table (``use_sim_time``) pass through untouched."""
+        changes = {p.name: p.value for p in parameters if p.name in SPECS}
+        if not changes:
+            return SetParametersResult(successful=True)
+        try:
+            self.core.reconfigure(changes)
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        except Exception as exc:  # noqa: BLE001 - an exception here would end the executor's spin
+            return SetParametersResult(successful=False, reason=f"{type(exc).__name__}: {exc}")
+        self.get_logger().info("parameters changed: " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+        return SetParametersResult(successful=True)
 
     def _publish_diagnostics(self) -> None:
         s = self.core.diagnostic_status()

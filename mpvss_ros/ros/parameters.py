@@ -7,11 +7,17 @@ ROS-free. Three things are derived from :data:`PARAMETERS` and nothing else:
 * the node's ``declare_parameter`` calls (:func:`descriptor_fields` gives the description, the
   accepted values and the integer/floating-point range of the ``ParameterDescriptor``);
 * validation of the values the node reads back (:func:`validate` -> :class:`NodeConfig`, raising
-  ``ValueError`` that names the parameter).
+  ``ValueError`` that names the parameter), and of changes while it runs (:func:`reconfigure`).
+
+The parameters marked ``dynamic`` (schedule, propagation, the frame-age check, overlay opacity
+and palette) can be changed while the node runs (``ros2 param set``), as Nav2 does for its
+dynamic parameters; the others (model, backend, device, input QoS, which outputs exist) are
+read-only and take a restart.
 
 Usage::
 
     cfg = validate({"device": "cuda", "overlay_alpha": 0.3})   # missing names take the defaults
+    cfg = reconfigure(cfg, {"schedule": "fixed:5"})            # ValueError for read-only names
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ __all__ = [
     "NodeConfig",
     "defaults",
     "validate",
+    "reconfigure",
+    "DYNAMIC_PARAMETERS",
     "descriptor_fields",
     "render_yaml",
     "palette_to_rgb",
@@ -77,6 +85,7 @@ class ParamSpec:
         choices: accepted strings, for ``str`` parameters with a fixed set of values.
         min, max: inclusive range for ``int``/``float`` (and per element for ``int_array``).
         constraints: the accepted values in words, when neither choices nor range says it.
+        dynamic: may be changed while the node runs (:func:`reconfigure`); False = read-only.
     """
 
     name: str
@@ -87,6 +96,7 @@ class ParamSpec:
     min: float | None = None
     max: float | None = None
     constraints: str = ""
+    dynamic: bool = False
 
 
 PARAMETERS: tuple[ParamSpec, ...] = (
@@ -119,41 +129,41 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "AVX-512 BF16 or AMX: backbone and motion encoder in bfloat16, the rest in fp32).", choices=PRECISIONS),
     ParamSpec("propagator", "str", "query_flow",
               "How non-key frames are produced from the last key frame: query_flow (MPVSS), "
-              "optical_flow (OpenCV DIS) or copy.", choices=PROPAGATOR_CHOICES),
+              "optical_flow (OpenCV DIS) or copy.", choices=PROPAGATOR_CHOICES, dynamic=True),
     ParamSpec("optical_flow_preset", "str", "fast",
               "optical_flow only: OpenCV DIS preset. On the CamVid val clip (2 CPU threads, key "
               "interval 5, chained flow) medium gains 0.7 mIoU over fast for about 8 ms more per non-key frame.",
-              choices=DIS_PRESET_CHOICES),
+              choices=DIS_PRESET_CHOICES, dynamic=True),
     ParamSpec("optical_flow_scale", "float", 0.5,
               "optical_flow only: resolution of the DIS computation relative to the network canvas.",
-              min=OPTICAL_FLOW_SCALE_RANGE[0], max=OPTICAL_FLOW_SCALE_RANGE[1]),
+              min=OPTICAL_FLOW_SCALE_RANGE[0], max=OPTICAL_FLOW_SCALE_RANGE[1], dynamic=True),
     ParamSpec("chain_flow", "bool", True,
               "query_flow and optical_flow: estimate each frame's flow to the previous frame and compose "
               "it back to the key frame (same cost; CamVid val, key interval 5 / 10: query flow +0.36 / "
-              "+2.17 mIoU) instead of the paper's direct flow to the key frame (false)."),
+              "+2.17 mIoU) instead of the paper's direct flow to the key frame (false).", dynamic=True),
     ParamSpec("schedule", "str", "adaptive",
               "Key-frame schedule: 'adaptive' (a hard cut, scene change >= scene_threshold, or "
               "max_interval frames) or 'fixed:N' (every N-th frame; fixed:1 = per-frame segmentation).",
-              constraints="adaptive or fixed:N with N >= 1"),
+              constraints="adaptive or fixed:N with N >= 1", dynamic=True),
     ParamSpec("scene_threshold", "float", 0.5,
               "Adaptive schedule: scene score (grey change integrated since the key frame) that "
               "triggers a key frame; 0.5 gives about 1 key frame in 5 on a 15 fps drive, higher = "
               "fewer. Hard cuts are keyed by cut_threshold whatever this is.",
-              min=0.001, max=100.0),
+              min=0.001, max=100.0, dynamic=True),
     ParamSpec("cut_threshold", "float", DEFAULT_CUT_THRESHOLD,
               "Adaptive schedule: frame-to-frame change that counts as a hard cut and makes a key "
               "frame (hard cuts of a street clip score 0.56-0.85, other frames at most 0.32); above "
               "4 turns cut detection off.",
-              min=0.05, max=5.0),
+              min=0.05, max=5.0, dynamic=True),
     ParamSpec("min_interval", "int", 1,
               "Adaptive schedule: frames after a key frame before a cut or a scene change may "
-              "trigger the next one.", min=1, max=10000),
+              "trigger the next one.", min=1, max=10000, dynamic=True),
     ParamSpec("max_interval", "int", 10,
               "Adaptive schedule: a key frame is forced after this many frames.",
-              min=1, max=10000),
+              min=1, max=10000, dynamic=True),
     ParamSpec("max_gap_s", "float", 1.0,
               "A gap between consecutive input stamps longer than this (seconds) forces a key "
-              "frame.", min=0.001, max=86400.0),
+              "frame.", min=0.001, max=86400.0, dynamic=True),
     ParamSpec("input_compressed", "bool", False,
               "Subscribe to image/compressed (sensor_msgs/CompressedImage) instead of image "
               "(sensor_msgs/Image)."),
@@ -166,7 +176,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("max_frame_age_s", "float", 0.5,
               "Drop a frame whose header stamp is older than this (seconds, node clock) when "
               "its turn comes; 0 disables the check (e.g. bags played without --clock).",
-              min=0.0, max=86400.0),
+              min=0.0, max=86400.0, dynamic=True),
     ParamSpec("publish_colored", "bool", True,
               "Publish ~/colored (rgb8 colour labels) when it has subscribers."),
     ParamSpec("publish_overlay", "bool", True,
@@ -177,11 +187,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Publish ~/class_masks (mpvss_ros/ClassMasks) when it has subscribers."),
     ParamSpec("overlay_alpha", "float", 0.5,
               "Opacity of the class colours in ~/overlay (0 = image only, 1 = colours only).",
-              min=0.0, max=1.0),
+              min=0.0, max=1.0, dynamic=True),
     ParamSpec("palette", "int_array", [],
               "Class colours as 24-bit 0xRRGGBB integers, one per class from class 0; classes "
               "beyond the list get generated colours; [] = the model's palette.",
-              min=0, max=0xFFFFFF),
+              min=0, max=0xFFFFFF, dynamic=True),
     ParamSpec("diagnostics_period_s", "float", 1.0,
               "Period of the /diagnostics status (seconds).", min=0.05, max=3600.0),
     ParamSpec("threads", "int", 0,
@@ -190,6 +200,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
 
 #: :data:`PARAMETERS` by name.
 SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMETERS}
+#: The names of the parameters that may change while the node runs, in table order.
+DYNAMIC_PARAMETERS: tuple[str, ...] = tuple(p.name for p in PARAMETERS if p.dynamic)
 
 
 @dataclass(frozen=True)
@@ -311,17 +323,40 @@ def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
     return NodeConfig(**checked)
 
 
+def reconfigure(config: NodeConfig, changes: Mapping[str, Any]) -> NodeConfig:
+    """``config`` with ``changes`` applied, checked as a whole (:func:`validate`).
+
+    Args:
+        config: the running configuration.
+        changes: parameter name -> new value; only :data:`DYNAMIC_PARAMETERS`.
+
+    Raises:
+        ValueError: naming the parameter: unknown, read-only (it takes a restart), or a value
+            :func:`validate` refuses (including ``min_interval > max_interval`` after the change).
+    """
+    unknown = sorted(set(changes) - set(SPECS))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}")
+    fixed = [name for name in changes if not SPECS[name].dynamic]
+    if fixed:
+        raise ValueError(f"parameter '{fixed[0]}' is read-only while the node runs: set it in the params "
+                         f"file or on the command line and restart")
+    return validate({**config.as_dict(), **changes})
+
+
 def descriptor_fields(spec: ParamSpec) -> dict[str, Any]:
     """What the node puts into the parameter's ``rcl_interfaces/ParameterDescriptor``.
 
     Returns:
         ``{"description": str, "additional_constraints": str, "integer_range": (from, to, step)
-        or None, "floating_point_range": (from, to, step) or None, "dynamic_typing": bool}``.
+        or None, "floating_point_range": (from, to, step) or None, "dynamic_typing": bool,
+        "read_only": bool}``.
         Ranges are given only for scalar numeric parameters (step 1 for integers, 0 = continuous
         for floats). Float parameters are dynamically typed: a whole number in a params file or
         on the command line (``max_gap_s: 2``, ``-p max_frame_age_s:=0``) arrives as INTEGER,
         which rclpy rejects for a DOUBLE parameter and would stop the node; :func:`validate`
-        then checks the type and range and converts it to float.
+        then checks the type and range and converts it to float. Parameters that are not
+        ``dynamic`` are read-only.
     """
     if spec.choices is not None:
         constraints = "one of: " + ", ".join(spec.choices)
@@ -337,7 +372,7 @@ def descriptor_fields(spec: ParamSpec) -> dict[str, Any]:
     float_range = (float(spec.min), float(spec.max), 0.0) if spec.type == "float" else None
     return {"description": spec.description, "additional_constraints": constraints,
             "integer_range": int_range, "floating_point_range": float_range,
-            "dynamic_typing": spec.type == "float"}
+            "dynamic_typing": spec.type == "float", "read_only": not spec.dynamic}
 
 
 def _yaml_value(value: Any) -> str:
@@ -370,6 +405,10 @@ def render_yaml(node_name: str = NODE_NAME) -> str:
         "# Generated from mpvss_ros/ros/parameters.py, the single source of names, defaults and",
         "# ranges: python3 -m mpvss_ros.ros.parameters > config/segment.yaml",
         "# Use: ros2 launch mpvss_ros segment.launch.py config:=<copy of this file>",
+        "# Parameters marked (dynamic) can also be changed while the node runs:",
+        "#   ros2 param set /mpvss_segmenter schedule fixed:5",
+        "# (a change to the schedule or the propagation makes the next frame a key frame); the",
+        "# others are read at start.",
         f"{node_name}:",
         "  ros__parameters:",
     ]
@@ -377,7 +416,7 @@ def render_yaml(node_name: str = NODE_NAME) -> str:
         extra = descriptor_fields(spec)["additional_constraints"]
         if spec.choices is not None:
             extra = "one of " + ", ".join(spec.choices)
-        comment = spec.description + (f" Accepted: {extra}." if extra else "")
+        comment = spec.description + (f" Accepted: {extra}." if extra else "") + (" (dynamic)" if spec.dynamic else "")
         out += [f"    # {line}" for line in _wrap(comment, 92)]
         out.append(f"    {spec.name}: {_yaml_value(spec.default)}")
     return "\n".join(out) + "\n"

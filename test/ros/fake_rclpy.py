@@ -10,6 +10,10 @@ Where the behaviour matters to the node it follows rclpy (Humble), read from its
   (``InvalidParameterTypeException``, e.g. ``2`` for a DOUBLE parameter); integer and
   floating-point ranges are checked for values of their own type only; a parameter declared with
   a type and no value raises ``ParameterUninitializedException`` on ``get_parameter``;
+* ``set_parameters`` (what ``ros2 param set`` reaches) refuses read-only parameters, a type other
+  than the declared one (unless ``dynamic_typing``) and out-of-range values before it calls the
+  ``add_on_set_parameters_callback`` callbacks, newest first, with a one-element list; the value
+  is stored only when every callback succeeds; ``use_sim_time`` is declared on every node;
 * ``create_publisher`` / ``create_subscription`` take ``qos_overriding_options`` as a keyword and
   apply ``qos_overrides.<topic>.<publisher|subscription>.<policy>`` to the profile in place;
 * ``~/x`` topics resolve to ``/<namespace>/<node>/x``.
@@ -162,6 +166,24 @@ class FloatingPointRange:
         self.from_value, self.to_value, self.step = from_value, to_value, step
 
 
+class SetParametersResult:
+    def __init__(self, successful: bool = False, reason: str = "") -> None:
+        self.successful, self.reason = successful, reason
+
+
+class ParameterNotDeclaredException(ParameterException):
+    pass
+
+
+def _range_problem(name: str, type_: ParameterType, value: Any, descriptor: ParameterDescriptor) -> str:
+    """rclpy's range checks (ranges apply to values of their own type only); '' when in range."""
+    for kind, ranges in ((ParameterType.INTEGER, descriptor.integer_range),
+                         (ParameterType.DOUBLE, descriptor.floating_point_range)):
+        if type_ == kind and ranges and not ranges[0].from_value <= value <= ranges[0].to_value:
+            return f"Parameter {name} out of range. Min: {ranges[0].from_value}, Max: {ranges[0].to_value}, value: {value}"
+    return ""
+
+
 # ------------------------------------------------------------------------------------ rclpy.qos
 
 
@@ -281,7 +303,11 @@ class Node:
 
     def __init__(self, node_name: str, **kwargs: Any) -> None:
         self._name = node_name
-        self._params: dict[str, Parameter] = {}
+        # rclpy declares use_sim_time on every node, settable while it runs.
+        self._params: dict[str, Parameter] = {"use_sim_time": Parameter("use_sim_time", ParameterType.BOOL, False)}
+        self._descriptors: dict[str, ParameterDescriptor] = {"use_sim_time": ParameterDescriptor()}
+        self._declared_types: dict[str, ParameterType] = {"use_sim_time": ParameterType.BOOL}
+        self._parameter_callbacks: list[Any] = []
         self.publishers: dict[str, Publisher] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self.services: dict[str, tuple[Any, Any]] = {}
@@ -305,17 +331,42 @@ class Node:
             raise InvalidParameterTypeException(
                 f"Trying to set parameter '{name}' to '{given}' of type '{given_type.name}', "
                 f"expecting type '{declared.name}'")
-        if given_type == ParameterType.INTEGER and descriptor.integer_range:
-            r = descriptor.integer_range[0]
-            if not r.from_value <= given <= r.to_value:
-                raise InvalidParameterValueException(f"{name}: {given} out of range")
-        if given_type == ParameterType.DOUBLE and descriptor.floating_point_range:
-            r = descriptor.floating_point_range[0]
-            if not r.from_value <= given <= r.to_value:
-                raise InvalidParameterValueException(f"{name}: {given} out of range")
+        problem = _range_problem(name, given_type, given, descriptor)
+        if problem:
+            raise InvalidParameterValueException(problem)
         param = Parameter(name, given_type, given)
         self._params[name] = param
+        self._descriptors[name] = descriptor
+        self._declared_types[name] = declared
         return param
+
+    # -- rclpy Humble's add_on_set_parameters_callback / set_parameters / _apply_descriptor --
+    def add_on_set_parameters_callback(self, callback: Any) -> None:
+        self._parameter_callbacks.insert(0, callback)
+
+    def set_parameters(self, parameters: list[Parameter]) -> list[SetParametersResult]:
+        """What ``ros2 param set`` reaches: one result per parameter, each set on its own."""
+        undeclared = [p.name for p in parameters if p.name not in self._params]
+        if undeclared:
+            raise ParameterNotDeclaredException(undeclared)
+        return [self._set_one(p) for p in parameters]
+
+    def _set_one(self, param: Parameter) -> SetParametersResult:
+        descriptor = self._descriptors[param.name]
+        if descriptor.read_only:
+            return SetParametersResult(False, f"Trying to set a read-only parameter: {param.name}.")
+        declared = self._declared_types[param.name]
+        if not descriptor.dynamic_typing and param.type_ not in (ParameterType.NOT_SET, declared):
+            return SetParametersResult(False, f"Wrong parameter type, expected '{declared}' got '{param.type_}'")
+        problem = _range_problem(param.name, param.type_, param.value, descriptor)
+        if problem:
+            return SetParametersResult(False, problem)
+        for callback in self._parameter_callbacks:
+            result = callback([param])
+            if not result.successful:
+                return result
+        self._params[param.name] = param
+        return SetParametersResult(True)
 
     def get_parameter(self, name: str) -> Parameter:
         param = self._params[name]
@@ -435,7 +486,8 @@ def install(monkeypatch: Any) -> _Runtime:
             "KeyValue": _msg("diagnostic_msgs/msg/KeyValue")},
         "rcl_interfaces": {}, "rcl_interfaces.msg": {"FloatingPointRange": FloatingPointRange,
                                                      "IntegerRange": IntegerRange,
-                                                     "ParameterDescriptor": ParameterDescriptor},
+                                                     "ParameterDescriptor": ParameterDescriptor,
+                                                     "SetParametersResult": SetParametersResult},
         "sensor_msgs": {}, "sensor_msgs.msg": {"CompressedImage": MESSAGE_TYPES.compressed_image,
                                                "Image": MESSAGE_TYPES.image},
         "std_msgs": {}, "std_msgs.msg": {"Header": with_defaults(t["std_msgs/msg/Header"])},

@@ -422,6 +422,63 @@ def test_stamps_going_backwards_force_a_key_frame_and_keep_their_stamp(make_core
 # --------------------------------------------------------------------------------------------
 
 
+def test_reconfigure_while_running(make_core, types, band_loaded):
+    """``ros2 param set`` on a running node: a schedule or propagation change takes over from the
+    next frame, which is a key frame (reason reset); the age check, opacity and palette change
+    without one; a refused change leaves everything as it was."""
+    core, clock, _ = make_core(schedule="fixed:100", max_frame_age_s=0.0)
+    seg = core.segmenter
+    key = [core.process(image_msg(types, frame(*BIG), 1.0 + 0.01 * i)).info.is_key_frame for i in range(3)]
+    assert key == [True, False, False]
+
+    before = core.config
+    with pytest.raises(ValueError, match="read-only"):
+        core.reconfigure({"schedule": "fixed:2", "backend": "onnxruntime"})
+    with pytest.raises(ValueError, match="min_interval"):
+        core.reconfigure({"schedule": "adaptive", "min_interval": 20, "max_interval": 10})
+    with pytest.raises(ValueError, match="palette"):  # 6 colours for 5 classes
+        core.reconfigure({"palette": [0] * 6})
+    assert core.config is before and core.segmenter.scheduler is seg.scheduler
+    assert not core.process(image_msg(types, frame(*BIG), 1.03)).info.is_key_frame, "a refused change resets nothing"
+
+    assert core.reconfigure({"schedule": "fixed:2", "propagator": "optical_flow"}).schedule == "fixed:2"
+    assert seg.propagator.name == "copy", "swapped by the worker, between frames"
+    outs = [core.process(image_msg(types, frame(*BIG), 1.04 + 0.01 * i)) for i in range(4)]
+    assert [(o.info.is_key_frame, o.info.key_frame_reason) for o in outs] == [
+        (True, "reset"), (False, ""), (True, "interval"), (False, "")]
+    assert seg.propagator.name == "optical_flow" and isinstance(seg.scheduler, FixedIntervalScheduler)
+    assert seg.scheduler.interval == 2
+
+    core.reconfigure({"overlay_alpha": 1.0, "palette": [0xFF0000, 0x00FF00], "max_frame_age_s": 0.2})
+    out = core.process(image_msg(types, frame(*BIG), 1.08), want_overlay=True)
+    assert out.info.key_frame_reason == "interval", "the schedule's own key frame: output settings reset nothing"
+    labels = stamp_free_labels(out)
+    colored = np.frombuffer(bytes(out.colored.data), np.uint8).reshape(*BIG, 3)
+    overlay = np.frombuffer(bytes(out.overlay.data), np.uint8).reshape(*BIG, 3)
+    seen = 0
+    for cls, rgb in ((0, (255, 0, 0)), (1, (0, 255, 0))):
+        sel = labels == cls
+        seen += sel.sum()
+        assert (colored[sel] == rgb).all(), cls
+        low = sel.copy()
+        low[: BIG[0] // 2] = False  # below the legend and the tag (top corners)
+        if low.any():  # alpha 1: the colour itself
+            assert (overlay[low] == rgb).all(), cls
+    assert seen > 0.1 * labels.size, "the new palette's classes are on screen"
+    assert ((labels[BIG[0] // 2:] <= 1).mean()) > 0.1, "and below the legend"
+    assert core.process(image_msg(types, frame(*BIG), 1.09), now=1.09 + 0.5) is None, "0.5 s > the new 0.2 s"
+    assert core.counters["dropped_stale"] == 1
+    assert not core.process(image_msg(types, frame(*BIG), 1.10)).info.is_key_frame
+    assert core.key_frame_reasons == {"first": 1, "reset": 1, "interval": 2}
+
+
+BIG = (240, 320)  # the legend covers a small part of the overlay
+
+
+def stamp_free_labels(out) -> np.ndarray:
+    return np.frombuffer(bytes(out.labels.data), np.uint8).reshape(out.labels.height, out.labels.width)
+
+
 def test_disable_enable_reset(make_core, types, band_loaded):
     core, _, _ = make_core()
     calls = band_loaded.model.calls

@@ -6,7 +6,9 @@ launch_testing, plain pytest skips this module.
 
 Checks: labels arrive for the published frames with exactly their header (stamp and frame_id);
 LabelInfo is latched (a subscriber joining late still gets it); ``~/enable`` stops and resumes
-segmentation; ``~/reset`` makes the next frame a key frame; the node exits cleanly.
+segmentation; ``~/reset`` makes the next frame a key frame; ``set_parameters`` refuses a read-only
+parameter and an invalid schedule and applies a valid one (the next frame a key frame); the node
+exits cleanly.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
 from mpvss_ros.msg import SegmentationInfo  # noqa: E402
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -176,6 +180,29 @@ class TestSegmentationNode(unittest.TestCase):
         self.assertTrue(self.spin_for(5.0, until=lambda: after_reset in self.infos))
         self.assertTrue(self.infos[after_reset].is_key_frame)
         self.assertEqual(self.infos[after_reset].key_frame_reason, "reset")
+
+        # 5. Parameters while running (ros2 param set): read-only and invalid values refused,
+        #    a new schedule applied from a key frame (reason "reset").
+        set_parameters = self.node.create_client(SetParameters, f"{PREFIX}/set_parameters")
+
+        def set_one(name, value):
+            request = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()])
+            (result,) = self.call(set_parameters, request).results
+            return result
+
+        refused = set_one("backend", "onnxruntime")
+        self.assertFalse(refused.successful)
+        self.assertIn("read-only", refused.reason)
+        refused = set_one("schedule", "every frame")
+        self.assertFalse(refused.successful)
+        self.assertIn("schedule", refused.reason)
+        self.publish_until_segmented(30.0)
+        self.spin_for(2.0)
+        self.assertTrue(set_one("schedule", "fixed:2").successful)
+        changed = self.publish_until_segmented(30.0)
+        self.assertTrue(self.spin_for(5.0, until=lambda: changed in self.infos))
+        self.assertTrue(self.infos[changed].is_key_frame)
+        self.assertEqual(self.infos[changed].key_frame_reason, "reset")
 
 
 @launch_testing.post_shutdown_test()

@@ -125,6 +125,49 @@ def test_node_publishes_every_output_with_the_input_header(node_module):
     assert not node._worker.alive
 
 
+def test_parameters_set_while_running(node_module):
+    """``ros2 param set``: rclpy refuses read-only names, wrong types and out-of-range values
+    itself; the node's callback refuses what only the whole configuration shows and applies the
+    rest, the next frame being a key frame; parameters outside the table pass through."""
+    start, _ = node_module
+    node = start(max_frame_age_s=0, schedule="fixed:100")
+    P, T = fr.Parameter, fr.ParameterType
+    infos = node.publishers[f"{NODE}/info"].messages
+    for i in range(2):
+        feed(node, image(100_000_000 + i), i)
+    assert [m.is_key_frame for m in infos] == [True, False]
+
+    def set_one(name, value):
+        (result,) = node.set_parameters([P(name, T.from_value(value), value)])
+        return result
+
+    refused = {
+        "backend": (set_one("backend", "onnxruntime"), "read-only"),        # rclpy: read-only descriptor
+        "image_size": (set_one("image_size", [720, 1280]), "read-only"),
+        "max_interval": (set_one("max_interval", 2.5), "Wrong parameter type"),  # rclpy: INTEGER declared
+        "overlay_alpha": (set_one("overlay_alpha", 2.0), "out of range"),     # rclpy: floating-point range
+        "schedule": (set_one("schedule", "every frame"), "parameter 'schedule'"),  # the node's callback
+        "min_interval": (set_one("min_interval", 50), "must be <= max_interval"),
+    }
+    for name, (result, words) in refused.items():
+        assert not result.successful and words in result.reason, (name, result.reason)
+    assert node.core.config.schedule == "fixed:100" and node.core.config.min_interval == 1
+    feed(node, image(100_000_002), 2)
+    assert not infos[-1].is_key_frame, "refused changes touch nothing"
+
+    assert set_one("use_sim_time", True).successful  # not the node's to check
+    assert set_one("scene_threshold", 2).successful  # a whole number for a float parameter
+    assert node.core.config.scene_threshold == 2.0
+    assert set_one("schedule", "fixed:2").successful
+    assert node.get_parameter("schedule").value == "fixed:2"
+    for i in range(3, 7):
+        feed(node, image(100_000_000 + i), i)
+    assert [(m.is_key_frame, m.key_frame_reason) for m in infos[3:]] == [
+        (True, "reset"), (False, ""), (True, "interval"), (False, "")]
+    assert any("parameters changed: schedule='fixed:2'" in text for _, text in node.get_logger().lines)
+    node.destroy_node()
+
+
 @pytest.mark.parametrize("overrides, words", [
     ({"threads": 1.5}, "parameter 'threads'"),                   # rclpy refuses the type
     ({"max_gap_s": "two"}, "parameter 'max_gap_s'"),             # validate() refuses it

@@ -21,6 +21,7 @@ from mpvss_ros.ros.parameters import (
     DIS_PRESET_CHOICES,
     OPTICAL_FLOW_SCALE_RANGE,
     DEFAULT_CUT_THRESHOLD,
+    DYNAMIC_PARAMETERS,
     NODE_NAME,
     PARAMETERS,
     PROPAGATOR_CHOICES,
@@ -29,6 +30,7 @@ from mpvss_ros.ros.parameters import (
     defaults,
     descriptor_fields,
     palette_to_rgb,
+    reconfigure,
     render_yaml,
     validate,
 )
@@ -96,6 +98,43 @@ def test_every_parameter_is_described_and_its_default_valid():
             assert fields["additional_constraints"] == "one of: " + ", ".join(spec.choices)
         if spec.type != "bool":
             assert fields["additional_constraints"], spec.name
+
+
+def test_dynamic_parameters_are_the_ones_the_running_engine_can_swap():
+    """Exactly the schedule, propagation, frame-age, overlay-opacity and palette parameters may
+    change while the node runs; what the model, backend, device, input QoS or output set depend
+    on is read-only."""
+    from mpvss_ros.ros.core import PROPAGATION_PARAMETERS, SCHEDULE_PARAMETERS
+
+    assert set(DYNAMIC_PARAMETERS) == {*SCHEDULE_PARAMETERS, *PROPAGATION_PARAMETERS, "max_frame_age_s",
+                                       "overlay_alpha", "palette"}
+    for spec in PARAMETERS:
+        assert descriptor_fields(spec)["read_only"] is (spec.name not in DYNAMIC_PARAMETERS), spec.name
+    text = render_yaml()
+    for spec in PARAMETERS:  # the comment above each value says whether it is dynamic
+        block = text.split(f"    {spec.name}: ")[0].rsplit(":", 1)[-1]
+        assert block.rstrip().endswith("(dynamic)") is spec.dynamic, spec.name
+
+
+def test_reconfigure_checks_the_whole_configuration_and_refuses_read_only_names():
+    cfg = validate({"schedule": "adaptive", "min_interval": 2, "max_interval": 8})
+    new = reconfigure(cfg, {"schedule": "fixed:5", "scene_threshold": 1, "palette": [0x102030]})
+    assert (new.schedule, new.scene_threshold, new.palette) == ("fixed:5", 1.0, (0x102030,))
+    assert isinstance(new.scene_threshold, float)
+    assert dataclasses.replace(new, schedule="adaptive", scene_threshold=0.5, palette=()) == cfg
+    assert reconfigure(cfg, {}) == cfg
+    with pytest.raises(ValueError, match="'backend' is read-only"):
+        reconfigure(cfg, {"backend": "onnxruntime"})
+    with pytest.raises(ValueError, match="'model' is read-only"):
+        reconfigure(cfg, {"model": "mpvss_lite"})  # even to the same value: it is not a running setting
+    with pytest.raises(ValueError, match="unknown parameter"):
+        reconfigure(cfg, {"use_sim_time": True})
+    with pytest.raises(ValueError, match="min_interval"):  # checked against the other values
+        reconfigure(cfg, {"max_interval": 1})
+    with pytest.raises(ValueError, match="schedule"):
+        reconfigure(cfg, {"schedule": "fixed:0"})
+    with pytest.raises(ValueError, match="overlay_alpha"):
+        reconfigure(cfg, {"overlay_alpha": 1.5})
 
 
 def test_propagator_choices_follow_the_engine():
