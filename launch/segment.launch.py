@@ -3,6 +3,7 @@
     ros2 launch mpvss_ros segment.launch.py image:=/camera/image_raw
     ros2 launch mpvss_ros segment.launch.py image:=/cam/front/image_raw namespace:=front use_rviz:=true
     ros2 launch mpvss_ros segment.launch.py model:=mpvss_r50 weights:=/data/mpvss_r50.pth
+    ros2 launch mpvss_ros segment.launch.py lifecycle:=true autostart:=false    # for a lifecycle manager
 
 Arguments:
     image: the camera image topic (sensor_msgs/Image); with input_compressed: true in the params
@@ -12,6 +13,10 @@ Arguments:
     config: the parameters file (default: the package's config/segment.yaml).
     model, weights: override those parameters when not empty.
     use_rviz: also start RViz2 showing the camera image, ~/overlay and ~/colored.
+    lifecycle: start the managed (lifecycle) node ``mpvss_lifecycle_node`` instead of the plain
+        one; it loads the model at ``configure`` and segments while ``active``.
+    autostart: with lifecycle:=true, configure the node and, once that succeeded, activate it
+        (false: leave it unconfigured for Nav2's lifecycle manager or ``ros2 lifecycle set``).
 """
 
 from __future__ import annotations
@@ -107,6 +112,29 @@ def _rviz_config(template: str, image: str, namespace: str) -> str:
     return template.replace(RVIZ_IMAGE_TOPIC, image).replace(RVIZ_NODE_PREFIX, prefix)
 
 
+def _lifecycle_actions(node_args: dict, autostart: bool) -> list:
+    """The managed node, and with ``autostart`` a configure request plus an activate request that
+    follows a successful configure only (configuring -> inactive, not a later deactivate)."""
+    from launch.actions import EmitEvent, RegisterEventHandler
+    from launch.events import matches_action
+    from launch_ros.actions import LifecycleNode
+    from launch_ros.event_handlers import OnStateTransition
+    from launch_ros.events.lifecycle import ChangeState
+    from lifecycle_msgs.msg import Transition
+
+    node = LifecycleNode(executable="mpvss_lifecycle_node", **node_args)
+    if not autostart:
+        return [node]
+
+    def change(transition_id: int):
+        return EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node), transition_id=transition_id))
+
+    activate = RegisterEventHandler(OnStateTransition(target_lifecycle_node=node, start_state="configuring",
+                                                      goal_state="inactive",
+                                                      entities=[change(Transition.TRANSITION_ACTIVATE)]))
+    return [node, activate, change(Transition.TRANSITION_CONFIGURE)]
+
+
 def _launch_setup(context, *args, **kwargs):
     share = get_package_share_directory(PACKAGE)
     image = LaunchConfiguration("image").perform(context).strip()
@@ -119,18 +147,13 @@ def _launch_setup(context, *args, **kwargs):
             overrides[name] = value
     parameters = [_namespaced_params_file(config, namespace)] + ([overrides] if overrides else [])
     image_topic = image.rstrip("/")
-    actions = [
-        Node(
-            package=PACKAGE,
-            executable="mpvss_node",
-            name=NODE_NAME,
-            namespace=namespace,
-            parameters=parameters,
-            remappings=[("image", image_topic), ("image/compressed", image_topic + "/compressed")],
-            output="screen",
-            emulate_tty=True,
-        )
-    ]
+    node_args = dict(package=PACKAGE, name=NODE_NAME, namespace=namespace, parameters=parameters,
+                     remappings=[("image", image_topic), ("image/compressed", image_topic + "/compressed")],
+                     output="screen", emulate_tty=True)
+    if _true(LaunchConfiguration("lifecycle").perform(context)):
+        actions = _lifecycle_actions(node_args, _true(LaunchConfiguration("autostart").perform(context)))
+    else:
+        actions = [Node(executable="mpvss_node", **node_args)]
     if _true(LaunchConfiguration("use_rviz").perform(context)):
         with open(os.path.join(share, "config", "mpvss.rviz"), encoding="utf-8") as f:
             rviz = _rviz_config(f.read(), image_topic, namespace)
@@ -154,5 +177,9 @@ def generate_launch_description() -> LaunchDescription:
                               description="Weights file (overrides the params file when set)"),
         DeclareLaunchArgument("use_rviz", default_value="false",
                               description="Also start RViz2 with config/mpvss.rviz"),
+        DeclareLaunchArgument("lifecycle", default_value="false",
+                              description="Start the managed (lifecycle) node mpvss_lifecycle_node"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="With lifecycle:=true, configure and activate the node at launch"),
         OpaqueFunction(function=_launch_setup),
     ])

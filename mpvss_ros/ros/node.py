@@ -1,4 +1,6 @@
-"""The rclpy node ``mpvss_segmenter``: a thin shell around :mod:`mpvss_ros.ros.core`.
+"""The rclpy node ``mpvss_segmenter``: a thin shell around :mod:`mpvss_ros.ros.core`, as a plain
+node (:class:`MPVSSNode`, ``mpvss_node``) or a managed one (:class:`MPVSSLifecycleNode`,
+``mpvss_lifecycle_node``: the model loads at ``configure``, segmentation runs while ``active``).
 
 All logic (age check, decoding, the engine, output messages, counters, diagnostics) lives in
 the ROS-free, unit-tested :class:`~mpvss_ros.ros.core.SegmentationCore`; parameters come from
@@ -28,7 +30,7 @@ change with its reason; the others are declared read-only (change them in the pa
 the command line and restart). A model that cannot be loaded ends the process with one fatal
 log line and exit status 1.
 
-Run: ``ros2 launch mpvss_ros segment.launch.py image:=/camera/image_raw`` or
+Run: ``ros2 launch mpvss_ros segment.launch.py image:=/camera/image_raw [lifecycle:=true]`` or
 ``ros2 run mpvss_ros mpvss_node --ros-args -r image:=/camera/image_raw``.
 """
 
@@ -43,6 +45,7 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.exceptions import ParameterException, ParameterUninitializedException
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -65,9 +68,17 @@ from mpvss_ros.ros.core import (
     configure_threads,
     load_configured_model,
 )
-from mpvss_ros.ros.parameters import NODE_NAME, PARAMETERS, SPECS, NodeConfig, descriptor_fields, validate
+from mpvss_ros.ros.parameters import (
+    NODE_NAME,
+    PARAMETERS,
+    SPECS,
+    NodeConfig,
+    check_parameter,
+    descriptor_fields,
+    validate,
+)
 
-__all__ = ["MPVSSNode", "main"]
+__all__ = ["MPVSSNode", "MPVSSLifecycleNode", "main", "main_lifecycle"]
 
 _RELIABILITY = {
     "best_effort": ReliabilityPolicy.BEST_EFFORT,
@@ -88,12 +99,74 @@ def _qos(durability: DurabilityPolicy = DurabilityPolicy.VOLATILE, depth: int = 
 _OVERRIDES = QoSOverridingOptions.with_default_policies()
 
 
-class MPVSSNode(Node):
-    """The segmentation node. Raises :class:`StartupError` (one line) when it cannot start."""
+class _SegmenterShell:
+    """The wiring both node classes share; mixed into an rclpy ``Node`` (plain or lifecycle).
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(NODE_NAME, **kwargs)
-        self.config: NodeConfig = self._declare_and_read_parameters()
+    :meth:`_declare_parameters` declares the table; :meth:`_build` reads it, loads the model and
+    creates the core, publishers, services, diagnostics timer and parameter callback;
+    :meth:`_start_input` / :meth:`_stop_input` subscribe and run the worker, or stop both;
+    :meth:`_teardown` destroys what :meth:`_build` made.
+    """
+
+    core: SegmentationCore | None = None
+    _sub = None
+    _worker: Worker | None = None
+    _entities: list = []
+
+    def _declare_parameters(self, read_only_fixed: bool) -> None:
+        """Declare every parameter of the table (values from the params file / ``-p``).
+
+        Args:
+            read_only_fixed: declare the parameters that are not ``dynamic`` read-only (the plain
+                node); a lifecycle node takes them while unconfigured and refuses them later.
+
+        Raises:
+            StartupError: a value of the wrong type or out of range.
+        """
+        for spec in PARAMETERS:
+            f = descriptor_fields(spec)
+            desc = ParameterDescriptor(description=f["description"],
+                                       additional_constraints=f["additional_constraints"],
+                                       read_only=f["read_only"] and read_only_fixed,
+                                       dynamic_typing=f["dynamic_typing"])
+            if f["integer_range"] is not None:
+                lo, hi, step = f["integer_range"]
+                desc.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=step)]
+            if f["floating_point_range"] is not None:
+                lo, hi, step = f["floating_point_range"]
+                desc.floating_point_range = [FloatingPointRange(from_value=lo, to_value=hi, step=step)]
+            # An empty list cannot carry a type: declare the array statically typed, unset.
+            default = Parameter.Type.INTEGER_ARRAY if spec.type == "int_array" else spec.default
+            try:
+                self.declare_parameter(spec.name, default, desc)
+            except ParameterException as exc:  # wrong type or out of range in the params file
+                raise StartupError(f"parameter '{spec.name}': {exc}") from None
+
+    def _read_parameters(self) -> NodeConfig:
+        """The declared parameters' values, validated. Raises :class:`StartupError`."""
+        values = {}
+        for spec in PARAMETERS:
+            try:
+                values[spec.name] = self.get_parameter(spec.name).value
+            except ParameterUninitializedException:
+                values[spec.name] = None  # e.g. palette: [] in a params file: the default
+        try:
+            return validate(values)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _build(self, create_publisher, destroy_publisher) -> None:
+        """Read the parameters, load the model, make the core and the node's entities.
+
+        Args:
+            create_publisher, destroy_publisher: ``create_publisher`` / ``destroy_publisher``, or
+                the lifecycle node's ``create_lifecycle_publisher`` / ``destroy_lifecycle_publisher``
+                for the output topics.
+
+        Raises:
+            StartupError: one line (bad parameter, model, weights, device or backend).
+        """
+        self.config: NodeConfig = self._read_parameters()
         configure_threads(self.config.threads)
         loaded = load_configured_model(self.config)
         if not loaded.trained:
@@ -108,7 +181,7 @@ class MPVSSNode(Node):
         cfg = self.config
 
         def publisher(msg_type, topic, qos=None):
-            return self.create_publisher(msg_type, topic, qos or _qos(), qos_overriding_options=_OVERRIDES)
+            return create_publisher(msg_type, topic, qos or _qos(), qos_overriding_options=_OVERRIDES)
 
         self._pub_labels = publisher(Image, "~/labels")
         self._pub_confidence = publisher(Image, "~/confidence")
@@ -118,50 +191,54 @@ class MPVSSNode(Node):
         self._pub_masks = publisher(ClassMasks, "~/class_masks") if cfg.publish_class_masks else None
         self._pub_label_info = publisher(LabelInfo, "~/label_info", _qos(DurabilityPolicy.TRANSIENT_LOCAL))
         self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._pub_label_info.publish(self.core.label_info(Header(stamp=self.get_clock().now().to_msg())))
+        outputs = [self._pub_labels, self._pub_confidence, self._pub_info, self._pub_colored, self._pub_overlay,
+                   self._pub_masks, self._pub_label_info]
+        self._entities = [(destroy_publisher, p) for p in outputs if p is not None] + [
+            (self.destroy_publisher, self._pub_diagnostics),
+            (self.destroy_service, self.create_service(SetBool, "~/enable", self._on_enable)),
+            (self.destroy_service, self.create_service(Trigger, "~/reset", self._on_reset)),
+            (self.destroy_timer, self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics)),
+        ]
 
+    def _announce(self) -> None:
+        """Publish the LabelInfo (latched) with the node clock's stamp and log what runs."""
+        assert self.core is not None
+        cfg = self.config
+        self._pub_label_info.publish(self.core.label_info(Header(stamp=self.get_clock().now().to_msg())))
+        topic = "image/compressed" if cfg.input_compressed else "image"
+        self.get_logger().info(
+            f"segmenting {self._sub.topic_name if self._sub is not None else topic} ({cfg.input_reliability}, "
+            f"depth {cfg.input_depth}) with {self.core.loaded.config.name} on {self.core.loaded.device}, "
+            f"{cfg.propagator}{' (chained flow)' if cfg.chain_flow and cfg.propagator != 'copy' else ''}, "
+            f"schedule {cfg.schedule}")
+
+    def _start_input(self) -> None:
+        """Subscribe to the camera and start the worker thread (a fresh slot each time)."""
+        assert self.core is not None
+        cfg = self.config
         self._slot = self.core.make_slot()
         self._worker = Worker(self._slot, self.core, self._publish, now=self._now, demand=self._demand)
         input_qos = _qos(depth=cfg.input_depth, reliability=_RELIABILITY[cfg.input_reliability])
         msg_type, topic = (CompressedImage, "image/compressed") if cfg.input_compressed else (Image, "image")
         self._sub = self.create_subscription(msg_type, topic, self._slot.put, input_qos,
                                              qos_overriding_options=_OVERRIDES)
-        self.create_service(SetBool, "~/enable", self._on_enable)
-        self.create_service(Trigger, "~/reset", self._on_reset)
-        self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics)
         self._worker.start()
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        self.get_logger().info(
-            f"segmenting {self._sub.topic_name} ({cfg.input_reliability}, depth {cfg.input_depth}) with "
-            f"{loaded.config.name} on {loaded.device}, {cfg.propagator}"
-            f"{' (chained flow)' if cfg.chain_flow and cfg.propagator != 'copy' else ''}, schedule {cfg.schedule}")
 
-    def _declare_and_read_parameters(self) -> NodeConfig:
-        values = {}
-        for spec in PARAMETERS:
-            f = descriptor_fields(spec)
-            desc = ParameterDescriptor(description=f["description"],
-                                       additional_constraints=f["additional_constraints"], read_only=f["read_only"],
-                                       dynamic_typing=f["dynamic_typing"])
-            if f["integer_range"] is not None:
-                lo, hi, step = f["integer_range"]
-                desc.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=step)]
-            if f["floating_point_range"] is not None:
-                lo, hi, step = f["floating_point_range"]
-                desc.floating_point_range = [FloatingPointRange(from_value=lo, to_value=hi, step=step)]
-            # An empty list cannot carry a type: declare the array statically typed, unset.
-            default = Parameter.Type.INTEGER_ARRAY if spec.type == "int_array" else spec.default
-            try:
-                self.declare_parameter(spec.name, default, desc)
-                values[spec.name] = self.get_parameter(spec.name).value
-            except ParameterUninitializedException:
-                values[spec.name] = None  # e.g. palette: [] in a params file: the default
-            except ParameterException as exc:  # wrong type or out of range in the params file
-                raise StartupError(f"parameter '{spec.name}': {exc}") from None
-        try:
-            return validate(values)
-        except ValueError as exc:
-            raise StartupError(str(exc)) from None
+    def _stop_input(self) -> None:
+        """Unsubscribe and stop the worker (after the frame in hand)."""
+        if self._sub is not None:
+            self.destroy_subscription(self._sub)
+            self._sub = None
+        if self._worker is not None:
+            self._worker.stop()  # idempotent; the stopped worker stays for inspection
+
+    def _teardown(self) -> None:
+        """Stop the input and destroy what :meth:`_build` made; the model is released."""
+        self._stop_input()
+        for destroy, entity in self._entities:
+            destroy(entity)
+        self._entities = []
+        self.core = None
 
     # -- worker thread -------------------------------------------------------------------------
 
@@ -205,39 +282,130 @@ class MPVSSNode(Node):
 
     def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """rclpy has checked read-only flags, types and ranges; the core checks the rest. Parameters
-        outside the table (``use_sim_time``) pass through untouched."""
+        outside the table (``use_sim_time``) pass through untouched. Without a core (a lifecycle
+        node not configured) each value is checked on its own and read at ``configure``."""
         changes = {p.name: p.value for p in parameters if p.name in SPECS}
         if not changes:
             return SetParametersResult(successful=True)
+        core = self.core
         try:
-            self.core.reconfigure(changes)
+            if core is None:
+                for name, value in changes.items():
+                    check_parameter(name, value)
+            else:
+                core.reconfigure(changes)
         except ValueError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         except Exception as exc:  # noqa: BLE001 - an exception here would end the executor's spin
             return SetParametersResult(successful=False, reason=f"{type(exc).__name__}: {exc}")
-        self.get_logger().info("parameters changed: " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+        if core is not None:
+            self.get_logger().info("parameters changed: " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
         return SetParametersResult(successful=True)
 
     def _publish_diagnostics(self) -> None:
-        s = self.core.diagnostic_status()
+        core = self.core
+        if core is None:
+            return
+        s = core.diagnostic_status()
         status = DiagnosticStatus(level=_LEVEL[s.level], name=f"{self.get_fully_qualified_name()}: segmentation",
-                                  message=s.message, hardware_id=str(self.core.loaded.device),
+                                  message=s.message, hardware_id=str(core.loaded.device),
                                   values=[KeyValue(key=k, value=v) for k, v in s.values])
         self._pub_diagnostics.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
                                                       status=[status]))
 
+
+class MPVSSNode(_SegmenterShell, Node):
+    """The segmentation node: loads the model and segments from the start. Raises
+    :class:`StartupError` (one line) when it cannot start."""
+
+    def __init__(self, **kwargs) -> None:
+        Node.__init__(self, NODE_NAME, **kwargs)
+        self._declare_parameters(read_only_fixed=True)
+        self._build(self.create_publisher, self.destroy_publisher)
+        self._start_input()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._announce()
+
     def destroy_node(self) -> None:
-        self._worker.stop()
+        self._stop_input()
         super().destroy_node()
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point (``ros2 run mpvss_ros mpvss_node``). Returns the exit status."""
+class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
+    """The segmentation node as a managed (lifecycle) node, for Nav2's lifecycle manager or
+    ``ros2 lifecycle set``.
+
+    * ``configure``: read the parameters, load the model, create publishers, services and the
+      diagnostics timer (a model that cannot be loaded: one error line, FAILURE, back to
+      unconfigured);
+    * ``activate``: publish the LabelInfo, subscribe to the camera and segment; the first frame
+      is a key frame;
+    * ``deactivate``: unsubscribe and stop segmenting (publishers drop messages while inactive);
+    * ``cleanup`` / ``shutdown``: destroy what ``configure`` made and release the model.
+
+    Every parameter can be set while unconfigured (each value checked on its own, the whole set
+    at ``configure``); once configured, only the ``dynamic`` ones, as on the plain node.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        LifecycleNode.__init__(self, NODE_NAME, **kwargs)
+        self._declare_parameters(read_only_fixed=False)
+        self.add_on_set_parameters_callback(self._on_set_lifecycle_parameters)
+
+    def _on_set_lifecycle_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+        if self.core is not None:
+            fixed = [p.name for p in parameters if p.name in SPECS and not SPECS[p.name].dynamic]
+            if fixed:
+                return SetParametersResult(successful=False, reason=(
+                    f"parameter '{fixed[0]}' is read at configure: deactivate and clean up the node first"))
+        return self._on_set_parameters(parameters)
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._build(self.create_lifecycle_publisher, self.destroy_lifecycle_publisher)
+        except StartupError as exc:
+            self.get_logger().error(f"cannot configure: {exc}")
+            self._teardown()
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        result = super().on_activate(state)  # enables the lifecycle publishers
+        if result != TransitionCallbackReturn.SUCCESS:
+            return result
+        self.core.reset()  # a gap in the stream: start from a key frame
+        self._start_input()
+        self._announce()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_input()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return super().on_shutdown(state)
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._teardown()
+        return super().on_error(state)
+
+    def destroy_node(self) -> None:
+        self._stop_input()
+        super().destroy_node()
+
+
+def _spin(node_class: type, args: list[str] | None) -> int:
+    """Init rclpy, build ``node_class`` and spin it until Ctrl-C or shutdown; the exit status."""
     rclpy.init(args=args)
     node = None
     status = 0
     try:
-        node = MPVSSNode()
+        node = node_class()
         rclpy.spin(node)
     except StartupError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
@@ -250,6 +418,19 @@ def main(args: list[str] | None = None) -> int:
         if rclpy.ok():
             rclpy.try_shutdown()
     return status
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point (``ros2 run mpvss_ros mpvss_node``). Returns the exit status (1 when the node
+    cannot start)."""
+    return _spin(MPVSSNode, args)
+
+
+def main_lifecycle(args: list[str] | None = None) -> int:
+    """Entry point of the managed node (``ros2 run mpvss_ros mpvss_lifecycle_node``): starts
+    unconfigured; a lifecycle manager or ``ros2 lifecycle set`` configures and activates it.
+    Returns the exit status (1 when its parameters cannot even be declared)."""
+    return _spin(MPVSSLifecycleNode, args)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ __all__ = [
     "NodeConfig",
     "defaults",
     "validate",
+    "check_parameter",
     "reconfigure",
     "DYNAMIC_PARAMETERS",
     "descriptor_fields",
@@ -295,6 +296,29 @@ def _check(spec: ParamSpec, value: Any) -> Any:
     raise AssertionError(f"unknown parameter type {spec.type!r}")  # pragma: no cover
 
 
+def check_parameter(name: str, value: Any) -> Any:
+    """Check one parameter value on its own (type, range, choices, format); returns it
+    normalised (float, tuple, stripped schedule). :func:`validate` also checks the values
+    against each other.
+
+    Raises:
+        ValueError: naming the parameter: unknown name, wrong type, out of range, not one of the
+            choices, a malformed ``device``/``schedule``/``image_size``.
+    """
+    if name not in SPECS:
+        raise ValueError(f"unknown parameter '{name}'; known: {sorted(SPECS)}")
+    value = _check(SPECS[name], value)
+    if name == "device" and not _DEVICE_RE.match(value):
+        raise ValueError(f"parameter 'device': must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if name == "schedule":
+        if not _SCHEDULE_RE.match(value.strip()):
+            raise ValueError(f"parameter 'schedule': must be 'adaptive' or 'fixed:N' (N >= 1), got {value!r}")
+        value = value.strip()
+    if name == "image_size" and len(value) not in (0, 2):
+        raise ValueError(f"parameter 'image_size': must be [] or [height, width], got {list(value)}")
+    return value
+
+
 def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
     """Check parameter values and build a :class:`NodeConfig`; missing names take the defaults.
 
@@ -308,15 +332,7 @@ def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
         raise ValueError(f"unknown parameter(s) {unknown}; known: {sorted(SPECS)}")
     merged = defaults()
     merged.update(values)
-    checked = {name: _check(SPECS[name], v) for name, v in merged.items()}
-    if not _DEVICE_RE.match(checked["device"]):
-        raise ValueError(f"parameter 'device': must be auto, cpu, cuda or cuda:N, got {checked['device']!r}")
-    if not _SCHEDULE_RE.match(checked["schedule"].strip()):
-        raise ValueError(f"parameter 'schedule': must be 'adaptive' or 'fixed:N' (N >= 1), "
-                         f"got {checked['schedule']!r}")
-    checked["schedule"] = checked["schedule"].strip()
-    if len(checked["image_size"]) not in (0, 2):
-        raise ValueError(f"parameter 'image_size': must be [] or [height, width], got {list(checked['image_size'])}")
+    checked = {name: check_parameter(name, v) for name, v in merged.items()}
     if checked["min_interval"] > checked["max_interval"]:
         raise ValueError(f"parameter 'min_interval': must be <= max_interval ({checked['max_interval']}), "
                          f"got {checked['min_interval']}")

@@ -16,6 +16,8 @@ Where the behaviour matters to the node it follows rclpy (Humble), read from its
   is stored only when every callback succeeds; ``use_sim_time`` is declared on every node;
 * ``create_publisher`` / ``create_subscription`` take ``qos_overriding_options`` as a keyword and
   apply ``qos_overrides.<topic>.<publisher|subscription>.<policy>`` to the profile in place;
+* ``LifecycleNode``: the transitions and callback results of rclpy's lifecycle state machine, and
+  lifecycle publishers that publish only while active (see :class:`LifecycleNode`);
 * ``~/x`` topics resolve to ``/<namespace>/<node>/x``.
 
 Message classes come from ``rosbags`` (same field names as rclpy's), wrapped so that omitted
@@ -398,11 +400,29 @@ class Node:
         self.subscriptions[name] = Subscription(msg_type, name, callback, qos_profile)
         return self.subscriptions[name]
 
-    def create_service(self, srv_type: Any, name: str, callback: Any) -> None:
+    def create_service(self, srv_type: Any, name: str, callback: Any) -> str:
         self.services[self._resolve(name)] = (srv_type, callback)
+        return self._resolve(name)  # the handle destroy_service takes
 
-    def create_timer(self, period_s: float, callback: Any) -> None:
-        self.timers.append((period_s, callback))
+    def create_timer(self, period_s: float, callback: Any) -> tuple[float, Any]:
+        timer = (period_s, callback)
+        self.timers.append(timer)
+        return timer
+
+    def destroy_publisher(self, publisher: Publisher) -> bool:
+        return self.publishers.pop(publisher.topic_name, None) is not None
+
+    def destroy_subscription(self, subscription: Subscription) -> bool:
+        return self.subscriptions.pop(subscription.topic_name, None) is not None
+
+    def destroy_service(self, service: str) -> bool:
+        return self.services.pop(service, None) is not None
+
+    def destroy_timer(self, timer: tuple[float, Any]) -> bool:
+        if timer in self.timers:
+            self.timers.remove(timer)
+            return True
+        return False
 
     def get_logger(self) -> Logger:
         return get_logger(self.get_fully_qualified_name())
@@ -412,6 +432,131 @@ class Node:
 
     def destroy_node(self) -> None:
         self.destroyed = True
+
+
+# --------------------------------------------------------------------------------- lifecycle
+
+
+class TransitionCallbackReturn(enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    ERROR = "error"
+
+
+class LifecycleState:
+    def __init__(self, label: str, state_id: int) -> None:
+        self.label, self.state_id = label, state_id
+
+
+class LifecyclePublisher(Publisher):
+    """Publishes only while enabled (activated), like rclpy's ``LifecyclePublisher``."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.enabled = False
+        self.dropped = 0
+
+    def publish(self, msg: Any) -> None:
+        if not self.enabled:
+            self.dropped += 1
+            return
+        super().publish(msg)
+
+
+class LifecycleNode(Node):
+    """rclpy's ``LifecycleNode`` state machine (``LifecycleNodeMixin.__change_state``): the
+    transition's callback gets the previous state; SUCCESS goes to the goal state, FAILURE back
+    to the start state, ERROR (or an exception) to ``on_error``, then unconfigured on its
+    SUCCESS, else finalized. The default callbacks enable (activate) or disable (deactivate)
+    the lifecycle publishers. A transition not allowed from the current state raises."""
+
+    _TRANSITIONS = {  # name: (from states, goal state, callback name)
+        "configure": (("unconfigured",), "inactive", "on_configure"),
+        "cleanup": (("inactive",), "unconfigured", "on_cleanup"),
+        "activate": (("inactive",), "active", "on_activate"),
+        "deactivate": (("active",), "inactive", "on_deactivate"),
+        "shutdown": (("unconfigured", "inactive", "active"), "finalized", "on_shutdown"),
+    }
+    _IDS = {"unconfigured": 1, "inactive": 2, "active": 3, "finalized": 4}
+
+    def __init__(self, node_name: str, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self.state = "unconfigured"
+        self._managed: list[LifecyclePublisher] = []
+
+    def create_lifecycle_publisher(self, msg_type: type, topic: str, qos_profile: QoSProfile, *,
+                                   qos_overriding_options: Any = None) -> LifecyclePublisher:
+        name = self._resolve(topic)
+        self._apply_qos_overrides(name, "publisher", qos_profile, qos_overriding_options)
+        pub = LifecyclePublisher(msg_type, name, qos_profile)
+        self.publishers[name] = pub
+        self._managed.append(pub)
+        return pub
+
+    def destroy_lifecycle_publisher(self, publisher: LifecyclePublisher) -> bool:
+        if publisher in self._managed:
+            self._managed.remove(publisher)
+        return self.destroy_publisher(publisher)
+
+    def _trigger(self, transition: str) -> TransitionCallbackReturn:
+        sources, goal, callback = self._TRANSITIONS[transition]
+        if self.state not in sources:
+            raise RuntimeError(f"transition '{transition}' not allowed from '{self.state}'")
+        start = self.state
+        previous = LifecycleState(start, self._IDS[start])
+        try:
+            result = getattr(self, callback)(previous)
+        except Exception:  # noqa: BLE001 - rclpy turns a raising callback into ERROR
+            result = TransitionCallbackReturn.ERROR
+        if result == TransitionCallbackReturn.SUCCESS:
+            self.state = goal
+        elif result == TransitionCallbackReturn.FAILURE:
+            self.state = start
+        else:
+            try:
+                recovered = self.on_error(previous) == TransitionCallbackReturn.SUCCESS
+            except Exception:  # noqa: BLE001
+                recovered = False
+            self.state = "unconfigured" if recovered else "finalized"
+        return result
+
+    def trigger_configure(self) -> TransitionCallbackReturn:
+        return self._trigger("configure")
+
+    def trigger_cleanup(self) -> TransitionCallbackReturn:
+        return self._trigger("cleanup")
+
+    def trigger_activate(self) -> TransitionCallbackReturn:
+        return self._trigger("activate")
+
+    def trigger_deactivate(self) -> TransitionCallbackReturn:
+        return self._trigger("deactivate")
+
+    def trigger_shutdown(self) -> TransitionCallbackReturn:
+        return self._trigger("shutdown")
+
+    def _set_enabled(self, enabled: bool) -> TransitionCallbackReturn:
+        for pub in self._managed:
+            pub.enabled = enabled
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._set_enabled(True)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._set_enabled(False)
 
 
 # ---------------------------------------------------------------------------------- services
@@ -475,6 +620,8 @@ def install(monkeypatch: Any) -> _Runtime:
                              "ParameterUninitializedException": ParameterUninitializedException,
                              "InvalidParameterTypeException": InvalidParameterTypeException},
         "rclpy.node": {"Node": Node},
+        "rclpy.lifecycle": {"LifecycleNode": LifecycleNode, "LifecycleState": LifecycleState,
+                            "TransitionCallbackReturn": TransitionCallbackReturn},
         "rclpy.parameter": {"Parameter": Parameter},
         "rclpy.qos": {"DurabilityPolicy": DurabilityPolicy, "HistoryPolicy": HistoryPolicy, "QoSProfile": QoSProfile,
                       "ReliabilityPolicy": ReliabilityPolicy},

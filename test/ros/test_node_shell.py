@@ -168,6 +168,89 @@ def test_parameters_set_while_running(node_module):
     node.destroy_node()
 
 
+def test_lifecycle_node_states(node_module, monkeypatch):
+    """The managed node: nothing loaded until configure (which can fail and be retried), input
+    and output only while active, a key frame after each activation, everything released at
+    cleanup; every parameter settable while unconfigured, only the dynamic ones after."""
+    start, _ = node_module
+    start()  # installs the stand-ins and the overrides
+    import mpvss_ros.ros.node as node_py
+
+    R = fr.TransitionCallbackReturn
+    P, T = fr.Parameter, fr.ParameterType
+    monkeypatch.setattr(fr.Node, "overrides", {**fr.Node.overrides, "max_frame_age_s": 0, "min_interval": 20})
+    node = node_py.MPVSSLifecycleNode()
+    seen = len(node.get_logger().lines)  # the stand-in's loggers live as long as the process
+    try:
+        assert node.state == "unconfigured" and node.core is None
+        assert not node.publishers and not node.subscriptions and not node.services
+
+        def set_one(name, value):
+            (result,) = node.set_parameters([P(name, T.from_value(value), value)])
+            return result
+
+        assert set_one("backend", "torch").successful, "unconfigured: read-at-configure parameters too"
+        assert "parameter 'schedule'" in set_one("schedule", "every frame").reason  # checked on its own
+        # min_interval 20 > max_interval 10 shows only as a whole: configure fails, and can be retried
+        assert node.trigger_configure() == R.FAILURE and node.state == "unconfigured"
+        assert any(level == "error" and "cannot configure" in text and "min_interval" in text
+                   for level, text in node.get_logger().lines[seen:])
+        assert not node.publishers and node.core is None
+        assert set_one("min_interval", 1).successful and set_one("schedule", "fixed:3").successful
+
+        assert node.trigger_configure() == R.SUCCESS and node.state == "inactive"
+        pubs = node.publishers
+        assert f"{NODE}/labels" in pubs and not node.subscriptions and f"{NODE}/reset" in node.services
+        assert not pubs[f"{NODE}/label_info"].messages
+        refused = set_one("backend", "onnxruntime")
+        assert not refused.successful and "read at configure" in refused.reason
+        assert set_one("overlay_alpha", 0.3).successful and node.core.config.overlay_alpha == 0.3
+
+        assert node.trigger_activate() == R.SUCCESS and node.state == "active"
+        assert len(pubs[f"{NODE}/label_info"].messages) == 1
+        infos = pubs[f"{NODE}/info"].messages
+        for i in range(3):
+            feed(node, image(100_000_000 + i), i)
+        assert [m.is_key_frame for m in infos] == [True, False, False]
+        worker = node._worker
+
+        assert node.trigger_deactivate() == R.SUCCESS and node.state == "inactive"
+        assert not node.subscriptions and not worker.alive
+        node._pub_labels.publish(pubs[f"{NODE}/labels"].messages[-1])  # lifecycle publishers drop while inactive
+        assert len(pubs[f"{NODE}/labels"].messages) == 3 and pubs[f"{NODE}/labels"].dropped == 1
+
+        assert node.trigger_activate() == R.SUCCESS
+        feed(node, image(200_000_000), 3)
+        feed(node, image(200_000_001), 4)
+        assert [(m.is_key_frame, m.key_frame_reason) for m in infos[3:]] == [(True, "reset"), (False, "")]
+
+        node.trigger_deactivate()
+        assert node.trigger_cleanup() == R.SUCCESS and node.state == "unconfigured"
+        assert node.core is None and not node.publishers and not node.services and not node.timers
+        assert not node._managed, "lifecycle publishers released"
+        assert set_one("backend", "torch").successful
+        assert node.trigger_shutdown() == R.SUCCESS and node.state == "finalized"
+    finally:
+        node.destroy_node()
+
+
+def test_lifecycle_configure_fails_cleanly_on_a_missing_model(node_module, monkeypatch):
+    start, _ = node_module
+    start()
+    import mpvss_ros.ros.node as node_py
+
+    monkeypatch.setattr(fr.Node, "overrides", {**fr.Node.overrides, "weights": "/nonexistent/model.pt"})
+    node = node_py.MPVSSLifecycleNode()
+    seen = len(node.get_logger().lines)  # the stand-in's loggers live as long as the process
+    try:
+        assert node.trigger_configure() == fr.TransitionCallbackReturn.FAILURE and node.state == "unconfigured"
+        errors = [text for level, text in node.get_logger().lines[seen:] if level == "error"]
+        assert len(errors) == 1 and "/nonexistent/model.pt" in errors[0] and "\n" not in errors[0]
+        assert node.core is None and not node.publishers and not node.services and not node.timers
+    finally:
+        node.destroy_node()
+
+
 @pytest.mark.parametrize("overrides, words", [
     ({"threads": 1.5}, "parameter 'threads'"),                   # rclpy refuses the type
     ({"max_gap_s": "two"}, "parameter 'max_gap_s'"),             # validate() refuses it

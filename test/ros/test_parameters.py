@@ -236,7 +236,8 @@ def test_package_layout_generates_messages_and_installs_python_config_and_launch
                      cmake)
     assert re.search(r"install\(DIRECTORY config launch\s+DESTINATION share/\$\{PROJECT_NAME\}", cmake)
     assert "add_launch_test(test/ros/test_node_launch.py" in cmake
-    for script in ("mpvss_node", "mpvss"):
+    assert "add_launch_test(test/ros/test_lifecycle_launch.py" in cmake
+    for script in ("mpvss_node", "mpvss_lifecycle_node", "mpvss"):
         path = ROOT / "scripts" / script
         assert path.is_file() and os.access(path, os.X_OK), f"scripts/{script} must exist and be executable"
         assert f"scripts/{script}" in cmake
@@ -252,7 +253,7 @@ def test_package_layout_generates_messages_and_installs_python_config_and_launch
     assert {"ament_cmake", "ament_cmake_python", "rosidl_default_generators"} <= buildtool
     exec_deps = {e.text for e in pkg.findall("exec_depend")} | {e.text for e in pkg.findall("depend")}
     assert {"rclpy", "std_srvs", "vision_msgs", "diagnostic_msgs", "sensor_msgs", "launch_ros",
-            "rosidl_default_runtime"} <= exec_deps
+            "rosidl_default_runtime", "lifecycle_msgs"} <= exec_deps
     tests = {e.text for e in pkg.findall("test_depend")}
     assert {"launch_testing", "launch_testing_ros", "launch_testing_ament_cmake", "ament_cmake_pytest"} <= tests
     assert not (ROOT / "setup.cfg").exists(), "setup.cfg only served ament_python"
@@ -284,10 +285,17 @@ def launch_file(monkeypatch, tmp_path):
         (share / "config" / name).write_text((ROOT / "config" / name).read_text())
     stubs = {
         "launch": {"LaunchDescription": list},
-        "launch.actions": {"DeclareLaunchArgument": _Record, "OpaqueFunction": _Record},
+        "launch.actions": {"DeclareLaunchArgument": _Record, "OpaqueFunction": _Record, "EmitEvent": _Record,
+                           "RegisterEventHandler": _Record},
         "launch.substitutions": {"LaunchConfiguration": _Config},
         "launch_ros": {},
-        "launch_ros.actions": {"Node": _Record},
+        "launch_ros.actions": {"Node": _Record, "LifecycleNode": _Record},
+        "launch.events": {"matches_action": lambda action: ("matches", action)},
+        "launch_ros.event_handlers": {"OnStateTransition": _Record},
+        "launch_ros.events": {},
+        "launch_ros.events.lifecycle": {"ChangeState": _Record},
+        "lifecycle_msgs": {},
+        "lifecycle_msgs.msg": {"Transition": types.SimpleNamespace(TRANSITION_CONFIGURE=1, TRANSITION_ACTIVATE=3)},
         "ament_index_python": {},
         "ament_index_python.packages": {"get_package_share_directory": lambda pkg: str(share)},
     }
@@ -305,7 +313,8 @@ def launch_file(monkeypatch, tmp_path):
 
 def _run(launch_file, **args):
     context = {"image": "/camera/image_raw", "namespace": "", "model": "", "weights": "", "use_rviz": "false",
-               "config": str(launch_file.share / "config" / "segment.yaml")}
+               "config": str(launch_file.share / "config" / "segment.yaml"), "lifecycle": "false",
+               "autostart": "true"}
     context.update(args)
     return launch_file._launch_setup(context)
 
@@ -314,7 +323,8 @@ def test_launch_arguments(launch_file):
     description = launch_file.generate_launch_description()
     declared = {a.args[0]: a.kwargs["default_value"] for a in description if a.args}
     assert declared == {"image": "/camera/image_raw", "namespace": "", "model": "", "weights": "",
-                        "use_rviz": "false", "config": str(launch_file.share / "config" / "segment.yaml")}
+                        "use_rviz": "false", "config": str(launch_file.share / "config" / "segment.yaml"),
+                        "lifecycle": "false", "autostart": "true"}
 
 
 def test_launch_starts_the_node_with_the_params_file_and_overrides(launch_file):
@@ -328,6 +338,27 @@ def test_launch_starts_the_node_with_the_params_file_and_overrides(launch_file):
     (node,) = _run(launch_file, image="/front/image_color/", model="mpvss_r50", weights="/w/r50.pth")
     assert node.kwargs["parameters"][1] == {"model": "mpvss_r50", "weights": "/w/r50.pth"}
     assert node.kwargs["remappings"][1] == ("image/compressed", "/front/image_color/compressed")
+
+
+def test_launch_lifecycle_node_configured_then_activated(launch_file):
+    plain = _run(launch_file, namespace="front")[0].kwargs
+    node, activate, configure = _run(launch_file, namespace="front", lifecycle="true")
+    assert node.kwargs["executable"] == "mpvss_lifecycle_node"
+    same = ("package", "name", "namespace", "remappings", "output")
+    assert {k: node.kwargs[k] for k in same} == {k: plain[k] for k in same}
+    assert yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text()) == yaml.safe_load(
+        Path(plain["parameters"][0]).read_text())
+    event = configure.kwargs["event"].kwargs
+    assert event == {"lifecycle_node_matcher": ("matches", node), "transition_id": 1}  # TRANSITION_CONFIGURE
+    (handler,) = activate.args
+    # only a successful configure activates (a later deactivate also ends in inactive)
+    assert {k: handler.kwargs[k] for k in ("target_lifecycle_node", "start_state", "goal_state")} == {
+        "target_lifecycle_node": node, "start_state": "configuring", "goal_state": "inactive"}
+    (emit,) = handler.kwargs["entities"]
+    assert emit.kwargs["event"].kwargs == {"lifecycle_node_matcher": ("matches", node), "transition_id": 3}
+
+    (node,) = _run(launch_file, lifecycle="true", autostart="false")
+    assert node.kwargs["executable"] == "mpvss_lifecycle_node"
 
 
 def test_launch_namespaced_node_gets_its_parameters(launch_file):
