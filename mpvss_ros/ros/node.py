@@ -111,7 +111,7 @@ class _SegmenterShell:
     core: SegmentationCore | None = None
     _sub = None
     _worker: Worker | None = None
-    _entities: list = []
+    _built_entities: list = []
 
     def _declare_parameters(self, read_only_fixed: bool) -> None:
         """Declare every parameter of the table (values from the params file / ``-p``).
@@ -193,7 +193,7 @@ class _SegmenterShell:
         self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         outputs = [self._pub_labels, self._pub_confidence, self._pub_info, self._pub_colored, self._pub_overlay,
                    self._pub_masks, self._pub_label_info]
-        self._entities = [(destroy_publisher, p) for p in outputs if p is not None] + [
+        self._built_entities = [(destroy_publisher, p) for p in outputs if p is not None] + [
             (self.destroy_publisher, self._pub_diagnostics),
             (self.destroy_service, self.create_service(SetBool, "~/enable", self._on_enable)),
             (self.destroy_service, self.create_service(Trigger, "~/reset", self._on_reset)),
@@ -235,9 +235,9 @@ class _SegmenterShell:
     def _teardown(self) -> None:
         """Stop the input and destroy what :meth:`_build` made; the model is released."""
         self._stop_input()
-        for destroy, entity in self._entities:
+        for destroy, entity in self._built_entities:
             destroy(entity)
-        self._entities = []
+        self._built_entities = []
         self.core = None
 
     # -- worker thread -------------------------------------------------------------------------
@@ -373,6 +373,7 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
         result = super().on_activate(state)  # enables the lifecycle publishers
         if result != TransitionCallbackReturn.SUCCESS:
             return result
+        self.core.set_enabled(True)
         self.core.reset()  # a gap in the stream: start from a key frame
         self._start_input()
         self._announce()
@@ -380,6 +381,7 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_input()
+        self.core.set_enabled(False)  # /diagnostics: OK "disabled", not a WARN for missing output
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -216,6 +216,7 @@ def test_lifecycle_node_states(node_module, monkeypatch):
 
         assert node.trigger_deactivate() == R.SUCCESS and node.state == "inactive"
         assert not node.subscriptions and not worker.alive
+        assert node.core.diagnostic_status().message.startswith("disabled")  # not WARN for missing output
         node._pub_labels.publish(pubs[f"{NODE}/labels"].messages[-1])  # lifecycle publishers drop while inactive
         assert len(pubs[f"{NODE}/labels"].messages) == 3 and pubs[f"{NODE}/labels"].dropped == 1
 
