@@ -17,14 +17,14 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("launch_testing")
 
+import sys  # noqa: E402
 import time  # noqa: E402
 import unittest  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import launch_ros.actions  # noqa: E402
 import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
-import numpy as np  # noqa: E402
-import rclpy  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
@@ -32,11 +32,13 @@ from sensor_msgs.msg import Image  # noqa: E402
 
 import launch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch_test does not put it there
+from ros_client import H, W, ClientTestCase, make_image  # noqa: E402
+
 NAMESPACE = "lifecycle_cam"
 PREFIX = f"/{NAMESPACE}/mpvss_segmenter"
 IMAGE_TOPIC = f"/{NAMESPACE}/image_raw"
 FRAME_ID = "lifecycle_camera_optical"
-H, W = 48, 64
 CONFIGURE_TIMEOUT_S = 120.0  # model construction on a slow CI machine
 
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -57,52 +59,18 @@ def generate_test_description():
     return launch.LaunchDescription([node, launch_testing.actions.ReadyToTest()]), {"segmenter": node}
 
 
-def make_image(sec: int) -> Image:
-    y, x = np.mgrid[0:H, 0:W]
-    rgb = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)
-    msg = Image(height=H, width=W, encoding="rgb8", is_bigendian=0, step=W * 3)
-    msg.header.stamp.sec = sec
-    msg.header.frame_id = FRAME_ID
-    msg.data = rgb.tobytes()
-    return msg
+class TestLifecycleNode(ClientTestCase):
 
-
-class TestLifecycleNode(unittest.TestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        rclpy.init()
-
-    @classmethod
-    def tearDownClass(cls):
-        rclpy.shutdown()
+    client_name = "mpvss_lifecycle_test_client"
 
     def setUp(self):
-        self.node = rclpy.create_node("mpvss_lifecycle_test_client")
+        super().setUp()
         self.labels: list[Image] = []
         self.node.create_subscription(Image, f"{PREFIX}/labels", self.labels.append, RELIABLE)
         self.pub = self.node.create_publisher(Image, IMAGE_TOPIC, RELIABLE)
         self.change = self.node.create_client(ChangeState, f"{PREFIX}/change_state")
         self.get = self.node.create_client(GetState, f"{PREFIX}/get_state")
         self.next_sec = 2000
-
-    def tearDown(self):
-        self.node.destroy_node()
-
-    def spin_for(self, seconds: float, until=lambda: False) -> bool:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            rclpy.spin_once(self.node, timeout_sec=0.05)
-            if until():
-                return True
-        return until()
-
-    def call(self, client, request, timeout: float):
-        self.assertTrue(client.wait_for_service(timeout_sec=30.0), f"service {client.srv_name} missing")
-        future = client.call_async(request)
-        rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout)
-        self.assertTrue(future.done(), f"no answer from {client.srv_name}")
-        return future.result()
 
     def transition(self, transition_id: int, timeout: float = 30.0) -> bool:
         return self.call(self.change, ChangeState.Request(transition=Transition(id=transition_id)), timeout).success
@@ -112,7 +80,7 @@ class TestLifecycleNode(unittest.TestCase):
 
     def publish_frames(self, count: int, wait_s: float = 0.5) -> None:
         for _ in range(count):
-            self.pub.publish(make_image(self.next_sec))
+            self.pub.publish(make_image(self.next_sec, 0, FRAME_ID))
             self.next_sec += 1
             self.spin_for(wait_s)
 

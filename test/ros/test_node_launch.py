@@ -18,14 +18,14 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("launch_testing")
 
+import sys  # noqa: E402
 import time  # noqa: E402
 import unittest  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import launch_ros.actions  # noqa: E402
 import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
-import numpy as np  # noqa: E402
-import rclpy  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from mpvss_ros.msg import SegmentationInfo  # noqa: E402
@@ -36,11 +36,13 @@ from vision_msgs.msg import LabelInfo  # noqa: E402
 
 import launch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch_test does not put it there
+from ros_client import H, W, ClientTestCase, make_image  # noqa: E402
+
 NAMESPACE = "test_cam"
 PREFIX = f"/{NAMESPACE}/mpvss_segmenter"
 IMAGE_TOPIC = f"/{NAMESPACE}/image_raw"
 FRAME_ID = "test_camera_optical"
-H, W = 48, 64
 STARTUP_TIMEOUT_S = 120.0  # model construction on a slow CI machine
 
 RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -64,29 +66,10 @@ def generate_test_description():
     return launch.LaunchDescription([node, launch_testing.actions.ReadyToTest()]), {"segmenter": node}
 
 
-def make_image(sec: int, nanosec: int) -> Image:
-    y, x = np.mgrid[0:H, 0:W]
-    rgb = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)
-    msg = Image(height=H, width=W, encoding="rgb8", is_bigendian=0, step=W * 3)
-    msg.header.stamp.sec = sec
-    msg.header.stamp.nanosec = nanosec
-    msg.header.frame_id = FRAME_ID
-    msg.data = rgb.tobytes()
-    return msg
-
-
-class TestSegmentationNode(unittest.TestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        rclpy.init()
-
-    @classmethod
-    def tearDownClass(cls):
-        rclpy.shutdown()
+class TestSegmentationNode(ClientTestCase):
 
     def setUp(self):
-        self.node = rclpy.create_node("mpvss_test_client")
+        super().setUp()
         self.labels: dict[tuple[int, int], Image] = {}
         self.infos: dict[tuple[int, int], SegmentationInfo] = {}
         self.node.create_subscription(Image, f"{PREFIX}/labels", self._on_labels, RELIABLE)
@@ -94,22 +77,11 @@ class TestSegmentationNode(unittest.TestCase):
         self.pub = self.node.create_publisher(Image, IMAGE_TOPIC, RELIABLE)
         self.next_sec = 1000
 
-    def tearDown(self):
-        self.node.destroy_node()
-
     def _on_labels(self, msg: Image) -> None:
         self.labels[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = msg
 
     def _on_info(self, msg: SegmentationInfo) -> None:
         self.infos[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = msg
-
-    def spin_for(self, seconds: float, until=lambda: False) -> bool:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            rclpy.spin_once(self.node, timeout_sec=0.05)
-            if until():
-                return True
-        return until()
 
     def publish_until_segmented(self, timeout: float) -> tuple[int, int]:
         """Publish frames (one every 0.5 s) until one of them comes back; its stamp."""
@@ -119,17 +91,10 @@ class TestSegmentationNode(unittest.TestCase):
             key = (self.next_sec, 250_000_000)
             self.next_sec += 1
             sent.append(key)
-            self.pub.publish(make_image(*key))
+            self.pub.publish(make_image(*key, FRAME_ID))
             if self.spin_for(0.5, until=lambda: any(k in self.labels for k in sent)):
                 return next(k for k in sent if k in self.labels)
         self.fail(f"no labels on {PREFIX}/labels within {timeout:.0f} s")
-
-    def call(self, client, request, timeout: float = 30.0):
-        self.assertTrue(client.wait_for_service(timeout_sec=timeout), f"service {client.srv_name} missing")
-        future = client.call_async(request)
-        rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout)
-        self.assertTrue(future.done(), f"no answer from {client.srv_name}")
-        return future.result()
 
     def test_labels_label_info_enable_reset(self):
         # 1. Labels come back with the input's header, at the input's size, as mono8 class IDs.
@@ -162,7 +127,7 @@ class TestSegmentationNode(unittest.TestCase):
         self.spin_for(1.0)  # a frame in flight may still come out
         before = len(self.labels)
         for _ in range(4):
-            self.pub.publish(make_image(self.next_sec, 250_000_000))
+            self.pub.publish(make_image(self.next_sec, 250_000_000, FRAME_ID))
             self.next_sec += 1
             self.spin_for(0.5)
         self.assertEqual(len(self.labels), before, "labels published while disabled")
