@@ -49,8 +49,8 @@ from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .pairs import FramePairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
-from .trainer import (InterruptAfterStep, check_same_step, device_description, lr_factor, no_decay_parameters,
-                      restore_rng_state, rng_state, sync_lr, torch_threads, truncate_log)
+from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, device_description, lr_factor,
+                      no_decay_parameters, resume_run, rng_state, torch_threads)
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels"]
 
@@ -330,21 +330,10 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
                              num_points=opts.num_points)
     trainable = motion_params + head_params
 
-    model_path, state_path = run_dir / "checkpoint_last.pt", run_dir / "trainer_state.pt"
+    model_path, state_path = run_dir / MODEL_FILE, run_dir / STATE_FILE
     start = 0
     if opts.resume:
-        if not model_path.is_file() or not state_path.is_file():
-            raise FileNotFoundError(f"resume: {model_path} and {state_path} are both needed")
-        meta_loaded = load_checkpoint(model, model_path)
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        check_same_step(meta_loaded, state, model_path, state_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state, device)
-        start = int(state["step"])
-        sync_lr(optimizer, scheduler, start)
-        truncate_log(run_dir / "log.jsonl", start)
-        log.info("resumed at step %d", start)
+        start, _ = resume_run(run_dir, model, optimizer, scheduler, device)
     else:
         torch.manual_seed(opts.seed + 1)
 
@@ -373,7 +362,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     times: list[float] = []
     step = start
     bar = tqdm(total=opts.steps, initial=start, disable=not opts.progress, desc="stage-2", dynamic_ncols=True)
-    with open(run_dir / "log.jsonl", "a") as logf, InterruptAfterStep() as interrupt:
+    with open(run_dir / LOG_FILE, "a") as logf, InterruptAfterStep() as interrupt:
         while step < opts.steps:
             t0 = time.perf_counter()
             samples = [pairs.sample(step, i) for i in range(opts.batch_size)]

@@ -464,6 +464,37 @@ def check_same_step(meta: dict[str, Any], state: dict[str, Any], model_path: Pat
                          f"{state['step']} (interrupted while saving?)")
 
 
+def resume_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> tuple[int, dict[str, Any]]:
+    """Restore a run from ``run_dir`` (``--resume``, both training stages): the model from
+    :data:`MODEL_FILE`, the optimizer, LR schedule and RNG from :data:`STATE_FILE`; the learning
+    rate is re-synced to the step and :data:`LOG_FILE` cut back to it.
+
+    Returns:
+        ``(step, state)``: the step to continue from and the trainer state dict (its
+        ``"options"`` are the run's earlier options, where saved).
+
+    Raises:
+        FileNotFoundError: either file missing. ValueError: the two files are at different steps
+            (:func:`check_same_step`). :class:`~mpvss_ros.checkpoints.CheckpointError`: a damaged
+            or foreign model file.
+    """
+    model_path, state_path = run_dir / MODEL_FILE, run_dir / STATE_FILE
+    if not model_path.is_file() or not state_path.is_file():
+        raise FileNotFoundError(f"resume: {model_path} and {state_path} are both needed")
+    meta = load_checkpoint(model, model_path)
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    check_same_step(meta, state, model_path, state_path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    step = int(state["step"])
+    sync_lr(optimizer, scheduler, step)
+    restore_rng_state(state, device)
+    truncate_log(run_dir / LOG_FILE, step)
+    log.info("resumed %s at step %d", run_dir, step)
+    return step, state
+
+
 class InterruptAfterStep:
     """Ctrl-C (SIGINT) during training: finish the step in hand, save a checkpoint, then stop.
 
@@ -597,19 +628,8 @@ def _train(opts: TrainOptions) -> TrainResult:
     start = 0
     state_path, model_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
     if opts.resume:
-        if not state_path.is_file() or not model_path.is_file():
-            raise FileNotFoundError(f"resume: {model_path} and {state_path} are both needed")
-        meta = load_checkpoint(model, model_path)
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        check_same_step(meta, state, model_path, state_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sync_lr(optimizer, scheduler, int(state["step"]))
-        restore_rng_state(state, device)
+        start, state = resume_run(run_dir, model, optimizer, scheduler, device)
         _warn_option_changes(state.get("options") or {}, _options_dict(opts))
-        start = int(state["step"])
-        truncate_log(run_dir / LOG_FILE, start)
-        log.info("resumed %s at step %d", run_dir, start)
     else:
         torch.manual_seed(opts.seed + 1)  # point-sampling stream, distinct from the init stream
     for p in model.motion.parameters():  # the checkpoint load keeps requires_grad, but be explicit
