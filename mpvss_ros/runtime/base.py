@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,6 +44,8 @@ __all__ = [
     "PRECISIONS",
     "Backend",
     "BackendUnavailable",
+    "SizeCache",
+    "MAX_PREPARED_SIZES",
     "as_backend",
     "check_precision",
     "padded_size",
@@ -51,6 +55,63 @@ __all__ = [
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 #: Precisions accepted by ``--precision``.
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+#: How many input sizes a fixed-shape backend keeps prepared (sessions or engines with their
+#: memory, GPU memory for TensorRT); the least recently used beyond that is released and
+#: prepared again (from the on-disk cache) if it comes back.
+MAX_PREPARED_SIZES = 4
+
+
+class SizeCache:
+    """Per-input-size objects of a fixed-shape backend (ONNX sessions, TensorRT engines), at most
+    ``capacity`` sizes: the least recently used one is dropped when another is added.
+
+    Args:
+        capacity: sizes kept, >= 1; None = :data:`MAX_PREPARED_SIZES`.
+        on_evict: called with ``(hw, value)`` of a dropped size (e.g. to forget device state).
+
+    Raises:
+        ValueError: ``capacity < 1``.
+    """
+
+    def __init__(self, capacity: int | None = None,
+                 on_evict: Callable[[tuple[int, int], Any], None] | None = None) -> None:
+        capacity = MAX_PREPARED_SIZES if capacity is None else capacity
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = int(capacity)
+        self._on_evict = on_evict
+        self._items: OrderedDict[tuple[int, int], Any] = OrderedDict()
+
+    def get(self, hw: tuple[int, int], make: Callable[[tuple[int, int]], Any]) -> Any:
+        """The value for ``hw`` ((h, w) pixels), made with ``make(hw)`` when absent; marks it most
+        recently used. ``make``'s exceptions propagate and nothing is stored."""
+        hw = (int(hw[0]), int(hw[1]))
+        if hw in self._items:
+            self._items.move_to_end(hw)
+            return self._items[hw]
+        value = make(hw)
+        self._items[hw] = value
+        while len(self._items) > self.capacity:
+            old_hw, old = self._items.popitem(last=False)
+            if self._on_evict is not None:
+                self._on_evict(old_hw, old)
+        return value
+
+    def clear(self) -> None:
+        """Drop every size (without ``on_evict``)."""
+        self._items.clear()
+
+    def __contains__(self, hw: object) -> bool:
+        return hw in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """The sizes held, least recently used first."""
+        return list(self._items)
 
 
 class BackendUnavailable(ValueError):

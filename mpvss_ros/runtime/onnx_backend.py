@@ -15,6 +15,7 @@ itself), so that work is not done.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
 from ..nn.warp import warp_mask_logits
-from .base import Backend, BackendUnavailable, check_precision
+from .base import Backend, BackendUnavailable, SizeCache, check_precision
 from .export import KEY_OUTPUTS, GraphSource, read_contract
 
 __all__ = ["OnnxRuntimeBackend", "make_session", "onnxruntime_missing"]
@@ -105,6 +106,20 @@ def _np(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
 
 
+@dataclass
+class _SizeSessions:
+    """The sessions of one input size: key-frame graph, non-key graph (run up to
+    ``non_key_output``), the padded canvas (h, w), the non-key graph's outputs, and a flows-only
+    session made on first use where the non-key session runs the warp."""
+
+    key: Any
+    non_key: Any
+    padded_hw: tuple[int, int]
+    non_key_output: str
+    graph_outputs: tuple[str, ...]
+    flows_only: Any = None
+
+
 class OnnxRuntimeBackend(Backend):
     """Run the exported graphs with onnxruntime.
 
@@ -141,45 +156,40 @@ class OnnxRuntimeBackend(Backend):
         # up to its ``flows`` output and the warp (same function as in the graph) runs in torch.
         # Graphs exported before the ``flows`` output existed run whole.
         self._warp_in_torch = provider == "CPUExecutionProvider"
-        self._non_key_output: dict[tuple[int, int], str] = {}
-        self._graph_outputs: dict[tuple[int, int], tuple[str, ...]] = {}
-        self._flow_sessions: dict[tuple[int, int], Any] = {}
-        self._sessions: dict[tuple[int, int], tuple[Any, Any, tuple[int, int]]] = {}
+        self._sizes = SizeCache()  # (h, w) -> _SizeSessions, the most recent MAX_PREPARED_SIZES
         for hw in preload_hw:
             self._get(hw)
 
-    def _get(self, valid_hw: tuple[int, int]) -> tuple[Any, Any, tuple[int, int]]:
-        hw = (int(valid_hw[0]), int(valid_hw[1]))
-        if hw not in self._sessions:
-            d = self.source.get(hw)
-            contract = read_contract(d)
-            g = contract["graphs"]
-            key = make_session(d / g["key_frame"]["file"], self.threads, self.exec_device)
-            outputs = [o["name"] for o in g["non_key_frame"].get("outputs", [])]
-            run = "flows" if self._warp_in_torch and "flows" in outputs else "warped_mask_logits"
-            non_key = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device,
-                                   drop_outputs=tuple(o for o in outputs if o != run))
-            self._non_key_output[hw] = run
-            self._graph_outputs[hw] = tuple(outputs)
-            self._sessions[hw] = (key, non_key, tuple(contract["canvas"]["padded_hw"]))  # type: ignore[assignment]
-        return self._sessions[hw]
+    def _load(self, hw: tuple[int, int]) -> "_SizeSessions":
+        d = self.source.get(hw)
+        contract = read_contract(d)
+        g = contract["graphs"]
+        key = make_session(d / g["key_frame"]["file"], self.threads, self.exec_device)
+        outputs = tuple(o["name"] for o in g["non_key_frame"].get("outputs", []))
+        run = "flows" if self._warp_in_torch and "flows" in outputs else "warped_mask_logits"
+        non_key = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device,
+                               drop_outputs=tuple(o for o in outputs if o != run))
+        return _SizeSessions(key, non_key, tuple(contract["canvas"]["padded_hw"]), run, outputs)  # type: ignore[arg-type]
+
+    def _get(self, valid_hw: tuple[int, int]) -> "_SizeSessions":
+        return self._sizes.get(valid_hw, self._load)
 
     def _flow_session(self, valid_hw: tuple[int, int]) -> Any:
         """The session that outputs the non-key graph's ``flows`` (the non-key session itself on
         the CPU; a second, flows-only session of the same graph where the warp runs in the graph)."""
-        _, non_key, _ = self._get(valid_hw)
+        s = self._get(valid_hw)
         hw = (int(valid_hw[0]), int(valid_hw[1]))
-        if self._non_key_output[hw] == "flows":
-            return non_key
-        if "flows" not in self._graph_outputs[hw]:
+        if s.non_key_output == "flows":
+            return s.non_key
+        if "flows" not in s.graph_outputs:
             raise ValueError(f"the non-key graph for {hw[0]}x{hw[1]} has no 'flows' output (exported before it "
                              "existed): re-export it (mpvss export) to use query-based flows on their own (chain_flow)")
-        if hw not in self._flow_sessions:
+        if s.flows_only is None:
             d = self.source.get(hw)
             g = read_contract(d)["graphs"]["non_key_frame"]
-            self._flow_sessions[hw] = make_session(d / g["file"], self.threads, self.exec_device,
-                                                   drop_outputs=tuple(o for o in self._graph_outputs[hw] if o != "flows"))
-        return self._flow_sessions[hw]
+            s.flows_only = make_session(d / g["file"], self.threads, self.exec_device,
+                                        drop_outputs=tuple(o for o in s.graph_outputs if o != "flows"))
+        return s.flows_only
 
     @staticmethod
     def _check_canvas(image: Tensor, padded: tuple[int, int]) -> None:
@@ -191,16 +201,15 @@ class OnnxRuntimeBackend(Backend):
 
     def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
         hw = (int(image.shape[-2]), int(image.shape[-1])) if valid_hw is None else (int(valid_hw[0]), int(valid_hw[1]))
-        key_sess, _, padded = self._get(hw)
-        self._check_canvas(image, padded)
-        outs = key_sess.run(list(KEY_OUTPUTS), {"image": _np(image)})
+        sessions = self._get(hw)
+        self._check_canvas(image, sessions.padded_hw)
+        outs = sessions.key.run(list(KEY_OUTPUTS), {"image": _np(image)})
         cls, masks, queries = (torch.from_numpy(o) for o in outs)
         return KeyFrameState(image=image, valid_hw=hw, class_logits=cls, mask_logits=masks, query_embeddings=queries)
 
     def _non_key_feeds(self, key: KeyFrameState, image: Tensor, reference: Tensor) -> dict[str, np.ndarray]:
         key.check_canvas(image, reference)
-        _, _, padded = self._get(key.valid_hw)
-        self._check_canvas(image, padded)
+        self._check_canvas(image, self._get(key.valid_hw).padded_hw)
         return {
             "image": _np(image),
             "key_image": _np(reference),
@@ -215,11 +224,11 @@ class OnnxRuntimeBackend(Backend):
         return key.propagated(torch.from_numpy(out))  # the graph computes all N
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
-        _, non_key_sess, _ = self._get(key.valid_hw)
-        if self._non_key_output[key.valid_hw] == "flows":
+        sessions = self._get(key.valid_hw)
+        if sessions.non_key_output == "flows":
             return warp_mask_logits(key.propagated(key.mask_logits), self.query_flows(key, image),
                                     self.cfg.input.warp_normalization)
-        (out,) = non_key_sess.run(["warped_mask_logits"], self._non_key_feeds(key, image, key.image))
+        (out,) = sessions.non_key.run(["warped_mask_logits"], self._non_key_feeds(key, image, key.image))
         return key.propagated(torch.from_numpy(out))
 
     def describe(self) -> dict[str, Any]:

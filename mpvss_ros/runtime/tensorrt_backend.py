@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
-from .base import Backend, BackendUnavailable, check_precision
+from .base import Backend, BackendUnavailable, SizeCache, check_precision
 from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
 from .export import KEY_OUTPUTS, GraphSource, _sha256_file, read_contract
 
@@ -630,23 +630,29 @@ class TensorRTBackend(Backend):
         self.keep_fp32 = keep_fp32
         self.cuda = _CudaApi(self.device_index)
         self.name = f"tensorrt {trt.__version__}[{self.cuda.gpu_name}, {precision}]"
-        self._engines: dict[tuple[int, int], tuple[_Engine, _Engine, tuple[int, int]]] = {}
+        # (h, w) -> (key engine, non-key engine, padded canvas), the most recent MAX_PREPARED_SIZES;
+        # an engine dropped with its size no longer holds any key frame's state.
+        self._engines = SizeCache(on_evict=lambda hw, engines: self._forget_device_state())
         self._device_key: KeyFrameState | None = None  # the key state held in the non-key engine's inputs
         self._device_reference: Tensor | None = None  # the frame held in the non-key engine's key_image
         for hw in preload_hw:
             self._get(hw)
 
+    def _forget_device_state(self) -> None:
+        self._device_key = None
+        self._device_reference = None
+
+    def _load(self, hw: tuple[int, int]) -> tuple[_Engine, _Engine, tuple[int, int]]:
+        paths = build_engines(self.source, hw, self.precision, self.cache_dir, self.device_index,
+                              self.workspace_mb, self.keep_fp32)
+        contract = read_contract(self.source.get(hw))
+        with self.cuda.activate():
+            key = _Engine(self._trt, paths["key_frame"], self.cuda)
+            non_key = _Engine(self._trt, paths["non_key_frame"], self.cuda)
+        return key, non_key, tuple(contract["canvas"]["padded_hw"])  # type: ignore[return-value]
+
     def _get(self, valid_hw: tuple[int, int]) -> tuple[_Engine, _Engine, tuple[int, int]]:
-        hw = (int(valid_hw[0]), int(valid_hw[1]))
-        if hw not in self._engines:
-            paths = build_engines(self.source, hw, self.precision, self.cache_dir, self.device_index,
-                                  self.workspace_mb, self.keep_fp32)
-            contract = read_contract(self.source.get(hw))
-            with self.cuda.activate():
-                key = _Engine(self._trt, paths["key_frame"], self.cuda)
-                non_key = _Engine(self._trt, paths["non_key_frame"], self.cuda)
-            self._engines[hw] = (key, non_key, tuple(contract["canvas"]["padded_hw"]))  # type: ignore[assignment]
-        return self._engines[hw]
+        return self._engines.get(valid_hw, self._load)
 
     def prepare(self, valid_hw: tuple[int, int]) -> None:
         self._get(valid_hw)

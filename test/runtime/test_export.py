@@ -266,7 +266,7 @@ def test_onnxruntime_cpu_warps_in_torch_and_matches_the_whole_graph(lite_small, 
     imgs = [torch.from_numpy(f).permute(2, 0, 1)[None].float() for f in frames]
     k = backend.segment_key_frame(imgs[0], (96, 128))
     w = backend.propagate(k, imgs[1])
-    assert backend._non_key_output[(96, 128)] == "flows"
+    assert backend._get((96, 128)).non_key_output == "flows"
     pruned = without_outputs(lite_small.non_key_frame, ("scores", "warped_mask_logits"))
     assert [o.name for o in pruned.graph.output] == ["flows"]
     assert "GridSample" not in {n.op_type for n in pruned.graph.node}  # the warp is gone, not just unread
@@ -289,7 +289,7 @@ def test_onnxruntime_cpu_warps_in_torch_and_matches_the_whole_graph(lite_small, 
     (old / CONTRACT_FILE).write_text(json.dumps(contract))
     old_backend = OnnxRuntimeBackend(GraphSource.from_dir(old), threads=1)
     w_old = old_backend.propagate(old_backend.segment_key_frame(imgs[0], (96, 128)), imgs[1])
-    assert old_backend._non_key_output[(96, 128)] == "warped_mask_logits"
+    assert old_backend._get((96, 128)).non_key_output == "warped_mask_logits"
     np.testing.assert_allclose(w_old.numpy(), w_graph, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="no 'flows' output.*re-export"):  # chained flow needs the flows
         old_backend.query_flows(old_backend.segment_key_frame(imgs[0], (96, 128)), imgs[1], imgs[0])
@@ -408,3 +408,46 @@ def test_sessions_do_not_spin(lite_small):
     sess = make_session(lite_small.non_key_frame, threads=2)
     assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert sess.get_session_options().intra_op_num_threads == 2
+
+
+def test_size_cache_keeps_the_most_recent_sizes():
+    from mpvss_ros.runtime.base import SizeCache
+
+    made, evicted = [], []
+    cache = SizeCache(2, on_evict=lambda hw, value: evicted.append((hw, value)))
+    make = lambda hw: made.append(hw) or f"s{hw[0]}x{hw[1]}"  # noqa: E731
+    assert cache.get((1, 2), make) == "s1x2" and cache.get([1, 2], make) == "s1x2" and made == [(1, 2)]
+    cache.get((3, 4), make)
+    cache.get((1, 2), make)  # used again: now the most recent
+    cache.get((5, 6), make)
+    assert evicted == [((3, 4), "s3x4")] and cache.sizes() == [(1, 2), (5, 6)] and len(cache) == 2
+    assert cache.get((3, 4), make) == "s3x4" and made == [(1, 2), (3, 4), (5, 6), (3, 4)]
+    with pytest.raises(RuntimeError):
+        cache.get((7, 8), lambda hw: (_ for _ in ()).throw(RuntimeError("build failed")))
+    assert (7, 8) not in cache and len(cache) == 2
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError):
+        SizeCache(0)
+
+
+def test_onnxruntime_backend_keeps_sessions_of_recent_sizes_only(tmp_path, lite, monkeypatch):
+    """A stream through more sizes than MAX_PREPARED_SIZES holds the sessions of the most recent
+    ones only; a size that comes back is loaded again (from the export cache) and still right."""
+    import mpvss_ros.runtime.base as base
+
+    monkeypatch.setattr(base, "MAX_PREPARED_SIZES", 2)
+    source = GraphSource.from_model(lite.model, cache_dir=tmp_path)
+    backend = OnnxRuntimeBackend(source, threads=1)
+    sizes = [(64, 64), (64, 96), (96, 64)]
+    frames = {hw: torch.from_numpy(_random_frames(hw, 1, seed=1)[0]).permute(2, 0, 1)[None].float() for hw in sizes}
+    first = {}
+    for hw in sizes:
+        padded = base.padded_size(hw)
+        image = torch.nn.functional.pad(frames[hw], (0, padded[1] - hw[1], 0, padded[0] - hw[0]))
+        first[hw] = (image, backend.segment_key_frame(image, hw).mask_logits)
+    assert backend._sizes.sizes() == [(64, 96), (96, 64)]
+    image, logits = first[(64, 64)]
+    again = backend.segment_key_frame(image, (64, 64)).mask_logits  # released, loaded again
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
+    assert backend._sizes.sizes() == [(96, 64), (64, 64)]
