@@ -193,7 +193,7 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .offline import SegmentOptions, segment_path
+    from .offline import SegmentOptions, check_out_dir, segment_path
 
     if args.input in SAMPLES:
         args.input = str(SAMPLES[args.input]())
@@ -202,6 +202,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     _scheduler(args)  # validate before loading the model
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
+    check_out_dir(args.input, args.out)
     loaded, backend = load_model_and_backend(args)
     options = SegmentOptions(
         **_engine_options(args),

@@ -38,7 +38,7 @@ from .scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
 from .segmenter import SegmentationResult, VideoSegmenter
 from .viz import frame_tag, make_palette, overlay
 
-__all__ = ["EngineOptions", "SegmentOptions", "segment_path", "summarize"]
+__all__ = ["EngineOptions", "SegmentOptions", "check_out_dir", "segment_path", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ RUN_FILES = ("frames.jsonl", "summary.json", "overlay.mp4")
 OVERLAY_FPS_RANGE = (1.0, 240.0)
 
 
-def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
-    """Create ``out/labels`` for a run, removing an earlier run's outputs.
+def check_out_dir(input_path: str | Path, out: str | Path) -> None:
+    """Refuse an output folder a run must not write to (``mpvss segment`` checks it before it
+    loads the model, :func:`segment_path` again before writing).
 
     Raises:
         ValueError: the run would write over its input (the input is one of the output files,
@@ -57,7 +58,7 @@ def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
             run's ``frames.jsonl``/``summary.json`` (they may be someone's data).
     """
     src = Path(input_path).expanduser().resolve()
-    out = out.expanduser().resolve()
+    out = Path(out).expanduser().resolve()
     labels = out / "labels"
     if src in [out / name for name in RUN_FILES] or src == labels or labels in src.parents:
         raise ValueError(f"--out {out} would write over the input {src}: choose another output folder")
@@ -66,7 +67,18 @@ def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
     if pngs and not earlier:
         raise ValueError(f"{labels} already holds {len(pngs)} PNG files that no mpvss segment run wrote "
                          f"(no frames.jsonl or summary.json beside it): choose another output folder")
-    for path in pngs:
+
+
+def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
+    """Create ``out/labels`` for a run, removing an earlier run's outputs.
+
+    Raises:
+        ValueError: see :func:`check_out_dir`.
+    """
+    check_out_dir(input_path, out)
+    out = out.expanduser().resolve()
+    labels = out / "labels"
+    for path in (sorted(labels.glob("*.png")) if labels.is_dir() else []):
         path.unlink()
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)

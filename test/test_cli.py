@@ -354,6 +354,20 @@ def test_segment_output_folder_is_never_mixed_nor_written_over_the_input(tmp_pat
     assert "would write over the input" in _error_line(capsys.readouterr().err)
 
 
+def test_segment_refuses_the_output_folder_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import mpvss_ros.cli as cli
+
+    loads = []
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: loads.append(args) or pytest.fail("loaded"))
+    frames = tmp_path / "frames"
+    _write_folder(frames, {"f0": np.zeros((8, 8, 3), np.uint8)})
+    foreign = tmp_path / "foreign"
+    (foreign / "labels").mkdir(parents=True)
+    (foreign / "labels" / "mine.png").write_bytes(b"x")
+    assert _segment(frames, foreign, "--propagator", "copy") == 2
+    assert "no mpvss segment run wrote" in _error_line(capsys.readouterr().err) and not loads
+
+
 def test_segment_goes_on_without_the_overlay_video_when_it_cannot_be_written(tiny_folder, tmp_path, capsys,
                                                                                monkeypatch):
     import mpvss_ros.offline as offline
