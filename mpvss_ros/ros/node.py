@@ -166,19 +166,18 @@ class _SegmenterShell:
         Raises:
             StartupError: one line (bad parameter, model, weights, device or backend).
         """
-        self.config: NodeConfig = self._read_parameters()
-        configure_threads(self.config.threads)
-        loaded = load_configured_model(self.config)
+        cfg = self._read_parameters()
+        configure_threads(cfg.threads)
+        loaded = load_configured_model(cfg)
         if not loaded.trained:
             self.get_logger().warning(f"model {loaded.config.name} has no trained weights: labels are meaningless")
         types = MessageTypes(image=Image, compressed_image=CompressedImage, header=Header, time=Time,
                              label_info=LabelInfo, vision_class=VisionClass, class_masks=ClassMasks,
                              segmentation_info=SegmentationInfo)
         try:
-            self.core = SegmentationCore(self.config, loaded, types, logger=self.get_logger())
+            self.core = SegmentationCore(cfg, loaded, types, logger=self.get_logger())
         except ValueError as exc:  # e.g. more palette colours than classes
             raise StartupError(str(exc)) from None
-        cfg = self.config
 
         def publisher(msg_type, topic, qos=None):
             return create_publisher(msg_type, topic, qos or _qos(), qos_overriding_options=_OVERRIDES)
@@ -203,7 +202,7 @@ class _SegmenterShell:
     def _announce(self) -> None:
         """Publish the LabelInfo (latched) with the node clock's stamp and log what runs."""
         assert self.core is not None
-        cfg = self.config
+        cfg = self.core.config  # as changed while running
         self._pub_label_info.publish(self.core.label_info(Header(stamp=self.get_clock().now().to_msg())))
         topic = "image/compressed" if cfg.input_compressed else "image"
         self.get_logger().info(
@@ -215,7 +214,7 @@ class _SegmenterShell:
     def _start_input(self) -> None:
         """Subscribe to the camera and start the worker thread (a fresh slot each time)."""
         assert self.core is not None
-        cfg = self.config
+        cfg = self.core.config  # the input settings are read-only: as at configure
         self._slot = self.core.make_slot()
         self._worker = Worker(self._slot, self.core, self._publish, now=self._now, demand=self._demand)
         input_qos = _qos(depth=cfg.input_depth, reliability=_RELIABILITY[cfg.input_reliability])
