@@ -103,7 +103,8 @@ class _SegmenterShell:
     """The wiring both node classes share; mixed into an rclpy ``Node`` (plain or lifecycle).
 
     :meth:`_declare_parameters` declares the table; :meth:`_build` reads it, loads the model and
-    creates the core, publishers, services, diagnostics timer and parameter callback;
+    creates the core, publishers, services and diagnostics timer; :meth:`_on_set_parameters`
+    applies changes while running;
     :meth:`_start_input` / :meth:`_stop_input` subscribe and run the worker, or stop both;
     :meth:`_teardown` destroys what :meth:`_build` made.
     """
