@@ -31,7 +31,8 @@ from .config import ModelConfig, load_model_config, model_config_from_dict
 from .nn.mpvss import MPVSS
 from .paths import find_data
 
-__all__ = ["LoadedModel", "load_model", "resolve_data_path", "resolve_device", "select_device", "DEFAULT_MODEL"]
+__all__ = ["LoadedModel", "load_model", "load_exported", "resolve_data_path", "resolve_device", "select_device",
+           "DEFAULT_MODEL"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class LoadedModel:
     """A model ready for inference and where it came from.
 
     Attributes:
-        model: the MPVSS module in eval mode on ``device``.
+        model: the MPVSS module in eval mode on ``device``; None for an export folder run by
+            onnxruntime or TensorRT without the PyTorch model (:func:`load_exported`).
         config: its configuration.
         weights: the weights file loaded, or None for an untrained model.
         trained: False when no weights were loaded.
@@ -51,12 +53,31 @@ class LoadedModel:
         device: the torch device.
     """
 
-    model: MPVSS
+    model: MPVSS | None
     config: ModelConfig
     weights: Path | None
     trained: bool
     device: torch.device
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_exported(onnx_dir: str | Path) -> LoadedModel:
+    """An ``mpvss export`` folder (or a model of your own brought to its contract) as a
+    :class:`LoadedModel` without the PyTorch model: configuration, classes and palette from its
+    ``contract.json``, ``weights``/``trained`` as the contract records them. Run it with
+    ``load_backend("onnxruntime" | "tensorrt", onnx_dir=...)``; the graphs fix the input size.
+
+    Raises:
+        FileNotFoundError: no contract, or a graph missing. ValueError: not a contract of this
+            format, or its model configuration is invalid.
+    """
+    from .runtime.export import contract_model_config, read_contract
+
+    contract = read_contract(onnx_dir)
+    weights = contract.get("weights")
+    return LoadedModel(model=None, config=contract_model_config(contract), weights=Path(weights) if weights else None,
+                       trained=bool(contract.get("trained")), device=torch.device("cpu"),
+                       meta={"onnx_dir": str(Path(onnx_dir).resolve())})
 
 
 def resolve_data_path(path: str | Path) -> Path | None:

@@ -368,6 +368,35 @@ def test_segment_refuses_the_output_folder_before_loading_the_model(tmp_path, ca
     assert "no mpvss segment run wrote" in _error_line(capsys.readouterr().err) and not loads
 
 
+def test_export_folder_checked_and_run_without_the_model(tmp_path, capsys):
+    """Deployment without the weights file: ``mpvss check-export`` passes the export, and
+    ``--onnx-dir`` runs it with onnxruntime (classes and canvas from its contract)."""
+    export = tmp_path / "export"
+    assert main(["export", "--out", str(export), "--height", "64", "--width", "96", "--no-parity"]) == 0
+    capsys.readouterr()
+    assert main(["check-export", str(export)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["valid_hw"] == [64, 96]
+    frames = tmp_path / "frames"
+    rng = np.random.default_rng(3)
+    _write_folder(frames, {f"f{i}": rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for i in range(4)})
+    out = tmp_path / "out"
+    assert _segment(frames, out, "--backend", "onnxruntime", "--onnx-dir", str(export), "--schedule", "fixed:2",
+                    "--no-overlay") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == 4 and summary["key_frames"] == 2
+    assert summary["onnx_dir"] == str(export.resolve()) and summary["backend"]["backend"].startswith("onnxruntime")
+    assert len(list((out / "labels").glob("*.png"))) == 4
+    capsys.readouterr()
+    assert _segment(frames, out, "--onnx-dir", str(export)) == 2  # torch runs model/weights, not graphs
+    assert "--onnx-dir needs --backend onnxruntime or tensorrt" in _error_line(capsys.readouterr().err)
+    assert _segment(frames, out, "--backend", "onnxruntime", "--onnx-dir", str(export), "--model", "mpvss_lite") == 2
+    assert "leave out --model/--weights" in _error_line(capsys.readouterr().err)
+    (export / "key_frame.onnx").unlink()
+    assert main(["check-export", str(export)]) == 2
+    assert "key_frame.onnx not found" in _error_line(capsys.readouterr().err)
+
+
 def test_segment_goes_on_without_the_overlay_video_when_it_cannot_be_written(tiny_folder, tmp_path, capsys,
                                                                                monkeypatch):
     import mpvss_ros.offline as offline

@@ -160,7 +160,8 @@ def _inference_device(config: NodeConfig) -> str:
 
 
 def load_configured_model(config: NodeConfig) -> LoadedModel:
-    """Load the model the parameters name (``model`` '' = from the weights, ``weights`` '' = default).
+    """Load the model the parameters name (``model`` '' = from the weights, ``weights`` '' = default),
+    or with ``onnx_dir`` its export folder's contract (no PyTorch model).
 
     Raises:
         StartupError: one line naming the problem (unknown model or bad config file, weights
@@ -168,8 +169,13 @@ def load_configured_model(config: NodeConfig) -> LoadedModel:
     """
     from ..checkpoints import CheckpointError
     from ..config import ConfigError
-    from ..model_loader import load_model
+    from ..model_loader import load_exported, load_model
 
+    if config.onnx_dir:  # the export folder's contract instead of a model (validated: not torch)
+        try:
+            return load_exported(config.onnx_dir)
+        except (ValueError, OSError, ConfigError) as exc:
+            raise StartupError(_one_line(f"cannot use onnx_dir '{config.onnx_dir}': {exc}")) from None
     try:  # the torch backend runs the model itself; the others only export it, on the CPU
         return load_model(config.model or None, config.weights or None,
                           _inference_device(config) if config.backend == "torch" else "cpu")
@@ -226,7 +232,7 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
             input_hw = Letterbox.for_input(tuple(config.image_size), loaded.config.input).resized_hw
         try:  # BackendUnavailable: one line saying what is missing and which backend would work
             model = load_backend(config.backend, loaded, device=_inference_device(config), precision=config.precision,
-                                 input_hw=input_hw)
+                                 input_hw=input_hw, onnx_dir=config.onnx_dir or None)
         except (ValueError, OSError, RuntimeError) as exc:
             raise StartupError(_one_line(f"backend '{config.backend}' ({config.precision}): {exc}")) from None
     return VideoSegmenter(model, build_propagator_for(config, model), build_scheduler(config), device=loaded.device)

@@ -111,6 +111,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "model's default weights (the model runs untrained, with a warning, when they are "
               "absent).",
               constraints="a file path, or ''"),
+    ParamSpec("onnx_dir", "str", "",
+              "An export folder (mpvss export, or a model of your own brought to its contract.json) to run with "
+              "backend onnxruntime or tensorrt instead of model/weights, so the robot needs no weights file; "
+              "its contract gives classes and palette, and its graphs fix the input size (frames must "
+              "letterbox to its valid size). '' = export model/weights.",
+              constraints="a folder path, or ''"),
     ParamSpec("device", "str", "auto", "Torch device for inference: auto = the GPU when the backend and "
               "precision below can run on it, else the CPU.",
               constraints="auto, cpu, cuda or cuda:N"),
@@ -211,6 +217,7 @@ class NodeConfig:
 
     model: str = "mpvss_lite"
     weights: str = ""
+    onnx_dir: str = ""
     device: str = "auto"
     backend: str = "torch"
     image_size: tuple[int, ...] = ()
@@ -324,7 +331,8 @@ def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
 
     Raises:
         ValueError: naming the parameter: unknown name, wrong type, out of range, not one of the
-            choices, a malformed ``device``/``schedule``, or ``min_interval > max_interval``.
+            choices, a malformed ``device``/``schedule``, ``min_interval > max_interval``, or
+            ``onnx_dir`` with the torch backend.
     """
     values = dict(values or {})
     unknown = sorted(set(values) - set(SPECS))
@@ -333,6 +341,8 @@ def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
     merged = defaults()
     merged.update(values)
     checked = {name: check_parameter(name, v) for name, v in merged.items()}
+    if checked["onnx_dir"] and checked["backend"] == "torch":
+        raise ValueError("parameter 'onnx_dir': needs backend onnxruntime or tensorrt (torch runs model/weights)")
     if checked["min_interval"] > checked["max_interval"]:
         raise ValueError(f"parameter 'min_interval': must be <= max_interval ({checked['max_interval']}), "
                          f"got {checked['min_interval']}")

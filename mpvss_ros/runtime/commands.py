@@ -24,7 +24,7 @@ __all__ = ["add_backend_options", "add_runtime_commands", "load_model_and_backen
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
-    """``--backend``, ``--precision``, ``--cache-dir``."""
+    """``--backend``, ``--precision``, ``--cache-dir``, ``--onnx-dir``."""
     g = p.add_argument_group("inference backend")
     g.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch (default), onnxruntime (exported ONNX graphs, cached) or tensorrt (engines, cached; "
@@ -34,10 +34,14 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "or bf16 (torch on a CPU with bfloat16 instructions: backbone and motion encoder in bfloat16)")
     g.add_argument("--cache-dir", default=None,
                    help="cache of exported ONNX graphs and TensorRT engines (default $MPVSS_CACHE_DIR or ~/.cache/mpvss_ros)")
+    g.add_argument("--onnx-dir", default=None,
+                   help="run this export folder (mpvss export, or your own model to its contract.json) with "
+                        "onnxruntime or tensorrt instead of exporting --model/--weights; its graphs fix the input size")
 
 
 def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(LoadedModel, backend) from ``--model/--weights/--device/--threads`` and the backend options.
+    """(LoadedModel, backend) from ``--model/--weights/--device/--threads`` and the backend options
+    (``--onnx-dir``: the export folder's contract instead of a model, :func:`~mpvss_ros.model_loader.load_exported`).
 
     The backend's availability is checked first, so a missing TensorRT fails at once with one line.
     The PyTorch model is loaded on ``--device`` for the torch backend and on the CPU (for export)
@@ -46,18 +50,28 @@ def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
     Raises:
         BackendUnavailable: (a ValueError) the backend cannot run here.
     """
-    from ..model_loader import load_model, resolve_device
+    from ..model_loader import load_exported, load_model, resolve_device
     from . import backend_missing, load_backend
 
     backend_name = getattr(args, "backend", "torch")
     precision = getattr(args, "precision", "fp32")
+    onnx_dir = getattr(args, "onnx_dir", None)
+    if onnx_dir is not None:
+        if backend_name == "torch":
+            raise ValueError("--onnx-dir needs --backend onnxruntime or tensorrt")
+        if args.model is not None or args.weights is not None:
+            raise ValueError("--onnx-dir runs the exported graphs and their contract: leave out --model/--weights")
     device = resolve_device(args.device, backend_name, precision)
     missing = backend_missing(backend_name, device, precision)
     if missing:
         raise BackendUnavailable(missing)
-    loaded = load_model(args.model, args.weights, device if backend_name == "torch" else "cpu")
+    if onnx_dir is not None:
+        loaded = load_exported(onnx_dir)
+    else:
+        loaded = load_model(args.model, args.weights, device if backend_name == "torch" else "cpu")
     backend = load_backend(backend_name, loaded, device=device, precision=precision,
-                           cache_dir=getattr(args, "cache_dir", None), threads=getattr(args, "threads", None))
+                           cache_dir=getattr(args, "cache_dir", None), threads=getattr(args, "threads", None),
+                           onnx_dir=onnx_dir)
     return loaded, backend
 
 
@@ -72,7 +86,7 @@ def _model(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_commands(sub: Any) -> None:
-    """Add the ``export``, ``build-engine``, ``bench`` and ``cache`` sub-commands."""
+    """Add the ``export``, ``check-export``, ``build-engine``, ``bench`` and ``cache`` sub-commands."""
     ex = sub.add_parser("export", help="export the model to two ONNX graphs (key / non-key frame) + contract.json",
                         description="Export key_frame.onnx and non_key_frame.onnx (opset 17, static shapes: one pair per "
                                     "input size) and contract.json into --out, check them with onnx.checker and compare "
@@ -82,6 +96,14 @@ def add_runtime_commands(sub: Any) -> None:
     _size(ex)
     ex.add_argument("--no-parity", action="store_true", help="skip the onnxruntime-vs-PyTorch comparison")
     ex.add_argument("--threads", type=int, default=None, help="CPU threads (torch and onnxruntime)")
+
+    ce = sub.add_parser("check-export", help="check an export folder (ours or your own model) against its contract.json",
+                        description="Check the contract, the graphs' inputs/outputs (names, float32, static shapes as "
+                                    "listed), their sha256, and a run of both graphs on the CPU (onnxruntime) whose "
+                                    "outputs must have the listed shapes and be finite. Exit 0 when it passes, 2 with "
+                                    "every problem listed otherwise.")
+    ce.add_argument("export_dir", help="the folder with contract.json, key_frame.onnx, non_key_frame.onnx")
+    ce.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
 
     be = sub.add_parser("build-engine", help="prebuild the TensorRT engines (cached) for a model and input size",
                         description="Export the ONNX graphs (cached) and build both TensorRT engines into the engine cache, "
@@ -161,6 +183,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             status = 1
     print(f"wrote {res.out_dir / 'contract.json'}")
     return status
+
+
+def cmd_check_export(args: argparse.Namespace) -> int:
+    from .export import check_export
+
+    print(json.dumps(check_export(args.export_dir, threads=args.threads)))
+    return 0
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
@@ -243,6 +272,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 RUNTIME_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": cmd_export,
+    "check-export": cmd_check_export,
     "build-engine": cmd_build_engine,
     "bench": cmd_bench,
     "cache": cmd_cache,

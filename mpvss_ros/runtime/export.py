@@ -91,6 +91,7 @@ __all__ = [
     "contract_model_config",
     "parity_frames",
     "check_parity",
+    "check_export",
     "format_parity",
     "model_fingerprint",
     "cached_export",
@@ -534,6 +535,105 @@ def check_parity(export_dir: str | Path, model: MPVSS, frames: Sequence[np.ndarr
         "outputs": outputs,
         "label_agreement": agreement,
     }
+
+
+_ONNX_FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, Any]:
+    """Check an export folder against its ``contract.json``: ours (``mpvss export``) or a model of
+    your own brought to the same contract (see ``docs/runtime.md``), before a robot runs it.
+
+    Checks, all reported together: the contract reads (format, graph files, model
+    configuration); the canvas sizes agree (padded = valid rounded up to ``size_divisibility``,
+    mask = padded / 4); each graph's sha256 when the contract records one; each graph declares
+    the contract's inputs and outputs by name, float32, with the contract's static shapes; the
+    key-frame graph runs on a frame of ``valid_hw`` (zero padding) and the non-key graph on a
+    second frame with the key graph's outputs (onnxruntime, CPU), every output with the
+    contract's shape and finite.
+
+    Args:
+        export_dir: the folder (``contract.json`` and the two graphs).
+        threads: onnxruntime intra-op threads.
+
+    Returns:
+        ``{"export_dir", "model", "valid_hw", "padded_hw", "num_classes", "num_queries",
+        "outputs": {name: shape}, "passed": True}``.
+
+    Raises:
+        FileNotFoundError: no contract, or a graph file missing.
+        ValueError: every problem found, one per line.
+    """
+    import onnx
+
+    from .onnx_backend import make_session
+
+    d = Path(export_dir)
+    contract = read_contract(d)
+    problems: list[str] = []
+    try:
+        cfg = contract_model_config(contract)
+    except Exception as exc:  # noqa: BLE001 - ConfigError, KeyError: reported with the rest
+        raise ValueError(f"{d / CONTRACT_FILE}: model_config: {exc}") from None
+    canvas = contract["canvas"]
+    valid, padded = tuple(canvas["valid_hw"]), tuple(canvas["padded_hw"])
+    if padded != padded_size(valid, canvas.get("size_divisibility", cfg.input.size_divisibility)):
+        problems.append(f"canvas: padded_hw {list(padded)} is not valid_hw {list(valid)} rounded up to "
+                        f"size_divisibility {canvas.get('size_divisibility')}")
+    if tuple(canvas.get("mask_hw", ())) != (padded[0] // 4, padded[1] // 4):
+        problems.append(f"canvas: mask_hw {canvas.get('mask_hw')} is not padded_hw / 4")
+    specs: dict[str, dict[str, list[int]]] = {}
+    for g, (inputs, outputs) in {"key_frame": (KEY_INPUTS, KEY_OUTPUTS),
+                                 "non_key_frame": (NON_KEY_INPUTS, NON_KEY_OUTPUTS)}.items():
+        info = contract["graphs"][g]
+        path = d / info["file"]
+        if info.get("sha256") and _sha256_file(path) != info["sha256"]:
+            problems.append(f"{g}: {path.name} does not match the sha256 in the contract (changed or damaged)")
+        spec = {t["name"]: [int(v) for v in t["shape"]] for t in info["inputs"] + info["outputs"]}
+        specs[g] = spec
+        missing = [n for n in (*inputs, *outputs) if n not in spec]
+        if missing:
+            problems.append(f"{g}: the contract does not list {missing}")
+        graph = onnx.load(str(path), load_external_data=False).graph
+        declared = {v.name: v for v in (*graph.input, *graph.output)}
+        for name in (*inputs, *outputs):
+            v = declared.get(name)
+            if v is None:
+                problems.append(f"{g}: {path.name} has no input/output {name!r}")
+                continue
+            t = v.type.tensor_type
+            dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in t.shape.dim]
+            if t.elem_type != _ONNX_FLOAT:
+                problems.append(f"{g}: {name} is not float32 (ONNX elem_type {t.elem_type})")
+            if name in spec and dims != spec[name]:
+                problems.append(f"{g}: {name} has shape {dims} in the graph, {spec[name]} in the contract "
+                                "(the graphs must be static)")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (valid[0], valid[1], 3)).astype(np.uint8) for _ in range(2)]
+    key_img, cur_img = _canvas(frames[0], padded).numpy(), _canvas(frames[1], padded).numpy()
+    key_sess = make_session(d / contract["graphs"]["key_frame"]["file"], threads=threads)
+    non_key_sess = make_session(d / contract["graphs"]["non_key_frame"]["file"], threads=threads)
+    got = dict(zip(KEY_OUTPUTS, key_sess.run(list(KEY_OUTPUTS), {"image": key_img})))
+    feeds = {"image": cur_img, "key_image": key_img, "key_query_embeddings": got["query_embeddings"],
+             "key_mask_logits": got["mask_logits"], "key_class_logits": got["class_logits"]}
+    got.update(zip(NON_KEY_OUTPUTS, non_key_sess.run(list(NON_KEY_OUTPUTS), feeds)))
+    shapes = {}
+    for g, names in (("key_frame", KEY_OUTPUTS), ("non_key_frame", NON_KEY_OUTPUTS)):
+        for name in names:
+            shape = [int(v) for v in got[name].shape]
+            shapes[name] = shape
+            if shape != specs[g][name]:
+                problems.append(f"{g}: {name} came out {shape}, the contract says {specs[g][name]}")
+            if not np.isfinite(got[name]).all():
+                problems.append(f"{g}: {name} has NaN or infinite values on a plain frame")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return {"export_dir": str(d), "model": contract.get("model"), "valid_hw": list(valid), "padded_hw": list(padded),
+            "num_classes": cfg.num_classes, "num_queries": cfg.transformer_decoder.num_queries,
+            "outputs": shapes, "passed": True}
 
 
 def format_parity(parity: dict[str, Any]) -> str:

@@ -741,13 +741,33 @@ def test_auto_device_on_a_gpu_machine_exports_from_the_cpu(monkeypatch):
     loaded = load_configured_model(config)   # on a real CUDA device this would not be the CPU
     assert loaded.device == torch.device("cpu")
     asked = []
-    monkeypatch.setattr(runtime, "load_backend", lambda backend, loaded, device, precision, input_hw:
+    monkeypatch.setattr(runtime, "load_backend", lambda backend, loaded, device, precision, input_hw, onnx_dir:
                         asked.append((device, input_hw)) or loaded.model)
     build_segmenter(config, loaded)
     assert asked == [("cuda", None)]  # no image_size: the backend prepares the model's canvas
     # a 1280 x 720 camera: the backend prepares its letterboxed size on the 480 x 640 canvas
     build_segmenter(validate({"backend": "onnxruntime", "image_size": [720, 1280]}), loaded)
     assert asked[-1] == ("cuda", (360, 640))
+
+
+def test_onnx_dir_runs_an_export_folder_without_the_model(lite, types, tmp_path):
+    """``onnx_dir``: the node runs an export folder (onnxruntime here) with the classes of its
+    contract and no PyTorch model; a folder that is not an export stops it with one line."""
+    from mpvss_ros.runtime.export import export_onnx
+
+    export = export_onnx(lite.model, tmp_path / "export", (H, W)).out_dir
+    config = validate({"backend": "onnxruntime", "onnx_dir": str(export), "max_frame_age_s": 0.0,
+                       "schedule": "fixed:2", "threads": 1})
+    loaded = load_configured_model(config)
+    assert loaded.model is None and loaded.config.class_names == lite.config.class_names
+    core = SegmentationCore(config, loaded, types)
+    assert core.segmenter.model.name.startswith("onnxruntime")
+    outs = [core.process(image_msg(types, frame(seed=i), 4.0 + 0.1 * i)) for i in range(3)]
+    assert [o.info.is_key_frame for o in outs] == [True, False, True]
+    assert (outs[1].labels.height, outs[1].labels.width) == (H, W)
+    with pytest.raises(StartupError) as exc:
+        load_configured_model(validate({"backend": "onnxruntime", "onnx_dir": str(tmp_path / "nothing")}))
+    assert "onnx_dir" in str(exc.value) and "contract.json not found" in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_onnxruntime_backend_builds_a_segmenter(lite):

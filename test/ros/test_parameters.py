@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEGMENT_YAML = ROOT / "config" / "segment.yaml"
 
 EXPECTED_DEFAULTS = {
-    "model": "mpvss_lite", "weights": "", "device": "auto", "backend": "torch", "image_size": [], "precision": "fp32",
+    "model": "mpvss_lite", "weights": "", "onnx_dir": "", "device": "auto", "backend": "torch", "image_size": [], "precision": "fp32",
     "propagator": "query_flow", "optical_flow_preset": "fast", "optical_flow_scale": 0.5, "chain_flow": True,
     "schedule": "adaptive", "scene_threshold": 0.5, "cut_threshold": 0.45, "min_interval": 1, "max_interval": 10,
     "max_gap_s": 1.0,
@@ -212,6 +212,9 @@ def test_cross_parameter_and_unknown_name_errors():
     with pytest.raises(ValueError, match="'min_interval'.*max_interval"):
         validate({"min_interval": 20, "max_interval": 10})
     validate({"min_interval": 10, "max_interval": 10})
+    with pytest.raises(ValueError, match="'onnx_dir': needs backend onnxruntime or tensorrt"):
+        validate({"onnx_dir": "/opt/export"})  # backend torch (the default) runs model/weights
+    assert validate({"onnx_dir": "/opt/export", "backend": "tensorrt"}).onnx_dir == "/opt/export"
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['image_topic'\]"):
         validate({"image_topic": "/camera/image_raw"})
 

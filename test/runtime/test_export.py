@@ -451,3 +451,42 @@ def test_onnxruntime_backend_keeps_sessions_of_recent_sizes_only(tmp_path, lite,
     again = backend.segment_key_frame(image, (64, 64)).mask_logits  # released, loaded again
     torch.testing.assert_close(again, logits, rtol=0, atol=0)
     assert backend._sizes.sizes() == [(96, 64), (64, 64)]
+
+
+def test_check_export_passes_an_export_and_lists_every_problem(lite_small, tmp_path):
+    """The validator for export folders (ours or a model of one's own): it passes ``mpvss export``'s
+    output and, on a folder that breaks the contract, names each problem."""
+    from mpvss_ros.runtime.export import check_export
+
+    report = check_export(lite_small.out_dir)
+    assert report["passed"] and report["valid_hw"] == [96, 128] and report["padded_hw"] == [96, 128]
+    assert report["outputs"]["mask_logits"] == [1, report["num_queries"], 24, 32]
+
+    bad = tmp_path / "bad"
+    shutil.copytree(lite_small.out_dir, bad)
+    contract = json.loads((bad / CONTRACT_FILE).read_text())
+    contract["canvas"]["mask_hw"] = [25, 32]
+    contract["graphs"]["key_frame"]["outputs"][1]["shape"] = [1, 7, 24, 32]  # mask_logits
+    contract["graphs"]["non_key_frame"]["sha256"] = "0" * 64
+    (bad / CONTRACT_FILE).write_text(json.dumps(contract))
+    with pytest.raises(ValueError) as info:
+        check_export(bad)
+    lines = str(info.value).splitlines()
+    assert any("mask_hw" in line for line in lines)
+    assert any("key_frame: mask_logits has shape" in line and "[1, 7, 24, 32]" in line for line in lines)
+    assert any("non_key_frame" in line and "sha256" in line for line in lines)
+    assert len(lines) == 3
+
+    renamed = tmp_path / "renamed"  # a graph whose output does not carry the contract's name
+    shutil.copytree(lite_small.out_dir, renamed)
+    model = onnx.load(str(renamed / "key_frame.onnx"))
+    old = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["logits" if o == old else o for o in node.output]
+    model.graph.output[0].name = "logits"
+    onnx.save(model, str(renamed / "key_frame.onnx"))
+    contract = json.loads((renamed / CONTRACT_FILE).read_text())
+    contract["graphs"]["key_frame"]["sha256"] = None
+    (renamed / CONTRACT_FILE).write_text(json.dumps(contract))
+    with pytest.raises(ValueError, match=f"key_frame: key_frame.onnx has no input/output '{old}'"):
+        check_export(renamed)
