@@ -16,7 +16,7 @@ is estimated to the previous frame only and composed with the previous frame's f
 frame (:func:`~mpvss_ros.nn.warp.compose_flows`), so the flow is always estimated over one frame,
 where it is most accurate; the masks are still warped once, from the key frame. Same cost per frame
 (one flow estimate, plus a composition on the flow grid). CamVid val clip, shipped weights, key
-interval 5 / 10: query flow 69.10 / 66.23 chained against 67.68 / 61.33 direct (the motion module
+interval 5 / 10: query flow 69.20 / 66.67 chained against 67.31 / 60.57 direct (the motion module
 trained through the chain, ``--chain-training``); DIS 69.19 / 66.41 against 68.13 / 62.46
 (``docs/experiment_log.md``, "Chained flow").
 Chaining needs the frames in order, each one propagated: a propagator follows the key frame it was

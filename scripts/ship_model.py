@@ -8,7 +8,10 @@ The segmentor (backbone, pixel decoder, transformer decoder with its class/mask 
 stage 1, the motion module from stage 2, and the configuration from stage 2's checkpoint (it
 carries the motion settings stage 2 trained with), or from ``--model`` (a name or YAML file) for a
 setting that changes no weight shape, such as ``motion.image_scale`` at inference; the weights must
-then load into the model it describes, key for key. Floating-point tensors are stored as float16.
+then load into the model it describes, key for key. Several ``--motion`` checkpoints (runs of one
+recipe from the same start) ship the uniform average of their motion modules, a "model soup"
+(Wortsman et al., ICML 2022); the configuration then comes from the last one. Floating-point
+tensors are stored as float16.
 The provenance in ``meta["training"]`` is read from the runs' ``options.json`` files, following
 ``init_checkpoint`` back to the first run (see models/README.md for the commands).
 """
@@ -45,7 +48,7 @@ def run_chain(checkpoint: str, follow: str = "init_checkpoint", part: str = "seg
         options = Path(path).parent / "options.json"
         if not options.is_file() and Path(path).is_file():
             stored = read_checkpoint(path).meta.get("training", {}).get(part, [])
-            chain.extend(reversed(stored))
+            chain.extend(reversed(stored) if isinstance(stored, list) else [stored])  # a dict: {"average_of": ...}
             break
         if not options.is_file() or len(chain) > 10:
             break
@@ -53,6 +56,20 @@ def run_chain(checkpoint: str, follow: str = "init_checkpoint", part: str = "seg
         chain.append({k: opts[k] for k in _KEEP if k in opts})
         path = opts.get(follow) or opts.get("init_checkpoint")
     return chain[::-1]
+
+
+def average(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The uniform average of same-shaped tensors, in float32 for floating point; integer tensors
+    (e.g. BatchNorm's ``num_batches_tracked``) must be equal and are kept.
+
+    Raises:
+        ValueError: integer tensors that differ.
+    """
+    if tensors[0].is_floating_point():
+        return sum(t.float() for t in tensors) / len(tensors)
+    if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
+        raise ValueError("integer tensors differ between the --motion checkpoints")
+    return tensors[0]
 
 
 def this_machine() -> str:
@@ -64,20 +81,26 @@ def this_machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--segmentor", required=True, help="stage-1 checkpoint (segmentor and heads)")
-    ap.add_argument("--motion", required=True, help="stage-2 checkpoint (motion module and config)")
+    ap.add_argument("--motion", required=True, nargs="+",
+                    help="stage-2 checkpoint (motion module and config); several: their motion modules averaged, "
+                         "the config from the last")
     ap.add_argument("--out", default="models/mpvss_lite_camvid.pt")
     ap.add_argument("--model", default=None, help="model name or YAML replacing the motion checkpoint's config")
     args = ap.parse_args()
-    seg, mot = read_state_dict(args.segmentor), read_checkpoint(args.motion)
-    cfg = load_model_config(args.model) if args.model else model_config_from_dict(mot.model_config)
+    seg, mots = read_state_dict(args.segmentor), [read_checkpoint(m) for m in args.motion]
+    cfg = load_model_config(args.model) if args.model else model_config_from_dict(mots[-1].model_config)
     cfg.default_weights = "models/mpvss_lite_camvid.pt"
     model = MPVSS(cfg)
-    model.load_state_dict({k: (mot.state_dict[k] if k.startswith("motion.") else seg[k]) for k in model.state_dict()})
+    model.load_state_dict({k: (average([m.state_dict[k] for m in mots]) if k.startswith("motion.") else seg[k])
+                           for k in model.state_dict()})
+    motion_chains = [run_chain(m, follow="init_motion", part="motion") for m in args.motion]
     meta = {
         "model": cfg.name, "classes": cfg.class_names,
-        "segmentor_from": args.segmentor, "motion_from": args.motion, "config_from": args.model or args.motion,
+        "segmentor_from": args.segmentor,
+        "motion_from": args.motion[0] if len(args.motion) == 1 else {"average_of": args.motion},
+        "config_from": args.model or args.motion[-1],
         "training": {"segmentor": run_chain(args.segmentor),
-                     "motion": run_chain(args.motion, follow="init_motion", part="motion")},
+                     "motion": motion_chains[0] if len(args.motion) == 1 else {"average_of": motion_chains}},
         "data": "CamVid train (367 frames, SegNet split); stage 2 also pseudo-labelled solidWhiteRight.mp4 / bikes.mp4 pairs",
         "hardware": this_machine(),
     }

@@ -84,3 +84,29 @@ def test_model_option_that_changes_shapes_fails(stages, tmp_path, ship):
     with pytest.raises(RuntimeError, match="size mismatch"):
         ship(stage1, stage2, tmp_path / "shipped.pt", "--model", str(narrow))
     assert not (tmp_path / "shipped.pt").exists()
+
+
+def test_several_motion_checkpoints_ship_their_average(stages, tmp_path, monkeypatch, load_script):
+    """A model soup: the motion modules of several stage-2 checkpoints averaged (float32, then
+    stored as float16), the segmentor from stage 1, the config from the last checkpoint; the
+    provenance lists every checkpoint."""
+    stage1, stage2, seg, mot = stages
+    torch.manual_seed(3)
+    other = MPVSS(dataclasses.replace(mot.cfg))
+    save_checkpoint(tmp_path / "other.pt", other, mot.cfg.to_dict())
+    main = load_script("ship_model").main
+    monkeypatch.setattr(sys, "argv", ["ship_model.py", "--segmentor", str(stage1), "--motion", str(stage2),
+                                      str(tmp_path / "other.pt"), "--out", str(tmp_path / "soup.pt")])
+    main()
+    ck = read_checkpoint(tmp_path / "soup.pt")
+    assert ck.meta["motion_from"] == {"average_of": [str(stage2), str(tmp_path / "other.pt")]}
+    assert ck.meta["config_from"] == str(tmp_path / "other.pt") and ck.model_config["motion"]["image_scale"] == 0.25
+    shipped = load_model(None, tmp_path / "soup.pt").model.state_dict()
+    a, b, s = mot.state_dict(), other.state_dict(), seg.state_dict()
+    for k, v in shipped.items():
+        if k.startswith("motion.") and v.is_floating_point():
+            want = ((a[k].float() + b[k].float()) / 2).half().float()
+            assert torch.equal(v, want), k
+        elif not k.startswith("motion."):
+            assert torch.equal(v, s[k].half().float() if s[k].is_floating_point() else s[k]), k
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("motion.")), "the two runs differ"

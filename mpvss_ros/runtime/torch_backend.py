@@ -12,7 +12,7 @@ bf16 (CPU only, with bfloat16 instructions: AVX-512 BF16 or AMX) stores the weig
 :data:`BF16_MODULES` (backbone and motion encoder) as bfloat16, channels-last, and gives each of
 them hooks that cast its floating-point inputs to bfloat16 and its outputs back to float32
 (:func:`run_in_bf16`), so the model's own forward paths run unchanged; the rest runs in float32
-(autocast on CPU re-casts the weights at every call and was slower than float32). CamVid val clip, shipped weights, 2 threads of a Xeon with AMX: 93 against
+(autocast on CPU re-casts the weights at every call and was slower than float32). CamVid val clip, the weights shipped then (motion input 3/8), 2 threads of a Xeon with AMX: 93 against
 108 ms per key frame on average, 70.60 against 70.73 per-frame mIoU, 69.11 against 69.10 at one
 key frame in 5 (``docs/runtime.md``, "bf16 on CPU"); since the BatchNorm folding below, fp32 key
 frames are faster than bf16 ones there (72-73 against 77-78 ms), and bf16 saves only about 1.5 ms

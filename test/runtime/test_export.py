@@ -120,10 +120,10 @@ def test_contract_lists_names_shapes(lite_small, lite):
     assert key["query_embeddings"]["shape"] == [1, n, c]
     nk = contract["graphs"]["non_key_frame"]
     assert [t["name"] for t in nk["inputs"]] == list(NON_KEY_INPUTS)
-    # flows on the motion grid: 96 x 128 at image_scale 0.375 -> 36 x 48 -> conv1, conv2 (stride 2) -> 9 x 12
-    assert cfg.motion.image_scale == 0.375
+    # flows on the motion grid: 96 x 128 at image_scale 0.5 -> 48 x 64 -> conv1, conv2 (stride 2) -> 12 x 16
+    assert cfg.motion.image_scale == 0.5
     assert {t["name"]: t["shape"] for t in nk["outputs"]} == {
-        "warped_mask_logits": [1, n, 24, 32], "scores": [1, k, 24, 32], "flows": [1, n, 2, 9, 12]}
+        "warped_mask_logits": [1, n, 24, 32], "scores": [1, k, 24, 32], "flows": [1, n, 2, 12, 16]}
     assert all(t["dtype"] == "float32" for g in contract["graphs"].values() for t in g["inputs"] + g["outputs"])
     assert contract["preprocess"]["pixel_mean"] == list(cfg.input.pixel_mean)
     assert contract["preprocess"]["pixel_std"] == list(cfg.input.pixel_std)
