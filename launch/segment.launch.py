@@ -114,7 +114,8 @@ def _rviz_config(template: str, image: str, namespace: str) -> str:
 
 def _lifecycle_actions(node_args: dict, autostart: bool) -> list:
     """The managed node, and with ``autostart`` a configure request plus an activate request that
-    follows a successful configure only (configuring -> inactive, not a later deactivate)."""
+    follows the first successful configure only (configuring -> inactive, once: not a later
+    deactivate, nor a configure after a manual cleanup)."""
     from launch.actions import EmitEvent, RegisterEventHandler
     from launch.events import matches_action
     from launch_ros.actions import LifecycleNode
@@ -130,7 +131,7 @@ def _lifecycle_actions(node_args: dict, autostart: bool) -> list:
         return EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node), transition_id=transition_id))
 
     activate = RegisterEventHandler(OnStateTransition(target_lifecycle_node=node, start_state="configuring",
-                                                      goal_state="inactive",
+                                                      goal_state="inactive", handle_once=True,
                                                       entities=[change(Transition.TRANSITION_ACTIVATE)]))
     return [node, activate, change(Transition.TRANSITION_CONFIGURE)]
 

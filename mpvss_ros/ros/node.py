@@ -136,8 +136,9 @@ class _SegmenterShell:
             if f["floating_point_range"] is not None:
                 lo, hi, step = f["floating_point_range"]
                 desc.floating_point_range = [FloatingPointRange(from_value=lo, to_value=hi, step=step)]
-            # An empty list cannot carry a type: declare the array statically typed, unset.
-            default = Parameter.Type.INTEGER_ARRAY if spec.type == "int_array" else spec.default
+            # An empty list cannot carry a type (rclpy calls [] a byte array): integer arrays are
+            # declared without a value, dynamically typed, and checked by the table.
+            default = None if spec.type == "int_array" else spec.default
             try:
                 self.declare_parameter(spec.name, default, desc)
             except ParameterException as exc:  # wrong type or out of range in the params file
@@ -180,8 +181,15 @@ class _SegmenterShell:
         except ValueError as exc:  # e.g. more palette colours than classes
             raise StartupError(str(exc)) from None
 
+        self._built_entities = []  # (destroy, entity), recorded as each is made: a failure half-way is undone
+
+        def made(destroy, entity):
+            self._built_entities.append((destroy, entity))
+            return entity
+
         def publisher(msg_type, topic, qos=None):
-            return create_publisher(msg_type, topic, qos or _qos(), qos_overriding_options=_OVERRIDES)
+            return made(destroy_publisher, create_publisher(msg_type, topic, qos or _qos(),
+                                                            qos_overriding_options=_OVERRIDES))
 
         self._pub_labels = publisher(Image, "~/labels")
         self._pub_confidence = publisher(Image, "~/confidence")
@@ -190,15 +198,10 @@ class _SegmenterShell:
         self._pub_overlay = publisher(Image, "~/overlay") if cfg.publish_overlay else None
         self._pub_masks = publisher(ClassMasks, "~/class_masks") if cfg.publish_class_masks else None
         self._pub_label_info = publisher(LabelInfo, "~/label_info", _qos(DurabilityPolicy.TRANSIENT_LOCAL))
-        self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        outputs = [self._pub_labels, self._pub_confidence, self._pub_info, self._pub_colored, self._pub_overlay,
-                   self._pub_masks, self._pub_label_info]
-        self._built_entities = [(destroy_publisher, p) for p in outputs if p is not None] + [
-            (self.destroy_publisher, self._pub_diagnostics),
-            (self.destroy_service, self.create_service(SetBool, "~/enable", self._on_enable)),
-            (self.destroy_service, self.create_service(Trigger, "~/reset", self._on_reset)),
-            (self.destroy_timer, self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics)),
-        ]
+        self._pub_diagnostics = made(self.destroy_publisher, self.create_publisher(DiagnosticArray, "/diagnostics", 10))
+        made(self.destroy_service, self.create_service(SetBool, "~/enable", self._on_enable))
+        made(self.destroy_service, self.create_service(Trigger, "~/reset", self._on_reset))
+        made(self.destroy_timer, self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics))
 
     def _announce(self) -> None:
         """Publish the LabelInfo (latched) with the node clock's stamp and log what runs."""
@@ -287,6 +290,10 @@ class _SegmenterShell:
         changes = {p.name: p.value for p in parameters if p.name in SPECS}
         if not changes:
             return SetParametersResult(successful=True)
+        deleted = [p.name for p in parameters if p.name in SPECS and p.type_ == Parameter.Type.NOT_SET]
+        if deleted:  # rclpy would undeclare it after this callback (`ros2 param delete`)
+            return SetParametersResult(successful=False, reason=(
+                f"parameter '{deleted[0]}' cannot be deleted; set it to its default instead"))
         core = self.core
         try:
             if core is None:
@@ -363,8 +370,9 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             self._build(self.create_lifecycle_publisher, self.destroy_lifecycle_publisher)
-        except StartupError as exc:
-            self.get_logger().error(f"cannot configure: {exc}")
+        except Exception as exc:  # noqa: BLE001 - rclpy would turn it into ERROR without a word
+            text = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+            self.get_logger().error(f"cannot configure: {text}")
             self._teardown()
             return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS
@@ -373,10 +381,16 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
         result = super().on_activate(state)  # enables the lifecycle publishers
         if result != TransitionCallbackReturn.SUCCESS:
             return result
-        self.core.set_enabled(True)
-        self.core.reset()  # a gap in the stream: start from a key frame
-        self._start_input()
-        self._announce()
+        try:
+            self.core.set_enabled(True)
+            self.core.reset()  # a gap in the stream: start from a key frame
+            self._start_input()
+            self._announce()
+        except Exception as exc:  # noqa: BLE001 - e.g. a refused qos_overrides value for the input
+            self.get_logger().error(f"cannot activate: {type(exc).__name__}: {exc}")
+            self._stop_input()
+            super().on_deactivate(state)
+            return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -401,6 +415,25 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
         super().destroy_node()
 
 
+def _spin_surviving_refused_transitions(node: Node) -> None:
+    """Spin like ``rclpy.spin``, but a lifecycle request the state machine refuses (``ros2
+    lifecycle set activate`` while unconfigured) is logged instead of ending the process: rclpy
+    Humble and Jazzy raise ``RCLError`` from the change_state service into the executor (fixed
+    later upstream, ros2/rclpy#1319)."""
+    from rclpy.impl.implementation_singleton import rclpy_implementation
+
+    executor = rclpy.executors.SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        while rclpy.ok():
+            try:
+                executor.spin_once(timeout_sec=0.5)
+            except rclpy_implementation.RCLError as exc:
+                node.get_logger().error(f"lifecycle request refused: {exc}")
+    finally:
+        executor.remove_node(node)
+
+
 def _spin(node_class: type, args: list[str] | None) -> int:
     """Init rclpy, build ``node_class`` and spin it until Ctrl-C or shutdown; the exit status."""
     rclpy.init(args=args)
@@ -408,7 +441,10 @@ def _spin(node_class: type, args: list[str] | None) -> int:
     status = 0
     try:
         node = node_class()
-        rclpy.spin(node)
+        if isinstance(node, LifecycleNode):
+            _spin_surviving_refused_transitions(node)
+        else:
+            rclpy.spin(node)
     except StartupError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
         status = 1

@@ -381,8 +381,11 @@ def descriptor_fields(spec: ParamSpec) -> dict[str, Any]:
         for floats). Float parameters are dynamically typed: a whole number in a params file or
         on the command line (``max_gap_s: 2``, ``-p max_frame_age_s:=0``) arrives as INTEGER,
         which rclpy rejects for a DOUBLE parameter and would stop the node; :func:`validate`
-        then checks the type and range and converts it to float. Parameters that are not
-        ``dynamic`` are read-only.
+        then checks the type and range and converts it to float. Integer-array parameters are
+        dynamically typed too, declared without a value: rclpy types an empty list as a byte
+        array (``ros2 param set`` as a bool array), which a statically typed INTEGER_ARRAY
+        refuses, so ``palette: []`` (the model's palette) could not be set back. Parameters that
+        are not ``dynamic`` are read-only.
     """
     if spec.choices is not None:
         constraints = "one of: " + ", ".join(spec.choices)
@@ -398,7 +401,7 @@ def descriptor_fields(spec: ParamSpec) -> dict[str, Any]:
     float_range = (float(spec.min), float(spec.max), 0.0) if spec.type == "float" else None
     return {"description": spec.description, "additional_constraints": constraints,
             "integer_range": int_range, "floating_point_range": float_range,
-            "dynamic_typing": spec.type == "float", "read_only": not spec.dynamic}
+            "dynamic_typing": spec.type in ("float", "int_array"), "read_only": not spec.dynamic}
 
 
 def _yaml_value(value: Any) -> str:

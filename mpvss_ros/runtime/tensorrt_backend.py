@@ -281,6 +281,34 @@ class _CudaApi:
         else:
             self.stream.synchronize()
 
+    def free(self, device_ptr: int, host: np.ndarray) -> None:
+        """Free one buffer pair of :meth:`malloc` / :meth:`pinned` (an engine dropped with its
+        size); the stream is synchronised first, so no copy in flight uses them."""
+        self.synchronize()
+        if self.cudart is not None:
+            if device_ptr in self._device_ptrs:
+                self._device_ptrs.remove(device_ptr)
+                self._call(self.cudart.cudaFree(device_ptr))
+            host_ptr = int(host.ctypes.data)
+            if host_ptr in self._host_ptrs:
+                self._host_ptrs.remove(host_ptr)
+                self._call(self.cudart.cudaFreeHost(host_ptr))
+            return
+        # pycuda: free the device allocation, drop the page-locked array (freed with it)
+        self.ctx.push()
+        try:
+            keep = []
+            for k in self._keep:
+                if k is host:
+                    continue
+                if not isinstance(k, np.ndarray) and int(k) == device_ptr:
+                    k.free()
+                    continue
+                keep.append(k)
+            self._keep = keep
+        finally:
+            self.ctx.pop()
+
     def close(self) -> None:
         """Free every buffer and the stream (idempotent)."""
         if self.cudart is not None:
@@ -572,6 +600,14 @@ class _Engine:
                 raise RuntimeError(f"{path}: TensorRT refused the address of tensor {name}")
             (self.inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(name)
 
+    def free(self) -> None:
+        """Release the engine, its execution context and its I/O buffers (device and pinned)."""
+        for name in list(self.device):
+            self.cuda.free(self.device.pop(name), self.host.pop(name))
+        self.context = None
+        self.engine = None
+        self.runtime = None
+
     def upload(self, name: str, value: Tensor) -> None:
         host = self.host[name]
         arr = value.detach().to("cpu").numpy()
@@ -631,16 +667,21 @@ class TensorRTBackend(Backend):
         self.cuda = _CudaApi(self.device_index)
         self.name = f"tensorrt {trt.__version__}[{self.cuda.gpu_name}, {precision}]"
         # (h, w) -> (key engine, non-key engine, padded canvas), the most recent MAX_PREPARED_SIZES;
-        # an engine dropped with its size no longer holds any key frame's state.
-        self._engines = SizeCache(on_evict=lambda hw, engines: self._forget_device_state())
+        # a size dropped is freed (engines, contexts, I/O buffers).
+        self._engines = SizeCache(on_evict=self._release)
         self._device_key: KeyFrameState | None = None  # the key state held in the non-key engine's inputs
         self._device_reference: Tensor | None = None  # the frame held in the non-key engine's key_image
         for hw in preload_hw:
             self._get(hw)
 
-    def _forget_device_state(self) -> None:
+    def _release(self, hw: tuple[int, int], engines: tuple[_Engine, _Engine, tuple[int, int]]) -> None:
+        """A size dropped from the cache: free both engines and their buffers; the non-key engine
+        no longer holds any key frame's state."""
         self._device_key = None
         self._device_reference = None
+        with self.cuda.activate():
+            for engine in engines[:2]:
+                engine.free()
 
     def _load(self, hw: tuple[int, int]) -> tuple[_Engine, _Engine, tuple[int, int]]:
         paths = build_engines(self.source, hw, self.precision, self.cache_dir, self.device_index,

@@ -11,9 +11,12 @@ Where the behaviour matters to the node it follows rclpy (Humble), read from its
   floating-point ranges are checked for values of their own type only; a parameter declared with
   a type and no value raises ``ParameterUninitializedException`` on ``get_parameter``;
 * ``set_parameters`` (what ``ros2 param set`` reaches) refuses read-only parameters, a type other
-  than the declared one (unless ``dynamic_typing``) and out-of-range values before it calls the
-  ``add_on_set_parameters_callback`` callbacks, newest first, with a one-element list; the value
-  is stored only when every callback succeeds; ``use_sim_time`` is declared on every node;
+  than the declared one and NOT_SET ("undeclaring") unless ``dynamic_typing``, and out-of-range
+  values, before it calls the ``add_on_set_parameters_callback`` callbacks, newest first, with a
+  one-element list; the value is stored only when every callback succeeds (a dynamically typed
+  parameter set to NOT_SET is then undeclared); ``use_sim_time`` is declared on every node;
+* ``Parameter.Type.from_value`` types ``[]`` as a byte array, as rclpy does; ``get_parameter`` of
+  a dynamically typed parameter without a value returns it (value None) instead of raising;
 * ``create_publisher`` / ``create_subscription`` take ``qos_overriding_options`` as a keyword and
   apply ``qos_overrides.<topic>.<publisher|subscription>.<policy>`` to the profile in place;
 * ``LifecycleNode``: the transitions and callback results of rclpy's lifecycle state machine, and
@@ -114,8 +117,10 @@ class ParameterType(enum.IntEnum):
             return cls.DOUBLE
         if isinstance(value, str):
             return cls.STRING
-        if isinstance(value, (list, tuple)):
-            if all(isinstance(v, bool) for v in value) and value:
+        if isinstance(value, (list, tuple)):  # rclpy's order: [] is a BYTE_ARRAY
+            if all(isinstance(v, bytes) for v in value):
+                return cls.BYTE_ARRAY
+            if all(isinstance(v, bool) for v in value):
                 return cls.BOOL_ARRAY
             if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 return cls.INTEGER_ARRAY
@@ -358,7 +363,9 @@ class Node:
         if descriptor.read_only:
             return SetParametersResult(False, f"Trying to set a read-only parameter: {param.name}.")
         declared = self._declared_types[param.name]
-        if not descriptor.dynamic_typing and param.type_ not in (ParameterType.NOT_SET, declared):
+        if not descriptor.dynamic_typing and param.type_ == ParameterType.NOT_SET:
+            return SetParametersResult(False, "Static parameter cannot be undeclared")
+        if not descriptor.dynamic_typing and param.type_ != declared:
             return SetParametersResult(False, f"Wrong parameter type, expected '{declared}' got '{param.type_}'")
         problem = _range_problem(param.name, param.type_, param.value, descriptor)
         if problem:
@@ -367,12 +374,15 @@ class Node:
             result = callback([param])
             if not result.successful:
                 return result
+        if param.type_ == ParameterType.NOT_SET:  # a dynamically typed parameter set to nothing: undeclared
+            del self._params[param.name], self._descriptors[param.name], self._declared_types[param.name]
+            return SetParametersResult(True)
         self._params[param.name] = param
         return SetParametersResult(True)
 
     def get_parameter(self, name: str) -> Parameter:
         param = self._params[name]
-        if param.type_ == ParameterType.NOT_SET:
+        if param.type_ == ParameterType.NOT_SET and not self._descriptors[name].dynamic_typing:
             raise ParameterUninitializedException(f"parameter '{name}' is not initialized")
         return param
 
@@ -587,12 +597,47 @@ class ExternalShutdownException(Exception):
     pass
 
 
+class RCLError(RuntimeError):
+    """rclpy's ``_rclpy.RCLError`` (``rclpy.impl.implementation_singleton.rclpy_implementation``)."""
+
+
 class _Runtime:
-    """``rclpy.init`` / ``spin`` / ``ok`` / ``try_shutdown``; ``spin`` returns at once."""
+    """``rclpy.init`` / ``spin`` / ``ok`` / ``try_shutdown``; ``spin`` returns at once.
+
+    :attr:`spin_once_script`: what successive ``SingleThreadedExecutor.spin_once`` calls do, each
+    an exception to raise or None; once it is used up the executor shuts the runtime down (as a
+    Ctrl-C would end the spin)."""
 
     def __init__(self) -> None:
         self.initialised = False
         self.spun: list[Any] = []
+        self.spin_once_script: list[BaseException | None] = []
+        self.spin_once_calls = 0
+
+    def executor_class(self) -> type:
+        runtime = self
+
+        class SingleThreadedExecutor:
+            def __init__(self) -> None:
+                self.nodes: list[Any] = []
+
+            def add_node(self, node: Any) -> None:
+                self.nodes.append(node)
+                runtime.spun.append(node)
+
+            def remove_node(self, node: Any) -> None:
+                self.nodes.remove(node)
+
+            def spin_once(self, timeout_sec: float | None = None) -> None:
+                runtime.spin_once_calls += 1
+                if not runtime.spin_once_script:
+                    runtime.try_shutdown()
+                    return
+                step = runtime.spin_once_script.pop(0)
+                if step is not None:
+                    raise step
+
+        return SingleThreadedExecutor
 
     def init(self, args: Any = None) -> None:
         self.initialised = True
@@ -614,7 +659,10 @@ def install(monkeypatch: Any) -> _Runtime:
     t = TYPESTORE.types
     modules = {
         "rclpy": {"init": runtime.init, "spin": runtime.spin, "ok": runtime.ok, "try_shutdown": runtime.try_shutdown},
-        "rclpy.executors": {"ExternalShutdownException": ExternalShutdownException},
+        "rclpy.executors": {"ExternalShutdownException": ExternalShutdownException,
+                            "SingleThreadedExecutor": runtime.executor_class()},
+        "rclpy.impl": {}, "rclpy.impl.implementation_singleton": {
+            "rclpy_implementation": types.SimpleNamespace(RCLError=RCLError)},
         "rclpy.logging": {"get_logger": get_logger},
         "rclpy.exceptions": {"ParameterException": ParameterException,
                              "ParameterUninitializedException": ParameterUninitializedException,

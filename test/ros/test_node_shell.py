@@ -280,3 +280,78 @@ def test_main_exit_status(node_module, monkeypatch):
     assert node_py.main([]) == 0
     (node,) = runtime.spun
     assert node.destroyed and not node._worker.alive and not runtime.ok()
+
+
+def test_lifecycle_main_survives_a_refused_transition(node_module, monkeypatch):
+    """rclpy Humble/Jazzy raise RCLError into the executor for a lifecycle request the state
+    machine refuses (``ros2 lifecycle set activate`` while unconfigured); the managed node's spin
+    loop logs it and goes on."""
+    start, runtime = node_module
+    import mpvss_ros.ros.node as node_py
+
+    monkeypatch.setattr(fr.Node, "overrides", {"device": "cpu", "threads": torch.get_num_threads()})
+    refused = fr.RCLError("Failed to trigger lifecycle state machine transition")
+    runtime.spin_once_script = [None, refused, None]
+    assert node_py.main_lifecycle([]) == 0
+    assert runtime.spin_once_calls == 4  # three scripted, then the shutdown
+    (node,) = runtime.spun
+    assert node.destroyed and not runtime.ok()
+    assert any(level == "error" and "lifecycle request refused" in text and "Failed to trigger" in text
+               for level, text in node.get_logger().lines)
+
+
+def test_lifecycle_configure_undoes_a_failure_half_way(node_module, monkeypatch):
+    """Any exception while configuring (here the third publisher, as a refused qos_overrides value
+    would) is logged and undone: FAILURE, no publisher, service or timer left behind."""
+    start, _ = node_module
+    start()
+    import mpvss_ros.ros.node as node_py
+
+    node = node_py.MPVSSLifecycleNode()
+    real = node.create_lifecycle_publisher
+    made = []
+
+    def flaky(*args, **kwargs):
+        if len(made) == 2:
+            raise RuntimeError("Unexpected QoS override")
+        made.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(node, "create_lifecycle_publisher", flaky)
+    seen = len(node.get_logger().lines)
+    try:
+        assert node.trigger_configure() == fr.TransitionCallbackReturn.FAILURE and node.state == "unconfigured"
+        assert made == ["~/labels", "~/confidence"]
+        assert not node.publishers and not node._managed and not node.services and not node.timers
+        assert node.core is None
+        assert any(level == "error" and "cannot configure: RuntimeError: Unexpected QoS override" in text
+                   for level, text in node.get_logger().lines[seen:])
+        monkeypatch.setattr(node, "create_lifecycle_publisher", real)
+        assert node.trigger_configure() == fr.TransitionCallbackReturn.SUCCESS  # and it can be retried
+    finally:
+        node.destroy_node()
+
+
+def test_palette_back_to_the_model_default_and_no_deleting(node_module):
+    """``palette: []`` reaches rclpy as a byte (or, from ros2 param set, bool) array; the
+    dynamically typed parameter takes it and the model's palette returns. Deleting one of the
+    node's parameters is refused before rclpy would undeclare it."""
+    start, _ = node_module
+    node = start(max_frame_age_s=0, palette=[0xFF0000])
+    P, T = fr.Parameter, fr.ParameterType
+    assert node.core.config.palette == (0xFF0000,) and tuple(node.core.palette[0]) == (255, 0, 0)
+    (result,) = node.set_parameters([P("palette", T.from_value([]), [])])
+    assert T.from_value([]) == T.BYTE_ARRAY and result.successful, result.reason
+    assert node.core.config.palette == ()
+    assert tuple(node.core.palette[0]) == tuple(node.core.loaded.config.palette[0])  # the model's (Sky grey)
+    (result,) = node.set_parameters([P("palette", T.BOOL_ARRAY, [])])  # what `ros2 param set ... "[]"` sends
+    assert result.successful, result.reason
+    (result,) = node.set_parameters([P("palette", T.from_value([0x00FF00, 7]), [0x00FF00, 7])])
+    assert result.successful and node.core.config.palette == (0x00FF00, 7)
+    assert tuple(node.core.palette[0]) == (0, 255, 0)
+    (result,) = node.set_parameters([P("palette", T.NOT_SET, None)])  # ros2 param delete
+    assert not result.successful and "cannot be deleted" in result.reason
+    assert node.get_parameter("palette").value == [0x00FF00, 7]
+    (result,) = node.set_parameters([P("max_interval", T.NOT_SET, None)])  # statically typed
+    assert not result.successful and "Static parameter cannot be undeclared" in result.reason
+    node.destroy_node()

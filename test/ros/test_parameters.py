@@ -91,8 +91,10 @@ def test_every_parameter_is_described_and_its_default_valid():
             assert validate({spec.name: int(math.ceil(lo))}).as_dict()[spec.name] == float(math.ceil(lo))
         else:
             assert fields["integer_range"] is None and fields["floating_point_range"] is None
-        if spec.type != "float":
+        if spec.type not in ("float", "int_array"):
             assert not fields["dynamic_typing"], spec.name
+        if spec.type == "int_array":  # [] reaches rclpy as a byte or bool array: not INTEGER_ARRAY
+            assert fields["dynamic_typing"], spec.name
         if spec.choices:
             assert spec.default in spec.choices
             assert fields["additional_constraints"] == "one of: " + ", ".join(spec.choices)
@@ -355,8 +357,8 @@ def test_launch_lifecycle_node_configured_then_activated(launch_file):
     assert event == {"lifecycle_node_matcher": ("matches", node), "transition_id": 1}  # TRANSITION_CONFIGURE
     (handler,) = activate.args
     # only a successful configure activates (a later deactivate also ends in inactive)
-    assert {k: handler.kwargs[k] for k in ("target_lifecycle_node", "start_state", "goal_state")} == {
-        "target_lifecycle_node": node, "start_state": "configuring", "goal_state": "inactive"}
+    assert {k: handler.kwargs[k] for k in ("target_lifecycle_node", "start_state", "goal_state", "handle_once")} == {
+        "target_lifecycle_node": node, "start_state": "configuring", "goal_state": "inactive", "handle_once": True}
     (emit,) = handler.kwargs["entities"]
     assert emit.kwargs["event"].kwargs == {"lifecycle_node_matcher": ("matches", node), "transition_id": 3}
 

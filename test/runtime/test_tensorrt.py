@@ -334,3 +334,83 @@ def test_key_state_is_uploaded_once_per_key_frame(monkeypatch, lite):
                           mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8))
     backend.propagate(other, torch.ones(1, 3, 32, 32))
     assert uploads[3:] == ["key_class_logits", "key_mask_logits", "key_query_embeddings", "key_image", "image"]
+
+
+def test_a_size_dropped_from_the_engine_cache_frees_its_buffers(tmp_path, monkeypatch):
+    """No GPU needed: stand-ins for TensorRT and the CUDA calls. A stream through more input sizes
+    than the backend keeps frees the dropped sizes' engines and every I/O buffer they allocated,
+    and forgets which key frame the dropped non-key engine held."""
+    import types
+
+    import mpvss_ros.runtime.tensorrt_backend as tb
+    from mpvss_ros.runtime.base import MAX_PREPARED_SIZES, SizeCache
+
+    class FakeCuda:
+        def __init__(self):
+            self.device, self.host, self.freed, self.next = set(), set(), 0, 0
+
+        def malloc(self, nbytes):
+            self.next += 1
+            self.device.add(self.next)
+            return self.next
+
+        def pinned(self, shape, dtype):
+            arr = np.zeros(shape, dtype)
+            self.host.add(id(arr))
+            return arr
+
+        def free(self, device_ptr, host):
+            self.device.remove(device_ptr)
+            self.host.remove(id(host))
+            self.freed += 1
+
+        def activate(self):
+            return _Nullcontext()
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i):
+            return ("image", "mask_logits")[i]
+
+        def get_tensor_shape(self, name):
+            return (1, 3, 8, 8)
+
+        def get_tensor_dtype(self, name):
+            return "float"
+
+        def get_tensor_mode(self, name):
+            return "in" if name == "image" else "out"
+
+        def create_execution_context(self):
+            return types.SimpleNamespace(set_tensor_address=lambda name, ptr: True)
+
+    trt = types.SimpleNamespace(Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda b: Engine()),
+                                nptype=lambda d: np.float32, TensorIOMode=types.SimpleNamespace(INPUT="in"))
+    monkeypatch.setattr(tb, "_trt_logger", lambda trt: None)
+    path = tmp_path / "x.engine"
+    path.write_bytes(b"x")
+    cuda = FakeCuda()
+    backend = object.__new__(tb.TensorRTBackend)
+    backend._trt, backend.cuda, backend._device_key, backend._device_reference = trt, cuda, None, None
+    backend._engines = SizeCache(on_evict=backend._release)
+    backend._load = lambda hw: (tb._Engine(trt, path, cuda), tb._Engine(trt, path, cuda), hw)
+    sizes = [(64, 64 + 32 * i) for i in range(MAX_PREPARED_SIZES + 1)]
+    for _ in range(3):
+        for hw in sizes:
+            backend._get(hw)
+            backend._device_key = object()  # as if this size's non-key engine held a key frame
+    kept = MAX_PREPARED_SIZES * 2 * 2  # sizes x engines x tensors
+    assert len(backend._engines) == MAX_PREPARED_SIZES
+    assert len(cuda.device) == kept and len(cuda.host) == kept
+    assert cuda.freed == (3 * len(sizes) - MAX_PREPARED_SIZES) * 2 * 2
+    backend._get(sizes[0])  # dropped in the last round: loaded again, the held key forgotten
+    assert backend._device_key is None
+
+
+class _Nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
