@@ -69,13 +69,18 @@ def load_exported(onnx_dir: str | Path) -> LoadedModel:
 
     Raises:
         FileNotFoundError: no contract, or a graph missing. ValueError: not a contract of this
-            format, or its model configuration is invalid.
+            format, its model configuration invalid, or the two disagreeing
+            (:func:`~mpvss_ros.runtime.export.contract_problems`).
     """
-    from .runtime.export import contract_model_config, read_contract
+    from .runtime.export import contract_model_config, contract_problems, read_contract
 
     contract = read_contract(onnx_dir)
+    config = contract_model_config(contract)
+    problems = contract_problems(contract, config)
+    if problems:  # e.g. more classes than the graphs output: labels would be silently wrong
+        raise ValueError(f"{onnx_dir}: {'; '.join(problems)} (mpvss check-export lists everything)")
     weights = contract.get("weights")
-    return LoadedModel(model=None, config=contract_model_config(contract), weights=Path(weights) if weights else None,
+    return LoadedModel(model=None, config=config, weights=Path(weights) if weights else None,
                        trained=bool(contract.get("trained")), device=torch.device("cpu"),
                        meta={"onnx_dir": str(Path(onnx_dir).resolve())})
 

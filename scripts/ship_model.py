@@ -63,8 +63,10 @@ def average(tensors: list[torch.Tensor]) -> torch.Tensor:
     (e.g. BatchNorm's ``num_batches_tracked``) must be equal and are kept.
 
     Raises:
-        ValueError: integer tensors that differ.
+        ValueError: shapes that differ, or integer tensors that differ.
     """
+    if any(t.shape != tensors[0].shape for t in tensors[1:]):
+        raise ValueError(f"the --motion checkpoints hold tensors of shapes {[tuple(t.shape) for t in tensors]}")
     if tensors[0].is_floating_point():
         return sum(t.float() for t in tensors) / len(tensors)
     if any(not torch.equal(tensors[0], t) for t in tensors[1:]):
@@ -87,7 +89,13 @@ def main() -> None:
     ap.add_argument("--out", default="models/mpvss_lite_camvid.pt")
     ap.add_argument("--model", default=None, help="model name or YAML replacing the motion checkpoint's config")
     args = ap.parse_args()
+    if len(set(args.motion)) != len(args.motion):
+        ap.error("--motion lists a checkpoint twice (it would weigh double)")
     seg, mots = read_state_dict(args.segmentor), [read_checkpoint(m) for m in args.motion]
+    settings = [m.model_config.get("motion") for m in mots]
+    if any(x != settings[-1] for x in settings):  # e.g. image_scale, an inference setting; shapes are checked below
+        print("note: the --motion checkpoints' motion settings differ; the configuration comes from "
+              + (args.model or args.motion[-1]))
     cfg = load_model_config(args.model) if args.model else model_config_from_dict(mots[-1].model_config)
     cfg.default_weights = "models/mpvss_lite_camvid.pt"
     model = MPVSS(cfg)

@@ -110,3 +110,13 @@ def test_several_motion_checkpoints_ship_their_average(stages, tmp_path, monkeyp
         elif not k.startswith("motion."):
             assert torch.equal(v, s[k].half().float() if s[k].is_floating_point() else s[k]), k
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("motion.")), "the two runs differ"
+
+
+def test_the_same_motion_checkpoint_twice_is_refused(stages, tmp_path, monkeypatch, load_script):
+    stage1, stage2, _, _ = stages
+    main = load_script("ship_model").main
+    monkeypatch.setattr(sys, "argv", ["ship_model.py", "--segmentor", str(stage1), "--motion", str(stage2), str(stage2),
+                                      "--out", str(tmp_path / "soup.pt")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2 and not (tmp_path / "soup.pt").exists()

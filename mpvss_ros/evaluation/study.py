@@ -268,7 +268,9 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     for r in rows:
         r["cost_ratio"] = r["mean_ms_per_frame"] / per_frame["mean_ms_per_frame"] if per_frame else None
     return {"frames": len(seq.images), "fps": seq.fps, "model": loaded.config.name, "optical_flow": flow_opts,
-            "weights": str(loaded.weights) if loaded.weights else None, "rows": rows}
+            "weights": str(loaded.weights) if loaded.weights else None, "onnx_dir": loaded.meta.get("onnx_dir"),
+            "backend": backend.describe() if backend is not None and hasattr(backend, "describe") else None,
+            "rows": rows}
 
 
 def row_label(row: dict[str, Any]) -> str:

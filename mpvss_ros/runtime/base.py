@@ -232,4 +232,7 @@ def as_backend(model: Any, device: str | torch.device | None = "cpu") -> Any:
         return TorchBackend(model, device if device is not None else "cpu")
     if all(hasattr(model, a) for a in ("cfg", "num_classes", "segment_key_frame")):
         return model
+    if model is None:  # LoadedModel.model of an export folder (model_loader.load_exported)
+        raise TypeError("no model to run: an export folder (load_exported) runs through a backend, "
+                        "load_backend('onnxruntime' | 'tensorrt', onnx_dir=...)")
     raise TypeError(f"expected an MPVSS model or an inference backend, got {type(model).__name__}")

@@ -89,6 +89,7 @@ __all__ = [
     "build_contract",
     "read_contract",
     "contract_model_config",
+    "contract_problems",
     "parity_frames",
     "check_parity",
     "check_export",
@@ -289,11 +290,39 @@ def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path |
     }
 
 
+def _is_hw(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)
+
+
+def _structure_problems(contract: dict[str, Any]) -> list[str]:
+    """What a contract lacks for this package to read it (keys and their types), as lines."""
+    problems = []
+    canvas = contract.get("canvas")
+    if not isinstance(canvas, dict) or not _is_hw(canvas.get("valid_hw")) or not _is_hw(canvas.get("padded_hw")):
+        problems.append("canvas must hold valid_hw and padded_hw as [height, width] of positive integers")
+    if not isinstance(contract.get("model_config"), dict):
+        problems.append("model_config must be the model configuration (a mapping)")
+    graphs = contract.get("graphs")
+    for g in ("key_frame", "non_key_frame"):
+        info = graphs.get(g) if isinstance(graphs, dict) else None
+        if not isinstance(info, dict) or not isinstance(info.get("file"), str):
+            problems.append(f"graphs.{g} must name its file")
+            continue
+        for side in ("inputs", "outputs"):
+            tensors = info.get(side)
+            if not isinstance(tensors, list) or not all(
+                    isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list)
+                    and all(isinstance(v, int) for v in t["shape"]) for t in tensors):
+                problems.append(f"graphs.{g}.{side} must list tensors with a name and a static shape of integers")
+    return problems
+
+
 def read_contract(export_dir: str | Path) -> dict[str, Any]:
     """Read ``contract.json`` of an export folder.
 
     Raises:
-        FileNotFoundError: no contract or a graph missing. ValueError: not a contract of this format.
+        FileNotFoundError: no contract or a graph missing. ValueError: not a contract of this
+            format, or a key this package reads missing or of the wrong type (every one named).
     """
     d = Path(export_dir)
     path = d / CONTRACT_FILE
@@ -303,13 +332,48 @@ def read_contract(export_dir: str | Path) -> dict[str, Any]:
         contract = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if contract.get("format") != CONTRACT_FORMAT:
-        raise ValueError(f"{path}: unknown contract format {contract.get('format')!r} (expected {CONTRACT_FORMAT})")
+    if not isinstance(contract, dict) or contract.get("format") != CONTRACT_FORMAT:
+        found = contract.get("format") if isinstance(contract, dict) else type(contract).__name__
+        raise ValueError(f"{path}: unknown contract format {found!r} (expected {CONTRACT_FORMAT})")
+    problems = _structure_problems(contract)
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
     for g in ("key_frame", "non_key_frame"):
         f = d / contract["graphs"][g]["file"]
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found (listed in {path})")
     return contract
+
+
+def contract_problems(contract: dict[str, Any], cfg: ModelConfig) -> list[str]:
+    """What in a contract (read by :func:`read_contract`) disagrees with itself, without opening
+    the graphs: the canvas sizes (padded = valid rounded up to ``size_divisibility``, mask =
+    padded / 4), the model configuration's canvas, classes and queries against the canvas and
+    ``class_logits``, and tensor dtypes other than float32. One line per problem."""
+    problems = []
+    canvas = contract["canvas"]
+    valid, padded = tuple(canvas["valid_hw"]), tuple(canvas["padded_hw"])
+    if padded != padded_size(valid, canvas.get("size_divisibility", cfg.input.size_divisibility)):
+        problems.append(f"canvas: padded_hw {list(padded)} is not valid_hw {list(valid)} rounded up to "
+                        f"size_divisibility {canvas.get('size_divisibility')}")
+    if tuple(canvas.get("mask_hw", ())) != (padded[0] // 4, padded[1] // 4):
+        problems.append(f"canvas: mask_hw {canvas.get('mask_hw')} is not padded_hw / 4")
+    if cfg.input.size is None or tuple(cfg.input.size) != valid:
+        problems.append(f"model_config: input.size {cfg.input.size} is not the canvas' valid_hw {list(valid)}")
+    queries, classes = cfg.transformer_decoder.num_queries, cfg.num_classes
+    for key, want in (("num_classes", classes), ("num_queries", queries)):
+        if key in contract and contract[key] != want:
+            problems.append(f"{key} {contract[key]} differs from model_config's {want}")
+    for g, info in contract["graphs"].items():
+        tensors = info["inputs"] + info["outputs"]
+        odd = [t["name"] for t in tensors if t.get("dtype", "float32") != "float32"]
+        if odd:
+            problems.append(f"{g}: the contract gives {odd} a dtype other than float32")
+        for t in tensors:
+            if t["name"] in ("class_logits", "key_class_logits") and t["shape"][1:] != [queries, classes + 1]:
+                problems.append(f"{g}: {t['name']} {t['shape']} does not fit model_config's {queries} queries and "
+                                f"{classes} classes (+ no-object)")
+    return problems
 
 
 def contract_model_config(contract: dict[str, Any]) -> ModelConfig:
@@ -544,9 +608,11 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
     """Check an export folder against its ``contract.json``: ours (``mpvss export``) or a model of
     your own brought to the same contract (see ``docs/runtime.md``), before a robot runs it.
 
-    Checks, all reported together: the contract reads (format, graph files, model
-    configuration); the canvas sizes agree (padded = valid rounded up to ``size_divisibility``,
-    mask = padded / 4); each graph's sha256 when the contract records one; each graph declares
+    Checks, all reported together: the contract reads (format, the keys it needs, graph files,
+    model configuration); the canvas sizes agree (padded = valid rounded up to
+    ``size_divisibility``, mask = padded / 4) and so does the model configuration (its canvas, its
+    classes and queries against ``class_logits``); the contract lists float32 tensors; each graph's
+    sha256 when the contract records one; each graph declares
     the contract's inputs and outputs by name, float32, with the contract's static shapes; the
     key-frame graph runs on a frame of ``valid_hw`` (zero padding) and the non-key graph on a
     second frame with the key graph's outputs (onnxruntime, CPU), every output with the
@@ -566,22 +632,15 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
     """
     import onnx
 
+    from .base import BackendUnavailable
     from .onnx_backend import make_session
 
     d = Path(export_dir)
     contract = read_contract(d)
-    problems: list[str] = []
-    try:
-        cfg = contract_model_config(contract)
-    except Exception as exc:  # noqa: BLE001 - ConfigError, KeyError: reported with the rest
-        raise ValueError(f"{d / CONTRACT_FILE}: model_config: {exc}") from None
+    cfg = contract_model_config(contract)
     canvas = contract["canvas"]
     valid, padded = tuple(canvas["valid_hw"]), tuple(canvas["padded_hw"])
-    if padded != padded_size(valid, canvas.get("size_divisibility", cfg.input.size_divisibility)):
-        problems.append(f"canvas: padded_hw {list(padded)} is not valid_hw {list(valid)} rounded up to "
-                        f"size_divisibility {canvas.get('size_divisibility')}")
-    if tuple(canvas.get("mask_hw", ())) != (padded[0] // 4, padded[1] // 4):
-        problems.append(f"canvas: mask_hw {canvas.get('mask_hw')} is not padded_hw / 4")
+    problems = contract_problems(contract, cfg)
     specs: dict[str, dict[str, list[int]]] = {}
     for g, (inputs, outputs) in {"key_frame": (KEY_INPUTS, KEY_OUTPUTS),
                                  "non_key_frame": (NON_KEY_INPUTS, NON_KEY_OUTPUTS)}.items():
@@ -594,7 +653,11 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
         missing = [n for n in (*inputs, *outputs) if n not in spec]
         if missing:
             problems.append(f"{g}: the contract does not list {missing}")
-        graph = onnx.load(str(path), load_external_data=False).graph
+        try:
+            graph = onnx.load(str(path), load_external_data=False).graph
+        except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and the like
+            problems.append(f"{g}: {path.name} is not a readable ONNX model ({type(exc).__name__}: {exc})")
+            continue
         declared = {v.name: v for v in (*graph.input, *graph.output)}
         for name in (*inputs, *outputs):
             v = declared.get(name)
@@ -614,12 +677,17 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (valid[0], valid[1], 3)).astype(np.uint8) for _ in range(2)]
     key_img, cur_img = _canvas(frames[0], padded).numpy(), _canvas(frames[1], padded).numpy()
-    key_sess = make_session(d / contract["graphs"]["key_frame"]["file"], threads=threads)
-    non_key_sess = make_session(d / contract["graphs"]["non_key_frame"]["file"], threads=threads)
-    got = dict(zip(KEY_OUTPUTS, key_sess.run(list(KEY_OUTPUTS), {"image": key_img})))
-    feeds = {"image": cur_img, "key_image": key_img, "key_query_embeddings": got["query_embeddings"],
-             "key_mask_logits": got["mask_logits"], "key_class_logits": got["class_logits"]}
-    got.update(zip(NON_KEY_OUTPUTS, non_key_sess.run(list(NON_KEY_OUTPUTS), feeds)))
+    try:
+        key_sess = make_session(d / contract["graphs"]["key_frame"]["file"], threads=threads)
+        got = dict(zip(KEY_OUTPUTS, key_sess.run(list(KEY_OUTPUTS), {"image": key_img})))
+        non_key_sess = make_session(d / contract["graphs"]["non_key_frame"]["file"], threads=threads)
+        feeds = {"image": cur_img, "key_image": key_img, "key_query_embeddings": got["query_embeddings"],
+                 "key_mask_logits": got["mask_logits"], "key_class_logits": got["class_logits"]}
+        got.update(zip(NON_KEY_OUTPUTS, non_key_sess.run(list(NON_KEY_OUTPUTS), feeds)))
+    except BackendUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidGraph, Fail, ... : one line
+        raise ValueError(f"the graphs do not run on onnxruntime (CPU): {type(exc).__name__}: {exc}") from None
     shapes = {}
     for g, names in (("key_frame", KEY_OUTPUTS), ("non_key_frame", NON_KEY_OUTPUTS)):
         for name in names:

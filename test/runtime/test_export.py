@@ -490,3 +490,44 @@ def test_check_export_passes_an_export_and_lists_every_problem(lite_small, tmp_p
     (renamed / CONTRACT_FILE).write_text(json.dumps(contract))
     with pytest.raises(ValueError, match=f"key_frame: key_frame.onnx has no input/output '{old}'"):
         check_export(renamed)
+
+
+def test_broken_export_folders_give_one_clear_error_not_a_traceback(lite_small, tmp_path):
+    """Damaged graphs and contracts missing keys or disagreeing with their graphs are reported
+    (ValueError), by check_export and by load_exported, which --onnx-dir and the node use."""
+    from mpvss_ros.model_loader import load_exported
+    from mpvss_ros.runtime.export import check_export
+
+    def copy(name, edit_contract=None):
+        d = tmp_path / name
+        shutil.copytree(lite_small.out_dir, d)
+        if edit_contract is not None:
+            contract = json.loads((d / CONTRACT_FILE).read_text())
+            edit_contract(contract)
+            (d / CONTRACT_FILE).write_text(json.dumps(contract))
+        return d
+
+    truncated = copy("truncated", lambda c: c["graphs"]["key_frame"].update(sha256=None))
+    data = (truncated / "key_frame.onnx").read_bytes()
+    (truncated / "key_frame.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="key_frame.onnx is not a readable ONNX model"):
+        check_export(truncated)
+
+    no_canvas = copy("no_canvas", lambda c: c.pop("canvas"))
+    for check in (check_export, load_exported):
+        with pytest.raises(ValueError, match="canvas must hold valid_hw and padded_hw"):
+            check(no_canvas)
+
+    def more_classes(c):
+        c["model_config"]["num_classes"] = 19
+        c["model_config"]["class_names"] = [f"c{i}" for i in range(19)]
+        c["model_config"]["palette"] = []
+
+    wrong = copy("classes", more_classes)  # the graphs output 11 classes + no-object
+    for check in (check_export, load_exported):
+        with pytest.raises(ValueError, match="class_logits .* does not fit model_config's 32 queries and 19 classes"):
+            check(wrong)
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / CONTRACT_FILE).write_text("[1, 2]")
+    with pytest.raises(ValueError, match="unknown contract format 'list'"):
+        load_exported(tmp_path / "list")
