@@ -259,14 +259,10 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
     Raises:
         ValueError: bad image, labels, palette, names, corner or ``max_entries``.
     """
-    _check_image(image)
-    if not image.flags.c_contiguous or not image.flags.writeable:
-        raise ValueError("draw_legend draws in place: image must be C-contiguous and writable")
+    _check_drawable(image, corner, "draw_legend")
     _check_labels(labels)
     if labels.shape != image.shape[:2]:
         raise ValueError(f"labels {labels.shape} and image {image.shape[:2]} differ in size")
-    if corner not in LEGEND_CORNERS:
-        raise ValueError(f"corner must be one of {LEGEND_CORNERS}, got {corner!r}")
     if isinstance(max_entries, bool) or not isinstance(max_entries, (int, np.integer)) or max_entries < 1:
         raise ValueError(f"max_entries must be an int >= 1, got {max_entries!r}")
     pal = _as_palette(palette)
@@ -278,9 +274,7 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
         return Legend()
 
     h, w = image.shape[:2]
-    scale, thick = _text_metrics(h)
-    (_, text_h), text_base = cv2.getTextSize("Ag", _FONT, scale, thick)
-    pad = max(2, round(5 * scale))
+    scale, thick, text_h, text_base, pad = _text_metrics(h)
     swatch = text_h + text_base
     line_h = swatch + pad
     capacity = min(int(max_entries), (h - 2 * pad - pad) // line_h)  # outer margin + top padding
@@ -330,10 +324,23 @@ def _darken(roi: np.ndarray) -> None:
     roi[...] = (roi.astype(np.uint16) * 3 // 8).astype(np.uint8)
 
 
-def _text_metrics(h: int) -> tuple[float, int]:
-    """Font scale and thickness for an image ``h`` pixels high (legend and tag alike)."""
+def _text_metrics(h: int) -> tuple[float, int, int, int, int]:
+    """Text layout for an image ``h`` pixels high, legend and tag alike: ``(font scale, thickness,
+    text height, baseline, padding)``, heights and padding in pixels."""
     scale = float(np.clip(h / 600.0, 0.35, 1.5))
-    return scale, 1 if scale < 0.9 else 2
+    thick = 1 if scale < 0.9 else 2
+    (_, text_h), text_base = cv2.getTextSize("Ag", _FONT, scale, thick)
+    return scale, thick, text_h, text_base, max(2, round(5 * scale))
+
+
+def _check_drawable(image: np.ndarray, corner: str, who: str) -> None:
+    """``image`` a C-contiguous, writable (H, W, 3) uint8 RGB image and ``corner`` one of
+    :data:`LEGEND_CORNERS`, for the in-place drawing functions; ValueError naming ``who`` else."""
+    _check_image(image)
+    if not image.flags.c_contiguous or not image.flags.writeable:
+        raise ValueError(f"{who} draws in place: image must be C-contiguous and writable")
+    if corner not in LEGEND_CORNERS:
+        raise ValueError(f"corner must be one of {LEGEND_CORNERS}, got {corner!r}")
 
 
 def draw_tag(image: np.ndarray, text: str, corner: str = "top-right") -> tuple[int, int, int, int] | None:
@@ -352,15 +359,9 @@ def draw_tag(image: np.ndarray, text: str, corner: str = "top-right") -> tuple[i
     Raises:
         ValueError: bad image or corner.
     """
-    _check_image(image)
-    if not image.flags.c_contiguous or not image.flags.writeable:
-        raise ValueError("draw_tag draws in place: image must be C-contiguous and writable")
-    if corner not in LEGEND_CORNERS:
-        raise ValueError(f"corner must be one of {LEGEND_CORNERS}, got {corner!r}")
+    _check_drawable(image, corner, "draw_tag")
     h, w = image.shape[:2]
-    scale, thick = _text_metrics(h)
-    (_, text_h), text_base = cv2.getTextSize("Ag", _FONT, scale, thick)
-    pad = max(2, round(5 * scale))
+    scale, thick, text_h, text_base, pad = _text_metrics(h)
     line = _fit(_ascii(text), w - 4 * pad, scale, thick)
     box_h = text_h + text_base + 2 * pad
     if not line or box_h + 2 * pad > h:
