@@ -646,7 +646,7 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
                                  "non_key_frame": (NON_KEY_INPUTS, NON_KEY_OUTPUTS)}.items():
         info = contract["graphs"][g]
         path = d / info["file"]
-        if info.get("sha256") and _sha256_file(path) != info["sha256"]:
+        if not _graph_intact(d, info):
             problems.append(f"{g}: {path.name} does not match the sha256 in the contract (changed or damaged)")
         spec = {t["name"]: [int(v) for v in t["shape"]] for t in info["inputs"] + info["outputs"]}
         specs[g] = spec
@@ -797,14 +797,16 @@ def _reuse(final: Path) -> bool:
     return False
 
 
+def _graph_intact(export_dir: Path, info: dict[str, Any]) -> bool:
+    """Whether one graph file (its contract entry ``info``) still has the sha256 the contract
+    recorded; True when none is recorded."""
+    return not info.get("sha256") or _sha256_file(export_dir / info["file"]) == info["sha256"]
+
+
 def _graphs_intact(export_dir: Path, contract: dict[str, Any]) -> bool:
     """Whether both graph files still have the sha256 their contract recorded (a truncated or
     damaged cache entry is exported again instead of failing every later start)."""
-    for g in ("key_frame", "non_key_frame"):
-        info = contract["graphs"][g]
-        if info.get("sha256") and _sha256_file(export_dir / info["file"]) != info["sha256"]:
-            return False
-    return True
+    return all(_graph_intact(export_dir, contract["graphs"][g]) for g in ("key_frame", "non_key_frame"))
 
 
 def replace_canvas(cfg: ModelConfig, valid_hw: tuple[int, int]) -> ModelConfig:
