@@ -44,7 +44,7 @@ import rclpy.logging
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.exceptions import ParameterException, ParameterUninitializedException
+from rclpy.exceptions import ParameterException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -146,12 +146,8 @@ class _SegmenterShell:
 
     def _read_parameters(self) -> NodeConfig:
         """The declared parameters' values, validated. Raises :class:`StartupError`."""
-        values = {}
-        for spec in PARAMETERS:
-            try:
-                values[spec.name] = self.get_parameter(spec.name).value
-            except ParameterUninitializedException:
-                values[spec.name] = None  # e.g. palette: [] in a params file: the default
+        # An integer array without a value (e.g. palette: [] in a params file) reads as None: the default.
+        values = {spec.name: self.get_parameter(spec.name).value for spec in PARAMETERS}
         try:
             return validate(values)
         except ValueError as exc:

@@ -355,3 +355,6 @@ def test_palette_back_to_the_model_default_and_no_deleting(node_module):
     (result,) = node.set_parameters([P("max_interval", T.NOT_SET, None)])  # statically typed
     assert not result.successful and "Static parameter cannot be undeclared" in result.reason
     node.destroy_node()
+    unset = start(palette=None)  # `palette: []` in a params file reaches rclpy without a value
+    assert unset.core.config.palette == () and unset.get_parameter("palette").value is None
+    unset.destroy_node()
