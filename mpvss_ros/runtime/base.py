@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -83,6 +83,14 @@ class SizeCache:
         self.capacity = int(capacity)
         self._on_evict = on_evict
         self._items: OrderedDict[tuple[int, int], Any] = OrderedDict()
+
+    @classmethod
+    def keeping(cls, preload_hw: Sequence[tuple[int, int]],
+                on_evict: Callable[[tuple[int, int], Any], None] | None = None) -> SizeCache:
+        """A cache large enough for every size in ``preload_hw`` (the sizes a backend prepares at
+        start-up, e.g. all those of an export folder) and for at least :data:`MAX_PREPARED_SIZES`,
+        so that preparing them does not drop the first ones again."""
+        return cls(max(MAX_PREPARED_SIZES, len({(int(h), int(w)) for h, w in preload_hw})), on_evict)
 
     def get(self, hw: tuple[int, int], make: Callable[[tuple[int, int]], Any]) -> Any:
         """The value for ``hw`` ((h, w) pixels), made with ``make(hw)`` when absent; marks it most

@@ -128,7 +128,8 @@ class OnnxRuntimeBackend(Backend):
         device: ``cpu`` or ``cuda[:N]`` (CUDA execution provider).
         precision: ``fp32`` only (the graphs are float32).
         threads: intra-op threads (None: onnxruntime's default).
-        preload_hw: valid sizes whose sessions are created now instead of at the first frame.
+        preload_hw: valid sizes whose sessions are created now instead of at the first frame; all
+            of them stay prepared (:meth:`~mpvss_ros.runtime.base.SizeCache.keeping`).
 
     Raises:
         BackendUnavailable: onnxruntime missing, no CUDA provider, or fp16 requested.
@@ -156,7 +157,8 @@ class OnnxRuntimeBackend(Backend):
         # up to its ``flows`` output and the warp (same function as in the graph) runs in torch.
         # Graphs exported before the ``flows`` output existed run whole.
         self._warp_in_torch = provider == "CPUExecutionProvider"
-        self._sizes = SizeCache()  # (h, w) -> _SizeSessions, the most recent MAX_PREPARED_SIZES
+        # (h, w) -> _SizeSessions: the preloaded sizes, or the most recent MAX_PREPARED_SIZES if more
+        self._sizes = SizeCache.keeping(preload_hw)
         for hw in preload_hw:
             self._get(hw)
 

@@ -639,7 +639,8 @@ class TensorRTBackend(Backend):
         workspace_mb: builder workspace limit in MiB.
         keep_fp32: in fp16 engines keep the pixel decoder and the warp in fp32 (see the module
             docstring).
-        preload_hw: valid sizes whose engines are built/loaded now rather than at the first frame.
+        preload_hw: valid sizes whose engines are built/loaded now rather than at the first frame;
+            all of them stay prepared (:meth:`~mpvss_ros.runtime.base.SizeCache.keeping`).
 
     Raises:
         BackendUnavailable: TensorRT, cuda-python/pycuda or a GPU missing (one line).
@@ -666,9 +667,9 @@ class TensorRTBackend(Backend):
         self.keep_fp32 = keep_fp32
         self.cuda = _CudaApi(self.device_index)
         self.name = f"tensorrt {trt.__version__}[{self.cuda.gpu_name}, {precision}]"
-        # (h, w) -> (key engine, non-key engine, padded canvas), the most recent MAX_PREPARED_SIZES;
-        # a size dropped is freed (engines, contexts, I/O buffers).
-        self._engines = SizeCache(on_evict=self._release)
+        # (h, w) -> (key engine, non-key engine, padded canvas): the preloaded sizes, or the most
+        # recent MAX_PREPARED_SIZES if more; a size dropped is freed (engines, contexts, I/O buffers).
+        self._engines = SizeCache.keeping(preload_hw, on_evict=self._release)
         self._device_key: KeyFrameState | None = None  # the key state held in the non-key engine's inputs
         self._device_reference: Tensor | None = None  # the frame held in the non-key engine's key_image
         for hw in preload_hw:

@@ -453,6 +453,21 @@ def test_onnxruntime_backend_keeps_sessions_of_recent_sizes_only(tmp_path, lite,
     assert backend._sizes.sizes() == [(96, 64), (64, 64)]
 
 
+def test_onnxruntime_backend_keeps_every_preloaded_size(tmp_path, lite, monkeypatch):
+    """Sizes prepared at start-up (an export folder's, or the node's list) all stay prepared, also
+    beyond MAX_PREPARED_SIZES; a further size then drops the least recently used."""
+    import mpvss_ros.runtime.base as base
+
+    monkeypatch.setattr(base, "MAX_PREPARED_SIZES", 2)
+    source = GraphSource.from_model(lite.model, cache_dir=tmp_path)
+    sizes = [(64, 64), (64, 96), (96, 64)]
+    backend = OnnxRuntimeBackend(source, threads=1, preload_hw=sizes + [[64, 64]])  # a repeat counts once
+    assert backend._sizes.capacity == 3 and backend._sizes.sizes() == [(64, 96), (96, 64), (64, 64)]
+    backend.segment_key_frame(torch.zeros(1, 3, 96, 96), (96, 96))
+    assert backend._sizes.sizes() == [(96, 64), (64, 64), (96, 96)]
+    assert base.SizeCache.keeping([]).capacity == 2
+
+
 def test_check_export_passes_an_export_and_lists_every_problem(lite_small, tmp_path):
     """The validator for export folders (ours or a model of one's own): it passes ``mpvss export``'s
     output and, on a folder that breaks the contract, names each problem."""
