@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the key-interval study (intervals 1,2,3,5,10 x copy/optical_flow/query_flow, plus adaptive "
                          "with max interval 2N and --cut-threshold)")
     ev.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 5, 10], help="study intervals")
+    ev.add_argument("--bootstrap-block", type=int, default=10,
+                    help="study: frames per block of the paired block bootstrap of mIoU differences (default 10)")
     ev.add_argument("--out", default=None, help="folder for eval.json / study.json and study.png")
     _add_model_options(ev)
     _add_pipeline_options(ev)
@@ -272,6 +274,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         parse_schedule("adaptive", cut_threshold=args.cut_threshold)
         if min(args.intervals) < 1:
             raise ValueError(f"--intervals must all be >= 1, got {args.intervals}")
+        if args.bootstrap_block < 1:
+            raise ValueError(f"--bootstrap-block must be >= 1, got {args.bootstrap_block}")
     else:
         _scheduler(args)
     if args.max_frames is not None and args.max_frames < 1:
@@ -284,12 +288,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     if args.study:
         study = key_interval_study(loaded, seq, intervals=args.intervals, backend=backend,
-                                   cut_threshold=args.cut_threshold, **flow_opts)
+                                   cut_threshold=args.cut_threshold, bootstrap_block=args.bootstrap_block, **flow_opts)
         for r in study["rows"]:
             print(f"{r['mode']:8s} N={r['interval']:<3d} {row_label(r):22s} key ratio {r['key_frame_ratio']:.3f}  "
                   f"mIoU {r['mIoU']:6.2f}  fwIoU {r['fwIoU']:6.2f}  VC_8 {r['VC_8'] or float('nan'):6.2f}  "
                   f"{r['mean_ms_per_frame']:7.1f} ms/frame  cost ratio {_fmt_ratio(r['cost_ratio'])} "
                   f"(within run {_fmt_ratio(r['cost_ratio_within_run'])})")
+        for c in study["comparisons"]:
+            print(f"{c['a']:>32s} - {c['b']:<32s} {c['delta']:+6.2f} mIoU, {100 * c['level']:.0f} % interval "
+                  f"[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], A better in {100 * c['share_a_better']:.0f} % of "
+                  f"resamples (blocks of {c['block']} frames)")
         if out:
             write_json(study, out / "study.json")
             plot_study(study, out / "study.png")

@@ -148,6 +148,23 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
     assert len(lines) == 15 and sum("query_flow (chained)" in ln for ln in lines) == 3
     assert all("cost ratio" in ln and "(within run " in ln for ln in lines)
 
+    # the paired bootstrap of the comparisons the verdicts rest on: query flow (each flow mode)
+    # against per-frame, copy and both optical-flow rows; every adaptive row against its fixed row
+    comparisons = {(c["a"], c["b"]): c for c in study["comparisons"]}
+    qf = [f"fixed 1/2 query_flow ({m})" for m in ("direct", "chained")]
+    others = ["per-frame", "fixed 1/2 copy", "fixed 1/2 optical_flow (direct)", "fixed 1/2 optical_flow (chained)"]
+    expected = {(a, b) for a in qf for b in others}
+    expected |= {(f"adaptive 1/2 {row_label(r)}", f"fixed 1/2 {row_label(r)}") for r in adaptive.values()}
+    assert set(comparisons) == expected and len(study["comparisons"]) == 13
+    by_label = {("per-frame" if r["interval"] == 1 else f"{r['mode']} 1/{r['interval']} {row_label(r)}"): r
+                for r in rows}
+    for (a, b), c in comparisons.items():
+        assert c["interval"] == 2 and c["block"] == 6 and c["samples"] == 2000  # 6 frames: one block of the clip
+        assert c["delta"] == pytest.approx(by_label[a]["mIoU"] - by_label[b]["mIoU"], abs=2e-4)  # rows: 4 decimals
+        assert c["ci"][0] <= c["ci"][1] and 0.0 <= c["share_a_better"] <= 1.0
+    printed = [ln for ln in captured.out.splitlines() if "% interval" in ln]
+    assert len(printed) == 13 and all("blocks of 6 frames" in ln for ln in printed)
+
     png = out / "study.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = cv2.imread(str(png))
@@ -341,6 +358,7 @@ def test_eval_cli_optical_flow_preset_and_scale(camvid_val_dirs, lite_checkpoint
 
 @pytest.mark.parametrize("argv, words", [
     (["--study", "--intervals", "2", "0"], "--intervals must all be >= 1"),
+    (["--study", "--bootstrap-block", "0"], "--bootstrap-block must be >= 1"),
     (["--max-frames", "0"], "--max-frames must be >= 1"),
     (["--threads", "2147483648"], "--threads must be in [1, 4096]"),
 ])

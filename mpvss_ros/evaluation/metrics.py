@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config import default_class_names
 
-__all__ = ["ConfusionMatrix", "VideoConsistency", "video_consistency"]
+__all__ = ["ConfusionMatrix", "VideoConsistency", "iou_of", "mean_iou", "video_consistency"]
 
 
 def _as_int_array(x: Any, name: str) -> np.ndarray:
@@ -38,6 +38,49 @@ def _as_int_array(x: Any, name: str) -> np.ndarray:
     if arr.dtype.kind not in "iub":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     return arr.astype(np.int64, copy=False)
+
+
+def iou_of(mat: np.ndarray) -> np.ndarray:
+    """Per-class IoU of one confusion matrix or of a stack of them.
+
+    Args:
+        mat: (..., K, K) integer pixel counts ``mat[..., gt, pred]``.
+
+    Returns:
+        (..., K) float64 ``IoU_c = TP_c / (GT_c + Pred_c - TP_c)``; NaN where ``GT_c + Pred_c == 0``.
+
+    Raises:
+        ValueError: ``mat`` is not (..., K, K).
+    """
+    mat = np.asarray(mat)
+    if mat.ndim < 2 or mat.shape[-1] != mat.shape[-2]:
+        raise ValueError(f"confusion matrices must be (..., K, K), got shape {mat.shape}")
+    tp = np.diagonal(mat, axis1=-2, axis2=-1)
+    union = mat.sum(axis=-1) + mat.sum(axis=-2) - tp
+    out = np.full(union.shape, np.nan)
+    np.divide(tp.astype(np.float64), union, out=out, where=union > 0)
+    return out
+
+
+def mean_iou(mat: np.ndarray) -> np.ndarray:
+    """mIoU of one confusion matrix or of a stack of them: the mean of :func:`iou_of` over the
+    classes with ``GT_c + Pred_c > 0`` (detectron2; a class predicted but absent from the ground
+    truth counts as 0).
+
+    Args:
+        mat: (..., K, K) integer pixel counts ``mat[..., gt, pred]``.
+
+    Returns:
+        (...) float64 fraction in [0, 1]; NaN for a matrix without a counted pixel.
+
+    Raises:
+        ValueError: ``mat`` is not (..., K, K).
+    """
+    iou = iou_of(mat)
+    present = np.isfinite(iou)
+    count = present.sum(axis=-1)
+    total = np.where(present, iou, 0.0).sum(axis=-1)
+    return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
 
 
 class ConfusionMatrix:
@@ -114,17 +157,13 @@ class ConfusionMatrix:
 
     # -- scores ------------------------------------------------------------------------------
     def iou(self) -> np.ndarray:
-        """(K,) float64 IoU_c = TP / (GT + Pred - TP); NaN where GT_c + Pred_c == 0."""
-        tp = self.true_positives.astype(np.float64)
-        union = self.gt_pixels + self.pred_pixels - self.true_positives
-        out = np.full(self.num_classes, np.nan)
-        np.divide(tp, union, out=out, where=union > 0)
-        return out
+        """(K,) float64 IoU_c = TP / (GT + Pred - TP); NaN where GT_c + Pred_c == 0 (:func:`iou_of`)."""
+        return iou_of(self.mat)
 
     def miou(self) -> float:
-        """Mean IoU over classes with GT_c + Pred_c > 0 (predicted-but-absent count 0); NaN if none."""
-        iou = self.iou()
-        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+        """Mean IoU over classes with GT_c + Pred_c > 0 (predicted-but-absent count 0); NaN if none
+        (:func:`mean_iou`)."""
+        return float(mean_iou(self.mat))
 
     def fwiou(self) -> float:
         """Frequency-weighted IoU: sum_c (GT_c / sum GT) * IoU_c; NaN with no GT pixels."""

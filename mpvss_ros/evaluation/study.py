@@ -27,10 +27,11 @@ from ..model_loader import LoadedModel
 from ..propagation import FLOW_PROPAGATORS, Propagator, build_propagator
 from ..scheduling import DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, KeyFrameScheduler, parse_schedule, schedule_key_frames
 from ..segmenter import VideoSegmenter
+from .bootstrap import circular_block_resamples, paired_miou_difference
 from .metrics import ConfusionMatrix, VideoConsistency
 
 __all__ = ["LabelledSequence", "load_sequence", "evaluate_sequence", "match_adaptive_threshold",
-           "key_interval_study", "plot_study", "row_label"]
+           "key_interval_study", "plot_study", "row_label", "comparison_label"]
 
 
 @dataclass
@@ -107,6 +108,14 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
         runs: on 2 shared CPU cores the per-frame mean has differed by 19 % from the key frames of
         the interval-5 run of the same study (``docs/experiment_log.md``, "Cost on an Intel machine").
     """
+    return _evaluate(loaded, seq, propagator, scheduler, progress, backend, optical_flow_preset, optical_flow_scale,
+                     chain_flow)[0]
+
+
+def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Propagator,
+              scheduler: KeyFrameScheduler | str, progress: bool, backend: Any, optical_flow_preset: str,
+              optical_flow_scale: float, chain_flow: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`evaluate_sequence`, and its per-frame confusion matrices (T, K, K) int64."""
     cfg = loaded.config
     # the sequence's stamps are frame index / fps: no time-gap key frames (fps < 1 would key every frame)
     sched = parse_schedule(scheduler, max_gap_s=math.inf) if isinstance(scheduler, str) else scheduler
@@ -116,10 +125,13 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
     segmenter = VideoSegmenter(model, prop, sched, device=loaded.device)
     conf = ConfusionMatrix(cfg.num_classes)
     vcs = {n: VideoConsistency(n) for n in (8, 16)}
-    times, key_times, non_key_times, keys = [], [], [], 0
+    times, key_times, non_key_times, keys, frame_confusion = [], [], [], 0, []
     for i in tqdm(range(len(seq.images)), disable=not progress, desc=f"{prop.name} {sched!r}", leave=False):
         result = segmenter.push(seq.images[i], i / seq.fps)
-        conf.update(result.labels, seq.labels[i])
+        frame = ConfusionMatrix(cfg.num_classes)
+        frame.update(result.labels, seq.labels[i])
+        conf.merge(frame)
+        frame_confusion.append(frame.mat)
         for vc in vcs.values():
             vc.update(result.labels, seq.labels[i])
         total = result.timings_ms["total"]
@@ -142,7 +154,7 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
         "median_ms_non_key_frame": float(np.median(non_key_times)) if non_key_times else None,
         "cost_ratio_within_run": _cost_ratio_within_run(key_times, non_key_times),
     })
-    return out
+    return out, np.stack(frame_confusion)
 
 
 def _cost_ratio_within_run(key_times: Sequence[float], non_key_times: Sequence[float]) -> float | None:
@@ -211,7 +223,8 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
                        adaptive: bool = True, progress: bool = True, backend: Any = None,
                        optical_flow_preset: str = "fast", optical_flow_scale: float = 0.5,
                        cut_threshold: float = DEFAULT_CUT_THRESHOLD,
-                       chain_flow_modes: Sequence[bool] = (False, True)) -> dict[str, Any]:
+                       chain_flow_modes: Sequence[bool] = (False, True), bootstrap_block: int = 10,
+                       bootstrap_samples: int = 2000) -> dict[str, Any]:
     """The key-interval study: every propagator at every fixed interval, plus adaptive
     (``backend``, ``optical_flow_preset``, ``optical_flow_scale``: as :func:`evaluate_sequence`).
 
@@ -224,19 +237,34 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     :class:`AdaptiveScheduler`) gets the threshold that matches the key-frame count of
     ``fixed:N`` on this clip (:func:`match_adaptive_threshold`).
 
+    The comparisons the study's verdicts rest on get a paired circular-block-bootstrap interval
+    (:func:`~mpvss_ros.evaluation.bootstrap.paired_miou_difference`, blocks of
+    ``bootstrap_block`` frames or the whole clip if shorter, ``bootstrap_samples`` resamples, 95 %),
+    at every interval N > 1:
+    each ``query_flow`` row (fixed) against per-frame, ``copy`` and each ``optical_flow`` row at
+    N; and every adaptive row against the fixed row of the same setting.
+
     Raises:
-        ValueError: on a ``cut_threshold`` <= 0 or not finite.
+        ValueError: on a ``cut_threshold`` <= 0 or not finite; ``bootstrap_block`` or
+            ``bootstrap_samples`` < 1.
 
     Returns:
         ``{"rows": [evaluate_sequence(...) + {"interval": N, "mode": "fixed"|"adaptive",
-        "threshold": T, "cost_ratio": R}], "frames": T, "fps": ...}``, where ``cost_ratio`` is the
+        "threshold": T, "cost_ratio": R}], "comparisons": [{"interval": N, "a": label, "b": label}
+        + paired_miou_difference(...)], "frames": T, "fps": ...}``, where ``cost_ratio`` is the
         row's mean ms per frame over the per-frame row's (two runs; None without interval 1 in
-        ``intervals``); each row's ``cost_ratio_within_run`` estimates the same from its own run.
+        ``intervals``); each row's ``cost_ratio_within_run`` estimates the same from its own run;
+        labels are :func:`comparison_label`.
     """
     if adaptive:  # a bad cut threshold fails before the first (slow) row, not after
         AdaptiveScheduler(cut_threshold=cut_threshold)
+    if bootstrap_block < 1:
+        raise ValueError(f"bootstrap_block must be >= 1, got {bootstrap_block}")
+    block = min(bootstrap_block, len(seq.images))  # a clip shorter than a block is one block
+    circular_block_resamples(len(seq.images), block, bootstrap_samples)  # likewise a bad count, before the rows
     rows: list[dict[str, Any]] = []
-    per_frame = None
+    frame_confusion: list[np.ndarray] = []  # per row, (T, K, K)
+    per_frame, per_frame_confusion = None, None
     flow_opts = {"optical_flow_preset": optical_flow_preset, "optical_flow_scale": optical_flow_scale}
     if not chain_flow_modes:
         raise ValueError("chain_flow_modes must hold at least one of False, True")
@@ -246,14 +274,15 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
         for prop, chain in settings:
             if n == 1 and per_frame is not None:  # per-frame: the propagator never runs
                 rows.append({**per_frame, "propagator": prop, "chain_flow": chain})
+                frame_confusion.append(per_frame_confusion)
                 continue
-            r = evaluate_sequence(loaded, seq, prop, f"fixed:{n}", progress=progress, backend=backend, **flow_opts,
-                                  chain_flow=bool(chain))
+            r, fc = _evaluate(loaded, seq, prop, f"fixed:{n}", progress, backend, chain_flow=bool(chain), **flow_opts)
             r.update(interval=n, mode="fixed", threshold=None, chain_flow=chain)
             rows.append(r)
+            frame_confusion.append(fc)
             if n == 1:
                 r["propagator_settings"] = None  # every frame is a key frame: no propagator runs
-                per_frame = r
+                per_frame, per_frame_confusion = r, fc
         if adaptive and n > 1:
             target = math.ceil(len(seq.images) / n)
             threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval=2 * n,
@@ -261,16 +290,46 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
             for prop, chain in settings:
                 sched = AdaptiveScheduler(threshold=threshold, max_interval=2 * n, max_gap_s=math.inf,
                                           cut_threshold=cut_threshold)
-                r = evaluate_sequence(loaded, seq, prop, sched, progress=progress, backend=backend, **flow_opts,
-                                      chain_flow=bool(chain))
+                r, fc = _evaluate(loaded, seq, prop, sched, progress, backend, chain_flow=bool(chain), **flow_opts)
                 r.update(interval=n, mode="adaptive", threshold=threshold, target_key_frames=target, chain_flow=chain)
                 rows.append(r)
+                frame_confusion.append(fc)
     for r in rows:
         r["cost_ratio"] = r["mean_ms_per_frame"] / per_frame["mean_ms_per_frame"] if per_frame else None
+    comparisons = []
+    for i, j in _compared_rows(rows):
+        comparisons.append({"interval": rows[i]["interval"], "a": comparison_label(rows[i]),
+                            "b": comparison_label(rows[j]),
+                            **paired_miou_difference(frame_confusion[i], frame_confusion[j], block, bootstrap_samples)})
     return {"frames": len(seq.images), "fps": seq.fps, "model": loaded.config.name, "optical_flow": flow_opts,
             "weights": str(loaded.weights) if loaded.weights else None, "onnx_dir": loaded.meta.get("onnx_dir"),
             "backend": backend.describe() if backend is not None and hasattr(backend, "describe") else None,
-            "rows": rows}
+            "rows": rows, "comparisons": comparisons}
+
+
+def _compared_rows(rows: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(A, B) row indices of the study's comparisons (:func:`key_interval_study`)."""
+    fixed = {(r["interval"], r["propagator"], r["chain_flow"]): i for i, r in enumerate(rows) if r["mode"] == "fixed"}
+    per_frame = next((i for (n, _, _), i in fixed.items() if n == 1), None)
+    pairs = []
+    for (n, prop, chain), i in fixed.items():
+        if n == 1 or prop != "query_flow":
+            continue
+        if per_frame is not None:
+            pairs.append((i, per_frame))
+        pairs += [(i, j) for (m, other, _), j in fixed.items() if m == n and other in ("copy", "optical_flow")]
+    for i, r in enumerate(rows):
+        if r["mode"] == "adaptive":
+            pairs.append((i, fixed[(r["interval"], r["propagator"], r["chain_flow"])]))
+    return pairs
+
+
+def comparison_label(row: dict[str, Any]) -> str:
+    """A study row named for a comparison: ``per-frame``, else its mode, interval and
+    :func:`row_label`, e.g. ``fixed 1/5 query_flow (chained)``."""
+    if row["interval"] == 1:
+        return "per-frame"
+    return f"{row['mode']} 1/{row['interval']} {row_label(row)}"
 
 
 def row_label(row: dict[str, Any]) -> str:

@@ -1,0 +1,106 @@
+"""How sure is an mIoU difference on one clip? A paired block bootstrap over frames.
+
+The key-interval study compares settings (query flow against optical flow or copy, adaptive
+against fixed key frames) on one labelled clip, where differences of a few hundredths of a point
+occur. mIoU is not a mean over frames (it is a ratio of pixel counts summed over the clip), so the
+bootstrap resamples **frames**, sums their confusion matrices and scores the sum, as the clip's own
+mIoU is computed (:func:`~mpvss_ros.evaluation.metrics.mean_iou`).
+
+Neighbouring frames of a video are strongly correlated and a propagated frame's error depends on
+its distance from the key frame, so frames are drawn in runs: the circular block bootstrap
+(Politis and Romano, "A circular block-resampling procedure for stationary data", 1992): ``ceil(T
+/ L)`` blocks of ``L`` consecutive frames, each starting at a uniformly drawn frame and wrapping
+past the last one, cut to ``T`` frames. Both settings of a comparison are scored on the same
+resampled frames (paired), so what the clip's content does to both cancels.
+
+With ``T`` = 101 frames and ``L`` = 10 there are about ten independent blocks: the interval is a
+rough measure of how much the verdict depends on which stretches of this one clip were labelled,
+not a statement about other clips.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .metrics import mean_iou
+
+__all__ = ["circular_block_resamples", "paired_miou_difference"]
+
+
+def circular_block_resamples(frames: int, block: int, samples: int, seed: int = 0) -> np.ndarray:
+    """Frame indices of ``samples`` circular-block-bootstrap resamples of a ``frames``-long clip.
+
+    Args:
+        frames: T >= 1, the clip's length.
+        block: L, 1 <= L <= T, frames per block (L = 1 is the ordinary bootstrap).
+        samples: S >= 1 resamples.
+        seed: seed of numpy's default generator; the same arguments give the same indices.
+
+    Returns:
+        (S, T) int64 indices in ``0..T-1``: each row is ``ceil(T / L)`` runs ``s, s+1, ...,
+        s+L-1`` (mod T) with uniform starts ``s``, concatenated and cut to T.
+
+    Raises:
+        ValueError: an argument outside the ranges above.
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if not 1 <= block <= frames:
+        raise ValueError(f"block must be in 1..{frames} (the clip's frames), got {block}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    rng = np.random.default_rng(seed)
+    blocks = -(-frames // block)
+    starts = rng.integers(0, frames, size=(samples, blocks))
+    runs = (starts[:, :, None] + np.arange(block)[None, None, :]) % frames
+    return runs.reshape(samples, blocks * block)[:, :frames].astype(np.int64)
+
+
+def paired_miou_difference(frame_confusion_a: np.ndarray, frame_confusion_b: np.ndarray, block: int = 10,
+                           samples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """mIoU of setting A minus setting B on one clip, with a paired circular-block-bootstrap
+    percentile interval.
+
+    Args:
+        frame_confusion_a: (T, K, K) integer per-frame confusion matrices ``[frame, gt, pred]`` of
+            setting A (:class:`~mpvss_ros.evaluation.metrics.ConfusionMatrix` ``.mat`` per frame).
+        frame_confusion_b: the same for setting B, on the same T frames.
+        block: frames per bootstrap block (:func:`circular_block_resamples`).
+        samples: bootstrap resamples.
+        level: two-sided coverage of the interval, in (0, 1).
+        seed: resampling seed; every comparison with the same T, block, samples and seed uses the
+            same resamples.
+
+    Returns:
+        ``{"delta": clip mIoU of A minus B, "ci": [low, high], "share_a_better": fraction of
+        resamples where A's mIoU > B's, "level", "block", "samples"}``; mIoU differences in
+        percentage points (100 x fraction). A resample in which some setting has no counted pixel
+        is dropped from the interval and the share.
+
+    Raises:
+        ValueError: shapes that are not (T, K, K) or differ; ``level`` outside (0, 1); a bad
+            ``block`` / ``samples`` (:func:`circular_block_resamples`).
+    """
+    a = np.asarray(frame_confusion_a)
+    b = np.asarray(frame_confusion_b)
+    if a.ndim != 3 or a.shape[1] != a.shape[2] or a.shape != b.shape:
+        raise ValueError(f"per-frame confusion matrices must both be (T, K, K), got {a.shape} and {b.shape}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    frames, k = a.shape[0], a.shape[1]
+    idx = circular_block_resamples(frames, block, samples, seed)
+    # each resample's summed matrices: how often each frame was drawn (S, T) times the frames'
+    # matrices (T, K * K); int64 throughout, so the sums are exact
+    draws = np.zeros((samples, frames), dtype=np.int64)
+    np.add.at(draws, (np.arange(samples)[:, None], idx), 1)
+    sums_a = (draws @ a.reshape(frames, k * k).astype(np.int64)).reshape(samples, k, k)
+    sums_b = (draws @ b.reshape(frames, k * k).astype(np.int64)).reshape(samples, k, k)
+    diffs = 100.0 * (mean_iou(sums_a) - mean_iou(sums_b))
+    diffs = diffs[np.isfinite(diffs)]
+    delta = 100.0 * float(mean_iou(a.sum(axis=0)) - mean_iou(b.sum(axis=0)))
+    tail = (1.0 - level) / 2.0
+    ci = [float(v) for v in np.quantile(diffs, [tail, 1.0 - tail])] if diffs.size else [float("nan")] * 2
+    return {"delta": delta, "ci": ci, "share_a_better": float(np.mean(diffs > 0)) if diffs.size else float("nan"),
+            "level": level, "block": block, "samples": int(samples)}

@@ -1,0 +1,146 @@
+"""The paired circular block bootstrap of mIoU differences, and the stacked IoU it scores with."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from mpvss_ros.evaluation import ConfusionMatrix
+from mpvss_ros.evaluation.bootstrap import circular_block_resamples, paired_miou_difference
+from mpvss_ros.evaluation.metrics import iou_of, mean_iou
+
+# --------------------------------------------------------------------------- stacked IoU
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.int64, st.tuples(st.integers(1, 4), st.integers(1, 5)).map(lambda s: (s[0], s[1], s[1])),
+              elements=st.integers(0, 50)))
+def test_stacked_iou_equals_the_confusion_matrix_one_by_one(stack):
+    ious, mious = iou_of(stack), mean_iou(stack)
+    assert ious.shape == stack.shape[:2] and mious.shape == stack.shape[:1]
+    for mat, iou, miou in zip(stack, ious, mious):
+        cm = ConfusionMatrix(mat.shape[0])
+        cm.mat[:] = mat
+        np.testing.assert_array_equal(np.isnan(iou), np.isnan(cm.iou()))
+        np.testing.assert_allclose(iou[~np.isnan(iou)], cm.iou()[~np.isnan(iou)], rtol=0, atol=1e-15)
+        assert (math.isnan(miou) and math.isnan(cm.miou())) or miou == pytest.approx(cm.miou(), abs=1e-15)
+        # the detectron2 convention, written out: mean over the classes with GT_c + Pred_c > 0
+        union = mat.sum(0) + mat.sum(1) - np.diag(mat)
+        if (union > 0).any():
+            assert miou == pytest.approx(np.mean(np.diag(mat)[union > 0] / union[union > 0]), abs=1e-15)
+        else:
+            assert math.isnan(miou)
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 3), (4, 2, 3)])
+def test_stacked_iou_refuses_non_square_input(shape):
+    with pytest.raises(ValueError, match=r"\(\.\.\., K, K\)"):
+        iou_of(np.zeros(shape, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- resamples
+
+def test_resamples_are_circular_runs_of_the_block_length():
+    idx = circular_block_resamples(frames=23, block=5, samples=300, seed=3)
+    assert idx.shape == (300, 23) and idx.dtype == np.int64
+    assert idx.min() >= 0 and idx.max() <= 22
+    # five blocks of five cut to 23: inside each block every step is +1 modulo 23
+    for start in range(0, 23, 5):
+        block = idx[:, start:start + 5]
+        assert np.all((np.diff(block, axis=1) - 1) % 23 == 0)
+    # the block starts are uniform over all 23 frames (wrapping runs included)
+    starts = idx[:, ::5].ravel()
+    assert set(starts.tolist()) == set(range(23))
+    assert np.any(idx[:, 0] > 18)  # some runs start within four frames of the end and wrap
+    np.testing.assert_array_equal(idx, circular_block_resamples(23, 5, 300, seed=3))
+    assert not np.array_equal(idx, circular_block_resamples(23, 5, 300, seed=4))
+
+
+def test_one_block_of_the_whole_clip_is_a_rotation():
+    idx = circular_block_resamples(frames=7, block=7, samples=50)
+    for row in idx:
+        np.testing.assert_array_equal(row, np.roll(np.arange(7), -row[0]))
+
+
+@pytest.mark.parametrize("frames, block, samples, words", [
+    (0, 1, 10, "frames must be >= 1"),
+    (5, 0, 10, "block must be in 1..5"),
+    (5, 6, 10, "block must be in 1..5"),
+    (5, 2, 0, "samples must be >= 1"),
+])
+def test_resample_arguments_are_checked(frames, block, samples, words):
+    with pytest.raises(ValueError, match=words):
+        circular_block_resamples(frames, block, samples)
+
+
+# --------------------------------------------------------------------------- paired differences
+
+def _frame(tp0: int, tp1: int, wrong: int) -> np.ndarray:
+    """A 2-class confusion matrix: ``tp0`` / ``tp1`` pixels right, ``wrong`` class-0 pixels called 1."""
+    return np.array([[tp0, wrong], [0, tp1]], dtype=np.int64)
+
+
+def test_the_difference_is_the_clip_mious_difference_by_hand():
+    # A: right everywhere on frame 0, 4 of class-0 pixels wrong on frame 1; B the other way round,
+    # but 2 wrong. Clip sums: A [[16, 4], [0, 20]], B [[18, 2], [0, 20]].
+    a = np.stack([_frame(10, 10, 0), _frame(6, 10, 4)])
+    b = np.stack([_frame(8, 10, 2), _frame(10, 10, 0)])
+    miou_a = (16 / 20 + 20 / 24) / 2
+    miou_b = (18 / 20 + 20 / 22) / 2
+    result = paired_miou_difference(a, b, block=1, samples=4000, seed=0)
+    assert result["delta"] == pytest.approx(100 * (miou_a - miou_b))
+    assert result["delta"] < 0 and result["level"] == 0.95 and result["block"] == 1 and result["samples"] == 4000
+    # block 1 on 2 frames: resamples {0,0}, {1,1} and twice {0,1}, each 1/4. A wins only on {0,0}
+    # (frame 0 twice), so the share is 1/4, and the interval spans A's loss on {1,1} to its win
+    assert result["share_a_better"] == pytest.approx(0.25, abs=0.03)
+    only_0 = 100 * (mean_iou(2 * a[0]) - mean_iou(2 * b[0]))
+    only_1 = 100 * (mean_iou(2 * a[1]) - mean_iou(2 * b[1]))
+    assert result["ci"] == pytest.approx([only_1, only_0])
+
+
+def test_identical_settings_differ_by_nothing():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 100, size=(30, 4, 4))
+    result = paired_miou_difference(a, a.copy(), block=5, samples=500)
+    assert result["delta"] == 0.0 and result["ci"] == [0.0, 0.0] and result["share_a_better"] == 0.0
+
+
+def test_a_setting_better_on_every_frame_wins_every_resample():
+    rng = np.random.default_rng(1)
+    b = rng.integers(0, 100, size=(40, 3, 3))
+    a = b.copy()
+    a[:, 0, 0] += 5  # five more right pixels of class 0 on every frame, nothing else changed
+    result = paired_miou_difference(a, b, block=8, samples=500)
+    assert result["delta"] > 0 and 0 < result["ci"][0] <= result["delta"] <= result["ci"][1]
+    assert result["share_a_better"] == 1.0
+    swapped = paired_miou_difference(b, a, block=8, samples=500)
+    assert swapped["delta"] == pytest.approx(-result["delta"])
+    assert swapped["ci"] == pytest.approx([-result["ci"][1], -result["ci"][0]])
+    assert swapped["share_a_better"] == 0.0
+
+
+def test_longer_blocks_widen_the_interval_of_a_correlated_difference():
+    # A wins on the first half of the clip and loses on the second: neighbouring frames agree, so
+    # resampling single frames mixes halves more evenly than blocks of ten do
+    right, two_wrong = _frame(10, 10, 0), _frame(8, 10, 2)
+    a = np.stack([right] * 20 + [two_wrong] * 20)
+    b = np.stack([two_wrong] * 20 + [right] * 20)
+    narrow = paired_miou_difference(a, b, block=1, samples=2000)
+    wide = paired_miou_difference(a, b, block=10, samples=2000)
+    assert narrow["delta"] == wide["delta"]
+    assert (wide["ci"][1] - wide["ci"][0]) > 1.5 * (narrow["ci"][1] - narrow["ci"][0])
+
+
+@pytest.mark.parametrize("a_shape, b_shape, kwargs, words", [
+    ((5, 3, 3), (5, 3, 3), {"level": 1.0}, "level must be in"),
+    ((5, 3, 3), (4, 3, 3), {}, "both be"),
+    ((5, 3, 2), (5, 3, 2), {}, "both be"),
+    ((3, 3), (3, 3), {}, "both be"),
+    ((5, 3, 3), (5, 3, 3), {"block": 6}, "block must be in 1..5"),
+])
+def test_paired_difference_arguments_are_checked(a_shape, b_shape, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        paired_miou_difference(np.ones(a_shape, np.int64), np.ones(b_shape, np.int64), **kwargs)
