@@ -295,9 +295,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                   f"{r['mean_ms_per_frame']:7.1f} ms/frame  cost ratio {_fmt_ratio(r['cost_ratio'])} "
                   f"(within run {_fmt_ratio(r['cost_ratio_within_run'])})")
         for c in study["comparisons"]:
-            print(f"{c['a']:>32s} - {c['b']:<32s} {c['delta']:+6.2f} mIoU, {100 * c['level']:.0f} % interval "
-                  f"[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], A better in {100 * c['share_a_better']:.0f} % of "
-                  f"resamples (blocks of {c['block']} frames)")
+            head = f"{c['a']:>37s} - {c['b']:<37s} {c['delta']:+6.2f} mIoU"
+            if not c["kept"]:
+                print(f"{head}, no interval: {study['frames']} frames are fewer than two blocks of {c['block']}")
+                continue
+            print(f"{head}, {100 * c['level']:.0f} % interval [{c['ci'][0]:+6.2f}, {c['ci'][1]:+6.2f}], better in "
+                  f"{100 * c['share_a_better']:3.0f} % (A) / {100 * c['share_b_better']:3.0f} % (B) of "
+                  f"{c['kept']} resamples (blocks of {c['block']} frames)")
         if out:
             write_json(study, out / "study.json")
             plot_study(study, out / "study.png")

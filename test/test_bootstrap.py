@@ -22,17 +22,17 @@ def test_stacked_iou_equals_the_confusion_matrix_one_by_one(stack):
     ious, mious = iou_of(stack), mean_iou(stack)
     assert ious.shape == stack.shape[:2] and mious.shape == stack.shape[:1]
     for mat, iou, miou in zip(stack, ious, mious):
-        cm = ConfusionMatrix(mat.shape[0])
-        cm.mat[:] = mat
-        np.testing.assert_array_equal(np.isnan(iou), np.isnan(cm.iou()))
-        np.testing.assert_allclose(iou[~np.isnan(iou)], cm.iou()[~np.isnan(iou)], rtol=0, atol=1e-15)
-        assert (math.isnan(miou) and math.isnan(cm.miou())) or miou == pytest.approx(cm.miou(), abs=1e-15)
-        # the detectron2 convention, written out: mean over the classes with GT_c + Pred_c > 0
-        union = mat.sum(0) + mat.sum(1) - np.diag(mat)
+        # the detectron2 convention written out: IoU_c = TP / union where union > 0, mIoU their mean
+        tp, union = np.diag(mat), mat.sum(0) + mat.sum(1) - np.diag(mat)
+        np.testing.assert_array_equal(np.isnan(iou), union == 0)
+        np.testing.assert_allclose(iou[union > 0], tp[union > 0] / union[union > 0], rtol=0, atol=1e-15)
         if (union > 0).any():
-            assert miou == pytest.approx(np.mean(np.diag(mat)[union > 0] / union[union > 0]), abs=1e-15)
+            assert miou == pytest.approx(np.mean(tp[union > 0] / union[union > 0]), abs=1e-15)
         else:
             assert math.isnan(miou)
+        cm = ConfusionMatrix(mat.shape[0])  # the accumulator scores with the same functions
+        cm.mat[:] = mat
+        assert (math.isnan(miou) and math.isnan(cm.miou())) or cm.miou() == miou
 
 
 @pytest.mark.parametrize("shape", [(3,), (2, 3), (4, 2, 3)])
@@ -105,21 +105,23 @@ def test_identical_settings_differ_by_nothing():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 100, size=(30, 4, 4))
     result = paired_miou_difference(a, a.copy(), block=5, samples=500)
-    assert result["delta"] == 0.0 and result["ci"] == [0.0, 0.0] and result["share_a_better"] == 0.0
+    assert result["delta"] == 0.0 and result["ci"] == [0.0, 0.0]
+    assert result["share_a_better"] == 0.0 and result["share_b_better"] == 0.0  # all ties
 
 
 def test_a_setting_better_on_every_frame_wins_every_resample():
     rng = np.random.default_rng(1)
-    b = rng.integers(0, 100, size=(40, 3, 3))
+    b = rng.integers(5, 100, size=(40, 3, 3))
     a = b.copy()
-    a[:, 0, 0] += 5  # five more right pixels of class 0 on every frame, nothing else changed
+    a[:, 0, 0] += 5  # five class-0 pixels that B calls class 1 are right in A, on every frame
+    a[:, 0, 1] -= 5
     result = paired_miou_difference(a, b, block=8, samples=500)
     assert result["delta"] > 0 and 0 < result["ci"][0] <= result["delta"] <= result["ci"][1]
-    assert result["share_a_better"] == 1.0
+    assert result["share_a_better"] == 1.0 and result["share_b_better"] == 0.0 and result["kept"] == 500
     swapped = paired_miou_difference(b, a, block=8, samples=500)
     assert swapped["delta"] == pytest.approx(-result["delta"])
     assert swapped["ci"] == pytest.approx([-result["ci"][1], -result["ci"][0]])
-    assert swapped["share_a_better"] == 0.0
+    assert swapped["share_a_better"] == 0.0 and swapped["share_b_better"] == 1.0
 
 
 def test_longer_blocks_widen_the_interval_of_a_correlated_difference():
@@ -134,13 +136,68 @@ def test_longer_blocks_widen_the_interval_of_a_correlated_difference():
     assert (wide["ci"][1] - wide["ci"][0]) > 1.5 * (narrow["ci"][1] - narrow["ci"][0])
 
 
-@pytest.mark.parametrize("a_shape, b_shape, kwargs, words", [
-    ((5, 3, 3), (5, 3, 3), {"level": 1.0}, "level must be in"),
-    ((5, 3, 3), (4, 3, 3), {}, "both be"),
-    ((5, 3, 2), (5, 3, 2), {}, "both be"),
-    ((3, 3), (3, 3), {}, "both be"),
-    ((5, 3, 3), (5, 3, 3), {"block": 6}, "block must be in 1..5"),
+@pytest.mark.parametrize("level", [0.8, 0.95])
+def test_the_interval_is_the_percentile_interval_of_resampled_clips(level):
+    # reference: score each resample's frames summed one by one (np.add.at-free, quantile by hand)
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 60, size=(37, 4, 4))
+    b = a.copy()
+    moved = rng.integers(0, 10, size=37)
+    b[:, 2, 2] -= np.minimum(moved, a[:, 2, 2])  # B misses some class-2 pixels, as class 3
+    b[:, 2, 3] += np.minimum(moved, a[:, 2, 2])
+    result = paired_miou_difference(a, b, block=4, samples=300, level=level, seed=7)
+    ref = np.array([100 * (mean_iou(a[r].sum(0)) - mean_iou(b[r].sum(0)))
+                    for r in circular_block_resamples(37, 4, 300, seed=7)])
+    tail = (1 - level) / 2
+    assert result["ci"] == pytest.approx(list(np.quantile(ref, [tail, 1 - tail])), abs=1e-12)
+    assert result["share_a_better"] == np.mean(ref > 0) and result["share_b_better"] == np.mean(ref < 0)
+    assert result["blocks"] == 10 and result["kept"] == 300
+    # a frame drawn twice counts twice (mIoU is not a per-frame mean)
+    assert len({r.tobytes() for r in np.sort(circular_block_resamples(37, 4, 300, seed=7), axis=1)}) > 1
+
+
+def test_resamples_without_counted_pixels_are_not_kept():
+    # three of four frames have no labelled pixel: resamples of those alone have no mIoU
+    a = np.zeros((4, 2, 2), dtype=np.int64)
+    a[0] = [[5, 1], [0, 4]]
+    b = a.copy()
+    b[0] = [[4, 2], [0, 4]]
+    result = paired_miou_difference(a, b, block=1, samples=2000, seed=0)
+    assert 0 < result["kept"] < 2000 and result["kept"] == pytest.approx(2000 * (1 - 0.75 ** 4), rel=0.1)
+    assert np.isfinite(result["ci"]).all() and result["share_a_better"] == 1.0
+
+
+def test_one_class_and_one_frame():
+    one_class = np.full((6, 1, 1), 3, dtype=np.int64)  # every pixel right: mIoU 100 for both
+    assert paired_miou_difference(one_class, one_class, block=2)["ci"] == [0.0, 0.0]
+    one_frame = np.array([[[3, 1], [0, 2]]])
+    result = paired_miou_difference(one_frame, one_frame[:, :, ::-1].copy(), block=1)
+    assert result["blocks"] == 1 and result["kept"] == 0 and math.isnan(result["share_a_better"])
+
+
+@pytest.mark.parametrize("block", [6, 10])
+def test_a_clip_shorter_than_two_blocks_has_no_interval(block):
+    a = np.random.default_rng(3).integers(1, 50, size=(6, 3, 3))
+    b = a.copy()
+    b[:, 1, 1] -= 1
+    b[:, 1, 0] += 1
+    result = paired_miou_difference(a, b, block=block)
+    assert result["delta"] > 0 and result["blocks"] == 1 and result["kept"] == 0
+    assert all(math.isnan(v) for v in result["ci"]) and math.isnan(result["share_a_better"])
+
+
+@pytest.mark.parametrize("a, b, kwargs, words", [
+    (np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {"level": 1.0}, "level must be in"),
+    (np.ones((5, 3, 3), np.int64), np.ones((4, 3, 3), np.int64), {}, "both be"),
+    (np.ones((5, 3, 2), np.int64), np.ones((5, 3, 2), np.int64), {}, "both be"),
+    (np.ones((3, 3), np.int64), np.ones((3, 3), np.int64), {}, "both be"),
+    (np.ones((5, 3, 3)), np.ones((5, 3, 3)), {}, "integers >= 0"),
+    (-np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {}, "integers >= 0"),
+    (np.ones((5, 3, 3), np.int64), np.full((5, 3, 3), 2, np.int64), {}, "not the same frames"),
+    (np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {"block": 2.5}, "block must be an integer"),
+    (np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {"block": 0}, "block must be in"),
+    (np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {"samples": 0}, "samples must be >= 1"),
 ])
-def test_paired_difference_arguments_are_checked(a_shape, b_shape, kwargs, words):
+def test_paired_difference_arguments_are_checked(a, b, kwargs, words):
     with pytest.raises(ValueError, match=words):
-        paired_miou_difference(np.ones(a_shape, np.int64), np.ones(b_shape, np.int64), **kwargs)
+        paired_miou_difference(a, b, **kwargs)

@@ -20,6 +20,7 @@ from mpvss_ros.evaluation.study import (
     _cost_ratio_within_run,
     _count_key_frames,
     evaluate_sequence,
+    key_interval_study,
     load_sequence,
     match_adaptive_threshold,
     row_label,
@@ -149,26 +150,44 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
     assert all("cost ratio" in ln and "(within run " in ln for ln in lines)
 
     # the paired bootstrap of the comparisons the verdicts rest on: query flow (each flow mode)
-    # against per-frame, copy and both optical-flow rows; every adaptive row against its fixed row
+    # against per-frame, copy, direct optical flow and optical flow of its own mode; every adaptive
+    # row against its fixed row. 6 frames are fewer than two blocks of 10: no interval
     comparisons = {(c["a"], c["b"]): c for c in study["comparisons"]}
-    qf = [f"fixed 1/2 query_flow ({m})" for m in ("direct", "chained")]
-    others = ["per-frame", "fixed 1/2 copy", "fixed 1/2 optical_flow (direct)", "fixed 1/2 optical_flow (chained)"]
-    expected = {(a, b) for a in qf for b in others}
+    of = {m: f"fixed 1/2 optical_flow ({m})" for m in ("direct", "chained")}
+    expected = {(f"fixed 1/2 query_flow ({m})", b) for m in ("direct", "chained")
+                for b in ("per-frame", "fixed 1/2 copy", of["direct"], of[m])}
     expected |= {(f"adaptive 1/2 {row_label(r)}", f"fixed 1/2 {row_label(r)}") for r in adaptive.values()}
-    assert set(comparisons) == expected and len(study["comparisons"]) == 13
+    assert set(comparisons) == expected and len(study["comparisons"]) == 12
     by_label = {("per-frame" if r["interval"] == 1 else f"{r['mode']} 1/{r['interval']} {row_label(r)}"): r
                 for r in rows}
     for (a, b), c in comparisons.items():
-        assert c["interval"] == 2 and c["block"] == 6 and c["samples"] == 2000  # 6 frames: one block of the clip
+        assert c["interval"] == 2 and c["block"] == 10 and c["blocks"] == 1 and c["kept"] == 0
         assert c["delta"] == pytest.approx(by_label[a]["mIoU"] - by_label[b]["mIoU"], abs=2e-4)  # rows: 4 decimals
-        assert c["ci"][0] <= c["ci"][1] and 0.0 <= c["share_a_better"] <= 1.0
-    printed = [ln for ln in captured.out.splitlines() if "% interval" in ln]
-    assert len(printed) == 13 and all("blocks of 6 frames" in ln for ln in printed)
+        assert c["ci"] == [None, None] and c["share_a_better"] is None  # NaN in the JSON
+    printed = [ln for ln in captured.out.splitlines() if " mIoU, " in ln and " - " in ln]
+    assert len(printed) == 12 and all("no interval: 6 frames are fewer than two blocks of 10" in ln for ln in printed)
 
     png = out / "study.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = cv2.imread(str(png))
     assert image is not None and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_study_comparisons_get_intervals_from_blocks_of_the_clip(camvid_val_dirs, lite, capsys):
+    """With two or more blocks in the clip each comparison gets its interval; the interval holds the
+    clip's own difference (a resample of whole-clip blocks can give it) and is printed."""
+    seq = load_sequence(*camvid_val_dirs, limit=6)
+    study = key_interval_study(lite, seq, intervals=[1, 3], propagators=("copy", "query_flow"), adaptive=False,
+                               progress=False, chain_flow_modes=(True,), bootstrap_block=2, bootstrap_samples=300)
+    assert [(c["a"], c["b"]) for c in study["comparisons"]] == [
+        ("fixed 1/3 query_flow (chained)", "per-frame"), ("fixed 1/3 query_flow (chained)", "fixed 1/3 copy")]
+    for c in study["comparisons"]:
+        assert c["block"] == 2 and c["blocks"] == 3 and c["kept"] == 300 and c["samples"] == 300
+        assert c["ci"][0] <= c["ci"][1] and c["share_a_better"] + c["share_b_better"] <= 1.0
+    rows = {r["propagator"]: r for r in study["rows"] if r["interval"] == 3}
+    assert study["comparisons"][1]["delta"] == pytest.approx(rows["query_flow"]["mIoU"] - rows["copy"]["mIoU"], abs=2e-4)
+    with pytest.raises(ValueError, match="bootstrap_block"):
+        key_interval_study(lite, seq, intervals=[1], bootstrap_block=0)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

@@ -11,15 +11,17 @@ its distance from the key frame, so frames are drawn in runs: the circular block
 (Politis and Romano, "A circular block-resampling procedure for stationary data", 1992): ``ceil(T
 / L)`` blocks of ``L`` consecutive frames, each starting at a uniformly drawn frame and wrapping
 past the last one, cut to ``T`` frames. Both settings of a comparison are scored on the same
-resampled frames (paired), so what the clip's content does to both cancels.
+resampled frames (paired), so variation that the clip's content causes in both largely cancels.
 
 With ``T`` = 101 frames and ``L`` = 10 there are about ten independent blocks: the interval is a
 rough measure of how much the verdict depends on which stretches of this one clip were labelled,
-not a statement about other clips.
+not a statement about other clips. Each interval holds its level on its own; of many intervals
+computed together, some exclude 0 by chance.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,7 @@ def circular_block_resamples(frames: int, block: int, samples: int, seed: int = 
     Raises:
         ValueError: an argument outside the ranges above.
     """
+    frames, block, samples = _count(frames, "frames"), _count(block, "block"), _count(samples, "samples")
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if not 1 <= block <= frames:
@@ -64,43 +67,76 @@ def paired_miou_difference(frame_confusion_a: np.ndarray, frame_confusion_b: np.
     percentile interval.
 
     Args:
-        frame_confusion_a: (T, K, K) integer per-frame confusion matrices ``[frame, gt, pred]`` of
-            setting A (:class:`~mpvss_ros.evaluation.metrics.ConfusionMatrix` ``.mat`` per frame).
-        frame_confusion_b: the same for setting B, on the same T frames.
-        block: frames per bootstrap block (:func:`circular_block_resamples`).
-        samples: bootstrap resamples.
-        level: two-sided coverage of the interval, in (0, 1).
+        frame_confusion_a: (T, K, K) non-negative integer per-frame confusion matrices ``[frame,
+            gt, pred]`` of setting A (:class:`~mpvss_ros.evaluation.metrics.ConfusionMatrix`
+            ``.mat`` per frame).
+        frame_confusion_b: the same for setting B, on the same T frames: each frame's ground-truth
+            pixel counts (row sums) must equal A's.
+        block: L >= 1 frames per bootstrap block (:func:`circular_block_resamples`). With fewer
+            than two blocks in the clip (L >= T) every resample would be the clip itself, so there
+            is no interval: ``ci`` and the shares are NaN and ``kept`` is 0.
+        samples: S >= 1 bootstrap resamples.
+        level: two-sided coverage of the interval, in (0, 1), for this one comparison (several
+            intervals are not jointly at that level).
         seed: resampling seed; every comparison with the same T, block, samples and seed uses the
             same resamples.
 
     Returns:
-        ``{"delta": clip mIoU of A minus B, "ci": [low, high], "share_a_better": fraction of
-        resamples where A's mIoU > B's, "level", "block", "samples"}``; mIoU differences in
-        percentage points (100 x fraction). A resample in which some setting has no counted pixel
-        is dropped from the interval and the share.
+        ``{"delta": clip mIoU of A minus B, "ci": [low, high], "share_a_better" / "share_b_better":
+        fractions of the kept resamples where A's / B's mIoU is higher (ties count for neither),
+        "level", "block", "blocks": ceil(T / L), "samples": S, "kept": resamples scored}``; mIoU
+        differences in percentage points (100 x fraction). A resample in which a setting has no
+        counted pixel has no mIoU and is not kept.
 
     Raises:
-        ValueError: shapes that are not (T, K, K) or differ; ``level`` outside (0, 1); a bad
-            ``block`` / ``samples`` (:func:`circular_block_resamples`).
+        ValueError: matrices that are not both (T, K, K) integer counts >= 0 with the same
+            ground truth per frame; ``level`` outside (0, 1); ``block`` or ``samples`` not an
+            integer >= 1.
     """
     a = np.asarray(frame_confusion_a)
     b = np.asarray(frame_confusion_b)
     if a.ndim != 3 or a.shape[1] != a.shape[2] or a.shape != b.shape:
         raise ValueError(f"per-frame confusion matrices must both be (T, K, K), got {a.shape} and {b.shape}")
+    if a.dtype.kind not in "iu" or b.dtype.kind not in "iu" or (a < 0).any() or (b < 0).any():
+        raise ValueError(f"per-frame confusion matrices must hold pixel counts (integers >= 0), "
+                         f"got {a.dtype} and {b.dtype}")
+    if not np.array_equal(a.sum(axis=2), b.sum(axis=2)):
+        raise ValueError("the two settings' frames differ in their ground-truth pixels: not the same frames")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     frames, k = a.shape[0], a.shape[1]
+    block, samples = _count(block, "block"), _count(samples, "samples")
+    if block < 1:
+        raise ValueError(f"block must be in 1..{frames} (the clip's frames), got {block}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    blocks = -(-frames // block)
+    delta = 100.0 * float(mean_iou(a.sum(axis=0)) - mean_iou(b.sum(axis=0)))
+    out: dict[str, Any] = {"delta": delta, "ci": [float("nan")] * 2, "share_a_better": float("nan"),
+                           "share_b_better": float("nan"), "level": level, "block": block, "blocks": blocks,
+                           "samples": samples, "kept": 0}
+    if blocks < 2:  # each resample would be a rotation of the whole clip
+        return out
     idx = circular_block_resamples(frames, block, samples, seed)
     # each resample's summed matrices: how often each frame was drawn (S, T) times the frames'
-    # matrices (T, K * K); int64 throughout, so the sums are exact
-    draws = np.zeros((samples, frames), dtype=np.int64)
-    np.add.at(draws, (np.arange(samples)[:, None], idx), 1)
-    sums_a = (draws @ a.reshape(frames, k * k).astype(np.int64)).reshape(samples, k, k)
-    sums_b = (draws @ b.reshape(frames, k * k).astype(np.int64)).reshape(samples, k, k)
+    # matrices (T, K * K), in float64, exact for counts below 2**53
+    draws = np.bincount((np.arange(samples)[:, None] * frames + idx).ravel(),
+                        minlength=samples * frames).reshape(samples, frames).astype(np.float64)
+    sums_a = (draws @ a.reshape(frames, k * k).astype(np.float64)).reshape(samples, k, k)
+    sums_b = (draws @ b.reshape(frames, k * k).astype(np.float64)).reshape(samples, k, k)
     diffs = 100.0 * (mean_iou(sums_a) - mean_iou(sums_b))
     diffs = diffs[np.isfinite(diffs)]
-    delta = 100.0 * float(mean_iou(a.sum(axis=0)) - mean_iou(b.sum(axis=0)))
-    tail = (1.0 - level) / 2.0
-    ci = [float(v) for v in np.quantile(diffs, [tail, 1.0 - tail])] if diffs.size else [float("nan")] * 2
-    return {"delta": delta, "ci": ci, "share_a_better": float(np.mean(diffs > 0)) if diffs.size else float("nan"),
-            "level": level, "block": block, "samples": int(samples)}
+    if diffs.size:
+        tail = (1.0 - level) / 2.0
+        out.update(ci=[float(v) for v in np.quantile(diffs, [tail, 1.0 - tail])],
+                   share_a_better=float(np.mean(diffs > 0)), share_b_better=float(np.mean(diffs < 0)),
+                   kept=int(diffs.size))
+    return out
+
+
+def _count(value: Any, name: str) -> int:
+    """``value`` as an int (an integral number only), for :func:`circular_block_resamples`'s checks."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None

@@ -27,7 +27,7 @@ from ..model_loader import LoadedModel
 from ..propagation import FLOW_PROPAGATORS, Propagator, build_propagator
 from ..scheduling import DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, KeyFrameScheduler, parse_schedule, schedule_key_frames
 from ..segmenter import VideoSegmenter
-from .bootstrap import circular_block_resamples, paired_miou_difference
+from .bootstrap import paired_miou_difference
 from .metrics import ConfusionMatrix, VideoConsistency
 
 __all__ = ["LabelledSequence", "load_sequence", "evaluate_sequence", "match_adaptive_threshold",
@@ -239,14 +239,15 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
 
     The comparisons the study's verdicts rest on get a paired circular-block-bootstrap interval
     (:func:`~mpvss_ros.evaluation.bootstrap.paired_miou_difference`, blocks of
-    ``bootstrap_block`` frames or the whole clip if shorter, ``bootstrap_samples`` resamples, 95 %),
-    at every interval N > 1:
-    each ``query_flow`` row (fixed) against per-frame, ``copy`` and each ``optical_flow`` row at
-    N; and every adaptive row against the fixed row of the same setting.
+    ``bootstrap_block`` frames, ``bootstrap_samples`` resamples, 95 % for each comparison on its
+    own; no interval on a clip shorter than two blocks), at every interval N > 1: each
+    ``query_flow`` row (fixed) against per-frame, ``copy``, the paper's direct ``optical_flow``
+    and the ``optical_flow`` of its own flow mode at N; and every adaptive row against the fixed
+    row of the same setting.
 
     Raises:
         ValueError: on a ``cut_threshold`` <= 0 or not finite; ``bootstrap_block`` or
-            ``bootstrap_samples`` < 1.
+            ``bootstrap_samples`` < 1 (before the first row).
 
     Returns:
         ``{"rows": [evaluate_sequence(...) + {"interval": N, "mode": "fixed"|"adaptive",
@@ -258,10 +259,9 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     """
     if adaptive:  # a bad cut threshold fails before the first (slow) row, not after
         AdaptiveScheduler(cut_threshold=cut_threshold)
-    if bootstrap_block < 1:
-        raise ValueError(f"bootstrap_block must be >= 1, got {bootstrap_block}")
-    block = min(bootstrap_block, len(seq.images))  # a clip shorter than a block is one block
-    circular_block_resamples(len(seq.images), block, bootstrap_samples)  # likewise a bad count, before the rows
+    if bootstrap_block < 1 or bootstrap_samples < 1:  # likewise
+        raise ValueError(f"bootstrap_block and bootstrap_samples must be >= 1, got {bootstrap_block} and "
+                         f"{bootstrap_samples}")
     rows: list[dict[str, Any]] = []
     frame_confusion: list[np.ndarray] = []  # per row, (T, K, K)
     per_frame, per_frame_confusion = None, None
@@ -300,7 +300,8 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     for i, j in _compared_rows(rows):
         comparisons.append({"interval": rows[i]["interval"], "a": comparison_label(rows[i]),
                             "b": comparison_label(rows[j]),
-                            **paired_miou_difference(frame_confusion[i], frame_confusion[j], block, bootstrap_samples)})
+                            **paired_miou_difference(frame_confusion[i], frame_confusion[j], bootstrap_block,
+                                                     bootstrap_samples)})
     return {"frames": len(seq.images), "fps": seq.fps, "model": loaded.config.name, "optical_flow": flow_opts,
             "weights": str(loaded.weights) if loaded.weights else None, "onnx_dir": loaded.meta.get("onnx_dir"),
             "backend": backend.describe() if backend is not None and hasattr(backend, "describe") else None,
@@ -317,7 +318,8 @@ def _compared_rows(rows: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
             continue
         if per_frame is not None:
             pairs.append((i, per_frame))
-        pairs += [(i, j) for (m, other, _), j in fixed.items() if m == n and other in ("copy", "optical_flow")]
+        pairs += [(i, j) for (m, other, other_chain), j in fixed.items()
+                  if m == n and (other == "copy" or (other == "optical_flow" and other_chain in (False, chain)))]
     for i, r in enumerate(rows):
         if r["mode"] == "adaptive":
             pairs.append((i, fixed[(r["interval"], r["propagator"], r["chain_flow"])]))
