@@ -47,6 +47,7 @@ setup(
         "scikit-video>=1.1.11",
         "onnx>=1.16",
         "onnxruntime>=1.18",
+        "simplejpeg>=1.7",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     zip_safe=False,

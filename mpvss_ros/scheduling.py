@@ -49,7 +49,9 @@ Forced key frames, whatever the policy (``reason`` in the decision):
 * ``first``: the first frame, or the first after :meth:`KeyFrameScheduler.reset` (``reset``);
 * ``resolution_change``: the frame's size differs from the key frame's;
 * ``time_backwards``: the stamp is earlier than the previous frame's (bag loop, replay);
-* ``time_gap``: more than ``max_gap_s`` seconds since the previous frame.
+* ``time_gap``: more than ``max_gap_s`` seconds since the previous frame;
+* ``frame_id_change``: the caller's :meth:`KeyFrameScheduler.reset` with that reason when the
+  input's ``header.frame_id`` changed (another camera on the topic; the ROS node and ``mpvss bag``).
 
 Policies:
 
@@ -218,8 +220,9 @@ class KeyFrameScheduler(ABC):
         self._frames_seen = 0
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the key frame: the next frame is a key frame (``reset`` after the first use)."""
+    def reset(self, reason: str = "reset") -> None:
+        """Forget the key frame: the next frame is a key frame, with ``reason`` (``first`` before
+        any frame was seen)."""
         self._ref: tuple[np.ndarray, np.ndarray] | None = None  # key frame's (thumbnail, histogram)
         self._prev: tuple[np.ndarray, np.ndarray] | None = None  # previous frame's
         self._drift = 0.0
@@ -227,7 +230,7 @@ class KeyFrameScheduler(ABC):
         self._key_shape: tuple[int, ...] | None = None
         self._last_stamp: float | None = None
         self._since_key = 0
-        self._start_reason = "reset" if self._frames_seen else "first"
+        self._start_reason = reason if self._frames_seen else "first"
 
     def decide(self, frame: np.ndarray, stamp: float) -> ScheduleDecision:
         """Decide whether ``frame`` is a key frame and update the state.

@@ -376,9 +376,10 @@ class VideoSegmenter:
         self._key_index = -1
         self._key_stamp = float("nan")
 
-    def reset(self) -> None:
-        """Drop the key frame: the next frame is a key frame (scheduler reason ``reset``)."""
-        self.scheduler.reset()
+    def reset(self, reason: str = "reset") -> None:
+        """Drop the key frame: the next frame is a key frame with scheduler reason ``reason``
+        (e.g. ``frame_id_change``)."""
+        self.scheduler.reset(reason)
         self._key = None
         self._key_letterbox = None
 

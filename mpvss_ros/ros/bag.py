@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,30 @@ def _open_reader(path: Path) -> Iterator[Any]:
         reader.close()
 
 
+def _read_messages(reader: Any, connections: list[Any], path: Path) -> Iterator[tuple[Any, int, bytes]]:
+    """``reader.messages(connections=...)``; what the storage raises on a damaged file (sqlite3's
+    "database disk image is malformed", a broken MCAP chunk) becomes a ValueError naming the bag."""
+    messages = reader.messages(connections=connections)
+    while True:
+        try:
+            item = next(messages)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - apsw / sqlite3 / MCAP / rosbags errors alike
+            raise ValueError(f"cannot read bag {path}: {type(exc).__name__}: {exc}") from None
+        yield item
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    """Delete ``path`` (a folder this run creates) if the block raises or is interrupted."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
 def _bag_storage_and_version(path: Path) -> tuple[str, int]:
     """Storage identifier and metadata version of a bag folder or storage file."""
     if path.is_dir():
@@ -233,8 +258,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
 
     Raises:
         FileNotFoundError: ``in_path`` missing or not a bag. FileExistsError: ``out_path``
-        exists. ValueError: topic missing or not an image topic (the message lists the image
-        topics present), bad namespace, storage, schedule or propagator.
+        exists. ValueError: topic missing, without messages or not an image topic (the message
+        lists the image topics present), a damaged bag, bad namespace, storage, schedule or
+        propagator. A run that raises (or is interrupted) removes the ``out_path`` it created.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
@@ -289,14 +315,19 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
             raise ValueError(f"input topic {in_topic} would be overwritten by an output; use another --namespace")
         is_compressed = msgtype == COMPRESSED_TYPE
         decode = compressed_to_rgb if is_compressed else image_to_rgb
-        total = sum(int(getattr(c, "msgcount", 0) or 0) for c in chosen) or None
+        counted = [getattr(c, "msgcount", None) for c in chosen]
+        if all(isinstance(n, int) for n in counted) and sum(counted) == 0:
+            raise ValueError(f"topic {in_topic} of bag {in_path} has no messages")
+        total = sum(int(n or 0) for n in counted) or None
         if max_frames is not None and total is not None:
             total = min(total, max_frames)
         in_qos = list(getattr(getattr(chosen[0], "ext", None), "offered_qos_profiles", []) or [])
 
         writer = Writer(out_path, version=9 if in_version >= 9 else 8,
                         storage_plugin=StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3)
-        with writer:
+        # a run that fails or is interrupted leaves no output: the writer's partial folder (no
+        # metadata.yaml, not a readable bag) would only block the next run's output path
+        with _removed_on_failure(out_path), writer:
             conn_in = _add_connection(writer, in_topic, msgtype, typestore, in_qos)
             out_types = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE,
                          "colored": IMAGE_TYPE, "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "info": INFO_TYPE}
@@ -312,9 +343,10 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 counts[topics[key]] = counts.get(topics[key], 0) + 1
 
             key_stamp = None  # the last info message's key_frame_stamp
+            frame_id = None  # the last message's header.frame_id: another camera gets a key frame
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
             try:
-                for _conn, stamp_ns, raw in reader.messages(connections=chosen):
+                for _conn, stamp_ns, raw in _read_messages(reader, chosen, in_path):
                     if max_frames is not None and frames >= max_frames:
                         break
                     index = frames
@@ -327,6 +359,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                     except Exception as exc:  # noqa: BLE001 - any malformed CDR payload
                         skip("deserialize", index, stamp_ns, exc)
                         continue
+                    if frame_id is not None and msg.header.frame_id != frame_id:
+                        segmenter.reset(reason="frame_id_change")
+                    frame_id = msg.header.frame_id
                     try:
                         rgb = decode(msg)
                         result = segmenter.push(rgb, stamp_to_seconds(msg.header.stamp))

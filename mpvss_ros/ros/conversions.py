@@ -45,6 +45,8 @@ __all__ = [
     "MSG_DEFINITIONS",
     "image_to_rgb",
     "compressed_to_rgb",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "STRICT_JPEG",
     "make_image",
     "make_label_info",
     "make_class_masks",
@@ -159,7 +161,8 @@ bool is_key_frame
 builtin_interfaces/Time key_frame_stamp
 
 # Why this frame is a key frame ("" on non-key frames), e.g. first, interval, scene_cut,
-# scene_change, max_interval, resolution_change, time_backwards, time_gap, reset (the ~/reset
+# scene_change, max_interval, resolution_change, time_backwards, time_gap, frame_id_change
+# (the input header's frame_id changed: another camera), reset (the ~/reset
 # service, re-enabling, or a schedule or propagation parameter changed while running).
 string key_frame_reason
 
@@ -211,7 +214,19 @@ def _int_field(msg: Any, name: str) -> int:
     return int(value)
 
 
-def image_to_rgb(msg: Any) -> np.ndarray:
+#: Largest frame (height x width pixels) the converters accept by default: 4096 x 4096, above every
+#: common robot camera (12 MP included). Larger frames are refused before they are decoded or
+#: segmented: a 200 kB PNG can unpack to 8000 x 8000 pixels, about 2 GB to segment on a CPU.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) -> None:
+    if max_pixels is not None and height * width > max_pixels:
+        raise ConversionError(f"{what} is {width} x {height} = {height * width} pixels, more than the "
+                              f"{max_pixels} allowed (parameter max_image_pixels)")
+
+
+def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """A ``sensor_msgs/Image`` as an ``(H, W, 3)`` ``uint8`` RGB array.
 
     Supports :data:`SUPPORTED_ENCODINGS`. Honours ``step`` (row stride in bytes; bytes past
@@ -221,10 +236,15 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     For ``rgb8`` with ``step == width * 3`` the result is a view of ``msg.data`` (no copy; it
     may be read-only); other encodings, or rows with padding, give a new array.
 
+    Args:
+        msg: the message.
+        max_pixels: largest ``height x width`` accepted (None: no limit).
+
     Raises:
         ConversionError: unsupported encoding (the message lists the supported ones), zero or
-            negative size, ``step`` smaller than a row, ``data`` not exactly ``step x height``
-            bytes (as cv_bridge), an odd width for YUV 4:2:2, or a bad ``is_bigendian``.
+            negative size, more than ``max_pixels`` pixels, ``step`` smaller than a row, ``data``
+            not exactly ``step x height`` bytes (as cv_bridge), an odd width for YUV 4:2:2, or a
+            bad ``is_bigendian``.
     """
     raw_encoding = getattr(msg, "encoding", None)
     if not isinstance(raw_encoding, str):
@@ -238,6 +258,7 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     height, width, step = _int_field(msg, "height"), _int_field(msg, "width"), _int_field(msg, "step")
     if height <= 0 or width <= 0:
         raise ConversionError(f"image is empty or has a negative size: {width} x {height} pixels ({encoding})")
+    _check_pixels(height, width, max_pixels, f"image ({encoding})")
     big = getattr(msg, "is_bigendian", 0)
     if not isinstance(big, (bool, int, np.integer)) or int(big) not in (0, 1):
         raise ConversionError(f"is_bigendian must be 0 or 1, got {big!r}")
@@ -268,18 +289,43 @@ def image_to_rgb(msg: Any) -> np.ndarray:
 
 
 _COMPRESSED_KINDS = ("jpeg", "jpg", "png")
+_JPEG_MAGIC = b"\xff\xd8"  # SOI
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+try:  # libjpeg-turbo with warnings as errors: the one decoder here that notices lost scan data
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - an install without it falls back to OpenCV
+    _simplejpeg = None
+
+#: Whether JPEGs are decoded strictly (``simplejpeg`` installed): a JPEG whose scan data lost bytes
+#: (an MJPEG camera dropping USB packets) is refused, not segmented with grey or smeared blocks.
+STRICT_JPEG = _simplejpeg is not None
 
 
-def compressed_to_rgb(msg: Any) -> np.ndarray:
+def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """A ``sensor_msgs/CompressedImage`` (JPEG or PNG) as an ``(H, W, 3)`` ``uint8`` RGB array.
 
     ``format`` must name jpeg/jpg/png, alone or in image_transport's long form (e.g.
-    ``"rgb8; jpeg compressed bgr8"``); an empty format lets the decoder detect it. Greyscale
-    images come back as three equal channels, an alpha channel is dropped.
+    ``"rgb8; jpeg compressed bgr8"``); an empty format lets the data's signature decide. The
+    data must be a JPEG or a PNG by its signature whatever ``format`` says. Greyscale images come
+    back as three equal channels, an alpha channel is dropped. The frame size is read from the
+    file's header and checked against ``max_pixels`` before anything is decoded.
+
+    JPEGs are decoded by libjpeg-turbo through ``simplejpeg`` with ``strict=True`` when it is
+    installed (:data:`STRICT_JPEG`): libjpeg's warnings, e.g. "Corrupt JPEG data: premature end
+    of data segment", become errors, so a JPEG that lost part of its scan data is refused. JPEG
+    has no checksum: a byte changed in transit without breaking the entropy code still decodes.
+    Without ``simplejpeg`` OpenCV decodes, and only a JPEG without its end-of-image marker (a
+    truncated one) is caught.
+
+    Args:
+        msg: the message.
+        max_pixels: largest ``height x width`` accepted (None: no limit).
 
     Raises:
-        ConversionError: another format (e.g. ``compressedDepth``), an empty payload, a JPEG
-            without its end-of-image marker (truncated), or data the decoder cannot read.
+        ConversionError: another format (e.g. ``compressedDepth``), an empty payload, data that is
+            not a JPEG or a PNG, more than ``max_pixels`` pixels, a truncated or corrupt JPEG, or
+            data the decoder cannot read.
     """
     fmt = getattr(msg, "format", "")
     if not isinstance(fmt, str):
@@ -291,21 +337,52 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     buf = _as_bytes(getattr(msg, "data", None), "compressed image data")
     if buf.size == 0:
         raise ConversionError(f"compressed image ({fmt or 'no format'}) has no data")
-    if buf.size >= 2 and buf[0] == 0xFF and buf[1] == 0xD8:  # JPEG: decoders fill a truncated one with grey
-        if b"\xff\xd9" not in buf[-64:].tobytes():
-            # MJPEG camera buffers may be padded with 0x00 / 0xFF after the end-of-image marker.
-            body = np.flatnonzero((buf != 0x00) & (buf != 0xFF))
-            end = int(body[-1]) + 1 if body.size else 0
-            if b"\xff\xd9" not in buf[max(0, end - 64) : end].tobytes():
-                raise ConversionError(f"corrupt JPEG ({buf.size} bytes): no end-of-image marker, the data is truncated")
+    head = buf[:32].tobytes()
+    what = f"the {fmt or 'compressed'} image ({buf.size} bytes)"
+    if head.startswith(_JPEG_MAGIC):
+        return _decode_jpeg(buf, max_pixels, what)
+    if not head.startswith(_PNG_MAGIC):
+        raise ConversionError(f"{what} is neither a JPEG nor a PNG (its first bytes are {head[:8].hex(' ')})")
+    if len(head) < 24 or head[12:16] != b"IHDR":
+        raise ConversionError(f"corrupt PNG: {what} has no image header")
+    _check_pixels(int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big"), max_pixels, what)
+    return cv2.cvtColor(_imdecode(buf, what), cv2.COLOR_BGR2RGB)
+
+
+def _decode_jpeg(buf: np.ndarray, max_pixels: int | None, what: str) -> np.ndarray:
+    """A JPEG (``buf`` starts with its signature) as RGB; see :func:`compressed_to_rgb`."""
+    data = buf.tobytes()
+    if _simplejpeg is not None:
+        try:
+            height, width, _, _ = _simplejpeg.decode_jpeg_header(data)
+        except ValueError as exc:
+            raise ConversionError(f"corrupt JPEG: cannot read the header of {what}: {exc}") from None
+        _check_pixels(height, width, max_pixels, what)
+        try:
+            return _simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except ValueError as exc:
+            cause = "the data is truncated" if "premature end of jpeg file" in str(exc).lower() else "bad data"
+            raise ConversionError(f"corrupt JPEG: {what}: {cause} (libjpeg: {exc})") from None
+    # OpenCV fills a truncated JPEG with grey: insist on the end-of-image marker near the end
+    if b"\xff\xd9" not in buf[-64:].tobytes():
+        # MJPEG camera buffers may be padded with 0x00 / 0xFF after the end-of-image marker.
+        body = np.flatnonzero((buf != 0x00) & (buf != 0xFF))
+        end = int(body[-1]) + 1 if body.size else 0
+        if b"\xff\xd9" not in buf[max(0, end - 64) : end].tobytes():
+            raise ConversionError(f"corrupt JPEG ({buf.size} bytes): no end-of-image marker, the data is truncated")
+    rgb = cv2.cvtColor(_imdecode(buf, what), cv2.COLOR_BGR2RGB)
+    _check_pixels(rgb.shape[0], rgb.shape[1], max_pixels, what)
+    return rgb
+
+
+def _imdecode(buf: np.ndarray, what: str) -> np.ndarray:
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     except cv2.error as exc:
-        raise ConversionError(f"could not decode the {fmt or 'compressed'} image ({buf.size} bytes): {exc}") from None
+        raise ConversionError(f"could not decode {what}: {exc}") from None
     if bgr is None or bgr.size == 0:
-        raise ConversionError(f"could not decode the {fmt or 'compressed'} image ({buf.size} bytes): "
-                              "corrupt data or not a JPEG/PNG")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        raise ConversionError(f"could not decode {what}: corrupt data")
+    return bgr
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 
 #: Key-frame reasons that the schedule did not choose (see :mod:`mpvss_ros.scheduling`).
 FORCED_KEY_FRAME_REASONS = ("first", "reset", "resolution_change", "time_backwards", "time_gap",
-                            "canvas_change")
+                            "canvas_change", "frame_id_change")
 
 _log = logging.getLogger(__name__)
 
@@ -346,6 +346,11 @@ class SegmentationCore:
         self._since = clock()  # start, or last enable: the "no output" timer's origin
         self._last_log: dict[str, tuple[float, int]] = {}
         self._label_info_frame_id: str | None = None
+        self._frame_id: str | None = None  # the last input's header.frame_id
+        if config.input_compressed and not conversions.STRICT_JPEG:
+            self.log.warning("simplejpeg is not installed: JPEGs are decoded by OpenCV, which segments a JPEG "
+                             "that lost scan data (grey or smeared blocks) instead of skipping it; "
+                             "pip install simplejpeg")
 
     # -- control (any thread) ----------------------------------------------------------------
 
@@ -473,6 +478,13 @@ class SegmentationCore:
                 self.segmenter.reset()
             header = msg.header
             stamp = self._conv.stamp_to_seconds(header.stamp)
+            frame_id = header.frame_id
+            if self._frame_id is not None and frame_id != self._frame_id:  # another camera: its own key frame
+                self.segmenter.reset(reason="frame_id_change")
+                self._log_throttled("frame_id", "warning", (
+                    f"input frame_id changed from {self._frame_id!r} to {frame_id!r}: the next frame is a "
+                    "key frame (one camera per input topic is expected)"))
+            self._frame_id = frame_id
             if cfg.max_frame_age_s > 0 and now is not None:
                 age = now - stamp
                 if age > cfg.max_frame_age_s:
@@ -489,9 +501,9 @@ class SegmentationCore:
 
         try:
             if cfg.input_compressed:
-                rgb = self._conv.compressed_to_rgb(msg)
+                rgb = self._conv.compressed_to_rgb(msg, cfg.max_image_pixels)
             else:
-                rgb = self._conv.image_to_rgb(msg)
+                rgb = self._conv.image_to_rgb(msg, cfg.max_image_pixels)
         except Exception as exc:  # noqa: BLE001 - ConversionError, or anything a broken message raises
             return self._skip("skipped_decode", "cannot decode image", exc, t0)
 

@@ -180,6 +180,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("input_depth", "int", 1,
               "Input QoS history depth (keep last). The node processes only the newest frame "
               "anyway.", min=1, max=100),
+    ParamSpec("max_image_pixels", "int", 4096 * 4096,
+              "Largest input frame (height x width pixels) that is segmented; a larger one is "
+              "skipped and counted (a compressed one before it is decoded: a 200 kB PNG can unpack "
+              "to 8000 x 8000 pixels and gigabytes of inference memory).",
+              min=1, max=2**31 - 1, dynamic=True),
     ParamSpec("max_frame_age_s", "float", 0.5,
               "Drop a frame whose header stamp is older than this (seconds, node clock) when "
               "its turn comes; 0 disables the check (e.g. bags played without --clock).",
@@ -235,6 +240,7 @@ class NodeConfig:
     input_compressed: bool = False
     input_reliability: str = "best_effort"
     input_depth: int = 1
+    max_image_pixels: int = 4096 * 4096
     max_frame_age_s: float = 0.5
     publish_colored: bool = True
     publish_overlay: bool = True
@@ -298,7 +304,8 @@ def _check(spec: ParamSpec, value: Any) -> Any:
             if isinstance(item, bool) or not isinstance(item, int):
                 raise fail("must be a list of integers")
             if not in_range(item):
-                raise fail(f"entries must be in [{spec.min:#x}, {spec.max:#x}] (0xRRGGBB)")
+                raise fail(f"entries must be in [{spec.min:#x}, {spec.max:#x}] (0xRRGGBB)" if name == "palette"
+                           else f"entries must be in [{spec.min}, {spec.max}]")
         return tuple(int(i) for i in items)
     raise AssertionError(f"unknown parameter type {spec.type!r}")  # pragma: no cover
 

@@ -361,6 +361,52 @@ def test_not_a_bag(tmp_path, lite):
         process_bag(tmp_path / "missing", tmp_path / "out", TOPIC, lite)
 
 
+def test_a_new_frame_id_forces_a_key_frame(ts, tmp_path, frames, band_loaded):
+    entries = [(TOPIC, IMAGE, s, raw_image(ts, f, s, frame_id=fid))
+               for f, s, fid in zip(frames[:4], stamps(4), ("front", "front", "rear", "rear"))]
+    write_bag(ts, tmp_path / "in", "sqlite3", entries)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(schedule="fixed:100", propagator="copy", progress=False))
+    assert summary["key_frames"] == 2 and summary["key_frame_reasons"] == {"first": 1, "frame_id_change": 1}
+
+
+def test_topic_without_messages_is_refused_before_any_output(ts, tmp_path, lite):
+    with Writer(tmp_path / "in", version=9) as writer:
+        writer.add_connection(TOPIC, IMAGE, typestore=ts)
+    with pytest.raises(ValueError, match=f"topic {TOPIC} of bag .* has no messages"):
+        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite, BagOptions(progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("failure", ["storage", "interrupt"])
+def test_a_run_that_fails_midway_leaves_no_output(ts, tmp_path, frames, band_loaded, monkeypatch, failure):
+    """A damaged storage file (sqlite3's "database disk image is malformed") becomes one error
+    naming the bag; that or Ctrl-C removes the partial output, which would block the next run."""
+    import sqlite3
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:4]))
+    real = Reader.messages
+
+    def messages(self, *args, **kwargs):
+        for i, item in enumerate(real(self, *args, **kwargs)):
+            if i == 2:
+                if failure == "storage":
+                    raise sqlite3.DatabaseError("database disk image is malformed")
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(Reader, "messages", messages)
+    expected = (ValueError, "cannot read bag .*in: DatabaseError: database disk image is malformed") \
+        if failure == "storage" else (KeyboardInterrupt, "")
+    with pytest.raises(expected[0], match=expected[1]):
+        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(Reader, "messages", real)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(propagator="copy", progress=False))
+    assert summary["written"] == 4  # the rerun is not blocked
+
+
 def test_namespaces():
     assert normalize_namespace("/mpvss") == normalize_namespace("mpvss/") == "/mpvss"
     assert normalize_namespace("/") == "" and output_topics("/")["labels"] == "/labels"

@@ -19,6 +19,7 @@ import pytest
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 from mpvss_ros.propagation import CopyPropagator
+from mpvss_ros.ros import conversions
 from mpvss_ros.ros.conversions import (
     MSG_DEFINITIONS,
     SUPPORTED_ENCODINGS,
@@ -360,29 +361,85 @@ def test_grey_jpeg_gives_three_channels(ts):
     assert out.shape == (16, 16, 3) and (out[..., 0] == out[..., 1]).all()
 
 
-def test_corrupt_jpeg(ts, camvid_frame):
+@pytest.fixture(params=["strict", "opencv"])
+def jpeg_decoder(request, monkeypatch):
+    """Both JPEG decoders: simplejpeg, strict (installed with the package), and OpenCV's fallback."""
+    if request.param == "opencv":
+        monkeypatch.setattr(conversions, "_simplejpeg", None)
+    else:
+        assert conversions._simplejpeg is not None and conversions.STRICT_JPEG
+    return request.param
+
+
+def test_corrupt_jpeg(ts, camvid_frame, jpeg_decoder):
     _, jpg = cv2.imencode(".jpg", camvid_frame)
     raw = jpg.reshape(-1).tobytes()
     garbage = b"\xff\xd8" + bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)) + b"\xff\xd9"
-    with pytest.raises(ConversionError, match="could not decode"):
+    with pytest.raises(ConversionError, match="corrupt JPEG|could not decode"):
         compressed_to_rgb(roundtrip(ts, compressed(ts, garbage, "jpeg"), COMPRESSED))
     with pytest.raises(ConversionError, match="truncated"):
         compressed_to_rgb(roundtrip(ts, compressed(ts, raw[: len(raw) // 2], "jpeg"), COMPRESSED))
-    with pytest.raises(ConversionError, match="could not decode"):
+    with pytest.raises(ConversionError, match="neither a JPEG nor a PNG"):
         compressed_to_rgb(compressed(ts, b"not an image at all", "jpeg"))
     with pytest.raises(ConversionError, match="no data"):
         compressed_to_rgb(compressed(ts, b"", "jpeg"))
 
 
-@pytest.mark.parametrize("pad", [b"\x00" * 64, b"\x00" * 4096, b"\xff" * 100])
-def test_padded_jpeg_decodes_and_padded_truncated_one_is_rejected(ts, camvid_frame, pad):
-    # MJPEG camera buffers: bytes of padding after the end-of-image marker
+def test_jpeg_that_lost_scan_data_is_refused_by_the_strict_decoder(ts, camvid_frame, jpeg_decoder):
+    """An MJPEG camera dropping USB packets: a quarter of the scan data gone, the end-of-image
+    marker intact. libjpeg fills the rest with grey and only warns; the strict decoder refuses it
+    (the OpenCV fallback cannot tell, as documented)."""
     _, jpg = cv2.imencode(".jpg", camvid_frame)
     raw = jpg.reshape(-1).tobytes()
-    out = compressed_to_rgb(roundtrip(ts, compressed(ts, raw + pad, "jpeg"), COMPRESSED))
+    n = len(raw)
+    lost = raw[: n // 2] + raw[n // 2 + n // 4:]
+    msg = roundtrip(ts, compressed(ts, lost, "jpeg"), COMPRESSED)
+    if jpeg_decoder == "strict":
+        with pytest.raises(ConversionError, match="corrupt JPEG.*premature end of data segment"):
+            compressed_to_rgb(msg)
+    else:
+        assert compressed_to_rgb(msg).shape == camvid_frame.shape
+
+
+def test_jpeg_with_a_trailer_decodes_strictly(ts, camvid_frame):
+    # data after the end-of-image marker (a metadata trailer) is no corruption
+    _, jpg = cv2.imencode(".jpg", camvid_frame)
+    out = compressed_to_rgb(compressed(ts, jpg.reshape(-1).tobytes() + b"trailer" * 40, "jpeg"))
     np.testing.assert_array_equal(out, cv2.cvtColor(cv2.imdecode(jpg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
-    with pytest.raises(ConversionError, match="truncated"):
-        compressed_to_rgb(roundtrip(ts, compressed(ts, raw[: len(raw) // 2] + pad, "jpeg"), COMPRESSED))
+
+
+def test_data_that_is_not_what_the_format_says_is_refused(ts):
+    _, bmp = cv2.imencode(".bmp", synthetic_frame(8, 8))
+    for fmt in ("jpeg", "png", ""):
+        with pytest.raises(ConversionError, match="neither a JPEG nor a PNG.*42 4d"):  # "BM"
+            compressed_to_rgb(compressed(ts, bmp.reshape(-1), fmt))
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_frames_above_the_pixel_limit_are_refused_before_decoding(ts, ext, jpeg_decoder, monkeypatch):
+    _, data = cv2.imencode(ext, synthetic_frame(60, 80))
+    msg = compressed(ts, data.reshape(-1), ext[1:])
+    assert compressed_to_rgb(msg, max_pixels=4800).shape == (60, 80, 3)
+    if ext == ".png" or jpeg_decoder == "strict":  # from the header: the decoder never runs
+        monkeypatch.setattr(conversions.cv2, "imdecode", None)
+        if conversions._simplejpeg is not None:
+            monkeypatch.setattr(conversions._simplejpeg, "decode_jpeg", None)
+    with pytest.raises(ConversionError, match="80 x 60 = 4800 pixels, more than the 4799 allowed"):
+        compressed_to_rgb(msg, max_pixels=4799)
+
+
+def test_png_without_its_header_is_refused(ts):
+    _, png = cv2.imencode(".png", synthetic_frame(6, 8))
+    with pytest.raises(ConversionError, match="corrupt PNG.*no image header"):
+        compressed_to_rgb(compressed(ts, png.reshape(-1)[:20], "png"))
+
+
+def test_raw_frames_above_the_pixel_limit_are_refused(ts):
+    msg = encode(ts, synthetic_frame(60, 80), "rgb8")
+    assert image_to_rgb(msg, max_pixels=4800).shape == (60, 80, 3)
+    with pytest.raises(ConversionError, match="80 x 60 = 4800 pixels, more than the 4799 allowed"):
+        image_to_rgb(msg, max_pixels=4799)
+    assert conversions.DEFAULT_MAX_IMAGE_PIXELS == 4096 * 4096
 
 
 @pytest.mark.parametrize("fmt", ["16UC1; compressedDepth png", "tiff", "rgb8; theora"])

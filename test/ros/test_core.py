@@ -417,6 +417,43 @@ def test_stamps_going_backwards_force_a_key_frame_and_keep_their_stamp(make_core
     assert values["key frames (time_backwards)"] == "1" and values["forced key frames"] == "3"
 
 
+def test_a_new_frame_id_forces_a_key_frame(make_core, types):
+    """Another camera on the topic: its frames are not propagated from the other camera's key frame."""
+    core, _, logger = make_core()
+    outs = [core.process(image_msg(types, frame(), 1.0 + 0.1 * i, frame_id="front")) for i in range(3)]
+    assert [o.info.key_frame_reason for o in outs] == ["first", "", ""]
+    rear = core.process(image_msg(types, frame(seed=1), 1.3, frame_id="rear"))
+    assert rear.info.is_key_frame and rear.info.key_frame_reason == "frame_id_change"
+    assert rear.labels.header.frame_id == "rear" and stamp_to_seconds(rear.info.key_frame_stamp) == pytest.approx(1.3)
+    assert not core.process(image_msg(types, frame(seed=1), 1.4, frame_id="rear")).info.is_key_frame
+    assert core.process(image_msg(types, frame(), 1.5, frame_id="front")).info.key_frame_reason == "frame_id_change"
+    assert core.key_frame_reasons["frame_id_change"] == 2
+    assert any(level == "warning" and "frame_id changed from 'front' to 'rear'" in text for level, text in logger.lines)
+
+
+def test_frames_above_max_image_pixels_are_skipped_and_the_limit_is_dynamic(make_core, types):
+    core, _, logger = make_core(max_image_pixels=H * W)
+    assert core.process(image_msg(types, frame(), 1.0)) is not None
+    assert core.process(image_msg(types, frame(H + 1, W), 1.1)) is None
+    assert core.counters["skipped_decode"] == 1
+    assert any(f"{W} x {H + 1}" in text and "max_image_pixels" in text for _, text in logger.lines)
+    core.reconfigure({"max_image_pixels": (H + 1) * W})
+    out = core.process(image_msg(types, frame(H + 1, W), 1.2))
+    assert out is not None and out.info.key_frame_reason == "resolution_change"
+
+
+def test_compressed_input_without_the_strict_decoder_warns_at_start(band_loaded, types, monkeypatch):
+    from mpvss_ros.ros import conversions
+
+    monkeypatch.setattr(conversions, "STRICT_JPEG", False)
+    logger = ListLogger()
+    SegmentationCore(validate({"input_compressed": True}), band_loaded, types, logger=logger)
+    assert [level for level, text in logger.lines if "pip install simplejpeg" in text] == ["warning"]
+    logger = ListLogger()
+    SegmentationCore(validate({"input_compressed": False}), band_loaded, types, logger=logger)
+    assert not logger.lines
+
+
 # --------------------------------------------------------------------------------------------
 # enable / disable / reset
 # --------------------------------------------------------------------------------------------

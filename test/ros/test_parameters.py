@@ -43,7 +43,8 @@ EXPECTED_DEFAULTS = {
     "propagator": "query_flow", "optical_flow_preset": "fast", "optical_flow_scale": 0.5, "chain_flow": True,
     "schedule": "adaptive", "scene_threshold": 0.5, "cut_threshold": 0.45, "min_interval": 1, "max_interval": 10,
     "max_gap_s": 1.0,
-    "input_compressed": False, "input_reliability": "best_effort", "input_depth": 1, "max_frame_age_s": 0.5,
+    "input_compressed": False, "input_reliability": "best_effort", "input_depth": 1, "max_image_pixels": 4096 * 4096,
+    "max_frame_age_s": 0.5,
     "publish_colored": True, "publish_overlay": True, "publish_class_masks": True, "overlay_alpha": 0.5,
     "palette": [], "diagnostics_period_s": 1.0, "threads": 0,
 }
@@ -103,13 +104,13 @@ def test_every_parameter_is_described_and_its_default_valid():
 
 
 def test_dynamic_parameters_are_the_ones_the_running_engine_can_swap():
-    """Exactly the schedule, propagation, frame-age, overlay-opacity and palette parameters may
-    change while the node runs; what the model, backend, device, input QoS or output set depend
-    on is read-only."""
+    """Exactly the schedule, propagation, frame-age, frame-size limit, overlay-opacity and palette
+    parameters may change while the node runs; what the model, backend, device, input QoS or
+    output set depend on is read-only."""
     from mpvss_ros.ros.core import PROPAGATION_PARAMETERS, SCHEDULE_PARAMETERS
 
     assert set(DYNAMIC_PARAMETERS) == {*SCHEDULE_PARAMETERS, *PROPAGATION_PARAMETERS, "max_frame_age_s",
-                                       "overlay_alpha", "palette"}
+                                       "max_image_pixels", "overlay_alpha", "palette"}
     for spec in PARAMETERS:
         assert descriptor_fields(spec)["read_only"] is (spec.name not in DYNAMIC_PARAMETERS), spec.name
     text = render_yaml()
