@@ -140,11 +140,19 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
-    except Exception as exc:  # corrupt zip, truncated pickle, disallowed globals, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    except pickle.UnpicklingError as exc:  # torch's weights-only refusal, or bytes that are no pickle
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a PyTorch checkpoint, or it holds objects other than "
+            f"tensors and plain data (read with weights_only=True, which never runs code from a file; "
+            f"{str(exc).strip().splitlines()[0][:160]})") from exc
+    except Exception as exc:  # corrupt zip, truncated pickle, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first}") from exc
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return CheckpointFile(_to_tensor_dict(obj.get("state_dict"), path), obj.get("model_config"),
-                              dict(obj.get("meta") or {}))
+        meta = obj.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"corrupt checkpoint {path}: its 'meta' must be a mapping, got {type(meta).__name__}")
+        return CheckpointFile(_to_tensor_dict(obj.get("state_dict"), path), obj.get("model_config"), dict(meta))
     return CheckpointFile(_to_tensor_dict(obj, path))
 
 
@@ -157,13 +165,19 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return read_checkpoint(path).state_dict
 
 
+#: Keys listed per kind of mismatch in :func:`load_state_dict_strict`'s error (the rest counted).
+_MAX_KEYS_LISTED = 20
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Copy ``state_dict`` into ``model``, failing loudly on any key or shape mismatch.
 
     See the module docstring for the few keys that are tolerated.
 
     Raises:
-        CheckpointError: listing missing keys, unexpected keys and shape mismatches.
+        CheckpointError: listing missing keys, unexpected keys, shape mismatches and tensors of
+            another kind (integer or complex where the model has floats, or the reverse), at most
+            20 of each kind named.
     """
     model_sd = model.state_dict()
     _check_normalisation(model, state_dict, source)
@@ -176,11 +190,21 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
         for k in given
         if k in model_sd and tuple(given[k].shape) != tuple(model_sd[k].shape)
     )
-    if missing or unexpected or mismatched:
+    # a float tensor cast to integers (or complex) would load, with a warning at most, and
+    # segment every pixel as class 0
+    wrong_kind = sorted(
+        f"{k}: file {given[k].dtype} vs model {model_sd[k].dtype}"
+        for k in given
+        if k in model_sd and (given[k].is_floating_point() != model_sd[k].is_floating_point() or given[k].is_complex())
+    )
+    if missing or unexpected or mismatched or wrong_kind:
         parts = [f"{source} does not match the model ({type(model).__name__})"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
+                            ("dtype mismatch", wrong_kind)):
             if keys:
-                parts.append(f"{len(keys)} {title} key(s):\n  " + "\n  ".join(keys))
+                shown = keys[:_MAX_KEYS_LISTED] + ([f"... and {len(keys) - _MAX_KEYS_LISTED} more"]
+                                                   if len(keys) > _MAX_KEYS_LISTED else [])
+                parts.append(f"{len(keys)} {title} key(s):\n  " + "\n  ".join(shown))
         raise CheckpointError("\n".join(parts))
     to_load = {k: v for k, v in given.items() if k in model_sd}
     for k in model_sd:

@@ -13,6 +13,9 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +229,71 @@ def model_config_from_dict(data: dict[str, Any], where: str = "model config") ->
     return cfg
 
 
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint`` (int, float, str, list[...] or
+    ``X | None``), or None. Integers pass as floats; bools pass only as bools."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _type_problem(value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        if not isinstance(value, list):
+            return f"must be a list, got {value!r}"
+        for item in value:
+            why = _type_problem(item, args[0])
+            if why:
+                return why if why.startswith("entries") else f"entries {why}"
+        return None
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else f"must be a finite number, got {value!r}"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else f"must be an integer, got {value!r}"
+    if hint is str:
+        return None if isinstance(value, str) else f"must be a string, got {value!r}"
+    return None
+
+
+def _check_types(obj: Any, where: str, prefix: str = "") -> None:
+    """Every field of the dataclass ``obj`` (and of its sections) against its annotation; integer
+    fields (sizes, counts, channels) must be >= 1."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_types(value, where, f"{name}.")
+            continue
+        hint = hints[f.name]
+        why = _type_problem(value, hint)
+        if why:
+            raise ConfigError(f"{where}: {name} {why}")
+        if prefix and hint in (int, list[int]) and min(value if isinstance(value, list) else [value], default=1) < 1:
+            raise ConfigError(f"{where}: {name} must be >= 1, got {value}")
+
+
 def _validate(cfg: ModelConfig, where: str) -> None:
+    _check_types(cfg, where)
+    attention = [("transformer_decoder", cfg.transformer_decoder, "hidden_dim", "num_heads"),
+                 ("motion", cfg.motion, "hidden_dim", "num_heads")]
+    if cfg.pixel_decoder.type == "msdeformattn":  # the FPN pixel decoder has no attention
+        attention.append(("pixel_decoder", cfg.pixel_decoder, "conv_dim", "num_heads"))
+    for name, section, width, heads in attention:
+        if getattr(section, width) % getattr(section, heads):
+            raise ConfigError(f"{where}: {name}.{width} ({getattr(section, width)}) must be a multiple of "
+                              f"{name}.{heads} ({getattr(section, heads)})")
+    for dim in ("conv_dim", "mask_dim"):
+        if getattr(cfg.pixel_decoder, dim) % cfg.pixel_decoder.num_groups:
+            raise ConfigError(f"{where}: pixel_decoder.{dim} ({getattr(cfg.pixel_decoder, dim)}) must be a multiple "
+                              f"of pixel_decoder.num_groups ({cfg.pixel_decoder.num_groups}, GroupNorm)")
+    for name, values in (("input.pixel_mean", cfg.input.pixel_mean), ("input.pixel_std", cfg.input.pixel_std),
+                         ("motion.image_mean", cfg.motion.image_mean)):
+        if len(values) != 3:
+            raise ConfigError(f"{where}: {name} needs 3 values (R, G, B), got {values}")
+    if min(cfg.input.pixel_std) <= 0:
+        raise ConfigError(f"{where}: input.pixel_std must be > 0 (it divides the pixels), got {cfg.input.pixel_std}")
+    if not 0.0 < cfg.motion.image_scale <= 1.0:
+        raise ConfigError(f"{where}: motion.image_scale must lie in (0, 1], got {cfg.motion.image_scale}")
     if cfg.num_classes < 1:
         raise ConfigError(f"{where}: num_classes must be >= 1, got {cfg.num_classes}")
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
@@ -234,8 +301,9 @@ def _validate(cfg: ModelConfig, where: str) -> None:
     if not cfg.class_names:
         cfg.class_names = default_class_names(cfg.num_classes)
     if cfg.palette:
-        if len(cfg.palette) != cfg.num_classes or any(len(c) != 3 for c in cfg.palette):
-            raise ConfigError(f"{where}: palette needs {cfg.num_classes} RGB triples")
+        if len(cfg.palette) != cfg.num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c)
+                                                       for c in cfg.palette):
+            raise ConfigError(f"{where}: palette needs {cfg.num_classes} RGB triples of 0..255")
     if cfg.backbone.type not in ("resnet", "mobilenet_v2"):
         raise ConfigError(f"{where}: backbone.type must be resnet or mobilenet_v2, got {cfg.backbone.type!r}")
     if cfg.pixel_decoder.type not in ("msdeformattn", "fpn"):
@@ -278,7 +346,11 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     if not path.is_file():
         raise ConfigError(f"model config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     return model_config_from_dict(data, where=str(path))

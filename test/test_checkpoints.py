@@ -192,3 +192,39 @@ def test_official_file_without_config_is_recognised_and_its_normalisation_checke
     same = dict(official, pixel_mean=torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1))
     torch.save({"model": same}, tmp_path / "same.pth")
     assert load_model("mpvss_r50", tmp_path / "same.pth").trained
+
+
+def test_float_weights_cast_to_integers_and_long_key_lists_are_refused(tmp_path):
+    """A copy of the weights with its floats cast to int64 loaded and made every pixel class 0;
+    a file of another model listed a thousand keys."""
+    cfg = load_model_config("mpvss_lite")
+    model = MPVSS(cfg)
+    sd = {k: (v.long() if v.is_floating_point() and k.startswith("backbone.") else v)
+          for k, v in model.state_dict().items()}
+    path = tmp_path / "int.pt"
+    torch.save({"format": "mpvss_ros", "state_dict": sd, "model_config": cfg.to_dict(), "meta": {}}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_model(None, path)
+    text = str(err.value)
+    n = sum(1 for k, v in model.state_dict().items() if v.is_floating_point() and k.startswith("backbone."))
+    assert f"{n} dtype mismatch key(s)" in text and "file torch.int64 vs model torch.float32" in text
+    assert f"... and {n - 20} more" in text and len(text.splitlines()) < 30
+
+
+@pytest.mark.parametrize("meta", [[1, 2], 5, "ab"])
+def test_a_checkpoint_whose_meta_is_not_a_mapping_is_refused(tmp_path, meta):
+    cfg = load_model_config("mpvss_lite")
+    path = tmp_path / "meta.pt"
+    torch.save({"format": "mpvss_ros", "state_dict": MPVSS(cfg).state_dict(), "model_config": cfg.to_dict(),
+                "meta": meta}, path)
+    with pytest.raises(CheckpointError, match="'meta' must be a mapping"):
+        read_checkpoint(path)
+
+
+def test_random_bytes_get_one_line_without_unsafe_advice(tmp_path):
+    path = tmp_path / "random.pt"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    text = str(err.value)
+    assert len(text.splitlines()) == 1 and "weights_only set to False" not in text

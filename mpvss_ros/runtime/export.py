@@ -294,12 +294,23 @@ def _is_hw(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _structure_problems(contract: dict[str, Any]) -> list[str]:
     """What a contract lacks for this package to read it (keys and their types), as lines."""
     problems = []
     canvas = contract.get("canvas")
     if not isinstance(canvas, dict) or not _is_hw(canvas.get("valid_hw")) or not _is_hw(canvas.get("padded_hw")):
         problems.append("canvas must hold valid_hw and padded_hw as [height, width] of positive integers")
+    elif "mask_hw" in canvas and not _is_hw(canvas["mask_hw"]):
+        problems.append("canvas.mask_hw must be [height, width] of positive integers")
+    elif "size_divisibility" in canvas and not _positive_int(canvas["size_divisibility"]):
+        problems.append("canvas.size_divisibility must be a positive integer")
+    for key in ("num_classes", "num_queries"):
+        if key in contract and not _positive_int(contract[key]):
+            problems.append(f"{key} must be a positive integer")
     if not isinstance(contract.get("model_config"), dict):
         problems.append("model_config must be the model configuration (a mapping)")
     graphs = contract.get("graphs")
@@ -361,10 +372,19 @@ def contract_problems(contract: dict[str, Any], cfg: ModelConfig) -> list[str]:
     if cfg.input.size is None or tuple(cfg.input.size) != valid:
         problems.append(f"model_config: input.size {cfg.input.size} is not the canvas' valid_hw {list(valid)}")
     queries, classes = cfg.transformer_decoder.num_queries, cfg.num_classes
-    for key, want in (("num_classes", classes), ("num_queries", queries)):
-        if key in contract and contract[key] != want:
-            problems.append(f"{key} {contract[key]} differs from model_config's {want}")
-    for g, info in contract["graphs"].items():
+    # the descriptive copies, for other runtimes that read the contract, must say what the model does
+    prep = contract.get("preprocess") if isinstance(contract.get("preprocess"), dict) else {}
+    for key, found, want in (("num_classes", contract.get("num_classes"), classes),
+                             ("num_queries", contract.get("num_queries"), queries),
+                             ("class_names", contract.get("class_names"), list(cfg.class_names)),
+                             ("palette", contract.get("palette"), [list(c) for c in cfg.palette]),
+                             ("preprocess.pixel_mean", prep.get("pixel_mean"), list(cfg.input.pixel_mean)),
+                             ("preprocess.pixel_std", prep.get("pixel_std"), list(cfg.input.pixel_std)),
+                             ("preprocess.motion_image_mean", prep.get("motion_image_mean"), list(cfg.motion.image_mean))):
+        if found is not None and found != want:
+            problems.append(f"{key} {found} differs from model_config's {want}")
+    for g in ("key_frame", "non_key_frame"):  # other entries of "graphs" are not this package's
+        info = contract["graphs"][g]
         tensors = info["inputs"] + info["outputs"]
         odd = [t["name"] for t in tensors if t.get("dtype", "float32") != "float32"]
         if odd:

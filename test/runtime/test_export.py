@@ -546,3 +546,18 @@ def test_broken_export_folders_give_one_clear_error_not_a_traceback(lite_small, 
     (tmp_path / "list" / CONTRACT_FILE).write_text("[1, 2]")
     with pytest.raises(ValueError, match="unknown contract format 'list'"):
         load_exported(tmp_path / "list")
+
+    # a hand-written contract (a model of one's own): wrong types are named, not tracebacks
+    for name, edit, words in (
+            ("divisibility", lambda c: c["canvas"].update(size_divisibility=0), "size_divisibility must be a positive"),
+            ("divisibility_str", lambda c: c["canvas"].update(size_divisibility="x"), "size_divisibility must be"),
+            ("classes_str", lambda c: c.update(num_classes="11"), "num_classes must be a positive integer"),
+            ("config_type", lambda c: c["model_config"].update(num_classes="11"),
+             "model_config: num_classes must be an integer"),
+            ("palette", lambda c: c.update(palette=[[1, 2]] * 11), r"palette \[\[1, 2\].* differs from model_config"),
+            ("std", lambda c: c["preprocess"].update(pixel_std=[0, 0, 0]), "preprocess.pixel_std .* differs"),
+            ("names", lambda c: c.update(class_names=["a"]), r"class_names \['a'\] differs")):
+        with pytest.raises(ValueError, match=words):
+            check_export(copy(name, edit))
+    extra = copy("extra_graph", lambda c: c["graphs"].update(extra=5))  # not this package's: ignored
+    assert check_export(extra)["passed"]

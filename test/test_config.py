@@ -1,0 +1,64 @@
+"""Model configuration validation: a bad value is one ConfigError naming the key, before a model is built."""
+
+import pytest
+
+from mpvss_ros.config import ConfigError, load_model_config, model_config_from_dict
+
+
+def _with(path: str, value):
+    data = load_model_config("mpvss_lite").to_dict()
+    *sections, key = path.split(".")
+    target = data
+    for s in sections:
+        target = target[s]
+    target[key] = value
+    return data
+
+
+@pytest.mark.parametrize("path, value, words", [
+    ("num_classes", "11", "num_classes must be an integer"),
+    ("num_classes", 11.5, "num_classes must be an integer"),
+    ("num_classes", True, "num_classes must be an integer"),
+    ("class_names", 5, "class_names must be a list"),
+    ("class_names", ["a", 2] + ["c"] * 9, "class_names entries must be a string"),
+    ("palette", 5, "palette must be a list"),
+    ("palette", [[0, 0, 300]] * 11, "RGB triples of 0..255"),
+    ("input.size", 480, "size must be a list"),
+    ("input.size", [480, "640"], "size entries must be an integer"),
+    ("input.size_divisibility", 0, "input.size_divisibility must be >= 1"),
+    ("input.pixel_mean", [1.0, 2.0], "input.pixel_mean needs 3 values"),
+    ("input.pixel_std", [0.0, 0.0, 0.0], "input.pixel_std must be > 0"),
+    ("input.pixel_std", [1.0, float("nan"), 1.0], "pixel_std entries must be a finite number"),
+    ("transformer_decoder.num_heads", 3, "transformer_decoder.hidden_dim \\(128\\) must be a multiple of"),
+    ("transformer_decoder.hidden_dim", "128", "hidden_dim must be an integer"),
+    ("motion.encoder_channels", "abcdef", "encoder_channels must be a list"),
+    ("motion.encoder_channels", [32, 64, 0, 128, 128, 192], "motion.encoder_channels must be >= 1"),
+    ("motion.image_scale", 0.0, "image_scale must lie in \\(0, 1\\]"),
+    ("pixel_decoder.num_groups", 48, "GroupNorm"),
+    ("postprocess.min_query_score", "abc", "min_query_score must be a finite number"),
+])
+def test_bad_values_are_one_config_error_naming_the_key(path, value, words):
+    with pytest.raises(ConfigError, match=words):
+        model_config_from_dict(_with(path, value), where="custom.yaml")
+
+
+def test_the_shipped_configurations_pass():
+    for name in ("mpvss_lite", "mpvss_r50"):
+        cfg = load_model_config(name)
+        assert model_config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    # integers stand for floats, and an absent input size is allowed
+    data = _with("input.pixel_std", [58, 57, 57])
+    data["input"]["size"] = None
+    assert model_config_from_dict(data).input.pixel_std == [58, 57, 57]
+
+
+def test_unreadable_yaml_files_are_one_line_naming_the_file(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"na\x91me: x\n")
+    with pytest.raises(ConfigError, match="binary.yaml: not a UTF-8 text file"):
+        load_model_config(binary)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nnum_classes: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_model_config(broken)
+    assert "broken.yaml: not valid YAML at line" in str(err.value) and len(str(err.value).splitlines()) == 1
