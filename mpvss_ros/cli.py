@@ -50,7 +50,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto",
                    help="auto (the GPU when the chosen backend and precision can run on it, else the CPU), cpu or "
                         "cuda[:N] (default: auto)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads, 0 = torch's choice (default: torch's choice)")
 
 
 def _flow_scale(text: str) -> float:
@@ -181,7 +182,7 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
                       ("checkpoint_every", int), ("threads", int), ("seed", int), ("max_minutes", float),
                       ("max_clip_frames", int)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
-                       help=f"default {getattr(d, name)}")
+                       help=("torch threads, 0 = unchanged; " if name == "threads" else "") + f"default {getattr(d, name)}")
     p.add_argument("--model", default=None, help="model name or YAML replacing the config stored in --init-checkpoint")
     p.add_argument("--init-motion", default=None,
                    help="start the motion module from this checkpoint's motion weights (warm start)")
@@ -264,8 +265,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.study import evaluate_sequence, key_interval_study, load_sequence, plot_study, row_label, write_json
     from .io.samples import camvid_annot_dir, camvid_dir
 
+    if args.images is not None and args.labels is None:
+        raise ValueError("give --labels DIR with IMAGES (the folder of label PNGs named like the frames)")
     images = args.images or camvid_dir("val")
-    labels = args.labels or (camvid_annot_dir("val") if args.images is None else None)
+    labels = args.labels or camvid_annot_dir("val")
     if images is None or labels is None:
         raise FileNotFoundError("give IMAGES and --labels (CamVid val from the shared data was not found)")
     # a bad schedule or cut threshold is a usage error before any work (the study's adaptive rows
@@ -281,8 +284,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
     flow_opts = {"optical_flow_preset": args.optical_flow_preset, "optical_flow_scale": args.optical_flow_scale}
-    seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames)
+    if not Path(images).exists():  # missing folders are reported before the model is loaded
+        raise FileNotFoundError(f"input not found: {images}")
+    if not Path(labels).is_dir():
+        raise FileNotFoundError(f"label folder not found: {labels}")
     loaded, backend = load_model_and_backend(args)
+    # the label values are checked against the model's classes (0..K-1, void K, ignore 255)
+    seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames, num_classes=loaded.config.num_classes)
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -348,11 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"segment": _cmd_segment, "eval": _cmd_eval, "train": _cmd_train, "bag": _cmd_bag}
     commands.update(RUNTIME_COMMANDS)
     try:
+        for name in ("out", "run_dir"):  # an empty output folder would be the current directory
+            value = getattr(args, name, None)
+            if isinstance(value, str) and not value.strip():
+                raise ValueError(f"--{name.replace('_', '-')} must name a folder, got {value!r}")
         threads = getattr(args, "threads", None)
         if threads is not None:
-            if not 1 <= threads <= 4096:
-                raise ValueError(f"--threads must be in [1, 4096], got {threads}")
-            torch.set_num_threads(threads)
+            # 0 = unchanged, as the training options' and the ROS node's threads parameter
+            if not 0 <= threads <= 4096:
+                raise ValueError(f"--threads must be in [0, 4096] (0 = torch's choice), got {threads}")
+            if threads > 0:
+                torch.set_num_threads(threads)
+            elif args.command != "train":  # the backends take None, not 0, for their default
+                args.threads = None
         return commands[args.command](args)
     except (FileNotFoundError, ConfigError, ValueError) as exc:
         print(f"mpvss: error: {exc}", file=sys.stderr)

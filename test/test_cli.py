@@ -308,6 +308,44 @@ def test_error_bad_threads(tiny_folder, tmp_path, capsys):
     assert rc == 2 and "--threads" in line
 
 
+def test_threads_zero_leaves_torch_threads_as_they_are(tiny_folder, tmp_path, capsys):
+    # 0 = unchanged, as the training options' help and the node's threads parameter say; it was refused
+    before = torch.get_num_threads()
+    assert _segment(tiny_folder, tmp_path / "out", "--threads", "0", "--propagator", "copy", "--no-overlay") == 0
+    assert torch.get_num_threads() == before
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["frames"] == 1
+    rc = _segment(tiny_folder, tmp_path / "out2", "--threads", "4097")
+    assert rc == 2 and "--threads must be in [0, 4096]" in _error_line(capsys.readouterr().err)
+
+
+def test_train_threads_zero_reaches_the_trainer(tmp_path, capsys, monkeypatch):
+    import mpvss_ros.training.trainer as trainer
+    from types import SimpleNamespace
+
+    seen = []
+
+    def fake_train(opts):
+        seen.append(opts)
+        return SimpleNamespace(step=0, finished=True, checkpoint=tmp_path / "c.pt", sec_per_step_median=None, val=[])
+
+    monkeypatch.setattr(trainer, "train_segmentor", fake_train)
+    before = torch.get_num_threads()
+    assert main(["train", "segmentor", "--run-dir", str(tmp_path / "run"), "--threads", "0"]) == 0, \
+        capsys.readouterr().err
+    assert seen[0].threads == 0 and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("argv", [["segment", "IN", "--out", ""], ["segment", "IN", "--out", " "],
+                                  ["export", "--out", ""], ["train", "segmentor", "--run-dir", ""]])
+def test_error_empty_output_folder(tiny_folder, capsys, argv, monkeypatch, tmp_path):
+    # an empty --out had written into the current folder and printed "wrote /labels/"
+    monkeypatch.chdir(tmp_path)
+    argv = [str(tiny_folder) if a == "IN" else a for a in argv]
+    assert main(argv) == 2
+    assert "must name a folder" in _error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
 def test_error_out_is_a_file(tiny_folder, tmp_path, capsys):
     blocker = tmp_path / "taken"
     blocker.write_text("a file, not a folder")

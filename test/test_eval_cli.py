@@ -12,9 +12,11 @@ import math
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
+import mpvss_ros.cli as cli
 from mpvss_ros.cli import main
 from mpvss_ros.evaluation.study import (
     _cost_ratio_within_run,
@@ -26,6 +28,7 @@ from mpvss_ros.evaluation.study import (
     row_label,
     write_json,
 )
+from mpvss_ros.io.video import write_label_png
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.propagation import FLOW_PROPAGATORS
 
@@ -379,7 +382,8 @@ def test_eval_cli_optical_flow_preset_and_scale(camvid_val_dirs, lite_checkpoint
     (["--study", "--intervals", "2", "0"], "--intervals must all be >= 1"),
     (["--study", "--bootstrap-block", "0"], "--bootstrap-block must be >= 1"),
     (["--max-frames", "0"], "--max-frames must be >= 1"),
-    (["--threads", "2147483648"], "--threads must be in [1, 4096]"),
+    (["--threads", "2147483648"], "--threads must be in [0, 4096]"),
+    (["--out", ""], "--out must name a folder"),
 ])
 def test_eval_options_checked_before_any_work(camvid_val_dirs, tmp_path, capsys, argv, words):
     images, labels = camvid_val_dirs
@@ -394,3 +398,111 @@ def test_fixed_schedule_keeps_its_interval_at_a_frame_rate_below_one(camvid_val_
     seq = load_sequence(*camvid_val_dirs, fps=0.5, limit=10)
     result = evaluate_sequence(lite, seq, "copy", "fixed:5")
     assert result["key_frames"] == 2
+
+
+# --------------------------------------------------------------------------- label values and frame sizes
+# synthetic sequences (no shared data); K = 11 as the lite model and CamVid (void 11, ignore 255)
+
+
+def _write_sequence(root: Path, labels: list[np.ndarray]) -> tuple[Path, Path]:
+    """Frames ``f0.png``, ... (random RGB of their label's size) and the labels under
+    ``root / "img"`` and ``root / "ann"``."""
+    img, ann = root / "img", root / "ann"
+    img.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, label in enumerate(labels):
+        assert cv2.imwrite(str(img / f"f{i}.png"), rng.integers(0, 256, (*label.shape, 3), dtype=np.uint8))
+        write_label_png(ann / f"f{i}.png", label)
+    return img, ann
+
+
+def _label(value: int, dtype=np.uint8, hw=(24, 32)) -> np.ndarray:
+    label = np.zeros(hw, dtype)
+    label[:, : hw[1] // 2] = value
+    return label
+
+
+def test_load_sequence_accepts_classes_void_and_ignore(tmp_path):
+    every = (np.arange(24 * 32).reshape(24, 32) % 12).astype(np.uint8)  # 0..10 and the void 11
+    img, ann = _write_sequence(tmp_path, [every, _label(255), np.full((24, 32), 11, np.uint16)])
+    seq = load_sequence(img, ann, num_classes=11)
+    assert seq.names == ["f0", "f1", "f2"] and int(seq.labels[0].max()) == 11
+
+
+@pytest.mark.parametrize("labels, words", [
+    ([np.full((24, 32), 200, np.uint8)] * 2, "f0.png holds value(s) 200 (768 pixels)"),  # every pixel
+    ([_label(3), _label(50)], "f1.png holds value(s) 50 (384 pixels)"),  # some pixels of the second label
+    ([(np.arange(24 * 32).reshape(24, 32) % 11 + 256).astype(np.uint16)],  # 16-bit, 256..266
+     "f0.png holds value(s) 256, 257, 258, 259, 260, ... (11 distinct) (768 pixels)"),
+    ([_label(12)], "f0.png holds value(s) 12 "),  # one past the void value
+])
+def test_load_sequence_refuses_label_values_outside_the_classes(tmp_path, labels, words):
+    img, ann = _write_sequence(tmp_path, labels)
+    with pytest.raises(ValueError, match="outside the model's 11 classes 0..10, void 11 and ignore 255") as exc:
+        load_sequence(img, ann, num_classes=11)
+    assert words in str(exc.value) and str(ann) in str(exc.value)
+    assert len(load_sequence(img, ann).labels) == len(labels)  # without num_classes: not checked, as before
+
+
+def test_load_sequence_refuses_labels_without_a_class_pixel(tmp_path):
+    voids = [np.full((24, 32), 11, np.uint8), np.full((24, 32), 255, np.uint8)]
+    img, ann = _write_sequence(tmp_path / "a", voids)
+    with pytest.raises(ValueError, match=r"the 2 labels in .* count no pixel: every pixel is void \(11\) or ignored"):
+        load_sequence(img, ann, num_classes=11)
+    # one class pixel anywhere in the sequence is enough
+    voids[1][5, 5] = 4
+    img, ann = _write_sequence(tmp_path / "b", voids)
+    assert len(load_sequence(img, ann, num_classes=11).labels) == 2
+    with pytest.raises(ValueError, match="num_classes"):
+        load_sequence(img, ann, num_classes=0)
+
+
+def test_load_sequence_refuses_frames_of_another_size_naming_the_file(tmp_path):
+    labels = [np.zeros((48, 64), np.uint8), np.zeros((40, 80), np.uint8)]
+    img, ann = _write_sequence(tmp_path, labels)
+    with pytest.raises(ValueError) as exc:
+        load_sequence(img, ann)
+    assert str(exc.value) == (f"frame {img / 'f1.png'} is 80x40, the first frame {img / 'f0.png'} is 64x48: "
+                              "the frames of a sequence must have one size")
+
+
+@pytest.fixture()
+def eval_without_model(monkeypatch, lite):
+    """``mpvss eval`` with the lite model (K = 11) instead of loading one; fails the test if a
+    sequence gets segmented."""
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: (lite, None))
+    import mpvss_ros.evaluation.study as study
+
+    monkeypatch.setattr(study, "_evaluate", lambda *a, **k: pytest.fail("segmented a sequence"))
+
+
+@pytest.mark.parametrize("labels, words", [
+    ([np.full((24, 32), 200, np.uint8)] * 3, "f0.png holds value(s) 200"),
+    ([_label(2), _label(2), _label(50)], "f2.png holds value(s) 50"),
+    ([np.full((24, 32), 11, np.uint8)] * 2, "count no pixel"),
+    ([np.zeros((48, 64), np.uint8), np.zeros((40, 80), np.uint8)], "f1.png is 80x40"),
+])
+def test_eval_cli_refuses_bad_labels_and_sizes_before_segmenting(tmp_path, capsys, eval_without_model, labels, words):
+    img, ann = _write_sequence(tmp_path, labels)
+    out = tmp_path / "out"
+    assert _eval(str(img), "--labels", str(ann), "--out", str(out)) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert words in line
+    assert not out.exists()
+
+
+def test_eval_cli_images_without_labels_names_the_option(tmp_path, capsys, monkeypatch):
+    # the message had blamed a missing CamVid even when the shared data was there
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: pytest.fail("loaded a model"))
+    img, _ = _write_sequence(tmp_path, [_label(1)])
+    assert _eval(str(img)) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "give --labels DIR with IMAGES" in line and "not found" not in line
+
+
+@pytest.mark.parametrize("out", ["", "  "])
+def test_eval_cli_refuses_an_empty_out(tmp_path, capsys, monkeypatch, out):
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: pytest.fail("loaded a model"))
+    img, ann = _write_sequence(tmp_path, [_label(1)])
+    assert _eval(str(img), "--labels", str(ann), "--out", out) == 2
+    assert f"--out must name a folder, got {out!r}" in _error_line(capsys.readouterr().err)

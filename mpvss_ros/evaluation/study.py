@@ -52,35 +52,96 @@ class LabelledSequence:
 
 
 def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.0,
-                  limit: int | None = None) -> LabelledSequence:
+                  limit: int | None = None, num_classes: int | None = None) -> LabelledSequence:
     """Load a folder of frames and the folder of same-named label PNGs.
+
+    Args:
+        image_dir: folder of frames (or a video file; frames named ``000000``, ...).
+        label_dir: folder of single-channel label PNGs named like the frames (8- or 16-bit class IDs).
+        fps: frame rate for the stamps (frames/s).
+        limit: load only the first ``limit`` frames (None: all).
+        num_classes: the model's class count K. When given, every label value must be a class
+            (0..K-1), the void value right after the classes (K, CamVid's 11 for 11 classes) or
+            the ignore value 255, and the labels together must count at least one pixel (a value
+            in 0..K-1). None: the values are not checked (values >= K are ignored when scoring).
 
     Raises:
         FileNotFoundError: a folder or a frame's label file is missing.
-        ValueError: no frames, or a label of another size than its frame.
+        ValueError: no frames; a frame of another size than the first frame; a label of another
+            size than its frame; with ``num_classes``, a label holding other values (the error
+            names the file and the first of them), or labels that are void everywhere.
     """
     from ..io.video import open_source
 
     label_dir = Path(label_dir)
     if not label_dir.is_dir():
         raise FileNotFoundError(f"label folder not found: {label_dir}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     names, images, labels = [], [], []
+    counted = 0  # label pixels with a class value (0..K-1)
+    first: tuple[str, tuple[int, ...]] | None = None  # the first frame's file and (H, W)
     with open_source(image_dir, fps=fps) as source:
         for frame in source:
             if limit is not None and len(names) >= limit:
                 break
+            hw = frame.image.shape[:2]
+            where = _frame_file(source, frame)
+            if first is None:
+                first = (where, hw)
+            elif hw != first[1]:
+                raise ValueError(f"frame {where} is {hw[1]}x{hw[0]}, the first frame {first[0]} is "
+                                 f"{first[1][1]}x{first[1][0]}: the frames of a sequence must have one size")
             path = label_dir / f"{frame.name}.png"
             if not path.is_file():
                 raise FileNotFoundError(f"no label for frame {frame.name}: {path}")
             label = read_label_png(path)
-            if label.shape != frame.image.shape[:2]:
-                raise ValueError(f"label {path} is {label.shape}, frame is {frame.image.shape[:2]}")
+            if label.shape != hw:
+                raise ValueError(f"label {path} is {label.shape}, frame is {hw}")
+            if num_classes is not None:
+                counted += _check_label_values(label, int(num_classes), path)
             names.append(frame.name)
             images.append(frame.image)
             labels.append(label)
     if not names:
         raise ValueError(f"no frames in {image_dir}")
+    if num_classes is not None and counted == 0:
+        raise ValueError(f"the {len(names)} labels in {label_dir} count no pixel: every pixel is void "
+                         f"({num_classes}) or ignored (255), so there is nothing to score")
     return LabelledSequence(names, images, labels, fps)
+
+
+# Label value that marks pixels to ignore (ConfusionMatrix's ignore_index), besides the void value K.
+_IGNORE_LABEL = 255
+
+
+def _frame_file(source: Any, frame: Any) -> str:
+    """The file a frame came from (an image folder's file; a video's path and frame name)."""
+    files = getattr(source, "files", None)
+    if files is not None and 0 <= frame.index < len(files):
+        return str(files[frame.index])
+    return f"{source.path} (frame {frame.name})"
+
+
+def _check_label_values(label: np.ndarray, num_classes: int, path: Path) -> int:
+    """Count the class pixels (0..K-1) of one label map after checking its values.
+
+    Raises:
+        ValueError: a value other than 0..K-1, K (void) and the ignore value 255; the message
+            names ``path`` and the first (up to 5) such values.
+    """
+    counts = np.bincount(label.ravel(), minlength=max(num_classes + 1, _IGNORE_LABEL + 1))
+    allowed = np.zeros(counts.size, dtype=bool)
+    allowed[: num_classes + 1] = True
+    allowed[_IGNORE_LABEL] = True
+    bad = np.flatnonzero((counts > 0) & ~allowed)
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:5]) + (f", ... ({bad.size} distinct)" if bad.size > 5 else "")
+        raise ValueError(f"label {path} holds value(s) {shown} ({int(counts[bad].sum())} pixels) outside the model's "
+                         f"{num_classes} classes 0..{num_classes - 1}, void {num_classes} and ignore {_IGNORE_LABEL}: "
+                         "labels of another class set?")
+    return int(counts[:num_classes].sum())
 
 
 def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Propagator,

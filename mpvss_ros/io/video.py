@@ -161,7 +161,11 @@ class VideoFileSource(FrameSource):
     (counted by a decoding pass if the container reports none). A frame that fails to decode
     before that count (a damaged stretch of the file) is skipped, its index left out, and decoding
     goes on, up to :data:`MAX_BAD_READS` failures in a row; skipped frames, and decoding ending
-    before the count, are logged as warnings at the end of the iteration.
+    before the count, are logged as warnings at the end of the iteration. The warning counts every
+    frame of the container's count neither decoded nor skipped: reads that failed at the end (a
+    truncated file) and frames that FFmpeg's demuxer dropped without a failed read (a damaged chunk
+    of an AVI). The latter cannot be located (OpenCV's frame position counts decoded frames), so the
+    frames after such a gap come with names and stamps one index early per lost frame.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -255,9 +259,16 @@ class VideoFileSource(FrameSource):
         if skipped:
             logger.warning("video %s: skipped %d undecodable frames (from %d to %d); decoding went on after them",
                            self.path, len(skipped), skipped[0], skipped[-1])
-        if self._count is not None and index < self._count:  # stopped before the end: cut short
-            logger.warning("video %s: decoded %d frames, the container reports %d (truncated or corrupt?)",
-                           self.path, decoded, self._count)
+        # Frames neither decoded nor skipped mid-stream: failed reads at the end (a truncated file,
+        # where the failures take ``index`` up to the count), or frames the demuxer dropped itself
+        # (a damaged chunk of an AVI: reads go on without a failure and every later frame comes one
+        # index early; OpenCV's CAP_PROP_POS_FRAMES and CAP_PROP_PTS count decoded frames, so the
+        # gap cannot be located). Only the total tells.
+        missing = self._count - decoded - len(skipped) if self._count is not None else 0
+        if missing > 0:
+            logger.warning("video %s: decoded %d of the %d frames the container reports, %d missing (truncated or "
+                           "corrupt?); frames lost before the end, if any, shift the names and stamps of the frames "
+                           "after them earlier by as many", self.path, decoded, self._count, missing)
 
     def close(self) -> None:
         """Release every capture still held by an unfinished iteration; idempotent."""

@@ -286,3 +286,51 @@ def test_label_png_rejects_palette_png(tmp_path):
     img.save(tmp_path / "p.png")
     with pytest.raises(ValueError, match="palette"):
         read_label_png(tmp_path / "p.png")
+
+
+def _mjpg_avi(path: Path, frames: int = 20) -> Path:
+    """A ``frames``-frame MJPG AVI (64x48, 10 fps) of distinct noise frames, written with OpenCV."""
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    assert writer.isOpened()
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def test_truncated_video_warns_about_the_frames_lost_at_the_end(tmp_path, caplog):
+    # the container still says 20 frames; reads fail from frame 13 on, up to the reported count,
+    # which had hidden the loss (no frame decoded after the failures, no count left to fall short of)
+    data = _mjpg_avi(tmp_path / "good.avi").read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(cut) as src:
+        assert len(src) == 20
+        frames = [(f.index, f.name) for f in src]
+    assert 5 <= len(frames) < 20
+    assert frames == [(i, f"{i:06d}") for i in range(len(frames))]
+    assert f"decoded {len(frames)} of the 20 frames the container reports, {20 - len(frames)} missing" in caplog.text
+    assert "skipped" not in caplog.text  # no frame decoded after the failed reads: not a skipped stretch
+
+
+def test_frame_dropped_by_the_demuxer_is_reported(tmp_path, caplog):
+    # 3000 bytes zeroed a third into the file: FFmpeg's AVI demuxer loses a frame without a failed
+    # read, so every later frame comes one index early; only the total can tell
+    data = bytearray(_mjpg_avi(tmp_path / "good.avi").read_bytes())
+    third = len(data) // 3
+    data[third : third + 3000] = bytes(3000)
+    damaged = tmp_path / "damaged.avi"
+    damaged.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(damaged) as src:
+        frames = list(src)
+    assert 10 <= len(frames) < 20
+    missing = 20 - len(frames)
+    assert f"decoded {len(frames)} of the 20 frames the container reports, {missing} missing" in caplog.text
+    assert "shift the names and stamps" in caplog.text
+
+
+def test_intact_video_gives_no_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(_mjpg_avi(tmp_path / "a.avi")) as src:
+        assert len(list(src)) == 20
+    assert not caplog.records
