@@ -118,6 +118,24 @@ class CheckpointFile:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def torch_load_checked(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, after checking every member's CRC of
+    torch.save's zip format (``torch.load`` itself reads a file with zeroed bytes inside a
+    tensor, and that weight is silently changed).
+
+    Raises:
+        CheckpointError: a member fails its CRC check. Whatever ``torch.load`` raises on a
+            truncated, foreign or unsafe file.
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            raise CheckpointError(f"corrupt file {path}: member {bad} fails its CRC check")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path: str | Path) -> CheckpointFile:
     """Read a checkpoint once: ``.pth``/``.pt`` with ``weights_only=True``, detectron2 ``.pkl``
     with a numpy-only unpickler.
@@ -133,11 +151,7 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
             with path.open("rb") as f:
                 obj = _NumpyUnpickler(f, encoding="latin1").load()
         else:
-            if zipfile.is_zipfile(path):  # torch.save's format: check every member's CRC first
-                bad = zipfile.ZipFile(path).testzip()
-                if bad is not None:
-                    raise CheckpointError(f"corrupt checkpoint {path}: member {bad} fails its CRC check")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_checked(path)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as exc:  # torch's weights-only refusal, or bytes that are no pickle

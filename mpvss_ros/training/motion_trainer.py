@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,13 +50,18 @@ from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .pairs import FramePairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
-from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, device_description, lr_factor,
-                      no_decay_parameters, resume_run, rng_state, torch_threads)
+from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
+                      lr_factor, no_decay_parameters, resume_run, rng_state, torch_threads)
 
-__all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels"]
+__all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels", "MIN_CROP"]
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = 255
+#: Smallest crop side in pixels. OpenCV DIS, which makes the video pairs' flow targets, refuses
+#: frames under 12 x 12 and kills the process (a segmentation fault) on frames under 16 rows that
+#: are wide (15 x 200; OpenCV 5.1); 16 rows work at every width, 8 columns at every height. The
+#: model pads any crop to a multiple of 32, and a CamVid or synthetic pair trains at 8 x 8.
+MIN_CROP = 16
 
 
 @dataclass
@@ -63,9 +69,11 @@ class MotionTrainOptions:
     """Stage-2 settings.
 
     Attributes:
-        run_dir: output folder (log.jsonl, checkpoints).
+        run_dir: output folder (log.jsonl, checkpoints); one that holds an earlier run only with
+            ``resume`` (:func:`~mpvss_ros.training.trainer.check_run_dir`).
         init_checkpoint: the stage-1 model (this project's format).
-        steps: schedule length; batch_size: pairs per step; crop: (H, W) pixels.
+        steps: schedule length in optimiser steps; batch_size: pairs per step; crop: (H, W)
+            pixels, both >= :data:`MIN_CROP` (padded internally to a multiple of 32).
         lr: AdamW lr of the motion module; head_lr_mult: lr multiplier of class/mask embeddings
             (0 freezes them).
         weight_decay, warmup_steps, poly_power, clip_grad_norm: as stage 1.
@@ -85,7 +93,8 @@ class MotionTrainOptions:
         pseudo_label_confidence: video-target pixels below this confidence are ignored.
         num_points: points per mask in matcher and loss.
         val_every, val_frames: quick check of query_flow at key interval 5 on CamVid val frames
-            (monitoring only, never used to pick checkpoints).
+            every ``val_every`` steps (0 = only at the end, -1 = never) on the first
+            ``val_frames`` frames (monitoring only, never used to pick checkpoints).
         checkpoint_every, threads, seed, max_minutes, progress: as stage 1.
         resume: continue from ``run_dir``'s checkpoint and trainer state.
         max_clip_frames: use only the first frames of each unlabelled clip (tests, debugging).
@@ -128,6 +137,56 @@ class MotionTrainOptions:
     model: str | None = None
     init_motion: str | None = None
     device: str = "auto"
+
+    def validate(self) -> None:
+        """Check every setting's type and range (:func:`train_motion` calls it before any work).
+
+        Ranges: ``steps``, ``batch_size``, ``max_gap``, ``num_points`` >= 1; both ``crop`` sides
+        >= :data:`MIN_CROP` pixels; ``lr``, ``head_lr_mult``, ``weight_decay``, ``poly_power``,
+        ``flow_weight``, ``warmup_steps``, ``val_frames``, ``checkpoint_every``, ``threads``,
+        ``seed`` >= 0; ``val_every`` >= -1; ``video_fraction``, ``synthetic_fraction``,
+        ``synthetic_travel``, ``pseudo_label_confidence`` in [0, 1]; ``clip_grad_norm`` finite;
+        ``max_minutes`` None or > 0; ``max_clip_frames`` None or >= 2 (a video pair needs two
+        frames).
+
+        Raises:
+            ValueError: naming the first bad setting, its range and the value given.
+        """
+        for name in ("steps", "batch_size", "warmup_steps", "max_gap", "num_points", "val_every", "val_frames",
+                     "checkpoint_every", "threads", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("lr", "head_lr_mult", "weight_decay", "poly_power", "clip_grad_norm", "flow_weight",
+                     "video_fraction", "synthetic_fraction", "synthetic_travel", "pseudo_label_confidence"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        crop = tuple(self.crop) if isinstance(self.crop, (tuple, list)) else (self.crop,)
+        if (len(crop) != 2 or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in crop)
+                or min(crop) < MIN_CROP):
+            raise ValueError(f"crop must be (H, W) in pixels with both >= {MIN_CROP} (OpenCV DIS, which makes the "
+                             f"video pairs' flow targets, fails on smaller frames), got {self.crop!r}")
+        at_least = {"steps": 1, "batch_size": 1, "max_gap": 1, "num_points": 1, "warmup_steps": 0, "val_every": -1,
+                    "val_frames": 0, "checkpoint_every": 0, "threads": 0, "seed": 0, "lr": 0, "head_lr_mult": 0,
+                    "weight_decay": 0, "poly_power": 0, "flow_weight": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
+        shares = {"video_fraction": "", "synthetic_fraction": "",
+                  "synthetic_travel": " (the travel_probability of synthetic pairs)", "pseudo_label_confidence": ""}
+        for name, note in shares.items():
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]{note}, got {getattr(self, name)!r}")
+        if self.max_minutes is not None and (isinstance(self.max_minutes, bool)
+                                             or not isinstance(self.max_minutes, numbers.Real)
+                                             or not 0 < self.max_minutes < math.inf):
+            raise ValueError(f"max_minutes must be > 0 (leave it out for no limit), got {self.max_minutes!r}")
+        if self.max_clip_frames is not None and (isinstance(self.max_clip_frames, bool)
+                                                 or not isinstance(self.max_clip_frames, numbers.Integral)
+                                                 or self.max_clip_frames < 2):
+            raise ValueError(f"max_clip_frames must be >= 2, a video pair's two frames (leave it out for whole "
+                             f"clips), got {self.max_clip_frames!r}")
 
 
 @dataclass
@@ -180,11 +239,17 @@ def _quick_val(model: MPVSS, frames: list[np.ndarray], labels: list[np.ndarray])
 
 def _flow_l1(motion_out: Any, sel: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The flow term of one link: mean L1 of the pixel-wise flow and of every query's flow against
-    the (B, 2, h, w) ``target`` on the samples ``sel`` (B bools), in flow-grid pixels."""
-    flows = motion_out.flows
-    gh, gw = flows.shape[-2:]
+    the (B, 2, h, w) ``target`` on the samples ``sel`` (B bools), in flow-grid pixels.
+
+    The model's flow grid covers the crop padded to a multiple of 32, the target's only the crop
+    (``ceil(crop / flow_stride)`` cells): the term compares the cells both cover, the crop's (a
+    crop of 40 pixels has a 5-cell target and an 8-cell model grid at stride 8)."""
+    gh = min(motion_out.flows.shape[-2], target.shape[-2])
+    gw = min(motion_out.flows.shape[-1], target.shape[-1])
+    flows = motion_out.flows[sel][..., :gh, :gw]
+    pixel_flow = motion_out.pixel_flow[sel][..., :gh, :gw]
     tgt = target[sel][..., :gh, :gw]
-    return (motion_out.pixel_flow[sel] - tgt).abs().mean() + (flows[sel] - tgt[:, None]).abs().mean()
+    return (pixel_flow - tgt).abs().mean() + (flows - tgt[:, None]).abs().mean()
 
 
 def _chained_flows(model: MPVSS, samples: list[Any], key: torch.Tensor, query_init: torch.Tensor,
@@ -230,13 +295,25 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
     """Stage-2 training (see the module docstring). Writes ``checkpoint_last.pt`` and, at the end
     of the schedule, ``model_final.pt`` in this project's checkpoint format.
 
+    The options (:meth:`MotionTrainOptions.validate`) and the run folder
+    (:func:`~mpvss_ros.training.trainer.check_run_dir`) are checked before any work: nothing is
+    created or loaded when they are refused.
+
     Raises:
-        FileNotFoundError: missing CamVid data or stage-1 checkpoint.
-        CheckpointError: a checkpoint that does not match the model.
+        ValueError: a bad option; without ``resume``, a run folder that holds an earlier run; with
+            ``resume``, a damaged trainer state or checkpoint and state of different steps; a
+            stage-1 checkpoint without a stored model config and no ``model`` (``--model``).
+        FileNotFoundError: missing CamVid data; with ``resume``, a missing run folder, checkpoint
+            or trainer state.
+        CheckpointError: a missing or damaged stage-1 checkpoint, or one that does not match the
+            model.
     """
     opts = options or MotionTrainOptions(**kwargs)
     if options is not None and kwargs:
         opts = dataclasses.replace(options, **kwargs)
+    opts.validate()
+    opts = dataclasses.replace(opts, crop=(int(opts.crop[0]), int(opts.crop[1])))
+    check_run_dir(opts.run_dir, opts.resume)  # before the pseudo-labelling, which takes minutes
     with torch_threads(opts.threads):
         return _train(opts)
 
@@ -244,13 +321,13 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
 def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     synthetic_motion = SyntheticMotion(travel_probability=opts.synthetic_travel)  # checks the range first
     run_dir = Path(opts.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if opts.model is not None:
         cfg = load_model_config(opts.model)
     else:
         stored = read_model_config(opts.init_checkpoint)
         if stored is None:
-            raise ValueError(f"{opts.init_checkpoint} has no stored model config: pass model=")
+            raise ValueError(f"--init-checkpoint {opts.init_checkpoint} stores no model config: give --model NAME "
+                             f"(a model name under config/models or a YAML file) for the model its weights fit")
         cfg = model_config_from_dict(stored)
     device = select_device(opts.device)
     torch.manual_seed(opts.seed)
@@ -338,6 +415,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         torch.manual_seed(opts.seed + 1)
 
     result = MotionTrainResult(run_dir, start, False, model_path)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2))
     hp = int(math.ceil(opts.crop[0] / 32) * 32)
     wp = int(math.ceil(opts.crop[1] / 32) * 32)

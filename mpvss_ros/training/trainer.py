@@ -34,7 +34,10 @@ Batches are a pure function of (seed, step): epoch e uses the permutation
 :class:`CamVidFrames`; with the torch RNG state (random points of the matcher and the loss)
 stored in the trainer state, ``resume=True`` continues exactly where a run stopped.
 
-Run directory contents:
+Run directory: a folder that already holds a run (checkpoint, trainer state, final model or a
+non-empty log) is refused unless ``resume`` is asked for, and ``resume`` needs the checkpoint and
+the trainer state, readable and at one step; both are checked before any expensive work
+(:func:`check_run_dir`, shared with stage 2). Contents:
 
 * ``options.json``: the options of the (last) run; ``model_config.json``;
 * ``log.jsonl``: one JSON object per training step (``step``, ``loss``, final-layer
@@ -72,7 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..checkpoints import load_checkpoint, save_checkpoint
+from ..checkpoints import load_checkpoint, read_checkpoint, save_checkpoint, torch_load_checked
 from ..config import ModelConfig, load_model_config
 from ..evaluation.metrics import ConfusionMatrix
 from ..io.samples import shared_data_dir
@@ -122,7 +125,7 @@ class TrainOptions:
     """Everything that defines a stage-1 run (CLI flags in brackets; see :func:`add_train_arguments`).
 
     Attributes:
-        run_dir: output folder [--run-dir] (created).
+        run_dir: output folder [--run-dir] (created; one that holds an earlier run only with ``resume``).
         model: model name under ``config/models`` or a YAML file [--model].
         steps: length of the schedule in optimiser steps [--steps].
         batch_size: images per step [--batch-size].
@@ -459,37 +462,149 @@ def check_same_step(meta: dict[str, Any], state: dict[str, Any], model_path: Pat
     Raises:
         ValueError: naming both files and their steps.
     """
-    if int(meta.get("step", -1)) != int(state["step"]):
+    try:
+        same = int(meta.get("step", -1)) == int(state["step"])
+    except (TypeError, ValueError):
+        same = False
+    if not same:
         raise ValueError(f"resume: {model_path} is at step {meta.get('step')} but {state_path} at step "
                          f"{state['step']} (interrupted while saving?)")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's first line (torch's messages can span many)."""
+    return (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
+
+
+#: Files that make a folder an earlier run's: training into it without ``resume`` would overwrite
+#: them (or, for the log, mix two runs' records). An empty log (a run that failed before its
+#: first step) holds nothing and does not count.
+RUN_FILES = (MODEL_FILE, STATE_FILE, FINAL_FILE, LOG_FILE)
+_STATE_KEYS = ("step", "optimizer", "scheduler", "torch_rng")
+
+
+def check_run_dir(run_dir: str | Path, resume: bool) -> None:
+    """Up-front checks of a run folder (both training stages), before any expensive work; creates
+    and changes nothing.
+
+    Without ``resume`` the folder must not hold an earlier run (a :data:`RUN_FILES` file; an empty
+    ``log.jsonl`` does not count): training would overwrite its checkpoints and mix two runs in
+    its log. With ``resume`` the folder must hold a run to continue: :data:`MODEL_FILE` and
+    :data:`STATE_FILE`, readable (:func:`read_trainer_state`, ``read_checkpoint``) and at the same
+    step (:func:`check_same_step`).
+
+    Raises:
+        ValueError: ``run_dir`` is not a folder; without ``resume``, it holds an earlier run
+            (the message names the folder and says to pass ``--resume`` or choose another
+            ``--run-dir``); with ``resume``, a damaged trainer state or the two files at
+            different steps.
+        FileNotFoundError: with ``resume``, the folder or either file missing.
+        mpvss_ros.checkpoints.CheckpointError: with ``resume``, a damaged model file.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} is a file, not a folder: choose another --run-dir")
+    if not resume:
+        found = [name for name in RUN_FILES if (run_dir / name).exists()
+                 and not (name == LOG_FILE and (run_dir / name).is_file() and (run_dir / name).stat().st_size == 0)]
+        if found:
+            raise ValueError(f"run folder {run_dir} already holds a run ({', '.join(found)}): pass --resume to "
+                             f"continue it, or choose another --run-dir")
+        return
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"resume: run folder {run_dir} does not exist")
+    model_path, state_path = run_dir / MODEL_FILE, run_dir / STATE_FILE
+    missing = [p.name for p in (model_path, state_path) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"resume: {run_dir} has no {' and no '.join(missing)} ({MODEL_FILE} and "
+                                f"{STATE_FILE} are both needed)")
+    state = read_trainer_state(state_path)
+    check_same_step(read_checkpoint(model_path).meta, state, model_path, state_path)
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """Read and check a :data:`STATE_FILE` (``torch.load(weights_only=True)``).
+
+    Returns:
+        the state dict: ``step`` (int >= 0), ``optimizer`` and ``scheduler`` (state dicts),
+        ``torch_rng`` (uint8 tensor), optionally ``cuda_rng`` and ``options``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line naming the file and what is wrong: unreadable (truncated, corrupt,
+            not a torch file), not a dict, a missing entry or an entry of the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: trainer state {path} not found")
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"resume: damaged trainer state {path}: {what} (restore it, or train anew in another "
+                          f"--run-dir)")
+
+    try:
+        state = torch_load_checked(path)
+    except Exception as exc:  # a failed CRC, truncated zip, not a torch file, disallowed globals, ...
+        raise bad(f"cannot read it ({type(exc).__name__}: {_first_line(exc)})") from exc
+    if not isinstance(state, dict):
+        raise bad(f"it holds a {type(state).__name__}, not a dict")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise bad(f"missing {', '.join(repr(k) for k in missing)}")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad(f"'step' must be an integer >= 0, got {step!r}")
+    opt = state["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        raise bad("'optimizer' is not an optimizer state dict")
+    if not isinstance(state["scheduler"], dict):
+        raise bad(f"'scheduler' is a {type(state['scheduler']).__name__}, not a dict")
+    for key in ("torch_rng", "cuda_rng"):
+        rng = state.get(key)
+        if key in state and not (isinstance(rng, Tensor) and rng.dtype == torch.uint8 and rng.dim() == 1):
+            raise bad(f"{key!r} is not a random-generator state (1-D uint8 tensor)")
+    if not isinstance(state.get("options") or {}, dict):
+        raise bad(f"'options' is a {type(state['options']).__name__}, not a dict")
+    return state
 
 
 def resume_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> tuple[int, dict[str, Any]]:
     """Restore a run from ``run_dir`` (``--resume``, both training stages): the model from
     :data:`MODEL_FILE`, the optimizer, LR schedule and RNG from :data:`STATE_FILE`; the learning
-    rate is re-synced to the step and :data:`LOG_FILE` cut back to it.
+    rate is re-synced to the step and :data:`LOG_FILE` cut back to it. Callers check the folder
+    first with :func:`check_run_dir` (before their expensive work); this checks again.
 
     Returns:
         ``(step, state)``: the step to continue from and the trainer state dict (its
         ``"options"`` are the run's earlier options, where saved).
 
     Raises:
-        FileNotFoundError: either file missing. ValueError: the two files are at different steps
+        FileNotFoundError: either file missing. ValueError: a damaged trainer state
+            (:func:`read_trainer_state`), one that does not fit ``optimizer``/``scheduler`` (for
+            example other trainable parameters) or the two files at different steps
             (:func:`check_same_step`). :class:`~mpvss_ros.checkpoints.CheckpointError`: a damaged
             or foreign model file.
     """
     model_path, state_path = run_dir / MODEL_FILE, run_dir / STATE_FILE
     if not model_path.is_file() or not state_path.is_file():
         raise FileNotFoundError(f"resume: {model_path} and {state_path} are both needed")
+    state = read_trainer_state(state_path)
     meta = load_checkpoint(model, model_path)
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
     check_same_step(meta, state, model_path, state_path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise ValueError(f"resume: the optimizer state in {state_path} does not fit this run ({type(exc).__name__}: "
+                         f"{_first_line(exc)}): were the trainable parameters changed?") from exc
     step = int(state["step"])
     sync_lr(optimizer, scheduler, step)
-    restore_rng_state(state, device)
+    try:
+        restore_rng_state(state, device)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"resume: damaged trainer state {state_path}: its random-generator state does not load "
+                         f"({type(exc).__name__}: {_first_line(exc)})") from exc
     truncate_log(run_dir / LOG_FILE, step)
     log.info("resumed %s at step %d", run_dir, step)
     return step, state
@@ -536,8 +651,10 @@ def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> Train
         :class:`TrainResult`.
 
     Raises:
-        ValueError: bad options; ``resume`` with an inconsistent run folder.
-        FileNotFoundError: missing data, ImageNet weights or (with ``resume``) checkpoint files.
+        ValueError: bad options; without ``resume``, a run folder that holds an earlier run; with
+            ``resume``, an inconsistent run folder or a damaged trainer state (:func:`check_run_dir`).
+        FileNotFoundError: missing data, ImageNet weights or (with ``resume``) run folder or
+            checkpoint files.
         mpvss_ros.checkpoints.CheckpointError: a checkpoint that does not match the model.
     """
     if options is None:
@@ -547,6 +664,7 @@ def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> Train
     opts = dataclasses.replace(options, crop=(int(options.crop[0]), int(options.crop[1])),
                                scale=(float(options.scale[0]), float(options.scale[1])))
     opts.validate()
+    check_run_dir(opts.run_dir, opts.resume)  # before the model is built and the data read
     with torch_threads(opts.threads):
         return _train(opts)
 
@@ -595,7 +713,6 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def _train(opts: TrainOptions) -> TrainResult:
     run_dir = Path(opts.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_model_config(opts.model)
     device = select_device(opts.device)
     model = _build_model(opts, cfg, initialise=not opts.resume).to(device)
@@ -635,6 +752,7 @@ def _train(opts: TrainOptions) -> TrainResult:
     for p in model.motion.parameters():  # the checkpoint load keeps requires_grad, but be explicit
         p.requires_grad_(False)
 
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     (run_dir / "options.json").write_text(json.dumps(_options_dict(opts), indent=2, default=_json_default))
     (run_dir / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 

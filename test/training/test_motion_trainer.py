@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -342,3 +343,140 @@ def test_train_motion_logs_the_rate_each_step_used(motion_run):
     lrs = [r["lr"] for r in log_lines if "loss" in r]
     base = json.loads((run_dir / "options.json").read_text())["lr"]
     assert lrs[0] == pytest.approx(base) and lrs == sorted(lrs, reverse=True) and lrs[-1] > 0
+
+
+# --------------------------------------------------------------------------- options and run folder, up front
+
+BAD_OPTIONS = [
+    ({"steps": 0}, "steps must be >= 1, got 0"),  # was a ZeroDivisionError in lr_factor
+    ({"steps": -1}, "steps must be >= 1, got -1"),  # was exit 0, "finished", the initial model
+    ({"steps": 2.5}, "steps must be an integer"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),  # was a RuntimeError
+    ({"crop": (8, 8)}, r"crop must be \(H, W\) in pixels with both >= 16"),  # was a cv2.error from DIS
+    ({"crop": (15, 200)}, "both >= 16"),  # a segmentation fault in DIS
+    ({"crop": (200, 15)}, "both >= 16"),
+    ({"crop": (32,)}, "crop must be"),
+    ({"video_fraction": 2.0}, r"video_fraction must be in \[0, 1\], got 2.0"),
+    ({"synthetic_fraction": -0.1}, r"synthetic_fraction must be in \[0, 1\]"),
+    ({"synthetic_travel": 1.5}, "travel_probability"),
+    ({"pseudo_label_confidence": 5.0}, r"pseudo_label_confidence must be in \[0, 1\]"),
+    ({"max_gap": 0}, "max_gap must be >= 1"),
+    ({"num_points": 0}, "num_points must be >= 1"),
+    ({"lr": -1e-4}, "lr must be >= 0"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"head_lr_mult": -1.0}, "head_lr_mult must be >= 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+    ({"poly_power": -0.9}, "poly_power must be >= 0"),
+    ({"flow_weight": -1.0}, "flow_weight must be >= 0"),
+    ({"clip_grad_norm": float("inf")}, "clip_grad_norm must be a finite number"),
+    ({"val_every": -2}, "val_every must be >= -1"),
+    ({"val_frames": -1}, "val_frames must be >= 0"),
+    ({"checkpoint_every": -1}, "checkpoint_every must be >= 0"),
+    ({"threads": -1}, "threads must be >= 0"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"max_minutes": 0.0}, "max_minutes must be > 0"),
+    ({"max_clip_frames": 1}, "max_clip_frames must be >= 2"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_OPTIONS, ids=[str(c) for c, _ in BAD_OPTIONS])
+def test_train_motion_refuses_a_bad_option_before_any_work(tmp_path, change, message):
+    # the init checkpoint does not exist: a run that got past the options would fail on it instead
+    opts = dataclasses.replace(_options(tmp_path / "run", tmp_path / "missing.pt", 2), **change)
+    with pytest.raises(ValueError, match=message):
+        opts.validate()
+    with pytest.raises(ValueError, match=message):
+        train_motion(opts)
+    assert not (tmp_path / "run").exists()
+
+
+def test_motion_options_accept_the_defaults_and_the_smallest_crop():
+    MotionTrainOptions(run_dir="r", init_checkpoint="c.pt").validate()
+    MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", crop=(16, 16), lr=0.0, head_lr_mult=0.0, val_every=-1,
+                       flow_weight=0.0, warmup_steps=0, max_clip_frames=2, max_minutes=0.5, threads=0).validate()
+
+
+def test_cli_train_motion_bad_option_is_one_error_line(tmp_path, capsys):
+    from mpvss_ros.cli import main
+
+    code = main(["train", "motion", "--run-dir", str(tmp_path / "run"), "--init-checkpoint", str(tmp_path / "c.pt"),
+                 "--threads", "1", "--steps", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "mpvss: error: steps must be >= 1, got 0\n"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoint_last.pt", "trainer_state.pt", "model_final.pt", "log.jsonl"])
+def test_train_motion_into_an_earlier_run_is_refused_before_any_work(tmp_path, name):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_bytes(b'{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=f"run folder {re.escape(str(run))} already holds a run .*--resume.*--run-dir"):
+        train_motion(_options(run, tmp_path / "missing.pt", 2))
+    assert sorted(p.name for p in run.iterdir()) == [name]
+    assert (run / name).read_bytes() == b'{"step": 1, "loss": 1.0}\n'
+
+
+def test_train_motion_resume_of_a_missing_folder_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume: run folder .* does not exist"):
+        train_motion(_options(tmp_path / "nope", tmp_path / "missing.pt", 2, resume=True))
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("state, message", [({"step": 3}, "missing 'optimizer'"), ([1, 2], "it holds a list"),
+                                            (b"truncated", "cannot read it")])
+def test_train_motion_resume_refuses_a_damaged_state_before_any_work(lite_checkpoint, tmp_path, state, message):
+    # found before the pseudo-labelling (minutes on the whole clips); it had been a KeyError or
+    # TypeError after it
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(lite_checkpoint, run / "checkpoint_last.pt")
+    if isinstance(state, bytes):
+        torch.save({"step": 3, "optimizer": {"state": {}, "param_groups": []}}, run / "trainer_state.pt")
+        data = (run / "trainer_state.pt").read_bytes()
+        (run / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    else:
+        torch.save(state, run / "trainer_state.pt")
+    state_file = re.escape(str(run / "trainer_state.pt"))
+    with pytest.raises(ValueError, match=f"damaged trainer state {state_file}: {message}"):
+        train_motion(_options(run, lite_checkpoint, 4, resume=True))
+
+
+def test_train_motion_checkpoint_without_config_names_the_model_option(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(1)}, plain)  # weights only, no stored model config
+    with pytest.raises(ValueError, match="stores no model config: give --model NAME"):
+        train_motion(_options(tmp_path / "run", plain, 1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_flow_term_compares_the_cells_of_the_crop():
+    """A crop that is no multiple of 32: the model's flow grid covers the padded crop (8 cells for
+    33..64 pixels at stride 8), the DIS target only the crop (5 cells for 40 pixels); the term had
+    been a RuntimeError (sizes 8 and 5)."""
+    from types import SimpleNamespace
+
+    from mpvss_ros.training.motion_trainer import _flow_l1
+
+    g = torch.Generator().manual_seed(0)
+    flows, pixel = torch.randn(2, 3, 2, 8, 8, generator=g), torch.randn(2, 2, 8, 8, generator=g)
+    target = torch.randn(2, 2, 5, 5, generator=g)
+    sel = torch.tensor([True, False])
+    got = _flow_l1(SimpleNamespace(flows=flows, pixel_flow=pixel), sel, target)
+    want = ((pixel[:1, :, :5, :5] - target[:1]).abs().mean()
+            + (flows[:1, :, :, :5, :5] - target[:1, None]).abs().mean())
+    torch.testing.assert_close(got, want)
+    same = _flow_l1(SimpleNamespace(flows=flows, pixel_flow=pixel), sel, torch.zeros(2, 2, 8, 8))
+    torch.testing.assert_close(same, pixel[:1].abs().mean() + flows[:1].abs().mean())
+
+
+def test_train_motion_trains_at_the_smallest_crop(needs_data, lite_checkpoint, tmp_path):
+    """16 x 16, the smallest crop validate() allows: video pairs (DIS targets, chained) and synthetic
+    pairs train, with the flow term on the crop's 2 x 2 cells of a 4 x 4 model grid."""
+    opts = dataclasses.replace(_options(tmp_path / "run", lite_checkpoint, 2), crop=(16, 16), video_fraction=1.0,
+                               synthetic_fraction=0.5, chain_training=True, max_gap=2, max_clip_frames=4,
+                               val_every=-1, num_points=64)
+    result = train_motion(opts)
+    records = _step_records(tmp_path / "run")
+    assert result.finished and all(np.isfinite(r["loss"]) and r["loss_flow"] > 0 for r in records)

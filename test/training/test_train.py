@@ -1,6 +1,7 @@
 """CamVid data pipeline and a few real stage-1 training steps (skipped without shared data)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -225,3 +226,152 @@ def test_no_weight_decay_for_norms_and_embeddings_only():
     for name in ("motion.decoder.input_proj.0.bias", "motion.encoder.conv1.0.conv.bias",
                  "motion.decoder.input_proj.0.weight"):
         assert id(named[name]) not in skip, name
+
+
+# --------------------------------------------------------------------------- run folders and resume
+
+def _no_data_opts(run_dir, **kw):
+    """Options whose run fails at once on its data (a missing CamVid root, no ImageNet file): a test
+    that expects a refusal before any work fails if the run gets as far as the data."""
+    return _opts(run_dir, data_root=str(run_dir.parent / "no_camvid"), imagenet_weights="none", **kw)
+
+
+def _fake_run(run_dir, **files):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (run_dir / name.replace("__", ".")).write_bytes(content)
+    return run_dir
+
+
+@pytest.mark.parametrize("name", ["checkpoint_last.pt", "trainer_state.pt", "model_final.pt", "log.jsonl"])
+def test_training_into_an_earlier_run_is_refused_before_any_work(tmp_path, name):
+    # the second run had overwritten the first one's checkpoints and appended to its log
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_bytes(b'{"step": 1, "loss": 1.0}\n')
+    refused = rf"run folder {re.escape(str(run))} already holds a run \({re.escape(name)}\): pass --resume"
+    with pytest.raises(ValueError, match=refused + " to continue it, or choose another --run-dir"):
+        train_segmentor(_no_data_opts(run))
+    assert sorted(p.name for p in run.iterdir()) == [name]
+    assert (run / name).read_bytes() == b'{"step": 1, "loss": 1.0}\n'
+
+
+def test_an_empty_log_is_no_earlier_run(tmp_path):
+    # a run that failed before its first step leaves an empty log: starting again there is fine
+    from mpvss_ros.training.trainer import check_run_dir
+
+    run = _fake_run(tmp_path / "run", log__jsonl=b"", options__json=b"{}")
+    check_run_dir(run, resume=False)
+    check_run_dir(tmp_path / "new", resume=False)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_run_dir(run / "options.json", resume=False)
+
+
+def test_resume_of_a_missing_run_folder_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"resume: run folder {re.escape(str(tmp_path / 'nope'))} does not"):
+        train_segmentor(_no_data_opts(tmp_path / "nope", resume=True))
+    assert not (tmp_path / "nope").exists()
+    run = _fake_run(tmp_path / "run", checkpoint_last__pt=b"x")
+    with pytest.raises(FileNotFoundError, match="has no trainer_state.pt"):
+        train_segmentor(_no_data_opts(run, resume=True))
+
+
+def _real_state(step=3):
+    """A trainer state as the trainers write it (the optimizer of a small linear model)."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return model, {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                   **rng_state(torch.device("cpu")), "options": {}}
+
+
+def _damage(path, kind):
+    """Write a damaged trainer state of one kind to ``path``."""
+    _, state = _real_state()
+    if kind == "truncated":
+        torch.save(state, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "not torch":
+        path.write_bytes(b"hello world" * 10)
+    elif kind == "list":
+        torch.save([1, 2], path)
+    elif kind == "no optimizer":
+        torch.save({"step": 3}, path)
+    elif kind == "step str":
+        torch.save({**state, "step": "3"}, path)
+    elif kind == "optimizer list":
+        torch.save({**state, "optimizer": [1]}, path)
+    elif kind == "rng float":
+        torch.save({**state, "torch_rng": torch.zeros(4)}, path)
+
+
+DAMAGE = {"truncated": "cannot read it", "not torch": "cannot read it", "list": "it holds a list, not a dict",
+          "no optimizer": "missing 'optimizer', 'scheduler', 'torch_rng'", "step str": "'step' must be an integer",
+          "optimizer list": "'optimizer' is not an optimizer state dict", "rng float": "'torch_rng' is not a random"}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_resume_run_names_a_damaged_trainer_state(tmp_path, kind):
+    # a truncated file was torch.load's RuntimeError, {'step': 3} a KeyError, a list a TypeError
+    from mpvss_ros.checkpoints import save_checkpoint
+    from mpvss_ros.training.trainer import resume_run
+
+    model, state = _real_state()
+    save_checkpoint(tmp_path / "checkpoint_last.pt", model, {}, meta={"step": 3})
+    _damage(tmp_path / "trainer_state.pt", kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state_file = re.escape(str(tmp_path / "trainer_state.pt"))
+    with pytest.raises(ValueError, match=f"damaged trainer state {state_file}: {DAMAGE[kind]}"):
+        resume_run(tmp_path, model, opt, sched, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "no optimizer", "list"])
+def test_resume_with_a_damaged_trainer_state_is_refused_before_any_work(tmp_path, kind):
+    run = _fake_run(tmp_path / "run", checkpoint_last__pt=b"not read: the state is checked first")
+    _damage(run / "trainer_state.pt", kind)
+    state_file = re.escape(str(run / "trainer_state.pt"))
+    with pytest.raises(ValueError, match=f"damaged trainer state {state_file}: {DAMAGE[kind]}"):
+        train_segmentor(_no_data_opts(run, resume=True))
+
+
+def test_resume_run_names_a_state_of_other_parameters(tmp_path):
+    from mpvss_ros.checkpoints import save_checkpoint
+    from mpvss_ros.training.trainer import resume_run
+
+    model, state = _real_state()
+    save_checkpoint(tmp_path / "checkpoint_last.pt", model, {}, meta={"step": 3})
+    torch.save(state, tmp_path / "trainer_state.pt")
+    groups = [{"params": [model.weight]}, {"params": [model.bias]}]  # two groups where the state has one
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state_file = re.escape(str(tmp_path / "trainer_state.pt"))
+    with pytest.raises(ValueError, match=f"optimizer state in {state_file} does not fit"):
+        resume_run(tmp_path, model, opt, sched, torch.device("cpu"))
+
+
+@needs_data
+def test_cli_second_run_into_a_run_folder_is_refused_and_keeps_the_first(tmp_path, capsys):
+    """The reviewer's repro: the same command twice had exited 0 with a log of steps 1, 2, 1, 2."""
+    from mpvss_ros.cli import main
+
+    args = ["train", "segmentor", "--no-progress", "--device", "cpu", "--threads", "1", "--batch-size", "1",
+            "--crop", "64", "64", "--num-points", "64", "--val-every", "-1", "--imagenet-weights", "none",
+            "--train-files", FILES[0], "--run-dir", str(tmp_path / "x"), "--steps", "2"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mpvss: error: run folder {tmp_path / 'x'} already holds a run") and "--resume" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "x").iterdir()} == before
+    steps = [json.loads(x)["step"] for x in (tmp_path / "x" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert main(args[:-1] + ["3", "--resume"]) == 0  # the way to go on
+    steps = [json.loads(x)["step"] for x in (tmp_path / "x" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
