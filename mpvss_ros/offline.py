@@ -35,7 +35,7 @@ from .io.video import VideoWriter, open_source, write_label_png
 from .model_loader import LoadedModel
 from .propagation import build_propagator
 from .scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
-from .segmenter import SegmentationResult, VideoSegmenter
+from .segmenter import NonFiniteOutputError, SegmentationResult, VideoSegmenter
 from .viz import frame_tag, make_palette, overlay
 
 __all__ = ["EngineOptions", "SegmentOptions", "check_out_dir", "segment_path", "summarize"]
@@ -256,6 +256,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     _prepare_out_dir(input_path, out)
 
     records: list[dict[str, Any]] = []
+    non_finite: list[str] = []  # frames whose logits were NaN / infinite (skipped)
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     t_start = time.perf_counter()
     with open_source(input_path, fps=options.fps) as source, open(out / "frames.jsonl", "w") as jsonl:
@@ -265,7 +266,12 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
             for frame in tqdm(source, total=total, unit="frame", disable=not options.progress, desc="mpvss segment"):
                 if options.max_frames is not None and len(records) >= options.max_frames:
                     break
-                result = segmenter.push(frame.image, frame.stamp)
+                try:
+                    result = segmenter.push(frame.image, frame.stamp)
+                except NonFiniteOutputError as exc:  # no labels rather than all-class-0 ones
+                    non_finite.append(frame.name)
+                    log.warning("frame %s skipped: %s", frame.name, exc)
+                    continue
                 record = {"name": frame.name, "source_index": frame.index, **result.to_record()}
                 records.append(record)
                 jsonl.write(json.dumps(record) + "\n")
@@ -282,13 +288,15 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                 writer.close()
     wall = time.perf_counter() - t_start
     if not records:
-        raise ValueError(f"no frame could be read from {input_path}")
+        raise ValueError(f"no frame could be read from {input_path}" if not non_finite else
+                         f"every frame of {input_path} gave NaN or infinite logits: broken weights or model configuration?")
 
     summary = {
         "input": str(input_path),
         "overlay": str(out / "overlay.mp4") if writer is not None and writer.written else None,
         **options.run_settings(loaded, segmenter),
         "class_names": cfg.class_names,
+        "skipped_non_finite": non_finite,
         "wall_time_s": wall,
         "fps": len(records) / wall if wall > 0 else None,
         **summarize(records, cfg.num_classes, class_pixels),

@@ -41,7 +41,7 @@ from .scheduling import KeyFrameScheduler, ScheduleDecision
 if TYPE_CHECKING:
     from .runtime.base import Backend
 
-__all__ = ["FrameError", "SegmentationResult", "VideoSegmenter", "Letterbox", "argmax_of_upsampled", "canvas_tensor",
+__all__ = ["FrameError", "NonFiniteOutputError", "SegmentationResult", "VideoSegmenter", "Letterbox", "argmax_of_upsampled", "canvas_tensor",
            "check_frame", "class_masks_from_labels"]
 
 #: Classes resized per chunk in post-processing (bounds memory: chunk x H x W float32).
@@ -203,6 +203,11 @@ def _best_class(scores: torch.Tensor, lb: Letterbox) -> tuple[torch.Tensor, torc
 
 class FrameError(ValueError):
     """A frame cannot be segmented (wrong type, dtype, shape, or an empty image)."""
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model gave NaN or infinite logits (diverged weights, an fp16 overflow in an engine):
+    every pixel would otherwise get class 0 and look like a real segmentation."""
 
 
 def check_frame(image: Any) -> np.ndarray:
@@ -411,6 +416,9 @@ class VideoSegmenter:
         Raises:
             FrameError: on a frame that is not (H, W, 3) uint8 with H, W >= 1, or a non-finite
                 stamp (state untouched).
+            NonFiniteOutputError: NaN or infinite logits from the model or the propagation
+                (labels from them would all be class 0); the segmenter is reset, so the next
+                frame is a key frame.
             Exception: whatever the backend raises on a key frame (e.g. out of memory); the
                 segmenter is then reset, so the next frame is a key frame.
         """
@@ -448,6 +456,10 @@ class VideoSegmenter:
                 # previous key frame across what may be a cut.
                 self.reset()
                 raise
+            if not (torch.isfinite(key.class_logits).all() and torch.isfinite(key.mask_logits).all()):
+                self.reset()
+                raise NonFiniteOutputError(f"the key frame's class or mask logits hold NaN or infinite values "
+                                           f"(frame {self._frame_index}); nothing is published for it")
             # Padding filled: warps clamp to the valid area's edge (KeyFrameState.with_padding_filled).
             self._key = key.with_active_queries(self._min_query_score).with_padding_filled()
             self._key_letterbox = letterbox
@@ -458,6 +470,10 @@ class VideoSegmenter:
         else:
             assert self._key is not None
             mask_logits = self.propagator.propagate(self._key, tensor)
+            if not torch.isfinite(mask_logits).all():
+                self.reset()
+                raise NonFiniteOutputError(f"the propagated mask logits hold NaN or infinite values (frame "
+                                           f"{self._frame_index}, {self.propagator.name}); the next frame is a key frame")
             timings["propagation"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()

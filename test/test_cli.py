@@ -196,6 +196,34 @@ def test_segment_image_folder_camvid(camvid_val, tmp_path, capsys):
     _check_folder_run(out, [f.stem for f in files], (360, 480), 30.0, 5)
 
 
+def test_frames_with_non_finite_logits_are_skipped_and_listed(tmp_path, capsys, monkeypatch):
+    """A frame whose logits are NaN is left out (not written as all class 0) and named in the
+    summary; a run where every frame is is an error."""
+    from mpvss_ros.segmenter import NonFiniteOutputError, VideoSegmenter
+
+    rng = np.random.default_rng(1)
+    stems = ["f0", "f1", "f2"]
+    _write_folder(tmp_path / "frames", {s: rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for s in stems})
+    real = VideoSegmenter.push
+
+    def push(self, image, stamp):
+        if round(stamp * 30) == 1:
+            self.reset()
+            raise NonFiniteOutputError("the key frame's class or mask logits hold NaN or infinite values")
+        return real(self, image, stamp)
+
+    monkeypatch.setattr(VideoSegmenter, "push", push)
+    out = tmp_path / "out"
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy", "--schedule", "fixed:1") == 0
+    assert sorted(p.stem for p in (out / "labels").iterdir()) == ["f0", "f2"]
+    assert json.loads((out / "summary.json").read_text())["skipped_non_finite"] == ["f1"]
+    monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp: (_ for _ in ()).throw(
+        NonFiniteOutputError("NaN")))
+    capsys.readouterr()
+    assert _segment(tmp_path / "frames", tmp_path / "out2") == 2
+    assert "every frame of" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ errors
 
 

@@ -7,6 +7,7 @@ test needs labels that follow the image (several classes, real boundaries) it us
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -217,6 +218,45 @@ def test_reset_forces_key_frame(band_model):
     seg.reset()
     r = seg.push(img, 0.3)
     assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index, r.frame_index) == (True, "reset", 3, 3)
+
+
+def test_reset_with_a_reason(band_model):
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    seg.reset(reason="frame_id_change")  # before any frame: still the first
+    assert seg.push(img, 0.0).key_frame_reason == "first"
+    seg.reset(reason="frame_id_change")
+    assert seg.push(img, 0.1).key_frame_reason == "frame_id_change"
+
+
+@pytest.mark.parametrize("where", ["class_logits", "mask_logits", "propagation"])
+def test_non_finite_logits_raise_instead_of_labelling_everything_class_0(band_model, monkeypatch, where):
+    """NaN logits (diverged weights, an fp16 overflow) gave labels of class 0 everywhere, published
+    as a segmentation; now the frame raises and the next one is a key frame."""
+    from mpvss_ros.segmenter import NonFiniteOutputError
+
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    assert seg.push(img, 0.0).is_key_frame
+    if where == "propagation":
+        real = seg.propagator.propagate
+        monkeypatch.setattr(seg.propagator, "propagate", lambda key, frame: real(key, frame) * float("nan"))
+    else:
+        real = band_model.segment_key_frame
+
+        def poisoned(*args, **kwargs):
+            key = real(*args, **kwargs)
+            bad = getattr(key, where).clone()
+            bad.view(-1)[0] = float("inf") if where == "class_logits" else float("nan")
+            return key._replace(**{where: bad}) if hasattr(key, "_replace") else dataclasses.replace(key, **{where: bad})
+
+        monkeypatch.setattr(band_model, "segment_key_frame", poisoned)
+        seg.reset()
+    with pytest.raises(NonFiniteOutputError, match="NaN or infinite"):
+        seg.push(img, 0.1)
+    monkeypatch.undo()
+    r = seg.push(img, 0.2)
+    assert r.is_key_frame and r.key_frame_reason == "reset"
 
 
 def test_replace_swaps_propagation_and_schedule_from_a_key_frame(band_model):

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ..config import default_class_names
 from ..model_loader import LoadedModel
 from ..offline import EngineOptions, summarize
-from ..segmenter import FrameError
+from ..segmenter import FrameError, NonFiniteOutputError
 from ..viz import make_palette
 from .conversions import (
     ConversionError,
@@ -370,6 +370,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                         continue
                     except FrameError as exc:
                         skip("frame", index, stamp_ns, exc)
+                        continue
+                    except NonFiniteOutputError as exc:
+                        skip("non_finite", index, stamp_ns, exc)
                         continue
                     header = msg.header
                     if result.is_key_frame:  # as the node: with each key frame (the first frame is one)

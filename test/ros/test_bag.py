@@ -407,6 +407,25 @@ def test_a_run_that_fails_midway_leaves_no_output(ts, tmp_path, frames, band_loa
     assert summary["written"] == 4  # the rerun is not blocked
 
 
+def test_frames_with_non_finite_logits_are_skipped_and_counted(ts, tmp_path, frames, band_loaded, monkeypatch):
+    from mpvss_ros.segmenter import NonFiniteOutputError
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:3]))
+    real, calls = VideoSegmenter.push, []
+
+    def push(self, image, stamp):
+        calls.append(stamp)
+        if len(calls) == 2:
+            self.reset()
+            raise NonFiniteOutputError("the propagated mask logits hold NaN or infinite values")
+        return real(self, image, stamp)
+
+    monkeypatch.setattr(VideoSegmenter, "push", push)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(propagator="copy", progress=False))
+    assert summary["written"] == 2 and summary["skipped_by_reason"] == {"non_finite": 1}
+
+
 def test_namespaces():
     assert normalize_namespace("/mpvss") == normalize_namespace("mpvss/") == "/mpvss"
     assert normalize_namespace("/") == "" and output_topics("/")["labels"] == "/labels"
