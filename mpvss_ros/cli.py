@@ -121,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score a labelled image sequence (mIoU, fwIoU, VC_8, VC_16, cost), or the key-interval study",
                         description="Segment a labelled image sequence as video and score it. Default data: the CamVid val clip "
                                     "(../shared/data/camvid/val, 15 fps).")
-    ev.add_argument("images", nargs="?", default=None, help="folder of frames (default: CamVid val)")
+    ev.add_argument("images", nargs="?", default=None,
+                    help="folder of frames, or with --self-reference also a video or sample:bikes (default: CamVid val)")
     ev.add_argument("--labels", default=None, help="folder of label PNGs named like the frames (default: CamVid valannot)")
+    ev.add_argument("--self-reference", action="store_true",
+                    help="score against the model's own per-frame labels instead of --labels (unlabelled video: how "
+                         "much of the per-frame segmentation a propagator and schedule keep, not accuracy)")
     ev.add_argument("--fps", type=float, default=15.0, help="frame rate of the sequence (default 15)")
     ev.add_argument("--max-frames", type=int, default=None, help="use the first N frames")
     ev.add_argument("--study", action="store_true",
@@ -262,14 +266,20 @@ def _fmt_ratio(value: float | None) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.study import evaluate_sequence, key_interval_study, load_sequence, plot_study, row_label, write_json
+    from .evaluation.study import (evaluate_sequence, key_interval_study, load_sequence, plot_study, row_label,
+                                   self_labelled_sequence, write_json)
     from .io.samples import camvid_annot_dir, camvid_dir
 
-    if args.images is not None and args.labels is None:
-        raise ValueError("give --labels DIR with IMAGES (the folder of label PNGs named like the frames)")
+    if args.self_reference and args.labels is not None:
+        raise ValueError("give either --labels or --self-reference")
+    if args.images is not None and args.labels is None and not args.self_reference:
+        raise ValueError("give --labels DIR with IMAGES (the folder of label PNGs named like the frames), or "
+                         "--self-reference")
+    if args.images in SAMPLES:
+        args.images = str(SAMPLES[args.images]())
     images = args.images or camvid_dir("val")
-    labels = args.labels or camvid_annot_dir("val")
-    if images is None or labels is None:
+    labels = args.labels or (None if args.self_reference else camvid_annot_dir("val"))
+    if images is None or (labels is None and not args.self_reference):
         raise FileNotFoundError("give IMAGES and --labels (CamVid val from the shared data was not found)")
     # a bad schedule or cut threshold is a usage error before any work (the study's adaptive rows
     # use --cut-threshold; their max interval is 2N and --schedule does not apply)
@@ -286,17 +296,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     flow_opts = {"optical_flow_preset": args.optical_flow_preset, "optical_flow_scale": args.optical_flow_scale}
     if not Path(images).exists():  # missing folders are reported before the model is loaded
         raise FileNotFoundError(f"input not found: {images}")
-    if not Path(labels).is_dir():
+    if labels is not None and not Path(labels).is_dir():
         raise FileNotFoundError(f"label folder not found: {labels}")
     loaded, backend = load_model_and_backend(args)
-    # the label values are checked against the model's classes (0..K-1, void K, ignore 255)
-    seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames, num_classes=loaded.config.num_classes)
+    # what the labels are: a folder of ground truth, or the model's own per-frame labels
+    reference = "per-frame labels of the model" if args.self_reference else str(labels)
+    if args.self_reference:
+        seq = self_labelled_sequence(loaded, images, fps=args.fps, limit=args.max_frames, backend=backend, progress=True)
+    else:  # the label values are checked against the model's classes (0..K-1, void K, ignore 255)
+        seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames, num_classes=loaded.config.num_classes)
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
     if args.study:
         study = key_interval_study(loaded, seq, intervals=args.intervals, backend=backend,
                                    cut_threshold=args.cut_threshold, bootstrap_block=args.bootstrap_block, **flow_opts)
+        study.update(images=str(images), reference=reference)
         for r in study["rows"]:
             print(f"{r['mode']:8s} N={r['interval']:<3d} {row_label(r):22s} key ratio {r['key_frame_ratio']:.3f}  "
                   f"mIoU {r['mIoU']:6.2f}  fwIoU {r['fwIoU']:6.2f}  VC_8 {r['VC_8'] or float('nan'):6.2f}  "
@@ -319,7 +334,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts,
                                chain_flow=args.chain_flow)
     result.update(model=loaded.config.name, weights=str(loaded.weights) if loaded.weights else None, trained=loaded.trained,
-                  onnx_dir=loaded.meta.get("onnx_dir"),
+                  onnx_dir=loaded.meta.get("onnx_dir"), images=str(images), reference=reference,
                   backend=backend.describe() if backend is not None and hasattr(backend, "describe") else None)
     print(json.dumps({k: v for k, v in result.items() if k != "IoU"}))
     if out:

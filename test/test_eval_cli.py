@@ -506,3 +506,24 @@ def test_eval_cli_refuses_an_empty_out(tmp_path, capsys, monkeypatch, out):
     img, ann = _write_sequence(tmp_path, [_label(1)])
     assert _eval(str(img), "--labels", str(ann), "--out", out) == 2
     assert f"--out must name a folder, got {out!r}" in _error_line(capsys.readouterr().err)
+
+
+def test_eval_self_reference_scores_against_the_models_own_per_frame_labels(tmp_path, capsys):
+    """Unlabelled video: per-frame mode reproduces its own reference exactly (mIoU 100), a
+    propagated schedule keeps less of it; --labels and --self-reference exclude each other."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    base = cv2.resize(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8), (96, 72))
+    for i in range(6):
+        cv2.imwrite(str(folder / f"f{i}.png"), np.roll(base, 4 * i, axis=1))
+    out = tmp_path / "out"
+    assert _eval(str(folder), "--self-reference", "--schedule", "fixed:1", "--out", str(out)) == 0
+    per_frame = json.loads((out / "eval.json").read_text())
+    assert per_frame["mIoU"] == 100.0 and per_frame["reference"] == "per-frame labels of the model"
+    assert _eval(str(folder), "--self-reference", "--schedule", "fixed:3", "--propagator", "copy", "--out", str(out)) == 0
+    copied = json.loads((out / "eval.json").read_text())
+    assert copied["key_frames"] == 2 and copied["mIoU"] < 100.0
+    capsys.readouterr()
+    assert _eval(str(folder), "--self-reference", "--labels", str(folder)) == 2
+    assert "either --labels or --self-reference" in capsys.readouterr().err

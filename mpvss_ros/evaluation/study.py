@@ -30,7 +30,7 @@ from ..segmenter import VideoSegmenter
 from .bootstrap import paired_miou_difference
 from .metrics import ConfusionMatrix, VideoConsistency
 
-__all__ = ["LabelledSequence", "load_sequence", "evaluate_sequence", "match_adaptive_threshold",
+__all__ = ["LabelledSequence", "load_sequence", "self_labelled_sequence", "evaluate_sequence", "match_adaptive_threshold",
            "key_interval_study", "plot_study", "row_label", "comparison_label"]
 
 
@@ -109,6 +109,44 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.
     if num_classes is not None and counted == 0:
         raise ValueError(f"the {len(names)} labels in {label_dir} count no pixel: every pixel is void "
                          f"({num_classes}) or ignored (255), so there is nothing to score")
+    return LabelledSequence(names, images, labels, fps)
+
+
+def self_labelled_sequence(loaded: LoadedModel, source: str | Path, fps: float = 15.0, limit: int | None = None,
+                           backend: Any = None, progress: bool = False) -> LabelledSequence:
+    """Frames of an unlabelled video (or image folder) labelled by the model itself, every frame a
+    key frame: the reference for scoring propagation and key-frame schedules where no ground truth
+    exists. mIoU against it says how much of the per-frame segmentation a setting keeps (100 =
+    identical labels), not how accurate either is.
+
+    Args:
+        loaded: the model (its labels become the reference).
+        source: video file or image folder (:func:`~mpvss_ros.io.video.open_source`).
+        fps: frame rate for the stamps (frames/s).
+        limit: the first ``limit`` frames only (None: all).
+        backend: inference backend to run instead of ``loaded.model`` (as :func:`evaluate_sequence`).
+        progress: show a progress bar.
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`~mpvss_ros.io.video.open_source`; no frames.
+    """
+    from ..io.video import open_source
+    from ..propagation import CopyPropagator
+    from ..scheduling import FixedIntervalScheduler
+
+    model = backend if backend is not None else loaded.model
+    segmenter = VideoSegmenter(model, CopyPropagator(), FixedIntervalScheduler(1, max_gap_s=math.inf),
+                               device=loaded.device)
+    names, images, labels = [], [], []
+    with open_source(source, fps=fps) as frames:
+        for frame in tqdm(frames, disable=not progress, desc="per-frame reference", leave=False):
+            if limit is not None and len(names) >= limit:
+                break
+            names.append(frame.name)
+            images.append(frame.image)
+            labels.append(segmenter.push(frame.image, frame.stamp).labels)
+    if not names:
+        raise ValueError(f"no frames in {source}")
     return LabelledSequence(names, images, labels, fps)
 
 
