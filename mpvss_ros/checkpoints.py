@@ -154,7 +154,10 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
             obj = torch_load_checked(path)
     except CheckpointError:
         raise
-    except pickle.UnpicklingError as exc:  # torch's weights-only refusal, or bytes that are no pickle
+    except pickle.UnpicklingError as exc:
+        if path.suffix == ".pkl":  # the numpy unpickler's own errors
+            raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).strip().splitlines()[0][:200]}") from exc
+        # torch's weights-only refusal, or bytes that are no pickle
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a PyTorch checkpoint, or it holds objects other than "
             f"tensors and plain data (read with weights_only=True, which never runs code from a file; "
@@ -209,7 +212,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
     wrong_kind = sorted(
         f"{k}: file {given[k].dtype} vs model {model_sd[k].dtype}"
         for k in given
-        if k in model_sd and (given[k].is_floating_point() != model_sd[k].is_floating_point() or given[k].is_complex())
+        if k in model_sd and not optional(k)  # counters (num_batches_tracked) do not affect inference
+        and (given[k].is_floating_point() != model_sd[k].is_floating_point() or given[k].is_complex())
     )
     if missing or unexpected or mismatched or wrong_kind:
         parts = [f"{source} does not match the model ({type(model).__name__})"]

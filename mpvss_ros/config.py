@@ -282,10 +282,9 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         if getattr(section, width) % getattr(section, heads):
             raise ConfigError(f"{where}: {name}.{width} ({getattr(section, width)}) must be a multiple of "
                               f"{name}.{heads} ({getattr(section, heads)})")
-    for dim in ("conv_dim", "mask_dim"):
-        if getattr(cfg.pixel_decoder, dim) % cfg.pixel_decoder.num_groups:
-            raise ConfigError(f"{where}: pixel_decoder.{dim} ({getattr(cfg.pixel_decoder, dim)}) must be a multiple "
-                              f"of pixel_decoder.num_groups ({cfg.pixel_decoder.num_groups}, GroupNorm)")
+    if cfg.pixel_decoder.conv_dim % cfg.pixel_decoder.num_groups:  # GroupNorm over conv_dim channels
+        raise ConfigError(f"{where}: pixel_decoder.conv_dim ({cfg.pixel_decoder.conv_dim}) must be a multiple "
+                          f"of pixel_decoder.num_groups ({cfg.pixel_decoder.num_groups}, GroupNorm)")
     for name, values in (("input.pixel_mean", cfg.input.pixel_mean), ("input.pixel_std", cfg.input.pixel_std),
                          ("motion.image_mean", cfg.motion.image_mean)):
         if len(values) != 3:

@@ -50,8 +50,9 @@ Forced key frames, whatever the policy (``reason`` in the decision):
 * ``resolution_change``: the frame's size differs from the key frame's;
 * ``time_backwards``: the stamp is earlier than the previous frame's (bag loop, replay);
 * ``time_gap``: more than ``max_gap_s`` seconds since the previous frame;
-* ``frame_id_change``: the caller's :meth:`KeyFrameScheduler.reset` with that reason when the
-  input's ``header.frame_id`` changed (another camera on the topic; the ROS node and ``mpvss bag``).
+* ``frame_id_change``, ``non_finite``: :meth:`KeyFrameScheduler.reset` with that reason from
+  :meth:`~mpvss_ros.segmenter.VideoSegmenter.push` when the frame's source (a ROS
+  ``header.frame_id``) changed, or after logits that were NaN or infinite.
 
 Policies:
 

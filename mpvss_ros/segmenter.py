@@ -388,6 +388,7 @@ class VideoSegmenter:
         self._key_letterbox: Letterbox | None = None
         self._key_index = -1
         self._key_stamp = float("nan")
+        self._source: str | None = None  # the last segmented frame's source (push)
 
     def reset(self, reason: str = "reset") -> None:
         """Drop the key frame: the next frame is a key frame with scheduler reason ``reason``
@@ -410,13 +411,17 @@ class VideoSegmenter:
         self.reset()
 
     @torch.inference_mode()
-    def push(self, image: np.ndarray, stamp: float) -> SegmentationResult:
+    def push(self, image: np.ndarray, stamp: float, source: str | None = None) -> SegmentationResult:
         """Segment one frame.
 
         Args:
             image: (H, W, 3) uint8 RGB.
             stamp: capture time in seconds (monotonic within a stream; going back forces a key
                 frame).
+            source: which camera the frame comes from (a ROS ``header.frame_id``); a frame whose
+                source differs from the last segmented frame's is a key frame, reason
+                ``frame_id_change`` (two cameras on one topic must not propagate into each other).
+                None: not tracked.
 
         Returns:
             :class:`SegmentationResult` at the input resolution.
@@ -434,6 +439,8 @@ class VideoSegmenter:
         image = check_frame(image)
         if not math.isfinite(stamp):
             raise FrameError(f"stamp must be a finite number of seconds, got {stamp}")
+        if source is not None and self._source is not None and source != self._source:
+            self.reset("frame_id_change")
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
@@ -465,7 +472,7 @@ class VideoSegmenter:
                 self.reset()
                 raise
             if not _all_finite(key.class_logits, key.mask_logits):
-                self.reset()
+                self.reset("non_finite")
                 raise NonFiniteOutputError(f"the key frame's class or mask logits hold NaN or infinite values "
                                            f"(frame {self._frame_index}); nothing is published for it")
             # Padding filled: warps clamp to the valid area's edge (KeyFrameState.with_padding_filled).
@@ -479,7 +486,7 @@ class VideoSegmenter:
             assert self._key is not None
             mask_logits = self.propagator.propagate(self._key, tensor)
             if not _all_finite(mask_logits):
-                self.reset()
+                self.reset("non_finite")
                 raise NonFiniteOutputError(f"the propagated mask logits hold NaN or infinite values (frame "
                                            f"{self._frame_index}, {self.propagator.name}); the next frame is a key frame")
             timings["propagation"] = (time.perf_counter() - t) * 1e3
@@ -510,6 +517,8 @@ class VideoSegmenter:
             timings_ms=timings,
         )
         self._frame_index += 1
+        if source is not None:
+            self._source = source
         return result
 
     def _key_frame_reason(self, decision: ScheduleDecision) -> str:

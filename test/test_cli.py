@@ -206,18 +206,18 @@ def test_frames_with_non_finite_logits_are_skipped_and_listed(tmp_path, capsys, 
     _write_folder(tmp_path / "frames", {s: rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for s in stems})
     real = VideoSegmenter.push
 
-    def push(self, image, stamp):
+    def push(self, image, stamp, **kwargs):
         if round(stamp * 30) == 1:
             self.reset()
             raise NonFiniteOutputError("the key frame's class or mask logits hold NaN or infinite values")
-        return real(self, image, stamp)
+        return real(self, image, stamp, **kwargs)
 
     monkeypatch.setattr(VideoSegmenter, "push", push)
     out = tmp_path / "out"
     assert _segment(tmp_path / "frames", out, "--propagator", "copy", "--schedule", "fixed:1") == 0
     assert sorted(p.stem for p in (out / "labels").iterdir()) == ["f0", "f2"]
     assert json.loads((out / "summary.json").read_text())["skipped_non_finite"] == ["f1"]
-    monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp: (_ for _ in ()).throw(
+    monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp, **kwargs: (_ for _ in ()).throw(
         NonFiniteOutputError("NaN")))
     capsys.readouterr()
     assert _segment(tmp_path / "frames", tmp_path / "out2") == 2

@@ -220,6 +220,22 @@ def test_reset_forces_key_frame(band_model):
     assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index, r.frame_index) == (True, "reset", 3, 3)
 
 
+def test_a_new_source_is_a_key_frame_only_once_segmented(band_model):
+    """push(source=...): a frame from another camera (ROS header.frame_id) is a key frame; a frame
+    refused before it is segmented does not count as the new source."""
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    reasons = [seg.push(img, 0.1 * i, source="front").key_frame_reason for i in range(3)]
+    assert reasons == ["first", "", ""]
+    with pytest.raises(FrameError):
+        seg.push(img[:, :, :2], 0.3, source="rear")  # refused: the source stays "front"
+    assert seg.push(img, 0.4, source="front").key_frame_reason == ""
+    assert seg.push(img, 0.5, source="rear").key_frame_reason == "frame_id_change"
+    assert seg.push(img, 0.6, source="rear").key_frame_reason == ""
+    assert seg.push(img, 0.7).key_frame_reason == ""  # untracked frames change nothing
+    assert seg.push(img, 0.8, source="front").key_frame_reason == "frame_id_change"
+
+
 def test_reset_with_a_reason(band_model):
     seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
     img = _image((60, 80))
@@ -256,7 +272,7 @@ def test_non_finite_logits_raise_instead_of_labelling_everything_class_0(band_mo
         seg.push(img, 0.1)
     monkeypatch.undo()
     r = seg.push(img, 0.2)
-    assert r.is_key_frame and r.key_frame_reason == "reset"
+    assert r.is_key_frame and r.key_frame_reason == "non_finite"
 
 
 def test_replace_swaps_propagation_and_schedule_from_a_key_frame(band_model):

@@ -343,7 +343,6 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 counts[topics[key]] = counts.get(topics[key], 0) + 1
 
             key_stamp = None  # the last info message's key_frame_stamp
-            frame_id = None  # the last message's header.frame_id: another camera gets a key frame
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
             try:
                 for _conn, stamp_ns, raw in _read_messages(reader, chosen, in_path):
@@ -359,12 +358,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                     except Exception as exc:  # noqa: BLE001 - any malformed CDR payload
                         skip("deserialize", index, stamp_ns, exc)
                         continue
-                    if frame_id is not None and msg.header.frame_id != frame_id:
-                        segmenter.reset(reason="frame_id_change")
-                    frame_id = msg.header.frame_id
                     try:
                         rgb = decode(msg)
-                        result = segmenter.push(rgb, stamp_to_seconds(msg.header.stamp))
+                        result = segmenter.push(rgb, stamp_to_seconds(msg.header.stamp), source=msg.header.frame_id)
                     except ConversionError as exc:
                         skip("conversion", index, stamp_ns, exc)
                         continue

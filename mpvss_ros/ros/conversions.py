@@ -162,7 +162,8 @@ builtin_interfaces/Time key_frame_stamp
 
 # Why this frame is a key frame ("" on non-key frames), e.g. first, interval, scene_cut,
 # scene_change, max_interval, resolution_change, time_backwards, time_gap, frame_id_change
-# (the input header's frame_id changed: another camera), reset (the ~/reset
+# (the input header's frame_id changed: another camera), non_finite (the previous frame's
+# logits were NaN or infinite), reset (the ~/reset
 # service, re-enabling, or a schedule or propagation parameter changed while running).
 string key_frame_reason
 

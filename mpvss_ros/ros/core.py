@@ -62,7 +62,7 @@ LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 
 #: Key-frame reasons that the schedule did not choose (see :mod:`mpvss_ros.scheduling`).
 FORCED_KEY_FRAME_REASONS = ("first", "reset", "resolution_change", "time_backwards", "time_gap",
-                            "canvas_change", "frame_id_change")
+                            "canvas_change", "frame_id_change", "non_finite")
 
 _log = logging.getLogger(__name__)
 
@@ -346,7 +346,6 @@ class SegmentationCore:
         self._since = clock()  # start, or last enable: the "no output" timer's origin
         self._last_log: dict[str, tuple[float, int]] = {}
         self._label_info_frame_id: str | None = None
-        self._frame_id: str | None = None  # the last input's header.frame_id
         if config.input_compressed and not conversions.STRICT_JPEG:
             self.log.warning("simplejpeg is not installed: JPEGs are decoded by OpenCV, which segments a JPEG "
                              "that lost scan data (grey or smeared blocks) instead of skipping it; "
@@ -478,13 +477,6 @@ class SegmentationCore:
                 self.segmenter.reset()
             header = msg.header
             stamp = self._conv.stamp_to_seconds(header.stamp)
-            frame_id = header.frame_id
-            if self._frame_id is not None and frame_id != self._frame_id:  # another camera: its own key frame
-                self.segmenter.reset(reason="frame_id_change")
-                self._log_throttled("frame_id", "warning", (
-                    f"input frame_id changed from {self._frame_id!r} to {frame_id!r}: the next frame is a "
-                    "key frame (one camera per input topic is expected)"))
-            self._frame_id = frame_id
             if cfg.max_frame_age_s > 0 and now is not None:
                 age = now - stamp
                 if age > cfg.max_frame_age_s:
@@ -510,13 +502,17 @@ class SegmentationCore:
         masks = want_class_masks and cfg.publish_class_masks
         try:
             self.segmenter.class_masks = masks
-            result = self.segmenter.push(rgb, stamp)
+            result = self.segmenter.push(rgb, stamp, source=header.frame_id)
         except FrameError as exc:
             return self._skip("skipped_frame", "cannot segment frame", exc, t0)
         except Exception as exc:  # noqa: BLE001 - counted, logged, the node keeps running
             self.record_error("segmentation failed", exc)
             return None
 
+        if result.key_frame_reason == "frame_id_change":  # another camera: its own key frame
+            self._log_throttled("frame_id", "warning", (
+                f"input frame_id is now {header.frame_id!r}: a key frame (one camera per input topic is "
+                "expected; each change of frame_id makes one)"))
         try:
             outputs = self._conv.build_outputs(
                 self.types, header, result, rgb, palette, self.class_names,

@@ -413,12 +413,12 @@ def test_frames_with_non_finite_logits_are_skipped_and_counted(ts, tmp_path, fra
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:3]))
     real, calls = VideoSegmenter.push, []
 
-    def push(self, image, stamp):
+    def push(self, image, stamp, **kwargs):
         calls.append(stamp)
         if len(calls) == 2:
             self.reset()
             raise NonFiniteOutputError("the propagated mask logits hold NaN or infinite values")
-        return real(self, image, stamp)
+        return real(self, image, stamp, **kwargs)
 
     monkeypatch.setattr(VideoSegmenter, "push", push)
     summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,

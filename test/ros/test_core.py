@@ -333,7 +333,7 @@ def test_frame_error_from_engine_is_skipped(make_core, types, monkeypatch):
 
     core, _, _ = make_core()
 
-    def boom(rgb, stamp):
+    def boom(rgb, stamp, source=None):
         raise FrameError("stamp must be finite")
 
     monkeypatch.setattr(core.segmenter, "push", boom)
@@ -344,7 +344,7 @@ def test_frame_error_from_engine_is_skipped(make_core, types, monkeypatch):
 def test_unexpected_engine_error_is_counted_not_raised(make_core, types, monkeypatch):
     core, _, logger = make_core()
 
-    def boom(rgb, stamp):
+    def boom(rgb, stamp, source=None):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(core.segmenter, "push", boom)
@@ -428,7 +428,26 @@ def test_a_new_frame_id_forces_a_key_frame(make_core, types):
     assert not core.process(image_msg(types, frame(seed=1), 1.4, frame_id="rear")).info.is_key_frame
     assert core.process(image_msg(types, frame(), 1.5, frame_id="front")).info.key_frame_reason == "frame_id_change"
     assert core.key_frame_reasons["frame_id_change"] == 2
-    assert any(level == "warning" and "frame_id changed from 'front' to 'rear'" in text for level, text in logger.lines)
+    assert any(level == "warning" and "frame_id is now 'rear'" in text for level, text in logger.lines)
+    # a message of another frame_id that is dropped before it is segmented changes nothing
+    bad = image_msg(types, frame(), 1.6, frame_id="rear", step=10)
+    assert core.process(bad) is None
+    assert not core.process(image_msg(types, frame(), 1.7, frame_id="front")).info.is_key_frame
+
+
+def test_non_finite_logits_publish_nothing_and_the_next_frame_is_a_key_frame(make_core, types, monkeypatch):
+    from mpvss_ros.segmenter import NonFiniteOutputError
+
+    core, _, logger = make_core()
+    assert core.process(image_msg(types, frame(), 1.0)) is not None
+    real = core.segmenter.propagator.propagate
+    monkeypatch.setattr(core.segmenter.propagator, "propagate", lambda key, f: real(key, f) * float("nan"))
+    assert core.process(image_msg(types, frame(), 1.1)) is None
+    assert core.counters["errors"] == 1
+    assert any(level == "error" and "NaN or infinite" in text for level, text in logger.lines)
+    monkeypatch.undo()
+    out = core.process(image_msg(types, frame(), 1.2))
+    assert out.info.is_key_frame and out.info.key_frame_reason == "non_finite"
 
 
 def test_frames_above_max_image_pixels_are_skipped_and_the_limit_is_dynamic(make_core, types):
