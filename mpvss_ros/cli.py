@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     bag.add_argument("--storage", choices=("sqlite3", "mcap"), default=None, help="output storage (default: as the input)")
     bag.add_argument("--max-frames", type=int, default=None, help="stop after N input messages")
     bag.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
+    bag.add_argument("--max-image-pixels", type=int, default=None,
+                     help="skip frames above this many pixels (default 4096 x 4096, as the node; 0 = no limit)")
     bag.add_argument("--no-colored", action="store_true", help="do not write NS/colored")
     bag.add_argument("--no-overlay", action="store_true", help="do not write NS/overlay")
     bag.add_argument("--no-class-masks", action="store_true", help="do not write NS/class_masks")
@@ -242,6 +244,8 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     options = BagOptions(
         **_engine_options(args),
         max_frames=args.max_frames,
+        max_image_pixels=(BagOptions.max_image_pixels if args.max_image_pixels is None
+                          else args.max_image_pixels or None),
         alpha=args.alpha,
         colored=not args.no_colored,
         overlay=not args.no_overlay,

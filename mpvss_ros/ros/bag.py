@@ -47,6 +47,7 @@ from ..offline import EngineOptions, summarize
 from ..segmenter import FrameError, NonFiniteOutputError
 from ..viz import make_palette
 from .conversions import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     ConversionError,
     build_outputs,
     compressed_to_rgb,
@@ -87,9 +88,12 @@ class BagOptions(EngineOptions):
         alpha: overlay opacity of the class colours, 0..1.
         colored, overlay, class_masks: write ``NS/colored``, ``NS/overlay``, ``NS/class_masks``.
         progress: show a progress bar.
+        max_image_pixels: largest frame (height x width pixels) segmented, as the node's
+            parameter; larger ones are skipped (reason ``conversion``). None: no limit.
     """
 
     max_frames: int | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     alpha: float = 0.5
     colored: bool = True
     overlay: bool = True
@@ -281,6 +285,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     want = {"colored": bool(_opt(options, "colored")), "overlay": bool(_opt(options, "overlay")),
             "class_masks": bool(_opt(options, "class_masks"))}
+    max_pixels = _opt(options, "max_image_pixels")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_image_pixels must be >= 1 (or None for no limit), got {max_pixels}")
     alpha = float(_opt(options, "alpha"))
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -326,8 +333,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         writer = Writer(out_path, version=9 if in_version >= 9 else 8,
                         storage_plugin=StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3)
         # a run that fails or is interrupted leaves no output: the writer's partial folder (no
-        # metadata.yaml, not a readable bag) would only block the next run's output path
-        with _removed_on_failure(out_path), writer:
+        # metadata.yaml, not a readable bag) would only block the next run's output path. Armed
+        # once the writer has made the folder, so nothing it did not create is removed.
+        with writer, _removed_on_failure(out_path):
             conn_in = _add_connection(writer, in_topic, msgtype, typestore, in_qos)
             out_types = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE,
                          "colored": IMAGE_TYPE, "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "info": INFO_TYPE}
@@ -359,7 +367,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                         skip("deserialize", index, stamp_ns, exc)
                         continue
                     try:
-                        rgb = decode(msg)
+                        rgb = decode(msg, max_pixels)
                         result = segmenter.push(rgb, stamp_to_seconds(msg.header.stamp), source=msg.header.frame_id)
                     except ConversionError as exc:
                         skip("conversion", index, stamp_ns, exc)

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from ..viz import colorize, frame_tag, overlay
+from .parameters import DEFAULT_MAX_IMAGE_PIXELS
 
 from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
 
@@ -215,11 +216,6 @@ def _int_field(msg: Any, name: str) -> int:
     return int(value)
 
 
-#: Largest frame (height x width pixels) the converters accept by default: 4096 x 4096, above every
-#: common robot camera (12 MP included). Larger frames are refused before they are decoded or
-#: segmented: a 200 kB PNG can unpack to 8000 x 8000 pixels, about 2 GB to segment on a CPU.
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
-
 
 def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) -> None:
     if max_pixels is not None and height * width > max_pixels:
@@ -310,7 +306,8 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     ``"rgb8; jpeg compressed bgr8"``); an empty format lets the data's signature decide. The
     data must be a JPEG or a PNG by its signature whatever ``format`` says. Greyscale images come
     back as three equal channels, an alpha channel is dropped. The frame size is read from the
-    file's header and checked against ``max_pixels`` before anything is decoded.
+    file's header and checked against ``max_pixels`` before anything is decoded (a JPEG on the
+    OpenCV fallback: after decoding).
 
     JPEGs are decoded by libjpeg-turbo through ``simplejpeg`` with ``strict=True`` when it is
     installed (:data:`STRICT_JPEG`): libjpeg's warnings, e.g. "Corrupt JPEG data: premature end

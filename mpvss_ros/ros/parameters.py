@@ -28,6 +28,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+#: Default of ``max_image_pixels``: 4096 x 4096, above every common robot camera (12 MP included).
+#: Larger frames are refused before they are segmented (a 200 kB PNG can unpack to 8000 x 8000
+#: pixels, about 2 GB to segment on a CPU). Also :mod:`~mpvss_ros.ros.conversions`' default.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
 __all__ = [
     "NODE_NAME",
     "BACKENDS",
@@ -180,10 +185,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("input_depth", "int", 1,
               "Input QoS history depth (keep last). The node processes only the newest frame "
               "anyway.", min=1, max=100),
-    ParamSpec("max_image_pixels", "int", 4096 * 4096,
+    ParamSpec("max_image_pixels", "int", DEFAULT_MAX_IMAGE_PIXELS,
               "Largest input frame (height x width pixels) that is segmented; a larger one is "
-              "skipped and counted (a compressed one before it is decoded: a 200 kB PNG can unpack "
-              "to 8000 x 8000 pixels and gigabytes of inference memory).",
+              "skipped and counted (a compressed one from its header, before it is decoded, except a "
+              "JPEG without simplejpeg installed: a 200 kB PNG can unpack to 8000 x 8000 pixels and "
+              "gigabytes of inference memory).",
               min=1, max=2**31 - 1, dynamic=True),
     ParamSpec("max_frame_age_s", "float", 0.5,
               "Drop a frame whose header stamp is older than this (seconds, node clock) when "
@@ -240,7 +246,7 @@ class NodeConfig:
     input_compressed: bool = False
     input_reliability: str = "best_effort"
     input_depth: int = 1
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_frame_age_s: float = 0.5
     publish_colored: bool = True
     publish_overlay: bool = True

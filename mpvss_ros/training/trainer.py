@@ -507,6 +507,10 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
     if not resume:
         found = [name for name in RUN_FILES if (run_dir / name).exists()
                  and not (name == LOG_FILE and (run_dir / name).is_file() and (run_dir / name).stat().st_size == 0)]
+        if found == [LOG_FILE]:  # a run that stopped before its first checkpoint: nothing to resume
+            raise ValueError(f"run folder {run_dir} holds the log of a run that stopped before its first checkpoint "
+                             f"(no {MODEL_FILE}): there is nothing to resume; move or delete {run_dir / LOG_FILE} to "
+                             f"start anew there, or choose another --run-dir")
         if found:
             raise ValueError(f"run folder {run_dir} already holds a run ({', '.join(found)}): pass --resume to "
                              f"continue it, or choose another --run-dir")

@@ -426,6 +426,37 @@ def test_frames_with_non_finite_logits_are_skipped_and_counted(ts, tmp_path, fra
     assert summary["written"] == 2 and summary["skipped_by_reason"] == {"non_finite": 1}
 
 
+def test_a_folder_the_run_did_not_create_is_never_removed(ts, tmp_path, frames, band_loaded, monkeypatch):
+    """Another run creates the output folder between the existence check and the writer's mkdir:
+    the writer fails, and that folder is left alone."""
+    from rosbags.rosbag2 import WriterError
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]))
+
+    def open_taken(self):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "theirs.txt").write_text("another run's")
+        raise WriterError(f"{tmp_path / 'out'} exists already, not overwriting")
+
+    monkeypatch.setattr(Writer, "open", open_taken)
+    with pytest.raises(WriterError):
+        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
+    assert (tmp_path / "out" / "theirs.txt").read_text() == "another run's"
+
+
+def test_frames_above_the_pixel_limit_are_skipped_and_the_limit_can_be_lifted(ts, tmp_path, frames, band_loaded, capsys):
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]))
+    h, w = frames[0].shape[:2]
+    small = BagOptions(propagator="copy", progress=False, max_image_pixels=h * w - 1)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, small)
+    assert summary["written"] == 0 and summary["skipped_by_reason"] == {"conversion": 2}
+    assert "max_image_pixels" in summary["skip_examples"][0]["error"]
+    lifted = BagOptions(propagator="copy", progress=False, max_image_pixels=None)
+    assert process_bag(tmp_path / "in", tmp_path / "out2", TOPIC, band_loaded, lifted)["written"] == 2
+    with pytest.raises(ValueError, match="max_image_pixels must be >= 1"):
+        process_bag(tmp_path / "in", tmp_path / "out3", TOPIC, band_loaded, BagOptions(max_image_pixels=0))
+
+
 def test_namespaces():
     assert normalize_namespace("/mpvss") == normalize_namespace("mpvss/") == "/mpvss"
     assert normalize_namespace("/") == "" and output_topics("/")["labels"] == "/labels"
