@@ -264,13 +264,15 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         total = len(source) if options.max_frames is None else min(len(source), options.max_frames)
         try:
             for frame in tqdm(source, total=total, unit="frame", disable=not options.progress, desc="mpvss segment"):
-                if options.max_frames is not None and len(records) >= options.max_frames:
+                if options.max_frames is not None and len(records) + len(non_finite) >= options.max_frames:
                     break
                 try:
                     result = segmenter.push(frame.image, frame.stamp)
                 except NonFiniteOutputError as exc:  # no labels rather than all-class-0 ones
                     non_finite.append(frame.name)
                     log.warning("frame %s skipped: %s", frame.name, exc)
+                    if writer is not None:  # the frame itself, so the overlay video keeps its timeline
+                        writer.write(frame.image)
                     continue
                 record = {"name": frame.name, "source_index": frame.index, **result.to_record()}
                 records.append(record)

@@ -217,6 +217,11 @@ def test_frames_with_non_finite_logits_are_skipped_and_listed(tmp_path, capsys, 
     assert _segment(tmp_path / "frames", out, "--propagator", "copy", "--schedule", "fixed:1") == 0
     assert sorted(p.stem for p in (out / "labels").iterdir()) == ["f0", "f2"]
     assert json.loads((out / "summary.json").read_text())["skipped_non_finite"] == ["f1"]
+    video = cv2.VideoCapture(str(out / "overlay.mp4"))  # the skipped frame keeps its place
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    video.release()
+    assert _segment(tmp_path / "frames", tmp_path / "out_2", "--max-frames", "2") == 0  # the skipped one counts
+    assert json.loads((tmp_path / "out_2" / "summary.json").read_text())["frames"] == 1
     monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp, **kwargs: (_ for _ in ()).throw(
         NonFiniteOutputError("NaN")))
     capsys.readouterr()
