@@ -337,9 +337,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sched = _scheduler(args, max_gap_s=math.inf)  # stamps are frame index / fps
     result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts,
                                chain_flow=args.chain_flow)
-    result.update(model=loaded.config.name, weights=str(loaded.weights) if loaded.weights else None, trained=loaded.trained,
-                  onnx_dir=loaded.meta.get("onnx_dir"), images=str(images), reference=reference,
-                  backend=backend.describe() if backend is not None and hasattr(backend, "describe") else None)
+    result.update(**loaded.provenance(backend), images=str(images), reference=reference)
     print(json.dumps({k: v for k, v in result.items() if k != "IoU"}))
     if out:
         write_json(result, out / "eval.json")

@@ -60,6 +60,15 @@ class LoadedModel:
     device: torch.device
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def provenance(self, backend: Any = None) -> dict[str, Any]:
+        """What a run record says about the model (JSON-ready): ``model`` (name), ``weights`` (the
+        file; for an export folder the one it was exported from), ``onnx_dir`` (the export folder
+        run, else None), ``trained``, and ``backend`` (``backend.describe()``; None without a
+        backend or without that method)."""
+        return {"model": self.config.name, "weights": str(self.weights) if self.weights else None,
+                "onnx_dir": self.meta.get("onnx_dir"), "trained": self.trained,
+                "backend": backend.describe() if backend is not None and hasattr(backend, "describe") else None}
+
 
 def load_exported(onnx_dir: str | Path) -> LoadedModel:
     """An ``mpvss export`` folder (or a model of your own brought to its contract) as a

@@ -171,14 +171,9 @@ class EngineOptions:
         """The settings a run summary records: model, weights (for an export folder, the ones it
         was exported from), the export folder run (``onnx_dir``, else None), trained, device,
         backend, propagator and schedule, each with every setting that decides it (JSON-ready)."""
-        model = segmenter.model
         return {
-            "model": loaded.config.name,
-            "weights": str(loaded.weights) if loaded.weights else None,
-            "onnx_dir": loaded.meta.get("onnx_dir"),
-            "trained": loaded.trained,
+            **loaded.provenance(segmenter.model),
             "device": str(loaded.device),
-            "backend": model.describe() if hasattr(model, "describe") else None,
             "propagator": self.propagator,
             "propagator_settings": segmenter.propagator.describe(),
             "schedule": self.schedule,

@@ -222,14 +222,12 @@ def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Prop
     prop = (build_propagator(propagator, model, optical_flow_preset, optical_flow_scale, chain_flow)
             if isinstance(propagator, str) else propagator)
     segmenter = VideoSegmenter(model, prop, sched, device=loaded.device)
-    conf = ConfusionMatrix(cfg.num_classes)
     vcs = {n: VideoConsistency(n) for n in (8, 16)}
     times, key_times, non_key_times, keys, frame_confusion = [], [], [], 0, []
     for i in tqdm(range(len(seq.images)), disable=not progress, desc=f"{prop.name} {sched!r}", leave=False):
         result = segmenter.push(seq.images[i], i / seq.fps)
         frame = ConfusionMatrix(cfg.num_classes)
         frame.update(result.labels, seq.labels[i])
-        conf.merge(frame)
         frame_confusion.append(frame.mat)
         for vc in vcs.values():
             vc.update(result.labels, seq.labels[i])
@@ -237,6 +235,9 @@ def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Prop
         times.append(total)
         (key_times if result.is_key_frame else non_key_times).append(total)
         keys += int(result.is_key_frame)
+    stack = np.stack(frame_confusion)
+    conf = ConfusionMatrix(cfg.num_classes)  # the clip's: the sum of its frames'
+    conf.mat[:] = stack.sum(axis=0)
     out = conf.summary(cfg.class_names)
     out.update({
         "VC_8": _pct(vcs[8].value()),
@@ -253,7 +254,7 @@ def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Prop
         "median_ms_non_key_frame": float(np.median(non_key_times)) if non_key_times else None,
         "cost_ratio_within_run": _cost_ratio_within_run(key_times, non_key_times),
     })
-    return out, np.stack(frame_confusion)
+    return out, stack
 
 
 def _cost_ratio_within_run(key_times: Sequence[float], non_key_times: Sequence[float]) -> float | None:
@@ -401,9 +402,7 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
                             "b": comparison_label(rows[j]),
                             **paired_miou_difference(frame_confusion[i], frame_confusion[j], bootstrap_block,
                                                      bootstrap_samples)})
-    return {"frames": len(seq.images), "fps": seq.fps, "model": loaded.config.name, "optical_flow": flow_opts,
-            "weights": str(loaded.weights) if loaded.weights else None, "onnx_dir": loaded.meta.get("onnx_dir"),
-            "backend": backend.describe() if backend is not None and hasattr(backend, "describe") else None,
+    return {"frames": len(seq.images), "fps": seq.fps, **loaded.provenance(backend), "optical_flow": flow_opts,
             "rows": rows, "comparisons": comparisons}
 
 
