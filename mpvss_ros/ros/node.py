@@ -22,8 +22,8 @@ the table in :mod:`mpvss_ros.ros.parameters`. This file only wires ROS to them:
 * ``/diagnostics`` (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``;
 * services ``~/enable`` (``std_srvs/SetBool``) and ``~/reset`` (``std_srvs/Trigger``).
 
-Parameters are read at start. The schedule, propagation, frame-age, overlay-opacity and
-palette parameters (``dynamic`` in the table) can also be changed while the node runs
+Parameters are read at start. The schedule, propagation, frame-age, frame-size-limit,
+overlay-opacity and palette parameters (``dynamic`` in the table) can also be changed while the node runs
 (``ros2 param set /mpvss_segmenter schedule fixed:5``): the on-set-parameters callback hands
 them to :meth:`~mpvss_ros.ros.core.SegmentationCore.reconfigure`, which refuses an invalid
 change with its reason; the others are declared read-only (change them in the params file or on
@@ -239,6 +239,11 @@ class _SegmenterShell:
         self._built_entities = []
         self.core = None
 
+    def destroy_node(self) -> None:
+        """Stop the input and the worker, then destroy the node (either node class)."""
+        self._stop_input()
+        super().destroy_node()
+
     # -- worker thread -------------------------------------------------------------------------
 
     def _now(self) -> float:
@@ -329,10 +334,6 @@ class MPVSSNode(_SegmenterShell, Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._announce()
 
-    def destroy_node(self) -> None:
-        self._stop_input()
-        super().destroy_node()
-
 
 class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
     """The segmentation node as a managed (lifecycle) node, for Nav2's lifecycle manager or
@@ -405,10 +406,6 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._teardown()
         return super().on_error(state)
-
-    def destroy_node(self) -> None:
-        self._stop_input()
-        super().destroy_node()
 
 
 def _spin_surviving_refused_transitions(node: Node) -> None:

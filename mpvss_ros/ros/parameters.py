@@ -9,8 +9,8 @@ ROS-free. Three things are derived from :data:`PARAMETERS` and nothing else:
 * validation of the values the node reads back (:func:`validate` -> :class:`NodeConfig`, raising
   ``ValueError`` that names the parameter), and of changes while it runs (:func:`reconfigure`).
 
-The parameters marked ``dynamic`` (schedule, propagation, the frame-age check, overlay opacity
-and palette) can be changed while the node runs (``ros2 param set``), as Nav2 does for its
+The parameters marked ``dynamic`` (schedule, propagation, the frame-age check, the frame-size
+limit, overlay opacity and palette) can be changed while the node runs (``ros2 param set``), as Nav2 does for its
 dynamic parameters; the others (model, backend, device, input QoS, which outputs exist) are
 read-only and take a restart.
 

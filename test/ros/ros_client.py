@@ -1,5 +1,6 @@
 """What the two launch_testing tests (``test_node_launch.py``, ``test_lifecycle_launch.py``) share:
-a test case with its own rclpy client node, spinning and service-call helpers, and a camera frame.
+a test case with its own rclpy client node, spinning and service-call helpers, a camera frame and
+the QoS the tests use.
 Needs rclpy; imported only by those tests, after their ``importorskip``."""
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ import unittest
 
 import numpy as np
 import rclpy
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
 H, W = 48, 64
+#: Reliable, keep last 10: what the tests publish frames with and subscribe to outputs with.
+RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def make_image(sec: int, nanosec: int, frame_id: str) -> Image:

@@ -27,13 +27,12 @@ import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 import launch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch_test does not put it there
-from ros_client import H, W, ClientTestCase, make_image  # noqa: E402
+from ros_client import RELIABLE, H, W, ClientTestCase, make_image  # noqa: E402
 
 NAMESPACE = "lifecycle_cam"
 PREFIX = f"/{NAMESPACE}/mpvss_segmenter"
@@ -41,7 +40,6 @@ IMAGE_TOPIC = f"/{NAMESPACE}/image_raw"
 FRAME_ID = "lifecycle_camera_optical"
 CONFIGURE_TIMEOUT_S = 120.0  # model construction on a slow CI machine
 
-RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
 @pytest.mark.launch_test

@@ -37,7 +37,7 @@ from vision_msgs.msg import LabelInfo  # noqa: E402
 import launch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch_test does not put it there
-from ros_client import H, W, ClientTestCase, make_image  # noqa: E402
+from ros_client import RELIABLE, H, W, ClientTestCase, make_image  # noqa: E402
 
 NAMESPACE = "test_cam"
 PREFIX = f"/{NAMESPACE}/mpvss_segmenter"
@@ -45,7 +45,6 @@ IMAGE_TOPIC = f"/{NAMESPACE}/image_raw"
 FRAME_ID = "test_camera_optical"
 STARTUP_TIMEOUT_S = 120.0  # model construction on a slow CI machine
 
-RELIABLE = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
