@@ -1,4 +1,5 @@
-"""The paired circular block bootstrap of mIoU differences, and the stacked IoU it scores with."""
+"""The paired circular block bootstrap of mIoU differences, and the stacked IoU it scores with
+(from confusion matrices and from the per-class counts TP, GT, Pred that the bootstrap sums)."""
 
 import math
 
@@ -9,8 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mpvss_ros.evaluation import ConfusionMatrix
-from mpvss_ros.evaluation.bootstrap import circular_block_resamples, paired_miou_difference
-from mpvss_ros.evaluation.metrics import iou_of, mean_iou
+from mpvss_ros.evaluation.bootstrap import circular_block_resamples
+from mpvss_ros.evaluation.bootstrap import paired_miou_difference as paired_difference_of_counts
+from mpvss_ros.evaluation.metrics import class_counts, iou_from_counts, iou_of, mean_iou, mean_iou_from_counts
 
 # --------------------------------------------------------------------------- stacked IoU
 
@@ -21,9 +23,16 @@ from mpvss_ros.evaluation.metrics import iou_of, mean_iou
 def test_stacked_iou_equals_the_confusion_matrix_one_by_one(stack):
     ious, mious = iou_of(stack), mean_iou(stack)
     assert ious.shape == stack.shape[:2] and mious.shape == stack.shape[:1]
+    counts = class_counts(stack)
+    assert counts.shape == (stack.shape[0], 3, stack.shape[1]) and counts.dtype == np.int64
+    np.testing.assert_array_equal(iou_from_counts(counts), ious)
+    np.testing.assert_array_equal(mean_iou_from_counts(counts), mious)
+    # counts sum over frames as the matrices do
+    np.testing.assert_array_equal(class_counts(stack.sum(0)), counts.sum(0))
     for mat, iou, miou in zip(stack, ious, mious):
         # the detectron2 convention written out: IoU_c = TP / union where union > 0, mIoU their mean
         tp, union = np.diag(mat), mat.sum(0) + mat.sum(1) - np.diag(mat)
+        np.testing.assert_array_equal(class_counts(mat), [np.diag(mat), mat.sum(1), mat.sum(0)])
         np.testing.assert_array_equal(np.isnan(iou), union == 0)
         np.testing.assert_allclose(iou[union > 0], tp[union > 0] / union[union > 0], rtol=0, atol=1e-15)
         if (union > 0).any():
@@ -39,6 +48,14 @@ def test_stacked_iou_equals_the_confusion_matrix_one_by_one(stack):
 def test_stacked_iou_refuses_non_square_input(shape):
     with pytest.raises(ValueError, match=r"\(\.\.\., K, K\)"):
         iou_of(np.zeros(shape, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"\(\.\.\., K, K\)"):
+        class_counts(np.zeros(shape, dtype=np.int64))
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 3), (4, 4, 4)])
+def test_iou_from_counts_refuses_other_shapes(shape):
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, K\)"):
+        iou_from_counts(np.zeros(shape, dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- resamples
@@ -77,6 +94,11 @@ def test_resample_arguments_are_checked(frames, block, samples, words):
 
 
 # --------------------------------------------------------------------------- paired differences
+
+def paired_miou_difference(a: np.ndarray, b: np.ndarray, **kwargs):
+    """The bootstrap on per-frame confusion matrices (T, K, K), given as their class counts."""
+    return paired_difference_of_counts(class_counts(a), class_counts(b), **kwargs)
+
 
 def _frame(tp0: int, tp1: int, wrong: int) -> np.ndarray:
     """A 2-class confusion matrix: ``tp0`` / ``tp1`` pixels right, ``wrong`` class-0 pixels called 1."""
@@ -186,18 +208,28 @@ def test_a_clip_shorter_than_two_blocks_has_no_interval(block):
     assert all(math.isnan(v) for v in result["ci"]) and math.isnan(result["share_a_better"])
 
 
+def _counts(frames: int = 5, k: int = 3, tp: int = 1, gt: int = 2, pred: int = 2) -> np.ndarray:
+    """(frames, 3, k) class counts with the same TP, GT and Pred for every class."""
+    out = np.empty((frames, 3, k), dtype=np.int64)
+    out[:, 0], out[:, 1], out[:, 2] = tp, gt, pred
+    return out
+
+
 @pytest.mark.parametrize("a, b, kwargs, words", [
-    (np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {"level": 1.0}, "level must be in"),
-    (np.ones((5, 3, 3), np.int64), np.ones((4, 3, 3), np.int64), {}, "both be"),
-    (np.ones((5, 3, 2), np.int64), np.ones((5, 3, 2), np.int64), {}, "both be"),
+    (_counts(), _counts(), {"level": 1.0}, "level must be in"),
+    (_counts(), _counts(frames=4), {}, "both be"),
+    (_counts(k=3), _counts(k=4), {}, "both be"),
+    (np.ones((5, 3, 3), np.int64)[:, :2], np.ones((5, 3, 3), np.int64)[:, :2], {}, "both be"),
     (np.ones((3, 3), np.int64), np.ones((3, 3), np.int64), {}, "both be"),
-    (np.ones((5, 3, 3)), np.ones((5, 3, 3)), {}, "integers >= 0"),
-    (-np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {}, "integers >= 0"),
-    (np.ones((5, 3, 3), np.int64), np.full((5, 3, 3), 2, np.int64), {}, "not the same frames"),
-    (np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {"block": 2.5}, "block must be an integer"),
-    (np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {"block": 0}, "block must be in"),
-    (np.ones((5, 3, 3), np.int64), np.ones((5, 3, 3), np.int64), {"samples": 0}, "samples must be >= 1"),
+    (_counts().astype(float), _counts().astype(float), {}, "integers >= 0"),
+    (-_counts(), _counts(), {}, "integers >= 0"),
+    (_counts(tp=3), _counts(), {}, "setting A's counts are not"),
+    (_counts(), _counts(tp=2, pred=1), {}, "setting B's counts are not"),
+    (_counts(), _counts(gt=3), {}, "not the same frames"),
+    (_counts(), _counts(), {"block": 2.5}, "block must be an integer"),
+    (_counts(), _counts(), {"block": 0}, "block must be in"),
+    (_counts(), _counts(), {"samples": 0}, "samples must be >= 1"),
 ])
 def test_paired_difference_arguments_are_checked(a, b, kwargs, words):
     with pytest.raises(ValueError, match=words):
-        paired_miou_difference(a, b, **kwargs)
+        paired_difference_of_counts(a, b, **kwargs)

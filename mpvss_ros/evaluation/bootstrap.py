@@ -3,8 +3,9 @@
 The key-interval study compares settings (query flow against optical flow or copy, adaptive
 against fixed key frames) on one labelled clip, where differences of a few hundredths of a point
 occur. mIoU is not a mean over frames (it is a ratio of pixel counts summed over the clip), so the
-bootstrap resamples **frames**, sums their confusion matrices and scores the sum, as the clip's own
-mIoU is computed (:func:`~mpvss_ros.evaluation.metrics.mean_iou`).
+bootstrap resamples **frames**, sums their per-class pixel counts (TP, GT, Pred:
+:func:`~mpvss_ros.evaluation.metrics.class_counts`) and scores the sum, as the clip's own mIoU is
+computed (:func:`~mpvss_ros.evaluation.metrics.mean_iou_from_counts`).
 
 Neighbouring frames of a video are strongly correlated and a propagated frame's error depends on
 its distance from the key frame, so frames are drawn in runs: the circular block bootstrap
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import mean_iou
+from .metrics import mean_iou_from_counts
 
 __all__ = ["circular_block_resamples", "paired_miou_difference"]
 
@@ -61,17 +62,17 @@ def circular_block_resamples(frames: int, block: int, samples: int, seed: int = 
     return runs.reshape(samples, blocks * block)[:, :frames].astype(np.int64)
 
 
-def paired_miou_difference(frame_confusion_a: np.ndarray, frame_confusion_b: np.ndarray, block: int = 10,
+def paired_miou_difference(frame_counts_a: np.ndarray, frame_counts_b: np.ndarray, block: int = 10,
                            samples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """mIoU of setting A minus setting B on one clip, with a paired circular-block-bootstrap
     percentile interval.
 
     Args:
-        frame_confusion_a: (T, K, K) non-negative integer per-frame confusion matrices ``[frame,
-            gt, pred]`` of setting A (:class:`~mpvss_ros.evaluation.metrics.ConfusionMatrix`
-            ``.mat`` per frame).
-        frame_confusion_b: the same for setting B, on the same T frames: each frame's ground-truth
-            pixel counts (row sums) must equal A's.
+        frame_counts_a: (T, 3, K) non-negative integer per-frame class counts ``[frame, (TP, GT,
+            Pred), class]`` of setting A (:func:`~mpvss_ros.evaluation.metrics.class_counts` of
+            each frame's confusion matrix).
+        frame_counts_b: the same for setting B, on the same T frames: each frame's ground-truth
+            counts GT_c must equal A's.
         block: L >= 1 frames per bootstrap block (:func:`circular_block_resamples`). With fewer
             than two blocks in the clip (L >= T) every resample would be the clip itself, so there
             is no interval: ``ci`` and the shares are NaN and ``kept`` is 0.
@@ -89,42 +90,44 @@ def paired_miou_difference(frame_confusion_a: np.ndarray, frame_confusion_b: np.
         counted pixel has no mIoU and is not kept.
 
     Raises:
-        ValueError: matrices that are not both (T, K, K) integer counts >= 0 with the same
-            ground truth per frame; ``level`` outside (0, 1); ``block`` or ``samples`` not an
-            integer >= 1.
+        ValueError: counts that are not both (T, 3, K) integers >= 0 with TP_c <= min(GT_c,
+            Pred_c) and the same ground truth per frame; ``level`` outside (0, 1); ``block`` or
+            ``samples`` not an integer >= 1.
     """
-    a = np.asarray(frame_confusion_a)
-    b = np.asarray(frame_confusion_b)
-    if a.ndim != 3 or a.shape[1] != a.shape[2] or a.shape != b.shape:
-        raise ValueError(f"per-frame confusion matrices must both be (T, K, K), got {a.shape} and {b.shape}")
+    a = np.asarray(frame_counts_a)
+    b = np.asarray(frame_counts_b)
+    if a.ndim != 3 or a.shape[1] != 3 or a.shape != b.shape:
+        raise ValueError(f"per-frame class counts must both be (T, 3, K), got {a.shape} and {b.shape}")
     if a.dtype.kind not in "iu" or b.dtype.kind not in "iu" or (a < 0).any() or (b < 0).any():
-        raise ValueError(f"per-frame confusion matrices must hold pixel counts (integers >= 0), "
-                         f"got {a.dtype} and {b.dtype}")
-    if not np.array_equal(a.sum(axis=2), b.sum(axis=2)):
+        raise ValueError(f"per-frame class counts must hold pixel counts (integers >= 0), got {a.dtype} and {b.dtype}")
+    for name, c in (("A", a), ("B", b)):
+        if (c[:, 0] > np.minimum(c[:, 1], c[:, 2])).any():
+            raise ValueError(f"setting {name}'s counts are not (TP, GT, Pred): a TP_c exceeds GT_c or Pred_c")
+    if not np.array_equal(a[:, 1], b[:, 1]):
         raise ValueError("the two settings' frames differ in their ground-truth pixels: not the same frames")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    frames, k = a.shape[0], a.shape[1]
+    frames, k = a.shape[0], a.shape[2]
     block, samples = _count(block, "block"), _count(samples, "samples")
     if block < 1:
         raise ValueError(f"block must be in 1..{frames} (the clip's frames), got {block}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     blocks = -(-frames // block)
-    delta = 100.0 * float(mean_iou(a.sum(axis=0)) - mean_iou(b.sum(axis=0)))
+    delta = 100.0 * float(mean_iou_from_counts(a.sum(axis=0)) - mean_iou_from_counts(b.sum(axis=0)))
     out: dict[str, Any] = {"delta": delta, "ci": [float("nan")] * 2, "share_a_better": float("nan"),
                            "share_b_better": float("nan"), "level": level, "block": block, "blocks": blocks,
                            "samples": samples, "kept": 0}
     if blocks < 2:  # each resample would be a rotation of the whole clip
         return out
     idx = circular_block_resamples(frames, block, samples, seed)
-    # each resample's summed matrices: how often each frame was drawn (S, T) times the frames'
-    # matrices (T, K * K), in float64, exact for counts below 2**53
+    # each resample's summed counts: how often each frame was drawn (S, T) times the frames'
+    # counts (T, 3 * K), in float64, exact for counts below 2**53
     draws = np.bincount((np.arange(samples)[:, None] * frames + idx).ravel(),
                         minlength=samples * frames).reshape(samples, frames).astype(np.float64)
-    sums_a = (draws @ a.reshape(frames, k * k).astype(np.float64)).reshape(samples, k, k)
-    sums_b = (draws @ b.reshape(frames, k * k).astype(np.float64)).reshape(samples, k, k)
-    diffs = 100.0 * (mean_iou(sums_a) - mean_iou(sums_b))
+    sums_a = (draws @ a.reshape(frames, 3 * k).astype(np.float64)).reshape(samples, 3, k)
+    sums_b = (draws @ b.reshape(frames, 3 * k).astype(np.float64)).reshape(samples, 3, k)
+    diffs = 100.0 * (mean_iou_from_counts(sums_a) - mean_iou_from_counts(sums_b))
     diffs = diffs[np.isfinite(diffs)]
     if diffs.size:
         tail = (1.0 - level) / 2.0

@@ -28,7 +28,7 @@ from ..propagation import FLOW_PROPAGATORS, Propagator, build_propagator
 from ..scheduling import DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, KeyFrameScheduler, parse_schedule, schedule_key_frames
 from ..segmenter import VideoSegmenter
 from .bootstrap import paired_miou_difference
-from .metrics import ConfusionMatrix, VideoConsistency
+from .metrics import ConfusionMatrix, VideoConsistency, class_counts
 
 __all__ = ["LabelledSequence", "load_sequence", "self_labelled_sequence", "evaluate_sequence", "match_adaptive_threshold",
            "key_interval_study", "plot_study", "row_label", "comparison_label"]
@@ -214,7 +214,8 @@ def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: st
 def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Propagator,
               scheduler: KeyFrameScheduler | str, progress: bool, backend: Any, optical_flow_preset: str,
               optical_flow_scale: float, chain_flow: bool) -> tuple[dict[str, Any], np.ndarray]:
-    """:func:`evaluate_sequence`, and its per-frame confusion matrices (T, K, K) int64."""
+    """:func:`evaluate_sequence`, and its per-frame class counts (T, 3, K) int64 (TP, GT, Pred:
+    :func:`~mpvss_ros.evaluation.metrics.class_counts`), what the bootstrap resamples."""
     cfg = loaded.config
     # the sequence's stamps are frame index / fps: no time-gap key frames (fps < 1 would key every frame)
     sched = parse_schedule(scheduler, max_gap_s=math.inf) if isinstance(scheduler, str) else scheduler
@@ -223,21 +224,20 @@ def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Prop
             if isinstance(propagator, str) else propagator)
     segmenter = VideoSegmenter(model, prop, sched, device=loaded.device)
     vcs = {n: VideoConsistency(n) for n in (8, 16)}
-    times, key_times, non_key_times, keys, frame_confusion = [], [], [], 0, []
+    conf = ConfusionMatrix(cfg.num_classes)  # the clip's: the sum of its frames'
+    times, key_times, non_key_times, keys, frame_counts = [], [], [], 0, []
     for i in tqdm(range(len(seq.images)), disable=not progress, desc=f"{prop.name} {sched!r}", leave=False):
         result = segmenter.push(seq.images[i], i / seq.fps)
         frame = ConfusionMatrix(cfg.num_classes)
         frame.update(result.labels, seq.labels[i])
-        frame_confusion.append(frame.mat)
+        conf.merge(frame)
+        frame_counts.append(class_counts(frame.mat))
         for vc in vcs.values():
             vc.update(result.labels, seq.labels[i])
         total = result.timings_ms["total"]
         times.append(total)
         (key_times if result.is_key_frame else non_key_times).append(total)
         keys += int(result.is_key_frame)
-    stack = np.stack(frame_confusion)
-    conf = ConfusionMatrix(cfg.num_classes)  # the clip's: the sum of its frames'
-    conf.mat[:] = stack.sum(axis=0)
     out = conf.summary(cfg.class_names)
     out.update({
         "VC_8": _pct(vcs[8].value()),
@@ -254,7 +254,7 @@ def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Prop
         "median_ms_non_key_frame": float(np.median(non_key_times)) if non_key_times else None,
         "cost_ratio_within_run": _cost_ratio_within_run(key_times, non_key_times),
     })
-    return out, stack
+    return out, np.stack(frame_counts)
 
 
 def _cost_ratio_within_run(key_times: Sequence[float], non_key_times: Sequence[float]) -> float | None:
@@ -363,8 +363,8 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
         raise ValueError(f"bootstrap_block and bootstrap_samples must be >= 1, got {bootstrap_block} and "
                          f"{bootstrap_samples}")
     rows: list[dict[str, Any]] = []
-    frame_confusion: list[np.ndarray] = []  # per row, (T, K, K)
-    per_frame, per_frame_confusion = None, None
+    frame_counts: list[np.ndarray] = []  # per row, (T, 3, K)
+    per_frame, per_frame_counts = None, None
     flow_opts = {"optical_flow_preset": optical_flow_preset, "optical_flow_scale": optical_flow_scale}
     if not chain_flow_modes:
         raise ValueError("chain_flow_modes must hold at least one of False, True")
@@ -374,15 +374,15 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
         for prop, chain in settings:
             if n == 1 and per_frame is not None:  # per-frame: the propagator never runs
                 rows.append({**per_frame, "propagator": prop, "chain_flow": chain})
-                frame_confusion.append(per_frame_confusion)
+                frame_counts.append(per_frame_counts)
                 continue
             r, fc = _evaluate(loaded, seq, prop, f"fixed:{n}", progress, backend, chain_flow=bool(chain), **flow_opts)
             r.update(interval=n, mode="fixed", threshold=None, chain_flow=chain)
             rows.append(r)
-            frame_confusion.append(fc)
+            frame_counts.append(fc)
             if n == 1:
                 r["propagator_settings"] = None  # every frame is a key frame: no propagator runs
-                per_frame, per_frame_confusion = r, fc
+                per_frame, per_frame_counts = r, fc
         if adaptive and n > 1:
             target = math.ceil(len(seq.images) / n)
             threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval=2 * n,
@@ -393,14 +393,14 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
                 r, fc = _evaluate(loaded, seq, prop, sched, progress, backend, chain_flow=bool(chain), **flow_opts)
                 r.update(interval=n, mode="adaptive", threshold=threshold, target_key_frames=target, chain_flow=chain)
                 rows.append(r)
-                frame_confusion.append(fc)
+                frame_counts.append(fc)
     for r in rows:
         r["cost_ratio"] = r["mean_ms_per_frame"] / per_frame["mean_ms_per_frame"] if per_frame else None
     comparisons = []
     for i, j in _compared_rows(rows):
         comparisons.append({"interval": rows[i]["interval"], "a": comparison_label(rows[i]),
                             "b": comparison_label(rows[j]),
-                            **paired_miou_difference(frame_confusion[i], frame_confusion[j], bootstrap_block,
+                            **paired_miou_difference(frame_counts[i], frame_counts[j], bootstrap_block,
                                                      bootstrap_samples)})
     return {"frames": len(seq.images), "fps": seq.fps, **loaded.provenance(backend), "optical_flow": flow_opts,
             "rows": rows, "comparisons": comparisons}
