@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--self-reference", action="store_true",
                     help="score against the model's own per-frame labels instead of --labels (unlabelled video: how "
                          "much of the per-frame segmentation a propagator and schedule keep, not accuracy)")
-    ev.add_argument("--fps", type=float, default=15.0, help="frame rate of the sequence (default 15)")
+    ev.add_argument("--fps", type=float, default=None,
+                    help="frame rate of the sequence's stamps (default: a video's own, 15 for an image folder as CamVid's)")
     ev.add_argument("--max-frames", type=int, default=None, help="use the first N frames")
     ev.add_argument("--study", action="store_true",
                     help="run the key-interval study (intervals 1,2,3,5,10 x copy/optical_flow/query_flow, plus adaptive "
@@ -337,7 +338,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sched = _scheduler(args, max_gap_s=math.inf)  # stamps are frame index / fps
     result = evaluate_sequence(loaded, seq, args.propagator, sched, progress=True, backend=backend, **flow_opts,
                                chain_flow=args.chain_flow)
-    result.update(**loaded.provenance(backend), images=str(images), reference=reference)
+    result.update(**loaded.provenance(backend), images=str(images), reference=reference, fps=seq.fps)
     print(json.dumps({k: v for k, v in result.items() if k != "IoU"}))
     if out:
         write_json(result, out / "eval.json")

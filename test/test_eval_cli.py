@@ -521,9 +521,28 @@ def test_eval_self_reference_scores_against_the_models_own_per_frame_labels(tmp_
     assert _eval(str(folder), "--self-reference", "--schedule", "fixed:1", "--out", str(out)) == 0
     per_frame = json.loads((out / "eval.json").read_text())
     assert per_frame["mIoU"] == 100.0 and per_frame["reference"] == "per-frame labels of the model"
+    assert per_frame["fps"] == 15.0  # an image folder's stamps: CamVid's rate unless --fps says otherwise
     assert _eval(str(folder), "--self-reference", "--schedule", "fixed:3", "--propagator", "copy", "--out", str(out)) == 0
     copied = json.loads((out / "eval.json").read_text())
     assert copied["key_frames"] == 2 and copied["mIoU"] < 100.0
     capsys.readouterr()
     assert _eval(str(folder), "--self-reference", "--labels", str(folder)) == 2
     assert "either --labels or --self-reference" in capsys.readouterr().err
+
+
+def test_eval_of_a_video_stamps_at_its_own_frame_rate(tmp_path, capsys):
+    """A video is stamped at its container's rate (the study's JSON and eval.json record it);
+    --fps overrides it."""
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (96, 72))
+    rng = np.random.default_rng(4)
+    base = cv2.resize(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8), (96, 72))
+    for i in range(4):
+        writer.write(np.roll(base, 3 * i, axis=1))
+    writer.release()
+    out = tmp_path / "out"
+    assert _eval(str(video), "--self-reference", "--schedule", "fixed:2", "--out", str(out)) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["fps"] == 25.0 and result["frames"] == 4
+    assert _eval(str(video), "--self-reference", "--schedule", "fixed:2", "--fps", "10", "--out", str(out)) == 0
+    assert json.loads((out / "eval.json").read_text())["fps"] == 10.0

@@ -51,14 +51,29 @@ class LabelledSequence:
     fps: float
 
 
-def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.0,
+#: Frame rate (frames/s) of an image folder under evaluation unless one is given: the CamVid clips'.
+FOLDER_FPS = 15.0
+
+
+def _open_frames(path: str | Path, fps: float | None) -> Any:
+    """:func:`~mpvss_ros.io.video.open_source` with the evaluation's default rate: a folder's
+    :data:`FOLDER_FPS`, a video's own (``fps`` None)."""
+    from ..io.video import open_source
+
+    if fps is None and Path(path).is_dir():
+        fps = FOLDER_FPS
+    return open_source(path, fps=fps)
+
+
+def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | None = None,
                   limit: int | None = None, num_classes: int | None = None) -> LabelledSequence:
     """Load a folder of frames and the folder of same-named label PNGs.
 
     Args:
         image_dir: folder of frames (or a video file; frames named ``000000``, ...).
         label_dir: folder of single-channel label PNGs named like the frames (8- or 16-bit class IDs).
-        fps: frame rate for the stamps (frames/s).
+        fps: frame rate for the stamps (frames/s); None: a video's own, a folder's
+            :data:`FOLDER_FPS`.
         limit: load only the first ``limit`` frames (None: all).
         num_classes: the model's class count K. When given, every label value must be a class
             (0..K-1), the void value right after the classes (K, CamVid's 11 for 11 classes) or
@@ -71,8 +86,6 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.
             size than its frame; with ``num_classes``, a label holding other values (the error
             names the file and the first of them), or labels that are void everywhere.
     """
-    from ..io.video import open_source
-
     label_dir = Path(label_dir)
     if not label_dir.is_dir():
         raise FileNotFoundError(f"label folder not found: {label_dir}")
@@ -82,7 +95,8 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.
     names, images, labels = [], [], []
     counted = 0  # label pixels with a class value (0..K-1)
     first: tuple[str, tuple[int, ...]] | None = None  # the first frame's file and (H, W)
-    with open_source(image_dir, fps=fps) as source:
+    with _open_frames(image_dir, fps) as source:
+        fps = source.fps
         for frame in source:
             if limit is not None and len(names) >= limit:
                 break
@@ -112,7 +126,7 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float = 15.
     return LabelledSequence(names, images, labels, fps)
 
 
-def self_labelled_sequence(loaded: LoadedModel, source: str | Path, fps: float = 15.0, limit: int | None = None,
+def self_labelled_sequence(loaded: LoadedModel, source: str | Path, fps: float | None = None, limit: int | None = None,
                            backend: Any = None, progress: bool = False) -> LabelledSequence:
     """Frames of an unlabelled video (or image folder) labelled by the model itself, every frame a
     key frame: the reference for scoring propagation and key-frame schedules where no ground truth
@@ -122,7 +136,8 @@ def self_labelled_sequence(loaded: LoadedModel, source: str | Path, fps: float =
     Args:
         loaded: the model (its labels become the reference).
         source: video file or image folder (:func:`~mpvss_ros.io.video.open_source`).
-        fps: frame rate for the stamps (frames/s).
+        fps: frame rate for the stamps (frames/s); None: a video's own, a folder's
+            :data:`FOLDER_FPS`.
         limit: the first ``limit`` frames only (None: all).
         backend: inference backend to run instead of ``loaded.model`` (as :func:`evaluate_sequence`).
         progress: show a progress bar.
@@ -130,7 +145,6 @@ def self_labelled_sequence(loaded: LoadedModel, source: str | Path, fps: float =
     Raises:
         FileNotFoundError / ValueError: as :func:`~mpvss_ros.io.video.open_source`; no frames.
     """
-    from ..io.video import open_source
     from ..propagation import CopyPropagator
     from ..scheduling import FixedIntervalScheduler
 
@@ -138,7 +152,8 @@ def self_labelled_sequence(loaded: LoadedModel, source: str | Path, fps: float =
     segmenter = VideoSegmenter(model, CopyPropagator(), FixedIntervalScheduler(1, max_gap_s=math.inf),
                                device=loaded.device)
     names, images, labels = [], [], []
-    with open_source(source, fps=fps) as frames:
+    with _open_frames(source, fps) as frames:
+        fps = frames.fps
         for frame in tqdm(frames, disable=not progress, desc="per-frame reference", leave=False):
             if limit is not None and len(names) >= limit:
                 break
