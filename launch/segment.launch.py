@@ -10,9 +10,12 @@ Arguments:
         file the node reads <image>/compressed (sensor_msgs/CompressedImage) instead.
     namespace: namespace of the node (one instance per camera); outputs are
         /<namespace>/mpvss_segmenter/{labels,confidence,info,label_info,colored,overlay,class_masks}.
+        A namespace pushed by a launch file that includes this one (PushRosNamespace) comes in
+        front of it, for the node, its params-file section and RViz alike.
     config: the parameters file (default: the package's config/segment.yaml).
     model, weights: override those parameters when not empty.
-    use_rviz: also start RViz2 showing the camera image, ~/overlay and ~/colored.
+    use_rviz: also start RViz2 showing the camera image, ~/overlay and ~/colored. RViz is not a
+        dependency of the package (robots run headless): install ros-<distro>-rviz2 where you view.
     lifecycle: start the managed (lifecycle) node ``mpvss_lifecycle_node`` instead of the plain
         one; it loads the model at ``configure`` and segments while ``active``.
     autostart: with lifecycle:=true, configure the node and, once that succeeded, activate it
@@ -82,6 +85,16 @@ def _key_matches(key: str, namespace: str) -> bool:
     return match(pattern, name)
 
 
+def _merge(into: dict, section: dict) -> None:
+    """Merge one params-file section's parameters into ``into``, nested maps (e.g.
+    ``qos_overrides``) leaf by leaf as rcl applies them, a later value winning."""
+    for key, value in section.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def _namespaced_params_file(config: str, namespace: str) -> str:
     """The params file for /<namespace>/mpvss_segmenter.
 
@@ -100,7 +113,7 @@ def _namespaced_params_file(config: str, namespace: str) -> str:
     sections += [(k, v) for k, v in doc.items() if str(k).rstrip("/") == exact]
     for key, section in sections:
         if _key_matches(str(key).rstrip("/"), namespace) and isinstance(section, dict):
-            params.update(section.get("ros__parameters") or {})
+            _merge(params, section.get("ros__parameters") or {})
     return _temp_file(yaml.safe_dump({exact: {"ros__parameters": params}}), ".yaml")
 
 
@@ -140,13 +153,17 @@ def _launch_setup(context, *args, **kwargs):
     share = get_package_share_directory(PACKAGE)
     image = LaunchConfiguration("image").perform(context).strip()
     namespace = LaunchConfiguration("namespace").perform(context).strip().strip("/")
+    # the node's full namespace: one pushed by an including launch file (PushRosNamespace, kept
+    # in the "ros_namespace" configuration) in front of ours, as launch_ros prefixes it
+    pushed = str(context.launch_configurations.get("ros_namespace") or "").strip().strip("/")
+    full_namespace = "/".join(part for part in (pushed, namespace) if part)
     config = LaunchConfiguration("config").perform(context).strip()
     overrides = {}
     for name in ("model", "weights"):
         value = LaunchConfiguration(name).perform(context).strip()
         if value:
             overrides[name] = value
-    parameters = [_namespaced_params_file(config, namespace)] + ([overrides] if overrides else [])
+    parameters = [_namespaced_params_file(config, full_namespace)] + ([overrides] if overrides else [])
     image_topic = image.rstrip("/")
     node_args = dict(package=PACKAGE, name=NODE_NAME, namespace=namespace, parameters=parameters,
                      remappings=[("image", image_topic), ("image/compressed", image_topic + "/compressed")],
@@ -157,7 +174,7 @@ def _launch_setup(context, *args, **kwargs):
         actions = [Node(executable="mpvss_node", **node_args)]
     if _true(LaunchConfiguration("use_rviz").perform(context)):
         with open(os.path.join(share, "config", "mpvss.rviz"), encoding="utf-8") as f:
-            rviz = _rviz_config(f.read(), image_topic, namespace)
+            rviz = _rviz_config(f.read(), image_topic, full_namespace)
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", namespace=namespace,
                             arguments=["-d", _temp_file(rviz, ".rviz")], output="screen"))
     return actions

@@ -17,8 +17,10 @@ the table in :mod:`mpvss_ros.ros.parameters`. This file only wires ROS to them:
   + transient local, depth 1) published at start and with every key frame; every output carries
   the input header;
 * every input and output topic's (not ``/diagnostics``) history, depth and reliability can be changed at start with rclpy's
-  ``qos_overrides`` parameters (e.g. ``qos_overrides./mpvss_segmenter/overlay.publisher.reliability:
-  best_effort`` for a debug view over Wi-Fi);
+  ``qos_overrides`` parameters, named after the topic as resolved and remapped: an output
+  ``qos_overrides./mpvss_segmenter/overlay.publisher.reliability: best_effort`` (a debug view over
+  Wi-Fi), the input ``qos_overrides./camera/image_raw.subscription.depth: 5`` where ``image`` is
+  remapped to ``/camera/image_raw``; a value rclpy refuses ends the start with one fatal line;
 * ``/diagnostics`` (``diagnostic_msgs/DiagnosticArray``) every ``diagnostics_period_s``;
 * services ``~/enable`` (``std_srvs/SetBool``) and ``~/reset`` (``std_srvs/Trigger``).
 
@@ -94,9 +96,21 @@ def _qos(durability: DurabilityPolicy = DurabilityPolicy.VOLATILE, depth: int = 
     return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=reliability, durability=durability)
 
 
-#: ``qos_overrides./<ns>/mpvss_segmenter/<topic>.{publisher,subscription}.{history,depth,reliability}``
-#: parameters (read at start) change any topic's QoS, as in Nav2.
+#: ``qos_overrides.<topic>.{publisher,subscription}.{history,depth,reliability}`` parameters (read
+#: at start) change any topic's QoS, as in Nav2; ``<topic>`` is the resolved and remapped name
+#: (``/<ns>/mpvss_segmenter/labels``, the remapped camera topic).
 _OVERRIDES = QoSOverridingOptions.with_default_policies()
+
+
+def _create_entity(create, msg_type: type, topic: str, *args, **kwargs):
+    """``create(msg_type, topic, *args, **kwargs)`` (a publisher or subscription) with what rclpy raises for
+    a refused ``qos_overrides`` parameter of that topic (``RuntimeError`` for an unknown policy
+    value such as ``best-effort``, ``InvalidParameterTypeException`` for a ``depth`` of another
+    type) as a one-line :class:`StartupError`."""
+    try:
+        return create(msg_type, topic, *args, **kwargs)
+    except (RuntimeError, ParameterException) as exc:
+        raise StartupError(f"topic '{topic}': {exc} (check its qos_overrides parameters)") from None
 
 
 class _SegmenterShell:
@@ -184,8 +198,8 @@ class _SegmenterShell:
             return entity
 
         def publisher(msg_type, topic, qos=None):
-            return made(destroy_publisher, create_publisher(msg_type, topic, qos or _qos(),
-                                                            qos_overriding_options=_OVERRIDES))
+            return made(destroy_publisher, _create_entity(create_publisher, msg_type, topic, qos or _qos(),
+                                                          qos_overriding_options=_OVERRIDES))
 
         self._pub_labels = publisher(Image, "~/labels")
         self._pub_confidence = publisher(Image, "~/confidence")
@@ -219,8 +233,8 @@ class _SegmenterShell:
         self._worker = Worker(self._slot, self.core, self._publish, now=self._now, demand=self._demand)
         input_qos = _qos(depth=cfg.input_depth, reliability=_RELIABILITY[cfg.input_reliability])
         msg_type, topic = (CompressedImage, "image/compressed") if cfg.input_compressed else (Image, "image")
-        self._sub = self.create_subscription(msg_type, topic, self._slot.put, input_qos,
-                                             qos_overriding_options=_OVERRIDES)
+        self._sub = _create_entity(self.create_subscription, msg_type, topic, self._slot.put, input_qos,
+                                   qos_overriding_options=_OVERRIDES)
         self._worker.start()
 
     def _stop_input(self) -> None:
@@ -336,8 +350,8 @@ class MPVSSNode(_SegmenterShell, Node):
 
 
 class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
-    """The segmentation node as a managed (lifecycle) node, for Nav2's lifecycle manager or
-    ``ros2 lifecycle set``.
+    """The segmentation node as a managed (lifecycle) node, for Nav2's lifecycle manager (it holds
+    no bond: give the manager ``bond_timeout: 0.0``) or ``ros2 lifecycle set``.
 
     * ``configure``: read the parameters, load the model, create publishers, services and the
       diagnostics timer (a model that cannot be loaded: one error line, FAILURE, back to

@@ -286,7 +286,7 @@ def _check(spec: ParamSpec, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail("must be an integer")
         if not in_range(value):
-            raise fail(f"must be in [{spec.min:g}, {spec.max:g}]")
+            raise fail(f"must be in [{int(spec.min)}, {int(spec.max)}]")
         return int(value)
     if spec.type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -407,6 +407,8 @@ def descriptor_fields(spec: ParamSpec) -> dict[str, Any]:
         constraints = spec.constraints
     elif spec.type == "int_array":
         constraints = f"integers in [{int(spec.min):#x}, {int(spec.max):#x}]"
+    elif spec.type == "int":
+        constraints = f"[{int(spec.min)}, {int(spec.max)}]"
     elif spec.min is not None:
         constraints = f"[{spec.min:g}, {spec.max:g}]"
     else:

@@ -306,6 +306,8 @@ class Subscription:
 class Node:
     #: What a params file / ``--ros-args -p`` gives, by parameter name (set by the test).
     overrides: dict[str, Any] = {}
+    #: ``--ros-args -r FROM:=TO`` rules (set by the test); both names expanded as topics are.
+    remappings: dict[str, str] = {}
     namespace = "/"
 
     def __init__(self, node_name: str, **kwargs: Any) -> None:
@@ -324,10 +326,17 @@ class Node:
     def get_fully_qualified_name(self) -> str:
         return f"{self.namespace.rstrip('/')}/{self._name}"
 
-    def _resolve(self, topic: str) -> str:
+    def _expand(self, topic: str) -> str:
         if topic.startswith("~/"):
             return f"{self.get_fully_qualified_name()}/{topic[2:]}"
         return topic if topic.startswith("/") else f"{self.namespace.rstrip('/')}/{topic}"
+
+    def _resolve(self, topic: str) -> str:
+        """The expanded and remapped name, as rclpy's ``resolve_topic_name``: what topics, and
+        the ``qos_overrides.<topic>`` parameters, are named after."""
+        name = self._expand(topic)
+        rules = {self._expand(src): self._expand(dst) for src, dst in self.remappings.items()}
+        return rules.get(name, name)
 
     # -- parameters (rclpy Humble's Node.declare_parameter / _apply_descriptor) --
     def declare_parameter(self, name: str, value: Any, descriptor: ParameterDescriptor) -> Parameter:
@@ -393,7 +402,16 @@ class Node:
             key = f"qos_overrides.{topic}.{kind}.{policy}"
             if key in self.overrides:
                 value = self.overrides[key]
-                setattr(qos, policy, _POLICY_ENUMS[policy][value.upper()] if policy in _POLICY_ENUMS else value)
+                if policy not in _POLICY_ENUMS:  # depth: an integer parameter (rclpy declares it typed)
+                    if type(value) is not int:
+                        raise InvalidParameterTypeException(
+                            f"Trying to set parameter '{key}' to '{value}' of type "
+                            f"'{ParameterType.from_value(value).name}', expecting type 'INTEGER'")
+                    setattr(qos, policy, value)
+                elif str(value).upper() not in _POLICY_ENUMS[policy].__members__:  # rclpy: RuntimeError
+                    raise RuntimeError(f"Unexpected QoS override for policy `{policy}`: `{value}`")
+                else:
+                    setattr(qos, policy, _POLICY_ENUMS[policy][str(value).upper()])
 
     # -- entities --
     def create_publisher(self, msg_type: type, topic: str, qos_profile: QoSProfile, *,

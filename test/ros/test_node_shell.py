@@ -257,6 +257,10 @@ def test_lifecycle_configure_fails_cleanly_on_a_missing_model(node_module, monke
     ({"max_gap_s": "two"}, "parameter 'max_gap_s'"),             # validate() refuses it
     ({"schedule": "every frame"}, "parameter 'schedule'"),
     ({"weights": "/nonexistent/model.pt"}, "/nonexistent/model.pt"),
+    # qos_overrides values rclpy refuses: an unknown policy value (RuntimeError), a depth of
+    # another type (InvalidParameterTypeException)
+    ({f"qos_overrides.{NODE}/overlay.publisher.reliability": "best-effort"}, "topic '~/overlay'"),
+    ({"qos_overrides./image.subscription.depth": "5"}, "topic 'image'"),
 ])
 def test_bad_parameters_stop_the_node_with_one_line(node_module, overrides, words):
     start, _ = node_module
@@ -265,6 +269,19 @@ def test_bad_parameters_stop_the_node_with_one_line(node_module, overrides, word
     with pytest.raises(core.StartupError) as info:
         start(**overrides)
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_input_qos_override_is_named_after_the_remapped_topic(node_module, monkeypatch):
+    """rclpy names a subscription's qos_overrides after its resolved, remapped topic (what the
+    launch file's image:=... makes of ``image``), not after the node."""
+    start, _ = node_module
+    monkeypatch.setattr(fr.Node, "remappings", {"image": "/camera/image_raw"})
+    node = start(**{"qos_overrides./camera/image_raw.subscription.depth": 5,
+                    "qos_overrides./camera/image_raw.subscription.reliability": "reliable",
+                    f"qos_overrides.{NODE}/image.subscription.depth": 9})  # names nothing: no effect
+    (sub,) = node.subscriptions.values()
+    assert sub.topic_name == "/camera/image_raw"
+    assert (sub.qos.depth, sub.qos.reliability) == (5, fr.ReliabilityPolicy.RELIABLE)
 
 
 def test_main_exit_status(node_module, monkeypatch):
@@ -324,7 +341,7 @@ def test_lifecycle_configure_undoes_a_failure_half_way(node_module, monkeypatch)
         assert made == ["~/labels", "~/confidence"]
         assert not node.publishers and not node._managed and not node.services and not node.timers
         assert node.core is None
-        assert any(level == "error" and "cannot configure: RuntimeError: Unexpected QoS override" in text
+        assert any(level == "error" and "cannot configure: topic '~/info': Unexpected QoS override" in text
                    for level, text in node.get_logger().lines[seen:])
         monkeypatch.setattr(node, "create_lifecycle_publisher", real)
         assert node.trigger_configure() == fr.TransitionCallbackReturn.SUCCESS  # and it can be retried

@@ -266,13 +266,14 @@ def test_package_layout_generates_messages_and_installs_python_config_and_launch
 
 
 class _Config:
-    """Stand-in for launch.substitutions.LaunchConfiguration: perform() reads a dict context."""
+    """Stand-in for launch.substitutions.LaunchConfiguration: perform() reads the context's
+    launch configurations, as the real one does."""
 
     def __init__(self, name):
         self.name = name
 
     def perform(self, context):
-        return context[self.name]
+        return context.launch_configurations[self.name]
 
 
 class _Record:
@@ -318,11 +319,13 @@ def launch_file(monkeypatch, tmp_path):
 
 
 def _run(launch_file, **args):
-    context = {"image": "/camera/image_raw", "namespace": "", "model": "", "weights": "", "use_rviz": "false",
-               "config": str(launch_file.share / "config" / "segment.yaml"), "lifecycle": "false",
-               "autostart": "true"}
-    context.update(args)
-    return launch_file._launch_setup(context)
+    """The launch file's actions for these launch arguments (``ros_namespace``: a namespace pushed
+    by an including launch file)."""
+    configurations = {"image": "/camera/image_raw", "namespace": "", "model": "", "weights": "", "use_rviz": "false",
+                      "config": str(launch_file.share / "config" / "segment.yaml"), "lifecycle": "false",
+                      "autostart": "true"}
+    configurations.update(args)
+    return launch_file._launch_setup(types.SimpleNamespace(launch_configurations=configurations))
 
 
 def test_launch_arguments(launch_file):
@@ -398,6 +401,46 @@ def test_launch_namespaced_node_takes_only_its_own_sections(launch_file, tmp_pat
         (node,) = _run(launch_file, namespace=namespace, config=str(config))
         doc = yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text())
         assert doc == {f"/{namespace}/{NODE_NAME}": {"ros__parameters": params}}, namespace
+
+
+def test_launch_under_a_pushed_namespace(launch_file, tmp_path):
+    """Included under PushRosNamespace('robot1'), the node is /robot1/front/mpvss_segmenter: its
+    params-file section and RViz's topics follow (the node itself gets only our namespace;
+    launch_ros prefixes the pushed one)."""
+    config = tmp_path / "robots.yaml"
+    config.write_text(yaml.safe_dump({
+        f"/robot1/front/{NODE_NAME}": {"ros__parameters": {"threads": 5}},
+        f"/front/{NODE_NAME}": {"ros__parameters": {"threads": 6}},  # another node's section
+    }))
+    node, rviz = _run(launch_file, namespace="front", ros_namespace="/robot1", config=str(config), use_rviz="true")
+    assert node.kwargs["namespace"] == "front"
+    doc = yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text())
+    assert doc == {f"/robot1/front/{NODE_NAME}": {"ros__parameters": {"threads": 5}}}
+    topics = re.findall(r"Value: (/\S+)", Path(rviz.kwargs["arguments"][1]).read_text())
+    assert topics[1] == f"/robot1/front/{NODE_NAME}/overlay"
+    # a pushed namespace alone: the package's bare `mpvss_segmenter:` section is rewritten for it
+    (node,) = _run(launch_file, ros_namespace="robot1")
+    assert node.kwargs["namespace"] == ""
+    doc = yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text())
+    assert doc == {f"/robot1/{NODE_NAME}": {"ros__parameters": defaults()}}
+
+
+def test_launch_merges_nested_parameters_leaf_by_leaf(launch_file, tmp_path):
+    """Two sections that both apply and both set qos_overrides: rcl keeps every leaf, so the
+    rewritten file must too."""
+    config = tmp_path / "qos.yaml"
+    config.write_text(yaml.safe_dump({
+        "/**": {"ros__parameters": {"qos_overrides": {"/front/image_raw": {"subscription": {"depth": 5}}},
+                                    "threads": 2}},
+        f"/front/{NODE_NAME}": {"ros__parameters": {"qos_overrides": {
+            f"/front/{NODE_NAME}/overlay": {"publisher": {"reliability": "best_effort"}},
+            "/front/image_raw": {"subscription": {"reliability": "reliable"}}}, "threads": 4}},
+    }))
+    (node,) = _run(launch_file, namespace="front", config=str(config))
+    doc = yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text())
+    assert doc == {f"/front/{NODE_NAME}": {"ros__parameters": {"threads": 4, "qos_overrides": {
+        "/front/image_raw": {"subscription": {"depth": 5, "reliability": "reliable"}},
+        f"/front/{NODE_NAME}/overlay": {"publisher": {"reliability": "best_effort"}}}}}}
 
 
 def test_launch_rviz_shows_this_instances_topics(launch_file):
