@@ -448,6 +448,10 @@ def test_export_folder_checked_and_run_without_the_model(tmp_path, capsys):
     assert main(["check-export", str(export)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["valid_hw"] == [64, 96]
+    assert main(["check-export", str(export), "--threads", "0"]) == 0  # onnxruntime's choice
+    assert json.loads(capsys.readouterr().out)["passed"]
+    assert main(["check-export", str(export), "--threads", "-1"]) == 2
+    assert "--threads must be in [0, 4096]" in _error_line(capsys.readouterr().err)
     frames = tmp_path / "frames"
     rng = np.random.default_rng(3)
     _write_folder(frames, {f"f{i}": rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for i in range(4)})

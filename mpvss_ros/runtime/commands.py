@@ -103,7 +103,8 @@ def add_runtime_commands(sub: Any) -> None:
                                     "outputs must have the listed shapes and be finite. Exit 0 when it passes, 2 with "
                                     "every problem listed otherwise.")
     ce.add_argument("export_dir", help="the folder with contract.json, key_frame.onnx, non_key_frame.onnx")
-    ce.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    ce.add_argument("--threads", type=int, default=1,
+                    help="onnxruntime intra-op threads, 0 = onnxruntime's choice (default 1)")
 
     be = sub.add_parser("build-engine", help="prebuild the TensorRT engines (cached) for a model and input size",
                         description="Export the ONNX graphs (cached) and build both TensorRT engines into the engine cache, "

@@ -219,6 +219,8 @@ class TrainOptions:
                              f"{self.warmup_factor}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(f"stop_at must be in 1..steps ({self.steps}), got {self.stop_at}")
+        if self.seed < 0:  # numpy's generators, which order the data, take no negative seed
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclass

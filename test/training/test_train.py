@@ -48,6 +48,9 @@ def test_cli_arguments_round_trip(tmp_path):
     assert opts.crop == (96, 128) and opts.matcher == "fixed" and opts.steps == TrainOptions(run_dir="").steps
     with pytest.raises(ValueError):
         TrainOptions(run_dir="x", matcher="greedy").validate()
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):  # numpy's data order takes none
+        TrainOptions(run_dir="x", seed=-1).validate()
+    TrainOptions(run_dir="x", seed=0).validate()
 
 
 def test_device_option_reaches_the_options():
