@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import error_line
+
 from mpvss_ros.cli import main
 from mpvss_ros.io.video import read_label_png
 
@@ -22,15 +24,6 @@ RECORD_KEYS = {"frame", "stamp", "is_key_frame", "scene_score", "timings_ms"}
 
 def _segment(input_path, out: Path, *extra: str) -> int:
     return main(["segment", str(input_path), "--out", str(out), "--no-progress", *extra])
-
-
-def _error_line(err: str) -> str:
-    """The one ``mpvss: error:`` line (log records, if any reach stderr, are not counted)."""
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("mpvss: WARNING", "mpvss: INFO"))]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("mpvss: error: "), err
-    return lines[0]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -241,7 +234,7 @@ def tiny_folder(tmp_path) -> Path:
 
 def test_error_missing_input(tmp_path, capsys):
     rc = _segment(tmp_path / "nope.mp4", tmp_path / "out")
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and "input not found" in line and "nope.mp4" in line
     assert not (tmp_path / "out").exists()
 
@@ -250,21 +243,21 @@ def test_error_text_file_named_mp4(tmp_path, capsys):
     fake = tmp_path / "x.mp4"
     fake.write_text("this is not a video\n" * 20)
     rc = _segment(fake, tmp_path / "out")
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and "cannot read video" in line and "x.mp4" in line
 
 
 def test_error_empty_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     rc = _segment(tmp_path / "empty", tmp_path / "out")
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and "no images" in line
 
 
 @pytest.mark.parametrize("spec", ["fixed:0", "fixed:x", "adaptive:nan", "sometimes"])
 def test_error_bad_schedule(tiny_folder, tmp_path, capsys, spec):
     rc = _segment(tiny_folder, tmp_path / "out", "--schedule", spec)
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and "bad schedule" in line and spec in line
     assert not (tmp_path / "out").exists()  # validated before anything is written
 
@@ -286,14 +279,14 @@ def test_cut_threshold_reaches_the_scheduler(bikes_path, tmp_path, capsys, cut_t
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
 def test_error_bad_cut_threshold(tiny_folder, tmp_path, capsys, value):
     rc = _segment(tiny_folder, tmp_path / "out", "--schedule", "adaptive", "--cut-threshold", value)
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and "cut_threshold" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_error_bad_max_frames(tiny_folder, tmp_path, capsys):
     rc = _segment(tiny_folder, tmp_path / "out", "--max-frames", "0")
-    assert rc == 2 and "--max-frames" in _error_line(capsys.readouterr().err)
+    assert rc == 2 and "--max-frames" in error_line(capsys.readouterr().err)
 
 
 def test_error_bogus_propagator(tiny_folder, tmp_path, capsys):
@@ -312,32 +305,32 @@ def test_error_missing_subcommand(capsys):
 
 def test_error_missing_weights(tiny_folder, tmp_path, capsys):
     rc = _segment(tiny_folder, tmp_path / "out", "--weights", "missing.pt")
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc in (1, 2) and "missing.pt" in line and "not found" in line
 
 
 def test_error_unknown_model(tiny_folder, tmp_path, capsys):
     rc = _segment(tiny_folder, tmp_path / "out", "--model", "no_such_model")
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and "no_such_model" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA; the error needs a CPU-only torch")
 def test_error_cuda_on_cpu_only_machine(tiny_folder, tmp_path, capsys):
     rc = _segment(tiny_folder, tmp_path / "out", "--device", "cuda")
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and "CUDA" in line and "--device cpu" in line
 
 
 def test_error_bad_device_name(tiny_folder, tmp_path, capsys):
     rc = _segment(tiny_folder, tmp_path / "out", "--device", "gpu0")
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and "gpu0" in line
 
 
 def test_error_bad_threads(tiny_folder, tmp_path, capsys):
     rc = _segment(tiny_folder, tmp_path / "out", "--threads", "-1")
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and "--threads" in line
 
 
@@ -348,7 +341,7 @@ def test_threads_zero_leaves_torch_threads_as_they_are(tiny_folder, tmp_path, ca
     assert torch.get_num_threads() == before
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["frames"] == 1
     rc = _segment(tiny_folder, tmp_path / "out2", "--threads", "4097")
-    assert rc == 2 and "--threads must be in [0, 4096]" in _error_line(capsys.readouterr().err)
+    assert rc == 2 and "--threads must be in [0, 4096]" in error_line(capsys.readouterr().err)
 
 
 def test_train_threads_zero_reaches_the_trainer(tmp_path, capsys, monkeypatch):
@@ -375,7 +368,7 @@ def test_error_empty_output_folder(tiny_folder, capsys, argv, monkeypatch, tmp_p
     monkeypatch.chdir(tmp_path)
     argv = [str(tiny_folder) if a == "IN" else a for a in argv]
     assert main(argv) == 2
-    assert "must name a folder" in _error_line(capsys.readouterr().err)
+    assert "must name a folder" in error_line(capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
 
 
@@ -383,7 +376,7 @@ def test_error_out_is_a_file(tiny_folder, tmp_path, capsys):
     blocker = tmp_path / "taken"
     blocker.write_text("a file, not a folder")
     rc = _segment(tiny_folder, blocker)
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc in (1, 2) and "taken" in line
 
 
@@ -413,16 +406,16 @@ def test_segment_output_folder_is_never_mixed_nor_written_over_the_input(tmp_pat
     (foreign / "labels").mkdir(parents=True)
     (foreign / "labels" / "mine.png").write_bytes(b"x")
     assert _segment(second, foreign, "--propagator", "copy") == 2
-    assert "no mpvss segment run wrote" in _error_line(capsys.readouterr().err)
+    assert "no mpvss segment run wrote" in error_line(capsys.readouterr().err)
     assert (foreign / "labels" / "mine.png").read_bytes() == b"x"
     # the run would overwrite its input: refused before anything is written
     video = out / "overlay.mp4"
     assert _segment(first, out, "--propagator", "copy") == 0
     assert _segment(video, out, "--propagator", "copy") == 2
-    assert "would write over the input" in _error_line(capsys.readouterr().err)
+    assert "would write over the input" in error_line(capsys.readouterr().err)
     assert video.stat().st_size > 0
     assert _segment(out / "labels", out, "--propagator", "copy") == 2
-    assert "would write over the input" in _error_line(capsys.readouterr().err)
+    assert "would write over the input" in error_line(capsys.readouterr().err)
 
 
 def test_segment_refuses_the_output_folder_before_loading_the_model(tmp_path, capsys, monkeypatch):
@@ -436,7 +429,7 @@ def test_segment_refuses_the_output_folder_before_loading_the_model(tmp_path, ca
     (foreign / "labels").mkdir(parents=True)
     (foreign / "labels" / "mine.png").write_bytes(b"x")
     assert _segment(frames, foreign, "--propagator", "copy") == 2
-    assert "no mpvss segment run wrote" in _error_line(capsys.readouterr().err) and not loads
+    assert "no mpvss segment run wrote" in error_line(capsys.readouterr().err) and not loads
 
 
 def test_export_folder_checked_and_run_without_the_model(tmp_path, capsys):
@@ -451,7 +444,7 @@ def test_export_folder_checked_and_run_without_the_model(tmp_path, capsys):
     assert main(["check-export", str(export), "--threads", "0"]) == 0  # onnxruntime's choice
     assert json.loads(capsys.readouterr().out)["passed"]
     assert main(["check-export", str(export), "--threads", "-1"]) == 2
-    assert "--threads must be in [0, 4096]" in _error_line(capsys.readouterr().err)
+    assert "--threads must be in [0, 4096]" in error_line(capsys.readouterr().err)
     frames = tmp_path / "frames"
     rng = np.random.default_rng(3)
     _write_folder(frames, {f"f{i}": rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for i in range(4)})
@@ -464,12 +457,12 @@ def test_export_folder_checked_and_run_without_the_model(tmp_path, capsys):
     assert len(list((out / "labels").glob("*.png"))) == 4
     capsys.readouterr()
     assert _segment(frames, out, "--onnx-dir", str(export)) == 2  # torch runs model/weights, not graphs
-    assert "--onnx-dir needs --backend onnxruntime or tensorrt" in _error_line(capsys.readouterr().err)
+    assert "--onnx-dir needs --backend onnxruntime or tensorrt" in error_line(capsys.readouterr().err)
     assert _segment(frames, out, "--backend", "onnxruntime", "--onnx-dir", str(export), "--model", "mpvss_lite") == 2
-    assert "leave out --model/--weights" in _error_line(capsys.readouterr().err)
+    assert "leave out --model/--weights" in error_line(capsys.readouterr().err)
     (export / "key_frame.onnx").unlink()
     assert main(["check-export", str(export)]) == 2
-    assert "key_frame.onnx not found" in _error_line(capsys.readouterr().err)
+    assert "key_frame.onnx not found" in error_line(capsys.readouterr().err)
 
 
 def test_segment_goes_on_without_the_overlay_video_when_it_cannot_be_written(tiny_folder, tmp_path, capsys,
@@ -503,6 +496,6 @@ def test_segment_at_a_frame_rate_below_one_keeps_the_schedule(tmp_path, capsys):
                                           (["--cut-threshold", "nan"], "cut_threshold")])
 def test_error_bad_adaptive_settings_even_with_a_fixed_schedule(tiny_folder, tmp_path, capsys, extra, words):
     rc = _segment(tiny_folder, tmp_path / "out", "--schedule", "fixed:3", *extra)
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert rc == 2 and words in line
     assert not (tmp_path / "out").exists()

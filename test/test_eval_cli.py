@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import mpvss_ros.cli as cli
+from conftest import error_line
+
 from mpvss_ros.cli import main
 from mpvss_ros.evaluation.study import (
     _cost_ratio_within_run,
@@ -267,32 +269,24 @@ def test_write_json_nan_as_null(tmp_path):
 
 # --------------------------------------------------------------------------- errors
 
-def _error_line(err: str) -> str:
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("mpvss: WARNING", "mpvss: INFO"))]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("mpvss: error: "), err
-    return lines[0]
-
-
 def test_eval_cli_missing_labels_folder(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
     img, _ = camvid_val_dirs
     missing = tmp_path / "no_such_labels"
     rc = _eval(str(img), "--labels", str(missing), "--weights", str(lite_checkpoint), "--max-frames", "2")
     assert rc == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert str(missing) in line
 
 
 def test_eval_cli_images_without_labels(camvid_val_dirs, lite_checkpoint, capsys):
     img, _ = camvid_val_dirs
     assert _eval(str(img), "--weights", str(lite_checkpoint)) == 2
-    assert "--labels" in _error_line(capsys.readouterr().err)
+    assert "--labels" in error_line(capsys.readouterr().err)
 
 
 def test_eval_cli_bad_schedule_and_propagator(camvid_val_dirs, lite_checkpoint, capsys):
     assert _eval("--weights", str(lite_checkpoint), "--schedule", "sometimes") == 2
-    assert "bad schedule" in _error_line(capsys.readouterr().err)
+    assert "bad schedule" in error_line(capsys.readouterr().err)
     with pytest.raises(SystemExit) as exc:
         _eval("--propagator", "teleport")
     assert exc.value.code == 2
@@ -302,7 +296,7 @@ def test_eval_cli_bad_schedule_and_propagator(camvid_val_dirs, lite_checkpoint, 
 def test_eval_cli_missing_weights_is_runtime_error(camvid_val_dirs, tmp_path, capsys):
     rc = _eval("--weights", str(tmp_path / "missing.pt"), "--max-frames", "2")
     assert rc == 1
-    assert "not found" in _error_line(capsys.readouterr().err)
+    assert "not found" in error_line(capsys.readouterr().err)
 
 
 
@@ -486,7 +480,7 @@ def test_eval_cli_refuses_bad_labels_and_sizes_before_segmenting(tmp_path, capsy
     img, ann = _write_sequence(tmp_path, labels)
     out = tmp_path / "out"
     assert _eval(str(img), "--labels", str(ann), "--out", str(out)) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert words in line
     assert not out.exists()
 
@@ -496,7 +490,7 @@ def test_eval_cli_images_without_labels_names_the_option(tmp_path, capsys, monke
     monkeypatch.setattr(cli, "load_model_and_backend", lambda args: pytest.fail("loaded a model"))
     img, _ = _write_sequence(tmp_path, [_label(1)])
     assert _eval(str(img)) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "give --labels DIR with IMAGES" in line and "not found" not in line
 
 
@@ -505,7 +499,7 @@ def test_eval_cli_refuses_an_empty_out(tmp_path, capsys, monkeypatch, out):
     monkeypatch.setattr(cli, "load_model_and_backend", lambda args: pytest.fail("loaded a model"))
     img, ann = _write_sequence(tmp_path, [_label(1)])
     assert _eval(str(img), "--labels", str(ann), "--out", out) == 2
-    assert f"--out must name a folder, got {out!r}" in _error_line(capsys.readouterr().err)
+    assert f"--out must name a folder, got {out!r}" in error_line(capsys.readouterr().err)
 
 
 def test_eval_self_reference_scores_against_the_models_own_per_frame_labels(tmp_path, capsys):

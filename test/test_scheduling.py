@@ -14,6 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import read_rgb
+
 from mpvss_ros.scheduling import (
     DEFAULT_CUT_THRESHOLD,
     AdaptiveScheduler,
@@ -30,12 +32,6 @@ FPS = 25.0
 
 REASONS = {"first", "reset", "resolution_change", "time_backwards", "time_gap", "interval",
            "scene_cut", "scene_change", "max_interval"}
-
-
-def _read_rgb(path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert bgr is not None, path
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _solid(value: int, hw: tuple[int, int] = (24, 32)) -> np.ndarray:
@@ -113,7 +109,7 @@ def test_cut_scores_of_bikes_match_the_default_threshold(bikes_frames):
 
 
 def test_no_cut_on_the_camvid_val_clip(camvid_val):
-    frames = [_read_rgb(p) for p in sorted(camvid_val.glob("*.png"))]
+    frames = [read_rgb(p) for p in sorted(camvid_val.glob("*.png"))]
     assert len(frames) == 101
     decisions = _run(AdaptiveScheduler(threshold=0.5), frames, [i / 15.0 for i in range(len(frames))])
     assert _keys(decisions, "scene_cut") == []
@@ -194,7 +190,7 @@ def test_adaptive_quiet_on_static_real_scene(source, request):
         image = request.getfixturevalue("bikes_frames")[100]
     else:
         folder = request.getfixturevalue("camvid_val")
-        image = _read_rgb(folder / "0016E5_07959.png")
+        image = read_rgb(folder / "0016E5_07959.png")
     frames = _static_scene(image, 60, seed=7)
     assert not np.array_equal(frames[0], frames[1])  # the noise is really there
     decisions = _run(AdaptiveScheduler(threshold=0.5, max_interval=10), frames)
