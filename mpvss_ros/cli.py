@@ -31,6 +31,7 @@ import torch
 from .checkpoints import CheckpointError
 from .config import ConfigError
 from .io.samples import bikes_clip
+from .paths import check_output_dir, make_output_dir
 from .propagation import DIS_PRESETS, OPTICAL_FLOW_SCALE_RANGE, PROPAGATORS
 from .runtime.commands import RUNTIME_COMMANDS, add_backend_options, add_runtime_commands, load_model_and_backend
 from .scheduling import DEFAULT_CUT_THRESHOLD, KeyFrameScheduler, parse_schedule
@@ -285,7 +286,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     images = args.images or camvid_dir("val")
     labels = args.labels or (None if args.self_reference else camvid_annot_dir("val"))
     if images is None or (labels is None and not args.self_reference):
-        raise FileNotFoundError("give IMAGES and --labels (CamVid val from the shared data was not found)")
+        raise FileNotFoundError("give IMAGES and --labels (CamVid val from the shared data was not found: "
+                                "set MPVSS_SHARED_DATA to the shared data folder)")
     # a bad schedule or cut threshold is a usage error before any work (the study's adaptive rows
     # use --cut-threshold; their max interval is 2N and --schedule does not apply)
     if args.study:
@@ -303,6 +305,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"input not found: {images}")
     if labels is not None and not Path(labels).is_dir():
         raise FileNotFoundError(f"label folder not found: {labels}")
+    out = check_output_dir(args.out, "--out") if args.out else None  # a file: refused before any work
     loaded, backend = load_model_and_backend(args)
     # what the labels are: a folder of ground truth, or the model's own per-frame labels
     reference = "per-frame labels of the model" if args.self_reference else str(labels)
@@ -310,9 +313,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seq = self_labelled_sequence(loaded, images, fps=args.fps, limit=args.max_frames, backend=backend, progress=True)
     else:  # the label values are checked against the model's classes (0..K-1, void K, ignore 255)
         seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames, num_classes=loaded.config.num_classes)
-    out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    if out:  # made once the sequence is loaded: a refused one leaves no folder behind
+        make_output_dir(out, "--out")
     if args.study:
         study = key_interval_study(loaded, seq, intervals=args.intervals, backend=backend,
                                    cut_threshold=args.cut_threshold, bootstrap_block=args.bootstrap_block, **flow_opts)
@@ -349,9 +351,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "segmentor":
         from .training.trainer import options_from_args, train_segmentor
 
-        result = train_segmentor(options_from_args(args))
-        print(json.dumps({"step": result.step, "finished": result.finished, "checkpoint": str(result.checkpoint),
-                          "sec_per_step_median": result.sec_per_step_median, "val": result.val[-1] if result.val else None}))
+        _print_train_result(train_segmentor(options_from_args(args)))
         return 0
     from .training.motion_trainer import MotionTrainOptions, train_motion
 
@@ -360,10 +360,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(MotionTrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["crop"] = tuple(values["crop"])
-    result = train_motion(MotionTrainOptions(**values))
-    print(json.dumps({"step": result.step, "finished": result.finished, "checkpoint": str(result.checkpoint),
-                      "sec_per_step_median": result.sec_per_step_median, "val": result.val[-1] if result.val else None}))
+    _print_train_result(train_motion(MotionTrainOptions(**values)))
     return 0
+
+
+def _print_train_result(result: Any) -> None:
+    """One JSON line for a training run's result (no step run in this call, e.g. ``--resume`` of a
+    finished run: ``sec_per_step_median`` null, not NaN, which JSON does not have)."""
+    sec = result.sec_per_step_median
+    print(json.dumps({"step": result.step, "finished": result.finished, "checkpoint": str(result.checkpoint),
+                      "sec_per_step_median": sec if sec is not None and math.isfinite(sec) else None,
+                      "val": result.val[-1] if result.val else None}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .io.video import VideoWriter, open_source, write_label_png
 from .model_loader import LoadedModel
+from .paths import check_output_dir, make_output_dir
 from .propagation import build_propagator
 from .scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
 from .segmenter import NonFiniteOutputError, SegmentationResult, VideoSegmenter
@@ -60,6 +61,7 @@ def check_out_dir(input_path: str | Path, out: str | Path) -> None:
     src = Path(input_path).expanduser().resolve()
     out = Path(out).expanduser().resolve()
     labels = out / "labels"
+    check_output_dir(out, "--out")
     if src in [out / name for name in RUN_FILES] or src == labels or labels in src.parents:
         raise ValueError(f"--out {out} would write over the input {src}: choose another output folder")
     earlier = [out / name for name in RUN_FILES[:2] if (out / name).exists()]
@@ -74,15 +76,15 @@ def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
 
     Raises:
         ValueError: see :func:`check_out_dir`.
+        OSError: the folder cannot be made (:func:`~mpvss_ros.paths.make_output_dir`).
     """
     check_out_dir(input_path, out)
     out = out.expanduser().resolve()
-    labels = out / "labels"
-    for path in (sorted(labels.glob("*.png")) if labels.is_dir() else []):
+    labels = make_output_dir(out / "labels", "output folder")
+    for path in sorted(labels.glob("*.png")):
         path.unlink()
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    labels.mkdir(parents=True, exist_ok=True)
 
 
 class _OverlayVideo:

@@ -1,4 +1,4 @@
-"""Where the package's data files live: ``config/`` and ``models/``.
+"""Where the package's data files live (``config/`` and ``models/``), and making output folders.
 
 Looked up, in order, in the source tree (a git checkout or ``pip install -e .``), the ament share
 directory of an installed ROS 2 package (``ros2 pkg prefix mpvss_ros``/share/mpvss_ros, via
@@ -8,10 +8,11 @@ directory of an installed ROS 2 package (``ros2 pkg prefix mpvss_ros``/share/mpv
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "data_roots", "find_data"]
+__all__ = ["REPO_ROOT", "check_output_dir", "data_roots", "find_data", "make_output_dir"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +42,49 @@ def find_data(relative: str | Path) -> Path | None:
         if (root / rel).exists():
             return root / rel
     return None
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """``path`` as a Path, checked before any work without creating anything
+    (:func:`make_output_dir` creates the folder once there is something to write).
+
+    Raises:
+        ValueError: ``path`` is an existing file (a usage error).
+        OSError: the folder could not be made: its nearest existing parent is a file, or a folder
+            this process may not write to.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent != path and not parent.is_dir():
+        raise OSError(f"cannot create the {what} {path}: {parent} is a file, not a folder")
+    if parent != path and not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(f"cannot create the {what} {path}: no permission to write in {parent}")
+    return path
+
+
+def make_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create the folder ``path`` (and its parents) for a command's outputs, if needed.
+
+    Args:
+        path: the folder.
+        what: how error messages name it (e.g. ``"--out"``).
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        ValueError: ``path`` is an existing file (a usage error).
+        OSError: the folder cannot be made (no permission, a read-only or virtual file system, a
+            file where a parent folder should be); one line naming the folder and the reason, and
+            not a ``FileNotFoundError``, which the CLI reports as a missing input.
+    """
+    path = check_output_dir(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the {what} {path}: {exc.strerror or exc}") from None
+    return path

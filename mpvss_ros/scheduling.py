@@ -349,7 +349,8 @@ class AdaptiveScheduler(KeyFrameScheduler):
         if not (cut_threshold > 0 and math.isfinite(cut_threshold)):
             raise ValueError(f"cut_threshold must be > 0 and finite, got {cut_threshold}")
         if not 1 <= min_interval <= max_interval:
-            raise ValueError(f"need 1 <= min_interval <= max_interval, got {min_interval}, {max_interval}")
+            raise ValueError(f"need 1 <= min_interval <= max_interval (the command line's --max-interval), got "
+                             f"{min_interval}, {max_interval}")
         self.threshold = threshold
         self.min_interval = min_interval
         self.max_interval = max_interval

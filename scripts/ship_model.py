@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--motion", required=True, nargs="+",
                     help="stage-2 checkpoint (motion module and config); several: their motion modules averaged, "
                          "the config from the last")
-    ap.add_argument("--out", default="models/mpvss_lite_camvid.pt")
+    ap.add_argument("--out", required=True,
+                    help="file to write (models/mpvss_lite_camvid.pt replaces the shipped model)")
     ap.add_argument("--model", default=None, help="model name or YAML replacing the motion checkpoint's config")
     args = ap.parse_args()
     if len(set(args.motion)) != len(args.motion):

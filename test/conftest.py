@@ -126,23 +126,6 @@ def camvid_val() -> Path:
     return path
 
 
-def error_line(err: str) -> str:
-    """The one ``mpvss: error:`` line of a command's stderr (log records, if any reach stderr, are
-    not counted); fails the test on a traceback or on more than one line."""
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("mpvss: WARNING", "mpvss: INFO"))]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("mpvss: error: "), err
-    return lines[0]
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    assert bgr is not None, path
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 class BandModel(nn.Module):
     """A deterministic stand-in for :class:`~mpvss_ros.nn.mpvss.MPVSS` with meaningful labels.
 

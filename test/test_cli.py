@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import error_line
+from helpers import error_line
 
 from mpvss_ros.cli import main
 from mpvss_ros.io.video import read_label_png
@@ -361,6 +361,19 @@ def test_train_threads_zero_reaches_the_trainer(tmp_path, capsys, monkeypatch):
     assert seen[0].threads == 0 and torch.get_num_threads() == before
 
 
+def test_train_result_line_is_json_without_steps_run(tmp_path, capsys, monkeypatch):
+    """--resume of a finished run runs no step: its median step time is NaN, printed as null
+    (strict JSON), not NaN."""
+    import mpvss_ros.training.trainer as trainer
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(trainer, "train_segmentor", lambda opts: SimpleNamespace(
+        step=4, finished=True, checkpoint=tmp_path / "m.pt", sec_per_step_median=float("nan"), val=[]))
+    assert main(["train", "segmentor", "--run-dir", str(tmp_path / "run")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}"))["sec_per_step_median"] is None
+
+
 @pytest.mark.parametrize("argv", [["segment", "IN", "--out", ""], ["segment", "IN", "--out", " "],
                                   ["export", "--out", ""], ["train", "segmentor", "--run-dir", ""]])
 def test_error_empty_output_folder(tiny_folder, capsys, argv, monkeypatch, tmp_path):
@@ -372,12 +385,37 @@ def test_error_empty_output_folder(tiny_folder, capsys, argv, monkeypatch, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
 
 
-def test_error_out_is_a_file(tiny_folder, tmp_path, capsys):
+@pytest.mark.parametrize("argv", [["segment", "IN", "--propagator", "copy", "--out"],
+                                  ["eval", "IN", "--self-reference", "--schedule", "fixed:1", "--out"],
+                                  ["export", "--height", "32", "--width", "32", "--no-parity", "--out"]])
+def test_error_out_is_a_file_or_cannot_be_made(tiny_folder, tmp_path, capsys, argv):
+    """A file given as the output folder is a usage error (2); a folder that cannot be made is an
+    unwritable output (1), one line naming it, whichever command writes it."""
     blocker = tmp_path / "taken"
     blocker.write_text("a file, not a folder")
-    rc = _segment(tiny_folder, blocker)
+    argv = [str(tiny_folder) if a == "IN" else a for a in argv]
+    assert main([*argv, str(blocker)]) == 2
+    assert error_line(capsys.readouterr().err) == f"mpvss: error: {'--out' if argv[0] != 'export' else 'export folder'} " \
+        f"{blocker} is a file, not a folder"
+    assert main([*argv, str(blocker / "under")]) == 1  # a file where a parent folder should be
     line = error_line(capsys.readouterr().err)
-    assert rc in (1, 2) and "taken" in line
+    assert "cannot create the" in line and str(blocker / "under") in line and "taken is a file, not a folder" in line
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_train_run_dir_that_cannot_be_made(tmp_path, capsys, monkeypatch):
+    import mpvss_ros.training.trainer as trainer
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=r"cannot create the --run-dir .*taken/run: .*taken is a file, not a folder"):
+        trainer.make_output_dir(blocker / "run", "--run-dir")
+    # mkdir's own failure (here as under /proc) is an OSError of its own, not FileNotFoundError,
+    # which the command line reports as a missing input (status 2 instead of 1)
+    monkeypatch.setattr(Path, "mkdir", lambda self, **kw: (_ for _ in ()).throw(FileNotFoundError(2, "No such file")))
+    with pytest.raises(OSError, match=r"cannot create the --run-dir .*: No such file") as info:
+        trainer.make_output_dir(tmp_path / "new" / "run", "--run-dir")
+    assert type(info.value) is OSError
 
 
 # ------------------------------------------------------------------ output folder and overlay video

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mpvss_ros.cli as cli
-from conftest import error_line
+from helpers import error_line
 
 from mpvss_ros.cli import main
 from mpvss_ros.evaluation.study import (
@@ -27,6 +27,7 @@ from mpvss_ros.evaluation.study import (
     key_interval_study,
     load_sequence,
     match_adaptive_threshold,
+    plot_study,
     row_label,
     write_json,
 )
@@ -540,3 +541,18 @@ def test_eval_of_a_video_stamps_at_its_own_frame_rate(tmp_path, capsys):
     assert result["fps"] == 25.0 and result["frames"] == 4
     assert _eval(str(video), "--self-reference", "--schedule", "fixed:2", "--fps", "10", "--out", str(out)) == 0
     assert json.loads((out / "eval.json").read_text())["fps"] == 10.0
+
+
+def test_study_plot_of_one_interval_draws_each_setting(tmp_path, monkeypatch):
+    """A study of one interval (no per-frame row) had no line of two points and drew empty axes."""
+    import matplotlib.pyplot as plt
+
+    rows = [{"propagator": prop, "chain_flow": chain, "mode": mode, "interval": 2, "key_frame_ratio": 0.5,
+             "mIoU": 60.0 + i, "mean_ms_per_frame": 20.0 + i}
+            for i, (prop, chain, mode) in enumerate([("copy", None, "fixed"), ("query_flow", True, "fixed"),
+                                                     ("query_flow", True, "adaptive")])]
+    drawn = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (drawn.append([len(ax.lines) for ax in fig.axes]), real_close(fig)))
+    plot_study({"rows": rows, "model": "m", "frames": 10, "fps": 25.0}, tmp_path / "study.png")
+    assert drawn == [[3, 3]] and (tmp_path / "study.png").stat().st_size > 0

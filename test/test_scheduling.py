@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import read_rgb
+from helpers import read_rgb
 
 from mpvss_ros.scheduling import (
     DEFAULT_CUT_THRESHOLD,

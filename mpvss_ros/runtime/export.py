@@ -66,6 +66,7 @@ from ..config import ModelConfig
 from ..nn.motion import flow_grid_size
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..nn.warp import warp_mask_logits
+from ..paths import make_output_dir
 from .base import padded_size
 from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
 
@@ -448,8 +449,7 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
     if min(valid_hw) < 32:
         raise ValueError(f"export size must be at least 32x32, got {valid_hw[0]}x{valid_hw[1]}")
     padded = padded_size(valid_hw, cfg.input.size_divisibility)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(out_dir, "export folder")
     was_training = model.training
     model = _cpu_eval(model)
     t0 = time.perf_counter()

@@ -133,7 +133,7 @@ def tensorrt_missing() -> str | None:
         missing.append("a CUDA GPU")
     if not missing:
         return None
-    return f"{MISSING_MESSAGE} (missing here: {', '.join(missing)}); use --backend onnxruntime or torch"
+    return f"{MISSING_MESSAGE} (missing here: {', '.join(missing)}); use the onnxruntime or torch backend"
 
 
 # --------------------------------------------------------------------------------------------

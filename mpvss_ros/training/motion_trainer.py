@@ -42,6 +42,7 @@ from ..model_loader import select_device
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
 from ..nn.warp import compose_flows, warp_mask_logits
+from ..paths import make_output_dir
 from ..propagation import QueryFlowPropagator
 from ..runtime.torch_backend import TorchBackend, to_channels_last
 from ..scheduling import FixedIntervalScheduler
@@ -352,7 +353,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
 
     train_dir, train_annot = camvid_dir("train"), camvid_annot_dir("train")
     if train_dir is None or train_annot is None:
-        raise FileNotFoundError("CamVid train data not found (shared data)")
+        raise FileNotFoundError("CamVid train data not found: set MPVSS_SHARED_DATA to the shared data folder "
+                                "(it holds camvid/train and camvid/trainannot)")
     canvas = tuple(cfg.input.size) if cfg.input.size else (360, 480)
     clips = []
     for path in (dashcam_clip(), bikes_clip()):
@@ -415,7 +417,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         torch.manual_seed(opts.seed + 1)
 
     result = MotionTrainResult(run_dir, start, False, model_path)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
+    make_output_dir(run_dir, "--run-dir")  # only now: a run that fails to start leaves no folder
     (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2))
     hp = int(math.ceil(opts.crop[0] / 32) * 32)
     wp = int(math.ceil(opts.crop[1] / 32) * 32)

@@ -82,6 +82,7 @@ from ..io.samples import shared_data_dir
 from ..model_loader import select_device
 from ..nn.backbones import MobileNetV2, load_imagenet_weights
 from ..nn.mpvss import MPVSS, semantic_scores
+from ..paths import make_output_dir
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .data import CamVidFrames
 from .matcher import FixedMatcher, HungarianMatcher
@@ -367,8 +368,8 @@ def _camvid_root(opts: TrainOptions) -> Path:
     else:
         shared = shared_data_dir()
         if shared is None:
-            raise FileNotFoundError("no CamVid data: pass data_root (a folder with train/ trainannot/ val/ valannot/) "
-                                    "or provide the shared data folder ($MPVSS_SHARED_DATA)")
+            raise FileNotFoundError("no CamVid data: give --data-root (a folder with train/ trainannot/ val/ "
+                                    "valannot/) or set MPVSS_SHARED_DATA to the shared data folder")
         root = shared / "camvid"
     if not root.is_dir():
         raise FileNotFoundError(f"CamVid root not found: {root}")
@@ -408,8 +409,8 @@ def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) 
         if isinstance(model.backbone, MobileNetV2):
             path = Path(opts.imagenet_weights) if opts.imagenet_weights else default_imagenet_weights()
             if path is None:
-                raise FileNotFoundError("ImageNet MobileNetV2 weights: no shared data folder; pass imagenet_weights "
-                                        "(or 'none' to train the backbone from scratch)")
+                raise FileNotFoundError("ImageNet MobileNetV2 weights: no shared data folder (set MPVSS_SHARED_DATA); "
+                                        "give --imagenet-weights FILE (or 'none' to train the backbone from scratch)")
             load_imagenet_weights(model.backbone, path)
             log.info("backbone initialised from %s", path)
         elif opts.imagenet_weights:
@@ -758,7 +759,7 @@ def _train(opts: TrainOptions) -> TrainResult:
     for p in model.motion.parameters():  # the checkpoint load keeps requires_grad, but be explicit
         p.requires_grad_(False)
 
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
+    make_output_dir(run_dir, "--run-dir")  # only now: a run that fails to start leaves no folder
     (run_dir / "options.json").write_text(json.dumps(_options_dict(opts), indent=2, default=_json_default))
     (run_dir / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 

@@ -489,3 +489,18 @@ def test_image_size_is_empty_or_height_and_width(bad):
     with pytest.raises(ValueError, match="image_size"):
         validate({"image_size": bad})
     assert validate({"image_size": [720, 1280]}).image_size == (720, 1280)
+
+
+@pytest.mark.parametrize("script", ["mpvss_node", "mpvss_lifecycle_node"])
+def test_node_launchers_without_ros_say_so_in_one_line(script):
+    """Run outside a sourced ROS 2 shell, the launchers exit 1 with one line, not a traceback."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("rclpy") is not None:
+        pytest.skip("rclpy importable: the launcher would start the node")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "cannot start without ROS 2 (No module named 'rclpy')" in line and "setup.bash" in line

@@ -73,7 +73,7 @@ def test_missing_tensorrt_one_clear_line(lite):
     msg = backend_missing("tensorrt")
     assert msg == TRT_MISSING and "\n" not in msg
     assert msg.startswith("tensorrt backend needs the tensorrt Python package")
-    assert msg.endswith("use --backend onnxruntime or torch")
+    assert msg.endswith("use the onnxruntime or torch backend")
     with pytest.raises(BackendUnavailable) as info:
         load_backend("tensorrt", lite)
     assert str(info.value) == msg
