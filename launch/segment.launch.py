@@ -85,6 +85,21 @@ def _key_matches(key: str, namespace: str) -> bool:
     return match(pattern, name)
 
 
+def _nested(params: dict) -> dict:
+    """A section's parameters with dotted names (``a.b: 1``) written as nested maps (``a: {b:
+    1}``), the two forms rcl reads as the same parameter, in new dicts (the file's are not changed)."""
+    out: dict = {}
+    for key, value in params.items():
+        *parents, leaf = str(key).split(".")
+        node = out
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        _merge(node, {leaf: _nested(value) if isinstance(value, dict) else value})
+    return out
+
+
 def _merge(into: dict, section: dict) -> None:
     """Merge one params-file section's parameters into ``into``, nested maps (e.g.
     ``qos_overrides``) leaf by leaf as rcl applies them, a later value winning."""
@@ -113,7 +128,7 @@ def _namespaced_params_file(config: str, namespace: str) -> str:
     sections += [(k, v) for k, v in doc.items() if str(k).rstrip("/") == exact]
     for key, section in sections:
         if _key_matches(str(key).rstrip("/"), namespace) and isinstance(section, dict):
-            _merge(params, section.get("ros__parameters") or {})
+            _merge(params, _nested(section.get("ros__parameters") or {}))
     return _temp_file(yaml.safe_dump({exact: {"ros__parameters": params}}), ".yaml")
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -385,11 +386,13 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, name, None)
             if isinstance(value, str) and not value.strip():
                 raise ValueError(f"--{name.replace('_', '-')} must name a folder, got {value!r}")
+            if isinstance(value, str):  # --out=~/x reaches us unexpanded by the shell
+                setattr(args, name, os.path.expanduser(value))
         threads = getattr(args, "threads", None)
         if threads is not None:
             # 0 = unchanged, as the training options' and the ROS node's threads parameter
             if not 0 <= threads <= 4096:
-                raise ValueError(f"--threads must be in [0, 4096] (0 = torch's choice), got {threads}")
+                raise ValueError(f"--threads must be in [0, 4096] (0 = the library's default), got {threads}")
             if threads > 0:
                 torch.set_num_threads(threads)
             elif args.command != "train":  # the backends take None, not 0, for their default

@@ -45,17 +45,19 @@ def find_data(relative: str | Path) -> Path | None:
 
 
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
-    """``path`` as a Path, checked before any work without creating anything
+    """``path`` as a Path (``~`` expanded), checked before any work without creating anything
     (:func:`make_output_dir` creates the folder once there is something to write).
 
     Raises:
         ValueError: ``path`` is an existing file (a usage error).
-        OSError: the folder could not be made: its nearest existing parent is a file, or a folder
-            this process may not write to.
+        OSError: the folder could not be made or written to: it, or its nearest existing parent,
+            is a folder this process may not write to, or that parent is a file.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what} {path} is a file, not a folder")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write to the {what} {path}: no permission")
     parent = path
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -74,7 +76,7 @@ def make_output_dir(path: str | Path, what: str = "output folder") -> Path:
         what: how error messages name it (e.g. ``"--out"``).
 
     Returns:
-        ``path`` as a Path.
+        ``path`` as a Path (``~`` expanded).
 
     Raises:
         ValueError: ``path`` is an existing file (a usage error).

@@ -111,7 +111,8 @@ def main() -> None:
     images = args.images or camvid_dir("val")
     labels = args.labels or (camvid_annot_dir("val") if args.images is None else None)
     if images is None or labels is None:
-        raise SystemExit("no labelled clip: pass --images and --labels (CamVid val not found)")
+        raise SystemExit("no labelled clip: pass --images and --labels (CamVid val not found: set MPVSS_SHARED_DATA "
+                         "to the shared data folder)")
     seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames)
     loaded = load_model(args.model or ("mpvss_lite" if args.weights is None else None), args.weights)
     model = loaded.model

@@ -52,6 +52,13 @@ def test_stacked_iou_refuses_non_square_input(shape):
         class_counts(np.zeros(shape, dtype=np.int64))
 
 
+def test_float_matrices_score_as_they_are():
+    """Fractional counts (e.g. a normalised matrix) keep their values: nothing is cast to int."""
+    mat = np.array([[0.5, 0.5], [0.25, 0.75]])
+    assert mean_iou(mat) == pytest.approx((0.5 / 1.25 + 0.75 / 1.5) / 2)
+    assert class_counts(mat).dtype == np.float64
+
+
 @pytest.mark.parametrize("shape", [(3,), (2, 3), (4, 4, 4)])
 def test_iou_from_counts_refuses_other_shapes(shape):
     with pytest.raises(ValueError, match=r"\(\.\.\., 3, K\)"):

@@ -395,12 +395,41 @@ def test_error_out_is_a_file_or_cannot_be_made(tiny_folder, tmp_path, capsys, ar
     blocker.write_text("a file, not a folder")
     argv = [str(tiny_folder) if a == "IN" else a for a in argv]
     assert main([*argv, str(blocker)]) == 2
-    assert error_line(capsys.readouterr().err) == f"mpvss: error: {'--out' if argv[0] != 'export' else 'export folder'} " \
-        f"{blocker} is a file, not a folder"
+    assert error_line(capsys.readouterr().err) == f"mpvss: error: --out {blocker} is a file, not a folder"
     assert main([*argv, str(blocker / "under")]) == 1  # a file where a parent folder should be
     line = error_line(capsys.readouterr().err)
     assert "cannot create the" in line and str(blocker / "under") in line and "taken is a file, not a folder" in line
     assert blocker.read_text() == "a file, not a folder"
+
+
+def test_output_folders_refused_before_the_model_loads_and_tilde_expanded(tiny_folder, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A bad --out is refused before the model loads (eval, export); a folder this process may
+    not write to is refused like one it cannot make; --out=~/x means the home folder."""
+    import os
+
+    import mpvss_ros.cli as cli
+    import mpvss_ros.model_loader as model_loader
+    import mpvss_ros.paths as paths
+
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: pytest.fail("loaded the model"))
+    monkeypatch.setattr(model_loader, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    for argv in (["eval", str(tiny_folder), "--self-reference", "--out"], ["export", "--out"]):
+        assert main([*argv, str(blocker / "under")]) == 1
+        assert "taken is a file, not a folder" in error_line(capsys.readouterr().err)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    assert main(["eval", str(tiny_folder), "--self-reference", "--out", str(locked)]) == 1
+    assert f"cannot write to the --out {locked}: no permission" in error_line(capsys.readouterr().err)
+    assert main(["eval", str(tiny_folder), "--self-reference", "--out", str(locked / "sub")]) == 1
+    assert f"no permission to write in {locked}" in error_line(capsys.readouterr().err)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["eval", str(tiny_folder), "--self-reference", "--out", "~/taken"]) == 2
+    assert f"--out {blocker} is a file, not a folder" in error_line(capsys.readouterr().err)
 
 
 def test_train_run_dir_that_cannot_be_made(tmp_path, capsys, monkeypatch):
@@ -410,6 +439,9 @@ def test_train_run_dir_that_cannot_be_made(tmp_path, capsys, monkeypatch):
     blocker.write_text("x")
     with pytest.raises(OSError, match=r"cannot create the --run-dir .*taken/run: .*taken is a file, not a folder"):
         trainer.make_output_dir(blocker / "run", "--run-dir")
+    # the trainers refuse it up front (check_run_dir), not after setting up
+    with pytest.raises(OSError, match=r"taken is a file, not a folder"):
+        trainer.check_run_dir(blocker / "run", resume=False)
     # mkdir's own failure (here as under /proc) is an OSError of its own, not FileNotFoundError,
     # which the command line reports as a missing input (status 2 instead of 1)
     monkeypatch.setattr(Path, "mkdir", lambda self, **kw: (_ for _ in ()).throw(FileNotFoundError(2, "No such file")))

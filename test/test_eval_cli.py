@@ -556,3 +556,7 @@ def test_study_plot_of_one_interval_draws_each_setting(tmp_path, monkeypatch):
     monkeypatch.setattr(plt, "close", lambda fig: (drawn.append([len(ax.lines) for ax in fig.axes]), real_close(fig)))
     plot_study({"rows": rows, "model": "m", "frames": 10, "fps": 25.0}, tmp_path / "study.png")
     assert drawn == [[3, 3]] and (tmp_path / "study.png").stat().st_size > 0
+    # per-frame rows only (--intervals 1): one marker per setting, no adaptive line made of them
+    per_frame = [{**r, "interval": 1, "key_frame_ratio": 1.0, "mode": "fixed"} for r in rows[:2]]
+    plot_study({"rows": per_frame, "model": "m", "frames": 10, "fps": 25.0}, tmp_path / "study.png")
+    assert drawn[-1] == [2, 2]

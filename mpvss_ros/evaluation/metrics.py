@@ -52,7 +52,8 @@ def class_counts(mat: np.ndarray) -> np.ndarray:
         mat: (..., K, K) integer pixel counts ``mat[..., gt, pred]``.
 
     Returns:
-        (..., 3, K) int64: ``[..., 0, c]`` = TP_c, ``[..., 1, c]`` = GT_c, ``[..., 2, c]`` = Pred_c.
+        (..., 3, K) of ``mat``'s dtype (int64 for a :class:`ConfusionMatrix`): ``[..., 0, c]`` = TP_c,
+        ``[..., 1, c]`` = GT_c, ``[..., 2, c]`` = Pred_c.
 
     Raises:
         ValueError: ``mat`` is not (..., K, K).
@@ -60,8 +61,7 @@ def class_counts(mat: np.ndarray) -> np.ndarray:
     mat = np.asarray(mat)
     if mat.ndim < 2 or mat.shape[-1] != mat.shape[-2]:
         raise ValueError(f"confusion matrices must be (..., K, K), got shape {mat.shape}")
-    return np.stack([np.diagonal(mat, axis1=-2, axis2=-1), mat.sum(axis=-1), mat.sum(axis=-2)],
-                    axis=-2).astype(np.int64, copy=False)
+    return np.stack([np.diagonal(mat, axis1=-2, axis2=-1), mat.sum(axis=-1), mat.sum(axis=-2)], axis=-2)
 
 
 def iou_from_counts(counts: np.ndarray) -> np.ndarray:

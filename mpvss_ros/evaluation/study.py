@@ -60,7 +60,7 @@ def _open_frames(path: str | Path, fps: float | None) -> Any:
     :data:`FOLDER_FPS`, a video's own (``fps`` None)."""
     from ..io.video import open_source
 
-    if fps is None and Path(path).is_dir():
+    if fps is None and Path(path).expanduser().is_dir():
         fps = FOLDER_FPS
     return open_source(path, fps=fps)
 
@@ -471,7 +471,7 @@ def plot_study(study: dict[str, Any], path: str | Path) -> None:
             for mode, style in (("fixed", "-o"), ("adaptive", "--s")):
                 mine = [r for r in study["rows"] if r["propagator"] == prop and r.get("chain_flow") == chain]
                 rows = sorted((r for r in mine if r["mode"] == mode), key=lambda r: r["interval"])
-                if mode == "adaptive":  # start the adaptive line at per-frame for readability
+                if mode == "adaptive" and rows:  # start the adaptive line at per-frame for readability
                     rows = [r for r in mine if r["interval"] == 1] + rows
                 if not rows:  # one row is a marker of its own (a study of one interval)
                     continue

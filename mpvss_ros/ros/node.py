@@ -102,15 +102,27 @@ def _qos(durability: DurabilityPolicy = DurabilityPolicy.VOLATILE, depth: int = 
 _OVERRIDES = QoSOverridingOptions.with_default_policies()
 
 
-def _create_entity(create, msg_type: type, topic: str, *args, **kwargs):
-    """``create(msg_type, topic, *args, **kwargs)`` (a publisher or subscription) with what rclpy raises for
-    a refused ``qos_overrides`` parameter of that topic (``RuntimeError`` for an unknown policy
-    value such as ``best-effort``, ``InvalidParameterTypeException`` for a ``depth`` of another
-    type) as a one-line :class:`StartupError`."""
+def _create_entity(node: Node, create, msg_type: type, topic: str, *args, **kwargs):
+    """``create(msg_type, topic, *args, **kwargs)`` (a publisher or subscription of ``node``) with
+    what rclpy raises while making it as a one-line :class:`StartupError` naming the topic as
+    resolved and remapped, the name its ``qos_overrides`` parameters carry: ``RuntimeError`` (a
+    refused override value such as ``best-effort``, or the middleware failing) and
+    ``InvalidParameterTypeException`` (a ``depth`` of another type)."""
     try:
         return create(msg_type, topic, *args, **kwargs)
     except (RuntimeError, ParameterException) as exc:
-        raise StartupError(f"topic '{topic}': {exc} (check its qos_overrides parameters)") from None
+        try:
+            name = node.resolve_topic_name(topic)
+        except Exception:  # noqa: BLE001 - the resolved name only makes the message clearer
+            name = topic
+        override = isinstance(exc, ParameterException) or "qos override" in str(exc).lower()
+        hint = f" (check the qos_overrides.{name}.* parameters)" if override else ""
+        raise StartupError(f"cannot create topic '{name}': {exc}{hint}") from None
+
+
+def _describe(exc: Exception) -> str:
+    """An exception for a log line: a :class:`StartupError`'s own words, else with its type."""
+    return str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
 
 
 class _SegmenterShell:
@@ -198,7 +210,7 @@ class _SegmenterShell:
             return entity
 
         def publisher(msg_type, topic, qos=None):
-            return made(destroy_publisher, _create_entity(create_publisher, msg_type, topic, qos or _qos(),
+            return made(destroy_publisher, _create_entity(self, create_publisher, msg_type, topic, qos or _qos(),
                                                           qos_overriding_options=_OVERRIDES))
 
         self._pub_labels = publisher(Image, "~/labels")
@@ -233,7 +245,7 @@ class _SegmenterShell:
         self._worker = Worker(self._slot, self.core, self._publish, now=self._now, demand=self._demand)
         input_qos = _qos(depth=cfg.input_depth, reliability=_RELIABILITY[cfg.input_reliability])
         msg_type, topic = (CompressedImage, "image/compressed") if cfg.input_compressed else (Image, "image")
-        self._sub = _create_entity(self.create_subscription, msg_type, topic, self._slot.put, input_qos,
+        self._sub = _create_entity(self, self.create_subscription, msg_type, topic, self._slot.put, input_qos,
                                    qos_overriding_options=_OVERRIDES)
         self._worker.start()
 
@@ -382,8 +394,7 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
         try:
             self._build(self.create_lifecycle_publisher, self.destroy_lifecycle_publisher)
         except Exception as exc:  # noqa: BLE001 - rclpy would turn it into ERROR without a word
-            text = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
-            self.get_logger().error(f"cannot configure: {text}")
+            self.get_logger().error(f"cannot configure: {_describe(exc)}")
             self._teardown()
             return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS
@@ -398,7 +409,7 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
             self._start_input()
             self._announce()
         except Exception as exc:  # noqa: BLE001 - e.g. a refused qos_overrides value for the input
-            self.get_logger().error(f"cannot activate: {type(exc).__name__}: {exc}")
+            self.get_logger().error(f"cannot activate: {_describe(exc)}")
             self._stop_input()
             super().on_deactivate(state)
             return TransitionCallbackReturn.FAILURE

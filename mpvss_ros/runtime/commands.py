@@ -163,8 +163,10 @@ def _hw(args: argparse.Namespace, cfg: Any) -> tuple[int, int]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..model_loader import load_model
+    from ..paths import check_output_dir
     from .export import export_onnx, check_parity, format_parity, _write_json
 
+    check_output_dir(args.out, "--out")  # a file, or a folder that cannot be made: before the model loads
     loaded = load_model(args.model, args.weights, "cpu")
     hw = _hw(args, loaded.config)
     res = export_onnx(loaded.model, args.out, hw, weights=str(loaded.weights) if loaded.weights else None,

@@ -449,7 +449,7 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
     if min(valid_hw) < 32:
         raise ValueError(f"export size must be at least 32x32, got {valid_hw[0]}x{valid_hw[1]}")
     padded = padded_size(valid_hw, cfg.input.size_divisibility)
-    out = make_output_dir(out_dir, "export folder")
+    out = make_output_dir(out_dir, "--out")
     was_training = model.training
     model = _cpu_eval(model)
     t0 = time.perf_counter()

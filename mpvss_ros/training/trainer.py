@@ -82,7 +82,7 @@ from ..io.samples import shared_data_dir
 from ..model_loader import select_device
 from ..nn.backbones import MobileNetV2, load_imagenet_weights
 from ..nn.mpvss import MPVSS, semantic_scores
-from ..paths import make_output_dir
+from ..paths import check_output_dir, make_output_dir
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .data import CamVidFrames
 from .matcher import FixedMatcher, HungarianMatcher
@@ -497,16 +497,15 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
     step (:func:`check_same_step`).
 
     Raises:
-        ValueError: ``run_dir`` is not a folder; without ``resume``, it holds an earlier run
+        ValueError: ``run_dir`` is a file; without ``resume``, it holds an earlier run
             (the message names the folder and says to pass ``--resume`` or choose another
             ``--run-dir``); with ``resume``, a damaged trainer state or the two files at
             different steps.
         FileNotFoundError: with ``resume``, the folder or either file missing.
         mpvss_ros.checkpoints.CheckpointError: with ``resume``, a damaged model file.
+        OSError: the folder cannot be made (:func:`~mpvss_ros.paths.check_output_dir`).
     """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run folder {run_dir} is a file, not a folder: choose another --run-dir")
+    run_dir = check_output_dir(run_dir, "--run-dir")
     if not resume:
         found = [name for name in RUN_FILES if (run_dir / name).exists()
                  and not (name == LOG_FILE and (run_dir / name).is_file() and (run_dir / name).stat().st_size == 0)]

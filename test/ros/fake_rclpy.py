@@ -331,12 +331,16 @@ class Node:
             return f"{self.get_fully_qualified_name()}/{topic[2:]}"
         return topic if topic.startswith("/") else f"{self.namespace.rstrip('/')}/{topic}"
 
-    def _resolve(self, topic: str) -> str:
-        """The expanded and remapped name, as rclpy's ``resolve_topic_name``: what topics, and
+    def resolve_topic_name(self, topic: str, *, only_expand: bool = False) -> str:
+        """The expanded and (unless ``only_expand``) remapped name, as rclpy's: what topics, and
         the ``qos_overrides.<topic>`` parameters, are named after."""
         name = self._expand(topic)
+        if only_expand:
+            return name
         rules = {self._expand(src): self._expand(dst) for src, dst in self.remappings.items()}
         return rules.get(name, name)
+
+    _resolve = resolve_topic_name
 
     # -- parameters (rclpy Humble's Node.declare_parameter / _apply_descriptor) --
     def declare_parameter(self, name: str, value: Any, descriptor: ParameterDescriptor) -> Parameter:

@@ -252,6 +252,28 @@ def test_lifecycle_configure_fails_cleanly_on_a_missing_model(node_module, monke
         node.destroy_node()
 
 
+def test_lifecycle_activate_refuses_a_bad_input_override_in_one_line(node_module, monkeypatch):
+    """The input subscription is made at activate: a refused qos_overrides value for it fails the
+    transition with the same words as the plain node's fatal line (no exception type in front)."""
+    start, _ = node_module
+    start()
+    import mpvss_ros.ros.node as node_py
+
+    monkeypatch.setattr(fr.Node, "remappings", {"image": "/camera/image_raw"})
+    monkeypatch.setattr(fr.Node, "overrides", {**fr.Node.overrides,
+                                               "qos_overrides./camera/image_raw.subscription.history": "keep-last"})
+    node = node_py.MPVSSLifecycleNode()
+    seen = len(node.get_logger().lines)
+    try:
+        assert node.trigger_configure() == fr.TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == fr.TransitionCallbackReturn.FAILURE and not node.subscriptions
+        errors = [text for level, text in node.get_logger().lines[seen:] if level == "error"]
+        assert errors == ["cannot activate: cannot create topic '/camera/image_raw': Unexpected QoS override for "
+                          "policy `history`: `keep-last` (check the qos_overrides./camera/image_raw.* parameters)"]
+    finally:
+        node.destroy_node()
+
+
 @pytest.mark.parametrize("overrides, words", [
     ({"threads": 1.5}, "parameter 'threads'"),                   # rclpy refuses the type
     ({"max_gap_s": "two"}, "parameter 'max_gap_s'"),             # validate() refuses it
@@ -259,8 +281,10 @@ def test_lifecycle_configure_fails_cleanly_on_a_missing_model(node_module, monke
     ({"weights": "/nonexistent/model.pt"}, "/nonexistent/model.pt"),
     # qos_overrides values rclpy refuses: an unknown policy value (RuntimeError), a depth of
     # another type (InvalidParameterTypeException)
-    ({f"qos_overrides.{NODE}/overlay.publisher.reliability": "best-effort"}, "topic '~/overlay'"),
-    ({"qos_overrides./image.subscription.depth": "5"}, "topic 'image'"),
+    ({f"qos_overrides.{NODE}/overlay.publisher.reliability": "best-effort"},
+     f"cannot create topic '{NODE}/overlay': Unexpected QoS override for policy `reliability`: `best-effort` "
+     f"(check the qos_overrides.{NODE}/overlay.* parameters)"),
+    ({"qos_overrides./image.subscription.depth": "5"}, "cannot create topic '/image'"),
 ])
 def test_bad_parameters_stop_the_node_with_one_line(node_module, overrides, words):
     start, _ = node_module
@@ -341,7 +365,8 @@ def test_lifecycle_configure_undoes_a_failure_half_way(node_module, monkeypatch)
         assert made == ["~/labels", "~/confidence"]
         assert not node.publishers and not node._managed and not node.services and not node.timers
         assert node.core is None
-        assert any(level == "error" and "cannot configure: topic '~/info': Unexpected QoS override" in text
+        assert any(level == "error" and f"cannot configure: cannot create topic '{NODE}/info': Unexpected QoS override"
+                   in text
                    for level, text in node.get_logger().lines[seen:])
         monkeypatch.setattr(node, "create_lifecycle_publisher", real)
         assert node.trigger_configure() == fr.TransitionCallbackReturn.SUCCESS  # and it can be retried

@@ -441,6 +441,17 @@ def test_launch_merges_nested_parameters_leaf_by_leaf(launch_file, tmp_path):
     assert doc == {f"/front/{NODE_NAME}": {"ros__parameters": {"threads": 4, "qos_overrides": {
         "/front/image_raw": {"subscription": {"depth": 5, "reliability": "reliable"}},
         f"/front/{NODE_NAME}/overlay": {"publisher": {"reliability": "best_effort"}}}}}}
+    # a dotted name and the nested form are one parameter to rcl: the later section wins either way
+    config.write_text(yaml.safe_dump({
+        "/**": {"ros__parameters": {"qos_overrides./front/image_raw.subscription.depth": 5}},
+        f"/front/{NODE_NAME}": {"ros__parameters": {"qos_overrides": {"/front/image_raw": {"subscription": {
+            "depth": 2}}}}},
+        f"/*/{NODE_NAME}": {"ros__parameters": {"qos_overrides./front/image_raw.subscription.history": "keep_all"}},
+    }, sort_keys=False))
+    (node,) = _run(launch_file, namespace="front", config=str(config))
+    doc = yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text())
+    assert doc == {f"/front/{NODE_NAME}": {"ros__parameters": {"qos_overrides": {
+        "/front/image_raw": {"subscription": {"depth": 2, "history": "keep_all"}}}}}}
 
 
 def test_launch_rviz_shows_this_instances_topics(launch_file):
@@ -503,4 +514,4 @@ def test_node_launchers_without_ros_say_so_in_one_line(script):
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert "cannot start without ROS 2 (No module named 'rclpy')" in line and "setup.bash" in line
+    assert "cannot start without ROS 2 (no module named 'rclpy')" in line and "setup.bash" in line
