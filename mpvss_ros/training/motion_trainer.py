@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,8 @@ from ..scheduling import FixedIntervalScheduler
 from ..segmenter import VideoSegmenter
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
+from .options import (check_at_least, check_crop, check_fractions, check_integers, check_numbers,
+                      check_optional_positive)
 from .pairs import FramePairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
@@ -153,41 +154,21 @@ class MotionTrainOptions:
         Raises:
             ValueError: naming the first bad setting, its range and the value given.
         """
-        for name in ("steps", "batch_size", "warmup_steps", "max_gap", "num_points", "val_every", "val_frames",
-                     "checkpoint_every", "threads", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        for name in ("lr", "head_lr_mult", "weight_decay", "poly_power", "clip_grad_norm", "flow_weight",
-                     "video_fraction", "synthetic_fraction", "synthetic_travel", "pseudo_label_confidence"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        crop = tuple(self.crop) if isinstance(self.crop, (tuple, list)) else (self.crop,)
-        if (len(crop) != 2 or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in crop)
-                or min(crop) < MIN_CROP):
-            raise ValueError(f"crop must be (H, W) in pixels with both >= {MIN_CROP} (OpenCV DIS, which makes the "
-                             f"video pairs' flow targets, fails on smaller frames), got {self.crop!r}")
-        at_least = {"steps": 1, "batch_size": 1, "max_gap": 1, "num_points": 1, "warmup_steps": 0, "val_every": -1,
-                    "val_frames": 0, "checkpoint_every": 0, "threads": 0, "seed": 0, "lr": 0, "head_lr_mult": 0,
-                    "weight_decay": 0, "poly_power": 0, "flow_weight": 0}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)!r}")
-        shares = {"video_fraction": "", "synthetic_fraction": "",
-                  "synthetic_travel": " (the travel_probability of synthetic pairs)", "pseudo_label_confidence": ""}
-        for name, note in shares.items():
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]{note}, got {getattr(self, name)!r}")
-        if self.max_minutes is not None and (isinstance(self.max_minutes, bool)
-                                             or not isinstance(self.max_minutes, numbers.Real)
-                                             or not 0 < self.max_minutes < math.inf):
-            raise ValueError(f"max_minutes must be > 0 (leave it out for no limit), got {self.max_minutes!r}")
-        if self.max_clip_frames is not None and (isinstance(self.max_clip_frames, bool)
-                                                 or not isinstance(self.max_clip_frames, numbers.Integral)
-                                                 or self.max_clip_frames < 2):
-            raise ValueError(f"max_clip_frames must be >= 2, a video pair's two frames (leave it out for whole "
-                             f"clips), got {self.max_clip_frames!r}")
+        check_integers(self, ("steps", "batch_size", "warmup_steps", "max_gap", "num_points", "val_every",
+                              "val_frames", "checkpoint_every", "threads", "seed"))
+        check_numbers(self, ("lr", "head_lr_mult", "weight_decay", "poly_power", "clip_grad_norm", "flow_weight",
+                             "video_fraction", "synthetic_fraction", "synthetic_travel", "pseudo_label_confidence"))
+        check_crop(self.crop, MIN_CROP, " (OpenCV DIS, which makes the video pairs' flow targets, fails on smaller "
+                                        "frames)")
+        check_at_least(self, {"steps": 1, "batch_size": 1, "max_gap": 1, "num_points": 1, "warmup_steps": 0,
+                              "val_every": -1, "val_frames": 0, "checkpoint_every": 0, "threads": 0, "seed": 0,
+                              "lr": 0, "head_lr_mult": 0, "weight_decay": 0, "poly_power": 0, "flow_weight": 0})
+        check_fractions(self, {"video_fraction": "", "synthetic_fraction": "",
+                               "synthetic_travel": " (the travel_probability of synthetic pairs)",
+                               "pseudo_label_confidence": ""})
+        check_optional_positive(self, "max_minutes", note=" (leave it out for no limit)")
+        check_optional_positive(self, "max_clip_frames", integer=True, low=2,
+                                note=", a video pair's two frames (leave it out for whole clips)")
 
 
 @dataclass

@@ -86,6 +86,8 @@ from ..paths import check_output_dir, make_output_dir
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .data import CamVidFrames
 from .matcher import FixedMatcher, HungarianMatcher
+from .options import (check_at_least, check_crop, check_integers, check_numbers,
+                      check_optional_positive)
 
 __all__ = [
     "TrainOptions",
@@ -204,24 +206,41 @@ class TrainOptions:
     device: str = "auto"
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad value."""
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if len(self.crop) != 2 or min(self.crop) < 32:
-            raise ValueError(f"crop must be (H, W) with both >= 32, got {self.crop}")
+        """Check every setting's type and range (:func:`train_segmentor` calls it before any work).
+
+        Ranges: ``steps``, ``batch_size``, ``num_points`` >= 1; both ``crop`` sides >= 32 pixels;
+        ``scale`` (low, high) with 0 < low <= high; ``lr`` > 0; ``backbone_lr_mult``,
+        ``weight_decay``, ``poly_power``, ``no_object_weight``, ``warmup_steps``,
+        ``checkpoint_every``, ``val_frames``, ``threads``, ``seed`` >= 0 (numpy's generators,
+        which order the data, take no negative seed); ``val_every`` >= -1; ``warmup_factor`` in
+        (0, 1]; ``clip_grad_norm`` finite; ``matcher`` ``hungarian`` or ``fixed``; ``stop_at``
+        None or in 1..``steps``; ``max_minutes`` None or > 0.
+
+        Raises:
+            ValueError: naming the first bad setting, its range and the value given.
+        """
+        check_integers(self, ("steps", "batch_size", "warmup_steps", "num_points", "checkpoint_every", "val_every",
+                              "val_frames", "threads", "seed"))
+        check_numbers(self, ("lr", "backbone_lr_mult", "weight_decay", "warmup_factor", "poly_power",
+                             "clip_grad_norm", "no_object_weight"))
+        check_crop(self.crop, 32)
+        scale = tuple(self.scale) if isinstance(self.scale, (tuple, list)) else (self.scale,)
+        if (len(scale) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in scale)
+                or not 0 < scale[0] <= scale[1] < math.inf):
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale!r}")
         if self.matcher not in ("hungarian", "fixed"):
             raise ValueError(f"matcher must be 'hungarian' or 'fixed', got {self.matcher!r}")
-        if self.lr <= 0 or self.backbone_lr_mult < 0:
-            raise ValueError(f"lr must be > 0 and backbone_lr_mult >= 0, got {self.lr}, {self.backbone_lr_mult}")
-        if self.warmup_steps < 0 or not 0 < self.warmup_factor <= 1:
-            raise ValueError(f"warmup_steps must be >= 0 and warmup_factor in (0, 1], got {self.warmup_steps}, "
-                             f"{self.warmup_factor}")
-        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        check_at_least(self, {"steps": 1, "batch_size": 1, "num_points": 1, "warmup_steps": 0,
+                              "checkpoint_every": 0, "val_every": -1, "val_frames": 0, "threads": 0, "seed": 0,
+                              "backbone_lr_mult": 0, "weight_decay": 0, "poly_power": 0, "no_object_weight": 0})
+        if not 0 < self.warmup_factor <= 1:
+            raise ValueError(f"warmup_factor must be in (0, 1], got {self.warmup_factor!r}")
+        check_optional_positive(self, "stop_at", integer=True, low=1)
+        if self.stop_at is not None and self.stop_at > self.steps:
             raise ValueError(f"stop_at must be in 1..steps ({self.steps}), got {self.stop_at}")
-        if self.seed < 0:  # numpy's generators, which order the data, take no negative seed
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        check_optional_positive(self, "max_minutes", note=" (leave it out for no limit)")
 
 
 @dataclass

@@ -48,9 +48,32 @@ def test_cli_arguments_round_trip(tmp_path):
     assert opts.crop == (96, 128) and opts.matcher == "fixed" and opts.steps == TrainOptions(run_dir="").steps
     with pytest.raises(ValueError):
         TrainOptions(run_dir="x", matcher="greedy").validate()
-    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):  # numpy's data order takes none
-        TrainOptions(run_dir="x", seed=-1).validate()
     TrainOptions(run_dir="x", seed=0).validate()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": -1}, "seed must be >= 0, got -1"),  # numpy's generators, which order the data, take none
+    ({"steps": "5"}, "steps must be an integer, got '5'"),
+    ({"steps": 0}, "steps must be >= 1, got 0"),
+    ({"batch_size": True}, "batch_size must be an integer, got True"),
+    ({"crop": (31, 64)}, r"crop must be \(H, W\) in pixels with both >= 32, got \(31, 64\)"),
+    ({"crop": 64}, r"crop must be \(H, W\)"),
+    ({"scale": (1.5, 1.0)}, r"scale must be \(low, high\) with 0 < low <= high"),
+    ({"scale": (0.0, 1.0)}, r"scale must be \(low, high\)"),
+    ({"lr": 0}, "lr must be > 0, got 0"),
+    ({"backbone_lr_mult": -0.1}, "backbone_lr_mult must be >= 0"),
+    ({"clip_grad_norm": float("nan")}, "clip_grad_norm must be a finite number"),
+    ({"warmup_factor": 0}, r"warmup_factor must be in \(0, 1\]"),
+    ({"val_every": -2}, "val_every must be >= -1, got -2"),
+    ({"matcher": "greedy"}, "matcher must be 'hungarian' or 'fixed'"),
+    ({"stop_at": 0}, "stop_at must be >= 1, got 0"),
+    ({"stop_at": 5000}, r"stop_at must be in 1..steps \(4000\), got 5000"),
+    ({"max_minutes": 0}, r"max_minutes must be > 0 \(leave it out for no limit\), got 0"),
+])
+def test_stage1_options_are_checked_like_stage2s(change, message):
+    """Both stages check types and ranges with the same helpers (training/options.py)."""
+    with pytest.raises(ValueError, match=message):
+        TrainOptions(run_dir="x", **change).validate()
 
 
 def test_device_option_reaches_the_options():
