@@ -12,6 +12,7 @@ ONNX graphs and their contract.
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -139,8 +140,8 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
             source = GraphSource.from_model(loaded, cache_dir)
     if input_hw is None:
         sizes = source.sizes or ([tuple(source.cfg.input.size)] if source.cfg.input.size is not None else [])
-    elif len(input_hw) == 2 and all(isinstance(v, int) for v in input_hw):  # type: ignore[arg-type]
-        sizes = [tuple(input_hw)]
+    elif len(input_hw) == 2 and all(isinstance(v, numbers.Integral) for v in input_hw):  # type: ignore[arg-type]
+        sizes = [(int(input_hw[0]), int(input_hw[1]))]  # type: ignore[index]
     else:
         sizes = [tuple(hw) for hw in input_hw]  # type: ignore[union-attr]
     if backend == "onnxruntime":

@@ -82,15 +82,20 @@ def parse_backend_spec(text: str) -> BackendSpec:
     Raises:
         ValueError: unknown name, device or precision.
     """
-    parts = [p for p in text.strip().split(":") if p]
-    if not parts or parts[0] not in BACKENDS:
+    parts = text.strip().split(":")
+    if not parts[0] or parts[0] not in BACKENDS:
         raise ValueError(f"bad backend spec {text!r}: start with one of {', '.join(BACKENDS)}")
     device = "cuda" if parts[0] == "tensorrt" else "cpu"
     precision = "fp32"
+    given: set[str] = set()
     for p in parts[1:]:
-        if p in ("cpu", "cuda"):
+        kind = "device" if p in ("cpu", "cuda") else "precision" if p in PRECISIONS else None
+        if kind in given:
+            raise ValueError(f"bad backend spec {text!r}: a second {kind} ({p!r})")
+        given.add(kind or "")
+        if kind == "device":
             device = p
-        elif p in PRECISIONS:
+        elif kind == "precision":
             precision = p
         else:
             raise ValueError(f"bad backend spec {text!r}: {p!r} is neither cpu/cuda nor {'/'.join(PRECISIONS)}")

@@ -48,6 +48,7 @@ __all__ = [
     "CacheEntry",
     "DEFAULT_MAX_MB",
     "build_lock",
+    "RECENT_USE_SECONDS",
     "STALE_TEMP_SECONDS",
     "cache_budget_bytes",
     "cache_entries",
@@ -64,6 +65,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MB = 2048
 #: Temporary files and folders of interrupted writes older than this (seconds) are removed.
 STALE_TEMP_SECONDS = 3600.0
+#: Automatic pruning spares entries used this recently (seconds): another process may have just
+#: reused one and be opening its graphs (a node starting while another one exports a new size).
+RECENT_USE_SECONDS = 600.0
 _TEMP_PREFIXES = (".export-", ".engine-")
 
 
@@ -183,7 +187,14 @@ def mark_used(path: str | Path) -> None:
 
 def _remove(entry: CacheEntry) -> None:
     if entry.kind == "onnx":
-        shutil.rmtree(entry.path, ignore_errors=True)
+        # renamed out of the way first: a removal cut short (kill, power loss) leaves a temporary
+        # folder that a later prune removes, not an entry without its contract
+        doomed = entry.path.with_name(f"{_TEMP_PREFIXES[0]}removed-{entry.path.name}-{os.getpid()}")
+        try:
+            os.rename(entry.path, doomed)
+        except OSError:
+            doomed = entry.path
+        shutil.rmtree(doomed, ignore_errors=True)
     else:
         for f in entry.files:
             f.unlink(missing_ok=True)
@@ -210,7 +221,8 @@ def _remove_stale_temps(root: Path, now: float) -> None:
 
 
 def prune_cache(cache_dir: str | Path | None = None, max_bytes: int = DEFAULT_MAX_MB * 2**20,
-                keep: Iterable[str | Path] = (), now: float | None = None) -> list[CacheEntry]:
+                keep: Iterable[str | Path] = (), now: float | None = None,
+                spare_used_within_s: float = 0.0) -> list[CacheEntry]:
     """Remove least-recently-used entries until the cache holds at most ``max_bytes``.
 
     Args:
@@ -218,8 +230,10 @@ def prune_cache(cache_dir: str | Path | None = None, max_bytes: int = DEFAULT_MA
         max_bytes: the budget in bytes, >= 0 (0 removes every entry not in ``keep``).
         keep: entry paths (folders or ``.engine`` files) never removed; they count towards the
             budget, so the cache can stay above it when they alone exceed it.
-        now: the current time in seconds since the epoch (for the stale-temporary check; default
-            ``time.time()``).
+        now: the current time in seconds since the epoch (for the stale-temporary check and
+            ``spare_used_within_s``; default ``time.time()``).
+        spare_used_within_s: entries used less than this many seconds before ``now`` are not
+            removed either (they count towards the budget, as ``keep``).
 
     Returns:
         The removed entries, least recently used first.
@@ -230,7 +244,8 @@ def prune_cache(cache_dir: str | Path | None = None, max_bytes: int = DEFAULT_MA
     if max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    _remove_stale_temps(root, time.time() if now is None else now)
+    now = time.time() if now is None else now
+    _remove_stale_temps(root, now)
     protected = {Path(p).resolve() for p in keep}
     entries = cache_entries(root)
     total = sum(e.size_bytes for e in entries)
@@ -238,7 +253,7 @@ def prune_cache(cache_dir: str | Path | None = None, max_bytes: int = DEFAULT_MA
     for entry in reversed(entries):  # least recently used first
         if total <= max_bytes:
             break
-        if entry.path.resolve() in protected:
+        if entry.path.resolve() in protected or now - entry.last_used < spare_used_within_s:
             continue
         _remove(entry)
         total -= entry.size_bytes
@@ -248,8 +263,9 @@ def prune_cache(cache_dir: str | Path | None = None, max_bytes: int = DEFAULT_MA
 
 def prune_to_budget(cache_dir: str | Path | None, keep: Iterable[str | Path]) -> list[CacheEntry]:
     """Automatic pruning after entries were written or used: :func:`prune_cache` to
-    :func:`cache_budget_bytes`, keeping ``keep`` (the entries the caller is about to load). Never
-    raises: a bad budget or an I/O error is logged and nothing (more) is removed.
+    :func:`cache_budget_bytes`, keeping ``keep`` (the entries the caller is about to load) and the
+    entries used in the last :data:`RECENT_USE_SECONDS` (those another process may be about to
+    load). Never raises: a bad budget or an I/O error is logged and nothing (more) is removed.
 
     Returns:
         The removed entries (empty when pruning is off or failed).
@@ -258,7 +274,7 @@ def prune_to_budget(cache_dir: str | Path | None, keep: Iterable[str | Path]) ->
         budget = cache_budget_bytes()
         if budget is None:
             return []
-        removed = prune_cache(cache_dir, budget, keep=keep)
+        removed = prune_cache(cache_dir, budget, keep=keep, spare_used_within_s=RECENT_USE_SECONDS)
     except (OSError, ValueError) as exc:
         log.warning("cache pruning skipped: %s", exc)
         return []

@@ -368,6 +368,10 @@ def contract_problems(contract: dict[str, Any], cfg: ModelConfig) -> list[str]:
     if padded != padded_size(valid, canvas.get("size_divisibility", cfg.input.size_divisibility)):
         problems.append(f"canvas: padded_hw {list(padded)} is not valid_hw {list(valid)} rounded up to "
                         f"size_divisibility {canvas.get('size_divisibility')}")
+    if padded != padded_size(valid, cfg.input.size_divisibility):  # what the letterbox pads frames to
+        problems.append(f"model_config: input.size_divisibility {cfg.input.size_divisibility} pads valid_hw "
+                        f"{list(valid)} to {list(padded_size(valid, cfg.input.size_divisibility))}, not the graphs' "
+                        f"padded_hw {list(padded)}")
     if tuple(canvas.get("mask_hw", ())) != (padded[0] // 4, padded[1] // 4):
         problems.append(f"canvas: mask_hw {canvas.get('mask_hw')} is not padded_hw / 4")
     if cfg.input.size is None or tuple(cfg.input.size) != valid:
@@ -447,7 +451,9 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
         valid_hw = (int(cfg.input.size[0]), int(cfg.input.size[1]))
     valid_hw = (int(valid_hw[0]), int(valid_hw[1]))
     if min(valid_hw) < 32:
-        raise ValueError(f"export size must be at least 32x32, got {valid_hw[0]}x{valid_hw[1]}")
+        raise ValueError(f"export size must be at least 32x32, got {valid_hw[0]}x{valid_hw[1]} (a frame this thin once "
+                         f"letterboxed to the model's canvas needs the torch backend: fixed-shape graphs need 32 "
+                         f"pixels a side)")
     padded = padded_size(valid_hw, cfg.input.size_divisibility)
     out = make_output_dir(out_dir, "--out")
     was_training = model.training
@@ -717,6 +723,18 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
                 problems.append(f"{g}: {name} came out {shape}, the contract says {specs[g][name]}")
             if not np.isfinite(got[name]).all():
                 problems.append(f"{g}: {name} has NaN or infinite values on a plain frame")
+    if not problems:
+        # onnxruntime on a CPU warps the graph's flows in torch with model_config's convention
+        # (the warp is pruned from the graph); GPUs run the graph's own warp: the two must agree
+        ours = warp_mask_logits(torch.from_numpy(got["mask_logits"]), torch.from_numpy(got["flows"]),
+                                cfg.input.warp_normalization).numpy()
+        diff = float(np.abs(ours - got["warped_mask_logits"]).max())
+        tol = PARITY_ATOL + PARITY_RTOL * float(np.abs(got["warped_mask_logits"]).max())
+        if not diff <= tol:
+            problems.append(f"non_key_frame: warped_mask_logits differ by up to {diff:.3g} (tolerance {tol:.3g}) from "
+                            f"the graph's flows warped with model_config's input.warp_normalization "
+                            f"'{cfg.input.warp_normalization}', which the CPU backend does in torch: CPU and GPU "
+                            f"would give different labels")
     if problems:
         raise ValueError("\n".join(problems))
     return {"export_dir": str(d), "model": contract.get("model"), "valid_hw": list(valid), "padded_hw": list(padded),
@@ -790,6 +808,8 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
         try:
             export_onnx(model, tmp, (h, w), weights=weights, trained=trained)
+            if final.exists():  # not a valid entry (_reuse said so): what a removal cut short left
+                shutil.rmtree(final, ignore_errors=True)
             try:
                 os.replace(tmp, final)
             except OSError:  # made meanwhile by a process without the lock
@@ -856,7 +876,6 @@ class GraphSource:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.weights = weights
         self.trained = trained
-        self._fingerprint: str | None = None
         self._dirs: dict[tuple[int, int], Path] = {}
         if export_dir is not None:
             contract = read_contract(export_dir)
@@ -870,12 +889,19 @@ class GraphSource:
 
     @classmethod
     def from_dir(cls, export_dir: str | Path, cache_dir: str | Path | None = None) -> "GraphSource":
-        """The graphs of one export folder (``contract.json`` + two graphs).
+        """The graphs of one export folder (``contract.json`` + two graphs), whose sha256 (when the
+        contract records them, as ``mpvss export`` does) must still match: a folder where an
+        interrupted re-export left a new graph beside an old one is refused, not run.
 
         Raises:
-            FileNotFoundError, ValueError: missing or invalid contract.
+            FileNotFoundError, ValueError: missing or invalid contract, a missing graph, or a graph
+                that does not match its recorded sha256.
         """
         contract = read_contract(export_dir)
+        if not _graphs_intact(Path(export_dir), contract):
+            raise ValueError(f"the graphs in {export_dir} do not match the sha256 their contract.json records (changed "
+                             f"since the export, e.g. by an interrupted re-export): export again, or see mpvss "
+                             f"check-export {export_dir}")
         return cls(contract_model_config(contract), export_dir=Path(export_dir), cache_dir=cache_dir,
                    weights=contract.get("weights"), trained=contract.get("trained"))
 
@@ -899,9 +925,7 @@ class GraphSource:
             raise ValueError(f"the ONNX graphs in {self.export_dir} are for a valid size of {have}, this frame needs "
                              f"{hw[0]}x{hw[1]}: export that size (mpvss export --height {hw[0]} --width {hw[1]}) or feed "
                              f"frames with the exported aspect ratio")
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
-        path = cached_export(self.model, hw, self.cache_dir, weights=self.weights, trained=self.trained,
-                             fingerprint=self._fingerprint)
+        # fingerprinted at each export, not once: weights loaded into the model since are part of the key
+        path = cached_export(self.model, hw, self.cache_dir, weights=self.weights, trained=self.trained)
         self._dirs[hw] = path
         return path

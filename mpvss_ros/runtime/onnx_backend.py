@@ -109,8 +109,9 @@ def _np(t: Tensor) -> np.ndarray:
 @dataclass
 class _SizeSessions:
     """The sessions of one input size: key-frame graph, non-key graph (run up to
-    ``non_key_output``), the padded canvas (h, w), the non-key graph's outputs, and a flows-only
-    session made on first use where the non-key session runs the warp."""
+    ``non_key_output``), the padded canvas (h, w), the non-key graph's outputs, and, where the
+    non-key session runs the warp (GPU), a flows-only session of the same graph for chained flow,
+    made with the others so that no frame waits for it."""
 
     key: Any
     non_key: Any
@@ -171,7 +172,12 @@ class OnnxRuntimeBackend(Backend):
         run = "flows" if self._warp_in_torch and "flows" in outputs else "warped_mask_logits"
         non_key = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device,
                                drop_outputs=tuple(o for o in outputs if o != run))
-        return _SizeSessions(key, non_key, tuple(contract["canvas"]["padded_hw"]), run, outputs)  # type: ignore[arg-type]
+        flows_only = None
+        if run != "flows" and "flows" in outputs:
+            flows_only = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device,
+                                      drop_outputs=tuple(o for o in outputs if o != "flows"))
+        return _SizeSessions(key, non_key, tuple(contract["canvas"]["padded_hw"]), run, outputs,  # type: ignore[arg-type]
+                             flows_only)
 
     def _get(self, valid_hw: tuple[int, int]) -> "_SizeSessions":
         return self._sizes.get(valid_hw, self._load)
@@ -186,11 +192,6 @@ class OnnxRuntimeBackend(Backend):
         if "flows" not in s.graph_outputs:
             raise ValueError(f"the non-key graph for {hw[0]}x{hw[1]} has no 'flows' output (exported before it "
                              "existed): re-export it (mpvss export) to use query-based flows on their own (chain_flow)")
-        if s.flows_only is None:
-            d = self.source.get(hw)
-            g = read_contract(d)["graphs"]["non_key_frame"]
-            s.flows_only = make_session(d / g["file"], self.threads, self.exec_device,
-                                        drop_outputs=tuple(o for o in s.graph_outputs if o != "flows"))
         return s.flows_only
 
     @staticmethod

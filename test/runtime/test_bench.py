@@ -23,7 +23,8 @@ def test_parse_backend_spec(text, spec):
     assert str(spec) == text
 
 
-@pytest.mark.parametrize("text", ["tf", "torch:gpu", "tensorrt:cpu", ""])
+@pytest.mark.parametrize("text", ["tf", "torch:gpu", "tensorrt:cpu", "", "torch:", ":torch", "torch::fp16",
+                                  "tensorrt:fp16:fp32", "torch:cpu:cuda"])
 def test_parse_backend_spec_errors(text):
     with pytest.raises(ValueError):
         parse_backend_spec(text)

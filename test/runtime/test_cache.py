@@ -147,9 +147,14 @@ def test_cached_export_marks_use_and_prunes_older_exports(tmp_path, monkeypatch)
     monkeypatch.setenv("MPVSS_CACHE_MAX_MB", str(1.5 * size / MIB))  # room for one export, not two
     with torch.no_grad():
         model.sem_seg_head.predictor.class_embed.bias.add_(1e-3)  # other weights: another entry
+    # the first entry was just used (another process may be opening it): spared, over budget for now
     second = cached_export(model, (64, 64), tmp_path)
-    assert second != first and not first.exists()
+    assert second != first and first.exists() and second.exists()
+    # used long ago: the next automatic prune removes it
+    os.utime(first, (T0, T0))
+    assert prune_to_budget(tmp_path, keep=[]) and not first.exists()
     assert [e.path for e in cache_entries(tmp_path)] == [second]
+    assert not list((tmp_path / "onnx").glob(".export-*"))  # removed by renaming, then deleting
 
 
 def test_cli_lists_prunes_and_clears(fake_cache, capsys):
@@ -227,3 +232,12 @@ def test_concurrent_exports_of_one_entry_export_once(tmp_path, monkeypatch):
         t.join(120)
     assert len(calls) == 1 and results["a"] == results["b"] and (results["a"] / "contract.json").is_file()
     assert [e.path for e in cache_entries(tmp_path)] == [results["a"]]  # the lock file is no entry
+
+
+def test_prune_spares_entries_used_recently(fake_cache):
+    """Automatic pruning spares what another process may have just reused and be opening."""
+    root, p = fake_cache
+    removed = prune_cache(root, 0, now=T0 + 100, spare_used_within_s=85)  # a, b used 100, 90 s ago; c, d 80, 70
+    assert [e.path for e in removed] == [p["a"], p["b"]]
+    assert [e.path for e in cache_entries(root)] == [p["d"], p["c"]]
+    assert not list((root / "onnx").glob(".export-removed-*"))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 
+import hashlib
 import json
+import re
 import shutil
 import time
 
@@ -286,6 +288,7 @@ def test_onnxruntime_cpu_warps_in_torch_and_matches_the_whole_graph(lite_small, 
     contract = json.loads((old / CONTRACT_FILE).read_text())
     contract["graphs"]["non_key_frame"]["outputs"] = [
         t for t in contract["graphs"]["non_key_frame"]["outputs"] if t["name"] != "flows"]
+    contract["graphs"]["non_key_frame"]["sha256"] = hashlib.sha256((old / "non_key_frame.onnx").read_bytes()).hexdigest()
     (old / CONTRACT_FILE).write_text(json.dumps(contract))
     old_backend = OnnxRuntimeBackend(GraphSource.from_dir(old), threads=1)
     w_old = old_backend.propagate(old_backend.segment_key_frame(imgs[0], (96, 128)), imgs[1])
@@ -561,3 +564,57 @@ def test_broken_export_folders_give_one_clear_error_not_a_traceback(lite_small, 
             check_export(copy(name, edit))
     extra = copy("extra_graph", lambda c: c["graphs"].update(extra=5))  # not this package's: ignored
     assert check_export(extra)["passed"]
+
+
+def test_a_cache_entry_left_without_its_contract_is_exported_again(tmp_path):
+    """A removal cut short (kill -9, power loss) could leave an entry folder without contract.json;
+    every later start then failed to rename its fresh export onto it."""
+    model = load_model("mpvss_lite").model
+    a = cached_export(model, (64, 64), tmp_path)
+    (a / CONTRACT_FILE).unlink()
+    assert cached_export(model, (64, 64), tmp_path) == a and (a / CONTRACT_FILE).is_file()
+
+
+def test_onnx_dir_with_a_graph_that_no_longer_matches_its_contract_is_refused(lite_small, tmp_path):
+    """An interrupted re-export into a deployed folder leaves a new graph beside an old one:
+    check-export refused it, and running it is refused too (it gave wrong non-key labels)."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(lite_small.out_dir, mixed)
+    graph = mixed / "key_frame.onnx"
+    model = onnx.load(str(graph))
+    model.doc_string = "re-exported"
+    onnx.save(model, str(graph))
+    with pytest.raises(ValueError, match="do not match the sha256 their contract.json records"):
+        GraphSource.from_dir(mixed)
+    assert GraphSource.from_dir(lite_small.out_dir).sizes == [(96, 128)]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"size_divisibility": 64}, "input.size_divisibility 64 pads valid_hw [96, 128] to [128, 128], not the graphs' "
+                                "padded_hw [96, 128]"),
+    ({"warp_normalization": "mmtrack"}, "warped_mask_logits differ by up to"),
+])
+def test_check_export_refuses_a_model_config_the_runtime_would_run_differently(lite_small, tmp_path, change, words):
+    """The letterbox pads with model_config's size_divisibility (a mismatch failed every frame), and
+    the CPU backend warps the graph's flows with model_config's warp_normalization while GPUs run
+    the graph's own warp (a mismatch gave CPU and GPU different labels)."""
+    from mpvss_ros.runtime.export import check_export
+
+    bad = tmp_path / "bad"
+    shutil.copytree(lite_small.out_dir, bad)
+    contract = json.loads((bad / CONTRACT_FILE).read_text())
+    contract["model_config"]["input"].update(change)
+    (bad / CONTRACT_FILE).write_text(json.dumps(contract))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        check_export(bad)
+
+
+def test_the_flows_only_session_is_made_with_the_others(lite_small):
+    """Where the non-key graph runs its own warp (GPU), chained flow needs a flows-only session:
+    made when the size is prepared, not inside the first non-key frame."""
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
+    assert backend._load((96, 128)).flows_only is None  # CPU: the non-key session stops at the flows
+    backend._warp_in_torch = False  # as on onnxruntime's CUDA provider
+    sessions = backend._load((96, 128))
+    assert sessions.non_key_output == "warped_mask_logits" and sessions.flows_only is not None
+    assert [o.name for o in sessions.flows_only.get_outputs()] == ["flows"]
