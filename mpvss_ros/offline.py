@@ -297,7 +297,10 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         "class_names": cfg.class_names,
         "skipped_non_finite": non_finite,
         "wall_time_s": wall,
-        "fps": len(records) / wall if wall > 0 else None,
+        # the one-off preparation of a fixed-shape backend (an ONNX export, a TensorRT engine
+        # build, seconds to minutes) is not the engine's frame rate
+        "setup_s": segmenter.setup_s,
+        "fps": len(records) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
         **summarize(records, cfg.num_classes, class_pixels),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -388,6 +388,9 @@ class VideoSegmenter:
         self._key_letterbox: Letterbox | None = None
         self._key_index = -1
         self._key_stamp = float("nan")
+        #: Seconds spent preparing fixed-shape backends for new sizes (ONNX export, engine build),
+        #: which the frames' timings leave out.
+        self.setup_s = 0.0
         self._source: str | None = None  # the last segmented frame's source (push)
 
     def reset(self, reason: str = "reset") -> None:
@@ -460,6 +463,7 @@ class VideoSegmenter:
             # is not frame time, so it is left out of the timings.
             t = time.perf_counter()
             self.model.prepare(letterbox.resized_hw)
+            self.setup_s += time.perf_counter() - t
             t0 += time.perf_counter() - t
         t = time.perf_counter()
         if is_key:

@@ -382,6 +382,9 @@ def test_cli_segment_onnxruntime(tmp_path, capsys, bikes_path, monkeypatch):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["backend"]["backend"] == "onnxruntime[CPUExecutionProvider]"
     assert len(list((tmp_path / "o" / "labels").glob("*.png"))) == 3
+    # the export for bikes' size (seconds) is set-up, not frame rate: fps leaves it out
+    assert 0 < summary["setup_s"] < summary["wall_time_s"]
+    assert summary["fps"] == pytest.approx(3 / (summary["wall_time_s"] - summary["setup_s"]))
     h, w = Letterbox.fit((272, 640), tuple(load_model_config("mpvss_lite").input.size)).resized_hw  # bikes: 640x272
     assert any(p.name.startswith(f"mpvss_lite-{h}x{w}-") for p in (tmp_path / "cache" / "onnx").iterdir())
 
