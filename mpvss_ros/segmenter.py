@@ -388,8 +388,8 @@ class VideoSegmenter:
         self._key_letterbox: Letterbox | None = None
         self._key_index = -1
         self._key_stamp = float("nan")
-        #: Seconds spent preparing fixed-shape backends for new sizes (ONNX export, engine build),
-        #: which the frames' timings leave out.
+        #: Seconds spent preparing fixed-shape backends for new sizes (ONNX export or engine build,
+        #: and opening the sessions or engines), summed over sizes; the frames' timings leave it out.
         self.setup_s = 0.0
         self._source: str | None = None  # the last segmented frame's source (push)
 

@@ -764,3 +764,23 @@ def test_scheduler_refuses_non_finite_stamps():
             with pytest.raises(ValueError, match="finite"):
                 scheduler.decide(frame, bad)
         assert scheduler.decide(frame, -5.0).reason == "time_backwards"  # the state was not spoilt
+
+
+def test_setup_time_of_fixed_shape_backends_is_summed_and_kept_out_of_frame_times(band_model, monkeypatch):
+    """A backend that prepares each new size (an ONNX export, a TensorRT build) counts that in
+    ``setup_s``, summed over sizes, not in the frames' ``total``."""
+    import time as time_module
+
+    prepared = []
+
+    def prepare(hw):
+        if hw not in prepared:
+            prepared.append(hw)
+            time_module.sleep(0.2)
+
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(2))
+    monkeypatch.setattr(seg.model, "prepare", prepare, raising=False)  # the backend the segmenter runs
+    totals = [seg.push(_image(hw), i / 10).timings_ms["total"]
+              for i, hw in enumerate([(40, 50), (40, 50), (30, 60), (30, 60)])]
+    assert len(prepared) == 2 and seg.setup_s >= 0.4
+    assert max(totals) < 150, totals  # 200 ms of set-up per size, none of it in a frame

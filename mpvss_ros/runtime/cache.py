@@ -195,6 +195,8 @@ def _remove(entry: CacheEntry) -> None:
         except OSError:
             doomed = entry.path
         shutil.rmtree(doomed, ignore_errors=True)
+        if doomed.exists():
+            log.warning("could not delete all of %s (removed from the cache; a later prune retries)", doomed)
     else:
         for f in entry.files:
             f.unlink(missing_ok=True)

@@ -876,6 +876,8 @@ class GraphSource:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.weights = weights
         self.trained = trained
+        # the weights the graphs are exported from, fixed when the source is made
+        self._fingerprint = model_fingerprint(model) if model is not None else None
         self._dirs: dict[tuple[int, int], Path] = {}
         if export_dir is not None:
             contract = read_contract(export_dir)
@@ -884,7 +886,9 @@ class GraphSource:
     @classmethod
     def from_model(cls, model: MPVSS, cache_dir: str | Path | None = None, weights: str | None = None,
                    trained: bool | None = None) -> "GraphSource":
-        """Graphs exported from ``model`` (moved to CPU for export) into ``cache_dir``."""
+        """Graphs exported from ``model`` (moved to CPU for export) into ``cache_dir``, with the
+        weights it has now: if they change later, exporting another size raises ``ValueError``
+        (make a new source) rather than mixing graphs of two weight versions."""
         return cls(model.cfg, model=_cpu_eval(model), cache_dir=cache_dir, weights=weights, trained=trained)
 
     @classmethod
@@ -914,7 +918,8 @@ class GraphSource:
         """The export folder for ``valid_hw`` (exported now if needed and possible).
 
         Raises:
-            ValueError: a fixed folder was given and it is for another size.
+            ValueError: a fixed folder was given and it is for another size; the model changed
+                since the source was made.
         """
         hw = (int(valid_hw[0]), int(valid_hw[1]))
         if hw in self._dirs and (self.model is None or (self._dirs[hw] / CONTRACT_FILE).is_file()):
@@ -925,7 +930,10 @@ class GraphSource:
             raise ValueError(f"the ONNX graphs in {self.export_dir} are for a valid size of {have}, this frame needs "
                              f"{hw[0]}x{hw[1]}: export that size (mpvss export --height {hw[0]} --width {hw[1]}) or feed "
                              f"frames with the exported aspect ratio")
-        # fingerprinted at each export, not once: weights loaded into the model since are part of the key
-        path = cached_export(self.model, hw, self.cache_dir, weights=self.weights, trained=self.trained)
+        if model_fingerprint(self.model) != self._fingerprint:  # the cache key must describe the graphs
+            raise ValueError("the model's weights or configuration changed since its ONNX graphs were first exported: "
+                             "make a new backend (load_backend) for the changed model")
+        path = cached_export(self.model, hw, self.cache_dir, weights=self.weights, trained=self.trained,
+                             fingerprint=self._fingerprint)
         self._dirs[hw] = path
         return path

@@ -61,6 +61,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import signal
 import threading
 import time
@@ -225,7 +226,7 @@ class TrainOptions:
                              "clip_grad_norm", "no_object_weight"))
         check_crop(self.crop, 32)
         scale = tuple(self.scale) if isinstance(self.scale, (tuple, list)) else (self.scale,)
-        if (len(scale) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in scale)
+        if (len(scale) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in scale)
                 or not 0 < scale[0] <= scale[1] < math.inf):
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale!r}")
         if self.matcher not in ("hungarian", "fixed"):

@@ -241,3 +241,19 @@ def test_prune_spares_entries_used_recently(fake_cache):
     assert [e.path for e in removed] == [p["a"], p["b"]]
     assert [e.path for e in cache_entries(root)] == [p["d"], p["c"]]
     assert not list((root / "onnx").glob(".export-removed-*"))
+
+
+def test_an_entry_is_renamed_away_before_it_is_deleted(fake_cache, monkeypatch):
+    """A removal cut short leaves a hidden temporary folder, which a later prune deletes, never an
+    entry folder without its contract (that blocked its key)."""
+    import mpvss_ros.runtime.cache as cache
+
+    root, p = fake_cache
+    monkeypatch.setattr(cache.shutil, "rmtree", lambda path, ignore_errors=False: None)  # the delete "dies"
+    (removed,) = [e for e in prune_cache(root, 9 * MIB) if e.kind == "onnx"]
+    assert removed.path == p["a"] and not p["a"].exists()
+    (left,) = (root / "onnx").glob(".export-removed-*")
+    assert (left / "key_frame.onnx").is_file() and p["a"] not in [e.path for e in cache_entries(root)]
+    monkeypatch.undo()
+    prune_cache(root, 100 * MIB, now=time.time() + 2 * STALE_TEMP_SECONDS)  # interrupted writes older than 1 h
+    assert not left.exists()

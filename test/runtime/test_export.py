@@ -621,3 +621,17 @@ def test_the_flows_only_session_is_made_with_the_others(lite_small):
     sessions = backend._load((96, 128))
     assert sessions.non_key_output == "warped_mask_logits" and sessions.flows_only is not None
     assert [o.name for o in sessions.flows_only.get_outputs()] == ["flows"]
+
+
+def test_a_graph_source_refuses_to_export_a_model_changed_since(tmp_path):
+    """Weights changed in a live model after its first export must neither be cached under the
+    old weights' key nor mix two weight versions across sizes in one backend."""
+    model = load_model("mpvss_lite").model
+    source = GraphSource.from_model(model, tmp_path)
+    first = source.get((64, 64))
+    with torch.no_grad():
+        model.sem_seg_head.predictor.class_embed.bias.add_(1e-3)
+    with pytest.raises(ValueError, match="changed since its ONNX graphs were first exported"):
+        source.get((64, 96))
+    assert source.get((64, 64)) == first  # what it already has stays as it was
+    assert [p.name for p in (tmp_path / "onnx").iterdir() if not p.name.startswith(".")] == [first.name]

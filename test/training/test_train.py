@@ -62,6 +62,9 @@ def test_cli_arguments_round_trip(tmp_path):
     ({"scale": (0.0, 1.0)}, r"scale must be \(low, high\)"),
     ({"lr": 0}, "lr must be > 0, got 0"),
     ({"backbone_lr_mult": -0.1}, "backbone_lr_mult must be >= 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"poly_power": -1.0}, "poly_power must be >= 0"),
+    ({"no_object_weight": -0.1}, "no_object_weight must be >= 0"),
     ({"clip_grad_norm": float("nan")}, "clip_grad_norm must be a finite number"),
     ({"warmup_factor": 0}, r"warmup_factor must be in \(0, 1\]"),
     ({"val_every": -2}, "val_every must be >= -1, got -2"),
@@ -74,6 +77,7 @@ def test_stage1_options_are_checked_like_stage2s(change, message):
     """Both stages check types and ranges with the same helpers (training/options.py)."""
     with pytest.raises(ValueError, match=message):
         TrainOptions(run_dir="x", **change).validate()
+    TrainOptions(run_dir="x", scale=(np.float32(0.75), np.float64(1.5)), lr=np.float32(1e-4)).validate()  # numpy reals
 
 
 def test_device_option_reaches_the_options():
