@@ -40,11 +40,13 @@ from torch import Tensor, nn
 __all__ = [
     "CheckpointError",
     "CheckpointFile",
+    "first_line",
     "read_checkpoint",
     "read_state_dict",
     "load_state_dict_strict",
     "load_checkpoint",
     "save_checkpoint",
+    "torch_load_checked",
     "IGNORED_KEYS",
 ]
 
@@ -118,6 +120,12 @@ class CheckpointFile:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message up to its first line break ("" for an empty one): torch's and
+    pickle's messages can span many lines, an error line here is one."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 def torch_load_checked(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, after checking every member's CRC of
     torch.save's zip format (``torch.load`` itself reads a file with zeroed bytes inside a
@@ -156,15 +164,14 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
         raise
     except pickle.UnpicklingError as exc:
         if path.suffix == ".pkl":  # the numpy unpickler's own errors
-            raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).strip().splitlines()[0][:200]}") from exc
+            raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)[:200]}") from exc
         # torch's weights-only refusal, or bytes that are no pickle
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a PyTorch checkpoint, or it holds objects other than "
             f"tensors and plain data (read with weights_only=True, which never runs code from a file; "
-            f"{str(exc).strip().splitlines()[0][:160]})") from exc
+            f"{first_line(exc)[:160]})") from exc
     except Exception as exc:  # corrupt zip, truncated pickle, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}") from exc
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         meta = obj.get("meta") or {}
         if not isinstance(meta, dict):

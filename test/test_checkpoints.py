@@ -228,3 +228,16 @@ def test_random_bytes_get_one_line_without_unsafe_advice(tmp_path):
         read_checkpoint(path)
     text = str(err.value)
     assert len(text.splitlines()) == 1 and "weights_only set to False" not in text
+
+
+def test_an_unpickling_error_without_a_message_is_still_one_checkpoint_error(tmp_path, monkeypatch):
+    """The error line takes the message's first line; an empty message raised IndexError instead."""
+    import pickle
+
+    import mpvss_ros.checkpoints as checkpoints
+
+    path = tmp_path / "empty_message.pt"
+    path.write_bytes(b"x")
+    monkeypatch.setattr(checkpoints, "torch_load_checked", lambda p: (_ for _ in ()).throw(pickle.UnpicklingError()))
+    with pytest.raises(checkpoints.CheckpointError, match="cannot read checkpoint .*not a PyTorch checkpoint"):
+        checkpoints.read_checkpoint(path)

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..checkpoints import load_checkpoint, read_checkpoint, save_checkpoint, torch_load_checked
+from ..checkpoints import first_line, load_checkpoint, read_checkpoint, save_checkpoint, torch_load_checked
 from ..config import ModelConfig, load_model_config
 from ..evaluation.metrics import ConfusionMatrix
 from ..io.samples import shared_data_dir
@@ -494,9 +494,9 @@ def check_same_step(meta: dict[str, Any], state: dict[str, Any], model_path: Pat
                          f"{state['step']} (interrupted while saving?)")
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first sentence of an exception's first line (torch's messages can span many)."""
-    return (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
+def _first_sentence(exc: BaseException) -> str:
+    """The first sentence of an exception's first line (:func:`~mpvss_ros.checkpoints.first_line`)."""
+    return first_line(exc).split(". ")[0]
 
 
 #: Files that make a folder an earlier run's: training into it without ``resume`` would overwrite
@@ -571,7 +571,7 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch_load_checked(path)
     except Exception as exc:  # a failed CRC, truncated zip, not a torch file, disallowed globals, ...
-        raise bad(f"cannot read it ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise bad(f"cannot read it ({type(exc).__name__}: {_first_sentence(exc)})") from exc
     if not isinstance(state, dict):
         raise bad(f"it holds a {type(state).__name__}, not a dict")
     missing = [k for k in _STATE_KEYS if k not in state]
@@ -623,14 +623,14 @@ def resume_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         scheduler.load_state_dict(state["scheduler"])
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         raise ValueError(f"resume: the optimizer state in {state_path} does not fit this run ({type(exc).__name__}: "
-                         f"{_first_line(exc)}): were the trainable parameters changed?") from exc
+                         f"{_first_sentence(exc)}): were the trainable parameters changed?") from exc
     step = int(state["step"])
     sync_lr(optimizer, scheduler, step)
     try:
         restore_rng_state(state, device)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(f"resume: damaged trainer state {state_path}: its random-generator state does not load "
-                         f"({type(exc).__name__}: {_first_line(exc)})") from exc
+                         f"({type(exc).__name__}: {_first_sentence(exc)})") from exc
     truncate_log(run_dir / LOG_FILE, step)
     log.info("resumed %s at step %d", run_dir, step)
     return step, state
