@@ -463,8 +463,9 @@ class VideoSegmenter:
             # is not frame time, so it is left out of the timings.
             t = time.perf_counter()
             self.model.prepare(letterbox.resized_hw)
-            self.setup_s += time.perf_counter() - t
-            t0 += time.perf_counter() - t
+            setup = time.perf_counter() - t
+            self.setup_s += setup
+            t0 += setup
         t = time.perf_counter()
         if is_key:
             try:

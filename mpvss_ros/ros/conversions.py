@@ -349,8 +349,8 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
 
 def _decode_jpeg(buf: np.ndarray, max_pixels: int | None, what: str) -> np.ndarray:
     """A JPEG (``buf`` starts with its signature) as RGB; see :func:`compressed_to_rgb`."""
-    data = buf.tobytes()
     if _simplejpeg is not None:
+        data = buf.tobytes()
         try:
             height, width, _, _ = _simplejpeg.decode_jpeg_header(data)
         except ValueError as exc:
