@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,9 @@ def _to_tensor_dict(obj: Any, path: Path) -> dict[str, Tensor]:
             v = torch.from_numpy(np.array(v, order="C", copy=True))  # keeps 0-d arrays 0-d
         if not isinstance(v, Tensor):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        if v.layout != torch.strided or v.is_quantized:
+            raise CheckpointError(f"{path}: tensor {k!r} is {v.layout}{' quantized' if v.is_quantized else ''}, "
+                                  "not a dense tensor")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise CheckpointError(f"{path}: tensor {k!r} holds NaN or infinite values (a diverged or corrupt file)")
         out[str(k)] = v
@@ -124,6 +128,22 @@ def first_line(exc: BaseException) -> str:
     """An exception's message up to its first line break ("" for an empty one): torch's and
     pickle's messages can span many lines, an error line here is one."""
     return (str(exc).strip().splitlines() or [""])[0]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _weights_only_cause(exc: BaseException) -> str:
+    """What torch's weights-only refusal names as its cause (the text after ``WeightsUnpickler
+    error:``, or the next non-empty line when that is empty, e.g. ``Unsupported global: GLOBAL
+    numpy...`` or ``Unsupported operand 35``), ANSI colour codes removed; else the first line."""
+    lines = [_ANSI.sub("", ln).strip() for ln in str(exc).splitlines()]
+    marker = "WeightsUnpickler error:"
+    for i, line in enumerate(lines):
+        if marker in line:
+            cause = line.split(marker, 1)[1].strip() or next((ln for ln in lines[i + 1:] if ln), "")
+            return cause.split(" Please use")[0] or first_line(exc)
+    return first_line(exc)
 
 
 def torch_load_checked(path: str | Path) -> Any:
@@ -154,6 +174,8 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (an interrupted download or copy?)")
     try:
         if path.suffix == ".pkl":
             with path.open("rb") as f:
@@ -169,7 +191,7 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
         raise CheckpointError(
             f"cannot read checkpoint {path}: not a PyTorch checkpoint, or it holds objects other than "
             f"tensors and plain data (read with weights_only=True, which never runs code from a file; "
-            f"{first_line(exc)[:160]})") from exc
+            f"{_weights_only_cause(exc)[:200]})") from exc
     except Exception as exc:  # corrupt zip, truncated pickle, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}") from exc
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -294,7 +316,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, 
         path: output file (parent directories are created).
         model: the module whose ``state_dict`` is saved.
         model_config: ``ModelConfig.to_dict()`` of the model.
-        meta: JSON-like provenance (training data, steps, metrics, ...).
+        meta: JSON-like provenance (training data, steps, metrics, ...), plain Python types.
         half: store floating-point tensors as float16 (half the size; loading copies them back
             into the model's float32 parameters). ``meta["stored_dtype"]`` records it.
     """
@@ -314,6 +336,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, 
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
+    try:  # what read_checkpoint cannot read back (e.g. numpy scalars in meta) is refused before writing
+        torch.load(io.BytesIO(buf.getvalue()), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"checkpoint for {path} would not load with weights_only=True: "
+                         f"{_weights_only_cause(exc)} (use plain Python types in model_config and meta)") from exc
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.replace(path)

@@ -322,7 +322,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         study.update(images=str(images), reference=reference)
         for r in study["rows"]:
             print(f"{r['mode']:8s} N={r['interval']:<3d} {row_label(r):22s} key ratio {r['key_frame_ratio']:.3f}  "
-                  f"mIoU {r['mIoU']:6.2f}  fwIoU {r['fwIoU']:6.2f}  VC_8 {r['VC_8'] or float('nan'):6.2f}  "
+                  f"mIoU {r['mIoU']:6.2f}  fwIoU {r['fwIoU']:6.2f}  VC_8 {float('nan') if r['VC_8'] is None else r['VC_8']:6.2f}  "
                   f"{r['mean_ms_per_frame']:7.1f} ms/frame  cost ratio {_fmt_ratio(r['cost_ratio'])} "
                   f"(within run {_fmt_ratio(r['cost_ratio_within_run'])})")
         for c in study["comparisons"]:

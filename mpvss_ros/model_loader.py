@@ -175,6 +175,8 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
         cfg = load_model_config(guess)
     else:
         cfg = load_model_config(model or DEFAULT_MODEL)
+    # a file without a configuration, not an official R50 one, is tried against the default model
+    default_guessed = model is None and ckpt is not None
 
     if weights_path is None and cfg.default_weights:
         weights_path = resolve_data_path(cfg.default_weights)
@@ -189,7 +191,16 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
     net = MPVSS(cfg)
     meta: dict[str, Any] = {}
     if ckpt is not None:
-        load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path))
+        try:
+            load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path))
+        except CheckpointError as exc:
+            if not default_guessed:
+                raise
+            raise CheckpointError(
+                f"{weights_path} holds no model configuration, is not an official ResNet-50 checkpoint "
+                f"(the only official one configured here: mpvss_r50) and does not fit the default model "
+                f"{cfg.name}: pass --model with a model name or a YAML config that describes it "
+                f"(official ResNet-101 and Swin checkpoints need one)\n{exc}") from exc
         meta = ckpt.meta
     elif not cfg.default_weights:
         log.warning("model %s has no weights (none given, no default): running UNTRAINED", cfg.name)

@@ -241,3 +241,58 @@ def test_an_unpickling_error_without_a_message_is_still_one_checkpoint_error(tmp
     monkeypatch.setattr(checkpoints, "torch_load_checked", lambda p: (_ for _ in ()).throw(pickle.UnpicklingError()))
     with pytest.raises(checkpoints.CheckpointError, match="cannot read checkpoint .*not a PyTorch checkpoint"):
         checkpoints.read_checkpoint(path)
+
+
+def test_refusals_name_their_cause(tmp_path):
+    """An empty file says so (torch said 'EOFError: '); a file that is no pickle and one holding
+    a numpy array name what torch's weights-only reader refused (its first line is boilerplate)."""
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="the file is empty"):
+        read_checkpoint(empty)
+    text_file = tmp_path / "readme.pt"
+    text_file.write_text("# README\nnot weights\n")
+    with pytest.raises(CheckpointError, match=r"Unsupported operand \d+\)$"):
+        read_checkpoint(text_file)
+    numpy_file = tmp_path / "numpy.pth"
+    torch.save({"model": {"a": np.ones(2)}}, numpy_file)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(numpy_file)
+    assert "Unsupported global: GLOBAL numpy" in str(err.value) and "\x1b[" not in str(err.value)
+
+
+def test_a_sparse_tensor_is_refused_as_not_dense(tmp_path):
+    path = tmp_path / "sparse.pt"
+    torch.save({"w": torch.eye(3).to_sparse()}, path)
+    with pytest.raises(CheckpointError, match="'w' is torch.sparse_coo, not a dense tensor"):
+        read_checkpoint(path)
+
+
+def test_save_refuses_what_it_could_not_read_back(tmp_path):
+    """A numpy score in meta saved fine and then failed every weights-only load."""
+    cfg = load_model_config("mpvss_lite")
+    path = tmp_path / "model.pt"
+    with pytest.raises(ValueError, match="would not load with weights_only=True: Unsupported global"):
+        save_checkpoint(path, MPVSS(cfg), cfg.to_dict(), meta={"val": {"mIoU": np.float64(70.7)}})
+    assert not path.exists()
+    save_checkpoint(path, MPVSS(cfg), cfg.to_dict(), meta={"val": {"mIoU": 70.7}})
+    assert read_checkpoint(path).meta["val"] == {"mIoU": 70.7}
+
+
+def test_a_file_without_configuration_that_fits_no_model_says_to_pass_model(tmp_path):
+    """An official ResNet-101 file (23 res4 blocks) has no configuration here: it was checked
+    against the default mpvss_lite and listed hundreds of MobileNet keys without a word on --model.
+    A plain state dict of the default model still loads without --model."""
+    sd = {"backbone.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}
+    sd.update({f"backbone.res4.{j}.conv1.weight": torch.zeros(256, 1024, 1, 1) for j in range(23)})
+    path = tmp_path / "r101.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match="holds no model configuration.*pass --model") as err:
+        load_model(None, path)
+    assert "missing key(s)" in str(err.value)  # the key listing follows
+    plain = tmp_path / "plain.pth"
+    torch.save(MPVSS(load_model_config("mpvss_lite")).state_dict(), plain)
+    assert load_model(None, plain).config.name == "mpvss_lite"
+    with pytest.raises(CheckpointError) as err:  # --model given: no hint about passing it
+        load_model("mpvss_lite", path)
+    assert "pass --model" not in str(err.value)
