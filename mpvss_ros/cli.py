@@ -81,7 +81,7 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                         "(default); --no-chain-flow = the paper's direct flow to the key frame")
     g.add_argument("--schedule", default="fixed:5",
                    help="key frames: fixed:N (fixed:1 = per-frame), adaptive or adaptive:THRESHOLD (default: fixed:5)")
-    g.add_argument("--max-interval", type=int, default=10, help="adaptive: most frames between key frames (default 10)")
+    g.add_argument("--max-interval", type=int, default=10, help="adaptive: a key frame at the latest this many frames after the last one, i.e. at most N-1 non-key frames between (default 10)")
     g.add_argument("--cut-threshold", type=float, default=DEFAULT_CUT_THRESHOLD,
                    help="adaptive: frame-to-frame change that counts as a hard cut "
                         f"(default {DEFAULT_CUT_THRESHOLD}; above 4 = off)")

@@ -137,7 +137,8 @@ class EngineOptions:
         chain_flow: chained flow for ``query_flow`` / ``optical_flow`` (each frame's flow to the
             previous frame, composed back to the key frame); False = the paper's direct flow.
         schedule: ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD``.
-        max_interval: adaptive schedule: longest run of frames between key frames.
+        max_interval: adaptive schedule: the longest distance between key frames, in frames (at
+            most ``max_interval - 1`` non-key frames lie between two key frames).
         cut_threshold: adaptive schedule: cut score of a hard cut
             (:class:`~mpvss_ros.scheduling.AdaptiveScheduler`).
         max_gap_s: a key frame after a gap of more than this many seconds between stamps;

@@ -241,7 +241,9 @@ def class_masks_from_labels(labels: np.ndarray) -> dict[int, np.ndarray]:
     Args:
         labels: (H, W) uint8 or uint16 class IDs (other integer dtypes take a slower path).
     """
-    if labels.dtype in (np.uint8, np.uint16) and labels.ndim == 2:
+    # cv2.compare takes a 1 x 1 array for the scalar operand and the class ID for a 4-element
+    # Scalar (a (4, 1) result): the smallest images take the numpy path.
+    if labels.dtype in (np.uint8, np.uint16) and labels.ndim == 2 and labels.size > 4:
         present = np.flatnonzero(np.bincount(labels.reshape(-1)))  # faster than np.unique (no sort)
         labels = np.ascontiguousarray(labels)
         return {int(c): cv2.compare(labels, float(c), cv2.CMP_EQ) for c in present}  # 0/255 uint8
@@ -308,7 +310,9 @@ class SegmentationResult:
     """The segmentation of one frame.
 
     Attributes:
-        frame_index: 0-based count of frames pushed since construction.
+        frame_index: 0-based index of the frame among those pushed since construction; a frame
+            refused with FrameError takes none, one whose segmentation failed takes its own (the
+            published indices then skip it).
         stamp: the frame's capture time, seconds (as given).
         labels: (H, W) class IDs at the input resolution; uint8, or uint16 when K > 255.
         confidence: (H, W) uint8, 255 x the winning class's share of the summed class scores.
@@ -444,6 +448,8 @@ class VideoSegmenter:
             raise FrameError(f"stamp must be a finite number of seconds, got {stamp}")
         if source is not None and self._source is not None and source != self._source:
             self.reset("frame_id_change")
+        index = self._frame_index  # taken now: a frame that fails below keeps its index
+        self._frame_index += 1
         timings: dict[str, float] = {}
 
         t = time.perf_counter()
@@ -458,32 +464,33 @@ class VideoSegmenter:
         tensor = canvas_tensor(image, letterbox, self.device)
         timings["preprocess"] = (time.perf_counter() - t) * 1e3
 
-        if is_key and hasattr(self.model, "prepare"):
-            # Fixed-shape backends export graphs / build engines for a new size here; one-off set-up
-            # is not frame time, so it is left out of the timings.
-            t = time.perf_counter()
-            self.model.prepare(letterbox.resized_hw)
-            setup = time.perf_counter() - t
-            self.setup_s += setup
-            t0 += setup
         t = time.perf_counter()
         if is_key:
             try:
+                if hasattr(self.model, "prepare"):
+                    # Fixed-shape backends export graphs / build engines for a new size here;
+                    # one-off set-up is not frame time, so it is left out of the timings.
+                    self.model.prepare(letterbox.resized_hw)
+                    setup = time.perf_counter() - t
+                    self.setup_s += setup
+                    t0 += setup
+                    t = time.perf_counter()
                 key = self.model.segment_key_frame(tensor, letterbox.resized_hw)
             except BaseException:
                 # The scheduler has already counted this frame as the key frame: start over, so
                 # that the next frame is one (reason "reset") rather than propagated from the
-                # previous key frame across what may be a cut.
+                # previous key frame across what may be a cut. The same when preparing the
+                # backend for the frame's size fails.
                 self.reset()
                 raise
             if not _all_finite(key.class_logits, key.mask_logits):
                 self.reset("non_finite")
                 raise NonFiniteOutputError(f"the key frame's class or mask logits hold NaN or infinite values "
-                                           f"(frame {self._frame_index}); nothing is published for it")
+                                           f"(frame {index}); nothing is published for it")
             # Padding filled: warps clamp to the valid area's edge (KeyFrameState.with_padding_filled).
             self._key = key.with_active_queries(self._min_query_score).with_padding_filled()
             self._key_letterbox = letterbox
-            self._key_index = self._frame_index
+            self._key_index = index
             self._key_stamp = float(stamp)
             mask_logits = self._key.propagated(self._key.mask_logits)
             timings["segmentor"] = (time.perf_counter() - t) * 1e3
@@ -493,7 +500,7 @@ class VideoSegmenter:
             if not _all_finite(mask_logits):
                 self.reset("non_finite")
                 raise NonFiniteOutputError(f"the propagated mask logits hold NaN or infinite values (frame "
-                                           f"{self._frame_index}, {self.propagator.name}); the next frame is a key frame")
+                                           f"{index}, {self.propagator.name}); the next frame is a key frame")
             timings["propagation"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
@@ -509,7 +516,7 @@ class VideoSegmenter:
         timings["total"] = (time.perf_counter() - t0) * 1e3
 
         result = SegmentationResult(
-            frame_index=self._frame_index,
+            frame_index=index,
             stamp=float(stamp),
             labels=labels,
             confidence=confidence,
@@ -518,20 +525,19 @@ class VideoSegmenter:
             key_frame_index=self._key_index,
             key_frame_stamp=self._key_stamp,
             scene_score=decision.scene_score,
-            key_frame_reason=self._key_frame_reason(decision) if is_key else "",
+            key_frame_reason=self._key_frame_reason(decision, index) if is_key else "",
             timings_ms=timings,
         )
-        self._frame_index += 1
         if source is not None:
             self._source = source
         return result
 
-    def _key_frame_reason(self, decision: ScheduleDecision) -> str:
-        """Why this frame is a key frame: the scheduler's reason; ``canvas_change`` when only the
-        segmenter's own check made it one; ``reset`` for a replaced scheduler's ``first``."""
+    def _key_frame_reason(self, decision: ScheduleDecision, index: int) -> str:
+        """Why frame ``index`` is a key frame: the scheduler's reason; ``canvas_change`` when only
+        the segmenter's own check made it one; ``reset`` for a replaced scheduler's ``first``."""
         if not decision.reason:
             return "canvas_change"
-        return "reset" if decision.reason == "first" and self._frame_index > 0 else decision.reason
+        return "reset" if decision.reason == "first" and index > 0 else decision.reason
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
                     lb: Letterbox) -> tuple[np.ndarray, np.ndarray]:

@@ -784,3 +784,75 @@ def test_setup_time_of_fixed_shape_backends_is_summed_and_kept_out_of_frame_time
               for i, hw in enumerate([(40, 50), (40, 50), (30, 60), (30, 60)])]
     assert len(prepared) == 2 and seg.setup_s >= 0.4
     assert max(totals) < 150, totals  # 200 ms of set-up per size, none of it in a frame
+
+
+@pytest.mark.parametrize("chain_flow", [False, True])
+def test_non_finite_flow_raises_instead_of_publishing_border_samples(band_model, monkeypatch, chain_flow):
+    """A NaN flow used to come out of the warp as finite mask logits (grid_sample clamps NaN to the
+    border), so the frame was published; now it is NonFiniteOutputError and the next a key frame."""
+    from mpvss_ros.segmenter import NonFiniteOutputError
+
+    prop = OpticalFlowPropagator(chain_flow=chain_flow)
+    seg = VideoSegmenter(band_model, prop, FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    assert seg.push(img, 0.0).is_key_frame
+    real = prop.flow
+    monkeypatch.setattr(prop, "flow", lambda cur, key: real(cur, key) * np.float32("nan"))
+    with pytest.raises(NonFiniteOutputError, match="NaN or infinite"):
+        seg.push(img, 0.1)
+    monkeypatch.undo()
+    r = seg.push(img, 0.2)
+    assert r.is_key_frame and r.key_frame_reason == "non_finite"
+
+
+def test_failed_backend_preparation_leaves_no_half_state(band_model):
+    """Backend.prepare (an ONNX export / engine build) failing on a key frame: the scheduler had
+    taken the frame as its key frame while the segmenter kept the previous one, so the next frame
+    was propagated from the previous key frame across the cut."""
+    seg = VideoSegmenter(band_model, CopyPropagator(), AdaptiveScheduler())
+    fail = {"on": False}
+
+    def prepare(hw):
+        if fail["on"]:
+            raise RuntimeError("engine build failed (simulated)")
+
+    seg.model.prepare = prepare
+    dark, bright = np.full((360, 480, 3), 10, np.uint8), np.full((360, 480, 3), 240, np.uint8)
+    assert seg.push(dark, 0.0).is_key_frame and not seg.push(dark, 0.04).is_key_frame
+    fail["on"] = True
+    with pytest.raises(RuntimeError, match="engine build failed"):
+        seg.push(bright, 0.08)  # a cut: a key frame whose preparation fails
+    fail["on"] = False
+    after = seg.push(bright, 0.12)
+    assert after.is_key_frame and after.key_frame_reason == "reset" and set(np.unique(after.labels)) == {4}
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 2), (2, 1), (2, 2), (1, 5), (3, 3)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_class_masks_of_tiny_label_images_keep_their_shape(hw, dtype):
+    labels = np.arange(hw[0] * hw[1], dtype=dtype).reshape(hw) % 2 + 3
+    from mpvss_ros.segmenter import class_masks_from_labels
+
+    masks = class_masks_from_labels(labels)
+    assert all(m.shape == hw and m.dtype == np.uint8 for m in masks.values())
+    for c, m in masks.items():
+        np.testing.assert_array_equal(m, np.where(labels == c, 255, 0).astype(np.uint8))
+
+
+def test_a_failed_frame_keeps_its_index(band_model, monkeypatch):
+    """frame_index counts every frame pushed: the one whose segmentation failed keeps its index
+    (the published indices skip it) instead of the next frame reusing it."""
+    from mpvss_ros.segmenter import NonFiniteOutputError
+
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    assert seg.push(img, 0.0).frame_index == 0
+    monkeypatch.setattr(seg.propagator, "propagate", lambda key, tensor: torch.full_like(key.mask_logits, float("nan")))
+    with pytest.raises(NonFiniteOutputError, match=r"\(frame 1, copy\)"):
+        seg.push(img, 0.1)
+    monkeypatch.undo()
+    r = seg.push(img, 0.2)
+    assert (r.frame_index, r.key_frame_index, r.key_frame_reason) == (2, 2, "non_finite")
+    with pytest.raises(FrameError):
+        seg.push(np.zeros((4, 4), np.uint8), 0.3)  # refused before segmentation: no index
+    assert seg.push(img, 0.4).frame_index == 3

@@ -47,7 +47,8 @@ def warp_mask_logits(mask_logits: Tensor, flows: Tensor, normalization: str = "e
         normalization: ``exact`` or ``mmtrack`` (see the module docstring).
 
     Returns:
-        (B, N, h, w) float32 warped mask logits.
+        (B, N, h, w) float32 warped mask logits; all NaN when ``flows`` holds a NaN or infinite
+        value (outside ``torch.jit`` tracing), so that callers' non-finite checks see it.
 
     Raises:
         ValueError: on mismatched batch/mask counts, a flow without 2 channels, or an unknown
@@ -87,6 +88,12 @@ def warp_mask_logits(mask_logits: Tensor, flows: Tensor, normalization: str = "e
     else:
         src = mask_logits.reshape(b * n, 1, h, w)
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    if not torch.jit.is_tracing():
+        # grid_sample (and ONNX GridSample) clamps NaN/inf sampling positions to the border, so a
+        # non-finite flow (an fp16 overflow in the motion module) would give finite, meaningless
+        # mask logits that the caller's NaN check cannot see: carry it into the output instead
+        # (0 * NaN = 0 * inf = NaN; one reduction over the small flow, no host sync).
+        out = out + flows.sum(dtype=torch.float32).mul(0.0).to(out.dtype)
     return out.reshape(b, n, h, w)
 
 

@@ -89,3 +89,15 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError):
         warp_mask_logits(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 3, 4, 4))
     assert math.isfinite(warp_mask_logits(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 2, 1, 1)).item())
+
+
+@pytest.mark.parametrize("normalization", ["exact", "mmtrack"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_flow_gives_non_finite_masks(normalization, bad):
+    """grid_sample clamps a NaN/inf sampling position to the border: a non-finite flow (an fp16
+    overflow in the motion module) gave finite mask logits that no NaN check could see."""
+    masks = torch.randn(1, 3, 8, 8)
+    flows = torch.zeros(1, 3, 2, 4, 4)
+    flows[0, 1, 0, 2, 2] = bad
+    assert not torch.isfinite(warp_mask_logits(masks, flows, normalization)).any()
+    assert torch.isfinite(warp_mask_logits(masks, torch.zeros(1, 3, 2, 4, 4), normalization)).all()
