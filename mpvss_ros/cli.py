@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, first_line
 from .config import ConfigError
 from .io.samples import bikes_clip
 from .paths import check_output_dir, make_output_dir
@@ -41,6 +41,8 @@ from .scheduling import DEFAULT_CUT_THRESHOLD, KeyFrameScheduler, parse_schedule
 SAMPLES = {"sample:bikes": bikes_clip}
 
 __all__ = ["main", "build_parser"]
+
+log = logging.getLogger(__name__)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -263,7 +265,8 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     print(f"wrote {summary['output']} ({summary['storage']}): " + ", ".join(
         f"{t} x{n}" for t, n in summary["messages_per_topic"].items()))
     if summary["written"] == 0:
-        print(f"mpvss: error: no message of {summary['topic']} could be segmented", file=sys.stderr)
+        print(f"mpvss: error: no message of {summary['topic']} could be segmented (skipped_by_reason above; "
+              f"{summary['output']} holds the input topic only)", file=sys.stderr)
         return 1
     return 0
 
@@ -406,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except CheckpointError as exc:
         print(f"mpvss: error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # a backend failing (CUDA out of memory, TensorRT, onnxruntime, ...)
+        log.debug("traceback of the error below", exc_info=True)
+        print(f"mpvss: error: {type(exc).__name__}: {first_line(exc)} (--verbose for the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mpvss: interrupted", file=sys.stderr)

@@ -21,7 +21,10 @@ topic                     type                                content
 Every output message carries the input message's ``header`` unchanged and is stored at the
 input message's bag timestamp, so ``ros2 bag play`` replays masks in step with the camera.
 Messages that cannot be segmented (unsupported encoding, inconsistent sizes, corrupt JPEG,
-undecodable CDR) are logged, counted by reason and skipped; they never abort the run. The
+undecodable CDR, an error of the inference backend on that frame, as the node's core skips it)
+are logged, counted by reason and skipped; they never abort the run, except a backend that fails
+on :data:`MAX_ENGINE_FAILURES_IN_A_ROW` messages in a row (a set-up error). SIGTERM (``docker
+stop``, systemd, ``timeout``) unwinds like Ctrl-C, so an interrupted run leaves no output. The
 messages are built by :func:`mpvss_ros.ros.conversions.build_outputs`, the same code the node
 uses.
 """
@@ -32,6 +35,8 @@ import contextlib
 import logging
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +46,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from ..checkpoints import first_line
 from ..config import default_class_names
 from ..model_loader import LoadedModel
 from ..offline import EngineOptions, summarize
@@ -74,6 +80,11 @@ STORAGES = ("sqlite3", "mcap")
 _WARN_PER_REASON = 10
 #: Skipped messages described in the summary.
 _MAX_SKIP_EXAMPLES = 20
+
+#: Backend errors (anything the engine raises on a frame) on this many messages in a row stop the
+#: run: single ones (a size a fixed-shape ``--onnx-dir`` export lacks, a CUDA out-of-memory on one
+#: key frame) are skipped with reason ``engine``; a backend that fails on every frame is a set-up error.
+MAX_ENGINE_FAILURES_IN_A_ROW = 20
 
 _NAME_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -157,6 +168,27 @@ def _read_messages(reader: Any, connections: list[Any], path: Path) -> Iterator[
         except Exception as exc:  # noqa: BLE001 - apsw / sqlite3 / MCAP / rosbags errors alike
             raise ValueError(f"cannot read bag {path}: {type(exc).__name__}: {exc}") from None
         yield item
+
+
+@contextlib.contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``SystemExit(143)`` (128 + 15, the shell's status
+    for it) instead of killing the process, so that ``finally`` blocks run: the default action
+    left a folder that is not a bag (no ``metadata.yaml``, an unfinished ``.db3`` or ``.mcap``)
+    and blocked the next run's output path. The previous handler is restored after; outside the
+    main thread (where Python delivers signals) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -258,13 +290,17 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         Summary: ``frames`` (input messages read), ``written`` (segmented and written),
         ``skipped`` and ``skipped_by_reason``, ``skip_examples``, ``key_frames``,
         ``key_frame_reasons``, ``median_total_ms`` (key / non-key frames), per-stage
-        ``timings_ms``, ``messages_per_topic`` and run settings.
+        ``timings_ms``, ``messages_per_topic``, ``wall_time_s``, ``setup_s`` (one-off export
+        or engine builds of a fixed-shape backend), ``fps`` (written frames per second of wall
+        time less ``setup_s``) and run settings.
 
     Raises:
         FileNotFoundError: ``in_path`` missing or not a bag. FileExistsError: ``out_path``
         exists. ValueError: topic missing, without messages or not an image topic (the message
         lists the image topics present), a damaged bag, bad namespace, storage, schedule or
-        propagator. A run that raises (or is interrupted) removes the ``out_path`` it created.
+        propagator. RuntimeError: the backend failed on :data:`MAX_ENGINE_FAILURES_IN_A_ROW`
+        messages in a row. SystemExit(143): SIGTERM (main thread). A run that raises (or is
+        interrupted) removes the ``out_path`` it created.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
@@ -335,7 +371,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         # a run that fails or is interrupted leaves no output: the writer's partial folder (no
         # metadata.yaml, not a readable bag) would only block the next run's output path. Armed
         # once the writer has made the folder, so nothing it did not create is removed.
-        with writer, _removed_on_failure(out_path):
+        with _terminate_unwinds(), writer, _removed_on_failure(out_path):
             conn_in = _add_connection(writer, in_topic, msgtype, typestore, in_qos)
             out_types = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE,
                          "colored": IMAGE_TYPE, "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "info": INFO_TYPE}
@@ -351,6 +387,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 counts[topics[key]] = counts.get(topics[key], 0) + 1
 
             key_stamp = None  # the last info message's key_frame_stamp
+            engine_failures = 0  # in a row
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
             try:
                 for _conn, stamp_ns, raw in _read_messages(reader, chosen, in_path):
@@ -378,6 +415,16 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                     except NonFiniteOutputError as exc:
                         skip("non_finite", index, stamp_ns, exc)
                         continue
+                    except Exception as exc:  # noqa: BLE001 - the backend's own errors, skipped as by the node's core
+                        engine_failures += 1
+                        if engine_failures >= MAX_ENGINE_FAILURES_IN_A_ROW:
+                            raise RuntimeError(f"the inference backend failed on {engine_failures} messages in a row "
+                                               f"(the last, message {index}: {type(exc).__name__}: "
+                                               f"{first_line(exc)})") from exc
+                        segmenter.reset()  # the next frame is a key frame
+                        skip("engine", index, stamp_ns, exc)
+                        continue
+                    engine_failures = 0
                     header = msg.header
                     if result.is_key_frame:  # as the node: with each key frame (the first frame is one)
                         put("label_info", stamp_ns, make_label_info(types.label_info, types.vision_class, header, class_names),
@@ -429,5 +476,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "class_pixel_share": stats["class_pixel_share"],
         "messages_per_topic": dict(sorted(counts.items())),
         "wall_time_s": wall,
-        "fps": len(records) / wall if wall > 0 else None,
+        # as mpvss segment: the one-off export / engine build for a new size is not frame time
+        "setup_s": segmenter.setup_s,
+        "fps": len(records) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
     }

@@ -79,6 +79,10 @@ _BYTES_PER_PIXEL: dict[str, int] = {
     "uyvy": 2,
     "yuv422_yuy2": 2,
     "yuyv": 2,
+    "bayer_rggb8": 1,
+    "bayer_bggr8": 1,
+    "bayer_gbrg8": 1,
+    "bayer_grbg8": 1,
 }
 
 #: Input encodings :func:`image_to_rgb` accepts.
@@ -92,6 +96,16 @@ _YUV_CODES = {
     "uyvy": cv2.COLOR_YUV2RGB_UYVY,
     "yuv422_yuy2": cv2.COLOR_YUV2RGB_YUYV,
     "yuyv": cv2.COLOR_YUV2RGB_YUYV,
+}
+#: Raw Bayer mosaics (``bayer_<2 x 2 pattern from the top-left pixel>8``, as industrial camera
+#: drivers publish ``image_raw``), demosaicked by OpenCV. OpenCV names a pattern by the second
+#: row's second and third pixels, so ROS's RGGB is OpenCV's BG (as cv_bridge maps them; checked
+#: on mosaics of a known colour in test_conversions).
+_BAYER_CODES = {
+    "bayer_rggb8": cv2.COLOR_BayerBG2RGB,
+    "bayer_bggr8": cv2.COLOR_BayerRG2RGB,
+    "bayer_gbrg8": cv2.COLOR_BayerGR2RGB,
+    "bayer_grbg8": cv2.COLOR_BayerGB2RGB,
 }
 _COLOUR_CODES = {"bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB, "bgra8": cv2.COLOR_BGRA2RGB,
                  "mono8": cv2.COLOR_GRAY2RGB}
@@ -276,6 +290,8 @@ def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
         rows = rows[:, :row_bytes]  # drop the padding bytes at the end of each row (a view)
     if encoding == "mono8":
         return cv2.cvtColor(np.ascontiguousarray(rows), cv2.COLOR_GRAY2RGB)
+    if encoding in _BAYER_CODES:
+        return cv2.cvtColor(np.ascontiguousarray(rows), _BAYER_CODES[encoding])
     pixels = rows.reshape(height, width, bpp)
     if encoding == "rgb8":
         return pixels if step == row_bytes else np.ascontiguousarray(pixels)

@@ -378,10 +378,13 @@ def test_topic_without_messages_is_refused_before_any_output(ts, tmp_path, lite)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("failure", ["storage", "interrupt"])
+@pytest.mark.parametrize("failure", ["storage", "interrupt", "sigterm"])
 def test_a_run_that_fails_midway_leaves_no_output(ts, tmp_path, frames, band_loaded, monkeypatch, failure):
     """A damaged storage file (sqlite3's "database disk image is malformed") becomes one error
-    naming the bag; that or Ctrl-C removes the partial output, which would block the next run."""
+    naming the bag; that, Ctrl-C or SIGTERM (docker stop, systemd, timeout: its default action
+    left a folder that is not a bag) removes the partial output, which would block the next run."""
+    import os
+    import signal
     import sqlite3
 
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:4]))
@@ -392,15 +395,19 @@ def test_a_run_that_fails_midway_leaves_no_output(ts, tmp_path, frames, band_loa
             if i == 2:
                 if failure == "storage":
                     raise sqlite3.DatabaseError("database disk image is malformed")
+                if failure == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
                 raise KeyboardInterrupt
             yield item
 
     monkeypatch.setattr(Reader, "messages", messages)
-    expected = (ValueError, "cannot read bag .*in: DatabaseError: database disk image is malformed") \
-        if failure == "storage" else (KeyboardInterrupt, "")
+    expected = {"storage": (ValueError, "cannot read bag .*in: DatabaseError: database disk image is malformed"),
+                "interrupt": (KeyboardInterrupt, ""), "sigterm": (SystemExit, "143")}[failure]
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(expected[0], match=expected[1]):
         process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
     assert not (tmp_path / "out").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # restored after the run
     monkeypatch.setattr(Reader, "messages", real)
     summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
                           BagOptions(propagator="copy", progress=False))
@@ -510,3 +517,55 @@ def test_cli_bag_errors(ts, small_bag, tmp_path, capsys):
     assert main(["bag", str(small_bag), str(small_bag), "--topic", TOPIC]) == 2
     assert "exists already" in capsys.readouterr().err
     assert main(["bag", str(small_bag), str(tmp_path / "o2"), "--topic", TOPIC, "--namespace", "/9x"]) == 2
+
+
+def test_an_engine_error_on_one_frame_is_skipped_not_fatal(ts, tmp_path, frames, band_loaded, monkeypatch, capsys):
+    """What the backend raises on one frame (a size a fixed-shape --onnx-dir export lacks, a CUDA
+    out-of-memory) killed the run and removed the output: it skips that message, as the node's
+    core does, and the next frame is a key frame. Failing on every frame stops the run with one
+    line, exit status 1."""
+    import mpvss_ros.ros.bag as bag_module
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:4]))
+    real, calls = VideoSegmenter.push, []
+
+    def push(self, image, stamp, **kwargs):
+        calls.append(stamp)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(self, image, stamp, **kwargs)
+
+    monkeypatch.setattr(VideoSegmenter, "push", push)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(propagator="copy", schedule="fixed:10", progress=False))
+    assert summary["written"] == 3 and summary["skipped_by_reason"] == {"engine": 1}
+    assert summary["key_frame_reasons"] == {"first": 1, "reset": 1}  # the frame after the failure
+    assert summary["setup_s"] < 0.1 and summary["fps"] > 0
+
+    monkeypatch.setattr(bag_module, "MAX_ENGINE_FAILURES_IN_A_ROW", 2)
+    monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp, **kw: (_ for _ in ()).throw(RuntimeError("broken")))
+    assert main(["bag", str(tmp_path / "in"), str(tmp_path / "out2"), "--topic", TOPIC, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("mpvss: error: RuntimeError: the inference backend failed on 2 messages in a row (the last, "
+                       "message 1: RuntimeError: broken) (--verbose for the traceback)")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_setup_time_is_left_out_of_the_bag_fps(ts, tmp_path, frames, band_loaded, monkeypatch):
+    """A fixed-shape backend's one-off export for a new size made onnxruntime read as several
+    times slower than torch at equal per-frame times: fps leaves out setup_s, as mpvss segment."""
+    import time
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:3]))
+    real = BagOptions.build_segmenter
+
+    def build_segmenter(self, *args, **kwargs):
+        segmenter = real(self, *args, **kwargs)
+        segmenter.model.prepare = lambda hw: time.sleep(0.5)  # an export taking 0.5 s per key frame
+        return segmenter
+
+    monkeypatch.setattr(BagOptions, "build_segmenter", build_segmenter)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(propagator="copy", progress=False))
+    assert summary["setup_s"] >= 0.5
+    assert summary["fps"] == pytest.approx(3 / (summary["wall_time_s"] - summary["setup_s"]))

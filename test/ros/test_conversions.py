@@ -43,8 +43,20 @@ from mpvss_ros.viz import colorize, make_palette, overlay
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED = "sensor_msgs/msg/CompressedImage"
-BPP = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "yuv422": 2, "uyvy": 2, "yuv422_yuy2": 2, "yuyv": 2}
+BPP = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "yuv422": 2, "uyvy": 2, "yuv422_yuy2": 2, "yuyv": 2,
+       "bayer_rggb8": 1, "bayer_bggr8": 1, "bayer_gbrg8": 1, "bayer_grbg8": 1}
 UYVY = ("yuv422", "uyvy")
+BAYER = ("bayer_rggb8", "bayer_bggr8", "bayer_gbrg8", "bayer_grbg8")
+
+
+def bayer_mosaic(rgb: np.ndarray, encoding: str) -> np.ndarray:
+    """(H, W) uint8 Bayer mosaic of ``rgb``: the 2 x 2 pattern of ``bayer_<pattern>8`` written out
+    from the top-left pixel, each pixel keeping only its filter's channel (what the sensor sees)."""
+    pattern = encoding[len("bayer_"):-1]
+    mosaic = np.empty(rgb.shape[:2], np.uint8)
+    for (dy, dx), colour in zip(((0, 0), (0, 1), (1, 0), (1, 1)), pattern):
+        mosaic[dy::2, dx::2] = rgb[dy::2, dx::2, "rgb".index(colour)]
+    return mosaic
 YUYV = ("yuv422_yuy2", "yuyv")
 
 
@@ -108,6 +120,8 @@ def pixel_bytes(rgb: np.ndarray, encoding: str, seed: int = 1) -> np.ndarray:
         return np.concatenate([rgb[..., ::-1], alpha], -1)
     if encoding == "mono8":
         return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None]
+    if encoding in BAYER:
+        return bayer_mosaic(rgb, encoding)[..., None]
     return pack_yuv422(rgb, "uyvy" if encoding in UYVY else "yuyv")
 
 
@@ -144,6 +158,9 @@ def check_decoded(rgb: np.ndarray, encoding: str, out: np.ndarray, yuv_max_grey_
     elif encoding == "mono8":
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         np.testing.assert_array_equal(out, np.repeat(grey[..., None], 3, axis=2))
+    elif encoding in BAYER:  # inside a 1-pixel border (OpenCV's edge handling) each pixel keeps its filter's channel
+        mosaic = bayer_mosaic(rgb, encoding)
+        np.testing.assert_array_equal(bayer_mosaic(out, encoding)[1:-1, 1:-1], mosaic[1:-1, 1:-1])
     else:
         packed = pack_yuv422(rgb, "uyvy" if encoding in UYVY else "yuyv")
         code = cv2.COLOR_YUV2RGB_UYVY if encoding in UYVY else cv2.COLOR_YUV2RGB_YUYV
@@ -205,6 +222,20 @@ def test_odd_width_and_padding_for_non_yuv(ts, encoding):
     check_decoded(rgb, encoding, image_to_rgb(encode(ts, rgb, encoding, pad=3)))
 
 
+@pytest.mark.parametrize("encoding", BAYER)
+def test_bayer_mosaics_of_one_colour_decode_to_that_colour(ts, encoding):
+    """The pattern names of ROS (from the top-left pixel) and OpenCV (from the second row) differ:
+    a wrong mapping swaps red and blue or puts green where red is, which this catches."""
+    rgb = np.empty((16, 20, 3), np.uint8)
+    rgb[:] = (200, 100, 30)
+    out = image_to_rgb(roundtrip(ts, encode(ts, rgb, encoding, pad=4), IMAGE))
+    np.testing.assert_array_equal(out[2:-2, 2:-2], rgb[2:-2, 2:-2])  # borders: OpenCV's edge handling
+    camvid_like = synthetic_frame(40, 64, seed=5)
+    smooth = cv2.GaussianBlur(camvid_like, (0, 0), 4)  # demosaicking is exact only where colour varies slowly
+    out = image_to_rgb(encode(ts, smooth, encoding)).astype(int)
+    assert np.abs(out[2:-2, 2:-2] - smooth[2:-2, 2:-2].astype(int)).mean() < 3
+
+
 def test_padding_bytes_are_ignored(ts):
     """Same pixels, different garbage in the row padding: identical output."""
     rgb = synthetic_frame(20, 30)
@@ -264,7 +295,7 @@ def test_encoding_names_are_case_insensitive(ts):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("encoding", ["32FC1", "16UC1", "mono16", "bayer_rggb8", "8UC3", ""])
+@pytest.mark.parametrize("encoding", ["32FC1", "16UC1", "mono16", "bayer_rggb16", "8UC3", ""])
 def test_unsupported_encoding(ts, encoding):
     depth = np.zeros((4, 4), np.float32)
     msg = ts.types[IMAGE](header=make_header(ts), height=4, width=4, encoding=encoding, is_bigendian=0,
