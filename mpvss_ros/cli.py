@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("images", nargs="?", default=None,
                     help="folder of frames, or with --self-reference also a video or sample:bikes (default: CamVid val)")
     ev.add_argument("--labels", default=None, help="folder of label PNGs named like the frames (default: CamVid valannot)")
+    ev.add_argument("--reduce-zero-label", action="store_true",
+                    help="labels number the classes from 1 with 0 for 'others' (VSPW's PNGs, for mpvss_r50): 0 is "
+                         "ignored and 1..K become 0..K-1 (mmsegmentation's reduce_zero_label)")
     ev.add_argument("--self-reference", action="store_true",
                     help="score against the model's own per-frame labels instead of --labels (unlabelled video: how "
                          "much of the per-frame segmentation a propagator and schedule keep, not accuracy)")
@@ -282,6 +285,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.self_reference and args.labels is not None:
         raise ValueError("give either --labels or --self-reference")
+    if args.self_reference and args.reduce_zero_label:
+        raise ValueError("--reduce-zero-label applies to --labels, not to --self-reference")
     if args.images is not None and args.labels is None and not args.self_reference:
         raise ValueError("give --labels DIR with IMAGES (the folder of label PNGs named like the frames), or "
                          "--self-reference")
@@ -316,7 +321,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.self_reference:
         seq = self_labelled_sequence(loaded, images, fps=args.fps, limit=args.max_frames, backend=backend, progress=True)
     else:  # the label values are checked against the model's classes (0..K-1, void K, ignore 255)
-        seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames, num_classes=loaded.config.num_classes)
+        seq = load_sequence(images, labels, fps=args.fps, limit=args.max_frames, num_classes=loaded.config.num_classes,
+                            reduce_zero_label=args.reduce_zero_label)
+        if args.reduce_zero_label:
+            reference += " (reduce_zero_label: 0 ignored, 1..K as 0..K-1)"
     if out:  # made once the sequence is loaded: a refused one leaves no folder behind
         make_output_dir(out, "--out")
     if args.study:

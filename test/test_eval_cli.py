@@ -439,6 +439,23 @@ def test_load_sequence_refuses_label_values_outside_the_classes(tmp_path, labels
     assert len(load_sequence(img, ann).labels) == len(labels)  # without num_classes: not checked, as before
 
 
+def test_reduce_zero_label_shifts_classes_and_ignores_others(tmp_path):
+    """VSPW's PNGs number the classes from 1 (0 = others): read as they are, every class would
+    be scored as the one before it, and the check of label values cannot tell."""
+    from mpvss_ros.evaluation.study import reduced_zero_label
+
+    raw = np.array([[0, 1, 2], [11, 12, 255]], np.uint8)
+    np.testing.assert_array_equal(reduced_zero_label(raw), [[255, 0, 1], [10, 11, 255]])
+    wide = np.array([[0, 300, 255, 256]], np.uint16)
+    np.testing.assert_array_equal(reduced_zero_label(wide), [[255, 299, 255, 255]])
+    assert reduced_zero_label(wide).dtype == np.uint16
+    img, ann = _write_sequence(tmp_path, [_label(12), _label(1)])  # 12 = class 11 here: void for K = 11
+    seq = load_sequence(img, ann, num_classes=11, reduce_zero_label=True)
+    assert sorted(np.unique(seq.labels[0]).tolist()) == [11, 255] and sorted(np.unique(seq.labels[1]).tolist()) == [0, 255]
+    with pytest.raises(ValueError, match="f0.png holds value"):  # 12 is no value of K = 11 as it is
+        load_sequence(img, ann, num_classes=11)
+
+
 def test_load_sequence_refuses_labels_without_a_class_pixel(tmp_path):
     voids = [np.full((24, 32), 11, np.uint8), np.full((24, 32), 255, np.uint8)]
     img, ann = _write_sequence(tmp_path / "a", voids)
@@ -560,3 +577,8 @@ def test_study_plot_of_one_interval_draws_each_setting(tmp_path, monkeypatch):
     per_frame = [{**r, "interval": 1, "key_frame_ratio": 1.0, "mode": "fixed"} for r in rows[:2]]
     plot_study({"rows": per_frame, "model": "m", "frames": 10, "fps": 25.0}, tmp_path / "study.png")
     assert drawn[-1] == [2, 2]
+
+
+def test_reduce_zero_label_needs_labels(tmp_path, capsys):
+    assert main(["eval", str(tmp_path), "--self-reference", "--reduce-zero-label"]) == 2
+    assert "--reduce-zero-label applies to --labels" in capsys.readouterr().err

@@ -65,8 +65,25 @@ def _open_frames(path: str | Path, fps: float | None) -> Any:
     return open_source(path, fps=fps)
 
 
+def reduced_zero_label(label: np.ndarray) -> np.ndarray:
+    """mmsegmentation's ``reduce_zero_label`` (VSPW, ADE20K): 0 ("others") -> 255 (ignored),
+    v -> v - 1 for every other value but 255, which stays 255.
+
+    Args:
+        label: (H, W) uint8 or uint16 class IDs numbered from 1.
+
+    Returns:
+        (H, W) array of the same dtype.
+    """
+    out = label.copy()
+    out[(label != 0) & (label != _IGNORE_LABEL)] -= 1
+    out[label == 0] = _IGNORE_LABEL
+    return out
+
+
 def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | None = None,
-                  limit: int | None = None, num_classes: int | None = None) -> LabelledSequence:
+                  limit: int | None = None, num_classes: int | None = None,
+                  reduce_zero_label: bool = False) -> LabelledSequence:
     """Load a folder of frames and the folder of same-named label PNGs.
 
     Args:
@@ -79,6 +96,9 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
             (0..K-1), the void value right after the classes (K, CamVid's 11 for 11 classes) or
             the ignore value 255, and the labels together must count at least one pixel (a value
             in 0..K-1). None: the values are not checked (values >= K are ignored when scoring).
+        reduce_zero_label: labels that number the classes from 1 with 0 for "others" (VSPW's
+            PNGs; mmsegmentation's ``reduce_zero_label``, :func:`reduced_zero_label`). Applied
+            before the check of ``num_classes``.
 
     Raises:
         FileNotFoundError: a folder or a frame's label file is missing.
@@ -111,6 +131,8 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
             if not path.is_file():
                 raise FileNotFoundError(f"no label for frame {frame.name}: {path}")
             label = read_label_png(path)
+            if reduce_zero_label:
+                label = reduced_zero_label(label)
             if label.shape != hw:
                 raise ValueError(f"label {path} is {label.shape}, frame is {hw}")
             if num_classes is not None:
