@@ -93,7 +93,7 @@ def warp_mask_logits(mask_logits: Tensor, flows: Tensor, normalization: str = "e
         # non-finite flow (an fp16 overflow in the motion module) would give finite, meaningless
         # mask logits that the caller's NaN check cannot see: carry it into the output instead
         # (0 * NaN = 0 * inf = NaN; one reduction over the small flow, no host sync).
-        out = out + flows.sum(dtype=torch.float32).mul(0.0).to(out.dtype)
+        out.add_(flows.sum(dtype=torch.float32).mul(0.0).to(out.dtype))  # in place: no new tensor
     return out.reshape(b, n, h, w)
 
 
