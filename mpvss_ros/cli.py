@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     bag.add_argument("--no-overlay", action="store_true", help="do not write NS/overlay")
     bag.add_argument("--no-class-masks", action="store_true", help="do not write NS/class_masks")
     bag.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bag.add_argument("--copy-topics", nargs="+", default=(), metavar="TOPIC",
+                     help="other topics of the input copied unchanged into the output, e.g. /tf /tf_static "
+                          "/camera/camera_info (what a replay for RViz, Nav2 or Autoware needs besides the images)")
+    bag.add_argument("--copy-all-topics", action="store_true", help="copy every other topic of the input")
     _add_model_options(bag)
     _add_pipeline_options(bag)
     add_backend_options(bag)
@@ -259,6 +263,8 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         overlay=not args.no_overlay,
         class_masks=not args.no_class_masks,
         progress=not args.no_progress,
+        copy_topics=tuple(args.copy_topics),
+        copy_all_topics=args.copy_all_topics,
     )
     summary = process_bag(args.input, args.output, args.topic, loaded, options, compressed=args.compressed,
                           namespace=args.namespace, storage=args.storage, backend=backend)

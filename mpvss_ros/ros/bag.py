@@ -19,7 +19,9 @@ topic                     type                                content
 ========================  ==================================  ====================================
 
 Every output message carries the input message's ``header`` unchanged and is stored at the
-input message's bag timestamp, so ``ros2 bag play`` replays masks in step with the camera.
+input message's bag timestamp, so ``ros2 bag play`` replays masks in step with the camera. Other
+topics of the input (``/tf``, ``/tf_static``, camera info) are copied byte for byte when asked
+(:attr:`BagOptions.copy_topics`, :attr:`BagOptions.copy_all_topics`).
 Messages that cannot be segmented (unsupported encoding, inconsistent sizes, corrupt JPEG,
 undecodable CDR, an error of the inference backend on that frame, as the node's core skips it)
 are logged, counted by reason and skipped; they never abort the run, except a backend that fails
@@ -40,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import yaml
@@ -101,6 +103,10 @@ class BagOptions(EngineOptions):
         progress: show a progress bar.
         max_image_pixels: largest frame (height x width pixels) segmented, as the node's
             parameter; larger ones are skipped (reason ``conversion``). None: no limit.
+        copy_topics: other topics of the input bag copied unchanged into the output (e.g.
+            ``/tf``, ``/tf_static``, ``/camera/camera_info``: what a replay for RViz, Nav2 or
+            Autoware needs besides the images); a leading ``/`` may be left out.
+        copy_all_topics: copy every other topic of the input bag.
     """
 
     max_frames: int | None = None
@@ -110,6 +116,8 @@ class BagOptions(EngineOptions):
     overlay: bool = True
     class_masks: bool = True
     progress: bool = True
+    copy_topics: tuple[str, ...] = ()
+    copy_all_topics: bool = False
 
 
 def _opt(options: EngineOptions, name: str) -> Any:
@@ -234,13 +242,63 @@ def _transient_local_qos() -> list[Any]:
                 avoid_ros_namespace_conventions=False)]
 
 
-def _add_connection(writer: Any, topic: str, msgtype: str, typestore: Any, qos: list[Any]) -> Any:
+def _add_connection(writer: Any, topic: str, msgtype: str, qos: list[Any], **definition: Any) -> Any:
+    """A writer connection; ``definition``: ``typestore=`` or ``msgdef=`` and ``rihs01=``."""
     if qos:
         try:
-            return writer.add_connection(topic, msgtype, typestore=typestore, offered_qos_profiles=qos)
+            return writer.add_connection(topic, msgtype, offered_qos_profiles=qos, **definition)
         except TypeError:  # this rosbags takes no QoS objects
             log.debug("rosbags cannot store offered QoS for %s", topic)
-    return writer.add_connection(topic, msgtype, typestore=typestore)
+    return writer.add_connection(topic, msgtype, **definition)
+
+
+def _offered_qos(conn: Any) -> list[Any]:
+    return list(getattr(getattr(conn, "ext", None), "offered_qos_profiles", []) or [])
+
+
+def _copied_connections(connections: list[Any], in_topic: str, names: Sequence[str], every: bool,
+                        outputs: dict[str, str], where: Path) -> list[Any]:
+    """The input connections copied unchanged besides the image topic: those of ``names`` (each
+    must be in the bag; the leading ``/`` may be left out) or, with ``every``, all others.
+
+    Raises:
+        ValueError: a name not in the bag (the message lists the bag's topics), or a topic that
+            one of this run's outputs would overwrite (an earlier run's output in the input).
+    """
+    if every:
+        chosen = [c for c in connections if c.topic != in_topic]
+    else:
+        chosen = []
+        for name in names:
+            full = name if name.startswith("/") else "/" + name
+            match = [c for c in connections if c.topic == full]
+            if not match:
+                listing = ", ".join(sorted({c.topic for c in connections}))
+                raise ValueError(f"--copy-topics: {name!r} is not in {where}; its topics: {listing}")
+            chosen += [c for c in match if c.topic != in_topic and c not in chosen]
+    clash = sorted({c.topic for c in chosen} & set(outputs.values()))
+    if clash:
+        raise ValueError(f"{', '.join(clash)} of {where} would be overwritten by this run's outputs; "
+                         "use another --namespace")
+    return chosen
+
+
+def _copy_connection(writer: Any, conn: Any, typestore: Any, where: Path) -> Any:
+    """An output connection for ``conn`` (copied unchanged): the bag's own ``.msg`` definition of
+    its type where it holds one (custom message types too), else ROS 2 Humble's.
+
+    Raises:
+        ValueError: neither exists (a custom type in a bag that stores no definitions).
+    """
+    msgdef = getattr(conn, "msgdef", None)
+    if msgdef is not None and getattr(msgdef, "data", "") and getattr(getattr(msgdef, "format", None), "name", "") == "MSG":
+        definition: dict[str, Any] = {"msgdef": msgdef.data, "rihs01": conn.digest}
+    elif conn.msgtype in typestore.types:
+        definition = {"typestore": typestore}
+    else:
+        raise ValueError(f"cannot copy {conn.topic} ({conn.msgtype}) of {where}: the bag holds no .msg "
+                         "definition of its type and ROS 2 Humble has none; leave it out of the topics to copy")
+    return _add_connection(writer, conn.topic, conn.msgtype, _offered_qos(conn), **definition)
 
 
 def _select_topic(connections: list[Any], topic: str, compressed: bool | None, where: Path) -> tuple[list[Any], str]:
@@ -290,7 +348,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         Summary: ``frames`` (input messages read), ``written`` (segmented and written),
         ``skipped`` and ``skipped_by_reason``, ``skip_examples``, ``key_frames``,
         ``key_frame_reasons``, ``median_total_ms`` (key / non-key frames), per-stage
-        ``timings_ms``, ``messages_per_topic``, ``wall_time_s``, ``setup_s`` (one-off export
+        ``timings_ms``, ``copied_topics``, ``messages_per_topic``, ``wall_time_s``, ``setup_s`` (one-off export
         or engine builds of a fixed-shape backend), ``fps`` (written frames per second of wall
         time less ``setup_s``) and run settings.
 
@@ -364,7 +422,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         total = sum(int(n or 0) for n in counted) or None
         if max_frames is not None and total is not None:
             total = min(total, max_frames)
-        in_qos = list(getattr(getattr(chosen[0], "ext", None), "offered_qos_profiles", []) or [])
+        in_qos = _offered_qos(chosen[0])
+        copied = _copied_connections(list(reader.connections), in_topic, _opt(options, "copy_topics"),
+                                     bool(_opt(options, "copy_all_topics")), topics, in_path)
 
         writer = Writer(out_path, version=9 if in_version >= 9 else 8,
                         storage_plugin=StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3)
@@ -372,7 +432,13 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         # metadata.yaml, not a readable bag) would only block the next run's output path. Armed
         # once the writer has made the folder, so nothing it did not create is removed.
         with _terminate_unwinds(), writer, _removed_on_failure(out_path):
-            conn_in = _add_connection(writer, in_topic, msgtype, typestore, in_qos)
+            conn_in = _add_connection(writer, in_topic, msgtype, in_qos, typestore=typestore)
+            copy_conns: dict[int, Any] = {}  # input connection id -> output connection
+            by_name: dict[tuple[str, str], Any] = {}  # one output connection per topic and type
+            for c in copied:
+                if (c.topic, c.msgtype) not in by_name:
+                    by_name[(c.topic, c.msgtype)] = _copy_connection(writer, c, typestore, in_path)
+                copy_conns[c.id] = by_name[(c.topic, c.msgtype)]
             out_types = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE,
                          "colored": IMAGE_TYPE, "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "info": INFO_TYPE}
             conns = {}
@@ -380,7 +446,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 if key in want and not want[key]:
                     continue
                 qos = _transient_local_qos() if key == "label_info" else []
-                conns[key] = _add_connection(writer, topics[key], msgt, typestore, qos)
+                conns[key] = _add_connection(writer, topics[key], msgt, qos, typestore=typestore)
 
             def put(key: str, stamp_ns: int, msg: Any, msgt: str) -> None:
                 writer.write(conns[key], stamp_ns, typestore.serialize_cdr(msg, msgt))
@@ -390,9 +456,13 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
             engine_failures = 0  # in a row
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
             try:
-                for _conn, stamp_ns, raw in _read_messages(reader, chosen, in_path):
+                for conn, stamp_ns, raw in _read_messages(reader, chosen + copied, in_path):
+                    if conn.id in copy_conns:
+                        writer.write(copy_conns[conn.id], stamp_ns, raw)
+                        counts[conn.topic] = counts.get(conn.topic, 0) + 1
+                        continue
                     if max_frames is not None and frames >= max_frames:
-                        break
+                        break  # at the first image past the last frame: the copied topics end there too
                     index = frames
                     frames += 1
                     bar.update(1)
@@ -474,6 +544,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                             "key": stats["median_total_ms_key_frame"], "non_key": stats["median_total_ms_non_key_frame"]},
         "timings_ms": stats["timings_ms"],
         "class_pixel_share": stats["class_pixel_share"],
+        "copied_topics": sorted({c.topic for c in copied}),
         "messages_per_topic": dict(sorted(counts.items())),
         "wall_time_s": wall,
         # as mpvss segment: the one-off export / engine build for a new size is not frame time

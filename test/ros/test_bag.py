@@ -569,3 +569,107 @@ def test_setup_time_is_left_out_of_the_bag_fps(ts, tmp_path, frames, band_loaded
                           BagOptions(propagator="copy", progress=False))
     assert summary["setup_s"] >= 0.5
     assert summary["fps"] == pytest.approx(3 / (summary["wall_time_s"] - summary["setup_s"]))
+
+
+def _bag_with_other_topics(ts, path: Path, storage: str, n: int = 4):
+    """Image frames (synthetic, 48 x 64) interleaved with /tf, a camera info and a custom type
+    (what a robot's recording holds besides the camera)."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    custom = "my_msgs/msg/Wheel"
+    ts_custom = get_typestore(Stores.ROS2_HUMBLE)
+    ts_custom.register(get_types_from_msg("float64 speed\nstring name\n", custom))
+    rng = np.random.default_rng(3)
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    written: dict[str, list[tuple[int, bytes]]] = {}
+    with Writer(path, version=9, storage_plugin=plugin) as writer:
+        from mpvss_ros.ros.bag import _transient_local_qos
+
+        conns = {t: writer.add_connection(t, m, typestore=ts_custom) for t, m in (
+            (TOPIC, IMAGE), ("/camera/camera_info", "sensor_msgs/msg/CameraInfo"), ("/wheel", custom))}
+        conns["/tf"] = writer.add_connection("/tf", "tf2_msgs/msg/TFMessage", typestore=ts_custom,
+                                             offered_qos_profiles=_transient_local_qos())
+        for i, s in enumerate(stamps(n)):
+            t = ts_custom.types
+            msgs = {
+                TOPIC: raw_image(ts_custom, rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), s),
+                "/tf": t["tf2_msgs/msg/TFMessage"](transforms=[]),
+                "/camera/camera_info": t["sensor_msgs/msg/CameraInfo"](
+                    header=header(ts_custom, s), height=48, width=64, distortion_model="plumb_bob",
+                    d=np.zeros(5), k=np.eye(3).reshape(-1), r=np.eye(3).reshape(-1), p=np.zeros(12),
+                    binning_x=0, binning_y=0, roi=t["sensor_msgs/msg/RegionOfInterest"](
+                        x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)),
+                "/wheel": t[custom](speed=0.5 * i, name="left"),
+            }
+            for k, (topic, msg) in enumerate(msgs.items()):
+                msgtype = conns[topic].msgtype
+                raw = ts_custom.serialize_cdr(msg, msgtype)
+                writer.write(conns[topic], s + 1000 * k, raw)
+                written.setdefault(topic, []).append((s + 1000 * k, bytes(raw)))
+    return written
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_other_topics_are_copied_byte_for_byte_when_asked(ts, tmp_path, band_loaded, storage):
+    """A replay for RViz, Nav2 or Autoware needs /tf and the camera info besides the images; the
+    output bag held only the image topic and the outputs."""
+    written = _bag_with_other_topics(ts, tmp_path / "in", storage)
+    opts = dict(propagator="copy", progress=False, colored=False, overlay=False, class_masks=False)
+    summary = process_bag(tmp_path / "in", tmp_path / "some", TOPIC, band_loaded,
+                          BagOptions(copy_topics=("/tf", "camera/camera_info"), **opts))
+    assert summary["copied_topics"] == ["/camera/camera_info", "/tf"] and summary["written"] == 4
+    with Reader(tmp_path / "some") as reader:
+        got = {}
+        for conn, t, raw in reader.messages():
+            got.setdefault(conn.topic, []).append((t, bytes(raw)))
+    for topic in ("/tf", "/camera/camera_info", TOPIC):
+        assert got[topic] == written[topic], topic
+    assert "/wheel" not in got and len(got["/mpvss/labels"]) == 4
+    with Reader(tmp_path / "some") as reader:  # the offered QoS comes along
+        (tf,) = [c for c in reader.connections if c.topic == "/tf"]
+        assert tf.ext.offered_qos_profiles[0].durability == QosDurability.TRANSIENT_LOCAL
+
+    summary = process_bag(tmp_path / "in", tmp_path / "all", TOPIC, band_loaded, BagOptions(copy_all_topics=True, **opts))
+    assert summary["copied_topics"] == ["/camera/camera_info", "/tf", "/wheel"]
+    with Reader(tmp_path / "all") as reader:
+        wheel = [c for c in reader.connections if c.topic == "/wheel"]
+        assert len(wheel) == 1 and "float64 speed" in wheel[0].msgdef.data  # the custom type's definition kept
+        got = [(t, bytes(raw)) for _c, t, raw in reader.messages(connections=wheel)]
+    assert got == written["/wheel"]
+
+    # --max-frames: the copies end where the first image past the last frame stands
+    summary = process_bag(tmp_path / "in", tmp_path / "cut", TOPIC, band_loaded,
+                          BagOptions(copy_topics=("/tf",), max_frames=2, **opts))
+    assert summary["messages_per_topic"]["/tf"] == 2 and summary["written"] == 2
+
+
+def test_copy_topics_that_are_missing_or_clash_with_outputs_are_refused(ts, tmp_path, band_loaded, capsys):
+    _bag_with_other_topics(ts, tmp_path / "in", "sqlite3")
+    with pytest.raises(ValueError, match=r"--copy-topics: '/odom' is not in .*; its topics: /camera/camera_info, "):
+        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                    BagOptions(copy_topics=("/tf", "/odom"), progress=False))
+    assert not (tmp_path / "out").exists()
+    # an earlier run's outputs in the input bag would be written twice
+    small = np.zeros((8, 8, 3), np.uint8)
+    write_bag(ts, tmp_path / "rerun", "sqlite3", [(TOPIC, IMAGE, 1, raw_image(ts, small, 1)),
+                                                  ("/mpvss/labels", IMAGE, 2, raw_image(ts, small, 1, "mono8"))])
+    with pytest.raises(ValueError, match="/mpvss/labels of .* would be overwritten by this run's outputs; use another --namespace"):
+        process_bag(tmp_path / "rerun", tmp_path / "out", TOPIC, band_loaded, BagOptions(copy_all_topics=True, progress=False))
+    assert not (tmp_path / "out").exists()
+    assert main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", TOPIC, "--copy-topics", "/odom",
+                 "--no-progress"]) == 2
+    assert "'/odom' is not in" in capsys.readouterr().err
+
+
+def test_a_topic_whose_type_has_no_definition_is_refused_by_name(tmp_path):
+    """A custom type in a bag that stores no definitions cannot be written into a new bag."""
+    from types import SimpleNamespace
+
+    from rosbags.typesys import Stores, get_typestore
+
+    from mpvss_ros.ros.bag import _copy_connection
+
+    conn = SimpleNamespace(topic="/wheel", msgtype="my_msgs/msg/Wheel", msgdef=SimpleNamespace(format=None, data=""),
+                           digest="", ext=None)
+    with pytest.raises(ValueError, match=r"cannot copy /wheel \(my_msgs/msg/Wheel\) of .*: the bag holds no .msg definition"):
+        _copy_connection(None, conn, get_typestore(Stores.ROS2_HUMBLE), tmp_path)
