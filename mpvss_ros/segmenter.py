@@ -439,7 +439,7 @@ class VideoSegmenter:
             NonFiniteOutputError: NaN or infinite logits from the model or the propagation
                 (labels from them would all be class 0); the segmenter is reset, so the next
                 frame is a key frame.
-            Exception: whatever the backend raises on a key frame (e.g. out of memory); the
+            Exception: whatever the backend or the propagator raises (e.g. out of memory); the
                 segmenter is then reset, so the next frame is a key frame.
         """
         t0 = time.perf_counter()
@@ -496,7 +496,14 @@ class VideoSegmenter:
             timings["segmentor"] = (time.perf_counter() - t) * 1e3
         else:
             assert self._key is not None
-            mask_logits = self.propagator.propagate(self._key, tensor)
+            try:
+                mask_logits = self.propagator.propagate(self._key, tensor)
+            except BaseException:
+                # a propagation that fails once may fail on every frame of this key frame (a
+                # backend missing this size's flows graph, out of memory): the next frame is a
+                # key frame, so the stream degrades to key frames instead of to no output
+                self.reset()
+                raise
             if not _all_finite(mask_logits):
                 self.reset("non_finite")
                 raise NonFiniteOutputError(f"the propagated mask logits hold NaN or infinite values (frame "

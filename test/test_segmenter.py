@@ -792,6 +792,20 @@ def test_setup_time_of_fixed_shape_backends_is_summed_and_kept_out_of_frame_time
     assert max(totals) < 150, totals  # 200 ms of set-up per size, none of it in a frame
 
 
+def test_a_failed_propagation_makes_the_next_frame_a_key_frame(band_model, monkeypatch):
+    """A propagator that raises (a backend without this size's flows graph, out of memory) may
+    raise on every frame of the key frame: the next frame is a key frame, so the stream degrades
+    to key frames rather than to no output."""
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    assert seg.push(img, 0.0).is_key_frame
+    monkeypatch.setattr(seg.propagator, "propagate", lambda key, tensor: (_ for _ in ()).throw(RuntimeError("no flows graph")))
+    with pytest.raises(RuntimeError, match="no flows graph"):
+        seg.push(img, 0.1)
+    r = seg.push(img, 0.2)
+    assert r.is_key_frame and r.key_frame_reason == "reset"
+
+
 def test_failed_backend_preparation_leaves_no_half_state(band_model):
     """Backend.prepare (an ONNX export / engine build) failing on a key frame: the scheduler had
     taken the frame as its key frame while the segmenter kept the previous one, so the next frame

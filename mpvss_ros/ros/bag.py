@@ -491,8 +491,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                             raise RuntimeError(f"the inference backend failed on {engine_failures} messages in a row "
                                                f"(the last, message {index}: {type(exc).__name__}: "
                                                f"{first_line(exc)})") from exc
-                        segmenter.reset()  # the next frame is a key frame
-                        skip("engine", index, stamp_ns, exc)
+                        skip("engine", index, stamp_ns, exc)  # the segmenter has reset: the next frame is a key frame
                         continue
                     engine_failures = 0
                     header = msg.header

@@ -526,16 +526,18 @@ def test_an_engine_error_on_one_frame_is_skipped_not_fatal(ts, tmp_path, frames,
     line, exit status 1."""
     import mpvss_ros.ros.bag as bag_module
 
+    from mpvss_ros.propagation import CopyPropagator
+
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:4]))
-    real, calls = VideoSegmenter.push, []
+    real, calls = CopyPropagator.propagate, []
 
-    def push(self, image, stamp, **kwargs):
-        calls.append(stamp)
-        if len(calls) == 2:
+    def propagate(self, key, image):
+        calls.append(1)
+        if len(calls) == 1:  # the first non-key frame, message 1
             raise RuntimeError("CUDA out of memory")
-        return real(self, image, stamp, **kwargs)
+        return real(self, key, image)
 
-    monkeypatch.setattr(VideoSegmenter, "push", push)
+    monkeypatch.setattr(CopyPropagator, "propagate", propagate)
     summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
                           BagOptions(propagator="copy", schedule="fixed:10", progress=False))
     assert summary["written"] == 3 and summary["skipped_by_reason"] == {"engine": 1}
