@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     bag.add_argument("--no-progress", action="store_true", help="no progress bar")
     bag.add_argument("--copy-topics", nargs="+", default=(), metavar="TOPIC",
                      help="other topics of the input copied unchanged into the output, e.g. /tf /tf_static "
-                          "/camera/camera_info (what a replay for RViz, Nav2 or Autoware needs besides the images)")
+                          "/camera/camera_info (what a replay for RViz, Nav2 or Autoware needs besides the images); "
+                          "with --max-frames they end at the first image past the last frame")
     bag.add_argument("--copy-all-topics", action="store_true", help="copy every other topic of the input")
     _add_model_options(bag)
     _add_pipeline_options(bag)

@@ -439,8 +439,9 @@ class VideoSegmenter:
             NonFiniteOutputError: NaN or infinite logits from the model or the propagation
                 (labels from them would all be class 0); the segmenter is reset, so the next
                 frame is a key frame.
-            Exception: whatever the backend or the propagator raises (e.g. out of memory); the
-                segmenter is then reset, so the next frame is a key frame.
+            Exception: whatever the backend or the propagator raises (e.g. out of memory), or a
+                propagator returning the wrong number of masks; the segmenter is then reset, so the
+                next frame is a key frame. An error in the post-processing keeps the key frame.
         """
         t0 = time.perf_counter()
         image = check_frame(image)
@@ -515,6 +516,7 @@ class VideoSegmenter:
         # postprocess.min_query_score drops some), so copy reproduces the key frame exactly.
         class_logits = self._key.propagated(self._key.class_logits)
         if mask_logits.shape[1] != class_logits.shape[1]:
+            self.reset()  # repeats on every frame of this key frame otherwise (as a propagation that raises)
             raise RuntimeError(f"propagator {self.propagator.name!r} returned {mask_logits.shape[1]} masks for "
                                f"{class_logits.shape[1]} active queries (KeyFrameState.propagated)")
         labels, confidence = self.postprocess(class_logits, mask_logits, letterbox)

@@ -265,17 +265,16 @@ def _copied_connections(connections: list[Any], in_topic: str, names: Sequence[s
         ValueError: a name not in the bag (the message lists the bag's topics), or a topic that
             one of this run's outputs would overwrite (an earlier run's output in the input).
     """
+    chosen = []
+    for name in names:  # checked with ``every`` too: a misspelt name is a mistake either way
+        full = name if name.startswith("/") else "/" + name
+        match = [c for c in connections if c.topic == full]
+        if not match:
+            listing = ", ".join(sorted({c.topic for c in connections}))
+            raise ValueError(f"--copy-topics: {name!r} is not in {where}; its topics: {listing}")
+        chosen += [c for c in match if c.topic != in_topic and c not in chosen]
     if every:
         chosen = [c for c in connections if c.topic != in_topic]
-    else:
-        chosen = []
-        for name in names:
-            full = name if name.startswith("/") else "/" + name
-            match = [c for c in connections if c.topic == full]
-            if not match:
-                listing = ", ".join(sorted({c.topic for c in connections}))
-                raise ValueError(f"--copy-topics: {name!r} is not in {where}; its topics: {listing}")
-            chosen += [c for c in match if c.topic != in_topic and c not in chosen]
     clash = sorted({c.topic for c in chosen} & set(outputs.values()))
     if clash:
         raise ValueError(f"{', '.join(clash)} of {where} would be overwritten by this run's outputs; "
@@ -283,21 +282,53 @@ def _copied_connections(connections: list[Any], in_topic: str, names: Sequence[s
     return chosen
 
 
+def _bag_definition(conn: Any) -> tuple[str, str] | None:
+    """The bag's own definition of ``conn``'s type as (text, RIHS01), in ``.msg`` or IDL form, or
+    None. A bag without type hashes (ROS 2 Humble: metadata version <= 6, e.g. every Humble MCAP
+    bag, whose schemas hold the .msg text) gets the hash computed from that text."""
+    msgdef = getattr(conn, "msgdef", None)
+    fmt = getattr(getattr(msgdef, "format", None), "name", "")
+    data = getattr(msgdef, "data", "") or ""
+    if fmt not in ("MSG", "IDL") or not data:
+        return None
+    digest = getattr(conn, "digest", "") or ""
+    if not digest:
+        from rosbags.typesys import Stores, get_typestore, get_types_from_idl, get_types_from_msg
+
+        store = get_typestore(Stores.EMPTY)
+        try:
+            if fmt == "MSG":
+                store.register(get_types_from_msg(data, conn.msgtype))
+            else:
+                sep = "=" * 80 + "\n"
+                for part in data.split(sep):
+                    if part.strip():
+                        store.register(get_types_from_idl(part.split("\n", 1)[1] if part.startswith("IDL: ") else part))
+            digest = store.hash_rihs01(conn.msgtype)
+        except Exception as exc:  # noqa: BLE001 - rosbags parse errors of a broken definition
+            raise ValueError(f"cannot copy {conn.topic} ({conn.msgtype}): its definition in the bag does not "
+                             f"parse ({type(exc).__name__}: {exc})") from None
+    if fmt == "IDL" and not data.startswith("=" * 80 + "\nIDL: "):
+        data = "=" * 80 + f"\nIDL: {conn.msgtype}\n" + data  # rosbags' writer tells IDL by this header
+    return data, digest
+
+
 def _copy_connection(writer: Any, conn: Any, typestore: Any, where: Path) -> Any:
-    """An output connection for ``conn`` (copied unchanged): the bag's own ``.msg`` definition of
-    its type where it holds one (custom message types too), else ROS 2 Humble's.
+    """An output connection for ``conn`` (copied unchanged): the bag's own definition of its type
+    (``.msg`` or IDL, custom message types too) where it holds one, else ROS 2 Humble's.
 
     Raises:
         ValueError: neither exists (a custom type in a bag that stores no definitions).
     """
-    msgdef = getattr(conn, "msgdef", None)
-    if msgdef is not None and getattr(msgdef, "data", "") and getattr(getattr(msgdef, "format", None), "name", "") == "MSG":
-        definition: dict[str, Any] = {"msgdef": msgdef.data, "rihs01": conn.digest}
+    own = _bag_definition(conn)
+    if own is not None:
+        definition: dict[str, Any] = {"msgdef": own[0], "rihs01": own[1]}
     elif conn.msgtype in typestore.types:
         definition = {"typestore": typestore}
     else:
-        raise ValueError(f"cannot copy {conn.topic} ({conn.msgtype}) of {where}: the bag holds no .msg "
-                         "definition of its type and ROS 2 Humble has none; leave it out of the topics to copy")
+        raise ValueError(f"cannot copy {conn.topic} ({conn.msgtype}) of {where}: the bag holds no definition "
+                         "of its type and ROS 2 Humble has none; leave it out of --copy-topics (or name the "
+                         "topics to copy instead of --copy-all-topics)")
     return _add_connection(writer, conn.topic, conn.msgtype, _offered_qos(conn), **definition)
 
 
@@ -434,11 +465,14 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         with _terminate_unwinds(), writer, _removed_on_failure(out_path):
             conn_in = _add_connection(writer, in_topic, msgtype, in_qos, typestore=typestore)
             copy_conns: dict[int, Any] = {}  # input connection id -> output connection
-            by_name: dict[tuple[str, str], Any] = {}  # one output connection per topic and type
+            # one output connection per topic, type and offered QoS (each publisher's QoS kept)
+            by_name: dict[tuple[str, str, str], Any] = {}
             for c in copied:
-                if (c.topic, c.msgtype) not in by_name:
-                    by_name[(c.topic, c.msgtype)] = _copy_connection(writer, c, typestore, in_path)
-                copy_conns[c.id] = by_name[(c.topic, c.msgtype)]
+                name = (c.topic, c.msgtype, repr(_offered_qos(c)))
+                if name not in by_name:
+                    by_name[name] = _copy_connection(writer, c, typestore, in_path)
+                copy_conns[c.id] = by_name[name]
+                counts.setdefault(c.topic, 0)  # listed even when it holds no message
             out_types = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE,
                          "colored": IMAGE_TYPE, "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "info": INFO_TYPE}
             conns = {}

@@ -60,6 +60,11 @@ __all__ = [
 OK, WARN, ERROR = 0, 1, 2
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 
+#: Share of the frames handled in the diagnostics window that may fail (decode, frame, engine)
+#: before ``/diagnostics`` says WARN: a corrupt JPEG now and then stays OK; a backend that fails on
+#: every non-key frame (half the frames, the others key frames after each reset) does not.
+FAILURE_WARN_SHARE = 0.1
+
 #: Key-frame reasons that the schedule did not choose (see :mod:`mpvss_ros.scheduling`).
 FORCED_KEY_FRAME_REASONS = ("first", "reset", "resolution_change", "time_backwards", "time_gap",
                             "canvas_change", "frame_id_change", "non_finite")
@@ -608,9 +613,10 @@ class SegmentationCore:
         """Level, message and values for ``/diagnostics``.
 
         Levels: ERROR when, in the last ``window_s``, frames failed (decode, frame, engine) and
-        none succeeded; WARN when no output was produced for ``no_output_warn_s`` while enabled,
-        or more than half the received frames were dropped (stale or replaced); OK otherwise
-        (and while disabled).
+        none succeeded; WARN when more than :data:`FAILURE_WARN_SHARE` of them failed (a backend
+        failing on every non-key frame alternates failures with key frames), when no output was
+        produced for ``no_output_warn_s`` while enabled, or when more than half the received
+        frames were dropped (stale or replaced); OK otherwise (and while disabled).
         """
         s = self.stats(now)
         with self._lock:
@@ -652,6 +658,9 @@ class SegmentationCore:
         if s["since_output_s"] > self.no_output_warn_s:
             why = "no input received" if s["arrivals"] == 0 else "frames arrive but none was segmented"
             warnings.append(f"no output for {s['since_output_s']:.1f} s ({why})")
+        done = s["failures"] + s["outputs"]
+        if s["failures"] > 0 and s["failures"] > FAILURE_WARN_SHARE * done:
+            warnings.append(f"{s['failures']:.0f} of {done:.0f} frames failed in the last {self.window_s:g} s: {problem}")
         if s["drop_ratio"] > 0.5:
             warnings.append(f"dropping {100 * s['drop_ratio']:.0f}% of input frames "
                             f"({c['dropped_stale']} stale, {c['dropped_replaced']} replaced in total)")

@@ -651,6 +651,9 @@ def test_copy_topics_that_are_missing_or_clash_with_outputs_are_refused(ts, tmp_
         process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
                     BagOptions(copy_topics=("/tf", "/odom"), progress=False))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="'/odom' is not in"):  # with --copy-all-topics too
+        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                    BagOptions(copy_topics=("/odom",), copy_all_topics=True, progress=False))
     # an earlier run's outputs in the input bag would be written twice
     small = np.zeros((8, 8, 3), np.uint8)
     write_bag(ts, tmp_path / "rerun", "sqlite3", [(TOPIC, IMAGE, 1, raw_image(ts, small, 1)),
@@ -673,5 +676,73 @@ def test_a_topic_whose_type_has_no_definition_is_refused_by_name(tmp_path):
 
     conn = SimpleNamespace(topic="/wheel", msgtype="my_msgs/msg/Wheel", msgdef=SimpleNamespace(format=None, data=""),
                            digest="", ext=None)
-    with pytest.raises(ValueError, match=r"cannot copy /wheel \(my_msgs/msg/Wheel\) of .*: the bag holds no .msg definition"):
+    with pytest.raises(ValueError, match=r"cannot copy /wheel \(my_msgs/msg/Wheel\) of .*: the bag holds no definition"):
         _copy_connection(None, conn, get_typestore(Stores.ROS2_HUMBLE), tmp_path)
+
+
+def test_copies_keep_the_bags_own_definitions_without_hashes_and_in_idl(ts, tmp_path, band_loaded):
+    """A ROS 2 Humble MCAP bag (metadata version 5) stores .msg schemas but no type hashes: an empty
+    hash made rosbags' writer fail an assert. IDL definitions were replaced by ROS 2 Humble's:
+    a Jazzy Range (which has `variance`) was copied with Humble's definition, so the output could
+    not decode its own messages, and a custom IDL type was refused."""
+    from rosbags.highlevel import AnyReader
+    from rosbags.typesys import Stores, get_types_from_idl, get_typestore
+
+    # (a) Humble MCAP: metadata rewritten as Humble's rosbag2 writes it (version 5, no hashes)
+    small = np.zeros((8, 8, 3), np.uint8)
+    humble = tmp_path / "humble"
+    with Writer(humble, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
+        cam = writer.add_connection(TOPIC, IMAGE, typestore=ts)
+        tf = writer.add_connection("/tf", "tf2_msgs/msg/TFMessage", typestore=ts)
+        for i in range(2):
+            writer.write(cam, 10 + 10 * i, ts.serialize_cdr(raw_image(ts, small, 10 + 10 * i), IMAGE))
+            writer.write(tf, 11 + 10 * i, ts.serialize_cdr(ts.types["tf2_msgs/msg/TFMessage"](transforms=[]),
+                                                           "tf2_msgs/msg/TFMessage"))
+    meta_path = humble / "metadata.yaml"
+    meta = yaml.safe_load(meta_path.read_text())
+    info = meta["rosbag2_bagfile_information"]
+    info["version"] = 5
+    for topic in info["topics_with_message_count"]:
+        topic["topic_metadata"].pop("type_description_hash", None)
+    meta_path.write_text(yaml.safe_dump(meta))
+    opts = dict(propagator="copy", progress=False, colored=False, overlay=False, class_masks=False)
+    summary = process_bag(humble, tmp_path / "humble_out", TOPIC, band_loaded, BagOptions(copy_topics=("/tf",), **opts))
+    assert summary["messages_per_topic"]["/tf"] == 2
+    with Reader(tmp_path / "humble_out") as reader:
+        (conn,) = [c for c in reader.connections if c.topic == "/tf"]
+        assert conn.digest == get_typestore(Stores.ROS2_HUMBLE).hash_rihs01("tf2_msgs/msg/TFMessage")
+
+    # (b) IDL definitions: a Jazzy Range and a custom type, kept as the bag defines them
+    sep = "=" * 80 + "\n"
+    wheel_idl = sep + "IDL: my_msgs/msg/Wheel\nmodule my_msgs {\n  module msg {\n    struct Wheel {\n      double speed;\n    };\n  };\n};\n"
+    jazzy = get_typestore(Stores.ROS2_JAZZY)
+    wheel_ts = get_typestore(Stores.ROS2_JAZZY)
+    wheel_ts.register(get_types_from_idl(wheel_idl.split("\n", 2)[2]))
+    range_idl = (sep + "IDL: sensor_msgs/msg/Range\nmodule sensor_msgs {\n  module msg {\n    struct Range {\n"
+                 "      std_msgs::msg::Header header;\n      uint8 radiation_type;\n      float field_of_view;\n"
+                 "      float min_range;\n      float max_range;\n      float range;\n      float variance;\n    };\n  };\n};\n"
+                 + sep + "IDL: std_msgs/msg/Header\nmodule std_msgs {\n  module msg {\n    struct Header {\n"
+                 "      builtin_interfaces::msg::Time stamp;\n      string frame_id;\n    };\n  };\n};\n"
+                 + sep + "IDL: builtin_interfaces/msg/Time\nmodule builtin_interfaces {\n  module msg {\n"
+                 "    struct Time {\n      int32 sec;\n      uint32 nanosec;\n    };\n  };\n};\n")
+    idl = tmp_path / "idl"
+    with Writer(idl, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        cam = writer.add_connection(TOPIC, IMAGE, typestore=jazzy)
+        wheel = writer.add_connection("/wheel", "my_msgs/msg/Wheel", msgdef=wheel_idl,
+                                      rihs01=wheel_ts.hash_rihs01("my_msgs/msg/Wheel"))
+        rng = writer.add_connection("/range", "sensor_msgs/msg/Range", msgdef=range_idl,
+                                    rihs01=jazzy.hash_rihs01("sensor_msgs/msg/Range"))
+        for i in range(2):
+            img = raw_image(jazzy, small, 10 + 10 * i)
+            writer.write(cam, 10 + 10 * i, jazzy.serialize_cdr(img, IMAGE))
+            writer.write(wheel, 11 + 10 * i, wheel_ts.serialize_cdr(wheel_ts.types["my_msgs/msg/Wheel"](speed=1.5),
+                                                                    "my_msgs/msg/Wheel"))
+            writer.write(rng, 12 + 10 * i, jazzy.serialize_cdr(jazzy.types["sensor_msgs/msg/Range"](
+                header=img.header, radiation_type=0, field_of_view=0.1, min_range=0.2, max_range=4.0, range=1.25,
+                variance=0.01), "sensor_msgs/msg/Range"))
+    process_bag(idl, tmp_path / "idl_out", TOPIC, band_loaded, BagOptions(copy_topics=("/wheel", "/range"), **opts))
+    with AnyReader([tmp_path / "idl_out"]) as reader:  # decodes with the definitions stored in the output
+        decoded = {c.topic: reader.deserialize(raw, c.msgtype) for c, _t, raw in reader.messages(
+            connections=[c for c in reader.connections if c.topic in ("/wheel", "/range")])}
+    assert decoded["/range"].variance == pytest.approx(0.01) and decoded["/range"].range == pytest.approx(1.25)
+    assert decoded["/wheel"].speed == 1.5

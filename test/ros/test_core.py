@@ -635,8 +635,16 @@ def test_diagnostics_error_when_every_frame_fails_and_recovers(make_core, types)
     assert status.level == ERROR and "unsupported image encoding" in status.message
     assert dict(status.values)["skipped decode"] == "5"
     feed(core, clock, slot, image_msg(types, frame(), 2.0))
-    assert core.diagnostic_status().level == OK  # one success in the window
+    status = core.diagnostic_status()  # one success in the window: failing, but not every frame
+    assert status.level == WARN and "5 of 6 frames failed in the last 5 s: " in status.message, status.message
     clock.advance(6.0)  # the failures leave the window
+    for i in range(10):
+        feed(core, clock, slot, image_msg(types, frame(), 10.0 + 0.1 * i))
+    feed(core, clock, slot, bad)
+    assert core.diagnostic_status().level == OK  # 1 failure in 11 frames: a corrupt frame now and then
+    feed(core, clock, slot, bad)
+    assert core.diagnostic_status().level == WARN  # 2 in 12
+    clock.advance(6.0)
     for _ in range(2):
         feed(core, clock, slot, bad)
     assert core.diagnostic_status().level == ERROR
