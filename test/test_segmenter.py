@@ -857,3 +857,15 @@ def test_a_failed_frame_keeps_its_index(band_model, monkeypatch):
     with pytest.raises(FrameError):
         seg.push(np.zeros((4, 4), np.uint8), 0.3)  # refused before segmentation: no index
     assert seg.push(img, 0.4).frame_index == 3
+
+
+def test_a_propagator_returning_the_wrong_number_of_masks_resets(band_model, monkeypatch):
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    assert seg.push(img, 0.0).is_key_frame
+    real = seg.propagator.propagate
+    monkeypatch.setattr(seg.propagator, "propagate", lambda key, tensor: real(key, tensor)[:, :1])
+    with pytest.raises(RuntimeError, match="returned 1 masks for"):
+        seg.push(img, 0.1)
+    monkeypatch.undo()
+    assert seg.push(img, 0.2).key_frame_reason == "reset"
