@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import CheckpointError, first_line
+from .checkpoints import CheckpointError
 from .config import ConfigError
 from .io.samples import bikes_clip
 from .paths import check_output_dir, make_output_dir
@@ -43,6 +43,9 @@ SAMPLES = {"sample:bikes": bikes_clip}
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger(__name__)
+
+#: Lines of a RuntimeError's message printed (the rest with --verbose).
+_MAX_ERROR_LINES = 20
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -292,8 +295,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.self_reference and args.labels is not None:
         raise ValueError("give either --labels or --self-reference")
-    if args.self_reference and args.reduce_zero_label:
-        raise ValueError("--reduce-zero-label applies to --labels, not to --self-reference")
+    if args.reduce_zero_label and args.labels is None:  # CamVid's default labels are 0-based, self-reference too
+        raise ValueError("--reduce-zero-label applies to --labels DIR (label PNGs numbered from 1), not to "
+                         + ("--self-reference" if args.self_reference else "the default CamVid labels"))
     if args.images is not None and args.labels is None and not args.self_reference:
         raise ValueError("give --labels DIR with IMAGES (the folder of label PNGs named like the frames), or "
                          "--self-reference")
@@ -425,9 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"mpvss: error: {exc}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:  # a backend failing (CUDA out of memory, TensorRT, onnxruntime, ...)
+    except RuntimeError as exc:  # a backend failing (CUDA out of memory, TensorRT, ...; onnxruntime's errors are no RuntimeError)
         log.debug("traceback of the error below", exc_info=True)
-        print(f"mpvss: error: {type(exc).__name__}: {first_line(exc)} (--verbose for the traceback)", file=sys.stderr)
+        # the whole message: torch's load_state_dict lists the keys on the lines after its first
+        lines = str(exc).strip().splitlines() or [""]
+        more = f"\n  ... ({len(lines) - _MAX_ERROR_LINES} more lines)" if len(lines) > _MAX_ERROR_LINES else ""
+        hint = "" if args.verbose else " (--verbose for the traceback)"
+        print(f"mpvss: error: {type(exc).__name__}: " + "\n".join(lines[:_MAX_ERROR_LINES]) + more + hint, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mpvss: interrupted", file=sys.stderr)

@@ -168,6 +168,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             raise CheckpointError(f"weights file not found: {weights}")
 
     ckpt = read_checkpoint(weights_path) if weights_path is not None else None  # the file is read once
+    default_guessed = False  # a file without a configuration, not an official R50 one, tried on the default model
     if model is None and ckpt is not None and ckpt.model_config:
         cfg = model_config_from_dict(ckpt.model_config, where=f"{weights_path} (model_config)")
     elif model is None and ckpt is not None and (guess := official_model_name(ckpt.state_dict)) is not None:
@@ -175,8 +176,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
         cfg = load_model_config(guess)
     else:
         cfg = load_model_config(model or DEFAULT_MODEL)
-    # a file without a configuration, not an official R50 one, is tried against the default model
-    default_guessed = model is None and ckpt is not None
+        default_guessed = model is None and ckpt is not None
 
     if weights_path is None and cfg.default_weights:
         weights_path = resolve_data_path(cfg.default_weights)

@@ -296,3 +296,23 @@ def test_a_file_without_configuration_that_fits_no_model_says_to_pass_model(tmp_
     with pytest.raises(CheckpointError) as err:  # --model given: no hint about passing it
         load_model("mpvss_lite", path)
     assert "pass --model" not in str(err.value)
+
+
+def test_the_pass_model_hint_is_only_for_files_tried_on_the_default_model(tmp_path):
+    """A file recognised as an official ResNet-50 checkpoint, or one holding its own model_config,
+    that does not load was told it 'holds no model configuration, is not an official ResNet-50
+    checkpoint'."""
+    sd = {"backbone.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}
+    sd.update({f"backbone.res4.{j}.conv1.weight": torch.zeros(256, 1024, 1, 1) for j in range(6)})
+    torch.save({"model": sd}, tmp_path / "r50_partial.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(None, tmp_path / "r50_partial.pth")
+    assert "holds no model configuration" not in str(err.value)
+    cfg = load_model_config("mpvss_lite")
+    save_checkpoint(tmp_path / "lite.pt", MPVSS(cfg), cfg.to_dict(), meta={})
+    obj = torch.load(tmp_path / "lite.pt", weights_only=True)
+    obj["state_dict"].pop(next(iter(obj["state_dict"])))
+    torch.save(obj, tmp_path / "lite_missing_key.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_model(None, tmp_path / "lite_missing_key.pt")
+    assert "holds no model configuration" not in str(err.value)

@@ -569,3 +569,17 @@ def test_error_bad_adaptive_settings_even_with_a_fixed_schedule(tiny_folder, tmp
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and words in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_runtime_error_keeps_the_lines_after_its_first(tmp_path, monkeypatch, capsys):
+    """torch's load_state_dict names the keys on the lines after 'Error(s) in loading state_dict
+    for ...:' (mpvss train motion --init-motion): the one-line error dropped them."""
+    import mpvss_ros.cli as cli
+
+    def fail(args):
+        raise RuntimeError("Error(s) in loading state_dict for MotionModule:\n\tMissing key(s) in state_dict: \"a\".")
+
+    monkeypatch.setattr(cli, "_cmd_bag", fail)
+    assert cli.main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/x"]) == 1
+    err = capsys.readouterr().err
+    assert "Missing key(s) in state_dict" in err and "Traceback" not in err

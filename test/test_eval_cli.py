@@ -582,3 +582,11 @@ def test_study_plot_of_one_interval_draws_each_setting(tmp_path, monkeypatch):
 def test_reduce_zero_label_needs_labels(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--self-reference", "--reduce-zero-label"]) == 2
     assert "--reduce-zero-label applies to --labels" in capsys.readouterr().err
+    assert main(["eval", "--reduce-zero-label", "--max-frames", "2"]) == 2  # CamVid's 0-based default labels
+    assert "not to the default CamVid labels" in capsys.readouterr().err
+
+
+def test_reduce_zero_label_refuses_classes_that_meet_the_ignore_value(tmp_path):
+    img, ann = _write_sequence(tmp_path, [_label(1)])
+    with pytest.raises(ValueError, match="254 and 255"):
+        load_sequence(img, ann, num_classes=300, reduce_zero_label=True)

@@ -103,6 +103,8 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
 
     Raises:
         FileNotFoundError: a folder or a frame's label file is missing.
+        ValueError: ``reduce_zero_label`` with more than 254 classes (the shifted IDs 254 and 255
+            would meet the ignore value 255).
         ValueError: no frames; a frame of another size than the first frame; a label of another
             size than its frame; with ``num_classes``, a label holding other values (the error
             names the file and the first of them), or labels that are void everywhere.
@@ -113,6 +115,9 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
                                     or num_classes < 1):
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if reduce_zero_label and num_classes is not None and int(num_classes) > _IGNORE_LABEL - 1:
+        raise ValueError(f"reduce_zero_label with {num_classes} classes: the shifted class IDs 254 and 255 would "
+                         f"be scored as the ignore value {_IGNORE_LABEL}")
     names, images, labels = [], [], []
     counted = 0  # label pixels with a class value (0..K-1)
     first: tuple[str, tuple[int, ...]] | None = None  # the first frame's file and (H, W)

@@ -184,12 +184,14 @@ def _terminate_unwinds() -> Iterator[None]:
     for it) instead of killing the process, so that ``finally`` blocks run: the default action
     left a folder that is not a bag (no ``metadata.yaml``, an unfinished ``.db3`` or ``.mcap``)
     and blocked the next run's output path. The previous handler is restored after; outside the
-    main thread (where Python delivers signals) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
+    main thread (where Python delivers signals), or where SIGTERM is ignored, nothing changes.
+    A second SIGTERM while the first unwinds is ignored, so that it cannot cut the removal short."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
         yield
         return
 
     def on_term(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwinding; restored by the finally below
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, on_term)
@@ -200,11 +202,18 @@ def _terminate_unwinds() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _removed_on_failure(path: Path) -> Iterator[None]:
-    """Delete ``path`` (a folder this run creates) if the block raises or is interrupted."""
+def _written_or_removed(writer: Any, path: Path) -> Iterator[None]:
+    """Open ``writer`` (which creates the folder ``path``), close it after the block; if the block
+    or the close raises or is interrupted, abort the writer and delete ``path``. (A removal armed
+    inside ``with writer`` has already been left when ``Writer.close`` commits the storage and
+    writes ``metadata.yaml``: an interruption there left a folder that is not a bag.)"""
+    writer.open()  # a refusal here (the folder exists) removes nothing
     try:
         yield
+        writer.close()
     except BaseException:
+        with contextlib.suppress(Exception):
+            writer.abort()
         shutil.rmtree(path, ignore_errors=True)
         raise
 
@@ -462,7 +471,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         # a run that fails or is interrupted leaves no output: the writer's partial folder (no
         # metadata.yaml, not a readable bag) would only block the next run's output path. Armed
         # once the writer has made the folder, so nothing it did not create is removed.
-        with _terminate_unwinds(), writer, _removed_on_failure(out_path):
+        with _terminate_unwinds(), _written_or_removed(writer, out_path):
             conn_in = _add_connection(writer, in_topic, msgtype, in_qos, typestore=typestore)
             copy_conns: dict[int, Any] = {}  # input connection id -> output connection
             # one output connection per topic, type and offered QoS (each publisher's QoS kept)

@@ -165,7 +165,9 @@ sensor_msgs/Image[] masks
 # Exactly the header of the input image this frame was segmented from (stamp and frame_id).
 std_msgs/Header header
 
-# 0-based count of frames segmented since the node started (a reset does not restart it).
+# 0-based index of the frame among those given to the segmenter since the node started (a reset
+# does not restart it). A frame whose segmentation failed keeps its index, so the published
+# indices skip it; frames dropped before segmentation (stale, undecodable) take none.
 uint32 frame_index
 
 # True when the key-frame segmentor ran on this frame; false when the labels were propagated
@@ -179,7 +181,8 @@ builtin_interfaces/Time key_frame_stamp
 # scene_change, max_interval, resolution_change, time_backwards, time_gap, frame_id_change
 # (the input header's frame_id changed: another camera), non_finite (the previous frame's
 # logits were NaN or infinite), reset (the ~/reset
-# service, re-enabling, or a schedule or propagation parameter changed while running).
+# service, re-enabling, a schedule or propagation parameter changed while running, or the
+# inference backend or the propagation failed on the previous frame).
 string key_frame_reason
 
 # The scheduler's scene-change score of this frame against the key frame (0 = same scene).

@@ -403,11 +403,17 @@ def test_a_run_that_fails_midway_leaves_no_output(ts, tmp_path, frames, band_loa
     monkeypatch.setattr(Reader, "messages", messages)
     expected = {"storage": (ValueError, "cannot read bag .*in: DatabaseError: database disk image is malformed"),
                 "interrupt": (KeyboardInterrupt, ""), "sigterm": (SystemExit, "143")}[failure]
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(expected[0], match=expected[1]):
-        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
-    assert not (tmp_path / "out").exists()
-    assert signal.getsignal(signal.SIGTERM) is before  # restored after the run
+    def guard(signum, frame):  # without process_bag's handler the default action would end the test session
+        raise AssertionError("SIGTERM reached the handler in place before process_bag")
+
+    before = signal.signal(signal.SIGTERM, guard)
+    try:
+        with pytest.raises(expected[0], match=expected[1]):
+            process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
+        assert not (tmp_path / "out").exists()
+        assert signal.getsignal(signal.SIGTERM) is guard  # restored after the run
+    finally:
+        signal.signal(signal.SIGTERM, before)
     monkeypatch.setattr(Reader, "messages", real)
     summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
                           BagOptions(propagator="copy", progress=False))
@@ -775,3 +781,40 @@ def test_copied_connections_keep_their_own_qos_and_empty_topics_are_counted(ts, 
         assert {c.ext.offered_qos_profiles[0].durability for c in tfs} == {QosDurability.VOLATILE,
                                                                            QosDurability.TRANSIENT_LOCAL}
         assert sum(c.msgcount for c in tfs) == 2
+
+
+@pytest.mark.parametrize("when", ["close", "cleanup"])
+def test_sigterm_while_closing_or_cleaning_up_leaves_no_output(ts, tmp_path, frames, band_loaded, monkeypatch, when):
+    """SIGTERM while Writer.close commits and writes metadata.yaml (after the removal guard had
+    been left), or a second SIGTERM while the partial output is removed: the folder stayed."""
+    import os
+    import signal
+
+    import mpvss_ros.ros.bag as bag_module
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:3]))
+    real_close, real_rmtree, real_push = Writer.close, bag_module.shutil.rmtree, VideoSegmenter.push
+    if when == "close":
+        monkeypatch.setattr(Writer, "close", lambda self: (os.kill(os.getpid(), signal.SIGTERM), real_close(self)))
+    else:
+        calls = []
+
+        def push(self, *a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_push(self, *a, **k)
+
+        monkeypatch.setattr(VideoSegmenter, "push", push)
+        monkeypatch.setattr(bag_module.shutil, "rmtree", lambda p, *a, **k: (os.kill(os.getpid(), signal.SIGTERM),
+                                                                            real_rmtree(p, *a, **k)))
+    def guard(signum, frame):  # the default action would end the test session
+        raise AssertionError("SIGTERM reached the handler in place before process_bag")
+
+    before = signal.signal(signal.SIGTERM, guard)
+    try:
+        with pytest.raises(SystemExit, match="143"):
+            process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not (tmp_path / "out").exists()
