@@ -484,9 +484,9 @@ class VideoSegmenter:
                 # backend for the frame's size fails.
                 self.reset()
                 raise
-            if not _all_finite(key.class_logits, key.mask_logits):
+            if not _all_finite(key.class_logits, key.mask_logits, key.query_embeddings):
                 self.reset("non_finite")
-                raise NonFiniteOutputError(f"the key frame's class or mask logits hold NaN or infinite values "
+                raise NonFiniteOutputError(f"the key frame's class or mask logits or query embeddings hold NaN or infinite values "
                                            f"(frame {index}); nothing is published for it")
             # Padding filled: warps clamp to the valid area's edge (KeyFrameState.with_padding_filled).
             self._key = key.with_active_queries(self._min_query_score).with_padding_filled()

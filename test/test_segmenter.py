@@ -245,7 +245,8 @@ def test_reset_with_a_reason(band_model):
     assert seg.push(img, 0.1).key_frame_reason == "frame_id_change"
 
 
-@pytest.mark.parametrize("where", ["class_logits", "mask_logits", "propagation", "direct_flow", "chained_flow"])
+@pytest.mark.parametrize("where", ["class_logits", "mask_logits", "query_embeddings", "propagation", "direct_flow",
+                                   "chained_flow"])
 def test_non_finite_logits_raise_instead_of_labelling_everything_class_0(band_model, monkeypatch, where):
     """NaN logits (diverged weights, an fp16 overflow) gave labels of class 0 everywhere, published
     as a segmentation; now the frame raises and the next one is a key frame. A NaN flow came out

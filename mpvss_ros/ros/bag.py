@@ -184,9 +184,11 @@ def _terminate_unwinds() -> Iterator[None]:
     for it) instead of killing the process, so that ``finally`` blocks run: the default action
     left a folder that is not a bag (no ``metadata.yaml``, an unfinished ``.db3`` or ``.mcap``)
     and blocked the next run's output path. The previous handler is restored after; outside the
-    main thread (where Python delivers signals), or where SIGTERM is ignored, nothing changes.
+    main thread (where Python delivers signals), where SIGTERM is ignored, or where its handler
+    was installed by C code (rclpy's: Python can neither call nor restore it), nothing changes.
     A second SIGTERM while the first unwinds is ignored, so that it cannot cut the removal short."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+    current = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if current is None or current is signal.SIG_IGN:
         yield
         return
 

@@ -818,3 +818,16 @@ def test_sigterm_while_closing_or_cleaning_up_leaves_no_output(ts, tmp_path, fra
     finally:
         signal.signal(signal.SIGTERM, before)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sigterm_handler_installed_from_c_is_left_alone(ts, tmp_path, frames, band_loaded, monkeypatch):
+    """signal.getsignal gives None for a handler installed by C code (rclpy's): restoring None
+    raised TypeError at the end of every run in such a process."""
+    import mpvss_ros.ros.bag as bag_module
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]))
+    monkeypatch.setattr(bag_module.signal, "getsignal", lambda signum: None)
+    installed = []
+    monkeypatch.setattr(bag_module.signal, "signal", lambda *args: installed.append(args))
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
+    assert summary["written"] == 2 and installed == []
