@@ -140,6 +140,25 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def nan_unless_finite(warped_mask_logits: Tensor, flows: Tensor) -> Tensor:
+    """``warped_mask_logits`` of a graph that warps inside itself, all NaN when its ``flows``
+    output holds a NaN or infinite value (an fp16 overflow in the motion module): GridSample
+    clamps non-finite sampling positions to the border, so the warped masks alone look finite and
+    the segmenter's NaN check would publish them (the torch warp carries it itself,
+    :func:`~mpvss_ros.nn.warp.warp_mask_logits`).
+
+    Args:
+        warped_mask_logits: (B, N, h, w) float32.
+        flows: (B, N, 2, h2, w2) float32 from the same run.
+
+    Returns:
+        ``warped_mask_logits`` itself, or a NaN tensor of its shape.
+    """
+    if bool(torch.isfinite(flows).all()):
+        return warped_mask_logits
+    return torch.full_like(warped_mask_logits, float("nan"))
+
+
 def padded_size(valid_hw: tuple[int, int], divisibility: int = 32) -> tuple[int, int]:
     """(h, w) rounded up to multiples of ``divisibility`` (the zero-padded canvas)."""
     h, w = (int(v) for v in valid_hw)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
 from ..nn.warp import warp_mask_logits
-from .base import Backend, BackendUnavailable, SizeCache, check_precision
+from .base import Backend, BackendUnavailable, SizeCache, check_precision, nan_unless_finite
 from .export import KEY_OUTPUTS, GraphSource, read_contract
 
 __all__ = ["OnnxRuntimeBackend", "make_session", "onnxruntime_missing"]
@@ -170,8 +170,9 @@ class OnnxRuntimeBackend(Backend):
         key = make_session(d / g["key_frame"]["file"], self.threads, self.exec_device)
         outputs = tuple(o["name"] for o in g["non_key_frame"].get("outputs", []))
         run = "flows" if self._warp_in_torch and "flows" in outputs else "warped_mask_logits"
+        # where the graph warps, its flows come along to be checked for NaN (nan_unless_finite)
         non_key = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device,
-                               drop_outputs=tuple(o for o in outputs if o != run))
+                               drop_outputs=tuple(o for o in outputs if o not in (run, "flows")))
         flows_only = None
         if run != "flows" and "flows" in outputs:
             flows_only = make_session(d / g["non_key_frame"]["file"], self.threads, self.exec_device,
@@ -231,8 +232,12 @@ class OnnxRuntimeBackend(Backend):
         if sessions.non_key_output == "flows":
             return warp_mask_logits(key.propagated(key.mask_logits), self.query_flows(key, image),
                                     self.cfg.input.warp_normalization)
-        (out,) = sessions.non_key.run(["warped_mask_logits"], self._non_key_feeds(key, image, key.image))
-        return key.propagated(torch.from_numpy(out))
+        feeds = self._non_key_feeds(key, image, key.image)
+        if "flows" not in sessions.graph_outputs:  # exported before the graphs had it: no check
+            (out,) = sessions.non_key.run(["warped_mask_logits"], feeds)
+            return key.propagated(torch.from_numpy(out))
+        out, flows = sessions.non_key.run(["warped_mask_logits", "flows"], feeds)
+        return key.propagated(nan_unless_finite(torch.from_numpy(out), torch.from_numpy(flows)))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threads": self.threads}

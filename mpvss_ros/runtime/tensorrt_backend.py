@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
-from .base import Backend, BackendUnavailable, SizeCache, check_precision
+from .base import Backend, BackendUnavailable, SizeCache, check_precision, nan_unless_finite
 from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
 from .export import KEY_OUTPUTS, GraphSource, _sha256_file, read_contract
 
@@ -726,13 +726,14 @@ class TensorRTBackend(Backend):
         self._device_reference = image  # the key frame's image, copied into key_image above
         return state
 
-    def _run_non_key(self, key: KeyFrameState, image: Tensor, reference: Tensor, output: str) -> Tensor:
-        """Run the non-key engine on (image, reference) with the key frame's state; one output."""
+    def _run_non_key(self, key: KeyFrameState, image: Tensor, reference: Tensor, *outputs: str) -> list[Tensor]:
+        """Run the non-key engine on (image, reference) with the key frame's state; the outputs named."""
         key.check_canvas(image, reference)
         _, non_key, _ = self._get(key.valid_hw)
-        if output not in non_key.host:
-            raise ValueError(f"the non-key engine has no {output!r} output (built from graphs exported before it "
-                             "existed): re-export the graphs (mpvss export) and rebuild the engines")
+        for output in outputs:
+            if output not in non_key.host:
+                raise ValueError(f"the non-key engine has no {output!r} output (built from graphs exported before "
+                                 "it existed): re-export the graphs (mpvss export) and rebuild the engines")
         with self.cuda.activate() as cuda:
             if not self._holds_key(key):  # another key frame: upload its state
                 non_key.upload("key_class_logits", key.class_logits)
@@ -745,9 +746,10 @@ class TensorRTBackend(Backend):
                 self._device_reference = reference
             non_key.upload("image", image)
             non_key.execute()
-            non_key.download(output)
+            for output in outputs:
+                non_key.download(output)
             cuda.synchronize()
-        return non_key.result(output)
+        return [non_key.result(output) for output in outputs]
 
     def _holds_key(self, key: KeyFrameState) -> bool:
         """Whether the non-key engine's key inputs hold ``key``'s tensors. Compared tensor by
@@ -759,10 +761,16 @@ class TensorRTBackend(Backend):
 
     def query_flows(self, key: KeyFrameState, image: Tensor, reference: Tensor | None = None) -> Tensor:
         # The engine computes all N queries; the interface returns the active ones.
-        return key.propagated(self._run_non_key(key, image, key.image if reference is None else reference, "flows"))
+        (flows,) = self._run_non_key(key, image, key.image if reference is None else reference, "flows")
+        return key.propagated(flows)
 
     def propagate(self, key: KeyFrameState, image: Tensor) -> Tensor:
-        return key.propagated(self._run_non_key(key, image, key.image, "warped_mask_logits"))
+        _, non_key, _ = self._get(key.valid_hw)
+        if "flows" not in non_key.host:  # engines built from graphs exported before they had it: no check
+            (warped,) = self._run_non_key(key, image, key.image, "warped_mask_logits")
+            return key.propagated(warped)
+        warped, flows = self._run_non_key(key, image, key.image, "warped_mask_logits", "flows")
+        return key.propagated(nan_unless_finite(warped, flows))
 
     def close(self) -> None:
         self._engines.clear()

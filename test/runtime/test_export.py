@@ -8,7 +8,7 @@ and the seeded-random variants still run.
 from __future__ import annotations
 
 import copy
-
+import dataclasses
 import hashlib
 import json
 import re
@@ -635,3 +635,19 @@ def test_a_graph_source_refuses_to_export_a_model_changed_since(tmp_path):
         source.get((64, 96))
     assert source.get((64, 64)) == first  # what it already has stays as it was
     assert [p.name for p in (tmp_path / "onnx").iterdir() if not p.name.startswith(".")] == [first.name]
+
+
+@pytest.mark.parametrize("warp_in_torch", [True, False])
+def test_a_non_finite_flow_gives_non_finite_warped_masks_wherever_the_warp_runs(lite_small, warp_in_torch):
+    """The CUDA provider runs the non-key graph whole, its GridSample clamping NaN sampling
+    positions to the border: a NaN flow (NaN key queries here) gave finite warped masks that the
+    segmenter published. Simulated on the CPU by running the graph whole."""
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
+    backend._warp_in_torch = warp_in_torch  # False: as with CUDAExecutionProvider
+    frames = _random_frames((96, 128), 2, seed=5)
+    imgs = [torch.from_numpy(f).permute(2, 0, 1)[None].float() for f in frames]
+    key = backend.segment_key_frame(imgs[0], (96, 128))
+    assert torch.isfinite(backend.propagate(key, imgs[1])).all()
+    assert backend._get((96, 128)).non_key_output == ("flows" if warp_in_torch else "warped_mask_logits")
+    poisoned = dataclasses.replace(key, query_embeddings=torch.full_like(key.query_embeddings, float("nan")))
+    assert torch.isnan(backend.propagate(poisoned, imgs[1])).all()

@@ -414,3 +414,45 @@ class _Nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_a_non_finite_flow_gives_non_finite_warped_masks_from_the_engine(bad):
+    """The engine warps inside (GridSample clamps NaN sampling positions to the border): its flows
+    are downloaded with the warped masks and a non-finite one makes them NaN. No GPU needed."""
+    import contextlib
+
+    import mpvss_ros.runtime.tensorrt_backend as trt_backend
+    from mpvss_ros.nn.mpvss import KeyFrameState
+
+    flows = torch.zeros(1, 4, 2, 3, 4)
+    if bad:
+        flows[0, 2, 1, 1, 1] = float("inf")
+    downloads = []
+
+    class Engine:
+        host = {"warped_mask_logits": None, "flows": None}
+
+        def upload(self, name, value):
+            pass
+
+        def execute(self):
+            pass
+
+        def download(self, name):
+            downloads.append(name)
+
+        def result(self, name):
+            return flows if name == "flows" else torch.ones(1, 4, 8, 8)
+
+    backend = trt_backend.TensorRTBackend.__new__(trt_backend.TensorRTBackend)
+    backend.cuda = type("Cuda", (), {"activate": lambda self: contextlib.nullcontext(self),
+                                     "synchronize": lambda self: None})()
+    backend._get = lambda hw: (None, Engine(), (32, 32))
+    image = torch.zeros(1, 3, 32, 32)
+    key = KeyFrameState(image=image, valid_hw=(32, 32), class_logits=torch.zeros(1, 4, 3),
+                        mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8))
+    backend._device_key, backend._device_reference = key, image
+    warped = backend.propagate(key, torch.ones(1, 3, 32, 32))
+    assert downloads == ["warped_mask_logits", "flows"]
+    assert bool(torch.isnan(warped).all()) is bad and (bad or bool((warped == 1).all()))
