@@ -44,8 +44,9 @@ __all__ = ["main", "build_parser"]
 
 log = logging.getLogger(__name__)
 
-#: Lines of a RuntimeError's message printed (the rest with --verbose).
+#: Lines of a RuntimeError's message printed, and characters of each (the rest with --verbose).
 _MAX_ERROR_LINES = 20
+_MAX_ERROR_LINE_CHARS = 400
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -295,12 +296,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.self_reference and args.labels is not None:
         raise ValueError("give either --labels or --self-reference")
-    if args.reduce_zero_label and args.labels is None:  # CamVid's default labels are 0-based, self-reference too
-        raise ValueError("--reduce-zero-label applies to --labels DIR (label PNGs numbered from 1), not to "
-                         + ("--self-reference" if args.self_reference else "the default CamVid labels"))
     if args.images is not None and args.labels is None and not args.self_reference:
         raise ValueError("give --labels DIR with IMAGES (the folder of label PNGs named like the frames), or "
                          "--self-reference")
+    if args.reduce_zero_label and args.labels is None:  # CamVid's default labels are 0-based, self-reference too
+        raise ValueError("--reduce-zero-label applies to --labels DIR (label PNGs numbered from 1), not to "
+                         + ("--self-reference" if args.self_reference else "the default CamVid labels"))
     if args.images in SAMPLES:
         args.images = str(SAMPLES[args.images]())
     images = args.images or camvid_dir("val")
@@ -432,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # a backend failing (CUDA out of memory, TensorRT, ...; onnxruntime's errors are no RuntimeError)
         log.debug("traceback of the error below", exc_info=True)
         # the whole message: torch's load_state_dict lists the keys on the lines after its first
-        lines = str(exc).strip().splitlines() or [""]
+        lines = [line if len(line) <= _MAX_ERROR_LINE_CHARS else line[:_MAX_ERROR_LINE_CHARS] + " ..."
+                 for line in str(exc).strip().splitlines()] or [""]  # torch lists every key on one line
         more = f"\n  ... ({len(lines) - _MAX_ERROR_LINES} more lines)" if len(lines) > _MAX_ERROR_LINES else ""
         hint = "" if args.verbose else " (--verbose for the traceback)"
         print(f"mpvss: error: {type(exc).__name__}: " + "\n".join(lines[:_MAX_ERROR_LINES]) + more + hint, file=sys.stderr)

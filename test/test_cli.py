@@ -577,9 +577,11 @@ def test_a_runtime_error_keeps_the_lines_after_its_first(tmp_path, monkeypatch, 
     import mpvss_ros.cli as cli
 
     def fail(args):
-        raise RuntimeError("Error(s) in loading state_dict for MotionModule:\n\tMissing key(s) in state_dict: \"a\".")
+        keys = ", ".join(f'"k{i}"' for i in range(1000))  # torch lists them all on one line
+        raise RuntimeError(f"Error(s) in loading state_dict for MotionModule:\n\tMissing key(s) in state_dict: {keys}.")
 
     monkeypatch.setattr(cli, "_cmd_bag", fail)
     assert cli.main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/x"]) == 1
     err = capsys.readouterr().err
     assert "Missing key(s) in state_dict" in err and "Traceback" not in err
+    assert '"k1",' in err and '"k999"' not in err and max(len(line) for line in err.splitlines()) < 450

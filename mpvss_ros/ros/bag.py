@@ -209,7 +209,15 @@ def _written_or_removed(writer: Any, path: Path) -> Iterator[None]:
     or the close raises or is interrupted, abort the writer and delete ``path``. (A removal armed
     inside ``with writer`` has already been left when ``Writer.close`` commits the storage and
     writes ``metadata.yaml``: an interruption there left a folder that is not a bag.)"""
-    writer.open()  # a refusal here (the folder exists) removes nothing
+    from rosbags.rosbag2 import WriterError
+
+    try:
+        writer.open()
+    except WriterError:  # the folder exists: not this run's, nothing is removed
+        raise
+    except BaseException:  # SIGTERM or a storage error after the folder was made
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     try:
         yield
         writer.close()

@@ -148,8 +148,8 @@ def nan_unless_finite(warped_mask_logits: Tensor, flows: Tensor) -> Tensor:
     :func:`~mpvss_ros.nn.warp.warp_mask_logits`).
 
     Args:
-        warped_mask_logits: (B, N, h, w) float32.
-        flows: (B, N, 2, h2, w2) float32 from the same run.
+        warped_mask_logits: (B, M, h, w) float32 of the active queries (``KeyFrameState.propagated``).
+        flows: (B, M, 2, h2, w2) float32 of the same queries from the same run.
 
     Returns:
         ``warped_mask_logits`` itself, or a NaN tensor of its shape.

@@ -9,7 +9,8 @@ Graphs have static shapes (one pair per valid size): the backend keeps one pair 
 valid size it has seen, getting the graphs from a :class:`~mpvss_ros.runtime.export.GraphSource`
 (exported and cached on first use of a size, or a fixed ``mpvss export`` folder). The non-key
 session is built without the ``scores`` output (the segmenter post-processes mask logits
-itself), so that work is not done.
+itself), so that work is not done; where the graph warps (CUDA), its ``flows`` output is kept and
+checked for non-finite values (:func:`~mpvss_ros.runtime.base.nan_unless_finite`).
 """
 
 from __future__ import annotations
@@ -237,7 +238,8 @@ class OnnxRuntimeBackend(Backend):
             (out,) = sessions.non_key.run(["warped_mask_logits"], feeds)
             return key.propagated(torch.from_numpy(out))
         out, flows = sessions.non_key.run(["warped_mask_logits", "flows"], feeds)
-        return key.propagated(nan_unless_finite(torch.from_numpy(out), torch.from_numpy(flows)))
+        # the active queries' flows only, as the torch warp sees them (an inactive query's flow is never used)
+        return nan_unless_finite(key.propagated(torch.from_numpy(out)), key.propagated(torch.from_numpy(flows)))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threads": self.threads}

@@ -25,7 +25,8 @@ them gives another key, so the engine is rebuilt; ``mpvss build-engine`` prebuil
 (pinned) host buffers, one CUDA stream; copies and ``execute_async_v3`` are queued on the stream
 and synchronised once per call. The key frame's outputs are also copied device-to-device into
 the non-key engine's key inputs, so non-key frames of the same key frame upload only the
-current image and download only the warped mask logits.
+current image and download only the warped mask logits and the flows (checked for non-finite
+values: :func:`~mpvss_ros.runtime.base.nan_unless_finite`).
 """
 
 from __future__ import annotations
@@ -770,7 +771,8 @@ class TensorRTBackend(Backend):
             (warped,) = self._run_non_key(key, image, key.image, "warped_mask_logits")
             return key.propagated(warped)
         warped, flows = self._run_non_key(key, image, key.image, "warped_mask_logits", "flows")
-        return key.propagated(nan_unless_finite(warped, flows))
+        # the active queries' flows only, as the torch warp sees them (an inactive query's flow is never used)
+        return nan_unless_finite(key.propagated(warped), key.propagated(flows))
 
     def close(self) -> None:
         self._engines.clear()

@@ -831,3 +831,34 @@ def test_a_sigterm_handler_installed_from_c_is_left_alone(ts, tmp_path, frames, 
     monkeypatch.setattr(bag_module.signal, "signal", lambda *args: installed.append(args))
     summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
     assert summary["written"] == 2 and installed == []
+
+
+@pytest.mark.parametrize("how", ["sigterm", "storage_error"])
+def test_a_failure_inside_writer_open_leaves_no_output(ts, tmp_path, frames, band_loaded, monkeypatch, how):
+    """Writer.open makes the folder, then the storage file: SIGTERM or a storage error there left it."""
+    import os
+    import signal
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]))
+    real_open = Writer.open
+
+    def open_(self):
+        if how == "sigterm":
+            real_open(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.path.mkdir(mode=0o755, parents=True)
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Writer, "open", open_)
+
+    def guard(signum, frame):  # the default action would end the test session
+        raise AssertionError("SIGTERM reached the handler in place before process_bag")
+
+    before = signal.signal(signal.SIGTERM, guard)
+    try:
+        with pytest.raises(SystemExit if how == "sigterm" else PermissionError):
+            process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not (tmp_path / "out").exists()

@@ -644,6 +644,10 @@ def test_diagnostics_error_when_every_frame_fails_and_recovers(make_core, types)
     assert core.diagnostic_status().level == OK  # 1 failure in 11 frames: a corrupt frame now and then
     feed(core, clock, slot, bad)
     assert core.diagnostic_status().level == WARN  # 2 in 12
+    clock.advance(6.0)  # a slow node: 7 frames in the window, one corrupt
+    for i in range(7):
+        feed(core, clock, slot, bad if i == 3 else image_msg(types, frame(), 30.0 + 0.7 * i), dt=0.7)
+    assert core.diagnostic_status().level == OK, core.diagnostic_status().message
     clock.advance(6.0)
     for _ in range(2):
         feed(core, clock, slot, bad)

@@ -7,6 +7,7 @@ skip cleanly without them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -456,3 +457,44 @@ def test_a_non_finite_flow_gives_non_finite_warped_masks_from_the_engine(bad):
     warped = backend.propagate(key, torch.ones(1, 3, 32, 32))
     assert downloads == ["warped_mask_logits", "flows"]
     assert bool(torch.isnan(warped).all()) is bad and (bad or bool((warped == 1).all()))
+
+
+def test_a_non_finite_flow_of_an_inactive_query_is_not_checked():
+    """The torch warp sees the active queries' flows only: an inactive query's inf flow (an fp16
+    overflow in its flow head) made every propagated frame NaN on TensorRT and onnxruntime-CUDA."""
+    import contextlib
+
+    import mpvss_ros.runtime.tensorrt_backend as trt_backend
+    from mpvss_ros.nn.mpvss import KeyFrameState
+
+    flows = torch.zeros(1, 4, 2, 3, 4)
+    flows[0, 3, 0, 0, 0] = float("inf")
+
+    class Engine:
+        host = {"warped_mask_logits": None, "flows": None}
+
+        def upload(self, name, value):
+            pass
+
+        def execute(self):
+            pass
+
+        def download(self, name):
+            pass
+
+        def result(self, name):
+            return flows if name == "flows" else torch.ones(1, 4, 8, 8)
+
+    backend = trt_backend.TensorRTBackend.__new__(trt_backend.TensorRTBackend)
+    backend.cuda = type("Cuda", (), {"activate": lambda self: contextlib.nullcontext(self),
+                                     "synchronize": lambda self: None})()
+    backend._get = lambda hw: (None, Engine(), (32, 32))
+    image = torch.zeros(1, 3, 32, 32)
+    key = KeyFrameState(image=image, valid_hw=(32, 32), class_logits=torch.zeros(1, 4, 3),
+                        mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8),
+                        active=torch.tensor([0, 1, 2]))
+    backend._device_key, backend._device_reference = key, image
+    warped = backend.propagate(key, torch.ones(1, 3, 32, 32))
+    assert warped.shape == (1, 3, 8, 8) and bool((warped == 1).all())
+    backend._device_key = key = dataclasses.replace(key, active=torch.tensor([1, 3]))
+    assert bool(torch.isnan(backend.propagate(key, torch.ones(1, 3, 32, 32))).all())
