@@ -293,35 +293,45 @@ def test_build_engine_settings(monkeypatch, precision):
         trt_backend.build_engine("graph.onnx", "bf16")
 
 
-def test_key_state_is_uploaded_once_per_key_frame(monkeypatch, lite):
-    # The segmenter hands the backend a copy of the key state (with_active_queries): the key
-    # tensors already on the GPU must not be uploaded again for every non-key frame.
+def _stand_in_backend(result, uploads=None, downloads=None):
+    """A TensorRTBackend over one stand-in non-key engine and CUDA calls (no GPU): ``result(name)``
+    gives the engine's outputs; uploads and downloads are recorded in the lists given."""
     import contextlib
 
     import mpvss_ros.runtime.tensorrt_backend as trt_backend
-    from mpvss_ros.nn.mpvss import KeyFrameState
-
-    uploads = []
 
     class Engine:
         host = {"warped_mask_logits": None, "flows": None}
 
         def upload(self, name, value):
-            uploads.append(name)
+            if uploads is not None:
+                uploads.append(name)
 
         def execute(self):
             pass
 
         def download(self, name):
-            pass
+            if downloads is not None:
+                downloads.append(name)
 
         def result(self, name):
-            return torch.zeros(1, 4, 2, 3, 4)
+            return result(name)
 
     backend = trt_backend.TensorRTBackend.__new__(trt_backend.TensorRTBackend)
     backend.cuda = type("Cuda", (), {"activate": lambda self: contextlib.nullcontext(self),
                                      "synchronize": lambda self: None, "close": lambda self: None})()
-    backend._get = lambda hw: (None, Engine(), (32, 32))
+    engine = Engine()
+    backend._get = lambda hw: (None, engine, (32, 32))
+    return backend
+
+
+def test_key_state_is_uploaded_once_per_key_frame(monkeypatch, lite):
+    # The segmenter hands the backend a copy of the key state (with_active_queries): the key
+    # tensors already on the GPU must not be uploaded again for every non-key frame.
+    from mpvss_ros.nn.mpvss import KeyFrameState
+
+    uploads = []
+    backend = _stand_in_backend(lambda name: torch.zeros(1, 4, 2, 3, 4), uploads=uploads)
     image = torch.zeros(1, 3, 32, 32)
     key = KeyFrameState(image=image, valid_hw=(32, 32), class_logits=torch.zeros(1, 4, 3),
                         mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8))
@@ -421,35 +431,13 @@ class _Nullcontext:
 def test_a_non_finite_flow_gives_non_finite_warped_masks_from_the_engine(bad):
     """The engine warps inside (GridSample clamps NaN sampling positions to the border): its flows
     are downloaded with the warped masks and a non-finite one makes them NaN. No GPU needed."""
-    import contextlib
-
-    import mpvss_ros.runtime.tensorrt_backend as trt_backend
     from mpvss_ros.nn.mpvss import KeyFrameState
 
     flows = torch.zeros(1, 4, 2, 3, 4)
     if bad:
         flows[0, 2, 1, 1, 1] = float("inf")
     downloads = []
-
-    class Engine:
-        host = {"warped_mask_logits": None, "flows": None}
-
-        def upload(self, name, value):
-            pass
-
-        def execute(self):
-            pass
-
-        def download(self, name):
-            downloads.append(name)
-
-        def result(self, name):
-            return flows if name == "flows" else torch.ones(1, 4, 8, 8)
-
-    backend = trt_backend.TensorRTBackend.__new__(trt_backend.TensorRTBackend)
-    backend.cuda = type("Cuda", (), {"activate": lambda self: contextlib.nullcontext(self),
-                                     "synchronize": lambda self: None})()
-    backend._get = lambda hw: (None, Engine(), (32, 32))
+    backend = _stand_in_backend(lambda name: flows if name == "flows" else torch.ones(1, 4, 8, 8), downloads=downloads)
     image = torch.zeros(1, 3, 32, 32)
     key = KeyFrameState(image=image, valid_hw=(32, 32), class_logits=torch.zeros(1, 4, 3),
                         mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8))
@@ -462,33 +450,11 @@ def test_a_non_finite_flow_gives_non_finite_warped_masks_from_the_engine(bad):
 def test_a_non_finite_flow_of_an_inactive_query_is_not_checked():
     """The torch warp sees the active queries' flows only: an inactive query's inf flow (an fp16
     overflow in its flow head) made every propagated frame NaN on TensorRT and onnxruntime-CUDA."""
-    import contextlib
-
-    import mpvss_ros.runtime.tensorrt_backend as trt_backend
     from mpvss_ros.nn.mpvss import KeyFrameState
 
     flows = torch.zeros(1, 4, 2, 3, 4)
     flows[0, 3, 0, 0, 0] = float("inf")
-
-    class Engine:
-        host = {"warped_mask_logits": None, "flows": None}
-
-        def upload(self, name, value):
-            pass
-
-        def execute(self):
-            pass
-
-        def download(self, name):
-            pass
-
-        def result(self, name):
-            return flows if name == "flows" else torch.ones(1, 4, 8, 8)
-
-    backend = trt_backend.TensorRTBackend.__new__(trt_backend.TensorRTBackend)
-    backend.cuda = type("Cuda", (), {"activate": lambda self: contextlib.nullcontext(self),
-                                     "synchronize": lambda self: None})()
-    backend._get = lambda hw: (None, Engine(), (32, 32))
+    backend = _stand_in_backend(lambda name: flows if name == "flows" else torch.ones(1, 4, 8, 8))
     image = torch.zeros(1, 3, 32, 32)
     key = KeyFrameState(image=image, valid_hw=(32, 32), class_logits=torch.zeros(1, 4, 3),
                         mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8),
