@@ -228,6 +228,20 @@ def _written_or_removed(writer: Any, path: Path) -> Iterator[None]:
         raise
 
 
+def _db3_metadata_version(path: Path) -> int:
+    """The metadata version a bare ``.db3`` file records in its ``metadata`` table (rosbag2 since
+    Iron, and rosbags, keep a copy there); 8 without one (an older recording, whose folder's
+    metadata.yaml would have said 8 or less), so that the file gets the output its folder gets."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            row = con.execute("SELECT metadata_version FROM metadata ORDER BY metadata_version DESC LIMIT 1").fetchone()
+    except sqlite3.Error:  # no metadata table (or not a database: the reader says so next)
+        return 8
+    return int(row[0]) if row and row[0] is not None else 8
+
+
 def _bag_storage_and_version(path: Path) -> tuple[str, int]:
     """Storage identifier and metadata version of a bag folder or storage file."""
     if path.is_dir():
@@ -243,7 +257,7 @@ def _bag_storage_and_version(path: Path) -> tuple[str, int]:
     if suffix == ".mcap":
         return "mcap", 9
     if suffix == ".db3":
-        return "sqlite3", 9
+        return "sqlite3", _db3_metadata_version(path)
     raise ValueError(f"{path} is not a rosbag2 bag: give the bag folder, a .db3 or a .mcap file")
 
 

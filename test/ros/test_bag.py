@@ -254,6 +254,22 @@ def test_metadata_version_follows_input(ts, tmp_path, frames, lite):
         assert conn.ext.offered_qos_profiles[0].durability == QosDurability.TRANSIENT_LOCAL
 
 
+@pytest.mark.parametrize("version", [8, 9, None])
+def test_a_bare_db3_gets_the_version_its_folder_gets(ts, tmp_path, frames, band_loaded, version):
+    """A .db3 given without its folder got version-9 output whatever it was; the version its
+    metadata table records is used now, 8 for a file without one (recorded before rosbag2 kept one)."""
+    import sqlite3
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]), version=version or 9)
+    db3 = next((tmp_path / "in").glob("*.db3"))
+    if version is None:  # an older recording: no metadata table in the file
+        with sqlite3.connect(db3) as con:
+            con.execute("DROP TABLE metadata")
+    process_bag(db3, tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
+    meta = yaml.safe_load((tmp_path / "out" / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert meta["version"] == (version or 8)
+
+
 def test_single_storage_file_and_max_frames(ts, tmp_path, frames, lite):
     write_bag(ts, tmp_path / "in", "mcap", raw_entries(ts, frames))
     mcap = next((tmp_path / "in").glob("*.mcap"))
