@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"mpvss: error: {exc}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:  # a backend failing (CUDA out of memory, TensorRT, ...; onnxruntime's errors are no RuntimeError)
+    except Exception as exc:  # a backend failing: CUDA out of memory, TensorRT, onnxruntime (whose errors are no RuntimeError)
+        if not (isinstance(exc, RuntimeError) or type(exc).__module__.startswith("onnxruntime")):
+            raise  # anything else is a bug: its traceback
         log.debug("traceback of the error below", exc_info=True)
         # the whole message: torch's load_state_dict lists the keys on the lines after its first
         lines = [line if len(line) <= _MAX_ERROR_LINE_CHARS else line[:_MAX_ERROR_LINE_CHARS] + " ..."

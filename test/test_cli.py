@@ -585,3 +585,17 @@ def test_a_runtime_error_keeps_the_lines_after_its_first(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "Missing key(s) in state_dict" in err and "Traceback" not in err
     assert '"k1",' in err and '"k999"' not in err and max(len(line) for line in err.splitlines()) < 450
+
+
+def test_an_onnxruntime_error_is_one_error_and_other_exceptions_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    """onnxruntime's errors (pybind11 classes of onnxruntime.capi.onnxruntime_pybind11_state) are
+    no RuntimeError: a failing session ended mpvss segment and eval in a traceback."""
+    import mpvss_ros.cli as cli
+
+    Fail = type("Fail", (Exception,), {"__module__": "onnxruntime.capi.onnxruntime_pybind11_state"})
+    monkeypatch.setattr(cli, "_cmd_bag", lambda args: (_ for _ in ()).throw(Fail("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 2")))
+    assert cli.main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/x"]) == 1
+    assert "mpvss: error: Fail: [ONNXRuntimeError] : 1 : FAIL : CUDA failure 2" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_cmd_bag", lambda args: (_ for _ in ()).throw(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/x"])
