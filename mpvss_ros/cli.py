@@ -241,6 +241,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     summary = segment_path(args.input, args.out, loaded, options, backend=backend)
     brief = {k: summary[k] for k in ("frames", "key_frames", "key_frame_ratio", "fps", "trained")}
     brief["median_total_ms"] = {"key": summary["median_total_ms_key_frame"], "non_key": summary["median_total_ms_non_key_frame"]}
+    brief["skipped"] = len(summary["skipped_non_finite"]) + len(summary["skipped_engine"])
     print(json.dumps(brief))
     print(f"wrote {args.out}/labels/, {'overlay.mp4, ' if summary['overlay'] else ''}frames.jsonl, summary.json")
     return 0

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from .checkpoints import first_line
 from .io.video import VideoWriter, open_source, write_label_png
 from .model_loader import LoadedModel
 from .paths import check_output_dir, make_output_dir
@@ -203,6 +204,13 @@ class SegmentOptions(EngineOptions):
     progress: bool = True
 
 
+#: Frames the inference backend fails on in a row after which a run stops (``mpvss segment``,
+#: ``mpvss bag``): single failures (a size a fixed-shape ``--onnx-dir`` export lacks, a CUDA
+#: out-of-memory on one key frame) are skipped, as the node does; a backend that fails on every
+#: frame is a set-up error.
+MAX_ENGINE_FAILURES_IN_A_ROW = 20
+
+
 def summarize(results: list[dict[str, Any]], num_classes: int, class_pixels: np.ndarray) -> dict[str, Any]:
     """Key-frame ratio, timing statistics (ms) and class shares from per-frame records."""
     n = len(results)
@@ -243,9 +251,14 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     Returns:
         The summary dict also written to ``summary.json``.
 
+    Frames whose logits are NaN or infinite, or that the backend fails on, are logged and
+    skipped (``skipped_non_finite``, ``skipped_engine`` in the summary; the overlay video shows
+    the frame itself).
+
     Raises:
         FileNotFoundError: missing input. ValueError: unreadable video, empty folder, bad
-        schedule or propagator name.
+        schedule or propagator name, no frame segmented. RuntimeError: the backend failed on
+        :data:`MAX_ENGINE_FAILURES_IN_A_ROW` frames in a row.
     """
     cfg = loaded.config
     segmenter = options.build_segmenter(loaded, backend)
@@ -255,6 +268,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
 
     records: list[dict[str, Any]] = []
     non_finite: list[str] = []  # frames whose logits were NaN / infinite (skipped)
+    engine_failed: list[str] = []  # frames the backend failed on (skipped)
+    failures_in_a_row = 0
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     t_start = time.perf_counter()
     with open_source(input_path, fps=options.fps) as source, open(out / "frames.jsonl", "w") as jsonl:
@@ -262,16 +277,24 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         total = len(source) if options.max_frames is None else min(len(source), options.max_frames)
         try:
             for frame in tqdm(source, total=total, unit="frame", disable=not options.progress, desc="mpvss segment"):
-                if options.max_frames is not None and len(records) + len(non_finite) >= options.max_frames:
+                if options.max_frames is not None and len(records) + len(non_finite) + len(engine_failed) >= options.max_frames:
                     break
                 try:
                     result = segmenter.push(frame.image, frame.stamp)
-                except NonFiniteOutputError as exc:  # no labels rather than all-class-0 ones
-                    non_finite.append(frame.name)
+                except Exception as exc:  # noqa: BLE001 - NaN logits, or the backend's own errors
+                    if isinstance(exc, NonFiniteOutputError):  # no labels rather than all-class-0 ones
+                        non_finite.append(frame.name)
+                    else:  # the segmenter has reset: the next frame is a key frame
+                        engine_failed.append(frame.name)
+                        failures_in_a_row += 1
+                        if failures_in_a_row >= MAX_ENGINE_FAILURES_IN_A_ROW:
+                            raise RuntimeError(f"the inference backend failed on {failures_in_a_row} frames in a row "
+                                               f"(the last, {frame.name}: {type(exc).__name__}: {first_line(exc)})") from exc
                     log.warning("frame %s skipped: %s", frame.name, exc)
                     if writer is not None:  # the frame itself, so the overlay video keeps its timeline
                         writer.write(frame.image)
                     continue
+                failures_in_a_row = 0
                 record = {"name": frame.name, "source_index": frame.index, **result.to_record()}
                 records.append(record)
                 jsonl.write(json.dumps(record) + "\n")
@@ -288,8 +311,9 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                 writer.close()
     wall = time.perf_counter() - t_start
     if not records:
-        raise ValueError(f"no frame could be read from {input_path}" if not non_finite else
-                         f"every frame of {input_path} gave NaN or infinite logits: broken weights or model configuration?")
+        raise ValueError(f"no frame could be read from {input_path}" if not (non_finite or engine_failed) else
+                         f"no frame of {input_path} could be segmented ({len(non_finite)} gave NaN or infinite logits: "
+                         f"broken weights or model configuration?; the backend failed on {len(engine_failed)})")
 
     summary = {
         "input": str(input_path),
@@ -297,6 +321,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         **options.run_settings(loaded, segmenter),
         "class_names": cfg.class_names,
         "skipped_non_finite": non_finite,
+        "skipped_engine": engine_failed,
         "wall_time_s": wall,
         # the one-off preparation of a fixed-shape backend (an ONNX export, a TensorRT engine
         # build, seconds to minutes) is not the engine's frame rate

@@ -219,7 +219,43 @@ def test_frames_with_non_finite_logits_are_skipped_and_listed(tmp_path, capsys, 
         NonFiniteOutputError("NaN")))
     capsys.readouterr()
     assert _segment(tmp_path / "frames", tmp_path / "out2") == 2
-    assert "every frame of" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no frame of" in err and "(3 gave NaN or infinite logits" in err
+
+
+def test_frames_the_backend_fails_on_are_skipped_and_a_failing_backend_stops(tmp_path, capsys, monkeypatch):
+    """One frame the backend fails on (a CUDA out-of-memory) ended mpvss segment; it is skipped,
+    listed, and the next frame is a key frame. A backend failing on 20 frames in a row stops the
+    run with one error line, exit status 1."""
+    import mpvss_ros.offline as offline
+    from mpvss_ros.propagation import CopyPropagator
+
+    rng = np.random.default_rng(2)
+    stems = [f"f{i}" for i in range(4)]
+    _write_folder(tmp_path / "frames", {s: rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for s in stems})
+    real, calls = CopyPropagator.propagate, []
+
+    def propagate(self, key, image):
+        calls.append(1)
+        if len(calls) == 1:  # f1, the first non-key frame
+            raise RuntimeError("CUDA out of memory")
+        return real(self, key, image)
+
+    monkeypatch.setattr(CopyPropagator, "propagate", propagate)
+    out = tmp_path / "out"
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy", "--schedule", "fixed:10") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_engine"] == ["f1"] and summary["frames"] == 3
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["skipped"] == 1
+    assert summary["key_frame_reasons"] == {"first": 1, "reset": 1}  # f2 after the failure
+    from mpvss_ros.segmenter import VideoSegmenter
+
+    monkeypatch.setattr(offline, "MAX_ENGINE_FAILURES_IN_A_ROW", 2)  # key frames fail too: nothing comes out
+    monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp, **kw: (_ for _ in ()).throw(RuntimeError("broken")))
+    capsys.readouterr()
+    assert _segment(tmp_path / "frames", tmp_path / "out2", "--propagator", "copy", "--schedule", "fixed:10") == 1
+    assert ("the inference backend failed on 2 frames in a row (the last, f1: RuntimeError: broken)"
+            in capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------ errors

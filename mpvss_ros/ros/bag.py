@@ -51,7 +51,7 @@ from tqdm import tqdm
 from ..checkpoints import first_line
 from ..config import default_class_names
 from ..model_loader import LoadedModel
-from ..offline import EngineOptions, summarize
+from ..offline import MAX_ENGINE_FAILURES_IN_A_ROW, EngineOptions, summarize
 from ..segmenter import FrameError, NonFiniteOutputError
 from ..viz import make_palette
 from .conversions import (
@@ -82,11 +82,6 @@ STORAGES = ("sqlite3", "mcap")
 _WARN_PER_REASON = 10
 #: Skipped messages described in the summary.
 _MAX_SKIP_EXAMPLES = 20
-
-#: Backend errors (anything the engine raises on a frame) on this many messages in a row stop the
-#: run: single ones (a size a fixed-shape ``--onnx-dir`` export lacks, a CUDA out-of-memory on one
-#: key frame) are skipped with reason ``engine``; a backend that fails on every frame is a set-up error.
-MAX_ENGINE_FAILURES_IN_A_ROW = 20
 
 _NAME_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
