@@ -211,6 +211,32 @@ class SegmentOptions(EngineOptions):
 MAX_ENGINE_FAILURES_IN_A_ROW = 20
 
 
+class EngineFailures:
+    """The inference backend's failures in a row, for the offline commands.
+
+    Args:
+        unit: what is counted, in the error (``frames``, ``messages``).
+    """
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        self.in_a_row = 0
+
+    def failed(self, exc: BaseException, where: str) -> None:
+        """Count a failure on ``where`` (a frame or message, named in the error).
+
+        Raises:
+            RuntimeError: the :data:`MAX_ENGINE_FAILURES_IN_A_ROW`-th failure in a row.
+        """
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_ENGINE_FAILURES_IN_A_ROW:
+            raise RuntimeError(f"the inference backend failed on {self.in_a_row} {self.unit} in a row (the last, "
+                               f"{where}: {type(exc).__name__}: {first_line(exc)})") from exc
+
+    def succeeded(self) -> None:
+        self.in_a_row = 0
+
+
 def summarize(results: list[dict[str, Any]], num_classes: int, class_pixels: np.ndarray) -> dict[str, Any]:
     """Key-frame ratio, timing statistics (ms) and class shares from per-frame records."""
     n = len(results)
@@ -269,7 +295,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     records: list[dict[str, Any]] = []
     non_finite: list[str] = []  # frames whose logits were NaN / infinite (skipped)
     engine_failed: list[str] = []  # frames the backend failed on (skipped)
-    failures_in_a_row = 0
+    failures = EngineFailures("frames")
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     t_start = time.perf_counter()
     with open_source(input_path, fps=options.fps) as source, open(out / "frames.jsonl", "w") as jsonl:
@@ -286,15 +312,12 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                         non_finite.append(frame.name)
                     else:  # the segmenter has reset: the next frame is a key frame
                         engine_failed.append(frame.name)
-                        failures_in_a_row += 1
-                        if failures_in_a_row >= MAX_ENGINE_FAILURES_IN_A_ROW:
-                            raise RuntimeError(f"the inference backend failed on {failures_in_a_row} frames in a row "
-                                               f"(the last, {frame.name}: {type(exc).__name__}: {first_line(exc)})") from exc
+                        failures.failed(exc, frame.name)
                     log.warning("frame %s skipped: %s", frame.name, exc)
                     if writer is not None:  # the frame itself, so the overlay video keeps its timeline
                         writer.write(frame.image)
                     continue
-                failures_in_a_row = 0
+                failures.succeeded()
                 record = {"name": frame.name, "source_index": frame.index, **result.to_record()}
                 records.append(record)
                 jsonl.write(json.dumps(record) + "\n")

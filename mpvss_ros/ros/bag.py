@@ -25,7 +25,7 @@ topics of the input (``/tf``, ``/tf_static``, camera info) are copied byte for b
 Messages that cannot be segmented (unsupported encoding, inconsistent sizes, corrupt JPEG,
 undecodable CDR, an error of the inference backend on that frame, as the node's core skips it)
 are logged, counted by reason and skipped; they never abort the run, except a backend that fails
-on :data:`MAX_ENGINE_FAILURES_IN_A_ROW` messages in a row (a set-up error). SIGTERM (``docker
+on :data:`~mpvss_ros.offline.MAX_ENGINE_FAILURES_IN_A_ROW` messages in a row (a set-up error). SIGTERM (``docker
 stop``, systemd, ``timeout``) unwinds like Ctrl-C, so an interrupted run leaves no output. The
 messages are built by :func:`mpvss_ros.ros.conversions.build_outputs`, the same code the node
 uses.
@@ -48,10 +48,9 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from ..checkpoints import first_line
 from ..config import default_class_names
 from ..model_loader import LoadedModel
-from ..offline import MAX_ENGINE_FAILURES_IN_A_ROW, EngineOptions, summarize
+from ..offline import EngineFailures, EngineOptions, summarize
 from ..segmenter import FrameError, NonFiniteOutputError
 from ..viz import make_palette
 from .conversions import (
@@ -415,7 +414,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         FileNotFoundError: ``in_path`` missing or not a bag. FileExistsError: ``out_path``
         exists. ValueError: topic missing, without messages or not an image topic (the message
         lists the image topics present), a damaged bag, bad namespace, storage, schedule or
-        propagator. RuntimeError: the backend failed on :data:`MAX_ENGINE_FAILURES_IN_A_ROW`
+        propagator. RuntimeError: the backend failed on :data:`~mpvss_ros.offline.MAX_ENGINE_FAILURES_IN_A_ROW`
         messages in a row. SystemExit(143): SIGTERM (main thread). A run that raises (or is
         interrupted) removes the ``out_path`` it created.
     """
@@ -515,7 +514,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 counts[topics[key]] = counts.get(topics[key], 0) + 1
 
             key_stamp = None  # the last info message's key_frame_stamp
-            engine_failures = 0  # in a row
+            failures = EngineFailures("messages")
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
             try:
                 for conn, stamp_ns, raw in _read_messages(reader, chosen + copied, in_path):
@@ -548,14 +547,10 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                         skip("non_finite", index, stamp_ns, exc)
                         continue
                     except Exception as exc:  # noqa: BLE001 - the backend's own errors, skipped as by the node's core
-                        engine_failures += 1
-                        if engine_failures >= MAX_ENGINE_FAILURES_IN_A_ROW:
-                            raise RuntimeError(f"the inference backend failed on {engine_failures} messages in a row "
-                                               f"(the last, message {index}: {type(exc).__name__}: "
-                                               f"{first_line(exc)})") from exc
+                        failures.failed(exc, f"message {index}")
                         skip("engine", index, stamp_ns, exc)  # the segmenter has reset: the next frame is a key frame
                         continue
-                    engine_failures = 0
+                    failures.succeeded()
                     header = msg.header
                     if result.is_key_frame:  # as the node: with each key frame (the first frame is one)
                         put("label_info", stamp_ns, make_label_info(types.label_info, types.vision_class, header, class_names),

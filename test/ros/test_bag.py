@@ -546,8 +546,7 @@ def test_an_engine_error_on_one_frame_is_skipped_not_fatal(ts, tmp_path, frames,
     out-of-memory) killed the run and removed the output: it skips that message, as the node's
     core does, and the next frame is a key frame. Failing on every frame stops the run with one
     line, exit status 1."""
-    import mpvss_ros.ros.bag as bag_module
-
+    import mpvss_ros.offline as offline
     from mpvss_ros.propagation import CopyPropagator
 
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:4]))
@@ -566,7 +565,7 @@ def test_an_engine_error_on_one_frame_is_skipped_not_fatal(ts, tmp_path, frames,
     assert summary["key_frame_reasons"] == {"first": 1, "reset": 1}  # the frame after the failure
     assert summary["setup_s"] < 0.1 and summary["fps"] > 0
 
-    monkeypatch.setattr(bag_module, "MAX_ENGINE_FAILURES_IN_A_ROW", 2)
+    monkeypatch.setattr(offline, "MAX_ENGINE_FAILURES_IN_A_ROW", 2)
     monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp, **kw: (_ for _ in ()).throw(RuntimeError("broken")))
     assert main(["bag", str(tmp_path / "in"), str(tmp_path / "out2"), "--topic", TOPIC, "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
