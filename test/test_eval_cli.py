@@ -456,6 +456,22 @@ def test_reduce_zero_label_shifts_classes_and_ignores_others(tmp_path):
         load_sequence(img, ann, num_classes=11)
 
 
+def test_reduce_zero_label_value_check_names_the_files_own_values(tmp_path):
+    """With reduce_zero_label the files hold 0 (others), 1..K, K + 1 (void) and 255; a stray value
+    is named as the file holds it, not shifted by one, and the classes are counted before the shift."""
+    stray = _label(3)
+    stray[0, 0] = 40
+    img, ann = _write_sequence(tmp_path / "a", [_label(1), stray])
+    with pytest.raises(ValueError, match=r"f1.png holds value\(s\) 40 \(1 pixels\) outside the model's 11 classes "
+                                         r"1..11 \(reduce_zero_label; 0 = others, ignored\), void 12 and ignore 255"):
+        load_sequence(img, ann, num_classes=11, reduce_zero_label=True)
+    # 0 (others) and 12 (void) everywhere: nothing to score, though 0 is a class without the option
+    img, ann = _write_sequence(tmp_path / "b", [_label(0), _label(12)])
+    with pytest.raises(ValueError, match="count no pixel"):
+        load_sequence(img, ann, num_classes=11, reduce_zero_label=True)
+    assert len(load_sequence(img, ann, num_classes=13).labels) == 2
+
+
 def test_load_sequence_refuses_labels_without_a_class_pixel(tmp_path):
     voids = [np.full((24, 32), 11, np.uint8), np.full((24, 32), 255, np.uint8)]
     img, ann = _write_sequence(tmp_path / "a", voids)

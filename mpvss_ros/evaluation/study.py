@@ -137,12 +137,12 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
             if not path.is_file():
                 raise FileNotFoundError(f"no label for frame {frame.name}: {path}")
             label = read_label_png(path)
-            if reduce_zero_label:
-                label = reduced_zero_label(label)
             if label.shape != hw:
                 raise ValueError(f"label {path} is {label.shape}, frame is {hw}")
-            if num_classes is not None:
-                counted += _check_label_values(label, int(num_classes), path)
+            if num_classes is not None:  # the file's own values, so that an error names what it holds
+                counted += _check_label_values(label, int(num_classes), path, first_class=int(reduce_zero_label))
+            if reduce_zero_label:
+                label = reduced_zero_label(label)
             names.append(frame.name)
             images.append(frame.image)
             labels.append(label)
@@ -202,24 +202,37 @@ def _frame_file(source: Any, frame: Any) -> str:
     return f"{source.path} (frame {frame.name})"
 
 
-def _check_label_values(label: np.ndarray, num_classes: int, path: Path) -> int:
-    """Count the class pixels (0..K-1) of one label map after checking its values.
+def _check_label_values(label: np.ndarray, num_classes: int, path: Path, first_class: int = 0) -> int:
+    """Count the class pixels of one label map after checking its values.
+
+    Args:
+        label: (H, W) uint8 or uint16 class IDs as the file holds them.
+        num_classes: the model's class count K.
+        path: the file, for the error message.
+        first_class: the ID of the first class: 0, or 1 for labels read with ``reduce_zero_label``
+            (0 = "others", ignored).
+
+    Returns:
+        The number of pixels holding a class (first_class .. first_class + K - 1).
 
     Raises:
-        ValueError: a value other than 0..K-1, K (void) and the ignore value 255; the message
-            names ``path`` and the first (up to 5) such values.
+        ValueError: a value other than the classes, the void value right after them and the ignore
+            value 255 (and 0 with ``first_class`` 1); the message names ``path`` and the first (up to
+            5) such values.
     """
-    counts = np.bincount(label.ravel(), minlength=max(num_classes + 1, _IGNORE_LABEL + 1))
+    last = first_class + num_classes - 1
+    counts = np.bincount(label.ravel(), minlength=max(last + 2, _IGNORE_LABEL + 1))
     allowed = np.zeros(counts.size, dtype=bool)
-    allowed[: num_classes + 1] = True
+    allowed[: last + 2] = True  # 0 (a class, or "others" under reduce_zero_label), the classes and void
     allowed[_IGNORE_LABEL] = True
     bad = np.flatnonzero((counts > 0) & ~allowed)
     if bad.size:
         shown = ", ".join(str(int(v)) for v in bad[:5]) + (f", ... ({bad.size} distinct)" if bad.size > 5 else "")
+        others = " (reduce_zero_label; 0 = others, ignored)" if first_class else ""
         raise ValueError(f"label {path} holds value(s) {shown} ({int(counts[bad].sum())} pixels) outside the model's "
-                         f"{num_classes} classes 0..{num_classes - 1}, void {num_classes} and ignore {_IGNORE_LABEL}: "
-                         "labels of another class set?")
-    return int(counts[:num_classes].sum())
+                         f"{num_classes} classes {first_class}..{last}{others}, void {last + 1} and ignore "
+                         f"{_IGNORE_LABEL}: labels of another class set?")
+    return int(counts[first_class: last + 1].sum())
 
 
 def evaluate_sequence(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Propagator,
