@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     bag.add_argument("--copy-topics", nargs="+", default=(), metavar="TOPIC",
                      help="other topics of the input copied unchanged into the output, e.g. /tf /tf_static "
                           "/camera/camera_info (what a replay for RViz, Nav2 or Autoware needs besides the images); "
-                          "with --max-frames they end at the first image past the last frame")
+                          "with --max-frames they end at the first image past the last frame. The list runs up to "
+                          "the next option: put IN OUT before it, or end the list with -- (as in `--copy-topics /tf "
+                          "/tf_static -- IN OUT`)")
     bag.add_argument("--copy-all-topics", action="store_true", help="copy every other topic of the input")
     _add_model_options(bag)
     _add_pipeline_options(bag)
@@ -244,7 +246,22 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     brief["skipped"] = len(summary["skipped_non_finite"]) + len(summary["skipped_engine"])
     print(json.dumps(brief))
     print(f"wrote {args.out}/labels/, {'overlay.mp4, ' if summary['overlay'] else ''}frames.jsonl, summary.json")
+    _warn_engine_failures(len(summary["skipped_engine"]), summary["frames"] + brief["skipped"], "frames",
+                          "skipped_engine in summary.json")
     return 0
+
+
+def _warn_engine_failures(failed: int, handled: int, unit: str, listed: str) -> None:
+    """One warning line on stderr when the backend failed on at least two and more than
+    :data:`~mpvss_ros.ros.core.FAILURE_WARN_SHARE` of the ``handled`` frames or messages, the
+    rule of the node's ``/diagnostics``: a backend failing on every non-key frame alternates with
+    key frames and never fails :data:`~mpvss_ros.offline.MAX_ENGINE_FAILURES_IN_A_ROW` in a row.
+    The exit status stays 0: the output is complete for the frames that were segmented."""
+    from .ros.core import FAILURE_WARN_SHARE
+
+    if failed >= 2 and failed > FAILURE_WARN_SHARE * handled:
+        print(f"mpvss: warning: the inference backend failed on {failed} of {handled} {unit} ({listed}; the "
+              "log above names the errors)", file=sys.stderr)
 
 
 def _cmd_bag(args: argparse.Namespace) -> int:
@@ -279,6 +296,8 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     print(json.dumps(brief))
     print(f"wrote {summary['output']} ({summary['storage']}): " + ", ".join(
         f"{t} x{n}" for t, n in summary["messages_per_topic"].items()))
+    _warn_engine_failures(summary["skipped_by_reason"].get("engine", 0), summary["frames"], "messages",
+                          "skipped_by_reason and skip_examples above")
     if summary["written"] == 0:
         print(f"mpvss: error: no message of {summary['topic']} could be segmented (skipped_by_reason above; "
               f"{summary['output']} holds the input topic only)", file=sys.stderr)

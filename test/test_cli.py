@@ -248,6 +248,13 @@ def test_frames_the_backend_fails_on_are_skipped_and_a_failing_backend_stops(tmp
     assert summary["skipped_engine"] == ["f1"] and summary["frames"] == 3
     assert json.loads(capsys.readouterr().out.splitlines()[0])["skipped"] == 1
     assert summary["key_frame_reasons"] == {"first": 1, "reset": 1}  # f2 after the failure
+    assert "warning" not in capsys.readouterr().err  # one failure in four frames: listed only
+    calls.clear()
+    monkeypatch.setattr(CopyPropagator, "propagate", lambda self, key, image: (_ for _ in ()).throw(RuntimeError("no")))
+    assert _segment(tmp_path / "frames", tmp_path / "out1", "--propagator", "copy", "--schedule", "fixed:10") == 0
+    assert json.loads((tmp_path / "out1" / "summary.json").read_text())["skipped_engine"] == ["f1", "f3"]
+    assert ("mpvss: warning: the inference backend failed on 2 of 4 frames (skipped_engine in summary.json"
+            in capsys.readouterr().err)  # every non-key frame fails, every other frame is a key frame
     from mpvss_ros.segmenter import VideoSegmenter
 
     monkeypatch.setattr(offline, "MAX_ENGINE_FAILURES_IN_A_ROW", 2)  # key frames fail too: nothing comes out

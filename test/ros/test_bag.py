@@ -564,6 +564,13 @@ def test_an_engine_error_on_one_frame_is_skipped_not_fatal(ts, tmp_path, frames,
     assert summary["written"] == 3 and summary["skipped_by_reason"] == {"engine": 1}
     assert summary["key_frame_reasons"] == {"first": 1, "reset": 1}  # the frame after the failure
     assert summary["setup_s"] < 0.1 and summary["fps"] > 0
+    capsys.readouterr()
+    # every non-key frame fails: key frames alternate with failures, never 20 in a row; exit 0 and a warning
+    monkeypatch.setattr(CopyPropagator, "propagate", lambda self, key, image: (_ for _ in ()).throw(RuntimeError("no")))
+    assert main(["bag", str(tmp_path / "in"), str(tmp_path / "out1"), "--topic", TOPIC, "--no-progress",
+                 "--propagator", "copy", "--schedule", "fixed:10"]) == 0
+    assert ("mpvss: warning: the inference backend failed on 2 of 4 messages (skipped_by_reason and skip_examples"
+            in capsys.readouterr().err)
 
     monkeypatch.setattr(offline, "MAX_ENGINE_FAILURES_IN_A_ROW", 2)
     monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp, **kw: (_ for _ in ()).throw(RuntimeError("broken")))
@@ -877,3 +884,18 @@ def test_a_failure_inside_writer_open_leaves_no_output(ts, tmp_path, frames, ban
     finally:
         signal.signal(signal.SIGTERM, before)
     assert not (tmp_path / "out").exists()
+
+
+def test_copy_topics_list_ends_at_the_next_option_or_at_double_dash():
+    """``--copy-topics`` takes several values, so IN OUT right after it would be read as topics;
+    the help says to end the list with ``--`` or another option, and both forms parse."""
+    from mpvss_ros.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["bag", "--topic", "/cam", "--copy-topics", "/tf", "/odom", "--", "IN", "OUT"],
+                 ["bag", "--copy-topics", "/tf", "/odom", "--topic", "/cam", "IN", "OUT"],
+                 ["bag", "IN", "OUT", "--topic", "/cam", "--copy-topics", "/tf", "/odom"]):
+        args = parser.parse_args(argv)
+        assert (args.input, args.output, args.topic, list(args.copy_topics)) == ("IN", "OUT", "/cam", ["/tf", "/odom"])
+    bag_parser = parser._subparsers._group_actions[0].choices["bag"]
+    assert "end the list with --" in " ".join(bag_parser.format_help().split())
