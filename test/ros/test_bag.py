@@ -694,6 +694,51 @@ def test_copy_topics_that_are_missing_or_clash_with_outputs_are_refused(ts, tmp_
     assert "'/odom' is not in" in capsys.readouterr().err
 
 
+def _assert_humble_decodes(meta_path: Path) -> None:
+    """The output metadata holds what ROS 2 Humble's rosbag2 decodes, with the types it asks for
+    (ros2/rosbag2, branch humble: ``convert<BagMetadata>::decode`` and its members in
+    rosbag2_storage/src/rosbag2_storage/metadata_io.cpp, ``convert<Rosbag2QoS>::decode`` in
+    rosbag2_transport/src/rosbag2_transport/qos.cpp). Humble reads no version number as too new;
+    version 9 writes ``offered_qos_profiles`` as a YAML list, which its ``as<std::string>()`` refuses."""
+    info = yaml.safe_load(meta_path.read_text())["rosbag2_bagfile_information"]
+    assert info["version"] == 8
+    assert isinstance(info["storage_identifier"], str) and isinstance(info["message_count"], int)
+    assert isinstance(info["duration"]["nanoseconds"], int)
+    assert isinstance(info["starting_time"]["nanoseconds_since_epoch"], int)
+    assert all(isinstance(p, str) for p in info["relative_file_paths"])
+    assert isinstance(info["compression_format"], str) and isinstance(info["compression_mode"], str)
+    for f in info["files"]:
+        assert isinstance(f["path"], str) and isinstance(f["message_count"], int)
+        assert isinstance(f["duration"]["nanoseconds"], int) and isinstance(f["starting_time"]["nanoseconds_since_epoch"], int)
+    for topic in info["topics_with_message_count"]:
+        meta = topic["topic_metadata"]
+        assert all(isinstance(meta[k], str) for k in ("name", "type", "serialization_format", "offered_qos_profiles"))
+        assert isinstance(topic["message_count"], int)
+        for qos in yaml.safe_load(meta["offered_qos_profiles"]) or []:  # a YAML string holding a list
+            assert all(isinstance(qos[k], int) for k in ("history", "depth", "reliability", "durability", "liveliness"))
+            assert all(isinstance(qos[k][u], int) and qos[k][u] >= 0 for k in ("deadline", "lifespan",
+                       "liveliness_lease_duration") for u in ("sec", "nsec"))
+            assert isinstance(qos["avoid_ros_namespace_conventions"], bool)
+
+
+def test_a_humble_sqlite3_bag_gets_output_humble_can_read(ts, tmp_path, band_loaded):
+    """Humble's own bags (metadata version 5, sqlite3 by default) give version-8 output whose
+    metadata Humble's decoder reads, including the transient-local QoS of label_info."""
+    small = np.zeros((8, 8, 3), np.uint8)
+    write_bag(ts, tmp_path / "in", "sqlite3", [(TOPIC, IMAGE, 1, raw_image(ts, small, 1)),
+                                               (TOPIC, IMAGE, 2, raw_image(ts, small, 2))])
+    meta_path = tmp_path / "in" / "metadata.yaml"
+    meta = yaml.safe_load(meta_path.read_text())
+    meta["rosbag2_bagfile_information"]["version"] = 5
+    meta_path.write_text(yaml.safe_dump(meta))
+    process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
+    _assert_humble_decodes(tmp_path / "out" / "metadata.yaml")
+    info = yaml.safe_load((tmp_path / "out" / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    (label_info,) = [t["topic_metadata"] for t in info["topics_with_message_count"]
+                     if t["topic_metadata"]["name"] == "/mpvss/label_info"]
+    assert yaml.safe_load(label_info["offered_qos_profiles"])[0]["durability"] == 1  # transient local
+
+
 def test_a_topic_whose_type_has_no_definition_is_refused_by_name(tmp_path):
     """A custom type in a bag that stores no definitions cannot be written into a new bag."""
     from types import SimpleNamespace
@@ -739,6 +784,7 @@ def test_copies_keep_the_bags_own_definitions_without_hashes_and_in_idl(ts, tmp_
     with Reader(tmp_path / "humble_out") as reader:
         (conn,) = [c for c in reader.connections if c.topic == "/tf"]
         assert conn.digest == get_typestore(Stores.ROS2_HUMBLE).hash_rihs01("tf2_msgs/msg/TFMessage")
+    _assert_humble_decodes(tmp_path / "humble_out" / "metadata.yaml")
 
     # (b) IDL definitions: a Jazzy Range and a custom type, kept as the bag defines them
     sep = "=" * 80 + "\n"
