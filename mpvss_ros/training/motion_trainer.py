@@ -53,7 +53,7 @@ from .options import (check_at_least, check_crop, check_fractions, check_integer
 from .pairs import FramePairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
-                      lr_factor, no_decay_parameters, resume_run, rng_state, torch_threads)
+                      lr_factor, no_decay_parameters, resume_run, rng_state, save_run_checkpoint, torch_threads)
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels", "MIN_CROP"]
 
@@ -410,11 +410,9 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
                 "seed": opts.seed, "val": last_val, "device": trained_on}
 
     def save(step: int) -> None:
-        save_checkpoint(model_path, model, cfg.to_dict(), meta=meta(step))
-        tmp = state_path.with_suffix(".pt.tmp")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    **rng_state(device)}, tmp)
-        tmp.replace(state_path)
+        save_run_checkpoint(model_path, state_path, model, cfg.to_dict(), meta(step),
+                            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             **rng_state(device)})
 
     def pad(x: torch.Tensor, value: float) -> torch.Tensor:  # a batch on the training device, padded
         return torch.nn.functional.pad(x.to(device), (0, wp - x.shape[-1], 0, hp - x.shape[-2]), value=value)

@@ -714,6 +714,25 @@ def rng_state(device: torch.device) -> dict[str, Tensor]:
     return state
 
 
+def save_run_checkpoint(model_path: Path, state_path: Path, model: nn.Module, config: dict[str, Any],
+                        meta: dict[str, Any], state: dict[str, Any]) -> None:
+    """Write a run's checkpoint pair: the model file (:func:`~mpvss_ros.checkpoints.save_checkpoint`)
+    and the trainer state (optimizer, scheduler, RNG; ``state["step"]`` equals ``meta["step"]``).
+
+    The state is written in full to a temporary file before the model file is replaced, and put
+    in place right after it, so a write that fails (a full disk) or is killed leaves the previous
+    pair as it was, resumable; only a kill between the two renames leaves a pair that
+    :func:`check_same_step` refuses.
+
+    Raises:
+        OSError: a write failed (the previous pair is kept).
+    """
+    tmp = state_path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    save_checkpoint(model_path, model, config, meta=meta)
+    tmp.replace(state_path)
+
+
 def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Undo :func:`rng_state`. A run saved on another kind of device continues with this device's
     generator as it is (logged): the continuation is then not the exact one."""
@@ -794,12 +813,9 @@ def _train(opts: TrainOptions) -> TrainResult:
                 "matcher": opts.matcher, "seed": opts.seed, "val": last_val, "device": trained_on}
 
     def save(step: int) -> None:
-        save_checkpoint(model_path, model, cfg.to_dict(), meta=meta(step))
-        payload = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   **rng_state(device), "options": _options_dict(opts)}
-        tmp = state_path.with_suffix(".pt.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(state_path)
+        save_run_checkpoint(model_path, state_path, model, cfg.to_dict(), meta(step),
+                            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             **rng_state(device), "options": _options_dict(opts)})
         result.checkpoint = model_path
 
     def validate(step: int, logf: Any) -> None:

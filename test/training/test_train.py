@@ -409,3 +409,28 @@ def test_cli_second_run_into_a_run_folder_is_refused_and_keeps_the_first(tmp_pat
     assert main(args[:-1] + ["3", "--resume"]) == 0  # the way to go on
     steps = [json.loads(x)["step"] for x in (tmp_path / "x" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+@needs_data
+def test_a_failed_trainer_state_write_keeps_the_last_checkpoint_resumable(tmp_path, monkeypatch):
+    # The disk fills up while the step-4 trainer state is written. The step-2 checkpoint must stay a
+    # resumable pair: the model file must not already have been replaced by step 4's.
+    import errno
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "optimizer" in obj:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError):
+        train_segmentor(_opts(tmp_path, steps=6, checkpoint_every=2))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["meta"]["step"] == 2
+    resumed = train_segmentor(_opts(tmp_path, steps=6, checkpoint_every=2, resume=True))
+    assert resumed.step == 6 and len(resumed.losses) == 4
