@@ -5,7 +5,8 @@
         --motion runs/stage2e/model_final.pt --out models/mpvss_lite_camvid.pt
 
 The segmentor (backbone, pixel decoder, transformer decoder with its class/mask heads) comes from
-stage 1, the motion module from stage 2, and the configuration from stage 2's checkpoint (it
+stage 1, the motion module from stage 2 (whose other weights must equal stage 1's: a stage-2 run
+with ``--head-lr-mult 0``), and the configuration from stage 2's checkpoint (it
 carries the motion settings stage 2 trained with), or from ``--model`` (a name or YAML file) for a
 setting that changes no weight shape, such as ``motion.image_scale`` at inference; the weights must
 then load into the model it describes, key for key. Several ``--motion`` checkpoints (runs of one
@@ -74,6 +75,16 @@ def average(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0]
 
 
+def segmentor_differences(segmentor: dict[str, torch.Tensor], motion: dict[str, torch.Tensor]) -> list[str]:
+    """Keys outside ``motion.*`` whose tensors differ between a stage-2 checkpoint and the stage-1
+    state dict it is shipped with, compared at float16, the shipped precision (a stage-2 run that
+    started from a shipped float16 file holds the same values as the float32 stage-1 file it came
+    from). Stage 2 with ``--head-lr-mult 0`` freezes all of them, BatchNorm statistics included;
+    with the default 0.1 it trains the class and mask heads with the motion module."""
+    return [k for k, v in segmentor.items() if not k.startswith("motion.") and k in motion
+            and (motion[k].shape != v.shape or not torch.equal(motion[k].half(), v.half()))]
+
+
 def this_machine() -> str:
     """CPU cores and model, torch build and GPU of this machine (which trained the last stage-2 run)."""
     hw = hardware_info(threads=torch.get_num_threads())
@@ -93,6 +104,14 @@ def main() -> None:
     if len(set(args.motion)) != len(args.motion):
         ap.error("--motion lists a checkpoint twice (it would weigh double)")
     seg, mots = read_state_dict(args.segmentor), [read_checkpoint(m) for m in args.motion]
+    for path, mot in zip(args.motion, mots):
+        differ = segmentor_differences(seg, mot.state_dict)
+        if differ:
+            ap.error(f"{path}: {len(differ)} of its segmentor tensors differ from --segmentor's ({', '.join(differ[:3])}"
+                     f"{', ...' if len(differ) > 3 else ''}), so its motion module learnt to warp other masks: a "
+                     "stage-2 run that trained the class/mask heads (--head-lr-mult > 0, its default) or that "
+                     "started from another segmentor. Pass the stage-1 file that run started from as --segmentor, "
+                     "or that stage-2 checkpoint itself to keep its heads")
     settings = [m.model_config.get("motion") for m in mots]
     if any(x != settings[-1] for x in settings):  # e.g. image_scale, an inference setting; shapes are checked below
         print("note: the --motion checkpoints' motion settings differ; the configuration comes from "

@@ -25,7 +25,8 @@ def stages(tmp_path_factory):
     torch.manual_seed(1)
     seg = MPVSS(cfg)
     torch.manual_seed(2)
-    mot = MPVSS(stage2_cfg)
+    mot = MPVSS(stage2_cfg)  # stage 2 trains the motion module only (--head-lr-mult 0)
+    mot.load_state_dict({k: v if k.startswith("motion.") else seg.state_dict()[k] for k, v in mot.state_dict().items()})
     save_checkpoint(out / "stage1.pt", seg, cfg.to_dict())
     save_checkpoint(out / "stage2.pt", mot, stage2_cfg.to_dict())
     return out / "stage1.pt", out / "stage2.pt", seg, mot
@@ -92,7 +93,8 @@ def test_several_motion_checkpoints_ship_their_average(stages, tmp_path, monkeyp
     provenance lists every checkpoint."""
     stage1, stage2, seg, mot = stages
     torch.manual_seed(3)
-    other = MPVSS(dataclasses.replace(mot.cfg))
+    other = MPVSS(dataclasses.replace(mot.cfg))  # another stage-2 run from the same stage 1
+    other.load_state_dict({k: v if k.startswith("motion.") else seg.state_dict()[k] for k, v in other.state_dict().items()})
     save_checkpoint(tmp_path / "other.pt", other, mot.cfg.to_dict())
     main = load_script("ship_model").main
     monkeypatch.setattr(sys, "argv", ["ship_model.py", "--segmentor", str(stage1), "--motion", str(stage2),
@@ -120,3 +122,23 @@ def test_the_same_motion_checkpoint_twice_is_refused(stages, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2 and not (tmp_path / "soup.pt").exists()
+
+
+def test_a_stage_2_checkpoint_whose_heads_were_trained_is_refused(stages, tmp_path, ship, capsys):
+    """Stage 2's default --head-lr-mult 0.1 trains class_embed / mask_embed with the motion module;
+    taking the heads from --segmentor would pair that motion module with heads it never saw."""
+    stage1, _, seg, mot = stages
+    trained = MPVSS(mot.cfg)
+    trained.load_state_dict(mot.state_dict())
+    with torch.no_grad():
+        trained.sem_seg_head.predictor.class_embed.weight.add_(1e-2)
+    save_checkpoint(tmp_path / "heads.pt", trained, mot.cfg.to_dict())
+    with pytest.raises(SystemExit) as exc:
+        ship(stage1, tmp_path / "heads.pt", tmp_path / "shipped.pt")
+    assert exc.value.code == 2 and not (tmp_path / "shipped.pt").exists()
+    assert "1 of its segmentor tensors differ from --segmentor's (sem_seg_head.predictor.class_embed.weight)" in (
+        capsys.readouterr().err)
+    # the shipped file itself (float16) as stage 1 fits a stage 2 trained from it
+    save_checkpoint(tmp_path / "seg16.pt", seg, seg.cfg.to_dict(), half=True)
+    ship(tmp_path / "seg16.pt", stages[1], tmp_path / "shipped.pt")
+    assert (tmp_path / "shipped.pt").is_file()
