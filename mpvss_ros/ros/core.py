@@ -548,7 +548,8 @@ class SegmentationCore:
         self._log_throttled(counter, "warning", f"{what}, frame skipped: {exc}")
 
     def _log_throttled(self, key: str, level: str, text: str, period_s: float = 5.0) -> None:
-        """Log the first occurrence of ``key`` and then at most once per ``period_s``."""
+        """Log the first occurrence of ``key`` and then at most once per ``period_s`` (seconds),
+        at ``level`` "error" or "warning"."""
         t = self.clock()
         with self._lock:
             last, suppressed = self._last_log.get(key, (-math.inf, 0))
@@ -558,7 +559,13 @@ class SegmentationCore:
             self._last_log[key] = (t, 0)
         if suppressed:
             text += f" ({suppressed} more like this since the last report)"
-        getattr(self.log, level)(text)
+        # One call per severity, each on its own line: rclpy's logger binds a call site (function,
+        # file, line, bytecode offset) to the severity of its first call and raises ValueError
+        # for another (rclpy/impl/rcutils_logger.py, RcutilsLogger.log, Humble and Jazzy).
+        if level == "error":
+            self.log.error(text)
+        else:
+            self.log.warning(text)
 
     # -- LabelInfo ----------------------------------------------------------------------------
 
@@ -731,5 +738,8 @@ class Worker:
                 self.publish(outputs, self.core.label_info_update(msg.header, outputs.info.is_key_frame))
                 self.core.record_published()
             except Exception as exc:  # noqa: BLE001 - keep the thread alive whatever a publisher does
-                self.core.record_error("publishing failed", exc)
+                try:
+                    self.core.record_error("publishing failed", exc)  # counts it, then logs
+                except Exception:  # noqa: BLE001 - a logger that raises must not end the thread either
+                    pass
 

@@ -397,6 +397,7 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
             self.get_logger().error(f"cannot configure: {_describe(exc)}")
             self._teardown()
             return TransitionCallbackReturn.FAILURE
+        self.core.set_enabled(False)  # inactive: /diagnostics OK "disabled" until activate, as after deactivate
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -234,13 +234,25 @@ _POLICY_ENUMS = {"history": HistoryPolicy, "reliability": ReliabilityPolicy}
 
 
 class Logger:
-    """Collects ``(level, text)`` lines like an rclpy logger (one string argument)."""
+    """Collects ``(level, text)`` lines like an rclpy logger (one string argument).
+
+    As rclpy's ``RcutilsLogger.log`` (Humble and Jazzy, ``rclpy/impl/rcutils_logger.py``), each
+    call site (function, file, line, bytecode offset of the first caller outside the logger) is
+    bound to the severity of its first call: another severity from the same call site raises
+    ``ValueError('Logger severity cannot be changed between calls.')``."""
 
     def __init__(self, name: str = "test") -> None:
         self.name = name
         self.lines: list[tuple[str, str]] = []
+        self.contexts: dict[tuple, str] = {}
 
     def _log(self, level: str, text: str) -> None:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename == __file__:
+            frame = frame.f_back
+        caller = (frame.f_code.co_name, frame.f_code.co_filename, frame.f_lineno, frame.f_lasti) if frame else None
+        if self.contexts.setdefault(caller, level) != level:
+            raise ValueError("Logger severity cannot be changed between calls.")
         self.lines.append((level, text))
 
     def debug(self, text: str) -> None:
@@ -322,6 +334,7 @@ class Node:
         self.services: dict[str, tuple[Any, Any]] = {}
         self.timers: list[tuple[float, Any]] = []
         self.destroyed = False
+        self._logger = Logger(self.get_fully_qualified_name())  # one per node, as rclpy's Node
 
     def get_fully_qualified_name(self) -> str:
         return f"{self.namespace.rstrip('/')}/{self._name}"
@@ -457,7 +470,7 @@ class Node:
         return False
 
     def get_logger(self) -> Logger:
-        return get_logger(self.get_fully_qualified_name())
+        return self._logger
 
     def get_clock(self) -> _Clock:
         return _Clock()

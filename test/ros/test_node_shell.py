@@ -252,6 +252,26 @@ def test_lifecycle_configure_fails_cleanly_on_a_missing_model(node_module, monke
         node.destroy_node()
 
 
+def test_lifecycle_inactive_after_configure_is_not_a_diagnostics_warning(node_module):
+    """Configured but not yet activated (autostart:=false, a lifecycle manager): no input is
+    expected, so /diagnostics must not say WARN "no output", as after a deactivate."""
+    start, _ = node_module
+    start()
+    import mpvss_ros.ros.node as node_py
+
+    node = node_py.MPVSSLifecycleNode()
+    try:
+        assert node.trigger_configure() == fr.TransitionCallbackReturn.SUCCESS
+        status = node.core.diagnostic_status(now=time.monotonic() + 30)  # 30 s inactive
+        assert status.level_name == "OK", status.message
+        assert node.trigger_activate() == fr.TransitionCallbackReturn.SUCCESS
+        assert node.core.enabled
+        status = node.core.diagnostic_status(now=time.monotonic() + 1)  # the no-output timer starts at activate
+        assert status.level_name == "OK", status.message
+    finally:
+        node.destroy_node()
+
+
 def test_lifecycle_activate_refuses_a_bad_input_override_in_one_line(node_module, monkeypatch):
     """The input subscription is made at activate: a refused qos_overrides value for it fails the
     transition with the same words as the plain node's fatal line (no exception type in front)."""
@@ -400,3 +420,36 @@ def test_palette_back_to_the_model_default_and_no_deleting(node_module):
     unset = start(palette=None)  # `palette: []` in a params file reaches rclpy without a value
     assert unset.core.config.palette == () and unset.get_parameter("palette").value is None
     unset.destroy_node()
+
+
+def test_worker_survives_a_warning_then_an_error_on_the_rclpy_logger(node_module, monkeypatch):
+    """rclpy binds each logging call site to one severity (rcutils_logger.py: "Logger severity
+    cannot be changed between calls."): a stale-frame warning and then an engine error, both
+    logged through the core's throttled logger, must not kill the worker thread."""
+    start, _ = node_module
+    node = start(max_frame_age_s=1.0)
+    slot = node.subscriptions["/image"].callback
+    slot(image(0))  # stamped in 2023: stale, a warning
+    t0 = time.monotonic()
+    while node.core.counters["dropped_stale"] == 0 and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert node.core.counters["dropped_stale"] == 1
+
+    def fresh():
+        msg = image(0)
+        now = time.time_ns()
+        msg.header.stamp = fr.MESSAGE_TYPES.time(sec=now // 10**9, nanosec=now % 10**9)
+        return msg
+
+    push = node.core.segmenter.push
+    monkeypatch.setattr(node.core.segmenter, "push", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    slot(fresh())  # the engine fails: an error
+    t0 = time.monotonic()
+    while node.core.counters["errors"] == 0 and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert node._worker.alive, "the worker thread died"
+    assert node.core.counters["errors"] == 1
+    assert any(level == "error" and "boom" in text for level, text in node.get_logger().lines)
+    monkeypatch.setattr(node.core.segmenter, "push", push)
+    feed(node, fresh(), 0)  # segmenting goes on
