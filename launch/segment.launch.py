@@ -64,14 +64,19 @@ def _temp_file(text: str, suffix: str) -> str:
     return path
 
 
+def _absolute_key(key) -> str:
+    """A params-file key as rclpy matches it: with a leading '/' added when it has none (rclpy's
+    node.cpp does so for every key); the bare node name is kept (the package default)."""
+    key = str(key).strip().rstrip("/")
+    return key if key == NODE_NAME or key.startswith("/") else "/" + key
+
+
 def _key_matches(key: str, namespace: str) -> bool:
     """Whether a params-file key names /<namespace>/mpvss_segmenter: a fully qualified name with
     rcl's wildcards (`*` one token, `**` any number), or the bare node name (the package default)."""
-    key = str(key).strip()
+    key = _absolute_key(key)
     if key == NODE_NAME:
         return True
-    if not key.startswith("/"):
-        return False
     pattern = [t for t in key.split("/") if t]
     name = [t for t in namespace.split("/") if t] + [NODE_NAME]
 
@@ -115,7 +120,8 @@ def _namespaced_params_file(config: str, namespace: str) -> str:
 
     A params file's `mpvss_segmenter:` key matches only the node without a namespace, so for a
     namespaced node the sections that apply to it (`mpvss_segmenter`, wildcards such as `/**` or
-    `/**/mpvss_segmenter`, and `/<namespace>/mpvss_segmenter` itself, applied last) are merged
+    `/**/mpvss_segmenter`, and `/<namespace>/mpvss_segmenter` itself, applied last; keys without
+    a leading `/` read as rclpy reads them, with one) are merged
     under its full name into a temporary copy; other cameras' sections are left out.
     """
     if not namespace:
@@ -124,10 +130,10 @@ def _namespaced_params_file(config: str, namespace: str) -> str:
         doc = yaml.safe_load(f) or {}
     exact = f"/{namespace}/{NODE_NAME}"
     params = {}
-    sections = [(k, v) for k, v in doc.items() if str(k).rstrip("/") != exact]
-    sections += [(k, v) for k, v in doc.items() if str(k).rstrip("/") == exact]
+    sections = [(k, v) for k, v in doc.items() if _absolute_key(k) != exact]
+    sections += [(k, v) for k, v in doc.items() if _absolute_key(k) == exact]
     for key, section in sections:
-        if _key_matches(str(key).rstrip("/"), namespace) and isinstance(section, dict):
+        if _key_matches(key, namespace) and isinstance(section, dict):
             _merge(params, _nested(section.get("ros__parameters") or {}))
     return _temp_file(yaml.safe_dump({exact: {"ros__parameters": params}}), ".yaml")
 

@@ -403,6 +403,21 @@ def test_launch_namespaced_node_takes_only_its_own_sections(launch_file, tmp_pat
         assert doc == {f"/{namespace}/{NODE_NAME}": {"ros__parameters": params}}, namespace
 
 
+def test_launch_keys_without_a_leading_slash_apply_as_rclpy_reads_them(launch_file, tmp_path):
+    # rclpy (src/rclpy/node.cpp) puts a '/' in front of a params-file key that has none, so
+    # `front/mpvss_segmenter:` and `**/mpvss_segmenter:` apply to /front/mpvss_segmenter
+    config = tmp_path / "front.yaml"
+    config.write_text(yaml.safe_dump({
+        f"front/{NODE_NAME}": {"ros__parameters": {"weights": "/data/r50.pth", "threads": 2}},
+        f"**/{NODE_NAME}": {"ros__parameters": {"schedule": "fixed:4", "threads": 5}},
+        f"rear/{NODE_NAME}": {"ros__parameters": {"threads": 9}},
+    }, sort_keys=False))
+    (node,) = _run(launch_file, namespace="front", config=str(config))
+    doc = yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text())
+    assert doc == {f"/front/{NODE_NAME}": {"ros__parameters": {
+        "weights": "/data/r50.pth", "threads": 2, "schedule": "fixed:4"}}}
+
+
 def test_launch_under_a_pushed_namespace(launch_file, tmp_path):
     """Included under PushRosNamespace('robot1'), the node is /robot1/front/mpvss_segmenter: its
     params-file section and RViz's topics follow (the node itself gets only our namespace;
