@@ -598,7 +598,9 @@ def resume_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> tuple[int, dict[str, Any]]:
     """Restore a run from ``run_dir`` (``--resume``, both training stages): the model from
     :data:`MODEL_FILE`, the optimizer, LR schedule and RNG from :data:`STATE_FILE`; the learning
-    rate is re-synced to the step and :data:`LOG_FILE` cut back to it. Callers check the folder
+    rate is re-synced to the step and :data:`LOG_FILE` cut back to it. The base learning rates and
+    weight decays stay this run's (a changed ``--lr`` or ``--weight-decay`` applies from the next
+    step); the optimizer's moments and the schedule's step come from the state. Callers check the folder
     first with :func:`check_run_dir` (before their expensive work); this checks again.
 
     Returns:
@@ -618,9 +620,15 @@ def resume_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     state = read_trainer_state(state_path)
     meta = load_checkpoint(model, model_path)
     check_same_step(meta, state, model_path, state_path)
+    # this run's base rates and decays: the saved states carry the earlier run's, which would
+    # silently override a changed --lr / --weight-decay (the warning and options.json say they apply)
+    settings = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        scheduler.base_lrs = [lr for lr, _ in settings]
+        for group, (lr, decay) in zip(optimizer.param_groups, settings):
+            group["initial_lr"], group["weight_decay"] = lr, decay
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         raise ValueError(f"resume: the optimizer state in {state_path} does not fit this run ({type(exc).__name__}: "
                          f"{_first_sentence(exc)}): were the trainable parameters changed?") from exc

@@ -434,3 +434,14 @@ def test_a_failed_trainer_state_write_keeps_the_last_checkpoint_resumable(tmp_pa
     assert torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["meta"]["step"] == 2
     resumed = train_segmentor(_opts(tmp_path, steps=6, checkpoint_every=2, resume=True))
     assert resumed.step == 6 and len(resumed.losses) == 4
+
+
+@needs_data
+def test_resume_with_a_changed_lr_trains_with_it(tmp_path):
+    """options.json and the option-change warning say a new --lr applies on --resume; the saved
+    scheduler's base rates overrode it."""
+    train_segmentor(_opts(tmp_path, steps=4, stop_at=2, poly_power=0.0, lr=1e-4))
+    train_segmentor(_opts(tmp_path, steps=4, resume=True, poly_power=0.0, lr=1e-3))
+    assert json.loads((tmp_path / "options.json").read_text())["lr"] == 1e-3
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-4, 1e-4, 1e-3, 1e-3])
