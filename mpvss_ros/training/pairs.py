@@ -5,7 +5,9 @@ Two sources, mixed in every batch (three with synthetic pairs):
 * **CamVid train pairs** (labelled): consecutive labelled frames of one sequence (``<seq>_<raw
   index>.png``, 1 s apart at 30 fps), in both time orders; the target is the current frame's
   ground truth. Both orders are used because the motion between two frames is as informative
-  backwards as forwards, and CamVid has only 364 forward pairs.
+  backwards as forwards, and CamVid has only 362 forward pairs. Neighbours across a jump in the
+  raw frame numbers (more than 1.5 times the sequence's median step) are no pair: 0016E5 skips
+  65 s at 02400 -> 04350 and the val clip at 07920 -> 08190.
 * **Video pairs** (unlabelled): frames ``d`` = 1..``max_gap`` apart inside one shot of a real
   clip, the earlier frame as key (as the official sampler); shots are split at hard cuts found
   with the scheduler's cut score (:meth:`~mpvss_ros.scheduling.SceneScorer.cut_score` >=
@@ -90,6 +92,13 @@ class PairSample:
         return 1 if self.links is None else 1 + int(self.links.shape[0])
 
 
+def _frame_number(path: Path) -> int | None:
+    """The raw frame number in ``<seq>_<index>`` (``0016E5_07920`` -> 7920, ``0006R0_f00930`` -> 930)."""
+    m = _NAME.match(path.stem)
+    digits = re.sub(r"\D", "", m.group("index")) if m else ""
+    return int(digits) if digits else None
+
+
 def camvid_pairs(image_dir: str | Path, annot_dir: str | Path, both_orders: bool = True) -> list[tuple[Path, Path, Path]]:
     """(key image, current image, current label) paths of consecutive labelled frames per sequence."""
     frames = list_frames(image_dir, annot_dir)
@@ -100,7 +109,15 @@ def camvid_pairs(image_dir: str | Path, annot_dir: str | Path, both_orders: bool
         by_seq.setdefault(seq, []).append((img, lab))
     pairs = []
     for items in by_seq.values():
-        for (k_img, k_lab), (c_img, c_lab) in zip(items[:-1], items[1:]):
+        # raw frame numbers: a gap much longer than the sequence's usual labelling step is a jump in
+        # the video (CamVid train 0016E5 skips 65 s at 02400 -> 04350 and the val clip at 07920 ->
+        # 08190), and the two frames are no pair
+        numbers = [_frame_number(img) for img, _ in items]
+        steps = [b - a for a, b in zip(numbers[:-1], numbers[1:])] if None not in numbers else []
+        usual = float(np.median(steps)) if steps else None
+        for i, ((k_img, k_lab), (c_img, c_lab)) in enumerate(zip(items[:-1], items[1:])):
+            if usual is not None and steps[i] > 1.5 * usual:
+                continue
             pairs.append((k_img, c_img, c_lab))
             if both_orders:
                 pairs.append((c_img, k_img, k_lab))

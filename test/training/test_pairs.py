@@ -64,7 +64,11 @@ def test_camvid_pairs_within_sequence_consecutive_both_orders(camvid_train_dirs)
     names = sorted(p.name for p in img_dir.iterdir() if p.suffix == ".png")
     seqs = {n.rsplit("_", 1)[0] for n in names}
     pairs = camvid_pairs(img_dir, ann_dir)
-    assert len(pairs) == 2 * (len(names) - len(seqs))
+    raw = lambda n: int("".join(ch for ch in n.rsplit("_", 1)[1].split(".")[0] if ch.isdigit()))  # noqa: E731
+    # CamVid train is labelled every 30th raw frame; 0016E5 also jumps 65 s and over the val clip
+    jumps = {(a, b) for a, b in itertools.pairwise(names)
+             if a.rsplit("_", 1)[0] == b.rsplit("_", 1)[0] and raw(b) - raw(a) > 45}
+    assert len(pairs) == 2 * (len(names) - len(seqs) - len(jumps))
 
     index = {n: i for i, n in enumerate(names)}
     seen = set()
@@ -76,15 +80,15 @@ def test_camvid_pairs_within_sequence_consecutive_both_orders(camvid_train_dirs)
     assert len(seen) == len(pairs)  # no duplicates
     forward = {(k, c) for k, c in seen if index[k] < index[c]}
     backward = {(k, c) for k, c in seen if index[k] > index[c]}
-    assert len(forward) == len(backward) == len(names) - len(seqs)
+    assert len(forward) == len(backward) == len(names) - len(seqs) - len(jumps)
     assert {(c, k) for k, c in forward} == backward
-    # every consecutive same-sequence neighbour pair is there
+    # every consecutive same-sequence neighbour pair is there, except across a jump
     for a, b in itertools.pairwise(names):
         if a.rsplit("_", 1)[0] == b.rsplit("_", 1)[0]:
-            assert (a, b) in forward
+            assert ((a, b) in forward) == ((a, b) not in jumps)
 
     one_way = camvid_pairs(img_dir, ann_dir, both_orders=False)
-    assert len(one_way) == len(names) - len(seqs)
+    assert len(one_way) == len(names) - len(seqs) - len(jumps)
     assert all(index[k.name] < index[c.name] for k, c, _ in one_way)
 
 
@@ -340,3 +344,19 @@ def test_frame_pairs_chain_adds_the_links_and_changes_nothing_else(camvid_train_
             if d == 1:
                 assert torch.equal(b.link_flows[0], b.flow)  # one link: the direct target
     assert len(seen) >= 2, seen  # chains of more than one link were drawn
+
+
+def test_camvid_pairs_skip_jumps_in_a_sequence(tmp_path):
+    """0016E5 in CamVid train jumps 65 s (02400 -> 04350) and over the val clip (07920 -> 08190):
+    frames on either side of a jump are no "consecutive, 1 s apart" pair."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    names = ["0016E5_07890", "0016E5_07920", "0016E5_08190", "0016E5_08220", "0016E5_08250",
+             "0006R0_f00930", "0006R0_f00960"]
+    for n in names:
+        cv2.imwrite(str(tmp_path / "img" / f"{n}.png"), np.zeros((4, 4, 3), np.uint8))
+        cv2.imwrite(str(tmp_path / "lab" / f"{n}.png"), np.zeros((4, 4), np.uint8))
+    got = {(k.stem, c.stem) for k, c, _ in camvid_pairs(tmp_path / "img", tmp_path / "lab")}
+    forward = {("0016E5_07890", "0016E5_07920"), ("0016E5_08190", "0016E5_08220"),
+               ("0016E5_08220", "0016E5_08250"), ("0006R0_f00930", "0006R0_f00960")}
+    assert got == forward | {(c, k) for k, c in forward}
