@@ -295,7 +295,7 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
         opts = dataclasses.replace(options, **kwargs)
     opts.validate()
     opts = dataclasses.replace(opts, crop=(int(opts.crop[0]), int(opts.crop[1])))
-    check_run_dir(opts.run_dir, opts.resume)  # before the pseudo-labelling, which takes minutes
+    check_run_dir(opts.run_dir, opts.resume, "query_flow")  # before the pseudo-labelling, which takes minutes
     with torch_threads(opts.threads):
         return _train(opts)
 

@@ -506,7 +506,7 @@ RUN_FILES = (MODEL_FILE, STATE_FILE, FINAL_FILE, LOG_FILE)
 _STATE_KEYS = ("step", "optimizer", "scheduler", "torch_rng")
 
 
-def check_run_dir(run_dir: str | Path, resume: bool) -> None:
+def check_run_dir(run_dir: str | Path, resume: bool, stage: str | None = None) -> None:
     """Up-front checks of a run folder (both training stages), before any expensive work; creates
     and changes nothing.
 
@@ -514,13 +514,14 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
     ``log.jsonl`` does not count): training would overwrite its checkpoints and mix two runs in
     its log. With ``resume`` the folder must hold a run to continue: :data:`MODEL_FILE` and
     :data:`STATE_FILE`, readable (:func:`read_trainer_state`, ``read_checkpoint``) and at the same
-    step (:func:`check_same_step`).
+    step (:func:`check_same_step`), and, with ``stage`` (``"segmentor"`` or ``"query_flow"``), a
+    run of that stage (the model file's ``meta["stage"]``; files without one pass).
 
     Raises:
         ValueError: ``run_dir`` is a file; without ``resume``, it holds an earlier run
             (the message names the folder and says to pass ``--resume`` or choose another
-            ``--run-dir``); with ``resume``, a damaged trainer state or the two files at
-            different steps.
+            ``--run-dir``); with ``resume``, a damaged trainer state, the two files at
+            different steps or the other stage's run.
         FileNotFoundError: with ``resume``, the folder or either file missing.
         mpvss_ros.checkpoints.CheckpointError: with ``resume``, a damaged model file.
         OSError: the folder cannot be made (:func:`~mpvss_ros.paths.check_output_dir`).
@@ -545,7 +546,11 @@ def check_run_dir(run_dir: str | Path, resume: bool) -> None:
         raise FileNotFoundError(f"resume: {run_dir} has no {' and no '.join(missing)} ({MODEL_FILE} and "
                                 f"{STATE_FILE} are both needed)")
     state = read_trainer_state(state_path)
-    check_same_step(read_checkpoint(model_path).meta, state, model_path, state_path)
+    meta = read_checkpoint(model_path).meta
+    check_same_step(meta, state, model_path, state_path)
+    if stage is not None and meta.get("stage") not in (None, stage):
+        raise ValueError(f"resume: {run_dir} holds a {meta.get('stage')!r} run, not a {stage!r} one (the other "
+                         f"training stage: resume it with its own command, or choose another --run-dir)")
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
@@ -698,7 +703,7 @@ def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> Train
     opts = dataclasses.replace(options, crop=(int(options.crop[0]), int(options.crop[1])),
                                scale=(float(options.scale[0]), float(options.scale[1])))
     opts.validate()
-    check_run_dir(opts.run_dir, opts.resume)  # before the model is built and the data read
+    check_run_dir(opts.run_dir, opts.resume, "segmentor")  # before the model is built and the data read
     with torch_threads(opts.threads):
         return _train(opts)
 

@@ -482,3 +482,30 @@ def test_train_motion_trains_at_the_smallest_crop(needs_data, lite_checkpoint, t
     result = train_motion(opts)
     records = _step_records(tmp_path / "run")
     assert result.finished and all(np.isfinite(r["loss"]) and r["loss_flow"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("stage", ["segmentor", "query_flow"])
+def test_resume_of_the_other_stages_run_is_refused_before_any_work(tmp_path, monkeypatch, stage):
+    # a stage-1 folder resumed by `train motion` (or the reverse) used to fail only when the optimizer
+    # state did not fit ("were the trainable parameters changed?"), after the pseudo-labelling
+    from mpvss_ros.checkpoints import save_checkpoint
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.training import motion_trainer, trainer
+
+    cfg = load_model_config("mpvss_lite")
+    save_checkpoint(tmp_path / "checkpoint_last.pt", MPVSS(cfg), cfg.to_dict(), meta={"stage": stage, "step": 2})
+    torch.save({"step": 2, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
+                "torch_rng": torch.get_rng_state()}, tmp_path / "trainer_state.pt")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the expensive work started")
+
+    monkeypatch.setattr(motion_trainer, "_train", no_work)
+    monkeypatch.setattr(trainer, "_train", no_work)
+    other = "query_flow" if stage == "segmentor" else "segmentor"
+    with pytest.raises(ValueError, match=f"holds a '{stage}' run, not a '{other}'"):
+        if stage == "segmentor":
+            train_motion(run_dir=str(tmp_path), init_checkpoint=str(tmp_path / "checkpoint_last.pt"), resume=True)
+        else:
+            trainer.train_segmentor(run_dir=str(tmp_path), resume=True)
