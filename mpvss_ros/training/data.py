@@ -6,7 +6,7 @@ label PNGs with the same names, values 0..10 classes and 11 void. Labels are ret
 
 Training augmentation (applied in this order, all with OpenCV on numpy arrays):
 
-1. random scale by s ~ U(scale) of both sides (``cv2.INTER_LINEAR`` image, ``INTER_NEAREST``
+1. random scale by s ~ U(scale) of both sides (``cv2.INTER_LINEAR`` image, ``INTER_NEAREST_EXACT``
    label);
 2. random crop to ``crop`` = (H, W); where the scaled frame is smaller, it is first padded at
    the bottom/right with image 0 and label ``ignore_index``;
@@ -230,7 +230,7 @@ def augment_frames(images: Sequence[np.ndarray], label: np.ndarray, rng: np.rand
     nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
     if (nh, nw) != (h, w):
         images = [cv2.resize(im, (nw, nh), interpolation=cv2.INTER_LINEAR) for im in images]
-        label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)  # centre-aligned as INTER_LINEAR
     ch, cw = int(crop[0]), int(crop[1])
     ph, pw = max(ch - nh, 0), max(cw - nw, 0)
     if ph or pw:
