@@ -445,3 +445,23 @@ def test_resume_with_a_changed_lr_trains_with_it(tmp_path):
     assert json.loads((tmp_path / "options.json").read_text())["lr"] == 1e-3
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([1e-4, 1e-4, 1e-3, 1e-3])
+
+
+@needs_data
+def test_a_corrupt_training_frame_is_refused_before_training(tmp_path):
+    # a truncated PNG used to end the run only when the data order first drew it (possibly hours in,
+    # after the last checkpoint), leaving a run folder that is neither resumable nor reusable
+    import shutil
+
+    root = tmp_path / "camvid"
+    for d in ("train", "trainannot"):
+        (root / d).mkdir(parents=True)
+    names = FILES + ["0006R0_f01200.png", "0001TP_007170.png"]
+    for n in names:
+        shutil.copy(TRAIN_DIR / n, root / "train" / n)
+        shutil.copy(TRAIN_ANNOT / n, root / "trainannot" / n)
+    (root / "train" / names[-1]).write_bytes((TRAIN_DIR / names[-1]).read_bytes()[:20000])
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="cannot read image"):
+        train_segmentor(_opts(run, data_root=str(root), train_files=None, steps=4))
+    assert not run.exists()
