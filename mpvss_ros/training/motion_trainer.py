@@ -448,7 +448,9 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
                 raise FloatingPointError(f"non-finite loss at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, opts.clip_grad_norm)) if opts.clip_grad_norm > 0 else float("nan")
+            # the norm before clipping; with clipping off the same norm, not NaN (log.jsonl is JSON)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, opts.clip_grad_norm if opts.clip_grad_norm > 0
+                                                         else float("inf")))
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler steps next)
             optimizer.step()
             scheduler.step()

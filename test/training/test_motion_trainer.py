@@ -509,3 +509,14 @@ def test_resume_of_the_other_stages_run_is_refused_before_any_work(tmp_path, mon
             train_motion(run_dir=str(tmp_path), init_checkpoint=str(tmp_path / "checkpoint_last.pt"), resume=True)
         else:
             trainer.train_segmentor(run_dir=str(tmp_path), resume=True)
+
+
+def test_train_motion_log_is_strict_json_without_clipping(needs_data, lite_checkpoint, tmp_path):
+    opts = dataclasses.replace(_options(tmp_path, lite_checkpoint, 1), clip_grad_norm=0.0, val_every=-1)
+    train_motion(opts)
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0], parse_constant=refuse)
+    assert rec["grad_norm"] > 0
