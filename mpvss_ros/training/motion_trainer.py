@@ -50,6 +50,7 @@ from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .options import (check_at_least, check_crop, check_fractions, check_integers, check_numbers,
                       check_optional_positive)
+from .data import list_frames, load_frame
 from .pairs import FramePairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
@@ -336,6 +337,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     if train_dir is None or train_annot is None:
         raise FileNotFoundError("CamVid train data not found: set MPVSS_SHARED_DATA to the shared data folder "
                                 "(it holds camvid/train and camvid/trainannot)")
+    for img, lab in list_frames(train_dir, train_annot):  # a corrupt frame fails now (2 s), not when first drawn
+        load_frame(img, lab, num_classes=cfg.num_classes)
     canvas = tuple(cfg.input.size) if cfg.input.size else (360, 480)
     clips = []
     for path in (dashcam_clip(), bikes_clip()):
@@ -354,8 +357,6 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     val_dir, val_annot = camvid_dir("val"), camvid_annot_dir("val")
     val_frames, val_labels = [], []
     if val_dir is not None and opts.val_every >= 0 and opts.val_frames > 0:
-        from .data import list_frames, load_frame
-
         for img, lab in list_frames(val_dir, val_annot)[: opts.val_frames]:
             image, label = load_frame(img, lab, num_classes=cfg.num_classes)
             val_frames.append(image)

@@ -520,3 +520,29 @@ def test_train_motion_log_is_strict_json_without_clipping(needs_data, lite_check
 
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0], parse_constant=refuse)
     assert rec["grad_norm"] > 0
+
+
+def test_a_corrupt_camvid_frame_is_refused_before_the_pseudo_labelling(needs_data, lite_checkpoint, tmp_path,
+                                                                       monkeypatch):
+    """Stage 2 read its CamVid pairs when first drawn: a truncated PNG ended the run hours in. Every
+    training frame is now decoded before the clips are pseudo-labelled and the run folder is made."""
+    import shutil
+
+    from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir
+    from mpvss_ros.training import motion_trainer
+
+    names = ["0001TP_006690.png", "0001TP_006720.png", "0016E5_06390.png"]
+    img, ann = tmp_path / "train", tmp_path / "trainannot"
+    img.mkdir()
+    ann.mkdir()
+    for n in names:
+        shutil.copy(camvid_dir("train") / n, img / n)
+        shutil.copy(camvid_annot_dir("train") / n, ann / n)
+    (img / names[-1]).write_bytes((camvid_dir("train") / names[-1]).read_bytes()[:20000])
+    monkeypatch.setattr(motion_trainer, "camvid_dir", lambda split="val": img if split == "train" else camvid_dir(split))
+    monkeypatch.setattr(motion_trainer, "camvid_annot_dir",
+                        lambda split="val": ann if split == "train" else camvid_annot_dir(split))
+    monkeypatch.setattr(motion_trainer, "pseudo_labels", lambda *a, **k: (_ for _ in ()).throw(AssertionError("reached")))
+    with pytest.raises(FileNotFoundError, match="cannot read image .*0016E5_06390.png"):
+        train_motion(_options(tmp_path / "run", lite_checkpoint, 2))
+    assert not (tmp_path / "run").exists()
