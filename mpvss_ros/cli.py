@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="other topics of the input copied unchanged into the output, e.g. /tf /tf_static "
                           "/camera/camera_info (what a replay for RViz, Nav2 or Autoware needs besides the images); "
                           "with --max-frames they end at the first image past the last frame. The list runs up to "
-                          "the next option: put IN OUT before it, or end the list with -- (as in `--copy-topics /tf "
-                          "/tf_static -- IN OUT`)")
+                          "the next option: put IN OUT before it, or end the list with -- (as in `--topic T --copy-topics /tf "
+                          "/tf_static -- IN OUT`; after -- only IN OUT may follow)")
     bag.add_argument("--copy-all-topics", action="store_true", help="copy every other topic of the input")
     _add_model_options(bag)
     _add_pipeline_options(bag)

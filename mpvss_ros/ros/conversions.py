@@ -139,8 +139,9 @@ float32 threshold
     "mpvss_ros/msg/ClassMasks": """\
 # One binary mask per class present in a segmented frame (mpvss_ros).
 #
-# Published on <namespace>/class_masks when someone subscribes. The label image
-# (<namespace>/labels, mono8 or mono16 class IDs) carries the same information in one image;
+# Published on the node's ~/class_masks (/<namespace>/mpvss_segmenter/class_masks; NS/class_masks
+# in a bag written by mpvss bag) when someone subscribes. The label image
+# (~/labels, mono8 or mono16 class IDs) carries the same information in one image;
 # this message is for consumers that want one mask per class (e.g. a costmap layer per class).
 
 # Exactly the header of the input image this frame was segmented from (stamp and frame_id),
@@ -148,7 +149,7 @@ float32 threshold
 std_msgs/Header header
 
 # Class IDs present in the frame, ascending; the same IDs as in vision_msgs/LabelInfo
-# (<namespace>/label_info) and in the label image.
+# (~/label_info) and in the label image.
 uint16[] class_ids
 
 # Class names, one per entry of class_ids (same order).
@@ -160,7 +161,8 @@ sensor_msgs/Image[] masks
 """,
     "mpvss_ros/msg/SegmentationInfo": """\
 # Per-frame metadata of the MPVSS video segmentation (mpvss_ros): key frames, scene score and
-# latency. Published on <namespace>/info for every segmented frame.
+# latency. Published on the node's ~/info (/<namespace>/mpvss_segmenter/info; NS/info in a bag
+# written by mpvss bag) for every segmented frame.
 
 # Exactly the header of the input image this frame was segmented from (stamp and frame_id).
 std_msgs/Header header

@@ -33,7 +33,8 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                    help="fp32 (default), fp16 (torch on CUDA: autocast, pixel decoder in fp32; tensorrt: fp16 engines) "
                         "or bf16 (torch on a CPU with bfloat16 instructions: backbone and motion encoder in bfloat16)")
     g.add_argument("--cache-dir", default=None,
-                   help="cache of exported ONNX graphs and TensorRT engines (default $MPVSS_CACHE_DIR or ~/.cache/mpvss_ros)")
+                   help="cache of exported ONNX graphs and TensorRT engines (default $MPVSS_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/mpvss_ros, else ~/.cache/mpvss_ros)")
     g.add_argument("--onnx-dir", default=None,
                    help="run this export folder (mpvss export, or your own model to its contract.json) with "
                         "onnxruntime or tensorrt instead of exporting --model/--weights; its graphs fix the input size")
@@ -116,7 +117,8 @@ def add_runtime_commands(sub: Any) -> None:
     be.add_argument("--workspace-mb", type=int, default=None, help="builder workspace limit in MiB (default 2048)")
     be.add_argument("--no-keep-fp32", action="store_true",
                     help="fp16: let TensorRT choose fp16 for the pixel decoder and the warp too")
-    be.add_argument("--cache-dir", default=None, help="cache root (default $MPVSS_CACHE_DIR or ~/.cache/mpvss_ros)")
+    be.add_argument("--cache-dir", default=None, help="cache root (default $MPVSS_CACHE_DIR, else $XDG_CACHE_HOME/mpvss_ros, else "
+                                                         "~/.cache/mpvss_ros)")
 
     bn = sub.add_parser("bench", help="key / non-key latency and end-to-end fps per backend (Markdown table)",
                         description="Benchmark key-frame and non-key-frame latency (median ms) and end-to-end frames/s at "
@@ -141,7 +143,8 @@ def add_runtime_commands(sub: Any) -> None:
                         description="List the cache's entries, most recently used first. New exports and engine builds "
                                     "prune it to $MPVSS_CACHE_MAX_MB MiB (default 2048; 0 = no limit) by themselves, "
                                     "least recently used entries first.")
-    ca.add_argument("--cache-dir", default=None, help="cache root (default $MPVSS_CACHE_DIR or ~/.cache/mpvss_ros)")
+    ca.add_argument("--cache-dir", default=None, help="cache root (default $MPVSS_CACHE_DIR, else $XDG_CACHE_HOME/mpvss_ros, else "
+                                                         "~/.cache/mpvss_ros)")
     action = ca.add_mutually_exclusive_group()
     action.add_argument("--prune", action="store_true", help="remove least recently used entries down to the budget")
     action.add_argument("--clear", action="store_true", help="remove every entry")
