@@ -145,7 +145,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "optical_flow (OpenCV DIS) or copy.", choices=PROPAGATOR_CHOICES, dynamic=True),
     ParamSpec("optical_flow_preset", "str", "fast",
               "optical_flow only: OpenCV DIS preset. On the CamVid val clip (2 CPU threads, key "
-              "interval 5, chained flow) medium gains 0.7 mIoU over fast for about 8 ms more per non-key frame.",
+              "interval 5, chained flow) medium gains 0.7 mIoU over fast for about 4.5 ms more per non-key frame.",
               choices=DIS_PRESET_CHOICES, dynamic=True),
     ParamSpec("optical_flow_scale", "float", 0.5,
               "optical_flow only: resolution of the DIS computation relative to the network canvas.",
