@@ -40,6 +40,11 @@ def onnxruntime_missing(device: str | torch.device = "cpu") -> str | None:
         import onnxruntime as ort
     except ImportError:
         return "onnxruntime backend needs the onnxruntime package (pip install onnxruntime); use --backend torch"
+    try:
+        import onnx  # noqa: F401 - the export and the non-key session's output pruning (without_outputs)
+    except ImportError:
+        return ("onnxruntime backend needs the onnx package too (export, graph pruning): pip install onnx; "
+                "use --backend torch")
     if torch.device(device).type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         return ("onnxruntime on CUDA needs onnxruntime-gpu (CUDAExecutionProvider is not available here); "
                 "use --device cpu, --backend torch or --backend tensorrt")

@@ -651,3 +651,18 @@ def test_a_non_finite_flow_gives_non_finite_warped_masks_wherever_the_warp_runs(
     assert backend._get((96, 128)).non_key_output == ("flows" if warp_in_torch else "warped_mask_logits")
     poisoned = dataclasses.replace(key, query_embeddings=torch.full_like(key.query_embeddings, float("nan")))
     assert torch.isnan(backend.propagate(poisoned, imgs[1])).all()
+
+
+def test_onnxruntime_backend_without_the_onnx_package_is_unavailable(monkeypatch, lite_small):
+    """A rosdep install has onnxruntime but no onnx (package.xml has no key for it): the backend
+    exports and prunes its graphs with onnx, so it must say so in one line, not die on an import."""
+    import sys
+
+    from mpvss_ros.runtime import backend_missing
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    monkeypatch.setitem(sys.modules, "onnx.utils", None)
+    why = backend_missing("onnxruntime")
+    assert why is not None and "pip install onnx" in why
+    with pytest.raises(BackendUnavailable, match="onnx package"):
+        load_backend("onnxruntime", onnx_dir=lite_small.out_dir, threads=1)
