@@ -15,6 +15,7 @@ checked for non-finite values (:func:`~mpvss_ros.runtime.base.nan_unless_finite`
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,46 @@ def onnxruntime_missing(device: str | torch.device = "cpu") -> str | None:
     except ImportError:
         return ("onnxruntime backend needs the onnx package too (export, graph pruning): pip install onnx; "
                 "use --backend torch")
-    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        return ("onnxruntime on CUDA needs onnxruntime-gpu (CUDAExecutionProvider is not available here); "
-                "use --device cpu, --backend torch or --backend tensorrt")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return ("onnxruntime on CUDA needs onnxruntime-gpu (CUDAExecutionProvider is not available here); "
+                    "use --device cpu, --backend torch or --backend tensorrt")
+        problem = _cuda_provider_problem(dev.index or 0)
+        if problem:
+            return (f"onnxruntime's CUDAExecutionProvider is installed but cannot run here ({problem}); "
+                    "use --device cpu, --backend torch or --backend tensorrt")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_provider_problem(device_id: int) -> str | None:
+    """None when a session on ``CUDAExecutionProvider`` really runs on it, else why not.
+
+    onnxruntime-gpu lists the provider in ``get_available_providers()`` whether or not CUDA,
+    cuDNN or a GPU are there; a session asking for it then falls back to the CPU with a log line
+    only (microsoft/onnxruntime#17801). A one-node probe session tells (once per process)."""
+    import warnings
+
+    import onnx
+    import onnx.helper as oh
+    import onnxruntime as ort
+
+    graph = oh.make_graph([oh.make_node("Identity", ["x"], ["y"])], "cuda_probe",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sess = ort.InferenceSession(model.SerializeToString(), sess_options=so,
+                                        providers=[("CUDAExecutionProvider", {"device_id": int(device_id)})])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's EP errors
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if "CUDAExecutionProvider" not in sess.get_providers():
+        return "a session asking for it fell back to the CPU: CUDA, cuDNN or the GPU missing"
     return None
 
 
@@ -88,7 +126,13 @@ def make_session(path: str | Path, threads: int | None = None, device: str | tor
     if dev.type == "cuda":
         providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
     source: str | bytes = str(path) if not drop_outputs else without_outputs(path, drop_outputs).SerializeToString()
-    return ort.InferenceSession(source, sess_options=so, providers=providers)
+    sess = ort.InferenceSession(source, sess_options=so, providers=providers)
+    if dev.type == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+        # onnxruntime fell back to the CPU silently: the backend would run the GPU code path there
+        raise BackendUnavailable("onnxruntime's CUDAExecutionProvider could not be created (CUDA, cuDNN or the GPU "
+                                 "missing; the session fell back to the CPU): use --device cpu, --backend torch or "
+                                 "--backend tensorrt")
+    return sess
 
 
 def without_outputs(path: str | Path, drop_outputs: Sequence[str]) -> Any:

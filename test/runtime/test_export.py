@@ -666,3 +666,27 @@ def test_onnxruntime_backend_without_the_onnx_package_is_unavailable(monkeypatch
     assert why is not None and "pip install onnx" in why
     with pytest.raises(BackendUnavailable, match="onnx package"):
         load_backend("onnxruntime", onnx_dir=lite_small.out_dir, threads=1)
+
+
+def test_onnxruntime_cuda_provider_listed_but_unusable(monkeypatch, lite_small):
+    """onnxruntime-gpu lists CUDAExecutionProvider even without CUDA, cuDNN or a GPU, and a session
+    asking for it falls back to the CPU with a log line only (microsoft/onnxruntime#17801): 'auto'
+    must not pick CUDA then, and --device cuda must not run the GPU code path on the CPU under a
+    CUDA name. Simulated with the CPU wheel listing the provider, as onnxruntime-gpu does."""
+    import onnxruntime
+
+    from mpvss_ros.model_loader import resolve_device
+    from mpvss_ros.runtime import backend_missing, onnx_backend
+
+    real = onnxruntime.get_available_providers
+    if "CUDAExecutionProvider" in real():
+        pytest.skip("onnxruntime-gpu is installed here: the simulation needs the CPU wheel")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
+    onnx_backend._cuda_provider_problem.cache_clear()  # the probe runs once per process
+    try:
+        assert resolve_device("auto", "onnxruntime") == "cpu"
+        assert "cannot run here" in (backend_missing("onnxruntime", "cuda") or "")
+        with pytest.raises(BackendUnavailable, match="CUDAExecutionProvider"):
+            make_session(lite_small.key_frame, threads=1, device="cuda")
+    finally:
+        onnx_backend._cuda_provider_problem.cache_clear()
