@@ -519,13 +519,16 @@ def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], gr
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / "engines"
     path = folder / f"{graph}-{precision}-{key[:24]}.engine"
-    if path.is_file():
+    if _engine_intact(path):
         mark_used(path)
         return path
     with build_lock(path):  # two nodes starting together: one builds, the other waits and reuses it
-        if path.is_file():
+        if _engine_intact(path):
             mark_used(path)
             return path
+        if path.exists():  # truncated or damaged (e.g. power lost before the write reached the disk)
+            log.warning("cached TensorRT engine %s does not match its side-car's sha256 (damaged): building it again", path)
+            path.unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
         say(f"mpvss: building TensorRT {precision} engine for {onnx_path.name} on {gpu_name} "
@@ -533,16 +536,47 @@ def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], gr
         t0 = time.perf_counter()
         with _OnDevice(device_index):  # an engine belongs to the device current while it is built
             blob = build_engine(onnx_path, precision, workspace_mb, patterns)
-        fd, tmp = tempfile.mkstemp(prefix=".engine-", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, path)
         meta = {"onnx": str(onnx_path), "tensorrt": trt.__version__, "gpu": gpu_name, "compute_capability": list(cc),
                 "precision": precision, "input_shapes": {k: list(v) for k, v in input_shapes.items()},
-                "options": options, "key": key, "build_seconds": round(time.perf_counter() - t0, 1)}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+                "options": options, "key": key, "build_seconds": round(time.perf_counter() - t0, 1),
+                "engine_bytes": len(blob), "engine_sha256": hashlib.sha256(blob).hexdigest()}
+        # side-car first, engine last, both synced before their rename: an engine file that exists
+        # is complete, and _engine_intact can check it against the side-car
+        _write_synced(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode(), folder)
+        _write_synced(path, blob, folder)
     say(f"mpvss: engine built in {meta['build_seconds']} s: {path}")
     return path
+
+
+def _write_synced(path: Path, data: bytes, folder: Path) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=".engine-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _engine_intact(path: Path) -> bool:
+    """Whether the cached engine ``path`` exists with the size and sha256 its side-car records
+    (side-cars of older versions record neither: then any non-empty file)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    want = meta.get("engine_sha256") if isinstance(meta, dict) else None
+    if not want:
+        return size > 0
+    return size == meta.get("engine_bytes") and _sha256_file(path) == want
 
 
 def _input_shapes(contract: dict[str, Any], graph: str) -> dict[str, list[int]]:

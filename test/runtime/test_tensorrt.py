@@ -464,3 +464,36 @@ def test_a_non_finite_flow_of_an_inactive_query_is_not_checked():
     assert warped.shape == (1, 3, 8, 8) and bool((warped == 1).all())
     backend._device_key = key = dataclasses.replace(key, active=torch.tensor([1, 3]))
     assert bool(torch.isnan(backend.propagate(key, torch.ones(1, 3, 32, 32))).all())
+
+
+def test_a_damaged_cached_engine_is_built_again(tmp_path, monkeypatch):
+    """No GPU needed: a stand-in TensorRT and builder. An engine file cut short (power lost before
+    the write reached the disk, a full disk) was returned as is, and every later start failed to
+    deserialize it ('delete it to rebuild'); the ONNX cache re-exports such an entry itself."""
+    import contextlib
+    import types
+
+    import mpvss_ros.runtime.tensorrt_backend as tb
+
+    built = []
+
+    def build(onnx_path, precision, workspace_mb, patterns):
+        built.append(onnx_path)
+        return b"serialized engine %d" % len(built)
+
+    monkeypatch.setattr(tb, "_trt", lambda: types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(tb, "_device_identity", lambda index: ("Stand-in GPU", (9, 0)))
+    monkeypatch.setattr(tb, "_OnDevice", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(tb, "build_engine", build)
+    graph = tmp_path / "key_frame.onnx"
+    graph.write_bytes(b"graph")
+    args = (graph, {"image": [1, 3, 32, 32]}, "key_frame", "fp32", tmp_path / "cache")
+    path = tb.engine_for(*args, progress=lambda m: None)
+    assert path.read_bytes() == b"serialized engine 1" and len(built) == 1
+    assert tb.engine_for(*args, progress=lambda m: None) == path and len(built) == 1  # reused
+    path.write_bytes(b"serialized en")  # cut short
+    assert tb.engine_for(*args, progress=lambda m: None) == path
+    assert len(built) == 2 and path.read_bytes() == b"serialized engine 2"
+    path.write_bytes(b"")  # empty
+    tb.engine_for(*args, progress=lambda m: None)
+    assert len(built) == 3 and path.read_bytes() == b"serialized engine 3"
