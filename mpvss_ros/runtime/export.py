@@ -886,10 +886,13 @@ class GraphSource:
     @classmethod
     def from_model(cls, model: MPVSS, cache_dir: str | Path | None = None, weights: str | None = None,
                    trained: bool | None = None) -> "GraphSource":
-        """Graphs exported from ``model`` (moved to CPU for export) into ``cache_dir``, with the
-        weights it has now: if they change later, exporting another size raises ``ValueError``
-        (make a new source) rather than mixing graphs of two weight versions."""
-        return cls(model.cfg, model=_cpu_eval(model), cache_dir=cache_dir, weights=weights, trained=trained)
+        """Graphs exported from ``model`` into ``cache_dir``, with the weights it has now: the
+        source keeps a CPU copy of its own, so later changes to ``model`` (training, or a
+        :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` folding its BatchNorms in place)
+        neither reach the graphs of other sizes nor make them fail."""
+        on_cpu = next(model.parameters(), torch.empty(0)).device.type == "cpu"
+        own = copy.deepcopy(model).eval() if on_cpu else _cpu_eval(model)  # _cpu_eval copies off the GPU
+        return cls(model.cfg, model=own, cache_dir=cache_dir, weights=weights, trained=trained)
 
     @classmethod
     def from_dir(cls, export_dir: str | Path, cache_dir: str | Path | None = None) -> "GraphSource":

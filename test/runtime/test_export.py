@@ -623,18 +623,19 @@ def test_the_flows_only_session_is_made_with_the_others(lite_small):
     assert [o.name for o in sessions.flows_only.get_outputs()] == ["flows"]
 
 
-def test_a_graph_source_refuses_to_export_a_model_changed_since(tmp_path):
+def test_a_graph_source_exports_the_weights_it_was_made_with(tmp_path):
     """Weights changed in a live model after its first export must neither be cached under the
-    old weights' key nor mix two weight versions across sizes in one backend."""
+    old weights' key nor mix two weight versions across sizes in one backend: the source exports
+    every size from its own copy of the weights it was made with."""
     model = load_model("mpvss_lite").model
     source = GraphSource.from_model(model, tmp_path)
     first = source.get((64, 64))
     with torch.no_grad():
         model.sem_seg_head.predictor.class_embed.bias.add_(1e-3)
-    with pytest.raises(ValueError, match="changed since its ONNX graphs were first exported"):
-        source.get((64, 96))
+    second = source.get((64, 96))
     assert source.get((64, 64)) == first  # what it already has stays as it was
-    assert [p.name for p in (tmp_path / "onnx").iterdir() if not p.name.startswith(".")] == [first.name]
+    assert first.name.split("-")[-1] == second.name.split("-")[-1]  # one weight version, one key
+    assert second.name.split("-")[-1] != model_fingerprint(model)[:16]
 
 
 @pytest.mark.parametrize("warp_in_torch", [True, False])
@@ -690,3 +691,15 @@ def test_onnxruntime_cuda_provider_listed_but_unusable(monkeypatch, lite_small):
             make_session(lite_small.key_frame, threads=1, device="cuda")
     finally:
         onnx_backend._cuda_provider_problem.cache_clear()
+
+
+def test_a_torch_backend_on_the_same_model_does_not_break_new_sizes(tmp_path):
+    """GraphSource.from_model kept the caller's module: a TorchBackend made on it afterwards folds
+    its BatchNorms in place, and the onnxruntime backend refused every size not yet exported
+    ('weights or configuration changed'); test_onnxruntime_backend_matches_torch_on_real_frames
+    failed so wherever CamVid is absent (bikes.mp4 letterboxes to 272x640, not the canvas)."""
+    loaded = load_model("mpvss_lite")  # a model of its own: the TorchBackend below folds it
+    backend = load_backend("onnxruntime", loaded, input_hw=(64, 64), cache_dir=tmp_path, threads=1)
+    TorchBackend(loaded.model)
+    backend.prepare((64, 96))
+    assert (64, 96) in backend._sizes
