@@ -75,7 +75,7 @@ def backend_missing(backend: str, device: str = "cpu", precision: str = "fp32") 
         return "tensorrt backend builds fp32 or fp16 engines; use --precision fp16 (or torch for bf16 on CPU)"
     from .tensorrt_backend import tensorrt_missing
 
-    return tensorrt_missing()
+    return tensorrt_missing(precision)
 
 
 def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Path | None = None,

@@ -205,7 +205,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     from .export import GraphSource
     from .tensorrt_backend import DEFAULT_WORKSPACE_MB, build_engines, tensorrt_missing
 
-    missing = tensorrt_missing()
+    missing = tensorrt_missing(args.precision)
     if missing:
         raise BackendUnavailable(missing)
     dev = torch.device(args.device)

@@ -118,9 +118,11 @@ def _gpu_present() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
-def tensorrt_missing() -> str | None:
-    """None when the TensorRT backend can run here, else one line naming what is missing and
-    which backends would work."""
+def tensorrt_missing(precision: str = "fp32") -> str | None:
+    """None when the TensorRT backend can run here at ``precision`` (fp32 or fp16), else one
+    line naming what is missing and which backends would work. fp16 needs the FP16 builder flag
+    and layer precision constraints of TensorRT 8.6-10.x, which :func:`build_engine` uses;
+    TensorRT 11 removed them (NVIDIA/TensorRT v11.0, python/src/infer/pyCore.cpp)."""
     missing = []
     try:
         import tensorrt  # noqa: F401
@@ -132,9 +134,15 @@ def tensorrt_missing() -> str | None:
         missing.append("cuda-python or pycuda")
     if not _gpu_present():
         missing.append("a CUDA GPU")
-    if not missing:
-        return None
-    return f"{MISSING_MESSAGE} (missing here: {', '.join(missing)}); use the onnxruntime or torch backend"
+    if missing:
+        return f"{MISSING_MESSAGE} (missing here: {', '.join(missing)}); use the onnxruntime or torch backend"
+    if precision == "fp16":
+        import tensorrt as trt
+
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            return (f"TensorRT {trt.__version__} has no FP16 builder flag (weakly typed fp16 was removed in favour "
+                    "of strongly typed networks): use --precision fp32, or TensorRT 8.6-10.x for fp16")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,7 +693,7 @@ class TensorRTBackend(Backend):
                  cache_dir: str | Path | None = None, workspace_mb: int = DEFAULT_WORKSPACE_MB, keep_fp32: bool = True,
                  preload_hw: Sequence[tuple[int, int]] = ()) -> None:
         _check_engine_precision(precision)
-        missing = tensorrt_missing()
+        missing = tensorrt_missing(precision)
         if missing:
             raise BackendUnavailable(missing)
         import tensorrt as trt

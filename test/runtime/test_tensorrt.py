@@ -497,3 +497,22 @@ def test_a_damaged_cached_engine_is_built_again(tmp_path, monkeypatch):
     path.write_bytes(b"")  # empty
     tb.engine_for(*args, progress=lambda m: None)
     assert len(built) == 3 and path.read_bytes() == b"serialized engine 3"
+
+
+def test_fp16_on_a_tensorrt_without_the_fp16_builder_flag_is_unavailable(monkeypatch):
+    """TensorRT 11 removed BuilderFlag.FP16 (weak typing; NVIDIA/TensorRT v11.0 python/src/infer/
+    pyCore.cpp lists no FP16 among the builder flags). fp16 was reported available, then the build
+    raised a RuntimeError, which 'mpvss bench' (default specs include tensorrt:fp16) re-raises."""
+    import sys
+    import types
+
+    import mpvss_ros.runtime.tensorrt_backend as tb
+    from mpvss_ros.runtime.bench import BackendSpec, default_backend_specs
+
+    fake = types.SimpleNamespace(__version__="11.0.0", BuilderFlag=types.SimpleNamespace(TF32="TF32"))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(tb, "_import_cudart", lambda: object())
+    monkeypatch.setattr(tb, "_gpu_present", lambda: True)
+    assert backend_missing("tensorrt", "cuda", "fp32") is None
+    assert "FP16 builder flag" in (backend_missing("tensorrt", "cuda", "fp16") or "")
+    assert BackendSpec("tensorrt", "cuda", "fp16") not in default_backend_specs()
