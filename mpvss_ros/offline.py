@@ -89,9 +89,9 @@ def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
 
 
 class _OverlayVideo:
-    """``overlay.mp4`` as a by-product: even frame sizes for the codec (black padding at the
-    bottom/right), a frame rate within :data:`OVERLAY_FPS_RANGE`, the first frame's size kept
-    (later sizes resized), and on any write error a logged warning after which it stops."""
+    """``overlay.mp4`` as a by-product: a frame rate within :data:`OVERLAY_FPS_RANGE`, the first
+    frame's size kept (later sizes resized; :class:`~mpvss_ros.io.video.VideoWriter` encodes odd
+    sizes one pixel larger), and on any write error a logged warning after which it stops."""
 
     def __init__(self, path: Path, fps: float) -> None:
         self.path = path
@@ -102,10 +102,6 @@ class _OverlayVideo:
     def write(self, vis: np.ndarray) -> None:
         if self.failed:
             return
-        h, w = vis.shape[:2]
-        eh, ew = max(2, h + h % 2), max(2, w + w % 2)
-        if (eh, ew) != (h, w):
-            vis = cv2.copyMakeBorder(vis, 0, eh - h, 0, ew - w, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         try:
             if self.writer is None:
                 self.writer = VideoWriter(self.path, self.fps)

@@ -57,6 +57,9 @@ MAX_BAD_READS = 50
 
 # Codec per output suffix for VideoWriter (FourCC); all four are available in opencv-python.
 _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
+#: Highest frame rate VideoWriter accepts per suffix: above 1000 fps, OpenCV 5.1's AVI output
+#: reads back at 600 fps with frames missing (1001 fps: 4 of 6 frames).
+_MAX_FPS_BY_SUFFIX = {".avi": 1000.0}
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -169,7 +172,8 @@ class VideoFileSource(FrameSource):
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: OpenCV cannot open the file, or its first frame cannot be decoded.
+        ValueError: OpenCV cannot open the file, or none of its first frames can be decoded
+            (the first only, when the container reports no frame count).
     """
 
     def __init__(self, path: str | Path, fps: float | None = None) -> None:
@@ -178,11 +182,17 @@ class VideoFileSource(FrameSource):
             raise FileNotFoundError(f"input not found: {path}")
         cap = self._open_capture(path)
         try:
-            ok, first = cap.read()
-            if not ok or first is None:
-                raise ValueError(f"cannot read video: {path} (the first frame cannot be decoded)")
-            container_fps = cap.get(cv2.CAP_PROP_FPS)
             count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+            ok, first = cap.read()
+            # Damaged first frames are skipped like damaged frames later on (:meth:`_frames`), when
+            # the container's count says more frames follow, up to MAX_BAD_READS in a row.
+            bad = 0
+            while (not ok or first is None) and math.isfinite(count) and bad + 1 < min(count, MAX_BAD_READS + 1):
+                bad += 1
+                ok, first = cap.read()
+            if not ok or first is None:
+                raise ValueError(f"cannot read video: {path} (no decodable frame at its start)")
+            container_fps = cap.get(cv2.CAP_PROP_FPS)
         finally:
             cap.release()
         if fps is None:
@@ -366,8 +376,8 @@ def open_source(path: str | Path, fps: float | None = None) -> FrameSource:
 
     Raises:
         FileNotFoundError: ``input not found: <path>``.
-        ValueError: ``cannot read video: <path>`` (OpenCV cannot open it or decode its first
-            frame); a folder without images; ``fps`` not positive and finite.
+        ValueError: ``cannot read video: <path>`` (OpenCV cannot open it or decode a frame at
+            its start); a folder without images; ``fps`` not positive and finite.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -444,11 +454,14 @@ class VideoWriter:
         path: output file.
         fps: frame rate in frames/s, positive.
         size: ``(W, H)`` in pixels; None takes it from the first written frame (the file is
-            then opened, and open errors raised, on that first :meth:`write`).
+            then opened, and open errors raised, on that first :meth:`write`). OpenCV's FFmpeg
+            writer drops the last column/row of an odd width/height, so an odd side is encoded one
+            pixel larger, the frame's last column/row repeated (``encoded_size``; warning logged).
         fourcc: four-character codec code, overriding the suffix's default.
 
     Raises:
-        ValueError: unknown suffix (without ``fourcc``), bad ``fps``/``size``/``fourcc``.
+        ValueError: unknown suffix (without ``fourcc``), bad ``fps``/``size``/``fourcc``, or an
+            ``.avi`` above 1000 fps.
         OSError: OpenCV cannot open the file for writing (codec or path problem).
     """
 
@@ -463,8 +476,13 @@ class VideoWriter:
                                  f"use one of {sorted(_FOURCC_BY_SUFFIX)} or pass fourcc")
         if not isinstance(fourcc, str) or len(fourcc) != 4:
             raise ValueError(f"fourcc must be a 4-character code, got {fourcc!r}")
+        max_fps = _MAX_FPS_BY_SUFFIX.get(self.path.suffix.lower())
+        if max_fps is not None and self.fps > max_fps:
+            raise ValueError(f"{self.path.suffix} video cannot be written at {self.fps:g} fps (at most {max_fps:g}): "
+                             "OpenCV writes it at another rate and drops frames; use .mp4 or .mkv")
         self.fourcc = fourcc
         self.size: tuple[int, int] | None = None
+        self.encoded_size: tuple[int, int] | None = None  # size in the file: ``size`` rounded up to even
         self.frames_written = 0
         self._writer: cv2.VideoWriter | None = None
         self._closed = False
@@ -479,13 +497,20 @@ class VideoWriter:
         if w <= 0 or h <= 0:
             raise ValueError(f"size must be positive (W, H), got {size!r}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
+        # OpenCV's FFmpeg writer rounds odd sizes down (``width &= -2``): the frame's last column or
+        # row would be lost without a word (and 1 x 1 fails). Encode at the even size above instead.
+        ew, eh = w + (w & 1), h + (h & 1)
+        if (ew, eh) != (w, h):
+            logger.warning("video %s: odd frame size %dx%d is encoded as %dx%d (last column/row repeated)",
+                           self.path, w, h, ew, eh)
+        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (ew, eh))
         if not writer.isOpened():
             writer.release()
-            raise OSError(f"cannot open video for writing: {self.path} (codec {self.fourcc!r}, {w}x{h}, "
+            raise OSError(f"cannot open video for writing: {self.path} (codec {self.fourcc!r}, {ew}x{eh}, "
                           f"{self.fps:g} fps)")
         self._writer = writer
         self.size = (w, h)
+        self.encoded_size = (ew, eh)
 
     def write(self, image: np.ndarray) -> None:
         """Append one frame.
@@ -508,7 +533,11 @@ class VideoWriter:
             raise ValueError(f"frame is {image.shape[1]}x{image.shape[0]}, the video is "
                              f"{self.size[0]}x{self.size[1]}")  # type: ignore[index]
         assert self._writer is not None
-        self._writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        if self.encoded_size != self.size:
+            bgr = cv2.copyMakeBorder(bgr, 0, self.encoded_size[1] - self.size[1], 0,  # type: ignore[index]
+                                     self.encoded_size[0] - self.size[0], cv2.BORDER_REPLICATE)  # type: ignore[index]
+        self._writer.write(bgr)
         self.frames_written += 1
 
     def close(self) -> None:

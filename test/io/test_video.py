@@ -334,3 +334,44 @@ def test_intact_video_gives_no_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(_mjpg_avi(tmp_path / "a.avi")) as src:
         assert len(list(src)) == 20
     assert not caplog.records
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".avi", ".mkv"])
+def test_video_writer_keeps_the_last_column_and_row_of_odd_frames(tmp_path, suffix):
+    # OpenCV's FFmpeg writer rounds odd sizes down and dropped the frame's last column and row
+    img = np.full((49, 65, 3), 128, np.uint8)
+    img[:, -1] = (255, 0, 0)
+    img[-1, :] = (0, 0, 255)
+    with VideoWriter(tmp_path / f"odd{suffix}", 25) as writer:
+        writer.write(img)
+        writer.write(img)
+    assert writer.size == (65, 49)
+    with open_source(tmp_path / f"odd{suffix}") as src:
+        back = next(iter(src)).image
+    assert back.shape[0] >= 49 and back.shape[1] >= 65
+    assert back[:48, 64].mean(0)[0] > 200  # the red last column is in the file
+    assert back[48, :64].mean(0)[2] > 200  # and the blue last row
+
+
+def test_video_writer_refuses_avi_rates_it_cannot_write(tmp_path):
+    # 1001 fps .avi came back at 600 fps with 4 of 6 frames
+    with pytest.raises(ValueError, match="fps"):
+        VideoWriter(tmp_path / "fast.avi", 1001, (64, 48))
+    with VideoWriter(tmp_path / "ok.avi", 1000) as writer:
+        for i in range(6):
+            writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    with open_source(tmp_path / "ok.avi") as src:
+        assert src.fps == 1000 and len(list(src)) == 6
+
+
+def test_damaged_first_frame_is_skipped_like_any_other(tmp_path, caplog):
+    # the first frame's JPEG zeroed: frames 1.. decode, as they do when the same damage hits frame 2
+    data = bytearray(_mjpg_avi(tmp_path / "good.avi", frames=6).read_bytes())
+    chunks = [i for i in range(len(data) - 10) if data[i : i + 4] == b"00dc" and data[i + 8 : i + 10] == b"\xff\xd8"]
+    size = int.from_bytes(data[chunks[0] + 4 : chunks[0] + 8], "little")
+    data[chunks[0] + 8 : chunks[0] + 8 + size] = bytes(size)
+    damaged = tmp_path / "damaged.avi"
+    damaged.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(damaged) as src:
+        assert [f.index for f in src] == [1, 2, 3, 4, 5]
+    assert "skipped 1 undecodable frames (from 0 to 0)" in caplog.text
