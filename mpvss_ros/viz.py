@@ -151,7 +151,9 @@ def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]] | np.ndarray) 
     if valid is None:
         return np.take(pal, labels, axis=0)
     lut = np.concatenate([pal, np.zeros((1, 3), np.uint8)])
-    return np.take(lut, np.where(valid, labels, k), axis=0)
+    # intp: the void index k need not fit the labels' own type (int8 labels with K = 300 wrapped
+    # k to 44, int16 with K = 40000 to a negative index, colouring void pixels).
+    return np.take(lut, np.where(valid, labels.astype(np.intp, copy=False), k), axis=0)
 
 
 # --------------------------------------------------------------------------------------------

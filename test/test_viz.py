@@ -228,3 +228,10 @@ def test_overlay_tags_key_and_propagated_frames_beside_the_legend():
     bl = overlay(image, labels, pal, legend_corner="bottom-right", tag="key frame")
     assert not np.array_equal(bl[-30:, :100], overlay(image, labels, pal, legend_corner="bottom-right")[-30:, :100])
     assert draw_tag(np.zeros((6, 40, 3), np.uint8), "key frame") is None  # too small: nothing drawn
+
+
+@pytest.mark.parametrize("dtype, k", [(np.int8, 300), (np.int16, 40000), (np.int32, 300)])
+def test_colorize_negative_labels_are_void_whatever_the_palette_size(dtype, k):
+    pal = make_palette(k)
+    labels = np.array([[-1, 0, 5]], dtype=dtype)
+    np.testing.assert_array_equal(colorize(labels, pal), [[[0, 0, 0], pal[0], pal[5]]])
