@@ -184,7 +184,7 @@ class OpticalFlowPropagator(Propagator):
         flow_scale: resolution of the flow computation relative to the canvas, in
             :data:`OPTICAL_FLOW_SCALE_RANGE` (0.1 <= s <= 1).
         preset: DIS preset, a key of :data:`DIS_PRESETS` (ignored by Farneback).
-        grid_stride: when set, the flow is area-averaged onto a grid of ``ceil(H / stride) x
+        grid_stride: when set (>= 1 / flow_scale), the flow is area-averaged onto a grid of ``ceil(H / stride) x
             ceil(W / stride)`` cells of the (H, W) canvas before warping (canvas pixels per cell,
             may be fractional: the motion module's ``flow_stride``, 32/3 for ``mpvss_lite``,
             gives its flow grid). A diagnostic: it tells whether the coarser flow grid of
@@ -193,7 +193,7 @@ class OpticalFlowPropagator(Propagator):
             paper's direct flow from the current frame to the key frame.
 
     Raises:
-        ValueError: on an unknown method or preset, a bad scale or a grid stride < 1.
+        ValueError: on an unknown method or preset, a bad scale or a grid stride < 1 / flow_scale.
     """
 
     name = "optical_flow"
@@ -209,6 +209,10 @@ class OpticalFlowPropagator(Propagator):
             raise ValueError(f"flow_scale must be in [{lo:g}, {hi:g}], got {flow_scale}")
         if grid_stride is not None and grid_stride < 1:
             raise ValueError(f"grid_stride must be >= 1 or None, got {grid_stride}")
+        if grid_stride is not None and grid_stride * flow_scale < 1:
+            # pool_flow only averages onto a grid no finer than the flow's (canvas x flow_scale)
+            raise ValueError(f"grid_stride must be >= 1 / flow_scale = {1 / flow_scale:g} (the flow is computed at "
+                             f"{flow_scale:g} of the canvas), got {grid_stride}")
         self.method = method
         self.flow_scale = flow_scale
         self.grid_stride = grid_stride

@@ -204,3 +204,11 @@ def test_pan_helper_moves_content_left(bikes_frames):
     a, b = _pan(bikes_frames[40], 2, 8)
     np.testing.assert_array_equal(a[:, 8:], b[:, :-8])
     assert cv2.absdiff(a, b).mean() > 1.0
+
+
+def test_optical_flow_grid_stride_finer_than_the_flow_is_refused():
+    # flow at 0.5 of the canvas cannot be pooled onto a 1.5-pixel grid: every non-key frame raised
+    with pytest.raises(ValueError, match="grid_stride"):
+        OpticalFlowPropagator(flow_scale=0.5, grid_stride=1.5)
+    OpticalFlowPropagator(flow_scale=0.5, grid_stride=2.0)
+    OpticalFlowPropagator(flow_scale=1.0, grid_stride=1.0)
