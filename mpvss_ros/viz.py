@@ -208,7 +208,8 @@ def legend_entries(labels: np.ndarray, num_classes: int,
     Args:
         labels: ``(H, W)`` integer class IDs.
         num_classes: ``K``; labels outside ``0..K-1`` (void) are not listed.
-        class_names: ``K`` names, or None for ``"class <id>"``.
+        class_names: ``K`` names, or None for ``class_<id>``
+            (:func:`~mpvss_ros.config.default_class_names`).
 
     Returns:
         ``[(class_id, name), ...]`` in increasing class-ID order.

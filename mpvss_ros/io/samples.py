@@ -24,6 +24,7 @@ __all__ = [
     "camvid_dir",
     "camvid_annot_dir",
     "dashcam_clip",
+    "imagenet_mobilenet_v2",
 ]
 
 logger = logging.getLogger(__name__)
