@@ -172,10 +172,18 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
         CheckpointError: missing file, unreadable/corrupt file, or no state dict inside.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (an interrupted download or copy?)")
+    if path.suffix != ".pkl" and not zipfile.is_zipfile(path):
+        with path.open("rb") as f:
+            head = f.read(8)
+        if head[:1] != b"\x80":  # torch.save writes a zip, or (legacy) a pickle of protocol 2 or later
+            raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither torch.save's zip "
+                                  f"format nor a pickle; it starts with {head!r})")
     try:
         if path.suffix == ".pkl":
             with path.open("rb") as f:

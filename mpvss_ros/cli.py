@@ -221,7 +221,7 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .offline import SegmentOptions, check_out_dir, segment_path
+    from .offline import SegmentOptions, check_out_dir, segment_path, terminate_unwinds
 
     if args.input in SAMPLES:
         args.input = str(SAMPLES[args.input]())
@@ -240,10 +240,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         write_overlay=not args.no_overlay,
         progress=not args.no_progress,
     )
-    summary = segment_path(args.input, args.out, loaded, options, backend=backend)
+    with terminate_unwinds():  # SIGTERM unwinds as Ctrl-C does: frames.jsonl and overlay.mp4 are closed, not cut
+        summary = segment_path(args.input, args.out, loaded, options, backend=backend)
     brief = {k: summary[k] for k in ("frames", "key_frames", "key_frame_ratio", "fps", "trained")}
     brief["median_total_ms"] = {"key": summary["median_total_ms_key_frame"], "non_key": summary["median_total_ms_non_key_frame"]}
     brief["skipped"] = len(summary["skipped_non_finite"]) + len(summary["skipped_engine"])
+    brief["unreadable"] = len(summary["skipped_unreadable"]) + summary["missing_at_end"]  # input frames not read (logged)
     print(json.dumps(brief))
     print(f"wrote {args.out}/labels/, {'overlay.mp4, ' if summary['overlay'] else ''}frames.jsonl, summary.json")
     _warn_engine_failures(len(summary["skipped_engine"]), summary["frames"] + brief["skipped"], "frames",
@@ -464,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpvss: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # SIGTERM, unwound by segment and bag (exit status 143)
+        if exc.code == 143:
+            print("mpvss: terminated", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -20,12 +20,15 @@ frame rate is kept within 1-240 fps, and when it cannot be written the run goes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -70,6 +73,9 @@ def check_out_dir(input_path: str | Path, out: str | Path) -> None:
     if pngs and not earlier:
         raise ValueError(f"{labels} already holds {len(pngs)} PNG files that no mpvss segment run wrote "
                          f"(no frames.jsonl or summary.json beside it): choose another output folder")
+    if (out / "overlay.mp4").exists() and not earlier:  # someone's video, which the run would delete
+        raise ValueError(f"{out / 'overlay.mp4'} exists and no mpvss segment run wrote it (no frames.jsonl or "
+                         f"summary.json beside it): choose another output folder")
 
 
 def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
@@ -86,6 +92,33 @@ def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
         path.unlink()
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def terminate_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``SystemExit(143)`` (128 + 15, the shell's status
+    for it) instead of killing the process, so that ``finally`` blocks run: the default action
+    left a bag folder that is not a bag (no ``metadata.yaml``, an unfinished ``.db3`` or ``.mcap``)
+    and blocked the next run's output path, or an empty ``frames.jsonl`` and an unreadable
+    ``overlay.mp4`` beside the labels of ``mpvss segment``. The previous handler is restored after; outside the
+    main thread (where Python delivers signals), where SIGTERM is ignored, or where its handler
+    was installed by C code (rclpy's: Python can neither call nor restore it), nothing changes.
+    A second SIGTERM while the first unwinds is ignored, so that it cannot cut the removal short."""
+    current = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if current is None or current is signal.SIG_IGN:
+        yield
+        return
+
+    def on_term(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwinding; restored by the finally below
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 
 class _OverlayVideo:
@@ -317,6 +350,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                 record = {"name": frame.name, "source_index": frame.index, **result.to_record()}
                 records.append(record)
                 jsonl.write(json.dumps(record) + "\n")
+                jsonl.flush()  # a full disk fails here, in the loop, not when the file is closed after it
                 class_pixels += np.bincount(result.labels.ravel(), minlength=cfg.num_classes)[: cfg.num_classes]
                 if options.write_labels:
                     write_label_png(out / "labels" / f"{frame.name}.png", result.labels)
@@ -325,9 +359,15 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                                          tag=frame_tag(result.is_key_frame, result.frame_index - result.key_frame_index)))
                 if on_result is not None:
                     on_result(result)
+        except BaseException:  # Ctrl-C, SIGTERM (unwound by mpvss segment), a full disk, the backend giving up
+            log.warning("the run stopped: %s holds its partial output, %d frames in labels/ and frames.jsonl%s, and no "
+                        "summary.json (a new run into it replaces them)", out, len(records),
+                        " (and overlay.mp4)" if writer is not None and writer.written else "")
+            raise
         finally:
             if writer is not None:
                 writer.close()
+        unreadable, missing = list(source.unreadable), int(source.missing)
     wall = time.perf_counter() - t_start
     if not records:
         raise ValueError(f"no frame could be read from {input_path}" if not (non_finite or engine_failed) else
@@ -341,6 +381,10 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         "class_names": cfg.class_names,
         "skipped_non_finite": non_finite,
         "skipped_engine": engine_failed,
+        # input frames that could not be read (logged): unreadable files of a folder, damaged frames
+        # of a video, and the frames a truncated video lacks
+        "skipped_unreadable": unreadable,
+        "missing_at_end": missing,
         "wall_time_s": wall,
         # the one-off preparation of a fixed-shape backend (an ONNX export, a TensorRT engine
         # build, seconds to minutes) is not the engine's frame rate
@@ -348,5 +392,10 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         "fps": len(records) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
         **summarize(records, cfg.num_classes, class_pixels),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as exc:  # a full disk: name the file (the error of a write has no file name)
+        (out / "summary.json").unlink(missing_ok=True)
+        raise OSError(f"cannot write {out / 'summary.json'}: {exc.strerror or exc} ({len(records)} frames are in "
+                      f"labels/ and frames.jsonl; the overlay video may be cut short)") from exc
     return summary

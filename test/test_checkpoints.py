@@ -230,6 +230,21 @@ def test_random_bytes_get_one_line_without_unsafe_advice(tmp_path):
     assert len(text.splitlines()) == 1 and "weights_only set to False" not in text
 
 
+def test_a_text_file_or_a_folder_given_as_weights_says_what_it_is(tmp_path):
+    # a text file said "KeyError: 101" (torch.load reading its bytes as pickle opcodes), a folder
+    # "checkpoint not found"
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, not a model\n")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint .*starts with b'hello, n'"):
+        read_checkpoint(text)
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder, not a file"):
+        read_checkpoint(tmp_path / "folder.pt")
+    legacy = tmp_path / "legacy.pth"  # torch.save's pre-1.6 format: a pickle, still read
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(legacy).state_dict["w"], torch.ones(2))
+
+
 def test_an_unpickling_error_without_a_message_is_still_one_checkpoint_error(tmp_path, monkeypatch):
     """The error line takes the message's first line; an empty message raised IndexError instead."""
     import pickle
@@ -244,16 +259,18 @@ def test_an_unpickling_error_without_a_message_is_still_one_checkpoint_error(tmp
 
 
 def test_refusals_name_their_cause(tmp_path):
-    """An empty file says so (torch said 'EOFError: '); a file that is no pickle and one holding
-    a numpy array name what torch's weights-only reader refused (its first line is boilerplate)."""
+    """An empty file says so (torch said 'EOFError: '); a file that is no pickle says so and shows
+    its first bytes; one holding a numpy array names what torch's weights-only reader refused (its
+    first line is boilerplate)."""
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="the file is empty"):
         read_checkpoint(empty)
     text_file = tmp_path / "readme.pt"
     text_file.write_text("# README\nnot weights\n")
-    with pytest.raises(CheckpointError, match=r"Unsupported operand \d+\)$"):
-        read_checkpoint(text_file)
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint \(neither torch.save's zip format nor a "
+                                              r"pickle; it starts with b'# README'\)"):
+        read_checkpoint(text_file)  # torch's reader said "Unsupported operand 35" or "KeyError: 101"
     numpy_file = tmp_path / "numpy.pth"
     torch.save({"model": {"a": np.ones(2)}}, numpy_file)
     with pytest.raises(CheckpointError) as err:

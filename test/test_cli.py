@@ -176,6 +176,21 @@ def test_segment_image_folder_synthetic(tmp_path, capsys):
     _check_folder_run(out, stems, (101, 157), 10.0, 2)
 
 
+def test_segment_counts_the_input_frames_it_could_not_read(tmp_path, capsys):
+    # the files skipped with a warning are listed in summary.json and counted on the result line,
+    # which said "skipped": 0 for a folder whose files half failed to decode
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "frames"
+    _write_folder(folder, {f"f{i:03d}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in (0, 2, 3)})
+    (folder / "f001.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert _segment(folder, out, "--schedule", "fixed:1") == 0
+    brief = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert brief["frames"] == 3 and brief["unreadable"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_unreadable"] == ["f001"] and summary["missing_at_end"] == 0
+
+
 def test_segment_image_folder_camvid(camvid_val, tmp_path, capsys):
     files = sorted(camvid_val.glob("*.png"))[:5]
     assert len(files) == 5
@@ -273,6 +288,53 @@ def tiny_folder(tmp_path) -> Path:
     folder = tmp_path / "tiny"
     _write_folder(folder, {"f0": np.full((20, 30, 3), 90, np.uint8)})
     return folder
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_segment_stopped_mid_run_says_what_it_left(tmp_path, capsys, caplog, monkeypatch, how):
+    # Ctrl-C said only "interrupted"; SIGTERM killed the process: frames.jsonl empty (its buffer
+    # lost) beside the labels already written, overlay.mp4 without its index, no line at all
+    import os
+    import signal
+
+    from mpvss_ros.segmenter import VideoSegmenter
+
+    rng = np.random.default_rng(2)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for i in range(5)})
+    real = VideoSegmenter.push
+
+    def push(self, image, stamp, **kwargs):
+        if round(stamp * 30) == 3:
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, image, stamp, **kwargs)
+
+    def not_unwound(signum, frame):  # what a SIGTERM that mpvss segment does not handle reaches
+        raise AssertionError("SIGTERM was not unwound by mpvss segment (by default it kills the process)")
+
+    monkeypatch.setattr(VideoSegmenter, "push", push)
+    out = tmp_path / "out"
+    if how == "ctrl-c":
+        assert _segment(tmp_path / "frames", out, "--propagator", "copy") == 130
+    else:
+        previous = signal.signal(signal.SIGTERM, not_unwound)
+        try:
+            with pytest.raises(SystemExit) as exc:
+                _segment(tmp_path / "frames", out, "--propagator", "copy")
+            assert signal.getsignal(signal.SIGTERM) is not_unwound  # restored
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        assert exc.value.code == 143
+    err = capsys.readouterr().err
+    assert "holds its partial output, 3 frames in labels/ and frames.jsonl" in caplog.text
+    assert ("mpvss: interrupted" if how == "ctrl-c" else "mpvss: terminated") in err
+    assert len(_read_jsonl(out / "frames.jsonl")) == 3
+    assert sorted(p.stem for p in (out / "labels").iterdir()) == ["f0", "f1", "f2"]
+    assert not (out / "summary.json").exists()
+    video = cv2.VideoCapture(str(out / "overlay.mp4"))
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    video.release()
 
 
 def test_error_missing_input(tmp_path, capsys):
@@ -529,6 +591,19 @@ def test_segment_output_folder_is_never_mixed_nor_written_over_the_input(tmp_pat
     assert video.stat().st_size > 0
     assert _segment(out / "labels", out, "--propagator", "copy") == 2
     assert "would write over the input" in error_line(capsys.readouterr().err)
+
+
+def test_segment_leaves_an_overlay_mp4_no_run_wrote_alone(tmp_path, capsys):
+    # a folder of one's videos as --out: its overlay.mp4 was deleted and written over without a word
+    rng = np.random.default_rng(5)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(2)})
+    out = tmp_path / "videos"
+    out.mkdir()
+    (out / "overlay.mp4").write_bytes(b"someone's video")
+    for extra in ([], ["--no-overlay"]):
+        assert _segment(tmp_path / "frames", out, *extra) == 2
+        assert "overlay.mp4 exists and no mpvss segment run wrote it" in error_line(capsys.readouterr().err)
+        assert (out / "overlay.mp4").read_bytes() == b"someone's video" and not (out / "labels").exists()
 
 
 def test_segment_refuses_the_output_folder_before_loading_the_model(tmp_path, capsys, monkeypatch):

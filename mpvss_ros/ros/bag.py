@@ -37,8 +37,6 @@ import contextlib
 import logging
 import re
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +48,7 @@ from tqdm import tqdm
 
 from ..config import default_class_names
 from ..model_loader import LoadedModel
-from ..offline import EngineFailures, EngineOptions, summarize
+from ..offline import EngineFailures, EngineOptions, summarize, terminate_unwinds
 from ..segmenter import FrameError, NonFiniteOutputError
 from ..viz import make_palette
 from .conversions import (
@@ -173,31 +171,6 @@ def _read_messages(reader: Any, connections: list[Any], path: Path) -> Iterator[
 
 
 @contextlib.contextmanager
-def _terminate_unwinds() -> Iterator[None]:
-    """While the block runs, SIGTERM raises ``SystemExit(143)`` (128 + 15, the shell's status
-    for it) instead of killing the process, so that ``finally`` blocks run: the default action
-    left a folder that is not a bag (no ``metadata.yaml``, an unfinished ``.db3`` or ``.mcap``)
-    and blocked the next run's output path. The previous handler is restored after; outside the
-    main thread (where Python delivers signals), where SIGTERM is ignored, or where its handler
-    was installed by C code (rclpy's: Python can neither call nor restore it), nothing changes.
-    A second SIGTERM while the first unwinds is ignored, so that it cannot cut the removal short."""
-    current = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if current is None or current is signal.SIG_IGN:
-        yield
-        return
-
-    def on_term(signum: int, _frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwinding; restored by the finally below
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
 def _written_or_removed(writer: Any, path: Path) -> Iterator[None]:
     """Open ``writer`` (which creates the folder ``path``), close it after the block; if the block
     or the close raises or is interrupted, abort the writer and delete ``path``. (A removal armed
@@ -209,17 +182,32 @@ def _written_or_removed(writer: Any, path: Path) -> Iterator[None]:
         writer.open()
     except WriterError:  # the folder exists: not this run's, nothing is removed
         raise
-    except BaseException:  # SIGTERM or a storage error after the folder was made
+    except BaseException as exc:  # SIGTERM or a storage error after the folder was made
         shutil.rmtree(path, ignore_errors=True)
+        _raise_write_error(exc, path)
         raise
     try:
         yield
         writer.close()
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             writer.abort()
         shutil.rmtree(path, ignore_errors=True)
+        _raise_write_error(exc, path)
         raise
+
+
+def _raise_write_error(exc: BaseException, path: Path) -> None:
+    """An error of the output storage as one OSError naming the bag: sqlite3's own errors ("database
+    or disk is full"), which are no OSError and ended the run with a traceback, and a full disk or
+    quota without a file name (MCAP: "[Errno 28] No space left on device")."""
+    import errno
+    import sqlite3
+
+    full = isinstance(exc, OSError) and exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if isinstance(exc, sqlite3.Error) or full:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise OSError(f"cannot write the output bag {path}: {reason} (its partial folder was removed)") from exc
 
 
 def _db3_metadata_version(path: Path) -> int:
@@ -489,7 +477,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         # a run that fails or is interrupted leaves no output: the writer's partial folder (no
         # metadata.yaml, not a readable bag) would only block the next run's output path. Armed
         # once the writer has made the folder, so nothing it did not create is removed.
-        with _terminate_unwinds(), _written_or_removed(writer, out_path):
+        with terminate_unwinds(), _written_or_removed(writer, out_path):
             conn_in = _add_connection(writer, in_topic, msgtype, in_qos, typestore=typestore)
             copy_conns: dict[int, Any] = {}  # input connection id -> output connection
             # one output connection per topic, type and offered QoS (each publisher's QoS kept)

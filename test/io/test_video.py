@@ -187,6 +187,26 @@ def test_folder_with_corrupt_gray_and_16bit(tmp_path, caplog):
     np.testing.assert_array_equal(frames[3].image, colour)  # alpha dropped
 
 
+def test_folder_jpeg_with_damaged_scan_data_is_skipped(tmp_path, caplog):
+    # 300 bytes of the scan data overwritten (a bad sector, a copy cut short and patched): OpenCV
+    # decodes it with shifted blocks and only a libjpeg line on stderr naming no file
+    pytest.importorskip("simplejpeg")
+    yy, xx = np.mgrid[0:120, 0:160]
+    rgb = np.dstack([xx * 255 // 159, yy * 255 // 119, (xx + yy) % 256]).astype(np.uint8)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    good = buf.tobytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2 : len(bad) // 2 + 300] = np.random.default_rng(3).integers(0, 256, 300, dtype=np.uint8).tobytes()
+    (tmp_path / "f000.jpg").write_bytes(good)
+    (tmp_path / "f001.jpg").write_bytes(bytes(bad))
+    (tmp_path / "f002.jpg").write_bytes(good)
+    assert cv2.imdecode(np.frombuffer(bytes(bad), np.uint8), cv2.IMREAD_COLOR) is not None  # what OpenCV alone did
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(tmp_path) as src:
+        names = [f.name for f in src]
+    assert names == ["f000", "f002"]
+    assert "skipping corrupt JPEG" in caplog.text and "f001.jpg" in caplog.text
+
+
 def test_folder_default_fps_and_order(tmp_path):
     for name in ("b.jpg", "a.PNG", "c.bmp"):
         _write_bgr(tmp_path / name, np.full((4, 4, 3), 100, np.uint8))
@@ -312,6 +332,19 @@ def test_truncated_video_warns_about_the_frames_lost_at_the_end(tmp_path, caplog
     assert frames == [(i, f"{i:06d}") for i in range(len(frames))]
     assert f"decoded {len(frames)} of the 20 frames the container reports, {20 - len(frames)} missing" in caplog.text
     assert "skipped" not in caplog.text  # no frame decoded after the failed reads: not a skipped stretch
+
+
+def test_truncated_video_names_its_last_decoded_frame_as_possibly_cut_short(tmp_path, caplog):
+    # cut inside a frame: FFmpeg's MJPEG decoder returns the frame, the part after the cut filled in
+    # (green, grey), and the reads after it fail: the warning names that frame
+    data = _mjpg_avi(tmp_path / "good.avi").read_bytes()
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xd8"]  # JPEG SOI of each frame
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: (starts[5] + starts[6]) // 2])  # inside frame 5
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(cut) as src:
+        names = [f.name for f in src]
+    assert names and names[-1] in ("000004", "000005")
+    assert f"the last frame decoded, {names[-1]}, may be cut short" in caplog.text
 
 
 def test_frame_dropped_by_the_demuxer_is_reported(tmp_path, caplog):

@@ -851,6 +851,36 @@ def test_copied_connections_keep_their_own_qos_and_empty_topics_are_counted(ts, 
         assert sum(c.msgcount for c in tfs) == 2
 
 
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_a_full_disk_is_one_error_line_and_leaves_no_output(ts, tmp_path, capsys, monkeypatch, storage):
+    """sqlite3's "database or disk is full" is no OSError: it ended mpvss bag with a traceback."""
+    import errno
+    import sqlite3
+
+    from helpers import error_line
+
+    rng = np.random.default_rng(4)
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+                                                               for _ in range(3)]))
+    real_write, calls = Writer.write, []
+
+    def write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise (sqlite3.OperationalError("database or disk is full") if storage == "sqlite3"
+                   else OSError(errno.ENOSPC, "No space left on device"))
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Writer, "write", write)
+    rc = main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", TOPIC, "--storage", storage,
+               "--propagator", "copy", "--no-progress", "--threads", "1"])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 1
+    assert f"cannot write the output bag {tmp_path / 'out'}: " in line
+    assert ("disk is full" if storage == "sqlite3" else "No space left on device") in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("when", ["close", "cleanup"])
 def test_sigterm_while_closing_or_cleaning_up_leaves_no_output(ts, tmp_path, frames, band_loaded, monkeypatch, when):
     """SIGTERM while Writer.close commits and writes metadata.yaml (after the removal guard had
@@ -891,12 +921,12 @@ def test_sigterm_while_closing_or_cleaning_up_leaves_no_output(ts, tmp_path, fra
 def test_a_sigterm_handler_installed_from_c_is_left_alone(ts, tmp_path, frames, band_loaded, monkeypatch):
     """signal.getsignal gives None for a handler installed by C code (rclpy's): restoring None
     raised TypeError at the end of every run in such a process."""
-    import mpvss_ros.ros.bag as bag_module
+    import mpvss_ros.offline as offline
 
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]))
-    monkeypatch.setattr(bag_module.signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(offline.signal, "getsignal", lambda signum: None)
     installed = []
-    monkeypatch.setattr(bag_module.signal, "signal", lambda *args: installed.append(args))
+    monkeypatch.setattr(offline.signal, "signal", lambda *args: installed.append(args))
     summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
     assert summary["written"] == 2 and installed == []
 
