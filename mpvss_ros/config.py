@@ -340,7 +340,9 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             known = sorted({p.stem for d in _model_dirs() if d.is_dir() for p in d.glob("*.yaml")})
-            raise ConfigError(f"unknown model '{name_or_path}'; known models: {known} (or pass a .yaml file)")
+            hint = ("; weights files go to --weights" if path.suffix.lower() in (".pt", ".pth", ".pkl", ".ckpt")
+                    else "")
+            raise ConfigError(f"unknown model '{name_or_path}'; known models: {known} (or pass a .yaml file){hint}")
         path = found
     if not path.is_file():
         raise ConfigError(f"model config file not found: {path}")

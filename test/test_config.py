@@ -62,3 +62,11 @@ def test_unreadable_yaml_files_are_one_line_naming_the_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_model_config(broken)
     assert "broken.yaml: not valid YAML at line" in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_a_weights_file_given_as_model_says_where_it_goes():
+    """`--model model.pt` (weights and model swapped): the unknown-model error says where weights go."""
+    with pytest.raises(ConfigError, match=r"unknown model 'runs/x/model_final.pt'.*; weights files go to --weights$"):
+        load_model_config("runs/x/model_final.pt")
+    with pytest.raises(ConfigError, match=r"\(or pass a .yaml file\)$"):
+        load_model_config("mpvss_tiny")
