@@ -181,6 +181,9 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
     if path.suffix != ".pkl" and not zipfile.is_zipfile(path):
         with path.open("rb") as f:
             head = f.read(8)
+        if head[:4] == b"PK\x03\x04":  # a zip's first entry without its central directory at the end
+            raise CheckpointError(f"cannot read checkpoint {path}: a zip file cut short or damaged (no central "
+                                  "directory at its end; an interrupted download or copy?)")
         if head[:1] != b"\x80":  # torch.save writes a zip, or (legacy) a pickle of protocol 2 or later
             raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither torch.save's zip "
                                   f"format nor a pickle; it starts with {head!r})")

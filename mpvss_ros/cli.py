@@ -259,9 +259,9 @@ def _warn_engine_failures(failed: int, handled: int, unit: str, listed: str) -> 
     rule of the node's ``/diagnostics``: a backend failing on every non-key frame alternates with
     key frames and never fails :data:`~mpvss_ros.offline.MAX_ENGINE_FAILURES_IN_A_ROW` in a row.
     The exit status stays 0: the output is complete for the frames that were segmented."""
-    from .ros.core import FAILURE_WARN_SHARE
+    from .ros.core import failures_warrant_warning
 
-    if failed >= 2 and failed > FAILURE_WARN_SHARE * handled:
+    if failures_warrant_warning(failed, handled):
         print(f"mpvss: warning: the inference backend failed on {failed} of {handled} {unit} ({listed}; the "
               "log above names the errors)", file=sys.stderr)
 

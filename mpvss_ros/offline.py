@@ -12,8 +12,8 @@ Writes into ``out_dir``:
   the share of pixels per class.
 
 A run replaces the outputs of an earlier run in the same folder (so that labels of two runs never
-mix), refuses a folder whose ``labels/`` holds PNGs that no run wrote, and refuses to write over its
-own input. The overlay video is a by-product: frames are padded to even sizes for the codec, its
+mix), refuses a folder whose ``labels/`` holds PNGs, or that holds an ``overlay.mp4``, that no run
+wrote, and refuses to write over its own input. The overlay video is a by-product: frames are padded to even sizes for the codec, its
 frame rate is kept within 1-240 fps, and when it cannot be written the run goes on without it
 (logged; ``summary["overlay"]`` is then None).
 """
@@ -59,8 +59,9 @@ def check_out_dir(input_path: str | Path, out: str | Path) -> None:
 
     Raises:
         ValueError: the run would write over its input (the input is one of the output files,
-            or lies in ``out/labels``), or ``out/labels`` holds PNGs but ``out`` has no earlier
-            run's ``frames.jsonl``/``summary.json`` (they may be someone's data).
+            or lies in ``out/labels``), or ``out/labels`` holds PNGs or ``out`` an ``overlay.mp4``
+            but ``out`` has no earlier run's ``frames.jsonl``/``summary.json`` (they may be
+            someone's data).
     """
     src = Path(input_path).expanduser().resolve()
     out = Path(out).expanduser().resolve()
@@ -90,7 +91,9 @@ def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
     labels = make_output_dir(out / "labels", "output folder")
     for path in sorted(labels.glob("*.png")):
         path.unlink()
-    for name in RUN_FILES:
+    # the markers that tell a run's folder (frames.jsonl, summary.json) go last: a stop in between
+    # must not leave an overlay.mp4 that check_out_dir then takes for someone else's video
+    for name in reversed(RUN_FILES):
         (out / name).unlink(missing_ok=True)
 
 

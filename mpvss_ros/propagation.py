@@ -174,10 +174,11 @@ class OpticalFlowPropagator(Propagator):
     computed once per key frame.
 
     Accuracy against cost, CamVid val clip, shipped ``mpvss_lite`` weights, fixed key interval
-    5 / 10, 2 CPU threads (AMD EPYC; median ms per non-key frame at interval 5, the whole
-    ``VideoSegmenter.push``), chained flow: fast@0.5 69.19 / 66.41 mIoU (22.0 ms), medium@0.5
-    69.87 / 67.83 (30.4 ms), fast@1.0 69.90 / 67.81 (33.3 ms), medium@1.0 70.36 / 68.67 (57.3 ms);
-    direct flow 68.13 / 62.46, 69.03 / 64.23, 68.70 / 63.39, 69.45 / 64.98; see ``docs/experiment_log.md``, "Chained flow".
+    5 / 10, 2 CPU threads (median ms per non-key frame at interval 5, the whole
+    ``VideoSegmenter.push``), chained flow: fast@0.5 69.19 / 66.41 mIoU (12.9-13.3 ms), medium@0.5
+    69.87 / 67.83 (17.6-17.9 ms), fast@1.0 69.90 / 67.81, medium@1.0 70.36 / 68.67 (33.0-33.1 ms);
+    direct flow 68.13 / 62.46, 69.03 / 64.23, 68.70 / 63.39, 69.45 / 64.98; see ``docs/experiment_log.md``,
+    "Chained flow" (the mIoU) and "Stop 35" (the times; fast@1.0 was not re-timed).
 
     Args:
         method: ``dis`` or ``farneback``.

@@ -245,6 +245,18 @@ def test_a_text_file_or_a_folder_given_as_weights_says_what_it_is(tmp_path):
     assert torch.equal(read_checkpoint(legacy).state_dict["w"], torch.ones(2))
 
 
+def test_a_truncated_download_is_not_called_a_foreign_file(tmp_path):
+    # torch.save's zip cut in half (an interrupted download) fails zipfile.is_zipfile; the
+    # up-front check called it "not a PyTorch checkpoint (neither torch.save's zip format ...)"
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.ones(64, 64)}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cut short or damaged") as err:
+        read_checkpoint(cut)
+    assert "not a PyTorch checkpoint" not in str(err.value)
+
+
 def test_an_unpickling_error_without_a_message_is_still_one_checkpoint_error(tmp_path, monkeypatch):
     """The error line takes the message's first line; an empty message raised IndexError instead."""
     import pickle

@@ -606,6 +606,26 @@ def test_segment_leaves_an_overlay_mp4_no_run_wrote_alone(tmp_path, capsys):
         assert (out / "overlay.mp4").read_bytes() == b"someone's video" and not (out / "labels").exists()
 
 
+def test_a_run_stopped_while_clearing_the_folder_leaves_it_reusable(tmp_path, capsys, monkeypatch):
+    # a stop (Ctrl-C, SIGTERM) between removing the earlier run's frames.jsonl and its overlay.mp4
+    # left a folder that every later run refused as holding "an overlay.mp4 that no run wrote"
+    rng = np.random.default_rng(6)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(2)})
+    out = tmp_path / "out"
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy") == 0
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        real_unlink(self, missing_ok=missing_ok)
+        if self.name in ("summary.json", "overlay.mp4"):  # the second removal of the three
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy") == 130
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy") == 0, capsys.readouterr().err
+
+
 def test_segment_refuses_the_output_folder_before_loading_the_model(tmp_path, capsys, monkeypatch):
     import mpvss_ros.cli as cli
 

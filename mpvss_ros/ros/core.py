@@ -65,6 +65,13 @@ LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 #: every non-key frame (half the frames, the others key frames after each reset) does not.
 FAILURE_WARN_SHARE = 0.1
 
+
+def failures_warrant_warning(failed: float, handled: float) -> bool:
+    """The rule of ``/diagnostics`` and of the offline tools' closing warning: at least two
+    failures (one corrupt frame on a slow node is no trend) and more than
+    :data:`FAILURE_WARN_SHARE` of the ``handled`` frames."""
+    return failed >= 2 and failed > FAILURE_WARN_SHARE * handled
+
 #: Key-frame reasons that the schedule did not choose (see :mod:`mpvss_ros.scheduling`).
 FORCED_KEY_FRAME_REASONS = ("first", "reset", "resolution_change", "time_backwards", "time_gap",
                             "canvas_change", "frame_id_change", "non_finite")
@@ -668,7 +675,7 @@ class SegmentationCore:
             warnings.append(f"no output for {s['since_output_s']:.1f} s ({why})")
         done = s["failures"] + s["outputs"]
         # two at least: on a slow node (< 10 frames in the window) one corrupt frame is no trend
-        if s["failures"] >= 2 and s["failures"] > FAILURE_WARN_SHARE * done:
+        if failures_warrant_warning(s["failures"], done):
             warnings.append(f"{s['failures']:.0f} of {done:.0f} frames failed in the last {self.window_s:g} s: {problem}")
         if s["drop_ratio"] > 0.5:
             warnings.append(f"dropping {100 * s['drop_ratio']:.0f}% of input frames "

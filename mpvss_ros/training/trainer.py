@@ -741,8 +741,12 @@ def save_run_checkpoint(model_path: Path, state_path: Path, model: nn.Module, co
         OSError: a write failed (the previous pair is kept).
     """
     tmp = state_path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    save_checkpoint(model_path, model, config, meta=meta)
+    try:
+        torch.save(state, tmp)
+        save_checkpoint(model_path, model, config, meta=meta)
+    except BaseException:  # a full disk: do not leave the optimizer state's size behind on it
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(state_path)
 
 

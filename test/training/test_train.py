@@ -465,3 +465,22 @@ def test_a_corrupt_training_frame_is_refused_before_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot read image"):
         train_segmentor(_opts(run, data_root=str(root), train_files=None, steps=4))
     assert not run.exists()
+
+
+def test_a_failed_model_write_leaves_no_trainer_state_temp_file(tmp_path, monkeypatch):
+    # the state is written first (to trainer_state.pt.tmp); when the model write then fails on a
+    # full disk, the temporary state file (optimizer moments: twice the model) stayed on that disk
+    import errno
+
+    from mpvss_ros.training import trainer
+
+    model = torch.nn.Linear(2, 2)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", full)
+    with pytest.raises(OSError):
+        trainer.save_run_checkpoint(tmp_path / "checkpoint_last.pt", tmp_path / "trainer_state.pt", model, {},
+                                    {"step": 1}, {"step": 1})
+    assert list(tmp_path.iterdir()) == []
