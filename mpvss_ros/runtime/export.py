@@ -890,9 +890,8 @@ class GraphSource:
         source keeps a CPU copy of its own, so later changes to ``model`` (training, or a
         :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` folding its BatchNorms in place)
         neither reach the graphs of other sizes nor make them fail."""
-        on_cpu = next(model.parameters(), torch.empty(0)).device.type == "cpu"
-        own = copy.deepcopy(model).eval() if on_cpu else _cpu_eval(model)  # _cpu_eval copies off the GPU
-        return cls(model.cfg, model=own, cache_dir=cache_dir, weights=weights, trained=trained)
+        return cls(model.cfg, model=copy.deepcopy(model).cpu().eval(), cache_dir=cache_dir, weights=weights,
+                   trained=trained)
 
     @classmethod
     def from_dir(cls, export_dir: str | Path, cache_dir: str | Path | None = None) -> "GraphSource":
