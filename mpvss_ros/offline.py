@@ -13,9 +13,9 @@ Writes into ``out_dir``:
 
 A run replaces the outputs of an earlier run in the same folder (so that labels of two runs never
 mix), refuses a folder whose ``labels/`` holds PNGs, or that holds an ``overlay.mp4``, that no run
-wrote, and refuses to write over its own input. The overlay video is a by-product: frames are padded to even sizes for the codec, its
-frame rate is kept within 1-240 fps, and when it cannot be written the run goes on without it
-(logged; ``summary["overlay"]`` is then None).
+wrote, and refuses to write over its own input. The overlay video is a by-product: frames are
+padded to even sizes for the codec, its frame rate is kept within 1-240 fps, and when it cannot
+be written the run goes on without it (logged; ``summary["overlay"]`` is then None).
 """
 
 from __future__ import annotations
@@ -121,7 +121,6 @@ def terminate_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
 
 
 class _OverlayVideo:

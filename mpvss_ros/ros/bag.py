@@ -297,6 +297,11 @@ def _copied_connections(connections: list[Any], in_topic: str, names: Sequence[s
     return chosen
 
 
+#: The line between the parts of a bag's IDL definition (``IDL: <type>`` headers follow it), as
+#: rosbag2 writes it and rosbags reads it.
+_IDL_SEPARATOR = "=" * 80 + "\n"
+
+
 def _bag_definition(conn: Any) -> tuple[str, str] | None:
     """The bag's own definition of ``conn``'s type as (text, RIHS01), in ``.msg`` or IDL form, or
     None. A bag without type hashes (ROS 2 Humble: metadata version <= 6, e.g. every Humble MCAP
@@ -315,16 +320,15 @@ def _bag_definition(conn: Any) -> tuple[str, str] | None:
             if fmt == "MSG":
                 store.register(get_types_from_msg(data, conn.msgtype))
             else:
-                sep = "=" * 80 + "\n"
-                for part in data.split(sep):
+                for part in data.split(_IDL_SEPARATOR):
                     if part.strip():
                         store.register(get_types_from_idl(part.split("\n", 1)[1] if part.startswith("IDL: ") else part))
             digest = store.hash_rihs01(conn.msgtype)
         except Exception as exc:  # noqa: BLE001 - rosbags parse errors of a broken definition
             raise ValueError(f"cannot copy {conn.topic} ({conn.msgtype}): its definition in the bag does not "
                              f"parse ({type(exc).__name__}: {exc})") from None
-    if fmt == "IDL" and not data.startswith("=" * 80 + "\nIDL: "):
-        data = "=" * 80 + f"\nIDL: {conn.msgtype}\n" + data  # rosbags' writer tells IDL by this header
+    if fmt == "IDL" and not data.startswith(_IDL_SEPARATOR + "IDL: "):
+        data = _IDL_SEPARATOR + f"IDL: {conn.msgtype}\n" + data  # rosbags' writer tells IDL by this header
     return data, digest
 
 

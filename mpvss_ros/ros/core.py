@@ -72,6 +72,7 @@ def failures_warrant_warning(failed: float, handled: float) -> bool:
     :data:`FAILURE_WARN_SHARE` of the ``handled`` frames."""
     return failed >= 2 and failed > FAILURE_WARN_SHARE * handled
 
+
 #: Key-frame reasons that the schedule did not choose (see :mod:`mpvss_ros.scheduling`).
 FORCED_KEY_FRAME_REASONS = ("first", "reset", "resolution_change", "time_backwards", "time_gap",
                             "canvas_change", "frame_id_change", "non_finite")
