@@ -169,7 +169,8 @@ class Legend:
         box: ``(x0, y0, x1, y1)`` pixel box of the legend (x1, y1 exclusive), or None when
             nothing was drawn (no classes present, or the image is too small).
         entries: ``(class_id, name)`` of the listed classes, in class-ID order.
-        hidden: number of present classes left out for lack of room (shown as "+N more").
+        hidden: number of present classes left out for lack of room (shown as "+N more" when
+            the legend has room for two lines or more).
     """
 
     box: tuple[int, int, int, int] | None = None
@@ -245,7 +246,7 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
     scales with the image height (``H / 600``, clamped to 0.35..1.5; about 10 px high text at
     H = 272). Lines are capped by ``max_entries`` and by the height of the image; when not all
     classes fit, the largest by pixel count are listed (in class-ID order) and a last line
-    reads ``+N more``. Names too wide for the image are shortened with ``..``; non-ASCII
+    reads ``+N more``; when only one line fits, it names the largest class. Names too wide for the image are shortened with ``..``; non-ASCII
     characters are drawn as ``?``. Nothing is drawn if not even one line fits.
 
     Args:
@@ -288,14 +289,12 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
     if present.size <= capacity:
         shown, hidden = present, 0
     else:
-        if capacity < 2:
-            return Legend()
-        n = capacity - 1  # the last line says "+N more"
+        n = max(capacity - 1, 1)  # the last line says "+N more", unless only one line fits
         order = sorted(present.tolist(), key=lambda i: (-counts[i], i))
         shown, hidden = np.sort(np.array(order[:n])), int(present.size - n)
     entries = [(int(i), names[i]) for i in shown]
     lines = [_fit(_ascii(name), max_text_w, scale, thick) for _, name in entries]
-    more = _fit(f"+{hidden} more", max_text_w, scale, thick) if hidden else None
+    more = _fit(f"+{hidden} more", max_text_w, scale, thick) if hidden and capacity >= 2 else None
     widths = [cv2.getTextSize(t, _FONT, scale, thick)[0][0] for t in lines + ([more] if more else [])]
 
     n_lines = len(lines) + (1 if more else 0)

@@ -166,6 +166,20 @@ def test_legend_caps_entries_on_small_images():
     assert out.shape == (8, 8, 3)  # too small for a legend: no error, nothing drawn
 
 
+def test_legend_of_one_line_names_the_largest_class():
+    image, labels = _scene()  # classes 0, 3 and 8
+    counts = np.bincount(labels.ravel(), minlength=11)
+    largest = int(np.argmax(counts[:11]))  # 11 is void
+    legend = draw_legend(image.copy(), labels, make_palette(11), max_entries=1)
+    assert legend.box is not None
+    assert legend.entries == [(largest, f"class_{largest}")]
+    assert legend.hidden == 2
+    two = draw_legend(image.copy(), labels, make_palette(11), max_entries=2)
+    x0, y0, x1, y1 = two.box
+    assert two.hidden == 2 and len(two.entries) == 1  # one class and "+2 more"
+    assert legend.box[3] - legend.box[1] < y1 - y0  # one line, not two
+
+
 def test_overlay_rejects_bad_input():
     image, labels = _scene(20, 30)
     pal = make_palette(11)

@@ -437,14 +437,24 @@ def test_a_failed_trainer_state_write_keeps_the_last_checkpoint_resumable(tmp_pa
 
 
 @needs_data
-def test_resume_with_a_changed_lr_trains_with_it(tmp_path):
-    """options.json and the option-change warning say a new --lr applies on --resume; the saved
-    scheduler's base rates overrode it."""
-    train_segmentor(_opts(tmp_path, steps=4, stop_at=2, poly_power=0.0, lr=1e-4))
-    train_segmentor(_opts(tmp_path, steps=4, resume=True, poly_power=0.0, lr=1e-3))
-    assert json.loads((tmp_path / "options.json").read_text())["lr"] == 1e-3
+def test_resume_with_a_changed_lr_and_weight_decay_trains_with_them(tmp_path, monkeypatch):
+    """options.json and the option-change warning say a new --lr / --weight-decay applies on
+    --resume; the saved scheduler's base rates and the optimizer's groups overrode them."""
+    decays = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # the decay AdamW applies, per step (the largest group's)
+        decays.append(max(g["weight_decay"] for g in self.param_groups))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train_segmentor(_opts(tmp_path, steps=4, stop_at=2, poly_power=0.0, lr=1e-4, weight_decay=0.05))
+    train_segmentor(_opts(tmp_path, steps=4, resume=True, poly_power=0.0, lr=1e-3, weight_decay=0.01))
+    options = json.loads((tmp_path / "options.json").read_text())
+    assert options["lr"] == 1e-3 and options["weight_decay"] == 0.01
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([1e-4, 1e-4, 1e-3, 1e-3])
+    assert decays == pytest.approx([0.05, 0.05, 0.01, 0.01])
 
 
 @needs_data
