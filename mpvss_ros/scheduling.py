@@ -391,11 +391,19 @@ def parse_schedule(spec: str, max_gap_s: float = 1.0, min_interval: int = 1, max
         ValueError: with the accepted forms, on anything else.
     """
     kind, _, arg = spec.strip().partition(":")
+    arg = arg.strip()
     try:
         if kind == "fixed" and arg:
-            return FixedIntervalScheduler(int(arg), max_gap_s=max_gap_s)
+            try:
+                interval = int(arg)
+            except ValueError:
+                raise ValueError(f"the key-frame interval N of fixed:N must be a whole number of frames, got {arg!r}") from None
+            return FixedIntervalScheduler(interval, max_gap_s=max_gap_s)
         if kind == "adaptive":
-            threshold = float(arg) if arg else 0.5
+            try:
+                threshold = float(arg) if arg else 0.5
+            except ValueError:
+                raise ValueError(f"the scene threshold T of adaptive:T must be a number, got {arg!r}") from None
             return AdaptiveScheduler(threshold, min_interval, max_interval, max_gap_s=max_gap_s,
                                      cut_threshold=cut_threshold)
     except ValueError as exc:

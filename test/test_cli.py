@@ -385,7 +385,7 @@ def test_cut_threshold_reaches_the_scheduler(bikes_path, tmp_path, capsys, cut_t
 def test_error_bad_cut_threshold(tiny_folder, tmp_path, capsys, value):
     rc = _segment(tiny_folder, tmp_path / "out", "--schedule", "adaptive", "--cut-threshold", value)
     line = error_line(capsys.readouterr().err)
-    assert rc == 2 and "cut_threshold" in line
+    assert rc == 2 and "--cut-threshold" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -700,8 +700,8 @@ def test_segment_at_a_frame_rate_below_one_keeps_the_schedule(tmp_path, capsys):
     assert [r["is_key_frame"] for r in _read_jsonl(out / "frames.jsonl")] == [True, False, False, True]
 
 
-@pytest.mark.parametrize("extra, words", [(["--max-interval", "-3"], "max_interval"),
-                                          (["--cut-threshold", "nan"], "cut_threshold")])
+@pytest.mark.parametrize("extra, words", [(["--max-interval", "-3"], "--max-interval"),
+                                          (["--cut-threshold", "nan"], "--cut-threshold")])
 def test_error_bad_adaptive_settings_even_with_a_fixed_schedule(tiny_folder, tmp_path, capsys, extra, words):
     rc = _segment(tiny_folder, tmp_path / "out", "--schedule", "fixed:3", *extra)
     line = error_line(capsys.readouterr().err)
@@ -737,3 +737,32 @@ def test_an_onnxruntime_error_is_one_error_and_other_exceptions_keep_their_trace
     monkeypatch.setattr(cli, "_cmd_bag", lambda args: (_ for _ in ()).throw(TypeError("a bug")))
     with pytest.raises(TypeError, match="a bug"):
         cli.main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/x"])
+
+
+@pytest.mark.parametrize("spec, words", [("fixed:2.5", "whole number of frames"), ("adaptive:abc", "must be a number")])
+def test_error_bad_schedule_number_says_what_it_wants(tiny_folder, tmp_path, capsys, spec, words):
+    """Not Python's 'invalid literal for int()' / 'could not convert string to float'."""
+    rc = _segment(tiny_folder, tmp_path / "out", "--schedule", spec)
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and spec in line and words in line and "literal" not in line and "convert" not in line
+
+
+def test_bad_adaptive_setting_with_a_fixed_schedule_names_the_flag_not_adaptive(tiny_folder, tmp_path, capsys):
+    rc = _segment(tiny_folder, tmp_path / "out", "--cut-threshold", "-1")  # the default schedule is fixed:5
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "--cut-threshold" in line and "'adaptive'" not in line
+
+
+@pytest.mark.parametrize("extra, flag", [(["--alpha", "3"], "--alpha"), (["--alpha", "nan"], "--alpha"),
+                                         (["--max-image-pixels", "-5"], "--max-image-pixels")])
+def test_bag_bad_option_is_refused_by_its_flag_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, flag):
+    import mpvss_ros.cli as cli
+
+    def no_model(args):
+        raise AssertionError("the model must not load for a usage error")
+
+    monkeypatch.setattr(cli, "load_model_and_backend", no_model)
+    (tmp_path / "in").mkdir()
+    rc = cli.main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/x", *extra])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and flag in line and "None" not in line

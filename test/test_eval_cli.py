@@ -201,7 +201,7 @@ def test_eval_cli_study_bad_cut_threshold(camvid_val_dirs, lite_checkpoint, tmp_
     out = tmp_path / "study"
     rc = _eval("--weights", str(lite_checkpoint), "--study", "--max-frames", "4", "--cut-threshold", value,
                "--out", str(out))
-    assert rc == 2 and "cut_threshold" in capsys.readouterr().err
+    assert rc == 2 and "--cut-threshold" in capsys.readouterr().err
     assert not out.exists()  # a usage error before any work
 
 

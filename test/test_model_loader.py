@@ -45,3 +45,23 @@ def test_explicit_devices_are_kept_and_bad_ones_named():
     assert validate({"device": "auto"}).device == "auto"  # the node's parameter
     with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
         validate({"device": "gpu"})
+
+
+def test_model_that_contradicts_the_stored_configuration_says_so_first(lite_checkpoint, tmp_path):
+    """--model naming another architecture than the one a project checkpoint stores: the first
+    line names the stored one and what to do, before the key list (fresh-user review)."""
+    import yaml
+
+    from mpvss_ros.checkpoints import CheckpointError
+    from mpvss_ros.model_loader import load_model
+    from mpvss_ros.paths import find_data
+
+    doc = yaml.safe_load(find_data("config/models/mpvss_lite.yaml").read_text())
+    doc["name"] = "lite_q16"
+    doc["transformer_decoder"]["num_queries"] = 16
+    other = tmp_path / "lite_q16.yaml"
+    other.write_text(yaml.safe_dump(doc))
+    with pytest.raises(CheckpointError) as exc:
+        load_model(str(other), str(lite_checkpoint), "cpu")
+    first = str(exc.value).splitlines()[0]
+    assert "trained as mpvss_lite" in first and "--model mpvss_lite" in first and "leave out --model" in first

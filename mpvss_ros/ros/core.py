@@ -189,16 +189,16 @@ def load_configured_model(config: NodeConfig) -> LoadedModel:
             return load_exported(config.onnx_dir)
         except (ValueError, OSError, ConfigError) as exc:
             raise StartupError(_one_line(f"cannot use onnx_dir '{config.onnx_dir}': {exc}")) from None
+    what = f"model '{config.model}'" if config.model else "the model"  # '': the weights file's own
     try:  # the torch backend runs the model itself; the others only export it, on the CPU
         return load_model(config.model or None, config.weights or None,
                           _inference_device(config) if config.backend == "torch" else "cpu")
     except CheckpointError as exc:
         raise StartupError(_one_line(f"cannot load weights: {exc}")) from None
     except ConfigError as exc:
-        raise StartupError(_one_line(f"cannot load model '{config.model}': {exc}")) from None
+        raise StartupError(_one_line(f"cannot load {what}: {exc}")) from None
     except (ValueError, OSError, RuntimeError) as exc:
-        raise StartupError(_one_line(f"cannot load model '{config.model}' on {config.device}: "
-                                     f"{type(exc).__name__}: {exc}")) from None
+        raise StartupError(_one_line(f"cannot load {what} on {config.device}: {type(exc).__name__}: {exc}")) from None
 
 
 def configure_threads(threads: int) -> None:

@@ -107,10 +107,11 @@ class ParamSpec:
 
 
 PARAMETERS: tuple[ParamSpec, ...] = (
-    ParamSpec("model", "str", "mpvss_lite",
+    ParamSpec("model", "str", "",
               "Model: a name under config/models/ (mpvss_lite, mpvss_r50) or a model YAML file; "
-              "'' = the configuration stored in the weights file, else mpvss_r50 for an official "
-              "ResNet-50 MPVSS file, else mpvss_lite.",
+              "'' (as the command line's default) = the configuration stored in the weights file, "
+              "else mpvss_r50 for an official ResNet-50 MPVSS file, else mpvss_lite (with "
+              "weights '': the shipped mpvss_lite model).",
               constraints="a model name, a .yaml file, or ''"),
     ParamSpec("weights", "str", "",
               "Weights file (.pt/.pth of this project or official, detectron2 .pkl); '' = the "
@@ -227,7 +228,7 @@ DYNAMIC_PARAMETERS: tuple[str, ...] = tuple(p.name for p in PARAMETERS if p.dyna
 class NodeConfig:
     """Validated node parameters (see :data:`PARAMETERS` for their meaning)."""
 
-    model: str = "mpvss_lite"
+    model: str = ""
     weights: str = ""
     onnx_dir: str = ""
     device: str = "auto"
@@ -333,7 +334,9 @@ def check_parameter(name: str, value: Any) -> Any:
         raise ValueError(f"parameter 'device': must be auto, cpu, cuda or cuda:N, got {value!r}")
     if name == "schedule":
         if not _SCHEDULE_RE.match(value.strip()):
-            raise ValueError(f"parameter 'schedule': must be 'adaptive' or 'fixed:N' (N >= 1), got {value!r}")
+            hint = ("; the command line's adaptive:T is schedule 'adaptive' plus parameter 'scene_threshold' here"
+                    if value.strip().startswith("adaptive:") else "")
+            raise ValueError(f"parameter 'schedule': must be 'adaptive' or 'fixed:N' (N >= 1), got {value!r}{hint}")
         value = value.strip()
     if name == "image_size" and len(value) not in (0, 2):
         raise ValueError(f"parameter 'image_size': must be [] or [height, width], got {list(value)}")

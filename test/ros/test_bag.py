@@ -541,6 +541,17 @@ def test_cli_bag_errors(ts, small_bag, tmp_path, capsys):
     assert main(["bag", str(small_bag), str(tmp_path / "o2"), "--topic", TOPIC, "--namespace", "/9x"]) == 2
 
 
+def test_cli_bag_that_segments_nothing_fails_and_leaves_no_output(ts, tmp_path, frames, capsys):
+    """Exit 1 kept a bag of the input topic only, which blocked the re-run ("exists already")."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]))
+    args = ["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", TOPIC, "--no-progress", "--threads", "1"]
+    assert main([*args, "--max-image-pixels", "100"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"mpvss: error: no message of {TOPIC} could be segmented") and "was removed" in err[-1]
+    assert not (tmp_path / "out").exists()
+    assert main(args) == 0  # the re-run with a working limit
+
+
 def test_an_engine_error_on_one_frame_is_skipped_not_fatal(ts, tmp_path, frames, band_loaded, monkeypatch, capsys):
     """What the backend raises on one frame (a size a fixed-shape --onnx-dir export lacks, a CUDA
     out-of-memory) killed the run and removed the output: it skips that message, as the node's

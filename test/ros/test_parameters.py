@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEGMENT_YAML = ROOT / "config" / "segment.yaml"
 
 EXPECTED_DEFAULTS = {
-    "model": "mpvss_lite", "weights": "", "onnx_dir": "", "device": "auto", "backend": "torch", "image_size": [], "precision": "fp32",
+    "model": "", "weights": "", "onnx_dir": "", "device": "auto", "backend": "torch", "image_size": [], "precision": "fp32",
     "propagator": "query_flow", "optical_flow_preset": "fast", "optical_flow_scale": 0.5, "chain_flow": True,
     "schedule": "adaptive", "scene_threshold": 0.5, "cut_threshold": 0.45, "min_interval": 1, "max_interval": 10,
     "max_gap_s": 1.0,
@@ -530,3 +530,9 @@ def test_node_launchers_without_ros_say_so_in_one_line(script):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert "cannot start without ROS 2 (no module named 'rclpy')" in line and "setup.bash" in line
+
+
+def test_schedule_adaptive_with_threshold_points_to_scene_threshold():
+    """The command line's adaptive:T is two parameters on the node (fresh-user review)."""
+    with pytest.raises(ValueError, match="scene_threshold"):
+        validate({"schedule": "adaptive:0.7"})
