@@ -263,6 +263,12 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="start the motion module from this checkpoint's motion weights (warm start)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=list(d.crop),
                    help=f"training crop in pixels (default {d.crop[0]} {d.crop[1]})")
+    p.add_argument("--data-root", default=None,
+                   help="labelled frames in CamVid's layout (train/ trainannot/, optionally val/ valannot/; pairs are "
+                        "consecutive frames named <sequence>_<frame number>) (default: CamVid of the shared data)")
+    p.add_argument("--videos", nargs="+", default=None, metavar="VIDEO",
+                   help="unlabelled clips (video files, image folders, sample:bikes) for pseudo-labelled pairs "
+                        "(default: the shared dash-cam clip and bikes.mp4)")
     p.add_argument("--chain-training", action="store_true",
                    help="train video pairs through the chain of one-frame flows that chained propagation composes")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -462,6 +468,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     names = {f.name for f in dataclasses.fields(MotionTrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["crop"] = tuple(values["crop"])
+    values["videos"] = None if values["videos"] is None else tuple(values["videos"])
     _print_train_result(train_motion(MotionTrainOptions(**values)))
     return 0
 

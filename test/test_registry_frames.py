@@ -80,3 +80,46 @@ def test_few_training_steps_on_registry_frames_reduce_the_loss(registry_camvid_r
     assert result.finished and result.step == 8 and all(np.isfinite(result.losses))
     assert result.losses[-1] < 0.9 * result.losses[0], result.losses
     assert (tmp_path / "run" / "model_final.pt").is_file()
+
+
+def test_stage_two_trains_on_own_frames_and_videos(registry_camvid_root, bikes_path, tmp_path):
+    """``mpvss train motion --data-root DIR --videos CLIP``: stage 2 on a team's own labelled frames
+    and clips instead of the shared CamVid and dash-cam clip (two steps; the shipped model as the
+    frozen segmentor)."""
+    from mpvss_ros.checkpoints import read_state_dict
+    from mpvss_ros.paths import find_data
+    from mpvss_ros.training.motion_trainer import MotionTrainOptions, train_motion
+
+    shipped = find_data("models/mpvss_lite_camvid.pt")
+    opts = MotionTrainOptions(run_dir=str(tmp_path / "run"), init_checkpoint=str(shipped), steps=2, batch_size=2,
+                              crop=(96, 128), threads=1, max_clip_frames=6, val_frames=1, val_every=0,
+                              num_points=1024, warmup_steps=0, checkpoint_every=0, progress=False,
+                              data_root=str(registry_camvid_root), videos=("sample:bikes",), video_fraction=0.5)
+    before = torch.get_num_threads()
+    try:
+        result = train_motion(opts)
+    finally:
+        torch.set_num_threads(before)
+    assert result.finished and result.step == 2 and all(np.isfinite(result.losses))
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum(r.get("video_pairs", 0) for r in records if "loss" in r) >= 1
+    assert [r["step"] for r in records if r.get("val")] == [2]  # on --data-root's val frame
+    meta = load_model(weights=tmp_path / "run" / "model_final.pt").meta
+    assert meta["data"] == f"--data-root {registry_camvid_root.name} pairs + pseudo-labelled pairs of bikes.mp4"
+    init, last = read_state_dict(shipped), read_state_dict(tmp_path / "run" / "model_final.pt")
+    assert any(not torch.equal(init[k].float(), last[k].float()) for k in init if k.startswith("motion."))
+
+
+def test_stage_two_refuses_missing_own_data_before_any_work(registry_camvid_root, tmp_path):
+    from mpvss_ros.training.motion_trainer import MotionTrainOptions, train_motion
+
+    common = {"init_checkpoint": "models/mpvss_lite_camvid.pt", "steps": 1, "progress": False}
+    with pytest.raises(FileNotFoundError, match="--videos: /no/clip.mp4 not found"):
+        train_motion(MotionTrainOptions(run_dir=str(tmp_path / "a"), data_root=str(registry_camvid_root),
+                                        videos=("/no/clip.mp4",), **common))
+    with pytest.raises(FileNotFoundError, match="train has no train/ folder"):
+        train_motion(MotionTrainOptions(run_dir=str(tmp_path / "b"), data_root=str(registry_camvid_root / "train"),
+                                        videos=(), **common))
+    with pytest.raises(ValueError, match="videos must be a list of paths"):
+        train_motion(MotionTrainOptions(run_dir=str(tmp_path / "c"), videos="clip.mp4", **common))
+    assert not any((tmp_path / n).exists() for n in "abc")

@@ -54,7 +54,8 @@ from .data import list_frames, load_frame
 from .pairs import FramePairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
-                      lr_factor, no_decay_parameters, resume_run, rng_state, save_run_checkpoint, torch_threads)
+                      camvid_root, lr_factor, no_decay_parameters, resume_run, rng_state, save_run_checkpoint,
+                      torch_threads)
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels", "MIN_CROP"]
 
@@ -107,6 +108,13 @@ class MotionTrainOptions:
             of ``init_checkpoint``'s (warm start after retraining the segmentor); strict.
         device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``
             (:func:`~mpvss_ros.model_loader.select_device`).
+        data_root: labelled frames in CamVid's layout (``train/ trainannot/``, optional ``val/
+            valannot/``), as stage 1's [--data-root]; None = CamVid in the shared data folder.
+            Pairs are consecutive frames of one sequence, by file name ``<sequence>_<frame
+            number>`` (:func:`~mpvss_ros.training.pairs.camvid_pairs`).
+        videos: unlabelled clips (video files, image folders or ``sample:bikes``) for the
+            pseudo-labelled video pairs [--videos]; None = the shared dash-cam clip and
+            ``bikes.mp4``; empty = no video pairs.
     """
 
     run_dir: str
@@ -140,6 +148,8 @@ class MotionTrainOptions:
     model: str | None = None
     init_motion: str | None = None
     device: str = "auto"
+    data_root: str | None = None
+    videos: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         """Check every setting's type and range (:func:`train_motion` calls it before any work).
@@ -150,7 +160,7 @@ class MotionTrainOptions:
         ``seed`` >= 0; ``val_every`` >= -1; ``video_fraction``, ``synthetic_fraction``,
         ``synthetic_travel``, ``pseudo_label_confidence`` in [0, 1]; ``clip_grad_norm`` finite;
         ``max_minutes`` None or > 0; ``max_clip_frames`` None or >= 2 (a video pair needs two
-        frames).
+        frames); ``videos`` None or a sequence of non-empty path strings.
 
         Raises:
             ValueError: naming the first bad setting, its range and the value given.
@@ -170,6 +180,9 @@ class MotionTrainOptions:
         check_optional_positive(self, "max_minutes", note=" (leave it out for no limit)")
         check_optional_positive(self, "max_clip_frames", integer=True, low=2,
                                 note=", a video pair's two frames (leave it out for whole clips)")
+        if self.videos is not None and (isinstance(self.videos, str) or not all(
+                isinstance(v, str) and v for v in self.videos)):
+            raise ValueError(f"videos must be a list of paths (or None for the shared clips), got {self.videos!r}")
 
 
 @dataclass
@@ -301,8 +314,39 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
         return _train(opts)
 
 
+def _training_data(opts: MotionTrainOptions) -> tuple[Path, Path, Path | None, Path | None, list[Path]]:
+    """``(train images, train labels, val images or None, val labels or None, unlabelled clips)``
+    of a stage-2 run, checked before any work (see ``data_root`` and ``videos``)."""
+    if opts.data_root is None:  # the shared data, as the shipped model was trained
+        train_dir, train_annot = camvid_dir("train"), camvid_annot_dir("train")
+        if train_dir is None or train_annot is None:
+            raise FileNotFoundError("CamVid train data not found: set MPVSS_SHARED_DATA to the shared data folder "
+                                    "(it holds camvid/train and camvid/trainannot), or give --data-root")
+        val_dir, val_annot = camvid_dir("val"), camvid_annot_dir("val")
+    else:
+        root = camvid_root(opts.data_root)
+        for sub in ("train", "trainannot"):
+            if not (root / sub).is_dir():
+                raise FileNotFoundError(f"--data-root {root} has no {sub}/ folder (CamVid's layout: train/ "
+                                        f"trainannot/, optionally val/ valannot/)")
+        train_dir, train_annot = root / "train", root / "trainannot"
+        has_val = (root / "val").is_dir() and (root / "valannot").is_dir()
+        val_dir, val_annot = (root / "val", root / "valannot") if has_val else (None, None)
+    if opts.videos is None:
+        clips = [p for p in (dashcam_clip(), bikes_clip()) if p is not None]
+    else:
+        clips = []
+        for video in opts.videos:
+            path = bikes_clip() if video == "sample:bikes" else Path(video).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"--videos: {video} not found")
+            clips.append(path)
+    return train_dir, train_annot, val_dir, val_annot, clips
+
+
 def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     synthetic_motion = SyntheticMotion(travel_probability=opts.synthetic_travel)  # checks the range first
+    train_dir, train_annot, val_dir, val_annot, clip_paths = _training_data(opts)
     run_dir = Path(opts.run_dir)
     if opts.model is not None:
         cfg = load_model_config(opts.model)
@@ -333,17 +377,11 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     if device.type == "cpu":
         to_channels_last(model, ("backbone",))
 
-    train_dir, train_annot = camvid_dir("train"), camvid_annot_dir("train")
-    if train_dir is None or train_annot is None:
-        raise FileNotFoundError("CamVid train data not found: set MPVSS_SHARED_DATA to the shared data folder "
-                                "(it holds camvid/train and camvid/trainannot)")
     for img, lab in list_frames(train_dir, train_annot):  # a corrupt frame fails now (2 s), not when first drawn
         load_frame(img, lab, num_classes=cfg.num_classes)
     canvas = tuple(cfg.input.size) if cfg.input.size else (360, 480)
     clips = []
-    for path in (dashcam_clip(), bikes_clip()):
-        if path is None:
-            continue
+    for path in clip_paths:
         frames = load_clip_on_canvas(path, canvas, limit=opts.max_clip_frames)
         clips.append((frames, pseudo_labels(model, frames, opts.pseudo_label_confidence)))
         log.info("pseudo-labelled %d frames of %s", len(frames), path.name)
@@ -354,7 +392,6 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     log.info("%d CamVid pairs, %d video pairs, synthetic fraction %.2f (camera travel in %.2f of them)",
              len(pairs.camvid), len(pairs.video), opts.synthetic_fraction, opts.synthetic_travel)
 
-    val_dir, val_annot = camvid_dir("val"), camvid_annot_dir("val")
     val_frames, val_labels = [], []
     if val_dir is not None and opts.val_every >= 0 and opts.val_frames > 0:
         for img, lab in list_frames(val_dir, val_annot)[: opts.val_frames]:
@@ -405,9 +442,12 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     wp = int(math.ceil(opts.crop[1] / 32) * 32)
     last_val: dict[str, Any] | None = None
 
+    data = (("CamVid train" if opts.data_root is None else f"--data-root {Path(opts.data_root).name}") + " pairs + "
+            + (f"pseudo-labelled pairs of {', '.join(p.name for p in clip_paths)}" if clip_paths else "no video pairs"))
+
     def meta(step: int) -> dict[str, Any]:
         return {"stage": "query_flow", "step": step, "steps": opts.steps, "init": str(opts.init_checkpoint),
-                "init_meta": init_meta, "data": "CamVid train pairs + pseudo-labelled solidWhiteRight/bikes pairs",
+                "init_meta": init_meta, "data": data,
                 "seed": opts.seed, "val": last_val, "device": trained_on}
 
     def save(step: int) -> None:

@@ -382,9 +382,15 @@ def _set_bn_eval(module: nn.Module) -> None:
             m.eval()
 
 
-def _camvid_root(opts: TrainOptions) -> Path:
-    if opts.data_root is not None:
-        root = Path(opts.data_root).expanduser()
+def camvid_root(data_root: str | None) -> Path:
+    """The folder of CamVid-layout training data (``train/ trainannot/ val/ valannot/``):
+    ``data_root`` [--data-root], or ``camvid`` in the shared data folder when None.
+
+    Raises:
+        FileNotFoundError: the folder does not exist, or None and no shared data folder.
+    """
+    if data_root is not None:
+        root = Path(data_root).expanduser()
     else:
         shared = shared_data_dir()
         if shared is None:
@@ -782,7 +788,7 @@ def _train(opts: TrainOptions) -> TrainResult:
     trained_on = device_description(device)
     log.info("training on %s", trained_on)
 
-    root = _camvid_root(opts)
+    root = camvid_root(opts.data_root)
     train_set = CamVidFrames(root / "train", root / "trainannot", crop=opts.crop, scale=opts.scale, flip=opts.flip,
                              color_jitter=opts.color_jitter, train=True, num_classes=k, ignore_index=IGNORE_INDEX,
                              seed=opts.seed, files=opts.train_files)
