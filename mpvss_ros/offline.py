@@ -26,6 +26,8 @@ import logging
 import signal
 import threading
 import time
+from array import array
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,7 +45,7 @@ from .scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
 from .segmenter import NonFiniteOutputError, SegmentationResult, VideoSegmenter
 from .viz import frame_tag, make_palette, overlay
 
-__all__ = ["EngineOptions", "SegmentOptions", "check_out_dir", "segment_path", "summarize"]
+__all__ = ["EngineOptions", "RunStats", "SegmentOptions", "check_out_dir", "segment_path", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -268,28 +270,68 @@ class EngineFailures:
         self.in_a_row = 0
 
 
+class RunStats:
+    """What a run summary needs of every frame (:func:`summarize`), kept compactly: one float64
+    per stage timing and frame, the key-frame reasons counted. The offline tools used to hold
+    every frame's record (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`, about 775
+    bytes each) until the end, which grew by 80 MiB per hour of 30 fps video; this holds about
+    50 bytes per frame.
+    """
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.key_frames = 0
+        self.key_frame_reasons: Counter[str] = Counter()
+        self._stages: dict[str, array] = {}  # stage -> its ms over the frames that have it
+        self._total_key = array("d")
+        self._total_non_key = array("d")
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Count one frame's record (``is_key_frame``, ``key_frame_reason``, ``timings_ms``)."""
+        self.frames += 1
+        key = bool(record["is_key_frame"])
+        timings = record["timings_ms"]
+        if key:
+            self.key_frames += 1
+            self.key_frame_reasons[record["key_frame_reason"]] += 1
+        for stage, value in timings.items():
+            self._stages.setdefault(stage, array("d")).append(value)
+        if "total" in timings:
+            (self._total_key if key else self._total_non_key).append(timings["total"])
+
+    def __len__(self) -> int:
+        return self.frames
+
+    def stage_values(self, stage: str) -> np.ndarray:
+        """The ms of ``stage`` over the frames that have it, in order (float64)."""
+        return np.frombuffer(self._stages.get(stage, array("d")), dtype=np.float64)
+
+    def summary(self, num_classes: int, class_pixels: np.ndarray) -> dict[str, Any]:
+        """As :func:`summarize` on the records added."""
+        n = self.frames
+        timing = {}
+        for stage in sorted(self._stages):
+            vals = self.stage_values(stage)
+            timing[stage] = {"median": float(np.median(vals)), "mean": float(vals.mean()), "p90": float(np.percentile(vals, 90)), "count": int(vals.size)}
+        share = class_pixels / max(class_pixels.sum(), 1)
+        return {
+            "frames": n,
+            "key_frames": self.key_frames,
+            "key_frame_ratio": self.key_frames / n if n else 0.0,
+            "key_frame_reasons": {reason: self.key_frame_reasons[reason] for reason in sorted(self.key_frame_reasons)},
+            "timings_ms": timing,
+            "median_total_ms_key_frame": float(np.median(self._total_key)) if self._total_key else None,
+            "median_total_ms_non_key_frame": float(np.median(self._total_non_key)) if self._total_non_key else None,
+            "class_pixel_share": {int(c): round(float(s), 6) for c, s in enumerate(share) if s > 0},
+        }
+
+
 def summarize(results: list[dict[str, Any]], num_classes: int, class_pixels: np.ndarray) -> dict[str, Any]:
     """Key-frame ratio, timing statistics (ms) and class shares from per-frame records."""
-    n = len(results)
-    keys = [r for r in results if r["is_key_frame"]]
-    stages = sorted({k for r in results for k in r["timings_ms"]})
-    timing = {}
-    for stage in stages:
-        vals = np.array([r["timings_ms"][stage] for r in results if stage in r["timings_ms"]])
-        timing[stage] = {"median": float(np.median(vals)), "mean": float(vals.mean()), "p90": float(np.percentile(vals, 90)), "count": int(vals.size)}
-    total_key = [r["timings_ms"]["total"] for r in keys]
-    total_non = [r["timings_ms"]["total"] for r in results if not r["is_key_frame"]]
-    share = class_pixels / max(class_pixels.sum(), 1)
-    return {
-        "frames": n,
-        "key_frames": len(keys),
-        "key_frame_ratio": len(keys) / n if n else 0.0,
-        "key_frame_reasons": {reason: sum(1 for r in keys if r["key_frame_reason"] == reason) for reason in sorted({r["key_frame_reason"] for r in keys})},
-        "timings_ms": timing,
-        "median_total_ms_key_frame": float(np.median(total_key)) if total_key else None,
-        "median_total_ms_non_key_frame": float(np.median(total_non)) if total_non else None,
-        "class_pixel_share": {int(c): round(float(s), 6) for c, s in enumerate(share) if s > 0},
-    }
+    stats = RunStats()
+    for record in results:
+        stats.add(record)
+    return stats.summary(num_classes, class_pixels)
 
 
 def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedModel, options: SegmentOptions,
@@ -323,7 +365,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     out = Path(out_dir)
     _prepare_out_dir(input_path, out)
 
-    records: list[dict[str, Any]] = []
+    records = RunStats()  # the summary's figures; every frame's record is in frames.jsonl
     non_finite: list[str] = []  # frames whose logits were NaN / infinite (skipped)
     engine_failed: list[str] = []  # frames the backend failed on (skipped)
     failures = EngineFailures("frames")
@@ -350,7 +392,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                     continue
                 failures.succeeded()
                 record = {"name": frame.name, "source_index": frame.index, **result.to_record()}
-                records.append(record)
+                records.add(record)
                 jsonl.write(json.dumps(record) + "\n")
                 jsonl.flush()  # a full disk fails here, in the loop, not when the file is closed after it
                 class_pixels += np.bincount(result.labels.ravel(), minlength=cfg.num_classes)[: cfg.num_classes]
@@ -392,7 +434,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         # build, seconds to minutes) is not the engine's frame rate
         "setup_s": segmenter.setup_s,
         "fps": len(records) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
-        **summarize(records, cfg.num_classes, class_pixels),
+        **records.summary(cfg.num_classes, class_pixels),
     }
     try:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

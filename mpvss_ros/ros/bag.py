@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from ..config import default_class_names
 from ..model_loader import LoadedModel
-from ..offline import EngineFailures, EngineOptions, summarize, terminate_unwinds
+from ..offline import EngineFailures, EngineOptions, RunStats, terminate_unwinds
 from ..segmenter import FrameError, NonFiniteOutputError
 from ..viz import make_palette
 from .conversions import (
@@ -447,7 +447,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     counts: dict[str, int] = {}
     skipped: dict[str, int] = {}
     skip_examples: list[dict[str, Any]] = []
-    records: list[dict[str, Any]] = []
+    records = RunStats()  # the summary's figures of the written frames
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     frames = 0
     t_start = time.perf_counter()
@@ -560,7 +560,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                     if out.class_masks is not None:
                         put("class_masks", stamp_ns, out.class_masks, CLASS_MASKS_TYPE)
                     put("info", stamp_ns, out.info, INFO_TYPE)
-                    records.append(result.to_record())
+                    records.add(result.to_record())
                     class_pixels += np.bincount(result.labels.ravel(), minlength=cfg.num_classes)[: cfg.num_classes]
                     if skipped:
                         bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
@@ -568,10 +568,10 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 bar.close()
     wall = time.perf_counter() - t_start
 
-    stats = summarize(records, cfg.num_classes, class_pixels) if records else {
+    stats = records.summary(cfg.num_classes, class_pixels) if records else {
         "key_frames": 0, "key_frame_reasons": {}, "timings_ms": {}, "median_total_ms_key_frame": None,
         "median_total_ms_non_key_frame": None, "class_pixel_share": {}}
-    totals = [r["timings_ms"]["total"] for r in records]
+    totals = records.stage_values("total")
     return {
         "input": str(in_path),
         "output": str(out_path),
@@ -588,7 +588,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "key_frames": stats["key_frames"],
         "key_frame_ratio": stats["key_frames"] / len(records) if records else 0.0,
         "key_frame_reasons": stats["key_frame_reasons"],
-        "median_total_ms": {"all": float(np.median(totals)) if totals else None,
+        "median_total_ms": {"all": float(np.median(totals)) if totals.size else None,
                             "key": stats["median_total_ms_key_frame"], "non_key": stats["median_total_ms_non_key_frame"]},
         "timings_ms": stats["timings_ms"],
         "class_pixel_share": stats["class_pixel_share"],

@@ -263,6 +263,11 @@ class _SegmenterShell:
         for destroy, entity in self._built_entities:
             destroy(entity)
         self._built_entities = []
+        # The stopped worker and the slot (whose hooks are the core's bound methods) hold the core,
+        # and through it the model: drop them too, or cleanup would keep the model (GPU memory
+        # included) until the next activate, and the next configure would load a second copy.
+        self._worker = None
+        self._slot = None
         self.core = None
 
     def destroy_node(self) -> None:

@@ -154,7 +154,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("chain_flow", "bool", True,
               "query_flow and optical_flow: estimate each frame's flow to the previous frame and compose "
               "it back to the key frame (same cost; CamVid val, key interval 5 / 10: query flow +1.89 / "
-              "+6.10 mIoU with the shipped model) instead of the paper's direct flow to the key frame (false).", dynamic=True),
+              "+6.10 mIoU with the shipped model) instead of the paper's direct flow to the key frame (false). "
+              "The composed flow's error grows with every frame since the key frame, bounded only by the next "
+              "key frame: keep max_interval or fixed:N to tens of frames.", dynamic=True),
     ParamSpec("schedule", "str", "adaptive",
               "Key-frame schedule: 'adaptive' (a hard cut, scene change >= scene_threshold, or "
               "max_interval frames) or 'fixed:N' (every N-th frame; fixed:1 = per-frame segmentation).",
@@ -173,7 +175,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Adaptive schedule: frames after a key frame before a cut or a scene change may "
               "trigger the next one.", min=1, max=10000, dynamic=True),
     ParamSpec("max_interval", "int", 10,
-              "Adaptive schedule: a key frame is forced after this many frames.",
+              "Adaptive schedule: a key frame is forced after this many frames (chained flow drifts "
+              "with the distance from the key frame: see chain_flow).",
               min=1, max=10000, dynamic=True),
     ParamSpec("max_gap_s", "float", 1.0,
               "A gap between consecutive input stamps longer than this (seconds) forces a key "

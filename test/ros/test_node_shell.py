@@ -453,3 +453,33 @@ def test_worker_survives_a_warning_then_an_error_on_the_rclpy_logger(node_module
     assert any(level == "error" and "boom" in text for level, text in node.get_logger().lines)
     monkeypatch.setattr(node.core.segmenter, "push", push)
     feed(node, fresh(), 0)  # segmenting goes on
+
+
+def test_lifecycle_cleanup_releases_the_model(node_module, monkeypatch):
+    """After cleanup nothing of the node holds the core or the model (the README: ``cleanup``
+    releases the model): not the stopped worker, not the slot whose hooks are the core's methods.
+    Otherwise the model (GPU memory on a GPU) stays until the next activate, and the next
+    configure loads a second copy beside it."""
+    import gc
+    import weakref
+
+    start, _ = node_module
+    start()  # installs the stand-ins and the overrides
+    import mpvss_ros.ros.node as node_py
+
+    R = fr.TransitionCallbackReturn
+    monkeypatch.setattr(fr.Node, "overrides", {**fr.Node.overrides, "max_frame_age_s": 0})
+    node = node_py.MPVSSLifecycleNode()
+    try:
+        assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
+        feed(node, image(100_000_000), 0)
+        core, model = weakref.ref(node.core), weakref.ref(node.core.loaded.model)
+        assert node.trigger_deactivate() == R.SUCCESS and node.trigger_cleanup() == R.SUCCESS
+        gc.collect()
+        assert core() is None, "the core outlives cleanup"
+        assert model() is None, "the model outlives cleanup"
+        # and the node comes back as before
+        assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
+        feed(node, image(200_000_000), 0)  # new publishers
+    finally:
+        node.destroy_node()
