@@ -85,6 +85,18 @@ def test_a_shared_step_moves_every_query_flow():
     torch.testing.assert_close(out, compose_flows(prev, step.expand(1, 3, 2, 8, 10)), atol=1e-6, rtol=0)
 
 
+def test_each_query_flow_is_composed_with_its_own_step():
+    """Per-query steps and flows: query q's composed flow is the composition of its own pair, as
+    if composed alone (a mix-up of queries and flow components would pair them otherwise)."""
+    g = torch.Generator().manual_seed(0)
+    prev = torch.randn(1, 3, 2, 8, 10, generator=g) * 2
+    step = torch.randn(1, 3, 2, 8, 10, generator=g) * 2
+    out = compose_flows(prev, step)
+    for q in range(3):
+        torch.testing.assert_close(out[:, q : q + 1], compose_flows(prev[:, q : q + 1], step[:, q : q + 1]),
+                                   atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("prev, step", [
     ((1, 3, 2, 8, 10), (1, 3, 2, 8, 11)),   # grids differ
     ((1, 3, 2, 8, 10), (1, 2, 2, 8, 10)),   # query counts differ (neither is 1)

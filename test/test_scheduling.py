@@ -170,6 +170,35 @@ def test_frame_change_clamps_the_gain_so_a_cut_to_black_counts():
     assert scorer.frame_change(white, black) == pytest.approx(250 / 255, abs=1e-3)  # dark reference: no gain
 
 
+def test_frame_change_clamps_the_gain_at_two_so_a_cut_to_a_bright_scene_counts():
+    scorer = SceneScorer()
+    dark, bright = scorer.thumbnail(_solid(50, (90, 160)))[0], scorer.thumbnail(_solid(200, (90, 160)))[0]
+    # gain 200 / 50 = 4, clamped at 2: the reference becomes 100, not 200
+    assert scorer.frame_change(bright, dark) == pytest.approx(100 / 255, abs=1e-3)
+    # a gain within [0.5, 2] is compensated fully
+    mid = scorer.thumbnail(_solid(150, (90, 160)))[0]
+    assert scorer.frame_change(bright, mid) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_histogram_change_is_measured_against_the_key_frame():
+    # A slow fade to dark (2.4 % darker per frame): the gain-compensated frame change stays near 0
+    # and each frame's histogram is close to the previous one's, but far from the key frame's. The
+    # scene score follows the histogram distance to the key frame, so the fade makes a key frame.
+    h, w = 36, 64
+    ramp = np.tile(np.linspace(0, 255, w, dtype=np.float32), (h, 1))
+    frames = [np.repeat(np.rint(ramp * g)[..., None], 3, axis=2).astype(np.uint8) for g in np.linspace(1.0, 0.3, 31)]
+    scorer = SceneScorer()
+    hists = [scorer.thumbnail(f)[1] for f in frames]
+    decisions = _run(AdaptiveScheduler(threshold=0.5, max_interval=1000), frames)
+    key = 0
+    for i, d in enumerate(decisions):
+        if d.is_key_frame:
+            key = i
+        else:
+            assert d.scene_score >= scorer.histogram_change(hists[i], hists[key]) - 1e-9, i
+    assert _keys(decisions, "scene_change"), [round(d.scene_score, 3) for d in decisions]
+
+
 # ------------------------------------------------------------------ real static scene
 
 

@@ -81,6 +81,47 @@ def test_coarse_flow_is_scaled_to_the_mask_grid():
     torch.testing.assert_close(out[..., :, 2:-4], key[..., :, 4:-2], atol=1e-4, rtol=0)
 
 
+def test_coarse_flow_is_scaled_per_axis():
+    # A flow grid 4x coarser than the masks in x and 2x in y: 1 px of x flow moves the masks by 4
+    # columns, 1 px of y flow by 2 rows (each axis by its own ratio, w / wf and h / hf).
+    h, w = 32, 48
+    key = _smooth_pattern(h, w)
+    flow_x = torch.zeros(1, 1, 2, h // 2, w // 4)
+    flow_x[:, :, 0] = 1.0
+    flow_y = torch.zeros(1, 1, 2, h // 2, w // 4)
+    flow_y[:, :, 1] = 1.0
+    out_x = warp_mask_logits(key, flow_x, "exact")
+    out_y = warp_mask_logits(key, flow_y, "exact")
+    torch.testing.assert_close(out_x[..., :, :-4], key[..., :, 4:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out_y[..., :-2, :], key[..., 2:, :], atol=1e-4, rtol=0)
+
+
+def test_zero_flow_mmtrack_shifts_rows_by_the_height():
+    # mmtrack normalises y by H (and x by W): zero flow samples row y at y * (H - 1) / H, here on a
+    # canvas wider than high, so normalising y by W would show.
+    ramp = torch.arange(8, dtype=torch.float32).view(1, 1, 8, 1).expand(1, 1, 8, 16).contiguous()
+    out = warp_mask_logits(ramp, torch.zeros(1, 1, 2, 8, 16), "mmtrack")
+    torch.testing.assert_close(out[0, 0, :, 5], torch.arange(8, dtype=torch.float32) * 7 / 8, atol=1e-5, rtol=0)
+
+
+def test_coarse_flow_is_upsampled_with_half_pixel_centres():
+    # The flow is upsampled like F.interpolate(align_corners=False): output column x reads the
+    # coarse grid at x * wf / w - 0.25 (here wf = w / 2), clamped to the grid. The masks are the
+    # column index, so the warped value is x + the upsampled flow (x 2 px per coarse px), clamped
+    # to the last column by the border padding.
+    h, w = 4, 16
+    cols = torch.arange(w, dtype=torch.float32)
+    key = cols.view(1, 1, 1, w).expand(1, 1, h, w).contiguous()
+    slope = 0.2  # coarse flow = 0.2 * coarse column
+    flow = torch.zeros(1, 1, 2, h, w // 2)
+    flow[0, 0, 0] = slope * torch.arange(w // 2, dtype=torch.float32)
+    out = warp_mask_logits(key, flow, "exact")
+    src = (cols * (w // 2) / w - 0.25).clamp(0, w // 2 - 1)
+    expected = (cols + 2 * slope * src).clamp(max=w - 1)
+    for row in out[0, 0]:
+        torch.testing.assert_close(row, expected, atol=1e-5, rtol=0)
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="normalization"):
         warp_mask_logits(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 4, 4), "bogus")

@@ -617,6 +617,17 @@ def test_segmentation_info_fields(ts, types):
     assert msg.total_latency_ms == pytest.approx(7.75)
 
 
+def test_segmentation_info_frame_index_wraps_at_uint32(ts, types):
+    # frame_index is uint32: a 20 fps stream passes 65535 within an hour; only 2**32 wraps it
+    header = make_header(ts)
+    for index, expected in ((70_000, 70_000), (2**32 - 1, 2**32 - 1), (2**32 + 3, 3)):
+        result = fake_result()
+        result.frame_index = index
+        msg = roundtrip(ts, make_segmentation_info(types.segmentation_info, types.time, header, result),
+                        "mpvss_ros/msg/SegmentationInfo")
+        assert msg.frame_index == expected
+
+
 def test_build_outputs_on_real_frame(ts, types, camvid_frame, band_model, lite):
     seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(3))
     header = make_header(ts, sec=1700000001, nanosec=66_666_667, frame_id="front_camera")

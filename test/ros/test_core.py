@@ -30,6 +30,7 @@ from mpvss_ros.ros.core import (
     StartupError,
     Worker,
     build_segmenter,
+    failures_warrant_warning,
     load_configured_model,
 )
 from mpvss_ros.ros.parameters import validate
@@ -605,6 +606,20 @@ def test_diagnostics_warn_when_no_output(make_core, types):
     assert core.diagnostic_status().level == WARN
 
 
+def test_re_enabling_restarts_the_no_output_timer(make_core, types):
+    core, clock, _ = make_core()
+    slot = core.make_slot()
+    feed(core, clock, slot, image_msg(types, frame(), 1.0))
+    core.set_enabled(False)
+    clock.advance(60.0)  # a long pause while disabled
+    assert core.diagnostic_status().level == OK
+    core.set_enabled(True)
+    status = core.diagnostic_status()  # just re-enabled: no output is expected yet
+    assert status.level == OK, status.message
+    clock.advance(5.5)
+    assert core.diagnostic_status().level == WARN
+
+
 def test_diagnostics_warn_when_dropping_more_than_half(make_core, types):
     core, clock, _ = make_core()
     slot = core.make_slot()
@@ -652,6 +667,13 @@ def test_diagnostics_error_when_every_frame_fails_and_recovers(make_core, types)
     for _ in range(2):
         feed(core, clock, slot, bad)
     assert core.diagnostic_status().level == ERROR
+
+
+def test_failure_share_warns_only_above_a_tenth():
+    # "more than FAILURE_WARN_SHARE (0.1)": 2 of 20 is exactly a tenth, no warning
+    assert not failures_warrant_warning(2, 20)
+    assert failures_warrant_warning(2, 19) and failures_warrant_warning(3, 20)
+    assert not failures_warrant_warning(1, 5)  # one failure is no trend
 
 
 # --------------------------------------------------------------------------------------------

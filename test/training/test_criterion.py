@@ -29,6 +29,12 @@ def test_semantic_to_targets_void_in_no_mask():
         semantic_to_targets(torch.zeros(1, 2, 2, dtype=torch.int64), K)
 
 
+def test_semantic_to_targets_refuses_label_k():
+    # K is no class: the raw CamVid void label 11 with K = 11 classes must be mapped to ignore first.
+    with pytest.raises(ValueError, match=rf"\[{K}\]"):
+        semantic_to_targets(torch.tensor([[0, K], [1, 255]]), K, 255)
+
+
 def _outputs(b=2, n=6, h=8, w=10, aux=2, seed=0, requires_grad=True):
     g = torch.Generator().manual_seed(seed)
     def mk(*shape):
@@ -89,6 +95,38 @@ def test_ce_weights_no_object():
     assert losses["loss_ce"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_ce_targets_follow_the_matched_target_order():
+    # Hungarian matches come sorted by prediction, with their targets in any order: query 0 <-
+    # target 1 (class 1), query 2 <- target 0 (class 3); queries 1, 3, 4 learn no-object.
+    cls = torch.randn(1, 5, K + 1, generator=torch.Generator().manual_seed(1))
+    tgt = [{"labels": torch.tensor([3, 1]), "masks": torch.ones(2, 8, 8, dtype=torch.bool)}]
+    crit = SetCriterion(K, HungarianMatcher(num_points=16), no_object_weight=0.1, num_points=16)
+    ce = crit.loss_labels(cls, tgt, [(torch.tensor([0, 2]), torch.tensor([1, 0]))])
+    nll = -F.log_softmax(cls[0], -1)
+    targets = [1, K, 3, K, K]
+    w = torch.tensor([1.0, 0.1, 1.0, 0.1, 0.1])
+    expected = sum(w[i] * nll[i, targets[i]] for i in range(5)) / w.sum()
+    assert ce.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_each_loss_weight_multiplies_its_own_term():
+    # Non-default weights (distinct, unlike the spec's 5 / 5) show which term each one scales.
+    torch.manual_seed(0)
+    crit = SetCriterion(K, FixedMatcher(K), weight_class=1.0, weight_mask=3.0, weight_dice=7.0, num_points=64)
+    losses = crit(_outputs(aux=0, requires_grad=False), _targets())
+    assert losses["loss_mask"].item() != pytest.approx(losses["loss_dice"].item(), rel=1e-3)
+    expected = 1.0 * losses["loss_ce"] + 3.0 * losses["loss_mask"] + 7.0 * losses["loss_dice"]
+    torch.testing.assert_close(losses["loss"], expected)
+
+
+def test_spec_defaults():
+    # Spec section 3.4: weights 2 / 5 / 5, no-object 0.1, 12544 points, oversample 3, importance 0.75.
+    crit = SetCriterion(K, FixedMatcher(K))
+    assert (crit.weight_class, crit.weight_mask, crit.weight_dice) == (2.0, 5.0, 5.0)
+    assert crit.empty_weight.tolist() == pytest.approx([1.0] * K + [0.1])
+    assert (crit.num_points, crit.oversample_ratio, crit.importance_sample_ratio) == (12544, 3.0, 0.75)
+
+
 def test_mask_losses_constant_case():
     # Query 0 predicts logit 2 everywhere; its target covers the left half.
     # BCE -> (softplus(-2) + softplus(2)) / 2; dice = 1 - (2*s*P/2 + 1)/(s*P + P/2 + 1), s = sigmoid(2)
@@ -105,6 +143,20 @@ def test_mask_losses_constant_case():
     s = torch.sigmoid(torch.tensor(2.0)).item()
     dice = 1 - (2 * s * p / 2 + 1) / (s * p + p / 2 + 1)
     assert losses["loss_dice"].item() == pytest.approx(dice, abs=0.02)
+
+
+def test_mask_losses_are_divided_by_the_target_masks_of_the_batch():
+    # Two images with three target masks in all; every mask logit is 2 and every target the left
+    # half, so each matched mask has the same BCE: the sum over masks / 3 (target masks, not the 2
+    # images) is one mask's BCE.
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[:, :, :32] = True
+    targets = [{"labels": torch.tensor([0, 1]), "masks": masks}, {"labels": torch.tensor([2]), "masks": masks[:1]}]
+    crit = SetCriterion(K, FixedMatcher(K), num_points=1024, importance_sample_ratio=0.0, deep_supervision=False)
+    torch.manual_seed(0)
+    losses = crit({"class_logits": torch.zeros(2, K, K + 1), "mask_logits": torch.full((2, K, 16, 16), 2.0)}, targets)
+    bce = (F.softplus(torch.tensor(-2.0)) + F.softplus(torch.tensor(2.0))).item() / 2
+    assert losses["loss_mask"].item() == pytest.approx(bce, abs=0.03)
 
 
 def test_perfect_prediction_scores_lower_than_random():

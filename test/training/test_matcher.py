@@ -100,6 +100,12 @@ def test_hungarian_batch_and_empty_targets():
         HungarianMatcher(0, 0, 0)
 
 
+def test_default_costs_are_the_spec_weights():
+    # Spec section 3.4: C = 2 * class + 5 * BCE + 5 * dice on 112^2 points.
+    m = HungarianMatcher()
+    assert (m.cost_class, m.cost_mask, m.cost_dice, m.num_points) == (2.0, 5.0, 5.0, 12544)
+
+
 def test_fixed_matcher():
     cls = torch.zeros(2, 12, 9)
     msk = torch.zeros(2, 12, 4, 4)

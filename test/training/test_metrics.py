@@ -87,6 +87,22 @@ def test_errors_and_empty():
     assert c.mat.sum() == 0
 
 
+def test_ignore_index_inside_the_class_range():
+    # ignore_index may be a class id (a dataset whose 0 means "unlabelled"): those pixels count for
+    # no class, whatever was predicted on them.
+    c = ConfusionMatrix(3, ignore_index=0)
+    c.update(np.array([0, 1, 2, 2, 1]), np.array([0, 1, 2, 0, 0]))
+    np.testing.assert_array_equal(c.mat, np.diag([0, 1, 1]))
+    assert c.miou() == pytest.approx(1.0) and c.pixel_accuracy() == pytest.approx(1.0)
+
+
+def test_negative_ground_truth_is_ignored():
+    # -1 (a common void value) is outside 0..K-1: ignored like 255, not an error.
+    c = ConfusionMatrix(3)
+    c.update(np.array([[0, 1], [2, 1]]), np.array([[-1, 1], [2, -5]]))
+    np.testing.assert_array_equal(c.mat, np.diag([0, 1, 1]))
+
+
 # VC_n hand case: 4 frames of 1x4 pixels.
 VC_GTS = [np.array([[0, 0, 1, 11]]), np.array([[0, 1, 1, 11]]), np.array([[0, 1, 1, 2]]), np.array([[0, 1, 1, 2]])]
 VC_PREDS = [np.array([[3, 3, 3, 3]]), np.array([[3, 3, 4, 3]]), np.array([[3, 3, 4, 4]]), np.array([[0, 0, 0, 0]])]
