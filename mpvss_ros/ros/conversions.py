@@ -182,7 +182,8 @@ builtin_interfaces/Time key_frame_stamp
 # Why this frame is a key frame ("" on non-key frames), e.g. first, interval, scene_cut,
 # scene_change, max_interval, resolution_change, time_backwards, time_gap, frame_id_change
 # (the input header's frame_id changed: another camera), non_finite (the previous frame's
-# logits were NaN or infinite), reset (the ~/reset
+# logits were NaN or infinite), canvas_change (the scheduler asked for no key frame, but the
+# frame's letterbox differs from the key frame's or there is none yet), reset (the ~/reset
 # service, re-enabling, a schedule or propagation parameter changed while running, or the
 # inference backend or the propagation failed on the previous frame).
 string key_frame_reason

@@ -403,7 +403,7 @@ def test_cli_train_motion_bad_option_is_one_error_line(tmp_path, capsys):
     code = main(["train", "motion", "--run-dir", str(tmp_path / "run"), "--init-checkpoint", str(tmp_path / "c.pt"),
                  "--threads", "1", "--steps", "0", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and err == "mpvss: error: steps must be >= 1, got 0\n"
+    assert code == 2 and err == "mpvss: error: steps must be >= 1, got 0 (--steps)\n"
     assert not (tmp_path / "run").exists()
 
 
