@@ -236,11 +236,10 @@ def _int_field(msg: Any, name: str) -> int:
     return int(value)
 
 
-
 def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) -> None:
     if max_pixels is not None and height * width > max_pixels:
         raise ConversionError(f"{what} is {width} x {height} = {height * width} pixels, more than the "
-                              f"{max_pixels} allowed (parameter max_image_pixels)")
+                              f"{max_pixels} allowed (the node's max_image_pixels, mpvss bag's --max-image-pixels)")
 
 
 def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
