@@ -330,6 +330,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, 
         meta: JSON-like provenance (training data, steps, metrics, ...), plain Python types.
         half: store floating-point tensors as float16 (half the size; loading copies them back
             into the model's float32 parameters). ``meta["stored_dtype"]`` records it.
+
+    Raises:
+        ValueError: the checkpoint would not load back with ``weights_only=True`` (e.g. numpy
+            scalars in ``model_config`` or ``meta``); nothing is written.
+        OSError: the parent folder cannot be made or the file cannot be written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -484,7 +484,18 @@ def _print_train_result(result: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``mpvss``; returns the exit status."""
+    """Entry point of ``mpvss``; returns the exit status.
+
+    Missing files, configuration and value errors return 2; backend (``RuntimeError``,
+    onnxruntime), checkpoint and other OS errors return 1 (one ``mpvss: error:`` line each);
+    Ctrl-C returns 130.
+
+    Raises:
+        SystemExit: from argparse (``--help``: 0, a usage error: 2), and ``SystemExit(143)``
+            on SIGTERM during ``segment`` or ``bag`` (re-raised after printing ``terminated``).
+        Exception: any other error that is not a ``RuntimeError`` or an onnxruntime error is
+            re-raised with its traceback (a bug).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="mpvss: %(levelname)s: %(message)s")

@@ -130,7 +130,8 @@ class InputConfig:
 
     ``pixel_mean``/``pixel_std``: RGB, 0-255 scale. ``size``: the network canvas (H, W) in
     pixels that a frame is fitted into with its aspect ratio kept; None keeps the input size.
-    ``size_divisibility``: padding multiple (bottom/right, zeros after normalisation).
+    ``size_divisibility``: padding multiple in pixels (bottom/right, zeros after normalisation;
+    spec §1.2: 32).
     ``warp_normalization``: ``exact`` (zero flow is the identity) or ``mmtrack`` (the
     official ``flow_warp_feats`` grid, /W with align_corners=True; needed for official
     checkpoints to behave as trained).

@@ -307,7 +307,7 @@ class RunStats:
         return np.frombuffer(self._stages.get(stage, array("d")), dtype=np.float64)
 
     def summary(self, num_classes: int, class_pixels: np.ndarray) -> dict[str, Any]:
-        """As :func:`summarize` on the records added."""
+        """As :func:`summarize` on the records added (the same arguments and result)."""
         n = self.frames
         timing = {}
         for stage in sorted(self._stages):
@@ -327,7 +327,20 @@ class RunStats:
 
 
 def summarize(results: list[dict[str, Any]], num_classes: int, class_pixels: np.ndarray) -> dict[str, Any]:
-    """Key-frame ratio, timing statistics (ms) and class shares from per-frame records."""
+    """Key-frame ratio, timing statistics (ms) and class shares from per-frame records.
+
+    Args:
+        results: per-frame records (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`:
+            ``is_key_frame``, ``key_frame_reason``, ``timings_ms``).
+        num_classes: K (not used by the figures; kept for the callers).
+        class_pixels: (K,) integer pixel counts per class over the run (int64 in the tools).
+
+    Returns:
+        ``{"frames", "key_frames", "key_frame_ratio", "key_frame_reasons", "timings_ms": {stage:
+        {"median", "mean", "p90" (ms), "count"}}, "median_total_ms_key_frame",
+        "median_total_ms_non_key_frame" (ms, None without such frames), "class_pixel_share":
+        {class id: fraction in [0, 1]} (classes with pixels only)}``.
+    """
     stats = RunStats()
     for record in results:
         stats.add(record)
@@ -357,7 +370,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     Raises:
         FileNotFoundError: missing input. ValueError: unreadable video, empty folder, bad
         schedule or propagator name, no frame segmented. RuntimeError: the backend failed on
-        :data:`MAX_ENGINE_FAILURES_IN_A_ROW` frames in a row.
+        :data:`MAX_ENGINE_FAILURES_IN_A_ROW` frames in a row. OSError: the output folder cannot
+        be made or written (e.g. a full disk; ``summary.json`` is then not left behind).
     """
     cfg = loaded.config
     segmenter = options.build_segmenter(loaded, backend)

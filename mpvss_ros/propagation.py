@@ -129,8 +129,11 @@ class FlowChain:
         return self.reference
 
     def advance(self, step: Tensor, reference: Any) -> Tensor:
-        """Compose ``step`` (B, N|1, 2, h, w) (current -> previous) onto the chain; ``reference``
-        is the current frame in the form :meth:`start` returns. Returns current -> key frame."""
+        """Compose ``step`` (B, N|1, 2, h, w) float32 (current -> previous, pixels of the flow
+        grid) onto the chain; ``reference`` is the current frame in the form :meth:`start`
+        returns. Returns current -> key frame, (B, N|1, 2, h, w) float32 in the same units
+        (:func:`~mpvss_ros.nn.warp.compose_flows`, which raises ``ValueError`` on mismatched
+        shapes)."""
         self.flow = step if self.flow is None else compose_flows(self.flow, step)
         self.reference = reference
         return self.flow

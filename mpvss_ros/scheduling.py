@@ -123,8 +123,12 @@ class SceneScorer:
 
     Args:
         thumb_width: thumbnail width in pixels (height keeps the aspect ratio).
-        pixel_scale: pixel change that counts as a full scene change (see module docstring).
+        pixel_scale: pixel change that counts as a full scene change, as a fraction of the grey
+            range 0..255 (see module docstring).
         bins: grey-histogram bins.
+
+    Raises:
+        ValueError: ``thumb_width < 4``, ``pixel_scale <= 0`` or ``bins < 2``.
     """
 
     def __init__(self, thumb_width: int = 64, pixel_scale: float = 0.25, bins: int = 32) -> None:
@@ -182,7 +186,11 @@ class SceneScorer:
 
     @staticmethod
     def histogram_change(hist: np.ndarray, ref_hist: np.ndarray) -> float:
-        """Bhattacharyya distance of two normalised histograms from :meth:`thumbnail`, in [0, 1]."""
+        """Bhattacharyya distance of two normalised histograms from :meth:`thumbnail`, in [0, 1].
+
+        Args:
+            hist, ref_hist: (bins,) float32 normalised grey histograms of the same length.
+        """
         histo = float(cv2.compareHist(hist, ref_hist, cv2.HISTCMP_BHATTACHARYYA))
         return min(max(histo, 0.0), 1.0)
 
@@ -211,6 +219,9 @@ class KeyFrameScheduler(ABC):
         max_gap_s: a gap between consecutive stamps longer than this (seconds) forces a key
             frame; ``math.inf`` disables it.
         scorer: the scene scorer (default :class:`SceneScorer`).
+
+    Raises:
+        ValueError: ``max_gap_s`` not > 0.
     """
 
     def __init__(self, max_gap_s: float = 1.0, scorer: SceneScorer | None = None) -> None:
@@ -300,8 +311,13 @@ class KeyFrameScheduler(ABC):
 class FixedIntervalScheduler(KeyFrameScheduler):
     """A key frame every ``interval`` frames (``fixed:N``), plus the forced ones.
 
+    Args:
+        interval: N, frames from one key frame to the next (1 = per-frame segmentation; MPVSS
+            uses 5, spec §4.1).
+        max_gap_s, scorer: as :class:`KeyFrameScheduler` (``max_gap_s`` in seconds).
+
     Raises:
-        ValueError: if ``interval < 1``.
+        ValueError: if ``interval < 1`` or ``max_gap_s`` is not > 0.
     """
 
     def __init__(self, interval: int, max_gap_s: float = 1.0, scorer: SceneScorer | None = None) -> None:
@@ -334,11 +350,11 @@ class AdaptiveScheduler(KeyFrameScheduler):
         max_interval: frames after which a key frame is forced.
         cut_threshold: cut score of a hard cut, which makes a key frame (``scene_cut``); any
             value above 4 (the largest cut score) turns cut detection off.
-        max_gap_s, scorer: as :class:`KeyFrameScheduler`.
+        max_gap_s, scorer: as :class:`KeyFrameScheduler` (``max_gap_s`` in seconds).
 
     Raises:
-        ValueError: on a threshold or cut_threshold <= 0 (or not finite), or
-            ``not 1 <= min_interval <= max_interval``.
+        ValueError: on a threshold or cut_threshold <= 0 (or not finite),
+            ``not 1 <= min_interval <= max_interval``, or ``max_gap_s`` not > 0.
     """
 
     def __init__(self, threshold: float = 0.5, min_interval: int = 1, max_interval: int = 10,
@@ -377,7 +393,16 @@ class AdaptiveScheduler(KeyFrameScheduler):
 
 def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarray], fps: float) -> list[int]:
     """Indices of the key frames ``scheduler`` picks on a clip, from a fresh start (it is reset
-    first; frame i is stamped ``i / fps`` seconds)."""
+    first; frame i is stamped ``i / fps`` seconds).
+
+    Args:
+        scheduler: the scheduler (its state is changed).
+        images: the clip's frames in order, each (H, W, 3) uint8 RGB.
+        fps: the clip's frame rate (frames/s), > 0.
+
+    Returns:
+        The key frames' indices into ``images``, ascending.
+    """
     scheduler.reset()
     return [i for i, image in enumerate(images) if scheduler.decide(image, i / fps).is_key_frame]
 
@@ -385,7 +410,8 @@ def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarra
 def parse_schedule(spec: str, max_gap_s: float = 1.0, min_interval: int = 1, max_interval: int = 10,
                    cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> KeyFrameScheduler:
     """Build a scheduler from ``fixed:N``, ``adaptive`` or ``adaptive:THRESHOLD`` (the other
-    arguments as :class:`AdaptiveScheduler`; a fixed schedule uses only ``max_gap_s``).
+    arguments as :class:`AdaptiveScheduler`: ``max_gap_s`` in seconds, the intervals in frames,
+    ``cut_threshold`` a cut score; a fixed schedule uses only ``max_gap_s``).
 
     Raises:
         ValueError: with the accepted forms, on anything else.

@@ -138,7 +138,8 @@ def mean_iou(mat: np.ndarray) -> np.ndarray:
 
 
 class ConfusionMatrix:
-    """Accumulates a K x K confusion matrix ``mat[gt, pred]`` of pixel counts (int64).
+    """Accumulates a K x K confusion matrix ``mat[gt, pred]`` of pixel counts (int64); mIoU,
+    fwIoU, pACC and mACC as the VSPW / detectron2 evaluator (spec §4.2).
 
     Args:
         num_classes: K >= 1.

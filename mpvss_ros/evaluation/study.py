@@ -356,8 +356,20 @@ def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_ke
     count; on ties prefers fewer key frames, so the adaptive schedule never gets more segmentor
     runs than the fixed one it is compared with.
 
+    Args:
+        images: the clip's frames in order, each (H, W, 3) uint8 RGB.
+        fps: the clip's frame rate (frames/s); frame i is stamped ``i / fps`` seconds.
+        target_key_frames: the key-frame count to match (e.g. that of ``fixed:N``).
+        max_interval: the adaptive schedule's ``max_interval``, in frames.
+        cut_threshold: the adaptive schedule's hard-cut threshold, a cut score (unitless, see
+            :mod:`mpvss_ros.scheduling`).
+
     Returns:
-        (threshold, key frames it gives).
+        (threshold, key frames it gives): the scene-score threshold (unitless) and the count.
+
+    Raises:
+        ValueError: a ``cut_threshold`` <= 0 or not finite, or ``max_interval`` < 1 (from
+            :class:`~mpvss_ros.scheduling.AdaptiveScheduler`).
     """
     tried: dict[float, int] = {}
 

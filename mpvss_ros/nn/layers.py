@@ -39,6 +39,9 @@ class MLP(nn.Module):
         num_layers: number of Linear layers (>= 1).
 
     Shapes: ``(..., in_dim) -> (..., out_dim)``, any float dtype.
+
+    Raises:
+        ValueError: ``num_layers < 1``.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
@@ -132,12 +135,16 @@ def _xavier_(module: nn.Module) -> None:
 class SelfAttentionLayer(nn.Module):
     """Post-norm self-attention block: ``norm(x + MHA(x + pos, x + pos, x))``.
 
+    Mask2Former's ``SelfAttentionLayer`` (the segmentor decoder, spec §1.3) and the motion
+    decoder's joint self-attention over [flow queries; motion tokens] (spec §2.3).
+
     Args:
         d_model: feature size C.
         nhead: attention heads (C must divide by it).
         dropout: attention dropout (0.0 at MPVSS inference).
 
-    Shapes: ``tgt`` (L, B, C), ``query_pos`` (L, B, C) or None -> (L, B, C).
+    Shapes: ``tgt`` (L, B, C), ``query_pos`` (L, B, C) or None -> (L, B, C), sequence first;
+    any float dtype (float32 in the reference).
     """
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0) -> None:
@@ -156,6 +163,9 @@ class SelfAttentionLayer(nn.Module):
 class CrossAttentionLayer(nn.Module):
     """Post-norm cross-attention block with an optional attention mask (masked attention).
 
+    Mask2Former's ``CrossAttentionLayer``, the masked cross-attention of the segmentor decoder
+    (spec §1.3); the motion decoder has none (spec §2.3).
+
     Args:
         d_model: feature size C.
         nhead: attention heads.
@@ -163,6 +173,7 @@ class CrossAttentionLayer(nn.Module):
 
     Shapes: ``tgt`` (Lq, B, C); ``memory`` (Lk, B, C); ``memory_mask`` (B*nhead, Lq, Lk) bool,
     True = blocked, or None; ``pos`` (Lk, B, C); ``query_pos`` (Lq, B, C). Returns (Lq, B, C).
+    Any float dtype (float32 in the reference).
     """
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0) -> None:
@@ -193,7 +204,15 @@ class CrossAttentionLayer(nn.Module):
 class FFNLayer(nn.Module):
     """Post-norm feed-forward block: ``norm(x + linear2(relu(linear1(x))))``.
 
-    Shapes: (..., d_model) -> (..., d_model).
+    Mask2Former's ``FFNLayer`` (FFN 2048 in the segmentor decoder and the motion decoder,
+    spec §0, §2.3).
+
+    Args:
+        d_model: feature size C.
+        dim_feedforward: hidden features of the FFN.
+        dropout: dropout after the activation and on the residual branch (0.0 at MPVSS inference).
+
+    Shapes: (..., d_model) -> (..., d_model), any float dtype (float32 in the reference).
     """
 
     def __init__(self, d_model: int, dim_feedforward: int, dropout: float = 0.0) -> None:
@@ -210,7 +229,8 @@ class FFNLayer(nn.Module):
 
 
 class ConvAct(nn.Module):
-    """A convolution stored as ``.conv`` followed by an optional LeakyReLU (mmcv ``ConvModule``).
+    """A convolution stored as ``.conv`` followed by an optional LeakyReLU (mmcv ``ConvModule``;
+    the motion encoder's and decoder's convolutions, spec §2.2, §2.4, §5.2).
 
     Args:
         in_ch, out_ch: channels.

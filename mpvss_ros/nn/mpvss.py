@@ -98,7 +98,13 @@ class KeyFrameState:
 
 
 def valid_mask(hw_padded: tuple[int, int], valid_hw: tuple[int, int] | None, like: Tensor) -> Tensor | None:
-    """(1, 1, Hp, Wp) mask of ones inside ``valid_hw`` and zeros in the padding; None if no padding."""
+    """(1, 1, Hp, Wp) mask of ones inside ``valid_hw`` and zeros in the padding; None if no padding.
+
+    Args:
+        hw_padded: the padded canvas (Hp, Wp) in pixels.
+        valid_hw: the unpadded (h, w) in pixels at the top-left, or None.
+        like: a tensor whose dtype and device the mask takes.
+    """
     hp, wp = hw_padded
     if valid_hw is None or tuple(valid_hw) == (hp, wp):
         return None
@@ -134,7 +140,8 @@ def active_queries(class_logits: Tensor, min_score: float) -> Tensor | None:
 def semantic_scores(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
     """Mask2Former semantic inference: S[c] = sum_q softmax(class_q)[c] * sigmoid(mask_q).
 
-    The softmax runs over all K+1 logits; the no-object column is then dropped.
+    The softmax runs over all K+1 logits; the no-object column is then dropped (spec §1.6
+    step 2; non-key frames use the same formula, spec §2.8).
 
     Args:
         class_logits: (B, N, K+1) float32.
@@ -188,10 +195,17 @@ class MPVSS(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """K, the number of classes (class logits have K + 1 entries, the last no-object)."""
         return self.cfg.num_classes
 
     def normalize(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> Tensor:
-        """(B,3,Hp,Wp) 0..255 -> (x - mean) / std with zeros in the padding."""
+        """(B, 3, Hp, Wp) float32 RGB 0..255 -> (x - mean) / std, same shape and dtype, with zeros
+        in the padding (spec §1.2: the padding is zero after normalisation).
+
+        Args:
+            image: (B, 3, Hp, Wp) float32 RGB 0..255, zero-padded at the bottom/right.
+            valid_hw: unpadded (h, w) in pixels; None = no padding.
+        """
         x = (image - self.pixel_mean) / self.pixel_std
         mask = valid_mask((int(image.shape[-2]), int(image.shape[-1])), valid_hw, x)
         return x if mask is None else x * mask
@@ -206,6 +220,11 @@ class MPVSS(nn.Module):
             aux: also return the deep-supervision predictions (training); False = the final
                 prediction only, with cheaper intermediate attention masks (inference; see
                 :meth:`~mpvss_ros.nn.transformer_decoder.MaskedTransformerDecoder.forward`).
+
+        Returns:
+            :class:`~mpvss_ros.nn.transformer_decoder.DecoderOutput`: class logits
+            (B, N, K+1), mask logits (B, N, Hp/4, Wp/4) and query embeddings (B, N, C), float32
+            (spec §1.3), plus the deep-supervision predictions with ``aux``.
         """
         features = self.backbone(self.normalize(image, valid_hw))
         mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)

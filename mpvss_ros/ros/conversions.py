@@ -410,7 +410,8 @@ def _imdecode(buf: np.ndarray, what: str) -> np.ndarray:
 
 
 def stamp_to_seconds(stamp: Any) -> float:
-    """``builtin_interfaces/Time`` (``sec``, ``nanosec``) -> seconds as a float."""
+    """A header stamp (``builtin_interfaces/Time``: ``sec``, ``nanosec``) -> seconds as a float
+    (float64: rounds by up to about 0.1 us at today's epoch)."""
     return float(stamp.sec) + float(stamp.nanosec) * 1e-9
 
 
@@ -490,6 +491,13 @@ def make_label_info(label_info_cls: type, vision_class_cls: type, header: Any,
                     class_names: Sequence[str], threshold: float = 0.0) -> Any:
     """``vision_msgs/LabelInfo``: class ``i`` (``0 .. K-1``) is ``class_names[i]``.
 
+    Args:
+        label_info_cls, vision_class_cls: the ``LabelInfo`` and ``VisionClass`` message classes.
+        header: the ``std_msgs/Header`` of the message.
+        class_names: K names.
+        threshold: LabelInfo's ``threshold`` field, a confidence in [0, 1] (0.0: every pixel is
+            labelled; the labels are an argmax without a threshold).
+
     Raises:
         ConversionError: more than 65536 classes (``class_id`` is uint16).
     """
@@ -509,6 +517,17 @@ def make_class_masks(class_masks_cls: type, image_cls: type, header: Any,
     """``mpvss_ros/ClassMasks``: one ``mono8`` mask (0/255) per class, ascending class id.
 
     Every mask image carries ``header``. Classes without a name get ``"class <id>"``.
+
+    Args:
+        class_masks_cls, image_cls: the ``ClassMasks`` and ``sensor_msgs/Image`` message classes.
+        header: the input image's ``std_msgs/Header``.
+        class_masks: ``{class_id: (H, W) uint8 mask, 0 or 255}``
+            (:func:`~mpvss_ros.segmenter.class_masks_from_labels`).
+        class_names: K names.
+
+    Raises:
+        ConversionError: a class id outside 0..65535 (``class_ids`` is uint16), or a mask that is
+            not (H, W) uint8 (:func:`make_image`).
     """
     ids = sorted(int(c) for c in class_masks)
     if ids and not 0 <= ids[0] <= ids[-1] <= 65535:
@@ -622,6 +641,11 @@ def build_outputs(types: MessageTypes, header: Any, result: Any, frame_rgb: np.n
         previous_key_frame_stamp: the ``info.key_frame_stamp`` of the previous frame's messages
             (None for the first), so that non-key frames carry the key frame's exact stamp
             (:func:`make_segmentation_info`).
+
+    Raises:
+        ValueError: ``want_overlay`` without ``frame_rgb``.
+        ConversionError: an array that does not fit its encoding, or a class id outside
+            0..65535 (:func:`make_image`, :func:`make_class_masks`).
     """
     labels = result.labels
     label_encoding = "mono16" if labels.dtype == np.uint16 else "mono8"

@@ -235,7 +235,12 @@ def build_propagator_for(config: NodeConfig, model: Any) -> Any:
 
 
 def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
-    """The :class:`VideoSegmenter` the parameters describe (propagator, schedule, device)."""
+    """The :class:`VideoSegmenter` the parameters describe (propagator, schedule, device).
+
+    Raises:
+        StartupError: one line, when a backend other than torch fp32 cannot be loaded (runtime
+            missing, unusable device, export or engine build failed).
+    """
     model: Any = loaded.model
     if config.backend != "torch" or config.precision != "fp32":
         from ..runtime import load_backend
@@ -290,6 +295,7 @@ class DiagnosticSummary:
 
     @property
     def level_name(self) -> str:
+        """``OK``, ``WARN`` or ``ERROR``."""
         return LEVEL_NAMES[self.level]
 
 
@@ -314,7 +320,8 @@ class SegmentationCore:
         logger: anything with ``warning``/``error``/``info`` taking one string (a
             ``logging.Logger`` or an rclpy logger); default this module's logger.
         window_s: length of the rolling window of the statistics (seconds).
-        no_output_warn_s: WARN when no output was produced for this long while enabled.
+        no_output_warn_s: WARN when no output was produced for this long while enabled (seconds
+            of ``clock``).
 
     Thread safety: :meth:`process` runs on one thread (the worker); the other methods may be
     called from any thread (subscription, services, diagnostics timer).
@@ -368,6 +375,7 @@ class SegmentationCore:
 
     @property
     def enabled(self) -> bool:
+        """Whether inference is on (:meth:`set_enabled`)."""
         return self._enabled
 
     def set_enabled(self, enabled: bool) -> bool:
@@ -701,7 +709,7 @@ class Worker:
             publish too (first frame, or the input's frame_id changed), else None.
         now: the node clock in seconds (for the age check), or None to skip the check.
         demand: which optional outputs are wanted now (:class:`OutputDemand`).
-        poll_s: how often the thread checks for :meth:`stop` while idle.
+        poll_s: how often the thread checks for :meth:`stop` while idle (seconds).
     """
 
     def __init__(self, slot: LatestSlot, core: SegmentationCore, publish: Callable[[Any, Any], None],
@@ -718,15 +726,19 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> Worker:
+        """Start the thread (once: a second call raises ``RuntimeError``, as ``Thread.start``);
+        returns this worker."""
         self._thread.start()
         return self
 
     @property
     def alive(self) -> bool:
+        """Whether the thread is running."""
         return self._thread.is_alive()
 
     def stop(self, timeout: float | None = 10.0) -> bool:
-        """Ask the thread to finish (after the frame in hand) and wait. True when it ended."""
+        """Ask the thread to finish (after the frame in hand) and wait up to ``timeout`` seconds
+        (None: no limit). True when it ended."""
         self._stop.set()
         self.slot.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():

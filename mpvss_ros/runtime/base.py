@@ -195,6 +195,10 @@ class Backend(ABC):
 
         Returns:
             :class:`~mpvss_ros.nn.mpvss.KeyFrameState` with tensors on ``device``.
+
+        Raises:
+            ValueError: (fixed-shape backends: onnxruntime, TensorRT) an image other than
+                (1, 3, *:func:`padded_size` (``valid_hw``)).
         """
 
     @abstractmethod
@@ -204,6 +208,9 @@ class Backend(ABC):
         Returns:
             (1, M, Hp/4, Wp/4) float32 mask logits of the key frame's M active queries
             (``key.propagated``), on ``device``.
+
+        Raises:
+            ValueError: ``image`` not on the key frame's canvas.
         """
 
     @abstractmethod

@@ -131,7 +131,22 @@ def default_backend_specs() -> list[BackendSpec]:
 
 @dataclass
 class BenchOptions:
-    """Settings of one ``mpvss bench`` run (see the module docstring)."""
+    """Settings of one ``mpvss bench`` run (see the module docstring).
+
+    Attributes:
+        models: model names (``config/models/*.yaml``).
+        sizes: input sizes (H, W) in pixels (:func:`parse_size`).
+        backends: the backends to time; None = :func:`default_backend_specs`.
+        repeats: frames timed per latency figure (key ms, non-key ms; the medians).
+        warmup: untimed key-frame and non-key-frame runs before them.
+        e2e_frames: frames of each end-to-end rate (fps fixed:5, fps adaptive).
+        threads: torch (and onnxruntime intra-op) CPU threads; None = torch's current number.
+        weights: model name -> weights file; a model not named gets
+            :func:`~mpvss_ros.model_loader.load_model`'s default.
+        cache_dir: where exported graphs and engines are cached (None: the default cache).
+        keep_canvas: keep the model's configured canvas and letterbox each size onto it
+            (False: the canvas is set to each size).
+    """
 
     models: Sequence[str] = DEFAULT_MODELS
     sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES

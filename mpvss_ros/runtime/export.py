@@ -137,7 +137,17 @@ _DESCRIPTIONS = {
 
 
 class KeyFrameGraph(nn.Module):
-    """``image -> (class_logits, mask_logits, query_embeddings)`` for one fixed valid size."""
+    """``image -> (class_logits, mask_logits, query_embeddings)`` for one fixed valid size.
+
+    The key-frame graph (spec §6.2): ``image`` (1, 3, Hp, Wp) float32 RGB 0..255, zero-padded ->
+    ``class_logits`` (1, N, K+1), ``mask_logits`` (1, N, Hp/4, Wp/4), ``query_embeddings``
+    (1, N, C), all float32 (:meth:`~mpvss_ros.nn.mpvss.MPVSS.forward_segmentor`, final
+    predictions only).
+
+    Args:
+        model: the model to export.
+        valid_hw: the unpadded (h, w) in pixels, a constant of the graph.
+    """
 
     def __init__(self, model: MPVSS, valid_hw: tuple[int, int]) -> None:
         super().__init__()
@@ -151,7 +161,19 @@ class KeyFrameGraph(nn.Module):
 
 class NonKeyFrameGraph(nn.Module):
     """``(image, key_image, key_query_embeddings, key_mask_logits, key_class_logits) ->
-    (warped_mask_logits, scores, flows)`` for one fixed valid size."""
+    (warped_mask_logits, scores, flows)`` for one fixed valid size.
+
+    The non-key-frame graph (spec §6.1): ``image``, ``key_image`` (1, 3, Hp, Wp) float32 RGB
+    0..255; ``key_query_embeddings`` (1, N, C), ``key_mask_logits`` (1, N, Hp/4, Wp/4),
+    ``key_class_logits`` (1, N, K+1) -> ``warped_mask_logits`` (1, N, Hp/4, Wp/4), ``scores``
+    (1, K, Hp/4, Wp/4) (:func:`~mpvss_ros.nn.mpvss.semantic_scores`), ``flows``
+    (1, N, 2, Hp/s, Wp/s) in pixels of the flow grid (s = ``model.motion.flow_stride``); all
+    float32.
+
+    Args:
+        model: the model to export.
+        valid_hw: the unpadded (h, w) in pixels, a constant of the graph.
+    """
 
     def __init__(self, model: MPVSS, valid_hw: tuple[int, int]) -> None:
         super().__init__()
@@ -574,6 +596,11 @@ def check_parity(export_dir: str | Path, model: MPVSS, frames: Sequence[np.ndarr
         ``{"frames": source, "atol", "rtol", "passed": bool, "outputs": {name: {"max_abs_diff",
         "max_abs_ref", "tolerance", "passed"}}, "label_agreement": {"key_frame", "non_key_frame"}}``,
         label agreement being the share of mask-grid pixels whose argmax of the scores agrees.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or malformed contract (:func:`read_contract`).
+        ValueError: no frames, or frames not of the contract's valid size.
+        BackendUnavailable: onnxruntime missing (:func:`~mpvss_ros.runtime.onnx_backend.make_session`).
     """
     from .onnx_backend import make_session
 

@@ -95,13 +95,14 @@ def make_session(path: str | Path, threads: int | None = None, device: str | tor
 
     Args:
         path: the ONNX file.
-        threads: intra-op threads (None: onnxruntime's default).
+        threads: intra-op threads, >= 1 (None: onnxruntime's default).
         device: ``cpu``, or ``cuda[:N]`` for ``CUDAExecutionProvider`` (device id N).
         drop_outputs: graph outputs to remove before loading; the session holds only the nodes
             the remaining outputs need (``onnx.utils.Extractor``).
 
     Raises:
         BackendUnavailable: onnxruntime missing, or no CUDA provider for a CUDA device.
+        ValueError: ``threads < 1``.
     """
     missing = onnxruntime_missing(device)
     if missing:

@@ -73,7 +73,20 @@ def semantic_to_targets(label_map: Tensor, num_classes: int, ignore_index: int =
 
 
 def semantic_batch_to_targets(label_maps: Tensor, num_classes: int, ignore_index: int = 255) -> list[dict[str, Tensor]]:
-    """:func:`semantic_to_targets` for each (H, W) map of a (B, H, W) batch."""
+    """:func:`semantic_to_targets` for each (H, W) map of a (B, H, W) batch.
+
+    Args:
+        label_maps: (B, H, W) integer tensor, values in ``0..K-1`` or ``ignore_index``.
+        num_classes: K.
+        ignore_index: the void label.
+
+    Returns:
+        B target dicts ``{"labels": (M_b,) int64, "masks": (M_b, H, W) bool}``, one binary mask
+        per class present (spec §3.1).
+
+    Raises:
+        ValueError: not 3-D, or a value outside ``0..K-1`` that is not ``ignore_index``.
+    """
     if label_maps.dim() != 3:
         raise ValueError(f"label_maps must be (B, H, W), got shape {tuple(label_maps.shape)}")
     return [semantic_to_targets(m, num_classes, ignore_index) for m in label_maps]
@@ -205,9 +218,14 @@ class SetCriterion(nn.Module):
 
         Args:
             class_logits: (B, N, K+1) float.
+            targets: per image ``{"labels": (M,) int64, ...}``.
+            matches: per image (prediction indices, target indices), from the matcher.
 
         Returns:
             scalar float32.
+
+        Raises:
+            ValueError: ``class_logits`` without ``num_classes + 1`` entries.
         """
         b, n, c = class_logits.shape
         if c != self.num_classes + 1:

@@ -26,7 +26,11 @@ def _is_integer(value: Any) -> bool:
 
 
 def check_integers(opts: Any, names: Iterable[str]) -> None:
-    """Each named setting of ``opts`` is an integer (not a bool)."""
+    """Each named setting of ``opts`` is an integer (not a bool).
+
+    Raises:
+        ValueError: the first setting that is not.
+    """
     for name in names:
         value = getattr(opts, name)
         if not _is_integer(value):
@@ -34,7 +38,11 @@ def check_integers(opts: Any, names: Iterable[str]) -> None:
 
 
 def check_numbers(opts: Any, names: Iterable[str]) -> None:
-    """Each named setting of ``opts`` is a finite real number (not a bool)."""
+    """Each named setting of ``opts`` is a finite real number (not a bool).
+
+    Raises:
+        ValueError: the first setting that is not.
+    """
     for name in names:
         value = getattr(opts, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -42,7 +50,11 @@ def check_numbers(opts: Any, names: Iterable[str]) -> None:
 
 
 def check_at_least(opts: Any, lows: Mapping[str, float]) -> None:
-    """Each setting named in ``lows`` is >= its bound (check the type first)."""
+    """Each setting named in ``lows`` is >= its bound (check the type first).
+
+    Raises:
+        ValueError: the first setting below its bound.
+    """
     for name, low in lows.items():
         if getattr(opts, name) < low:
             raise ValueError(f"{name} must be >= {low}, got {getattr(opts, name)!r}{_flag(name)}")
@@ -50,14 +62,22 @@ def check_at_least(opts: Any, lows: Mapping[str, float]) -> None:
 
 def check_fractions(opts: Any, notes: Mapping[str, str]) -> None:
     """Each setting named in ``notes`` is in [0, 1]; its note (e.g. ``" (the travel probability)"``)
-    follows the range in the message."""
+    follows the range in the message.
+
+    Raises:
+        ValueError: the first setting outside [0, 1].
+    """
     for name, note in notes.items():
         if not 0.0 <= getattr(opts, name) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1]{note}, got {getattr(opts, name)!r}{_flag(name)}")
 
 
 def check_crop(crop: Any, minimum: int, why: str = "") -> None:
-    """``crop`` is (H, W) in pixels, both integers >= ``minimum``; ``why`` explains the bound."""
+    """``crop`` is (H, W) in pixels, both integers >= ``minimum``; ``why`` explains the bound.
+
+    Raises:
+        ValueError: ``crop`` is not two integers >= ``minimum``.
+    """
     sides = tuple(crop) if isinstance(crop, (tuple, list)) else (crop,)
     if len(sides) != 2 or not all(_is_integer(c) for c in sides) or min(sides) < minimum:
         raise ValueError(f"crop must be (H, W) in pixels with both >= {minimum}{why}, got {crop!r} (--crop H W)")
@@ -66,7 +86,11 @@ def check_crop(crop: Any, minimum: int, why: str = "") -> None:
 def check_optional_positive(opts: Any, name: str, integer: bool = False, low: float = 0.0,
                             note: str = "") -> None:
     """The setting ``name`` is None or a finite number above ``low`` (an integer >= ``low`` with
-    ``integer``); ``note`` follows the range in the message."""
+    ``integer``); ``note`` follows the range in the message.
+
+    Raises:
+        ValueError: the setting is neither None nor in that range.
+    """
     value = getattr(opts, name)
     if value is None:
         return

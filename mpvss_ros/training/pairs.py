@@ -172,11 +172,17 @@ class FramePairs:
             generator, so 0 leaves the other samples exactly as without synthetic pairs).
         synthetic_motion: ranges of the synthetic motion (pixels of the crop).
         scale, flip, color_jitter: augmentation as stage 1.
+        num_classes: K; CamVid labels outside ``0..K-1`` become 255 (ignore).
         seed: base seed; ``sample(step, i)`` is a pure function of (seed, step, i).
         chain: video pairs also carry the frames between key and current and a DIS target per
             one-frame link (``PairSample.links``, ``link_flows``), to train the flow through the
             chain of one-frame flows that chained propagation composes; the rest of every sample
             is the same as without it.
+
+    Raises:
+        FileNotFoundError: a CamVid folder missing, without images, or an image without its
+            label (:func:`camvid_pairs`).
+        ValueError: ``synthetic_fraction`` outside [0, 1], or no training pairs at all.
     """
 
     def __init__(self, camvid_image_dir: str | Path, camvid_annot_dir: str | Path,

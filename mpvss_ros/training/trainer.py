@@ -726,7 +726,8 @@ def device_description(device: torch.device) -> str:
 
 def rng_state(device: torch.device) -> dict[str, Tensor]:
     """The random state a run continues from: the CPU generator (``torch_rng``) and, on CUDA,
-    that device's generator (``cuda_rng``), which draws the matcher's and the loss's points."""
+    that device's generator (``cuda_rng``), which draws the matcher's and the loss's points.
+    Both are 1-D uint8 (``torch.ByteTensor``) states on the CPU, as ``torch.get_rng_state``."""
     state = {"torch_rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
