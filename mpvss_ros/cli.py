@@ -231,7 +231,7 @@ _MOTION_HELP = {
     "pseudo_label_confidence": "video-target pixels below this confidence (0..1) are ignored",
     "num_points": "points per mask in matcher and loss",
     "val_every": "quick validation every N steps (0: only at the end, -1: never)",
-    "val_frames": "CamVid val frames of the quick validation",
+    "val_frames": "val frames of the quick validation (CamVid's, or --data-root's val/)",
     "checkpoint_every": "checkpoint every N steps",
     "threads": "torch threads, 0 = unchanged",
     "max_minutes": "stop after this wall time in minutes (checkpointed)",

@@ -45,7 +45,7 @@ from .scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
 from .segmenter import NonFiniteOutputError, SegmentationResult, VideoSegmenter
 from .viz import frame_tag, make_palette, overlay
 
-__all__ = ["EngineOptions", "RunStats", "SegmentOptions", "check_out_dir", "segment_path", "summarize"]
+__all__ = ["EngineOptions", "RunStats", "SegmentOptions", "check_out_dir", "segment_path"]
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,8 @@ class SegmentOptions(EngineOptions):
     """Settings of one offline run: the engine's (:class:`EngineOptions`) and these.
 
     Attributes:
-        fps: frame rate for image folders (frames/s); video files use their own.
+        fps: frame rate (frames/s) of the stamps and of ``overlay.mp4``; None = a video file's
+            own, 30 for an image folder (:func:`~mpvss_ros.io.video.open_source`).
         max_frames: stop after this many frames (None = all).
         write_overlay: write ``overlay.mp4``.
         write_labels: write ``labels/*.png``.
@@ -271,11 +272,11 @@ class EngineFailures:
 
 
 class RunStats:
-    """What a run summary needs of every frame (:func:`summarize`), kept compactly: one float64
+    """What a run summary (:meth:`summary`) needs of every frame, kept compactly: one float64
     per stage timing and frame, the key-frame reasons counted. The offline tools used to hold
-    every frame's record (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`, about 775
-    bytes each) until the end, which grew by 80 MiB per hour of 30 fps video; this holds about
-    50 bytes per frame.
+    every frame's record (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`) until the
+    end: at least 464 bytes a frame (tracemalloc, copies of ``bikes.mp4`` records), about 50 MB
+    per hour of 30 fps video; this holds 50 bytes a frame.
     """
 
     def __init__(self) -> None:
@@ -303,11 +304,22 @@ class RunStats:
         return self.frames
 
     def stage_values(self, stage: str) -> np.ndarray:
-        """The ms of ``stage`` over the frames that have it, in order (float64)."""
-        return np.frombuffer(self._stages.get(stage, array("d")), dtype=np.float64)
+        """The ms of ``stage`` over the frames that have it, in order (a float64 copy: a view
+        would lock the buffer, and the next :meth:`add` would raise ``BufferError``)."""
+        return np.array(self._stages.get(stage, array("d")), dtype=np.float64)
 
-    def summary(self, num_classes: int, class_pixels: np.ndarray) -> dict[str, Any]:
-        """As :func:`summarize` on the records added (the same arguments and result)."""
+    def summary(self, class_pixels: np.ndarray) -> dict[str, Any]:
+        """Key-frame ratio, timing statistics (ms) and class shares of the frames added.
+
+        Args:
+            class_pixels: (K,) integer pixel counts per class over the run (int64 in the tools).
+
+        Returns:
+            ``{"frames", "key_frames", "key_frame_ratio", "key_frame_reasons", "timings_ms": {stage:
+            {"median", "mean", "p90" (ms), "count"}}, "median_total_ms_key_frame",
+            "median_total_ms_non_key_frame" (ms, None without such frames), "class_pixel_share":
+            {class id: fraction in [0, 1]} (classes with pixels only)}``.
+        """
         n = self.frames
         timing = {}
         for stage in sorted(self._stages):
@@ -324,27 +336,6 @@ class RunStats:
             "median_total_ms_non_key_frame": float(np.median(self._total_non_key)) if self._total_non_key else None,
             "class_pixel_share": {int(c): round(float(s), 6) for c, s in enumerate(share) if s > 0},
         }
-
-
-def summarize(results: list[dict[str, Any]], num_classes: int, class_pixels: np.ndarray) -> dict[str, Any]:
-    """Key-frame ratio, timing statistics (ms) and class shares from per-frame records.
-
-    Args:
-        results: per-frame records (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`:
-            ``is_key_frame``, ``key_frame_reason``, ``timings_ms``).
-        num_classes: K (not used by the figures; kept for the callers).
-        class_pixels: (K,) integer pixel counts per class over the run (int64 in the tools).
-
-    Returns:
-        ``{"frames", "key_frames", "key_frame_ratio", "key_frame_reasons", "timings_ms": {stage:
-        {"median", "mean", "p90" (ms), "count"}}, "median_total_ms_key_frame",
-        "median_total_ms_non_key_frame" (ms, None without such frames), "class_pixel_share":
-        {class id: fraction in [0, 1]} (classes with pixels only)}``.
-    """
-    stats = RunStats()
-    for record in results:
-        stats.add(record)
-    return stats.summary(num_classes, class_pixels)
 
 
 def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedModel, options: SegmentOptions,
@@ -448,7 +439,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         # build, seconds to minutes) is not the engine's frame rate
         "setup_s": segmenter.setup_s,
         "fps": len(records) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
-        **records.summary(cfg.num_classes, class_pixels),
+        **records.summary(class_pixels),
     }
     try:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

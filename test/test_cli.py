@@ -769,9 +769,9 @@ def test_bag_bad_option_is_refused_by_its_flag_before_the_model_loads(tmp_path, 
 
 
 def test_segment_keeps_no_record_per_frame_until_the_end(tmp_path, monkeypatch):
-    """mpvss segment held every frame's record (about 775 bytes) until the run ended, to
-    summarise them: 80 MiB more per hour of 30 fps video, 1.9 GiB for a day. The summary's figures
-    are kept compactly instead (offline.RunStats) and the summary is unchanged."""
+    """mpvss segment held every frame's record until the run ended, to summarise them (about 50
+    MB more per hour of 30 fps video, offline.RunStats). The summary's figures are kept compactly
+    instead and the summary is unchanged."""
     seen = count_live_records(monkeypatch)
     rng = np.random.default_rng(5)
     stems = [f"f{i}" for i in range(8)]
@@ -788,3 +788,15 @@ def test_segment_keeps_no_record_per_frame_until_the_end(tmp_path, monkeypatch):
                                                 "p90": float(np.percentile(vals, 90)), "count": int(vals.size)}
     non_key = [r["timings_ms"]["total"] for r in records if not r["is_key_frame"]]
     assert summary["median_total_ms_non_key_frame"] == float(np.median(non_key))
+
+
+def test_run_stats_keep_counting_while_a_stage_array_is_held():
+    """stage_values returned a view of the array it appends to: while the caller held it, the
+    next add raised BufferError ("cannot resize an array that is exporting buffers")."""
+    from mpvss_ros.offline import RunStats
+
+    stats = RunStats()
+    stats.add({"is_key_frame": True, "key_frame_reason": "first", "timings_ms": {"total": 3.0}})
+    held = stats.stage_values("total")
+    stats.add({"is_key_frame": False, "key_frame_reason": "", "timings_ms": {"total": 1.0}})
+    assert held.tolist() == [3.0] and stats.stage_values("total").tolist() == [3.0, 1.0]

@@ -123,3 +123,50 @@ def test_stage_two_refuses_missing_own_data_before_any_work(registry_camvid_root
     with pytest.raises(ValueError, match="videos must be a list of paths"):
         train_motion(MotionTrainOptions(run_dir=str(tmp_path / "c"), videos="clip.mp4", **common))
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_stage_two_refuses_own_frames_it_cannot_pair_before_any_work(registry_camvid_root, tmp_path):
+    """Labelled frames not named ``<sequence>_<frame number>`` make no pair: with --videos the run
+    failed at its first labelled draw ("high <= 0") after the model load and the pseudo-labelling;
+    a val/ without valannot/ silently dropped the quick validation (stage 1 refuses it)."""
+    import shutil
+
+    from mpvss_ros.training.motion_trainer import MotionTrainOptions, train_motion
+
+    root = tmp_path / "own"
+    for sub in ("train", "trainannot"):
+        (root / sub).mkdir(parents=True)
+        for i, src in enumerate(sorted((registry_camvid_root / sub).glob("*.png"))):
+            shutil.copy(src, root / sub / f"frame{i}.png")
+    common = {"init_checkpoint": "models/mpvss_lite_camvid.pt", "steps": 1, "progress": False,
+              "data_root": str(root)}
+    for n, videos in enumerate(((), (str(registry_camvid_root / "train"),))):  # an image folder is a clip
+        with pytest.raises(ValueError, match="<sequence>_<frame number>"):
+            train_motion(MotionTrainOptions(run_dir=str(tmp_path / f"run{n}"), videos=videos, **common))
+    (root / "val").mkdir()
+    with pytest.raises(FileNotFoundError, match="val/ but no valannot/"):
+        train_motion(MotionTrainOptions(run_dir=str(tmp_path / "run2"), videos=(), **common))
+    assert not any((tmp_path / f"run{n}").exists() for n in range(3))
+
+
+def test_stage_two_resume_names_changed_data(registry_camvid_root, tmp_path, caplog):
+    """Stage 1 warns when --resume changes --data-root; stage 2 said nothing when --data-root or
+    --videos changed between the runs (paths may be Path objects: options.json failed on them)."""
+    from mpvss_ros.training.motion_trainer import MotionTrainOptions, train_motion
+
+    opts = MotionTrainOptions(run_dir=str(tmp_path / "run"), init_checkpoint="models/mpvss_lite_camvid.pt", steps=1,
+                              batch_size=1, crop=(64, 96), threads=1, val_every=-1, num_points=256, warmup_steps=0,
+                              checkpoint_every=0, progress=False, data_root=registry_camvid_root, videos=(),
+                              max_clip_frames=4)
+    before = torch.get_num_threads()
+    try:
+        assert train_motion(opts).finished
+        assert json.loads((tmp_path / "run" / "options.json").read_text())["data_root"] == str(registry_camvid_root)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mpvss_ros"):
+            result = train_motion(opts, steps=2, resume=True, videos=(registry_camvid_root / "train",))
+    finally:
+        torch.set_num_threads(before)
+    assert result.finished and result.step == 2
+    (warning,) = [r.getMessage() for r in caplog.records if "changed options" in r.getMessage()]
+    assert "steps: 1 -> 2" in warning and f"videos: [] -> ['{registry_camvid_root / 'train'}']" in warning

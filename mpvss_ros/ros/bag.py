@@ -568,7 +568,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 bar.close()
     wall = time.perf_counter() - t_start
 
-    stats = records.summary(cfg.num_classes, class_pixels) if records else {
+    stats = records.summary(class_pixels) if records else {
         "key_frames": 0, "key_frame_reasons": {}, "timings_ms": {}, "median_total_ms_key_frame": None,
         "median_total_ms_non_key_frame": None, "class_pixel_share": {}}
     totals = records.stage_values("total")

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +52,11 @@ from .matcher import HungarianMatcher
 from .options import (check_at_least, check_crop, check_fractions, check_integers, check_numbers,
                       check_optional_positive)
 from .data import list_frames, load_frame
-from .pairs import FramePairs, load_clip_on_canvas
+from .pairs import FramePairs, camvid_pairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
                       camvid_root, lr_factor, no_decay_parameters, resume_run, rng_state, save_run_checkpoint,
-                      torch_threads)
+                      options_dict, torch_threads, warn_option_changes)
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels", "MIN_CROP"]
 
@@ -96,9 +97,10 @@ class MotionTrainOptions:
             is one direct flow, as the paper trains it.
         pseudo_label_confidence: video-target pixels below this confidence are ignored.
         num_points: points per mask in matcher and loss.
-        val_every, val_frames: quick check of query_flow at key interval 5 on CamVid val frames
-            every ``val_every`` steps (0 = only at the end, -1 = never) on the first
-            ``val_frames`` frames (monitoring only, never used to pick checkpoints).
+        val_every, val_frames: quick check of query_flow at key interval 5 on the val frames
+            (CamVid's, or ``data_root``'s ``val/``; none there: no check) every ``val_every``
+            steps (0 = only at the end, -1 = never) on the first ``val_frames`` frames
+            (monitoring only, never used to pick checkpoints).
         checkpoint_every, threads, seed, max_minutes, progress: as stage 1.
         resume: continue from ``run_dir``'s checkpoint and trainer state.
         max_clip_frames: use only the first frames of each unlabelled clip (tests, debugging).
@@ -109,7 +111,8 @@ class MotionTrainOptions:
         device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``
             (:func:`~mpvss_ros.model_loader.select_device`).
         data_root: labelled frames in CamVid's layout (``train/ trainannot/``, optional ``val/
-            valannot/``), as stage 1's [--data-root]; None = CamVid in the shared data folder.
+            valannot/``: a ``val/`` needs its ``valannot/``), as stage 1's [--data-root]; None =
+            CamVid in the shared data folder.
             Pairs are consecutive frames of one sequence, by file name ``<sequence>_<frame
             number>`` (:func:`~mpvss_ros.training.pairs.camvid_pairs`).
         videos: unlabelled clips (video files, image folders or ``sample:bikes``) for the
@@ -180,8 +183,8 @@ class MotionTrainOptions:
         check_optional_positive(self, "max_minutes", note=" (leave it out for no limit)")
         check_optional_positive(self, "max_clip_frames", integer=True, low=2,
                                 note=", a video pair's two frames (leave it out for whole clips)")
-        if self.videos is not None and (isinstance(self.videos, str) or not all(
-                isinstance(v, str) and v for v in self.videos)):
+        if self.videos is not None and (isinstance(self.videos, (str, os.PathLike)) or not all(
+                isinstance(v, (str, os.PathLike)) and str(v) for v in self.videos)):
             raise ValueError(f"videos must be a list of paths (or None for the shared clips), got {self.videos!r}")
 
 
@@ -293,14 +296,18 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
 
     The options (:meth:`MotionTrainOptions.validate`) and the run folder
     (:func:`~mpvss_ros.training.trainer.check_run_dir`) are checked before any work: nothing is
-    created or loaded when they are refused.
+    created or loaded when they are refused. With ``resume``, options that differ from the run's
+    saved ones (``data_root`` and ``videos`` included) are named in one warning, as stage 1 does.
 
     Raises:
         ValueError: a bad option; without ``resume``, a run folder that holds an earlier run; with
             ``resume``, a damaged trainer state or checkpoint and state of different steps; a
-            stage-1 checkpoint without a stored model config and no ``model`` (``--model``).
-        FileNotFoundError: missing CamVid data; with ``resume``, a missing run folder, checkpoint
-            or trainer state.
+            stage-1 checkpoint without a stored model config and no ``model`` (``--model``); labelled
+            frames without two consecutive ones of a sequence (``<sequence>_<frame number>``) when
+            the draws need them.
+        FileNotFoundError: missing CamVid data, ``data_root`` folders (``val/`` without
+            ``valannot/``) or ``videos``; with ``resume``, a missing run folder, checkpoint or
+            trainer state.
         CheckpointError: a missing or damaged stage-1 checkpoint, or one that does not match the
             model.
     """
@@ -330,7 +337,10 @@ def _training_data(opts: MotionTrainOptions) -> tuple[Path, Path, Path | None, P
                 raise FileNotFoundError(f"--data-root {root} has no {sub}/ folder (CamVid's layout: train/ "
                                         f"trainannot/, optionally val/ valannot/)")
         train_dir, train_annot = root / "train", root / "trainannot"
-        has_val = (root / "val").is_dir() and (root / "valannot").is_dir()
+        has_val = (root / "val").is_dir()
+        if has_val and not (root / "valannot").is_dir():
+            raise FileNotFoundError(f"--data-root {root} has val/ but no valannot/ folder (the labels of the "
+                                    f"quick validation; stage 1 needs them too)")
         val_dir, val_annot = (root / "val", root / "valannot") if has_val else (None, None)
     if opts.videos is None:
         clips = [p for p in (dashcam_clip(), bikes_clip()) if p is not None]
@@ -341,7 +351,21 @@ def _training_data(opts: MotionTrainOptions) -> tuple[Path, Path, Path | None, P
             if not path.exists():
                 raise FileNotFoundError(f"--videos: {video} not found")
             clips.append(path)
+    # a draw that is neither synthetic nor a video pair takes a pair of labelled frames: without
+    # one the run failed at its first such draw ("high <= 0"), after the pseudo-labelling
+    if opts.synthetic_fraction < 1 and (opts.video_fraction < 1 or not clips) and not camvid_pairs(train_dir,
+                                                                                                    train_annot):
+        raise ValueError(f"{train_dir} holds no two consecutive labelled frames of one sequence, which stage 2 "
+                         f"pairs: name them <sequence>_<frame number> (as CamVid's 0016E5_07920.png, "
+                         f"0016E5_07950.png), or train on video pairs only (--video-fraction 1 with --videos)")
     return train_dir, train_annot, val_dir, val_annot, clips
+
+
+#: Options whose change on ``--resume`` makes the run no straight continuation (warned about).
+_RESUME_CHECKED = ("steps", "batch_size", "crop", "lr", "head_lr_mult", "weight_decay", "warmup_steps", "poly_power",
+                   "clip_grad_norm", "flow_weight", "video_fraction", "synthetic_fraction", "synthetic_travel",
+                   "max_gap", "chain_training", "pseudo_label_confidence", "num_points", "seed", "max_clip_frames",
+                   "model", "init_checkpoint", "init_motion", "data_root", "videos")
 
 
 def _train(opts: MotionTrainOptions) -> MotionTrainResult:
@@ -430,19 +454,22 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
 
     model_path, state_path = run_dir / MODEL_FILE, run_dir / STATE_FILE
     start = 0
+    options = options_dict(opts)
     if opts.resume:
-        start, _ = resume_run(run_dir, model, optimizer, scheduler, device)
+        start, state = resume_run(run_dir, model, optimizer, scheduler, device)
+        if state.get("options"):  # runs saved before the state kept them: nothing to compare
+            warn_option_changes(state["options"], options, _RESUME_CHECKED)
     else:
         torch.manual_seed(opts.seed + 1)
 
     result = MotionTrainResult(run_dir, start, False, model_path)
     make_output_dir(run_dir, "--run-dir")  # only now: a run that fails to start leaves no folder
-    (run_dir / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2))
+    (run_dir / "options.json").write_text(json.dumps(options, indent=2))
     hp = int(math.ceil(opts.crop[0] / 32) * 32)
     wp = int(math.ceil(opts.crop[1] / 32) * 32)
     last_val: dict[str, Any] | None = None
 
-    data = (("CamVid train" if opts.data_root is None else f"--data-root {Path(opts.data_root).name}") + " pairs + "
+    data = (("CamVid train" if opts.data_root is None else f"--data-root {train_dir.parent.resolve().name}") + " pairs + "
             + (f"pseudo-labelled pairs of {', '.join(p.name for p in clip_paths)}" if clip_paths else "no video pairs"))
 
     def meta(step: int) -> dict[str, Any]:
@@ -453,7 +480,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     def save(step: int) -> None:
         save_run_checkpoint(model_path, state_path, model, cfg.to_dict(), meta(step),
                             {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             **rng_state(device)})
+                             **rng_state(device), "options": options})
 
     def pad(x: torch.Tensor, value: float) -> torch.Tensor:  # a batch on the training device, padded
         return torch.nn.functional.pad(x.to(device), (0, wp - x.shape[-1], 0, hp - x.shape[-2]), value=value)

@@ -212,6 +212,9 @@ class FramePairs:
         self.crop = (int(crop[0]), int(crop[1]))
         self.grid = grid_hw(self.crop, flow_stride)
         self.video_fraction = video_fraction if self.video else 0.0
+        if not self.camvid and synthetic_fraction < 1 and self.video_fraction < 1:  # sample() would draw one
+            raise ValueError(f"no two consecutive labelled frames of one sequence in {camvid_image_dir} (file names "
+                             f"<sequence>_<frame number>), and not every draw is a video or synthetic pair")
         self.scale, self.flip, self.color_jitter = scale, flip, color_jitter
         self.num_classes = num_classes
         self.seed = seed

@@ -416,11 +416,10 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _options_dict(opts: TrainOptions) -> dict[str, Any]:
-    d = dataclasses.asdict(opts)
-    d["crop"] = list(d["crop"])
-    d["scale"] = list(d["scale"])
-    return d
+def options_dict(opts: Any) -> dict[str, Any]:
+    """A stage's options dataclass as JSON values (tuples as lists, paths as strings): its
+    ``options.json`` and the copy in the trainer state that ``--resume`` compares with."""
+    return json.loads(json.dumps(dataclasses.asdict(opts), default=_json_default))
 
 
 def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) -> MPVSS:
@@ -449,10 +448,15 @@ def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) 
     return model
 
 
-def _warn_option_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    keys = ("model", "steps", "batch_size", "crop", "scale", "flip", "color_jitter", "lr", "backbone_lr_mult",
-            "weight_decay", "warmup_steps", "warmup_factor", "poly_power", "clip_grad_norm", "matcher", "num_points",
-            "no_object_weight", "seed", "train_files", "freeze_bn", "data_root")
+_TRAINING_OPTIONS = ("model", "steps", "batch_size", "crop", "scale", "flip", "color_jitter", "lr", "backbone_lr_mult",
+                     "weight_decay", "warmup_steps", "warmup_factor", "poly_power", "clip_grad_norm", "matcher",
+                     "num_points", "no_object_weight", "seed", "train_files", "freeze_bn", "data_root")
+
+
+def warn_option_changes(saved: dict[str, Any], now: dict[str, Any],
+                        keys: tuple[str, ...] = _TRAINING_OPTIONS) -> None:
+    """On ``--resume``: one warning listing the ``keys`` whose value differs from the run's saved
+    options (both stages; stage 1's training options by default)."""
     changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
     if changed:
         log.warning("resuming with changed options (the run is no longer a straight continuation): %s",
@@ -817,14 +821,14 @@ def _train(opts: TrainOptions) -> TrainResult:
     state_path, model_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
     if opts.resume:
         start, state = resume_run(run_dir, model, optimizer, scheduler, device)
-        _warn_option_changes(state.get("options") or {}, _options_dict(opts))
+        warn_option_changes(state.get("options") or {}, options_dict(opts))
     else:
         torch.manual_seed(opts.seed + 1)  # point-sampling stream, distinct from the init stream
     for p in model.motion.parameters():  # the checkpoint load keeps requires_grad, but be explicit
         p.requires_grad_(False)
 
     make_output_dir(run_dir, "--run-dir")  # only now: a run that fails to start leaves no folder
-    (run_dir / "options.json").write_text(json.dumps(_options_dict(opts), indent=2, default=_json_default))
+    (run_dir / "options.json").write_text(json.dumps(options_dict(opts), indent=2))
     (run_dir / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     stop = opts.steps if opts.stop_at is None else max(opts.stop_at, start)
@@ -841,7 +845,7 @@ def _train(opts: TrainOptions) -> TrainResult:
     def save(step: int) -> None:
         save_run_checkpoint(model_path, state_path, model, cfg.to_dict(), meta(step),
                             {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             **rng_state(device), "options": _options_dict(opts)})
+                             **rng_state(device), "options": options_dict(opts)})
         result.checkpoint = model_path
 
     def validate(step: int, logf: Any) -> None:

@@ -989,9 +989,9 @@ def test_copy_topics_list_ends_at_the_next_option_or_at_double_dash():
 
 
 def test_bag_keeps_no_record_per_frame_until_the_end(ts, tmp_path, band_loaded, monkeypatch):
-    """mpvss bag held every written frame's record (about 775 bytes) until the end of the bag, to
-    summarise them: 1.9 GiB more for a day-long 30 fps recording. The summary's figures are kept
-    compactly instead (offline.RunStats)."""
+    """mpvss bag held every written frame's record until the end of the bag, to summarise them
+    (about 50 MB more per hour of 30 fps video, offline.RunStats). The summary's figures are kept
+    compactly instead."""
     from helpers import count_live_records
 
     seen = count_live_records(monkeypatch)

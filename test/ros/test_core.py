@@ -866,3 +866,23 @@ def test_onnxruntime_backend_builds_a_segmenter(lite):
 
     seg = build_segmenter(validate({"backend": "onnxruntime", "schedule": "fixed:2"}), lite)
     assert seg.model.name.startswith("onnxruntime")
+
+
+def test_model_parameter_default_loads_the_weights_files_own_configuration(tmp_path):
+    """The node's ``model`` default '' (was 'mpvss_lite'): ``weights:=FILE`` alone loads a
+    fine-tuned checkpoint of another configuration, as ``mpvss segment --weights FILE`` does."""
+    import yaml
+
+    from mpvss_ros.checkpoints import save_checkpoint
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.paths import find_data
+
+    doc = yaml.safe_load(find_data("config/models/mpvss_lite.yaml").read_text())
+    doc["name"], doc["transformer_decoder"]["num_queries"] = "lite_q16", 16
+    (tmp_path / "lite_q16.yaml").write_text(yaml.safe_dump(doc))
+    cfg = load_model_config(str(tmp_path / "lite_q16.yaml"))
+    save_checkpoint(tmp_path / "q16.pt", MPVSS(cfg), cfg.to_dict())
+    assert load_configured_model(validate({"weights": str(tmp_path / "q16.pt")})).config.name == "lite_q16"
+    with pytest.raises(StartupError, match="trained as lite_q16"):  # a model that contradicts it, named
+        load_configured_model(validate({"model": "mpvss_lite", "weights": str(tmp_path / "q16.pt")}))

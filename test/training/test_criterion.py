@@ -156,7 +156,9 @@ def test_mask_losses_are_divided_by_the_target_masks_of_the_batch():
     torch.manual_seed(0)
     losses = crit({"class_logits": torch.zeros(2, K, K + 1), "mask_logits": torch.full((2, K, 16, 16), 2.0)}, targets)
     bce = (F.softplus(torch.tensor(-2.0)) + F.softplus(torch.tensor(2.0))).item() / 2
-    assert losses["loss_mask"].item() == pytest.approx(bce, abs=0.03)
+    # rel 0.15: the point draws leave about 0.02 of noise (abs 0.03 held for 80 % of seeds only);
+    # the wrong divisors give 1.5 x (the 2 images) or 3 x (1)
+    assert losses["loss_mask"].item() == pytest.approx(bce, rel=0.15)
 
 
 def test_perfect_prediction_scores_lower_than_random():

@@ -376,3 +376,20 @@ def test_scaled_labels_stay_centred_on_the_image():
         centre = float((np.arange(row.size) * row).sum() / row.sum())
         cols = np.flatnonzero(lrow == 1)
         assert abs(cols.mean() - centre) <= 0.5 + 1e-6, (s, centre, cols.tolist())
+
+
+def test_frame_pairs_without_labelled_pairs_refuses_draws_that_need_one(tmp_path):
+    """Video pairs but no two labelled frames of one sequence: sample() drew from an empty list
+    ("high <= 0") on the first non-video draw; refused when built, unless every draw is a video pair."""
+    img, ann = tmp_path / "train", tmp_path / "trainannot"
+    img.mkdir(), ann.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):  # no <sequence>_<frame number>: no pair
+        cv2.imwrite(str(img / name), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+        cv2.imwrite(str(ann / name), np.zeros((48, 64), np.uint8))
+    frames = [np.full((48, 64, 3), 100 + i, np.uint8) for i in range(4)]
+    clips = [(frames, [np.zeros((48, 64), np.uint8)] * 4)]
+    with pytest.raises(ValueError, match="<sequence>_<frame number>"):
+        FramePairs(img, ann, clips, crop=(32, 32), video_fraction=0.5)
+    pairs = FramePairs(img, ann, clips, crop=(32, 32), video_fraction=1.0)
+    assert not pairs.camvid and pairs.sample(0, 0).key.shape[-2:] == (32, 32)
