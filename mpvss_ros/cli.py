@@ -359,9 +359,13 @@ def _cmd_bag(args: argparse.Namespace) -> int:
                                      "key_frame_ratio", "median_total_ms", "fps", "trained")}
     print(json.dumps(brief))
     if summary["written"] == 0:  # a failed run leaves no output (README): this one held only copied topics
-        shutil.rmtree(summary["output"], ignore_errors=True)
+        try:  # the run made this folder (an existing output is refused up front)
+            shutil.rmtree(summary["output"])
+            removed = "was removed"
+        except OSError as exc:
+            removed = f"could not be removed ({exc.strerror or exc})"
         print(f"mpvss: error: no message of {summary['topic']} could be segmented (skipped_by_reason above); "
-              f"{summary['output']}, which held copies of the input only, was removed", file=sys.stderr)
+              f"{summary['output']}, which held copies of the input only, {removed}", file=sys.stderr)
         return 1
     print(f"wrote {summary['output']} ({summary['storage']}): " + ", ".join(
         f"{t} x{n}" for t, n in summary["messages_per_topic"].items()))
