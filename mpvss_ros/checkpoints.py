@@ -1,6 +1,6 @@
 """Checkpoints: official detectron2-format MPVSS files and this project's own format.
 
-Official files (spec section 5.1) are ``.pth`` (``torch.save`` of a dict, the state dict possibly
+Official files (spec §5.1) are ``.pth`` (``torch.save`` of a dict, the state dict possibly
 under ``"model"``) or detectron2 ``.pkl`` (a pickle of numpy arrays, possibly under ``"model"``).
 ``.pth`` files are read with ``torch.load(weights_only=True)``; ``.pkl`` files with a restricted
 unpickler that only rebuilds numpy arrays and plain containers, so neither can run code.
@@ -273,7 +273,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
 
 def _check_normalisation(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
     """A file that stores ``pixel_mean`` / ``pixel_std`` (official ones do not: non-persistent
-    buffers, spec section 5.1) must agree with the model's configured input normalisation:
+    buffers, spec §5.1) must agree with the model's configured input normalisation:
     weights trained on another one (e.g. BGR order) would load and segment wrongly.
 
     Raises:

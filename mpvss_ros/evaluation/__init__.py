@@ -1,4 +1,4 @@
-"""Evaluation metrics for semantic and video semantic segmentation (spec sections 4.2-4.3)."""
+"""Evaluation metrics for semantic and video semantic segmentation (spec §4.2-4.3)."""
 
 from .metrics import ConfusionMatrix, VideoConsistency, video_consistency
 

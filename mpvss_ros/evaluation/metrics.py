@@ -27,8 +27,13 @@ import numpy as np
 
 from ..config import default_class_names
 
-__all__ = ["ConfusionMatrix", "VideoConsistency", "class_counts", "iou_from_counts", "iou_of", "mean_iou",
+__all__ = ["IGNORE_INDEX", "ConfusionMatrix", "VideoConsistency", "class_counts", "iou_from_counts", "iou_of", "mean_iou",
            "mean_iou_from_counts", "video_consistency"]
+
+
+#: Label value of pixels that are not scored or trained on (ground truth, training targets,
+#: low-confidence pseudo-labels); CamVid's void class K = 11 is ignored by range as well.
+IGNORE_INDEX = 255
 
 
 def _as_int_array(x: Any, name: str) -> np.ndarray:
@@ -150,7 +155,7 @@ class ConfusionMatrix:
         ValueError: ``num_classes < 1``.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
@@ -278,7 +283,7 @@ class ConfusionMatrix:
 
 
 class VideoConsistency:
-    """Streaming VC_n (VSPW ``VC_perclip.py``, spec section 4.3) over one or more clips.
+    """Streaming VC_n (VSPW ``VC_perclip.py``, spec §4.3) over one or more clips.
 
     Feed the frames of a clip in order with :meth:`update`; call :meth:`end_clip` between
     clips. For each window of n consecutive frames ``i..i+n-1`` with ``i in range(len - n)``
@@ -347,7 +352,7 @@ class VideoConsistency:
 
 
 def video_consistency(preds: Sequence[Any], gts: Sequence[Any], n: int) -> float:
-    """VC_n of one clip (VSPW ``VC_perclip.py``; spec section 4.3).
+    """VC_n of one clip (VSPW ``VC_perclip.py``; spec §4.3).
 
     Args:
         preds: T predicted label maps (H, W), integer, in frame order.

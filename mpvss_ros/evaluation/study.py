@@ -29,7 +29,7 @@ from ..scheduling import (DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, FixedInterva
                           parse_schedule, schedule_key_frames)
 from ..segmenter import VideoSegmenter
 from .bootstrap import paired_miou_difference
-from .metrics import ConfusionMatrix, VideoConsistency, class_counts
+from .metrics import IGNORE_INDEX, ConfusionMatrix, VideoConsistency, class_counts
 
 __all__ = ["LabelledSequence", "load_sequence", "self_labelled_sequence", "evaluate_sequence", "match_adaptive_threshold",
            "key_interval_study", "plot_study", "row_label", "comparison_label"]
@@ -77,8 +77,8 @@ def reduced_zero_label(label: np.ndarray) -> np.ndarray:
         (H, W) array of the same dtype.
     """
     out = label.copy()
-    out[(label != 0) & (label != _IGNORE_LABEL)] -= 1
-    out[label == 0] = _IGNORE_LABEL
+    out[(label != 0) & (label != IGNORE_INDEX)] -= 1
+    out[label == 0] = IGNORE_INDEX
     return out
 
 
@@ -115,9 +115,9 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
                                     or num_classes < 1):
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    if reduce_zero_label and num_classes is not None and int(num_classes) > _IGNORE_LABEL - 1:
+    if reduce_zero_label and num_classes is not None and int(num_classes) > IGNORE_INDEX - 1:
         raise ValueError(f"reduce_zero_label with {num_classes} classes: the shifted class IDs 254 and 255 would "
-                         f"be scored as the ignore value {_IGNORE_LABEL}")
+                         f"be scored as the ignore value {IGNORE_INDEX}")
     names, images, labels = [], [], []
     counted = 0  # label pixels with a class value (0..K-1)
     first: tuple[str, tuple[int, ...]] | None = None  # the first frame's file and (H, W)
@@ -190,9 +190,6 @@ def self_labelled_sequence(loaded: LoadedModel, source: str | Path, fps: float |
     return LabelledSequence(names, images, labels, fps)
 
 
-# Label value that marks pixels to ignore (ConfusionMatrix's ignore_index), besides the void value K.
-_IGNORE_LABEL = 255
-
 
 def _frame_file(source: Any, frame: Any) -> str:
     """The file a frame came from (an image folder's file; a video's path and frame name)."""
@@ -221,17 +218,17 @@ def _check_label_values(label: np.ndarray, num_classes: int, path: Path, first_c
             5) such values.
     """
     last = first_class + num_classes - 1
-    counts = np.bincount(label.ravel(), minlength=max(last + 2, _IGNORE_LABEL + 1))
+    counts = np.bincount(label.ravel(), minlength=max(last + 2, IGNORE_INDEX + 1))
     allowed = np.zeros(counts.size, dtype=bool)
     allowed[: last + 2] = True  # 0 (a class, or "others" under reduce_zero_label), the classes and void
-    allowed[_IGNORE_LABEL] = True
+    allowed[IGNORE_INDEX] = True
     bad = np.flatnonzero((counts > 0) & ~allowed)
     if bad.size:
         shown = ", ".join(str(int(v)) for v in bad[:5]) + (f", ... ({bad.size} distinct)" if bad.size > 5 else "")
         others = " (reduce_zero_label; 0 = others, ignored)" if first_class else ""
         raise ValueError(f"label {path} holds value(s) {shown} ({int(counts[bad].sum())} pixels) outside the model's "
                          f"{num_classes} classes {first_class}..{last}{others}, void {last + 1} and ignore "
-                         f"{_IGNORE_LABEL}: labels of another class set?")
+                         f"{IGNORE_INDEX}: labels of another class set?")
     return int(counts[first_class: last + 1].sum())
 
 

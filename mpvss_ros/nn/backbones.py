@@ -194,7 +194,7 @@ class ResNet(nn.Module):
     so the state dict also holds ``num_batches_tracked`` buffers that detectron2's
     ``FrozenBatchNorm2d`` checkpoints lack. Bottleneck widths 64/128/256/512, outputs
     256/512/1024/2048; res2 has stride 1 (after the stride-4 stem), res3..res5 stride 2.
-    ResNet-50 has 23.508 M parameters (spec section 5.3).
+    ResNet-50 has 23.508 M parameters (spec §5.3).
 
     Args:
         depth: 50 or 101.

@@ -31,7 +31,7 @@ __all__ = ["MPVSS", "KeyFrameState", "active_queries", "semantic_scores", "valid
 
 @dataclass
 class KeyFrameState:
-    """What a non-key frame needs from its key frame (spec section 1.4).
+    """What a non-key frame needs from its key frame (spec §1.4).
 
     Attributes:
         image: (1, 3, Hp, Wp) float32 raw RGB 0..255 of the key frame, zero-padded.
@@ -252,7 +252,7 @@ class MPVSS(nn.Module):
 
     def estimate_flow(self, image: Tensor, key_image: Tensor, query_embeddings: Tensor,
                       valid_hw: tuple[int, int] | None = None, queries: Tensor | None = None) -> Tensor:
-        """Query-based flow from the current frame to the key frame (spec sections 2.1-2.6).
+        """Query-based flow from the current frame to the key frame (spec §2.1-2.6).
 
         Args:
             image: (B, 3, Hp, Wp) float32 current frame, RGB 0..255, zero-padded.

@@ -22,7 +22,7 @@ Decoders:
 ONNX (TorchScript exporter, opset >= 16 for GridSample; 17 used): spatial sizes are Python ints
 taken from the input shapes, deformable attention is ``F.grid_sample`` (bilinear, zeros,
 align_corners=False), and there is no data-dependent control flow or in-place slice write.
-An engine is therefore specific to one input resolution (spec section 6.3).
+An engine is therefore specific to one input resolution (spec §6.3).
 """
 
 from __future__ import annotations
@@ -402,7 +402,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
        ``.norm`` GN, ReLU); ``mask_features`` = 1x1 conv with bias on the result.
 
     Runs in float32 (inputs are cast), as the reference's ``autocast(enabled=False)``. With R50
-    inputs and the defaults it has 6.036 M parameters (spec section 5.3).
+    inputs and the defaults it has 6.036 M parameters (spec §5.3).
 
     Args:
         in_channels: backbone channels, keys ``res2..res5``.

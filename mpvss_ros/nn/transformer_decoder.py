@@ -6,7 +6,7 @@ Key layout follows ``MPVSSTransformerDecoder`` of the official MPVSS code (check
 ``class_embed``, ``mask_embed.layers.{0,1,2}``. ``input_proj`` holds identity modules (no keys)
 because the pixel decoder already outputs ``hidden_dim`` channels.
 
-Export notes (spec section 6.3): the reference resets fully-masked attention rows with
+Export notes (spec §6.3): the reference resets fully-masked attention rows with
 ``attn_mask[torch.where(...)] = False`` (NonZero + ScatterND in ONNX); here the equivalent static
 form ``mask & ~mask.all(-1, keepdim=True)`` is used.
 """

@@ -1,4 +1,4 @@
-"""Backward warping of mask logits with per-mask flow maps (MPVSS section 3; spec section 2.7).
+"""Backward warping of mask logits with per-mask flow maps (MPVSS section 3; spec §2.7).
 
 The flow is estimated from the current frame to the key frame: every pixel ``p`` of the
 current frame takes the key frame's mask logit at ``p + flow(p)`` (bilinear, border padding).

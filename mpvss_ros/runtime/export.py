@@ -11,7 +11,7 @@
   ``key_class_logits`` (1, N, K+1) -> ``warped_mask_logits`` (1, N, Hp/4, Wp/4), ``scores``
   (1, K, Hp/4, Wp/4) = :func:`~mpvss_ros.nn.mpvss.semantic_scores` on the mask grid (the
   motion module, the per-query warp, and semantic inference) and the per-query ``flows``
-  (1, N, 2, hf, wf) on the motion grid (a runtime with a slow GridSample kernel can prune the
+  (1, N, 2, hf, wf) on the flow grid (a runtime with a slow GridSample kernel can prune the
   warp and warp the key frame's mask logits itself; the onnxruntime CPU backend does);
 * ``contract.json``: the interface for anyone running the graphs or bringing their own model
   (:func:`build_contract`): input/output names, shapes and dtypes, pixel mean/std, the canvas
@@ -113,7 +113,7 @@ KEY_INPUTS = ("image",)
 KEY_OUTPUTS = ("class_logits", "mask_logits", "query_embeddings")
 NON_KEY_INPUTS = ("image", "key_image", "key_query_embeddings", "key_mask_logits", "key_class_logits")
 NON_KEY_OUTPUTS = ("warped_mask_logits", "scores", "flows")
-#: Data-dependent or control-flow ops that TensorRT handles badly (spec section 6.3).
+#: Data-dependent or control-flow ops that TensorRT handles badly (spec §6.3).
 FORBIDDEN_OPS = frozenset({"NonZero", "ScatterND", "Loop", "If"})
 #: Parity tolerance: max |onnx - torch| <= PARITY_ATOL + PARITY_RTOL * max |torch|.
 PARITY_ATOL = 1e-3
@@ -131,7 +131,7 @@ _DESCRIPTIONS = {
     "warped_mask_logits": "key-frame mask logits warped to the current frame with one flow per query",
     "scores": "semantic scores S[c] = sum_q softmax(class_q)[c] * sigmoid(mask_q) on the 1/4 grid "
               "(no-object dropped; argmax over c gives labels)",
-    "flows": "one flow per query on the motion grid, (x, y) in grid pixels, current -> key frame; "
+    "flows": "one flow per query on the flow grid, (x, y) in grid pixels, current -> key frame; "
              "warped_mask_logits = warp(key_mask_logits, flows) (for runtimes that warp outside the graph)",
 }
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..evaluation.metrics import IGNORE_INDEX
 from .matcher import FixedMatcher, HungarianMatcher, Matches, point_sample
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 
-def semantic_to_targets(label_map: Tensor, num_classes: int, ignore_index: int = 255) -> dict[str, Tensor]:
+def semantic_to_targets(label_map: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> dict[str, Tensor]:
     """Turn a semantic label map into mask-classification targets (one mask per class present).
 
     Void pixels (``ignore_index``) belong to no mask, as in Mask2Former's semantic mapper: they
@@ -72,7 +73,7 @@ def semantic_to_targets(label_map: Tensor, num_classes: int, ignore_index: int =
     return {"labels": classes, "masks": masks}
 
 
-def semantic_batch_to_targets(label_maps: Tensor, num_classes: int, ignore_index: int = 255) -> list[dict[str, Tensor]]:
+def semantic_batch_to_targets(label_maps: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> list[dict[str, Tensor]]:
     """:func:`semantic_to_targets` for each (H, W) map of a (B, H, W) batch.
 
     Args:

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..evaluation.metrics import IGNORE_INDEX
+
 __all__ = ["CamVidFrames", "list_frames", "load_frame", "BRIGHTNESS_DELTA", "CONTRAST_RANGE",
            "SATURATION_RANGE", "HUE_DELTA_DEG"]
 
@@ -67,7 +69,7 @@ def list_frames(image_dir: str | Path, annot_dir: str | Path) -> list[tuple[Path
 
 
 def load_frame(image_path: str | Path, label_path: str | Path, num_classes: int = 11,
-               ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
+               ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
     """Read one frame.
 
     Returns:
@@ -140,7 +142,7 @@ class CamVidFrames(Dataset):
 
     def __init__(self, root_split_dir: str | Path, annot_dir: str | Path, crop: Sequence[int] = (240, 320),
                  scale: Sequence[float] = (0.75, 1.5), flip: bool = True, color_jitter: bool = True,
-                 train: bool = True, num_classes: int = 11, ignore_index: int = 255, seed: int = 0,
+                 train: bool = True, num_classes: int = 11, ignore_index: int = IGNORE_INDEX, seed: int = 0,
                  files: Sequence[str] | None = None) -> None:
         pairs = list_frames(root_split_dir, annot_dir)
         if files is not None:
@@ -203,7 +205,7 @@ class CamVidFrames(Dataset):
 
 def augment_frames(images: Sequence[np.ndarray], label: np.ndarray, rng: np.random.Generator,
                    crop: Sequence[int], scale: Sequence[float], flip: bool, color_jitter: bool,
-                   ignore_index: int = 255) -> tuple[list[np.ndarray], np.ndarray]:
+                   ignore_index: int = IGNORE_INDEX) -> tuple[list[np.ndarray], np.ndarray]:
     """The same random scale, crop (with padding), colour jitter and flip on several frames.
 
     Used for single frames (stage 1) and for (key, current) pairs (stage 2: MPVSS shares the

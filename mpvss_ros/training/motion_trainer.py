@@ -1,10 +1,10 @@
-"""Stage 2: train the query-based flow (MPVSS section 3.3; spec section 3.2-3.3).
+"""Stage 2: train the query-based flow (MPVSS section 3.3; spec §3.2-3.3).
 
 The stage-1 segmentor is frozen; the motion module learns, together with the class and mask
 embedding heads (``class_embed``, ``mask_embed``) as in the official code (its ``MODEL.FINETUNE``).
 For each (key, current) pair the key frame is segmented, one flow per query is estimated, **all**
 deep-supervision mask sets are warped with those flows, and the Mask2Former criterion compares
-them, with the key frame's class logits, to the current frame's target (spec section 3.2).
+them, with the key frame's class logits, to the current frame's target (spec §3.2).
 
 Added to the official recipe, because this model trains from scratch on a CPU in tens of minutes
 rather than 90k GPU iterations: on short video pairs an L1 term pulls the pixel-wise flow and
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..checkpoints import load_checkpoint, read_model_config, read_state_dict, save_checkpoint
 from ..config import load_model_config, model_config_from_dict
-from ..evaluation.metrics import ConfusionMatrix
+from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
 from ..model_loader import select_device
 from ..nn.mpvss import MPVSS
@@ -61,7 +61,6 @@ from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, chec
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels", "MIN_CROP"]
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = 255
 #: Smallest crop side in pixels. OpenCV DIS, which makes the video pairs' flow targets, refuses
 #: frames under 12 x 12 and kills the process (a segmentation fault) on frames under 16 rows that
 #: are wide (15 x 200; OpenCV 5.1); 16 rows work at every width, 8 columns at every height. The

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..evaluation.metrics import IGNORE_INDEX
+
 __all__ = ["SyntheticMotion", "synthetic_pair", "inverse_depth", "CAMVID_THING_CLASSES", "CAMVID_SKY_CLASSES",
            "CAMVID_GROUND_CLASSES"]
 
@@ -144,7 +146,7 @@ def _horizon(label: np.ndarray, ground_classes: Sequence[int], fallback: float) 
 
 
 def synthetic_pair(key: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                   motion: SyntheticMotion = SyntheticMotion(), ignore_index: int = 255
+                   motion: SyntheticMotion = SyntheticMotion(), ignore_index: int = IGNORE_INDEX
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Make the current frame, its label and the exact flow from one labelled key frame.
 

@@ -78,7 +78,7 @@ from tqdm import tqdm
 
 from ..checkpoints import first_line, load_checkpoint, read_checkpoint, save_checkpoint, torch_load_checked
 from ..config import ModelConfig, load_model_config
-from ..evaluation.metrics import ConfusionMatrix
+from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import shared_data_dir
 from ..model_loader import select_device
 from ..nn.backbones import MobileNetV2, load_imagenet_weights
@@ -109,8 +109,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Label value of void pixels in training targets.
-IGNORE_INDEX = 255
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 MODEL_FILE = "checkpoint_last.pt"
 STATE_FILE = "trainer_state.pt"
@@ -336,7 +334,7 @@ def _padded_hw(hw: Sequence[int], div: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def segment_frame(model: MPVSS, image: Tensor) -> Tensor:
-    """Per-frame semantic segmentation at the frame's own resolution (spec section 1.6 order).
+    """Per-frame semantic segmentation at the frame's own resolution (spec §1.6 order).
 
     The frame is zero-padded (after normalisation) to a multiple of the model's size
     divisibility, the segmentor runs, the final mask logits are upsampled bilinearly

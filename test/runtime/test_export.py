@@ -122,7 +122,7 @@ def test_contract_lists_names_shapes(lite_small, lite):
     assert key["query_embeddings"]["shape"] == [1, n, c]
     nk = contract["graphs"]["non_key_frame"]
     assert [t["name"] for t in nk["inputs"]] == list(NON_KEY_INPUTS)
-    # flows on the motion grid: 96 x 128 at image_scale 0.5 -> 48 x 64 -> conv1, conv2 (stride 2) -> 12 x 16
+    # flows on the flow grid: 96 x 128 at image_scale 0.5 -> 48 x 64 -> conv1, conv2 (stride 2) -> 12 x 16
     assert cfg.motion.image_scale == 0.5
     assert {t["name"]: t["shape"] for t in nk["outputs"]} == {
         "warped_mask_logits": [1, n, 24, 32], "scores": [1, k, 24, 32], "flows": [1, n, 2, 12, 16]}
