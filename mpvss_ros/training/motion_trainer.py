@@ -369,7 +369,6 @@ _RESUME_CHECKED = ("steps", "batch_size", "crop", "lr", "head_lr_mult", "weight_
 
 def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     synthetic_motion = SyntheticMotion(travel_probability=opts.synthetic_travel)  # checks the range first
-    train_dir, train_annot, val_dir, val_annot, clip_paths = _training_data(opts)
     run_dir = Path(opts.run_dir)
     if opts.model is not None:
         cfg = load_model_config(opts.model)
@@ -379,6 +378,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             raise ValueError(f"--init-checkpoint {opts.init_checkpoint} stores no model config: give --model NAME "
                              f"(a model name under config/models or a YAML file) for the model its weights fit")
         cfg = model_config_from_dict(stored)
+    train_dir, train_annot, val_dir, val_annot, clip_paths = _training_data(opts)  # before the model loads
     device = select_device(opts.device)
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
