@@ -65,6 +65,15 @@ def registry_camvid_root(bikes_frames, tmp_path_factory) -> Path:
     return root
 
 
+def _keeping_torch_threads(train, opts):
+    """``train(opts)``, restoring torch's thread count that its ``threads`` option changes."""
+    before = torch.get_num_threads()
+    try:
+        return train(opts)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_few_training_steps_on_registry_frames_reduce_the_loss(registry_camvid_root, tmp_path):
     """Stage 1 from scratch (no ImageNet weights in CI) on two real frames, the same batch every
     step (no augmentation): the Mask2Former loss must fall."""
@@ -72,11 +81,7 @@ def test_few_training_steps_on_registry_frames_reduce_the_loss(registry_camvid_r
                         train_files=["bikes_010.png", "bikes_050.png"], steps=8, batch_size=2, crop=(96, 128),
                         scale=(0.25, 0.25), flip=False, color_jitter=False, warmup_steps=0, lr=5e-4, num_points=1024,
                         val_every=-1, checkpoint_every=0, progress=False, threads=1, seed=0)
-    before = torch.get_num_threads()
-    try:
-        result = train_segmentor(opts)
-    finally:
-        torch.set_num_threads(before)
+    result = _keeping_torch_threads(train_segmentor, opts)
     assert result.finished and result.step == 8 and all(np.isfinite(result.losses))
     assert result.losses[-1] < 0.9 * result.losses[0], result.losses
     assert (tmp_path / "run" / "model_final.pt").is_file()
@@ -95,11 +100,7 @@ def test_stage_two_trains_on_own_frames_and_videos(registry_camvid_root, bikes_p
                               crop=(96, 128), threads=1, max_clip_frames=6, val_frames=1, val_every=0,
                               num_points=1024, warmup_steps=0, checkpoint_every=0, progress=False,
                               data_root=str(registry_camvid_root), videos=("sample:bikes",), video_fraction=0.5)
-    before = torch.get_num_threads()
-    try:
-        result = train_motion(opts)
-    finally:
-        torch.set_num_threads(before)
+    result = _keeping_torch_threads(train_motion, opts)
     assert result.finished and result.step == 2 and all(np.isfinite(result.losses))
     records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert sum(r.get("video_pairs", 0) for r in records if "loss" in r) >= 1
