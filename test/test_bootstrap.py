@@ -240,3 +240,18 @@ def _counts(frames: int = 5, k: int = 3, tp: int = 1, gt: int = 2, pred: int = 2
 def test_paired_difference_arguments_are_checked(a, b, kwargs, words):
     with pytest.raises(ValueError, match=words):
         paired_difference_of_counts(a, b, **kwargs)
+
+
+@pytest.mark.parametrize("frames", [11, 12, 19])
+def test_a_clip_of_one_block_and_a_few_frames_has_no_interval(frames):
+    # L < T < 2L: every resample is a run of L frames (most of the clip) plus a few frames, so it
+    # barely differs from the clip; an "interval" from it would claim certainty the clip lacks
+    a = np.random.default_rng(4).integers(1, 50, size=(frames, 3, 3))
+    b = a.copy()
+    b[:, 1, 1] -= 1
+    b[:, 1, 0] += 1
+    result = paired_miou_difference(a, b, block=10)
+    assert result["delta"] > 0 and result["blocks"] == 2 and result["kept"] == 0
+    assert all(math.isnan(v) for v in result["ci"]) and math.isnan(result["share_a_better"])
+    assert paired_miou_difference(np.concatenate([a, a[:20 - frames]]), np.concatenate([b, b[:20 - frames]]),
+                                  block=10)["kept"] == 2000  # two whole blocks: an interval

@@ -74,8 +74,11 @@ def paired_miou_difference(frame_counts_a: np.ndarray, frame_counts_b: np.ndarra
         frame_counts_b: the same for setting B, on the same T frames: each frame's ground-truth
             counts GT_c must equal A's.
         block: L >= 1 frames per bootstrap block (:func:`circular_block_resamples`). With fewer
-            than two blocks in the clip (L >= T) every resample would be the clip itself, so there
-            is no interval: ``ci`` and the shares are NaN and ``kept`` is 0.
+            than two whole blocks in the clip (T < 2L) there is no interval: ``ci`` and the shares
+            are NaN and ``kept`` is 0. With L >= T every resample would be a rotation of the clip
+            itself; with L < T < 2L every resample is one run of L frames, more than half the
+            clip, plus a few frames, so the resamples barely differ from the clip and the interval
+            would be far too narrow (12 frames, L = 10: "better in 100 %" of the resamples).
         samples: S >= 1 bootstrap resamples.
         level: two-sided coverage of the interval, in (0, 1), for this one comparison (several
             intervals are not jointly at that level).
@@ -118,7 +121,7 @@ def paired_miou_difference(frame_counts_a: np.ndarray, frame_counts_b: np.ndarra
     out: dict[str, Any] = {"delta": delta, "ci": [float("nan")] * 2, "share_a_better": float("nan"),
                            "share_b_better": float("nan"), "level": level, "block": block, "blocks": blocks,
                            "samples": samples, "kept": 0}
-    if blocks < 2:  # each resample would be a rotation of the whole clip
+    if frames < 2 * block:  # fewer than two whole blocks: each resample is (nearly) the clip itself
         return out
     idx = circular_block_resamples(frames, block, samples, seed)
     # each resample's summed counts: how often each frame was drawn (S, T) times the frames'

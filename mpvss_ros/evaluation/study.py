@@ -417,7 +417,7 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     The comparisons the study's verdicts rest on get a paired circular-block-bootstrap interval
     (:func:`~mpvss_ros.evaluation.bootstrap.paired_miou_difference`, blocks of
     ``bootstrap_block`` frames, ``bootstrap_samples`` resamples, 95 % for each comparison on its
-    own; no interval on a clip shorter than two blocks), at every interval N > 1: each
+    own; no interval on a clip shorter than two blocks, T < 2L), at every interval N > 1: each
     ``query_flow`` row (fixed) against per-frame, ``copy``, the paper's direct ``optical_flow``
     and the ``optical_flow`` of its own flow mode at N; and every adaptive row against the fixed
     row of the same setting.
