@@ -374,6 +374,20 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     return 0
 
 
+def comparison_line(c: dict[str, Any], frames: int) -> str:
+    """One printed line of a study comparison (:func:`~mpvss_ros.evaluation.study.key_interval_study`):
+    the mIoU difference, its bootstrap interval or why there is none, and a note when the two
+    rows have different key-frame counts (an adaptive schedule that could not match the fixed one's)."""
+    head = f"{c['a']:>37s} - {c['b']:<37s} {c['delta']:+6.2f} mIoU"
+    ka, kb = c["key_frames"]
+    tail = "" if ka == kb else f"; not at the same key-frame count: {ka} against {kb}"
+    if not c["kept"]:
+        return f"{head}, no interval: {frames} frames are fewer than two blocks of {c['block']}{tail}"
+    return (f"{head}, {100 * c['level']:.0f} % interval [{c['ci'][0]:+6.2f}, {c['ci'][1]:+6.2f}], better in "
+            f"{100 * c['share_a_better']:3.0f} % (A) / {100 * c['share_b_better']:3.0f} % (B) of "
+            f"{c['kept']} resamples (blocks of {c['block']} frames){tail}")
+
+
 def _fmt_ratio(value: float | None) -> str:
     return "  -  " if value is None else f"{value:.3f}"
 
@@ -438,13 +452,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                   f"{r['mean_ms_per_frame']:7.1f} ms/frame  cost ratio {_fmt_ratio(r['cost_ratio'])} "
                   f"(within run {_fmt_ratio(r['cost_ratio_within_run'])})")
         for c in study["comparisons"]:
-            head = f"{c['a']:>37s} - {c['b']:<37s} {c['delta']:+6.2f} mIoU"
-            if not c["kept"]:
-                print(f"{head}, no interval: {study['frames']} frames are fewer than two blocks of {c['block']}")
-                continue
-            print(f"{head}, {100 * c['level']:.0f} % interval [{c['ci'][0]:+6.2f}, {c['ci'][1]:+6.2f}], better in "
-                  f"{100 * c['share_a_better']:3.0f} % (A) / {100 * c['share_b_better']:3.0f} % (B) of "
-                  f"{c['kept']} resamples (blocks of {c['block']} frames)")
+            print(comparison_line(c, study["frames"]))
         if out:
             write_json(study, out / "study.json")
             plot_study(study, out / "study.png")

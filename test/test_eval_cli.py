@@ -170,8 +170,11 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
         assert c["interval"] == 2 and c["block"] == 10 and c["blocks"] == 1 and c["kept"] == 0
         assert c["delta"] == pytest.approx(by_label[a]["mIoU"] - by_label[b]["mIoU"], abs=2e-4)  # rows: 4 decimals
         assert c["ci"] == [None, None] and c["share_a_better"] is None  # NaN in the JSON
+        assert c["key_frames"] == [by_label[a]["key_frames"], by_label[b]["key_frames"]]
     printed = [ln for ln in captured.out.splitlines() if " mIoU, " in ln and " - " in ln]
     assert len(printed) == 12 and all("no interval: 6 frames are fewer than two blocks of 10" in ln for ln in printed)
+    unmatched = [c for c in study["comparisons"] if c["key_frames"][0] != c["key_frames"][1]]
+    assert sum("not at the same key-frame count" in ln for ln in printed) == len(unmatched)
 
     png = out / "study.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -606,3 +609,17 @@ def test_reduce_zero_label_refuses_classes_that_meet_the_ignore_value(tmp_path):
     img, ann = _write_sequence(tmp_path, [_label(1)])
     with pytest.raises(ValueError, match="254 and 255"):
         load_sequence(img, ann, num_classes=300, reduce_zero_label=True)
+
+
+def test_a_comparison_at_different_key_frame_counts_says_so():
+    """An adaptive schedule that cannot reach the fixed one's key-frame count (a static clip) is
+    compared all the same; the printed line says the two rows are not at the same ratio."""
+    from mpvss_ros.cli import comparison_line
+
+    c = {"a": "adaptive 1/5 copy", "b": "fixed 1/5 copy", "delta": -1.0, "key_frames": [2, 3], "kept": 0,
+         "block": 10}
+    assert comparison_line(c, 12).endswith("no interval: 12 frames are fewer than two blocks of 10; "
+                                           "not at the same key-frame count: 2 against 3")
+    c.update(key_frames=[3, 3], kept=2000, level=0.95, ci=[-1.5, -0.5], share_a_better=0.0, share_b_better=1.0)
+    line = comparison_line(c, 30)
+    assert line.endswith("of 2000 resamples (blocks of 10 frames)") and "key-frame count" not in line

@@ -428,8 +428,8 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
 
     Returns:
         ``{"rows": [evaluate_sequence(...) + {"interval": N, "mode": "fixed"|"adaptive",
-        "threshold": T, "cost_ratio": R}], "comparisons": [{"interval": N, "a": label, "b": label}
-        + paired_miou_difference(...)], "frames": T, "fps": ...}``, where ``cost_ratio`` is the
+        "threshold": T, "cost_ratio": R}], "comparisons": [{"interval": N, "a": label, "b": label,
+        "key_frames": [A's, B's]} + paired_miou_difference(...)], "frames": T, "fps": ...}``, where ``cost_ratio`` is the
         row's mean ms per frame over the per-frame row's (two runs; None without interval 1 in
         ``intervals``); each row's ``cost_ratio_within_run`` estimates the same from its own run;
         labels are :func:`comparison_label`.
@@ -477,6 +477,8 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     for i, j in _compared_rows(rows):
         comparisons.append({"interval": rows[i]["interval"], "a": comparison_label(rows[i]),
                             "b": comparison_label(rows[j]),
+                            # adaptive against fixed is a fair comparison only at the same key-frame count
+                            "key_frames": [rows[i]["key_frames"], rows[j]["key_frames"]],
                             **paired_miou_difference(frame_counts[i], frame_counts[j], bootstrap_block,
                                                      bootstrap_samples)})
     return {"frames": len(seq.images), "fps": seq.fps, **loaded.provenance(backend), "optical_flow": flow_opts,
