@@ -241,7 +241,8 @@ def test_dropping_inactive_queries_moves_each_score_by_less_than_their_class_pro
     pruned = semantic_scores(class_logits[:, keep], mask_logits[:, keep])
     dropped = 16 - keep.numel()
     assert float((full - pruned).max()) <= min_score * dropped + 1e-6
-    assert float((full - pruned).min()) >= 0.0  # only non-negative terms are dropped
+    # only non-negative terms are dropped; float32 sums in another order differ by rounding
+    assert float((full - pruned).min()) >= -1e-6
 
 
 
