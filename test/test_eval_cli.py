@@ -459,6 +459,31 @@ def test_reduce_zero_label_shifts_classes_and_ignores_others(tmp_path):
         load_sequence(img, ann, num_classes=11)
 
 
+def test_vc_compares_the_raw_labels_under_reduce_zero_label(tmp_path, lite, monkeypatch):
+    """VC_n compares ground truth between frames as the files hold it (spec §4.3): the remapping
+    merges 0 (others) with 255 (ignore), so a pixel going 0 -> 255 -> 0 looked stable."""
+    import mpvss_ros.evaluation.study as study
+
+    raw = [_label(1) for _ in range(3)]
+    for i, lab in enumerate(raw):
+        lab[:4] = (0, 255, 0)[i]
+    img, ann = _write_sequence(tmp_path, raw)
+    seq = load_sequence(img, ann, num_classes=11, reduce_zero_label=True)
+    assert [np.array_equal(v, r) for v, r in zip(seq.vc_labels, raw)] == [True] * 3
+    assert (seq.labels[0][:4] == 255).all() and (seq.labels[1][:4] == 255).all()
+    seen = []
+
+    class Recording(study.VideoConsistency):
+        def update(self, pred, gt):
+            seen.append(np.asarray(gt).copy())
+            super().update(pred, gt)
+
+    monkeypatch.setattr(study, "VideoConsistency", Recording)
+    evaluate_sequence(lite, seq, "copy", "fixed:1")
+    assert len(seen) == 6 and all(np.array_equal(g, raw[i // 2]) for i, g in enumerate(seen))  # VC_8 and VC_16
+    assert load_sequence(img, ann, num_classes=12).vc_labels is None  # nothing remapped: the labels themselves
+
+
 def test_reduce_zero_label_value_check_names_the_files_own_values(tmp_path):
     """With reduce_zero_label the files hold 0 (others), 1..K, K + 1 (void) and 255; a stray value
     is named as the file holds it, not shifted by one, and the classes are counted before the shift."""

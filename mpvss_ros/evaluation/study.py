@@ -44,12 +44,16 @@ class LabelledSequence:
         images: (H, W, 3) uint8 RGB frames.
         labels: (H, W) integer label maps (void kept as is: values >= K are ignored).
         fps: frame rate used for the stamps (frames/s).
+        vc_labels: the label maps as the files hold them, when ``labels`` were remapped
+            (``reduce_zero_label``), else None. VC_n compares raw ground truth between frames
+            (spec §4.3); the remapping merges "others" (0) with the ignore value.
     """
 
     names: list[str]
     images: list[np.ndarray]
     labels: list[np.ndarray]
     fps: float
+    vc_labels: list[np.ndarray] | None = None
 
 
 #: Frame rate (frames/s) of an image folder under evaluation unless one is given: the CamVid clips'.
@@ -118,7 +122,7 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
     if reduce_zero_label and num_classes is not None and int(num_classes) > IGNORE_INDEX - 1:
         raise ValueError(f"reduce_zero_label with {num_classes} classes: the shifted class IDs 254 and 255 would "
                          f"be scored as the ignore value {IGNORE_INDEX}")
-    names, images, labels = [], [], []
+    names, images, labels, raw_labels = [], [], [], []
     counted = 0  # label pixels with a class value (0..K-1)
     first: tuple[str, tuple[int, ...]] | None = None  # the first frame's file and (H, W)
     with _open_frames(image_dir, fps) as source:
@@ -142,6 +146,7 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
             if num_classes is not None:  # the file's own values, so that an error names what it holds
                 counted += _check_label_values(label, int(num_classes), path, first_class=int(reduce_zero_label))
             if reduce_zero_label:
+                raw_labels.append(label)
                 label = reduced_zero_label(label)
             names.append(frame.name)
             images.append(frame.image)
@@ -151,7 +156,7 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
     if num_classes is not None and counted == 0:
         raise ValueError(f"the {len(names)} labels in {label_dir} count no pixel: every pixel is void "
                          f"({num_classes}) or ignored (255), so there is nothing to score")
-    return LabelledSequence(names, images, labels, fps)
+    return LabelledSequence(names, images, labels, fps, vc_labels=raw_labels if reduce_zero_label else None)
 
 
 def self_labelled_sequence(loaded: LoadedModel, source: str | Path, fps: float | None = None, limit: int | None = None,
@@ -277,6 +282,7 @@ def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Prop
     _warm_up(model, prop, seq, loaded.device)
     segmenter = VideoSegmenter(model, prop, sched, device=loaded.device)
     vcs = {n: VideoConsistency(n) for n in (8, 16)}
+    vc_labels = seq.labels if seq.vc_labels is None else seq.vc_labels  # raw ground truth (spec §4.3)
     conf = ConfusionMatrix(cfg.num_classes)  # the clip's: the sum of its frames'
     times, key_times, non_key_times, keys, frame_counts = [], [], [], 0, []
     for i in tqdm(range(len(seq.images)), disable=not progress, desc=f"{prop.name} {sched!r}", leave=False):
@@ -286,7 +292,7 @@ def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Prop
         conf.merge(frame)
         frame_counts.append(class_counts(frame.mat))
         for vc in vcs.values():
-            vc.update(result.labels, seq.labels[i])
+            vc.update(result.labels, vc_labels[i])
         total = result.timings_ms["total"]
         times.append(total)
         (key_times if result.is_key_frame else non_key_times).append(total)
