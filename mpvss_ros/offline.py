@@ -281,8 +281,7 @@ class RunStats:
 
     def __init__(self) -> None:
         self.frames = 0
-        self.key_frames = 0
-        self.key_frame_reasons: Counter[str] = Counter()
+        self.key_frame_reasons: Counter[str] = Counter()  # every key frame has a reason
         self._stages: dict[str, array] = {}  # stage -> its ms over the frames that have it
         self._total_key = array("d")
         self._total_non_key = array("d")
@@ -293,7 +292,6 @@ class RunStats:
         key = bool(record["is_key_frame"])
         timings = record["timings_ms"]
         if key:
-            self.key_frames += 1
             self.key_frame_reasons[record["key_frame_reason"]] += 1
         for stage, value in timings.items():
             self._stages.setdefault(stage, array("d")).append(value)
@@ -302,6 +300,11 @@ class RunStats:
 
     def __len__(self) -> int:
         return self.frames
+
+    @property
+    def key_frames(self) -> int:
+        """Key frames added."""
+        return sum(self.key_frame_reasons.values())
 
     def stage_values(self, stage: str) -> np.ndarray:
         """The ms of ``stage`` over the frames that have it, in order (a float64 copy: a view

@@ -568,10 +568,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 bar.close()
     wall = time.perf_counter() - t_start
 
-    stats = records.summary(class_pixels) if records else {
-        "key_frames": 0, "key_frame_reasons": {}, "timings_ms": {}, "median_total_ms_key_frame": None,
-        "median_total_ms_non_key_frame": None, "class_pixel_share": {}}
-    totals = records.stage_values("total")
+    stats = records.summary(class_pixels)  # no frame written: zero counts, no timings, None medians
+    total = stats["timings_ms"].get("total")
     return {
         "input": str(in_path),
         "output": str(out_path),
@@ -586,9 +584,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "skipped_by_reason": dict(sorted(skipped.items())),
         "skip_examples": skip_examples,
         "key_frames": stats["key_frames"],
-        "key_frame_ratio": stats["key_frames"] / len(records) if records else 0.0,
+        "key_frame_ratio": stats["key_frame_ratio"],
         "key_frame_reasons": stats["key_frame_reasons"],
-        "median_total_ms": {"all": float(np.median(totals)) if totals.size else None,
+        "median_total_ms": {"all": total["median"] if total else None,
                             "key": stats["median_total_ms_key_frame"], "non_key": stats["median_total_ms_non_key_frame"]},
         "timings_ms": stats["timings_ms"],
         "class_pixel_share": stats["class_pixel_share"],
