@@ -100,14 +100,13 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
 
 def _check_adaptive_options(args: argparse.Namespace) -> None:
     """Refuse a bad ``--max-interval`` or ``--cut-threshold`` by its flag (also when the schedule
-    is fixed and does not use them)."""
-    max_interval = getattr(args, "max_interval", 10)
-    if max_interval < 1:
-        raise ValueError(f"--max-interval must be >= 1 (frames), got {max_interval}")
+    is fixed and does not use them): the ranges :class:`~mpvss_ros.scheduling.AdaptiveScheduler`
+    accepts, named as the command line names them."""
+    if args.max_interval < 1:
+        raise ValueError(f"--max-interval must be >= 1 (frames), got {args.max_interval}")
     if not (math.isfinite(args.cut_threshold) and args.cut_threshold > 0):
         raise ValueError(f"--cut-threshold must be a finite number > 0 (above 4 = cut detection off), "
                          f"got {args.cut_threshold:g}")
-    parse_schedule("adaptive", max_interval=max_interval, cut_threshold=args.cut_threshold)
 
 
 def _scheduler(args: argparse.Namespace, max_gap_s: float = 1.0) -> KeyFrameScheduler:
