@@ -60,7 +60,7 @@ Policies:
   (``interval``); N = 1 is per-frame segmentation. MPVSS uses N = 5.
 * :class:`AdaptiveScheduler` (``adaptive``): once at least ``min_interval`` frames have passed
   since the key frame, a key frame if one of them was a hard cut, ``cut_score >= cut_threshold``
-  (``scene_cut``), or when ``scene_score >= threshold`` (``scene_change``); after ``max_interval``
+  (``scene_cut``), or when ``scene_score >= scene_threshold`` (``scene_change``); after ``max_interval``
   frames at the latest (``max_interval``). :class:`FixedIntervalScheduler` does not look at
   cuts: it is the fixed schedule of the paper's key-interval study.
 """
@@ -338,11 +338,11 @@ class FixedIntervalScheduler(KeyFrameScheduler):
 
 class AdaptiveScheduler(KeyFrameScheduler):
     """Scene-change key frames: on a hard cut (``cut_score >= cut_threshold``) or when
-    ``scene_score >= threshold``, after ``min_interval`` frames, or ``max_interval`` frames at the
+    ``scene_score >= scene_threshold``, after ``min_interval`` frames, or ``max_interval`` frames at the
     latest (see the module docstring for both scores).
 
     Args:
-        threshold: scene score that triggers a key frame (0.5: about 1 key frame in 5 on the
+        scene_threshold: scene score that triggers a key frame (0.5: about 1 key frame in 5 on the
             CamVid val clip at 15 fps; higher = fewer key frames).
         min_interval: frames that must pass after a key frame before a cut or a scene change may
             fire (1 = the very next frame may be a key frame); a cut within them fires when they
@@ -353,21 +353,21 @@ class AdaptiveScheduler(KeyFrameScheduler):
         max_gap_s, scorer: as :class:`KeyFrameScheduler` (``max_gap_s`` in seconds).
 
     Raises:
-        ValueError: on a threshold or cut_threshold <= 0 (or not finite),
+        ValueError: on a scene_threshold or cut_threshold <= 0 (or not finite),
             ``not 1 <= min_interval <= max_interval``, or ``max_gap_s`` not > 0.
     """
 
-    def __init__(self, threshold: float = 0.5, min_interval: int = 1, max_interval: int = 10,
+    def __init__(self, scene_threshold: float = 0.5, min_interval: int = 1, max_interval: int = 10,
                  max_gap_s: float = 1.0, scorer: SceneScorer | None = None,
                  cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> None:
-        if not (threshold > 0 and math.isfinite(threshold)):
-            raise ValueError(f"threshold must be > 0 and finite, got {threshold}")
+        if not (scene_threshold > 0 and math.isfinite(scene_threshold)):
+            raise ValueError(f"scene_threshold must be > 0 and finite, got {scene_threshold}")
         if not (cut_threshold > 0 and math.isfinite(cut_threshold)):
             raise ValueError(f"cut_threshold must be > 0 and finite, got {cut_threshold}")
         if not 1 <= min_interval <= max_interval:
             raise ValueError(f"need 1 <= min_interval <= max_interval (the command line's --max-interval), got "
                              f"{min_interval}, {max_interval}")
-        self.threshold = threshold
+        self.scene_threshold = scene_threshold
         self.min_interval = min_interval
         self.max_interval = max_interval
         self.cut_threshold = cut_threshold
@@ -377,18 +377,18 @@ class AdaptiveScheduler(KeyFrameScheduler):
         if frames_since_key >= self.min_interval:
             if cut_score >= self.cut_threshold:
                 return "scene_cut"
-            if scene_score >= self.threshold:
+            if scene_score >= self.scene_threshold:
                 return "scene_change"
         if frames_since_key >= self.max_interval:
             return "max_interval"
         return ""
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "threshold": self.threshold, "min_interval": self.min_interval,
+        return {**super().describe(), "scene_threshold": self.scene_threshold, "min_interval": self.min_interval,
                 "max_interval": self.max_interval, "cut_threshold": self.cut_threshold}
 
     def __repr__(self) -> str:
-        return f"adaptive:{self.threshold:g}"
+        return f"adaptive:{self.scene_threshold:g}"
 
 
 def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarray], fps: float) -> list[int]:
@@ -427,10 +427,10 @@ def parse_schedule(spec: str, max_gap_s: float = 1.0, min_interval: int = 1, max
             return FixedIntervalScheduler(interval, max_gap_s=max_gap_s)
         if kind == "adaptive":
             try:
-                threshold = float(arg) if arg else 0.5
+                scene_threshold = float(arg) if arg else 0.5
             except ValueError:
                 raise ValueError(f"the scene threshold T of adaptive:T must be a number, got {arg!r}") from None
-            return AdaptiveScheduler(threshold, min_interval, max_interval, max_gap_s=max_gap_s,
+            return AdaptiveScheduler(scene_threshold, min_interval, max_interval, max_gap_s=max_gap_s,
                                      cut_threshold=cut_threshold)
     except ValueError as exc:
         raise ValueError(f"bad schedule {spec!r}: {exc}") from exc

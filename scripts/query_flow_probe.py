@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from mpvss_ros.evaluation.pair_table import PairTable, build_pair_table, local_search
-from mpvss_ros.evaluation.study import match_adaptive_threshold
+from mpvss_ros.evaluation.study import match_scene_threshold
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import KeyFrameState
 from mpvss_ros.nn.warp import warp_mask_logits
@@ -209,7 +209,7 @@ def main() -> None:
     for n in intervals:
         fixed = list(range(0, table.frames, n))
         target = len(fixed)
-        threshold, _ = match_adaptive_threshold(frames, fps, target, max_interval=2 * n)
+        threshold, _ = match_scene_threshold(frames, fps, target, max_interval=2 * n)
         shipped = schedule_key_frames(AdaptiveScheduler(threshold, max_interval=2 * n, max_gap_s=math.inf), frames, fps)
         row = [f"fixed {cell(fixed, target)}", f"shipped {cell(shipped, target)}"]
         row += [f"{s} {cell(match_score_policy(scores[s], target, 2 * n, cuts), target)}" for s in SCORES]

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from mpvss_ros.evaluation.pair_table import PairTable, build_pair_table, local_search
-from mpvss_ros.evaluation.study import load_sequence, match_adaptive_threshold
+from mpvss_ros.evaluation.study import load_sequence, match_scene_threshold
 from mpvss_ros.io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
 from mpvss_ros.io.video import open_source
 from mpvss_ros.model_loader import load_model
@@ -155,7 +155,7 @@ def main() -> None:
         print(f"{prop}: per-frame {fmt(list(range(t)))}")
         for n in intervals:
             fixed = list(range(0, t, n))
-            threshold, _ = match_adaptive_threshold(frames, fps, len(fixed), max_interval=2 * n)
+            threshold, _ = match_scene_threshold(frames, fps, len(fixed), max_interval=2 * n)
             adaptive = schedule_key_frames(AdaptiveScheduler(threshold, max_interval=2 * n, max_gap_s=math.inf),
                                            frames, fps)
             line = f"  1 in {n}: fixed {fmt(fixed)} | adaptive:{threshold:.4g} {fmt(adaptive)}"

@@ -87,7 +87,7 @@ def test_segment_bikes(bikes_path, tmp_path, capsys, propagator, schedule, keys)
     settings = summary["schedule_settings"]  # every setting that decided the key frames
     assert settings["max_gap_s"] is None  # no time-gap key frames offline: stamps are index / fps
     if schedule.startswith("adaptive"):
-        assert settings["schedule"] == "adaptive:0.5" and settings["threshold"] == 0.5  # the default threshold
+        assert settings["schedule"] == "adaptive:0.5" and settings["scene_threshold"] == 0.5  # the default scene threshold
         assert (settings["max_interval"], settings["cut_threshold"], settings["min_interval"]) == (10, 0.45, 1)
     else:
         assert settings["schedule"] == schedule and settings["interval"] == int(schedule.split(":")[1])
@@ -378,7 +378,7 @@ def test_cut_threshold_reaches_the_scheduler(bikes_path, tmp_path, capsys, cut_t
     records = _read_jsonl(out / "frames.jsonl")
     assert {r["frame"]: r["key_frame_reason"] for r in records if r["is_key_frame"]} == keys
     settings = json.loads((out / "summary.json").read_text())["schedule_settings"]
-    assert (settings["threshold"], settings["max_interval"], settings["cut_threshold"]) == (50, 100, float(cut_threshold))
+    assert (settings["scene_threshold"], settings["max_interval"], settings["cut_threshold"]) == (50, 100, float(cut_threshold))
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

@@ -26,7 +26,7 @@ from mpvss_ros.evaluation.study import (
     evaluate_sequence,
     key_interval_study,
     load_sequence,
-    match_adaptive_threshold,
+    match_scene_threshold,
     plot_study,
     row_label,
     write_json,
@@ -137,10 +137,10 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
             assert fixed[(2, p, c)]["propagator_settings"]["chain_flow"] is c
         a = adaptive[(2, p, c)]
         assert abs(a["key_frames"] - fixed[(2, p, c)]["key_frames"]) <= 1
-        assert a["target_key_frames"] == 3 and a["threshold"] > 0
+        assert a["target_key_frames"] == 3 and a["scene_threshold"] > 0
         assert a["propagator"] == p and row_label(a) == (p if c is None else f"{p} ({'chained' if c else 'direct'})")
         # the scheduler that ran: matched threshold, max interval 2N, the --cut-threshold given
-        assert a["schedule_settings"] == {"schedule": a["schedule"], "threshold": a["threshold"], "min_interval": 1,
+        assert a["schedule_settings"] == {"schedule": a["schedule"], "scene_threshold": a["scene_threshold"], "min_interval": 1,
                                           "max_interval": 4, "cut_threshold": 0.3, "max_gap_s": None}
         assert fixed[(2, p, c)]["schedule_settings"]["interval"] == 2
         # cost against per-frame: two runs' means, and one run's own medians
@@ -148,7 +148,7 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
             assert r["cost_ratio"] == pytest.approx(r["mean_ms_per_frame"] / fixed[(1, "copy", None)]["mean_ms_per_frame"])
         assert fixed[(1, p, c)]["cost_ratio_within_run"] == 1.0
     # one threshold for every propagator, so the same key frames
-    assert len({a["threshold"] for a in adaptive.values()}) == 1
+    assert len({a["scene_threshold"] for a in adaptive.values()}) == 1
     assert len({a["key_frames"] for a in adaptive.values()}) == 1
     # a printed line per row, naming the flow mode
     lines = [ln for ln in captured.out.splitlines() if "key ratio" in ln]
@@ -216,8 +216,8 @@ def test_study_threshold_matching_uses_the_cut_threshold(bikes_frames):
     assert _count_key_frames(frames, 25.0, 50.0, 100, cut_threshold=5.0) == 1
     # matching 2 key frames: with cut detection on, every threshold on the grid's high end gives 2;
     # with it off, only a threshold the drift reaches does
-    t_on, n_on = match_adaptive_threshold(frames, 25.0, 2, 100)
-    t_off, n_off = match_adaptive_threshold(frames, 25.0, 2, 100, cut_threshold=5.0)
+    t_on, n_on = match_scene_threshold(frames, 25.0, 2, 100)
+    t_off, n_off = match_scene_threshold(frames, 25.0, 2, 100, cut_threshold=5.0)
     assert n_on == n_off == 2 and t_off < t_on
 
 
@@ -240,26 +240,26 @@ def test_cost_ratio_within_run_by_hand():
     assert _cost_ratio_within_run([], [10.0]) is None  # no key-frame cost to compare with
 
 
-def test_match_adaptive_threshold_hits_target(camvid_val_dirs):
+def test_match_scene_threshold_hits_target(camvid_val_dirs):
     seq = load_sequence(*camvid_val_dirs, limit=20)
     assert len(seq.images) == 20
     for target, max_interval in ((10, 4), (7, 6), (4, 10)):
-        threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval)
+        threshold, count = match_scene_threshold(seq.images, seq.fps, target, max_interval)
         assert count == target, (target, count)  # the bisection finds the exact count here
         assert 0.01 <= threshold <= 3.0 and math.isfinite(threshold)
         # the reported count is what that threshold gives
         assert _count_key_frames(seq.images, seq.fps, threshold, max_interval) == count
     # a target the schedule cannot go below (max_interval forces key frames): the closest it can
-    _, count = match_adaptive_threshold(seq.images, seq.fps, 1, 4)
+    _, count = match_scene_threshold(seq.images, seq.fps, 1, 4)
     assert count == 5  # frames 0, 4, 8, 12, 16 at the least
 
 
-def test_match_adaptive_threshold_exact_on_the_whole_clip(camvid_val_dirs):
+def test_match_scene_threshold_exact_on_the_whole_clip(camvid_val_dirs):
     # The 60-point grid alone gave 52 and 32 key frames for targets 51 and 34 (intervals 2 and 3).
     seq = load_sequence(*camvid_val_dirs)
     for n in (2, 3):
         target = math.ceil(len(seq.images) / n)
-        threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, 2 * n)
+        threshold, count = match_scene_threshold(seq.images, seq.fps, target, 2 * n)
         assert count == target, (n, count)
 
 

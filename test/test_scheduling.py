@@ -68,7 +68,7 @@ def test_bikes_consecutive_cut_scores_find_exactly_the_cuts(bikes_frames):
 @pytest.mark.parametrize("threshold", [0.5, 1.0, 2.0, 5.0])
 def test_adaptive_fires_on_every_bikes_cut_and_nowhere_else(bikes_frames, threshold):
     # Cuts are their own test, so a threshold that asks for sparse key frames still keys every cut.
-    sched = AdaptiveScheduler(threshold=threshold, max_interval=1000)
+    sched = AdaptiveScheduler(scene_threshold=threshold, max_interval=1000)
     decisions = _run(sched, bikes_frames)
     assert decisions[0].reason == "first"
     assert _keys(decisions, "scene_cut") == BIKES_CUTS
@@ -79,7 +79,7 @@ def test_without_cut_detection_a_sparse_threshold_misses_bikes_cuts(bikes_frames
     # Why cuts are a separate test: a cut adds only 0.56-0.85 to the drift, so with the scene score
     # alone (cut detection off: cut_threshold above the largest cut score, 4) threshold 2.0 lets
     # cuts through (measured: 137, 187 and 242 are not key frames).
-    decisions = _run(AdaptiveScheduler(threshold=2.0, max_interval=1000, cut_threshold=5.0), bikes_frames)
+    decisions = _run(AdaptiveScheduler(scene_threshold=2.0, max_interval=1000, cut_threshold=5.0), bikes_frames)
     assert _keys(decisions, "scene_cut") == []
     missed = [c for c in BIKES_CUTS if not decisions[c].is_key_frame]
     assert len(missed) >= 2, missed
@@ -111,7 +111,7 @@ def test_cut_scores_of_bikes_match_the_default_threshold(bikes_frames):
 def test_no_cut_on_the_camvid_val_clip(camvid_val):
     frames = [read_rgb(p) for p in sorted(camvid_val.glob("*.png"))]
     assert len(frames) == 101
-    decisions = _run(AdaptiveScheduler(threshold=0.5), frames, [i / 15.0 for i in range(len(frames))])
+    decisions = _run(AdaptiveScheduler(scene_threshold=0.5), frames, [i / 15.0 for i in range(len(frames))])
     assert _keys(decisions, "scene_cut") == []
     assert len(_keys(decisions, "scene_change")) >= 10  # the drift still keys the moving drive
 
@@ -121,7 +121,7 @@ def test_adaptive_drift_key_frames_are_scored_since_the_key_frame(bikes_frames):
     # object motion inside a shot also make key frames once the content has drifted far enough
     # (measured: 39 key frames on 250 with no max_interval, 34 of them inside shots, closest
     # together in the fast stretch 36..107).
-    sched = AdaptiveScheduler(threshold=0.5, max_interval=1000)
+    sched = AdaptiveScheduler(scene_threshold=0.5, max_interval=1000)
     decisions = _run(sched, bikes_frames)
     keys = _keys(decisions)
     assert set(BIKES_CUTS) <= set(keys)
@@ -144,7 +144,7 @@ def test_adaptive_key_interval_follows_camera_speed(bikes_frames):
     wide = cv2.resize(bikes_frames[100], (1600, 272), interpolation=cv2.INTER_LINEAR)
     intervals = {}
     for speed in (2, 4):
-        decisions = _run(AdaptiveScheduler(threshold=0.5, max_interval=1000), _pan(wide, speed, 200, 640))
+        decisions = _run(AdaptiveScheduler(scene_threshold=0.5, max_interval=1000), _pan(wide, speed, 200, 640))
         keys = _keys(decisions)
         assert all(decisions[i].reason == "scene_change" for i in keys[1:])
         intervals[speed] = float(np.mean(np.diff(keys)))
@@ -189,7 +189,7 @@ def test_histogram_change_is_measured_against_the_key_frame():
     frames = [np.repeat(np.rint(ramp * g)[..., None], 3, axis=2).astype(np.uint8) for g in np.linspace(1.0, 0.3, 31)]
     scorer = SceneScorer()
     hists = [scorer.thumbnail(f)[1] for f in frames]
-    decisions = _run(AdaptiveScheduler(threshold=0.5, max_interval=1000), frames)
+    decisions = _run(AdaptiveScheduler(scene_threshold=0.5, max_interval=1000), frames)
     key = 0
     for i, d in enumerate(decisions):
         if d.is_key_frame:
@@ -222,7 +222,7 @@ def test_adaptive_quiet_on_static_real_scene(source, request):
         image = read_rgb(folder / "0016E5_07959.png")
     frames = _static_scene(image, 60, seed=7)
     assert not np.array_equal(frames[0], frames[1])  # the noise is really there
-    decisions = _run(AdaptiveScheduler(threshold=0.5, max_interval=10), frames)
+    decisions = _run(AdaptiveScheduler(scene_threshold=0.5, max_interval=10), frames)
     assert _keys(decisions, "scene_change") == []
     assert [(i, decisions[i].reason) for i in _keys(decisions)] == \
         [(0, "first")] + [(i, "max_interval") for i in (10, 20, 30, 40, 50)]
@@ -339,7 +339,7 @@ def test_bad_max_gap_rejected(bad):
 
 def test_adaptive_cut_on_alternating_frames_every_frame():
     frames = [_solid(0 if i % 2 else 250) for i in range(8)]
-    decisions = _run(AdaptiveScheduler(threshold=0.5, min_interval=1, max_interval=100), frames)
+    decisions = _run(AdaptiveScheduler(scene_threshold=0.5, min_interval=1, max_interval=100), frames)
     assert _keys(decisions) == list(range(8))
     assert all(d.reason == "scene_cut" for d in decisions[1:])
     assert all(d.scene_score > 0.9 for d in decisions[1:])
@@ -347,7 +347,7 @@ def test_adaptive_cut_on_alternating_frames_every_frame():
 
 def test_adaptive_min_interval_respected():
     frames = [_solid(0 if i % 2 else 250) for i in range(13)]
-    decisions = _run(AdaptiveScheduler(threshold=0.5, min_interval=3, max_interval=100), frames)
+    decisions = _run(AdaptiveScheduler(scene_threshold=0.5, min_interval=3, max_interval=100), frames)
     # frames 1 and 2 come too early (they are cuts and their drift is far above the threshold);
     # frame 3 fires, ...
     assert _keys(decisions) == [0, 3, 6, 9, 12]
@@ -359,15 +359,15 @@ def test_adaptive_cut_within_min_interval_fires_when_it_has_passed():
     # One cut right after the key frame, then a still scene: with a scene threshold no drift can
     # reach, the cut itself (remembered since the key frame) makes frame 3 a key frame.
     frames = [_textured(1)] + [_textured(2)] * 9
-    decisions = _run(AdaptiveScheduler(threshold=90.0, min_interval=3, max_interval=100), frames)
+    decisions = _run(AdaptiveScheduler(scene_threshold=90.0, min_interval=3, max_interval=100), frames)
     assert [(i, decisions[i].reason) for i in _keys(decisions)] == [(0, "first"), (3, "scene_cut")]
     assert decisions[3].scene_score < 90.0
 
 
 def test_schedule_key_frames_starts_fresh(bikes_frames):
-    sched = AdaptiveScheduler(threshold=0.5, max_interval=1000)
+    sched = AdaptiveScheduler(scene_threshold=0.5, max_interval=1000)
     keys = schedule_key_frames(sched, bikes_frames[:80], FPS)
-    assert keys == _keys(_run(AdaptiveScheduler(threshold=0.5, max_interval=1000), bikes_frames[:80]))
+    assert keys == _keys(_run(AdaptiveScheduler(scene_threshold=0.5, max_interval=1000), bikes_frames[:80]))
     assert {30, 76} <= set(keys)
     assert schedule_key_frames(sched, bikes_frames[:80], FPS) == keys  # reset: the same again
 
@@ -380,8 +380,8 @@ def test_adaptive_max_interval():
     assert max(d.scene_score for d in decisions) == 0.0  # identical frames score 0
 
 
-@pytest.mark.parametrize("kwargs", [dict(threshold=0.0), dict(threshold=-0.5), dict(min_interval=0),
-                                    dict(min_interval=11, max_interval=10), dict(threshold=math.inf),
+@pytest.mark.parametrize("kwargs", [dict(scene_threshold=0.0), dict(scene_threshold=-0.5), dict(min_interval=0),
+                                    dict(min_interval=11, max_interval=10), dict(scene_threshold=math.inf),
                                     dict(cut_threshold=0.0), dict(cut_threshold=-1.0),
                                     dict(cut_threshold=math.nan), dict(cut_threshold=math.inf)])
 def test_adaptive_rejects_bad_arguments(kwargs):
@@ -406,10 +406,10 @@ def test_parse_schedule_accepts():
     s = parse_schedule("fixed:5")
     assert isinstance(s, FixedIntervalScheduler) and s.interval == 5 and repr(s) == "fixed:5"
     a = parse_schedule("adaptive")
-    assert isinstance(a, AdaptiveScheduler) and a.threshold == 0.5 and repr(a) == "adaptive:0.5"
+    assert isinstance(a, AdaptiveScheduler) and a.scene_threshold == 0.5 and repr(a) == "adaptive:0.5"
     assert a.cut_threshold == DEFAULT_CUT_THRESHOLD
     a = parse_schedule("adaptive:0.3", max_gap_s=2.0, min_interval=2, max_interval=7, cut_threshold=0.8)
-    assert (a.threshold, a.min_interval, a.max_interval, a.max_gap_s, a.cut_threshold) == (0.3, 2, 7, 2.0, 0.8)
+    assert (a.scene_threshold, a.min_interval, a.max_interval, a.max_gap_s, a.cut_threshold) == (0.3, 2, 7, 2.0, 0.8)
     assert parse_schedule(" fixed:1 ").interval == 1
 
 

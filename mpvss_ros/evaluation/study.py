@@ -6,7 +6,7 @@ and reports mIoU, per-class IoU, fwIoU, VC_8, VC_16 and the mean per-frame cost 
 
 ``key_interval_study`` reproduces the paper's study (MPVSS section 4: accuracy against key-frame
 interval) on one clip: fixed intervals for ``copy``, ``optical_flow`` and ``query_flow``, plus the
-adaptive schedule tuned to the same key-frame ratios. The adaptive threshold is chosen only to
+adaptive schedule tuned to the same key-frame ratios. The adaptive scene threshold is chosen only to
 match the *number* of key frames of ``fixed:N`` on the clip (the scheduler does not look at
 labels or predictions), so the comparison is at equal segmentor cost.
 """
@@ -31,7 +31,7 @@ from ..segmenter import VideoSegmenter
 from .bootstrap import paired_miou_difference
 from .metrics import IGNORE_INDEX, ConfusionMatrix, VideoConsistency, class_counts
 
-__all__ = ["LabelledSequence", "load_sequence", "self_labelled_sequence", "evaluate_sequence", "match_adaptive_threshold",
+__all__ = ["LabelledSequence", "load_sequence", "self_labelled_sequence", "evaluate_sequence", "match_scene_threshold",
            "key_interval_study", "plot_study", "row_label", "comparison_label"]
 
 
@@ -342,19 +342,19 @@ def _pct(v: float) -> float | None:
     return None if not math.isfinite(v) else round(100.0 * v, 4)
 
 
-def _count_key_frames(images: Sequence[np.ndarray], fps: float, threshold: float, max_interval: int,
+def _count_key_frames(images: Sequence[np.ndarray], fps: float, scene_threshold: float, max_interval: int,
                       cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> int:
-    sched = AdaptiveScheduler(threshold=threshold, max_interval=max_interval, max_gap_s=math.inf,
+    sched = AdaptiveScheduler(scene_threshold=scene_threshold, max_interval=max_interval, max_gap_s=math.inf,
                               cut_threshold=cut_threshold)
     return len(schedule_key_frames(sched, images, fps))
 
 
-def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_key_frames: int,
+def match_scene_threshold(images: Sequence[np.ndarray], fps: float, target_key_frames: int,
                              max_interval: int, cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> tuple[float, int]:
-    """Threshold whose adaptive schedule (with ``max_interval`` and ``cut_threshold`` as
+    """The scene threshold whose adaptive schedule (with ``max_interval`` and ``cut_threshold`` as
     :class:`AdaptiveScheduler`) makes the key-frame count closest to the target.
 
-    Searches a log-spaced grid of thresholds (0.01 .. 3), then bisects (in log space) between
+    Searches a log-spaced grid of scene thresholds (0.01 .. 3), then bisects (in log space) between
     the grid's thresholds that bracket the target, since a coarse grid can step over the exact
     count; on ties prefers fewer key frames, so the adaptive schedule never gets more segmentor
     runs than the fixed one it is compared with.
@@ -368,7 +368,8 @@ def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_ke
             :mod:`mpvss_ros.scheduling`).
 
     Returns:
-        (threshold, key frames it gives): the scene-score threshold (unitless) and the count.
+        (scene_threshold, key frames it gives): the scene threshold (a scene score, unitless) and
+        the count.
 
     Raises:
         ValueError: a ``cut_threshold`` <= 0 or not finite, or ``max_interval`` < 1 (from
@@ -383,7 +384,7 @@ def match_adaptive_threshold(images: Sequence[np.ndarray], fps: float, target_ke
 
     grid = [float(t) for t in np.geomspace(0.01, 3.0, 60)]
     counts = [count(t) for t in grid]
-    # the count falls as the threshold rises: bisect between the last grid point above the target
+    # the count falls as the scene threshold rises: bisect between the last grid point above the target
     # and the first at or below it
     above = [t for t, n in zip(grid, counts) if n > target_key_frames]
     below = [t for t, n in zip(grid, counts) if n <= target_key_frames]
@@ -417,8 +418,8 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     (None for ``copy`` and per-frame); :func:`row_label` names a row.
 
     For interval N > 1 the adaptive schedule (``max_interval`` = 2N, ``cut_threshold`` as
-    :class:`AdaptiveScheduler`) gets the threshold that matches the key-frame count of
-    ``fixed:N`` on this clip (:func:`match_adaptive_threshold`).
+    :class:`AdaptiveScheduler`) gets the scene threshold that matches the key-frame count
+    of ``fixed:N`` on this clip (:func:`match_scene_threshold`).
 
     The comparisons the study's verdicts rest on get a paired circular-block-bootstrap interval
     (:func:`~mpvss_ros.evaluation.bootstrap.paired_miou_difference`, blocks of
@@ -434,7 +435,7 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
 
     Returns:
         ``{"rows": [evaluate_sequence(...) + {"interval": N, "mode": "fixed"|"adaptive",
-        "threshold": T, "cost_ratio": R}], "comparisons": [{"interval": N, "a": label, "b": label,
+        "scene_threshold": T, "cost_ratio": R}], "comparisons": [{"interval": N, "a": label, "b": label,
         "key_frames": [A's, B's]} + paired_miou_difference(...)], "frames": T, "fps": ...}``, where ``cost_ratio`` is the
         row's mean ms per frame over the per-frame row's (two runs; None without interval 1 in
         ``intervals``); each row's ``cost_ratio_within_run`` estimates the same from its own run;
@@ -460,7 +461,7 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
                 frame_counts.append(per_frame_counts)
                 continue
             r, fc = _evaluate(loaded, seq, prop, f"fixed:{n}", progress, backend, chain_flow=bool(chain), **flow_opts)
-            r.update(interval=n, mode="fixed", threshold=None, chain_flow=chain)
+            r.update(interval=n, mode="fixed", scene_threshold=None, chain_flow=chain)
             rows.append(r)
             frame_counts.append(fc)
             if n == 1:
@@ -468,13 +469,14 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
                 per_frame, per_frame_counts = r, fc
         if adaptive and n > 1:
             target = math.ceil(len(seq.images) / n)
-            threshold, count = match_adaptive_threshold(seq.images, seq.fps, target, max_interval=2 * n,
-                                                        cut_threshold=cut_threshold)
+            scene_threshold, count = match_scene_threshold(seq.images, seq.fps, target, max_interval=2 * n,
+                                                           cut_threshold=cut_threshold)
             for prop, chain in settings:
-                sched = AdaptiveScheduler(threshold=threshold, max_interval=2 * n, max_gap_s=math.inf,
+                sched = AdaptiveScheduler(scene_threshold=scene_threshold, max_interval=2 * n, max_gap_s=math.inf,
                                           cut_threshold=cut_threshold)
                 r, fc = _evaluate(loaded, seq, prop, sched, progress, backend, chain_flow=bool(chain), **flow_opts)
-                r.update(interval=n, mode="adaptive", threshold=threshold, target_key_frames=target, chain_flow=chain)
+                r.update(interval=n, mode="adaptive", scene_threshold=scene_threshold, target_key_frames=target,
+                         chain_flow=chain)
                 rows.append(r)
                 frame_counts.append(fc)
     for r in rows:

@@ -755,7 +755,7 @@ def test_build_segmenter_follows_the_parameters(lite):
     seg = build_segmenter(validate({"scene_threshold": 0.8, "min_interval": 2, "max_interval": 7,
                                     "cut_threshold": 0.6, "propagator": "optical_flow"}), lite)
     assert isinstance(seg.scheduler, AdaptiveScheduler)
-    assert (seg.scheduler.threshold, seg.scheduler.min_interval, seg.scheduler.max_interval) == (0.8, 2, 7)
+    assert (seg.scheduler.scene_threshold, seg.scheduler.min_interval, seg.scheduler.max_interval) == (0.8, 2, 7)
     assert seg.scheduler.cut_threshold == 0.6
     assert seg.propagator.name == "optical_flow"
     assert (seg.propagator.preset, seg.propagator.flow_scale) == ("fast", 0.5)
