@@ -50,7 +50,7 @@ import torch
 
 from .base import BACKENDS, PRECISIONS
 
-__all__ = ["BenchOptions", "BackendSpec", "parse_backend_spec", "parse_size", "default_backend_specs",
+__all__ = ["BenchOptions", "BackendSpec", "parse_backend_spec", "parse_size", "unavailable_reason", "default_backend_specs",
            "hardware_info", "run_bench", "format_markdown", "bench_frames", "write_json"]
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,16 @@ def _make_backend(spec: BackendSpec, loaded: Any, hw: tuple[int, int], opts: Ben
                         cache_dir=opts.cache_dir, threads=threads)
 
 
+def unavailable_reason(message: str) -> str:
+    """A backend's "cannot run here" message (:func:`~mpvss_ros.runtime.backend_missing`) for a
+    bench row: the reason without its remedy, which names the flags of ``segment``/``eval``
+    (``--device``, ``--precision``, ``--backend``) that ``bench`` does not have; a row is picked
+    with a ``--backends`` spec instead."""
+    cuts = [i for i in (message.find("; use "), message.find(": use ")) if i >= 0]
+    reason = message[: min(cuts)] if cuts else message
+    return f"{reason} (pick another --backends spec)"
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
 
@@ -334,7 +344,7 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
                     backend = _make_backend(spec, loaded, valid_hw, opts, threads)
                     row.update(_bench_one(backend, spec, frames, opts))
                 except BackendUnavailable as exc:
-                    row["error"] = str(exc)
+                    row["error"] = unavailable_reason(str(exc))
                 except (RuntimeError, MemoryError) as exc:
                     if not _is_oom(exc):
                         raise

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mpvss_ros.cli import main
-from mpvss_ros.runtime.bench import BackendSpec, default_backend_specs, parse_backend_spec, parse_size
+from mpvss_ros.runtime.bench import BackendSpec, default_backend_specs, parse_backend_spec, parse_size, unavailable_reason
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -92,4 +92,31 @@ def test_bench_unavailable_backend_is_a_row(tmp_path, capsys, monkeypatch):
     rc = main(["bench", "--models", "mpvss_lite", "--sizes", "64x64", "--backends", "tensorrt", "--repeats", "1",
                "--e2e-frames", "1", "--threads", "1"])
     assert rc == 0
-    assert "tensorrt backend needs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tensorrt backend needs" in out and "pick another --backends spec" in out
+    assert "use the onnxruntime or torch backend" not in out  # segment's remedy, not bench's
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("CUDA was requested but this torch build sees no CUDA GPU; use --device cpu",
+     "CUDA was requested but this torch build sees no CUDA GPU"),
+    ("onnxruntime on CUDA needs onnxruntime-gpu (CUDAExecutionProvider is not available here); "
+     "use --device cpu, --backend torch or --backend tensorrt",
+     "onnxruntime on CUDA needs onnxruntime-gpu (CUDAExecutionProvider is not available here)"),
+    ("TensorRT 11 has no FP16 builder flag (weakly typed fp16 was removed): use --precision fp32, or TensorRT 8.6",
+     "TensorRT 11 has no FP16 builder flag (weakly typed fp16 was removed)"),
+    ("a reason with no remedy", "a reason with no remedy"),
+])
+def test_unavailable_reason_drops_the_remedy_that_names_other_commands_flags(message, reason):
+    assert unavailable_reason(message) == f"{reason} (pick another --backends spec)"
+
+
+def test_bench_row_for_cuda_without_a_gpu_names_no_device_flag(tmp_path, capsys, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available here")
+    _, result = _bench(tmp_path, capsys, monkeypatch, "--sizes", "64x64", "--backends", "torch:cuda",
+                       "--e2e-frames", "1")
+    (row,) = result["rows"]
+    assert row["error"] == "CUDA was requested but this torch build sees no CUDA GPU (pick another --backends spec)"
