@@ -273,18 +273,18 @@ class EngineFailures:
 
 class RunStats:
     """What a run summary (:meth:`summary`) needs of every frame, kept compactly: one float64
-    per stage timing and frame, the key-frame reasons counted. The offline tools used to hold
-    every frame's record (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`) until the
-    end: at least 464 bytes a frame (tracemalloc, copies of ``bikes.mp4`` records), about 50 MB
-    per hour of 30 fps video; this holds 50 bytes a frame.
+    per stage timing and frame, one byte per frame for whether its ``total`` was a key frame's,
+    the key-frame reasons counted. The offline tools used to hold every frame's record
+    (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`) until the end: at least 464 bytes
+    a frame (tracemalloc, copies of ``bikes.mp4`` records), about 50 MB per hour of 30 fps video;
+    this holds 43 bytes a frame (the same measurement).
     """
 
     def __init__(self) -> None:
         self.frames = 0
         self.key_frame_reasons: Counter[str] = Counter()  # every key frame has a reason
         self._stages: dict[str, array] = {}  # stage -> its ms over the frames that have it
-        self._total_key = array("d")
-        self._total_non_key = array("d")
+        self._total_is_key = array("b")  # per frame with a "total" timing: 1 for a key frame
 
     def add(self, record: dict[str, Any]) -> None:
         """Count one frame's record (``is_key_frame``, ``key_frame_reason``, ``timings_ms``)."""
@@ -296,7 +296,7 @@ class RunStats:
         for stage, value in timings.items():
             self._stages.setdefault(stage, array("d")).append(value)
         if "total" in timings:
-            (self._total_key if key else self._total_non_key).append(timings["total"])
+            self._total_is_key.append(key)
 
     def __len__(self) -> int:
         return self.frames
@@ -329,14 +329,15 @@ class RunStats:
             vals = self.stage_values(stage)
             timing[stage] = {"median": float(np.median(vals)), "mean": float(vals.mean()), "p90": float(np.percentile(vals, 90)), "count": int(vals.size)}
         share = class_pixels / max(class_pixels.sum(), 1)
+        totals, is_key = self.stage_values("total"), np.array(self._total_is_key, dtype=bool)
         return {
             "frames": n,
             "key_frames": self.key_frames,
             "key_frame_ratio": self.key_frames / n if n else 0.0,
             "key_frame_reasons": {reason: self.key_frame_reasons[reason] for reason in sorted(self.key_frame_reasons)},
             "timings_ms": timing,
-            "median_total_ms_key_frame": float(np.median(self._total_key)) if self._total_key else None,
-            "median_total_ms_non_key_frame": float(np.median(self._total_non_key)) if self._total_non_key else None,
+            "median_total_ms_key_frame": float(np.median(totals[is_key])) if is_key.any() else None,
+            "median_total_ms_non_key_frame": float(np.median(totals[~is_key])) if (~is_key).any() else None,
             "class_pixel_share": {int(c): round(float(s), 6) for c, s in enumerate(share) if s > 0},
         }
 
