@@ -43,6 +43,7 @@ setup(
         "tqdm>=4.60",
         "scipy>=1.10",
         "matplotlib>=3.7",
+        "pillow>=9.2",  # EXIF orientation of image-folder JPEGs (matplotlib needs it too)
         "rosbags>=0.11.6",  # the bag tests pass from 0.11.6 (0.11.0 and 0.11.3-0.11.5 fail three: CDR errors, SIGTERM clean-up)
         "scikit-video>=1.1.11",
         "onnx>=1.16",

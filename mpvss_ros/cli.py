@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="frame rate (frames/s) of the stamps and of overlay.mp4; also overrides a video's own "
                           "(default: a video's own rate, 30 for an image folder)")
     seg.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
+    seg.add_argument("--max-image-pixels", type=int, default=None,
+                     help="skip frames above this many pixels (default 4096 x 4096, as the node and mpvss bag; "
+                          "0 = no limit); JPEG and PNG files are measured from their header, before decoding")
     seg.add_argument("--no-overlay", action="store_true", help="do not write overlay.mp4")
     seg.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(seg)
@@ -277,6 +280,17 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"auto (a CUDA GPU when there is one, else the CPU), cpu or cuda[:N] (default {d.device})")
 
 
+def _check_max_image_pixels(args: argparse.Namespace) -> None:
+    """Refuse a negative ``--max-image-pixels`` (``segment``, ``bag``) by its flag."""
+    if args.max_image_pixels is not None and args.max_image_pixels < 0:
+        raise ValueError(f"--max-image-pixels must be >= 1 (pixels), or 0 for no limit, got {args.max_image_pixels}")
+
+
+def _max_image_pixels(args: argparse.Namespace, default: int | None) -> int | None:
+    """The pixel limit ``--max-image-pixels`` asks for: ``default`` when not given, None for 0 (no limit)."""
+    return default if args.max_image_pixels is None else args.max_image_pixels or None
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .offline import SegmentOptions, check_out_dir, segment_path, terminate_unwinds
 
@@ -287,6 +301,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     _scheduler(args)  # validate before loading the model
     if args.max_frames is not None and args.max_frames < 1:
         raise ValueError("--max-frames must be >= 1")
+    _check_max_image_pixels(args)
     check_out_dir(args.input, args.out)
     loaded, backend = load_model_and_backend(args)
     options = SegmentOptions(
@@ -294,6 +309,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         max_gap_s=math.inf,  # stamps are frame index / fps: no real gaps
         fps=args.fps,
         max_frames=args.max_frames,
+        max_image_pixels=_max_image_pixels(args, SegmentOptions.max_image_pixels),
         write_overlay=not args.no_overlay,
         progress=not args.no_progress,
     )
@@ -303,6 +319,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     brief["median_total_ms"] = {"key": summary["median_total_ms_key_frame"], "non_key": summary["median_total_ms_non_key_frame"]}
     brief["skipped"] = len(summary["skipped_non_finite"]) + len(summary["skipped_engine"])
     brief["unreadable"] = len(summary["skipped_unreadable"]) + summary["missing_at_end"]  # input frames not read (logged)
+    brief["too_large"] = len(summary["skipped_too_large"])  # input frames above --max-image-pixels (logged)
     print(json.dumps(brief))
     print(f"wrote {args.out}/labels/, {'overlay.mp4, ' if summary['overlay'] else ''}frames.jsonl, summary.json")
     _warn_engine_failures(len(summary["skipped_engine"]), summary["frames"] + brief["skipped"], "frames",
@@ -336,14 +353,12 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         raise ValueError("--max-frames must be >= 1")
     if not 0.0 <= args.alpha <= 1.0:  # NaN too
         raise ValueError(f"--alpha must be in [0, 1] (overlay opacity of the class colours), got {args.alpha:g}")
-    if args.max_image_pixels is not None and args.max_image_pixels < 0:
-        raise ValueError(f"--max-image-pixels must be >= 1 (pixels), or 0 for no limit, got {args.max_image_pixels}")
+    _check_max_image_pixels(args)
     loaded, backend = load_model_and_backend(args)
     options = BagOptions(
         **_engine_options(args),
         max_frames=args.max_frames,
-        max_image_pixels=(BagOptions.max_image_pixels if args.max_image_pixels is None
-                          else args.max_image_pixels or None),
+        max_image_pixels=_max_image_pixels(args, BagOptions.max_image_pixels),
         alpha=args.alpha,
         colored=not args.no_colored,
         overlay=not args.no_overlay,

@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoints import first_line
+from .io import DEFAULT_MAX_IMAGE_PIXELS
 from .io.video import VideoWriter, open_source, write_label_png
 from .model_loader import LoadedModel
 from .paths import check_output_dir, make_output_dir
@@ -226,6 +227,10 @@ class SegmentOptions(EngineOptions):
         fps: frame rate (frames/s) of the stamps and of ``overlay.mp4``; None = a video file's
             own, 30 for an image folder (:func:`~mpvss_ros.io.video.open_source`).
         max_frames: stop after this many frames (None = all).
+        max_image_pixels: largest frame (height x width pixels) segmented, as the node's
+            ``max_image_pixels`` and ``mpvss bag --max-image-pixels``; larger ones are skipped,
+            logged and listed (``skipped_too_large``), image files measured from the header where
+            the format has one (JPEG, PNG), before they are decoded. None: no limit.
         write_overlay: write ``overlay.mp4``.
         write_labels: write ``labels/*.png``.
         progress: show a progress bar.
@@ -233,6 +238,7 @@ class SegmentOptions(EngineOptions):
 
     fps: float | None = None
     max_frames: int | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     write_overlay: bool = True
     write_labels: bool = True
     progress: bool = True
@@ -360,11 +366,13 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
 
     Frames whose logits are NaN or infinite, or that the backend fails on, are logged and
     skipped (``skipped_non_finite``, ``skipped_engine`` in the summary; the overlay video shows
-    the frame itself).
+    the frame itself). Input frames that cannot be read, or have more than
+    ``options.max_image_pixels`` pixels, are logged and skipped before segmentation
+    (``skipped_unreadable``, ``skipped_too_large``; not in the overlay video).
 
     Raises:
         FileNotFoundError: missing input. ValueError: unreadable video, empty folder, bad
-        schedule or propagator name, no frame segmented. RuntimeError: the backend failed on
+        schedule or propagator name, ``max_image_pixels`` below 1, no frame segmented. RuntimeError: the backend failed on
         :data:`MAX_ENGINE_FAILURES_IN_A_ROW` frames in a row. OSError: the output folder cannot
         be made or written (e.g. a full disk; ``summary.json`` is then not left behind).
     """
@@ -380,7 +388,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     failures = EngineFailures("frames")
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     t_start = time.perf_counter()
-    with open_source(input_path, fps=options.fps) as source, open(out / "frames.jsonl", "w") as jsonl:
+    with open_source(input_path, fps=options.fps, max_pixels=options.max_image_pixels) as source, \
+            open(out / "frames.jsonl", "w") as jsonl:
         writer = _OverlayVideo(out / "overlay.mp4", source.fps) if options.write_overlay else None
         total = len(source) if options.max_frames is None else min(len(source), options.max_frames)
         try:
@@ -421,11 +430,18 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
             if writer is not None:
                 writer.close()
         unreadable, missing = list(source.unreadable), int(source.missing)
+        too_large = list(source.too_large)
     wall = time.perf_counter() - t_start
     if not records:
-        raise ValueError(f"no frame could be read from {input_path}" if not (non_finite or engine_failed) else
-                         f"no frame of {input_path} could be segmented ({len(non_finite)} gave NaN or infinite logits: "
-                         f"broken weights or model configuration?; the backend failed on {len(engine_failed)})")
+        if non_finite or engine_failed:
+            raise ValueError(f"no frame of {input_path} could be segmented ({len(non_finite)} gave NaN or infinite "
+                             f"logits: broken weights or model configuration?; the backend failed on "
+                             f"{len(engine_failed)})")
+        if too_large:
+            raise ValueError(f"no frame of {input_path} was segmented: {len(too_large)} had more than the "
+                             f"{options.max_image_pixels} pixels of --max-image-pixels (0 = no limit), "
+                             f"{len(unreadable)} could not be read")
+        raise ValueError(f"no frame could be read from {input_path}")
 
     summary = {
         "input": str(input_path),
@@ -438,6 +454,9 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         # of a video, and the frames a truncated video lacks
         "skipped_unreadable": unreadable,
         "missing_at_end": missing,
+        # input frames above max_image_pixels (logged), skipped before segmentation
+        "skipped_too_large": too_large,
+        "max_image_pixels": options.max_image_pixels,
         "wall_time_s": wall,
         # the one-off preparation of a fixed-shape backend (an ONNX export, a TensorRT engine
         # build, seconds to minutes) is not the engine's frame rate

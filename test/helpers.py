@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -52,3 +54,27 @@ def count_live_records(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(SegmentationResult, "to_record", to_record)
     return seen
+
+
+def exif_tiff(orientation: int, byte_order: str = "II") -> bytes:
+    """An EXIF TIFF structure (``II`` little- or ``MM`` big-endian) whose IFD0 holds a Make tag and
+    the Orientation tag (SHORT) ``orientation``."""
+    e = "<" if byte_order == "II" else ">"
+    entries = struct.pack(e + "HHI", 0x010F, 2, 4) + b"abc\x00" + struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0)
+    return byte_order.encode() + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", 2) + entries + struct.pack(e + "I", 0)
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int, byte_order: str = "II") -> bytes:
+    """``jpeg`` with an APP1 ``Exif`` segment (:func:`exif_tiff`) after its APP0 (JFIF) segment,
+    where cameras put it."""
+    payload = b"Exif\x00\x00" + exif_tiff(orientation, byte_order)
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    at = 2 + 2 + int.from_bytes(jpeg[4:6], "big") if jpeg[2:4] == b"\xff\xe0" else 2
+    return jpeg[:at] + app1 + jpeg[at:]
+
+
+def png_with_exif_orientation(png: bytes, orientation: int) -> bytes:
+    """``png`` with an ``eXIf`` chunk (:func:`exif_tiff`) after its IHDR chunk."""
+    tiff = exif_tiff(orientation)
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    return png[:33] + chunk + png[33:]  # signature (8) + IHDR (4 + 4 + 13 + 4)

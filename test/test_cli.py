@@ -191,6 +191,43 @@ def test_segment_counts_the_input_frames_it_could_not_read(tmp_path, capsys):
     assert summary["skipped_unreadable"] == ["f001"] and summary["missing_at_end"] == 0
 
 
+def test_segment_skips_frames_above_max_image_pixels(tmp_path, capsys, caplog):
+    """mpvss segment had no pixel limit, unlike the node and mpvss bag: a 9000 x 9000 PNG (6.7 MB)
+    in a folder raised its peak memory from 0.42 to 2.1 GB. Frames above --max-image-pixels (4096 x
+    4096 by default, as theirs; 0 = no limit) are skipped from the file's header, logged, listed
+    in summary.json and counted on the result line."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "frames"
+    _write_folder(folder, {"f000": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8),
+                           "f002": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8),
+                           "f003": rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)})
+    assert cv2.imwrite(str(folder / "f001.png"), np.zeros((4097, 4096), np.uint8))  # one row above the default
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="mpvss_ros.io.video"):
+        assert _segment(folder, out, "--schedule", "fixed:1") == 0
+    brief = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert brief["frames"] == 3 and brief["too_large"] == 1 and brief["unreadable"] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_too_large"] == ["f001"] and summary["max_image_pixels"] == 4096 * 4096
+    assert "f001.png: 4096 x 4097 = 16781312 pixels, more than the 16777216 allowed" in caplog.text
+    assert "--max-image-pixels" in caplog.text
+    (folder / "f001.png").unlink()
+    assert _segment(folder, tmp_path / "out2", "--max-image-pixels", "1000") == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["too_large"] == 1  # f003: 1200 pixels
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["skipped_too_large"] == ["f003"]
+    assert _segment(folder, tmp_path / "out3", "--max-image-pixels", "0") == 0  # no limit
+    summary = json.loads((tmp_path / "out3" / "summary.json").read_text())
+    assert summary["frames"] == 3 and summary["max_image_pixels"] is None
+
+
+def test_segment_with_every_frame_above_the_limit_names_the_flag(tmp_path, capsys):
+    folder = tmp_path / "frames"
+    _write_folder(folder, {"f0": np.zeros((20, 30, 3), np.uint8), "f1": np.zeros((20, 30, 3), np.uint8)})
+    assert _segment(folder, tmp_path / "out", "--max-image-pixels", "100") == 2
+    line = error_line(capsys.readouterr().err)
+    assert "2 had more than the 100 pixels of --max-image-pixels (0 = no limit)" in line
+
+
 def test_segment_image_folder_camvid(camvid_val, tmp_path, capsys):
     files = sorted(camvid_val.glob("*.png"))[:5]
     assert len(files) == 5
@@ -751,6 +788,19 @@ def test_bad_adaptive_setting_with_a_fixed_schedule_names_the_flag_not_adaptive(
     rc = _segment(tiny_folder, tmp_path / "out", "--cut-threshold", "-1")  # the default schedule is fixed:5
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and "--cut-threshold" in line and "'adaptive'" not in line
+
+
+def test_segment_bad_max_image_pixels_is_refused_by_its_flag_before_the_model_loads(tiny_folder, tmp_path,
+                                                                                    monkeypatch, capsys):
+    import mpvss_ros.cli as cli
+
+    def no_model(args):
+        raise AssertionError("the model must not load for a usage error")
+
+    monkeypatch.setattr(cli, "load_model_and_backend", no_model)
+    rc = _segment(tiny_folder, tmp_path / "out", "--max-image-pixels", "-5")
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "--max-image-pixels must be >= 1 (pixels), or 0 for no limit, got -5" in line
 
 
 @pytest.mark.parametrize("extra, flag", [(["--alpha", "3"], "--alpha"), (["--alpha", "nan"], "--alpha"),

@@ -28,10 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-try:  # libjpeg-turbo with warnings as errors, as the node and ``mpvss bag`` decode JPEGs
-    import simplejpeg as _simplejpeg
-except ImportError:  # pragma: no cover - OpenCV alone (it decodes damaged scan data without an error)
-    _simplejpeg = None
+from .jpeg import JpegDataError, JpegHeaderError, decode_jpeg, is_jpeg
 
 __all__ = [
     "Frame",
@@ -44,6 +41,7 @@ __all__ = [
     "DEFAULT_FOLDER_FPS",
     "write_label_png",
     "read_label_png",
+    "png_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +65,8 @@ _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJ
 _MAX_FPS_BY_SUFFIX = {".avi": 1000.0}
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The command-line option that sets a source's ``max_pixels``, named in the warning of a skipped frame.
+_PIXEL_LIMIT_OPTION = "mpvss segment's --max-image-pixels"
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,15 +120,20 @@ class FrameSource:
         path: the video file or image folder.
         fps: frame rate in frames per second (> 0) used for the time stamps.
         name: the file stem (video) or folder name (images).
+        max_pixels: largest frame (height x width pixels) a source yields; larger ones are skipped
+            with a logged warning and listed in ``too_large``. None: no limit.
     """
 
-    def __init__(self, path: Path, fps: float) -> None:
+    def __init__(self, path: Path, fps: float, max_pixels: int | None = None) -> None:
         self.path = path
         self.fps = float(fps)
         self.name = path.stem if path.is_file() else path.name
+        self.max_pixels = _check_max_pixels(max_pixels)
         #: names of the frames the last iteration skipped as unreadable (files of a folder; a video's
         #: damaged frames with decoded frames after them), in order
         self.unreadable: list[str] = []
+        #: names of the frames the last iteration skipped for having more than ``max_pixels`` pixels, in order
+        self.too_large: list[str] = []
         #: frames of a video's reported count neither decoded nor skipped (known once iterated to the end)
         self.missing = 0
         self._closed = False
@@ -180,13 +185,17 @@ class VideoFileSource(FrameSource):
     of an AVI). The latter cannot be located (OpenCV's frame position counts decoded frames), so the
     frames after such a gap come with names and stamps one index early per lost frame.
 
+    Frames of more than ``max_pixels`` pixels (height x width; None: no limit) are decoded but
+    skipped, their indices left out, and listed in ``too_large``; the first is logged as a warning,
+    the count at the end of the iteration.
+
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: OpenCV cannot open the file, or none of its first frames can be decoded
-            (the first only, when the container reports no frame count).
+            (the first only, when the container reports no frame count); ``max_pixels`` below 1.
     """
 
-    def __init__(self, path: str | Path, fps: float | None = None) -> None:
+    def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None) -> None:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path}")
@@ -212,7 +221,7 @@ class VideoFileSource(FrameSource):
                 fps = FALLBACK_VIDEO_FPS
             else:
                 fps = container_fps
-        super().__init__(path, _check_fps(fps))
+        super().__init__(path, _check_fps(fps), max_pixels)
         self.container_fps: float = float(container_fps)
         self._count: int | None = int(count) if math.isfinite(count) and count > 0 else None
         self.frame_size: tuple[int, int] = (int(first.shape[1]), int(first.shape[0]))  # (W, H)
@@ -252,7 +261,7 @@ class VideoFileSource(FrameSource):
         key = id(cap)
         self._caps[key] = cap
         index = decoded = 0
-        self.unreadable, self.missing = [], 0
+        self.unreadable, self.too_large, self.missing = [], [], 0
         last_name = ""  # the last frame decoded
         skipped: list[int] = []  # damaged frames with decoded frames after them
         failing: list[int] = []  # failed reads since the last decoded frame
@@ -272,7 +281,13 @@ class VideoFileSource(FrameSource):
                 self.unreadable += [f"{i:06d}" for i in failing]
                 failing = []
                 last_name = f"{index:06d}"
-                yield Frame(index, index / self.fps, last_name, _bgr_to_rgb(bgr))
+                excess = _pixel_excess(bgr.shape[0], bgr.shape[1], self.max_pixels)
+                if excess is not None:
+                    if not self.too_large:
+                        logger.warning("video %s: skipping frame %s: %s", self.path, last_name, excess)
+                    self.too_large.append(last_name)
+                else:
+                    yield Frame(index, index / self.fps, last_name, _bgr_to_rgb(bgr))
                 index += 1
                 decoded += 1
         finally:
@@ -280,6 +295,10 @@ class VideoFileSource(FrameSource):
             self._caps.pop(key, None)
         if self._closed:
             return
+        if len(self.too_large) > 1:
+            logger.warning("video %s: skipped %d frames (from %s to %s) of more than %d pixels (%s; 0 = no limit)",
+                           self.path, len(self.too_large), self.too_large[0], self.too_large[-1], self.max_pixels,
+                           _PIXEL_LIMIT_OPTION)
         if skipped:
             logger.warning("video %s: skipped %d undecodable frames (from %d to %d); decoding went on after them, and "
                            "the frames decoded next may carry the decoder's concealment of the damage (blocks of "
@@ -326,22 +345,30 @@ class ImageFolderSource(FrameSource):
       contrast stretch, so brightness stays comparable between frames);
     * 32-bit float (TIFF) -> taken as [0, 1], clipped, times 255, rounded.
 
-    A JPEG is first decoded strictly (libjpeg-turbo through ``simplejpeg``, as the node and
-    ``mpvss bag`` do): one whose scan data is damaged, which OpenCV decodes with grey or shifted
-    blocks and only a libjpeg line on stderr that names no file, is skipped like an unreadable one.
-    The check decodes each JPEG a second time (0.6 ms for 480 x 360 here, against OpenCV's 1.0 ms).
+    JPEGs are decoded strictly, once, by :func:`mpvss_ros.io.jpeg.decode_jpeg` (libjpeg-turbo
+    through ``simplejpeg``, as the node and ``mpvss bag`` decode them), with the EXIF orientation
+    applied as OpenCV applies it: one whose scan data is damaged, which OpenCV decodes with grey or
+    shifted blocks and only a libjpeg line on stderr that names no file, is skipped like an
+    unreadable one. A JPEG header libjpeg-turbo cannot read is left to OpenCV. (Decoding strictly
+    and then again with OpenCV took 1.34-1.36 ms a 640 x 272 JPEG of ``bikes.mp4``, decoding once
+    0.53-0.54 ms: median per image of two interleaved runs, ``scripts/jpeg_folder_timing.py``,
+    2 shared CPU cores; docs/experiment_log.md, "Stop 37".)
 
     An image that cannot be decoded, or has another depth, is skipped with a logged warning;
     the index still advances, so ``index``, ``stamp`` and ``name`` stay those of its file.
-    ``len()`` is the number of image files (skipped ones included).
+    ``len()`` is the number of image files (skipped ones included). An image of more than
+    ``max_pixels`` pixels (height x width; None: no limit) is skipped the same way and listed in
+    ``too_large`` rather than ``unreadable``: a JPEG or PNG is measured from its header, before it
+    is decoded (a 9000 x 9000 PNG raised ``mpvss segment``'s peak memory from 0.43 to 2.1 GB), other formats once decoded.
 
     Raises:
         FileNotFoundError: the folder does not exist.
         ValueError: no image files in the folder; two image files with the same stem (their
-            outputs would overwrite each other); ``fps`` not a positive finite number.
+            outputs would overwrite each other); ``fps`` not a positive finite number;
+            ``max_pixels`` below 1.
     """
 
-    def __init__(self, path: str | Path, fps: float | None = None) -> None:
+    def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None) -> None:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"input not found: {path}")
@@ -361,7 +388,7 @@ class ImageFolderSource(FrameSource):
         if natural != files:
             logger.warning("images in %s are read in file-name order, which differs from numeric order "
                            "(e.g. frame_10 before frame_2); zero-pad the numbers if that is wrong", path)
-        super().__init__(path, _check_fps(DEFAULT_FOLDER_FPS if fps is None else fps))
+        super().__init__(path, _check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels)
         self.files: list[Path] = files
 
     def __len__(self) -> int:
@@ -373,13 +400,15 @@ class ImageFolderSource(FrameSource):
 
     def _frames(self) -> Iterator[Frame]:
         size: tuple[int, ...] | None = None
-        self.unreadable = []
+        self.unreadable, self.too_large = [], []
         for index, file in enumerate(self.files):
             if self._closed:
                 return
-            image = _read_rgb(file)
-            if image is None:
-                self.unreadable.append(file.stem)
+            try:
+                image = _read_rgb(file, self.max_pixels)
+            except _Skipped as exc:
+                logger.warning("%s", exc)
+                (self.too_large if exc.too_large else self.unreadable).append(file.stem)
                 continue
             if size is not None and image.shape != size:
                 logger.warning("%s: size %dx%d differs from the previous image's %dx%d",
@@ -388,7 +417,7 @@ class ImageFolderSource(FrameSource):
             yield Frame(index, index / self.fps, file.stem, image)
 
 
-def open_source(path: str | Path, fps: float | None = None) -> FrameSource:
+def open_source(path: str | Path, fps: float | None = None, max_pixels: int | None = None) -> FrameSource:
     """Open a video file or a folder of images as a :class:`FrameSource`.
 
     Args:
@@ -397,6 +426,9 @@ def open_source(path: str | Path, fps: float | None = None) -> FrameSource:
         fps: frame rate in frames/s for the time stamps. Folders: default
             :data:`DEFAULT_FOLDER_FPS` (30). Video: default the container's rate (30 with a
             logged warning if it reports none); a value given here overrides it.
+        max_pixels: largest frame (height x width pixels) yielded; larger ones are skipped with a
+            logged warning and listed in the source's ``too_large`` (image files measured from the
+            header where the format has one: JPEG, PNG). None: no limit.
 
     Returns:
         A :class:`VideoFileSource` or :class:`ImageFolderSource`; iterate it for
@@ -405,14 +437,31 @@ def open_source(path: str | Path, fps: float | None = None) -> FrameSource:
     Raises:
         FileNotFoundError: ``input not found: <path>``.
         ValueError: ``cannot read video: <path>`` (OpenCV cannot open it or decode a frame at
-            its start); a folder without images; ``fps`` not positive and finite.
+            its start); a folder without images; ``fps`` not positive and finite; ``max_pixels``
+            below 1.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
     if p.is_dir():
-        return ImageFolderSource(p, fps)
-    return VideoFileSource(p, fps)
+        return ImageFolderSource(p, fps, max_pixels)
+    return VideoFileSource(p, fps, max_pixels)
+
+
+def _check_max_pixels(max_pixels: int | None) -> int | None:
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be an integer >= 1 (pixels), or None for no limit, got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def _pixel_excess(height: int, width: int, max_pixels: int | None) -> str | None:
+    """Why a ``width`` x ``height`` frame is refused under ``max_pixels``, or None if it is not."""
+    if max_pixels is None or height * width <= max_pixels:
+        return None
+    return (f"{width} x {height} = {height * width} pixels, more than the {max_pixels} allowed "
+            f"({_PIXEL_LIMIT_OPTION}; 0 = no limit)")
 
 
 def _check_fps(fps: float) -> float:
@@ -440,51 +489,76 @@ def _bgr_to_rgb(bgr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _jpeg_damage(data: np.ndarray) -> str | None:
-    """libjpeg's complaint about JPEG bytes decoded strictly, or None (not a JPEG, no complaint, or
-    no ``simplejpeg``). A header libjpeg-turbo cannot parse is left to OpenCV."""
-    if _simplejpeg is None or data.size < 4 or data[:2].tobytes() != b"\xff\xd8":
-        return None
-    raw = data.tobytes()
-    try:
-        _simplejpeg.decode_jpeg_header(raw)
-    except ValueError:
-        return None
-    try:
-        _simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True)
-    except ValueError as exc:
-        return f"damaged data (libjpeg: {exc})"
-    return None
+class _Skipped(Exception):
+    """An image file that is not turned into a frame; the message is the warning to log.
+
+    Attributes:
+        too_large: skipped for its size (more than the source's ``max_pixels``), not as unreadable.
+    """
+
+    def __init__(self, message: str, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
-def _read_rgb(file: Path) -> np.ndarray | None:
-    """Decode one image file to (H, W, 3) uint8 RGB, or log a warning and return None."""
+def png_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """``(height, width)`` in pixels from a PNG's IHDR chunk, or None when ``data`` is not a PNG
+    with an IHDR chunk first (as the PNG standard puts it).
+
+    Args:
+        data: the file's first 24 bytes at least (bytes, or a 1-D ``uint8`` array).
+    """
+    head = bytes(data[:24])
+    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+
+
+def _read_rgb(file: Path, max_pixels: int | None = None) -> np.ndarray:
+    """Decode one image file to (H, W, 3) uint8 RGB (see :class:`ImageFolderSource`).
+
+    Raises:
+        _Skipped: the file cannot be read or decoded, or has an unsupported pixel type, or more
+            than ``max_pixels`` pixels (``too_large``; a JPEG or PNG measured from its header).
+    """
+
+    def check_size(height: int, width: int) -> None:
+        excess = _pixel_excess(height, width, max_pixels)
+        if excess is not None:
+            raise _Skipped(f"skipping image {file}: {excess}", too_large=True)
+
     try:
         data = np.fromfile(file, dtype=np.uint8)
-        damage = _jpeg_damage(data)
-        if damage is not None:
-            logger.warning("skipping corrupt JPEG %s: %s", file, damage)
-            return None
+    except OSError as exc:
+        raise _Skipped(f"skipping unreadable image {file}: {exc}") from None
+    if is_jpeg(data):
+        try:
+            return decode_jpeg(data, check_size=check_size, apply_orientation=True)
+        except JpegDataError as exc:
+            raise _Skipped(f"skipping corrupt JPEG {file}: {exc}") from None
+        except JpegHeaderError:
+            pass  # a header libjpeg-turbo cannot read is left to OpenCV
+    else:
+        size = png_size(data)
+        if size is not None:
+            check_size(*size)
+    try:
         img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
-    except (OSError, cv2.error) as exc:
-        logger.warning("skipping unreadable image %s: %s", file, exc)
-        return None
+    except cv2.error as exc:
+        raise _Skipped(f"skipping unreadable image {file}: {exc}") from None
     if img is None:
-        logger.warning("skipping unreadable image %s (cannot be decoded)", file)
-        return None
+        raise _Skipped(f"skipping unreadable image {file} (cannot be decoded)")
+    check_size(img.shape[0], img.shape[1])  # the formats measured only once decoded
     if img.dtype == np.uint16:
         img = np.rint(img.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
         if not np.all(np.isfinite(img)):
-            logger.warning("skipping image %s: float image with NaN/inf values", file)
-            return None
+            raise _Skipped(f"skipping image {file}: float image with NaN/inf values")
         img = np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
     elif img.dtype != np.uint8:
-        logger.warning("skipping image %s: unsupported pixel type %s", file, img.dtype)
-        return None
+        raise _Skipped(f"skipping image {file}: unsupported pixel type {img.dtype}")
     if img.ndim == 3 and img.shape[2] not in (1, 3, 4):
-        logger.warning("skipping image %s: unsupported channel count %d", file, img.shape[2])
-        return None
+        raise _Skipped(f"skipping image {file}: unsupported channel count {img.shape[2]}")
     return _bgr_to_rgb(img)
 
 

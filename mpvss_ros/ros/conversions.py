@@ -34,8 +34,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..io import DEFAULT_MAX_IMAGE_PIXELS
+from ..io.jpeg import STRICT_JPEG, JpegDataError, JpegHeaderError, decode_jpeg, is_jpeg
+from ..io.video import png_size
 from ..viz import colorize, frame_tag, overlay
-from .parameters import DEFAULT_MAX_IMAGE_PIXELS
 
 from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
 
@@ -307,17 +309,10 @@ def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
 
 
 _COMPRESSED_KINDS = ("jpeg", "jpg", "png")
-_JPEG_MAGIC = b"\xff\xd8"  # SOI
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-try:  # libjpeg-turbo with warnings as errors: the one decoder here that notices lost scan data
-    import simplejpeg as _simplejpeg
-except ImportError:  # pragma: no cover - an install without it falls back to OpenCV
-    _simplejpeg = None
-
-#: Whether JPEGs are decoded strictly (``simplejpeg`` installed): a JPEG whose scan data lost bytes
-#: (an MJPEG camera dropping USB packets) is refused, not segmented with grey or smeared blocks.
-STRICT_JPEG = _simplejpeg is not None
+# STRICT_JPEG (re-exported from mpvss_ros.io.jpeg): whether JPEGs are decoded strictly
+# (``simplejpeg`` installed): a JPEG whose scan data lost bytes (an MJPEG camera dropping USB
+# packets) is refused, not segmented with grey or smeared blocks.
 
 
 def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -330,12 +325,17 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     file's header and checked against ``max_pixels`` before anything is decoded (a JPEG on the
     OpenCV fallback: after decoding).
 
-    JPEGs are decoded by libjpeg-turbo through ``simplejpeg`` with ``strict=True`` when it is
-    installed (:data:`STRICT_JPEG`): libjpeg's warnings, e.g. "Corrupt JPEG data: premature end
-    of data segment", become errors, so a JPEG that lost part of its scan data is refused. JPEG
-    has no checksum: a byte changed in transit without breaking the entropy code still decodes.
-    Without ``simplejpeg`` OpenCV decodes, and only a JPEG without its end-of-image marker (a
-    truncated one) is caught.
+    JPEGs are decoded by :func:`mpvss_ros.io.jpeg.decode_jpeg`: libjpeg-turbo through
+    ``simplejpeg`` with ``strict=True`` when it is installed (:data:`STRICT_JPEG`): libjpeg's
+    warnings, e.g. "Corrupt JPEG data: premature end of data segment", become errors, so a JPEG
+    that lost part of its scan data is refused. JPEG has no checksum: a byte changed in transit
+    without breaking the entropy code still decodes. Without ``simplejpeg`` OpenCV decodes, and
+    only a JPEG without its end-of-image marker (a truncated one) is caught.
+
+    An EXIF orientation tag (JPEG) or ``eXIf`` chunk (PNG) is ignored, by every decoder: the
+    image comes back as stored, as ``compressed_image_transport`` (``mode`` ``unchanged``, its
+    default) and its TurboJPEG path decode it for every other subscriber, so that the labels
+    line up pixel for pixel with the image they see and with its ``CameraInfo``.
 
     Args:
         msg: the message.
@@ -358,45 +358,26 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
         raise ConversionError(f"compressed image ({fmt or 'no format'}) has no data")
     head = buf[:32].tobytes()
     what = f"the {fmt or 'compressed'} image ({buf.size} bytes)"
-    if head.startswith(_JPEG_MAGIC):
-        return _decode_jpeg(buf, max_pixels, what)
+    if is_jpeg(buf):
+        try:
+            return decode_jpeg(buf, check_size=lambda h, w: _check_pixels(h, w, max_pixels, what))
+        except JpegHeaderError as exc:
+            raise ConversionError(f"corrupt JPEG: cannot read the header of {what}: {exc.detail}") from None
+        except JpegDataError as exc:
+            raise ConversionError(f"corrupt JPEG: {what}: {exc}") from None
     if not head.startswith(_PNG_MAGIC):
         raise ConversionError(f"{what} is neither a JPEG nor a PNG (its first bytes are {head[:8].hex(' ')})")
-    if len(head) < 24 or head[12:16] != b"IHDR":
+    size = png_size(head)
+    if size is None:
         raise ConversionError(f"corrupt PNG: {what} has no image header")
-    _check_pixels(int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big"), max_pixels, what)
+    _check_pixels(*size, max_pixels, what)
     return cv2.cvtColor(_imdecode(buf, what), cv2.COLOR_BGR2RGB)
 
 
-def _decode_jpeg(buf: np.ndarray, max_pixels: int | None, what: str) -> np.ndarray:
-    """A JPEG (``buf`` starts with its signature) as RGB; see :func:`compressed_to_rgb`."""
-    if _simplejpeg is not None:
-        data = buf.tobytes()
-        try:
-            height, width, _, _ = _simplejpeg.decode_jpeg_header(data)
-        except ValueError as exc:
-            raise ConversionError(f"corrupt JPEG: cannot read the header of {what}: {exc}") from None
-        _check_pixels(height, width, max_pixels, what)
-        try:
-            return _simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
-        except ValueError as exc:
-            cause = "the data is truncated" if "premature end of jpeg file" in str(exc).lower() else "bad data"
-            raise ConversionError(f"corrupt JPEG: {what}: {cause} (libjpeg: {exc})") from None
-    # OpenCV fills a truncated JPEG with grey: insist on the end-of-image marker near the end
-    if b"\xff\xd9" not in buf[-64:].tobytes():
-        # MJPEG camera buffers may be padded with 0x00 / 0xFF after the end-of-image marker.
-        body = np.flatnonzero((buf != 0x00) & (buf != 0xFF))
-        end = int(body[-1]) + 1 if body.size else 0
-        if b"\xff\xd9" not in buf[max(0, end - 64) : end].tobytes():
-            raise ConversionError(f"corrupt JPEG ({buf.size} bytes): no end-of-image marker, the data is truncated")
-    rgb = cv2.cvtColor(_imdecode(buf, what), cv2.COLOR_BGR2RGB)
-    _check_pixels(rgb.shape[0], rgb.shape[1], max_pixels, what)
-    return rgb
-
-
 def _imdecode(buf: np.ndarray, what: str) -> np.ndarray:
+    """A PNG decoded by OpenCV as BGR, as stored (an ``eXIf`` orientation ignored)."""
     try:
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as exc:
         raise ConversionError(f"could not decode {what}: {exc}") from None
     if bgr is None or bgr.size == 0:

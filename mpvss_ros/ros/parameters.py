@@ -28,11 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: Default of ``max_image_pixels``: 4096 x 4096, above every common robot camera (12 MP included).
-#: Larger frames are refused before they are segmented: a one-colour 8000 x 8000 PNG is 206 kB,
-#: and segmenting it with mpvss_lite took 1.5 s and raised the process's peak resident memory from
-#: 0.42 to 1.7 GB (2 CPU threads, 2026-12-05). Also :mod:`~mpvss_ros.ros.conversions`' default.
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+from ..io import DEFAULT_MAX_IMAGE_PIXELS
 
 __all__ = [
     "NODE_NAME",

@@ -9,6 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
+from helpers import with_exif_orientation
+
+from mpvss_ros.io import jpeg
 from mpvss_ros.io.samples import bikes_clip, dashcam_clip
 from mpvss_ros.io.video import (
     Frame,
@@ -205,6 +208,79 @@ def test_folder_jpeg_with_damaged_scan_data_is_skipped(tmp_path, caplog):
         names = [f.name for f in src]
     assert names == ["f000", "f002"]
     assert "skipping corrupt JPEG" in caplog.text and "f001.jpg" in caplog.text
+
+
+def test_folder_jpegs_are_decoded_once_with_their_exif_orientation(tmp_path, monkeypatch):
+    """A JPEG of a folder was decoded twice: strictly, to find damaged scan data, then by OpenCV for
+    its pixels and its EXIF orientation. The strict decode now gives both, pixel for pixel OpenCV's."""
+    pytest.importorskip("simplejpeg")
+    yy, xx = np.mgrid[0:120, 0:160]
+    rgb = np.dstack([xx * 255 // 159, yy * 255 // 119, (xx * 3 + yy * 5) % 256]).astype(np.uint8)
+    plain = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    files = {"f000": plain, "f001": with_exif_orientation(plain, 6), "f002": with_exif_orientation(plain, 3, "MM"),
+             "f003": cv2.imencode(".jpg", rgb[..., 0])[1].tobytes()}  # grey
+    expected = {}
+    for stem, data in files.items():
+        (tmp_path / f"{stem}.jpg").write_bytes(data)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)  # as before
+        expected[stem] = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
+    real, calls = cv2.imdecode, []
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, flags: calls.append(flags) or real(buf, flags))
+    with open_source(tmp_path) as src:
+        frames = list(src)
+    assert calls == []
+    assert [f.name for f in frames] == list(files)
+    for f in frames:
+        np.testing.assert_array_equal(f.image, expected[f.name])
+    assert frames[1].image.shape == (160, 120, 3)  # turned upright
+
+
+def test_folder_images_above_max_pixels_are_skipped_before_decoding(tmp_path, caplog, monkeypatch):
+    rng = np.random.default_rng(1)
+    small, big = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    for name, image in (("f000.png", small), ("f001.png", big), ("f002.jpg", big), ("f003.bmp", big),
+                        ("f004.jpg", small)):
+        _write_bgr(tmp_path / name, image)
+    decoded = []  # sizes of what the decoders returned
+    real_cv, real_sj = cv2.imdecode, jpeg._simplejpeg.decode_jpeg
+
+    def opencv(buf, flags):
+        img = real_cv(buf, flags)
+        decoded.append(img.shape[:2])
+        return img
+
+    def strict(data, **kw):
+        img = real_sj(data, **kw)
+        decoded.append(img.shape[:2])
+        return img
+
+    monkeypatch.setattr(cv2, "imdecode", opencv)
+    monkeypatch.setattr(jpeg._simplejpeg, "decode_jpeg", strict)
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), \
+            open_source(tmp_path, max_pixels=80 * 60 - 1) as src:
+        names = [f.name for f in src]
+    assert names == ["f000", "f004"]
+    assert src.too_large == ["f001", "f002", "f003"] and src.unreadable == []
+    assert decoded.count((60, 80)) == 1  # the BMP only: the PNG and the JPEG were measured from their headers
+    assert "f001.png: 80 x 60 = 4800 pixels, more than the 4799 allowed" in caplog.text
+    assert "--max-image-pixels" in caplog.text
+    with open_source(tmp_path, max_pixels=80 * 60) as src:
+        assert len(list(src)) == 5 and src.too_large == []
+    with open_source(tmp_path) as src:  # no limit
+        assert len(list(src)) == 5
+    with pytest.raises(ValueError, match="max_pixels"):
+        open_source(tmp_path, max_pixels=0)
+
+
+def test_video_frames_above_max_pixels_are_skipped(tmp_path, caplog):
+    path = _mjpg_avi(tmp_path / "a.avi", frames=5)  # 64 x 48 = 3072 pixels
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path, max_pixels=3071) as src:
+        assert list(src) == []
+    assert src.too_large == [f"{i:06d}" for i in range(5)] and src.unreadable == [] and src.missing == 0
+    assert caplog.text.count("skipping frame 000000: 64 x 48 = 3072 pixels, more than the 3071 allowed") == 1
+    assert "skipped 5 frames (from 000000 to 000004) of more than 3071 pixels" in caplog.text
+    with open_source(path, max_pixels=3072) as src:
+        assert [f.index for f in src] == list(range(5)) and src.too_large == []
 
 
 def test_folder_default_fps_and_order(tmp_path):

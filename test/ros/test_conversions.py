@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
+from helpers import png_with_exif_orientation, with_exif_orientation
+
+from mpvss_ros.io import jpeg
 from mpvss_ros.propagation import CopyPropagator
 from mpvss_ros.ros import conversions
 from mpvss_ros.ros.conversions import (
@@ -396,9 +399,9 @@ def test_grey_jpeg_gives_three_channels(ts):
 def jpeg_decoder(request, monkeypatch):
     """Both JPEG decoders: simplejpeg, strict (installed with the package), and OpenCV's fallback."""
     if request.param == "opencv":
-        monkeypatch.setattr(conversions, "_simplejpeg", None)
+        monkeypatch.setattr(jpeg, "_simplejpeg", None)
     else:
-        assert conversions._simplejpeg is not None and conversions.STRICT_JPEG
+        assert jpeg._simplejpeg is not None and conversions.STRICT_JPEG
     return request.param
 
 
@@ -439,6 +442,23 @@ def test_jpeg_with_a_trailer_decodes_strictly(ts, camvid_frame):
     np.testing.assert_array_equal(out, cv2.cvtColor(cv2.imdecode(jpg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
 
 
+def test_exif_orientation_is_ignored_by_every_decoder(ts, jpeg_decoder):
+    """compressed_image_transport decodes a CompressedImage as stored, whatever its EXIF orientation
+    (its default mode ``unchanged`` is IMREAD_UNCHANGED, and its JPEG path TurboJPEG), and so did
+    the strict decoder; the OpenCV fallback and the PNG path (IMREAD_COLOR) turned the frame by the
+    tag, so its labels no longer lined up with the image and the CameraInfo others see."""
+    rgb = synthetic_frame(30, 40)
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    jpg = cv2.imencode(".jpg", bgr)[1].tobytes()
+    stored = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    for orientation in (3, 6):
+        out = compressed_to_rgb(compressed(ts, with_exif_orientation(jpg, orientation), "jpeg"))
+        np.testing.assert_array_equal(out, stored)
+        png = png_with_exif_orientation(cv2.imencode(".png", bgr)[1].tobytes(), orientation)
+        np.testing.assert_array_equal(compressed_to_rgb(compressed(ts, png, "png")), rgb)
+    assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (40, 30)  # OpenCV reads the chunk
+
+
 def test_data_that_is_not_what_the_format_says_is_refused(ts):
     _, bmp = cv2.imencode(".bmp", synthetic_frame(8, 8))
     for fmt in ("jpeg", "png", ""):
@@ -452,9 +472,9 @@ def test_frames_above_the_pixel_limit_are_refused_before_decoding(ts, ext, jpeg_
     msg = compressed(ts, data.reshape(-1), ext[1:])
     assert compressed_to_rgb(msg, max_pixels=4800).shape == (60, 80, 3)
     if ext == ".png" or jpeg_decoder == "strict":  # from the header: the decoder never runs
-        monkeypatch.setattr(conversions.cv2, "imdecode", None)
-        if conversions._simplejpeg is not None:
-            monkeypatch.setattr(conversions._simplejpeg, "decode_jpeg", None)
+        monkeypatch.setattr(cv2, "imdecode", None)
+        if jpeg._simplejpeg is not None:
+            monkeypatch.setattr(jpeg._simplejpeg, "decode_jpeg", None)
     with pytest.raises(ConversionError, match="80 x 60 = 4800 pixels, more than the 4799 allowed"):
         compressed_to_rgb(msg, max_pixels=4799)
 

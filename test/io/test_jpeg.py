@@ -1,0 +1,147 @@
+"""Tests of mpvss_ros.io.jpeg: strict JPEG decoding, its OpenCV fallback and EXIF orientation."""
+
+from __future__ import annotations
+
+import struct
+
+import cv2
+import numpy as np
+import pytest
+
+from helpers import exif_tiff, with_exif_orientation
+
+from mpvss_ros.io import jpeg
+from mpvss_ros.io.jpeg import JpegDataError, JpegHeaderError, decode_jpeg, exif_orientation, is_jpeg
+
+H, W = 37, 51  # odd: the edges of subsampled chroma
+
+
+def _gradient(h: int = H, w: int = W) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.dstack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx * 7 + yy * 3) % 256]).astype(np.uint8)
+
+
+def _jpeg(image: np.ndarray, *params: int) -> bytes:
+    """``image`` (RGB, or 2-D grey) as a JPEG written by OpenCV."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+def _opencv_rgb(data: bytes, flags: int = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) -> np.ndarray:
+    """What OpenCV makes of ``data`` (as image folders read files before: EXIF orientation applied), as RGB."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB if img.ndim == 2 else cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(params=["strict", "opencv"])
+def decoder(request, monkeypatch):
+    """Both decoders: simplejpeg, strict (installed with the package), and OpenCV's fallback."""
+    if request.param == "opencv":
+        monkeypatch.setattr(jpeg, "_simplejpeg", None)
+    else:
+        assert jpeg.STRICT_JPEG
+    return request.param
+
+
+@pytest.mark.parametrize("params", [(), (cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444),
+                                    (cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422),
+                                    (cv2.IMWRITE_JPEG_PROGRESSIVE, 1), "grey"],
+                         ids=["420", "444", "422", "progressive", "grey"])
+def test_the_strict_decoder_gives_opencvs_pixels(params, decoder):
+    # image folders now take the strict decoder's pixels instead of decoding again with OpenCV
+    data = _jpeg(_gradient()[..., 1]) if params == "grey" else _jpeg(_gradient(), *params)
+    out = decode_jpeg(data)
+    assert out.shape == (H, W, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, _opencv_rgb(data))
+
+
+@pytest.mark.parametrize("byte_order", ["II", "MM"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_opencv_applies_it_and_only_when_asked(orientation, byte_order, decoder):
+    data = with_exif_orientation(_jpeg(_gradient()), orientation, byte_order)
+    assert exif_orientation(data) == orientation
+    expected = _opencv_rgb(data)  # imdecode applies the tag
+    assert expected.shape[:2] == ((W, H) if orientation >= 5 else (H, W))
+    out = decode_jpeg(np.frombuffer(data, np.uint8), apply_orientation=True)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)
+    as_stored = _opencv_rgb(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    np.testing.assert_array_equal(decode_jpeg(data), as_stored)
+
+
+def _app1(payload: bytes) -> bytes:
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+def test_a_missing_or_malformed_orientation_reads_as_1():
+    plain = _jpeg(_gradient())
+    body = plain[2:]
+    tiff = exif_tiff(6)
+    cases = {
+        "no exif": plain,
+        "orientation 0": with_exif_orientation(plain, 0),
+        "orientation 9": with_exif_orientation(plain, 9),
+        "tiff cut short": b"\xff\xd8" + _app1(b"Exif\x00\x00" + tiff[:20]) + body,
+        "bad byte order": b"\xff\xd8" + _app1(b"Exif\x00\x00" + b"XX" + tiff[2:]) + body,
+        "bad magic": b"\xff\xd8" + _app1(b"Exif\x00\x00" + tiff[:2] + b"\x00\x00" + tiff[4:]) + body,
+        "IFD offset past the end": b"\xff\xd8" + _app1(b"Exif\x00\x00" + tiff[:4] + struct.pack("<I", 999) + tiff[8:]) + body,
+        "not Exif": b"\xff\xd8" + _app1(b"http://ns.adobe.com/xap/1.0/\x00" + tiff) + body,
+        "segment length 0": b"\xff\xd8\xff\xe1\x00\x00" + body,
+        "not a JPEG": b"\x89PNG\r\n\x1a\n" + tiff,
+        "empty": b"",
+    }
+    assert {name: exif_orientation(data) for name, data in cases.items()} == dict.fromkeys(cases, 1)
+    # Orientation stored as a LONG rather than the standard's SHORT: OpenCV applies it, and so do we
+    long_tag = bytearray(tiff)
+    long_tag[8 + 2 + 12 + 2 : 8 + 2 + 12 + 4] = struct.pack("<H", 4)
+    as_long = b"\xff\xd8" + _app1(b"Exif\x00\x00" + bytes(long_tag)) + body
+    assert exif_orientation(as_long) == 6
+    np.testing.assert_array_equal(decode_jpeg(as_long, apply_orientation=True),
+                                  cv2.cvtColor(cv2.imdecode(np.frombuffer(as_long, np.uint8), cv2.IMREAD_COLOR),
+                                               cv2.COLOR_BGR2RGB))
+    # after the start of scan nothing is a header segment any more
+    sos = plain.index(b"\xff\xda")
+    late = plain[:sos] + b"\xff\xda" + with_exif_orientation(b"\xff\xd8", 6)[2:]
+    assert exif_orientation(late) == 1
+    assert exif_orientation(np.frombuffer(with_exif_orientation(plain, 8), np.uint8)) == 8
+
+
+def test_damaged_and_truncated_data(decoder):
+    raw = _jpeg(_gradient(120, 160))
+    n = len(raw)
+    with pytest.raises(JpegDataError, match="truncated") as cut:
+        decode_jpeg(raw[: n // 2])
+    assert cut.value.truncated
+    lost = raw[: n // 2] + raw[n // 2 + n // 4 :]  # a quarter of the scan data gone, the end marker kept
+    if decoder == "strict":
+        with pytest.raises(JpegDataError, match="bad data.*premature end of data segment") as bad:
+            decode_jpeg(lost)
+        assert not bad.value.truncated and "premature end of data segment" in bad.value.detail
+    else:  # OpenCV cannot tell (as documented)
+        assert decode_jpeg(lost).shape == (120, 160, 3)
+    with pytest.raises(JpegHeaderError, match="not a JPEG"):
+        decode_jpeg(b"\x89PNG\r\n\x1a\n")
+    garbage = b"\xff\xd8" + bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)) + b"\xff\xd9"
+    with pytest.raises(JpegHeaderError if decoder == "strict" else JpegDataError):
+        decode_jpeg(garbage)
+
+
+def test_the_size_is_checked_before_decoding(decoder, monkeypatch):
+    data = _jpeg(_gradient())
+    seen = []
+
+    def refuse(height: int, width: int) -> None:
+        seen.append((height, width))
+        raise OverflowError("too large")
+
+    if decoder == "strict":  # from the header: the decoder never runs
+        monkeypatch.setattr(jpeg._simplejpeg, "decode_jpeg", None)
+    with pytest.raises(OverflowError, match="too large"):
+        decode_jpeg(with_exif_orientation(data, 6), check_size=refuse, apply_orientation=True)
+    assert seen == [(H, W)] if decoder == "strict" else seen in ([(H, W)], [(W, H)])
+
+
+def test_is_jpeg():
+    assert is_jpeg(b"\xff\xd8\xff") and is_jpeg(np.frombuffer(b"\xff\xd8", np.uint8)) and is_jpeg(bytearray(b"\xff\xd8"))
+    assert not is_jpeg(b"") and not is_jpeg(b"\xff") and not is_jpeg(b"\x89PNG")
