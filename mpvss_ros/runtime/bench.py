@@ -284,8 +284,9 @@ def _bench_one(backend: Any, spec: BackendSpec, frames: list[np.ndarray], opts: 
 def _make_backend(spec: BackendSpec, loaded: Any, hw: tuple[int, int], opts: BenchOptions, threads: int) -> Any:
     from . import load_backend
 
+    # ``loaded`` holds a copy made for this backend alone (run_bench): handed over, not copied again
     return load_backend(spec.backend, loaded, device=spec.device, precision=spec.precision, input_hw=hw,
-                        cache_dir=opts.cache_dir, threads=threads)
+                        cache_dir=opts.cache_dir, threads=threads, copy_model=False)
 
 
 def unavailable_reason(message: str) -> str:
@@ -330,8 +331,9 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
             for spec in specs:
                 row: dict[str, Any] = {"model": model_name, "size": f"{hw[0]}x{hw[1]}", "backend": str(spec)}
                 say(f"bench {model_name} {hw[0]}x{hw[1]} {spec} ...")
-                # Each backend gets its own copy: the torch backend prepares the model it is given
-                # in place (device, folded BatchNorm, layout), which a later export must not inherit.
+                # Each backend gets its own copy, handed over (load_backend copy_model=False): the torch
+                # backend prepares the model it is given in place (device, folded BatchNorm, layout),
+                # which a later export must not inherit; the others keep it to export new sizes.
                 model = copy.deepcopy(pristine.model)
                 valid_hw = hw
                 if opts.keep_canvas:

@@ -48,6 +48,11 @@ def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
     The PyTorch model is loaded on ``--device`` for the torch backend and on the CPU (for export)
     otherwise.
 
+    The model is loaded for the backend, which takes it over (:func:`~mpvss_ros.runtime.load_backend`
+    ``copy_model=False``): onnxruntime and TensorRT keep the module itself, not a copy, so its
+    weights are held once. Callers use the returned LoadedModel for its configuration and
+    provenance and run the backend; they must not change ``loaded.model`` in place.
+
     Raises:
         BackendUnavailable: (a ValueError) the backend cannot run here.
     """
@@ -72,7 +77,7 @@ def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
         loaded = load_model(args.model, args.weights, device if backend_name == "torch" else "cpu")
     backend = load_backend(backend_name, loaded, device=device, precision=precision,
                            cache_dir=getattr(args, "cache_dir", None), threads=getattr(args, "threads", None),
-                           onnx_dir=onnx_dir)
+                           onnx_dir=onnx_dir, copy_model=False)
     return loaded, backend
 
 
@@ -214,7 +219,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.weights, "cpu")
     hw = _hw(args, loaded.config)
     source = GraphSource.from_model(loaded.model, args.cache_dir, weights=str(loaded.weights) if loaded.weights else None,
-                                    trained=loaded.trained)
+                                    trained=loaded.trained, copy=False)  # loaded for the source alone: no copy
     print(f"mpvss: exporting ONNX for {hw[0]}x{hw[1]} (cached) ...", file=sys.stderr, flush=True)
     paths = build_engines(source, hw, args.precision, args.cache_dir, dev.index or 0,
                           args.workspace_mb or DEFAULT_WORKSPACE_MB, keep_fp32=not args.no_keep_fp32)

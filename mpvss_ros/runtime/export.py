@@ -44,7 +44,6 @@ plus 1e-4 of the output's range: the spec saw ~1e-3 on R50 mask logits; mpvss_li
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -54,6 +53,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -427,13 +427,13 @@ def contract_model_config(contract: dict[str, Any]) -> ModelConfig:
     """The :class:`~mpvss_ros.config.ModelConfig` stored in a contract (canvas = the valid size)."""
     from ..config import model_config_from_dict
 
-    return model_config_from_dict(copy.deepcopy(contract["model_config"]), where="contract.json model_config")
+    return model_config_from_dict(deepcopy(contract["model_config"]), where="contract.json model_config")
 
 
 def _cpu_eval(model: MPVSS) -> MPVSS:
     p = next(model.parameters(), None)
     if p is not None and p.device.type != "cpu":
-        model = copy.deepcopy(model).cpu()
+        model = deepcopy(model).cpu()
     return model.eval()
 
 
@@ -912,13 +912,20 @@ class GraphSource:
 
     @classmethod
     def from_model(cls, model: MPVSS, cache_dir: str | Path | None = None, weights: str | None = None,
-                   trained: bool | None = None) -> "GraphSource":
-        """Graphs exported from ``model`` into ``cache_dir``, with the weights it has now: the
-        source keeps a CPU copy of its own, so later changes to ``model`` (training, or a
+                   trained: bool | None = None, *, copy: bool = True) -> "GraphSource":
+        """Graphs exported from ``model`` into ``cache_dir``, with the weights it has now.
+
+        Ownership: by default (``copy=True``) the source keeps a CPU copy of its own, so later
+        changes to ``model`` (training, or a
         :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` folding its BatchNorms in place)
-        neither reach the graphs of other sizes nor make them fail."""
-        return cls(model.cfg, model=copy.deepcopy(model).cpu().eval(), cache_dir=cache_dir, weights=weights,
-                   trained=trained)
+        neither reach the graphs of other sizes nor make them fail; while the caller keeps
+        ``model``, its weights are then held twice. ``copy=False`` hands ``model`` over: the
+        source keeps that very module (moved to the CPU and put in eval mode, in place), so the
+        weights are held once. Pass it only for a model loaded for this source that the caller
+        will not train, move or otherwise change afterwards (a change is still caught: exporting
+        a new size then raises ValueError, see :meth:`get`)."""
+        model = deepcopy(model) if copy else model
+        return cls(model.cfg, model=model.cpu().eval(), cache_dir=cache_dir, weights=weights, trained=trained)
 
     @classmethod
     def from_dir(cls, export_dir: str | Path, cache_dir: str | Path | None = None) -> "GraphSource":

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from fake_rclpy import Logger as ListLogger
+from helpers import live_copies
 
 from mpvss_ros.model_loader import LoadedModel
 from mpvss_ros.ros.conversions import stamp_to_seconds
@@ -831,13 +832,25 @@ def test_auto_device_on_a_gpu_machine_exports_from_the_cpu(monkeypatch):
     loaded = load_configured_model(config)   # on a real CUDA device this would not be the CPU
     assert loaded.device == torch.device("cpu")
     asked = []
-    monkeypatch.setattr(runtime, "load_backend", lambda backend, loaded, device, precision, input_hw, onnx_dir:
-                        asked.append((device, input_hw)) or loaded.model)
+    monkeypatch.setattr(runtime, "load_backend", lambda backend, loaded, device, precision, input_hw, onnx_dir,
+                        copy_model: asked.append((device, input_hw, copy_model)) or loaded.model)
     build_segmenter(config, loaded)
-    assert asked == [("cuda", None)]  # no image_size: the backend prepares the model's canvas
+    # no image_size: the backend prepares the model's canvas; it takes the model over (no copy)
+    assert asked == [("cuda", None, False)]
     # a 1280 x 720 camera: the backend prepares its letterboxed size on the 480 x 640 canvas
     build_segmenter(validate({"backend": "onnxruntime", "image_size": [720, 1280]}), loaded)
-    assert asked[-1] == ("cuda", (360, 640))
+    assert asked[-1] == ("cuda", (360, 640), False)
+
+
+def test_the_node_holds_the_weights_once_with_onnxruntime(marked_lite, types, tmp_path, monkeypatch):
+    """The node loads the model for its core (load_configured_model) and the core keeps the
+    LoadedModel: the onnxruntime backend takes the module over instead of copying it, so the
+    process holds its weights once (it held them twice)."""
+    monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path))
+    config = validate({"backend": "onnxruntime", "device": "cpu", "threads": 1})
+    core = SegmentationCore(config, load_configured_model(config), types)
+    assert live_copies(marked_lite["values"]) == 1
+    assert core.segmenter.model.source.model is core.loaded.model
 
 
 def test_onnx_dir_runs_an_export_folder_without_the_model(lite, types, tmp_path):

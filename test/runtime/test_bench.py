@@ -53,6 +53,12 @@ def _bench(tmp_path, capsys, monkeypatch, *args: str) -> tuple[str, dict]:
 
 
 def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
+    from mpvss_ros.runtime.export import GraphSource
+
+    handed = []  # each row's backend takes over the copy made for it (not a third copy of the weights)
+    from_model = GraphSource.from_model.__func__
+    monkeypatch.setattr(GraphSource, "from_model", classmethod(
+        lambda cls, model, *a, copy=True, **k: handed.append(copy) or from_model(cls, model, *a, copy=copy, **k)))
     out, result = _bench(tmp_path, capsys, monkeypatch, "--sizes", "64x96", "--backends", "torch", "onnxruntime",
                          "--e2e-frames", "3")
     assert "**Hardware:**" in out and "threads used" in out
@@ -70,6 +76,7 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
     model.cfg = replace_canvas(model.cfg, (64, 96))
     entries = [p.name for p in (tmp_path / "cache" / "onnx").iterdir() if not p.name.startswith(".")]  # not the locks
     assert entries == [f"mpvss_lite-64x96-{model_fingerprint(model)[:16]}"]
+    assert handed == [False]
 
 
 def test_bench_keep_canvas_letterboxes_onto_the_configured_canvas(tmp_path, capsys, monkeypatch):
