@@ -217,29 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: ``mpvss train motion`` options: what each is, with its unit (``MotionTrainOptions``' docstring).
-_MOTION_HELP = {
-    "steps": "schedule length in optimiser steps",
-    "batch_size": "frame pairs per step",
-    "lr": "AdamW learning rate of the motion module",
-    "head_lr_mult": "learning-rate multiplier of the class/mask heads (0 freezes them)",
-    "warmup_steps": "linear warm-up steps",
-    "clip_grad_norm": "gradient-norm clip (<= 0 disables)",
-    "flow_weight": "weight of the flow L1 term towards DIS / exact synthetic flow (0 disables it)",
-    "video_fraction": "share of unlabelled video pairs among the non-synthetic pairs, 0..1",
-    "synthetic_fraction": "share of synthetic pairs with exact flow, 0..1",
-    "synthetic_travel": "share of synthetic pairs with camera travel and parallax, 0..1",
-    "max_gap": "largest key-to-current distance of video pairs (frames)",
-    "pseudo_label_confidence": "video-target pixels below this confidence (0..1) are ignored",
-    "num_points": "points per mask in matcher and loss",
-    "val_every": "quick validation every N steps (0: only at the end, -1: never)",
-    "val_frames": "val frames of the quick validation (CamVid's, or --data-root's val/)",
-    "checkpoint_every": "checkpoint every N steps",
-    "threads": "torch threads, 0 = unchanged",
-    "max_minutes": "stop after this wall time in minutes (checkpointed)",
-    "max_clip_frames": "use only the first N frames of each unlabelled clip (tests, debugging)",
-}
-#: What a default of None means for those options.
+#: What a default of None means for options of ``mpvss train motion`` (their help ends "default: ...").
 _MOTION_NONE_HELP = {"max_minutes": "no limit", "max_clip_frames": "every frame"}
 
 
@@ -247,6 +225,7 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
     from .training.motion_trainer import MotionTrainOptions
 
     d = MotionTrainOptions(run_dir="", init_checkpoint="")
+    described = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(MotionTrainOptions)}
     p.add_argument("--run-dir", required=True, help="output folder")
     p.add_argument("--init-checkpoint", required=True, help="the stage-1 model (mpvss_ros .pt)")
     for name, typ in (("steps", int), ("batch_size", int), ("lr", float), ("head_lr_mult", float),
@@ -257,7 +236,7 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
                       ("checkpoint_every", int), ("threads", int), ("seed", int), ("max_minutes", float),
                       ("max_clip_frames", int)):
         default = getattr(d, name)
-        text = _MOTION_HELP.get(name, "")
+        text = described[name]
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
                        help=(text + "; " if text else "") + ("default: " + _MOTION_NONE_HELP[name] if default is None
                                                              else f"default {default}"))

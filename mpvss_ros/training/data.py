@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from ..evaluation.metrics import IGNORE_INDEX
 
-__all__ = ["CamVidFrames", "list_frames", "load_frame", "BRIGHTNESS_DELTA", "CONTRAST_RANGE",
+__all__ = ["CamVidFrames", "list_frames", "load_frame", "decode_frames", "BRIGHTNESS_DELTA", "CONTRAST_RANGE",
            "SATURATION_RANGE", "HUE_DELTA_DEG"]
 
 #: Colour jitter strengths (modest; applied each with probability 0.5).
@@ -93,6 +93,35 @@ def load_frame(image_path: str | Path, label_path: str | Path, num_classes: int 
     label = label.astype(np.uint8, copy=True)
     label[label >= num_classes] = ignore_index
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), label
+
+
+def decode_frames(files: Sequence[tuple[Path, Path]], num_classes: int = 11, ignore_index: int = IGNORE_INDEX,
+                  keep: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`load_frame` on every (image, label) path pair now, in order: a corrupt or mismatched
+    frame fails before any training work, not when the data order first draws it (possibly hours
+    in). Both stages call it before training; CamVid train's 367 frames take about 2.5 s.
+
+    Args:
+        files: (image, label) paths, as :func:`list_frames` gives them.
+        num_classes, ignore_index: as :func:`load_frame`.
+        keep: return the decoded frames (stage 2 draws from them: 360 x 480 frames hold 0.66 MiB
+            each, 242 MiB for CamVid train). False: only check, dropping each frame after it is
+            read, so memory stays flat whatever the data's size (stage 1, which decodes a frame
+            again each time it is drawn), and return an empty list.
+
+    Returns:
+        One (image (H, W, 3) uint8 RGB, label (H, W) uint8) per file pair, in order (empty without
+        ``keep``).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_frame`, for the first bad frame.
+    """
+    decoded = []
+    for image_path, label_path in files:
+        frame = load_frame(image_path, label_path, num_classes=num_classes, ignore_index=ignore_index)
+        if keep:
+            decoded.append(frame)
+    return decoded
 
 
 def _color_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

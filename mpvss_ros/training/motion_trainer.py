@@ -51,8 +51,8 @@ from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .options import (check_at_least, check_crop, check_fractions, check_integers, check_numbers,
                       check_optional_positive)
-from .data import list_frames, load_frame
-from .pairs import FramePairs, camvid_pairs, load_clip_on_canvas
+from .data import decode_frames, list_frames
+from .pairs import FramePairs, LabelledFrames, check_camvid_pairs, load_clip_on_canvas
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
                       camvid_root, lr_factor, no_decay_parameters, resume_run, rng_state, save_run_checkpoint,
@@ -68,41 +68,40 @@ log = logging.getLogger(__name__)
 MIN_CROP = 16
 
 
+def _setting(default: Any, text: str) -> Any:
+    """A dataclass field with its default and its one-line description ``text`` (``metadata["help"]``,
+    which the flag of ``mpvss train motion`` prints as its help)."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class MotionTrainOptions:
     """Stage-2 settings.
+
+    A setting with a plain ``--name VALUE`` flag carries its one-line description in its field
+    (``help`` metadata, printed by ``mpvss train motion --help``); the notes below add what a line
+    does not say.
 
     Attributes:
         run_dir: output folder (log.jsonl, checkpoints); one that holds an earlier run only with
             ``resume`` (:func:`~mpvss_ros.training.trainer.check_run_dir`).
         init_checkpoint: the stage-1 model (this project's format).
-        steps: schedule length in optimiser steps; batch_size: pairs per step; crop: (H, W)
-            pixels, both >= :data:`MIN_CROP` (padded internally to a multiple of 32).
-        lr: AdamW lr of the motion module; head_lr_mult: lr multiplier of class/mask embeddings
-            (0 freezes them).
-        weight_decay, warmup_steps, poly_power, clip_grad_norm: as stage 1.
-        flow_weight: weight of the flow L1 term (DIS on video pairs, the exact flow on synthetic
-            pairs; 0 disables it).
-        video_fraction: share of unlabelled video pairs among the non-synthetic pairs.
-        synthetic_fraction: share of synthetic pairs with exact flow (:mod:`.synthetic`).
-        synthetic_travel: share of synthetic pairs with camera travel and parallax
-            (``SyntheticMotion.travel_probability``; 0, the default, gives the similarity-only
-            pairs of stage-2 run 5).
-        max_gap: largest key-current distance of video pairs (frames).
+        crop: (H, W) pixels, both >= :data:`MIN_CROP` (padded internally to a multiple of 32).
+        weight_decay, warmup_steps, poly_power, clip_grad_norm, checkpoint_every, threads, seed,
+            max_minutes, progress: as stage 1 (:class:`~mpvss_ros.training.trainer.TrainOptions`).
+        flow_weight: the flow targets are DIS on video pairs, the exact flow on synthetic pairs.
+        synthetic_fraction, synthetic_travel: synthetic pairs are :mod:`.synthetic`'s;
+            ``synthetic_travel`` is ``SyntheticMotion.travel_probability`` (0, the default, gives
+            the similarity-only pairs of stage-2 run 5).
         chain_training: train video pairs d frames apart through the chain of d one-frame flows,
             composed as chained propagation composes them at inference
             (:func:`~mpvss_ros.nn.warp.compose_flows`), with the flow term on every link's DIS
             target; CamVid and synthetic pairs stay one link (key -> current). False: every pair
             is one direct flow, as the paper trains it.
-        pseudo_label_confidence: video-target pixels below this confidence are ignored.
-        num_points: points per mask in matcher and loss.
-        val_every, val_frames: quick check of query_flow at key interval 5 on the val frames
-            (CamVid's, or ``data_root``'s ``val/``; none there: no check) every ``val_every``
-            steps (0 = only at the end, -1 = never) on the first ``val_frames`` frames
-            (monitoring only, never used to pick checkpoints).
-        checkpoint_every, threads, seed, max_minutes, progress: as stage 1.
+        val_every, val_frames: the quick check runs query_flow at key interval 5 on the first
+            ``val_frames`` val frames (none there: no check); monitoring only, never used to pick
+            checkpoints.
         resume: continue from ``run_dir``'s checkpoint and trainer state.
-        max_clip_frames: use only the first frames of each unlabelled clip (tests, debugging).
         model: a model name or YAML whose configuration replaces the one stored in
             ``init_checkpoint`` (e.g. a changed motion module; the weights must still fit).
         init_motion: start the motion module from this checkpoint's ``motion.*`` weights instead
@@ -121,32 +120,33 @@ class MotionTrainOptions:
 
     run_dir: str
     init_checkpoint: str
-    steps: int = 1500
-    batch_size: int = 8
+    steps: int = _setting(1500, "schedule length in optimiser steps")
+    batch_size: int = _setting(8, "frame pairs per step")
     crop: tuple[int, int] = (256, 320)
-    lr: float = 3e-4
-    head_lr_mult: float = 0.1
+    lr: float = _setting(3e-4, "AdamW learning rate of the motion module")
+    head_lr_mult: float = _setting(0.1, "learning-rate multiplier of the class/mask heads (0 freezes them)")
     weight_decay: float = 0.05
-    warmup_steps: int = 50
+    warmup_steps: int = _setting(50, "linear warm-up steps")
     poly_power: float = 0.9
-    clip_grad_norm: float = 0.01
-    flow_weight: float = 5.0
-    video_fraction: float = 0.5
-    synthetic_fraction: float = 0.0
-    synthetic_travel: float = 0.0
-    max_gap: int = 10
+    clip_grad_norm: float = _setting(0.01, "gradient-norm clip (<= 0 disables)")
+    flow_weight: float = _setting(5.0, "weight of the flow L1 term towards DIS / exact synthetic flow (0 disables it)")
+    video_fraction: float = _setting(0.5, "share of unlabelled video pairs among the non-synthetic pairs, 0..1")
+    synthetic_fraction: float = _setting(0.0, "share of synthetic pairs with exact flow, 0..1")
+    synthetic_travel: float = _setting(0.0, "share of synthetic pairs with camera travel and parallax, 0..1")
+    max_gap: int = _setting(10, "largest key-to-current distance of video pairs (frames)")
     chain_training: bool = False
-    pseudo_label_confidence: float = 0.5
-    num_points: int = 12544
-    val_every: int = 500
-    val_frames: int = 30
-    checkpoint_every: int = 250
-    threads: int = 2
+    pseudo_label_confidence: float = _setting(0.5, "video-target pixels below this confidence (0..1) are ignored")
+    num_points: int = _setting(12544, "points per mask in matcher and loss")
+    val_every: int = _setting(500, "quick validation every N steps (0: only at the end, -1: never)")
+    val_frames: int = _setting(30, "val frames of the quick validation (CamVid's, or --data-root's val/)")
+    checkpoint_every: int = _setting(250, "checkpoint every N steps")
+    threads: int = _setting(2, "torch threads, 0 = unchanged")
     seed: int = 0
-    max_minutes: float | None = None
+    max_minutes: float | None = _setting(None, "stop after this wall time in minutes (checkpointed)")
     progress: bool = True
     resume: bool = False
-    max_clip_frames: int | None = None
+    max_clip_frames: int | None = _setting(None,
+                                           "use only the first N frames of each unlabelled clip (tests, debugging)")
     model: str | None = None
     init_motion: str | None = None
     device: str = "auto"
@@ -226,11 +226,11 @@ def pseudo_labels(model: MPVSS, frames: list[np.ndarray], min_confidence: float)
     return out
 
 
-def _quick_val(model: MPVSS, frames: list[np.ndarray], labels: list[np.ndarray]) -> dict[str, float]:
+def _quick_val(model: MPVSS, frames: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     backend = _inference_view(model)
     seg = VideoSegmenter(backend, QueryFlowPropagator(backend), FixedIntervalScheduler(5))
     cm = ConfusionMatrix(model.num_classes)
-    for i, (f, g) in enumerate(zip(frames, labels)):
+    for i, (f, g) in enumerate(frames):
         cm.update(seg.push(f, i / 15.0).labels, g)
     return {"mIoU_interval5": 100 * cm.miou()}
 
@@ -303,10 +303,11 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
             ``resume``, a damaged trainer state or checkpoint and state of different steps; a
             stage-1 checkpoint without a stored model config and no ``model`` (``--model``); labelled
             frames without two consecutive ones of a sequence (``<sequence>_<frame number>``) when
-            the draws need them.
+            the draws need them; a training label not single-channel or of another size than its
+            image.
         FileNotFoundError: missing CamVid data, ``data_root`` folders (``val/`` without
-            ``valannot/``) or ``videos``; with ``resume``, a missing run folder, checkpoint or
-            trainer state.
+            ``valannot/``) or ``videos``; an unreadable training frame (all are decoded before the
+            pseudo-labelling); with ``resume``, a missing run folder, checkpoint or trainer state.
         CheckpointError: a missing or damaged stage-1 checkpoint, or one that does not match the
             model.
     """
@@ -320,9 +321,11 @@ def train_motion(options: MotionTrainOptions | None = None, **kwargs: Any) -> Mo
         return _train(opts)
 
 
-def _training_data(opts: MotionTrainOptions) -> tuple[Path, Path, Path | None, Path | None, list[Path]]:
-    """``(train images, train labels, val images or None, val labels or None, unlabelled clips)``
-    of a stage-2 run, checked before any work (see ``data_root`` and ``videos``)."""
+def _training_data(opts: MotionTrainOptions,
+                   num_classes: int) -> tuple[LabelledFrames, Path | None, Path | None, list[Path]]:
+    """``(labelled train frames, val images or None, val labels or None, unlabelled clips)`` of a
+    stage-2 run, checked before any work (see ``data_root`` and ``videos``): the train frames are
+    listed and paired (not yet decoded), and refused when the draws need a pair they lack."""
     if opts.data_root is None:  # the shared data, as the shipped model was trained
         train_dir, train_annot = camvid_dir("train"), camvid_annot_dir("train")
         if train_dir is None or train_annot is None:
@@ -350,14 +353,11 @@ def _training_data(opts: MotionTrainOptions) -> tuple[Path, Path, Path | None, P
             if not path.exists():
                 raise FileNotFoundError(f"--videos: {video} not found")
             clips.append(path)
+    labelled = LabelledFrames(train_dir, train_annot, num_classes=num_classes)
     # a draw that is neither synthetic nor a video pair takes a pair of labelled frames: without
     # one the run failed at its first such draw ("high <= 0"), after the pseudo-labelling
-    if opts.synthetic_fraction < 1 and (opts.video_fraction < 1 or not clips) and not camvid_pairs(train_dir,
-                                                                                                    train_annot):
-        raise ValueError(f"{train_dir} holds no two consecutive labelled frames of one sequence, which stage 2 "
-                         f"pairs: name them <sequence>_<frame number> (as CamVid's 0016E5_07920.png, "
-                         f"0016E5_07950.png), or train on video pairs only (--video-fraction 1 with --videos)")
-    return train_dir, train_annot, val_dir, val_annot, clips
+    check_camvid_pairs(labelled, opts.synthetic_fraction, opts.video_fraction, video_pairs=bool(clips))
+    return labelled, val_dir, val_annot, clips
 
 
 #: Options whose change on ``--resume`` makes the run no straight continuation (warned about).
@@ -378,7 +378,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             raise ValueError(f"--init-checkpoint {opts.init_checkpoint} stores no model config: give --model NAME "
                              f"(a model name under config/models or a YAML file) for the model its weights fit")
         cfg = model_config_from_dict(stored)
-    train_dir, train_annot, val_dir, val_annot, clip_paths = _training_data(opts)  # before the model loads
+    labelled, val_dir, val_annot, clip_paths = _training_data(opts, cfg.num_classes)  # before the model loads
     device = select_device(opts.device)
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
@@ -400,27 +400,22 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     if device.type == "cpu":
         to_channels_last(model, ("backbone",))
 
-    for img, lab in list_frames(train_dir, train_annot):  # a corrupt frame fails now (2 s), not when first drawn
-        load_frame(img, lab, num_classes=cfg.num_classes)
+    labelled.decode_all()  # kept for the draws; a corrupt frame fails now (2.5 s), not when first drawn
     canvas = tuple(cfg.input.size) if cfg.input.size else (360, 480)
     clips = []
     for path in clip_paths:
         frames = load_clip_on_canvas(path, canvas, limit=opts.max_clip_frames)
         clips.append((frames, pseudo_labels(model, frames, opts.pseudo_label_confidence)))
         log.info("pseudo-labelled %d frames of %s", len(frames), path.name)
-    pairs = FramePairs(train_dir, train_annot, clips, crop=opts.crop, flow_stride=model.motion.flow_stride,
-                       max_gap=opts.max_gap, video_fraction=opts.video_fraction, num_classes=cfg.num_classes,
-                       seed=opts.seed, synthetic_fraction=opts.synthetic_fraction,
+    pairs = FramePairs(labelled, clips, crop=opts.crop, flow_stride=model.motion.flow_stride, max_gap=opts.max_gap,
+                       video_fraction=opts.video_fraction, seed=opts.seed, synthetic_fraction=opts.synthetic_fraction,
                        synthetic_motion=synthetic_motion, chain=opts.chain_training)
     log.info("%d CamVid pairs, %d video pairs, synthetic fraction %.2f (camera travel in %.2f of them)",
              len(pairs.camvid), len(pairs.video), opts.synthetic_fraction, opts.synthetic_travel)
 
-    val_frames, val_labels = [], []
+    val_frames: list[tuple[np.ndarray, np.ndarray]] = []  # (image, label) of the quick validation
     if val_dir is not None and opts.val_every >= 0 and opts.val_frames > 0:
-        for img, lab in list_frames(val_dir, val_annot)[: opts.val_frames]:
-            image, label = load_frame(img, lab, num_classes=cfg.num_classes)
-            val_frames.append(image)
-            val_labels.append(label)
+        val_frames = decode_frames(list_frames(val_dir, val_annot)[: opts.val_frames], num_classes=cfg.num_classes)
 
     # Trainable: the motion module and the class/mask embedding heads (official MODEL.FINETUNE).
     for p in model.parameters():
@@ -468,7 +463,9 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     wp = int(math.ceil(opts.crop[1] / 32) * 32)
     last_val: dict[str, Any] | None = None
 
-    data = (("CamVid train" if opts.data_root is None else f"--data-root {train_dir.parent.resolve().name}") + " pairs + "
+    labelled_source = ("CamVid train" if opts.data_root is None
+                       else f"--data-root {labelled.image_dir.parent.resolve().name}")
+    data = (labelled_source + " pairs + "
             + (f"pseudo-labelled pairs of {', '.join(p.name for p in clip_paths)}" if clip_paths else "no video pairs"))
 
     def meta(step: int) -> dict[str, Any]:
@@ -539,7 +536,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             at_end = step >= opts.steps or timed_out
             if val_frames and ((opts.val_every > 0 and step % opts.val_every == 0) or at_end):
                 model.eval()
-                last_val = {"val": True, "step": step, **_quick_val(model, val_frames, val_labels)}
+                last_val = {"val": True, "step": step, **_quick_val(model, val_frames)}
                 logf.write(json.dumps(last_val) + "\n")
                 result.val.append(last_val)
                 log.info("step %d: quick val query_flow@5 mIoU %.2f", step, last_val["mIoU_interval5"])

@@ -41,11 +41,11 @@ from ..io.video import open_source
 from ..propagation import DIS_PRESETS, grid_hw, pool_flow
 from ..scheduling import DEFAULT_CUT_THRESHOLD, SceneScorer
 from ..segmenter import Letterbox
-from .data import augment_frames, list_frames, load_frame
+from .data import augment_frames, decode_frames, list_frames, load_frame
 from .synthetic import SyntheticMotion, synthetic_pair
 
-__all__ = ["PairSample", "FramePairs", "camvid_pairs", "video_shots", "dis_flow_target", "FLOW_TARGET_DIS_PRESET",
-           "load_clip_on_canvas"]
+__all__ = ["PairSample", "FramePairs", "LabelledFrames", "camvid_pairs", "check_camvid_pairs", "video_shots",
+           "dis_flow_target", "FLOW_TARGET_DIS_PRESET", "load_clip_on_canvas"]
 
 #: DIS preset of the video pairs' flow target (:func:`dis_flow_target`, full resolution of the pair).
 FLOW_TARGET_DIS_PRESET = "medium"
@@ -99,11 +99,16 @@ def _frame_number(path: Path) -> int | None:
     return int(digits) if digits else None
 
 
-def camvid_pairs(image_dir: str | Path, annot_dir: str | Path, both_orders: bool = True) -> list[tuple[Path, Path, Path]]:
-    """(key image, current image, current label) paths of consecutive labelled frames per sequence."""
-    frames = list_frames(image_dir, annot_dir)
+def camvid_pairs(files: Sequence[tuple[Path, Path]], both_orders: bool = True) -> list[tuple[Path, Path, Path]]:
+    """(key image, current image, current label) paths of consecutive labelled frames per sequence.
+
+    Args:
+        files: sorted (image, label) paths, as :func:`~mpvss_ros.training.data.list_frames` lists
+            them; a frame's sequence and number come from its name ``<sequence>_<frame number>``.
+        both_orders: also each pair backwards (current -> key).
+    """
     by_seq: dict[str, list[tuple[Path, Path]]] = {}
-    for img, lab in frames:
+    for img, lab in files:
         m = _NAME.match(img.stem)
         seq = m.group("seq") if m else img.stem
         by_seq.setdefault(seq, []).append((img, lab))
@@ -157,11 +162,87 @@ def dis_flow_target(current: np.ndarray, key: np.ndarray, grid_hw: tuple[int, in
     return np.ascontiguousarray(pool_flow(flow, grid_hw).transpose(2, 0, 1), dtype=np.float32)
 
 
+class LabelledFrames:
+    """Stage 2's labelled frames (CamVid's layout), listed and paired once, each frame decoded once.
+
+    The stage-2 trainer lists them before the model loads (to refuse data it cannot pair before
+    any work, :func:`check_camvid_pairs`), decodes them all with :meth:`decode_all` before the
+    pseudo-labelling, and :class:`FramePairs` draws from them. Without :meth:`decode_all` a frame
+    is decoded when first used and kept.
+
+    Args:
+        image_dir, annot_dir: the image and label folders (CamVid train, never val).
+        num_classes: K; label values outside ``0..K-1`` become 255 (ignore).
+
+    Attributes:
+        image_dir: the image folder (named in errors).
+        files: sorted (image, label) paths (:func:`~mpvss_ros.training.data.list_frames`).
+        pairs: (key image, current image, current label) paths of consecutive frames of one
+            sequence, in both orders (:func:`camvid_pairs`).
+        num_classes: K.
+
+    Raises:
+        FileNotFoundError: a folder missing, without images, or an image without its label.
+    """
+
+    def __init__(self, image_dir: str | Path, annot_dir: str | Path, num_classes: int = 11) -> None:
+        self.image_dir = Path(image_dir)
+        self.files = list_frames(image_dir, annot_dir)
+        self.pairs = camvid_pairs(self.files)
+        self.num_classes = int(num_classes)
+        self._label_path = dict(self.files)
+        self._decoded: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+
+    def decode_all(self) -> None:
+        """Decode every frame now and keep them all (:func:`~mpvss_ros.training.data.decode_frames`;
+        CamVid train: about 2.5 s and 242 MiB), so that a corrupt frame fails here rather than when
+        first drawn.
+
+        Raises:
+            FileNotFoundError, ValueError: an unreadable frame, a label not single-channel or of
+                another size than its image.
+        """
+        self._decoded = dict(zip(self._label_path, decode_frames(self.files, num_classes=self.num_classes)))
+
+    def frame(self, image: Path) -> tuple[np.ndarray, np.ndarray]:
+        """The listed frame whose image is ``image``: (H, W, 3) uint8 RGB and its (H, W) uint8 label
+        (255 = ignore), decoded once; the arrays are shared, only to be read.
+
+        Raises:
+            KeyError: ``image`` is not a listed frame.
+            FileNotFoundError, ValueError: as :meth:`decode_all`, for a frame decoded now.
+        """
+        if image not in self._decoded:
+            self._decoded[image] = load_frame(image, self._label_path[image], num_classes=self.num_classes)
+        return self._decoded[image]
+
+
+def check_camvid_pairs(labelled: LabelledFrames, synthetic_fraction: float, video_fraction: float,
+                       video_pairs: bool) -> None:
+    """Refuse labelled frames without a pair when the draws need one.
+
+    A draw that is neither synthetic (``synthetic_fraction``) nor a video pair (``video_fraction``,
+    when there are video pairs) takes a pair of labelled frames; without video pairs a pair of
+    labelled frames is needed whatever ``synthetic_fraction``. The trainer checks before the model
+    loads, with ``video_pairs`` = whether it has clips; :class:`FramePairs` checks again with the
+    video pairs its clips gave.
+
+    Raises:
+        ValueError: ``labelled`` has no pair and the draws need one (names the naming rule and the
+            options that train on video pairs only).
+    """
+    if not labelled.pairs and (not video_pairs or (synthetic_fraction < 1 and video_fraction < 1)):
+        raise ValueError(f"{labelled.image_dir} holds no two consecutive labelled frames of one sequence, which "
+                         f"stage 2 pairs: name them <sequence>_<frame number> (as CamVid's 0016E5_07920.png, "
+                         f"0016E5_07950.png), or train on video pairs only (--video-fraction 1 with --videos)")
+
+
 class FramePairs:
     """Random (key, current) pairs from CamVid and from unlabelled clips, with shared augmentation.
 
     Args:
-        camvid_image_dir, camvid_annot_dir: CamVid train folders (never val).
+        labelled: the labelled frames (CamVid train, never val): its pairs are the CamVid pairs, its
+            frames the sources of synthetic pairs.
         clips: unlabelled videos, each a list of (H, W, 3) uint8 RGB frames already on the
             model's canvas scale, with its pseudo-labels (H, W) uint8 (255 = ignore).
         crop: (H, W) crop in pixels (a multiple of 32 keeps the flow grid exact).
@@ -172,7 +253,6 @@ class FramePairs:
             generator, so 0 leaves the other samples exactly as without synthetic pairs).
         synthetic_motion: ranges of the synthetic motion (pixels of the crop).
         scale, flip, color_jitter: augmentation as stage 1.
-        num_classes: K; CamVid labels outside ``0..K-1`` become 255 (ignore).
         seed: base seed; ``sample(step, i)`` is a pure function of (seed, step, i).
         chain: video pairs also carry the frames between key and current and a DIS target per
             one-frame link (``PairSample.links``, ``link_flows``), to train the flow through the
@@ -180,25 +260,21 @@ class FramePairs:
             is the same as without it.
 
     Raises:
-        FileNotFoundError: a CamVid folder missing, without images, or an image without its
-            label (:func:`camvid_pairs`).
-        ValueError: ``synthetic_fraction`` outside [0, 1], or no training pairs at all.
+        ValueError: ``synthetic_fraction`` outside [0, 1], or draws that need a pair of labelled
+            frames and none (:func:`check_camvid_pairs`).
     """
 
-    def __init__(self, camvid_image_dir: str | Path, camvid_annot_dir: str | Path,
-                 clips: Sequence[tuple[list[np.ndarray], list[np.ndarray]]], crop: Sequence[int] = (256, 320),
-                 flow_stride: float = 8.0, max_gap: int = 10, video_fraction: float = 0.5,
-                 scale: Sequence[float] = (0.75, 1.5), flip: bool = True, color_jitter: bool = True,
-                 num_classes: int = 11, seed: int = 0, synthetic_fraction: float = 0.0,
+    def __init__(self, labelled: LabelledFrames, clips: Sequence[tuple[list[np.ndarray], list[np.ndarray]]],
+                 crop: Sequence[int] = (256, 320), flow_stride: float = 8.0, max_gap: int = 10,
+                 video_fraction: float = 0.5, scale: Sequence[float] = (0.75, 1.5), flip: bool = True,
+                 color_jitter: bool = True, seed: int = 0, synthetic_fraction: float = 0.0,
                  synthetic_motion: SyntheticMotion = SyntheticMotion(), chain: bool = False) -> None:
         if not 0.0 <= synthetic_fraction <= 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
-        self.camvid = camvid_pairs(camvid_image_dir, camvid_annot_dir)
-        self.frames = list_frames(camvid_image_dir, camvid_annot_dir) if synthetic_fraction > 0 else []
+        self.labelled = labelled
+        self.camvid = list(labelled.pairs)
         self.synthetic_fraction = synthetic_fraction
         self.synthetic_motion = synthetic_motion
-        self._images: dict[Path, np.ndarray] = {}
-        self._labelled: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
         self.clips = list(clips)
         self.video = []  # (clip index, key index, current index)
         for c, (frames, _) in enumerate(self.clips):
@@ -207,21 +283,21 @@ class FramePairs:
                     for d in range(1, max_gap + 1):
                         if k + d < end:
                             self.video.append((c, k, k + d))
-        if not self.camvid and not self.video:
-            raise ValueError("no training pairs")
+        check_camvid_pairs(labelled, synthetic_fraction, video_fraction, video_pairs=bool(self.video))
         self.crop = (int(crop[0]), int(crop[1]))
         self.grid = grid_hw(self.crop, flow_stride)
         self.video_fraction = video_fraction if self.video else 0.0
-        if not self.camvid and synthetic_fraction < 1 and self.video_fraction < 1:  # sample() would draw one
-            raise ValueError(f"no two consecutive labelled frames of one sequence in {camvid_image_dir} (file names "
-                             f"<sequence>_<frame number>), and not every draw is a video or synthetic pair")
         self.scale, self.flip, self.color_jitter = scale, flip, color_jitter
-        self.num_classes = num_classes
         self.seed = seed
         self.chain = bool(chain)
 
     def sample(self, step: int, i: int) -> PairSample:
-        """The i-th pair of a step's batch (deterministic given the seed)."""
+        """The i-th pair of a step's batch (deterministic given the seed).
+
+        Raises:
+            FileNotFoundError, ValueError: a labelled frame decoded now that cannot be read
+                (:meth:`LabelledFrames.frame`; none after :meth:`LabelledFrames.decode_all`).
+        """
         if self.synthetic_fraction > 0:
             rng_s = np.random.default_rng([self.seed, 3, step, i])
             if rng_s.random() < self.synthetic_fraction:
@@ -233,9 +309,9 @@ class FramePairs:
             sequence = frames[k:t + 1] if self.chain else [frames[k], frames[t]]
             label, source = labels[t], "video"
         else:
-            k_img, c_img, c_lab = self.camvid[int(rng.integers(len(self.camvid)))]
-            cur, label = self._labelled_frame(c_img, c_lab)
-            sequence, source = [self._image(k_img), cur], "camvid"
+            k_img, c_img, _ = self.camvid[int(rng.integers(len(self.camvid)))]
+            cur, label = self.labelled.frame(c_img)
+            sequence, source = [self.labelled.frame(k_img)[0], cur], "camvid"
         # the draws do not depend on the number of frames: key, current and label are the same with chain
         seq_a, lab_a = augment_frames(sequence, label, rng, self.crop, self.scale, self.flip, self.color_jitter)
         key_a, cur_a = seq_a[0], seq_a[-1]
@@ -257,27 +333,13 @@ class FramePairs:
                           torch.from_numpy(flow), has_flow, source, links, link_flows)
 
     def _synthetic(self, rng: np.random.Generator) -> PairSample:
-        img, lab = self.frames[int(rng.integers(len(self.frames)))]
-        image, label = self._labelled_frame(img, lab)
+        img, _ = self.labelled.files[int(rng.integers(len(self.labelled.files)))]
+        image, label = self.labelled.frame(img)
         (key,), label = augment_frames([image], label, rng, self.crop, self.scale, self.flip, self.color_jitter)
         cur, cur_label, flow = synthetic_pair(key, label, rng, self.synthetic_motion)
         grid_flow = pool_flow(flow, self.grid).transpose(2, 0, 1)
         return PairSample(_chw(key), _chw(cur), torch.from_numpy(cur_label.astype(np.int64)),
                           torch.from_numpy(np.ascontiguousarray(grid_flow, dtype=np.float32)), True, "synthetic")
-
-    def _labelled_frame(self, image: Path, label: Path) -> tuple[np.ndarray, np.ndarray]:
-        """``load_frame`` once per file (the arrays are only read downstream)."""
-        if image not in self._labelled:
-            self._labelled[image] = load_frame(image, label, num_classes=self.num_classes)
-        return self._labelled[image]
-
-    def _image(self, path: Path) -> np.ndarray:
-        if path not in self._images:
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise FileNotFoundError(f"cannot read image {path}")
-            self._images[path] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        return self._images[path]
 
 
 def load_clip_on_canvas(path: str | Path, canvas_hw: Sequence[int], limit: int | None = None) -> list[np.ndarray]:

@@ -17,9 +17,10 @@ import torch
 from mpvss_ros.io.samples import (
     bikes_clip,
 )
-from mpvss_ros.training.data import augment_frames
+from mpvss_ros.training.data import augment_frames, list_frames
 from mpvss_ros.training.pairs import (
     FramePairs,
+    LabelledFrames,
     camvid_pairs,
     dis_flow_target,
     load_clip_on_canvas,
@@ -63,7 +64,7 @@ def test_camvid_pairs_within_sequence_consecutive_both_orders(camvid_train_dirs)
     img_dir, ann_dir = camvid_train_dirs
     names = sorted(p.name for p in img_dir.iterdir() if p.suffix == ".png")
     seqs = {n.rsplit("_", 1)[0] for n in names}
-    pairs = camvid_pairs(img_dir, ann_dir)
+    pairs = camvid_pairs(list_frames(img_dir, ann_dir))
     raw = lambda n: int("".join(ch for ch in n.rsplit("_", 1)[1].split(".")[0] if ch.isdigit()))  # noqa: E731
     # CamVid train is labelled every 30th raw frame; 0016E5 also jumps 65 s and over the val clip
     jumps = {(a, b) for a, b in itertools.pairwise(names)
@@ -87,7 +88,7 @@ def test_camvid_pairs_within_sequence_consecutive_both_orders(camvid_train_dirs)
         if a.rsplit("_", 1)[0] == b.rsplit("_", 1)[0]:
             assert ((a, b) in forward) == ((a, b) not in jumps)
 
-    one_way = camvid_pairs(img_dir, ann_dir, both_orders=False)
+    one_way = camvid_pairs(list_frames(img_dir, ann_dir), both_orders=False)
     assert len(one_way) == len(names) - len(seqs) - len(jumps)
     assert all(index[k.name] < index[c.name] for k, c, _ in one_way)
 
@@ -241,10 +242,10 @@ def _equal(a, b) -> bool:
 
 
 def test_frame_pairs_shapes_sources_and_determinism(camvid_train_dirs, small_clip):
-    img_dir, ann_dir = camvid_train_dirs
-    fp = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=7)
+    labelled = LabelledFrames(*camvid_train_dirs)
+    fp = FramePairs(labelled, [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=7)
     assert fp.grid == (12, 16)
-    assert len(fp.camvid) == len(camvid_pairs(img_dir, ann_dir))
+    assert len(fp.camvid) == len(camvid_pairs(list_frames(*camvid_train_dirs)))
     # 16 bikes frames, one shot: pairs k -> k+d, d = 1..3
     assert len(fp.video) == 15 + 14 + 13
     assert all(0 < t - k <= 3 for _, k, t in fp.video)
@@ -261,19 +262,19 @@ def test_frame_pairs_shapes_sources_and_determinism(camvid_train_dirs, small_cli
             assert vals <= {0, 1, 2, 3, 255}
 
     # a pure function of (seed, step, i): a fresh object and a different call order agree
-    fp2 = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=7)
+    fp2 = FramePairs(LabelledFrames(*camvid_train_dirs), [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=7)
     for key in reversed(list(samples)):
         assert _equal(fp2.sample(*key), samples[key]), key
     assert not _equal(samples[(0, 0)], samples[(0, 1)])
     assert not _equal(samples[(0, 0)], samples[(1, 0)])
-    fp3 = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=8)
+    fp3 = FramePairs(LabelledFrames(*camvid_train_dirs), [small_clip], crop=CROP, max_gap=3, video_fraction=0.5, seed=8)
     assert not all(_equal(fp3.sample(*k), s) for k, s in samples.items())
 
 
 def test_frame_pairs_video_flow_is_plausible(camvid_train_dirs, small_clip):
     """Video pairs of bikes a few frames apart: the DIS target is finite and small in grid pixels."""
-    img_dir, ann_dir = camvid_train_dirs
-    fp = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=2, video_fraction=1.0, seed=0)
+    labelled = LabelledFrames(*camvid_train_dirs)
+    fp = FramePairs(labelled, [small_clip], crop=CROP, max_gap=2, video_fraction=1.0, seed=0)
     for i in range(4):
         s = fp.sample(0, i)
         assert s.source == "video" and s.has_flow
@@ -282,23 +283,23 @@ def test_frame_pairs_video_flow_is_plausible(camvid_train_dirs, small_clip):
 
 
 def test_frame_pairs_video_fraction_zero_gives_camvid_only(camvid_train_dirs, small_clip):
-    img_dir, ann_dir = camvid_train_dirs
-    fp = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.0, seed=0)
+    labelled = LabelledFrames(*camvid_train_dirs)
+    fp = FramePairs(labelled, [small_clip], crop=CROP, max_gap=3, video_fraction=0.0, seed=0)
     for step in range(3):
         for i in range(4):
             s = fp.sample(step, i)
             assert s.source == "camvid" and not s.has_flow
             _assert_sample(s, fp.grid)
     # no clips at all: also camvid only, whatever the fraction
-    fp0 = FramePairs(img_dir, ann_dir, [], crop=CROP, video_fraction=0.9, seed=0)
+    fp0 = FramePairs(labelled, [], crop=CROP, video_fraction=0.9, seed=0)
     assert fp0.video == [] and fp0.video_fraction == 0.0
     assert all(fp0.sample(0, i).source == "camvid" for i in range(4))
 
 
 def test_camvid_pair_sample_label_is_the_current_frames(camvid_train_dirs):
     """A CamVid sample: key and current from its pair, label = the current frame's, same crop."""
-    img_dir, ann_dir = camvid_train_dirs
-    fp = FramePairs(img_dir, ann_dir, [], crop=CROP, video_fraction=0.0, seed=0, color_jitter=False,
+    labelled = LabelledFrames(*camvid_train_dirs)
+    fp = FramePairs(labelled, [], crop=CROP, video_fraction=0.0, seed=0, color_jitter=False,
                     scale=(1.0, 1.0), flip=False)
     k_img, c_img, c_lab = next(p for p in fp.camvid if p[0].name > p[1].name)  # a backward pair
     fp.camvid = [(k_img, c_img, c_lab)]
@@ -320,9 +321,9 @@ def test_camvid_pair_sample_label_is_the_current_frames(camvid_train_dirs):
 def test_frame_pairs_chain_adds_the_links_and_changes_nothing_else(camvid_train_dirs, small_clip):
     """chain=True: video samples carry the frames between key and current and a DIS target per
     one-frame link; key, current, label and the direct flow are those of chain=False."""
-    img_dir, ann_dir = camvid_train_dirs
-    plain = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.7, seed=3)
-    chain = FramePairs(img_dir, ann_dir, [small_clip], crop=CROP, max_gap=3, video_fraction=0.7, seed=3, chain=True)
+    labelled = LabelledFrames(*camvid_train_dirs)
+    plain = FramePairs(labelled, [small_clip], crop=CROP, max_gap=3, video_fraction=0.7, seed=3)
+    chain = FramePairs(labelled, [small_clip], crop=CROP, max_gap=3, video_fraction=0.7, seed=3, chain=True)
     seen = set()
     for step in range(4):
         for i in range(3):
@@ -356,7 +357,7 @@ def test_camvid_pairs_skip_jumps_in_a_sequence(tmp_path):
     for n in names:
         cv2.imwrite(str(tmp_path / "img" / f"{n}.png"), np.zeros((4, 4, 3), np.uint8))
         cv2.imwrite(str(tmp_path / "lab" / f"{n}.png"), np.zeros((4, 4), np.uint8))
-    got = {(k.stem, c.stem) for k, c, _ in camvid_pairs(tmp_path / "img", tmp_path / "lab")}
+    got = {(k.stem, c.stem) for k, c, _ in camvid_pairs(list_frames(tmp_path / "img", tmp_path / "lab"))}
     forward = {("0016E5_07890", "0016E5_07920"), ("0016E5_08190", "0016E5_08220"),
                ("0016E5_08220", "0016E5_08250"), ("0006R0_f00930", "0006R0_f00960")}
     assert got == forward | {(c, k) for k, c in forward}
@@ -390,6 +391,31 @@ def test_frame_pairs_without_labelled_pairs_refuses_draws_that_need_one(tmp_path
     frames = [np.full((48, 64, 3), 100 + i, np.uint8) for i in range(4)]
     clips = [(frames, [np.zeros((48, 64), np.uint8)] * 4)]
     with pytest.raises(ValueError, match="<sequence>_<frame number>"):
-        FramePairs(img, ann, clips, crop=(32, 32), video_fraction=0.5)
-    pairs = FramePairs(img, ann, clips, crop=(32, 32), video_fraction=1.0)
+        FramePairs(LabelledFrames(img, ann), clips, crop=(32, 32), video_fraction=0.5)
+    pairs = FramePairs(LabelledFrames(img, ann), clips, crop=(32, 32), video_fraction=1.0)
     assert not pairs.camvid and pairs.sample(0, 0).key.shape[-2:] == (32, 32)
+
+
+def test_frames_decoded_up_front_are_the_ones_drawn(camvid_train_dirs, tmp_path, monkeypatch):
+    """The stage-2 trainer decodes the labelled frames once, before training (decode_all): the draws
+    then read no file and are those of frames decoded when first drawn (CamVid and synthetic pairs)."""
+    import shutil
+
+    from mpvss_ros.training import pairs as pairs_module
+    from mpvss_ros.training.data import decode_frames
+
+    img, ann = tmp_path / "train", tmp_path / "trainannot"
+    img.mkdir(), ann.mkdir()
+    for name in ("0001TP_006690.png", "0001TP_006720.png", "0001TP_006750.png"):
+        shutil.copy(camvid_train_dirs[0] / name, img / name)
+        shutil.copy(camvid_train_dirs[1] / name, ann / name)
+    lazy = FramePairs(LabelledFrames(img, ann), [], crop=CROP, video_fraction=0.0, seed=1, synthetic_fraction=0.5)
+    expected = [lazy.sample(step, i) for step in range(3) for i in range(3)]
+    assert {s.source for s in expected} == {"camvid", "synthetic"}
+    labelled = LabelledFrames(img, ann)
+    labelled.decode_all()
+    assert decode_frames(labelled.files, keep=False) == []  # the check-only pass keeps nothing
+    monkeypatch.setattr(pairs_module, "load_frame", lambda *a, **k: pytest.fail("a frame decoded again"))
+    up_front = FramePairs(labelled, [], crop=CROP, video_fraction=0.0, seed=1, synthetic_fraction=0.5)
+    got = [up_front.sample(step, i) for step in range(3) for i in range(3)]
+    assert all(_equal(a, b) for a, b in zip(got, expected))

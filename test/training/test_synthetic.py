@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mpvss_ros.propagation import pool_flow
-from mpvss_ros.training.pairs import FramePairs
+from mpvss_ros.training.pairs import FramePairs, LabelledFrames
 from mpvss_ros.training.synthetic import SyntheticMotion, inverse_depth, synthetic_pair
 
 STILL = dict(zoom=0.0, rotation_deg=0.0, travel_probability=0.0)
@@ -104,9 +104,9 @@ def test_synthetic_pair_rejects_mismatched_inputs():
 
 
 def test_frame_pairs_synthetic_fraction(camvid_train_dirs):
-    img_dir, ann_dir = camvid_train_dirs
+    labelled = LabelledFrames(*camvid_train_dirs)
     crop = (96, 128)
-    fp = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=1.0,
+    fp = FramePairs(labelled, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=1.0,
                     flow_stride=8.0)
     for i in range(3):
         s = fp.sample(2, i)
@@ -116,18 +116,18 @@ def test_frame_pairs_synthetic_fraction(camvid_train_dirs):
         assert float(s.flow.abs().max()) > 0  # a real motion target, in grid pixels
         assert set(torch.unique(s.label).tolist()) <= set(range(11)) | {255}
         assert not torch.equal(s.key, s.current)
-    again = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=1.0,
+    again = FramePairs(labelled, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=1.0,
                        flow_stride=8.0).sample(2, 1)
     assert torch.equal(again.current, fp.sample(2, 1).current) and torch.equal(again.flow, fp.sample(2, 1).flow)
     # synthetic_fraction 0 leaves the non-synthetic stream exactly as it was
-    plain = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4)
-    zero = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=0.0)
+    plain = FramePairs(labelled, [], crop=crop, video_fraction=0.0, seed=4)
+    zero = FramePairs(labelled, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=0.0)
     assert torch.equal(plain.sample(1, 0).current, zero.sample(1, 0).current)
-    mixed = FramePairs(img_dir, ann_dir, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=0.5)
+    mixed = FramePairs(labelled, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=0.5)
     sources = [mixed.sample(s, i).source for s in range(4) for i in range(4)]
     assert {"synthetic", "camvid"} == set(sources)
     with pytest.raises(ValueError, match="synthetic_fraction"):
-        FramePairs(img_dir, ann_dir, [], crop=crop, synthetic_fraction=1.5)
+        FramePairs(labelled, [], crop=crop, synthetic_fraction=1.5)
 
 
 def test_pooled_synthetic_flow_is_in_grid_pixels(bikes_frames):
@@ -207,11 +207,11 @@ def test_camera_travel_streams_out_from_the_focus_of_expansion():
 
 
 def test_frame_pairs_synthetic_camera_travel_draws_are_seeded(camvid_train_dirs):
-    img_dir, ann_dir = camvid_train_dirs
+    labelled = LabelledFrames(*camvid_train_dirs)
     travel = SyntheticMotion(travel_probability=1.0, object_probability=0.0, max_shift=0.0, zoom=0.0, rotation_deg=0.0)
-    a = FramePairs(img_dir, ann_dir, [], crop=(96, 128), video_fraction=0.0, seed=2, synthetic_fraction=1.0,
+    a = FramePairs(labelled, [], crop=(96, 128), video_fraction=0.0, seed=2, synthetic_fraction=1.0,
                    flow_stride=8.0, synthetic_motion=travel)
-    b = FramePairs(img_dir, ann_dir, [], crop=(96, 128), video_fraction=0.0, seed=2, synthetic_fraction=1.0,
+    b = FramePairs(labelled, [], crop=(96, 128), video_fraction=0.0, seed=2, synthetic_fraction=1.0,
                    flow_stride=8.0, synthetic_motion=travel)
     flows = [a.sample(0, i).flow for i in range(4)]
     assert all(torch.equal(f, b.sample(0, i).flow) for i, f in enumerate(flows))
