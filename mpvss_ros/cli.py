@@ -259,12 +259,6 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"auto (a CUDA GPU when there is one, else the CPU), cpu or cuda[:N] (default {d.device})")
 
 
-def _check_max_image_pixels(args: argparse.Namespace) -> None:
-    """Refuse a negative ``--max-image-pixels`` (``segment``, ``bag``) by its flag."""
-    if args.max_image_pixels is not None and args.max_image_pixels < 0:
-        raise ValueError(f"--max-image-pixels must be >= 1 (pixels), or 0 for no limit, got {args.max_image_pixels}")
-
-
 def _max_image_pixels(args: argparse.Namespace, default: int | None) -> int | None:
     """The pixel limit ``--max-image-pixels`` asks for: ``default`` when not given, None for 0 (no limit)."""
     return default if args.max_image_pixels is None else args.max_image_pixels or None
@@ -278,12 +272,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if not Path(args.input).exists():
         raise FileNotFoundError(f"input not found: {args.input}")
     _scheduler(args)  # validate before loading the model
-    if args.max_frames is not None and args.max_frames < 1:
-        raise ValueError("--max-frames must be >= 1")
-    _check_max_image_pixels(args)
-    check_out_dir(args.input, args.out)
-    loaded, backend = load_model_and_backend(args)
-    options = SegmentOptions(
+    options = SegmentOptions(  # checks its limits (by their flags), also before the model loads
         **_engine_options(args),
         max_gap_s=math.inf,  # stamps are frame index / fps: no real gaps
         fps=args.fps,
@@ -292,6 +281,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         write_overlay=not args.no_overlay,
         progress=not args.no_progress,
     )
+    check_out_dir(args.input, args.out)
+    loaded, backend = load_model_and_backend(args)
     with terminate_unwinds():  # SIGTERM unwinds as Ctrl-C does: frames.jsonl and overlay.mp4 are closed, not cut
         summary = segment_path(args.input, args.out, loaded, options, backend=backend)
     brief = {k: summary[k] for k in ("frames", "key_frames", "key_frame_ratio", "fps", "trained")}
@@ -328,13 +319,7 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         raise ValueError(f"output bag {args.output} exists already; choose a new path")
     _scheduler(args)  # validate before loading the model
     normalize_namespace(args.namespace)
-    if args.max_frames is not None and args.max_frames < 1:
-        raise ValueError("--max-frames must be >= 1")
-    if not 0.0 <= args.alpha <= 1.0:  # NaN too
-        raise ValueError(f"--alpha must be in [0, 1] (overlay opacity of the class colours), got {args.alpha:g}")
-    _check_max_image_pixels(args)
-    loaded, backend = load_model_and_backend(args)
-    options = BagOptions(
+    options = BagOptions(  # checks its limits and --alpha (by their flags), also before the model loads
         **_engine_options(args),
         max_frames=args.max_frames,
         max_image_pixels=_max_image_pixels(args, BagOptions.max_image_pixels),
@@ -346,6 +331,7 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         copy_topics=tuple(args.copy_topics),
         copy_all_topics=args.copy_all_topics,
     )
+    loaded, backend = load_model_and_backend(args)
     summary = process_bag(args.input, args.output, args.topic, loaded, options, compressed=args.compressed,
                           namespace=args.namespace, storage=args.storage, backend=backend)
     brief = {k: summary[k] for k in ("frames", "written", "skipped", "skipped_by_reason", "key_frames",

@@ -234,6 +234,10 @@ class SegmentOptions(EngineOptions):
         write_overlay: write ``overlay.mp4``.
         write_labels: write ``labels/*.png``.
         progress: show a progress bar.
+
+    Raises:
+        ValueError: when made, ``max_frames`` or ``max_image_pixels`` below 1
+            (:func:`check_frame_limits`).
     """
 
     fps: float | None = None
@@ -242,6 +246,28 @@ class SegmentOptions(EngineOptions):
     write_overlay: bool = True
     write_labels: bool = True
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_frame_limits(self.max_frames, self.max_image_pixels)
+
+
+def check_frame_limits(max_frames: int | None, max_image_pixels: int | None) -> None:
+    """Refuse the frame limits of an offline run (:class:`SegmentOptions`,
+    :class:`~mpvss_ros.ros.bag.BagOptions`), naming the option and its command-line flag.
+
+    Args:
+        max_frames: frames (messages) to process at most, >= 1, or None for all.
+        max_image_pixels: largest frame (height x width pixels), >= 1, or None for no limit (the
+            flag's 0).
+
+    Raises:
+        ValueError: either below 1.
+    """
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames (--max-frames) must be >= 1, got {max_frames}")
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels (--max-image-pixels) must be >= 1 (pixels), or no limit (the flag's 0), "
+                         f"got {max_image_pixels}")
 
 
 #: Frames the inference backend fails on in a row after which a run stops (``mpvss segment``,

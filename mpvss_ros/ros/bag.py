@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from ..config import default_class_names
 from ..model_loader import LoadedModel
-from ..offline import EngineFailures, EngineOptions, RunStats, terminate_unwinds
+from ..offline import EngineFailures, EngineOptions, RunStats, check_frame_limits, terminate_unwinds
 from ..segmenter import FrameError, NonFiniteOutputError
 from ..viz import make_palette
 from .conversions import (
@@ -99,6 +99,10 @@ class BagOptions(EngineOptions):
             ``/tf``, ``/tf_static``, ``/camera/camera_info``: what a replay for RViz, Nav2 or
             Autoware needs besides the images); a leading ``/`` may be left out.
         copy_all_topics: copy every other topic of the input bag.
+
+    Raises:
+        ValueError: when made, ``max_frames`` or ``max_image_pixels`` below 1
+            (:func:`~mpvss_ros.offline.check_frame_limits`), ``alpha`` outside [0, 1] or NaN.
     """
 
     max_frames: int | None = None
@@ -110,6 +114,12 @@ class BagOptions(EngineOptions):
     progress: bool = True
     copy_topics: tuple[str, ...] = ()
     copy_all_topics: bool = False
+
+    def __post_init__(self) -> None:
+        check_frame_limits(self.max_frames, self.max_image_pixels)
+        if not 0.0 <= self.alpha <= 1.0:  # NaN too
+            raise ValueError(f"alpha (--alpha) must be in [0, 1] (overlay opacity of the class colours), got "
+                             f"{self.alpha:g}")
 
 
 def _opt(options: EngineOptions, name: str) -> Any:
@@ -424,17 +434,11 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     if storage not in STORAGES:
         raise ValueError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
     topics = output_topics(namespace)
-    max_frames = _opt(options, "max_frames")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    max_frames = _opt(options, "max_frames")  # BagOptions checks its values when it is made
     want = {"colored": bool(_opt(options, "colored")), "overlay": bool(_opt(options, "overlay")),
             "class_masks": bool(_opt(options, "class_masks"))}
     max_pixels = _opt(options, "max_image_pixels")
-    if max_pixels is not None and max_pixels < 1:
-        raise ValueError(f"max_image_pixels must be >= 1 (or None for no limit), got {max_pixels}")
     alpha = float(_opt(options, "alpha"))
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
 
     cfg = loaded.config
     segmenter = options.build_segmenter(loaded, backend)
