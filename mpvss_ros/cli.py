@@ -260,7 +260,14 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _max_image_pixels(args: argparse.Namespace, default: int | None) -> int | None:
-    """The pixel limit ``--max-image-pixels`` asks for: ``default`` when not given, None for 0 (no limit)."""
+    """The pixel limit ``--max-image-pixels`` asks for (``segment``, ``bag``): ``default`` when not
+    given, None for 0 (no limit).
+
+    Raises:
+        ValueError: a negative value, naming the flag.
+    """
+    if args.max_image_pixels is not None and args.max_image_pixels < 0:
+        raise ValueError(f"--max-image-pixels must be >= 1 (pixels), or 0 for no limit, got {args.max_image_pixels}")
     return default if args.max_image_pixels is None else args.max_image_pixels or None
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoints import first_line
-from .io import DEFAULT_MAX_IMAGE_PIXELS
+from .io import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
 from .io.video import VideoWriter, open_source, write_label_png
 from .model_loader import LoadedModel
 from .paths import check_output_dir, make_output_dir
@@ -46,7 +46,7 @@ from .scheduling import DEFAULT_CUT_THRESHOLD, parse_schedule
 from .segmenter import NonFiniteOutputError, SegmentationResult, VideoSegmenter
 from .viz import frame_tag, make_palette, overlay
 
-__all__ = ["EngineOptions", "RunStats", "SegmentOptions", "check_out_dir", "segment_path"]
+__all__ = ["EngineOptions", "RunStats", "SegmentOptions", "check_frame_limits", "check_out_dir", "segment_path"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,18 @@ class EngineOptions:
     cut_threshold: float = DEFAULT_CUT_THRESHOLD
     max_gap_s: float = 1.0
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse settings no run can use, naming the option and its flag; run when the options
+        are made and again when a run starts (fields may change in between). The engine settings
+        themselves are checked by :meth:`build_segmenter`; subclasses check theirs.
+
+        Raises:
+            ValueError: a setting out of its range.
+        """
+
     def build_segmenter(self, loaded: LoadedModel, backend: Any = None) -> VideoSegmenter:
         """The :class:`~mpvss_ros.segmenter.VideoSegmenter` of these settings on ``loaded``'s
         device, running ``backend`` (:func:`mpvss_ros.runtime.load_backend`) if given, else
@@ -247,7 +259,8 @@ class SegmentOptions(EngineOptions):
     write_labels: bool = True
     progress: bool = True
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """As :meth:`EngineOptions.check`: the frame limits (:func:`check_frame_limits`)."""
         check_frame_limits(self.max_frames, self.max_image_pixels)
 
 
@@ -265,9 +278,7 @@ def check_frame_limits(max_frames: int | None, max_image_pixels: int | None) -> 
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames (--max-frames) must be >= 1, got {max_frames}")
-    if max_image_pixels is not None and max_image_pixels < 1:
-        raise ValueError(f"max_image_pixels (--max-image-pixels) must be >= 1 (pixels), or no limit (the flag's 0), "
-                         f"got {max_image_pixels}")
+    check_pixel_limit(max_image_pixels, "max_image_pixels (None: no limit; --max-image-pixels 0)")
 
 
 #: Frames the inference backend fails on in a row after which a run stops (``mpvss segment``,
@@ -309,7 +320,7 @@ class RunStats:
     the key-frame reasons counted. The offline tools used to hold every frame's record
     (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`) until the end: at least 464 bytes
     a frame (tracemalloc, copies of ``bikes.mp4`` records), about 50 MB per hour of 30 fps video;
-    this holds 43 bytes a frame (the same measurement).
+    this holds 43 bytes a frame (the same ad-hoc measurement; docs/experiment_log.md, "Stop 37").
     """
 
     def __init__(self) -> None:
@@ -402,6 +413,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         :data:`MAX_ENGINE_FAILURES_IN_A_ROW` frames in a row. OSError: the output folder cannot
         be made or written (e.g. a full disk; ``summary.json`` is then not left behind).
     """
+    options.check()  # again: the fields may have changed since the options were made
     cfg = loaded.config
     segmenter = options.build_segmenter(loaded, backend)
     palette = make_palette(cfg.num_classes, cfg.palette or None)

@@ -28,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from . import check_pixel_limit, pixel_excess
 from .jpeg import JpegDataError, JpegHeaderError, decode_jpeg, is_jpeg
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "write_label_png",
     "read_label_png",
     "png_size",
+    "PNG_SIGNATURE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,8 @@ _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJ
 #: reads back at 600 fps with frames missing (1001 fps: 4 of 6 frames).
 _MAX_FPS_BY_SUFFIX = {".avi": 1000.0}
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The first eight bytes of every PNG file.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: The command-line option that sets a source's ``max_pixels``, named in the warning of a skipped frame.
 _PIXEL_LIMIT_OPTION = "mpvss segment's --max-image-pixels"
 
@@ -128,7 +131,7 @@ class FrameSource:
         self.path = path
         self.fps = float(fps)
         self.name = path.stem if path.is_file() else path.name
-        self.max_pixels = _check_max_pixels(max_pixels)
+        self.max_pixels = check_pixel_limit(max_pixels, "max_pixels (None: no limit)")
         #: names of the frames the last iteration skipped as unreadable (files of a folder; a video's
         #: damaged frames with decoded frames after them), in order
         self.unreadable: list[str] = []
@@ -448,20 +451,10 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
     return VideoFileSource(p, fps, max_pixels)
 
 
-def _check_max_pixels(max_pixels: int | None) -> int | None:
-    if max_pixels is None:
-        return None
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be an integer >= 1 (pixels), or None for no limit, got {max_pixels!r}")
-    return int(max_pixels)
-
-
 def _pixel_excess(height: int, width: int, max_pixels: int | None) -> str | None:
-    """Why a ``width`` x ``height`` frame is refused under ``max_pixels``, or None if it is not."""
-    if max_pixels is None or height * width <= max_pixels:
-        return None
-    return (f"{width} x {height} = {height * width} pixels, more than the {max_pixels} allowed "
-            f"({_PIXEL_LIMIT_OPTION}; 0 = no limit)")
+    """:func:`~mpvss_ros.io.pixel_excess`, naming the option that sets a source's limit."""
+    excess = pixel_excess(height, width, max_pixels)
+    return None if excess is None else f"{excess} ({_PIXEL_LIMIT_OPTION}; 0 = no limit)"
 
 
 def _check_fps(fps: float) -> float:
@@ -509,7 +502,7 @@ def png_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
         data: the file's first 24 bytes at least (bytes, or a 1-D ``uint8`` array).
     """
     head = bytes(data[:24])
-    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
     return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
 
@@ -734,7 +727,7 @@ def read_label_png(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"label image not found: {path}")
     data = path.read_bytes()
     # IHDR: signature (8) + length (4) + "IHDR" (4) + width (4) + height (4) + depth (1) + colour type.
-    if data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[12:16] == b"IHDR" and data[25] == 3:
+    if data[:8] == PNG_SIGNATURE and len(data) > 25 and data[12:16] == b"IHDR" and data[25] == 3:
         raise ValueError(f"{path} is a palette (indexed) PNG: OpenCV decodes it to colours, not class IDs; "
                          "convert it to a grayscale PNG of the indices first")
     labels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None

@@ -115,7 +115,9 @@ class BagOptions(EngineOptions):
     copy_topics: tuple[str, ...] = ()
     copy_all_topics: bool = False
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """As :meth:`~mpvss_ros.offline.EngineOptions.check`: the frame limits
+        (:func:`~mpvss_ros.offline.check_frame_limits`) and ``alpha``."""
         check_frame_limits(self.max_frames, self.max_image_pixels)
         if not 0.0 <= self.alpha <= 1.0:  # NaN too
             raise ValueError(f"alpha (--alpha) must be in [0, 1] (overlay opacity of the class colours), got "
@@ -424,6 +426,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     from rosbags.typesys import Stores, get_typestore
 
     options = options if options is not None else BagOptions()
+    options.check()  # again: the fields may have changed since the options were made
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.exists():
         raise FileNotFoundError(f"input bag not found: {in_path}")
@@ -434,7 +437,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     if storage not in STORAGES:
         raise ValueError(f"unknown storage {storage!r}; use one of {', '.join(STORAGES)}")
     topics = output_topics(namespace)
-    max_frames = _opt(options, "max_frames")  # BagOptions checks its values when it is made
+    max_frames = _opt(options, "max_frames")
     want = {"colored": bool(_opt(options, "colored")), "overlay": bool(_opt(options, "overlay")),
             "class_masks": bool(_opt(options, "class_masks"))}
     max_pixels = _opt(options, "max_image_pixels")

@@ -34,9 +34,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..io import DEFAULT_MAX_IMAGE_PIXELS
+from ..io import DEFAULT_MAX_IMAGE_PIXELS, pixel_excess
 from ..io.jpeg import STRICT_JPEG, JpegDataError, JpegHeaderError, decode_jpeg, is_jpeg
-from ..io.video import png_size
+from ..io.video import PNG_SIGNATURE, png_size
 from ..viz import colorize, frame_tag, overlay
 
 from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
@@ -239,9 +239,9 @@ def _int_field(msg: Any, name: str) -> int:
 
 
 def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) -> None:
-    if max_pixels is not None and height * width > max_pixels:
-        raise ConversionError(f"{what} is {width} x {height} = {height * width} pixels, more than the "
-                              f"{max_pixels} allowed (the node's max_image_pixels, mpvss bag's --max-image-pixels)")
+    excess = pixel_excess(height, width, max_pixels)
+    if excess is not None:
+        raise ConversionError(f"{what} is {excess} (the node's max_image_pixels, mpvss bag's --max-image-pixels)")
 
 
 def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -309,10 +309,9 @@ def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
 
 
 _COMPRESSED_KINDS = ("jpeg", "jpg", "png")
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# STRICT_JPEG (re-exported from mpvss_ros.io.jpeg): whether JPEGs are decoded strictly
-# (``simplejpeg`` installed): a JPEG whose scan data lost bytes (an MJPEG camera dropping USB
-# packets) is refused, not segmented with grey or smeared blocks.
+# STRICT_JPEG, imported above and exported here (:data:`mpvss_ros.io.jpeg.STRICT_JPEG`): whether JPEGs
+# are decoded strictly (``simplejpeg`` installed); a JPEG whose scan data lost bytes (an MJPEG
+# camera dropping USB packets) is refused, not segmented with grey or smeared blocks.
 
 
 def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -365,7 +364,7 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
             raise ConversionError(f"corrupt JPEG: cannot read the header of {what}: {exc.detail}") from None
         except JpegDataError as exc:
             raise ConversionError(f"corrupt JPEG: {what}: {exc}") from None
-    if not head.startswith(_PNG_MAGIC):
+    if not head.startswith(PNG_SIGNATURE):
         raise ConversionError(f"{what} is neither a JPEG nor a PNG (its first bytes are {head[:8].hex(' ')})")
     size = png_size(head)
     if size is None:

@@ -111,8 +111,11 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
             :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` on it, which folds BatchNorms
             in place); the weights are held twice while the caller keeps it. False: the caller
             hands the model over (it loaded it for this backend and will not change it), the
-            backend keeps that very module and the weights are held once
-            (:meth:`~mpvss_ros.runtime.export.GraphSource.from_model` ``copy``). A model this
+            backend keeps that very module, moved to the CPU and put in eval mode in place (a
+            ``LoadedModel`` loaded on a GPU then says a device its module is no longer on: load
+            it on the CPU for these backends, as the command line and the node do), and the
+            weights are held once (:meth:`~mpvss_ros.runtime.export.GraphSource.from_model`
+            ``copy_model``). A model this
             function loads itself (``loaded`` None) is never copied. The torch backend always
             runs (and prepares in place) the module it is given.
 
@@ -146,9 +149,9 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
             loaded, copy_model = load_model(model, weights, "cpu"), False
         if isinstance(loaded, LoadedModel):
             source = GraphSource.from_model(loaded.model, cache_dir, weights=str(loaded.weights) if loaded.weights else None,
-                                            trained=loaded.trained, copy=copy_model)
+                                            trained=loaded.trained, copy_model=copy_model)
         else:
-            source = GraphSource.from_model(loaded, cache_dir, copy=copy_model)
+            source = GraphSource.from_model(loaded, cache_dir, copy_model=copy_model)
     if input_hw is None:
         sizes = source.sizes or ([tuple(source.cfg.input.size)] if source.cfg.input.size is not None else [])
     elif len(input_hw) == 2 and all(isinstance(v, numbers.Integral) for v in input_hw):  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -289,13 +290,17 @@ def _make_backend(spec: BackendSpec, loaded: Any, hw: tuple[int, int], opts: Ben
                         cache_dir=opts.cache_dir, threads=threads, copy_model=False)
 
 
+#: Where a "cannot run here" message's remedy starts (:func:`unavailable_reason`).
+_REMEDY = re.compile(r"[;:] (?:on [\w-]+ )?use ")
+
+
 def unavailable_reason(message: str) -> str:
     """A backend's "cannot run here" message (:func:`~mpvss_ros.runtime.backend_missing`) for a
     bench row: the reason without its remedy, which names the flags of ``segment``/``eval``
     (``--device``, ``--precision``, ``--backend``) that ``bench`` does not have; a row is picked
     with a ``--backends`` spec instead."""
-    cuts = [i for i in (message.find("; use "), message.find(": use ")) if i >= 0]
-    reason = message[: min(cuts)] if cuts else message
+    remedy = _REMEDY.search(message)  # "; use --x", ": use --x", "; on CUDA use --x"
+    reason = message[: remedy.start()] if remedy else message
     return f"{reason} (pick another --backends spec)"
 
 

@@ -219,7 +219,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.weights, "cpu")
     hw = _hw(args, loaded.config)
     source = GraphSource.from_model(loaded.model, args.cache_dir, weights=str(loaded.weights) if loaded.weights else None,
-                                    trained=loaded.trained, copy=False)  # loaded for the source alone: no copy
+                                    trained=loaded.trained, copy_model=False)  # loaded for the source alone: no copy
     print(f"mpvss: exporting ONNX for {hw[0]}x{hw[1]} (cached) ...", file=sys.stderr, flush=True)
     paths = build_engines(source, hw, args.precision, args.cache_dir, dev.index or 0,
                           args.workspace_mb or DEFAULT_WORKSPACE_MB, keep_fp32=not args.no_keep_fp32)

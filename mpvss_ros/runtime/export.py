@@ -912,19 +912,19 @@ class GraphSource:
 
     @classmethod
     def from_model(cls, model: MPVSS, cache_dir: str | Path | None = None, weights: str | None = None,
-                   trained: bool | None = None, *, copy: bool = True) -> "GraphSource":
+                   trained: bool | None = None, *, copy_model: bool = True) -> "GraphSource":
         """Graphs exported from ``model`` into ``cache_dir``, with the weights it has now.
 
-        Ownership: by default (``copy=True``) the source keeps a CPU copy of its own, so later
+        Ownership: by default (``copy_model=True``) the source keeps a CPU copy of its own, so later
         changes to ``model`` (training, or a
         :class:`~mpvss_ros.runtime.torch_backend.TorchBackend` folding its BatchNorms in place)
         neither reach the graphs of other sizes nor make them fail; while the caller keeps
-        ``model``, its weights are then held twice. ``copy=False`` hands ``model`` over: the
+        ``model``, its weights are then held twice. ``copy_model=False`` hands ``model`` over: the
         source keeps that very module (moved to the CPU and put in eval mode, in place), so the
         weights are held once. Pass it only for a model loaded for this source that the caller
         will not train, move or otherwise change afterwards (a change is still caught: exporting
         a new size then raises ValueError, see :meth:`get`)."""
-        model = deepcopy(model) if copy else model
+        model = deepcopy(model) if copy_model else model
         return cls(model.cfg, model=model.cpu().eval(), cache_dir=cache_dir, weights=weights, trained=trained)
 
     @classmethod

@@ -400,7 +400,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     if device.type == "cpu":
         to_channels_last(model, ("backbone",))
 
-    labelled.decode_all()  # kept for the draws; a corrupt frame fails now (2.5 s), not when first drawn
+    labelled.decode_all()  # kept for the draws; a corrupt frame fails now (about 2 s), not when first drawn
     canvas = tuple(cfg.input.size) if cfg.input.size else (360, 480)
     clips = []
     for path in clip_paths:

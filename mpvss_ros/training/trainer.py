@@ -800,7 +800,7 @@ def _train(opts: TrainOptions) -> TrainResult:
         val_set = CamVidFrames(root / "val", root / "valannot", train=False, num_classes=k, ignore_index=IGNORE_INDEX)
     if len(train_set) < opts.batch_size:
         raise ValueError(f"{len(train_set)} training frames for batch_size {opts.batch_size}")
-    # a corrupt frame fails now (2.5 s), not when first drawn; the frames are decoded again when drawn
+    # a corrupt frame fails now (about 2 s), not when first drawn; the frames are decoded again when drawn
     decode_frames(train_set.pairs, num_classes=k, ignore_index=IGNORE_INDEX, keep=False)
     batches_per_epoch = len(train_set) // opts.batch_size
 

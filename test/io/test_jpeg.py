@@ -145,3 +145,28 @@ def test_the_size_is_checked_before_decoding(decoder, monkeypatch):
 def test_is_jpeg():
     assert is_jpeg(b"\xff\xd8\xff") and is_jpeg(np.frombuffer(b"\xff\xd8", np.uint8)) and is_jpeg(bytearray(b"\xff\xd8"))
     assert not is_jpeg(b"") and not is_jpeg(b"\xff") and not is_jpeg(b"\x89PNG")
+
+
+def test_only_the_exif_block_gives_the_orientation_as_for_opencv():
+    """An XMP ``tiff:Orientation`` (photo editors write one) is not applied by OpenCV; Pillow's
+    getexif() falls back on it when the EXIF block has no Orientation, which turned such a JPEG
+    where OpenCV leaves it as stored. The EXIF block still wins over the XMP one."""
+    plain = _jpeg(_gradient())
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    with_xmp = b"\xff\xd8" + _app1(b"http://ns.adobe.com/xap/1.0/\x00" + xmp) + plain[2:]
+    assert exif_orientation(with_xmp) == 1
+    np.testing.assert_array_equal(decode_jpeg(with_xmp, apply_orientation=True), _opencv_rgb(with_xmp))
+    both = with_exif_orientation(plain, 3)
+    both = both[:2] + _app1(b"http://ns.adobe.com/xap/1.0/\x00" + xmp) + both[2:]
+    assert exif_orientation(both) == 3
+
+
+def test_the_orientation_of_a_huge_frame_is_read():
+    """Pillow's Image.open refuses a header above twice its MAX_IMAGE_PIXELS (about 179 million
+    pixels) as a decompression bomb, which read as orientation 1 (with --max-image-pixels 0 such a
+    frame was then left as stored, where OpenCV turns it): the size is the caller's check_size."""
+    data = bytearray(with_exif_orientation(_jpeg(_gradient()), 6))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 14000, 14000)  # 196 million pixels in the header
+    assert exif_orientation(bytes(data)) == 6

@@ -482,11 +482,11 @@ def test_frames_above_the_pixel_limit_are_skipped_and_the_limit_can_be_lifted(ts
     assert "max_image_pixels" in summary["skip_examples"][0]["error"]
     lifted = BagOptions(propagator="copy", progress=False, max_image_pixels=None)
     assert process_bag(tmp_path / "in", tmp_path / "out2", TOPIC, band_loaded, lifted)["written"] == 2
-    with pytest.raises(ValueError, match=r"max_image_pixels \(--max-image-pixels\) must be >= 1"):
+    with pytest.raises(ValueError, match=r"max_image_pixels \(None: no limit; --max-image-pixels 0\) must be a whole"):
         BagOptions(max_image_pixels=0)  # refused when made, before any run
 
 
-@pytest.mark.parametrize("bad, flag", [({"max_frames": 0}, "--max-frames"), ({"max_image_pixels": -1}, "--max-image-pixels"),
+@pytest.mark.parametrize("bad, flag", [({"max_frames": 0}, "--max-frames"), ({"max_image_pixels": -1}, "None: no limit; --max-image-pixels 0"),
                                        ({"alpha": 1.5}, "--alpha"), ({"alpha": float("nan")}, "--alpha")])
 def test_offline_options_refuse_bad_limits_when_made(bad, flag):
     from mpvss_ros.offline import SegmentOptions
@@ -496,6 +496,11 @@ def test_offline_options_refuse_bad_limits_when_made(bad, flag):
     if "alpha" not in bad:
         with pytest.raises(ValueError, match=f"\\({flag}\\)"):
             SegmentOptions(**bad)
+    # checked again when a run starts: a field changed after the options were made
+    changed = BagOptions()
+    changed.alpha = 2.0
+    with pytest.raises(ValueError, match="--alpha"):
+        process_bag("no-such-bag", "out", "/x", None, changed)
     # the limits' edges and "no limit" are accepted
     BagOptions(max_frames=1, max_image_pixels=1, alpha=0.0)
     BagOptions(max_frames=None, max_image_pixels=None, alpha=1.0)

@@ -58,7 +58,8 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
     handed = []  # each row's backend takes over the copy made for it (not a third copy of the weights)
     from_model = GraphSource.from_model.__func__
     monkeypatch.setattr(GraphSource, "from_model", classmethod(
-        lambda cls, model, *a, copy=True, **k: handed.append(copy) or from_model(cls, model, *a, copy=copy, **k)))
+        lambda cls, model, *a, copy_model=True, **k: handed.append(copy_model)
+        or from_model(cls, model, *a, copy_model=copy_model, **k)))
     out, result = _bench(tmp_path, capsys, monkeypatch, "--sizes", "64x96", "--backends", "torch", "onnxruntime",
                          "--e2e-frames", "3")
     assert "**Hardware:**" in out and "threads used" in out
@@ -113,6 +114,10 @@ def test_bench_unavailable_backend_is_a_row(tmp_path, capsys, monkeypatch):
     ("TensorRT 11 has no FP16 builder flag (weakly typed fp16 was removed): use --precision fp32, or TensorRT 8.6",
      "TensorRT 11 has no FP16 builder flag (weakly typed fp16 was removed)"),
     ("a reason with no remedy", "a reason with no remedy"),
+    # torch_backend.bf16_missing on CUDA: the remedy names --precision after "on CUDA"
+    ("bf16 with the torch backend runs on CPU; on CUDA use --precision fp16", "bf16 with the torch backend runs on CPU"),
+    ("onnxruntime backend needs the onnx package too (export, graph pruning): pip install onnx; use --backend torch",
+     "onnxruntime backend needs the onnx package too (export, graph pruning): pip install onnx"),
 ])
 def test_unavailable_reason_drops_the_remedy_that_names_other_commands_flags(message, reason):
     assert unavailable_reason(message) == f"{reason} (pick another --backends spec)"

@@ -709,11 +709,11 @@ def test_a_torch_backend_on_the_same_model_does_not_break_new_sizes(tmp_path):
 
 def test_graph_source_copies_the_model_unless_handed_over(lite, tmp_path):
     """GraphSource.from_model keeps a copy of its own by default, which an in-place change of the
-    caller's model (training) does not reach; ``copy=False`` keeps the caller's module itself (one
+    caller's model (training) does not reach; ``copy_model=False`` keeps the caller's module itself (one
     copy of the weights), and a change made to it anyway is refused, not exported."""
     model = copy.deepcopy(lite.model)
     kept = GraphSource.from_model(model, tmp_path)
-    handed = GraphSource.from_model(model, tmp_path, copy=False)
+    handed = GraphSource.from_model(model, tmp_path, copy_model=False)
     assert handed.model is model and kept.model is not model
     ours = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert ours.isdisjoint(p.untyped_storage().data_ptr() for p in kept.model.parameters())
@@ -728,7 +728,7 @@ def test_the_command_line_backend_holds_the_weights_once(marked_lite, tmp_path):
     """``mpvss segment/eval/bag --backend onnxruntime`` (load_model_and_backend): the model is
     loaded for the backend and the LoadedModel returned beside it; the backend takes that module
     over instead of copying it, so the process holds its weights once (it held them twice: 26.5 MiB
-    more for mpvss_lite, 321 MiB for mpvss_r50)."""
+    more for mpvss_lite, 321 MiB for mpvss_r50; docs/experiment_log.md, "Stop 37")."""
     from mpvss_ros.runtime.commands import load_model_and_backend
 
     args = argparse.Namespace(model=None, weights=None, device="cpu", backend="onnxruntime", precision="fp32",
