@@ -16,13 +16,14 @@ import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import BACKENDS, PRECISIONS, Backend, BackendUnavailable, as_backend, check_precision, padded_size
+from .base import BACKENDS, PRECISIONS, Backend, BackendUnavailable, Missing, as_backend, check_precision, padded_size
 
 __all__ = [
     "BACKENDS",
     "PRECISIONS",
     "Backend",
     "BackendUnavailable",
+    "Missing",
     "as_backend",
     "backend_missing",
     "load_backend",
@@ -56,23 +57,22 @@ def backend_missing(backend: str, device: str = "cpu", precision: str = "fp32") 
         raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
     if backend == "torch":
         if dev.type == "cuda" and not torch.cuda.is_available():
-            return "CUDA was requested but this torch build sees no CUDA GPU; use --device cpu"
+            return Missing("CUDA was requested but this torch build sees no CUDA GPU", "use --device cpu")
         if precision == "fp16" and dev.type != "cuda":
-            return "fp16 with the torch backend needs CUDA (--device cuda); use --precision fp32 or bf16 on CPU"
+            return Missing("fp16 with the torch backend needs CUDA", "use --device cuda, or --precision fp32 or bf16 on CPU")
         if precision == "bf16":
             from .torch_backend import bf16_missing
 
             return bf16_missing(dev)
         return None
     if backend == "onnxruntime":
-        from .onnx_backend import onnxruntime_missing
+        from .onnx_backend import ONNXRUNTIME_FP32_ONLY, onnxruntime_missing
 
         if precision != "fp32":
-            return ("onnxruntime backend runs the float32 graphs only; use --precision fp32, "
-                    "or --backend tensorrt / torch --device cuda for fp16, or torch for bf16 on CPU")
+            return ONNXRUNTIME_FP32_ONLY
         return onnxruntime_missing(device)
     if precision == "bf16":
-        return "tensorrt backend builds fp32 or fp16 engines; use --precision fp16 (or torch for bf16 on CPU)"
+        return Missing("tensorrt backend builds fp32 or fp16 engines", "use --precision fp16 (or torch for bf16 on CPU)")
     from .tensorrt_backend import tensorrt_missing
 
     return tensorrt_missing(precision)

@@ -44,6 +44,7 @@ __all__ = [
     "PRECISIONS",
     "Backend",
     "BackendUnavailable",
+    "Missing",
     "SizeCache",
     "MAX_PREPARED_SIZES",
     "as_backend",
@@ -122,11 +123,38 @@ class SizeCache:
         return list(self._items)
 
 
+class Missing(str):
+    """Why a backend cannot run here, as one line ``"REASON; REMEDY"`` (a ``str``), with the two
+    parts kept apart: ``remedy`` names the flags of ``mpvss segment``/``eval``/``bag`` and the
+    node's parameters of the same names (``--device``, ``--precision``, ``--backend``), which
+    other front ends (``mpvss bench``'s backend specs) replace with their own.
+
+    Attributes:
+        reason: what is missing or unsupported.
+        remedy: what would work instead (``""``: none to give).
+    """
+
+    reason: str
+    remedy: str
+
+    def __new__(cls, reason: str, remedy: str = "") -> "Missing":
+        self = super().__new__(cls, f"{reason}; {remedy}" if remedy else reason)
+        self.reason, self.remedy = reason, remedy
+        return self
+
+
 class BackendUnavailable(ValueError):
     """The chosen backend cannot run on this machine or with these options (one-line message).
 
     A ``ValueError`` so that the command line reports it as a usage error (exit status 2).
+
+    Attributes:
+        reason: the message without its remedy when it was a :class:`Missing`, else the message.
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.reason = message.reason if isinstance(message, Missing) else str(message)
 
 
 def check_precision(precision: str) -> str:

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import platform
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ import torch
 
 from .base import BACKENDS, PRECISIONS
 
-__all__ = ["BenchOptions", "BackendSpec", "parse_backend_spec", "parse_size", "unavailable_reason", "default_backend_specs",
+__all__ = ["BenchOptions", "BackendSpec", "parse_backend_spec", "parse_size", "default_backend_specs",
            "hardware_info", "run_bench", "format_markdown", "bench_frames", "write_json"]
 
 log = logging.getLogger(__name__)
@@ -290,20 +289,6 @@ def _make_backend(spec: BackendSpec, loaded: Any, hw: tuple[int, int], opts: Ben
                         cache_dir=opts.cache_dir, threads=threads, copy_model=False)
 
 
-#: Where a "cannot run here" message's remedy starts (:func:`unavailable_reason`).
-_REMEDY = re.compile(r"[;:] (?:on [\w-]+ )?use ")
-
-
-def unavailable_reason(message: str) -> str:
-    """A backend's "cannot run here" message (:func:`~mpvss_ros.runtime.backend_missing`) for a
-    bench row: the reason without its remedy, which names the flags of ``segment``/``eval``
-    (``--device``, ``--precision``, ``--backend``) that ``bench`` does not have; a row is picked
-    with a ``--backends`` spec instead."""
-    remedy = _REMEDY.search(message)  # "; use --x", ": use --x", "; on CUDA use --x"
-    reason = message[: remedy.start()] if remedy else message
-    return f"{reason} (pick another --backends spec)"
-
-
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
 
@@ -350,8 +335,8 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
                 try:
                     backend = _make_backend(spec, loaded, valid_hw, opts, threads)
                     row.update(_bench_one(backend, spec, frames, opts))
-                except BackendUnavailable as exc:
-                    row["error"] = unavailable_reason(str(exc))
+                except BackendUnavailable as exc:  # its remedy names segment's flags, not bench's specs
+                    row["error"] = f"{exc.reason} (pick another --backends spec)"
                 except (RuntimeError, MemoryError) as exc:
                     if not _is_oom(exc):
                         raise

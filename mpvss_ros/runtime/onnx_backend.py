@@ -27,12 +27,19 @@ from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
 from ..nn.warp import warp_mask_logits
-from .base import Backend, BackendUnavailable, SizeCache, check_precision, nan_unless_finite
+from .base import Backend, BackendUnavailable, Missing, SizeCache, check_precision, nan_unless_finite
 from .export import KEY_OUTPUTS, GraphSource, read_contract
 
-__all__ = ["OnnxRuntimeBackend", "make_session", "onnxruntime_missing"]
+__all__ = ["OnnxRuntimeBackend", "make_session", "onnxruntime_missing", "ONNXRUNTIME_FP32_ONLY"]
 
 log = logging.getLogger(__name__)
+
+#: Why fp16 or bf16 cannot run on this backend, and what can.
+ONNXRUNTIME_FP32_ONLY = Missing("onnxruntime backend runs the float32 graphs only",
+                                "use --precision fp32, or --backend tensorrt / torch --device cuda for fp16, "
+                                "or torch for bf16 on CPU")
+#: What works when onnxruntime cannot run on the GPU.
+_ORT_CUDA_REMEDY = "use --device cpu, --backend torch or --backend tensorrt"
 
 
 def onnxruntime_missing(device: str | torch.device = "cpu") -> str | None:
@@ -40,21 +47,21 @@ def onnxruntime_missing(device: str | torch.device = "cpu") -> str | None:
     try:
         import onnxruntime as ort
     except ImportError:
-        return "onnxruntime backend needs the onnxruntime package (pip install onnxruntime); use --backend torch"
+        return Missing("onnxruntime backend needs the onnxruntime package (pip install onnxruntime)", "use --backend torch")
     try:
         import onnx  # noqa: F401 - the export and the non-key session's output pruning (without_outputs)
     except ImportError:
-        return ("onnxruntime backend needs the onnx package too (export, graph pruning): pip install onnx; "
-                "use --backend torch")
+        return Missing("onnxruntime backend needs the onnx package too (export, graph pruning): pip install onnx",
+                       "use --backend torch")
     dev = torch.device(device)
     if dev.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return ("onnxruntime on CUDA needs onnxruntime-gpu (CUDAExecutionProvider is not available here); "
-                    "use --device cpu, --backend torch or --backend tensorrt")
+            return Missing("onnxruntime on CUDA needs onnxruntime-gpu (CUDAExecutionProvider is not available here)",
+                           _ORT_CUDA_REMEDY)
         problem = _cuda_provider_problem(dev.index or 0)
         if problem:
-            return (f"onnxruntime's CUDAExecutionProvider is installed but cannot run here ({problem}); "
-                    "use --device cpu, --backend torch or --backend tensorrt")
+            return Missing(f"onnxruntime's CUDAExecutionProvider is installed but cannot run here ({problem})",
+                           _ORT_CUDA_REMEDY)
     return None
 
 
@@ -130,9 +137,8 @@ def make_session(path: str | Path, threads: int | None = None, device: str | tor
     sess = ort.InferenceSession(source, sess_options=so, providers=providers)
     if dev.type == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
         # onnxruntime fell back to the CPU silently: the backend would run the GPU code path there
-        raise BackendUnavailable("onnxruntime's CUDAExecutionProvider could not be created (CUDA, cuDNN or the GPU "
-                                 "missing; the session fell back to the CPU): use --device cpu, --backend torch or "
-                                 "--backend tensorrt")
+        raise BackendUnavailable(Missing("onnxruntime's CUDAExecutionProvider could not be created (CUDA, cuDNN or "
+                                         "the GPU missing; the session fell back to the CPU)", _ORT_CUDA_REMEDY))
     return sess
 
 
@@ -191,8 +197,7 @@ class OnnxRuntimeBackend(Backend):
                  threads: int | None = None, preload_hw: Sequence[tuple[int, int]] = ()) -> None:
         check_precision(precision)
         if precision != "fp32":
-            raise BackendUnavailable("onnxruntime backend runs the float32 graphs only; use --precision fp32, "
-                                     "or --backend tensorrt / torch --device cuda for fp16")
+            raise BackendUnavailable(ONNXRUNTIME_FP32_ONLY)
         missing = onnxruntime_missing(device)
         if missing:
             raise BackendUnavailable(missing)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
-from .base import Backend, BackendUnavailable, SizeCache, check_precision, nan_unless_finite
+from .base import Backend, BackendUnavailable, Missing, SizeCache, check_precision, nan_unless_finite
 from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
 from .export import KEY_OUTPUTS, GraphSource, _sha256_file, read_contract
 
@@ -135,13 +135,13 @@ def tensorrt_missing(precision: str = "fp32") -> str | None:
     if not _gpu_present():
         missing.append("a CUDA GPU")
     if missing:
-        return f"{MISSING_MESSAGE} (missing here: {', '.join(missing)}); use the onnxruntime or torch backend"
+        return Missing(f"{MISSING_MESSAGE} (missing here: {', '.join(missing)})", "use the onnxruntime or torch backend")
     if precision == "fp16":
         import tensorrt as trt
 
         if not hasattr(trt.BuilderFlag, "FP16"):
-            return (f"TensorRT {trt.__version__} has no FP16 builder flag (weakly typed fp16 was removed in favour "
-                    "of strongly typed networks): use --precision fp32, or TensorRT 8.6-10.x for fp16")
+            return Missing(f"TensorRT {trt.__version__} has no FP16 builder flag (weakly typed fp16 was removed in "
+                           "favour of strongly typed networks)", "use --precision fp32, or TensorRT 8.6-10.x for fp16")
     return None
 
 

@@ -56,7 +56,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from ..nn.backbones import Conv2dNorm
 from ..nn.mpvss import MPVSS, KeyFrameState
 from ..nn.warp import warp_mask_logits
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable, Missing
 
 __all__ = ["BF16_MODULES", "CHANNELS_LAST_MODULES", "TorchBackend", "bf16_missing", "fold_batch_norms", "run_in_bf16",
            "to_channels_last"]
@@ -76,13 +76,14 @@ def bf16_missing(device: torch.device | str = "cpu") -> str | None:
     AMX); without them bfloat16 convolutions are emulated and slower than float32.
     """
     if torch.device(device).type != "cpu":
-        return "bf16 with the torch backend runs on CPU; on CUDA use --precision fp16"
+        return Missing("bf16 with the torch backend runs on CPU", "on CUDA use --precision fp16")
     # oneDNN reports bf16 "supported" on any AVX-512 CPU, where it is emulated (1.7x slower than
     # fp32 on a key frame with AVX-512 VNNI alone): ask for the instructions themselves.
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
         getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() and native):
-        return "bf16 needs a CPU with bfloat16 instructions (AVX-512 BF16 or AMX) and oneDNN; use --precision fp32"
+        return Missing("bf16 needs a CPU with bfloat16 instructions (AVX-512 BF16 or AMX) and oneDNN",
+                       "use --precision fp32")
     return None
 
 
