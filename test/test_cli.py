@@ -851,3 +851,23 @@ def test_run_stats_keep_counting_while_a_stage_array_is_held():
     held = stats.stage_values("total")
     stats.add({"is_key_frame": False, "key_frame_reason": "", "timings_ms": {"total": 1.0}})
     assert held.tolist() == [3.0] and stats.stage_values("total").tolist() == [3.0, 1.0]
+
+
+def test_run_stats_median_totals_are_split_by_key_and_non_key_frames():
+    """The summary's median_total_ms_key_frame / _non_key_frame take the totals of their own frames
+    only (key frames segment, the others propagate: tens of times apart), and are None (not NaN)
+    when the run had no such frame (fixed:1 has no non-key frame)."""
+    from mpvss_ros.offline import RunStats
+
+    stats = RunStats()
+    for key, total in ((True, 40.0), (False, 2.0), (False, 4.0), (True, 60.0), (False, 3.0), (True, 50.0)):
+        stats.add({"is_key_frame": key, "key_frame_reason": "interval" if key else "", "timings_ms": {"total": total}})
+    stats.add({"is_key_frame": False, "key_frame_reason": "", "timings_ms": {}})  # no total: in neither median
+    summary = stats.summary(np.zeros(2, np.int64))
+    assert summary["median_total_ms_key_frame"] == 50.0 and summary["median_total_ms_non_key_frame"] == 3.0
+    for key in (True, False):
+        only = RunStats()
+        only.add({"is_key_frame": key, "key_frame_reason": "first" if key else "", "timings_ms": {"total": 7.0}})
+        summary = only.summary(np.zeros(2, np.int64))
+        assert (summary["median_total_ms_key_frame"], summary["median_total_ms_non_key_frame"]) == \
+            ((7.0, None) if key else (None, 7.0))

@@ -364,6 +364,18 @@ def test_adaptive_cut_within_min_interval_fires_when_it_has_passed():
     assert decisions[3].scene_score < 90.0
 
 
+def test_adaptive_scene_change_fires_at_the_threshold_itself():
+    # scene_score >= scene_threshold: a score equal to the threshold is a scene change, one just below is not
+    base = _textured(4)
+    frames = [base, np.clip(base.astype(np.int16) + 12, 0, 255).astype(np.uint8)]
+    score = _run(AdaptiveScheduler(scene_threshold=90.0, max_interval=100, cut_threshold=5.0), frames)[1].scene_score
+    assert 0 < score < 90.0
+    at = _run(AdaptiveScheduler(scene_threshold=score, max_interval=100, cut_threshold=5.0), frames)[1]
+    assert at.is_key_frame and at.reason == "scene_change"
+    above = AdaptiveScheduler(scene_threshold=math.nextafter(score, math.inf), max_interval=100, cut_threshold=5.0)
+    assert not _run(above, frames)[1].is_key_frame
+
+
 def test_schedule_key_frames_starts_fresh(bikes_frames):
     sched = AdaptiveScheduler(scene_threshold=0.5, max_interval=1000)
     keys = schedule_key_frames(sched, bikes_frames[:80], FPS)

@@ -223,16 +223,17 @@ def check_camvid_pairs(labelled: LabelledFrames, synthetic_fraction: float, vide
     """Refuse labelled frames without a pair when the draws need one.
 
     A draw that is neither synthetic (``synthetic_fraction``) nor a video pair (``video_fraction``,
-    when there are video pairs) takes a pair of labelled frames; without video pairs a pair of
-    labelled frames is needed whatever ``synthetic_fraction``. The trainer checks before the model
-    loads, with ``video_pairs`` = whether it has clips; :class:`FramePairs` checks again with the
-    video pairs its clips gave.
+    when there are video pairs) takes a pair of labelled frames, so one is needed unless every
+    draw is synthetic (``synthetic_fraction`` 1: single labelled frames suffice) or a video pair
+    (video pairs and ``video_fraction`` 1). The trainer checks before the model loads, with
+    ``video_pairs`` = whether it has clips; :class:`FramePairs` checks again with the video pairs
+    its clips gave.
 
     Raises:
         ValueError: ``labelled`` has no pair and the draws need one (names the naming rule and the
             options that train on video pairs only).
     """
-    if not labelled.pairs and (not video_pairs or (synthetic_fraction < 1 and video_fraction < 1)):
+    if not labelled.pairs and synthetic_fraction < 1 and (not video_pairs or video_fraction < 1):
         raise ValueError(f"{labelled.image_dir} holds no two consecutive labelled frames of one sequence, which "
                          f"stage 2 pairs: name them <sequence>_<frame number> (as CamVid's 0016E5_07920.png, "
                          f"0016E5_07950.png), or train on video pairs only (--video-fraction 1 with --videos)")

@@ -170,3 +170,17 @@ def test_the_orientation_of_a_huge_frame_is_read():
     sof = data.index(b"\xff\xc0")
     data[sof + 5 : sof + 9] = struct.pack(">HH", 14000, 14000)  # 196 million pixels in the header
     assert exif_orientation(bytes(data)) == 6
+
+
+def test_the_opencv_fallback_takes_a_jpeg_padded_after_its_end_marker(monkeypatch):
+    """MJPEG camera buffers come padded with 0x00 or 0xFF after the end-of-image marker, more than
+    the 64 bytes the fallback looks at first: the marker is then looked for before the padding. A
+    JPEG cut short is still refused, padded or not."""
+    monkeypatch.setattr(jpeg, "_simplejpeg", None)
+    raw = _jpeg(_gradient(120, 160))
+    expected = _opencv_rgb(raw)
+    for pad in (b"\x00" * 200, b"\xff" * 200, b"\x00\xff" * 100):
+        np.testing.assert_array_equal(decode_jpeg(raw + pad), expected)
+        with pytest.raises(JpegDataError, match="truncated") as cut:
+            decode_jpeg(raw[: len(raw) // 2] + pad)
+        assert cut.value.truncated

@@ -19,6 +19,7 @@ from mpvss_ros.io.video import (
     VideoFileSource,
     VideoWriter,
     open_source,
+    png_size,
     read_label_png,
     write_label_png,
 )
@@ -281,6 +282,53 @@ def test_video_frames_above_max_pixels_are_skipped(tmp_path, caplog):
     assert "skipped 5 frames (from 000000 to 000004) of more than 3071 pixels" in caplog.text
     with open_source(path, max_pixels=3072) as src:
         assert [f.index for f in src] == list(range(5)) and src.too_large == []
+
+
+def test_png_size_reads_the_ihdr_chunk_only():
+    png = cv2.imencode(".png", np.zeros((37, 51), np.uint8))[1]
+    assert png_size(png) == png_size(png.tobytes()[:24]) == (37, 51)  # (height, width)
+    no_ihdr = bytearray(png.tobytes())
+    no_ihdr[12:16] = b"tEXt"  # another chunk first: its bytes are no frame size
+    assert png_size(bytes(no_ihdr)) is None
+    assert png_size(png.tobytes()[:23]) is None and png_size(b"\xff\xd8" + bytes(30)) is None
+
+
+def test_each_iteration_lists_the_images_it_skipped(tmp_path):
+    # ``too_large`` and ``unreadable`` are the last iteration's: a second pass lists them again, once
+    _write_bgr(tmp_path / "f000.png", np.zeros((6, 8, 3), np.uint8))
+    _write_bgr(tmp_path / "f001.png", np.zeros((60, 80, 3), np.uint8))
+    (tmp_path / "f002.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with open_source(tmp_path, max_pixels=100) as src:
+        for _ in range(2):
+            assert [f.name for f in src] == ["f000"]
+            assert src.too_large == ["f001"] and src.unreadable == ["f002"]
+
+
+def test_video_warns_of_the_first_frame_above_max_pixels_only(tmp_path, caplog):
+    # one warning for the first frame skipped and one count at the end, not a line per frame
+    path = _mjpg_avi(tmp_path / "a.avi", frames=5)  # 64 x 48 = 3072 pixels
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path, max_pixels=3071) as src:
+        assert list(src) == []
+    assert caplog.text.count("skipping frame") == 1 and caplog.text.count("skipped 5 frames") == 1
+
+
+def test_folder_jpeg_whose_header_the_strict_decoder_cannot_read_is_left_to_opencv(tmp_path, monkeypatch):
+    pytest.importorskip("simplejpeg")
+    yy, xx = np.mgrid[0:24, 0:32]
+    rgb = np.dstack([xx * 8, yy * 10, (xx + yy) * 4]).astype(np.uint8)
+    data = with_exif_orientation(cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes(), 6)
+    (tmp_path / "f000.jpg").write_bytes(data)
+
+    def unreadable_header(_data):
+        raise ValueError("Unsupported JPEG process")
+
+    monkeypatch.setattr(jpeg._simplejpeg, "decode_jpeg_header", unreadable_header)
+    with open_source(tmp_path) as src:
+        (frame,) = list(src)
+    assert src.unreadable == [] and src.too_large == []
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # EXIF orientation applied
+    np.testing.assert_array_equal(frame.image, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    assert frame.image.shape == (32, 24, 3)
 
 
 def test_folder_default_fps_and_order(tmp_path):

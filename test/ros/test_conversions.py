@@ -483,6 +483,10 @@ def test_png_without_its_header_is_refused(ts):
     _, png = cv2.imencode(".png", synthetic_frame(6, 8))
     with pytest.raises(ConversionError, match="corrupt PNG.*no image header"):
         compressed_to_rgb(compressed(ts, png.reshape(-1)[:20], "png"))
+    not_first = png.reshape(-1).copy()
+    not_first[12:16] = np.frombuffer(b"tEXt", np.uint8)  # another chunk where the IHDR chunk must be
+    with pytest.raises(ConversionError, match="corrupt PNG.*no image header"):
+        compressed_to_rgb(compressed(ts, not_first, "png"), max_pixels=None)
 
 
 def test_raw_frames_above_the_pixel_limit_are_refused(ts):

@@ -742,3 +742,12 @@ def test_the_command_line_backend_holds_the_weights_once(marked_lite, tmp_path):
     backend = load_backend("onnxruntime", model="mpvss_lite", cache_dir=tmp_path, threads=1)
     assert backend.source.model is marked_lite["model"]() and backend.source.sizes == [(64, 64)]
     assert live_copies(marked_lite["values"]) == 1  # the first backend's model is gone
+
+
+def test_load_backend_hands_a_bare_module_over_only_when_asked(lite, tmp_path):
+    """load_backend on an MPVSS module (not a LoadedModel) honours copy_model like a LoadedModel:
+    the source keeps a copy by default, the module itself with copy_model=False."""
+    model = copy.deepcopy(lite.model)
+    kept = load_backend("onnxruntime", model, input_hw=[], cache_dir=tmp_path, threads=1)
+    handed = load_backend("onnxruntime", model, input_hw=[], cache_dir=tmp_path, threads=1, copy_model=False)
+    assert kept.source.model is not model and handed.source.model is model

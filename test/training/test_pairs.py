@@ -419,3 +419,97 @@ def test_frames_decoded_up_front_are_the_ones_drawn(camvid_train_dirs, tmp_path,
     up_front = FramePairs(labelled, [], crop=CROP, video_fraction=0.0, seed=1, synthetic_fraction=0.5)
     got = [up_front.sample(step, i) for step in range(3) for i in range(3)]
     assert all(_equal(a, b) for a, b in zip(got, expected))
+
+
+def _labelled_folder(root: Path, names: list[str], classes: int = 6) -> tuple[Path, Path]:
+    """train/ and trainannot/ under ``root``: 48 x 64 noise images named ``names``, labels 0..classes-1."""
+    img, ann = root / "train", root / "trainannot"
+    img.mkdir(), ann.mkdir()
+    rng = np.random.default_rng(0)
+    for name in names:
+        cv2.imwrite(str(img / name), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+        cv2.imwrite(str(ann / name), rng.integers(0, classes, (48, 64), dtype=np.uint8))
+    return img, ann
+
+
+_CLIP_BASE = np.random.default_rng(5).integers(40, 200, (48, 64, 3), dtype=np.uint8)
+
+
+def _clip(n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """n frames ``_CLIP_BASE + i`` (one shot) with pseudo-labels all i: a frame's label names it."""
+    return [_CLIP_BASE + np.uint8(i) for i in range(n)], [np.full((48, 64), i, np.uint8) for i in range(n)]
+
+
+def test_camvid_pairs_keep_a_step_of_exactly_one_and_a_half_times_the_usual():
+    # a jump is a step of *more than* 1.5 times the sequence's median step (30 here): 45 pairs, 46 does not
+    files = [(Path(f"s_{n:05d}.png"), Path(f"lab/s_{n:05d}.png")) for n in (0, 30, 60, 90, 135, 181)]
+    got = [(k.stem, c.stem) for k, c, _ in camvid_pairs(files, both_orders=False)]
+    assert got == [("s_00000", "s_00030"), ("s_00030", "s_00060"), ("s_00060", "s_00090"), ("s_00090", "s_00135")]
+
+
+def test_frame_pairs_without_labelled_or_video_pairs_refuse_even_a_full_video_fraction(tmp_path):
+    """Without video pairs (no clip, or clips too short to give one) every non-synthetic draw is a
+    labelled pair whatever video_fraction: refused when built, not at the first draw ("high <= 0")."""
+    labelled = LabelledFrames(*_labelled_folder(tmp_path, ["a.png", "b.png"]))
+    frames, labels = _clip(1)
+    for clips in ([], [(frames, labels)]):  # a one-frame clip has no pair
+        with pytest.raises(ValueError, match="<sequence>_<frame number>"):
+            FramePairs(labelled, clips, crop=(32, 32), video_fraction=1.0)
+
+
+def test_frame_pairs_with_synthetic_draws_only_need_no_labelled_pair(tmp_path):
+    labelled = LabelledFrames(*_labelled_folder(tmp_path, ["a.png", "b.png"]))
+    pairs = FramePairs(labelled, [_clip(4)], crop=(32, 32), video_fraction=0.5, synthetic_fraction=1.0)
+    assert not pairs.camvid and {pairs.sample(0, i).source for i in range(4)} == {"synthetic"}
+    # and no clip at all: single labelled frames are all synthetic pairs need
+    alone = FramePairs(labelled, [], crop=(32, 32), synthetic_fraction=1.0)
+    assert {alone.sample(0, i).source for i in range(4)} == {"synthetic"}
+    with pytest.raises(ValueError, match="no two consecutive labelled frames"):
+        FramePairs(labelled, [], crop=(32, 32), synthetic_fraction=0.99)
+
+
+def test_video_sample_label_is_the_current_frames(tmp_path):
+    """A video pair's target is the pseudo-label of its current (later) frame, not the key frame's."""
+    labelled = LabelledFrames(*_labelled_folder(tmp_path, ["a.png", "b.png"]))
+    pairs = FramePairs(labelled, [_clip(6)], crop=(48, 64), max_gap=3, video_fraction=1.0, seed=2,
+                       scale=(1.0, 1.0), flip=False, color_jitter=False)  # the whole frame, as it is
+    assert len(pairs.video) == 5 + 4 + 3  # one shot
+    base = torch.from_numpy(_CLIP_BASE.transpose(2, 0, 1).astype(np.float32))
+    for i in range(6):
+        s = pairs.sample(0, i)
+        key, current = torch.unique(s.key - base).tolist(), torch.unique(s.current - base).tolist()
+        assert len(key) == len(current) == 1
+        key, current = int(key[0]), int(current[0])
+        assert s.source == "video" and 1 <= current - key <= 3
+        assert set(torch.unique(s.label).tolist()) == {current}
+
+
+def test_labelled_frames_decode_a_frame_once_and_keep_the_class_count(tmp_path, monkeypatch):
+    from mpvss_ros.training import pairs as pairs_module
+
+    names = ["s_00000.png", "s_00030.png", "s_00060.png"]
+    folders = _labelled_folder(tmp_path, names, classes=6)
+    real, calls = pairs_module.load_frame, []
+    monkeypatch.setattr(pairs_module, "load_frame", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    lazy = LabelledFrames(*folders, num_classes=3)
+    first = lazy.frame(lazy.files[1][0])
+    assert lazy.frame(lazy.files[1][0]) is first and len(calls) == 1  # decoded when first used, then kept
+    assert set(np.unique(first[1]).tolist()) == {0, 1, 2, 255}  # classes 3..5 outside K = 3: ignored
+    up_front = LabelledFrames(*folders, num_classes=3)
+    up_front.decode_all()  # decode_frames, with the same class count
+    for image, _ in up_front.files:
+        got, expected = up_front.frame(image), lazy.frame(image)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+    assert len(calls) == 3  # lazy's three frames, none of up_front's
+
+
+def test_decode_frames_passes_the_ignore_index_on(tmp_path):
+    from mpvss_ros.training.data import decode_frames, load_frame
+
+    files = list_frames(*_labelled_folder(tmp_path, ["s_00000.png", "s_00030.png"], classes=6))
+    decoded = decode_frames(files, num_classes=3, ignore_index=7)
+    assert len(decoded) == 2
+    for (image, label), (image_path, label_path) in zip(decoded, files):
+        assert set(np.unique(label).tolist()) == {0, 1, 2, 7}
+        np.testing.assert_array_equal(label, load_frame(image_path, label_path, num_classes=3, ignore_index=7)[1])
