@@ -362,7 +362,8 @@ class ImageFolderSource(FrameSource):
     ``len()`` is the number of image files (skipped ones included). An image of more than
     ``max_pixels`` pixels (height x width; None: no limit) is skipped the same way and listed in
     ``too_large`` rather than ``unreadable``: a JPEG or PNG is measured from its header, before it
-    is decoded (a 9000 x 9000 PNG raised ``mpvss segment``'s peak memory from 0.43 to 2.1 GB), other formats once decoded.
+    is decoded (a 9000 x 9000 PNG raised ``mpvss segment``'s peak memory from 0.43 to 2.1 GB),
+    other formats once decoded.
 
     Raises:
         FileNotFoundError: the folder does not exist.
