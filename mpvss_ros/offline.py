@@ -409,7 +409,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
 
     Raises:
         FileNotFoundError: missing input. ValueError: unreadable video, empty folder, bad
-        schedule or propagator name, ``max_image_pixels`` below 1, no frame segmented. RuntimeError: the backend failed on
+        schedule or propagator name, ``max_frames`` or ``max_image_pixels`` below 1, no frame
+        segmented. RuntimeError: the backend failed on
         :data:`MAX_ENGINE_FAILURES_IN_A_ROW` frames in a row. OSError: the output folder cannot
         be made or written (e.g. a full disk; ``summary.json`` is then not left behind).
     """
@@ -420,7 +421,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     out = Path(out_dir)
     _prepare_out_dir(input_path, out)
 
-    records = RunStats()  # the summary's figures; every frame's record is in frames.jsonl
+    run_stats = RunStats()  # the summary's figures; every frame's record is in frames.jsonl
     non_finite: list[str] = []  # frames whose logits were NaN / infinite (skipped)
     engine_failed: list[str] = []  # frames the backend failed on (skipped)
     failures = EngineFailures("frames")
@@ -432,7 +433,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         total = len(source) if options.max_frames is None else min(len(source), options.max_frames)
         try:
             for frame in tqdm(source, total=total, unit="frame", disable=not options.progress, desc="mpvss segment"):
-                if options.max_frames is not None and len(records) + len(non_finite) + len(engine_failed) >= options.max_frames:
+                handled = len(run_stats) + len(non_finite) + len(engine_failed)
+                if options.max_frames is not None and handled >= options.max_frames:
                     break
                 try:
                     result = segmenter.push(frame.image, frame.stamp)
@@ -448,7 +450,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                     continue
                 failures.succeeded()
                 record = {"name": frame.name, "source_index": frame.index, **result.to_record()}
-                records.add(record)
+                run_stats.add(record)
                 jsonl.write(json.dumps(record) + "\n")
                 jsonl.flush()  # a full disk fails here, in the loop, not when the file is closed after it
                 class_pixels += np.bincount(result.labels.ravel(), minlength=cfg.num_classes)[: cfg.num_classes]
@@ -461,7 +463,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                     on_result(result)
         except BaseException:  # Ctrl-C, SIGTERM (unwound by mpvss segment), a full disk, the backend giving up
             log.warning("the run stopped: %s holds its partial output, %d frames in labels/ and frames.jsonl%s, and no "
-                        "summary.json (a new run into it replaces them)", out, len(records),
+                        "summary.json (a new run into it replaces them)", out, len(run_stats),
                         " (and overlay.mp4)" if writer is not None and writer.written else "")
             raise
         finally:
@@ -470,7 +472,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         unreadable, missing = list(source.unreadable), int(source.missing)
         too_large = list(source.too_large)
     wall = time.perf_counter() - t_start
-    if not records:
+    if not run_stats:
         if non_finite or engine_failed:
             raise ValueError(f"no frame of {input_path} could be segmented ({len(non_finite)} gave NaN or infinite "
                              f"logits: broken weights or model configuration?; the backend failed on "
@@ -499,13 +501,13 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         # the one-off preparation of a fixed-shape backend (an ONNX export, a TensorRT engine
         # build, seconds to minutes) is not the engine's frame rate
         "setup_s": segmenter.setup_s,
-        "fps": len(records) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
-        **records.summary(class_pixels),
+        "fps": len(run_stats) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
+        **run_stats.summary(class_pixels),
     }
     try:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     except OSError as exc:  # a full disk: name the file (the error of a write has no file name)
         (out / "summary.json").unlink(missing_ok=True)
-        raise OSError(f"cannot write {out / 'summary.json'}: {exc.strerror or exc} ({len(records)} frames are in "
+        raise OSError(f"cannot write {out / 'summary.json'}: {exc.strerror or exc} ({len(run_stats)} frames are in "
                       f"labels/ and frames.jsonl; the overlay video may be cut short)") from exc
     return summary

@@ -454,7 +454,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     counts: dict[str, int] = {}
     skipped: dict[str, int] = {}
     skip_examples: list[dict[str, Any]] = []
-    records = RunStats()  # the summary's figures of the written frames
+    run_stats = RunStats()  # the summary's figures of the written frames
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     frames = 0
     t_start = time.perf_counter()
@@ -567,7 +567,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                     if out.class_masks is not None:
                         put("class_masks", stamp_ns, out.class_masks, CLASS_MASKS_TYPE)
                     put("info", stamp_ns, out.info, INFO_TYPE)
-                    records.add(result.to_record())
+                    run_stats.add(result.to_record())
                     class_pixels += np.bincount(result.labels.ravel(), minlength=cfg.num_classes)[: cfg.num_classes]
                     if skipped:
                         bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
@@ -575,7 +575,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                 bar.close()
     wall = time.perf_counter() - t_start
 
-    stats = records.summary(class_pixels)  # no frame written: zero counts, no timings, None medians
+    stats = run_stats.summary(class_pixels)  # no frame written: zero counts, no timings, None medians
     total = stats["timings_ms"].get("total")
     return {
         "input": str(in_path),
@@ -586,7 +586,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "namespace": normalize_namespace(namespace),
         **options.run_settings(loaded, segmenter),
         "frames": frames,
-        "written": len(records),
+        "written": len(run_stats),
         "skipped": sum(skipped.values()),
         "skipped_by_reason": dict(sorted(skipped.items())),
         "skip_examples": skip_examples,
@@ -602,5 +602,5 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "wall_time_s": wall,
         # as mpvss segment: the one-off export / engine build for a new size is not frame time
         "setup_s": segmenter.setup_s,
-        "fps": len(records) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
+        "fps": len(run_stats) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
     }
