@@ -330,15 +330,15 @@ class RunStats:
         self._total_is_key = array("b")  # per frame with a "total" timing: 1 for a key frame
 
     def add(self, record: dict[str, Any]) -> None:
-        """Count one frame's record (``is_key_frame``, ``key_frame_reason``, ``timings_ms``)."""
+        """Count one frame's record (``is_key_frame``, ``key_frame_reason``, ``stage_latency_ms``)."""
         self.frames += 1
         key = bool(record["is_key_frame"])
-        timings = record["timings_ms"]
+        latency = record["stage_latency_ms"]
         if key:
             self.key_frame_reasons[record["key_frame_reason"]] += 1
-        for stage, value in timings.items():
+        for stage, value in latency.items():
             self._stages.setdefault(stage, array("d")).append(value)
-        if "total" in timings:
+        if "total" in latency:
             self._total_is_key.append(key)
 
     def __len__(self) -> int:
@@ -361,7 +361,7 @@ class RunStats:
             class_pixels: (K,) integer pixel counts per class over the run (int64 in the tools).
 
         Returns:
-            ``{"frames", "key_frames", "key_frame_ratio", "key_frame_reasons", "timings_ms": {stage:
+            ``{"frames", "key_frames", "key_frame_ratio", "key_frame_reasons", "stage_latency_ms": {stage:
             {"median", "mean", "p90" (ms), "count"}}, "median_total_ms_key_frame",
             "median_total_ms_non_key_frame" (ms, None without such frames), "class_pixel_share":
             {class id: fraction in [0, 1]} (classes with pixels only)}``.
@@ -378,7 +378,7 @@ class RunStats:
             "key_frames": self.key_frames,
             "key_frame_ratio": self.key_frames / n if n else 0.0,
             "key_frame_reasons": {reason: self.key_frame_reasons[reason] for reason in sorted(self.key_frame_reasons)},
-            "timings_ms": timing,
+            "stage_latency_ms": timing,
             "median_total_ms_key_frame": float(np.median(totals[is_key])) if is_key.any() else None,
             "median_total_ms_non_key_frame": float(np.median(totals[~is_key])) if (~is_key).any() else None,
             "class_pixel_share": {int(c): round(float(s), 6) for c, s in enumerate(share) if s > 0},

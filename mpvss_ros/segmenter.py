@@ -322,7 +322,7 @@ class SegmentationResult:
         key_frame_index, key_frame_stamp: the key frame these labels come from.
         scene_score: the scheduler's scene-change score (see :mod:`mpvss_ros.scheduling`).
         key_frame_reason: why it is a key frame, "" otherwise.
-        timings_ms: per-stage wall time in ms: ``preprocess``, ``schedule``, ``segmentor`` (key
+        stage_latency_ms: per-stage wall time in ms: ``preprocess``, ``schedule``, ``segmentor`` (key
             frames) or ``propagation`` (others), ``postprocess``, ``total``.
     """
 
@@ -336,7 +336,7 @@ class SegmentationResult:
     key_frame_stamp: float
     scene_score: float
     key_frame_reason: str
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    stage_latency_ms: dict[str, float] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         """JSON-serialisable summary without the images (one line of ``frames.jsonl``)."""
@@ -348,7 +348,7 @@ class SegmentationResult:
             "key_frame_stamp": self.key_frame_stamp,
             "key_frame_reason": self.key_frame_reason,
             "scene_score": round(self.scene_score, 5),
-            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "stage_latency_ms": {k: round(v, 3) for k, v in self.stage_latency_ms.items()},
         }
 
 
@@ -535,7 +535,7 @@ class VideoSegmenter:
             key_frame_stamp=self._key_stamp,
             scene_score=decision.scene_score,
             key_frame_reason=self._key_frame_reason(decision, index) if is_key else "",
-            timings_ms=timings,
+            stage_latency_ms=timings,
         )
         if source is not None:
             self._source = source

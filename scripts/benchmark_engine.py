@@ -458,7 +458,7 @@ def measure(st: Stages, frames: list[np.ndarray], fps: float, warmup: int, repea
         for kind, runner in runners.items():
             res = _timed(push_t, kind, rec, runner.push)
             if rec:
-                for k, v in res.timings_ms.items():
+                for k, v in res.stage_latency_ms.items():
                     push_inner[kind][k].append(v)
     push: dict[str, Any] = {}
     for kind, runner in runners.items():
@@ -467,7 +467,7 @@ def measure(st: Stages, frames: list[np.ndarray], fps: float, warmup: int, repea
             "schedule": runner.schedule,
             "propagator": "query_flow",
             "wall": _stats(push_t[kind]),
-            "timings_ms_median": {k: float(np.median(v)) for k, v in push_inner[kind].items()},
+            "stage_latency_ms_median": {k: float(np.median(v)) for k, v in push_inner[kind].items()},
             "flops": flops,
         }
     return {"key": dict(key_t), "nonkey": dict(nk_t), "push": push}
@@ -585,7 +585,7 @@ def run_model(name: str, repeats: int | None, warmup: int | None) -> dict[str, A
             "push_p90_ms": p["wall"]["p90_ms"],
             "push_samples_ms": p["wall"]["samples_ms"],
             "push_schedule": p["schedule"],
-            "push_timings_ms_median": p["timings_ms_median"],
+            "push_stage_latency_ms_median": p["stage_latency_ms_median"],
         }
 
     key_tot = totals(key_rows, "key")
@@ -656,7 +656,7 @@ def print_model(r: dict[str, Any]) -> None:
     print(f"- one key frame every 5 frames: {r['avg_gmac_interval5']:.1f} GMAC and "
           f"{_ms(r['avg_push_ms_interval5'])} ms per frame on average")
     for kind in ("key", "nonkey"):
-        inner = r[kind]["total"]["push_timings_ms_median"]
+        inner = r[kind]["total"]["push_stage_latency_ms_median"]
         parts = ", ".join(f"{k} {_ms(v)}" for k, v in inner.items())
         print(f"- push() internal timings ({'key' if kind == 'key' else 'non-key'}, median ms): {parts}")
     if "paper" in r:

@@ -72,7 +72,7 @@ def fake_result(h: int, w: int) -> SegmentationResult:
         frame_index=1, stamp=1.0, labels=labels.astype(np.uint8),
         confidence=np.random.default_rng(1).integers(0, 256, (h, w), dtype=np.uint8), class_masks=None,
         is_key_frame=False, key_frame_index=0, key_frame_stamp=0.9, scene_score=0.1, key_frame_reason="",
-        timings_ms={"schedule": 0.1, "preprocess": 1.0, "propagation": 5.0, "postprocess": 2.0, "total": 8.1})
+        stage_latency_ms={"schedule": 0.1, "preprocess": 1.0, "propagation": 5.0, "postprocess": 2.0, "total": 8.1})
 
 
 class _Msg:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 BIKES_HW = (272, 640)
 N = 8
-RECORD_KEYS = {"frame", "stamp", "is_key_frame", "scene_score", "timings_ms"}
+RECORD_KEYS = {"frame", "stamp", "is_key_frame", "scene_score", "stage_latency_ms"}
 
 
 def _segment(input_path, out: Path, *extra: str) -> int:
@@ -73,7 +73,7 @@ def test_segment_bikes(bikes_path, tmp_path, capsys, propagator, schedule, keys)
         assert rec["stamp"] == pytest.approx(i / 25.0)
         assert rec["scene_score"] >= 0.0
         stage = "segmentor" if rec["is_key_frame"] else "propagation"
-        assert stage in rec["timings_ms"] and "total" in rec["timings_ms"]
+        assert stage in rec["stage_latency_ms"] and "total" in rec["stage_latency_ms"]
     assert [r["frame"] for r in records if r["is_key_frame"]] == keys
     expected_reasons = ["first"] + ["interval"] * (len(keys) - 1)
     assert [r["key_frame_reason"] for r in records if r["is_key_frame"]] == expected_reasons
@@ -94,7 +94,7 @@ def test_segment_bikes(bikes_path, tmp_path, capsys, propagator, schedule, keys)
         assert "cut_threshold" not in settings
     assert summary["key_frame_reasons"] == {r: expected_reasons.count(r) for r in set(expected_reasons)}
     assert sum(summary["class_pixel_share"].values()) == pytest.approx(1.0, abs=1e-4)
-    assert summary["timings_ms"]["total"]["count"] == N
+    assert summary["stage_latency_ms"]["total"]["count"] == N
 
     # overlay.mp4: 8 frames at the input size
     cap = cv2.VideoCapture(str(out / "overlay.mp4"))
@@ -834,10 +834,10 @@ def test_segment_keeps_no_record_per_frame_until_the_end(tmp_path, monkeypatch):
     records = _read_jsonl(out / "frames.jsonl")
     assert summary["frames"] == 8 and summary["key_frames"] == 2 and summary["key_frame_reasons"] == {"first": 1, "interval": 1}
     for stage in ("total", "propagation", "segmentor"):
-        vals = np.array([r["timings_ms"][stage] for r in records if stage in r["timings_ms"]])
-        assert summary["timings_ms"][stage] == {"median": float(np.median(vals)), "mean": float(vals.mean()),
+        vals = np.array([r["stage_latency_ms"][stage] for r in records if stage in r["stage_latency_ms"]])
+        assert summary["stage_latency_ms"][stage] == {"median": float(np.median(vals)), "mean": float(vals.mean()),
                                                 "p90": float(np.percentile(vals, 90)), "count": int(vals.size)}
-    non_key = [r["timings_ms"]["total"] for r in records if not r["is_key_frame"]]
+    non_key = [r["stage_latency_ms"]["total"] for r in records if not r["is_key_frame"]]
     assert summary["median_total_ms_non_key_frame"] == float(np.median(non_key))
 
 
@@ -847,9 +847,9 @@ def test_run_stats_keep_counting_while_a_stage_array_is_held():
     from mpvss_ros.offline import RunStats
 
     stats = RunStats()
-    stats.add({"is_key_frame": True, "key_frame_reason": "first", "timings_ms": {"total": 3.0}})
+    stats.add({"is_key_frame": True, "key_frame_reason": "first", "stage_latency_ms": {"total": 3.0}})
     held = stats.stage_values("total")
-    stats.add({"is_key_frame": False, "key_frame_reason": "", "timings_ms": {"total": 1.0}})
+    stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {"total": 1.0}})
     assert held.tolist() == [3.0] and stats.stage_values("total").tolist() == [3.0, 1.0]
 
 
@@ -861,13 +861,13 @@ def test_run_stats_median_totals_are_split_by_key_and_non_key_frames():
 
     stats = RunStats()
     for key, total in ((True, 40.0), (False, 2.0), (False, 4.0), (True, 60.0), (False, 3.0), (True, 50.0)):
-        stats.add({"is_key_frame": key, "key_frame_reason": "interval" if key else "", "timings_ms": {"total": total}})
-    stats.add({"is_key_frame": False, "key_frame_reason": "", "timings_ms": {}})  # no total: in neither median
+        stats.add({"is_key_frame": key, "key_frame_reason": "interval" if key else "", "stage_latency_ms": {"total": total}})
+    stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {}})  # no total: in neither median
     summary = stats.summary(np.zeros(2, np.int64))
     assert summary["median_total_ms_key_frame"] == 50.0 and summary["median_total_ms_non_key_frame"] == 3.0
     for key in (True, False):
         only = RunStats()
-        only.add({"is_key_frame": key, "key_frame_reason": "first" if key else "", "timings_ms": {"total": 7.0}})
+        only.add({"is_key_frame": key, "key_frame_reason": "first" if key else "", "stage_latency_ms": {"total": 7.0}})
         summary = only.summary(np.zeros(2, np.int64))
         assert (summary["median_total_ms_key_frame"], summary["median_total_ms_non_key_frame"]) == \
             ((7.0, None) if key else (None, 7.0))

@@ -156,10 +156,10 @@ def test_key_frame_bookkeeping_fixed3(fixed3_run):
 def test_timings_keys(fixed3_run):
     results, _ = fixed3_run
     for r in results:
-        assert set(r.timings_ms) == (KEY_TIMINGS if r.is_key_frame else NON_KEY_TIMINGS)
-        assert all(v >= 0 and math.isfinite(v) for v in r.timings_ms.values())
-        stages = sum(v for k, v in r.timings_ms.items() if k != "total")
-        assert r.timings_ms["total"] >= stages - 1e-6
+        assert set(r.stage_latency_ms) == (KEY_TIMINGS if r.is_key_frame else NON_KEY_TIMINGS)
+        assert all(v >= 0 and math.isfinite(v) for v in r.stage_latency_ms.values())
+        stages = sum(v for k, v in r.stage_latency_ms.items() if k != "total")
+        assert r.stage_latency_ms["total"] >= stages - 1e-6
 
 
 def test_to_record_json(fixed3_run):
@@ -174,7 +174,7 @@ def test_to_record_json(fixed3_run):
         assert back["key_frame_stamp"] == r.key_frame_stamp
         assert back["key_frame_reason"] == r.key_frame_reason
         assert back["scene_score"] == round(r.scene_score, 5)
-        assert set(back["timings_ms"]) == set(r.timings_ms)
+        assert set(back["stage_latency_ms"]) == set(r.stage_latency_ms)
         assert "labels" not in back and "confidence" not in back
 
 
@@ -334,7 +334,7 @@ def test_query_flow_on_real_consecutive_frames(lite, bikes_frames):
     assert all(r.key_frame_index == 0 for r in results)
     for r in results:
         assert r.labels.shape == (272, 640) and r.confidence.shape == (272, 640)
-        assert "propagation" in r.timings_ms or r.is_key_frame
+        assert "propagation" in r.stage_latency_ms or r.is_key_frame
     # The motion module really ran: warped mask logits differ from the key frame's.
     key = seg._key
     tensor = canvas_tensor(bikes_frames[2], seg._key_letterbox)
@@ -350,7 +350,7 @@ def test_optical_flow_on_real_consecutive_frames(band_model, bikes_frames):
     seg = VideoSegmenter(band_model, OpticalFlowPropagator(), FixedIntervalScheduler(10))
     seg.push(bikes_frames[key_i], 0.0)
     warped = seg.push(bikes_frames[cur_i], 0.16)
-    assert not warped.is_key_frame and set(warped.timings_ms) == NON_KEY_TIMINGS
+    assert not warped.is_key_frame and set(warped.stage_latency_ms) == NON_KEY_TIMINGS
     copy = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
     copied = [copy.push(bikes_frames[key_i], 0.0), copy.push(bikes_frames[cur_i], 0.16)][1]
     truth = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(1)).push(bikes_frames[cur_i], 0)
@@ -787,7 +787,7 @@ def test_setup_time_of_fixed_shape_backends_is_summed_and_kept_out_of_frame_time
 
     seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(2))
     monkeypatch.setattr(seg.model, "prepare", prepare, raising=False)  # the backend the segmenter runs
-    totals = [seg.push(_image(hw), i / 10).timings_ms["total"]
+    totals = [seg.push(_image(hw), i / 10).stage_latency_ms["total"]
               for i, hw in enumerate([(40, 50), (40, 50), (30, 60), (30, 60)])]
     assert len(prepared) == 2 and seg.setup_s >= 0.4
     assert max(totals) < 150, totals  # 200 ms of set-up per size, none of it in a frame

@@ -293,7 +293,7 @@ def _evaluate(loaded: LoadedModel, seq: LabelledSequence, propagator: str | Prop
         frame_counts.append(class_counts(frame.mat))
         for vc in vcs.values():
             vc.update(result.labels, vc_labels[i])
-        total = result.timings_ms["total"]
+        total = result.stage_latency_ms["total"]
         times.append(total)
         (key_times if result.is_key_frame else non_key_times).append(total)
         keys += int(result.is_key_frame)

@@ -410,7 +410,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         Summary: ``frames`` (input messages read), ``written`` (segmented and written),
         ``skipped`` and ``skipped_by_reason``, ``skip_examples``, ``key_frames``,
         ``key_frame_reasons``, ``median_total_ms`` (key / non-key frames), per-stage
-        ``timings_ms``, ``copied_topics``, ``messages_per_topic``, ``wall_time_s``, ``setup_s`` (one-off export
+        ``stage_latency_ms``, ``copied_topics``, ``messages_per_topic``, ``wall_time_s``, ``setup_s`` (one-off export
         or engine builds of a fixed-shape backend), ``fps`` (written frames per second of wall
         time less ``setup_s``) and run settings.
 
@@ -576,7 +576,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     wall = time.perf_counter() - t_start
 
     stats = run_stats.summary(class_pixels)  # no frame written: zero counts, no timings, None medians
-    total = stats["timings_ms"].get("total")
+    total = stats["stage_latency_ms"].get("total")
     return {
         "input": str(in_path),
         "output": str(out_path),
@@ -595,7 +595,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "key_frame_reasons": stats["key_frame_reasons"],
         "median_total_ms": {"all": total["median"] if total else None,
                             "key": stats["median_total_ms_key_frame"], "non_key": stats["median_total_ms_non_key_frame"]},
-        "timings_ms": stats["timings_ms"],
+        "stage_latency_ms": stats["stage_latency_ms"],
         "class_pixel_share": stats["class_pixel_share"],
         "copied_topics": sorted({c.topic for c in copied}),
         "messages_per_topic": dict(sorted(counts.items())),

@@ -539,11 +539,11 @@ def make_segmentation_info(info_cls: type, time_cls: type, header: Any, result: 
     ``key_frame_stamp`` is the key frame's header stamp, exactly: ``header.stamp`` on key frames;
     on other frames ``previous_key_frame_stamp`` (the previous message's ``key_frame_stamp``),
     provided it is the instant of ``result.key_frame_stamp`` (seconds), else that converted; zero
-    when unknown. Stages and latencies come from ``result.timings_ms`` without ``total`` (kept in
+    when unknown. Stages and latencies come from ``result.stage_latency_ms`` without ``total`` (kept in
     ``total_latency_ms``).
     """
-    timings = dict(result.timings_ms)
-    total = timings.pop("total", sum(timings.values()))
+    latency = dict(result.stage_latency_ms)
+    total = latency.pop("total", sum(latency.values()))
     key_time = _key_frame_time(time_cls, header, result, previous_key_frame_stamp)
     return info_cls(
         header=header,
@@ -552,8 +552,8 @@ def make_segmentation_info(info_cls: type, time_cls: type, header: Any, result: 
         key_frame_stamp=key_time,
         key_frame_reason=str(result.key_frame_reason),
         scene_score=float(result.scene_score),
-        stage_names=[str(k) for k in timings],
-        stage_latency_ms=_typed_array(info_cls, [float(v) for v in timings.values()], np.float32, "f"),
+        stage_names=[str(k) for k in latency],
+        stage_latency_ms=_typed_array(info_cls, [float(v) for v in latency.values()], np.float32, "f"),
         total_latency_ms=float(total),
     )
 

@@ -1023,4 +1023,4 @@ def test_bag_keeps_no_record_per_frame_until_the_end(ts, tmp_path, band_loaded, 
                           BagOptions(propagator="copy", schedule="fixed:3", progress=False))
     assert summary["written"] == 7 and len(seen) == 7 and max(seen) == 0, f"records alive at each frame: {seen}"
     assert summary["key_frames"] == 3 and summary["key_frame_reasons"] == {"first": 1, "interval": 2}
-    assert summary["timings_ms"]["total"]["count"] == 7 and summary["median_total_ms"]["all"] is not None
+    assert summary["stage_latency_ms"]["total"]["count"] == 7 and summary["median_total_ms"]["all"] is not None

@@ -625,7 +625,7 @@ def fake_result(h: int = 48, w: int = 64, k: int = 5, dtype=np.uint8, masks: boo
         frame_index=7, stamp=1700000000.5, labels=labels, confidence=(yy * 255 // max(h - 1, 1)).astype(np.uint8),
         class_masks=class_masks_from_labels(labels) if masks else None, is_key_frame=False, key_frame_index=5,
         key_frame_stamp=1700000000.25, scene_score=0.125, key_frame_reason="",
-        timings_ms={"schedule": 0.5, "preprocess": 1.0, "propagation": 4.0, "postprocess": 2.0, "total": 7.75})
+        stage_latency_ms={"schedule": 0.5, "preprocess": 1.0, "propagation": 4.0, "postprocess": 2.0, "total": 7.75})
 
 
 def test_segmentation_info_fields(ts, types):
@@ -686,7 +686,7 @@ def test_build_outputs_on_real_frame(ts, types, camvid_frame, band_model, lite):
     info = back["info"]
     assert info.is_key_frame is True and info.key_frame_reason == "first" and info.frame_index == 0
     assert (info.key_frame_stamp.sec, info.key_frame_stamp.nanosec) == (header.stamp.sec, header.stamp.nanosec)
-    assert list(info.stage_names) == [k for k in result.timings_ms if k != "total"]
+    assert list(info.stage_names) == [k for k in result.stage_latency_ms if k != "total"]
 
 
 @pytest.mark.parametrize("k", [5, 300])
