@@ -188,14 +188,16 @@ class VideoFileSource(FrameSource):
     of an AVI). The latter cannot be located (OpenCV's frame position counts decoded frames), so the
     frames after such a gap come with names and stamps one index early per lost frame.
 
-    Frames of more than ``max_pixels`` pixels (height x width; None: no limit) are decoded but
-    skipped, their indices left out, and listed in ``too_large``; the first is logged as a warning,
-    the count at the end of the iteration.
+    A video whose first decodable frame has more than ``max_pixels`` pixels (height x width; None:
+    no limit) is refused when opened. Later frames of more than ``max_pixels`` pixels (a size
+    change mid-stream) are decoded but skipped, their indices left out, and listed in
+    ``too_large``; the first is logged as a warning, the count at the end of the iteration.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: OpenCV cannot open the file, or none of its first frames can be decoded
-            (the first only, when the container reports no frame count); ``max_pixels`` below 1.
+            (the first only, when the container reports no frame count); its first frame has
+            more than ``max_pixels`` pixels; ``max_pixels`` below 1.
     """
 
     def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None) -> None:
@@ -225,6 +227,13 @@ class VideoFileSource(FrameSource):
             else:
                 fps = container_fps
         super().__init__(path, _check_fps(fps), max_pixels)
+        # OpenCV delivers every frame at the first one's size (OpenCV 5.1: a raw MJPEG stream of
+        # 64 x 48 then 128 x 96 frames reads as 64 x 48 throughout, and the other way round as
+        # 128 x 96), so refuse the file now rather than decode all of it to skip every frame; the
+        # frames are still checked one by one, for builds that deliver a size change as it is.
+        excess = _pixel_excess(first.shape[0], first.shape[1], self.max_pixels)
+        if excess is not None:
+            raise ValueError(f"video {path}: its frames are {excess}")
         self.container_fps: float = float(container_fps)
         self._count: int | None = int(count) if math.isfinite(count) and count > 0 else None
         self.frame_size: tuple[int, int] = (int(first.shape[1]), int(first.shape[0]))  # (W, H)
@@ -432,7 +441,8 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
             logged warning if it reports none); a value given here overrides it.
         max_pixels: largest frame (height x width pixels) yielded; larger ones are skipped with a
             logged warning and listed in the source's ``too_large`` (image files measured from the
-            header where the format has one: JPEG, PNG). None: no limit.
+            header where the format has one: JPEG, PNG), and a video whose first frame is larger
+            is refused. None: no limit.
 
     Returns:
         A :class:`VideoFileSource` or :class:`ImageFolderSource`; iterate it for
@@ -441,8 +451,8 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
     Raises:
         FileNotFoundError: ``input not found: <path>``.
         ValueError: ``cannot read video: <path>`` (OpenCV cannot open it or decode a frame at
-            its start); a folder without images; ``fps`` not positive and finite; ``max_pixels``
-            below 1.
+            its start); a video whose first frame has more than ``max_pixels`` pixels; a folder
+            without images; ``fps`` not positive and finite; ``max_pixels`` below 1.
     """
     p = Path(path).expanduser()
     if not p.exists():

@@ -273,15 +273,60 @@ def test_folder_images_above_max_pixels_are_skipped_before_decoding(tmp_path, ca
         open_source(tmp_path, max_pixels=0)
 
 
-def test_video_frames_above_max_pixels_are_skipped(tmp_path, caplog):
+def test_video_above_max_pixels_is_refused_when_opened(tmp_path, monkeypatch):
     path = _mjpg_avi(tmp_path / "a.avi", frames=5)  # 64 x 48 = 3072 pixels
-    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path, max_pixels=3071) as src:
-        assert list(src) == []
-    assert src.too_large == [f"{i:06d}" for i in range(5)] and src.unreadable == [] and src.missing == 0
-    assert caplog.text.count("skipping frame 000000: 64 x 48 = 3072 pixels, more than the 3071 allowed") == 1
-    assert "skipped 5 frames (from 000000 to 000004) of more than 3071 pixels" in caplog.text
+    reads = []
+    real_open = VideoFileSource._open_capture
+
+    def counting_open(p):
+        cap = real_open(p)
+        reads.append(cap)
+        return cap
+
+    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(counting_open))
+    with pytest.raises(ValueError, match=r"video .*a\.avi: its frames are 64 x 48 = 3072 pixels, more than the 3071 "
+                                         r"allowed \(mpvss segment's --max-image-pixels; 0 = no limit\)"):
+        open_source(path, max_pixels=3071)
+    assert len(reads) == 1  # the opening read only: no pass over the frames
     with open_source(path, max_pixels=3072) as src:
         assert [f.index for f in src] == list(range(5)) and src.too_large == []
+
+
+class _SizeChangingCapture:
+    """A ``cv2.VideoCapture`` stand-in whose frames change size mid-stream (as a build that does
+    not rescale them to the first frame's size would deliver them)."""
+
+    def __init__(self, shapes):
+        self.frames = [np.full((*hw, 3), i, np.uint8) for i, hw in enumerate(shapes)]
+        self.position = 0
+
+    def get(self, prop):
+        return {cv2.CAP_PROP_FRAME_COUNT: len(self.frames), cv2.CAP_PROP_FPS: 10.0}.get(prop, 0.0)
+
+    def read(self):
+        if self.position >= len(self.frames):
+            return False, None
+        self.position += 1
+        return True, self.frames[self.position - 1]
+
+    def release(self):
+        pass
+
+
+def test_video_frames_above_max_pixels_mid_stream_are_skipped(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"opened by the stand-in")
+    shapes = [(4, 5), (4, 5), (8, 10), (8, 10), (4, 5), (9, 9)]  # 20, 20, 80, 80, 20, 81 pixels
+    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _SizeChangingCapture(shapes)))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path, max_pixels=79) as src:
+        frames = list(src)
+    assert [(f.index, f.image.shape[:2], int(f.image[0, 0, 0])) for f in frames] == [(0, (4, 5), 0), (1, (4, 5), 1),
+                                                                                      (4, (4, 5), 4)]
+    assert src.too_large == ["000002", "000003", "000005"] and src.unreadable == [] and src.missing == 0
+    # one warning for the first frame skipped and one count at the end, not a line per frame
+    assert caplog.text.count("skipping frame") == 1
+    assert "skipping frame 000002: 10 x 8 = 80 pixels, more than the 79 allowed" in caplog.text
+    assert "skipped 3 frames (from 000002 to 000005) of more than 79 pixels" in caplog.text
 
 
 def test_png_size_reads_the_ihdr_chunk_only():
@@ -302,14 +347,6 @@ def test_each_iteration_lists_the_images_it_skipped(tmp_path):
         for _ in range(2):
             assert [f.name for f in src] == ["f000"]
             assert src.too_large == ["f001"] and src.unreadable == ["f002"]
-
-
-def test_video_warns_of_the_first_frame_above_max_pixels_only(tmp_path, caplog):
-    # one warning for the first frame skipped and one count at the end, not a line per frame
-    path = _mjpg_avi(tmp_path / "a.avi", frames=5)  # 64 x 48 = 3072 pixels
-    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path, max_pixels=3071) as src:
-        assert list(src) == []
-    assert caplog.text.count("skipping frame") == 1 and caplog.text.count("skipped 5 frames") == 1
 
 
 def test_folder_jpeg_whose_header_the_strict_decoder_cannot_read_is_left_to_opencv(tmp_path, monkeypatch):
