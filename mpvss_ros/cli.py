@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-frames", type=int, default=None, help="use the first N frames")
     ev.add_argument("--study", action="store_true",
                     help="run the key-interval study (intervals 1,2,3,5,10 x copy/optical_flow/query_flow, plus adaptive "
-                         "with max interval 2N and --cut-threshold); --schedule, --propagator and --max-interval do "
-                         "not apply")
+                         "with max interval 2N and --cut-threshold; query_flow and optical_flow both chained and direct); "
+                         "--schedule, --propagator, --max-interval and --chain-flow / --no-chain-flow do not apply")
     ev.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 5, 10],
                     help="study: key-frame intervals in frames (default: 1 2 3 5 10)")
     ev.add_argument("--bootstrap-block", type=int, default=10,

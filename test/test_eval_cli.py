@@ -254,6 +254,19 @@ def test_match_scene_threshold_hits_target(camvid_val_dirs):
     assert count == 5  # frames 0, 4, 8, 12, 16 at the least
 
 
+def test_match_scene_threshold_never_takes_more_key_frames_than_the_target(monkeypatch):
+    # counts that jump over the target: 11 below a scene threshold of 0.5, 8 from there on
+    import mpvss_ros.evaluation.study as study
+
+    monkeypatch.setattr(study, "_count_key_frames", lambda images, fps, t, mi, ct: 11 if t < 0.5 else 8)
+    threshold, count = match_scene_threshold([], 15.0, 10, 20)
+    assert count == 8  # 11 is closer to 10, but more segmentor runs than fixed
+    assert 0.5 <= threshold < 0.501  # the lowest threshold tried that gives 8: the bisection's end
+    # nothing at or below the target: the smallest count above it
+    monkeypatch.setattr(study, "_count_key_frames", lambda images, fps, t, mi, ct: 12 if t < 0.5 else 11)
+    assert match_scene_threshold([], 15.0, 10, 20)[1] == 11
+
+
 def test_match_scene_threshold_exact_on_the_whole_clip(camvid_val_dirs):
     # The 60-point grid alone gave 52 and 32 key frames for targets 51 and 34 (intervals 2 and 3).
     seq = load_sequence(*camvid_val_dirs)
@@ -621,6 +634,21 @@ def test_study_plot_of_one_interval_draws_each_setting(tmp_path, monkeypatch):
     per_frame = [{**r, "interval": 1, "key_frame_ratio": 1.0, "mode": "fixed"} for r in rows[:2]]
     plot_study({"rows": per_frame, "model": "m", "frames": 10, "fps": 25.0}, tmp_path / "study.png")
     assert drawn[-1] == [2, 2]
+
+
+def test_study_plot_names_the_backend_and_device_its_costs_were_measured_on(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    row = {"propagator": "copy", "chain_flow": None, "mode": "fixed", "interval": 1, "key_frame_ratio": 1.0,
+           "mIoU": 60.0, "mean_ms_per_frame": 20.0}
+    labels = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (labels.append(fig.axes[1].get_xlabel()), real_close(fig)))
+    study = {"rows": [row], "model": "m", "frames": 10, "fps": 25.0}
+    plot_study({**study, "backend": {"backend": "tensorrt", "device": "cuda:0", "precision": "fp16"}},
+               tmp_path / "study.png")
+    plot_study(study, tmp_path / "study.png")  # a study JSON without the backend
+    assert labels == ["mean cost per frame (ms; tensorrt on cuda:0)", "mean cost per frame (ms; ? on ?)"]
 
 
 def test_reduce_zero_label_needs_labels(tmp_path, capsys):

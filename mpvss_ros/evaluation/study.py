@@ -8,7 +8,8 @@ and reports mIoU, per-class IoU, fwIoU, VC_8, VC_16 and the mean per-frame cost 
 interval) on one clip: fixed intervals for ``copy``, ``optical_flow`` and ``query_flow``, plus the
 adaptive schedule tuned to the same key-frame ratios. The adaptive scene threshold is chosen only to
 match the *number* of key frames of ``fixed:N`` on the clip (the scheduler does not look at
-labels or predictions), so the comparison is at equal segmentor cost.
+labels or predictions; when no threshold gives exactly that number, the closest below it), so the
+adaptive schedule never runs the segmentor more often than the fixed one it is compared with.
 """
 
 from __future__ import annotations
@@ -352,12 +353,14 @@ def _count_key_frames(images: Sequence[np.ndarray], fps: float, scene_threshold:
 def match_scene_threshold(images: Sequence[np.ndarray], fps: float, target_key_frames: int,
                              max_interval: int, cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> tuple[float, int]:
     """The scene threshold whose adaptive schedule (with ``max_interval`` and ``cut_threshold`` as
-    :class:`AdaptiveScheduler`) makes the key-frame count closest to the target.
+    :class:`AdaptiveScheduler`) makes the key-frame count closest to the target without exceeding it.
 
     Searches a log-spaced grid of scene thresholds (0.01 .. 3), then bisects (in log space) between
     the grid's thresholds that bracket the target, since a coarse grid can step over the exact
-    count; on ties prefers fewer key frames, so the adaptive schedule never gets more segmentor
-    runs than the fixed one it is compared with.
+    count. Of the thresholds tried, it takes the one whose count is closest to the target from
+    below (the lowest such threshold on ties), so the adaptive schedule never gets more segmentor
+    runs than the fixed one it is compared with; only when every threshold gives more (a target
+    below the ``max_interval`` minimum) does it take the smallest count above.
 
     Args:
         images: the clip's frames in order, each (H, W, 3) uint8 RGB.
@@ -398,8 +401,9 @@ def match_scene_threshold(images: Sequence[np.ndarray], fps: float, target_key_f
                 hi = mid
             if count(hi) == target_key_frames:
                 break
-    best = min(tried.items(), key=lambda tn: (abs(tn[1] - target_key_frames), int(tn[1] > target_key_frames), tn[0]))
-    return best
+    # closest from below: never more segmentor runs than the target, unless no threshold gets that low
+    within = {t: n for t, n in tried.items() if n <= target_key_frames} or tried
+    return min(within.items(), key=lambda tn: (abs(tn[1] - target_key_frames), tn[0]))
 
 
 def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Sequence[int] = (1, 2, 3, 5, 10),
@@ -555,7 +559,8 @@ def plot_study(study: dict[str, Any], path: str | Path) -> None:
     ax1.set_xlabel("frames per key frame (1 / key-frame ratio)")
     ax1.set_ylabel("mIoU (%)")
     ax1.set_title(f"{study['model']}: mIoU vs key interval ({study['frames']} frames, {study['fps']:g} fps)")
-    ax2.set_xlabel("mean cost per frame (ms, CPU)")
+    backend = study.get("backend") or {}
+    ax2.set_xlabel(f"mean cost per frame (ms; {backend.get('backend', '?')} on {backend.get('device', '?')})")
     ax2.set_ylabel("mIoU (%)")
     ax2.set_title("mIoU vs mean per-frame cost")
     for ax in (ax1, ax2):
