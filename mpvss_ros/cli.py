@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     seg.add_argument("--max-image-pixels", type=int, default=None,
                      help="skip frames above this many pixels (default 4096 x 4096, as the node and mpvss bag; "
-                          "0 = no limit); JPEG and PNG files are measured from their header, before decoding")
+                          "0 = no limit); JPEG and PNG files are measured from their header, before decoding, and a "
+                          "video whose frames are larger is refused when opened")
     seg.add_argument("--no-overlay", action="store_true", help="do not write overlay.mp4")
     seg.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_options(seg)
