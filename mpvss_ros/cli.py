@@ -36,7 +36,7 @@ from .io.samples import bikes_clip
 from .paths import check_output_dir, make_output_dir
 from .propagation import DIS_PRESETS, OPTICAL_FLOW_SCALE_RANGE, PROPAGATORS
 from .runtime.commands import RUNTIME_COMMANDS, add_backend_options, add_runtime_commands, load_model_and_backend
-from .scheduling import DEFAULT_CUT_THRESHOLD, KeyFrameScheduler, parse_schedule
+from .scheduling import KeyFrameScheduler, parse_schedule
 
 #: Named sample inputs that ship inside registry packages.
 SAMPLES = {"sample:bikes": bikes_clip}
@@ -76,26 +76,30 @@ def _flow_scale(text: str) -> float:
 
 
 def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    from .offline import EngineOptions as d  # the defaults of every offline run (the node's: ros/parameters.py)
+
     g = p.add_argument_group("pipeline")
-    g.add_argument("--propagator", choices=PROPAGATORS, default="query_flow",
-                   help="how non-key frames are made (default: query_flow)")
-    g.add_argument("--optical-flow-preset", choices=tuple(DIS_PRESETS), default="fast",
-                   help="optical_flow: OpenCV DIS preset (default: fast; medium is more accurate and slower)")
-    g.add_argument("--optical-flow-scale", type=_flow_scale, default=0.5,
-                   help="optical_flow: DIS resolution relative to the network canvas, 0.1 <= s <= 1 (default 0.5)")
-    g.add_argument("--chain-flow", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--propagator", choices=PROPAGATORS, default=d.propagator,
+                   help=f"how non-key frames are made (default: {d.propagator})")
+    g.add_argument("--optical-flow-preset", choices=tuple(DIS_PRESETS), default=d.optical_flow_preset,
+                   help=f"optical_flow: OpenCV DIS preset (default: {d.optical_flow_preset}; medium is more accurate "
+                        "and slower)")
+    g.add_argument("--optical-flow-scale", type=_flow_scale, default=d.optical_flow_scale,
+                   help="optical_flow: DIS resolution relative to the network canvas, 0.1 <= s <= 1 "
+                        f"(default {d.optical_flow_scale:g})")
+    g.add_argument("--chain-flow", action=argparse.BooleanOptionalAction, default=d.chain_flow,
                    help="query_flow / optical_flow: compose frame-to-frame flows back to the key frame "
                         "(default); --no-chain-flow = the paper's direct flow to the key frame")
-    g.add_argument("--schedule", default="fixed:5",
+    g.add_argument("--schedule", default=d.schedule,
                    help="key frames: fixed:N (every N-th frame; fixed:1 = per-frame) or adaptive[:T] (T: the scene "
                         "score that makes a key frame, default 0.5; node: schedule and scene_threshold) "
-                        "(default: fixed:5; the node's default: adaptive)")
-    g.add_argument("--max-interval", type=int, default=10,
+                        f"(default: {d.schedule}; the node's default: adaptive)")
+    g.add_argument("--max-interval", type=int, default=d.max_interval,
                    help="adaptive: a key frame at the latest this many frames after the last one, i.e. at most "
-                        "N-1 non-key frames between (default 10; node: max_interval)")
-    g.add_argument("--cut-threshold", type=float, default=DEFAULT_CUT_THRESHOLD,
+                        f"N-1 non-key frames between (default {d.max_interval}; node: max_interval)")
+    g.add_argument("--cut-threshold", type=float, default=d.cut_threshold,
                    help="adaptive: frame-to-frame change that counts as a hard cut "
-                        f"(default {DEFAULT_CUT_THRESHOLD}; above 4 = off; node: cut_threshold)")
+                        f"(default {d.cut_threshold}; above 4 = off; node: cut_threshold)")
 
 
 def _check_adaptive_options(args: argparse.Namespace) -> None:

@@ -164,6 +164,48 @@ def test_cut_threshold_default_follows_the_scheduler():
     assert DEFAULT_CUT_THRESHOLD == ENGINE_CUT
 
 
+def test_engine_defaults_agree_across_the_node_the_command_line_and_the_engine():
+    """One default per engine setting in the four places that state one: the node's table,
+    EngineOptions (mpvss segment / bag), the command line's flags and the engine's constructors.
+    The schedule is the one deliberate difference (the node's adaptive, the command line's fixed:5)."""
+    import inspect
+
+    from mpvss_ros.cli import build_parser
+    from mpvss_ros.offline import EngineOptions, SegmentOptions
+    from mpvss_ros.propagation import OpticalFlowPropagator, QueryFlowPropagator, build_propagator
+    from mpvss_ros.ros.bag import BagOptions
+    from mpvss_ros.scheduling import AdaptiveScheduler, FixedIntervalScheduler, parse_schedule
+
+    def signature(f):
+        return {k: v.default for k, v in inspect.signature(f).parameters.items()}
+
+    node = defaults()
+    shared = ("propagator", "optical_flow_preset", "optical_flow_scale", "chain_flow", "max_interval",
+              "cut_threshold", "max_gap_s")
+    for name in shared:
+        assert getattr(EngineOptions(), name) == node[name], name
+    assert EngineOptions().schedule == "fixed:5" != node["schedule"] == "adaptive"
+    assert SegmentOptions().max_image_pixels == BagOptions().max_image_pixels == node["max_image_pixels"]
+    assert BagOptions().alpha == node["overlay_alpha"]
+    for command in (["segment", "in", "--out", "out"], ["bag", "in", "out", "--topic", "/t"]):
+        args = build_parser().parse_args(command)
+        for name in shared[:-1]:  # max_gap_s has no flag: segment's stamps are index / fps, bag's recorded
+            assert getattr(args, name) == node[name], (command[0], name)
+        assert args.schedule == EngineOptions().schedule
+    made = signature(build_propagator)
+    assert (made["optical_flow_preset"], made["optical_flow_scale"], made["chain_flow"]) == (
+        node["optical_flow_preset"], node["optical_flow_scale"], node["chain_flow"])
+    dis = signature(OpticalFlowPropagator.__init__)
+    assert (dis["preset"], dis["flow_scale"], dis["chain_flow"]) == (
+        node["optical_flow_preset"], node["optical_flow_scale"], node["chain_flow"])
+    assert signature(QueryFlowPropagator.__init__)["chain_flow"] == node["chain_flow"]
+    for schedule in (signature(AdaptiveScheduler.__init__), signature(parse_schedule)):
+        for name in ("min_interval", "max_interval", "max_gap_s", "cut_threshold"):
+            assert schedule[name] == node[name], name
+    assert signature(AdaptiveScheduler.__init__)["scene_threshold"] == node["scene_threshold"]
+    assert signature(FixedIntervalScheduler.__init__)["max_gap_s"] == node["max_gap_s"]
+
+
 def test_validate_normalises_values():
     cfg = validate({"max_gap_s": 2, "overlay_alpha": 1, "palette": [0xFF0000, 255], "schedule": " fixed:5 ",
                     "device": "cuda:1", "model": "", "input_reliability": "reliable"})
