@@ -386,6 +386,72 @@ def _select_topic(connections: list[Any], topic: str, compressed: bool | None, w
     return chosen, msgtype
 
 
+#: Message type of each output (keys of :func:`output_topics`).
+_OUTPUT_TYPES = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE, "colored": IMAGE_TYPE,
+                 "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "info": INFO_TYPE}
+
+
+class _OutputBag:
+    """The output bag's connections, and the messages written per topic.
+
+    Args:
+        writer: an open ``rosbags.rosbag2.Writer``.
+        typestore: the rosbags type store that serialises the outputs.
+        input_connection: the segmented topic's input connection (copied unchanged, its offered QoS kept).
+        copied: input connections of the other topics copied unchanged (one output connection per
+            topic, type and offered QoS, so each publisher's QoS is kept).
+        topics: :func:`output_topics`.
+        wanted: the optional outputs (``colored``, ``overlay``, ``class_masks``) -> written or not.
+        where: the input bag, named in errors.
+    """
+
+    def __init__(self, writer: Any, typestore: Any, input_connection: Any, copied: list[Any], topics: dict[str, str],
+                 wanted: dict[str, bool], where: Path) -> None:
+        self.writer, self.typestore, self.topics = writer, typestore, topics
+        #: topic -> messages written (copied topics listed even when they hold none)
+        self.counts: dict[str, int] = {c.topic: 0 for c in copied}
+        self._input = _add_connection(writer, input_connection.topic, input_connection.msgtype,
+                                      _offered_qos(input_connection), typestore=typestore)
+        self._copies: dict[int, Any] = {}  # input connection id -> output connection
+        by_name: dict[tuple[str, str, str], Any] = {}
+        for c in copied:
+            name = (c.topic, c.msgtype, repr(_offered_qos(c)))
+            if name not in by_name:
+                by_name[name] = _copy_connection(writer, c, typestore, where)
+            self._copies[c.id] = by_name[name]
+        self._outputs = {key: _add_connection(writer, topics[key], msgtype,
+                                              _transient_local_qos() if key == "label_info" else [], typestore=typestore)
+                         for key, msgtype in _OUTPUT_TYPES.items() if wanted.get(key, True)}
+
+    def copy(self, conn: Any, stamp_ns: int, raw: bytes) -> bool:
+        """Write ``raw`` unchanged if ``conn`` is a copied topic's input connection; False otherwise."""
+        out = self._copies.get(conn.id)
+        if out is None:
+            return False
+        self._write(out, conn.topic, stamp_ns, raw)
+        return True
+
+    def copy_input(self, stamp_ns: int, raw: bytes) -> None:
+        """Write one message of the segmented topic unchanged."""
+        self._write(self._input, self._input.topic, stamp_ns, raw)
+
+    def _write(self, out: Any, topic: str, stamp_ns: int, raw: bytes) -> None:
+        self.writer.write(out, stamp_ns, raw)
+        self.counts[topic] = self.counts.get(topic, 0) + 1
+
+    def put(self, key: str, stamp_ns: int, msg: Any) -> None:
+        """Serialise ``msg`` and write it on the output ``key`` (of :func:`output_topics`)."""
+        self._write(self._outputs[key], self.topics[key], stamp_ns, self.typestore.serialize_cdr(msg, _OUTPUT_TYPES[key]))
+
+    def put_frame(self, stamp_ns: int, out: Any) -> None:
+        """Write one segmented frame's messages (:func:`~mpvss_ros.ros.conversions.build_outputs`;
+        the optional ones when built) at the input message's log time ``stamp_ns``."""
+        for key in ("labels", "confidence", "colored", "overlay", "class_masks", "info"):
+            msg = getattr(out, key)
+            if msg is not None:
+                self.put(key, stamp_ns, msg)
+
+
 def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: LoadedModel,
                 options: EngineOptions | None = None,
                 compressed: bool | None = None, namespace: str = "/mpvss", storage: str | None = None,
@@ -451,7 +517,6 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     typestore = get_typestore(Stores.ROS2_HUMBLE)
     types = rosbags_message_types(typestore)
 
-    counts: dict[str, int] = {}
     skipped: dict[str, int] = {}
     skip_examples: list[dict[str, Any]] = []
     run_stats = RunStats()  # the summary's figures of the written frames
@@ -479,7 +544,6 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         total = sum(int(n or 0) for n in counted) or None
         if max_frames is not None and total is not None:
             total = min(total, max_frames)
-        in_qos = _offered_qos(chosen[0])
         copied = _copied_connections(list(reader.connections), in_topic, _opt(options, "copy_topics"),
                                      bool(_opt(options, "copy_all_topics")), topics, in_path)
 
@@ -489,45 +553,20 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         # metadata.yaml, not a readable bag) would only block the next run's output path. Armed
         # once the writer has made the folder, so nothing it did not create is removed.
         with terminate_unwinds(), _written_or_removed(writer, out_path):
-            conn_in = _add_connection(writer, in_topic, msgtype, in_qos, typestore=typestore)
-            copy_conns: dict[int, Any] = {}  # input connection id -> output connection
-            # one output connection per topic, type and offered QoS (each publisher's QoS kept)
-            by_name: dict[tuple[str, str, str], Any] = {}
-            for c in copied:
-                name = (c.topic, c.msgtype, repr(_offered_qos(c)))
-                if name not in by_name:
-                    by_name[name] = _copy_connection(writer, c, typestore, in_path)
-                copy_conns[c.id] = by_name[name]
-                counts.setdefault(c.topic, 0)  # listed even when it holds no message
-            out_types = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE,
-                         "colored": IMAGE_TYPE, "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "info": INFO_TYPE}
-            conns = {}
-            for key, msgt in out_types.items():
-                if key in want and not want[key]:
-                    continue
-                qos = _transient_local_qos() if key == "label_info" else []
-                conns[key] = _add_connection(writer, topics[key], msgt, qos, typestore=typestore)
-
-            def put(key: str, stamp_ns: int, msg: Any, msgt: str) -> None:
-                writer.write(conns[key], stamp_ns, typestore.serialize_cdr(msg, msgt))
-                counts[topics[key]] = counts.get(topics[key], 0) + 1
-
+            output = _OutputBag(writer, typestore, chosen[0], copied, topics, want, in_path)
             key_stamp = None  # the last info message's key_frame_stamp
             failures = EngineFailures("messages")
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
             try:
                 for conn, stamp_ns, raw in _read_messages(reader, chosen + copied, in_path):
-                    if conn.id in copy_conns:
-                        writer.write(copy_conns[conn.id], stamp_ns, raw)
-                        counts[conn.topic] = counts.get(conn.topic, 0) + 1
+                    if output.copy(conn, stamp_ns, raw):
                         continue
                     if max_frames is not None and frames >= max_frames:
                         break  # at the first image past the last frame: the copied topics end there too
                     index = frames
                     frames += 1
                     bar.update(1)
-                    writer.write(conn_in, stamp_ns, raw)  # the input, copied unchanged
-                    counts[in_topic] = counts.get(in_topic, 0) + 1
+                    output.copy_input(stamp_ns, raw)
                     try:
                         msg = typestore.deserialize_cdr(raw, msgtype)
                     except Exception as exc:  # noqa: BLE001 - any malformed CDR payload
@@ -552,21 +591,13 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                     failures.succeeded()
                     header = msg.header
                     if result.is_key_frame:  # as the node: with each key frame (the first frame is one)
-                        put("label_info", stamp_ns, make_label_info(types.label_info, types.vision_class, header, class_names),
-                            LABEL_INFO_TYPE)
+                        output.put("label_info", stamp_ns,
+                                   make_label_info(types.label_info, types.vision_class, header, class_names))
                     out = build_outputs(types, header, result, rgb, palette, class_names, alpha=alpha,
                                         want_colored=want["colored"], want_overlay=want["overlay"],
                                         want_class_masks=want["class_masks"], previous_key_frame_stamp=key_stamp)
                     key_stamp = out.info.key_frame_stamp
-                    put("labels", stamp_ns, out.labels, IMAGE_TYPE)
-                    put("confidence", stamp_ns, out.confidence, IMAGE_TYPE)
-                    if out.colored is not None:
-                        put("colored", stamp_ns, out.colored, IMAGE_TYPE)
-                    if out.overlay is not None:
-                        put("overlay", stamp_ns, out.overlay, IMAGE_TYPE)
-                    if out.class_masks is not None:
-                        put("class_masks", stamp_ns, out.class_masks, CLASS_MASKS_TYPE)
-                    put("info", stamp_ns, out.info, INFO_TYPE)
+                    output.put_frame(stamp_ns, out)
                     run_stats.add(result.to_record())
                     class_pixels += np.bincount(result.labels.ravel(), minlength=cfg.num_classes)[: cfg.num_classes]
                     if skipped:
@@ -598,7 +629,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "stage_latency_ms": stats["stage_latency_ms"],
         "class_pixel_share": stats["class_pixel_share"],
         "copied_topics": sorted({c.topic for c in copied}),
-        "messages_per_topic": dict(sorted(counts.items())),
+        "messages_per_topic": dict(sorted(output.counts.items())),
         "wall_time_s": wall,
         # as mpvss segment: the one-off export / engine build for a new size is not frame time
         "setup_s": segmenter.setup_s,
