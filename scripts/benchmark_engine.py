@@ -658,7 +658,7 @@ def print_model(r: dict[str, Any]) -> None:
     for kind in ("key", "nonkey"):
         inner = r[kind]["total"]["push_stage_latency_ms_median"]
         parts = ", ".join(f"{k} {_ms(v)}" for k, v in inner.items())
-        print(f"- push() internal timings ({'key' if kind == 'key' else 'non-key'}, median ms): {parts}")
+        print(f"- push() stage latencies ({'key' if kind == 'key' else 'non-key'}, median ms): {parts}")
     if "paper" in r:
         k = r["key"]
         ks, ns = k["stages"], r["nonkey"]["stages"]
