@@ -16,6 +16,14 @@ the flow branch: the mask loss alone decides how each segment moves.
 With ``chain_training`` a video pair d frames apart is trained as chained propagation uses the
 flow: d one-frame flows, each from the key frame's queries, composed onto each other
 (:func:`~mpvss_ros.nn.warp.compose_flows`); the masks are warped once with the result.
+
+Other departures from the official recipe (spec §3.3, §7.4): the whole model runs in eval mode,
+so the frozen segmentor's BatchNorm statistics stay those of stage 1 (the official code trains in
+train mode and keeps updating them; the motion module has no BatchNorm and no dropout); the
+schedule warms up linearly over ``warmup_steps`` (50) from 1 % of the learning rate, where the
+official one has no warm-up; and the heads learn at ``head_lr_mult`` (0.1) times the motion
+module's rate, where the official code gives them the full rate (the shipped runs froze them,
+``--head-lr-mult 0``: fine-tuned heads had cost per-frame mIoU, see the model card).
 """
 
 from __future__ import annotations
@@ -135,7 +143,8 @@ class MotionTrainOptions:
     synthetic_travel: float = _setting(0.0, "share of synthetic pairs with camera travel and parallax, 0..1")
     max_gap: int = _setting(10, "largest key-to-current distance of video pairs (frames)")
     chain_training: bool = False
-    pseudo_label_confidence: float = _setting(0.5, "video-target pixels below this confidence (0..1) are ignored")
+    pseudo_label_confidence: float = _setting(0.5, "video-target pixels below this confidence (0..1) are void, as "
+                                                   "CamVid's void pixels: in no target mask")
     num_points: int = _setting(12544, "points per mask in matcher and loss")
     val_every: int = _setting(500, "quick validation every N steps (0: only at the end, -1: never)")
     val_frames: int = _setting(30, "val frames of the quick validation (CamVid's, or --data-root's val/)")
@@ -213,7 +222,10 @@ def pseudo_labels(model: MPVSS, frames: list[np.ndarray], min_confidence: float)
     Args:
         model: the stage-1 model (eval mode).
         frames: (H, W, 3) uint8 RGB frames, already at the canvas scale.
-        min_confidence: pixels whose winning share of the class scores is lower are ignored.
+        min_confidence: pixels whose winning share of the class scores is lower are void
+            (``IGNORE_INDEX``): in no target mask, so background for every mask in the criterion,
+            as CamVid's void pixels and Mask2Former's semantic targets
+            (:func:`~mpvss_ros.training.criterion.semantic_to_targets`).
     """
     backend = _inference_view(model)
     seg = VideoSegmenter(backend, QueryFlowPropagator(backend), FixedIntervalScheduler(1))

@@ -12,8 +12,9 @@ Two sources, mixed in every batch (three with synthetic pairs):
   clip, the earlier frame as key (as the official sampler); shots are split at hard cuts found
   with the scheduler's cut score (:meth:`~mpvss_ros.scheduling.SceneScorer.cut_score` >=
   ``DEFAULT_CUT_THRESHOLD``).
-  The target is the frozen segmentor's own prediction on the current frame, with pixels below a
-  confidence threshold ignored (pseudo-labels, as the issue specifies).
+  The target is the frozen segmentor's own prediction on the current frame (pseudo-labels, as
+  the issue specifies), with pixels below a confidence threshold void: in no target mask, as
+  CamVid's void pixels (background for every mask, Mask2Former's semantic targets).
 
 * **Synthetic pairs** (optional, ``synthetic_fraction``): one CamVid train frame and a copy of it
   resampled under a known motion (:mod:`.synthetic`), with the exact flow and label.
