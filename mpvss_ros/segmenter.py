@@ -393,7 +393,7 @@ class VideoSegmenter:
         self._key_index = -1
         self._key_stamp = float("nan")
         #: Seconds spent preparing fixed-shape backends for new sizes (ONNX export or engine build,
-        #: and opening the sessions or engines), summed over sizes; the frames' timings leave it out.
+        #: and opening the sessions or engines), summed over sizes; the frames' stage latencies leave it out.
         self.setup_s = 0.0
         self._source: str | None = None  # the last segmented frame's source (push)
 
@@ -451,7 +451,7 @@ class VideoSegmenter:
             self.reset("frame_id_change")
         index = self._frame_index  # taken now: a frame that fails below keeps its index
         self._frame_index += 1
-        timings: dict[str, float] = {}
+        latency: dict[str, float] = {}
 
         t = time.perf_counter()
         decision: ScheduleDecision = self.scheduler.decide(image, float(stamp))
@@ -459,18 +459,18 @@ class VideoSegmenter:
         # A non-key frame needs a key frame on the same canvas; the scheduler forces a key
         # frame on resolution changes, this guards the invariant for custom schedulers.
         is_key = decision.is_key_frame or self._key is None or letterbox != self._key_letterbox
-        timings["schedule"] = (time.perf_counter() - t) * 1e3
+        latency["schedule"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
         tensor = canvas_tensor(image, letterbox, self.device)
-        timings["preprocess"] = (time.perf_counter() - t) * 1e3
+        latency["preprocess"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
         if is_key:
             try:
                 if hasattr(self.model, "prepare"):
                     # Fixed-shape backends export graphs / build engines for a new size here;
-                    # one-off set-up is not frame time, so it is left out of the timings.
+                    # one-off set-up is not frame time, so it is left out of the stage latencies.
                     self.model.prepare(letterbox.resized_hw)
                     setup = time.perf_counter() - t
                     self.setup_s += setup
@@ -494,7 +494,7 @@ class VideoSegmenter:
             self._key_index = index
             self._key_stamp = float(stamp)
             mask_logits = self._key.propagated(self._key.mask_logits)
-            timings["segmentor"] = (time.perf_counter() - t) * 1e3
+            latency["segmentor"] = (time.perf_counter() - t) * 1e3
         else:
             assert self._key is not None
             try:
@@ -509,7 +509,7 @@ class VideoSegmenter:
                 self.reset("non_finite")
                 raise NonFiniteOutputError(f"the propagated mask logits hold NaN or infinite values (frame "
                                            f"{index}, {self.propagator.name}); the next frame is a key frame")
-            timings["propagation"] = (time.perf_counter() - t) * 1e3
+            latency["propagation"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
         # Every frame is scored over the key frame's active queries (all N unless
@@ -521,8 +521,8 @@ class VideoSegmenter:
                                f"{class_logits.shape[1]} active queries (KeyFrameState.propagated)")
         labels, confidence = self.postprocess(class_logits, mask_logits, letterbox)
         masks = class_masks_from_labels(labels) if self.class_masks else None
-        timings["postprocess"] = (time.perf_counter() - t) * 1e3
-        timings["total"] = (time.perf_counter() - t0) * 1e3
+        latency["postprocess"] = (time.perf_counter() - t) * 1e3
+        latency["total"] = (time.perf_counter() - t0) * 1e3
 
         result = SegmentationResult(
             frame_index=index,
@@ -535,7 +535,7 @@ class VideoSegmenter:
             key_frame_stamp=self._key_stamp,
             scene_score=decision.scene_score,
             key_frame_reason=self._key_frame_reason(decision, index) if is_key else "",
-            stage_latency_ms=timings,
+            stage_latency_ms=latency,
         )
         if source is not None:
             self._source = source
