@@ -11,10 +11,13 @@ code serves the rclpy node and the offline ``mpvss bag`` tool, which uses the pu
 Input images (:func:`image_to_rgb`, :func:`compressed_to_rgb`) become ``(H, W, 3)`` ``uint8``
 RGB; anything that cannot be converted raises :class:`ConversionError` with a message naming
 what is wrong. Outputs (:func:`build_outputs`) follow the downstream contract of Nav2's
-semantic segmentation layer and Autoware: ``mono8`` class IDs at the input resolution
-(``mono16`` with more than 255 classes: 255 is VisionClass.UNLABELED), ``mono8`` confidence,
-``vision_msgs/LabelInfo``, and the input image's ``header`` (stamp and frame_id) copied unchanged
-onto every output.
+semantic segmentation layer (ros-navigation/semantic_segmentation_layer): ``mono8`` class IDs
+at the input resolution (``mono16`` with more than 255 classes: 255 is VisionClass.UNLABELED;
+the layer reads ``mono8`` only), ``mono8`` confidence, ``vision_msgs/LabelInfo``, and the input
+image's ``header`` (stamp and frame_id) copied unchanged onto every output. Autoware's
+``segmentation_pointcloud_fusion`` cannot read them as they are: it run-length decodes its mask
+input (``perception_utils::runLengthDecoder``, the payload of ``autoware_tensorrt_yolox``'s
+``~/out/mask``) and reads its pixels as IDs of its own 16 classes.
 
 Array fields are filled the way each library serialises fastest: numpy arrays for ``rosbags``
 classes (dataclasses), ``array.array`` for rclpy classes (whose setters take ``array.array``
