@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     bag = sub.add_parser("bag", help="segment an image topic of a rosbag2 bag (sqlite3 or mcap) into a new bag",
                          description="Segment an image topic of a rosbag2 bag (no ROS needed) and write a new bag with the "
                                      "input topic and NS/labels, NS/confidence, NS/label_info, NS/colored, NS/overlay, "
-                                     "NS/class_masks and NS/info, each with the input message's header and bag time.")
+                                     "NS/class_masks and NS/info (NS/autoware_mask with --autoware-mask), each with "
+                                     "the input message's header and bag time.")
     bag.add_argument("input", help="rosbag2 bag folder (or a .db3 / .mcap file)")
     bag.add_argument("output", help="new bag folder (must not exist)")
     bag.add_argument("--topic", required=True, help="image topic (sensor_msgs/msg/Image or CompressedImage)")
@@ -207,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     bag.add_argument("--no-colored", action="store_true", help="do not write NS/colored")
     bag.add_argument("--no-overlay", action="store_true", help="do not write NS/overlay")
     bag.add_argument("--no-class-masks", action="store_true", help="do not write NS/class_masks")
+    bag.add_argument("--autoware-mask", action="store_true",
+                     help="also write NS/autoware_mask: the labels as Autoware class IDs, run-length encoded as "
+                          "autoware_tensorrt_yolox's ~/out/mask (the input of Autoware's "
+                          "segmentation_pointcloud_fusion; node: publish_autoware_mask)")
+    bag.add_argument("--autoware-class-ids", type=int, nargs="+", default=(), metavar="ID",
+                     help="--autoware-mask: the Autoware class ID (0 UNKNOWN ... 15 SKY) of each model class, "
+                          "one per class from class 0 (default: by class name; node: autoware_class_ids)")
     bag.add_argument("--no-progress", action="store_true", help="no progress bar")
     bag.add_argument("--copy-topics", nargs="+", default=(), metavar="TOPIC",
                      help="other topics of the input copied unchanged into the output, e.g. /tf /tf_static "
@@ -339,6 +347,8 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         colored=not args.no_colored,
         overlay=not args.no_overlay,
         class_masks=not args.no_class_masks,
+        autoware_mask=args.autoware_mask,
+        autoware_class_ids=tuple(args.autoware_class_ids),
         progress=not args.no_progress,
         copy_topics=tuple(args.copy_topics),
         copy_all_topics=args.copy_all_topics,

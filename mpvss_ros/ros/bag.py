@@ -54,6 +54,7 @@ from ..viz import make_palette
 from .conversions import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ConversionError,
+    autoware_class_ids,
     build_outputs,
     compressed_to_rgb,
     image_to_rgb,
@@ -92,6 +93,13 @@ class BagOptions(EngineOptions):
         max_frames: stop after this many input messages (None = all).
         alpha: overlay opacity of the class colours, 0..1.
         colored, overlay, class_masks: write ``NS/colored``, ``NS/overlay``, ``NS/class_masks``.
+        autoware_mask: write ``NS/autoware_mask``, the labels as Autoware class IDs run-length
+            encoded for Autoware's ``segmentation_pointcloud_fusion``
+            (:func:`~mpvss_ros.ros.conversions.make_autoware_mask`), as the node's
+            ``publish_autoware_mask``.
+        autoware_class_ids: the Autoware class ID of each model class; empty = by class name, as
+            the node's ``autoware_class_ids``
+            (:func:`~mpvss_ros.ros.conversions.autoware_class_ids`).
         progress: show a progress bar.
         max_image_pixels: largest frame (height x width pixels) segmented, as the node's
             parameter; larger ones are skipped (reason ``conversion``). None: no limit.
@@ -111,6 +119,8 @@ class BagOptions(EngineOptions):
     colored: bool = True
     overlay: bool = True
     class_masks: bool = True
+    autoware_mask: bool = False
+    autoware_class_ids: tuple[int, ...] = ()
     progress: bool = True
     copy_topics: tuple[str, ...] = ()
     copy_all_topics: bool = False
@@ -145,9 +155,10 @@ def normalize_namespace(namespace: str) -> str:
 
 def output_topics(namespace: str = "/mpvss") -> dict[str, str]:
     """``{output: topic}`` for ``labels``, ``confidence``, ``label_info``, ``colored``,
-    ``overlay``, ``class_masks`` and ``info`` under ``namespace``."""
+    ``overlay``, ``class_masks``, ``autoware_mask`` and ``info`` under ``namespace``."""
     ns = normalize_namespace(namespace)
-    return {k: f"{ns}/{k}" for k in ("labels", "confidence", "label_info", "colored", "overlay", "class_masks", "info")}
+    return {k: f"{ns}/{k}" for k in ("labels", "confidence", "label_info", "colored", "overlay", "class_masks",
+                                     "autoware_mask", "info")}
 
 
 @contextlib.contextmanager
@@ -388,7 +399,7 @@ def _select_topic(connections: list[Any], topic: str, compressed: bool | None, w
 
 #: Message type of each output (keys of :func:`output_topics`).
 _OUTPUT_TYPES = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE, "colored": IMAGE_TYPE,
-                 "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "info": INFO_TYPE}
+                 "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "autoware_mask": IMAGE_TYPE, "info": INFO_TYPE}
 
 
 class _OutputBag:
@@ -401,7 +412,8 @@ class _OutputBag:
         copied: input connections of the other topics copied unchanged (one output connection per
             topic, type and offered QoS, so each publisher's QoS is kept).
         topics: :func:`output_topics`.
-        wanted: the optional outputs (``colored``, ``overlay``, ``class_masks``) -> written or not.
+        wanted: the optional outputs (``colored``, ``overlay``, ``class_masks``, ``autoware_mask``)
+            -> written or not.
         where: the input bag, named in errors.
     """
 
@@ -446,7 +458,7 @@ class _OutputBag:
     def put_frame(self, stamp_ns: int, out: Any) -> None:
         """Write one segmented frame's messages (:func:`~mpvss_ros.ros.conversions.build_outputs`;
         the optional ones when built) at the input message's log time ``stamp_ns``."""
-        for key in ("labels", "confidence", "colored", "overlay", "class_masks", "info"):
+        for key in ("labels", "confidence", "colored", "overlay", "class_masks", "autoware_mask", "info"):
             msg = getattr(out, key)
             if msg is not None:
                 self.put(key, stamp_ns, msg)
@@ -505,7 +517,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     topics = output_topics(namespace)
     max_frames = _opt(options, "max_frames")
     want = {"colored": bool(_opt(options, "colored")), "overlay": bool(_opt(options, "overlay")),
-            "class_masks": bool(_opt(options, "class_masks"))}
+            "class_masks": bool(_opt(options, "class_masks")), "autoware_mask": bool(_opt(options, "autoware_mask"))}
     max_pixels = _opt(options, "max_image_pixels")
     alpha = float(_opt(options, "alpha"))
 
@@ -513,6 +525,10 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     segmenter = options.build_segmenter(loaded, backend)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     class_names = list(cfg.class_names) if len(cfg.class_names) == cfg.num_classes else default_class_names(cfg.num_classes)
+    try:
+        autoware_ids = autoware_class_ids(class_names, _opt(options, "autoware_class_ids")) if want["autoware_mask"] else None
+    except ValueError as exc:
+        raise ValueError(f"--autoware-class-ids: {exc}") from None
 
     typestore = get_typestore(Stores.ROS2_HUMBLE)
     types = rosbags_message_types(typestore)
@@ -595,7 +611,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                                    make_label_info(types.label_info, types.vision_class, header, class_names))
                     out = build_outputs(types, header, result, rgb, palette, class_names, alpha=alpha,
                                         want_colored=want["colored"], want_overlay=want["overlay"],
-                                        want_class_masks=want["class_masks"], previous_key_frame_stamp=key_stamp)
+                                        want_class_masks=want["class_masks"], previous_key_frame_stamp=key_stamp,
+                                        autoware_class_ids=autoware_ids)
                     key_stamp = out.info.key_frame_stamp
                     output.put_frame(stamp_ns, out)
                     run_stats.add(result.to_record())

@@ -17,7 +17,8 @@ the layer reads ``mono8`` only), ``mono8`` confidence, ``vision_msgs/LabelInfo``
 image's ``header`` (stamp and frame_id) copied unchanged onto every output. Autoware's
 ``segmentation_pointcloud_fusion`` cannot read them as they are: it run-length decodes its mask
 input (``perception_utils::runLengthDecoder``, the payload of ``autoware_tensorrt_yolox``'s
-``~/out/mask``) and reads its pixels as IDs of its own 16 classes.
+``~/out/mask``) and reads its pixels as IDs of its own 16 classes; :func:`make_autoware_mask`
+builds that message (the optional ``autoware_mask`` output).
 
 Array fields are filled the way each library serialises fastest: numpy arrays for ``rosbags``
 classes (dataclasses), ``array.array`` for rclpy classes (whose setters take ``array.array``
@@ -57,6 +58,10 @@ __all__ = [
     "make_label_info",
     "make_class_masks",
     "make_segmentation_info",
+    "AUTOWARE_CLASSES",
+    "autoware_class_ids",
+    "autoware_rle",
+    "make_autoware_mask",
     "stamp_to_seconds",
     "seconds_to_stamp",
     "class_masks_from_labels",
@@ -495,6 +500,116 @@ def _class_name(class_names: Sequence[str], class_id: int) -> str:
     return str(class_names[class_id]) if 0 <= class_id < len(class_names) else f"class {class_id}"
 
 
+#: Autoware's semantic classes in the order of their IDs (0 .. 15): the class list of
+#: ``segmentation_pointcloud_fusion`` (its ``filter_semantic_label_target_list_``), which is that
+#: of ``autoware_tensorrt_yolox``'s 16-class semantic head (autowarefoundation/autoware_universe,
+#: read 2026-12-06).
+AUTOWARE_CLASSES = ("UNKNOWN", "BUILDING", "WALL", "OBSTACLE", "TRAFFIC_LIGHT", "TRAFFIC_SIGN", "PERSON", "VEHICLE",
+                    "BIKE", "ROAD", "SIDEWALK", "ROAD_PAINT", "CURBSTONE", "CROSSWALK", "VEGETATION", "SKY")
+
+#: The Autoware class of a model class name (lower case; CamVid's names as ``mpvss_lite`` has
+#: them, and a few common synonyms); names not in it map to UNKNOWN.
+_AUTOWARE_CLASS_OF_NAME = {
+    "sky": "SKY", "building": "BUILDING", "wall": "WALL", "fence": "WALL", "pole": "OBSTACLE",
+    "obstacle": "OBSTACLE", "traffic light": "TRAFFIC_LIGHT", "trafficlight": "TRAFFIC_LIGHT",
+    "signsymbol": "TRAFFIC_SIGN", "traffic sign": "TRAFFIC_SIGN", "trafficsign": "TRAFFIC_SIGN",
+    "pedestrian": "PERSON", "person": "PERSON", "car": "VEHICLE", "vehicle": "VEHICLE", "truck": "VEHICLE",
+    "bus": "VEHICLE", "bicyclist": "BIKE", "bicycle": "BIKE", "motorcycle": "BIKE", "bike": "BIKE",
+    "road": "ROAD", "pavement": "SIDEWALK", "sidewalk": "SIDEWALK", "road marking": "ROAD_PAINT",
+    "curb": "CURBSTONE", "curbstone": "CURBSTONE", "crosswalk": "CROSSWALK", "tree": "VEGETATION",
+    "vegetation": "VEGETATION",
+}
+
+
+def autoware_class_ids(class_names: Sequence[str], ids: Sequence[int] = ()) -> np.ndarray:
+    """The Autoware class ID of each model class, as a lookup table.
+
+    Args:
+        class_names: the model's K class names.
+        ids: one ID per class (each 0..255; Autoware's classes are :data:`AUTOWARE_CLASSES`, and
+            its fusion node leaves points on IDs of 16 and above unfiltered); empty = by name
+            (CamVid's Sky -> SKY, Building -> BUILDING, Pole -> OBSTACLE, Road -> ROAD, Pavement
+            -> SIDEWALK, Tree -> VEGETATION, SignSymbol -> TRAFFIC_SIGN, Fence -> WALL, Car ->
+            VEHICLE, Pedestrian -> PERSON, Bicyclist -> BIKE; other names -> UNKNOWN, 0).
+
+    Returns:
+        (K,) uint8: entry k is the Autoware class ID of model class k.
+
+    Raises:
+        ValueError: ``ids`` of another length than ``class_names``, or an ID outside 0..255.
+    """
+    if len(ids) == 0:
+        return np.array([AUTOWARE_CLASSES.index(_AUTOWARE_CLASS_OF_NAME.get(str(n).strip().lower(), "UNKNOWN"))
+                         for n in class_names], dtype=np.uint8)
+    if len(ids) != len(class_names):
+        raise ValueError(f"{len(ids)} Autoware class IDs for a model with {len(class_names)} classes (one per class)")
+    values = [int(i) for i in ids]
+    if any(not 0 <= v <= 255 for v in values):
+        raise ValueError(f"Autoware class IDs must be in 0..255, got {values}")
+    return np.array(values, dtype=np.uint8)
+
+
+#: One run of :func:`autoware_rle`: the value, then the run length as a little-endian int32.
+_AUTOWARE_RUN = np.dtype([("value", "u1"), ("length", "<i4")])
+
+
+def autoware_rle(mask: np.ndarray) -> np.ndarray:
+    """Run-length encode a ``(H, W)`` uint8 mask as Autoware's ``perception_utils::runLengthEncoder``
+    and ``autoware_tensorrt_yolox`` do (the payload ``segmentation_pointcloud_fusion`` decodes).
+
+    Pixels are read row by row; each run of equal values is 5 bytes: the ``uint8`` value, then the
+    run length as a 4-byte ``int`` in little-endian order (Autoware copies the native ``int``;
+    x86-64 and ARM64 are little-endian).
+
+    Args:
+        mask: (H, W) uint8, H, W >= 1.
+
+    Returns:
+        (5 * runs,) uint8.
+
+    Raises:
+        ConversionError: not a non-empty 2-D uint8 array.
+    """
+    arr = np.asarray(mask)
+    if arr.ndim != 2 or arr.dtype != np.uint8 or arr.size == 0:
+        raise ConversionError(f"an Autoware mask needs a non-empty (H, W) uint8 array, got shape {arr.shape} "
+                              f"dtype {arr.dtype}")
+    flat = arr.ravel()
+    starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
+    runs = np.empty(starts.size, dtype=_AUTOWARE_RUN)
+    runs["value"] = flat[starts]
+    runs["length"] = np.diff(np.append(starts, flat.size))
+    return runs.view(np.uint8)
+
+
+def make_autoware_mask(image_cls: type, header: Any, labels: np.ndarray, class_ids: np.ndarray) -> Any:
+    """The ``sensor_msgs/Image`` that Autoware's ``segmentation_pointcloud_fusion`` reads as a
+    semantic mask, as ``autoware_tensorrt_yolox`` publishes its ``~/out/mask``: ``mono8`` with
+    the mask's height, width and ``step`` (= width), ``header`` copied unchanged, and the data
+    run-length encoded (:func:`autoware_rle`) rather than raw pixels, so generic image tools
+    cannot show it.
+
+    Args:
+        image_cls: the Image message class (rclpy or rosbags).
+        header: the input image's ``std_msgs/Header``.
+        labels: (H, W) uint8 or uint16 model class IDs.
+        class_ids: (K,) uint8 Autoware class ID of each model class (:func:`autoware_class_ids`).
+
+    Raises:
+        ConversionError: a label outside 0..K-1, or labels that are not (H, W) integers.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.dtype.kind != "u" or labels.size == 0:
+        raise ConversionError(f"labels must be a non-empty (H, W) unsigned array, got shape {labels.shape} "
+                              f"dtype {labels.dtype}")
+    if int(labels.max()) >= len(class_ids):
+        raise ConversionError(f"label {int(labels.max())} has no Autoware class ID ({len(class_ids)} given)")
+    mask = np.asarray(class_ids, dtype=np.uint8)[labels]
+    height, width = mask.shape
+    return image_cls(header=header, height=int(height), width=int(width), encoding="mono8", is_bigendian=0,
+                     step=int(width), data=_byte_array(image_cls, autoware_rle(mask)))
+
+
 def make_class_masks(class_masks_cls: type, image_cls: type, header: Any,
                      class_masks: Mapping[int, np.ndarray], class_names: Sequence[str]) -> Any:
     """``mpvss_ros/ClassMasks``: one ``mono8`` mask (0/255) per class, ascending class id.
@@ -591,6 +706,8 @@ class OutputMessages:
         colored: ``sensor_msgs/Image`` ``rgb8`` palette colours, or None.
         overlay: ``sensor_msgs/Image`` ``rgb8`` input blended with the colours and a legend, or None.
         class_masks: ``mpvss_ros/ClassMasks``, or None.
+        autoware_mask: ``sensor_msgs/Image``, Autoware class IDs run-length encoded
+            (:func:`make_autoware_mask`), or None.
     """
 
     labels: Any
@@ -599,12 +716,14 @@ class OutputMessages:
     colored: Any = None
     overlay: Any = None
     class_masks: Any = None
+    autoware_mask: Any = None
 
 
 def build_outputs(types: MessageTypes, header: Any, result: Any, frame_rgb: np.ndarray | None,
                   palette: np.ndarray, class_names: Sequence[str], alpha: float = 0.5,
                   want_colored: bool = False, want_overlay: bool = False,
-                  want_class_masks: bool = False, previous_key_frame_stamp: Any | None = None) -> OutputMessages:
+                  want_class_masks: bool = False, previous_key_frame_stamp: Any | None = None,
+                  autoware_class_ids: np.ndarray | None = None) -> OutputMessages:
     """Turn a :class:`~mpvss_ros.segmenter.SegmentationResult` into output messages.
 
     The one place that does so, for the node and ``mpvss bag`` alike. Every message (and every
@@ -624,6 +743,8 @@ def build_outputs(types: MessageTypes, header: Any, result: Any, frame_rgb: np.n
         previous_key_frame_stamp: the ``info.key_frame_stamp`` of the previous frame's messages
             (None for the first), so that non-key frames carry the key frame's exact stamp
             (:func:`make_segmentation_info`).
+        autoware_class_ids: (K,) uint8 Autoware class ID of each class (:func:`autoware_class_ids`)
+            to build ``autoware_mask``; None = none.
 
     Raises:
         ValueError: ``want_overlay`` without ``frame_rgb``.
@@ -648,6 +769,8 @@ def build_outputs(types: MessageTypes, header: Any, result: Any, frame_rgb: np.n
     if want_class_masks:
         masks = result.class_masks if result.class_masks is not None else class_masks_from_labels(labels)
         out.class_masks = make_class_masks(types.class_masks, types.image, header, masks, class_names)
+    if autoware_class_ids is not None:
+        out.autoware_mask = make_autoware_mask(types.image, header, labels, autoware_class_ids)
     return out
 
 

@@ -287,6 +287,7 @@ class OutputDemand(NamedTuple):
     colored: bool = True
     overlay: bool = True
     class_masks: bool = True
+    autoware_mask: bool = True
 
 
 @dataclass
@@ -353,6 +354,10 @@ class SegmentationCore:
         self.palette = _class_palette(config, loaded, num_classes)
         names = list(loaded.config.class_names or [])
         self.class_names = names if len(names) == num_classes else default_class_names(num_classes)
+        try:
+            self.autoware_class_ids = conversions.autoware_class_ids(self.class_names, config.autoware_class_ids)
+        except ValueError as exc:
+            raise ValueError(f"parameter 'autoware_class_ids': {exc}") from None
 
         self._lock = threading.Lock()
         self._enabled = True
@@ -476,14 +481,14 @@ class SegmentationCore:
     # -- per message (worker thread) ----------------------------------------------------------
 
     def process(self, msg: Any, now: float | None = None, want_colored: bool = True,
-                want_overlay: bool = True, want_class_masks: bool = True) -> Any:
+                want_overlay: bool = True, want_class_masks: bool = True, want_autoware_mask: bool = True) -> Any:
         """Segment one ``sensor_msgs/Image`` (or ``CompressedImage`` with ``input_compressed``).
 
         Args:
             msg: the image message.
             now: the node clock in seconds, for the age check; None skips it.
-            want_colored, want_overlay, want_class_masks: whether someone subscribes to the
-                optional outputs (and-ed with the ``publish_*`` parameters).
+            want_colored, want_overlay, want_class_masks, want_autoware_mask: whether someone
+                subscribes to the optional outputs (and-ed with the ``publish_*`` parameters).
 
         Returns:
             :class:`~mpvss_ros.ros.conversions.OutputMessages` (every message with ``msg``'s
@@ -547,7 +552,9 @@ class SegmentationCore:
                 cfg.overlay_alpha,
                 want_colored=want_colored and cfg.publish_colored,
                 want_overlay=want_overlay and cfg.publish_overlay,
-                want_class_masks=masks, previous_key_frame_stamp=self._key_frame_stamp)
+                want_class_masks=masks, previous_key_frame_stamp=self._key_frame_stamp,
+                autoware_class_ids=(self.autoware_class_ids if want_autoware_mask and cfg.publish_autoware_mask
+                                    else None))
         except Exception as exc:  # noqa: BLE001 - counted, logged, the node keeps running
             self.record_error("building output messages failed", exc)
             return None
@@ -759,7 +766,8 @@ class Worker:
                 continue
             try:
                 want = self.demand()
-                outputs = self.core.process(msg, self.now(), want.colored, want.overlay, want.class_masks)
+                outputs = self.core.process(msg, self.now(), want.colored, want.overlay, want.class_masks,
+                                            want.autoware_mask)
                 if outputs is None:
                     continue
                 self.publish(outputs, self.core.label_info_update(msg.header, outputs.info.is_key_frame))

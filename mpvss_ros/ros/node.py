@@ -13,7 +13,8 @@ the table in :mod:`mpvss_ros.ros.parameters`. This file only wires ROS to them:
   segments the newest message and publishes;
 * publishers (reliable, keep last 1, so every subscriber QoS matches): ``~/labels``,
   ``~/confidence`` and ``~/info`` always; ``~/colored``, ``~/overlay`` and ``~/class_masks``
-  built only while they have subscribers; ``~/label_info`` (``vision_msgs/LabelInfo``, reliable
+  built only while they have subscribers, and so is ``~/autoware_mask`` with
+  ``publish_autoware_mask`` (off by default); ``~/label_info`` (``vision_msgs/LabelInfo``, reliable
   + transient local, depth 1) published at start and with every key frame; every output carries
   the input header;
 * every input and output topic's (not ``/diagnostics``) history, depth and reliability can be changed at start with rclpy's
@@ -219,6 +220,7 @@ class _SegmenterShell:
         self._pub_colored = publisher(Image, "~/colored") if cfg.publish_colored else None
         self._pub_overlay = publisher(Image, "~/overlay") if cfg.publish_overlay else None
         self._pub_masks = publisher(ClassMasks, "~/class_masks") if cfg.publish_class_masks else None
+        self._pub_autoware = publisher(Image, "~/autoware_mask") if cfg.publish_autoware_mask else None
         self._pub_label_info = publisher(LabelInfo, "~/label_info", _qos(DurabilityPolicy.TRANSIENT_LOCAL))
         self._pub_diagnostics = made(self.destroy_publisher, self.create_publisher(DiagnosticArray, "/diagnostics", 10))
         made(self.destroy_service, self.create_service(SetBool, "~/enable", self._on_enable))
@@ -284,7 +286,8 @@ class _SegmenterShell:
         def wanted(pub) -> bool:
             return pub is not None and pub.get_subscription_count() > 0
 
-        return OutputDemand(wanted(self._pub_colored), wanted(self._pub_overlay), wanted(self._pub_masks))
+        return OutputDemand(wanted(self._pub_colored), wanted(self._pub_overlay), wanted(self._pub_masks),
+                            wanted(self._pub_autoware))
 
     def _publish(self, out, label_info) -> None:
         if label_info is not None:
@@ -298,6 +301,8 @@ class _SegmenterShell:
             self._pub_overlay.publish(out.overlay)
         if out.class_masks is not None and self._pub_masks is not None:
             self._pub_masks.publish(out.class_masks)
+        if out.autoware_mask is not None and self._pub_autoware is not None:
+            self._pub_autoware.publish(out.autoware_mask)
 
     # -- executor callbacks --------------------------------------------------------------------
 

@@ -204,6 +204,18 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "subscribers."),
     ParamSpec("publish_class_masks", "bool", True,
               "Publish ~/class_masks (mpvss_ros/ClassMasks) when it has subscribers."),
+    ParamSpec("publish_autoware_mask", "bool", False,
+              "Publish ~/autoware_mask when it has subscribers: the labels as Autoware class IDs "
+              "(autoware_class_ids), run-length encoded as autoware_tensorrt_yolox publishes its "
+              "~/out/mask, the input of Autoware's segmentation_pointcloud_fusion (mono8 in name, "
+              "not viewable as an image)."),
+    ParamSpec("autoware_class_ids", "int_array", [],
+              "The Autoware class ID (0 UNKNOWN, 1 BUILDING, 2 WALL, 3 OBSTACLE, 4 TRAFFIC_LIGHT, "
+              "5 TRAFFIC_SIGN, 6 PERSON, 7 VEHICLE, 8 BIKE, 9 ROAD, 10 SIDEWALK, 11 ROAD_PAINT, "
+              "12 CURBSTONE, 13 CROSSWALK, 14 VEGETATION, 15 SKY) of each model class, one per "
+              "class from class 0; [] = by class name (CamVid's names map to their Autoware "
+              "classes, Pole to OBSTACLE and Fence to WALL; other names to UNKNOWN).",
+              min=0, max=255),
     ParamSpec("overlay_alpha", "float", 0.5,
               "Opacity of the class colours in ~/overlay (0 = image only, 1 = colours only).",
               min=0.0, max=1.0, dynamic=True),
@@ -252,6 +264,8 @@ class NodeConfig:
     publish_colored: bool = True
     publish_overlay: bool = True
     publish_class_masks: bool = True
+    publish_autoware_mask: bool = False
+    autoware_class_ids: tuple[int, ...] = ()
     overlay_alpha: float = 0.5
     palette: tuple[int, ...] = ()
     diagnostics_period_s: float = 1.0

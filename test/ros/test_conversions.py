@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 from helpers import png_with_exif_orientation, with_exif_orientation
@@ -24,13 +26,17 @@ from mpvss_ros.io import jpeg
 from mpvss_ros.propagation import CopyPropagator
 from mpvss_ros.ros import conversions
 from mpvss_ros.ros.conversions import (
+    AUTOWARE_CLASSES,
     MSG_DEFINITIONS,
     SUPPORTED_ENCODINGS,
     ConversionError,
+    autoware_class_ids,
+    autoware_rle,
     build_outputs,
     class_masks_from_labels,
     compressed_to_rgb,
     image_to_rgb,
+    make_autoware_mask,
     make_class_masks,
     make_image,
     make_label_info,
@@ -771,3 +777,73 @@ def test_ros_modules_import_without_rclpy():
             "import mpvss_ros.ros.conversions, mpvss_ros.ros.bag\n"
             "assert 'rclpy' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# Autoware's run-length encoded mask
+# --------------------------------------------------------------------------------------------
+
+
+def autoware_decode(data: bytes, rows: int, cols: int) -> np.ndarray:
+    """A port of Autoware's ``perception_utils::runLengthDecoder`` (autoware_universe, read
+    2026-12-06): 5-byte runs, a uint8 value then a native (little-endian) int length, written
+    row by row into a zero-filled (rows, cols) mask."""
+    mask = np.zeros(rows * cols, np.uint8)
+    idx = 0
+    for i in range(0, len(data), 5):
+        value, length = data[i], int.from_bytes(data[i + 1:i + 5], "little", signed=True)
+        mask[idx:idx + length] = value
+        idx += length
+    return mask.reshape(rows, cols)
+
+
+def test_autoware_rle_by_hand():
+    mask = np.array([[1, 1, 2], [2, 2, 0]], np.uint8)
+    assert autoware_rle(mask).tobytes() == (b"\x01\x02\x00\x00\x00" b"\x02\x03\x00\x00\x00" b"\x00\x01\x00\x00\x00")
+    one_run = autoware_rle(np.full((300, 400), 7, np.uint8)).tobytes()  # a run longer than 16 bits
+    assert one_run == b"\x07" + (300 * 400).to_bytes(4, "little")
+    for bad in (np.zeros((0, 3), np.uint8), np.zeros(5, np.uint8), np.zeros((2, 2), np.uint16)):
+        with pytest.raises(ConversionError, match="Autoware mask"):
+            autoware_rle(bad)
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**32 - 1), st.integers(1, 4))
+@settings(max_examples=60, deadline=None)
+def test_autoware_rle_decodes_as_autoware_decodes_it(rows, cols, seed, values):
+    mask = np.random.default_rng(seed).integers(0, values, (rows, cols)).astype(np.uint8)
+    data = autoware_rle(mask).tobytes()
+    np.testing.assert_array_equal(autoware_decode(data, rows, cols), mask)
+    assert len(data) == 5 * (1 + int(np.count_nonzero(mask.ravel()[1:] != mask.ravel()[:-1])))
+
+
+def test_autoware_class_ids_by_name_and_given():
+    camvid = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+              "Bicyclist"]
+    by_name = autoware_class_ids(camvid)
+    assert [AUTOWARE_CLASSES[i] for i in by_name] == ["SKY", "BUILDING", "OBSTACLE", "ROAD", "SIDEWALK", "VEGETATION",
+                                                      "TRAFFIC_SIGN", "WALL", "VEHICLE", "PERSON", "BIKE"]
+    assert by_name.dtype == np.uint8 and len(AUTOWARE_CLASSES) == 16 and AUTOWARE_CLASSES[15] == "SKY"
+    assert autoware_class_ids(["road", "lamp post"]).tolist() == [9, 0]  # unknown names: UNKNOWN
+    assert autoware_class_ids(["a", "b"], [3, 200]).tolist() == [3, 200]
+    with pytest.raises(ValueError, match="3 Autoware class IDs for a model with 2 classes"):
+        autoware_class_ids(["a", "b"], [1, 2, 3])
+    with pytest.raises(ValueError, match="0..255"):
+        autoware_class_ids(["a", "b"], [1, 256])
+
+
+def test_autoware_mask_message_as_autoware_reads_it(ts, types):
+    header = make_header(ts, frame_id="front_camera")
+    result = fake_result(h=30, w=40, k=5)
+    lut = np.array([9, 7, 6, 15, 0], np.uint8)
+    out = build_outputs(types, header, result, None, make_palette(5), list("abcde"), autoware_class_ids=lut)
+    back = roundtrip(ts, out.autoware_mask, IMAGE)
+    assert_same_header(back, header)
+    assert (back.height, back.width, back.encoding, back.step, back.is_bigendian) == (30, 40, "mono8", 40, 0)
+    np.testing.assert_array_equal(autoware_decode(np.asarray(back.data).tobytes(), 30, 40), lut[result.labels])
+    assert len(back.data) == 5 * 5 * 30  # 5-byte runs: five column bands in each of the 30 rows
+    assert build_outputs(types, header, result, None, make_palette(5), list("abcde")).autoware_mask is None
+    wide = fake_result(h=4, w=6, k=300, dtype=np.uint16)  # more than 255 classes: labels are uint16
+    msg = make_autoware_mask(types.image, header, wide.labels, np.arange(300, dtype=np.uint64).astype(np.uint8))
+    np.testing.assert_array_equal(autoware_decode(np.asarray(msg.data).tobytes(), 4, 6), wide.labels.astype(np.uint8))
+    with pytest.raises(ConversionError, match="label 4 has no Autoware class ID"):
+        make_autoware_mask(types.image, header, result.labels, lut[:4])

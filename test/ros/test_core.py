@@ -236,6 +236,29 @@ def test_lazy_outputs_absent_when_not_wanted(make_core, types):
     assert out.colored is not None and out.overlay is None and out.class_masks is None
 
 
+def test_autoware_mask_only_with_its_parameter_and_a_subscriber(make_core, types):
+    from mpvss_ros.ros.conversions import AUTOWARE_CLASSES
+
+    msg = image_msg(types, frame(), 1.0, frame_id="cam")
+    core, _, _ = make_core()
+    assert core.process(msg).autoware_mask is None  # publish_autoware_mask is off by default
+    core, _, _ = make_core(publish_autoware_mask=True)
+    assert core.process(msg, want_autoware_mask=False).autoware_mask is None  # nobody subscribes
+    out = core.process(image_msg(types, frame(), 2.0, frame_id="cam"))
+    labels = np.asarray(out.labels.data).reshape(H, W)
+    by_name = [AUTOWARE_CLASSES.index(c) for c in ("ROAD", "VEHICLE", "VEGETATION", "SKY", "PERSON")]
+    data = np.asarray(out.autoware_mask.data).tobytes()
+    runs = np.frombuffer(data, np.dtype([("value", "u1"), ("length", "<i4")]))
+    np.testing.assert_array_equal(np.repeat(runs["value"], runs["length"]).reshape(H, W),
+                                  np.array(by_name, np.uint8)[labels])
+    assert out.autoware_mask.header.frame_id == "cam" and out.autoware_mask.encoding == "mono8"
+    core, _, _ = make_core(publish_autoware_mask=True, autoware_class_ids=[0, 1, 2, 3, 200])
+    runs = np.frombuffer(np.asarray(core.process(msg).autoware_mask.data).tobytes(), runs.dtype)
+    assert set(runs["value"].tolist()) <= {0, 1, 2, 3, 200}
+    with pytest.raises(ValueError, match="parameter 'autoware_class_ids': 2 Autoware class IDs for a model with 5"):
+        make_core(autoware_class_ids=[1, 2])
+
+
 def test_palette_parameter_and_class_names(make_core, types):
     core, _, _ = make_core(palette=[0xFF0000, 0x00FF00])
     assert core.palette.shape == (5, 3)

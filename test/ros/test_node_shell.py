@@ -58,6 +58,22 @@ def feed(node, msg, count_before: int, timeout_s: float = 60.0):
     return labels.messages[-1]
 
 
+def test_node_publishes_the_autoware_mask_only_when_asked_and_subscribed(node_module):
+    start, _ = node_module
+    node = start(max_frame_age_s=0, schedule="fixed:3", publish_autoware_mask=True)
+    autoware = node.publishers[f"{NODE}/autoware_mask"]
+    assert autoware.msg_type is fr.MESSAGE_TYPES.image
+    feed(node, image(100), 0)
+    assert not autoware.messages  # built only while someone subscribes
+    autoware.subscribers = 1
+    feed(node, image(200), 1)
+    (msg,) = autoware.messages
+    assert (msg.header.stamp.nanosec, msg.header.frame_id, msg.encoding, msg.height, msg.width) == (
+        200, "camera_optical", "mono8", 48, 64)
+    runs = np.frombuffer(np.asarray(msg.data).tobytes(), np.dtype([("value", "u1"), ("length", "<i4")]))
+    assert int(runs["length"].sum()) == 48 * 64
+
+
 def test_node_publishes_every_output_with_the_input_header(node_module):
     start, _ = node_module
     # max_frame_age_s as the whole number 0: a float parameter must take it (dynamic typing);

@@ -45,7 +45,8 @@ EXPECTED_DEFAULTS = {
     "max_gap_s": 1.0,
     "input_compressed": False, "input_reliability": "best_effort", "input_depth": 1, "max_image_pixels": 4096 * 4096,
     "max_frame_age_s": 0.5,
-    "publish_colored": True, "publish_overlay": True, "publish_class_masks": True, "overlay_alpha": 0.5,
+    "publish_colored": True, "publish_overlay": True, "publish_class_masks": True, "publish_autoware_mask": False,
+    "autoware_class_ids": [], "overlay_alpha": 0.5,
     "palette": [], "diagnostics_period_s": 1.0, "threads": 0,
 }
 
