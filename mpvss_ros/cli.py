@@ -339,6 +339,8 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         raise ValueError(f"output bag {args.output} exists already; choose a new path")
     _scheduler(args)  # validate before loading the model
     normalize_namespace(args.namespace)
+    if args.autoware_class_ids and not args.autoware_mask:
+        raise ValueError("--autoware-class-ids needs --autoware-mask (the output it maps the classes for)")
     options = BagOptions(  # checks its limits and --alpha (by their flags), also before the model loads
         **_engine_options(args),
         max_frames=args.max_frames,

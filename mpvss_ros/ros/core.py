@@ -358,6 +358,14 @@ class SegmentationCore:
             self.autoware_class_ids = conversions.autoware_class_ids(self.class_names, config.autoware_class_ids)
         except ValueError as exc:
             raise ValueError(f"parameter 'autoware_class_ids': {exc}") from None
+        if config.publish_autoware_mask:
+            pairs = ", ".join(f"{n} -> {conversions.AUTOWARE_CLASSES[i] if i < 16 else i}"
+                              for n, i in zip(self.class_names, self.autoware_class_ids.tolist()))
+            if not self.autoware_class_ids.any():
+                self.log.warning(f"~/autoware_mask: every class maps to Autoware's UNKNOWN ({pairs}); set "
+                                 "autoware_class_ids, one Autoware class ID per model class")
+            else:
+                self.log.info(f"~/autoware_mask classes: {pairs}")
 
         self._lock = threading.Lock()
         self._enabled = True

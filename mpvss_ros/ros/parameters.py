@@ -421,8 +421,9 @@ def descriptor_fields(spec: ParamSpec) -> dict[str, Any]:
         constraints = "one of: " + ", ".join(spec.choices)
     elif spec.constraints:
         constraints = spec.constraints
-    elif spec.type == "int_array":
-        constraints = f"integers in [{int(spec.min):#x}, {int(spec.max):#x}]"
+    elif spec.type == "int_array":  # the palette's colours in hex (0xRRGGBB), other lists in decimal
+        fmt = "#x" if spec.name == "palette" else "d"
+        constraints = f"integers in [{int(spec.min):{fmt}}, {int(spec.max):{fmt}}]"
     elif spec.type == "int":
         constraints = f"[{int(spec.min)}, {int(spec.max)}]"
     elif spec.min is not None:

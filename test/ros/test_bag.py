@@ -236,31 +236,38 @@ def test_meaningful_labels_optical_flow_and_storage_override(ts, tmp_path, frame
     assert not np.array_equal(labels[1], labels[0])  # warped, not copied
 
 
-def test_autoware_mask_output(ts, tmp_path, frames, band_loaded, capsys):
+def test_autoware_mask_output(ts, tmp_path, band_loaded, capsys):
     """--autoware-mask: NS/autoware_mask, the labels as Autoware class IDs run-length encoded
-    (5-byte runs), with each input's header and bag time, as the node's publish_autoware_mask."""
+    (5-byte runs), with each input's header and bag time, as the node's publish_autoware_mask.
+    Gradient frames, so that it runs without the shared data (the band model labels brightness)."""
     from mpvss_ros.cli import main
     from mpvss_ros.ros.conversions import AUTOWARE_CLASSES
 
-    entries = raw_entries(ts, frames[:4])
+    yy, xx = np.mgrid[0:60, 0:80]
+    frames = [np.repeat(((xx * 3 + yy + 10 * i) % 256).astype(np.uint8)[..., None], 3, axis=2) for i in range(4)]
+    entries = raw_entries(ts, frames)
     write_bag(ts, tmp_path / "in", "sqlite3", entries)
     ids = [AUTOWARE_CLASSES.index(c) for c in ("ROAD", "VEHICLE", "VEGETATION", "SKY", "PERSON")]
     options = BagOptions(propagator="copy", schedule="fixed:2", progress=False, autoware_mask=True,
                          autoware_class_ids=tuple(ids))  # the band model's names (dark, dim, ...) are no Autoware class
     process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, options)
-    got = check_outputs(ts, tmp_path / "out", entries, frames[:4], band_loaded, options)  # headers, bag times
+    got = check_outputs(ts, tmp_path / "out", entries, frames, band_loaded, options)  # headers, bag times
     by_name = np.array(ids, np.uint8)
     run = np.dtype([("value", "u1"), ("length", "<i4")])
     for (_, mask, _), (_, labels, _) in zip(got["/mpvss/autoware_mask"], got["/mpvss/labels"], strict=True):
         runs = np.frombuffer(np.asarray(mask.data).tobytes(), run)
         decoded = np.repeat(runs["value"], runs["length"]).reshape(mask.height, mask.width)
         np.testing.assert_array_equal(decoded, by_name[image_array(labels)])
+        assert len(np.unique(decoded)) >= 3
     args = ["bag", str(tmp_path / "in"), str(tmp_path / "o2"), "--topic", TOPIC, "--no-progress", "--threads", "1",
             "--autoware-mask"]
     assert main([*args, "--autoware-class-ids", "1", "2"]) == 2  # mpvss_lite has 11 classes
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "mpvss: error: --autoware-class-ids: 2 Autoware class IDs for a model with 11 classes (one per class)"
     assert not (tmp_path / "o2").exists()
+    assert main([*args[:-1], "--autoware-class-ids", "1", "2"]) == 2  # a map for an output not asked for
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "mpvss: error: --autoware-class-ids needs --autoware-mask (the output it maps the classes for)"
 
 
 def test_optional_outputs_off(ts, tmp_path, frames, lite):

@@ -259,6 +259,19 @@ def test_autoware_mask_only_with_its_parameter_and_a_subscriber(make_core, types
         make_core(autoware_class_ids=[1, 2])
 
 
+def test_autoware_class_map_is_logged_and_an_all_unknown_map_warned(make_core):
+    _, _, logger = make_core(publish_autoware_mask=True)
+    assert ("info", "~/autoware_mask classes: road -> ROAD, car -> VEHICLE, tree -> VEGETATION, sky -> SKY, "
+                    "person -> PERSON") in logger.lines
+    _, _, logger = make_core(publish_autoware_mask=True, autoware_class_ids=[0, 0, 0, 0, 0])
+    assert [level for level, text in logger.lines if "autoware_mask" in text] == ["warning"]
+    assert "every class maps to Autoware's UNKNOWN (road -> UNKNOWN, car -> UNKNOWN" in logger.lines[-1][1]
+    _, _, logger = make_core(publish_autoware_mask=True, autoware_class_ids=[0, 1, 2, 3, 200])
+    assert any(text.endswith("person -> 200") for _, text in logger.lines)  # beyond Autoware's 16: the number
+    _, _, logger = make_core()
+    assert not [text for _, text in logger.lines if "autoware" in text]  # not published: not logged
+
+
 def test_palette_parameter_and_class_names(make_core, types):
     core, _, _ = make_core(palette=[0xFF0000, 0x00FF00])
     assert core.palette.shape == (5, 3)

@@ -59,6 +59,8 @@ def feed(node, msg, count_before: int, timeout_s: float = 60.0):
 
 
 def test_node_publishes_the_autoware_mask_only_when_asked_and_subscribed(node_module):
+    from mpvss_ros.ros.conversions import autoware_class_ids
+
     start, _ = node_module
     node = start(max_frame_age_s=0, schedule="fixed:3", publish_autoware_mask=True)
     autoware = node.publishers[f"{NODE}/autoware_mask"]
@@ -71,7 +73,10 @@ def test_node_publishes_the_autoware_mask_only_when_asked_and_subscribed(node_mo
     assert (msg.header.stamp.nanosec, msg.header.frame_id, msg.encoding, msg.height, msg.width) == (
         200, "camera_optical", "mono8", 48, 64)
     runs = np.frombuffer(np.asarray(msg.data).tobytes(), np.dtype([("value", "u1"), ("length", "<i4")]))
-    assert int(runs["length"].sum()) == 48 * 64
+    labels = np.asarray(node.publishers[f"{NODE}/labels"].messages[-1].data).reshape(48, 64)
+    lut = autoware_class_ids(["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                              "Pedestrian", "Bicyclist"])  # the shipped model's classes
+    np.testing.assert_array_equal(np.repeat(runs["value"], runs["length"]).reshape(48, 64), lut[labels])
 
 
 def test_node_publishes_every_output_with_the_input_header(node_module):
