@@ -4,8 +4,9 @@ Runs under ROS 2 (``colcon test``: CMakeLists.txt registers it with ``add_launch
 ``launch_test test/ros/test_node_launch.py`` in a sourced workspace). Without rclpy and
 launch_testing, plain pytest skips this module.
 
-Checks: labels arrive for the published frames with exactly their header (stamp and frame_id);
-LabelInfo is latched (a subscriber joining late still gets it); ``~/enable`` stops and resumes
+Checks: labels arrive for the published frames with exactly their header (stamp and frame_id),
+and so does ``~/autoware_mask`` (``publish_autoware_mask``), which decodes to the labels' Autoware
+class IDs; LabelInfo is latched (a subscriber joining late still gets it); ``~/enable`` stops and resumes
 segmentation; ``~/reset`` makes the next frame a key frame; ``set_parameters`` refuses a read-only
 parameter and an invalid schedule and applies a valid one (the next frame a key frame); the node
 exits cleanly.
@@ -39,6 +40,10 @@ import launch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch_test does not put it there
 from ros_client import RELIABLE, H, W, ClientTestCase, make_image  # noqa: E402
 
+import numpy as np  # noqa: E402
+
+from mpvss_ros.ros.conversions import autoware_class_ids  # noqa: E402
+
 NAMESPACE = "test_cam"
 PREFIX = f"/{NAMESPACE}/mpvss_segmenter"
 IMAGE_TOPIC = f"/{NAMESPACE}/image_raw"
@@ -58,7 +63,7 @@ def generate_test_description():
         namespace=NAMESPACE,
         # max_frame_age_s as a whole number, as users write it: a float parameter must accept it
         parameters=[{"model": "mpvss_lite", "device": "cpu", "threads": 1, "max_frame_age_s": 0,
-                     "schedule": "fixed:3"}],
+                     "schedule": "fixed:3", "publish_autoware_mask": True}],
         remappings=[("image", IMAGE_TOPIC)],
         output="screen",
     )
@@ -71,7 +76,11 @@ class TestSegmentationNode(ClientTestCase):
         super().setUp()
         self.labels: dict[tuple[int, int], Image] = {}
         self.infos: dict[tuple[int, int], SegmentationInfo] = {}
+        self.autoware: dict[tuple[int, int], Image] = {}
         self.node.create_subscription(Image, f"{PREFIX}/labels", self._on_labels, RELIABLE)
+        self.node.create_subscription(
+            Image, f"{PREFIX}/autoware_mask",
+            lambda msg: self.autoware.__setitem__((msg.header.stamp.sec, msg.header.stamp.nanosec), msg), RELIABLE)
         self.node.create_subscription(SegmentationInfo, f"{PREFIX}/info", self._on_info, RELIABLE)
         self.pub = self.node.create_publisher(Image, IMAGE_TOPIC, RELIABLE)
         self.next_sec = 1000
@@ -109,6 +118,20 @@ class TestSegmentationNode(ClientTestCase):
             self.assertLess(max(msg.data), 11)  # mpvss_lite: 11 CamVid classes
         self.assertTrue(self.spin_for(5.0, until=lambda: first in self.infos))
         self.assertTrue(self.infos[first].is_key_frame)
+        # Autoware's mask of the same frames: 5-byte runs (uint8 value, little-endian int32 length)
+        # that decode to the labels' Autoware class IDs (built once the node sees this subscriber)
+        end = time.monotonic() + 60.0
+        while not self.spin_for(1.0, until=lambda: any(k in self.autoware for k in self.labels)):
+            self.assertLess(time.monotonic(), end, "no ~/autoware_mask for any segmented frame")
+            self.publish_until_segmented(30.0)
+        both = [k for k in self.labels if k in self.autoware]
+        lut = autoware_class_ids(["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                                  "Pedestrian", "Bicyclist"])
+        for key in both:
+            mask, labels = self.autoware[key], np.frombuffer(bytes(self.labels[key].data), np.uint8).reshape(H, W)
+            self.assertEqual((mask.encoding, mask.height, mask.width, mask.header.frame_id), ("mono8", H, W, FRAME_ID))
+            runs = np.frombuffer(bytes(mask.data), np.dtype([("value", "u1"), ("length", "<i4")]))
+            np.testing.assert_array_equal(np.repeat(runs["value"], runs["length"]).reshape(H, W), lut[labels])
 
         # 2. LabelInfo is latched: a subscriber joining now still receives it.
         label_infos = []
