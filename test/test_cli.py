@@ -871,3 +871,51 @@ def test_run_stats_median_totals_are_split_by_key_and_non_key_frames():
         summary = only.summary(np.zeros(2, np.int64))
         assert (summary["median_total_ms_key_frame"], summary["median_total_ms_non_key_frame"]) == \
             ((7.0, None) if key else (None, 7.0))
+
+
+def test_run_stats_split_only_the_frames_with_a_total():
+    # a record with stages but no total counts in its stages, and in neither median total
+    from mpvss_ros.offline import RunStats
+
+    stats = RunStats()
+    stats.add({"is_key_frame": True, "key_frame_reason": "first", "stage_latency_ms": {"segmentor": 30.0}})
+    stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {"propagation": 1.0, "total": 2.0}})
+    stats.add({"is_key_frame": True, "key_frame_reason": "interval", "stage_latency_ms": {"total": 40.0}})
+    summary = stats.summary(np.zeros(2, np.int64))
+    assert summary["median_total_ms_key_frame"] == 40.0 and summary["median_total_ms_non_key_frame"] == 2.0
+    assert summary["stage_latency_ms"]["segmentor"]["count"] == 1 and summary["stage_latency_ms"]["total"]["count"] == 2
+
+
+def test_bag_autoware_class_ids_are_parsed_as_integers():
+    from mpvss_ros.cli import build_parser
+
+    args = build_parser().parse_args(["bag", "in", "out", "--topic", "/t", "--autoware-mask",
+                                      "--autoware-class-ids", "9", "7"])
+    assert args.autoware_mask is True and args.autoware_class_ids == [9, 7]
+    with pytest.raises(SystemExit):  # refused by the parser, before the model loads
+        build_parser().parse_args(["bag", "in", "out", "--topic", "/t", "--autoware-mask",
+                                   "--autoware-class-ids", "road"])
+
+
+def test_bag_autoware_class_ids_out_of_range_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import mpvss_ros.cli as cli
+
+    (tmp_path / "in").mkdir()
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: pytest.fail("the model was loaded"))
+    rc = main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/t", "--autoware-mask",
+               "--autoware-class-ids", "9", "256"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "mpvss: error: --autoware-class-ids must be in 0..255, got [9, 256]")
+
+
+def test_pipeline_help_states_the_engine_defaults(capsys):
+    from mpvss_ros.offline import EngineOptions as d
+
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for stated in (f"(default: {d.propagator})", f"(default: {d.optical_flow_preset};",
+                   f"(default {d.optical_flow_scale:g})", f"(default: {d.schedule};", f"(default {d.max_interval};",
+                   f"(default {d.cut_threshold}; above 4 = off"):
+        assert stated in text, stated

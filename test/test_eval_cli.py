@@ -240,6 +240,32 @@ def test_cost_ratio_within_run_by_hand():
     assert _cost_ratio_within_run([], [10.0]) is None  # no key-frame cost to compare with
 
 
+def test_evaluate_sequence_costs_are_the_frames_total_latency(lite, make_band_model, monkeypatch):
+    """mean_ms_per_frame and the key / non-key medians come from each frame's ``total`` stage
+    latency (stages stubbed to fixed values; the band model: no shared data)."""
+    import dataclasses
+
+    import mpvss_ros.evaluation.study as study
+    from mpvss_ros.evaluation.study import LabelledSequence
+    from mpvss_ros.model_loader import LoadedModel
+
+    class Stubbed(study.VideoSegmenter):
+        def push(self, *args, **kwargs):
+            result = super().push(*args, **kwargs)
+            key = result.is_key_frame
+            result.stage_latency_ms = {"schedule": 0.5, "postprocess": 1.0, "total": 10.0 if key else 2.0}
+            return result
+
+    monkeypatch.setattr(study, "VideoSegmenter", Stubbed)
+    cfg = dataclasses.replace(lite.config, name="band5", num_classes=5, class_names=list("abcde"), palette=[])
+    band = LoadedModel(model=make_band_model(5), config=cfg, weights=None, trained=False, device=torch.device("cpu"))
+    images = [np.full((36, 48, 3), 40 * i, np.uint8) for i in range(4)]
+    seq = LabelledSequence([f"{i}" for i in range(4)], images, [np.zeros((36, 48), np.uint8)] * 4, 15.0)
+    out = evaluate_sequence(band, seq, "copy", "fixed:2")
+    assert out["key_frames"] == 2
+    assert (out["mean_ms_per_frame"], out["median_ms_key_frame"], out["median_ms_non_key_frame"]) == (6.0, 10.0, 2.0)
+
+
 def test_match_scene_threshold_hits_target(camvid_val_dirs):
     seq = load_sequence(*camvid_val_dirs, limit=20)
     assert len(seq.images) == 20

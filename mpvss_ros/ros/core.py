@@ -359,7 +359,8 @@ class SegmentationCore:
         except ValueError as exc:
             raise ValueError(f"parameter 'autoware_class_ids': {exc}") from None
         if config.publish_autoware_mask:
-            pairs = ", ".join(f"{n} -> {conversions.AUTOWARE_CLASSES[i] if i < 16 else i}"
+            known = conversions.AUTOWARE_CLASSES
+            pairs = ", ".join(f"{n} -> {known[i] if i < len(known) else i}"
                               for n, i in zip(self.class_names, self.autoware_class_ids.tolist()))
             if not self.autoware_class_ids.any():
                 self.log.warning(f"~/autoware_mask: every class maps to Autoware's UNKNOWN ({pairs}); set "

@@ -329,6 +329,24 @@ def test_video_frames_above_max_pixels_mid_stream_are_skipped(tmp_path, monkeypa
     assert "skipped 3 frames (from 000002 to 000005) of more than 79 pixels" in caplog.text
 
 
+@pytest.mark.parametrize("shapes, summary", [
+    ([(4, 5), (8, 10), (4, 5)], None),  # one frame skipped: its warning only, no count
+    ([(4, 5), (8, 10), (8, 10), (4, 5)], "skipped 2 frames (from 000001 to 000002) of more than 79 pixels"),
+])
+def test_video_counts_skipped_frames_at_the_end_from_two_on(tmp_path, monkeypatch, caplog, shapes, summary):
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"opened by the stand-in")
+    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _SizeChangingCapture(shapes)))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path, max_pixels=79) as src:
+        frames = list(src)
+    assert len(frames) == sum(h * w <= 79 for h, w in shapes)
+    assert caplog.text.count("skipping frame 000001: 10 x 8 = 80 pixels") == 1
+    if summary is None:
+        assert "frames (from" not in caplog.text
+    else:
+        assert caplog.text.count(summary) == 1
+
+
 def test_png_size_reads_the_ihdr_chunk_only():
     png = cv2.imencode(".png", np.zeros((37, 51), np.uint8))[1]
     assert png_size(png) == png_size(png.tobytes()[:24]) == (37, 51)  # (height, width)

@@ -270,6 +270,21 @@ def test_autoware_mask_output(ts, tmp_path, band_loaded, capsys):
     assert err == "mpvss: error: --autoware-class-ids needs --autoware-mask (the output it maps the classes for)"
 
 
+def test_messages_per_topic_counts_every_topic_written(ts, tmp_path, band_loaded):
+    """The summary's messages_per_topic: the input topic (copied unchanged) and every output,
+    label_info once per key frame. Gradient frames and the band model: no shared data needed."""
+    yy, xx = np.mgrid[0:60, 0:80]
+    frames = [np.repeat(((xx * 3 + yy + 10 * i) % 256).astype(np.uint8)[..., None], 3, axis=2) for i in range(3)]
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames))
+    options = BagOptions(propagator="copy", schedule="fixed:2", progress=False, overlay=False, autoware_mask=True,
+                         autoware_class_ids=(9, 7, 14, 15, 6))
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, options)
+    ns = "/mpvss"
+    assert summary["messages_per_topic"] == {TOPIC: 3, f"{ns}/labels": 3, f"{ns}/confidence": 3, f"{ns}/colored": 3,
+                                             f"{ns}/class_masks": 3, f"{ns}/autoware_mask": 3, f"{ns}/info": 3,
+                                             f"{ns}/label_info": 2}
+
+
 def test_optional_outputs_off(ts, tmp_path, frames, lite):
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]))
     options = BagOptions(colored=False, overlay=False, class_masks=False, progress=False)

@@ -847,3 +847,36 @@ def test_autoware_mask_message_as_autoware_reads_it(ts, types):
     np.testing.assert_array_equal(autoware_decode(np.asarray(msg.data).tobytes(), 4, 6), wide.labels.astype(np.uint8))
     with pytest.raises(ConversionError, match="label 4 has no Autoware class ID"):
         make_autoware_mask(types.image, header, result.labels, lut[:4])
+
+
+def test_autoware_classes_agree_with_the_parameter_description():
+    """AUTOWARE_CLASSES is the ID contract with Autoware; the node's parameter description states
+    the same numbering independently (0 UNKNOWN ... 15 SKY), so a reordering of either shows."""
+    import re
+
+    from mpvss_ros.ros.parameters import SPECS
+
+    stated = re.findall(r"(\d+) ([A-Z][A-Z_]+)", SPECS["autoware_class_ids"].description)
+    assert [(int(i), name) for i, name in stated[:16]] == list(enumerate(AUTOWARE_CLASSES))
+
+
+def test_autoware_class_ids_by_cityscapes_names_and_padded_names():
+    # the synonyms of the name table, as a Cityscapes-trained model names its classes
+    names = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+             "sky", "person", "car", "truck", "bus", "motorcycle", "bicycle"]
+    assert [AUTOWARE_CLASSES[i] for i in autoware_class_ids(names)] == [
+        "ROAD", "SIDEWALK", "BUILDING", "WALL", "WALL", "OBSTACLE", "TRAFFIC_LIGHT", "TRAFFIC_SIGN", "VEGETATION",
+        "SKY", "PERSON", "VEHICLE", "VEHICLE", "VEHICLE", "BIKE", "BIKE"]
+    assert autoware_class_ids([" Road ", "Car\n"]).tolist() == [9, 7]  # names compared stripped
+
+
+def test_autoware_class_ids_refuse_negative_ids():
+    with pytest.raises(ValueError, match="0..255"):
+        autoware_class_ids(["a", "b"], [-1, 2])
+
+
+def test_autoware_mask_refuses_signed_labels(ts, types):
+    header = make_header(ts)
+    labels = np.array([[0, 1], [-1, 2]], np.int32)  # a signed array would index the map from its end
+    with pytest.raises(ConversionError, match="unsigned"):
+        make_autoware_mask(types.image, header, labels, np.array([9, 7, 6], np.uint8))

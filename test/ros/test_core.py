@@ -272,6 +272,30 @@ def test_autoware_class_map_is_logged_and_an_all_unknown_map_warned(make_core):
     assert not [text for _, text in logger.lines if "autoware" in text]  # not published: not logged
 
 
+def test_autoware_class_map_names_ids_from_16_by_number_and_a_partial_map_is_not_warned(make_core):
+    _, _, logger = make_core(publish_autoware_mask=True, autoware_class_ids=[0, 1, 2, 3, 16])
+    lines = [(level, text) for level, text in logger.lines if "autoware_mask" in text]
+    # 16, the first ID past Autoware's classes, is printed as its number; one UNKNOWN class is no warning
+    assert lines == [("info", "~/autoware_mask classes: road -> UNKNOWN, car -> BUILDING, tree -> WALL, "
+                              "sky -> OBSTACLE, person -> 16")]
+
+
+def test_worker_without_a_demand_builds_the_autoware_mask(band_loaded, types):
+    # OutputDemand's defaults want every optional output: a Worker given no demand builds them all
+    assert OutputDemand().autoware_mask is True
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0, "publish_autoware_mask": True}),
+                            band_loaded, types)
+    slot = core.make_slot()
+    published = []
+    worker = Worker(slot, core, lambda out, li: published.append(out)).start()
+    try:
+        slot.put(image_msg(types, frame(), 1.0))
+        assert _wait(lambda: len(published) == 1)
+    finally:
+        assert worker.stop(timeout=5.0)
+    assert published[0].autoware_mask is not None
+
+
 def test_palette_parameter_and_class_names(make_core, types):
     core, _, _ = make_core(palette=[0xFF0000, 0x00FF00])
     assert core.palette.shape == (5, 3)
