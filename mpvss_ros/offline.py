@@ -427,7 +427,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     failures = EngineFailures("frames")
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     t_start = time.perf_counter()
-    with open_source(input_path, fps=options.fps, max_pixels=options.max_image_pixels) as source, \
+    with open_source(input_path, fps=options.fps, max_pixels=options.max_image_pixels,
+                     limit_name="mpvss segment's --max-image-pixels; 0 = no limit") as source, \
             open(out / "frames.jsonl", "w") as jsonl:
         writer = _OverlayVideo(out / "overlay.mp4", source.fps) if options.write_overlay else None
         total = len(source) if options.max_frames is None else min(len(source), options.max_frames)

@@ -68,8 +68,9 @@ _MAX_FPS_BY_SUFFIX = {".avi": 1000.0}
 
 #: The first eight bytes of every PNG file.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: The command-line option that sets a source's ``max_pixels``, named in the warning of a skipped frame.
-_PIXEL_LIMIT_OPTION = "mpvss segment's --max-image-pixels"
+#: How a source's ``max_pixels`` is named in its warnings and errors unless its caller names the
+#: setting its users know (``mpvss segment`` names its flag).
+DEFAULT_LIMIT_NAME = "max_pixels; None = no limit"
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,13 +126,16 @@ class FrameSource:
         name: the file stem (video) or folder name (images).
         max_pixels: largest frame (height x width pixels) a source yields; larger ones are skipped
             with a logged warning and listed in ``too_large``. None: no limit.
+        limit_name: how the warnings name the setting behind ``max_pixels`` (e.g. a command-line flag).
     """
 
-    def __init__(self, path: Path, fps: float, max_pixels: int | None = None) -> None:
+    def __init__(self, path: Path, fps: float, max_pixels: int | None = None,
+                 limit_name: str = DEFAULT_LIMIT_NAME) -> None:
         self.path = path
         self.fps = float(fps)
         self.name = path.stem if path.is_file() else path.name
         self.max_pixels = check_pixel_limit(max_pixels, "max_pixels (None: no limit)")
+        self.limit_name = limit_name
         #: names of the frames the last iteration skipped as unreadable (files of a folder; a video's
         #: damaged frames with decoded frames after them), in order
         self.unreadable: list[str] = []
@@ -200,7 +204,8 @@ class VideoFileSource(FrameSource):
             more than ``max_pixels`` pixels; ``max_pixels`` below 1.
     """
 
-    def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None) -> None:
+    def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None,
+                 limit_name: str = DEFAULT_LIMIT_NAME) -> None:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path}")
@@ -226,12 +231,12 @@ class VideoFileSource(FrameSource):
                 fps = FALLBACK_VIDEO_FPS
             else:
                 fps = container_fps
-        super().__init__(path, _check_fps(fps), max_pixels)
+        super().__init__(path, _check_fps(fps), max_pixels, limit_name)
         # OpenCV delivers every frame at the first one's size (OpenCV 5.1: a raw MJPEG stream of
         # 64 x 48 then 128 x 96 frames reads as 64 x 48 throughout, and the other way round as
         # 128 x 96), so refuse the file now rather than decode all of it to skip every frame; the
         # frames are still checked one by one, for builds that deliver a size change as it is.
-        excess = _pixel_excess(first.shape[0], first.shape[1], self.max_pixels)
+        excess = _pixel_excess(first.shape[0], first.shape[1], self.max_pixels, limit_name)
         if excess is not None:
             raise ValueError(f"video {path}: its frames are {excess}")
         self.container_fps: float = float(container_fps)
@@ -293,7 +298,7 @@ class VideoFileSource(FrameSource):
                 self.unreadable += [f"{i:06d}" for i in failing]
                 failing = []
                 last_name = f"{index:06d}"
-                excess = _pixel_excess(bgr.shape[0], bgr.shape[1], self.max_pixels)
+                excess = _pixel_excess(bgr.shape[0], bgr.shape[1], self.max_pixels, self.limit_name)
                 if excess is not None:
                     if not self.too_large:
                         logger.warning("video %s: skipping frame %s: %s", self.path, last_name, excess)
@@ -308,9 +313,9 @@ class VideoFileSource(FrameSource):
         if self._closed:
             return
         if len(self.too_large) > 1:
-            logger.warning("video %s: skipped %d frames (from %s to %s) of more than %d pixels (%s; 0 = no limit)",
+            logger.warning("video %s: skipped %d frames (from %s to %s) of more than %d pixels (%s)",
                            self.path, len(self.too_large), self.too_large[0], self.too_large[-1], self.max_pixels,
-                           _PIXEL_LIMIT_OPTION)
+                           self.limit_name)
         if skipped:
             logger.warning("video %s: skipped %d undecodable frames (from %d to %d); decoding went on after them, and "
                            "the frames decoded next may carry the decoder's concealment of the damage (blocks of "
@@ -381,7 +386,8 @@ class ImageFolderSource(FrameSource):
             ``max_pixels`` below 1.
     """
 
-    def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None) -> None:
+    def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None,
+                 limit_name: str = DEFAULT_LIMIT_NAME) -> None:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"input not found: {path}")
@@ -401,7 +407,7 @@ class ImageFolderSource(FrameSource):
         if natural != files:
             logger.warning("images in %s are read in file-name order, which differs from numeric order "
                            "(e.g. frame_10 before frame_2); zero-pad the numbers if that is wrong", path)
-        super().__init__(path, _check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels)
+        super().__init__(path, _check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels, limit_name)
         self.files: list[Path] = files
 
     def __len__(self) -> int:
@@ -418,7 +424,7 @@ class ImageFolderSource(FrameSource):
             if self._closed:
                 return
             try:
-                image = _read_rgb(file, self.max_pixels)
+                image = _read_rgb(file, self.max_pixels, self.limit_name)
             except _Skipped as exc:
                 logger.warning("%s", exc)
                 (self.too_large if exc.too_large else self.unreadable).append(file.stem)
@@ -430,7 +436,8 @@ class ImageFolderSource(FrameSource):
             yield Frame(index, index / self.fps, file.stem, image)
 
 
-def open_source(path: str | Path, fps: float | None = None, max_pixels: int | None = None) -> FrameSource:
+def open_source(path: str | Path, fps: float | None = None, max_pixels: int | None = None,
+                limit_name: str = DEFAULT_LIMIT_NAME) -> FrameSource:
     """Open a video file or a folder of images as a :class:`FrameSource`.
 
     Args:
@@ -443,6 +450,8 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
             logged warning and listed in the source's ``too_large`` (image files measured from the
             header where the format has one: JPEG, PNG), and a video whose first frame is larger
             is refused. None: no limit.
+        limit_name: how warnings and errors name the setting behind ``max_pixels``; callers name
+            the option their users set (``mpvss segment``: its ``--max-image-pixels`` flag).
 
     Returns:
         A :class:`VideoFileSource` or :class:`ImageFolderSource`; iterate it for
@@ -458,14 +467,14 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
     if p.is_dir():
-        return ImageFolderSource(p, fps, max_pixels)
-    return VideoFileSource(p, fps, max_pixels)
+        return ImageFolderSource(p, fps, max_pixels, limit_name)
+    return VideoFileSource(p, fps, max_pixels, limit_name)
 
 
-def _pixel_excess(height: int, width: int, max_pixels: int | None) -> str | None:
+def _pixel_excess(height: int, width: int, max_pixels: int | None, limit_name: str) -> str | None:
     """:func:`~mpvss_ros.io.pixel_excess`, naming the option that sets a source's limit."""
     excess = pixel_excess(height, width, max_pixels)
-    return None if excess is None else f"{excess} ({_PIXEL_LIMIT_OPTION}; 0 = no limit)"
+    return None if excess is None else f"{excess} ({limit_name})"
 
 
 def _check_fps(fps: float) -> float:
@@ -518,7 +527,7 @@ def png_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
     return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
 
 
-def _read_rgb(file: Path, max_pixels: int | None = None) -> np.ndarray:
+def _read_rgb(file: Path, max_pixels: int | None = None, limit_name: str = DEFAULT_LIMIT_NAME) -> np.ndarray:
     """Decode one image file to (H, W, 3) uint8 RGB (see :class:`ImageFolderSource`).
 
     Raises:
@@ -527,7 +536,7 @@ def _read_rgb(file: Path, max_pixels: int | None = None) -> np.ndarray:
     """
 
     def check_size(height: int, width: int) -> None:
-        excess = _pixel_excess(height, width, max_pixels)
+        excess = _pixel_excess(height, width, max_pixels, limit_name)
         if excess is not None:
             raise _Skipped(f"skipping image {file}: {excess}", too_large=True)
 

@@ -263,8 +263,13 @@ def test_folder_images_above_max_pixels_are_skipped_before_decoding(tmp_path, ca
     assert names == ["f000", "f004"]
     assert src.too_large == ["f001", "f002", "f003"] and src.unreadable == []
     assert decoded.count((60, 80)) == 1  # the BMP only: the PNG and the JPEG were measured from their headers
-    assert "f001.png: 80 x 60 = 4800 pixels, more than the 4799 allowed" in caplog.text
-    assert "--max-image-pixels" in caplog.text
+    # the library names its own argument; a caller names the setting its users know
+    assert "f001.png: 80 x 60 = 4800 pixels, more than the 4799 allowed (max_pixels; None = no limit)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), \
+            open_source(tmp_path, max_pixels=80 * 60 - 1, limit_name="the flag --limit") as src:
+        assert [f.name for f in src] == ["f000", "f004"]
+    assert caplog.text.count("more than the 4799 allowed (the flag --limit)") == 3
     with open_source(tmp_path, max_pixels=80 * 60) as src:
         assert len(list(src)) == 5 and src.too_large == []
     with open_source(tmp_path) as src:  # no limit
@@ -285,7 +290,7 @@ def test_video_above_max_pixels_is_refused_when_opened(tmp_path, monkeypatch):
 
     monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(counting_open))
     with pytest.raises(ValueError, match=r"video .*a\.avi: its frames are 64 x 48 = 3072 pixels, more than the 3071 "
-                                         r"allowed \(mpvss segment's --max-image-pixels; 0 = no limit\)"):
+                                         r"allowed \(max_pixels; None = no limit\)"):
         open_source(path, max_pixels=3071)
     assert len(reads) == 1  # the opening read only: no pass over the frames
     with open_source(path, max_pixels=3072) as src:
@@ -318,7 +323,8 @@ def test_video_frames_above_max_pixels_mid_stream_are_skipped(tmp_path, monkeypa
     path.write_bytes(b"opened by the stand-in")
     shapes = [(4, 5), (4, 5), (8, 10), (8, 10), (4, 5), (9, 9)]  # 20, 20, 80, 80, 20, 81 pixels
     monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _SizeChangingCapture(shapes)))
-    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path, max_pixels=79) as src:
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), \
+            open_source(path, max_pixels=79, limit_name="--cap") as src:
         frames = list(src)
     assert [(f.index, f.image.shape[:2], int(f.image[0, 0, 0])) for f in frames] == [(0, (4, 5), 0), (1, (4, 5), 1),
                                                                                       (4, (4, 5), 4)]
@@ -326,7 +332,8 @@ def test_video_frames_above_max_pixels_mid_stream_are_skipped(tmp_path, monkeypa
     # one warning for the first frame skipped and one count at the end, not a line per frame
     assert caplog.text.count("skipping frame") == 1
     assert "skipping frame 000002: 10 x 8 = 80 pixels, more than the 79 allowed" in caplog.text
-    assert "skipped 3 frames (from 000002 to 000005) of more than 79 pixels" in caplog.text
+    assert "skipped 3 frames (from 000002 to 000005) of more than 79 pixels (--cap)" in caplog.text
+    assert "80 pixels, more than the 79 allowed (--cap)" in caplog.text
 
 
 @pytest.mark.parametrize("shapes, summary", [
