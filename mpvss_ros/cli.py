@@ -339,11 +339,7 @@ def _cmd_bag(args: argparse.Namespace) -> int:
         raise ValueError(f"output bag {args.output} exists already; choose a new path")
     _scheduler(args)  # validate before loading the model
     normalize_namespace(args.namespace)
-    if args.autoware_class_ids and not args.autoware_mask:
-        raise ValueError("--autoware-class-ids needs --autoware-mask (the output it maps the classes for)")
-    if any(not 0 <= i <= 255 for i in args.autoware_class_ids):  # the count is checked against the model's classes
-        raise ValueError(f"--autoware-class-ids must be in 0..255, got {list(args.autoware_class_ids)}")
-    options = BagOptions(  # checks its limits and --alpha (by their flags), also before the model loads
+    options = BagOptions(  # checks its limits, --alpha and the Autoware IDs (by their flags) before the model loads
         **_engine_options(args),
         max_frames=args.max_frames,
         max_image_pixels=_max_image_pixels(args, BagOptions.max_image_pixels),

@@ -906,7 +906,7 @@ def test_bag_autoware_class_ids_out_of_range_refused_before_the_model_loads(tmp_
                "--autoware-class-ids", "9", "256"])
     assert rc == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "mpvss: error: --autoware-class-ids must be in 0..255, got [9, 256]")
+        "mpvss: error: autoware_class_ids (--autoware-class-ids) must be in 0..255, got [9, 256]")
 
 
 def test_pipeline_help_states_the_engine_defaults(capsys):

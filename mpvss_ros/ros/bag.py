@@ -110,7 +110,8 @@ class BagOptions(EngineOptions):
 
     Raises:
         ValueError: when made, ``max_frames`` or ``max_image_pixels`` below 1
-            (:func:`~mpvss_ros.offline.check_frame_limits`), ``alpha`` outside [0, 1] or NaN.
+            (:func:`~mpvss_ros.offline.check_frame_limits`), ``alpha`` outside [0, 1] or NaN,
+            ``autoware_class_ids`` without ``autoware_mask`` or outside 0..255.
     """
 
     max_frames: int | None = None
@@ -127,11 +128,19 @@ class BagOptions(EngineOptions):
 
     def check(self) -> None:
         """As :meth:`~mpvss_ros.offline.EngineOptions.check`: the frame limits
-        (:func:`~mpvss_ros.offline.check_frame_limits`) and ``alpha``."""
+        (:func:`~mpvss_ros.offline.check_frame_limits`), ``alpha``, and Autoware class IDs only
+        with ``autoware_mask`` and each in 0..255 (their count is checked against the model's
+        classes when the run starts)."""
         check_frame_limits(self.max_frames, self.max_image_pixels)
         if not 0.0 <= self.alpha <= 1.0:  # NaN too
             raise ValueError(f"alpha (--alpha) must be in [0, 1] (overlay opacity of the class colours), got "
                              f"{self.alpha:g}")
+        if self.autoware_class_ids and not self.autoware_mask:
+            raise ValueError("autoware_class_ids (--autoware-class-ids) needs autoware_mask (--autoware-mask), the "
+                             "output it maps the classes for")
+        if any(not 0 <= int(i) <= 255 for i in self.autoware_class_ids):
+            raise ValueError(f"autoware_class_ids (--autoware-class-ids) must be in 0..255, got "
+                             f"{list(self.autoware_class_ids)}")
 
 
 def _opt(options: EngineOptions, name: str) -> Any:
@@ -528,7 +537,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     try:
         autoware_ids = autoware_class_ids(class_names, _opt(options, "autoware_class_ids")) if want["autoware_mask"] else None
     except ValueError as exc:
-        raise ValueError(f"--autoware-class-ids: {exc}") from None
+        raise ValueError(f"autoware_class_ids (--autoware-class-ids): {exc}") from None
 
     typestore = get_typestore(Stores.ROS2_HUMBLE)
     types = rosbags_message_types(typestore)

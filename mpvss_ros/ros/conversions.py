@@ -508,16 +508,16 @@ AUTOWARE_CLASSES = ("UNKNOWN", "BUILDING", "WALL", "OBSTACLE", "TRAFFIC_LIGHT", 
                     "BIKE", "ROAD", "SIDEWALK", "ROAD_PAINT", "CURBSTONE", "CROSSWALK", "VEGETATION", "SKY")
 
 #: The Autoware class of a model class name (lower case; CamVid's names as ``mpvss_lite`` has
-#: them, and a few common synonyms); names not in it map to UNKNOWN.
+#: them, Cityscapes' and a few common synonyms); names not in it map to UNKNOWN.
 _AUTOWARE_CLASS_OF_NAME = {
     "sky": "SKY", "building": "BUILDING", "wall": "WALL", "fence": "WALL", "pole": "OBSTACLE",
     "obstacle": "OBSTACLE", "traffic light": "TRAFFIC_LIGHT", "trafficlight": "TRAFFIC_LIGHT",
     "signsymbol": "TRAFFIC_SIGN", "traffic sign": "TRAFFIC_SIGN", "trafficsign": "TRAFFIC_SIGN",
-    "pedestrian": "PERSON", "person": "PERSON", "car": "VEHICLE", "vehicle": "VEHICLE", "truck": "VEHICLE",
+    "pedestrian": "PERSON", "person": "PERSON", "rider": "PERSON", "car": "VEHICLE", "train": "VEHICLE", "vehicle": "VEHICLE", "truck": "VEHICLE",
     "bus": "VEHICLE", "bicyclist": "BIKE", "bicycle": "BIKE", "motorcycle": "BIKE", "bike": "BIKE",
     "road": "ROAD", "pavement": "SIDEWALK", "sidewalk": "SIDEWALK", "road marking": "ROAD_PAINT",
     "curb": "CURBSTONE", "curbstone": "CURBSTONE", "crosswalk": "CROSSWALK", "tree": "VEGETATION",
-    "vegetation": "VEGETATION",
+    "vegetation": "VEGETATION", "terrain": "VEGETATION",
 }
 
 

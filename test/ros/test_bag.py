@@ -263,11 +263,17 @@ def test_autoware_mask_output(ts, tmp_path, band_loaded, capsys):
             "--autoware-mask"]
     assert main([*args, "--autoware-class-ids", "1", "2"]) == 2  # mpvss_lite has 11 classes
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == "mpvss: error: --autoware-class-ids: 2 Autoware class IDs for a model with 11 classes (one per class)"
+    assert err == ("mpvss: error: autoware_class_ids (--autoware-class-ids): 2 Autoware class IDs for a model with 11 "
+                   "classes (one per class)")
     assert not (tmp_path / "o2").exists()
     assert main([*args[:-1], "--autoware-class-ids", "1", "2"]) == 2  # a map for an output not asked for
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == "mpvss: error: --autoware-class-ids needs --autoware-mask (the output it maps the classes for)"
+    assert err == ("mpvss: error: autoware_class_ids (--autoware-class-ids) needs autoware_mask (--autoware-mask), "
+                   "the output it maps the classes for")
+    with pytest.raises(ValueError, match="needs autoware_mask"):  # the API refuses it too, when the options are made
+        BagOptions(autoware_class_ids=(9, 7))
+    with pytest.raises(ValueError, match=r"must be in 0..255, got \[9, -1\]"):
+        BagOptions(autoware_mask=True, autoware_class_ids=(9, -1))
 
 
 def test_messages_per_topic_counts_every_topic_written(ts, tmp_path, band_loaded):

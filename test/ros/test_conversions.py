@@ -863,10 +863,10 @@ def test_autoware_classes_agree_with_the_parameter_description():
 def test_autoware_class_ids_by_cityscapes_names_and_padded_names():
     # the synonyms of the name table, as a Cityscapes-trained model names its classes
     names = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-             "sky", "person", "car", "truck", "bus", "motorcycle", "bicycle"]
+             "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
     assert [AUTOWARE_CLASSES[i] for i in autoware_class_ids(names)] == [
         "ROAD", "SIDEWALK", "BUILDING", "WALL", "WALL", "OBSTACLE", "TRAFFIC_LIGHT", "TRAFFIC_SIGN", "VEGETATION",
-        "SKY", "PERSON", "VEHICLE", "VEHICLE", "VEHICLE", "BIKE", "BIKE"]
+        "VEGETATION", "SKY", "PERSON", "PERSON", "VEHICLE", "VEHICLE", "VEHICLE", "VEHICLE", "BIKE", "BIKE"]
     assert autoware_class_ids([" Road ", "Car\n"]).tolist() == [9, 7]  # names compared stripped
 
 
