@@ -747,7 +747,7 @@ def read_label_png(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"label image not found: {path}")
     data = path.read_bytes()
     # IHDR: signature (8) + length (4) + "IHDR" (4) + width (4) + height (4) + depth (1) + colour type.
-    if data[:8] == PNG_SIGNATURE and len(data) > 25 and data[12:16] == b"IHDR" and data[25] == 3:
+    if png_size(data) is not None and len(data) > 25 and data[25] == 3:
         raise ValueError(f"{path} is a palette (indexed) PNG: OpenCV decodes it to colours, not class IDs; "
                          "convert it to a grayscale PNG of the indices first")
     labels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None

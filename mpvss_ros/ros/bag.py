@@ -56,6 +56,7 @@ from .conversions import (
     ConversionError,
     autoware_class_ids,
     build_outputs,
+    check_autoware_class_ids,
     compressed_to_rgb,
     image_to_rgb,
     make_label_info,
@@ -72,6 +73,14 @@ COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 LABEL_INFO_TYPE = "vision_msgs/msg/LabelInfo"
 CLASS_MASKS_TYPE = "mpvss_ros/msg/ClassMasks"
 INFO_TYPE = "mpvss_ros/msg/SegmentationInfo"
+
+#: The outputs in the order their connections are made, with their message types: the one list
+#: of :func:`output_topics` and of what :class:`_OutputBag` writes per frame.
+_OUTPUT_TYPES = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE, "colored": IMAGE_TYPE,
+                 "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "autoware_mask": IMAGE_TYPE, "info": INFO_TYPE}
+#: The outputs of every segmented frame (:class:`~mpvss_ros.ros.conversions.OutputMessages`' fields,
+#: in write order); ``label_info`` goes out with key frames only.
+_FRAME_OUTPUTS = tuple(key for key in _OUTPUT_TYPES if key != "label_info")
 
 #: Output storage formats (rosbag2 storage identifiers).
 STORAGES = ("sqlite3", "mcap")
@@ -138,9 +147,7 @@ class BagOptions(EngineOptions):
         if self.autoware_class_ids and not self.autoware_mask:
             raise ValueError("autoware_class_ids (--autoware-class-ids) needs autoware_mask (--autoware-mask), the "
                              "output it maps the classes for")
-        if any(not 0 <= int(i) <= 255 for i in self.autoware_class_ids):
-            raise ValueError(f"autoware_class_ids (--autoware-class-ids) must be in 0..255, got "
-                             f"{list(self.autoware_class_ids)}")
+        check_autoware_class_ids(self.autoware_class_ids, "autoware_class_ids (--autoware-class-ids)")
 
 
 def _opt(options: EngineOptions, name: str) -> Any:
@@ -166,8 +173,7 @@ def output_topics(namespace: str = "/mpvss") -> dict[str, str]:
     """``{output: topic}`` for ``labels``, ``confidence``, ``label_info``, ``colored``,
     ``overlay``, ``class_masks``, ``autoware_mask`` and ``info`` under ``namespace``."""
     ns = normalize_namespace(namespace)
-    return {k: f"{ns}/{k}" for k in ("labels", "confidence", "label_info", "colored", "overlay", "class_masks",
-                                     "autoware_mask", "info")}
+    return {k: f"{ns}/{k}" for k in _OUTPUT_TYPES}
 
 
 @contextlib.contextmanager
@@ -406,11 +412,6 @@ def _select_topic(connections: list[Any], topic: str, compressed: bool | None, w
     return chosen, msgtype
 
 
-#: Message type of each output (keys of :func:`output_topics`).
-_OUTPUT_TYPES = {"labels": IMAGE_TYPE, "confidence": IMAGE_TYPE, "label_info": LABEL_INFO_TYPE, "colored": IMAGE_TYPE,
-                 "overlay": IMAGE_TYPE, "class_masks": CLASS_MASKS_TYPE, "autoware_mask": IMAGE_TYPE, "info": INFO_TYPE}
-
-
 class _OutputBag:
     """The output bag's connections, and the messages written per topic.
 
@@ -467,7 +468,7 @@ class _OutputBag:
     def put_frame(self, stamp_ns: int, out: Any) -> None:
         """Write one segmented frame's messages (:func:`~mpvss_ros.ros.conversions.build_outputs`;
         the optional ones when built) at the input message's log time ``stamp_ns``."""
-        for key in ("labels", "confidence", "colored", "overlay", "class_masks", "autoware_mask", "info"):
+        for key in _FRAME_OUTPUTS:
             msg = getattr(out, key)
             if msg is not None:
                 self.put(key, stamp_ns, msg)

@@ -60,6 +60,7 @@ __all__ = [
     "make_segmentation_info",
     "AUTOWARE_CLASSES",
     "autoware_class_ids",
+    "check_autoware_class_ids",
     "autoware_rle",
     "make_autoware_mask",
     "stamp_to_seconds",
@@ -513,12 +514,29 @@ _AUTOWARE_CLASS_OF_NAME = {
     "sky": "SKY", "building": "BUILDING", "wall": "WALL", "fence": "WALL", "pole": "OBSTACLE",
     "obstacle": "OBSTACLE", "traffic light": "TRAFFIC_LIGHT", "trafficlight": "TRAFFIC_LIGHT",
     "signsymbol": "TRAFFIC_SIGN", "traffic sign": "TRAFFIC_SIGN", "trafficsign": "TRAFFIC_SIGN",
-    "pedestrian": "PERSON", "person": "PERSON", "rider": "PERSON", "car": "VEHICLE", "train": "VEHICLE", "vehicle": "VEHICLE", "truck": "VEHICLE",
-    "bus": "VEHICLE", "bicyclist": "BIKE", "bicycle": "BIKE", "motorcycle": "BIKE", "bike": "BIKE",
+    "pedestrian": "PERSON", "person": "PERSON", "rider": "PERSON", "car": "VEHICLE", "vehicle": "VEHICLE",
+    "truck": "VEHICLE", "bus": "VEHICLE", "train": "VEHICLE", "bicyclist": "BIKE", "bicycle": "BIKE", "motorcycle": "BIKE", "bike": "BIKE",
     "road": "ROAD", "pavement": "SIDEWALK", "sidewalk": "SIDEWALK", "road marking": "ROAD_PAINT",
     "curb": "CURBSTONE", "curbstone": "CURBSTONE", "crosswalk": "CROSSWALK", "tree": "VEGETATION",
     "vegetation": "VEGETATION", "terrain": "VEGETATION",
 }
+
+
+def check_autoware_class_ids(ids: Sequence[int], name: str = "Autoware class IDs") -> list[int]:
+    """``ids`` as ints, each an Autoware class ID in 0..255 (mono8; Autoware's own classes are
+    :data:`AUTOWARE_CLASSES`, 0..15).
+
+    Args:
+        ids: the IDs.
+        name: the option as its users know it, named in the error.
+
+    Raises:
+        ValueError: an ID outside 0..255.
+    """
+    values = [int(i) for i in ids]
+    if any(not 0 <= v <= 255 for v in values):
+        raise ValueError(f"{name} must be in 0..255, got {values}")
+    return values
 
 
 def autoware_class_ids(class_names: Sequence[str], ids: Sequence[int] = ()) -> np.ndarray:
@@ -543,10 +561,7 @@ def autoware_class_ids(class_names: Sequence[str], ids: Sequence[int] = ()) -> n
                          for n in class_names], dtype=np.uint8)
     if len(ids) != len(class_names):
         raise ValueError(f"{len(ids)} Autoware class IDs for a model with {len(class_names)} classes (one per class)")
-    values = [int(i) for i in ids]
-    if any(not 0 <= v <= 255 for v in values):
-        raise ValueError(f"Autoware class IDs must be in 0..255, got {values}")
-    return np.array(values, dtype=np.uint8)
+    return np.array(check_autoware_class_ids(ids), dtype=np.uint8)
 
 
 #: One run of :func:`autoware_rle`: the value, then the run length as a little-endian int32.
