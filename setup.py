@@ -50,7 +50,7 @@ setup(
         "onnxruntime>=1.18",
         "simplejpeg>=1.7",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "catkin_pkg>=0.5"]},
     zip_safe=False,
     maintainer="mpvss_ros developers",
     maintainer_email="mpvss-ros@example.org",
