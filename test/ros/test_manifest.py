@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.metadata
 import re
 import sys
 from pathlib import Path
@@ -153,25 +152,27 @@ def test_launch_tests_declare_their_tools():
     assert sorted(keys - available) == []
 
 
+def _setup_requirements() -> dict[str, set[str]]:
+    """setup.py's requirements by extra ("" = install_requires): distribution names, lower case.
+    Read from its source, so the check needs no pip install (a colcon build has none)."""
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    keywords = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+    groups = {"": keywords["install_requires"], **keywords.get("extras_require", {})}
+    return {extra: {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in reqs} for extra, reqs in groups.items()}
+
+
 def test_setup_py_installs_what_the_code_imports():
     """``pip install .`` (no ROS) must bring every Python distribution the code imports, and only
     those (or the ones listed with a reason)."""
-    try:
-        requires = importlib.metadata.requires("mpvss_ros") or []
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("mpvss_ros is not pip-installed here (a colcon build has no pip metadata)")
-    extras = {}
-    for requirement in requires:
-        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
-        extra = re.search(r"extra\s*==\s*['\"](\w+)['\"]", requirement)
-        extras.setdefault(extra.group(1) if extra else "", set()).add(name)
-    install = extras.get("", set())
+    requirements = _setup_requirements()
+    install = requirements[""]
     imported = _imports(_installed_sources())
     pip_for = {m: PYTHON_KEYS[m][1] for m in imported if m in PYTHON_KEYS} | (
         {"onnx": "onnx"} if "onnx" in imported else {})
     assert sorted(set(pip_for.values()) - install) == []
     assert sorted(install - set(pip_for.values()) - set(PIP_WITHOUT_IMPORT)) == []
-    assert {"pytest", "hypothesis"} <= extras.get("test", set())
+    assert {"pytest", "hypothesis", "catkin_pkg"} <= requirements["test"]
 
 
 def _rosidl_fields(spec_text: str, name: str) -> list[tuple[str, str]]:
