@@ -391,6 +391,36 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
         LifecycleNode.__init__(self, NODE_NAME, **kwargs)
         self._declare_parameters(read_only_fixed=False)
         self.add_on_set_parameters_callback(self._on_set_lifecycle_parameters)
+        self._answer_refused_transitions()
+
+    def _answer_refused_transitions(self) -> None:
+        """Make ``~/change_state`` answer ``success: false`` to a transition the state machine
+        refuses in the current state (e.g. activate while unconfigured, requested by ID as Nav2's
+        lifecycle manager does).
+
+        rclpy before 8.0 (Humble, Jazzy) raises ``RCLError`` out of the service handler instead
+        (fixed upstream in ros2/rclpy#1319): the request is never answered, so the caller waits
+        until its own timeout, and the error ends ``rclpy.spin``. Here the handler rclpy
+        registered is wrapped: the refusal is logged and answered. Newer rclpy answers it
+        itself, and a node made without the lifecycle services has nothing to wrap.
+        """
+        service = getattr(self, "_service_change_state", None)
+        if service is None:
+            return
+        handler = service.callback
+        from rclpy.impl.implementation_singleton import rclpy_implementation
+
+        def on_change_state(request, response):
+            try:
+                return handler(request, response)
+            except rclpy_implementation.RCLError as exc:
+                transition = request.transition
+                self.get_logger().error(
+                    f"lifecycle transition {transition.label or transition.id} refused: {exc}")
+                response.success = False
+                return response
+
+        service.callback = on_change_state
 
     def _on_set_lifecycle_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         if self.core is not None:
@@ -444,25 +474,6 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
         return super().on_error(state)
 
 
-def _spin_surviving_refused_transitions(node: Node) -> None:
-    """Spin like ``rclpy.spin``, but a lifecycle request the state machine refuses (``ros2
-    lifecycle set activate`` while unconfigured) is logged instead of ending the process: rclpy
-    Humble and Jazzy raise ``RCLError`` from the change_state service into the executor (fixed
-    later upstream, ros2/rclpy#1319)."""
-    from rclpy.impl.implementation_singleton import rclpy_implementation
-
-    executor = rclpy.executors.SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        while rclpy.ok():
-            try:
-                executor.spin_once(timeout_sec=0.5)
-            except rclpy_implementation.RCLError as exc:
-                node.get_logger().error(f"lifecycle request refused: {exc}")
-    finally:
-        executor.remove_node(node)
-
-
 def _spin(node_class: type, args: list[str] | None) -> int:
     """Init rclpy, build ``node_class`` and spin it until Ctrl-C or shutdown; the exit status."""
     rclpy.init(args=args)
@@ -470,10 +481,7 @@ def _spin(node_class: type, args: list[str] | None) -> int:
     status = 0
     try:
         node = node_class()
-        if isinstance(node, LifecycleNode):
-            _spin_surviving_refused_transitions(node)
-        else:
-            rclpy.spin(node)
+        rclpy.spin(node)
     except StartupError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
         status = 1

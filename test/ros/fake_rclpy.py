@@ -513,7 +513,9 @@ class LifecycleNode(Node):
     transition's callback gets the previous state; SUCCESS goes to the goal state, FAILURE back
     to the start state, ERROR (or an exception) to ``on_error``, then unconfigured on its
     SUCCESS, else finalized. The default callbacks enable (activate) or disable (deactivate)
-    the lifecycle publishers. A transition not allowed from the current state raises."""
+    the lifecycle publishers. A transition not allowed from the current state raises RCLError,
+    and so does the ``~/change_state`` service handler (``_service_change_state.callback``,
+    rclpy's ``__on_change_state`` before ros2/rclpy#1319), which therefore answers nothing."""
 
     _TRANSITIONS = {  # name: (from states, goal state, callback name)
         "configure": (("unconfigured",), "inactive", "on_configure"),
@@ -523,11 +525,26 @@ class LifecycleNode(Node):
         "shutdown": (("unconfigured", "inactive", "active"), "finalized", "on_shutdown"),
     }
     _IDS = {"unconfigured": 1, "inactive": 2, "active": 3, "finalized": 4}
+    #: lifecycle_msgs/msg/Transition IDs of the requests ~/change_state takes.
+    _TRANSITION_IDS = {1: "configure", 2: "cleanup", 3: "activate", 4: "deactivate",
+                       5: "shutdown", 6: "shutdown", 7: "shutdown"}
 
     def __init__(self, node_name: str, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         self.state = "unconfigured"
         self._managed: list[LifecyclePublisher] = []
+        self._service_change_state = types.SimpleNamespace(callback=self._on_change_state)
+
+    def _on_change_state(self, request: Any, response: Any) -> Any:
+        """rclpy's handler: a label it does not know is answered ``success: false``; a
+        transition the state machine refuses raises out of the handler."""
+        transition = request.transition
+        name = transition.label or self._TRANSITION_IDS.get(transition.id)
+        if name not in self._TRANSITIONS:
+            response.success = False
+            return response
+        response.success = self._trigger(name) == TransitionCallbackReturn.SUCCESS
+        return response
 
     def create_lifecycle_publisher(self, msg_type: type, topic: str, qos_profile: QoSProfile, *,
                                    qos_overriding_options: Any = None) -> LifecyclePublisher:
@@ -546,7 +563,8 @@ class LifecycleNode(Node):
     def _trigger(self, transition: str) -> TransitionCallbackReturn:
         sources, goal, callback = self._TRANSITIONS[transition]
         if self.state not in sources:
-            raise RuntimeError(f"transition '{transition}' not allowed from '{self.state}'")
+            raise RCLError(f"Failed to trigger lifecycle state machine transition: transition '{transition}' "
+                           f"is not registered in state '{self.state}'")
         start = self.state
         previous = LifecycleState(start, self._IDS[start])
         try:
@@ -637,42 +655,11 @@ class RCLError(RuntimeError):
 
 
 class _Runtime:
-    """``rclpy.init`` / ``spin`` / ``ok`` / ``try_shutdown``; ``spin`` returns at once.
-
-    :attr:`spin_once_script`: what successive ``SingleThreadedExecutor.spin_once`` calls do, each
-    an exception to raise or None; once it is used up the executor shuts the runtime down (as a
-    Ctrl-C would end the spin)."""
+    """``rclpy.init`` / ``spin`` / ``ok`` / ``try_shutdown``; ``spin`` returns at once."""
 
     def __init__(self) -> None:
         self.initialised = False
         self.spun: list[Any] = []
-        self.spin_once_script: list[BaseException | None] = []
-        self.spin_once_calls = 0
-
-    def executor_class(self) -> type:
-        runtime = self
-
-        class SingleThreadedExecutor:
-            def __init__(self) -> None:
-                self.nodes: list[Any] = []
-
-            def add_node(self, node: Any) -> None:
-                self.nodes.append(node)
-                runtime.spun.append(node)
-
-            def remove_node(self, node: Any) -> None:
-                self.nodes.remove(node)
-
-            def spin_once(self, timeout_sec: float | None = None) -> None:
-                runtime.spin_once_calls += 1
-                if not runtime.spin_once_script:
-                    runtime.try_shutdown()
-                    return
-                step = runtime.spin_once_script.pop(0)
-                if step is not None:
-                    raise step
-
-        return SingleThreadedExecutor
 
     def init(self, args: Any = None) -> None:
         self.initialised = True
@@ -694,8 +681,7 @@ def install(monkeypatch: Any) -> _Runtime:
     t = TYPESTORE.types
     modules = {
         "rclpy": {"init": runtime.init, "spin": runtime.spin, "ok": runtime.ok, "try_shutdown": runtime.try_shutdown},
-        "rclpy.executors": {"ExternalShutdownException": ExternalShutdownException,
-                            "SingleThreadedExecutor": runtime.executor_class()},
+        "rclpy.executors": {"ExternalShutdownException": ExternalShutdownException},
         "rclpy.impl": {}, "rclpy.impl.implementation_singleton": {
             "rclpy_implementation": types.SimpleNamespace(RCLError=RCLError)},
         "rclpy.logging": {"get_logger": get_logger},

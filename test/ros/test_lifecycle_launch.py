@@ -86,6 +86,9 @@ class TestLifecycleNode(ClientTestCase):
         self.assertEqual(self.state(), "unconfigured")
         self.publish_frames(3)
         self.assertEqual(self.labels, [], "labels before activation")
+        # a transition the state machine refuses is answered (success false), not left unanswered
+        self.assertFalse(self.transition(Transition.TRANSITION_ACTIVATE, 10.0))
+        self.assertEqual(self.state(), "unconfigured")
 
         self.assertTrue(self.transition(Transition.TRANSITION_CONFIGURE, CONFIGURE_TIMEOUT_S))
         self.assertEqual(self.state(), "inactive")

@@ -6,6 +6,7 @@ real node; this test covers the same wiring everywhere else (CI included)."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import fake_rclpy as fr
 import numpy as np
@@ -364,22 +365,33 @@ def test_main_exit_status(node_module, monkeypatch):
     assert node.destroyed and not node._worker.alive and not runtime.ok()
 
 
-def test_lifecycle_main_survives_a_refused_transition(node_module, monkeypatch):
-    """rclpy Humble/Jazzy raise RCLError into the executor for a lifecycle request the state
-    machine refuses (``ros2 lifecycle set activate`` while unconfigured); the managed node's spin
-    loop logs it and goes on."""
+def test_lifecycle_refused_transitions_are_answered(node_module, monkeypatch):
+    """rclpy Humble/Jazzy raise RCLError out of ~/change_state for a transition the state machine
+    refuses (activate while unconfigured, by ID as Nav2's lifecycle manager asks), so the caller
+    never got an answer; the managed node answers success false, logs why and stays as it was.
+    The managed main spins and exits like the plain one."""
     start, runtime = node_module
+    start()
     import mpvss_ros.ros.node as node_py
 
-    monkeypatch.setattr(fr.Node, "overrides", {"device": "cpu", "threads": torch.get_num_threads()})
-    refused = fr.RCLError("Failed to trigger lifecycle state machine transition")
-    runtime.spin_once_script = [None, refused, None]
-    assert node_py.main_lifecycle([]) == 0
-    assert runtime.spin_once_calls == 4  # three scripted, then the shutdown
-    (node,) = runtime.spun
-    assert node.destroyed and not runtime.ok()
-    assert any(level == "error" and "lifecycle request refused" in text and "Failed to trigger" in text
+    def change_state(node, transition_id: int = 0, label: str = ""):
+        request = SimpleNamespace(transition=SimpleNamespace(id=transition_id, label=label))
+        return node._service_change_state.callback(request, SimpleNamespace(success=None)).success
+
+    node = node_py.MPVSSLifecycleNode()
+    assert change_state(node, 3) is False  # activate while unconfigured
+    assert node.state == "unconfigured"
+    assert any(level == "error" and "transition 3 refused" in text and "Failed to trigger" in text
                for level, text in node.get_logger().lines)
+    assert change_state(node, label="deactivate") is False
+    assert change_state(node, 1) is True and node.state == "inactive"  # configure still works
+    assert change_state(node, 3) is True and node.state == "active"
+    node.destroy_node()
+
+    monkeypatch.setattr(fr.Node, "overrides", {"device": "cpu", "threads": torch.get_num_threads()})
+    assert node_py.main_lifecycle([]) == 0
+    (spun,) = runtime.spun[-1:]
+    assert isinstance(spun, node_py.MPVSSLifecycleNode) and spun.destroyed and not runtime.ok()
 
 
 def test_lifecycle_configure_undoes_a_failure_half_way(node_module, monkeypatch):
