@@ -44,6 +44,7 @@ __all__ = [
     "read_label_png",
     "png_size",
     "PNG_SIGNATURE",
+    "png_is_complete",
 ]
 
 logger = logging.getLogger(__name__)
@@ -514,6 +515,22 @@ class _Skipped(Exception):
         self.too_large = too_large
 
 
+#: A PNG's closing IEND chunk without its zero length: chunk type and CRC (PNG specification,
+#: ISO/IEC 15948, 11.2.5).
+_PNG_IEND = b"IEND\xaeB`\x82"
+
+
+def png_is_complete(data: bytes | np.ndarray) -> bool:
+    """True when a PNG's data holds its closing IEND chunk, i.e. was not cut short in transit
+    or on disk. Bytes after it are allowed (OpenCV's decoder ignores them); OpenCV refuses a
+    PNG without it, but only after libpng has printed an error to stderr, once per image.
+
+    Args:
+        data: the whole file (bytes, or a 1-D ``uint8`` array).
+    """
+    return bytes(data).rfind(_PNG_IEND) >= 0
+
+
 def png_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
     """``(height, width)`` in pixels from a PNG's IHDR chunk, or None when ``data`` is not a PNG
     with an IHDR chunk first (as the PNG standard puts it).
@@ -555,6 +572,8 @@ def _read_rgb(file: Path, max_pixels: int | None = None, limit_name: str = DEFAU
         size = png_size(data)
         if size is not None:
             check_size(*size)
+            if not png_is_complete(data):
+                raise _Skipped(f"skipping truncated PNG {file} (it ends before its IEND chunk)")
     try:
         img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
     except cv2.error as exc:

@@ -191,6 +191,19 @@ def test_folder_with_corrupt_gray_and_16bit(tmp_path, caplog):
     np.testing.assert_array_equal(frames[3].image, colour)  # alpha dropped
 
 
+def test_folder_png_cut_short_is_skipped_by_name(tmp_path, caplog, capfd):
+    """A PNG without its IEND chunk (a copy cut short) is skipped with its name, before libpng
+    prints an error of its own that names no file."""
+    good = cv2.imencode(".png", np.full((6, 8, 3), 90, np.uint8))[1].tobytes()
+    (tmp_path / "f000.png").write_bytes(good)
+    (tmp_path / "f001.png").write_bytes(good[:-12])
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(tmp_path) as src:
+        names = [f.name for f in src]
+    assert names == ["f000"]
+    assert "skipping truncated PNG" in caplog.text and "f001.png" in caplog.text
+    assert "libpng" not in capfd.readouterr().err
+
+
 def test_folder_jpeg_with_damaged_scan_data_is_skipped(tmp_path, caplog):
     # 300 bytes of the scan data overwritten (a bad sector, a copy cut short and patched): OpenCV
     # decodes it with shifted blocks and only a libjpeg line on stderr naming no file

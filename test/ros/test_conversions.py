@@ -495,6 +495,19 @@ def test_png_without_its_header_is_refused(ts):
         compressed_to_rgb(compressed(ts, not_first, "png"), max_pixels=None)
 
 
+def test_truncated_png_is_refused_before_libpng_complains(ts, capfd):
+    """A PNG cut short in transit is refused by its missing IEND chunk with a reason, before
+    OpenCV's libpng prints its own error to stderr for every such frame (past the node's rate
+    limit); bytes after IEND are no damage."""
+    rgb = synthetic_frame(30, 40)
+    png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    for cut in (len(png) // 2, len(png) - 12, len(png) - 1):  # half, the IEND chunk, its last CRC byte
+        with pytest.raises(ConversionError, match="truncated PNG.*IEND"):
+            compressed_to_rgb(compressed(ts, png[:cut], "png"))
+    assert "libpng" not in capfd.readouterr().err
+    np.testing.assert_array_equal(compressed_to_rgb(compressed(ts, png + b"trailer" * 20, "png")), rgb)
+
+
 def test_raw_frames_above_the_pixel_limit_are_refused(ts):
     msg = encode(ts, synthetic_frame(60, 80), "rgb8")
     assert image_to_rgb(msg, max_pixels=4800).shape == (60, 80, 3)
