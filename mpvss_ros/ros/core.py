@@ -714,6 +714,10 @@ class SegmentationCore:
                             f"({c['dropped_stale']} stale, {c['dropped_replaced']} replaced in total)")
         if warnings:
             return DiagnosticSummary(WARN, "; ".join(warnings), values)
+        if s["outputs"] == 0:  # just started (a longer silence is a warning above)
+            return DiagnosticSummary(OK, "waiting for frames", values)
+        if s["outputs"] == 1:  # a rate needs two outputs in the window: not "0.0 Hz"
+            return DiagnosticSummary(OK, f"segmenting (1 frame in the last {self.window_s:g} s)", values)
         return DiagnosticSummary(OK, f"segmenting at {s['output_rate_hz']:.1f} Hz", values)
 
 

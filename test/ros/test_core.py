@@ -647,6 +647,7 @@ def test_diagnostics_ok_with_rates_latency_and_key_frame_ratio(make_core, types)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in status.values)
     assert float(values["input rate (Hz)"]) == pytest.approx(10.0)
     assert float(values["output rate (Hz)"]) == pytest.approx(10.0)
+    assert status.message == "segmenting at 10.0 Hz"
     assert values["latency median (ms)"] == "0.0"  # the fake clock does not move during process()
     assert float(values["key-frame ratio"]) == pytest.approx(0.5)
     assert values["received"] == "10" and values["processed"] == "10" and values["published"] == "10"
@@ -656,13 +657,15 @@ def test_diagnostics_ok_with_rates_latency_and_key_frame_ratio(make_core, types)
 
 def test_diagnostics_warn_when_no_output(make_core, types):
     core, clock, _ = make_core()
-    assert core.diagnostic_status().level == OK  # just started
+    assert (core.diagnostic_status().level, core.diagnostic_status().message) == (OK, "waiting for frames")
     clock.advance(6.0)
     status = core.diagnostic_status()
     assert status.level == WARN and "no output" in status.message and "no input" in status.message
     slot = core.make_slot()
     feed(core, clock, slot, image_msg(types, frame(), 1.0))
-    assert core.diagnostic_status().level == OK
+    core.record_published()
+    # one output gives no rate yet: said so, not "0.0 Hz"
+    assert (core.diagnostic_status().level, core.diagnostic_status().message) == (OK, "segmenting (1 frame in the last 5 s)")
     clock.advance(5.5)
     assert core.diagnostic_status().level == WARN
 
