@@ -145,7 +145,7 @@ def main() -> None:
         epe = flow_epe(model, seq.images, canvas, loaded.config.input.size_divisibility, args.gaps, key_every=5)
 
     per_frame = rows[0]["mIoU"]
-    print(f"| setting | mIoU | loss vs per-frame | median ms non-key |\n|---|---:|---:|---:|")
+    print("| setting | mIoU | loss vs per-frame | median ms non-key |\n|---|---:|---:|---:|")
     print(f"| per-frame (fixed:1) | {per_frame:.2f} | | |")
     for r in rows[1:]:
         print(f"| {r['propagator']} {r['schedule']} | {r['mIoU']:.2f} | {per_frame - r['mIoU']:.2f} | "

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mpvss_ros.evaluation.pair_table import PairTable, build_pair_table, local_search
+from mpvss_ros.evaluation.pair_table import build_pair_table, local_search
 from mpvss_ros.evaluation.study import match_scene_threshold
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import KeyFrameState

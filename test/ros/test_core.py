@@ -498,8 +498,6 @@ def test_a_new_frame_id_forces_a_key_frame(make_core, types):
 
 
 def test_non_finite_logits_publish_nothing_and_the_next_frame_is_a_key_frame(make_core, types, monkeypatch):
-    from mpvss_ros.segmenter import NonFiniteOutputError
-
     core, _, logger = make_core()
     assert core.process(image_msg(types, frame(), 1.0)) is not None
     real = core.segmenter.propagator.propagate
