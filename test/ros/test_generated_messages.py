@@ -41,7 +41,7 @@ builtin_interfaces = _generated("builtin_interfaces.msg")
 vision_msgs = _generated("vision_msgs.msg")
 mpvss_msgs = _generated("mpvss_ros.msg")
 
-from test_conversions import check_decoded, fake_result, pixel_bytes, synthetic_frame  # noqa: E402
+from test_conversions import check_decoded, decode_image, fake_result, pixel_bytes, synthetic_frame  # noqa: E402
 
 from mpvss_ros.ros.conversions import (  # noqa: E402
     SUPPORTED_ENCODINGS,
@@ -93,14 +93,6 @@ def _header(sec: int = 1700000000, nanosec: int = 123456789, frame_id: str = "ca
     return std_msgs.Header(stamp=builtin_interfaces.Time(sec=sec, nanosec=nanosec), frame_id=frame_id)
 
 
-def _image_array(msg) -> np.ndarray:
-    """(H, W) or (H, W, C) array of a generated output Image (mono8/mono16/rgb8)."""
-    dtype = np.uint16 if msg.encoding == "mono16" else np.uint8
-    rows = np.frombuffer(bytes(msg.data), dtype).reshape(msg.height, -1)
-    return rows.reshape(msg.height, msg.width, -1).squeeze(-1) if msg.encoding.startswith("mono") else \
-        rows.reshape(msg.height, msg.width, 3)
-
-
 def test_the_generated_classes_are_what_the_node_uses():
     """The package's own messages come from msg/*.msg, field for field."""
     assert mpvss_msgs.ClassMasks.get_fields_and_field_types() == {
@@ -128,8 +120,8 @@ def test_every_output_on_generated_classes(labels_dtype):
         assert isinstance(msg, sensor_msgs.Image), field
         back = _through_c(msg)
         assert back == msg and back.header == header, field
-    np.testing.assert_array_equal(_image_array(_through_c(out.labels)), result.labels)
-    np.testing.assert_array_equal(_image_array(_through_c(out.confidence)), result.confidence)
+    np.testing.assert_array_equal(decode_image(_through_c(out.labels)), result.labels)
+    np.testing.assert_array_equal(decode_image(_through_c(out.confidence)), result.confidence)
     assert out.overlay.encoding == out.colored.encoding == "rgb8"
 
     masks = _through_c(out.class_masks)
@@ -138,7 +130,7 @@ def test_every_output_on_generated_classes(labels_dtype):
     assert masks.class_names == [names[i] for i in masks.class_ids]
     for class_id, mask in zip(masks.class_ids, masks.masks):
         assert mask.header == header
-        np.testing.assert_array_equal(_image_array(mask), np.where(result.labels == class_id, 255, 0))
+        np.testing.assert_array_equal(decode_image(mask), np.where(result.labels == class_id, 255, 0))
 
     info = _through_c(out.info)
     assert info == out.info and info.header == header
