@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ __all__ = [
     "read_label_png",
     "png_size",
     "PNG_SIGNATURE",
-    "png_is_complete",
+    "png_damage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -515,20 +516,44 @@ class _Skipped(Exception):
         self.too_large = too_large
 
 
-#: A PNG's closing IEND chunk without its zero length: chunk type and CRC (PNG specification,
-#: ISO/IEC 15948, 11.2.5).
-_PNG_IEND = b"IEND\xaeB`\x82"
+#: Bytes of a PNG chunk besides its data: length (4), type (4) and CRC (4) (PNG specification,
+#: ISO/IEC 15948, 5.3).
+_PNG_CHUNK_OVERHEAD = 12
 
 
-def png_is_complete(data: bytes | np.ndarray) -> bool:
-    """True when a PNG's data holds its closing IEND chunk, i.e. was not cut short in transit
-    or on disk. Bytes after it are allowed (OpenCV's decoder ignores them); OpenCV refuses a
-    PNG without it, but only after libpng has printed an error to stderr, once per image.
+def png_damage(data: bytes | np.ndarray) -> str | None:
+    """Why a PNG's data is damaged, or None when every chunk up to IEND is whole and its CRC
+    matches (PNG specification, ISO/IEC 15948, 5.3 and 5.6: CRC-32 of the chunk's type and data).
+
+    OpenCV refuses a PNG cut short or with a damaged chunk only after libpng has printed an error
+    of its own to stderr, once per image and naming no file; this check lets the caller refuse it
+    with a reason instead. Bytes after IEND are allowed (OpenCV's decoder ignores them). Damage
+    that keeps every CRC (data rewritten together with its checksum) is not found. Cost: one pass
+    of ``zlib.crc32`` over the file, about 0.4 ms for a 1 MB camera-like PNG of 1280 x 720.
 
     Args:
-        data: the whole file (bytes, or a 1-D ``uint8`` array).
+        data: the whole file (bytes, or a 1-D ``uint8`` array), signature included.
+
+    Returns:
+        None, or the first fault in file order, e.g. ``"it ends inside its 'IDAT' chunk at byte
+        40960"``, ``"its 'IDAT' chunk at byte 8233 fails its CRC"`` or ``"it ends before its IEND
+        chunk"``.
     """
-    return bytes(data).rfind(_PNG_IEND) >= 0
+    view = memoryview(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1) if isinstance(data, np.ndarray) else data)
+    size, offset = len(view), len(PNG_SIGNATURE)
+    while offset + 8 <= size:
+        length = int.from_bytes(view[offset:offset + 4], "big")
+        kind = bytes(view[offset + 4:offset + 8]).decode("latin-1")
+        end = offset + 8 + length
+        if length > 0x7FFFFFFF or end + 4 > size:
+            return f"it ends inside its {kind!r} chunk at byte {offset}" if length <= 0x7FFFFFFF \
+                else f"its {kind!r} chunk at byte {offset} has an impossible length ({length} bytes)"
+        if zlib.crc32(view[offset + 4:end]) != int.from_bytes(view[end:end + 4], "big"):
+            return f"its {kind!r} chunk at byte {offset} fails its CRC"
+        if kind == "IEND":
+            return None
+        offset = end + 4
+    return "it ends before its IEND chunk"
 
 
 def png_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
@@ -572,8 +597,9 @@ def _read_rgb(file: Path, max_pixels: int | None = None, limit_name: str = DEFAU
         size = png_size(data)
         if size is not None:
             check_size(*size)
-            if not png_is_complete(data):
-                raise _Skipped(f"skipping truncated PNG {file} (it ends before its IEND chunk)")
+            damage = png_damage(data)
+            if damage is not None:
+                raise _Skipped(f"skipping damaged PNG {file}: {damage}")
     try:
         img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
     except cv2.error as exc:
@@ -758,7 +784,8 @@ def read_label_png(path: str | Path) -> np.ndarray:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: it cannot be decoded; it is a palette (indexed) PNG, which OpenCV would
+        ValueError: it cannot be decoded (a PNG cut short or with a chunk failing its CRC, named
+            by :func:`png_damage`); it is a palette (indexed) PNG, which OpenCV would
             expand to colours instead of class IDs; or it holds colour rather than class IDs.
     """
     path = Path(path).expanduser()
@@ -769,6 +796,9 @@ def read_label_png(path: str | Path) -> np.ndarray:
     if png_size(data) is not None and len(data) > 25 and data[25] == 3:
         raise ValueError(f"{path} is a palette (indexed) PNG: OpenCV decodes it to colours, not class IDs; "
                          "convert it to a grayscale PNG of the indices first")
+    damage = png_damage(data) if png_size(data) is not None else None
+    if damage is not None:
+        raise ValueError(f"damaged label image {path}: {damage}")
     labels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if labels is None:
         raise ValueError(f"cannot read label image: {path}")

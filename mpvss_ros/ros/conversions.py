@@ -40,7 +40,7 @@ import numpy as np
 
 from ..io import DEFAULT_MAX_IMAGE_PIXELS, pixel_excess
 from ..io.jpeg import STRICT_JPEG, JpegDataError, JpegHeaderError, decode_jpeg, is_jpeg
-from ..io.video import PNG_SIGNATURE, png_is_complete, png_size
+from ..io.video import PNG_SIGNATURE, png_damage, png_size
 from ..viz import colorize, frame_tag, overlay
 
 from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
@@ -352,7 +352,8 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     Raises:
         ConversionError: another format (e.g. ``compressedDepth``), an empty payload, data that is
             not a JPEG or a PNG, more than ``max_pixels`` pixels, a truncated or corrupt JPEG, a
-            truncated PNG, or data the decoder cannot read.
+            PNG cut short or with a chunk failing its CRC (:func:`~mpvss_ros.io.video.png_damage`),
+            or data the decoder cannot read.
     """
     fmt = getattr(msg, "format", "")
     if not isinstance(fmt, str):
@@ -379,8 +380,9 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     if size is None:
         raise ConversionError(f"corrupt PNG: {what} has no image header")
     _check_pixels(*size, max_pixels, what)
-    if not png_is_complete(buf):
-        raise ConversionError(f"truncated PNG: {what} ends before its IEND chunk")
+    damage = png_damage(buf)
+    if damage is not None:
+        raise ConversionError(f"corrupt PNG: {what}: {damage}")
     return cv2.cvtColor(_imdecode(buf, what), cv2.COLOR_BGR2RGB)
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..evaluation.metrics import IGNORE_INDEX
+from ..io.video import read_label_png
 
 __all__ = ["CamVidFrames", "list_frames", "load_frame", "decode_frames", "BRIGHTNESS_DELTA", "CONTRAST_RANGE",
            "SATURATION_RANGE", "HUE_DELTA_DEG"]
@@ -77,21 +78,18 @@ def load_frame(image_path: str | Path, label_path: str | Path, num_classes: int 
         ``0..num_classes-1`` set to ``ignore_index``.
 
     Raises:
-        FileNotFoundError: unreadable image or label.
-        ValueError: label not single-channel or of another size than the image.
+        FileNotFoundError: unreadable image, or no label file.
+        ValueError: the label cannot be read as class IDs (:func:`~mpvss_ros.io.video.read_label_png`:
+            damaged, a palette PNG, several distinct channels) or has another size than the image.
     """
     bgr = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise FileNotFoundError(f"cannot read image {image_path}")
-    label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise FileNotFoundError(f"cannot read label {label_path}")
-    if label.ndim != 2:
-        raise ValueError(f"{label_path}: label must be single-channel, got shape {label.shape}")
+    label = read_label_png(label_path)
     if label.shape != bgr.shape[:2]:
         raise ValueError(f"{label_path}: label {label.shape} vs image {bgr.shape[:2]}")
-    label = label.astype(np.uint8, copy=True)
-    label[label >= num_classes] = ignore_index
+    # void before the cast: a 16-bit ID of 256 or more must not wrap onto a class
+    label = np.where(label >= num_classes, ignore_index, label).astype(np.uint8)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), label
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import with_exif_orientation
 
@@ -19,6 +21,7 @@ from mpvss_ros.io.video import (
     VideoFileSource,
     VideoWriter,
     open_source,
+    png_damage,
     png_size,
     read_label_png,
     write_label_png,
@@ -191,17 +194,37 @@ def test_folder_with_corrupt_gray_and_16bit(tmp_path, caplog):
     np.testing.assert_array_equal(frames[3].image, colour)  # alpha dropped
 
 
-def test_folder_png_cut_short_is_skipped_by_name(tmp_path, caplog, capfd):
-    """A PNG without its IEND chunk (a copy cut short) is skipped with its name, before libpng
-    prints an error of its own that names no file."""
+def test_folder_png_cut_short_or_damaged_is_skipped_by_name(tmp_path, caplog, capfd):
+    """A PNG without its IEND chunk (a copy cut short) or with a chunk failing its CRC (a bad
+    sector) is skipped with its name and the fault, before libpng prints an error of its own that
+    names no file."""
     good = cv2.imencode(".png", np.full((6, 8, 3), 90, np.uint8))[1].tobytes()
     (tmp_path / "f000.png").write_bytes(good)
     (tmp_path / "f001.png").write_bytes(good[:-12])
+    damaged = bytearray(good)
+    damaged[good.index(b"IDAT") + 6] ^= 0x01
+    (tmp_path / "f002.png").write_bytes(bytes(damaged))
     with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(tmp_path) as src:
         names = [f.name for f in src]
     assert names == ["f000"]
-    assert "skipping truncated PNG" in caplog.text and "f001.png" in caplog.text
+    assert "skipping damaged PNG" in caplog.text and "f001.png: it ends before its IEND chunk" in caplog.text
+    assert "f002.png: its 'IDAT' chunk at byte 33 fails its CRC" in caplog.text
     assert "libpng" not in capfd.readouterr().err
+
+
+_PNG = cv2.imencode(".png", np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3))[1].tobytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(at=st.integers(8, len(_PNG) - 1), flip=st.integers(1, 255), cut=st.integers(0, len(_PNG) - 1))
+def test_png_damage_finds_any_changed_or_missing_byte(at, flip, cut):
+    """Any byte changed past the signature (a chunk's length, type, data or CRC) and any cut is
+    found; the intact file, as an array too, and with a trailer is not damaged."""
+    damaged = bytearray(_PNG)
+    damaged[at] ^= flip
+    assert png_damage(bytes(damaged)) is not None
+    assert png_damage(_PNG[:cut]) is not None
+    assert png_damage(_PNG) is None and png_damage(np.frombuffer(_PNG + b"x" * 9, np.uint8)) is None
 
 
 def test_folder_jpeg_with_damaged_scan_data_is_skipped(tmp_path, caplog):

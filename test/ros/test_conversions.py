@@ -495,15 +495,23 @@ def test_png_without_its_header_is_refused(ts):
         compressed_to_rgb(compressed(ts, not_first, "png"), max_pixels=None)
 
 
-def test_truncated_png_is_refused_before_libpng_complains(ts, capfd):
-    """A PNG cut short in transit is refused by its missing IEND chunk with a reason, before
+def test_damaged_png_is_refused_before_libpng_complains(ts, capfd):
+    """A PNG cut short or damaged in transit is refused with a reason naming the chunk, before
     OpenCV's libpng prints its own error to stderr for every such frame (past the node's rate
     limit); bytes after IEND are no damage."""
     rgb = synthetic_frame(30, 40)
     png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
-    for cut in (len(png) // 2, len(png) - 12, len(png) - 1):  # half, the IEND chunk, its last CRC byte
-        with pytest.raises(ConversionError, match="truncated PNG.*IEND"):
+    idat = png.index(b"IDAT") - 4
+    for cut, where in ((len(png) // 2, "inside its 'IDAT' chunk"), (len(png) - 12, "before its IEND chunk"),
+                       (len(png) - 1, "inside its 'IEND' chunk")):  # half, before IEND, its last CRC byte
+        with pytest.raises(ConversionError, match=f"corrupt PNG.*ends {where}"):
             compressed_to_rgb(compressed(ts, png[:cut], "png"))
+    for at in (idat + 8, idat + 20, len(png) - 2):  # first and a later byte of IDAT's data, IEND's CRC
+        damaged = bytearray(png)
+        damaged[at] ^= 0x10
+        kind = "IEND" if at > len(png) - 12 else "IDAT"
+        with pytest.raises(ConversionError, match=f"corrupt PNG.*'{kind}' chunk at byte {len(png) - 12 if kind == 'IEND' else idat} fails its CRC"):
+            compressed_to_rgb(compressed(ts, bytes(damaged), "png"))
     assert "libpng" not in capfd.readouterr().err
     np.testing.assert_array_equal(compressed_to_rgb(compressed(ts, png + b"trailer" * 20, "png")), rgb)
 

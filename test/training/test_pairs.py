@@ -513,3 +513,20 @@ def test_decode_frames_passes_the_ignore_index_on(tmp_path):
     for (image, label), (image_path, label_path) in zip(decoded, files):
         assert set(np.unique(label).tolist()) == {0, 1, 2, 7}
         np.testing.assert_array_equal(label, load_frame(image_path, label_path, num_classes=3, ignore_index=7)[1])
+
+
+def test_load_frame_voids_16_bit_ids_instead_of_wrapping_them(tmp_path):
+    """A 16-bit label PNG's IDs of 256 and more are void, not their low byte (256 read as class 0)."""
+    from mpvss_ros.training.data import load_frame
+
+    cv2.imwrite(str(tmp_path / "i.png"), np.zeros((2, 3, 3), np.uint8))
+    ids = np.array([[0, 2, 10], [256, 258, 300]], np.uint16)
+    cv2.imwrite(str(tmp_path / "l.png"), ids)
+    label = load_frame(tmp_path / "i.png", tmp_path / "l.png", num_classes=11, ignore_index=255)[1]
+    assert label.dtype == np.uint8
+    np.testing.assert_array_equal(label, [[0, 2, 10], [255, 255, 255]])
+    damaged = bytearray((tmp_path / "l.png").read_bytes())
+    damaged[damaged.index(b"IDAT") + 5] ^= 0x01
+    (tmp_path / "l.png").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="damaged label image .*l.png: its 'IDAT' chunk at byte .* fails its CRC"):
+        load_frame(tmp_path / "i.png", tmp_path / "l.png")
