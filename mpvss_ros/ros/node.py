@@ -371,6 +371,12 @@ class MPVSSNode(_SegmenterShell, Node):
         self._announce()
 
 
+#: Names of the lifecycle_msgs/msg/Transition IDs a ``~/change_state`` request may carry
+#: (Transition.msg's TRANSITION_* constants), for logs about a request given by ID only.
+_TRANSITION_NAMES = {1: "configure", 2: "cleanup", 3: "activate", 4: "deactivate",
+                     5: "unconfigured_shutdown", 6: "inactive_shutdown", 7: "active_shutdown"}
+
+
 class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
     """The segmentation node as a managed (lifecycle) node, for Nav2's lifecycle manager (it holds
     no bond: give the manager ``bond_timeout: 0.0``) or ``ros2 lifecycle set``.
@@ -415,8 +421,8 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
                 return handler(request, response)
             except rclpy_implementation.RCLError as exc:
                 transition = request.transition
-                self.get_logger().error(
-                    f"lifecycle transition {transition.label or transition.id} refused: {exc}")
+                name = transition.label or _TRANSITION_NAMES.get(transition.id, "unknown")
+                self.get_logger().error(f"lifecycle transition '{name}' (ID {transition.id}) refused: {exc}")
                 response.success = False
                 return response
 

@@ -381,7 +381,7 @@ def test_lifecycle_refused_transitions_are_answered(node_module, monkeypatch):
     node = node_py.MPVSSLifecycleNode()
     assert change_state(node, 3) is False  # activate while unconfigured
     assert node.state == "unconfigured"
-    assert any(level == "error" and "transition 3 refused" in text and "Failed to trigger" in text
+    assert any(level == "error" and "transition 'activate' (ID 3) refused" in text and "Failed to trigger" in text
                for level, text in node.get_logger().lines)
     assert change_state(node, label="deactivate") is False
     assert change_state(node, 1) is True and node.state == "inactive"  # configure still works
