@@ -293,8 +293,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"input not found: {args.input}")
     _scheduler(args)  # validate before loading the model
     options = SegmentOptions(  # checks its limits (by their flags), also before the model loads
-        **_engine_options(args),
-        max_gap_s=math.inf,  # stamps are frame index / fps: no real gaps
+        **_engine_options(args),  # max_gap_s: SegmentOptions' infinite default (stamps are index / fps)
         fps=args.fps,
         max_frames=args.max_frames,
         max_image_pixels=_max_image_pixels(args, SegmentOptions.max_image_pixels),

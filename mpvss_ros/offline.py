@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -236,6 +237,8 @@ class SegmentOptions(EngineOptions):
     """Settings of one offline run: the engine's (:class:`EngineOptions`) and these.
 
     Attributes:
+        max_gap_s: as :class:`EngineOptions`, here infinite by default (stamps are frame index /
+            fps; at a rate below 1 fps a gap of 1 s made every frame a key frame).
         fps: frame rate (frames/s) of the stamps and of ``overlay.mp4``; None = a video file's
             own, 30 for an image folder (:func:`~mpvss_ros.io.video.open_source`).
         max_frames: stop after this many frames (None = all).
@@ -252,6 +255,7 @@ class SegmentOptions(EngineOptions):
             (:func:`check_frame_limits`).
     """
 
+    max_gap_s: float = math.inf  # a file's stamps are frame index / fps: no real gaps
     fps: float | None = None
     max_frames: int | None = None
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS

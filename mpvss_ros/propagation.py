@@ -239,7 +239,8 @@ class OpticalFlowPropagator(Propagator):
         # sides >= 32; warp_mask_logits rescales the flow per axis to the mask grid.
         size = (max(_MIN_FLOW_SIDE, round(w * self.flow_scale)), max(_MIN_FLOW_SIDE, round(h * self.flow_scale)))
         if size != (w, h):
-            grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA if size[0] < w else cv2.INTER_LINEAR)
+            shrink = size[0] < w or size[1] < h
+            grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         return grey
 
     def flow(self, current_grey: np.ndarray, key_grey: np.ndarray) -> np.ndarray:
@@ -260,7 +261,9 @@ class OpticalFlowPropagator(Propagator):
         else:
             flow = self.flow(grey, self._key_grey)
         if self.grid_stride is not None:
-            flow = pool_flow(np.ascontiguousarray(flow), grid_hw(image.shape[-2:], self.grid_stride))
+            # at grid_stride = 1 / flow_scale ceil(H / stride) can exceed the flow's round(H x scale) by one
+            gh, gw = grid_hw(image.shape[-2:], self.grid_stride)
+            flow = pool_flow(np.ascontiguousarray(flow), (min(gh, flow.shape[0]), min(gw, flow.shape[1])))
         flows = torch.from_numpy(np.ascontiguousarray(flow)).permute(2, 0, 1)[None, None].to(key.mask_logits)
         return warp_mask_logits(key.propagated(key.mask_logits), flows, "exact")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -297,7 +298,7 @@ def canvas_tensor(image: np.ndarray, lb: Letterbox, device: torch.device | str =
         shrinking, bilinear when enlarging) at the top left, zeros in the bottom/right padding.
     """
     if lb.resized_hw != lb.input_hw:
-        shrink = lb.resized_hw[0] < lb.input_hw[0]
+        shrink = lb.resized_hw[0] < lb.input_hw[0] or lb.resized_hw[1] < lb.input_hw[1]
         interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         image = cv2.resize(image, (lb.resized_hw[1], lb.resized_hw[0]), interpolation=interp)
     canvas = np.zeros((lb.padded_hw[0], lb.padded_hw[1], 3), dtype=np.uint8)
@@ -395,7 +396,7 @@ class VideoSegmenter:
         #: Seconds spent preparing fixed-shape backends for new sizes (ONNX export or engine build,
         #: and opening the sessions or engines), summed over sizes; the frames' stage latencies leave it out.
         self.setup_s = 0.0
-        self._source: str | None = None  # the last segmented frame's source (push)
+        self._source: str | None = None  # the source of the last frame past push's checks
 
     def reset(self, reason: str = "reset") -> None:
         """Drop the key frame: the next frame is a key frame with scheduler reason ``reason``
@@ -426,7 +427,8 @@ class VideoSegmenter:
             stamp: capture time in seconds (monotonic within a stream; going back forces a key
                 frame).
             source: which camera the frame comes from (a ROS ``header.frame_id``); a frame whose
-                source differs from the last segmented frame's is a key frame, reason
+                source differs from the last pushed frame's (one that passed the frame checks,
+                failed later or not) is a key frame, reason
                 ``frame_id_change`` (two cameras on one topic must not propagate into each other).
                 None: not tracked.
 
@@ -434,36 +436,53 @@ class VideoSegmenter:
             :class:`SegmentationResult` at the input resolution.
 
         Raises:
-            FrameError: on a frame that is not (H, W, 3) uint8 with H, W >= 1, or a non-finite
-                stamp (state untouched).
+            FrameError: on a frame that is not (H, W, 3) uint8 with H, W >= 1, or a stamp that is
+                not a finite number (state untouched).
             NonFiniteOutputError: NaN or infinite logits from the model or the propagation
                 (labels from them would all be class 0); the segmenter is reset, so the next
                 frame is a key frame.
-            Exception: whatever the backend or the propagator raises (e.g. out of memory), or a
-                propagator returning the wrong number of masks; the segmenter is then reset, so the
-                next frame is a key frame. An error in the post-processing keeps the key frame.
+            Exception: whatever the scheduler, the pre-processing, the backend or the propagator
+                raises (e.g. out of memory), or a propagator returning the wrong number of masks;
+                the segmenter is then reset, so the next frame is a key frame. An error in the
+                post-processing keeps the key frame.
         """
         t0 = time.perf_counter()
         image = check_frame(image)
+        try:
+            if not isinstance(stamp, numbers.Real):  # no strings, arrays or None
+                raise TypeError
+            stamp = float(stamp)
+        except (TypeError, OverflowError):
+            raise FrameError(f"stamp must be a number of seconds, got {stamp!r}") from None
         if not math.isfinite(stamp):
             raise FrameError(f"stamp must be a finite number of seconds, got {stamp}")
-        if source is not None and self._source is not None and source != self._source:
-            self.reset("frame_id_change")
+        if source is not None:
+            if self._source is not None and source != self._source:
+                self.reset("frame_id_change")
+            # now, not once the frame succeeds: whatever key frame is held after this call is this
+            # source's or none, so another source's next frame is never propagated from it
+            self._source = source
         index = self._frame_index  # taken now: a frame that fails below keeps its index
         self._frame_index += 1
         latency: dict[str, float] = {}
 
-        t = time.perf_counter()
-        decision: ScheduleDecision = self.scheduler.decide(image, float(stamp))
-        letterbox = Letterbox.fit(image.shape[:2], self._canvas, self._divisibility)
-        # A non-key frame needs a key frame on the same canvas; the scheduler forces a key
-        # frame on resolution changes, this guards the invariant for custom schedulers.
-        is_key = decision.is_key_frame or self._key is None or letterbox != self._key_letterbox
-        latency["schedule"] = (time.perf_counter() - t) * 1e3
+        try:
+            t = time.perf_counter()
+            decision: ScheduleDecision = self.scheduler.decide(image, stamp)
+            letterbox = Letterbox.fit(image.shape[:2], self._canvas, self._divisibility)
+            # A non-key frame needs a key frame on the same canvas; the scheduler forces a key
+            # frame on resolution changes, this guards the invariant for custom schedulers.
+            is_key = decision.is_key_frame or self._key is None or letterbox != self._key_letterbox
+            latency["schedule"] = (time.perf_counter() - t) * 1e3
 
-        t = time.perf_counter()
-        tensor = canvas_tensor(image, letterbox, self.device)
-        latency["preprocess"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            tensor = canvas_tensor(image, letterbox, self.device)
+            latency["preprocess"] = (time.perf_counter() - t) * 1e3
+        except BaseException:
+            # the scheduler may have counted this frame as a key frame (a cut): start over, as
+            # when the segmentor fails, so the next frame is not propagated across it
+            self.reset()
+            raise
 
         t = time.perf_counter()
         if is_key:
@@ -537,8 +556,6 @@ class VideoSegmenter:
             key_frame_reason=self._key_frame_reason(decision, index) if is_key else "",
             stage_latency_ms=latency,
         )
-        if source is not None:
-            self._source = source
         return result
 
     def _key_frame_reason(self, decision: ScheduleDecision, index: int) -> str:

@@ -220,9 +220,9 @@ def test_reset_forces_key_frame(band_model):
     assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index, r.frame_index) == (True, "reset", 3, 3)
 
 
-def test_a_new_source_is_a_key_frame_only_once_segmented(band_model):
+def test_a_new_source_is_a_key_frame(band_model):
     """push(source=...): a frame from another camera (ROS header.frame_id) is a key frame; a frame
-    refused before it is segmented does not count as the new source."""
+    refused by the frame checks does not count as the new source."""
     seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
     img = _image((60, 80))
     reasons = [seg.push(img, 0.1 * i, source="front").key_frame_reason for i in range(3)]
@@ -234,6 +234,37 @@ def test_a_new_source_is_a_key_frame_only_once_segmented(band_model):
     assert seg.push(img, 0.6, source="rear").key_frame_reason == ""
     assert seg.push(img, 0.7).key_frame_reason == ""  # untracked frames change nothing
     assert seg.push(img, 0.8, source="front").key_frame_reason == "frame_id_change"
+
+
+def test_a_new_source_whose_post_processing_fails_still_counts(band_model, monkeypatch):
+    """The other camera's key frame is kept when its post-processing fails (documented), so the
+    first camera's next frame must be a key frame again, not propagated from it."""
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    front, rear = _image((60, 80), seed=1), _image((60, 80), seed=2)
+    assert [seg.push(front, 0.1 * i, source="front").is_key_frame for i in range(2)] == [True, False]
+    monkeypatch.setattr(seg, "postprocess", lambda *a, **k: (_ for _ in ()).throw(MemoryError("post-processing")))
+    with pytest.raises(MemoryError):
+        seg.push(rear, 0.2, source="rear")
+    monkeypatch.undo()
+    r = seg.push(front, 0.3, source="front")
+    assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index) == (True, "frame_id_change", 3)
+
+
+def test_a_pre_processing_failure_resets_like_a_segmentor_failure(band_model, monkeypatch):
+    """The scheduler has counted the frame (here a key frame) before the canvas is made: when that
+    fails (e.g. out of memory copying to the GPU), the next frame is a key frame, not propagated
+    from the key frame before."""
+    import mpvss_ros.segmenter as segmenter_module
+
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(2))
+    img = _image((60, 80))
+    assert [seg.push(img, 0.1 * i).is_key_frame for i in range(2)] == [True, False]
+    monkeypatch.setattr(segmenter_module, "canvas_tensor", lambda *a, **k: (_ for _ in ()).throw(MemoryError("copy")))
+    with pytest.raises(MemoryError):
+        seg.push(img, 0.2)  # the scheduler's key frame
+    monkeypatch.undo()
+    r = seg.push(img, 0.3)
+    assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index) == (True, "reset", 3)
 
 
 def test_reset_with_a_reason(band_model):
@@ -455,6 +486,10 @@ def test_optical_flow_very_wide_frame_does_not_crash():
     (None, 0.0, "numpy array, got NoneType"),
     (np.zeros((20, 30, 3), np.uint8), math.nan, "stamp"),
     (np.zeros((20, 30, 3), np.uint8), math.inf, "stamp"),
+    (np.zeros((20, 30, 3), np.uint8), None, "stamp must be a number of seconds, got None"),
+    (np.zeros((20, 30, 3), np.uint8), "0.5", "stamp must be a number of seconds, got '0.5'"),
+    (np.zeros((20, 30, 3), np.uint8), 10**400, "stamp must be a number of seconds"),
+    (np.zeros((20, 30, 3), np.uint8), np.zeros(2), "stamp must be a number of seconds"),
 ])
 def test_bad_frames_raise_frame_error(lite, image, stamp, match):
     seg = _segmenter(lite, "copy", "fixed:3")
@@ -870,3 +905,25 @@ def test_a_propagator_returning_the_wrong_number_of_masks_resets(band_model, mon
         seg.push(img, 0.1)
     monkeypatch.undo()
     assert seg.push(img, 0.2).key_frame_reason == "reset"
+
+
+def test_canvas_tensor_shrinks_by_area_when_only_the_width_shrinks():
+    """A 1 x 2000 strip keeps its height (1 -> 1) and shrinks to 640 wide: area averaging, as the
+    docstring says for shrinking, not bilinear sampling that skips pixels."""
+    strip = np.random.default_rng(0).integers(0, 256, (1, 2000, 3), dtype=np.uint8)
+    lb = Letterbox.fit(strip.shape[:2], (480, 640))
+    assert lb.resized_hw == (1, 640)
+    expected = cv2.resize(strip, (640, 1), interpolation=cv2.INTER_AREA)
+    got = canvas_tensor(strip, lb)[0, :, :1, :640].permute(1, 2, 0).numpy().astype(np.uint8)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_optical_flow_at_the_finest_grid_stride(band_model):
+    """grid_stride = 1 / flow_scale is allowed; on a 448 x 640 canvas at flow_scale 0.3 the grid's
+    ceil(448 / stride) is one cell more than the flow's round(448 x 0.3) rows, which raised."""
+    prop = OpticalFlowPropagator("dis", flow_scale=0.3, grid_stride=1 / 0.3)
+    seg = VideoSegmenter(band_model, prop, FixedIntervalScheduler(5))  # the lite canvas: 480 x 640
+    img = _image((448, 640))
+    results = [seg.push(np.roll(img, 2 * i, axis=1), 0.1 * i) for i in range(2)]
+    assert [r.is_key_frame for r in results] == [True, False]
+    assert results[1].labels.shape == (448, 640)

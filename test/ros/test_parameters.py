@@ -187,6 +187,8 @@ def test_engine_defaults_agree_across_the_node_the_command_line_and_the_engine()
         assert getattr(EngineOptions(), name) == node[name], name
     assert EngineOptions().schedule == "fixed:5" != node["schedule"] == "adaptive"
     assert SegmentOptions().max_image_pixels == BagOptions().max_image_pixels == node["max_image_pixels"]
+    # a file's stamps are frame index / fps: no time gaps (at 0.5 fps a 1 s gap keyed every frame)
+    assert SegmentOptions().max_gap_s == math.inf and BagOptions().max_gap_s == node["max_gap_s"]
     assert BagOptions().alpha == node["overlay_alpha"]
     for command in (["segment", "in", "--out", "out"], ["bag", "in", "out", "--topic", "/t"]):
         args = build_parser().parse_args(command)
