@@ -130,12 +130,28 @@ def _namespaced_params_file(config: str, namespace: str) -> str:
         doc = yaml.safe_load(f) or {}
     exact = f"/{namespace}/{NODE_NAME}"
     params = {}
-    sections = [(k, v) for k, v in doc.items() if _absolute_key(k) != exact]
-    sections += [(k, v) for k, v in doc.items() if _absolute_key(k) == exact]
+    found = _sections(doc)
+    sections = [(k, v) for k, v in found if _absolute_key(k) != exact]
+    sections += [(k, v) for k, v in found if _absolute_key(k) == exact]
     for key, section in sections:
-        if _key_matches(key, namespace) and isinstance(section, dict):
-            _merge(params, _nested(section.get("ros__parameters") or {}))
+        if _key_matches(key, namespace):
+            _merge(params, _nested(section))
     return _temp_file(yaml.safe_dump({exact: {"ros__parameters": params}}), ".yaml")
+
+
+def _sections(doc: dict, path: tuple = ()) -> list:
+    """A params file's (node name, ros__parameters) pairs in file order. As rcl's parser
+    (rcl_yaml_param_parser, parse.c: keys are added to the node name until `ros__parameters`),
+    a node name may be split over nested keys: `front: {mpvss_segmenter: {ros__parameters:
+    ...}}` names `front/mpvss_segmenter`."""
+    out = []
+    for key, value in doc.items():
+        if key == "ros__parameters" and path:
+            out.append(("/".join(str(k).strip("/") if i else str(k).rstrip("/") for i, k in enumerate(path)),
+                        value if isinstance(value, dict) else {}))
+        elif isinstance(value, dict):
+            out += _sections(value, path + (key,))
+    return out
 
 
 def _rviz_config(template: str, image: str, namespace: str) -> str:

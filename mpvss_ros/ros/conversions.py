@@ -207,8 +207,9 @@ float32 scene_score
 string[] stage_names
 float32[] stage_latency_ms
 
-# Wall time from receiving the frame to the finished segmentation, milliseconds (message
-# building and publishing not included).
+# Wall time of the engine for this frame, milliseconds: the stages above, from the decoded image
+# to the finished segmentation (waiting for the worker, decoding, message building and publishing
+# not included; /diagnostics' latency median counts from receiving the message).
 float32 total_latency_ms
 """,
 }

@@ -8,7 +8,9 @@ thin rclpy shell around these classes.
   order: the enable switch (disabled: counted and dropped, no inference), a pending reset,
   the age check (header stamp against the node clock, ``max_frame_age_s``; stale -> dropped),
   decoding (:mod:`mpvss_ros.ros.conversions`; a bad encoding, a corrupt JPEG, a 0x0 image or
-  a too small ``step`` -> skipped and counted, never raised), the engine
+  a too small ``step`` -> skipped and counted, never raised), a key frame when the input stamps
+  had a gap of more than ``max_gap_s`` since the last segmented frame (between received
+  messages, so a node slower than its camera is no gap), the engine
   (:class:`~mpvss_ros.segmenter.VideoSegmenter`; its scheduler forces a key frame on
   resolution changes and stamps going backwards), then the output messages, each carrying the
   input header. Counters and rolling statistics feed :meth:`SegmentationCore.diagnostic_status`.
@@ -93,15 +95,20 @@ class LatestSlot:
     is closed) and empties the slot.
 
     Args:
-        on_put: called (outside the lock) after every put, e.g. ``core.note_received``.
+        on_put: called (outside the lock) with the item after every put, e.g.
+            ``core.note_received``.
         on_replaced: called (outside the lock) when a put replaced an untaken item, e.g.
             ``core.note_replaced``.
+        clock: seconds, for the time each item was put (:meth:`take_timed`).
     """
 
-    def __init__(self, on_put: Callable[[], None] | None = None,
-                 on_replaced: Callable[[], None] | None = None) -> None:
+    def __init__(self, on_put: Callable[[Any], None] | None = None,
+                 on_replaced: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._cond = threading.Condition(threading.Lock())
+        self._clock = clock
         self._item: Any = None
+        self._put_time = math.nan
         self._full = False
         self._closed = False
         self._on_put = on_put
@@ -112,29 +119,35 @@ class LatestSlot:
 
     def put(self, item: Any) -> bool:
         """Store ``item`` (never blocks). Returns True when it replaced an untaken item."""
+        t = self._clock()
         with self._cond:
             replaced = self._full
-            self._item = item
+            self._item, self._put_time = item, t
             self._full = True
             self.puts += 1
             if replaced:
                 self.replaced += 1
             self._cond.notify()
         if self._on_put is not None:
-            self._on_put()
+            self._on_put(item)
         if replaced and self._on_replaced is not None:
             self._on_replaced()
         return replaced
 
     def take(self, timeout: float | None = None) -> Any:
         """The item, removed from the slot; None after ``timeout`` seconds or once closed."""
+        taken = self.take_timed(timeout)
+        return None if taken is None else taken[0]
+
+    def take_timed(self, timeout: float | None = None) -> tuple[Any, float] | None:
+        """As :meth:`take`, with the time the item was put (seconds of ``clock``)."""
         with self._cond:
             self._cond.wait_for(lambda: self._full or self._closed, timeout)
             if not self._full:
                 return None
-            item, self._item, self._full = self._item, None, False
+            item, t, self._item, self._full = self._item, self._put_time, None, False
             self.taken += 1
-            return item
+            return item, t
 
     def close(self) -> None:
         """Wake every ``take``; later takes return a remaining item or None without waiting."""
@@ -216,14 +229,18 @@ PROPAGATION_PARAMETERS = ("propagator", "optical_flow_preset", "optical_flow_sca
 
 
 def build_scheduler(config: NodeConfig) -> Any:
-    """The key-frame scheduler the parameters describe (``adaptive`` or ``fixed:N``)."""
+    """The key-frame scheduler the parameters describe (``adaptive`` or ``fixed:N``).
+
+    Its own ``max_gap_s`` is off: it would measure gaps between the frames the node segments,
+    which on a node slower than its camera are long however steady the input. ``max_gap_s`` is
+    applied by :class:`SegmentationCore` to the stamps of all received messages instead."""
     from ..scheduling import AdaptiveScheduler, FixedIntervalScheduler
 
     if config.schedule == "adaptive":
         return AdaptiveScheduler(config.scene_threshold, config.min_interval, config.max_interval,
-                                 max_gap_s=config.max_gap_s, cut_threshold=config.cut_threshold)
+                                 max_gap_s=math.inf, cut_threshold=config.cut_threshold)
     # validated: fixed:N
-    return FixedIntervalScheduler(int(config.schedule.split(":", 1)[1]), max_gap_s=config.max_gap_s)
+    return FixedIntervalScheduler(int(config.schedule.split(":", 1)[1]), max_gap_s=math.inf)
 
 
 def build_propagator_for(config: NodeConfig, model: Any) -> Any:
@@ -373,6 +390,8 @@ class SegmentationCore:
         self._reset_requested = False
         self._pending_engine: dict[str, Any] = {}  # "scheduler"/"propagator" from reconfigure, for the worker
         self._key_frame_stamp: Any = None  # the last output's key_frame_stamp (builtin_interfaces/Time)
+        self._last_input_stamp: float | None = None  # the last received message's stamp (seconds)
+        self._input_gap = False  # a gap of more than max_gap_s between received stamps, not yet segmented
         self.counters: Counter[str] = Counter({k: 0 for k in (
             "received", "processed", "published", "dropped_stale", "dropped_replaced",
             "dropped_disabled", "skipped_decode", "skipped_frame", "errors", "key_frames")})
@@ -454,12 +473,27 @@ class SegmentationCore:
             self._pending_engine.update(engine)
         return new
 
-    def note_received(self) -> None:
-        """Count one arriving message (the slot's ``on_put`` hook)."""
+    def note_received(self, msg: Any = None) -> None:
+        """Count one arriving message (the slot's ``on_put`` hook) and note its stamp for the
+        ``max_gap_s`` check (:meth:`process`)."""
         t = self.clock()
         with self._lock:
             self.counters["received"] += 1
             self._arrivals.append(t)
+        if msg is not None:
+            self._note_input_stamp(msg)
+
+    def _note_input_stamp(self, msg: Any) -> None:
+        """Mark a time gap when ``msg``'s stamp is more than ``max_gap_s`` after the previous
+        received message's (a message without a usable stamp is left to :meth:`process`)."""
+        try:
+            stamp = self._conv.stamp_to_seconds(msg.header.stamp)
+        except Exception:  # noqa: BLE001 - process() skips it and says why
+            return
+        with self._lock:
+            last, self._last_input_stamp = self._last_input_stamp, stamp
+            if last is not None and stamp - last > self.config.max_gap_s:
+                self._input_gap = True
 
     def note_replaced(self) -> None:
         """Count one message replaced in the slot before it was processed (``on_replaced``)."""
@@ -470,12 +504,16 @@ class SegmentationCore:
 
     def make_slot(self) -> LatestSlot:
         """A :class:`LatestSlot` whose puts and replacements are counted by this core."""
-        return LatestSlot(on_put=self.note_received, on_replaced=self.note_replaced)
+        return LatestSlot(on_put=self.note_received, on_replaced=self.note_replaced, clock=self.clock)
 
     def record_published(self) -> None:
-        """Count one frame whose outputs were published."""
+        """Count one frame whose outputs were published: the output rate, the "no output" timer
+        and the share of failed frames count published frames (a frame whose publishing fails
+        is one failure, not an output and a failure)."""
+        t = self.clock()
         with self._lock:
             self.counters["published"] += 1
+            self._outputs.append(t)
 
     def record_error(self, what: str, exc: BaseException) -> None:
         """Count and log an unexpected error (the worker's last resort)."""
@@ -490,7 +528,8 @@ class SegmentationCore:
     # -- per message (worker thread) ----------------------------------------------------------
 
     def process(self, msg: Any, now: float | None = None, want_colored: bool = True,
-                want_overlay: bool = True, want_class_masks: bool = True, want_autoware_mask: bool = True) -> Any:
+                want_overlay: bool = True, want_class_masks: bool = True, want_autoware_mask: bool = True,
+                received_at: float | None = None) -> Any:
         """Segment one ``sensor_msgs/Image`` (or ``CompressedImage`` with ``input_compressed``).
 
         Args:
@@ -498,6 +537,10 @@ class SegmentationCore:
             now: the node clock in seconds, for the age check; None skips it.
             want_colored, want_overlay, want_class_masks, want_autoware_mask: whether someone
                 subscribes to the optional outputs (and-ed with the ``publish_*`` parameters).
+            received_at: when the message was put in the slot (seconds of ``clock``;
+                :meth:`LatestSlot.take_timed`), where the latency starts; its stamp was then
+                noted by :meth:`note_received`. None: a message handed over directly, received
+                now and noted here.
 
         Returns:
             :class:`~mpvss_ros.ros.conversions.OutputMessages` (every message with ``msg``'s
@@ -505,6 +548,8 @@ class SegmentationCore:
             raises.
         """
         t0 = self.clock()
+        if received_at is None:
+            self._note_input_stamp(msg)
         with self._lock:
             if not self._enabled:
                 self.counters["dropped_disabled"] += 1
@@ -542,6 +587,10 @@ class SegmentationCore:
             return self._skip("skipped_decode", "cannot decode image", exc, t0)
 
         masks = want_class_masks and cfg.publish_class_masks
+        with self._lock:
+            gap, self._input_gap = self._input_gap, False
+        if gap:  # consumed by this frame, segmented or not: the engine is reset either way
+            self.segmenter.reset("time_gap")
         try:
             self.segmenter.class_masks = masks
             result = self.segmenter.push(rgb, stamp, source=header.frame_id)
@@ -572,8 +621,8 @@ class SegmentationCore:
         t1 = self.clock()
         with self._lock:
             self.counters["processed"] += 1
-            self._outputs.append(t1)
-            self._recent.append((t1, (t1 - t0) * 1e3, result.is_key_frame))
+            start = t0 if received_at is None else received_at
+            self._recent.append((t1, (t1 - start) * 1e3, result.is_key_frame))
             if result.is_key_frame:
                 self.counters["key_frames"] += 1
                 self.key_frame_reasons[result.key_frame_reason or "unknown"] += 1
@@ -630,8 +679,9 @@ class SegmentationCore:
         """Rolling statistics over the last ``window_s`` seconds.
 
         Returns:
-            ``input_rate_hz``, ``output_rate_hz``, ``latency_median_ms`` (receive-to-outputs
-            time of the processed frames, NaN when none), ``key_frame_ratio`` (of the last 200
+            ``input_rate_hz``, ``output_rate_hz`` (published frames), ``latency_median_ms``
+            (receive-to-outputs time of the processed frames: waiting in the slot, decoding,
+            segmenting, building the messages; NaN when none), ``key_frame_ratio`` (of the last 200
             processed frames, NaN when none), ``drop_ratio`` ((stale + replaced) / received in
             the window), ``failures`` and ``outputs`` in the window, ``since_output_s``.
         """
@@ -764,8 +814,8 @@ class Worker:
         return self._thread.is_alive()
 
     def stop(self, timeout: float | None = 10.0) -> bool:
-        """Ask the thread to finish (after the frame in hand) and wait up to ``timeout`` seconds
-        (None: no limit). True when it ended."""
+        """Ask the thread to finish (after the frame in hand, whose outputs are then not
+        published) and wait up to ``timeout`` seconds (None: no limit). True when it ended."""
         self._stop.set()
         self.slot.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -774,14 +824,15 @@ class Worker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            msg = self.slot.take(self.poll_s)
-            if msg is None or self._stop.is_set():
+            taken = self.slot.take_timed(self.poll_s)
+            if taken is None or self._stop.is_set():
                 continue
+            msg, received_at = taken
             try:
                 want = self.demand()
                 outputs = self.core.process(msg, self.now(), want.colored, want.overlay, want.class_masks,
-                                            want.autoware_mask)
-                if outputs is None:
+                                            want.autoware_mask, received_at=received_at)
+                if outputs is None or self._stop.is_set():  # stopped during the frame: its outputs go nowhere
                     continue
                 self.publish(outputs, self.core.label_info_update(msg.header, outputs.info.is_key_frame))
                 self.core.record_published()

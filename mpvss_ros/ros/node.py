@@ -101,6 +101,9 @@ def _qos(durability: DurabilityPolicy = DurabilityPolicy.VOLATILE, depth: int = 
 #: at start) change any topic's QoS, as in Nav2; ``<topic>`` is the resolved and remapped name
 #: (``/<ns>/mpvss_segmenter/labels``, the remapped camera topic).
 _OVERRIDES = QoSOverridingOptions.with_default_policies()
+#: Seconds to wait for the worker thread to finish its frame when the input stops (deactivate,
+#: cleanup, shutdown) and again before a new one starts.
+_WORKER_STOP_S = 10.0
 
 
 def _create_entity(node: Node, create, msg_type: type, topic: str, *args, **kwargs):
@@ -240,8 +243,17 @@ class _SegmenterShell:
             f"schedule {cfg.schedule}")
 
     def _start_input(self) -> None:
-        """Subscribe to the camera and start the worker thread (a fresh slot each time)."""
+        """Subscribe to the camera and start the worker thread (a fresh slot each time).
+
+        Raises:
+            StartupError: the previous worker is still in a frame (a deactivate whose wait ran
+                out, e.g. during a TensorRT engine build): two workers would run the engine at
+                once.
+        """
         assert self.core is not None
+        if self._worker is not None and not self._worker.stop(_WORKER_STOP_S):
+            raise StartupError(f"the previous worker thread is still segmenting a frame after {_WORKER_STOP_S:g} s "
+                               "more (a TensorRT engine build takes minutes); activate again once it has finished")
         cfg = self.core.config  # the input settings are read-only: as at configure
         self._slot = self.core.make_slot()
         self._worker = Worker(self._slot, self.core, self._publish, now=self._now, demand=self._demand)
@@ -256,8 +268,9 @@ class _SegmenterShell:
         if self._sub is not None:
             self.destroy_subscription(self._sub)
             self._sub = None
-        if self._worker is not None:
-            self._worker.stop()  # idempotent; the stopped worker stays for inspection
+        if self._worker is not None and not self._worker.stop(_WORKER_STOP_S):  # idempotent; it stays for inspection
+            self.get_logger().warning(f"the worker thread is still segmenting a frame after {_WORKER_STOP_S:g} s; "
+                                      "it stops when that frame is done and publishes nothing more")
 
     def _teardown(self) -> None:
         """Stop the input and destroy what :meth:`_build` made; the model is released."""
@@ -457,6 +470,7 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
             self._announce()
         except Exception as exc:  # noqa: BLE001 - e.g. a refused qos_overrides value for the input
             self.get_logger().error(f"cannot activate: {_describe(exc)}")
+            self.core.set_enabled(False)  # inactive again: /diagnostics OK "disabled", not WARN "no output"
             self._stop_input()
             super().on_deactivate(state)
             return TransitionCallbackReturn.FAILURE

@@ -132,17 +132,18 @@ def all_headers(out) -> list:
 
 
 def test_slot_newest_wins_and_counts_replaced():
-    puts, replaced = [], []
-    slot = LatestSlot(on_put=lambda: puts.append(1), on_replaced=lambda: replaced.append(1))
+    puts, replaced, clock = [], [], iter([10.0, 11.0, 12.0, 13.0])
+    slot = LatestSlot(on_put=puts.append, on_replaced=lambda: replaced.append(1), clock=lambda: next(clock))
     assert slot.take(timeout=0) is None
     assert slot.put("a") is False
     assert slot.put("b") is True
     assert slot.put("c") is True
     assert len(slot) == 1
-    assert slot.take(timeout=0) == "c"
+    assert slot.take_timed(timeout=0) == ("c", 12.0)  # with the time it was put
     assert slot.take(timeout=0.01) is None
-    assert (slot.puts, slot.replaced, slot.taken) == (3, 2, 1)
-    assert (len(puts), len(replaced)) == (3, 2)
+    assert slot.put("d") is False and slot.take(timeout=0) == "d"
+    assert (slot.puts, slot.replaced, slot.taken) == (4, 2, 2)
+    assert (puts, len(replaced)) == (["a", "b", "c", "d"], 2)
 
 
 def test_slot_take_blocks_until_put_and_close_wakes():
@@ -479,6 +480,61 @@ def test_stamps_going_backwards_force_a_key_frame_and_keep_their_stamp(make_core
     assert values["key frames (time_backwards)"] == "1" and values["forced key frames"] == "3"
 
 
+def test_max_gap_s_counts_gaps_between_received_messages(make_core, types):
+    """A 30 Hz camera and a node that gets to every 40th frame (1.3 s apart, e.g. a large model on
+    a CPU): no input gap, so frames are propagated; the scheduler had measured gaps between the
+    segmented frames and made every one a time_gap key frame. A real gap between received
+    messages still keys the next segmented frame, even when the message after the gap is
+    replaced, or dropped as stale before it is segmented."""
+    core, clock, _ = make_core(schedule="fixed:100", max_gap_s=1.0)
+    slot = core.make_slot()
+    reasons = []
+    for i in range(200):
+        out = feed(core, clock, slot, image_msg(types, frame(), 100.0 + i / 30), dt=1 / 30, process=i % 40 == 0)
+        if out is not None:
+            reasons.append(out.info.key_frame_reason)
+    assert reasons == ["first", "", "", "", ""]
+    feed(core, clock, slot, image_msg(types, frame(), 110.0), process=False)  # 3.4 s after the last
+    out = feed(core, clock, slot, image_msg(types, frame(), 110.1))  # replaced the one after the gap
+    assert out.info.key_frame_reason == "time_gap"
+    assert feed(core, clock, slot, image_msg(types, frame(), 110.2)).info.key_frame_reason == ""
+    stale, _, _ = make_core(schedule="fixed:100", max_gap_s=1.0, max_frame_age_s=0.5)
+    for stamp, now in ((1.0, 1.0), (5.0, 9.0), (5.1, 5.1)):  # the frame after the gap is stale
+        stale.process(image_msg(types, frame(), stamp), now=now)
+    assert stale.counters["dropped_stale"] == 1 and stale.key_frame_reasons["time_gap"] == 1
+
+
+def test_a_frame_whose_publishing_fails_is_one_failure(make_core, types):
+    """Every publish fails: 5 frames, 5 failures, no output, so ERROR; a processed frame was also
+    counted as an output ('5 of 10 frames failed', WARN, an output rate of 10 Hz)."""
+    core, clock, _ = make_core(propagator="copy")
+    slot = core.make_slot()
+    for i in range(5):
+        clock.advance(0.1)
+        slot.put(image_msg(types, frame(), 1.0 + 0.1 * i))
+        msg, received_at = slot.take_timed(timeout=0)
+        assert core.process(msg, received_at=received_at) is not None
+        core.record_error("publishing failed", RuntimeError("publisher gone"))  # what the Worker does
+    status = core.diagnostic_status()
+    values = dict(status.values)
+    assert status.level == ERROR and "every frame failed" in status.message, status.message
+    assert (values["processed"], values["published"], values["errors"]) == ("5", "0", "5")
+    assert values["output rate (Hz)"] == "0.0"
+
+
+def test_latency_counts_from_receiving_the_message(make_core, types):
+    """A frame that waited 0.8 s in the slot (the worker busy) has 800 ms of latency, as /diagnostics
+    documents (receive-to-outputs); a message handed to process() directly starts then."""
+    core, clock, _ = make_core()
+    slot = core.make_slot()
+    for i in range(3):
+        slot.put(image_msg(types, frame(), 1.0 + 0.1 * i))
+        clock.advance(0.8)
+        msg, received_at = slot.take_timed(timeout=0)
+        core.process(msg, received_at=received_at)
+    assert core.stats()["latency_median_ms"] == pytest.approx(800.0)
+
+
 def test_a_new_frame_id_forces_a_key_frame(make_core, types):
     """Another camera on the topic: its frames are not propagated from the other camera's key frame."""
     core, _, logger = make_core()
@@ -626,11 +682,17 @@ def test_disable_enable_reset(make_core, types, band_loaded):
 
 
 def feed(core, clock, slot, msg, dt=0.1, process=True):
+    """One message through the slot ``dt`` seconds after the last, then, as the Worker does,
+    processed (with the time it was put) and its outputs counted as published."""
     clock.advance(dt)
     slot.put(msg)
-    if process:
-        return core.process(slot.take(timeout=0))
-    return None
+    if not process:
+        return None
+    taken, received_at = slot.take_timed(timeout=0)
+    outputs = core.process(taken, received_at=received_at)
+    if outputs is not None:
+        core.record_published()
+    return outputs
 
 
 def test_diagnostics_ok_with_rates_latency_and_key_frame_ratio(make_core, types):
@@ -638,7 +700,6 @@ def test_diagnostics_ok_with_rates_latency_and_key_frame_ratio(make_core, types)
     slot = core.make_slot()
     for i in range(10):
         assert feed(core, clock, slot, image_msg(types, frame(), 1.0 + 0.1 * i)) is not None
-        core.record_published()
     status = core.diagnostic_status()
     values = dict(status.values)
     assert status.level == OK, status.message
@@ -661,7 +722,6 @@ def test_diagnostics_warn_when_no_output(make_core, types):
     assert status.level == WARN and "no output" in status.message and "no input" in status.message
     slot = core.make_slot()
     feed(core, clock, slot, image_msg(types, frame(), 1.0))
-    core.record_published()
     # one output gives no rate yet: said so, not "0.0 Hz"
     assert (core.diagnostic_status().level, core.diagnostic_status().message) == (OK, "segmenting (1 frame in the last 5 s)")
     clock.advance(5.5)
@@ -791,6 +851,29 @@ def test_worker_stop_is_prompt_when_idle_and_survives_publish_errors(band_loaded
     assert worker.stop()  # idempotent
 
 
+def test_worker_stopped_during_a_frame_publishes_nothing_of_it(band_loaded, types):
+    """stop() whose wait runs out (a frame longer than the wait): the frame finishes, but its
+    outputs are not published (the node's publishers may be deactivated or destroyed by then)."""
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    slot = core.make_slot()
+    entered, release, published = threading.Event(), threading.Event(), []
+    real_push = core.segmenter.push
+
+    def slow_push(*args, **kwargs):
+        entered.set()
+        release.wait(10.0)
+        return real_push(*args, **kwargs)
+
+    core.segmenter.push = slow_push
+    worker = Worker(slot, core, lambda out, li: published.append(out), poll_s=0.05).start()
+    slot.put(image_msg(types, frame(), 1.0))
+    assert entered.wait(5.0)
+    assert worker.stop(timeout=0.1) is False and worker.alive  # still in the frame
+    release.set()
+    assert worker.stop(timeout=5.0)
+    assert core.counters["processed"] == 1 and published == [] and core.counters["published"] == 0
+
+
 def test_worker_passes_the_node_clock_for_the_age_check(band_loaded, types):
     core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.5}), band_loaded, types)
     slot = core.make_slot()
@@ -813,7 +896,8 @@ def test_worker_passes_the_node_clock_for_the_age_check(band_loaded, types):
 def test_build_segmenter_follows_the_parameters(lite):
     seg = build_segmenter(validate({"schedule": "fixed:5", "max_gap_s": 2.0}), lite)
     assert isinstance(seg.scheduler, FixedIntervalScheduler) and seg.scheduler.interval == 5
-    assert seg.scheduler.max_gap_s == 2.0 and seg.propagator.name == "query_flow"
+    # max_gap_s is the core's, on received stamps (test_max_gap_s_counts_gaps_between_received_messages)
+    assert seg.scheduler.max_gap_s == math.inf and seg.propagator.name == "query_flow"
     seg = build_segmenter(validate({"scene_threshold": 0.8, "min_interval": 2, "max_interval": 7,
                                     "cut_threshold": 0.6, "propagator": "optical_flow"}), lite)
     assert isinstance(seg.scheduler, AdaptiveScheduler)

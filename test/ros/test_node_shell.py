@@ -312,7 +312,63 @@ def test_lifecycle_activate_refuses_a_bad_input_override_in_one_line(node_module
         errors = [text for level, text in node.get_logger().lines[seen:] if level == "error"]
         assert errors == ["cannot activate: cannot create topic '/camera/image_raw': Unexpected QoS override for "
                           "policy `history`: `keep-last` (check the qos_overrides./camera/image_raw.* parameters)"]
+        # inactive again: /diagnostics OK "disabled" as after configure, not WARN "no output"
+        assert not node.core.enabled
+        assert node.core.diagnostic_status(now=time.monotonic() + 30).level_name == "OK"
     finally:
+        node.destroy_node()
+
+
+def test_lifecycle_never_runs_two_workers(node_module, monkeypatch):
+    """A deactivate whose wait for the worker runs out (a frame longer than the wait: a TensorRT
+    engine build) leaves that worker in its frame; an activate then must not start a second one
+    beside it, which would run the engine on two threads at once. It is refused until the frame
+    is done, then succeeds."""
+    import threading
+
+    start, _ = node_module
+    start()
+    import mpvss_ros.ros.node as node_py
+
+    monkeypatch.setattr(node_py, "_WORKER_STOP_S", 0.2)
+    monkeypatch.setattr(fr.Node, "overrides", {**fr.Node.overrides, "max_frame_age_s": 0})
+    node = node_py.MPVSSLifecycleNode()
+    R = fr.TransitionCallbackReturn
+    try:
+        assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
+        real_push, inside, peak, lock = node.core.segmenter.push, [0], [0], threading.Lock()
+        entered, release = threading.Event(), threading.Event()
+
+        def slow_push(*args, **kwargs):
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            entered.set()
+            try:
+                release.wait(10.0)
+                return real_push(*args, **kwargs)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+        monkeypatch.setattr(node.core.segmenter, "push", slow_push)
+        old = node._worker
+        node.subscriptions["/image"].callback(image(100_000_000))
+        assert entered.wait(5.0)
+        seen = len(node.get_logger().lines)
+        assert node.trigger_deactivate() == R.SUCCESS and old.alive
+        assert node.trigger_activate() == R.FAILURE and node._worker is old and not node.subscriptions
+        lines = node.get_logger().lines[seen:]
+        assert any(level == "warning" and "still segmenting a frame after 0.2 s" in text for level, text in lines)
+        assert any(level == "error" and "cannot activate: the previous worker thread is still segmenting" in text
+                   for level, text in lines)
+        release.set()
+        assert node.trigger_activate() == R.SUCCESS and node._worker is not old and not old.alive
+        node.subscriptions["/image"].callback(image(200_000_000))
+        time.sleep(0.5)
+        assert peak[0] == 1
+    finally:
+        release.set()
         node.destroy_node()
 
 

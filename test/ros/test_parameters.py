@@ -463,6 +463,21 @@ def test_launch_keys_without_a_leading_slash_apply_as_rclpy_reads_them(launch_fi
         "weights": "/data/r50.pth", "threads": 2, "schedule": "fixed:4"}}}
 
 
+def test_launch_node_names_split_over_nested_keys(launch_file, tmp_path):
+    # rcl's parser adds keys to the node name until `ros__parameters` (rcl_yaml_param_parser's
+    # README: `<node_namespace_string>:` then `<node1_name>:`), so these sections name
+    # /front/mpvss_segmenter and /**/mpvss_segmenter; they were dropped (empty parameters)
+    config = tmp_path / "nested.yaml"
+    config.write_text(
+        f"/**:\n  {NODE_NAME}:\n    ros__parameters:\n      schedule: fixed:4\n      threads: 5\n"
+        f"front:\n  {NODE_NAME}:\n    ros__parameters:\n      threads: 3\n"
+        f"  other_node:\n    ros__parameters:\n      threads: 7\n"
+        f"rear:\n  {NODE_NAME}:\n    ros__parameters:\n      threads: 9\n")
+    (node,) = _run(launch_file, namespace="front", config=str(config))
+    doc = yaml.safe_load(Path(node.kwargs["parameters"][0]).read_text())
+    assert doc == {f"/front/{NODE_NAME}": {"ros__parameters": {"schedule": "fixed:4", "threads": 3}}}
+
+
 def test_launch_under_a_pushed_namespace(launch_file, tmp_path):
     """Included under PushRosNamespace('robot1'), the node is /robot1/front/mpvss_segmenter: its
     params-file section and RViz's topics follow (the node itself gets only our namespace;
