@@ -495,6 +495,15 @@ def _print_train_result(result: Any) -> None:
                       "val": result.val[-1] if result.val else None}))
 
 
+#: Options that name folders: refused when empty (the current directory, or for --cache-dir
+#: another folder in each command).
+_FOLDER_OPTIONS = ("out", "run_dir", "cache_dir", "onnx_dir")
+#: Options and arguments that name files or folders: a leading ``~`` is expanded (the shell leaves
+#: ``--opt=~/x`` as it is).
+_PATH_OPTIONS = _FOLDER_OPTIONS + ("model", "weights", "init_checkpoint", "init_motion", "labels", "images",
+                                   "input", "output", "export_dir", "data_root", "json", "videos")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mpvss``; returns the exit status.
 
@@ -514,12 +523,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"segment": _cmd_segment, "eval": _cmd_eval, "train": _cmd_train, "bag": _cmd_bag}
     commands.update(RUNTIME_COMMANDS)
     try:
-        for name in ("out", "run_dir"):  # an empty output folder would be the current directory
+        for name in _PATH_OPTIONS:  # --out=~/x reaches us unexpanded by the shell
             value = getattr(args, name, None)
-            if isinstance(value, str) and not value.strip():
+            if isinstance(value, str) and not value.strip() and name in _FOLDER_OPTIONS:
+                # an empty folder would be the current directory (and for --cache-dir, another
+                # folder in each command: `mpvss cache --cache-dir "$UNSET" --clear` cleared the default)
                 raise ValueError(f"--{name.replace('_', '-')} must name a folder, got {value!r}")
-            if isinstance(value, str):  # --out=~/x reaches us unexpanded by the shell
+            if isinstance(value, str):
                 setattr(args, name, os.path.expanduser(value))
+            elif isinstance(value, list):
+                setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
         threads = getattr(args, "threads", None)
         if threads is not None:
             # 0 = unchanged, as the training options' and the ROS node's threads parameter

@@ -31,7 +31,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from .checkpoints import first_line
 from .io import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit
-from .io.video import VideoWriter, open_source, write_label_png
+from .io.video import VideoWriter, check_fps, open_source, write_label_png
 from .model_loader import LoadedModel
 from .paths import check_output_dir, make_output_dir
 from .propagation import build_propagator
@@ -99,6 +99,12 @@ def _prepare_out_dir(input_path: str | Path, out: Path) -> None:
     # must not leave an overlay.mp4 that check_out_dir then takes for someone else's video
     for name in reversed(RUN_FILES):
         (out / name).unlink(missing_ok=True)
+
+
+def _open_run_log(input_path: str | Path, out: Path) -> IO[str]:
+    """``out/frames.jsonl`` opened for writing, once the folder is prepared (:func:`_prepare_out_dir`)."""
+    _prepare_out_dir(input_path, out)
+    return open(out / "frames.jsonl", "w")
 
 
 @contextlib.contextmanager
@@ -251,8 +257,9 @@ class SegmentOptions(EngineOptions):
         progress: show a progress bar.
 
     Raises:
-        ValueError: when made, ``max_frames`` or ``max_image_pixels`` below 1
-            (:func:`check_frame_limits`).
+        ValueError: when made, ``fps`` not a frame rate
+            (:func:`~mpvss_ros.io.video.check_fps`), ``max_frames`` or ``max_image_pixels``
+            below 1 (:func:`check_frame_limits`).
     """
 
     max_gap_s: float = math.inf  # a file's stamps are frame index / fps: no real gaps
@@ -264,7 +271,13 @@ class SegmentOptions(EngineOptions):
     progress: bool = True
 
     def check(self) -> None:
-        """As :meth:`EngineOptions.check`: the frame limits (:func:`check_frame_limits`)."""
+        """As :meth:`EngineOptions.check`: the frame rate and the frame limits
+        (:func:`check_frame_limits`)."""
+        if self.fps is not None:
+            try:
+                check_fps(self.fps)
+            except ValueError as exc:
+                raise ValueError(f"--fps: {exc}") from None
         check_frame_limits(self.max_frames, self.max_image_pixels)
 
 
@@ -423,7 +436,12 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     segmenter = options.build_segmenter(loaded, backend)
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     out = Path(out_dir)
-    _prepare_out_dir(input_path, out)
+    check_out_dir(input_path, out)
+    # the input is opened before the output folder is prepared: an input refused here (an empty
+    # folder, a file that is no video, a video above the pixel limit) leaves an earlier run's
+    # outputs in place
+    source = open_source(input_path, fps=options.fps, max_pixels=options.max_image_pixels,
+                         limit_name="mpvss segment's --max-image-pixels; 0 = no limit")
 
     run_stats = RunStats()  # the summary's figures; every frame's record is in frames.jsonl
     non_finite: list[str] = []  # frames whose logits were NaN / infinite (skipped)
@@ -431,9 +449,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     failures = EngineFailures("frames")
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     t_start = time.perf_counter()
-    with open_source(input_path, fps=options.fps, max_pixels=options.max_image_pixels,
-                     limit_name="mpvss segment's --max-image-pixels; 0 = no limit") as source, \
-            open(out / "frames.jsonl", "w") as jsonl:
+    with source, _open_run_log(input_path, out) as jsonl:
         writer = _OverlayVideo(out / "overlay.mp4", source.fps) if options.write_overlay else None
         total = len(source) if options.max_frames is None else min(len(source), options.max_frames)
         try:

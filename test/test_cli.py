@@ -663,6 +663,32 @@ def test_a_run_stopped_while_clearing_the_folder_leaves_it_reusable(tmp_path, ca
     assert _segment(tmp_path / "frames", out, "--propagator", "copy") == 0, capsys.readouterr().err
 
 
+def test_a_refused_input_leaves_the_earlier_run_in_place(bikes_path, tmp_path, capsys):
+    """A bad --fps, a folder without images, a file that is no video or a video above the pixel
+    limit is refused before the output folder is touched: the earlier run's outputs were deleted
+    first (and a new folder was left with an empty labels/)."""
+    rng = np.random.default_rng(7)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(2)})
+    out = tmp_path / "out"
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy") == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len(before) == 5  # frames.jsonl, summary.json, overlay.mp4, two labels
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "fake.mp4").write_text("not a video\n" * 20)
+    refusals = [(tmp_path / "frames", ["--fps", "-1"], "--fps: fps must be a positive finite number"),
+                (tmp_path / "frames", ["--fps", "nan"], "--fps: fps must be a positive finite number"),
+                (tmp_path / "empty", [], "no images"),
+                (tmp_path / "fake.mp4", [], "cannot read video"),
+                (bikes_path, ["--max-image-pixels", "1000"], "more than the 1000 allowed")]
+    for source, extra, words in refusals:
+        assert _segment(source, out, "--propagator", "copy", *extra) == 2
+        assert words in error_line(capsys.readouterr().err)
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, words
+        assert _segment(source, tmp_path / "new", "--propagator", "copy", *extra) == 2
+        assert words in error_line(capsys.readouterr().err)
+        assert not (tmp_path / "new").exists(), words
+
+
 def test_segment_refuses_the_output_folder_before_loading_the_model(tmp_path, capsys, monkeypatch):
     import mpvss_ros.cli as cli
 

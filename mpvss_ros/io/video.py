@@ -41,6 +41,7 @@ __all__ = [
     "VideoWriter",
     "IMAGE_SUFFIXES",
     "DEFAULT_FOLDER_FPS",
+    "check_fps",
     "write_label_png",
     "read_label_png",
     "png_size",
@@ -233,7 +234,7 @@ class VideoFileSource(FrameSource):
                 fps = FALLBACK_VIDEO_FPS
             else:
                 fps = container_fps
-        super().__init__(path, _check_fps(fps), max_pixels, limit_name)
+        super().__init__(path, check_fps(fps), max_pixels, limit_name)
         # OpenCV delivers every frame at the first one's size (OpenCV 5.1: a raw MJPEG stream of
         # 64 x 48 then 128 x 96 frames reads as 64 x 48 throughout, and the other way round as
         # 128 x 96), so refuse the file now rather than decode all of it to skip every frame; the
@@ -393,7 +394,7 @@ class ImageFolderSource(FrameSource):
                  limit_name: str = DEFAULT_LIMIT_NAME) -> None:
         path = Path(path)
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            super().__init__(path, _check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels, limit_name)
+            super().__init__(path, check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels, limit_name)
             self.files: list[Path] = [path]
             return
         if not path.is_dir():
@@ -414,7 +415,7 @@ class ImageFolderSource(FrameSource):
         if natural != files:
             logger.warning("images in %s are read in file-name order, which differs from numeric order "
                            "(e.g. frame_10 before frame_2); zero-pad the numbers if that is wrong", path)
-        super().__init__(path, _check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels, limit_name)
+        super().__init__(path, check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels, limit_name)
         self.files = files
 
     def __len__(self) -> int:
@@ -487,7 +488,12 @@ def _pixel_excess(height: int, width: int, max_pixels: int | None, limit_name: s
     return None if excess is None else f"{excess} ({limit_name})"
 
 
-def _check_fps(fps: float) -> float:
+def check_fps(fps: float) -> float:
+    """``fps`` as a float (frames/s) when it is a number in :data:`FPS_RANGE`.
+
+    Raises:
+        ValueError: not a number, not finite and positive, or outside :data:`FPS_RANGE`.
+    """
     try:
         value = float(fps)
     except (TypeError, ValueError):
@@ -657,7 +663,7 @@ class VideoWriter:
     def __init__(self, path: str | Path, fps: float, size: tuple[int, int] | None = None,
                  fourcc: str | None = None) -> None:
         self.path = Path(path).expanduser()
-        self.fps = _check_fps(fps)
+        self.fps = check_fps(fps)
         if fourcc is None:
             fourcc = _FOURCC_BY_SUFFIX.get(self.path.suffix.lower())
             if fourcc is None:

@@ -822,7 +822,7 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
     export never leaves a half-written entry. A reused entry is marked used; a new one prunes the
     cache to its budget (:mod:`mpvss_ros.runtime.cache`).
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser().absolute() if cache_dir is not None else default_cache_dir()
     fp = fingerprint or model_fingerprint(model)
     h, w = int(valid_hw[0]), int(valid_hw[1])
     final = cache / "onnx" / f"{model.cfg.name}-{h}x{w}-{fp[:16]}"

@@ -524,7 +524,7 @@ def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], gr
     patterns = FP32_LAYER_PATTERNS.get(graph, ()) if (keep_fp32 and precision == "fp16") else ()
     options = {"fp32_layer_patterns": list(patterns), "workspace_mb": int(workspace_mb)}
     key = engine_cache_key(_sha256_file(onnx_path), trt.__version__, gpu_name, cc, precision, input_shapes, options)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir).expanduser().absolute() if cache_dir is not None else default_cache_dir()
     folder = root / "engines"
     path = folder / f"{graph}-{precision}-{key[:24]}.engine"
     if _engine_intact(path):

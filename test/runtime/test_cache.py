@@ -169,6 +169,32 @@ def test_cli_lists_prunes_and_clears(fake_cache, capsys):
     assert "0 entries, 0.0 MiB" in capsys.readouterr().out and cache_entries(root) == []
 
 
+def test_cli_cache_dir_with_a_tilde_or_empty(fake_cache, capsys, monkeypatch):
+    """--cache-dir=~/x (the shell leaves it unexpanded) is the home folder's; an empty one (an unset
+    shell variable) is refused: it was the default cache for `mpvss cache`, which --clear emptied,
+    and the current directory for the other commands."""
+    root, _ = fake_cache
+    monkeypatch.setenv("HOME", str(root.parent))
+    monkeypatch.setenv("MPVSS_CACHE_DIR", str(root))  # the default a "" fell back to
+    assert main(["cache", f"--cache-dir=~/{root.name}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"cache {root}\n") and "4 entries" in out
+    for empty in ("", "  "):
+        assert main(["cache", "--cache-dir", empty, "--clear"]) == 2
+        assert "--cache-dir must name a folder" in capsys.readouterr().err
+    assert len(cache_entries(root)) == 4
+
+
+def test_cached_export_expands_a_tilde(tmp_path, monkeypatch):
+    """A cache folder given as ~/c: the export was written under $HOME/c but an empty ./~/c folder
+    was renamed into the entry (mkdtemp returns a relative path), so every run failed and leaked it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    entry = cached_export(load_model("mpvss_lite").model, (64, 64), "~/c")
+    assert entry.parent == tmp_path / "home" / "c" / "onnx" and (entry / "contract.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("argv, message", [(["--max-mb", "5"], "--max-mb goes with --prune"),
                                            (["--prune", "--max-mb", "0"], "--max-mb must be"),
                                            (["--prune", "--clear"], "not allowed with")])
