@@ -96,6 +96,8 @@ def _to_tensor_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for k, v in obj.items():
         if isinstance(v, np.ndarray):
+            if v.dtype.kind not in "biuf":  # objects, strings, dates, complex: torch has no such weights
+                raise CheckpointError(f"{path}: array {k!r} holds {v.dtype} values, not numbers")
             v = torch.from_numpy(np.array(v, order="C", copy=True))  # keeps 0-d arrays 0-d
         if not isinstance(v, Tensor):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
@@ -334,7 +336,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, 
     Raises:
         ValueError: the checkpoint would not load back with ``weights_only=True`` (e.g. numpy
             scalars in ``model_config`` or ``meta``); nothing is written.
-        OSError: the parent folder cannot be made or the file cannot be written.
+        OSError: the parent folder cannot be made or the file cannot be written (the temporary
+            file beside it is then removed; an earlier file at ``path`` stays as it was).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -358,5 +361,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, 
         raise ValueError(f"checkpoint for {path} would not load with weights_only=True: "
                          f"{_weights_only_cause(exc)} (use plain Python types in model_config and meta)") from exc
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+    except BaseException:  # a full disk: no half-written temporary left beside the checkpoint
+        tmp.unlink(missing_ok=True)
+        raise

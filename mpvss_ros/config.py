@@ -205,7 +205,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=repr)  # keys may be of mixed types (1: a, foo: b)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
     return cls(**data)
@@ -224,7 +224,12 @@ def model_config_from_dict(data: dict[str, Any], where: str = "model config") ->
     for key in ("name", "num_classes"):
         if key not in data:
             raise ConfigError(f"{where}: missing required key '{key}'")
-    sections = {k: _build(c, data.pop(k, {}) or {}, f"{where}: {k}") for k, c in _SECTIONS.items()}
+    # an absent or empty section (`backbone:`) takes the defaults; a value that is no mapping
+    # (`backbone: 0`, `postprocess: false`) is refused by _build, not read as the defaults
+    sections = {}
+    for key, cls in _SECTIONS.items():
+        value = data.pop(key, None)
+        sections[key] = _build(cls, {} if value is None else value, f"{where}: {key}")
     cfg = _build(ModelConfig, {**data, **sections}, where)
     _validate(cfg, where)
     return cfg
@@ -323,6 +328,13 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}: input.warp_normalization must be exact or mmtrack")
     if cfg.input.size is not None and (len(cfg.input.size) != 2 or min(cfg.input.size) < 32):
         raise ConfigError(f"{where}: input.size must be [H, W] with both >= 32, got {cfg.input.size}")
+    if cfg.input.size_divisibility < 32 or cfg.input.size_divisibility % 32:
+        # the backbone's and the motion encoder's coarsest stride (MotionModule.size_divisibility)
+        raise ConfigError(f"{where}: input.size_divisibility must be a multiple of 32, got {cfg.input.size_divisibility}")
+    if cfg.transformer_decoder.num_feature_levels != 3:
+        # the pixel decoder's multi-scale maps (1/32, 1/16, 1/8), one per level, as Mask2Former asserts
+        raise ConfigError(f"{where}: transformer_decoder.num_feature_levels must be 3 (the pixel decoder's 1/32, 1/16 "
+                          f"and 1/8 maps), got {cfg.transformer_decoder.num_feature_levels}")
 
 
 def _model_dirs() -> list[Path]:

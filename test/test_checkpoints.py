@@ -1,6 +1,7 @@
 """Checkpoints: official detectron2 layout (.pth / .pkl), this project's format, failures."""
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,17 @@ def test_corrupt_missing_and_malicious_files(tmp_path):
     torch.save({"model": {"a": np.ones(2)}}, evil_pt)  # a numpy object: not allowed by weights_only
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         read_state_dict(evil_pt)
+
+
+@pytest.mark.parametrize("array", [np.array(["a", "b"]), np.array([1, "x"], dtype=object),
+                                   np.array(["2026-01-01"], dtype="datetime64[D]"), np.ones(2, np.complex64)])
+def test_pkl_arrays_that_hold_no_weights_are_refused(tmp_path, array):
+    """A .pkl of strings, objects, dates or complex numbers: torch.from_numpy raised TypeError (a
+    traceback from the command line) or made a complex tensor."""
+    path = tmp_path / "odd.pkl"
+    path.write_bytes(pickle.dumps({"model": {"w": np.ones(2, np.float32), "odd": array}}))
+    with pytest.raises(CheckpointError, match=re.escape(f"array 'odd' holds {array.dtype} values, not numbers")):
+        read_state_dict(path)
 
 
 def test_damaged_weights_are_refused(tmp_path):
@@ -345,3 +357,26 @@ def test_the_pass_model_hint_is_only_for_files_tried_on_the_default_model(tmp_pa
     with pytest.raises(CheckpointError) as err:
         load_model(None, tmp_path / "lite_missing_key.pt")
     assert "holds no model configuration" not in str(err.value)
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk while writing: the half-written ``.pt.tmp`` beside the checkpoint is removed and
+    the earlier checkpoint stays."""
+    import errno
+
+    cfg = load_model_config("mpvss_lite")
+    model = torch.nn.Linear(2, 2)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, cfg.to_dict())
+    before = path.read_bytes()
+    real_write = Path.write_bytes
+
+    def full(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, model, cfg.to_dict(), meta={"steps": 1})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"] and path.read_bytes() == before

@@ -36,6 +36,14 @@ def _with(path: str, value):
     ("motion.image_scale", 0.0, "image_scale must lie in \\(0, 1\\]"),
     ("pixel_decoder.num_groups", 48, "GroupNorm"),
     ("postprocess.min_query_score", "abc", "min_query_score must be a finite number"),
+    # values the model cannot run: every non-key frame skipped, every frame failing
+    ("input.size_divisibility", 7, "input.size_divisibility must be a multiple of 32, got 7"),
+    ("input.size_divisibility", 48, "input.size_divisibility must be a multiple of 32, got 48"),
+    ("transformer_decoder.num_feature_levels", 5, "num_feature_levels must be 3"),
+    ("transformer_decoder.num_feature_levels", 1, "num_feature_levels must be 3"),
+    # a section that is no mapping is refused, not read as the defaults
+    ("backbone", 0, "backbone: expected a mapping, got int"),
+    ("postprocess", False, "postprocess: expected a mapping, got bool"),
 ])
 def test_bad_values_are_one_config_error_naming_the_key(path, value, words):
     with pytest.raises(ConfigError, match=words):
@@ -70,3 +78,15 @@ def test_a_weights_file_given_as_model_says_where_it_goes():
         load_model_config("runs/x/model_final.pt")
     with pytest.raises(ConfigError, match=r"\(or pass a .yaml file\)$"):
         load_model_config("mpvss_tiny")
+
+
+def test_unknown_keys_of_mixed_types_are_named():
+    """YAML keys need not be strings (`1: a` beside `foo: b`): sorting them raised TypeError."""
+    data = {**load_model_config("mpvss_lite").to_dict(), 1: "a", "foo": "b"}
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['foo', 1\]"):
+        model_config_from_dict(data)
+
+
+def test_an_empty_section_takes_the_defaults():
+    data = {**load_model_config("mpvss_lite").to_dict(), "postprocess": None}
+    assert model_config_from_dict(data).postprocess == load_model_config("mpvss_lite").postprocess.__class__()

@@ -47,6 +47,7 @@ __all__ = [
     "png_size",
     "PNG_SIGNATURE",
     "png_damage",
+    "decoded_to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -621,16 +622,34 @@ def _read_rgb(file: Path, max_pixels: int | None = None, limit_name: str = DEFAU
     if img is None:
         raise _Skipped(f"skipping unreadable image {file} (cannot be decoded)")
     check_size(img.shape[0], img.shape[1])  # the formats measured only once decoded
+    try:
+        return decoded_to_rgb(img)
+    except ValueError as exc:
+        raise _Skipped(f"skipping image {file}: {exc}") from None
+
+
+def decoded_to_rgb(img: np.ndarray) -> np.ndarray:
+    """An image as ``cv2.imdecode(..., IMREAD_ANYDEPTH | IMREAD_ANYCOLOR)`` gives it -> C-contiguous
+    ``(H, W, 3)`` uint8 RGB, as :class:`ImageFolderSource` documents: grey replicated, alpha
+    dropped, 16-bit scaled by ``round(v * 255 / 65535)``, float taken as [0, 1].
+
+    Args:
+        img: ``(H, W)`` or ``(H, W, 1|3|4)`` (grey, BGR, BGRA), uint8, uint16, float32 or float64.
+
+    Raises:
+        ValueError: another pixel type or channel count, or a float image with NaN or infinite
+            values.
+    """
     if img.dtype == np.uint16:
         img = np.rint(img.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
         if not np.all(np.isfinite(img)):
-            raise _Skipped(f"skipping image {file}: float image with NaN/inf values")
+            raise ValueError("float image with NaN/inf values")
         img = np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
     elif img.dtype != np.uint8:
-        raise _Skipped(f"skipping image {file}: unsupported pixel type {img.dtype}")
+        raise ValueError(f"unsupported pixel type {img.dtype}")
     if img.ndim == 3 and img.shape[2] not in (1, 3, 4):
-        raise _Skipped(f"skipping image {file}: unsupported channel count {img.shape[2]}")
+        raise ValueError(f"unsupported channel count {img.shape[2]}")
     return _bgr_to_rgb(img)
 
 

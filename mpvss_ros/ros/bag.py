@@ -255,7 +255,9 @@ def _db3_metadata_version(path: Path) -> int:
     import sqlite3
 
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+        # as_uri() percent-encodes '#' and '?' in the name: a plain "file:run#1.db3" opened (and
+        # created) a file "run" read-write
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as con:
             row = con.execute("SELECT metadata_version FROM metadata ORDER BY metadata_version DESC LIMIT 1").fetchone()
     except sqlite3.Error:  # no metadata table (or not a database: the reader says so next)
         return 8

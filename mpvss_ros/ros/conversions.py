@@ -40,7 +40,7 @@ import numpy as np
 
 from ..io import DEFAULT_MAX_IMAGE_PIXELS, pixel_excess
 from ..io.jpeg import STRICT_JPEG, JpegDataError, JpegHeaderError, decode_jpeg, is_jpeg
-from ..io.video import PNG_SIGNATURE, png_damage, png_size
+from ..io.video import PNG_SIGNATURE, decoded_to_rgb, png_damage, png_size
 from ..viz import colorize, frame_tag, overlay
 
 from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
@@ -224,20 +224,33 @@ def _as_bytes(data: Any, what: str = "data") -> np.ndarray:
     """A message's ``uint8[]`` payload as a 1-D uint8 array, without copying where possible.
 
     ``rosbags`` gives numpy arrays; rclpy gives ``array.array('B')``; ``bytes``, ``bytearray``
-    and ``memoryview`` work as well (any buffer), lists are copied.
+    and ``memoryview`` work as well (any contiguous buffer of 1-byte items), lists of integers
+    are copied.
+
+    Raises:
+        ConversionError: a numpy array of another dtype, a buffer of wider items (its raw bytes
+            are no pixels), a list holding anything but integers 0..255, or no buffer at all.
     """
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8:
             raise ConversionError(f"{what} must hold uint8 bytes, got dtype {data.dtype}")
         return data.reshape(-1)
     if isinstance(data, (list, tuple)):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in data):
+            raise ConversionError(f"{what} is not a byte sequence: it holds other values than integers")
         try:
             return np.asarray(data, dtype=np.uint8)
         except (OverflowError, ValueError, TypeError) as exc:
             raise ConversionError(f"{what} is not a byte sequence: {exc}") from None
     try:
-        return np.frombuffer(data, dtype=np.uint8)
-    except (TypeError, ValueError) as exc:
+        view = memoryview(data)
+    except TypeError as exc:
+        raise ConversionError(f"{what} of type {type(data).__name__} is not a byte buffer: {exc}") from None
+    if view.itemsize != 1:  # array('H') and the like: its raw bytes are no pixels
+        raise ConversionError(f"{what} must hold bytes, got a buffer of {view.itemsize}-byte items ({view.format!r})")
+    try:
+        return np.frombuffer(view, dtype=np.uint8).reshape(-1)
+    except (TypeError, ValueError, BufferError) as exc:  # e.g. a non-contiguous view
         raise ConversionError(f"{what} of type {type(data).__name__} is not a byte buffer: {exc}") from None
 
 
@@ -296,6 +309,8 @@ def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
                               f"({width} x {bpp} = {row_bytes} bytes)")
     if encoding in _YUV_CODES and width % 2:
         raise ConversionError(f"YUV 4:2:2 image ({encoding}) must have an even width, got {width}")
+    if encoding in _BAYER_CODES and min(width, height) < 3:  # OpenCV's demosaicking returns zeros there
+        raise ConversionError(f"Bayer image ({encoding}) must be at least 3 x 3 pixels, got {width} x {height}")
     buf = _as_bytes(getattr(msg, "data", None), "image data")
     need = step * height
     if buf.size != need:  # as cv_bridge: a wrong height or step would crop or shear the image
@@ -384,18 +399,22 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     damage = png_damage(buf)
     if damage is not None:
         raise ConversionError(f"corrupt PNG: {what}: {damage}")
-    return cv2.cvtColor(_imdecode(buf, what), cv2.COLOR_BGR2RGB)
+    return _decode_png(buf, what)
 
 
-def _imdecode(buf: np.ndarray, what: str) -> np.ndarray:
-    """A PNG decoded by OpenCV as BGR, as stored (an ``eXIf`` orientation ignored)."""
+def _decode_png(buf: np.ndarray, what: str) -> np.ndarray:
+    """A PNG decoded by OpenCV as stored (an ``eXIf`` orientation ignored), to RGB as an image
+    folder's PNG (:func:`~mpvss_ros.io.video.decoded_to_rgb`: 16-bit rounded, not truncated)."""
     try:
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as exc:
         raise ConversionError(f"could not decode {what}: {exc}") from None
-    if bgr is None or bgr.size == 0:
+    if img is None or img.size == 0:
         raise ConversionError(f"could not decode {what}: corrupt data")
-    return bgr
+    try:
+        return decoded_to_rgb(img)
+    except ValueError as exc:
+        raise ConversionError(f"could not decode {what}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------

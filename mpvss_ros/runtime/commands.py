@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
+from ..paths import check_output_dir, make_output_dir
 from .base import BACKENDS, PRECISIONS, BackendUnavailable
 
 __all__ = ["add_backend_options", "add_runtime_commands", "load_model_and_backend", "RUNTIME_COMMANDS"]
@@ -232,6 +234,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.repeats < 1 or args.warmup < 0 or args.e2e_frames < 1:
         raise ValueError("--repeats and --e2e-frames must be >= 1, --warmup >= 0")
+    if args.json:  # before the benchmark, not after minutes of it
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json} is a folder, not a file")
+        check_output_dir(Path(args.json).parent, "--json file's folder")
     weights = {}
     for item in args.weights:
         if "=" not in item:
@@ -253,6 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(opts, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_markdown(result))
     if args.json:
+        make_output_dir(Path(args.json).parent, "--json file's folder")
         write_json(result, args.json)
     return 0
 

@@ -327,6 +327,23 @@ def test_a_bare_db3_gets_the_version_its_folder_gets(ts, tmp_path, frames, band_
     assert meta["version"] == (version or 8)
 
 
+def test_a_bare_db3_named_with_a_hash_or_question_mark(ts, tmp_path, frames):
+    """Its metadata table is read from the file itself: an unquoted "file:run#1.db3" URI opened
+    (and created, read-write) a file "run" and read version 8 from it."""
+    import shutil
+
+    from mpvss_ros.ros.bag import _db3_metadata_version
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:1]), version=9)
+    db3 = next((tmp_path / "in").glob("*.db3"))
+    named = tmp_path / "named"
+    named.mkdir()
+    for name in ("run#1.db3", "run?x.db3", "run%20.db3"):
+        shutil.copy(db3, named / name)
+        assert _db3_metadata_version(named / name) == 9, name
+    assert sorted(p.name for p in named.iterdir()) == ["run#1.db3", "run%20.db3", "run?x.db3"]
+
+
 def test_single_storage_file_and_max_frames(ts, tmp_path, frames, lite):
     write_bag(ts, tmp_path / "in", "mcap", raw_entries(ts, frames))
     mcap = next((tmp_path / "in").glob("*.mcap"))

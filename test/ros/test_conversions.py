@@ -206,6 +206,10 @@ def test_every_encoding_on_real_camvid_frame(ts, camvid_frame, encoding, pad):
 @pytest.mark.parametrize("encoding", SUPPORTED_ENCODINGS)
 def test_every_encoding_on_synthetic_frames(ts, encoding, pad, shape):
     rgb = synthetic_frame(*shape, seed=shape[0])
+    if encoding in BAYER and min(shape) < 3:  # OpenCV demosaicks these to zeros: refused
+        with pytest.raises(ConversionError, match=r"Bayer image .* must be at least 3 x 3 pixels"):
+            image_to_rgb(roundtrip(ts, encode(ts, rgb, encoding, pad=pad), IMAGE))
+        return
     out = image_to_rgb(roundtrip(ts, encode(ts, rgb, encoding, pad=pad), IMAGE))
     check_decoded(rgb, encoding, out, yuv_max_grey_error=48, yuv_stats=rgb.shape[0] * rgb.shape[1] >= 1000)
 
@@ -264,6 +268,18 @@ def test_rgb8_is_zero_copy(ts):
     assert out.flags.c_contiguous
     padded = image_to_rgb(encode(ts, rgb, "rgb8", pad=4))
     assert padded.flags.c_contiguous  # rows with padding: one copy, contiguous for OpenCV/torch
+
+
+@pytest.mark.parametrize("data, words", [
+    (array.array("H", [0x0102] * 6), "a buffer of 2-byte items"),   # its raw bytes are no pixels
+    ([1.7] * 12, "holds other values than integers"),               # was truncated to 1
+    ([True] * 12, "holds other values than integers"),
+    ([300] * 12, "not a byte sequence"),
+    ("abcdefghijkl", "not a byte buffer"),
+])
+def test_payloads_that_are_not_bytes(data, words):
+    with pytest.raises(ConversionError, match=words):
+        image_to_rgb(fake_image(data=data))
 
 
 @pytest.mark.parametrize("kind", ["bytes", "bytearray", "array", "memoryview", "list"])
@@ -349,6 +365,13 @@ def test_empty_image(ts, hw):
 def test_negative_size():
     with pytest.raises(ConversionError, match="negative"):
         image_to_rgb(fake_image(height=-2))
+
+
+@pytest.mark.parametrize("encoding", BAYER)
+def test_the_smallest_bayer_image_keeps_its_colour(ts, encoding):
+    """3 x 3 is the smallest mosaic OpenCV demosaicks (below it every pixel came back black)."""
+    rgb = np.full((3, 3, 3), (200, 30, 30), np.uint8)
+    assert image_to_rgb(encode(ts, rgb, encoding))[1, 1].tolist() == [200, 30, 30]
 
 
 @pytest.mark.parametrize("encoding", ["yuv422", "yuyv", "yuv422_yuy2"])
@@ -483,6 +506,25 @@ def test_frames_above_the_pixel_limit_are_refused_before_decoding(ts, ext, jpeg_
             monkeypatch.setattr(jpeg._simplejpeg, "decode_jpeg", None)
     with pytest.raises(ConversionError, match="80 x 60 = 4800 pixels, more than the 4799 allowed"):
         compressed_to_rgb(msg, max_pixels=4799)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_a_16_bit_png_decodes_as_an_image_folder_decodes_it(ts, tmp_path, channels):
+    """mono16/rgb16 PNGs (`png compressed mono16`) are scaled by round(v * 255 / 65535) as a folder
+    of PNGs is; OpenCV's IMREAD_COLOR had dropped the low byte (65280 -> 255 instead of 254)."""
+    from mpvss_ros.io.video import open_source
+
+    values = np.array([0, 128, 255, 256, 383, 32767, 32768, 65279, 65280, 65535, 1000, 40000], np.uint16)
+    img = np.repeat(values.reshape(3, 4)[..., None], channels, axis=2)
+    if channels > 1:
+        img[..., 0] = img[..., 0][::-1]  # channels differ: the order is checked too
+    png = cv2.imencode(".png", img)[1].tobytes()
+    (tmp_path / "f.png").write_bytes(png)
+    with open_source(tmp_path) as src:
+        folder = next(iter(src)).image
+    np.testing.assert_array_equal(compressed_to_rgb(compressed(ts, png, "mono16; png compressed mono16")), folder)
+    expected = np.rint(values.astype(np.float64) * 255 / 65535).astype(np.uint8).reshape(3, 4)
+    np.testing.assert_array_equal(folder[..., 1], expected)
 
 
 def test_png_without_its_header_is_refused(ts):

@@ -363,7 +363,8 @@ def test_lifecycle_never_runs_two_workers(node_module, monkeypatch):
         assert any(level == "error" and "cannot activate: the previous worker thread is still segmenting" in text
                    for level, text in lines)
         release.set()
-        assert node.trigger_activate() == R.SUCCESS and node._worker is not old and not old.alive
+        assert old.stop(timeout=10.0)  # its frame done (longer than the shortened wait in activate)
+        assert node.trigger_activate() == R.SUCCESS and node._worker is not old
         node.subscriptions["/image"].callback(image(200_000_000))
         time.sleep(0.5)
         assert peak[0] == 1

@@ -81,6 +81,19 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
     assert handed == [False]
 
 
+def test_bench_json_path_checked_before_the_benchmark(tmp_path, capsys, monkeypatch):
+    """--json under a file or naming a folder is refused before any row runs (it was found only
+    when the result was written, after the whole benchmark)."""
+    from mpvss_ros.runtime import bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("benchmarked"))
+    (tmp_path / "afile").write_text("x")
+    for target, words in ((tmp_path / "afile" / "r.json", "is a file, not a folder"),
+                          (tmp_path, "is a folder, not a file")):
+        assert main(["bench", "--sizes", "64x96", "--json", str(target)]) != 0
+        assert words in capsys.readouterr().err
+
+
 def test_bench_keep_canvas_letterboxes_onto_the_configured_canvas(tmp_path, capsys, monkeypatch):
     """--keep-canvas: a 720p-shaped frame size on the shipped 480 x 640 canvas (letterboxed to
     360 x 640, padded to 384 x 640); the row says so and the end-to-end rate is measured."""
