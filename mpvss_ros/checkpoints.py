@@ -171,7 +171,8 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
     with a numpy-only unpickler.
 
     Raises:
-        CheckpointError: missing file, unreadable/corrupt file, or no state dict inside.
+        CheckpointError: missing file, unreadable/corrupt file, no state dict inside, or this
+            project's format of a version it does not read (newer than :data:`VERSION`).
     """
     path = Path(path)
     if path.is_dir():
@@ -208,6 +209,11 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
     except Exception as exc:  # corrupt zip, truncated pickle, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line(exc)}") from exc
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        version = obj.get("version", 1)  # (a file made by hand may leave it out)
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
+            # a newer layout may mean something else by the same keys: refused, not guessed at
+            raise CheckpointError(f"checkpoint {path} has format version {version!r}; this mpvss_ros reads "
+                                  f"versions 1 to {VERSION} (a newer release wrote it?)")
         meta = obj.get("meta") or {}
         if not isinstance(meta, dict):
             raise CheckpointError(f"corrupt checkpoint {path}: its 'meta' must be a mapping, got {type(meta).__name__}")

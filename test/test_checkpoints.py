@@ -380,3 +380,18 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatc
         save_checkpoint(path, model, cfg.to_dict(), meta={"steps": 1})
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"] and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("version", [2, 99, 0, None, "1", True, 1.0])
+def test_a_checkpoint_of_another_format_version_is_refused(tmp_path, version):
+    """A newer release's layout may mean something else by the same keys: refused by name, not
+    loaded silently."""
+    cfg = load_model_config("mpvss_lite")
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, torch.nn.Linear(2, 2), cfg.to_dict())
+    raw = torch.load(path, weights_only=True)
+    assert raw["version"] == 1 and read_checkpoint(path).state_dict
+    raw["version"] = version
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=re.escape(f"has format version {version!r}; this mpvss_ros reads versions 1 to 1")):
+        read_checkpoint(path)
