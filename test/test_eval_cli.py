@@ -266,6 +266,18 @@ def test_evaluate_sequence_costs_are_the_frames_total_latency(lite, make_band_mo
     assert (out["mean_ms_per_frame"], out["median_ms_key_frame"], out["median_ms_non_key_frame"]) == (6.0, 10.0, 2.0)
 
 
+def test_match_scene_threshold_above_the_first_grid():
+    """A steady fast pan (no cut): the drift since the key frame scores above 3, the first grid's
+    top, so every grid threshold gave 8 key frames for a target of 6 (more segmentor runs than the
+    fixed schedule it is compared with); thresholds up to max_interval / pixel_scale are searched."""
+    rng = np.random.default_rng(0)
+    strip = cv2.GaussianBlur((rng.random((120, 2000)) * 255).astype(np.float32), (0, 0), 3)
+    strip = cv2.normalize(strip, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    frames = [np.repeat(strip[:, 6 * t: 6 * t + 160, None], 3, axis=2).copy() for t in range(60)]
+    threshold, count = match_scene_threshold(frames, 15.0, 6, 20)
+    assert count == 6 and threshold > 3.0
+
+
 def test_match_scene_threshold_hits_target(camvid_val_dirs):
     seq = load_sequence(*camvid_val_dirs, limit=20)
     assert len(seq.images) == 20

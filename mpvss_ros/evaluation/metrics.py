@@ -326,7 +326,9 @@ class VideoConsistency:
             raise ValueError(f"pred shape {p.shape} differs from gt shape {g.shape}")
         if self._frames and self._frames[0][0].shape != p.shape:
             raise ValueError(f"frame shape {p.shape} differs from the clip's {self._frames[0][0].shape}")
-        self._frames.append((p, g))
+        # copies: _as_int_array shares an int64 array's (or a CPU tensor's) memory, and a caller
+        # reusing one buffer for every frame would rewrite the frames kept for later windows
+        self._frames.append((p.copy(), g.copy()))
         if len(self._frames) == self.n + 1:  # frame i+n exists, so window i..i+n-1 counts
             self.window_acc.append(self._window(list(self._frames)[: self.n]))
 

@@ -27,7 +27,7 @@ from ..io.video import read_label_png
 from ..model_loader import LoadedModel
 from ..propagation import FLOW_PROPAGATORS, CopyPropagator, Propagator, build_propagator
 from ..scheduling import (DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, FixedIntervalScheduler, KeyFrameScheduler,
-                          parse_schedule, schedule_key_frames)
+                          SceneScorer, parse_schedule, schedule_key_frames)
 from ..segmenter import VideoSegmenter
 from .bootstrap import paired_miou_difference
 from .metrics import IGNORE_INDEX, ConfusionMatrix, VideoConsistency, class_counts
@@ -355,7 +355,8 @@ def match_scene_threshold(images: Sequence[np.ndarray], fps: float, target_key_f
     """The scene threshold whose adaptive schedule (with ``max_interval`` and ``cut_threshold`` as
     :class:`AdaptiveScheduler`) makes the key-frame count closest to the target without exceeding it.
 
-    Searches a log-spaced grid of scene thresholds (0.01 .. 3), then bisects (in log space) between
+    Searches a log-spaced grid of scene thresholds (0.01 .. 3, doubled beyond while every count
+    is above the target, up to the highest scene score ``max_interval`` allows), then bisects (in log space) between
     the grid's thresholds that bracket the target, since a coarse grid can step over the exact
     count. Of the thresholds tried, it takes the one whose count is closest to the target from
     below (the lowest such threshold on ties), so the adaptive schedule never gets more segmentor
@@ -387,6 +388,12 @@ def match_scene_threshold(images: Sequence[np.ndarray], fps: float, target_key_f
 
     grid = [float(t) for t in np.geomspace(0.01, 3.0, 60)]
     counts = [count(t) for t in grid]
+    # steady fast motion: the drift integrated since the key frame scores above the grid's top, up
+    # to max_interval / pixel_scale (every frame a full change); double the threshold up to there
+    reachable = max_interval / SceneScorer().pixel_scale + 1.0
+    while counts[-1] > target_key_frames and grid[-1] < reachable:
+        grid.append(min(2.0 * grid[-1], reachable))
+        counts.append(count(grid[-1]))
     # the count falls as the scene threshold rises: bisect between the last grid point above the target
     # and the first at or below it
     above = [t for t, n in zip(grid, counts) if n > target_key_frames]

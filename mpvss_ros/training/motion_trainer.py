@@ -60,7 +60,7 @@ from .matcher import HungarianMatcher
 from .options import (check_at_least, check_crop, check_fractions, check_integers, check_numbers,
                       check_optional_positive)
 from .data import decode_frames, list_frames
-from .pairs import FramePairs, LabelledFrames, check_camvid_pairs, load_clip_on_canvas
+from .pairs import FramePairs, LabelledFrames, check_camvid_pairs, check_crop_on_flow_grid, load_clip_on_canvas
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
                       camvid_root, lr_factor, no_decay_parameters, resume_run, rng_state, save_run_checkpoint,
@@ -94,7 +94,9 @@ class MotionTrainOptions:
         run_dir: output folder (log.jsonl, checkpoints); one that holds an earlier run only with
             ``resume`` (:func:`~mpvss_ros.training.trainer.check_run_dir`).
         init_checkpoint: the stage-1 model (this project's format).
-        crop: (H, W) pixels, both >= :data:`MIN_CROP` (padded internally to a multiple of 32).
+        crop: (H, W) pixels, both >= :data:`MIN_CROP` and multiples of the motion module's flow
+            stride (8 for ``mpvss_lite``; checked once the model is built), padded internally to a
+            multiple of 32.
         weight_decay, warmup_steps, poly_power, clip_grad_norm, checkpoint_every, threads, seed,
             max_minutes, progress: as stage 1 (:class:`~mpvss_ros.training.trainer.TrainOptions`).
         flow_weight: the flow targets are DIS on video pairs, the exact flow on synthetic pairs.
@@ -394,6 +396,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     device = select_device(opts.device)
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
+    check_crop_on_flow_grid(opts.crop, model.motion.flow_stride)  # before minutes of pseudo-labelling
     init_meta = load_checkpoint(model, opts.init_checkpoint)
     if opts.init_motion:
         motion_state = {k[len("motion."):]: v for k, v in read_state_dict(opts.init_motion).items()

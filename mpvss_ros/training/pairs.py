@@ -45,7 +45,7 @@ from ..segmenter import Letterbox
 from .data import augment_frames, decode_frames, list_frames, load_frame
 from .synthetic import SyntheticMotion, synthetic_pair
 
-__all__ = ["PairSample", "FramePairs", "LabelledFrames", "camvid_pairs", "check_camvid_pairs", "video_shots",
+__all__ = ["PairSample", "FramePairs", "LabelledFrames", "camvid_pairs", "check_camvid_pairs", "check_crop_on_flow_grid", "video_shots",
            "dis_flow_target", "FLOW_TARGET_DIS_PRESET", "load_clip_on_canvas"]
 
 #: DIS preset of the video pairs' flow target (:func:`dis_flow_target`, full resolution of the pair).
@@ -100,12 +100,26 @@ def _frame_number(path: Path) -> int | None:
     return int(digits) if digits else None
 
 
+def check_crop_on_flow_grid(crop: Sequence[int], flow_stride: float) -> None:
+    """Both crop sides are multiples of the motion module's flow stride, so the flow targets are
+    averaged onto cells of exactly the model's flow-grid pixels (:func:`grid_hw`).
+
+    Raises:
+        ValueError: a side that is not (a 44-row crop at stride 8 averaged the targets onto cells
+            of 7.3 pixels: flows 9 % larger in grid pixels than the model's).
+    """
+    if any(abs(side / flow_stride - round(side / flow_stride)) > 1e-6 for side in crop):
+        raise ValueError(f"crop {crop[0]} x {crop[1]}: both sides must be multiples of the motion module's flow "
+                         f"stride, {flow_stride:g} pixels (--crop H W)")
+
+
 def camvid_pairs(files: Sequence[tuple[Path, Path]], both_orders: bool = True) -> list[tuple[Path, Path, Path]]:
     """(key image, current image, current label) paths of consecutive labelled frames per sequence.
 
     Args:
-        files: sorted (image, label) paths, as :func:`~mpvss_ros.training.data.list_frames` lists
-            them; a frame's sequence and number come from its name ``<sequence>_<frame number>``.
+        files: (image, label) paths, as :func:`~mpvss_ros.training.data.list_frames` lists
+            them; a frame's sequence and number come from its name ``<sequence>_<frame number>``,
+            and a sequence's frames are paired in frame-number order (zero padding not needed).
         both_orders: also each pair backwards (current -> key).
     """
     by_seq: dict[str, list[tuple[Path, Path]]] = {}
@@ -119,10 +133,13 @@ def camvid_pairs(files: Sequence[tuple[Path, Path]], both_orders: bool = True) -
         # the video (CamVid train 0016E5 skips 65 s at 02400 -> 04350 and the val clip at 07920 ->
         # 08190), and the two frames are no pair
         numbers = [_frame_number(img) for img, _ in items]
+        if None not in numbers:  # in frame-number order, not the file names' (seq_2 before seq_12)
+            order = sorted(range(len(items)), key=numbers.__getitem__)
+            items, numbers = [items[j] for j in order], [numbers[j] for j in order]
         steps = [b - a for a, b in zip(numbers[:-1], numbers[1:])] if None not in numbers else []
         usual = float(np.median(steps)) if steps else None
         for i, ((k_img, k_lab), (c_img, c_lab)) in enumerate(zip(items[:-1], items[1:])):
-            if usual is not None and steps[i] > 1.5 * usual:
+            if usual is not None and (steps[i] <= 0 or steps[i] > 1.5 * usual):  # a repeated number: no motion pair
                 continue
             pairs.append((k_img, c_img, c_lab))
             if both_orders:
@@ -248,7 +265,8 @@ class FramePairs:
             frames the sources of synthetic pairs.
         clips: unlabelled videos, each a list of (H, W, 3) uint8 RGB frames already on the
             model's canvas scale, with its pseudo-labels (H, W) uint8 (255 = ignore).
-        crop: (H, W) crop in pixels (a multiple of 32 keeps the flow grid exact).
+        crop: (H, W) crop in pixels, each a multiple of ``flow_stride`` (8 for ``mpvss_lite``: the
+            flow targets are averaged onto cells of exactly the model's flow-grid pixels).
         flow_stride: image pixels per flow-grid pixel (8 for MPVSS).
         max_gap: largest key-current distance of video pairs, in frames.
         video_fraction: probability that a non-synthetic sample is a video pair.
@@ -263,8 +281,9 @@ class FramePairs:
             is the same as without it.
 
     Raises:
-        ValueError: ``synthetic_fraction`` outside [0, 1], or draws that need a pair of labelled
-            frames and none (:func:`check_camvid_pairs`).
+        ValueError: ``synthetic_fraction`` outside [0, 1], draws that need a pair of labelled
+            frames and none (:func:`check_camvid_pairs`), or a crop side that is no multiple of
+            ``flow_stride`` (:func:`check_crop_on_flow_grid`).
     """
 
     def __init__(self, labelled: LabelledFrames, clips: Sequence[tuple[list[np.ndarray], list[np.ndarray]]],
@@ -288,6 +307,7 @@ class FramePairs:
                             self.video.append((c, k, k + d))
         check_camvid_pairs(labelled, synthetic_fraction, video_fraction, video_pairs=bool(self.video))
         self.crop = (int(crop[0]), int(crop[1]))
+        check_crop_on_flow_grid(self.crop, flow_stride)
         self.grid = grid_hw(self.crop, flow_stride)
         self.video_fraction = video_fraction if self.video else 0.0
         self.scale, self.flip, self.color_jitter = scale, flip, color_jitter

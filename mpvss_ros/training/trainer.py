@@ -233,7 +233,9 @@ class TrainOptions:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         check_at_least(self, {"steps": 1, "batch_size": 1, "num_points": 1, "warmup_steps": 0,
                               "checkpoint_every": 0, "val_every": -1, "val_frames": 0, "threads": 0, "seed": 0,
-                              "backbone_lr_mult": 0, "weight_decay": 0, "poly_power": 0, "no_object_weight": 0})
+                              "backbone_lr_mult": 0, "weight_decay": 0, "poly_power": 0})
+        # > 0: with 0, a crop whose pixels are all void weighs every class term 0 and the loss is 0/0
+        check_optional_positive(self, "no_object_weight")
         if not 0 < self.warmup_factor <= 1:
             raise ValueError(f"warmup_factor must be in (0, 1], got {self.warmup_factor!r}")
         check_optional_positive(self, "stop_at", integer=True, low=1)
@@ -708,9 +710,9 @@ def train_segmentor(options: TrainOptions | None = None, **kwargs: Any) -> Train
         options = TrainOptions(**kwargs)
     elif kwargs:
         options = dataclasses.replace(options, **kwargs)
+    options.validate()  # first: the conversion below would take a crop of 64 or (64, 96, 999) apart
     opts = dataclasses.replace(options, crop=(int(options.crop[0]), int(options.crop[1])),
                                scale=(float(options.scale[0]), float(options.scale[1])))
-    opts.validate()
     check_run_dir(opts.run_dir, opts.resume, "segmentor")  # before the model is built and the data read
     with torch_threads(opts.threads):
         return _train(opts)
@@ -836,8 +838,13 @@ def _train(opts: TrainOptions) -> TrainResult:
     hp, wp = _padded_hw(opts.crop, cfg.input.size_divisibility)
     last_val: dict[str, Any] | None = None
 
+    dataset = ("CamVid train (SegNet split)" if opts.data_root is None
+               else f"--data-root {camvid_root(opts.data_root).resolve().name} train")
+    if opts.train_files:
+        dataset += f" ({len(opts.train_files)} frames of it, --train-files)"
+
     def meta(step: int) -> dict[str, Any]:
-        return {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": "CamVid train (SegNet split)",
+        return {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": dataset,
                 "matcher": opts.matcher, "seed": opts.seed, "val": last_val, "device": trained_on}
 
     def save(step: int) -> None:

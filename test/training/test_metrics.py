@@ -137,3 +137,16 @@ def test_vc_nan_window_and_streaming_across_clips():
         video_consistency(VC_PREDS, VC_GTS[:2], 2)
     with pytest.raises(ValueError):
         VideoConsistency(1)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_video_consistency_keeps_its_own_copies_of_the_frames(as_tensor):
+    """A caller writing every frame into one int64 buffer (or one CPU tensor): the frames kept for
+    later windows were that buffer, so predictions that change on every frame scored VC 1.0."""
+    gt = np.zeros((4, 4), np.int64)
+    pred = torch.zeros((4, 4), dtype=torch.int64) if as_tensor else np.zeros((4, 4), np.int64)
+    vc = VideoConsistency(2)
+    for t in range(5):
+        pred[...] = t % 2  # alternates: never consistent over two frames
+        vc.update(pred, gt)
+    assert vc.value() == 0.0

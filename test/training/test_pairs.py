@@ -363,6 +363,26 @@ def test_camvid_pairs_skip_jumps_in_a_sequence(tmp_path):
     assert got == forward | {(c, k) for k, c in forward}
 
 
+def test_camvid_pairs_follow_frame_numbers_not_file_names():
+    """Frames named without zero padding (seq_1 .. seq_12) are listed in string order; they were
+    paired in that order (seq_12 -> seq_2, 10 frames back) and missed seq_1 -> seq_2."""
+    files = sorted((Path(f"img/seq_{i}.png"), Path(f"lab/seq_{i}.png")) for i in range(1, 13))
+    got = [(k.stem, c.stem) for k, c, _ in camvid_pairs(files, both_orders=False)]
+    assert got == [(f"seq_{i}", f"seq_{i + 1}") for i in range(1, 12)]
+
+
+def test_a_crop_off_the_flow_grid_is_refused():
+    """A crop side that is no multiple of the flow stride (44 at stride 8): the targets were averaged
+    onto 7.3-pixel cells and compared with the model's 8-pixel ones."""
+    from mpvss_ros.training.pairs import check_crop_on_flow_grid
+
+    check_crop_on_flow_grid((256, 320), 8.0)
+    check_crop_on_flow_grid((256, 320), 32 / 3)  # the motion input at 3/8: 24 x 30 cells
+    for crop, stride in (((44, 64), 8.0), ((64, 60), 8.0), ((48, 64), 32 / 3)):
+        with pytest.raises(ValueError, match="multiples of the motion module's flow stride"):
+            check_crop_on_flow_grid(crop, stride)
+
+
 def test_scaled_labels_stay_centred_on_the_image():
     # OpenCV INTER_NEAREST samples the source at floor(x / s) (the pixel's corner): upscaled labels
     # lag the centre-aligned INTER_LINEAR image by up to a pixel (1.7 % of CamVid label pixels move)

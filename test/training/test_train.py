@@ -58,13 +58,17 @@ def test_cli_arguments_round_trip(tmp_path):
     ({"batch_size": True}, "batch_size must be an integer, got True"),
     ({"crop": (31, 64)}, r"crop must be \(H, W\) in pixels with both >= 32, got \(31, 64\)"),
     ({"crop": 64}, r"crop must be \(H, W\)"),
+    ({"crop": (64, 96, 999)}, r"crop must be \(H, W\)"),
+    ({"crop": (64.9, 96.9)}, r"crop must be \(H, W\)"),
+    ({"scale": (0.5, 1.0, 99.0)}, r"scale must be \(low, high\)"),
     ({"scale": (1.5, 1.0)}, r"scale must be \(low, high\) with 0 < low <= high"),
     ({"scale": (0.0, 1.0)}, r"scale must be \(low, high\)"),
     ({"lr": 0}, "lr must be > 0, got 0"),
     ({"backbone_lr_mult": -0.1}, "backbone_lr_mult must be >= 0"),
     ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
     ({"poly_power": -1.0}, "poly_power must be >= 0"),
-    ({"no_object_weight": -0.1}, "no_object_weight must be >= 0"),
+    ({"no_object_weight": -0.1}, "no_object_weight must be > 0"),
+    ({"no_object_weight": 0.0}, "no_object_weight must be > 0"),  # an all-void crop's loss was 0/0
     ({"clip_grad_norm": float("nan")}, "clip_grad_norm must be a finite number"),
     ({"warmup_factor": 0}, r"warmup_factor must be in \(0, 1\]"),
     ({"val_every": -2}, "val_every must be >= -1, got -2"),
@@ -73,10 +77,14 @@ def test_cli_arguments_round_trip(tmp_path):
     ({"stop_at": 5000}, r"stop_at must be in 1..steps \(4000\), got 5000"),
     ({"max_minutes": 0}, r"max_minutes must be > 0 \(leave it out for no limit\), got 0"),
 ])
-def test_stage1_options_are_checked_like_stage2s(change, message):
-    """Both stages check types and ranges with the same helpers (training/options.py)."""
+def test_stage1_options_are_checked_like_stage2s(change, message, tmp_path):
+    """Both stages check types and ranges with the same helpers (training/options.py), and
+    train_segmentor checks before it converts (a crop of 64 raised TypeError, (64, 96, 999) was cut
+    to (64, 96))."""
     with pytest.raises(ValueError, match=message):
         TrainOptions(run_dir="x", **change).validate()
+    with pytest.raises(ValueError, match=message):
+        train_segmentor(TrainOptions(run_dir=str(tmp_path / "run"), **change))
     TrainOptions(run_dir="x", scale=(np.float32(0.75), np.float64(1.5)), lr=np.float32(1e-4)).validate()  # numpy reals
 
 
@@ -170,6 +178,7 @@ def test_few_steps_reduce_the_loss(straight_run):
     assert (run / "model_final.pt").is_file() and (run / "checkpoint_last.pt").is_file()
     meta = torch.load(run / "model_final.pt", weights_only=True)["meta"]
     assert meta["device"] == "cpu (1 thread)"  # what trained it, for the model card
+    assert meta["dataset"] == "CamVid train (SegNet split) (2 frames of it, --train-files)"
 
 
 @needs_data
