@@ -128,13 +128,18 @@ class FlowChain:
             self.key, self.reference, self.flow = key, key_reference, None
         return self.reference
 
-    def advance(self, step: Tensor, reference: Any) -> Tensor:
+    def advance(self, step: Tensor, reference: Any, normalization: str = "exact") -> Tensor:
         """Compose ``step`` (B, N|1, 2, h, w) float32 (current -> previous, pixels of the flow
         grid) onto the chain; ``reference`` is the current frame in the form :meth:`start`
-        returns. Returns current -> key frame, (B, N|1, 2, h, w) float32 in the same units
+        returns; ``normalization`` is how the flows warp the key frame's masks. Returns current
+        -> key frame, (B, N|1, 2, h, w) float32 in the same units
         (:func:`~mpvss_ros.nn.warp.compose_flows`, which raises ``ValueError`` on mismatched
         shapes)."""
-        self.flow = step if self.flow is None else compose_flows(self.flow, step)
+        if self.flow is None:
+            self.flow = step
+        else:  # mmtrack composition needs the size of the masks the flows warp (the key frame's)
+            mask_hw = tuple(self.key.mask_logits.shape[-2:]) if normalization == "mmtrack" else None
+            self.flow = compose_flows(self.flow, step, normalization, mask_hw)
         self.reference = reference
         return self.flow
 
@@ -164,8 +169,9 @@ class QueryFlowPropagator(Propagator):
         if not self.chain_flow:
             return self.model.propagate(key, image)
         previous = self._chain.start(key, key.image)
-        flows = self._chain.advance(self.model.query_flows(key, image, previous), image)
-        return warp_mask_logits(key.propagated(key.mask_logits), flows, self.model.cfg.input.warp_normalization)
+        normalization = self.model.cfg.input.warp_normalization
+        flows = self._chain.advance(self.model.query_flows(key, image, previous), image, normalization)
+        return warp_mask_logits(key.propagated(key.mask_logits), flows, normalization)
 
 
 class OpticalFlowPropagator(Propagator):

@@ -92,12 +92,39 @@ def warp_mask_logits(mask_logits: Tensor, flows: Tensor, normalization: str = "e
         # grid_sample (and ONNX GridSample) clamps NaN/inf sampling positions to the border, so a
         # non-finite flow (an fp16 overflow in the motion module) would give finite, meaningless
         # mask logits that the caller's NaN check cannot see: carry it into the output instead
-        # (0 * NaN = 0 * inf = NaN; one reduction over the small flow, no host sync).
-        out.add_(flows.sum(dtype=torch.float32).mul(0.0).to(out.dtype))  # in place: no new tensor
+        # (one reduction over the small flow, no host sync; a sum of the flows, times 0, also made
+        # finite flows of 3e37 NaN by overflowing).
+        finite = torch.isfinite(flows).all()
+        out.add_(torch.where(finite, 0.0, float("nan")).to(out.dtype))  # in place: no new tensor
     return out.reshape(b, n, h, w)
 
 
-def compose_flows(previous: Tensor, step: Tensor) -> Tensor:
+def _mmtrack_to_exact(flows: Tensor, mask_hw: tuple[int, int], inverse: bool = False) -> Tensor:
+    """The ``exact`` flow that samples where an ``mmtrack`` flow does (or, ``inverse``, back).
+
+    An ``mmtrack`` flow ``f`` on the (hf, wf) grid, warping masks of (h, w) pixels, samples mask
+    column ``(x + sx f_x) (w - 1) / w`` from column ``x`` (``sx = w / wf``; rows alike, with
+    ``sx`` as the reference scales y by w / wf too): a displacement of ``sx f_x (w - 1) / w - x /
+    w``, which the ``exact`` flow ``e_x = f_x (w - 1) / w - x / (w sx)`` gives. The ramps are
+    linear, so they survive the bilinear upsampling to (h, w) (up to the half cell at the
+    border, where the upsampling clamps: under 1/w of a flow-grid pixel).
+    """
+    h, w = int(mask_hw[0]), int(mask_hw[1])
+    hf, wf = int(flows.shape[-2]), int(flows.shape[-1])
+    sx, sy = w / wf, h / hf
+    # mask-pixel coordinate of each flow-grid cell's centre (align_corners=False upsampling)
+    x = (torch.arange(wf, dtype=flows.dtype, device=flows.device) + 0.5) * sx - 0.5
+    y = (torch.arange(hf, dtype=flows.dtype, device=flows.device) + 0.5) * sy - 0.5
+    ramp_x, ramp_y = (x / (w * sx)).view(1, wf), (y / (h * sy)).view(hf, 1)
+    gain_x, gain_y = (w - 1) / w, (sx / sy) * (h - 1) / h
+    fx, fy = flows[..., 0, :, :], flows[..., 1, :, :]
+    if inverse:
+        return torch.stack(((fx + ramp_x) / gain_x, (fy + ramp_y) / gain_y), dim=-3)
+    return torch.stack((fx * gain_x - ramp_x, fy * gain_y - ramp_y), dim=-3)
+
+
+def compose_flows(previous: Tensor, step: Tensor, normalization: str = "exact",
+                  mask_hw: tuple[int, int] | None = None) -> Tensor:
     """Chain two backward flows: ``key <- previous frame <- current frame``.
 
     ``previous`` maps the previous frame to the key frame, ``step`` the current frame to the
@@ -108,20 +135,36 @@ def compose_flows(previous: Tensor, step: Tensor) -> Tensor:
     composition of a chain of frame-to-frame flows that the ``chain_flow`` option of the
     propagators (:mod:`mpvss_ros.propagation`) builds one frame at a time.
 
+    With ``mmtrack`` flows (official checkpoints' normalisation), whose warp samples a point
+    shifted by up to a pixel at the right and bottom edge, both flows are first turned into the
+    ``exact`` flows that sample the same points, composed, and turned back, so that warping once
+    with the result samples where warping with each flow in turn would (composing them as exact
+    flows added that shift once per link: up to k - 1 mask pixels after k links).
+
     Args:
         previous: (B, N, 2, h, w) float32, previous frame -> key frame, (x, y) in pixels of the
             (h, w) grid; N = 1 for one flow shared by every mask.
         step: (B, N or 1, 2, h, w) float32, current frame -> previous frame, same grid; a shared
             step (N = 1) moves every one of the ``previous`` flows.
+        normalization: how the flows are warped (:data:`WARP_NORMALIZATIONS`).
+        mask_hw: with ``mmtrack``, the (h, w) of the mask logits the flows warp.
 
     Returns:
         (B, max(N, N_step), 2, h, w) float32, current frame -> key frame, same units.
 
     Raises:
-        ValueError: if the shapes are not (B, N, 2, h, w) or do not match.
+        ValueError: if the shapes are not (B, N, 2, h, w) or do not match, an unknown
+            normalisation, or ``mmtrack`` without ``mask_hw``.
     """
     if previous.dim() != 5 or step.dim() != 5 or previous.shape[2] != 2 or step.shape[2] != 2:
         raise ValueError(f"expected flows (B,N,2,h,w); got {tuple(previous.shape)} and {tuple(step.shape)}")
+    if normalization not in WARP_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {WARP_NORMALIZATIONS}, got {normalization!r}")
+    if normalization == "mmtrack":
+        if mask_hw is None:
+            raise ValueError("composing mmtrack flows needs mask_hw, the size of the masks they warp")
+        exact = compose_flows(_mmtrack_to_exact(previous, mask_hw), _mmtrack_to_exact(step, mask_hw))
+        return _mmtrack_to_exact(exact, mask_hw, inverse=True)
     b, n, _, h, w = (int(v) for v in previous.shape)
     sb, sn, _, sh, sw = (int(v) for v in step.shape)
     if (sb, sh, sw) != (b, h, w) or not (sn == n or 1 in (sn, n)):

@@ -265,7 +265,8 @@ def _flow_l1(motion_out: Any, sel: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 def _chained_flows(model: MPVSS, samples: list[Any], key: torch.Tensor, query_init: torch.Tensor,
-                   crop: tuple[int, int], pad: Any) -> tuple[torch.Tensor, list[tuple[Any, torch.Tensor, torch.Tensor]]]:
+                   crop: tuple[int, int], pad: Any, mask_hw: tuple[int, int]
+                   ) -> tuple[torch.Tensor, list[tuple[Any, torch.Tensor, torch.Tensor]]]:
     """Flows key <- current through each sample's chain of one-frame links (``chain_training``);
     a batch without ``links`` is one link, the direct flow current -> key of every pair.
 
@@ -275,7 +276,8 @@ def _chained_flows(model: MPVSS, samples: list[Any], key: torch.Tensor, query_in
     current frame, d = ``frames_apart``) and composes it onto the flow so far as
     :class:`~mpvss_ros.propagation.FlowChain` does at inference. A sample with fewer links than
     the batch's longest keeps its composed flow after its last link (the extra links see its
-    current frame twice and are masked out of the result and of the flow term).
+    current frame twice and are masked out of the result and of the flow term). ``mask_hw`` is
+    the (h, w) of the mask logits the flows warp (``mmtrack`` composition needs it).
 
     Returns:
         flows (B, N, 2, h, w) current -> key, and per link ``(motion output, B bools: which
@@ -293,7 +295,8 @@ def _chained_flows(model: MPVSS, samples: list[Any], key: torch.Tensor, query_in
         motion_out = model.motion(seq[j + 1], seq[j], query_init, image_size=crop)
         active = torch.tensor([j < di for di in d], device=key.device)
         flows = motion_out.flows if flows is None else torch.where(
-            active.view(-1, 1, 1, 1, 1), compose_flows(flows, motion_out.flows), flows)
+            active.view(-1, 1, 1, 1, 1), compose_flows(flows, motion_out.flows, model.cfg.input.warp_normalization,
+                                                       mask_hw), flows)
         # link j's flow target: a chained video pair's DIS target of that link; at j = 0 a one-link
         # pair's own target (DIS for video pairs, the exact flow for synthetic ones); none for CamVid
         sel = [j < di if s.link_flows is not None else (j == 0 and s.has_flow) for s, di in zip(samples, d)]
@@ -511,7 +514,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             out = model.forward_segmentor(key, valid_hw=opts.crop)  # grads reach only the heads
             # one link per pair (the direct flow) unless chain_training gave video pairs several
             flows, links = _chained_flows(model, samples, key, out.query_embeddings.detach().transpose(0, 1),
-                                          opts.crop, pad)
+                                          opts.crop, pad, tuple(out.mask_logits.shape[-2:]))
             warp = lambda m: warp_mask_logits(m, flows, cfg.input.warp_normalization)  # noqa: E731
             warped = DecoderOutput(out.class_logits, warp(out.mask_logits), out.query_embeddings,
                                    out.aux_class_logits, [warp(m) for m in out.aux_mask_logits])
