@@ -121,10 +121,17 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
 
     Raises:
         BackendUnavailable: the backend cannot run here (one line: what is missing, what works).
-        ValueError: unknown backend/precision, bad device.
+        ValueError: unknown backend/precision, bad device; ``loaded`` an export folder
+            (:func:`~mpvss_ros.model_loader.load_exported`, whose ``onnx_dir`` is then the one
+            run) with the torch backend.
     """
     from ..model_loader import LoadedModel, load_model, resolve_device
 
+    if isinstance(loaded, LoadedModel) and loaded.model is None:  # an export folder (load_exported)
+        if backend == "torch":
+            raise ValueError("an export folder (load_exported) has no PyTorch model to run: use backend "
+                             "onnxruntime or tensorrt")
+        onnx_dir = onnx_dir if onnx_dir is not None else loaded.meta.get("onnx_dir")
     device = resolve_device(device, backend, precision)
     missing = backend_missing(backend, device, precision)
     if missing:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import logging
 import os
 import shutil
@@ -336,6 +337,10 @@ def _structure_problems(contract: dict[str, Any]) -> list[str]:
             problems.append(f"{key} must be a positive integer")
     if not isinstance(contract.get("model_config"), dict):
         problems.append("model_config must be the model configuration (a mapping)")
+    if contract.get("weights") is not None and not isinstance(contract["weights"], str):
+        problems.append("weights must be the weights file's path (a string) or null")
+    if contract.get("trained") is not None and not isinstance(contract["trained"], bool):
+        problems.append("trained must be true, false or null")
     graphs = contract.get("graphs")
     for g in ("key_frame", "non_key_frame"):
         info = graphs.get(g) if isinstance(graphs, dict) else None
@@ -825,7 +830,10 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
     cache = Path(cache_dir).expanduser().absolute() if cache_dir is not None else default_cache_dir()
     fp = fingerprint or model_fingerprint(model)
     h, w = int(valid_hw[0]), int(valid_hw[1])
-    final = cache / "onnx" / f"{model.cfg.name}-{h}x{w}-{fp[:16]}"
+    # the name as one path component: "lab/lite" nested the entry (the cache saw "lab" as the entry
+    # and a prune removed it while in use) and ".." could leave the cache
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", model.cfg.name).lstrip(".") or "model"
+    final = cache / "onnx" / f"{name}-{h}x{w}-{fp[:16]}"
     if _reuse(final):
         return final
     with build_lock(final):  # another process exporting the same entry: wait for it, then reuse it
@@ -934,10 +942,13 @@ class GraphSource:
         interrupted re-export left a new graph beside an old one is refused, not run.
 
         Raises:
-            FileNotFoundError, ValueError: missing or invalid contract, a missing graph, or a graph
-                that does not match its recorded sha256.
+            FileNotFoundError, ValueError: missing or invalid contract (:func:`contract_problems`),
+                a missing graph, or a graph that does not match its recorded sha256.
         """
         contract = read_contract(export_dir)
+        problems = contract_problems(contract, contract_model_config(contract))
+        if problems:  # as load_exported, for callers that come here without it (load_backend)
+            raise ValueError(f"{export_dir}: {'; '.join(problems)} (mpvss check-export lists everything)")
         if not _graphs_intact(Path(export_dir), contract):
             raise ValueError(f"the graphs in {export_dir} do not match the sha256 their contract.json records (changed "
                              f"since the export, e.g. by an interrupted re-export): export again, or see mpvss "

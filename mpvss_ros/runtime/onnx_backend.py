@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checkpoints import first_line
 from ..nn.mpvss import KeyFrameState
 from ..nn.warp import warp_mask_logits
 from .base import Backend, BackendUnavailable, Missing, SizeCache, check_precision, nan_unless_finite
@@ -222,6 +223,16 @@ class OnnxRuntimeBackend(Backend):
     def _load(self, hw: tuple[int, int]) -> "_SizeSessions":
         d = self.source.get(hw)
         contract = read_contract(d)
+        try:
+            return self._sessions(d, contract)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, onnxruntime's InvalidProtobuf, ...
+            # a damaged graph in a folder whose contract records no sha256: one line, not a traceback
+            raise ValueError(f"{d}: a graph cannot be loaded ({type(exc).__name__}: {first_line(exc)[:200]}); "
+                             f"export again, or see mpvss check-export {d}") from None
+
+    def _sessions(self, d: Path, contract: dict[str, Any]) -> "_SizeSessions":
         g = contract["graphs"]
         key = make_session(d / g["key_frame"]["file"], self.threads, self.exec_device)
         outputs = tuple(o["name"] for o in g["non_key_frame"].get("outputs", []))

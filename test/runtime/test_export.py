@@ -751,3 +751,63 @@ def test_load_backend_hands_a_bare_module_over_only_when_asked(lite, tmp_path):
     kept = load_backend("onnxruntime", model, input_hw=[], cache_dir=tmp_path, threads=1)
     handed = load_backend("onnxruntime", model, input_hw=[], cache_dir=tmp_path, threads=1, copy_model=False)
     assert kept.source.model is not model and handed.source.model is model
+
+
+def test_a_damaged_graph_without_a_recorded_sha256_is_one_error_line(lite_small, tmp_path):
+    """A contract need not record the graphs' sha256 (a model of one's own): a truncated graph then
+    escaped protobuf's DecodeError or onnxruntime's InvalidProtobuf (no RuntimeError, no ValueError:
+    the node's start-up did not catch it) instead of one line naming the folder."""
+    from mpvss_ros.runtime import load_backend
+
+    for graph in ("key_frame", "non_key_frame"):
+        d = tmp_path / graph
+        shutil.copytree(lite_small.out_dir, d)
+        contract = json.loads((d / CONTRACT_FILE).read_text())
+        for g in contract["graphs"].values():
+            g.pop("sha256", None)
+        (d / CONTRACT_FILE).write_text(json.dumps(contract))
+        data = (d / f"{graph}.onnx").read_bytes()
+        (d / f"{graph}.onnx").write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match=f"{d}: a graph cannot be loaded"):
+            load_backend("onnxruntime", onnx_dir=d, input_hw=(96, 128))
+
+
+def test_load_backend_checks_the_contract_and_takes_an_export_folder_as_loaded(lite_small, tmp_path):
+    """load_backend(onnx_dir=...) refuses what load_exported refuses (a contract of 19 classes for
+    graphs of 11 segmented silently); a contract's weights and trained must have their types; the
+    LoadedModel of load_exported runs without naming its folder again (an AttributeError before)."""
+    from mpvss_ros.model_loader import load_exported
+    from mpvss_ros.runtime import load_backend
+
+    def copy(name, edit):
+        d = tmp_path / name
+        shutil.copytree(lite_small.out_dir, d)
+        contract = json.loads((d / CONTRACT_FILE).read_text())
+        edit(contract)
+        (d / CONTRACT_FILE).write_text(json.dumps(contract))
+        return d
+
+    def more_classes(c):
+        c["model_config"].update(num_classes=19, class_names=[f"c{i}" for i in range(19)], palette=[])
+
+    with pytest.raises(ValueError, match="does not fit model_config's 32 queries and 19 classes"):
+        load_backend("onnxruntime", onnx_dir=copy("classes", more_classes))
+    for name, edit, words in (("weights", lambda c: c.update(weights=5), "weights must be the weights file's path"),
+                              ("trained", lambda c: c.update(trained="false"), "trained must be true, false or null")):
+        with pytest.raises(ValueError, match=words):
+            load_exported(copy(name, edit))
+    loaded = load_exported(lite_small.out_dir)
+    assert load_backend("onnxruntime", loaded).source.sizes == [(96, 128)]
+    with pytest.raises(ValueError, match="has no PyTorch model to run"):
+        load_backend("torch", loaded)
+
+
+def test_a_model_name_with_a_slash_is_one_cache_entry(tmp_path):
+    """The entry's folder is named after the model: `lab/lite` nested it (the cache took `lab` for
+    the entry, and a prune removed it right after it was reused); `..` could leave the cache."""
+    import dataclasses
+
+    model = load_model("mpvss_lite").model
+    model.cfg = dataclasses.replace(model.cfg, name="../lab/lite")
+    entry = cached_export(model, (64, 64), tmp_path)
+    assert entry.parent == tmp_path / "onnx" and entry.name.startswith("_lab_lite-64x64-")
