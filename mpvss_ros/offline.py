@@ -452,11 +452,17 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     with source, _open_run_log(input_path, out) as jsonl:
         writer = _OverlayVideo(out / "overlay.mp4", source.fps) if options.write_overlay else None
         total = len(source) if options.max_frames is None else min(len(source), options.max_frames)
+        def frames() -> Iterator[Any]:
+            # the limit is checked before the next frame is read: reading it first listed the files
+            # skipped on the way to it (unreadable, too large) though no frame past the limit ran
+            for frame in source:
+                yield frame
+                if options.max_frames is not None and \
+                        len(run_stats) + len(non_finite) + len(engine_failed) >= options.max_frames:
+                    return
+
         try:
-            for frame in tqdm(source, total=total, unit="frame", disable=not options.progress, desc="mpvss segment"):
-                handled = len(run_stats) + len(non_finite) + len(engine_failed)
-                if options.max_frames is not None and handled >= options.max_frames:
-                    break
+            for frame in tqdm(frames(), total=total, unit="frame", disable=not options.progress, desc="mpvss segment"):
                 try:
                     result = segmenter.push(frame.image, frame.stamp)
                 except Exception as exc:  # noqa: BLE001 - NaN logits, or the backend's own errors

@@ -68,6 +68,7 @@ Policies:
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -128,12 +129,15 @@ class SceneScorer:
         bins: grey-histogram bins.
 
     Raises:
-        ValueError: ``thumb_width < 4``, ``pixel_scale <= 0`` or ``bins < 2``.
+        ValueError: ``thumb_width`` not an integer >= 4, ``pixel_scale`` not finite and > 0, or
+            ``bins`` not an integer >= 2.
     """
 
     def __init__(self, thumb_width: int = 64, pixel_scale: float = 0.25, bins: int = 32) -> None:
-        if thumb_width < 4 or pixel_scale <= 0 or bins < 2:
-            raise ValueError("thumb_width >= 4, pixel_scale > 0 and bins >= 2 are required")
+        if not (_is_count(thumb_width, 4) and _is_count(bins, 2) and isinstance(pixel_scale, numbers.Real)
+                and math.isfinite(pixel_scale) and pixel_scale > 0):
+            raise ValueError(f"thumb_width (an integer >= 4), pixel_scale (finite, > 0) and bins (an integer >= 2) "
+                             f"are required, got {thumb_width!r}, {pixel_scale!r}, {bins!r}")
         self.thumb_width = thumb_width
         self.pixel_scale = pixel_scale
         self.bins = bins
@@ -317,12 +321,12 @@ class FixedIntervalScheduler(KeyFrameScheduler):
         max_gap_s, scorer: as :class:`KeyFrameScheduler` (``max_gap_s`` in seconds).
 
     Raises:
-        ValueError: if ``interval < 1`` or ``max_gap_s`` is not > 0.
+        ValueError: if ``interval`` is not an integer >= 1 or ``max_gap_s`` is not > 0.
     """
 
     def __init__(self, interval: int, max_gap_s: float = 1.0, scorer: SceneScorer | None = None) -> None:
-        if interval < 1:
-            raise ValueError(f"key-frame interval must be >= 1, got {interval}")
+        if not _is_count(interval, 1):
+            raise ValueError(f"key-frame interval must be a whole number of frames >= 1, got {interval!r}")
         self.interval = interval
         super().__init__(max_gap_s, scorer)
 
@@ -354,7 +358,7 @@ class AdaptiveScheduler(KeyFrameScheduler):
 
     Raises:
         ValueError: on a scene_threshold or cut_threshold <= 0 (or not finite),
-            ``not 1 <= min_interval <= max_interval``, or ``max_gap_s`` not > 0.
+            ``not 1 <= min_interval <= max_interval`` (both integers), or ``max_gap_s`` not > 0.
     """
 
     def __init__(self, scene_threshold: float = 0.5, min_interval: int = 1, max_interval: int = 10,
@@ -364,7 +368,7 @@ class AdaptiveScheduler(KeyFrameScheduler):
             raise ValueError(f"scene_threshold must be > 0 and finite, got {scene_threshold}")
         if not (cut_threshold > 0 and math.isfinite(cut_threshold)):
             raise ValueError(f"cut_threshold must be > 0 and finite, got {cut_threshold}")
-        if not 1 <= min_interval <= max_interval:
+        if not (_is_count(min_interval, 1) and _is_count(max_interval, 1) and min_interval <= max_interval):
             raise ValueError(f"need 1 <= min_interval <= max_interval (the command line's --max-interval), got "
                              f"{min_interval}, {max_interval}")
         self.scene_threshold = scene_threshold
@@ -402,9 +406,19 @@ def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarra
 
     Returns:
         The key frames' indices into ``images``, ascending.
+
+    Raises:
+        ValueError: ``fps`` not a finite number > 0.
     """
+    if not (isinstance(fps, numbers.Real) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a finite number of frames/s > 0, got {fps!r}")
     scheduler.reset()
     return [i for i, image in enumerate(images) if scheduler.decide(image, i / fps).is_key_frame]
+
+
+def _is_count(value: Any, low: int) -> bool:
+    """An integer (not a bool) >= ``low``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
 
 
 def parse_schedule(spec: str, max_gap_s: float = 1.0, min_interval: int = 1, max_interval: int = 10,
@@ -416,7 +430,7 @@ def parse_schedule(spec: str, max_gap_s: float = 1.0, min_interval: int = 1, max
     Raises:
         ValueError: with the accepted forms, on anything else.
     """
-    kind, _, arg = spec.strip().partition(":")
+    kind, sep, arg = spec.strip().partition(":")
     arg = arg.strip()
     try:
         if kind == "fixed" and arg:
@@ -425,7 +439,7 @@ def parse_schedule(spec: str, max_gap_s: float = 1.0, min_interval: int = 1, max
             except ValueError:
                 raise ValueError(f"the key-frame interval N of fixed:N must be a whole number of frames, got {arg!r}") from None
             return FixedIntervalScheduler(interval, max_gap_s=max_gap_s)
-        if kind == "adaptive":
+        if kind == "adaptive" and not (sep and not arg):  # "adaptive:" names no threshold
             try:
                 scene_threshold = float(arg) if arg else 0.5
             except ValueError:

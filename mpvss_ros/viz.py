@@ -104,8 +104,8 @@ def _as_palette(palette: Sequence[Sequence[int]] | np.ndarray, what: str = "pale
 
 
 def _check_labels(labels: np.ndarray) -> None:
-    if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be an (H, W) integer array (uint8/uint16), got shape "
+    if not isinstance(labels, np.ndarray) or labels.ndim != 2 or labels.dtype.kind not in "iu" or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty (H, W) integer array (uint8/uint16), got shape "
                          f"{getattr(labels, 'shape', None)} dtype {getattr(labels, 'dtype', type(labels).__name__)}")
 
 

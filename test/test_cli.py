@@ -663,6 +663,22 @@ def test_a_run_stopped_while_clearing_the_folder_leaves_it_reusable(tmp_path, ca
     assert _segment(tmp_path / "frames", out, "--propagator", "copy") == 0, capsys.readouterr().err
 
 
+def test_max_frames_lists_no_file_past_the_last_frame(tmp_path):
+    """The limit is checked before the next file is read: an unreadable file after the last frame
+    was read and listed in skipped_unreadable though the run had stopped before it."""
+    rng = np.random.default_rng(8)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(6)})
+    (tmp_path / "frames" / "f3.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy", "--max-frames", "3", "--no-overlay") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["frames"], summary["skipped_unreadable"]) == (3, [])
+    assert sorted(p.stem for p in (out / "labels").iterdir()) == ["f0", "f1", "f2"]
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy", "--max-frames", "4", "--no-overlay") == 0
+    summary = json.loads((out / "summary.json").read_text())  # f3 on the way to the fourth frame
+    assert (summary["frames"], summary["skipped_unreadable"]) == (4, ["f3"])
+
+
 def test_a_refused_input_leaves_the_earlier_run_in_place(bikes_path, tmp_path, capsys):
     """A bad --fps, a folder without images, a file that is no video or a video above the pixel
     limit is refused before the output folder is touched: the earlier run's outputs were deleted

@@ -251,8 +251,26 @@ def test_fixed_interval_ignores_scene_content():
 
 
 def test_fixed_interval_rejects_bad_interval():
-    with pytest.raises(ValueError, match=">= 1"):
-        FixedIntervalScheduler(0)
+    for bad in (0, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="whole number of frames >= 1"):
+            FixedIntervalScheduler(bad)
+    assert FixedIntervalScheduler(np.int64(3)).interval == 3
+
+
+@pytest.mark.parametrize("kwargs", [dict(pixel_scale=math.nan), dict(pixel_scale=math.inf), dict(pixel_scale=0.0),
+                                    dict(bins=math.nan), dict(bins=1), dict(thumb_width=64.5), dict(thumb_width=3)])
+def test_scene_scorer_rejects_bad_arguments(kwargs):
+    """A NaN pixel_scale made every scene score NaN (no cut ever keyed); a float thumbnail width
+    failed later inside OpenCV."""
+    with pytest.raises(ValueError, match="are required"):
+        SceneScorer(**kwargs)
+
+
+@pytest.mark.parametrize("fps", [0, -25, math.nan, math.inf])
+def test_schedule_key_frames_rejects_a_bad_frame_rate(fps):
+    """-25 made every frame a time_backwards key frame, 0 a ZeroDivisionError."""
+    with pytest.raises(ValueError, match="fps must be a finite number"):
+        schedule_key_frames(FixedIntervalScheduler(2), [_solid(0, (8, 8))] * 3, fps)
 
 
 # ------------------------------------------------------------------ forced key frames
@@ -393,6 +411,7 @@ def test_adaptive_max_interval():
 
 
 @pytest.mark.parametrize("kwargs", [dict(scene_threshold=0.0), dict(scene_threshold=-0.5), dict(min_interval=0),
+                                    dict(min_interval=1.5), dict(max_interval=True),
                                     dict(min_interval=11, max_interval=10), dict(scene_threshold=math.inf),
                                     dict(cut_threshold=0.0), dict(cut_threshold=-1.0),
                                     dict(cut_threshold=math.nan), dict(cut_threshold=math.inf)])
@@ -427,7 +446,7 @@ def test_parse_schedule_accepts():
 
 @pytest.mark.parametrize("spec", ["fixed:0", "fixed:-2", "fixed:x", "fixed:", "fixed:2.5", "foo", "",
                                   "adaptive:nan", "adaptive:inf", "adaptive:0", "adaptive:-1",
-                                  "adaptive:x", "per_frame"])
+                                  "adaptive:x", "per_frame", "adaptive:", "adaptive: "])
 def test_parse_schedule_rejects(spec):
     with pytest.raises(ValueError, match="bad schedule"):
         parse_schedule(spec)

@@ -95,6 +95,9 @@ def test_colorize_rejects_bad_input():
         colorize(np.zeros((2, 2, 1), np.uint8), make_palette(2))
     with pytest.raises(ValueError):
         colorize(np.zeros((2, 2), np.uint8), np.zeros((2, 4), np.uint8))
+    for dtype in (np.uint8, np.uint16):  # an empty map: one clear error for both (uint8 failed inside OpenCV)
+        with pytest.raises(ValueError, match="non-empty"):
+            colorize(np.zeros((0, 5), dtype), make_palette(2))
 
 
 # ------------------------------------------------------------------ overlay and legend
