@@ -345,7 +345,8 @@ def _check_drawable(image: np.ndarray, corner: str, who: str) -> None:
         raise ValueError(f"corner must be one of {LEGEND_CORNERS}, got {corner!r}")
 
 
-def draw_tag(image: np.ndarray, text: str, corner: str = "top-right") -> tuple[int, int, int, int] | None:
+def draw_tag(image: np.ndarray, text: str, corner: str = "top-right",
+             avoid: tuple[int, int, int, int] | None = None) -> tuple[int, int, int, int] | None:
     """Draw, in place, one line of white text on a darkened box in a corner (e.g. whether the
     labels come from a key frame or were propagated), in the legend's font and size.
 
@@ -353,10 +354,12 @@ def draw_tag(image: np.ndarray, text: str, corner: str = "top-right") -> tuple[i
         image: ``(H, W, 3)`` ``uint8`` RGB, C-contiguous and writable; modified in place.
         text: the line; shortened with ``..`` to fit, non-ASCII drawn as ``?``.
         corner: one of :data:`LEGEND_CORNERS`.
+        avoid: a box ``(x0, y0, x1, y1)`` not to draw over (the legend's): the tag moves to the
+            other corner of its side (top <-> bottom), and is left out when it meets the box there too.
 
     Returns:
         The ``(x0, y0, x1, y1)`` pixel box drawn (x1, y1 exclusive), or None when the image is
-        too small for it.
+        too small for it or it has no room beside ``avoid``.
 
     Raises:
         ValueError: bad image or corner.
@@ -371,6 +374,14 @@ def draw_tag(image: np.ndarray, text: str, corner: str = "top-right") -> tuple[i
     box_w = cv2.getTextSize(line, _FONT, scale, thick)[0][0] + 2 * pad
     x0 = pad if corner.endswith("left") else w - pad - box_w
     y0 = pad if corner.startswith("top") else h - pad - box_h
+
+    def meets(y: int) -> bool:
+        return avoid is not None and x0 < avoid[2] and avoid[0] < x0 + box_w and y < avoid[3] and avoid[1] < y + box_h
+
+    if meets(y0):
+        y0 = h - pad - box_h if corner.startswith("top") else pad
+        if meets(y0):
+            return None
     _darken(image[y0 : y0 + box_h, x0 : x0 + box_w])
     cv2.putText(image, line, (x0 + pad, y0 + pad + text_h), _FONT, scale, (255, 255, 255), thick, cv2.LINE_AA)
     return x0, y0, x0 + box_w, y0 + box_h
@@ -411,7 +422,8 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[in
         legend_corner: one of :data:`LEGEND_CORNERS`.
         max_legend_entries: most legend lines (see :func:`draw_legend`).
         tag: a line drawn in the corner beside the legend's (top-right for a top-left legend;
-            :func:`draw_tag`), e.g. :func:`frame_tag`; None draws none.
+            :func:`draw_tag`), or below it on that side where a wide legend leaves no room
+            (portrait frames), e.g. :func:`frame_tag`; None draws none.
 
     Returns:
         New ``(H, W, 3)`` ``uint8`` RGB image.
@@ -434,9 +446,10 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[in
     valid = _valid_mask(labels, len(pal))
     if valid is not None:
         out[~valid] = src[~valid]
+    drawn = Legend()
     if legend:
-        draw_legend(out, labels, pal, class_names, corner=legend_corner, max_entries=max_legend_entries)
+        drawn = draw_legend(out, labels, pal, class_names, corner=legend_corner, max_entries=max_legend_entries)
     if tag:
         side = "right" if legend_corner.endswith("left") else "left"
-        draw_tag(out, tag, f"{legend_corner.split('-')[0]}-{side}")
+        draw_tag(out, tag, f"{legend_corner.split('-')[0]}-{side}", avoid=drawn.box)
     return out

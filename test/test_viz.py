@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpvss_ros.viz import LEGEND_CORNERS, colorize, draw_legend, legend_entries, make_palette, overlay
+from mpvss_ros.viz import LEGEND_CORNERS, colorize, draw_legend, draw_tag, legend_entries, make_palette, overlay
 
 
 def _scene(h: int = 272, w: int = 640) -> tuple[np.ndarray, np.ndarray]:
@@ -252,3 +252,19 @@ def test_colorize_negative_labels_are_void_whatever_the_palette_size(dtype, k):
     pal = make_palette(k)
     labels = np.array([[-1, 0, 5]], dtype=dtype)
     np.testing.assert_array_equal(colorize(labels, pal), [[[0, 0, 0], pal[0], pal[5]]])
+
+
+@pytest.mark.parametrize("hw", [(240, 180), (480, 270), (720, 405), (120, 160)])
+def test_the_tag_never_covers_the_legend(hw):
+    """Portrait frames: a wide legend reached under the top-right tag, which was drawn across its
+    first lines; the tag now goes to the bottom of its side (or is left out on a tiny frame)."""
+    h, w = hw
+    names = ["sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car", "pedestrian",
+             "bicyclist"]
+    labels = (np.arange(w)[None, :].repeat(h, 0) * 11 // w).astype(np.uint8)
+    image = np.zeros((h, w, 3), np.uint8)
+    legend = draw_legend(image, labels, make_palette(11), names)
+    tag = draw_tag(image, "propagated +9", "top-right", avoid=legend.box)
+    assert legend.box is not None and tag is not None
+    assert legend.box[2] <= tag[0] or tag[2] <= legend.box[0] or legend.box[3] <= tag[1] or tag[3] <= legend.box[1]
+    assert draw_tag(np.zeros((100, 100, 3), np.uint8), "propagated +9", "top-right", avoid=(0, 0, 100, 100)) is None
