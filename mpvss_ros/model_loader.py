@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
-from .config import ModelConfig, load_model_config, model_config_from_dict
+from .config import ConfigError, ModelConfig, load_model_config, model_config_from_dict
 from .nn.mpvss import MPVSS
 from .paths import find_data
 
@@ -157,7 +157,8 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
 
     Raises:
         ConfigError: unknown model name or bad config file.
-        CheckpointError: ``weights`` given but missing, corrupt or not matching the model.
+        CheckpointError: ``weights`` given but missing, corrupt or not matching the model, or
+            holding a model configuration that is not valid.
         ValueError: unusable device.
     """
     dev = select_device(device)
@@ -170,7 +171,10 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
     ckpt = read_checkpoint(weights_path) if weights_path is not None else None  # the file is read once
     default_guessed = False  # a file without a configuration, not an official R50 one, tried on the default model
     if model is None and ckpt is not None and ckpt.model_config:
-        cfg = model_config_from_dict(ckpt.model_config, where=f"{weights_path} (model_config)")
+        try:
+            cfg = model_config_from_dict(ckpt.model_config, where=f"{weights_path} (model_config)")
+        except ConfigError as exc:  # the file is at fault, not the command line: exit status 1 as for weights
+            raise CheckpointError(str(exc)) from None
     elif model is None and ckpt is not None and (guess := official_model_name(ckpt.state_dict)) is not None:
         log.info("%s holds no model configuration; its keys are those of %s", weights_path, guess)
         cfg = load_model_config(guess)

@@ -395,3 +395,22 @@ def test_a_checkpoint_of_another_format_version_is_refused(tmp_path, version):
     torch.save(raw, path)
     with pytest.raises(CheckpointError, match=re.escape(f"has format version {version!r}; this mpvss_ros reads versions 1 to 1")):
         read_checkpoint(path)
+
+
+def test_a_checkpoint_with_a_bad_model_config_is_a_checkpoint_error(tmp_path, capsys):
+    """The file is at fault, not the command line: exit status 1 as for other broken weights
+    files (README), not 2 (ConfigError, a usage error)."""
+    from mpvss_ros.cli import main
+
+    cfg = load_model_config("mpvss_lite")
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, MPVSS(cfg), cfg.to_dict())
+    raw = torch.load(path, weights_only=True)
+    raw["model_config"]["num_classes"] = "eleven"
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=r"model.pt \(model_config\): num_classes must be an integer"):
+        load_model(None, path)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    assert main(["segment", str(frames), "--out", str(tmp_path / "out"), "--weights", str(path)]) == 1
+    assert "num_classes must be an integer" in capsys.readouterr().err
