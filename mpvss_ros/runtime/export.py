@@ -756,6 +756,22 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
             if not np.isfinite(got[name]).all():
                 problems.append(f"{g}: {name} has NaN or infinite values on a plain frame")
     if not problems:
+        # the valid size is a constant of the graphs (their normalisation zeroes the padding): a
+        # contract edited to claim more rows or columns than they were exported for pads to the
+        # same canvas and passes every check above, but the graphs then zero real pixels (torch
+        # and onnxruntime agreed on about 80 % of the labels). The last valid row, and column,
+        # must therefore change the key frame's mask logits.
+        for axis, what in ((0, "row"), (1, "column")):
+            probe = frames[0].copy()
+            if axis == 0:
+                probe[valid[0] - 1] = 255 - probe[valid[0] - 1]
+            else:
+                probe[:, valid[1] - 1] = 255 - probe[:, valid[1] - 1]
+            changed = key_sess.run(["mask_logits"], {"image": _canvas(probe, padded).numpy()})[0]
+            if np.array_equal(changed, got["mask_logits"]):
+                problems.append(f"key_frame: the last valid {what} ({valid[axis] - 1}) does not change the mask logits: "
+                                f"the graphs were exported for a smaller valid size than valid_hw {list(valid)}")
+    if not problems:
         # onnxruntime on a CPU warps the graph's flows in torch with model_config's convention
         # (the warp is pruned from the graph); GPUs run the graph's own warp: the two must agree
         ours = warp_mask_logits(torch.from_numpy(got["mask_logits"]), torch.from_numpy(got["flows"]),

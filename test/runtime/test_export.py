@@ -811,3 +811,20 @@ def test_a_model_name_with_a_slash_is_one_cache_entry(tmp_path):
     model.cfg = dataclasses.replace(model.cfg, name="../lab/lite")
     entry = cached_export(model, (64, 64), tmp_path)
     assert entry.parent == tmp_path / "onnx" and entry.name.startswith("_lab_lite-64x64-")
+
+
+def test_check_export_refuses_a_contract_claiming_more_valid_pixels_than_the_graphs(lite, tmp_path):
+    """The valid size is a constant of the graphs: a contract edited from 64 x 90 to 64 x 96 (the
+    same padded canvas) passed every check, and the graphs then zeroed real pixels (torch and
+    onnxruntime agreed on about 80 % of the labels)."""
+    from mpvss_ros.runtime.export import check_export
+
+    res = export_onnx(lite.model, tmp_path / "exp", (64, 90))
+    assert check_export(res.out_dir)["passed"]
+    contract = json.loads((res.out_dir / CONTRACT_FILE).read_text())
+    contract["canvas"]["valid_hw"] = [64, 96]
+    contract["model_config"]["input"]["size"] = [64, 96]
+    (res.out_dir / CONTRACT_FILE).write_text(json.dumps(contract))
+    with pytest.raises(ValueError, match=re.escape("the last valid column (95) does not change the mask logits: the "
+                                                   "graphs were exported for a smaller valid size than valid_hw [64, 96]")):
+        check_export(res.out_dir)
