@@ -77,6 +77,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .io.video import check_fps
+
 __all__ = [
     "ScheduleDecision",
     "SceneScorer",
@@ -408,10 +410,9 @@ def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarra
         The key frames' indices into ``images``, ascending.
 
     Raises:
-        ValueError: ``fps`` not a finite number > 0.
+        ValueError: ``fps`` not a frame rate (:func:`~mpvss_ros.io.video.check_fps`).
     """
-    if not (isinstance(fps, numbers.Real) and math.isfinite(fps) and fps > 0):
-        raise ValueError(f"fps must be a finite number of frames/s > 0, got {fps!r}")
+    fps = check_fps(fps)
     scheduler.reset()
     return [i for i, image in enumerate(images) if scheduler.decide(image, i / fps).is_key_frame]
 

@@ -478,15 +478,9 @@ class VideoSegmenter:
             t = time.perf_counter()
             tensor = canvas_tensor(image, letterbox, self.device)
             latency["preprocess"] = (time.perf_counter() - t) * 1e3
-        except BaseException:
-            # the scheduler may have counted this frame as a key frame (a cut): start over, as
-            # when the segmentor fails, so the next frame is not propagated across it
-            self.reset()
-            raise
 
-        t = time.perf_counter()
-        if is_key:
-            try:
+            t = time.perf_counter()
+            if is_key:
                 if hasattr(self.model, "prepare"):
                     # Fixed-shape backends export graphs / build engines for a new size here;
                     # one-off set-up is not frame time, so it is left out of the stage latencies.
@@ -496,13 +490,19 @@ class VideoSegmenter:
                     t0 += setup
                     t = time.perf_counter()
                 key = self.model.segment_key_frame(tensor, letterbox.resized_hw)
-            except BaseException:
-                # The scheduler has already counted this frame as the key frame: start over, so
-                # that the next frame is one (reason "reset") rather than propagated from the
-                # previous key frame across what may be a cut. The same when preparing the
-                # backend for the frame's size fails.
-                self.reset()
-                raise
+            else:
+                assert self._key is not None
+                mask_logits = self.propagator.propagate(self._key, tensor)
+        except BaseException:
+            # Start over, so that the next frame is a key frame (reason "reset"): the scheduler has
+            # already counted this frame, perhaps as the key frame of a cut, which must not be
+            # propagated across; preparing the backend for a new size or segmenting it failed;
+            # or a propagation failed, which may fail on every frame of this key frame (a backend
+            # missing this size's flows graph, out of memory), so the stream degrades to key
+            # frames instead of to no output.
+            self.reset()
+            raise
+        if is_key:
             if not _all_finite(key.class_logits, key.mask_logits, key.query_embeddings):
                 self.reset("non_finite")
                 raise NonFiniteOutputError(f"the key frame's class or mask logits or query embeddings hold NaN or infinite values "
@@ -511,19 +511,10 @@ class VideoSegmenter:
             self._key = key.with_active_queries(self._min_query_score).with_padding_filled()
             self._key_letterbox = letterbox
             self._key_index = index
-            self._key_stamp = float(stamp)
+            self._key_stamp = stamp
             mask_logits = self._key.propagated(self._key.mask_logits)
             latency["segmentor"] = (time.perf_counter() - t) * 1e3
         else:
-            assert self._key is not None
-            try:
-                mask_logits = self.propagator.propagate(self._key, tensor)
-            except BaseException:
-                # a propagation that fails once may fail on every frame of this key frame (a
-                # backend missing this size's flows graph, out of memory): the next frame is a
-                # key frame, so the stream degrades to key frames instead of to no output
-                self.reset()
-                raise
             if not _all_finite(mask_logits):
                 self.reset("non_finite")
                 raise NonFiniteOutputError(f"the propagated mask logits hold NaN or infinite values (frame "
@@ -545,7 +536,7 @@ class VideoSegmenter:
 
         result = SegmentationResult(
             frame_index=index,
-            stamp=float(stamp),
+            stamp=stamp,
             labels=labels,
             confidence=confidence,
             class_masks=masks,

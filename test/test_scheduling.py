@@ -268,8 +268,9 @@ def test_scene_scorer_rejects_bad_arguments(kwargs):
 
 @pytest.mark.parametrize("fps", [0, -25, math.nan, math.inf])
 def test_schedule_key_frames_rejects_a_bad_frame_rate(fps):
-    """-25 made every frame a time_backwards key frame, 0 a ZeroDivisionError."""
-    with pytest.raises(ValueError, match="fps must be a finite number"):
+    """-25 made every frame a time_backwards key frame, 0 a ZeroDivisionError (the frame-rate check of
+    the video sources, io.video.check_fps)."""
+    with pytest.raises(ValueError, match="fps must be a positive finite number"):
         schedule_key_frames(FixedIntervalScheduler(2), [_solid(0, (8, 8))] * 3, fps)
 
 

@@ -394,30 +394,10 @@ class ImageFolderSource(FrameSource):
     def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None,
                  limit_name: str = DEFAULT_LIMIT_NAME) -> None:
         path = Path(path)
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            super().__init__(path, check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels, limit_name)
-            self.files: list[Path] = [path]
-            return
-        if not path.is_dir():
-            raise FileNotFoundError(f"input not found: {path}")
-        files = sorted(
-            (p for p in path.iterdir()
-             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
-            key=lambda p: p.name,
-        )
-        if not files:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder: {path}")
-        stems: dict[str, Path] = {}
-        for p in files:
-            if p.stem in stems:
-                raise ValueError(f"two images with the same name stem in {path}: {stems[p.stem].name}, {p.name}")
-            stems[p.stem] = p
-        natural = sorted(files, key=lambda p: _natural_key(p.name))
-        if natural != files:
-            logger.warning("images in %s are read in file-name order, which differs from numeric order "
-                           "(e.g. frame_10 before frame_2); zero-pad the numbers if that is wrong", path)
+        one_image = path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+        files = [path] if one_image else _folder_images(path)
         super().__init__(path, check_fps(DEFAULT_FOLDER_FPS if fps is None else fps), max_pixels, limit_name)
-        self.files = files
+        self.files: list[Path] = files
 
     def __len__(self) -> int:
         return len(self.files)
@@ -443,6 +423,35 @@ class ImageFolderSource(FrameSource):
                                file, image.shape[1], image.shape[0], size[1], size[0])
             size = image.shape
             yield Frame(index, index / self.fps, file.stem, image)
+
+
+def _folder_images(path: Path) -> list[Path]:
+    """The image files of a folder for :class:`ImageFolderSource`, sorted by name (a warning when
+    numeric order would differ).
+
+    Raises:
+        FileNotFoundError: no such folder.
+        ValueError: no image files in it; two with the same stem.
+    """
+    if not path.is_dir():
+        raise FileNotFoundError(f"input not found: {path}")
+    files = sorted(
+        (p for p in path.iterdir()
+         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+        key=lambda p: p.name,
+    )
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder: {path}")
+    stems: dict[str, Path] = {}
+    for p in files:
+        if p.stem in stems:
+            raise ValueError(f"two images with the same name stem in {path}: {stems[p.stem].name}, {p.name}")
+        stems[p.stem] = p
+    natural = sorted(files, key=lambda p: _natural_key(p.name))
+    if natural != files:
+        logger.warning("images in %s are read in file-name order, which differs from numeric order "
+                       "(e.g. frame_10 before frame_2); zero-pad the numbers if that is wrong", path)
+    return files
 
 
 def open_source(path: str | Path, fps: float | None = None, max_pixels: int | None = None,
@@ -529,11 +538,6 @@ class _Skipped(Exception):
     def __init__(self, message: str, too_large: bool = False) -> None:
         super().__init__(message)
         self.too_large = too_large
-
-
-#: Bytes of a PNG chunk besides its data: length (4), type (4) and CRC (4) (PNG specification,
-#: ISO/IEC 15948, 5.3).
-_PNG_CHUNK_OVERHEAD = 12
 
 
 def png_damage(data: bytes | np.ndarray) -> str | None:
@@ -826,12 +830,13 @@ def read_label_png(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"label image not found: {path}")
     data = path.read_bytes()
     # IHDR: signature (8) + length (4) + "IHDR" (4) + width (4) + height (4) + depth (1) + colour type.
-    if png_size(data) is not None and len(data) > 25 and data[25] == 3:
-        raise ValueError(f"{path} is a palette (indexed) PNG: OpenCV decodes it to colours, not class IDs; "
-                         "convert it to a grayscale PNG of the indices first")
-    damage = png_damage(data) if png_size(data) is not None else None
-    if damage is not None:
-        raise ValueError(f"damaged label image {path}: {damage}")
+    if png_size(data) is not None:
+        if len(data) > 25 and data[25] == 3:
+            raise ValueError(f"{path} is a palette (indexed) PNG: OpenCV decodes it to colours, not class IDs; "
+                             "convert it to a grayscale PNG of the indices first")
+        damage = png_damage(data)
+        if damage is not None:
+            raise ValueError(f"damaged label image {path}: {damage}")
     labels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if labels is None:
         raise ValueError(f"cannot read label image: {path}")
