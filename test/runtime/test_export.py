@@ -59,6 +59,22 @@ def _random_frames(hw, n=2, seed=0):
                      for _ in range(n - 1)]
 
 
+def _edited_copy(src, dst, edit_contract=None):
+    """A copy of the export folder ``src`` at ``dst``, its contract.json edited in place by
+    ``edit_contract(contract)`` when given."""
+    shutil.copytree(src, dst)
+    if edit_contract is not None:
+        contract = json.loads((dst / CONTRACT_FILE).read_text())
+        edit_contract(contract)
+        (dst / CONTRACT_FILE).write_text(json.dumps(contract))
+    return dst
+
+
+def _nineteen_classes(contract: dict) -> None:
+    """A contract edit: its model_config claims 19 classes (the graphs output 11 + no-object)."""
+    contract["model_config"].update(num_classes=19, class_names=[f"c{i}" for i in range(19)], palette=[])
+
+
 @pytest.fixture(scope="module")
 def lite_small(lite, tmp_path_factory):
     t = time.perf_counter()
@@ -522,13 +538,7 @@ def test_broken_export_folders_give_one_clear_error_not_a_traceback(lite_small, 
     from mpvss_ros.runtime.export import check_export
 
     def copy(name, edit_contract=None):
-        d = tmp_path / name
-        shutil.copytree(lite_small.out_dir, d)
-        if edit_contract is not None:
-            contract = json.loads((d / CONTRACT_FILE).read_text())
-            edit_contract(contract)
-            (d / CONTRACT_FILE).write_text(json.dumps(contract))
-        return d
+        return _edited_copy(lite_small.out_dir, tmp_path / name, edit_contract)
 
     truncated = copy("truncated", lambda c: c["graphs"]["key_frame"].update(sha256=None))
     data = (truncated / "key_frame.onnx").read_bytes()
@@ -541,12 +551,7 @@ def test_broken_export_folders_give_one_clear_error_not_a_traceback(lite_small, 
         with pytest.raises(ValueError, match="canvas must hold valid_hw and padded_hw"):
             check(no_canvas)
 
-    def more_classes(c):
-        c["model_config"]["num_classes"] = 19
-        c["model_config"]["class_names"] = [f"c{i}" for i in range(19)]
-        c["model_config"]["palette"] = []
-
-    wrong = copy("classes", more_classes)  # the graphs output 11 classes + no-object
+    wrong = copy("classes", _nineteen_classes)  # the graphs output 11 classes + no-object
     for check in (check_export, load_exported):
         with pytest.raises(ValueError, match="class_logits .* does not fit model_config's 32 queries and 19 classes"):
             check(wrong)
@@ -759,13 +764,12 @@ def test_a_damaged_graph_without_a_recorded_sha256_is_one_error_line(lite_small,
     the node's start-up did not catch it) instead of one line naming the folder."""
     from mpvss_ros.runtime import load_backend
 
-    for graph in ("key_frame", "non_key_frame"):
-        d = tmp_path / graph
-        shutil.copytree(lite_small.out_dir, d)
-        contract = json.loads((d / CONTRACT_FILE).read_text())
+    def no_sha256(contract):
         for g in contract["graphs"].values():
             g.pop("sha256", None)
-        (d / CONTRACT_FILE).write_text(json.dumps(contract))
+
+    for graph in ("key_frame", "non_key_frame"):
+        d = _edited_copy(lite_small.out_dir, tmp_path / graph, no_sha256)
         data = (d / f"{graph}.onnx").read_bytes()
         (d / f"{graph}.onnx").write_bytes(data[: len(data) // 2])
         with pytest.raises(ValueError, match=f"{d}: a graph cannot be loaded"):
@@ -780,18 +784,10 @@ def test_load_backend_checks_the_contract_and_takes_an_export_folder_as_loaded(l
     from mpvss_ros.runtime import load_backend
 
     def copy(name, edit):
-        d = tmp_path / name
-        shutil.copytree(lite_small.out_dir, d)
-        contract = json.loads((d / CONTRACT_FILE).read_text())
-        edit(contract)
-        (d / CONTRACT_FILE).write_text(json.dumps(contract))
-        return d
-
-    def more_classes(c):
-        c["model_config"].update(num_classes=19, class_names=[f"c{i}" for i in range(19)], palette=[])
+        return _edited_copy(lite_small.out_dir, tmp_path / name, edit)
 
     with pytest.raises(ValueError, match="does not fit model_config's 32 queries and 19 classes"):
-        load_backend("onnxruntime", onnx_dir=copy("classes", more_classes))
+        load_backend("onnxruntime", onnx_dir=copy("classes", _nineteen_classes))
     for name, edit, words in (("weights", lambda c: c.update(weights=5), "weights must be the weights file's path"),
                               ("trained", lambda c: c.update(trained="false"), "trained must be true, false or null")):
         with pytest.raises(ValueError, match=words):
@@ -821,10 +817,12 @@ def test_check_export_refuses_a_contract_claiming_more_valid_pixels_than_the_gra
 
     res = export_onnx(lite.model, tmp_path / "exp", (64, 90))
     assert check_export(res.out_dir)["passed"]
-    contract = json.loads((res.out_dir / CONTRACT_FILE).read_text())
-    contract["canvas"]["valid_hw"] = [64, 96]
-    contract["model_config"]["input"]["size"] = [64, 96]
-    (res.out_dir / CONTRACT_FILE).write_text(json.dumps(contract))
+
+    def wider(contract):
+        contract["canvas"]["valid_hw"] = [64, 96]
+        contract["model_config"]["input"]["size"] = [64, 96]
+
+    edited = _edited_copy(res.out_dir, tmp_path / "edited", wider)
     with pytest.raises(ValueError, match=re.escape("the last valid column (95) does not change the mask logits: the "
                                                    "graphs were exported for a smaller valid size than valid_hw [64, 96]")):
-        check_export(res.out_dir)
+        check_export(edited)
