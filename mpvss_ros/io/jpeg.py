@@ -7,7 +7,8 @@ OpenCV returns it with grey, smeared or shifted blocks and only prints a libjpeg
 that names no file (an MJPEG camera dropping USB packets, a file cut short). JPEG has no checksum:
 a changed byte that keeps the entropy code valid still decodes. Without ``simplejpeg``
 (:data:`STRICT_JPEG` False) OpenCV decodes, and only a JPEG without an end-of-image marker near its
-end (a truncated one) is refused.
+end (a truncated one) is refused; so does a JPEG whose header TurboJPEG's probe cannot read but
+libjpeg can (a chroma-subsampled CMYK JPEG, stray bytes between header segments).
 
 On the JPEGs tried (baseline and progressive; 4:4:4, 4:2:2 and 4:2:0; odd sizes; greyscale; CMYK)
 the strict decoder returns exactly the pixels of OpenCV's ``cv2.imdecode`` converted to RGB: both
@@ -81,8 +82,8 @@ class JpegError(ValueError):
 
 
 class JpegHeaderError(JpegError):
-    """The strict decoder cannot read the JPEG's header (frame size, components), or the bytes do
-    not start with :data:`JPEG_SIGNATURE`."""
+    """The bytes do not start with :data:`JPEG_SIGNATURE` (a header the strict decoder cannot
+    read goes to OpenCV instead, :func:`decode_jpeg`)."""
 
 
 class JpegDataError(JpegError):
@@ -128,9 +129,10 @@ def decode_jpeg(data: Any, *, check_size: Callable[[int, int], None] | None = No
         CMYK one is converted to RGB.
 
     Raises:
-        JpegHeaderError: not a JPEG, or the strict decoder cannot read its header.
+        JpegHeaderError: not a JPEG (no start-of-image marker).
         JpegDataError: damaged or truncated data (``truncated`` tells which), or OpenCV cannot
-            decode it (fallback).
+            decode it (the fallback without ``simplejpeg``, or for a header the strict decoder
+            cannot read).
     """
     data = _flat(data)
     if not is_jpeg(data):
@@ -139,8 +141,11 @@ def decode_jpeg(data: Any, *, check_size: Callable[[int, int], None] | None = No
         return _decode_with_opencv(data, check_size, apply_orientation)
     try:
         height, width, _, _ = _simplejpeg.decode_jpeg_header(data)
-    except ValueError as exc:
-        raise JpegHeaderError("cannot read the header", str(exc)) from None
+    except ValueError:
+        # A header TurboJPEG's probe cannot read (e.g. a chroma-subsampled CMYK JPEG, or stray
+        # bytes among the header segments) that libjpeg itself may: OpenCV decodes it, as it would
+        # without simplejpeg, so an image folder and a CompressedImage give the same pixels.
+        return _decode_with_opencv(data, check_size, apply_orientation)
     if check_size is not None:
         check_size(int(height), int(width))
     try:

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from . import check_pixel_limit, pixel_excess
-from .jpeg import JpegDataError, JpegHeaderError, decode_jpeg, is_jpeg
+from .jpeg import JpegError, decode_jpeg, is_jpeg
 
 __all__ = [
     "Frame",
@@ -609,10 +609,8 @@ def _read_rgb(file: Path, max_pixels: int | None = None, limit_name: str = DEFAU
     if is_jpeg(data):
         try:
             return decode_jpeg(data, check_size=check_size, apply_orientation=True)
-        except JpegDataError as exc:
+        except JpegError as exc:
             raise _Skipped(f"skipping corrupt JPEG {file}: {exc}") from None
-        except JpegHeaderError:
-            pass  # a header libjpeg-turbo cannot read is left to OpenCV
     else:
         size = png_size(data)
         if size is not None:

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from ..io import DEFAULT_MAX_IMAGE_PIXELS, pixel_excess
-from ..io.jpeg import STRICT_JPEG, JpegDataError, JpegHeaderError, decode_jpeg, is_jpeg
+from ..io.jpeg import STRICT_JPEG, JpegError, decode_jpeg, is_jpeg
 from ..io.video import PNG_SIGNATURE, decoded_to_rgb, png_damage, png_size
 from ..viz import colorize, frame_tag, overlay
 
@@ -239,9 +239,13 @@ def _as_bytes(data: Any, what: str = "data") -> np.ndarray:
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in data):
             raise ConversionError(f"{what} is not a byte sequence: it holds other values than integers")
         try:
-            return np.asarray(data, dtype=np.uint8)
+            values = np.asarray(data, dtype=np.int64)  # not uint8 directly: that wraps numpy integers (300 -> 44)
         except (OverflowError, ValueError, TypeError) as exc:
             raise ConversionError(f"{what} is not a byte sequence: {exc}") from None
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise ConversionError(f"{what} is not a byte sequence: it holds values outside 0..255 "
+                                  f"({int(values.min())}..{int(values.max())})")
+        return values.astype(np.uint8).reshape(-1)
     try:
         view = memoryview(data)
     except TypeError as exc:
@@ -386,9 +390,7 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     if is_jpeg(buf):
         try:
             return decode_jpeg(buf, check_size=lambda h, w: _check_pixels(h, w, max_pixels, what))
-        except JpegHeaderError as exc:
-            raise ConversionError(f"corrupt JPEG: cannot read the header of {what}: {exc.detail}") from None
-        except JpegDataError as exc:
+        except JpegError as exc:
             raise ConversionError(f"corrupt JPEG: {what}: {exc}") from None
     if not head.startswith(PNG_SIGNATURE):
         raise ConversionError(f"{what} is neither a JPEG nor a PNG (its first bytes are {head[:8].hex(' ')})")
@@ -429,14 +431,21 @@ def stamp_to_seconds(stamp: Any) -> float:
 
 
 def seconds_to_stamp(time_cls: type, t: float) -> Any:
-    """Seconds -> ``time_cls(sec=..., nanosec=...)`` with ``0 <= nanosec < 1e9``.
+    """Seconds -> ``time_cls(sec=..., nanosec=...)`` with ``0 <= nanosec < 1e9`` and ``sec`` in
+    ``builtin_interfaces/Time``'s int32 range. A ``t`` that float64 rounded up to 2**31 from a stamp
+    just below it (the last ~0.1 us of int32 seconds) gives the largest stamp, 2**31 - 1 s
+    999999999 ns.
 
     Raises:
-        ConversionError: ``t`` is not finite.
+        ConversionError: ``t`` is not finite, or outside the int32 seconds of a stamp.
     """
     t = float(t)
     if not math.isfinite(t):
         raise ConversionError(f"cannot convert a non-finite time {t} to a stamp")
+    if not -2.0**31 <= t <= 2.0**31:
+        raise ConversionError(f"cannot convert {t} s to a stamp: its seconds are an int32 (builtin_interfaces/Time)")
+    if t == 2.0**31:
+        return time_cls(sec=2**31 - 1, nanosec=999_999_999)
     sec = math.floor(t)
     nanosec = round((t - sec) * 1e9)  # t - sec is exact in floating point
     if nanosec >= 1_000_000_000:

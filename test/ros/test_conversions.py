@@ -275,6 +275,7 @@ def test_rgb8_is_zero_copy(ts):
     ([1.7] * 12, "holds other values than integers"),               # was truncated to 1
     ([True] * 12, "holds other values than integers"),
     ([300] * 12, "not a byte sequence"),
+    ([np.int64(300)] * 6 + [np.int64(-1)] * 6, r"values outside 0\.\.255 \(-1\.\.300\)"),  # were wrapped to 44, 255
     ("abcdefghijkl", "not a byte buffer"),
 ])
 def test_payloads_that_are_not_bytes(data, words):
@@ -527,6 +528,33 @@ def test_a_16_bit_png_decodes_as_an_image_folder_decodes_it(ts, tmp_path, channe
     np.testing.assert_array_equal(folder[..., 1], expected)
 
 
+def test_a_jpeg_header_the_strict_probe_cannot_read_decodes_as_an_image_folder_decodes_it(ts, tmp_path):
+    """A chroma-subsampled CMYK JPEG: TurboJPEG's header probe gives up ("could not determine
+    subsampling level"), libjpeg reads it. OpenCV decodes it for both a CompressedImage and a
+    folder (the message was refused as a corrupt JPEG while the folder decoded it)."""
+    import io
+
+    from PIL import Image as PilImage
+
+    from mpvss_ros.io.video import open_source
+
+    cmyk = np.zeros((16, 24, 4), np.uint8)
+    cmyk[..., 0], cmyk[..., 1], cmyk[:8, :, 2] = 10, 200, 90  # two colours, top and bottom
+    buf = io.BytesIO()
+    PilImage.fromarray(cmyk, "CMYK").save(buf, format="JPEG", subsampling=2)  # 4:2:0
+    data = buf.getvalue()
+    with pytest.raises(ValueError, match="subsampling"):
+        jpeg._simplejpeg.decode_jpeg_header(data)  # what this test is about
+    (tmp_path / "f.jpg").write_bytes(data)
+    with open_source(tmp_path) as src:
+        folder = next(iter(src)).image
+    out = compressed_to_rgb(roundtrip(ts, compressed(ts, data, "jpeg"), COMPRESSED))
+    np.testing.assert_array_equal(out, folder)
+    np.testing.assert_array_equal(out, cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                                                    cv2.COLOR_BGR2RGB))
+    assert out.shape == (16, 24, 3) and not (out[0] == out[-1]).all()
+
+
 def test_png_without_its_header_is_refused(ts):
     _, png = cv2.imencode(".png", synthetic_frame(6, 8))
     with pytest.raises(ConversionError, match="corrupt PNG.*no image header"):
@@ -589,6 +617,12 @@ def test_stamp_conversions(ts):
     assert (seconds_to_stamp(Time, -1.25).sec, seconds_to_stamp(Time, -1.25).nanosec) == (-2, 750_000_000)
     with pytest.raises(ConversionError):
         seconds_to_stamp(Time, float("nan"))
+    # the last stamp of int32 seconds: float64 rounds it up to 2**31, which no Time holds
+    last = seconds_to_stamp(Time, stamp_to_seconds(Time(sec=2**31 - 1, nanosec=999_999_900)))
+    assert (last.sec, last.nanosec) == (2**31 - 1, 999_999_999)
+    ts.serialize_cdr(last, "builtin_interfaces/msg/Time")  # was sec = 2**31: struct.error
+    with pytest.raises(ConversionError, match="int32"):
+        seconds_to_stamp(Time, 2.0**31 + 1)
 
 
 # --------------------------------------------------------------------------------------------
