@@ -239,8 +239,9 @@ class KeyFrameScheduler(ABC):
         self.reset()
 
     def reset(self, reason: str = "reset") -> None:
-        """Forget the key frame: the next frame is a key frame, with ``reason`` (``first`` before
-        any frame was seen)."""
+        """Forget the key frame: the next frame is a key frame, with ``reason`` (a plain
+        ``reset`` before any frame was seen gives ``first``; another reason, e.g. the engine's
+        ``frame_id_change`` on a scheduler swapped in just before, is kept)."""
         self._ref: tuple[np.ndarray, np.ndarray] | None = None  # key frame's (thumbnail, histogram)
         self._prev: tuple[np.ndarray, np.ndarray] | None = None  # previous frame's
         self._drift = 0.0
@@ -248,7 +249,7 @@ class KeyFrameScheduler(ABC):
         self._key_shape: tuple[int, ...] | None = None
         self._last_stamp: float | None = None
         self._since_key = 0
-        self._start_reason = reason if self._frames_seen else "first"
+        self._start_reason = "first" if reason == "reset" and not self._frames_seen else reason
 
     def decide(self, frame: np.ndarray, stamp: float) -> ScheduleDecision:
         """Decide whether ``frame`` is a key frame and update the state.

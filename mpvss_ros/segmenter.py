@@ -551,10 +551,13 @@ class VideoSegmenter:
 
     def _key_frame_reason(self, decision: ScheduleDecision, index: int) -> str:
         """Why frame ``index`` is a key frame: the scheduler's reason; ``canvas_change`` when only
-        the segmenter's own check made it one; ``reset`` for a replaced scheduler's ``first``."""
+        the segmenter's own check made it one; ``first`` for the first frame pushed, whatever
+        reset came before it; ``reset`` for a replaced scheduler's ``first``."""
         if not decision.reason:
             return "canvas_change"
-        return "reset" if decision.reason == "first" and index > 0 else decision.reason
+        if index == 0:
+            return "first"
+        return "reset" if decision.reason == "first" else decision.reason
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
                     lb: Letterbox) -> tuple[np.ndarray, np.ndarray]:

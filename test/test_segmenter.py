@@ -234,6 +234,12 @@ def test_a_new_source_is_a_key_frame(band_model):
     assert seg.push(img, 0.6, source="rear").key_frame_reason == ""
     assert seg.push(img, 0.7).key_frame_reason == ""  # untracked frames change nothing
     assert seg.push(img, 0.8, source="front").key_frame_reason == "frame_id_change"
+    # a scheduler swapped in (a schedule changed while the node runs) has seen no frame; the other
+    # camera's frame after it is still reported as one (it was "reset", and the node logged nothing)
+    seg.replace(scheduler=FixedIntervalScheduler(10))
+    assert seg.push(img, 0.9, source="rear").key_frame_reason == "frame_id_change"
+    seg.replace(scheduler=FixedIntervalScheduler(10))
+    assert seg.push(img, 1.0, source="rear").key_frame_reason == "reset"
 
 
 def test_a_new_source_whose_post_processing_fails_still_counts(band_model, monkeypatch):

@@ -589,8 +589,8 @@ class SegmentationCore:
         masks = want_class_masks and cfg.publish_class_masks
         with self._lock:
             gap, self._input_gap = self._input_gap, False
-        if gap:  # consumed by this frame, segmented or not: the engine is reset either way
-            self.segmenter.reset("time_gap")
+        if gap and not reset:  # consumed by this frame, segmented or not: the engine is reset either way
+            self.segmenter.reset("time_gap")  # (after a requested reset or re-enable, reason ``reset``)
         try:
             self.segmenter.class_masks = masks
             result = self.segmenter.push(rgb, stamp, source=header.frame_id)

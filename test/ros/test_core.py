@@ -674,6 +674,11 @@ def test_disable_enable_reset(make_core, types, band_loaded):
     assert out.info.is_key_frame and out.info.key_frame_reason == "reset"
     assert not core.process(image_msg(types, frame(), 1.35)).info.is_key_frame
     assert core.key_frame_reasons == {"first": 1, "reset": 2}
+    # a gap in the stream while disabled: the first frame after re-enabling is still "reset"
+    core.set_enabled(False)
+    assert core.process(image_msg(types, frame(), 9.0)) is None  # more than max_gap_s after 1.35
+    core.set_enabled(True)
+    assert core.process(image_msg(types, frame(), 9.1)).info.key_frame_reason == "reset"  # was time_gap
 
 
 # --------------------------------------------------------------------------------------------
