@@ -437,9 +437,9 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     out = Path(out_dir)
     check_out_dir(input_path, out)
-    # the input is opened before the output folder is prepared: an input refused here (an empty
-    # folder, a file that is no video, a video above the pixel limit) leaves an earlier run's
-    # outputs in place
+    # the output folder is prepared at the input's first frame (below): an input refused when
+    # opened (an empty folder, a file that is no video, a video above the pixel limit), or whose
+    # every image is unreadable or above the pixel limit, leaves an earlier run's outputs in place
     source = open_source(input_path, fps=options.fps, max_pixels=options.max_image_pixels,
                          limit_name="mpvss segment's --max-image-pixels; 0 = no limit")
 
@@ -449,8 +449,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     failures = EngineFailures("frames")
     class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     t_start = time.perf_counter()
-    with source, _open_run_log(input_path, out) as jsonl:
-        writer = _OverlayVideo(out / "overlay.mp4", source.fps) if options.write_overlay else None
+    writer: _OverlayVideo | None = None
+    with source, contextlib.ExitStack() as run_files:
         total = len(source) if options.max_frames is None else min(len(source), options.max_frames)
         def frames() -> Iterator[Any]:
             # the limit is checked before the next frame is read: reading it first listed the files
@@ -461,8 +461,12 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                         len(run_stats) + len(non_finite) + len(engine_failed) >= options.max_frames:
                     return
 
+        jsonl: IO[str] | None = None
         try:
             for frame in tqdm(frames(), total=total, unit="frame", disable=not options.progress, desc="mpvss segment"):
+                if jsonl is None:  # the input's first frame: now the output folder is prepared
+                    jsonl = run_files.enter_context(_open_run_log(input_path, out))
+                    writer = _OverlayVideo(out / "overlay.mp4", source.fps) if options.write_overlay else None
                 try:
                     result = segmenter.push(frame.image, frame.stamp)
                 except Exception as exc:  # noqa: BLE001 - NaN logits, or the backend's own errors

@@ -223,9 +223,17 @@ def test_segment_skips_frames_above_max_image_pixels(tmp_path, capsys, caplog):
 def test_segment_with_every_frame_above_the_limit_names_the_flag(tmp_path, capsys):
     folder = tmp_path / "frames"
     _write_folder(folder, {"f0": np.zeros((20, 30, 3), np.uint8), "f1": np.zeros((20, 30, 3), np.uint8)})
-    assert _segment(folder, tmp_path / "out", "--max-image-pixels", "100") == 2
-    line = error_line(capsys.readouterr().err)
-    assert "2 had more than the 100 pixels of --max-image-pixels (0 = no limit)" in line
+    out = tmp_path / "out"
+    assert _segment(folder, out, "--no-overlay") == 0  # an earlier run's outputs
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len(before) == 4  # frames.jsonl, summary.json and two label PNGs
+    capsys.readouterr()
+    for refused in (folder, folder / "f0.png"):
+        assert _segment(refused, out, "--max-image-pixels", "100") == 2
+        line = error_line(capsys.readouterr().err)
+        assert f"{1 + (refused == folder)} had more than the 100 pixels of --max-image-pixels (0 = no limit)" in line
+        # nothing was segmented: the earlier run stays (it was emptied before the first frame was read)
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_segment_image_folder_camvid(camvid_val, tmp_path, capsys):
