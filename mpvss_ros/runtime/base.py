@@ -47,6 +47,7 @@ __all__ = [
     "Missing",
     "SizeCache",
     "MAX_PREPARED_SIZES",
+    "MIN_GRAPH_SIDE",
     "as_backend",
     "check_precision",
     "padded_size",
@@ -56,6 +57,9 @@ __all__ = [
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 #: Precisions accepted by ``--precision``.
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: The smallest side (pixels) of a letterboxed size that fixed-shape graphs (ONNX, TensorRT) are
+#: exported for; a thinner frame needs the torch backend.
+MIN_GRAPH_SIDE = 32
 
 
 #: How many input sizes a fixed-shape backend keeps prepared (sessions or engines with their

@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 import torch
 
-from .base import BACKENDS, PRECISIONS
+from .base import BACKENDS, MIN_GRAPH_SIDE, PRECISIONS
 
 __all__ = ["BenchOptions", "BackendSpec", "parse_backend_spec", "parse_size", "default_backend_specs",
            "hardware_info", "run_bench", "format_markdown", "bench_frames", "write_json"]
@@ -108,14 +108,14 @@ def parse_size(text: str) -> tuple[int, int]:
     """``HxW`` -> (H, W).
 
     Raises:
-        ValueError: not two positive integers >= 32.
+        ValueError: not two integers >= :data:`~mpvss_ros.runtime.base.MIN_GRAPH_SIDE` (32).
     """
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"bad size {text!r}: use HxW, e.g. 360x480") from None
-    if h < 32 or w < 32:
-        raise ValueError(f"bad size {text!r}: both sides must be >= 32")
+    if min(h, w) < MIN_GRAPH_SIDE:
+        raise ValueError(f"bad size {text!r}: both sides must be >= {MIN_GRAPH_SIDE}")
     return h, w
 
 
@@ -297,7 +297,8 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"hardware", "frames", "weights", "rows": [...]}``.
 
     Each row: model, size, backend, key_ms, non_key_ms, ratio, fps_fixed5, fps_adaptive,
-    key_ratio_adaptive, or ``error`` (backend unavailable, out of memory) instead of figures.
+    key_ratio_adaptive, or ``error`` (backend unavailable, out of memory, a ``keep_canvas``
+    letterbox too thin for a fixed-shape backend) instead of figures.
     """
     from ..model_loader import load_model
     from ..segmenter import Letterbox
@@ -333,8 +334,12 @@ def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:
                 loaded = dataclasses.replace(pristine, model=model, config=model.cfg)
                 backend = None
                 try:
-                    backend = _make_backend(spec, loaded, valid_hw, opts, threads)
-                    row.update(_bench_one(backend, spec, frames, opts))
+                    if spec.backend != "torch" and min(valid_hw) < MIN_GRAPH_SIDE:  # --keep-canvas: a thin letterbox
+                        row["error"] = (f"letterboxed to {valid_hw[0]}x{valid_hw[1]} on the model's canvas: fixed-shape "
+                                        f"graphs need {MIN_GRAPH_SIDE} pixels a side (the torch backend runs it)")
+                    else:
+                        backend = _make_backend(spec, loaded, valid_hw, opts, threads)
+                        row.update(_bench_one(backend, spec, frames, opts))
                 except BackendUnavailable as exc:  # its remedy names segment's flags, not bench's specs
                     row["error"] = f"{exc.reason} (pick another --backends spec)"
                 except (RuntimeError, MemoryError) as exc:

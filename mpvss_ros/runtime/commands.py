@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..paths import check_output_dir, make_output_dir
-from .base import BACKENDS, PRECISIONS, BackendUnavailable
+from .base import BACKENDS, MIN_GRAPH_SIDE, PRECISIONS, BackendUnavailable
 
 __all__ = ["add_backend_options", "add_runtime_commands", "load_model_and_backend", "RUNTIME_COMMANDS"]
 
@@ -163,8 +163,8 @@ def _hw(args: argparse.Namespace, cfg: Any) -> tuple[int, int]:
     if (args.height is None) != (args.width is None):
         raise ValueError("give both --height and --width, or neither")
     if args.height is not None:
-        if args.height < 32 or args.width < 32:
-            raise ValueError(f"--height/--width must be >= 32, got {args.height}x{args.width}")
+        if min(args.height, args.width) < MIN_GRAPH_SIDE:
+            raise ValueError(f"--height/--width must be >= {MIN_GRAPH_SIDE}, got {args.height}x{args.width}")
         return int(args.height), int(args.width)
     if cfg.input.size is None:
         raise ValueError(f"model {cfg.name} has no canvas size: give --height and --width")

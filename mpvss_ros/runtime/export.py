@@ -68,7 +68,7 @@ from ..nn.motion import flow_grid_size
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..nn.warp import warp_mask_logits
 from ..paths import make_output_dir
-from .base import padded_size
+from .base import MIN_GRAPH_SIDE, padded_size
 from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
 
 __all__ = [
@@ -477,10 +477,10 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
             raise ValueError(f"model {cfg.name} has no input.size: give the export size (--height/--width)")
         valid_hw = (int(cfg.input.size[0]), int(cfg.input.size[1]))
     valid_hw = (int(valid_hw[0]), int(valid_hw[1]))
-    if min(valid_hw) < 32:
-        raise ValueError(f"export size must be at least 32x32, got {valid_hw[0]}x{valid_hw[1]} (a frame this thin once "
-                         f"letterboxed to the model's canvas needs the torch backend: fixed-shape graphs need 32 "
-                         f"pixels a side)")
+    if min(valid_hw) < MIN_GRAPH_SIDE:
+        raise ValueError(f"export size must be at least {MIN_GRAPH_SIDE}x{MIN_GRAPH_SIDE}, got {valid_hw[0]}x{valid_hw[1]} "
+                         f"(a frame this thin once letterboxed to the model's canvas needs the torch backend: "
+                         f"fixed-shape graphs need {MIN_GRAPH_SIDE} pixels a side)")
     padded = padded_size(valid_hw, cfg.input.size_divisibility)
     out = make_output_dir(out_dir, "--out")
     was_training = model.training

@@ -105,6 +105,22 @@ def test_bench_keep_canvas_letterboxes_onto_the_configured_canvas(tmp_path, caps
     assert row["canvas"] == "384x640" and row["fps_fixed5"] > 0
 
 
+def test_bench_keep_canvas_thin_letterbox_is_a_row_for_fixed_shape_backends(tmp_path, capsys, monkeypatch):
+    """--keep-canvas with 2000 x 32 frames: letterboxed to 480 x 8 on the 480 x 640 canvas, which
+    the torch backend runs and fixed-shape graphs cannot be exported for. onnxruntime's row says
+    so and the benchmark goes on (the export's ValueError had ended it: no table, no JSON)."""
+    from mpvss_ros.runtime import export
+
+    monkeypatch.setattr(export, "export_onnx", lambda *a, **k: pytest.fail("exported"))
+    out, result = _bench(tmp_path, capsys, monkeypatch, "--sizes", "2000x32", "--backends", "onnxruntime", "torch",
+                         "--keep-canvas", "--e2e-frames", "2")
+    ort, torch_row = result["rows"]
+    assert ort["error"] == ("letterboxed to 480x8 on the model's canvas: fixed-shape graphs need 32 pixels a side "
+                            "(the torch backend runs it)")
+    assert torch_row["backend"] == "torch" and torch_row["key_ms"] > 0
+    assert "| mpvss_lite | 2000x32 | – | onnxruntime |" in out and "| mpvss_lite | 2000x32 | 480x32 | torch |" in out
+
+
 def test_bench_unavailable_backend_is_a_row(tmp_path, capsys, monkeypatch):
     from mpvss_ros.runtime import backend_missing
 
