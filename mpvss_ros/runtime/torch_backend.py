@@ -110,6 +110,36 @@ def run_in_bf16(module: nn.Module, memory_format: torch.memory_format = torch.pr
     module.to(torch.bfloat16, memory_format=memory_format)
     module.register_forward_pre_hook(lambda _m, args: _cast_floats(args, torch.bfloat16))
     module.register_forward_hook(lambda _m, _args, out: _cast_floats(out, torch.float32))
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and conv.stride[1] > 1:
+            conv.register_forward_pre_hook(_one_column_guard_on)
+            conv.register_forward_hook(_one_column_guard_off, always_call=True)  # also when it raises
+
+
+def _one_column_output(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether ``conv`` (horizontal stride > 1, integer padding) gives ``x`` an output one column wide."""
+    (_, k), (_, s), (_, d), pad = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    p = pad[1] if isinstance(pad, tuple) else 0  # a string padding ('valid'; 'same' needs stride 1)
+    return (x.shape[-1] + 2 * p - d * (k - 1) - 1) // s + 1 == 1
+
+
+def _one_column_guard_on(conv: nn.Conv2d, args: tuple[Any, ...]) -> None:
+    """oneDNN's bfloat16 convolution on CPU (torch 2.13) reads memory it never wrote when a
+    convolution with a horizontal stride of 2 or 3 has an output one column wide: the output is
+    whatever that memory held (1e30 after a tensor of 1e30 was freed, NaN after NaNs; a sweep of
+    kernels 3-7, 3-128 input channels, both memory layouts; ``pytorch/pytorch#163347`` and
+    ``#169688`` are the same family). Frames letterboxed to a canvas 32 pixels wide reach it in the
+    backbone, 128 or fewer in the motion encoder. Such a convolution runs with oneDNN off (PyTorch's
+    own bfloat16 kernel, correct and slower); :func:`_one_column_guard_off` turns it back on."""
+    if args and isinstance(args[0], Tensor) and _one_column_output(conv, args[0]) and torch.backends.mkldnn.enabled:
+        torch.backends.mkldnn.enabled = False
+        conv._mpvss_mkldnn_off = True  # type: ignore[assignment]
+
+
+def _one_column_guard_off(conv: nn.Conv2d, _args: tuple[Any, ...], _out: Any) -> None:
+    if getattr(conv, "_mpvss_mkldnn_off", False):
+        torch.backends.mkldnn.enabled = True
+        conv._mpvss_mkldnn_off = False  # type: ignore[assignment]
 
 
 def fold_batch_norms(model: nn.Module) -> int:

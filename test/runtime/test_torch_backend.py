@@ -154,6 +154,36 @@ def test_run_in_bf16_keeps_a_float32_interface():
     torch.testing.assert_close(out["y"], expected, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.skipif(bf16_missing() is not None, reason=f"{bf16_missing()}")
+@pytest.mark.parametrize("stride, width", [(2, 1), (2, 2), (3, 3), (2, 5)])
+def test_bf16_strided_convolutions_one_column_wide_read_only_their_input(stride, width):
+    """oneDNN's bfloat16 convolution with a horizontal stride > 1 and an output one column wide
+    (a thin frame's letterbox in the backbone or the motion encoder) returned whatever the memory
+    it wrote to held: here freed tensors of 1e30 (NaN in the helper's run, caught as
+    NonFiniteOutputError; other garbage would have been labels). Such convolutions run without
+    oneDNN; wider ones keep it, and oneDNN is on again afterwards, also when one raises."""
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, stride, 1), torch.nn.ReLU(), torch.nn.Conv2d(64, 32, 3, stride, 1))
+    reference = [torch.nn.Conv2d(64, 64, 3, stride, 1), torch.nn.Conv2d(64, 32, 3, stride, 1)]
+    reference[0].load_state_dict(seq[0].state_dict())
+    reference[1].load_state_dict(seq[2].state_dict())
+    run_in_bf16(seq, torch.channels_last)
+    assert torch.backends.mkldnn.enabled
+    for _ in range(5):
+        junk = [torch.full((1 << 16,), 1e30, dtype=torch.bfloat16) for _ in range(20)]
+        del junk
+        x = torch.randn(1, 64, 15, width)
+        with torch.inference_mode():
+            out = seq(x)
+            expected = reference[1](torch.relu(reference[0](x)))
+        assert out.dtype == torch.float32 and out.shape == expected.shape
+        assert float((out - expected).abs().max()) < 0.05 * float(expected.abs().max()), "bfloat16 rounding only"
+        assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError):
+        seq(torch.randn(1, 3, 15, 1))  # the wrong number of channels: the first convolution raises
+    assert torch.backends.mkldnn.enabled
+
+
 def _batch_norms(module: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
     return [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
