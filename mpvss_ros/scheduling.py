@@ -87,6 +87,7 @@ __all__ = [
     "AdaptiveScheduler",
     "parse_schedule",
     "schedule_key_frames",
+    "StampGaps",
     "DEFAULT_CUT_THRESHOLD",
 ]
 
@@ -396,6 +397,34 @@ class AdaptiveScheduler(KeyFrameScheduler):
 
     def __repr__(self) -> str:
         return f"adaptive:{self.scene_threshold:g}"
+
+
+class StampGaps:
+    """Gaps in a stream's stamps, measured between the messages received, not between the frames
+    segmented: the node and ``mpvss bag`` note every message's stamp here and, on a gap, reset the
+    engine (reason ``time_gap``) before the next frame they segment; their schedulers' own
+    ``max_gap_s`` is off. A node slower than its camera (a large model on a CPU: one frame in 40
+    segmented) would otherwise see a gap between any two frames it gets to, and a skipped message
+    (undecodable, too large) would make the next one a key frame.
+
+    Not thread-safe: the node calls it under its own lock.
+    """
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+        self._gap = False
+
+    def note(self, stamp: float, max_gap_s: float) -> None:
+        """Note a received message's stamp (seconds): more than ``max_gap_s`` after the previous
+        one (``math.inf``: never) is a gap, pending until :meth:`take`."""
+        last, self._last = self._last, stamp
+        if last is not None and stamp - last > max_gap_s:
+            self._gap = True
+
+    def take(self) -> bool:
+        """Whether a gap is pending; clears it (the frame about to be segmented consumes it)."""
+        gap, self._gap = self._gap, False
+        return gap
 
 
 def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarray], fps: float) -> list[int]:

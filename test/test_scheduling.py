@@ -494,3 +494,18 @@ def test_decision_invariants(steps, policy, resets):
         if (dt < 0 or dt > 1.0) and i > 0 and i not in resets:
             assert d.is_key_frame and d.reason in ("time_backwards", "time_gap", "resolution_change")
         prev_shape = frame.shape
+
+
+def test_stamp_gaps_are_measured_between_the_stamps_noted():
+    from mpvss_ros.scheduling import StampGaps
+
+    gaps = StampGaps()
+    for t in (0.0, 0.6, 1.2, 1.8):
+        gaps.note(t, 1.0)
+    assert not gaps.take()
+    gaps.note(3.0, 1.0)  # 1.2 s after the last one noted
+    gaps.note(3.1, 1.0)
+    assert gaps.take() and not gaps.take()  # pending until taken, once
+    gaps.note(2.0, 1.0)  # backwards: no gap (the scheduler keys time_backwards)
+    gaps.note(100.0, math.inf)
+    assert not gaps.take()

@@ -34,7 +34,9 @@ uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import re
 import shutil
 import time
@@ -49,6 +51,7 @@ from tqdm import tqdm
 from ..config import default_class_names
 from ..model_loader import LoadedModel
 from ..offline import EngineFailures, EngineOptions, RunStats, check_frame_limits, terminate_unwinds
+from ..scheduling import StampGaps
 from ..segmenter import FrameError, NonFiniteOutputError
 from ..viz import make_palette
 from .conversions import (
@@ -148,6 +151,15 @@ class BagOptions(EngineOptions):
             raise ValueError("autoware_class_ids (--autoware-class-ids) needs autoware_mask (--autoware-mask), the "
                              "output it maps the classes for")
         check_autoware_class_ids(self.autoware_class_ids, "autoware_class_ids (--autoware-class-ids)")
+
+
+def _run_settings(options: BagOptions, loaded: LoadedModel, segmenter: Any) -> dict[str, Any]:
+    """``options.run_settings`` with the ``max_gap_s`` the run applied to the messages' stamps
+    (its scheduler's own is off)."""
+    settings = options.run_settings(loaded, segmenter)
+    gap = options.max_gap_s
+    settings["schedule_settings"] = {**settings["schedule_settings"], "max_gap_s": gap if math.isfinite(gap) else None}
+    return settings
 
 
 def _opt(options: EngineOptions, name: str) -> Any:
@@ -534,7 +546,10 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
     alpha = float(_opt(options, "alpha"))
 
     cfg = loaded.config
-    segmenter = options.build_segmenter(loaded, backend)
+    # max_gap_s between the stamps of the messages read, as the node measures it (StampGaps), not
+    # between the frames segmented: a skipped message made the next one a time_gap key frame
+    segmenter = dataclasses.replace(options, max_gap_s=math.inf).build_segmenter(loaded, backend)
+    gaps = StampGaps()
     palette = make_palette(cfg.num_classes, cfg.palette or None)
     class_names = list(cfg.class_names) if len(cfg.class_names) == cfg.num_classes else default_class_names(cfg.num_classes)
     try:
@@ -601,8 +616,12 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                         skip("deserialize", index, stamp_ns, exc)
                         continue
                     try:
+                        stamp = stamp_to_seconds(msg.header.stamp)
+                        gaps.note(stamp, options.max_gap_s)
                         rgb = decode(msg, max_pixels)
-                        result = segmenter.push(rgb, stamp_to_seconds(msg.header.stamp), source=msg.header.frame_id)
+                        if gaps.take():  # consumed by this frame, segmented or not, as in the node
+                            segmenter.reset("time_gap")
+                        result = segmenter.push(rgb, stamp, source=msg.header.frame_id)
                     except ConversionError as exc:
                         skip("conversion", index, stamp_ns, exc)
                         continue
@@ -644,7 +663,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         "msgtype": msgtype,
         "storage": storage,
         "namespace": normalize_namespace(namespace),
-        **options.run_settings(loaded, segmenter),
+        **_run_settings(options, loaded, segmenter),
         "frames": frames,
         "written": len(run_stats),
         "skipped": sum(skipped.values()),

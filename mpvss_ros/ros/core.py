@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 from ..config import default_class_names
 from ..model_loader import LoadedModel
+from ..scheduling import StampGaps
 from ..segmenter import FrameError, Letterbox, VideoSegmenter
 from .parameters import NodeConfig, palette_to_rgb
 
@@ -233,7 +234,8 @@ def build_scheduler(config: NodeConfig) -> Any:
 
     Its own ``max_gap_s`` is off: it would measure gaps between the frames the node segments,
     which on a node slower than its camera are long however steady the input. ``max_gap_s`` is
-    applied by :class:`SegmentationCore` to the stamps of all received messages instead."""
+    applied by :class:`SegmentationCore` to the stamps of all received messages instead
+    (:class:`~mpvss_ros.scheduling.StampGaps`)."""
     from ..scheduling import AdaptiveScheduler, FixedIntervalScheduler
 
     if config.schedule == "adaptive":
@@ -390,8 +392,7 @@ class SegmentationCore:
         self._reset_requested = False
         self._pending_engine: dict[str, Any] = {}  # "scheduler"/"propagator" from reconfigure, for the worker
         self._key_frame_stamp: Any = None  # the last output's key_frame_stamp (builtin_interfaces/Time)
-        self._last_input_stamp: float | None = None  # the last received message's stamp (seconds)
-        self._input_gap = False  # a gap of more than max_gap_s between received stamps, not yet segmented
+        self._input_gaps = StampGaps()  # max_gap_s between received stamps (guarded by _lock)
         self.counters: Counter[str] = Counter({k: 0 for k in (
             "received", "processed", "published", "dropped_stale", "dropped_replaced",
             "dropped_disabled", "skipped_decode", "skipped_frame", "errors", "key_frames")})
@@ -491,9 +492,7 @@ class SegmentationCore:
         except Exception:  # noqa: BLE001 - process() skips it and says why
             return
         with self._lock:
-            last, self._last_input_stamp = self._last_input_stamp, stamp
-            if last is not None and stamp - last > self.config.max_gap_s:
-                self._input_gap = True
+            self._input_gaps.note(stamp, self.config.max_gap_s)
 
     def note_replaced(self) -> None:
         """Count one message replaced in the slot before it was processed (``on_replaced``)."""
@@ -588,7 +587,7 @@ class SegmentationCore:
 
         masks = want_class_masks and cfg.publish_class_masks
         with self._lock:
-            gap, self._input_gap = self._input_gap, False
+            gap = self._input_gaps.take()
         if gap and not reset:  # consumed by this frame, segmented or not: the engine is reset either way
             self.segmenter.reset("time_gap")  # (after a requested reset or re-enable, reason ``reset``)
         try:

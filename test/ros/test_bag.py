@@ -460,6 +460,33 @@ def test_a_new_frame_id_forces_a_key_frame(ts, tmp_path, frames, band_loaded):
     assert summary["key_frames"] == 2 and summary["key_frame_reasons"] == {"first": 1, "frame_id_change": 1}
 
 
+def test_max_gap_s_counts_gaps_between_the_messages_read_as_the_node_does(ts, tmp_path, frames, band_loaded):
+    """Messages 0.6 s apart, one of them undecodable: no gap (the node's core measures max_gap_s
+    between received messages, StampGaps); the bag measured it between the frames it segmented and
+    made the frame after the skipped one a time_gap key frame. A real gap still keys the next frame,
+    also when the message after it is skipped, and the summary states the max_gap_s applied."""
+    step = 600_000_000
+    s = [1_700_000_000_000_000_000 + i * step for i in range(5)] + [1_700_000_000_000_000_000 + 6 * step]
+    depth = ts.types[IMAGE](header=header(ts, s[2]), height=4, width=4, encoding="32FC1", is_bigendian=0, step=16,
+                            data=np.zeros(64, np.uint8))
+    late = ts.types[IMAGE](header=header(ts, s[4] + 3 * step), height=4, width=4, encoding="32FC1", is_bigendian=0,
+                           step=16, data=np.zeros(64, np.uint8))
+    entries = [(TOPIC, IMAGE, s[0], raw_image(ts, frames[0], s[0])),
+               (TOPIC, IMAGE, s[1], raw_image(ts, frames[1], s[1])),
+               (TOPIC, IMAGE, s[2], depth),                                  # skipped: 1.2 s between segmented frames
+               (TOPIC, IMAGE, s[3], raw_image(ts, frames[2], s[3])),
+               (TOPIC, IMAGE, s[4], raw_image(ts, frames[3], s[4])),
+               (TOPIC, IMAGE, s[4] + 3 * step, late),                        # 1.8 s later, skipped too
+               (TOPIC, IMAGE, s[5] + 3 * step, raw_image(ts, frames[4], s[5] + 3 * step))]
+    write_bag(ts, tmp_path / "in", "sqlite3", entries)
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(schedule="fixed:100", propagator="copy", progress=False))
+    infos = [m for _, m, _ in read_bag(ts, tmp_path / "out")["/mpvss/info"]]
+    assert [i.key_frame_reason for i in infos] == ["first", "", "", "", "time_gap"]
+    assert summary["skipped_by_reason"] == {"conversion": 2}
+    assert summary["schedule_settings"]["max_gap_s"] == 1.0
+
+
 def test_topic_without_messages_is_refused_before_any_output(ts, tmp_path, lite):
     with Writer(tmp_path / "in", version=9) as writer:
         writer.add_connection(TOPIC, IMAGE, typestore=ts)
