@@ -131,17 +131,27 @@ def _frames(bikes_frames, lite, idx):
     return [canvas_tensor(bikes_frames[i], lb) for i in idx], lb
 
 
-def test_chained_query_flow_is_the_composition_of_the_models_frame_to_frame_flows(lite, bikes_frames):
+@pytest.mark.parametrize("normalization", ["exact", "mmtrack"])
+def test_chained_query_flow_is_the_composition_of_the_models_frame_to_frame_flows(lite, bikes_frames, monkeypatch,
+                                                                                  normalization):
+    """Chained query flow warps with the composition of the frame-to-frame flows, composed in the
+    model's own warp normalisation: ``mmtrack`` (the official checkpoints') on the 72 x 160 mask
+    grid of a ``bikes.mp4`` frame's 288 x 640 canvas (its height and width told apart)."""
     (f0, f1, f2, f3), lb = _frames(bikes_frames, lite, (0, 2, 4, 6))
     m = lite.model
+    monkeypatch.setattr(m, "warp_normalization", normalization)
+    monkeypatch.setattr(m.cfg.input, "warp_normalization", normalization)
     with torch.inference_mode():
         key = m.segment_key_frame(f0, lb.resized_hw)
         chained, direct = QueryFlowPropagator(m), QueryFlowPropagator(m, chain_flow=False)
         # the first frame after the key frame: one link, the same as the direct flow
         torch.testing.assert_close(chained.propagate(key, f1), direct.propagate(key, f1), atol=0, rtol=0)
         got2, got3 = chained.propagate(key, f2), chained.propagate(key, f3)
-        flow = compose_flows(compose_flows(m.query_flows(key, f1), m.query_flows(key, f2, f1)), m.query_flows(key, f3, f2))
-        torch.testing.assert_close(got3, warp_mask_logits(key.mask_logits, flow, m.warp_normalization), atol=1e-5, rtol=0)
+        mask_hw = tuple(key.mask_logits.shape[-2:])
+        assert mask_hw == (72, 160)
+        flow = compose_flows(compose_flows(m.query_flows(key, f1), m.query_flows(key, f2, f1), normalization, mask_hw),
+                             m.query_flows(key, f3, f2), normalization, mask_hw)
+        torch.testing.assert_close(got3, warp_mask_logits(key.mask_logits, flow, normalization), atol=1e-5, rtol=0)
         assert not torch.allclose(got2, direct.propagate(key, f2), atol=1e-3)  # chaining changed something
         # a new key state restarts the chain: again the direct flow
         key2 = m.segment_key_frame(f2, lb.resized_hw)

@@ -100,6 +100,16 @@ def test_hungarian_batch_and_empty_targets():
         HungarianMatcher(0, 0, 0)
 
 
+@pytest.mark.parametrize("where, value", [("class", float("nan")), ("mask", float("nan")), ("mask", float("inf"))])
+def test_a_non_finite_cost_is_refused(where, value):
+    """NaN logits (a diverged step) would make scipy's solver raise its own error or assign at
+    random: the matcher names the cause (documented: ValueError on a non-finite cost)."""
+    cls, msk, tgts = _random_case(0)
+    (cls if where == "class" else msk)[0, 1].view(-1)[0] = value
+    with pytest.raises(ValueError, match="matching cost is not finite"):
+        HungarianMatcher(num_points=64)(cls, msk, tgts, generator=torch.Generator().manual_seed(0))
+
+
 def test_default_costs_are_the_spec_weights():
     # Spec section 3.4: C = 2 * class + 5 * BCE + 5 * dice on 112^2 points.
     m = HungarianMatcher()
