@@ -5,7 +5,7 @@
 
 Sweeps ``nn.Conv2d`` in bfloat16 (input channels 3 / 64 / 128, output channels 64 / 128, kernels
 1 / 3 / 5 / 7 with padding k // 2, horizontal and vertical strides 1-3, input widths 1-8, heights
-4 and 15, channels-last and NCHW). Before each case the allocator gets freed tensors of 1e30, so
+4 and 15, channels-last and NCHW), and depthwise ones (16-144 channels, kernels 3 / 5, strides 2-3). Before each case the allocator gets freed tensors of 1e30, so
 a kernel that writes less than its whole output shows it. Each output is compared with the same
 convolution with oneDNN off (PyTorch's own bfloat16 kernel); a case is wrong when they differ by
 1 or more. Prints the wrong cases counted by (stride, output width), then whether
@@ -69,6 +69,21 @@ def main() -> int:
     for (s, ow), n in sorted(by_shape.items()):
         print(f"  stride {s}, output width {ow}: {n}")
     print(f"with run_in_bf16's guard: {still_wrong} wrong")
+    dw_cases = dw_wrong = 0  # depthwise (MobileNetV2's strided convolutions), the guard not needed
+    for c, k, s, w, h, name in itertools.product((16, 32, 96, 144), (3, 5), (2, 3), range(1, 9), (4, 15), layouts):
+        p = k // 2
+        if (w + 2 * p - (k - 1) - 1) // s + 1 < 1:
+            continue
+        dw_cases += 1
+        conv = torch.nn.Conv2d(c, c, k, s, p, groups=c).to(torch.bfloat16, memory_format=layouts[name])
+        x = torch.randn(1, c, h, w).to(torch.bfloat16).contiguous(memory_format=layouts[name])
+        with torch.inference_mode():
+            _fill_freed_memory()
+            out = conv(x).float()
+            with torch.backends.mkldnn.flags(enabled=False):
+                ref = conv(x).float()
+        dw_wrong += not float((out - ref).abs().max()) < 1.0
+    print(f"depthwise (groups = channels), strides 2-3, widths 1-8: {dw_wrong} of {dw_cases} wrong with oneDNN")
     conv, x = torch.nn.Conv2d(64, 96, 3, 2, 1), torch.randn(1, 64, 60, 80)
     n = 20000
     t = min(timeit.repeat(lambda: (_one_column_guard_on(conv, (x,)), _one_column_guard_off(conv, (x,), None)),

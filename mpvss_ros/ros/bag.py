@@ -153,7 +153,7 @@ class BagOptions(EngineOptions):
         check_autoware_class_ids(self.autoware_class_ids, "autoware_class_ids (--autoware-class-ids)")
 
 
-def _run_settings(options: BagOptions, loaded: LoadedModel, segmenter: Any) -> dict[str, Any]:
+def _run_settings(options: EngineOptions, loaded: LoadedModel, segmenter: Any) -> dict[str, Any]:
     """``options.run_settings`` with the ``max_gap_s`` the run applied to the messages' stamps
     (its scheduler's own is off)."""
     settings = options.run_settings(loaded, segmenter)

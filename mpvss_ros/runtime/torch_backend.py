@@ -126,11 +126,13 @@ def _one_column_output(conv: nn.Conv2d, x: Tensor) -> bool:
 def _one_column_guard_on(conv: nn.Conv2d, args: tuple[Any, ...]) -> None:
     """oneDNN's bfloat16 convolution on CPU (torch 2.13) reads memory it never wrote when a
     convolution with a horizontal stride of 2 or 3 has an output one column wide: the output is
-    whatever that memory held (1e30 after a tensor of 1e30 was freed, NaN after NaNs; a sweep of
-    kernels 3-7, 3-128 input channels, both memory layouts; ``pytorch/pytorch#163347`` and
-    ``#169688`` are the same family). Frames letterboxed to a canvas 32 pixels wide reach it in the
-    backbone, 128 or fewer in the motion encoder. Such a convolution runs with oneDNN off (PyTorch's
-    own bfloat16 kernel, correct and slower); :func:`_one_column_guard_off` turns it back on."""
+    whatever that memory held (1e30 after a tensor of 1e30 was freed, NaN after NaNs;
+    ``scripts/bf16_one_column_convs.py``: kernels 3-7, 3-128 input channels, both memory layouts;
+    depthwise ones are right; ``pytorch/pytorch#163347`` and ``#169688`` are the same family).
+    Frames letterboxed to a canvas 128 pixels wide or less reach it in the motion encoder (at its
+    input scale 1/2), 32 pixels wide in ResNet-50's backbone. Such a convolution runs with oneDNN
+    off (PyTorch's own bfloat16 kernel, correct and slower); :func:`_one_column_guard_off` turns it
+    back on."""
     if args and isinstance(args[0], Tensor) and _one_column_output(conv, args[0]) and torch.backends.mkldnn.enabled:
         torch.backends.mkldnn.enabled = False
         conv._mpvss_mkldnn_off = True  # type: ignore[assignment]
