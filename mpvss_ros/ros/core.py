@@ -505,6 +505,13 @@ class SegmentationCore:
         """A :class:`LatestSlot` whose puts and replacements are counted by this core."""
         return LatestSlot(on_put=self.note_received, on_replaced=self.note_replaced, clock=self.clock)
 
+    def note_dropped_disabled(self) -> None:
+        """Count one message dropped because segmentation stopped: taken or left in the slot as
+        the worker stopped (deactivate, shutdown). :meth:`process` counts those that arrive while
+        disabled; so every received message is counted once more, as processed, dropped or skipped."""
+        with self._lock:
+            self.counters["dropped_disabled"] += 1
+
     def record_published(self) -> None:
         """Count one frame whose outputs were published: the output rate, the "no output" timer
         and the share of failed frames count published frames (a frame whose publishing fails
@@ -814,17 +821,25 @@ class Worker:
 
     def stop(self, timeout: float | None = 10.0) -> bool:
         """Ask the thread to finish (after the frame in hand, whose outputs are then not
-        published) and wait up to ``timeout`` seconds (None: no limit). True when it ended."""
+        published) and wait up to ``timeout`` seconds (None: no limit). True when it ended; a
+        message still in the slot then is counted as dropped (``dropped_disabled``)."""
         self._stop.set()
         self.slot.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            return False
+        while self.slot.take(0) is not None:  # closed: returns what is left without waiting
+            self.core.note_dropped_disabled()
+        return True
 
     def _run(self) -> None:
         while not self._stop.is_set():
             taken = self.slot.take_timed(self.poll_s)
-            if taken is None or self._stop.is_set():
+            if taken is None:
+                continue
+            if self._stop.is_set():  # taken as the worker stops: dropped, not segmented
+                self.core.note_dropped_disabled()
                 continue
             msg, received_at = taken
             try:

@@ -449,6 +449,17 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
                     f"parameter '{fixed[0]}' is read at configure: deactivate and clean up the node first"))
         return self._on_set_parameters(parameters)
 
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        """As the plain node's, but refused while inactive (configured, not activated): nothing is
+        subscribed, so it enabled nothing and turned /diagnostics from OK "disabled" into WARN
+        "no output". ``activate`` enables segmentation."""
+        if request.data and self._sub is None:
+            response.success = False
+            response.message = "the node is inactive: activate it to segment (lifecycle transition 'activate')"
+            self.get_logger().warning(response.message)
+            return response
+        return super()._on_enable(request, response)
+
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             self._build(self.create_lifecycle_publisher, self.destroy_lifecycle_publisher)

@@ -879,6 +879,34 @@ def test_worker_stopped_during_a_frame_publishes_nothing_of_it(band_loaded, type
     assert core.counters["processed"] == 1 and published == [] and core.counters["published"] == 0
 
 
+def test_messages_a_stopping_worker_leaves_are_counted_as_dropped(band_loaded, types):
+    """A deactivate while a message waits in the slot: it was counted as received and then
+    nowhere (a helper's 20 activate/deactivate cycles at 30 Hz left 9 unaccounted). Now it is
+    dropped_disabled, so received = processed + dropped + skipped + errors after every stop."""
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    slot = core.make_slot()
+    entered, release = threading.Event(), threading.Event()
+    real_push = core.segmenter.push
+
+    def slow_push(*args, **kwargs):
+        entered.set()
+        release.wait(10.0)
+        return real_push(*args, **kwargs)
+
+    core.segmenter.push = slow_push
+    worker = Worker(slot, core, lambda out, li: None, poll_s=0.05).start()
+    slot.put(image_msg(types, frame(), 1.0))
+    assert entered.wait(5.0)
+    slot.put(image_msg(types, frame(), 1.1))  # waits in the slot while the worker is in the frame
+    assert worker.stop(timeout=0.1) is False  # still in the frame: nothing counted yet
+    release.set()
+    assert worker.stop(timeout=5.0)
+    c = core.counters
+    assert c["received"] == 2 and c["processed"] == 1 and c["dropped_disabled"] == 1
+    assert c["received"] == c["processed"] + sum(v for k, v in c.items() if k.startswith(("dropped", "skipped"))) + c["errors"]
+    assert worker.stop() and c["dropped_disabled"] == 1  # idempotent: nothing counted twice
+
+
 def test_worker_passes_the_node_clock_for_the_age_check(band_loaded, types):
     core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.5}), band_loaded, types)
     slot = core.make_slot()

@@ -286,6 +286,12 @@ def test_lifecycle_inactive_after_configure_is_not_a_diagnostics_warning(node_mo
         assert node.trigger_configure() == fr.TransitionCallbackReturn.SUCCESS
         status = node.core.diagnostic_status(now=time.monotonic() + 30)  # 30 s inactive
         assert status.level_name == "OK", status.message
+        # ~/enable true while inactive enabled nothing but turned /diagnostics to WARN "no output"
+        enable = node.services[f"{NODE}/enable"][1]
+        reply = enable(fr.SetBool.Request(True), fr.SetBool.Response())
+        assert not reply.success and "inactive" in reply.message and not node.core.enabled
+        assert node.core.diagnostic_status(now=time.monotonic() + 30).level_name == "OK"
+        assert enable(fr.SetBool.Request(False), fr.SetBool.Response()).success  # off stays off: no harm
         assert node.trigger_activate() == fr.TransitionCallbackReturn.SUCCESS
         assert node.core.enabled
         status = node.core.diagnostic_status(now=time.monotonic() + 1)  # the no-output timer starts at activate
