@@ -389,6 +389,7 @@ class SegmentationCore:
 
         self._lock = threading.Lock()
         self._enabled = True
+        self._resume_hint = ""
         self._reset_requested = False
         self._pending_engine: dict[str, Any] = {}  # "scheduler"/"propagator" from reconfigure, for the worker
         self._key_frame_stamp: Any = None  # the last output's key_frame_stamp (builtin_interfaces/Time)
@@ -419,14 +420,17 @@ class SegmentationCore:
         """Whether inference is on (:meth:`set_enabled`)."""
         return self._enabled
 
-    def set_enabled(self, enabled: bool) -> bool:
+    def set_enabled(self, enabled: bool, resume_hint: str = "call ~/enable to resume") -> bool:
         """Switch inference on or off. Returns the previous state.
 
         Re-enabling resets the engine (the first frame after is a key frame, reason ``reset``).
+        ``resume_hint`` ends /diagnostics' "disabled (...)" line while off (the lifecycle node's:
+        activate it).
         """
         with self._lock:
             before = self._enabled
             self._enabled = bool(enabled)
+            self._resume_hint = resume_hint
             if enabled and not before:
                 self._reset_requested = True
                 self._since = self.clock()
@@ -726,6 +730,7 @@ class SegmentationCore:
             c = dict(self.counters)
             reasons = dict(self.key_frame_reasons)
             enabled = self._enabled
+            resume_hint = self._resume_hint
             problem = self._last_problem
 
         def fmt(x: float, digits: int = 1) -> str:
@@ -754,7 +759,7 @@ class SegmentationCore:
             values.append(("last problem", problem))
 
         if not enabled:
-            return DiagnosticSummary(OK, "disabled (call ~/enable to resume)", values)
+            return DiagnosticSummary(OK, f"disabled ({resume_hint})", values)
         if s["failures"] > 0 and s["outputs"] == 0:
             return DiagnosticSummary(ERROR, f"every frame failed in the last {self.window_s:g} s: {problem}", values)
         warnings = []

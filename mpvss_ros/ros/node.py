@@ -104,6 +104,8 @@ _OVERRIDES = QoSOverridingOptions.with_default_policies()
 #: Seconds to wait for the worker thread to finish its frame when the input stops (deactivate,
 #: cleanup, shutdown) and again before a new one starts.
 _WORKER_STOP_S = 10.0
+#: /diagnostics' "disabled (...)" hint of an inactive lifecycle node (its ~/enable is refused then).
+_INACTIVE = "inactive: activate the node to resume"
 
 
 def _create_entity(node: Node, create, msg_type: type, topic: str, *args, **kwargs):
@@ -467,7 +469,7 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
             self.get_logger().error(f"cannot configure: {_describe(exc)}")
             self._teardown()
             return TransitionCallbackReturn.FAILURE
-        self.core.set_enabled(False)  # inactive: /diagnostics OK "disabled" until activate, as after deactivate
+        self.core.set_enabled(False, _INACTIVE)  # /diagnostics OK "disabled" until activate, as after deactivate
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -481,7 +483,7 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
             self._announce()
         except Exception as exc:  # noqa: BLE001 - e.g. a refused qos_overrides value for the input
             self.get_logger().error(f"cannot activate: {_describe(exc)}")
-            self.core.set_enabled(False)  # inactive again: /diagnostics OK "disabled", not WARN "no output"
+            self.core.set_enabled(False, _INACTIVE)  # /diagnostics OK "disabled", not WARN "no output"
             self._stop_input()
             super().on_deactivate(state)
             return TransitionCallbackReturn.FAILURE
@@ -489,7 +491,7 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_input()
-        self.core.set_enabled(False)  # /diagnostics: OK "disabled", not a WARN for missing output
+        self.core.set_enabled(False, _INACTIVE)  # /diagnostics: OK "disabled", not a WARN for missing output
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:

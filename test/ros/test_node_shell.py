@@ -290,7 +290,8 @@ def test_lifecycle_inactive_after_configure_is_not_a_diagnostics_warning(node_mo
         enable = node.services[f"{NODE}/enable"][1]
         reply = enable(fr.SetBool.Request(True), fr.SetBool.Response())
         assert not reply.success and "inactive" in reply.message and not node.core.enabled
-        assert node.core.diagnostic_status(now=time.monotonic() + 30).level_name == "OK"
+        status = node.core.diagnostic_status(now=time.monotonic() + 30)
+        assert status.level_name == "OK" and status.message == "disabled (inactive: activate the node to resume)"
         assert enable(fr.SetBool.Request(False), fr.SetBool.Response()).success  # off stays off: no harm
         assert node.trigger_activate() == fr.TransitionCallbackReturn.SUCCESS
         assert node.core.enabled
