@@ -31,6 +31,20 @@ def _fill_freed_memory() -> None:
     del junk
 
 
+def _with_and_without_onednn(conv: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv(x)`` as float32 with oneDNN (freed memory filled first) and with it off."""
+    with torch.inference_mode():
+        _fill_freed_memory()
+        out = conv(x).float()
+        with torch.backends.mkldnn.flags(enabled=False):
+            ref = conv(x).float()
+    return out, ref
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not float((a - b).abs().max()) < 1.0
+
+
 def main() -> int:
     if bf16_missing() is not None:
         print(f"bf16 is not available here: {bf16_missing()}", file=sys.stderr)
@@ -50,12 +64,8 @@ def main() -> int:
         cases += 1
         conv = torch.nn.Conv2d(cin, cout, k, s, p).to(torch.bfloat16, memory_format=layouts[name])
         x = torch.randn(1, cin, h, w).to(torch.bfloat16).contiguous(memory_format=layouts[name])
-        with torch.inference_mode():
-            _fill_freed_memory()
-            out = conv(x).float()
-            with torch.backends.mkldnn.flags(enabled=False):
-                ref = conv(x).float()
-        if not float((out - ref).abs().max()) < 1.0:
+        out, ref = _with_and_without_onednn(conv, x)
+        if _differs(out, ref):
             wrong += 1
             by_shape[(s, ow)] += 1
             guarded = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, k, s, p))
@@ -63,8 +73,7 @@ def main() -> int:
             run_in_bf16(guarded, layouts[name])
             with torch.inference_mode():
                 _fill_freed_memory()
-                if not float((guarded(x.float()) - ref).abs().max()) < 1.0:
-                    still_wrong += 1
+                still_wrong += _differs(guarded(x.float()), ref)
     print(f"torch {torch.__version__}: {wrong} of {cases} bfloat16 convolutions wrong with oneDNN")
     for (s, ow), n in sorted(by_shape.items()):
         print(f"  stride {s}, output width {ow}: {n}")
@@ -77,12 +86,7 @@ def main() -> int:
         dw_cases += 1
         conv = torch.nn.Conv2d(c, c, k, s, p, groups=c).to(torch.bfloat16, memory_format=layouts[name])
         x = torch.randn(1, c, h, w).to(torch.bfloat16).contiguous(memory_format=layouts[name])
-        with torch.inference_mode():
-            _fill_freed_memory()
-            out = conv(x).float()
-            with torch.backends.mkldnn.flags(enabled=False):
-                ref = conv(x).float()
-        dw_wrong += not float((out - ref).abs().max()) < 1.0
+        dw_wrong += _differs(*_with_and_without_onednn(conv, x))
     print(f"depthwise (groups = channels), strides 2-3, widths 1-8: {dw_wrong} of {dw_cases} wrong with oneDNN")
     conv, x = torch.nn.Conv2d(64, 96, 3, 2, 1), torch.randn(1, 64, 60, 80)
     n = 20000

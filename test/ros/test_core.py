@@ -856,12 +856,11 @@ def test_worker_stop_is_prompt_when_idle_and_survives_publish_errors(band_loaded
     assert worker.stop()  # idempotent
 
 
-def test_worker_stopped_during_a_frame_publishes_nothing_of_it(band_loaded, types):
-    """stop() whose wait runs out (a frame longer than the wait): the frame finishes, but its
-    outputs are not published (the node's publishers may be deactivated or destroyed by then)."""
+def _core_with_a_held_frame(band_loaded, types) -> tuple[SegmentationCore, threading.Event, threading.Event]:
+    """A core whose segmenter holds each frame until ``release`` is set, signalling ``entered``
+    when it starts one (a frame longer than a worker's stop wait)."""
     core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
-    slot = core.make_slot()
-    entered, release, published = threading.Event(), threading.Event(), []
+    entered, release = threading.Event(), threading.Event()
     real_push = core.segmenter.push
 
     def slow_push(*args, **kwargs):
@@ -870,6 +869,14 @@ def test_worker_stopped_during_a_frame_publishes_nothing_of_it(band_loaded, type
         return real_push(*args, **kwargs)
 
     core.segmenter.push = slow_push
+    return core, entered, release
+
+
+def test_worker_stopped_during_a_frame_publishes_nothing_of_it(band_loaded, types):
+    """stop() whose wait runs out (a frame longer than the wait): the frame finishes, but its
+    outputs are not published (the node's publishers may be deactivated or destroyed by then)."""
+    core, entered, release = _core_with_a_held_frame(band_loaded, types)
+    slot, published = core.make_slot(), []
     worker = Worker(slot, core, lambda out, li: published.append(out), poll_s=0.05).start()
     slot.put(image_msg(types, frame(), 1.0))
     assert entered.wait(5.0)
@@ -883,17 +890,8 @@ def test_messages_a_stopping_worker_leaves_are_counted_as_dropped(band_loaded, t
     """A deactivate while a message waits in the slot: it was counted as received and then
     nowhere (a helper's 20 activate/deactivate cycles at 30 Hz left 9 unaccounted). Now it is
     dropped_disabled, so received = processed + dropped + skipped + errors after every stop."""
-    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    core, entered, release = _core_with_a_held_frame(band_loaded, types)
     slot = core.make_slot()
-    entered, release = threading.Event(), threading.Event()
-    real_push = core.segmenter.push
-
-    def slow_push(*args, **kwargs):
-        entered.set()
-        release.wait(10.0)
-        return real_push(*args, **kwargs)
-
-    core.segmenter.push = slow_push
     worker = Worker(slot, core, lambda out, li: None, poll_s=0.05).start()
     slot.put(image_msg(types, frame(), 1.0))
     assert entered.wait(5.0)
