@@ -609,16 +609,15 @@ def _read_rgb(file: Path, max_pixels: int | None = None, limit_name: str = DEFAU
     if is_jpeg(data):
         try:
             return decode_jpeg(data, check_size=check_size, apply_orientation=True)
-        except JpegError as exc:
+        except JpegError as exc:  # decode_jpeg hands a header its strict probe cannot read to OpenCV itself
             raise _Skipped(f"skipping corrupt JPEG {file}: {exc}") from None
-    else:
-        size = png_size(data)
-        if size is not None:
-            check_size(*size)
-            damage = png_damage(data)
-            if damage is not None:
-                raise _Skipped(f"skipping damaged PNG {file}: {damage}")
-    try:
+    size = png_size(data)
+    if size is not None:
+        check_size(*size)
+        damage = png_damage(data)
+        if damage is not None:
+            raise _Skipped(f"skipping damaged PNG {file}: {damage}")
+    try:  # PNG and the formats OpenCV reads besides (BMP, TIFF)
         img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
     except cv2.error as exc:
         raise _Skipped(f"skipping unreadable image {file}: {exc}") from None
