@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import re
 import logging
@@ -105,6 +106,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OPSET = 17
+#: ``torch.onnx.export`` keywords that pick the TorchScript exporter: ``dynamo=False`` where the
+#: keyword exists (torch 2.5.1 has it with default False, 2.13.0 with default True); torch 2.1.2
+#: has no such keyword and only the TorchScript exporter.
+_TORCHSCRIPT_EXPORTER = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 #: Version of the directory layout and contract; part of the export cache key.
 CONTRACT_FORMAT = "mpvss_ros.onnx/1"
 KEY_FRAME_FILE = "key_frame.onnx"
@@ -495,11 +500,11 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
             warnings.simplefilter("ignore")  # TracerWarnings: shapes become constants, by design
             image, cls, masks, queries = _example_inputs(model, valid_hw, padded)
             torch.onnx.export(KeyFrameGraph(model, valid_hw).eval(), (image,), str(key_path), opset_version=OPSET,
-                              dynamo=False, input_names=list(KEY_INPUTS), output_names=list(KEY_OUTPUTS),
+                              **_TORCHSCRIPT_EXPORTER, input_names=list(KEY_INPUTS), output_names=list(KEY_OUTPUTS),
                               do_constant_folding=True)
             current = (image * 0.9 + 10.0).clamp(0, 255)
             torch.onnx.export(NonKeyFrameGraph(model, valid_hw).eval(), (current, image, queries, masks, cls),
-                              str(non_key_path), opset_version=OPSET, dynamo=False,
+                              str(non_key_path), opset_version=OPSET, **_TORCHSCRIPT_EXPORTER,
                               input_names=list(NON_KEY_INPUTS), output_names=list(NON_KEY_OUTPUTS),
                               do_constant_folding=True)
     finally:

@@ -46,6 +46,7 @@ ms with the backbone converted (5 runs); the whole motion module 112.1 / 110.1 /
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -79,8 +80,12 @@ def bf16_missing(device: torch.device | str = "cpu") -> str | None:
         return Missing("bf16 with the torch backend runs on CPU", "on CUDA use --precision fp16")
     # oneDNN reports bf16 "supported" on any AVX-512 CPU, where it is emulated (1.7x slower than
     # fp32 on a key frame with AVX-512 VNNI alone): ask for the instructions themselves.
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not any(probes):  # torch 2.1 has neither
+        return Missing(f"torch {torch.__version__} cannot tell whether this CPU has bfloat16 instructions "
+                       "(no torch.cpu._is_avx512_bf16_supported or _is_amx_tile_supported)",
+                       "use a newer torch, or --precision fp32")
+    native = any(probe() for probe in probes if probe is not None)
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() and native):
         return Missing("bf16 needs a CPU with bfloat16 instructions (AVX-512 BF16 or AMX) and oneDNN",
                        "use --precision fp32")
@@ -258,8 +263,11 @@ class TorchBackend(Backend):
         return int(getattr(self.model, "num_classes", self.cfg.num_classes))
 
     def _autocast(self):
-        # fp16 only; bf16 casts at the boundaries of BF16_MODULES (run_in_bf16).
-        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.precision == "fp16")
+        # fp16 only; bf16 casts at the boundaries of BF16_MODULES (run_in_bf16). No autocast object
+        # otherwise: torch before 2.3 refuses float16 on CPU even for a disabled one.
+        if self.precision != "fp16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16)
 
     def segment_key_frame(self, image: Tensor, valid_hw: tuple[int, int] | None = None) -> KeyFrameState:
         if self.precision != "fp16":

@@ -245,8 +245,19 @@ def test_torch_backend_folds_unless_told_not_to():
 def test_bf16_needs_the_instructions_not_only_onednn(monkeypatch):
     # oneDNN says bf16 is "supported" on any AVX-512 CPU, where it is emulated and slower
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    # raising=False: torch before 2.3 has neither probe (bf16_missing then reads them as absent)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert "AVX-512 BF16 or AMX" in bf16_missing("cpu")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert bf16_missing("cpu") is None
+
+
+def test_bf16_on_a_torch_without_the_cpu_probes_names_torch_not_the_cpu(monkeypatch):
+    # torch 2.1 has neither probe: saying the CPU lacks bfloat16
+    # instructions would send an AMX machine's user the wrong way
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    missing = bf16_missing("cpu")
+    assert missing.reason.startswith(f"torch {torch.__version__} cannot tell") and "newer torch" in missing.remedy
