@@ -35,25 +35,28 @@ setup(
         (f"share/{PACKAGE}/launch", _files("launch/*.py")),
         (f"share/{PACKAGE}/models", _files("models/*.pt") + _files("models/*.md")),
     ],
+    # Floors: the oldest versions the whole test suite has passed with (README, "Library versions"):
+    # Ubuntu 22.04's numpy, OpenCV, SciPy, matplotlib, Pillow, PyYAML and tqdm with torch 2.1.2;
+    # mpvss_ros/dependencies.py checks the same floors when a command or the node starts.
     install_requires=[
-        "numpy>=1.23",
-        "opencv-python-headless>=4.8",
-        "torch>=2.1",
-        "pyyaml>=6",
-        "tqdm>=4.60",
-        "scipy>=1.10",
-        "matplotlib>=3.7",
-        "pillow>=9.2",  # EXIF orientation of image-folder JPEGs (matplotlib needs it too)
+        "numpy>=1.21.5",
+        "opencv-python-headless>=4.5.4",
+        "torch>=2.1.2",
+        "pyyaml>=5.4.1",
+        "tqdm>=4.57.0",
+        "scipy>=1.8.0",
+        "matplotlib>=3.5.1",
+        "pillow>=9.0.1",  # EXIF orientation of image-folder JPEGs (matplotlib needs it too)
         "rosbags>=0.11.6",  # the bag tests pass from 0.11.6 (0.11.0 and 0.11.3-0.11.5 fail three: CDR errors, SIGTERM clean-up)
         "scikit-video>=1.1.11",
-        "onnx>=1.16",
-        "onnxruntime>=1.18",
-        "simplejpeg>=1.7",
+        "onnx>=1.17",
+        "onnxruntime>=1.12.1",
+        "simplejpeg>=1.9",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "catkin_pkg>=0.5"]},
     zip_safe=False,
     maintainer="mpvss_ros developers",
     maintainer_email="mpvss-ros@example.org",
     tests_require=["pytest"],
-    entry_points={"console_scripts": ["mpvss = mpvss_ros.cli:main"]},
+    entry_points={"console_scripts": ["mpvss = mpvss_ros.__main__:main"]},
 )
