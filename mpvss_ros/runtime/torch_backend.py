@@ -264,7 +264,7 @@ class TorchBackend(Backend):
 
     def _autocast(self):
         # fp16 only; bf16 casts at the boundaries of BF16_MODULES (run_in_bf16). No autocast object
-        # otherwise: torch before 2.3 refuses float16 on CPU even for a disabled one.
+        # otherwise: torch 2.1.2 refuses float16 on CPU even for a disabled one (2.5.1 does not).
         if self.precision != "fp16":
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.float16)
