@@ -7,7 +7,7 @@ below are the oldest versions the whole test suite has passed with (README, "Lib
 ``setup.py`` asks for the same ones.
 
 The command line (``mpvss``) and the node launchers (``mpvss_node``, ``mpvss_lifecycle_node``)
-call :func:`check_dependencies` before they import the engine, so that an old or broken library
+call :func:`exit_if_unmet` before they import the engine, so that an old or broken library
 is named in one line instead of failing as an ``AttributeError`` deep inside it. Two cases
 are common enough to get their own remedy: a distribution's torch older than 2.1, and an
 OpenCV built for numpy 1 next to numpy 2 (pip upgrades numpy to 2 when a package it installs
@@ -21,8 +21,7 @@ import re
 import sys
 from typing import Sequence
 
-__all__ = ["MINIMUM_VERSIONS", "START_MODULES", "DependencyError", "version_tuple", "unmet_dependencies",
-           "check_dependencies", "exit_if_unmet"]
+__all__ = ["MINIMUM_VERSIONS", "START_MODULES", "version_tuple", "unmet_dependencies", "exit_if_unmet"]
 
 #: Import name -> (name in messages and in pip, as in ``setup.py``; oldest version tested).
 MINIMUM_VERSIONS: dict[str, tuple[str, str]] = {
@@ -38,10 +37,6 @@ MINIMUM_VERSIONS: dict[str, tuple[str, str]] = {
 #: What every entry point imports before it can do anything (SciPy and matplotlib come later,
 #: with training, evaluation and plots).
 START_MODULES: tuple[str, ...] = ("numpy", "cv2", "torch", "yaml", "tqdm", "PIL")
-
-
-class DependencyError(RuntimeError):
-    """A library mpvss_ros needs is missing, cannot be imported or is older than its floor."""
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -104,18 +99,6 @@ def unmet_dependencies(modules: Sequence[str] = START_MODULES) -> list[str]:
                 remedy += " (the distribution's python3-torch can be too old: skip it with rosdep --skip-keys python3-torch)"
             problems.append(f"{name} {version} is older than {floor}, the oldest version mpvss_ros is tested with: {remedy}")
     return problems
-
-
-def check_dependencies(modules: Sequence[str] = START_MODULES) -> None:
-    """Raise :class:`DependencyError` naming every problem :func:`unmet_dependencies` finds.
-
-    Raises:
-        DependencyError: one or more of ``modules`` are missing, broken or too old; the message
-            lists them, separated by ``"; "``.
-    """
-    problems = unmet_dependencies(modules)
-    if problems:
-        raise DependencyError("; ".join(problems))
 
 
 def exit_if_unmet(program: str, status: int, modules: Sequence[str] = START_MODULES) -> None:
