@@ -23,7 +23,8 @@ import timeit
 
 import torch
 
-from mpvss_ros.runtime.torch_backend import _one_column_guard_off, _one_column_guard_on, bf16_missing, run_in_bf16
+from mpvss_ros.runtime.torch_backend import (_conv_output_length, _one_column_guard_off, _one_column_guard_on,
+                                             bf16_missing, run_in_bf16)
 
 
 def _fill_freed_memory() -> None:
@@ -58,8 +59,8 @@ def main() -> int:
     for cin, cout, k, s, w, h, name in itertools.product((3, 64, 128), (64, 128), (1, 3, 5, 7), (1, 2, 3), range(1, 9),
                                                          (4, 15), layouts):
         p = k // 2
-        ow = (w + 2 * p - (k - 1) - 1) // s + 1
-        if ow < 1 or (h + 2 * p - (k - 1) - 1) // s + 1 < 1:
+        ow = _conv_output_length(w, k, s, p)
+        if ow < 1 or _conv_output_length(h, k, s, p) < 1:
             continue
         cases += 1
         conv = torch.nn.Conv2d(cin, cout, k, s, p).to(torch.bfloat16, memory_format=layouts[name])
@@ -81,7 +82,7 @@ def main() -> int:
     dw_cases = dw_wrong = 0  # depthwise (MobileNetV2's strided convolutions), the guard not needed
     for c, k, s, w, h, name in itertools.product((16, 32, 96, 144), (3, 5), (2, 3), range(1, 9), (4, 15), layouts):
         p = k // 2
-        if (w + 2 * p - (k - 1) - 1) // s + 1 < 1:
+        if _conv_output_length(w, k, s, p) < 1:
             continue
         dw_cases += 1
         conv = torch.nn.Conv2d(c, c, k, s, p, groups=c).to(torch.bfloat16, memory_format=layouts[name])

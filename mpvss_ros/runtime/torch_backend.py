@@ -121,11 +121,17 @@ def run_in_bf16(module: nn.Module, memory_format: torch.memory_format = torch.pr
             conv.register_forward_hook(_one_column_guard_off, always_call=True)  # also when it raises
 
 
+def _conv_output_length(n: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """Length of a convolution's output along one axis for an input ``n`` long (``nn.Conv2d``'s
+    formula; 0 or less: the input is too short)."""
+    return (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _one_column_output(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether ``conv`` (horizontal stride > 1, integer padding) gives ``x`` an output one column wide."""
     (_, k), (_, s), (_, d), pad = conv.kernel_size, conv.stride, conv.dilation, conv.padding
     p = pad[1] if isinstance(pad, tuple) else 0  # a string padding ('valid'; 'same' needs stride 1)
-    return (x.shape[-1] + 2 * p - d * (k - 1) - 1) // s + 1 == 1
+    return _conv_output_length(x.shape[-1], k, s, p, d) == 1
 
 
 def _one_column_guard_on(conv: nn.Conv2d, args: tuple[Any, ...]) -> None:
