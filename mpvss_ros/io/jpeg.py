@@ -8,7 +8,10 @@ that names no file (an MJPEG camera dropping USB packets, a file cut short). JPE
 a changed byte that keeps the entropy code valid still decodes. Without ``simplejpeg``
 (:data:`STRICT_JPEG` False) OpenCV decodes, and only a JPEG without an end-of-image marker near its
 end (a truncated one) is refused; so does a JPEG whose header TurboJPEG's probe cannot read but
-libjpeg can (a chroma-subsampled CMYK JPEG, stray bytes between header segments).
+libjpeg can (a chroma-subsampled CMYK JPEG, stray bytes between header segments). One libjpeg
+warning is not taken for damage: zero bytes before the end-of-image marker, which UVC webcams
+in MJPEG mode pad their frames with ("N extraneous bytes before marker 0xd9"); such a JPEG is
+decoded, strictly, without them.
 
 On the JPEGs tried (baseline and progressive; 4:4:4, 4:2:2 and 4:2:0; odd sizes; greyscale; CMYK)
 the strict decoder returns exactly the pixels of OpenCV's ``cv2.imdecode`` converted to RGB: both
@@ -119,7 +122,8 @@ def decode_jpeg(data: Any, *, check_size: Callable[[int, int], None] | None = No
             (not copied), starting with :data:`JPEG_SIGNATURE`.
         check_size: called as ``check_size(height, width)`` (pixels) before anything is decoded,
             with the frame size from the header, as stored (before any rotation); on the OpenCV
-            fallback after decoding, with the decoded size. Whatever it raises propagates: callers
+            fallback the header is read by Pillow, and only where Pillow cannot read it is the
+            decoded size checked after decoding. Whatever it raises propagates: callers
             refuse frames above a pixel limit with their own error.
         apply_orientation: rotate/flip the image by its EXIF ``Orientation`` tag, as OpenCV's
             ``imread`` and ``imdecode`` do by default (:func:`orient`). False: the pixels as stored.
@@ -151,9 +155,36 @@ def decode_jpeg(data: Any, *, check_size: Callable[[int, int], None] | None = No
     try:
         rgb = _simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
     except ValueError as exc:
-        truncated = "premature end of jpeg file" in str(exc).lower()
-        raise JpegDataError("the data is truncated" if truncated else "bad data", str(exc), truncated) from None
+        rgb = _decode_without_zero_fill(data, exc)
     return orient(rgb, exif_orientation(data)) if apply_orientation else rgb
+
+
+def _decode_without_zero_fill(data: Any, exc: ValueError) -> np.ndarray:
+    """The strict decode of a JPEG whose decode raised ``exc``, retried without the zero bytes
+    before its end-of-image marker when that is what libjpeg warned of.
+
+    UVC webcams in MJPEG mode pad frames with 0x00 bytes before the end-of-image marker; libjpeg
+    decodes every pixel and then warns "Corrupt JPEG data: N extraneous bytes before marker 0xd9",
+    which the strict decoder raises. The retry decodes the same file without that fill, strictly
+    again, so any other warning (lost scan data, or fill bytes that were scan data) still refuses it.
+
+    Raises:
+        JpegDataError: from ``exc`` when it is another warning, or when the retry fails too.
+    """
+    message = str(exc)
+    if "extraneous bytes before marker 0xd9" in message.lower():
+        raw = memoryview(data).cast("B").tobytes() if not isinstance(data, np.ndarray) else data.tobytes()
+        eoi = raw.rfind(b"\x00" + _EOI) + 1  # the end-of-image marker the zero fill runs up to
+        start = eoi
+        while start > 2 and raw[start - 1] == 0 and raw[start - 2] != 0xFF:  # FF 00 is a stuffed data byte
+            start -= 1
+        if start < eoi:
+            try:
+                return _simplejpeg.decode_jpeg(raw[:start] + raw[eoi:], colorspace="RGB", strict=True)
+            except ValueError:
+                pass  # refused with the first decode's warning
+    truncated = "premature end of jpeg file" in message.lower()
+    raise JpegDataError("the data is truncated" if truncated else "bad data", message, truncated) from None
 
 
 def _decode_with_opencv(data: Any, check_size: Callable[[int, int], None] | None,
@@ -167,6 +198,9 @@ def _decode_with_opencv(data: Any, check_size: Callable[[int, int], None] | None
         end = int(body[-1]) + 1 if body.size else 0
         if _EOI not in buf[max(0, end - 64) : end].tobytes():
             raise JpegDataError("no end-of-image marker, the data is truncated", truncated=True)
+    header_size = _header_size(buf)
+    if check_size is not None and header_size is not None:
+        check_size(*header_size)
     flags = cv2.IMREAD_COLOR if apply_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     try:
         bgr = cv2.imdecode(buf, flags)
@@ -174,9 +208,21 @@ def _decode_with_opencv(data: Any, check_size: Callable[[int, int], None] | None
         raise JpegDataError("OpenCV cannot decode it", str(exc)) from None
     if bgr is None or bgr.size == 0:
         raise JpegDataError("OpenCV cannot decode it")
-    if check_size is not None:
+    if check_size is not None and header_size is None:
         check_size(int(bgr.shape[0]), int(bgr.shape[1]))
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _header_size(buf: np.ndarray) -> tuple[int, int] | None:
+    """A JPEG's frame size (height, width) in pixels, as stored, read by Pillow from the header
+    segments without decoding (it does not mind what TurboJPEG's probe refuses, e.g. an unknown
+    JFIF version); None when Pillow cannot read the header either."""
+    try:
+        with JpegImagePlugin.JpegImageFile(io.BytesIO(buf.tobytes())) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - Pillow raises many types on headers it cannot parse
+        return None
+    return int(height), int(width)
 
 
 def exif_orientation(data: Any) -> int:

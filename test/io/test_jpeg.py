@@ -192,3 +192,42 @@ def test_the_opencv_fallback_takes_a_jpeg_padded_after_its_end_marker(monkeypatc
         with pytest.raises(JpegDataError, match="truncated") as cut:
             decode_jpeg(raw[: len(raw) // 2] + pad)
         assert cut.value.truncated
+
+
+def test_zero_fill_before_the_end_marker_decodes_strictly(decoder):
+    """UVC webcams in MJPEG mode pad frames with 0x00 before the end-of-image marker; libjpeg decodes
+    every pixel and warns "N extraneous bytes before marker 0xd9". Such a frame gives the clean
+    frame's pixels; damaged scan data is still refused, zero fill or not, and so are extraneous
+    bytes that are not zero fill."""
+    raw = _jpeg(_gradient(120, 160))
+    clean = decode_jpeg(raw)
+    assert raw.endswith(b"\xff\xd9")
+    for fill in (1, 4, 16, 300):
+        np.testing.assert_array_equal(decode_jpeg(raw[:-2] + b"\x00" * fill + raw[-2:]), clean)
+    if decoder == "strict":
+        n = len(raw)
+        lost = raw[: n // 2] + raw[n // 2 + n // 4 : -2] + b"\x00" * 16 + raw[-2:]
+        with pytest.raises(JpegDataError, match="premature end of data segment"):
+            decode_jpeg(lost)
+        with pytest.raises(JpegDataError, match="extraneous bytes before marker 0xd9"):
+            decode_jpeg(raw[:-2] + bytes(range(1, 17)) + b"\x00" * 8 + raw[-2:])
+
+
+def test_the_opencv_fallback_checks_the_size_from_the_header_before_decoding(monkeypatch):
+    """A header TurboJPEG's probe refuses (here an unknown JFIF version, which libjpeg only warns of)
+    goes to OpenCV: the frame size still comes from the header, before anything is decoded."""
+    raw = bytearray(_jpeg(_gradient()))
+    raw[raw.index(b"JFIF\x00") + 5] = 2  # JFIF 2.01
+    with pytest.raises(ValueError):
+        jpeg._simplejpeg.decode_jpeg_header(bytes(raw))
+    np.testing.assert_array_equal(decode_jpeg(bytes(raw)), _opencv_rgb(bytes(raw)))
+    seen = []
+
+    def refuse(height: int, width: int) -> None:
+        seen.append((height, width))
+        raise OverflowError("too large")
+
+    monkeypatch.setattr(cv2, "imdecode", None)
+    with pytest.raises(OverflowError, match="too large"):
+        decode_jpeg(bytes(raw), check_size=refuse)
+    assert seen == [(H, W)]
