@@ -313,8 +313,6 @@ def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
                               f"({width} x {bpp} = {row_bytes} bytes)")
     if encoding in _YUV_CODES and width % 2:
         raise ConversionError(f"YUV 4:2:2 image ({encoding}) must have an even width, got {width}")
-    if encoding in _BAYER_CODES and min(width, height) < 3:  # OpenCV's demosaicking returns zeros there
-        raise ConversionError(f"Bayer image ({encoding}) must be at least 3 x 3 pixels, got {width} x {height}")
     buf = _as_bytes(getattr(msg, "data", None), "image data")
     need = step * height
     if buf.size != need:  # as cv_bridge: a wrong height or step would crop or shear the image
@@ -327,7 +325,7 @@ def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
     if encoding == "mono8":
         return cv2.cvtColor(np.ascontiguousarray(rows), cv2.COLOR_GRAY2RGB)
     if encoding in _BAYER_CODES:
-        return cv2.cvtColor(np.ascontiguousarray(rows), _BAYER_CODES[encoding])
+        return _demosaic(np.ascontiguousarray(rows), encoding)
     pixels = rows.reshape(height, width, bpp)
     if encoding == "rgb8":
         return pixels if step == row_bytes else np.ascontiguousarray(pixels)
@@ -349,9 +347,13 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     ``format`` must name jpeg/jpg/png, alone or in image_transport's long form (e.g.
     ``"rgb8; jpeg compressed bgr8"``); an empty format lets the data's signature decide. The
     data must be a JPEG or a PNG by its signature whatever ``format`` says. Greyscale images come
-    back as three equal channels, an alpha channel is dropped. The frame size is read from the
+    back as three equal channels, an alpha channel is dropped. The camera's encoding before ``;``
+    counts where image_transport leaves the pixels as they were: a Bayer mosaic
+    (``"bayer_rggb8; png compressed "``, an 8-bit grey PNG) is demosaicked as :func:`image_to_rgb`
+    does, and encodings :func:`image_to_rgb` refuses (``"16UC1; png compressed "``, a depth
+    map) are refused here too. The frame size is read from the
     file's header and checked against ``max_pixels`` before anything is decoded (a JPEG on the
-    OpenCV fallback: after decoding).
+    OpenCV fallback whose header Pillow cannot read either: after decoding).
 
     JPEGs are decoded by :func:`mpvss_ros.io.jpeg.decode_jpeg`: libjpeg-turbo through
     ``simplejpeg`` with ``strict=True`` when it is installed (:data:`STRICT_JPEG`): libjpeg's
@@ -370,8 +372,9 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
         max_pixels: largest ``height x width`` accepted (None: no limit).
 
     Raises:
-        ConversionError: another format (e.g. ``compressedDepth``), an empty payload, data that is
-            not a JPEG or a PNG, more than ``max_pixels`` pixels, a truncated or corrupt JPEG, a
+        ConversionError: another format (e.g. ``compressedDepth``), an original encoding that
+            cannot be segmented, an empty payload, data that is not a JPEG or a PNG, a Bayer
+            mosaic that is not 8-bit grey or is under 3 x 3, more than ``max_pixels`` pixels, a truncated or corrupt JPEG, a
             PNG cut short or with a chunk failing its CRC (:func:`~mpvss_ros.io.video.png_damage`),
             or data the decoder cannot read.
     """
@@ -382,16 +385,30 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     if "compresseddepth" in low or (low.strip() and not any(k in low for k in _COMPRESSED_KINDS)):
         raise ConversionError(f"unsupported compressed image format {fmt!r}; supported: jpeg and png "
                               "(e.g. 'jpeg', 'png', 'rgb8; jpeg compressed bgr8')")
+    original = _original_encoding(fmt)
     buf = _as_bytes(getattr(msg, "data", None), "compressed image data")
     if buf.size == 0:
         raise ConversionError(f"compressed image ({fmt or 'no format'}) has no data")
-    head = buf[:32].tobytes()
     what = f"the {fmt or 'compressed'} image ({buf.size} bytes)"
+    if original in _BAYER_CODES:
+        return _demosaic(_decode_grey(buf, what, max_pixels), original)
     if is_jpeg(buf):
         try:
             return decode_jpeg(buf, check_size=lambda h, w: _check_pixels(h, w, max_pixels, what))
         except JpegError as exc:
             raise ConversionError(f"corrupt JPEG: {what}: {exc}") from None
+    _check_png(buf, what, max_pixels)
+    return _decode_png(buf, what)
+
+
+def _check_png(buf: np.ndarray, what: str, max_pixels: int | None) -> None:
+    """Refuse compressed data that is not a whole PNG within ``max_pixels``, before decoding.
+
+    Raises:
+        ConversionError: not a PNG by its signature, no image header, more than ``max_pixels``
+            pixels, or cut short / a chunk failing its CRC (:func:`~mpvss_ros.io.video.png_damage`).
+    """
+    head = buf[:32].tobytes()
     if not head.startswith(PNG_SIGNATURE):
         raise ConversionError(f"{what} is neither a JPEG nor a PNG (its first bytes are {head[:8].hex(' ')})")
     size = png_size(head)
@@ -401,7 +418,70 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     damage = png_damage(buf)
     if damage is not None:
         raise ConversionError(f"corrupt PNG: {what}: {damage}")
-    return _decode_png(buf, what)
+
+
+#: The original encodings (before ``;`` in ``format``) whose compressed images are segmented:
+#: image_transport writes colour images as ``bgr8``/``bgr16`` JPEGs or PNGs, and every other
+#: encoding as it is, in a PNG (Bayer mosaics as 8-bit grey; depth and float images too, which
+#: are refused here as by :func:`image_to_rgb`).
+_COMPRESSED_ORIGINALS = frozenset(SUPPORTED_ENCODINGS) | {"mono16", "rgb16", "bgr16", "rgba16", "bgra16"}
+
+
+def _original_encoding(fmt: str) -> str:
+    """The camera's encoding named before ``;`` in image_transport's ``format`` (e.g. ``"bayer_rggb8;
+    png compressed "`` -> ``"bayer_rggb8"``), lower case; ``""`` for a format without one (``"jpeg"``).
+
+    Raises:
+        ConversionError: an encoding that cannot be segmented (depth, float, multi-channel
+            generic types such as ``16UC1``, ``32FC1``, ``8UC3``), as :func:`image_to_rgb` refuses it.
+    """
+    if ";" not in fmt:
+        return ""
+    named = fmt.split(";", 1)[0].strip()
+    original = named.lower()
+    if original in ("", *_COMPRESSED_KINDS):  # "jpeg; ..." names no camera encoding
+        return ""
+    if original not in _COMPRESSED_ORIGINALS:
+        raise ConversionError(
+            f"compressed image format {fmt!r}: its original encoding {named!r} cannot be segmented; "
+            f"supported: {', '.join(sorted(_COMPRESSED_ORIGINALS))} "
+            "(depth and floating-point images such as 16UC1 or 32FC1 cannot be segmented)")
+    return original
+
+
+def _decode_grey(buf: np.ndarray, what: str, max_pixels: int | None) -> np.ndarray:
+    """A compressed single-channel 8-bit image (a Bayer mosaic as image_transport compresses it)
+    -> (H, W) uint8, the size checked against ``max_pixels`` from the header.
+
+    Raises:
+        ConversionError: not a PNG or JPEG, above ``max_pixels``, damaged, or not 8-bit grey.
+    """
+    if is_jpeg(buf):  # decoded strictly, as any JPEG; a grey JPEG gives three equal channels
+        try:
+            rgb = decode_jpeg(buf, check_size=lambda h, w: _check_pixels(h, w, max_pixels, what))
+        except JpegError as exc:
+            raise ConversionError(f"corrupt JPEG: {what}: {exc}") from None
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise ConversionError(f"{what} holds a colour image, not a Bayer mosaic")
+        return np.ascontiguousarray(rgb[..., 0])
+    _check_png(buf, what, max_pixels)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None or img.ndim != 2 or img.dtype != np.uint8:
+        kind = "undecodable" if img is None else f"{img.dtype} with {1 if img.ndim == 2 else img.shape[2]} channels"
+        raise ConversionError(f"{what} is {kind}, not an 8-bit grey Bayer mosaic")
+    return img
+
+
+def _demosaic(mosaic: np.ndarray, encoding: str) -> np.ndarray:
+    """A (H, W) uint8 Bayer mosaic in ``encoding`` -> (H, W, 3) uint8 RGB, as :func:`image_to_rgb`.
+
+    Raises:
+        ConversionError: smaller than 3 x 3 pixels (OpenCV's demosaicking returns zeros there).
+    """
+    height, width = mosaic.shape
+    if min(width, height) < 3:
+        raise ConversionError(f"Bayer image ({encoding}) must be at least 3 x 3 pixels, got {width} x {height}")
+    return cv2.cvtColor(mosaic, _BAYER_CODES[encoding])
 
 
 def _decode_png(buf: np.ndarray, what: str) -> np.ndarray:
@@ -521,11 +601,13 @@ def make_label_info(label_info_cls: type, vision_class_cls: type, header: Any,
             labelled; the labels are an argmax without a threshold).
 
     Raises:
-        ConversionError: more than 65536 classes (``class_id`` is uint16).
+        ConversionError: more than 65535 classes (``class_id`` is uint16, and ``VisionClass``
+            reserves 65535 for UNLABELED).
     """
     names = [str(n) for n in class_names]
-    if len(names) > 65536:
-        raise ConversionError(f"LabelInfo holds at most 65536 classes (uint16 ids), got {len(names)}")
+    if len(names) > 65535:
+        raise ConversionError(f"LabelInfo holds at most 65535 classes (uint16 ids; 65535 is vision_msgs' "
+                              f"UNLABELED), got {len(names)}")
     class_map = [vision_class_cls(class_id=i, class_name=n) for i, n in enumerate(names)]
     return label_info_cls(header=header, class_map=class_map, threshold=float(threshold))
 

@@ -603,6 +603,44 @@ def test_unsupported_compressed_format(ts, fmt):
         compressed_to_rgb(compressed(ts, png.reshape(-1), fmt))
 
 
+@pytest.mark.parametrize("encoding", BAYER)
+def test_a_bayer_mosaic_compressed_by_image_transport_is_demosaicked_as_a_raw_one(ts, camvid_frame, encoding):
+    """compressed_image_transport writes encodings that are not colour as they are, in a PNG, and
+    names them before ';' (format "bayer_rggb8; png compressed "): the grey mosaic must be
+    demosaicked exactly as the raw Image is, not segmented as a grey checkerboard."""
+    mosaic = bayer_mosaic(camvid_frame, encoding)
+    raw = image_to_rgb(encode_mosaic(ts, mosaic, encoding))
+    _, png = cv2.imencode(".png", mosaic)
+    out = compressed_to_rgb(roundtrip(ts, compressed(ts, png.reshape(-1), f"{encoding}; png compressed "), COMPRESSED))
+    np.testing.assert_array_equal(out, raw)
+    assert np.abs(out[2:-2, 2:-2].astype(int) - camvid_frame[2:-2, 2:-2].astype(int)).mean() < 8  # colour, not grey
+    with pytest.raises(ConversionError, match="not an 8-bit grey Bayer mosaic"):  # a colour PNG that says it is one
+        _, colour = cv2.imencode(".png", camvid_frame)
+        compressed_to_rgb(compressed(ts, colour.reshape(-1), f"{encoding}; png compressed "))
+    with pytest.raises(ConversionError, match="at least 3 x 3"):
+        _, tiny = cv2.imencode(".png", mosaic[:2, :2])
+        compressed_to_rgb(compressed(ts, tiny.reshape(-1), f"{encoding}; png compressed "))
+
+
+def encode_mosaic(ts, mosaic: np.ndarray, encoding: str):
+    h, w = mosaic.shape
+    return ts.types[IMAGE](header=make_header(ts), height=h, width=w, encoding=encoding, is_bigendian=0, step=w,
+                           data=mosaic.reshape(-1))
+
+
+@pytest.mark.parametrize("original", ["16UC1", "32FC1", "8UC3", "mono12"])
+def test_compressed_images_of_encodings_that_cannot_be_segmented_are_refused_as_raw_ones(ts, original):
+    """A depth map through compressed_image_transport's PNG mode ("16UC1; png compressed ") is a
+    16-bit grey PNG: refused, as the raw 16UC1 Image is, not segmented as a dark camera frame."""
+    depth = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 3)
+    _, png = cv2.imencode(".png", depth)
+    with pytest.raises(ConversionError, match=f"original encoding '{original}' cannot be segmented"):
+        compressed_to_rgb(compressed(ts, png.reshape(-1), f"{original}; png compressed "))
+    # the formats that name no camera encoding, or a colour one, decode as before
+    for fmt in ("png", "jpeg; png", "mono16; png compressed ", "bgr8; png compressed bgr8"):
+        assert compressed_to_rgb(compressed(ts, png.reshape(-1), fmt)).shape == (48, 64, 3)
+
+
 # --------------------------------------------------------------------------------------------
 # Time
 # --------------------------------------------------------------------------------------------
@@ -715,6 +753,14 @@ def test_label_info_matches_model_classes(ts, types, lite):
     assert [c.class_id for c in msg.class_map] == list(range(lite.config.num_classes))
     assert [c.class_name for c in msg.class_map] == names
     assert msg.threshold == pytest.approx(0.25)
+
+
+def test_label_info_leaves_the_unlabeled_id_free(types, ts):
+    """vision_msgs' VisionClass reserves class_id 65535 for UNLABELED: 65535 classes fit, 65536 do not."""
+    names = [f"c{i}" for i in range(65536)]
+    assert make_label_info(types.label_info, types.vision_class, make_header(ts), names[:-1]).class_map[-1].class_id == 65534
+    with pytest.raises(ConversionError, match="at most 65535 classes"):
+        make_label_info(types.label_info, types.vision_class, make_header(ts), names)
 
 
 def test_label_info_many_classes(ts, types):
