@@ -357,7 +357,8 @@ class AdaptiveScheduler(KeyFrameScheduler):
             have passed.
         max_interval: frames after which a key frame is forced.
         cut_threshold: cut score of a hard cut, which makes a key frame (``scene_cut``); any
-            value above 4 (the largest cut score) turns cut detection off.
+            value above the largest cut score, ``1 / scorer.pixel_scale`` (4 with the default
+            :class:`SceneScorer`, as the command line and the node use), turns cut detection off.
         max_gap_s, scorer: as :class:`KeyFrameScheduler` (``max_gap_s`` in seconds).
 
     Raises:

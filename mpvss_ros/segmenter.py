@@ -397,6 +397,7 @@ class VideoSegmenter:
         #: and opening the sessions or engines), summed over sizes; the frames' stage latencies leave it out.
         self.setup_s = 0.0
         self._source: str | None = None  # the source of the last frame past push's checks
+        scheduler.reset()  # one that has seen frames (a preview) would count from its own key frame
 
     def reset(self, reason: str = "reset") -> None:
         """Drop the key frame: the next frame is a key frame with scheduler reason ``reason``
@@ -553,10 +554,10 @@ class VideoSegmenter:
         """Why frame ``index`` is a key frame: the scheduler's reason; ``canvas_change`` when only
         the segmenter's own check made it one; ``first`` for the first frame pushed, whatever
         reset came before it; ``reset`` for a replaced scheduler's ``first``."""
-        if not decision.reason:
-            return "canvas_change"
         if index == 0:
             return "first"
+        if not decision.reason:
+            return "canvas_change"
         return "reset" if decision.reason == "first" else decision.reason
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,

@@ -132,7 +132,7 @@ def test_custom_scheduler_cannot_skip_needed_key_frames(band_model):
     a, b = _image((120, 160), 1), _image((90, 160), 2)
     r = [seg.push(a, 0.0), seg.push(a, 0.1), seg.push(b, 0.2), seg.push(b, 0.3)]
     assert [x.is_key_frame for x in r] == [True, False, True, False]
-    assert [x.key_frame_reason for x in r] == ["canvas_change", "", "canvas_change", ""]
+    assert [x.key_frame_reason for x in r] == ["first", "", "canvas_change", ""]  # the first frame is "first", whoever keys it
     assert r[3].labels.shape == (90, 160)
     assert band_model.calls == 2
 
@@ -278,6 +278,19 @@ def test_a_pre_processing_failure_resets_like_a_segmentor_failure(band_model, mo
     monkeypatch.undo()
     r = seg.push(img, 0.3)
     assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index) == (True, "reset", 3)
+
+
+def test_a_scheduler_that_has_seen_frames_starts_afresh(band_model):
+    """A scheduler used before (e.g. to preview a schedule with schedule_key_frames) keeps counting
+    from its own key frame unless the segmenter resets it: the first frame would be reported as a
+    canvas change and the next key frame come early."""
+    scheduler = FixedIntervalScheduler(5)
+    for i in range(3):
+        scheduler.decide(_image((60, 80)), 0.1 * i)
+    seg = VideoSegmenter(band_model, CopyPropagator(), scheduler)
+    results = [seg.push(_image((60, 80), seed=i), 1.0 + 0.1 * i) for i in range(11)]
+    assert [(i, r.key_frame_reason) for i, r in enumerate(results) if r.is_key_frame] == \
+        [(0, "first"), (5, "interval"), (10, "interval")]
 
 
 def test_reset_with_a_reason(band_model):
