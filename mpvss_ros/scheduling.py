@@ -408,24 +408,33 @@ class StampGaps:
     segmented) would otherwise see a gap between any two frames it gets to, and a skipped message
     (undecodable, too large) would make the next one a key frame.
 
+    The gap belongs to the first message after it: a frame segmented meanwhile from before the
+    gap (the node's worker still decoding the message that came before it) does not consume it.
+
     Not thread-safe: the node calls it under its own lock.
     """
 
     def __init__(self) -> None:
         self._last: float | None = None
-        self._gap = False
+        self._gap_stamp: float | None = None  # the stamp of the first message after a pending gap
 
     def note(self, stamp: float, max_gap_s: float) -> None:
         """Note a received message's stamp (seconds): more than ``max_gap_s`` after the previous
-        one (``math.inf``: never) is a gap, pending until :meth:`take`."""
+        one (``math.inf``: never) is a gap, pending until :meth:`take`. A stamp before a pending
+        gap's (time went back across it) drops it: the gap no longer lies ahead of the stream."""
         last, self._last = self._last, stamp
         if last is not None and stamp - last > max_gap_s:
-            self._gap = True
+            self._gap_stamp = stamp
+        elif self._gap_stamp is not None and stamp < self._gap_stamp:
+            self._gap_stamp = None
 
-    def take(self) -> bool:
-        """Whether a gap is pending; clears it (the frame about to be segmented consumes it)."""
-        gap, self._gap = self._gap, False
-        return gap
+    def take(self, stamp: float) -> bool:
+        """Whether the frame stamped ``stamp`` (seconds), about to be segmented, comes after a
+        pending gap; it then consumes it. A frame from before the gap leaves it pending."""
+        if self._gap_stamp is None or stamp < self._gap_stamp:
+            return False
+        self._gap_stamp = None
+        return True
 
 
 def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarray], fps: float) -> list[int]:

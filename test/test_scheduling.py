@@ -502,10 +502,14 @@ def test_stamp_gaps_are_measured_between_the_stamps_noted():
     gaps = StampGaps()
     for t in (0.0, 0.6, 1.2, 1.8):
         gaps.note(t, 1.0)
-    assert not gaps.take()
+    assert not gaps.take(1.8)
     gaps.note(3.0, 1.0)  # 1.2 s after the last one noted
     gaps.note(3.1, 1.0)
-    assert gaps.take() and not gaps.take()  # pending until taken, once
+    assert not gaps.take(1.8)  # a frame from before the gap leaves it pending
+    assert gaps.take(3.1) and not gaps.take(3.1)  # taken once, by a frame from after it
     gaps.note(2.0, 1.0)  # backwards: no gap (the scheduler keys time_backwards)
     gaps.note(100.0, math.inf)
-    assert not gaps.take()
+    assert not gaps.take(100.0)
+    gaps.note(102.0, 1.0)  # a gap ...
+    gaps.note(50.0, 1.0)  # ... that time went back across: no longer ahead
+    assert not gaps.take(50.0) and not gaps.take(102.0)

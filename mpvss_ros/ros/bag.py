@@ -619,7 +619,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                         stamp = stamp_to_seconds(msg.header.stamp)
                         gaps.note(stamp, options.max_gap_s)
                         rgb = decode(msg, max_pixels)
-                        if gaps.take():  # consumed by this frame, segmented or not, as in the node
+                        if gaps.take(stamp):  # consumed by this frame, segmented or not, as in the node
                             segmenter.reset("time_gap")
                         result = segmenter.push(rgb, stamp, source=msg.header.frame_id)
                     except ConversionError as exc:

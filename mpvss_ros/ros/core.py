@@ -598,7 +598,7 @@ class SegmentationCore:
 
         masks = want_class_masks and cfg.publish_class_masks
         with self._lock:
-            gap = self._input_gaps.take()
+            gap = self._input_gaps.take(stamp)
         if gap and not reset:  # consumed by this frame, segmented or not: the engine is reset either way
             self.segmenter.reset("time_gap")  # (after a requested reset or re-enable, reason ``reset``)
         try:

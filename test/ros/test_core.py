@@ -504,6 +504,25 @@ def test_max_gap_s_counts_gaps_between_received_messages(make_core, types):
     assert stale.counters["dropped_stale"] == 1 and stale.key_frame_reasons["time_gap"] == 1
 
 
+def test_a_gap_is_consumed_by_the_frame_after_it_not_by_one_taken_before_it(make_core, types):
+    """The worker takes message A; message B, more than max_gap_s after A, arrives while A is still
+    being decoded. A is from before the gap and is propagated as usual; B is the time_gap key frame
+    (A had consumed the gap, and B was propagated across it from A's labels)."""
+    core, clock, _ = make_core(schedule="fixed:100", max_gap_s=1.0)
+    slot = core.make_slot()
+    assert feed(core, clock, slot, image_msg(types, frame(), 0.1)).info.key_frame_reason == "first"
+    clock.advance(0.1)
+    slot.put(image_msg(types, frame(), 0.3))
+    a, a_received = slot.take_timed(timeout=0)  # the worker has A ...
+    clock.advance(0.01)
+    slot.put(image_msg(types, frame(), 2.5))  # ... when B arrives, 2.2 s after A
+    out_a = core.process(a, received_at=a_received)
+    assert (out_a.info.is_key_frame, out_a.info.key_frame_reason) == (False, "")
+    b, b_received = slot.take_timed(timeout=0)
+    out_b = core.process(b, received_at=b_received)
+    assert (out_b.info.is_key_frame, out_b.info.key_frame_reason) == (True, "time_gap")
+
+
 def test_a_frame_whose_publishing_fails_is_one_failure(make_core, types):
     """Every publish fails: 5 frames, 5 failures, no output, so ERROR; a processed frame was also
     counted as an output ('5 of 10 frames failed', WARN, an output rate of 10 Hz)."""
