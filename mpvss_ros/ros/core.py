@@ -223,8 +223,9 @@ def configure_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-#: Parameters that decide the key-frame scheduler (:func:`build_scheduler`).
-SCHEDULE_PARAMETERS = ("schedule", "scene_threshold", "cut_threshold", "min_interval", "max_interval", "max_gap_s")
+#: Parameters that decide the key-frame scheduler (:func:`build_scheduler`; ``max_gap_s`` is the
+#: core's own, on received stamps).
+SCHEDULE_PARAMETERS = ("schedule", "scene_threshold", "cut_threshold", "min_interval", "max_interval")
 #: Parameters that decide the propagator (:func:`build_propagator_for`).
 PROPAGATION_PARAMETERS = ("propagator", "optical_flow_preset", "optical_flow_scale", "chain_flow")
 
@@ -446,9 +447,11 @@ class SegmentationCore:
 
         The whole new configuration is checked first (:func:`~mpvss_ros.ros.parameters.reconfigure`)
         and the new scheduler, propagator or palette built; nothing changes when that raises.
-        Then the configuration and palette take effect at once, and a changed scheduler or
-        propagator is installed by the worker before its next frame, which is then a key frame
-        (reason ``reset``): the key frame's state belongs to the propagation that made it.
+        Then the configuration and palette take effect at once, and a scheduler or propagator
+        whose settings changed (``describe()``) is installed by the worker before its next frame,
+        which is then a key frame (reason ``reset``): the key frame's state belongs to the
+        propagation that made it. A change that leaves both as they run (``max_gap_s``, the scene
+        threshold under ``fixed:N``, a DIS setting under ``query_flow``) makes no key frame.
 
         Args:
             changes: parameter name -> value, names from
@@ -467,11 +470,16 @@ class SegmentationCore:
             old = self.config
             new = reconfigure(old, changes)
             changed = {name for name in changes if getattr(new, name) != getattr(old, name)}
-            engine: dict[str, Any] = {}
+            # what runs, or will from the next frame: a change that leaves it the same (the scene
+            # threshold under fixed:N, the DIS preset under query_flow) costs no key frame
+            running = {"scheduler": self.segmenter.scheduler, "propagator": self.segmenter.propagator,
+                       **self._pending_engine}
+            built: dict[str, Any] = {}
             if changed & set(SCHEDULE_PARAMETERS):
-                engine["scheduler"] = build_scheduler(new)
+                built["scheduler"] = build_scheduler(new)
             if changed & set(PROPAGATION_PARAMETERS):
-                engine["propagator"] = build_propagator_for(new, self.segmenter.model)
+                built["propagator"] = build_propagator_for(new, self.segmenter.model)
+            engine = {k: v for k, v in built.items() if v.describe() != running[k].describe()}
             palette = (_class_palette(new, self.loaded, int(self.segmenter.num_classes))
                        if "palette" in changed else self.palette)
             self.config, self.palette = new, palette

@@ -663,6 +663,32 @@ def test_reconfigure_while_running(make_core, types, band_loaded):
     assert core.key_frame_reasons == {"first": 1, "reset": 1, "interval": 2}
 
 
+def test_a_change_that_leaves_the_engine_as_it_runs_makes_no_key_frame(make_core, types):
+    """max_gap_s (the core's own), the adaptive settings under fixed:N and the optical-flow
+    settings under copy change nothing the engine runs: no key frame. A change back before the
+    worker installed the first is compared with what it would install."""
+    core, _, _ = make_core(schedule="fixed:100", propagator="copy", max_frame_age_s=0.0)
+    seg = core.segmenter
+    scheduler, propagator = seg.scheduler, seg.propagator
+    stamps = iter(1.0 + 0.01 * i for i in range(100))
+    assert core.process(image_msg(types, frame(), next(stamps))).info.key_frame_reason == "first"
+    for change in ({"max_gap_s": 2.0}, {"scene_threshold": 0.8, "min_interval": 2, "cut_threshold": 3.0},
+                   {"optical_flow_preset": "medium", "optical_flow_scale": 1.0, "chain_flow": False}):
+        core.reconfigure(change)
+        out = core.process(image_msg(types, frame(), next(stamps)))
+        assert (out.info.is_key_frame, out.info.key_frame_reason) == (False, ""), change
+    assert seg.scheduler is scheduler and seg.propagator is propagator
+    core.reconfigure({"propagator": "optical_flow"})  # now the flow settings count: a key frame
+    assert core.process(image_msg(types, frame(), next(stamps))).info.key_frame_reason == "reset"
+    core.reconfigure({"optical_flow_preset": "fast"})
+    assert core.process(image_msg(types, frame(), next(stamps))).info.key_frame_reason == "reset"
+    assert seg.propagator.describe()["preset"] == "fast"
+    core.reconfigure({"schedule": "fixed:5"})
+    core.reconfigure({"schedule": "fixed:100"})  # back to what runs, before the worker installed fixed:5
+    out = core.process(image_msg(types, frame(), next(stamps)))
+    assert out.info.key_frame_reason == "reset" and seg.scheduler.interval == 100
+
+
 BIG = (240, 320)  # the legend covers a small part of the overlay
 
 

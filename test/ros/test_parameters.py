@@ -110,7 +110,7 @@ def test_dynamic_parameters_are_the_ones_the_running_engine_can_swap():
     output set depend on is read-only."""
     from mpvss_ros.ros.core import PROPAGATION_PARAMETERS, SCHEDULE_PARAMETERS
 
-    assert set(DYNAMIC_PARAMETERS) == {*SCHEDULE_PARAMETERS, *PROPAGATION_PARAMETERS, "max_frame_age_s",
+    assert set(DYNAMIC_PARAMETERS) == {*SCHEDULE_PARAMETERS, *PROPAGATION_PARAMETERS, "max_gap_s", "max_frame_age_s",
                                        "max_image_pixels", "overlay_alpha", "palette"}
     for spec in PARAMETERS:
         assert descriptor_fields(spec)["read_only"] is (spec.name not in DYNAMIC_PARAMETERS), spec.name
