@@ -323,8 +323,8 @@ class SegmentationResult:
         key_frame_index, key_frame_stamp: the key frame these labels come from.
         scene_score: the scheduler's scene-change score (see :mod:`mpvss_ros.scheduling`).
         key_frame_reason: why it is a key frame, "" otherwise.
-        stage_latency_ms: per-stage wall time in ms: ``preprocess``, ``schedule``, ``segmentor`` (key
-            frames) or ``propagation`` (others), ``postprocess``, ``total``.
+        stage_latency_ms: per-stage wall time in ms, in the order run: ``schedule``, ``preprocess``,
+            ``segmentor`` (key frames) or ``propagation`` (others), ``postprocess``, ``total``.
     """
 
     frame_index: int

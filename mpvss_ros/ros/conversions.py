@@ -178,8 +178,8 @@ sensor_msgs/Image[] masks
 # Exactly the header of the input image this frame was segmented from (stamp and frame_id).
 std_msgs/Header header
 
-# 0-based index of the frame among those given to the segmenter since the node started (a reset
-# does not restart it). A frame whose segmentation failed keeps its index, so the published
+# 0-based index of the frame among those given to the segmenter since the node was configured (a
+# reset does not restart it; a lifecycle cleanup and configure does, with a new engine). A frame whose segmentation failed keeps its index, so the published
 # indices skip it; frames dropped before segmentation (stale, undecodable) take none.
 uint32 frame_index
 

@@ -215,12 +215,18 @@ def load_configured_model(config: NodeConfig) -> LoadedModel:
         raise StartupError(_one_line(f"cannot load {what} on {config.device}: {type(exc).__name__}: {exc}")) from None
 
 
-def configure_threads(threads: int) -> None:
-    """``torch.set_num_threads(threads)`` when ``threads > 0`` (0 keeps torch's default)."""
-    if threads > 0:
-        import torch
+_torch_default_threads: int | None = None  # torch's own thread count, before the first configure
 
-        torch.set_num_threads(threads)
+
+def configure_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` when ``threads > 0``; 0 gives torch's default back,
+    also after an earlier configure (a lifecycle re-configure) set another count."""
+    global _torch_default_threads
+    import torch
+
+    if _torch_default_threads is None:
+        _torch_default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads if threads > 0 else _torch_default_threads)
 
 
 #: Parameters that decide the key-frame scheduler (:func:`build_scheduler`; ``max_gap_s`` is the

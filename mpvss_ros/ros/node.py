@@ -104,8 +104,13 @@ _OVERRIDES = QoSOverridingOptions.with_default_policies()
 #: Seconds to wait for the worker thread to finish its frame when the input stops (deactivate,
 #: cleanup, shutdown) and again before a new one starts.
 _WORKER_STOP_S = 10.0
+
+
+class _WorkerBusy(StartupError):
+    """The previous worker is still in a frame after :data:`_WORKER_STOP_S` more (activate refused)."""
 #: /diagnostics' "disabled (...)" hint of an inactive lifecycle node (its ~/enable is refused then).
 _INACTIVE = "inactive: activate the node to resume"
+_ENABLE_HINT = "call ~/enable to resume"
 
 
 def _create_entity(node: Node, create, msg_type: type, topic: str, *args, **kwargs):
@@ -248,13 +253,13 @@ class _SegmenterShell:
         """Subscribe to the camera and start the worker thread (a fresh slot each time).
 
         Raises:
-            StartupError: the previous worker is still in a frame (a deactivate whose wait ran
+            _WorkerBusy: the previous worker is still in a frame (a deactivate whose wait ran
                 out, e.g. during a TensorRT engine build): two workers would run the engine at
                 once.
         """
         assert self.core is not None
         if self._worker is not None and not self._worker.stop(_WORKER_STOP_S):
-            raise StartupError(f"the previous worker thread is still segmenting a frame after {_WORKER_STOP_S:g} s "
+            raise _WorkerBusy(f"the previous worker thread is still segmenting a frame after {_WORKER_STOP_S:g} s "
                                "more (a TensorRT engine build takes minutes); activate again once it has finished")
         cfg = self.core.config  # the input settings are read-only: as at configure
         self._slot = self.core.make_slot()
@@ -321,8 +326,12 @@ class _SegmenterShell:
 
     # -- executor callbacks --------------------------------------------------------------------
 
+    def _resume_hint(self) -> str:
+        """How to resume, for /diagnostics' "disabled (...)" line after ``~/enable false``."""
+        return _ENABLE_HINT
+
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
-        before = self.core.set_enabled(request.data)
+        before = self.core.set_enabled(request.data, self._resume_hint())
         state = "enabled" if request.data else "disabled"
         response.success = True
         response.message = f"segmentation {state}" + ("" if before != request.data else " (no change)")
@@ -451,6 +460,10 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
                     f"parameter '{fixed[0]}' is read at configure: deactivate and clean up the node first"))
         return self._on_set_parameters(parameters)
 
+    def _resume_hint(self) -> str:
+        """While inactive, ``~/enable true`` is refused: activating resumes."""
+        return _INACTIVE if self._sub is None else _ENABLE_HINT
+
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         """As the plain node's, but refused while inactive (configured, not activated): nothing is
         subscribed, so it enabled nothing and turned /diagnostics from OK "disabled" into WARN
@@ -484,7 +497,8 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
         except Exception as exc:  # noqa: BLE001 - e.g. a refused qos_overrides value for the input
             self.get_logger().error(f"cannot activate: {_describe(exc)}")
             self.core.set_enabled(False, _INACTIVE)  # /diagnostics OK "disabled", not WARN "no output"
-            self._stop_input()
+            if not isinstance(exc, _WorkerBusy):  # that worker was waited for already: no second wait
+                self._stop_input()
             super().on_deactivate(state)
             return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS

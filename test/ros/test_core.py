@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import subprocess
+import sys
 import threading
 import time
 
@@ -1120,3 +1122,16 @@ def test_model_parameter_default_loads_the_weights_files_own_configuration(tmp_p
     assert load_configured_model(validate({"weights": str(tmp_path / "q16.pt")})).config.name == "lite_q16"
     with pytest.raises(StartupError, match="trained as lite_q16"):  # a model that contradicts it, named
         load_configured_model(validate({"model": "mpvss_lite", "weights": str(tmp_path / "q16.pt")}))
+
+
+def test_threads_0_gives_torchs_default_back_after_another_count():
+    """threads: 0 means torch's default; a lifecycle re-configure with 0 after one with 1 ran on
+    one thread. In a fresh process (torch's thread count is process-wide), its default made 3."""
+    code = ("import torch; torch.set_num_threads(3)\n"
+            "from mpvss_ros.ros.core import configure_threads\n"
+            "seen = []\n"
+            "for n in (0, 1, 0, 2, 0):\n"
+            "    configure_threads(n); seen.append(torch.get_num_threads())\n"
+            "print(seen)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[3, 1, 3, 2, 3]"

@@ -293,6 +293,8 @@ def test_lifecycle_inactive_after_configure_is_not_a_diagnostics_warning(node_mo
         status = node.core.diagnostic_status(now=time.monotonic() + 30)
         assert status.level_name == "OK" and status.message == "disabled (inactive: activate the node to resume)"
         assert enable(fr.SetBool.Request(False), fr.SetBool.Response()).success  # off stays off: no harm
+        status = node.core.diagnostic_status(now=time.monotonic() + 30)  # still: ~/enable true would be refused
+        assert status.message == "disabled (inactive: activate the node to resume)"
         assert node.trigger_activate() == fr.TransitionCallbackReturn.SUCCESS
         assert node.core.enabled
         status = node.core.diagnostic_status(now=time.monotonic() + 1)  # the no-output timer starts at activate
@@ -364,9 +366,12 @@ def test_lifecycle_never_runs_two_workers(node_module, monkeypatch):
         assert entered.wait(5.0)
         seen = len(node.get_logger().lines)
         assert node.trigger_deactivate() == R.SUCCESS and old.alive
+        t = time.monotonic()
         assert node.trigger_activate() == R.FAILURE and node._worker is old and not node.subscriptions
+        assert time.monotonic() - t < 0.35, "one wait of 0.2 s, not a second one in the failure path"
         lines = node.get_logger().lines[seen:]
-        assert any(level == "warning" and "still segmenting a frame after 0.2 s" in text for level, text in lines)
+        waits = [text for level, text in lines if level == "warning" and "still segmenting a frame after 0.2 s" in text]
+        assert len(waits) == 1, waits  # the deactivate's; the refused activate says so in its error line
         assert any(level == "error" and "cannot activate: the previous worker thread is still segmenting" in text
                    for level, text in lines)
         release.set()
