@@ -377,10 +377,12 @@ def _cmd_bag(args: argparse.Namespace) -> int:
 def comparison_line(c: dict[str, Any], frames: int) -> str:
     """One printed line of a study comparison (:func:`~mpvss_ros.evaluation.study.key_interval_study`):
     the mIoU difference, its bootstrap interval or why there is none, and a note when the two
-    rows have different key-frame counts (an adaptive schedule that could not match the fixed one's)."""
+    rows have different key-frame counts (an adaptive schedule that could not match the fixed one's;
+    against per-frame, fewer key frames is the point, and there is no note)."""
     head = f"{c['a']:>37s} - {c['b']:<37s} {c['delta']:+6.2f} mIoU"
     ka, kb = c["key_frames"]
-    tail = "" if ka == kb else f"; not at the same key-frame count: {ka} against {kb}"
+    same = ka == kb or "per-frame" in (c["a"], c["b"])
+    tail = "" if same else f"; not at the same key-frame count: {ka} against {kb}"
     if not c["kept"]:
         return f"{head}, no interval: {frames} frames are fewer than two blocks of {c['block']}{tail}"
     return (f"{head}, {100 * c['level']:.0f} % interval [{c['ci'][0]:+6.2f}, {c['ci'][1]:+6.2f}], better in "

@@ -48,7 +48,8 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def list_frames(image_dir: str | Path, annot_dir: str | Path) -> list[tuple[Path, Path]]:
-    """Sorted (image, label) path pairs with the same file name in both folders.
+    """Sorted (image, label) path pairs: each image's label has its file name in ``annot_dir``,
+    or its stem with ``.png`` (JPEG frames with PNG labels, as ``mpvss eval`` reads them).
 
     Raises:
         FileNotFoundError: a folder is missing, it holds no images, or an image has no label.
@@ -64,7 +65,9 @@ def list_frames(image_dir: str | Path, annot_dir: str | Path) -> list[tuple[Path
     for img in images:
         lab = annot_dir / img.name
         if not lab.is_file():
-            raise FileNotFoundError(f"label missing for {img.name}: expected {lab}")
+            lab = annot_dir / f"{img.stem}.png"
+        if not lab.is_file():
+            raise FileNotFoundError(f"label missing for {img.name}: expected {annot_dir / img.name} or {lab}")
         pairs.append((img, lab))
     return pairs
 

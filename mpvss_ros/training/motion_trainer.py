@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import load_checkpoint, read_model_config, read_state_dict, save_checkpoint
+from ..checkpoints import load_checkpoint, read_model_config, read_state_dict
 from ..config import load_model_config, model_config_from_dict
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
@@ -64,7 +64,7 @@ from .pairs import FramePairs, LabelledFrames, check_camvid_pairs, check_crop_on
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
                       camvid_root, lr_factor, no_decay_parameters, resume_run, rng_state, save_run_checkpoint,
-                      options_dict, torch_threads, warn_option_changes)
+                      options_dict, save_final_checkpoint, torch_threads, warn_option_changes)
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels", "MIN_CROP"]
 
@@ -572,6 +572,5 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     result.sec_per_step_median = float(np.median(times)) if times else float("nan")
     if step >= opts.steps:
         result.finished = True
-        save_checkpoint(run_dir / "model_final.pt", model, cfg.to_dict(), meta=meta(step))
-        result.checkpoint = run_dir / "model_final.pt"
+        result.checkpoint = save_final_checkpoint(run_dir, model, cfg.to_dict(), meta(step), step - start)
     return result

@@ -499,6 +499,9 @@ def check_same_step(meta: dict[str, Any], state: dict[str, Any], model_path: Pat
         same = int(meta.get("step", -1)) == int(state["step"])
     except (TypeError, ValueError):
         same = False
+    if "step" not in meta:
+        raise ValueError(f"resume: {model_path} is not a training run's checkpoint (its metadata has no step); "
+                         "was another model file copied into the run folder?")
     if not same:
         raise ValueError(f"resume: {model_path} is at step {meta.get('step')} but {state_path} at step "
                          f"{state['step']} (interrupted while saving?)")
@@ -761,6 +764,21 @@ def save_run_checkpoint(model_path: Path, state_path: Path, model: nn.Module, co
     tmp.replace(state_path)
 
 
+def save_final_checkpoint(run_dir: Path, model: nn.Module, config: dict[str, Any], meta: dict[str, Any],
+                          steps_run: int) -> Path:
+    """Write :data:`FINAL_FILE` of a run that reached its last step (both training stages) and
+    return its path. A ``--resume`` of a finished run runs no step: its final file, with the
+    validation record of the run that wrote it, is kept as it is (this invocation has none).
+
+    Raises:
+        OSError: the write failed.
+    """
+    final = run_dir / FINAL_FILE
+    if steps_run > 0 or not final.is_file():
+        save_checkpoint(final, model, config, meta=meta)
+    return final
+
+
 def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Undo :func:`rng_state`. A run saved on another kind of device continues with this device's
     generator as it is (logged): the continuation is then not the exact one."""
@@ -804,6 +822,11 @@ def _train(opts: TrainOptions) -> TrainResult:
         raise ValueError(f"{len(train_set)} training frames for batch_size {opts.batch_size}")
     # a corrupt frame fails now (about 2 s), not when first drawn; the frames are decoded again when drawn
     decode_frames(train_set.pairs, num_classes=k, ignore_index=IGNORE_INDEX, keep=False)
+    val_indices = (np.unique(np.linspace(0, len(val_set) - 1, opts.val_frames).round().astype(int)).tolist()
+                   if val_set is not None else [])
+    # a corrupt val frame too, not at the first validation (after the steps before it, whose
+    # checkpoint is written after validating)
+    decode_frames([val_set.pairs[i] for i in val_indices], num_classes=k, ignore_index=IGNORE_INDEX, keep=False)
     batches_per_epoch = len(train_set) // opts.batch_size
 
     matcher = (HungarianMatcher(2.0, 5.0, 5.0, num_points=opts.num_points) if opts.matcher == "hungarian"
@@ -833,8 +856,6 @@ def _train(opts: TrainOptions) -> TrainResult:
 
     stop = opts.steps if opts.stop_at is None else max(opts.stop_at, start)
     result = TrainResult(run_dir=run_dir, step=start, finished=start >= opts.steps, checkpoint=model_path)
-    val_indices = (np.unique(np.linspace(0, len(val_set) - 1, opts.val_frames).round().astype(int)).tolist()
-                   if val_set is not None else [])
     hp, wp = _padded_hw(opts.crop, cfg.input.size_divisibility)
     last_val: dict[str, Any] | None = None
 
@@ -944,8 +965,7 @@ def _train(opts: TrainOptions) -> TrainResult:
     result.sec_per_step_median = float(np.median(times)) if times else float("nan")
     if step >= opts.steps:
         result.finished = True
-        save_checkpoint(run_dir / FINAL_FILE, model, cfg.to_dict(), meta=meta(step))
-        result.checkpoint = run_dir / FINAL_FILE
+        result.checkpoint = save_final_checkpoint(run_dir, model, cfg.to_dict(), meta(step), step - start)
     return result
 
 

@@ -486,6 +486,66 @@ def test_a_corrupt_training_frame_is_refused_before_training(tmp_path):
     assert not run.exists()
 
 
+@needs_data
+def test_a_corrupt_val_frame_is_refused_before_training(tmp_path):
+    """As a training frame: a truncated val PNG failed at the first validation, after the steps
+    before it, whose checkpoint (written after validating) never came."""
+    import shutil
+
+    root = tmp_path / "camvid"
+    for d in ("train", "trainannot", "val", "valannot"):
+        (root / d).mkdir(parents=True)
+    for n in FILES:
+        shutil.copy(TRAIN_DIR / n, root / "train" / n)
+        shutil.copy(TRAIN_ANNOT / n, root / "trainannot" / n)
+        shutil.copy(TRAIN_DIR / n, root / "val" / n)
+        shutil.copy(TRAIN_ANNOT / n, root / "valannot" / n)
+    (root / "val" / FILES[-1]).write_bytes((TRAIN_DIR / FILES[-1]).read_bytes()[:20000])
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="cannot read image"):
+        train_segmentor(_opts(run, data_root=str(root), train_files=None, steps=4, val_every=0, val_frames=2))
+    assert not run.exists()
+
+
+def test_jpeg_frames_take_png_labels_of_the_same_stem(tmp_path):
+    """As mpvss eval reads a labelled sequence: frame.jpg with label frame.png."""
+    from mpvss_ros.training.data import list_frames
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "img" / name).write_bytes(b"")
+    for name in ("a.png", "b.png"):
+        (tmp_path / "lab" / name).write_bytes(b"")
+    assert [(i.name, lab.name) for i, lab in list_frames(tmp_path / "img", tmp_path / "lab")] == [
+        ("a.jpg", "a.png"), ("b.png", "b.png")]
+    (tmp_path / "img" / "c.jpeg").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="label missing for c.jpeg"):
+        list_frames(tmp_path / "img", tmp_path / "lab")
+
+
+@needs_data
+def test_a_resume_of_a_finished_run_keeps_its_final_file(tmp_path):
+    """--resume of a finished run runs no step; model_final.pt, with the run's validation record,
+    is kept (it was written again without one)."""
+    opts = {"steps": 2, "val_every": 0, "val_frames": 1}
+    first = train_segmentor(_opts(tmp_path, **opts))
+    before = torch.load(tmp_path / "model_final.pt", weights_only=True)["meta"]
+    assert first.finished and before["val"] is not None and before["val"]["step"] == 2
+    again = train_segmentor(_opts(tmp_path, resume=True, **opts))
+    assert again.finished and again.losses == [] and again.checkpoint == tmp_path / "model_final.pt"
+    assert torch.load(tmp_path / "model_final.pt", weights_only=True)["meta"] == before
+
+
+def test_resume_names_a_model_file_that_is_no_run_checkpoint(tmp_path):
+    from mpvss_ros.training.trainer import check_same_step
+
+    with pytest.raises(ValueError, match="not a training run's checkpoint"):
+        check_same_step({"name": "mpvss_lite"}, {"step": 2}, tmp_path / "checkpoint_last.pt", tmp_path / "s.pt")
+    with pytest.raises(ValueError, match="at step 1 but .* at step 2"):
+        check_same_step({"step": 1}, {"step": 2}, tmp_path / "checkpoint_last.pt", tmp_path / "s.pt")
+
+
 def test_a_failed_model_write_leaves_no_trainer_state_temp_file(tmp_path, monkeypatch):
     # the state is written first (to trainer_state.pt.tmp); when the model write then fails on a
     # full disk, the temporary state file (optimizer moments: twice the model) stayed on that disk
