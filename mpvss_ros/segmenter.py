@@ -419,6 +419,12 @@ class VideoSegmenter:
             self.scheduler = scheduler
         self.reset()
 
+    def key_state(self, key: KeyFrameState) -> KeyFrameState:
+        """The state a key frame's non-key frames are propagated from: ``key`` with its active
+        queries only (``postprocess.min_query_score``) and its padding filled (warps clamp to the
+        valid area's edge; :meth:`~mpvss_ros.nn.mpvss.KeyFrameState.with_padding_filled`)."""
+        return key.with_active_queries(self._min_query_score).with_padding_filled()
+
     @torch.inference_mode()
     def push(self, image: np.ndarray, stamp: float, source: str | None = None) -> SegmentationResult:
         """Segment one frame.
@@ -508,8 +514,7 @@ class VideoSegmenter:
                 self.reset("non_finite")
                 raise NonFiniteOutputError(f"the key frame's class or mask logits or query embeddings hold NaN or infinite values "
                                            f"(frame {index}); nothing is published for it")
-            # Padding filled: warps clamp to the valid area's edge (KeyFrameState.with_padding_filled).
-            self._key = key.with_active_queries(self._min_query_score).with_padding_filled()
+            self._key = self.key_state(key)
             self._key_letterbox = letterbox
             self._key_index = index
             self._key_stamp = stamp

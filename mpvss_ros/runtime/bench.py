@@ -4,8 +4,11 @@ For every model x size x backend:
 
 * **key ms**: median wall time of ``backend.segment_key_frame`` (the segmentor alone) over
   ``repeats`` different frames, after ``warmup`` runs;
-* **non-key ms**: median of ``backend.propagate`` (motion module + warp) over ``repeats`` frames
-  3..3+repeats after their key frame;
+* **non-key ms**: median of ``backend.propagate`` (motion module + warp; the paper's direct flow,
+  one motion-module run as each step of the default chained flow) over ``repeats`` frames, each 3
+  frames after its key frame, from the key frame's state as
+  :meth:`~mpvss_ros.segmenter.VideoSegmenter.push` keeps it: its active queries only
+  (``postprocess.min_query_score``), the padding filled;
 * **key/non-key**: the ratio of the two (MPVSS's speed-up per non-key frame);
 * **fps fixed:5** and **fps adaptive**: frames / wall time of
   :meth:`~mpvss_ros.segmenter.VideoSegmenter.push` (pre-processing, scheduling, model,
@@ -253,13 +256,15 @@ def _bench_one(backend: Any, spec: BackendSpec, frames: list[np.ndarray], opts: 
     with torch.inference_mode():
         for i in range(opts.warmup):
             k = backend.segment_key_frame(tensors[i % n], lb.resized_hw)
-            backend.propagate(k, tensors[(i + 3) % n])
+            backend.propagate(seg.key_state(k), tensors[(i + 3) % n])
         for i in range(opts.repeats):
             _sync(spec)
             t = time.perf_counter()
             key = backend.segment_key_frame(tensors[i % n], lb.resized_hw)
             _sync(spec)
             key_t.append(time.perf_counter() - t)
+            key = seg.key_state(key)  # as push keeps it: the non-key frames run its active queries
+            _sync(spec)
             t = time.perf_counter()
             backend.propagate(key, tensors[(i + 3) % n])
             _sync(spec)

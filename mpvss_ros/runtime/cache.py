@@ -165,7 +165,7 @@ def _engine_entry(engine: Path) -> CacheEntry | None:
 def cache_entries(cache_dir: str | Path | None = None) -> list[CacheEntry]:
     """The entries of the cache at ``cache_dir`` (default :func:`default_cache_dir`), most recently
     used first; temporary files of writes in progress are not entries. An absent cache is empty."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     found: list[CacheEntry | None] = []
     onnx, engines = root / "onnx", root / "engines"
     if onnx.is_dir():
@@ -245,7 +245,7 @@ def prune_cache(cache_dir: str | Path | None = None, max_bytes: int = DEFAULT_MA
     """
     if max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     now = time.time() if now is None else now
     _remove_stale_temps(root, now)
     protected = {Path(p).resolve() for p in keep}

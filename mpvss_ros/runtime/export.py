@@ -991,6 +991,8 @@ class GraphSource:
         """
         hw = (int(valid_hw[0]), int(valid_hw[1]))
         if hw in self._dirs and (self.model is None or (self._dirs[hw] / CONTRACT_FILE).is_file()):
+            if self.model is not None:  # a cache entry (loaded again after its sessions were released): in use
+                mark_used(self._dirs[hw])
             return self._dirs[hw]
         # (a cache entry another process pruned since is exported again below)
         if self.model is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from mpvss_ros.cli import main
@@ -164,3 +166,24 @@ def test_bench_row_for_cuda_without_a_gpu_names_no_device_flag(tmp_path, capsys,
                        "--e2e-frames", "1")
     (row,) = result["rows"]
     assert row["error"] == "CUDA was requested but this torch build sees no CUDA GPU (pick another --backends spec)"
+
+
+def test_the_non_key_frame_is_timed_from_the_state_push_keeps(monkeypatch):
+    """The non-key latency runs what VideoSegmenter.push runs: the key frame's active queries with
+    its padding filled (it timed all N queries, 10-20 % more on the torch backend)."""
+    from mpvss_ros.model_loader import load_model
+    from mpvss_ros.runtime.bench import BenchOptions, _bench_one
+    from mpvss_ros.runtime.torch_backend import TorchBackend
+    from mpvss_ros.segmenter import VideoSegmenter
+
+    loaded = load_model("mpvss_lite")
+    backend = TorchBackend(loaded.model, "cpu")
+    seen, kept = [], []
+    propagate, key_state = backend.propagate, VideoSegmenter.key_state
+    monkeypatch.setattr(backend, "propagate", lambda key, image: seen.append(key) or propagate(key, image))
+    monkeypatch.setattr(VideoSegmenter, "key_state", lambda self, key: kept.append(key_state(self, key)) or kept[-1])
+    frames = [np.random.default_rng(i).integers(0, 256, (64, 96, 3), dtype=np.uint8) for i in range(4)]
+    _bench_one(backend, BackendSpec("torch", "cpu", "fp32"), frames, BenchOptions(warmup=1, repeats=2, e2e_frames=2))
+    timed = seen[:3]  # warm-up and timed runs, before the end-to-end pushes
+    assert timed and all(any(key is k for k in kept) for key in timed)
+    assert all(key.active is not None for key in timed)

@@ -283,3 +283,29 @@ def test_an_entry_is_renamed_away_before_it_is_deleted(fake_cache, monkeypatch):
     monkeypatch.undo()
     prune_cache(root, 100 * MIB, now=time.time() + 2 * STALE_TEMP_SECONDS)  # interrupted writes older than 1 h
     assert not left.exists()
+
+
+def test_listing_and_pruning_expand_a_tilde(fake_cache, monkeypatch):
+    """Through the API (build_engines' automatic prune passes the folder as given), ~/c looked for a
+    relative ./~/c, found nothing and pruned nothing while the cache grew."""
+    root, paths = fake_cache
+    home = root.parent / "home"
+    home.mkdir()
+    (home / "c").symlink_to(root)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(root.parent)
+    assert len(cache_entries("~/c")) == 4
+    removed = prune_cache("~/c", max_bytes=7 * MIB)
+    assert [e.path.name for e in removed] == [paths["a"].name, paths["b"].name]
+
+
+def test_a_size_loaded_again_from_the_cache_is_marked_used(tmp_path):
+    """The onnxruntime backend releases the sessions of its least recently used size and loads
+    them again from the cache when that size comes back (GraphSource.get's second call): that is a
+    use, or the prune removes the entry in use before idle ones."""
+    from mpvss_ros.runtime.export import GraphSource
+
+    source = GraphSource.from_model(load_model("mpvss_lite").model, cache_dir=tmp_path)
+    entry = source.get((64, 64))
+    os.utime(entry, (T0, T0))
+    assert source.get((64, 64)) == entry and entry.stat().st_mtime > T0
