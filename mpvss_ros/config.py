@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .paths import REPO_ROOT, data_roots
+from .paths import REPO_ROOT, data_roots, find_data
 
 __all__ = [
     "BackboneConfig",
@@ -51,6 +51,10 @@ def default_class_names(num_classes: int) -> list[str]:
 
 class ConfigError(ValueError):
     """A model configuration file is missing, unreadable or holds unknown or bad values."""
+
+
+#: ResNet depths the backbone builds (``nn.backbones.RESNET_BLOCKS``; a test keeps them equal).
+RESNET_DEPTHS = (50, 101)
 
 
 @dataclass
@@ -311,8 +315,20 @@ def _validate(cfg: ModelConfig, where: str) -> None:
             raise ConfigError(f"{where}: palette needs {cfg.num_classes} RGB triples of 0..255")
     if cfg.backbone.type not in ("resnet", "mobilenet_v2"):
         raise ConfigError(f"{where}: backbone.type must be resnet or mobilenet_v2, got {cfg.backbone.type!r}")
+    if cfg.backbone.type == "resnet" and cfg.backbone.depth not in RESNET_DEPTHS:
+        raise ConfigError(f"{where}: backbone.depth must be one of {list(RESNET_DEPTHS)} for resnet, "
+                          f"got {cfg.backbone.depth}")
     if cfg.pixel_decoder.type not in ("msdeformattn", "fpn"):
         raise ConfigError(f"{where}: pixel_decoder.type must be msdeformattn or fpn, got {cfg.pixel_decoder.type!r}")
+    if cfg.transformer_decoder.hidden_dim % 4:
+        # the sine position embedding (decoder and motion module) gives each axis hidden_dim / 2
+        # channels, half sine and half cosine
+        raise ConfigError(f"{where}: transformer_decoder.hidden_dim ({cfg.transformer_decoder.hidden_dim}) must be a "
+                          "multiple of 4 (the sine position embedding's x and y halves, each sine and cosine)")
+    if cfg.pixel_decoder.conv_dim != cfg.transformer_decoder.hidden_dim:
+        raise ConfigError(f"{where}: pixel_decoder.conv_dim ({cfg.pixel_decoder.conv_dim}) must equal "
+                          f"transformer_decoder.hidden_dim ({cfg.transformer_decoder.hidden_dim}): the decoder "
+                          "attends to the pixel decoder's multi-scale features")
     if cfg.motion.hidden_dim != cfg.transformer_decoder.hidden_dim:
         raise ConfigError(
             f"{where}: motion.hidden_dim ({cfg.motion.hidden_dim}) must equal transformer_decoder.hidden_dim "
@@ -337,15 +353,33 @@ def _validate(cfg: ModelConfig, where: str) -> None:
                           f"and 1/8 maps), got {cfg.transformer_decoder.num_feature_levels}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the last,
+    so a second ``input:`` block silently replaced the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is written twice (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _model_dirs() -> list[Path]:
     return [root / "config" / "models" for root in data_roots()]
 
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
-    """Load a model configuration by name (``config/models/<name>.yaml``) or by file path.
+    """Load a model configuration by name (``config/models/<name>.yaml``) or by file path
+    (``.yaml``/``.yml``; ``~`` expanded; a relative path is looked for in the working directory,
+    then in the data roots, as weights files are: :func:`~mpvss_ros.paths.find_data`).
 
     Raises:
-        ConfigError: the file does not exist, is not valid YAML, or fails validation.
+        ConfigError: the file does not exist, is not valid YAML (or writes a key twice in one
+            mapping), or fails validation.
     """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
@@ -357,10 +391,12 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
                     else "")
             raise ConfigError(f"unknown model '{name_or_path}'; known models: {known} (or pass a .yaml file){hint}")
         path = found
+    else:  # a file: '~' expanded, a relative path looked for as model files are (find_data)
+        path = find_data(path) or path.expanduser()
     if not path.is_file():
         raise ConfigError(f"model config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:

@@ -41,6 +41,8 @@ def _with(path: str, value):
     ("input.size_divisibility", 48, "input.size_divisibility must be a multiple of 32, got 48"),
     ("transformer_decoder.num_feature_levels", 5, "num_feature_levels must be 3"),
     ("transformer_decoder.num_feature_levels", 1, "num_feature_levels must be 3"),
+    # values that built a model whose every forward failed, or that failed only when built
+    ("pixel_decoder.conv_dim", 64, "pixel_decoder.conv_dim \\(64\\) must equal transformer_decoder.hidden_dim"),
     # a section that is no mapping is refused, not read as the defaults
     ("backbone", 0, "backbone: expected a mapping, got int"),
     ("postprocess", False, "postprocess: expected a mapping, got bool"),
@@ -90,3 +92,51 @@ def test_unknown_keys_of_mixed_types_are_named():
 def test_an_empty_section_takes_the_defaults():
     data = {**load_model_config("mpvss_lite").to_dict(), "postprocess": None}
     assert model_config_from_dict(data).postprocess == load_model_config("mpvss_lite").postprocess.__class__()
+
+
+def test_a_hidden_dim_the_position_embedding_cannot_split_is_refused_at_load():
+    """130 is even and divides by the heads, but its halves (65) have no sine/cosine split: the
+    model was built and every forward failed."""
+    data = load_model_config("mpvss_lite").to_dict()
+    for section in ("transformer_decoder", "motion"):
+        data[section].update(hidden_dim=130, num_heads=2)
+    with pytest.raises(ConfigError, match="transformer_decoder.hidden_dim \\(130\\) must be a multiple of 4"):
+        model_config_from_dict(data, where="custom.yaml")
+
+
+def test_a_resnet_depth_the_backbone_cannot_build_is_refused_at_load():
+    from mpvss_ros.config import RESNET_DEPTHS
+    from mpvss_ros.nn.backbones import RESNET_BLOCKS
+
+    assert set(RESNET_DEPTHS) == set(RESNET_BLOCKS)
+    data = load_model_config("mpvss_r50").to_dict()
+    data["backbone"]["depth"] = 34
+    with pytest.raises(ConfigError, match="backbone.depth must be one of \\[50, 101\\] for resnet, got 34"):
+        model_config_from_dict(data, where="custom.yaml")
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second input: block replaced the first whole."""
+    path = tmp_path / "a.yaml"
+    path.write_text("name: x\ninput:\n  size: [480, 640]\nnum_classes: 11\ninput:\n  warp_normalization: exact\n")
+    with pytest.raises(ConfigError, match="a.yaml: not valid YAML at line 5, column 1: 'input' is written twice "
+                                          "\\(first at line 2\\)"):
+        load_model_config(path)
+
+
+def test_a_config_path_with_a_tilde_or_relative_to_a_data_root(tmp_path, monkeypatch):
+    """Model YAML files are found as weights files are: ~ expanded (ROS parameters are not
+    shell-expanded), a relative path in the working directory, then the data roots."""
+    import shutil
+
+    from mpvss_ros.paths import REPO_ROOT
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "config" / "models" / "mpvss_lite.yaml", home / "mine.yaml")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert load_model_config("~/mine.yaml").name == "mpvss_lite"
+    assert load_model_config("config/models/mpvss_lite.yaml").name == "mpvss_lite"  # from the data root
+    with pytest.raises(ConfigError, match="model config file not found"):
+        load_model_config("~/other.yaml")

@@ -215,8 +215,9 @@ class MotionDecoder(nn.Module):
         hidden = int(cfg.hidden_dim)
         if len(enc) != 6 or len(dec) != 4:
             raise ValueError(f"MotionDecoder needs 6 encoder_channels and 4 deconv_channels, got {enc}, {dec}")
-        if hidden < 2 or hidden % 2 or cfg.num_heads < 1 or hidden % cfg.num_heads:
-            raise ValueError(f"hidden_dim ({hidden}) must be even and divisible by num_heads ({cfg.num_heads})")
+        if hidden < 4 or hidden % 4 or cfg.num_heads < 1 or hidden % cfg.num_heads:
+            # the sine position embedding gives each axis hidden / 2 channels, half sine, half cosine
+            raise ValueError(f"hidden_dim ({hidden}) must be a multiple of 4 and of num_heads ({cfg.num_heads})")
         if num_queries < 1 or cfg.num_layers < 1 or cfg.flow_embed_dim < 1 or cfg.mlp_hidden_dim < 1:
             raise ValueError(
                 f"num_queries ({num_queries}), num_layers ({cfg.num_layers}), flow_embed_dim "
