@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("frames.jsonl", "summary.json", "overlay.mp4")
 #: Frame rates the overlay video is written at (frames/s); the stamps keep the input's.
 OVERLAY_FPS_RANGE = (1.0, 240.0)
+#: Largest side of ``overlay.mp4`` in pixels: OpenCV's mp4v writer does not open at 8192 (8190
+#: opens; an odd side is encoded one pixel larger); larger frames are scaled down to it.
+OVERLAY_MAX_SIDE = 8190
 
 
 def check_out_dir(input_path: str | Path, out: str | Path) -> None:
@@ -136,7 +139,12 @@ def terminate_unwinds() -> Iterator[None]:
 class _OverlayVideo:
     """``overlay.mp4`` as a by-product: a frame rate within :data:`OVERLAY_FPS_RANGE`, the first
     frame's size kept (later sizes resized; :class:`~mpvss_ros.io.video.VideoWriter` encodes odd
-    sizes one pixel larger), and on any write error a logged warning after which it stops."""
+    sizes one pixel larger) and scaled down to :data:`OVERLAY_MAX_SIDE`, and on any write error a
+    logged warning after which it stops.
+
+    The ``mp4v`` encoder refuses a time base above 65535: OpenCV passes the rate as a fraction of
+    1000 (120.023 fps is 120023/1000), so a rate that cannot be opened is retried at 0.01 fps
+    precision (120.02 fps: 6001/50), logged."""
 
     def __init__(self, path: Path, fps: float) -> None:
         self.path = path
@@ -144,14 +152,31 @@ class _OverlayVideo:
         self.writer: VideoWriter | None = None
         self.failed = False
 
+    def _open(self, vis: np.ndarray) -> VideoWriter:
+        h, w = vis.shape[:2]
+        scale = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if scale < 1.0:
+            log.info("overlay video %s: frames of %dx%d written at %dx%d (the mp4v encoder's limit is %d pixels "
+                     "a side)", self.path, w, h, *size, OVERLAY_MAX_SIDE)
+        try:
+            return VideoWriter(self.path, self.fps, size)
+        except OSError:
+            rounded = round(self.fps, 2)
+            if rounded == self.fps:
+                raise
+            log.info("overlay video %s: cannot be opened at %g fps; written at %g fps", self.path, self.fps, rounded)
+            self.fps = rounded
+            return VideoWriter(self.path, self.fps, size)
+
     def write(self, vis: np.ndarray) -> None:
         if self.failed:
             return
         try:
             if self.writer is None:
-                self.writer = VideoWriter(self.path, self.fps)
-            elif (vis.shape[1], vis.shape[0]) != self.writer.size:
-                vis = cv2.resize(vis, self.writer.size, interpolation=cv2.INTER_AREA)  # resolution changed mid-stream
+                self.writer = self._open(vis)
+            if (vis.shape[1], vis.shape[0]) != self.writer.size:  # a resolution change mid-stream, or above the limit
+                vis = cv2.resize(vis, self.writer.size, interpolation=cv2.INTER_AREA)
             self.writer.write(vis)
         except (OSError, ValueError, cv2.error) as exc:
             log.warning("cannot write %s (%s); going on without the overlay video", self.path, exc)
@@ -451,7 +476,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     t_start = time.perf_counter()
     writer: _OverlayVideo | None = None
     with source, contextlib.ExitStack() as run_files:
-        total = len(source) if options.max_frames is None else min(len(source), options.max_frames)
+        known = source.known_len()  # not len(): a video without a frame count would be decoded once to count
+        total = options.max_frames if known is None else min(known, options.max_frames or known)
         def frames() -> Iterator[Any]:
             # the limit is checked before the next frame is read: reading it first listed the files
             # skipped on the way to it (unreadable, too large) though no frame past the limit ran

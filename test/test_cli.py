@@ -969,3 +969,27 @@ def test_pipeline_help_states_the_engine_defaults(capsys):
                    f"(default {d.optical_flow_scale:g})", f"(default: {d.schedule};", f"(default {d.max_interval};",
                    f"(default {d.cut_threshold}; above 4 = off"):
         assert stated in text, stated
+
+
+@pytest.mark.parametrize("fps, hw, written_fps, written_size", [
+    (120.023, (36, 64), 120.02, (64, 36)),  # 120023/1000: a time base the mp4v encoder refuses
+    (66.6667, (36, 64), 66.67, (64, 36)),
+    (23.976, (36, 64), 23.976, (64, 36)),  # opens as it is: kept
+    (25.0, (16, 8192), 25.0, (8190, 16)),  # wider than the encoder opens: scaled down
+])
+def test_the_overlay_video_is_written_at_rates_and_sizes_the_encoder_refuses(tmp_path, fps, hw, written_fps,
+                                                                               written_size):
+    """Such a run lost its overlay.mp4 (a warning, nothing written): the rate is retried at 0.01 fps
+    precision, frames wider or taller than 8190 pixels are scaled down."""
+    from mpvss_ros.offline import _OverlayVideo
+
+    video = _OverlayVideo(tmp_path / "overlay.mp4", fps)
+    for i in range(3):
+        video.write(np.full((*hw, 3), 40 * i, np.uint8))
+    video.close()
+    assert video.written and (video.fps, video.writer.size) == (written_fps, written_size)
+    cap = cv2.VideoCapture(str(tmp_path / "overlay.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == written_size
+    assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(written_fps, abs=1e-3)
+    cap.release()

@@ -174,11 +174,13 @@ class FrameSource:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _known_len(self) -> int | None:
+    def known_len(self) -> int | None:
+        """The number of frames where it is known without decoding (a progress bar's total); None
+        for a video whose container reports none (``len()`` would count by decoding it all)."""
         return len(self)
 
     def __repr__(self) -> str:
-        n = self._known_len()
+        n = self.known_len()
         return f"{type(self).__name__}({str(self.path)!r}, fps={self.fps:g}, frames={'?' if n is None else n})"
 
 
@@ -187,9 +189,11 @@ class VideoFileSource(FrameSource):
 
     Frames come out as ``(H, W, 3)`` uint8 RGB, names ``"000000"``, ``"000001"``, ...,
     stamps ``index / fps`` seconds. ``len()`` is the frame count reported by the container
-    (counted by a decoding pass if the container reports none). A frame that fails to decode
-    before that count (a damaged stretch of the file) is skipped, its index left out, and decoding
-    goes on, up to :data:`MAX_BAD_READS` failures in a row; skipped frames, and decoding ending
+    (counted by a pass of ``grab()`` calls if the container reports none, passing over damaged
+    frames as iterating does; iterating alone never counts). A frame that fails to decode before
+    that count, or anywhere in a video without one (a damaged stretch of the file), is skipped, its
+    index left out, and decoding goes on, up to :data:`MAX_BAD_READS` failures in a row (without a
+    count, those end the video); skipped frames, and decoding ending
     before the count, are logged as warnings at the end of the iteration. The warning counts every
     frame of the container's count neither decoded nor skipped: reads that failed at the end (a
     truncated file) and frames that FFmpeg's demuxer dropped without a failed read (a damaged chunk
@@ -261,16 +265,20 @@ class VideoFileSource(FrameSource):
         if self._count is None:
             logger.info("video %s reports no frame count; counting frames", self.path)
             cap = self._open_capture(self.path)
-            n = 0
+            index = end = failing = 0  # frames passed; up to the last one grabbed; failed grabs in a row
             try:
-                while cap.grab():
-                    n += 1
+                while failing < MAX_BAD_READS:  # a damaged frame is passed over, as iterating does
+                    index += 1
+                    if cap.grab():
+                        end, failing = index, 0
+                    else:
+                        failing += 1
             finally:
                 cap.release()
-            self._count = n
+            self._count = end
         return self._count
 
-    def _known_len(self) -> int | None:
+    def known_len(self) -> int | None:
         return self._count
 
     def __iter__(self) -> Iterator[Frame]:
@@ -292,8 +300,9 @@ class VideoFileSource(FrameSource):
                 if not ok or bgr is None:
                     # Before the container's last frame a failed read is a damaged frame and the
                     # decoder moves on: skip it (indices and stamps stay the container's); give up
-                    # after MAX_BAD_READS failures in a row, or at the end.
-                    if self._count is None or index >= self._count or len(failing) >= MAX_BAD_READS:
+                    # after MAX_BAD_READS failures in a row, or at the end. Without a count the
+                    # end is MAX_BAD_READS failures in a row (those are then no damaged frames).
+                    if (self._count is not None and index >= self._count) or len(failing) >= MAX_BAD_READS:
                         break
                     failing.append(index)
                     index += 1
@@ -437,7 +446,9 @@ def _folder_images(path: Path) -> list[Path]:
         raise FileNotFoundError(f"input not found: {path}")
     files = sorted(
         (p for p in path.iterdir()
-         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+         # a broken link keeps its place (read as unreadable, its index still advancing); a folder does not
+         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and (p.is_file() or p.is_symlink())
+         and not p.is_dir()),
         key=lambda p: p.name,
     )
     if not files:

@@ -655,3 +655,46 @@ def test_damaged_first_frame_is_skipped_like_any_other(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(damaged) as src:
         assert [f.index for f in src] == [1, 2, 3, 4, 5]
     assert "skipped 1 undecodable frames (from 0 to 0)" in caplog.text
+
+
+def _mjpeg_stream_with_a_damaged_frame(path: Path, n: int = 12, damaged: int = 5) -> None:
+    """A raw MJPEG stream (its container reports no frame count) of ``bikes.mp4`` frames, frame
+    ``damaged`` with its frame header wiped: OpenCV fails to read that one and reads on."""
+    with open_source(_bikes()) as src:
+        jpegs = [cv2.imencode(".jpg", cv2.resize(f.image, (160, 68)))[1].tobytes() for f, _ in zip(src, range(n))]
+    bad = bytearray(jpegs[damaged])
+    sof = bad.find(b"\xff\xc0")
+    bad[sof:sof + 12] = bytes(12)
+    jpegs[damaged] = bytes(bad)
+    path.write_bytes(b"".join(jpegs))
+
+
+@pytest.mark.parametrize("count_first", [False, True])
+def test_a_video_without_a_frame_count_reads_on_past_a_damaged_frame(tmp_path, caplog, count_first):
+    """Iterating stopped at the first failed read of a video without a frame count, and len()'s
+    counting pass stopped there too (so iterating after it stopped as well): the frames after it
+    were dropped without a warning."""
+    path = tmp_path / "stream.mjpeg"
+    _mjpeg_stream_with_a_damaged_frame(path)
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path) as src:
+        if count_first:
+            assert len(src) == 12
+        else:
+            assert src.known_len() is None  # a progress bar's total: not counted by decoding
+        frames = list(src)
+    assert [f.index for f in frames] == [i for i in range(12) if i != 5]
+    assert src.unreadable == ["000005"] and src.missing == 0
+    assert "skipped 1 undecodable frames (from 5 to 5)" in caplog.text
+
+
+def test_a_broken_link_in_a_folder_is_skipped_as_unreadable_and_keeps_its_index(tmp_path, caplog):
+    """A dangling symlink was left out of the listing: every later frame took an earlier index and
+    stamp, without a warning. An unreadable regular file kept its place; so does the link now."""
+    for i in (0, 1, 3):
+        _write_bgr(tmp_path / f"f{i:03d}.png", np.full((6, 8, 3), 10 * i, np.uint8))
+    (tmp_path / "f002.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "sub.png").mkdir()  # a folder named like an image is no frame
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(tmp_path, fps=10) as src:
+        frames = list(src)
+    assert [(f.name, f.index, f.stamp) for f in frames] == [("f000", 0, 0.0), ("f001", 1, 0.1), ("f003", 3, 0.3)]
+    assert src.unreadable == ["f002"] and "skipping unreadable image" in caplog.text
