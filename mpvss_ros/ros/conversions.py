@@ -179,8 +179,9 @@ sensor_msgs/Image[] masks
 std_msgs/Header header
 
 # 0-based index of the frame among those given to the segmenter since the node was configured (a
-# reset does not restart it; a lifecycle cleanup and configure does, with a new engine). A frame whose segmentation failed keeps its index, so the published
-# indices skip it; frames dropped before segmentation (stale, undecodable) take none.
+# reset does not restart it; a lifecycle cleanup and configure does, with a new engine). A frame
+# whose segmentation failed keeps its index, so the published indices skip it; frames dropped
+# before segmentation (stale, undecodable) take none.
 uint32 frame_index
 
 # True when the key-frame segmentor ran on this frame; false when the labels were propagated
@@ -374,8 +375,8 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     Raises:
         ConversionError: another format (e.g. ``compressedDepth``), an original encoding that
             cannot be segmented, an empty payload, data that is not a JPEG or a PNG, a Bayer
-            mosaic that is not 8-bit grey or is under 3 x 3, more than ``max_pixels`` pixels, a truncated or corrupt JPEG, a
-            PNG cut short or with a chunk failing its CRC (:func:`~mpvss_ros.io.video.png_damage`),
+            mosaic that is not 8-bit grey or is under 3 x 3, more than ``max_pixels`` pixels, a
+            truncated or corrupt JPEG, a PNG cut short or with a chunk failing its CRC (:func:`~mpvss_ros.io.video.png_damage`),
             or data the decoder cannot read.
     """
     fmt = getattr(msg, "format", "")
@@ -393,12 +394,18 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     if original in _BAYER_CODES:
         return _demosaic(_decode_grey(buf, what, max_pixels), original)
     if is_jpeg(buf):
-        try:
-            return decode_jpeg(buf, check_size=lambda h, w: _check_pixels(h, w, max_pixels, what))
-        except JpegError as exc:
-            raise ConversionError(f"corrupt JPEG: {what}: {exc}") from None
+        return _decode_jpeg(buf, what, max_pixels)
     _check_png(buf, what, max_pixels)
     return _decode_png(buf, what)
+
+
+def _decode_jpeg(buf: np.ndarray, what: str, max_pixels: int | None) -> np.ndarray:
+    """:func:`~mpvss_ros.io.jpeg.decode_jpeg` (strict), the size checked against ``max_pixels``
+    from the header; its errors as :class:`ConversionError` naming ``what``."""
+    try:
+        return decode_jpeg(buf, check_size=lambda h, w: _check_pixels(h, w, max_pixels, what))
+    except JpegError as exc:
+        raise ConversionError(f"corrupt JPEG: {what}: {exc}") from None
 
 
 def _check_png(buf: np.ndarray, what: str, max_pixels: int | None) -> None:
@@ -456,11 +463,8 @@ def _decode_grey(buf: np.ndarray, what: str, max_pixels: int | None) -> np.ndarr
     Raises:
         ConversionError: not a PNG or JPEG, above ``max_pixels``, damaged, or not 8-bit grey.
     """
-    if is_jpeg(buf):  # decoded strictly, as any JPEG; a grey JPEG gives three equal channels
-        try:
-            rgb = decode_jpeg(buf, check_size=lambda h, w: _check_pixels(h, w, max_pixels, what))
-        except JpegError as exc:
-            raise ConversionError(f"corrupt JPEG: {what}: {exc}") from None
+    if is_jpeg(buf):  # a grey JPEG gives three equal channels
+        rgb = _decode_jpeg(buf, what, max_pixels)
         if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
             raise ConversionError(f"{what} holds a colour image, not a Bayer mosaic")
         return np.ascontiguousarray(rgb[..., 0])
