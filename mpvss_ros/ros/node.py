@@ -104,13 +104,14 @@ _OVERRIDES = QoSOverridingOptions.with_default_policies()
 #: Seconds to wait for the worker thread to finish its frame when the input stops (deactivate,
 #: cleanup, shutdown) and again before a new one starts.
 _WORKER_STOP_S = 10.0
+#: /diagnostics' "disabled (...)" hint of an inactive lifecycle node (its ~/enable is refused then).
+_INACTIVE = "inactive: activate the node to resume"
+#: The hint after ``~/enable false`` on an active node.
+_ENABLE_HINT = "call ~/enable to resume"
 
 
 class _WorkerBusy(StartupError):
     """The previous worker is still in a frame after :data:`_WORKER_STOP_S` more (activate refused)."""
-#: /diagnostics' "disabled (...)" hint of an inactive lifecycle node (its ~/enable is refused then).
-_INACTIVE = "inactive: activate the node to resume"
-_ENABLE_HINT = "call ~/enable to resume"
 
 
 def _create_entity(node: Node, create, msg_type: type, topic: str, *args, **kwargs):
