@@ -6,8 +6,8 @@ data segment", "Premature end of JPEG file", ...) is refused with :class:`JpegDa
 OpenCV returns it with grey, smeared or shifted blocks and only prints a libjpeg line on stderr
 that names no file (an MJPEG camera dropping USB packets, a file cut short). JPEG has no checksum:
 a changed byte that keeps the entropy code valid still decodes. Without ``simplejpeg``
-(:data:`STRICT_JPEG` False) OpenCV decodes, and only a JPEG without an end-of-image marker near its
-end (a truncated one) is refused; so does a JPEG whose header TurboJPEG's probe cannot read but
+(:data:`STRICT_JPEG` False) OpenCV decodes, and only a JPEG without an end-of-image marker after
+its first scan (a truncated one) is refused; so does a JPEG whose header TurboJPEG's probe cannot read but
 libjpeg can (a chroma-subsampled CMYK JPEG, stray bytes between header segments). One libjpeg
 warning is not taken for damage: zero bytes before the end-of-image marker, which UVC webcams
 in MJPEG mode pad their frames with ("N extraneous bytes before marker 0xd9"); such a JPEG is
@@ -191,13 +191,12 @@ def _decode_with_opencv(data: Any, check_size: Callable[[int, int], None] | None
                         apply_orientation: bool) -> np.ndarray:
     """:func:`decode_jpeg` without ``simplejpeg``: an end-of-image marker check, then OpenCV."""
     buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
-    # OpenCV fills a truncated JPEG with grey: insist on the end-of-image marker near the end
-    if _EOI not in buf[-64:].tobytes():
-        # MJPEG camera buffers may be padded with 0x00 / 0xFF after the end-of-image marker.
-        body = np.flatnonzero((buf != 0x00) & (buf != 0xFF))
-        end = int(body[-1]) + 1 if body.size else 0
-        if _EOI not in buf[max(0, end - 64) : end].tobytes():
-            raise JpegDataError("no end-of-image marker, the data is truncated", truncated=True)
+    # OpenCV fills a truncated JPEG with grey: insist on an end-of-image marker after the first scan
+    # (entropy-coded data never holds one; an EXIF thumbnail's comes before the scan), whatever
+    # follows it (MJPEG buffers padded with 0x00 / 0xFF, a metadata trailer)
+    raw = buf.tobytes()
+    if raw.find(_EOI, _scan_start(raw)) < 0:
+        raise JpegDataError("no end-of-image marker, the data is truncated", truncated=True)
     header_size = _header_size(buf)
     if check_size is not None and header_size is not None:
         check_size(*header_size)
@@ -211,6 +210,24 @@ def _decode_with_opencv(data: Any, check_size: Callable[[int, int], None] | None
     if check_size is not None and header_size is None:
         check_size(int(bgr.shape[0]), int(bgr.shape[1]))
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _scan_start(raw: bytes) -> int:
+    """The offset of a JPEG's first start-of-scan marker, found by walking the header segments
+    from the start-of-image marker (ITU-T T.81 B.1: each a marker with a 2-byte length; fill bytes
+    0xFF before a marker); 2 (just past the start-of-image marker) when the walk fails."""
+    i = 2
+    while i + 4 <= len(raw) and raw[i] == 0xFF:
+        marker = raw[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+        elif marker == 0xDA:
+            return i
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(raw[i + 2 : i + 4], "big")
+    return 2
 
 
 def _header_size(buf: np.ndarray) -> tuple[int, int] | None:

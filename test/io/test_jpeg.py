@@ -231,3 +231,19 @@ def test_the_opencv_fallback_checks_the_size_from_the_header_before_decoding(mon
     with pytest.raises(OverflowError, match="too large"):
         decode_jpeg(bytes(raw), check_size=refuse)
     assert seen == [(H, W)]
+
+
+def test_the_opencv_fallback_looks_for_the_end_marker_after_the_scan(monkeypatch):
+    """The fallback refused a whole JPEG followed by a trailer of more than 64 bytes (the strict
+    path takes it). The end-of-image marker now counts anywhere after the first scan, and only
+    there: a thumbnail's marker in the header does not make a truncated JPEG whole."""
+    monkeypatch.setattr(jpeg, "_simplejpeg", None)
+    raw = _jpeg(_gradient(120, 160))
+    expected = _opencv_rgb(raw)
+    np.testing.assert_array_equal(decode_jpeg(raw + b"trailer" * 40), expected)
+    thumbnail = _jpeg(_gradient(8, 8))
+    payload = b"Exif\x00\x00" + thumbnail
+    with_thumbnail = raw[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + raw[2:]
+    np.testing.assert_array_equal(decode_jpeg(with_thumbnail), expected)
+    with pytest.raises(JpegDataError, match="truncated"):
+        decode_jpeg(with_thumbnail[: len(with_thumbnail) * 3 // 4])
