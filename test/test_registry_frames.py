@@ -39,6 +39,11 @@ def test_eval_runs_on_ten_registry_frames(bikes_path, tmp_path, capsys):
     assert result["frames"] == 10 and result["key_frames"] == 2 and result["trained"]
     assert result["fps"] == 25.0 and result["reference"] == "per-frame labels of the model"
     assert BIKES_TEN_FRAME_FLOOR <= result["mIoU"] < 100.0, result["mIoU"]
+    # and above holding the key frame's labels (the floor alone let a query flow that moved nothing pass)
+    assert main(["eval", "sample:bikes", "--self-reference", "--max-frames", "10", "--schedule", "fixed:5",
+                 "--propagator", "copy", "--out", str(out / "copy"), "--threads", "1"]) == 0
+    copy = json.loads((out / "copy" / "eval.json").read_text())
+    assert result["mIoU"] > copy["mIoU"] + 0.5, (result["mIoU"], copy["mIoU"])
     # every frame a key frame reproduces the reference exactly
     assert main(["eval", "sample:bikes", "--self-reference", "--max-frames", "3", "--schedule", "fixed:1",
                  "--out", str(out), "--threads", "1"]) == 0

@@ -417,6 +417,16 @@ def test_optical_flow_on_real_consecutive_frames(band_model, bikes_frames):
     assert acc_warp > acc_copy + 0.02, (acc_warp, acc_copy)
 
 
+def test_optical_flow_follows_each_new_key_frame(band_model, bikes_frames):
+    """The key frame's grey image is taken again at every key frame: a propagator that kept the
+    first one warped every later frame from the first key frame's image."""
+    seg = VideoSegmenter(band_model, OpticalFlowPropagator(), FixedIntervalScheduler(2))
+    a, b = bikes_frames[3], bikes_frames[100]  # two shots
+    r = [seg.push(a, 0.0), seg.push(a, 0.04), seg.push(b, 0.08), seg.push(b, 0.12)]
+    assert [x.is_key_frame for x in r] == [True, False, True, False]
+    assert (r[3].labels == r[2].labels).mean() > 0.999
+
+
 def test_optical_flow_on_identical_frame_reproduces_key(band_model, bikes_frames):
     seg = VideoSegmenter(band_model, OpticalFlowPropagator(), FixedIntervalScheduler(10))
     a = seg.push(bikes_frames[3], 0.0)

@@ -27,6 +27,7 @@ from mpvss_ros.propagation import build_propagator
 from mpvss_ros.ros.bag import BagOptions, normalize_namespace, output_topics, process_bag
 from mpvss_ros.scheduling import parse_schedule
 from mpvss_ros.segmenter import VideoSegmenter
+from mpvss_ros.viz import colorize, frame_tag, make_palette, overlay
 
 TOPIC = "/camera/image_raw"
 CTOPIC = "/camera/image_raw/compressed"
@@ -169,8 +170,14 @@ def check_outputs(ts, out_bag: Path, in_entries, decoded, loaded, options, names
         assert list(masks.class_ids) == sorted(int(c) for c in np.unique(r.labels))
         for cid, m in zip(masks.class_ids, masks.masks):
             np.testing.assert_array_equal(image_array(m), np.where(r.labels == cid, 255, 0))
-    for (_, col, _), (_, ov, _), f in zip(got[topics["colored"]], got[topics["overlay"]], decoded):
+    palette = make_palette(loaded.config.num_classes, loaded.config.palette or None)
+    alpha = getattr(options, "alpha", 0.5)
+    for (_, col, _), (_, ov, _), f, r in zip(got[topics["colored"]], got[topics["overlay"]], decoded, expected):
         assert col.encoding == ov.encoding == "rgb8" and image_array(ov).shape == f.shape
+        np.testing.assert_array_equal(image_array(col), colorize(r.labels, palette))  # the model's palette
+        tag = frame_tag(r.is_key_frame, r.frame_index - r.key_frame_index)
+        np.testing.assert_array_equal(image_array(ov), overlay(f, r.labels, palette, alpha=alpha,
+                                                               class_names=loaded.config.class_names, tag=tag))
     return got
 
 
@@ -224,7 +231,8 @@ def test_meaningful_labels_optical_flow_and_storage_override(ts, tmp_path, frame
     propagation, compressed auto-detected, sqlite3 in -> mcap out, another namespace."""
     entries = jpeg_entries(ts, frames)
     write_bag(ts, tmp_path / "in", "sqlite3", entries)
-    options = BagOptions(propagator="optical_flow", optical_flow_preset="medium", schedule="fixed:4", progress=False)
+    options = BagOptions(propagator="optical_flow", optical_flow_preset="medium", schedule="fixed:4", progress=False,
+                         alpha=0.8)
     summary = process_bag(tmp_path / "in", tmp_path / "out", CTOPIC, band_loaded, options,
                           namespace="front/seg/", storage="mcap")
     assert summary["written"] == N_FRAMES and summary["namespace"] == "/front/seg"

@@ -622,6 +622,16 @@ def test_a_bayer_mosaic_compressed_by_image_transport_is_demosaicked_as_a_raw_on
         compressed_to_rgb(compressed(ts, tiny.reshape(-1), f"{encoding}; png compressed "))
 
 
+def test_a_bayer_mosaic_in_a_grey_jpeg_is_demosaicked_too(ts):
+    """The grey-JPEG branch ("bayer_rggb8; jpeg compressed mono8", lossy): a one-colour mosaic
+    comes back in that colour, not as grey."""
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    rgb[...] = (200, 60, 30)
+    _, jpg = cv2.imencode(".jpg", bayer_mosaic(rgb, "bayer_rggb8"), [cv2.IMWRITE_JPEG_QUALITY, 100])
+    out = compressed_to_rgb(compressed(ts, jpg.reshape(-1), "bayer_rggb8; jpeg compressed mono8"))
+    assert np.abs(out[8:-8, 8:-8].astype(int) - (200, 60, 30)).max() <= 12
+
+
 def encode_mosaic(ts, mosaic: np.ndarray, encoding: str):
     h, w = mosaic.shape
     return ts.types[IMAGE](header=make_header(ts), height=h, width=w, encoding=encoding, is_bigendian=0, step=w,
@@ -838,6 +848,12 @@ def test_build_outputs_on_real_frame(ts, types, camvid_frame, band_model, lite):
     assert info.is_key_frame is True and info.key_frame_reason == "first" and info.frame_index == 0
     assert (info.key_frame_stamp.sec, info.key_frame_stamp.nanosec) == (header.stamp.sec, header.stamp.nanosec)
     assert list(info.stage_names) == [k for k in result.stage_latency_ms if k != "total"]
+    # a propagated frame's overlay is tagged with its distance from its key frame: frame 4, key frame 3
+    later = [seg.push(camvid_frame, stamp_to_seconds(header.stamp) + 0.1 * i) for i in range(1, 5)][-1]
+    assert (later.frame_index, later.key_frame_index, later.is_key_frame) == (4, 3, False)
+    out = build_outputs(types, header, later, camvid_frame, palette, names, alpha=0.4, want_overlay=True)
+    np.testing.assert_array_equal(decode_image(roundtrip(ts, out.overlay, IMAGE)), overlay(
+        camvid_frame, later.labels, palette, alpha=0.4, class_names=names, tag="propagated +1"))
 
 
 @pytest.mark.parametrize("k", [5, 300])

@@ -596,6 +596,13 @@ def test_frames_above_max_image_pixels_are_skipped_and_the_limit_is_dynamic(make
     core.reconfigure({"max_image_pixels": (H + 1) * W})
     out = core.process(image_msg(types, frame(H + 1, W), 1.2))
     assert out is not None and out.info.key_frame_reason == "resolution_change"
+    # compressed input: the same limit, from the JPEG's header
+    compressed, _, _ = make_core(max_image_pixels=H * W, input_compressed=True)
+    assert compressed.process(jpeg_msg(types, frame(), 1.0)) is not None
+    assert compressed.process(jpeg_msg(types, frame(H + 1, W), 1.1)) is None
+    assert compressed.counters["skipped_decode"] == 1
+    compressed.reconfigure({"max_image_pixels": (H + 1) * W})
+    assert compressed.process(jpeg_msg(types, frame(H + 1, W), 1.2)) is not None
 
 
 def test_compressed_input_without_the_strict_decoder_warns_at_start(band_loaded, types, monkeypatch):

@@ -108,6 +108,9 @@ def test_node_publishes_every_output_with_the_input_header(node_module):
     for msg, ns in zip(outs, stamps):
         assert (msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id) == (SEC, ns, "camera_optical")
         assert (msg.height, msg.width, msg.encoding) == (48, 64, "mono8")
+    for labels, confidence in zip(outs, pubs[f"{NODE}/confidence"].messages):
+        # each on its own topic: class IDs below 11, confidences at least 255 / 11 (an arg-max's share)
+        assert np.asarray(labels.data).max() < 11 and np.asarray(confidence.data).min() >= 255 // 11
     for topic in ("confidence", "info", "overlay"):
         got = [(m.header.stamp.nanosec, m.header.frame_id) for m in pubs[f"{NODE}/{topic}"].messages]
         assert got == [(ns, "camera_optical") for ns in stamps], topic
@@ -145,6 +148,30 @@ def test_node_publishes_every_output_with_the_input_header(node_module):
 
     node.destroy_node()
     assert not node._worker.alive
+
+
+def test_diagnostics_levels_reach_the_published_status(node_module):
+    """The core's WARN / ERROR become DiagnosticStatus' levels (only OK was seen before): a camera
+    whose every frame cannot be decoded (a depth encoding) is an ERROR for health monitors."""
+    start, _ = node_module
+    node = start(max_frame_age_s=0)
+    try:
+        bad = image(100_000_000)
+        bad.encoding = "32FC1"
+        for n in range(1, 4):
+            node.subscriptions["/image"].callback(bad)
+            t0 = time.monotonic()
+            while node.core.counters["skipped_decode"] < n and time.monotonic() - t0 < 10:
+                time.sleep(0.01)
+        assert node.core.counters["skipped_decode"] == 3 and not node.publishers[f"{NODE}/labels"].messages
+        _, publish_diagnostics = node.timers[0]
+        publish_diagnostics()
+        (status,) = node.publishers["/diagnostics"].messages[-1].status
+        levels = fr.TYPESTORE.types["diagnostic_msgs/msg/DiagnosticStatus"]
+        assert node.core.diagnostic_status().level_name == "ERROR"
+        assert status.level == levels.ERROR, status.message
+    finally:
+        node.destroy_node()
 
 
 def test_parameters_set_while_running(node_module):
