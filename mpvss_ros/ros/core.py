@@ -812,18 +812,23 @@ class Worker:
         now: the node clock in seconds (for the age check), or None to skip the check.
         demand: which optional outputs are wanted now (:class:`OutputDemand`).
         poll_s: how often the thread checks for :meth:`stop` while idle (seconds).
+        shut_down: True once the middleware is shut down (rclpy's SIGINT/SIGTERM handler ends
+            its context before the node stops this thread): an error then (a publisher, a
+            subscription count, the clock of the dead context) ends the thread quietly instead
+            of being counted and logged with a traceback.
     """
 
     def __init__(self, slot: LatestSlot, core: SegmentationCore, publish: Callable[[Any, Any], None],
                  now: Callable[[], float | None] = lambda: None,
                  demand: Callable[[], OutputDemand] = OutputDemand, poll_s: float = 0.1,
-                 name: str = "mpvss-worker") -> None:
+                 name: str = "mpvss-worker", shut_down: Callable[[], bool] = lambda: False) -> None:
         self.slot = slot
         self.core = core
         self.publish = publish
         self.now = now
         self.demand = demand
         self.poll_s = poll_s
+        self.shut_down = shut_down
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -870,6 +875,9 @@ class Worker:
                 self.publish(outputs, self.core.label_info_update(msg.header, outputs.info.is_key_frame))
                 self.core.record_published()
             except Exception as exc:  # noqa: BLE001 - keep the thread alive whatever a publisher does
+                if self.shut_down():  # the node is going: nothing can be published any more
+                    self._stop.set()
+                    break
                 try:
                     self.core.record_error("publishing failed", exc)  # counts it, then logs
                 except Exception:  # noqa: BLE001 - a logger that raises must not end the thread either

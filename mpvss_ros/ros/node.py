@@ -264,7 +264,8 @@ class _SegmenterShell:
                                "more (a TensorRT engine build takes minutes); activate again once it has finished")
         cfg = self.core.config  # the input settings are read-only: as at configure
         self._slot = self.core.make_slot()
-        self._worker = Worker(self._slot, self.core, self._publish, now=self._now, demand=self._demand)
+        self._worker = Worker(self._slot, self.core, self._publish, now=self._now, demand=self._demand,
+                              shut_down=lambda: not self.context.ok())
         input_qos = _qos(depth=cfg.input_depth, reliability=_RELIABILITY[cfg.input_reliability])
         msg_type, topic = (CompressedImage, "image/compressed") if cfg.input_compressed else (Image, "image")
         self._sub = _create_entity(self, self.create_subscription, msg_type, topic, self._slot.put, input_qos,
@@ -522,20 +523,42 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
         return super().on_error(state)
 
 
+#: Longest wait of the executor, in seconds, before it checks whether rclpy was shut down.
+_SPIN_WAIT_S = 0.5
+
+
 def _spin(node_class: type, args: list[str] | None) -> int:
-    """Init rclpy, build ``node_class`` and spin it until Ctrl-C or shutdown; the exit status."""
+    """Init rclpy, build ``node_class`` and spin it until Ctrl-C or shutdown; the exit status.
+
+    The executor waits at most :data:`_SPIN_WAIT_S` at a time: rclpy's SIGINT/SIGTERM handler
+    can shut the context down while the executor is building its wait set, and then nothing woke
+    a node with no timer (the managed node, unconfigured, waiting for its lifecycle manager): it
+    ignored SIGTERM until killed (3 of 23 tries on the mini ROS 2 stack), or the wait set's
+    ``RCLError`` (the context no longer valid) ended the process with status 1. Errors once
+    rclpy is shut down are that shutdown.
+    """
+    from rclpy.impl.implementation_singleton import rclpy_implementation
+
     rclpy.init(args=args)
-    node = None
+    node = executor = None
     status = 0
     try:
         node = node_class()
-        rclpy.spin(node)
+        executor = rclpy.executors.SingleThreadedExecutor()
+        executor.add_node(node)
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=_SPIN_WAIT_S)
     except StartupError as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
         status = 1
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
+    except rclpy_implementation.RCLError:
+        if rclpy.ok():
+            raise
     finally:
+        if executor is not None:
+            executor.shutdown()
         if node is not None:
             node.destroy_node()
         if rclpy.ok():

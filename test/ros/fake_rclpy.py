@@ -335,6 +335,7 @@ class Node:
         self.timers: list[tuple[float, Any]] = []
         self.destroyed = False
         self._logger = Logger(self.get_fully_qualified_name())  # one per node, as rclpy's Node
+        self.context = Context()
 
     def get_fully_qualified_name(self) -> str:
         return f"{self.namespace.rstrip('/')}/{self._name}"
@@ -650,19 +651,51 @@ class ExternalShutdownException(Exception):
     pass
 
 
+class Context:
+    """``rclpy.context.Context``: ``ok()`` until rclpy is shut down (``try_shutdown``; a test may
+    set ``shut_down`` itself, as rclpy's signal handler would)."""
+
+    shut_down = False  # one process-wide context, as rclpy's default one
+
+    def ok(self) -> bool:
+        return not Context.shut_down
+
+
 class RCLError(RuntimeError):
     """rclpy's ``_rclpy.RCLError`` (``rclpy.impl.implementation_singleton.rclpy_implementation``)."""
 
 
 class _Runtime:
-    """``rclpy.init`` / ``spin`` / ``ok`` / ``try_shutdown``; ``spin`` returns at once."""
+    """``rclpy.init`` / ``spin`` / ``ok`` / ``try_shutdown`` and ``rclpy.executors``'
+    ``SingleThreadedExecutor``, whose first ``spin_once`` ends as an external shutdown would
+    (``spin_once_error``, when set, is raised from it instead, after the shutdown)."""
 
     def __init__(self) -> None:
         self.initialised = False
         self.spun: list[Any] = []
+        self.spin_timeouts: list[float | None] = []
+        self.spin_once_error: BaseException | None = None
+        Context.shut_down = False
+        runtime = self
+
+        class SingleThreadedExecutor:
+            def add_node(self, node: Any) -> None:
+                runtime.spun.append(node)
+
+            def spin_once(self, timeout_sec: float | None = None) -> None:
+                runtime.spin_timeouts.append(timeout_sec)
+                runtime.try_shutdown()
+                if runtime.spin_once_error is not None:
+                    raise runtime.spin_once_error
+
+            def shutdown(self) -> None:
+                pass
+
+        self.executor_class = SingleThreadedExecutor
 
     def init(self, args: Any = None) -> None:
         self.initialised = True
+        Context.shut_down = False
 
     def spin(self, node: Any) -> None:
         self.spun.append(node)
@@ -672,6 +705,7 @@ class _Runtime:
 
     def try_shutdown(self) -> None:
         self.initialised = False
+        Context.shut_down = True
 
 
 def install(monkeypatch: Any) -> _Runtime:
@@ -681,7 +715,8 @@ def install(monkeypatch: Any) -> _Runtime:
     t = TYPESTORE.types
     modules = {
         "rclpy": {"init": runtime.init, "spin": runtime.spin, "ok": runtime.ok, "try_shutdown": runtime.try_shutdown},
-        "rclpy.executors": {"ExternalShutdownException": ExternalShutdownException},
+        "rclpy.executors": {"ExternalShutdownException": ExternalShutdownException,
+                            "SingleThreadedExecutor": runtime.executor_class},
         "rclpy.impl": {}, "rclpy.impl.implementation_singleton": {
             "rclpy_implementation": types.SimpleNamespace(RCLError=RCLError)},
         "rclpy.logging": {"get_logger": get_logger},

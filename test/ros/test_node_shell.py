@@ -459,6 +459,55 @@ def test_main_exit_status(node_module, monkeypatch):
     assert node_py.main([]) == 0
     (node,) = runtime.spun
     assert node.destroyed and not node._worker.alive and not runtime.ok()
+    # the executor never waits unbounded: a shutdown that raced with building its wait set went
+    # unnoticed by a node without a timer (SIGTERM ignored until killed)
+    assert runtime.spin_timeouts == [node_py._SPIN_WAIT_S] and 0 < node_py._SPIN_WAIT_S <= 1.0
+
+
+@pytest.mark.parametrize("error", ["RCLError", "ExternalShutdownException"])
+def test_an_error_of_the_shut_down_context_ends_main_cleanly(node_module, monkeypatch, error):
+    """SIGTERM while the executor builds its wait set: rclpy raised RCLError ('the given context
+    is not valid') out of spin, and the node exited 1 with a traceback."""
+    start, runtime = node_module
+    import mpvss_ros.ros.node as node_py
+
+    monkeypatch.setattr(fr.Node, "overrides", {"device": "cpu", "threads": torch.get_num_threads()})
+    runtime.spin_once_error = fr.RCLError("failed to initialize wait set: the given context is not valid") \
+        if error == "RCLError" else fr.ExternalShutdownException()
+    assert node_py.main_lifecycle([]) == 0
+    assert runtime.spun[-1].destroyed
+
+
+def test_after_shutdown_the_worker_ends_quietly(node_module):
+    """rclpy's signal handler ends the context before the node stops its worker: a publisher (or a
+    subscription count) of the dead context then raises, which the worker logged as an ERROR with a
+    traceback on SIGTERM (2 of 22 shutdowns on the mini ROS 2 stack). Before shutdown the same
+    error is counted and logged, and the worker goes on."""
+    start, _ = node_module
+    node = start(max_frame_age_s=0)
+    try:
+        feed(node, image(100_000_000), 0)
+
+        def refuse(msg):
+            raise fr.RCLError("Failed to publish: publisher's context is invalid")
+
+        node.publishers[f"{NODE}/labels"].publish = refuse
+        worker, seen = node._worker, len(node.get_logger().lines)
+        node.subscriptions["/image"].callback(image(200_000_000))
+        t0 = time.monotonic()
+        while node.core.counters["errors"] == 0 and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        assert node.core.counters["errors"] == 1 and worker.alive
+        assert any(level == "error" and "publishing failed" in text for level, text in node.get_logger().lines[seen:])
+        fr.Context.shut_down = True
+        seen = len(node.get_logger().lines)
+        node.subscriptions["/image"].callback(image(300_000_000))
+        worker._thread.join(10)
+        assert not worker.alive and node.core.counters["errors"] == 1
+        assert not [text for level, text in node.get_logger().lines[seen:] if level == "error"]
+    finally:
+        fr.Context.shut_down = False
+        node.destroy_node()
 
 
 def test_lifecycle_refused_transitions_are_answered(node_module, monkeypatch):
