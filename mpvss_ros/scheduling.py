@@ -417,16 +417,24 @@ class StampGaps:
     def __init__(self) -> None:
         self._last: float | None = None
         self._gap_stamp: float | None = None  # the stamp of the first message after a pending gap
+        self._before_gap: float | None = None  # the stamp of the message before it
 
     def note(self, stamp: float, max_gap_s: float) -> None:
         """Note a received message's stamp (seconds): more than ``max_gap_s`` after the previous
-        one (``math.inf``: never) is a gap, pending until :meth:`take`. A stamp before a pending
-        gap's (time went back across it) drops it: the gap no longer lies ahead of the stream."""
+        one (``math.inf``: never) is a gap, pending until :meth:`take`. A message stamped before a
+        pending gap's first one but still more than ``max_gap_s`` after the message before the gap
+        (out of order) brings the gap's stamp down to its own; one within ``max_gap_s`` of the
+        message before the gap (time went back across it) drops the gap."""
         last, self._last = self._last, stamp
         if last is not None and stamp - last > max_gap_s:
+            if self._gap_stamp is None:
+                self._before_gap = last
             self._gap_stamp = stamp
         elif self._gap_stamp is not None and stamp < self._gap_stamp:
-            self._gap_stamp = None
+            if stamp - self._before_gap > max_gap_s:
+                self._gap_stamp = stamp
+            else:
+                self._gap_stamp = None
 
     def take(self, stamp: float) -> bool:
         """Whether the frame stamped ``stamp`` (seconds), about to be segmented, comes after a

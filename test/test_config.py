@@ -3,6 +3,7 @@
 import pytest
 
 from mpvss_ros.config import ConfigError, load_model_config, model_config_from_dict
+from mpvss_ros.paths import REPO_ROOT
 
 
 def _with(path: str, value):
@@ -122,14 +123,23 @@ def test_a_key_written_twice_is_refused_with_both_lines(tmp_path):
     with pytest.raises(ConfigError, match="a.yaml: not valid YAML at line 5, column 1: 'input' is written twice "
                                           "\\(first at line 2\\)"):
         load_model_config(path)
+    # a merge key's entries may be overridden, and a flow mapping's duplicate is found too
+    merged = tmp_path / "b.yaml"
+    merged.write_text((REPO_ROOT / "config" / "models" / "mpvss_lite.yaml").read_text()
+                      + "extra_a: &base {x: 1, y: 2}\nextra_b: {<<: *base, y: 3}\n")
+    with pytest.raises(ConfigError, match="unknown key") as err:  # loaded, then refused as model keys
+        load_model_config(merged)
+    assert "written twice" not in str(err.value)
+    flow = tmp_path / "c.yaml"
+    flow.write_text("name: x\ninput: {size: [480, 640], size: [360, 480]}\n")
+    with pytest.raises(ConfigError, match="'size' is written twice"):
+        load_model_config(flow)
 
 
 def test_a_config_path_with_a_tilde_or_relative_to_a_data_root(tmp_path, monkeypatch):
     """Model YAML files are found as weights files are: ~ expanded (ROS parameters are not
     shell-expanded), a relative path in the working directory, then the data roots."""
     import shutil
-
-    from mpvss_ros.paths import REPO_ROOT
 
     home = tmp_path / "home"
     home.mkdir()

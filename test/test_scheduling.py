@@ -511,5 +511,8 @@ def test_stamp_gaps_are_measured_between_the_stamps_noted():
     gaps.note(100.0, math.inf)
     assert not gaps.take(100.0)
     gaps.note(102.0, 1.0)  # a gap ...
-    gaps.note(50.0, 1.0)  # ... that time went back across: no longer ahead
-    assert not gaps.take(50.0) and not gaps.take(102.0)
+    gaps.note(100.5, 1.0)  # ... that time went back across: no longer ahead
+    assert not gaps.take(100.5) and not gaps.take(102.0)
+    gaps.note(105.0, 1.0)  # a gap after 100.5 ...
+    gaps.note(104.0, 1.0)  # ... and a message out of order, still 3.5 s after 100.5: after the gap too
+    assert gaps.take(104.0) and not gaps.take(105.0)

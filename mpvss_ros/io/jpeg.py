@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -165,20 +166,24 @@ def _decode_without_zero_fill(data: Any, exc: ValueError) -> np.ndarray:
 
     UVC webcams in MJPEG mode pad frames with 0x00 bytes before the end-of-image marker; libjpeg
     decodes every pixel and then warns "Corrupt JPEG data: N extraneous bytes before marker 0xd9",
-    which the strict decoder raises. The retry decodes the same file without that fill, strictly
-    again, so any other warning (lost scan data, or fill bytes that were scan data) still refuses it.
+    which the strict decoder raises. The retry decodes the same file without the N bytes libjpeg
+    names, then, if that fails, without every zero byte there (the scan data's own last byte can be
+    0x00, as in about 1 in 8 JPEGs of flat images), strictly again: any other warning (lost scan
+    data, or fill bytes that were scan data) still refuses it.
 
     Raises:
-        JpegDataError: from ``exc`` when it is another warning, or when the retry fails too.
+        JpegDataError: from ``exc`` when it is another warning, or when the retries fail too.
     """
     message = str(exc)
-    if "extraneous bytes before marker 0xd9" in message.lower():
+    found = re.search(r"(\d+) extraneous bytes before marker 0xd9", message.lower())
+    if found:
         raw = memoryview(data).cast("B").tobytes() if not isinstance(data, np.ndarray) else data.tobytes()
-        eoi = raw.rfind(b"\x00" + _EOI) + 1  # the end-of-image marker the zero fill runs up to
-        start = eoi
-        while start > 2 and raw[start - 1] == 0 and raw[start - 2] != 0xFF:  # FF 00 is a stuffed data byte
-            start -= 1
-        if start < eoi:
+        eoi = raw.find(_EOI, _scan_start(raw))  # the end-of-image marker the fill runs up to
+        zeros = eoi
+        while zeros > 2 and raw[zeros - 1] == 0 and raw[zeros - 2] != 0xFF:  # FF 00 is a stuffed data byte
+            zeros -= 1
+        named = eoi - int(found.group(1))
+        for start in dict.fromkeys(s for s in (named, zeros) if zeros <= s < eoi):  # zero bytes only, in order
             try:
                 return _simplejpeg.decode_jpeg(raw[:start] + raw[eoi:], colorspace="RGB", strict=True)
             except ValueError:
@@ -215,7 +220,8 @@ def _decode_with_opencv(data: Any, check_size: Callable[[int, int], None] | None
 def _scan_start(raw: bytes) -> int:
     """The offset of a JPEG's first start-of-scan marker, found by walking the header segments
     from the start-of-image marker (ITU-T T.81 B.1: each a marker with a 2-byte length; fill bytes
-    0xFF before a marker); 2 (just past the start-of-image marker) when the walk fails."""
+    0xFF before a marker); ``len(raw)`` when the data ends within the header (no scan), 2 (just
+    past the start-of-image marker) when a byte where a marker belongs is none."""
     i = 2
     while i + 4 <= len(raw) and raw[i] == 0xFF:
         marker = raw[i + 1]
@@ -227,7 +233,7 @@ def _scan_start(raw: bytes) -> int:
             i += 2
         else:
             i += 2 + int.from_bytes(raw[i + 2 : i + 4], "big")
-    return 2
+    return len(raw) if i + 4 > len(raw) else 2  # cut short within the header: no scan at all
 
 
 def _header_size(buf: np.ndarray) -> tuple[int, int] | None:

@@ -267,7 +267,7 @@ class VideoFileSource(FrameSource):
             cap = self._open_capture(self.path)
             index = end = failing = 0  # frames passed; up to the last one grabbed; failed grabs in a row
             try:
-                while failing < MAX_BAD_READS:  # a damaged frame is passed over, as iterating does
+                while failing <= MAX_BAD_READS:  # damaged frames passed over as iterating does: up to MAX_BAD_READS in a row
                     index += 1
                     if cap.grab():
                         end, failing = index, 0

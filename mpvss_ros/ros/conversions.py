@@ -351,8 +351,9 @@ def compressed_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXEL
     back as three equal channels, an alpha channel is dropped. The camera's encoding before ``;``
     counts where image_transport leaves the pixels as they were: a Bayer mosaic
     (``"bayer_rggb8; png compressed "``, an 8-bit grey PNG) is demosaicked as :func:`image_to_rgb`
-    does, and encodings :func:`image_to_rgb` refuses (``"16UC1; png compressed "``, a depth
-    map) are refused here too. The frame size is read from the
+    does, and depth, floating-point and generic encodings (``"16UC1; png compressed "``, a
+    depth map; ``32FC1``, ``8UC3``) are refused, as :func:`image_to_rgb` refuses them; 16-bit
+    grey and colour ones (``mono16``, ``bgr16``) are scaled to 8 bits as an image folder's. The frame size is read from the
     file's header and checked against ``max_pixels`` before anything is decoded (a JPEG on the
     OpenCV fallback whose header Pillow cannot read either: after decoding).
 

@@ -63,11 +63,10 @@ def list_frames(image_dir: str | Path, annot_dir: str | Path) -> list[tuple[Path
         raise FileNotFoundError(f"no images in {image_dir}")
     pairs = []
     for img in images:
-        lab = annot_dir / img.name
-        if not lab.is_file():
-            lab = annot_dir / f"{img.stem}.png"
-        if not lab.is_file():
-            raise FileNotFoundError(f"label missing for {img.name}: expected {annot_dir / img.name} or {lab}")
+        candidates = dict.fromkeys([annot_dir / img.name, annot_dir / f"{img.stem}.png"])
+        lab = next((c for c in candidates if c.is_file()), None)
+        if lab is None:
+            raise FileNotFoundError(f"label missing for {img.name}: expected {' or '.join(map(str, candidates))}")
         pairs.append((img, lab))
     return pairs
 

@@ -204,6 +204,15 @@ def test_zero_fill_before_the_end_marker_decodes_strictly(decoder):
     assert raw.endswith(b"\xff\xd9")
     for fill in (1, 4, 16, 300):
         np.testing.assert_array_equal(decode_jpeg(raw[:-2] + b"\x00" * fill + raw[-2:]), clean)
+    # a JPEG whose own scan data ends in 0x00 (flat blocks last: about 1 in 8 such images here)
+    rng = np.random.default_rng(1)
+    flat = np.zeros((16, 64, 3), np.uint8)
+    flat[:8, :32] = rng.integers(0, 255, (8, 32, 3))
+    ends_in_zero = _jpeg(flat, cv2.IMWRITE_JPEG_QUALITY, 75)
+    assert ends_in_zero[-3] == 0 and ends_in_zero[-4] != 0xFF
+    for fill in (1, 16):
+        np.testing.assert_array_equal(decode_jpeg(ends_in_zero[:-2] + b"\x00" * fill + ends_in_zero[-2:]),
+                                      decode_jpeg(ends_in_zero))
     if decoder == "strict":
         n = len(raw)
         lost = raw[: n // 2] + raw[n // 2 + n // 4 : -2] + b"\x00" * 16 + raw[-2:]
@@ -247,3 +256,6 @@ def test_the_opencv_fallback_looks_for_the_end_marker_after_the_scan(monkeypatch
     np.testing.assert_array_equal(decode_jpeg(with_thumbnail), expected)
     with pytest.raises(JpegDataError, match="truncated"):
         decode_jpeg(with_thumbnail[: len(with_thumbnail) * 3 // 4])
+    with pytest.raises(JpegDataError, match="truncated") as cut:  # cut within the header, past the thumbnail
+        decode_jpeg(with_thumbnail[: 2 + 4 + len(payload) + 10])
+    assert cut.value.truncated

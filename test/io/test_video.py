@@ -17,6 +17,7 @@ from mpvss_ros.io import jpeg
 from mpvss_ros.io.samples import bikes_clip, dashcam_clip
 from mpvss_ros.io.video import (
     Frame,
+    MAX_BAD_READS,
     ImageFolderSource,
     VideoFileSource,
     VideoWriter,
@@ -698,3 +699,49 @@ def test_a_broken_link_in_a_folder_is_skipped_as_unreadable_and_keeps_its_index(
         frames = list(src)
     assert [(f.name, f.index, f.stamp) for f in frames] == [("f000", 0, 0.0), ("f001", 1, 0.1), ("f003", 3, 0.3)]
     assert src.unreadable == ["f002"] and "skipping unreadable image" in caplog.text
+
+
+class _DamagedStreamCapture:
+    """A ``cv2.VideoCapture`` stand-in of a stream without a frame count whose reads succeed or
+    fail as ``pattern`` says, then end."""
+
+    def __init__(self, pattern):
+        self.pattern, self.position = pattern, 0
+
+    def isOpened(self):
+        return True
+
+    def get(self, prop):
+        return 0.0 if prop == cv2.CAP_PROP_FRAME_COUNT else 25.0
+
+    def grab(self):
+        ok = self.position < len(self.pattern) and self.pattern[self.position]
+        self.position += 1
+        return ok
+
+    def read(self):
+        ok = self.grab()
+        return ok, (np.zeros((8, 8, 3), np.uint8) if ok else None)
+
+    def release(self):
+        pass
+
+
+@pytest.mark.parametrize("bad", [MAX_BAD_READS, MAX_BAD_READS + 1])
+def test_counting_and_reading_a_video_without_a_count_agree_on_a_damaged_stretch(tmp_path, monkeypatch, bad):
+    """len() gave up one failure earlier than iterating: with len() called first, a stretch of
+    exactly MAX_BAD_READS damaged frames ended the video there."""
+    pattern = [True] * 3 + [False] * bad + [True] * 3
+    path = tmp_path / "v.mjpeg"
+    path.write_bytes(b"opened by the stand-in")
+    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _DamagedStreamCapture(pattern)))
+    with open_source(path) as src:
+        alone = [f.index for f in src]
+    with open_source(path) as src:
+        count = len(src)
+        after_len = [f.index for f in src]
+    assert alone == after_len
+    if bad == MAX_BAD_READS:  # read on past it
+        assert alone == [0, 1, 2, *range(3 + bad, 6 + bad)] and count == 6 + bad
+    else:  # one more: the end
+        assert alone == [0, 1, 2] and count == 3

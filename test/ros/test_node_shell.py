@@ -393,12 +393,10 @@ def test_lifecycle_never_runs_two_workers(node_module, monkeypatch):
         assert entered.wait(5.0)
         seen = len(node.get_logger().lines)
         assert node.trigger_deactivate() == R.SUCCESS and old.alive
-        t = time.monotonic()
         assert node.trigger_activate() == R.FAILURE and node._worker is old and not node.subscriptions
-        assert time.monotonic() - t < 0.35, "one wait of 0.2 s, not a second one in the failure path"
         lines = node.get_logger().lines[seen:]
         waits = [text for level, text in lines if level == "warning" and "still segmenting a frame after 0.2 s" in text]
-        assert len(waits) == 1, waits  # the deactivate's; the refused activate says so in its error line
+        assert len(waits) == 1, waits  # the deactivate's; a second wait in activate's failure path logged another
         assert any(level == "error" and "cannot activate: the previous worker thread is still segmenting" in text
                    for level, text in lines)
         release.set()
