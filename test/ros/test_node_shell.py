@@ -492,11 +492,14 @@ def test_after_shutdown_the_worker_ends_quietly(node_module):
         node.publishers[f"{NODE}/labels"].publish = refuse
         worker, seen = node._worker, len(node.get_logger().lines)
         node.subscriptions["/image"].callback(image(200_000_000))
+
+        def logged() -> bool:  # counted first, then logged: wait for the line
+            return any(level == "error" and "publishing failed" in text for level, text in node.get_logger().lines[seen:])
+
         t0 = time.monotonic()
-        while node.core.counters["errors"] == 0 and time.monotonic() - t0 < 10:
+        while not logged() and time.monotonic() - t0 < 10:
             time.sleep(0.01)
-        assert node.core.counters["errors"] == 1 and worker.alive
-        assert any(level == "error" and "publishing failed" in text for level, text in node.get_logger().lines[seen:])
+        assert logged() and node.core.counters["errors"] == 1 and worker.alive
         fr.Context.shut_down = True
         seen = len(node.get_logger().lines)
         node.subscriptions["/image"].callback(image(300_000_000))
