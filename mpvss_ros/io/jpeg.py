@@ -202,7 +202,7 @@ def _decode_with_opencv(data: Any, check_size: Callable[[int, int], None] | None
     raw = buf.tobytes()
     if raw.find(_EOI, _scan_start(raw)) < 0:
         raise JpegDataError("no end-of-image marker, the data is truncated", truncated=True)
-    header_size = _header_size(buf)
+    header_size = _header_size(raw)
     if check_size is not None and header_size is not None:
         check_size(*header_size)
     flags = cv2.IMREAD_COLOR if apply_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
@@ -236,12 +236,12 @@ def _scan_start(raw: bytes) -> int:
     return len(raw) if i + 4 > len(raw) else 2  # cut short within the header: no scan at all
 
 
-def _header_size(buf: np.ndarray) -> tuple[int, int] | None:
+def _header_size(raw: bytes) -> tuple[int, int] | None:
     """A JPEG's frame size (height, width) in pixels, as stored, read by Pillow from the header
     segments without decoding (it does not mind what TurboJPEG's probe refuses, e.g. an unknown
     JFIF version); None when Pillow cannot read the header either."""
     try:
-        with JpegImagePlugin.JpegImageFile(io.BytesIO(buf.tobytes())) as image:
+        with JpegImagePlugin.JpegImageFile(io.BytesIO(raw)) as image:
             width, height = image.size
     except Exception:  # noqa: BLE001 - Pillow raises many types on headers it cannot parse
         return None

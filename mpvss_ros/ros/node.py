@@ -48,6 +48,7 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.exceptions import ParameterException
+from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -440,7 +441,6 @@ class MPVSSLifecycleNode(_SegmenterShell, LifecycleNode):
         if service is None:
             return
         handler = service.callback
-        from rclpy.impl.implementation_singleton import rclpy_implementation
 
         def on_change_state(request, response):
             try:
@@ -537,8 +537,6 @@ def _spin(node_class: type, args: list[str] | None) -> int:
     ``RCLError`` (the context no longer valid) ended the process with status 1. Errors once
     rclpy is shut down are that shutdown.
     """
-    from rclpy.impl.implementation_singleton import rclpy_implementation
-
     rclpy.init(args=args)
     node = executor = None
     status = 0
