@@ -533,7 +533,8 @@ def _spin(node_class: type, args: list[str] | None) -> int:
     The executor waits at most :data:`_SPIN_WAIT_S` at a time: rclpy's SIGINT/SIGTERM handler
     can shut the context down while the executor is building its wait set, and then nothing woke
     a node with no timer (the managed node, unconfigured, waiting for its lifecycle manager): it
-    ignored SIGTERM until killed (3 of 23 tries on the mini ROS 2 stack), or the wait set's
+    ignored SIGTERM until killed (3 of 23 tries in a review's runs on the mini ROS 2 stack; 0 of 32
+    in a later run of the same script), or the wait set's
     ``RCLError`` (the context no longer valid) ended the process with status 1. Errors once
     rclpy is shut down are that shutdown.
     """
