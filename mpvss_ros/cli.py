@@ -52,9 +52,9 @@ _MAX_ERROR_LINE_CHARS = 400
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="model name (mpvss_lite, mpvss_r50) or a YAML config file "
-                   "(default: the weights file's own config, else mpvss_r50 for an official ResNet-50 file, "
-                   "else mpvss_lite)")
+    g.add_argument("--model", default=None, help="model name (mpvss_lite, mpvss_r50, mpvss_swin_base, ...: config/models/) "
+                   "or a YAML config file (default: the weights file's own config, else the official MPVSS model "
+                   "(R50, R101, Swin-T/S/B/L) whose backbone the file holds, else mpvss_lite)")
     g.add_argument("--weights", default=None, help="checkpoint (.pt/.pth/.pkl); default: the model's shipped weights")
     g.add_argument("--device", default="auto",
                    help="auto (the GPU when the chosen backend and precision can run on it, else the CPU), cpu or "

@@ -53,6 +53,9 @@ class ConfigError(ValueError):
     """A model configuration file is missing, unreadable or holds unknown or bad values."""
 
 
+#: Backbone types ``nn.backbones.build_backbone`` builds.
+BACKBONE_TYPES = ("resnet", "swin", "mobilenet_v2")
+
 #: ResNet depths the backbone builds (``nn.backbones.RESNET_BLOCKS``; a test keeps them equal).
 RESNET_DEPTHS = (50, 101)
 
@@ -61,12 +64,21 @@ RESNET_DEPTHS = (50, 101)
 class BackboneConfig:
     """Backbone choice.
 
-    ``type``: ``resnet`` (detectron2 key layout, ``depth`` 50 or 101) or ``mobilenet_v2``
-    (flat ``features.*`` layout). Outputs are ``res2..res5`` at strides 4, 8, 16, 32.
+    ``type``: ``resnet`` (detectron2 key layout, ``depth`` 50 or 101), ``swin`` (Mask2Former's
+    ``D2SwinTransformer`` layout; the fields from ``embed_dim`` on, named as its ``MODEL.SWIN``
+    options, official Swin-T/S/B/L values in ``config/models/mpvss_swin_*.yaml``) or
+    ``mobilenet_v2`` (flat ``features.*`` layout). Outputs are ``res2..res5`` at strides 4, 8,
+    16, 32. Fields another type does not use are ignored.
     """
 
     type: str = "mobilenet_v2"
     depth: int = 50
+    embed_dim: int = 96
+    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.3
 
 
 @dataclass
@@ -313,11 +325,13 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         if len(cfg.palette) != cfg.num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c)
                                                        for c in cfg.palette):
             raise ConfigError(f"{where}: palette needs {cfg.num_classes} RGB triples of 0..255")
-    if cfg.backbone.type not in ("resnet", "mobilenet_v2"):
-        raise ConfigError(f"{where}: backbone.type must be resnet or mobilenet_v2, got {cfg.backbone.type!r}")
+    if cfg.backbone.type not in BACKBONE_TYPES:
+        raise ConfigError(f"{where}: backbone.type must be one of {list(BACKBONE_TYPES)}, got {cfg.backbone.type!r}")
     if cfg.backbone.type == "resnet" and cfg.backbone.depth not in RESNET_DEPTHS:
         raise ConfigError(f"{where}: backbone.depth must be one of {list(RESNET_DEPTHS)} for resnet, "
                           f"got {cfg.backbone.depth}")
+    if cfg.backbone.type == "swin":
+        _validate_swin(cfg.backbone, where)
     if cfg.pixel_decoder.type not in ("msdeformattn", "fpn"):
         raise ConfigError(f"{where}: pixel_decoder.type must be msdeformattn or fpn, got {cfg.pixel_decoder.type!r}")
     if cfg.transformer_decoder.hidden_dim % 4:
@@ -351,6 +365,20 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         # the pixel decoder's multi-scale maps (1/32, 1/16, 1/8), one per level, as Mask2Former asserts
         raise ConfigError(f"{where}: transformer_decoder.num_feature_levels must be 3 (the pixel decoder's 1/32, 1/16 "
                           f"and 1/8 maps), got {cfg.transformer_decoder.num_feature_levels}")
+
+
+def _validate_swin(b: BackboneConfig, where: str) -> None:
+    if len(b.depths) != 4 or len(b.num_heads) != 4:
+        raise ConfigError(f"{where}: backbone.depths and backbone.num_heads need 4 entries (res2..res5) for swin, "
+                          f"got {b.depths} and {b.num_heads}")
+    for s, heads in enumerate(b.num_heads):
+        if (b.embed_dim * 2**s) % heads:
+            raise ConfigError(f"{where}: stage {s} of swin is {b.embed_dim * 2**s} wide (backbone.embed_dim * "
+                              f"2^{s}), not a multiple of its {heads} heads (backbone.num_heads)")
+    if not b.mlp_ratio > 0:
+        raise ConfigError(f"{where}: backbone.mlp_ratio must be > 0, got {b.mlp_ratio}")
+    if not 0.0 <= b.drop_path_rate < 1.0:
+        raise ConfigError(f"{where}: backbone.drop_path_rate must lie in [0, 1), got {b.drop_path_rate}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -4,8 +4,9 @@ Rules, in order:
 
 1. ``weights`` given and in this project's format with a stored ``model_config``, and no
    ``model`` given: the stored configuration is used (the file describes itself).
-2. ``weights`` given without a configuration, no ``model``, and its keys those of an official
-   ResNet-50 MPVSS (:func:`official_model_name`): ``mpvss_r50``.
+2. ``weights`` given without a configuration, no ``model``, and its backbone keys those of an
+   official MPVSS model (:func:`official_model_name`: R50, R101, Swin-T/S/B/L): that model's
+   configuration (``mpvss_r50``, ``mpvss_r101``, ``mpvss_swin_tiny`` ...).
 3. Otherwise the configuration comes from ``model`` (a name under ``config/models/`` or a YAML
    file), default ``mpvss_lite``.
 4. Weights: ``weights`` if given (it must exist and match, else :class:`CheckpointError`), else
@@ -20,6 +21,7 @@ Relative paths are looked up in the working directory and then :func:`mpvss_ros.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,16 @@ from .nn.mpvss import MPVSS
 from .paths import find_data
 
 __all__ = ["LoadedModel", "load_model", "load_exported", "resolve_data_path", "resolve_device", "select_device",
-           "DEFAULT_MODEL"]
+           "official_model_name", "DEFAULT_MODEL", "OFFICIAL_MODELS"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "mpvss_lite"
+
+#: The configurations of the official MPVSS VSPW models (ziplab/MPVSS ``configs/vspw``), which a
+#: checkpoint without a stored configuration is matched against by its backbone.
+OFFICIAL_MODELS = ("mpvss_r50", "mpvss_r101", "mpvss_swin_tiny", "mpvss_swin_small", "mpvss_swin_base",
+                   "mpvss_swin_large")
 
 
 @dataclass
@@ -133,14 +140,39 @@ def select_device(device: str) -> torch.device:
     return dev
 
 
+def _backbone_signature(state_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """The backbone settings an official checkpoint's keys and shapes fix, as ``BackboneConfig``
+    fields, or None for a backbone that is neither a detectron2 ResNet nor a D2 Swin."""
+    if "backbone.stem.conv1.weight" in state_dict:  # detectron2 ResNet: 6 res4 blocks R50, 23 R101
+        res4 = {k.split(".")[2] for k in state_dict if k.startswith("backbone.res4.")}
+        return {"type": "resnet", "depth": {6: 50, 23: 101}.get(len(res4))}
+    patch = state_dict.get("backbone.patch_embed.proj.weight")
+    tables = [state_dict.get(f"backbone.layers.{s}.blocks.0.attn.relative_position_bias_table") for s in range(4)]
+    if len(getattr(patch, "shape", ())) != 4 or any(len(getattr(t, "shape", ())) != 2 for t in tables):
+        return None  # no Swin, or a damaged one: loading reports what is wrong
+    side = math.isqrt(int(tables[0].shape[0]))  # the table has (2M - 1)^2 rows
+    return {"type": "swin", "embed_dim": int(patch.shape[0]), "window_size": (side + 1) // 2,
+            "num_heads": [int(t.shape[1]) for t in tables],
+            "depths": [len({k.split(".")[4] for k in state_dict if k.startswith(f"backbone.layers.{s}.blocks.")})
+                       for s in range(4)]}
+
+
 def official_model_name(state_dict: dict[str, Any]) -> str | None:
-    """The model an official MPVSS / Mask2Former checkpoint (no stored configuration) belongs to,
-    from its keys: ``mpvss_r50`` for a detectron2 ResNet-50 backbone (6 ``res4`` blocks), else
-    None (other backbones, e.g. ResNet-101 or Swin, have no configuration here)."""
-    if "backbone.stem.conv1.weight" not in state_dict:
+    """The official MPVSS model a checkpoint without a stored configuration belongs to, from its
+    backbone's keys and shapes (detectron2 ResNet depth; Swin width, blocks, heads and window):
+    one of :data:`OFFICIAL_MODELS`, or None. The rest of the file is checked when it loads.
+
+    Args:
+        state_dict: key -> tensor (or array; only ``.shape`` is read).
+    """
+    signature = _backbone_signature(state_dict)
+    if signature is None:
         return None
-    res4 = {k.split(".")[2] for k in state_dict if k.startswith("backbone.res4.")}
-    return "mpvss_r50" if len(res4) == 6 else None
+    for name in OFFICIAL_MODELS:
+        backbone = load_model_config(name).backbone
+        if all(getattr(backbone, field_name) == value for field_name, value in signature.items()):
+            return name
+    return None
 
 
 def load_model(model: str | Path | None = None, weights: str | Path | None = None,
@@ -169,15 +201,17 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             raise CheckpointError(f"weights file not found: {weights}")
 
     ckpt = read_checkpoint(weights_path) if weights_path is not None else None  # the file is read once
-    default_guessed = False  # a file without a configuration, not an official R50 one, tried on the default model
+    default_guessed = False  # a file without a configuration, not an official one, tried on the default model
+    official_guess = False  # a file without a configuration whose backbone is an official model's
     if model is None and ckpt is not None and ckpt.model_config:
         try:
             cfg = model_config_from_dict(ckpt.model_config, where=f"{weights_path} (model_config)")
         except ConfigError as exc:  # the file is at fault, not the command line: exit status 1 as for weights
             raise CheckpointError(str(exc)) from None
     elif model is None and ckpt is not None and (guess := official_model_name(ckpt.state_dict)) is not None:
-        log.info("%s holds no model configuration; its keys are those of %s", weights_path, guess)
+        log.info("%s holds no model configuration; its backbone's keys are those of %s", weights_path, guess)
         cfg = load_model_config(guess)
+        official_guess = True
     else:
         cfg = load_model_config(model or DEFAULT_MODEL)
         default_guessed = model is None and ckpt is not None
@@ -204,13 +238,17 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                     f"{weights_path} was trained as {stored} (the configuration stored in it), not {model}: "
                     f"leave out --model (node: model: '') to use the stored one, or pass --model {stored}\n{exc}"
                 ) from exc
+            if official_guess:
+                raise CheckpointError(
+                    f"{weights_path} stores no model configuration and its backbone is that of the official "
+                    f"{cfg.name}, but the rest of it does not fit {cfg.name}: pass --model with a YAML config "
+                    f"that describes it\n{exc}") from exc
             if not default_guessed:
                 raise
             raise CheckpointError(
-                f"{weights_path} holds no model configuration, is not an official ResNet-50 checkpoint "
-                f"(the only official one configured here: mpvss_r50) and does not fit the default model "
-                f"{cfg.name}: pass --model with a model name or a YAML config that describes it "
-                f"(official ResNet-101 and Swin checkpoints need one)\n{exc}") from exc
+                f"{weights_path} holds no model configuration, its backbone is none of the official MPVSS "
+                f"models configured here ({', '.join(OFFICIAL_MODELS)}) and it does not fit the default model "
+                f"{cfg.name}: pass --model with a model name or a YAML config that describes it\n{exc}") from exc
         meta = ckpt.meta
     elif not cfg.default_weights:
         log.warning("model %s has no weights (none given, no default): running UNTRAINED", cfg.name)

@@ -322,12 +322,13 @@ def test_save_refuses_what_it_could_not_read_back(tmp_path):
 
 
 def test_a_file_without_configuration_that_fits_no_model_says_to_pass_model(tmp_path):
-    """An official ResNet-101 file (23 res4 blocks) has no configuration here: it was checked
-    against the default mpvss_lite and listed hundreds of MobileNet keys without a word on --model.
-    A plain state dict of the default model still loads without --model."""
+    """A ResNet-152 file (36 res4 blocks) has no configuration here (an official ResNet-101 one
+    had none before mpvss_r101): it was checked against the default mpvss_lite and listed hundreds
+    of MobileNet keys without a word on --model. A plain state dict of the default model still
+    loads without --model."""
     sd = {"backbone.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}
-    sd.update({f"backbone.res4.{j}.conv1.weight": torch.zeros(256, 1024, 1, 1) for j in range(23)})
-    path = tmp_path / "r101.pth"
+    sd.update({f"backbone.res4.{j}.conv1.weight": torch.zeros(256, 1024, 1, 1) for j in range(36)})
+    path = tmp_path / "r152.pth"
     torch.save({"model": sd}, path)
     with pytest.raises(CheckpointError, match="holds no model configuration.*pass --model") as err:
         load_model(None, path)
@@ -350,6 +351,8 @@ def test_the_pass_model_hint_is_only_for_files_tried_on_the_default_model(tmp_pa
     with pytest.raises(CheckpointError) as err:
         load_model(None, tmp_path / "r50_partial.pth")
     assert "holds no model configuration" not in str(err.value)
+    assert "its backbone is that of the official mpvss_r50, but the rest of it does not fit" in str(err.value)
+    assert "missing key(s)" in str(err.value)
     cfg = load_model_config("mpvss_lite")
     save_checkpoint(tmp_path / "lite.pt", MPVSS(cfg), cfg.to_dict(), meta={})
     obj = torch.load(tmp_path / "lite.pt", weights_only=True)

@@ -15,13 +15,16 @@ Backbones:
   module adds the ``backbone.`` prefix). Bottleneck with the stride on the 3x3 conv
   (``STRIDE_IN_1X1: False``), He et al. 2016; spec: ``docs/mpvss_architecture.md`` sections 0
   and 5.2.
+* :class:`~mpvss_ros.nn.swin.SwinTransformer` (Swin-T/S/B/L, Liu et al. 2021) in the key layout
+  of Mask2Former's ``D2SwinTransformer`` (``patch_embed.*``, ``layers.{s}.blocks.{b}.*``,
+  ``norm{0..3}.*``); it lives in :mod:`mpvss_ros.nn.swin`.
 * :class:`MobileNetV2` (Sandler et al. 2018) in the flat ``features.*`` layout of
   ``shared/data/weights/mobilenetv2_imagenet_features.pt`` (see ``shared/data/README.md``),
   with :func:`load_imagenet_weights`.
 * :func:`build_backbone` builds one from a :class:`~mpvss_ros.config.BackboneConfig`.
 
-Everything is ONNX-export friendly (TorchScript exporter, opset 17): only Conv, BatchNorm,
-ReLU/Clip, MaxPool and Add; no data-dependent control flow.
+ResNet and MobileNetV2 are ONNX-export friendly (TorchScript exporter, opset 17): only Conv,
+BatchNorm, ReLU/Clip, MaxPool and Add; no data-dependent control flow.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mpvss_ros.config import BackboneConfig
+from mpvss_ros.nn.swin import SwinTransformer
 
 __all__ = [
     "Conv2dNorm",
@@ -383,7 +387,9 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """Build the backbone named by ``cfg`` (randomly initialised; load weights afterwards).
 
     Args:
-        cfg: ``type`` ``"resnet"`` (uses ``cfg.depth``, 50 or 101) or ``"mobilenet_v2"``.
+        cfg: ``type`` ``"resnet"`` (uses ``cfg.depth``, 50 or 101), ``"swin"`` (uses ``embed_dim``,
+            ``depths``, ``num_heads``, ``window_size``, ``mlp_ratio``, ``drop_path_rate``) or
+            ``"mobilenet_v2"``.
 
     Returns:
         a module following this file's contract (dict of ``res2..res5``, ``out_channels``).
@@ -394,6 +400,9 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     kind = cfg.type.lower()
     if kind == "resnet":
         return ResNet(depth=cfg.depth)
+    if kind == "swin":
+        return SwinTransformer(cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.window_size, cfg.mlp_ratio,
+                               cfg.drop_path_rate)
     if kind == "mobilenet_v2":
         return MobileNetV2()
-    raise ValueError(f"unknown backbone type {cfg.type!r}; expected 'resnet' or 'mobilenet_v2'")
+    raise ValueError(f"unknown backbone type {cfg.type!r}; expected 'resnet', 'swin' or 'mobilenet_v2'")

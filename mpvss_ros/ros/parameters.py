@@ -104,10 +104,10 @@ class ParamSpec:
 
 PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("model", "str", "",
-              "Model: a name under config/models/ (mpvss_lite, mpvss_r50) or a model YAML file; "
-              "'' (as the command line's default) = the configuration stored in the weights file, "
-              "else mpvss_r50 for an official ResNet-50 MPVSS file, else mpvss_lite (with "
-              "weights '': the shipped mpvss_lite model).",
+              "Model: a name under config/models/ (mpvss_lite, mpvss_r50, mpvss_swin_base, ...) or a model "
+              "YAML file; '' (as the command line's default) = the configuration stored in the weights file, "
+              "else the official MPVSS model (R50, R101, Swin-T/S/B/L) whose backbone the file holds, else "
+              "mpvss_lite (with weights '': the shipped mpvss_lite model).",
               constraints="a model name, a .yaml file, or ''"),
     ParamSpec("weights", "str", "",
               "Weights file (.pt/.pth of this project or official, detectron2 .pkl); '' = the "

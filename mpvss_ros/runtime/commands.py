@@ -89,7 +89,7 @@ def _size(p: argparse.ArgumentParser) -> None:
 
 
 def _model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model name (mpvss_lite, mpvss_r50) or YAML config (default as load_model)")
+    p.add_argument("--model", default=None, help="model name (mpvss_lite, mpvss_r50, mpvss_swin_base, ...) or YAML config (default as load_model)")
     p.add_argument("--weights", default=None, help="checkpoint (default: the model's shipped weights, else untrained)")
 
 
