@@ -107,6 +107,10 @@ def _to_tensor_dict(obj: Any, path: Path) -> dict[str, Tensor]:
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise CheckpointError(f"{path}: tensor {k!r} holds NaN or infinite values (a diverged or corrupt file)")
         out[str(k)] = v
+    if all(k.startswith("module.") for k in out):
+        # saved from a DistributedDataParallel / DataParallel wrapper: detectron2's checkpointer
+        # strips this prefix when every key has it (_strip_prefix_if_present), and so does this
+        out = {k[len("module."):]: v for k, v in out.items()}
     return out
 
 
@@ -116,7 +120,8 @@ class CheckpointFile:
 
     Attributes:
         state_dict: flat key -> tensor (the ``"model"`` entry of detectron2 files, the
-            ``"state_dict"`` of this project's format).
+            ``"state_dict"`` of this project's format), without the ``module.`` prefix that a
+            (Distributed)DataParallel wrapper puts on every key.
         model_config: the stored ``ModelConfig`` dict (this project's format), else None.
         meta: the stored provenance (this project's format), else {}.
     """

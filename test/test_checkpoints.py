@@ -52,6 +52,21 @@ def test_official_pth_under_model_reloads_exactly(tmp_path, r50_pair):
     _assert_same(source, target)
 
 
+def test_a_data_parallel_prefix_is_stripped_as_detectron2_does(tmp_path, r50_pair):
+    """A file saved from a DistributedDataParallel wrapper has ``module.`` on every key; detectron2
+    strips it when every key has it, and so does the reader (one key without it: kept as is)."""
+    source, target = r50_pair
+    sd = _official_dict(source, frozen_bn=True)
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pth")
+    load_checkpoint(target, tmp_path / "ddp.pth")
+    _assert_same(source, target)
+    mixed = {f"module.{k}": v for k, v in sd.items()}
+    mixed["criterion.empty_weight"] = torch.ones(125)
+    torch.save({"model": mixed}, tmp_path / "mixed.pth")
+    assert all(k.startswith("module.") for k in read_checkpoint(tmp_path / "mixed.pth").state_dict
+               if k != "criterion.empty_weight")
+
+
 def test_official_pkl_numpy_reloads_exactly(tmp_path, r50_pair):
     source, target = r50_pair
     with torch.no_grad():
