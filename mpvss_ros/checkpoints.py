@@ -239,10 +239,17 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 _MAX_KEYS_LISTED = 20
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint",
+                           absent_part: str | None = None) -> None:
     """Copy ``state_dict`` into ``model``, failing loudly on any key or shape mismatch.
 
     See the module docstring for the few keys that are tolerated.
+
+    Args:
+        model, state_dict, source: the module, the file's tensors and the file's name for errors.
+        absent_part: a key prefix (e.g. ``"motion."``) whose keys the file may lack, all of them
+            (they keep the model's current values): a per-frame Mask2Former checkpoint has no
+            motion module. A file with some of them and not others is a mismatch.
 
     Raises:
         CheckpointError: listing missing keys, unexpected keys, shape mismatches and tensors of
@@ -254,6 +261,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
     given = {k: v for k, v in state_dict.items() if k not in IGNORED_KEYS}
     optional = lambda k: k.endswith(_OPTIONAL_SUFFIXES)  # noqa: E731
     missing = sorted(k for k in model_sd if k not in given and not optional(k))
+    if absent_part and not any(k.startswith(absent_part) for k in given):
+        missing = [k for k in missing if not k.startswith(absent_part)]
     unexpected = sorted(k for k in given if k not in model_sd and not optional(k))
     mismatched = sorted(
         f"{k}: file {tuple(given[k].shape)} vs model {tuple(model_sd[k].shape)}"

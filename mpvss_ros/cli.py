@@ -240,7 +240,9 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
     d = MotionTrainOptions(run_dir="", init_checkpoint="")
     described = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(MotionTrainOptions)}
     p.add_argument("--run-dir", required=True, help="output folder")
-    p.add_argument("--init-checkpoint", required=True, help="the stage-1 model (mpvss_ros .pt)")
+    p.add_argument("--init-checkpoint", required=True, help="the stage-1 model: mpvss_ros .pt, an official MPVSS "
+                   "checkpoint, or a per-frame Mask2Former one (.pth/.pkl) whose missing motion module "
+                   "starts from its initialisation, as the official training does")
     for name, typ in (("steps", int), ("batch_size", int), ("lr", float), ("head_lr_mult", float),
                       ("weight_decay", float), ("warmup_steps", int), ("poly_power", float), ("clip_grad_norm", float),
                       ("flow_weight", float), ("video_fraction", float), ("synthetic_fraction", float),
@@ -253,7 +255,8 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
                        help=(text + "; " if text else "") + ("default: " + _MOTION_NONE_HELP[name] if default is None
                                                              else f"default {default}"))
-    p.add_argument("--model", default=None, help="model name or YAML replacing the config stored in --init-checkpoint")
+    p.add_argument("--model", default=None, help="model name or YAML replacing the config stored in --init-checkpoint "
+                   "(default: the stored one, else the official model whose backbone the file holds)")
     p.add_argument("--init-motion", default=None,
                    help="start the motion module from this checkpoint's motion weights (warm start)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=list(d.crop),

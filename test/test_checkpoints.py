@@ -67,6 +67,27 @@ def test_a_data_parallel_prefix_is_stripped_as_detectron2_does(tmp_path, r50_pai
                if k != "criterion.empty_weight")
 
 
+def test_a_missing_part_loads_only_when_asked_and_only_when_wholly_absent():
+    """absent_part lets a per-frame Mask2Former file (no motion module) load into MPVSS; without
+    it, or with some of the part's keys in the file, the missing keys are listed."""
+    from mpvss_ros.checkpoints import load_state_dict_strict
+
+    torch.manual_seed(0)
+    cfg = load_model_config("mpvss_lite")
+    source, target = MPVSS(cfg), MPVSS(cfg)
+    motion_before = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("motion.")}
+    segmentor = {k: v for k, v in source.state_dict().items() if not k.startswith("motion.")}
+    with pytest.raises(CheckpointError, match="missing key"):
+        load_state_dict_strict(target, segmentor)
+    load_state_dict_strict(target, segmentor, absent_part="motion.")
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in segmentor.items())
+    assert all(torch.equal(after[k], v) for k, v in motion_before.items())
+    some_motion = dict(segmentor, **{k: v for k, v in list(motion_before.items())[:2]})
+    with pytest.raises(CheckpointError, match="missing key"):
+        load_state_dict_strict(target, some_motion, absent_part="motion.")
+
+
 def test_official_pkl_numpy_reloads_exactly(tmp_path, r50_pair):
     source, target = r50_pair
     with torch.no_grad():

@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import load_checkpoint, read_model_config, read_state_dict
+from ..checkpoints import load_state_dict_strict, read_checkpoint, read_state_dict
 from ..config import load_model_config, model_config_from_dict
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
-from ..model_loader import select_device
+from ..model_loader import official_model_name, select_device
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
 from ..nn.warp import compose_flows, warp_mask_logits
@@ -93,7 +93,10 @@ class MotionTrainOptions:
     Attributes:
         run_dir: output folder (log.jsonl, checkpoints); one that holds an earlier run only with
             ``resume`` (:func:`~mpvss_ros.training.trainer.check_run_dir`).
-        init_checkpoint: the stage-1 model (this project's format).
+        init_checkpoint: the stage-1 model: this project's format, an official MPVSS checkpoint,
+            or a per-frame Mask2Former one without a motion module (the official recipe's
+            ``MODEL.WEIGHTS``; the motion module then starts from its initialisation). Without
+            ``model``, its stored configuration, else the official model its backbone describes.
         crop: (H, W) pixels, both >= :data:`MIN_CROP` and multiples of the motion module's flow
             stride (8 for ``mpvss_lite``; checked once the model is built), padded internally to a
             multiple of 32.
@@ -387,20 +390,28 @@ _RESUME_CHECKED = ("steps", "batch_size", "crop", "lr", "head_lr_mult", "weight_
 def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     synthetic_motion = SyntheticMotion(travel_probability=opts.synthetic_travel)  # checks the range first
     run_dir = Path(opts.run_dir)
+    init = read_checkpoint(opts.init_checkpoint)  # read once: configuration and weights
     if opts.model is not None:
         cfg = load_model_config(opts.model)
+    elif init.model_config is not None:
+        cfg = model_config_from_dict(init.model_config)
+    elif (official := official_model_name(init.state_dict)) is not None:
+        log.info("%s stores no model config; its backbone is that of %s", opts.init_checkpoint, official)
+        cfg = load_model_config(official)
     else:
-        stored = read_model_config(opts.init_checkpoint)
-        if stored is None:
-            raise ValueError(f"--init-checkpoint {opts.init_checkpoint} stores no model config: give --model NAME "
-                             f"(a model name under config/models or a YAML file) for the model its weights fit")
-        cfg = model_config_from_dict(stored)
+        raise ValueError(f"--init-checkpoint {opts.init_checkpoint} stores no model config: give --model NAME "
+                         f"(a model name under config/models or a YAML file) for the model its weights fit")
     labelled, val_dir, val_annot, clip_paths = _training_data(opts, cfg.num_classes)  # before the model loads
     device = select_device(opts.device)
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
     check_crop_on_flow_grid(opts.crop, model.motion.flow_stride)  # before minutes of pseudo-labelling
-    init_meta = load_checkpoint(model, opts.init_checkpoint)
+    if not any(k.startswith("motion.") for k in init.state_dict):
+        # a per-frame Mask2Former checkpoint, what the official MPVSS training starts from (spec
+        # 3.3): the segmentor loads strictly, the motion module keeps its initialisation
+        log.info("%s holds no motion module: it starts from its initialisation", opts.init_checkpoint)
+    load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint), absent_part="motion.")
+    init_meta = init.meta
     if opts.init_motion:
         motion_state = {k[len("motion."):]: v for k, v in read_state_dict(opts.init_motion).items()
                         if k.startswith("motion.")}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpvss_ros.checkpoints import read_state_dict
+from mpvss_ros.checkpoints import CheckpointError, read_state_dict
 from mpvss_ros.io.samples import (
     bikes_clip,
     camvid_annot_dir,
@@ -203,6 +203,35 @@ def test_train_motion_init_motion_warm_start(needs_data, lite_checkpoint, motion
     opts.init_motion = str(tmp_path / "none.pt")
     torch.save({"backbone.x": torch.zeros(1)}, opts.init_motion)
     with pytest.raises(ValueError):
+        train_motion(opts)
+
+
+def test_train_motion_starts_from_a_per_frame_mask2former_checkpoint(needs_data, lite_checkpoint, tmp_path):
+    """The official recipe starts stage 2 from a per-frame Mask2Former checkpoint (no motion.*
+    keys, detectron2's ``{"model": ...}``): the segmentor loads from it, the motion module keeps the
+    seeded initialisation (lr 0: nothing moves after). A file with part of a motion module is
+    refused with the missing keys."""
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+
+    segmentor = {k: v for k, v in read_state_dict(lite_checkpoint).items() if not k.startswith("motion.")}
+    per_frame = tmp_path / "mask2former_model_final.pth"
+    torch.save({"model": segmentor, "iteration": 100}, per_frame)
+    opts = _options(tmp_path / "run", per_frame, 1)
+    opts.model, opts.lr, opts.head_lr_mult, opts.val_every = "mpvss_lite", 0.0, 0.0, 0
+    train_motion(opts)
+    got = read_state_dict(tmp_path / "run" / "checkpoint_last.pt")
+    torch.manual_seed(opts.seed)
+    fresh = MPVSS(load_model_config("mpvss_lite")).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in segmentor.items())
+    motion = [k for k in fresh if k.startswith("motion.")]
+    assert motion and all(torch.equal(got[k], fresh[k]) for k in motion)
+
+    partial = dict(segmentor, **{k: fresh[k] for k in motion[:3]})
+    torch.save({"model": partial}, tmp_path / "partial.pth")
+    opts = _options(tmp_path / "run_partial", tmp_path / "partial.pth", 1)
+    opts.model = "mpvss_lite"
+    with pytest.raises(CheckpointError, match="missing key"):
         train_motion(opts)
 
 
