@@ -13,7 +13,11 @@ be used, except for these documented, harmless differences:
   must equal the model configuration's, else :class:`CheckpointError` (weights trained with
   another normalisation, e.g. BGR order); ``motion.flow_img_norm_*`` are ignored with a warning;
 * BatchNorm ``num_batches_tracked`` counters may be present or absent (detectron2 FrozenBN has
-  none, SyncBN has them); they do not affect inference.
+  none, SyncBN has them); they do not affect inference;
+* a ``module.`` prefix on every key (a file saved from a (Distributed)DataParallel wrapper) is
+  stripped when the file is read, as detectron2's checkpointer does;
+* with ``absent_part`` (:func:`load_state_dict_strict`; stage-2 training's start from a per-frame
+  Mask2Former checkpoint) a file may lack every key under that prefix, all of them or none.
 
 Anything else missing, unexpected or of another shape raises :class:`CheckpointError` naming
 the keys. So do a torch zip whose member fails its CRC check and tensors holding NaN or inf.

@@ -180,8 +180,10 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
     """Build the model and load its weights (see the module docstring for the rules).
 
     Args:
-        model: a model name (``mpvss_lite``, ``mpvss_r50``) or a YAML config file; None = from
-            the weights file, else ``mpvss_lite``.
+        model: a model name under ``config/models/`` (``mpvss_lite``, ``mpvss_r50``,
+            ``mpvss_swin_base``, ...) or a YAML config file; None = the configuration stored in
+            the weights file, else the official model its backbone describes
+            (:func:`official_model_name`), else ``mpvss_lite``.
         weights: a checkpoint (``.pt``/``.pth`` this project's or official, or detectron2
             ``.pkl``); None = the config's default weights.
         device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``.
@@ -238,6 +240,11 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                     f"{weights_path} was trained as {stored} (the configuration stored in it), not {model}: "
                     f"leave out --model (node: model: '') to use the stored one, or pass --model {stored}\n{exc}"
                 ) from exc
+            if official_guess and not any(k.startswith("motion.") for k in ckpt.state_dict):
+                raise CheckpointError(
+                    f"{weights_path} has the backbone of the official {cfg.name} but no motion module: a per-frame "
+                    f"Mask2Former checkpoint, which segments key frames only; train a motion module for it with "
+                    f"mpvss train motion --init-checkpoint {weights_path}\n{exc}") from exc
             if official_guess:
                 raise CheckpointError(
                     f"{weights_path} stores no model configuration and its backbone is that of the official "

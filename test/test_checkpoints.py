@@ -384,11 +384,18 @@ def test_the_pass_model_hint_is_only_for_files_tried_on_the_default_model(tmp_pa
     sd = {"backbone.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}
     sd.update({f"backbone.res4.{j}.conv1.weight": torch.zeros(256, 1024, 1, 1) for j in range(6)})
     torch.save({"model": sd}, tmp_path / "r50_partial.pth")
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:  # no motion.* key: a per-frame Mask2Former file
         load_model(None, tmp_path / "r50_partial.pth")
     assert "holds no model configuration" not in str(err.value)
-    assert "its backbone is that of the official mpvss_r50, but the rest of it does not fit" in str(err.value)
+    assert "has the backbone of the official mpvss_r50 but no motion module" in str(err.value)
+    assert "mpvss train motion --init-checkpoint" in str(err.value)
     assert "missing key(s)" in str(err.value)
+    sd["motion.encoder.conv1.0.conv.weight"] = torch.zeros(32, 6, 7, 7)
+    torch.save({"model": sd}, tmp_path / "r50_partial.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(None, tmp_path / "r50_partial.pth")
+    assert "its backbone is that of the official mpvss_r50, but the rest of it does not fit" in str(err.value)
+    assert "no motion module" not in str(err.value)
     cfg = load_model_config("mpvss_lite")
     save_checkpoint(tmp_path / "lite.pt", MPVSS(cfg), cfg.to_dict(), meta={})
     obj = torch.load(tmp_path / "lite.pt", weights_only=True)

@@ -141,7 +141,9 @@ def _one_column_guard_on(conv: nn.Conv2d, args: tuple[Any, ...]) -> None:
     ``scripts/bf16_one_column_convs.py``: kernels 3-7, 3-128 input channels, both memory layouts;
     depthwise ones are right; ``pytorch/pytorch#163347`` and ``#169688`` are the same family).
     Frames letterboxed to a canvas 128 pixels wide or less reach it in the motion encoder (at its
-    input scale 1/2), 32 pixels wide in ResNet-50's backbone. Such a convolution runs with oneDNN
+    input scale 1/2), 32 pixels wide in the ResNet backbones (Swin's patch embedding, stride
+    and kernel 4, is outside the cases measured; the guard covers it as every strided
+    convolution). Such a convolution runs with oneDNN
     off (PyTorch's own bfloat16 kernel, correct and slower); :func:`_one_column_guard_off` turns it
     back on."""
     if args and isinstance(args[0], Tensor) and _one_column_output(conv, args[0]) and torch.backends.mkldnn.enabled:

@@ -19,7 +19,8 @@ flow: d one-frame flows, each from the key frame's queries, composed onto each o
 
 Other departures from the official recipe (spec §3.3, §7.4): the whole model runs in eval mode,
 so the frozen segmentor's BatchNorm statistics stay those of stage 1 (the official code trains in
-train mode and keeps updating them; the motion module has no BatchNorm and no dropout); the
+train mode and keeps updating them; the motion module has no BatchNorm and no dropout; a Swin
+backbone's drop-path, official 0.3 and active there, is off); the
 schedule warms up linearly over ``warmup_steps`` (50) from 1 % of the learning rate, where the
 official one has no warm-up; and the heads learn at ``head_lr_mult`` (0.1) times the motion
 module's rate, where the official code gives them the full rate (the shipped runs froze them,
