@@ -14,6 +14,8 @@ be used, except for these documented, harmless differences:
   another normalisation, e.g. BGR order); ``motion.flow_img_norm_*`` are ignored with a warning;
 * BatchNorm ``num_batches_tracked`` counters may be present or absent (detectron2 FrozenBN has
   none, SyncBN has them); they do not affect inference;
+* Swin's ``relative_position_index`` buffers, which the configuration fixes, may be absent; when
+  present they must hold the values the model computes, else :class:`CheckpointError`;
 * a ``module.`` prefix on every key (a file saved from a (Distributed)DataParallel wrapper) is
   stripped when the file is read, as detectron2's checkpointer does;
 * with ``absent_part`` (:func:`load_state_dict_strict`; stage-2 training's start from a per-frame
@@ -62,7 +64,9 @@ log = logging.getLogger(__name__)
 
 #: Keys that official checkpoints may carry and that the model does not use.
 IGNORED_KEYS = ("criterion.empty_weight", "pixel_mean", "pixel_std", "motion.flow_img_norm_mean", "motion.flow_img_norm_std")
-_OPTIONAL_SUFFIXES = ("num_batches_tracked",)
+_OPTIONAL_SUFFIXES = ("num_batches_tracked", "relative_position_index")
+#: Buffers the model computes from its configuration: optional in a file, and equal when present.
+_DERIVED_SUFFIXES = ("relative_position_index",)
 
 
 class CheckpointError(RuntimeError):
@@ -275,16 +279,22 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
     )
     # a float tensor cast to integers (or complex) would load, with a warning at most, and
     # segment every pixel as class 0
+    # buffers computed from the configuration (Swin's relative_position_index): a file that holds
+    # one must hold the same values (another would load and silently mix up the position biases)
+    derived = sorted(f"{k}: the file's values differ from those the configuration gives"
+                     for k in given if k.endswith(_DERIVED_SUFFIXES) and k in model_sd
+                     and tuple(given[k].shape) == tuple(model_sd[k].shape)
+                     and not torch.equal(given[k].to(model_sd[k].dtype), model_sd[k].cpu()))
     wrong_kind = sorted(
         f"{k}: file {given[k].dtype} vs model {model_sd[k].dtype}"
         for k in given
         if k in model_sd and not optional(k)  # counters (num_batches_tracked) do not affect inference
         and (given[k].is_floating_point() != model_sd[k].is_floating_point() or given[k].is_complex())
     )
-    if missing or unexpected or mismatched or wrong_kind:
+    if missing or unexpected or mismatched or wrong_kind or derived:
         parts = [f"{source} does not match the model ({type(model).__name__})"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched),
-                            ("dtype mismatch", wrong_kind)):
+                            ("dtype mismatch", wrong_kind), ("derived-buffer mismatch", derived)):
             if keys:
                 shown = keys[:_MAX_KEYS_LISTED] + ([f"... and {len(keys) - _MAX_KEYS_LISTED} more"]
                                                    if len(keys) > _MAX_KEYS_LISTED else [])

@@ -56,6 +56,9 @@ class ConfigError(ValueError):
 #: Backbone types ``nn.backbones.build_backbone`` builds.
 BACKBONE_TYPES = ("resnet", "swin", "mobilenet_v2")
 
+#: The largest Swin window accepted (tokens; the official models use 7 and 12).
+MAX_SWIN_WINDOW = 32
+
 #: ResNet depths the backbone builds (``nn.backbones.RESNET_BLOCKS``; a test keeps them equal).
 RESNET_DEPTHS = (50, 101)
 
@@ -375,8 +378,13 @@ def _validate_swin(b: BackboneConfig, where: str) -> None:
         if (b.embed_dim * 2**s) % heads:
             raise ConfigError(f"{where}: stage {s} of swin is {b.embed_dim * 2**s} wide (backbone.embed_dim * "
                               f"2^{s}), not a multiple of its {heads} heads (backbone.num_heads)")
-    if not b.mlp_ratio > 0:
-        raise ConfigError(f"{where}: backbone.mlp_ratio must be > 0, got {b.mlp_ratio}")
+    if int(b.embed_dim * b.mlp_ratio) < 1:  # the first stage's MLP width, int(C * ratio) as Swin's
+        raise ConfigError(f"{where}: backbone.mlp_ratio ({b.mlp_ratio}) leaves the first stage's MLP no channel "
+                          f"(int(embed_dim * mlp_ratio) = {int(b.embed_dim * b.mlp_ratio)})")
+    if b.window_size > MAX_SWIN_WINDOW:
+        # every block holds a (M^2, M^2) int64 index: 8 MB at M = 32, 1.6 GB over Swin-B's blocks at 64
+        raise ConfigError(f"{where}: backbone.window_size must be at most {MAX_SWIN_WINDOW} tokens, got "
+                          f"{b.window_size} (official: 7 and 12)")
     if not 0.0 <= b.drop_path_rate < 1.0:
         raise ConfigError(f"{where}: backbone.drop_path_rate must lie in [0, 1), got {b.drop_path_rate}")
 

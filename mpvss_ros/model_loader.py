@@ -175,6 +175,18 @@ def official_model_name(state_dict: dict[str, Any]) -> str | None:
     return None
 
 
+def _fits_without_motion(net: MPVSS, state_dict: dict[str, Any]) -> bool:
+    """Whether ``state_dict`` is a whole segmentor for ``net`` with no motion module (a per-frame
+    Mask2Former checkpoint); loads it into ``net`` when it is."""
+    if any(k.startswith("motion.") for k in state_dict):
+        return False
+    try:
+        load_state_dict_strict(net, state_dict, absent_part="motion.")
+    except CheckpointError:
+        return False
+    return True
+
+
 def load_model(model: str | Path | None = None, weights: str | Path | None = None,
                device: str = "cpu", seed: int = 0) -> LoadedModel:
     """Build the model and load its weights (see the module docstring for the rules).
@@ -240,7 +252,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                     f"{weights_path} was trained as {stored} (the configuration stored in it), not {model}: "
                     f"leave out --model (node: model: '') to use the stored one, or pass --model {stored}\n{exc}"
                 ) from exc
-            if official_guess and not any(k.startswith("motion.") for k in ckpt.state_dict):
+            if official_guess and _fits_without_motion(net, ckpt.state_dict):
                 raise CheckpointError(
                     f"{weights_path} has the backbone of the official {cfg.name} but no motion module: a per-frame "
                     f"Mask2Former checkpoint, which segments key frames only; train a motion module for it with "

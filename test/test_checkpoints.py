@@ -67,6 +67,19 @@ def test_a_data_parallel_prefix_is_stripped_as_detectron2_does(tmp_path, r50_pai
                if k != "criterion.empty_weight")
 
 
+def test_a_per_frame_mask2former_file_is_named_as_such(tmp_path, r50_pair):
+    """A whole official R50 segmentor without a motion module (what the official training starts
+    from) is told what it is and how to train its motion module, not to pass --model."""
+    source, _ = r50_pair
+    sd = {k: v for k, v in _official_dict(source, frozen_bn=True).items() if not k.startswith("motion.")}
+    torch.save({"model": sd}, tmp_path / "per_frame.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(None, tmp_path / "per_frame.pth")
+    assert "has the backbone of the official mpvss_r50 but no motion module" in str(err.value)
+    assert f"mpvss train motion --init-checkpoint {tmp_path / 'per_frame.pth'}" in str(err.value)
+    assert "pass --model" not in str(err.value)
+
+
 def test_a_missing_part_loads_only_when_asked_and_only_when_wholly_absent():
     """absent_part lets a per-frame Mask2Former file (no motion module) load into MPVSS; without
     it, or with some of the part's keys in the file, the missing keys are listed."""
@@ -384,18 +397,12 @@ def test_the_pass_model_hint_is_only_for_files_tried_on_the_default_model(tmp_pa
     sd = {"backbone.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}
     sd.update({f"backbone.res4.{j}.conv1.weight": torch.zeros(256, 1024, 1, 1) for j in range(6)})
     torch.save({"model": sd}, tmp_path / "r50_partial.pth")
-    with pytest.raises(CheckpointError) as err:  # no motion.* key: a per-frame Mask2Former file
-        load_model(None, tmp_path / "r50_partial.pth")
-    assert "holds no model configuration" not in str(err.value)
-    assert "has the backbone of the official mpvss_r50 but no motion module" in str(err.value)
-    assert "mpvss train motion --init-checkpoint" in str(err.value)
-    assert "missing key(s)" in str(err.value)
-    sd["motion.encoder.conv1.0.conv.weight"] = torch.zeros(32, 6, 7, 7)
-    torch.save({"model": sd}, tmp_path / "r50_partial.pth")
     with pytest.raises(CheckpointError) as err:
         load_model(None, tmp_path / "r50_partial.pth")
+    assert "holds no model configuration" not in str(err.value)
     assert "its backbone is that of the official mpvss_r50, but the rest of it does not fit" in str(err.value)
-    assert "no motion module" not in str(err.value)
+    assert "no motion module" not in str(err.value)  # no motion.* key, but no whole segmentor either
+    assert "missing key(s)" in str(err.value)
     cfg = load_model_config("mpvss_lite")
     save_checkpoint(tmp_path / "lite.pt", MPVSS(cfg), cfg.to_dict(), meta={})
     obj = torch.load(tmp_path / "lite.pt", weights_only=True)

@@ -22,6 +22,7 @@ control flow.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -287,6 +288,9 @@ class SwinStage(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.shift = window_size // 2
+        # the last shifted-window mask, keyed by (padded grid, device, dtype): a video's frames
+        # share one size, and building it costs about 20 ms a key frame for Swin-B at 480 x 864
+        self._mask: tuple[tuple[Any, ...], Tensor] | None = None
         self.blocks = nn.ModuleList(
             SwinBlock(dim, num_heads, window_size, shift=0 if i % 2 == 0 else self.shift,
                       mlp_ratio=mlp_ratio, drop_path=drop_paths[i])
@@ -298,7 +302,10 @@ class SwinStage(nn.Module):
         h, w = grid
         mask = None
         if self.shift and len(self.blocks) > 1:
-            mask = shifted_window_mask(-(-h // m) * m, -(-w // m) * m, m, self.shift, x.device).to(x.dtype)
+            key = (-(-h // m) * m, -(-w // m) * m, x.device, x.dtype)
+            if self._mask is None or self._mask[0] != key:
+                self._mask = (key, shifted_window_mask(key[0], key[1], m, self.shift, x.device).to(x.dtype))
+            mask = self._mask[1]
         out = x
         for block in self.blocks:
             out = block(out, grid, mask)

@@ -413,6 +413,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         log.info("%s holds no motion module: it starts from its initialisation", opts.init_checkpoint)
     load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint), absent_part="motion.")
     init_meta = init.meta
+    del init  # the file's tensors, a second copy of the model for the whole run otherwise
     if opts.init_motion:
         motion_state = {k[len("motion."):]: v for k, v in read_state_dict(opts.init_motion).items()
                         if k.startswith("motion.")}

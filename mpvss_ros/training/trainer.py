@@ -287,19 +287,21 @@ def lr_factor(step: int, steps: int, warmup_steps: int, warmup_factor: float, po
 def no_decay_parameters(model: nn.Module) -> set[int]:
     """``id()`` of the parameters that take no weight decay (detectron2 / Mask2Former, spec
     section 3.5): every parameter of a norm layer (BatchNorm, GroupNorm, LayerNorm,
-    InstanceNorm) and of ``nn.Embedding`` modules; biases of other layers do decay."""
+    InstanceNorm) and of ``nn.Embedding`` modules, and Swin's relative-position bias tables
+    (Mask2Former's ``build_optimizer`` sets their decay to 0, as its absolute position
+    embedding's, which no model here has); biases of other layers do decay."""
     ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, _NORM_TYPES + (nn.Embedding,)):
             ids.update(id(p) for p in module.parameters(recurse=False))
+    ids.update(id(p) for name, p in model.named_parameters() if name.endswith("relative_position_bias_table"))
     return ids
 
 
 def build_param_groups(model: MPVSS, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW parameter groups of the segmentor (motion module excluded).
 
-    Groups: backbone / head x decay / no decay. No decay for every parameter of a norm layer
-    (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) and of ``nn.Embedding`` modules. Only
+    Groups: backbone / head x decay / no decay (:func:`no_decay_parameters`). Only
     parameters with ``requires_grad`` are included; each appears once.
 
     Returns:

@@ -194,6 +194,21 @@ def test_backbone_outputs_and_padding():
     assert [tuple(t.shape[2:]) for t in odd.values()] == [(13, 18), (7, 9), (4, 5), (2, 3)]
 
 
+def test_masks_cached_in_inference_mode_serve_training():
+    """The stage keeps its last shifted-window mask; one made under torch.inference_mode (a
+    validation pass) must not break a later training step's backward."""
+    torch.manual_seed(6)
+    net = SwinTransformer(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=3)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        net.eval()
+        net(x)
+    assert net.layers[0]._mask is not None
+    net.train()
+    net(x)["res5"].sum().backward()
+    assert net.patch_embed.proj.weight.grad is not None
+
+
 def test_drop_path_only_in_training():
     torch.manual_seed(3)
     net = SwinTransformer(embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=2,
@@ -221,6 +236,8 @@ def _small_swin_config(**backbone) -> dict:
     ({"depths": [2, 2, 2]}, "need 4 entries"),
     ({"num_heads": [3, 2, 2, 4]}, "not a multiple of its 3 heads"),
     ({"mlp_ratio": 0.0}, "mlp_ratio"),
+    ({"mlp_ratio": 0.05}, "leaves the first stage's MLP no channel"),  # int(16 * 0.05) = 0
+    ({"window_size": 33}, "at most 32"),
     ({"drop_path_rate": 1.0}, "drop_path_rate"),
     ({"window_size": 0}, ">= 1"),
 ])
@@ -244,6 +261,25 @@ def test_official_configs_are_recognised_from_their_keys():
     r50 = _meta_model("mpvss_r50").state_dict()
     fewer_blocks = {k: v for k, v in r50.items() if not k.startswith("backbone.res4.5.")}
     assert official_model_name(fewer_blocks) is None
+
+
+def test_relative_position_index_may_be_absent_but_not_different(tmp_path):
+    """The index is fixed by the window: a file without it loads (the model's own is kept); one
+    whose index differs (permuted: it would load and mix up the position biases) is refused."""
+    from mpvss_ros.checkpoints import CheckpointError, load_state_dict_strict
+
+    torch.manual_seed(7)
+    source = MPVSS(model_config_from_dict(_small_swin_config()))
+    target = MPVSS(model_config_from_dict(_small_swin_config()))
+    sd = source.state_dict()
+    without = {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
+    load_state_dict_strict(target, without)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    key = "backbone.layers.0.blocks.0.attn.relative_position_index"
+    permuted = dict(sd, **{key: sd[key].flip(0)})
+    with pytest.raises(CheckpointError, match="derived-buffer mismatch"):
+        load_state_dict_strict(target, permuted)
 
 
 def test_detectron2_swin_checkpoint_loads_exactly(tmp_path):

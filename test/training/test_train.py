@@ -267,6 +267,22 @@ def test_no_weight_decay_for_norms_and_embeddings_only():
         assert id(named[name]) not in skip, name
 
 
+def test_no_weight_decay_for_swin_position_bias_tables():
+    """Mask2Former's build_optimizer gives Swin's relative-position bias tables no decay; its
+    attention and MLP weights and the patch embedding do decay."""
+    from mpvss_ros.nn.swin import SwinTransformer
+    from mpvss_ros.training.trainer import no_decay_parameters
+
+    net = SwinTransformer(embed_dim=8, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=3)
+    skip = no_decay_parameters(net)
+    named = dict(net.named_parameters())
+    tables = [n for n in named if n.endswith("relative_position_bias_table")]
+    assert len(tables) == 5 and all(id(named[n]) in skip for n in tables)
+    for name in ("layers.2.blocks.1.attn.qkv.weight", "layers.0.blocks.0.mlp.fc1.bias", "patch_embed.proj.weight"):
+        assert id(named[name]) not in skip, name
+    assert id(named["norm3.weight"]) in skip
+
+
 # --------------------------------------------------------------------------- run folders and resume
 
 def _no_data_opts(run_dir, **kw):
