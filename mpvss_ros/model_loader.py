@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "mpvss_lite"
 
-#: The configurations of the official MPVSS VSPW models (ziplab/MPVSS ``configs/vspw``), which a
-#: checkpoint without a stored configuration is matched against by its backbone.
+#: The configurations of published checkpoints: the official MPVSS VSPW models (ziplab/MPVSS
+#: ``configs/vspw``) and Mask2Former's Cityscapes R50 (a per-frame segmentor, no motion module).
+#: A checkpoint without a stored configuration is matched against them by its backbone and classes.
 OFFICIAL_MODELS = ("mpvss_r50", "mpvss_r101", "mpvss_swin_tiny", "mpvss_swin_small", "mpvss_swin_base",
-                   "mpvss_swin_large")
+                   "mpvss_swin_large", "mask2former_r50_cityscapes")
 
 
 @dataclass
@@ -158,9 +159,10 @@ def _backbone_signature(state_dict: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def official_model_name(state_dict: dict[str, Any]) -> str | None:
-    """The official MPVSS model a checkpoint without a stored configuration belongs to, from its
-    backbone's keys and shapes (detectron2 ResNet depth; Swin width, blocks, heads and window):
-    one of :data:`OFFICIAL_MODELS`, or None. The rest of the file is checked when it loads.
+    """The published model a checkpoint without a stored configuration belongs to, from its
+    backbone's keys and shapes (detectron2 ResNet depth; Swin width, blocks, heads and window) and
+    its number of classes (``class_embed`` rows - 1, when present): the first of
+    :data:`OFFICIAL_MODELS` that fits, or None. The rest of the file is checked when it loads.
 
     Args:
         state_dict: key -> tensor (or array; only ``.shape`` is read).
@@ -168,9 +170,12 @@ def official_model_name(state_dict: dict[str, Any]) -> str | None:
     signature = _backbone_signature(state_dict)
     if signature is None:
         return None
+    class_embed = state_dict.get("sem_seg_head.predictor.class_embed.weight")
+    classes = int(class_embed.shape[0]) - 1 if len(getattr(class_embed, "shape", ())) == 2 else None
     for name in OFFICIAL_MODELS:
-        backbone = load_model_config(name).backbone
-        if all(getattr(backbone, field_name) == value for field_name, value in signature.items()):
+        cfg = load_model_config(name)
+        if (all(getattr(cfg.backbone, field_name) == value for field_name, value in signature.items())
+                and classes in (None, cfg.num_classes)):
             return name
     return None
 
@@ -188,7 +193,7 @@ def _fits_without_motion(net: MPVSS, state_dict: dict[str, Any]) -> bool:
 
 
 def load_model(model: str | Path | None = None, weights: str | Path | None = None,
-               device: str = "cpu", seed: int = 0) -> LoadedModel:
+               device: str = "cpu", seed: int = 0, motion_optional: bool = False) -> LoadedModel:
     """Build the model and load its weights (see the module docstring for the rules).
 
     Args:
@@ -200,6 +205,10 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             ``.pkl``); None = the config's default weights.
         device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``.
         seed: torch seed for the initialisation of an untrained model.
+        motion_optional: accept weights without any ``motion.*`` key (a per-frame Mask2Former
+            checkpoint) for a caller that propagates with optical flow or copy, or segments
+            every frame: the segmentor loads strictly and ``model.motion_trained`` is False
+            (query flow then refuses the model).
 
     Raises:
         ConfigError: unknown model name or bad config file.
@@ -242,9 +251,15 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
     torch.manual_seed(seed)
     net = MPVSS(cfg)
     meta: dict[str, Any] = {}
+    no_motion = ckpt is not None and not any(k.startswith("motion.") for k in ckpt.state_dict)
     if ckpt is not None:
         try:
-            load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path))
+            load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path),
+                                   absent_part="motion." if motion_optional and no_motion else None)
+            if motion_optional and no_motion:
+                net.motion_trained = False
+                log.warning("%s holds no motion module (a per-frame Mask2Former checkpoint): key frames only, "
+                            "with optical flow or copy between them", weights_path)
         except CheckpointError as exc:
             stored = (ckpt.model_config or {}).get("name") if isinstance(ckpt.model_config, dict) else None
             if model is not None and stored and stored != cfg.name:
@@ -255,8 +270,9 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             if official_guess and _fits_without_motion(net, ckpt.state_dict):
                 raise CheckpointError(
                     f"{weights_path} has the backbone of the official {cfg.name} but no motion module: a per-frame "
-                    f"Mask2Former checkpoint, which segments key frames only; train a motion module for it with "
-                    f"mpvss train motion --init-checkpoint {weights_path}\n{exc}") from exc
+                    f"Mask2Former checkpoint, which segments key frames only: propagate with --propagator "
+                    f"optical_flow or copy, or train a motion module for it with mpvss train motion "
+                    f"--init-checkpoint {weights_path}\n{exc}") from exc
             if official_guess:
                 raise CheckpointError(
                     f"{weights_path} stores no model configuration and its backbone is that of the official "
@@ -265,7 +281,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             if not default_guessed:
                 raise
             raise CheckpointError(
-                f"{weights_path} holds no model configuration, its backbone is none of the official MPVSS "
+                f"{weights_path} holds no model configuration, its backbone and classes are none of the published "
                 f"models configured here ({', '.join(OFFICIAL_MODELS)}) and it does not fit the default model "
                 f"{cfg.name}: pass --model with a model name or a YAML config that describes it\n{exc}") from exc
         meta = ckpt.meta

@@ -153,11 +153,18 @@ class QueryFlowPropagator(Propagator):
             ``query_flows(key, image, reference)``.
         chain_flow: compose frame-to-frame flows (see the module docstring) instead of the paper's
             direct flow from the current frame to the key frame.
+
+    Raises:
+        ValueError: a model whose ``motion_trained`` is False (weights without a motion module).
     """
 
     name = "query_flow"
 
     def __init__(self, model: "MPVSS | Backend", chain_flow: bool = True) -> None:
+        if not getattr(model, "motion_trained", True):
+            raise ValueError("query_flow needs a trained motion module, and these weights hold none (a per-frame "
+                             "Mask2Former checkpoint): propagate with optical_flow or copy, or train a motion "
+                             "module with mpvss train motion --init-checkpoint")
         self.model = model
         self.chain_flow = bool(chain_flow)
         self._chain = FlowChain()
@@ -317,7 +324,8 @@ def build_propagator(name: str, model: "MPVSS | Backend", optical_flow_preset: s
             False = the paper's direct flow to the key frame. Ignored by ``copy``.
 
     Raises:
-        ValueError: on an unknown name (listing the known ones), preset or a bad scale.
+        ValueError: on an unknown name (listing the known ones), preset or a bad scale, or
+            ``query_flow`` on a model without a trained motion module.
     """
     if name == "query_flow":
         return QueryFlowPropagator(model, chain_flow=chain_flow)

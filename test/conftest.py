@@ -123,8 +123,8 @@ def marked_lite(monkeypatch) -> dict:
     real = model_loader.load_model
     marks: dict = {}
 
-    def load(model=None, weights=None, device="cpu", seed=0):
-        loaded = real(model, weights, device, seed)
+    def load(model=None, weights=None, device="cpu", seed=0, motion_optional=False):
+        loaded = real(model, weights, device, seed, motion_optional)
         loaded.model.cfg = replace_canvas(loaded.config, (64, 64))
         param = next(loaded.model.parameters())
         with torch.no_grad():

@@ -65,3 +65,77 @@ def test_model_that_contradicts_the_stored_configuration_says_so_first(lite_chec
         load_model(str(other), str(lite_checkpoint), "cpu")
     first = str(exc.value).splitlines()[0]
     assert "trained as mpvss_lite" in first and "--model mpvss_lite" in first and "leave out --model" in first
+
+
+# ------------------------------------------------------------ weights without a motion module
+@pytest.fixture()
+def per_frame_file(tmp_path):
+    """A per-frame Mask2Former-style file: the mpvss_lite segmentor of a seeded model, no motion.*
+    keys, detectron2's ``{"model": ...}``."""
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+
+    torch.manual_seed(3)
+    source = MPVSS(load_model_config("mpvss_lite"))
+    segmentor = {k: v for k, v in source.state_dict().items() if not k.startswith("motion.")}
+    path = tmp_path / "per_frame.pth"
+    torch.save({"model": segmentor}, path)
+    return path, segmentor
+
+
+def test_weights_without_motion_load_only_for_a_run_that_needs_none(per_frame_file):
+    """Refused by default (missing motion keys); with motion_optional the segmentor loads strictly,
+    motion_trained is False, and query flow refuses the model while optical flow and copy run."""
+    import numpy as np
+
+    from mpvss_ros.checkpoints import CheckpointError
+    from mpvss_ros.propagation import build_propagator
+    from mpvss_ros.runtime.torch_backend import TorchBackend
+    from mpvss_ros.scheduling import FixedIntervalScheduler
+    from mpvss_ros.segmenter import VideoSegmenter
+
+    path, segmentor = per_frame_file
+    with pytest.raises(CheckpointError, match="missing key"):
+        load_model("mpvss_lite", path)
+    loaded = load_model("mpvss_lite", path, motion_optional=True)
+    state = loaded.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in segmentor.items())
+    assert loaded.model.motion_trained is False and TorchBackend(loaded.model).motion_trained is False
+    for target in (loaded.model, TorchBackend(loaded.model)):
+        with pytest.raises(ValueError, match="query_flow needs a trained motion module"):
+            build_propagator("query_flow", target)
+    rng = np.random.default_rng(0)
+    for name in ("optical_flow", "copy"):
+        seg = VideoSegmenter(loaded.model, build_propagator(name, loaded.model), FixedIntervalScheduler(2))
+        results = [seg.push(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), i / 15) for i in range(3)]
+        assert [r.is_key_frame for r in results] == [True, False, True]
+    assert load_model("mpvss_lite", motion_optional=True).model.motion_trained  # a whole file: trained
+
+
+def test_an_onnxruntime_backend_of_weights_without_motion_refuses_query_flow(per_frame_file, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mpvss_ros.propagation import build_propagator
+    from mpvss_ros.runtime import load_backend
+
+    loaded = load_model("mpvss_lite", per_frame_file[0], motion_optional=True)
+    backend = load_backend("onnxruntime", loaded, input_hw=(96, 128), cache_dir=tmp_path / "cache", threads=1)
+    assert backend.motion_trained is False
+    with pytest.raises(ValueError, match="query_flow needs a trained motion module"):
+        build_propagator("query_flow", backend)
+    whole = load_backend("onnxruntime", load_model("mpvss_lite"), input_hw=(96, 128), cache_dir=tmp_path / "cache",
+                         threads=1)
+    assert whole.motion_trained is True
+
+
+def test_the_command_line_runs_weights_without_motion_with_optical_flow_only(per_frame_file, tmp_path, capsys):
+    from mpvss_ros.cli import main
+
+    path, _ = per_frame_file
+    common = ["segment", "sample:bikes", "--model", "mpvss_lite", "--weights", str(path), "--max-frames", "3",
+              "--no-progress", "--no-overlay"]
+    assert main([*common, "--out", str(tmp_path / "dis"), "--propagator", "optical_flow"]) == 0
+    assert len(list((tmp_path / "dis" / "labels").glob("*.png"))) == 3
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "qf")]) != 0  # query_flow, the default
+    assert "missing key" in capsys.readouterr().err
+

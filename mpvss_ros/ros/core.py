@@ -205,8 +205,11 @@ def load_configured_model(config: NodeConfig) -> LoadedModel:
             raise StartupError(_one_line(f"cannot use onnx_dir '{config.onnx_dir}': {exc}")) from None
     what = f"model '{config.model}'" if config.model else "the model"  # '': the weights file's own
     try:  # the torch backend runs the model itself; the others only export it, on the CPU
+        # weights without a motion module (a per-frame Mask2Former checkpoint) load for a node that
+        # starts with optical flow or copy; switching it to query_flow later is then refused
         return load_model(config.model or None, config.weights or None,
-                          _inference_device(config) if config.backend == "torch" else "cpu")
+                          _inference_device(config) if config.backend == "torch" else "cpu",
+                          motion_optional=config.propagator != "query_flow")
     except CheckpointError as exc:
         raise StartupError(_one_line(f"cannot load weights: {exc}")) from None
     except ConfigError as exc:

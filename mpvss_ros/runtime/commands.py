@@ -47,6 +47,8 @@ def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
     (``--onnx-dir``: the export folder's contract instead of a model, :func:`~mpvss_ros.model_loader.load_exported`).
 
     The backend's availability is checked first, so a missing TensorRT fails at once with one line.
+    Weights without a motion module load when ``--propagator`` is ``optical_flow`` or ``copy``
+    (not for ``--study``): :func:`~mpvss_ros.model_loader.load_model` ``motion_optional``.
     The PyTorch model is loaded on ``--device`` for the torch backend and on the CPU (for export)
     otherwise.
 
@@ -76,7 +78,11 @@ def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
     if onnx_dir is not None:
         loaded = load_exported(onnx_dir)
     else:
-        loaded = load_model(args.model, args.weights, device if backend_name == "torch" else "cpu")
+        # weights without a motion module (a per-frame Mask2Former checkpoint) serve a run that
+        # never uses one: optical flow or copy between key frames, and no study (it runs query flow)
+        motion_optional = getattr(args, "propagator", "query_flow") != "query_flow" and not getattr(args, "study", False)
+        loaded = load_model(args.model, args.weights, device if backend_name == "torch" else "cpu",
+                            motion_optional=motion_optional)
     backend = load_backend(backend_name, loaded, device=device, precision=precision,
                            cache_dir=getattr(args, "cache_dir", None), threads=getattr(args, "threads", None),
                            onnx_dir=onnx_dir, copy_model=False)

@@ -214,7 +214,8 @@ def to_channels_last(model: nn.Module, modules: tuple[str, ...] = CHANNELS_LAST_
 
 
 class TorchBackend(Backend):
-    """Run the PyTorch model (any module with ``segment_key_frame``/``propagate``).
+    """Run the PyTorch model (any module with ``segment_key_frame``/``propagate``; its
+    ``motion_trained``, when it has one, is the backend's).
 
     Args:
         model: the :class:`~mpvss_ros.nn.mpvss.MPVSS` module (or a stand-in with the same
@@ -237,6 +238,10 @@ class TorchBackend(Backend):
             (:func:`bf16_missing`), or CUDA requested where torch has none.
         ValueError: unknown precision.
     """
+
+    @property
+    def motion_trained(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.model, "motion_trained", True))
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32",
                  channels_last: bool | None = None, fold_batch_norm: bool = True) -> None:

@@ -60,7 +60,7 @@ from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .options import (check_at_least, check_crop, check_fractions, check_integers, check_numbers,
                       check_optional_positive)
-from .data import decode_frames, list_frames
+from .data import check_default_data_classes, decode_frames, list_frames
 from .pairs import FramePairs, LabelledFrames, check_camvid_pairs, check_crop_on_flow_grid, load_clip_on_canvas
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
@@ -402,6 +402,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     else:
         raise ValueError(f"--init-checkpoint {opts.init_checkpoint} stores no model config: give --model NAME "
                          f"(a model name under config/models or a YAML file) for the model its weights fit")
+    check_default_data_classes(cfg.num_classes, cfg.name, opts.data_root)
     labelled, val_dir, val_annot, clip_paths = _training_data(opts, cfg.num_classes)  # before the model loads
     device = select_device(opts.device)
     torch.manual_seed(opts.seed)

@@ -85,7 +85,7 @@ from ..nn.backbones import MobileNetV2, load_imagenet_weights
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..paths import check_output_dir, make_output_dir
 from .criterion import SetCriterion, semantic_batch_to_targets
-from .data import CamVidFrames, decode_frames
+from .data import CamVidFrames, check_default_data_classes, decode_frames
 from .matcher import FixedMatcher, HungarianMatcher
 from .options import (check_at_least, check_crop, check_integers, check_numbers,
                       check_optional_positive)
@@ -807,6 +807,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 def _train(opts: TrainOptions) -> TrainResult:
     run_dir = Path(opts.run_dir)
     cfg = load_model_config(opts.model)
+    check_default_data_classes(cfg.num_classes, cfg.name, opts.data_root)
     device = select_device(opts.device)
     model = _build_model(opts, cfg, initialise=not opts.resume).to(device)
     k = cfg.num_classes

@@ -261,6 +261,10 @@ def test_official_configs_are_recognised_from_their_keys():
     r50 = _meta_model("mpvss_r50").state_dict()
     fewer_blocks = {k: v for k, v in r50.items() if not k.startswith("backbone.res4.5.")}
     assert official_model_name(fewer_blocks) is None
+    # the classes decide between models of one backbone: 19 (+1) Mask2Former Cityscapes, 150 none
+    for rows, name in ((20, "mask2former_r50_cityscapes"), (125, "mpvss_r50"), (151, None)):
+        head = dict(r50, **{"sem_seg_head.predictor.class_embed.weight": torch.empty(rows, 256, device="meta")})
+        assert official_model_name(head) == name
 
 
 def test_relative_position_index_may_be_absent_but_not_different(tmp_path):

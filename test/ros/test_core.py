@@ -1142,3 +1142,22 @@ def test_threads_0_gives_torchs_default_back_after_another_count():
             "print(seen)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[3, 1, 3, 2, 3]"
+
+
+def test_a_node_started_without_motion_refuses_query_flow_later(tmp_path, types):
+    """A per-frame Mask2Former-style file (no motion.* keys) loads for a node started with
+    optical flow; a later switch to query_flow is refused and the running propagation stays."""
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.ros.core import load_configured_model
+
+    path = tmp_path / "per_frame.pth"
+    state = MPVSS(load_model_config("mpvss_lite")).state_dict()
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("motion.")}}, path)
+    config = validate({"model": "mpvss_lite", "weights": str(path), "propagator": "optical_flow"})
+    loaded = load_configured_model(config)
+    core = SegmentationCore(config, loaded, types)
+    with pytest.raises(ValueError, match="query_flow needs a trained motion module"):
+        core.reconfigure({"propagator": "query_flow"})
+    assert core.config.propagator == "optical_flow"
+    assert core.reconfigure({"propagator": "copy"}).propagator == "copy"

@@ -474,6 +474,16 @@ def test_train_motion_resume_refuses_a_damaged_state_before_any_work(lite_checkp
         train_motion(_options(run, lite_checkpoint, 4, resume=True))
 
 
+def test_train_motion_refuses_the_default_camvid_data_for_other_classes(lite_checkpoint, tmp_path):
+    """A 19-class model (Mask2Former Cityscapes) on the default CamVid labels would learn CamVid's
+    IDs as its own classes: refused before any work, naming --data-root."""
+    opts = _options(tmp_path / "run", lite_checkpoint, 1)
+    opts.model = "mask2former_r50_cityscapes"
+    with pytest.raises(ValueError, match="default training data is CamVid.*has 19: give --data-root"):
+        train_motion(opts)
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_motion_checkpoint_without_config_names_the_model_option(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save({"w": torch.zeros(1)}, plain)  # weights only, no stored model config

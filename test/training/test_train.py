@@ -107,6 +107,13 @@ def test_rng_state_round_trip_and_a_device_change_is_logged(caplog):
     assert "another kind of device" in caplog.text
 
 
+def test_train_segmentor_refuses_the_default_camvid_data_for_other_classes(tmp_path):
+    """mpvss_r50's 124 VSPW classes on the default CamVid labels: refused before any work."""
+    with pytest.raises(ValueError, match="default training data is CamVid.*mpvss_r50 has 124"):
+        train_segmentor(TrainOptions(run_dir=str(tmp_path / "run"), model="mpvss_r50"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_param_groups_exclude_motion_and_split_decay():
     from mpvss_ros.config import load_model_config
     from mpvss_ros.nn.mpvss import MPVSS
