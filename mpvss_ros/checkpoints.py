@@ -51,6 +51,7 @@ __all__ = [
     "read_checkpoint",
     "read_state_dict",
     "load_state_dict_strict",
+    "holds_part",
     "load_checkpoint",
     "save_checkpoint",
     "torch_load_checked",
@@ -247,6 +248,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 _MAX_KEYS_LISTED = 20
 
 
+def holds_part(state_dict: dict[str, Tensor], prefix: str) -> bool:
+    """Whether ``state_dict`` has a key under ``prefix`` other than the ignored ones
+    (:data:`IGNORED_KEYS`, e.g. ``motion.flow_img_norm_mean``): e.g. whether a file has a motion module."""
+    return any(k.startswith(prefix) and k not in IGNORED_KEYS for k in state_dict)
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint",
                            absent_part: str | None = None) -> None:
     """Copy ``state_dict`` into ``model``, failing loudly on any key or shape mismatch.
@@ -269,7 +276,7 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
     given = {k: v for k, v in state_dict.items() if k not in IGNORED_KEYS}
     optional = lambda k: k.endswith(_OPTIONAL_SUFFIXES)  # noqa: E731
     missing = sorted(k for k in model_sd if k not in given and not optional(k))
-    if absent_part and not any(k.startswith(absent_part) for k in given):
+    if absent_part and not holds_part(given, absent_part):
         missing = [k for k in missing if not k.startswith(absent_part)]
     unexpected = sorted(k for k in given if k not in model_sd and not optional(k))
     mismatched = sorted(

@@ -436,6 +436,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"label folder not found: {labels}")
     out = check_output_dir(args.out, "--out") if args.out else None  # a file: refused before any work
     loaded, backend = load_model_and_backend(args)
+    if args.labels is None and not args.self_reference:  # CamVid val's labels, read as the model's IDs
+        from .training.data import check_default_data_classes
+
+        check_default_data_classes(loaded.config.num_classes, loaded.config.name, None, what="evaluation")
     # what the labels are: a folder of ground truth, or the model's own per-frame labels
     reference = "per-frame labels of the model" if args.self_reference else str(labels)
     if args.self_reference:

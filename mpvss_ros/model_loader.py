@@ -4,9 +4,9 @@ Rules, in order:
 
 1. ``weights`` given and in this project's format with a stored ``model_config``, and no
    ``model`` given: the stored configuration is used (the file describes itself).
-2. ``weights`` given without a configuration, no ``model``, and its backbone keys those of an
-   official MPVSS model (:func:`official_model_name`: R50, R101, Swin-T/S/B/L): that model's
-   configuration (``mpvss_r50``, ``mpvss_r101``, ``mpvss_swin_tiny`` ...).
+2. ``weights`` given without a configuration, no ``model``, and its backbone keys and classes
+   those of a published model configured here (:func:`official_model_name`: MPVSS R50, R101,
+   Swin-T/S/B/L, Mask2Former Cityscapes R50): that model's configuration.
 3. Otherwise the configuration comes from ``model`` (a name under ``config/models/`` or a YAML
    file), default ``mpvss_lite``.
 4. Weights: ``weights`` if given (it must exist and match, else :class:`CheckpointError`), else
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .checkpoints import CheckpointError, load_state_dict_strict, read_checkpoint
+from .checkpoints import CheckpointError, holds_part, load_state_dict_strict, read_checkpoint
 from .config import ConfigError, ModelConfig, load_model_config, model_config_from_dict
 from .nn.mpvss import MPVSS
 from .paths import find_data
@@ -183,7 +183,7 @@ def official_model_name(state_dict: dict[str, Any]) -> str | None:
 def _fits_without_motion(net: MPVSS, state_dict: dict[str, Any]) -> bool:
     """Whether ``state_dict`` is a whole segmentor for ``net`` with no motion module (a per-frame
     Mask2Former checkpoint); loads it into ``net`` when it is."""
-    if any(k.startswith("motion.") for k in state_dict):
+    if holds_part(state_dict, "motion."):
         return False
     try:
         load_state_dict_strict(net, state_dict, absent_part="motion.")
@@ -251,7 +251,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
     torch.manual_seed(seed)
     net = MPVSS(cfg)
     meta: dict[str, Any] = {}
-    no_motion = ckpt is not None and not any(k.startswith("motion.") for k in ckpt.state_dict)
+    no_motion = ckpt is not None and not holds_part(ckpt.state_dict, "motion.")
     if ckpt is not None:
         try:
             load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path),
@@ -267,12 +267,13 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                     f"{weights_path} was trained as {stored} (the configuration stored in it), not {model}: "
                     f"leave out --model (node: model: '') to use the stored one, or pass --model {stored}\n{exc}"
                 ) from exc
-            if official_guess and _fits_without_motion(net, ckpt.state_dict):
+            if _fits_without_motion(net, ckpt.state_dict):
                 raise CheckpointError(
-                    f"{weights_path} has the backbone of the official {cfg.name} but no motion module: a per-frame "
-                    f"Mask2Former checkpoint, which segments key frames only: propagate with --propagator "
-                    f"optical_flow or copy, or train a motion module for it with mpvss train motion "
-                    f"--init-checkpoint {weights_path}\n{exc}") from exc
+                    f"{weights_path} is a whole {cfg.name} segmentor without a motion module (a per-frame "
+                    f"Mask2Former checkpoint): it runs with optical flow or copy between key frames (mpvss "
+                    f"segment / eval / bag --propagator optical_flow, node parameter propagator: optical_flow), "
+                    f"not with query flow, an eval --study or an export; or train a motion module for it: mpvss "
+                    f"train motion --init-checkpoint {weights_path}\n{exc}") from exc
             if official_guess:
                 raise CheckpointError(
                     f"{weights_path} stores no model configuration and its backbone is that of the official "

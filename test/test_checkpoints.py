@@ -75,7 +75,7 @@ def test_a_per_frame_mask2former_file_is_named_as_such(tmp_path, r50_pair):
     torch.save({"model": sd}, tmp_path / "per_frame.pth")
     with pytest.raises(CheckpointError) as err:
         load_model(None, tmp_path / "per_frame.pth")
-    assert "has the backbone of the official mpvss_r50 but no motion module" in str(err.value)
+    assert "is a whole mpvss_r50 segmentor without a motion module" in str(err.value)
     assert f"mpvss train motion --init-checkpoint {tmp_path / 'per_frame.pth'}" in str(err.value)
     assert "pass --model" not in str(err.value)
 

@@ -718,3 +718,17 @@ def test_a_comparison_at_different_key_frame_counts_says_so():
     assert line.endswith("of 2000 resamples (blocks of 10 frames)") and "key-frame count" not in line
     c.update(a="fixed 1/5 copy", b="per-frame", key_frames=[6, 30])  # fewer key frames is the point there
     assert "key-frame count" not in comparison_line(c, 30)
+
+
+def test_eval_refuses_the_default_camvid_labels_for_a_model_of_other_classes(camvid_val_dirs, capsys, monkeypatch):
+    """CamVid val's labels read as a 19-class model's IDs would score CamVid's Sky as road: the
+    default labels are refused for a model of other than 11 classes, naming --labels."""
+    import dataclasses
+
+    lite = load_model("mpvss_lite")
+    nineteen = dataclasses.replace(lite, config=dataclasses.replace(lite.config, num_classes=19, name="other19",
+                                                                    class_names=[], palette=[]))
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: (nineteen, None))
+    assert _eval("--max-frames", "2") != 0
+    line = error_line(capsys.readouterr().err)
+    assert "default evaluation data is CamVid" in line and "other19 has 19" in line and "--labels" in line

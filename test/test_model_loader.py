@@ -95,8 +95,9 @@ def test_weights_without_motion_load_only_for_a_run_that_needs_none(per_frame_fi
     from mpvss_ros.segmenter import VideoSegmenter
 
     path, segmentor = per_frame_file
-    with pytest.raises(CheckpointError, match="missing key"):
+    with pytest.raises(CheckpointError, match="missing key") as err:
         load_model("mpvss_lite", path)
+    assert "a whole mpvss_lite segmentor without a motion module" in str(err.value)  # --model given too
     loaded = load_model("mpvss_lite", path, motion_optional=True)
     state = loaded.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in segmentor.items())
@@ -139,3 +140,28 @@ def test_the_command_line_runs_weights_without_motion_with_optical_flow_only(per
     assert main([*common, "--out", str(tmp_path / "qf")]) != 0  # query_flow, the default
     assert "missing key" in capsys.readouterr().err
 
+
+
+def test_an_export_of_weights_without_motion_says_so_in_its_contract(per_frame_file, tmp_path):
+    """A cache entry exported from a model without a motion module, run later as an export folder
+    (--onnx-dir), must still refuse query flow: the contract records motion_trained."""
+    pytest.importorskip("onnxruntime")
+    from mpvss_ros.propagation import build_propagator
+    from mpvss_ros.runtime import load_backend
+    from mpvss_ros.runtime.export import export_onnx, read_contract
+
+    loaded = load_model("mpvss_lite", per_frame_file[0], motion_optional=True)
+    export_onnx(loaded.model, tmp_path / "export", (96, 128), check=False)
+    assert read_contract(tmp_path / "export")["motion_trained"] is False
+    backend = load_backend("onnxruntime", onnx_dir=tmp_path / "export", threads=1)
+    assert backend.motion_trained is False
+    with pytest.raises(ValueError, match="query_flow needs a trained motion module"):
+        build_propagator("query_flow", backend)
+
+
+def test_motion_keys_the_loader_ignores_do_not_make_a_motion_module(per_frame_file, tmp_path):
+    """motion.flow_img_norm_* are ignored buffers: a file with only those has no motion module."""
+    path, segmentor = per_frame_file
+    with_norm = dict(segmentor, **{"motion.flow_img_norm_mean": torch.zeros(3)})
+    torch.save({"model": with_norm}, tmp_path / "with_norm.pth")
+    assert load_model("mpvss_lite", tmp_path / "with_norm.pth", motion_optional=True).model.motion_trained is False

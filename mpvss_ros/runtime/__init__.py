@@ -165,17 +165,16 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
         sizes = [(int(input_hw[0]), int(input_hw[1]))]  # type: ignore[index]
     else:
         sizes = [tuple(hw) for hw in input_hw]  # type: ignore[union-attr]
-    net = loaded.model if isinstance(loaded, LoadedModel) else loaded
     if backend == "onnxruntime":
         from .onnx_backend import OnnxRuntimeBackend
 
         built: Backend = OnnxRuntimeBackend(source, device, precision, threads=threads, preload_hw=sizes)  # type: ignore[arg-type]
-        built.motion_trained = bool(getattr(net, "motion_trained", True))
+        built.motion_trained = source.motion_trained
         return built
     from .tensorrt_backend import DEFAULT_WORKSPACE_MB, TensorRTBackend
 
     built = TensorRTBackend(source, device, precision, cache_dir=cache_dir,
                             workspace_mb=workspace_mb or DEFAULT_WORKSPACE_MB, keep_fp32=keep_fp32,
                             preload_hw=sizes)  # type: ignore[arg-type]
-    built.motion_trained = bool(getattr(net, "motion_trained", True))
+    built.motion_trained = source.motion_trained
     return built

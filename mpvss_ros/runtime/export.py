@@ -257,8 +257,10 @@ def _exported_config(cfg: ModelConfig, valid_hw: tuple[int, int]) -> dict[str, A
 
 def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path | None = None,
                    non_key_path: Path | None = None, weights: str | None = None,
-                   trained: bool | None = None) -> dict[str, Any]:
-    """The JSON contract of an export (see the module docstring); file hashes when paths are given."""
+                   trained: bool | None = None, motion_trained: bool = True) -> dict[str, Any]:
+    """The JSON contract of an export (see the module docstring); file hashes when paths are given.
+    ``motion_trained`` False: the weights held no motion module, so the non-key graph's flows are
+    an untrained module's and query flow refuses the export (absent in a contract: true)."""
     padded = padded_size(valid_hw, cfg.input.size_divisibility)
     shapes = _io_shapes(cfg, padded)
     graphs = {}
@@ -279,6 +281,7 @@ def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path |
         "model": cfg.name,
         "weights": weights,
         "trained": trained,
+        "motion_trained": bool(motion_trained),
         "num_classes": cfg.num_classes,
         "num_queries": cfg.transformer_decoder.num_queries,
         "class_names": list(cfg.class_names),
@@ -346,6 +349,8 @@ def _structure_problems(contract: dict[str, Any]) -> list[str]:
         problems.append("weights must be the weights file's path (a string) or null")
     if contract.get("trained") is not None and not isinstance(contract["trained"], bool):
         problems.append("trained must be true, false or null")
+    if not isinstance(contract.get("motion_trained", True), bool):
+        problems.append("motion_trained must be true or false")
     graphs = contract.get("graphs")
     for g in ("key_frame", "non_key_frame"):
         info = graphs.get(g) if isinstance(graphs, dict) else None
@@ -516,7 +521,8 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
         bad = sorted({n.op_type for n in graph.graph.node} & FORBIDDEN_OPS)
         if bad:
             raise RuntimeError(f"{path.name} contains data-dependent ops {bad}; TensorRT export would break")
-    contract = build_contract(cfg, valid_hw, key_path, non_key_path, weights=weights, trained=trained)
+    contract = build_contract(cfg, valid_hw, key_path, non_key_path, weights=weights, trained=trained,
+                              motion_trained=bool(getattr(model, "motion_trained", True)))
     _write_json(out / CONTRACT_FILE, contract)
     return ExportResult(out, key_path, non_key_path, contract, time.perf_counter() - t0)
 
@@ -922,6 +928,8 @@ class GraphSource:
     Attributes:
         cfg: the model configuration; for :meth:`from_dir` the contract's, whose canvas
             (``input.size``) is the exported valid size.
+        motion_trained: the model's (:attr:`MPVSS.motion_trained`), or the contract's
+            ``motion_trained`` (true when absent): False for weights without a motion module.
     """
 
     def __init__(self, cfg: ModelConfig, model: MPVSS | None = None, export_dir: Path | None = None,
@@ -935,9 +943,11 @@ class GraphSource:
         # the weights the graphs are exported from, fixed when the source is made
         self._fingerprint = model_fingerprint(model) if model is not None else None
         self._dirs: dict[tuple[int, int], Path] = {}
+        self.motion_trained = bool(getattr(model, "motion_trained", True))
         if export_dir is not None:
             contract = read_contract(export_dir)
             self._dirs[tuple(int(v) for v in contract["canvas"]["valid_hw"])] = Path(export_dir)  # type: ignore[index]
+            self.motion_trained = contract.get("motion_trained", True) is not False
 
     @classmethod
     def from_model(cls, model: MPVSS, cache_dir: str | Path | None = None, weights: str | None = None,

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import load_state_dict_strict, read_checkpoint, read_state_dict
+from ..checkpoints import holds_part, load_state_dict_strict, read_checkpoint, read_state_dict
 from ..config import load_model_config, model_config_from_dict
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
@@ -408,7 +408,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
     check_crop_on_flow_grid(opts.crop, model.motion.flow_stride)  # before minutes of pseudo-labelling
-    if not any(k.startswith("motion.") for k in init.state_dict):
+    if not holds_part(init.state_dict, "motion."):
         # a per-frame Mask2Former checkpoint, what the official MPVSS training starts from (spec
         # 3.3): the segmentor loads strictly, the motion module keeps its initialisation
         log.info("%s holds no motion module: it starts from its initialisation", opts.init_checkpoint)
