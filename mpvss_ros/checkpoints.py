@@ -52,6 +52,7 @@ __all__ = [
     "read_state_dict",
     "load_state_dict_strict",
     "holds_part",
+    "MOTION_PREFIX",
     "load_checkpoint",
     "save_checkpoint",
     "torch_load_checked",
@@ -248,9 +249,21 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 _MAX_KEYS_LISTED = 20
 
 
+#: The key prefix of the motion module (absent from per-frame Mask2Former checkpoints).
+MOTION_PREFIX = "motion."
+
+
 def holds_part(state_dict: dict[str, Tensor], prefix: str) -> bool:
-    """Whether ``state_dict`` has a key under ``prefix`` other than the ignored ones
-    (:data:`IGNORED_KEYS`, e.g. ``motion.flow_img_norm_mean``): e.g. whether a file has a motion module."""
+    """Whether a file has a part, e.g. a motion module.
+
+    Args:
+        state_dict: key -> tensor, as read from a file.
+        prefix: the part's key prefix, e.g. :data:`MOTION_PREFIX`.
+
+    Returns:
+        True when a key starts with ``prefix`` and is not one of the ignored
+        :data:`IGNORED_KEYS` (such as ``motion.flow_img_norm_mean``).
+    """
     return any(k.startswith(prefix) and k not in IGNORED_KEYS for k in state_dict)
 
 
@@ -284,14 +297,14 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
         for k in given
         if k in model_sd and tuple(given[k].shape) != tuple(model_sd[k].shape)
     )
-    # a float tensor cast to integers (or complex) would load, with a warning at most, and
-    # segment every pixel as class 0
     # buffers computed from the configuration (Swin's relative_position_index): a file that holds
     # one must hold the same values (another would load and silently mix up the position biases)
     derived = sorted(f"{k}: the file's values differ from those the configuration gives"
                      for k in given if k.endswith(_DERIVED_SUFFIXES) and k in model_sd
                      and tuple(given[k].shape) == tuple(model_sd[k].shape)
                      and not torch.equal(given[k].to(model_sd[k].dtype), model_sd[k].cpu()))
+    # a float tensor cast to integers (or complex) would load, with a warning at most, and
+    # segment every pixel as class 0
     wrong_kind = sorted(
         f"{k}: file {given[k].dtype} vs model {model_sd[k].dtype}"
         for k in given

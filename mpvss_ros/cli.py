@@ -53,8 +53,9 @@ _MAX_ERROR_LINE_CHARS = 400
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="model name (mpvss_lite, mpvss_r50, mpvss_swin_base, ...: config/models/) "
-                   "or a YAML config file (default: the weights file's own config, else the official MPVSS model "
-                   "(R50, R101, Swin-T/S/B/L) whose backbone the file holds, else mpvss_lite)")
+                   "or a YAML config file (default: the weights file's own config, else the published model whose "
+                   "backbone and classes the file holds (MPVSS R50, R101, Swin-T/S/B/L; Mask2Former Cityscapes "
+                   "R50), else mpvss_lite)")
     g.add_argument("--weights", default=None, help="checkpoint (.pt/.pth/.pkl); default: the model's shipped weights")
     g.add_argument("--device", default="auto",
                    help="auto (the GPU when the chosen backend and precision can run on it, else the CPU), cpu or "
@@ -256,7 +257,7 @@ def _add_motion_train_arguments(p: argparse.ArgumentParser) -> None:
                        help=(text + "; " if text else "") + ("default: " + _MOTION_NONE_HELP[name] if default is None
                                                              else f"default {default}"))
     p.add_argument("--model", default=None, help="model name or YAML replacing the config stored in --init-checkpoint "
-                   "(default: the stored one, else the official model whose backbone the file holds)")
+                   "(default: the stored one, else the published model whose backbone and classes the file holds)")
     p.add_argument("--init-motion", default=None,
                    help="start the motion module from this checkpoint's motion weights (warm start)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=list(d.crop),

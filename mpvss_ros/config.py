@@ -59,6 +59,9 @@ BACKBONE_TYPES = ("resnet", "swin", "mobilenet_v2")
 #: The largest Swin window accepted (tokens; the official models use 7 and 12).
 MAX_SWIN_WINDOW = 32
 
+#: ``BackboneConfig`` fields only the ``swin`` type reads.
+SWIN_FIELDS = ("embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "drop_path_rate")
+
 #: ResNet depths the backbone builds (``nn.backbones.RESNET_BLOCKS``; a test keeps them equal).
 RESNET_DEPTHS = (50, 101)
 
@@ -206,8 +209,14 @@ class ModelConfig:
     default_weights: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (YAML/JSON serialisable), the inverse of :func:`model_config_from_dict`."""
-        return dataclasses.asdict(self)
+        """Plain-dict form (YAML/JSON serialisable), the inverse of :func:`model_config_from_dict`.
+        The Swin fields of ``backbone`` are left out for other backbones (the form that checkpoints
+        and export contracts store, readable by releases from before Swin)."""
+        data = dataclasses.asdict(self)
+        if self.backbone.type != "swin":
+            for name in SWIN_FIELDS:
+                del data["backbone"][name]
+        return data
 
 
 _SECTIONS = {

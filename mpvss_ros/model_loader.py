@@ -5,7 +5,7 @@ Rules, in order:
 1. ``weights`` given and in this project's format with a stored ``model_config``, and no
    ``model`` given: the stored configuration is used (the file describes itself).
 2. ``weights`` given without a configuration, no ``model``, and its backbone keys and classes
-   those of a published model configured here (:func:`official_model_name`: MPVSS R50, R101,
+   those of a published model configured here (:func:`published_model_name`: MPVSS R50, R101,
    Swin-T/S/B/L, Mask2Former Cityscapes R50): that model's configuration.
 3. Otherwise the configuration comes from ``model`` (a name under ``config/models/`` or a YAML
    file), default ``mpvss_lite``.
@@ -20,6 +20,7 @@ Relative paths are looked up in the working directory and then :func:`mpvss_ros.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -28,13 +29,14 @@ from typing import Any
 
 import torch
 
-from .checkpoints import CheckpointError, holds_part, load_state_dict_strict, read_checkpoint
+from .checkpoints import MOTION_PREFIX, CheckpointError, holds_part, load_state_dict_strict, read_checkpoint
 from .config import ConfigError, ModelConfig, load_model_config, model_config_from_dict
+from .nn.backbones import RESNET_BLOCKS
 from .nn.mpvss import MPVSS
 from .paths import find_data
 
 __all__ = ["LoadedModel", "load_model", "load_exported", "resolve_data_path", "resolve_device", "select_device",
-           "official_model_name", "DEFAULT_MODEL", "OFFICIAL_MODELS"]
+           "published_model_name", "DEFAULT_MODEL", "PUBLISHED_MODELS"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ DEFAULT_MODEL = "mpvss_lite"
 #: The configurations of published checkpoints: the official MPVSS VSPW models (ziplab/MPVSS
 #: ``configs/vspw``) and Mask2Former's Cityscapes R50 (a per-frame segmentor, no motion module).
 #: A checkpoint without a stored configuration is matched against them by its backbone and classes.
-OFFICIAL_MODELS = ("mpvss_r50", "mpvss_r101", "mpvss_swin_tiny", "mpvss_swin_small", "mpvss_swin_base",
+PUBLISHED_MODELS = ("mpvss_r50", "mpvss_r101", "mpvss_swin_tiny", "mpvss_swin_small", "mpvss_swin_base",
                    "mpvss_swin_large", "mask2former_r50_cityscapes")
 
 
@@ -144,9 +146,10 @@ def select_device(device: str) -> torch.device:
 def _backbone_signature(state_dict: dict[str, Any]) -> dict[str, Any] | None:
     """The backbone settings an official checkpoint's keys and shapes fix, as ``BackboneConfig``
     fields, or None for a backbone that is neither a detectron2 ResNet nor a D2 Swin."""
-    if "backbone.stem.conv1.weight" in state_dict:  # detectron2 ResNet: 6 res4 blocks R50, 23 R101
+    if "backbone.stem.conv1.weight" in state_dict:  # detectron2 ResNet, told apart by its res4 blocks
         res4 = {k.split(".")[2] for k in state_dict if k.startswith("backbone.res4.")}
-        return {"type": "resnet", "depth": {6: 50, 23: 101}.get(len(res4))}
+        depth = {blocks[2]: d for d, blocks in RESNET_BLOCKS.items()}.get(len(res4))
+        return None if depth is None else {"type": "resnet", "depth": depth}
     patch = state_dict.get("backbone.patch_embed.proj.weight")
     tables = [state_dict.get(f"backbone.layers.{s}.blocks.0.attn.relative_position_bias_table") for s in range(4)]
     if len(getattr(patch, "shape", ())) != 4 or any(len(getattr(t, "shape", ())) != 2 for t in tables):
@@ -158,38 +161,39 @@ def _backbone_signature(state_dict: dict[str, Any]) -> dict[str, Any] | None:
                        for s in range(4)]}
 
 
-def official_model_name(state_dict: dict[str, Any]) -> str | None:
+@functools.lru_cache(maxsize=1)
+def _published_configs() -> tuple[tuple[str, Any, int], ...]:
+    """(name, backbone config, number of classes) of :data:`PUBLISHED_MODELS`, read once."""
+    configs = (load_model_config(name) for name in PUBLISHED_MODELS)
+    return tuple((cfg.name, cfg.backbone, cfg.num_classes) for cfg in configs)
+
+
+def published_model_name(state_dict: dict[str, Any]) -> str | None:
     """The published model a checkpoint without a stored configuration belongs to, from its
     backbone's keys and shapes (detectron2 ResNet depth; Swin width, blocks, heads and window) and
-    its number of classes (``class_embed`` rows - 1, when present): the first of
-    :data:`OFFICIAL_MODELS` that fits, or None. The rest of the file is checked when it loads.
+    its number of classes (``class_embed`` rows - 1, when present). The rest of the file is
+    checked when it loads.
 
     Args:
         state_dict: key -> tensor (or array; only ``.shape`` is read).
+
+    Returns:
+        The first of :data:`PUBLISHED_MODELS` that fits, or None.
+
+    Raises:
+        ConfigError: a configuration of :data:`PUBLISHED_MODELS` missing or invalid (an install
+            without ``config/models``).
     """
     signature = _backbone_signature(state_dict)
     if signature is None:
         return None
     class_embed = state_dict.get("sem_seg_head.predictor.class_embed.weight")
     classes = int(class_embed.shape[0]) - 1 if len(getattr(class_embed, "shape", ())) == 2 else None
-    for name in OFFICIAL_MODELS:
-        cfg = load_model_config(name)
-        if (all(getattr(cfg.backbone, field_name) == value for field_name, value in signature.items())
-                and classes in (None, cfg.num_classes)):
+    for name, backbone, num_classes in _published_configs():
+        if (all(getattr(backbone, field_name) == value for field_name, value in signature.items())
+                and classes in (None, num_classes)):
             return name
     return None
-
-
-def _fits_without_motion(net: MPVSS, state_dict: dict[str, Any]) -> bool:
-    """Whether ``state_dict`` is a whole segmentor for ``net`` with no motion module (a per-frame
-    Mask2Former checkpoint); loads it into ``net`` when it is."""
-    if holds_part(state_dict, "motion."):
-        return False
-    try:
-        load_state_dict_strict(net, state_dict, absent_part="motion.")
-    except CheckpointError:
-        return False
-    return True
 
 
 def load_model(model: str | Path | None = None, weights: str | Path | None = None,
@@ -200,7 +204,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
         model: a model name under ``config/models/`` (``mpvss_lite``, ``mpvss_r50``,
             ``mpvss_swin_base``, ...) or a YAML config file; None = the configuration stored in
             the weights file, else the official model its backbone describes
-            (:func:`official_model_name`), else ``mpvss_lite``.
+            (:func:`published_model_name`), else ``mpvss_lite``.
         weights: a checkpoint (``.pt``/``.pth`` this project's or official, or detectron2
             ``.pkl``); None = the config's default weights.
         device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``.
@@ -231,7 +235,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             cfg = model_config_from_dict(ckpt.model_config, where=f"{weights_path} (model_config)")
         except ConfigError as exc:  # the file is at fault, not the command line: exit status 1 as for weights
             raise CheckpointError(str(exc)) from None
-    elif model is None and ckpt is not None and (guess := official_model_name(ckpt.state_dict)) is not None:
+    elif model is None and ckpt is not None and (guess := published_model_name(ckpt.state_dict)) is not None:
         log.info("%s holds no model configuration; its backbone's keys are those of %s", weights_path, guess)
         cfg = load_model_config(guess)
         official_guess = True
@@ -251,15 +255,11 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
     torch.manual_seed(seed)
     net = MPVSS(cfg)
     meta: dict[str, Any] = {}
-    no_motion = ckpt is not None and not holds_part(ckpt.state_dict, "motion.")
+    no_motion = ckpt is not None and not holds_part(ckpt.state_dict, MOTION_PREFIX)
     if ckpt is not None:
         try:
             load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path),
-                                   absent_part="motion." if motion_optional and no_motion else None)
-            if motion_optional and no_motion:
-                net.motion_trained = False
-                log.warning("%s holds no motion module (a per-frame Mask2Former checkpoint): key frames only, "
-                            "with optical flow or copy between them", weights_path)
+                                   absent_part=MOTION_PREFIX if no_motion else None)
         except CheckpointError as exc:
             stored = (ckpt.model_config or {}).get("name") if isinstance(ckpt.model_config, dict) else None
             if model is not None and stored and stored != cfg.name:
@@ -267,13 +267,6 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                     f"{weights_path} was trained as {stored} (the configuration stored in it), not {model}: "
                     f"leave out --model (node: model: '') to use the stored one, or pass --model {stored}\n{exc}"
                 ) from exc
-            if _fits_without_motion(net, ckpt.state_dict):
-                raise CheckpointError(
-                    f"{weights_path} is a whole {cfg.name} segmentor without a motion module (a per-frame "
-                    f"Mask2Former checkpoint): it runs with optical flow or copy between key frames (mpvss "
-                    f"segment / eval / bag --propagator optical_flow, node parameter propagator: optical_flow), "
-                    f"not with query flow, an eval --study or an export; or train a motion module for it: mpvss "
-                    f"train motion --init-checkpoint {weights_path}\n{exc}") from exc
             if official_guess:
                 raise CheckpointError(
                     f"{weights_path} stores no model configuration and its backbone is that of the official "
@@ -283,8 +276,19 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                 raise
             raise CheckpointError(
                 f"{weights_path} holds no model configuration, its backbone and classes are none of the published "
-                f"models configured here ({', '.join(OFFICIAL_MODELS)}) and it does not fit the default model "
+                f"models configured here ({', '.join(PUBLISHED_MODELS)}) and it does not fit the default model "
                 f"{cfg.name}: pass --model with a model name or a YAML config that describes it\n{exc}") from exc
+        if no_motion and not motion_optional:
+            raise CheckpointError(
+                f"{weights_path} is a whole {cfg.name} segmentor without a motion module (a per-frame Mask2Former "
+                f"checkpoint; no motion.* key): it runs with optical flow or copy between key frames (mpvss "
+                f"segment / eval / bag --propagator optical_flow, node parameter propagator: optical_flow), not "
+                f"with query flow, eval --study, mpvss export or build-engine; or train a motion module for it: "
+                f"mpvss train motion --init-checkpoint {weights_path}")
+        if no_motion:
+            net.motion_trained = False
+            log.warning("%s holds no motion module (a per-frame Mask2Former checkpoint): key frames only, with "
+                        "optical flow or copy between them", weights_path)
         meta = ckpt.meta
     elif not cfg.default_weights:
         log.warning("model %s has no weights (none given, no default): running UNTRAINED", cfg.name)

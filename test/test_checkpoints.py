@@ -233,14 +233,14 @@ def test_given_weights_missing_is_an_error():
 
 
 def test_official_file_without_config_is_recognised_and_its_normalisation_checked(tmp_path):
-    from mpvss_ros.model_loader import official_model_name
+    from mpvss_ros.model_loader import published_model_name
 
     cfg = load_model_config("mpvss_r50")
     assert cfg.postprocess.min_query_score == 0.0  # faithful: Mask2Former scores every query
     model = MPVSS(cfg)
     official = {k: v for k, v in model.state_dict().items()}
-    assert official_model_name(official) == "mpvss_r50"
-    assert official_model_name(MPVSS(load_model_config("mpvss_lite")).state_dict()) is None
+    assert published_model_name(official) == "mpvss_r50"
+    assert published_model_name(MPVSS(load_model_config("mpvss_lite")).state_dict()) is None
     path = tmp_path / "mpvss_r50_official.pth"
     torch.save({"model": official, "iteration": 9}, path)
     loaded = load_model(None, path)  # no --model: the keys say which model

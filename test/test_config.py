@@ -150,3 +150,20 @@ def test_a_config_path_with_a_tilde_or_relative_to_a_data_root(tmp_path, monkeyp
     assert load_model_config("config/models/mpvss_lite.yaml").name == "mpvss_lite"  # from the data root
     with pytest.raises(ConfigError, match="model config file not found"):
         load_model_config("~/other.yaml")
+
+
+def test_the_stored_form_leaves_out_swin_fields_for_other_backbones():
+    """Checkpoints and export contracts store to_dict(): a ResNet or MobileNetV2 model's backbone
+    stays {type, depth}, as releases from before Swin read it; a Swin model's keeps its fields;
+    both read back to the same configuration."""
+    from mpvss_ros.config import SWIN_FIELDS
+
+    for name, expected in (("mpvss_lite", {"type": "mobilenet_v2", "depth": 50}),
+                           ("mpvss_r50", {"type": "resnet", "depth": 50})):
+        cfg = load_model_config(name)
+        assert cfg.to_dict()["backbone"] == expected
+        assert model_config_from_dict(cfg.to_dict()) == cfg
+    swin = load_model_config("mpvss_swin_base")
+    assert set(SWIN_FIELDS) <= set(swin.to_dict()["backbone"])
+    assert swin.to_dict()["backbone"]["window_size"] == 12
+    assert model_config_from_dict(swin.to_dict()) == swin

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpvss_ros.config import BackboneConfig
+from mpvss_ros.config import BACKBONE_TYPES, BackboneConfig
 from mpvss_ros.nn.swin import SwinTransformer
 
 __all__ = [
@@ -405,4 +405,4 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
                                cfg.drop_path_rate)
     if kind == "mobilenet_v2":
         return MobileNetV2()
-    raise ValueError(f"unknown backbone type {cfg.type!r}; expected 'resnet', 'swin' or 'mobilenet_v2'")
+    raise ValueError(f"unknown backbone type {cfg.type!r}; expected one of {list(BACKBONE_TYPES)}")

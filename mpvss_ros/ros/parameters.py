@@ -106,7 +106,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("model", "str", "",
               "Model: a name under config/models/ (mpvss_lite, mpvss_r50, mpvss_swin_base, ...) or a model "
               "YAML file; '' (as the command line's default) = the configuration stored in the weights file, "
-              "else the official MPVSS model (R50, R101, Swin-T/S/B/L) whose backbone the file holds, else "
+              "else the published model whose backbone and classes the file holds (MPVSS R50, R101, "
+              "Swin-T/S/B/L; Mask2Former Cityscapes R50), else "
               "mpvss_lite (with weights '': the shipped mpvss_lite model).",
               constraints="a model name, a .yaml file, or ''"),
     ParamSpec("weights", "str", "",

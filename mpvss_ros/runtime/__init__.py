@@ -168,13 +168,9 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
     if backend == "onnxruntime":
         from .onnx_backend import OnnxRuntimeBackend
 
-        built: Backend = OnnxRuntimeBackend(source, device, precision, threads=threads, preload_hw=sizes)  # type: ignore[arg-type]
-        built.motion_trained = source.motion_trained
-        return built
+        return OnnxRuntimeBackend(source, device, precision, threads=threads, preload_hw=sizes)  # type: ignore[arg-type]
     from .tensorrt_backend import DEFAULT_WORKSPACE_MB, TensorRTBackend
 
-    built = TensorRTBackend(source, device, precision, cache_dir=cache_dir,
-                            workspace_mb=workspace_mb or DEFAULT_WORKSPACE_MB, keep_fp32=keep_fp32,
-                            preload_hw=sizes)  # type: ignore[arg-type]
-    built.motion_trained = source.motion_trained
-    return built
+    return TensorRTBackend(source, device, precision, cache_dir=cache_dir,
+                           workspace_mb=workspace_mb or DEFAULT_WORKSPACE_MB, keep_fp32=keep_fp32,
+                           preload_hw=sizes)  # type: ignore[arg-type]

@@ -205,16 +205,22 @@ class Backend(ABC):
         name: short description of the backend and where it runs.
         device: torch device of input and output tensors.
         precision: ``fp32``, ``fp16`` or ``bf16``.
-        motion_trained: False when the weights held no motion module (a per-frame Mask2Former
-            checkpoint run for key frames with optical flow or copy between them):
-            :class:`~mpvss_ros.propagation.QueryFlowPropagator` refuses such a backend.
+    A backend's ``motion_trained`` (property) is False when the weights held no motion module (a
+    per-frame Mask2Former checkpoint run for key frames with optical flow or copy between them):
+    :class:`~mpvss_ros.propagation.QueryFlowPropagator` refuses such a backend.
     """
 
     cfg: Any
     name: str = ""
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
-    motion_trained: bool = True
+
+    @property
+    def motion_trained(self) -> bool:
+        """Whether the motion module holds trained weights: its graph source's (the model's, or
+        the export contract's ``motion_trained``) for the ONNX and TensorRT backends."""
+        source = getattr(self, "source", None)
+        return True if source is None else bool(source.motion_trained)
 
     @property
     def num_classes(self) -> int:

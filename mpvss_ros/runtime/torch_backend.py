@@ -240,7 +240,8 @@ class TorchBackend(Backend):
     """
 
     @property
-    def motion_trained(self) -> bool:  # type: ignore[override]
+    def motion_trained(self) -> bool:
+        """The model's ``motion_trained`` (True for a stand-in without one)."""
         return bool(getattr(self.model, "motion_trained", True))
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", precision: str = "fp32",

@@ -56,6 +56,9 @@ def check_default_data_classes(num_classes: int, model_name: str, data_root: str
     IDs 0..10: a Cityscapes model would learn, or be scored on, CamVid's Sky as its class 0, road).
 
     Args:
+        num_classes: K of the model.
+        model_name: its name, for the message.
+        data_root: the data given (None = the default CamVid data; anything else passes).
         what: ``training`` (the remedy is ``--data-root``) or ``evaluation`` (``--labels``).
 
     Raises:

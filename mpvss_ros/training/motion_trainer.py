@@ -43,11 +43,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import holds_part, load_state_dict_strict, read_checkpoint, read_state_dict
+from ..checkpoints import (IGNORED_KEYS, MOTION_PREFIX, holds_part, load_state_dict_strict, read_checkpoint,
+                           read_state_dict)
 from ..config import load_model_config, model_config_from_dict
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
-from ..model_loader import official_model_name, select_device
+from ..model_loader import published_model_name, select_device
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
 from ..nn.warp import compose_flows, warp_mask_logits
@@ -396,7 +397,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         cfg = load_model_config(opts.model)
     elif init.model_config is not None:
         cfg = model_config_from_dict(init.model_config)
-    elif (official := official_model_name(init.state_dict)) is not None:
+    elif (official := published_model_name(init.state_dict)) is not None:
         log.info("%s stores no model config; its backbone is that of %s", opts.init_checkpoint, official)
         cfg = load_model_config(official)
     else:
@@ -408,16 +409,16 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
     check_crop_on_flow_grid(opts.crop, model.motion.flow_stride)  # before minutes of pseudo-labelling
-    if not holds_part(init.state_dict, "motion."):
+    if not holds_part(init.state_dict, MOTION_PREFIX):
         # a per-frame Mask2Former checkpoint, what the official MPVSS training starts from (spec
         # 3.3): the segmentor loads strictly, the motion module keeps its initialisation
         log.info("%s holds no motion module: it starts from its initialisation", opts.init_checkpoint)
-    load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint), absent_part="motion.")
+    load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint), absent_part=MOTION_PREFIX)
     init_meta = init.meta
     del init  # the file's tensors, a second copy of the model for the whole run otherwise
     if opts.init_motion:
-        motion_state = {k[len("motion."):]: v for k, v in read_state_dict(opts.init_motion).items()
-                        if k.startswith("motion.")}
+        motion_state = {k[len(MOTION_PREFIX):]: v for k, v in read_state_dict(opts.init_motion).items()
+                        if k.startswith(MOTION_PREFIX) and k not in IGNORED_KEYS}  # flow_img_norm_*: buffers
         if not motion_state:
             raise ValueError(f"{opts.init_motion} holds no motion.* weights")
         model.motion.load_state_dict(motion_state, strict=True)  # lists missing/unexpected keys
