@@ -436,11 +436,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if labels is not None and not Path(labels).is_dir():
         raise FileNotFoundError(f"label folder not found: {labels}")
     out = check_output_dir(args.out, "--out") if args.out else None  # a file: refused before any work
-    loaded, backend = load_model_and_backend(args)
-    if args.labels is None and not args.self_reference:  # CamVid val's labels, read as the model's IDs
-        from .training.data import check_default_data_classes
+    def check_classes(loaded: Any) -> None:  # CamVid val's labels would be read as the model's IDs
+        if args.labels is None and not args.self_reference:
+            from .training.data import check_default_data_classes
 
-        check_default_data_classes(loaded.config.num_classes, loaded.config.name, None, what="evaluation")
+            check_default_data_classes(loaded.config.num_classes, loaded.config.name, None, what="evaluation")
+
+    loaded, backend = load_model_and_backend(args, check_loaded=check_classes)
     # what the labels are: a folder of ground truth, or the model's own per-frame labels
     reference = "per-frame labels of the model" if args.self_reference else str(labels)
     if args.self_reference:

@@ -229,7 +229,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
 
     ckpt = read_checkpoint(weights_path) if weights_path is not None else None  # the file is read once
     default_guessed = False  # a file without a configuration, not an official one, tried on the default model
-    official_guess = False  # a file without a configuration whose backbone is an official model's
+    published_guess = False  # a file without a configuration whose backbone and classes are a published model's
     if model is None and ckpt is not None and ckpt.model_config:
         try:
             cfg = model_config_from_dict(ckpt.model_config, where=f"{weights_path} (model_config)")
@@ -238,7 +238,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
     elif model is None and ckpt is not None and (guess := published_model_name(ckpt.state_dict)) is not None:
         log.info("%s holds no model configuration; its backbone's keys are those of %s", weights_path, guess)
         cfg = load_model_config(guess)
-        official_guess = True
+        published_guess = True
     else:
         cfg = load_model_config(model or DEFAULT_MODEL)
         default_guessed = model is None and ckpt is not None
@@ -267,7 +267,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                     f"{weights_path} was trained as {stored} (the configuration stored in it), not {model}: "
                     f"leave out --model (node: model: '') to use the stored one, or pass --model {stored}\n{exc}"
                 ) from exc
-            if official_guess:
+            if published_guess:
                 raise CheckpointError(
                     f"{weights_path} stores no model configuration and its backbone is that of the official "
                     f"{cfg.name}, but the rest of it does not fit {cfg.name}: pass --model with a YAML config "

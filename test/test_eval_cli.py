@@ -579,7 +579,12 @@ def test_load_sequence_refuses_frames_of_another_size_naming_the_file(tmp_path):
 def eval_without_model(monkeypatch, lite):
     """``mpvss eval`` with the lite model (K = 11) instead of loading one; fails the test if a
     sequence gets segmented."""
-    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: (lite, None))
+    def without_backend(args, check_loaded=None):
+        if check_loaded is not None:
+            check_loaded(lite)
+        return lite, None
+
+    monkeypatch.setattr(cli, "load_model_and_backend", without_backend)
     import mpvss_ros.evaluation.study as study
 
     monkeypatch.setattr(study, "_evaluate", lambda *a, **k: pytest.fail("segmented a sequence"))
@@ -722,13 +727,18 @@ def test_a_comparison_at_different_key_frame_counts_says_so():
 
 def test_eval_refuses_the_default_camvid_labels_for_a_model_of_other_classes(camvid_val_dirs, capsys, monkeypatch):
     """CamVid val's labels read as a 19-class model's IDs would score CamVid's Sky as road: the
-    default labels are refused for a model of other than 11 classes, naming --labels."""
+    default labels are refused for a model of other than 11 classes, naming --labels, before any
+    backend is built (an export or a TensorRT engine build)."""
     import dataclasses
+
+    import mpvss_ros.model_loader as model_loader
+    import mpvss_ros.runtime as runtime
 
     lite = load_model("mpvss_lite")
     nineteen = dataclasses.replace(lite, config=dataclasses.replace(lite.config, num_classes=19, name="other19",
                                                                     class_names=[], palette=[]))
-    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: (nineteen, None))
+    monkeypatch.setattr(model_loader, "load_model", lambda *a, **k: nineteen)
+    monkeypatch.setattr(runtime, "load_backend", lambda *a, **k: pytest.fail("built a backend"))
     assert _eval("--max-frames", "2") != 0
     line = error_line(capsys.readouterr().err)
     assert "default evaluation data is CamVid" in line and "other19 has 19" in line and "--labels" in line

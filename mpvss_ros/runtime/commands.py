@@ -42,7 +42,8 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
                         "onnxruntime or tensorrt instead of exporting --model/--weights; its graphs fix the input size")
 
 
-def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
+def load_model_and_backend(args: argparse.Namespace,
+                           check_loaded: Callable[[Any], None] | None = None) -> tuple[Any, Any]:
     """(LoadedModel, backend) from ``--model/--weights/--device/--threads`` and the backend options
     (``--onnx-dir``: the export folder's contract instead of a model, :func:`~mpvss_ros.model_loader.load_exported`).
 
@@ -57,8 +58,12 @@ def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
     weights are held once. Callers use the returned LoadedModel for its configuration and
     provenance and run the backend; they must not change ``loaded.model`` in place.
 
+    ``check_loaded(loaded)``, when given, runs between loading and building the backend, so what
+    it refuses costs no export or TensorRT engine build.
+
     Raises:
         BackendUnavailable: (a ValueError) the backend cannot run here.
+        Exception: whatever ``check_loaded`` raises.
     """
     from ..model_loader import load_exported, load_model, resolve_device
     from . import backend_missing, load_backend
@@ -83,6 +88,8 @@ def load_model_and_backend(args: argparse.Namespace) -> tuple[Any, Any]:
         motion_optional = getattr(args, "propagator", "query_flow") != "query_flow" and not getattr(args, "study", False)
         loaded = load_model(args.model, args.weights, device if backend_name == "torch" else "cpu",
                             motion_optional=motion_optional)
+    if check_loaded is not None:
+        check_loaded(loaded)
     backend = load_backend(backend_name, loaded, device=device, precision=precision,
                            cache_dir=getattr(args, "cache_dir", None), threads=getattr(args, "threads", None),
                            onnx_dir=onnx_dir, copy_model=False)

@@ -397,9 +397,9 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         cfg = load_model_config(opts.model)
     elif init.model_config is not None:
         cfg = model_config_from_dict(init.model_config)
-    elif (official := published_model_name(init.state_dict)) is not None:
-        log.info("%s stores no model config; its backbone is that of %s", opts.init_checkpoint, official)
-        cfg = load_model_config(official)
+    elif (published := published_model_name(init.state_dict)) is not None:
+        log.info("%s stores no model config; its backbone is that of %s", opts.init_checkpoint, published)
+        cfg = load_model_config(published)
     else:
         raise ValueError(f"--init-checkpoint {opts.init_checkpoint} stores no model config: give --model NAME "
                          f"(a model name under config/models or a YAML file) for the model its weights fit")
