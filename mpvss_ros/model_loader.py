@@ -283,7 +283,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                 f"{weights_path} is a whole {cfg.name} segmentor without a motion module (a per-frame Mask2Former "
                 f"checkpoint; no motion.* key): it runs with optical flow or copy between key frames (mpvss "
                 f"segment / eval / bag --propagator optical_flow, node parameter propagator: optical_flow), not "
-                f"with query flow, eval --study, mpvss export or build-engine; or train a motion module for it: "
+                f"with query flow or eval --study; or train a motion module for it: "
                 f"mpvss train motion --init-checkpoint {weights_path}")
         if no_motion:
             net.motion_trained = False

@@ -163,3 +163,30 @@ def test_motion_keys_the_loader_ignores_do_not_make_a_motion_module(per_frame_fi
     with_norm = dict(segmentor, **{"motion.flow_img_norm_mean": torch.zeros(3)})
     torch.save({"model": with_norm}, tmp_path / "with_norm.pth")
     assert load_model("mpvss_lite", tmp_path / "with_norm.pth", motion_optional=True).model.motion_trained is False
+
+
+def test_mpvss_export_takes_weights_without_motion_and_marks_the_contract(per_frame_file, tmp_path, capsys):
+    """mpvss export (and build-engine, the same load) prepare graphs for a per-frame checkpoint, which
+    the node and `segment --backend onnxruntime --propagator optical_flow` can run; the contract
+    records that the motion module is untrained."""
+    pytest.importorskip("onnxruntime")
+    from mpvss_ros.cli import main
+    from mpvss_ros.runtime.export import read_contract
+
+    out = tmp_path / "export"
+    assert main(["export", "--model", "mpvss_lite", "--weights", str(per_frame_file[0]), "--out", str(out),
+                 "--height", "68", "--width", "160", "--no-parity"]) == 0  # bikes.mp4's 640 x 272, quartered
+    printed = capsys.readouterr().out
+    assert "motion_trained: false" in printed and "not query_flow" in printed
+    assert read_contract(out)["motion_trained"] is False
+    assert main(["segment", "sample:bikes", "--onnx-dir", str(out), "--backend", "onnxruntime", "--propagator",
+                 "optical_flow", "--max-frames", "2", "--out", str(tmp_path / "seg"), "--no-progress",
+                 "--no-overlay"]) == 0
+    capsys.readouterr()
+    assert main(["segment", "sample:bikes", "--onnx-dir", str(out), "--backend", "onnxruntime", "--max-frames", "2",
+                 "--out", str(tmp_path / "qf"), "--no-progress", "--no-overlay"]) != 0
+    assert "query_flow needs a trained motion module" in capsys.readouterr().err
+    # a whole model's export says nothing of it
+    assert main(["export", "--model", "mpvss_lite", "--out", str(tmp_path / "whole"), "--height", "96", "--width",
+                 "128", "--no-parity"]) == 0
+    assert "motion_trained" not in capsys.readouterr().out

@@ -6,6 +6,8 @@
   ``contract.json`` and the onnxruntime-vs-PyTorch parity figures;
 * ``mpvss build-engine [--model M] [--height H --width W] [--precision P]``: prebuild the
   TensorRT engines into the cache;
+* both take weights without a motion module (a per-frame Mask2Former checkpoint) and say so
+  (:data:`NO_MOTION_EXPORT_NOTE`);
 * ``mpvss bench [--models ...] [--sizes HxW ...] [--backends ...] [--repeats N] [--keep-canvas]``: latency table;
 * ``mpvss cache [--prune [--max-mb N] | --clear] [--cache-dir D]``: list the cache of exported graphs
   and engines, prune it to a budget or empty it (:mod:`mpvss_ros.runtime.cache`).
@@ -23,6 +25,13 @@ from ..paths import check_output_dir, make_output_dir
 from .base import BACKENDS, MIN_GRAPH_SIDE, PRECISIONS, BackendUnavailable
 
 __all__ = ["add_backend_options", "add_runtime_commands", "load_model_and_backend", "RUNTIME_COMMANDS"]
+
+#: What ``mpvss export`` and ``build-engine`` say of weights without a motion module (a per-frame
+#: Mask2Former checkpoint): the graphs are built, the non-key one with the untrained motion module,
+#: and the contract's ``motion_trained`` is false, so a run of them refuses query flow.
+NO_MOTION_EXPORT_NOTE = ("the weights hold no motion module (a per-frame Mask2Former checkpoint): the non-key graph's "
+                         "motion module is untrained and contract.json says motion_trained: false, so these graphs run "
+                         "with --propagator optical_flow or copy (node parameter propagator), not query_flow")
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:
@@ -190,7 +199,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx, check_parity, format_parity, _write_json
 
     check_output_dir(args.out, "--out")  # a file, or a folder that cannot be made: before the model loads
-    loaded = load_model(args.model, args.weights, "cpu")
+    loaded = load_model(args.model, args.weights, "cpu", motion_optional=True)
     hw = _hw(args, loaded.config)
     res = export_onnx(loaded.model, args.out, hw, weights=str(loaded.weights) if loaded.weights else None,
                       trained=loaded.trained)
@@ -198,6 +207,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {loaded.config.name} ({'trained: ' + str(loaded.weights) if loaded.trained else 'UNTRAINED weights'}) "
           f"for valid {c['valid_hw'][0]}x{c['valid_hw'][1]} (padded {c['padded_hw'][0]}x{c['padded_hw'][1]}) "
           f"in {res.seconds:.1f} s: {res.key_frame}, {res.non_key_frame}; onnx.checker passed")
+    if not res.contract["motion_trained"]:
+        print(NO_MOTION_EXPORT_NOTE)
     status = 0
     if not args.no_parity:
         parity = check_parity(res.out_dir, loaded.model, threads=args.threads)
@@ -231,8 +242,10 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     dev = torch.device(args.device)
     if dev.type != "cuda":
         raise ValueError(f"build-engine needs a CUDA device, got {args.device!r}")
-    loaded = load_model(args.model, args.weights, "cpu")
+    loaded = load_model(args.model, args.weights, "cpu", motion_optional=True)
     hw = _hw(args, loaded.config)
+    if not loaded.model.motion_trained:
+        print(f"mpvss: {NO_MOTION_EXPORT_NOTE}", file=sys.stderr)
     source = GraphSource.from_model(loaded.model, args.cache_dir, weights=str(loaded.weights) if loaded.weights else None,
                                     trained=loaded.trained, copy_model=False)  # loaded for the source alone: no copy
     print(f"mpvss: exporting ONNX for {hw[0]}x{hw[1]} (cached) ...", file=sys.stderr, flush=True)
