@@ -29,14 +29,15 @@ from typing import Any
 
 import torch
 
-from .checkpoints import MOTION_PREFIX, CheckpointError, holds_part, load_state_dict_strict, read_checkpoint
+from .checkpoints import (MOTION_PREFIX, CheckpointError, CheckpointFile, holds_part, load_state_dict_strict,
+                          read_checkpoint)
 from .config import ConfigError, ModelConfig, load_model_config, model_config_from_dict
 from .nn.backbones import RESNET_BLOCKS
 from .nn.mpvss import MPVSS
 from .paths import find_data
 
-__all__ = ["LoadedModel", "load_model", "load_exported", "resolve_data_path", "resolve_device", "select_device",
-           "published_model_name", "DEFAULT_MODEL", "PUBLISHED_MODELS"]
+__all__ = ["LoadedModel", "load_model", "load_exported", "checkpoint_model_config", "resolve_data_path",
+           "resolve_device", "select_device", "published_model_name", "DEFAULT_MODEL", "PUBLISHED_MODELS"]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,38 @@ def published_model_name(state_dict: dict[str, Any]) -> str | None:
     return None
 
 
+def checkpoint_model_config(model: str | Path | None, ckpt: CheckpointFile,
+                            path: str | Path) -> tuple[ModelConfig, str]:
+    """The configuration a checkpoint is loaded into, by rules 1-3 of the module docstring, and
+    where it came from: ``given`` (``model``), ``stored`` (the file's ``model_config``),
+    ``published`` (:func:`published_model_name` of its weights) or ``default``
+    (:data:`DEFAULT_MODEL`, a guess for a file that says nothing of its model; a caller that cannot
+    guess refuses it). Shared by :func:`load_model` and stage 2's ``--init-checkpoint``.
+
+    Args:
+        model: a model name or YAML config, or None.
+        ckpt: the file read by :func:`~mpvss_ros.checkpoints.read_checkpoint`.
+        path: its path, for messages.
+
+    Raises:
+        ConfigError: ``model`` unknown or invalid.
+        CheckpointError: the file's stored configuration is not valid (the file is at fault, not
+            the command line: exit status 1, as for its weights).
+    """
+    if model is not None:
+        return load_model_config(model), "given"
+    if ckpt.model_config:
+        try:
+            return model_config_from_dict(ckpt.model_config, where=f"{path} (model_config)"), "stored"
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+    guess = published_model_name(ckpt.state_dict)
+    if guess is not None:
+        log.info("%s holds no model configuration; its backbone's keys are those of %s", path, guess)
+        return load_model_config(guess), "published"
+    return load_model_config(DEFAULT_MODEL), "default"
+
+
 def load_model(model: str | Path | None = None, weights: str | Path | None = None,
                device: str = "cpu", seed: int = 0, motion_optional: bool = False) -> LoadedModel:
     """Build the model and load its weights (see the module docstring for the rules).
@@ -228,20 +261,12 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             raise CheckpointError(f"weights file not found: {weights}")
 
     ckpt = read_checkpoint(weights_path) if weights_path is not None else None  # the file is read once
-    default_guessed = False  # a file without a configuration, not an official one, tried on the default model
-    published_guess = False  # a file without a configuration whose backbone and classes are a published model's
-    if model is None and ckpt is not None and ckpt.model_config:
-        try:
-            cfg = model_config_from_dict(ckpt.model_config, where=f"{weights_path} (model_config)")
-        except ConfigError as exc:  # the file is at fault, not the command line: exit status 1 as for weights
-            raise CheckpointError(str(exc)) from None
-    elif model is None and ckpt is not None and (guess := published_model_name(ckpt.state_dict)) is not None:
-        log.info("%s holds no model configuration; its backbone's keys are those of %s", weights_path, guess)
-        cfg = load_model_config(guess)
-        published_guess = True
+    if ckpt is not None:
+        cfg, cfg_source = checkpoint_model_config(model, ckpt, weights_path)
     else:
-        cfg = load_model_config(model or DEFAULT_MODEL)
-        default_guessed = model is None and ckpt is not None
+        cfg, cfg_source = load_model_config(model or DEFAULT_MODEL), "given"
+    default_guessed = cfg_source == "default"  # a file without a configuration, not a published model's
+    published_guess = cfg_source == "published"  # a file without a configuration, a published model's backbone
 
     if weights_path is None and cfg.default_weights:
         weights_path = resolve_data_path(cfg.default_weights)

@@ -45,10 +45,9 @@ from tqdm import tqdm
 
 from ..checkpoints import (IGNORED_KEYS, MOTION_PREFIX, holds_part, load_state_dict_strict, read_checkpoint,
                            read_state_dict)
-from ..config import load_model_config, model_config_from_dict
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
-from ..model_loader import published_model_name, select_device
+from ..model_loader import checkpoint_model_config, select_device
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
 from ..nn.warp import compose_flows, warp_mask_logits
@@ -393,14 +392,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     synthetic_motion = SyntheticMotion(travel_probability=opts.synthetic_travel)  # checks the range first
     run_dir = Path(opts.run_dir)
     init = read_checkpoint(opts.init_checkpoint)  # read once: configuration and weights
-    if opts.model is not None:
-        cfg = load_model_config(opts.model)
-    elif init.model_config is not None:
-        cfg = model_config_from_dict(init.model_config)
-    elif (published := published_model_name(init.state_dict)) is not None:
-        log.info("%s stores no model config; its backbone is that of %s", opts.init_checkpoint, published)
-        cfg = load_model_config(published)
-    else:
+    cfg, cfg_source = checkpoint_model_config(opts.model, init, opts.init_checkpoint)
+    if cfg_source == "default":  # mpvss_lite would be a guess: a stage-1 file of ours stores its config
         raise ValueError(f"--init-checkpoint {opts.init_checkpoint} stores no model config: give --model NAME "
                          f"(a model name under config/models or a YAML file) for the model its weights fit")
     check_default_data_classes(cfg.num_classes, cfg.name, opts.data_root)

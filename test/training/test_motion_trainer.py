@@ -585,3 +585,20 @@ def test_a_corrupt_camvid_frame_is_refused_before_the_pseudo_labelling(needs_dat
     with pytest.raises(FileNotFoundError, match="cannot read image .*0016E5_06390.png"):
         train_motion(_options(tmp_path / "run", lite_checkpoint, 2))
     assert not (tmp_path / "run").exists()
+
+
+def test_train_motion_refuses_a_bad_stored_config_as_load_model_does(tmp_path):
+    """Stage 2 resolves --init-checkpoint's configuration with load_model's rules
+    (checkpoint_model_config): a stored configuration that is not valid is the file's fault, a
+    CheckpointError (exit status 1) naming it, in both."""
+    from mpvss_ros.checkpoints import CheckpointError
+    from mpvss_ros.model_loader import load_model
+
+    bad = tmp_path / "bad_config.pt"
+    torch.save({"format": "mpvss_ros", "version": 1, "model_config": {"name": "x", "num_classes": -3},
+                "state_dict": {"w": torch.zeros(1)}, "meta": {}}, bad)
+    with pytest.raises(CheckpointError, match=r"bad_config.pt \(model_config\)"):
+        load_model(weights=bad)
+    with pytest.raises(CheckpointError, match=r"bad_config.pt \(model_config\)"):
+        train_motion(_options(tmp_path / "run", bad, 1))
+    assert not (tmp_path / "run").exists()
