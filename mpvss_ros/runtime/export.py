@@ -933,7 +933,10 @@ class GraphSource:
     """
 
     def __init__(self, cfg: ModelConfig, model: MPVSS | None = None, export_dir: Path | None = None,
-                 cache_dir: str | Path | None = None, weights: str | None = None, trained: bool | None = None) -> None:
+                 cache_dir: str | Path | None = None, weights: str | None = None, trained: bool | None = None,
+                 contract: dict[str, Any] | None = None) -> None:
+        """Use :meth:`from_model` or :meth:`from_dir`; ``contract`` is ``export_dir``'s, read by
+        :meth:`from_dir` (read here when not given)."""
         self.cfg = cfg
         self.model = model
         self.export_dir = export_dir
@@ -945,7 +948,7 @@ class GraphSource:
         self._dirs: dict[tuple[int, int], Path] = {}
         self.motion_trained = bool(getattr(model, "motion_trained", True))
         if export_dir is not None:
-            contract = read_contract(export_dir)
+            contract = contract if contract is not None else read_contract(export_dir)
             self._dirs[tuple(int(v) for v in contract["canvas"]["valid_hw"])] = Path(export_dir)  # type: ignore[index]
             self.motion_trained = contract.get("motion_trained", True) is not False
 
@@ -985,7 +988,7 @@ class GraphSource:
                              f"since the export, e.g. by an interrupted re-export): export again, or see mpvss "
                              f"check-export {export_dir}")
         return cls(contract_model_config(contract), export_dir=Path(export_dir), cache_dir=cache_dir,
-                   weights=contract.get("weights"), trained=contract.get("trained"))
+                   weights=contract.get("weights"), trained=contract.get("trained"), contract=contract)
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
