@@ -54,6 +54,7 @@ __all__ = [
     "holds_part",
     "MOTION_PREFIX",
     "load_checkpoint",
+    "motion_module_trained",
     "save_checkpoint",
     "torch_load_checked",
     "IGNORED_KEYS",
@@ -265,6 +266,26 @@ def holds_part(state_dict: dict[str, Tensor], prefix: str) -> bool:
         :data:`IGNORED_KEYS` (such as ``motion.flow_img_norm_mean``).
     """
     return any(k.startswith(prefix) and k not in IGNORED_KEYS for k in state_dict)
+
+
+def motion_module_trained(ckpt: CheckpointFile) -> bool:
+    """Whether a file holds a trained motion module (what query flow needs).
+
+    False for a file without one (:func:`holds_part` of :data:`MOTION_PREFIX`: a per-frame
+    Mask2Former checkpoint) and for a file of this project whose ``meta`` says it was never trained:
+    ``motion_trained: false`` (stage 1 writes it), or, in files written before that key, a stage-1
+    run's ``stage: segmentor`` (stage 1 keeps the motion module frozen at its initialisation).
+    True otherwise: stage 2's files, official MPVSS checkpoints, files without a ``meta``.
+
+    Args:
+        ckpt: a file read by :func:`read_checkpoint`.
+    """
+    if not holds_part(ckpt.state_dict, MOTION_PREFIX):
+        return False
+    flag = ckpt.meta.get("motion_trained")
+    if isinstance(flag, bool):
+        return flag
+    return ckpt.meta.get("stage") != "segmentor"
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint",

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .checkpoints import (MOTION_PREFIX, CheckpointError, CheckpointFile, holds_part, load_state_dict_strict,
-                          read_checkpoint)
+                          motion_module_trained, read_checkpoint)
 from .config import ConfigError, ModelConfig, load_model_config, model_config_from_dict
 from .nn.backbones import RESNET_BLOCKS
 from .nn.mpvss import MPVSS
@@ -242,15 +242,17 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
             ``.pkl``); None = the config's default weights.
         device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda[:N]``.
         seed: torch seed for the initialisation of an untrained model.
-        motion_optional: accept weights without any ``motion.*`` key (a per-frame Mask2Former
-            checkpoint) for a caller that propagates with optical flow or copy, or segments
-            every frame: the segmentor loads strictly and ``model.motion_trained`` is False
-            (query flow then refuses the model).
+        motion_optional: accept weights without a trained motion module (a per-frame Mask2Former
+            checkpoint without any ``motion.*`` key, or a stage-1 file of this project:
+            :func:`~mpvss_ros.checkpoints.motion_module_trained`) for a caller that propagates
+            with optical flow or copy, or segments every frame: the segmentor loads strictly and
+            ``model.motion_trained`` is False (query flow then refuses the model).
 
     Raises:
         ConfigError: unknown model name or bad config file.
         CheckpointError: ``weights`` given but missing, corrupt or not matching the model, or
-            holding a model configuration that is not valid.
+            holding a model configuration that is not valid; without a trained motion module and
+            not ``motion_optional``.
         ValueError: unusable device.
     """
     dev = select_device(device)
@@ -303,17 +305,19 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                 f"{weights_path} holds no model configuration, its backbone and classes are none of the published "
                 f"models configured here ({', '.join(PUBLISHED_MODELS)}) and it does not fit the default model "
                 f"{cfg.name}: pass --model with a model name or a YAML config that describes it\n{exc}") from exc
-        if no_motion and not motion_optional:
+        untrained_motion = not no_motion and not motion_module_trained(ckpt)  # a stage-1 file of ours
+        what = ("is a whole {} segmentor without a motion module (a per-frame Mask2Former checkpoint; no motion.* "
+                "key)" if no_motion else "is a stage-1 {} segmentor whose motion module was never trained (meta: "
+                "stage 1, the motion module frozen at its initialisation)").format(cfg.name)
+        if (no_motion or untrained_motion) and not motion_optional:
             raise CheckpointError(
-                f"{weights_path} is a whole {cfg.name} segmentor without a motion module (a per-frame Mask2Former "
-                f"checkpoint; no motion.* key): it runs with optical flow or copy between key frames (mpvss "
+                f"{weights_path} {what}: it runs with optical flow or copy between key frames (mpvss "
                 f"segment / eval / bag --propagator optical_flow, node parameter propagator: optical_flow), not "
                 f"with query flow or eval --study; or train a motion module for it: "
                 f"mpvss train motion --init-checkpoint {weights_path}")
-        if no_motion:
+        if no_motion or untrained_motion:
             net.motion_trained = False
-            log.warning("%s holds no motion module (a per-frame Mask2Former checkpoint): key frames only, with "
-                        "optical flow or copy between them", weights_path)
+            log.warning("%s %s: key frames only, with optical flow or copy between them", weights_path, what)
         meta = ckpt.meta
     elif not cfg.default_weights:
         log.warning("model %s has no weights (none given, no default): running UNTRAINED", cfg.name)

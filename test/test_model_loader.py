@@ -190,3 +190,36 @@ def test_mpvss_export_takes_weights_without_motion_and_marks_the_contract(per_fr
     assert main(["export", "--model", "mpvss_lite", "--out", str(tmp_path / "whole"), "--height", "96", "--width",
                  "128", "--no-parity"]) == 0
     assert "motion_trained" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("meta, trained", [
+    ({"stage": "segmentor", "motion_trained": False}, False),  # stage 1 now
+    ({"stage": "segmentor"}, False),  # stage 1 before the key: its motion module is the initialisation
+    ({"stage": "segmentor", "motion_trained": True}, True),  # stage 1 from a file with a trained one
+    ({"stage": "query_flow", "motion_trained": True}, True),
+    ({"stage": "query_flow"}, True),
+    ({}, True),  # a file of ours without provenance (the shipped one has none of these)
+])
+def test_a_stage_1_file_runs_query_flow_only_with_a_trained_motion_module(tmp_path, meta, trained):
+    """Stage 1 keeps the motion module frozen at its seeded initialisation and saves it: such a
+    file holds motion.* keys, yet query flow would warp with an untrained module (labels without
+    meaning, no warning). Its meta says so, and load_model treats it as a per-frame checkpoint."""
+    from mpvss_ros.checkpoints import CheckpointError, motion_module_trained, read_checkpoint, save_checkpoint
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.propagation import build_propagator
+
+    cfg = load_model_config("mpvss_lite")
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, MPVSS(cfg), cfg.to_dict(), meta)
+    assert motion_module_trained(read_checkpoint(path)) is trained
+    if trained:
+        assert load_model(weights=path).model.motion_trained is True
+        return
+    with pytest.raises(CheckpointError, match="stage-1 mpvss_lite segmentor whose motion module was never trained"):
+        load_model(weights=path)
+    loaded = load_model(weights=path, motion_optional=True)
+    assert loaded.model.motion_trained is False
+    with pytest.raises(ValueError, match="query_flow needs a trained motion module"):
+        build_propagator("query_flow", loaded.model)
+    build_propagator("optical_flow", loaded.model)

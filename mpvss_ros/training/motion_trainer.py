@@ -476,7 +476,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     start = 0
     options = options_dict(opts)
     if opts.resume:
-        start, state = resume_run(run_dir, model, optimizer, scheduler, device)
+        start, state, _ = resume_run(run_dir, model, optimizer, scheduler, device)
         if state.get("options"):  # runs saved before the state kept them: nothing to compare
             warn_option_changes(state["options"], options, _RESUME_CHECKED)
     else:
@@ -495,7 +495,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             + (f"pseudo-labelled pairs of {', '.join(p.name for p in clip_paths)}" if clip_paths else "no video pairs"))
 
     def meta(step: int) -> dict[str, Any]:
-        return {"stage": "query_flow", "step": step, "steps": opts.steps, "init": str(opts.init_checkpoint),
+        return {"stage": "query_flow", "motion_trained": True, "step": step, "steps": opts.steps, "init": str(opts.init_checkpoint),
                 "init_meta": init_meta, "data": data,
                 "seed": opts.seed, "val": last_val, "device": trained_on}
 

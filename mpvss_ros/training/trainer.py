@@ -76,7 +76,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..checkpoints import first_line, load_checkpoint, read_checkpoint, save_checkpoint, torch_load_checked
+from ..checkpoints import (MOTION_PREFIX, first_line, holds_part, load_checkpoint, load_state_dict_strict,
+                           motion_module_trained, read_checkpoint, save_checkpoint, torch_load_checked)
 from ..config import ModelConfig, load_model_config
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import shared_data_dir
@@ -427,11 +428,21 @@ def options_dict(opts: Any) -> dict[str, Any]:
 def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) -> MPVSS:
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
+    # stage 1 never trains the motion module: it stays trained only when initialised from one
+    # (its files say so in their meta, for load_model; resuming takes it from the run's file)
+    model.motion_trained = False
     if not initialise:  # resuming: the weights come from the run's checkpoint
         pass
     elif opts.init_checkpoint:
-        load_checkpoint(model, opts.init_checkpoint)
-        log.info("initialised from %s", opts.init_checkpoint)
+        init = read_checkpoint(opts.init_checkpoint)
+        # a per-frame Mask2Former checkpoint (no motion.* key) fine-tunes too: the motion module
+        # keeps its initialisation, as in stage 2
+        no_motion = not holds_part(init.state_dict, MOTION_PREFIX)
+        load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint),
+                               absent_part=MOTION_PREFIX if no_motion else None)
+        model.motion_trained = motion_module_trained(init)
+        log.info("initialised from %s%s", opts.init_checkpoint,
+                 " (no motion module: it keeps its initialisation)" if no_motion else "")
     elif opts.imagenet_weights != "none":
         if isinstance(model.backbone, MobileNetV2):
             path = Path(opts.imagenet_weights) if opts.imagenet_weights else default_imagenet_weights()
@@ -615,7 +626,8 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def resume_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device) -> tuple[int, dict[str, Any]]:
+               scheduler: torch.optim.lr_scheduler.LRScheduler,
+               device: torch.device) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Restore a run from ``run_dir`` (``--resume``, both training stages): the model from
     :data:`MODEL_FILE`, the optimizer, LR schedule and RNG from :data:`STATE_FILE`; the learning
     rate is re-synced to the step and :data:`LOG_FILE` cut back to it. The base learning rates and
@@ -624,8 +636,8 @@ def resume_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     first with :func:`check_run_dir` (before their expensive work); this checks again.
 
     Returns:
-        ``(step, state)``: the step to continue from and the trainer state dict (its
-        ``"options"`` are the run's earlier options, where saved).
+        ``(step, state, meta)``: the step to continue from, the trainer state dict (its
+        ``"options"`` are the run's earlier options, where saved) and the model file's ``meta``.
 
     Raises:
         FileNotFoundError: either file missing. ValueError: a damaged trainer state
@@ -661,7 +673,7 @@ def resume_run(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                          f"({type(exc).__name__}: {_first_sentence(exc)})") from exc
     truncate_log(run_dir / LOG_FILE, step)
     log.info("resumed %s at step %d", run_dir, step)
-    return step, state
+    return step, state, meta
 
 
 class InterruptAfterStep:
@@ -846,7 +858,8 @@ def _train(opts: TrainOptions) -> TrainResult:
     start = 0
     state_path, model_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
     if opts.resume:
-        start, state = resume_run(run_dir, model, optimizer, scheduler, device)
+        start, state, model_meta = resume_run(run_dir, model, optimizer, scheduler, device)
+        model.motion_trained = model_meta.get("motion_trained") is True  # absent: a run from before it, untrained
         warn_option_changes(state.get("options") or {}, options_dict(opts))
     else:
         torch.manual_seed(opts.seed + 1)  # point-sampling stream, distinct from the init stream
@@ -868,7 +881,8 @@ def _train(opts: TrainOptions) -> TrainResult:
         dataset += f" ({len(opts.train_files)} frames of it, --train-files)"
 
     def meta(step: int) -> dict[str, Any]:
-        return {"stage": "segmentor", "step": step, "steps": opts.steps, "dataset": dataset,
+        return {"stage": "segmentor", "motion_trained": model.motion_trained, "step": step, "steps": opts.steps,
+                "dataset": dataset,
                 "matcher": opts.matcher, "seed": opts.seed, "val": last_val, "device": trained_on}
 
     def save(step: int) -> None:

@@ -186,6 +186,7 @@ def test_few_steps_reduce_the_loss(straight_run):
     meta = torch.load(run / "model_final.pt", weights_only=True)["meta"]
     assert meta["device"] == "cpu (1 thread)"  # what trained it, for the model card
     assert meta["dataset"] == "CamVid train (SegNet split) (2 frames of it, --train-files)"
+    assert meta["motion_trained"] is False  # ImageNet backbone: the motion module is its initialisation
 
 
 @needs_data
@@ -197,6 +198,7 @@ def test_resume_continues_exactly(straight_run, tmp_path):
     assert state5["step"] == 5 and state5["scheduler"]["last_epoch"] == 5
     second = train_segmentor(_opts(tmp_path, resume=True))
     assert second.step == 8 and second.finished and len(second.losses) == 3
+    assert torch.load(tmp_path / "model_final.pt", weights_only=True)["meta"]["motion_trained"] is False
     np.testing.assert_allclose(first.losses + second.losses, straight.losses, rtol=1e-5)
     a = torch.load(straight_run[0] / "trainer_state.pt", weights_only=True)
     b = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
@@ -586,3 +588,38 @@ def test_a_failed_model_write_leaves_no_trainer_state_temp_file(tmp_path, monkey
         trainer.save_run_checkpoint(tmp_path / "checkpoint_last.pt", tmp_path / "trainer_state.pt", model, {},
                                     {"step": 1}, {"step": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_1_starts_from_a_per_frame_checkpoint_and_knows_its_motion_module(tmp_path):
+    """--init-checkpoint of stage 1 takes a per-frame Mask2Former checkpoint (no motion.* key; to
+    fine-tune a published segmentor on one's own labels), as stage 2 does; the file's motion
+    module is trained only when the init file's was (saved in the meta, read by load_model)."""
+    from mpvss_ros.checkpoints import save_checkpoint
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.training.trainer import _build_model
+
+    cfg = load_model_config("mpvss_lite")
+    torch.manual_seed(5)
+    source = MPVSS(cfg)
+    segmentor = {k: v for k, v in source.state_dict().items() if not k.startswith("motion.")}
+    torch.save({"model": segmentor}, tmp_path / "per_frame.pth")
+    model = _build_model(_opts(tmp_path / "a", init_checkpoint=str(tmp_path / "per_frame.pth")), cfg)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in segmentor.items())
+    assert model.motion_trained is False
+    save_checkpoint(tmp_path / "stage2.pt", source, cfg.to_dict(), {"stage": "query_flow", "motion_trained": True})
+    assert _build_model(_opts(tmp_path / "b", init_checkpoint=str(tmp_path / "stage2.pt")), cfg).motion_trained is True
+    assert _build_model(_opts(tmp_path / "c", imagenet_weights="none"), cfg).motion_trained is False
+
+
+@needs_data
+def test_a_resumed_stage_1_run_keeps_its_init_files_trained_motion_module(tmp_path):
+    from mpvss_ros.model_loader import load_model
+
+    shipped = load_model().weights  # a whole model: its motion module trained by stage 2
+    opts = {"steps": 2, "init_checkpoint": str(shipped), "imagenet_weights": "none"}
+    assert not train_segmentor(_opts(tmp_path, stop_at=1, **opts)).finished
+    assert train_segmentor(_opts(tmp_path, resume=True, **opts)).finished
+    assert torch.load(tmp_path / "model_final.pt", weights_only=True)["meta"]["motion_trained"] is True
+    assert load_model(weights=tmp_path / "model_final.pt").model.motion_trained is True
