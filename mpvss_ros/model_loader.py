@@ -81,16 +81,24 @@ class LoadedModel:
                 "backend": backend.describe() if backend is not None and hasattr(backend, "describe") else None}
 
 
-def load_exported(onnx_dir: str | Path) -> LoadedModel:
+def load_exported(onnx_dir: str | Path, motion_optional: bool = False) -> LoadedModel:
     """An ``mpvss export`` folder (or a model of your own brought to its contract) as a
     :class:`LoadedModel` without the PyTorch model: configuration, classes and palette from its
     ``contract.json``, ``weights``/``trained`` as the contract records them. Run it with
     ``load_backend("onnxruntime" | "tensorrt", onnx_dir=...)``; the graphs fix the input size.
 
+    Args:
+        onnx_dir: the export folder.
+        motion_optional: as :func:`load_model`: accept a folder whose contract says
+            ``motion_trained: false`` (exported from weights without a trained motion module), for
+            a run with optical flow or copy. Refused otherwise, before any graph is loaded or any
+            TensorRT engine built.
+
     Raises:
         FileNotFoundError: no contract, or a graph missing. ValueError: not a contract of this
             format, its model configuration invalid, or the two disagreeing
-            (:func:`~mpvss_ros.runtime.export.contract_problems`).
+            (:func:`~mpvss_ros.runtime.export.contract_problems`); ``motion_trained: false`` and
+            not ``motion_optional``.
     """
     from .runtime.export import contract_model_config, contract_problems, read_contract
 
@@ -99,6 +107,11 @@ def load_exported(onnx_dir: str | Path) -> LoadedModel:
     problems = contract_problems(contract, config)
     if problems:  # e.g. more classes than the graphs output: labels would be silently wrong
         raise ValueError(f"{onnx_dir}: {'; '.join(problems)} (mpvss check-export lists everything)")
+    if contract.get("motion_trained") is False and not motion_optional:
+        raise ValueError(f"{onnx_dir}: its contract.json says motion_trained: false (exported from weights without a "
+                         f"trained motion module): its graphs run with optical flow or copy between key frames "
+                         f"(--propagator optical_flow, node parameter propagator: optical_flow), not with query flow "
+                         f"or eval --study")
     weights = contract.get("weights")
     return LoadedModel(model=None, config=config, weights=Path(weights) if weights else None,
                        trained=bool(contract.get("trained")), device=torch.device("cpu"),

@@ -183,9 +183,14 @@ def test_mpvss_export_takes_weights_without_motion_and_marks_the_contract(per_fr
                  "optical_flow", "--max-frames", "2", "--out", str(tmp_path / "seg"), "--no-progress",
                  "--no-overlay"]) == 0
     capsys.readouterr()
+    # query flow (the default) and the study are refused when the folder loads, before its graphs
     assert main(["segment", "sample:bikes", "--onnx-dir", str(out), "--backend", "onnxruntime", "--max-frames", "2",
-                 "--out", str(tmp_path / "qf"), "--no-progress", "--no-overlay"]) != 0
-    assert "query_flow needs a trained motion module" in capsys.readouterr().err
+                 "--out", str(tmp_path / "qf"), "--no-progress", "--no-overlay"]) == 2
+    assert "contract.json says motion_trained: false" in capsys.readouterr().err
+    assert not (tmp_path / "qf").exists()
+    assert main(["eval", "sample:bikes", "--self-reference", "--study", "--onnx-dir", str(out), "--backend",
+                 "onnxruntime", "--max-frames", "4", "--intervals", "2", "--out", str(tmp_path / "study")]) == 2
+    assert "contract.json says motion_trained: false" in capsys.readouterr().err
     # a whole model's export says nothing of it
     assert main(["export", "--model", "mpvss_lite", "--out", str(tmp_path / "whole"), "--height", "96", "--width",
                  "128", "--no-parity"]) == 0
@@ -223,3 +228,25 @@ def test_a_stage_1_file_runs_query_flow_only_with_a_trained_motion_module(tmp_pa
     with pytest.raises(ValueError, match="query_flow needs a trained motion module"):
         build_propagator("query_flow", loaded.model)
     build_propagator("optical_flow", loaded.model)
+
+
+
+def test_load_backend_loads_weights_without_motion_when_told(per_frame_file):
+    from mpvss_ros.checkpoints import CheckpointError
+    from mpvss_ros.runtime import load_backend
+
+    with pytest.raises(CheckpointError, match="without a motion module"):
+        load_backend("torch", model="mpvss_lite", weights=per_frame_file[0])
+    backend = load_backend("torch", model="mpvss_lite", weights=per_frame_file[0], motion_optional=True)
+    assert backend.motion_trained is False
+
+
+def test_the_study_refuses_query_flow_without_a_motion_module_before_its_first_row(per_frame_file, monkeypatch):
+    from mpvss_ros.evaluation import study
+
+    loaded = load_model("mpvss_lite", per_frame_file[0], motion_optional=True)
+    rows = []
+    monkeypatch.setattr(study, "_evaluate", lambda *a, **k: rows.append(a) or (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(ValueError, match="query_flow rows need a trained motion module"):
+        study.key_interval_study(loaded, None, intervals=(1, 2), progress=False)
+    assert rows == []

@@ -442,7 +442,8 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
 
     Raises:
         ValueError: on a ``cut_threshold`` <= 0 or not finite; ``bootstrap_block`` or
-            ``bootstrap_samples`` < 1 (before the first row).
+            ``bootstrap_samples`` < 1; ``query_flow`` among the propagators of a model or backend
+            without a trained motion module (all before the first row).
 
     Returns:
         ``{"rows": [evaluate_sequence(...) + {"interval": N, "mode": "fixed"|"adaptive",
@@ -463,6 +464,11 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
     flow_opts = {"optical_flow_preset": optical_flow_preset, "optical_flow_scale": optical_flow_scale}
     if not chain_flow_modes:
         raise ValueError("chain_flow_modes must hold at least one of False, True")
+    if "query_flow" in propagators:  # refused at its first row otherwise, after the others' rows
+        target = backend if backend is not None else loaded.model
+        if not getattr(target, "motion_trained", True):
+            raise ValueError("the study's query_flow rows need a trained motion module, and these weights hold none "
+                             "(a per-frame or stage-1 checkpoint): leave query_flow out of the propagators")
     settings = [(prop, chain if prop in FLOW_PROPAGATORS else None)
                 for prop in propagators for chain in (chain_flow_modes if prop in FLOW_PROPAGATORS else (None,))]
     for n in intervals:

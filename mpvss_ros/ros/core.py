@@ -200,7 +200,7 @@ def load_configured_model(config: NodeConfig) -> LoadedModel:
 
     if config.onnx_dir:  # the export folder's contract instead of a model (validated: not torch)
         try:
-            return load_exported(config.onnx_dir)
+            return load_exported(config.onnx_dir, motion_optional=config.propagator != "query_flow")
         except (ValueError, OSError, ConfigError) as exc:
             raise StartupError(_one_line(f"cannot use onnx_dir '{config.onnx_dir}': {exc}")) from None
     what = f"model '{config.model}'" if config.model else "the model"  # '': the weights file's own

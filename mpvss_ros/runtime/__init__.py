@@ -83,7 +83,7 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
                  input_hw: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
                  cache_dir: str | Path | None = None, onnx_dir: str | Path | None = None,
                  threads: int | None = None, workspace_mb: int | None = None, keep_fp32: bool = True,
-                 copy_model: bool = True) -> Backend:
+                 copy_model: bool = True, motion_optional: bool = False) -> Backend:
     """Make an inference backend.
 
     Args:
@@ -118,6 +118,10 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
             ``copy_model``). A model this
             function loads itself (``loaded`` None) is never copied. The torch backend always
             runs (and prepares in place) the module it is given.
+        motion_optional: as :func:`~mpvss_ros.model_loader.load_model` when this function loads
+            ``model``/``weights`` itself: weights without a trained motion module load, for a run
+            with optical flow or copy (the backend's ``motion_trained`` is then False and query
+            flow refuses it).
 
     Raises:
         BackendUnavailable: the backend cannot run here (one line: what is missing, what works).
@@ -143,7 +147,7 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
         if loaded is None:
             if onnx_dir is not None:
                 raise ValueError("--onnx-dir needs --backend onnxruntime or tensorrt")
-            loaded = load_model(model, weights, device)
+            loaded = load_model(model, weights, device, motion_optional=motion_optional)
         net = loaded.model if isinstance(loaded, LoadedModel) else loaded
         return TorchBackend(net, device, precision)
 
@@ -153,7 +157,7 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
         source = GraphSource.from_dir(onnx_dir, cache_dir=cache_dir)
     else:
         if loaded is None:  # loaded here for the backend alone: nobody else holds it, no copy needed
-            loaded, copy_model = load_model(model, weights, "cpu"), False
+            loaded, copy_model = load_model(model, weights, "cpu", motion_optional=motion_optional), False
         if isinstance(loaded, LoadedModel):
             source = GraphSource.from_model(loaded.model, cache_dir, weights=str(loaded.weights) if loaded.weights else None,
                                             trained=loaded.trained, copy_model=copy_model)

@@ -57,8 +57,9 @@ def load_model_and_backend(args: argparse.Namespace,
     (``--onnx-dir``: the export folder's contract instead of a model, :func:`~mpvss_ros.model_loader.load_exported`).
 
     The backend's availability is checked first, so a missing TensorRT fails at once with one line.
-    Weights without a motion module load when ``--propagator`` is ``optical_flow`` or ``copy``
-    (not for ``--study``): :func:`~mpvss_ros.model_loader.load_model` ``motion_optional``.
+    Weights without a trained motion module, and export folders of them, load when
+    ``--propagator`` is ``optical_flow`` or ``copy`` (not for ``--study``):
+    :func:`~mpvss_ros.model_loader.load_model` and ``load_exported`` ``motion_optional``.
     The PyTorch model is loaded on ``--device`` for the torch backend and on the CPU (for export)
     otherwise.
 
@@ -89,12 +90,13 @@ def load_model_and_backend(args: argparse.Namespace,
     missing = backend_missing(backend_name, device, precision)
     if missing:
         raise BackendUnavailable(missing)
+    # weights without a trained motion module (a per-frame Mask2Former checkpoint, a stage-1 file,
+    # an export of either) serve a run that never uses one: optical flow or copy between key
+    # frames, and no study (it runs query flow)
+    motion_optional = getattr(args, "propagator", "query_flow") != "query_flow" and not getattr(args, "study", False)
     if onnx_dir is not None:
-        loaded = load_exported(onnx_dir)
+        loaded = load_exported(onnx_dir, motion_optional=motion_optional)
     else:
-        # weights without a motion module (a per-frame Mask2Former checkpoint) serve a run that
-        # never uses one: optical flow or copy between key frames, and no study (it runs query flow)
-        motion_optional = getattr(args, "propagator", "query_flow") != "query_flow" and not getattr(args, "study", False)
         loaded = load_model(args.model, args.weights, device if backend_name == "torch" else "cpu",
                             motion_optional=motion_optional)
     if check_loaded is not None:

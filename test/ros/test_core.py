@@ -1161,3 +1161,26 @@ def test_a_node_started_without_motion_refuses_query_flow_later(tmp_path, types)
         core.reconfigure({"propagator": "query_flow"})
     assert core.config.propagator == "optical_flow"
     assert core.reconfigure({"propagator": "copy"}).propagator == "copy"
+
+
+def test_an_export_folder_without_a_trained_motion_module_is_refused_at_start_for_query_flow(tmp_path, types):
+    """An export of weights without a motion module (contract motion_trained: false) stops a node
+    started with query_flow before any graph loads or TensorRT engine builds (one line), runs with
+    optical flow, and refuses a later switch to query_flow."""
+    pytest.importorskip("onnxruntime")
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.runtime.export import export_onnx
+
+    model = MPVSS(load_model_config("mpvss_lite"))
+    model.motion_trained = False
+    export = export_onnx(model.eval(), tmp_path / "export", (H, W), check=False).out_dir
+    settings = {"backend": "onnxruntime", "onnx_dir": str(export), "max_frame_age_s": 0.0, "threads": 1}
+    with pytest.raises(StartupError) as exc:
+        load_configured_model(validate(settings))  # propagator query_flow, the default
+    assert "motion_trained: false" in str(exc.value) and "\n" not in str(exc.value)
+    config = validate({**settings, "propagator": "optical_flow"})
+    core = SegmentationCore(config, load_configured_model(config), types)
+    assert core.process(image_msg(types, frame(seed=1), 4.0)).info.is_key_frame
+    with pytest.raises(ValueError, match="query_flow needs a trained motion module"):
+        core.reconfigure({"propagator": "query_flow"})
