@@ -267,13 +267,30 @@ class Letterbox:
 
     @staticmethod
     def fit(input_hw: tuple[int, int], canvas_hw: tuple[int, int] | None, divisibility: int = 32) -> "Letterbox":
-        """Scale ``input_hw`` to fit inside ``canvas_hw`` (None: keep the size), pad to ``divisibility``."""
+        """Scale ``input_hw`` to fit inside ``canvas_hw`` (None: keep the size), pad to ``divisibility``.
+
+        The frame fills the canvas's width (height rounded) or its height (width rounded),
+        whichever fits; when both fit (aspect ratios equal to within the rounding), the larger.
+        So a frame fits exactly the size it letterboxes to on any canvas: ``fit(input_hw,
+        fit(input_hw, c).resized_hw)`` has that same ``resized_hw``, and graphs exported for that
+        size (``mpvss export --height --width``) run its frames. (Scaling both sides by the
+        smaller ratio instead could round the other side one pixel short: 375 x 1242 on a 480 x
+        640 canvas is 193 x 640, but on a 193 x 640 canvas it was 193 x 639.)
+
+        Args:
+            input_hw: the frame's (H, W), pixels >= 1.
+            canvas_hw: the canvas (H, W), or None.
+            divisibility: the padded size's multiple.
+        """
         h, w = input_hw
         if canvas_hw is None:
             rh, rw = h, w
         else:
-            s = min(canvas_hw[0] / h, canvas_hw[1] / w)
-            rh, rw = max(1, round(h * s)), max(1, round(w * s))
+            ch, cw = int(canvas_hw[0]), int(canvas_hw[1])
+            fill_width = (max(1, round(h * cw / w)), cw)
+            fill_height = (ch, max(1, round(w * ch / h)))
+            # one of them always fits: the side with the smaller scale ratio rounds to at most its canvas side
+            rh, rw = max((c for c in (fill_width, fill_height) if c[0] <= ch and c[1] <= cw), key=lambda c: c[0] * c[1])
         ph = int(math.ceil(rh / divisibility) * divisibility)
         pw = int(math.ceil(rw / divisibility) * divisibility)
         return Letterbox((h, w), (rh, rw), (ph, pw))

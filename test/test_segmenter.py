@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import KeyFrameState
@@ -61,6 +63,9 @@ def _segmenter(lite, propagator="copy", schedule="fixed:3", **kw) -> VideoSegmen
     ((33, 1000), (360, 480), (16, 480), (32, 480)),
     ((271, 481), None, (271, 481), (288, 512)),
     ((64, 96), None, (64, 96), (64, 96)),
+    ((375, 1242), (480, 640), (193, 640), (224, 640)),  # KITTI on the default canvas
+    ((375, 1242), (193, 640), (193, 640), (224, 640)),  # ... and on a canvas of that size (was 193 x 639)
+    ((272, 640), (54, 128), (54, 128), (64, 128)),  # bikes.mp4 (was 54 x 127)
 ])
 def test_letterbox_fit(input_hw, canvas, resized, padded):
     lb = Letterbox.fit(input_hw, canvas, 32)
@@ -78,6 +83,18 @@ def test_letterbox_fit_keeps_aspect_and_fits(h, w):
     assert abs(rh - h * s) <= 0.5 + 1e-9 or rh == 1
     assert abs(rw - w * s) <= 0.5 + 1e-9 or rw == 1
     assert all(p % 32 == 0 and r <= p < r + 32 for p, r in zip(lb.padded_hw, lb.resized_hw))
+
+
+@settings(max_examples=300, deadline=None)
+@given(h=st.integers(1, 5000), w=st.integers(1, 5000), ch=st.integers(1, 2000), cw=st.integers(1, 2000))
+def test_letterbox_fit_fills_one_side_and_a_frame_fits_its_own_letterboxed_size(h, w, ch, cw):
+    """A frame fits exactly the size it letterboxes to: graphs exported for that size (the README's
+    deploy-without-weights recipe, the skip message's `mpvss export --height --width`) run it."""
+    lb = Letterbox.fit((h, w), (ch, cw))
+    rh, rw = lb.resized_hw
+    assert 1 <= rh <= ch and 1 <= rw <= cw
+    assert (rw == cw and rh == max(1, round(h * cw / w))) or (rh == ch and rw == max(1, round(w * ch / h)))
+    assert Letterbox.fit((h, w), lb.resized_hw).resized_hw == lb.resized_hw
 
 
 # ------------------------------------------------------------------ output shapes
