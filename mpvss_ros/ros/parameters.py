@@ -192,8 +192,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("max_image_pixels", "int", DEFAULT_MAX_IMAGE_PIXELS,
               "Largest input frame (height x width pixels) that is segmented; a larger one is "
               "skipped and counted (a compressed one from its header, before it is decoded, except a "
-              "JPEG without simplejpeg installed: a 206 kB PNG can unpack to 8000 x 8000 pixels, "
-              "1.7 GB of peak memory to segment on a CPU).",
+              "JPEG whose header neither libjpeg-turbo's probe nor Pillow can read: a 206 kB PNG can "
+              "unpack to 8000 x 8000 pixels, 1.7 GB of peak memory to segment on a CPU).",
               min=1, max=2**31 - 1, dynamic=True),
     ParamSpec("max_frame_age_s", "float", 0.5,
               "Drop a frame whose header stamp is older than this (seconds, node clock) when "
@@ -472,8 +472,8 @@ def render_yaml(node_name: str = NODE_NAME) -> str:
         "# Use: ros2 launch mpvss_ros segment.launch.py config:=<copy of this file>",
         "# Parameters marked (dynamic) can also be changed while the node runs:",
         "#   ros2 param set /mpvss_segmenter schedule fixed:5",
-        "# (a change to the schedule or the propagation makes the next frame a key frame); the",
-        "# others are read at start.",
+        "# (a change of the running schedule or propagator makes the next frame a key frame; one",
+        "# that leaves both as they run, such as max_gap_s, makes none); the others are read at start.",
         f"{node_name}:",
         "  ros__parameters:",
     ]
