@@ -59,6 +59,7 @@ def version_tuple(version: str) -> tuple[int, ...]:
 def _import_problem(module: str, name: str, exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     line = f"{name} cannot be imported ({type(exc).__name__}: {lines[-1] if lines else ''})"
+    floor = MINIMUM_VERSIONS[module][1]
     if module != "numpy":
         try:
             import numpy
@@ -68,7 +69,11 @@ def _import_problem(module: str, name: str, exc: BaseException) -> str:
             return (f"{line}: it was built for numpy 1 and numpy {numpy.__version__} is installed (pip upgrades numpy "
                     "when a package it installs asks for a newer one); install numpy 1 beside it: "
                     "pip install 'numpy>=1.21.6,<2'")
-    return line
+    if isinstance(exc, ModuleNotFoundError) and exc.name == module:  # not installed at all
+        return (f"{line}: install it: pip install '{name}>={floor}' (in a ROS 2 workspace: rosdep install "
+                f"--from-paths src --ignore-src -y)")
+    # installed but broken (a half-removed install, a build for another Python or library)
+    return f"{line}: reinstall it: pip install --force-reinstall '{name}>={floor}'"
 
 
 def unmet_dependencies(modules: Sequence[str] = START_MODULES) -> list[str]:

@@ -60,11 +60,13 @@ def test_the_floor_itself_and_a_module_without_a_version_pass(monkeypatch):
     assert unmet_dependencies(("tqdm", "PIL")) == []
 
 
-def _refuse_import(monkeypatch, module: str, message: str) -> None:
+def _refuse_import(monkeypatch, module: str, message: str, missing: bool = False) -> None:
     real = dependencies.importlib.import_module
 
     def import_module(name, *args):
         if name == module:
+            if missing:  # what importing a module that is not installed raises
+                raise ModuleNotFoundError(message, name=module)
             raise ImportError(message)
         return real(name, *args)
 
@@ -80,12 +82,20 @@ def test_an_opencv_built_for_numpy_1_beside_numpy_2_gets_the_numpy_remedy(monkey
                            "it was built for numpy 1 and numpy 2.2.6 is installed")
     assert line.endswith("pip install 'numpy>=1.21.6,<2'")
     monkeypatch.setattr(np, "__version__", "1.26.4")  # numpy 1: the import error is all there is to say
-    assert unmet_dependencies(("cv2",)) == ["opencv-python-headless cannot be imported (ImportError: numpy.core.multiarray failed to import)"]
+    assert unmet_dependencies(("cv2",)) == ["opencv-python-headless cannot be imported (ImportError: numpy.core.multiarray "
+                                            "failed to import): reinstall it: pip install --force-reinstall "
+                                            "'opencv-python-headless>=4.5.4'"]
 
 
-def test_a_missing_library_is_named(monkeypatch):
-    _refuse_import(monkeypatch, "scipy", "No module named 'scipy'")
-    assert unmet_dependencies(("scipy",)) == ["scipy cannot be imported (ImportError: No module named 'scipy')"]
+def test_a_missing_library_is_named_with_a_remedy(monkeypatch):
+    _refuse_import(monkeypatch, "scipy", "No module named 'scipy'", missing=True)
+    assert unmet_dependencies(("scipy",)) == [
+        "scipy cannot be imported (ModuleNotFoundError: No module named 'scipy'): install it: pip install "
+        "'scipy>=1.8.0' (in a ROS 2 workspace: rosdep install --from-paths src --ignore-src -y)"]
+    _refuse_import(monkeypatch, "tqdm", "cannot import name 'tqdm' from partially initialized module")
+    assert unmet_dependencies(("tqdm",)) == [
+        "tqdm cannot be imported (ImportError: cannot import name 'tqdm' from partially initialized module): "
+        "reinstall it: pip install --force-reinstall 'tqdm>=4.57.0'"]
     with pytest.raises(KeyError):
         unmet_dependencies(("not_a_floor",))
 
