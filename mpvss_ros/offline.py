@@ -519,6 +519,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                 if on_result is not None:
                     on_result(result)
         except BaseException:  # Ctrl-C, SIGTERM (unwound by mpvss segment), a full disk, the backend giving up
+            if jsonl is None:  # the output folder could not be prepared (or the input's first frame never came)
+                raise
             log.warning("the run stopped: %s holds its partial output, %d frames in labels/ and frames.jsonl%s, and no "
                         "summary.json (a new run into it replaces them)", out, len(run_stats),
                         " (and overlay.mp4)" if writer is not None and writer.written else "")

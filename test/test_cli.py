@@ -993,3 +993,18 @@ def test_the_overlay_video_is_written_at_rates_and_sizes_the_encoder_refuses(tmp
     assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == written_size
     assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(written_fps, abs=1e-3)
     cap.release()
+
+
+def test_an_output_folder_that_cannot_be_prepared_is_no_partial_output(tmp_path, monkeypatch, capsys, caplog):
+    """A folder that passes the early check but cannot be made when the first frame comes (/proc/x
+    on Linux) gives its one error line, not a warning that it holds a partial output."""
+    from mpvss_ros import offline
+
+    def refuse(input_path, out):
+        raise OSError(f"cannot create the output folder {out / 'labels'}: No such file or directory")
+
+    monkeypatch.setattr(offline, "_open_run_log", refuse)
+    assert _segment("sample:bikes", tmp_path / "out", "--max-frames", "2", "--propagator", "copy") == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"mpvss: error: cannot create the output folder {tmp_path / 'out' / 'labels'}: No such file or directory"]
+    assert "partial output" not in caplog.text
