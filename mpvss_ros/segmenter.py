@@ -271,6 +271,8 @@ class Letterbox:
 
         The frame fills the canvas's width (height rounded) or its height (width rounded),
         whichever fits; when both fit (aspect ratios equal to within the rounding), the larger.
+        Halves round up, as detectron2's ``ResizeShortestEdge`` (``int(x + 0.5)``), which the
+        official MPVSS test resize is (960 x 1281 -> 480 x 641 on a 480 x 853 canvas).
         So a frame fits exactly the size it letterboxes to on any canvas: ``fit(input_hw,
         fit(input_hw, c).resized_hw)`` has that same ``resized_hw``, and graphs exported for that
         size (``mpvss export --height --width``) run its frames. (Scaling both sides by the
@@ -287,8 +289,8 @@ class Letterbox:
             rh, rw = h, w
         else:
             ch, cw = int(canvas_hw[0]), int(canvas_hw[1])
-            fill_width = (max(1, round(h * cw / w)), cw)
-            fill_height = (ch, max(1, round(w * ch / h)))
+            fill_width = (max(1, int(h * cw / w + 0.5)), cw)
+            fill_height = (ch, max(1, int(w * ch / h + 0.5)))
             # one of them always fits: the side with the smaller scale ratio rounds to at most its canvas side
             rh, rw = max((c for c in (fill_width, fill_height) if c[0] <= ch and c[1] <= cw), key=lambda c: c[0] * c[1])
         ph = int(math.ceil(rh / divisibility) * divisibility)

@@ -66,6 +66,7 @@ def _segmenter(lite, propagator="copy", schedule="fixed:3", **kw) -> VideoSegmen
     ((375, 1242), (480, 640), (193, 640), (224, 640)),  # KITTI on the default canvas
     ((375, 1242), (193, 640), (193, 640), (224, 640)),  # ... and on a canvas of that size (was 193 x 639)
     ((272, 640), (54, 128), (54, 128), (64, 128)),  # bikes.mp4 (was 54 x 127)
+    ((960, 1281), (480, 853), (480, 641), (480, 672)),  # halves round up, as detectron2's resize (was 480 x 640)
 ])
 def test_letterbox_fit(input_hw, canvas, resized, padded):
     lb = Letterbox.fit(input_hw, canvas, 32)
@@ -93,7 +94,7 @@ def test_letterbox_fit_fills_one_side_and_a_frame_fits_its_own_letterboxed_size(
     lb = Letterbox.fit((h, w), (ch, cw))
     rh, rw = lb.resized_hw
     assert 1 <= rh <= ch and 1 <= rw <= cw
-    assert (rw == cw and rh == max(1, round(h * cw / w))) or (rh == ch and rw == max(1, round(w * ch / h)))
+    assert (rw == cw and rh == max(1, int(h * cw / w + 0.5))) or (rh == ch and rw == max(1, int(w * ch / h + 0.5)))
     assert Letterbox.fit((h, w), lb.resized_hw).resized_hw == lb.resized_hw
 
 
