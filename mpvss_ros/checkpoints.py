@@ -268,14 +268,15 @@ def holds_part(state_dict: dict[str, Tensor], prefix: str) -> bool:
     return any(k.startswith(prefix) and k not in IGNORED_KEYS for k in state_dict)
 
 
-def motion_module_trained(ckpt: CheckpointFile) -> bool:
+def motion_module_trained(ckpt: CheckpointFile) -> bool | None:
     """Whether a file holds a trained motion module (what query flow needs).
 
     False for a file without one (:func:`holds_part` of :data:`MOTION_PREFIX`: a per-frame
-    Mask2Former checkpoint) and for a file of this project whose ``meta`` says it was never trained:
-    ``motion_trained: false`` (stage 1 writes it), or, in files written before that key, a stage-1
-    run's ``stage: segmentor`` (stage 1 keeps the motion module frozen at its initialisation).
-    True otherwise: stage 2's files, official MPVSS checkpoints, files without a ``meta``.
+    Mask2Former checkpoint) and for a file of this project whose ``meta`` says ``motion_trained:
+    false`` (stage 1 writes it: the motion module is frozen at its initialisation unless the run
+    started from a file with a trained one). None (unknown) for a stage-1 file (``stage:
+    segmentor``) written before stage 1 recorded it: trained only if its run started from such a
+    file. True otherwise: stage 2's files, official MPVSS checkpoints, files without a ``meta``.
 
     Args:
         ckpt: a file read by :func:`read_checkpoint`.
@@ -285,7 +286,7 @@ def motion_module_trained(ckpt: CheckpointFile) -> bool:
     flag = ckpt.meta.get("motion_trained")
     if isinstance(flag, bool):
         return flag
-    return ckpt.meta.get("stage") != "segmentor"
+    return None if ckpt.meta.get("stage") == "segmentor" else True
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint",

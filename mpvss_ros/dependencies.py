@@ -70,6 +70,9 @@ def _import_problem(module: str, name: str, exc: BaseException) -> str:
                     "when a package it installs asks for a newer one); install numpy 1 beside it: "
                     "pip install 'numpy>=1.21.6,<2'")
     if isinstance(exc, ModuleNotFoundError) and exc.name == module:  # not installed at all
+        if module == "torch":  # rosdep's python3-torch can be older than the floor (README)
+            return (f"{line}: install it: pip install '{name}>={floor}' (a distribution's python3-torch can be too "
+                    f"old: skip it with rosdep --skip-keys python3-torch; on a Jetson, NVIDIA's wheel)")
         return (f"{line}: install it: pip install '{name}>={floor}' (in a ROS 2 workspace: rosdep install "
                 f"--from-paths src --ignore-src -y)")
     # installed but broken (a half-removed install, a build for another Python or library)

@@ -228,7 +228,7 @@ def checkpoint_model_config(model: str | Path | None, ckpt: CheckpointFile,
         CheckpointError: the file's stored configuration is not valid (the file is at fault, not
             the command line: exit status 1, as for its weights).
     """
-    if model is not None:
+    if model:  # "" as None: the node's model: '' is "the file's own configuration"
         return load_model_config(model), "given"
     if ckpt.model_config:
         try:
@@ -318,10 +318,16 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                 f"{weights_path} holds no model configuration, its backbone and classes are none of the published "
                 f"models configured here ({', '.join(PUBLISHED_MODELS)}) and it does not fit the default model "
                 f"{cfg.name}: pass --model with a model name or a YAML config that describes it\n{exc}") from exc
-        untrained_motion = not no_motion and not motion_module_trained(ckpt)  # a stage-1 file of ours
+        trained_motion = motion_module_trained(ckpt)
+        untrained_motion = not no_motion and trained_motion is False  # a stage-1 file of ours
+        if trained_motion is None:  # a stage-1 file from before the meta said: run as before, with a warning
+            log.warning("%s is a stage-1 segmentor file written before stage 1 recorded whether its motion module "
+                        "is trained: it is only if that run started from a file with a trained one "
+                        "(--init-checkpoint); otherwise query flow warps with its initialisation (use --propagator "
+                        "optical_flow, or train one with mpvss train motion)", weights_path)
         what = ("is a whole {} segmentor without a motion module (a per-frame Mask2Former checkpoint; no motion.* "
-                "key)" if no_motion else "is a stage-1 {} segmentor whose motion module was never trained (meta: "
-                "stage 1, the motion module frozen at its initialisation)").format(cfg.name)
+                "key)" if no_motion else "is a stage-1 {} segmentor whose motion module was never trained (its meta: "
+                "motion_trained false; stage 1 keeps it frozen at its initialisation)").format(cfg.name)
         if (no_motion or untrained_motion) and not motion_optional:
             raise CheckpointError(
                 f"{weights_path} {what}: it runs with optical flow or copy between key frames (mpvss "

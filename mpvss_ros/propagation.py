@@ -155,7 +155,7 @@ class QueryFlowPropagator(Propagator):
             direct flow from the current frame to the key frame.
 
     Raises:
-        ValueError: a model whose ``motion_trained`` is False (weights without a motion module).
+        ValueError: a model whose ``motion_trained`` is False (weights without a trained motion module).
     """
 
     name = "query_flow"
@@ -163,8 +163,8 @@ class QueryFlowPropagator(Propagator):
     def __init__(self, model: "MPVSS | Backend", chain_flow: bool = True) -> None:
         if not getattr(model, "motion_trained", True):
             raise ValueError("query_flow needs a trained motion module, and these weights hold none (a per-frame "
-                             "Mask2Former checkpoint): propagate with optical_flow or copy, or train a motion "
-                             "module with mpvss train motion --init-checkpoint")
+                             "Mask2Former or stage-1 checkpoint, or an export of one): propagate with optical_flow "
+                             "or copy, or train a motion module with mpvss train motion --init-checkpoint")
         self.model = model
         self.chain_flow = bool(chain_flow)
         self._chain = FlowChain()

@@ -92,6 +92,10 @@ def test_a_missing_library_is_named_with_a_remedy(monkeypatch):
     assert unmet_dependencies(("scipy",)) == [
         "scipy cannot be imported (ModuleNotFoundError: No module named 'scipy'): install it: pip install "
         "'scipy>=1.8.0' (in a ROS 2 workspace: rosdep install --from-paths src --ignore-src -y)"]
+    _refuse_import(monkeypatch, "torch", "No module named 'torch'", missing=True)
+    (line,) = unmet_dependencies(("torch",))  # rosdep's python3-torch can be too old: not the remedy
+    assert line.endswith("install it: pip install 'torch>=2.1.2' (a distribution's python3-torch can be too old: "
+                         "skip it with rosdep --skip-keys python3-torch; on a Jetson, NVIDIA's wheel)")
     _refuse_import(monkeypatch, "tqdm", "cannot import name 'tqdm' from partially initialized module")
     assert unmet_dependencies(("tqdm",)) == [
         "tqdm cannot be imported (ImportError: cannot import name 'tqdm' from partially initialized module): "

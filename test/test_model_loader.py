@@ -199,16 +199,17 @@ def test_mpvss_export_takes_weights_without_motion_and_marks_the_contract(per_fr
 
 @pytest.mark.parametrize("meta, trained", [
     ({"stage": "segmentor", "motion_trained": False}, False),  # stage 1 now
-    ({"stage": "segmentor"}, False),  # stage 1 before the key: its motion module is the initialisation
+    ({"stage": "segmentor"}, None),  # stage 1 before the key: trained only if its run started from such a file
     ({"stage": "segmentor", "motion_trained": True}, True),  # stage 1 from a file with a trained one
     ({"stage": "query_flow", "motion_trained": True}, True),
     ({"stage": "query_flow"}, True),
     ({}, True),  # a file of ours without provenance (the shipped one has none of these)
 ])
-def test_a_stage_1_file_runs_query_flow_only_with_a_trained_motion_module(tmp_path, meta, trained):
+def test_a_stage_1_file_runs_query_flow_only_with_a_trained_motion_module(tmp_path, meta, trained, caplog):
     """Stage 1 keeps the motion module frozen at its seeded initialisation and saves it: such a
     file holds motion.* keys, yet query flow would warp with an untrained module (labels without
-    meaning, no warning). Its meta says so, and load_model treats it as a per-frame checkpoint."""
+    meaning, no warning). Its meta says so, and load_model treats it as a per-frame checkpoint.
+    A stage-1 file from before the meta said so runs as it did, with a warning."""
     from mpvss_ros.checkpoints import CheckpointError, motion_module_trained, read_checkpoint, save_checkpoint
     from mpvss_ros.config import load_model_config
     from mpvss_ros.nn.mpvss import MPVSS
@@ -218,8 +219,9 @@ def test_a_stage_1_file_runs_query_flow_only_with_a_trained_motion_module(tmp_pa
     path = tmp_path / "run.pt"
     save_checkpoint(path, MPVSS(cfg), cfg.to_dict(), meta)
     assert motion_module_trained(read_checkpoint(path)) is trained
-    if trained:
+    if trained is not False:
         assert load_model(weights=path).model.motion_trained is True
+        assert ("written before stage 1 recorded whether its motion module is trained" in caplog.text) is (trained is None)
         return
     with pytest.raises(CheckpointError, match="stage-1 mpvss_lite segmentor whose motion module was never trained"):
         load_model(weights=path)
@@ -250,3 +252,9 @@ def test_the_study_refuses_query_flow_without_a_motion_module_before_its_first_r
     with pytest.raises(ValueError, match="query_flow rows need a trained motion module"):
         study.key_interval_study(loaded, None, intervals=(1, 2), progress=False)
     assert rows == []
+
+
+
+def test_an_empty_model_name_means_the_files_own_configuration(tmp_path):
+    """--model '' (the node's model: '') with weights: the configuration stored in the file."""
+    assert load_model("", load_model().weights).config.name == "mpvss_lite"

@@ -140,9 +140,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "AVX-512 BF16 or AMX: backbone and motion encoder in bfloat16, the rest in fp32).", choices=PRECISIONS),
     ParamSpec("propagator", "str", "query_flow",
               "How non-key frames are produced from the last key frame: query_flow (MPVSS), "
-              "optical_flow (OpenCV DIS) or copy. Weights without a motion module (a per-frame Mask2Former "
-              "checkpoint) load only when the node starts with optical_flow or copy, and query_flow is then "
-              "refused.", choices=PROPAGATOR_CHOICES, dynamic=True),
+              "optical_flow (OpenCV DIS) or copy. Weights without a trained motion module (a per-frame "
+              "Mask2Former or stage-1 checkpoint, or an onnx_dir export of one) load only when the node starts "
+              "with optical_flow or copy, and query_flow is then refused.", choices=PROPAGATOR_CHOICES,
+              dynamic=True),
     ParamSpec("optical_flow_preset", "str", "fast",
               "optical_flow only: OpenCV DIS preset. On the CamVid val clip (2 CPU threads, key "
               "interval 5, chained flow) medium gains 0.7 mIoU over fast for about 4.5 ms more per non-key frame.",

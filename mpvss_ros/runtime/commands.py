@@ -26,12 +26,13 @@ from .base import BACKENDS, MIN_GRAPH_SIDE, PRECISIONS, BackendUnavailable
 
 __all__ = ["add_backend_options", "add_runtime_commands", "load_model_and_backend", "RUNTIME_COMMANDS"]
 
-#: What ``mpvss export`` and ``build-engine`` say of weights without a motion module (a per-frame
-#: Mask2Former checkpoint): the graphs are built, the non-key one with the untrained motion module,
+#: What ``mpvss export`` and ``build-engine`` say of weights without a trained motion module (a
+#: per-frame Mask2Former or stage-1 checkpoint): the graphs are built, the non-key one with the untrained motion module,
 #: and the contract's ``motion_trained`` is false, so a run of them refuses query flow.
-NO_MOTION_EXPORT_NOTE = ("the weights hold no motion module (a per-frame Mask2Former checkpoint): the non-key graph's "
-                         "motion module is untrained and contract.json says motion_trained: false, so these graphs run "
-                         "with --propagator optical_flow or copy (node parameter propagator), not query_flow")
+NO_MOTION_EXPORT_NOTE = ("the weights hold no trained motion module (a per-frame Mask2Former or stage-1 checkpoint): "
+                         "the non-key graph's motion module is untrained and contract.json says motion_trained: false, "
+                         "so these graphs run with --propagator optical_flow or copy (node parameter propagator), not "
+                         "query_flow")
 
 
 def add_backend_options(p: argparse.ArgumentParser) -> None:

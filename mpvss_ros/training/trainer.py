@@ -76,8 +76,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..checkpoints import (MOTION_PREFIX, first_line, holds_part, load_checkpoint, load_state_dict_strict,
-                           motion_module_trained, read_checkpoint, save_checkpoint, torch_load_checked)
+from ..checkpoints import (MOTION_PREFIX, CheckpointError, first_line, holds_part, load_checkpoint,
+                           load_state_dict_strict, motion_module_trained, read_checkpoint, save_checkpoint,
+                           torch_load_checked)
 from ..config import ModelConfig, load_model_config
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import shared_data_dir
@@ -148,7 +149,8 @@ class TrainOptions:
         no_object_weight: CE weight of the no-object class [--no-object-weight].
         imagenet_weights: MobileNetV2 ImageNet file; None = :func:`default_imagenet_weights`;
             ``"none"`` = random backbone [--imagenet-weights].
-        init_checkpoint: a full model checkpoint to start from instead [--init-checkpoint].
+        init_checkpoint: a checkpoint of the model to start from instead, with or without a motion
+            module (a per-frame Mask2Former file) [--init-checkpoint].
         data_root: CamVid root with ``train/ trainannot/ val/ valannot/``; None = shared data
             [--data-root].
         train_files: optional subset of training file names (debugging) [--train-files].
@@ -425,6 +427,25 @@ def options_dict(opts: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(opts), default=_json_default))
 
 
+def _resumed_motion_trained(model_meta: dict[str, Any], options: dict[str, Any]) -> bool:
+    """Whether a resumed stage-1 run's motion module is trained: as its model file says, or, for a
+    run started before stage 1 recorded it, as the ``init_checkpoint`` of its saved options says
+    (none: ImageNet or random weights, untrained; a file no longer readable: assumed trained, as
+    the file it was made from is unknown, with a warning)."""
+    flag = model_meta.get("motion_trained")
+    if isinstance(flag, bool):
+        return flag
+    init = options.get("init_checkpoint")
+    if not init:
+        return False
+    try:
+        return motion_module_trained(read_checkpoint(init)) is not False
+    except (CheckpointError, OSError) as exc:
+        log.warning("cannot tell whether this run's motion module is trained (its init checkpoint %s: %s): "
+                    "assumed trained", init, first_line(exc))
+        return True
+
+
 def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) -> MPVSS:
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
@@ -440,7 +461,7 @@ def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) 
         no_motion = not holds_part(init.state_dict, MOTION_PREFIX)
         load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint),
                                absent_part=MOTION_PREFIX if no_motion else None)
-        model.motion_trained = motion_module_trained(init)
+        model.motion_trained = motion_module_trained(init) is not False  # None: a stage-1 file of before, as then
         log.info("initialised from %s%s", opts.init_checkpoint,
                  " (no motion module: it keeps its initialisation)" if no_motion else "")
     elif opts.imagenet_weights != "none":
@@ -859,7 +880,7 @@ def _train(opts: TrainOptions) -> TrainResult:
     state_path, model_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
     if opts.resume:
         start, state, model_meta = resume_run(run_dir, model, optimizer, scheduler, device)
-        model.motion_trained = model_meta.get("motion_trained") is True  # absent: a run from before it, untrained
+        model.motion_trained = _resumed_motion_trained(model_meta, state.get("options") or {})
         warn_option_changes(state.get("options") or {}, options_dict(opts))
     else:
         torch.manual_seed(opts.seed + 1)  # point-sampling stream, distinct from the init stream
@@ -1010,7 +1031,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--num-points", type=int, default=d.num_points, help="points per mask (default %(default)s)")
     a("--no-object-weight", type=float, default=d.no_object_weight, help="default %(default)s")
     a("--imagenet-weights", default=None, help="MobileNetV2 ImageNet file (default: shared data; 'none': random)")
-    a("--init-checkpoint", default=None, help="start from this full model checkpoint")
+    a("--init-checkpoint", default=None,
+      help="start from this checkpoint of the model, with or without a motion module (a per-frame Mask2Former file)")
     a("--data-root", default=None, help="CamVid root with train/ trainannot/ val/ valannot/ (default: shared data)")
     a("--train-files", nargs="+", default=None, help="train on these file names only (debugging)")
     a("--no-freeze-bn", dest="freeze_bn", action="store_false", help="update backbone BatchNorm statistics")

@@ -187,3 +187,21 @@ def test_the_non_key_frame_is_timed_from_the_state_push_keeps(monkeypatch):
     timed = seen[:3]  # warm-up and timed runs, before the end-to-end pushes
     assert timed and all(any(key is k for k in kept) for key in timed)
     assert all(key.active is not None for key in timed)
+
+
+def test_bench_times_weights_without_a_trained_motion_module_and_says_so(tmp_path, capsys, monkeypatch):
+    """Latency does not depend on the weights: a per-frame (or stage-1) file is timed like any
+    other, the query-flow columns running its untrained motion module, and the weights line says so."""
+    import torch
+
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+
+    state = MPVSS(load_model_config("mpvss_lite")).state_dict()
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("motion.")}}, tmp_path / "pf.pth")
+    out, result = _bench(tmp_path, capsys, monkeypatch, "--sizes", "64x96", "--backends", "torch", "--e2e-frames", "3",
+                         "--weights", f"mpvss_lite={tmp_path / 'pf.pth'}")
+    (row,) = result["rows"]
+    assert row["non_key_ms"] > 0 and row["fps_fixed5"] > 0
+    assert result["weights"]["mpvss_lite"].endswith("(no trained motion module: non-key and end-to-end times run an "
+                                                    "untrained one)")

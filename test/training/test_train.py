@@ -623,3 +623,24 @@ def test_a_resumed_stage_1_run_keeps_its_init_files_trained_motion_module(tmp_pa
     assert train_segmentor(_opts(tmp_path, resume=True, **opts)).finished
     assert torch.load(tmp_path / "model_final.pt", weights_only=True)["meta"]["motion_trained"] is True
     assert load_model(weights=tmp_path / "model_final.pt").model.motion_trained is True
+
+
+
+def test_a_resumed_run_from_before_motion_trained_was_recorded_asks_its_init_checkpoint(tmp_path, caplog):
+    from mpvss_ros.checkpoints import save_checkpoint
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.training.trainer import _resumed_motion_trained
+
+    cfg = load_model_config("mpvss_lite")
+    model = MPVSS(cfg)
+    save_checkpoint(tmp_path / "stage2.pt", model, cfg.to_dict(), {"stage": "query_flow"})
+    segmentor = {k: v for k, v in model.state_dict().items() if not k.startswith("motion.")}
+    torch.save({"model": segmentor}, tmp_path / "per_frame.pth")
+    assert _resumed_motion_trained({"motion_trained": False}, {"init_checkpoint": str(tmp_path / "stage2.pt")}) is False
+    assert _resumed_motion_trained({"motion_trained": True}, {}) is True
+    assert _resumed_motion_trained({}, {"init_checkpoint": None}) is False  # ImageNet or random start
+    assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "stage2.pt")}) is True
+    assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "per_frame.pth")}) is False
+    assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "gone.pt")}) is True
+    assert "cannot tell whether this run's motion module is trained" in caplog.text
