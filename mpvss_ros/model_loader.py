@@ -298,8 +298,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
     no_motion = ckpt is not None and not holds_part(ckpt.state_dict, MOTION_PREFIX)
     if ckpt is not None:
         try:
-            load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path),
-                                   absent_part=MOTION_PREFIX if no_motion else None)
+            load_state_dict_strict(net, ckpt.state_dict, source=str(weights_path), absent_part=MOTION_PREFIX)
         except CheckpointError as exc:
             stored = (ckpt.model_config or {}).get("name") if isinstance(ckpt.model_config, dict) else None
             if model is not None and stored and stored != cfg.name:
@@ -318,8 +317,7 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                 f"{weights_path} holds no model configuration, its backbone and classes are none of the published "
                 f"models configured here ({', '.join(PUBLISHED_MODELS)}) and it does not fit the default model "
                 f"{cfg.name}: pass --model with a model name or a YAML config that describes it\n{exc}") from exc
-        trained_motion = motion_module_trained(ckpt)
-        untrained_motion = not no_motion and trained_motion is False  # a stage-1 file of ours
+        trained_motion = motion_module_trained(ckpt)  # False: no motion module, or a stage-1 file of ours
         if trained_motion is None:  # a stage-1 file from before the meta said: run as before, with a warning
             log.warning("%s is a stage-1 segmentor file written before stage 1 recorded whether its motion module "
                         "is trained: it is only if that run started from a file with a trained one "
@@ -328,13 +326,13 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
         what = ("is a whole {} segmentor without a motion module (a per-frame Mask2Former checkpoint; no motion.* "
                 "key)" if no_motion else "is a stage-1 {} segmentor whose motion module was never trained (its meta: "
                 "motion_trained false; stage 1 keeps it frozen at its initialisation)").format(cfg.name)
-        if (no_motion or untrained_motion) and not motion_optional:
+        if trained_motion is False and not motion_optional:
             raise CheckpointError(
                 f"{weights_path} {what}: it runs with optical flow or copy between key frames (mpvss "
                 f"segment / eval / bag --propagator optical_flow, node parameter propagator: optical_flow), not "
                 f"with query flow or eval --study; or train a motion module for it: "
                 f"mpvss train motion --init-checkpoint {weights_path}")
-        if no_motion or untrained_motion:
+        if trained_motion is False:
             net.motion_trained = False
             log.warning("%s %s: key frames only, with optical flow or copy between them", weights_path, what)
         meta = ckpt.meta

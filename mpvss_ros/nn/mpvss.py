@@ -196,8 +196,8 @@ class MPVSS(nn.Module):
         )
         self.sem_seg_head = _SemSegHead(pixel_decoder, predictor)
         self.motion = MotionModule(cfg.motion, cfg.transformer_decoder.num_queries)
-        #: False when the weights held no motion module (a per-frame Mask2Former checkpoint,
-        #: ``load_model(motion_optional=True)``): query flow refuses the model.
+        #: False when the weights held no trained motion module (a per-frame Mask2Former or stage-1
+        #: checkpoint, ``load_model(motion_optional=True)``): query flow refuses the model.
         self.motion_trained = True
         self.register_buffer("pixel_mean", torch.tensor(cfg.input.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.input.pixel_std).view(1, 3, 1, 1), persistent=False)

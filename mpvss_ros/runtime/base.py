@@ -205,8 +205,9 @@ class Backend(ABC):
         name: short description of the backend and where it runs.
         device: torch device of input and output tensors.
         precision: ``fp32``, ``fp16`` or ``bf16``.
-    A backend's ``motion_trained`` (property) is False when the weights held no motion module (a
-    per-frame Mask2Former checkpoint run for key frames with optical flow or copy between them):
+    A backend's ``motion_trained`` (property) is False when the weights held no trained motion
+    module (a per-frame Mask2Former or stage-1 checkpoint run for key frames with optical flow or
+    copy between them):
     :class:`~mpvss_ros.propagation.QueryFlowPropagator` refuses such a backend.
     """
 

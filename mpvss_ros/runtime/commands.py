@@ -6,7 +6,8 @@
   ``contract.json`` and the onnxruntime-vs-PyTorch parity figures;
 * ``mpvss build-engine [--model M] [--height H --width W] [--precision P]``: prebuild the
   TensorRT engines into the cache;
-* both take weights without a motion module (a per-frame Mask2Former checkpoint) and say so
+* both take weights without a trained motion module (a per-frame Mask2Former or stage-1
+  checkpoint) and say so
   (:data:`NO_MOTION_EXPORT_NOTE`);
 * ``mpvss bench [--models ...] [--sizes HxW ...] [--backends ...] [--repeats N] [--keep-canvas]``: latency table;
 * ``mpvss cache [--prune [--max-mb N] | --clear] [--cache-dir D]``: list the cache of exported graphs

@@ -259,7 +259,7 @@ def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path |
                    non_key_path: Path | None = None, weights: str | None = None,
                    trained: bool | None = None, motion_trained: bool = True) -> dict[str, Any]:
     """The JSON contract of an export (see the module docstring); file hashes when paths are given.
-    ``motion_trained`` False: the weights held no motion module, so the non-key graph's flows are
+    ``motion_trained`` False: the weights held no trained motion module, so the non-key graph's flows are
     an untrained module's and query flow refuses the export (absent in a contract: true)."""
     padded = padded_size(valid_hw, cfg.input.size_divisibility)
     shapes = _io_shapes(cfg, padded)
@@ -929,7 +929,7 @@ class GraphSource:
         cfg: the model configuration; for :meth:`from_dir` the contract's, whose canvas
             (``input.size``) is the exported valid size.
         motion_trained: the model's (:attr:`MPVSS.motion_trained`), or the contract's
-            ``motion_trained`` (true when absent): False for weights without a motion module.
+            ``motion_trained`` (true when absent): False for weights without a trained motion module.
     """
 
     def __init__(self, cfg: ModelConfig, model: MPVSS | None = None, export_dir: Path | None = None,

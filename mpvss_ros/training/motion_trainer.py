@@ -495,8 +495,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             + (f"pseudo-labelled pairs of {', '.join(p.name for p in clip_paths)}" if clip_paths else "no video pairs"))
 
     def meta(step: int) -> dict[str, Any]:
-        return {"stage": "query_flow", "motion_trained": True, "step": step, "steps": opts.steps, "init": str(opts.init_checkpoint),
-                "init_meta": init_meta, "data": data,
+        return {"stage": "query_flow", "motion_trained": True, "step": step, "steps": opts.steps,
+                "init": str(opts.init_checkpoint), "init_meta": init_meta, "data": data,
                 "seed": opts.seed, "val": last_val, "device": trained_on}
 
     def save(step: int) -> None:

@@ -459,8 +459,7 @@ def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) 
         # a per-frame Mask2Former checkpoint (no motion.* key) fine-tunes too: the motion module
         # keeps its initialisation, as in stage 2
         no_motion = not holds_part(init.state_dict, MOTION_PREFIX)
-        load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint),
-                               absent_part=MOTION_PREFIX if no_motion else None)
+        load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint), absent_part=MOTION_PREFIX)
         model.motion_trained = motion_module_trained(init) is not False  # None: a stage-1 file of before, as then
         log.info("initialised from %s%s", opts.init_checkpoint,
                  " (no motion module: it keeps its initialisation)" if no_motion else "")
