@@ -54,6 +54,7 @@ __all__ = [
     "holds_part",
     "MOTION_PREFIX",
     "load_checkpoint",
+    "load_init_checkpoint",
     "motion_module_trained",
     "save_checkpoint",
     "torch_load_checked",
@@ -275,8 +276,10 @@ def motion_module_trained(ckpt: CheckpointFile) -> bool | None:
     Mask2Former checkpoint) and for a file of this project whose ``meta`` says ``motion_trained:
     false`` (stage 1 writes it: the motion module is frozen at its initialisation unless the run
     started from a file with a trained one). None (unknown) for a stage-1 file (``stage:
-    segmentor``) written before stage 1 recorded it: trained only if its run started from such a
-    file. True otherwise: stage 2's files, official MPVSS checkpoints, files without a ``meta``.
+    segmentor``) that records no bool: written before stage 1 recorded it, or by a run started
+    from such a file (``motion_trained: null``); trained only if the first run started from a
+    file with a trained one. True otherwise: stage 2's files, official MPVSS checkpoints, files
+    without a ``meta``.
 
     Args:
         ckpt: a file read by :func:`read_checkpoint`.
@@ -386,6 +389,25 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
     ckpt = read_checkpoint(path)
     load_state_dict_strict(model, ckpt.state_dict, source=str(path))
     return ckpt.meta
+
+
+def load_init_checkpoint(model: nn.Module, init: CheckpointFile, source: str | Path) -> None:
+    """Load a training run's starting file (``--init-checkpoint``) into ``model``, strictly but
+    for the motion module: a file without ``motion.*`` keys (a per-frame Mask2Former checkpoint,
+    what the official MPVSS training starts from, spec 3.3) leaves the model's own (logged).
+
+    Args:
+        model: an :class:`~mpvss_ros.nn.mpvss.MPVSS` of the file's configuration.
+        init: the file, read by :func:`read_checkpoint`.
+        source: its path, for messages.
+
+    Raises:
+        CheckpointError: as :func:`load_state_dict_strict` (any other key missing, unexpected or
+            mis-shaped).
+    """
+    if not holds_part(init.state_dict, MOTION_PREFIX):
+        log.info("%s holds no motion module: the model's keeps its initialisation", source)
+    load_state_dict_strict(model, init.state_dict, source=str(source), absent_part=MOTION_PREFIX)
 
 
 def read_model_config(path: str | Path) -> dict[str, Any] | None:

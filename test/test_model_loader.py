@@ -200,6 +200,7 @@ def test_mpvss_export_takes_weights_without_motion_and_marks_the_contract(per_fr
 @pytest.mark.parametrize("meta, trained", [
     ({"stage": "segmentor", "motion_trained": False}, False),  # stage 1 now
     ({"stage": "segmentor"}, None),  # stage 1 before the key: trained only if its run started from such a file
+    ({"stage": "segmentor", "motion_trained": None}, None),  # stage 1 started from such a file: still unknown
     ({"stage": "segmentor", "motion_trained": True}, True),  # stage 1 from a file with a trained one
     ({"stage": "query_flow", "motion_trained": True}, True),
     ({"stage": "query_flow"}, True),
@@ -221,7 +222,10 @@ def test_a_stage_1_file_runs_query_flow_only_with_a_trained_motion_module(tmp_pa
     assert motion_module_trained(read_checkpoint(path)) is trained
     if trained is not False:
         assert load_model(weights=path).model.motion_trained is True
-        assert ("written before stage 1 recorded whether its motion module is trained" in caplog.text) is (trained is None)
+        assert ("does not record whether its motion module is trained" in caplog.text) is (trained is None)
+        caplog.clear()  # no warning for a run that never uses the motion module
+        assert load_model(weights=path, motion_optional=True).model.motion_trained is True
+        assert "does not record whether" not in caplog.text
         return
     with pytest.raises(CheckpointError, match="stage-1 mpvss_lite segmentor whose motion module was never trained"):
         load_model(weights=path)

@@ -43,8 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import (IGNORED_KEYS, MOTION_PREFIX, holds_part, load_state_dict_strict, read_checkpoint,
-                           read_state_dict)
+from ..checkpoints import IGNORED_KEYS, MOTION_PREFIX, load_init_checkpoint, read_checkpoint, read_state_dict
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
 from ..model_loader import checkpoint_model_config, select_device
@@ -402,11 +401,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
     check_crop_on_flow_grid(opts.crop, model.motion.flow_stride)  # before minutes of pseudo-labelling
-    if not holds_part(init.state_dict, MOTION_PREFIX):
-        # a per-frame Mask2Former checkpoint, what the official MPVSS training starts from (spec
-        # 3.3): the segmentor loads strictly, the motion module keeps its initialisation
-        log.info("%s holds no motion module: it starts from its initialisation", opts.init_checkpoint)
-    load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint), absent_part=MOTION_PREFIX)
+    load_init_checkpoint(model, init, opts.init_checkpoint)
     init_meta = init.meta
     del init  # the file's tensors, a second copy of the model for the whole run otherwise
     if opts.init_motion:

@@ -76,9 +76,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..checkpoints import (MOTION_PREFIX, CheckpointError, first_line, holds_part, load_checkpoint,
-                           load_state_dict_strict, motion_module_trained, read_checkpoint, save_checkpoint,
-                           torch_load_checked)
+from ..checkpoints import (CheckpointError, first_line, load_checkpoint, load_init_checkpoint, motion_module_trained,
+                           read_checkpoint, save_checkpoint, torch_load_checked)
 from ..config import ModelConfig, load_model_config
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from ..io.samples import shared_data_dir
@@ -427,42 +426,42 @@ def options_dict(opts: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(opts), default=_json_default))
 
 
-def _resumed_motion_trained(model_meta: dict[str, Any], options: dict[str, Any]) -> bool:
-    """Whether a resumed stage-1 run's motion module is trained: as its model file says, or, for a
-    run started before stage 1 recorded it, as the ``init_checkpoint`` of its saved options says
-    (none: ImageNet or random weights, untrained; a file no longer readable: assumed trained, as
-    the file it was made from is unknown, with a warning)."""
-    flag = model_meta.get("motion_trained")
-    if isinstance(flag, bool):
-        return flag
+def _resumed_motion_trained(model_meta: dict[str, Any], options: dict[str, Any]) -> bool | None:
+    """What a resumed stage-1 run records of its motion module (its files' ``meta``
+    ``motion_trained``): as its model file says (True, False, or None = unknown), or, for a run
+    started before stage 1 recorded it, as the ``init_checkpoint`` of its saved options says
+    (:func:`~mpvss_ros.checkpoints.motion_module_trained`; no init checkpoint: ImageNet or random
+    weights, False; a file no longer readable: None, unknown, with a warning)."""
+    if "motion_trained" in model_meta:
+        flag = model_meta["motion_trained"]
+        return flag if isinstance(flag, bool) else None
     init = options.get("init_checkpoint")
     if not init:
         return False
     try:
-        return motion_module_trained(read_checkpoint(init)) is not False
+        return motion_module_trained(read_checkpoint(init))
     except (CheckpointError, OSError) as exc:
         log.warning("cannot tell whether this run's motion module is trained (its init checkpoint %s: %s): "
-                    "assumed trained", init, first_line(exc))
-        return True
+                    "its files record it as unknown (loaded for query flow with a warning)", init, first_line(exc))
+        return None
 
 
-def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) -> MPVSS:
+def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) -> tuple[MPVSS, bool | None]:
+    """The model stage 1 trains, and what its files will record of its motion module (``meta``
+    ``motion_trained``): stage 1 never trains it, so it is trained only when initialised from a
+    file with a trained one (True), False otherwise, None (unknown) from a stage-1 file written
+    before stage 1 recorded it. ``model.motion_trained`` is False only for False. Resuming
+    (``initialise`` False) takes both from the run's files instead."""
     torch.manual_seed(opts.seed)
     model = MPVSS(cfg)
-    # stage 1 never trains the motion module: it stays trained only when initialised from one
-    # (its files say so in their meta, for load_model; resuming takes it from the run's file)
-    model.motion_trained = False
+    motion_trained: bool | None = False
     if not initialise:  # resuming: the weights come from the run's checkpoint
         pass
     elif opts.init_checkpoint:
         init = read_checkpoint(opts.init_checkpoint)
-        # a per-frame Mask2Former checkpoint (no motion.* key) fine-tunes too: the motion module
-        # keeps its initialisation, as in stage 2
-        no_motion = not holds_part(init.state_dict, MOTION_PREFIX)
-        load_state_dict_strict(model, init.state_dict, source=str(opts.init_checkpoint), absent_part=MOTION_PREFIX)
-        model.motion_trained = motion_module_trained(init) is not False  # None: a stage-1 file of before, as then
-        log.info("initialised from %s%s", opts.init_checkpoint,
-                 " (no motion module: it keeps its initialisation)" if no_motion else "")
+        load_init_checkpoint(model, init, opts.init_checkpoint)  # a per-frame Mask2Former file too, as in stage 2
+        motion_trained = motion_module_trained(init)
+        log.info("initialised from %s", opts.init_checkpoint)
     elif opts.imagenet_weights != "none":
         if isinstance(model.backbone, MobileNetV2):
             path = Path(opts.imagenet_weights) if opts.imagenet_weights else default_imagenet_weights()
@@ -478,7 +477,8 @@ def _build_model(opts: TrainOptions, cfg: ModelConfig, initialise: bool = True) 
             log.warning("backbone %s starts from random initialisation (no ImageNet file for it)", cfg.backbone.type)
     for p in model.motion.parameters():
         p.requires_grad_(False)
-    return model
+    model.motion_trained = motion_trained is not False
+    return model, motion_trained
 
 
 _TRAINING_OPTIONS = ("model", "steps", "batch_size", "crop", "scale", "flip", "color_jitter", "lr", "backbone_lr_mult",
@@ -841,7 +841,8 @@ def _train(opts: TrainOptions) -> TrainResult:
     cfg = load_model_config(opts.model)
     check_default_data_classes(cfg.num_classes, cfg.name, opts.data_root)
     device = select_device(opts.device)
-    model = _build_model(opts, cfg, initialise=not opts.resume).to(device)
+    model, motion_trained = _build_model(opts, cfg, initialise=not opts.resume)
+    model.to(device)
     k = cfg.num_classes
     trained_on = device_description(device)
     log.info("training on %s", trained_on)
@@ -879,7 +880,8 @@ def _train(opts: TrainOptions) -> TrainResult:
     state_path, model_path = run_dir / STATE_FILE, run_dir / MODEL_FILE
     if opts.resume:
         start, state, model_meta = resume_run(run_dir, model, optimizer, scheduler, device)
-        model.motion_trained = _resumed_motion_trained(model_meta, state.get("options") or {})
+        motion_trained = _resumed_motion_trained(model_meta, state.get("options") or {})
+        model.motion_trained = motion_trained is not False
         warn_option_changes(state.get("options") or {}, options_dict(opts))
     else:
         torch.manual_seed(opts.seed + 1)  # point-sampling stream, distinct from the init stream
@@ -901,7 +903,7 @@ def _train(opts: TrainOptions) -> TrainResult:
         dataset += f" ({len(opts.train_files)} frames of it, --train-files)"
 
     def meta(step: int) -> dict[str, Any]:
-        return {"stage": "segmentor", "motion_trained": model.motion_trained, "step": step, "steps": opts.steps,
+        return {"stage": "segmentor", "motion_trained": motion_trained, "step": step, "steps": opts.steps,
                 "dataset": dataset,
                 "matcher": opts.matcher, "seed": opts.seed, "val": last_val, "device": trained_on}
 

@@ -604,13 +604,19 @@ def test_stage_1_starts_from_a_per_frame_checkpoint_and_knows_its_motion_module(
     source = MPVSS(cfg)
     segmentor = {k: v for k, v in source.state_dict().items() if not k.startswith("motion.")}
     torch.save({"model": segmentor}, tmp_path / "per_frame.pth")
-    model = _build_model(_opts(tmp_path / "a", init_checkpoint=str(tmp_path / "per_frame.pth")), cfg)
+    model, recorded = _build_model(_opts(tmp_path / "a", init_checkpoint=str(tmp_path / "per_frame.pth")), cfg)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in segmentor.items())
-    assert model.motion_trained is False
+    assert model.motion_trained is False and recorded is False
     save_checkpoint(tmp_path / "stage2.pt", source, cfg.to_dict(), {"stage": "query_flow", "motion_trained": True})
-    assert _build_model(_opts(tmp_path / "b", init_checkpoint=str(tmp_path / "stage2.pt")), cfg).motion_trained is True
-    assert _build_model(_opts(tmp_path / "c", imagenet_weights="none"), cfg).motion_trained is False
+    model, recorded = _build_model(_opts(tmp_path / "b", init_checkpoint=str(tmp_path / "stage2.pt")), cfg)
+    assert model.motion_trained is True and recorded is True
+    model, recorded = _build_model(_opts(tmp_path / "c", imagenet_weights="none"), cfg)
+    assert model.motion_trained is False and recorded is False
+    # a stage-1 file written before stage 1 recorded it: unknown, and it stays unknown in this run's files
+    save_checkpoint(tmp_path / "old_stage1.pt", source, cfg.to_dict(), {"stage": "segmentor"})
+    model, recorded = _build_model(_opts(tmp_path / "d", init_checkpoint=str(tmp_path / "old_stage1.pt")), cfg)
+    assert model.motion_trained is True and recorded is None
 
 
 @needs_data
@@ -642,5 +648,8 @@ def test_a_resumed_run_from_before_motion_trained_was_recorded_asks_its_init_che
     assert _resumed_motion_trained({}, {"init_checkpoint": None}) is False  # ImageNet or random start
     assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "stage2.pt")}) is True
     assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "per_frame.pth")}) is False
-    assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "gone.pt")}) is True
+    assert _resumed_motion_trained({"motion_trained": None}, {"init_checkpoint": None}) is None  # recorded unknown
+    save_checkpoint(tmp_path / "old_stage1.pt", model, cfg.to_dict(), {"stage": "segmentor"})
+    assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "old_stage1.pt")}) is None
+    assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "gone.pt")}) is None
     assert "cannot tell whether this run's motion module is trained" in caplog.text
