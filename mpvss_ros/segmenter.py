@@ -4,7 +4,8 @@ Data flows one way: frame -> :mod:`scheduling` (key frame?) -> segmentor (key fr
 :mod:`propagation` (other frames) -> semantic inference -> :class:`SegmentationResult`.
 
 Pre-processing fits the frame into the model's canvas (``input.size``) keeping the aspect ratio
-(``cv2.INTER_AREA`` when shrinking, ``INTER_LINEAR`` when enlarging), then zero-pads the
+(``input.interpolation``: by default ``cv2.INTER_AREA`` when shrinking, ``INTER_LINEAR`` when
+enlarging; Pillow's bilinear for the official models, :func:`resize_frame`), then zero-pads the
 bottom/right to a multiple of 32. Post-processing follows Mask2Former's order: mask logits are
 upsampled bilinearly to the padded canvas, turned into class scores, cropped to the unpadded
 area and resized bilinearly to the input resolution, where argmax gives the labels (or, with
@@ -34,6 +35,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .nn.mpvss import MPVSS, KeyFrameState, semantic_scores
 from .propagation import Propagator
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from .runtime.base import Backend
 
 __all__ = ["FrameError", "NonFiniteOutputError", "SegmentationResult", "VideoSegmenter", "Letterbox", "argmax_of_upsampled", "canvas_tensor",
-           "check_frame", "class_masks_from_labels"]
+           "check_frame", "class_masks_from_labels", "resize_frame"]
 
 #: Classes resized per chunk in post-processing (bounds memory: chunk x H x W float32).
 _CLASS_CHUNK = 16
@@ -304,22 +306,49 @@ class Letterbox:
         return Letterbox.fit(input_hw, tuple(inp.size) if inp.size is not None else None, inp.size_divisibility)
 
 
-def canvas_tensor(image: np.ndarray, lb: Letterbox, device: torch.device | str = "cpu") -> torch.Tensor:
+def resize_frame(image: np.ndarray, hw: tuple[int, int], interpolation: str = "area") -> np.ndarray:
+    """Resize a frame as the model's pre-processing does (``InputConfig.interpolation``).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        hw: the output (h, w) in pixels.
+        interpolation: ``area`` (OpenCV: ``INTER_AREA`` when either side shrinks, else
+            ``INTER_LINEAR``) or ``pil_bilinear`` (Pillow's ``Image.BILINEAR``, a triangle filter
+            widened by the scale when shrinking: what detectron2's ``ResizeTransform`` does to
+            uint8 images, the official MPVSS / Mask2Former test resize).
+
+    Returns:
+        (h, w, 3) uint8; ``image`` itself when it already has that size.
+
+    Raises:
+        ValueError: an unknown ``interpolation``.
+    """
+    h, w = int(hw[0]), int(hw[1])
+    if image.shape[:2] == (h, w):
+        return image
+    if interpolation == "area":
+        shrink = h < image.shape[0] or w < image.shape[1]
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if interpolation == "pil_bilinear":
+        return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))
+    raise ValueError(f"interpolation must be 'area' or 'pil_bilinear', got {interpolation!r}")
+
+
+def canvas_tensor(image: np.ndarray, lb: Letterbox, device: torch.device | str = "cpu",
+                  interpolation: str = "area") -> torch.Tensor:
     """Place a frame on the network canvas as the segmenter does.
 
     Args:
         image: (H, W, 3) uint8 RGB with (H, W) = ``lb.input_hw``.
         lb: its :class:`Letterbox` (``Letterbox.fit(image.shape[:2], canvas_hw)``).
         device: where the tensor goes.
+        interpolation: the model's ``input.interpolation`` (:func:`resize_frame`).
 
     Returns:
-        (1, 3, Hp, Wp) float32 RGB 0..255: the frame resized to ``lb.resized_hw`` (area when
-        shrinking, bilinear when enlarging) at the top left, zeros in the bottom/right padding.
+        (1, 3, Hp, Wp) float32 RGB 0..255: the frame resized to ``lb.resized_hw``
+        (:func:`resize_frame`) at the top left, zeros in the bottom/right padding.
     """
-    if lb.resized_hw != lb.input_hw:
-        shrink = lb.resized_hw[0] < lb.input_hw[0] or lb.resized_hw[1] < lb.input_hw[1]
-        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        image = cv2.resize(image, (lb.resized_hw[1], lb.resized_hw[0]), interpolation=interp)
+    image = resize_frame(image, lb.resized_hw, interpolation)
     canvas = np.zeros((lb.padded_hw[0], lb.padded_hw[1], 3), dtype=np.uint8)
     canvas[: lb.resized_hw[0], : lb.resized_hw[1]] = image
     return torch.from_numpy(canvas).to(device).permute(2, 0, 1)[None].float()
@@ -405,6 +434,7 @@ class VideoSegmenter:
         inp = self.model.cfg.input
         self._canvas = tuple(inp.size) if inp.size is not None else None
         self._divisibility = inp.size_divisibility
+        self._interpolation = inp.interpolation
         self._score_resolution = self.model.cfg.postprocess.score_resolution
         self._min_query_score = float(self.model.cfg.postprocess.min_query_score)
         self._frame_index = 0
@@ -502,7 +532,7 @@ class VideoSegmenter:
             latency["schedule"] = (time.perf_counter() - t) * 1e3
 
             t = time.perf_counter()
-            tensor = canvas_tensor(image, letterbox, self.device)
+            tensor = canvas_tensor(image, letterbox, self.device, self._interpolation)
             latency["preprocess"] = (time.perf_counter() - t) * 1e3
 
             t = time.perf_counter()

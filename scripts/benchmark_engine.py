@@ -321,7 +321,7 @@ class Stages:
 
     # key frame
     def preprocess(self, frame: np.ndarray, lb: Letterbox) -> torch.Tensor:
-        return canvas_tensor(frame, lb, self.seg.device)
+        return canvas_tensor(frame, lb, self.seg.device, self.seg._interpolation)
 
     def backbone(self, image: torch.Tensor, lb: Letterbox) -> dict[str, torch.Tensor]:
         return self.model.backbone(self.model.normalize(image, lb.resized_hw))

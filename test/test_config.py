@@ -167,3 +167,22 @@ def test_the_stored_form_leaves_out_swin_fields_for_other_backbones():
     assert set(SWIN_FIELDS) <= set(swin.to_dict()["backbone"])
     assert swin.to_dict()["backbone"]["window_size"] == 12
     assert model_config_from_dict(swin.to_dict()) == swin
+
+
+def test_input_interpolation_is_checked_and_stored_only_when_not_the_default():
+    """The official models resize as detectron2 (Pillow's bilinear), mpvss_lite as it trained
+    (OpenCV's area). A file's configuration keeps the form of before for the default, and an
+    official one round-trips."""
+    from mpvss_ros.config import ConfigError, load_model_config, model_config_from_dict
+
+    for name in ("mpvss_r50", "mpvss_r101", "mpvss_swin_tiny", "mpvss_swin_large", "mask2former_r50_cityscapes"):
+        cfg = load_model_config(name)
+        assert cfg.input.interpolation == "pil_bilinear"
+        assert model_config_from_dict(cfg.to_dict()).input.interpolation == "pil_bilinear"
+    lite = load_model_config("mpvss_lite")
+    assert lite.input.interpolation == "area" and "interpolation" not in lite.to_dict()["input"]
+    assert model_config_from_dict(lite.to_dict()).input.interpolation == "area"
+    data = lite.to_dict()
+    data["input"]["interpolation"] = "bicubic"
+    with pytest.raises(ConfigError, match="x.yaml: input.interpolation must be one of area, pil_bilinear, got 'bicubic'"):
+        model_config_from_dict(data, where="x.yaml")

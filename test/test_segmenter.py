@@ -981,3 +981,50 @@ def test_optical_flow_at_the_finest_grid_stride(band_model):
     results = [seg.push(np.roll(img, 2 * i, axis=1), 0.1 * i) for i in range(2)]
     assert [r.is_key_frame for r in results] == [True, False]
     assert results[1].labels.shape == (448, 640)
+
+
+@pytest.mark.parametrize("hw", [(480, 853), (600, 1100)])  # shrink (960 x 540 -> 853 x 480), enlarge
+def test_resize_frame_pil_bilinear_is_detectron2s_test_resize_and_area_is_opencvs(hw):
+    """``pil_bilinear`` is what detectron2's ResizeTransform does to a uint8 frame (Pillow's
+    BILINEAR, (w, h) order), the official test resize; ``area`` is OpenCV's area / bilinear. The
+    two differ, so the choice reaches the pixels."""
+    from PIL import Image
+
+    from mpvss_ros.segmenter import resize_frame
+
+    frame = _image((540, 960), seed=3)
+    pil = resize_frame(frame, hw, "pil_bilinear")
+    np.testing.assert_array_equal(pil, np.asarray(Image.fromarray(frame).resize((hw[1], hw[0]), Image.BILINEAR)))
+    shrink = hw[0] < 540
+    cv = cv2.resize(frame, (hw[1], hw[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(resize_frame(frame, hw, "area"), cv)
+    assert pil.shape == cv.shape == (*hw, 3) and pil.dtype == np.uint8 and not np.array_equal(pil, cv)
+    assert resize_frame(frame, (540, 960), "pil_bilinear") is frame
+    with pytest.raises(ValueError, match="interpolation must be 'area' or 'pil_bilinear', got 'cubic'"):
+        resize_frame(frame, hw, "cubic")
+
+
+def test_the_segmenter_places_frames_with_the_models_interpolation(monkeypatch):
+    """VideoSegmenter resizes with the model's input.interpolation: an official model's canvas
+    holds Pillow's resize of the frame, mpvss_lite's OpenCV's."""
+    from PIL import Image
+
+    import mpvss_ros.segmenter as segmenter_module
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+
+    frame = _image((540, 960), seed=4)
+    seen = []
+    real = segmenter_module.canvas_tensor
+    monkeypatch.setattr(segmenter_module, "canvas_tensor", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    cfg = load_model_config("mpvss_lite")
+    for interpolation in ("area", "pil_bilinear"):
+        torch.manual_seed(0)
+        model = MPVSS(dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, interpolation=interpolation))).eval()
+        VideoSegmenter(model, CopyPropagator(), FixedIntervalScheduler(5)).push(frame, 0.0)
+    lb = Letterbox.fit((540, 960), (480, 640))
+    h, w = lb.resized_hw
+    area = seen[0][0, :, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
+    pil = seen[1][0, :, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
+    np.testing.assert_array_equal(area, cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA))
+    np.testing.assert_array_equal(pil, np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR)))

@@ -425,7 +425,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
     canvas = tuple(cfg.input.size) if cfg.input.size else (360, 480)
     clips = []
     for path in clip_paths:
-        frames = load_clip_on_canvas(path, canvas, limit=opts.max_clip_frames)
+        frames = load_clip_on_canvas(path, canvas, limit=opts.max_clip_frames,
+                                     interpolation=cfg.input.interpolation)
         clips.append((frames, pseudo_labels(model, frames, opts.pseudo_label_confidence)))
         log.info("pseudo-labelled %d frames of %s", len(frames), path.name)
     pairs = FramePairs(labelled, clips, crop=opts.crop, flow_stride=model.motion.flow_stride, max_gap=opts.max_gap,

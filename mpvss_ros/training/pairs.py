@@ -41,7 +41,7 @@ from torch import Tensor
 from ..io.video import open_source
 from ..propagation import DIS_PRESETS, grid_hw, pool_flow
 from ..scheduling import DEFAULT_CUT_THRESHOLD, SceneScorer
-from ..segmenter import Letterbox
+from ..segmenter import Letterbox, resize_frame
 from .data import augment_frames, decode_frames, list_frames, load_frame
 from .synthetic import SyntheticMotion, synthetic_pair
 
@@ -365,16 +365,15 @@ class FramePairs:
                           torch.from_numpy(np.ascontiguousarray(grid_flow, dtype=np.float32)), True, "synthetic")
 
 
-def load_clip_on_canvas(path: str | Path, canvas_hw: Sequence[int], limit: int | None = None) -> list[np.ndarray]:
-    """Frames of a video fitted into the model canvas (aspect kept, no padding), uint8 RGB."""
+def load_clip_on_canvas(path: str | Path, canvas_hw: Sequence[int], limit: int | None = None,
+                        interpolation: str = "area") -> list[np.ndarray]:
+    """Frames of a video fitted into the model canvas (aspect kept, no padding), uint8 RGB,
+    resized as inference resizes them (``input.interpolation``, :func:`~mpvss_ros.segmenter.resize_frame`)."""
     frames = []
     with open_source(path) as source:
         for frame in source:
             if limit is not None and len(frames) >= limit:
                 break
             lb = Letterbox.fit(frame.image.shape[:2], tuple(canvas_hw))
-            img = frame.image
-            if lb.resized_hw != lb.input_hw:
-                img = cv2.resize(img, (lb.resized_hw[1], lb.resized_hw[0]), interpolation=cv2.INTER_AREA)
-            frames.append(img)
+            frames.append(resize_frame(frame.image, lb.resized_hw, interpolation))
     return frames

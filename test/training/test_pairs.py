@@ -550,3 +550,21 @@ def test_load_frame_voids_16_bit_ids_instead_of_wrapping_them(tmp_path):
     (tmp_path / "l.png").write_bytes(bytes(damaged))
     with pytest.raises(ValueError, match="damaged label image .*l.png: its 'IDAT' chunk at byte .* fails its CRC"):
         load_frame(tmp_path / "i.png", tmp_path / "l.png")
+
+
+def test_video_frames_for_stage_2_are_resized_as_inference_resizes_them():
+    """Stage 2's pseudo-labelled video frames go onto the canvas with the model's
+    input.interpolation, as VideoSegmenter places them (bikes.mp4 is 640 x 272: shrunk to 320 wide)."""
+    from mpvss_ros.io.video import open_source
+    from mpvss_ros.segmenter import Letterbox, resize_frame
+
+    try:
+        path = bikes_clip()
+    except FileNotFoundError as exc:
+        pytest.skip(f"bikes.mp4 unavailable: {exc}")
+    with open_source(path) as source:
+        first = next(iter(source)).image
+    hw = Letterbox.fit(first.shape[:2], (240, 320)).resized_hw
+    for interpolation in ("area", "pil_bilinear"):
+        (frame,) = load_clip_on_canvas(path, (240, 320), limit=1, interpolation=interpolation)
+        np.testing.assert_array_equal(frame, resize_frame(first, hw, interpolation))
