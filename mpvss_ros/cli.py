@@ -438,7 +438,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out") if args.out else None  # a file: refused before any work
     def check_classes(loaded: Any) -> None:  # CamVid val's labels would be read as the model's IDs
         if args.labels is None and not args.self_reference:
-            from .training.data import check_default_data_classes
+            from .io.samples import check_default_data_classes
 
             check_default_data_classes(loaded.config.num_classes, loaded.config.name, None, what="evaluation")
 

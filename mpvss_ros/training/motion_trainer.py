@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from ..checkpoints import IGNORED_KEYS, MOTION_PREFIX, load_init_checkpoint, read_checkpoint, read_state_dict
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
-from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, dashcam_clip
+from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, check_default_data_classes, dashcam_clip
 from ..model_loader import checkpoint_model_config, select_device
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
@@ -59,7 +59,7 @@ from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .options import (check_at_least, check_crop, check_fractions, check_integers, check_numbers,
                       check_optional_positive)
-from .data import check_default_data_classes, decode_frames, list_frames
+from .data import decode_frames, list_frames
 from .pairs import FramePairs, LabelledFrames, check_camvid_pairs, check_crop_on_flow_grid, load_clip_on_canvas
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,

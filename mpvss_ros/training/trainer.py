@@ -80,13 +80,13 @@ from ..checkpoints import (CheckpointError, first_line, load_checkpoint, load_in
                            read_checkpoint, save_checkpoint, torch_load_checked)
 from ..config import ModelConfig, load_model_config
 from ..evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
-from ..io.samples import shared_data_dir
+from ..io.samples import check_default_data_classes, shared_data_dir
 from ..model_loader import select_device
 from ..nn.backbones import MobileNetV2, load_imagenet_weights
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..paths import check_output_dir, make_output_dir
 from .criterion import SetCriterion, semantic_batch_to_targets
-from .data import CamVidFrames, check_default_data_classes, decode_frames
+from .data import CamVidFrames, decode_frames
 from .matcher import FixedMatcher, HungarianMatcher
 from .options import (check_at_least, check_crop, check_integers, check_numbers,
                       check_optional_positive)
