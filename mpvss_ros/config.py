@@ -162,6 +162,11 @@ class InputConfig:
     with) or ``pil_bilinear`` (Pillow's ``Image.BILINEAR``, antialiased when shrinking: detectron2's
     ``ResizeTransform`` on uint8 images, the official MPVSS / Mask2Former test resize; 6.0 instead
     of 1.7 ms for a 960 x 540 frame shrunk to 853 x 480, medians of 50 on a 2-core Xeon).
+    ``canvas_orientation``: ``fixed`` (every frame goes onto ``size`` as written) or ``frame``
+    (the canvas is turned to the frame's orientation: a frame taller than wide goes onto (W, H)
+    of a landscape ``size``, and the other way round, which is detectron2's
+    ``ResizeShortestEdge(min(size), max_size=max(size))``, the official test resize: the short
+    side becomes min(size) unless the long one would pass max(size)).
     """
 
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
@@ -170,10 +175,13 @@ class InputConfig:
     size_divisibility: int = 32
     warp_normalization: str = "exact"
     interpolation: str = "area"
+    canvas_orientation: str = "fixed"
 
 
 #: ``InputConfig.interpolation`` values (:func:`mpvss_ros.segmenter.resize_frame`).
 INTERPOLATIONS = ("area", "pil_bilinear")
+#: ``InputConfig.canvas_orientation`` values (:meth:`mpvss_ros.segmenter.Letterbox.for_input`).
+CANVAS_ORIENTATIONS = ("fixed", "frame")
 
 
 @dataclass
@@ -226,8 +234,9 @@ class ModelConfig:
         if self.backbone.type != "swin":
             for name in SWIN_FIELDS:
                 del data["backbone"][name]
-        if self.input.interpolation == "area":  # the default, and what files from before the field meant
-            del data["input"]["interpolation"]
+        for name, default in (("interpolation", "area"), ("canvas_orientation", "fixed")):
+            if data["input"][name] == default:  # what files from before the field meant
+                del data["input"][name]
         return data
 
 
@@ -380,6 +389,9 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}: postprocess.min_query_score must lie in [0, 1), got {cfg.postprocess.min_query_score}")
     if cfg.input.warp_normalization not in ("exact", "mmtrack"):
         raise ConfigError(f"{where}: input.warp_normalization must be exact or mmtrack")
+    if cfg.input.canvas_orientation not in CANVAS_ORIENTATIONS:
+        raise ConfigError(f"{where}: input.canvas_orientation must be one of {', '.join(CANVAS_ORIENTATIONS)}, "
+                          f"got {cfg.input.canvas_orientation!r}")
     if cfg.input.interpolation not in INTERPOLATIONS:
         raise ConfigError(f"{where}: input.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
                           f"got {cfg.input.interpolation!r}")

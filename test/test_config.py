@@ -169,20 +169,27 @@ def test_the_stored_form_leaves_out_swin_fields_for_other_backbones():
     assert model_config_from_dict(swin.to_dict()) == swin
 
 
-def test_input_interpolation_is_checked_and_stored_only_when_not_the_default():
-    """The official models resize as detectron2 (Pillow's bilinear), mpvss_lite as it trained
-    (OpenCV's area). A file's configuration keeps the form of before for the default, and an
-    official one round-trips."""
+def test_input_interpolation_and_canvas_orientation_are_checked_and_stored_only_when_not_the_default():
+    """The official models resize as detectron2 (Pillow's bilinear, the canvas turned to the
+    frame's orientation), mpvss_lite as it trained (OpenCV's area, a fixed canvas). A file's
+    configuration keeps the form of before for the defaults, and an official one round-trips."""
     from mpvss_ros.config import ConfigError, load_model_config, model_config_from_dict
 
     for name in ("mpvss_r50", "mpvss_r101", "mpvss_swin_tiny", "mpvss_swin_large", "mask2former_r50_cityscapes"):
         cfg = load_model_config(name)
-        assert cfg.input.interpolation == "pil_bilinear"
-        assert model_config_from_dict(cfg.to_dict()).input.interpolation == "pil_bilinear"
+        assert (cfg.input.interpolation, cfg.input.canvas_orientation) == ("pil_bilinear", "frame")
+        back = model_config_from_dict(cfg.to_dict()).input
+        assert (back.interpolation, back.canvas_orientation) == ("pil_bilinear", "frame")
     lite = load_model_config("mpvss_lite")
-    assert lite.input.interpolation == "area" and "interpolation" not in lite.to_dict()["input"]
-    assert model_config_from_dict(lite.to_dict()).input.interpolation == "area"
+    assert (lite.input.interpolation, lite.input.canvas_orientation) == ("area", "fixed")
+    assert not {"interpolation", "canvas_orientation"} & set(lite.to_dict()["input"])
+    back = model_config_from_dict(lite.to_dict()).input
+    assert (back.interpolation, back.canvas_orientation) == ("area", "fixed")
     data = lite.to_dict()
     data["input"]["interpolation"] = "bicubic"
     with pytest.raises(ConfigError, match="x.yaml: input.interpolation must be one of area, pil_bilinear, got 'bicubic'"):
+        model_config_from_dict(data, where="x.yaml")
+    data = lite.to_dict()
+    data["input"]["canvas_orientation"] = "portrait"
+    with pytest.raises(ConfigError, match="input.canvas_orientation must be one of fixed, frame, got 'portrait'"):
         model_config_from_dict(data, where="x.yaml")

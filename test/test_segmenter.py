@@ -1028,3 +1028,46 @@ def test_the_segmenter_places_frames_with_the_models_interpolation(monkeypatch):
     pil = seen[1][0, :, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
     np.testing.assert_array_equal(area, cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA))
     np.testing.assert_array_equal(pil, np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR)))
+
+
+
+def _resize_shortest_edge(hw: tuple[int, int], short: int, longest: int) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge.get_output_shape (the official MPVSS test resize), as arithmetic."""
+    h, w = hw
+    scale = short / min(h, w)
+    new_h, new_w = (short, scale * w) if h < w else (scale * h, short)
+    if max(new_h, new_w) > longest:
+        fit = longest / max(new_h, new_w)
+        new_h, new_w = new_h * fit, new_w * fit
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+@pytest.mark.parametrize("hw", [(540, 960), (720, 1280), (1080, 1920), (480, 640), (360, 480), (375, 1242),
+                                (1200, 1920), (272, 640), (1024, 2048), (2160, 3840), (600, 800), (288, 352),
+                                (480, 480)])
+def test_a_frame_oriented_canvas_is_resize_shortest_edge_in_both_orientations(hw):
+    """canvas_orientation: frame places landscape and portrait frames as the official test resize
+    (short side 480 unless the long side would pass 853); fixed fits a portrait frame to 480 rows."""
+    from mpvss_ros.config import load_model_config
+
+    official = load_model_config("mpvss_r50").input
+    fixed = dataclasses.replace(official, canvas_orientation="fixed")
+    for frame_hw in (hw, hw[::-1]):
+        lb = Letterbox.for_input(frame_hw, official)
+        assert lb.resized_hw == _resize_shortest_edge(frame_hw, 480, 853), frame_hw
+        assert lb.padded_hw == tuple(-(-s // 32) * 32 for s in lb.resized_hw)
+        assert Letterbox.for_input(frame_hw, fixed).resized_hw[0] <= 480
+    if hw[0] < hw[1]:  # landscape: both the same
+        assert Letterbox.for_input(hw, fixed) == Letterbox.for_input(hw, official)
+
+
+def test_a_portrait_frame_goes_onto_the_turned_canvas(band_model):
+    """VideoSegmenter letterboxes with the model's canvas_orientation: a 960 x 540 portrait
+    frame on a frame-oriented 480 x 640 canvas is 640 x 360, labels at the frame's size."""
+    band_model.cfg.input = dataclasses.replace(band_model.cfg.input, canvas_orientation="frame")  # a copy
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(5))
+    r = seg.push(_image((960, 540)), 0.0)
+    assert seg._key_letterbox.resized_hw == (640, 360) and seg._key_letterbox.padded_hw == (640, 384)
+    assert r.labels.shape == (960, 540)
+    r = seg.push(_image((540, 960)), 0.1)  # landscape again: the canvas as written
+    assert r.key_frame_reason == "resolution_change" and seg._key_letterbox.resized_hw == (360, 640)

@@ -249,7 +249,7 @@ def _bench_one(backend: Any, spec: BackendSpec, frames: list[np.ndarray], opts: 
 
     seg = VideoSegmenter(backend, QueryFlowPropagator(backend), parse_schedule("fixed:1"))
     hw = frames[0].shape[:2]
-    lb = Letterbox.fit(hw, seg._canvas, seg._divisibility)
+    lb = Letterbox.for_input(hw, seg._input)
     tensors = [canvas_tensor(f, lb, seg.device, seg._interpolation) for f in frames]
     n = len(tensors)
     key_t, non_key_t = [], []
