@@ -283,7 +283,7 @@ class Letterbox:
 
         Args:
             input_hw: the frame's (H, W), pixels >= 1.
-            canvas_hw: the canvas (H, W), or None.
+            canvas_hw: the canvas (H, W) in pixels, or None.
             divisibility: the padded size's multiple.
         """
         h, w = input_hw
@@ -510,10 +510,11 @@ class VideoSegmenter:
             NonFiniteOutputError: NaN or infinite logits from the model or the propagation
                 (labels from them would all be class 0); the segmenter is reset, so the next
                 frame is a key frame.
+            RuntimeError: a propagator returned another number of masks than the key frame's
+                active queries; the segmenter is reset, so the next frame is a key frame.
             Exception: whatever the scheduler, the pre-processing, the backend or the propagator
-                raises (e.g. out of memory), or a propagator returning the wrong number of masks;
-                the segmenter is then reset, so the next frame is a key frame. An error in the
-                post-processing keeps the key frame.
+                raises (e.g. out of memory); the segmenter is then reset, so the next frame is a
+                key frame. An error in the post-processing keeps the key frame.
         """
         t0 = time.perf_counter()
         image = check_frame(image)

@@ -226,7 +226,7 @@ class MPVSS(nn.Module):
 
         Args:
             image: (B, 3, Hp, Wp) float32 RGB 0..255, Hp and Wp multiples of 32.
-            valid_hw: unpadded size, or None when there is no padding.
+            valid_hw: the unpadded (h, w) in pixels, or None when there is no padding.
             aux: also return the deep-supervision predictions (training); False = the final
                 prediction only, with cheaper intermediate attention masks (inference; see
                 :meth:`~mpvss_ros.nn.transformer_decoder.MaskedTransformerDecoder.forward`).
@@ -268,7 +268,7 @@ class MPVSS(nn.Module):
             image: (B, 3, Hp, Wp) float32 current frame, RGB 0..255, zero-padded.
             key_image: (B, 3, Hp, Wp) float32 key frame, same layout.
             query_embeddings: (B, N, C) key-frame queries (Q_O^k).
-            valid_hw: unpadded size, or None.
+            valid_hw: the unpadded (h, w) in pixels, or None when there is no padding.
             queries: optional (M,) int64 indices of the queries whose flows are returned; the
                 motion transformer still attends over all N. None = all N.
 

@@ -149,6 +149,9 @@ class WindowAttention(nn.Module):
 
     Shapes: ``forward(x, mask)`` with x (B * nW, M^2, C) float32 and mask None or
     (nW, M^2, M^2) float32 (added to the logits of every image's nW windows) -> (B * nW, M^2, C).
+
+    Raises:
+        ValueError: ``dim`` not a multiple of ``num_heads``.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int) -> None:
@@ -217,6 +220,9 @@ class SwinBlock(nn.Module):
     Shapes: ``forward(x, grid, mask)`` with x (B, H*W, C) float32, grid (H, W) in tokens, mask
     the stage's :func:`shifted_window_mask` for the padded grid (used when ``shift > 0``)
     -> (B, H*W, C).
+
+    Raises:
+        ValueError: ``shift`` outside [0, ``window_size``).
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: int = 0,
@@ -256,7 +262,7 @@ class PatchMerging(nn.Module):
     (order (0,0), (1,0), (0,1), (1,1) as row, column), normalised and linearly reduced from 4C to
     2C without bias. An odd side is zero-padded first.
 
-    Shapes: (B, H*W, C), grid (H, W) -> (B, ceil(H/2) * ceil(W/2), 2C).
+    Shapes: (B, H*W, C) float32, grid (H, W) in tokens -> (B, ceil(H/2) * ceil(W/2), 2C) float32.
     """
 
     def __init__(self, dim: int) -> None:
@@ -278,9 +284,18 @@ class SwinStage(nn.Module):
     """``depth`` blocks alternating window and shifted-window attention, then an optional
     :class:`PatchMerging` (keys ``blocks.{b}.*``, ``downsample.*``).
 
-    Shapes: ``forward(x, grid)`` with x (B, H*W, C) -> (the stage output (B, H*W, C), the next
-    stage's input (B, H'*W', 2C) or the output again when there is no downsampling, the next grid
-    (H', W')).
+    Args:
+        dim: token width C.
+        depth: blocks; odd-numbered ones (from 0) shift their windows by ``window_size // 2``.
+        num_heads: attention heads of each block.
+        window_size: M, the window side in tokens.
+        mlp_ratio: MLP hidden width / C.
+        drop_paths: one stochastic-depth rate per block (training only).
+        downsample: end with a :class:`PatchMerging`.
+
+    Shapes: ``forward(x, grid)`` with x (B, H*W, C) float32 and grid (H, W) in tokens -> (the
+    stage output (B, H*W, C), the next stage's input (B, H'*W', 2C) or the output again when there
+    is no downsampling, the next grid (H', W')), float32.
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,

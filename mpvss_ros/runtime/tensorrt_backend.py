@@ -595,7 +595,8 @@ def build_engines(source: GraphSource, valid_hw: tuple[int, int], precision: str
                   cache_dir: str | Path | None = None, device_index: int = 0,
                   workspace_mb: int = DEFAULT_WORKSPACE_MB, keep_fp32: bool = True,
                   progress: Callable[[str], None] | None = None) -> dict[str, Path]:
-    """Export (if needed) and build both engines for ``valid_hw``; returns {graph: engine path}.
+    """Export (if needed) and build both engines for ``valid_hw``, the unpadded size (h, w) in
+    pixels; returns {graph: engine path}.
 
     The cache is then pruned to its budget, keeping both engines and their ONNX graphs
     (:func:`~mpvss_ros.runtime.cache.prune_to_budget`).
@@ -682,8 +683,9 @@ class TensorRTBackend(Backend):
         workspace_mb: builder workspace limit in MiB.
         keep_fp32: in fp16 engines keep the pixel decoder and the warp in fp32 (see the module
             docstring).
-        preload_hw: valid sizes whose engines are built/loaded now rather than at the first frame;
-            all of them stay prepared (:meth:`~mpvss_ros.runtime.base.SizeCache.keeping`).
+        preload_hw: valid (unpadded) sizes (h, w) in pixels whose engines are built/loaded now
+            rather than at the first frame; all of them stay prepared
+            (:meth:`~mpvss_ros.runtime.base.SizeCache.keeping`).
 
     Raises:
         BackendUnavailable: TensorRT, cuda-python/pycuda or a GPU missing (one line).

@@ -422,11 +422,11 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
         to_channels_last(model, ("backbone",))
 
     labelled.decode_all()  # kept for the draws; a corrupt frame fails now (about 2 s), not when first drawn
-    canvas = tuple(cfg.input.size) if cfg.input.size else (360, 480)
+    # a model without a canvas (frames at their own size) takes the videos at CamVid's 360 x 480
+    canvas = cfg.input if cfg.input.size else dataclasses.replace(cfg.input, size=[360, 480])
     clips = []
     for path in clip_paths:
-        frames = load_clip_on_canvas(path, canvas, limit=opts.max_clip_frames,
-                                     interpolation=cfg.input.interpolation)
+        frames = load_clip_on_canvas(path, canvas, limit=opts.max_clip_frames)
         clips.append((frames, pseudo_labels(model, frames, opts.pseudo_label_confidence)))
         log.info("pseudo-labelled %d frames of %s", len(frames), path.name)
     pairs = FramePairs(labelled, clips, crop=opts.crop, flow_stride=model.motion.flow_stride, max_gap=opts.max_gap,

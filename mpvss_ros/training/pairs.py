@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import InputConfig
 from ..io.video import open_source
 from ..propagation import DIS_PRESETS, grid_hw, pool_flow
 from ..scheduling import DEFAULT_CUT_THRESHOLD, SceneScorer
@@ -365,15 +366,27 @@ class FramePairs:
                           torch.from_numpy(np.ascontiguousarray(grid_flow, dtype=np.float32)), True, "synthetic")
 
 
-def load_clip_on_canvas(path: str | Path, canvas_hw: Sequence[int], limit: int | None = None,
-                        interpolation: str = "area") -> list[np.ndarray]:
-    """Frames of a video fitted into the model canvas (aspect kept, no padding), uint8 RGB,
-    resized as inference resizes them (``input.interpolation``, :func:`~mpvss_ros.segmenter.resize_frame`)."""
+def load_clip_on_canvas(path: str | Path, inp: InputConfig, limit: int | None = None) -> list[np.ndarray]:
+    """A video's frames placed as inference places them (:meth:`~mpvss_ros.segmenter.Letterbox.for_input`,
+    :func:`~mpvss_ros.segmenter.resize_frame`), without the padding.
+
+    Args:
+        path: a video file or image folder (:func:`~mpvss_ros.io.video.open_source`).
+        inp: the model's ``InputConfig``: canvas (``size``, ``canvas_orientation``) and
+            ``interpolation``.
+        limit: at most this many frames (None: all).
+
+    Returns:
+        (h, w, 3) uint8 RGB frames, (h, w) the letterboxed size in pixels.
+
+    Raises:
+        as :func:`~mpvss_ros.io.video.open_source` and its frames (an unreadable video).
+    """
     frames = []
     with open_source(path) as source:
         for frame in source:
             if limit is not None and len(frames) >= limit:
                 break
-            lb = Letterbox.fit(frame.image.shape[:2], tuple(canvas_hw))
-            frames.append(resize_frame(frame.image, lb.resized_hw, interpolation))
+            lb = Letterbox.for_input(frame.image.shape[:2], inp)
+            frames.append(resize_frame(frame.image, lb.resized_hw, inp.interpolation))
     return frames

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from mpvss_ros.config import InputConfig
 from mpvss_ros.io.samples import (
     bikes_clip,
 )
@@ -45,7 +46,7 @@ def small_clip() -> tuple[list[np.ndarray], list[np.ndarray]]:
         path = bikes_clip()
     except FileNotFoundError as exc:
         pytest.skip(f"bikes.mp4 unavailable: {exc}")
-    frames = load_clip_on_canvas(path, (360, 480), limit=16)
+    frames = load_clip_on_canvas(path, InputConfig(size=[360, 480]), limit=16)
     labels = []
     for f in frames:
         lab = (f.mean(axis=2) // 64).astype(np.uint8)  # classes 0..3 following the content
@@ -566,5 +567,8 @@ def test_video_frames_for_stage_2_are_resized_as_inference_resizes_them():
         first = next(iter(source)).image
     hw = Letterbox.fit(first.shape[:2], (240, 320)).resized_hw
     for interpolation in ("area", "pil_bilinear"):
-        (frame,) = load_clip_on_canvas(path, (240, 320), limit=1, interpolation=interpolation)
+        (frame,) = load_clip_on_canvas(path, InputConfig(size=[240, 320], interpolation=interpolation), limit=1)
         np.testing.assert_array_equal(frame, resize_frame(first, hw, interpolation))
+    # a frame-oriented portrait canvas is turned for these landscape frames
+    (frame,) = load_clip_on_canvas(path, InputConfig(size=[320, 240], canvas_orientation="frame"), limit=1)
+    assert frame.shape[:2] == hw
