@@ -318,14 +318,15 @@ def load_model(model: str | Path | None = None, weights: str | Path | None = Non
                 f"models configured here ({', '.join(PUBLISHED_MODELS)}) and it does not fit the default model "
                 f"{cfg.name}: pass --model with a model name or a YAML config that describes it\n{exc}") from exc
         trained_motion = motion_module_trained(ckpt)  # False: no motion module, or a stage-1 file of ours
-        if trained_motion is None and not motion_optional:
+        if trained_motion is None:
             # a stage-1 file that cannot say (written before stage 1 recorded it, or a run started
-            # from such a file): run as before, with a warning where query flow may use it
+            # from such a file): run as before, with a warning, also for a caller that does not
+            # propagate with it now (an export of it, or the node switched to query flow later, may)
             log.warning("%s is a stage-1 segmentor file that does not record whether its motion module is trained "
                         "(written before stage 1 recorded it, or by a run started from such a file): it is only if "
-                        "that run started from a file with a trained one (--init-checkpoint); otherwise query flow "
-                        "warps with its initialisation (use --propagator optical_flow, or train one with mpvss train "
-                        "motion)", weights_path)
+                        "that run started from a file with a trained one (--init-checkpoint); otherwise query flow, "
+                        "here or from an export of it, warps with its initialisation (use optical flow or copy, or "
+                        "train one with mpvss train motion)", weights_path)
         what = ("is a whole {} segmentor without a motion module (a per-frame Mask2Former checkpoint; no motion.* "
                 "key)" if no_motion else "is a stage-1 {} segmentor whose motion module was never trained (its meta: "
                 "motion_trained false; stage 1 keeps it frozen at its initialisation)").format(cfg.name)

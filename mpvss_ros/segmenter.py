@@ -344,7 +344,7 @@ def resize_frame(image: np.ndarray, hw: tuple[int, int], interpolation: str = "a
         shrink = h < image.shape[0] or w < image.shape[1]
         return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     if interpolation == "pil_bilinear":
-        return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))
+        return np.array(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))  # writable, as cv2's
     raise ValueError(f"interpolation must be 'area' or 'pil_bilinear', got {interpolation!r}")
 
 
@@ -447,7 +447,6 @@ class VideoSegmenter:
         self.label_dtype = np.uint8 if self.num_classes <= 255 else np.uint16  # 255 = UNLABELED (VisionClass)
         inp = self.model.cfg.input
         self._input = inp
-        self._interpolation = inp.interpolation
         self._score_resolution = self.model.cfg.postprocess.score_resolution
         self._min_query_score = float(self.model.cfg.postprocess.min_query_score)
         self._frame_index = 0
@@ -539,14 +538,14 @@ class VideoSegmenter:
         try:
             t = time.perf_counter()
             decision: ScheduleDecision = self.scheduler.decide(image, stamp)
-            letterbox = Letterbox.for_input(image.shape[:2], self._input)
+            letterbox = self.letterbox(image.shape[:2])
             # A non-key frame needs a key frame on the same canvas; the scheduler forces a key
             # frame on resolution changes, this guards the invariant for custom schedulers.
             is_key = decision.is_key_frame or self._key is None or letterbox != self._key_letterbox
             latency["schedule"] = (time.perf_counter() - t) * 1e3
 
             t = time.perf_counter()
-            tensor = canvas_tensor(image, letterbox, self.device, self._interpolation)
+            tensor = self.canvas(image, letterbox)
             latency["preprocess"] = (time.perf_counter() - t) * 1e3
 
             t = time.perf_counter()
@@ -617,6 +616,17 @@ class VideoSegmenter:
             stage_latency_ms=latency,
         )
         return result
+
+    def letterbox(self, input_hw: tuple[int, int]) -> Letterbox:
+        """Where a frame of ``input_hw`` (H, W pixels) goes on the model's canvas, as :meth:`push`
+        places it (:meth:`Letterbox.for_input` of the model's ``InputConfig``)."""
+        return Letterbox.for_input(input_hw, self._input)
+
+    def canvas(self, image: np.ndarray, lb: Letterbox) -> torch.Tensor:
+        """The network input of a frame, as :meth:`push` makes it: (1, 3, Hp, Wp) float32 RGB
+        0..255 on the segmenter's device (:func:`canvas_tensor` with the model's
+        ``input.interpolation``); ``image`` (H, W, 3) uint8 RGB, ``lb`` its :meth:`letterbox`."""
+        return canvas_tensor(image, lb, self.device, self._input.interpolation)
 
     def _key_frame_reason(self, decision: ScheduleDecision, index: int) -> str:
         """Why frame ``index`` is a key frame: the scheduler's reason; ``canvas_change`` when only

@@ -7,7 +7,7 @@ What it measures, for each model (``mpvss_r50`` at 480x853, the VSPW test size, 
 * **Latency per stage** (median and p90 in ms over ``--repeats`` runs, after ``--warmup`` runs),
   calling the real submodules one after the other, under ``torch.inference_mode``:
 
-  - key frame: preprocess (letterbox + tensor, ``segmenter.canvas_tensor``), backbone
+  - key frame: preprocess (letterbox + tensor, ``VideoSegmenter.letterbox`` and ``canvas``), backbone
     (with input normalisation), pixel decoder (``model.sem_seg_head.pixel_decoder``),
     transformer decoder (``model.sem_seg_head.predictor``), semantic inference +
     post-processing (``VideoSegmenter.postprocess``: upsample, class scores, crop, resize,
@@ -94,7 +94,7 @@ from mpvss_ros.nn.warp import warp_mask_logits  # noqa: E402
 from mpvss_ros.propagation import QueryFlowPropagator  # noqa: E402
 from mpvss_ros.runtime.torch_backend import TorchBackend  # noqa: E402
 from mpvss_ros.scheduling import parse_schedule  # noqa: E402
-from mpvss_ros.segmenter import Letterbox, VideoSegmenter, canvas_tensor  # noqa: E402
+from mpvss_ros.segmenter import Letterbox, VideoSegmenter  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -313,15 +313,13 @@ class Stages:
     def __init__(self, model: MPVSS, seg: VideoSegmenter) -> None:
         self.model = model
         self.seg = seg
-        self.canvas = tuple(model.cfg.input.size) if model.cfg.input.size is not None else None
-        self.div = model.cfg.input.size_divisibility
 
     def letterbox(self, frame: np.ndarray) -> Letterbox:
-        return Letterbox.fit(frame.shape[:2], self.canvas, self.div)
+        return self.seg.letterbox(frame.shape[:2])
 
     # key frame
     def preprocess(self, frame: np.ndarray, lb: Letterbox) -> torch.Tensor:
-        return canvas_tensor(frame, lb, self.seg.device, self.seg._interpolation)
+        return self.seg.canvas(frame, lb)
 
     def backbone(self, image: torch.Tensor, lb: Letterbox) -> dict[str, torch.Tensor]:
         return self.model.backbone(self.model.normalize(image, lb.resized_hw))

@@ -42,7 +42,8 @@ from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState
 from mpvss_ros.nn.warp import warp_mask_logits
 from mpvss_ros.propagation import CopyPropagator, OpticalFlowPropagator, Propagator, QueryFlowPropagator, grid_hw
-from mpvss_ros.segmenter import Letterbox, canvas_tensor
+from mpvss_ros.scheduling import FixedIntervalScheduler
+from mpvss_ros.segmenter import VideoSegmenter
 from mpvss_ros.training.pairs import FLOW_TARGET_DIS_PRESET, dis_flow_target
 
 
@@ -64,13 +65,14 @@ def _named(prop: Propagator, name: str) -> Propagator:
     return prop
 
 
-def flow_epe(model: MPVSS, images: list[np.ndarray], canvas_hw: tuple[int, int], divisibility: int, gaps: list[int],
-             key_every: int) -> list[dict[str, float]]:
-    """EPE of the pixel-wise flow against DIS on (key, key + d) pairs, in flow-grid pixels."""
+def flow_epe(model: MPVSS, images: list[np.ndarray], gaps: list[int], key_every: int) -> list[dict[str, float]]:
+    """EPE of the pixel-wise flow against DIS on (key, key + d) pairs, in flow-grid pixels; the
+    frames placed on the canvas as the segmenter places them."""
+    seg = VideoSegmenter(model, CopyPropagator(), FixedIntervalScheduler(1))
     frames = []
     for img in images:
-        lb = Letterbox.fit(img.shape[:2], canvas_hw, divisibility)
-        frames.append((canvas_tensor(img, lb), lb.resized_hw))
+        lb = seg.letterbox(img.shape[:2])
+        frames.append((seg.canvas(img, lb), lb.resized_hw))
     err: dict[int, list[float]] = {d: [] for d in gaps}
     mag: dict[int, list[float]] = {d: [] for d in gaps}
     for k in range(0, len(frames) - min(gaps), key_every):
@@ -142,7 +144,7 @@ def main() -> None:
             ]
             for prop in variants:
                 rows.append(evaluate_sequence(loaded, seq, prop, f"fixed:{n}"))
-        epe = flow_epe(model, seq.images, canvas, loaded.config.input.size_divisibility, args.gaps, key_every=5)
+        epe = flow_epe(model, seq.images, args.gaps, key_every=5)
 
     per_frame = rows[0]["mIoU"]
     print("| setting | mIoU | loss vs per-frame | median ms non-key |\n|---|---:|---:|---:|")

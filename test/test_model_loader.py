@@ -223,9 +223,9 @@ def test_a_stage_1_file_runs_query_flow_only_with_a_trained_motion_module(tmp_pa
     if trained is not False:
         assert load_model(weights=path).model.motion_trained is True
         assert ("does not record whether its motion module is trained" in caplog.text) is (trained is None)
-        caplog.clear()  # no warning for a run that never uses the motion module
+        caplog.clear()  # also for a caller without query flow now: an export of it, or the node switched later, may
         assert load_model(weights=path, motion_optional=True).model.motion_trained is True
-        assert "does not record whether" not in caplog.text
+        assert ("does not record whether" in caplog.text) is (trained is None)
         return
     with pytest.raises(CheckpointError, match="stage-1 mpvss_lite segmentor whose motion module was never trained"):
         load_model(weights=path)

@@ -999,6 +999,7 @@ def test_resize_frame_pil_bilinear_is_detectron2s_test_resize_and_area_is_opencv
     cv = cv2.resize(frame, (hw[1], hw[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     np.testing.assert_array_equal(resize_frame(frame, hw, "area"), cv)
     assert pil.shape == cv.shape == (*hw, 3) and pil.dtype == np.uint8 and not np.array_equal(pil, cv)
+    assert pil.flags.writeable  # as OpenCV's: callers may draw on it
     assert resize_frame(frame, (540, 960), "pil_bilinear") is frame
     with pytest.raises(ValueError, match="interpolation must be 'area' or 'pil_bilinear', got 'cubic'"):
         resize_frame(frame, hw, "cubic")

@@ -245,12 +245,11 @@ def _median_ms(times: list[float]) -> float:
 def _bench_one(backend: Any, spec: BackendSpec, frames: list[np.ndarray], opts: BenchOptions) -> dict[str, Any]:
     from ..propagation import QueryFlowPropagator
     from ..scheduling import parse_schedule
-    from ..segmenter import Letterbox, VideoSegmenter, canvas_tensor
+    from ..segmenter import VideoSegmenter
 
     seg = VideoSegmenter(backend, QueryFlowPropagator(backend), parse_schedule("fixed:1"))
-    hw = frames[0].shape[:2]
-    lb = Letterbox.for_input(hw, seg._input)
-    tensors = [canvas_tensor(f, lb, seg.device, seg._interpolation) for f in frames]
+    lb = seg.letterbox(frames[0].shape[:2])
+    tensors = [seg.canvas(f, lb) for f in frames]
     n = len(tensors)
     key_t, non_key_t = [], []
     with torch.inference_mode():

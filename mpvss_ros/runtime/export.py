@@ -306,6 +306,10 @@ def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path |
             "pixel_std": list(cfg.input.pixel_std),
             "motion_image_mean": list(cfg.motion.image_mean),
             "layout": "NCHW, batch 1",
+            "interpolation": cfg.input.interpolation,
+            "resize": "the frame is resized to valid_hw from uint8 RGB: 'area' = OpenCV INTER_AREA when a side "
+                      "shrinks, else INTER_LINEAR; 'pil_bilinear' = Pillow's Image.BILINEAR (detectron2's "
+                      "ResizeTransform)",
         },
         "postprocess": {
             "score_resolution": cfg.postprocess.score_resolution,
@@ -423,7 +427,8 @@ def contract_problems(contract: dict[str, Any], cfg: ModelConfig) -> list[str]:
                              ("palette", contract.get("palette"), [list(c) for c in cfg.palette]),
                              ("preprocess.pixel_mean", prep.get("pixel_mean"), list(cfg.input.pixel_mean)),
                              ("preprocess.pixel_std", prep.get("pixel_std"), list(cfg.input.pixel_std)),
-                             ("preprocess.motion_image_mean", prep.get("motion_image_mean"), list(cfg.motion.image_mean))):
+                             ("preprocess.motion_image_mean", prep.get("motion_image_mean"), list(cfg.motion.image_mean)),
+                             ("preprocess.interpolation", prep.get("interpolation"), cfg.input.interpolation)):
         if found is not None and found != want:
             problems.append(f"{key} {found} differs from model_config's {want}")
     for g in ("key_frame", "non_key_frame"):  # other entries of "graphs" are not this package's

@@ -582,6 +582,8 @@ def test_broken_export_folders_give_one_clear_error_not_a_traceback(lite_small, 
              "model_config: num_classes must be an integer"),
             ("palette", lambda c: c.update(palette=[[1, 2]] * 11), r"palette \[\[1, 2\].* differs from model_config"),
             ("std", lambda c: c["preprocess"].update(pixel_std=[0, 0, 0]), "preprocess.pixel_std .* differs"),
+            ("resize", lambda c: c["preprocess"].update(interpolation="pil_bilinear"),
+             "preprocess.interpolation pil_bilinear differs from model_config's area"),
             ("names", lambda c: c.update(class_names=["a"]), r"class_names \['a'\] differs")):
         with pytest.raises(ValueError, match=words):
             check_export(copy(name, edit))
