@@ -510,6 +510,10 @@ def test_reduce_zero_label_shifts_classes_and_ignores_others(tmp_path):
     assert sorted(np.unique(seq.labels[0]).tolist()) == [11, 255] and sorted(np.unique(seq.labels[1]).tolist()) == [0, 255]
     with pytest.raises(ValueError, match="f0.png holds value"):  # 12 is no value of K = 11 as it is
         load_sequence(img, ann, num_classes=11)
+    for k in (255, 256):  # shifted IDs 254 and 255 would meet the ignore value
+        with pytest.raises(ValueError, match=f"reduce_zero_label with {k} classes"):
+            load_sequence(img, ann, num_classes=k, reduce_zero_label=True)
+    load_sequence(img, ann, num_classes=254, reduce_zero_label=True)  # IDs 0..253: allowed
 
 
 def test_vc_compares_the_raw_labels_under_reduce_zero_label(tmp_path, lite, monkeypatch):
@@ -742,3 +746,18 @@ def test_eval_refuses_the_default_camvid_labels_for_a_model_of_other_classes(cam
     assert _eval("--max-frames", "2") != 0
     line = error_line(capsys.readouterr().err)
     assert "default evaluation data is CamVid" in line and "other19 has 19" in line and "--labels" in line
+
+
+def test_study_adaptive_rows_target_the_fixed_rows_key_frame_count(camvid_val_dirs, lite):
+    """The adaptive row of interval N aims at fixed:N's key-frame count (frames 0, N, 2N, ...:
+    ceil(T / N)) with max_interval 2N; a study without bootstrap samples is refused up front."""
+    seq = load_sequence(*camvid_val_dirs, limit=7)
+    study = key_interval_study(lite, seq, intervals=[1, 3], propagators=("copy",), progress=False,
+                               chain_flow_modes=(True,), bootstrap_samples=50)
+    fixed, adaptive = (next(r for r in study["rows"] if r["interval"] == 3 and r["mode"] == m) for m in ("fixed", "adaptive"))
+    assert fixed["key_frames"] == 3 == adaptive["target_key_frames"]  # ceil(7 / 3), not 7 // 3
+    assert adaptive["key_frames"] <= 3 and adaptive["schedule_settings"]["max_interval"] == 6
+    threshold, count = match_scene_threshold(seq.images, seq.fps, 3, max_interval=6)  # matched as it is run
+    assert (adaptive["scene_threshold"], adaptive["key_frames"]) == (threshold, count)
+    with pytest.raises(ValueError, match="bootstrap_block and bootstrap_samples must be >= 1"):
+        key_interval_study(lite, seq, intervals=[1], bootstrap_samples=0)

@@ -93,10 +93,11 @@ def test_confusion_sums_the_pairs_of_each_key_frame():
         + table.conf[5, 0] + table.conf[5, 1]
     np.testing.assert_array_equal(table.confusion([5, 0, 2, 2]).mat, expected)  # order and repeats do not matter
     assert table.score([0, 2, 5])["key_frames"] == 3
+    assert table.score([5, 0, 2, 2])["key_frames"] == 3  # a repeated key frame is one segmentor run
 
 
 @pytest.mark.parametrize("keys, words", [([1, 4], "frame 0"), ([], "frame 0"), ([0, 9], "outside"),
-                                         ([0, 5], "horizon")])
+                                         ([0, 7], "outside"), ([0, 5], "horizon")])
 def test_confusion_rejects_schedules_the_table_cannot_score(keys, words):
     with pytest.raises(ValueError, match=words):
         _random_table().confusion(keys)  # T = 7, horizon 3: [0, 5] leaves frame 4 four frames out
@@ -235,3 +236,20 @@ def test_class_gains_names_the_largest_changes(load_script):
     c = 100.0 - 100 * 38 / 40
     assert module.class_gains(table, [0, 1], [0, 2], top=3) == f"a {a:+.2f}, b {b:+.2f}, c {c:+.2f}"
     assert module.class_gains(table, [0, 1], [0, 2], top=1) == f"a {a:+.2f}"
+
+
+def test_local_search_keeps_its_key_frames_distinct_and_within_the_horizon():
+    """A move never lands on the key frame before it (that would drop a segmentor run, however
+    good the rest looks), and a max_gap beyond the table's horizon + 1 is capped: frames further
+    from their key frame than the horizon cannot be scored."""
+    conf = np.zeros((4, 4, 2, 2), np.int64)
+    for key in range(4):
+        for d in range(4 - key):
+            bad = 60 if key >= 1 and d == 0 else 0  # segmenting frames 1..3 is bad, propagating from 0 is not
+            conf[key, d] = [[100 - bad, bad], [0, 100]]
+    table = PairTable(conf, "test", "labels", ["a", "b"])
+    keys, _ = local_search(table, [0, 1], max_gap=4)
+    assert len(set(keys)) == len(keys) == 2
+    wide = _random_table(t=12, horizon=3)
+    keys, value = local_search(wide, [0, 4, 8], max_gap=50)
+    assert max(np.diff(keys + [wide.frames])) <= 4 and value == pytest.approx(100 * wide.confusion(keys).miou())

@@ -485,12 +485,13 @@ def key_interval_study(loaded: LoadedModel, seq: LabelledSequence, intervals: Se
                 r["propagator_settings"] = None  # every frame is a key frame: no propagator runs
                 per_frame, per_frame_counts = r, fc
         if adaptive and n > 1:
-            target = math.ceil(len(seq.images) / n)
-            scene_threshold, count = match_scene_threshold(seq.images, seq.fps, target, max_interval=2 * n,
+            target = math.ceil(len(seq.images) / n)  # fixed:N's key frames 0, N, 2N, ...
+            max_interval = 2 * n
+            scene_threshold, count = match_scene_threshold(seq.images, seq.fps, target, max_interval=max_interval,
                                                            cut_threshold=cut_threshold)
             for prop, chain in settings:
-                sched = AdaptiveScheduler(scene_threshold=scene_threshold, max_interval=2 * n, max_gap_s=math.inf,
-                                          cut_threshold=cut_threshold)
+                sched = AdaptiveScheduler(scene_threshold=scene_threshold, max_interval=max_interval,
+                                          max_gap_s=math.inf, cut_threshold=cut_threshold)
                 r, fc = _evaluate(loaded, seq, prop, sched, progress, backend, chain_flow=bool(chain), **flow_opts)
                 r.update(interval=n, mode="adaptive", scene_threshold=scene_threshold, target_key_frames=target,
                          chain_flow=chain)

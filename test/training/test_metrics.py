@@ -150,3 +150,24 @@ def test_video_consistency_keeps_its_own_copies_of_the_frames(as_tensor):
         pred[...] = t % 2  # alternates: never consistent over two frames
         vc.update(pred, gt)
     assert vc.value() == 0.0
+
+
+def test_mean_accuracy_counts_the_last_class_and_refuses_negative_predictions():
+    # GT [0, 1, 2, 2], pred [0, 1, 2, 1]: recalls 1, 1, 1/2 -> mACC 5/6 (the last class included)
+    c = ConfusionMatrix(3)
+    c.update(np.array([0, 1, 2, 1]), np.array([0, 1, 2, 2]))
+    assert c.mean_accuracy() == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="predictions"):
+        c.update(np.array([-1, 0]), np.array([0, 0]))  # a negative class ID on a counted pixel
+
+
+def test_video_consistency_streams_every_window_and_refuses_a_size_change():
+    vc = VideoConsistency(2)
+    for p, g in zip(VC_PREDS, VC_GTS):
+        vc.update(p, g)
+    assert vc.window_acc == pytest.approx([2 / 3, 1.0])
+    assert vc.value() == pytest.approx((2 / 3 + 1) / 2)  # the last window counts too
+    with pytest.raises(ValueError, match="differs from the clip.s"):
+        vc.update(np.zeros((2, 4), int), np.zeros((2, 4), int))  # same clip, another size
+    vc.end_clip()
+    vc.update(np.zeros((2, 4), int), np.zeros((2, 4), int))  # a new clip may have its own size
