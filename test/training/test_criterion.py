@@ -201,3 +201,40 @@ def test_uncertain_points_prefer_the_boundary():
     with pytest.raises(ValueError):
         SetCriterion(K, FixedMatcher(K), oversample_ratio=0.5)
     assert not math.isnan(pts.sum().item())
+
+
+def test_point_losses_against_hand_values():
+    """Mask2Former's point losses, summed over masks and divided by the batch's target-mask count:
+    logits 0 (s = 1/2) on points labelled [1, 0] give BCE ln 2 per point and dice
+    1 - (2 * 1/2 + 1) / (1 + 1 + 1) = 1/3 per mask; two masks, normaliser 4."""
+    from mpvss_ros.training.criterion import dice_loss, sigmoid_bce_loss
+
+    logits = torch.zeros(2, 2)
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert sigmoid_bce_loss(logits, labels, 4.0).item() == pytest.approx(2 * math.log(2) / 4)
+    assert dice_loss(logits, labels, 4.0).item() == pytest.approx(2 * (1 / 3) / 4)
+    # a perfect, confident prediction: no dice loss, BCE near 0
+    sure = torch.tensor([[20.0, -20.0]])
+    assert dice_loss(sure, labels[:1], 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_criterion_checks_its_settings_and_labels_and_samples_points_where_the_prediction_is_unsure(monkeypatch):
+    """importance_sample_ratio must lie in [0, 1]; target labels outside 0..K-1 are refused; the
+    uncertain points come from the matched predictions' logits (PointRend, as Mask2Former), not
+    from the targets."""
+    import mpvss_ros.training.criterion as criterion_module
+
+    with pytest.raises(ValueError, match="importance_sample_ratio must be in"):
+        SetCriterion(K, FixedMatcher(K), importance_sample_ratio=1.5)
+    out = _outputs(b=1, n=K, aux=0)
+    with pytest.raises(ValueError, match=f"target labels must be in 0..{K - 1}"):  # K: the no-object column
+        SetCriterion(K, HungarianMatcher(num_points=16), num_points=16)(
+            out, [{"labels": torch.tensor([K]), "masks": torch.ones(1, 8, 10, dtype=torch.bool)}])
+    crit = SetCriterion(K, FixedMatcher(K), num_points=16)
+    seen = []
+    real = criterion_module.sample_uncertain_points
+    monkeypatch.setattr(criterion_module, "sample_uncertain_points", lambda logits, *a: seen.append(logits) or real(logits, *a))
+    targets = _targets(b=1)
+    crit(out, targets)
+    src, tgt = FixedMatcher(K)(out.class_logits, out.mask_logits, targets)[0]
+    torch.testing.assert_close(seen[0][:, 0], out.mask_logits[0, src].detach())

@@ -46,9 +46,11 @@ def _reference_cost(matcher, class_logits, mask_logits, tgt, seed):
     return cost
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_cost_matrix_matches_pairwise_definition(seed):
-    matcher = HungarianMatcher(num_points=300)
+@pytest.mark.parametrize("seed, weights", [*((s, (2.0, 5.0, 5.0)) for s in range(6)), (6, (2.0, 3.0, 7.0)),
+                                           (7, (0.0, 0.0, 1.0)), (8, (1.0, 0.0, 0.0))])
+def test_cost_matrix_matches_pairwise_definition(seed, weights):
+    """The spec's weights (2, 5, 5), and unequal ones: each weight multiplies its own term."""
+    matcher = HungarianMatcher(*weights, num_points=300)
     cls, msk, tgts = _random_case(seed)
     cost = matcher.cost_matrix(cls[0], msk[0], tgts[0]["labels"], tgts[0]["masks"],
                                generator=torch.Generator().manual_seed(100 + seed))
@@ -126,7 +128,19 @@ def test_fixed_matcher():
     assert out[1][0].numel() == 0 and out[1][0].dtype == torch.int64
     with pytest.raises(ValueError, match="num_queries"):
         FixedMatcher(20)(torch.zeros(2, 12, 21), msk, t)
+    with pytest.raises(ValueError, match="num_queries >= num_classes, got 12 < 13"):  # one query short
+        FixedMatcher(13)(torch.zeros(2, 12, 14), msk, t)
     with pytest.raises(ValueError, match="one mask per class"):
         FixedMatcher(8)(cls[:1], msk[:1], [{"labels": torch.tensor([1, 1]), "masks": torch.zeros(2, 8, 8)}])
     with pytest.raises(ValueError, match="labels"):
         FixedMatcher(8)(cls[:1], msk[:1], [{"labels": torch.tensor([8]), "masks": torch.zeros(1, 8, 8)}])
+
+
+def test_matcher_weights_are_checked():
+    """Only all-zero weights are refused (one term alone is a valid matcher), and num_points >= 1."""
+    HungarianMatcher(2.0, 0.0, 5.0)
+    HungarianMatcher(0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="all matcher costs are zero"):
+        HungarianMatcher(0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="num_points must be >= 1, got 0"):
+        HungarianMatcher(num_points=0)
