@@ -6,8 +6,9 @@ from mpvss_ros.config import ConfigError, load_model_config, model_config_from_d
 from mpvss_ros.paths import REPO_ROOT
 
 
-def _with(path: str, value):
-    data = load_model_config("mpvss_lite").to_dict()
+def _with(path: str, value, model: str = "mpvss_lite"):
+    """``model``'s configuration as a dict, with the key ``path`` (dotted) set to ``value``."""
+    data = load_model_config(model).to_dict()
     *sections, key = path.split(".")
     target = data
     for s in sections:
@@ -51,6 +52,37 @@ def _with(path: str, value):
 def test_bad_values_are_one_config_error_naming_the_key(path, value, words):
     with pytest.raises(ConfigError, match=words):
         model_config_from_dict(_with(path, value), where="custom.yaml")
+
+
+@pytest.mark.parametrize("model, path, value, words", [
+    ("mpvss_lite", "num_classes", 0, "num_classes must be >= 1, got 0"),
+    ("mpvss_lite", "class_names", ["a", "b", "c"], "3 class_names for num_classes=11"),
+    ("mpvss_lite", "palette", [[0, 0]] * 11, "palette needs 11 RGB triples of 0..255"),
+    ("mpvss_lite", "palette", [[0, 0, 0]] * 10, "palette needs 11 RGB triples of 0..255"),
+    ("mpvss_lite", "input.size", [31, 640], "input.size must be \\[H, W\\] with both >= 32, got \\[31, 640\\]"),
+    ("mpvss_lite", "input.size", [480], "input.size must be \\[H, W\\] with both >= 32"),
+    ("mpvss_lite", "input.size", [480, 640, 3], "input.size must be \\[H, W\\] with both >= 32"),
+    ("mpvss_lite", "input.warp_normalization", "bilinear", "input.warp_normalization must be exact or mmtrack"),
+    ("mpvss_lite", "postprocess.score_resolution", "pixel", "postprocess.score_resolution must be canvas or mask"),
+    ("mpvss_lite", "motion.hidden_dim", 64, "motion.hidden_dim \\(64\\) must equal transformer_decoder.hidden_dim"),
+    ("mpvss_lite", "motion.encoder_channels", [32, 64, 96, 128, 128], "motion needs 6 encoder_channels and 4 deconv"),
+    ("mpvss_lite", "motion.deconv_channels", [64, 64, 64], "motion needs 6 encoder_channels and 4 deconv"),
+    ("mpvss_lite", "pixel_decoder.type", "unet", "pixel_decoder.type must be msdeformattn or fpn, got 'unet'"),
+    ("mpvss_lite", "backbone.type", "vgg", "backbone.type must be one of"),
+    ("mpvss_r50", "pixel_decoder.num_heads", 7, "pixel_decoder.conv_dim \\(256\\) must be a multiple of pixel_decoder.num_heads"),
+    ("mpvss_swin_tiny", "backbone.window_size", 33, "backbone.window_size must be at most 32 tokens, got 33"),
+])
+def test_each_check_of_the_configuration_refuses_what_the_model_cannot_run(model, path, value, words):
+    with pytest.raises(ConfigError, match=words):
+        model_config_from_dict(_with(path, value, model), where="custom.yaml")
+
+
+def test_the_edges_of_the_checked_ranges_are_allowed():
+    """The largest motion input scale (1: the full canvas), the largest Swin window (32 tokens),
+    and the smallest canvas (32 x 32) build a configuration."""
+    for model, path, value in (("mpvss_lite", "motion.image_scale", 1.0), ("mpvss_swin_tiny", "backbone.window_size", 32),
+                               ("mpvss_lite", "input.size", [32, 32])):
+        model_config_from_dict(_with(path, value, model), where="custom.yaml")
 
 
 def test_the_shipped_configurations_pass():
