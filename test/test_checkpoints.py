@@ -185,6 +185,11 @@ def test_damaged_weights_are_refused(tmp_path):
     save_checkpoint(nan_file, model, cfg.to_dict())
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_model(None, nan_file)
+    with torch.no_grad():  # an overflow to infinity, without any NaN
+        next(model.parameters()).view(-1)[3] = float("inf")
+    save_checkpoint(nan_file, model, cfg.to_dict())
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        load_model(None, nan_file)
 
 
 def test_own_format_round_trip_and_self_describing(tmp_path):
@@ -212,6 +217,8 @@ def test_half_storage_loads_into_float32(tmp_path):
     raw = torch.load(half, weights_only=True)
     assert raw["meta"]["stored_dtype"] == "float16"
     assert all(v.dtype == torch.float16 for v in raw["state_dict"].values() if v.is_floating_point())
+    ints = {k: v.dtype for k, v in model.state_dict().items() if not v.is_floating_point()}
+    assert ints and all(raw["state_dict"][k].dtype == dtype for k, dtype in ints.items())  # counters stay integers
     loaded = load_model(None, half).model
     for k, v in model.state_dict().items():
         w = loaded.state_dict()[k]
@@ -468,3 +475,17 @@ def test_a_checkpoint_with_a_bad_model_config_is_a_checkpoint_error(tmp_path, ca
     frames.mkdir()
     assert main(["segment", str(frames), "--out", str(tmp_path / "out"), "--weights", str(path)]) == 1
     assert "num_classes must be an integer" in capsys.readouterr().err
+
+
+def test_a_tensor_of_another_shape_with_as_many_values_is_refused(tmp_path):
+    """A transposed weight (a (C_out, C_in) matrix stored as (C_in, C_out)) holds as many values
+    as the model's: copying it would scramble the layer without an error."""
+    cfg = load_model_config("mpvss_lite")
+    model = MPVSS(cfg)
+    sd = model.state_dict()
+    key = next(k for k, v in sd.items() if v.dim() == 2 and v.shape[0] != v.shape[1])
+    sd[key] = sd[key].t().contiguous()
+    path = tmp_path / "transposed.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=re.escape(f"{key}: file {tuple(sd[key].shape)} vs model")):
+        load_checkpoint(model, path)
