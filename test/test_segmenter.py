@@ -688,6 +688,33 @@ def test_argmax_of_upsampled_rejects_bad_scores():
         argmax_of_upsampled(np.zeros((4, 4), np.float32), (8, 8))
     with pytest.raises(ValueError, match="1 <= C <= 255"):
         argmax_of_upsampled(np.zeros((4, 4, 300), np.float32), (8, 8))
+    with pytest.raises(ValueError, match="1 <= C <= 255"):  # 256 classes: class 255 would be a uint8 label of 255
+        argmax_of_upsampled(np.zeros((4, 4, 256), np.float32), (8, 8))
+
+
+def test_a_tie_across_class_chunks_goes_to_the_lower_class_as_argmax():
+    """Post-processing takes the arg-max chunk by chunk (16 classes each): a tie between class 2
+    and class 18 goes to class 2, as torch's and numpy's arg-max."""
+    from mpvss_ros.segmenter import _best_class
+
+    scores = torch.full((20, 8, 8), 0.25)  # the mask grid of the 32 x 32 padded canvas
+    scores[2] = scores[18] = 0.5  # binary fractions: bilinear resizing keeps them exact, a true tie
+    lb = Letterbox.fit((32, 32), (16, 16))  # enlarged to the input: still chunked with > 16 classes
+    best, idx = _best_class(scores, lb)
+    assert idx.shape == (32, 32) and (idx == 2).all() and (best == 0.5).all()
+
+
+def test_the_canvas_padding_is_exactly_zero():
+    """The key-frame graph zeroes its normalised padding and the non-key graph's motion module
+    relies on zero raw padding: canvas_tensor's bottom/right padding is 0, the frame at the top left."""
+    frame = _image((300, 500), seed=9)
+    lb = Letterbox.fit(frame.shape[:2], (480, 640))
+    assert lb.resized_hw == (384, 640) and lb.padded_hw == (384, 640)
+    lb = Letterbox.fit(frame.shape[:2], (480, 650))  # 390 x 650 padded to 416 x 672
+    t = canvas_tensor(frame, lb)
+    h, w = lb.resized_hw
+    assert t.shape == (1, 3, *lb.padded_hw) and t[..., h:, :].abs().sum() == 0 and t[..., :, w:].abs().sum() == 0
+    assert t[..., :h, :w].abs().sum() > 0
 
 
 @pytest.mark.parametrize("input_hw", [(1080, 1920), (725, 1283), (100, 64)])
@@ -983,7 +1010,7 @@ def test_optical_flow_at_the_finest_grid_stride(band_model):
     assert results[1].labels.shape == (448, 640)
 
 
-@pytest.mark.parametrize("hw", [(480, 853), (600, 1100)])  # shrink (960 x 540 -> 853 x 480), enlarge
+@pytest.mark.parametrize("hw", [(480, 853), (600, 1100), (200, 356)])  # shrink by 0.89, enlarge, shrink by 2.7
 def test_resize_frame_pil_bilinear_is_detectron2s_test_resize_and_area_is_opencvs(hw):
     """``pil_bilinear`` is what detectron2's ResizeTransform does to a uint8 frame (Pillow's
     BILINEAR, (w, h) order), the official test resize; ``area`` is OpenCV's area / bilinear. The
