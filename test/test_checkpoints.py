@@ -216,6 +216,9 @@ def test_half_storage_loads_into_float32(tmp_path):
     assert half.stat().st_size < 0.55 * full.stat().st_size
     raw = torch.load(half, weights_only=True)
     assert raw["meta"]["stored_dtype"] == "float16"
+    # the file says how it is stored, whatever a caller's meta (copied from another file) claims
+    save_checkpoint(full, model, cfg.to_dict(), {"stored_dtype": "float16", "stage": "x"})
+    assert torch.load(full, weights_only=True)["meta"] == {"stored_dtype": "float32", "stage": "x"}
     assert all(v.dtype == torch.float16 for v in raw["state_dict"].values() if v.is_floating_point())
     ints = {k: v.dtype for k, v in model.state_dict().items() if not v.is_floating_point()}
     assert ints and all(raw["state_dict"][k].dtype == dtype for k, dtype in ints.items())  # counters stay integers
