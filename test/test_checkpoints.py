@@ -260,6 +260,10 @@ def test_official_file_without_config_is_recognised_and_its_normalisation_checke
     torch.save({"model": bgr}, tmp_path / "bgr.pth")
     with pytest.raises(CheckpointError, match="pixel_mean .* differs"):
         load_model("mpvss_r50", tmp_path / "bgr.pth")
+    unit_std = dict(official, pixel_std=torch.ones(1, 3, 1, 1))  # 0..1 inputs' normalisation
+    torch.save({"model": unit_std}, tmp_path / "unit_std.pth")
+    with pytest.raises(CheckpointError, match="pixel_std .* differs"):
+        load_model("mpvss_r50", tmp_path / "unit_std.pth")
     same = dict(official, pixel_mean=torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1))
     torch.save({"model": same}, tmp_path / "same.pth")
     assert load_model("mpvss_r50", tmp_path / "same.pth").trained

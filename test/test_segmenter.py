@@ -645,6 +645,7 @@ def _resize_then_argmax(x, out_hw):
     ((1, 9), (4, 40)),            # a single source row
     ((40, 60), (40, 60)),         # same size
     ((60, 80), (37, 51)),         # shrinking: correct, though not where it saves time
+    ((120, 160), (29, 37)),       # shrinking by 4: the nearest source pixel can lie 2 pixels from a tap
 ])
 @pytest.mark.parametrize("classes, smooth", [(11, True), (11, False), (2, True), (1, True), (16, False)])
 def test_argmax_of_upsampled_equals_resizing_every_class(src_hw, out_hw, classes, smooth):
