@@ -1090,6 +1090,20 @@ def test_a_frame_oriented_canvas_is_resize_shortest_edge_in_both_orientations(hw
         assert Letterbox.for_input(hw, fixed) == Letterbox.for_input(hw, official)
 
 
+def test_a_frame_of_the_canvas_aspect_fills_the_canvas_where_resize_shortest_edge_is_a_pixel_short():
+    """The documented departure (Letterbox.for_input): 708 x 1257 rounds to 480 rows whether the
+    width or the height fills, so fit fills both (480 x 853), where detectron2 keeps 480 and
+    rounds 852.2 down; fit stays exact on its own output size."""
+    from mpvss_ros.config import load_model_config
+
+    official = load_model_config("mpvss_r50").input
+    for frame_hw in ((708, 1257), (1257, 708)):
+        lb = Letterbox.for_input(frame_hw, official)
+        assert sorted(lb.resized_hw) == [480, 853]
+        assert sorted(_resize_shortest_edge(frame_hw, 480, 853)) == [480, 852]
+        assert Letterbox.fit(frame_hw, lb.resized_hw).resized_hw == lb.resized_hw
+
+
 def test_a_portrait_frame_goes_onto_the_turned_canvas(band_model):
     """VideoSegmenter letterboxes with the model's canvas_orientation: a 960 x 540 portrait
     frame on a frame-oriented 480 x 640 canvas is 640 x 360, labels at the frame's size."""

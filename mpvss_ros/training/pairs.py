@@ -150,16 +150,20 @@ def camvid_pairs(files: Sequence[tuple[Path, Path]], both_orders: bool = True) -
 
 def video_shots(frames: Sequence[np.ndarray],
                 cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> list[tuple[int, int]]:
-    """Split a clip at hard cuts: [(start, end_exclusive)] of frames between cuts.
+    """Split a clip at hard cuts and size changes: [(start, end_exclusive)] of frames between them.
 
     A cut is a frame whose cut score against the previous frame
-    (:meth:`SceneScorer.cut_score`, the adaptive scheduler's) is >= ``cut_threshold``.
+    (:meth:`SceneScorer.cut_score`, the adaptive scheduler's) is >= ``cut_threshold``. A frame of
+    another size than the one before it (a resolution change, or a canvas turned for a portrait
+    frame) also starts a shot, whatever its cut score, as it forces a key frame at inference: no
+    pair joins frames of two sizes (one would be stretched to the other's).
 
     Args:
         frames: (H, W, 3) uint8 RGB frames of one clip, in order.
     """
     cuts = np.flatnonzero(SceneScorer().cut_scores(frames) >= cut_threshold).tolist()
-    bounds = [0, *cuts, len(frames)]
+    resized = [i for i in range(1, len(frames)) if frames[i].shape != frames[i - 1].shape]
+    bounds = sorted({0, *cuts, *resized, len(frames)})
     return list(zip(bounds[:-1], bounds[1:]))
 
 

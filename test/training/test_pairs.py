@@ -18,6 +18,7 @@ from mpvss_ros.config import InputConfig
 from mpvss_ros.io.samples import (
     bikes_clip,
 )
+from mpvss_ros.scheduling import DEFAULT_CUT_THRESHOLD, SceneScorer
 from mpvss_ros.training.data import augment_frames, list_frames
 from mpvss_ros.training.pairs import (
     FramePairs,
@@ -110,6 +111,18 @@ def test_video_shots_edge_cases(bikes_frames):
     # frames 25..35 straddle the cut at 30
     assert video_shots(bikes_frames[25:35]) == [(0, 5), (5, 10)]
     assert video_shots(bikes_frames[25:35], cut_threshold=5.0) == [(0, 10)]  # above any cut score: off
+
+
+def test_video_shots_split_at_a_size_change(bikes_frames):
+    """A resolution change with alike content scores below the cut threshold, yet forces a key
+    frame at inference: it starts a shot, so no training pair stretches one frame to another's size."""
+    frames = list(bikes_frames[:6])
+    h, w = frames[0].shape[:2]
+    for i in (3, 4, 5):  # the same view at another size (a stretched frame, as a camera switching mode)
+        frames[i] = cv2.resize(frames[i], (w * 3 // 4, h), interpolation=cv2.INTER_AREA)
+    assert SceneScorer().cut_scores(frames)[3] < DEFAULT_CUT_THRESHOLD  # no cut by its score alone
+    assert video_shots(frames) == [(0, 3), (3, 6)]
+    assert video_shots(frames, cut_threshold=5.0) == [(0, 3), (3, 6)]  # whatever the threshold
 
 
 # --------------------------------------------------------------------------- dis_flow_target
