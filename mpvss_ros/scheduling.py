@@ -410,14 +410,20 @@ class StampGaps:
 
     The gap belongs to the first message after it: a frame segmented meanwhile from before the
     gap (the node's worker still decoding the message that came before it) does not consume it.
+    Gaps are kept one by one until taken, so a second gap noted while the first one's message is
+    still being decoded does not hide the first (the frame after each is keyed).
 
     Not thread-safe: the node calls it under its own lock.
     """
 
+    #: Pending gaps kept at most (the oldest dropped first): only the messages in the node's slot
+    #: and in its worker's hands are still to be segmented, so a few are ever needed.
+    MAX_PENDING = 64
+
     def __init__(self) -> None:
         self._last: float | None = None
-        self._gap_stamp: float | None = None  # the stamp of the first message after a pending gap
-        self._before_gap: float | None = None  # the stamp of the message before it
+        # pending gaps, oldest first: (stamp of the first message after the gap, stamp of the one before it)
+        self._pending: list[tuple[float, float]] = []
 
     def note(self, stamp: float, max_gap_s: float) -> None:
         """Note a received message's stamp (seconds): more than ``max_gap_s`` after the previous
@@ -426,23 +432,23 @@ class StampGaps:
         (out of order) brings the gap's stamp down to its own; one within ``max_gap_s`` of the
         message before the gap (time went back across it) drops the gap."""
         last, self._last = self._last, stamp
+        kept = []
+        for first, before in self._pending:
+            if stamp >= first:
+                kept.append((first, before))
+            elif stamp - before > max_gap_s:  # out of order, still after the gap
+                kept.append((stamp, before))
         if last is not None and stamp - last > max_gap_s:
-            if self._gap_stamp is None:
-                self._before_gap = last
-            self._gap_stamp = stamp
-        elif self._gap_stamp is not None and stamp < self._gap_stamp:
-            if stamp - self._before_gap > max_gap_s:
-                self._gap_stamp = stamp
-            else:
-                self._gap_stamp = None
+            kept.append((stamp, last))
+        self._pending = kept[-self.MAX_PENDING:]
 
     def take(self, stamp: float) -> bool:
         """Whether the frame stamped ``stamp`` (seconds), about to be segmented, comes after a
-        pending gap; it then consumes it. A frame from before the gap leaves it pending."""
-        if self._gap_stamp is None or stamp < self._gap_stamp:
-            return False
-        self._gap_stamp = None
-        return True
+        pending gap; it then consumes every gap up to it. A frame from before a gap leaves it pending."""
+        after = [gap for gap in self._pending if gap[0] > stamp]
+        taken = len(after) < len(self._pending)
+        self._pending = after
+        return taken
 
 
 def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarray], fps: float) -> list[int]:

@@ -516,3 +516,48 @@ def test_stamp_gaps_are_measured_between_the_stamps_noted():
     gaps.note(105.0, 1.0)  # a gap after 100.5 ...
     gaps.note(104.0, 1.0)  # ... and a message out of order, still 3.5 s after 100.5: after the gap too
     assert gaps.take(104.0) and not gaps.take(105.0)
+
+
+def test_stamp_gaps_keep_each_gap_until_a_frame_after_it_is_taken():
+    """A second gap noted while the first one's message is still to be segmented does not hide
+    the first: the frame after each gap consumes it (a helper's find: B was propagated across 2 s)."""
+    from mpvss_ros.scheduling import StampGaps
+
+    gaps = StampGaps()
+    for t in (0.0, 2.0, 4.0):  # B = 2.0 in the worker's hands when C = 4.0 arrives
+        gaps.note(t, 1.0)
+    assert not gaps.take(0.0)  # a frame from before both
+    assert gaps.take(2.0) and gaps.take(4.0) and not gaps.take(4.0)
+    for t in (10.0, 12.0, 14.0, 14.5):  # B and C replaced in the slot: D consumes both at once
+        gaps.note(t, 1.0)
+    assert gaps.take(14.5) and not gaps.take(14.5)
+    gaps.note(20.0, 1.0)
+    assert gaps.take(20.0)  # 5.5 s after 14.5
+    for t in (22.0, 24.0, 20.5):  # time went back across both gaps: neither is ahead any more
+        gaps.note(t, 1.0)
+    assert not gaps.take(22.0) and not gaps.take(24.0)
+    for i in range(3 * StampGaps.MAX_PENDING):  # a 0.5 Hz camera while nothing is segmented: bounded
+        gaps.note(100.0 + 2 * i, 1.0)
+    assert len(gaps._pending) == StampGaps.MAX_PENDING and gaps.take(100.0 + 2 * i) and not gaps._pending
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.1, 0.5, 2.0, 3.0]), st.integers(0, 2)), min_size=1, max_size=25))
+def test_stamp_gaps_a_frame_consumes_a_gap_iff_one_came_since_the_last_frame_segmented(events):
+    """Increasing stamps, a worker that takes the newest message at times and segments it later:
+    the frame segmented consumes a gap iff some message after the previous frame segmented, up
+    to itself, came more than max_gap_s after the message before it."""
+    from mpvss_ros.scheduling import StampGaps
+
+    gaps, stamps, after_gap = StampGaps(), [], []
+    t, last_segmented, in_flight = 0.0, -1, None
+    for dt, action in events:
+        t += dt
+        after_gap.append(bool(stamps) and t - stamps[-1] > 1.0)
+        stamps.append(t)
+        gaps.note(t, 1.0)
+        if action == 1 and in_flight is None:  # the worker takes the newest message
+            in_flight = len(stamps) - 1
+        elif action == 2 and in_flight is not None:  # ... and segments it now
+            assert gaps.take(stamps[in_flight]) == any(after_gap[last_segmented + 1 : in_flight + 1])
+            last_segmented, in_flight = in_flight, None

@@ -96,8 +96,9 @@ class LatestSlot:
     is closed) and empties the slot.
 
     Args:
-        on_put: called (outside the lock) with the item after every put, e.g.
-            ``core.note_received``.
+        on_put: called (outside the lock) with the item on every put, before the item is stored,
+            so a ``take`` never returns an item it has not seen (``core.note_received`` notes its
+            stamp's time gap before the worker can segment it).
         on_replaced: called (outside the lock) when a put replaced an untaken item, e.g.
             ``core.note_replaced``.
         clock: seconds, for the time each item was put (:meth:`take_timed`).
@@ -121,6 +122,8 @@ class LatestSlot:
     def put(self, item: Any) -> bool:
         """Store ``item`` (never blocks). Returns True when it replaced an untaken item."""
         t = self._clock()
+        if self._on_put is not None:
+            self._on_put(item)
         with self._cond:
             replaced = self._full
             self._item, self._put_time = item, t
@@ -129,8 +132,6 @@ class LatestSlot:
             if replaced:
                 self.replaced += 1
             self._cond.notify()
-        if self._on_put is not None:
-            self._on_put(item)
         if replaced and self._on_replaced is not None:
             self._on_replaced()
         return replaced

@@ -148,6 +148,16 @@ def test_slot_newest_wins_and_counts_replaced():
     assert (puts, len(replaced)) == (["a", "b", "c", "d"], 2)
 
 
+def test_slot_calls_on_put_before_the_item_can_be_taken():
+    """The node's on_put notes the stamp's time gap; a worker that took the item before that would
+    segment it unaware of its gap and charge the gap to the next message (a helper's race)."""
+    slot = LatestSlot(on_put=lambda item: seen.append(slot.take(timeout=0)))
+    seen: list = []
+    slot.put("a")
+    assert seen == [None]  # not takeable yet while on_put runs ...
+    assert slot.take(timeout=0) == "a"  # ... and takeable once put returned
+
+
 def test_slot_take_blocks_until_put_and_close_wakes():
     slot = LatestSlot()
     got = []
@@ -523,6 +533,25 @@ def test_a_gap_is_consumed_by_the_frame_after_it_not_by_one_taken_before_it(make
     b, b_received = slot.take_timed(timeout=0)
     out_b = core.process(b, received_at=b_received)
     assert (out_b.info.is_key_frame, out_b.info.key_frame_reason) == (True, "time_gap")
+
+
+def test_a_second_gap_while_the_first_ones_frame_is_decoded_keys_both(make_core, types):
+    """A is segmented; B, 2 s after A, is taken by the worker; C, 2 s after B, arrives while B is
+    still being decoded. Both B and C follow a gap: both are time_gap key frames (C's gap had
+    replaced B's, and B was propagated from A across 2 s)."""
+    core, clock, _ = make_core(schedule="fixed:100", max_gap_s=1.0)
+    slot = core.make_slot()
+    assert feed(core, clock, slot, image_msg(types, frame(), 0.0)).info.key_frame_reason == "first"
+    clock.advance(0.1)
+    slot.put(image_msg(types, frame(), 2.0))
+    b, b_received = slot.take_timed(timeout=0)  # the worker has B ...
+    clock.advance(0.01)
+    slot.put(image_msg(types, frame(), 4.0))  # ... when C arrives
+    out_b = core.process(b, received_at=b_received)
+    assert (out_b.info.is_key_frame, out_b.info.key_frame_reason) == (True, "time_gap")
+    c, c_received = slot.take_timed(timeout=0)
+    out_c = core.process(c, received_at=c_received)
+    assert (out_c.info.is_key_frame, out_c.info.key_frame_reason) == (True, "time_gap")
 
 
 def test_a_frame_whose_publishing_fails_is_one_failure(make_core, types):
