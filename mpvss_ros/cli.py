@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "($MPVSS_SHARED_DATA/camvid/val, else ../shared/data/camvid/val beside the checkout; 15 fps).")
     ev.add_argument("images", nargs="?", default=None,
                     help="folder of frames, or with --self-reference also a video or sample:bikes (default: CamVid val)")
-    ev.add_argument("--labels", default=None, help="folder of label PNGs named like the frames (default: CamVid valannot)")
+    ev.add_argument("--labels", default=None, help="folder of label PNGs named like the frames (needed with IMAGES unless --self-reference; "
+                         "without IMAGES: CamVid val's valannot)")
     ev.add_argument("--reduce-zero-label", action="store_true",
                     help="labels number the classes from 1 with 0 for 'others' (VSPW's PNGs, for mpvss_r50): 0 is "
                          "ignored and 1..K become 0..K-1 (mmsegmentation's reduce_zero_label)")

@@ -532,8 +532,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         too_large = list(source.too_large)
     wall = time.perf_counter() - t_start
     if not run_stats:
-        if non_finite or engine_failed:
-            raise ValueError(f"no frame of {input_path} could be segmented ({len(non_finite)} gave NaN or infinite "
+        if non_finite or engine_failed:  # the model or the backend, not the input: exit status 1, as mpvss bag
+            raise RuntimeError(f"no frame of {input_path} could be segmented ({len(non_finite)} gave NaN or infinite "
                              f"logits: broken weights or model configuration?; the backend failed on "
                              f"{len(engine_failed)})")
         if too_large:

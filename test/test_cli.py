@@ -278,7 +278,7 @@ def test_frames_with_non_finite_logits_are_skipped_and_listed(tmp_path, capsys, 
     monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp, **kwargs: (_ for _ in ()).throw(
         NonFiniteOutputError("NaN")))
     capsys.readouterr()
-    assert _segment(tmp_path / "frames", tmp_path / "out2") == 2
+    assert _segment(tmp_path / "frames", tmp_path / "out2") == 1  # the model's fault, not the input's
     err = capsys.readouterr().err
     assert "no frame of" in err and "(3 gave NaN or infinite logits" in err
 
@@ -317,6 +317,10 @@ def test_frames_the_backend_fails_on_are_skipped_and_a_failing_backend_stops(tmp
             in capsys.readouterr().err)  # every non-key frame fails, every other frame is a key frame
     from mpvss_ros.segmenter import VideoSegmenter
 
+    monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp, **kw: (_ for _ in ()).throw(RuntimeError("broken")))
+    capsys.readouterr()  # fewer failures than stop a run, but every frame: exit status 1 as mpvss bag, not 2 (input)
+    assert _segment(tmp_path / "frames", tmp_path / "out3", "--propagator", "copy", "--schedule", "fixed:10") == 1
+    assert "no frame of" in capsys.readouterr().err
     monkeypatch.setattr(offline, "MAX_ENGINE_FAILURES_IN_A_ROW", 2)  # key frames fail too: nothing comes out
     monkeypatch.setattr(VideoSegmenter, "push", lambda self, image, stamp, **kw: (_ for _ in ()).throw(RuntimeError("broken")))
     capsys.readouterr()
