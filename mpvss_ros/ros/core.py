@@ -590,8 +590,10 @@ class SegmentationCore:
             reset, self._reset_requested = self._reset_requested, False
             engine, self._pending_engine = self._pending_engine, {}
             cfg, palette = self.config, self.palette  # one configuration per frame (reconfigure may run meanwhile)
-        if engine:
-            self.segmenter.replace(**engine)  # attribute swaps and a reset
+            if engine:
+                # under the lock: reconfigure compares a change with the running scheduler and
+                # propagator, so a change undoing this one must see it installed, not pending
+                self.segmenter.replace(**engine)  # attribute swaps and a reset
         try:
             if reset:
                 self.segmenter.reset()
@@ -854,19 +856,36 @@ class Worker:
 
     def stop(self, timeout: float | None = 10.0) -> bool:
         """Ask the thread to finish (after the frame in hand, whose outputs are then not
-        published) and wait up to ``timeout`` seconds (None: no limit). True when it ended; a
-        message still in the slot then is counted as dropped (``dropped_disabled``)."""
+        published) and wait up to ``timeout`` seconds (None: no limit). True when it ended. A
+        message still in the slot when it ends is counted as dropped (``dropped_disabled``), also
+        when it ends after this wait ran out."""
         self._stop.set()
-        self.slot.close()
+        slot = self.slot  # None once the thread has ended
+        if slot is not None:
+            slot.close()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         if self._thread.is_alive():
             return False
-        while self.slot.take(0) is not None:  # closed: returns what is left without waiting
-            self.core.note_dropped_disabled()
+        if self.slot is not None:  # never started: its thread did not drain the slot
+            self._drop_waiting()
         return True
 
+    def _drop_waiting(self) -> None:
+        """Count what is left in the slot as dropped (``dropped_disabled``) and empty it."""
+        while self.slot.take(0) is not None:  # returns at once, closed or not
+            self.core.note_dropped_disabled()
+
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._drop_waiting()
+            # Let go of the core, and through it the model: a node cleaned up while this thread
+            # was still in a frame keeps the worker (to refuse a second one beside it), not the model.
+            self.core = self.slot = None  # type: ignore[assignment]
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             taken = self.slot.take_timed(self.poll_s)
             if taken is None:

@@ -39,6 +39,8 @@ Run: ``ros2 launch mpvss_ros segment.launch.py image:=/camera/image_raw [lifecyc
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import rclpy
@@ -291,7 +293,11 @@ class _SegmenterShell:
         # The stopped worker and the slot (whose hooks are the core's bound methods) hold the core,
         # and through it the model: drop them too, or cleanup would keep the model (GPU memory
         # included) until the next activate, and the next configure would load a second copy.
-        self._worker = None
+        # A worker still in its frame (its wait ran out) is kept, so that an activate after the
+        # next configure refuses to start a second one beside it; it lets go of the core itself
+        # when that frame ends.
+        if self._worker is not None and not self._worker.alive:
+            self._worker = None
         self._slot = None
         self.core = None
 
@@ -537,6 +543,11 @@ def _spin(node_class: type, args: list[str] | None) -> int:
     in a later run of the same script), or the wait set's
     ``RCLError`` (the context no longer valid) ended the process with status 1. Errors once
     rclpy is shut down are that shutdown.
+
+    A worker still in a frame after the node's wait for it (:data:`_WORKER_STOP_S`; a TensorRT
+    engine build takes minutes) ends the process here with ``os._exit(status)``: the interpreter
+    exiting under a daemon thread that is inside torch aborted the process (SIGABRT, exit status
+    134, "terminate called without an active exception") instead of ending it with ``status``.
     """
     rclpy.init(args=args)
     node = executor = None
@@ -562,6 +573,14 @@ def _spin(node_class: type, args: list[str] | None) -> int:
             node.destroy_node()
         if rclpy.ok():
             rclpy.try_shutdown()
+    worker = getattr(node, "_worker", None)
+    if worker is not None and worker.alive:
+        rclpy.logging.get_logger(NODE_NAME).warning(
+            "ending the process under the worker thread, which is still segmenting a frame")
+        logging.shutdown()  # flush what the handlers hold, as the interpreter's exit would
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     return status
 
 

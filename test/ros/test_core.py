@@ -554,6 +554,34 @@ def test_a_second_gap_while_the_first_ones_frame_is_decoded_keys_both(make_core,
     assert (out_c.info.is_key_frame, out_c.info.key_frame_reason) == (True, "time_gap")
 
 
+def test_a_change_undoing_one_the_worker_is_installing_is_not_lost(make_core, types):
+    """schedule A -> B, the worker takes B to install it, and the user sets A back meanwhile: the
+    revert was compared with the scheduler still running (A), found no change and dropped, so
+    the engine ran B for good while the parameters (and /diagnostics) said A. The install now
+    happens under the core's lock, so the revert waits for it and is then installed itself."""
+    import threading
+
+    core, _, _ = make_core(schedule="fixed:100")
+    core.process(image_msg(types, frame(), 1.0))
+    real_replace, reverts = core.segmenter.replace, []
+
+    def replace(**engine):  # the worker installs B; the revert comes from the executor thread now
+        revert = threading.Thread(target=lambda: core.reconfigure({"schedule": "fixed:100"}))
+        revert.start()
+        revert.join(0.3)  # done at once where it does not wait for the install
+        real_replace(**engine)
+        reverts.append(revert)
+
+    core.reconfigure({"schedule": "fixed:3"})
+    core.segmenter.replace = replace
+    core.process(image_msg(types, frame(), 1.1))
+    reverts[0].join(5.0)
+    core.segmenter.replace = real_replace
+    core.process(image_msg(types, frame(), 1.2))  # the next frame installs what is pending
+    assert core.config.schedule == "fixed:100"
+    assert core.segmenter.scheduler.describe()["schedule"] == "fixed:100"
+
+
 def test_a_frame_whose_publishing_fails_is_one_failure(make_core, types):
     """Every publish fails: 5 frames, 5 failures, no output, so ERROR; a processed frame was also
     counted as an output ('5 of 10 frames failed', WARN, an output rate of 10 Hz)."""

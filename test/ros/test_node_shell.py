@@ -410,6 +410,55 @@ def test_lifecycle_never_runs_two_workers(node_module, monkeypatch):
         node.destroy_node()
 
 
+def test_cleanup_while_the_worker_is_in_a_frame_keeps_it_and_releases_the_model_after(node_module, monkeypatch):
+    """deactivate (its wait runs out) -> cleanup -> configure -> activate while the old worker is
+    still in its frame: cleanup dropped the worker, so activate started a second one beside it
+    (two threads in the engine). Now activate is refused until that frame ends; the old model is
+    let go once it has, and a message left waiting in the slot is counted as dropped."""
+    import gc
+    import threading
+    import weakref
+
+    start, _ = node_module
+    start()
+    import mpvss_ros.ros.node as node_py
+
+    monkeypatch.setattr(node_py, "_WORKER_STOP_S", 0.2)
+    monkeypatch.setattr(fr.Node, "overrides", {**fr.Node.overrides, "max_frame_age_s": 0})
+    node = node_py.MPVSSLifecycleNode()
+    R = fr.TransitionCallbackReturn
+    entered, release = threading.Event(), threading.Event()
+    try:
+        assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
+        old_core = node.core
+
+        def slow_push(*args, _real_push=old_core.segmenter.push, **kwargs):
+            entered.set()
+            release.wait(10.0)
+            return _real_push(*args, **kwargs)
+
+        old_core.segmenter.push = slow_push  # not monkeypatch, which would hold the segmenter
+        old, old_model = node._worker, weakref.ref(old_core.loaded.model)
+        node.subscriptions["/image"].callback(image(100_000_000))
+        assert entered.wait(5.0)
+        node.subscriptions["/image"].callback(image(200_000_000))  # waits in the slot
+        assert node.trigger_deactivate() == R.SUCCESS and old.alive
+        counters = old_core.counters
+        assert node.trigger_cleanup() == R.SUCCESS and node._worker is old
+        assert node.trigger_configure() == R.SUCCESS
+        assert node.trigger_activate() == R.FAILURE and node._worker is old and old.alive
+        release.set()
+        assert old.stop(timeout=10.0)
+        assert counters["received"] == 2 and (counters["processed"], counters["dropped_disabled"]) == (1, 1)
+        del old_core, slow_push
+        gc.collect()
+        assert old_model() is None, "the old model is released once its worker's frame is done"
+        assert node.trigger_activate() == R.SUCCESS and node._worker is not old
+    finally:
+        release.set()
+        node.destroy_node()
+
+
 @pytest.mark.parametrize("overrides, words", [
     ({"threads": 1.5}, "parameter 'threads'"),                   # rclpy refuses the type
     ({"max_gap_s": "two"}, "parameter 'max_gap_s'"),             # validate() refuses it
@@ -460,6 +509,59 @@ def test_main_exit_status(node_module, monkeypatch):
     # the executor never waits unbounded: a shutdown that raced with building its wait set went
     # unnoticed by a node without a timer (SIGTERM ignored until killed)
     assert runtime.spin_timeouts == [node_py._SPIN_WAIT_S] and 0 < node_py._SPIN_WAIT_S <= 1.0
+
+
+_SHUTDOWN_IN_A_LONG_FRAME = """
+import sys, threading, time
+import pytest, torch
+import fake_rclpy as fr
+from test_node_shell import image
+
+torch.set_num_threads(1)
+mp = pytest.MonkeyPatch()
+runtime = fr.install(mp)
+mp.setattr(fr.Node, "overrides", {"device": "cpu", "threads": 1, "max_frame_age_s": 0})
+import mpvss_ros.ros.node as node_py
+
+mp.setattr(node_py, "_WORKER_STOP_S", 0.2)
+entered, real_init = threading.Event(), node_py.MPVSSNode.__init__
+
+def init(self, **kwargs):
+    real_init(self, **kwargs)
+    real_push = self.core.segmenter.push
+
+    def long_push(*args, **kw):  # a frame of 2 s of torch work (a TensorRT engine build: minutes)
+        entered.set()
+        x, t0 = torch.randn(128, 128), time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            x = torch.tanh(x @ x)
+        return real_push(*args, **kw)
+
+    self.core.segmenter.push = long_push
+    self.subscriptions["/image"].callback(image(100_000_000))
+    assert entered.wait(10.0)  # SIGINT comes while that frame runs
+
+mp.setattr(node_py.MPVSSNode, "__init__", init)
+sys.exit(node_py.main([]))
+"""
+
+
+def test_shutdown_during_a_frame_longer_than_the_wait_ends_the_process_with_its_status(tmp_path):
+    """Ctrl-C while the worker is in a frame longer than the node's wait for it: main returned 0,
+    then the interpreter exited under the daemon worker thread inside torch and the process
+    aborted (exit status 134, "terminate called without an active exception")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    script = tmp_path / "shutdown_in_a_long_frame.py"
+    script.write_text(_SHUTDOWN_IN_A_LONG_FRAME)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "terminate called" not in run.stderr
 
 
 @pytest.mark.parametrize("error", ["RCLError", "ExternalShutdownException"])
