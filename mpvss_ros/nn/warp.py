@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["warp_mask_logits", "compose_flows", "WARP_NORMALIZATIONS"]
+__all__ = ["warp_mask_logits", "compose_flows", "mmtrack_to_exact", "WARP_NORMALIZATIONS"]
 
 WARP_NORMALIZATIONS = ("exact", "mmtrack")
 
@@ -99,7 +99,7 @@ def warp_mask_logits(mask_logits: Tensor, flows: Tensor, normalization: str = "e
     return out.reshape(b, n, h, w)
 
 
-def _mmtrack_to_exact(flows: Tensor, mask_hw: tuple[int, int], inverse: bool = False) -> Tensor:
+def mmtrack_to_exact(flows: Tensor, mask_hw: tuple[int, int], inverse: bool = False) -> Tensor:
     """The ``exact`` flow that samples where an ``mmtrack`` flow does (or, ``inverse``, back).
 
     An ``mmtrack`` flow ``f`` on the (hf, wf) grid, warping masks of (h, w) pixels, samples mask
@@ -163,8 +163,8 @@ def compose_flows(previous: Tensor, step: Tensor, normalization: str = "exact",
     if normalization == "mmtrack":
         if mask_hw is None:
             raise ValueError("composing mmtrack flows needs mask_hw, the size of the masks they warp")
-        exact = compose_flows(_mmtrack_to_exact(previous, mask_hw), _mmtrack_to_exact(step, mask_hw))
-        return _mmtrack_to_exact(exact, mask_hw, inverse=True)
+        exact = compose_flows(mmtrack_to_exact(previous, mask_hw), mmtrack_to_exact(step, mask_hw))
+        return mmtrack_to_exact(exact, mask_hw, inverse=True)
     b, n, _, h, w = (int(v) for v in previous.shape)
     sb, sn, _, sh, sw = (int(v) for v in step.shape)
     if (sb, sh, sw) != (b, h, w) or not (sn == n or 1 in (sn, n)):

@@ -49,7 +49,7 @@ from ..io.samples import bikes_clip, camvid_annot_dir, camvid_dir, check_default
 from ..model_loader import checkpoint_model_config, select_device
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
-from ..nn.warp import compose_flows, warp_mask_logits
+from ..nn.warp import compose_flows, mmtrack_to_exact, warp_mask_logits
 from ..paths import make_output_dir
 from ..propagation import QueryFlowPropagator
 from ..runtime.torch_backend import TorchBackend, to_channels_last
@@ -252,17 +252,28 @@ def _quick_val(model: MPVSS, frames: list[tuple[np.ndarray, np.ndarray]]) -> dic
     return {"mIoU_interval5": 100 * cm.miou()}
 
 
-def _flow_l1(motion_out: Any, sel: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _flow_l1(motion_out: Any, sel: torch.Tensor, target: torch.Tensor, normalization: str = "exact",
+             mask_hw: tuple[int, int] | None = None) -> torch.Tensor:
     """The flow term of one link: mean L1 of the pixel-wise flow and of every query's flow against
     the (B, 2, h, w) ``target`` on the samples ``sel`` (B bools), in flow-grid pixels.
 
-    The model's flow grid covers the crop padded to a multiple of 32, the target's only the crop
-    (``ceil(crop / flow_stride)`` cells): the term compares the cells both cover, the crop's (a
-    crop of 40 pixels has a 5-cell target and an 8-cell model grid at stride 8)."""
-    gh = min(motion_out.flows.shape[-2], target.shape[-2])
-    gw = min(motion_out.flows.shape[-1], target.shape[-1])
-    flows = motion_out.flows[sel][..., :gh, :gw]
-    pixel_flow = motion_out.pixel_flow[sel][..., :gh, :gw]
+    The targets (DIS, the synthetic pairs' exact flow) are ``exact`` flows; under the ``mmtrack``
+    warp (``input.warp_normalization``, the official models') the model's flows are first turned
+    into the ``exact`` flows that sample the same mask pixels
+    (:func:`~mpvss_ros.nn.warp.mmtrack_to_exact`, on the (h, w) mask grid ``mask_hw`` they warp),
+    so the term pulls where the mask loss does. The model's flow grid covers the crop padded to a
+    multiple of 32, the target's only the crop (``ceil(crop / flow_stride)`` cells): the term
+    compares the cells both cover, the crop's (a crop of 40 pixels has a 5-cell target and an
+    8-cell model grid at stride 8)."""
+    flows, pixel_flow = motion_out.flows, motion_out.pixel_flow
+    if normalization == "mmtrack":
+        if mask_hw is None:
+            raise ValueError("_flow_l1 needs mask_hw for mmtrack flows")
+        flows, pixel_flow = mmtrack_to_exact(flows, mask_hw), mmtrack_to_exact(pixel_flow, mask_hw)
+    gh = min(flows.shape[-2], target.shape[-2])
+    gw = min(flows.shape[-1], target.shape[-1])
+    flows = flows[sel][..., :gh, :gw]
+    pixel_flow = pixel_flow[sel][..., :gh, :gw]
     tgt = target[sel][..., :gh, :gw]
     return (pixel_flow - tgt).abs().mean() + (flows - tgt[:, None]).abs().mean()
 
@@ -526,7 +537,8 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
             loss = losses["loss"]
             flow_loss = torch.zeros((), device=device)
             if opts.flow_weight > 0:
-                terms = [_flow_l1(*link) for link in links if bool(link[1].any())]
+                terms = [_flow_l1(*link, cfg.input.warp_normalization, tuple(out.mask_logits.shape[-2:]))
+                         for link in links if bool(link[1].any())]
                 if terms:
                     flow_loss = torch.stack(terms).mean()
                     loss = loss + opts.flow_weight * flow_loss

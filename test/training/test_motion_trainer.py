@@ -512,6 +512,54 @@ def test_flow_term_compares_the_cells_of_the_crop():
     torch.testing.assert_close(same, pixel[:1].abs().mean() + flows[:1].abs().mean())
 
 
+def test_flow_term_under_the_mmtrack_warp_compares_where_the_flows_sample():
+    """The official models warp with mmtrack flows, the targets are exact flows: the term compared
+    them raw, so flows that warp the masks exactly onto the target's (what the mask loss wants)
+    were pulled off by the ramp (up to a mask pixel at the right and bottom)."""
+    from types import SimpleNamespace
+
+    from mpvss_ros.nn.warp import mmtrack_to_exact, warp_mask_logits
+    from mpvss_ros.training.motion_trainer import _flow_l1
+
+    g = torch.Generator().manual_seed(1)
+    target, mask_hw = 2 * torch.randn(1, 2, 8, 10, generator=g), (32, 40)
+    flows = mmtrack_to_exact(target[:, None], mask_hw, inverse=True)  # (1, 1, 2, 8, 10), mmtrack
+    masks = torch.randn(1, 1, *mask_hw, generator=g)
+    torch.testing.assert_close(warp_mask_logits(masks, flows, "mmtrack"), warp_mask_logits(masks, target[:, None], "exact"),
+                               atol=0.15, rtol=0)  # the same warp (up to the border's half cell)
+    out, sel = SimpleNamespace(flows=flows, pixel_flow=flows[:, 0]), torch.tensor([True])
+    assert float(_flow_l1(out, sel, target, "mmtrack", mask_hw)) < 1e-5
+    assert float(_flow_l1(out, sel, target)) > 0.05  # compared raw, as exact flows: off by the ramp
+    with pytest.raises(ValueError, match="mask_hw"):
+        _flow_l1(out, sel, target, "mmtrack")
+
+
+def test_train_motion_gives_the_flow_term_the_models_warp_and_mask_grid(needs_data, lite_checkpoint, tmp_path,
+                                                                         monkeypatch):
+    """A model that warps with mmtrack flows (the official ones; here mpvss_lite's configuration so
+    set, its weights unchanged): the trainer hands the flow term that normalization and the mask
+    grid, so the term compares what the warp samples."""
+    import yaml
+
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.training import motion_trainer
+
+    cfg = load_model_config("mpvss_lite").to_dict()
+    cfg["input"]["warp_normalization"] = "mmtrack"
+    (tmp_path / "lite_mmtrack.yaml").write_text(yaml.safe_dump(cfg))
+    seen, real = [], motion_trainer._flow_l1
+
+    def flow_l1(motion_out, sel, target, normalization="exact", mask_hw=None):
+        seen.append((normalization, mask_hw))
+        return real(motion_out, sel, target, normalization, mask_hw)
+
+    monkeypatch.setattr(motion_trainer, "_flow_l1", flow_l1)
+    opts = dataclasses.replace(_options(tmp_path / "run", lite_checkpoint, 1), crop=(32, 32), synthetic_fraction=1.0,
+                               val_every=-1, num_points=64, model=str(tmp_path / "lite_mmtrack.yaml"))
+    assert train_motion(opts).finished
+    assert seen and set(seen) == {("mmtrack", (8, 8))}
+
+
 def test_train_motion_trains_at_the_smallest_crop(needs_data, lite_checkpoint, tmp_path):
     """16 x 16, the smallest crop validate() allows: video pairs (DIS targets, chained) and synthetic
     pairs train, with the flow term on the crop's 2 x 2 cells of a 4 x 4 model grid."""
