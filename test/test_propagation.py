@@ -7,6 +7,8 @@ and, on a synthetic pan of a real frame, against the true motion.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import cv2
 import numpy as np
 import pytest
@@ -15,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpvss_ros.nn.warp import compose_flows, warp_mask_logits
-from mpvss_ros.propagation import (FLOW_PROPAGATORS, PROPAGATORS, CopyPropagator, FlowChain, OpticalFlowPropagator,
-                                   QueryFlowPropagator, build_propagator)
+from mpvss_ros.propagation import (DIS_PRESETS, FLOW_PROPAGATORS, PROPAGATORS, CopyPropagator, FlowChain,
+                                   OpticalFlowPropagator, QueryFlowPropagator, build_propagator, grid_hw)
 from mpvss_ros.scheduling import FixedIntervalScheduler
 from mpvss_ros.segmenter import Letterbox, VideoSegmenter, canvas_tensor
 
@@ -234,3 +236,88 @@ def test_optical_flow_grid_stride_finer_than_the_flow_is_refused():
         OpticalFlowPropagator(flow_scale=0.5, grid_stride=1.5)
     OpticalFlowPropagator(flow_scale=0.5, grid_stride=2.0)
     OpticalFlowPropagator(flow_scale=1.0, grid_stride=1.0)
+
+
+# --------------------------------------------------------------- from the mutation pass of stop 47
+
+def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth grey texture (h, w) uint8 that optical flow can track."""
+    noise = np.random.default_rng(seed).integers(0, 256, (h, w)).astype(np.float32)
+    return cv2.normalize(cv2.GaussianBlur(noise, (0, 0), 2.0), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+
+
+def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """(1, 3, h, w) float32 RGB 0..255 canvas tensor of a random colour image."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+
+
+def _grey_of(image: torch.Tensor) -> np.ndarray:
+    rgb = image[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy()
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def test_query_flow_accepts_a_model_that_does_not_say_whether_its_motion_is_trained():
+    # "anything with propagate(key, image) and query_flows(key, image, reference)"
+    stub = SimpleNamespace(propagate=lambda key, image: ("warped", key, image))
+    assert QueryFlowPropagator(stub, chain_flow=False).propagate("k", "i") == ("warped", "k", "i")
+    with pytest.raises(ValueError, match="motion module"):
+        QueryFlowPropagator(SimpleNamespace(motion_trained=False))
+
+
+def test_optical_flow_uses_the_dis_preset_asked_for():
+    key, cur = _texture(96, 128, 1), np.roll(_texture(96, 128, 1), -3, axis=1)
+    got = OpticalFlowPropagator(preset="ultrafast").flow(cur, key)
+    want = cv2.DISOpticalFlow_create(DIS_PRESETS["ultrafast"]).calc(cur, key, None)
+    fast = cv2.DISOpticalFlow_create(DIS_PRESETS["fast"]).calc(cur, key, None)
+    assert not np.allclose(want, fast)  # the presets really differ on this pair
+    np.testing.assert_array_equal(got, want)
+
+
+def test_farneback_flow_points_from_the_current_frame_into_the_key_frame():
+    key = _texture(96, 128, 2)
+    cur = np.roll(key, -3, axis=1)  # current(x) = key(x + 3): the backward flow is +3 px in x
+    flow = OpticalFlowPropagator("farneback", flow_scale=1.0).flow(cur, key)
+    inner = flow[16:-16, 16:-16]
+    assert float(np.median(inner[..., 0])) == pytest.approx(3.0, abs=0.5)
+    assert float(np.median(inner[..., 1])) == pytest.approx(0.0, abs=0.5)
+
+
+def test_grey_clamps_values_outside_0_255_before_the_uint8_conversion():
+    image = _image(48, 64, 3)
+    image[..., :10, :] = 300.0
+    image[..., -10:, :] = -20.0
+    prop = OpticalFlowPropagator(flow_scale=1.0)
+    np.testing.assert_array_equal(prop._grey(image), _grey_of(image))
+
+
+def test_grey_keeps_both_sides_at_least_32_pixels():
+    prop = OpticalFlowPropagator(flow_scale=0.5)
+    assert prop._grey(_image(200, 48)).shape == (100, 32)
+    assert prop._grey(_image(48, 200)).shape == (32, 100)
+
+
+def test_grey_size_is_the_rounded_scaled_canvas():
+    assert OpticalFlowPropagator(flow_scale=0.3)._grey(_image(222, 320)).shape == (67, 96)  # 66.6 -> 67
+
+
+def test_grey_shrinks_with_area_interpolation():
+    image = _image(120, 160, 4)  # 0.3: a non-integer factor, where linear and area resizing differ
+    got = OpticalFlowPropagator(flow_scale=0.3)._grey(image)
+    np.testing.assert_array_equal(got, cv2.resize(_grey_of(image), (48, 36), interpolation=cv2.INTER_AREA))
+
+
+def test_grey_shrinking_one_side_while_the_other_grows_to_32_uses_area_interpolation():
+    image = _image(24, 400, 5)  # width 400 -> 200 (shrinks), height 24 -> 32 (the minimum side)
+    got = OpticalFlowPropagator(flow_scale=0.5)._grey(image)
+    np.testing.assert_array_equal(got, cv2.resize(_grey_of(image), (200, 32), interpolation=cv2.INTER_AREA))
+
+
+def test_grid_hw_rounds_each_side_up():
+    assert grid_hw((100, 100), 16) == (7, 7)  # 6.25 cells: a partial cell is a cell
+    assert grid_hw(torch.Size([33, 65]), 32 / 3) == (4, 7)
+
+
+def test_describe_gives_no_dis_preset_for_farneback():
+    assert OpticalFlowPropagator("farneback", preset="medium").describe()["preset"] is None
+    assert OpticalFlowPropagator("dis", preset="medium").describe()["preset"] == "medium"

@@ -21,6 +21,7 @@ from mpvss_ros.scheduling import (
     AdaptiveScheduler,
     FixedIntervalScheduler,
     SceneScorer,
+    StampGaps,
     parse_schedule,
     schedule_key_frames,
 )
@@ -561,3 +562,120 @@ def test_stamp_gaps_a_frame_consumes_a_gap_iff_one_came_since_the_last_frame_seg
         elif action == 2 and in_flight is not None:  # ... and segments it now
             assert gaps.take(stamps[in_flight]) == any(after_gap[last_segmented + 1 : in_flight + 1])
             last_segmented, in_flight = in_flight, None
+
+
+# --------------------------------------------------------------- from the mutation pass of stop 47
+
+# ---------------------------------------------------------------- SceneScorer
+
+
+def test_thumbnail_of_a_frame_narrower_than_thumb_width_is_not_upsampled():
+    thumb, _ = SceneScorer(thumb_width=64).thumbnail(_textured(0, (20, 30)))
+    assert thumb.shape == (20, 30)
+
+
+def test_thumbnail_height_is_the_rounded_aspect_ratio():
+    thumb, _ = SceneScorer(thumb_width=64).thumbnail(_textured(0, (50, 120)))
+    assert thumb.shape == (27, 64)  # 50 * 64 / 120 = 26.67
+
+
+def test_thumbnail_histogram_is_normalised():
+    _, hist = SceneScorer(bins=16).thumbnail(_textured(3, (40, 40)))
+    assert hist.shape == (16,) and hist.dtype == np.float32
+    assert float(hist.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_frame_change_stays_within_one_when_the_gain_doubles_the_previous_frame():
+    # cur mean 170, prev mean 85: gain 2 makes prev 510 where cur is 0, a raw difference of 340/255
+    cur = np.array([[255, 255, 0]], np.uint8)
+    prev = np.array([[0, 0, 255]], np.uint8)
+    assert SceneScorer.frame_change(cur, prev) == 1.0
+
+
+# ---------------------------------------------------------------- AdaptiveScheduler
+
+
+def test_adaptive_cut_fires_at_the_cut_threshold_itself():
+    frames = [_textured(0), _textured(1)]
+    score = float(SceneScorer().cut_scores(frames)[1])
+    assert 0 < score < 4
+    sched = AdaptiveScheduler(scene_threshold=2 * score, cut_threshold=score, max_interval=10)
+    decisions = [sched.decide(f, i / 25) for i, f in enumerate(frames)]
+    assert (decisions[1].is_key_frame, decisions[1].reason) == (True, "scene_cut")
+
+
+def test_adaptive_accepts_min_interval_equal_to_max_interval():
+    sched = AdaptiveScheduler(min_interval=3, max_interval=3)
+    keys = schedule_key_frames(sched, [_textured(1)] * 10, 25.0)
+    assert keys == [0, 3, 6, 9]
+    assert parse_schedule("adaptive", min_interval=4, max_interval=4).max_interval == 4
+
+
+# ---------------------------------------------------------------- schedule_key_frames
+
+
+def test_schedule_key_frames_resets_a_used_scheduler():
+    sched = FixedIntervalScheduler(5)
+    sched.decide(_textured(2), 0.0)  # its last stamp is the clip's first: no time_backwards to save it
+    assert schedule_key_frames(sched, [_textured(2)] * 6, 25.0) == [0, 5]
+
+
+# ---------------------------------------------------------------- StampGaps
+
+
+def test_stamp_gaps_exactly_max_gap_apart_is_no_gap():
+    gaps = StampGaps()
+    gaps.note(0.0, 1.0)
+    gaps.note(1.0, 1.0)
+    assert not gaps.take(1.0)
+    gaps.note(2.5, 1.0)
+    assert gaps.take(2.5)
+
+
+def test_stamp_gaps_out_of_order_message_exactly_max_gap_after_the_one_before_drops_the_gap():
+    gaps = StampGaps()
+    gaps.note(0.0, 1.0)
+    gaps.note(3.0, 1.0)  # a gap (3.0 after 0.0)
+    gaps.note(1.0, 1.0)  # out of order, within max_gap_s (inclusive) of 0.0: time went back across it
+    assert not gaps.take(5.0)
+
+
+def test_stamp_gaps_measure_from_the_last_message_even_after_time_went_back():
+    gaps = StampGaps()
+    gaps.note(0.0, 1.0)
+    gaps.note(10.0, 1.0)
+    assert gaps.take(10.0)
+    gaps.note(5.0, 1.0)  # backwards
+    gaps.note(6.5, 1.0)  # 1.5 s after the message before it
+    assert gaps.take(6.5)
+
+
+def test_stamp_gaps_overflow_drops_the_oldest_gap_not_the_newest():
+    gaps = StampGaps()
+    stamps = [10.0 * i for i in range(StampGaps.MAX_PENDING + 6)]
+    for t in stamps:
+        gaps.note(t, 1.0)
+    assert gaps.take(stamps[-2])  # consumes all but the newest gap
+    assert gaps.take(stamps[-1])  # the newest gap was kept
+    assert not gaps.take(stamps[-1])
+
+
+def test_stamp_gaps_a_message_at_a_pending_gaps_own_stamp_keeps_it():
+    # not "stamped before" the gap's first message: the gap stays, even when max_gap_s was raised meanwhile
+    gaps = StampGaps()
+    gaps.note(0.0, 1.0)
+    gaps.note(3.0, 1.0)  # a gap
+    gaps.note(3.0, 5.0)  # a duplicate stamp, max_gap_s raised (a dynamic node parameter)
+    assert gaps.take(3.0)
+
+
+def test_describe_is_json_without_non_finite_numbers_when_gaps_are_off():
+    """max_gap_s off (infinite) is None in describe(), which run summaries write as JSON: "Infinity"
+    is no JSON (a mutant the pass left alive wrote it)."""
+    import json
+
+    for scheduler in (FixedIntervalScheduler(5, max_gap_s=math.inf), AdaptiveScheduler(max_gap_s=math.inf)):
+        described = scheduler.describe()
+        assert described["max_gap_s"] is None
+        json.dumps(described, allow_nan=False)
+    assert FixedIntervalScheduler(5, max_gap_s=2.0).describe()["max_gap_s"] == 2.0

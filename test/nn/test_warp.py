@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mpvss_ros.nn.warp import warp_mask_logits
+from mpvss_ros.nn.warp import compose_flows, warp_mask_logits
 
 
 def _smooth_pattern(h: int, w: int, n: int = 1) -> torch.Tensor:
@@ -211,3 +211,39 @@ def test_composed_mmtrack_flows_sample_where_the_links_do(hf, wf):
     # (of masks up to 3.7; 0.047 on the coarser grid); mmtrack now 0.014 (0.022) too, composed as
     # exact flows 0.18
     assert error["mmtrack"] < 2 * error["exact"] and error["exact"] < 0.05, error
+
+
+# --------------------------------------------------------------- from the mutation pass of stop 47
+
+@pytest.mark.parametrize("hf, wf", [(30, 54), (15, 54)])
+def test_composed_mmtrack_identity_links_leave_rows_in_place(hf, wf):
+    """As the columns check of test_warp.py, for the y component: identity links composed as mmtrack
+    flows still sample every row at itself."""
+    h, w = 60, 108
+    rows = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(1, 1, h, w).contiguous()
+    link = _mmtrack_identity_flow(h, w, hf, wf)
+    chain = link
+    for _ in range(3):
+        chain = compose_flows(chain, link, "mmtrack", (h, w))
+    shift = (warp_mask_logits(rows, chain, "mmtrack") - rows)[0, 0, 2:-2, 2:-2].abs().max()
+    assert shift < 1e-3
+
+
+def test_a_per_query_step_moves_a_shared_previous_flow():
+    """compose_flows returns (B, max(N, N_step), ...): a shared previous flow (N = 1) composed with
+    per-query steps gives one flow per query, each as if the previous flow were repeated."""
+    g = torch.Generator().manual_seed(1)
+    previous = torch.randn(1, 1, 2, 12, 16, generator=g)
+    step = torch.randn(1, 3, 2, 12, 16, generator=g)
+    got = compose_flows(previous, step)
+    assert got.shape == (1, 3, 2, 12, 16)
+    torch.testing.assert_close(got, compose_flows(previous.expand(1, 3, 2, 12, 16).contiguous(), step))
+    for q in range(3):
+        torch.testing.assert_close(got[:, q:q + 1], compose_flows(previous, step[:, q:q + 1]))
+
+
+def test_a_flow_batch_other_than_the_masks_batch_is_a_value_error():
+    with pytest.raises(ValueError, match="do not match"):
+        warp_mask_logits(torch.zeros(1, 3, 8, 8), torch.zeros(2, 3, 2, 8, 8))
+    with pytest.raises(ValueError, match="do not match"):
+        warp_mask_logits(torch.zeros(2, 3, 8, 8), torch.zeros(1, 1, 2, 4, 4))
