@@ -534,8 +534,8 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     if not run_stats:
         if non_finite or engine_failed:  # the model or the backend, not the input: exit status 1, as mpvss bag
             raise RuntimeError(f"no frame of {input_path} could be segmented ({len(non_finite)} gave NaN or infinite "
-                             f"logits: broken weights or model configuration?; the backend failed on "
-                             f"{len(engine_failed)})")
+                               f"logits: broken weights or model configuration?; the backend failed on "
+                               f"{len(engine_failed)})")
         if too_large:
             raise ValueError(f"no frame of {input_path} was segmented: {len(too_large)} had more than the "
                              f"{options.max_image_pixels} pixels of --max-image-pixels (0 = no limit), "
