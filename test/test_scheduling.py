@@ -498,8 +498,6 @@ def test_decision_invariants(steps, policy, resets):
 
 
 def test_stamp_gaps_are_measured_between_the_stamps_noted():
-    from mpvss_ros.scheduling import StampGaps
-
     gaps = StampGaps()
     for t in (0.0, 0.6, 1.2, 1.8):
         gaps.note(t, 1.0)
@@ -522,8 +520,6 @@ def test_stamp_gaps_are_measured_between_the_stamps_noted():
 def test_stamp_gaps_keep_each_gap_until_a_frame_after_it_is_taken():
     """A second gap noted while the first one's message is still to be segmented does not hide
     the first: the frame after each gap consumes it (a helper's find: B was propagated across 2 s)."""
-    from mpvss_ros.scheduling import StampGaps
-
     gaps = StampGaps()
     for t in (0.0, 2.0, 4.0):  # B = 2.0 in the worker's hands when C = 4.0 arrives
         gaps.note(t, 1.0)
@@ -548,8 +544,6 @@ def test_stamp_gaps_a_frame_consumes_a_gap_iff_one_came_since_the_last_frame_seg
     """Increasing stamps, a worker that takes the newest message at times and segments it later:
     the frame segmented consumes a gap iff some message after the previous frame segmented, up
     to itself, came more than max_gap_s after the message before it."""
-    from mpvss_ros.scheduling import StampGaps
-
     gaps, stamps, after_gap = StampGaps(), [], []
     t, last_segmented, in_flight = 0.0, -1, None
     for dt, action in events:

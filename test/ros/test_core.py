@@ -516,42 +516,30 @@ def test_max_gap_s_counts_gaps_between_received_messages(make_core, types):
     assert stale.counters["dropped_stale"] == 1 and stale.key_frame_reasons["time_gap"] == 1
 
 
-def test_a_gap_is_consumed_by_the_frame_after_it_not_by_one_taken_before_it(make_core, types):
-    """The worker takes message A; message B, more than max_gap_s after A, arrives while A is still
-    being decoded. A is from before the gap and is propagated as usual; B is the time_gap key frame
-    (A had consumed the gap, and B was propagated across it from A's labels)."""
+@pytest.mark.parametrize("first, in_flight, arriving, expected", [
+    # B, 2.2 s after A, arrives while A is decoded: A is from before the gap and is propagated as
+    # usual, B is the time_gap key frame (A had consumed the gap, and B was propagated across it)
+    (0.1, 0.3, 2.5, [(False, ""), (True, "time_gap")]),
+    # B, 2 s after the first frame, is decoded when C, 2 s after B, arrives: both follow a gap and
+    # both are time_gap key frames (C's gap had replaced B's, and B was propagated across 2 s)
+    (0.0, 2.0, 4.0, [(True, "time_gap"), (True, "time_gap")]),
+])
+def test_a_gap_belongs_to_the_frame_after_it_whatever_arrives_while_one_is_decoded(make_core, types, first,
+                                                                                    in_flight, arriving, expected):
+    """The worker takes a message and a second one arrives while it is still being decoded: each is
+    keyed for a gap before it, never for a gap after it."""
     core, clock, _ = make_core(schedule="fixed:100", max_gap_s=1.0)
     slot = core.make_slot()
-    assert feed(core, clock, slot, image_msg(types, frame(), 0.1)).info.key_frame_reason == "first"
+    assert feed(core, clock, slot, image_msg(types, frame(), first)).info.key_frame_reason == "first"
     clock.advance(0.1)
-    slot.put(image_msg(types, frame(), 0.3))
-    a, a_received = slot.take_timed(timeout=0)  # the worker has A ...
+    slot.put(image_msg(types, frame(), in_flight))
+    msg, received_at = slot.take_timed(timeout=0)  # the worker has it ...
     clock.advance(0.01)
-    slot.put(image_msg(types, frame(), 2.5))  # ... when B arrives, 2.2 s after A
-    out_a = core.process(a, received_at=a_received)
-    assert (out_a.info.is_key_frame, out_a.info.key_frame_reason) == (False, "")
-    b, b_received = slot.take_timed(timeout=0)
-    out_b = core.process(b, received_at=b_received)
-    assert (out_b.info.is_key_frame, out_b.info.key_frame_reason) == (True, "time_gap")
-
-
-def test_a_second_gap_while_the_first_ones_frame_is_decoded_keys_both(make_core, types):
-    """A is segmented; B, 2 s after A, is taken by the worker; C, 2 s after B, arrives while B is
-    still being decoded. Both B and C follow a gap: both are time_gap key frames (C's gap had
-    replaced B's, and B was propagated from A across 2 s)."""
-    core, clock, _ = make_core(schedule="fixed:100", max_gap_s=1.0)
-    slot = core.make_slot()
-    assert feed(core, clock, slot, image_msg(types, frame(), 0.0)).info.key_frame_reason == "first"
-    clock.advance(0.1)
-    slot.put(image_msg(types, frame(), 2.0))
-    b, b_received = slot.take_timed(timeout=0)  # the worker has B ...
-    clock.advance(0.01)
-    slot.put(image_msg(types, frame(), 4.0))  # ... when C arrives
-    out_b = core.process(b, received_at=b_received)
-    assert (out_b.info.is_key_frame, out_b.info.key_frame_reason) == (True, "time_gap")
-    c, c_received = slot.take_timed(timeout=0)
-    out_c = core.process(c, received_at=c_received)
-    assert (out_c.info.is_key_frame, out_c.info.key_frame_reason) == (True, "time_gap")
+    slot.put(image_msg(types, frame(), arriving))  # ... when the next one arrives
+    outs = [core.process(msg, received_at=received_at)]
+    msg, received_at = slot.take_timed(timeout=0)
+    outs.append(core.process(msg, received_at=received_at))
+    assert [(out.info.is_key_frame, out.info.key_frame_reason) for out in outs] == expected
 
 
 def test_a_change_undoing_one_the_worker_is_installing_is_not_lost(make_core, types):

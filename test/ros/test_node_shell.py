@@ -5,6 +5,7 @@ real node; this test covers the same wiring everywhere else (CI included)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -355,39 +356,52 @@ def test_lifecycle_activate_refuses_a_bad_input_override_in_one_line(node_module
         node.destroy_node()
 
 
-def test_lifecycle_never_runs_two_workers(node_module, monkeypatch):
-    """A deactivate whose wait for the worker runs out (a frame longer than the wait: a TensorRT
-    engine build) leaves that worker in its frame; an activate then must not start a second one
-    beside it, which would run the engine on two threads at once. It is refused until the frame
-    is done, then succeeds."""
-    import threading
-
+def _lifecycle_node_with_a_short_stop_wait(node_module, monkeypatch):
+    """A managed node (not configured) whose deactivate waits 0.2 s for the worker's frame."""
     start, _ = node_module
     start()
     import mpvss_ros.ros.node as node_py
 
     monkeypatch.setattr(node_py, "_WORKER_STOP_S", 0.2)
     monkeypatch.setattr(fr.Node, "overrides", {**fr.Node.overrides, "max_frame_age_s": 0})
-    node = node_py.MPVSSLifecycleNode()
+    return node_py.MPVSSLifecycleNode()
+
+
+def _hold_push(segmenter, release):
+    """Make ``segmenter.push`` wait for ``release`` (a frame longer than the node's wait for it: a
+    TensorRT engine build). Returns ``(entered, peak)``: set once a frame is in push, and the most
+    threads seen in push at once (``peak[0]``). Assigned, not monkeypatched: monkeypatch would
+    hold the segmenter, and with it the model, until the test ends."""
+    real_push, inside, peak, lock = segmenter.push, [0], [0], threading.Lock()
+    entered = threading.Event()
+
+    def held_push(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        entered.set()
+        try:
+            release.wait(10.0)
+            return real_push(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    segmenter.push = held_push
+    return entered, peak
+
+
+def test_lifecycle_never_runs_two_workers(node_module, monkeypatch):
+    """A deactivate whose wait for the worker runs out (a frame longer than the wait: a TensorRT
+    engine build) leaves that worker in its frame; an activate then must not start a second one
+    beside it, which would run the engine on two threads at once. It is refused until the frame
+    is done, then succeeds."""
+    node = _lifecycle_node_with_a_short_stop_wait(node_module, monkeypatch)
     R = fr.TransitionCallbackReturn
+    release = threading.Event()
     try:
         assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
-        real_push, inside, peak, lock = node.core.segmenter.push, [0], [0], threading.Lock()
-        entered, release = threading.Event(), threading.Event()
-
-        def slow_push(*args, **kwargs):
-            with lock:
-                inside[0] += 1
-                peak[0] = max(peak[0], inside[0])
-            entered.set()
-            try:
-                release.wait(10.0)
-                return real_push(*args, **kwargs)
-            finally:
-                with lock:
-                    inside[0] -= 1
-
-        monkeypatch.setattr(node.core.segmenter, "push", slow_push)
+        entered, peak = _hold_push(node.core.segmenter, release)
         old = node._worker
         node.subscriptions["/image"].callback(image(100_000_000))
         assert entered.wait(5.0)
@@ -416,28 +430,15 @@ def test_cleanup_while_the_worker_is_in_a_frame_keeps_it_and_releases_the_model_
     (two threads in the engine). Now activate is refused until that frame ends; the old model is
     let go once it has, and a message left waiting in the slot is counted as dropped."""
     import gc
-    import threading
     import weakref
 
-    start, _ = node_module
-    start()
-    import mpvss_ros.ros.node as node_py
-
-    monkeypatch.setattr(node_py, "_WORKER_STOP_S", 0.2)
-    monkeypatch.setattr(fr.Node, "overrides", {**fr.Node.overrides, "max_frame_age_s": 0})
-    node = node_py.MPVSSLifecycleNode()
+    node = _lifecycle_node_with_a_short_stop_wait(node_module, monkeypatch)
     R = fr.TransitionCallbackReturn
-    entered, release = threading.Event(), threading.Event()
+    release = threading.Event()
     try:
         assert node.trigger_configure() == R.SUCCESS and node.trigger_activate() == R.SUCCESS
         old_core = node.core
-
-        def slow_push(*args, _real_push=old_core.segmenter.push, **kwargs):
-            entered.set()
-            release.wait(10.0)
-            return _real_push(*args, **kwargs)
-
-        old_core.segmenter.push = slow_push  # not monkeypatch, which would hold the segmenter
+        entered, _ = _hold_push(old_core.segmenter, release)
         old, old_model = node._worker, weakref.ref(old_core.loaded.model)
         node.subscriptions["/image"].callback(image(100_000_000))
         assert entered.wait(5.0)
@@ -450,7 +451,7 @@ def test_cleanup_while_the_worker_is_in_a_frame_keeps_it_and_releases_the_model_
         release.set()
         assert old.stop(timeout=10.0)
         assert counters["received"] == 2 and (counters["processed"], counters["dropped_disabled"]) == (1, 1)
-        del old_core, slow_push
+        del old_core
         gc.collect()
         assert old_model() is None, "the old model is released once its worker's frame is done"
         assert node.trigger_activate() == R.SUCCESS and node._worker is not old
