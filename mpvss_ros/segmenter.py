@@ -465,10 +465,15 @@ class VideoSegmenter:
 
     def reset(self, reason: str = "reset") -> None:
         """Drop the key frame: the next frame is a key frame with scheduler reason ``reason``
-        (e.g. ``frame_id_change``)."""
-        self.scheduler.reset(reason)
+        (e.g. ``frame_id_change``).
+
+        Raises:
+            Exception: whatever the scheduler's ``reset`` raises; the key frame is dropped first,
+                so the next frame is a key frame all the same.
+        """
         self._key = None
         self._key_letterbox = None
+        self.scheduler.reset(reason)
 
     def replace(self, propagator: Propagator | None = None, scheduler: KeyFrameScheduler | None = None) -> None:
         """Swap the propagator and/or the scheduler (parameters changed while a stream runs).
@@ -544,7 +549,8 @@ class VideoSegmenter:
             letterbox = self.letterbox(image.shape[:2])
             # A non-key frame needs a key frame on the same canvas; the scheduler forces a key
             # frame on resolution changes, this guards the invariant for custom schedulers.
-            is_key = decision.is_key_frame or self._key is None or letterbox != self._key_letterbox
+            held = self._key is not None  # (False after a reset whose scheduler raised)
+            is_key = decision.is_key_frame or not held or letterbox != self._key_letterbox
             latency["schedule"] = (time.perf_counter() - t) * 1e3
 
             t = time.perf_counter()
@@ -615,7 +621,7 @@ class VideoSegmenter:
             key_frame_index=self._key_index,
             key_frame_stamp=self._key_stamp,
             scene_score=decision.scene_score,
-            key_frame_reason=self._key_frame_reason(decision, index) if is_key else "",
+            key_frame_reason=self._key_frame_reason(decision, index, held) if is_key else "",
             stage_latency_ms=latency,
         )
         return result
@@ -631,14 +637,15 @@ class VideoSegmenter:
         ``input.interpolation``); ``image`` (H, W, 3) uint8 RGB, ``lb`` its :meth:`letterbox`."""
         return canvas_tensor(image, lb, self.device, self._input.interpolation)
 
-    def _key_frame_reason(self, decision: ScheduleDecision, index: int) -> str:
-        """Why frame ``index`` is a key frame: the scheduler's reason; ``canvas_change`` when only
-        the segmenter's own check made it one; ``first`` for the first frame pushed, whatever
-        reset came before it; ``reset`` for a replaced scheduler's ``first``."""
+    def _key_frame_reason(self, decision: ScheduleDecision, index: int, held: bool) -> str:
+        """Why frame ``index`` is a key frame: the scheduler's reason; when the scheduler gave
+        none, ``canvas_change`` if a key frame was ``held`` (the segmenter's canvas check made
+        it one), else ``reset``; ``first`` for the first frame pushed, whatever reset came before
+        it; ``reset`` for a replaced scheduler's ``first``."""
         if index == 0:
             return "first"
         if not decision.reason:
-            return "canvas_change"
+            return "canvas_change" if held else "reset"
         return "reset" if decision.reason == "first" else decision.reason
 
     def postprocess(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,

@@ -245,6 +245,35 @@ def test_reset_forces_key_frame(band_model):
     assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index, r.frame_index) == (True, "reset", 3, 3)
 
 
+class _ResetRaises(FixedIntervalScheduler):
+    """A custom scheduler whose ``reset`` raises (once ``armed``)."""
+
+    armed = False
+
+    def reset(self, reason: str = "reset") -> None:
+        if self.armed:
+            raise RuntimeError("scheduler reset failed")
+        super().reset(reason)
+
+
+def test_a_reset_whose_scheduler_raises_still_drops_the_key_frame(band_model):
+    """reset() raises what the scheduler's reset raises, but the next frame is a key frame (reason
+    ``reset``) all the same, not propagated from the key frame before (the scheduler, not reset,
+    would call it a non-key frame)."""
+    scheduler = _ResetRaises(10)
+    seg = VideoSegmenter(band_model, CopyPropagator(), scheduler)
+    img = _image((60, 80))
+    assert [seg.push(img, 0.1 * i).is_key_frame for i in range(2)] == [True, False]
+    scheduler.armed = True
+    with pytest.raises(RuntimeError, match="scheduler reset failed"):
+        seg.reset()
+    with pytest.raises(RuntimeError, match="scheduler reset failed"):
+        seg.replace(propagator=CopyPropagator())
+    r = seg.push(img, 0.2)
+    assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index) == (True, "reset", 2)
+    assert not seg.push(img, 0.3).is_key_frame
+
+
 def test_a_new_source_is_a_key_frame(band_model):
     """push(source=...): a frame from another camera (ROS header.frame_id) is a key frame; a frame
     refused by the frame checks does not count as the new source."""

@@ -590,13 +590,23 @@ class SegmentationCore:
             reset, self._reset_requested = self._reset_requested, False
             engine, self._pending_engine = self._pending_engine, {}
             cfg, palette = self.config, self.palette  # one configuration per frame (reconfigure may run meanwhile)
+            failure = None
             if engine:
                 # under the lock: reconfigure compares a change with the running scheduler and
                 # propagator, so a change undoing this one must see it installed, not pending
-                self.segmenter.replace(**engine)  # attribute swaps and a reset
-        try:
-            if reset:
+                try:
+                    self.segmenter.replace(**engine)  # attribute swaps and a reset
+                except Exception as exc:  # noqa: BLE001 - recorded below, outside the lock
+                    failure = exc
+        if reset and failure is None:
+            try:
                 self.segmenter.reset()
+            except Exception as exc:  # noqa: BLE001 - the key frame is dropped all the same
+                failure = exc
+        if failure is not None:  # a scheduler's reset raised: this frame is not segmented
+            self.record_error("resetting the engine failed", failure)
+            return None
+        try:
             header = msg.header
             stamp = self._conv.stamp_to_seconds(header.stamp)
             if cfg.max_frame_age_s > 0 and now is not None:
@@ -624,9 +634,9 @@ class SegmentationCore:
         masks = want_class_masks and cfg.publish_class_masks
         with self._lock:
             gap = self._input_gaps.take(stamp)
-        if gap and not reset:  # consumed by this frame, segmented or not: the engine is reset either way
-            self.segmenter.reset("time_gap")  # (after a requested reset or re-enable, reason ``reset``)
         try:
+            if gap and not reset:  # consumed by this frame, segmented or not: the engine is reset either way
+                self.segmenter.reset("time_gap")  # (after a requested reset or re-enable, reason ``reset``)
             self.segmenter.class_masks = masks
             result = self.segmenter.push(rgb, stamp, source=header.frame_id)
         except FrameError as exc:

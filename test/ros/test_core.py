@@ -428,6 +428,32 @@ def test_unexpected_engine_error_is_counted_not_raised(make_core, types, monkeyp
     assert any(level == "error" and "CUDA out of memory" in text for level, text in logger.lines)
 
 
+@pytest.mark.parametrize("how", ["reset", "reconfigure", "time_gap"])
+def test_a_scheduler_reset_that_raises_is_an_engine_error(make_core, types, monkeypatch, how):
+    """A scheduler's reset that raises (a requested reset, a schedule changed while running, a
+    time gap) is counted and logged as an error of the engine, not as a frame with a bad header,
+    and process() does not raise; the frame after it is a key frame."""
+    core, _, logger = make_core(max_gap_s=1.0)
+    assert [core.process(image_msg(types, frame(), 1.0 + 0.1 * i)).info.is_key_frame for i in range(2)] == [
+        True, False]
+
+    def boom(self, reason="reset"):
+        raise RuntimeError("scheduler reset failed")
+
+    if how == "reconfigure":
+        core.reconfigure({"schedule": "fixed:50"})  # built now, installed by the next process()
+    elif how == "reset":
+        core.reset()
+    monkeypatch.setattr(FixedIntervalScheduler, "reset", boom)
+    stamp = 5.0 if how == "time_gap" else 1.2
+    assert core.process(image_msg(types, frame(), stamp)) is None
+    assert (core.counters["errors"], core.counters["skipped_decode"], core.counters["processed"]) == (1, 0, 2)
+    assert any(level == "error" and "scheduler reset failed" in text for level, text in logger.lines)
+    monkeypatch.undo()
+    out = core.process(image_msg(types, frame(), stamp + 0.1))
+    assert (out.info.is_key_frame, out.info.key_frame_reason) == (True, "reset")
+
+
 def test_repeated_problems_are_log_throttled(make_core, types):
     core, clock, logger = make_core()
     bad = _bad_messages(types)["step too small"]
