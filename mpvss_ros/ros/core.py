@@ -731,24 +731,27 @@ class SegmentationCore:
             the window), ``failures`` and ``outputs`` in the window, ``since_output_s``.
         """
         now = self.clock() if now is None else now
-        w = self.window_s
         with self._lock:
-            arrivals = sum(1 for t in self._arrivals if now - t <= w)
-            dropped = sum(1 for t in self._replaced if now - t <= w) + sum(1 for t in self._stale if now - t <= w)
-            recent = list(self._recent)
-            last_output = self._outputs[-1] if self._outputs else None
-            since_origin = self._since
-            return {
-                "input_rate_hz": _rate(self._arrivals, now, w),
-                "output_rate_hz": _rate(self._outputs, now, w),
-                "latency_median_ms": statistics.median([r[1] for r in recent if now - r[0] <= w] or [math.nan]),
-                "key_frame_ratio": (sum(r[2] for r in recent) / len(recent)) if recent else math.nan,
-                "drop_ratio": min(1.0, dropped / arrivals) if arrivals else 0.0,
-                "failures": float(sum(1 for t in self._failures if now - t <= w)),
-                "outputs": float(sum(1 for t in self._outputs if now - t <= w)),
-                "arrivals": float(arrivals),
-                "since_output_s": now - max(last_output if last_output is not None else -math.inf, since_origin),
-            }
+            return self._stats_locked(now)
+
+    def _stats_locked(self, now: float) -> dict[str, float]:
+        """:meth:`stats` at ``now``; the caller holds the lock."""
+        w = self.window_s
+        arrivals = sum(1 for t in self._arrivals if now - t <= w)
+        dropped = sum(1 for t in self._replaced if now - t <= w) + sum(1 for t in self._stale if now - t <= w)
+        recent = self._recent
+        last_output = self._outputs[-1] if self._outputs else None
+        return {
+            "input_rate_hz": _rate(self._arrivals, now, w),
+            "output_rate_hz": _rate(self._outputs, now, w),
+            "latency_median_ms": statistics.median([r[1] for r in recent if now - r[0] <= w] or [math.nan]),
+            "key_frame_ratio": (sum(r[2] for r in recent) / len(recent)) if recent else math.nan,
+            "drop_ratio": min(1.0, dropped / arrivals) if arrivals else 0.0,
+            "failures": float(sum(1 for t in self._failures if now - t <= w)),
+            "outputs": float(sum(1 for t in self._outputs if now - t <= w)),
+            "arrivals": float(arrivals),
+            "since_output_s": now - max(last_output if last_output is not None else -math.inf, self._since),
+        }
 
     def diagnostic_status(self, now: float | None = None) -> DiagnosticSummary:
         """Level, message and values for ``/diagnostics``.
@@ -760,8 +763,9 @@ class SegmentationCore:
         half the received frames were dropped (stale or replaced); OK otherwise (and while
         disabled).
         """
-        s = self.stats(now)
-        with self._lock:
+        now = self.clock() if now is None else now
+        with self._lock:  # one section: the rates, counters and last problem of the same moment
+            s = self._stats_locked(now)
             c = dict(self.counters)
             reasons = dict(self.key_frame_reasons)
             enabled = self._enabled

@@ -844,6 +844,31 @@ def test_diagnostics_ok_with_rates_latency_and_key_frame_ratio(make_core, types)
     assert values["chain flow"] == "true"  # the default
 
 
+def test_diagnostics_read_their_figures_in_one_lock_section(make_core, types):
+    """The rates, the counters and the last problem come from one moment: the worker cannot finish
+    a frame between reading the rolling statistics and reading the counters."""
+    core, clock, _ = make_core()
+    slot = core.make_slot()
+    for i in range(3):
+        feed(core, clock, slot, image_msg(types, frame(), 1.0 + 0.1 * i))
+
+    class CountingLock:
+        def __init__(self, lock):
+            self.lock, self.sections = lock, 0
+
+        def __enter__(self):
+            self.sections += 1
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    core._lock = counting = CountingLock(core._lock)
+    status = core.diagnostic_status()
+    assert counting.sections == 1
+    assert status.level == OK and dict(status.values)["published"] == "3"
+
+
 def test_diagnostics_warn_when_no_output(make_core, types):
     core, clock, _ = make_core()
     assert (core.diagnostic_status().level, core.diagnostic_status().message) == (OK, "waiting for frames")
