@@ -38,6 +38,7 @@ from mpvss_ros.ros.core import (
 )
 from mpvss_ros.ros.parameters import validate
 from mpvss_ros.scheduling import AdaptiveScheduler, FixedIntervalScheduler
+from mpvss_ros.segmenter import FrameError
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -403,29 +404,20 @@ def test_message_without_header_is_skipped(make_core):
     assert core.counters["skipped_decode"] == 1
 
 
-def test_frame_error_from_engine_is_skipped(make_core, types, monkeypatch):
-    from mpvss_ros.segmenter import FrameError
-
-    core, _, _ = make_core()
-
-    def boom(rgb, stamp, source=None):
-        raise FrameError("stamp must be finite")
-
-    monkeypatch.setattr(core.segmenter, "push", boom)
-    assert core.process(image_msg(types, frame(), 1.0)) is None
-    assert core.counters["skipped_frame"] == 1
-
-
-def test_unexpected_engine_error_is_counted_not_raised(make_core, types, monkeypatch):
+@pytest.mark.parametrize("error, counter, level", [
+    (FrameError("stamp must be finite"), "skipped_frame", "warning"),  # the frame's fault: skipped
+    (RuntimeError("CUDA out of memory"), "errors", "error"),  # anything else: an engine error
+])
+def test_an_engine_error_is_counted_not_raised(make_core, types, monkeypatch, error, counter, level):
     core, _, logger = make_core()
 
     def boom(rgb, stamp, source=None):
-        raise RuntimeError("CUDA out of memory")
+        raise error
 
     monkeypatch.setattr(core.segmenter, "push", boom)
     assert core.process(image_msg(types, frame(), 1.0)) is None
-    assert core.counters["errors"] == 1
-    assert any(level == "error" and "CUDA out of memory" in text for level, text in logger.lines)
+    assert core.counters[counter] == 1
+    assert any(lv == level and str(error) in text for lv, text in logger.lines)
 
 
 @pytest.mark.parametrize("how", ["reset", "reconfigure", "time_gap"])
