@@ -195,9 +195,10 @@ builtin_interfaces/Time key_frame_stamp
 # scene_change, max_interval, resolution_change, time_backwards, time_gap, frame_id_change
 # (the input header's frame_id changed: another camera), non_finite (the previous frame's
 # logits were NaN or infinite), canvas_change (the scheduler asked for no key frame, but the
-# frame's letterbox differs from the key frame's or there is none yet), reset (the ~/reset
-# service, re-enabling, a schedule or propagation parameter changed while running, or the
-# inference backend or the propagation failed on the previous frame).
+# frame's letterbox differs from the key frame's), reset (the ~/reset service, re-enabling, a
+# schedule or propagation parameter changed while running, the inference backend or the
+# propagation failed on the previous frame, or no key frame is held though the scheduler asked
+# for none).
 string key_frame_reason
 
 # The scheduler's scene-change score of this frame against the key frame (0 = same scene).
