@@ -93,7 +93,7 @@ _WARN_PER_REASON = 10
 #: Skipped messages described in the summary.
 _MAX_SKIP_EXAMPLES = 20
 
-_NAME_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would allow a final "\n"
 
 
 @dataclass
@@ -175,7 +175,7 @@ def normalize_namespace(namespace: str) -> str:
     """
     parts = [p for p in str(namespace).strip().split("/") if p]
     for p in parts:
-        if not _NAME_TOKEN.match(p):
+        if not _NAME_TOKEN.fullmatch(p):
             raise ValueError(f"invalid namespace {namespace!r}: {p!r} is not a ROS name "
                              "(letters, digits and _, not starting with a digit)")
     return "".join("/" + p for p in parts)

@@ -72,8 +72,8 @@ DEFAULT_CUT_THRESHOLD = 0.45
 #: ``input_reliability`` values: SensorDataQoS-like best effort, reliable, or the RMW default.
 RELIABILITIES = ("best_effort", "reliable", "system_default")
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_SCHEDULE_RE = re.compile(r"^(adaptive|fixed:[1-9]\d*)$")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # fullmatch: "$" would allow a final "\n"
+_SCHEDULE_RE = re.compile(r"adaptive|fixed:[1-9]\d*")
 
 
 @dataclass(frozen=True)
@@ -347,10 +347,10 @@ def check_parameter(name: str, value: Any) -> Any:
     if name not in SPECS:
         raise ValueError(f"unknown parameter '{name}'; known: {sorted(SPECS)}")
     value = _check(SPECS[name], value)
-    if name == "device" and not _DEVICE_RE.match(value):
+    if name == "device" and not _DEVICE_RE.fullmatch(value):
         raise ValueError(f"parameter 'device': must be auto, cpu, cuda or cuda:N, got {value!r}")
     if name == "schedule":
-        if not _SCHEDULE_RE.match(value.strip()):
+        if not _SCHEDULE_RE.fullmatch(value.strip()):
             hint = ("; the command line's adaptive:T is schedule 'adaptive' plus parameter 'scene_threshold' here"
                     if value.strip().startswith("adaptive:") else "")
             raise ValueError(f"parameter 'schedule': must be 'adaptive' or 'fixed:N' (N >= 1), got {value!r}{hint}")

@@ -620,7 +620,7 @@ def test_namespaces():
     assert normalize_namespace("/mpvss") == normalize_namespace("mpvss/") == "/mpvss"
     assert normalize_namespace("/") == "" and output_topics("/")["labels"] == "/labels"
     assert output_topics("/a/b")["class_masks"] == "/a/b/class_masks"
-    for bad in ("/1abc", "/a-b", "/a b"):
+    for bad in ("/1abc", "/a-b", "/a b", "/a\n/b"):
         with pytest.raises(ValueError, match="invalid namespace"):
             normalize_namespace(bad)
 

@@ -238,6 +238,8 @@ def test_validate_normalises_values():
     ("backend", "openvino", "torch, onnxruntime, tensorrt"),
     ("precision", "int8", "fp32, fp16"),
     ("device", "gpu", "cpu, cuda or cuda:N"),
+    ("device", "cpu\n", "cpu, cuda or cuda:N"),  # torch.device refuses it at start
+    ("device", "cuda:0\n", "cpu, cuda or cuda:N"),
     ("schedule", "fixed:0", "fixed:N"),
     ("schedule", "adaptive:0.3", "adaptive"),
     ("schedule", "every frame", "fixed:N"),
