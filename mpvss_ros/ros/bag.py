@@ -4,7 +4,7 @@ Reads a rosbag2 bag (sqlite3 or MCAP, a bag folder or a single ``.db3``/``.mcap`
 the pure-Python ``rosbags`` library, segments one image topic (``sensor_msgs/msg/Image`` or
 ``sensor_msgs/msg/CompressedImage``) with the same :class:`~mpvss_ros.segmenter.VideoSegmenter`
 set-up as ``mpvss segment``, and writes a **new** bag holding the input topic (copied byte for
-byte, with its offered QoS) and the topics the ROS node publishes:
+byte, with each publisher's offered QoS) and the topics the ROS node publishes:
 
 ========================  ==================================  ====================================
 topic                     type                                content
@@ -42,7 +42,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import yaml
@@ -432,29 +432,33 @@ class _OutputBag:
     Args:
         writer: an open ``rosbags.rosbag2.Writer``.
         typestore: the rosbags type store that serialises the outputs.
-        input_connection: the segmented topic's input connection (copied unchanged, its offered QoS kept).
+        inputs: the segmented topic's input connections, copied unchanged (one output connection
+            per offered QoS, so each publisher's QoS is kept).
         copied: input connections of the other topics copied unchanged (one output connection per
-            topic, type and offered QoS, so each publisher's QoS is kept).
+            topic, type and offered QoS, likewise).
         topics: :func:`output_topics`.
         wanted: the optional outputs (``colored``, ``overlay``, ``class_masks``, ``autoware_mask``)
             -> written or not.
         where: the input bag, named in errors.
     """
 
-    def __init__(self, writer: Any, typestore: Any, input_connection: Any, copied: list[Any], topics: dict[str, str],
+    def __init__(self, writer: Any, typestore: Any, inputs: list[Any], copied: list[Any], topics: dict[str, str],
                  wanted: dict[str, bool], where: Path) -> None:
         self.writer, self.typestore, self.topics = writer, typestore, topics
         #: topic -> messages written (copied topics listed even when they hold none)
         self.counts: dict[str, int] = {c.topic: 0 for c in copied}
-        self._input = _add_connection(writer, input_connection.topic, input_connection.msgtype,
-                                      _offered_qos(input_connection), typestore=typestore)
-        self._copies: dict[int, Any] = {}  # input connection id -> output connection
         by_name: dict[tuple[str, str, str], Any] = {}
-        for c in copied:
+
+        def connect(c: Any, make: Callable[[Any], Any]) -> Any:
             name = (c.topic, c.msgtype, repr(_offered_qos(c)))
             if name not in by_name:
-                by_name[name] = _copy_connection(writer, c, typestore, where)
-            self._copies[c.id] = by_name[name]
+                by_name[name] = make(c)
+            return by_name[name]
+
+        # input connection id -> output connection: the segmented topic's, then the copied topics'
+        self._inputs = {c.id: connect(c, lambda c: _add_connection(writer, c.topic, c.msgtype, _offered_qos(c),
+                                                                   typestore=typestore)) for c in inputs}
+        self._copies = {c.id: connect(c, lambda c: _copy_connection(writer, c, typestore, where)) for c in copied}
         self._outputs = {key: _add_connection(writer, topics[key], msgtype,
                                               _transient_local_qos() if key == "label_info" else [], typestore=typestore)
                          for key, msgtype in _OUTPUT_TYPES.items() if wanted.get(key, True)}
@@ -467,9 +471,9 @@ class _OutputBag:
         self._write(out, conn.topic, stamp_ns, raw)
         return True
 
-    def copy_input(self, stamp_ns: int, raw: bytes) -> None:
-        """Write one message of the segmented topic unchanged."""
-        self._write(self._input, self._input.topic, stamp_ns, raw)
+    def copy_input(self, conn: Any, stamp_ns: int, raw: bytes) -> None:
+        """Write one message of the segmented topic, read from input connection ``conn``, unchanged."""
+        self._write(self._inputs[conn.id], conn.topic, stamp_ns, raw)
 
     def _write(self, out: Any, topic: str, stamp_ns: int, raw: bytes) -> None:
         self.writer.write(out, stamp_ns, raw)
@@ -596,7 +600,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
         # metadata.yaml, not a readable bag) would only block the next run's output path. Armed
         # once the writer has made the folder, so nothing it did not create is removed.
         with terminate_unwinds(), _written_or_removed(writer, out_path):
-            output = _OutputBag(writer, typestore, chosen[0], copied, topics, want, in_path)
+            output = _OutputBag(writer, typestore, chosen, copied, topics, want, in_path)
             key_stamp = None  # the last info message's key_frame_stamp
             failures = EngineFailures("messages")
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
@@ -609,7 +613,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                     index = frames
                     frames += 1
                     bar.update(1)
-                    output.copy_input(stamp_ns, raw)
+                    output.copy_input(conn, stamp_ns, raw)
                     try:
                         msg = typestore.deserialize_cdr(raw, msgtype)
                     except Exception as exc:  # noqa: BLE001 - any malformed CDR payload

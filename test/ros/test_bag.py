@@ -964,22 +964,26 @@ def test_copies_keep_the_bags_own_definitions_without_hashes_and_in_idl(ts, tmp_
 
 
 def test_copied_connections_keep_their_own_qos_and_empty_topics_are_counted(ts, tmp_path, band_loaded):
+    """Each publisher's offered QoS is kept, on copied topics and on the segmented one."""
     from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 
-    def qos(durability):
+    def qos(durability, reliability=QosReliability.RELIABLE):
         zero = QosTime(sec=0, nsec=0)
-        return [Qos(history=QosHistory.KEEP_LAST, depth=1, reliability=QosReliability.RELIABLE, durability=durability,
+        return [Qos(history=QosHistory.KEEP_LAST, depth=1, reliability=reliability, durability=durability,
                     deadline=zero, lifespan=zero, liveliness=QosLiveliness.AUTOMATIC, liveliness_lease_duration=zero,
                     avoid_ros_namespace_conventions=False)]
 
     tf_type = "tf2_msgs/msg/TFMessage"
     raw_tf = ts.serialize_cdr(ts.types[tf_type](transforms=[]), tf_type)
     with Writer(tmp_path / "in", version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
-        cam = writer.add_connection(TOPIC, IMAGE, typestore=ts)
+        cam = writer.add_connection(TOPIC, IMAGE, typestore=ts, offered_qos_profiles=qos(QosDurability.VOLATILE))
+        cam_best_effort = writer.add_connection(TOPIC, IMAGE, typestore=ts, offered_qos_profiles=qos(
+            QosDurability.VOLATILE, QosReliability.BEST_EFFORT))
         volatile = writer.add_connection("/tf", tf_type, typestore=ts, offered_qos_profiles=qos(QosDurability.VOLATILE))
         latched = writer.add_connection("/tf", tf_type, typestore=ts, offered_qos_profiles=qos(QosDurability.TRANSIENT_LOCAL))
         writer.add_connection("/odom", "nav_msgs/msg/Odometry", typestore=ts)  # no message
         writer.write(cam, 10, ts.serialize_cdr(raw_image(ts, np.zeros((8, 8, 3), np.uint8), 10), IMAGE))
+        writer.write(cam_best_effort, 13, ts.serialize_cdr(raw_image(ts, np.zeros((8, 8, 3), np.uint8), 13), IMAGE))
         writer.write(volatile, 11, raw_tf)
         writer.write(latched, 12, raw_tf)
     summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
@@ -990,6 +994,9 @@ def test_copied_connections_keep_their_own_qos_and_empty_topics_are_counted(ts, 
         assert {c.ext.offered_qos_profiles[0].durability for c in tfs} == {QosDurability.VOLATILE,
                                                                            QosDurability.TRANSIENT_LOCAL}
         assert sum(c.msgcount for c in tfs) == 2
+        cams = {c.ext.offered_qos_profiles[0].reliability: c.msgcount for c in reader.connections if c.topic == TOPIC}
+        assert cams == {QosReliability.RELIABLE: 1, QosReliability.BEST_EFFORT: 1}
+    assert summary["frames"] == 2
 
 
 @pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
