@@ -259,3 +259,36 @@ def test_the_opencv_fallback_looks_for_the_end_marker_after_the_scan(monkeypatch
     with pytest.raises(JpegDataError, match="truncated") as cut:  # cut within the header, past the thumbnail
         decode_jpeg(with_thumbnail[: 2 + 4 + len(payload) + 10])
     assert cut.value.truncated
+
+
+def test_the_opencv_fallback_checks_the_decoded_size_where_pillow_cannot_read_the_header(monkeypatch):
+    """A header Pillow cannot parse (here a JFIF APP0 segment cut to its identifier, which libjpeg
+    ignores) gives no size before decoding on the OpenCV fallback: the decoded size is checked
+    then, as documented, so a frame above the caller's pixel limit is still refused."""
+    monkeypatch.setattr(jpeg, "_simplejpeg", None)
+    raw = _jpeg(_gradient())
+    assert raw[2:4] == b"\xff\xe0"
+    app0_end = 4 + struct.unpack(">H", raw[4:6])[0]
+    short_jfif = raw[:2] + b"\xff\xe0" + struct.pack(">H", 7) + b"JFIF\x00" + raw[app0_end:]
+    assert jpeg._header_size(short_jfif) is None  # Pillow cannot read it
+    np.testing.assert_array_equal(decode_jpeg(short_jfif), _opencv_rgb(short_jfif))
+    seen = []
+
+    def refuse(height: int, width: int) -> None:
+        seen.append((height, width))
+        raise OverflowError("too large")
+
+    with pytest.raises(OverflowError, match="too large"):
+        decode_jpeg(short_jfif, check_size=refuse)
+    assert seen == [(H, W)]
+
+
+@pytest.mark.parametrize("marker", [b"\xff\xd0", b"\xff\xd7", b"\xff\x01"], ids=["RST0", "RST7", "TEM"])
+def test_the_opencv_fallback_steps_over_markers_without_a_length_in_the_header(monkeypatch, marker):
+    """libjpeg skips a parameterless marker (RSTn, TEM) among the header segments; the fallback's
+    walk to the first scan must step over its two bytes, not read a length after it, or it takes a
+    whole JPEG for a truncated one."""
+    monkeypatch.setattr(jpeg, "_simplejpeg", None)
+    raw = _jpeg(_gradient())
+    stray = raw[:2] + marker + raw[2:]
+    np.testing.assert_array_equal(decode_jpeg(stray), _opencv_rgb(raw))

@@ -552,7 +552,7 @@ def test_label_png_rejects_palette_png(tmp_path):
     img = pil.fromarray(np.array([[0, 1], [2, 3]], np.uint8), mode="P")
     img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 12))
     img.save(tmp_path / "p.png")
-    with pytest.raises(ValueError, match="palette"):
+    with pytest.raises(ValueError, match=r"is a palette \(indexed\) PNG"):  # ("palette" is in tmp_path too)
         read_label_png(tmp_path / "p.png")
 
 
@@ -745,3 +745,110 @@ def test_counting_and_reading_a_video_without_a_count_agree_on_a_damaged_stretch
         assert alone == [0, 1, 2, *range(3 + bad, 6 + bad)] and count == 6 + bad
     else:  # one more: the end
         assert alone == [0, 1, 2] and count == 3
+
+
+class _CountedDamagedCapture(_DamagedStreamCapture):
+    """``_DamagedStreamCapture`` whose container reports ``len(pattern)`` frames."""
+
+    def get(self, prop):
+        return float(len(self.pattern)) if prop == cv2.CAP_PROP_FRAME_COUNT else 25.0
+
+
+def test_frame_size_is_width_then_height(tmp_path):
+    with open_source(_mjpg_avi(tmp_path / "a.avi", frames=2)) as src:  # 64 x 48
+        assert src.frame_size == (64, 48)
+        assert next(iter(src)).image.shape[:2] == (48, 64)
+
+
+@pytest.mark.parametrize("bad", [MAX_BAD_READS, MAX_BAD_READS + 1])
+def test_damaged_first_frames_are_skipped_up_to_max_bad_reads_as_later_ones(tmp_path, monkeypatch, bad):
+    """Opening passes over as many damaged first frames as iterating does (MAX_BAD_READS in a row):
+    one more, and the video is refused when opened rather than opened to yield no frame."""
+    pattern = [False] * bad + [True] * 3
+    path = tmp_path / "v.avi"
+    path.write_bytes(b"opened by the stand-in")
+    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _CountedDamagedCapture(pattern)))
+    if bad == MAX_BAD_READS:
+        with open_source(path) as src:
+            assert [f.index for f in src] == [bad, bad + 1, bad + 2]
+    else:
+        with pytest.raises(ValueError, match="no decodable frame at its start"):
+            open_source(path)
+
+
+def test_hidden_image_files_in_a_folder_are_ignored(tmp_path):
+    """Hidden files are ignored (class docstring): macOS puts a '._name.png' AppleDouble file beside
+    each image on some file systems; read as frames they would shift every index after them."""
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"f{i:03d}.png"), np.full((4, 5, 3), 10 * i, np.uint8))
+    (tmp_path / "._f001.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with open_source(tmp_path) as src:
+        assert len(src) == 3
+        assert [(f.index, f.name) for f in src] == [(0, "f000"), (1, "f001"), (2, "f002")]
+        assert src.unreadable == []
+
+
+def test_a_float_image_is_clipped_to_0_1_before_scaling():
+    """32-bit float images are taken as [0, 1] and clipped (documented): out-of-range values
+    saturate instead of wrapping around in uint8."""
+    from mpvss_ros.io.video import decoded_to_rgb
+
+    img = np.array([[1.5, -0.25, 0.5, 1.0]], np.float32)
+    out = decoded_to_rgb(img)
+    assert out.shape == (1, 4, 3)
+    assert out[0, :, 0].tolist() == [255, 0, 128, 255]
+
+
+def test_decoded_to_rgb_takes_bgra_as_documented():
+    """decoded_to_rgb is public and documented for BGRA input (folders and ROS PNGs decode with
+    IMREAD_ANYCOLOR, which drops alpha before it): alpha dropped, BGR turned to RGB."""
+    from mpvss_ros.io.video import decoded_to_rgb
+
+    bgra = np.zeros((2, 3, 4), np.uint8)
+    bgra[..., 0], bgra[..., 1], bgra[..., 2], bgra[..., 3] = 30, 100, 200, 50  # B, G, R, A
+    out = decoded_to_rgb(bgra)
+    assert out.shape == (2, 3, 3) and out.flags.c_contiguous
+    assert out[0, 0].tolist() == [200, 100, 30]
+
+
+def test_label_png_refuses_a_grey_palette_and_takes_equal_rgb_channels(tmp_path):
+    """A palette PNG is refused even when its palette is grey (OpenCV would give the palette's grey
+    values, not the indices, as class IDs); an RGB PNG with three equal channels is accepted."""
+    pil = pytest.importorskip("PIL.Image")
+    from mpvss_ros.io.video import read_label_png
+
+    img = pil.fromarray(np.array([[0, 1], [2, 3]], np.uint8), mode="P")
+    img.putpalette([v for i in range(256) for v in (7 * i % 256,) * 3])  # grey, but not the identity
+    img.save(tmp_path / "grey_palette.png")
+    with pytest.raises(ValueError, match=r"is a palette \(indexed\) PNG"):
+        read_label_png(tmp_path / "grey_palette.png")
+    grey3 = np.repeat(np.array([[0, 1], [2, 3]], np.uint8)[..., None], 3, axis=2)
+    assert cv2.imwrite(str(tmp_path / "rgb.png"), grey3)
+    np.testing.assert_array_equal(read_label_png(tmp_path / "rgb.png"), [[0, 1], [2, 3]])
+
+
+def test_label_png_refuses_colour_whose_first_and_last_channels_agree(tmp_path):
+    from mpvss_ros.io.video import read_label_png
+
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[..., 1] = 200  # B == R, G differs
+    assert cv2.imwrite(str(tmp_path / "c.png"), colour)
+    with pytest.raises(ValueError, match="distinct colour channels"):
+        read_label_png(tmp_path / "c.png")
+
+
+class _FastContainerCapture(_DamagedStreamCapture):
+    """A stand-in whose container reports a frame rate outside FPS_RANGE (a broken header)."""
+
+    def get(self, prop):
+        return float(len(self.pattern)) if prop == cv2.CAP_PROP_FRAME_COUNT else 2e5
+
+
+def test_a_container_frame_rate_outside_the_accepted_range_falls_back_to_30(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"opened by the stand-in")
+    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _FastContainerCapture([True] * 3)))
+    with open_source(path) as src:
+        assert src.fps == 30.0
+        assert [f.stamp for f in src] == [0.0, 1 / 30, 2 / 30]
+    assert "reports no usable frame rate" in caplog.text

@@ -309,3 +309,15 @@ def test_a_size_loaded_again_from_the_cache_is_marked_used(tmp_path):
     entry = source.get((64, 64))
     os.utime(entry, (T0, T0))
     assert source.get((64, 64)) == entry and entry.stat().st_mtime > T0
+
+
+def test_automatic_pruning_spares_entries_used_in_the_last_minutes(tmp_path, monkeypatch):
+    """Another process may have just reused an entry and be opening its graphs: automatic pruning
+    (prune_to_budget) spares entries used within RECENT_USE_SECONDS, even over the budget."""
+    now = time.time()
+    recent = _onnx(tmp_path, "m-64x64-rrrr", 2, now - 5)
+    old = _onnx(tmp_path, "m-64x64-oooo", 2, now - 10_000)
+    monkeypatch.setenv("MPVSS_CACHE_MAX_MB", "1")
+    removed = prune_to_budget(tmp_path, keep=())
+    assert [e.path for e in removed] == [old]
+    assert recent.is_dir() and not old.exists()

@@ -466,10 +466,9 @@ def test_a_non_finite_flow_of_an_inactive_query_is_not_checked():
     assert bool(torch.isnan(backend.propagate(key, torch.ones(1, 3, 32, 32))).all())
 
 
-def test_a_damaged_cached_engine_is_built_again(tmp_path, monkeypatch):
-    """No GPU needed: a stand-in TensorRT and builder. An engine file cut short (power lost before
-    the write reached the disk, a full disk) was returned as is, and every later start failed to
-    deserialize it ('delete it to rebuild'); the ONNX cache re-exports such an entry itself."""
+def _stand_in_engine_for(monkeypatch, version: str = "10.3.0"):
+    """``(tensorrt_backend, built)``: ``engine_for`` with a stand-in TensorRT of ``version``, GPU and
+    builder (no GPU needed); ``built`` lists the graphs built, the n-th engine is b"serialized engine n"."""
     import contextlib
     import types
 
@@ -481,10 +480,18 @@ def test_a_damaged_cached_engine_is_built_again(tmp_path, monkeypatch):
         built.append(onnx_path)
         return b"serialized engine %d" % len(built)
 
-    monkeypatch.setattr(tb, "_trt", lambda: types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(tb, "_trt", lambda: types.SimpleNamespace(__version__=version))
     monkeypatch.setattr(tb, "_device_identity", lambda index: ("Stand-in GPU", (9, 0)))
     monkeypatch.setattr(tb, "_OnDevice", lambda index: contextlib.nullcontext())
     monkeypatch.setattr(tb, "build_engine", build)
+    return tb, built
+
+
+def test_a_damaged_cached_engine_is_built_again(tmp_path, monkeypatch):
+    """No GPU needed: a stand-in TensorRT and builder. An engine file cut short (power lost before
+    the write reached the disk, a full disk) was returned as is, and every later start failed to
+    deserialize it ('delete it to rebuild'); the ONNX cache re-exports such an entry itself."""
+    tb, built = _stand_in_engine_for(monkeypatch)
     graph = tmp_path / "key_frame.onnx"
     graph.write_bytes(b"graph")
     args = (graph, {"image": [1, 3, 32, 32]}, "key_frame", "fp32", tmp_path / "cache")
@@ -497,6 +504,35 @@ def test_a_damaged_cached_engine_is_built_again(tmp_path, monkeypatch):
     path.write_bytes(b"")  # empty
     tb.engine_for(*args, progress=lambda m: None)
     assert len(built) == 3 and path.read_bytes() == b"serialized engine 3"
+
+
+def test_an_engine_is_not_reused_for_other_input_shapes_or_another_tensorrt(tmp_path, monkeypatch):
+    """No GPU needed. The engine's cache key holds the input shapes and TensorRT's version: an
+    engine built for one size (or by another TensorRT) is never handed out for another."""
+    tb, built = _stand_in_engine_for(monkeypatch)
+    graph = tmp_path / "key_frame.onnx"
+    graph.write_bytes(b"graph")
+    first = tb.engine_for(graph, {"image": [1, 3, 32, 32]}, "key_frame", "fp32", tmp_path / "cache", progress=lambda m: None)
+    other_size = tb.engine_for(graph, {"image": [1, 3, 64, 32]}, "key_frame", "fp32", tmp_path / "cache",
+                               progress=lambda m: None)
+    assert other_size != first and len(built) == 2
+    tb, built = _stand_in_engine_for(monkeypatch, version="10.4.0")
+    upgraded = tb.engine_for(graph, {"image": [1, 3, 32, 32]}, "key_frame", "fp32", tmp_path / "cache",
+                             progress=lambda m: None)
+    assert upgraded not in (first, other_size) and len(built) == 1
+
+
+def test_an_engine_is_not_reused_for_a_graph_rewritten_in_place(tmp_path, monkeypatch):
+    """An export folder written again at the same path (new weights) holds other graphs: the
+    key is the graph's bytes (sha256), not its path."""
+    tb, built = _stand_in_engine_for(monkeypatch)
+    graph = tmp_path / "key_frame.onnx"
+    graph.write_bytes(b"graph of the old weights")
+    args = (graph, {"image": [1, 3, 32, 32]}, "key_frame", "fp32", tmp_path / "cache")
+    old = tb.engine_for(*args, progress=lambda m: None)
+    graph.write_bytes(b"graph of the new weights")
+    new = tb.engine_for(*args, progress=lambda m: None)
+    assert new != old and len(built) == 2
 
 
 def test_fp16_on_a_tensorrt_without_the_fp16_builder_flag_is_unavailable(monkeypatch):
