@@ -565,8 +565,6 @@ def test_a_change_undoing_one_the_worker_is_installing_is_not_lost(make_core, ty
     revert was compared with the scheduler still running (A), found no change and dropped, so
     the engine ran B for good while the parameters (and /diagnostics) said A. The install now
     happens under the core's lock, so the revert waits for it and is then installed itself."""
-    import threading
-
     core, _, _ = make_core(schedule="fixed:100")
     core.process(image_msg(types, frame(), 1.0))
     real_replace, reverts = core.segmenter.replace, []
@@ -1122,15 +1120,11 @@ def test_lite_model_end_to_end_with_query_flow(lite, types):
 
 def test_unavailable_backend_is_one_startup_line(lite):
     # TensorRT is absent on CI machines: the node must stop with one line naming what is missing.
-    import pytest as _pytest
-
-    from mpvss_ros.ros.core import StartupError, build_segmenter
-    from mpvss_ros.ros.parameters import validate
     from mpvss_ros.runtime import backend_missing
 
     if not backend_missing("tensorrt", "cpu", "fp32"):
-        _pytest.skip("TensorRT is available here")
-    with _pytest.raises(StartupError) as err:
+        pytest.skip("TensorRT is available here")
+    with pytest.raises(StartupError) as err:
         build_segmenter(validate({"backend": "tensorrt"}), lite)
     text = str(err.value)
     assert "\n" not in text and "tensorrt" in text and "onnxruntime" in text
@@ -1192,9 +1186,6 @@ def test_onnx_dir_runs_an_export_folder_without_the_model(lite, types, tmp_path)
 
 
 def test_onnxruntime_backend_builds_a_segmenter(lite):
-    from mpvss_ros.ros.core import build_segmenter
-    from mpvss_ros.ros.parameters import validate
-
     seg = build_segmenter(validate({"backend": "onnxruntime", "schedule": "fixed:2"}), lite)
     assert seg.model.name.startswith("onnxruntime")
 
@@ -1237,7 +1228,6 @@ def test_a_node_started_without_motion_refuses_query_flow_later(tmp_path, types)
     optical flow; a later switch to query_flow is refused and the running propagation stays."""
     from mpvss_ros.config import load_model_config
     from mpvss_ros.nn.mpvss import MPVSS
-    from mpvss_ros.ros.core import load_configured_model
 
     path = tmp_path / "per_frame.pth"
     state = MPVSS(load_model_config("mpvss_lite")).state_dict()
@@ -1272,3 +1262,153 @@ def test_an_export_folder_without_a_trained_motion_module_is_refused_at_start_fo
     assert core.process(image_msg(types, frame(seed=1), 4.0)).info.is_key_frame
     with pytest.raises(ValueError, match="query_flow needs a trained motion module"):
         core.reconfigure({"propagator": "query_flow"})
+
+
+def test_two_changes_before_the_next_frame_are_both_installed(make_core, types):
+    """A schedule change, then a propagation change before the worker's next frame: both reach the
+    engine at that frame (the second must not replace the first's pending scheduler)."""
+    core, _, _ = make_core(schedule="fixed:100", propagator="copy")
+    seg = core.segmenter
+    assert core.process(image_msg(types, frame(), 1.0)).info.key_frame_reason == "first"
+    core.reconfigure({"schedule": "fixed:2"})
+    core.reconfigure({"propagator": "optical_flow"})
+    out = core.process(image_msg(types, frame(), 1.1))
+    assert out.info.key_frame_reason == "reset"
+    assert seg.propagator.name == "optical_flow"
+    assert seg.scheduler.describe()["schedule"] == "fixed:2" and seg.scheduler.interval == 2
+
+
+def test_enabling_an_enabled_core_resets_nothing(make_core, types):
+    """``~/enable true`` on a running node: re-enabling (off -> on) resets the engine, an enable that
+    changes nothing does not (the next frame is propagated as usual)."""
+    core, _, _ = make_core()
+    assert core.process(image_msg(types, frame(), 1.0)).info.key_frame_reason == "first"
+    assert core.set_enabled(True) is True  # already on
+    out = core.process(image_msg(types, frame(), 1.1))
+    assert (out.info.is_key_frame, out.info.key_frame_reason) == (False, "")
+    assert core.key_frame_reasons == {"first": 1}
+
+
+def test_non_finite_key_frames_count_as_forced(make_core, types, monkeypatch):
+    """Every reason the schedule did not choose counts in /diagnostics' "forced key frames"."""
+    core, _, _ = make_core()
+    assert core.process(image_msg(types, frame(), 1.0)) is not None
+    real = core.segmenter.propagator.propagate
+    monkeypatch.setattr(core.segmenter.propagator, "propagate", lambda key, f: real(key, f) * float("nan"))
+    assert core.process(image_msg(types, frame(), 1.1)) is None
+    monkeypatch.undo()
+    assert core.process(image_msg(types, frame(), 1.2)).info.key_frame_reason == "non_finite"
+    values = dict(core.diagnostic_status().values)
+    assert values["key frames (non_finite)"] == "1" and values["forced key frames"] == "2"
+
+
+def test_diagnostics_exactly_half_dropped_is_no_warning(make_core, types):
+    """WARN when *more than* half the received frames drop: every other frame replaced is OK."""
+    core, clock, _ = make_core()
+    slot = core.make_slot()
+    for i in range(12):  # 1 of 2 frames replaced before the worker gets to it
+        feed(core, clock, slot, image_msg(types, frame(), 1.0 + 0.05 * i), dt=0.05, process=(i % 2 == 1))
+    status = core.diagnostic_status()
+    values = dict(status.values)
+    assert values["dropped replaced"] == "6" and values["drop ratio"] == "0.500"
+    assert status.level == OK, status.message
+
+
+def test_a_worker_never_started_counts_what_waits_in_its_slot(band_loaded, types):
+    """stop() on a worker whose thread never ran: the message waiting in the slot is counted as
+    dropped (received = processed + dropped + skipped + errors), once."""
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    slot = core.make_slot()
+    worker = Worker(slot, core, lambda out, li: None)
+    slot.put(image_msg(types, frame(), 1.0))
+    assert worker.stop(timeout=1.0)
+    assert core.counters["received"] == 1 and core.counters["dropped_disabled"] == 1
+    assert len(slot) == 0
+    assert worker.stop(timeout=1.0) and core.counters["dropped_disabled"] == 1
+
+
+def test_worker_latency_counts_from_the_put(band_loaded, types):
+    """Through the Worker too, the latency starts when the message was put in the slot: a message
+    that waited 0.8 s (of the core's clock) before the worker started has 800 ms."""
+    clock = FakeClock()
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types,
+                            clock=clock)
+    slot = core.make_slot()
+    published = []
+    slot.put(image_msg(types, frame(), 1.0))
+    clock.advance(0.8)  # the worker is busy (here: not started yet)
+    worker = Worker(slot, core, lambda out, li: published.append(out), poll_s=0.05).start()
+    try:
+        assert _wait(lambda: len(published) == 1)
+    finally:
+        assert worker.stop(timeout=5.0)
+    assert core.stats()["latency_median_ms"] == pytest.approx(800.0)
+
+
+def test_a_message_taken_as_the_worker_stops_is_counted_as_dropped(band_loaded, types):
+    """The slot hands the worker a message at the moment stop() is requested: it is not segmented
+    and is counted as dropped_disabled (no message unaccounted for)."""
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    slot = core.make_slot()
+    published = []
+    worker = Worker(slot, core, lambda out, li: published.append(out), poll_s=0.05)
+    real_take_timed, taken_one = slot.take_timed, threading.Event()
+
+    def take_timed(timeout=None):  # the stop request lands while the worker takes the message
+        taken = real_take_timed(timeout)
+        if taken is not None:
+            worker._stop.set()
+            taken_one.set()
+        return taken
+
+    slot.take_timed = take_timed
+    slot.put(image_msg(types, frame(), 1.0))
+    worker.start()
+    assert taken_one.wait(5.0)  # the worker has the message (not a stop before its first take)
+    assert worker.stop(timeout=5.0)
+    c = core.counters
+    assert (c["received"], c["processed"], c["dropped_disabled"]) == (1, 0, 1) and published == []
+
+
+def test_after_re_enabling_across_a_gap_only_the_first_frame_is_a_key_frame(make_core, types):
+    """The gap while disabled is consumed by the first frame after re-enabling (a ``reset`` key
+    frame); the frame after that is propagated, not a second (``time_gap``) key frame."""
+    core, _, _ = make_core(max_gap_s=1.0)
+    assert core.process(image_msg(types, frame(), 1.0)).info.key_frame_reason == "first"
+    core.set_enabled(False)
+    assert core.process(image_msg(types, frame(), 9.0)) is None  # more than max_gap_s later
+    core.set_enabled(True)
+    outs = [core.process(image_msg(types, frame(), 9.1 + 0.05 * i)) for i in range(3)]
+    assert [(o.info.is_key_frame, o.info.key_frame_reason) for o in outs] == [(True, "reset"), (False, ""), (False, "")]
+    assert core.key_frame_reasons == {"first": 1, "reset": 1}
+
+
+def test_drop_ratio_never_exceeds_one(make_core, types):
+    """A frame that waited in the slot longer than the window and is then dropped as stale: its
+    arrival has left the window, its drop has not; the drop ratio stays at most 1 (100 %)."""
+    core, clock, _ = make_core(max_frame_age_s=0.5)
+    slot = core.make_slot()
+    slot.put(image_msg(types, frame(), 1.0))
+    clock.advance(5.5)  # the worker was busy: longer than the 5 s window
+    core.process(slot.take(timeout=0), now=20.0)
+    clock.advance(0.1)
+    slot.put(image_msg(types, frame(), 2.0))
+    core.process(slot.take(timeout=0), now=20.0)
+    assert core.counters["dropped_stale"] == 2
+    assert core.stats()["drop_ratio"] == 1.0
+    status = core.diagnostic_status()
+    assert dict(status.values)["drop ratio"] == "1.000" and "dropping 100% of input frames" in status.message
+
+
+def test_no_output_while_frames_arrive_says_so(make_core, types):
+    """WARN "no output" names the cause: frames arrive (here all stale) but none is segmented,
+    which is not "no input received"."""
+    core, clock, _ = make_core(max_frame_age_s=0.5)
+    slot = core.make_slot()
+    for i in range(60):
+        clock.advance(0.1)
+        slot.put(image_msg(types, frame(), 1.0 + 0.1 * i))
+        assert core.process(slot.take(timeout=0), now=100.0) is None
+    status = core.diagnostic_status()
+    assert status.level == WARN, status.message
+    assert "frames arrive but none was segmented" in status.message and "no input received" not in status.message
