@@ -1140,3 +1140,73 @@ def test_bag_keeps_no_record_per_frame_until_the_end(ts, tmp_path, band_loaded, 
     assert summary["written"] == 7 and len(seen) == 7 and max(seen) == 0, f"records alive at each frame: {seen}"
     assert summary["key_frames"] == 3 and summary["key_frame_reasons"] == {"first": 1, "interval": 2}
     assert summary["stage_latency_ms"]["total"]["count"] == 7 and summary["median_total_ms"]["all"] is not None
+
+
+def _gradients(n: int, h: int = 24, w: int = 32) -> list[np.ndarray]:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return [np.repeat(((xx * 5 + yy + 7 * i) % 256).astype(np.uint8)[..., None], 3, axis=2) for i in range(n)]
+
+
+def test_outputs_turned_off_get_no_connection(ts, tmp_path, band_loaded):
+    """--no-colored etc.: those topics are not in the output bag at all (no empty connections for
+    ``ros2 bag info`` / ``play`` to list)."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(2)))
+    process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                BagOptions(propagator="copy", colored=False, overlay=False, class_masks=False, progress=False))
+    with Reader(tmp_path / "out") as reader:
+        assert sorted(c.topic for c in reader.connections) == sorted(
+            [TOPIC, "/mpvss/labels", "/mpvss/confidence", "/mpvss/label_info", "/mpvss/info"])
+
+
+def test_copy_topics_naming_the_segmented_topic_still_segments_it(ts, tmp_path, band_loaded):
+    """--copy-topics with the image topic itself (e.g. a list shared between runs): the topic is
+    segmented, and copied once, as without it."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(3)))
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(propagator="copy", copy_topics=(TOPIC,), progress=False))
+    assert summary["written"] == 3 and summary["copied_topics"] == []
+    got = read_bag(ts, tmp_path / "out")
+    assert len(got[TOPIC]) == 3 and len(got["/mpvss/labels"]) == 3
+    with Reader(tmp_path / "out") as reader:
+        assert [c.topic for c in reader.connections].count(TOPIC) == 1
+
+
+def test_engine_failures_that_are_not_in_a_row_never_stop_the_run(ts, tmp_path, band_loaded, monkeypatch):
+    """A backend that fails on every non-key frame fails more than MAX_ENGINE_FAILURES_IN_A_ROW
+    times in all, but never twice in a row: the run completes (here with the limit lowered to 3)."""
+    import mpvss_ros.offline as offline
+    from mpvss_ros.propagation import CopyPropagator
+
+    monkeypatch.setattr(offline, "MAX_ENGINE_FAILURES_IN_A_ROW", 3)
+    n = 10
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(n, 8, 8)))
+    monkeypatch.setattr(CopyPropagator, "propagate",
+                        lambda self, key, image: (_ for _ in ()).throw(RuntimeError("no")))
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(propagator="copy", schedule="fixed:100", progress=False))
+    assert summary["frames"] == n and summary["written"] == n // 2
+    assert summary["skipped_by_reason"] == {"engine": n // 2}
+
+
+def test_class_pixel_share_counts_every_written_frames_labels(ts, tmp_path, band_loaded):
+    """The summary's class_pixel_share: each class's share of the labels written, over all frames."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(3)))
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(propagator="copy", progress=False))
+    labels = np.concatenate([image_array(m).ravel() for _, m, _ in read_bag(ts, tmp_path / "out")["/mpvss/labels"]])
+    counts = np.bincount(labels, minlength=5)
+    expected = {c: round(float(n) / labels.size, 6) for c, n in enumerate(counts) if n > 0}
+    assert len(expected) >= 3 and summary["class_pixel_share"] == expected
+
+
+def test_an_input_topic_named_like_an_output_is_refused(ts, tmp_path, band_loaded):
+    """Images recorded on /mpvss/labels (an earlier run's output topic, say) cannot be segmented
+    into /mpvss: the outputs would be written onto the input topic. Refused by name, no output."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(2), topic="/mpvss/labels"))
+    with pytest.raises(ValueError, match="input topic /mpvss/labels would be overwritten by an output; use another --namespace"):
+        process_bag(tmp_path / "in", tmp_path / "out", "/mpvss/labels", band_loaded,
+                    BagOptions(propagator="copy", progress=False))
+    assert not (tmp_path / "out").exists()
+    summary = process_bag(tmp_path / "in", tmp_path / "out", "/mpvss/labels", band_loaded,
+                          BagOptions(propagator="copy", progress=False), namespace="/seg")
+    assert summary["written"] == 2
