@@ -8,6 +8,8 @@ converted. Output messages are checked field by field and after a CDR round trip
 from __future__ import annotations
 
 import array
+import dataclasses
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -1041,3 +1043,110 @@ def test_autoware_mask_refuses_signed_labels(ts, types):
     labels = np.array([[0, 1], [-1, 2]], np.int32)  # a signed array would index the map from its end
     with pytest.raises(ConversionError, match="unsigned"):
         make_autoware_mask(types.image, header, labels, np.array([9, 7, 6], np.uint8))
+
+
+# --- image_to_rgb: the payload and the integer fields -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int8, np.float32])
+def test_numpy_payload_of_another_dtype_is_refused(dtype):
+    """A numpy payload must hold uint8 bytes: 12 uint16 values are no 2 x 2 rgb8 image (C01)."""
+    with pytest.raises(ConversionError, match="must hold uint8 bytes"):
+        image_to_rgb(fake_image(data=np.arange(12, dtype=dtype)))
+
+
+@pytest.mark.parametrize("field", ["height", "width", "step"])
+def test_bool_size_fields_are_refused(field):
+    """True is an int in Python, but no image size (C04)."""
+    value = {"height": True, "width": True, "step": True}[field]
+    fields = dict(height=1, width=1, step=3, data=bytes(3))
+    fields[field] = value
+    with pytest.raises(ConversionError, match=f"'{field}' must be an integer"):
+        image_to_rgb(fake_image(**fields))
+
+
+# --- compressed Bayer mosaics ------------------------------------------------------------------------
+
+
+def test_a_colour_jpeg_labelled_as_a_bayer_mosaic_is_refused(ts):
+    """image_transport compresses a Bayer mosaic as 8-bit grey: a colour JPEG under a bayer_* format is
+    refused, not demosaicked from one of its channels (C21)."""
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 0] = 200
+    rgb[..., 2] = 30
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    msg = ts.types["sensor_msgs/msg/CompressedImage"](header=make_header(ts), format="bayer_rggb8; jpeg compressed ",
+                                                      data=jpg.reshape(-1))
+    with pytest.raises(ConversionError, match="colour image, not a Bayer mosaic"):
+        compressed_to_rgb(msg)
+
+
+# --- make_image ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding, arr", [
+    ("mono8", np.array([[-1, 0], [1, 2]], np.int8)),
+    ("mono16", np.array([[-1, 0], [1, 2]], np.int16)),
+    ("rgb8", np.full((2, 2, 3), -1, np.int8)),
+])
+def test_make_image_refuses_signed_arrays(types, ts, encoding, arr):
+    """A signed label array would wrap (-1 -> 255 / 65535) instead of being refused (C35)."""
+    with pytest.raises(ConversionError, match="needs an array"):
+        make_image(types.image, make_header(ts), arr, encoding)
+
+
+# --- make_class_masks ------------------------------------------------------------------------------
+
+
+def test_class_masks_are_ascending_whatever_the_mapping_order(types, ts):
+    """ClassMasks.msg: class_ids ascending, names and masks in the same order (C43)."""
+    masks = {3: np.full((2, 3), 255, np.uint8), 0: np.zeros((2, 3), np.uint8), 1: np.eye(2, 3, dtype=np.uint8) * 255}
+    msg = make_class_masks(types.class_masks, types.image, make_header(ts), masks, ["a", "b", "c", "d"])
+    assert list(msg.class_ids) == [0, 1, 3]
+    assert msg.class_names == ["a", "b", "d"]
+    for cid, m in zip([0, 1, 3], msg.masks):
+        np.testing.assert_array_equal(np.asarray(m.data).reshape(2, 3), masks[cid])
+
+
+def test_class_masks_name_classes_beyond_the_name_list(types, ts):
+    """A class without a name gets 'class <id>', also the first id past the list (C41)."""
+    masks = {1: np.zeros((2, 2), np.uint8), 2: np.zeros((2, 2), np.uint8), 7: np.zeros((2, 2), np.uint8)}
+    msg = make_class_masks(types.class_masks, types.image, make_header(ts), masks, ["a", "b"])
+    assert msg.class_names == ["b", "class 2", "class 7"]
+
+
+@pytest.mark.parametrize("cid", [-1, 65536])
+def test_class_masks_refuse_ids_outside_uint16(types, ts, cid):
+    """class_ids is uint16: -1 and 65536 are refused as ConversionError (C42, C60)."""
+    with pytest.raises(ConversionError, match=r"0\.\.65535"):
+        make_class_masks(types.class_masks, types.image, make_header(ts), {cid: np.zeros((2, 2), np.uint8)}, ["a"])
+
+
+# --- make_segmentation_info ------------------------------------------------------------------------
+
+
+def _result(**changes) -> SegmentationResult:
+    """:func:`fake_result` with ``changes`` (its latencies without a ``total`` entry)."""
+    latencies = {k: v for k, v in fake_result().stage_latency_ms.items() if k != "total"}
+    return dataclasses.replace(fake_result(), **{"stage_latency_ms": latencies, **changes})
+
+
+def test_segmentation_info_total_defaults_to_the_sum_of_the_stages(types, ts):
+    """Without a 'total' entry total_latency_ms is the stages' sum (C45)."""
+    msg = make_segmentation_info(types.segmentation_info, types.time, make_header(ts), _result())
+    assert list(msg.stage_names) == ["schedule", "preprocess", "propagation", "postprocess"]
+    assert msg.total_latency_ms == pytest.approx(7.5)
+
+
+@pytest.mark.parametrize("stamp", [math.nan, math.inf])
+def test_segmentation_info_with_an_unknown_key_frame_stamp_is_zero(types, ts, stamp):
+    """A non-finite key_frame_stamp (unknown) gives a zero stamp, not an error (C47)."""
+    msg = make_segmentation_info(types.segmentation_info, types.time, make_header(ts), _result(key_frame_stamp=stamp))
+    assert (msg.key_frame_stamp.sec, msg.key_frame_stamp.nanosec) == (0, 0)
+
+
+def test_list_payload_with_only_negative_values_is_refused():
+    """-1 in a list payload is no byte (it would wrap to 255), also when no value exceeds 255 (C59)."""
+    with pytest.raises(ConversionError, match=r"values outside 0\.\.255 \(-1\.\.5\)"):
+        image_to_rgb(fake_image(data=[-1] * 6 + [5] * 6))
