@@ -307,7 +307,7 @@ def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
         raise ConversionError(f"image is empty or has a negative size: {width} x {height} pixels ({encoding})")
     _check_pixels(height, width, max_pixels, f"image ({encoding})")
     big = getattr(msg, "is_bigendian", 0)
-    if not isinstance(big, (bool, int, np.integer)) or int(big) not in (0, 1):
+    if not isinstance(big, (bool, int, np.integer, np.bool_)) or int(big) not in (0, 1):
         raise ConversionError(f"is_bigendian must be 0 or 1, got {big!r}")
     row_bytes = width * bpp
     if step < row_bytes:

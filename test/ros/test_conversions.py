@@ -297,7 +297,7 @@ def test_rclpy_style_payloads(ts, kind):
     np.testing.assert_array_equal(image_to_rgb(fake), rgb)
 
 
-@pytest.mark.parametrize("flag", [0, 1, True, False, np.uint8(1)])
+@pytest.mark.parametrize("flag", [0, 1, True, False, np.uint8(1), np.bool_(True)])
 def test_is_bigendian_accepted_and_irrelevant_for_8_bit(ts, flag):
     rgb = synthetic_frame(5, 6)
     np.testing.assert_array_equal(image_to_rgb(encode(ts, rgb, "rgb8", is_bigendian=flag)), rgb)
