@@ -71,6 +71,20 @@ def list_frames(image_dir: str | Path, annot_dir: str | Path) -> list[tuple[Path
     return pairs
 
 
+def _check_ignore_index(ignore_index: int, num_classes: int) -> int:
+    """``ignore_index`` as an int, checked: labels are uint8, so void must be one of their values
+    and no class ID (``num_classes..255``; torch's loss default -100 would wrap to 156, and pad
+    as 0, a class).
+
+    Raises:
+        ValueError: outside ``num_classes..255``.
+    """
+    value = int(ignore_index)
+    if not num_classes <= value <= 255:
+        raise ValueError(f"ignore_index must be in {num_classes}..255 (uint8 labels, not a class ID), got {ignore_index}")
+    return value
+
+
 def load_frame(image_path: str | Path, label_path: str | Path, num_classes: int = 11,
                ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
     """Read one frame.
@@ -82,8 +96,10 @@ def load_frame(image_path: str | Path, label_path: str | Path, num_classes: int 
     Raises:
         FileNotFoundError: unreadable image, or no label file.
         ValueError: the label cannot be read as class IDs (:func:`~mpvss_ros.io.video.read_label_png`:
-            damaged, a palette PNG, several distinct channels) or has another size than the image.
+            damaged, a palette PNG, several distinct channels) or has another size than the image;
+            ``ignore_index`` outside ``num_classes..255`` (:func:`_check_ignore_index`).
     """
+    ignore_index = _check_ignore_index(ignore_index, num_classes)
     bgr = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise FileNotFoundError(f"cannot read image {image_path}")
@@ -167,7 +183,7 @@ class CamVidFrames(Dataset):
 
     Raises:
         FileNotFoundError: folders or labels missing; a requested file not present.
-        ValueError: bad crop or scale.
+        ValueError: bad crop or scale; ``ignore_index`` outside ``num_classes..255``.
     """
 
     def __init__(self, root_split_dir: str | Path, annot_dir: str | Path, crop: Sequence[int] = (240, 320),
@@ -192,7 +208,7 @@ class CamVidFrames(Dataset):
         self.color_jitter = bool(color_jitter)
         self.train = bool(train)
         self.num_classes = int(num_classes)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = _check_ignore_index(ignore_index, self.num_classes)
         self.seed = int(seed)
         self.epoch = 0
 

@@ -19,7 +19,7 @@ from mpvss_ros.io.samples import (
     bikes_clip,
 )
 from mpvss_ros.scheduling import DEFAULT_CUT_THRESHOLD, SceneScorer
-from mpvss_ros.training.data import augment_frames, list_frames
+from mpvss_ros.training.data import CamVidFrames, augment_frames, decode_frames, list_frames, load_frame
 from mpvss_ros.training.pairs import (
     FramePairs,
     LabelledFrames,
@@ -186,8 +186,6 @@ def test_dis_flow_target_zero_for_identical_frames_and_anisotropic_grid():
 # --------------------------------------------------------------------------- augment_frames
 
 def _real_frame(camvid_train_dirs) -> tuple[np.ndarray, np.ndarray]:
-    from mpvss_ros.training.data import load_frame
-
     img_dir, ann_dir = camvid_train_dirs
     name = sorted(p.name for p in img_dir.iterdir())[10]
     return load_frame(img_dir / name, ann_dir / name)
@@ -436,8 +434,6 @@ def test_frames_decoded_up_front_are_the_ones_drawn(camvid_train_dirs, tmp_path,
     import shutil
 
     from mpvss_ros.training import pairs as pairs_module
-    from mpvss_ros.training.data import decode_frames
-
     img, ann = tmp_path / "train", tmp_path / "trainannot"
     img.mkdir(), ann.mkdir()
     for name in ("0001TP_006690.png", "0001TP_006720.png", "0001TP_006750.png"):
@@ -455,14 +451,17 @@ def test_frames_decoded_up_front_are_the_ones_drawn(camvid_train_dirs, tmp_path,
     assert all(_equal(a, b) for a, b in zip(got, expected))
 
 
-def _labelled_folder(root: Path, names: list[str], classes: int = 6) -> tuple[Path, Path]:
-    """train/ and trainannot/ under ``root``: 48 x 64 noise images named ``names``, labels 0..classes-1."""
+def _labelled_folder(root: Path, names: list[str], classes: int = 6,
+                     constant_label: dict[str, int] | None = None) -> tuple[Path, Path]:
+    """train/ and trainannot/ under ``root``: 48 x 64 noise images named ``names``, labels 0..classes-1
+    (or all ``constant_label[name]``)."""
     img, ann = root / "train", root / "trainannot"
     img.mkdir(), ann.mkdir()
     rng = np.random.default_rng(0)
     for name in names:
         cv2.imwrite(str(img / name), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
-        cv2.imwrite(str(ann / name), rng.integers(0, classes, (48, 64), dtype=np.uint8))
+        label = rng.integers(0, classes, (48, 64), dtype=np.uint8)
+        cv2.imwrite(str(ann / name), label if constant_label is None else np.full_like(label, constant_label[name]))
     return img, ann
 
 
@@ -539,8 +538,6 @@ def test_labelled_frames_decode_a_frame_once_and_keep_the_class_count(tmp_path, 
 
 
 def test_decode_frames_passes_the_ignore_index_on(tmp_path):
-    from mpvss_ros.training.data import decode_frames, load_frame
-
     files = list_frames(*_labelled_folder(tmp_path, ["s_00000.png", "s_00030.png"], classes=6))
     decoded = decode_frames(files, num_classes=3, ignore_index=7)
     assert len(decoded) == 2
@@ -551,8 +548,6 @@ def test_decode_frames_passes_the_ignore_index_on(tmp_path):
 
 def test_load_frame_voids_16_bit_ids_instead_of_wrapping_them(tmp_path):
     """A 16-bit label PNG's IDs of 256 and more are void, not their low byte (256 read as class 0)."""
-    from mpvss_ros.training.data import load_frame
-
     cv2.imwrite(str(tmp_path / "i.png"), np.zeros((2, 3, 3), np.uint8))
     ids = np.array([[0, 2, 10], [256, 258, 300]], np.uint16)
     cv2.imwrite(str(tmp_path / "l.png"), ids)
@@ -585,3 +580,190 @@ def test_video_frames_for_stage_2_are_resized_as_inference_resizes_them():
     # a frame-oriented portrait canvas is turned for these landscape frames
     (frame,) = load_clip_on_canvas(path, InputConfig(size=[320, 240], canvas_orientation="frame"), limit=1)
     assert frame.shape[:2] == hw
+
+
+def _coded_frame(h: int = 12, w: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """An image whose pixel (r, c) reads (12 c, 20 r, 7) and its label r * w + c: every pixel's
+    label can be told from its image value after any crop and flip."""
+    r, c = np.mgrid[:h, :w]
+    image = np.stack([12 * c, 20 * r, np.full_like(r, 7)], axis=-1).astype(np.uint8)
+    return image, (r * w + c).astype(np.uint8)
+
+
+def _label_of(image: np.ndarray, w: int = 20) -> np.ndarray:
+    return (np.rint(image[..., 1] / 20) * w + np.rint(image[..., 0] / 12)).astype(np.uint8)
+
+
+def test_augment_frames_flips_and_crops_label_with_the_image():
+    """Flip and crop move the label exactly as the image (scale 1, no jitter): a label left unflipped,
+    flipped on the other axis, or cropped at another offset no longer names its pixels."""
+    image, label = _coded_frame()
+    flips = 0
+    for seed in range(16):
+        (a, b), lab = augment_frames([image, image], label, np.random.default_rng(seed), (8, 12), (1.0, 1.0),
+                                     True, False)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(lab, _label_of(a))
+        flips += int(a[0, 0, 0] > a[0, -1, 0])  # column code decreasing: flipped
+    assert 3 <= flips <= 13, flips  # both flipped and unflipped samples (p = 0.5 each)
+
+
+def test_augment_frames_draws_the_scale_over_the_whole_range():
+    """s ~ U(scale): with a crop as large as the frame, the padded (ignore) area varies with s."""
+    image, label = _coded_frame(48, 64)
+    label = np.zeros_like(label)
+    padded = set()
+    for seed in range(8):
+        _, lab = augment_frames([image], label, np.random.default_rng(seed), (48, 64), (0.5, 1.0), False, False)
+        padded.add(int((lab == 255).sum()))
+    assert len(padded) >= 4, padded
+
+
+def test_color_jitter_keeps_grey_grey_and_hue_small():
+    """Brightness/contrast move a grey level by at most 24 levels and 20 %; saturation and hue
+    leave grey grey; hue turns a colour by at most 9 degrees (green stays green)."""
+    grey = np.full((4, 6, 3), 100, np.uint8)
+    green = np.zeros((4, 6, 3), np.uint8)
+    green[..., 1] = 200
+    for seed in range(16):
+        (g,), _ = augment_frames([grey], np.zeros((4, 6), np.uint8), np.random.default_rng(seed), (4, 6),
+                                 (1.0, 1.0), False, True)
+        assert np.ptp(g, axis=-1).max() < 1e-3  # R = G = B
+        assert (100 - 24) * 0.8 - 1e-3 <= g.min() and g.max() <= (100 + 24) * 1.2 + 1e-3
+        (c,), _ = augment_frames([green], np.zeros((4, 6), np.uint8), np.random.default_rng(seed), (4, 6),
+                                 (1.0, 1.0), False, True)
+        assert (c[..., 1] > 2 * c[..., 0]).all() and (c[..., 1] > 2 * c[..., 2]).all()
+
+
+def test_camvid_frames_draws_per_index_and_per_seed(tmp_path):
+    """Sample idx of epoch e uses default_rng([seed, e, idx]): the same frame at two indices, or
+    under two seeds, gets other draws."""
+    folders = _labelled_folder(tmp_path, ["s_00000.png"])
+    ds = CamVidFrames(*folders, crop=(32, 48), scale=(0.75, 1.5), files=["s_00000.png", "s_00000.png"], seed=3)
+    assert not torch.equal(ds[0][0], ds[1][0])
+    other = CamVidFrames(*folders, crop=(32, 48), scale=(0.75, 1.5), files=["s_00000.png", "s_00000.png"], seed=4)
+    assert not torch.equal(ds[0][0], other[0][0])
+
+
+def test_camvid_frames_scale_range_reaches_augmentation(tmp_path):
+    """Both ends of ``scale`` are used: scaled between 0.5 and 1 into a full-size crop, the padded
+    (ignore) area differs between epochs."""
+    folders = _labelled_folder(tmp_path, ["s_00000.png"])
+    ds = CamVidFrames(*folders, crop=(48, 64), scale=(0.5, 1.0), flip=False, color_jitter=False)
+    padded = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        padded.add(int((ds[0][1] == 255).sum()))
+    assert len(padded) >= 4, padded
+
+
+def test_camvid_frames_pads_with_its_own_ignore_index(tmp_path):
+    """The padding of a frame scaled below the crop is the dataset's ignore_index, as its void."""
+    folders = _labelled_folder(tmp_path, ["s_00000.png"], classes=6)
+    ds = CamVidFrames(*folders, crop=(40, 50), scale=(0.5, 0.5), flip=False, num_classes=3,
+                      ignore_index=250, seed=0)
+    _, lab = ds[0]
+    assert (lab[24:] == 250).all() and (lab[:, 32:] == 250).all()
+    assert set(torch.unique(lab).tolist()) <= {0, 1, 2, 250}
+
+
+def test_camvid_frames_keep_the_given_file_order(tmp_path):
+    folders = _labelled_folder(tmp_path, ["s_00000.png", "s_00030.png"])
+    ds = CamVidFrames(*folders, files=["s_00030.png", "s_00000.png"])
+    assert ds.names() == ["s_00030.png", "s_00000.png"]
+
+
+def test_camvid_frames_refuse_a_reversed_scale_range(tmp_path):
+    folders = _labelled_folder(tmp_path, ["s_00000.png"])
+    with pytest.raises(ValueError, match="scale"):
+        CamVidFrames(*folders, scale=(1.5, 0.75))
+
+
+def test_list_frames_is_sorted_whatever_the_folder_order(tmp_path, monkeypatch):
+    """The folder's listing order is the file system's: frames are sorted, so runs repeat."""
+    folders = _labelled_folder(tmp_path, ["s_00000.png", "s_00030.png", "s_00060.png"])
+    real = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(real(self), reverse=True)))
+    assert [i.name for i, _ in list_frames(*folders)] == ["s_00000.png", "s_00030.png", "s_00060.png"]
+
+
+def test_camvid_pairs_keep_sequences_with_underscores_apart():
+    """The frame number is after the last underscore: cam_a_* and cam_b_* are two sequences."""
+    files = [(Path(f"img/{n}.png"), Path(f"lab/{n}.png"))
+             for n in ("cam_a_00030", "cam_a_00060", "cam_b_00045", "cam_b_00075")]
+    got = {(k.stem, c.stem) for k, c, _ in camvid_pairs(files, both_orders=False)}
+    assert got == {("cam_a_00030", "cam_a_00060"), ("cam_b_00045", "cam_b_00075")}
+
+
+def test_camvid_pairs_skip_two_files_of_one_frame_number():
+    """A frame listed twice (seq_030.jpg and seq_30.png): no motion between them, no pair."""
+    files = [(Path(f"img/{n}"), Path(f"lab/{n}")) for n in ("seq_030.png", "seq_30.png", "seq_60.png", "seq_90.png",
+                                                          "seq_120.png")]
+    got = [(k.stem, c.stem) for k, c, _ in camvid_pairs(files, both_orders=False)]
+    assert [c for _, c in got] == ["seq_60", "seq_90", "seq_120"], got
+
+
+_OTHER = np.random.default_rng(6).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+def test_video_pairs_never_cross_a_cut(tmp_path):
+    """Two shots (a hard cut at frame 4): every video pair's key and current are of one shot."""
+    frames = [_CLIP_BASE + np.uint8(i) for i in range(4)] + [_OTHER + np.uint8(i) for i in range(4)]
+    labels = [np.zeros((48, 64), np.uint8)] * 8
+    assert video_shots(frames) == [(0, 4), (4, 8)]
+    labelled = LabelledFrames(*_labelled_folder(tmp_path, ["a.png", "b.png"]))
+    pairs = FramePairs(labelled, [(frames, labels)], crop=(48, 64), max_gap=3, video_fraction=1.0)
+    assert pairs.video and all((k < 4) == (t < 4) for _, k, t in pairs.video), pairs.video
+    assert len(pairs.video) == 2 * (3 + 2 + 1)
+
+
+def test_video_shots_split_at_a_size_change_at_the_second_frame():
+    frames = [_CLIP_BASE, cv2.resize(_CLIP_BASE, (48, 48)), cv2.resize(_CLIP_BASE, (48, 48))]
+    assert video_shots(frames) == [(0, 1), (1, 3)]
+
+
+def test_synthetic_draws_leave_the_video_camvid_mix_alone(tmp_path):
+    """Synthetic draws come from their own generator: with half of them synthetic, the rest still
+    mixes video and CamVid pairs (a shared generator left only CamVid pairs)."""
+    labelled = LabelledFrames(*_labelled_folder(tmp_path, ["s_00000.png", "s_00030.png"]))
+    frames = [_CLIP_BASE + np.uint8(i) for i in range(4)]
+    pairs = FramePairs(labelled, [(frames, [np.zeros((48, 64), np.uint8)] * 4)], crop=(32, 32), max_gap=1,
+                       video_fraction=0.5, synthetic_fraction=0.5, seed=0)
+    sources = [pairs.sample(0, i).source for i in range(24)]
+    assert set(sources) == {"synthetic", "video", "camvid"}, sources
+
+
+def test_synthetic_pairs_draw_every_labelled_frame(tmp_path):
+    """Each listed frame is a source of synthetic pairs, the last one too (labels name the frame)."""
+    names = ["a.png", "b.png"]
+    labelled = LabelledFrames(*_labelled_folder(tmp_path, names, constant_label={"a.png": 1, "b.png": 2}))
+    pairs = FramePairs(labelled, [], crop=(32, 32), synthetic_fraction=1.0, seed=0)
+    seen = set()
+    for i in range(12):
+        seen |= set(torch.unique(pairs.sample(0, i).label).tolist()) - {255}
+    assert seen == {1, 2}, seen
+
+
+def test_synthetic_pairs_are_flipped_as_the_other_pairs(tmp_path):
+    """flip=True reaches the synthetic pairs' augmentation: some keys come mirrored."""
+    img, ann = tmp_path / "train", tmp_path / "trainannot"
+    img.mkdir(), ann.mkdir()
+    frame = np.full((48, 64, 3), 50, np.uint8)
+    frame[:, :32] = 200  # bright left half
+    cv2.imwrite(str(img / "a.png"), frame)
+    cv2.imwrite(str(ann / "a.png"), np.zeros((48, 64), np.uint8))
+    pairs = FramePairs(LabelledFrames(img, ann), [], crop=(48, 64), scale=(1.0, 1.0), color_jitter=False,
+                       synthetic_fraction=1.0, seed=0)
+    mirrored = [bool(s.key[:, :, :32].mean() < s.key[:, :, 32:].mean()) for s in (pairs.sample(0, i) for i in range(16))]
+    assert any(mirrored) and not all(mirrored), mirrored
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 256, 2])
+def test_an_ignore_index_that_is_no_uint8_void_is_refused(tmp_path, ignore_index):
+    """Labels are uint8: -100 (torch's loss default) wrapped to 156 and padded as 0, a class; 2 is a
+    class of a 3-class dataset."""
+    folders = _labelled_folder(tmp_path, ["s_00000.png"])
+    with pytest.raises(ValueError, match="ignore_index must be in 3..255"):
+        CamVidFrames(*folders, num_classes=3, ignore_index=ignore_index)
+    with pytest.raises(ValueError, match="ignore_index must be in 3..255"):
+        load_frame(*list_frames(*folders)[0], num_classes=3, ignore_index=ignore_index)
