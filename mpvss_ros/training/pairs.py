@@ -28,6 +28,7 @@ carry their exact flow, averaged onto the grid the same way.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,9 +139,10 @@ def camvid_pairs(files: Sequence[tuple[Path, Path]], both_orders: bool = True) -
             order = sorted(range(len(items)), key=numbers.__getitem__)
             items, numbers = [items[j] for j in order], [numbers[j] for j in order]
         steps = [b - a for a, b in zip(numbers[:-1], numbers[1:])] if None not in numbers else []
-        usual = float(np.median(steps)) if steps else None
+        moving = [step for step in steps if step > 0]  # a repeated number is no step of the labelling
+        usual = float(np.median(moving)) if moving else math.inf
         for i, ((k_img, k_lab), (c_img, c_lab)) in enumerate(zip(items[:-1], items[1:])):
-            if usual is not None and (steps[i] <= 0 or steps[i] > 1.5 * usual):  # a repeated number: no motion pair
+            if steps and (steps[i] <= 0 or steps[i] > 1.5 * usual):  # a repeated number: no motion pair
                 continue
             pairs.append((k_img, c_img, c_lab))
             if both_orders:

@@ -701,6 +701,9 @@ def test_camvid_pairs_skip_two_files_of_one_frame_number():
                                                           "seq_120.png")]
     got = [(k.stem, c.stem) for k, c, _ in camvid_pairs(files, both_orders=False)]
     assert [c for _, c in got] == ["seq_60", "seq_90", "seq_120"], got
+    # nor is its zero step one of the usual steps (the median of 0 and 30 made 30 a jump)
+    files = [(Path(f"img/{n}"), Path(f"lab/{n}")) for n in ("seq_030.png", "seq_30.png", "seq_60.png")]
+    assert [(k.stem, c.stem) for k, c, _ in camvid_pairs(files, both_orders=False)] == [("seq_30", "seq_60")]
 
 
 _OTHER = np.random.default_rng(6).integers(0, 256, (48, 64, 3), dtype=np.uint8)
