@@ -255,3 +255,20 @@ def test_a_clip_of_one_block_and_a_few_frames_has_no_interval(frames):
     assert all(math.isnan(v) for v in result["ci"]) and math.isnan(result["share_a_better"])
     assert paired_miou_difference(np.concatenate([a, a[:20 - frames]]), np.concatenate([b, b[:20 - frames]]),
                                   block=10)["kept"] == 2000  # two whole blocks: an interval
+
+
+@pytest.mark.parametrize("a, b", [
+    (_counts(), _counts(tp=-1)),           # B's TP negative, every other check holds (B11)
+    (_counts(tp=-1), _counts()),
+    (_counts(), _counts(tp=0, pred=-1)),
+])
+def test_negative_counts_of_either_setting_are_refused(a, b):
+    with pytest.raises(ValueError, match="integers >= 0"):
+        paired_difference_of_counts(a, b)
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, -0.5, float("nan")])
+def test_level_must_be_strictly_between_0_and_1(level):
+    # level 0 gave a zero-width "0 % interval" at the median (B13)
+    with pytest.raises(ValueError, match="level must be in"):
+        paired_difference_of_counts(_counts(frames=30), _counts(frames=30), block=5, samples=50, level=level)

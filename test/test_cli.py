@@ -1012,3 +1012,104 @@ def test_an_output_folder_that_cannot_be_prepared_is_no_partial_output(tmp_path,
     assert capsys.readouterr().err.strip().splitlines() == [
         f"mpvss: error: cannot create the output folder {tmp_path / 'out' / 'labels'}: No such file or directory"]
     assert "partial output" not in caplog.text
+
+
+def test_backend_failures_not_in_a_row_never_stop_mpvss_segment(tmp_path, monkeypatch):
+    """A frame segmented resets the count of failures in a row (segment_path calls
+    failures.succeeded(); O02): with the limit lowered to 2, a backend failing on every non-key
+    frame fails twice in all but never twice in a row, and the run completes."""
+    import mpvss_ros.offline as offline
+    from mpvss_ros.propagation import CopyPropagator
+
+    rng = np.random.default_rng(2)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for i in range(4)})
+    monkeypatch.setattr(offline, "MAX_ENGINE_FAILURES_IN_A_ROW", 2)
+    monkeypatch.setattr(CopyPropagator, "propagate", lambda self, key, image: (_ for _ in ()).throw(RuntimeError("no")))
+    out = tmp_path / "out"
+    assert _segment(out.parent / "frames", out, "--propagator", "copy", "--schedule", "fixed:10", "--no-overlay") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_engine"] == ["f1", "f3"] and summary["frames"] == 2
+
+
+def test_summary_class_pixel_share_is_over_every_frame(tmp_path, monkeypatch):
+    """class_pixel_share sums the labels of every frame segmented (O10), lists only classes with
+    pixels (O09), and each share is that class's pixels over all pixels."""
+    from mpvss_ros.io.video import read_label_png
+
+    rng = np.random.default_rng(4)
+    stems = [f"f{i}" for i in range(3)]
+    _write_folder(tmp_path / "frames", {s: rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for s in stems})
+    out = tmp_path / "out"
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy", "--schedule", "fixed:1", "--no-overlay") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    labels = np.concatenate([read_label_png(out / "labels" / f"{s}.png").ravel() for s in stems])
+    counts = np.bincount(labels, minlength=len(summary["class_names"]))
+    expected = {str(c): round(float(n) / labels.size, 6) for c, n in enumerate(counts) if n > 0}
+    assert summary["class_pixel_share"] == expected
+
+
+def test_run_stats_key_frame_ratio_counts_frames_without_a_total():
+    """key_frame_ratio is key frames over frames added, frames without a total timing included (O06)."""
+    from mpvss_ros.offline import RunStats
+
+    stats = RunStats()
+    stats.add({"is_key_frame": True, "key_frame_reason": "first", "stage_latency_ms": {"total": 3.0}})
+    stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {}})
+    stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {}})
+    stats.add({"is_key_frame": True, "key_frame_reason": "interval", "stage_latency_ms": {"segmentor": 2.0}})
+    summary = stats.summary(np.array([0, 3, 1], np.int64))
+    assert summary["frames"] == 4 and summary["key_frames"] == 2 and summary["key_frame_ratio"] == 0.5
+    assert summary["class_pixel_share"] == {1: 0.75, 2: 0.25}
+    assert RunStats().summary(np.zeros(2, np.int64))["key_frame_ratio"] == 0.0
+
+
+@pytest.mark.parametrize("fps, written", [(0.5, 1.0), (0.01, 1.0), (1000.0, 240.0), (25.0, 25.0)])
+def test_the_overlay_video_rate_is_kept_within_1_to_240_fps(tmp_path, fps, written):
+    """overlay.mp4 is written at 1-240 fps whatever the input's rate (O14: the lower bound)."""
+    from mpvss_ros.offline import OVERLAY_FPS_RANGE, _OverlayVideo
+
+    assert OVERLAY_FPS_RANGE == (1.0, 240.0)
+    video = _OverlayVideo(tmp_path / "overlay.mp4", fps)
+    assert video.fps == written
+    video.write(np.zeros((16, 16, 3), np.uint8))
+    video.close()
+    assert video.written and video.fps == written
+
+
+def test_the_overlay_tag_says_key_frame_or_propagated(tmp_path, monkeypatch):
+    """Each overlay frame's tag is frame_tag of its result (O17: inverted key / propagated)."""
+    import mpvss_ros.offline as offline
+
+    tags, real = [], offline.overlay
+    monkeypatch.setattr(offline, "overlay", lambda *a, **kw: (tags.append(kw["tag"]), real(*a, **kw))[1])
+    rng = np.random.default_rng(6)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(5)})
+    assert _segment(tmp_path / "frames", tmp_path / "out", "--propagator", "copy", "--schedule", "fixed:3") == 0
+    assert tags == ["key frame", "propagated +1", "propagated +2", "key frame", "propagated +1"]
+
+
+def test_summary_fps_leaves_out_the_backend_setup_time(tmp_path, monkeypatch):
+    """summary fps = frames / (wall_time_s - setup_s) (README: its fps leaves out setup_s; O21).
+    The time of the first push is booked as setup (as a fixed-shape backend's export would be):
+    no timing is asserted, only the identity between the summary's own figures."""
+    import time
+
+    from mpvss_ros.segmenter import VideoSegmenter
+
+    real = VideoSegmenter.push
+
+    def push(self, image, stamp, **kw):
+        t = time.perf_counter()
+        result = real(self, image, stamp, **kw)
+        if self.setup_s == 0.0:
+            self.setup_s = time.perf_counter() - t
+        return result
+
+    monkeypatch.setattr(VideoSegmenter, "push", push)
+    rng = np.random.default_rng(7)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(3)})
+    out = tmp_path / "out"
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy", "--no-overlay") == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert 0 < s["setup_s"] < s["wall_time_s"]
+    assert s["fps"] == pytest.approx(s["frames"] / (s["wall_time_s"] - s["setup_s"]), rel=1e-9)

@@ -282,3 +282,88 @@ def test_the_tag_never_covers_the_legend(hw):
     if h >= 240:  # room on every OpenCV version seen (4.5.4, 4.6.0, 5.1.0)
         assert tag is not None
     assert draw_tag(np.zeros((100, 100, 3), np.uint8), "propagated +9", "top-right", avoid=(0, 0, 100, 100)) is None
+
+
+@pytest.mark.parametrize("palette", [
+    [[0, 0, -1], [0, 0, 0]],          # negative: would wrap to 255 (V06)
+    [[0, 0, 12.5], [0, 0, 0]],        # fractional: would be cut to 12 (V07)
+])
+def test_make_palette_refuses_colours_that_are_not_integers_0_to_255(palette):
+    with pytest.raises(ValueError, match="base"):
+        make_palette(2, palette)
+    with pytest.raises(ValueError, match="palette"):
+        overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8), palette)
+    np.testing.assert_array_equal(make_palette(2, [[0.0, 1.0, 2.0], [3, 4, 5]]), [[0, 1, 2], [3, 4, 5]])
+
+
+def test_overlay_keeps_the_image_under_void_255_with_a_255_colour_palette():
+    """uint8 labels and K = 255: label 255 is void (outside 0..254) and keeps the image (V08)."""
+    image, labels = _scene(40, 60)
+    labels[:, -10:] = 255
+    pal = make_palette(255)
+    out = overlay(image, labels, pal, alpha=0.5, legend=False)
+    np.testing.assert_array_equal(out[labels == 255], image[labels == 255])
+    assert not np.array_equal(out[labels == 0], image[labels == 0])
+
+
+@pytest.mark.parametrize("alpha", [-0.5, 1.5, float("nan")])
+def test_overlay_refuses_alpha_outside_0_1_on_both_sides(alpha):
+    image, labels = _scene(20, 30)
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(image, labels, make_palette(11), alpha=alpha)
+
+
+@pytest.mark.parametrize("hw", [(240, 180), (480, 270)])
+def test_overlay_tag_never_draws_over_the_legend(hw):
+    """overlay itself passes the legend's box to draw_tag (V17): on portrait frames, where the
+    wide legend reaches under the top-right corner, the legend's pixels are the same with and
+    without a tag."""
+    h, w = hw
+    names = ["sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol", "fence", "car", "pedestrian",
+             "bicyclist"]
+    labels = (np.arange(w)[None, :].repeat(h, 0) * 11 // w).astype(np.uint8)
+    image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    pal = make_palette(11)
+    plain = overlay(image, labels, pal, class_names=names)
+    tagged = overlay(image, labels, pal, class_names=names, tag="propagated +9")
+    x0, y0, x1, y1 = draw_legend(overlay(image, labels, pal, legend=False), labels, pal, names).box
+    np.testing.assert_array_equal(tagged[y0:y1, x0:x1], plain[y0:y1, x0:x1])
+    assert not np.array_equal(tagged, plain)  # the tag was drawn, elsewhere
+
+
+def test_legend_and_tag_background_is_darkened_to_three_eighths():
+    """The box behind legend and tag keeps 37.5 % of the image (V18): on a uniform grey of 200,
+    the background pixels of the tag's box are 75."""
+    image = np.full((272, 640, 3), 200, np.uint8)
+    x0, y0, x1, y1 = draw_tag(image, "key frame", "top-right")
+    box = image[y0:y1, x0:x1]
+    assert box[0, 0].tolist() == [75, 75, 75] and box[-1, -1].tolist() == [75, 75, 75]
+    assert int((box == 75).all(-1).sum()) > box.shape[0] * box.shape[1] // 2
+
+
+def test_legend_swatch_is_the_class_colour_in_rgb():
+    """The swatch is drawn in the palette's RGB colour, channels not swapped (V24)."""
+    pal = np.array([[250, 10, 120], [10, 200, 30]], np.uint8)
+    labels = np.zeros((272, 640), np.uint8)
+    image = np.zeros((272, 640, 3), np.uint8)
+    x0, y0, x1, y1 = draw_legend(image, labels, pal).box
+    box = image[y0:y1, x0:x1]
+    assert (box == pal[0]).all(-1).sum() >= 16  # the swatch's inside
+    assert not (box == pal[0][::-1]).all(-1).any()
+
+
+def test_legend_refuses_class_names_not_one_per_colour():
+    image, labels = _scene(40, 60)
+    pal = make_palette(11)
+    for names in ([f"c{i}" for i in range(10)], [f"c{i}" for i in range(12)]):  # V23: too many names passed
+        with pytest.raises(ValueError, match="class_names"):
+            overlay(image, labels, pal, class_names=names)
+        with pytest.raises(ValueError, match="class_names"):
+            draw_legend(image.copy(), labels, pal, names)
+
+
+@pytest.mark.parametrize("max_entries", [0, -1, 2.0, True])
+def test_legend_refuses_max_entries_below_one_or_not_an_int(max_entries):
+    image, labels = _scene(40, 60)
+    with pytest.raises(ValueError, match="max_entries"):
+        draw_legend(image.copy(), labels, make_palette(11), max_entries=max_entries)
