@@ -246,7 +246,8 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
     scales with the image height (``H / 600``, clamped to 0.35..1.5; about 10 px high text at
     H = 272). Lines are capped by ``max_entries`` and by the height of the image; when not all
     classes fit, the largest by pixel count are listed (in class-ID order) and a last line
-    reads ``+N more``; when only one line fits, it names the largest class. Names too wide for the image are shortened with ``..``; non-ASCII
+    reads ``+N more`` (``+N`` where the image is too narrow for it, no line where even that does
+    not fit: a count is never shortened); when only one line fits, it names the largest class. Names too wide for the image are shortened with ``..``; non-ASCII
     characters are drawn as ``?``. Nothing is drawn if not even one line fits.
 
     Args:
@@ -294,7 +295,11 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
         shown, hidden = np.sort(np.array(order[:n])), int(present.size - n)
     entries = [(int(i), names[i]) for i in shown]
     lines = [_fit(_ascii(name), max_text_w, scale, thick) for _, name in entries]
-    more = _fit(f"+{hidden} more", max_text_w, scale, thick) if hidden and capacity >= 2 else None
+    more = None
+    if hidden and capacity >= 2:  # a count is never cut: "+49 more", else "+49", else no line
+        fitting = [t for t in (f"+{hidden} more", f"+{hidden}")
+                   if cv2.getTextSize(t, _FONT, scale, thick)[0][0] <= max_text_w]
+        more = fitting[0] if fitting else None
     widths = [cv2.getTextSize(t, _FONT, scale, thick)[0][0] for t in lines + ([more] if more else [])]
 
     n_lines = len(lines) + (1 if more else 0)

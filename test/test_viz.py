@@ -367,3 +367,20 @@ def test_legend_refuses_max_entries_below_one_or_not_an_int(max_entries):
     image, labels = _scene(40, 60)
     with pytest.raises(ValueError, match="max_entries"):
         draw_legend(image.copy(), labels, make_palette(11), max_entries=max_entries)
+
+
+@pytest.mark.parametrize("w", [36, 40, 48, 64, 400])
+def test_the_more_line_never_cuts_its_count(w, monkeypatch):
+    """On a narrow image "+N more" becomes "+N", or no line, never "+4.." for 49 hidden classes."""
+    import mpvss_ros.viz as viz
+
+    h = 200
+    labels = (np.arange(h * w).reshape(h, w) % 60).astype(np.uint8)  # 60 classes present
+    drawn, put_text = [], viz.cv2.putText
+    monkeypatch.setattr(viz.cv2, "putText", lambda im, text, *a, **k: (drawn.append(text), put_text(im, text, *a, **k))[1])
+    legend = draw_legend(np.zeros((h, w, 3), np.uint8), labels, make_palette(60))
+    assert legend.hidden > 0
+    counts = [t for t in drawn if t.startswith("+")]
+    assert counts in ([], [f"+{legend.hidden} more"], [f"+{legend.hidden}"]), counts
+    if w == 400:
+        assert counts == [f"+{legend.hidden} more"]
