@@ -646,6 +646,8 @@ def test_non_finite_logits_publish_nothing_and_the_next_frame_is_a_key_frame(mak
     monkeypatch.undo()
     out = core.process(image_msg(types, frame(), 1.2))
     assert out.info.is_key_frame and out.info.key_frame_reason == "non_finite"
+    values = dict(core.diagnostic_status().values)  # a key frame the schedule did not choose: forced
+    assert values["key frames (non_finite)"] == "1" and values["forced key frames"] == "2"
 
 
 def test_frames_above_max_image_pixels_are_skipped_and_the_limit_is_dynamic(make_core, types):
@@ -887,15 +889,23 @@ def test_re_enabling_restarts_the_no_output_timer(make_core, types):
     assert core.diagnostic_status().level == WARN
 
 
-def test_diagnostics_warn_when_dropping_more_than_half(make_core, types):
+def _status_after_replacing(make_core, types, period: int):
+    """/diagnostics after 12 messages 0.05 s apart of which the worker takes every ``period``-th
+    (the others replaced in the slot)."""
     core, clock, _ = make_core()
     slot = core.make_slot()
-    for i in range(12):  # 3 of 4 frames replaced before the worker gets to them
-        feed(core, clock, slot, image_msg(types, frame(), 1.0 + 0.05 * i), dt=0.05, process=(i % 4 == 3))
-    status = core.diagnostic_status()
-    values = dict(status.values)
-    assert values["dropped replaced"] == "9"
+    for i in range(12):
+        feed(core, clock, slot, image_msg(types, frame(), 1.0 + 0.05 * i), dt=0.05, process=(i % period == period - 1))
+    return core.diagnostic_status()
+
+
+def test_diagnostics_warn_when_dropping_more_than_half(make_core, types):
+    status = _status_after_replacing(make_core, types, 4)  # 3 of 4 frames replaced
+    assert dict(status.values)["dropped replaced"] == "9"
     assert status.level == WARN and "dropping 75%" in status.message
+    status = _status_after_replacing(make_core, types, 2)  # exactly half: no warning ("more than half")
+    assert (dict(status.values)["dropped replaced"], dict(status.values)["drop ratio"]) == ("6", "0.500")
+    assert status.level == OK, status.message
 
     core, clock, _ = make_core(max_frame_age_s=0.5)  # stale frames count as drops too
     slot = core.make_slot()
@@ -1287,31 +1297,6 @@ def test_enabling_an_enabled_core_resets_nothing(make_core, types):
     out = core.process(image_msg(types, frame(), 1.1))
     assert (out.info.is_key_frame, out.info.key_frame_reason) == (False, "")
     assert core.key_frame_reasons == {"first": 1}
-
-
-def test_non_finite_key_frames_count_as_forced(make_core, types, monkeypatch):
-    """Every reason the schedule did not choose counts in /diagnostics' "forced key frames"."""
-    core, _, _ = make_core()
-    assert core.process(image_msg(types, frame(), 1.0)) is not None
-    real = core.segmenter.propagator.propagate
-    monkeypatch.setattr(core.segmenter.propagator, "propagate", lambda key, f: real(key, f) * float("nan"))
-    assert core.process(image_msg(types, frame(), 1.1)) is None
-    monkeypatch.undo()
-    assert core.process(image_msg(types, frame(), 1.2)).info.key_frame_reason == "non_finite"
-    values = dict(core.diagnostic_status().values)
-    assert values["key frames (non_finite)"] == "1" and values["forced key frames"] == "2"
-
-
-def test_diagnostics_exactly_half_dropped_is_no_warning(make_core, types):
-    """WARN when *more than* half the received frames drop: every other frame replaced is OK."""
-    core, clock, _ = make_core()
-    slot = core.make_slot()
-    for i in range(12):  # 1 of 2 frames replaced before the worker gets to it
-        feed(core, clock, slot, image_msg(types, frame(), 1.0 + 0.05 * i), dt=0.05, process=(i % 2 == 1))
-    status = core.diagnostic_status()
-    values = dict(status.values)
-    assert values["dropped replaced"] == "6" and values["drop ratio"] == "0.500"
-    assert status.level == OK, status.message
 
 
 def test_a_worker_never_started_counts_what_waits_in_its_slot(band_loaded, types):
