@@ -53,7 +53,7 @@ class SyntheticMotion:
 
     Attributes:
         max_shift: background shift, uniform in [-max_shift, max_shift] per axis (pixels).
-        zoom: background scale, uniform in [1 - zoom, 1 + zoom].
+        zoom: background scale, uniform in [1 - zoom, 1 + zoom]; 0 <= zoom < 1.
         rotation_deg: background rotation, uniform in [-rotation_deg, rotation_deg] (degrees).
         object_shift: the moving segment's extra shift per axis (pixels).
         object_probability: chance that a segment moves on its own (when one is large enough).
@@ -92,6 +92,8 @@ class SyntheticMotion:
                 raise ValueError(f"SyntheticMotion.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_travel >= 3.0:
             raise ValueError(f"SyntheticMotion.max_travel must be < 3, got {self.max_travel}")
+        if self.zoom >= 1.0:  # a scale of 1 - zoom <= 0 would collapse or mirror the frame
+            raise ValueError(f"SyntheticMotion.zoom must be < 1, got {self.zoom}")
 
 
 def inverse_depth(label: np.ndarray, horizon: float, sky_classes: Sequence[int] = CAMVID_SKY_CLASSES,

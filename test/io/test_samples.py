@@ -65,3 +65,30 @@ def test_real_shared_data_layout(monkeypatch):
     assert len(images) == 101
     assert images == sorted(p.name for p in annot.glob("*.png"))
     assert samples.dashcam_clip() is not None
+
+
+def test_shared_data_default_is_beside_the_checkout(tmp_path, monkeypatch):
+    fake = tmp_path / "checkout" / "mpvss_ros" / "io" / "samples.py"
+    fake.parent.mkdir(parents=True)
+    fake.touch()
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    monkeypatch.setattr(samples, "__file__", str(fake))
+    monkeypatch.delenv(samples.SHARED_DATA_ENV, raising=False)
+    assert samples.shared_data_dir() == (tmp_path / "shared" / "data").resolve()
+    monkeypatch.setenv(samples.SHARED_DATA_ENV, "")  # set but empty: the default, not the working folder
+    assert samples.shared_data_dir() == (tmp_path / "shared" / "data").resolve()
+
+
+def test_shared_data_env_expands_the_home_folder(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(samples.SHARED_DATA_ENV, "~/data")
+    assert samples.shared_data_dir() == (tmp_path / "data").resolve()
+
+
+def test_default_data_class_check_only_for_the_default_data():
+    samples.check_default_data_classes(11, "mpvss_lite", None)
+    samples.check_default_data_classes(19, "mpvss_r50", "/some/own/data")  # own data: any classes
+    for k in (5, 19):
+        with pytest.raises(ValueError, match="CamVid"):
+            samples.check_default_data_classes(k, "m", None)

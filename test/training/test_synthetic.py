@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import mpvss_ros.training.pairs as pairs_module
 from mpvss_ros.propagation import pool_flow
 from mpvss_ros.training.pairs import FramePairs, LabelledFrames
 from mpvss_ros.training.synthetic import SyntheticMotion, inverse_depth, synthetic_pair
@@ -91,7 +92,7 @@ def test_dis_recovers_the_synthetic_flow_on_a_real_frame(bikes_frames):
 
 def test_synthetic_motion_rejects_bad_ranges():
     for bad in (dict(travel_probability=1.5), dict(object_probability=-0.1), dict(max_shift=-1.0),
-                dict(max_travel=3.0)):
+                dict(max_travel=3.0), dict(max_travel=-0.5), dict(zoom=1.0), dict(zoom=1.5)):
         with pytest.raises(ValueError, match="SyntheticMotion"):
             SyntheticMotion(**bad)
 
@@ -140,12 +141,13 @@ def test_pooled_synthetic_flow_is_in_grid_pixels(bikes_frames):
     np.testing.assert_allclose(pooled[..., 1], flow[0, 0, 1] / 16, rtol=1e-4)
 
 
-def _street_label(h: int = 120, w: int = 160) -> np.ndarray:
-    """Sky above row 40, road below row 60, a building (1) between, a car (8) standing on the road."""
+def _street_label(h: int = 120, w: int = 160, car: bool = True) -> np.ndarray:
+    """Sky above row 40, road below row 60, a building (1) between, optionally a car (8) on the road."""
     label = np.full((h, w), 3, np.uint8)
     label[:40] = 0
     label[40:60] = 1
-    label[70:100, 100:130] = 8
+    if car:
+        label[70:100, 100:130] = 8
     return label
 
 
@@ -216,3 +218,161 @@ def test_frame_pairs_synthetic_camera_travel_draws_are_seeded(camvid_train_dirs)
     flows = [a.sample(0, i).flow for i in range(4)]
     assert all(torch.equal(f, b.sample(0, i).flow) for i, f in enumerate(flows))
     assert any(float(f.abs().max()) > 0.05 for f in flows)  # some crops really travel
+
+
+def _key(h: int = 60, w: int = 80) -> np.ndarray:
+    key = np.random.default_rng(7).uniform(0, 255, (h, w, 3)).astype(np.float32)
+    return cv2.GaussianBlur(key, (0, 0), 1.5)
+
+
+def _affine(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares (M, t) with p + flow(p) = M p + t."""
+    h, w = flow.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    a = np.stack([xx.ravel(), yy.ravel(), np.ones(h * w)], 1)
+    rx = np.linalg.lstsq(a, (xx + flow[..., 0]).ravel(), rcond=None)[0]
+    ry = np.linalg.lstsq(a, (yy + flow[..., 1]).ravel(), rcond=None)[0]
+    return np.array([[rx[0], rx[1]], [ry[0], ry[1]]]), np.array([rx[2], ry[2]])
+
+
+def test_background_motion_is_a_similarity_within_its_ranges():
+    key, label = _key(), np.zeros((60, 80), np.uint8)
+    motion = SyntheticMotion(max_shift=10.0, zoom=0.1, rotation_deg=3.0, object_probability=0.0)
+    angles, scales = [], []
+    for seed in range(24):
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+        m, _ = _affine(flow)
+        assert abs(m[0, 0] - m[1, 1]) < 1e-4 and abs(m[0, 1] + m[1, 0]) < 1e-4  # rotation and zoom, no shear
+        scales.append(float(np.hypot(m[0, 0], m[1, 0])))
+        angles.append(float(np.degrees(np.arctan2(m[1, 0], m[0, 0]))))
+    assert 0.9 - 1e-4 <= min(scales) < 1.0 < max(scales) <= 1.1 + 1e-4
+    assert -3.0 - 1e-3 <= min(angles) < 0.0 < max(angles) <= 3.0 + 1e-3
+    shifts = []
+    for seed in range(24):
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed),
+                                    SyntheticMotion(max_shift=10.0, object_probability=0.0, **STILL))
+        shifts.append(flow[0, 0])
+    shifts = np.array(shifts)
+    assert np.abs(shifts).max() <= 10.0 + 1e-4
+    for axis in (0, 1):  # each axis drawn on its own, both directions
+        assert shifts[:, axis].min() < -1.0 and shifts[:, axis].max() > 1.0
+    assert np.abs(shifts[:, 0] - shifts[:, 1]).max() > 1.0
+
+
+def test_object_shift_is_drawn_from_object_shift():
+    key = _key(120, 160)
+    label = np.zeros((120, 160), np.uint8)
+    label[40:90, 50:110] = 8
+    motion = SyntheticMotion(max_shift=0.0, object_shift=10.0, object_probability=1.0, **STILL)
+    extras = []
+    for seed in range(8):
+        _, cur_label, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+        extras.append(np.abs(flow[cur_label == 8]).max())
+    assert max(extras) > 2.0 and max(extras) <= 10.0 + 1e-3
+
+
+def test_void_exactly_where_the_source_is_outside_the_key_frame():
+    key = _key()
+    label = np.zeros((60, 80), np.uint8)
+    label[:, 40:] = 3
+    h, w = label.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for motion in (SyntheticMotion(max_shift=5.5, object_probability=0.0, **STILL),
+                   SyntheticMotion(max_shift=5.5, zoom=0.1, rotation_deg=3.0, object_probability=0.0)):
+        for seed in range(6):
+            _, cur_label, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+            sx, sy = xx + flow[..., 0], yy + flow[..., 1]
+            outside = (sx < 0) | (sx > w - 1) | (sy < 0) | (sy > h - 1)
+            assert outside.any()
+            assert (cur_label[outside] == 255).all() and (cur_label[~outside] != 255).all()
+
+
+def test_key_border_is_replicated_in_the_current_frame():
+    key = _key()
+    label = np.zeros((60, 80), np.uint8)
+    h, w = label.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cur, _, flow = synthetic_pair(key, label, np.random.default_rng(0),
+                                  SyntheticMotion(max_shift=8.0, object_probability=0.0, **STILL))
+    assert np.abs(flow[0, 0]).max() > 1.0
+    expected = cv2.remap(key, xx + flow[..., 0], yy + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    assert np.abs(cur - expected).max() < 1e-3
+
+
+def test_inverse_depth_above_the_horizon_is_zero_not_negative():
+    label = _street_label()
+    rho = inverse_depth(label, horizon=80.0)  # the building's contact row 59 and road rows 60..80 lie above it
+    assert rho.min() >= 0.0
+    assert (rho[40:81, 10] == 0).all()
+
+
+def test_backward_travel_never_folds_through_the_focus_of_expansion():
+    """max_travel just below 3: s >= -max_travel / 3 keeps 1 + s * rho > 0, so the bottom row's sources
+    stay in order."""
+    label = _street_label(car=False)
+    key = _key(120, 160)
+    motion = SyntheticMotion(travel_probability=1.0, max_travel=2.9, object_probability=0.0, max_shift=0.0,
+                             zoom=0.0, rotation_deg=0.0)
+    for seed in range(16):
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+        src_x = np.arange(160) + flow[-1, :, 0]
+        assert (np.diff(src_x) > 0).all(), seed
+
+
+def test_focus_of_expansion_lies_in_the_middle_of_the_width():
+    label = _street_label(car=False)
+    key = _key(120, 160)
+    motion = SyntheticMotion(travel_probability=1.0, max_travel=0.3, object_probability=0.0, max_shift=0.0,
+                             zoom=0.0, rotation_deg=0.0)
+    foes = []
+    for seed in range(16):
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+        slope, offset = np.polyfit(np.arange(160), flow[-1, :, 0], 1)
+        if abs(slope) > 1e-3:
+            foes.append(-offset / slope)
+    assert len(foes) >= 8
+    assert 0.3 * 160 - 0.5 <= min(foes) and max(foes) <= 0.7 * 160 + 0.5, foes
+
+
+def test_custom_sky_and_ground_classes_drive_the_travel():
+    label = _street_label(car=False)
+    custom = label.copy()
+    custom[label == 0] = 5
+    custom[label == 3] = 7
+    key = _key(120, 160)
+    common = dict(travel_probability=1.0, object_probability=0.0, max_shift=0.0, zoom=0.0, rotation_deg=0.0)
+    for seed in range(3):
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), SyntheticMotion(**common))
+        _, _, flow_custom = synthetic_pair(key, custom, np.random.default_rng(seed),
+                                           SyntheticMotion(sky_classes=(5,), ground_classes=(7,), **common))
+        assert np.abs(flow).max() > 0.5
+        np.testing.assert_allclose(flow_custom, flow, atol=1e-5)
+
+
+def test_frame_pairs_synthetic_sample_is_the_pair_with_flow_in_grid_pixels(camvid_train_dirs, monkeypatch):
+    made = []
+
+    def record(*args, **kwargs):
+        made.append(synthetic_pair(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(pairs_module, "synthetic_pair", record)
+    labelled = LabelledFrames(*camvid_train_dirs)
+    shift = SyntheticMotion(max_shift=16.0, object_probability=0.0, **STILL)
+    fp = FramePairs(labelled, [], crop=(96, 128), video_fraction=0.0, seed=4, synthetic_fraction=1.0,
+                    flow_stride=8.0, synthetic_motion=shift)
+    yy, xx = np.mgrid[0:96, 0:128].astype(np.float32)
+    for i in range(3):
+        s = fp.sample(0, i)
+        cur, cur_label, flow = made[-1]
+        assert torch.equal(s.label, torch.from_numpy(cur_label.astype(np.int64)))  # the current frame's label
+        assert torch.equal(s.current, torch.from_numpy(np.ascontiguousarray(cur.transpose(2, 0, 1))))
+        # a shift of (sx, sy) image pixels is (sx, sy) / 8 flow-grid pixels
+        np.testing.assert_allclose(s.flow[0].numpy(), flow[0, 0, 0] / 8, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(s.flow[1].numpy(), flow[0, 0, 1] / 8, rtol=1e-4, atol=1e-5)
+        # current(p) = key(p + 8 * grid_flow) away from the border
+        key = np.ascontiguousarray(s.key.numpy().transpose(1, 2, 0))
+        fx, fy = 8 * float(s.flow[0, 0, 0]), 8 * float(s.flow[1, 0, 0])
+        warped = cv2.remap(key, xx + fx, yy + fy, cv2.INTER_LINEAR)
+        got = s.current.numpy().transpose(1, 2, 0)
+        assert np.abs(warped[20:-20, 20:-20] - got[20:-20, 20:-20]).max() < 1e-2

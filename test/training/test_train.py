@@ -1,6 +1,7 @@
 """CamVid data pipeline and a few real stage-1 training steps (skipped without shared data)."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir
 from mpvss_ros.training.data import CamVidFrames
+from mpvss_ros.training.motion_trainer import MotionTrainOptions
 from mpvss_ros.training.trainer import (
     TrainOptions,
     add_train_arguments,
@@ -76,6 +78,8 @@ def test_cli_arguments_round_trip(tmp_path):
     ({"stop_at": 0}, "stop_at must be >= 1, got 0"),
     ({"stop_at": 5000}, r"stop_at must be in 1..steps \(4000\), got 5000"),
     ({"max_minutes": 0}, r"max_minutes must be > 0 \(leave it out for no limit\), got 0"),
+    ({"max_minutes": math.inf}, "max_minutes must be > 0"),
+    ({"stop_at": 2.5}, "stop_at must be >= 1"),
 ])
 def test_stage1_options_are_checked_like_stage2s(change, message, tmp_path):
     """Both stages check types and ranges with the same helpers (training/options.py), and
@@ -653,3 +657,20 @@ def test_a_resumed_run_from_before_motion_trained_was_recorded_asks_its_init_che
     assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "old_stage1.pt")}) is None
     assert _resumed_motion_trained({}, {"init_checkpoint": str(tmp_path / "gone.pt")}) is None
     assert "cannot tell whether this run's motion module is trained" in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": True}, "lr must be a finite number, got True"),
+    ({"max_minutes": True}, "max_minutes must be > 0"),
+    ({"max_minutes": math.inf}, "max_minutes must be > 0"),
+    ({"max_clip_frames": 2.5}, "max_clip_frames must be >= 2"),
+])
+def test_motion_options_refuse_bools_infinities_and_fractions(change, message):
+    with pytest.raises(ValueError, match=message):
+        MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", **change).validate()
+
+
+def test_a_crop_given_as_a_list_is_accepted():
+    """options.json stores the crop as a JSON list."""
+    MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", crop=[96, 128]).validate()
+    TrainOptions(run_dir="x", crop=[96, 128]).validate()
