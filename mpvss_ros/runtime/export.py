@@ -339,11 +339,13 @@ def _structure_problems(contract: dict[str, Any]) -> list[str]:
     """What a contract lacks for this package to read it (keys and their types), as lines."""
     problems = []
     canvas = contract.get("canvas")
-    if not isinstance(canvas, dict) or not _is_hw(canvas.get("valid_hw")) or not _is_hw(canvas.get("padded_hw")):
+    if not isinstance(canvas, dict):
+        canvas = {}
+    if not _is_hw(canvas.get("valid_hw")) or not _is_hw(canvas.get("padded_hw")):
         problems.append("canvas must hold valid_hw and padded_hw as [height, width] of positive integers")
-    elif "mask_hw" in canvas and not _is_hw(canvas["mask_hw"]):
+    if "mask_hw" in canvas and not _is_hw(canvas["mask_hw"]):  # each problem named, not the first only
         problems.append("canvas.mask_hw must be [height, width] of positive integers")
-    elif "size_divisibility" in canvas and not _positive_int(canvas["size_divisibility"]):
+    if "size_divisibility" in canvas and not _positive_int(canvas["size_divisibility"]):
         problems.append("canvas.size_divisibility must be a positive integer")
     for key in ("num_classes", "num_queries"):
         if key in contract and not _positive_int(contract[key]):

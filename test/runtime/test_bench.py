@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 
@@ -10,7 +11,9 @@ import pytest
 
 from mpvss_ros.cli import main
 from mpvss_ros.runtime import BackendUnavailable, Missing, backend_missing
-from mpvss_ros.runtime.bench import BackendSpec, default_backend_specs, parse_backend_spec, parse_size
+from mpvss_ros.runtime import bench
+from mpvss_ros.runtime.bench import (BackendSpec, BenchOptions, _bench_one, default_backend_specs, format_markdown,
+                                     parse_backend_spec, parse_size)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -205,3 +208,118 @@ def test_bench_times_weights_without_a_trained_motion_module_and_says_so(tmp_pat
     assert row["non_key_ms"] > 0 and row["fps_fixed5"] > 0
     assert result["weights"]["mpvss_lite"].endswith("(no trained motion module: non-key and end-to-end times run an "
                                                     "untrained one)")
+
+
+@pytest.fixture()
+def clocked(lite, monkeypatch):
+    """A torch backend of the lite model whose key and non-key calls advance bench's clock by
+    set seconds: key 10, 20, 60 ms then 50 ms; non-key 4, 5, 9 ms then 2 ms."""
+    from mpvss_ros.runtime.torch_backend import TorchBackend
+    from mpvss_ros.segmenter import VideoSegmenter
+
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    backend = TorchBackend(lite.model, "cpu")
+    key_s, non_key_s = iter([0.010, 0.020, 0.060]), iter([0.004, 0.005, 0.009])
+    segment, propagate = backend.segment_key_frame, backend.propagate
+    seen = {"key": [], "non_key": []}
+
+    def timed_key(image, *a, **k):
+        seen["key"].append(float(image.max()))
+        now[0] += next(key_s, 0.050)
+        return segment(image, *a, **k)
+
+    def timed_non_key(key, image, *a, **k):
+        seen["non_key"].append(float(image.max()))
+        now[0] += next(non_key_s, 0.002)
+        return propagate(key, image, *a, **k)
+
+    monkeypatch.setattr(backend, "segment_key_frame", timed_key)
+    monkeypatch.setattr(backend, "propagate", timed_non_key)
+    pushes = []  # (is_key_frame, clock seconds the push took)
+    push = VideoSegmenter.push
+
+    def recorded_push(self, *a, **k):
+        t = now[0]
+        res = push(self, *a, **k)
+        pushes.append((res.is_key_frame, now[0] - t))
+        return res
+
+    monkeypatch.setattr(VideoSegmenter, "push", recorded_push)
+    return backend, seen, pushes
+
+
+def _frames(n):
+    """Constant frames of values 10, 20, ...: a frame's canvas max names it."""
+    return [np.full((64, 96, 3), 10 * (i + 1), dtype=np.uint8) for i in range(n)]
+
+
+def test_bench_figures_are_medians_ratios_and_rates(clocked):
+    backend, seen, pushes = clocked
+    row = _bench_one(backend, BackendSpec("torch"), _frames(6), BenchOptions(warmup=0, repeats=3, e2e_frames=5))
+    assert row["key_ms"] == pytest.approx(20.0)  # median of 10, 20, 60 (the mean is 30)
+    assert row["non_key_ms"] == pytest.approx(5.0)  # median of 4, 5, 9 (the mean is 6)
+    assert row["ratio"] == pytest.approx(4.0)  # key / non-key
+    fixed, adaptive = pushes[:5], pushes[5:]
+    assert len(adaptive) == 5
+    assert row["fps_fixed5"] == pytest.approx(5 / sum(dt for _, dt in fixed))
+    assert row["fps_adaptive"] == pytest.approx(5 / sum(dt for _, dt in adaptive))
+    assert row["key_ratio_fixed5"] == pytest.approx(sum(k for k, _ in fixed) / 5) == pytest.approx(0.2)
+    assert row["key_ratio_adaptive"] == pytest.approx(sum(k for k, _ in adaptive) / 5)
+
+
+def test_each_non_key_frame_is_timed_three_frames_after_its_key_frame(clocked):
+    backend, seen, _ = clocked
+    _bench_one(backend, BackendSpec("torch"), _frames(7), BenchOptions(warmup=1, repeats=3, e2e_frames=1))
+    # warm-up i=0 and timed i=0,1,2: key frames 1, 1, 2, 3 (values 10..), non-key frames 4, 4, 5, 6
+    assert seen["key"][:4] == [10.0, 10.0, 20.0, 30.0]
+    assert seen["non_key"][:4] == [40.0, 40.0, 50.0, 60.0]
+
+
+def test_run_bench_reads_enough_frames_for_distinct_key_and_non_key_frames(monkeypatch):
+    """With few end-to-end frames, the latency runs still need warmup + repeats + 3 frames (else
+    the non-key frame wraps round onto its own key frame)."""
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def frames(count):
+        asked.append(count)
+        raise Stop
+
+    monkeypatch.setattr(bench, "bench_frames", frames)
+    with pytest.raises(Stop):
+        bench.run_bench(BenchOptions(models=["mpvss_lite"], sizes=[(64, 96)], backends=[BackendSpec("torch")],
+                                     repeats=3, warmup=1, e2e_frames=2, threads=1))
+    assert asked == [7]
+
+
+def test_markdown_columns_hold_their_figures():
+    result = {"hardware": {"cpu": "cpu", "logical_cpus": 2, "threads": 1, "gpu": None, "torch": "2"},
+              "frames": "f", "weights": {"m": "w"}, "options": {"repeats": 3, "e2e_frames": 10},
+              "rows": [{"model": "m", "size": "64x96", "canvas": "64x96", "backend": "torch", "key_ms": 40.0,
+                        "non_key_ms": 10.0, "ratio": 4.0, "fps_fixed5": 7.0, "fps_adaptive": 9.0,
+                        "key_ratio_adaptive": 0.25}]}
+    lines = format_markdown(result).splitlines()
+    header = [c.strip() for c in lines[-3].strip("|").split("|")]
+    row = [c.strip() for c in lines[-1].strip("|").split("|")]
+    cells = dict(zip(header, row))
+    assert cells["key frame ms"] == "40.0" and cells["non-key frame ms"] == "10.0" and cells["key/non-key"] == "4.00"
+    assert cells["fps fixed:5"] == "7.00" and cells["fps adaptive (key ratio)"] == "9.00 (0.25)"
+
+
+def test_bench_options_from_the_command_line(monkeypatch, tmp_path, capsys):
+    from mpvss_ros.runtime import bench
+
+    got = []
+    monkeypatch.setattr(bench, "run_bench", lambda opts, progress=None: got.append(opts) or {"rows": []})
+    monkeypatch.setattr(bench, "format_markdown", lambda result: "table")
+    assert main(["bench", "--models", "mpvss_lite", "--sizes", "64x96", "--backends", "torch", "--repeats", "2",
+                 "--weights", f"mpvss_lite={tmp_path / 'w=1.pth'}", "--keep-canvas"]) == 0
+    (opts,) = got
+    assert opts.sizes == [(64, 96)] and opts.repeats == 2 and opts.keep_canvas is True
+    assert opts.weights == {"mpvss_lite": str(tmp_path / "w=1.pth")}
+    for bad in (["--repeats", "0"], ["--e2e-frames", "0"], ["--warmup", "-1"]):
+        assert main(["bench", "--models", "mpvss_lite", "--sizes", "64x96", *bad]) == 2
+    assert len(got) == 1

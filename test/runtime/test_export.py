@@ -28,6 +28,7 @@ from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import semantic_scores
 from mpvss_ros.propagation import QueryFlowPropagator
 from mpvss_ros.runtime import BackendUnavailable, as_backend, load_backend
+from mpvss_ros.runtime import export as export_module
 from mpvss_ros.runtime.export import (
     CONTRACT_FILE,
     FORBIDDEN_OPS,
@@ -37,12 +38,17 @@ from mpvss_ros.runtime.export import (
     NON_KEY_OUTPUTS,
     OPSET,
     GraphSource,
+    build_contract,
     cached_export,
+    check_export,
     check_parity,
+    contract_model_config,
+    contract_problems,
     export_onnx,
     model_fingerprint,
     parity_frames,
     read_contract,
+    replace_canvas,
 )
 from mpvss_ros.runtime.onnx_backend import OnnxRuntimeBackend, make_session, without_outputs
 from mpvss_ros.runtime.torch_backend import TorchBackend
@@ -352,10 +358,6 @@ def test_cached_export_reused_and_keyed_by_weights(tmp_path):
 
 
 def test_cached_export_survives_damage_pruning_and_a_canvas_change(tmp_path):
-    import dataclasses
-
-    from mpvss_ros.runtime.export import replace_canvas
-
     model = load_model("mpvss_lite").model
     # the canvas (input.size) does not change the graphs of a given valid size: same key
     moved = load_model("mpvss_lite").model
@@ -508,8 +510,6 @@ def test_onnxruntime_backend_keeps_every_preloaded_size(tmp_path, lite, monkeypa
 def test_check_export_passes_an_export_and_lists_every_problem(lite_small, tmp_path):
     """The validator for export folders (ours or a model of one's own): it passes ``mpvss export``'s
     output and, on a folder that breaks the contract, names each problem."""
-    from mpvss_ros.runtime.export import check_export
-
     report = check_export(lite_small.out_dir)
     assert report["passed"] and report["valid_hw"] == [96, 128] and report["padded_hw"] == [96, 128]
     assert report["outputs"]["mask_logits"] == [1, report["num_queries"], 24, 32]
@@ -548,8 +548,6 @@ def test_broken_export_folders_give_one_clear_error_not_a_traceback(lite_small, 
     """Damaged graphs and contracts missing keys or disagreeing with their graphs are reported
     (ValueError), by check_export and by load_exported, which --onnx-dir and the node use."""
     from mpvss_ros.model_loader import load_exported
-    from mpvss_ros.runtime.export import check_export
-
     def copy(name, edit_contract=None):
         return _edited_copy(lite_small.out_dir, tmp_path / name, edit_contract)
 
@@ -623,8 +621,6 @@ def test_check_export_refuses_a_model_config_the_runtime_would_run_differently(l
     """The letterbox pads with model_config's size_divisibility (a mismatch failed every frame), and
     the CPU backend warps the graph's flows with model_config's warp_normalization while GPUs run
     the graph's own warp (a mismatch gave CPU and GPU different labels)."""
-    from mpvss_ros.runtime.export import check_export
-
     bad = tmp_path / "bad"
     shutil.copytree(lite_small.out_dir, bad)
     contract = json.loads((bad / CONTRACT_FILE).read_text())
@@ -828,8 +824,6 @@ def test_check_export_refuses_a_contract_claiming_more_valid_pixels_than_the_gra
     """The valid size is a constant of the graphs: a contract edited from 64 x 90 to 64 x 96 (the
     same padded canvas) passed every check, and the graphs then zeroed real pixels (torch and
     onnxruntime agreed on about 80 % of the labels)."""
-    from mpvss_ros.runtime.export import check_export
-
     res = export_onnx(lite.model, tmp_path / "exp", (64, 90))
     assert check_export(res.out_dir)["passed"]
 
@@ -841,3 +835,227 @@ def test_check_export_refuses_a_contract_claiming_more_valid_pixels_than_the_gra
     with pytest.raises(ValueError, match=re.escape("the last valid column (95) does not change the mask logits: the "
                                                    "graphs were exported for a smaller valid size than valid_hw [64, 96]")):
         check_export(edited)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_model_config("mpvss_lite")
+
+
+def _folder(tmp_path, contract):
+    """An export folder holding ``contract`` and two placeholder graph files (read_contract only
+    checks that they exist)."""
+    for g in ("key_frame", "non_key_frame"):
+        (tmp_path / contract["graphs"][g]["file"]).write_bytes(b"placeholder")
+    (tmp_path / CONTRACT_FILE).write_text(json.dumps(contract))
+    return tmp_path
+
+
+def _problems(contract):
+    return contract_problems(contract, contract_model_config(contract))
+
+
+def test_a_built_contract_has_no_problems_padded_and_not(cfg):
+    for hw in ((96, 128), (360, 480), (64, 90)):
+        contract = build_contract(cfg, hw)
+        assert _problems(contract) == [], hw
+    c = build_contract(cfg, (360, 480))["canvas"]
+    assert c["valid_hw"] == [360, 480] and c["padded_hw"] == [384, 480] and c["mask_hw"] == [96, 120]
+
+
+def test_build_contract_records_motion_trained(cfg):
+    assert build_contract(cfg, (96, 128))["motion_trained"] is True
+    assert build_contract(cfg, (96, 128), motion_trained=False)["motion_trained"] is False
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.update(motion_trained="false"), "motion_trained must be true or false"),
+    (lambda c: c["canvas"].update(valid_hw=[0, 128]), "canvas must hold valid_hw and padded_hw"),
+    (lambda c: c.update(num_queries=True), "num_queries must be a positive integer"),
+    (lambda c: c["graphs"]["key_frame"]["outputs"][0].update(shape=[1, 32, "12"]),
+     "graphs.key_frame.outputs must list tensors with a name and a static shape of integers"),
+    (lambda c: c.update(format="mpvss_ros.onnx/0"), "unknown contract format"),
+])
+def test_read_contract_refuses_a_malformed_contract(cfg, tmp_path, edit, words):
+    contract = build_contract(cfg, (96, 128))
+    edit(contract)
+    with pytest.raises(ValueError, match=words):
+        read_contract(_folder(tmp_path, contract))
+
+
+def test_read_contract_names_every_canvas_problem(cfg, tmp_path):
+    """A bad mask_hw did not hide a bad size_divisibility (an elif chain named the first only)."""
+    contract = build_contract(cfg, (96, 128))
+    contract["canvas"].update(mask_hw="x", size_divisibility=0)
+    with pytest.raises(ValueError, match="(?s)mask_hw.*size_divisibility"):
+        read_contract(_folder(tmp_path, contract))
+
+
+def test_read_contract_needs_both_graph_files(cfg, tmp_path):
+    d = _folder(tmp_path, build_contract(cfg, (96, 128)))
+    assert read_contract(d)["canvas"]["valid_hw"] == [96, 128]
+    (d / "non_key_frame.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="non_key_frame.onnx not found"):
+        read_contract(d)
+
+
+def _padded_divisibility(c):
+    c["canvas"]["size_divisibility"] = 64
+
+
+def _model_canvas(c):
+    c["model_config"]["input"]["size"] = [96, 120]
+
+
+def _num_classes(c):
+    c["num_classes"] = 12
+
+
+def _num_queries(c):
+    c["num_queries"] = 16
+
+
+def _pixel_mean(c):
+    c["preprocess"]["pixel_mean"] = [0.0, 0.0, 0.0]
+
+
+def _motion_mean(c):
+    c["preprocess"]["motion_image_mean"] = [0.0, 0.0, 0.0]
+
+
+def _dtype(c):
+    c["graphs"]["non_key_frame"]["outputs"][1]["dtype"] = "float16"
+
+
+def _queries_in_class_logits(c):
+    c["graphs"]["key_frame"]["outputs"][0]["shape"][1] = 16
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_padded_divisibility, "canvas: padded_hw [96, 128] is not valid_hw [96, 128] rounded up to size_divisibility 64"),
+    (_model_canvas, "model_config: input.size [96, 120] is not the canvas' valid_hw [96, 128]"),
+    (_num_classes, "num_classes 12 differs from model_config's 11"),
+    (_num_queries, "num_queries 16 differs from model_config's 32"),
+    (_pixel_mean, "preprocess.pixel_mean [0.0, 0.0, 0.0] differs"),
+    (_motion_mean, "preprocess.motion_image_mean [0.0, 0.0, 0.0] differs"),
+    (_dtype, "non_key_frame: the contract gives ['scores'] a dtype other than float32"),
+    (_queries_in_class_logits, "key_frame: class_logits [1, 16, 12] does not fit model_config's 32 queries"),
+])
+def test_contract_problems_names_each_disagreement(cfg, edit, words):
+    contract = build_contract(cfg, (96, 128))
+    edit(contract)
+    problems = _problems(contract)
+    assert any(words in p for p in problems), problems
+
+
+def test_replace_canvas_is_height_then_width(cfg):
+    new = replace_canvas(cfg, (64, 96))
+    assert list(new.input.size) == [64, 96] and list(cfg.input.size) != [64, 96]
+
+
+@pytest.fixture(scope="module")
+def lite_63(lite, tmp_path_factory):
+    return export_onnx(lite.model, tmp_path_factory.mktemp("lite63"), (63, 96))
+
+
+def _edited(src, dst, edit):
+    shutil.copytree(src, dst)
+    contract = json.loads((dst / CONTRACT_FILE).read_text())
+    edit(contract)
+    (dst / CONTRACT_FILE).write_text(json.dumps(contract))
+    return dst
+
+
+def test_check_export_refuses_a_contract_claiming_one_more_valid_row(lite_63, tmp_path):
+    """The last valid row is probed: one row more than exported (63 -> 64, the same padded canvas)
+    is refused."""
+    assert check_export(lite_63.out_dir)["passed"]
+
+    def taller(contract):
+        contract["canvas"]["valid_hw"] = [64, 96]
+        contract["model_config"]["input"]["size"] = [64, 96]
+
+    with pytest.raises(ValueError, match=re.escape("the last valid row (63) does not change the mask logits")):
+        check_export(_edited(lite_63.out_dir, tmp_path / "taller", taller))
+
+
+def test_check_export_names_an_output_the_contract_does_not_list(lite_63, tmp_path):
+    def unlisted(contract):
+        outputs = contract["graphs"]["non_key_frame"]["outputs"]
+        contract["graphs"]["non_key_frame"]["outputs"] = [t for t in outputs if t["name"] != "flows"]
+
+    with pytest.raises(ValueError, match=re.escape("non_key_frame: the contract does not list ['flows']")):
+        check_export(_edited(lite_63.out_dir, tmp_path / "unlisted", unlisted))
+
+
+def test_check_export_refuses_graphs_with_non_finite_class_logits(lite_63, tmp_path):
+    """A key graph whose class logits are NaN (its class head's bias) gives NaN scores, which no
+    other check looks at: check_export must name them."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    bad = _edited(lite_63.out_dir, tmp_path / "nan", lambda c: c["graphs"]["key_frame"].update(sha256=None))
+    model = onnx.load(str(bad / "key_frame.onnx"))
+    (init,) = [i for i in model.graph.initializer if i.name.endswith("class_embed.bias")]
+    init.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.nan), init.name))
+    onnx.save(model, str(bad / "key_frame.onnx"))
+    with pytest.raises(ValueError) as info:
+        check_export(bad)
+    assert "key_frame: class_logits has NaN or infinite values on a plain frame" in str(info.value)
+
+
+@pytest.fixture()
+def fake_export(monkeypatch, tmp_path):
+    """export_onnx writes only contract.json (built for the requested size); check_parity returns
+    what the test sets. Records the size and the model each got."""
+    calls = {"hw": [], "parity": {"passed": True, "frames": "f", "atol": 1e-3, "rtol": 1e-4, "outputs": {},
+                                  "label_agreement": {"key_frame": 1.0, "non_key_frame": 1.0}}}
+
+    def export_onnx(model, out_dir, valid_hw, weights=None, trained=None):
+        calls["hw"].append(tuple(valid_hw))
+        out = export_module.make_output_dir(out_dir, "--out")
+        contract = export_module.build_contract(model.cfg, valid_hw, weights=weights, trained=trained,
+                                                motion_trained=bool(getattr(model, "motion_trained", True)))
+        (out / "contract.json").write_text(json.dumps(contract))
+        return export_module.ExportResult(out, out / "key_frame.onnx", out / "non_key_frame.onnx", contract, 0.1)
+
+    monkeypatch.setattr(export_module, "export_onnx", export_onnx)
+    monkeypatch.setattr(export_module, "check_parity", lambda *a, **k: calls["parity"])
+    monkeypatch.setattr(export_module, "format_parity", lambda p: "parity lines")
+    return calls
+
+
+def test_export_takes_height_then_width_and_refuses_a_side_below_32(fake_export, tmp_path, capsys):
+    assert main(["export", "--out", str(tmp_path / "a"), "--height", "64", "--width", "96", "--no-parity"]) == 0
+    assert main(["export", "--out", str(tmp_path / "b"), "--height", "32", "--width", "32", "--no-parity"]) == 0
+    assert fake_export["hw"] == [(64, 96), (32, 32)]
+    assert "for valid 64x96" in capsys.readouterr().out
+    assert main(["export", "--out", str(tmp_path / "c"), "--height", "31", "--width", "64", "--no-parity"]) == 2
+    assert main(["export", "--out", str(tmp_path / "d"), "--width", "64", "--no-parity"]) == 2
+    assert "--height and --width" in capsys.readouterr().err
+    assert fake_export["hw"] == [(64, 96), (32, 32)]
+
+
+def test_export_records_parity_and_fails_when_it_fails(fake_export, tmp_path, capsys):
+    assert main(["export", "--out", str(tmp_path / "ok"), "--height", "64", "--width", "96"]) == 0
+    assert json.loads((tmp_path / "ok" / "contract.json").read_text())["parity"]["passed"] is True
+    fake_export["parity"] = dict(fake_export["parity"], passed=False)
+    assert main(["export", "--out", str(tmp_path / "bad"), "--height", "64", "--width", "96"]) == 1
+    assert "onnxruntime differs from PyTorch beyond the tolerance" in capsys.readouterr().err
+    assert json.loads((tmp_path / "bad" / "contract.json").read_text())["parity"]["passed"] is False
+
+
+def test_export_of_weights_without_a_motion_module_says_so(fake_export, tmp_path, capsys):
+    import torch
+
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.runtime.commands import NO_MOTION_EXPORT_NOTE
+
+    state = MPVSS(load_model_config("mpvss_lite")).state_dict()
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("motion.")}}, tmp_path / "pf.pth")
+    assert main(["export", "--out", str(tmp_path / "x"), "--model", "mpvss_lite", "--weights", str(tmp_path / "pf.pth"),
+                 "--height", "64", "--width", "96", "--no-parity"]) == 0
+    assert NO_MOTION_EXPORT_NOTE in capsys.readouterr().out
+    assert json.loads((tmp_path / "x" / "contract.json").read_text())["motion_trained"] is False
