@@ -247,8 +247,9 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
     H = 272). Lines are capped by ``max_entries`` and by the height of the image; when not all
     classes fit, the largest by pixel count are listed (in class-ID order) and a last line
     reads ``+N more`` (``+N`` where the image is too narrow for it, no line where even that does
-    not fit: a count is never shortened); when only one line fits, it names the largest class. Names too wide for the image are shortened with ``..``; non-ASCII
-    characters are drawn as ``?``. Nothing is drawn if not even one line fits.
+    not fit: a count is never shortened); when only one line fits, it names the largest class.
+    Names too wide for the image are shortened with ``..``; non-ASCII characters are drawn as
+    ``?``. Nothing is drawn if not even one line fits.
 
     Args:
         image: ``(H, W, 3)`` ``uint8`` RGB, C-contiguous and writable; modified in place.
