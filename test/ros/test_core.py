@@ -198,11 +198,12 @@ def test_slot_under_threads_consumer_sees_increasing_items_and_the_last_one():
             slot.put(i)
         done.set()
 
-    threads = [threading.Thread(target=consumer), threading.Thread(target=producer)]
+    threads = [threading.Thread(target=consumer, daemon=True), threading.Thread(target=producer, daemon=True)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(20.0)
+    assert not any(t.is_alive() for t in threads), "the consumer sees the slot empty once the producer is done"
     assert taken == sorted(set(taken)), "items must come out newest-first, never older than one taken"
     assert taken[-1] == n - 1, "the newest item is never lost"
     assert slot.puts == n
