@@ -702,17 +702,20 @@ def test_a_broken_link_in_a_folder_is_skipped_as_unreadable_and_keeps_its_index(
 
 
 class _DamagedStreamCapture:
-    """A ``cv2.VideoCapture`` stand-in of a stream without a frame count whose reads succeed or
-    fail as ``pattern`` says, then end."""
+    """A ``cv2.VideoCapture`` stand-in of a stream whose reads succeed or fail as ``pattern``
+    says, then end. Its container reports no frame count (``counted``: ``len(pattern)`` frames)
+    and ``fps`` frames per second."""
 
-    def __init__(self, pattern):
-        self.pattern, self.position = pattern, 0
+    def __init__(self, pattern, counted: bool = False, fps: float = 25.0):
+        self.pattern, self.position, self.counted, self.fps = pattern, 0, counted, fps
 
     def isOpened(self):
         return True
 
     def get(self, prop):
-        return 0.0 if prop == cv2.CAP_PROP_FRAME_COUNT else 25.0
+        if prop == cv2.CAP_PROP_FRAME_COUNT:
+            return float(len(self.pattern)) if self.counted else 0.0
+        return self.fps
 
     def grab(self):
         ok = self.position < len(self.pattern) and self.pattern[self.position]
@@ -747,13 +750,6 @@ def test_counting_and_reading_a_video_without_a_count_agree_on_a_damaged_stretch
         assert alone == [0, 1, 2] and count == 3
 
 
-class _CountedDamagedCapture(_DamagedStreamCapture):
-    """``_DamagedStreamCapture`` whose container reports ``len(pattern)`` frames."""
-
-    def get(self, prop):
-        return float(len(self.pattern)) if prop == cv2.CAP_PROP_FRAME_COUNT else 25.0
-
-
 def test_frame_size_is_width_then_height(tmp_path):
     with open_source(_mjpg_avi(tmp_path / "a.avi", frames=2)) as src:  # 64 x 48
         assert src.frame_size == (64, 48)
@@ -767,7 +763,7 @@ def test_damaged_first_frames_are_skipped_up_to_max_bad_reads_as_later_ones(tmp_
     pattern = [False] * bad + [True] * 3
     path = tmp_path / "v.avi"
     path.write_bytes(b"opened by the stand-in")
-    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _CountedDamagedCapture(pattern)))
+    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _DamagedStreamCapture(pattern, counted=True)))
     if bad == MAX_BAD_READS:
         with open_source(path) as src:
             assert [f.index for f in src] == [bad, bad + 1, bad + 2]
@@ -837,17 +833,11 @@ def test_label_png_refuses_colour_whose_first_and_last_channels_agree(tmp_path):
         read_label_png(tmp_path / "c.png")
 
 
-class _FastContainerCapture(_DamagedStreamCapture):
-    """A stand-in whose container reports a frame rate outside FPS_RANGE (a broken header)."""
-
-    def get(self, prop):
-        return float(len(self.pattern)) if prop == cv2.CAP_PROP_FRAME_COUNT else 2e5
-
-
 def test_a_container_frame_rate_outside_the_accepted_range_falls_back_to_30(tmp_path, monkeypatch, caplog):
     path = tmp_path / "v.mp4"
     path.write_bytes(b"opened by the stand-in")
-    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _FastContainerCapture([True] * 3)))
+    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(  # a broken header: a rate outside FPS_RANGE
+        lambda p: _DamagedStreamCapture([True] * 3, counted=True, fps=2e5)))
     with open_source(path) as src:
         assert src.fps == 30.0
         assert [f.stamp for f in src] == [0.0, 1 / 30, 2 / 30]
