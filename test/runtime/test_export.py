@@ -514,15 +514,13 @@ def test_check_export_passes_an_export_and_lists_every_problem(lite_small, tmp_p
     assert report["passed"] and report["valid_hw"] == [96, 128] and report["padded_hw"] == [96, 128]
     assert report["outputs"]["mask_logits"] == [1, report["num_queries"], 24, 32]
 
-    bad = tmp_path / "bad"
-    shutil.copytree(lite_small.out_dir, bad)
-    contract = json.loads((bad / CONTRACT_FILE).read_text())
-    contract["canvas"]["mask_hw"] = [25, 32]
-    contract["graphs"]["key_frame"]["outputs"][1]["shape"] = [1, 7, 24, 32]  # mask_logits
-    contract["graphs"]["non_key_frame"]["sha256"] = "0" * 64
-    (bad / CONTRACT_FILE).write_text(json.dumps(contract))
+    def break_three(contract):
+        contract["canvas"]["mask_hw"] = [25, 32]
+        contract["graphs"]["key_frame"]["outputs"][1]["shape"] = [1, 7, 24, 32]  # mask_logits
+        contract["graphs"]["non_key_frame"]["sha256"] = "0" * 64
+
     with pytest.raises(ValueError) as info:
-        check_export(bad)
+        check_export(_edited_copy(lite_small.out_dir, tmp_path / "bad", break_three))
     lines = str(info.value).splitlines()
     assert any("mask_hw" in line for line in lines)
     assert any("key_frame: mask_logits has shape" in line and "[1, 7, 24, 32]" in line for line in lines)
@@ -621,11 +619,7 @@ def test_check_export_refuses_a_model_config_the_runtime_would_run_differently(l
     """The letterbox pads with model_config's size_divisibility (a mismatch failed every frame), and
     the CPU backend warps the graph's flows with model_config's warp_normalization while GPUs run
     the graph's own warp (a mismatch gave CPU and GPU different labels)."""
-    bad = tmp_path / "bad"
-    shutil.copytree(lite_small.out_dir, bad)
-    contract = json.loads((bad / CONTRACT_FILE).read_text())
-    contract["model_config"]["input"].update(change)
-    (bad / CONTRACT_FILE).write_text(json.dumps(contract))
+    bad = _edited_copy(lite_small.out_dir, tmp_path / "bad", lambda c: c["model_config"]["input"].update(change))
     with pytest.raises(ValueError, match=re.escape(words)):
         check_export(bad)
 
@@ -958,14 +952,6 @@ def lite_63(lite, tmp_path_factory):
     return export_onnx(lite.model, tmp_path_factory.mktemp("lite63"), (63, 96))
 
 
-def _edited(src, dst, edit):
-    shutil.copytree(src, dst)
-    contract = json.loads((dst / CONTRACT_FILE).read_text())
-    edit(contract)
-    (dst / CONTRACT_FILE).write_text(json.dumps(contract))
-    return dst
-
-
 def test_check_export_refuses_a_contract_claiming_one_more_valid_row(lite_63, tmp_path):
     """The last valid row is probed: one row more than exported (63 -> 64, the same padded canvas)
     is refused."""
@@ -976,7 +962,7 @@ def test_check_export_refuses_a_contract_claiming_one_more_valid_row(lite_63, tm
         contract["model_config"]["input"]["size"] = [64, 96]
 
     with pytest.raises(ValueError, match=re.escape("the last valid row (63) does not change the mask logits")):
-        check_export(_edited(lite_63.out_dir, tmp_path / "taller", taller))
+        check_export(_edited_copy(lite_63.out_dir, tmp_path / "taller", taller))
 
 
 def test_check_export_names_an_output_the_contract_does_not_list(lite_63, tmp_path):
@@ -985,17 +971,15 @@ def test_check_export_names_an_output_the_contract_does_not_list(lite_63, tmp_pa
         contract["graphs"]["non_key_frame"]["outputs"] = [t for t in outputs if t["name"] != "flows"]
 
     with pytest.raises(ValueError, match=re.escape("non_key_frame: the contract does not list ['flows']")):
-        check_export(_edited(lite_63.out_dir, tmp_path / "unlisted", unlisted))
+        check_export(_edited_copy(lite_63.out_dir, tmp_path / "unlisted", unlisted))
 
 
 def test_check_export_refuses_graphs_with_non_finite_class_logits(lite_63, tmp_path):
     """A key graph whose class logits are NaN (its class head's bias) gives NaN scores, which no
     other check looks at: check_export must name them."""
-    import numpy as np
-    import onnx
     from onnx import numpy_helper
 
-    bad = _edited(lite_63.out_dir, tmp_path / "nan", lambda c: c["graphs"]["key_frame"].update(sha256=None))
+    bad = _edited_copy(lite_63.out_dir, tmp_path / "nan", lambda c: c["graphs"]["key_frame"].update(sha256=None))
     model = onnx.load(str(bad / "key_frame.onnx"))
     (init,) = [i for i in model.graph.initializer if i.name.endswith("class_embed.bias")]
     init.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.nan), init.name))
