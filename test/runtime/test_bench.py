@@ -89,8 +89,6 @@ def test_bench_cli_tiny(tmp_path, capsys, monkeypatch):
 def test_bench_json_path_checked_before_the_benchmark(tmp_path, capsys, monkeypatch):
     """--json under a file or naming a folder is refused before any row runs (it was found only
     when the result was written, after the whole benchmark)."""
-    from mpvss_ros.runtime import bench
-
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("benchmarked"))
     (tmp_path / "afile").write_text("x")
     for target, words in ((tmp_path / "afile" / "r.json", "is a file, not a folder"),
@@ -310,8 +308,6 @@ def test_markdown_columns_hold_their_figures():
 
 
 def test_bench_options_from_the_command_line(monkeypatch, tmp_path, capsys):
-    from mpvss_ros.runtime import bench
-
     got = []
     monkeypatch.setattr(bench, "run_bench", lambda opts, progress=None: got.append(opts) or {"rows": []})
     monkeypatch.setattr(bench, "format_markdown", lambda result: "table")
