@@ -989,6 +989,56 @@ def test_check_export_refuses_graphs_with_non_finite_class_logits(lite_63, tmp_p
     assert "key_frame: class_logits has NaN or infinite values on a plain frame" in str(info.value)
 
 
+def _edited_graph(export_dir, dst, graph, edit_graph, edit_contract=None):
+    """A copy of the export folder with ``graph``'s ONNX model edited by ``edit_graph(model)``
+    (its sha256 in the contract dropped, so the edit is not refused as damage) and its contract
+    by ``edit_contract(contract)`` when given."""
+    def contract_edit(contract):
+        contract["graphs"][graph]["sha256"] = None
+        if edit_contract is not None:
+            edit_contract(contract)
+
+    out = _edited_copy(export_dir, dst, contract_edit)
+    model = onnx.load(str(out / f"{graph}.onnx"))
+    edit_graph(model)
+    onnx.save(model, str(out / f"{graph}.onnx"))
+    return out
+
+
+def test_check_export_refuses_a_graph_input_that_is_not_float32(lite_63, tmp_path):
+    """The runtime feeds float32 canvases: a graph declaring another element type for an input
+    (here float64) is named before any session is made."""
+    def double_image(model):
+        (image,) = [v for v in model.graph.input if v.name == "image"]
+        image.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+
+    bad = _edited_graph(lite_63.out_dir, tmp_path / "double", "key_frame", double_image)
+    with pytest.raises(ValueError) as info:
+        check_export(bad)
+    assert str(info.value) == f"key_frame: image is not float32 (ONNX elem_type {onnx.TensorProto.DOUBLE})"
+
+
+def test_check_export_compares_each_output_it_ran_with_the_contract(lite_63, tmp_path):
+    """A graph whose declared output shape was edited together with the contract (both claiming
+    one more query-embedding channel) still outputs its real shape when run: the shape that
+    came out is compared with the contract, not only the declared one."""
+    shape = check_export(lite_63.out_dir)["outputs"]["query_embeddings"]  # [1, N, C]
+    listed = shape[:2] + [shape[2] + 1]
+
+    def wider_declared(model):
+        (out,) = [v for v in model.graph.output if v.name == "query_embeddings"]
+        out.type.tensor_type.shape.dim[2].dim_value = listed[2]
+
+    def wider_listed(contract):
+        (t,) = [t for t in contract["graphs"]["key_frame"]["outputs"] if t["name"] == "query_embeddings"]
+        t["shape"] = listed
+
+    bad = _edited_graph(lite_63.out_dir, tmp_path / "wider", "key_frame", wider_declared, wider_listed)
+    with pytest.raises(ValueError) as info:
+        check_export(bad)
+    assert str(info.value) == f"key_frame: query_embeddings came out {shape}, the contract says {listed}"
+
+
 @pytest.fixture()
 def fake_export(monkeypatch, tmp_path):
     """export_onnx writes only contract.json (built for the requested size); check_parity returns
