@@ -577,8 +577,9 @@ class SegmentationCore:
 
         Returns:
             :class:`~mpvss_ros.ros.conversions.OutputMessages` (every message with ``msg``'s
-            header), or None when the message was dropped or skipped (counted, logged). Never
-            raises.
+            header), or None when the message was dropped or skipped (counted, logged); a frame
+            under way when inference is switched off (:meth:`set_enabled`) is dropped when it
+            ends, counted as ``dropped_disabled``. Never raises.
         """
         t0 = self.clock()
         if received_at is None:
@@ -661,10 +662,13 @@ class SegmentationCore:
         except Exception as exc:  # noqa: BLE001 - counted, logged, the node keeps running
             self.record_error("building output messages failed", exc)
             return None
-        self._key_frame_stamp = outputs.info.key_frame_stamp
+        self._key_frame_stamp = outputs.info.key_frame_stamp  # kept even if dropped below: later frames carry it
 
         t1 = self.clock()
         with self._lock:
+            if not self._enabled:  # ~/enable false (or deactivate) answered while this frame ran: not published
+                self.counters["dropped_disabled"] += 1
+                return None
             self.counters["processed"] += 1
             start = t0 if received_at is None else received_at
             self._recent.append((t1, (t1 - start) * 1e3, result.is_key_frame))

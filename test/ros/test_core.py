@@ -1289,6 +1289,28 @@ def test_two_changes_before_the_next_frame_are_both_installed(make_core, types):
     assert seg.scheduler.describe()["schedule"] == "fixed:2" and seg.scheduler.interval == 2
 
 
+def test_a_frame_under_way_when_disabled_is_not_published(make_core, types, monkeypatch):
+    """~/enable false answered while a frame is being segmented: the frame's outputs are dropped
+    (counted as dropped_disabled, not processed), so nothing is published after the service said
+    "disabled"; the key frame's stamp it made is kept for the frames after re-enabling."""
+    core, _, _ = make_core()
+    assert core.process(image_msg(types, frame(), 1.0)).info.key_frame_reason == "first"
+    push = core.segmenter.push
+
+    def push_then_disable(*args, **kwargs):
+        result = push(*args, **kwargs)
+        core.set_enabled(False)  # the service callback, on another thread, while this frame ran
+        return result
+
+    monkeypatch.setattr(core.segmenter, "push", push_then_disable)
+    assert core.process(image_msg(types, frame(), 1.1)) is None
+    assert core.counters["dropped_disabled"] == 1 and core.counters["processed"] == 1
+    monkeypatch.setattr(core.segmenter, "push", push)
+    core.set_enabled(True)
+    out = core.process(image_msg(types, frame(), 1.2))
+    assert out.info.is_key_frame and out.info.key_frame_reason == "reset" and core.counters["processed"] == 2
+
+
 def test_enabling_an_enabled_core_resets_nothing(make_core, types):
     """``~/enable true`` on a running node: re-enabling (off -> on) resets the engine, an enable that
     changes nothing does not (the next frame is propagated as usual)."""
