@@ -115,3 +115,21 @@ def _is_tensor(obj: object) -> bool:
         return isinstance(obj, torch.Tensor)
     except Exception:  # noqa: BLE001 - proxies whose __class__ raises
         return False
+
+
+def reference_attention(attn, q, k, v, mask=None):
+    """``torch.nn.MultiheadAttention`` ``attn`` applied with ``torch.nn.functional`` and its own
+    weights (eval mode, no dropout): (L, B, C) queries ``q``, keys ``k``, values ``v`` -> (L, B, C);
+    ``mask`` (B*heads, L, S) bool, True = blocked. For tests that write a block's formula out."""
+    import torch.nn.functional as F
+
+    return F.multi_head_attention_forward(
+        q, k, v, attn.embed_dim, attn.num_heads, attn.in_proj_weight, attn.in_proj_bias, None, None, False, 0.0,
+        attn.out_proj.weight, attn.out_proj.bias, training=False, need_weights=False, attn_mask=mask)[0]
+
+
+def reference_layer_norm(norm, x):
+    """``torch.nn.LayerNorm`` ``norm`` over the last dim of ``x``, with ``torch.nn.functional``."""
+    import torch.nn.functional as F
+
+    return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)

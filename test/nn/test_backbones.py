@@ -6,10 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mpvss_ros.config import BackboneConfig
 from mpvss_ros.io.samples import imagenet_mobilenet_v2
 from mpvss_ros.nn.backbones import (
+    BasicStem,
+    BottleneckBlock,
+    Conv2dNorm,
     MobileNetV2,
     ResNet,
     build_backbone,
@@ -198,3 +203,70 @@ def test_build_backbone() -> None:
         build_backbone(BackboneConfig(type="vgg"))
     with pytest.raises(ValueError):
         build_backbone(BackboneConfig(type="resnet", depth=18))
+
+
+# Each block or stage below against its formula (spec docs/mpvss_architecture.md), written with
+# torch.nn.functional and the module's own weights: a wrong level, a dropped position embedding or
+# activation changes the values (stop 49's mutation pass).
+
+def _randomise_bn(module: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g))
+
+
+def test_bottleneck_ends_in_relu_of_the_sum():
+    torch.manual_seed(0)
+    block = BottleneckBlock(16, 32, 8, stride=2).eval()
+    _randomise_bn(block)
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        got = block(x)
+        out = block.conv3(F.relu(block.conv2(F.relu(block.conv1(x)))))
+        ref = F.relu(out + block.shortcut(x))
+    assert (out + block.shortcut(x) < 0).any()
+    torch.testing.assert_close(got, ref)
+
+
+def test_stem_is_conv_bn_relu_maxpool():
+    torch.manual_seed(0)
+    stem = BasicStem().eval()
+    _randomise_bn(stem)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        got = stem(x)
+        ref = F.max_pool2d(F.relu(stem.conv1(x)), kernel_size=3, stride=2, padding=1)
+    assert (got == 0).any() and got.min() >= 0
+    torch.testing.assert_close(got, ref)
+
+
+def test_conv2d_norm_relu_flag():
+    torch.manual_seed(0)
+    conv = Conv2dNorm(3, 4, 3, padding=1, bias=True, relu=True)
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        raw = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        got = conv(x)
+    assert (raw < 0).any()
+    torch.testing.assert_close(got, F.relu(raw))
+
+
+def test_mobilenet_outputs_are_taken_after_blocks_3_6_13_18_and_residuals_are_added():
+    torch.manual_seed(0)
+    model = MobileNetV2().eval()
+    _randomise_bn(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        y, ref = x, {}
+        for idx, layer in enumerate(model.features):
+            body = layer.conv(y) if hasattr(layer, "conv") else layer(y)
+            y = y + body if getattr(layer, "use_res_connect", False) else body
+            if idx in (3, 6, 13, 18):
+                ref[idx] = y
+    for name, idx in (("res2", 3), ("res3", 6), ("res4", 13), ("res5", 18)):
+        torch.testing.assert_close(out[name], ref[idx], rtol=1e-5, atol=1e-5)

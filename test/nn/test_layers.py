@@ -3,8 +3,11 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
-from mpvss_ros.nn.layers import PositionEmbeddingSine
+from helpers import reference_attention, reference_layer_norm
+
+from mpvss_ros.nn.layers import MLP, ConvAct, CrossAttentionLayer, FFNLayer, PositionEmbeddingSine, SelfAttentionLayer
 
 
 def _reference(num_pos_feats: int, h: int, w: int) -> torch.Tensor:
@@ -55,3 +58,63 @@ def test_a_trace_computes_the_embedding_in_the_graph() -> None:
     traced = torch.jit.trace(pe, torch.zeros(1, 1, 3, 5))
     assert "cumsum" in str(traced.graph)  # computed by the graph, not baked in as a constant
     torch.testing.assert_close(traced(torch.zeros(1, 1, 3, 5)), pe(torch.zeros(1, 1, 3, 5)))
+
+
+# Each block or stage below against its formula (spec docs/mpvss_architecture.md), written with
+# torch.nn.functional and the module's own weights: a wrong level, a dropped position embedding or
+# activation changes the values (stop 49's mutation pass).
+
+def test_mlp_has_no_activation_after_its_last_layer():
+    torch.manual_seed(0)
+    mlp = MLP(8, 16, 4, 3)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        got = mlp(x)
+        l0, l1, l2 = mlp.layers
+        ref = F.linear(F.relu(F.linear(F.relu(F.linear(x, l0.weight, l0.bias)), l1.weight, l1.bias)), l2.weight, l2.bias)
+    torch.testing.assert_close(got, ref)
+    assert (got < 0).any()
+
+
+def test_self_attention_adds_positions_to_queries_and_keys_only():
+    torch.manual_seed(0)
+    layer = SelfAttentionLayer(16, 4).eval()
+    tgt, pos = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    with torch.no_grad():
+        got = layer(tgt, query_pos=pos)
+        ref = reference_layer_norm(layer.norm, tgt + reference_attention(layer.self_attn, tgt + pos, tgt + pos, tgt))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_adds_positions_to_queries_and_keys_only():
+    torch.manual_seed(0)
+    layer = CrossAttentionLayer(16, 4).eval()
+    tgt, qpos = torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    mem, pos = torch.randn(7, 2, 16), torch.randn(7, 2, 16)
+    mask = torch.rand(2 * 4, 3, 7) < 0.3
+    with torch.no_grad():
+        got = layer(tgt, mem, memory_mask=mask, pos=pos, query_pos=qpos)
+        ref = reference_layer_norm(layer.norm, tgt + reference_attention(layer.multihead_attn, tgt + qpos, mem + pos, mem, mask))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ffn_is_post_norm_with_a_residual():
+    torch.manual_seed(0)
+    layer = FFNLayer(16, 32).eval()
+    x = torch.randn(4, 2, 16) * 3 + 1
+    with torch.no_grad():
+        got = layer(x)
+        hidden = F.relu(F.linear(x, layer.linear1.weight, layer.linear1.bias))
+        ref = reference_layer_norm(layer.norm, x + F.linear(hidden, layer.linear2.weight, layer.linear2.bias))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_act_applies_its_leaky_slope():
+    torch.manual_seed(0)
+    layer = ConvAct(3, 4, 3, negative_slope=0.1)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        raw = F.conv2d(x, layer.conv.weight, layer.conv.bias, padding=1)
+        got = layer(x)
+    assert (raw < 0).any()
+    torch.testing.assert_close(got, torch.where(raw > 0, raw, 0.1 * raw))

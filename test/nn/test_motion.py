@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpvss_ros.config import MotionConfig
+from mpvss_ros.nn.layers import PositionEmbeddingSine
 from mpvss_ros.nn.motion import MotionDecoder, MotionEncoder, MotionModule, MotionOutput, crop_like
 
 OFFICIAL_QUERIES = 100
@@ -407,3 +408,161 @@ def test_trace_matches_eager_without_control_flow_warnings(lite: MotionModule) -
         got = traced(cur, key, q)
     torch.testing.assert_close(got[0], ref.flows)
     torch.testing.assert_close(got[1], ref.pixel_flow)
+
+
+# Each block or stage below against its formula (spec docs/mpvss_architecture.md), written with
+# torch.nn.functional and the module's own weights: a wrong level, a dropped position embedding or
+# activation changes the values (stop 49's mutation pass).
+
+def _cfg(**overrides) -> MotionConfig:
+    kw = dict(encoder_channels=[32, 64, 96, 128, 128, 192], deconv_channels=[64, 64, 64, 32], hidden_dim=128,
+              num_layers=4, num_heads=4, ffn_dim=256, flow_embed_dim=64, mlp_hidden_dim=128)
+    kw.update(overrides)
+    return MotionConfig(**kw)
+
+
+def _images(h: int, w: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, h, w, generator=g) * 255, torch.rand(1, 3, h, w, generator=g) * 255
+
+
+def _perturb(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial values for every parameter (LayerNorm affines and biases included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_encoder_is_the_flownets_tower_with_leaky_relu_0_1():
+    """Spec §2.2: per block, conv (first stride 2, later 1, padding (k-1)//2) + LeakyReLU 0.1."""
+    torch.manual_seed(0)
+    enc = MotionEncoder([8, 8, 8, 8, 8, 8])
+    x = torch.randn(1, 6, 64, 96)
+    with torch.no_grad():
+        got = enc(x)
+        ref, y = [], x
+        for i in range(1, 7):
+            for j, layer in enumerate(getattr(enc, f"conv{i}")):
+                c = layer.conv
+                k = c.weight.shape[-1]
+                y = F.leaky_relu(F.conv2d(y, c.weight, c.bias, stride=2 if j == 0 else 1, padding=(k - 1) // 2), 0.1)
+            if i >= 2:
+                ref.append(y)
+    assert len(got) == 5
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (ref[0] < 0).any()  # the negative slope was exercised
+
+
+def _reference_refine(dec, feats, query_init):
+    """Spec §2.3 written out: conv6, conv5, conv4 projected + level embedding, sine positions
+    re-added at every visit, joint post-norm self-attention then FFN, level i mod 3."""
+    conv2, conv3, conv4, conv5, conv6 = feats
+    levels = [conv6, conv5, conv4]
+    pe = PositionEmbeddingSine(dec.hidden_dim // 2, normalize=True)
+    srcs, poss = [], []
+    for lvl, x in enumerate(levels):
+        proj = dec.input_proj[lvl]
+        src = F.conv2d(x, proj.weight, proj.bias) + dec.level_embed.weight[lvl].view(1, -1, 1, 1)
+        srcs.append(src.flatten(2).permute(2, 0, 1))
+        poss.append(pe._embed(x.shape[0], x.shape[-2], x.shape[-1], x.device).flatten(2).permute(2, 0, 1))
+    n, b = query_init.shape[:2]
+    qe = dec.query_embed.weight[:, None].expand(-1, b, -1)
+    qf = query_init
+    for i in range(dec.num_layers):
+        lvl = i % 3
+        seq = torch.cat([qf + qe, srcs[lvl] + poss[lvl]], dim=0)
+        sa = dec.transformer_self_attention_layers[i]
+        seq = sa.norm(seq + sa.self_attn(seq, seq, seq, need_weights=False)[0])
+        ff = dec.transformer_ffn_layers[i]
+        seq = ff.norm(seq + ff.linear2(F.relu(ff.linear1(seq))))
+        qf, srcs[lvl] = seq[:n], seq[n:]
+    refined = [s.permute(1, 2, 0).reshape(b, dec.hidden_dim, x.shape[-2], x.shape[-1]) for s, x in zip(srcs, levels)]
+    return [conv2, conv3, refined[2], refined[1], refined[0]], qf
+
+
+def test_refine_features_follow_the_joint_attention_of_the_spec():
+    torch.manual_seed(0)
+    m = MotionModule(_cfg(), 6).eval()
+    _perturb(m)
+    cur, key = _images(96, 160)
+    q = torch.randn(6, 1, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        feats = m.encoder(m.prepare_images(cur, key))
+        got, got_q = m.decoder.refine_features(feats, q)
+        ref, ref_q = _reference_refine(m.decoder, feats, q)
+    torch.testing.assert_close(got_q, ref_q, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _reference_pixel_flow(dec, refined):
+    """Spec §2.4: predict_flow (3x3 p1) -> upsample_flow (4x4 s2 p1 transposed) and deconv (same,
+    LeakyReLU 0.1), both cropped to the skip at the bottom/right, cat [skip, deconv, flow]."""
+    conv2, conv3, conv4, conv5, conv6 = refined
+    x = conv6
+    for k, skip in zip((5, 4, 3, 2), (conv5, conv4, conv3, conv2)):
+        h, w = skip.shape[-2:]
+        flow = F.conv2d(x, getattr(dec, f"predict_flow{k + 1}").conv.weight, padding=1)
+        up = F.conv_transpose2d(flow, getattr(dec, f"upsample_flow{k}").conv.weight, stride=2, padding=1)
+        de = F.leaky_relu(F.conv_transpose2d(x, getattr(dec, f"deconv{k}").conv.weight, stride=2, padding=1), 0.1)
+        x = torch.cat([skip, de[..., :h, :w], up[..., :h, :w]], dim=1)
+    return F.conv2d(x, dec.predict_flow.conv.weight, padding=1)
+
+
+@pytest.mark.parametrize("size", [(96, 160), (160, 224)])  # the second has odd conv5/conv6 sizes (cropped)
+def test_pixel_flow_follows_the_flownets_refinement(size):
+    torch.manual_seed(0)
+    m = MotionModule(_cfg(), 6).eval()
+    _perturb(m)
+    cur, key = _images(*size)
+    q = torch.randn(6, 1, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        refined, _ = m.decoder.refine_features(m.encoder(m.prepare_images(cur, key)), q)
+        got = m.decoder.pixel_flow(refined)
+        ref = _reference_pixel_flow(m.decoder, refined)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_flow_size_is_the_size_of_the_flows_for_any_scale():
+    """flow_grid_size (what an export declares as the flows' shape) rounds each conv up: at scale
+    0.3 a 64 x 224 pair enters as 19 x 67, whose conv2 grid is 5 x 17 (not 19 // 4 x 67 // 4)."""
+    torch.manual_seed(0)
+    m = MotionModule(_cfg(image_scale=0.3), 6).eval()
+    cur, key = _images(64, 224)
+    with torch.no_grad():
+        out = m(cur, key, torch.randn(6, 1, 128))
+    assert tuple(out.flows.shape[-2:]) == m.flow_size(64, 224) == (5, 17)
+
+
+def test_crop_like_refuses_a_target_wider_than_the_input():
+    with pytest.raises(ValueError, match="exceeds"):
+        crop_like(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 5))
+
+
+def test_prepare_images_refuses_bad_widths_and_empty_valid_sizes():
+    m = MotionModule(_cfg(), 2)
+    cur, key = _images(64, 96)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        m.prepare_images(cur[..., :80], key[..., :80])  # width 80
+    with pytest.raises(ValueError, match="image_size"):
+        m.prepare_images(cur, key, image_size=(0, 96))
+    with pytest.raises(ValueError, match="image_size"):
+        m.prepare_images(cur, key, image_size=(64, 0))
+
+
+def test_prepare_images_odd_valid_size_matches_normalise_pad_then_resize():
+    """Official input: normalise, zero the padding, then resize (spec §2.1). With an odd valid size the
+    output row/column straddling the edge averages one valid and one padded pixel (mask 0.5)."""
+    m = MotionModule(_cfg(), 2)
+    cur, key = _images(64, 96)
+    for t in (cur, key):
+        t[..., 61:, :] = 0
+        t[..., 91:] = 0
+    x = m.prepare_images(cur, key, image_size=(61, 91))
+    mean = torch.tensor([0.411, 0.432, 0.450] * 2).view(1, 6, 1, 1)
+    mask = torch.zeros(64, 96)
+    mask[:61, :91] = 1
+    expected = F.avg_pool2d((torch.cat([cur, key], dim=1) / 255 - mean) * mask, 2)
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)

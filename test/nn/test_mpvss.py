@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpvss_ros.config import load_model_config
-from mpvss_ros.nn.mpvss import MPVSS, semantic_scores
+from mpvss_ros.config import load_model_config, model_config_from_dict
+from mpvss_ros.nn.mpvss import MPVSS, KeyFrameState, semantic_scores
+from mpvss_ros.nn.warp import warp_mask_logits
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +293,23 @@ def test_query_flows_tell_the_motion_module_the_valid_size():
         unmasked = m.motion(image, key.image, queries, image_size=None).flows
     torch.testing.assert_close(flows, valid, atol=1e-6, rtol=0)
     assert not torch.allclose(valid, unmasked, atol=1e-4)
+
+
+# The warp of propagate follows the configured normalisation (stop 49's mutation pass).
+
+def test_propagate_warps_with_the_configured_normalisation():
+    """Official checkpoints are configured with ``warp_normalization: mmtrack``: propagate must warp
+    with it (zero flow then samples column x at x (W - 1) / W), not with ``exact``."""
+    data = load_model_config("mpvss_lite").to_dict()
+    data["input"]["warp_normalization"] = "mmtrack"
+    torch.manual_seed(0)
+    model = MPVSS(model_config_from_dict(data)).eval()
+    n = model.cfg.transformer_decoder.num_queries
+    ramp = torch.arange(16, dtype=torch.float32).view(1, 1, 1, 16).expand(1, n, 8, 16).contiguous()
+    image = torch.zeros(1, 3, 32, 64)
+    key = KeyFrameState(image, (32, 64), torch.zeros(1, n, 3), ramp, torch.zeros(1, n, 8))
+    zero = torch.zeros(1, n, 2, 4, 8)
+    model.query_flows = lambda key, image, reference=None: zero  # the flows are not what is tested
+    got = model.propagate(key, image)
+    torch.testing.assert_close(got, warp_mask_logits(ramp, zero, "mmtrack"))
+    assert got[0, 0, 0, -1].item() == 15 * 15 / 16  # not 15, as an exact warp gives

@@ -7,12 +7,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mpvss_ros.config import PixelDecoderConfig
+from mpvss_ros.nn.layers import PositionEmbeddingSine
 from mpvss_ros.nn.pixel_decoder import (
     FPNPixelDecoder,
     MSDeformAttn,
     MSDeformAttnEncoder,
+    MSDeformAttnEncoderLayer,
     MSDeformAttnPixelDecoder,
     build_pixel_decoder,
     ms_deform_attn_core,
@@ -389,3 +392,99 @@ def test_onnx_export_matches_pytorch() -> None:
         ref = model(*inputs)
     for o, r in zip(outs, ref):
         torch.testing.assert_close(torch.from_numpy(o), r, atol=1e-4, rtol=1e-4)
+
+
+# Each block or stage below against its formula (spec docs/mpvss_architecture.md), written with
+# torch.nn.functional and the module's own weights: a wrong level, a dropped position embedding or
+# activation changes the values (stop 49's mutation pass).
+
+SMALL = dict(conv_dim=32, mask_dim=16, num_layers=1, num_heads=4, ffn_dim=64, num_groups=8)
+CH = {"res2": 8, "res3": 12, "res4": 16, "res5": 20}
+
+
+def _seeded_features(seed=0, h=64, w=96):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(1, c, h // s, w // s, generator=g) for (k, c), s in zip(CH.items(), (4, 8, 16, 32))}
+
+
+def test_sampling_offsets_are_in_pixels_of_a_non_square_level():
+    """Offsets are divided by the level's (W, H): on a 4 x 8 map an x offset of 1 moves one column
+    (not W / H = 2 columns), a y offset of 1 one row."""
+    torch.manual_seed(0)
+    h, w = 4, 8
+    attn = MSDeformAttn(d_model=4, n_levels=1, n_heads=1, n_points=1)
+    with torch.no_grad():
+        attn.value_proj.weight.copy_(torch.eye(4))
+        attn.output_proj.weight.copy_(torch.eye(4))
+    img = torch.randn(1, h * w, 4)
+    ref = MSDeformAttnEncoder.get_reference_points([(h, w)], img.device)
+    grid = img.view(h, w, 4)
+    for dx, dy in ((1.0, 0.0), (0.0, 1.0)):
+        with torch.no_grad():
+            attn.sampling_offsets.bias.copy_(torch.tensor([dx, dy]))
+            out = attn(img, ref, img, [(h, w)]).view(h, w, 4)
+        i, j = 1, 2
+        torch.testing.assert_close(out[i, j], grid[i + int(dy), j + int(dx)], rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_layer_queries_with_positions_and_samples_the_plain_source():
+    torch.manual_seed(0)
+    shapes = [(2, 3), (4, 6)]
+    layer = MSDeformAttnEncoderLayer(d_model=16, ffn_dim=32, n_levels=2, n_heads=4, n_points=2).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.self_attn.sampling_offsets.weight.normal_(0, 0.5, generator=g)  # offsets depend on the query
+    s = 6 + 24
+    src, pos = torch.randn(1, s, 16, generator=g), torch.randn(1, s, 16, generator=g)
+    ref_pts = MSDeformAttnEncoder.get_reference_points(shapes, src.device)
+    with torch.no_grad():
+        got = layer(src, pos, ref_pts, shapes)
+        x = layer.norm1(src + layer.self_attn(src + pos, ref_pts, src, shapes))
+        ref = layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_positions_carry_the_level_embedding():
+    torch.manual_seed(0)
+    dec = MSDeformAttnPixelDecoder(CH, **SMALL).eval()
+    seen = {}
+    dec.transformer.encoder.register_forward_pre_hook(lambda mod, args: seen.update(pos=args[1]))
+    feats = _seeded_features()
+    with torch.no_grad():
+        dec(feats)
+    pe = PositionEmbeddingSine(16, normalize=True)
+    expected = torch.cat([pe._embed(1, *feats[k].shape[-2:], torch.device("cpu")).flatten(2).transpose(1, 2)
+                          + dec.transformer.level_embed[lvl].view(1, 1, -1)
+                          for lvl, k in enumerate(("res5", "res4", "res3"))], 1)
+    torch.testing.assert_close(seen["pos"], expected)
+
+
+def test_mask_features_come_from_res2_and_the_one_eighth_map():
+    torch.manual_seed(0)
+    dec = MSDeformAttnPixelDecoder(CH, **SMALL).eval()
+    feats = _seeded_features()
+    with torch.no_grad():
+        mask_features, ms = dec(feats)
+        y = dec.adapter_1(feats["res2"]) + F.interpolate(ms[2], size=(16, 24), mode="bilinear", align_corners=False)
+        ref = dec.mask_features(dec.layer_1(y))
+    assert ms[2].shape[-2:] == (8, 12)
+    torch.testing.assert_close(mask_features, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fpn_is_top_down():
+    """y5 = out5(lat5(res5)); y_k = out_k(lat_k(res_k) + up(y_{k+1})); mask features from y2."""
+    torch.manual_seed(0)
+    dec = FPNPixelDecoder(CH, conv_dim=16, mask_dim=8, num_groups=4).eval()
+    feats = _seeded_features()
+    with torch.no_grad():
+        mask_features, ms = dec(feats)
+        y, outs = None, []
+        for name in ("res5", "res4", "res3", "res2"):
+            cur = dec.lateral_convs[name](feats[name])
+            if y is not None:
+                cur = cur + F.interpolate(y, size=cur.shape[-2:], mode="bilinear", align_corners=False)
+            y = dec.output_convs[name](cur)
+            outs.append(y)
+    for a, b in zip(ms, outs[:3]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(mask_features, dec.mask_features(outs[3]))
