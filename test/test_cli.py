@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 
 from helpers import count_live_records, error_line
 
-from mpvss_ros.cli import main
+import mpvss_ros.cli as cli
+from mpvss_ros.cli import build_parser, main
 from mpvss_ros.io.video import read_label_png
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -562,7 +564,6 @@ def test_output_folders_refused_before_the_model_loads_and_tilde_expanded(tiny_f
     not write to is refused like one it cannot make; --out=~/x means the home folder."""
     import os
 
-    import mpvss_ros.cli as cli
     import mpvss_ros.model_loader as model_loader
     import mpvss_ros.paths as paths
 
@@ -718,8 +719,6 @@ def test_a_refused_input_leaves_the_earlier_run_in_place(bikes_path, tmp_path, c
 
 
 def test_segment_refuses_the_output_folder_before_loading_the_model(tmp_path, capsys, monkeypatch):
-    import mpvss_ros.cli as cli
-
     loads = []
     monkeypatch.setattr(cli, "load_model_and_backend", lambda args: loads.append(args) or pytest.fail("loaded"))
     frames = tmp_path / "frames"
@@ -803,8 +802,6 @@ def test_error_bad_adaptive_settings_even_with_a_fixed_schedule(tiny_folder, tmp
 def test_a_runtime_error_keeps_the_lines_after_its_first(tmp_path, monkeypatch, capsys):
     """torch's load_state_dict names the keys on the lines after 'Error(s) in loading state_dict
     for ...:' (mpvss train motion --init-motion): the one-line error dropped them."""
-    import mpvss_ros.cli as cli
-
     def fail(args):
         keys = ", ".join(f'"k{i}"' for i in range(1000))  # torch lists them all on one line
         raise RuntimeError(f"Error(s) in loading state_dict for MotionModule:\n\tMissing key(s) in state_dict: {keys}.")
@@ -819,8 +816,6 @@ def test_a_runtime_error_keeps_the_lines_after_its_first(tmp_path, monkeypatch, 
 def test_an_onnxruntime_error_is_one_error_and_other_exceptions_keep_their_traceback(tmp_path, monkeypatch, capsys):
     """onnxruntime's errors (pybind11 classes of onnxruntime.capi.onnxruntime_pybind11_state) are
     no RuntimeError: a failing session ended mpvss segment and eval in a traceback."""
-    import mpvss_ros.cli as cli
-
     Fail = type("Fail", (Exception,), {"__module__": "onnxruntime.capi.onnxruntime_pybind11_state"})
     monkeypatch.setattr(cli, "_cmd_bag", lambda args: (_ for _ in ()).throw(Fail("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 2")))
     assert cli.main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/x"]) == 1
@@ -846,8 +841,6 @@ def test_bad_adaptive_setting_with_a_fixed_schedule_names_the_flag_not_adaptive(
 
 def test_segment_bad_max_image_pixels_is_refused_by_its_flag_before_the_model_loads(tiny_folder, tmp_path,
                                                                                     monkeypatch, capsys):
-    import mpvss_ros.cli as cli
-
     def no_model(args):
         raise AssertionError("the model must not load for a usage error")
 
@@ -861,8 +854,6 @@ def test_segment_bad_max_image_pixels_is_refused_by_its_flag_before_the_model_lo
 @pytest.mark.parametrize("extra, flag", [(["--alpha", "3"], "--alpha"), (["--alpha", "nan"], "--alpha"),
                                          (["--max-image-pixels", "-5"], "--max-image-pixels")])
 def test_bag_bad_option_is_refused_by_its_flag_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, flag):
-    import mpvss_ros.cli as cli
-
     def no_model(args):
         raise AssertionError("the model must not load for a usage error")
 
@@ -941,8 +932,6 @@ def test_run_stats_split_only_the_frames_with_a_total():
 
 
 def test_bag_autoware_class_ids_are_parsed_as_integers():
-    from mpvss_ros.cli import build_parser
-
     args = build_parser().parse_args(["bag", "in", "out", "--topic", "/t", "--autoware-mask",
                                       "--autoware-class-ids", "9", "7"])
     assert args.autoware_mask is True and args.autoware_class_ids == [9, 7]
@@ -952,8 +941,6 @@ def test_bag_autoware_class_ids_are_parsed_as_integers():
 
 
 def test_bag_autoware_class_ids_out_of_range_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    import mpvss_ros.cli as cli
-
     (tmp_path / "in").mkdir()
     monkeypatch.setattr(cli, "load_model_and_backend", lambda args: pytest.fail("the model was loaded"))
     rc = main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/t", "--autoware-mask",
@@ -1113,3 +1100,149 @@ def test_summary_fps_leaves_out_the_backend_setup_time(tmp_path, monkeypatch):
     s = json.loads((out / "summary.json").read_text())
     assert 0 < s["setup_s"] < s["wall_time_s"]
     assert s["fps"] == pytest.approx(s["frames"] / (s["wall_time_s"] - s["setup_s"]), rel=1e-9)
+
+
+# -- Flags, defaults and result lines (stop 49's mutation pass of cli.py)
+
+def test_optical_flow_scale_accepts_both_ends_of_its_range():
+    """C01: the help and the node parameter say 0.1 <= s <= 1: both ends parse."""
+    parser = build_parser()
+    for value in ("0.1", "1"):
+        args = parser.parse_args(["segment", "IN", "--out", "o", "--optical-flow-scale", value])
+        assert args.optical_flow_scale == float(value)
+
+
+def test_eval_study_default_intervals_are_the_documented_ones():
+    """C09: --intervals defaults to 1 2 3 5 10 (help and README)."""
+    assert build_parser().parse_args(["eval"]).intervals == [1, 2, 3, 5, 10]
+
+
+def test_bag_defaults_namespace_and_detected_compression():
+    """C11, C13: --namespace defaults to /mpvss; without --compressed the type is detected from the
+    bag (None), not forced to raw Image (False)."""
+    args = build_parser().parse_args(["bag", "IN", "OUT", "--topic", "/cam"])
+    assert args.namespace == "/mpvss"
+    assert args.compressed is None
+    assert build_parser().parse_args(["bag", "IN", "OUT", "--topic", "/cam", "--compressed"]).compressed is True
+
+
+def _fake_segmentor(monkeypatch, tmp_path, val):
+    import mpvss_ros.training.trainer as trainer
+
+    seen = []
+
+    def fake_train(opts):
+        seen.append(opts)
+        return SimpleNamespace(step=3, finished=True, checkpoint=tmp_path / "c.pt", sec_per_step_median=0.5, val=val)
+
+    monkeypatch.setattr(trainer, "train_segmentor", fake_train)
+    return seen
+
+
+def test_train_result_line_reports_the_last_validation(tmp_path, capsys, monkeypatch):
+    """C39: the result line's val is the latest validation, not the first."""
+    _fake_segmentor(monkeypatch, tmp_path, [{"step": 1, "mIoU": 10.0}, {"step": 3, "mIoU": 30.0}])
+    assert main(["train", "segmentor", "--run-dir", str(tmp_path / "run")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["val"] == {"step": 3, "mIoU": 30.0}
+
+
+def test_threads_upper_bound_4096_is_accepted(tmp_path, capsys, monkeypatch):
+    """C42: --threads in [0, 4096]: 4096 itself is accepted (and set), 4097 refused."""
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    seen = _fake_segmentor(monkeypatch, tmp_path, [])
+    assert main(["train", "segmentor", "--run-dir", str(tmp_path / "run"), "--threads", "4096"]) == 0, \
+        capsys.readouterr().err
+    assert set_to == [4096] and seen[0].threads == 4096
+    assert main(["train", "segmentor", "--run-dir", str(tmp_path / "run2"), "--threads", "4097"]) == 2
+
+
+def test_train_motion_videos_get_a_leading_tilde_expanded(tmp_path, monkeypatch):
+    """C41: list-valued path options (--videos) are expanded like the others."""
+    import mpvss_ros.training.motion_trainer as mt
+
+    seen = {}
+
+    def fake_train(opts):
+        seen["opts"] = opts
+        return mt.MotionTrainResult(Path(opts.run_dir), 0, False, Path(opts.run_dir) / "x.pt")
+
+    monkeypatch.setattr(mt, "train_motion", fake_train)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["train", "motion", "--run-dir", str(tmp_path / "run"), "--init-checkpoint", "c.pt",
+                 "--videos", "~/a.mp4", "sample:bikes", "--no-progress"]) == 0
+    assert seen["opts"].videos == (str(tmp_path / "a.mp4"), "sample:bikes")
+
+
+def test_a_long_runtime_error_prints_twenty_lines_and_counts_the_rest(tmp_path, monkeypatch, capsys):
+    """C48: at most 20 lines of a RuntimeError's message, then how many more there were."""
+    def fail(args):
+        raise RuntimeError("\n".join(f"line {i}" for i in range(25)))
+
+    monkeypatch.setattr(cli, "_cmd_bag", fail)
+    assert main(["bag", str(tmp_path / "in"), str(tmp_path / "out"), "--topic", "/x"]) == 1
+    err = capsys.readouterr().err
+    assert "line 19" in err and "line 20" not in err and "(5 more lines)" in err
+
+
+def test_eval_at_a_frame_rate_below_one_keeps_the_fixed_schedule(tmp_path, capsys):
+    """C33: mpvss eval stamps frames index / fps: at 0.5 fps they are 2 s apart, which must not be
+    read as a time gap that makes every frame a key frame (max_gap_s infinite)."""
+    folder = tmp_path / "frames"
+    base = cv2.resize(np.random.default_rng(3).integers(0, 256, (12, 16, 3), dtype=np.uint8), (64, 48))
+    _write_folder(folder, {f"f{i}": np.roll(base, 2 * i, axis=1) for i in range(4)})
+    out = tmp_path / "out"
+    assert main(["eval", str(folder), "--self-reference", "--schedule", "fixed:3", "--propagator", "copy",
+                 "--fps", "0.5", "--threads", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    result = json.loads((out / "eval.json").read_text())
+    assert result["frames"] == 4 and result["key_frames"] == 2
+
+
+def _noise_folder(tmp_path, n=3):
+    """A folder of ``n`` seeded 48 x 64 noise images."""
+    rng = np.random.default_rng(5)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(n)})
+    return tmp_path / "frames"
+
+
+def test_eval_adaptive_schedule_runs_with_the_given_cut_threshold_and_max_interval(tmp_path, capsys):
+    """C07: mpvss eval builds its scheduler from the pipeline options: --cut-threshold (and
+    --max-interval) reach the adaptive scheduler that runs (eval.json schedule_settings)."""
+    folder = _noise_folder(tmp_path)
+    out = tmp_path / "out"
+    assert main(["eval", str(folder), "--self-reference", "--schedule", "adaptive:0.7", "--propagator", "copy",
+                 "--cut-threshold", "3", "--max-interval", "7", "--threads", "1", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    settings = json.loads((out / "eval.json").read_text())["schedule_settings"]
+    assert (settings["scene_threshold"], settings["cut_threshold"], settings["max_interval"]) == (0.7, 3.0, 7)
+
+
+def test_max_interval_zero_is_refused_by_its_flag_with_a_fixed_schedule(tmp_path, capsys, monkeypatch):
+    """C03: --max-interval must be >= 1, also when the (fixed) schedule does not use it, named by
+    its flag, before the model loads."""
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda *a, **k: pytest.fail("loaded the model"))
+    folder = _noise_folder(tmp_path, 1)
+    for argv in (["segment", str(folder), "--out", str(tmp_path / "o")],
+                 ["eval", str(folder), "--self-reference", "--out", str(tmp_path / "o")]):
+        assert main([*argv, "--schedule", "fixed:2", "--max-interval", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == "mpvss: error: --max-interval must be >= 1 (frames), got 0"
+        assert not (tmp_path / "o").exists()
+
+
+def test_segment_result_line_counts_frames_missing_at_the_end_as_unreadable(tmp_path, capsys, monkeypatch):
+    """C21: the result line's "unreadable" is the files skipped while reading plus the frames a
+    video announced but never delivered (missing_at_end), as summary.json lists them."""
+    import mpvss_ros.offline as offline
+
+    summary = {"frames": 5, "key_frames": 1, "key_frame_ratio": 0.2, "fps": 10.0, "trained": False,
+               "median_total_ms_key_frame": 1.0, "median_total_ms_non_key_frame": 0.5,
+               "skipped_non_finite": [], "skipped_engine": [], "skipped_unreadable": ["f3"], "missing_at_end": 2,
+               "skipped_too_large": [], "overlay": None}
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: (None, None))
+    monkeypatch.setattr(offline, "segment_path", lambda *a, **k: summary)
+    folder = _noise_folder(tmp_path, 1)
+    assert main(["segment", str(folder), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    brief = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert brief["unreadable"] == 3 and brief["skipped"] == 0 and brief["frames"] == 5

@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -37,6 +38,8 @@ from mpvss_ros.runtime.export import (
     NON_KEY_INPUTS,
     NON_KEY_OUTPUTS,
     OPSET,
+    PARITY_ATOL,
+    PARITY_RTOL,
     GraphSource,
     build_contract,
     cached_export,
@@ -1093,3 +1096,146 @@ def test_export_of_weights_without_a_motion_module_says_so(fake_export, tmp_path
                  "--height", "64", "--width", "96", "--no-parity"]) == 0
     assert NO_MOTION_EXPORT_NOTE in capsys.readouterr().out
     assert json.loads((tmp_path / "x" / "contract.json").read_text())["motion_trained"] is False
+
+
+# The export path itself: sizes, modes, opset, parity tolerance, the cache key (stop 49's mutation pass).
+
+@pytest.fixture(scope="module")
+def export_32(lite, tmp_path_factory):
+    """An export at the smallest allowed size, 32 x 64 (MIN_GRAPH_SIDE = 32)."""
+    return export_onnx(lite.model, tmp_path_factory.mktemp("e32") / "x", (32, 64))
+
+
+# -- export_onnx
+
+
+def test_an_export_at_the_minimum_side_of_32_pixels_is_made(export_32):
+    """E14: 32 pixels a side is allowed (the check is < MIN_GRAPH_SIDE, not <=)."""
+    assert export_32.contract["canvas"]["valid_hw"] == [32, 64]
+    assert export_32.key_frame.is_file() and export_32.non_key_frame.is_file()
+
+
+def test_export_onnx_refuses_a_side_below_32_before_writing(lite, tmp_path):
+    """E15: export_onnx itself (the API, not only mpvss export) refuses 31 pixels, before any file."""
+    with pytest.raises(ValueError, match="at least 32x32"):
+        export_onnx(lite.model, tmp_path / "x", (31, 64))
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_contract_opset_is_the_graphs_opset(export_32):
+    """E10: contract.json's opset is the opset the graphs were exported with."""
+    graph_opsets = {o.version for o in onnx.load(str(export_32.key_frame)).opset_import if o.domain in ("", "ai.onnx")}
+    assert graph_opsets == {OPSET} and export_32.contract["opset"] == OPSET
+
+
+def test_export_without_a_size_takes_the_canvas_height_then_width(tmp_path):
+    """E16: valid_hw defaults to cfg.input.size, (h, w)."""
+    model = load_model("mpvss_lite").model
+    model.cfg = replace_canvas(model.cfg, (32, 64))
+    res = export_onnx(model, tmp_path / "x")
+    assert res.contract["canvas"]["valid_hw"] == [32, 64]
+    dims = [d.dim_value for d in onnx.load(str(res.key_frame)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 32, 64]
+
+
+def test_export_restores_a_model_in_training_mode(tmp_path):
+    """E18: export_onnx exports from eval mode and gives the caller's model back as it was: a model
+    being trained stays in training mode."""
+    model = load_model("mpvss_lite").model.train()
+    export_onnx(model, tmp_path / "x", (32, 64), check=False)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_a_graph_with_a_forbidden_op_is_refused(lite, tmp_path, monkeypatch):
+    """E21: the data-dependent-op guard: an op listed in FORBIDDEN_OPS makes the export fail."""
+    monkeypatch.setattr(export_module, "FORBIDDEN_OPS", frozenset({"Conv"}))
+    with pytest.raises(RuntimeError, match=r"key_frame.onnx contains data-dependent ops \['Conv'\]"):
+        export_onnx(lite.model, tmp_path / "x", (32, 64), check=False)
+
+
+# -- contract
+
+
+def test_the_exported_model_config_names_no_default_weights(cfg):
+    """E09: the contract's model_config is the graphs' configuration: default_weights null (the
+    graphs hold the weights; a runtime must not go looking for the package's weights file)."""
+    assert cfg.default_weights is not None
+    assert build_contract(cfg, (96, 128))["model_config"]["default_weights"] is None
+
+
+# -- parity
+
+
+def test_parity_tolerance_is_atol_plus_rtol_of_the_reference_range(export_32, lite):
+    """E32: each output's tolerance is PARITY_ATOL + PARITY_RTOL * max|ref| (1e-3 + 1e-4 x)."""
+    assert (PARITY_ATOL, PARITY_RTOL) == (1e-3, 1e-4)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (32, 64, 3), dtype=np.uint8) for _ in range(2)]
+    parity = check_parity(export_32.out_dir, lite.model, frames, source="random")
+    for name, o in parity["outputs"].items():
+        assert o["tolerance"] == pytest.approx(1e-3 + 1e-4 * o["max_abs_ref"], rel=1e-12), name
+        assert o["passed"] == (o["max_abs_diff"] <= o["tolerance"])
+
+
+def test_parity_refuses_frames_of_another_size(cfg, tmp_path, lite):
+    """E34: frames must be of the contract's valid size (checked before any session is made)."""
+    d = _folder(tmp_path, build_contract(cfg, (96, 128)))
+    with pytest.raises(ValueError, match="parity frames must be 96x128"):
+        check_parity(d, lite.model, [np.zeros((64, 128, 3), np.uint8)])
+
+
+# -- fingerprint
+
+
+def test_fingerprint_covers_buffers_such_as_batchnorm_statistics():
+    """E38: the graphs fold BatchNorm running statistics in: changing one changes the cache key.
+    (A model of its own: a backend built on the session's ``lite`` folds its BatchNorms away.)"""
+    model = load_model("mpvss_lite").model
+    before = model_fingerprint(model)
+    params = {n for n, _ in model.named_parameters()}
+    name = next(n for n in model.state_dict() if n.endswith("running_mean") and n not in params)
+    with torch.no_grad():
+        model.state_dict()[name].add_(0.5)
+    assert model_fingerprint(model) != before
+
+
+def test_fingerprint_covers_the_export_code_and_opset(lite, monkeypatch):
+    """E39: the export code's digest (and opset, torch version, contract format) is in the key."""
+    monkeypatch.setattr(export_module, "_source_digest", lambda: "a")
+    a = model_fingerprint(lite.model)
+    monkeypatch.setattr(export_module, "_source_digest", lambda: "b")
+    assert model_fingerprint(lite.model) != a
+    b = model_fingerprint(lite.model)
+    monkeypatch.setattr(export_module, "OPSET", 18)
+    assert model_fingerprint(lite.model) != b
+
+
+def test_source_digest_covers_the_nn_modules(monkeypatch):
+    """E40: a change in nn/*.py (the traced model code) changes the digest, so cached graphs of
+    the old code are not reused."""
+    before = export_module._source_digest()
+    real = Path.read_bytes
+
+    def changed(self):
+        data = real(self)
+        return data + b"\n# changed" if self.parent.name == "nn" and self.name == "warp.py" else data
+
+    monkeypatch.setattr(Path, "read_bytes", changed)
+    assert export_module._source_digest() != before
+
+
+# -- GraphSource
+
+
+def test_a_graph_source_from_a_folder_refuses_a_changed_non_key_graph(cfg, tmp_path):
+    """E46: both graphs' sha256 are checked, the non-key one too."""
+    d = tmp_path / "exp"
+    d.mkdir()
+    for name in ("key_frame.onnx", "non_key_frame.onnx"):
+        (d / name).write_bytes(b"graph " + name.encode())
+    contract = build_contract(cfg, (96, 128), d / "key_frame.onnx", d / "non_key_frame.onnx")
+    (d / CONTRACT_FILE).write_text(json.dumps(contract))
+    assert GraphSource.from_dir(d).sizes == [(96, 128)]
+    (d / "non_key_frame.onnx").write_bytes(b"another graph")
+    with pytest.raises(ValueError, match="do not match the sha256"):
+        GraphSource.from_dir(d)
