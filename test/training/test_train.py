@@ -1,15 +1,20 @@
 """CamVid data pipeline and a few real stage-1 training steps (skipped without shared data)."""
 
+import argparse
 import json
 import math
 import re
+import signal
+import types
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir
 from mpvss_ros.training.data import CamVidFrames
+from mpvss_ros.training import trainer
 from mpvss_ros.training.motion_trainer import MotionTrainOptions
 from mpvss_ros.training.trainer import (
     TrainOptions,
@@ -580,8 +585,6 @@ def test_a_failed_model_write_leaves_no_trainer_state_temp_file(tmp_path, monkey
     # full disk, the temporary state file (optimizer moments: twice the model) stayed on that disk
     import errno
 
-    from mpvss_ros.training import trainer
-
     model = torch.nn.Linear(2, 2)
 
     def full(*args, **kwargs):
@@ -674,3 +677,369 @@ def test_a_crop_given_as_a_list_is_accepted():
     """options.json stores the crop as a JSON list."""
     MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", crop=[96, 128]).validate()
     TrainOptions(run_dir="x", crop=[96, 128]).validate()
+
+
+# Options, optimiser groups, evaluation, the training loop's order and limits, run folders (stop 49's
+# mutation pass of trainer.py).
+
+def _lite():
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+
+    return MPVSS(load_model_config("mpvss_lite"))
+
+
+# -- options and schedule
+
+def test_validate_edges_of_the_documented_ranges():
+    """V02 V04 V05 V06: scale high finite, warmup_steps >= 0, warmup_factor <= 1, stop_at == steps allowed."""
+    with pytest.raises(ValueError, match="scale must be"):
+        TrainOptions(run_dir="x", scale=(0.5, float("inf"))).validate()
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        TrainOptions(run_dir="x", warmup_steps=-1).validate()
+    with pytest.raises(ValueError, match=r"warmup_factor must be in \(0, 1\]"):
+        TrainOptions(run_dir="x", warmup_factor=1.5).validate()
+    TrainOptions(run_dir="x", steps=10, stop_at=10).validate()  # "stop_at None or in 1..steps"
+
+
+def test_lr_factor_is_zero_past_the_end_of_the_schedule():
+    """L03: a resumed run whose --steps was lowered syncs its lr at a step past the schedule."""
+    assert lr_factor(110, 100, 10, 0.01, 0.9) == 0.0
+
+
+def test_cli_flags_set_their_own_options():
+    """A01 A02 A03 A04."""
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    o = options_from_args(p.parse_args(["--run-dir", "r"]))
+    assert o.flip is True and o.color_jitter is True and o.freeze_bn is True
+    o = options_from_args(p.parse_args(["--run-dir", "r", "--no-flip"]))
+    assert o.flip is False and o.color_jitter is True
+    o = options_from_args(p.parse_args(["--run-dir", "r", "--no-freeze-bn"]))
+    assert o.freeze_bn is False
+    o = options_from_args(p.parse_args(["--run-dir", "r", "--steps", "10", "--stop-at", "5", "--max-minutes", "0.5"]))
+    assert o.stop_at == 5 and isinstance(o.stop_at, int) and o.max_minutes == 0.5
+    o.validate()
+
+
+# -- optimiser groups
+
+def test_no_decay_for_group_norm_and_batch_norm_of_the_segmentor():
+    """N02 N03: the pixel decoder's GroupNorm and the backbone's BatchNorm take no decay."""
+    model = _lite()
+    skip = trainer.no_decay_parameters(model)
+    named = dict(model.named_parameters())
+    for name in ("sem_seg_head.pixel_decoder.lateral_convs.res2.norm.weight", "backbone.features.0.1.weight",
+                 "backbone.features.0.1.bias"):
+        assert id(named[name]) in skip, name
+
+
+# -- evaluation helpers
+
+def test_evaluate_frames_uses_eval_mode_and_restores_the_callers_mode():
+    """E01 E02: evaluation must not update BatchNorm statistics, and gives the model back as it was."""
+    torch.manual_seed(0)
+    model = _lite()
+    frames = [(torch.rand(3, 64, 96) * 255, torch.randint(0, 11, (64, 96)))]
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    trainer.evaluate_frames(model, frames, [0])
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    model.eval()
+    trainer.evaluate_frames(model, frames, [0])
+    assert not model.training
+
+
+@needs_data
+def test_segment_frame_zero_pads_after_normalisation_and_upsamples_like_mask2former():
+    """S01 S02 P01: the padded canvas is zero after normalisation (= raw pixel_mean before it), and
+    the mask logits are upsampled with align_corners=False before scoring (the shipped model on a
+    CamVid frame cut to 150 x 200, padded to 160 x 224)."""
+    from mpvss_ros.model_loader import load_model
+    from mpvss_ros.nn.mpvss import semantic_scores
+    from mpvss_ros.training.data import CamVidFrames
+
+    model = load_model(device="cpu").model.eval()
+    image = CamVidFrames(TRAIN_DIR, TRAIN_ANNOT, train=False, files=FILES[:1])[0][0][:, 100:250, 100:300]
+    h, w = 150, 200
+    got = trainer.segment_frame(model, image)
+    hp, wp = 160, 224
+    mean = torch.tensor(model.cfg.input.pixel_mean).view(3, 1, 1)
+    canvas = mean.expand(3, hp, wp).clone()
+    canvas[:, :h, :w] = image
+    with torch.no_grad():
+        out = model.forward_segmentor(canvas[None], aux=False)
+        masks = F.interpolate(out.mask_logits, size=(hp, wp), mode="bilinear", align_corners=False)
+        want = semantic_scores(out.class_logits, masks)[0, :, :h, :w].argmax(0)
+    assert got.shape == (h, w)
+    assert len(torch.unique(want)) > 2  # a real segmentation, not one class
+    assert torch.equal(got, want)
+
+
+# -- model building
+
+def test_imagenet_weights_for_a_backbone_that_is_not_mobilenet_are_refused():
+    """M02: imagenet_weights is for the MobileNetV2 backbone only."""
+    from mpvss_ros.config import load_model_config
+
+    cfg = load_model_config("mpvss_r50")
+    with pytest.raises(ValueError, match="imagenet_weights is for the MobileNetV2 backbone"):
+        trainer._build_model(TrainOptions(run_dir="x", model="mpvss_r50", imagenet_weights="some.pt"), cfg)
+
+
+# -- the training loop
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """4 steps on 5 frames, batch 2 (2 batches per epoch, one frame left over), a crop that is
+    no multiple of 32, validation every 2 steps, with the data order, the labels, the network's
+    valid size and the gradient norm at each optimiser step recorded."""
+    if TRAIN_DIR is None or WEIGHTS is None or not WEIGHTS.is_file():
+        pytest.skip("shared CamVid data / ImageNet weights not available")
+    from mpvss_ros.config import load_model_config
+    from mpvss_ros.nn.mpvss import MPVSS
+    from mpvss_ros.training.data import CamVidFrames
+
+    files = sorted(p.name for p in TRAIN_DIR.iterdir())[:5]
+    run = tmp_path_factory.mktemp("recorded")
+    opts = _opts(run, train_files=files, steps=4, batch_size=2, crop=(80, 100), num_points=64,
+                 val_every=2, val_frames=1)
+    rec = {"items": [], "labels": [], "valid_hw": [], "grad_norms": []}
+    real_getitem, real_targets = CamVidFrames.__getitem__, trainer.semantic_batch_to_targets
+    real_forward, real_step = MPVSS.forward_segmentor, torch.optim.AdamW.step
+
+    def getitem(self, idx):
+        if self.train:
+            rec["items"].append((self.epoch, int(idx)))
+        return real_getitem(self, idx)
+
+    def targets(labels, *a, **k):
+        rec["labels"].append(labels.clone())
+        return real_targets(labels, *a, **k)
+
+    def forward(self, image, valid_hw=None, *a, **k):
+        if self.training:
+            rec["valid_hw"].append(tuple(valid_hw) if valid_hw is not None else None)
+        return real_forward(self, image, valid_hw, *a, **k)
+
+    def step(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        rec["grad_norms"].append(float(torch.linalg.vector_norm(torch.stack([x.norm() for x in grads]))))
+        return real_step(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CamVidFrames, "__getitem__", getitem)
+        mp.setattr(trainer, "semantic_batch_to_targets", targets)
+        mp.setattr(MPVSS, "forward_segmentor", forward)
+        mp.setattr(torch.optim.AdamW, "step", step)
+        result = train_segmentor(opts)
+    initial, _ = trainer._build_model(opts, load_model_config("mpvss_lite"))
+    return run, opts, result, rec, initial
+
+
+@needs_data
+def test_batches_follow_the_documented_data_order(recorded_run):
+    """T02 T03 T04 T05: epoch e draws the permutation default_rng([seed, 1, e]) in batch-size
+    slices, len // batch_size batches per epoch, with the epoch's augmentation draws."""
+    _, opts, result, rec, _ = recorded_run
+    assert result.finished and result.step == 4
+    want = []
+    for s in range(4):
+        e, within = divmod(s, 5 // 2)
+        perm = np.random.default_rng([opts.seed, 1, e]).permutation(5)
+        want += [(e, int(i)) for i in perm[within * 2:(within + 1) * 2]]
+    assert rec["items"] == want
+
+
+@needs_data
+def test_padding_to_the_network_size_is_void_and_outside_the_valid_size(recorded_run):
+    """P02 T06: the crop (80, 100) is padded to (96, 128) with void labels, and the network is told
+    the valid size so the padding is zero after normalisation."""
+    _, _, _, rec, _ = recorded_run
+    assert len(rec["labels"]) == 4 and rec["valid_hw"] == [(80, 100)] * 4
+    for labels in rec["labels"]:
+        assert labels.shape[-2:] == (96, 128)
+        assert (labels[:, 80:, :] == 255).all() and (labels[:, :, 100:] == 255).all()
+
+
+@needs_data
+def test_gradients_are_clipped_before_the_optimiser_step(recorded_run):
+    """T10: AdamW sees gradients of total norm <= clip_grad_norm; the log keeps the norm before clipping."""
+    run, opts, _, rec, _ = recorded_run
+    assert len(rec["grad_norms"]) == 4
+    assert max(rec["grad_norms"]) <= opts.clip_grad_norm * (1 + 1e-4)
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if not json.loads(x).get("val")]
+    assert all(r["grad_norm"] > opts.clip_grad_norm for r in logged)
+
+
+@needs_data
+def test_log_records_backbone_lr_and_losses_over_all_predictions(recorded_run):
+    """T11 T12: lr_backbone = lr * backbone_lr_mult; loss_*_all sums the auxiliary predictions too."""
+    run, opts, _, _, _ = recorded_run
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if not r.get("val")]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert r["lr_backbone"] == pytest.approx(r["lr"] * opts.backbone_lr_mult)
+        for name in ("ce", "mask", "dice"):
+            assert r[f"loss_{name}_all"] > r[f"loss_{name}"] * 1.5, (name, r)
+
+
+@needs_data
+def test_validation_runs_every_val_every_steps(recorded_run):
+    """T14."""
+    run, _, result, _, _ = recorded_run
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r.get("val")] == [2, 4]
+    assert [r["step"] for r in result.val] == [2, 4]
+
+
+@needs_data
+def test_backbone_batch_norm_statistics_stay_frozen_through_validation(recorded_run):
+    """E03 E04: freeze_bn keeps the backbone's BatchNorm statistics at their ImageNet values,
+    also in the steps after a validation (which puts the model in eval mode and back)."""
+    run, _, _, _, initial = recorded_run
+    final = torch.load(run / "model_final.pt", weights_only=True)["state_dict"]
+    init = initial.state_dict()
+    keys = [k for k in init if k.startswith("backbone.") and ("running_mean" in k or "running_var" in k)]
+    assert keys
+    for k in keys:
+        assert torch.equal(final[k], init[k]), k
+
+
+@needs_data
+def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
+    """T07: a NaN loss is an error, not a step."""
+    real_call = trainer.SetCriterion.__call__
+
+    def nan_loss(self, *a, **k):
+        losses = real_call(self, *a, **k)
+        losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.SetCriterion, "__call__", nan_loss)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train_segmentor(_opts(tmp_path / "run", steps=2, num_points=64, imagenet_weights="none"))
+
+
+@needs_data
+def test_clip_grad_norm_zero_disables_clipping(tmp_path):
+    """T09: --clip-grad-norm 0 trains unclipped (Adam's first step moves weights by about lr);
+    clipping to 0 would leave only the weight decay."""
+    from mpvss_ros.config import load_model_config
+
+    opts = _opts(tmp_path / "run", steps=1, num_points=64, clip_grad_norm=0.0, imagenet_weights="none")
+    result = train_segmentor(opts)
+    assert result.finished
+    initial, _ = trainer._build_model(opts, load_model_config("mpvss_lite"))
+    init = initial.state_dict()
+    final = torch.load(tmp_path / "run" / "model_final.pt", weights_only=True)["state_dict"]
+    moved = max(float((final[k] - init[k]).abs().max()) for k in init if k.startswith("sem_seg_head.")
+                and init[k].is_floating_point())
+    assert moved > 0.5 * opts.lr
+
+
+@needs_data
+def test_max_minutes_is_in_minutes_and_stops_the_run(tmp_path, monkeypatch):
+    """T17 T18: with a clock that advances 10 s per reading, max_minutes=5 lets 3 steps finish and
+    max_minutes=0.05 stops after the first step, with a checkpoint."""
+    clock = {"t": 0.0}
+
+    def perf_counter():
+        clock["t"] += 10.0
+        return clock["t"]
+
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    long = train_segmentor(_opts(tmp_path / "long", steps=3, num_points=64, max_minutes=5.0))
+    assert long.finished and long.step == 3
+    short = train_segmentor(_opts(tmp_path / "short", steps=3, num_points=64, max_minutes=0.05))
+    assert short.step == 1 and not short.finished
+    assert torch.load(tmp_path / "short" / "checkpoint_last.pt", weights_only=True)["meta"]["step"] == 1
+
+
+@needs_data
+def test_fewer_training_frames_than_a_batch_are_refused(tmp_path):
+    """T20."""
+    with pytest.raises(ValueError, match="2 training frames for batch_size 3"):
+        train_segmentor(_opts(tmp_path / "run", batch_size=3, imagenet_weights="none"))
+
+
+@needs_data
+def test_an_unknown_motion_module_stays_unknown_in_the_runs_files(tmp_path):
+    """T21: a stage-1 init file written before stage 1 recorded motion_trained: this run's files say
+    None (unknown), not True."""
+    from mpvss_ros.checkpoints import save_checkpoint
+    from mpvss_ros.config import load_model_config
+
+    cfg = load_model_config("mpvss_lite")
+    save_checkpoint(tmp_path / "old_stage1.pt", _lite(), cfg.to_dict(), {"stage": "segmentor"})
+    train_segmentor(_opts(tmp_path / "run", steps=1, num_points=64, init_checkpoint=str(tmp_path / "old_stage1.pt")))
+    assert torch.load(tmp_path / "run" / "model_final.pt", weights_only=True)["meta"]["motion_trained"] is None
+
+
+# -- run folders (both stages)
+
+@pytest.mark.parametrize("change, message", [
+    ({"step": -1}, "'step' must be an integer >= 0"),  # R08
+    ({"torch_rng": torch.get_rng_state()[None]}, "'torch_rng' is not a random-generator state"),  # R09
+    ({"cuda_rng": torch.zeros(8)}, "'cuda_rng' is not a random-generator state"),  # R10
+    ({"options": [1]}, "'options' is a list, not a dict"),  # R11
+    ({"optimizer": {"state": {}, "param_groups": {}}}, "'optimizer' is not an optimizer state dict"),  # R12
+    ({"scheduler": [1]}, "'scheduler' is a list, not a dict"),  # R13
+])
+def test_read_trainer_state_names_each_damaged_entry(tmp_path, change, message):
+    _, state = _real_state()
+    state.update(change)
+    torch.save(state, tmp_path / "trainer_state.pt")
+    with pytest.raises(ValueError, match=message):
+        trainer.read_trainer_state(tmp_path / "trainer_state.pt")
+
+
+def test_a_run_file_without_a_stage_may_be_resumed_by_either_stage(tmp_path):
+    """R07: check_run_dir: "files without one pass"."""
+    from mpvss_ros.checkpoints import save_checkpoint
+
+    model, state = _real_state()
+    save_checkpoint(tmp_path / "checkpoint_last.pt", model, {}, meta={"step": 3})
+    torch.save(state, tmp_path / "trainer_state.pt")
+    trainer.check_run_dir(tmp_path, resume=True, stage="segmentor")
+    trainer.check_run_dir(tmp_path, resume=True, stage="query_flow")
+
+
+def test_the_final_file_is_written_again_when_steps_were_run(tmp_path):
+    """R15: a finished run resumed with a longer schedule writes its new final model."""
+    from mpvss_ros.checkpoints import read_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    trainer.save_final_checkpoint(tmp_path, model, {}, {"step": 2}, 2)
+    trainer.save_final_checkpoint(tmp_path, model, {}, {"step": 3}, 1)
+    assert read_checkpoint(tmp_path / "model_final.pt").meta["step"] == 3
+    trainer.save_final_checkpoint(tmp_path, model, {}, {"step": 3, "val": None}, 0)  # no step run: kept
+    assert "val" not in read_checkpoint(tmp_path / "model_final.pt").meta
+
+
+def test_torch_threads_zero_leaves_the_count_and_any_count_is_restored():
+    """R16 R17."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with trainer.torch_threads(0):
+            assert torch.get_num_threads() == 2
+        with trainer.torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handler_is_restored():
+    """R18 R19."""
+    previous = signal.getsignal(signal.SIGINT)
+    with trainer.InterruptAfterStep() as interrupt:
+        signal.raise_signal(signal.SIGINT)
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
