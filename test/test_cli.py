@@ -1158,23 +1158,6 @@ def test_threads_upper_bound_4096_is_accepted(tmp_path, capsys, monkeypatch):
     assert main(["train", "segmentor", "--run-dir", str(tmp_path / "run2"), "--threads", "4097"]) == 2
 
 
-def test_train_motion_videos_get_a_leading_tilde_expanded(tmp_path, monkeypatch):
-    """C41: list-valued path options (--videos) are expanded like the others."""
-    import mpvss_ros.training.motion_trainer as mt
-
-    seen = {}
-
-    def fake_train(opts):
-        seen["opts"] = opts
-        return mt.MotionTrainResult(Path(opts.run_dir), 0, False, Path(opts.run_dir) / "x.pt")
-
-    monkeypatch.setattr(mt, "train_motion", fake_train)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert main(["train", "motion", "--run-dir", str(tmp_path / "run"), "--init-checkpoint", "c.pt",
-                 "--videos", "~/a.mp4", "sample:bikes", "--no-progress"]) == 0
-    assert seen["opts"].videos == (str(tmp_path / "a.mp4"), "sample:bikes")
-
-
 def test_a_long_runtime_error_prints_twenty_lines_and_counts_the_rest(tmp_path, monkeypatch, capsys):
     """C48: at most 20 lines of a RuntimeError's message, then how many more there were."""
     def fail(args):

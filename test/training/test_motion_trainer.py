@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -25,8 +26,12 @@ from mpvss_ros.io.samples import (
     shared_data_dir,
 )
 from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.warp import compose_flows
+from mpvss_ros.training import motion_trainer
 from mpvss_ros.training.motion_trainer import (
     MotionTrainOptions,
+    _chained_flows,
+    _flow_l1,
     pseudo_labels,
     train_motion,
 )
@@ -333,10 +338,12 @@ def test_cli_train_motion_options_reach_the_trainer(monkeypatch, tmp_path):
         return mt.MotionTrainResult(Path(opts.run_dir), 0, False, Path(opts.run_dir) / "x.pt")
 
     monkeypatch.setattr(mt, "train_motion", fake_train)
+    monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["train", "motion", "--run-dir", str(tmp_path), "--init-checkpoint", "c.pt", "--chain-training",
-                 "--max-gap", "3", "--no-progress"]) == 0
+                 "--max-gap", "3", "--no-progress", "--videos", "~/a.mp4", "sample:bikes"]) == 0
     opts = seen["opts"]
     assert opts.chain_training is True and opts.max_gap == 3 and opts.progress is False
+    assert opts.videos == (str(tmp_path / "a.mp4"), "sample:bikes")  # a list-valued path option: ~ expanded too
     assert main(["train", "motion", "--run-dir", str(tmp_path), "--init-checkpoint", "c.pt"]) == 0
     assert seen["opts"].chain_training is False
 
@@ -496,10 +503,6 @@ def test_flow_term_compares_the_cells_of_the_crop():
     """A crop that is no multiple of 32: the model's flow grid covers the padded crop (8 cells for
     33..64 pixels at stride 8), the DIS target only the crop (5 cells for 40 pixels); the term had
     been a RuntimeError (sizes 8 and 5)."""
-    from types import SimpleNamespace
-
-    from mpvss_ros.training.motion_trainer import _flow_l1
-
     g = torch.Generator().manual_seed(0)
     flows, pixel = torch.randn(2, 3, 2, 8, 8, generator=g), torch.randn(2, 2, 8, 8, generator=g)
     target = torch.randn(2, 2, 5, 5, generator=g)
@@ -516,10 +519,7 @@ def test_flow_term_under_the_mmtrack_warp_compares_where_the_flows_sample():
     """The official models warp with mmtrack flows, the targets are exact flows: the term compared
     them raw, so flows that warp the masks exactly onto the target's (what the mask loss wants)
     were pulled off by the ramp (up to a mask pixel at the right and bottom)."""
-    from types import SimpleNamespace
-
     from mpvss_ros.nn.warp import mmtrack_to_exact, warp_mask_logits
-    from mpvss_ros.training.motion_trainer import _flow_l1
 
     g = torch.Generator().manual_seed(1)
     target, mask_hw = 2 * torch.randn(1, 2, 8, 10, generator=g), (32, 40)
@@ -542,7 +542,6 @@ def test_train_motion_gives_the_flow_term_the_models_warp_and_mask_grid(needs_da
     import yaml
 
     from mpvss_ros.config import load_model_config
-    from mpvss_ros.training import motion_trainer
 
     cfg = load_model_config("mpvss_lite").to_dict()
     cfg["input"]["warp_normalization"] = "mmtrack"
@@ -616,7 +615,6 @@ def test_a_corrupt_camvid_frame_is_refused_before_the_pseudo_labelling(needs_dat
     import shutil
 
     from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir
-    from mpvss_ros.training import motion_trainer
 
     names = ["0001TP_006690.png", "0001TP_006720.png", "0016E5_06390.png"]
     img, ann = tmp_path / "train", tmp_path / "trainannot"
@@ -640,7 +638,6 @@ def test_train_motion_refuses_a_bad_stored_config_as_load_model_does(tmp_path):
     (checkpoint_model_config): a stored configuration that is not valid is the file's fault, a
     CheckpointError (exit status 1) naming it, in both."""
     from mpvss_ros.checkpoints import CheckpointError
-    from mpvss_ros.model_loader import load_model
 
     bad = tmp_path / "bad_config.pt"
     torch.save({"format": "mpvss_ros", "version": 1, "model_config": {"name": "x", "num_classes": -3},
@@ -650,3 +647,450 @@ def test_train_motion_refuses_a_bad_stored_config_as_load_model_does(tmp_path):
     with pytest.raises(CheckpointError, match=r"bad_config.pt \(model_config\)"):
         train_motion(_options(tmp_path / "run", bad, 1))
     assert not (tmp_path / "run").exists()
+
+
+# Chained flows, the flow term, pseudo-labels, quick validation and the loop's options (stop 49's
+# mutation pass of motion_trainer.py).
+
+# -- _chained_flows (fake motion module)
+
+H = W = 16
+GRID = (4, 4)
+N = 3
+
+
+class _FakeMotion:
+    """Stands in for model.motion: a deterministic random flow per (current, previous) frame pair
+    (each frame is a constant image whose value names it), recording the calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def flow_of(cur_value: float, prev_value: float) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(1000 * cur_value + prev_value))
+        return torch.randn(N, 2, *GRID, generator=g)
+
+    def __call__(self, current, previous, query_init, image_size):
+        cur = [float(c[0, 0, 0]) for c in current]
+        prev = [float(p[0, 0, 0]) for p in previous]
+        self.calls.append((cur, prev, image_size))
+        flows = torch.stack([self.flow_of(c, p) for c, p in zip(cur, prev)])
+        return SimpleNamespace(flows=flows, pixel_flow=flows[:, 0])
+
+
+def _img(value: float) -> torch.Tensor:
+    return torch.full((3, H, W), float(value))
+
+
+def _sample(key, current, links=None, link_flows=None, flow=0.0, has_flow=False, source="video"):
+    links_t = None if links is None else (torch.stack([_img(v) for v in links]) if links
+                                          else torch.zeros(0, 3, H, W))
+    lf = None if link_flows is None else torch.stack([torch.full((2, *GRID), float(v)) for v in link_flows])
+    return SimpleNamespace(key=_img(key), current=_img(current), links=links_t, link_flows=lf,
+                           flow=torch.full((2, *GRID), float(flow)), has_flow=has_flow, source=source,
+                           frames_apart=1 if links is None else 1 + len(links))
+
+
+def _mixed_batch():
+    return [
+        _sample(1, 4, links=[2, 3], link_flows=[11, 12, 13]),  # chained, d = 3 (frames 1 -> 2 -> 3 -> 4)
+        _sample(5, 6, links=[], link_flows=[21]),  # chained, d = 1
+        _sample(7, 8, flow=31, has_flow=True),  # one-link pair with a flow target (not chained)
+        _sample(9, 10, flow=0, has_flow=False, source="camvid"),  # no flow target
+    ]
+
+
+def _run_chain(samples):
+    motion = _FakeMotion()
+    model = SimpleNamespace(motion=motion, cfg=SimpleNamespace(input=SimpleNamespace(warp_normalization="exact")))
+    key = torch.stack([s.key for s in samples])
+    query_init = torch.zeros(len(samples), N, 8)
+    flows, links = _chained_flows(model, samples, key, query_init, (H, W), lambda x, v: x, GRID)
+    return motion, flows, links
+
+
+def test_chained_flows_feed_each_link_its_frames_current_first():
+    """Kills C01 (wrong intermediate frame), C04 (previous/current swapped), C08 (too few links)."""
+    motion, _, links = _run_chain(_mixed_batch())
+    assert len(links) == 3 and len(motion.calls) == 3
+    # link j: frame j + 1 of every sample (its current frame once its chain has ended) -> frame j
+    want = [([2, 6, 8, 10], [1, 5, 7, 9]), ([3, 6, 8, 10], [2, 6, 8, 10]), ([4, 6, 8, 10], [3, 6, 8, 10])]
+    assert [(c, p) for c, p, _ in motion.calls] == want
+    assert all(size == (H, W) for _, _, size in motion.calls)
+
+
+def test_chained_flows_compose_each_sample_over_its_own_links_only():
+    """Kills C02 (no masking of ended chains), C03 (composition order), C07 (last link dropped)."""
+    _, flows, _ = _run_chain(_mixed_batch())
+    f = _FakeMotion.flow_of
+    chain = compose_flows(compose_flows(f(2, 1)[None], f(3, 2)[None]), f(4, 3)[None])[0]
+    torch.testing.assert_close(flows[0], chain)
+    torch.testing.assert_close(flows[1], f(6, 5))  # its one link; the later links (6 -> 6) are not composed
+    torch.testing.assert_close(flows[2], f(8, 7))
+    torch.testing.assert_close(flows[3], f(10, 9))
+
+
+def test_chained_flows_give_each_link_its_own_targets():
+    """Kills C05 (a one-link pair's target on later links) and C06 (every link gets link 0's target)."""
+    _, _, links = _run_chain(_mixed_batch())
+    sels = [link[1].tolist() for link in links]
+    assert sels == [[True, True, True, False], [True, False, False, False], [True, False, False, False]]
+    # the target of sample 0 at link j is its link_flows[j]; sample 2's at link 0 its flow
+    assert [float(link[2][0, 0, 0, 0]) for link in links] == [11.0, 12.0, 13.0]
+    assert float(links[0][2][1, 0, 0, 0]) == 21.0 and float(links[0][2][2, 0, 0, 0]) == 31.0
+
+
+# -- _flow_l1
+
+def test_flow_term_compares_both_sides_of_a_non_square_grid():
+    """Kills F02 (the width limit taken from the target's height). A (96, 128) crop at stride 8
+    has a 12 x 16 target; a grid wider than high must be compared over all its columns."""
+    g = torch.Generator().manual_seed(3)
+    flows, pixel = torch.randn(1, 2, 2, 8, 16, generator=g), torch.randn(1, 2, 8, 16, generator=g)
+    target = torch.randn(1, 2, 6, 10, generator=g)
+    sel = torch.tensor([True])
+    got = _flow_l1(SimpleNamespace(flows=flows, pixel_flow=pixel), sel, target)
+    want = ((pixel[..., :6, :10] - target).abs().mean() + (flows[..., :6, :10] - target[:, None]).abs().mean())
+    torch.testing.assert_close(got, want)
+
+
+# -- pseudo_labels / quick validation
+
+class _FakeSegmenter:
+    """Stands in for VideoSegmenter: the labels and confidence given, the scheduler recorded."""
+
+    made = []
+
+    def __init__(self, backend, propagator, scheduler, *, labels, confidence):
+        self.scheduler = scheduler
+        self.labels, self.confidence = labels, confidence
+        _FakeSegmenter.made.append(self)
+
+    def push(self, frame, t):
+        return SimpleNamespace(labels=self.labels.copy(), confidence=self.confidence.copy())
+
+
+def _tiny_model():
+    m = torch.nn.Linear(1, 1)
+    m.num_classes = 3
+    return m
+
+
+def test_pseudo_labels_threshold_on_the_255_scale_and_segment_every_frame(monkeypatch):
+    """Kills P01 (<= instead of <), P02 (key interval 2: propagated labels), P03 (100 scale)."""
+    conf = np.array([[0, 127, 128, 200, 255]], np.uint8)
+    labels = np.array([[1, 2, 0, 1, 2]], np.uint8)
+    _FakeSegmenter.made = []
+    monkeypatch.setattr(motion_trainer, "VideoSegmenter",
+                        lambda b, p, s: _FakeSegmenter(b, p, s, labels=labels, confidence=conf))
+    monkeypatch.setattr(motion_trainer, "_inference_view", lambda model: None)
+    monkeypatch.setattr(motion_trainer, "QueryFlowPropagator", lambda backend: None)
+    out = motion_trainer.pseudo_labels(_tiny_model(), [np.zeros((1, 5, 3), np.uint8)], 0.5)  # threshold 128
+    np.testing.assert_array_equal(out[0], [[255, 255, 0, 1, 2]])
+    out = motion_trainer.pseudo_labels(_tiny_model(), [np.zeros((1, 5, 3), np.uint8)], 0.3)  # threshold 76
+    np.testing.assert_array_equal(out[0], [[255, 2, 0, 1, 2]])
+    assert all(s.scheduler.interval == 1 for s in _FakeSegmenter.made)
+
+
+def test_quick_val_reports_query_flow_at_interval_5_in_percent(monkeypatch):
+    """Kills Q01 (key interval 1) and Q02 (mIoU as a fraction, not percent)."""
+    labels = np.array([[0, 1, 2, 2]], np.uint8)
+    _FakeSegmenter.made = []
+    monkeypatch.setattr(motion_trainer, "VideoSegmenter",
+                        lambda b, p, s: _FakeSegmenter(b, p, s, labels=labels, confidence=labels))
+    monkeypatch.setattr(motion_trainer, "_inference_view", lambda model: None)
+    monkeypatch.setattr(motion_trainer, "QueryFlowPropagator", lambda backend: None)
+    gt = np.array([[0, 1, 2, 1]], np.uint8)  # class 1: IoU 1/2, class 2: 1/2, class 0: 1
+    got = motion_trainer._quick_val(_tiny_model(), [(np.zeros((1, 4, 3), np.uint8), gt)] * 2)
+    assert got["mIoU_interval5"] == pytest.approx(100 * (1 + 0.5 + 0.5) / 3)
+    assert [s.scheduler.interval for s in _FakeSegmenter.made] == [5]
+
+
+# -- options checked on --resume
+
+def test_every_training_option_is_checked_on_resume():
+    """Kills T36 (chain_training dropped from _RESUME_CHECKED): every option that changes what a
+    step trains must be compared on --resume; only run control may change silently."""
+    run_control = {"run_dir", "val_every", "val_frames", "checkpoint_every", "threads", "max_minutes", "progress",
+                   "resume", "device"}
+    fields = {f.name for f in dataclasses.fields(MotionTrainOptions)}
+    assert fields - run_control == set(motion_trainer._RESUME_CHECKED)
+
+
+def test_videos_must_be_non_empty_paths():
+    """Kills O04 (an empty path string accepted)."""
+    with pytest.raises(ValueError, match="videos must be a list of paths"):
+        MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", videos=("",)).validate()
+    MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", videos=("clip.mp4",)).validate()
+
+
+# -- instrumented short runs (shared data)
+
+class _FakeClock:
+    """time.perf_counter for motion_trainer: 10 s further on every call."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        t, self.now = self.now, self.now + 10.0
+        return t
+
+
+@pytest.fixture(scope="module")
+def instrumented_run(needs_data, lite_checkpoint, tmp_path_factory):
+    """steps=5 under max_minutes=1 on a fake clock (10 s a perf_counter call: stops after step 3),
+    a crop of (40, 72) (padded to 64 x 96), warm-up 2, no clipping, pseudo-label confidence 0.3;
+    what the loop hands the model, the warp, the criterion and the pseudo-labelling is recorded."""
+    from mpvss_ros.nn.mpvss import MPVSS
+
+    run_dir = tmp_path_factory.mktemp("instrumented") / "run"
+    seen = {"segmentor": [], "warps": 0, "labels": [], "confidence": [], "val_frames": [], "sources": []}
+    real_fwd, real_warp = MPVSS.forward_segmentor, motion_trainer.warp_mask_logits
+    real_targets, real_pseudo = motion_trainer.semantic_batch_to_targets, motion_trainer.pseudo_labels
+    real_val, real_pairs = motion_trainer._quick_val, motion_trainer.FramePairs
+
+    def fwd(self, image, valid_hw=None, aux=True):
+        out = real_fwd(self, image, valid_hw, aux)
+        if torch.is_grad_enabled():  # the training step, not the inference view
+            seen["segmentor"].append((tuple(image.shape), valid_hw, len(out.aux_mask_logits)))
+        return out
+
+    def warp(*a, **k):
+        seen["warps"] += 1
+        return real_warp(*a, **k)
+
+    def targets(labels, *a, **k):
+        seen["labels"].append(labels.detach().cpu().clone())
+        return real_targets(labels, *a, **k)
+
+    def pseudo(model, frames, min_confidence):
+        seen["confidence"].append(min_confidence)
+        return real_pseudo(model, frames, min_confidence)
+
+    def quick_val(model, frames):
+        seen["val_frames"].append(len(frames))
+        return real_val(model, frames)
+
+    class Pairs(real_pairs):
+        def sample(self, step, i):
+            s = super().sample(step, i)
+            seen["sources"].append((step, s.source))
+            return s
+
+    opts = MotionTrainOptions(run_dir=str(run_dir), init_checkpoint=str(lite_checkpoint), steps=5, batch_size=2,
+                              crop=(40, 72), threads=1, max_clip_frames=4, val_frames=2, val_every=0,
+                              num_points=256, warmup_steps=2, checkpoint_every=0, progress=False,
+                              clip_grad_norm=0.0, pseudo_label_confidence=0.3, max_minutes=1.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(motion_trainer, "time", _FakeClock())
+        mp.setattr(MPVSS, "forward_segmentor", fwd)
+        mp.setattr(motion_trainer, "warp_mask_logits", warp)
+        mp.setattr(motion_trainer, "semantic_batch_to_targets", targets)
+        mp.setattr(motion_trainer, "pseudo_labels", pseudo)
+        mp.setattr(motion_trainer, "_quick_val", quick_val)
+        mp.setattr(motion_trainer, "FramePairs", Pairs)
+        result = motion_trainer.train_motion(opts)
+    records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    state = torch.load(run_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
+    return opts, result, records, state, seen
+
+
+def test_max_minutes_stops_after_the_step_past_the_limit_with_a_checkpoint(instrumented_run):
+    """Kills T27 (max_minutes read as seconds) and T28 (a timed-out run not checkpointed)."""
+
+    opts, result, records, state, _ = instrumented_run
+    assert result.step == 3 and not result.finished  # 30, 60 s: go on; 90 s > 60 s: stop
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and state["step"] == 3
+    assert load_model(weights=opts.run_dir + "/checkpoint_last.pt").meta["step"] == 3
+
+
+def test_the_last_step_is_validated_on_val_frames_frames(instrumented_run):
+    """Kills T26 (no validation at the run's end with val_every 0) and T06 (one val frame too many)."""
+    _, result, records, _, seen = instrumented_run
+    assert [r["step"] for r in records if r.get("val")] == [3] and len(result.val) == 1
+    assert seen["val_frames"] == [2]
+
+
+def test_each_step_logs_the_scheduled_rate_with_warm_up(instrumented_run):
+    """Kills T10 (poly power ignored), T11 (warm-up ignored), T22 (a head group's rate logged),
+    T23 (the scheduler never steps)."""
+    from mpvss_ros.training.trainer import lr_factor
+
+    opts, _, records, _, _ = instrumented_run
+    lrs = [r["lr"] for r in records if "loss" in r]
+    want = [opts.lr * lr_factor(s, opts.steps, opts.warmup_steps, 0.01, opts.poly_power) for s in range(3)]
+    assert lrs == pytest.approx(want, rel=1e-9)
+
+
+def test_the_logged_loss_is_the_mask_loss_plus_the_weighted_flow_term(instrumented_run):
+    """Kills T17 (flow_weight not applied)."""
+    opts, _, records, _, _ = instrumented_run
+    steps = [r for r in records if "loss" in r]
+    assert any(r["loss_flow"] > 0 for r in steps)
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["loss_mask_criterion"] + opts.flow_weight * r["loss_flow"], rel=1e-5)
+
+
+def test_all_deep_supervision_masks_are_warped(instrumented_run):
+    """Kills T16 (the auxiliary mask sets compared unwarped)."""
+    _, _, _, _, seen = instrumented_run
+    assert len(seen["segmentor"]) == 3
+    assert seen["warps"] == sum(1 + aux for _, _, aux in seen["segmentor"])
+    assert all(aux > 0 for _, _, aux in seen["segmentor"])
+
+
+def test_the_crop_is_padded_to_32_and_its_padding_is_void(instrumented_run):
+    """Kills T13 (height padded from the width), T42 (width padded too far), T15 (valid_hw not
+    passed) and T14 (padded label pixels are class 0, not void)."""
+    _, _, _, _, seen = instrumented_run
+    assert [(shape, hw) for shape, hw, _ in seen["segmentor"]] == [((2, 3, 64, 96), (40, 72))] * 3
+    for labels in seen["labels"]:
+        assert tuple(labels.shape) == (2, 64, 96)
+        assert (labels[:, 40:, :] == 255).all() and (labels[:, :, 72:] == 255).all()
+    assert any((labels[:, :40, :72] != 255).any() for labels in seen["labels"])  # CamVid pairs' labels
+
+
+def test_video_pairs_are_counted_by_their_source(instrumented_run):
+    """Kills T24 (video_pairs counting another source)."""
+    _, _, records, _, seen = instrumented_run
+    for r in (r for r in records if "loss" in r):
+        sources = [s for step, s in seen["sources"] if step == r["step"] - 1]
+        assert r["video_pairs"] == sources.count("video")
+        assert r["synthetic_pairs"] == sources.count("synthetic")
+    assert {s for _, s in seen["sources"]} >= {"video", "camvid"}
+
+
+def test_pseudo_labels_use_the_confidence_option(instrumented_run):
+    """Kills T39 (pseudo_label_confidence ignored)."""
+    _, _, _, _, seen = instrumented_run
+    assert seen["confidence"] and set(seen["confidence"]) == {0.3}
+
+
+def test_param_groups_have_their_decay_and_the_heads_their_rate(instrumented_run):
+    """Kills T08 (decayed group without weight decay) and T09 (heads at the full rate)."""
+    opts, _, _, state, _ = instrumented_run
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    assert set(groups) == {"motion_decay", "motion_no_decay", "heads_decay", "heads_no_decay"}
+    assert groups["motion_decay"]["weight_decay"] == groups["heads_decay"]["weight_decay"] == opts.weight_decay
+    assert groups["motion_no_decay"]["weight_decay"] == groups["heads_no_decay"]["weight_decay"] == 0.0
+    assert groups["motion_decay"]["initial_lr"] == pytest.approx(opts.lr)
+    assert groups["heads_decay"]["initial_lr"] == pytest.approx(opts.lr * opts.head_lr_mult)
+
+
+def test_clip_grad_norm_zero_disables_clipping(instrumented_run):
+    """Kills T21 (clip_grad_norm 0 clips every gradient to 0: Adam's moments stay 0, nothing trains
+    but the weight decay)."""
+    _, _, records, state, _ = instrumented_run
+    assert all(r["grad_norm"] > 0 for r in records if "loss" in r)
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert moments and any(float(m.abs().max()) > 0 for m in moments)
+
+
+def _cheap_options(run_dir, init, steps, **changes):
+    """CamVid pairs only (no clips to pseudo-label), one 32 x 32 pair a step."""
+    return dataclasses.replace(
+        MotionTrainOptions(run_dir=str(run_dir), init_checkpoint=str(init), steps=steps, batch_size=1, crop=(32, 32),
+                           threads=1, videos=(), video_fraction=0.0, val_every=-1, val_frames=1, num_points=64,
+                           warmup_steps=0, checkpoint_every=0, progress=False), **changes)
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_optimiser_step(needs_data, lite_checkpoint, tmp_path, monkeypatch):
+    """Kills T20 (the finiteness check dropped: NaN weights trained and saved)."""
+    real = motion_trainer.SetCriterion
+
+    def nan_criterion(*a, **k):
+        crit = real(*a, **k)
+
+        def call(outputs, targets):
+            losses = crit(outputs, targets)
+            return dict(losses, loss=losses["loss"] * float("nan"))
+        return call
+
+    monkeypatch.setattr(motion_trainer, "SetCriterion", nan_criterion)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 0"):
+        motion_trainer.train_motion(_cheap_options(tmp_path / "run", lite_checkpoint, 2))
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+def test_an_interrupt_saves_a_checkpoint_of_the_step_in_hand(needs_data, lite_checkpoint, tmp_path, monkeypatch):
+    """Kills T30 (an interrupted run stopped without its checkpoint, checkpoint_every 0)."""
+
+    class Requested:
+        requested = True
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(motion_trainer, "InterruptAfterStep", Requested)
+    with pytest.raises(KeyboardInterrupt):
+        motion_trainer.train_motion(_cheap_options(tmp_path / "run", lite_checkpoint, 3))
+    state = torch.load(tmp_path / "run" / "trainer_state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 1
+
+
+def test_resuming_a_finished_run_keeps_its_final_file(needs_data, lite_checkpoint, tmp_path):
+    """Kills T31 (a --resume that runs no step rewrote model_final.pt without its validation record)."""
+
+    opts = _cheap_options(tmp_path / "run", lite_checkpoint, 1, val_every=0)
+    assert motion_trainer.train_motion(opts).finished
+    before = (tmp_path / "run" / "model_final.pt").read_bytes()
+    assert load_model(weights=tmp_path / "run" / "model_final.pt").meta["val"]["step"] == 1
+    again = motion_trainer.train_motion(dataclasses.replace(opts, resume=True))
+    assert again.finished and again.step == 1 and again.losses == []
+    assert (tmp_path / "run" / "model_final.pt").read_bytes() == before
+
+
+def test_init_motion_with_part_of_a_motion_module_is_refused(needs_data, lite_checkpoint, tmp_path):
+    """Kills T03 (init_motion loaded non-strictly: a partial motion module silently mixed with the
+    init checkpoint's)."""
+
+    motion = {k: v for k, v in read_state_dict(lite_checkpoint).items() if k.startswith("motion.")}
+    partial = dict(list(motion.items())[:3])
+    torch.save(partial, tmp_path / "partial_motion.pt")
+    opts = _cheap_options(tmp_path / "run", lite_checkpoint, 1, init_motion=str(tmp_path / "partial_motion.pt"))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        motion_trainer.train_motion(opts)
+    assert not (tmp_path / "run").exists()
+
+
+def test_frozen_heads_are_left_out_of_the_optimiser_and_the_clipped_norm(needs_data, lite_checkpoint, tmp_path):
+    """Kills T07 (head_lr_mult 0 still made the heads trainable: their gradients entered the
+    clipped norm, which then scaled the motion module's steps, and the optimiser state)."""
+    opts = _cheap_options(tmp_path / "run", lite_checkpoint, 1, head_lr_mult=0.0)
+    motion_trainer.train_motion(opts)
+    state = torch.load(tmp_path / "run" / "trainer_state.pt", map_location="cpu", weights_only=True)
+    assert [g["name"] for g in state["optimizer"]["param_groups"]] == ["motion_decay", "motion_no_decay"]
+
+
+def test_the_flow_term_is_the_mean_over_links(needs_data, lite_checkpoint, tmp_path, monkeypatch):
+    """Kills T19 (the link terms summed: a 3-link chain pulled three times as hard). Every link's
+    term is made 1: the step's flow term must be 1 however many links it had."""
+
+    def unit_term(motion_out, sel, target, normalization="exact", mask_hw=None):
+        return motion_out.flows.sum() * 0 + 1.0
+
+    monkeypatch.setattr(motion_trainer, "_flow_l1", unit_term)
+    opts = _cheap_options(tmp_path / "run", lite_checkpoint, 2, batch_size=2, videos=("sample:bikes",),
+                          max_clip_frames=4, video_fraction=1.0, chain_training=True, max_gap=3)
+    motion_trainer.train_motion(opts)
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert max(r["links"] for r in records) > 1
+    assert [r["loss_flow"] for r in records] == [1.0, 1.0]
+
+
+def test_checkpoint_every_saves_on_its_steps_and_at_the_end(needs_data, lite_checkpoint, tmp_path, monkeypatch):
+    """Kills T29 (checkpoint_every ignored: only the end of the run saved)."""
+    saved, real = [], motion_trainer.save_run_checkpoint
+
+    def record(model_path, state_path, model, config, meta, state):
+        saved.append(state["step"])
+        return real(model_path, state_path, model, config, meta, state)
+
+    monkeypatch.setattr(motion_trainer, "save_run_checkpoint", record)
+    motion_trainer.train_motion(_cheap_options(tmp_path / "run", lite_checkpoint, 3, checkpoint_every=2))
+    assert saved == [2, 3]
