@@ -1143,3 +1143,72 @@ def test_a_portrait_frame_goes_onto_the_turned_canvas(band_model):
     assert r.labels.shape == (960, 540)
     r = seg.push(_image((540, 960)), 0.1)  # landscape again: the canvas as written
     assert r.key_frame_reason == "resolution_change" and seg._key_letterbox.resized_hw == (360, 640)
+
+
+# -- VideoSegmenter's own decisions (stop 49's mutation pass of segmenter.py)
+
+
+def test_keyboard_interrupt_in_propagation_resets_the_key_frame(band_model, monkeypatch):
+    """except BaseException: an interrupt (Ctrl-C caught by a node's spin loop) mid-frame leaves
+    the scheduler having counted the frame; the next frame must be a key frame."""
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    assert seg.push(img, 0.0).is_key_frame
+
+    def interrupted(key, tensor):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(seg.propagator, "propagate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        seg.push(img, 0.1)
+    monkeypatch.undo()
+    r = seg.push(img, 0.2)
+    assert (r.is_key_frame, r.key_frame_reason) == (True, "reset")
+
+
+def test_backend_prepare_gets_the_unpadded_letterboxed_size(band_model):
+    """A fixed-shape backend prepares (exports, builds) for the frame's resized size, not the
+    padded canvas: the graphs' valid size is a constant of theirs."""
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(2))
+    got = []
+    seg.model.prepare = got.append
+    lb = seg.letterbox((40, 50))
+    assert lb.resized_hw != lb.padded_hw
+    seg.push(_image((40, 50)), 0.0)
+    assert got == [lb.resized_hw]
+
+
+def test_the_segmenter_runs_on_the_backends_device(lite):
+    from types import SimpleNamespace
+
+    cfg = lite.config
+    backend = SimpleNamespace(cfg=SimpleNamespace(input=cfg.input, postprocess=cfg.postprocess),
+                              num_classes=5, device=torch.device("meta"), segment_key_frame=None)
+    seg = VideoSegmenter(backend, CopyPropagator(), FixedIntervalScheduler(2), device="cpu")
+    assert seg.device == torch.device("meta")
+
+
+@pytest.mark.parametrize("stamp", [np.array(0.5), b"0.5", bytearray(b"0.5")])
+def test_stamps_that_are_not_real_numbers_are_refused(band_model, stamp):
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(2))
+    with pytest.raises(FrameError, match="stamp must be a number of seconds"):
+        seg.push(_image((30, 40)), stamp)
+    assert seg._frame_index == 0
+
+
+def test_the_first_tracked_source_after_untracked_frames_is_no_source_change(band_model):
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
+    img = _image((60, 80))
+    assert seg.push(img, 0.0).key_frame_reason == "first"
+    r = seg.push(img, 0.1, source="front")
+    assert (r.is_key_frame, r.key_frame_reason) == (False, "")
+
+
+def test_the_finiteness_check_does_not_overflow_on_float16_logits():
+    """Half-precision logits (an fp16 engine's outputs) whose fp16 sum overflows are still finite."""
+    from mpvss_ros.segmenter import _all_finite
+
+    logits = torch.full((1, 4, 64, 64), 1000.0, dtype=torch.float16)  # sum 1.6e7 > fp16 max 65504
+    assert _all_finite(logits)
+    logits[0, 0, 0, 0] = float("nan")
+    assert not _all_finite(logits)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.motion import MotionOutput
 from mpvss_ros.runtime import BackendUnavailable, backend_missing
-from mpvss_ros.runtime.torch_backend import (BF16_MODULES, CHANNELS_LAST_MODULES, TorchBackend, bf16_missing,
-                                             fold_batch_norms, run_in_bf16, to_channels_last)
+from mpvss_ros.runtime.torch_backend import (BF16_MODULES, CHANNELS_LAST_MODULES, TorchBackend, _conv_output_length,
+                                             bf16_missing, fold_batch_norms, run_in_bf16, to_channels_last)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -261,3 +263,124 @@ def test_bf16_on_a_torch_without_the_cpu_probes_names_torch_not_the_cpu(monkeypa
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     missing = bf16_missing("cpu")
     assert missing.reason.startswith(f"torch {torch.__version__} cannot tell") and "newer torch" in missing.remedy
+
+
+# Folding, layout, bf16 and the one-column guard without bf16 hardware (stop 49's mutation pass of
+# torch_backend.py): weights, hooks and layout, or tiny convolutions on torch's reference kernels.
+
+@contextlib.contextmanager
+def _mkldnn(enabled: bool):
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def test_a_stand_in_without_motion_trained_counts_as_trained(band_model):  # T02
+    assert TorchBackend(band_model, "cpu").motion_trained is True
+
+
+def test_the_backend_puts_a_training_mode_model_in_eval_mode(band_model):  # T16
+    model = band_model.train()
+    backend = TorchBackend(model, "cpu")
+    assert backend.model.training is False and model.training is False
+
+
+def test_folding_uses_each_batch_norms_own_eps():  # T06
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.5))
+    seq[1].running_mean.copy_(torch.randn(4) * 0.5)
+    seq[1].running_var.copy_(torch.rand(4) * 0.2 + 0.05)  # small variances: eps matters
+    seq.eval()
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        before = seq(x)
+        assert fold_batch_norms(seq) == 1
+        after = seq(x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_to_channels_last_skips_a_missing_module_and_converts_the_next():  # T10
+    model = nn.Module()
+    model.add_module("motion", nn.Sequential(nn.Conv2d(4, 4, 3)))  # no "backbone" before it
+    to_channels_last(model)
+    assert model.motion[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_cpu_backend_runs_the_motion_module_channels_last():  # T11, T12
+    model = load_model("mpvss_lite").model
+    TorchBackend(model, "cpu")
+    weights = _conv_weights(model.motion)
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+
+
+def _bf16_backend(monkeypatch, model, **kw):
+    import mpvss_ros.runtime as runtime
+
+    monkeypatch.setattr(runtime, "backend_missing", lambda *a, **k: None)  # no bf16 hardware needed here
+    return TorchBackend(model, "cpu", precision="bf16", **kw)
+
+
+def test_bf16_converts_the_motion_encoder_channels_last(monkeypatch):  # T13, T14
+    model = load_model("mpvss_lite").model
+    _bf16_backend(monkeypatch, model)
+    enc = list(model.motion.encoder.parameters())
+    assert enc and all(p.dtype == torch.bfloat16 for p in enc)
+    weights = _conv_weights(model.motion.encoder)
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert all(p.dtype == torch.float32 for p in model.sem_seg_head.parameters())
+
+
+def test_bf16_refuses_a_model_that_is_not_mpvss(monkeypatch, band_model):  # T15
+    with pytest.raises(BackendUnavailable, match="implemented for the MPVSS model"):
+        _bf16_backend(monkeypatch, band_model)
+
+
+@pytest.mark.parametrize("n, k, s, p", [(n, k, s, p) for n in range(1, 9) for k in (1, 3, 5) for s in (1, 2, 3) for p in (0, 1, 2)
+                                        if n + 2 * p >= k])
+def test_conv_output_length_is_nn_conv2ds(n, k, s, p):  # T18
+    conv = nn.Conv2d(1, 1, k, s, p)
+    assert _conv_output_length(n, k, s, p) == conv(torch.zeros(1, 1, k, n)).shape[-1]
+
+
+def _seen_mkldnn(conv):
+    seen = []
+    conv.register_forward_pre_hook(lambda m, a: seen.append(torch.backends.mkldnn.enabled))  # runs after the guard's
+    return seen
+
+
+@pytest.mark.parametrize("stride, padding, width, guarded", [
+    ((1, 2), (1, 1), 2, True),    # horizontal stride only, output one column wide
+    ((2, 1), (1, 1), 2, False),   # vertical stride only: 2 columns out
+    ((1, 2), (0, 1), 1, True),    # asymmetric padding: the horizontal one counts
+    ((1, 2), (1, 0), 3, True),
+    ((1, 2), (1, 1), 4, False),
+])
+def test_the_one_column_guard_follows_the_horizontal_stride_and_padding(stride, padding, width, guarded):  # T17, T20
+    conv = nn.Conv2d(2, 2, 3, stride, padding)
+    run_in_bf16(conv)
+    seen = _seen_mkldnn(conv)
+    with _mkldnn(True), torch.inference_mode():
+        out = conv(torch.randn(1, 2, 5, width))
+        assert seen == [not guarded]
+        assert (out.shape[-1] == 1) == guarded
+        assert torch.backends.mkldnn.enabled
+
+
+def test_the_guard_turns_onednn_back_on_when_the_convolution_raises():  # T19
+    conv = nn.Conv2d(8, 8, 3, 2, 1)
+    run_in_bf16(conv)
+    with _mkldnn(True):
+        with pytest.raises(RuntimeError):
+            conv(torch.randn(1, 3, 5, 1))  # wrong channel count, one column out
+        assert torch.backends.mkldnn.enabled
+
+
+def test_the_guard_leaves_a_user_disabled_onednn_off():  # T25
+    conv = nn.Conv2d(2, 2, 3, 2, 1)
+    run_in_bf16(conv)
+    with _mkldnn(False), torch.inference_mode():
+        conv(torch.randn(1, 2, 5, 1))
+        assert torch.backends.mkldnn.enabled is False
