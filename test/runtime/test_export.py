@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -28,8 +29,9 @@ from mpvss_ros.config import load_model_config
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import semantic_scores
 from mpvss_ros.propagation import QueryFlowPropagator
-from mpvss_ros.runtime import BackendUnavailable, as_backend, load_backend
+from mpvss_ros.runtime import BackendUnavailable, Missing, as_backend, load_backend
 from mpvss_ros.runtime import export as export_module
+from mpvss_ros.runtime import onnx_backend
 from mpvss_ros.runtime.export import (
     CONTRACT_FILE,
     FORBIDDEN_OPS,
@@ -1239,3 +1241,145 @@ def test_a_graph_source_from_a_folder_refuses_a_changed_non_key_graph(cfg, tmp_p
     (d / "non_key_frame.onnx").write_bytes(b"another graph")
     with pytest.raises(ValueError, match="do not match the sha256"):
         GraphSource.from_dir(d)
+
+
+# The onnxruntime backend and load_backend / as_backend (stop 49's mutation pass of onnx_backend.py and
+# runtime/__init__.py, base.py).
+
+def test_make_session_refuses_zero_threads(lite_small):
+    """O03: threads=0 (onnxruntime's 'default') must be refused as documented (threads >= 1)."""
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        make_session(lite_small.key_frame, threads=0)
+
+
+def test_make_session_optimises_the_whole_graph(lite_small):
+    """O30: sessions run at ORT_ENABLE_ALL, one inter-op thread, sequential execution."""
+    import onnxruntime as ort
+
+    so = make_session(lite_small.key_frame, threads=1).get_session_options()
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert so.inter_op_num_threads == 1 and so.intra_op_num_threads == 1
+
+
+def test_make_session_asks_for_the_cuda_device_it_was_given(lite_small, monkeypatch):
+    """O29: cuda:N must reach CUDAExecutionProvider as device_id N (simulated: the session is stubbed)."""
+    import onnxruntime as ort
+
+    seen = {}
+
+    class FakeSession:
+        def __init__(self, source, sess_options=None, providers=None):
+            seen["providers"] = providers
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.setattr(onnx_backend, "onnxruntime_missing", lambda device="cpu": None)
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    make_session(lite_small.key_frame, threads=1, device="cuda:1")
+    assert seen["providers"] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+
+
+def test_backend_unavailable_while_loading_a_size_is_not_called_a_damaged_graph(lite_small, monkeypatch):
+    """O12: a BackendUnavailable raised while the sessions of a size are made (e.g. the CUDA
+    provider falling back to the CPU) stays itself, not 'a graph cannot be loaded'."""
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
+
+    def unavailable(*a, **k):
+        raise BackendUnavailable(Missing("CUDAExecutionProvider could not be created", "use --device cpu"))
+
+    monkeypatch.setattr(onnx_backend, "make_session", unavailable)
+    with pytest.raises(BackendUnavailable) as info:
+        backend._load((96, 128))
+    assert "cannot be loaded" not in str(info.value) and info.value.reason == "CUDAExecutionProvider could not be created"
+
+
+def test_key_frame_of_another_batch_or_channel_count_is_refused(lite_small):
+    """O18: the canvas check covers the batch and channel dimensions, not only (Hp, Wp)."""
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
+    with pytest.raises(ValueError, match="does not fit the graphs' canvas"):
+        backend.segment_key_frame(torch.zeros(2, 3, 96, 128), (96, 128))
+
+
+def test_describe_names_the_threads(lite_small):
+    """O26: the summary records the intra-op thread count."""
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
+    assert backend.describe() == {"backend": "onnxruntime[CPUExecutionProvider]", "device": "cpu",
+                                  "precision": "fp32", "threads": 1}
+
+
+def test_load_backend_passes_threads_on(lite_small):
+    """I07: load_backend(threads=...) reaches the backend and its sessions."""
+    backend = load_backend("onnxruntime", onnx_dir=lite_small.out_dir, threads=1)
+    assert backend.threads == 1
+    assert backend._get((96, 128)).key.get_session_options().intra_op_num_threads == 1
+
+
+def test_an_explicit_onnx_dir_wins_over_a_loaded_export_folder(lite_small, lite, tmp_path):
+    """I01: load_backend(loaded=load_exported(A), onnx_dir=B) runs B."""
+    from mpvss_ros.model_loader import load_exported
+
+    other = export_onnx(lite.model, tmp_path / "other", (64, 96))
+    backend = load_backend("onnxruntime", load_exported(lite_small.out_dir), onnx_dir=other.out_dir, threads=1)
+    assert backend.source.sizes == [(64, 96)]
+
+
+def test_as_backend_needs_every_attribute_of_a_duck_typed_backend():
+    """B08: an object with only some of cfg / num_classes / segment_key_frame is refused."""
+    with pytest.raises(TypeError, match="expected an MPVSS model or an inference backend"):
+        as_backend(SimpleNamespace(cfg=object()))
+
+
+def test_load_backend_takes_a_list_of_two_sizes(lite_small):
+    """I02: input_hw of two (h, w) pairs is a list of sizes, not one size of two ints."""
+    backend = load_backend("onnxruntime", onnx_dir=lite_small.out_dir, input_hw=[(96, 128), (96, 128)], threads=1)
+    assert backend._sizes.sizes() == [(96, 128)]
+
+
+def test_load_backend_input_hw_is_height_then_width(lite_small):
+    """I03: input_hw=(h, w) prepares h x w (an export folder of 96x128 refuses 128x96)."""
+    backend = load_backend("onnxruntime", onnx_dir=lite_small.out_dir, input_hw=(96, 128), threads=1)
+    assert backend._sizes.sizes() == [(96, 128)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_as_backend_honours_the_device_it_is_given(lite):
+    """B07: as_backend(module, 'cuda') asks for CUDA (refused here), not silently the CPU."""
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        as_backend(copy.deepcopy(lite.model), "cuda")
+
+
+def test_the_backend_itself_refuses_fp16(lite_small):
+    """O09: OnnxRuntimeBackend made directly (not through load_backend) refuses fp16 as bf16."""
+    for precision in ("fp16", "bf16"):
+        with pytest.raises(BackendUnavailable, match="float32 graphs only"):
+            OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), precision=precision, threads=1)
+
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused(lite_small, monkeypatch):
+    """O06: a CUDA session whose providers came back without CUDAExecutionProvider (silent CPU
+    fallback after the probe passed) is refused, not run under a CUDA name."""
+    import onnxruntime as ort
+
+    class FallenBack:
+        def __init__(self, source, sess_options=None, providers=None):
+            pass
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(onnx_backend, "onnxruntime_missing", lambda device="cpu": None)
+    monkeypatch.setattr(ort, "InferenceSession", FallenBack)
+    with pytest.raises(BackendUnavailable, match="fell back to the CPU"):
+        make_session(lite_small.key_frame, threads=1, device="cuda")
+    assert make_session(lite_small.key_frame, threads=1, device="cpu") is not None  # the CPU asks for no CUDA
+
+
+def test_a_size_off_the_32_grid_runs_on_its_padded_canvas(lite, tmp_path):
+    """O17, O19: valid 60x64 runs on the padded 64x64 canvas: the backend checks the image
+    against padded_hw (not valid_hw) and keeps the valid size it was given."""
+    backend = OnnxRuntimeBackend(GraphSource.from_model(lite.model, tmp_path), threads=1)
+    key = backend.segment_key_frame(torch.zeros(1, 3, 64, 64), (60, 64))
+    assert key.valid_hw == (60, 64) and backend._sizes.sizes() == [(60, 64)]
+    assert backend._get((60, 64)).padded_hw == (64, 64)
+    assert key.mask_logits.shape[-2:] == (16, 16)
