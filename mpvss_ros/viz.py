@@ -298,9 +298,8 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
     lines = [_fit(_ascii(name), max_text_w, scale, thick) for _, name in entries]
     more = None
     if hidden and capacity >= 2:  # a count is never cut: "+49 more", else "+49", else no line
-        fitting = [t for t in (f"+{hidden} more", f"+{hidden}")
-                   if cv2.getTextSize(t, _FONT, scale, thick)[0][0] <= max_text_w]
-        more = fitting[0] if fitting else None
+        more = next((t for t in (f"+{hidden} more", f"+{hidden}")
+                     if cv2.getTextSize(t, _FONT, scale, thick)[0][0] <= max_text_w), None)
     widths = [cv2.getTextSize(t, _FONT, scale, thick)[0][0] for t in lines + ([more] if more else [])]
 
     n_lines = len(lines) + (1 if more else 0)
