@@ -1322,10 +1322,10 @@ def test_enabling_an_enabled_core_resets_nothing(make_core, types):
     assert core.key_frame_reasons == {"first": 1}
 
 
-def test_a_worker_never_started_counts_what_waits_in_its_slot(band_loaded, types):
+def test_a_worker_never_started_counts_what_waits_in_its_slot(make_core, types):
     """stop() on a worker whose thread never ran: the message waiting in the slot is counted as
     dropped (received = processed + dropped + skipped + errors), once."""
-    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    core, _, _ = make_core()
     slot = core.make_slot()
     worker = Worker(slot, core, lambda out, li: None)
     slot.put(image_msg(types, frame(), 1.0))
@@ -1335,12 +1335,10 @@ def test_a_worker_never_started_counts_what_waits_in_its_slot(band_loaded, types
     assert worker.stop(timeout=1.0) and core.counters["dropped_disabled"] == 1
 
 
-def test_worker_latency_counts_from_the_put(band_loaded, types):
+def test_worker_latency_counts_from_the_put(make_core, types):
     """Through the Worker too, the latency starts when the message was put in the slot: a message
     that waited 0.8 s (of the core's clock) before the worker started has 800 ms."""
-    clock = FakeClock()
-    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types,
-                            clock=clock)
+    core, clock, _ = make_core()
     slot = core.make_slot()
     published = []
     slot.put(image_msg(types, frame(), 1.0))
@@ -1353,10 +1351,10 @@ def test_worker_latency_counts_from_the_put(band_loaded, types):
     assert core.stats()["latency_median_ms"] == pytest.approx(800.0)
 
 
-def test_a_message_taken_as_the_worker_stops_is_counted_as_dropped(band_loaded, types):
+def test_a_message_taken_as_the_worker_stops_is_counted_as_dropped(make_core, types):
     """The slot hands the worker a message at the moment stop() is requested: it is not segmented
     and is counted as dropped_disabled (no message unaccounted for)."""
-    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    core, _, _ = make_core()
     slot = core.make_slot()
     published = []
     worker = Worker(slot, core, lambda out, li: published.append(out), poll_s=0.05)

@@ -81,6 +81,22 @@ def _edited_copy(src, dst, edit_contract=None):
     return dst
 
 
+def _edited_graph(export_dir, dst, graph, edit_graph, edit_contract=None):
+    """A copy of the export folder with ``graph``'s ONNX model edited by ``edit_graph(model)``
+    (its sha256 in the contract dropped, so the edit is not refused as damage) and its contract
+    by ``edit_contract(contract)`` when given."""
+    def contract_edit(contract):
+        contract["graphs"][graph]["sha256"] = None
+        if edit_contract is not None:
+            edit_contract(contract)
+
+    out = _edited_copy(export_dir, dst, contract_edit)
+    model = onnx.load(str(out / f"{graph}.onnx"))
+    edit_graph(model)
+    onnx.save(model, str(out / f"{graph}.onnx"))
+    return out
+
+
 def _nineteen_classes(contract: dict) -> None:
     """A contract edit: its model_config claims 19 classes (the graphs output 11 + no-object)."""
     contract["model_config"].update(num_classes=19, class_names=[f"c{i}" for i in range(19)], palette=[])
@@ -532,18 +548,16 @@ def test_check_export_passes_an_export_and_lists_every_problem(lite_small, tmp_p
     assert any("non_key_frame" in line and "sha256" in line for line in lines)
     assert len(lines) == 3
 
-    renamed = tmp_path / "renamed"  # a graph whose output does not carry the contract's name
-    shutil.copytree(lite_small.out_dir, renamed)
-    model = onnx.load(str(renamed / "key_frame.onnx"))
-    old = model.graph.output[0].name
-    for node in model.graph.node:
-        node.output[:] = ["logits" if o == old else o for o in node.output]
-    model.graph.output[0].name = "logits"
-    onnx.save(model, str(renamed / "key_frame.onnx"))
-    contract = json.loads((renamed / CONTRACT_FILE).read_text())
-    contract["graphs"]["key_frame"]["sha256"] = None
-    (renamed / CONTRACT_FILE).write_text(json.dumps(contract))
-    with pytest.raises(ValueError, match=f"key_frame: key_frame.onnx has no input/output '{old}'"):
+    old = []
+
+    def rename_first_output(model):  # a graph whose output does not carry the contract's name
+        old.append(model.graph.output[0].name)
+        for node in model.graph.node:
+            node.output[:] = ["logits" if o == old[0] else o for o in node.output]
+        model.graph.output[0].name = "logits"
+
+    renamed = _edited_graph(lite_small.out_dir, tmp_path / "renamed", "key_frame", rename_first_output)
+    with pytest.raises(ValueError, match=f"key_frame: key_frame.onnx has no input/output '{old[0]}'"):
         check_export(renamed)
 
 
@@ -984,30 +998,14 @@ def test_check_export_refuses_graphs_with_non_finite_class_logits(lite_63, tmp_p
     other check looks at: check_export must name them."""
     from onnx import numpy_helper
 
-    bad = _edited_copy(lite_63.out_dir, tmp_path / "nan", lambda c: c["graphs"]["key_frame"].update(sha256=None))
-    model = onnx.load(str(bad / "key_frame.onnx"))
-    (init,) = [i for i in model.graph.initializer if i.name.endswith("class_embed.bias")]
-    init.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.nan), init.name))
-    onnx.save(model, str(bad / "key_frame.onnx"))
+    def nan_class_bias(model):
+        (init,) = [i for i in model.graph.initializer if i.name.endswith("class_embed.bias")]
+        init.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.nan), init.name))
+
+    bad = _edited_graph(lite_63.out_dir, tmp_path / "nan", "key_frame", nan_class_bias)
     with pytest.raises(ValueError) as info:
         check_export(bad)
     assert "key_frame: class_logits has NaN or infinite values on a plain frame" in str(info.value)
-
-
-def _edited_graph(export_dir, dst, graph, edit_graph, edit_contract=None):
-    """A copy of the export folder with ``graph``'s ONNX model edited by ``edit_graph(model)``
-    (its sha256 in the contract dropped, so the edit is not refused as damage) and its contract
-    by ``edit_contract(contract)`` when given."""
-    def contract_edit(contract):
-        contract["graphs"][graph]["sha256"] = None
-        if edit_contract is not None:
-            edit_contract(contract)
-
-    out = _edited_copy(export_dir, dst, contract_edit)
-    model = onnx.load(str(out / f"{graph}.onnx"))
-    edit_graph(model)
-    onnx.save(model, str(out / f"{graph}.onnx"))
-    return out
 
 
 def test_check_export_refuses_a_graph_input_that_is_not_float32(lite_63, tmp_path):

@@ -18,6 +18,8 @@ from mpvss_ros.training.pairs import FramePairs, LabelledFrames
 from mpvss_ros.training.synthetic import SyntheticMotion, inverse_depth, synthetic_pair
 
 STILL = dict(zoom=0.0, rotation_deg=0.0, travel_probability=0.0)
+#: camera travel alone: no shift, zoom, rotation or moving object
+TRAVEL_ONLY = dict(travel_probability=1.0, object_probability=0.0, max_shift=0.0, zoom=0.0, rotation_deg=0.0)
 
 
 def _frame(bikes_frames) -> np.ndarray:
@@ -178,8 +180,7 @@ def test_camera_travel_streams_out_from_the_focus_of_expansion():
     rng = np.random.default_rng(0)
     key = rng.uniform(0, 255, (*label.shape, 3)).astype(np.float32)
     key = cv2.GaussianBlur(key, (0, 0), 1.5)
-    motion = SyntheticMotion(travel_probability=1.0, max_travel=0.3, object_probability=0.0, max_shift=0.0,
-                             zoom=0.0, rotation_deg=0.0)
+    motion = SyntheticMotion(max_travel=0.3, **TRAVEL_ONLY)
     seen_forward = False
     for seed in range(8):
         cur, cur_label, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
@@ -210,7 +211,7 @@ def test_camera_travel_streams_out_from_the_focus_of_expansion():
 
 def test_frame_pairs_synthetic_camera_travel_draws_are_seeded(camvid_train_dirs):
     labelled = LabelledFrames(*camvid_train_dirs)
-    travel = SyntheticMotion(travel_probability=1.0, object_probability=0.0, max_shift=0.0, zoom=0.0, rotation_deg=0.0)
+    travel = SyntheticMotion(**TRAVEL_ONLY)
     a = FramePairs(labelled, [], crop=(96, 128), video_fraction=0.0, seed=2, synthetic_fraction=1.0,
                    flow_stride=8.0, synthetic_motion=travel)
     b = FramePairs(labelled, [], crop=(96, 128), video_fraction=0.0, seed=2, synthetic_fraction=1.0,
@@ -311,8 +312,7 @@ def test_backward_travel_never_folds_through_the_focus_of_expansion():
     stay in order."""
     label = _street_label(car=False)
     key = _key(120, 160)
-    motion = SyntheticMotion(travel_probability=1.0, max_travel=2.9, object_probability=0.0, max_shift=0.0,
-                             zoom=0.0, rotation_deg=0.0)
+    motion = SyntheticMotion(max_travel=2.9, **TRAVEL_ONLY)
     for seed in range(16):
         _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
         src_x = np.arange(160) + flow[-1, :, 0]
@@ -322,8 +322,7 @@ def test_backward_travel_never_folds_through_the_focus_of_expansion():
 def test_focus_of_expansion_lies_in_the_middle_of_the_width():
     label = _street_label(car=False)
     key = _key(120, 160)
-    motion = SyntheticMotion(travel_probability=1.0, max_travel=0.3, object_probability=0.0, max_shift=0.0,
-                             zoom=0.0, rotation_deg=0.0)
+    motion = SyntheticMotion(max_travel=0.3, **TRAVEL_ONLY)
     foes = []
     for seed in range(16):
         _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
@@ -340,11 +339,10 @@ def test_custom_sky_and_ground_classes_drive_the_travel():
     custom[label == 0] = 5
     custom[label == 3] = 7
     key = _key(120, 160)
-    common = dict(travel_probability=1.0, object_probability=0.0, max_shift=0.0, zoom=0.0, rotation_deg=0.0)
     for seed in range(3):
-        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), SyntheticMotion(**common))
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), SyntheticMotion(**TRAVEL_ONLY))
         _, _, flow_custom = synthetic_pair(key, custom, np.random.default_rng(seed),
-                                           SyntheticMotion(sky_classes=(5,), ground_classes=(7,), **common))
+                                           SyntheticMotion(sky_classes=(5,), ground_classes=(7,), **TRAVEL_ONLY))
         assert np.abs(flow).max() > 0.5
         np.testing.assert_allclose(flow_custom, flow, atol=1e-5)
 
