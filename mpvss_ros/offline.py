@@ -359,21 +359,30 @@ class EngineFailures:
 class RunStats:
     """What a run summary (:meth:`summary`) needs of every frame, kept compactly: one float64
     per stage timing and frame, one byte per frame for whether its ``total`` was a key frame's,
-    the key-frame reasons counted. The offline tools used to hold every frame's record
+    the key-frame reasons and the label pixels per class counted. The offline tools used to hold every frame's record
     (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`) until the end: at least 464 bytes
     a frame (tracemalloc, copies of ``bikes.mp4`` records), about 50 MB per hour of 30 fps video;
     this holds 43 bytes a frame (the same ad-hoc measurement; docs/experiment_log.md, "Stop 37").
+
+    Args:
+        num_classes: K, the classes whose pixels :meth:`add` counts (label values >= K, e.g. 255
+            for unlabelled, are not counted).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int) -> None:
         self.frames = 0
+        self.class_pixels = np.zeros(num_classes, dtype=np.int64)  # (K,) pixels per class over the run
         self.key_frame_reasons: Counter[str] = Counter()  # every key frame has a reason
         self._stages: dict[str, array] = {}  # stage -> its ms over the frames that have it
         self._total_is_key = array("b")  # per frame with a "total" timing: 1 for a key frame
 
-    def add(self, record: dict[str, Any]) -> None:
-        """Count one frame's record (``is_key_frame``, ``key_frame_reason``, ``stage_latency_ms``)."""
+    def add(self, record: dict[str, Any], labels: np.ndarray | None = None) -> None:
+        """Count one frame's record (``is_key_frame``, ``key_frame_reason``, ``stage_latency_ms``)
+        and, when given, its label image's pixels per class (``labels``: (H, W) uint8/uint16 class IDs)."""
         self.frames += 1
+        if labels is not None:
+            k = self.class_pixels.size
+            self.class_pixels += np.bincount(labels.ravel(), minlength=k)[:k]
         key = bool(record["is_key_frame"])
         latency = record["stage_latency_ms"]
         if key:
@@ -396,11 +405,8 @@ class RunStats:
         would lock the buffer, and the next :meth:`add` would raise ``BufferError``)."""
         return np.array(self._stages.get(stage, array("d")), dtype=np.float64)
 
-    def summary(self, class_pixels: np.ndarray) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """Key-frame ratio, timing statistics (ms) and class shares of the frames added.
-
-        Args:
-            class_pixels: (K,) integer pixel counts per class over the run (int64 in the tools).
 
         Returns:
             ``{"frames", "key_frames", "key_frame_ratio", "key_frame_reasons", "stage_latency_ms": {stage:
@@ -413,7 +419,7 @@ class RunStats:
         for stage in sorted(self._stages):
             vals = self.stage_values(stage)
             timing[stage] = {"median": float(np.median(vals)), "mean": float(vals.mean()), "p90": float(np.percentile(vals, 90)), "count": int(vals.size)}
-        share = class_pixels / max(class_pixels.sum(), 1)
+        share = self.class_pixels / max(int(self.class_pixels.sum()), 1)
         totals, is_key = self.stage_values("total"), np.array(self._total_is_key, dtype=bool)
         return {
             "frames": n,
@@ -468,11 +474,10 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
     source = open_source(input_path, fps=options.fps, max_pixels=options.max_image_pixels,
                          limit_name="mpvss segment's --max-image-pixels; 0 = no limit")
 
-    run_stats = RunStats()  # the summary's figures; every frame's record is in frames.jsonl
+    run_stats = RunStats(cfg.num_classes)  # the summary's figures; every frame's record is in frames.jsonl
     non_finite: list[str] = []  # frames whose logits were NaN / infinite (skipped)
     engine_failed: list[str] = []  # frames the backend failed on (skipped)
     failures = EngineFailures("frames")
-    class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
     t_start = time.perf_counter()
     writer: _OverlayVideo | None = None
     with source, contextlib.ExitStack() as run_files:
@@ -507,10 +512,9 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
                     continue
                 failures.succeeded()
                 record = {"name": frame.name, "source_index": frame.index, **result.to_record()}
-                run_stats.add(record)
+                run_stats.add(record, result.labels)
                 jsonl.write(json.dumps(record) + "\n")
                 jsonl.flush()  # a full disk fails here, in the loop, not when the file is closed after it
-                class_pixels += np.bincount(result.labels.ravel(), minlength=cfg.num_classes)[: cfg.num_classes]
                 if options.write_labels:
                     write_label_png(out / "labels" / f"{frame.name}.png", result.labels)
                 if writer is not None:
@@ -561,7 +565,7 @@ def segment_path(input_path: str | Path, out_dir: str | Path, loaded: LoadedMode
         # build, seconds to minutes) is not the engine's frame rate
         "setup_s": segmenter.setup_s,
         "fps": len(run_stats) / (wall - segmenter.setup_s) if wall > segmenter.setup_s else None,
-        **run_stats.summary(class_pixels),
+        **run_stats.summary(),
     }
     try:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

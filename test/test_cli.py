@@ -891,7 +891,7 @@ def test_run_stats_keep_counting_while_a_stage_array_is_held():
     next add raised BufferError ("cannot resize an array that is exporting buffers")."""
     from mpvss_ros.offline import RunStats
 
-    stats = RunStats()
+    stats = RunStats(2)
     stats.add({"is_key_frame": True, "key_frame_reason": "first", "stage_latency_ms": {"total": 3.0}})
     held = stats.stage_values("total")
     stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {"total": 1.0}})
@@ -904,16 +904,16 @@ def test_run_stats_median_totals_are_split_by_key_and_non_key_frames():
     when the run had no such frame (fixed:1 has no non-key frame)."""
     from mpvss_ros.offline import RunStats
 
-    stats = RunStats()
+    stats = RunStats(2)
     for key, total in ((True, 40.0), (False, 2.0), (False, 4.0), (True, 60.0), (False, 3.0), (True, 50.0)):
         stats.add({"is_key_frame": key, "key_frame_reason": "interval" if key else "", "stage_latency_ms": {"total": total}})
     stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {}})  # no total: in neither median
-    summary = stats.summary(np.zeros(2, np.int64))
+    summary = stats.summary()
     assert summary["median_total_ms_key_frame"] == 50.0 and summary["median_total_ms_non_key_frame"] == 3.0
     for key in (True, False):
-        only = RunStats()
+        only = RunStats(2)
         only.add({"is_key_frame": key, "key_frame_reason": "first" if key else "", "stage_latency_ms": {"total": 7.0}})
-        summary = only.summary(np.zeros(2, np.int64))
+        summary = only.summary()
         assert (summary["median_total_ms_key_frame"], summary["median_total_ms_non_key_frame"]) == \
             ((7.0, None) if key else (None, 7.0))
 
@@ -922,11 +922,11 @@ def test_run_stats_split_only_the_frames_with_a_total():
     # a record with stages but no total counts in its stages, and in neither median total
     from mpvss_ros.offline import RunStats
 
-    stats = RunStats()
+    stats = RunStats(2)
     stats.add({"is_key_frame": True, "key_frame_reason": "first", "stage_latency_ms": {"segmentor": 30.0}})
     stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {"propagation": 1.0, "total": 2.0}})
     stats.add({"is_key_frame": True, "key_frame_reason": "interval", "stage_latency_ms": {"total": 40.0}})
-    summary = stats.summary(np.zeros(2, np.int64))
+    summary = stats.summary()
     assert summary["median_total_ms_key_frame"] == 40.0 and summary["median_total_ms_non_key_frame"] == 2.0
     assert summary["stage_latency_ms"]["segmentor"]["count"] == 1 and summary["stage_latency_ms"]["total"]["count"] == 2
 
@@ -1039,15 +1039,16 @@ def test_run_stats_key_frame_ratio_counts_frames_without_a_total():
     """key_frame_ratio is key frames over frames added, frames without a total timing included (O06)."""
     from mpvss_ros.offline import RunStats
 
-    stats = RunStats()
+    stats = RunStats(3)
     stats.add({"is_key_frame": True, "key_frame_reason": "first", "stage_latency_ms": {"total": 3.0}})
+    stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {}}, np.array([[1, 1]], np.uint8))
     stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {}})
-    stats.add({"is_key_frame": False, "key_frame_reason": "", "stage_latency_ms": {}})
-    stats.add({"is_key_frame": True, "key_frame_reason": "interval", "stage_latency_ms": {"segmentor": 2.0}})
-    summary = stats.summary(np.array([0, 3, 1], np.int64))
+    stats.add({"is_key_frame": True, "key_frame_reason": "interval", "stage_latency_ms": {"segmentor": 2.0}},
+              np.array([[1], [2], [255]], np.uint8))  # 255 (unlabelled) >= K: not counted
+    summary = stats.summary()
     assert summary["frames"] == 4 and summary["key_frames"] == 2 and summary["key_frame_ratio"] == 0.5
     assert summary["class_pixel_share"] == {1: 0.75, 2: 0.25}
-    assert RunStats().summary(np.zeros(2, np.int64))["key_frame_ratio"] == 0.0
+    assert RunStats(2).summary()["key_frame_ratio"] == 0.0
 
 
 @pytest.mark.parametrize("fps, written", [(0.5, 1.0), (0.01, 1.0), (1000.0, 240.0), (25.0, 25.0)])

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import yaml
 from tqdm import tqdm
 
@@ -566,8 +565,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
 
     skipped: dict[str, int] = {}
     skip_examples: list[dict[str, Any]] = []
-    run_stats = RunStats()  # the summary's figures of the written frames
-    class_pixels = np.zeros(cfg.num_classes, dtype=np.int64)
+    run_stats = RunStats(cfg.num_classes)  # the summary's figures of the written frames
     frames = 0
     t_start = time.perf_counter()
 
@@ -650,15 +648,14 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                                         autoware_class_ids=autoware_ids)
                     key_stamp = out.info.key_frame_stamp
                     output.put_frame(stamp_ns, out)
-                    run_stats.add(result.to_record())
-                    class_pixels += np.bincount(result.labels.ravel(), minlength=cfg.num_classes)[: cfg.num_classes]
+                    run_stats.add(result.to_record(), result.labels)
                     if skipped:
                         bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
             finally:
                 bar.close()
     wall = time.perf_counter() - t_start
 
-    stats = run_stats.summary(class_pixels)  # no frame written: zero counts, no timings, None medians
+    stats = run_stats.summary()  # no frame written: zero counts, no timings, None medians
     total = stats["stage_latency_ms"].get("total")
     return {
         "input": str(in_path),
