@@ -7,6 +7,7 @@ bookkeeping is what is tested.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,10 +18,12 @@ import pytest
 import torch
 
 import mpvss_ros.cli as cli
+import mpvss_ros.evaluation.study as study
 from helpers import error_line
 
 from mpvss_ros.cli import main
 from mpvss_ros.evaluation.study import (
+    LabelledSequence,
     _cost_ratio_within_run,
     _count_key_frames,
     evaluate_sequence,
@@ -32,7 +35,7 @@ from mpvss_ros.evaluation.study import (
     write_json,
 )
 from mpvss_ros.io.video import write_label_png
-from mpvss_ros.model_loader import load_model
+from mpvss_ros.model_loader import LoadedModel, load_model
 from mpvss_ros.propagation import FLOW_PROPAGATORS
 
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
@@ -45,13 +48,32 @@ def _one_thread(torch_single_thread):
     yield
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def loaded(lite_checkpoint):
     return load_model(weights=lite_checkpoint)
+
+
+@pytest.fixture()
+def band(lite, make_band_model):
+    """The 5-class band model (conftest) as a loaded model: no shared data needed."""
+    cfg = dataclasses.replace(lite.config, name="band5", num_classes=5, class_names=list("abcde"), palette=[])
+    return LoadedModel(model=make_band_model(5), config=cfg, weights=None, trained=False, device=torch.device("cpu"))
+
+
+def _still(frames: int) -> LabelledSequence:
+    """A still clip of dark 36 x 48 frames, labelled class 0 everywhere (what the band model predicts)."""
+    images = [np.full((36, 48, 3), 20, np.uint8) for _ in range(frames)]
+    return LabelledSequence([str(i) for i in range(frames)], images, [np.zeros((36, 48), np.uint8)] * frames, 15.0)
+
+
+def _on_close(monkeypatch, take) -> list:
+    """``take(fig)`` of every matplotlib figure closed from now on (plot_study closes what it draws)."""
+    import matplotlib.pyplot as plt
+
+    seen = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (seen.append(take(fig)), real_close(fig)))
+    return seen
 
 
 def _eval(*args: str) -> int:
@@ -117,9 +139,9 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
                "--cut-threshold", "0.3", "--out", str(out))
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    study = json.loads((out / "study.json").read_text())
-    assert study["frames"] == 6 and study["fps"] == 15.0 and study["model"] == "mpvss_lite"
-    rows = study["rows"]
+    result = json.loads((out / "study.json").read_text())
+    assert result["frames"] == 6 and result["fps"] == 15.0 and result["model"] == "mpvss_lite"
+    rows = result["rows"]
     # copy once; each flow propagator with the paper's direct flow and with chained flow
     settings = [("copy", None)] + [(p, c) for p in FLOW_PROPAGATORS for c in (False, True)]
     fixed = {(r["interval"], r["propagator"], r["chain_flow"]): r for r in rows if r["mode"] == "fixed"}
@@ -158,12 +180,12 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
     # the paired bootstrap of the comparisons the verdicts rest on: query flow (each flow mode)
     # against per-frame, copy, direct optical flow and optical flow of its own mode; every adaptive
     # row against its fixed row. 6 frames are fewer than two blocks of 10: no interval
-    comparisons = {(c["a"], c["b"]): c for c in study["comparisons"]}
+    comparisons = {(c["a"], c["b"]): c for c in result["comparisons"]}
     of = {m: f"fixed 1/2 optical_flow ({m})" for m in ("direct", "chained")}
     expected = {(f"fixed 1/2 query_flow ({m})", b) for m in ("direct", "chained")
                 for b in ("per-frame", "fixed 1/2 copy", of["direct"], of[m])}
     expected |= {(f"adaptive 1/2 {row_label(r)}", f"fixed 1/2 {row_label(r)}") for r in adaptive.values()}
-    assert set(comparisons) == expected and len(study["comparisons"]) == 12
+    assert set(comparisons) == expected and len(result["comparisons"]) == 12
     by_label = {("per-frame" if r["interval"] == 1 else f"{r['mode']} 1/{r['interval']} {row_label(r)}"): r
                 for r in rows}
     for (a, b), c in comparisons.items():
@@ -173,7 +195,7 @@ def test_eval_cli_study(camvid_val_dirs, lite_checkpoint, tmp_path, capsys):
         assert c["key_frames"] == [by_label[a]["key_frames"], by_label[b]["key_frames"]]
     printed = [ln for ln in captured.out.splitlines() if " mIoU, " in ln and " - " in ln]
     assert len(printed) == 12 and all("no interval: 6 frames are fewer than two blocks of 10" in ln for ln in printed)
-    unmatched = [c for c in study["comparisons"]
+    unmatched = [c for c in result["comparisons"]
                  if c["key_frames"][0] != c["key_frames"][1] and c["b"] != "per-frame"]  # fewer is per-frame's point
     assert sum("not at the same key-frame count" in ln for ln in printed) == len(unmatched)
     assert not any("not at the same key-frame count" in ln for ln in printed if "per-frame" in ln)
@@ -188,15 +210,15 @@ def test_study_comparisons_get_intervals_from_blocks_of_the_clip(camvid_val_dirs
     """With two or more blocks in the clip each comparison gets its interval; the interval holds the
     clip's own difference (a resample of whole-clip blocks can give it) and is printed."""
     seq = load_sequence(*camvid_val_dirs, limit=6)
-    study = key_interval_study(lite, seq, intervals=[1, 3], propagators=("copy", "query_flow"), adaptive=False,
+    result = key_interval_study(lite, seq, intervals=[1, 3], propagators=("copy", "query_flow"), adaptive=False,
                                progress=False, chain_flow_modes=(True,), bootstrap_block=2, bootstrap_samples=300)
-    assert [(c["a"], c["b"]) for c in study["comparisons"]] == [
+    assert [(c["a"], c["b"]) for c in result["comparisons"]] == [
         ("fixed 1/3 query_flow (chained)", "per-frame"), ("fixed 1/3 query_flow (chained)", "fixed 1/3 copy")]
-    for c in study["comparisons"]:
+    for c in result["comparisons"]:
         assert c["block"] == 2 and c["blocks"] == 3 and c["kept"] == 300 and c["samples"] == 300
         assert c["ci"][0] <= c["ci"][1] and c["share_a_better"] + c["share_b_better"] <= 1.0
-    rows = {r["propagator"]: r for r in study["rows"] if r["interval"] == 3}
-    assert study["comparisons"][1]["delta"] == pytest.approx(rows["query_flow"]["mIoU"] - rows["copy"]["mIoU"], abs=2e-4)
+    rows = {r["propagator"]: r for r in result["rows"] if r["interval"] == 3}
+    assert result["comparisons"][1]["delta"] == pytest.approx(rows["query_flow"]["mIoU"] - rows["copy"]["mIoU"], abs=2e-4)
     with pytest.raises(ValueError, match="bootstrap_block"):
         key_interval_study(lite, seq, intervals=[1], bootstrap_block=0)
 
@@ -242,30 +264,74 @@ def test_cost_ratio_within_run_by_hand():
     assert _cost_ratio_within_run([], [10.0]) is None  # no key-frame cost to compare with
 
 
-def test_evaluate_sequence_costs_are_the_frames_total_latency(lite, make_band_model, monkeypatch):
-    """mean_ms_per_frame and the key / non-key medians come from each frame's ``total`` stage
-    latency (stages stubbed to fixed values; the band model: no shared data)."""
-    import dataclasses
-
-    import mpvss_ros.evaluation.study as study
-    from mpvss_ros.evaluation.study import LabelledSequence
-    from mpvss_ros.model_loader import LoadedModel
+def test_evaluate_sequence_costs_are_the_frames_total_latency(band, monkeypatch):
+    """mean_ms_per_frame is the mean of each frame's ``total`` stage latency, the key / non-key
+    figures are medians of theirs (stages stubbed to fixed values)."""
+    key_totals = iter([10.0, 30.0, 11.0])
 
     class Stubbed(study.VideoSegmenter):
         def push(self, *args, **kwargs):
             result = super().push(*args, **kwargs)
             key = result.is_key_frame
-            result.stage_latency_ms = {"schedule": 0.5, "postprocess": 1.0, "total": 10.0 if key else 2.0}
+            result.stage_latency_ms = {"schedule": 0.5, "postprocess": 1.0, "total": next(key_totals) if key else 2.0}
             return result
 
+    # the warm-up's two frames run on a segmenter of their own, not stubbed
+    monkeypatch.setattr(study, "_warm_up", lambda *a, **k: None)
     monkeypatch.setattr(study, "VideoSegmenter", Stubbed)
-    cfg = dataclasses.replace(lite.config, name="band5", num_classes=5, class_names=list("abcde"), palette=[])
-    band = LoadedModel(model=make_band_model(5), config=cfg, weights=None, trained=False, device=torch.device("cpu"))
-    images = [np.full((36, 48, 3), 40 * i, np.uint8) for i in range(4)]
-    seq = LabelledSequence([f"{i}" for i in range(4)], images, [np.zeros((36, 48), np.uint8)] * 4, 15.0)
+    images = [np.full((36, 48, 3), 40 * i, np.uint8) for i in range(5)]
+    seq = LabelledSequence([f"{i}" for i in range(5)], images, [np.zeros((36, 48), np.uint8)] * 5, 15.0)
+    out = evaluate_sequence(band, seq, "copy", "fixed:2")  # key frames 0, 2, 4: 10, 30, 11 ms; the others 2 ms
+    assert out["key_frames"] == 3
+    # the mean of the five, not their median (10); the median of the key frames, not their mean (17)
+    assert (out["mean_ms_per_frame"], out["median_ms_key_frame"], out["median_ms_non_key_frame"]) == (11.0, 11.0, 2.0)
+    assert out["cost_ratio_within_run"] == pytest.approx((3 * 11.0 + 2 * 2.0) / (5 * 11.0))
+
+
+def test_warm_up_pushes_a_key_and_a_propagated_frame_untimed(band, monkeypatch):
+    """So the first non-key frame's one-off start-up cost is not in the first row's timings."""
+    pushed = []
+
+    class Counting(study.VideoSegmenter):
+        def push(self, *args, **kwargs):
+            result = super().push(*args, **kwargs)
+            pushed.append((id(self), result.is_key_frame))
+            return result
+
+    monkeypatch.setattr(study, "VideoSegmenter", Counting)
+    out = evaluate_sequence(band, _still(4), "copy", "fixed:4")
+    warm = [key for segmenter, key in pushed if segmenter == pushed[0][0]]
+    assert warm == [True, False] and len(pushed) == 2 + 4 and out["frames"] == 4
+
+
+def test_scores_use_the_labels_vc_the_raw_labels_in_percent(band):
+    """With reduce_zero_label the two differ: mIoU scores ``labels``, only VC reads ``vc_labels``;
+    VC_n is in percent like the other scores (None without a window of n + 1 frames)."""
+    seq = _still(10)  # two VC_8 windows (i in range(10 - 8)), both consistent
+    seq.vc_labels = [np.full((36, 48), 4, np.uint8)] * 10  # raw IDs: another value than the scored labels
     out = evaluate_sequence(band, seq, "copy", "fixed:2")
-    assert out["key_frames"] == 2
-    assert (out["mean_ms_per_frame"], out["median_ms_key_frame"], out["median_ms_non_key_frame"]) == (6.0, 10.0, 2.0)
+    assert out["mIoU"] == 100.0 and out["pACC"] == 100.0 and out["IoU"]["a"] == 100.0
+    assert out["VC_8"] == 100.0 and out["VC_16"] is None
+
+
+def test_study_per_frame_rows_name_no_propagator_settings(band):
+    s = key_interval_study(band, _still(4), intervals=[1, 2], propagators=("copy",), adaptive=False, progress=False,
+                           chain_flow_modes=(True,), bootstrap_samples=10)
+    per_frame = [r for r in s["rows"] if r["interval"] == 1]
+    assert len(per_frame) == 1 and per_frame[0]["propagator_settings"] is None
+    assert [r["propagator_settings"]["name"] for r in s["rows"] if r["interval"] == 2] == ["copy"]
+
+
+def test_study_refuses_query_flow_on_a_backend_without_motion_module_before_any_row(lite, monkeypatch):
+    """The backend runs the rows, so its motion module decides (the model's may be trained)."""
+    class NoMotion:
+        motion_trained = False
+
+    assert getattr(lite.model, "motion_trained", True)
+    monkeypatch.setattr(study, "_evaluate", lambda *a, **k: pytest.fail("ran a row before refusing query_flow"))
+    with pytest.raises(ValueError, match="query_flow rows need a trained motion module"):
+        key_interval_study(lite, None, intervals=(1, 2), propagators=("copy", "query_flow"), backend=NoMotion(),
+                           progress=False)
 
 
 def test_match_scene_threshold_above_the_first_grid():
@@ -296,7 +362,6 @@ def test_match_scene_threshold_hits_target(camvid_val_dirs):
 
 def test_match_scene_threshold_never_takes_more_key_frames_than_the_target(monkeypatch):
     # counts that jump over the target: 11 below a scene threshold of 0.5, 8 from there on
-    import mpvss_ros.evaluation.study as study
 
     monkeypatch.setattr(study, "_count_key_frames", lambda images, fps, t, mi, ct: 11 if t < 0.5 else 8)
     threshold, count = match_scene_threshold([], 15.0, 10, 20)
@@ -318,10 +383,11 @@ def test_match_scene_threshold_exact_on_the_whole_clip(camvid_val_dirs):
 
 def test_write_json_nan_as_null(tmp_path):
     path = tmp_path / "x.json"
-    write_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2.5}}, path)
+    write_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2.5}, "ci": (float("nan"), 1.0),
+                "r": [(float("inf"),)]}, path)
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
-    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": 2.5}}
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": 2.5}, "ci": [None, 1.0], "r": [[None]]}
 
 
 # --------------------------------------------------------------------------- errors
@@ -519,7 +585,6 @@ def test_reduce_zero_label_shifts_classes_and_ignores_others(tmp_path):
 def test_vc_compares_the_raw_labels_under_reduce_zero_label(tmp_path, lite, monkeypatch):
     """VC_n compares ground truth between frames as the files hold it (spec §4.3): the remapping
     merges 0 (others) with 255 (ignore), so a pixel going 0 -> 255 -> 0 looked stable."""
-    import mpvss_ros.evaluation.study as study
 
     raw = [_label(1) for _ in range(3)]
     for i, lab in enumerate(raw):
@@ -589,7 +654,6 @@ def eval_without_model(monkeypatch, lite):
         return lite, None
 
     monkeypatch.setattr(cli, "load_model_and_backend", without_backend)
-    import mpvss_ros.evaluation.study as study
 
     monkeypatch.setattr(study, "_evaluate", lambda *a, **k: pytest.fail("segmented a sequence"))
 
@@ -668,15 +732,11 @@ def test_eval_of_a_video_stamps_at_its_own_frame_rate(tmp_path, capsys):
 
 def test_study_plot_of_one_interval_draws_each_setting(tmp_path, monkeypatch):
     """A study of one interval (no per-frame row) had no line of two points and drew empty axes."""
-    import matplotlib.pyplot as plt
-
     rows = [{"propagator": prop, "chain_flow": chain, "mode": mode, "interval": 2, "key_frame_ratio": 0.5,
              "mIoU": 60.0 + i, "mean_ms_per_frame": 20.0 + i}
             for i, (prop, chain, mode) in enumerate([("copy", None, "fixed"), ("query_flow", True, "fixed"),
                                                      ("query_flow", True, "adaptive")])]
-    drawn = []
-    real_close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: (drawn.append([len(ax.lines) for ax in fig.axes]), real_close(fig)))
+    drawn = _on_close(monkeypatch, lambda fig: [len(ax.lines) for ax in fig.axes])
     plot_study({"rows": rows, "model": "m", "frames": 10, "fps": 25.0}, tmp_path / "study.png")
     assert drawn == [[3, 3]] and (tmp_path / "study.png").stat().st_size > 0
     # per-frame rows only (--intervals 1): one marker per setting, no adaptive line made of them
@@ -686,17 +746,13 @@ def test_study_plot_of_one_interval_draws_each_setting(tmp_path, monkeypatch):
 
 
 def test_study_plot_names_the_backend_and_device_its_costs_were_measured_on(tmp_path, monkeypatch):
-    import matplotlib.pyplot as plt
-
     row = {"propagator": "copy", "chain_flow": None, "mode": "fixed", "interval": 1, "key_frame_ratio": 1.0,
            "mIoU": 60.0, "mean_ms_per_frame": 20.0}
-    labels = []
-    real_close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: (labels.append(fig.axes[1].get_xlabel()), real_close(fig)))
-    study = {"rows": [row], "model": "m", "frames": 10, "fps": 25.0}
-    plot_study({**study, "backend": {"backend": "tensorrt", "device": "cuda:0", "precision": "fp16"}},
+    labels = _on_close(monkeypatch, lambda fig: fig.axes[1].get_xlabel())
+    result = {"rows": [row], "model": "m", "frames": 10, "fps": 25.0}
+    plot_study({**result, "backend": {"backend": "tensorrt", "device": "cuda:0", "precision": "fp16"}},
                tmp_path / "study.png")
-    plot_study(study, tmp_path / "study.png")  # a study JSON without the backend
+    plot_study(result, tmp_path / "study.png")  # a study JSON without the backend
     assert labels == ["mean cost per frame (ms; tensorrt on cuda:0)", "mean cost per frame (ms; ? on ?)"]
 
 
@@ -733,7 +789,6 @@ def test_eval_refuses_the_default_camvid_labels_for_a_model_of_other_classes(cam
     """CamVid val's labels read as a 19-class model's IDs would score CamVid's Sky as road: the
     default labels are refused for a model of other than 11 classes, naming --labels, before any
     backend is built (an export or a TensorRT engine build)."""
-    import dataclasses
 
     import mpvss_ros.model_loader as model_loader
     import mpvss_ros.runtime as runtime
@@ -752,12 +807,32 @@ def test_study_adaptive_rows_target_the_fixed_rows_key_frame_count(camvid_val_di
     """The adaptive row of interval N aims at fixed:N's key-frame count (frames 0, N, 2N, ...:
     ceil(T / N)) with max_interval 2N; a study without bootstrap samples is refused up front."""
     seq = load_sequence(*camvid_val_dirs, limit=7)
-    study = key_interval_study(lite, seq, intervals=[1, 3], propagators=("copy",), progress=False,
+    result = key_interval_study(lite, seq, intervals=[1, 3], propagators=("copy",), progress=False,
                                chain_flow_modes=(True,), bootstrap_samples=50)
-    fixed, adaptive = (next(r for r in study["rows"] if r["interval"] == 3 and r["mode"] == m) for m in ("fixed", "adaptive"))
+    fixed, adaptive = (next(r for r in result["rows"] if r["interval"] == 3 and r["mode"] == m) for m in ("fixed", "adaptive"))
     assert fixed["key_frames"] == 3 == adaptive["target_key_frames"]  # ceil(7 / 3), not 7 // 3
     assert adaptive["key_frames"] <= 3 and adaptive["schedule_settings"]["max_interval"] == 6
     threshold, count = match_scene_threshold(seq.images, seq.fps, 3, max_interval=6)  # matched as it is run
     assert (adaptive["scene_threshold"], adaptive["key_frames"]) == (threshold, count)
     with pytest.raises(ValueError, match="bootstrap_block and bootstrap_samples must be >= 1"):
         key_interval_study(lite, seq, intervals=[1], bootstrap_samples=0)
+
+
+def _xdata(fig) -> list:
+    return [[list(map(float, line.get_xdata())) for line in ax.lines] for ax in fig.axes]
+
+
+def test_study_plot_x_is_frames_per_key_frame(tmp_path, monkeypatch):
+    drawn = _on_close(monkeypatch, _xdata)
+    rows = [{"propagator": "copy", "chain_flow": None, "mode": "fixed", "interval": n, "key_frame_ratio": 1.0 / n,
+             "mIoU": 60.0 - n, "mean_ms_per_frame": 40.0 / n} for n in (1, 4)]
+    plot_study({"rows": rows, "model": "m", "frames": 8, "fps": 25.0}, tmp_path / "s.png")
+    assert drawn == [[[[1.0, 4.0]], [[40.0, 10.0]]]]  # key interval (1 / key-frame ratio); ms per frame
+
+
+def test_study_plot_draws_the_direct_flow_rows(tmp_path, monkeypatch):
+    drawn = _on_close(monkeypatch, _xdata)
+    rows = [{"propagator": "query_flow", "chain_flow": False, "mode": "fixed", "interval": 2, "key_frame_ratio": 0.5,
+             "mIoU": 50.0, "mean_ms_per_frame": 30.0}]
+    plot_study({"rows": rows, "model": "m", "frames": 8, "fps": 25.0}, tmp_path / "s.png")
+    assert drawn == [[[[2.0]], [[30.0]]]]

@@ -117,17 +117,31 @@ def test_local_search_never_worse_and_bounded_by_brute_force():
         assert value <= best + 1e-9
 
 
+def _spot_table(t: int, horizon: int, bad_frame: int, good_key: int) -> PairTable:
+    """Frame ``bad_frame`` is 60 % wrong when propagated from any key frame but ``good_key``."""
+    conf = np.zeros((t, horizon + 1, 2, 2), np.int64)
+    for key in range(t):
+        for d in range(min(horizon + 1, t - key)):
+            bad = 60 if key + d == bad_frame and d >= 1 and key != good_key else 0
+            conf[key, d] = [[100 - bad, bad], [0, 100]]
+    return PairTable(conf, "test", "labels", ["a", "b"])
+
+
 def test_local_search_finds_a_better_spacing():
     # A 7-frame clip whose frame 5 is wrong unless it is propagated from key frame 4 (or is a key
     # frame itself), so moving the second key frame from 3 to 4 pays.
-    conf = np.zeros((7, 4, 2, 2), np.int64)
-    for key in range(7):
-        for d in range(min(4, 7 - key)):
-            bad = 60 if key + d == 5 and d >= 1 and key != 4 else 0
-            conf[key, d] = [[100 - bad, bad], [0, 100]]
-    table = PairTable(conf, "test", "labels", ["a", "b"])
+    table = _spot_table(7, 3, bad_frame=5, good_key=4)
     keys, value = local_search(table, [0, 3], max_gap=4)
     assert keys == [0, 4] and value > table.score([0, 3])["mIoU"]
+    keys, value = local_search(table, [0, 3])  # max_gap defaults to the horizon + 1: [0, 4] has a gap of 4
+    assert keys == [0, 4] and value == pytest.approx(table.score([0, 4])["mIoU"], abs=1e-3)
+
+
+def test_local_search_moves_key_frames_by_two_by_default():
+    # moving the key frame by one changes nothing, by two it pays: the default moves are -2..2
+    table = _spot_table(8, 4, bad_frame=5, good_key=5)
+    assert table.score([0, 4])["mIoU"] == table.score([0, 3])["mIoU"] < table.score([0, 5])["mIoU"]
+    assert local_search(table, [0, 3])[0] == [0, 5]
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -143,6 +157,8 @@ def test_save_and_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"conf": np.zeros((3, 2, 2), np.int64)}, "T, horizon"),
+    ({"conf": np.zeros((3, 2, 2, 3), np.int64)}, "T, horizon"),  # not K x K
+    ({"conf": np.zeros((3, 0, 2, 2), np.int64)}, "T, horizon"),  # no distance 0
     ({"class_names": ["a"]}, "class names"),
     ({"reference": "gt"}, "reference"),
 ])

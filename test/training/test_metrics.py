@@ -85,6 +85,17 @@ def test_errors_and_empty():
         c.update(np.zeros(2, np.float32), np.zeros(2, int))
     c.update(np.array([0, 7]), np.array([11, 255]))  # all void: nothing counted, no error
     assert c.mat.sum() == 0
+    with pytest.raises(ValueError, match="num_classes"):
+        ConfusionMatrix(0)
+
+
+def test_reset_zeroes_the_counts():
+    c = ConfusionMatrix(2)
+    c.update(np.array([0, 1, 1]), np.array([0, 1, 0]))
+    c.reset()
+    assert c.mat.sum() == 0 and math.isnan(c.miou())
+    c.update(np.array([1]), np.array([1]))
+    np.testing.assert_array_equal(c.mat, [[0, 0], [0, 1]])
 
 
 def test_ignore_index_inside_the_class_range():
@@ -96,10 +107,11 @@ def test_ignore_index_inside_the_class_range():
     assert c.miou() == pytest.approx(1.0) and c.pixel_accuracy() == pytest.approx(1.0)
 
 
-def test_negative_ground_truth_is_ignored():
-    # -1 (a common void value) is outside 0..K-1: ignored like 255, not an error.
+def test_negative_ground_truth_and_k_are_ignored():
+    # -1 (a common void value) and K (CamVid's void 11 with its 11 classes) are outside 0..K-1:
+    # ignored like 255, whatever was predicted there, not an error.
     c = ConfusionMatrix(3)
-    c.update(np.array([[0, 1], [2, 1]]), np.array([[-1, 1], [2, -5]]))
+    c.update(np.array([[0, 1, 2], [2, 1, 3]]), np.array([[-1, 1, 3], [2, -5, 3]]))
     np.testing.assert_array_equal(c.mat, np.diag([0, 1, 1]))
 
 
@@ -116,6 +128,10 @@ def test_vc_hand_case():
     # n=3: one window (frames 0..2): G = [T, F, T, F], P = [T, T, F, F] -> 1/2
     assert video_consistency(VC_PREDS, VC_GTS, 3) == pytest.approx(0.5)
     assert math.isnan(video_consistency(VC_PREDS, VC_GTS, 4))  # len <= n: no window
+    # 255 is compared raw like any label (VC_perclip), not as "any class": a pixel going 255 -> 3
+    # is not ground-truth-consistent. One window: G = [F, T], P = [F, T] -> 1/1 (1/2 with a wildcard)
+    gts = [np.array([[255, 1]]), np.array([[3, 1]]), np.array([[3, 1]])]
+    assert video_consistency([np.array([[0, 0]]), np.array([[5, 0]]), np.array([[5, 0]])], gts, 2) == 1.0
 
 
 def test_vc_nan_window_and_streaming_across_clips():
@@ -150,6 +166,11 @@ def test_video_consistency_keeps_its_own_copies_of_the_frames(as_tensor):
         pred[...] = t % 2  # alternates: never consistent over two frames
         vc.update(pred, gt)
     assert vc.value() == 0.0
+    vc = VideoConsistency(2)  # the ground truth in one buffer, another label on every frame: G is empty
+    for t in range(4):
+        gt[...] = t
+        vc.update(pred, gt)
+    assert len(vc.window_acc) == 2 and math.isnan(vc.value())
 
 
 def test_mean_accuracy_counts_the_last_class_and_refuses_negative_predictions():
