@@ -87,7 +87,8 @@ def unmet_dependencies(modules: Sequence[str] = START_MODULES) -> list[str]:
 
     Returns:
         The problems, in the order of ``modules``; empty when all is well. A module without a
-        ``__version__`` passes on being importable.
+        ``__version__``, or with one that does not start with a number (tqdm says ``UNKNOWN``
+        when its package metadata is missing), passes on being importable.
 
     Raises:
         KeyError: a name that is not in :data:`MINIMUM_VERSIONS`.
@@ -101,7 +102,8 @@ def unmet_dependencies(modules: Sequence[str] = START_MODULES) -> list[str]:
             problems.append(_import_problem(module, name, exc))
             continue
         version = str(getattr(imported, "__version__", ""))
-        if version and version_tuple(version) < version_tuple(floor):
+        release = version_tuple(version)
+        if release and release < version_tuple(floor):
             remedy = f"pip install '{name}>={floor}'"
             if module == "torch":
                 remedy += " (the distribution's python3-torch can be too old: skip it with rosdep --skip-keys python3-torch)"

@@ -58,6 +58,10 @@ def test_the_floor_itself_and_a_module_without_a_version_pass(monkeypatch):
     _fake(monkeypatch, "tqdm", MINIMUM_VERSIONS["tqdm"][1])
     _fake(monkeypatch, "PIL", "")
     assert unmet_dependencies(("tqdm", "PIL")) == []
+    # tqdm's own __version__ when its package metadata is missing: no release to compare, as no
+    # version at all (it was reported as "tqdm UNKNOWN is older than 4.57.0" and every entry point refused to start)
+    _fake(monkeypatch, "tqdm", "UNKNOWN")
+    assert unmet_dependencies(("tqdm",)) == []
 
 
 def _refuse_import(monkeypatch, module: str, message: str, missing: bool = False) -> None:
