@@ -51,9 +51,18 @@ def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
     Raises:
         ValueError: ``path`` is an existing file (a usage error).
         OSError: the folder could not be made or written to: it, or its nearest existing parent,
-            is a folder this process may not write to, or that parent is a file.
+            is a folder this process may not write to, or that parent is a file, or a folder
+            above it may not be searched.
     """
     path = Path(path).expanduser()
+    try:
+        return _check_output_dir(path, what)
+    except PermissionError as exc:  # Path.exists() raises it (Python 3.11) under a folder that may not be searched
+        raise OSError(f"cannot create the {what} {path}: no permission to search a folder above it "
+                      f"({exc.strerror or exc})") from None
+
+
+def _check_output_dir(path: Path, what: str) -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what} {path} is a file, not a folder")
     if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):

@@ -582,6 +582,21 @@ def test_output_folders_refused_before_the_model_loads_and_tilde_expanded(tiny_f
     assert f"cannot write to the --out {locked}: no permission" in error_line(capsys.readouterr().err)
     assert main(["eval", str(tiny_folder), "--self-reference", "--out", str(locked / "sub")]) == 1
     assert f"no permission to write in {locked}" in error_line(capsys.readouterr().err)
+    # under a folder that may not be searched, Path.exists() raises PermissionError (Python 3.11; a
+    # non-root user): one line naming --out instead of "[Errno 13] Permission denied: '<path>'"
+    hidden = tmp_path / "hidden"
+    real_stat = Path.stat
+
+    def stat(self, **kwargs):
+        if self.is_relative_to(hidden) and self != hidden:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert main(["eval", str(tiny_folder), "--self-reference", "--out", str(hidden / "out")]) == 1
+    assert error_line(capsys.readouterr().err).endswith(f"cannot create the --out {hidden / 'out'}: no permission to "
+                                                          "search a folder above it (Permission denied)")
+    monkeypatch.setattr(Path, "stat", real_stat)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["eval", str(tiny_folder), "--self-reference", "--out", "~/taken"]) == 2
     assert f"--out {blocker} is a file, not a folder" in error_line(capsys.readouterr().err)
