@@ -749,6 +749,8 @@ class TensorRTBackend(Backend):
         key_engine, non_key, padded = self._get(hw)
         if tuple(image.shape) != (1, 3, *padded):
             raise ValueError(f"image {tuple(image.shape)} does not fit the engine's canvas (1, 3, {padded[0]}, {padded[1]})")
+        # Until every copy below has succeeded, the non-key engine's key inputs hold no known key frame.
+        self._device_key = self._device_reference = None
         with self.cuda.activate() as cuda:
             key_engine.upload("image", image)
             key_engine.execute()
@@ -781,12 +783,14 @@ class TensorRTBackend(Backend):
                                  "it existed): re-export the graphs (mpvss export) and rebuild the engines")
         with self.cuda.activate() as cuda:
             if not self._holds_key(key):  # another key frame: upload its state
+                # an upload that fails part-way leaves a mix of two key frames: none held until all are in
+                self._device_key = self._device_reference = None
                 non_key.upload("key_class_logits", key.class_logits)
                 non_key.upload("key_mask_logits", key.mask_logits)
                 non_key.upload("key_query_embeddings", key.query_embeddings)
                 self._device_key = key
-                self._device_reference = None
             if self._device_reference is not reference:  # the key frame's image, or a chain's previous frame
+                self._device_reference = None
                 non_key.upload("key_image", reference)
                 self._device_reference = reference
             non_key.upload("image", image)

@@ -293,9 +293,11 @@ def test_build_engine_settings(monkeypatch, precision):
         trt_backend.build_engine("graph.onnx", "bf16")
 
 
-def _stand_in_backend(result, uploads=None, downloads=None):
+def _stand_in_backend(result, uploads=None, downloads=None, refused=()):
     """A TensorRTBackend over one stand-in non-key engine and CUDA calls (no GPU): ``result(name)``
-    gives the engine's outputs; uploads and downloads are recorded in the lists given."""
+    gives the engine's outputs; uploads and downloads are recorded in the lists given; an upload
+    of a name in ``refused`` (a container the caller may change) raises ValueError, as a tensor of
+    the wrong shape does."""
     import contextlib
 
     import mpvss_ros.runtime.tensorrt_backend as trt_backend
@@ -304,6 +306,8 @@ def _stand_in_backend(result, uploads=None, downloads=None):
         host = {"warped_mask_logits": None, "flows": None}
 
         def upload(self, name, value):
+            if name in refused:
+                raise ValueError(f"{name}: refused")
             if uploads is not None:
                 uploads.append(name)
 
@@ -345,6 +349,33 @@ def test_key_state_is_uploaded_once_per_key_frame(monkeypatch, lite):
                           mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8))
     backend.propagate(other, torch.ones(1, 3, 32, 32))
     assert uploads[3:] == ["key_class_logits", "key_mask_logits", "key_query_embeddings", "key_image", "image"]
+
+
+def test_a_key_state_upload_that_fails_part_way_holds_no_key_frame():
+    """The engine held key_class_logits of one key frame and the rest of another while the
+    backend still named the old one, whose next propagation then ran on them without an error."""
+    from mpvss_ros.nn.mpvss import KeyFrameState
+
+    uploads, refused = [], set()
+    backend = _stand_in_backend(lambda name: torch.zeros(1, 4, 2, 3, 4), uploads=uploads, refused=refused)
+    image = torch.zeros(1, 3, 32, 32)
+    a, b = (KeyFrameState(image=image, valid_hw=(32, 32), class_logits=torch.full((1, 4, 3), float(v)),
+                          mask_logits=torch.zeros(1, 4, 8, 8), query_embeddings=torch.zeros(4, 1, 8)) for v in (1, 2))
+    backend._device_key, backend._device_reference = a, image
+    refused.add("key_mask_logits")
+    with pytest.raises(ValueError, match="refused"):
+        backend.propagate(b, image)
+    assert uploads == ["key_class_logits"]  # b's, now in the engine
+    refused.clear()
+    backend.propagate(a, image)
+    assert uploads[1:] == ["key_class_logits", "key_mask_logits", "key_query_embeddings", "key_image", "image"]
+    refused.add("key_image")  # the reference image too: a chain's previous frame that fails to upload
+    with pytest.raises(ValueError, match="refused"):
+        backend.query_flows(a, image, reference=torch.ones(1, 3, 32, 32))
+    refused.clear()
+    del uploads[:]
+    backend.propagate(a, image)
+    assert uploads == ["key_image", "image"]
 
 
 def test_a_size_dropped_from_the_engine_cache_frees_its_buffers(tmp_path, monkeypatch):
