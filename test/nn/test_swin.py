@@ -1,6 +1,7 @@
 """Tests for mpvss_ros.nn.swin: the official D2SwinTransformer key layout and parameter counts,
-(shifted-)window attention against a dense reference written without windows, rolls or
-partitions, patch merging's token order, padding, and official-checkpoint recognition."""
+(shifted-)window attention and the whole backbone against a dense reference written with
+torch.nn.functional from the state dict (no windows, rolls, partitions or module calls), patch
+merging's token order, padding, drop path, initialisation, and official-checkpoint recognition."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import torch.nn.functional as F
 
 from mpvss_ros.config import ConfigError, load_model_config, model_config_from_dict
 from mpvss_ros.model_loader import PUBLISHED_MODELS, load_model, published_model_name
+from mpvss_ros.nn import swin
 from mpvss_ros.nn.mpvss import MPVSS
 from mpvss_ros.nn.swin import (
     PatchMerging,
     SwinBlock,
     SwinTransformer,
+    WindowAttention,
     relative_position_index,
     shifted_window_mask,
 )
@@ -94,68 +97,144 @@ def test_relative_position_index_formula():
 
 
 # ---------------------------------------------------------------- attention against a dense reference
-def _band(pos: int, window: int, shift: int) -> int:
-    """The window a row (or column) falls in: windows start at multiples of M, or, shifted, at
-    ``shift`` + multiples of M with the leading ``shift`` rows a window of their own (the cyclic
-    shift's wrapped-around band, kept apart by the mask)."""
+def _band(pos: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """The window each row (or column) of ``pos`` falls in: windows start at multiples of M, or,
+    shifted, at ``shift`` + multiples of M with the leading ``shift`` rows a window of their own
+    (the cyclic shift's wrapped-around band, kept apart by the mask)."""
     if not shift:
         return pos // window
-    return 0 if pos < shift else 1 + (pos - shift) // window
+    return torch.where(pos < shift, torch.full_like(pos, -1), (pos - shift) // window)
 
 
-def _dense_block(block: SwinBlock, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The block computed as one dense attention over the padded grid: each token attends to the
-    tokens of its own (shifted) window, with the relative-position bias read from coordinate
-    differences."""
-    m, s = block.window_size, block.shift
+def _dense_block(sd: dict, p: str, x: torch.Tensor, h: int, w: int, m: int, shift: int, heads: int) -> torch.Tensor:
+    """Swin block ``p`` of state dict ``sd`` on tokens ``x`` (B, h*w, C) as one dense attention over
+    the padded grid: each token attends to the tokens of its own (shifted) window, with the
+    relative-position bias read from coordinate differences; LayerNorm before the padding (padded
+    tokens are zeros), logits scaled by head_dim ** -0.5, exact GELU."""
     b, _, c = x.shape
+    hd = c // heads
     hp, wp = -(-h // m) * m, -(-w // m) * m
-    y = F.pad(block.norm1(x).view(b, h, w, c), (0, 0, 0, wp - w, 0, hp - h)).reshape(b, hp * wp, c)
-    attn = block.attn
-    heads = attn.num_heads
-    q, k, v = attn.qkv(y).reshape(b, hp * wp, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-    rows = [i // wp for i in range(hp * wp)]
-    cols = [i % wp for i in range(hp * wp)]
-    bias = torch.full((heads, hp * wp, hp * wp), -math.inf)
-    for i in range(hp * wp):
-        for j in range(hp * wp):
-            if (_band(rows[i], m, s), _band(cols[i], m, s)) == (_band(rows[j], m, s), _band(cols[j], m, s)):
-                entry = (rows[i] - rows[j] + m - 1) * (2 * m - 1) + (cols[i] - cols[j] + m - 1)
-                bias[:, i, j] = attn.relative_position_bias_table[entry]
-    out = ((logits + bias).softmax(-1) @ v).transpose(1, 2).reshape(b, hp, wp, c)
-    out = attn.proj(out)[:, :h, :w].reshape(b, h * w, c)
-    x = x + out
-    return x + block.mlp(block.norm2(x))
+    y = F.layer_norm(x, (c,), sd[p + "norm1.weight"], sd[p + "norm1.bias"])
+    y = F.pad(y.view(b, h, w, c), (0, 0, 0, wp - w, 0, hp - h)).reshape(b, hp * wp, c)
+    qkv = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+    q, k, v = (t.reshape(b, hp * wp, heads, hd).transpose(1, 2) for t in qkv.split(c, dim=-1))
+    rows, cols = torch.arange(hp * wp) // wp, torch.arange(hp * wp) % wp
+    br, bc = _band(rows, m, shift), _band(cols, m, shift)
+    same = (br[:, None] == br[None, :]) & (bc[:, None] == bc[None, :])
+    dr = (rows[:, None] - rows[None, :] + m - 1).clamp(0, 2 * m - 2)  # clamped outside the window: masked anyway
+    dc = (cols[:, None] - cols[None, :] + m - 1).clamp(0, 2 * m - 2)
+    bias = sd[p + "attn.relative_position_bias_table"][dr * (2 * m - 1) + dc].permute(2, 0, 1)  # (heads, N, N)
+    bias = torch.where(same[None], bias, torch.full_like(bias, -math.inf))
+    out = (((q @ k.transpose(-2, -1)) / math.sqrt(hd) + bias).softmax(-1) @ v).transpose(1, 2).reshape(b, hp * wp, c)
+    out = F.linear(out, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+    x = x + out.view(b, hp, wp, c)[:, :h, :w].reshape(b, h * w, c)
+    z = F.layer_norm(x, (c,), sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+    z = F.linear(F.gelu(F.linear(z, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
+                 sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    return x + z
+
+
+def _dense_merge(sd: dict, p: str, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Patch merging ``p``: [x(2i, 2j), x(2i+1, 2j), x(2i, 2j+1), x(2i+1, 2j+1)], odd sides zero-padded."""
+    b, _, c = x.shape
+    g = F.pad(x.view(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+    out = torch.cat([g[:, 0::2, 0::2], g[:, 1::2, 0::2], g[:, 0::2, 1::2], g[:, 1::2, 1::2]], dim=-1)
+    out = F.layer_norm(out.reshape(b, -1, 4 * c), (4 * c,), sd[p + "norm.weight"], sd[p + "norm.bias"])
+    return F.linear(out, sd[p + "reduction.weight"])
+
+
+def _dense_backbone(sd: dict, image: torch.Tensor, c: int, depths, heads, m: int) -> dict:
+    """res2..res5 of a Swin backbone from its state dict: patch embedding (the image padded to a
+    multiple of 4 on the bottom and right) and LayerNorm, stages of alternating window and shifted
+    (M // 2) window blocks, each stage's output LayerNorm, patch merging between stages."""
+    b, _, hi, wi = image.shape
+    x = F.conv2d(F.pad(image, (0, (-wi) % 4, 0, (-hi) % 4)), sd["patch_embed.proj.weight"],
+                 sd["patch_embed.proj.bias"], stride=4)
+    h, w = x.shape[2], x.shape[3]
+    x = F.layer_norm(x.flatten(2).transpose(1, 2), (c,), sd["patch_embed.norm.weight"], sd["patch_embed.norm.bias"])
+    out = {}
+    for s, (depth, nh) in enumerate(zip(depths, heads)):
+        dim = c * 2**s
+        for blk in range(depth):
+            x = _dense_block(sd, f"layers.{s}.blocks.{blk}.", x, h, w, m, 0 if blk % 2 == 0 else m // 2, nh)
+        y = F.layer_norm(x, (dim,), sd[f"norm{s}.weight"], sd[f"norm{s}.bias"])
+        out[f"res{s + 2}"] = y.transpose(1, 2).reshape(b, dim, h, w)
+        if s < 3:
+            x = _dense_merge(sd, f"layers.{s}.downsample.", x, h, w)
+            h, w = (h + 1) // 2, (w + 1) // 2
+    return out
+
+
+def _randomise(net: torch.nn.Module) -> None:
+    """Every parameter away from its initial value (as a checkpoint's are): LayerNorm scales near 1
+    with non-zero shifts, non-zero linear biases, position-bias tables that matter."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, prm in net.named_parameters():
+            noise = torch.randn(prm.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                prm.copy_(1 + 0.2 * noise)
+            elif name.endswith("relative_position_bias_table"):
+                prm.copy_(noise)
+            else:
+                prm.copy_(0.2 * noise / math.sqrt(max(prm[0].numel(), 1)) if prm.dim() > 1 else 0.2 * noise)
 
 
 @pytest.mark.parametrize("h, w, shift", [(6, 9, 0), (6, 9, 1), (7, 5, 1), (3, 3, 1), (2, 4, 0)])
 def test_block_matches_dense_window_attention(h, w, shift):
     """Windows of 3 with a shift of 1, on grids that need padding (7 x 5, 2 x 4), that fit (6 x 9)
-    and that are one window (3 x 3); two images in the batch."""
+    and that are one window (3 x 3); two images in the batch; every parameter randomised."""
     torch.manual_seed(0)
     block = SwinBlock(dim=8, num_heads=2, window_size=3, shift=shift).eval()
+    _randomise(block)
     with torch.no_grad():
-        block.attn.relative_position_bias_table.normal_(0, 1)  # a bias that matters
         x = torch.randn(2, h * w, 8)
         hp, wp = -(-h // 3) * 3, -(-w // 3) * 3
         mask = shifted_window_mask(hp, wp, 3, shift) if shift else None
         got = block(x, (h, w), mask)
-        want = _dense_block(block, x, h, w)
+        want = _dense_block(block.state_dict(), "", x, h, w, 3, shift, 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_block_mlp_is_exact_gelu():
+    """fc1 -> exact (erf) GELU -> fc2, as the official Swin's nn.GELU(); inputs large enough that
+    the tanh approximation differs beyond the tolerance."""
+    torch.manual_seed(1)
+    block = SwinBlock(dim=8, num_heads=2, window_size=3)
+    x = torch.randn(50, 8) * 3
+    with torch.no_grad():
+        block.mlp.fc1.weight.normal_(0, 1)
+        got = block.mlp(x)
+        want = F.linear(F.gelu(F.linear(x, block.mlp.fc1.weight, block.mlp.fc1.bias)),
+                        block.mlp.fc2.weight, block.mlp.fc2.bias)
+    torch.testing.assert_close(got, want)
+
+
 def test_stages_alternate_window_and_shifted_window_blocks():
-    """W-MSA then SW-MSA with a shift of M // 2, alternating (Swin, section 3.2), in every stage."""
-    net = SwinTransformer(embed_dim=8, depths=(2, 3, 2, 1), num_heads=(1, 1, 2, 2), window_size=7)
+    """W-MSA then SW-MSA with a shift of M // 2, alternating (Swin, section 3.2), in every stage;
+    the MLP's hidden width is mlp_ratio x the stage width."""
+    net = SwinTransformer(embed_dim=8, depths=(2, 3, 2, 1), num_heads=(1, 1, 2, 2), window_size=7, mlp_ratio=2.0)
     assert [[b.shift for b in stage.blocks] for stage in net.layers] == [[0, 3], [0, 3, 0], [0, 3], [0]]
+    assert [stage.blocks[0].mlp.fc1.out_features for stage in net.layers] == [16, 32, 64, 128]
 
 
 def test_shifted_window_mask_rejects_bad_grids():
-    with pytest.raises(ValueError, match="multiple of the window"):
-        shifted_window_mask(10, 14, 7, 3)
-    with pytest.raises(ValueError, match="shift"):
-        shifted_window_mask(14, 14, 7, 7)
+    for h, w in ((10, 14), (14, 10)):  # either side off the window
+        with pytest.raises(ValueError, match="multiple of the window"):
+            shifted_window_mask(h, w, 7, 3)
+    for shift in (0, 7):
+        with pytest.raises(ValueError, match="shift"):
+            shifted_window_mask(14, 14, 7, shift)
+
+
+def test_modules_refuse_settings_outside_their_documented_range():
+    with pytest.raises(ValueError, match="multiple of the number of heads"):
+        WindowAttention(dim=8, num_heads=3, window_size=3)
+    for shift in (-1, 3):
+        with pytest.raises(ValueError, match="shift"):
+            SwinBlock(dim=8, num_heads=2, window_size=3, shift=shift)
+    with pytest.raises(ValueError, match="4 stages"):
+        SwinTransformer(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1, 1), window_size=3)
 
 
 def test_patch_merging_token_order():
@@ -194,6 +273,41 @@ def test_backbone_outputs_and_padding():
     assert [tuple(t.shape[2:]) for t in odd.values()] == [(13, 18), (7, 9), (4, 5), (2, 3)]
 
 
+@pytest.mark.parametrize("window", [3, 4])
+def test_backbone_matches_dense_reference(window):
+    """res2..res5 of a small Swin with every parameter randomised equal the dense reference, on a
+    40 x 53 image: patch padding on one side only (53 % 4 = 1), window padding, odd grids before
+    patch merging, non-square grids for the shifted-window masks."""
+    torch.manual_seed(0)
+    depths, heads, c = (2, 2, 2, 2), (1, 2, 2, 4), 8
+    net = SwinTransformer(embed_dim=c, depths=depths, num_heads=heads, window_size=window).eval()
+    _randomise(net)
+    image = torch.randn(2, 3, 40, 53)
+    with torch.no_grad():
+        got = net(image)
+        want = _dense_backbone(dict(net.state_dict()), image, c, depths, heads, window)
+    assert [tuple(t.shape[2:]) for t in got.values()] == [(10, 14), (5, 7), (3, 4), (2, 2)]
+    for name in ("res2", "res3", "res4", "res5"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_swin_initialisation():
+    """Swin's init: linear weights trunc-normal std 0.02 and zero biases, LayerNorm 1 / 0, and the
+    relative-position bias tables trunc-normal std 0.02 (not zero)."""
+    torch.manual_seed(6)
+    net = SwinTransformer(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), window_size=5)
+    linears = [mod for mod in net.modules() if isinstance(mod, torch.nn.Linear)]
+    weights = torch.cat([mod.weight.detach().flatten() for mod in linears])
+    assert abs(weights.std().item() - 0.02) < 0.002
+    assert all(mod.bias is None or torch.count_nonzero(mod.bias) == 0 for mod in linears)
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            assert torch.equal(mod.weight, torch.ones_like(mod.weight)) and torch.count_nonzero(mod.bias) == 0
+    tables = torch.cat([mod.relative_position_bias_table.detach().flatten() for mod in net.modules()
+                        if isinstance(mod, WindowAttention)])
+    assert abs(tables.std().item() - 0.02) < 0.003
+
+
 def test_masks_cached_in_inference_mode_serve_training():
     """The stage keeps its last shifted-window mask; one made under torch.inference_mode (a
     validation pass) must not break a later training step's backward."""
@@ -221,6 +335,43 @@ def test_drop_path_only_in_training():
         c = net(x)["res5"]
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_drop_path_drops_whole_samples_and_rescales_the_rest():
+    """Stochastic depth: one keep/drop decision per sample, kept samples scaled by 1 / (1 - rate)."""
+    torch.manual_seed(4)
+    x = torch.ones(4000, 3, 5)
+    per_sample = swin._drop_path(x, 0.25, True).flatten(1)
+    assert torch.equal(per_sample.min(1).values, per_sample.max(1).values)
+    kept = per_sample[:, 0] != 0
+    torch.testing.assert_close(per_sample[kept], torch.full_like(per_sample[kept], 1 / 0.75))
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+    assert torch.equal(swin._drop_path(x, 0.25, False), x)
+
+
+def test_drop_path_rates_rise_linearly_over_all_blocks():
+    """torch.linspace(0, drop_path_rate, sum(depths)) over the blocks of every stage, as the
+    official D2SwinTransformer."""
+    net = SwinTransformer(embed_dim=8, depths=(2, 1, 3, 2), num_heads=(1, 1, 2, 2), window_size=3, drop_path_rate=0.3)
+    rates = [blk.drop_path for stage in net.layers for blk in stage.blocks]
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.3, 8))
+
+
+def test_both_residual_branches_go_through_drop_path(monkeypatch):
+    calls = []
+
+    def drop_all(x, rate, training):
+        calls.append((rate, training))
+        return torch.zeros_like(x) if training else x
+
+    monkeypatch.setattr(swin, "_drop_path", drop_all)
+    torch.manual_seed(5)
+    block = SwinBlock(dim=8, num_heads=2, window_size=3, shift=1, drop_path=0.2).train()
+    x = torch.randn(2, 6 * 6, 8)
+    with torch.no_grad():
+        out = block(x, (6, 6), shifted_window_mask(6, 6, 3, 1))
+    torch.testing.assert_close(out, x)  # both branches dropped: the block passes x through
+    assert calls == [(0.2, True), (0.2, True)]
 
 
 # ---------------------------------------------------------------- configuration and loading
