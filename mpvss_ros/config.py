@@ -127,7 +127,9 @@ class MotionConfig:
 
     ``encoder_channels``: output channels of conv1..conv6 (official: 64,128,256,512,512,1024).
     ``deconv_channels``: output channels of deconv5, deconv4, deconv3, deconv2 (128,128,128,64).
-    ``hidden_dim``: motion-decoder width; must equal the segmentor's query width.
+    ``hidden_dim``: motion-decoder width; must equal the segmentor's query width (a model
+    configuration that leaves it out takes ``transformer_decoder.hidden_dim``, as the official
+    code's one ``HIDDEN_DIM`` does; this class's own default is the official 256).
     ``flow_embed_dim``: size E of the flow-query embedding; the motion map has 2E channels.
     ``mlp_hidden_dim``: hidden width of ``output_head`` and ``scale_layer``.
     ``image_scale``: the pair is resized by this factor before the encoder (official 0.5).
@@ -275,10 +277,13 @@ def model_config_from_dict(data: dict[str, Any], where: str = "model config") ->
             raise ConfigError(f"{where}: missing required key '{key}'")
     # an absent or empty section (`backbone:`) takes the defaults; a value that is no mapping
     # (`backbone: 0`, `postprocess: false`) is refused by _build, not read as the defaults
+    motion = data.get("motion")
     sections = {}
     for key, cls in _SECTIONS.items():
         value = data.pop(key, None)
         sections[key] = _build(cls, {} if value is None else value, f"{where}: {key}")
+    if not (isinstance(motion, dict) and "hidden_dim" in motion):  # the query width; no other value is valid
+        sections["motion"] = dataclasses.replace(sections["motion"], hidden_dim=sections["transformer_decoder"].hidden_dim)
     cfg = _build(ModelConfig, {**data, **sections}, where)
     _validate(cfg, where)
     return cfg

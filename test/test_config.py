@@ -29,13 +29,19 @@ def _with(path: str, value, model: str = "mpvss_lite"):
     ("input.size", [480, "640"], "size entries must be an integer"),
     ("input.size_divisibility", 0, "input.size_divisibility must be >= 1"),
     ("input.pixel_mean", [1.0, 2.0], "input.pixel_mean needs 3 values"),
+    ("input.pixel_mean", [1.0, 2.0, 3.0, 4.0], "input.pixel_mean needs 3 values"),
+    ("motion.image_mean", [0.4, 0.4], "motion.image_mean needs 3 values"),
+    ("motion.image_mean", [0.4, 0.4, 0.4, 0.4], "motion.image_mean needs 3 values"),
     ("input.pixel_std", [0.0, 0.0, 0.0], "input.pixel_std must be > 0"),
     ("input.pixel_std", [1.0, float("nan"), 1.0], "pixel_std entries must be a finite number"),
     ("transformer_decoder.num_heads", 3, "transformer_decoder.hidden_dim \\(128\\) must be a multiple of"),
+    ("motion.num_heads", 3, "motion.hidden_dim \\(128\\) must be a multiple of motion.num_heads \\(3\\)"),
     ("transformer_decoder.hidden_dim", "128", "hidden_dim must be an integer"),
     ("motion.encoder_channels", "abcdef", "encoder_channels must be a list"),
     ("motion.encoder_channels", [32, 64, 0, 128, 128, 192], "motion.encoder_channels must be >= 1"),
     ("motion.image_scale", 0.0, "image_scale must lie in \\(0, 1\\]"),
+    ("motion.image_scale", True, "motion.image_scale must be a finite number, got True"),  # a bool is no number
+    ("postprocess.min_query_score", True, "postprocess.min_query_score must be a finite number, got True"),
     ("pixel_decoder.num_groups", 48, "GroupNorm"),
     ("postprocess.min_query_score", "abc", "min_query_score must be a finite number"),
     # values the model cannot run: every non-key frame skipped, every frame failing
@@ -59,6 +65,7 @@ def test_bad_values_are_one_config_error_naming_the_key(path, value, words):
     ("mpvss_lite", "class_names", ["a", "b", "c"], "3 class_names for num_classes=11"),
     ("mpvss_lite", "palette", [[0, 0]] * 11, "palette needs 11 RGB triples of 0..255"),
     ("mpvss_lite", "palette", [[0, 0, 0]] * 10, "palette needs 11 RGB triples of 0..255"),
+    ("mpvss_lite", "palette", [[0, 0, 256]] * 11, "palette needs 11 RGB triples of 0..255"),
     ("mpvss_lite", "input.size", [31, 640], "input.size must be \\[H, W\\] with both >= 32, got \\[31, 640\\]"),
     ("mpvss_lite", "input.size", [480], "input.size must be \\[H, W\\] with both >= 32"),
     ("mpvss_lite", "input.size", [480, 640, 3], "input.size must be \\[H, W\\] with both >= 32"),
@@ -71,6 +78,8 @@ def test_bad_values_are_one_config_error_naming_the_key(path, value, words):
     ("mpvss_lite", "backbone.type", "vgg", "backbone.type must be one of"),
     ("mpvss_r50", "pixel_decoder.num_heads", 7, "pixel_decoder.conv_dim \\(256\\) must be a multiple of pixel_decoder.num_heads"),
     ("mpvss_swin_tiny", "backbone.window_size", 33, "backbone.window_size must be at most 32 tokens, got 33"),
+    ("mpvss_swin_tiny", "backbone.num_heads", [3, 6, 12], "backbone.num_heads need 4 entries"),
+    ("mpvss_swin_tiny", "backbone.num_heads", [3, 6, 12, 7], "stage 3 of swin is 768 wide .* not a multiple of its 7 heads"),
 ])
 def test_each_check_of_the_configuration_refuses_what_the_model_cannot_run(model, path, value, words):
     with pytest.raises(ConfigError, match=words):
@@ -79,9 +88,9 @@ def test_each_check_of_the_configuration_refuses_what_the_model_cannot_run(model
 
 def test_the_edges_of_the_checked_ranges_are_allowed():
     """The largest motion input scale (1: the full canvas), the largest Swin window (32 tokens),
-    and the smallest canvas (32 x 32) build a configuration."""
+    the smallest canvas (32 x 32) and palette value 255 build a configuration."""
     for model, path, value in (("mpvss_lite", "motion.image_scale", 1.0), ("mpvss_swin_tiny", "backbone.window_size", 32),
-                               ("mpvss_lite", "input.size", [32, 32])):
+                               ("mpvss_lite", "input.size", [32, 32]), ("mpvss_lite", "palette", [[0, 0, 255]] * 11)):
         model_config_from_dict(_with(path, value, model), where="custom.yaml")
 
 
@@ -125,6 +134,23 @@ def test_unknown_keys_of_mixed_types_are_named():
 def test_an_empty_section_takes_the_defaults():
     data = {**load_model_config("mpvss_lite").to_dict(), "postprocess": None}
     assert model_config_from_dict(data).postprocess == load_model_config("mpvss_lite").postprocess.__class__()
+
+
+def test_a_minimal_configuration_takes_the_documented_defaults():
+    """Only name and num_classes: the defaults form a valid configuration (the motion decoder's
+    width, 256 on its own, takes the query width, 128; the two had to be equal, so every YAML
+    without motion.hidden_dim was refused), with the documented values."""
+    cfg = model_config_from_dict({"name": "minimal", "num_classes": 2})
+    assert cfg.motion.hidden_dim == cfg.transformer_decoder.hidden_dim == 128
+    assert cfg.input.size_divisibility == 32  # spec 1.2
+    assert cfg.input.pixel_mean == [123.675, 116.28, 103.53]  # RGB order, 0-255
+    assert cfg.input.pixel_std == [58.395, 57.12, 57.375]
+    assert cfg.motion.image_mean == [0.411, 0.432, 0.450]  # FlowNet's Caffe means, as the official code
+    assert cfg.motion.image_scale == 0.5  # the official flow input scale
+    assert cfg.postprocess.min_query_score == 0.01
+    assert cfg.class_names == ["class_0", "class_1"]
+    with pytest.raises(ConfigError, match="x.yaml: missing required key 'num_classes'"):
+        model_config_from_dict({"name": "minimal"}, where="x.yaml")
 
 
 def test_a_hidden_dim_the_position_embedding_cannot_split_is_refused_at_load():
@@ -182,6 +208,20 @@ def test_a_config_path_with_a_tilde_or_relative_to_a_data_root(tmp_path, monkeyp
     assert load_model_config("config/models/mpvss_lite.yaml").name == "mpvss_lite"  # from the data root
     with pytest.raises(ConfigError, match="model config file not found"):
         load_model_config("~/other.yaml")
+    shutil.copy(home / "mine.yaml", home / "mine.yml")  # .yml is a file too, not a model name
+    assert load_model_config("~/mine.yml").name == "mpvss_lite"
+
+
+def test_a_model_name_is_taken_from_the_most_specific_data_root(tmp_path, monkeypatch):
+    """data_roots() lists the source tree before the installed share folders: its YAML wins."""
+    import mpvss_ros.config as config
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for root, classes in ((first, 3), (second, 5)):
+        (root / "config" / "models").mkdir(parents=True)
+        (root / "config" / "models" / "dup.yaml").write_text(f"name: dup\nnum_classes: {classes}\n")
+    monkeypatch.setattr(config, "data_roots", lambda: [first, second])
+    assert load_model_config("dup").num_classes == 3
 
 
 def test_the_stored_form_leaves_out_swin_fields_for_other_backbones():
