@@ -165,6 +165,16 @@ def test_pkl_arrays_that_hold_no_weights_are_refused(tmp_path, array):
         read_state_dict(path)
 
 
+def test_a_protocol_0_pkl_is_read(tmp_path):
+    """A detectron2 .pkl written with pickle protocol 0 has no 0x80 header byte: the header check
+    for torch files does not apply to .pkl."""
+    path = tmp_path / "model_final.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"model": {"w": np.arange(3, dtype=np.float32)}}, f, protocol=0)
+    assert path.read_bytes()[:1] != b"\x80"
+    assert torch.equal(read_checkpoint(path).state_dict["w"], torch.arange(3, dtype=torch.float32))
+
+
 def test_damaged_weights_are_refused(tmp_path):
     # bytes zeroed inside the shipped file: torch.load alone reads it (one weight silently changed)
     shipped = Path(__file__).resolve().parents[1] / "models" / "mpvss_lite_camvid.pt"
@@ -330,6 +340,12 @@ def test_a_truncated_download_is_not_called_a_foreign_file(tmp_path):
     with pytest.raises(CheckpointError, match="cut short or damaged") as err:
         read_checkpoint(cut)
     assert "not a PyTorch checkpoint" not in str(err.value)
+    # the legacy (pre-zip) format cut short: torch raises RuntimeError, one checkpoint error all the same
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.ones(1000)}, legacy, _use_new_zipfile_serialization=False)
+    cut.write_bytes(legacy.read_bytes()[: legacy.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*cut.pt: RuntimeError"):
+        read_checkpoint(cut)
 
 
 def test_an_unpickling_error_without_a_message_is_still_one_checkpoint_error(tmp_path, monkeypatch):
@@ -366,10 +382,23 @@ def test_refusals_name_their_cause(tmp_path):
     assert re.search(r"Unsupported (global: GLOBAL|class) numpy", str(err.value)) and "\x1b[" not in str(err.value)
 
 
-def test_a_sparse_tensor_is_refused_as_not_dense(tmp_path):
-    path = tmp_path / "sparse.pt"
-    torch.save({"w": torch.eye(3).to_sparse()}, path)
-    with pytest.raises(CheckpointError, match="'w' is torch.sparse_coo, not a dense tensor"):
+@pytest.mark.parametrize("value, words", [
+    (torch.eye(3).to_sparse(), "'w' is torch.sparse_coo, not a dense tensor"),
+    (torch.quantize_per_tensor(torch.rand(4), 0.1, 0, torch.quint8), "'w' is torch.strided quantized, not a dense tensor"),
+    (3, "entry 'w' is a int, not a tensor"),  # not an AttributeError on .layout
+])
+def test_entries_that_are_no_dense_tensor_are_refused(tmp_path, value, words):
+    path = tmp_path / "odd.pt"
+    torch.save({"model": {"a": torch.ones(2), "w": value}}, path)
+    with pytest.raises(CheckpointError, match=words):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("obj", [{}, {"model": {}}])
+def test_an_empty_state_dict_is_refused(tmp_path, obj):
+    path = tmp_path / "empty_state_dict.pth"
+    torch.save(obj, path)
+    with pytest.raises(CheckpointError, match="no state dict found"):
         read_checkpoint(path)
 
 

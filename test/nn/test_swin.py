@@ -419,7 +419,8 @@ def test_official_configs_are_recognised_from_their_keys():
 
 def test_relative_position_index_may_be_absent_but_not_different(tmp_path):
     """The index is fixed by the window: a file without it loads (the model's own is kept); one
-    whose index differs (permuted: it would load and mix up the position biases) is refused."""
+    whose index differs (permuted, across or within rows: it would load and mix up the position
+    biases) is refused."""
     from mpvss_ros.checkpoints import CheckpointError, load_state_dict_strict
 
     torch.manual_seed(7)
@@ -431,9 +432,9 @@ def test_relative_position_index_may_be_absent_but_not_different(tmp_path):
     for k, v in target.state_dict().items():
         assert torch.equal(v, sd[k]), k
     key = "backbone.layers.0.blocks.0.attn.relative_position_index"
-    permuted = dict(sd, **{key: sd[key].flip(0)})
-    with pytest.raises(CheckpointError, match="derived-buffer mismatch"):
-        load_state_dict_strict(target, permuted)
+    for dim in (0, 1):
+        with pytest.raises(CheckpointError, match="derived-buffer mismatch"):
+            load_state_dict_strict(target, dict(sd, **{key: sd[key].flip(dim)}))
 
 
 def test_detectron2_swin_checkpoint_loads_exactly(tmp_path):
