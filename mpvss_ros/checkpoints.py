@@ -198,7 +198,8 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (an interrupted download or copy?)")
-    if path.suffix != ".pkl" and not zipfile.is_zipfile(path):
+    pkl = path.suffix.lower() == ".pkl"  # model_final.PKL from a case-insensitive file system too
+    if not pkl and not zipfile.is_zipfile(path):
         with path.open("rb") as f:
             head = f.read(8)
         if head[:4] == b"PK\x03\x04":  # a zip's first entry without its central directory at the end
@@ -208,7 +209,7 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
             raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither torch.save's zip "
                                   f"format nor a pickle; it starts with {head!r})")
     try:
-        if path.suffix == ".pkl":
+        if pkl:
             with path.open("rb") as f:
                 obj = _NumpyUnpickler(f, encoding="latin1").load()
         else:
@@ -216,7 +217,7 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
     except CheckpointError:
         raise
     except pickle.UnpicklingError as exc:
-        if path.suffix == ".pkl":  # the numpy unpickler's own errors
+        if pkl:  # the numpy unpickler's own errors
             raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)[:200]}") from exc
         # torch's weights-only refusal, or bytes that are no pickle
         raise CheckpointError(

@@ -167,12 +167,14 @@ def test_pkl_arrays_that_hold_no_weights_are_refused(tmp_path, array):
 
 def test_a_protocol_0_pkl_is_read(tmp_path):
     """A detectron2 .pkl written with pickle protocol 0 has no 0x80 header byte: the header check
-    for torch files does not apply to .pkl."""
-    path = tmp_path / "model_final.pkl"
-    with path.open("wb") as f:
-        pickle.dump({"model": {"w": np.arange(3, dtype=np.float32)}}, f, protocol=0)
-    assert path.read_bytes()[:1] != b"\x80"
-    assert torch.equal(read_checkpoint(path).state_dict["w"], torch.arange(3, dtype=torch.float32))
+    for torch files does not apply to .pkl, whatever the suffix's case (torch's weights-only reader
+    refused numpy in a .PKL)."""
+    for name in ("model_final.pkl", "MODEL_FINAL.PKL"):
+        path = tmp_path / name
+        with path.open("wb") as f:
+            pickle.dump({"model": {"w": np.arange(3, dtype=np.float32)}}, f, protocol=0 if name.islower() else 2)
+        assert (path.read_bytes()[:1] != b"\x80") is name.islower()
+        assert torch.equal(read_checkpoint(path).state_dict["w"], torch.arange(3, dtype=torch.float32)), name
 
 
 def test_damaged_weights_are_refused(tmp_path):
