@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mpvss_ros import dependencies
+from mpvss_ros.__main__ import main
 from mpvss_ros.dependencies import MINIMUM_VERSIONS, START_MODULES, exit_if_unmet, unmet_dependencies, version_tuple
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("text, expected", [("2.13.0+cpu", (2, 13, 0)), ("4.5.4-dev", (4, 5, 4)), ("1.26.0rc1", (1, 26, 0)),
                                             ("5.1.0", (5, 1, 0)), ("4.10.0.84", (4, 10, 0, 84)), ("", ()),
-                                            ("1.8.1a0+git", (1, 8, 1)), ("dev", ())])
+                                            ("1.8.1a0+git", (1, 8, 1)), ("dev", ()),
+                                            ("2.4.1+rocm6.1", (2, 4, 1)), ("2.6.0.dev20241112+cpu", (2, 6, 0)),
+                                            ("1.21.5.post1", (1, 21, 5)), ("1.x.3", (1,)), (" 2.1.2\n", (2, 1, 2))])
 def test_version_tuple(text, expected):
+    """The leading numeric release only: a local part with a dot (ROCm wheels), a nightly's or a post
+    release's piece, and whatever follows a piece that is no number, are not part of it."""
     assert version_tuple(text) == expected
 
 
@@ -64,11 +69,14 @@ def test_the_floor_itself_and_a_module_without_a_version_pass(monkeypatch):
     assert unmet_dependencies(("tqdm",)) == []
 
 
-def _refuse_import(monkeypatch, module: str, message: str, missing: bool = False) -> None:
+def _refuse_import(monkeypatch, module: str, message: str | BaseException, missing: bool = False) -> None:
+    """``import module`` raises ImportError(message), or ``message`` itself when it is an exception."""
     real = dependencies.importlib.import_module
 
     def import_module(name, *args):
         if name == module:
+            if isinstance(message, BaseException):
+                raise message
             if missing:  # what importing a module that is not installed raises
                 raise ModuleNotFoundError(message, name=module)
             raise ImportError(message)
@@ -78,6 +86,8 @@ def _refuse_import(monkeypatch, module: str, message: str, missing: bool = False
 
 
 def test_an_opencv_built_for_numpy_1_beside_numpy_2_gets_the_numpy_remedy(monkeypatch):
+    """Only a library other than numpy whose import error mentions numpy (in any case) under numpy 2
+    gets the numpy 1 remedy; whatever exception a broken build raises is named, not a crash."""
     # what `import cv2` of OpenCV 4.5.4 (built for numpy 1) says under numpy 2.2.6
     _refuse_import(monkeypatch, "cv2", "numpy.core.multiarray failed to import")
     monkeypatch.setattr(np, "__version__", "2.2.6")
@@ -85,13 +95,47 @@ def test_an_opencv_built_for_numpy_1_beside_numpy_2_gets_the_numpy_remedy(monkey
     assert line.startswith("opencv-python-headless cannot be imported (ImportError: numpy.core.multiarray failed to import): "
                            "it was built for numpy 1 and numpy 2.2.6 is installed")
     assert line.endswith("pip install 'numpy>=1.21.6,<2'")
+    _refuse_import(monkeypatch, "cv2", "A module that was compiled using NumPy 1.x cannot be run in NumPy 2.2.6")
+    (line,) = unmet_dependencies(("cv2",))
+    assert "it was built for numpy 1 and numpy 2.2.6 is installed" in line
+    assert line.endswith("pip install 'numpy>=1.21.6,<2'")
+    # numpy's own import error mentions numpy: a broken numpy 2 is no "built for numpy 1" case
+    _refuse_import(monkeypatch, "numpy", "numpy._core.multiarray failed to import")
+    assert unmet_dependencies(("numpy",)) == [
+        "numpy cannot be imported (ImportError: numpy._core.multiarray failed to import): reinstall it: "
+        "pip install --force-reinstall 'numpy>=1.21.5'"]
+    _refuse_import(monkeypatch, "cv2", "numpy.core.multiarray failed to import")
     monkeypatch.setattr(np, "__version__", "1.26.4")  # numpy 1: the import error is all there is to say
     assert unmet_dependencies(("cv2",)) == ["opencv-python-headless cannot be imported (ImportError: numpy.core.multiarray "
                                             "failed to import): reinstall it: pip install --force-reinstall "
                                             "'opencv-python-headless>=4.5.4'"]
+    # OpenCV built for numpy 1 can raise AttributeError ('_ARRAY_API not found') instead of ImportError
+    _refuse_import(monkeypatch, "cv2", AttributeError("_ARRAY_API not found"))
+    assert unmet_dependencies(("cv2",)) == [
+        "opencv-python-headless cannot be imported (AttributeError: _ARRAY_API not found): reinstall it: "
+        "pip install --force-reinstall 'opencv-python-headless>=4.5.4'"]
+
+
+def test_a_library_is_named_even_when_numpy_itself_cannot_be_imported(monkeypatch):
+    """The numpy check of a library's import error does not fail on a numpy that cannot be imported."""
+    monkeypatch.setitem(sys.modules, "numpy", None)  # `import numpy` raises ImportError
+    _refuse_import(monkeypatch, "cv2", "libGL.so.1: cannot open shared object file")
+    assert unmet_dependencies(("cv2",)) == [
+        "opencv-python-headless cannot be imported (ImportError: libGL.so.1: cannot open shared object file)"]
+
+
+def test_a_multi_line_import_error_is_quoted_by_its_last_line(monkeypatch):
+    """numpy-style import errors: advice first, the cause last, blank lines around; the cause is quoted."""
+    _refuse_import(monkeypatch, "scipy", "\n\nIMPORTANT: PLEASE READ THIS FOR ADVICE ON HOW TO SOLVE THIS ISSUE!\n\n"
+                                         "Original error was: libgfortran.so.5: cannot open shared object file\n\n")
+    assert unmet_dependencies(("scipy",)) == [
+        "scipy cannot be imported (ImportError: Original error was: libgfortran.so.5: cannot open shared object "
+        "file): reinstall it: pip install --force-reinstall 'scipy>=1.8.0'"]
 
 
 def test_a_missing_library_is_named_with_a_remedy(monkeypatch):
+    """Install a library that is not installed; reinstall one that is but cannot be imported: a module
+    it imports is missing, or it is half-removed (whatever the ImportError's name)."""
     _refuse_import(monkeypatch, "scipy", "No module named 'scipy'", missing=True)
     assert unmet_dependencies(("scipy",)) == [
         "scipy cannot be imported (ModuleNotFoundError: No module named 'scipy'): install it: pip install "
@@ -104,12 +148,28 @@ def test_a_missing_library_is_named_with_a_remedy(monkeypatch):
     assert unmet_dependencies(("tqdm",)) == [
         "tqdm cannot be imported (ImportError: cannot import name 'tqdm' from partially initialized module): "
         "reinstall it: pip install --force-reinstall 'tqdm>=4.57.0'"]
+    message = "cannot import name 'tqdm' from partially initialized module 'tqdm'"
+    _refuse_import(monkeypatch, "tqdm", ImportError(message, name="tqdm"))
+    assert unmet_dependencies(("tqdm",)) == [
+        f"tqdm cannot be imported (ImportError: {message}): reinstall it: pip install --force-reinstall 'tqdm>=4.57.0'"]
+    _refuse_import(monkeypatch, "torch", ModuleNotFoundError("No module named 'typing_extensions'", name="typing_extensions"))
+    assert unmet_dependencies(("torch",)) == [
+        "torch cannot be imported (ModuleNotFoundError: No module named 'typing_extensions'): reinstall it: "
+        "pip install --force-reinstall 'torch>=2.1.2'"]
     with pytest.raises(KeyError):
         unmet_dependencies(("not_a_floor",))
 
 
 def test_exit_if_unmet_prints_one_line_per_problem_and_exits(monkeypatch, capsys):
+    """It checks the modules it is given, by default the start modules (torch and Pillow among them)."""
     exit_if_unmet("mpvss", 2)  # all is well: returns
+    _fake(monkeypatch, "scipy", "0.9")  # not a start module
+    exit_if_unmet("mpvss", 2)
+    with pytest.raises(SystemExit) as exc:
+        exit_if_unmet("mpvss_node", 3, ("scipy",))
+    assert exc.value.code == 3
+    assert capsys.readouterr().err == ("mpvss_node: error: scipy 0.9 is older than 1.8.0, the oldest version mpvss_ros "
+                                       "is tested with: pip install 'scipy>=1.8.0'\n")
     _fake(monkeypatch, "yaml", "3.13")
     _fake(monkeypatch, "tqdm", "4.0.0")
     with pytest.raises(SystemExit) as exc:
@@ -117,11 +177,19 @@ def test_exit_if_unmet_prints_one_line_per_problem_and_exits(monkeypatch, capsys
     assert exc.value.code == 1
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" is older")[0] for line in err] == ["mpvss_node: error: PyYAML 3.13", "mpvss_node: error: tqdm 4.0.0"]
+    _fake(monkeypatch, "torch", "0.1")
+    _fake(monkeypatch, "PIL", "0.1")
+    with pytest.raises(SystemExit) as exc:
+        exit_if_unmet("mpvss", 2)
+    assert exc.value.code == 2
+    assert [line.split(" is older")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "mpvss: error: torch 0.1", "mpvss: error: PyYAML 3.13", "mpvss: error: tqdm 4.0.0", "mpvss: error: Pillow 0.1"]
 
 
-def _shadow_tqdm(tmp_path: Path) -> dict[str, str]:
-    """An environment whose ``tqdm`` is a stand-in at version 4.0.0, and with an ``rclpy`` to be found."""
-    for name, body in (("tqdm", "__version__ = '4.0.0'\n"), ("rclpy", "")):
+def _with_stand_ins(tmp_path: Path, **packages: str) -> dict[str, str]:
+    """An environment in which ``import NAME`` finds a stand-in for each of ``packages`` (name -> the text
+    of its ``__init__.py``) before the installed one."""
+    for name, body in packages.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(body)
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)] + sys.path)}
@@ -132,7 +200,8 @@ def _shadow_tqdm(tmp_path: Path) -> dict[str, str]:
                                              ([sys.executable, str(ROOT / "scripts" / "mpvss_node")], 1),
                                              ([sys.executable, str(ROOT / "scripts" / "mpvss_lifecycle_node")], 1)])
 def test_entry_points_check_before_they_import_the_engine(tmp_path, command, status):
-    run = subprocess.run(command, env=_shadow_tqdm(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    env = _with_stand_ins(tmp_path, tqdm="__version__ = '4.0.0'\n", rclpy="")  # an old tqdm; an rclpy to be found
+    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     program = "mpvss" if "-m" in command else Path(command[1]).name
     assert run.returncode == status, run.stderr
     assert run.stderr == (f"{program}: error: tqdm 4.0.0 is older than 4.57.0, the oldest version mpvss_ros is tested "
@@ -140,6 +209,26 @@ def test_entry_points_check_before_they_import_the_engine(tmp_path, command, sta
     assert not (tmp_path / "x").exists()
 
 
-def test_python_m_mpvss_ros_runs_the_command_line():
+def test_a_broken_torch_is_named_before_the_command_line_is_imported(tmp_path):
+    """mpvss_ros.cli imports torch at module level: ``python3 -m mpvss_ros`` checks the libraries first."""
+    env = _with_stand_ins(tmp_path, torch="raise ImportError('libtorch_cpu.so: cannot open shared object file: No such "
+                                          "file or directory')\n")
+    run = subprocess.run([sys.executable, "-m", "mpvss_ros", "--help"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == ("mpvss: error: torch cannot be imported (ImportError: libtorch_cpu.so: cannot open shared object "
+                          "file: No such file or directory): reinstall it: pip install --force-reinstall 'torch>=2.1.2'\n")
+
+
+def test_python_m_mpvss_ros_runs_the_command_line(tmp_path, capsys):
+    """``python3 -m mpvss_ros`` runs the command line with its arguments and exits with its status."""
     run = subprocess.run([sys.executable, "-m", "mpvss_ros", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("usage: mpvss") and "segment" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "mpvss_ros", "segment", str(tmp_path / "missing"), "--out",
+                          str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr  # a missing input
+    assert "input not found" in run.stderr
+    with pytest.raises(SystemExit) as exc:  # main(argv) runs argv, not sys.argv (here pytest's)
+        main(["--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: mpvss")

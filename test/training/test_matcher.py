@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mpvss_ros.training as training
+from mpvss_ros.training.data import CamVidFrames
 from mpvss_ros.training.matcher import FixedMatcher, HungarianMatcher, point_sample
 
 
@@ -144,3 +146,13 @@ def test_matcher_weights_are_checked():
         HungarianMatcher(0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="num_points must be >= 1, got 0"):
         HungarianMatcher(num_points=0)
+
+
+def test_the_training_package_re_exports_its_light_pieces():
+    """``from mpvss_ros.training import ...`` gives the light pieces themselves (the matchers,
+    point_sample, the CamVid frames), and every name of its ``__all__``."""
+    assert training.point_sample is point_sample
+    assert training.FixedMatcher is FixedMatcher and training.HungarianMatcher is HungarianMatcher
+    assert training.CamVidFrames is CamVidFrames
+    for name in training.__all__:
+        assert hasattr(training, name), name
