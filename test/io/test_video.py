@@ -13,14 +13,17 @@ from hypothesis import strategies as st
 
 from helpers import with_exif_orientation
 
-from mpvss_ros.io import jpeg
+from mpvss_ros.io import check_pixel_limit, jpeg
 from mpvss_ros.io.samples import bikes_clip, dashcam_clip
 from mpvss_ros.io.video import (
+    FPS_RANGE,
     Frame,
     MAX_BAD_READS,
     ImageFolderSource,
     VideoFileSource,
     VideoWriter,
+    check_fps,
+    decoded_to_rgb,
     open_source,
     png_damage,
     png_size,
@@ -38,6 +41,21 @@ def _bikes() -> Path:
 
 def _write_bgr(path: Path, rgb: np.ndarray) -> None:
     assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def _stand_in_video(tmp_path: Path, monkeypatch, make_capture, name: str = "v.mp4") -> tuple[Path, list]:
+    """A video file that :class:`VideoFileSource` opens with ``make_capture()`` (a
+    ``cv2.VideoCapture`` stand-in) instead of OpenCV: its path, and the captures opened so far."""
+    path = tmp_path / name
+    path.write_bytes(b"opened by the stand-in")
+    captures: list = []
+
+    def open_capture(_path):
+        captures.append(make_capture())
+        return captures[-1]
+
+    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(open_capture))
+    return path, captures
 
 
 # ------------------------------------------------------------------ real video
@@ -130,6 +148,17 @@ def test_damaged_stretch_of_a_video_is_skipped_not_the_rest(tmp_path, caplog):
 def test_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="input not found"):
         open_source(tmp_path / "nope.mp4")
+    with pytest.raises(FileNotFoundError, match="input not found"):  # the video source itself, not an OpenCV error
+        VideoFileSource(tmp_path / "nope.mp4")
+
+
+def test_open_source_expands_the_home_folder(tmp_path, monkeypatch):
+    """A path given as ~/... is the home folder's, as a shell would read it."""
+    (tmp_path / "frames").mkdir()
+    _write_bgr(tmp_path / "frames" / "f000.png", np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with open_source("~/frames") as src:
+        assert [f.name for f in src] == ["f000"]
 
 
 def test_text_file_renamed_mp4(tmp_path):
@@ -151,11 +180,12 @@ def test_one_image_file_is_read_as_in_a_folder(tmp_path):
         frames = list(src)
     assert isinstance(src, ImageFolderSource) and len(src) == 1 and src.fps == 10
     assert [(f.index, f.stamp, f.name, f.image.shape) for f in frames] == [(0, 0.0, "upright", (160, 120, 3))]
-    folder = tmp_path / "folder"
+    folder = tmp_path / "drive.2024-05-01"
     folder.mkdir()
     (folder / "upright.JPG").write_bytes((tmp_path / "upright.JPG").read_bytes())
     with open_source(folder) as src:
         np.testing.assert_array_equal(next(iter(src)).image, frames[0].image)
+        assert src.name == "drive.2024-05-01"  # a folder is named by its whole name, an image file by its stem
     pytest.importorskip("simplejpeg")
     start = jpeg.index(b"\xff\xda") + 200
     lost = jpeg[:start] + bytes(len(jpeg) // 4) + jpeg[start + len(jpeg) // 4:]
@@ -175,11 +205,17 @@ def test_bad_fps(tmp_path):
     for bad in (0, -1, float("nan"), float("inf"), 5e-324, 1e-4, 1e6):
         with pytest.raises(ValueError, match="fps"):
             open_source(tmp_path, fps=bad)
+    for good in FPS_RANGE:  # the ends of the accepted range are accepted
+        assert check_fps(good) == good
+        with open_source(tmp_path, fps=good) as src:
+            assert src.fps == good
 
 
 def test_frame_validates_image():
     with pytest.raises(ValueError):
         Frame(0, 0.0, "x", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):  # RGBA too: a frame is RGB
+        Frame(0, 0.0, "x", np.zeros((4, 4, 4), np.uint8))
     with pytest.raises(ValueError):
         Frame(0, 0.0, "x", np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="contiguous"):
@@ -220,6 +256,24 @@ def test_folder_with_corrupt_gray_and_16bit(tmp_path, caplog):
     np.testing.assert_array_equal(frames[3].image, colour)  # alpha dropped
 
 
+def test_a_folder_image_of_another_pixel_type_is_skipped_by_name(tmp_path, caplog):
+    """A signed 16-bit TIFF, which decoded_to_rgb refuses, is skipped with its name like an
+    undecodable image; the error does not end the iteration."""
+    _write_bgr(tmp_path / "f000.png", np.zeros((4, 4, 3), np.uint8))
+    assert cv2.imwrite(str(tmp_path / "f001.tif"), np.zeros((4, 4), np.int16))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(tmp_path) as src:
+        assert [f.name for f in src] == ["f000"]
+        assert src.unreadable == ["f001"]
+    assert "unsupported pixel type int16" in caplog.text
+
+
+def _with_a_bad_idat_crc(png: bytes) -> bytes:
+    """``png`` with one bit of its IDAT chunk's data flipped (a bad sector): that chunk fails its CRC."""
+    damaged = bytearray(png)
+    damaged[png.index(b"IDAT") + 6] ^= 0x01
+    return bytes(damaged)
+
+
 def test_folder_png_cut_short_or_damaged_is_skipped_by_name(tmp_path, caplog, capfd):
     """A PNG without its IEND chunk (a copy cut short) or with a chunk failing its CRC (a bad
     sector) is skipped with its name and the fault, before libpng prints an error of its own that
@@ -227,9 +281,7 @@ def test_folder_png_cut_short_or_damaged_is_skipped_by_name(tmp_path, caplog, ca
     good = cv2.imencode(".png", np.full((6, 8, 3), 90, np.uint8))[1].tobytes()
     (tmp_path / "f000.png").write_bytes(good)
     (tmp_path / "f001.png").write_bytes(good[:-12])
-    damaged = bytearray(good)
-    damaged[good.index(b"IDAT") + 6] ^= 0x01
-    (tmp_path / "f002.png").write_bytes(bytes(damaged))
+    (tmp_path / "f002.png").write_bytes(_with_a_bad_idat_crc(good))
     with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(tmp_path) as src:
         names = [f.name for f in src]
     assert names == ["f000"]
@@ -340,6 +392,16 @@ def test_folder_images_above_max_pixels_are_skipped_before_decoding(tmp_path, ca
         open_source(tmp_path, max_pixels=0)
 
 
+def test_a_pixel_limit_must_be_a_whole_number():
+    """A bool, a float (a whole-valued one too) or a string is refused, naming the option, rather than
+    taken as 1 or 0 or compared as it is; a NumPy integer is taken, as a Python int."""
+    for bad in (True, False, 2.5, 1e6, "100"):
+        with pytest.raises(ValueError, match="--max-image-pixels must be a whole number of pixels >= 1"):
+            check_pixel_limit(bad, "--max-image-pixels")
+    limit = check_pixel_limit(np.int64(4800), "max_pixels")
+    assert limit == 4800 and type(limit) is int
+
+
 def test_video_above_max_pixels_is_refused_when_opened(tmp_path, monkeypatch):
     path = _mjpg_avi(tmp_path / "a.avi", frames=5)  # 64 x 48 = 3072 pixels
     reads = []
@@ -381,10 +443,8 @@ class _SizeChangingCapture:
 
 
 def test_video_frames_above_max_pixels_mid_stream_are_skipped(tmp_path, monkeypatch, caplog):
-    path = tmp_path / "v.mp4"
-    path.write_bytes(b"opened by the stand-in")
     shapes = [(4, 5), (4, 5), (8, 10), (8, 10), (4, 5), (9, 9)]  # 20, 20, 80, 80, 20, 81 pixels
-    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _SizeChangingCapture(shapes)))
+    path, _ = _stand_in_video(tmp_path, monkeypatch, lambda: _SizeChangingCapture(shapes))
     with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), \
             open_source(path, max_pixels=79, limit_name="--cap") as src:
         frames = list(src)
@@ -403,9 +463,7 @@ def test_video_frames_above_max_pixels_mid_stream_are_skipped(tmp_path, monkeypa
     ([(4, 5), (8, 10), (8, 10), (4, 5)], "skipped 2 frames (from 000001 to 000002) of more than 79 pixels"),
 ])
 def test_video_counts_skipped_frames_at_the_end_from_two_on(tmp_path, monkeypatch, caplog, shapes, summary):
-    path = tmp_path / "v.mp4"
-    path.write_bytes(b"opened by the stand-in")
-    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _SizeChangingCapture(shapes)))
+    path, _ = _stand_in_video(tmp_path, monkeypatch, lambda: _SizeChangingCapture(shapes))
     with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path, max_pixels=79) as src:
         frames = list(src)
     assert len(frames) == sum(h * w <= 79 for h, w in shapes)
@@ -456,13 +514,22 @@ def test_folder_jpeg_whose_header_the_strict_decoder_cannot_read_is_left_to_open
 
 
 def test_folder_default_fps_and_order(tmp_path):
-    for name in ("b.jpg", "a.PNG", "c.bmp"):
+    for name in ("b.jpg", "a.PNG", "c.bmp", "B.png"):
         _write_bgr(tmp_path / name, np.full((4, 4, 3), 100, np.uint8))
     (tmp_path / ".hidden.png").write_bytes(b"x")  # e.g. macOS resource fork: ignored
     (tmp_path / "sub.png").mkdir()  # folders are ignored
     src = open_source(tmp_path)
     assert src.fps == 30.0
-    assert [f.name for f in src] == ["a", "b", "c"]
+    assert [f.name for f in src] == ["B", "a", "b", "c"]  # plain string order: upper case first
+
+
+def test_folder_order_differing_from_numeric_order_is_warned(tmp_path, caplog):
+    """frame_10 before frame_2: read in file-name order, with a warning to zero-pad the numbers."""
+    for name in ("frame_2.png", "frame_10.png"):
+        _write_bgr(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(tmp_path) as src:
+        assert [f.name for f in src] == ["frame_10", "frame_2"]  # file-name order all the same
+    assert "differs from numeric order" in caplog.text
 
 
 def test_folder_duplicate_stems(tmp_path):
@@ -476,14 +543,16 @@ def test_folder_duplicate_stems(tmp_path):
 
 
 def test_video_writer_round_trip(tmp_path):
-    out = tmp_path / "sub" / "out.mp4"
+    out = tmp_path / "sub" / "out.MP4"  # the suffix in any letter case
     frames = [np.full((48, 64, 3), (40 * i, 255 - 40 * i, 128), np.uint8) for i in range(5)]
-    with VideoWriter(out, 25.0, size=(64, 48)) as writer:
+    with VideoWriter(out, 12.5, size=(64, 48)) as writer:
         for f in frames:
             writer.write(f)
         assert writer.frames_written == 5
+    assert writer.fourcc == "mp4v"
     with open_source(out) as src:
         assert len(src) == 5
+        assert src.fps == pytest.approx(12.5)  # written at the rate given, not a rounded one
         back = list(src)
     assert len(back) == 5
     assert all(f.image.shape == (48, 64, 3) for f in back)
@@ -506,6 +575,11 @@ def test_video_writer_lazy_size_and_errors(tmp_path):
         writer.write(np.zeros((20, 30, 3), np.uint8))
     with pytest.raises(ValueError, match="suffix"):
         VideoWriter(tmp_path / "x.gif", 10, (8, 8))
+    with pytest.raises(ValueError, match="4-character"):
+        VideoWriter(tmp_path / "x.mp4", 10, fourcc="mp4")
+    for size in ((0, 8), (8, -2)):  # refused as an argument, not left to OpenCV
+        with pytest.raises(ValueError, match="positive"):
+            VideoWriter(tmp_path / "x.mp4", 10, size)
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(OSError):
@@ -522,6 +596,8 @@ def test_label_png_round_trip(tmp_path, dtype):
     back = read_label_png(tmp_path / "l.png")
     assert back.dtype == dtype
     np.testing.assert_array_equal(back, labels)
+    write_label_png(tmp_path / "L.PNG", labels)  # the suffix in any letter case
+    np.testing.assert_array_equal(read_label_png(tmp_path / "L.PNG"), labels)
 
 
 def test_label_png_errors(tmp_path):
@@ -531,6 +607,8 @@ def test_label_png_errors(tmp_path):
         write_label_png(tmp_path / "l.png", np.zeros((4, 4), np.int32))
     with pytest.raises(ValueError, match=".png"):
         write_label_png(tmp_path / "l.jpg", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="empty"):  # refused as an argument, not an OpenCV encoding error
+        write_label_png(tmp_path / "l.png", np.zeros((0, 4), np.uint8))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(OSError):
@@ -545,6 +623,9 @@ def test_label_png_errors(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read"):
         read_label_png(tmp_path / "bad.png")
+    (tmp_path / "d.png").write_bytes(_with_a_bad_idat_crc(_PNG))  # named with its fault, before libpng's error
+    with pytest.raises(ValueError, match="damaged label image .*'IDAT' chunk at byte 33 fails its CRC"):
+        read_label_png(tmp_path / "d.png")
 
 
 def test_label_png_rejects_palette_png(tmp_path):
@@ -638,6 +719,8 @@ def test_video_writer_refuses_avi_rates_it_cannot_write(tmp_path):
     # 1001 fps .avi came back at 600 fps with 4 of 6 frames
     with pytest.raises(ValueError, match="fps"):
         VideoWriter(tmp_path / "fast.avi", 1001, (64, 48))
+    with pytest.raises(ValueError, match="at most 1000"):  # the suffix in any letter case
+        VideoWriter(tmp_path / "fast.AVI", 1001, (64, 48))
     with VideoWriter(tmp_path / "ok.avi", 1000) as writer:
         for i in range(6):
             writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
@@ -695,7 +778,9 @@ def test_a_broken_link_in_a_folder_is_skipped_as_unreadable_and_keeps_its_index(
         _write_bgr(tmp_path / f"f{i:03d}.png", np.full((6, 8, 3), 10 * i, np.uint8))
     (tmp_path / "f002.png").symlink_to(tmp_path / "gone.png")
     (tmp_path / "sub.png").mkdir()  # a folder named like an image is no frame
+    (tmp_path / "f002b.png").symlink_to(tmp_path / "sub.png", target_is_directory=True)  # nor a link to one
     with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(tmp_path, fps=10) as src:
+        assert len(src) == 4
         frames = list(src)
     assert [(f.name, f.index, f.stamp) for f in frames] == [("f000", 0, 0.0), ("f001", 1, 0.1), ("f003", 3, 0.3)]
     assert src.unreadable == ["f002"] and "skipping unreadable image" in caplog.text
@@ -703,22 +788,21 @@ def test_a_broken_link_in_a_folder_is_skipped_as_unreadable_and_keeps_its_index(
 
 class _DamagedStreamCapture:
     """A ``cv2.VideoCapture`` stand-in of a stream whose reads succeed or fail as ``pattern``
-    says, then end. Its container reports no frame count (``counted``: ``len(pattern)`` frames)
-    and ``fps`` frames per second."""
+    says, then end. Its container reports ``count`` frames (0.0: none, as for a raw stream) and
+    ``fps`` frames per second; once released, its reads fail, as OpenCV's do."""
 
-    def __init__(self, pattern, counted: bool = False, fps: float = 25.0):
-        self.pattern, self.position, self.counted, self.fps = pattern, 0, counted, fps
+    def __init__(self, pattern, count: float = 0.0, fps: float = 25.0):
+        self.pattern, self.position, self.count, self.fps = pattern, 0, count, fps
+        self.released = False
 
     def isOpened(self):
         return True
 
     def get(self, prop):
-        if prop == cv2.CAP_PROP_FRAME_COUNT:
-            return float(len(self.pattern)) if self.counted else 0.0
-        return self.fps
+        return self.count if prop == cv2.CAP_PROP_FRAME_COUNT else self.fps
 
     def grab(self):
-        ok = self.position < len(self.pattern) and self.pattern[self.position]
+        ok = not self.released and self.position < len(self.pattern) and self.pattern[self.position]
         self.position += 1
         return ok
 
@@ -727,7 +811,7 @@ class _DamagedStreamCapture:
         return ok, (np.zeros((8, 8, 3), np.uint8) if ok else None)
 
     def release(self):
-        pass
+        self.released = True
 
 
 @pytest.mark.parametrize("bad", [MAX_BAD_READS, MAX_BAD_READS + 1])
@@ -735,9 +819,7 @@ def test_counting_and_reading_a_video_without_a_count_agree_on_a_damaged_stretch
     """len() gave up one failure earlier than iterating: with len() called first, a stretch of
     exactly MAX_BAD_READS damaged frames ended the video there."""
     pattern = [True] * 3 + [False] * bad + [True] * 3
-    path = tmp_path / "v.mjpeg"
-    path.write_bytes(b"opened by the stand-in")
-    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _DamagedStreamCapture(pattern)))
+    path, _ = _stand_in_video(tmp_path, monkeypatch, lambda: _DamagedStreamCapture(pattern), "v.mjpeg")
     with open_source(path) as src:
         alone = [f.index for f in src]
     with open_source(path) as src:
@@ -748,6 +830,51 @@ def test_counting_and_reading_a_video_without_a_count_agree_on_a_damaged_stretch
         assert alone == [0, 1, 2, *range(3 + bad, 6 + bad)] and count == 6 + bad
     else:  # one more: the end
         assert alone == [0, 1, 2] and count == 3
+
+
+def test_counting_a_video_without_a_count_passes_over_separate_damaged_stretches(tmp_path, monkeypatch):
+    """Each stretch is shorter than MAX_BAD_READS, together they are longer: len() restarts its run of
+    failures at each frame decoded, as iterating does, and counts to the end."""
+    run = MAX_BAD_READS * 3 // 5
+    pattern = [True] * 3 + [False] * run + [True] * 3 + [False] * run + [True] * 3
+    path, _ = _stand_in_video(tmp_path, monkeypatch, lambda: _DamagedStreamCapture(pattern))
+    with open_source(path) as src:
+        assert len(src) == len(pattern)
+        indices = [f.index for f in src]
+    assert indices[-1] == len(pattern) - 1 and len(indices) == 9
+
+
+def test_a_container_that_undercounts_its_frames_has_none_missing(tmp_path, monkeypatch, caplog):
+    """More frames decoded than the container reports: every frame is read, and none is reported
+    missing (not a negative count)."""
+    path, _ = _stand_in_video(tmp_path, monkeypatch, lambda: _DamagedStreamCapture([True] * 5, count=3.0))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path) as src:
+        assert len(list(src)) == 5
+    assert src.missing == 0 and "missing" not in caplog.text
+
+
+def test_a_source_closed_mid_iteration_yields_no_more_frames(tmp_path, monkeypatch, caplog):
+    """close() releases the capture an unfinished iteration holds; that iteration then ends, without
+    a missing-frames warning for the frames not read. A folder's iteration ends too."""
+    path, captures = _stand_in_video(tmp_path, monkeypatch, lambda: _DamagedStreamCapture([True] * 10, count=10.0))
+    src = open_source(path)
+    it = iter(src)
+    assert [next(it).index for _ in range(2)] == [0, 1]
+    assert not captures[-1].released
+    src.close()
+    assert captures[-1].released
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"):
+        assert list(it) == []
+    assert src.missing == 0 and not caplog.records
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(4):
+        _write_bgr(folder / f"f{i:03d}.png", np.full((4, 4, 3), i, np.uint8))
+    src = open_source(folder)
+    it = iter(src)
+    assert next(it).name == "f000"
+    src.close()
+    assert list(it) == []
 
 
 def test_frame_size_is_width_then_height(tmp_path):
@@ -761,9 +888,8 @@ def test_damaged_first_frames_are_skipped_up_to_max_bad_reads_as_later_ones(tmp_
     """Opening passes over as many damaged first frames as iterating does (MAX_BAD_READS in a row):
     one more, and the video is refused when opened rather than opened to yield no frame."""
     pattern = [False] * bad + [True] * 3
-    path = tmp_path / "v.avi"
-    path.write_bytes(b"opened by the stand-in")
-    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(lambda p: _DamagedStreamCapture(pattern, counted=True)))
+    path, _ = _stand_in_video(tmp_path, monkeypatch, lambda: _DamagedStreamCapture(pattern, count=len(pattern)),
+                              "v.avi")
     if bad == MAX_BAD_READS:
         with open_source(path) as src:
             assert [f.index for f in src] == [bad, bad + 1, bad + 2]
@@ -787,19 +913,35 @@ def test_hidden_image_files_in_a_folder_are_ignored(tmp_path):
 def test_a_float_image_is_clipped_to_0_1_before_scaling():
     """32-bit float images are taken as [0, 1] and clipped (documented): out-of-range values
     saturate instead of wrapping around in uint8."""
-    from mpvss_ros.io.video import decoded_to_rgb
-
     img = np.array([[1.5, -0.25, 0.5, 1.0]], np.float32)
     out = decoded_to_rgb(img)
     assert out.shape == (1, 4, 3)
     assert out[0, :, 0].tolist() == [255, 0, 128, 255]
 
 
+def test_sixteen_bit_values_are_scaled_by_round_v_times_255_over_65535():
+    """Every 16-bit value is scaled as documented, round(v * 255 / 65535) (no ties occur)."""
+    v = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    expected = (v.astype(np.int64) * 255 * 2 + 65535) // (2 * 65535)
+    np.testing.assert_array_equal(decoded_to_rgb(v)[..., 0], expected)
+
+
+@pytest.mark.parametrize("img, error", [
+    (np.array([[0.5, np.nan]], np.float32), "NaN"),
+    (np.array([[0.5, np.inf]], np.float32), "NaN"),
+    (np.zeros((2, 2, 3), np.int32), "unsupported pixel type int32"),
+    (np.zeros((2, 2, 2), np.uint8), "unsupported channel count 2"),
+])
+def test_decoded_to_rgb_refuses_what_it_cannot_convert(img, error):
+    """NaN or infinite floats, another pixel type or channel count: a ValueError naming the fault
+    (a folder skips such an image by it), not an OpenCV error or wrapped-around pixels."""
+    with pytest.raises(ValueError, match=error):
+        decoded_to_rgb(img)
+
+
 def test_decoded_to_rgb_takes_bgra_as_documented():
     """decoded_to_rgb is public and documented for BGRA input (folders and ROS PNGs decode with
     IMREAD_ANYCOLOR, which drops alpha before it): alpha dropped, BGR turned to RGB."""
-    from mpvss_ros.io.video import decoded_to_rgb
-
     bgra = np.zeros((2, 3, 4), np.uint8)
     bgra[..., 0], bgra[..., 1], bgra[..., 2], bgra[..., 3] = 30, 100, 200, 50  # B, G, R, A
     out = decoded_to_rgb(bgra)
@@ -811,7 +953,6 @@ def test_label_png_refuses_a_grey_palette_and_takes_equal_rgb_channels(tmp_path)
     """A palette PNG is refused even when its palette is grey (OpenCV would give the palette's grey
     values, not the indices, as class IDs); an RGB PNG with three equal channels is accepted."""
     pil = pytest.importorskip("PIL.Image")
-    from mpvss_ros.io.video import read_label_png
 
     img = pil.fromarray(np.array([[0, 1], [2, 3]], np.uint8), mode="P")
     img.putpalette([v for i in range(256) for v in (7 * i % 256,) * 3])  # grey, but not the identity
@@ -824,8 +965,6 @@ def test_label_png_refuses_a_grey_palette_and_takes_equal_rgb_channels(tmp_path)
 
 
 def test_label_png_refuses_colour_whose_first_and_last_channels_agree(tmp_path):
-    from mpvss_ros.io.video import read_label_png
-
     colour = np.zeros((4, 4, 3), np.uint8)
     colour[..., 1] = 200  # B == R, G differs
     assert cv2.imwrite(str(tmp_path / "c.png"), colour)
@@ -833,12 +972,15 @@ def test_label_png_refuses_colour_whose_first_and_last_channels_agree(tmp_path):
         read_label_png(tmp_path / "c.png")
 
 
-def test_a_container_frame_rate_outside_the_accepted_range_falls_back_to_30(tmp_path, monkeypatch, caplog):
-    path = tmp_path / "v.mp4"
-    path.write_bytes(b"opened by the stand-in")
-    monkeypatch.setattr(VideoFileSource, "_open_capture", staticmethod(  # a broken header: a rate outside FPS_RANGE
-        lambda p: _DamagedStreamCapture([True] * 3, counted=True, fps=2e5)))
+def test_a_container_frame_rate_is_kept_unless_outside_the_accepted_range(tmp_path, monkeypatch, caplog):
+    """A rate in FPS_RANGE is the video's, fractions included (NTSC's 29.97, not rounded); one
+    outside it (a broken header) falls back to 30 fps with a warning."""
+    path, _ = _stand_in_video(tmp_path, monkeypatch, lambda: _DamagedStreamCapture([True] * 3, count=3.0, fps=2e5))
     with open_source(path) as src:
         assert src.fps == 30.0
         assert [f.stamp for f in src] == [0.0, 1 / 30, 2 / 30]
     assert "reports no usable frame rate" in caplog.text
+    path, _ = _stand_in_video(tmp_path, monkeypatch, lambda: _DamagedStreamCapture([True] * 3, count=3.0, fps=29.97))
+    with open_source(path) as src:
+        assert src.fps == pytest.approx(29.97)
+        assert [f.stamp for f in src] == pytest.approx([0.0, 1 / 29.97, 2 / 29.97])
