@@ -66,9 +66,11 @@ MAX_BAD_READS = 50
 
 # Codec per output suffix for VideoWriter (FourCC); all four are available in opencv-python.
 _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
-#: Highest frame rate VideoWriter accepts per suffix: above 1000 fps, OpenCV 5.1's AVI output
-#: reads back at 600 fps with frames missing (1001 fps: 4 of 6 frames).
-_MAX_FPS_BY_SUFFIX = {".avi": 1000.0}
+#: Highest frame rate VideoWriter accepts per suffix (OpenCV 5.1): above 1000 fps the AVI output
+#: reads back at 600 fps with frames missing (1001 fps: 4 of 6 frames); above 30000 fps the MKV
+#: output reads back at 30000 fps with no error (30001 and 65535 fps alike); above 65535 fps the
+#: MPEG-4 writer cannot be opened (its time base's denominator is at most 65535).
+_MAX_FPS_BY_SUFFIX = {".avi": 1000.0, ".mkv": 30000.0, ".mp4": 65535.0, ".m4v": 65535.0, ".mov": 65535.0}
 
 #: The first eight bytes of every PNG file.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -687,8 +689,9 @@ class VideoWriter:
         fourcc: four-character codec code, overriding the suffix's default.
 
     Raises:
-        ValueError: unknown suffix (without ``fourcc``), bad ``fps``/``size``/``fourcc``, or an
-            ``.avi`` above 1000 fps.
+        ValueError: unknown suffix (without ``fourcc``), bad ``fps``/``size``/``fourcc``, or a
+            rate the suffix's container cannot hold: ``.avi`` above 1000 fps, ``.mkv`` above
+            30000, ``.mp4``/``.m4v``/``.mov`` above 65535.
         OSError: OpenCV cannot open the file for writing (codec or path problem).
     """
 
@@ -705,8 +708,10 @@ class VideoWriter:
             raise ValueError(f"fourcc must be a 4-character code, got {fourcc!r}")
         max_fps = _MAX_FPS_BY_SUFFIX.get(self.path.suffix.lower())
         if max_fps is not None and self.fps > max_fps:
+            others = [s for s in (".mp4", ".mkv") if self.fps <= _MAX_FPS_BY_SUFFIX[s]]
             raise ValueError(f"{self.path.suffix} video cannot be written at {self.fps:g} fps (at most {max_fps:g}): "
-                             "OpenCV writes it at another rate and drops frames; use .mp4 or .mkv")
+                             "OpenCV writes it at another rate or not at all"
+                             + (f"; use {' or '.join(others)}" if others else ""))
         self.fourcc = fourcc
         self.size: tuple[int, int] | None = None
         self.encoded_size: tuple[int, int] | None = None  # size in the file: ``size`` rounded up to even

@@ -715,10 +715,16 @@ def test_video_writer_keeps_the_last_column_and_row_of_odd_frames(tmp_path, suff
     assert back[48, :64].mean(0)[2] > 200  # and the blue last row
 
 
-def test_video_writer_refuses_avi_rates_it_cannot_write(tmp_path):
-    # 1001 fps .avi came back at 600 fps with 4 of 6 frames
-    with pytest.raises(ValueError, match="fps"):
+def test_video_writer_refuses_rates_its_container_cannot_hold(tmp_path):
+    # 1001 fps .avi came back at 600 fps with 4 of 6 frames; 30001 fps .mkv at 30000 fps; .mp4
+    # above 65535 fps could not be opened (an OSError at the first frame)
+    with pytest.raises(ValueError, match="fps.*use .mp4 or .mkv"):
         VideoWriter(tmp_path / "fast.avi", 1001, (64, 48))
+    with pytest.raises(ValueError, match=r"\.mkv video cannot be written at 30001 fps \(at most 30000\).*; use .mp4$"):
+        VideoWriter(tmp_path / "fast.mkv", 30001)
+    for suffix in (".mp4", ".m4v", ".mov"):
+        with pytest.raises(ValueError, match=r"at most 65535\): OpenCV writes it at another rate or not at all$"):
+            VideoWriter(tmp_path / f"fast{suffix}", 65536)
     with pytest.raises(ValueError, match="at most 1000"):  # the suffix in any letter case
         VideoWriter(tmp_path / "fast.AVI", 1001, (64, 48))
     with VideoWriter(tmp_path / "ok.avi", 1000) as writer:
@@ -726,6 +732,11 @@ def test_video_writer_refuses_avi_rates_it_cannot_write(tmp_path):
             writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
     with open_source(tmp_path / "ok.avi") as src:
         assert src.fps == 1000 and len(list(src)) == 6
+    with VideoWriter(tmp_path / "ok.mkv", 30000) as writer:  # the highest .mkv rate reads back as written
+        for i in range(6):
+            writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    with open_source(tmp_path / "ok.mkv") as src:
+        assert src.fps == 30000 and len(list(src)) == 6
 
 
 def test_damaged_first_frame_is_skipped_like_any_other(tmp_path, caplog):
