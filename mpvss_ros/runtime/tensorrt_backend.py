@@ -290,9 +290,10 @@ class _CudaApi:
         else:
             self.stream.synchronize()
 
-    def free(self, device_ptr: int, host: np.ndarray) -> None:
+    def free(self, device_ptr: int | None, host: np.ndarray) -> None:
         """Free one buffer pair of :meth:`malloc` / :meth:`pinned` (an engine dropped with its
-        size); the stream is synchronised first, so no copy in flight uses them."""
+        size; ``device_ptr`` None: the pinned buffer alone, whose device buffer was never made);
+        the stream is synchronised first, so no copy in flight uses them."""
         self.synchronize()
         if self.cudart is not None:
             if device_ptr in self._device_ptrs:
@@ -632,22 +633,27 @@ class _Engine:
         self.host: dict[str, np.ndarray] = {}
         self.inputs: list[str] = []
         self.outputs: list[str] = []
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            shape = tuple(int(d) for d in self.engine.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise RuntimeError(f"{path}: tensor {name} has a dynamic shape {shape}; the graphs must be static")
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            self.host[name] = cuda.pinned(shape, dtype)
-            self.device[name] = cuda.malloc(self.host[name].nbytes)
-            if self.context.set_tensor_address(name, self.device[name]) is False:
-                raise RuntimeError(f"{path}: TensorRT refused the address of tensor {name}")
-            (self.inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(name)
+        try:
+            for i in range(self.engine.num_io_tensors):
+                name = self.engine.get_tensor_name(i)
+                shape = tuple(int(d) for d in self.engine.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise RuntimeError(f"{path}: tensor {name} has a dynamic shape {shape}; the graphs must be static")
+                dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+                self.host[name] = cuda.pinned(shape, dtype)
+                self.device[name] = cuda.malloc(self.host[name].nbytes)
+                if self.context.set_tensor_address(name, self.device[name]) is False:
+                    raise RuntimeError(f"{path}: TensorRT refused the address of tensor {name}")
+                (self.inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(name)
+        except BaseException:
+            # a load that fails is retried at the next key frame of this size: free what it made
+            self.free()
+            raise
 
     def free(self) -> None:
         """Release the engine, its execution context and its I/O buffers (device and pinned)."""
-        for name in list(self.device):
-            self.cuda.free(self.device.pop(name), self.host.pop(name))
+        for name in list(self.host):
+            self.cuda.free(self.device.pop(name, None), self.host.pop(name))
         self.context = None
         self.engine = None
         self.runtime = None
@@ -735,7 +741,11 @@ class TensorRTBackend(Backend):
         contract = read_contract(self.source.get(hw))
         with self.cuda.activate():
             key = _Engine(self._trt, paths["key_frame"], self.cuda)
-            non_key = _Engine(self._trt, paths["non_key_frame"], self.cuda)
+            try:
+                non_key = _Engine(self._trt, paths["non_key_frame"], self.cuda)
+            except BaseException:
+                key.free()  # retried at the next key frame of this size: no buffers left behind
+                raise
         return key, non_key, tuple(contract["canvas"]["padded_hw"])  # type: ignore[return-value]
 
     def _get(self, valid_hw: tuple[int, int]) -> tuple[_Engine, _Engine, tuple[int, int]]:

@@ -885,7 +885,8 @@ class _StandInCuda:
         return arr
 
     def free(self, device_ptr, host):
-        self.device.remove(device_ptr)
+        if device_ptr is not None:  # None: a pinned buffer whose device buffer was never made
+            self.device.remove(device_ptr)
         self.host.remove(id(host))
         self.freed += 1
 
@@ -940,12 +941,39 @@ def test_a_size_dropped_from_the_engine_cache_frees_its_buffers(engine_file):
     (dict(makes_context=False), "cannot create an execution context"),
     (dict(takes_addresses=False), "TensorRT refused the address of tensor image"),
     (dict(tensors={"image": ((1, 3, -1, 4), np.float32, "in")}), "tensor image has a dynamic shape"),
+    (dict(tensors={**_IMAGE_AND_IDS, "ids": ((-1,), np.int32, "out")}), "tensor ids has a dynamic shape"),
 ])
 def test_an_engine_that_cannot_be_set_up_raises(engine_file, options, message):
     """An engine file that does not deserialize, an engine without an execution context, a tensor
-    address TensorRT refuses and a dynamic input shape each raise their own RuntimeError."""
+    address TensorRT refuses and a dynamic input shape each raise their own RuntimeError, and free
+    the buffers made before it (a failed load is retried at every key frame of its size: each try
+    left its buffers on the GPU until the backend closed)."""
+    cuda = _StandInCuda()
     with pytest.raises(RuntimeError, match=message):
-        tb._Engine(_fake_tensorrt(**{"tensors": _IMAGE_AND_IDS, **options}), engine_file, _StandInCuda())
+        tb._Engine(_fake_tensorrt(**{"tensors": _IMAGE_AND_IDS, **options}), engine_file, cuda)
+    assert cuda.device == set() and cuda.host == set()
+
+
+def test_a_non_key_engine_that_cannot_be_set_up_frees_the_key_engine(engine_file, monkeypatch):
+    trt = _fake_tensorrt(tensors=_IMAGE_AND_IDS)
+    cuda = _StandInCuda()
+    backend = object.__new__(tb.TensorRTBackend)
+    backend._trt, backend.cuda, backend.source = trt, cuda, types.SimpleNamespace(get=lambda hw: engine_file.parent)
+    backend.precision, backend.cache_dir, backend.device_index, backend.workspace_mb, backend.keep_fp32 = \
+        "fp32", engine_file.parent, 0, 64, True
+    monkeypatch.setattr(tb, "build_engines", lambda *a: {"key_frame": engine_file, "non_key_frame": engine_file.with_name("n")})
+    monkeypatch.setattr(tb, "read_contract", lambda folder: {"canvas": {"padded_hw": [4, 4]}})
+    real = tb._Engine
+
+    def engine(trt, path, cuda):
+        if path.name == "n":
+            raise RuntimeError("cannot create an execution context")
+        return real(trt, path, cuda)
+
+    monkeypatch.setattr(tb, "_Engine", engine)
+    with pytest.raises(RuntimeError, match="execution context"):
+        backend._load((4, 4))
+    assert len(cuda.allocated) == 2 and cuda.device == set() and cuda.host == set()
 
 
 def test_engine_buffers_follow_the_tensors_and_uploads_check_their_shape(engine_file):
