@@ -359,7 +359,8 @@ class EngineFailures:
 class RunStats:
     """What a run summary (:meth:`summary`) needs of every frame, kept compactly: one float64
     per stage timing and frame, one byte per frame for whether its ``total`` was a key frame's,
-    the key-frame reasons and the label pixels per class counted. The offline tools used to hold every frame's record
+    the key-frame reasons and the label pixels per class counted. The offline tools used to hold
+    every frame's record
     (:meth:`~mpvss_ros.segmenter.SegmentationResult.to_record`) until the end: at least 464 bytes
     a frame (tracemalloc, copies of ``bikes.mp4`` records), about 50 MB per hour of 30 fps video;
     this holds 43 bytes a frame (the same ad-hoc measurement; docs/experiment_log.md, "Stop 37").
