@@ -277,6 +277,7 @@ def test_rgb8_is_zero_copy(ts):
     ([1.7] * 12, "holds other values than integers"),               # was truncated to 1
     ([True] * 12, "holds other values than integers"),
     ([300] * 12, "not a byte sequence"),
+    ([256] + [0] * 11, r"values outside 0\.\.255 \(0\.\.256\)"),  # the first value past a byte: would wrap to 0
     ([np.int64(300)] * 6 + [np.int64(-1)] * 6, r"values outside 0\.\.255 \(-1\.\.300\)"),  # were wrapped to 44, 255
     ("abcdefghijkl", "not a byte buffer"),
 ])
@@ -285,14 +286,14 @@ def test_payloads_that_are_not_bytes(data, words):
         image_to_rgb(fake_image(data=data))
 
 
-@pytest.mark.parametrize("kind", ["bytes", "bytearray", "array", "memoryview", "list"])
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "array", "memoryview", "list", "tuple"])
 def test_rclpy_style_payloads(ts, kind):
-    """rclpy gives array.array('B'); bytes/bytearray/memoryview/list work as well."""
+    """rclpy gives array.array('B'); bytes/bytearray/memoryview/list/tuple work as well."""
     rgb = synthetic_frame(6, 8)
     msg = encode(ts, rgb, "bgr8", pad=2)
     raw = msg.data.tobytes()
     data = {"bytes": raw, "bytearray": bytearray(raw), "array": array.array("B", raw),
-            "memoryview": memoryview(raw), "list": list(raw)}[kind]
+            "memoryview": memoryview(raw), "list": list(raw), "tuple": tuple(raw)}[kind]
     fake = fake_image(height=6, width=8, encoding="bgr8", step=msg.step, data=data)
     np.testing.assert_array_equal(image_to_rgb(fake), rgb)
 
@@ -315,6 +316,8 @@ def test_encoding_names_are_case_insensitive(ts):
     rgb = synthetic_frame(4, 6)
     msg = encode(ts, rgb, "bgr8")
     msg.encoding = "BGR8"
+    np.testing.assert_array_equal(image_to_rgb(msg), rgb)
+    msg.encoding = " bgr8\n"  # and compared without surrounding whitespace
     np.testing.assert_array_equal(image_to_rgb(msg), rgb)
 
 
@@ -622,6 +625,12 @@ def test_a_bayer_mosaic_compressed_by_image_transport_is_demosaicked_as_a_raw_on
     with pytest.raises(ConversionError, match="at least 3 x 3"):
         _, tiny = cv2.imencode(".png", mosaic[:2, :2])
         compressed_to_rgb(compressed(ts, tiny.reshape(-1), f"{encoding}; png compressed "))
+    # a 16-bit grey PNG is no 8-bit mosaic (it would demosaic to uint16 RGB)
+    with pytest.raises(ConversionError, match="uint16 with 1 channels, not an 8-bit grey Bayer mosaic"):
+        _, wide = cv2.imencode(".png", mosaic.astype(np.uint16) * 257)
+        compressed_to_rgb(compressed(ts, wide.reshape(-1), f"{encoding}; png compressed "))
+    # the encoding before ';' is read without surrounding spaces
+    np.testing.assert_array_equal(compressed_to_rgb(compressed(ts, png.reshape(-1), f" {encoding} ; png compressed ")), raw)
 
 
 def test_a_bayer_mosaic_in_a_grey_jpeg_is_demosaicked_too(ts):
@@ -935,6 +944,17 @@ def test_registration_is_idempotent():
     assert a == b
 
 
+def test_a_typestore_that_already_holds_vision_msgs_keeps_its_own():
+    """Types the typestore already has (e.g. a bag's own vision_msgs, defined otherwise) are kept, not
+    registered again (rosbags refuses a second, different definition); the missing ones are added."""
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    own = MSG_DEFINITIONS["vision_msgs/msg/LabelInfo"] + "string extra\n"
+    store.register(get_types_from_msg(own, "vision_msgs/msg/LabelInfo"))
+    types = rosbags_message_types(store)
+    assert [f[0] for f in store.get_msgdef("vision_msgs/msg/LabelInfo").fields][-1] == "extra"
+    assert types.class_masks is store.types["mpvss_ros/msg/ClassMasks"]
+
+
 def test_ros_modules_import_without_rclpy():
     code = ("import sys; sys.modules['rclpy'] = None\n"
             "import mpvss_ros.ros.conversions, mpvss_ros.ros.bag\n"
@@ -990,6 +1010,8 @@ def test_autoware_class_ids_by_name_and_given():
     assert autoware_class_ids(["a", "b"], [3, 200]).tolist() == [3, 200]
     with pytest.raises(ValueError, match="3 Autoware class IDs for a model with 2 classes"):
         autoware_class_ids(["a", "b"], [1, 2, 3])
+    with pytest.raises(ValueError, match="1 Autoware class IDs for a model with 2 classes"):  # too few as well
+        autoware_class_ids(["a", "b"], [3])
     with pytest.raises(ValueError, match="0..255"):
         autoware_class_ids(["a", "b"], [1, 256])
 
@@ -1067,12 +1089,12 @@ def test_bool_size_fields_are_refused(field):
 # --- compressed Bayer mosaics ------------------------------------------------------------------------
 
 
-def test_a_colour_jpeg_labelled_as_a_bayer_mosaic_is_refused(ts):
+@pytest.mark.parametrize("colour", [(200, 0, 30), (128, 128, 200)])  # the second decodes with red == green exactly
+def test_a_colour_jpeg_labelled_as_a_bayer_mosaic_is_refused(ts, colour):
     """image_transport compresses a Bayer mosaic as 8-bit grey: a colour JPEG under a bayer_* format is
-    refused, not demosaicked from one of its channels (C21)."""
+    refused, not demosaicked from one of its channels, whichever two of its channels differ."""
     rgb = np.zeros((16, 16, 3), np.uint8)
-    rgb[..., 0] = 200
-    rgb[..., 2] = 30
+    rgb[...] = colour
     ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
     assert ok
     msg = ts.types["sensor_msgs/msg/CompressedImage"](header=make_header(ts), format="bayer_rggb8; jpeg compressed ",
@@ -1143,6 +1165,19 @@ def test_segmentation_info_with_an_unknown_key_frame_stamp_is_zero(types, ts, st
     """A non-finite key_frame_stamp (unknown) gives a zero stamp, not an error (C47)."""
     msg = make_segmentation_info(types.segmentation_info, types.time, make_header(ts), _result(key_frame_stamp=stamp))
     assert (msg.key_frame_stamp.sec, msg.key_frame_stamp.nanosec) == (0, 0)
+
+
+def test_segmentation_info_keeps_the_previous_key_frame_stamp_of_the_same_instant(types, ts):
+    """A non-key frame carries the previous message's key_frame_stamp exactly when it is the key frame's
+    instant (the float seconds lose the last nanoseconds), and not when it is another instant 0.5 ms away."""
+    same = types.time(sec=1700000000, nanosec=250_000_123)
+    msg = make_segmentation_info(types.segmentation_info, types.time, make_header(ts),
+                                 _result(key_frame_stamp=stamp_to_seconds(same)), same)
+    assert (msg.key_frame_stamp.sec, msg.key_frame_stamp.nanosec) == (1700000000, 250_000_123)
+    other = types.time(sec=1700000000, nanosec=250_500_000)
+    msg = make_segmentation_info(types.segmentation_info, types.time, make_header(ts),
+                                 _result(key_frame_stamp=1700000000.25), other)
+    assert (msg.key_frame_stamp.sec, msg.key_frame_stamp.nanosec) == (1700000000, 250_000_000)
 
 
 def test_list_payload_with_only_negative_values_is_refused():
