@@ -49,7 +49,8 @@ def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
 
     Returns:
         (R, C, P) float tensor; ``F.grid_sample`` with grid = 2 * coords - 1,
-        align_corners=False, zero padding (only reached outside [0, 1]).
+        align_corners=False, zero padding: a point within half a pixel of the border blends in
+        zeros (at x = 0 a map of ones samples 0.5), as PointRend's and Mask2Former's.
     """
     grid = (2.0 * coords - 1.0).unsqueeze(2)  # (R, P, 1, 2)
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(3)

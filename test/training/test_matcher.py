@@ -19,6 +19,9 @@ def test_point_sample_hits_pixel_centres():
     # halfway between two pixel centres -> the mean
     mid = torch.tensor([[[1.0 / 4, 0.5 / 3]]])
     assert point_sample(maps, mid).item() == pytest.approx(0.5)
+    # on the image edge, half a pixel from the last centre, the zero padding enters (as PointRend)
+    edge = point_sample(torch.ones(1, 1, 4, 4), torch.tensor([[[0.0, 0.5], [0.5, 0.5]]]))
+    assert edge[0, 0].tolist() == pytest.approx([0.5, 1.0])
 
 
 def _random_case(seed: int, n: int = 4, m: int = 3, k: int = 5):
@@ -49,7 +52,7 @@ def _reference_cost(matcher, class_logits, mask_logits, tgt, seed):
 
 
 @pytest.mark.parametrize("seed, weights", [*((s, (2.0, 5.0, 5.0)) for s in range(6)), (6, (2.0, 3.0, 7.0)),
-                                           (7, (0.0, 0.0, 1.0)), (8, (1.0, 0.0, 0.0))])
+                                           (7, (0.0, 0.0, 1.0)), (8, (1.0, 0.0, 0.0)), (9, (2.0, 5.0, 0.0))])
 def test_cost_matrix_matches_pairwise_definition(seed, weights):
     """The spec's weights (2, 5, 5), and unequal ones: each weight multiplies its own term."""
     matcher = HungarianMatcher(*weights, num_points=300)
@@ -98,6 +101,10 @@ def test_hungarian_batch_and_empty_targets():
     empty = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 12, 16, dtype=torch.bool)}
     out = HungarianMatcher(num_points=64)(torch.cat([cls, cls]), torch.cat([msk, msk]), [t1[0], empty])
     assert len(out[0][0]) == 3 and len(out[1][0]) == 0
+    no_targets = HungarianMatcher(num_points=64).cost_matrix(cls[0], msk[0], empty["labels"], empty["masks"])
+    assert no_targets.shape == (4, 0)  # (N, M) even for M = 0
+    with pytest.raises(ValueError, match="disagree"):  # 4 class predictions, 3 mask predictions
+        HungarianMatcher(num_points=64)(cls, msk[:, :3], t1)
     with pytest.raises(ValueError):
         HungarianMatcher()(cls, msk, t1 + t1)  # batch of 1, two targets
     with pytest.raises(ValueError):
@@ -136,6 +143,10 @@ def test_fixed_matcher():
         FixedMatcher(8)(cls[:1], msk[:1], [{"labels": torch.tensor([1, 1]), "masks": torch.zeros(2, 8, 8)}])
     with pytest.raises(ValueError, match="labels"):
         FixedMatcher(8)(cls[:1], msk[:1], [{"labels": torch.tensor([8]), "masks": torch.zeros(1, 8, 8)}])
+    with pytest.raises(ValueError, match="labels"):
+        FixedMatcher(8)(cls[:1], msk[:1], [{"labels": torch.tensor([-1]), "masks": torch.zeros(1, 8, 8)}])
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        FixedMatcher(0)
 
 
 def test_matcher_weights_are_checked():
