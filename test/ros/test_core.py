@@ -22,6 +22,7 @@ from fake_rclpy import Logger as ListLogger
 from helpers import live_copies
 
 from mpvss_ros.model_loader import LoadedModel
+from mpvss_ros.ros import conversions
 from mpvss_ros.ros.conversions import stamp_to_seconds
 from mpvss_ros.ros.core import (
     ERROR,
@@ -318,8 +319,27 @@ def test_palette_parameter_and_class_names(make_core, types):
     assert core.class_names == ["road", "car", "tree", "sky", "person"]
     info = core.label_info(header(types, 0.0, ""))
     assert [(c.class_id, c.class_name) for c in info.class_map][:2] == [(0, "road"), (1, "car")]
+    five, _, _ = make_core(palette=[0x010203, 0x040506, 0x070809, 0x0A0B0C, 0x0D0E0F])  # one per class: accepted
+    assert five.palette.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15]]
     with pytest.raises(ValueError, match="palette"):
         make_core(palette=[0] * 6)
+
+
+def test_without_the_palette_parameter_the_models_own_palette_colours_the_classes(band_loaded, types):
+    """The model configuration's palette is the default of the ``palette`` parameter."""
+    model_palette = [[10, 20, 30], [40, 50, 60], [70, 80, 90], [100, 110, 120], [130, 140, 150]]
+    loaded = dataclasses.replace(band_loaded, config=dataclasses.replace(band_loaded.config, palette=model_palette))
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), loaded, types)
+    assert core.palette.tolist() == model_palette
+
+
+def test_class_names_that_do_not_match_the_class_count_give_way_to_default_names(band_loaded, types):
+    """Class names of another count than the engine's classes are not used (LabelInfo, legends):
+    every class is named ``class_<i>`` instead."""
+    loaded = dataclasses.replace(band_loaded, config=dataclasses.replace(band_loaded.config,
+                                                                         class_names=["road", "car"]))
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), loaded, types)
+    assert core.class_names == ["class_0", "class_1", "class_2", "class_3", "class_4"]
 
 
 def test_label_info_on_key_frames_and_frame_id_changes(make_core, types):
@@ -405,11 +425,16 @@ def test_message_without_header_is_skipped(make_core):
     assert core.counters["skipped_decode"] == 1
 
 
-@pytest.mark.parametrize("error, counter, level", [
-    (FrameError("stamp must be finite"), "skipped_frame", "warning"),  # the frame's fault: skipped
-    (RuntimeError("CUDA out of memory"), "errors", "error"),  # anything else: an engine error
+@pytest.mark.parametrize("error, counter, level, problem", [
+    # the frame's fault: skipped
+    (FrameError("stamp must be finite"), "skipped_frame", "warning", "cannot segment frame: stamp must be finite"),
+    # anything else: an engine error
+    (RuntimeError("CUDA out of memory"), "errors", "error", "segmentation failed: RuntimeError: CUDA out of memory"),
+    # a ValueError that is no FrameError is the engine's too
+    (ValueError("bad tensor shape"), "errors", "error", "segmentation failed: ValueError: bad tensor shape"),
 ])
-def test_an_engine_error_is_counted_not_raised(make_core, types, monkeypatch, error, counter, level):
+def test_an_engine_error_is_counted_not_raised(make_core, types, monkeypatch, error, counter, level, problem):
+    """Counted, logged, and named as the last problem in /diagnostics."""
     core, _, logger = make_core()
 
     def boom(rgb, stamp, source=None):
@@ -419,6 +444,24 @@ def test_an_engine_error_is_counted_not_raised(make_core, types, monkeypatch, er
     assert core.process(image_msg(types, frame(), 1.0)) is None
     assert core.counters[counter] == 1
     assert any(lv == level and str(error) in text for lv, text in logger.lines)
+    status = core.diagnostic_status()
+    assert dict(status.values)["last problem"] == problem
+    assert status.message == f"every frame failed in the last 5 s: {problem}"
+
+
+def test_output_messages_that_cannot_be_built_are_an_error_not_raised(make_core, types, monkeypatch):
+    """A failure while building the output messages is counted and logged as an error; process()
+    does not raise (the frame is not processed)."""
+    core, _, logger = make_core()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("palette too short")
+
+    monkeypatch.setattr(conversions, "build_outputs", broken)
+    assert core.process(image_msg(types, frame(), 1.0)) is None
+    assert core.counters["errors"] == 1 and core.counters["processed"] == 0
+    assert any(level == "error" and "building output messages failed: RuntimeError: palette too short" in text
+               for level, text in logger.lines)
 
 
 @pytest.mark.parametrize("how", ["reset", "reconfigure", "time_gap"])
@@ -457,6 +500,14 @@ def test_repeated_problems_are_log_throttled(make_core, types):
     clock.advance(6.0)
     core.process(bad)
     assert len(logger.lines) == 2 and "49 more" in logger.lines[1][1]
+    for _ in range(5):  # it keeps coming, every second: reported again 5 s after the last report
+        clock.advance(1.0)
+        core.process(bad)
+    assert len(logger.lines) == 3 and logger.lines[2][1].endswith("(4 more like this since the last report)")
+    # each kind of error is throttled on its own: one does not silence another
+    core.record_error("segmentation failed", RuntimeError("a"))
+    core.record_error("publishing failed", RuntimeError("b"))
+    assert [text.split(":")[0] for _, text in logger.lines[3:]] == ["segmentation failed", "publishing failed"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,6 +667,9 @@ def test_latency_counts_from_receiving_the_message(make_core, types):
         msg, received_at = slot.take_timed(timeout=0)
         core.process(msg, received_at=received_at)
     assert core.stats()["latency_median_ms"] == pytest.approx(800.0)
+    clock.advance(6.0)  # those frames leave the window: the median is of the frames in it
+    core.process(image_msg(types, frame(), 9.0))
+    assert core.stats()["latency_median_ms"] == 0.0
 
 
 def test_a_new_frame_id_forces_a_key_frame(make_core, types):
@@ -670,8 +724,6 @@ def test_frames_above_max_image_pixels_are_skipped_and_the_limit_is_dynamic(make
 
 
 def test_compressed_input_without_the_strict_decoder_warns_at_start(band_loaded, types, monkeypatch):
-    from mpvss_ros.ros import conversions
-
     monkeypatch.setattr(conversions, "STRICT_JPEG", False)
     logger = ListLogger()
     SegmentationCore(validate({"input_compressed": True}), band_loaded, types, logger=logger)
@@ -781,6 +833,8 @@ def test_disable_enable_reset(make_core, types, band_loaded):
     assert band_loaded.model.calls == calls + 1, "no inference while disabled"
     assert core.diagnostic_status().level == OK
     assert "disabled" in core.diagnostic_status().message
+    assert core.diagnostic_status().message == "disabled (call ~/enable to resume)"  # with the resume hint
+    assert dict(core.diagnostic_status().values)["enabled"] == "false"
 
     assert core.set_enabled(True) is False
     out = core.process(image_msg(types, frame(), 1.2))
@@ -792,6 +846,7 @@ def test_disable_enable_reset(make_core, types, band_loaded):
     assert out.info.is_key_frame and out.info.key_frame_reason == "reset"
     assert not core.process(image_msg(types, frame(), 1.35)).info.is_key_frame
     assert core.key_frame_reasons == {"first": 1, "reset": 2}
+    assert dict(core.diagnostic_status().values)["forced key frames"] == "3"  # a reset is not the schedule's
     # a gap in the stream while disabled: the first frame after re-enabling is still "reset"
     core.set_enabled(False)
     assert core.process(image_msg(types, frame(), 9.0)) is None  # more than max_gap_s after 1.35
@@ -835,6 +890,22 @@ def test_diagnostics_ok_with_rates_latency_and_key_frame_ratio(make_core, types)
     assert values["received"] == "10" and values["processed"] == "10" and values["published"] == "10"
     assert values["drop ratio"] == "0.000"
     assert values["chain flow"] == "true"  # the default
+    # the schedule's own (interval) key frames are not forced: only the first one is
+    assert (values["key frames (interval)"], values["forced key frames"]) == ("4", "1")
+    assert values["schedule"] == "fixed:2"
+
+
+def test_rates_count_the_frames_in_the_window_only(make_core, types):
+    """Input and output rates after a pause: the frames before it have left the 5 s window."""
+    core, clock, _ = make_core()
+    slot = core.make_slot()
+    for i in range(5):
+        feed(core, clock, slot, image_msg(types, frame(), 1.0 + 0.1 * i))
+    clock.advance(4.7)
+    for i in range(2):
+        feed(core, clock, slot, image_msg(types, frame(), 6.0 + 0.1 * i), dt=0.5)
+    s = core.stats()
+    assert (s["input_rate_hz"], s["output_rate_hz"]) == (pytest.approx(2.0), pytest.approx(2.0))
 
 
 def test_diagnostics_read_their_figures_in_one_lock_section(make_core, types):
@@ -874,6 +945,7 @@ def test_diagnostics_warn_when_no_output(make_core, types):
     assert (core.diagnostic_status().level, core.diagnostic_status().message) == (OK, "segmenting (1 frame in the last 5 s)")
     clock.advance(5.5)
     assert core.diagnostic_status().level == WARN
+    assert "no input received" in core.diagnostic_status().message  # the last input left the window
 
 
 def test_re_enabling_restarts_the_no_output_timer(make_core, types):
@@ -981,11 +1053,27 @@ def test_worker_processes_publishes_and_stops(band_loaded, types):
     finally:
         assert worker.stop(timeout=5.0)
     assert not worker.alive
+    assert worker.core is None and worker.slot is None  # the ended thread lets go of the core and its model
     assert core.counters["published"] == 5 and core.counters["processed"] == 5
     assert published[0][1] is not None and all(li is None for _, li in published[1:])
     out = published[-1][0]
     assert out.colored is None and out.overlay is not None and out.class_masks is None
     assert stamp_to_seconds(out.labels.header.stamp) == pytest.approx(1.4)
+
+
+def test_worker_publishes_label_info_with_every_key_frame(band_loaded, types):
+    """LabelInfo goes out with each key frame (vision_msgs' advice), not only the first."""
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0, "schedule": "fixed:2"}),
+                            band_loaded, types)
+    slot, published = core.make_slot(), []
+    worker = Worker(slot, core, lambda out, li: published.append((out.info.is_key_frame, li is not None))).start()
+    try:
+        for i in range(4):
+            slot.put(image_msg(types, frame(), 1.0 + 0.1 * i))
+            assert _wait(lambda n=i + 1: len(published) == n)
+    finally:
+        assert worker.stop(timeout=5.0)
+    assert published == [(True, True), (False, False), (True, True), (False, False)]
 
 
 def test_worker_stop_is_prompt_when_idle_and_survives_publish_errors(band_loaded, types, caplog):
@@ -1005,6 +1093,43 @@ def test_worker_stop_is_prompt_when_idle_and_survives_publish_errors(band_loaded
         assert worker.alive
     assert worker.stop(timeout=5.0)  # joined: the idle worker noticed the stop request
     assert worker.stop()  # idempotent
+
+
+def test_a_worker_whose_middleware_shut_down_ends_quietly(band_loaded, types):
+    """A publish error once the middleware is shut down ends the thread; it is not counted as an error."""
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types)
+    slot = core.make_slot()
+
+    def publish(out, li):
+        raise RuntimeError("context invalid")
+
+    worker = Worker(slot, core, publish, poll_s=0.05, shut_down=lambda: True).start()
+    slot.put(image_msg(types, frame(), 1.0))
+    assert _wait(lambda: not worker.alive)
+    assert core.counters["errors"] == 0
+
+
+def test_a_logger_that_raises_does_not_end_the_worker(band_loaded, types):
+    """A publish error whose logging fails too is still counted, and the worker goes on."""
+    class RaisingLogger(ListLogger):
+        def error(self, text):
+            raise OSError("log disk full")
+
+    core = SegmentationCore(validate({"propagator": "copy", "max_frame_age_s": 0.0}), band_loaded, types,
+                            logger=RaisingLogger())
+    slot = core.make_slot()
+
+    def publish(out, li):
+        raise RuntimeError("publisher gone")
+
+    worker = Worker(slot, core, publish, poll_s=0.05).start()
+    try:
+        for n in (1, 2):
+            slot.put(image_msg(types, frame(), float(n)))
+            assert _wait(lambda n=n: core.counters["errors"] == n)
+        assert worker.alive
+    finally:
+        assert worker.stop(timeout=5.0)
 
 
 def _core_with_a_held_frame(band_loaded, types) -> tuple[SegmentationCore, threading.Event, threading.Event]:
@@ -1163,6 +1288,11 @@ def test_auto_device_on_a_gpu_machine_exports_from_the_cpu(monkeypatch):
     # a 1280 x 720 camera: the backend prepares its letterboxed size on the 480 x 640 canvas
     build_segmenter(validate({"backend": "onnxruntime", "image_size": [720, 1280]}), loaded)
     assert asked[-1] == ("cuda", (360, 640), False)
+    # torch runs the model itself at fp32 only; at fp16 (autocast) through its backend too
+    build_segmenter(validate({}), loaded)
+    assert len(asked) == 2
+    build_segmenter(validate({"precision": "fp16"}), loaded)
+    assert asked[-1] == ("cuda", None, False)
 
 
 def test_the_node_holds_the_weights_once_with_onnxruntime(marked_lite, types, tmp_path, monkeypatch):
@@ -1243,6 +1373,8 @@ def test_a_node_started_without_motion_refuses_query_flow_later(tmp_path, types)
     path = tmp_path / "per_frame.pth"
     state = MPVSS(load_model_config("mpvss_lite")).state_dict()
     torch.save({"model": {k: v for k, v in state.items() if not k.startswith("motion.")}}, path)
+    with pytest.raises(StartupError, match="motion"):  # query_flow, the default, needs the motion module
+        load_configured_model(validate({"model": "mpvss_lite", "weights": str(path)}))
     config = validate({"model": "mpvss_lite", "weights": str(path), "propagator": "optical_flow"})
     loaded = load_configured_model(config)
     core = SegmentationCore(config, loaded, types)
@@ -1273,6 +1405,16 @@ def test_an_export_folder_without_a_trained_motion_module_is_refused_at_start_fo
     assert core.process(image_msg(types, frame(seed=1), 4.0)).info.is_key_frame
     with pytest.raises(ValueError, match="query_flow needs a trained motion module"):
         core.reconfigure({"propagator": "query_flow"})
+
+
+def test_an_adaptive_interval_change_is_installed(make_core, types):
+    """Every schedule parameter, not only ``schedule``, rebuilds the scheduler: a new max_interval
+    under ``adaptive`` runs from the next frame (a key frame, reason reset)."""
+    core, _, _ = make_core(schedule="adaptive", min_interval=1, max_interval=10)
+    core.process(image_msg(types, frame(), 1.0))
+    core.reconfigure({"max_interval": 3})
+    out = core.process(image_msg(types, frame(), 1.1))
+    assert out.info.key_frame_reason == "reset" and core.segmenter.scheduler.max_interval == 3
 
 
 def test_two_changes_before_the_next_frame_are_both_installed(make_core, types):
