@@ -7,6 +7,7 @@ and, on a synthetic pan of a real frame, against the true motion.
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import cv2
@@ -17,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpvss_ros.nn.warp import compose_flows, warp_mask_logits
-from mpvss_ros.propagation import (DIS_PRESETS, FLOW_PROPAGATORS, PROPAGATORS, CopyPropagator, FlowChain,
-                                   OpticalFlowPropagator, QueryFlowPropagator, build_propagator, grid_hw)
+from mpvss_ros.propagation import (DIS_PRESETS, FLOW_PROPAGATORS, OPTICAL_FLOW_SCALE_RANGE, PROPAGATORS,
+                                   CopyPropagator, FlowChain, OpticalFlowPropagator, QueryFlowPropagator,
+                                   build_propagator, grid_hw, pool_flow)
 from mpvss_ros.scheduling import FixedIntervalScheduler
 from mpvss_ros.segmenter import Letterbox, VideoSegmenter, canvas_tensor
 
@@ -222,6 +224,11 @@ def test_build_propagator_passes_chain_flow(lite):
         assert build_propagator(name, lite.model).describe()["chain_flow"] is True
         assert build_propagator(name, lite.model, chain_flow=False).describe()["chain_flow"] is False
     assert build_propagator("copy", lite.model, chain_flow=False).describe() == {"name": "copy"}
+    # optical flow takes its DIS preset and scale from the builder's arguments
+    made = build_propagator("optical_flow", None, optical_flow_preset="medium", optical_flow_scale=0.25).describe()
+    assert (made["method"], made["preset"], made["flow_scale"]) == ("dis", "medium", 0.25)
+    with pytest.raises(ValueError, match="choose one of query_flow, optical_flow, copy"):
+        build_propagator("per_frame", lite.model)
 
 
 def test_pan_helper_moves_content_left(bikes_frames):
@@ -238,6 +245,44 @@ def test_optical_flow_grid_stride_finer_than_the_flow_is_refused():
     OpticalFlowPropagator(flow_scale=1.0, grid_stride=1.0)
 
 
+@pytest.mark.parametrize("kwargs, words", [({"method": "lucas_kanade"}, "method"), ({"preset": "slow"}, "preset"),
+                                           ({"flow_scale": 0.05}, "flow_scale"), ({"flow_scale": 1.5}, "flow_scale")])
+def test_optical_flow_refuses_an_unknown_method_or_preset_and_a_scale_outside_its_range(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        OpticalFlowPropagator(**kwargs)
+    # the scale range, (0.1, 1.0), is inclusive at both ends
+    for inclusive in OPTICAL_FLOW_SCALE_RANGE:
+        assert OpticalFlowPropagator(flow_scale=inclusive).flow_scale == inclusive
+
+
+@pytest.mark.parametrize("hw, scale, stride", [((64, 96), 1.0, 8.0), ((64, 101), 0.5, 2.0), ((48, 128), 0.5, 6.0)])
+def test_optical_flow_grid_stride_warps_with_the_pooled_flow(band_model, hw, scale, stride):
+    """With grid_stride the flow is area-averaged onto ceil(H / stride) x ceil(W / stride) cells, at
+    most the flow's own size (64 x 101 at scale 0.5, stride 2: 51 columns asked of a 50-column flow),
+    before the masks are warped."""
+    key = band_model.segment_key_frame(_texture_image(*hw, 3))
+    current = _texture_image(*hw, 3, shift=4)
+    prop = OpticalFlowPropagator(flow_scale=scale, grid_stride=stride, chain_flow=False)
+    got = prop.propagate(key, current)
+    flow = prop.flow(prop._grey(current), prop._grey(key.image))
+    gh, gw = grid_hw(hw, stride)
+    pooled = pool_flow(flow, (min(gh, flow.shape[0]), min(gw, flow.shape[1])))
+    want = warp_mask_logits(key.mask_logits, torch.from_numpy(pooled).permute(2, 0, 1)[None, None], "exact")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("chain_flow", [False, True])
+def test_optical_flow_greys_each_new_key_frame(band_model, chain_flow):
+    """After a new key frame the flow points into the new key frame's grey image, not the old one's."""
+    key_a = band_model.segment_key_frame(_texture_image(64, 96, 1))
+    key_b = band_model.segment_key_frame(_texture_image(64, 96, 1, shift=5))
+    current = _texture_image(64, 96, 1, shift=3)
+    prop = OpticalFlowPropagator(flow_scale=1.0, chain_flow=chain_flow)
+    prop.propagate(key_a, current)
+    fresh = OpticalFlowPropagator(flow_scale=1.0, chain_flow=chain_flow).propagate(key_b, current)
+    torch.testing.assert_close(prop.propagate(key_b, current), fresh, atol=0, rtol=0)
+
+
 # --------------------------------------------------------------- from the mutation pass of stop 47
 
 def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -252,6 +297,12 @@ def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
 
 
+def _texture_image(h: int, w: int, seed: int = 0, shift: int = 0) -> torch.Tensor:
+    """(1, 3, h, w) float32 grey canvas tensor of :func:`_texture`, its content rolled ``shift`` px right."""
+    grey = np.roll(_texture(h, w, seed), shift, axis=1)
+    return torch.from_numpy(np.stack([grey] * 3)).float()[None]
+
+
 def _grey_of(image: torch.Tensor) -> np.ndarray:
     rgb = image[0].permute(1, 2, 0).clamp(0, 255).to(torch.uint8).numpy()
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
@@ -263,6 +314,19 @@ def test_query_flow_accepts_a_model_that_does_not_say_whether_its_motion_is_trai
     assert QueryFlowPropagator(stub, chain_flow=False).propagate("k", "i") == ("warped", "k", "i")
     with pytest.raises(ValueError, match="motion module"):
         QueryFlowPropagator(SimpleNamespace(motion_trained=False))
+
+
+def test_every_propagator_carries_only_the_active_queries(band_model):
+    """A key frame limited to some of its queries (``active``) gives the masks of those queries
+    only, in that order: copied, warped by query flow (here a zero flow) or by optical flow (here
+    between identical frames)."""
+    image = _texture_image(64, 96)
+    key = dataclasses.replace(band_model.segment_key_frame(image), active=torch.tensor([2, 0]))
+    zero_flow = SimpleNamespace(cfg=SimpleNamespace(input=SimpleNamespace(warp_normalization="exact")),
+                                query_flows=lambda key, image, reference: torch.zeros(1, 1, 2, 16, 24))
+    for prop in (CopyPropagator(), QueryFlowPropagator(zero_flow), OpticalFlowPropagator(flow_scale=1.0)):
+        torch.testing.assert_close(prop.propagate(key, image), key.mask_logits[:, [2, 0]], atol=1e-3, rtol=0,
+                                   msg=prop.name)
 
 
 def test_optical_flow_uses_the_dis_preset_asked_for():
@@ -281,6 +345,8 @@ def test_farneback_flow_points_from_the_current_frame_into_the_key_frame():
     inner = flow[16:-16, 16:-16]
     assert float(np.median(inner[..., 0])) == pytest.approx(3.0, abs=0.5)
     assert float(np.median(inner[..., 1])) == pytest.approx(0.0, abs=0.5)
+    # it is OpenCV's Farneback (not DIS), with the propagator's pyramid and window settings
+    np.testing.assert_array_equal(flow, cv2.calcOpticalFlowFarneback(cur, key, None, 0.5, 3, 15, 3, 5, 1.2, 0))
 
 
 def test_grey_clamps_values_outside_0_255_before_the_uint8_conversion():
@@ -318,6 +384,30 @@ def test_grid_hw_rounds_each_side_up():
     assert grid_hw(torch.Size([33, 65]), 32 / 3) == (4, 7)
 
 
+def test_pool_flow_averages_each_cell_in_the_coarser_grids_pixels():
+    flow = np.zeros((40, 60, 2), np.float32)
+    flow[..., 0], flow[..., 1] = 4.0, 2.0
+    out = pool_flow(flow, (10, 20))
+    assert out.shape == (10, 20, 2)
+    np.testing.assert_allclose(out[..., 0], 4.0 * 20 / 60, rtol=1e-6)  # x scaled by gw / w
+    np.testing.assert_allclose(out[..., 1], 2.0 * 10 / 40, rtol=1e-6)  # y by gh / h
+    flow = np.zeros((6, 9, 2), np.float32)
+    flow[:, 2::3, 0] = 3.0  # one column in three: each 3 x 3 cell averages to 1 px (of the fine grid)
+    np.testing.assert_allclose(pool_flow(flow, (2, 3))[..., 0], 1.0 * 3 / 9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, grid, words", [
+    ((8, 8, 2), (9, 8), "within"), ((8, 8, 2), (8, 9), "within"), ((8, 8, 2), (0, 4), "within"),
+    ((8, 8, 3), (4, 4), r"must be \(h, w, 2\)"), ((8, 8), (4, 4), r"must be \(h, w, 2\)"),
+])
+def test_pool_flow_refuses_a_grid_finer_than_the_flow_and_a_flow_not_h_w_2(shape, grid, words):
+    with pytest.raises(ValueError, match=words):
+        pool_flow(np.zeros(shape, np.float32), grid)
+
+
 def test_describe_gives_no_dis_preset_for_farneback():
     assert OpticalFlowPropagator("farneback", preset="medium").describe()["preset"] is None
     assert OpticalFlowPropagator("dis", preset="medium").describe()["preset"] == "medium"
+    assert OpticalFlowPropagator(flow_scale=0.25, grid_stride=8.0, preset="medium", chain_flow=False).describe() == {
+        "name": "optical_flow", "method": "dis", "preset": "medium", "flow_scale": 0.25, "grid_stride": 8.0,
+        "chain_flow": False}

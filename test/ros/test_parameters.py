@@ -251,6 +251,7 @@ def test_validate_normalises_values():
     ("palette", [-1], "0x0"),
     ("palette", "red", "list of integers"),
     ("palette", [1.0], "list of integers"),
+    ("palette", b"\x01\x02", "list of integers"),  # bytes iterate as integers but are no list
     ("model", 3, "string"),
 ])
 def test_validation_errors_name_the_parameter(name, value, words):
@@ -266,7 +267,8 @@ def test_cross_parameter_and_unknown_name_errors():
     validate({"min_interval": 10, "max_interval": 10})
     with pytest.raises(ValueError, match="'onnx_dir': needs backend onnxruntime or tensorrt"):
         validate({"onnx_dir": "/opt/export"})  # backend torch (the default) runs model/weights
-    assert validate({"onnx_dir": "/opt/export", "backend": "tensorrt"}).onnx_dir == "/opt/export"
+    for backend in ("onnxruntime", "tensorrt"):  # either export backend runs an export folder
+        assert validate({"onnx_dir": "/opt/export", "backend": backend}).onnx_dir == "/opt/export"
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['image_topic'\]"):
         validate({"image_topic": "/camera/image_raw"})
 
