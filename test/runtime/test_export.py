@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import onnx
 import pytest
 import torch
 
+import mpvss_ros.io.samples as samples
 from helpers import live_copies
 from mpvss_ros.cli import main
 from mpvss_ros.config import load_model_config
@@ -195,22 +197,29 @@ def test_padded_size_in_contract(lite_360):
 def test_parity_seeded_random(lite_small, lite):
     parity = check_parity(lite_small.out_dir, lite.model, _random_frames((96, 128)), source="random")
     assert parity["passed"], parity
+    assert parity["frames"] == "random"  # the report names the frames it was given
     for name, o in parity["outputs"].items():
         assert o["max_abs_diff"] <= 1e-3, (name, o)
     assert parity["label_agreement"]["key_frame"] >= 0.999
 
 
 def test_parity_fails_on_a_graph_of_other_weights(lite_small, lite):
-    # the check must catch a mismatch: the graphs compared with a model whose backbone stem differs
+    # the check must catch a mismatch: the graphs compared with a model whose backbone stem (and
+    # motion module's first convolution) differs
     other = copy.deepcopy(lite.model)
     with torch.no_grad():
         stem = next(p for p in other.parameters() if p.dim() == 4)
         stem.add_(0.05 * torch.randn(stem.shape, generator=torch.Generator().manual_seed(0)))
+        conv = next(p for p in other.motion.parameters() if p.dim() == 4)
+        conv.add_(0.5 * torch.randn(conv.shape, generator=torch.Generator().manual_seed(1)))
     parity = check_parity(lite_small.out_dir, other, _random_frames((96, 128)), source="random")
     assert not parity["passed"]
     for name in ("class_logits", "mask_logits"):
         out = parity["outputs"][name]
         assert not out["passed"] and out["max_abs_diff"] > out["tolerance"], (name, out)
+    # label agreement is the share of the 24 x 32 mask-grid pixels whose class argmax agrees
+    for graph, share in parity["label_agreement"].items():
+        assert share < 1 and share * 24 * 32 == pytest.approx(round(share * 24 * 32), abs=1e-9), (graph, share)
 
 
 def test_parity_real_frames_360x480(lite_360, lite, real_frames):
@@ -223,6 +232,29 @@ def test_parity_real_frames_360x480(lite_360, lite, real_frames):
         out = parity["outputs"][name]
         assert out["max_abs_diff"] <= 1e-3 + 2e-5 * out["max_abs_ref"], (name, out)
     assert min(parity["label_agreement"].values()) >= 0.999
+
+
+def test_parity_frames_are_real_frames_step_apart_resized(real_frames):
+    """The default parity frames: frames 0 and 3 of the first real source (as real_frames reads
+    it), each resized to the valid size with INTER_AREA when it shrinks."""
+    frames, source = parity_frames((64, 96))
+    assert source.endswith(" frames 0..3 step 3 resized to 64x96"), source
+    assert len(frames) == 2 and all(f.shape == (64, 96, 3) and f.dtype == np.uint8 for f in frames)
+    for got, want in zip(frames, (real_frames[0], real_frames[3])):
+        np.testing.assert_array_equal(got, cv2.resize(want, (96, 64), interpolation=cv2.INTER_AREA))
+
+
+def test_parity_frames_without_real_frames_are_distinct_random_images(monkeypatch):
+    """Without CamVid or bikes.mp4 the parity frames are seeded random images, each its own."""
+    def no_clip():
+        raise FileNotFoundError("no bikes.mp4")
+
+    monkeypatch.setattr(samples, "camvid_dir", lambda split: None)
+    monkeypatch.setattr(samples, "bikes_clip", no_clip)
+    frames, source = parity_frames((32, 48), count=3)
+    assert source.startswith("seeded random")
+    assert len(frames) == 3 and all(f.shape == (32, 48, 3) and f.dtype == np.uint8 for f in frames)
+    assert not np.array_equal(frames[0], frames[1]) and not np.array_equal(frames[1], frames[2])
 
 
 def test_r50_export_small(tmp_path):
@@ -874,15 +906,35 @@ def test_a_built_contract_has_no_problems_padded_and_not(cfg):
         assert _problems(contract) == [], hw
     c = build_contract(cfg, (360, 480))["canvas"]
     assert c["valid_hw"] == [360, 480] and c["padded_hw"] == [384, 480] and c["mask_hw"] == [96, 120]
+    # the descriptive copies are optional (a contract written by hand may leave them out)
+    contract = build_contract(cfg, (96, 128))
+    for key in ("num_classes", "num_queries", "class_names", "palette", "preprocess"):
+        del contract[key]
+    assert _problems(contract) == []
 
 
 def test_build_contract_records_motion_trained(cfg):
     assert build_contract(cfg, (96, 128))["motion_trained"] is True
     assert build_contract(cfg, (96, 128), motion_trained=False)["motion_trained"] is False
+    # trained: null when unknown, not false
+    assert build_contract(cfg, (96, 128))["trained"] is None
+    assert build_contract(cfg, (96, 128), trained=False)["trained"] is False
+
+
+@pytest.mark.parametrize("name", ["mpvss_lite", "mpvss_r50"])
+def test_the_contract_copies_the_pre_and_postprocessing_of_its_model(name):
+    """The contract's descriptive copies follow the model (lite: 'area', 'mask', 0.01; r50:
+    'pil_bilinear', 'canvas', 0.0), for runtimes that read only these keys."""
+    model_cfg = load_model_config(name)
+    contract = build_contract(model_cfg, (64, 96))
+    assert contract["preprocess"]["interpolation"] == model_cfg.input.interpolation
+    assert contract["postprocess"]["score_resolution"] == model_cfg.postprocess.score_resolution
+    assert contract["postprocess"]["min_query_score"] == model_cfg.postprocess.min_query_score
 
 
 @pytest.mark.parametrize("edit, words", [
     (lambda c: c.update(motion_trained="false"), "motion_trained must be true or false"),
+    (lambda c: c.update(motion_trained=0), "motion_trained must be true or false"),  # 0 is not False
     (lambda c: c["canvas"].update(valid_hw=[0, 128]), "canvas must hold valid_hw and padded_hw"),
     (lambda c: c.update(num_queries=True), "num_queries must be a positive integer"),
     (lambda c: c["graphs"]["key_frame"]["outputs"][0].update(shape=[1, 32, "12"]),
@@ -909,6 +961,14 @@ def test_read_contract_needs_both_graph_files(cfg, tmp_path):
     assert read_contract(d)["canvas"]["valid_hw"] == [96, 128]
     (d / "non_key_frame.onnx").unlink()
     with pytest.raises(FileNotFoundError, match="non_key_frame.onnx not found"):
+        read_contract(d)
+
+
+def test_read_contract_calls_a_contract_that_is_not_json_malformed(cfg, tmp_path):
+    """A contract.json that is not JSON is malformed (ValueError), not missing (FileNotFoundError)."""
+    d = _folder(tmp_path, build_contract(cfg, (96, 128)))
+    (d / CONTRACT_FILE).write_text("{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
         read_contract(d)
 
 
@@ -1177,6 +1237,34 @@ def test_parity_tolerance_is_atol_plus_rtol_of_the_reference_range(export_32, li
         assert o["passed"] == (o["max_abs_diff"] <= o["tolerance"])
 
 
+def test_parity_runs_the_non_key_graph_on_the_last_frame(export_32, lite):
+    """The key graph runs on frames[0], the non-key graph on frames[-1]: a pair of different
+    frames gives other flows than the first frame twice, the same key-frame outputs."""
+    a, b = _random_frames((32, 64))
+    pair = check_parity(export_32.out_dir, lite.model, [a, b])
+    same = check_parity(export_32.out_dir, lite.model, [a, a])
+    assert pair["frames"] == "given frames"  # no source given
+    assert pair["outputs"]["class_logits"]["max_abs_ref"] == same["outputs"]["class_logits"]["max_abs_ref"]
+    assert pair["outputs"]["flows"]["max_abs_ref"] != same["outputs"]["flows"]["max_abs_ref"]
+
+
+def test_parity_figures_are_the_largest_absolute_values(export_32, lite):
+    """max_abs_diff is max |onnx - torch| and max_abs_ref max |torch| over each output (not a
+    mean, not a signed maximum), measured here apart for the key graph's outputs."""
+    frame = _random_frames((32, 64), n=1)[0]
+    parity = check_parity(export_32.out_dir, lite.model, [frame])
+    image = np.ascontiguousarray(frame.transpose(2, 0, 1)[None].astype(np.float32))  # 32 x 64: no padding
+    names = ["class_logits", "mask_logits"]
+    got = dict(zip(names, make_session(export_32.key_frame, threads=1).run(names, {"image": image})))
+    with torch.no_grad():
+        key = lite.model.eval().segment_key_frame(torch.from_numpy(image), (32, 64))
+    for name, ref in (("class_logits", key.class_logits.numpy()), ("mask_logits", key.mask_logits.numpy())):
+        o = parity["outputs"][name]
+        assert o["max_abs_ref"] == pytest.approx(float(np.abs(ref).max()), rel=1e-9), name
+        assert o["max_abs_diff"] == pytest.approx(float(np.abs(got[name].astype(np.float64) - ref).max()),
+                                                  rel=1e-6, abs=1e-12), name
+
+
 def test_parity_refuses_frames_of_another_size(cfg, tmp_path, lite):
     """E34: frames must be of the contract's valid size (checked before any session is made)."""
     d = _folder(tmp_path, build_contract(cfg, (96, 128)))
@@ -1241,6 +1329,33 @@ def test_a_graph_source_from_a_folder_refuses_a_changed_non_key_graph(cfg, tmp_p
         GraphSource.from_dir(d)
 
 
+def test_a_graph_source_from_a_folder_takes_its_provenance_from_the_contract(cfg, tmp_path):
+    """weights and trained come from the contract; motion_trained too, true when the contract
+    (an older one) has no such key, false only when it says false."""
+    contract = build_contract(cfg, (96, 128), weights="w.pt", trained=True)
+    del contract["motion_trained"]
+    source = GraphSource.from_dir(_folder(tmp_path, contract))
+    assert source.weights == "w.pt" and source.trained is True and source.motion_trained is True
+    contract["motion_trained"] = False
+    assert GraphSource.from_dir(_folder(tmp_path, contract)).motion_trained is False
+
+
+def test_a_graph_source_lists_the_sizes_it_has_exported_in_order(lite, tmp_path, monkeypatch):
+    """sizes: the valid sizes exported so far (available without exporting again), sorted."""
+    def fake_cached_export(model, hw, cache_dir, **kwargs):
+        d = tmp_path / f"{hw[0]}x{hw[1]}"
+        d.mkdir()
+        (d / CONTRACT_FILE).write_text("{}")
+        return d
+
+    monkeypatch.setattr(export_module, "cached_export", fake_cached_export)
+    source = GraphSource.from_model(lite.model, tmp_path)
+    assert source.sizes == []
+    source.get((96, 128))
+    source.get((64, 64))
+    assert source.sizes == [(64, 64), (96, 128)]
+
+
 # The onnxruntime backend and load_backend / as_backend (stop 49's mutation pass of onnx_backend.py and
 # runtime/__init__.py, base.py).
 
@@ -1257,6 +1372,7 @@ def test_make_session_optimises_the_whole_graph(lite_small):
     so = make_session(lite_small.key_frame, threads=1).get_session_options()
     assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert so.inter_op_num_threads == 1 and so.intra_op_num_threads == 1
+    assert so.log_severity_level == 3  # errors only: no onnxruntime warnings on every session
 
 
 def test_make_session_asks_for_the_cuda_device_it_was_given(lite_small, monkeypatch):
