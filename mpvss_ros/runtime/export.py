@@ -633,7 +633,8 @@ def check_parity(export_dir: str | Path, model: MPVSS, frames: Sequence[np.ndarr
     padded = tuple(contract["canvas"]["padded_hw"])
     if frames is None:
         frames, source = parity_frames(valid)  # type: ignore[assignment]
-    if len(frames) < 1 or tuple(frames[0].shape[:2]) != valid:
+    # the key graph runs on the first frame and the non-key graph on the last: both must fit
+    if len(frames) < 1 or any(tuple(f.shape[:2]) != valid for f in (frames[0], frames[-1])):
         raise ValueError(f"parity frames must be {valid[0]}x{valid[1]}")
     model = _cpu_eval(model)
     key_img, cur_img = _canvas(frames[0], padded), _canvas(frames[-1], padded)

@@ -1266,10 +1266,15 @@ def test_parity_figures_are_the_largest_absolute_values(export_32, lite):
 
 
 def test_parity_refuses_frames_of_another_size(cfg, tmp_path, lite):
-    """E34: frames must be of the contract's valid size (checked before any session is made)."""
+    """Frames must be of the contract's valid size (checked before any session is made): the
+    first, for the key graph, and the last, for the non-key graph (a smaller last frame was padded
+    with zeros without a word, a larger one failed in numpy's broadcasting)."""
     d = _folder(tmp_path, build_contract(cfg, (96, 128)))
-    with pytest.raises(ValueError, match="parity frames must be 96x128"):
-        check_parity(d, lite.model, [np.zeros((64, 128, 3), np.uint8)])
+    fits = np.zeros((96, 128, 3), np.uint8)
+    for frames in ([np.zeros((64, 128, 3), np.uint8)], [fits, np.zeros((48, 64, 3), np.uint8)],
+                   [fits, np.zeros((128, 128, 3), np.uint8)]):
+        with pytest.raises(ValueError, match="parity frames must be 96x128"):
+            check_parity(d, lite.model, frames)
 
 
 # -- fingerprint
