@@ -258,7 +258,7 @@ def test_a_clip_of_one_block_and_a_few_frames_has_no_interval(frames):
 
 
 @pytest.mark.parametrize("a, b", [
-    (_counts(), _counts(tp=-1)),           # B's TP negative, every other check holds (B11)
+    (_counts(), _counts(tp=-1)),           # B's TP negative, every other check holds
     (_counts(tp=-1), _counts()),
     (_counts(), _counts(tp=0, pred=-1)),
 ])
@@ -269,6 +269,6 @@ def test_negative_counts_of_either_setting_are_refused(a, b):
 
 @pytest.mark.parametrize("level", [0.0, 1.0, -0.5, float("nan")])
 def test_level_must_be_strictly_between_0_and_1(level):
-    # level 0 gave a zero-width "0 % interval" at the median (B13)
+    # level 0 gave a zero-width "0 % interval" at the median
     with pytest.raises(ValueError, match="level must be in"):
         paired_difference_of_counts(_counts(frames=30), _counts(frames=30), block=5, samples=50, level=level)

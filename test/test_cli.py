@@ -1018,7 +1018,7 @@ def test_an_output_folder_that_cannot_be_prepared_is_no_partial_output(tmp_path,
 
 def test_backend_failures_not_in_a_row_never_stop_mpvss_segment(tmp_path, monkeypatch):
     """A frame segmented resets the count of failures in a row (segment_path calls
-    failures.succeeded(); O02): with the limit lowered to 2, a backend failing on every non-key
+    failures.succeeded()): with the limit lowered to 2, a backend failing on every non-key
     frame fails twice in all but never twice in a row, and the run completes."""
     import mpvss_ros.offline as offline
     from mpvss_ros.propagation import CopyPropagator
@@ -1034,8 +1034,8 @@ def test_backend_failures_not_in_a_row_never_stop_mpvss_segment(tmp_path, monkey
 
 
 def test_summary_class_pixel_share_is_over_every_frame(tmp_path, monkeypatch):
-    """class_pixel_share sums the labels of every frame segmented (O10), lists only classes with
-    pixels (O09), and each share is that class's pixels over all pixels."""
+    """class_pixel_share sums the labels of every frame segmented, lists only classes with
+    pixels, and each share is that class's pixels over all pixels."""
     from mpvss_ros.io.video import read_label_png
 
     rng = np.random.default_rng(4)
@@ -1051,7 +1051,7 @@ def test_summary_class_pixel_share_is_over_every_frame(tmp_path, monkeypatch):
 
 
 def test_run_stats_key_frame_ratio_counts_frames_without_a_total():
-    """key_frame_ratio is key frames over frames added, frames without a total timing included (O06)."""
+    """key_frame_ratio is key frames over frames added, frames without a total timing included."""
     from mpvss_ros.offline import RunStats
 
     stats = RunStats(3)
@@ -1068,7 +1068,7 @@ def test_run_stats_key_frame_ratio_counts_frames_without_a_total():
 
 @pytest.mark.parametrize("fps, written", [(0.5, 1.0), (0.01, 1.0), (1000.0, 240.0), (25.0, 25.0)])
 def test_the_overlay_video_rate_is_kept_within_1_to_240_fps(tmp_path, fps, written):
-    """overlay.mp4 is written at 1-240 fps whatever the input's rate (O14: the lower bound)."""
+    """overlay.mp4 is written at 1-240 fps whatever the input's rate (the lower bound)."""
     from mpvss_ros.offline import OVERLAY_FPS_RANGE, _OverlayVideo
 
     assert OVERLAY_FPS_RANGE == (1.0, 240.0)
@@ -1080,7 +1080,7 @@ def test_the_overlay_video_rate_is_kept_within_1_to_240_fps(tmp_path, fps, writt
 
 
 def test_the_overlay_tag_says_key_frame_or_propagated(tmp_path, monkeypatch):
-    """Each overlay frame's tag is frame_tag of its result (O17: inverted key / propagated)."""
+    """Each overlay frame's tag is frame_tag of its result (inverted key / propagated)."""
     import mpvss_ros.offline as offline
 
     tags, real = [], offline.overlay
@@ -1092,7 +1092,7 @@ def test_the_overlay_tag_says_key_frame_or_propagated(tmp_path, monkeypatch):
 
 
 def test_summary_fps_leaves_out_the_backend_setup_time(tmp_path, monkeypatch):
-    """summary fps = frames / (wall_time_s - setup_s) (README: its fps leaves out setup_s; O21).
+    """summary fps = frames / (wall_time_s - setup_s) (README: its fps leaves out setup_s).
     The time of the first push is booked as setup (as a fixed-shape backend's export would be):
     no timing is asserted, only the identity between the summary's own figures."""
     import time
@@ -1121,7 +1121,7 @@ def test_summary_fps_leaves_out_the_backend_setup_time(tmp_path, monkeypatch):
 # -- Flags, defaults and result lines (stop 49's mutation pass of cli.py)
 
 def test_optical_flow_scale_accepts_both_ends_of_its_range():
-    """C01: the help and the node parameter say 0.1 <= s <= 1: both ends parse."""
+    """The help and the node parameter say 0.1 <= s <= 1: both ends parse."""
     parser = build_parser()
     for value in ("0.1", "1"):
         args = parser.parse_args(["segment", "IN", "--out", "o", "--optical-flow-scale", value])
@@ -1129,12 +1129,12 @@ def test_optical_flow_scale_accepts_both_ends_of_its_range():
 
 
 def test_eval_study_default_intervals_are_the_documented_ones():
-    """C09: --intervals defaults to 1 2 3 5 10 (help and README)."""
+    """--intervals defaults to 1 2 3 5 10 (help and README)."""
     assert build_parser().parse_args(["eval"]).intervals == [1, 2, 3, 5, 10]
 
 
 def test_bag_defaults_namespace_and_detected_compression():
-    """C11, C13: --namespace defaults to /mpvss; without --compressed the type is detected from the
+    """--namespace defaults to /mpvss; without --compressed the type is detected from the
     bag (None), not forced to raw Image (False)."""
     args = build_parser().parse_args(["bag", "IN", "OUT", "--topic", "/cam"])
     assert args.namespace == "/mpvss"
@@ -1156,7 +1156,7 @@ def _fake_segmentor(monkeypatch, tmp_path, val):
 
 
 def test_train_result_line_reports_the_last_validation(tmp_path, capsys, monkeypatch):
-    """C39: the result line's val is the latest validation, not the first."""
+    """The result line's val is the latest validation, not the first."""
     _fake_segmentor(monkeypatch, tmp_path, [{"step": 1, "mIoU": 10.0}, {"step": 3, "mIoU": 30.0}])
     assert main(["train", "segmentor", "--run-dir", str(tmp_path / "run")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -1164,7 +1164,7 @@ def test_train_result_line_reports_the_last_validation(tmp_path, capsys, monkeyp
 
 
 def test_threads_upper_bound_4096_is_accepted(tmp_path, capsys, monkeypatch):
-    """C42: --threads in [0, 4096]: 4096 itself is accepted (and set), 4097 refused."""
+    """--threads in [0, 4096]: 4096 itself is accepted (and set), 4097 refused."""
     set_to = []
     monkeypatch.setattr(torch, "set_num_threads", set_to.append)
     seen = _fake_segmentor(monkeypatch, tmp_path, [])
@@ -1175,7 +1175,7 @@ def test_threads_upper_bound_4096_is_accepted(tmp_path, capsys, monkeypatch):
 
 
 def test_a_long_runtime_error_prints_twenty_lines_and_counts_the_rest(tmp_path, monkeypatch, capsys):
-    """C48: at most 20 lines of a RuntimeError's message, then how many more there were."""
+    """At most 20 lines of a RuntimeError's message, then how many more there were."""
     def fail(args):
         raise RuntimeError("\n".join(f"line {i}" for i in range(25)))
 
@@ -1186,7 +1186,7 @@ def test_a_long_runtime_error_prints_twenty_lines_and_counts_the_rest(tmp_path, 
 
 
 def test_eval_at_a_frame_rate_below_one_keeps_the_fixed_schedule(tmp_path, capsys):
-    """C33: mpvss eval stamps frames index / fps: at 0.5 fps they are 2 s apart, which must not be
+    """mpvss eval stamps frames index / fps: at 0.5 fps they are 2 s apart, which must not be
     read as a time gap that makes every frame a key frame (max_gap_s infinite)."""
     folder = tmp_path / "frames"
     base = cv2.resize(np.random.default_rng(3).integers(0, 256, (12, 16, 3), dtype=np.uint8), (64, 48))
@@ -1206,7 +1206,7 @@ def _noise_folder(tmp_path, n=3):
 
 
 def test_eval_adaptive_schedule_runs_with_the_given_cut_threshold_and_max_interval(tmp_path, capsys):
-    """C07: mpvss eval builds its scheduler from the pipeline options: --cut-threshold (and
+    """mpvss eval builds its scheduler from the pipeline options: --cut-threshold (and
     --max-interval) reach the adaptive scheduler that runs (eval.json schedule_settings)."""
     folder = _noise_folder(tmp_path)
     out = tmp_path / "out"
@@ -1218,7 +1218,7 @@ def test_eval_adaptive_schedule_runs_with_the_given_cut_threshold_and_max_interv
 
 
 def test_max_interval_zero_is_refused_by_its_flag_with_a_fixed_schedule(tmp_path, capsys, monkeypatch):
-    """C03: --max-interval must be >= 1, also when the (fixed) schedule does not use it, named by
+    """--max-interval must be >= 1, also when the (fixed) schedule does not use it, named by
     its flag, before the model loads."""
     monkeypatch.setattr(cli, "load_model_and_backend", lambda *a, **k: pytest.fail("loaded the model"))
     folder = _noise_folder(tmp_path, 1)
@@ -1231,7 +1231,7 @@ def test_max_interval_zero_is_refused_by_its_flag_with_a_fixed_schedule(tmp_path
 
 
 def test_segment_result_line_counts_frames_missing_at_the_end_as_unreadable(tmp_path, capsys, monkeypatch):
-    """C21: the result line's "unreadable" is the files skipped while reading plus the frames a
+    """The result line's "unreadable" is the files skipped while reading plus the frames a
     video announced but never delivered (missing_at_end), as summary.json lists them."""
     import mpvss_ros.offline as offline
 

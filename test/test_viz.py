@@ -285,8 +285,8 @@ def test_the_tag_never_covers_the_legend(hw):
 
 
 @pytest.mark.parametrize("palette", [
-    [[0, 0, -1], [0, 0, 0]],          # negative: would wrap to 255 (V06)
-    [[0, 0, 12.5], [0, 0, 0]],        # fractional: would be cut to 12 (V07)
+    [[0, 0, -1], [0, 0, 0]],          # negative: would wrap to 255
+    [[0, 0, 12.5], [0, 0, 0]],        # fractional: would be cut to 12
 ])
 def test_make_palette_refuses_colours_that_are_not_integers_0_to_255(palette):
     with pytest.raises(ValueError, match="base"):
@@ -297,7 +297,7 @@ def test_make_palette_refuses_colours_that_are_not_integers_0_to_255(palette):
 
 
 def test_overlay_keeps_the_image_under_void_255_with_a_255_colour_palette():
-    """uint8 labels and K = 255: label 255 is void (outside 0..254) and keeps the image (V08)."""
+    """uint8 labels and K = 255: label 255 is void (outside 0..254) and keeps the image."""
     image, labels = _scene(40, 60)
     labels[:, -10:] = 255
     pal = make_palette(255)
@@ -315,7 +315,7 @@ def test_overlay_refuses_alpha_outside_0_1_on_both_sides(alpha):
 
 @pytest.mark.parametrize("hw", [(240, 180), (480, 270)])
 def test_overlay_tag_never_draws_over_the_legend(hw):
-    """overlay itself passes the legend's box to draw_tag (V17): on portrait frames, where the
+    """overlay itself passes the legend's box to draw_tag: on portrait frames, where the
     wide legend reaches under the top-right corner, the legend's pixels are the same with and
     without a tag."""
     h, w = hw
@@ -332,7 +332,7 @@ def test_overlay_tag_never_draws_over_the_legend(hw):
 
 
 def test_legend_and_tag_background_is_darkened_to_three_eighths():
-    """The box behind legend and tag keeps 37.5 % of the image (V18): on a uniform grey of 200,
+    """The box behind legend and tag keeps 37.5 % of the image: on a uniform grey of 200,
     the background pixels of the tag's box are 75."""
     image = np.full((272, 640, 3), 200, np.uint8)
     x0, y0, x1, y1 = draw_tag(image, "key frame", "top-right")
@@ -342,7 +342,7 @@ def test_legend_and_tag_background_is_darkened_to_three_eighths():
 
 
 def test_legend_swatch_is_the_class_colour_in_rgb():
-    """The swatch is drawn in the palette's RGB colour, channels not swapped (V24)."""
+    """The swatch is drawn in the palette's RGB colour, channels not swapped."""
     pal = np.array([[250, 10, 120], [10, 200, 30]], np.uint8)
     labels = np.zeros((272, 640), np.uint8)
     image = np.zeros((272, 640, 3), np.uint8)
@@ -355,7 +355,7 @@ def test_legend_swatch_is_the_class_colour_in_rgb():
 def test_legend_refuses_class_names_not_one_per_colour():
     image, labels = _scene(40, 60)
     pal = make_palette(11)
-    for names in ([f"c{i}" for i in range(10)], [f"c{i}" for i in range(12)]):  # V23: too many names passed
+    for names in ([f"c{i}" for i in range(10)], [f"c{i}" for i in range(12)]):  # too many names passed
         with pytest.raises(ValueError, match="class_names"):
             overlay(image, labels, pal, class_names=names)
         with pytest.raises(ValueError, match="class_names"):

@@ -1072,14 +1072,14 @@ def test_autoware_mask_refuses_signed_labels(ts, types):
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int8, np.float32])
 def test_numpy_payload_of_another_dtype_is_refused(dtype):
-    """A numpy payload must hold uint8 bytes: 12 uint16 values are no 2 x 2 rgb8 image (C01)."""
+    """A numpy payload must hold uint8 bytes: 12 uint16 values are no 2 x 2 rgb8 image."""
     with pytest.raises(ConversionError, match="must hold uint8 bytes"):
         image_to_rgb(fake_image(data=np.arange(12, dtype=dtype)))
 
 
 @pytest.mark.parametrize("field", ["height", "width", "step"])
 def test_bool_size_fields_are_refused(field):
-    """True is an int in Python, but no image size (C04)."""
+    """True is an int in Python, but no image size."""
     fields = dict(height=1, width=1, step=3, data=bytes(3))
     fields[field] = True
     with pytest.raises(ConversionError, match=f"'{field}' must be an integer"):
@@ -1112,7 +1112,7 @@ def test_a_colour_jpeg_labelled_as_a_bayer_mosaic_is_refused(ts, colour):
     ("rgb8", np.full((2, 2, 3), -1, np.int8)),
 ])
 def test_make_image_refuses_signed_arrays(types, ts, encoding, arr):
-    """A signed label array would wrap (-1 -> 255 / 65535) instead of being refused (C35)."""
+    """A signed label array would wrap (-1 -> 255 / 65535) instead of being refused."""
     with pytest.raises(ConversionError, match="needs an array"):
         make_image(types.image, make_header(ts), arr, encoding)
 
@@ -1121,7 +1121,7 @@ def test_make_image_refuses_signed_arrays(types, ts, encoding, arr):
 
 
 def test_class_masks_are_ascending_whatever_the_mapping_order(types, ts):
-    """ClassMasks.msg: class_ids ascending, names and masks in the same order (C43)."""
+    """ClassMasks.msg: class_ids ascending, names and masks in the same order."""
     masks = {3: np.full((2, 3), 255, np.uint8), 0: np.zeros((2, 3), np.uint8), 1: np.eye(2, 3, dtype=np.uint8) * 255}
     msg = make_class_masks(types.class_masks, types.image, make_header(ts), masks, ["a", "b", "c", "d"])
     assert list(msg.class_ids) == [0, 1, 3]
@@ -1131,7 +1131,7 @@ def test_class_masks_are_ascending_whatever_the_mapping_order(types, ts):
 
 
 def test_class_masks_name_classes_beyond_the_name_list(types, ts):
-    """A class without a name gets 'class <id>', also the first id past the list (C41)."""
+    """A class without a name gets 'class <id>', also the first id past the list."""
     masks = {1: np.zeros((2, 2), np.uint8), 2: np.zeros((2, 2), np.uint8), 7: np.zeros((2, 2), np.uint8)}
     msg = make_class_masks(types.class_masks, types.image, make_header(ts), masks, ["a", "b"])
     assert msg.class_names == ["b", "class 2", "class 7"]
@@ -1139,7 +1139,7 @@ def test_class_masks_name_classes_beyond_the_name_list(types, ts):
 
 @pytest.mark.parametrize("cid", [-1, 65536])
 def test_class_masks_refuse_ids_outside_uint16(types, ts, cid):
-    """class_ids is uint16: -1 and 65536 are refused as ConversionError (C42, C60)."""
+    """class_ids is uint16: -1 and 65536 are refused as ConversionError."""
     with pytest.raises(ConversionError, match=r"0\.\.65535"):
         make_class_masks(types.class_masks, types.image, make_header(ts), {cid: np.zeros((2, 2), np.uint8)}, ["a"])
 
@@ -1154,7 +1154,7 @@ def _result(**changes) -> SegmentationResult:
 
 
 def test_segmentation_info_total_defaults_to_the_sum_of_the_stages(types, ts):
-    """Without a 'total' entry total_latency_ms is the stages' sum (C45)."""
+    """Without a 'total' entry total_latency_ms is the stages' sum."""
     msg = make_segmentation_info(types.segmentation_info, types.time, make_header(ts), _result())
     assert list(msg.stage_names) == ["schedule", "preprocess", "propagation", "postprocess"]
     assert msg.total_latency_ms == pytest.approx(7.5)
@@ -1162,7 +1162,7 @@ def test_segmentation_info_total_defaults_to_the_sum_of_the_stages(types, ts):
 
 @pytest.mark.parametrize("stamp", [math.nan, math.inf])
 def test_segmentation_info_with_an_unknown_key_frame_stamp_is_zero(types, ts, stamp):
-    """A non-finite key_frame_stamp (unknown) gives a zero stamp, not an error (C47)."""
+    """A non-finite key_frame_stamp (unknown) gives a zero stamp, not an error."""
     msg = make_segmentation_info(types.segmentation_info, types.time, make_header(ts), _result(key_frame_stamp=stamp))
     assert (msg.key_frame_stamp.sec, msg.key_frame_stamp.nanosec) == (0, 0)
 
@@ -1181,6 +1181,6 @@ def test_segmentation_info_keeps_the_previous_key_frame_stamp_of_the_same_instan
 
 
 def test_list_payload_with_only_negative_values_is_refused():
-    """-1 in a list payload is no byte (it would wrap to 255), also when no value exceeds 255 (C59)."""
+    """-1 in a list payload is no byte (it would wrap to 255), also when no value exceeds 255."""
     with pytest.raises(ConversionError, match=r"values outside 0\.\.255 \(-1\.\.5\)"):
         image_to_rgb(fake_image(data=[-1] * 6 + [5] * 6))

@@ -607,27 +607,27 @@ def test_schedule_adaptive_with_threshold_points_to_scene_threshold():
 @pytest.mark.parametrize("name", [p.name for p in PARAMETERS if p.type == "float"])
 def test_float_parameters_refuse_bools(name):
     """Float parameters are dynamically typed, so `ros2 param set ... true` reaches validate as a bool:
-    refused, not taken as 1.0 (P05)."""
+    refused, not taken as 1.0."""
     with pytest.raises(ValueError, match=rf"'{name}': must be a number"):
         validate({name: True})
 
 
 @pytest.mark.parametrize("name", [p.name for p in PARAMETERS if p.type == "int_array"])
 def test_int_array_parameters_refuse_bool_entries(name):
-    """A bool array (`ros2 param set ... "[true]"`) is no list of integers (P09)."""
+    """A bool array (`ros2 param set ... "[true]"`) is no list of integers."""
     with pytest.raises(ValueError, match=rf"'{name}': must be a list of integers"):
         validate({name: [True, False]} if name != "image_size" else {name: [True, True]})
 
 
 @pytest.mark.parametrize("value", ["", 0, False])
 def test_int_array_parameters_refuse_falsy_non_lists(value):
-    """Only None (an empty list in a params file) means []: '' or 0 are refused (P22)."""
+    """Only None (an empty list in a params file) means []: '' or 0 are refused."""
     with pytest.raises(ValueError, match="'palette': must be a list of integers"):
         validate({"palette": value})
 
 
 def test_image_size_range_is_inclusive_1_to_16384():
-    """The descriptor promises each entry in [1, 16384] (P16)."""
+    """The descriptor promises each entry in [1, 16384]."""
     assert validate({"image_size": [1, 16384]}).image_size == (1, 16384)
     with pytest.raises(ValueError, match="image_size"):
         validate({"image_size": [720, 16385]})
@@ -636,7 +636,7 @@ def test_image_size_range_is_inclusive_1_to_16384():
 
 
 def test_defaults_are_fresh_lists():
-    """defaults() hands out fresh lists: a caller that changes one does not change the table (P15)."""
+    """defaults() hands out fresh lists: a caller that changes one does not change the table."""
     first = defaults()
     first["palette"].append(0xFF0000)
     first["image_size"].extend([720, 1280])

@@ -1170,26 +1170,26 @@ def export_32(lite, tmp_path_factory):
 
 
 def test_an_export_at_the_minimum_side_of_32_pixels_is_made(export_32):
-    """E14: 32 pixels a side is allowed (the check is < MIN_GRAPH_SIDE, not <=)."""
+    """32 pixels a side is allowed (the check is < MIN_GRAPH_SIDE, not <=)."""
     assert export_32.contract["canvas"]["valid_hw"] == [32, 64]
     assert export_32.key_frame.is_file() and export_32.non_key_frame.is_file()
 
 
 def test_export_onnx_refuses_a_side_below_32_before_writing(lite, tmp_path):
-    """E15: export_onnx itself (the API, not only mpvss export) refuses 31 pixels, before any file."""
+    """export_onnx itself (the API, not only mpvss export) refuses 31 pixels, before any file."""
     with pytest.raises(ValueError, match="at least 32x32"):
         export_onnx(lite.model, tmp_path / "x", (31, 64))
     assert not (tmp_path / "x").exists()
 
 
 def test_the_contract_opset_is_the_graphs_opset(export_32):
-    """E10: contract.json's opset is the opset the graphs were exported with."""
+    """contract.json's opset is the opset the graphs were exported with."""
     graph_opsets = {o.version for o in onnx.load(str(export_32.key_frame)).opset_import if o.domain in ("", "ai.onnx")}
     assert graph_opsets == {OPSET} and export_32.contract["opset"] == OPSET
 
 
 def test_export_without_a_size_takes_the_canvas_height_then_width(tmp_path):
-    """E16: valid_hw defaults to cfg.input.size, (h, w)."""
+    """valid_hw defaults to cfg.input.size, (h, w)."""
     model = load_model("mpvss_lite").model
     model.cfg = replace_canvas(model.cfg, (32, 64))
     res = export_onnx(model, tmp_path / "x")
@@ -1199,7 +1199,7 @@ def test_export_without_a_size_takes_the_canvas_height_then_width(tmp_path):
 
 
 def test_export_restores_a_model_in_training_mode(tmp_path):
-    """E18: export_onnx exports from eval mode and gives the caller's model back as it was: a model
+    """export_onnx exports from eval mode and gives the caller's model back as it was: a model
     being trained stays in training mode."""
     model = load_model("mpvss_lite").model.train()
     export_onnx(model, tmp_path / "x", (32, 64), check=False)
@@ -1207,7 +1207,7 @@ def test_export_restores_a_model_in_training_mode(tmp_path):
 
 
 def test_a_graph_with_a_forbidden_op_is_refused(lite, tmp_path, monkeypatch):
-    """E21: the data-dependent-op guard: an op listed in FORBIDDEN_OPS makes the export fail."""
+    """The data-dependent-op guard: an op listed in FORBIDDEN_OPS makes the export fail."""
     monkeypatch.setattr(export_module, "FORBIDDEN_OPS", frozenset({"Conv"}))
     with pytest.raises(RuntimeError, match=r"key_frame.onnx contains data-dependent ops \['Conv'\]"):
         export_onnx(lite.model, tmp_path / "x", (32, 64), check=False)
@@ -1217,7 +1217,7 @@ def test_a_graph_with_a_forbidden_op_is_refused(lite, tmp_path, monkeypatch):
 
 
 def test_the_exported_model_config_names_no_default_weights(cfg):
-    """E09: the contract's model_config is the graphs' configuration: default_weights null (the
+    """The contract's model_config is the graphs' configuration: default_weights null (the
     graphs hold the weights; a runtime must not go looking for the package's weights file)."""
     assert cfg.default_weights is not None
     assert build_contract(cfg, (96, 128))["model_config"]["default_weights"] is None
@@ -1227,7 +1227,7 @@ def test_the_exported_model_config_names_no_default_weights(cfg):
 
 
 def test_parity_tolerance_is_atol_plus_rtol_of_the_reference_range(export_32, lite):
-    """E32: each output's tolerance is PARITY_ATOL + PARITY_RTOL * max|ref| (1e-3 + 1e-4 x)."""
+    """Each output's tolerance is PARITY_ATOL + PARITY_RTOL * max|ref| (1e-3 + 1e-4 x)."""
     assert (PARITY_ATOL, PARITY_RTOL) == (1e-3, 1e-4)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (32, 64, 3), dtype=np.uint8) for _ in range(2)]
@@ -1281,7 +1281,7 @@ def test_parity_refuses_frames_of_another_size(cfg, tmp_path, lite):
 
 
 def test_fingerprint_covers_buffers_such_as_batchnorm_statistics():
-    """E38: the graphs fold BatchNorm running statistics in: changing one changes the cache key.
+    """The graphs fold BatchNorm running statistics in: changing one changes the cache key.
     (A model of its own: a backend built on the session's ``lite`` folds its BatchNorms away.)"""
     model = load_model("mpvss_lite").model
     before = model_fingerprint(model)
@@ -1293,7 +1293,7 @@ def test_fingerprint_covers_buffers_such_as_batchnorm_statistics():
 
 
 def test_fingerprint_covers_the_export_code_and_opset(lite, monkeypatch):
-    """E39: the export code's digest (and opset, torch version, contract format) is in the key."""
+    """The export code's digest (and opset, torch version, contract format) is in the key."""
     monkeypatch.setattr(export_module, "_source_digest", lambda: "a")
     a = model_fingerprint(lite.model)
     monkeypatch.setattr(export_module, "_source_digest", lambda: "b")
@@ -1304,7 +1304,7 @@ def test_fingerprint_covers_the_export_code_and_opset(lite, monkeypatch):
 
 
 def test_source_digest_covers_the_nn_modules(monkeypatch):
-    """E40: a change in nn/*.py (the traced model code) changes the digest, so cached graphs of
+    """A change in nn/*.py (the traced model code) changes the digest, so cached graphs of
     the old code are not reused."""
     before = export_module._source_digest()
     real = Path.read_bytes
@@ -1321,7 +1321,7 @@ def test_source_digest_covers_the_nn_modules(monkeypatch):
 
 
 def test_a_graph_source_from_a_folder_refuses_a_changed_non_key_graph(cfg, tmp_path):
-    """E46: both graphs' sha256 are checked, the non-key one too."""
+    """Both graphs' sha256 are checked, the non-key one too."""
     d = tmp_path / "exp"
     d.mkdir()
     for name in ("key_frame.onnx", "non_key_frame.onnx"):
@@ -1365,13 +1365,13 @@ def test_a_graph_source_lists_the_sizes_it_has_exported_in_order(lite, tmp_path,
 # runtime/__init__.py, base.py).
 
 def test_make_session_refuses_zero_threads(lite_small):
-    """O03: threads=0 (onnxruntime's 'default') must be refused as documented (threads >= 1)."""
+    """threads=0 (onnxruntime's 'default') must be refused as documented (threads >= 1)."""
     with pytest.raises(ValueError, match="threads must be >= 1"):
         make_session(lite_small.key_frame, threads=0)
 
 
 def test_make_session_optimises_the_whole_graph(lite_small):
-    """O30: sessions run at ORT_ENABLE_ALL, one inter-op thread, sequential execution."""
+    """Sessions run at ORT_ENABLE_ALL, one inter-op thread, sequential execution."""
     import onnxruntime as ort
 
     so = make_session(lite_small.key_frame, threads=1).get_session_options()
@@ -1381,7 +1381,7 @@ def test_make_session_optimises_the_whole_graph(lite_small):
 
 
 def test_make_session_asks_for_the_cuda_device_it_was_given(lite_small, monkeypatch):
-    """O29: cuda:N must reach CUDAExecutionProvider as device_id N (simulated: the session is stubbed)."""
+    """cuda:N must reach CUDAExecutionProvider as device_id N (simulated: the session is stubbed)."""
     import onnxruntime as ort
 
     seen = {}
@@ -1400,7 +1400,7 @@ def test_make_session_asks_for_the_cuda_device_it_was_given(lite_small, monkeypa
 
 
 def test_backend_unavailable_while_loading_a_size_is_not_called_a_damaged_graph(lite_small, monkeypatch):
-    """O12: a BackendUnavailable raised while the sessions of a size are made (e.g. the CUDA
+    """A BackendUnavailable raised while the sessions of a size are made (e.g. the CUDA
     provider falling back to the CPU) stays itself, not 'a graph cannot be loaded'."""
     backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
 
@@ -1414,28 +1414,28 @@ def test_backend_unavailable_while_loading_a_size_is_not_called_a_damaged_graph(
 
 
 def test_key_frame_of_another_batch_or_channel_count_is_refused(lite_small):
-    """O18: the canvas check covers the batch and channel dimensions, not only (Hp, Wp)."""
+    """The canvas check covers the batch and channel dimensions, not only (Hp, Wp)."""
     backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
     with pytest.raises(ValueError, match="does not fit the graphs' canvas"):
         backend.segment_key_frame(torch.zeros(2, 3, 96, 128), (96, 128))
 
 
 def test_describe_names_the_threads(lite_small):
-    """O26: the summary records the intra-op thread count."""
+    """The summary records the intra-op thread count."""
     backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
     assert backend.describe() == {"backend": "onnxruntime[CPUExecutionProvider]", "device": "cpu",
                                   "precision": "fp32", "threads": 1}
 
 
 def test_load_backend_passes_threads_on(lite_small):
-    """I07: load_backend(threads=...) reaches the backend and its sessions."""
+    """load_backend(threads=...) reaches the backend and its sessions."""
     backend = load_backend("onnxruntime", onnx_dir=lite_small.out_dir, threads=1)
     assert backend.threads == 1
     assert backend._get((96, 128)).key.get_session_options().intra_op_num_threads == 1
 
 
 def test_an_explicit_onnx_dir_wins_over_a_loaded_export_folder(lite_small, lite, tmp_path):
-    """I01: load_backend(loaded=load_exported(A), onnx_dir=B) runs B."""
+    """load_backend(loaded=load_exported(A), onnx_dir=B) runs B."""
     from mpvss_ros.model_loader import load_exported
 
     other = export_onnx(lite.model, tmp_path / "other", (64, 96))
@@ -1444,39 +1444,39 @@ def test_an_explicit_onnx_dir_wins_over_a_loaded_export_folder(lite_small, lite,
 
 
 def test_as_backend_needs_every_attribute_of_a_duck_typed_backend():
-    """B08: an object with only some of cfg / num_classes / segment_key_frame is refused."""
+    """An object with only some of cfg / num_classes / segment_key_frame is refused."""
     with pytest.raises(TypeError, match="expected an MPVSS model or an inference backend"):
         as_backend(SimpleNamespace(cfg=object()))
 
 
 def test_load_backend_takes_a_list_of_two_sizes(lite_small):
-    """I02: input_hw of two (h, w) pairs is a list of sizes, not one size of two ints."""
+    """input_hw of two (h, w) pairs is a list of sizes, not one size of two ints."""
     backend = load_backend("onnxruntime", onnx_dir=lite_small.out_dir, input_hw=[(96, 128), (96, 128)], threads=1)
     assert backend._sizes.sizes() == [(96, 128)]
 
 
 def test_load_backend_input_hw_is_height_then_width(lite_small):
-    """I03: input_hw=(h, w) prepares h x w (an export folder of 96x128 refuses 128x96)."""
+    """input_hw=(h, w) prepares h x w (an export folder of 96x128 refuses 128x96)."""
     backend = load_backend("onnxruntime", onnx_dir=lite_small.out_dir, input_hw=(96, 128), threads=1)
     assert backend._sizes.sizes() == [(96, 128)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_as_backend_honours_the_device_it_is_given(lite):
-    """B07: as_backend(module, 'cuda') asks for CUDA (refused here), not silently the CPU."""
+    """as_backend(module, 'cuda') asks for CUDA (refused here), not silently the CPU."""
     with pytest.raises(BackendUnavailable, match="CUDA"):
         as_backend(copy.deepcopy(lite.model), "cuda")
 
 
 def test_the_backend_itself_refuses_fp16(lite_small):
-    """O09: OnnxRuntimeBackend made directly (not through load_backend) refuses fp16 as bf16."""
+    """OnnxRuntimeBackend made directly (not through load_backend) refuses fp16 as bf16."""
     for precision in ("fp16", "bf16"):
         with pytest.raises(BackendUnavailable, match="float32 graphs only"):
             OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), precision=precision, threads=1)
 
 
 def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused(lite_small, monkeypatch):
-    """O06: a CUDA session whose providers came back without CUDAExecutionProvider (silent CPU
+    """A CUDA session whose providers came back without CUDAExecutionProvider (silent CPU
     fallback after the probe passed) is refused, not run under a CUDA name."""
     import onnxruntime as ort
 
@@ -1495,7 +1495,7 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused(lite_small, monkeyp
 
 
 def test_a_size_off_the_32_grid_runs_on_its_padded_canvas(lite, tmp_path):
-    """O17, O19: valid 60x64 runs on the padded 64x64 canvas: the backend checks the image
+    """Valid 60x64 runs on the padded 64x64 canvas: the backend checks the image
     against padded_hw (not valid_hw) and keeps the valid size it was given."""
     backend = OnnxRuntimeBackend(GraphSource.from_model(lite.model, tmp_path), threads=1)
     key = backend.segment_key_frame(torch.zeros(1, 3, 64, 64), (60, 64))

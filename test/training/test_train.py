@@ -703,7 +703,7 @@ def test_validate_edges_of_the_documented_ranges():
 
 
 def test_lr_factor_is_zero_past_the_end_of_the_schedule():
-    """L03: a resumed run whose --steps was lowered syncs its lr at a step past the schedule."""
+    """A resumed run whose --steps was lowered syncs its lr at a step past the schedule."""
     assert lr_factor(110, 100, 10, 0.01, 0.9) == 0.0
 
 
@@ -781,7 +781,7 @@ def test_segment_frame_zero_pads_after_normalisation_and_upsamples_like_mask2for
 # -- model building
 
 def test_imagenet_weights_for_a_backbone_that_is_not_mobilenet_are_refused():
-    """M02: imagenet_weights is for the MobileNetV2 backbone only."""
+    """imagenet_weights is for the MobileNetV2 backbone only."""
     from mpvss_ros.config import load_model_config
 
     cfg = load_model_config("mpvss_r50")
@@ -866,7 +866,7 @@ def test_padding_to_the_network_size_is_void_and_outside_the_valid_size(recorded
 
 @needs_data
 def test_gradients_are_clipped_before_the_optimiser_step(recorded_run):
-    """T10: AdamW sees gradients of total norm <= clip_grad_norm; the log keeps the norm before clipping."""
+    """AdamW sees gradients of total norm <= clip_grad_norm; the log keeps the norm before clipping."""
     run, opts, _, rec, _ = recorded_run
     assert len(rec["grad_norms"]) == 4
     assert max(rec["grad_norms"]) <= opts.clip_grad_norm * (1 + 1e-4)
@@ -911,7 +911,7 @@ def test_backbone_batch_norm_statistics_stay_frozen_through_validation(recorded_
 
 @needs_data
 def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
-    """T07: a NaN loss is an error, not a step."""
+    """A NaN loss is an error, not a step."""
     real_call = trainer.SetCriterion.__call__
 
     def nan_loss(self, *a, **k):
@@ -926,7 +926,7 @@ def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
 
 @needs_data
 def test_clip_grad_norm_zero_disables_clipping(tmp_path):
-    """T09: --clip-grad-norm 0 trains unclipped (Adam's first step moves weights by about lr);
+    """--clip-grad-norm 0 trains unclipped (Adam's first step moves weights by about lr);
     clipping to 0 would leave only the weight decay."""
     from mpvss_ros.config import load_model_config
 
@@ -968,7 +968,7 @@ def test_fewer_training_frames_than_a_batch_are_refused(tmp_path):
 
 @needs_data
 def test_an_unknown_motion_module_stays_unknown_in_the_runs_files(tmp_path):
-    """T21: a stage-1 init file written before stage 1 recorded motion_trained: this run's files say
+    """A stage-1 init file written before stage 1 recorded motion_trained: this run's files say
     None (unknown), not True."""
     from mpvss_ros.checkpoints import save_checkpoint
     from mpvss_ros.config import load_model_config
@@ -998,7 +998,7 @@ def test_read_trainer_state_names_each_damaged_entry(tmp_path, change, message):
 
 
 def test_a_run_file_without_a_stage_may_be_resumed_by_either_stage(tmp_path):
-    """R07: check_run_dir: "files without one pass"."""
+    """check_run_dir: "files without one pass"."""
     from mpvss_ros.checkpoints import save_checkpoint
 
     model, state = _real_state()
@@ -1009,7 +1009,7 @@ def test_a_run_file_without_a_stage_may_be_resumed_by_either_stage(tmp_path):
 
 
 def test_the_final_file_is_written_again_when_steps_were_run(tmp_path):
-    """R15: a finished run resumed with a longer schedule writes its new final model."""
+    """A finished run resumed with a longer schedule writes its new final model."""
     from mpvss_ros.checkpoints import read_checkpoint
 
     model = torch.nn.Linear(2, 2)
