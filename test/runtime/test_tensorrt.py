@@ -954,28 +954,6 @@ def test_an_engine_that_cannot_be_set_up_raises(engine_file, options, message):
     assert cuda.device == set() and cuda.host == set()
 
 
-def test_a_non_key_engine_that_cannot_be_set_up_frees_the_key_engine(engine_file, monkeypatch):
-    trt = _fake_tensorrt(tensors=_IMAGE_AND_IDS)
-    cuda = _StandInCuda()
-    backend = object.__new__(tb.TensorRTBackend)
-    backend._trt, backend.cuda, backend.source = trt, cuda, types.SimpleNamespace(get=lambda hw: engine_file.parent)
-    backend.precision, backend.cache_dir, backend.device_index, backend.workspace_mb, backend.keep_fp32 = \
-        "fp32", engine_file.parent, 0, 64, True
-    monkeypatch.setattr(tb, "build_engines", lambda *a: {"key_frame": engine_file, "non_key_frame": engine_file.with_name("n")})
-    monkeypatch.setattr(tb, "read_contract", lambda folder: {"canvas": {"padded_hw": [4, 4]}})
-    real = tb._Engine
-
-    def engine(trt, path, cuda):
-        if path.name == "n":
-            raise RuntimeError("cannot create an execution context")
-        return real(trt, path, cuda)
-
-    monkeypatch.setattr(tb, "_Engine", engine)
-    with pytest.raises(RuntimeError, match="execution context"):
-        backend._load((4, 4))
-    assert len(cuda.allocated) == 2 and cuda.device == set() and cuda.host == set()
-
-
 def test_engine_buffers_follow_the_tensors_and_uploads_check_their_shape(engine_file):
     """Host buffers take the engine's dtypes, device buffers their byte sizes; an input of
     another shape (even one that broadcasts) is refused, a fitting one is copied into the pinned
@@ -1085,6 +1063,27 @@ def test_the_padded_canvas_comes_from_the_contract(constructible, monkeypatch, t
     backend = tb.TensorRTBackend(types.SimpleNamespace(cfg=None, get=lambda hw: tmp_path))
     backend.cuda = types.SimpleNamespace(activate=lambda: contextlib.nullcontext(), close=lambda: None)
     assert backend._load((30, 50)) == ("k", "n", (32, 64))
+
+
+def test_a_non_key_engine_that_cannot_be_set_up_frees_the_key_engine(constructible, engine_file, monkeypatch):
+    """A failed load is retried at every key frame of its size: when the non-key engine fails, the
+    key engine made just before frees its buffers too."""
+    monkeypatch.setattr(tb, "build_engines", lambda *a, **k: {"key_frame": engine_file,
+                                                             "non_key_frame": engine_file.with_name("n")})
+    monkeypatch.setattr(tb, "read_contract", lambda d: {"canvas": {"padded_hw": [4, 4]}})
+    real = tb._Engine
+
+    def engine(trt, path, cuda):
+        if path.name == "n":
+            raise RuntimeError("cannot create an execution context")
+        return real(trt, path, cuda)
+
+    monkeypatch.setattr(tb, "_Engine", engine)
+    backend = tb.TensorRTBackend(types.SimpleNamespace(cfg=None, get=lambda hw: engine_file.parent))
+    backend._trt, backend.cuda = _fake_tensorrt(tensors=_IMAGE_AND_IDS), _StandInCuda()
+    with pytest.raises(RuntimeError, match="execution context"):
+        backend._load((4, 4))
+    assert len(backend.cuda.allocated) == 2 and backend.cuda.device == set() and backend.cuda.host == set()
 
 
 def _stand_in_engine_for(monkeypatch, version: str = "10.3.0"):
