@@ -295,12 +295,12 @@ def test_warm_up_pushes_a_key_and_a_propagated_frame_untimed(band, monkeypatch):
     class Counting(study.VideoSegmenter):
         def push(self, *args, **kwargs):
             result = super().push(*args, **kwargs)
-            pushed.append((id(self), result.is_key_frame))
+            pushed.append((self, result.is_key_frame))  # the object, so its id is not reused
             return result
 
     monkeypatch.setattr(study, "VideoSegmenter", Counting)
     out = evaluate_sequence(band, _still(4), "copy", "fixed:4")
-    warm = [key for segmenter, key in pushed if segmenter == pushed[0][0]]
+    warm = [key for segmenter, key in pushed if segmenter is pushed[0][0]]
     assert warm == [True, False] and len(pushed) == 2 + 4 and out["frames"] == 4
 
 
