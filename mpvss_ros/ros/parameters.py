@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,7 +322,9 @@ def _check(spec: ParamSpec, value: Any) -> Any:
     if spec.type == "int_array":
         if value is None:  # an empty list in a params file reaches rclpy as "not set"
             return ()
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        # an ordered list (rclpy hands array.array('q')); not text or bytes, whose items would
+        # pass as integers, and not a set or a mapping, which have no order
+        if isinstance(value, (str, bytes, bytearray, memoryview)) or not isinstance(value, Sequence):
             raise fail("must be a list of integers")
         items = list(value)
         for item in items:

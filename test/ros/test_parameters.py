@@ -3,6 +3,7 @@ declarations and validation. No ROS needed."""
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import importlib.util
 import math
@@ -219,6 +220,8 @@ def test_validate_normalises_values():
     assert cfg.as_dict()["palette"] == [0xFF0000, 255]
     # an empty list in a params file reaches rclpy as "not set": the node passes None
     assert validate({"palette": None}).palette == ()
+    # rclpy hands an INTEGER_ARRAY parameter over as array.array('q')
+    assert validate({"palette": array.array("q", [0xFF0000, 255])}).palette == (0xFF0000, 255)
 
 
 @pytest.mark.parametrize("name, value, words", [
@@ -619,9 +622,11 @@ def test_int_array_parameters_refuse_bool_entries(name):
         validate({name: [True, False]} if name != "image_size" else {name: [True, True]})
 
 
-@pytest.mark.parametrize("value", ["", 0, False])
-def test_int_array_parameters_refuse_falsy_non_lists(value):
-    """Only None (an empty list in a params file) means []: '' or 0 are refused."""
+@pytest.mark.parametrize("value", ["", 0, False, bytearray(b"\x01\x02"), memoryview(b"ab"), {0xFF0000, 0x00FF00},
+                                   {0xFF0000: 1}])
+def test_int_array_parameters_refuse_non_lists(value):
+    """Only None (an empty list in a params file) means []: '' or 0 are refused, and so are bytes
+    (whose items are integers), a set and a mapping (no order to give the classes their colours)."""
     with pytest.raises(ValueError, match="'palette': must be a list of integers"):
         validate({"palette": value})
 
