@@ -494,11 +494,17 @@ class SegmentationCore:
                 built["scheduler"] = build_scheduler(new)
             if changed & set(PROPAGATION_PARAMETERS):
                 built["propagator"] = build_propagator_for(new, self.segmenter.model)
-            engine = {k: v for k, v in built.items() if v.describe() != running[k].describe()}
+            installed = {"scheduler": self.segmenter.scheduler, "propagator": self.segmenter.propagator}
             palette = (_class_palette(new, self.loaded, int(self.segmenter.num_classes))
                        if "palette" in changed else self.palette)
             self.config, self.palette = new, palette
-            self._pending_engine.update(engine)
+            for k, v in built.items():
+                if v.describe() == running[k].describe():
+                    continue
+                if v.describe() == installed[k].describe():  # back to what runs before the worker
+                    self._pending_engine.pop(k)  # installed the change in between: nothing to do
+                else:
+                    self._pending_engine[k] = v
         return new
 
     def note_received(self, msg: Any = None) -> None:

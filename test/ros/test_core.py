@@ -791,7 +791,8 @@ def test_reconfigure_while_running(make_core, types, band_loaded):
 def test_a_change_that_leaves_the_engine_as_it_runs_makes_no_key_frame(make_core, types):
     """max_gap_s (the core's own), the adaptive settings under fixed:N and the optical-flow
     settings under copy change nothing the engine runs: no key frame. A change back before the
-    worker installed the first is compared with what it would install."""
+    worker installed the first is compared with what it would install, and a change back to what
+    runs withdraws the pending one: no key frame either."""
     core, _, _ = make_core(schedule="fixed:100", propagator="copy", max_frame_age_s=0.0)
     seg = core.segmenter
     scheduler, propagator = seg.scheduler, seg.propagator
@@ -808,10 +809,17 @@ def test_a_change_that_leaves_the_engine_as_it_runs_makes_no_key_frame(make_core
     core.reconfigure({"optical_flow_preset": "fast"})
     assert core.process(image_msg(types, frame(), next(stamps))).info.key_frame_reason == "reset"
     assert seg.propagator.describe()["preset"] == "fast"
+    scheduler = seg.scheduler
     core.reconfigure({"schedule": "fixed:5"})
+    core.reconfigure({"schedule": "fixed:5", "scene_threshold": 0.9})  # the same fixed:5 as pending
     core.reconfigure({"schedule": "fixed:100"})  # back to what runs, before the worker installed fixed:5
     out = core.process(image_msg(types, frame(), next(stamps)))
-    assert out.info.key_frame_reason == "reset" and seg.scheduler.interval == 100
+    assert (out.info.is_key_frame, out.info.key_frame_reason) == (False, "")
+    assert seg.scheduler is scheduler and seg.scheduler.interval == 100
+    core.reconfigure({"schedule": "fixed:5"})
+    core.reconfigure({"schedule": "fixed:3"})  # another change before the worker installed fixed:5
+    assert core.process(image_msg(types, frame(), next(stamps))).info.key_frame_reason == "reset"
+    assert seg.scheduler.interval == 3
 
 
 BIG = (240, 320)  # the legend covers a small part of the overlay
