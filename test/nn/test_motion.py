@@ -307,6 +307,20 @@ def test_gradients_reach_all_branches(lite: MotionModule) -> None:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_training_forward_is_deterministic_without_dropout(lite: MotionModule) -> None:
+    """The motion transformer has no dropout (0.0, as the official module): two training-mode
+    passes over the same input give the same flows."""
+    lite.train()
+    perturb_fuse(lite)
+    cur, key = images(1, 64, 96)
+    q = torch.randn(8, 1, 128)
+    with torch.no_grad():
+        a = lite(cur, key, q).flows
+        b = lite(cur, key, q).flows
+    assert a.std() > 0  # not the constant flow of the initial fusion
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_lite_odd_sizes(lite: MotionModule) -> None:
     """Odd intermediate sizes (conv5/conv6 rounding up) are cropped back (crop_like)."""
     cur, key = images(1, 160, 224)
@@ -370,6 +384,14 @@ def test_input_errors(lite: MotionModule) -> None:
         lite(cur, key, q, image_size=(65, 96))
     with pytest.raises(ValueError, match="6 feature|5 feature"):
         lite.decoder([torch.zeros(1, 64, 4, 4)], q)
+    # conv2..conv6 of a 96 x 160 pair: a wrong width, a different batch or a sixth map is refused by name
+    feats = [torch.zeros(1, c, h, w) for c, h, w in [(64, 12, 20), (96, 6, 10), (128, 3, 5), (128, 2, 3), (192, 1, 2)]]
+    with pytest.raises(ValueError, match="conv3 must be"):
+        lite.decoder([feats[0], torch.zeros(1, 80, 6, 10)] + feats[2:], q)
+    with pytest.raises(ValueError, match="different batch sizes"):
+        lite.decoder([feats[0], torch.zeros(2, 96, 6, 10)] + feats[2:], q)
+    with pytest.raises(ValueError, match="5 feature maps"):
+        lite.decoder(feats + [feats[-1]], q)
     with pytest.raises(ValueError, match=r"\(B, 6, h, w\)"):
         lite.encoder(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError):
@@ -379,6 +401,13 @@ def test_input_errors(lite: MotionModule) -> None:
 def test_config_errors() -> None:
     with pytest.raises(ValueError):
         MotionEncoder([64, 128, 256])
+    with pytest.raises(ValueError, match="6 positive"):
+        MotionEncoder([32, 64, 0, 128, 128, 192])
+    # the sine position embedding gives each axis hidden / 2 channels, half sine, half cosine
+    with pytest.raises(ValueError, match="multiple of 4"):
+        MotionDecoder(lite_cfg(hidden_dim=130, num_heads=2), 8)
+    with pytest.raises(ValueError, match="num_layers"):
+        MotionDecoder(lite_cfg(num_layers=0), 8)
     with pytest.raises(ValueError):
         MotionDecoder(lite_cfg(num_heads=3), 8)
     with pytest.raises(ValueError):
@@ -550,6 +579,11 @@ def test_prepare_images_refuses_bad_widths_and_empty_valid_sizes():
         m.prepare_images(cur, key, image_size=(0, 96))
     with pytest.raises(ValueError, match="image_size"):
         m.prepare_images(cur, key, image_size=(64, 0))
+    with pytest.raises(ValueError, match="image_size"):
+        m.prepare_images(cur, key, image_size=(64, 97))  # wider than the canvas
+    four = torch.zeros(1, 4, 64, 96)
+    with pytest.raises(ValueError, match="current and key"):
+        m.prepare_images(four, four)  # not RGB frames
 
 
 def test_prepare_images_odd_valid_size_matches_normalise_pad_then_resize():

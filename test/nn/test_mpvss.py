@@ -85,6 +85,32 @@ def test_padding_is_zero_after_normalisation(lite):
     x = lite.normalize(image, valid_hw=(40, 50))
     assert torch.all(x[..., 40:, :] == 0) and torch.all(x[..., :, 50:] == 0)
     assert torch.all(x[..., :40, :50] != 0)
+    # padding at the right only (full height) is zeroed too
+    x = lite.normalize(image, valid_hw=(64, 40))
+    assert torch.all(x[..., 40:] == 0) and torch.all(x[..., :40] != 0)
+
+
+def test_key_frame_backbone_sees_the_normalised_image_with_zero_padding(lite):
+    """Spec §1.2: a key frame reaches the backbone as (x - pixel_mean) / pixel_std with the
+    letterbox padding of its valid size set to 0 after normalisation."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand((1, 3, 64, 96), generator=g) * 255
+    image[..., 40:, :] = 0
+    image[..., 70:] = 0
+    seen = {}
+    hook = lite.backbone.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    try:
+        with torch.inference_mode():
+            key = lite.segment_key_frame(image, (40, 70))
+    finally:
+        hook.remove()
+    mean = torch.tensor(lite.cfg.input.pixel_mean).view(1, 3, 1, 1)
+    std = torch.tensor(lite.cfg.input.pixel_std).view(1, 3, 1, 1)
+    expected = (image - mean) / std
+    expected[..., 40:, :] = 0
+    expected[..., 70:] = 0
+    torch.testing.assert_close(seen["x"], expected, rtol=1e-6, atol=1e-6)
+    assert key.valid_hw == (40, 70)
 
 
 def test_propagate_rejects_other_canvas(lite):
@@ -224,6 +250,10 @@ def test_active_queries_keeps_the_queries_with_a_class_probability_at_the_thresh
     assert active_queries(logits, 0.25).tolist() == [0, 2]
     assert active_queries(logits, 0.3).tolist() == [0]
     assert active_queries(logits, 0.99) is None  # none clears it: all are kept, not none
+    # a key frame's state picks its active queries the same way
+    state = KeyFrameState(torch.zeros(1, 3, 32, 32), (32, 32), logits, torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8))
+    assert state.with_active_queries(0.25).active.tolist() == [0, 2]
+    assert state.with_active_queries(0.0).active is None
 
 
 @settings(max_examples=30, deadline=None)

@@ -17,6 +17,7 @@ from mpvss_ros.nn.pixel_decoder import (
     MSDeformAttnEncoder,
     MSDeformAttnEncoderLayer,
     MSDeformAttnPixelDecoder,
+    SeparableConvGNReLU,
     build_pixel_decoder,
     ms_deform_attn_core,
 )
@@ -130,6 +131,17 @@ def test_msdeformattn_init() -> None:
     torch.testing.assert_close(bias[1, 2, 3], torch.tensor([4.0, 4.0]), atol=1e-5, rtol=0)
     assert torch.equal(bias[:, 0], bias[:, 2])
     assert torch.count_nonzero(attn.value_proj.bias) == 0 and torch.count_nonzero(attn.output_proj.bias) == 0
+
+
+def test_pixel_decoder_keeps_the_deformable_detr_initialisation() -> None:
+    """The transformer's Xavier fill must not overwrite MSDeformAttn's own init (offset and
+    attention weights 0: uniform attention at the initial sampling points); level embeddings N(0, 1)."""
+    torch.manual_seed(0)
+    dec = MSDeformAttnPixelDecoder(MBV2_CH, **SMALL_MSDEFORM)
+    for layer in dec.transformer.encoder.layers:
+        assert torch.count_nonzero(layer.self_attn.sampling_offsets.weight) == 0
+        assert torch.count_nonzero(layer.self_attn.attention_weights.weight) == 0
+    assert dec.transformer.level_embed.abs().min() > 0
 
 
 def test_msdeformattn_at_reference_points_is_projection() -> None:
@@ -252,8 +264,11 @@ def test_msdeform_decoder_shapes(msdeform_r50: MSDeformAttnPixelDecoder) -> None
 def test_msdeform_decoder_small_and_gradients() -> None:
     torch.manual_seed(0)
     dec = MSDeformAttnPixelDecoder(MBV2_CH, **SMALL_MSDEFORM)
-    out = dec(_features(MBV2_CH, batch=2))
+    features = _features(MBV2_CH, batch=2)
+    out = dec(features)
     _check_decoder_outputs(dec, out, 2, 64, 32)
+    with torch.no_grad():  # no dropout by default (Mask2Former's 0.0): a training-mode pass repeats exactly
+        torch.testing.assert_close(dec(features)[0], out[0], rtol=0, atol=0)
     mask_features, multi_scale = out
     loss = (mask_features * torch.randn_like(mask_features)).sum()
     loss = loss + sum((t * torch.randn_like(t)).sum() for t in multi_scale)
@@ -271,6 +286,10 @@ def test_msdeform_decoder_bad_args() -> None:
         MSDeformAttnPixelDecoder(MBV2_CH, conv_dim=100, num_groups=32)
     with pytest.raises(ValueError, match="num_heads"):
         MSDeformAttnPixelDecoder(MBV2_CH, conv_dim=96, num_groups=32, num_heads=5)
+    with pytest.raises(ValueError, match="divisible by 4"):  # sine positions: conv_dim / 2 per axis
+        MSDeformAttnPixelDecoder(MBV2_CH, conv_dim=6, mask_dim=6, num_heads=2, num_groups=2)
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        MSDeformAttn(d_model=30, n_levels=1, n_heads=4, n_points=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -356,10 +375,14 @@ def test_pixel_decoders_compute_in_float32_under_fp16_autocast(make, conv_dim, m
 def test_build_pixel_decoder() -> None:
     dec = build_pixel_decoder(PixelDecoderConfig(type="fpn", conv_dim=64, mask_dim=64, num_groups=16), MBV2_CH)
     assert isinstance(dec, FPNPixelDecoder) and dec.conv_dim == 64
-    cfg = PixelDecoderConfig(type="msdeformattn", **{**SMALL_MSDEFORM, "num_layers": 1})
+    assert dec.lateral_convs["res2"].norm.num_groups == 16 and dec.output_convs["res3"].norm.num_groups == 16
+    # the type is case-insensitive; every configured size reaches the decoder
+    cfg = PixelDecoderConfig(type="MSDeformAttn", **{**SMALL_MSDEFORM, "num_layers": 1, "num_points": 2})
     dec = build_pixel_decoder(cfg, MBV2_CH)
     assert isinstance(dec, MSDeformAttnPixelDecoder)
     assert len(dec.transformer.encoder.layers) == 1 and dec.mask_dim == 32
+    layer = dec.transformer.encoder.layers[0]
+    assert layer.self_attn.n_points == 2 and layer.linear1.out_features == SMALL_MSDEFORM["ffn_dim"]
     with pytest.raises(ValueError, match="unknown pixel decoder"):
         build_pixel_decoder(PixelDecoderConfig(type="aspp"), MBV2_CH)
 
@@ -407,15 +430,21 @@ def _seeded_features(seed=0, h=64, w=96):
     return {k: torch.randn(1, c, h // s, w // s, generator=g) for (k, c), s in zip(CH.items(), (4, 8, 16, 32))}
 
 
+def _pass_through_attention() -> MSDeformAttn:
+    """One head, level and point, identity value/output projections: the output is the sample."""
+    attn = MSDeformAttn(d_model=4, n_levels=1, n_heads=1, n_points=1)
+    with torch.no_grad():
+        attn.value_proj.weight.copy_(torch.eye(4))
+        attn.output_proj.weight.copy_(torch.eye(4))
+    return attn
+
+
 def test_sampling_offsets_are_in_pixels_of_a_non_square_level():
     """Offsets are divided by the level's (W, H): on a 4 x 8 map an x offset of 1 moves one column
     (not W / H = 2 columns), a y offset of 1 one row."""
     torch.manual_seed(0)
     h, w = 4, 8
-    attn = MSDeformAttn(d_model=4, n_levels=1, n_heads=1, n_points=1)
-    with torch.no_grad():
-        attn.value_proj.weight.copy_(torch.eye(4))
-        attn.output_proj.weight.copy_(torch.eye(4))
+    attn = _pass_through_attention()
     img = torch.randn(1, h * w, 4)
     ref = MSDeformAttnEncoder.get_reference_points([(h, w)], img.device)
     grid = img.view(h, w, 4)
@@ -425,6 +454,24 @@ def test_sampling_offsets_are_in_pixels_of_a_non_square_level():
             out = attn(img, ref, img, [(h, w)]).view(h, w, 4)
         i, j = 1, 2
         torch.testing.assert_close(out[i, j], grid[i + int(dy), j + int(dx)], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_mask_zeroes_the_padded_values():
+    """``input_padding_mask`` True = padding: those value tokens are zeroed before sampling, the
+    others are sampled as they are (zero offsets: each query reads its own pixel)."""
+    torch.manual_seed(0)
+    h, w = 2, 4
+    attn = _pass_through_attention()
+    with torch.no_grad():
+        attn.sampling_offsets.bias.zero_()
+    src = torch.randn(1, h * w, 4)
+    ref = MSDeformAttnEncoder.get_reference_points([(h, w)], src.device)
+    mask = torch.zeros(1, h * w, dtype=torch.bool)
+    mask[0, 5:] = True
+    with torch.no_grad():
+        out = attn(src, ref, src, [(h, w)], input_padding_mask=mask)
+    torch.testing.assert_close(out[0, :5], src[0, :5], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[0, 5:], torch.zeros(3, 4))
 
 
 def test_encoder_layer_queries_with_positions_and_samples_the_plain_source():
@@ -469,6 +516,38 @@ def test_mask_features_come_from_res2_and_the_one_eighth_map():
         ref = dec.mask_features(dec.layer_1(y))
     assert ms[2].shape[-2:] == (8, 12)
     torch.testing.assert_close(mask_features, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_scale_maps_are_the_encoder_memory_split_back_per_level():
+    """The encoder's (B, S, C) tokens, ordered res5, res4, res3 and row-major per level, become the
+    (B, C, h, w) maps: token r * w + c of a level is pixel (r, c)."""
+    torch.manual_seed(0)
+    dec = MSDeformAttnPixelDecoder(CH, **SMALL).eval()
+    seen = {}
+    dec.transformer.register_forward_hook(lambda mod, args, out: seen.update(memory=out[0]))
+    with torch.no_grad():
+        _, ms = dec(_seeded_features())
+    start = 0
+    for t, (h, w) in zip(ms, ((2, 3), (4, 6), (8, 12))):
+        tokens = seen["memory"][0, start : start + h * w]  # (h*w, C)
+        assert torch.equal(t[0, :, 1, 2], tokens[1 * w + 2])
+        assert torch.equal(t[0].permute(1, 2, 0).reshape(h * w, -1), tokens)
+        start += h * w
+
+
+def test_separable_conv_is_depthwise_pointwise_groupnorm_relu():
+    torch.manual_seed(0)
+    mod = SeparableConvGNReLU(8, 8, 4)
+    with torch.no_grad():
+        mod.norm.weight.normal_()
+        mod.norm.bias.normal_()
+    x = torch.randn(2, 8, 5, 7)
+    with torch.no_grad():
+        got = mod(x)
+        y = F.conv2d(F.conv2d(x, mod.depthwise.weight, padding=1, groups=8), mod.pointwise.weight)
+        ref = F.relu(F.group_norm(y, 4, mod.norm.weight, mod.norm.bias, mod.norm.eps))
+    assert (ref == 0).any() and (ref > 0).any()  # the ReLU clipped some values, not all
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fpn_is_top_down():

@@ -30,6 +30,8 @@ def _mlp(layers, x):
 
 
 def _reference(dec, ms, mf):
+    """Final class logits, mask logits and query_out, and the (class, mask) logits predicted before
+    each layer (deep supervision)."""
     levels = len(ms)
     pe = PositionEmbeddingSine(C // 2, normalize=True)
     src, pos = [], []
@@ -45,9 +47,11 @@ def _reference(dec, ms, mf):
         return F.linear(d, dec.class_embed.weight, dec.class_embed.bias), \
             torch.einsum("bqc,bchw->bqhw", _mlp(dec.mask_embed.layers, d), mf)
 
+    aux = []
     for i in range(dec.num_layers):
         lvl = i % levels
-        _, ml = heads(out)
+        cls, ml = heads(out)
+        aux.append((cls, ml))
         a = F.interpolate(ml, size=ms[lvl].shape[-2:], mode="bilinear", align_corners=False).flatten(2)
         mask = (a.sigmoid() < 0.5)[:, None].repeat(1, HEADS, 1, 1).flatten(0, 1)
         mask = mask.clone()
@@ -60,7 +64,7 @@ def _reference(dec, ms, mf):
         out = reference_layer_norm(ff.norm, out + F.linear(F.relu(F.linear(out, ff.linear1.weight, ff.linear1.bias)),
                                           ff.linear2.weight, ff.linear2.bias))
     cls, ml = heads(out)
-    return cls, ml, reference_layer_norm(dec.decoder_norm, out).transpose(0, 1)
+    return cls, ml, reference_layer_norm(dec.decoder_norm, out).transpose(0, 1), aux
 
 
 @pytest.mark.parametrize("aux", [False, True])
@@ -76,10 +80,22 @@ def test_decoder_follows_masked_attention_of_the_spec(aux):
     mf = torch.randn(2, D, 16, 24, generator=g)
     with torch.no_grad():
         out = dec(ms, mf, aux=aux)
-        cls, ml, qo = _reference(dec, ms, mf)
+        cls, ml, qo, ref_aux = _reference(dec, ms, mf)
+    assert out.class_logits.shape == (2, N, 6)  # K + 1 classes, the last no-object
     torch.testing.assert_close(out.class_logits, cls, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.mask_logits, ml, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.query_embeddings, qo, rtol=1e-4, atol=1e-4)
+    # deep supervision: the prediction before each layer, the first from the learned queries alone
+    assert len(out.aux_class_logits) == len(out.aux_mask_logits) == (4 if aux else 0)
+    for got_cls, got_ml, (ref_cls, ref_ml) in zip(out.aux_class_logits, out.aux_mask_logits, ref_aux):
+        torch.testing.assert_close(got_cls, ref_cls, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_ml, ref_ml, rtol=1e-4, atol=1e-4)
+
+
+def test_pixel_decoder_width_other_than_hidden_dim_is_refused():
+    cfg = TransformerDecoderConfig(hidden_dim=C, num_queries=N, num_layers=1, num_heads=HEADS, ffn_dim=64)
+    with pytest.raises(ValueError, match="decoder expects 32"):
+        MaskedTransformerDecoder(cfg, num_classes=5, in_channels=64, mask_dim=D)
 
 
 def test_attention_mask_blocks_where_the_mask_is_background():
@@ -112,7 +128,7 @@ def test_a_query_whose_mask_blocks_every_pixel_attends_everywhere():
     mf = torch.ones(1, D, 16, 24)
     with torch.no_grad():
         out = dec(ms, mf, aux=False)
-        cls, ml, qo = _reference(dec, ms, mf)
+        cls, ml, qo, _ = _reference(dec, ms, mf)
     assert torch.isfinite(out.class_logits).all() and torch.isfinite(out.query_embeddings).all()
     torch.testing.assert_close(out.class_logits, cls, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.query_embeddings, qo, rtol=1e-4, atol=1e-4)
