@@ -43,6 +43,12 @@ def _textured(seed: int, hw: tuple[int, int] = (24, 32)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, hw + (3,), dtype=np.uint8)
 
 
+def _ramp(gain: float, hw: tuple[int, int] = (36, 64)) -> np.ndarray:
+    """A grey horizontal ramp 0..255 scaled by ``gain`` (a global lighting change)."""
+    ramp = np.tile(np.linspace(0, 255, hw[1], dtype=np.float32), (hw[0], 1))
+    return np.repeat(np.rint(ramp * gain)[..., None], 3, axis=2).astype(np.uint8)
+
+
 def _run(scheduler, frames, stamps=None):
     stamps = [i / FPS for i in range(len(frames))] if stamps is None else stamps
     return [scheduler.decide(f, s) for f, s in zip(frames, stamps)]
@@ -162,6 +168,13 @@ def test_frame_change_ignores_a_brightness_gain(bikes_frames):
     assert raw > 0.01  # the raw grey difference sees the gain (measured 0.016)
     assert scorer.frame_change(bright_thumb, thumb) < 0.2 * raw  # measured 0.0015
     assert scorer.frame_change(thumb, thumb) == 0.0
+    # in a dark scene too (mean grey 30): the gain is measured, not floored at a grey level
+    dark = np.clip(np.random.default_rng(0).normal(30, 10, (36, 64, 3)), 0, 255).astype(np.uint8)
+    dark_thumb = scorer.thumbnail(dark)[0]
+    lit_thumb = scorer.thumbnail(np.clip(dark.astype(np.float32) * 1.1, 0, 255).astype(np.uint8))[0]
+    raw = float(cv2.absdiff(lit_thumb, dark_thumb).mean()) / 255.0
+    assert raw > 0.005  # measured 0.0098
+    assert scorer.frame_change(lit_thumb, dark_thumb) < 0.2 * raw  # measured 0.0015
 
 
 def test_frame_change_clamps_the_gain_so_a_cut_to_black_counts():
@@ -185,9 +198,7 @@ def test_histogram_change_is_measured_against_the_key_frame():
     # A slow fade to dark (2.4 % darker per frame): the gain-compensated frame change stays near 0
     # and each frame's histogram is close to the previous one's, but far from the key frame's. The
     # scene score follows the histogram distance to the key frame, so the fade makes a key frame.
-    h, w = 36, 64
-    ramp = np.tile(np.linspace(0, 255, w, dtype=np.float32), (h, 1))
-    frames = [np.repeat(np.rint(ramp * g)[..., None], 3, axis=2).astype(np.uint8) for g in np.linspace(1.0, 0.3, 31)]
+    frames = [_ramp(g) for g in np.linspace(1.0, 0.3, 31)]
     scorer = SceneScorer()
     hists = [scorer.thumbnail(f)[1] for f in frames]
     decisions = _run(AdaptiveScheduler(scene_threshold=0.5, max_interval=1000), frames)
@@ -281,6 +292,15 @@ def test_schedule_key_frames_rejects_a_bad_frame_rate(fps):
 def test_first_frame_is_key_with_zero_score():
     d = FixedIntervalScheduler(100).decide(_textured(0), 0.0)
     assert (d.is_key_frame, d.reason, d.scene_score, d.frames_since_key) == (True, "first", 0.0, 0)
+
+
+def test_a_scheduler_scores_with_the_scorer_it_is_given():
+    """scorer=: a pixel_scale of 0.5 halves the largest score of a black-to-white change (4 -> 2)."""
+    scorer = SceneScorer(pixel_scale=0.5)
+    for sched in (FixedIntervalScheduler(5, scorer=scorer), AdaptiveScheduler(3.0, scorer=scorer, cut_threshold=3.0)):
+        assert sched.scorer is scorer
+        decisions = _run(sched, [_solid(0), _solid(255)])
+        assert decisions[1].scene_score == 2.0 and not decisions[1].is_key_frame
 
 
 def test_reset_forces_key_frame():
@@ -432,6 +452,17 @@ def test_cut_score_range_and_hard_cut():
     assert black[0].shape == (36, 64)  # thumbnail: 64 wide, aspect kept
 
 
+def test_a_sudden_lighting_change_is_a_cut_by_its_histogram():
+    """The light halves from one frame to the next: the gain-compensated frame change sees next to
+    nothing, the histogram distance to the previous frame does, and the adaptive schedule keys a cut."""
+    scorer = SceneScorer()
+    before, after = scorer.thumbnail(_ramp(1.0)), scorer.thumbnail(_ramp(0.5))
+    assert scorer.frame_change(after[0], before[0]) / scorer.pixel_scale < 0.05  # measured 0.004
+    assert scorer.cut_score(*after, *before) == scorer.histogram_change(after[1], before[1]) > DEFAULT_CUT_THRESHOLD
+    decisions = _run(AdaptiveScheduler(scene_threshold=90.0, max_interval=100), [_ramp(1.0), _ramp(0.5)])
+    assert [d.reason for d in decisions] == ["first", "scene_cut"]
+
+
 # ------------------------------------------------------------------ parse_schedule
 
 
@@ -444,6 +475,8 @@ def test_parse_schedule_accepts():
     a = parse_schedule("adaptive:0.3", max_gap_s=2.0, min_interval=2, max_interval=7, cut_threshold=0.8)
     assert (a.scene_threshold, a.min_interval, a.max_interval, a.max_gap_s, a.cut_threshold) == (0.3, 2, 7, 2.0, 0.8)
     assert parse_schedule(" fixed:1 ").interval == 1
+    assert parse_schedule("fixed:5", max_gap_s=2.5).max_gap_s == 2.5  # --max-gap applies to fixed:N too
+    assert parse_schedule("fixed:5", max_gap_s=math.inf).max_gap_s == math.inf
 
 
 @pytest.mark.parametrize("spec", ["fixed:0", "fixed:-2", "fixed:x", "fixed:", "fixed:2.5", "foo", "",
@@ -573,10 +606,29 @@ def test_thumbnail_height_is_the_rounded_aspect_ratio():
     assert thumb.shape == (27, 64)  # 50 * 64 / 120 = 26.67
 
 
+def test_thumbnail_of_a_very_wide_frame_keeps_one_row():
+    """A 1 x 200 frame would round to a thumbnail of no rows (1 * 64 / 200 = 0.32): it keeps one."""
+    thumb, _ = SceneScorer(thumb_width=64).thumbnail(_textured(0, (1, 200)))
+    assert thumb.shape == (1, 64)
+    decisions = _run(FixedIntervalScheduler(3), [_textured(i, (1, 200)) for i in range(4)])
+    assert [d.reason for d in decisions] == ["first", "", "", "interval"]
+
+
+def test_thumbnail_grey_is_the_luminance_of_the_rgb_frame():
+    """Frames are RGB: pure red is grey 76 (0.299 x 255), pure blue 29 (0.114 x 255)."""
+    red, blue = np.zeros((24, 32, 3), np.uint8), np.zeros((24, 32, 3), np.uint8)
+    red[..., 0] = blue[..., 2] = 255
+    scorer = SceneScorer()
+    assert int(scorer.thumbnail(red)[0][0, 0]) == 76
+    assert int(scorer.thumbnail(blue)[0][0, 0]) == 29
+
+
 def test_thumbnail_histogram_is_normalised():
     _, hist = SceneScorer(bins=16).thumbnail(_textured(3, (40, 40)))
     assert hist.shape == (16,) and hist.dtype == np.float32
     assert float(hist.sum()) == pytest.approx(1.0, abs=1e-6)
+    _, white = SceneScorer(bins=32).thumbnail(_solid(255))  # grey 255 falls in the last bin: range [0, 256)
+    assert white[-1] == 1.0 and float(white.sum()) == 1.0
 
 
 def test_frame_change_stays_within_one_when_the_gain_doubles_the_previous_frame():
@@ -612,6 +664,13 @@ def test_schedule_key_frames_resets_a_used_scheduler():
     sched = FixedIntervalScheduler(5)
     sched.decide(_textured(2), 0.0)  # its last stamp is the clip's first: no time_backwards to save it
     assert schedule_key_frames(sched, [_textured(2)] * 6, 25.0) == [0, 5]
+
+
+def test_schedule_key_frames_stamps_frames_in_seconds():
+    """Frame i is stamped i / fps seconds: a 0.5 fps clip has 2 s between frames, more than
+    max_gap_s (1 s), so every frame is a time_gap key frame; at 25 fps 0.04 s is no gap even for 0.5 s."""
+    assert schedule_key_frames(FixedIntervalScheduler(5), [_textured(2)] * 4, 0.5) == [0, 1, 2, 3]
+    assert schedule_key_frames(FixedIntervalScheduler(5, max_gap_s=0.5), [_textured(2)] * 6, 25.0) == [0, 5]
 
 
 # ---------------------------------------------------------------- StampGaps
@@ -673,3 +732,12 @@ def test_describe_is_json_without_non_finite_numbers_when_gaps_are_off():
         assert described["max_gap_s"] is None
         json.dumps(described, allow_nan=False)
     assert FixedIntervalScheduler(5, max_gap_s=2.0).describe()["max_gap_s"] == 2.0
+
+
+def test_describe_names_every_setting():
+    """describe() gives each policy's own settings under their own names, the threshold in the
+    schedule's name unrounded."""
+    assert FixedIntervalScheduler(5, max_gap_s=2.0).describe() == {"schedule": "fixed:5", "max_gap_s": 2.0, "interval": 5}
+    adaptive = AdaptiveScheduler(0.25, min_interval=2, max_interval=7, max_gap_s=1.5, cut_threshold=0.8)
+    assert adaptive.describe() == {"schedule": "adaptive:0.25", "max_gap_s": 1.5, "scene_threshold": 0.25,
+                                   "min_interval": 2, "max_interval": 7, "cut_threshold": 0.8}

@@ -274,6 +274,20 @@ def test_a_reset_whose_scheduler_raises_still_drops_the_key_frame(band_model):
     assert not seg.push(img, 0.3).is_key_frame
 
 
+def test_a_source_change_whose_scheduler_reset_raises_still_drops_the_key_frame(band_model):
+    """Another camera's frame resets the segmenter, not only its scheduler: the key frame is dropped
+    before the scheduler's reset raises, so no later frame is propagated from the first camera's key frame."""
+    scheduler = _ResetRaises(10)
+    seg = VideoSegmenter(band_model, CopyPropagator(), scheduler)
+    img = _image((60, 80))
+    assert [seg.push(img, 0.1 * i, source="front").is_key_frame for i in range(2)] == [True, False]
+    scheduler.armed = True
+    with pytest.raises(RuntimeError, match="scheduler reset failed"):
+        seg.push(img, 0.2, source="rear")
+    r = seg.push(img, 0.3)  # untracked: no reset of its own
+    assert (r.is_key_frame, r.key_frame_reason, r.key_frame_index) == (True, "reset", 2)  # the refused frame took no index
+
+
 def test_a_new_source_is_a_key_frame(band_model):
     """push(source=...): a frame from another camera (ROS header.frame_id) is a key frame; a frame
     refused by the frame checks does not count as the new source."""
