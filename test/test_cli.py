@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ from helpers import count_live_records, error_line
 import mpvss_ros.cli as cli
 from mpvss_ros.cli import build_parser, main
 from mpvss_ros.io.video import read_label_png
+from mpvss_ros.offline import SegmentOptions, _OverlayVideo, segment_path, terminate_unwinds
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -98,11 +101,12 @@ def test_segment_bikes(bikes_path, tmp_path, capsys, propagator, schedule, keys)
     assert sum(summary["class_pixel_share"].values()) == pytest.approx(1.0, abs=1e-4)
     assert summary["stage_latency_ms"]["total"]["count"] == N
 
-    # overlay.mp4: 8 frames at the input size
+    # overlay.mp4: 8 frames at the input size and rate
     cap = cv2.VideoCapture(str(out / "overlay.mp4"))
     try:
         assert cap.isOpened()
         assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (640, 272)
+        assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(25.0, abs=1e-3)  # at the input's frame rate
         frames = 0
         while cap.read()[0]:
             frames += 1
@@ -141,6 +145,16 @@ def test_segment_no_overlay(bikes_path, tmp_path):
     assert _segment(bikes_path, out, "--max-frames", "2", "--propagator", "copy", "--no-overlay") == 0
     assert not (out / "overlay.mp4").exists()
     assert len(list((out / "labels").glob("*.png"))) == 2
+
+
+def test_segment_path_without_labels_writes_no_png(tmp_path, lite):
+    """SegmentOptions(write_labels=False): labels/ stays empty; frames.jsonl and the summary are written."""
+    rng = np.random.default_rng(0)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(2)})
+    summary = segment_path(tmp_path / "frames", tmp_path / "out", lite,
+                           SegmentOptions(propagator="copy", write_labels=False, write_overlay=False, progress=False))
+    assert summary["frames"] == 2 and len(_read_jsonl(tmp_path / "out" / "frames.jsonl")) == 2
+    assert list((tmp_path / "out" / "labels").iterdir()) == []
 
 
 # ------------------------------------------------------------------ image folder input
@@ -191,6 +205,8 @@ def test_segment_counts_the_input_frames_it_could_not_read(tmp_path, capsys):
     assert brief["frames"] == 3 and brief["unreadable"] == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_unreadable"] == ["f001"] and summary["missing_at_end"] == 0
+    records = _read_jsonl(out / "frames.jsonl")  # source_index: the position in the input, f001 counted
+    assert [(r["name"], r["source_index"]) for r in records] == [("f000", 0), ("f002", 2), ("f003", 3)]
 
 
 def test_segment_skips_frames_above_max_image_pixels(tmp_path, capsys, caplog):
@@ -386,6 +402,18 @@ def test_segment_stopped_mid_run_says_what_it_left(tmp_path, capsys, caplog, mon
     video = cv2.VideoCapture(str(out / "overlay.mp4"))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     video.release()
+
+
+def test_an_ignored_sigterm_stays_ignored_during_a_run():
+    """A process that ignores SIGTERM (started so by its supervisor) keeps ignoring it while a run
+    unwinds on it otherwise: terminate_unwinds installs no handler there."""
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with terminate_unwinds():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_error_missing_input(tmp_path, capsys):
@@ -656,6 +684,19 @@ def test_segment_output_folder_is_never_mixed_nor_written_over_the_input(tmp_pat
     assert video.stat().st_size > 0
     assert _segment(out / "labels", out, "--propagator", "copy") == 2
     assert "would write over the input" in error_line(capsys.readouterr().err)
+    # a label PNG of the folder, or a link to its overlay.mp4, as the input: refused too, and kept
+    label = out / "labels" / "f0.png"
+    label_bytes, video_size = label.read_bytes(), video.stat().st_size
+    link = tmp_path / "video.mp4"
+    link.symlink_to(video)
+    for source in (label, link):
+        assert _segment(source, out, "--propagator", "copy") == 2
+        assert "would write over the input" in error_line(capsys.readouterr().err)
+    assert label.read_bytes() == label_bytes and video.stat().st_size == video_size
+    # a run's folder whose frames.jsonl was deleted still counts as a run's by its summary.json: replaced
+    (out / "frames.jsonl").unlink()
+    assert _segment(second, out, "--propagator", "copy", "--no-overlay") == 0
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["g0.png"]
 
 
 def test_segment_leaves_an_overlay_mp4_no_run_wrote_alone(tmp_path, capsys):
@@ -793,6 +834,26 @@ def test_segment_goes_on_without_the_overlay_video_when_it_cannot_be_written(tin
     assert json.loads((out / "summary.json").read_text())["overlay"] is None
     assert "overlay.mp4" not in stdout and (out / "labels" / "f0.png").is_file()
     assert not (out / "overlay.mp4").exists()
+
+
+def test_an_overlay_video_that_fails_midway_is_removed(tmp_path, monkeypatch, caplog):
+    """A write error after frames were written (a full disk) removes the unfinished overlay.mp4,
+    and the video does not count as written (summary's overlay None); later frames are not tried
+    (one warning, not one per frame)."""
+    video = _OverlayVideo(tmp_path / "overlay.mp4", 25.0)
+    video.write(np.zeros((16, 24, 3), np.uint8))
+    assert (tmp_path / "overlay.mp4").exists()
+
+    def fail(image):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(video.writer, "write", fail)
+    with caplog.at_level("WARNING", logger="mpvss_ros.offline"):
+        for _ in range(3):
+            video.write(np.zeros((16, 24, 3), np.uint8))
+    video.close()
+    assert video.failed and not video.written and not (tmp_path / "overlay.mp4").exists()
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"cannot write {tmp_path / 'overlay.mp4'}"]
 
 
 def test_segment_at_a_frame_rate_below_one_keeps_the_schedule(tmp_path, capsys):
@@ -1014,6 +1075,27 @@ def test_an_output_folder_that_cannot_be_prepared_is_no_partial_output(tmp_path,
     assert capsys.readouterr().err.strip().splitlines() == [
         f"mpvss: error: cannot create the output folder {tmp_path / 'out' / 'labels'}: No such file or directory"]
     assert "partial output" not in caplog.text
+
+
+def test_a_summary_that_cannot_be_written_is_not_left_half_written(tmp_path, capsys, monkeypatch):
+    """A full disk while summary.json is written: one error line naming it, and no partial
+    summary.json (which would read as a finished run's)."""
+    rng = np.random.default_rng(0)
+    _write_folder(tmp_path / "frames", {f"f{i}": rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for i in range(2)})
+    real = Path.write_text
+
+    def write_text(self, data, *args, **kwargs):
+        if self.name == "summary.json":
+            real(self, data[:10], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "out"
+    assert _segment(tmp_path / "frames", out, "--propagator", "copy", "--no-overlay") == 1
+    line = error_line(capsys.readouterr().err)
+    assert f"cannot write {out / 'summary.json'}: No space left on device (2 frames are in labels/" in line
+    assert not (out / "summary.json").exists()
 
 
 def test_backend_failures_not_in_a_row_never_stop_mpvss_segment(tmp_path, monkeypatch):

@@ -9,24 +9,30 @@ with the header stamps as times.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 import torch
 import yaml
-from rosbags.interfaces import QosDurability, QosReliability
+from rosbags.interfaces import QosDurability, QosHistory, QosReliability
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.serde import SerdeError
+from rosbags.typesys import Stores, get_types_from_idl, get_typestore
 
 from mpvss_ros.cli import main
 from mpvss_ros.model_loader import LoadedModel
+from mpvss_ros.offline import SegmentOptions
 from mpvss_ros.propagation import build_propagator
-from mpvss_ros.ros.bag import BagOptions, normalize_namespace, output_topics, process_bag
+from mpvss_ros.ros.bag import (_IDL_SEPARATOR, BagOptions, _bag_definition, _raise_write_error, normalize_namespace,
+                               output_topics, process_bag)
 from mpvss_ros.scheduling import parse_schedule
-from mpvss_ros.segmenter import VideoSegmenter
+from mpvss_ros.segmenter import FrameError, NonFiniteOutputError, VideoSegmenter
 from mpvss_ros.viz import colorize, frame_tag, make_palette, overlay
 
 TOPIC = "/camera/image_raw"
@@ -147,7 +153,7 @@ def check_outputs(ts, out_bag: Path, in_entries, decoded, loaded, options, names
             assert t == t_in, key  # bag time = the input message's bag time
             assert m.header.stamp.sec * 10**9 + m.header.stamp.nanosec == s_in, key  # header stamp copied
             assert m.header.frame_id == "camera_optical", key
-    # LabelInfo: the model's classes, offered reliable + transient-local
+    # LabelInfo: the model's classes, offered reliable + transient-local, keep-last 1 (latched)
     info_msg = got[topics["label_info"]][0][1]
     assert [c.class_id for c in info_msg.class_map] == list(range(loaded.config.num_classes))
     assert [c.class_name for c in info_msg.class_map] == loaded.config.class_names
@@ -155,6 +161,7 @@ def check_outputs(ts, out_bag: Path, in_entries, decoded, loaded, options, names
         conn = next(c for c in reader.connections if c.topic == topics["label_info"])
         qos = conn.ext.offered_qos_profiles
         assert qos and qos[0].durability == QosDurability.TRANSIENT_LOCAL and qos[0].reliability == QosReliability.RELIABLE
+        assert qos[0].history == QosHistory.KEEP_LAST and qos[0].depth == 1
     if storage:
         meta = yaml.safe_load((out_bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
         assert meta["storage_identifier"] == storage
@@ -299,6 +306,16 @@ def test_messages_per_topic_counts_every_topic_written(ts, tmp_path, band_loaded
                                              f"{ns}/label_info": 2}
 
 
+def test_label_info_names_the_classes_of_a_model_without_names(ts, tmp_path, band_loaded):
+    """A model whose configuration names no classes: LabelInfo lists class_0 .. class_{K-1}, as
+    every other tool names them."""
+    unnamed = dataclasses.replace(band_loaded, config=dataclasses.replace(band_loaded.config, class_names=[]))
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)))
+    process_bag(tmp_path / "in", tmp_path / "out", TOPIC, unnamed, BagOptions(propagator="copy", progress=False))
+    ((_, info, _),) = read_bag(ts, tmp_path / "out")["/mpvss/label_info"]
+    assert [(c.class_id, c.class_name) for c in info.class_map] == [(i, f"class_{i}") for i in range(5)]
+
+
 def test_optional_outputs_off(ts, tmp_path, frames, lite):
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:2]))
     options = BagOptions(colored=False, overlay=False, class_masks=False, progress=False)
@@ -358,6 +375,9 @@ def test_single_storage_file_and_max_frames(ts, tmp_path, frames, lite):
     summary = process_bag(mcap, tmp_path / "out", TOPIC, lite, BagOptions(max_frames=3, progress=False))
     assert summary["frames"] == summary["written"] == 3 and summary["storage"] == "mcap"
     assert len(read_bag(ts, tmp_path / "out")["/mpvss/labels"]) == 3
+    # a bare .mcap file is of metadata version 9 (MCAP bags came with it): so is its output
+    meta = yaml.safe_load((tmp_path / "out" / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert (meta["version"], meta["storage_identifier"]) == (9, "mcap")
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,6 +433,18 @@ def test_corrupt_jpeg_skipped(ts, tmp_path, frames, lite):
     assert "JPEG" in summary["skip_examples"][0]["error"]
 
 
+def test_bad_messages_are_warned_about_ten_times_per_reason(ts, tmp_path, band_loaded, caplog):
+    """A bag of many bad messages logs the first 10 of each reason as warnings, later ones at DEBUG."""
+    garbage = [(TOPIC, IMAGE, 10**9 + i, b"\x00\x01\x00\x00garbage") for i in range(12)]
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)) + garbage)
+    with caplog.at_level(logging.DEBUG, logger="mpvss_ros.ros.bag"):
+        summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                              BagOptions(propagator="copy", progress=False))
+    assert summary["skipped_by_reason"] == {"deserialize": 12}
+    levels = [r.levelno for r in caplog.records if r.getMessage().startswith("skipping message")]
+    assert levels == [logging.WARNING] * 10 + [logging.DEBUG] * 2
+
+
 # --------------------------------------------------------------------------------------------
 # Topic and argument errors
 # --------------------------------------------------------------------------------------------
@@ -435,13 +467,23 @@ def test_missing_topic_lists_image_topics(small_bag, tmp_path, lite):
     assert not (tmp_path / "out").exists()
 
 
-def test_wrong_topic_type(small_bag, tmp_path, lite):
+def test_wrong_topic_type(ts, small_bag, tmp_path, lite):
     with pytest.raises(ValueError, match=r"'/chatter' has type std_msgs/msg/String.*image topics in the bag: /camera"):
         process_bag(small_bag, tmp_path / "out", "/chatter", lite)
     with pytest.raises(ValueError, match="--compressed was given"):
         process_bag(small_bag, tmp_path / "out", TOPIC, lite, compressed=True)
     with pytest.raises(ValueError, match="use --compressed"):
         process_bag(small_bag, tmp_path / "out", CTOPIC, lite, compressed=False)
+    # one topic recorded both raw and compressed (two publishers): refused by name, no output
+    small = np.zeros((8, 8, 3), np.uint8)
+    with Writer(tmp_path / "mixed", version=9) as writer:
+        raw = writer.add_connection(TOPIC, IMAGE, typestore=ts)
+        jpeg = writer.add_connection(TOPIC, COMPRESSED, typestore=ts)
+        writer.write(raw, 1, ts.serialize_cdr(raw_image(ts, small, 1), IMAGE))
+        writer.write(jpeg, 2, ts.serialize_cdr(jpeg_image(ts, small, 2), COMPRESSED))
+    with pytest.raises(ValueError, match=f"topic '{TOPIC}' has several message types in .*mixed: {COMPRESSED}, {IMAGE}$"):
+        process_bag(tmp_path / "mixed", tmp_path / "out", TOPIC, lite, BagOptions(progress=False))
+    assert not (tmp_path / "out").exists()
 
 
 def test_topic_without_leading_slash_and_existing_output(small_bag, tmp_path, lite):
@@ -451,12 +493,37 @@ def test_topic_without_leading_slash_and_existing_output(small_bag, tmp_path, li
         process_bag(small_bag, tmp_path / "out", TOPIC, lite)
 
 
-def test_not_a_bag(tmp_path, lite):
+def test_an_unknown_output_storage_is_refused(ts, tmp_path, band_loaded):
+    """process_bag's storage is sqlite3 or mcap (the CLI's --storage choices): another is refused
+    before any output, not written as sqlite3."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)))
+    with pytest.raises(ValueError, match="unknown storage 'zip'; use one of sqlite3, mcap"):
+        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False),
+                    storage="zip")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_bag(ts, tmp_path, lite):
+    """A folder without metadata.yaml, a missing path, a metadata.yaml of no bag, a bag without
+    its storage file and a .db3 that is no database: each one error naming the file, no output."""
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="metadata.yaml"):
         process_bag(tmp_path / "empty", tmp_path / "out", TOPIC, lite)
     with pytest.raises(FileNotFoundError):
         process_bag(tmp_path / "missing", tmp_path / "out", TOPIC, lite)
+    for text in ("other: 1\n", "rosbag2_bagfile_information:\n  version: nine\n", "- a list\n"):
+        (tmp_path / "empty" / "metadata.yaml").write_text(text)
+        with pytest.raises(ValueError, match="cannot read .*empty/metadata.yaml"):
+            process_bag(tmp_path / "empty", tmp_path / "out", TOPIC, lite)
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)))
+    for db3 in (tmp_path / "in").glob("*.db3"):
+        db3.unlink()
+    with pytest.raises(ValueError, match="cannot read bag .*in: "):  # the reader's error
+        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite)
+    (tmp_path / "junk.db3").write_bytes(b"not a database " * 100)
+    with pytest.raises(ValueError, match="cannot read bag .*junk.db3: "):  # no sqlite3 DatabaseError
+        process_bag(tmp_path / "junk.db3", tmp_path / "out", TOPIC, lite)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_new_frame_id_forces_a_key_frame(ts, tmp_path, frames, band_loaded):
@@ -493,6 +560,22 @@ def test_max_gap_s_counts_gaps_between_the_messages_read_as_the_node_does(ts, tm
     assert [i.key_frame_reason for i in infos] == ["first", "", "", "", "time_gap"]
     assert summary["skipped_by_reason"] == {"conversion": 2}
     assert summary["schedule_settings"]["max_gap_s"] == 1.0
+    # max_gap_s below the 0.6 s between messages: every segmented frame after the first is a time_gap key frame
+    summary = process_bag(tmp_path / "in", tmp_path / "short", TOPIC, band_loaded,
+                          BagOptions(schedule="fixed:100", propagator="copy", progress=False, max_gap_s=0.5))
+    assert summary["key_frame_reasons"] == {"first": 1, "time_gap": 4}
+    assert summary["schedule_settings"]["max_gap_s"] == 0.5
+
+
+def test_segment_options_run_a_bag_without_time_gaps_and_with_a_json_summary(ts, tmp_path, band_loaded):
+    """process_bag also takes mpvss segment's SegmentOptions, whose max_gap_s is infinite: the
+    summary states None (json.dumps would write inf as Infinity, which is no JSON)."""
+    s = [T0 * 10**9 + i * 3 * 10**9 for i in range(3)]  # 3 s apart: time_gap key frames at max_gap_s 1.0
+    write_bag(ts, tmp_path / "in", "sqlite3", [(TOPIC, IMAGE, t, raw_image(ts, g, t)) for t, g in zip(s, _gradients(3))])
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          SegmentOptions(propagator="copy", schedule="fixed:100", progress=False))
+    assert summary["key_frame_reasons"] == {"first": 1} and summary["schedule_settings"]["max_gap_s"] is None
+    json.dumps(summary, allow_nan=False)
 
 
 def test_topic_without_messages_is_refused_before_any_output(ts, tmp_path, lite):
@@ -545,9 +628,10 @@ def test_a_run_that_fails_midway_leaves_no_output(ts, tmp_path, frames, band_loa
     assert summary["written"] == 4  # the rerun is not blocked
 
 
-def test_frames_with_non_finite_logits_are_skipped_and_counted(ts, tmp_path, frames, band_loaded, monkeypatch):
-    from mpvss_ros.segmenter import NonFiniteOutputError
-
+@pytest.mark.parametrize("error, reason", [(NonFiniteOutputError, "non_finite"), (FrameError, "frame")])
+def test_frames_with_non_finite_logits_are_skipped_and_counted(ts, tmp_path, frames, band_loaded, monkeypatch, error,
+                                                               reason):
+    """NaN logits, or a frame the segmenter refuses (FrameError), skip that message under its own reason."""
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, frames[:3]))
     real, calls = VideoSegmenter.push, []
 
@@ -555,13 +639,13 @@ def test_frames_with_non_finite_logits_are_skipped_and_counted(ts, tmp_path, fra
         calls.append(stamp)
         if len(calls) == 2:
             self.reset()
-            raise NonFiniteOutputError("the propagated mask logits hold NaN or infinite values")
+            raise error("the propagated mask logits hold NaN or infinite values")
         return real(self, image, stamp, **kwargs)
 
     monkeypatch.setattr(VideoSegmenter, "push", push)
     summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
                           BagOptions(propagator="copy", progress=False))
-    assert summary["written"] == 2 and summary["skipped_by_reason"] == {"non_finite": 1}
+    assert summary["written"] == 2 and summary["skipped_by_reason"] == {reason: 1}
 
 
 def test_a_folder_the_run_did_not_create_is_never_removed(ts, tmp_path, frames, band_loaded, monkeypatch):
@@ -617,7 +701,7 @@ def test_offline_options_refuse_bad_limits_when_made(bad, flag):
 
 
 def test_namespaces():
-    assert normalize_namespace("/mpvss") == normalize_namespace("mpvss/") == "/mpvss"
+    assert normalize_namespace("/mpvss") == normalize_namespace("mpvss/") == normalize_namespace(" /mpvss\n") == "/mpvss"
     assert normalize_namespace("/") == "" and output_topics("/")["labels"] == "/labels"
     assert output_topics("/a/b")["class_masks"] == "/a/b/class_masks"
     for bad in ("/1abc", "/a-b", "/a b", "/a\n/b"):
@@ -881,7 +965,8 @@ def test_a_humble_sqlite3_bag_gets_output_humble_can_read(ts, tmp_path, band_loa
 
 
 def test_a_topic_whose_type_has_no_definition_is_refused_by_name(tmp_path):
-    """A custom type in a bag that stores no definitions cannot be written into a new bag."""
+    """A custom type in a bag that stores no definitions cannot be written into a new bag; a
+    ROS 2 Humble type there gets Humble's definition."""
     from types import SimpleNamespace
 
     from rosbags.typesys import Stores, get_typestore
@@ -892,6 +977,28 @@ def test_a_topic_whose_type_has_no_definition_is_refused_by_name(tmp_path):
                            digest="", ext=None)
     with pytest.raises(ValueError, match=r"cannot copy /wheel \(my_msgs/msg/Wheel\) of .*: the bag holds no definition"):
         _copy_connection(None, conn, get_typestore(Stores.ROS2_HUMBLE), tmp_path)
+    # a type ROS 2 Humble has (/tf of a bag that stores no definitions) is written with Humble's
+    store, calls = get_typestore(Stores.ROS2_HUMBLE), []
+    writer = SimpleNamespace(add_connection=lambda topic, msgtype, **kw: calls.append((topic, msgtype, kw)) or "out")
+    tf = SimpleNamespace(topic="/tf", msgtype="tf2_msgs/msg/TFMessage", msgdef=SimpleNamespace(format=None, data=""),
+                         digest="", ext=None)
+    assert _copy_connection(writer, tf, store, tmp_path) == "out"
+    assert calls == [("/tf", "tf2_msgs/msg/TFMessage", {"typestore": store})]
+
+
+def test_an_idl_definition_gets_its_header_and_a_hash_where_the_bag_has_none():
+    """A bare IDL body gets the "IDL: <type>" header by which rosbags' writer tells IDL from .msg;
+    an IDL definition without a type hash (a bag of metadata version <= 6) gets the RIHS01 of its
+    parts, each read without its "IDL: " line."""
+    body = "module my_msgs {\n  module msg {\n    struct Wheel {\n      double speed;\n    };\n  };\n};\n"
+    store = get_typestore(Stores.ROS2_JAZZY)
+    store.register(get_types_from_idl(body))
+    digest = store.hash_rihs01("my_msgs/msg/Wheel")
+    headed = _IDL_SEPARATOR + "IDL: my_msgs/msg/Wheel\n" + body
+    for data, given in ((body, digest), (headed, "")):
+        conn = SimpleNamespace(topic="/wheel", msgtype="my_msgs/msg/Wheel", digest=given,
+                               msgdef=SimpleNamespace(format=SimpleNamespace(name="IDL"), data=data))
+        assert _bag_definition(conn) == (headed, digest)
 
 
 def test_copies_keep_the_bags_own_definitions_without_hashes_and_in_idl(ts, tmp_path, band_loaded):
@@ -1029,6 +1136,17 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_output(ts, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_write_errors_without_a_file_name_become_one_error_naming_the_bag(tmp_path):
+    """A full disk, an exceeded quota or a file too large, raised without a file name, becomes an
+    OSError naming the output bag with the system's reason; an error on a named file stays as it is."""
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        with pytest.raises(OSError) as info:
+            _raise_write_error(OSError(code, "why not"), tmp_path / "out")
+        assert str(info.value) == f"cannot write the output bag {tmp_path / 'out'}: why not (its partial folder was removed)"
+    _raise_write_error(OSError(errno.ENOSPC, "No space left on device", "/some/file"), tmp_path / "out")
+    _raise_write_error(PermissionError(errno.EACCES, "Permission denied"), tmp_path / "out")
+
+
 @pytest.mark.parametrize("when", ["close", "cleanup"])
 def test_sigterm_while_closing_or_cleaning_up_leaves_no_output(ts, tmp_path, frames, band_loaded, monkeypatch, when):
     """SIGTERM while Writer.close commits and writes metadata.yaml (after the removal guard had
@@ -1140,6 +1258,13 @@ def test_bag_keeps_no_record_per_frame_until_the_end(ts, tmp_path, band_loaded, 
     assert summary["written"] == 7 and len(seen) == 7 and max(seen) == 0, f"records alive at each frame: {seen}"
     assert summary["key_frames"] == 3 and summary["key_frame_reasons"] == {"first": 1, "interval": 2}
     assert summary["stage_latency_ms"]["total"]["count"] == 7 and summary["median_total_ms"]["all"] is not None
+    # the medians of the key and of the non-key frames' totals (NS/info's total_latency_ms: float32; the
+    # summary's: rounded to the microsecond)
+    infos = [m for _, m, _ in read_bag(ts, tmp_path / "out")["/mpvss/info"]]
+    totals = {key: [float(i.total_latency_ms) for i in infos if i.is_key_frame == key] for key in (True, False)}
+    assert summary["median_total_ms"] == pytest.approx({"all": float(np.median(totals[True] + totals[False])),
+                                                        "key": float(np.median(totals[True])),
+                                                        "non_key": float(np.median(totals[False]))}, abs=1e-3)
 
 
 def _gradients(n: int, h: int = 24, w: int = 32) -> list[np.ndarray]:
