@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -220,6 +221,19 @@ def test_parity_fails_on_a_graph_of_other_weights(lite_small, lite):
     # label agreement is the share of the 24 x 32 mask-grid pixels whose class argmax agrees
     for graph, share in parity["label_agreement"].items():
         assert share < 1 and share * 24 * 32 == pytest.approx(round(share * 24 * 32), abs=1e-9), (graph, share)
+
+
+def test_parity_fails_when_only_the_non_key_graph_differs(export_32, lite):
+    """One output beyond tolerance fails the whole check: a model whose motion module differs
+    from the graphs' passes every key-frame output and fails the non-key graph's flows."""
+    other = copy.deepcopy(lite.model)
+    with torch.no_grad():
+        conv = next(p for p in other.motion.parameters() if p.dim() == 4)
+        conv.add_(0.5 * torch.randn(conv.shape, generator=torch.Generator().manual_seed(1)))
+    parity = check_parity(export_32.out_dir, other, _random_frames((32, 64)))
+    assert all(parity["outputs"][name]["passed"] for name in KEY_OUTPUTS)
+    assert not parity["outputs"]["flows"]["passed"]
+    assert parity["passed"] is False
 
 
 def test_parity_real_frames_360x480(lite_360, lite, real_frames):
@@ -565,6 +579,7 @@ def test_check_export_passes_an_export_and_lists_every_problem(lite_small, tmp_p
     output and, on a folder that breaks the contract, names each problem."""
     report = check_export(lite_small.out_dir)
     assert report["passed"] and report["valid_hw"] == [96, 128] and report["padded_hw"] == [96, 128]
+    assert lite_small.contract["model"] == report["model"] == "mpvss_lite"  # the contract names its model
     assert report["outputs"]["mask_logits"] == [1, report["num_queries"], 24, 32]
 
     def break_three(contract):
@@ -730,6 +745,15 @@ def test_onnxruntime_backend_without_the_onnx_package_is_unavailable(monkeypatch
     assert why is not None and "pip install onnx" in why
     with pytest.raises(BackendUnavailable, match="onnx package"):
         load_backend("onnxruntime", onnx_dir=lite_small.out_dir, threads=1)
+
+
+def test_check_export_without_onnxruntime_says_so(monkeypatch, lite_small):
+    """check_export with onnxruntime missing raises BackendUnavailable with its remedy, not 'the
+    graphs do not run on onnxruntime'."""
+    monkeypatch.setattr(onnx_backend, "onnxruntime_missing",
+                        lambda device="cpu": Missing("onnxruntime is not installed", "pip install onnxruntime"))
+    with pytest.raises(BackendUnavailable, match="onnxruntime is not installed; pip install onnxruntime"):
+        check_export(lite_small.out_dir)
 
 
 def test_onnxruntime_cuda_provider_listed_but_unusable(monkeypatch, lite_small):
@@ -921,6 +945,15 @@ def test_build_contract_records_motion_trained(cfg):
     assert build_contract(cfg, (96, 128), trained=False)["trained"] is False
 
 
+def test_the_contract_flows_are_on_the_motion_modules_grid(cfg):
+    """flows are on the motion module's grid, (Hp * s / 4, Wp * s / 4) for motion.image_scale s:
+    1/8 of the canvas only for the official s = 0.5."""
+    quarter = dataclasses.replace(cfg, motion=dataclasses.replace(cfg.motion, image_scale=0.25))
+    outputs = build_contract(quarter, (96, 128))["graphs"]["non_key_frame"]["outputs"]
+    shapes = {t["name"]: t["shape"] for t in outputs}
+    assert shapes["flows"] == [1, cfg.transformer_decoder.num_queries, 2, 6, 8]
+
+
 @pytest.mark.parametrize("name", ["mpvss_lite", "mpvss_r50"])
 def test_the_contract_copies_the_pre_and_postprocessing_of_its_model(name):
     """The contract's descriptive copies follow the model (lite: 'area', 'mask', 0.01; r50:
@@ -980,6 +1013,10 @@ def _model_canvas(c):
     c["model_config"]["input"]["size"] = [96, 120]
 
 
+def _no_model_canvas(c):  # a runtime would not letterbox frames to the graphs' valid size
+    c["model_config"]["input"]["size"] = None
+
+
 def _num_classes(c):
     c["num_classes"] = 12
 
@@ -1004,15 +1041,22 @@ def _queries_in_class_logits(c):
     c["graphs"]["key_frame"]["outputs"][0]["shape"][1] = 16
 
 
+def _queries_in_key_class_logits(c):  # the non-key graph's input
+    c["graphs"]["non_key_frame"]["inputs"][NON_KEY_INPUTS.index("key_class_logits")]["shape"][1] = 16
+
+
 @pytest.mark.parametrize("edit, words", [
     (_padded_divisibility, "canvas: padded_hw [96, 128] is not valid_hw [96, 128] rounded up to size_divisibility 64"),
     (_model_canvas, "model_config: input.size [96, 120] is not the canvas' valid_hw [96, 128]"),
+    (_no_model_canvas, "model_config: input.size None is not the canvas' valid_hw [96, 128]"),
     (_num_classes, "num_classes 12 differs from model_config's 11"),
     (_num_queries, "num_queries 16 differs from model_config's 32"),
     (_pixel_mean, "preprocess.pixel_mean [0.0, 0.0, 0.0] differs"),
     (_motion_mean, "preprocess.motion_image_mean [0.0, 0.0, 0.0] differs"),
     (_dtype, "non_key_frame: the contract gives ['scores'] a dtype other than float32"),
     (_queries_in_class_logits, "key_frame: class_logits [1, 16, 12] does not fit model_config's 32 queries"),
+    (_queries_in_key_class_logits,
+     "non_key_frame: key_class_logits [1, 16, 12] does not fit model_config's 32 queries"),
 ])
 def test_contract_problems_names_each_disagreement(cfg, edit, words):
     contract = build_contract(cfg, (96, 128))
@@ -1034,7 +1078,8 @@ def lite_63(lite, tmp_path_factory):
 def test_check_export_refuses_a_contract_claiming_one_more_valid_row(lite_63, tmp_path):
     """The last valid row is probed: one row more than exported (63 -> 64, the same padded canvas)
     is refused."""
-    assert check_export(lite_63.out_dir)["passed"]
+    report = check_export(lite_63.out_dir)
+    assert report["passed"] and report["valid_hw"] == [63, 96] and report["padded_hw"] == [64, 96]
 
     def taller(contract):
         contract["canvas"]["valid_hw"] = [64, 96]
@@ -1123,6 +1168,19 @@ def fake_export(monkeypatch, tmp_path):
     return calls
 
 
+def test_a_new_cache_entry_prunes_the_cache_to_its_budget(fake_export, lite, tmp_path, monkeypatch):
+    """Exporting a new entry prunes the cache to MPVSS_CACHE_MAX_MB: an entry used long ago goes,
+    the new one stays."""
+    old = tmp_path / "onnx" / "old-64x64-0000"
+    old.mkdir(parents=True)
+    (old / "key_frame.onnx").write_bytes(b"k" * (2 << 20))
+    os.utime(old, (1_700_000_000.0, 1_700_000_000.0))
+    monkeypatch.setenv("MPVSS_CACHE_MAX_MB", "1")
+    new = cached_export(lite.model, (64, 96), tmp_path)
+    assert fake_export["hw"] == [(64, 96)]
+    assert (new / CONTRACT_FILE).is_file() and not old.exists()
+
+
 def test_export_takes_height_then_width_and_refuses_a_side_below_32(fake_export, tmp_path, capsys):
     assert main(["export", "--out", str(tmp_path / "a"), "--height", "64", "--width", "96", "--no-parity"]) == 0
     assert main(["export", "--out", str(tmp_path / "b"), "--height", "32", "--width", "32", "--no-parity"]) == 0
@@ -1206,6 +1264,33 @@ def test_export_restores_a_model_in_training_mode(tmp_path):
     assert model.training and all(m.training for m in model.modules())
 
 
+def test_an_export_of_weights_without_a_motion_module_records_it(tmp_path):
+    """export_onnx writes the model's motion_trained into contract.json (False: the non-key
+    graph's flows are an untrained module's)."""
+    model = load_model("mpvss_lite").model
+    model.motion_trained = False
+    res = export_onnx(model, tmp_path / "x", (32, 64), check=False)
+    assert res.contract["motion_trained"] is False and read_contract(res.out_dir)["motion_trained"] is False
+
+
+def test_a_contract_write_cut_short_leaves_the_previous_contract(tmp_path, monkeypatch):
+    """contract.json is written beside and renamed over: a write that fails half-way (a full disk)
+    leaves the previous contract whole (mpvss export writes it again to add the parity figures)."""
+    path = tmp_path / CONTRACT_FILE
+    path.write_text(json.dumps({"format": "old"}))
+    write_text = Path.write_text
+
+    def half_then_disk_full(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_module._write_json(path, {"format": "new", "parity": {"passed": True}})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"format": "old"}
+
+
 def test_a_graph_with_a_forbidden_op_is_refused(lite, tmp_path, monkeypatch):
     """The data-dependent-op guard: an op listed in FORBIDDEN_OPS makes the export fail."""
     monkeypatch.setattr(export_module, "FORBIDDEN_OPS", frozenset({"Conv"}))
@@ -1263,6 +1348,23 @@ def test_parity_figures_are_the_largest_absolute_values(export_32, lite):
         assert o["max_abs_ref"] == pytest.approx(float(np.abs(ref).max()), rel=1e-9), name
         assert o["max_abs_diff"] == pytest.approx(float(np.abs(got[name].astype(np.float64) - ref).max()),
                                                   rel=1e-6, abs=1e-12), name
+
+
+def test_parity_of_a_model_in_training_mode_is_measured_in_eval_mode(export_32, lite):
+    """The reference is the model in eval mode, as exported: a model handed over in training mode
+    is not run with BatchNorm's batch statistics (parity would fail by whole logits)."""
+    model = copy.deepcopy(lite.model).train()
+    parity = check_parity(export_32.out_dir, model, _random_frames((32, 64)))
+    assert parity["passed"], {name: o["max_abs_diff"] for name, o in parity["outputs"].items()}
+    assert parity["label_agreement"]["key_frame"] >= 0.999
+
+
+def test_parity_without_frames_takes_them_at_the_valid_size(lite_63, lite):
+    """The default parity frames are of the contract's valid size (63 x 96), not of its padded
+    canvas (64 x 96)."""
+    parity = check_parity(lite_63.out_dir, lite.model, threads=1)
+    assert parity["passed"]
+    assert parity["frames"].endswith("resized to 63x96") or parity["frames"].startswith("seeded random")
 
 
 def test_parity_refuses_frames_of_another_size(cfg, tmp_path, lite):
@@ -1346,19 +1448,24 @@ def test_a_graph_source_from_a_folder_takes_its_provenance_from_the_contract(cfg
 
 
 def test_a_graph_source_lists_the_sizes_it_has_exported_in_order(lite, tmp_path, monkeypatch):
-    """sizes: the valid sizes exported so far (available without exporting again), sorted."""
+    """sizes: the valid sizes exported so far (available without exporting again), sorted; each
+    size is exported with the provenance (weights, trained) the source was made with."""
+    calls = []
+
     def fake_cached_export(model, hw, cache_dir, **kwargs):
+        calls.append(kwargs)
         d = tmp_path / f"{hw[0]}x{hw[1]}"
         d.mkdir()
         (d / CONTRACT_FILE).write_text("{}")
         return d
 
     monkeypatch.setattr(export_module, "cached_export", fake_cached_export)
-    source = GraphSource.from_model(lite.model, tmp_path)
+    source = GraphSource.from_model(lite.model, tmp_path, weights="w.pt", trained=True)
     assert source.sizes == []
     source.get((96, 128))
     source.get((64, 64))
     assert source.sizes == [(64, 64), (96, 128)]
+    assert [(c["weights"], c["trained"]) for c in calls] == [("w.pt", True)] * 2
 
 
 # The onnxruntime backend and load_backend / as_backend (stop 49's mutation pass of onnx_backend.py and
