@@ -55,10 +55,11 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -453,11 +454,18 @@ def contract_model_config(contract: dict[str, Any]) -> ModelConfig:
     return model_config_from_dict(deepcopy(contract["model_config"]), where="contract.json model_config")
 
 
-def _cpu_eval(model: MPVSS) -> MPVSS:
+@contextmanager
+def _cpu_eval(model: MPVSS) -> Iterator[MPVSS]:
+    """``model`` in eval mode on the CPU for the ``with`` block (a CPU copy of a model on another
+    device); afterwards every module of the caller's model has its training flag back (a model
+    being trained keeps training, with any parts it keeps in eval mode still in eval mode)."""
+    flags = [(m, m.training) for m in model.modules()]
     p = next(model.parameters(), None)
-    if p is not None and p.device.type != "cpu":
-        model = deepcopy(model).cpu()
-    return model.eval()
+    try:
+        yield (deepcopy(model).cpu() if p is not None and p.device.type != "cpu" else model).eval()
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 def _example_inputs(model: MPVSS, valid_hw: tuple[int, int], padded: tuple[int, int]) -> tuple[Tensor, ...]:
@@ -501,27 +509,22 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
                          f"fixed-shape graphs need {MIN_GRAPH_SIDE} pixels a side)")
     padded = padded_size(valid_hw, cfg.input.size_divisibility)
     out = make_output_dir(out_dir, "--out")
-    was_training = model.training
-    model = _cpu_eval(model)
     t0 = time.perf_counter()
     key_path, non_key_path = out / KEY_FRAME_FILE, out / NON_KEY_FRAME_FILE
     # The wrappers must be in eval mode too: torch.onnx.export restores the *wrapper's* training flag
     # recursively after exporting, which would leave the caller's model in train mode (BatchNorm
     # would then update its running statistics on the next forward).
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings: shapes become constants, by design
-            image, cls, masks, queries = _example_inputs(model, valid_hw, padded)
-            torch.onnx.export(KeyFrameGraph(model, valid_hw).eval(), (image,), str(key_path), opset_version=OPSET,
-                              **_TORCHSCRIPT_EXPORTER, input_names=list(KEY_INPUTS), output_names=list(KEY_OUTPUTS),
-                              do_constant_folding=True)
-            current = (image * 0.9 + 10.0).clamp(0, 255)
-            torch.onnx.export(NonKeyFrameGraph(model, valid_hw).eval(), (current, image, queries, masks, cls),
-                              str(non_key_path), opset_version=OPSET, **_TORCHSCRIPT_EXPORTER,
-                              input_names=list(NON_KEY_INPUTS), output_names=list(NON_KEY_OUTPUTS),
-                              do_constant_folding=True)
-    finally:
-        model.train(was_training)
+    with _cpu_eval(model) as model, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings: shapes become constants, by design
+        image, cls, masks, queries = _example_inputs(model, valid_hw, padded)
+        torch.onnx.export(KeyFrameGraph(model, valid_hw).eval(), (image,), str(key_path), opset_version=OPSET,
+                          **_TORCHSCRIPT_EXPORTER, input_names=list(KEY_INPUTS), output_names=list(KEY_OUTPUTS),
+                          do_constant_folding=True)
+        current = (image * 0.9 + 10.0).clamp(0, 255)
+        torch.onnx.export(NonKeyFrameGraph(model, valid_hw).eval(), (current, image, queries, masks, cls),
+                          str(non_key_path), opset_version=OPSET, **_TORCHSCRIPT_EXPORTER,
+                          input_names=list(NON_KEY_INPUTS), output_names=list(NON_KEY_OUTPUTS),
+                          do_constant_folding=True)
     for path in (key_path, non_key_path):
         graph = onnx.load(str(path))
         if check:
@@ -636,12 +639,11 @@ def check_parity(export_dir: str | Path, model: MPVSS, frames: Sequence[np.ndarr
     # the key graph runs on the first frame and the non-key graph on the last: both must fit
     if len(frames) < 1 or any(tuple(f.shape[:2]) != valid for f in (frames[0], frames[-1])):
         raise ValueError(f"parity frames must be {valid[0]}x{valid[1]}")
-    model = _cpu_eval(model)
     key_img, cur_img = _canvas(frames[0], padded), _canvas(frames[-1], padded)
     d = Path(export_dir)
     key_sess = make_session(d / contract["graphs"]["key_frame"]["file"], threads=threads)
     non_key_sess = make_session(d / contract["graphs"]["non_key_frame"]["file"], threads=threads)
-    with torch.no_grad():
+    with _cpu_eval(model) as model, torch.no_grad():
         key = model.segment_key_frame(key_img, valid)
         flows = model.estimate_flow(cur_img, key.image, key.query_embeddings, key.valid_hw)
         warped = warp_mask_logits(key.mask_logits, flows, model.warp_normalization)

@@ -1258,10 +1258,14 @@ def test_export_without_a_size_takes_the_canvas_height_then_width(tmp_path):
 
 def test_export_restores_a_model_in_training_mode(tmp_path):
     """export_onnx exports from eval mode and gives the caller's model back as it was: a model
-    being trained stays in training mode."""
+    being trained stays in training mode, and a part it keeps in eval mode (a frozen backbone,
+    as stage 2 keeps the segmentor) stays in eval mode."""
     model = load_model("mpvss_lite").model.train()
+    model.backbone.eval()
+    flags = [m.training for m in model.modules()]
     export_onnx(model, tmp_path / "x", (32, 64), check=False)
-    assert model.training and all(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == flags
+    assert model.training and not any(m.training for m in model.backbone.modules())
 
 
 def test_an_export_of_weights_without_a_motion_module_records_it(tmp_path):
@@ -1354,9 +1358,12 @@ def test_parity_of_a_model_in_training_mode_is_measured_in_eval_mode(export_32, 
     """The reference is the model in eval mode, as exported: a model handed over in training mode
     is not run with BatchNorm's batch statistics (parity would fail by whole logits)."""
     model = copy.deepcopy(lite.model).train()
+    model.backbone.eval()
+    flags = [m.training for m in model.modules()]
     parity = check_parity(export_32.out_dir, model, _random_frames((32, 64)))
     assert parity["passed"], {name: o["max_abs_diff"] for name, o in parity["outputs"].items()}
     assert parity["label_agreement"]["key_frame"] >= 0.999
+    assert [m.training for m in model.modules()] == flags, "and given back in training mode, as it came"
 
 
 def test_parity_without_frames_takes_them_at_the_valid_size(lite_63, lite):
