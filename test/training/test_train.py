@@ -4,16 +4,22 @@ import argparse
 import json
 import math
 import re
+import shutil
 import signal
+import threading
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mpvss_ros.evaluation.metrics import ConfusionMatrix
 from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir
+from mpvss_ros.training.criterion import SetCriterion
 from mpvss_ros.training.data import CamVidFrames
+from mpvss_ros.training.matcher import FixedMatcher, HungarianMatcher
 from mpvss_ros.training import trainer
 from mpvss_ros.training.motion_trainer import MotionTrainOptions
 from mpvss_ros.training.trainer import (
@@ -85,6 +91,18 @@ def test_cli_arguments_round_trip(tmp_path):
     ({"max_minutes": 0}, r"max_minutes must be > 0 \(leave it out for no limit\), got 0"),
     ({"max_minutes": math.inf}, "max_minutes must be > 0"),
     ({"stop_at": 2.5}, "stop_at must be >= 1"),
+    ({"num_points": 2.5}, "num_points must be an integer, got 2.5"),
+    ({"checkpoint_every": 2.5}, "checkpoint_every must be an integer, got 2.5"),
+    ({"val_frames": 2.5}, "val_frames must be an integer, got 2.5"),
+    ({"threads": 1.5}, "threads must be an integer, got 1.5"),
+    ({"backbone_lr_mult": float("nan")}, "backbone_lr_mult must be a finite number"),
+    ({"weight_decay": math.inf}, "weight_decay must be a finite number"),
+    ({"poly_power": math.inf}, "poly_power must be a finite number"),
+    ({"num_points": 0}, "num_points must be >= 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"checkpoint_every": -1}, "checkpoint_every must be >= 0, got -1"),
+    ({"val_frames": -1}, "val_frames must be >= 0, got -1"),
+    ({"threads": -1}, "threads must be >= 0, got -1"),
 ])
 def test_stage1_options_are_checked_like_stage2s(change, message, tmp_path):
     """Both stages check types and ranges with the same helpers (training/options.py), and
@@ -95,6 +113,20 @@ def test_stage1_options_are_checked_like_stage2s(change, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train_segmentor(TrainOptions(run_dir=str(tmp_path / "run"), **change))
     TrainOptions(run_dir="x", scale=(np.float32(0.75), np.float64(1.5)), lr=np.float32(1e-4)).validate()  # numpy reals
+
+
+def test_keyword_options_replace_those_of_the_options_given(tmp_path):
+    """train_segmentor(options, **kwargs) trains with the keywords' values, checked as any option."""
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        train_segmentor(_no_data_opts(tmp_path / "run"), seed=-1)
+
+
+def test_options_json_takes_numpy_numbers_and_paths():
+    """validate accepts numpy integers and reals (and a Path run folder); options.json and the
+    trainer state's copy store them as JSON ints, floats and strings."""
+    saved = trainer.options_dict(TrainOptions(run_dir=Path("r"), seed=np.int64(3), lr=np.float32(0.5)))
+    assert saved["run_dir"] == "r" and saved["seed"] == 3 and type(saved["seed"]) is int
+    assert saved["lr"] == 0.5 and type(saved["lr"]) is float
 
 
 def test_device_option_reaches_the_options():
@@ -205,6 +237,7 @@ def test_resume_continues_exactly(straight_run, tmp_path):
     assert first.step == 5 and not first.finished
     state5 = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
     assert state5["step"] == 5 and state5["scheduler"]["last_epoch"] == 5
+    assert state5["options"] == trainer.options_dict(_opts(tmp_path, stop_at=5))  # what --resume compares with
     second = train_segmentor(_opts(tmp_path, resume=True))
     assert second.step == 8 and second.finished and len(second.losses) == 3
     assert torch.load(tmp_path / "model_final.pt", weights_only=True)["meta"]["motion_trained"] is False
@@ -500,19 +533,31 @@ def test_resume_with_a_changed_lr_and_weight_decay_trains_with_them(tmp_path, mo
     assert decays == pytest.approx([0.05, 0.05, 0.01, 0.01])
 
 
+def test_a_resume_with_a_changed_lr_or_seed_warns(caplog):
+    """The lr and the seed are training options: a resume that changes them is no straight continuation."""
+    with caplog.at_level("WARNING", logger="mpvss_ros.training.trainer"):
+        trainer.warn_option_changes({"lr": 1e-4, "seed": 0}, {"lr": 1e-3, "seed": 1})
+    assert "lr: 0.0001 -> 0.001" in caplog.text and "seed: 0 -> 1" in caplog.text
+
+
+def _camvid_copy(root, names, splits=("train",)):
+    """A CamVid-layout folder at ``root`` with the shared training frames ``names`` and their labels
+    copied into each of ``splits`` (``train`` -> ``train/`` and ``trainannot/``)."""
+    for split in splits:
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir(parents=True)
+        for n in names:
+            shutil.copy(TRAIN_DIR / n, root / split / n)
+            shutil.copy(TRAIN_ANNOT / n, root / f"{split}annot" / n)
+    return root
+
+
 @needs_data
 def test_a_corrupt_training_frame_is_refused_before_training(tmp_path):
     # a truncated PNG used to end the run only when the data order first drew it (possibly hours in,
     # after the last checkpoint), leaving a run folder that is neither resumable nor reusable
-    import shutil
-
-    root = tmp_path / "camvid"
-    for d in ("train", "trainannot"):
-        (root / d).mkdir(parents=True)
     names = FILES + ["0006R0_f01200.png", "0001TP_007170.png"]
-    for n in names:
-        shutil.copy(TRAIN_DIR / n, root / "train" / n)
-        shutil.copy(TRAIN_ANNOT / n, root / "trainannot" / n)
+    root = _camvid_copy(tmp_path / "camvid", names)
     (root / "train" / names[-1]).write_bytes((TRAIN_DIR / names[-1]).read_bytes()[:20000])
     run = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="cannot read image"):
@@ -524,21 +569,31 @@ def test_a_corrupt_training_frame_is_refused_before_training(tmp_path):
 def test_a_corrupt_val_frame_is_refused_before_training(tmp_path):
     """As a training frame: a truncated val PNG failed at the first validation, after the steps
     before it, whose checkpoint (written after validating) never came."""
-    import shutil
-
-    root = tmp_path / "camvid"
-    for d in ("train", "trainannot", "val", "valannot"):
-        (root / d).mkdir(parents=True)
-    for n in FILES:
-        shutil.copy(TRAIN_DIR / n, root / "train" / n)
-        shutil.copy(TRAIN_ANNOT / n, root / "trainannot" / n)
-        shutil.copy(TRAIN_DIR / n, root / "val" / n)
-        shutil.copy(TRAIN_ANNOT / n, root / "valannot" / n)
+    root = _camvid_copy(tmp_path / "camvid", FILES, ("train", "val"))
     (root / "val" / FILES[-1]).write_bytes((TRAIN_DIR / FILES[-1]).read_bytes()[:20000])
     run = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="cannot read image"):
         train_segmentor(_opts(run, data_root=str(root), train_files=None, steps=4, val_every=0, val_frames=2))
     assert not run.exists()
+
+
+@needs_data
+def test_a_data_root_without_val_frames_trains_without_validation(tmp_path):
+    """--data-root with train/ and trainannot/ only: the run trains, and validates nothing."""
+    root = _camvid_copy(tmp_path / "camvid", FILES[:1])
+    result = train_segmentor(_opts(tmp_path / "run", data_root=str(root), train_files=None, steps=1, batch_size=1,
+                                   crop=(64, 64), num_points=64, imagenet_weights="none", val_every=0))
+    assert result.finished and result.val == []
+    assert torch.load(tmp_path / "run" / "model_final.pt", weights_only=True)["meta"]["val"] is None
+
+
+def test_camvid_root_expands_home_and_refuses_a_missing_folder(tmp_path, monkeypatch):
+    """--data-root ~/... is the user's folder; a missing root is named as such."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cv").mkdir()
+    assert trainer.camvid_root("~/cv") == tmp_path / "cv"
+    with pytest.raises(FileNotFoundError, match="CamVid root not found"):
+        trainer.camvid_root(str(tmp_path / "none"))
 
 
 def test_jpeg_frames_take_png_labels_of_the_same_stem(tmp_path):
@@ -708,11 +763,17 @@ def test_lr_factor_is_zero_past_the_end_of_the_schedule():
 
 
 def test_cli_flags_set_their_own_options():
-    """A01 A02 A03 A04."""
+    """Without flags the CLI gives TrainOptions' defaults; each flag sets its own option, with its type."""
     p = argparse.ArgumentParser()
     add_train_arguments(p)
     o = options_from_args(p.parse_args(["--run-dir", "r"]))
     assert o.flip is True and o.color_jitter is True and o.freeze_bn is True
+    assert o == TrainOptions(run_dir="r")
+    o = options_from_args(p.parse_args(["--run-dir", "r", "--no-color-jitter", "--lr", "1e-3", "--seed", "3",
+                                        "--train-files", "a.png", "b.png"]))
+    assert o.color_jitter is False and o.flip is True
+    assert o.lr == 1e-3 and o.seed == 3 and o.train_files == ["a.png", "b.png"]
+    o.validate()
     o = options_from_args(p.parse_args(["--run-dir", "r", "--no-flip"]))
     assert o.flip is False and o.color_jitter is True
     o = options_from_args(p.parse_args(["--run-dir", "r", "--no-freeze-bn"]))
@@ -737,10 +798,14 @@ def test_no_decay_for_group_norm_and_batch_norm_of_the_segmentor():
 # -- evaluation helpers
 
 def test_evaluate_frames_uses_eval_mode_and_restores_the_callers_mode():
-    """E01 E02: evaluation must not update BatchNorm statistics, and gives the model back as it was."""
+    """Evaluation must not update BatchNorm statistics, gives the model back as it was, and counts
+    the prediction against the label on the non-void pixels."""
     torch.manual_seed(0)
     model = _lite()
-    frames = [(torch.rand(3, 64, 96) * 255, torch.randint(0, 11, (64, 96)))]
+    image, label = torch.rand(3, 64, 96) * 255, torch.randint(0, 11, (64, 96))
+    label[:, :10] = 0
+    label[40:] = 255  # void rows
+    frames = [(image, label)]
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
     trainer.evaluate_frames(model, frames, [0])
@@ -748,8 +813,12 @@ def test_evaluate_frames_uses_eval_mode_and_restores_the_callers_mode():
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     model.eval()
-    trainer.evaluate_frames(model, frames, [0])
+    cm = trainer.evaluate_frames(model, frames, [0])
     assert not model.training
+    # prediction against label, every class counted (class 0 too), the void pixels left out
+    want = ConfusionMatrix(11)
+    want.update(trainer.segment_frame(model, image), label)
+    assert cm.mat.sum() == 40 * 96 and np.array_equal(cm.mat, want.mat)
 
 
 @needs_data
@@ -789,13 +858,35 @@ def test_imagenet_weights_for_a_backbone_that_is_not_mobilenet_are_refused():
         trainer._build_model(TrainOptions(run_dir="x", model="mpvss_r50", imagenet_weights="some.pt"), cfg)
 
 
+@needs_data
+def test_the_imagenet_file_given_is_the_one_loaded(tmp_path):
+    """--imagenet-weights FILE is read, not the shared data's file: a missing one is an error."""
+    from mpvss_ros.config import load_model_config
+
+    with pytest.raises(FileNotFoundError):
+        trainer._build_model(_opts(tmp_path, imagenet_weights=str(tmp_path / "missing.pt")),
+                             load_model_config("mpvss_lite"))
+
+
 # -- the training loop
+
+def _record_criteria(mp, into):
+    """Patch SetCriterion.forward (with the MonkeyPatch ``mp``) to append each loss module it runs to ``into``."""
+    real_loss = SetCriterion.forward
+
+    def loss(self, *a, **k):
+        into.append(self)
+        return real_loss(self, *a, **k)
+
+    mp.setattr(SetCriterion, "forward", loss)
+
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
     """4 steps on 5 frames, batch 2 (2 batches per epoch, one frame left over), a crop that is
-    no multiple of 32, validation every 2 steps, with the data order, the labels, the network's
-    valid size and the gradient norm at each optimiser step recorded."""
+    no multiple of 32, 2 warm-up steps, a no-object weight other than the default, validation every
+    2 steps, with the data order, the labels, the network's valid size, the gradient norm at each
+    optimiser step and the loss module recorded."""
     if TRAIN_DIR is None or WEIGHTS is None or not WEIGHTS.is_file():
         pytest.skip("shared CamVid data / ImageNet weights not available")
     from mpvss_ros.config import load_model_config
@@ -805,8 +896,8 @@ def recorded_run(tmp_path_factory):
     files = sorted(p.name for p in TRAIN_DIR.iterdir())[:5]
     run = tmp_path_factory.mktemp("recorded")
     opts = _opts(run, train_files=files, steps=4, batch_size=2, crop=(80, 100), num_points=64,
-                 val_every=2, val_frames=1)
-    rec = {"items": [], "labels": [], "valid_hw": [], "grad_norms": []}
+                 val_every=2, val_frames=1, warmup_steps=2, warmup_factor=0.25, no_object_weight=0.2)
+    rec = {"items": [], "labels": [], "valid_hw": [], "grad_norms": [], "criteria": []}
     real_getitem, real_targets = CamVidFrames.__getitem__, trainer.semantic_batch_to_targets
     real_forward, real_step = MPVSS.forward_segmentor, torch.optim.AdamW.step
 
@@ -834,6 +925,7 @@ def recorded_run(tmp_path_factory):
         mp.setattr(trainer, "semantic_batch_to_targets", targets)
         mp.setattr(MPVSS, "forward_segmentor", forward)
         mp.setattr(torch.optim.AdamW, "step", step)
+        _record_criteria(mp, rec["criteria"])
         result = train_segmentor(opts)
     initial, _ = trainer._build_model(opts, load_model_config("mpvss_lite"))
     return run, opts, result, rec, initial
@@ -876,24 +968,52 @@ def test_gradients_are_clipped_before_the_optimiser_step(recorded_run):
 
 @needs_data
 def test_log_records_backbone_lr_and_losses_over_all_predictions(recorded_run):
-    """T11 T12: lr_backbone = lr * backbone_lr_mult; loss_*_all sums the auxiliary predictions too."""
-    run, opts, _, _, _ = recorded_run
+    """Each step's record: the lr that step trained with (warm-up times poly decay, lr_factor of the
+    0-based step), lr_backbone = lr * backbone_lr_mult, the epoch, the total loss (the weighted sum
+    2 CE + 5 mask + 5 dice over all predictions) and loss_*_all summing the auxiliary predictions too."""
+    run, opts, result, _, _ = recorded_run
     logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     steps = [r for r in logged if not r.get("val")]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["lr"] for r in steps] == pytest.approx(
+        [opts.lr * lr_factor(s, 4, 2, 0.25, opts.poly_power) for s in range(4)], rel=1e-6)
+    assert [r["epoch"] for r in steps] == [0, 0, 1, 1]
+    assert [r["loss"] for r in steps] == pytest.approx(result.losses, rel=1e-6)
     for r in steps:
         assert r["lr_backbone"] == pytest.approx(r["lr"] * opts.backbone_lr_mult)
+        assert r["loss"] == pytest.approx(2 * r["loss_ce_all"] + 5 * r["loss_mask_all"] + 5 * r["loss_dice_all"],
+                                          rel=1e-4)
         for name in ("ce", "mask", "dice"):
             assert r[f"loss_{name}_all"] > r[f"loss_{name}"] * 1.5, (name, r)
 
 
 @needs_data
+def test_the_loss_uses_the_runs_matcher_points_and_weights(recorded_run):
+    """The Hungarian matcher and the loss sample num_points points; the loss weighs CE 2, mask 5,
+    dice 5 and the no-object class by no_object_weight."""
+    _, opts, _, rec, _ = recorded_run
+    assert rec["criteria"]
+    crit = rec["criteria"][0]
+    assert isinstance(crit.matcher, HungarianMatcher) and crit.matcher.num_points == 64 and crit.num_points == 64
+    assert float(crit.empty_weight[-1]) == pytest.approx(opts.no_object_weight) and opts.no_object_weight == 0.2
+    assert (crit.weight_class, crit.weight_mask, crit.weight_dice) == (2.0, 5.0, 5.0)
+
+
+@needs_data
 def test_validation_runs_every_val_every_steps(recorded_run):
-    """T14."""
+    """Validation every val_every steps, on the val split's frames, mIoU and pACC in percent (the
+    last one scores the final model)."""
     run, _, result, _, _ = recorded_run
     logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r.get("val")] == [2, 4]
     assert [r["step"] for r in result.val] == [2, 4]
+    model = _lite()
+    model.load_state_dict(torch.load(run / "model_final.pt", weights_only=True)["state_dict"])
+    cm = trainer.evaluate_frames(model, CamVidFrames(camvid_dir("val"), camvid_annot_dir("val"), train=False), [0])
+    last = result.val[-1]
+    assert last["frames"] == 1
+    assert last["mIoU"] == pytest.approx(100 * cm.miou(), abs=1e-3)
+    assert last["pACC"] == pytest.approx(100 * cm.pixel_accuracy(), abs=1e-3)
 
 
 @needs_data
@@ -939,6 +1059,16 @@ def test_clip_grad_norm_zero_disables_clipping(tmp_path):
     moved = max(float((final[k] - init[k]).abs().max()) for k in init if k.startswith("sem_seg_head.")
                 and init[k].is_floating_point())
     assert moved > 0.5 * opts.lr
+
+
+@needs_data
+def test_the_fixed_matcher_option_trains_with_the_query_per_class_matcher(tmp_path, monkeypatch):
+    """--matcher fixed: the loss matches with FixedMatcher, not the Hungarian one."""
+    criteria = []
+    _record_criteria(monkeypatch, criteria)
+    result = train_segmentor(_opts(tmp_path / "run", steps=1, batch_size=1, crop=(64, 64), num_points=64,
+                                   train_files=FILES[:1], imagenet_weights="none", matcher="fixed"))
+    assert result.finished and [type(c.matcher) for c in criteria] == [FixedMatcher]
 
 
 @needs_data
@@ -1008,6 +1138,15 @@ def test_a_run_file_without_a_stage_may_be_resumed_by_either_stage(tmp_path):
     trainer.check_run_dir(tmp_path, resume=True, stage="query_flow")
 
 
+def test_truncate_log_drops_later_records_and_torn_lines(tmp_path):
+    """On resume the log keeps the records up to the step resumed from; a line cut off by a kill
+    (or one that is no record) goes too, so the log stays one JSON object per line."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"val": true, "step": 2}\n[1]\n{"step": 3}\n{"step": 4, "lo')
+    trainer.truncate_log(log, 3)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"val": true, "step": 2}\n{"step": 3}\n'
+
+
 def test_the_final_file_is_written_again_when_steps_were_run(tmp_path):
     """A finished run resumed with a longer schedule writes its new final model."""
     from mpvss_ros.checkpoints import read_checkpoint
@@ -1034,6 +1173,18 @@ def test_torch_threads_zero_leaves_the_count_and_any_count_is_restored():
         torch.set_num_threads(before)
 
 
+def test_the_threads_option_applies_during_the_run_and_is_restored(tmp_path, monkeypatch):
+    """train_segmentor trains with --threads torch threads and gives the caller's count back."""
+    monkeypatch.setattr(trainer, "_train", lambda opts: torch.get_num_threads())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert train_segmentor(_no_data_opts(tmp_path / "run", threads=2)) == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_second_ctrl_c_stops_at_once_and_the_handler_is_restored():
     """R18 R19."""
     previous = signal.getsignal(signal.SIGINT)
@@ -1043,3 +1194,22 @@ def test_a_second_ctrl_c_stops_at_once_and_the_handler_is_restored():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_the_ctrl_c_guard_outside_the_main_thread_changes_nothing():
+    """Python delivers signals to the main thread only: training in another thread (a ROS node's)
+    must start, and leave the SIGINT handler as it was."""
+    previous = signal.getsignal(signal.SIGINT)
+    errors = []
+
+    def body():
+        try:
+            with trainer.InterruptAfterStep() as interrupt:
+                assert not interrupt.requested
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join()
+    assert errors == [] and signal.getsignal(signal.SIGINT) is previous
