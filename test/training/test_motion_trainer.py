@@ -18,14 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from mpvss_ros.checkpoints import CheckpointError, read_state_dict
+from mpvss_ros.checkpoints import CheckpointError, read_checkpoint, read_state_dict
+from mpvss_ros.config import load_model_config
 from mpvss_ros.io.samples import (
     bikes_clip,
     camvid_annot_dir,
     camvid_dir,
+    dashcam_clip,
     shared_data_dir,
 )
 from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.mpvss import MPVSS
 from mpvss_ros.nn.warp import compose_flows
 from mpvss_ros.training import motion_trainer
 from mpvss_ros.training.motion_trainer import (
@@ -35,6 +38,7 @@ from mpvss_ros.training.motion_trainer import (
     pseudo_labels,
     train_motion,
 )
+from mpvss_ros.training.trainer import no_decay_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -398,6 +402,7 @@ BAD_OPTIONS = [
     ({"pseudo_label_confidence": 5.0}, r"pseudo_label_confidence must be in \[0, 1\]"),
     ({"max_gap": 0}, "max_gap must be >= 1"),
     ({"num_points": 0}, "num_points must be >= 1"),
+    ({"num_points": 2.5}, "num_points must be an integer"),
     ({"lr": -1e-4}, "lr must be >= 0"),
     ({"lr": float("nan")}, "lr must be a finite number"),
     ({"head_lr_mult": -1.0}, "head_lr_mult must be >= 0"),
@@ -538,25 +543,29 @@ def test_train_motion_gives_the_flow_term_the_models_warp_and_mask_grid(needs_da
                                                                          monkeypatch):
     """A model that warps with mmtrack flows (the official ones; here mpvss_lite's configuration so
     set, its weights unchanged): the trainer hands the flow term that normalization and the mask
-    grid, so the term compares what the warp samples."""
+    grid, so the term compares what the warp samples; the masks are warped under that normalization."""
     import yaml
-
-    from mpvss_ros.config import load_model_config
 
     cfg = load_model_config("mpvss_lite").to_dict()
     cfg["input"]["warp_normalization"] = "mmtrack"
     (tmp_path / "lite_mmtrack.yaml").write_text(yaml.safe_dump(cfg))
-    seen, real = [], motion_trainer._flow_l1
+    seen, warps, real, real_warp = [], [], motion_trainer._flow_l1, motion_trainer.warp_mask_logits
 
     def flow_l1(motion_out, sel, target, normalization="exact", mask_hw=None):
         seen.append((normalization, mask_hw))
         return real(motion_out, sel, target, normalization, mask_hw)
 
+    def warp(masks, flows, normalization="exact"):
+        warps.append(normalization)
+        return real_warp(masks, flows, normalization)
+
     monkeypatch.setattr(motion_trainer, "_flow_l1", flow_l1)
+    monkeypatch.setattr(motion_trainer, "warp_mask_logits", warp)
     opts = dataclasses.replace(_options(tmp_path / "run", lite_checkpoint, 1), crop=(32, 32), synthetic_fraction=1.0,
                                val_every=-1, num_points=64, model=str(tmp_path / "lite_mmtrack.yaml"))
     assert train_motion(opts).finished
     assert seen and set(seen) == {("mmtrack", (8, 8))}
+    assert warps and set(warps) == {"mmtrack"}  # the masks are warped as the model's flows mean it too
 
 
 def test_train_motion_trains_at_the_smallest_crop(needs_data, lite_checkpoint, tmp_path):
@@ -805,6 +814,9 @@ def test_quick_val_reports_query_flow_at_interval_5_in_percent(monkeypatch):
     got = motion_trainer._quick_val(_tiny_model(), [(np.zeros((1, 4, 3), np.uint8), gt)] * 2)
     assert got["mIoU_interval5"] == pytest.approx(100 * (1 + 0.5 + 0.5) / 3)
     assert [s.scheduler.interval for s in _FakeSegmenter.made] == [5]
+    void = np.array([[0, 1, 2, 255]], np.uint8)  # void ground truth is left out: every other pixel right
+    got = motion_trainer._quick_val(_tiny_model(), [(np.zeros((1, 4, 3), np.uint8), void)])
+    assert got["mIoU_interval5"] == pytest.approx(100.0)
 
 
 # -- options checked on --resume
@@ -822,7 +834,46 @@ def test_videos_must_be_non_empty_paths():
     """Kills O04 (an empty path string accepted)."""
     with pytest.raises(ValueError, match="videos must be a list of paths"):
         MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", videos=("",)).validate()
+    with pytest.raises(ValueError, match="videos must be a list of paths"):  # an entry that is no path
+        MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", videos=(3,)).validate()
     MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", videos=("clip.mp4",)).validate()
+
+
+def test_videos_under_the_home_folder_are_found_and_missing_ones_refused(needs_data, tmp_path, monkeypatch):
+    """A clip given as ~/name (the Python API, which no shell expands) is looked up in the home
+    folder; a clip that does not exist is refused with the training data, before any work."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    opts = MotionTrainOptions(run_dir=str(tmp_path / "run"), init_checkpoint="c.pt", videos=("~/clip.mp4",))
+    assert motion_trainer._training_data(opts, 11)[3] == [tmp_path / "clip.mp4"]
+    with pytest.raises(FileNotFoundError, match="--videos: ~/none.mp4 not found"):
+        motion_trainer._training_data(dataclasses.replace(opts, videos=("~/none.mp4",)), 11)
+
+
+def test_own_data_root_gives_the_quick_validation_its_val_frames_and_needs_train_labels(needs_data, tmp_path):
+    """--data-root's val/ and valannot/ are the quick validation's frames; a root without
+    trainannot/ is refused with the training data, before any work."""
+    for sub in ("train", "trainannot", "val", "valannot"):
+        (tmp_path / sub).mkdir()
+        split = "val" if sub.startswith("val") else "train"
+        source = camvid_dir(split) if sub in ("train", "val") else camvid_annot_dir(split)
+        shutil.copy(sorted(source.iterdir())[0], tmp_path / sub)
+    opts = MotionTrainOptions(run_dir=str(tmp_path / "run"), init_checkpoint="c.pt", data_root=str(tmp_path), videos=(),
+                              synthetic_fraction=1.0)
+    assert motion_trainer._training_data(opts, 11)[1:3] == (tmp_path / "val", tmp_path / "valannot")
+    shutil.rmtree(tmp_path / "trainannot")
+    with pytest.raises(FileNotFoundError, match="has no trainannot/ folder"):
+        motion_trainer._training_data(opts, 11)
+
+
+def test_default_data_is_camvids_train_and_val_with_their_labels(needs_data, monkeypatch):
+    """Without --data-root: CamVid's val/ frames with valannot/ labels for the quick validation; a
+    shared data folder without trainannot/ is refused up front."""
+    opts = MotionTrainOptions(run_dir="run", init_checkpoint="c.pt", videos=())
+    assert motion_trainer._training_data(opts, 11)[1:3] == (camvid_dir("val"), camvid_annot_dir("val"))
+    monkeypatch.setattr(motion_trainer, "camvid_annot_dir", lambda split="val": None)
+    with pytest.raises(FileNotFoundError, match="CamVid train data not found"):
+        motion_trainer._training_data(opts, 11)
 
 
 # -- instrumented short runs (shared data)
@@ -842,20 +893,36 @@ class _FakeClock:
 def instrumented_run(needs_data, lite_checkpoint, tmp_path_factory):
     """steps=5 under max_minutes=1 on a fake clock (10 s a perf_counter call: stops after step 3),
     a crop of (40, 72) (padded to 64 x 96), warm-up 2, no clipping, pseudo-label confidence 0.3;
-    what the loop hands the model, the warp, the criterion and the pseudo-labelling is recorded."""
-    from mpvss_ros.nn.mpvss import MPVSS
-
+    what the loop hands the model, the warp, the criterion, the chained flows, the gradient clipping,
+    the clip loading and the pseudo-labelling is recorded."""
     run_dir = tmp_path_factory.mktemp("instrumented") / "run"
-    seen = {"segmentor": [], "warps": 0, "labels": [], "confidence": [], "val_frames": [], "sources": []}
+    seen = {"segmentor": [], "keys": [], "warps": 0, "labels": [], "confidence": [], "val_frames": [], "sources": [],
+            "draws": [], "flow_crops": [], "clipped": [], "canvas": []}
     real_fwd, real_warp = MPVSS.forward_segmentor, motion_trainer.warp_mask_logits
     real_targets, real_pseudo = motion_trainer.semantic_batch_to_targets, motion_trainer.pseudo_labels
     real_val, real_pairs = motion_trainer._quick_val, motion_trainer.FramePairs
+    real_chain, real_load = motion_trainer._chained_flows, motion_trainer.load_clip_on_canvas
+    real_clip = torch.nn.utils.clip_grad_norm_
 
     def fwd(self, image, valid_hw=None, aux=True):
         out = real_fwd(self, image, valid_hw, aux)
         if torch.is_grad_enabled():  # the training step, not the inference view
             seen["segmentor"].append((tuple(image.shape), valid_hw, len(out.aux_mask_logits)))
+            seen["keys"].append(image.detach().cpu().clone())
         return out
+
+    def chained_flows(model, samples, key, query_init, crop, pad, mask_hw):
+        seen["flow_crops"].append(crop)
+        return real_chain(model, samples, key, query_init, crop, pad, mask_hw)
+
+    def clip(params, max_norm, *a, **k):
+        params = list(params)
+        seen["clipped"].append(sum(p.numel() for p in params))
+        return real_clip(params, max_norm, *a, **k)
+
+    def load_clip(path, canvas, limit=None):
+        seen["canvas"].append(list(canvas.size))
+        return real_load(path, canvas, limit=limit)
 
     def warp(*a, **k):
         seen["warps"] += 1
@@ -877,6 +944,7 @@ def instrumented_run(needs_data, lite_checkpoint, tmp_path_factory):
         def sample(self, step, i):
             s = super().sample(step, i)
             seen["sources"].append((step, s.source))
+            seen["draws"].append((step, i))
             return s
 
     opts = MotionTrainOptions(run_dir=str(run_dir), init_checkpoint=str(lite_checkpoint), steps=5, batch_size=2,
@@ -891,6 +959,9 @@ def instrumented_run(needs_data, lite_checkpoint, tmp_path_factory):
         mp.setattr(motion_trainer, "pseudo_labels", pseudo)
         mp.setattr(motion_trainer, "_quick_val", quick_val)
         mp.setattr(motion_trainer, "FramePairs", Pairs)
+        mp.setattr(motion_trainer, "_chained_flows", chained_flows)
+        mp.setattr(motion_trainer, "load_clip_on_canvas", load_clip)
+        mp.setattr(torch.nn.utils, "clip_grad_norm_", clip)
         result = motion_trainer.train_motion(opts)
     records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     state = torch.load(run_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
@@ -903,7 +974,19 @@ def test_max_minutes_stops_after_the_step_past_the_limit_with_a_checkpoint(instr
     opts, result, records, state, _ = instrumented_run
     assert result.step == 3 and not result.finished  # 30, 60 s: go on; 90 s > 60 s: stop
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and state["step"] == 3
-    assert load_model(weights=opts.run_dir + "/checkpoint_last.pt").meta["step"] == 3
+    meta = load_model(weights=opts.run_dir + "/checkpoint_last.pt").meta
+    assert meta["step"] == 3 and meta["steps"] == 5  # the step reached and the schedule's length
+
+
+def test_the_checkpoint_meta_names_the_init_checkpoint_and_the_data(instrumented_run, lite_checkpoint):
+    """The model card's provenance: the stage-1 checkpoint's own meta and the data trained on
+    (CamVid pairs and the pseudo-labelled pairs of the default clips: the shared dash-cam clip and
+    bikes.mp4)."""
+    opts = instrumented_run[0]
+    meta = load_model(weights=opts.run_dir + "/checkpoint_last.pt").meta
+    assert meta["init"] == str(lite_checkpoint) and meta["init_meta"] == read_checkpoint(lite_checkpoint).meta
+    clips = [p.name for p in (dashcam_clip(), bikes_clip()) if p is not None]
+    assert "bikes.mp4" in clips and meta["data"] == "CamVid train pairs + pseudo-labelled pairs of " + ", ".join(clips)
 
 
 def test_the_last_step_is_validated_on_val_frames_frames(instrumented_run):
@@ -926,11 +1009,12 @@ def test_each_step_logs_the_scheduled_rate_with_warm_up(instrumented_run):
 
 def test_the_logged_loss_is_the_mask_loss_plus_the_weighted_flow_term(instrumented_run):
     """Kills T17 (flow_weight not applied)."""
-    opts, _, records, _, _ = instrumented_run
+    opts, result, records, _, _ = instrumented_run
     steps = [r for r in records if "loss" in r]
     assert any(r["loss_flow"] > 0 for r in steps)
     for r in steps:
         assert r["loss"] == pytest.approx(r["loss_mask_criterion"] + opts.flow_weight * r["loss_flow"], rel=1e-5)
+    assert result.losses == [r["loss"] for r in steps]  # the result's losses are the logged ones
 
 
 def test_all_deep_supervision_masks_are_warped(instrumented_run):
@@ -950,6 +1034,9 @@ def test_the_crop_is_padded_to_32_and_its_padding_is_void(instrumented_run):
         assert tuple(labels.shape) == (2, 64, 96)
         assert (labels[:, 40:, :] == 255).all() and (labels[:, :, 72:] == 255).all()
     assert any((labels[:, :40, :72] != 255).any() for labels in seen["labels"])  # CamVid pairs' labels
+    for key in seen["keys"]:  # the key frames are padded with zeros
+        assert (key[:, :, 40:, :] == 0).all() and (key[:, :, :, 72:] == 0).all() and (key[:, :, :40, :72] != 0).any()
+    assert seen["flow_crops"] == [(40, 72)] * 3  # the motion module is told the crop, not the padded size
 
 
 def test_video_pairs_are_counted_by_their_source(instrumented_run):
@@ -962,10 +1049,34 @@ def test_video_pairs_are_counted_by_their_source(instrumented_run):
     assert {s for _, s in seen["sources"]} >= {"video", "camvid"}
 
 
+def test_each_step_draws_its_own_batch(instrumented_run):
+    """Step s trains pairs (s, 0) .. (s, batch_size - 1) of the seeded draws: no pair repeats
+    within a batch or across steps."""
+    _, _, _, _, seen = instrumented_run
+    assert seen["draws"] == [(s, i) for s in range(3) for i in range(2)]
+
+
 def test_pseudo_labels_use_the_confidence_option(instrumented_run):
     """Kills T39 (pseudo_label_confidence ignored)."""
     _, _, _, _, seen = instrumented_run
     assert seen["confidence"] and set(seen["confidence"]) == {0.3}
+
+
+def test_clips_are_loaded_on_the_models_canvas(instrumented_run, lite_checkpoint):
+    """The unlabelled clips are pseudo-labelled and trained at the model's own input size (CamVid's
+    360 x 480 only for a model without one)."""
+    _, _, _, _, seen = instrumented_run
+    size = read_checkpoint(lite_checkpoint).model_config["input"]["size"]
+    assert size and seen["canvas"] and all(c == list(size) for c in seen["canvas"])
+
+
+def _trained_parameters() -> tuple[MPVSS, dict[str, list[torch.nn.Parameter]]]:
+    """A fresh mpvss_lite model and the parameters stage 2 trains: its motion module's and its
+    class and mask heads'."""
+    model = MPVSS(load_model_config("mpvss_lite"))
+    predictor = model.sem_seg_head.predictor
+    return model, {"motion": list(model.motion.parameters()),
+                   "heads": list(predictor.class_embed.parameters()) + list(predictor.mask_embed.parameters())}
 
 
 def test_param_groups_have_their_decay_and_the_heads_their_rate(instrumented_run):
@@ -977,6 +1088,13 @@ def test_param_groups_have_their_decay_and_the_heads_their_rate(instrumented_run
     assert groups["motion_no_decay"]["weight_decay"] == groups["heads_no_decay"]["weight_decay"] == 0.0
     assert groups["motion_decay"]["initial_lr"] == pytest.approx(opts.lr)
     assert groups["heads_decay"]["initial_lr"] == pytest.approx(opts.lr * opts.head_lr_mult)
+    # the no-decay groups hold the norm parameters, the decay groups every other one
+    model, trained = _trained_parameters()
+    skip = no_decay_parameters(model)
+    for part, params in trained.items():
+        assert len(groups[f"{part}_no_decay"]["params"]) == sum(id(p) in skip for p in params)
+        assert len(groups[f"{part}_decay"]["params"]) == sum(id(p) not in skip for p in params)
+    assert groups["motion_no_decay"]["params"]
 
 
 def test_clip_grad_norm_zero_disables_clipping(instrumented_run):
@@ -986,6 +1104,14 @@ def test_clip_grad_norm_zero_disables_clipping(instrumented_run):
     assert all(r["grad_norm"] > 0 for r in records if "loss" in r)
     moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
     assert moments and any(float(m.abs().max()) > 0 for m in moments)
+
+
+def test_the_clipped_norm_covers_every_trained_parameter(instrumented_run):
+    """The gradient norm (clipped and logged) is taken over the motion module and the heads, every
+    parameter the optimiser trains."""
+    _, _, _, _, seen = instrumented_run
+    n = sum(p.numel() for params in _trained_parameters()[1].values() for p in params)
+    assert seen["clipped"] == [n] * 3
 
 
 def _cheap_options(run_dir, init, steps, **changes):
@@ -1058,6 +1184,17 @@ def test_init_motion_with_part_of_a_motion_module_is_refused(needs_data, lite_ch
     assert not (tmp_path / "run").exists()
 
 
+def test_init_motion_skips_the_buffers_the_loader_ignores(needs_data, lite_checkpoint, tmp_path):
+    """Official checkpoints also hold the motion module's flow input normalisation
+    (motion.flow_img_norm_mean/std, which the model computes itself): --init-motion takes the
+    weights and leaves those out, as the checkpoint loader does."""
+    motion = {k: v for k, v in read_state_dict(lite_checkpoint).items() if k.startswith("motion.")}
+    donor = dict(motion, **{"motion.flow_img_norm_mean": torch.zeros(3), "motion.flow_img_norm_std": torch.ones(3)})
+    torch.save(donor, tmp_path / "donor.pt")
+    opts = _cheap_options(tmp_path / "run", lite_checkpoint, 1, init_motion=str(tmp_path / "donor.pt"))
+    assert motion_trainer.train_motion(opts).finished
+
+
 def test_frozen_heads_are_left_out_of_the_optimiser_and_the_clipped_norm(needs_data, lite_checkpoint, tmp_path):
     """Kills T07 (head_lr_mult 0 still made the heads trainable: their gradients entered the
     clipped norm, which then scaled the motion module's steps, and the optimiser state)."""
@@ -1094,3 +1231,115 @@ def test_checkpoint_every_saves_on_its_steps_and_at_the_end(needs_data, lite_che
     monkeypatch.setattr(motion_trainer, "save_run_checkpoint", record)
     motion_trainer.train_motion(_cheap_options(tmp_path / "run", lite_checkpoint, 3, checkpoint_every=2))
     assert saved == [2, 3]
+
+
+class _StopBeforeTraining(Exception):
+    pass
+
+
+def test_the_run_hands_its_options_to_the_pairs_the_matcher_and_the_criterion(needs_data, lite_checkpoint, tmp_path,
+                                                                             monkeypatch):
+    """The draws take the run's seed, shares, largest gap and crop; the matcher its cost weights
+    (class 2, mask 5, dice 5, as Mask2Former) and num_points, as the criterion (stopped before the
+    first step)."""
+    seen, real_pairs = {}, motion_trainer.FramePairs
+
+    def pairs(*a, **k):
+        seen["pairs"] = k
+        return real_pairs(*a, **k)
+
+    def matcher(*a, **k):
+        seen["matcher"] = (a, k)
+        return "matcher"
+
+    def criterion(*a, **k):
+        seen["criterion"] = (a, k)
+        raise _StopBeforeTraining
+
+    monkeypatch.setattr(motion_trainer, "FramePairs", pairs)
+    monkeypatch.setattr(motion_trainer, "HungarianMatcher", matcher)
+    monkeypatch.setattr(motion_trainer, "SetCriterion", criterion)
+    opts = _cheap_options(tmp_path / "run", lite_checkpoint, 2, seed=7, max_gap=3, synthetic_fraction=0.25,
+                          num_points=96)
+    with pytest.raises(_StopBeforeTraining):
+        motion_trainer.train_motion(opts)
+    k = seen["pairs"]
+    assert (k["seed"], k["video_fraction"], k["synthetic_fraction"], k["max_gap"], k["crop"]) == (7, 0.0, 0.25, 3,
+                                                                                                  (32, 32))
+    assert seen["matcher"] == ((2.0, 5.0, 5.0), {"num_points": 96})
+    assert seen["criterion"] == ((11, "matcher"), {"num_points": 96})
+
+
+@pytest.fixture(scope="module")
+def same_pair_run(needs_data, lite_checkpoint, tmp_path_factory):
+    """2 steps at lr 0 on the same synthetic pair (weights and batch unchanged from step to step)
+    under a stand-in criterion: loss the warped masks' and class logits' means, fixed ce and dice
+    terms. flow_weight 0, seed 5, the crop given as numpy integers, validation every step on one
+    frame; the options say 1 step, the keyword steps=2."""
+    run_dir = tmp_path_factory.mktemp("same_pair") / "run"
+    mask_shapes = []
+
+    def criterion(*a, **k):
+        def call(outputs, targets):
+            mask_shapes.append(tuple(outputs.mask_logits.shape[-2:]))
+            return {"loss": outputs.mask_logits.mean() + outputs.class_logits.mean(),
+                    "loss_ce": torch.tensor(0.25), "loss_dice": torch.tensor(0.75)}
+        return call
+
+    class SamePair(motion_trainer.FramePairs):
+        def sample(self, step, i):
+            return super().sample(0, i)
+
+    opts = _cheap_options(run_dir, lite_checkpoint, 1, lr=0.0, synthetic_fraction=1.0, flow_weight=0.0, seed=5,
+                          crop=(np.int64(32), np.int64(32)), val_every=1, val_frames=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(motion_trainer, "SetCriterion", criterion)
+        mp.setattr(motion_trainer, "FramePairs", SamePair)
+        result = motion_trainer.train_motion(opts, steps=2)
+    records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    return run_dir, result, records, mask_shapes
+
+
+def test_each_step_backpropagates_only_its_own_loss(same_pair_run):
+    """Same weights, same pair: the second step's gradient norm is the first's (gradients left over
+    from the step before would double it)."""
+    norms = [r["grad_norm"] for r in same_pair_run[2] if "loss" in r]
+    assert len(norms) == 2 and norms[0] > 0
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+
+
+def test_the_log_keeps_the_criterions_terms_and_no_flow_term_at_weight_0(same_pair_run):
+    """Each step logs the criterion's own ce and dice terms, and no flow term at flow_weight 0 (even
+    on synthetic pairs, which have a flow target)."""
+    steps = [r for r in same_pair_run[2] if "loss" in r]
+    assert [(r["loss_ce"], r["loss_dice"], r["loss_flow"], r["synthetic_pairs"]) for r in steps] == [
+        (0.25, 0.75, 0.0, 1)] * 2
+
+
+def test_the_frozen_segmentors_batch_norm_statistics_stay_as_loaded(same_pair_run, lite_checkpoint):
+    """The segmentor is frozen in eval mode from the start, also in a run without clips (nothing
+    pseudo-labelled before the first step): its BatchNorm running statistics are saved unchanged."""
+    init, last = read_state_dict(lite_checkpoint), read_state_dict(same_pair_run[0] / "checkpoint_last.pt")
+    stats = [k for k in init if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(stats) > 100 and [k for k in stats if not torch.equal(init[k], last[k])] == []
+
+
+def test_a_crop_of_a_multiple_of_32_is_not_padded(same_pair_run):
+    """32 x 32 pixels stay 32 x 32: the mask logits, at stride 4, are 8 x 8."""
+    assert same_pair_run[3] == [(8, 8)] * 2
+
+
+def test_keyword_options_replace_the_given_ones_and_a_numpy_crop_is_stored(same_pair_run):
+    """train_motion(options, steps=2) runs 2 steps; a crop of numpy integers is stored as JSON
+    integers; the seed reaches the checkpoint's meta."""
+    run_dir, result, _, _ = same_pair_run
+    assert result.finished and result.step == 2
+    stored = json.loads((run_dir / "options.json").read_text())
+    assert stored["crop"] == [32, 32] and stored["steps"] == 2 and stored["seed"] == 5
+    assert load_model(weights=run_dir / "model_final.pt").meta["seed"] == 5
+
+
+def test_val_every_validates_on_its_steps(same_pair_run):
+    """val_every 1: the quick validation runs after every step, not only at the end."""
+    _, result, records, _ = same_pair_run
+    assert [r["step"] for r in records if r.get("val")] == [1, 2] == [v["step"] for v in result.val]
