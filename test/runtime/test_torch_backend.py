@@ -278,17 +278,17 @@ def _mkldnn(enabled: bool):
         torch.backends.mkldnn.enabled = before
 
 
-def test_a_stand_in_without_motion_trained_counts_as_trained(band_model):  # T02
+def test_a_stand_in_without_motion_trained_counts_as_trained(band_model):
     assert TorchBackend(band_model, "cpu").motion_trained is True
 
 
-def test_the_backend_puts_a_training_mode_model_in_eval_mode(band_model):  # T16
+def test_the_backend_puts_a_training_mode_model_in_eval_mode(band_model):
     model = band_model.train()
     backend = TorchBackend(model, "cpu")
     assert backend.model.training is False and model.training is False
 
 
-def test_folding_uses_each_batch_norms_own_eps():  # T06
+def test_folding_uses_each_batch_norms_own_eps():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.5))
     seq[1].running_mean.copy_(torch.randn(4) * 0.5)
@@ -302,14 +302,14 @@ def test_folding_uses_each_batch_norms_own_eps():  # T06
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
-def test_to_channels_last_skips_a_missing_module_and_converts_the_next():  # T10
+def test_to_channels_last_skips_a_missing_module_and_converts_the_next():
     model = nn.Module()
     model.add_module("motion", nn.Sequential(nn.Conv2d(4, 4, 3)))  # no "backbone" before it
     to_channels_last(model)
     assert model.motion[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_the_cpu_backend_runs_the_motion_module_channels_last():  # T11, T12
+def test_the_cpu_backend_runs_the_motion_module_channels_last():
     model = load_model("mpvss_lite").model
     TorchBackend(model, "cpu")
     weights = _conv_weights(model.motion)
@@ -323,7 +323,7 @@ def _bf16_backend(monkeypatch, model, **kw):
     return TorchBackend(model, "cpu", precision="bf16", **kw)
 
 
-def test_bf16_converts_the_motion_encoder_channels_last(monkeypatch):  # T13, T14
+def test_bf16_converts_the_motion_encoder_channels_last(monkeypatch):
     model = load_model("mpvss_lite").model
     _bf16_backend(monkeypatch, model)
     enc = list(model.motion.encoder.parameters())
@@ -333,14 +333,14 @@ def test_bf16_converts_the_motion_encoder_channels_last(monkeypatch):  # T13, T1
     assert all(p.dtype == torch.float32 for p in model.sem_seg_head.parameters())
 
 
-def test_bf16_refuses_a_model_that_is_not_mpvss(monkeypatch, band_model):  # T15
+def test_bf16_refuses_a_model_that_is_not_mpvss(monkeypatch, band_model):
     with pytest.raises(BackendUnavailable, match="implemented for the MPVSS model"):
         _bf16_backend(monkeypatch, band_model)
 
 
 @pytest.mark.parametrize("n, k, s, p", [(n, k, s, p) for n in range(1, 9) for k in (1, 3, 5) for s in (1, 2, 3) for p in (0, 1, 2)
                                         if n + 2 * p >= k])
-def test_conv_output_length_is_nn_conv2ds(n, k, s, p):  # T18
+def test_conv_output_length_is_nn_conv2ds(n, k, s, p):
     conv = nn.Conv2d(1, 1, k, s, p)
     assert _conv_output_length(n, k, s, p) == conv(torch.zeros(1, 1, k, n)).shape[-1]
 
@@ -358,7 +358,7 @@ def _seen_mkldnn(conv):
     ((1, 2), (1, 0), 3, True),
     ((1, 2), (1, 1), 4, False),
 ])
-def test_the_one_column_guard_follows_the_horizontal_stride_and_padding(stride, padding, width, guarded):  # T17, T20
+def test_the_one_column_guard_follows_the_horizontal_stride_and_padding(stride, padding, width, guarded):
     conv = nn.Conv2d(2, 2, 3, stride, padding)
     run_in_bf16(conv)
     seen = _seen_mkldnn(conv)
@@ -369,7 +369,7 @@ def test_the_one_column_guard_follows_the_horizontal_stride_and_padding(stride, 
         assert torch.backends.mkldnn.enabled
 
 
-def test_the_guard_turns_onednn_back_on_when_the_convolution_raises():  # T19
+def test_the_guard_turns_onednn_back_on_when_the_convolution_raises():
     conv = nn.Conv2d(8, 8, 3, 2, 1)
     run_in_bf16(conv)
     with _mkldnn(True):
@@ -378,7 +378,7 @@ def test_the_guard_turns_onednn_back_on_when_the_convolution_raises():  # T19
         assert torch.backends.mkldnn.enabled
 
 
-def test_the_guard_leaves_a_user_disabled_onednn_off():  # T25
+def test_the_guard_leaves_a_user_disabled_onednn_off():
     conv = nn.Conv2d(2, 2, 3, 2, 1)
     run_in_bf16(conv)
     with _mkldnn(False), torch.inference_mode():

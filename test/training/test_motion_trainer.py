@@ -720,7 +720,8 @@ def _run_chain(samples):
 
 
 def test_chained_flows_feed_each_link_its_frames_current_first():
-    """Kills C01 (wrong intermediate frame), C04 (previous/current swapped), C08 (too few links)."""
+    """Each link gets the right intermediate frames, current first and previous second (not swapped),
+    and the chain runs as many links as its longest sample needs."""
     motion, _, links = _run_chain(_mixed_batch())
     assert len(links) == 3 and len(motion.calls) == 3
     # link j: frame j + 1 of every sample (its current frame once its chain has ended) -> frame j
@@ -730,7 +731,8 @@ def test_chained_flows_feed_each_link_its_frames_current_first():
 
 
 def test_chained_flows_compose_each_sample_over_its_own_links_only():
-    """Kills C02 (no masking of ended chains), C03 (composition order), C07 (last link dropped)."""
+    """Each sample's flow composes its own links only (an ended chain's later links are masked out),
+    in chain order, up to and including its last link."""
     _, flows, _ = _run_chain(_mixed_batch())
     f = _FakeMotion.flow_of
     chain = compose_flows(compose_flows(f(2, 1)[None], f(3, 2)[None]), f(4, 3)[None])[0]
@@ -741,7 +743,8 @@ def test_chained_flows_compose_each_sample_over_its_own_links_only():
 
 
 def test_chained_flows_give_each_link_its_own_targets():
-    """Kills C05 (a one-link pair's target on later links) and C06 (every link gets link 0's target)."""
+    """Each link gets its own targets: a one-link pair's target on link 0 only, and link j of a chain
+    its link_flows[j], not link 0's."""
     _, _, links = _run_chain(_mixed_batch())
     sels = [link[1].tolist() for link in links]
     assert sels == [[True, True, True, False], [True, False, False, False], [True, False, False, False]]
@@ -753,7 +756,7 @@ def test_chained_flows_give_each_link_its_own_targets():
 # -- _flow_l1
 
 def test_flow_term_compares_both_sides_of_a_non_square_grid():
-    """Kills F02 (the width limit taken from the target's height). A (96, 128) crop at stride 8
+    """The width limit comes from the target's width, not its height. A (96, 128) crop at stride 8
     has a 12 x 16 target; a grid wider than high must be compared over all its columns."""
     g = torch.Generator().manual_seed(3)
     flows, pixel = torch.randn(1, 2, 2, 8, 16, generator=g), torch.randn(1, 2, 8, 16, generator=g)
@@ -787,7 +790,8 @@ def _tiny_model():
 
 
 def test_pseudo_labels_threshold_on_the_255_scale_and_segment_every_frame(monkeypatch):
-    """Kills P01 (<= instead of <), P02 (key interval 2: propagated labels), P03 (100 scale)."""
+    """A pixel whose confidence equals the threshold on the 255 scale (not a 100 scale) is kept, only
+    lower ones become void; every frame is segmented (key interval 1, no propagated labels)."""
     conf = np.array([[0, 127, 128, 200, 255]], np.uint8)
     labels = np.array([[1, 2, 0, 1, 2]], np.uint8)
     _FakeSegmenter.made = []
@@ -803,7 +807,8 @@ def test_pseudo_labels_threshold_on_the_255_scale_and_segment_every_frame(monkey
 
 
 def test_quick_val_reports_query_flow_at_interval_5_in_percent(monkeypatch):
-    """Kills Q01 (key interval 1) and Q02 (mIoU as a fraction, not percent)."""
+    """Quick validation runs query flow at key interval 5 (not 1) and reports mIoU in percent, not as a
+    fraction."""
     labels = np.array([[0, 1, 2, 2]], np.uint8)
     _FakeSegmenter.made = []
     monkeypatch.setattr(motion_trainer, "VideoSegmenter",
@@ -822,8 +827,8 @@ def test_quick_val_reports_query_flow_at_interval_5_in_percent(monkeypatch):
 # -- options checked on --resume
 
 def test_every_training_option_is_checked_on_resume():
-    """Kills T36 (chain_training dropped from _RESUME_CHECKED): every option that changes what a
-    step trains must be compared on --resume; only run control may change silently."""
+    """Every option that changes what a step trains (chain_training too) must be compared on --resume;
+    only run control may change silently."""
     run_control = {"run_dir", "val_every", "val_frames", "checkpoint_every", "threads", "max_minutes", "progress",
                    "resume", "device"}
     fields = {f.name for f in dataclasses.fields(MotionTrainOptions)}
@@ -831,7 +836,7 @@ def test_every_training_option_is_checked_on_resume():
 
 
 def test_videos_must_be_non_empty_paths():
-    """Kills O04 (an empty path string accepted)."""
+    """Each video must be a non-empty path: an empty string or an entry that is no path is refused."""
     with pytest.raises(ValueError, match="videos must be a list of paths"):
         MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", videos=("",)).validate()
     with pytest.raises(ValueError, match="videos must be a list of paths"):  # an entry that is no path
@@ -969,7 +974,7 @@ def instrumented_run(needs_data, lite_checkpoint, tmp_path_factory):
 
 
 def test_max_minutes_stops_after_the_step_past_the_limit_with_a_checkpoint(instrumented_run):
-    """Kills T27 (max_minutes read as seconds) and T28 (a timed-out run not checkpointed)."""
+    """max_minutes is read as minutes, not seconds, and a run it stops is checkpointed."""
 
     opts, result, records, state, _ = instrumented_run
     assert result.step == 3 and not result.finished  # 30, 60 s: go on; 90 s > 60 s: stop
@@ -990,15 +995,15 @@ def test_the_checkpoint_meta_names_the_init_checkpoint_and_the_data(instrumented
 
 
 def test_the_last_step_is_validated_on_val_frames_frames(instrumented_run):
-    """Kills T26 (no validation at the run's end with val_every 0) and T06 (one val frame too many)."""
+    """With val_every 0 the run's last step is still validated, on exactly val_frames frames."""
     _, result, records, _, seen = instrumented_run
     assert [r["step"] for r in records if r.get("val")] == [3] and len(result.val) == 1
     assert seen["val_frames"] == [2]
 
 
 def test_each_step_logs_the_scheduled_rate_with_warm_up(instrumented_run):
-    """Kills T10 (poly power ignored), T11 (warm-up ignored), T22 (a head group's rate logged),
-    T23 (the scheduler never steps)."""
+    """Each step logs the motion module's scheduled rate (not a head group's): poly decay with the
+    run's power, the warm-up, and a scheduler that steps every step."""
     from mpvss_ros.training.trainer import lr_factor
 
     opts, _, records, _, _ = instrumented_run
@@ -1008,7 +1013,7 @@ def test_each_step_logs_the_scheduled_rate_with_warm_up(instrumented_run):
 
 
 def test_the_logged_loss_is_the_mask_loss_plus_the_weighted_flow_term(instrumented_run):
-    """Kills T17 (flow_weight not applied)."""
+    """The logged loss is the mask loss plus flow_weight times the flow term."""
     opts, result, records, _, _ = instrumented_run
     steps = [r for r in records if "loss" in r]
     assert any(r["loss_flow"] > 0 for r in steps)
@@ -1018,7 +1023,7 @@ def test_the_logged_loss_is_the_mask_loss_plus_the_weighted_flow_term(instrument
 
 
 def test_all_deep_supervision_masks_are_warped(instrumented_run):
-    """Kills T16 (the auxiliary mask sets compared unwarped)."""
+    """The auxiliary (deep supervision) mask sets are warped too, not compared unwarped."""
     _, _, _, _, seen = instrumented_run
     assert len(seen["segmentor"]) == 3
     assert seen["warps"] == sum(1 + aux for _, _, aux in seen["segmentor"])
@@ -1026,8 +1031,8 @@ def test_all_deep_supervision_masks_are_warped(instrumented_run):
 
 
 def test_the_crop_is_padded_to_32_and_its_padding_is_void(instrumented_run):
-    """Kills T13 (height padded from the width), T42 (width padded too far), T15 (valid_hw not
-    passed) and T14 (padded label pixels are class 0, not void)."""
+    """Height and width are each padded from their own size up to the next multiple of 32 and no
+    further, the network is given valid_hw, and padded label pixels are void, not class 0."""
     _, _, _, _, seen = instrumented_run
     assert [(shape, hw) for shape, hw, _ in seen["segmentor"]] == [((2, 3, 64, 96), (40, 72))] * 3
     for labels in seen["labels"]:
@@ -1040,7 +1045,7 @@ def test_the_crop_is_padded_to_32_and_its_padding_is_void(instrumented_run):
 
 
 def test_video_pairs_are_counted_by_their_source(instrumented_run):
-    """Kills T24 (video_pairs counting another source)."""
+    """video_pairs counts the pairs from the videos only, not those of another source."""
     _, _, records, _, seen = instrumented_run
     for r in (r for r in records if "loss" in r):
         sources = [s for step, s in seen["sources"] if step == r["step"] - 1]
@@ -1057,7 +1062,7 @@ def test_each_step_draws_its_own_batch(instrumented_run):
 
 
 def test_pseudo_labels_use_the_confidence_option(instrumented_run):
-    """Kills T39 (pseudo_label_confidence ignored)."""
+    """Pseudo-labelling uses the pseudo_label_confidence option."""
     _, _, _, _, seen = instrumented_run
     assert seen["confidence"] and set(seen["confidence"]) == {0.3}
 
@@ -1080,7 +1085,8 @@ def _trained_parameters() -> tuple[MPVSS, dict[str, list[torch.nn.Parameter]]]:
 
 
 def test_param_groups_have_their_decay_and_the_heads_their_rate(instrumented_run):
-    """Kills T08 (decayed group without weight decay) and T09 (heads at the full rate)."""
+    """The decay groups get the weight decay and the heads train at lr * head_lr_mult, not the full
+    rate."""
     opts, _, _, state, _ = instrumented_run
     groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
     assert set(groups) == {"motion_decay", "motion_no_decay", "heads_decay", "heads_no_decay"}
@@ -1098,8 +1104,8 @@ def test_param_groups_have_their_decay_and_the_heads_their_rate(instrumented_run
 
 
 def test_clip_grad_norm_zero_disables_clipping(instrumented_run):
-    """Kills T21 (clip_grad_norm 0 clips every gradient to 0: Adam's moments stay 0, nothing trains
-    but the weight decay)."""
+    """clip_grad_norm 0 turns clipping off: clipping every gradient to 0 would leave Adam's moments 0
+    and nothing trained but the weight decay."""
     _, _, records, state, _ = instrumented_run
     assert all(r["grad_norm"] > 0 for r in records if "loss" in r)
     moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
@@ -1123,7 +1129,7 @@ def _cheap_options(run_dir, init, steps, **changes):
 
 
 def test_a_non_finite_loss_stops_the_run_before_the_optimiser_step(needs_data, lite_checkpoint, tmp_path, monkeypatch):
-    """Kills T20 (the finiteness check dropped: NaN weights trained and saved)."""
+    """A NaN loss raises before the optimiser step: no NaN weights are trained or saved."""
     real = motion_trainer.SetCriterion
 
     def nan_criterion(*a, **k):
@@ -1141,7 +1147,7 @@ def test_a_non_finite_loss_stops_the_run_before_the_optimiser_step(needs_data, l
 
 
 def test_an_interrupt_saves_a_checkpoint_of_the_step_in_hand(needs_data, lite_checkpoint, tmp_path, monkeypatch):
-    """Kills T30 (an interrupted run stopped without its checkpoint, checkpoint_every 0)."""
+    """An interrupted run saves its checkpoint before it stops, even with checkpoint_every 0."""
 
     class Requested:
         requested = True
@@ -1160,7 +1166,7 @@ def test_an_interrupt_saves_a_checkpoint_of_the_step_in_hand(needs_data, lite_ch
 
 
 def test_resuming_a_finished_run_keeps_its_final_file(needs_data, lite_checkpoint, tmp_path):
-    """Kills T31 (a --resume that runs no step rewrote model_final.pt without its validation record)."""
+    """A --resume that runs no step leaves model_final.pt, with its validation record, as it was."""
 
     opts = _cheap_options(tmp_path / "run", lite_checkpoint, 1, val_every=0)
     assert motion_trainer.train_motion(opts).finished
@@ -1172,8 +1178,8 @@ def test_resuming_a_finished_run_keeps_its_final_file(needs_data, lite_checkpoin
 
 
 def test_init_motion_with_part_of_a_motion_module_is_refused(needs_data, lite_checkpoint, tmp_path):
-    """Kills T03 (init_motion loaded non-strictly: a partial motion module silently mixed with the
-    init checkpoint's)."""
+    """init_motion is loaded strictly: a partial motion module is refused, not silently mixed with the
+    init checkpoint's."""
 
     motion = {k: v for k, v in read_state_dict(lite_checkpoint).items() if k.startswith("motion.")}
     partial = dict(list(motion.items())[:3])
@@ -1196,8 +1202,8 @@ def test_init_motion_skips_the_buffers_the_loader_ignores(needs_data, lite_check
 
 
 def test_frozen_heads_are_left_out_of_the_optimiser_and_the_clipped_norm(needs_data, lite_checkpoint, tmp_path):
-    """Kills T07 (head_lr_mult 0 still made the heads trainable: their gradients entered the
-    clipped norm, which then scaled the motion module's steps, and the optimiser state)."""
+    """With head_lr_mult 0 the heads are not trained: their gradients stay out of the clipped norm
+    (which would scale the motion module's steps) and out of the optimiser state."""
     opts = _cheap_options(tmp_path / "run", lite_checkpoint, 1, head_lr_mult=0.0)
     motion_trainer.train_motion(opts)
     state = torch.load(tmp_path / "run" / "trainer_state.pt", map_location="cpu", weights_only=True)
@@ -1205,8 +1211,8 @@ def test_frozen_heads_are_left_out_of_the_optimiser_and_the_clipped_norm(needs_d
 
 
 def test_the_flow_term_is_the_mean_over_links(needs_data, lite_checkpoint, tmp_path, monkeypatch):
-    """Kills T19 (the link terms summed: a 3-link chain pulled three times as hard). Every link's
-    term is made 1: the step's flow term must be 1 however many links it had."""
+    """The link terms are averaged, not summed (a 3-link chain must not pull three times as hard).
+    Every link's term is made 1: the step's flow term must be 1 however many links it had."""
 
     def unit_term(motion_out, sel, target, normalization="exact", mask_hw=None):
         return motion_out.flows.sum() * 0 + 1.0
@@ -1221,7 +1227,7 @@ def test_the_flow_term_is_the_mean_over_links(needs_data, lite_checkpoint, tmp_p
 
 
 def test_checkpoint_every_saves_on_its_steps_and_at_the_end(needs_data, lite_checkpoint, tmp_path, monkeypatch):
-    """Kills T29 (checkpoint_every ignored: only the end of the run saved)."""
+    """checkpoint_every saves on its steps as well as at the end of the run."""
     saved, real = [], motion_trainer.save_run_checkpoint
 
     def record(model_path, state_path, model, config, meta, state):

@@ -747,7 +747,8 @@ def _lite():
 # -- options and schedule
 
 def test_validate_edges_of_the_documented_ranges():
-    """V02 V04 V05 V06: scale high finite, warmup_steps >= 0, warmup_factor <= 1, stop_at == steps allowed."""
+    """At the edges of the documented ranges: scale's high end must be finite, warmup_steps >= 0 and
+    warmup_factor <= 1; stop_at == steps is allowed."""
     with pytest.raises(ValueError, match="scale must be"):
         TrainOptions(run_dir="x", scale=(0.5, float("inf"))).validate()
     with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
@@ -786,7 +787,7 @@ def test_cli_flags_set_their_own_options():
 # -- optimiser groups
 
 def test_no_decay_for_group_norm_and_batch_norm_of_the_segmentor():
-    """N02 N03: the pixel decoder's GroupNorm and the backbone's BatchNorm take no decay."""
+    """The pixel decoder's GroupNorm and the backbone's BatchNorm take no decay."""
     model = _lite()
     skip = trainer.no_decay_parameters(model)
     named = dict(model.named_parameters())
@@ -823,7 +824,7 @@ def test_evaluate_frames_uses_eval_mode_and_restores_the_callers_mode():
 
 @needs_data
 def test_segment_frame_zero_pads_after_normalisation_and_upsamples_like_mask2former():
-    """S01 S02 P01: the padded canvas is zero after normalisation (= raw pixel_mean before it), and
+    """The padded canvas is zero after normalisation (= raw pixel_mean before it), and
     the mask logits are upsampled with align_corners=False before scoring (the shipped model on a
     CamVid frame cut to 150 x 200, padded to 160 x 224)."""
     from mpvss_ros.model_loader import load_model
@@ -933,7 +934,7 @@ def recorded_run(tmp_path_factory):
 
 @needs_data
 def test_batches_follow_the_documented_data_order(recorded_run):
-    """T02 T03 T04 T05: epoch e draws the permutation default_rng([seed, 1, e]) in batch-size
+    """Epoch e draws the permutation default_rng([seed, 1, e]) in batch-size
     slices, len // batch_size batches per epoch, with the epoch's augmentation draws."""
     _, opts, result, rec, _ = recorded_run
     assert result.finished and result.step == 4
@@ -947,7 +948,7 @@ def test_batches_follow_the_documented_data_order(recorded_run):
 
 @needs_data
 def test_padding_to_the_network_size_is_void_and_outside_the_valid_size(recorded_run):
-    """P02 T06: the crop (80, 100) is padded to (96, 128) with void labels, and the network is told
+    """The crop (80, 100) is padded to (96, 128) with void labels, and the network is told
     the valid size so the padding is zero after normalisation."""
     _, _, _, rec, _ = recorded_run
     assert len(rec["labels"]) == 4 and rec["valid_hw"] == [(80, 100)] * 4
@@ -1018,7 +1019,7 @@ def test_validation_runs_every_val_every_steps(recorded_run):
 
 @needs_data
 def test_backbone_batch_norm_statistics_stay_frozen_through_validation(recorded_run):
-    """E03 E04: freeze_bn keeps the backbone's BatchNorm statistics at their ImageNet values,
+    """freeze_bn keeps the backbone's BatchNorm statistics at their ImageNet values,
     also in the steps after a validation (which puts the model in eval mode and back)."""
     run, _, _, _, initial = recorded_run
     final = torch.load(run / "model_final.pt", weights_only=True)["state_dict"]
@@ -1073,7 +1074,7 @@ def test_the_fixed_matcher_option_trains_with_the_query_per_class_matcher(tmp_pa
 
 @needs_data
 def test_max_minutes_is_in_minutes_and_stops_the_run(tmp_path, monkeypatch):
-    """T17 T18: with a clock that advances 10 s per reading, max_minutes=5 lets 3 steps finish and
+    """With a clock that advances 10 s per reading, max_minutes=5 lets 3 steps finish and
     max_minutes=0.05 stops after the first step, with a checkpoint."""
     clock = {"t": 0.0}
 
@@ -1091,7 +1092,7 @@ def test_max_minutes_is_in_minutes_and_stops_the_run(tmp_path, monkeypatch):
 
 @needs_data
 def test_fewer_training_frames_than_a_batch_are_refused(tmp_path):
-    """T20."""
+    """A run with fewer training frames than batch_size is refused, the message naming both numbers."""
     with pytest.raises(ValueError, match="2 training frames for batch_size 3"):
         train_segmentor(_opts(tmp_path / "run", batch_size=3, imagenet_weights="none"))
 
@@ -1112,12 +1113,12 @@ def test_an_unknown_motion_module_stays_unknown_in_the_runs_files(tmp_path):
 # -- run folders (both stages)
 
 @pytest.mark.parametrize("change, message", [
-    ({"step": -1}, "'step' must be an integer >= 0"),  # R08
-    ({"torch_rng": torch.get_rng_state()[None]}, "'torch_rng' is not a random-generator state"),  # R09
-    ({"cuda_rng": torch.zeros(8)}, "'cuda_rng' is not a random-generator state"),  # R10
-    ({"options": [1]}, "'options' is a list, not a dict"),  # R11
-    ({"optimizer": {"state": {}, "param_groups": {}}}, "'optimizer' is not an optimizer state dict"),  # R12
-    ({"scheduler": [1]}, "'scheduler' is a list, not a dict"),  # R13
+    ({"step": -1}, "'step' must be an integer >= 0"),
+    ({"torch_rng": torch.get_rng_state()[None]}, "'torch_rng' is not a random-generator state"),
+    ({"cuda_rng": torch.zeros(8)}, "'cuda_rng' is not a random-generator state"),
+    ({"options": [1]}, "'options' is a list, not a dict"),
+    ({"optimizer": {"state": {}, "param_groups": {}}}, "'optimizer' is not an optimizer state dict"),
+    ({"scheduler": [1]}, "'scheduler' is a list, not a dict"),
 ])
 def test_read_trainer_state_names_each_damaged_entry(tmp_path, change, message):
     _, state = _real_state()
@@ -1160,7 +1161,8 @@ def test_the_final_file_is_written_again_when_steps_were_run(tmp_path):
 
 
 def test_torch_threads_zero_leaves_the_count_and_any_count_is_restored():
-    """R16 R17."""
+    """torch_threads(0) leaves the thread count as it is; any other count applies inside the block and
+    the caller's count is restored after it."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -1186,7 +1188,8 @@ def test_the_threads_option_applies_during_the_run_and_is_restored(tmp_path, mon
 
 
 def test_a_second_ctrl_c_stops_at_once_and_the_handler_is_restored():
-    """R18 R19."""
+    """Under InterruptAfterStep a first Ctrl-C only requests a stop and a second raises KeyboardInterrupt
+    at once; the previous SIGINT handler is restored on exit."""
     previous = signal.getsignal(signal.SIGINT)
     with trainer.InterruptAfterStep() as interrupt:
         signal.raise_signal(signal.SIGINT)
