@@ -5,6 +5,8 @@ real node; this test covers the same wiring everywhere else (CI included)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 import time
 from types import SimpleNamespace
@@ -156,6 +158,18 @@ def test_node_publishes_every_output_with_the_input_header(node_module):
     assert not node._worker.alive
 
 
+def test_reset_service_alone_keys_the_next_frame(node_module):
+    """~/reset makes the next frame a key frame by itself (above, the enable toggle before it also resets)."""
+    start, _ = node_module
+    node = start(max_frame_age_s=0, schedule="fixed:100")
+    infos = node.publishers[f"{NODE}/info"].messages
+    for i in range(2):
+        feed(node, image(100_000_000 + i), i)
+    assert node.services[f"{NODE}/reset"][1](None, fr.Trigger.Response()).success
+    feed(node, image(100_000_002), 2)
+    assert [(m.is_key_frame, m.key_frame_reason) for m in infos] == [(True, "first"), (False, ""), (True, "reset")]
+
+
 def test_diagnostics_levels_reach_the_published_status(node_module):
     """The core's WARN / ERROR become DiagnosticStatus' levels (only OK was seen before): a camera
     whose every frame cannot be decoded (a depth encoding) is an ERROR for health monitors."""
@@ -267,7 +281,7 @@ def test_lifecycle_node_states(node_module, monkeypatch):
         for i in range(3):
             feed(node, image(100_000_000 + i), i)
         assert [m.is_key_frame for m in infos] == [True, False, False]
-        worker = node._worker
+        worker, slot = node._worker, node._slot
 
         assert node.trigger_deactivate() == R.SUCCESS and node.state == "inactive"
         assert not node.subscriptions and not worker.alive
@@ -276,6 +290,9 @@ def test_lifecycle_node_states(node_module, monkeypatch):
         assert len(pubs[f"{NODE}/labels"].messages) == 3 and pubs[f"{NODE}/labels"].dropped == 1
 
         assert node.trigger_activate() == R.SUCCESS
+        # a fresh slot: the one the stopped worker closed returns at once from every take (the new
+        # worker would spin on a core) and may still hold a frame left at deactivate
+        assert node._slot is not slot and not node._slot._closed
         feed(node, image(200_000_000), 3)
         feed(node, image(200_000_001), 4)
         assert [(m.is_key_frame, m.key_frame_reason) for m in infos[3:]] == [(True, "reset"), (False, "")]
@@ -479,6 +496,7 @@ def test_cleanup_while_the_worker_is_in_a_frame_keeps_it_and_releases_the_model_
     ({"max_gap_s": "two"}, "parameter 'max_gap_s'"),             # validate() refuses it
     ({"schedule": "every frame"}, "parameter 'schedule'"),
     ({"weights": "/nonexistent/model.pt"}, "/nonexistent/model.pt"),
+    ({"palette": [0x102030] * 12}, "parameter 'palette': 12 colours"),  # the core refuses: 11 classes
     # qos_overrides values rclpy refuses: an unknown policy value (RuntimeError), a depth of
     # another type (InvalidParameterTypeException)
     ({f"qos_overrides.{NODE}/overlay.publisher.reliability": "best-effort"},
@@ -495,6 +513,26 @@ def test_bad_parameters_stop_the_node_with_one_line(node_module, overrides, word
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
+def test_an_untrained_model_starts_with_a_warning(node_module, monkeypatch):
+    """A model without trained weights starts, with one warning that its labels are meaningless."""
+    import mpvss_ros.ros.core as core
+
+    start, _ = node_module
+    load = core.load_configured_model
+    monkeypatch.setattr(core, "load_configured_model", lambda cfg: dataclasses.replace(load(cfg), trained=False))
+    node = start()
+    assert [text for level, text in node.get_logger().lines if level == "warning"] == [
+        f"model {node.core.loaded.config.name} has no trained weights: labels are meaningless"]
+
+
+def test_the_threads_parameter_sets_torchs_thread_count(node_module):
+    """``threads`` reaches torch at start (the fixture gives torch its count back afterwards)."""
+    start, _ = node_module
+    wanted = torch.get_num_threads() + 1
+    start(threads=wanted)
+    assert torch.get_num_threads() == wanted
+
+
 def test_the_input_qos_override_is_named_after_the_remapped_topic(node_module, monkeypatch):
     """rclpy names a subscription's qos_overrides after its resolved, remapped topic (what the
     launch file's image:=... makes of ``image``), not after the node."""
@@ -509,9 +547,16 @@ def test_the_input_qos_override_is_named_after_the_remapped_topic(node_module, m
 
 
 def test_main_exit_status(node_module, monkeypatch):
+    """main's status: 1 when the node cannot start, else 0 once shut down, the node destroyed and
+    its worker stopped (so the process is not ended with os._exit under a live worker, which
+    would also end pytest, with status 0)."""
     start, runtime = node_module
     import mpvss_ros.ros.node as node_py
 
+    def no_exit(status):
+        raise AssertionError(f"os._exit({status}) under a live worker")
+
+    monkeypatch.setattr(os, "_exit", no_exit)
     monkeypatch.setattr(fr.Node, "overrides", {"device": "cpu", "weights": "/nonexistent/model.pt"})
     assert node_py.main([]) == 1
     assert any(level == "fatal" and "cannot start" in text for level, text in fr.get_logger("mpvss_segmenter").lines)
@@ -626,11 +671,24 @@ def test_an_unexpected_error_while_reconfiguring_is_answered_not_raised(node_mod
 
 
 def test_rclpy_refuses_an_integer_out_of_its_declared_range(node_module):
-    """The integer ranges reach the descriptor (ros2 param describe, rqt); rclpy refuses before the core."""
+    """The integer ranges reach the descriptor (ros2 param describe, rqt); rclpy refuses before the core.
+    Every descriptor carries the table's description, constraints, typing and range, and the plain
+    node's non-dynamic parameters are read-only, so rclpy itself refuses them."""
+    from mpvss_ros.ros.parameters import PARAMETERS, descriptor_fields
+
     start, _ = node_module
     node = start()
     (result,) = node.set_parameters([fr.Parameter("max_interval", fr.ParameterType.INTEGER, 0)])
     assert not result.successful and "out of range" in result.reason
+    for spec in PARAMETERS:
+        f, d = descriptor_fields(spec), node._descriptors[spec.name]
+        assert (d.description, d.additional_constraints, d.read_only, d.dynamic_typing) == (
+            f["description"], f["additional_constraints"], f["read_only"], f["dynamic_typing"]), spec.name
+        for got, want in ((d.integer_range, f["integer_range"]), (d.floating_point_range, f["floating_point_range"])):
+            assert [(r.from_value, r.to_value, r.step) for r in got] == ([tuple(want)] if want else []), spec.name
+    assert node._descriptors["backend"].read_only and not node._descriptors["schedule"].read_only
+    (result,) = node.set_parameters([fr.Parameter("backend", fr.ParameterType.STRING, "onnxruntime")])
+    assert not result.successful and result.reason == "Trying to set a read-only parameter: backend."
 
 
 def test_a_depth_of_another_type_names_its_override(node_module):
