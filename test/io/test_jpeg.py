@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import warnings
 
 import cv2
 import numpy as np
@@ -82,6 +83,12 @@ def _app1(payload: bytes) -> bytes:
     return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
 
 
+def _with_thumbnail(raw: bytes) -> bytes:
+    """``raw`` with an APP1 ``Exif`` segment holding an 8 x 8 JPEG thumbnail (an end-of-image
+    marker in the header) right after its start-of-image marker."""
+    return raw[:2] + _app1(b"Exif\x00\x00" + _jpeg(_gradient(8, 8))) + raw[2:]
+
+
 def test_a_missing_or_malformed_orientation_reads_as_1():
     plain = _jpeg(_gradient())
     body = plain[2:]
@@ -99,7 +106,10 @@ def test_a_missing_or_malformed_orientation_reads_as_1():
         "not a JPEG": b"\x89PNG\r\n\x1a\n" + tiff,
         "empty": b"",
     }
-    assert {name: exif_orientation(data) for name, data in cases.items()} == dict.fromkeys(cases, 1)
+    with warnings.catch_warnings(record=True) as caught:  # Pillow warns of corrupt EXIF: not once per frame
+        warnings.simplefilter("always")
+        assert {name: exif_orientation(data) for name, data in cases.items()} == dict.fromkeys(cases, 1)
+    assert caught == []
     # Orientation stored as a LONG rather than the standard's SHORT: OpenCV applies it, and so do we
     long_tag = bytearray(tiff)
     long_tag[8 + 2 + 12 + 2 : 8 + 2 + 12 + 4] = struct.pack("<H", 4)
@@ -131,8 +141,9 @@ def test_damaged_and_truncated_data(decoder):
     with pytest.raises(JpegHeaderError, match="not a JPEG"):
         decode_jpeg(b"\x89PNG\r\n\x1a\n")
     garbage = b"\xff\xd8" + bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)) + b"\xff\xd9"
-    with pytest.raises(JpegDataError, match="OpenCV cannot decode it"):  # the strict header probe fails: OpenCV's turn
+    with pytest.raises(JpegDataError, match="OpenCV cannot decode it") as garbled:  # the strict header probe fails: OpenCV's turn
         decode_jpeg(garbage)
+    assert not garbled.value.truncated  # damaged, not cut short: it has its end-of-image marker
 
 
 def test_the_size_is_checked_before_decoding(decoder, monkeypatch):
@@ -153,6 +164,19 @@ def test_the_size_is_checked_before_decoding(decoder, monkeypatch):
 def test_is_jpeg():
     assert is_jpeg(b"\xff\xd8\xff") and is_jpeg(np.frombuffer(b"\xff\xd8", np.uint8)) and is_jpeg(bytearray(b"\xff\xd8"))
     assert not is_jpeg(b"") and not is_jpeg(b"\xff") and not is_jpeg(b"\x89PNG")
+
+
+def test_a_strided_or_2d_uint8_array_decodes_with_its_orientation(decoder):
+    """A message's data as a strided view or a (1, N) array is flattened to C-contiguous 1-D
+    first: its pixels decode, and its EXIF orientation is read (Pillow needs contiguous bytes)."""
+    raw = with_exif_orientation(_jpeg(_gradient()), 6)
+    doubled = np.zeros(2 * len(raw), np.uint8)
+    doubled[::2] = np.frombuffer(raw, np.uint8)
+    strided = doubled[::2]
+    assert not strided.flags.c_contiguous
+    assert exif_orientation(strided) == 6
+    np.testing.assert_array_equal(decode_jpeg(strided, apply_orientation=True), _opencv_rgb(raw))
+    np.testing.assert_array_equal(decode_jpeg(np.frombuffer(raw, np.uint8).reshape(1, -1)), decode_jpeg(raw))
 
 
 def test_only_the_exif_block_gives_the_orientation_as_for_opencv():
@@ -220,6 +244,12 @@ def test_zero_fill_before_the_end_marker_decodes_strictly(decoder):
             decode_jpeg(lost)
         with pytest.raises(JpegDataError, match="extraneous bytes before marker 0xd9"):
             decode_jpeg(raw[:-2] + bytes(range(1, 17)) + b"\x00" * 8 + raw[-2:])
+        # the fill runs up to the end-of-image marker after the scan: not a thumbnail's in the
+        # header, nor one in a trailer after the image
+        thumbnailed = _with_thumbnail(raw)
+        np.testing.assert_array_equal(decode_jpeg(thumbnailed[:-2] + b"\x00" * 16 + thumbnailed[-2:]), clean)
+        np.testing.assert_array_equal(decode_jpeg(raw[:-2] + b"\x00" * 16 + raw[-2:] + b"trailer" + _jpeg(_gradient(8, 8))),
+                                      clean)
 
 
 def test_the_opencv_fallback_checks_the_size_from_the_header_before_decoding(monkeypatch):
@@ -250,14 +280,13 @@ def test_the_opencv_fallback_looks_for_the_end_marker_after_the_scan(monkeypatch
     raw = _jpeg(_gradient(120, 160))
     expected = _opencv_rgb(raw)
     np.testing.assert_array_equal(decode_jpeg(raw + b"trailer" * 40), expected)
-    thumbnail = _jpeg(_gradient(8, 8))
-    payload = b"Exif\x00\x00" + thumbnail
-    with_thumbnail = raw[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + raw[2:]
+    with_thumbnail = _with_thumbnail(raw)
+    payload_size = len(with_thumbnail) - len(raw) - 4  # the APP1 segment's payload
     np.testing.assert_array_equal(decode_jpeg(with_thumbnail), expected)
     with pytest.raises(JpegDataError, match="truncated"):
         decode_jpeg(with_thumbnail[: len(with_thumbnail) * 3 // 4])
     with pytest.raises(JpegDataError, match="truncated") as cut:  # cut within the header, past the thumbnail
-        decode_jpeg(with_thumbnail[: 2 + 4 + len(payload) + 10])
+        decode_jpeg(with_thumbnail[: 2 + 4 + payload_size + 10])
     assert cut.value.truncated
 
 
@@ -292,3 +321,17 @@ def test_the_opencv_fallback_steps_over_markers_without_a_length_in_the_header(m
     raw = _jpeg(_gradient())
     stray = raw[:2] + marker + raw[2:]
     np.testing.assert_array_equal(decode_jpeg(stray), _opencv_rgb(raw))
+
+
+def test_the_opencv_fallback_steps_over_fill_bytes_in_the_header(monkeypatch):
+    """A 0xFF fill byte before a header marker (T.81 B.1.1.2) is stepped over one byte at a time,
+    not read as a marker with a length (a whole JPEG looked truncated) nor skipped two at a time
+    (the walk lost its way, and a thumbnail's end marker made a truncated JPEG look whole)."""
+    monkeypatch.setattr(jpeg, "_simplejpeg", None)
+    raw = _jpeg(_gradient())
+    np.testing.assert_array_equal(decode_jpeg(raw[:2] + b"\xff" + raw[2:]), _opencv_rgb(raw))
+    filled = raw[:2] + b"\xff" + _with_thumbnail(raw)[2:]
+    np.testing.assert_array_equal(decode_jpeg(filled), _opencv_rgb(raw))
+    with pytest.raises(JpegDataError, match="truncated") as cut:
+        decode_jpeg(filled[: len(filled) - len(raw) // 2])
+    assert cut.value.truncated

@@ -5,17 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from mpvss_ros.cli import main
 from mpvss_ros.model_loader import load_model
+from mpvss_ros.runtime import cache
 from mpvss_ros.runtime.cache import (
     DEFAULT_MAX_MB,
     STALE_TEMP_SECONDS,
     cache_budget_bytes,
     cache_entries,
+    default_cache_dir,
+    format_entries,
     mark_used,
     prune_cache,
     prune_to_budget,
@@ -69,6 +73,8 @@ def test_entries_most_recent_first_with_sizes(fake_cache):
     assert entries[1].files == (p["c"] / "key_frame.onnx", p["c"] / "sub" / "contract.json")
     assert [e.last_used for e in entries] == [T0 + 30, T0 + 20, T0 + 10, T0]
     assert cache_entries(root / "absent") == []
+    os.utime(p["c"], (T0 + 30, T0 + 30))  # used at the same time as d: ordered by path
+    assert [e.path for e in cache_entries(root)][:2] == sorted([p["c"], p["d"]], key=str)
 
 
 def test_prune_removes_least_recently_used_until_within_budget(fake_cache):
@@ -86,11 +92,13 @@ def test_mark_used_moves_an_entry_to_the_front(fake_cache):
     removed = prune_cache(root, 5 * MIB, now=T0 + 40)
     assert [e.path for e in removed] == [p["b"], p["c"]]
     assert {e.path for e in cache_entries(root)} == {p["a"], p["d"]}
+    mark_used(p["b"])  # pruned meanwhile (by another process): nothing to mark, no error
 
 
-def test_prune_keeps_protected_entries_even_over_budget(fake_cache):
+def test_prune_keeps_protected_entries_even_over_budget(fake_cache, monkeypatch):
     root, p = fake_cache
-    removed = prune_cache(root, 0, keep=[p["a"], str(p["b"])], now=T0 + 40)
+    monkeypatch.chdir(root)  # a kept path relative to the current folder is the same entry
+    removed = prune_cache(root, 0, keep=[p["a"], str(Path("engines") / p["b"].name)], now=T0 + 40)
     assert [e.path for e in removed] == [p["c"], p["d"]]
     assert [e.path for e in cache_entries(root)] == [p["b"], p["a"]]  # 3 MiB > 0: protected
     with pytest.raises(ValueError, match="max_bytes"):
@@ -98,17 +106,25 @@ def test_prune_keeps_protected_entries_even_over_budget(fake_cache):
 
 
 def test_stale_temporaries_removed_fresh_ones_kept(fake_cache):
+    """Temporaries go only when older than STALE_TEMP_SECONDS (an export may run for many
+    minutes); a lock file never does, however old (another process may hold it)."""
     root, _ = fake_cache
     tmp_export, tmp_engine = root / "onnx" / ".export-tmp1", root / "engines" / ".engine-tmp2"
+    lock = root / "onnx" / ".m-64x64-aaaa.lock"
+    lock.touch()
+    os.utime(lock, (T0, T0))
     prune_cache(root, 100 * MIB)  # now: the temporaries were just written, a write may be running
+    assert tmp_export.exists() and tmp_engine.exists()
+    prune_cache(root, 100 * MIB, now=tmp_export.stat().st_mtime + STALE_TEMP_SECONDS - 60)
     assert tmp_export.exists() and tmp_engine.exists()
     prune_cache(root, 100 * MIB, now=tmp_export.stat().st_mtime + STALE_TEMP_SECONDS + 1)
     assert not tmp_export.exists() and not tmp_engine.exists()
+    assert lock.exists()
     assert len(cache_entries(root)) == 4
 
 
 @pytest.mark.parametrize("raw, expected", [(None, DEFAULT_MAX_MB * MIB), ("", DEFAULT_MAX_MB * MIB), ("0", None),
-                                           ("512", 512 * MIB), (" 0.5 ", MIB // 2)])
+                                           ("512", 512 * MIB), (" 0.5 ", MIB // 2), ("  ", DEFAULT_MAX_MB * MIB)])
 def test_budget_from_environment(monkeypatch, raw, expected):
     if raw is None:
         monkeypatch.delenv("MPVSS_CACHE_MAX_MB", raising=False)
@@ -126,6 +142,20 @@ def test_bad_budget_is_a_clear_error_and_automatic_pruning_skips(fake_cache, mon
     with caplog.at_level(logging.WARNING, logger="mpvss_ros.runtime.cache"):
         assert prune_to_budget(root, keep=[]) == []
     assert "pruning skipped" in caplog.text and len(cache_entries(root)) == 4
+
+
+def test_an_io_error_while_pruning_is_logged_not_raised(fake_cache, monkeypatch, caplog):
+    """Housekeeping never fails the export or build that triggered it (a read-only cache, say)."""
+    root, _ = fake_cache
+
+    def failing(*args, **kwargs):
+        raise PermissionError("read-only cache")
+
+    monkeypatch.setattr(cache, "prune_cache", failing)
+    monkeypatch.setenv("MPVSS_CACHE_MAX_MB", "1")
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.runtime.cache"):
+        assert prune_to_budget(root, keep=[]) == []
+    assert "pruning skipped" in caplog.text and "read-only cache" in caplog.text
 
 
 def test_automatic_pruning_follows_the_budget(fake_cache, monkeypatch):
@@ -169,6 +199,22 @@ def test_cli_lists_prunes_and_clears(fake_cache, capsys):
     assert "0 entries, 0.0 MiB" in capsys.readouterr().out and cache_entries(root) == []
 
 
+def test_format_entries_ages_and_sizes(fake_cache):
+    """`mpvss cache` lines: MiB, the age of the last use in hours below two days and in days from
+    then, a last use in the future (another clock) as age 0."""
+    root, _ = fake_cache
+    entries = cache_entries(root)  # d, c, b, a: 4, 3, 2, 1 MiB, used at T0 + 30, 20, 10, 0
+
+    def first_line(now):
+        return format_entries(entries, now=now).splitlines()[0].split()
+
+    assert first_line(T0 + 30 + 2 * 3600)[:6] == ["engine", "4.0", "MiB", "used", "2.0", "h"]
+    assert first_line(T0 + 30 + 47 * 3600)[4:6] == ["47.0", "h"]
+    assert first_line(T0 + 30 + 72 * 3600)[4:6] == ["3.0", "d"]
+    assert first_line(T0 - 3600)[4:6] == ["0.0", "h"]
+    assert format_entries(entries, now=T0).splitlines()[-1] == "4 entries, 10.0 MiB"
+
+
 def test_cli_cache_dir_with_a_tilde_or_empty(fake_cache, capsys, monkeypatch):
     """--cache-dir=~/x (the shell leaves it unexpanded) is the home folder's; an empty one (an unset
     shell variable) is refused: it was the default cache for `mpvss cache`, which --clear emptied,
@@ -183,6 +229,18 @@ def test_cli_cache_dir_with_a_tilde_or_empty(fake_cache, capsys, monkeypatch):
         assert main(["cache", "--cache-dir", empty, "--clear"]) == 2
         assert "--cache-dir must name a folder" in capsys.readouterr().err
     assert len(cache_entries(root)) == 4
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    """$MPVSS_CACHE_DIR as given (a tilde expanded), else $XDG_CACHE_HOME/mpvss_ros, else ~/.cache/mpvss_ros."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MPVSS_CACHE_DIR", "~/mine")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("MPVSS_CACHE_DIR")
+    assert default_cache_dir() == tmp_path / "xdg" / "mpvss_ros"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == tmp_path / ".cache" / "mpvss_ros"
 
 
 def test_cached_export_expands_a_tilde(tmp_path, monkeypatch):
@@ -272,8 +330,6 @@ def test_prune_spares_entries_used_recently(fake_cache):
 def test_an_entry_is_renamed_away_before_it_is_deleted(fake_cache, monkeypatch):
     """A removal cut short leaves a hidden temporary folder, which a later prune deletes, never an
     entry folder without its contract (that blocked its key)."""
-    import mpvss_ros.runtime.cache as cache
-
     root, p = fake_cache
     monkeypatch.setattr(cache.shutil, "rmtree", lambda path, ignore_errors=False: None)  # the delete "dies"
     (removed,) = [e for e in prune_cache(root, 9 * MIB) if e.kind == "onnx"]
