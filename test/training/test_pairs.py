@@ -28,6 +28,7 @@ from mpvss_ros.training.pairs import (
     load_clip_on_canvas,
     video_shots,
 )
+from mpvss_ros.training.synthetic import SyntheticMotion
 
 CROP = (96, 128)
 
@@ -383,9 +384,9 @@ def test_camvid_pairs_follow_frame_numbers_not_file_names():
     assert got == [(f"seq_{i}", f"seq_{i + 1}") for i in range(1, 12)]
 
 
-def test_a_crop_off_the_flow_grid_is_refused():
+def test_a_crop_off_the_flow_grid_is_refused(tmp_path):
     """A crop side that is no multiple of the flow stride (44 at stride 8): the targets were averaged
-    onto 7.3-pixel cells and compared with the model's 8-pixel ones."""
+    onto 7.3-pixel cells and compared with the model's 8-pixel ones. FramePairs refuses it too."""
     from mpvss_ros.training.pairs import check_crop_on_flow_grid
 
     check_crop_on_flow_grid((256, 320), 8.0)
@@ -393,6 +394,9 @@ def test_a_crop_off_the_flow_grid_is_refused():
     for crop, stride in (((44, 64), 8.0), ((64, 60), 8.0), ((48, 64), 32 / 3)):
         with pytest.raises(ValueError, match="multiples of the motion module's flow stride"):
             check_crop_on_flow_grid(crop, stride)
+    labelled = LabelledFrames(*_labelled_folder(tmp_path, ["s_00000.png", "s_00030.png"]))
+    with pytest.raises(ValueError, match="multiples of the motion module's flow stride"):
+        FramePairs(labelled, [], crop=(44, 64), flow_stride=8.0)
 
 
 def test_scaled_labels_stay_centred_on_the_image():
@@ -517,6 +521,17 @@ def test_video_sample_label_is_the_current_frames(tmp_path):
         assert set(torch.unique(s.label).tolist()) == {current}
 
 
+def test_frame_pairs_draw_every_video_pair(tmp_path):
+    """The last video pair is drawn too: a 3-frame clip at max_gap 1 has pairs 0 -> 1 and 1 -> 2, and
+    the current frames' pseudo-labels (1 and 2) both appear."""
+    labelled = LabelledFrames(*_labelled_folder(tmp_path, ["a.png", "b.png"]))
+    pairs = FramePairs(labelled, [_clip(3)], crop=(48, 64), max_gap=1, video_fraction=1.0, seed=0,
+                       scale=(1.0, 1.0), flip=False, color_jitter=False)
+    assert len(pairs.video) == 2
+    currents = {int(pairs.sample(0, i).label[0, 0]) for i in range(16)}
+    assert currents == {1, 2}, currents
+
+
 def test_labelled_frames_decode_a_frame_once_and_keep_the_class_count(tmp_path, monkeypatch):
     from mpvss_ros.training import pairs as pairs_module
 
@@ -625,14 +640,31 @@ def test_color_jitter_keeps_grey_grey_and_hue_small():
     grey = np.full((4, 6, 3), 100, np.uint8)
     green = np.zeros((4, 6, 3), np.uint8)
     green[..., 1] = 200
+    means = []
     for seed in range(16):
         (g,), _ = augment_frames([grey], np.zeros((4, 6), np.uint8), np.random.default_rng(seed), (4, 6),
                                  (1.0, 1.0), False, True)
         assert np.ptp(g, axis=-1).max() < 1e-3  # R = G = B
         assert (100 - 24) * 0.8 - 1e-3 <= g.min() and g.max() <= (100 + 24) * 1.2 + 1e-3
+        means.append(float(g.mean()))
         (c,), _ = augment_frames([green], np.zeros((4, 6), np.uint8), np.random.default_rng(seed), (4, 6),
                                  (1.0, 1.0), False, True)
         assert (c[..., 1] > 2 * c[..., 0]).all() and (c[..., 1] > 2 * c[..., 2]).all()
+    assert min(means) < 99 and max(means) > 101, means  # brightness and contrast go both ways
+
+
+def test_hue_jitter_turns_half_of_the_frames_whatever_the_saturation_draw():
+    """Saturation and hue are each drawn with probability 0.5 on their own: the hue of a colour turns
+    in about half of the samples, not only in those whose saturation also changes (a quarter)."""
+    green = np.zeros((2, 2, 3), np.uint8)
+    green[..., 0], green[..., 1], green[..., 2] = 60, 150, 60  # hue 120; no clipping by brightness/contrast
+    turned = 0
+    for seed in range(200):
+        (c,), _ = augment_frames([green], np.zeros((2, 2), np.uint8), np.random.default_rng(seed), (2, 2),
+                                 (1.0, 1.0), False, True)
+        hue = cv2.cvtColor(c[:1, :1] / 255.0, cv2.COLOR_RGB2HSV)[0, 0, 0]
+        turned += int(abs(hue - 120.0) > 0.05)
+    assert 75 <= turned <= 125, turned
 
 
 def test_camvid_frames_draws_per_index_and_per_seed(tmp_path):
@@ -657,6 +689,17 @@ def test_camvid_frames_scale_range_reaches_augmentation(tmp_path):
     assert len(padded) >= 4, padded
 
 
+def test_camvid_frames_without_flip_or_jitter_return_the_frame_itself(tmp_path):
+    """flip=False and color_jitter=False reach the augmentation: at scale 1 into a full-size crop every
+    epoch returns the decoded frame unchanged."""
+    folders = _labelled_folder(tmp_path, ["s_00000.png"])
+    image = load_frame(*list_frames(*folders)[0])[0]
+    ds = CamVidFrames(*folders, crop=(48, 64), scale=(1.0, 1.0), flip=False, color_jitter=False)
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        np.testing.assert_array_equal(ds[0][0].numpy().transpose(1, 2, 0), image.astype(np.float32))
+
+
 def test_camvid_frames_pads_with_its_own_ignore_index(tmp_path):
     """The padding of a frame scaled below the crop is the dataset's ignore_index, as its void."""
     folders = _labelled_folder(tmp_path, ["s_00000.png"], classes=6)
@@ -671,12 +714,17 @@ def test_camvid_frames_keep_the_given_file_order(tmp_path):
     folders = _labelled_folder(tmp_path, ["s_00000.png", "s_00030.png"])
     ds = CamVidFrames(*folders, files=["s_00030.png", "s_00000.png"])
     assert ds.names() == ["s_00030.png", "s_00000.png"]
+    # a requested frame that is not there is named
+    with pytest.raises(FileNotFoundError, match=r"frames not found in .*\['s_00099.png'\]"):
+        CamVidFrames(*folders, files=["s_00000.png", "s_00099.png"])
 
 
-def test_camvid_frames_refuse_a_reversed_scale_range(tmp_path):
+def test_camvid_frames_refuse_a_reversed_scale_range_and_an_empty_crop(tmp_path):
     folders = _labelled_folder(tmp_path, ["s_00000.png"])
     with pytest.raises(ValueError, match="scale"):
         CamVidFrames(*folders, scale=(1.5, 0.75))
+    with pytest.raises(ValueError, match="crop must be"):
+        CamVidFrames(*folders, crop=(0, 32))
 
 
 def test_list_frames_is_sorted_whatever_the_folder_order(tmp_path, monkeypatch):
@@ -685,6 +733,14 @@ def test_list_frames_is_sorted_whatever_the_folder_order(tmp_path, monkeypatch):
     real = Path.iterdir
     monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(real(self), reverse=True)))
     assert [i.name for i, _ in list_frames(*folders)] == ["s_00000.png", "s_00030.png", "s_00060.png"]
+
+
+def test_list_frames_takes_upper_case_suffixes(tmp_path):
+    """Cameras write FRAME.JPG: the suffix is matched whatever its case."""
+    (tmp_path / "img").mkdir(), (tmp_path / "lab").mkdir()
+    cv2.imwrite(str(tmp_path / "img" / "a.JPG"), np.zeros((4, 4, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "lab" / "a.png"), np.zeros((4, 4), np.uint8))
+    assert [(i.name, lab.name) for i, lab in list_frames(tmp_path / "img", tmp_path / "lab")] == [("a.JPG", "a.png")]
 
 
 def test_camvid_pairs_keep_sequences_with_underscores_apart():
@@ -704,6 +760,8 @@ def test_camvid_pairs_skip_two_files_of_one_frame_number():
     # nor is its zero step one of the usual steps (the median of 0 and 30 made 30 a jump)
     files = [(Path(f"img/{n}"), Path(f"lab/{n}")) for n in ("seq_030.png", "seq_30.png", "seq_60.png")]
     assert [(k.stem, c.stem) for k, c, _ in camvid_pairs(files, both_orders=False)] == [("seq_30", "seq_60")]
+    # nor when they are the sequence's only two files
+    assert camvid_pairs(files[:2]) == []
 
 
 _OTHER = np.random.default_rng(6).integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -759,6 +817,40 @@ def test_synthetic_pairs_are_flipped_as_the_other_pairs(tmp_path):
                        synthetic_fraction=1.0, seed=0)
     mirrored = [bool(s.key[:, :, :32].mean() < s.key[:, :, 32:].mean()) for s in (pairs.sample(0, i) for i in range(16))]
     assert any(mirrored) and not all(mirrored), mirrored
+
+
+def test_synthetic_pairs_are_scaled_and_jittered_as_the_other_pairs(tmp_path):
+    """scale and color_jitter reach the synthetic pairs' augmentation: a grey frame scaled by 0.5 into a
+    full-size crop is padded (void) on the bottom and right, and its grey level is jittered."""
+    img, ann = tmp_path / "train", tmp_path / "trainannot"
+    img.mkdir(), ann.mkdir()
+    cv2.imwrite(str(img / "a.png"), np.full((48, 64, 3), 100, np.uint8))
+    cv2.imwrite(str(ann / "a.png"), np.zeros((48, 64), np.uint8))
+    still = SyntheticMotion(max_shift=0.0, zoom=0.0, rotation_deg=0.0, object_probability=0.0)
+    pairs = FramePairs(LabelledFrames(img, ann), [], crop=(48, 64), scale=(0.5, 0.5), flip=False,
+                       synthetic_fraction=1.0, synthetic_motion=still, seed=0)
+    jittered = 0
+    for i in range(8):
+        s = pairs.sample(0, i)
+        assert (s.label[24:] == 255).all() and (s.label[:, 32:] == 255).all()  # scaled to 24 x 32, padded
+        assert (s.label[1:24, 1:32] == 0).all()  # (row and column 0 may read void: float rounding)
+        jittered += int(not torch.all(s.key[:, :24, :32] == 100))
+    assert jittered >= 2, jittered
+
+
+def test_the_first_value_above_the_classes_is_a_valid_void(tmp_path):
+    """ignore_index = num_classes (CamVid's own void, 11) is no class ID: accepted."""
+    folders = _labelled_folder(tmp_path, ["s_00000.png"], classes=6)
+    label = load_frame(*list_frames(*folders)[0], num_classes=3, ignore_index=3)[1]
+    assert set(np.unique(label).tolist()) == {0, 1, 2, 3}
+    assert CamVidFrames(*folders, num_classes=3, ignore_index=3).ignore_index == 3
+
+
+def test_a_label_of_another_size_than_its_image_is_refused(tmp_path):
+    cv2.imwrite(str(tmp_path / "i.png"), np.zeros((4, 6, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "l.png"), np.zeros((4, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"label \(4, 5\) vs image \(4, 6\)"):
+        load_frame(tmp_path / "i.png", tmp_path / "l.png")
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 256, 2])

@@ -94,7 +94,8 @@ def test_dis_recovers_the_synthetic_flow_on_a_real_frame(bikes_frames):
 
 def test_synthetic_motion_rejects_bad_ranges():
     for bad in (dict(travel_probability=1.5), dict(object_probability=-0.1), dict(max_shift=-1.0),
-                dict(max_travel=3.0), dict(max_travel=-0.5), dict(zoom=1.0), dict(zoom=1.5)):
+                dict(max_travel=3.0), dict(max_travel=-0.5), dict(zoom=1.0), dict(zoom=1.5), dict(zoom=-0.1),
+                dict(rotation_deg=-1.0), dict(object_shift=-1.0)):
         with pytest.raises(ValueError, match="SyntheticMotion"):
             SyntheticMotion(**bad)
 
@@ -129,8 +130,9 @@ def test_frame_pairs_synthetic_fraction(camvid_train_dirs):
     mixed = FramePairs(labelled, [], crop=crop, video_fraction=0.0, seed=4, synthetic_fraction=0.5)
     sources = [mixed.sample(s, i).source for s in range(4) for i in range(4)]
     assert {"synthetic", "camvid"} == set(sources)
-    with pytest.raises(ValueError, match="synthetic_fraction"):
-        FramePairs(labelled, [], crop=crop, synthetic_fraction=1.5)
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match="synthetic_fraction"):
+            FramePairs(labelled, [], crop=crop, synthetic_fraction=bad)
 
 
 def test_pooled_synthetic_flow_is_in_grid_pixels(bikes_frames):
@@ -167,6 +169,7 @@ def test_inverse_depth_ground_plane_sky_and_upright_objects():
     np.testing.assert_allclose(rho[70:100, 110], (99 - 55.0) / 64.0, rtol=1e-5)
     assert rho[80, 110] > rho[50, 110]
     assert 0.0 <= rho.min() and rho.max() <= 1.0
+    assert (inverse_depth(label, horizon=20.0)[:40] == 0).all()  # sky below the horizon is still at infinity
     with pytest.raises(ValueError, match="horizon"):
         inverse_depth(label, horizon=119.0)
     with pytest.raises(ValueError, match="label"):
@@ -272,6 +275,30 @@ def test_object_shift_is_drawn_from_object_shift():
     assert max(extras) > 2.0 and max(extras) <= 10.0 + 1e-3
 
 
+def test_a_thing_segment_below_the_minimum_area_and_the_background_never_move_on_their_own():
+    key = _key(60, 80)
+    label = np.zeros((60, 80), np.uint8)
+    label[20:30, 30:40] = 8  # a car of 100 pixels, below min_object_area (150)
+    motion = SyntheticMotion(max_shift=0.0, object_shift=10.0, object_probability=1.0, **STILL)
+    for seed in range(8):
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+        assert np.abs(flow).max() < 1e-4, seed
+
+
+def test_any_large_segment_of_a_thing_class_may_move():
+    """The moving segment is drawn among all large segments of every thing class (a car, a pedestrian)."""
+    key = _key(120, 160)
+    label = np.zeros((120, 160), np.uint8)
+    label[20:60, 20:60] = 8  # a car
+    label[60:100, 100:140] = 9  # a pedestrian
+    motion = SyntheticMotion(max_shift=0.0, object_shift=10.0, object_probability=1.0, **STILL)
+    moved = set()
+    for seed in range(12):
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+        moved |= {cls for cls in (8, 9) if np.abs(flow[label == cls]).max() > 1.0}
+    assert moved == {8, 9}, moved
+
+
 def test_void_exactly_where_the_source_is_outside_the_key_frame():
     key = _key()
     label = np.zeros((60, 80), np.uint8)
@@ -331,6 +358,34 @@ def test_focus_of_expansion_lies_in_the_middle_of_the_width():
             foes.append(-offset / slope)
     assert len(foes) >= 8
     assert 0.3 * 160 - 0.5 <= min(foes) and max(foes) <= 0.7 * 160 + 0.5, foes
+
+
+def test_travel_without_ground_expands_about_the_fallback_horizon():
+    """A label without ground pixels puts the horizon at 0.45 of the height: the travel's fixed row."""
+    label = np.ones((60, 100), np.uint8)  # all building
+    key = _key(60, 100)
+    for seed in range(4):
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), SyntheticMotion(**TRAVEL_ONLY))
+        m, t = _affine(flow)
+        if abs(m[1, 1] - 1) > 1e-3:
+            assert abs(t[1] / (1 - m[1, 1]) - 0.45 * 60) < 0.5, seed
+
+
+def test_zoom_and_rotation_turn_about_a_centre_in_the_middle_of_the_frame():
+    """Without a shift, the similarity's fixed point is its centre: x in 0.3..0.7 of the width, y in
+    0.3..0.6 of the height."""
+    key, label = _key(60, 100), np.zeros((60, 100), np.uint8)
+    motion = SyntheticMotion(max_shift=0.0, zoom=0.1, rotation_deg=3.0, object_probability=0.0)
+    centres = []
+    for seed in range(16):
+        _, _, flow = synthetic_pair(key, label, np.random.default_rng(seed), motion)
+        m, t = _affine(flow)
+        if abs(np.linalg.det(np.eye(2) - m)) > 1e-3:
+            centres.append(np.linalg.solve(np.eye(2) - m, t))
+    centres = np.array(centres)
+    assert len(centres) >= 8
+    assert (0.3 * 100 - 0.5 <= centres[:, 0]).all() and (centres[:, 0] <= 0.7 * 100 + 0.5).all(), centres
+    assert (0.3 * 60 - 0.5 <= centres[:, 1]).all() and (centres[:, 1] <= 0.6 * 60 + 0.5).all(), centres
 
 
 def test_custom_sky_and_ground_classes_drive_the_travel():
