@@ -229,8 +229,10 @@ def _counts(frames: int = 5, k: int = 3, tp: int = 1, gt: int = 2, pred: int = 2
     (np.ones((5, 3, 3), np.int64)[:, :2], np.ones((5, 3, 3), np.int64)[:, :2], {}, "both be"),
     (np.ones((3, 3), np.int64), np.ones((3, 3), np.int64), {}, "both be"),
     (_counts().astype(float), _counts().astype(float), {}, "integers >= 0"),
+    (_counts(), _counts().astype(float), {}, "integers >= 0"),  # B's counts checked as well as A's
     (-_counts(), _counts(), {}, "integers >= 0"),
     (_counts(tp=3), _counts(), {}, "setting A's counts are not"),
+    (_counts(tp=3, pred=4), _counts(pred=4), {}, "setting A's counts are not"),  # TP_c above GT_c alone
     (_counts(), _counts(tp=2, pred=1), {}, "setting B's counts are not"),
     (_counts(), _counts(gt=3), {}, "not the same frames"),
     (_counts(), _counts(), {"block": 2.5}, "block must be an integer"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import mpvss_ros.viz as viz
 from mpvss_ros.viz import LEGEND_CORNERS, colorize, draw_legend, draw_tag, legend_entries, make_palette, overlay
 
 
@@ -18,6 +19,13 @@ def _scene(h: int = 272, w: int = 640) -> tuple[np.ndarray, np.ndarray]:
     return image, labels
 
 
+def _drawn_texts(monkeypatch) -> list[str]:
+    """The texts drawn with cv2.putText from now on (still drawn), in order."""
+    drawn, put_text = [], viz.cv2.putText
+    monkeypatch.setattr(viz.cv2, "putText", lambda im, text, *a, **k: (drawn.append(text), put_text(im, text, *a, **k))[1])
+    return drawn
+
+
 # ------------------------------------------------------------------ palettes
 
 
@@ -28,6 +36,15 @@ def test_make_palette_generated_distinct_and_deterministic():
     assert not np.any(np.all(pal == 0, axis=1))  # black is reserved for void
     np.testing.assert_array_equal(pal, make_palette(300))
     np.testing.assert_array_equal(pal[:3], [[128, 0, 0], [0, 128, 0], [128, 128, 0]])
+
+
+def test_make_palette_covers_the_uint16_range_with_all_eight_bits():
+    """Any uint16 label has its own colour, and the last bit of each channel is used: class
+    2**21 differs from class 0 in the lowest red bit only."""
+    pal = make_palette(2**16)
+    assert len(np.unique(pal, axis=0)) == 2**16
+    np.testing.assert_array_equal(colorize(np.array([[0, 65535]], np.uint16), pal)[0], pal[[0, 65535]])
+    assert make_palette(2**21 + 1)[-1].tolist() == [129, 0, 0]
 
 
 def test_make_palette_base():
@@ -46,6 +63,8 @@ def test_make_palette_base():
         make_palette(2, [[0, 0], [0, 0]])
     with pytest.raises(ValueError):
         make_palette(0)
+    with pytest.raises(ValueError, match="num_classes"):
+        make_palette(True)  # a bool is not a class count
 
 
 # ------------------------------------------------------------------ colorize
@@ -95,6 +114,8 @@ def test_colorize_rejects_bad_input():
         colorize(np.zeros((2, 2, 1), np.uint8), make_palette(2))
     with pytest.raises(ValueError):
         colorize(np.zeros((2, 2), np.uint8), np.zeros((2, 4), np.uint8))
+    with pytest.raises(ValueError, match="palette"):  # no colour at all (not an all-black output)
+        colorize(np.zeros((2, 2), np.uint8), np.zeros((0, 3), np.uint8))
     for dtype in (np.uint8, np.uint16):  # an empty map: one clear error for both (uint8 failed inside OpenCV)
         with pytest.raises(ValueError, match="non-empty"):
             colorize(np.zeros((0, 5), dtype), make_palette(2))
@@ -147,6 +168,8 @@ def test_legend_corners_inside_image(corner):
     image, labels = _scene()
     x0, y0, x1, y1 = draw_legend(image.copy(), labels, make_palette(11), corner=corner).box
     assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 272
+    pad = viz._text_metrics(272)[4]  # a margin from every edge, in each corner
+    assert pad <= x0 and x1 <= 640 - pad and pad <= y0 and y1 <= 272 - pad
     assert (x0 < 320) == corner.endswith("left")
     assert (y0 < 136) == corner.startswith("top")
 
@@ -181,6 +204,59 @@ def test_legend_of_one_line_names_the_largest_class():
     x0, y0, x1, y1 = two.box
     assert two.hidden == 2 and len(two.entries) == 1  # one class and "+2 more"
     assert legend.box[3] - legend.box[1] < y1 - y0  # one line, not two
+    three = draw_legend(image.copy(), labels, make_palette(11), max_entries=3)
+    assert [i for i, _ in three.entries] == [0, 3, 8] and three.hidden == 0  # as many lines as classes: no count
+
+
+def test_overlay_caps_its_legend_at_max_legend_entries():
+    """overlay hands max_legend_entries to its legend."""
+    image, labels = _scene()
+    pal = make_palette(11)
+    expected = overlay(image, labels, pal, legend=False)
+    draw_legend(expected, labels, pal, max_entries=1)
+    np.testing.assert_array_equal(overlay(image, labels, pal, max_legend_entries=1), expected)
+
+
+def test_legend_names_are_drawn_in_ascii_and_shortened_to_fit(monkeypatch):
+    """Non-ASCII characters are drawn as "?"; a name too wide for the image is cut and ends with
+    "..", the cut line (dots included) fitting inside the legend box."""
+    drawn = _drawn_texts(monkeypatch)
+    image, labels = _scene()
+    names = [f"c{i}" for i in range(11)]
+    names[0] = "caf\u00e9"
+    draw_legend(image, labels, make_palette(11), names)
+    assert "caf?" in drawn and "caf\u00e9" not in drawn
+    drawn.clear()
+    h, w, name = 272, 120, "a very long class name that cannot fit"
+    legend = draw_legend(np.zeros((h, w, 3), np.uint8), np.zeros((h, w), np.uint8), make_palette(1), [name])
+    (line,) = drawn
+    assert line.endswith("..") and name.startswith(line[:-2]) and len(line) < len(name)
+    scale, thick, text_h, text_base, pad = viz._text_metrics(h)
+    swatch = text_h + text_base
+    width = viz.cv2.getTextSize(line, viz._FONT, scale, thick)[0][0]
+    assert width <= w - 5 * pad - swatch
+    x0, _, x1, _ = legend.box
+    assert x0 + pad + swatch + pad + width <= x1 <= w
+
+
+def test_legend_and_tag_keep_their_margin_inside_small_images():
+    """However small the image, the legend box and the tag (when drawn) keep a pad from every edge."""
+    drawn = 0
+    for h, w in [(hh, ww) for hh in range(16, 90, 3) for ww in (40, 64, 90)]:
+        labels = (np.arange(h * w).reshape(h, w) % 40).astype(np.uint8)
+        box = draw_legend(np.zeros((h, w, 3), np.uint8), labels, make_palette(40),
+                          [f"a long class name {i}" for i in range(40)]).box
+        if box is not None:
+            pad = viz._text_metrics(h)[4]
+            assert pad <= box[0] and pad <= box[1] and box[2] <= w - pad and box[3] <= h - pad, (h, w, box)
+            drawn += 1
+    for h in range(4, 40):
+        box = draw_tag(np.zeros((h, 200, 3), np.uint8), "key frame")
+        if box is not None:
+            pad = viz._text_metrics(h)[4]
+            assert box[1] >= pad and box[3] <= h - pad, (h, box)
+            drawn += 1
+    assert drawn > 0
 
 
 def test_overlay_rejects_bad_input():
@@ -190,6 +266,8 @@ def test_overlay_rejects_bad_input():
         overlay(image, labels, pal, alpha=1.5)
     with pytest.raises(ValueError, match="differ"):
         overlay(image, labels[:10], pal)
+    with pytest.raises(ValueError, match="differ"):  # draw_legend checks the sizes itself too
+        draw_legend(image.copy(), labels[:10], pal)
     with pytest.raises(ValueError):
         overlay(image.astype(np.float32), labels, pal)
     with pytest.raises(ValueError, match="class_names"):
@@ -341,6 +419,21 @@ def test_legend_and_tag_background_is_darkened_to_three_eighths():
     assert int((box == 75).all(-1).sum()) > box.shape[0] * box.shape[1] // 2
 
 
+def test_text_scale_stops_growing_at_900_pixels():
+    """The font scale is H / 600 clamped to 1.5: an 1800-high tag box is as high as a 900-high one."""
+    small = draw_tag(np.zeros((900, 400, 3), np.uint8), "key frame")
+    large = draw_tag(np.zeros((1800, 400, 3), np.uint8), "key frame")
+    assert large[3] - large[1] == small[3] - small[1]
+
+
+@pytest.mark.parametrize("draw", [lambda im: draw_legend(im, np.zeros(im.shape[:2], np.uint8), make_palette(1)),
+                                  lambda im: draw_tag(im, "key frame")])
+def test_drawing_in_place_refuses_a_non_contiguous_image(draw):
+    """OpenCV cannot draw in place on a strided view (it would draw on a copy): refused."""
+    with pytest.raises(ValueError, match="in place"):
+        draw(np.zeros((272, 1280, 3), np.uint8)[:, ::2])
+
+
 def test_legend_swatch_is_the_class_colour_in_rgb():
     """The swatch is drawn in the palette's RGB colour, channels not swapped."""
     pal = np.array([[250, 10, 120], [10, 200, 30]], np.uint8)
@@ -372,15 +465,24 @@ def test_legend_refuses_max_entries_below_one_or_not_an_int(max_entries):
 @pytest.mark.parametrize("w", [36, 40, 48, 64, 400])
 def test_the_more_line_never_cuts_its_count(w, monkeypatch):
     """On a narrow image "+N more" becomes "+N", or no line, never "+4.." for 49 hidden classes."""
-    import mpvss_ros.viz as viz
-
     h = 200
     labels = (np.arange(h * w).reshape(h, w) % 60).astype(np.uint8)  # 60 classes present
-    drawn, put_text = [], viz.cv2.putText
-    monkeypatch.setattr(viz.cv2, "putText", lambda im, text, *a, **k: (drawn.append(text), put_text(im, text, *a, **k))[1])
+    drawn = _drawn_texts(monkeypatch)
     legend = draw_legend(np.zeros((h, w, 3), np.uint8), labels, make_palette(60))
     assert legend.hidden > 0
     counts = [t for t in drawn if t.startswith("+")]
     assert counts in ([], [f"+{legend.hidden} more"], [f"+{legend.hidden}"]), counts
     if w == 400:
         assert counts == [f"+{legend.hidden} more"]
+
+
+def test_a_narrow_legend_shortens_its_count_line_to_plus_n(monkeypatch):
+    """Between the widths that fit "+N more" and those that fit no count, the line reads "+N"."""
+    h, forms = 200, set()
+    for w in range(30, 120, 2):
+        drawn = _drawn_texts(monkeypatch)
+        labels = (np.arange(h * w).reshape(h, w) % 60).astype(np.uint8)
+        legend = draw_legend(np.zeros((h, w, 3), np.uint8), labels, make_palette(60))
+        counts = [t for t in drawn if t.startswith("+")]
+        forms.add("short" if counts == [f"+{legend.hidden}"] else "long" if counts else "none")
+    assert "short" in forms and "long" in forms
