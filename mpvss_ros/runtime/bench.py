@@ -294,7 +294,10 @@ def _make_backend(spec: BackendSpec, loaded: Any, hw: tuple[int, int], opts: Ben
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+    """Whether ``exc`` is running out of memory: Python's ``MemoryError``, CUDA's "out of memory"
+    or torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory", a RuntimeError)."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def run_bench(opts: BenchOptions, progress: Any = None) -> dict[str, Any]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import types
 
 import numpy as np
 
 import pytest
+import torch
 
 from mpvss_ros.cli import main
 from mpvss_ros.runtime import BackendUnavailable, Missing, backend_missing
@@ -38,7 +40,9 @@ def test_parse_backend_spec_errors(text):
 
 def test_parse_size():
     assert parse_size("360x480") == (360, 480)
-    for bad in ("360", "axb", "16x16"):
+    assert parse_size("360X480") == (360, 480)  # either case of x
+    assert parse_size("32x32") == (32, 32)  # MIN_GRAPH_SIDE itself is allowed
+    for bad in ("360", "axb", "16x16", "64x16", "16x64"):  # each side checked
         with pytest.raises(ValueError):
             parse_size(bad)
 
@@ -211,7 +215,8 @@ def test_bench_times_weights_without_a_trained_motion_module_and_says_so(tmp_pat
 @pytest.fixture()
 def clocked(lite, monkeypatch):
     """A torch backend of the lite model whose key and non-key calls advance bench's clock by
-    set seconds: key 10, 20, 60 ms then 50 ms; non-key 4, 5, 9 ms then 2 ms."""
+    set seconds: key 10, 20, 60 ms then 50 ms; non-key 4, 5, 9 ms then 2 ms; a device sync
+    (bench._sync) by ``seen["sync_s"]`` (0 unless a test sets it)."""
     from mpvss_ros.runtime.torch_backend import TorchBackend
     from mpvss_ros.segmenter import VideoSegmenter
 
@@ -220,7 +225,8 @@ def clocked(lite, monkeypatch):
     backend = TorchBackend(lite.model, "cpu")
     key_s, non_key_s = iter([0.010, 0.020, 0.060]), iter([0.004, 0.005, 0.009])
     segment, propagate = backend.segment_key_frame, backend.propagate
-    seen = {"key": [], "non_key": []}
+    seen = {"key": [], "non_key": [], "sync_s": 0.0}
+    monkeypatch.setattr(bench, "_sync", lambda spec: now.__setitem__(0, now[0] + seen["sync_s"]))
 
     def timed_key(image, *a, **k):
         seen["key"].append(float(image.max()))
@@ -266,6 +272,15 @@ def test_bench_figures_are_medians_ratios_and_rates(clocked):
     assert row["key_ratio_adaptive"] == pytest.approx(sum(k for k, _ in adaptive) / 5)
 
 
+def test_each_latency_waits_for_the_device_before_the_clock_stops(clocked):
+    """A GPU call returns before its work is done: each timed span ends with a device sync, so
+    a sync of 1 ms adds 1 ms to every key and non-key time (not the sync before the clock starts)."""
+    backend, seen, _ = clocked
+    seen["sync_s"] = 0.001
+    row = _bench_one(backend, BackendSpec("torch"), _frames(6), BenchOptions(warmup=0, repeats=3, e2e_frames=1))
+    assert row["key_ms"] == pytest.approx(21.0) and row["non_key_ms"] == pytest.approx(6.0)
+
+
 def test_each_non_key_frame_is_timed_three_frames_after_its_key_frame(clocked):
     backend, seen, _ = clocked
     _bench_one(backend, BackendSpec("torch"), _frames(7), BenchOptions(warmup=1, repeats=3, e2e_frames=1))
@@ -293,18 +308,102 @@ def test_run_bench_reads_enough_frames_for_distinct_key_and_non_key_frames(monke
     assert asked == [7]
 
 
+def test_run_bench_sets_and_records_its_threads_and_options(monkeypatch):
+    """The thread count (given, else torch's current one) is set and recorded with the options."""
+    set_to = []
+    monkeypatch.setattr(bench, "bench_frames", lambda count: ([], "test frames"))
+    monkeypatch.setattr(bench.torch, "set_num_threads", set_to.append)
+    result = bench.run_bench(BenchOptions(models=[], backends=[BackendSpec("torch")], repeats=3, warmup=1,
+                                          e2e_frames=10, threads=2))
+    assert set_to == [2] and result["hardware"]["threads"] == 2
+    assert result["options"] == {"repeats": 3, "warmup": 1, "e2e_frames": 10, "keep_canvas": False}
+    assert result["frames"] == "test frames" and result["rows"] == []
+    default = bench.run_bench(BenchOptions(models=[], backends=[BackendSpec("torch")]))
+    assert set_to[-1] == bench.torch.get_num_threads() == default["hardware"]["threads"]
+
+
+def _markdown_result(*rows: dict) -> dict:
+    """A benchmark result of these rows on a 2-CPU machine without GPU, onnxruntime or TensorRT."""
+    return {"hardware": {"cpu": "cpu", "logical_cpus": 2, "threads": 1, "gpu": None, "torch": "2"},
+            "frames": "f", "weights": {"m": "w"}, "options": {"repeats": 3, "e2e_frames": 10}, "rows": list(rows)}
+
+
 def test_markdown_columns_hold_their_figures():
-    result = {"hardware": {"cpu": "cpu", "logical_cpus": 2, "threads": 1, "gpu": None, "torch": "2"},
-              "frames": "f", "weights": {"m": "w"}, "options": {"repeats": 3, "e2e_frames": 10},
-              "rows": [{"model": "m", "size": "64x96", "canvas": "64x96", "backend": "torch", "key_ms": 40.0,
-                        "non_key_ms": 10.0, "ratio": 4.0, "fps_fixed5": 7.0, "fps_adaptive": 9.0,
-                        "key_ratio_adaptive": 0.25}]}
+    result = _markdown_result({"model": "m", "size": "64x96", "canvas": "64x96", "backend": "torch", "key_ms": 40.0,
+                               "non_key_ms": 10.0, "ratio": 4.0, "fps_fixed5": 7.0, "fps_adaptive": 9.0,
+                               "key_ratio_adaptive": 0.25})
     lines = format_markdown(result).splitlines()
     header = [c.strip() for c in lines[-3].strip("|").split("|")]
     row = [c.strip() for c in lines[-1].strip("|").split("|")]
     cells = dict(zip(header, row))
     assert cells["key frame ms"] == "40.0" and cells["non-key frame ms"] == "10.0" and cells["key/non-key"] == "4.00"
     assert cells["fps fixed:5"] == "7.00" and cells["fps adaptive (key ratio)"] == "9.00 (0.25)"
+
+
+def test_markdown_names_the_hardware_and_keeps_error_rows_in_their_columns():
+    """No GPU reads "none", libraries not installed are left out, runs and frames are named apart,
+    and an error row has as many cells as the header, its error in the last column."""
+    text = format_markdown(_markdown_result({"model": "m", "size": "64x96", "backend": "tensorrt", "error": "no GPU"}))
+    lines = text.splitlines()
+    assert "GPU: none; torch 2;" in lines[0] and "onnxruntime" not in lines[0] and "tensorrt" not in lines[0]
+    assert "Medians over 3 runs; end to end over 10 frames." in text
+    header = [c.strip() for c in lines[-3].strip("|").split("|")]
+    row = [c.strip() for c in lines[-1].strip("|").split("|")]
+    assert len(row) == len(header) and row[header.index("backend")] == "tensorrt" and row[-1] == "no GPU"
+
+
+def test_out_of_memory_errors_are_recognised():
+    """A bare MemoryError, CUDA's message and torch's CPU allocator failing make an "out of memory"
+    row; other errors do not."""
+    assert bench._is_oom(MemoryError())
+    assert bench._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with pytest.raises(RuntimeError) as cpu:  # the CPU allocator's own error (2**50 bytes: 1 PiB)
+        torch.empty(2**50, dtype=torch.uint8)
+    assert bench._is_oom(cpu.value), str(cpu.value)
+    assert not bench._is_oom(RuntimeError("shape mismatch"))
+
+
+@pytest.fixture()
+def one_clip(monkeypatch, tmp_path):
+    """bench_frames with ``clip.mp4`` its only source; set ``["frames"]`` to the clip's length
+    (its frames hold 0, 1, ...) or ``["error"]`` to what opening it raises."""
+    from mpvss_ros.io import samples, video
+
+    clip = tmp_path / "clip.mp4"
+    monkeypatch.setattr(samples, "camvid_dir", lambda split="val": None)
+    monkeypatch.setattr(samples, "dashcam_clip", lambda: None)
+    monkeypatch.setattr(samples, "bikes_clip", lambda: clip)
+    source = {"frames": 0, "error": None}
+
+    def open_source(path):
+        if source["error"]:
+            raise source["error"]
+        return contextlib.nullcontext(types.SimpleNamespace(image=np.full((4, 6, 3), i, np.uint8))
+                                      for i in range(source["frames"]))
+
+    monkeypatch.setattr(video, "open_source", open_source)
+    return source
+
+
+def test_bench_frames_reads_count_frames_and_loops_a_short_clip(one_clip):
+    """Exactly ``count`` consecutive frames; a short clip is repeated from its start; an empty one
+    is skipped for the seeded random frames."""
+    one_clip["frames"] = 10
+    frames, source = bench.bench_frames(4)
+    assert source == "clip.mp4" and [int(f[0, 0, 0]) for f in frames] == [0, 1, 2, 3]
+    one_clip["frames"] = 2
+    frames, _ = bench.bench_frames(7)
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 1, 0, 1, 0, 1, 0]
+    one_clip["frames"] = 0
+    frames, source = bench.bench_frames(3)
+    assert source.startswith("seeded random frames") and len(frames) == 3
+
+
+def test_bench_frames_skips_a_source_it_cannot_read(one_clip):
+    """A clip that open_source refuses (ValueError) falls through to the next source."""
+    one_clip["error"] = ValueError("not a video")
+    frames, source = bench.bench_frames(2)
+    assert source.startswith("seeded random frames") and len(frames) == 2
 
 
 def test_bench_options_from_the_command_line(monkeypatch, tmp_path, capsys):
