@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import pytest
 import torch
+import yaml
 
-from mpvss_ros.model_loader import load_model, resolve_device, select_device
+import mpvss_ros.runtime.export as export_module
+from mpvss_ros.checkpoints import CheckpointError
+from mpvss_ros.config import load_model_config
+from mpvss_ros.model_loader import load_exported, load_model, published_model_name, resolve_device, select_device
+from mpvss_ros.paths import find_data
+from mpvss_ros.runtime.commands import cmd_export, load_model_and_backend
+from mpvss_ros.runtime.export import build_contract
 from mpvss_ros.ros.parameters import validate
 
 
@@ -42,6 +52,9 @@ def test_explicit_devices_are_kept_and_bad_ones_named():
     for bad in ("gpu", "tpu"):
         with pytest.raises(ValueError, match="device"):
             select_device(bad)
+    for other in ("meta", "mps"):  # devices torch knows but the model does not run on
+        with pytest.raises(ValueError, match="unsupported device"):
+            select_device(other)
     assert validate({"device": "auto"}).device == "auto"  # the node's parameter
     with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
         validate({"device": "gpu"})
@@ -65,6 +78,135 @@ def test_model_that_contradicts_the_stored_configuration_says_so_first(lite_chec
         load_model(str(other), str(lite_checkpoint), "cpu")
     first = str(exc.value).splitlines()[0]
     assert "trained as mpvss_lite" in first and "--model mpvss_lite" in first and "leave out --model" in first
+
+
+def test_a_damaged_file_of_the_model_it_names_gets_the_key_list_not_the_other_model_advice(lite_checkpoint, tmp_path):
+    """--model naming the very model the file stores, and a tensor of the wrong shape in it: the
+    refusal names the tensor, not "trained as mpvss_lite, not mpvss_lite"."""
+    payload = torch.load(lite_checkpoint, map_location="cpu", weights_only=True)
+    key = next(k for k, v in payload["state_dict"].items() if v.dim() == 4)
+    payload["state_dict"][key] = payload["state_dict"][key][:1]
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError) as exc:
+        load_model("mpvss_lite", tmp_path / "damaged.pt")
+    assert "trained as" not in str(exc.value) and key in str(exc.value)
+
+
+def _resnet_keys(res4_blocks, classes=None):
+    """The keys and shapes published_model_name reads of a detectron2 ResNet checkpoint."""
+    state = {"backbone.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}
+    state.update({f"backbone.res4.{i}.conv1.weight": torch.zeros(1) for i in range(res4_blocks)})
+    if classes is not None:
+        state["sem_seg_head.predictor.class_embed.weight"] = torch.zeros(classes + 1, 8)
+    return state
+
+
+def test_a_published_resnet_is_told_by_its_res4_blocks_and_its_classes():
+    """A file without a stored configuration: the ResNet depth from res4's block count (6: R50,
+    23: R101, no other), then the classes where class_embed is present (19: Mask2Former
+    Cityscapes); without class_embed the first published model of that depth."""
+    assert published_model_name(_resnet_keys(6)) == "mpvss_r50"
+    assert published_model_name(_resnet_keys(23)) == "mpvss_r101"
+    assert published_model_name(_resnet_keys(6, classes=19)) == "mask2former_r50_cityscapes"
+    assert published_model_name(_resnet_keys(6, classes=124)) == "mpvss_r50"
+    assert published_model_name(_resnet_keys(6, classes=11)) is None
+    assert published_model_name(_resnet_keys(4)) is None
+
+
+# ------------------------------------------------------------ export folders (load_exported)
+def _contract_folder(path, **contract_options):
+    """An export folder of mpvss_lite at 64 x 96 whose graphs are empty files: enough for
+    load_exported, which reads the contract and loads no graph."""
+    path.mkdir()
+    contract = build_contract(load_model_config("mpvss_lite"), (64, 96), **contract_options)
+    (path / "contract.json").write_text(json.dumps(contract))
+    for graph in contract["graphs"].values():
+        (path / graph["file"]).write_bytes(b"")
+    return path
+
+
+def test_an_export_folder_loads_with_the_weights_and_trained_flag_its_contract_records(tmp_path, monkeypatch):
+    """load_exported takes weights and trained from contract.json, records the folder as an
+    absolute path (a relative --onnx-dir in a run record would not say which folder), and its
+    provenance names the backend that runs it."""
+    monkeypatch.chdir(tmp_path)
+    _contract_folder(tmp_path / "untrained", trained=False)
+    _contract_folder(tmp_path / "trained", weights="models/w.pt", trained=True)
+    untrained = load_exported("untrained")
+    assert untrained.trained is False and untrained.weights is None and untrained.model is None
+    assert untrained.meta["onnx_dir"] == str(tmp_path / "untrained")
+    trained = load_exported("trained")
+    assert trained.trained is True and str(trained.weights) == "models/w.pt"
+    assert trained.provenance() == {"model": "mpvss_lite", "weights": "models/w.pt",
+                                    "onnx_dir": str(tmp_path / "trained"), "trained": True, "backend": None}
+    described = argparse.Namespace(describe=lambda: {"backend": "onnxruntime"})
+    assert trained.provenance(described)["backend"] == {"backend": "onnxruntime"}
+    assert trained.provenance(argparse.Namespace())["backend"] is None  # a backend without describe()
+
+
+# ------------------------------------------------------------ the command line's load (load_model_and_backend)
+@pytest.fixture()
+def recorded_loads(monkeypatch):
+    """load_model and load_backend replaced by recorders of their arguments: what
+    load_model_and_backend passes on for the command line's options."""
+    import mpvss_ros.model_loader as model_loader
+    import mpvss_ros.runtime as runtime
+
+    calls = {}
+    monkeypatch.setattr(model_loader, "load_model", lambda *a, **k: calls.setdefault("load_model", (a, k)) and "loaded")
+    monkeypatch.setattr(runtime, "load_backend", lambda *a, **k: calls.setdefault("load_backend", (a, k)) and "backend")
+    return calls
+
+
+def _backend_args(**options) -> argparse.Namespace:
+    """mpvss segment/eval's model and backend options, defaults unless given."""
+    defaults = dict(model=None, weights=None, device="cpu", backend="torch", precision="fp32", cache_dir=None,
+                    threads=None, onnx_dir=None, propagator="query_flow", study=False)
+    return argparse.Namespace(**{**defaults, **options})
+
+
+def test_the_command_line_loads_the_model_on_the_cpu_for_a_graph_backend_and_passes_its_options(
+        recorded_loads, tmp_path, monkeypatch):
+    """--backend onnxruntime --device cuda: the PyTorch model (exported, then dropped) loads on the
+    CPU; the backend gets the device, precision, cache folder and threads, and takes the module over."""
+    import mpvss_ros.runtime as runtime
+
+    monkeypatch.setattr(runtime, "backend_missing", lambda *a, **k: None)  # as if onnxruntime ran on a GPU
+    args = _backend_args(backend="onnxruntime", device="cuda", cache_dir=str(tmp_path), threads=2)
+    assert load_model_and_backend(args) == ("loaded", "backend")
+    (_, _, device), options = recorded_loads["load_model"]
+    assert device == "cpu" and options == {"motion_optional": False}
+    (name, loaded), options = recorded_loads["load_backend"]
+    assert name == "onnxruntime" and loaded == "loaded"
+    assert options == {"device": "cuda", "precision": "fp32", "cache_dir": str(tmp_path), "threads": 2,
+                       "onnx_dir": None, "copy_model": False}
+
+
+def test_the_command_line_resolves_auto_for_the_backend_it_runs(recorded_loads, monkeypatch):
+    """--device auto with onnxruntime lacking its CUDA provider: the CPU, even where torch sees a GPU."""
+    import mpvss_ros.runtime.onnx_backend as onnx_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(onnx_backend, "onnxruntime_missing", lambda device="cpu": "no CUDA provider"
+                        if str(device).startswith("cuda") else None)
+    load_model_and_backend(_backend_args(backend="onnxruntime", device="auto"))
+    assert recorded_loads["load_backend"][1]["device"] == "cpu"
+
+
+def test_the_study_needs_a_motion_module_even_with_optical_flow(recorded_loads):
+    """eval --study runs query-flow rows: weights without a trained motion module are refused for
+    it whatever --propagator says; segment with optical flow accepts them."""
+    load_model_and_backend(_backend_args(propagator="optical_flow", study=True))
+    assert recorded_loads.pop("load_model")[1] == {"motion_optional": False}
+    load_model_and_backend(_backend_args(propagator="optical_flow"))
+    assert recorded_loads["load_model"][1] == {"motion_optional": True}
+
+
+def test_an_export_folder_is_refused_with_weights_alone(tmp_path):
+    """--onnx-dir runs the folder's graphs: --weights without --model is refused too, before the
+    folder is read."""
+    with pytest.raises(ValueError, match="leave out --model/--weights"):
+        load_model_and_backend(_backend_args(backend="onnxruntime", onnx_dir=str(tmp_path), weights="w.pt"))
 
 
 # ------------------------------------------------------------ weights without a motion module
@@ -197,6 +339,28 @@ def test_mpvss_export_takes_weights_without_motion_and_marks_the_contract(per_fr
     assert "motion_trained" not in capsys.readouterr().out
 
 
+def test_mpvss_export_records_the_weights_and_whether_they_were_trained(tmp_path, monkeypatch):
+    """mpvss export hands the file it loaded and whether it was trained to the contract: the
+    shipped weights, or none for a model without default weights (an untrained export)."""
+    class Exported(Exception):
+        pass
+
+    def export_onnx(model, out_dir, valid_hw, weights=None, trained=None):
+        raise Exported(weights, trained)
+
+    monkeypatch.setattr(export_module, "export_onnx", export_onnx)
+    doc = yaml.safe_load(find_data("config/models/mpvss_lite.yaml").read_text())
+    shipped = find_data(doc.pop("default_weights"))
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(dict(doc, name="lite_without_weights")))
+    for model, recorded in (("mpvss_lite", (str(shipped), True) if shipped else (None, False)),
+                            (str(tmp_path / "bare.yaml"), (None, False))):
+        args = argparse.Namespace(out=str(tmp_path / "out"), model=model, weights=None, height=64, width=96,
+                                  no_parity=True, threads=None)
+        with pytest.raises(Exported) as exc:
+            cmd_export(args)
+        assert exc.value.args == recorded
+
+
 @pytest.mark.parametrize("meta, trained", [
     ({"stage": "segmentor", "motion_trained": False}, False),  # stage 1 now
     ({"stage": "segmentor"}, None),  # stage 1 before the key: trained only if its run started from such a file
@@ -260,5 +424,8 @@ def test_the_study_refuses_query_flow_without_a_motion_module_before_its_first_r
 
 
 def test_an_empty_model_name_means_the_files_own_configuration(tmp_path):
-    """--model '' (the node's model: '') with weights: the configuration stored in the file."""
-    assert load_model("", load_model().weights).config.name == "mpvss_lite"
+    """--model '' (the node's model: '') with weights: the configuration stored in the file; the
+    model comes in eval mode (BatchNorm on its running statistics)."""
+    loaded = load_model("", load_model().weights)
+    assert loaded.config.name == "mpvss_lite"
+    assert not any(m.training for m in loaded.model.modules())
