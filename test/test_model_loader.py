@@ -339,6 +339,22 @@ def test_mpvss_export_takes_weights_without_motion_and_marks_the_contract(per_fr
     assert "motion_trained" not in capsys.readouterr().out
 
 
+def test_an_untrained_model_is_initialised_from_its_seed(tmp_path):
+    """A model without weights is initialised from ``seed``, whatever the global random state
+    before: the same seed gives the same weights, another seed others."""
+    doc = yaml.safe_load(find_data("config/models/mpvss_lite.yaml").read_text())
+    doc.pop("default_weights")
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(dict(doc, name="lite_without_weights")))
+    states = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 1)):
+        torch.manual_seed(global_seed)
+        loaded = load_model(tmp_path / "bare.yaml", seed=seed)
+        assert not loaded.trained
+        states.append(loaded.model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
 def test_mpvss_export_records_the_weights_and_whether_they_were_trained(tmp_path, monkeypatch):
     """mpvss export hands the file it loaded and whether it was trained to the contract: the
     shipped weights, or none for a model without default weights (an untrained export)."""

@@ -410,11 +410,17 @@ def test_bench_options_from_the_command_line(monkeypatch, tmp_path, capsys):
     got = []
     monkeypatch.setattr(bench, "run_bench", lambda opts, progress=None: got.append(opts) or {"rows": []})
     monkeypatch.setattr(bench, "format_markdown", lambda result: "table")
+    json_path = tmp_path / "new" / "b.json"  # in a folder that does not exist yet: made for it
     assert main(["bench", "--models", "mpvss_lite", "--sizes", "64x96", "--backends", "torch", "--repeats", "2",
-                 "--weights", f"mpvss_lite={tmp_path / 'w=1.pth'}", "--keep-canvas"]) == 0
+                 "--weights", f"mpvss_lite={tmp_path / 'w=1.pth'}", "--keep-canvas", "--threads", "3",
+                 "--warmup", "4", "--e2e-frames", "5", "--cache-dir", str(tmp_path / "cache"),
+                 "--json", str(json_path)]) == 0
     (opts,) = got
     assert opts.sizes == [(64, 96)] and opts.repeats == 2 and opts.keep_canvas is True
     assert opts.weights == {"mpvss_lite": str(tmp_path / "w=1.pth")}
+    assert (opts.threads, opts.warmup, opts.e2e_frames) == (3, 4, 5)
+    assert str(opts.cache_dir) == str(tmp_path / "cache")
+    assert json.loads(json_path.read_text()) == {"rows": []}
     for bad in (["--repeats", "0"], ["--e2e-frames", "0"], ["--warmup", "-1"]):
         assert main(["bench", "--models", "mpvss_lite", "--sizes", "64x96", *bad]) == 2
     assert len(got) == 1
