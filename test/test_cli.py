@@ -416,11 +416,15 @@ def test_an_ignored_sigterm_stays_ignored_during_a_run():
         signal.signal(signal.SIGTERM, before)
 
 
-def test_error_missing_input(tmp_path, capsys):
+def test_error_missing_input(tmp_path, capsys, monkeypatch):
+    """A missing input (segment) or input bag (bag) is one line, before the model loads."""
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda *a, **k: pytest.fail("loaded the model"))
     rc = _segment(tmp_path / "nope.mp4", tmp_path / "out")
     line = error_line(capsys.readouterr().err)
     assert rc == 2 and "input not found" in line and "nope.mp4" in line
     assert not (tmp_path / "out").exists()
+    assert main(["bag", str(tmp_path / "nope"), str(tmp_path / "out"), "--topic", "/x"]) == 2
+    assert error_line(capsys.readouterr().err) == f"mpvss: error: input bag not found: {tmp_path / 'nope'}"
 
 
 def test_error_text_file_named_mp4(tmp_path, capsys):
@@ -559,10 +563,13 @@ def test_train_result_line_is_json_without_steps_run(tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("argv", [["segment", "IN", "--out", ""], ["segment", "IN", "--out", " "],
-                                  ["export", "--out", ""], ["train", "segmentor", "--run-dir", ""]])
+                                  ["export", "--out", ""], ["train", "segmentor", "--run-dir", ""],
+                                  ["cache", "--cache-dir", "", "--clear"]])
 def test_error_empty_output_folder(tiny_folder, capsys, argv, monkeypatch, tmp_path):
-    # an empty --out had written into the current folder and printed "wrote /labels/"
+    # an empty --out had written into the current folder and printed "wrote /labels/"; an empty
+    # --cache-dir (an unset variable) had cleared the default cache
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path / "cache"))
     argv = [str(tiny_folder) if a == "IN" else a for a in argv]
     assert main(argv) == 2
     assert "must name a folder" in error_line(capsys.readouterr().err)
@@ -628,6 +635,28 @@ def test_output_folders_refused_before_the_model_loads_and_tilde_expanded(tiny_f
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["eval", str(tiny_folder), "--self-reference", "--out", "~/taken"]) == 2
     assert f"--out {blocker} is a file, not a folder" in error_line(capsys.readouterr().err)
+
+
+def _stop_before_the_model(monkeypatch) -> None:
+    """mpvss eval stops where the model would load, with a usage error naming its images and labels."""
+    def stop(args, **kwargs):
+        raise ValueError(f"stopped before the model: images {args.images}, labels {args.labels}")
+
+    monkeypatch.setattr(cli, "load_model_and_backend", stop)
+
+
+def test_labels_folder_given_with_a_tilde_is_in_the_home_folder(tmp_path, capsys, monkeypatch):
+    """--labels=~/x (which the shell leaves as it is) names a folder in the home folder; a
+    missing label folder is refused before the model loads."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "labels").mkdir()
+    _stop_before_the_model(monkeypatch)
+    images = _noise_folder(tmp_path, 1)
+    assert main(["eval", str(images), "--labels=~/labels"]) == 2
+    assert error_line(capsys.readouterr().err) == (f"mpvss: error: stopped before the model: images {images}, "
+                                                   f"labels {tmp_path / 'labels'}")
+    assert main(["eval", str(images), "--labels", str(tmp_path / "missing")]) == 2
+    assert error_line(capsys.readouterr().err) == f"mpvss: error: label folder not found: {tmp_path / 'missing'}"
 
 
 def test_train_run_dir_that_cannot_be_made(tmp_path, capsys, monkeypatch):
@@ -915,20 +944,22 @@ def test_bad_adaptive_setting_with_a_fixed_schedule_names_the_flag_not_adaptive(
     assert rc == 2 and "--cut-threshold" in line and "'adaptive'" not in line
 
 
+@pytest.mark.parametrize("value", ["-5", "-1"])  # 0 is no limit; -1 is no other spelling of it
 def test_segment_bad_max_image_pixels_is_refused_by_its_flag_before_the_model_loads(tiny_folder, tmp_path,
-                                                                                    monkeypatch, capsys):
+                                                                                    monkeypatch, capsys, value):
     def no_model(args):
         raise AssertionError("the model must not load for a usage error")
 
     monkeypatch.setattr(cli, "load_model_and_backend", no_model)
-    rc = _segment(tiny_folder, tmp_path / "out", "--max-image-pixels", "-5")
+    rc = _segment(tiny_folder, tmp_path / "out", "--max-image-pixels", value)
     line = error_line(capsys.readouterr().err)
-    assert rc == 2 and "--max-image-pixels must be >= 1 (pixels), or 0 for no limit, got -5" in line
-    assert line.endswith("got -5")
+    assert rc == 2 and f"--max-image-pixels must be >= 1 (pixels), or 0 for no limit, got {value}" in line
+    assert line.endswith(f"got {value}")
 
 
 @pytest.mark.parametrize("extra, flag", [(["--alpha", "3"], "--alpha"), (["--alpha", "nan"], "--alpha"),
-                                         (["--max-image-pixels", "-5"], "--max-image-pixels")])
+                                         (["--max-image-pixels", "-5"], "--max-image-pixels"),
+                                         (["--namespace", "/9x"], "invalid namespace '/9x'")])
 def test_bag_bad_option_is_refused_by_its_flag_before_the_model_loads(tmp_path, monkeypatch, capsys, extra, flag):
     def no_model(args):
         raise AssertionError("the model must not load for a usage error")
@@ -1224,6 +1255,64 @@ def test_bag_defaults_namespace_and_detected_compression():
     assert build_parser().parse_args(["bag", "IN", "OUT", "--topic", "/cam", "--compressed"]).compressed is True
 
 
+def _fake_process_bag(monkeypatch, tmp_path, **changes) -> list:
+    """mpvss bag without a model or a bag: process_bag makes the output folder and returns a
+    summary of 10 messages (3 failed in the backend, 1 non-finite) with ``changes``; returns the
+    list that gets the (BagOptions, keyword arguments) it is called with."""
+    import mpvss_ros.ros.bag as bag
+
+    summary = {"frames": 10, "written": 6, "skipped": 4, "skipped_by_reason": {"engine": 3, "non_finite": 1},
+               "key_frames": 2, "key_frame_ratio": 0.2, "median_total_ms": 1.0, "fps": 5.0, "trained": False,
+               "storage": "sqlite3", "messages_per_topic": {"/cam": 10}, **changes}
+    seen = []
+
+    def process_bag(input_path, output, topic, loaded, options, **kwargs):
+        seen.append((options, kwargs))
+        Path(output).mkdir()
+        return dict(summary, output=str(output), topic=topic)
+
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args: (None, None))
+    monkeypatch.setattr(bag, "process_bag", process_bag)
+    (tmp_path / "in").mkdir(exist_ok=True)
+    return seen
+
+
+def test_bag_flags_reach_the_bag_options_and_process_bag(tmp_path, capsys, monkeypatch):
+    """Each output flag of mpvss bag becomes the BagOptions field or process_bag argument it
+    names, and without them the defaults (the 4096 x 4096 pixel limit, every output but the
+    Autoware mask, storage and compression as the input's); the result line keeps
+    skipped_by_reason, and backend failures on more than a tenth of the messages are warned of."""
+    from mpvss_ros.ros.bag import BagOptions
+
+    seen = _fake_process_bag(monkeypatch, tmp_path)
+    assert main(["bag", str(tmp_path / "in"), str(tmp_path / "o1"), "--topic", "/cam", "--no-progress"]) == 0
+    opts, kwargs = seen[-1]
+    assert opts.max_image_pixels == BagOptions.max_image_pixels == 4096 * 4096
+    assert (opts.alpha, opts.colored, opts.overlay, opts.class_masks, opts.autoware_mask) == (0.5, True, True, True, False)
+    assert kwargs["compressed"] is None and kwargs["storage"] is None and kwargs["namespace"] == "/mpvss"
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.splitlines()[0])["skipped_by_reason"] == {"engine": 3, "non_finite": 1}
+    assert "mpvss: warning: the inference backend failed on 3 of 10 messages" in captured.err
+    assert main(["bag", str(tmp_path / "in"), str(tmp_path / "o2"), "--topic", "/cam", "--alpha", "0.25", "--no-colored",
+                 "--no-overlay", "--no-class-masks", "--autoware-mask", "--autoware-class-ids", "1", "2",
+                 "--copy-topics", "/tf", "/odom", "--copy-all-topics", "--compressed", "--storage", "mcap",
+                 "--namespace", "/seg", "--max-image-pixels", "0"]) == 0
+    opts, kwargs = seen[-1]
+    assert (opts.alpha, opts.colored, opts.overlay, opts.class_masks, opts.autoware_mask) == (0.25, False, False, False, True)
+    assert opts.autoware_class_ids == (1, 2) and opts.copy_topics == ("/tf", "/odom") and opts.copy_all_topics is True
+    assert opts.max_image_pixels is None
+    assert kwargs["compressed"] is True and kwargs["storage"] == "mcap" and kwargs["namespace"] == "/seg"
+
+
+def test_study_comparison_line_prints_the_interval_low_to_high_and_a_before_b():
+    """A study comparison line: the bootstrap interval as [low, high] and A's share of better
+    resamples before B's."""
+    c = {"a": "fixed 1/5 copy", "b": "per-frame", "delta": -1.0, "key_frames": [6, 30], "kept": 2000,
+         "block": 10, "level": 0.95, "ci": [-1.5, -0.5], "share_a_better": 0.1, "share_b_better": 0.9}
+    assert "95 % interval [ -1.50,  -0.50], better in  10 % (A) /  90 % (B) of 2000 resamples" in \
+        cli.comparison_line(c, 30)
+
+
 def _fake_segmentor(monkeypatch, tmp_path, val):
     import mpvss_ros.training.trainer as trainer
 
@@ -1243,6 +1332,19 @@ def test_train_result_line_reports_the_last_validation(tmp_path, capsys, monkeyp
     assert main(["train", "segmentor", "--run-dir", str(tmp_path / "run")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["val"] == {"step": 3, "mIoU": 30.0}
+
+
+def test_train_motion_takes_decimal_rates_and_defaults_to_the_trainers_crop_and_device(tmp_path, monkeypatch):
+    """mpvss train motion: --lr takes a decimal; --crop and --device default to
+    MotionTrainOptions' own (a crop is height, width)."""
+    import mpvss_ros.training.motion_trainer as mt
+
+    seen = []
+    monkeypatch.setattr(mt, "train_motion", lambda opts: seen.append(opts) or mt.MotionTrainResult(
+        Path(opts.run_dir), 0, False, Path(opts.run_dir) / "x.pt"))
+    assert main(["train", "motion", "--run-dir", str(tmp_path), "--init-checkpoint", "c.pt", "--lr", "2.5e-4"]) == 0
+    d = mt.MotionTrainOptions(run_dir="", init_checkpoint="")
+    assert seen[0].lr == 2.5e-4 and seen[0].crop == d.crop and seen[0].device == d.device
 
 
 def test_threads_upper_bound_4096_is_accepted(tmp_path, capsys, monkeypatch):
@@ -1299,6 +1401,63 @@ def test_eval_adaptive_schedule_runs_with_the_given_cut_threshold_and_max_interv
     assert (settings["scene_threshold"], settings["cut_threshold"], settings["max_interval"]) == (0.7, 3.0, 7)
 
 
+def test_eval_sample_name_stands_for_the_sample_clip(tmp_path, capsys, monkeypatch):
+    """mpvss eval sample:bikes --self-reference reads the sample clip's file, not a path named
+    "sample:bikes" (which would be "input not found")."""
+    monkeypatch.setitem(cli.SAMPLES, "sample:bikes", lambda: _noise_folder(tmp_path, 1))
+    _stop_before_the_model(monkeypatch)
+    assert main(["eval", "sample:bikes", "--self-reference"]) == 2
+    assert error_line(capsys.readouterr().err) == (f"mpvss: error: stopped before the model: images "
+                                                   f"{tmp_path / 'frames'}, labels None")
+
+
+def test_eval_without_the_default_labels_says_to_give_images_and_labels(tmp_path, capsys, monkeypatch):
+    """No IMAGES and no CamVid val labels in the shared data: one line naming IMAGES and
+    --labels, before the model loads."""
+    import mpvss_ros.io.samples as samples
+
+    monkeypatch.setattr(samples, "camvid_dir", lambda split: tmp_path)
+    monkeypatch.setattr(samples, "camvid_annot_dir", lambda split: None)
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["eval"]) == 2
+    assert "give IMAGES and --labels" in error_line(capsys.readouterr().err)
+
+
+def test_eval_self_reference_takes_max_frames_and_fps(tmp_path, capsys, monkeypatch):
+    """--max-frames and --fps reach the self-labelled sequence."""
+    import mpvss_ros.evaluation.study as study
+
+    seen = {}
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args, **k: (None, None))
+    monkeypatch.setattr(study, "self_labelled_sequence",
+                        lambda loaded, images, **k: seen.update(k) or (_ for _ in ()).throw(ValueError("stop")))
+    assert main(["eval", str(_noise_folder(tmp_path)), "--self-reference", "--max-frames", "2", "--fps", "3"]) == 2
+    assert seen["limit"] == 2 and seen["fps"] == 3.0
+
+
+def test_eval_study_options_reach_the_study_and_its_files(tmp_path, capsys, monkeypatch):
+    """mpvss eval --study: --intervals, --cut-threshold and --bootstrap-block reach the study;
+    study.json names the reference it scored against, and study.png is drawn."""
+    import mpvss_ros.evaluation.study as study
+
+    seen = {}
+
+    def key_interval_study(loaded, seq, **kwargs):
+        seen.update(kwargs)
+        return {"rows": [], "comparisons": [], "frames": 3}
+
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args, **k: (None, None))
+    monkeypatch.setattr(study, "self_labelled_sequence", lambda *a, **k: "sequence")
+    monkeypatch.setattr(study, "key_interval_study", key_interval_study)
+    monkeypatch.setattr(study, "plot_study", lambda result, path: Path(path).write_text("plot"))
+    out = tmp_path / "out"
+    assert main(["eval", str(_noise_folder(tmp_path)), "--self-reference", "--study", "--intervals", "2", "4",
+                 "--cut-threshold", "2.5", "--bootstrap-block", "7", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (seen["intervals"], seen["cut_threshold"], seen["bootstrap_block"]) == ([2, 4], 2.5, 7)
+    assert json.loads((out / "study.json").read_text())["reference"] == "per-frame labels of the model"
+    assert (out / "study.png").read_text() == "plot"
+
+
 def test_max_interval_zero_is_refused_by_its_flag_with_a_fixed_schedule(tmp_path, capsys, monkeypatch):
     """--max-interval must be >= 1, also when the (fixed) schedule does not use it, named by
     its flag, before the model loads."""
@@ -1312,18 +1471,42 @@ def test_max_interval_zero_is_refused_by_its_flag_with_a_fixed_schedule(tmp_path
         assert not (tmp_path / "o").exists()
 
 
-def test_segment_result_line_counts_frames_missing_at_the_end_as_unreadable(tmp_path, capsys, monkeypatch):
-    """The result line's "unreadable" is the files skipped while reading plus the frames a
-    video announced but never delivered (missing_at_end), as summary.json lists them."""
+def _fake_segment_run(monkeypatch, **changes) -> list[SegmentOptions]:
+    """mpvss segment without a model: segment_path returns a summary of 5 frames with
+    ``changes``; returns the list that gets the SegmentOptions it is called with."""
     import mpvss_ros.offline as offline
 
     summary = {"frames": 5, "key_frames": 1, "key_frame_ratio": 0.2, "fps": 10.0, "trained": False,
                "median_total_ms_key_frame": 1.0, "median_total_ms_non_key_frame": 0.5,
-               "skipped_non_finite": [], "skipped_engine": [], "skipped_unreadable": ["f3"], "missing_at_end": 2,
-               "skipped_too_large": [], "overlay": None}
+               "skipped_non_finite": [], "skipped_engine": [], "skipped_unreadable": [], "missing_at_end": 0,
+               "skipped_too_large": [], "overlay": None, **changes}
+    seen = []
     monkeypatch.setattr(cli, "load_model_and_backend", lambda args: (None, None))
-    monkeypatch.setattr(offline, "segment_path", lambda *a, **k: summary)
+    monkeypatch.setattr(offline, "segment_path", lambda path, out, loaded, options, **k: seen.append(options) or summary)
+    return seen
+
+
+def test_segment_result_line_counts_frames_missing_at_the_end_as_unreadable(tmp_path, capsys, monkeypatch):
+    """The result line's "unreadable" is the files skipped while reading plus the frames a
+    video announced but never delivered (missing_at_end), as summary.json lists them."""
+    _fake_segment_run(monkeypatch, skipped_unreadable=["f3"], missing_at_end=2)
     folder = _noise_folder(tmp_path, 1)
     assert main(["segment", str(folder), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     brief = json.loads(capsys.readouterr().out.splitlines()[0])
     assert brief["unreadable"] == 3 and brief["skipped"] == 0 and brief["frames"] == 5
+
+
+def test_segment_result_line_reports_the_summary_and_the_default_pixel_limit(tmp_path, capsys, monkeypatch):
+    """Without --max-image-pixels segment_path gets the 4096 x 4096 default; the result line
+    carries trained, the key / non-key frame medians apart and the frames above the limit; a
+    backend that failed on more than a tenth of the frames handled is one warning line."""
+    seen = _fake_segment_run(monkeypatch, trained=True, median_total_ms_key_frame=10.0,
+                             median_total_ms_non_key_frame=2.0, skipped_engine=["a", "b", "c"],
+                             skipped_too_large=["x", "y"])
+    assert main(["segment", str(_noise_folder(tmp_path, 1)), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert seen[0].max_image_pixels == SegmentOptions.max_image_pixels == 4096 * 4096
+    brief = json.loads(captured.out.splitlines()[0])
+    assert brief["trained"] is True and brief["median_total_ms"] == {"key": 10.0, "non_key": 2.0}
+    assert brief["too_large"] == 2 and brief["skipped"] == 3
+    assert "mpvss: warning: the inference backend failed on 3 of 8 frames" in captured.err
