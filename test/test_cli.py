@@ -1435,6 +1435,35 @@ def test_eval_self_reference_takes_max_frames_and_fps(tmp_path, capsys, monkeypa
     assert seen["limit"] == 2 and seen["fps"] == 3.0
 
 
+def test_eval_with_labels_takes_max_frames_fps_and_names_reduce_zero_label(tmp_path, capsys, monkeypatch):
+    """With --labels, --max-frames, --fps and --reduce-zero-label reach the labelled sequence, and
+    study.json's reference says the labels were read with reduce_zero_label."""
+    import mpvss_ros.evaluation.study as study
+
+    seen = {}
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    loaded = SimpleNamespace(config=SimpleNamespace(num_classes=11))
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda args, **k: (loaded, None))
+    monkeypatch.setattr(study, "load_sequence", lambda images, labels, **k: seen.update(k) or "sequence")
+    monkeypatch.setattr(study, "key_interval_study", lambda loaded, seq, **k: {"rows": [], "comparisons": [],
+                                                                               "frames": 2})
+    monkeypatch.setattr(study, "plot_study", lambda result, path: Path(path).write_text("plot"))
+    out = tmp_path / "out"
+    assert main(["eval", str(_noise_folder(tmp_path)), "--labels", str(labels), "--max-frames", "2", "--fps", "3",
+                 "--reduce-zero-label", "--study", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert (seen["limit"], seen["fps"], seen["reduce_zero_label"], seen["num_classes"]) == (2, 3.0, True, 11)
+    assert json.loads((out / "study.json").read_text())["reference"] == (
+        f"{labels} (reduce_zero_label: 0 ignored, 1..K as 0..K-1)")
+
+
+def test_eval_refuses_a_bad_schedule_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A malformed --schedule is a usage error named by its flag before any model loads."""
+    monkeypatch.setattr(cli, "load_model_and_backend", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["eval", str(_noise_folder(tmp_path, 1)), "--self-reference", "--schedule", "fixed:0"]) == 2
+    assert error_line(capsys.readouterr().err).startswith("mpvss: error: bad schedule 'fixed:0': key-frame interval")
+
+
 def test_eval_study_options_reach_the_study_and_its_files(tmp_path, capsys, monkeypatch):
     """mpvss eval --study: --intervals, --cut-threshold and --bootstrap-block reach the study;
     study.json names the reference it scored against, and study.png is drawn."""
