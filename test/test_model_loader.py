@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,7 +215,6 @@ def test_an_export_folder_is_refused_with_weights_alone(tmp_path):
 def per_frame_file(tmp_path):
     """A per-frame Mask2Former-style file: the mpvss_lite segmentor of a seeded model, no motion.*
     keys, detectron2's ``{"model": ...}``."""
-    from mpvss_ros.config import load_model_config
     from mpvss_ros.nn.mpvss import MPVSS
 
     torch.manual_seed(3)
@@ -339,16 +339,24 @@ def test_mpvss_export_takes_weights_without_motion_and_marks_the_contract(per_fr
     assert "motion_trained" not in capsys.readouterr().out
 
 
+def _lite_without_weights(folder: Path) -> Path:
+    """mpvss_lite's configuration without default weights (a model that loads untrained), written
+    as ``folder/bare.yaml``."""
+    doc = yaml.safe_load(find_data("config/models/mpvss_lite.yaml").read_text())
+    doc.pop("default_weights")
+    path = folder / "bare.yaml"
+    path.write_text(yaml.safe_dump(dict(doc, name="lite_without_weights")))
+    return path
+
+
 def test_an_untrained_model_is_initialised_from_its_seed(tmp_path):
     """A model without weights is initialised from ``seed``, whatever the global random state
     before: the same seed gives the same weights, another seed others."""
-    doc = yaml.safe_load(find_data("config/models/mpvss_lite.yaml").read_text())
-    doc.pop("default_weights")
-    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(dict(doc, name="lite_without_weights")))
+    bare = _lite_without_weights(tmp_path)
     states = []
     for global_seed, seed in ((1, 0), (2, 0), (1, 1)):
         torch.manual_seed(global_seed)
-        loaded = load_model(tmp_path / "bare.yaml", seed=seed)
+        loaded = load_model(bare, seed=seed)
         assert not loaded.trained
         states.append(loaded.model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -365,11 +373,9 @@ def test_mpvss_export_records_the_weights_and_whether_they_were_trained(tmp_path
         raise Exported(weights, trained)
 
     monkeypatch.setattr(export_module, "export_onnx", export_onnx)
-    doc = yaml.safe_load(find_data("config/models/mpvss_lite.yaml").read_text())
-    shipped = find_data(doc.pop("default_weights"))
-    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(dict(doc, name="lite_without_weights")))
+    shipped = find_data(load_model_config("mpvss_lite").default_weights)
     for model, recorded in (("mpvss_lite", (str(shipped), True) if shipped else (None, False)),
-                            (str(tmp_path / "bare.yaml"), (None, False))):
+                            (str(_lite_without_weights(tmp_path)), (None, False))):
         args = argparse.Namespace(out=str(tmp_path / "out"), model=model, weights=None, height=64, width=96,
                                   no_parity=True, threads=None)
         with pytest.raises(Exported) as exc:
