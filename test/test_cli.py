@@ -16,9 +16,11 @@ import torch
 from helpers import count_live_records, error_line
 
 import mpvss_ros.cli as cli
+import mpvss_ros.offline as offline
 from mpvss_ros.cli import build_parser, main
 from mpvss_ros.io.video import read_label_png
-from mpvss_ros.offline import SegmentOptions, _OverlayVideo, segment_path, terminate_unwinds
+from mpvss_ros.offline import (OVERLAY_FPS_RANGE, RunStats, SegmentOptions, _OverlayVideo, segment_path,
+                               terminate_unwinds)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -305,7 +307,6 @@ def test_frames_the_backend_fails_on_are_skipped_and_a_failing_backend_stops(tmp
     """One frame the backend fails on (a CUDA out-of-memory) ended mpvss segment; it is skipped,
     listed, and the next frame is a key frame. A backend failing on 20 frames in a row stops the
     run with one error line, exit status 1."""
-    import mpvss_ros.offline as offline
     from mpvss_ros.propagation import CopyPropagator
 
     rng = np.random.default_rng(2)
@@ -850,8 +851,6 @@ def test_export_folder_checked_and_run_without_the_model(tmp_path, capsys):
 
 def test_segment_goes_on_without_the_overlay_video_when_it_cannot_be_written(tiny_folder, tmp_path, capsys,
                                                                                monkeypatch):
-    import mpvss_ros.offline as offline
-
     class Broken:
         def __init__(self, *args, **kwargs):
             raise OSError("cannot open video for writing (codec)")
@@ -996,7 +995,6 @@ def test_segment_keeps_no_record_per_frame_until_the_end(tmp_path, monkeypatch):
 def test_run_stats_keep_counting_while_a_stage_array_is_held():
     """stage_values returned a view of the array it appends to: while the caller held it, the
     next add raised BufferError ("cannot resize an array that is exporting buffers")."""
-    from mpvss_ros.offline import RunStats
 
     stats = RunStats(2)
     stats.add({"is_key_frame": True, "key_frame_reason": "first", "stage_latency_ms": {"total": 3.0}})
@@ -1009,7 +1007,6 @@ def test_run_stats_median_totals_are_split_by_key_and_non_key_frames():
     """The summary's median_total_ms_key_frame / _non_key_frame take the totals of their own frames
     only (key frames segment, the others propagate: tens of times apart), and are None (not NaN)
     when the run had no such frame (fixed:1 has no non-key frame)."""
-    from mpvss_ros.offline import RunStats
 
     stats = RunStats(2)
     for key, total in ((True, 40.0), (False, 2.0), (False, 4.0), (True, 60.0), (False, 3.0), (True, 50.0)):
@@ -1027,7 +1024,6 @@ def test_run_stats_median_totals_are_split_by_key_and_non_key_frames():
 
 def test_run_stats_split_only_the_frames_with_a_total():
     # a record with stages but no total counts in its stages, and in neither median total
-    from mpvss_ros.offline import RunStats
 
     stats = RunStats(2)
     stats.add({"is_key_frame": True, "key_frame_reason": "first", "stage_latency_ms": {"segmentor": 30.0}})
@@ -1079,7 +1075,6 @@ def test_the_overlay_video_is_written_at_rates_and_sizes_the_encoder_refuses(tmp
                                                                                written_size):
     """Such a run lost its overlay.mp4 (a warning, nothing written): the rate is retried at 0.01 fps
     precision, frames wider or taller than 8190 pixels are scaled down."""
-    from mpvss_ros.offline import _OverlayVideo
 
     video = _OverlayVideo(tmp_path / "overlay.mp4", fps)
     for i in range(3):
@@ -1096,7 +1091,6 @@ def test_the_overlay_video_is_written_at_rates_and_sizes_the_encoder_refuses(tmp
 def test_an_output_folder_that_cannot_be_prepared_is_no_partial_output(tmp_path, monkeypatch, capsys, caplog):
     """A folder that passes the early check but cannot be made when the first frame comes (/proc/x
     on Linux) gives its one error line, not a warning that it holds a partial output."""
-    from mpvss_ros import offline
 
     def refuse(input_path, out):
         raise OSError(f"cannot create the output folder {out / 'labels'}: No such file or directory")
@@ -1133,7 +1127,6 @@ def test_backend_failures_not_in_a_row_never_stop_mpvss_segment(tmp_path, monkey
     """A frame segmented resets the count of failures in a row (segment_path calls
     failures.succeeded()): with the limit lowered to 2, a backend failing on every non-key
     frame fails twice in all but never twice in a row, and the run completes."""
-    import mpvss_ros.offline as offline
     from mpvss_ros.propagation import CopyPropagator
 
     rng = np.random.default_rng(2)
@@ -1149,7 +1142,6 @@ def test_backend_failures_not_in_a_row_never_stop_mpvss_segment(tmp_path, monkey
 def test_summary_class_pixel_share_is_over_every_frame(tmp_path, monkeypatch):
     """class_pixel_share sums the labels of every frame segmented, lists only classes with
     pixels, and each share is that class's pixels over all pixels."""
-    from mpvss_ros.io.video import read_label_png
 
     rng = np.random.default_rng(4)
     stems = [f"f{i}" for i in range(3)]
@@ -1165,7 +1157,6 @@ def test_summary_class_pixel_share_is_over_every_frame(tmp_path, monkeypatch):
 
 def test_run_stats_key_frame_ratio_counts_frames_without_a_total():
     """key_frame_ratio is key frames over frames added, frames without a total timing included."""
-    from mpvss_ros.offline import RunStats
 
     stats = RunStats(3)
     stats.add({"is_key_frame": True, "key_frame_reason": "first", "stage_latency_ms": {"total": 3.0}})
@@ -1182,7 +1173,6 @@ def test_run_stats_key_frame_ratio_counts_frames_without_a_total():
 @pytest.mark.parametrize("fps, written", [(0.5, 1.0), (0.01, 1.0), (1000.0, 240.0), (25.0, 25.0)])
 def test_the_overlay_video_rate_is_kept_within_1_to_240_fps(tmp_path, fps, written):
     """overlay.mp4 is written at 1-240 fps whatever the input's rate (the lower bound)."""
-    from mpvss_ros.offline import OVERLAY_FPS_RANGE, _OverlayVideo
 
     assert OVERLAY_FPS_RANGE == (1.0, 240.0)
     video = _OverlayVideo(tmp_path / "overlay.mp4", fps)
@@ -1194,7 +1184,6 @@ def test_the_overlay_video_rate_is_kept_within_1_to_240_fps(tmp_path, fps, writt
 
 def test_the_overlay_tag_says_key_frame_or_propagated(tmp_path, monkeypatch):
     """Each overlay frame's tag is frame_tag of its result (inverted key / propagated)."""
-    import mpvss_ros.offline as offline
 
     tags, real = [], offline.overlay
     monkeypatch.setattr(offline, "overlay", lambda *a, **kw: (tags.append(kw["tag"]), real(*a, **kw))[1])
@@ -1503,8 +1492,6 @@ def test_max_interval_zero_is_refused_by_its_flag_with_a_fixed_schedule(tmp_path
 def _fake_segment_run(monkeypatch, **changes) -> list[SegmentOptions]:
     """mpvss segment without a model: segment_path returns a summary of 5 frames with
     ``changes``; returns the list that gets the SegmentOptions it is called with."""
-    import mpvss_ros.offline as offline
-
     summary = {"frames": 5, "key_frames": 1, "key_frame_ratio": 0.2, "fps": 10.0, "trained": False,
                "median_total_ms_key_frame": 1.0, "median_total_ms_non_key_frame": 0.5,
                "skipped_non_finite": [], "skipped_engine": [], "skipped_unreadable": [], "missing_at_end": 0,
