@@ -15,8 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mpvss_ros.checkpoints import read_checkpoint, save_checkpoint
+from mpvss_ros.config import load_model_config
 from mpvss_ros.evaluation.metrics import ConfusionMatrix
 from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir
+from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.mpvss import MPVSS
 from mpvss_ros.training.criterion import SetCriterion
 from mpvss_ros.training.data import CamVidFrames
 from mpvss_ros.training.matcher import FixedMatcher, HungarianMatcher
@@ -156,9 +160,6 @@ def test_train_segmentor_refuses_the_default_camvid_data_for_other_classes(tmp_p
 
 
 def test_param_groups_exclude_motion_and_split_decay():
-    from mpvss_ros.config import load_model_config
-    from mpvss_ros.nn.mpvss import MPVSS
-
     model = MPVSS(load_model_config("mpvss_lite"))
     for p in model.motion.parameters():
         p.requires_grad_(False)
@@ -260,7 +261,6 @@ def test_cuda_steps_reduce_the_loss_resume_and_load_on_cpu(tmp_path):
     """The same 8 steps on a CUDA GPU: the loss falls as on the CPU, a run stopped at step 5 and
     resumed follows the straight run (CUDA kernels are not bitwise deterministic: loose tolerance),
     and the checkpoint loads on the CPU and says what trained it."""
-    from mpvss_ros.model_loader import load_model
 
     straight = train_segmentor(_opts(tmp_path / "straight", device="cuda"))
     assert straight.finished and straight.losses[-1] < 0.9 * straight.losses[0]
@@ -303,8 +303,6 @@ def test_ctrl_c_inside_a_step_saves_that_step_complete_and_resumes_exactly(strai
 
 def test_no_weight_decay_for_norms_and_embeddings_only():
     # spec section 3.5 (detectron2): norms and nn.Embedding take none, biases do
-    from mpvss_ros.config import load_model_config
-    from mpvss_ros.nn.mpvss import MPVSS
     from mpvss_ros.training.trainer import no_decay_parameters
 
     model = MPVSS(load_model_config("mpvss_lite"))
@@ -427,7 +425,6 @@ DAMAGE = {"truncated": "cannot read it", "not torch": "cannot read it", "list": 
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_resume_run_names_a_damaged_trainer_state(tmp_path, kind):
     # a truncated file was torch.load's RuntimeError, {'step': 3} a KeyError, a list a TypeError
-    from mpvss_ros.checkpoints import save_checkpoint
     from mpvss_ros.training.trainer import resume_run
 
     model, state = _real_state()
@@ -450,7 +447,6 @@ def test_resume_with_a_damaged_trainer_state_is_refused_before_any_work(tmp_path
 
 
 def test_resume_run_names_a_state_of_other_parameters(tmp_path):
-    from mpvss_ros.checkpoints import save_checkpoint
     from mpvss_ros.training.trainer import resume_run
 
     model, state = _real_state()
@@ -656,9 +652,6 @@ def test_stage_1_starts_from_a_per_frame_checkpoint_and_knows_its_motion_module(
     """--init-checkpoint of stage 1 takes a per-frame Mask2Former checkpoint (no motion.* key; to
     fine-tune a published segmentor on one's own labels), as stage 2 does; the file's motion
     module is trained only when the init file's was (saved in the meta, read by load_model)."""
-    from mpvss_ros.checkpoints import save_checkpoint
-    from mpvss_ros.config import load_model_config
-    from mpvss_ros.nn.mpvss import MPVSS
     from mpvss_ros.training.trainer import _build_model
 
     cfg = load_model_config("mpvss_lite")
@@ -683,8 +676,6 @@ def test_stage_1_starts_from_a_per_frame_checkpoint_and_knows_its_motion_module(
 
 @needs_data
 def test_a_resumed_stage_1_run_keeps_its_init_files_trained_motion_module(tmp_path):
-    from mpvss_ros.model_loader import load_model
-
     shipped = load_model().weights  # a whole model: its motion module trained by stage 2
     opts = {"steps": 2, "init_checkpoint": str(shipped), "imagenet_weights": "none"}
     assert not train_segmentor(_opts(tmp_path, stop_at=1, **opts)).finished
@@ -695,9 +686,6 @@ def test_a_resumed_stage_1_run_keeps_its_init_files_trained_motion_module(tmp_pa
 
 
 def test_a_resumed_run_from_before_motion_trained_was_recorded_asks_its_init_checkpoint(tmp_path, caplog):
-    from mpvss_ros.checkpoints import save_checkpoint
-    from mpvss_ros.config import load_model_config
-    from mpvss_ros.nn.mpvss import MPVSS
     from mpvss_ros.training.trainer import _resumed_motion_trained
 
     cfg = load_model_config("mpvss_lite")
@@ -738,9 +726,6 @@ def test_a_crop_given_as_a_list_is_accepted():
 # mutation pass of trainer.py).
 
 def _lite():
-    from mpvss_ros.config import load_model_config
-    from mpvss_ros.nn.mpvss import MPVSS
-
     return MPVSS(load_model_config("mpvss_lite"))
 
 
@@ -827,9 +812,7 @@ def test_segment_frame_zero_pads_after_normalisation_and_upsamples_like_mask2for
     """The padded canvas is zero after normalisation (= raw pixel_mean before it), and
     the mask logits are upsampled with align_corners=False before scoring (the shipped model on a
     CamVid frame cut to 150 x 200, padded to 160 x 224)."""
-    from mpvss_ros.model_loader import load_model
     from mpvss_ros.nn.mpvss import semantic_scores
-    from mpvss_ros.training.data import CamVidFrames
 
     model = load_model(device="cpu").model.eval()
     image = CamVidFrames(TRAIN_DIR, TRAIN_ANNOT, train=False, files=FILES[:1])[0][0][:, 100:250, 100:300]
@@ -852,7 +835,6 @@ def test_segment_frame_zero_pads_after_normalisation_and_upsamples_like_mask2for
 
 def test_imagenet_weights_for_a_backbone_that_is_not_mobilenet_are_refused():
     """imagenet_weights is for the MobileNetV2 backbone only."""
-    from mpvss_ros.config import load_model_config
 
     cfg = load_model_config("mpvss_r50")
     with pytest.raises(ValueError, match="imagenet_weights is for the MobileNetV2 backbone"):
@@ -862,7 +844,6 @@ def test_imagenet_weights_for_a_backbone_that_is_not_mobilenet_are_refused():
 @needs_data
 def test_the_imagenet_file_given_is_the_one_loaded(tmp_path):
     """--imagenet-weights FILE is read, not the shared data's file: a missing one is an error."""
-    from mpvss_ros.config import load_model_config
 
     with pytest.raises(FileNotFoundError):
         trainer._build_model(_opts(tmp_path, imagenet_weights=str(tmp_path / "missing.pt")),
@@ -890,9 +871,6 @@ def recorded_run(tmp_path_factory):
     optimiser step and the loss module recorded."""
     if TRAIN_DIR is None or WEIGHTS is None or not WEIGHTS.is_file():
         pytest.skip("shared CamVid data / ImageNet weights not available")
-    from mpvss_ros.config import load_model_config
-    from mpvss_ros.nn.mpvss import MPVSS
-    from mpvss_ros.training.data import CamVidFrames
 
     files = sorted(p.name for p in TRAIN_DIR.iterdir())[:5]
     run = tmp_path_factory.mktemp("recorded")
@@ -1049,7 +1027,6 @@ def test_a_non_finite_loss_stops_the_run(tmp_path, monkeypatch):
 def test_clip_grad_norm_zero_disables_clipping(tmp_path):
     """--clip-grad-norm 0 trains unclipped (Adam's first step moves weights by about lr);
     clipping to 0 would leave only the weight decay."""
-    from mpvss_ros.config import load_model_config
 
     opts = _opts(tmp_path / "run", steps=1, num_points=64, clip_grad_norm=0.0, imagenet_weights="none")
     result = train_segmentor(opts)
@@ -1101,8 +1078,6 @@ def test_fewer_training_frames_than_a_batch_are_refused(tmp_path):
 def test_an_unknown_motion_module_stays_unknown_in_the_runs_files(tmp_path):
     """A stage-1 init file written before stage 1 recorded motion_trained: this run's files say
     None (unknown), not True."""
-    from mpvss_ros.checkpoints import save_checkpoint
-    from mpvss_ros.config import load_model_config
 
     cfg = load_model_config("mpvss_lite")
     save_checkpoint(tmp_path / "old_stage1.pt", _lite(), cfg.to_dict(), {"stage": "segmentor"})
@@ -1130,7 +1105,6 @@ def test_read_trainer_state_names_each_damaged_entry(tmp_path, change, message):
 
 def test_a_run_file_without_a_stage_may_be_resumed_by_either_stage(tmp_path):
     """check_run_dir: "files without one pass"."""
-    from mpvss_ros.checkpoints import save_checkpoint
 
     model, state = _real_state()
     save_checkpoint(tmp_path / "checkpoint_last.pt", model, {}, meta={"step": 3})
@@ -1150,7 +1124,6 @@ def test_truncate_log_drops_later_records_and_torn_lines(tmp_path):
 
 def test_the_final_file_is_written_again_when_steps_were_run(tmp_path):
     """A finished run resumed with a longer schedule writes its new final model."""
-    from mpvss_ros.checkpoints import read_checkpoint
 
     model = torch.nn.Linear(2, 2)
     trainer.save_final_checkpoint(tmp_path, model, {}, {"step": 2}, 2)
