@@ -242,7 +242,6 @@ def camvid_val_dirs() -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def lite_checkpoint(tmp_path_factory) -> Path:
     """A small mpvss_ros checkpoint: seeded lite model, ImageNet backbone if the file exists."""
-    import torch
 
     from mpvss_ros.checkpoints import save_checkpoint
     from mpvss_ros.config import load_model_config

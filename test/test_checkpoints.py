@@ -352,7 +352,6 @@ def test_a_truncated_download_is_not_called_a_foreign_file(tmp_path):
 
 def test_an_unpickling_error_without_a_message_is_still_one_checkpoint_error(tmp_path, monkeypatch):
     """The error line takes the message's first line; an empty message raised IndexError instead."""
-    import pickle
 
     import mpvss_ros.checkpoints as checkpoints
 

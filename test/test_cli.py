@@ -363,7 +363,6 @@ def test_segment_stopped_mid_run_says_what_it_left(tmp_path, capsys, caplog, mon
     # Ctrl-C said only "interrupted"; SIGTERM killed the process: frames.jsonl empty (its buffer
     # lost) beside the labels already written, overlay.mp4 without its index, no line at all
     import os
-    import signal
 
     from mpvss_ros.segmenter import VideoSegmenter
 
@@ -535,7 +534,6 @@ def test_threads_zero_leaves_torch_threads_as_they_are(tiny_folder, tmp_path, ca
 
 def test_train_threads_zero_reaches_the_trainer(tmp_path, capsys, monkeypatch):
     import mpvss_ros.training.trainer as trainer
-    from types import SimpleNamespace
 
     seen = []
 
@@ -554,7 +552,6 @@ def test_train_result_line_is_json_without_steps_run(tmp_path, capsys, monkeypat
     """--resume of a finished run runs no step: its median step time is NaN, printed as null
     (strict JSON), not NaN."""
     import mpvss_ros.training.trainer as trainer
-    from types import SimpleNamespace
 
     monkeypatch.setattr(trainer, "train_segmentor", lambda opts: SimpleNamespace(
         step=4, finished=True, checkpoint=tmp_path / "m.pt", sec_per_step_median=float("nan"), val=[]))

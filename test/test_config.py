@@ -245,7 +245,6 @@ def test_input_interpolation_and_canvas_orientation_are_checked_and_stored_only_
     """The official models resize as detectron2 (Pillow's bilinear, the canvas turned to the
     frame's orientation), mpvss_lite as it trained (OpenCV's area, a fixed canvas). A file's
     configuration keeps the form of before for the defaults, and an official one round-trips."""
-    from mpvss_ros.config import ConfigError, load_model_config, model_config_from_dict
 
     for name in ("mpvss_r50", "mpvss_r101", "mpvss_swin_tiny", "mpvss_swin_large", "mask2former_r50_cityscapes"):
         cfg = load_model_config(name)

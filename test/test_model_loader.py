@@ -64,11 +64,7 @@ def test_explicit_devices_are_kept_and_bad_ones_named():
 def test_model_that_contradicts_the_stored_configuration_says_so_first(lite_checkpoint, tmp_path):
     """--model naming another architecture than the one a project checkpoint stores: the first
     line names the stored one and what to do, before the key list (fresh-user review)."""
-    import yaml
 
-    from mpvss_ros.checkpoints import CheckpointError
-    from mpvss_ros.model_loader import load_model
-    from mpvss_ros.paths import find_data
 
     doc = yaml.safe_load(find_data("config/models/mpvss_lite.yaml").read_text())
     doc["name"] = "lite_q16"
@@ -230,7 +226,6 @@ def test_weights_without_motion_load_only_for_a_run_that_needs_none(per_frame_fi
     motion_trained is False, and query flow refuses the model while optical flow and copy run."""
     import numpy as np
 
-    from mpvss_ros.checkpoints import CheckpointError
     from mpvss_ros.propagation import build_propagator
     from mpvss_ros.runtime.torch_backend import TorchBackend
     from mpvss_ros.scheduling import FixedIntervalScheduler
@@ -398,7 +393,6 @@ def test_a_stage_1_file_runs_query_flow_only_with_a_trained_motion_module(tmp_pa
     meaning, no warning). Its meta says so, and load_model treats it as a per-frame checkpoint.
     A stage-1 file from before the meta said so runs as it did, with a warning."""
     from mpvss_ros.checkpoints import CheckpointError, motion_module_trained, read_checkpoint, save_checkpoint
-    from mpvss_ros.config import load_model_config
     from mpvss_ros.nn.mpvss import MPVSS
     from mpvss_ros.propagation import build_propagator
 
@@ -424,7 +418,6 @@ def test_a_stage_1_file_runs_query_flow_only_with_a_trained_motion_module(tmp_pa
 
 
 def test_load_backend_loads_weights_without_motion_when_told(per_frame_file):
-    from mpvss_ros.checkpoints import CheckpointError
     from mpvss_ros.runtime import load_backend
 
     with pytest.raises(CheckpointError, match="without a motion module"):

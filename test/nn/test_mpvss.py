@@ -288,8 +288,6 @@ def test_min_query_score_outside_zero_one_is_a_config_error(bad):
 
 
 def test_key_frame_state_padding_filled_with_the_valid_edge():
-    from mpvss_ros.nn.mpvss import KeyFrameState
-
     g = torch.Generator().manual_seed(0)
     masks = torch.randn((1, 3, 12, 16), generator=g)
     image = torch.zeros(1, 3, 48, 64)

@@ -177,7 +177,6 @@ def test_composed_mmtrack_flows_sample_where_the_links_do(hf, wf):
     in turn do (up to resampling). Composed as exact flows, the mmtrack shift was added once per
     link: 2.9 mask pixels after 4 identity links. With other ratios in y and x the y component
     is still scaled by w / wf (as mmtrack's), which the conversion to exact flows must follow."""
-    from mpvss_ros.nn.warp import compose_flows
 
     h, w = 60, 108
     columns = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w).expand(1, 1, h, w).contiguous()

@@ -255,7 +255,6 @@ def test_autoware_mask_output(ts, tmp_path, band_loaded, capsys):
     """--autoware-mask: NS/autoware_mask, the labels as Autoware class IDs run-length encoded
     (5-byte runs), with each input's header and bag time, as the node's publish_autoware_mask.
     Gradient frames, so that it runs without the shared data (the band model labels brightness)."""
-    from mpvss_ros.cli import main
     from mpvss_ros.ros.conversions import AUTOWARE_CLASSES
 
     yy, xx = np.mgrid[0:60, 0:80]
@@ -682,8 +681,6 @@ def test_frames_above_the_pixel_limit_are_skipped_and_the_limit_can_be_lifted(ts
 @pytest.mark.parametrize("bad, flag", [({"max_frames": 0}, "--max-frames"), ({"max_image_pixels": -1}, "None: no limit; --max-image-pixels 0"),
                                        ({"alpha": 1.5}, "--alpha"), ({"alpha": float("nan")}, "--alpha")])
 def test_offline_options_refuse_bad_limits_when_made(bad, flag):
-    from mpvss_ros.offline import SegmentOptions
-
     with pytest.raises(ValueError, match=f"\\({flag}\\)"):
         BagOptions(**bad)
     if "alpha" not in bad:
@@ -967,9 +964,7 @@ def test_a_humble_sqlite3_bag_gets_output_humble_can_read(ts, tmp_path, band_loa
 def test_a_topic_whose_type_has_no_definition_is_refused_by_name(tmp_path):
     """A custom type in a bag that stores no definitions cannot be written into a new bag; a
     ROS 2 Humble type there gets Humble's definition."""
-    from types import SimpleNamespace
 
-    from rosbags.typesys import Stores, get_typestore
 
     from mpvss_ros.ros.bag import _copy_connection
 
@@ -1007,7 +1002,6 @@ def test_copies_keep_the_bags_own_definitions_without_hashes_and_in_idl(ts, tmp_
     a Jazzy Range (which has `variance`) was copied with Humble's definition, so the output could
     not decode its own messages, and a custom IDL type was refused."""
     from rosbags.highlevel import AnyReader
-    from rosbags.typesys import Stores, get_types_from_idl, get_typestore
 
     # (a) Humble MCAP: metadata rewritten as Humble's rosbag2 writes it (version 5, no hashes)
     small = np.zeros((8, 8, 3), np.uint8)
@@ -1109,7 +1103,6 @@ def test_copied_connections_keep_their_own_qos_and_empty_topics_are_counted(ts, 
 @pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
 def test_a_full_disk_is_one_error_line_and_leaves_no_output(ts, tmp_path, capsys, monkeypatch, storage):
     """sqlite3's "database or disk is full" is no OSError: it ended mpvss bag with a traceback."""
-    import errno
     import sqlite3
 
     from helpers import error_line

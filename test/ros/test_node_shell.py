@@ -808,7 +808,6 @@ def test_shutdown_during_a_frame_longer_than_the_wait_ends_the_process_with_its_
     """Ctrl-C while the worker is in a frame longer than the node's wait for it: main returned 0,
     then the interpreter exited under the daemon worker thread inside torch and the process
     aborted (exit status 134, "terminate called without an active exception")."""
-    import os
     import subprocess
     import sys
     from pathlib import Path

@@ -589,7 +589,6 @@ def test_image_size_is_empty_or_height_and_width(bad):
 @pytest.mark.parametrize("script", ["mpvss_node", "mpvss_lifecycle_node"])
 def test_node_launchers_without_ros_say_so_in_one_line(script):
     """Run outside a sourced ROS 2 shell, the launchers exit 1 with one line, not a traceback."""
-    import importlib.util
     import subprocess
 
     if importlib.util.find_spec("rclpy") is not None:

@@ -129,8 +129,6 @@ def test_bench_keep_canvas_thin_letterbox_is_a_row_for_fixed_shape_backends(tmp_
 
 
 def test_bench_unavailable_backend_is_a_row(tmp_path, capsys, monkeypatch):
-    from mpvss_ros.runtime import backend_missing
-
     if backend_missing("tensorrt") is None:
         pytest.skip("TensorRT is available here")
     monkeypatch.setenv("MPVSS_CACHE_DIR", str(tmp_path / "cache"))
@@ -163,8 +161,6 @@ def test_the_reasons_a_bench_row_shows_name_no_flag(backend, device, precision):
 
 
 def test_bench_row_for_cuda_without_a_gpu_names_no_device_flag(tmp_path, capsys, monkeypatch):
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is available here")
     _, result = _bench(tmp_path, capsys, monkeypatch, "--sizes", "64x64", "--backends", "torch:cuda",
@@ -177,7 +173,6 @@ def test_the_non_key_frame_is_timed_from_the_state_push_keeps(monkeypatch):
     """The non-key latency runs what VideoSegmenter.push runs: the key frame's active queries with
     its padding filled (it timed all N queries, 10-20 % more on the torch backend)."""
     from mpvss_ros.model_loader import load_model
-    from mpvss_ros.runtime.bench import BenchOptions, _bench_one
     from mpvss_ros.runtime.torch_backend import TorchBackend
     from mpvss_ros.segmenter import VideoSegmenter
 
@@ -197,7 +192,6 @@ def test_the_non_key_frame_is_timed_from_the_state_push_keeps(monkeypatch):
 def test_bench_times_weights_without_a_trained_motion_module_and_says_so(tmp_path, capsys, monkeypatch):
     """Latency does not depend on the weights: a per-frame (or stage-1) file is timed like any
     other, the query-flow columns running its untrained motion module, and the weights line says so."""
-    import torch
 
     from mpvss_ros.config import load_model_config
     from mpvss_ros.nn.mpvss import MPVSS

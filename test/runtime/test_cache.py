@@ -291,7 +291,6 @@ def test_concurrent_exports_of_one_entry_export_once(tmp_path, monkeypatch):
     import threading
 
     import mpvss_ros.runtime.export as export
-    from mpvss_ros.model_loader import load_model
 
     model = load_model("mpvss_lite").model
     real_export = export.export_onnx

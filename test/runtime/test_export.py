@@ -509,7 +509,6 @@ def test_export_leaves_the_model_in_eval_mode_and_unchanged(lite, tmp_path):
 def test_sessions_do_not_spin(lite_small):
     """onnxruntime workers must not spin-wait between runs: the same cores run torch
     post-processing right after every run (and, on a robot, other nodes)."""
-    from mpvss_ros.runtime.onnx_backend import make_session
 
     sess = make_session(lite_small.non_key_frame, threads=2)
     assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -842,7 +841,6 @@ def test_a_damaged_graph_without_a_recorded_sha256_is_one_error_line(lite_small,
     """A contract need not record the graphs' sha256 (a model of one's own): a truncated graph then
     escaped protobuf's DecodeError or onnxruntime's InvalidProtobuf (no RuntimeError, no ValueError:
     the node's start-up did not catch it) instead of one line naming the folder."""
-    from mpvss_ros.runtime import load_backend
 
     def no_sha256(contract):
         for g in contract["graphs"].values():
@@ -861,7 +859,6 @@ def test_load_backend_checks_the_contract_and_takes_an_export_folder_as_loaded(l
     graphs of 11 segmented silently); a contract's weights and trained must have their types; the
     LoadedModel of load_exported runs without naming its folder again (an AttributeError before)."""
     from mpvss_ros.model_loader import load_exported
-    from mpvss_ros.runtime import load_backend
 
     def copy(name, edit):
         return _edited_copy(lite_small.out_dir, tmp_path / name, edit)
@@ -881,7 +878,6 @@ def test_load_backend_checks_the_contract_and_takes_an_export_folder_as_loaded(l
 def test_a_model_name_with_a_slash_is_one_cache_entry(tmp_path):
     """The entry's folder is named after the model: `lab/lite` nested it (the cache took `lab` for
     the entry, and a prune removed it right after it was reused); `..` could leave the cache."""
-    import dataclasses
 
     model = load_model("mpvss_lite").model
     model.cfg = dataclasses.replace(model.cfg, name="../lab/lite")
@@ -1202,9 +1198,6 @@ def test_export_records_parity_and_fails_when_it_fails(fake_export, tmp_path, ca
 
 
 def test_export_of_weights_without_a_motion_module_says_so(fake_export, tmp_path, capsys):
-    import torch
-
-    from mpvss_ros.config import load_model_config
     from mpvss_ros.nn.mpvss import MPVSS
     from mpvss_ros.runtime.commands import NO_MOTION_EXPORT_NOTE
 

@@ -220,8 +220,6 @@ def test_train_motion_starts_from_a_per_frame_mask2former_checkpoint(needs_data,
     keys, detectron2's ``{"model": ...}``): the segmentor loads from it, the motion module keeps the
     seeded initialisation (lr 0: nothing moves after). A file with part of a motion module is
     refused with the missing keys."""
-    from mpvss_ros.config import load_model_config
-    from mpvss_ros.nn.mpvss import MPVSS
 
     segmentor = {k: v for k, v in read_state_dict(lite_checkpoint).items() if not k.startswith("motion.")}
     per_frame = tmp_path / "mask2former_model_final.pth"
@@ -584,8 +582,6 @@ def test_resume_of_the_other_stages_run_is_refused_before_any_work(tmp_path, mon
     # a stage-1 folder resumed by `train motion` (or the reverse) used to fail only when the optimizer
     # state did not fit ("were the trainable parameters changed?"), after the pseudo-labelling
     from mpvss_ros.checkpoints import save_checkpoint
-    from mpvss_ros.config import load_model_config
-    from mpvss_ros.nn.mpvss import MPVSS
     from mpvss_ros.training import motion_trainer, trainer
 
     cfg = load_model_config("mpvss_lite")
@@ -621,9 +617,7 @@ def test_a_corrupt_camvid_frame_is_refused_before_the_pseudo_labelling(needs_dat
                                                                        monkeypatch):
     """Stage 2 read its CamVid pairs when first drawn: a truncated PNG ended the run hours in. Every
     training frame is now decoded before the clips are pseudo-labelled and the run folder is made."""
-    import shutil
 
-    from mpvss_ros.io.samples import camvid_annot_dir, camvid_dir
 
     names = ["0001TP_006690.png", "0001TP_006720.png", "0016E5_06390.png"]
     img, ann = tmp_path / "train", tmp_path / "trainannot"
@@ -646,7 +640,6 @@ def test_train_motion_refuses_a_bad_stored_config_as_load_model_does(tmp_path):
     """Stage 2 resolves --init-checkpoint's configuration with load_model's rules
     (checkpoint_model_config): a stored configuration that is not valid is the file's fault, a
     CheckpointError (exit status 1) naming it, in both."""
-    from mpvss_ros.checkpoints import CheckpointError
 
     bad = tmp_path / "bad_config.pt"
     torch.save({"format": "mpvss_ros", "version": 1, "model_config": {"name": "x", "num_classes": -3},

@@ -57,8 +57,6 @@ def test_lr_schedule():
 
 
 def test_cli_arguments_round_trip(tmp_path):
-    import argparse
-
     p = argparse.ArgumentParser()
     add_train_arguments(p)
     opts = options_from_args(p.parse_args(["--run-dir", str(tmp_path), "--crop", "96", "128", "--matcher", "fixed"]))
@@ -276,7 +274,6 @@ def test_cuda_steps_reduce_the_loss_resume_and_load_on_cpu(tmp_path):
 def test_ctrl_c_inside_a_step_saves_that_step_complete_and_resumes_exactly(straight_run, tmp_path, monkeypatch):
     # SIGINT arrives after the optimizer has stepped but before the step is counted: the old
     # handler saved "step 4" with step 5's weights, and the resumed run trained step 5 twice
-    import signal
 
     _, straight = straight_run
     real_step = torch.optim.AdamW.step
