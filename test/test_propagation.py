@@ -283,7 +283,7 @@ def test_optical_flow_greys_each_new_key_frame(band_model, chain_flow):
     torch.testing.assert_close(prop.propagate(key_b, current), fresh, atol=0, rtol=0)
 
 
-# --------------------------------------------------------------- from the mutation pass of stop 47
+# ------------------------------------------------------------------ details: the motion flag, active queries, DIS presets, grey images, flow pooling
 
 def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
     """Smooth grey texture (h, w) uint8 that optical flow can track."""

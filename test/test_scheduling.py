@@ -591,8 +591,6 @@ def test_stamp_gaps_a_frame_consumes_a_gap_iff_one_came_since_the_last_frame_seg
             last_segmented, in_flight = in_flight, None
 
 
-# --------------------------------------------------------------- from the mutation pass of stop 47
-
 # ---------------------------------------------------------------- SceneScorer
 
 

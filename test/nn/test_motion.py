@@ -441,7 +441,7 @@ def test_trace_matches_eager_without_control_flow_warnings(lite: MotionModule) -
 
 # Each block or stage below against its formula (spec docs/mpvss_architecture.md), written with
 # torch.nn.functional and the module's own weights: a wrong level, a dropped position embedding or
-# activation changes the values (stop 49's mutation pass).
+# activation changes the values.
 
 def _cfg(**overrides) -> MotionConfig:
     kw = dict(encoder_channels=[32, 64, 96, 128, 128, 192], deconv_channels=[64, 64, 64, 32], hidden_dim=128,

@@ -323,7 +323,7 @@ def test_query_flows_tell_the_motion_module_the_valid_size():
     assert not torch.allclose(valid, unmasked, atol=1e-4)
 
 
-# The warp of propagate follows the configured normalisation (stop 49's mutation pass).
+# The warp of propagate follows the configured normalisation.
 
 def test_propagate_warps_with_the_configured_normalisation():
     """Official checkpoints are configured with ``warp_normalization: mmtrack``: propagate must warp

@@ -419,7 +419,7 @@ def test_onnx_export_matches_pytorch() -> None:
 
 # Each block or stage below against its formula (spec docs/mpvss_architecture.md), written with
 # torch.nn.functional and the module's own weights: a wrong level, a dropped position embedding or
-# activation changes the values (stop 49's mutation pass).
+# activation changes the values.
 
 SMALL = dict(conv_dim=32, mask_dim=16, num_layers=1, num_heads=4, ffn_dim=64, num_groups=8)
 CH = {"res2": 8, "res3": 12, "res4": 16, "res5": 20}

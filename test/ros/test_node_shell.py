@@ -571,7 +571,7 @@ def test_main_exit_status(node_module, monkeypatch):
     assert runtime.spin_timeouts == [node_py._SPIN_WAIT_S] and 0 < node_py._SPIN_WAIT_S <= 1.0
 
 
-# Wiring the tests above leave unchecked (stop 49's mutation pass of node.py).
+# Wiring the tests above leave unchecked.
 
 # -- input subscription: what the input_* parameters decide ------------------------------------
 

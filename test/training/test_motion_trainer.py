@@ -651,8 +651,7 @@ def test_train_motion_refuses_a_bad_stored_config_as_load_model_does(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# Chained flows, the flow term, pseudo-labels, quick validation and the loop's options (stop 49's
-# mutation pass of motion_trainer.py).
+# Chained flows, the flow term, pseudo-labels, quick validation and the loop's options.
 
 # -- _chained_flows (fake motion module)
 
