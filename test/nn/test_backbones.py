@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,13 @@ from mpvss_ros.nn.backbones import (
     BasicStem,
     BottleneckBlock,
     Conv2dNorm,
+    InvertedResidual,
     MobileNetV2,
     ResNet,
     build_backbone,
     load_imagenet_weights,
 )
+from mpvss_ros.nn.swin import SwinTransformer
 
 H, W = 64, 96
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -108,6 +111,22 @@ def test_resnet_stride_in_3x3(r50: ResNet) -> None:
     assert r50.res2[0].conv2.stride == (1, 1)
 
 
+def test_a_strided_bottleneck_keeping_its_channels_has_a_strided_shortcut():
+    """The 1x1 shortcut exists whenever the stride changes, not only the channels."""
+    block = BottleneckBlock(32, 32, 8, stride=2).eval()
+    assert block.shortcut is not None and block.shortcut.stride == (2, 2)
+    with torch.no_grad():
+        assert block(torch.randn(1, 32, 8, 8)).shape == (1, 32, 4, 4)
+
+
+def test_stem_conv_has_msra_fan_out_init():
+    """detectron2's c2_msra_fill: Kaiming normal over fan_out, std sqrt(2 / (64 * 7 * 7)) for the
+    stem (fan_in would give sqrt(2 / (3 * 7 * 7)), 4.6 times larger)."""
+    torch.manual_seed(0)
+    std = float(BasicStem().conv1.weight.detach().std())
+    assert std == pytest.approx(math.sqrt(2 / (64 * 49)), rel=0.1)
+
+
 def test_resnet101_builds() -> None:
     torch.manual_seed(0)
     model = ResNet(101).eval()
@@ -136,6 +155,16 @@ def test_mobilenetv2_shapes() -> None:
     expected = [f, f, t, f, t, t, f, t, t, t, f, t, t, f, t, t, f]
     assert flags == expected
     assert round(_n_params(model) / 1e6, 3) == 2.224
+
+
+def test_inverted_residual_stride_and_residual_rules():
+    """Stride 1 or 2 only; the input is added only with stride 1 and equal channels."""
+    with pytest.raises(ValueError, match="stride"):
+        InvertedResidual(8, 8, 3, 6)
+    block = InvertedResidual(16, 16, 2, 6).eval()
+    assert not block.use_res_connect
+    with torch.no_grad():
+        assert block(torch.randn(1, 16, 8, 8)).shape == (1, 16, 4, 4)
 
 
 def test_mobilenetv2_layout_keys() -> None:
@@ -193,6 +222,21 @@ def test_load_imagenet_weights_errors(tmp_path: Path) -> None:
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="state dict"):
         load_imagenet_weights(model, tmp_path / "list.pt")
+    torch.save({k: 0 for k in sd}, tmp_path / "ints.pt")  # the model's keys, but not tensors
+    with pytest.raises(ValueError, match="state dict"):
+        load_imagenet_weights(model, tmp_path / "ints.pt")
+    with pytest.raises(FileNotFoundError):  # a directory is not a weights file
+        load_imagenet_weights(model, tmp_path)
+    # Each mismatch alone is a ValueError that names the key (not load_state_dict's RuntimeError).
+    alone = {
+        "features.3.conv.1.weight": {k: v for k, v in sd.items() if k != "features.3.conv.1.weight"},
+        "features.99.weight": {**sd, "features.99.weight": torch.zeros(1)},
+        "features.18.0.weight": {**sd, "features.18.0.weight": torch.zeros(10, 320, 1, 1)},
+    }
+    for i, (key, state) in enumerate(alone.items()):
+        torch.save(state, tmp_path / f"alone{i}.pt")
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            load_imagenet_weights(model, tmp_path / f"alone{i}.pt")
 
 
 def test_build_backbone() -> None:
@@ -203,20 +247,35 @@ def test_build_backbone() -> None:
         build_backbone(BackboneConfig(type="vgg"))
     with pytest.raises(ValueError):
         build_backbone(BackboneConfig(type="resnet", depth=18))
+    # swin takes its width, window, MLP ratio and stochastic-depth rate from the config.
+    swin = build_backbone(BackboneConfig(type="swin", embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8],
+                                         window_size=4, mlp_ratio=2.0, drop_path_rate=0.1))
+    assert isinstance(swin, SwinTransformer)
+    assert swin.out_channels == {"res2": 32, "res3": 64, "res4": 128, "res5": 256}
+    blocks = [b for stage in swin.layers for b in stage.blocks]
+    assert {b.window_size for b in blocks} == {4}
+    assert blocks[0].mlp.fc1.out_features == 64
+    assert blocks[-1].drop_path == pytest.approx(0.1)
 
 
 # Each block or stage below against its formula (spec docs/mpvss_architecture.md), written with
 # torch.nn.functional and the module's own weights: a wrong level, a dropped position embedding or
 # activation changes the values (stop 49's mutation pass).
 
-def _randomise_bn(module: nn.Module, seed: int = 0) -> None:
+def _randomise_bn(module: nn.Module, seed: int = 0, bias_scale: float = 1.0) -> None:
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
             m.weight.data.copy_(torch.randn(m.weight.shape, generator=g))
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g))
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * bias_scale)
+
+
+def _conv_bn_formula(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """A bias-free convolution and an eval-mode BatchNorm, with torch.nn.functional."""
+    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, groups=conv.groups)
+    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
 def test_bottleneck_ends_in_relu_of_the_sum():
@@ -253,20 +312,41 @@ def test_conv2d_norm_relu_flag():
         got = conv(x)
     assert (raw < 0).any()
     torch.testing.assert_close(got, F.relu(raw))
+    # With a norm: relu(norm(conv(x))), the norm before the ReLU, the convolution with its groups.
+    normed = Conv2dNorm(4, 6, 3, padding=1, groups=2, norm=nn.BatchNorm2d(6), relu=True).eval()
+    _randomise_bn(normed)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        pre = _conv_bn_formula(x, normed, normed.norm)
+        got = normed(x)
+    assert (pre < 0).any()
+    torch.testing.assert_close(got, F.relu(pre))
 
 
 def test_mobilenet_outputs_are_taken_after_blocks_3_6_13_18_and_residuals_are_added():
+    """Every stage written out as conv + BN pairs with ReLU6 after each pair, except the last pair
+    of an inverted residual (linear bottleneck); BN biases large enough that ReLU6 clips at 6."""
     torch.manual_seed(0)
     model = MobileNetV2().eval()
-    _randomise_bn(model)
+    _randomise_bn(model, bias_scale=8.0)
     x = torch.randn(1, 3, 64, 64)
+    clipped = []
     with torch.no_grad():
         out = model(x)
         y, ref = x, {}
         for idx, layer in enumerate(model.features):
-            body = layer.conv(y) if hasattr(layer, "conv") else layer(y)
+            block = hasattr(layer, "conv")
+            mods = list(layer.conv if block else layer)
+            pairs = [(c, b) for c, b in zip(mods, mods[1:]) if isinstance(c, nn.Conv2d)]
+            body = y
+            for j, (conv, bn) in enumerate(pairs):
+                body = _conv_bn_formula(body, conv, bn)
+                if not block or j < len(pairs) - 1:
+                    clipped.append(bool((body > 6).any()))
+                    body = F.relu6(body)
             y = y + body if getattr(layer, "use_res_connect", False) else body
             if idx in (3, 6, 13, 18):
                 ref[idx] = y
+    assert clipped[0] and clipped[-1] and sum(clipped) > len(clipped) // 2
     for name, idx in (("res2", 3), ("res3", 6), ("res4", 13), ("res5", 18)):
         torch.testing.assert_close(out[name], ref[idx], rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,16 +11,20 @@ from helpers import reference_attention, reference_layer_norm
 from mpvss_ros.nn.layers import MLP, ConvAct, CrossAttentionLayer, FFNLayer, PositionEmbeddingSine, SelfAttentionLayer
 
 
-def _reference(num_pos_feats: int, h: int, w: int) -> torch.Tensor:
-    """DETR's normalised sine embedding written out per position: (2F, h, w)."""
+def _reference(num_pos_feats: int, h: int, w: int, temperature: float = 10000.0,
+               normalize: bool = True) -> torch.Tensor:
+    """DETR's sine embedding written out per position: (2F, h, w); positions 1-based, normalised
+    to (0, 2 pi] unless ``normalize`` is False."""
     out = torch.empty(2 * num_pos_feats, h, w, dtype=torch.float64)
     for i in range(num_pos_feats):
-        dim_t = 10000.0 ** (2 * (i // 2) / num_pos_feats)
+        dim_t = temperature ** (2 * (i // 2) / num_pos_feats)
         trig = math.sin if i % 2 == 0 else math.cos
         for y in range(h):
             for x in range(w):
-                out[i, y, x] = trig((y + 1) / (h + 1e-6) * 2 * math.pi / dim_t)
-                out[num_pos_feats + i, y, x] = trig((x + 1) / (w + 1e-6) * 2 * math.pi / dim_t)
+                py = (y + 1) / (h + 1e-6) * 2 * math.pi if normalize else y + 1
+                px = (x + 1) / (w + 1e-6) * 2 * math.pi if normalize else x + 1
+                out[i, y, x] = trig(py / dim_t)
+                out[num_pos_feats + i, y, x] = trig(px / dim_t)
     return out.float()
 
 
@@ -29,6 +34,11 @@ def test_values_follow_the_detr_formula() -> None:
     assert got.shape == (2, 8, 5, 7) and got.dtype == torch.float32
     torch.testing.assert_close(got[0], _reference(4, 5, 7), atol=1e-6, rtol=0)
     torch.testing.assert_close(got[1], got[0])
+    # The temperature argument, and raw (unnormalised) positions with normalize=False.
+    got = PositionEmbeddingSine(4, temperature=20.0)(torch.zeros(1, 1, 3, 5))
+    torch.testing.assert_close(got[0], _reference(4, 3, 5, temperature=20.0), atol=1e-6, rtol=0)
+    got = PositionEmbeddingSine(4, normalize=False)(torch.zeros(1, 1, 3, 5))
+    torch.testing.assert_close(got[0], _reference(4, 3, 5, normalize=False), atol=1e-6, rtol=0)
 
 
 def test_cache_returns_the_same_values_per_size_and_stays_bounded() -> None:
@@ -38,9 +48,15 @@ def test_cache_returns_the_same_values_per_size_and_stays_bounded() -> None:
     again = pe(torch.zeros(1, 5, 6, 4))
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     torch.testing.assert_close(other[2], pe._embed(1, 4, 6, torch.device("cpu"))[0], atol=0, rtol=0)
+    wider = pe(torch.zeros(1, 1, 6, 9))  # the same height as ``first``: its own entry
+    assert wider.shape == (1, 16, 6, 9)
+    torch.testing.assert_close(wider[0], _reference(8, 6, 9), atol=1e-6, rtol=0)
+    held = []
     for n in range(PositionEmbeddingSine.cache_size + 3):
         pe(torch.zeros(1, 1, 2, n + 1))
+        held.append(len(pe._cache))
     assert 1 <= len(pe._cache) <= PositionEmbeddingSine.cache_size
+    assert max(held) == PositionEmbeddingSine.cache_size  # never one size more
 
 
 def test_an_embedding_cached_under_inference_mode_serves_training() -> None:
@@ -74,6 +90,8 @@ def test_mlp_has_no_activation_after_its_last_layer():
         ref = F.linear(F.relu(F.linear(F.relu(F.linear(x, l0.weight, l0.bias)), l1.weight, l1.bias)), l2.weight, l2.bias)
     torch.testing.assert_close(got, ref)
     assert (got < 0).any()
+    with pytest.raises(ValueError, match="num_layers"):
+        MLP(8, 16, 4, 0)
 
 
 def test_self_attention_adds_positions_to_queries_and_keys_only():
@@ -109,6 +127,18 @@ def test_ffn_is_post_norm_with_a_residual():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_and_ffn_layers_default_to_no_dropout():
+    """Dropout defaults to 0.0, as at MPVSS inference: train mode gives the eval-mode values."""
+    torch.manual_seed(0)
+    tgt, mem = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    for layer, args in ((SelfAttentionLayer(16, 4), (tgt,)), (CrossAttentionLayer(16, 4), (tgt, mem)),
+                        (FFNLayer(16, 64), (tgt,))):
+        with torch.no_grad():
+            trained = layer.train()(*args)
+            evaluated = layer.eval()(*args)
+        torch.testing.assert_close(trained, evaluated)
+
+
 def test_conv_act_applies_its_leaky_slope():
     torch.manual_seed(0)
     layer = ConvAct(3, 4, 3, negative_slope=0.1)
@@ -118,3 +148,19 @@ def test_conv_act_applies_its_leaky_slope():
         got = layer(x)
     assert (raw < 0).any()
     torch.testing.assert_close(got, torch.where(raw > 0, raw, 0.1 * raw))
+
+
+def test_conv_act_bias_transposed_and_activation_options():
+    """bias=False has no bias, transposed=True is a ConvTranspose2d (weight (in, out, k, k)),
+    negative_slope=None is no activation and 0.0 a ReLU."""
+    torch.manual_seed(0)
+    layer = ConvAct(3, 5, 4, stride=2, padding=1, bias=False, transposed=True, negative_slope=None)
+    assert layer.conv.bias is None and tuple(layer.conv.weight.shape) == (3, 5, 4, 4)
+    x = torch.randn(1, 3, 6, 6)
+    relu = ConvAct(3, 4, 3, negative_slope=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.conv_transpose2d(x, layer.conv.weight, None, stride=2, padding=1))
+        raw = F.conv2d(x, relu.conv.weight, relu.conv.bias, padding=1)
+        got = relu(x)
+    assert (raw < 0).any()
+    torch.testing.assert_close(got, F.relu(raw))

@@ -63,6 +63,17 @@ def test_each_mask_uses_its_own_flow():
     torch.testing.assert_close(out[0, 1, 7:-4, 4:-4], key[0, 1, 4:-7, 4:-4], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("normalization", ["exact", "mmtrack"])
+def test_each_sample_of_a_batch_uses_its_own_flows(normalization):
+    """A batch of two with per-mask flows warps each sample's masks with that sample's flows."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randn(2, 3, 12, 16, generator=g)
+    flows = torch.randn(2, 3, 2, 6, 8, generator=g) * 2
+    got = warp_mask_logits(masks, flows, normalization)
+    for i in range(2):
+        torch.testing.assert_close(got[i:i + 1], warp_mask_logits(masks[i:i + 1], flows[i:i + 1], normalization))
+
+
 def test_shared_flow_equals_repeated_flow():
     key = torch.randn(1, 6, 24, 32)
     flow = torch.randn(1, 1, 2, 12, 16)
@@ -145,6 +156,11 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError):
         warp_mask_logits(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 3, 4, 4))
     assert math.isfinite(warp_mask_logits(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 2, 1, 1)).item())
+    flow = torch.zeros(1, 1, 2, 4, 4)
+    with pytest.raises(ValueError, match="normalization"):
+        compose_flows(flow, flow, "bogus")
+    with pytest.raises(ValueError, match="expected flows"):  # a step flow without 2 channels
+        compose_flows(flow, torch.zeros(1, 1, 3, 4, 4))
 
 
 @pytest.mark.parametrize("normalization", ["exact", "mmtrack"])
@@ -159,6 +175,9 @@ def test_non_finite_flow_gives_non_finite_masks(normalization, bad):
     assert torch.isfinite(warp_mask_logits(masks, torch.zeros(1, 3, 2, 4, 4), normalization)).all()
     huge = torch.full((1, 3, 2, 4, 4), 3e37)  # finite, but its sum overflows float32: still finite masks
     assert torch.isfinite(warp_mask_logits(masks, huge, normalization)).all()
+    batch = torch.zeros(2, 3, 2, 4, 4)  # a non-finite value in the second sample's flows
+    batch[1, 2, 1, 0, 0] = bad
+    assert not torch.isfinite(warp_mask_logits(torch.randn(2, 3, 8, 8), batch, normalization)).any()
 
 
 def _mmtrack_identity_flow(h: int, w: int, hf: int, wf: int) -> torch.Tensor:
