@@ -513,7 +513,7 @@ class VideoSegmenter:
 
         Raises:
             FrameError: on a frame that is not (H, W, 3) uint8 with H, W >= 1, or a stamp that is
-                not a finite number (state untouched).
+                not a finite real number of seconds, or is a bool (state untouched).
             NonFiniteOutputError: NaN or infinite logits from the model or the propagation
                 (labels from them would all be class 0); the segmenter is reset, so the next
                 frame is a key frame.
@@ -526,7 +526,8 @@ class VideoSegmenter:
         t0 = time.perf_counter()
         image = check_frame(image)
         try:
-            if not isinstance(stamp, numbers.Real):  # no strings, arrays or None
+            # no strings, arrays or None; no bools (True would be a stamp of 1 s: a caller's mistake)
+            if not isinstance(stamp, numbers.Real) or isinstance(stamp, (bool, np.bool_)):
                 raise TypeError
             stamp = float(stamp)
         except (TypeError, OverflowError):

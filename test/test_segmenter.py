@@ -20,12 +20,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
 from hypothesis import strategies as st
 
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import KeyFrameState
 from mpvss_ros.propagation import (DIS_PRESETS, CopyPropagator, OpticalFlowPropagator, QueryFlowPropagator, grid_hw,
                                    pool_flow)
+from mpvss_ros.runtime.export import replace_canvas
 from mpvss_ros.scheduling import AdaptiveScheduler, FixedIntervalScheduler, KeyFrameScheduler, ScheduleDecision, parse_schedule
 from mpvss_ros.segmenter import FrameError, Letterbox, SegmentationResult, VideoSegmenter, canvas_tensor, check_frame
 
@@ -1202,7 +1204,7 @@ def test_the_segmenter_runs_on_the_backends_device(lite):
     assert seg.device == torch.device("meta")
 
 
-@pytest.mark.parametrize("stamp", [np.array(0.5), b"0.5", bytearray(b"0.5")])
+@pytest.mark.parametrize("stamp", [np.array(0.5), b"0.5", bytearray(b"0.5"), True, np.bool_(False)])
 def test_stamps_that_are_not_real_numbers_are_refused(band_model, stamp):
     seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(2))
     with pytest.raises(FrameError, match="stamp must be a number of seconds"):
@@ -1226,3 +1228,194 @@ def test_the_finiteness_check_does_not_overflow_on_float16_logits():
     assert _all_finite(logits)
     logits[0, 0, 0, 0] = float("nan")
     assert not _all_finite(logits)
+
+
+# ------------------------------------------------------------------ property-based: random streams
+
+
+#: A small canvas keeps the fuzzed streams fast; frames are smaller and larger than it.
+_FUZZ_CANVAS = (64, 96)
+_FUZZ_SIZES = st.one_of(
+    st.sampled_from([(1, 1), (1, 7), (9, 1), (2, 150), (150, 2), (3, 3), (24, 32), (31, 45), (64, 96), (65, 97)]),
+    st.tuples(st.integers(1, 100), st.integers(1, 130)))
+#: Seconds from the previous frame's header stamp: equal, forward, backwards, past max_gap_s.
+_FUZZ_STEPS = st.sampled_from([0.04] * 6 + [0.0, 0.1, 0.5, -0.04, -3.0, 1.5, 1000.0])
+_FUZZ_SCHEDULERS = st.one_of(
+    st.builds(FixedIntervalScheduler, st.integers(1, 4), max_gap_s=st.sampled_from([1.0, 0.3, math.inf])),
+    st.integers(1, 5).flatmap(lambda top: st.builds(
+        AdaptiveScheduler, st.sampled_from([0.05, 0.5, 3.0]), st.integers(1, top), st.just(top),
+        max_gap_s=st.sampled_from([1.0, math.inf]), cut_threshold=st.sampled_from([0.1, 0.45, 5.0]))))
+_POLICY_REASONS = {"interval", "scene_cut", "scene_change", "max_interval"}
+
+
+def _bad_frame(kind: str, hw: tuple[int, int]) -> object:
+    """A frame check_frame must refuse with FrameError: wrong dtype, channel count, rank, an empty image, no array."""
+    good = _image(hw)
+    return {"float32": good.astype(np.float32), "uint16": good.astype(np.uint16), "int8": good.view(np.int8),
+            "bool": good > 127, "mono8": good[:, :, 0], "two_channels": good[:, :, :2],
+            "rgba": np.dstack([good, good[:, :, :1]]), "batch": good[None], "no_rows": good[:0],
+            "no_columns": good[:, :0], "list": good.tolist(), "tensor": torch.from_numpy(good), "none": None}[kind]
+
+
+def _layout(frame: np.ndarray, layout: str) -> np.ndarray:
+    """A valid frame in another memory layout: strided, Fortran-ordered, negative strides, read-only,
+    or broadcast (zero strides, read-only: every row the first row)."""
+    if layout == "flipped":
+        return np.flip(np.flip(frame, (0, 1)).copy(), (0, 1))
+    if layout == "broadcast":
+        return np.broadcast_to(frame[:1], frame.shape)
+    if layout == "strided":
+        wide = np.zeros((frame.shape[0], frame.shape[1] * 2, 3), np.uint8)
+        wide[:, ::2] = frame
+        return wide[:, ::2]
+    if layout == "fortran":
+        return np.asfortranarray(frame)
+    if layout == "read_only":
+        frame.setflags(write=False)
+    return frame
+
+
+class _SegmenterStream(RuleBasedStateMachine):
+    """A random stream of good and bad frames, resets and parameter swaps through one VideoSegmenter,
+    checked after every step against the documented key-frame rules (push, reset, replace, scheduling)."""
+
+    def __init__(self, models: dict) -> None:
+        super().__init__()
+        self.models = models
+
+    @initialize(model=st.sampled_from(["band", "lite"]), propagator=st.sampled_from(["copy", "optical_flow", "query_flow"]),
+                scheduler=_FUZZ_SCHEDULERS, class_masks=st.booleans())
+    def start(self, model, propagator, scheduler, class_masks):
+        self.model = self.models["lite" if propagator == "query_flow" else model]
+        self.seg = VideoSegmenter(self.model, self._propagator(propagator), scheduler, class_masks=class_masks)
+        self.scheduler, self.class_masks = scheduler, class_masks
+        self.index, self.pending, self.source = 0, "first", None
+        self.key_index, self.key_stamp, self.key_shape, self.key_result, self.since_key = -1, math.nan, None, None, 0
+        self.last_stamp = None  # the scheduler's previous header stamp (None after a reset)
+        self.stamp, self.hw = 0.0, (24, 32)
+
+    def _propagator(self, name: str):
+        return {"copy": CopyPropagator, "optical_flow": OpticalFlowPropagator,
+                "query_flow": lambda: QueryFlowPropagator(self.models["lite"])}[name]()
+
+    def _expected_reason(self, shape: tuple[int, ...], stamp: float, frames_since_key: int) -> str | None:
+        """The documented key-frame reason ("" = a non-key frame), None where only the adaptive policy knows."""
+        if self.pending is not None:
+            return "first" if self.index == 0 else self.pending
+        if shape != self.key_shape:
+            return "resolution_change"
+        if self.last_stamp is not None and stamp < self.last_stamp:
+            return "time_backwards"
+        if self.last_stamp is not None and stamp - self.last_stamp > self.scheduler.max_gap_s:
+            return "time_gap"
+        if isinstance(self.scheduler, FixedIntervalScheduler):
+            return "interval" if frames_since_key >= self.scheduler.interval else ""
+        return None
+
+    def _push(self, frame: np.ndarray, stamp, source: str | None) -> None:
+        before = frame.copy()
+        if source is not None:
+            if self.source is not None and source != self.source:
+                self.pending = "frame_id_change"
+            self.source = source
+        expected = self._expected_reason(frame.shape, float(stamp), self.since_key + 1)
+        after_reset = self.pending is not None
+        r = self.seg.push(frame, stamp, source=source)
+        np.testing.assert_array_equal(frame, before)  # the input frame is never written to
+        assert (r.frame_index, r.stamp) == (self.index, float(stamp))
+        if expected is None:  # adaptive: a policy key frame no later than max_interval, none before min_interval
+            since = self.since_key + 1
+            assert r.key_frame_reason in ({""} | _POLICY_REASONS - {"interval"})
+            assert r.is_key_frame == bool(r.key_frame_reason)
+            assert since < self.scheduler.max_interval or r.is_key_frame
+            assert since >= self.scheduler.min_interval or not r.is_key_frame
+            assert r.key_frame_reason != "max_interval" or since >= self.scheduler.max_interval
+        else:
+            assert (r.is_key_frame, r.key_frame_reason) == (bool(expected), expected)
+        h, w = frame.shape[:2]
+        assert r.labels.shape == r.confidence.shape == (h, w)
+        assert r.labels.dtype == r.confidence.dtype == np.uint8 and r.labels.flags.c_contiguous
+        assert int(r.labels.max()) < self.seg.num_classes  # valid class IDs
+        assert int(r.confidence.min()) >= math.floor(255 / self.seg.num_classes)  # the winner's share >= 1 / K
+        assert math.isfinite(r.scene_score) and r.scene_score >= 0
+        assert set(r.stage_latency_ms) == (KEY_TIMINGS if r.is_key_frame else NON_KEY_TIMINGS)
+        if self.class_masks:
+            _check_class_masks(r)
+        self.index += 1
+        self.last_stamp, self.stamp, self.hw = float(stamp), float(stamp), (h, w)
+        if r.is_key_frame:
+            assert r.scene_score == 0.0 or not after_reset  # the scheduler's forced first frame scores 0.0
+            self.pending, self.key_shape, self.since_key = None, frame.shape, 0
+            self.key_index, self.key_stamp, self.key_result = r.frame_index, r.stamp, r
+        else:
+            self.since_key += 1
+            if isinstance(self.seg.propagator, CopyPropagator):  # copy reproduces the key frame exactly
+                np.testing.assert_array_equal(r.labels, self.key_result.labels)
+                np.testing.assert_array_equal(r.confidence, self.key_result.confidence)
+        assert (r.key_frame_index, r.key_frame_stamp) == (self.key_index, self.key_stamp)
+
+    @rule(hw=st.sampled_from([None] * 3) | _FUZZ_SIZES, seed=st.integers(0, 3), step=_FUZZ_STEPS,
+          kind=st.sampled_from([float, np.float64, np.float32, int]),
+          layout=st.sampled_from(["contiguous", "strided", "fortran", "flipped", "read_only", "broadcast"]),
+          source=st.sampled_from([None] * 6 + ["front", "rear"]))
+    def push_frame(self, hw, seed, step, kind, layout, source):
+        """Any (H, W, 3) uint8 frame (mostly of the last size, hw None): labels at its size, a key
+        frame where the documented rules say."""
+        self._push(_layout(_image(hw or self.hw, seed), layout), kind(self.stamp + step), source)
+
+    @rule(seed=st.integers(0, 3), frames=st.integers(1, 4))
+    def push_next_frames(self, seed, frames):
+        """The next frames of the stream (last size, 25 fps): non-key frames until the schedule's key frame."""
+        for i in range(frames):
+            self._push(_image(self.hw, seed + i), self.stamp + 0.04, None)
+
+    @rule(kind=st.sampled_from(["float32", "uint16", "int8", "bool", "mono8", "two_channels", "rgba", "batch", "no_rows",
+                                "no_columns", "list", "tensor", "none"]),
+          hw=_FUZZ_SIZES, step=_FUZZ_STEPS, source=st.sampled_from([None, "front", "rear", "side"]))
+    def push_bad_frame(self, kind, hw, step, source):
+        """A frame that is not (H, W, 3) uint8 with H, W >= 1 raises FrameError and changes nothing."""
+        with pytest.raises(FrameError):
+            self.seg.push(_bad_frame(kind, hw), self.stamp + step, source=source)
+
+    @rule(stamp=st.sampled_from([None, math.nan, math.inf, -math.inf, "0.5", b"0.5", np.array(0.5), [0.5], 1j, 1e400,
+                                 10**400]),
+          source=st.sampled_from([None, "front", "side"]))
+    def push_bad_stamp(self, stamp, source):
+        """A header stamp that is not a finite number of seconds raises FrameError and changes nothing."""
+        with pytest.raises(FrameError):
+            self.seg.push(_image(self.hw), stamp, source=source)
+
+    @rule(reason=st.sampled_from(["reset", "frame_id_change", "time_gap", "non_finite"]))
+    def reset(self, reason):
+        """reset(reason): the next frame is a key frame with that reason (``first`` if none was pushed)."""
+        self.seg.reset(reason)
+        self.pending, self.last_stamp = reason, None
+
+    @rule(propagator=st.sampled_from([None, "copy", "optical_flow", "query_flow"]), scheduler=st.none() | _FUZZ_SCHEDULERS)
+    def replace(self, propagator, scheduler):
+        """replace(): the new propagator/scheduler take over from a key frame reported as ``reset``."""
+        if propagator == "query_flow" and self.model is not self.models["lite"]:
+            propagator = "copy"  # the band model has no motion module
+        self.seg.replace(None if propagator is None else self._propagator(propagator), scheduler)
+        self.scheduler = scheduler or self.scheduler
+        self.pending, self.last_stamp = "reset", None
+
+
+@pytest.fixture(scope="module")
+def lite_on_small_canvas() -> torch.nn.Module:
+    """A freshly loaded mpvss_lite (not the shared ``lite``, which tests must not modify) on the
+    64 x 96 fuzzing canvas."""
+    loaded = load_model("mpvss_lite")
+    loaded.model.cfg = replace_canvas(loaded.config, _FUZZ_CANVAS)
+    return loaded.model
+
+
+def test_random_streams_keep_the_documented_key_frame_rules(make_band_model, lite_on_small_canvas):
+    """Random streams of frames of any size and layout, stamps equal, backwards or after long gaps,
+    bad frames and stamps, reset() and replace(): every result is at the frame's size with valid
+    class IDs, every key frame has its documented reason, and a refused frame changes nothing."""
+    band = make_band_model(5)
+    band.cfg.input = lite_on_small_canvas.cfg.input  # a copy with the small canvas
+    models = {"band": band, "lite": lite_on_small_canvas}
+    run_state_machine_as_test(lambda: _SegmenterStream(models),
+                              settings=settings(max_examples=40, stateful_step_count=25, deadline=None))
