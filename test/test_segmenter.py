@@ -1161,7 +1161,7 @@ def test_a_portrait_frame_goes_onto_the_turned_canvas(band_model):
     assert r.key_frame_reason == "resolution_change" and seg._key_letterbox.resized_hw == (360, 640)
 
 
-# -- VideoSegmenter's own decisions (stop 49's mutation pass of segmenter.py)
+# -- VideoSegmenter's own decisions
 
 
 def test_keyboard_interrupt_in_propagation_resets_the_key_frame(band_model, monkeypatch):

@@ -260,7 +260,7 @@ def test_build_backbone() -> None:
 
 # Each block or stage below against its formula (spec docs/mpvss_architecture.md), written with
 # torch.nn.functional and the module's own weights: a wrong level, a dropped position embedding or
-# activation changes the values (stop 49's mutation pass).
+# activation changes the values.
 
 def _randomise_bn(module: nn.Module, seed: int = 0, bias_scale: float = 1.0) -> None:
     g = torch.Generator().manual_seed(seed)

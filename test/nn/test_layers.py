@@ -78,7 +78,7 @@ def test_a_trace_computes_the_embedding_in_the_graph() -> None:
 
 # Each block or stage below against its formula (spec docs/mpvss_architecture.md), written with
 # torch.nn.functional and the module's own weights: a wrong level, a dropped position embedding or
-# activation changes the values (stop 49's mutation pass).
+# activation changes the values.
 
 def test_mlp_has_no_activation_after_its_last_layer():
     torch.manual_seed(0)

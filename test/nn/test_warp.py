@@ -233,7 +233,7 @@ def test_composed_mmtrack_flows_sample_where_the_links_do(hf, wf):
     assert error["mmtrack"] < 2 * error["exact"] and error["exact"] < 0.05, error
 
 
-# --------------------------------------------------------------- from the mutation pass of stop 47
+# --------------------------------------------------------------- batch and query broadcasting
 
 def test_a_per_query_step_moves_a_shared_previous_flow():
     """compose_flows returns (B, max(N, N_step), ...): a shared previous flow (N = 1) composed with
