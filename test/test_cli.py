@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import signal
@@ -16,11 +17,20 @@ import torch
 from helpers import count_live_records, error_line
 
 import mpvss_ros.cli as cli
+import mpvss_ros.model_loader as model_loader
 import mpvss_ros.offline as offline
+import mpvss_ros.runtime as runtime
+import mpvss_ros.runtime.bench as bench
+import mpvss_ros.runtime.tensorrt_backend as tensorrt_backend
 from mpvss_ros.cli import build_parser, main
 from mpvss_ros.io.video import read_label_png
 from mpvss_ros.offline import (OVERLAY_FPS_RANGE, RunStats, SegmentOptions, _OverlayVideo, segment_path,
                                terminate_unwinds)
+from mpvss_ros.runtime import cache as runtime_cache
+from mpvss_ros.runtime import export as runtime_export
+from mpvss_ros.runtime.commands import NO_MOTION_EXPORT_NOTE, load_model_and_backend
+from mpvss_ros.runtime.export import GraphSource
+from mpvss_ros.runtime.tensorrt_backend import DEFAULT_WORKSPACE_MB
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -597,7 +607,6 @@ def test_output_folders_refused_before_the_model_loads_and_tilde_expanded(tiny_f
     not write to is refused like one it cannot make; --out=~/x means the home folder."""
     import os
 
-    import mpvss_ros.model_loader as model_loader
     import mpvss_ros.paths as paths
 
     monkeypatch.setattr(cli, "load_model_and_backend", lambda args: pytest.fail("loaded the model"))
@@ -844,6 +853,92 @@ def test_export_folder_checked_and_run_without_the_model(tmp_path, capsys):
     (export / "key_frame.onnx").unlink()
     assert main(["check-export", str(export)]) == 2
     assert "key_frame.onnx not found" in error_line(capsys.readouterr().err)
+
+
+def test_check_export_runs_onnxruntime_on_one_thread_by_default(tmp_path, monkeypatch):
+    """mpvss check-export: --threads defaults to 1; 0 is onnxruntime's choice (None)."""
+    seen = []
+    monkeypatch.setattr(runtime_export, "check_export", lambda folder, threads: seen.append(threads) or {"passed": True})
+    assert main(["check-export", str(tmp_path)]) == 0
+    assert main(["check-export", str(tmp_path), "--threads", "0"]) == 0
+    assert seen == [1, None]
+
+
+def _fake_engine_build(monkeypatch, lite, motion_trained=True) -> list:
+    """mpvss build-engine without TensorRT or a GPU: TensorRT counts as installed, and load_model
+    (a LoadedModel of ``lite``'s configuration whose model has ``motion_trained``), the graph source
+    and build_engines are stand-ins; returns the list that gets ("load", args, kwargs),
+    ("source", cache_dir) and ("build", args, kwargs) in call order."""
+    calls = []
+    monkeypatch.setattr(tensorrt_backend, "tensorrt_missing", lambda precision="fp32": None)
+    monkeypatch.setattr(model_loader, "load_model", lambda *a, **k: calls.append(("load", a, k)) or SimpleNamespace(
+        model=SimpleNamespace(motion_trained=motion_trained), config=lite.config, weights=None, trained=False))
+    monkeypatch.setattr(GraphSource, "from_model", classmethod(
+        lambda cls, model, cache_dir=None, **k: calls.append(("source", cache_dir)) or "SOURCE"))
+    monkeypatch.setattr(tensorrt_backend, "build_engines",
+                        lambda *a, **k: calls.append(("build", a, k)) or {"key_frame": "k.engine"})
+    return calls
+
+
+def test_build_engine_flags_reach_the_engine_build(lite, tmp_path, capsys, monkeypatch):
+    """mpvss build-engine: the size (height first), --precision, the GPU index of --device,
+    --workspace-mb, --no-keep-fp32 and --cache-dir reach build_engines and the graph source, and
+    the weights load on the CPU with or without a motion module; without flags: the model's canvas,
+    fp32, GPU 0, the default workspace, fp32 layers kept."""
+    calls = _fake_engine_build(monkeypatch, lite)
+    assert main(["build-engine", "--height", "64", "--width", "96", "--precision", "fp16", "--device", "cuda:1",
+                 "--workspace-mb", "512", "--no-keep-fp32", "--cache-dir", str(tmp_path)]) == 0
+    assert calls[0] == ("load", (None, None, "cpu"), {"motion_optional": True})
+    assert calls[1] == ("source", str(tmp_path))
+    assert calls[2] == ("build", ("SOURCE", (64, 96), "fp16", str(tmp_path), 1, 512), {"keep_fp32": False})
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"key_frame": "k.engine"}
+    assert main(["build-engine"]) == 0
+    h, w = lite.config.input.size  # 480 x 640: not square
+    assert calls[-1] == ("build", ("SOURCE", (h, w), "fp32", None, 0, DEFAULT_WORKSPACE_MB), {"keep_fp32": True})
+
+
+def test_build_engine_refuses_a_cpu_device_and_a_side_below_32(lite, capsys, monkeypatch):
+    """A --device that is no GPU is refused before the model loads; a width below 32 before any build."""
+    calls = _fake_engine_build(monkeypatch, lite)
+    assert main(["build-engine", "--device", "cpu"]) == 2
+    assert "build-engine needs a CUDA device, got 'cpu'" in capsys.readouterr().err
+    assert calls == []
+    assert main(["build-engine", "--height", "64", "--width", "31"]) == 2
+    assert "--height/--width must be >= 32, got 64x31" in capsys.readouterr().err
+    assert not [c for c in calls if c[0] == "build"]
+
+
+def test_build_engine_says_when_the_weights_hold_no_trained_motion_module(lite, capsys, monkeypatch):
+    _fake_engine_build(monkeypatch, lite, motion_trained=False)
+    assert main(["build-engine", "--height", "64", "--width", "96"]) == 0
+    assert f"mpvss: {NO_MOTION_EXPORT_NOTE}" in capsys.readouterr().err
+    _fake_engine_build(monkeypatch, lite, motion_trained=True)
+    assert main(["build-engine", "--height", "64", "--width", "96"]) == 0
+    assert NO_MOTION_EXPORT_NOTE not in capsys.readouterr().err
+
+
+def test_load_model_and_backend_hands_the_run_options_to_the_backend(tmp_path, monkeypatch):
+    """load_model_and_backend (segment, eval, bag): the model loads on the CPU for a backend other
+    than torch; the backend gets the device, precision, cache folder and threads and takes the model
+    over; weights without a motion module load for optical flow and copy, not for query flow or a study."""
+    loads, backends = [], []
+    monkeypatch.setattr(runtime, "backend_missing", lambda backend, device, precision: None)
+    monkeypatch.setattr(model_loader, "load_model", lambda *a, **k: loads.append((a, k)) or "LOADED")
+    monkeypatch.setattr(runtime, "load_backend", lambda *a, **k: backends.append((a, k)) or "BACKEND")
+
+    def run(**changes):
+        args = dict(model=None, weights=None, device="cuda:1", backend="tensorrt", precision="fp16",
+                    cache_dir=str(tmp_path), threads=3, onnx_dir=None, propagator="query_flow", study=False)
+        return load_model_and_backend(argparse.Namespace(**{**args, **changes}))
+
+    assert run() == ("LOADED", "BACKEND")
+    assert loads[-1] == ((None, None, "cpu"), {"motion_optional": False})
+    assert backends[-1] == (("tensorrt", "LOADED"), dict(device="cuda:1", precision="fp16", cache_dir=str(tmp_path),
+                                                          threads=3, onnx_dir=None, copy_model=False))
+    for propagator, study, optional in (("copy", False, True), ("optical_flow", False, True),
+                                        ("optical_flow", True, False)):
+        run(propagator=propagator, study=study)
+        assert loads[-1][1] == {"motion_optional": optional}
 
 
 def test_segment_goes_on_without_the_overlay_video_when_it_cannot_be_written(tiny_folder, tmp_path, capsys,
@@ -1241,6 +1336,36 @@ def test_bag_defaults_namespace_and_detected_compression():
     assert build_parser().parse_args(["bag", "IN", "OUT", "--topic", "/cam", "--compressed"]).compressed is True
 
 
+def test_bench_defaults_and_flags_reach_the_bench_options(monkeypatch):
+    """mpvss bench without flags: both models, three sizes, every backend that runs here, 3 repeats,
+    1 warm-up run, 10 end-to-end frames (as its help says); --models, --backends and --warmup 0 are
+    taken as given."""
+    got = []
+    monkeypatch.setattr(bench, "run_bench", lambda opts, progress=None: got.append(opts) or {"rows": []})
+    monkeypatch.setattr(bench, "format_markdown", lambda result: "table")
+    assert main(["bench"]) == 0
+    assert got[0].models == ["mpvss_lite", "mpvss_r50"] and got[0].backends is None
+    assert got[0].sizes == [(360, 480), (512, 1024), (1024, 2048)]
+    assert (got[0].repeats, got[0].warmup, got[0].e2e_frames) == (3, 1, 10)
+    assert main(["bench", "--models", "mpvss_r50", "--backends", "torch", "onnxruntime:cpu", "--warmup", "0"]) == 0
+    assert got[1].models == ["mpvss_r50"] and got[1].warmup == 0
+    assert got[1].backends == [bench.parse_backend_spec("torch"), bench.parse_backend_spec("onnxruntime:cpu")]
+
+
+def test_cache_prune_budget_from_max_mb_the_environment_or_clear(tmp_path, monkeypatch, capsys):
+    """mpvss cache --prune prunes to --max-mb MiB (a fraction kept), else to $MPVSS_CACHE_MAX_MB;
+    --clear to 0 bytes."""
+    budgets = []
+    monkeypatch.setattr(runtime_cache, "prune_cache", lambda root, budget: budgets.append((str(root), budget)) or [])
+    root = str(tmp_path / "c")
+    assert main(["cache", "--cache-dir", root, "--prune", "--max-mb", "1.5"]) == 0
+    monkeypatch.setenv("MPVSS_CACHE_MAX_MB", "3")
+    assert main(["cache", "--cache-dir", root, "--prune"]) == 0
+    assert main(["cache", "--cache-dir", root, "--clear"]) == 0
+    assert budgets == [(root, 3 * 2**19), (root, 3 * 2**20), (root, 0)]
+    assert "removed 0 entries, 0.0 MiB" in capsys.readouterr().out
+
+
 def _fake_process_bag(monkeypatch, tmp_path, **changes) -> list:
     """mpvss bag without a model or a bag: process_bag makes the output folder and returns a
     summary of 10 messages (3 failed in the backend, 1 non-finite) with ``changes``; returns the
@@ -1313,11 +1438,13 @@ def _fake_segmentor(monkeypatch, tmp_path, val):
 
 
 def test_train_result_line_reports_the_last_validation(tmp_path, capsys, monkeypatch):
-    """The result line's val is the latest validation, not the first."""
+    """The result line's val is the latest validation, not the first, and sec_per_step_median the
+    run's median step time."""
     _fake_segmentor(monkeypatch, tmp_path, [{"step": 1, "mIoU": 10.0}, {"step": 3, "mIoU": 30.0}])
     assert main(["train", "segmentor", "--run-dir", str(tmp_path / "run")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["val"] == {"step": 3, "mIoU": 30.0}
+    assert line["sec_per_step_median"] == 0.5
 
 
 def test_train_motion_takes_decimal_rates_and_defaults_to_the_trainers_crop_and_device(tmp_path, monkeypatch):

@@ -101,10 +101,14 @@ def test_cli_arguments_round_trip(tmp_path):
     ({"weight_decay": math.inf}, "weight_decay must be a finite number"),
     ({"poly_power": math.inf}, "poly_power must be a finite number"),
     ({"num_points": 0}, "num_points must be >= 1, got 0"),
-    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"batch_size": 0}, r"^batch_size must be >= 1, got 0 \(--batch-size\)$"),  # the flag, with dashes
     ({"checkpoint_every": -1}, "checkpoint_every must be >= 0, got -1"),
     ({"val_frames": -1}, "val_frames must be >= 0, got -1"),
     ({"threads": -1}, "threads must be >= 0, got -1"),
+    ({"lr": "1e-4"}, "lr must be a finite number, got '1e-4'"),  # a string (options.json edited): no TypeError
+    ({"max_minutes": "5"}, "max_minutes must be > 0"),
+    ({"crop": (64, 96.5)}, r"crop must be \(H, W\) in pixels"),  # one side not an integer
+    ({"seed": 1.5}, "seed must be an integer, got 1.5"),
 ])
 def test_stage1_options_are_checked_like_stage2s(change, message, tmp_path):
     """Both stages check types and ranges with the same helpers (training/options.py), and
@@ -706,11 +710,24 @@ def test_a_resumed_run_from_before_motion_trained_was_recorded_asks_its_init_che
     ({"lr": True}, "lr must be a finite number, got True"),
     ({"max_minutes": True}, "max_minutes must be > 0"),
     ({"max_minutes": math.inf}, "max_minutes must be > 0"),
-    ({"max_clip_frames": 2.5}, "max_clip_frames must be >= 2"),
+    ({"max_clip_frames": 2.5}, r"max_clip_frames must be >= 2, .*, got 2\.5 \(--max-clip-frames\)$"),
+    ({"lr": "1e-4"}, "lr must be a finite number, got '1e-4'"),  # a string: no TypeError
+    ({"max_minutes": "5"}, "max_minutes must be > 0"),
+    ({"crop": (96.5, 128)}, r"crop must be \(H, W\) in pixels"),
+    ({"seed": 1.5}, "seed must be an integer, got 1.5"),
 ])
 def test_motion_options_refuse_bools_infinities_and_fractions(change, message):
     with pytest.raises(ValueError, match=message):
         MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", **change).validate()
+
+
+def test_motion_fractions_take_both_ends_of_zero_to_one():
+    """video_fraction, synthetic_fraction, synthetic_travel and pseudo_label_confidence are in [0, 1],
+    both ends included (all pairs from videos, every synthetic pair travelling)."""
+    MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", video_fraction=1.0, synthetic_fraction=1.0,
+                       synthetic_travel=1.0, pseudo_label_confidence=1.0).validate()
+    MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", video_fraction=0.0, synthetic_fraction=0.0,
+                       synthetic_travel=0.0, pseudo_label_confidence=0.0).validate()
 
 
 def test_a_crop_given_as_a_list_is_accepted():
@@ -990,6 +1007,18 @@ def test_validation_runs_every_val_every_steps(recorded_run):
     assert last["frames"] == 1
     assert last["mIoU"] == pytest.approx(100 * cm.miou(), abs=1e-3)
     assert last["pACC"] == pytest.approx(100 * cm.pixel_accuracy(), abs=1e-3)
+
+
+@needs_data
+def test_step_times_summarise_the_logged_step_times(recorded_run):
+    """The result's sec_per_step is the mean and sec_per_step_median (the median step time that
+    mpvss train reports) the median of the step times in log.jsonl (rounded there to 0.1 ms)."""
+    run, _, result, _, _ = recorded_run
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r["sec_per_step"] for r in logged if "sec_per_step" in r]
+    assert len(steps) == 4
+    assert result.sec_per_step_median == pytest.approx(float(np.median(steps)), abs=1e-4)
+    assert result.sec_per_step == pytest.approx(float(np.mean(steps)), abs=1e-4)
 
 
 @needs_data
