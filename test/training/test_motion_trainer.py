@@ -133,6 +133,8 @@ def test_train_motion_steps_log_and_checkpoint(motion_run, lite_checkpoint):
             assert np.isfinite(r[k]), (k, r)
         assert 0 <= r["video_pairs"] <= 2
         assert r["loss"] >= r["loss_mask_criterion"] - 1e-6  # plus the non-negative flow term
+    # the median step time mpvss train motion reports is that of the logged steps (rounded there to 0.1 ms)
+    assert result.sec_per_step_median == pytest.approx(float(np.median([r["sec_per_step"] for r in steps])), abs=1e-4)
     assert len(vals) == 1 and vals[0]["step"] == 3 and np.isfinite(vals[0]["mIoU_interval5"])
     assert result.val == vals
     assert (run_dir / "model_final.pt").is_file() and result.checkpoint == run_dir / "model_final.pt"
