@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import cv2
 import numpy as np
@@ -20,6 +21,10 @@ import pytest
 import torch
 from fake_rclpy import Logger as ListLogger
 from helpers import live_copies
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from test_conversions import BAYER, BPP, UYVY, YUYV, encode, pixel_bytes
 
 from mpvss_ros.model_loader import LoadedModel
 from mpvss_ros.ros import conversions
@@ -110,13 +115,16 @@ def image_msg(types, rgb: np.ndarray, stamp: float, frame_id: str = "camera_opti
                        is_bigendian=0, step=w * 3 if step is None else step, data=data)
 
 
-def jpeg_msg(types, rgb: np.ndarray, stamp: float, truncate: bool = False):
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+def jpeg_msg(types, rgb: np.ndarray, stamp: float, truncate: bool = False, frame_id: str = "camera_optical",
+             ext: str = ".jpg", fmt: str = "jpeg"):
+    """A CompressedImage of ``rgb`` (RGB, or a 2-D grey image) as a JPEG, or a PNG with ``ext=".png"``;
+    ``truncate`` cuts it in half."""
+    ok, buf = cv2.imencode(ext, rgb if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     assert ok
     data = buf.reshape(-1)
     if truncate:
         data = data[: len(data) // 2].copy()
-    return types.compressed_image(header=header(types, stamp), format="jpeg", data=data)
+    return types.compressed_image(header=header(types, stamp, frame_id), format=fmt, data=data)
 
 
 def all_headers(out) -> list:
@@ -1568,3 +1576,306 @@ def test_no_output_while_frames_arrive_says_so(make_core, types):
     status = core.diagnostic_status()
     assert status.level == WARN, status.message
     assert "frames arrive but none was segmented" in status.message and "no input received" not in status.message
+
+
+# --------------------------------------------------------------------------------------------
+# Property-based: random sequences of good and bad input and of control calls
+# --------------------------------------------------------------------------------------------
+
+#: Frame sizes (height, width) of the fuzzed streams: the usual, odd and tiny ones.
+FUZZ_SIZES = ((24, 32), (24, 40), (48, 64), (30, 40), (7, 5), (3, 3), (1, 1), (2, 1), (1, 6))
+#: Encodings no camera driver may send to the node (depth, float, 16-bit, misspelt, empty).
+BAD_ENCODINGS = ("32FC1", "16UC1", "mono16", "rgb16", "8UC3", "rgb 8", "rgb", "bayer_rggb16", "jpeg", "")
+FRAME_IDS = ("camera_optical", "cam_left_optical", "")
+#: Per message: the input stamp minus the previous one (stamps equal, going back, gaps).
+STAMP_STEPS = (0.033,) * 6 + (0.0, 0.3, 2.5, 40.0, -0.2, -5.0)
+#: Per message: the node clock minus the stamp (None: no clock, the check is skipped).
+FRAME_AGES = (0.0, 0.1) * 3 + (0.3, 0.8, 3.0, -1.0, None)
+DYNAMIC_CHANGES = {
+    "schedule": ("fixed:1", "fixed:3", "fixed:100"),
+    "propagator": ("copy", "optical_flow"),
+    "max_frame_age_s": (0.0, 0.5, 2.0),
+    "max_gap_s": (0.2, 1.0, 10.0),
+    "max_image_pixels": (16_777_216, 1500),
+    "overlay_alpha": (0.0, 0.5, 1.0),
+    "palette": ((), (0xFF0000, 0x00FF00)),
+}
+REFUSED_CHANGES = ({"schedule": "fixed:0"}, {"max_frame_age_s": -1.0}, {"model": "mpvss_r50"},
+                   {"palette": (0,) * 6}, {"no_such_parameter": 1})
+
+
+def _fuzz_raw_message(draw, ts, types, size, stamp: float, frame_id: str, defects: tuple[str, ...]):
+    """(message, expected (h, w) or None when it must be skipped as undecodable)."""
+    h, w = size
+    rgb = np.random.default_rng(draw(st.integers(0, 3))).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    encoding = draw(st.sampled_from(conversions.SUPPORTED_ENCODINGS))
+    pad = draw(st.sampled_from((0, 0, 3)))
+    odd_yuv = encoding in UYVY + YUYV and w % 2  # no 4:2:2 pixel pairs: written as an even width, then widened
+    msg = encode(ts, rgb[:, : w - 1] if odd_yuv else rgb, encoding, pad=pad, header=header(types, stamp, frame_id),
+                 is_bigendian=draw(st.sampled_from((0, 1))))
+    if odd_yuv:
+        msg = dataclasses.replace(msg, width=w, step=2 * w, data=np.zeros(2 * w * h, np.uint8))
+    good = not (odd_yuv or (encoding in BAYER and min(h, w) < 3))
+    defect = draw(st.sampled_from(defects))
+    if defect == "encoding":
+        msg = dataclasses.replace(msg, encoding=draw(st.sampled_from(BAD_ENCODINGS)))
+    elif defect == "step too small":
+        msg = dataclasses.replace(msg, step=w * BPP[encoding] - 1)
+    elif defect == "data too short":
+        msg = dataclasses.replace(msg, data=msg.data[:-1])
+    elif defect == "data too long":
+        msg = dataclasses.replace(msg, data=np.concatenate([msg.data, msg.data[:msg.step]]))
+    elif defect == "big-endian flag":
+        msg = dataclasses.replace(msg, is_bigendian=draw(st.sampled_from((2, 255))))
+    elif defect == "0 x 0":
+        msg = dataclasses.replace(msg, height=0, width=0, step=0, data=np.zeros(0, np.uint8))
+    elif defect == "compressed":  # a CompressedImage on the raw input
+        msg = jpeg_msg(types, rgb, stamp, frame_id=frame_id)
+    elif defect == "no header":
+        msg = dataclasses.replace(msg, header=None)
+    return msg, ((h, w) if good and defect == "none" else None)
+
+
+def _fuzz_compressed_message(draw, types, size, stamp: float, frame_id: str, kinds: tuple[str, ...]):
+    """(message, expected (h, w) or None when it must be skipped as undecodable)."""
+    h, w = size
+    rgb = np.random.default_rng(draw(st.integers(0, 3))).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    kind = draw(st.sampled_from(kinds))
+    if kind in ("jpeg", "truncated jpeg", "long format", "no format"):
+        fmt = {"long format": "rgb8; jpeg compressed bgr8", "no format": ""}.get(kind, "jpeg")
+        msg = jpeg_msg(types, rgb, stamp, truncate=kind.startswith("truncated"), frame_id=frame_id, fmt=fmt)
+    elif kind == "bayer png":
+        mosaic = np.ascontiguousarray(pixel_bytes(rgb, "bayer_rggb8")[..., 0])
+        msg = jpeg_msg(types, mosaic, stamp, frame_id=frame_id, ext=".png", fmt="bayer_rggb8; png compressed ")
+    elif kind in ("png", "png as jpeg", "truncated png"):
+        msg = jpeg_msg(types, rgb, stamp, truncate=kind == "truncated png", frame_id=frame_id, ext=".png",
+                       fmt="jpeg" if kind == "png as jpeg" else "png")
+    elif kind == "raw image":  # a raw Image on the compressed input
+        msg = image_msg(types, rgb, stamp, frame_id)
+    elif kind == "no header":
+        msg = dataclasses.replace(jpeg_msg(types, rgb, stamp), header=None)
+    else:
+        data = {"garbage": np.frombuffer(b"\x00not an image at all" * 3, np.uint8).copy(),
+                "empty": np.zeros(0, np.uint8)}.get(kind, jpeg_msg(types, rgb, stamp).data)
+        fmt = {"depth format": "16UC1; compressedDepth", "bmp format": "bmp"}.get(kind, "jpeg")
+        msg = types.compressed_image(header=header(types, stamp, frame_id), format=fmt, data=data)
+    good = kind in ("jpeg", "png", "png as jpeg", "no format", "long format") or (kind == "bayer png" and min(h, w) >= 3)
+    return msg, ((h, w) if good else None)
+
+
+RAW_DEFECTS = ("encoding", "step too small", "data too short", "data too long", "big-endian flag", "0 x 0",
+               "compressed", "no header")
+COMPRESSED_GOOD = ("jpeg", "png", "png as jpeg", "no format", "long format", "bayer png")
+COMPRESSED_BAD = ("truncated jpeg", "truncated png", "garbage", "empty", "depth format", "bmp format", "raw image",
+                  "no header")
+
+
+@st.composite
+def fuzz_messages(draw, ts, types, compressed: bool, size, stamp: float, frame_id: str, bad: bool | None):
+    """An input message of ``size`` (h, w) for the raw (Image) or compressed input: well-formed (``bad`` False; a
+    YUV frame of odd width or a Bayer one under 3 x 3 is still undecodable), bad (True) or either (None)."""
+    if compressed:
+        kinds = COMPRESSED_BAD if bad else COMPRESSED_GOOD + (COMPRESSED_BAD if bad is None else ())
+        return _fuzz_compressed_message(draw, types, size, stamp, frame_id, kinds)
+    defects = RAW_DEFECTS if bad else ("none",) + (RAW_DEFECTS if bad is None else ())
+    return _fuzz_raw_message(draw, ts, types, size, stamp, frame_id, defects)
+
+
+def test_random_streams_of_good_and_bad_input_and_control_calls(make_core, ts, types):
+    """Random sequences of frames (every encoding, compressed or not, odd and tiny sizes, header
+    stamps equal, going back or jumping, frame_id changes, stale ones) mixed with bad messages
+    and with reset, enable/disable and reconfigure. After every step: nothing raised; a
+    published frame carries its input's exact header, its size, valid class IDs and a key frame
+    whenever the docs force one (first, reset, re-enable, schedule change, resolution change,
+    stamp going back, time gap, frame_id change) and none otherwise; every received message is
+    counted exactly once (processed, dropped or skipped, by its reason); diagnostics agree."""
+
+    class Stream(RuleBasedStateMachine):
+        @initialize(compressed=st.booleans(), max_frame_age_s=st.sampled_from(DYNAMIC_CHANGES["max_frame_age_s"]),
+                    schedule=st.sampled_from(DYNAMIC_CHANGES["schedule"]),
+                    base=st.sampled_from((100.0, 1_700_000_000.0)))
+        def start(self, compressed, max_frame_age_s, schedule, base):
+            self.core, self.clock, _ = make_core(input_compressed=compressed, max_frame_age_s=max_frame_age_s,
+                                                 schedule=schedule, max_gap_s=1.0)
+            self.slot = self.core.make_slot()
+            self.compressed = compressed
+            self.stamp, self.frame_id, self.size = base, FRAME_IDS[0], (24, 32)
+            self.expected = Counter()  # the counters this model expects
+            # the engine, as the docs describe it
+            self.installed = (schedule, "copy")
+            self.reset_pending = False
+            self.segmented_any = False
+            self.key_size = self.last_stamp = self.last_frame_id = self.key_stamp = None
+            self.since_key = 0
+            self.last_received: float | None = None
+            self.gap_pending = False
+
+        def _interval(self) -> int:
+            return int(self.installed[0].split(":")[1])
+
+        def _receive(self, msg) -> None:
+            """The subscription: the message into the slot, its stamp noted for max_gap_s."""
+            self.clock.advance(0.05)
+            self.slot.put(msg)
+            self.expected["received"] += 1
+            self.gap_now = False
+            if msg.header is None:  # no stamp to note
+                return
+            stamp = stamp_to_seconds(msg.header.stamp)
+            max_gap = self.core.config.max_gap_s
+            self.gap_now = self.last_received is not None and stamp - self.last_received > max_gap
+            self.gap_pending |= self.gap_now
+            self.last_received = stamp
+
+        @rule(data=st.data(), step=st.sampled_from(STAMP_STEPS), age=st.sampled_from(FRAME_AGES),
+              new_frame_id=st.sampled_from((None,) * 12 + FRAME_IDS), new_size=st.sampled_from((None,) * 6 + FUZZ_SIZES))
+        def good_frame(self, data, step, age, new_frame_id, new_size):
+            """A well-formed frame (of another resolution or frame_id, sometimes)."""
+            self.size = new_size or self.size
+            self._message(data, step, age, new_frame_id, bad=False)
+
+        @rule(data=st.data())
+        def steady_frames(self, data):
+            """Three well-formed frames of a steady stream (the propagated frames between key frames)."""
+            for _ in range(3):
+                self._message(data, STAMP_STEPS[0], FRAME_AGES[0], None, bad=False)
+
+        @rule(data=st.data(), step=st.sampled_from(STAMP_STEPS), age=st.sampled_from(FRAME_AGES),
+              new_frame_id=st.sampled_from((None,) * 12 + FRAME_IDS))
+        def bad_message(self, data, step, age, new_frame_id):
+            """A message that cannot be decoded."""
+            self._message(data, step, age, new_frame_id, bad=True)
+
+        @rule(data=st.data(), step=st.sampled_from(STAMP_STEPS), age=st.sampled_from(FRAME_AGES))
+        def replaced_message(self, data, step, age):
+            """A message replaced in the slot before the worker takes it, then the newer one."""
+            older, _ = data.draw(fuzz_messages(ts, types, self.compressed, self.size, self.stamp, self.frame_id, bad=None))
+            self._receive(older)
+            self.expected["dropped_replaced"] += 1
+            self._message(data, step, age, None, bad=None)
+
+        def _message(self, data, step, age, new_frame_id, bad):
+            """One message as the worker handles it: taken from the slot, processed, published."""
+            self.stamp = round(self.stamp + step, 3)
+            self.frame_id = new_frame_id if new_frame_id is not None else self.frame_id
+            msg, size = data.draw(fuzz_messages(ts, types, self.compressed, self.size, self.stamp, self.frame_id, bad))
+            self._receive(msg)
+            taken, received_at = self.slot.take_timed(timeout=0)
+            assert taken is msg and len(self.slot) == 0
+            now = None if age is None else self.stamp + age
+            cfg, config_engine = self.core.config, (self.core.config.schedule, self.core.config.propagator)
+            out = self.core.process(taken, now, received_at=received_at)
+            if out is not None:
+                self.core.record_published()
+
+            if not self.core.enabled:
+                assert out is None
+                self.expected["dropped_disabled"] += 1
+                return
+            if config_engine != self.installed:  # a schedule or propagator change: installed now, with a reset
+                self.installed, self.reset_pending = config_engine, True
+            if msg.header is None:
+                assert out is None
+                self.expected["skipped_decode"] += 1
+                return
+            if age is not None and cfg.max_frame_age_s > 0 and age > cfg.max_frame_age_s:
+                assert out is None, "a stale frame was segmented"
+                self.expected["dropped_stale"] += 1
+                return
+            if size is not None and size[0] * size[1] > cfg.max_image_pixels:
+                size = None
+            if size is None:
+                assert out is None, f"an undecodable message was segmented: {msg!r:.300}"
+                self.expected["skipped_decode"] += 1
+                return
+            assert out is not None, f"a good frame was not segmented: {dict(self.core.counters)}"
+            self._check_outputs(msg, out, size)
+
+        def _check_outputs(self, msg, out, size) -> None:
+            for h in all_headers(out):  # exactly the input's header
+                assert (h.stamp.sec, h.stamp.nanosec, h.frame_id) == (
+                    msg.header.stamp.sec, msg.header.stamp.nanosec, msg.header.frame_id)
+            assert (out.labels.height, out.labels.width) == size == (out.confidence.height, out.confidence.width)
+            labels = np.asarray(out.labels.data).reshape(size)
+            assert out.labels.encoding == "mono8" and labels.max() < 5
+            assert list(out.class_masks.class_ids) == sorted(np.unique(labels).tolist())
+            stamp = stamp_to_seconds(msg.header.stamp)
+            forced = set()  # the key-frame reasons that apply
+            if self.reset_pending or not self.segmented_any:
+                forced.add("reset" if self.segmented_any else "first")
+            if self.key_size is not None and size != self.key_size:
+                forced.add("resolution_change")
+            if self.last_stamp is not None and stamp < self.last_stamp:
+                forced.add("time_backwards")
+            if self.last_frame_id is not None and msg.header.frame_id != self.last_frame_id:
+                forced.add("frame_id_change")
+            if self.gap_now:
+                forced.add("time_gap")
+            # a gap noted at a message skipped since (stale, undecodable) may still be pending
+            possible = forced | ({"time_gap"} if self.gap_pending else set())
+            if self.segmented_any and self.since_key + 1 >= self._interval():
+                possible.add("interval")
+            info = out.info
+            if forced:
+                assert info.is_key_frame and info.key_frame_reason in possible, (info.key_frame_reason, possible)
+            else:
+                assert not info.is_key_frame or info.key_frame_reason in possible, (info.key_frame_reason, possible)
+                if not possible:
+                    assert not info.is_key_frame
+            if info.is_key_frame:
+                self.key_stamp = (msg.header.stamp.sec, msg.header.stamp.nanosec)
+                self.key_size, self.since_key = size, 0
+                self.expected["key_frames"] += 1
+            else:
+                self.since_key += 1
+            assert (info.key_frame_stamp.sec, info.key_frame_stamp.nanosec) == self.key_stamp
+            self.segmented_any, self.reset_pending, self.gap_pending = True, False, False
+            self.last_stamp, self.last_frame_id = stamp, msg.header.frame_id
+            self.expected["processed"] += 1
+            self.expected["published"] += 1
+
+        @rule()
+        def reset(self):
+            """~/reset: the next segmented frame is a key frame."""
+            self.core.reset()
+            self.reset_pending = True
+
+        @rule(enabled=st.booleans())
+        def set_enabled(self, enabled):
+            """~/enable: re-enabling resets the engine."""
+            was = self.core.set_enabled(enabled)
+            if enabled and not was:
+                self.reset_pending = True
+
+        @rule(name=st.sampled_from(sorted(DYNAMIC_CHANGES)), data=st.data())
+        def reconfigure(self, name, data):
+            """A valid dynamic parameter change takes effect."""
+            value = data.draw(st.sampled_from(DYNAMIC_CHANGES[name]))
+            new = self.core.reconfigure({name: value})
+            assert getattr(new, name) == value and self.core.config is new
+
+        @rule(change=st.sampled_from(REFUSED_CHANGES))
+        def refused_reconfigure(self, change):
+            """A change the parameter table refuses raises ValueError and changes nothing."""
+            before = self.core.config
+            with pytest.raises(ValueError):
+                self.core.reconfigure(change)
+            assert self.core.config is before
+
+        @invariant()
+        def every_message_is_counted_once(self):
+            """received = processed + dropped (stale, replaced, disabled) + skipped + errors, each
+            by the reason the model expects; diagnostics show the same counters."""
+            c = self.core.counters
+            assert {k: c[k] for k in c if c[k]} == {k: v for k, v in self.expected.items() if v}
+            assert c["received"] == sum(c[k] for k in ("processed", "dropped_stale", "dropped_replaced",
+                                                       "dropped_disabled", "skipped_decode", "skipped_frame", "errors"))
+            assert sum(self.core.key_frame_reasons.values()) == c["key_frames"]
+            status = self.core.diagnostic_status()
+            values = dict(status.values)
+            assert all(values[k.replace("_", " ")] == str(c[k]) for k in c)
+            assert status.level in (OK, WARN, ERROR)
+            if not self.core.enabled:
+                assert status.level == OK and status.message.startswith("disabled")
+
+    run_state_machine_as_test(Stream, settings=settings(max_examples=60, stateful_step_count=25, deadline=None))
