@@ -14,12 +14,15 @@ import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import cv2
 import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from rosbags.interfaces import QosDurability, QosHistory, QosReliability
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.serde import SerdeError
@@ -66,10 +69,13 @@ def raw_image(ts, rgb: np.ndarray, stamp_ns: int, encoding: str = "rgb8", frame_
                            is_bigendian=0, step=data.size // h, data=data)
 
 
-def jpeg_image(ts, rgb: np.ndarray, stamp_ns: int):
-    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+def jpeg_image(ts, rgb: np.ndarray, stamp_ns: int, frame_id: str = "camera_optical", codec: str = "jpeg"):
+    """A CompressedImage of ``rgb`` as image_transport sends it; ``codec``: ``jpeg`` or ``png``."""
+    ok, data = cv2.imencode(".jpg" if codec == "jpeg" else ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                            [cv2.IMWRITE_JPEG_QUALITY, 85] if codec == "jpeg" else [])
     assert ok
-    return ts.types[COMPRESSED](header=header(ts, stamp_ns), format="rgb8; jpeg compressed bgr8", data=jpg.reshape(-1))
+    return ts.types[COMPRESSED](header=header(ts, stamp_ns, frame_id), format=f"rgb8; {codec} compressed bgr8",
+                                data=data.reshape(-1))
 
 
 def stamps(n: int) -> list[int]:
@@ -77,11 +83,13 @@ def stamps(n: int) -> list[int]:
     return [T0 * 10**9 + round(i * 1e9 / 15) for i in range(n)]
 
 
-def write_bag(ts, path: Path, storage: str, entries: list[tuple[str, str, int, object]], version: int = 9) -> None:
-    """entries: (topic, msgtype, bag timestamp ns, message object or raw CDR bytes)."""
+def write_bag(ts, path: Path, storage: str, entries: list[tuple[str, str, int, object]], version: int = 9,
+              topics: Sequence[tuple[str, str]] = ()) -> None:
+    """entries: (topic, msgtype, bag timestamp ns, message object or raw CDR bytes), written in
+    this order; ``topics``: (topic, msgtype) connections made first, with or without messages."""
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     with Writer(path, version=version, storage_plugin=plugin) as writer:
-        conns = {}
+        conns = {topic: writer.add_connection(topic, msgtype, typestore=ts) for topic, msgtype in topics}
         for topic, msgtype, t, msg in entries:
             if topic not in conns:
                 conns[topic] = writer.add_connection(topic, msgtype, typestore=ts)
@@ -990,8 +998,8 @@ def test_an_idl_definition_gets_its_header_and_a_hash_where_the_bag_has_none():
     store.register(get_types_from_idl(body))
     digest = store.hash_rihs01("my_msgs/msg/Wheel")
     headed = _IDL_SEPARATOR + "IDL: my_msgs/msg/Wheel\n" + body
-    for data, given in ((body, digest), (headed, "")):
-        conn = SimpleNamespace(topic="/wheel", msgtype="my_msgs/msg/Wheel", digest=given,
+    for data, stored_digest in ((body, digest), (headed, "")):
+        conn = SimpleNamespace(topic="/wheel", msgtype="my_msgs/msg/Wheel", digest=stored_digest,
                                msgdef=SimpleNamespace(format=SimpleNamespace(name="IDL"), data=data))
         assert _bag_definition(conn) == (headed, digest)
 
@@ -1328,3 +1336,198 @@ def test_an_input_topic_named_like_an_output_is_refused(ts, tmp_path, band_loade
     summary = process_bag(tmp_path / "in", tmp_path / "out", "/mpvss/labels", band_loaded,
                           BagOptions(propagator="copy", progress=False), namespace="/seg")
     assert summary["written"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Property-based: random bags of good and bad camera messages
+# --------------------------------------------------------------------------------------------
+
+#: Frame sizes (height, width) of the generated camera messages; None: the previous message's
+#: size (most often, so that frames are propagated between resolution changes).
+_FUZZ_SIZES = (None, None, None, None, None, (24, 32), (32, 48), (40, 64))
+#: Header stamp steps (ns) from one camera message to the next in bag order: 30 and 15 fps most
+#: often, stamps going backwards a little or a lot, 0.6 s (two of them around a skipped message
+#: make no gap), a jump over max_gap_s.
+_STAMP_STEPS = (33_333_333, 33_333_333, 66_666_667, -40_000_000, -300_000_000, 600_000_000, 2_500_000_000)
+_MAX_GAP_NS = 1_000_000_000  # BagOptions' max_gap_s
+_GARBAGE_CDR = b"\x00\x01\x00\x00garbage"
+#: (kind, encoding or codec): good ones, and each kind of message the run must skip.
+_GOOD_RAW = st.tuples(st.just("good"), st.sampled_from(["rgb8", "bgr8", "mono8", "rgba8"]))
+_GOOD_COMPRESSED = st.tuples(st.just("good"), st.sampled_from(["jpeg", "png"]))
+_BAD = {False: st.sampled_from([("encoding", "32FC1"), ("encoding", "16UC1"), ("encoding", "8UC3"),
+                                ("short", "rgb8"), ("short", "mono8"), ("empty", "rgb8"), ("garbage", "")]),
+        True: st.sampled_from([("corrupt", "jpeg"), ("encoding", "png"), ("empty", "jpeg"), ("garbage", "")])}
+
+
+def _camera_messages(compressed: bool) -> st.SearchStrategy:
+    """3 to 10 camera messages in bag order: ((kind, encoding or codec), size, header stamp step, frame_id)."""
+    kind = st.one_of(_GOOD_COMPRESSED if compressed else _GOOD_RAW, _BAD[compressed])
+    return st.lists(st.tuples(kind, st.sampled_from(_FUZZ_SIZES), st.sampled_from(_STAMP_STEPS),
+                              st.sampled_from(["camera_optical"] * 5 + ["rear"])), min_size=3, max_size=10)
+
+
+def _fuzz_camera_message(ts, compressed: bool, kind: str, variant: str, rgb: np.ndarray, stamp_ns: int, frame_id: str):
+    """A camera message of ``kind`` (``good`` or a defect) holding ``rgb``, or raw garbage CDR."""
+    if kind == "garbage":
+        return _GARBAGE_CDR
+    if compressed:
+        msg = jpeg_image(ts, rgb, stamp_ns, frame_id, codec=variant)
+        if kind == "corrupt":
+            msg.data = msg.data[: msg.data.size // 3]
+        elif kind == "encoding":
+            msg.format = "16UC1; png compressed "  # a depth map
+        elif kind == "empty":
+            msg.data = msg.data[:0]
+        return msg
+    pixels = {"mono8": rgb[..., 0], "rgba8": np.dstack([rgb, rgb[..., :1]])}.get(variant, rgb)
+    msg = raw_image(ts, pixels, stamp_ns, encoding=variant, frame_id=frame_id)
+    if kind == "short":
+        msg.data = msg.data[: msg.data.size // 2]
+    elif kind == "empty":
+        msg.height, msg.data = 0, msg.data[:0]
+    return msg
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(compressed=st.booleans(), storage=st.sampled_from(["sqlite3", "mcap"]), data=st.data(),
+       copy=st.sampled_from([(), ("/tf",), ("chatter", "/odom"), "all"]),
+       max_frames=st.sampled_from([None, None, 2, 5]), interval=st.integers(2, 5), seed=st.integers(0, 2**16))
+def test_random_bags_of_good_and_bad_messages(ts, tmp_path_factory, band_loaded, capsys, compressed, storage, data,
+                                              copy, max_frames, interval, seed):
+    """``mpvss bag`` on a random bag: camera messages good and bad (unsupported encodings, data
+    too short, empty images, corrupt JPEGs, depth PNGs, undecodable CDR) at random sizes, header
+    stamps going back or jumping against the bag's receive times, two frame_ids, other topics
+    (one without messages) copied or not, written in random order. Exit status 0 with one set of
+    outputs per good message carrying its exact header at its bag time, every bad message counted
+    under its reason, the key frames the README promises, copies byte for byte, message counts
+    that add up; exit 1 and no output when nothing could be segmented, 2 for a topic without
+    messages."""
+    import mpvss_ros.cli as cli
+    import mpvss_ros.ros.bag as bag_module
+
+    rng = np.random.default_rng(seed)
+    topic, msgtype = (CTOPIC, COMPRESSED) if compressed else (TOPIC, IMAGE)
+    # a camera topic without messages now and then, else 3 to 10 of them
+    camera = [] if data.draw(st.integers(0, 9), label="empty topic") == 9 else data.draw(_camera_messages(compressed),
+                                                                                         label="camera")
+    others = data.draw(st.lists(st.tuples(st.sampled_from(["/tf", "/chatter"]), st.integers(0, len(camera)),
+                                          st.text(max_size=5)), max_size=4), label="others")
+    bag0, stamp_ns = 1_600_000_000 * 10**9, T0 * 10**9  # receive times unrelated to the header stamps
+    by_bag_time, entries = {}, []
+    hw = _FUZZ_SIZES[-1]
+    for i, ((kind, variant), size, step, frame_id) in enumerate(camera):
+        stamp_ns, hw = stamp_ns + (step if i else 0), size or hw
+        t = bag0 + i * 10_000_000
+        reason = None if kind == "good" else "deserialize" if kind == "garbage" else "conversion"
+        by_bag_time[t] = SimpleNamespace(reason=reason, hw=hw, stamp_ns=stamp_ns, frame_id=frame_id, noted=kind != "garbage")
+        entries.append((topic, msgtype, t, _fuzz_camera_message(ts, compressed, kind, variant,
+                                                                rng.integers(0, 256, (*hw, 3), dtype=np.uint8),
+                                                                stamp_ns, frame_id)))
+    for j, (other, at, text) in enumerate(others):
+        msg = (ts.types["tf2_msgs/msg/TFMessage"](transforms=[]) if other == "/tf"
+               else ts.types["std_msgs/msg/String"](data=text))
+        entries.append((other, "tf2_msgs/msg/TFMessage" if other == "/tf" else "std_msgs/msg/String",
+                        bag0 + at * 10_000_000 - 5_000_000 + j, msg))
+    order = data.draw(st.permutations(range(len(entries))), label="write order")
+    folder = tmp_path_factory.mktemp("fuzz")
+    in_bag, out_bag = folder / "in", folder / "out"
+    write_bag(ts, in_bag, storage, [entries[k] for k in order],
+              topics=[(topic, msgtype), ("/tf", "tf2_msgs/msg/TFMessage"), ("/chatter", "std_msgs/msg/String"),
+                      ("/odom", "nav_msgs/msg/Odometry")])
+
+    args = ["bag", str(in_bag), str(out_bag), "--topic", topic, "--no-progress", "--propagator", "copy",
+            "--schedule", f"fixed:{interval}", "--storage", storage]
+    args += ["--max-frames", str(max_frames)] if max_frames else []
+    args += ["--copy-all-topics"] if copy == "all" else ["--copy-topics", *copy] if copy else []
+    summaries, real_process_bag = [], bag_module.process_bag
+
+    def process_bag_kept(*a, **k):  # the CLI's run, its summary kept
+        summaries.append(real_process_bag(*a, **k))
+        return summaries[-1]
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "load_model_and_backend", lambda *a, **k: (band_loaded, None))
+        mp.setattr(bag_module, "process_bag", process_bag_kept)
+        rc = main(args)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+
+    # what the run reads: the bag's messages in the reader's order, up to the image past --max-frames
+    copied = {"/tf", "/chatter", "/odom"} if copy == "all" else {"/" + c.lstrip("/") for c in copy}
+    with Reader(in_bag) as reader:
+        read = [(c.topic, t, bytes(raw)) for c, t, raw in reader.messages() if c.topic in copied | {topic}]
+    images = [k for k, (tp, _, _) in enumerate(read) if tp == topic]
+    if max_frames is not None and len(images) > max_frames:
+        read = read[: images[max_frames]]
+    processed = [SimpleNamespace(**vars(by_bag_time[t]), t=t) for tp, t, _ in read if tp == topic]
+    good = [m for m in processed if m.reason is None]
+    reasons: dict[str, int] = {}
+    for m in processed:
+        if m.reason:
+            reasons[m.reason] = reasons.get(m.reason, 0) + 1
+
+    if not camera:  # a topic without messages: refused before any output
+        assert rc == 2 and "has no messages" in err and not out_bag.exists() and not summaries
+        return
+    (summary,) = summaries
+    assert (summary["frames"], summary["written"]) == (len(processed), len(good))
+    assert summary["skipped_by_reason"] == reasons and summary["skipped"] == sum(reasons.values())
+    brief = json.loads(out.splitlines()[0])
+    assert (brief["frames"], brief["written"], brief["skipped_by_reason"]) == (len(processed), len(good), reasons)
+    if not good:  # nothing segmented: exit 1, one error line, the output removed
+        assert rc == 1 and err.strip().splitlines()[-1].startswith(f"mpvss: error: no message of {topic} could be")
+        assert not out_bag.exists()
+        return
+    assert rc == 0, err
+
+    got = read_bag(ts, out_bag)
+    outputs = output_topics()
+    del outputs["autoware_mask"]
+    # the camera topic (bad messages included) and the copied topics: byte for byte, at their bag times
+    for tp in {topic} | copied:
+        assert [(t, bytes(raw)) for t, _, raw in got.get(tp, [])] == [(t, raw) for x, t, raw in read if x == tp], tp
+    with Reader(out_bag) as reader:
+        assert {c.topic for c in reader.connections} == {topic, *copied, *outputs.values()}
+        counted = {}
+        for c in reader.connections:
+            counted[c.topic] = counted.get(c.topic, 0) + c.msgcount
+    assert summary["messages_per_topic"] == {tp: len(got.get(tp, [])) for tp in counted} == counted
+    meta = yaml.safe_load((out_bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert meta["message_count"] == sum(counted.values())
+
+    # one set of outputs per good message: its bag time, its exact header
+    infos = {t: m for t, m, _ in got[outputs["info"]]}
+    assert len(infos) == len(got[outputs["info"]])
+    keys = [m for m in good if infos[m.t].is_key_frame]
+    for key, tp in outputs.items():
+        expected = keys if key == "label_info" else good
+        assert sorted((t, msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec, msg.header.frame_id)
+                      for t, msg, _ in got[tp]) == sorted((m.t, m.stamp_ns, m.frame_id) for m in expected), key
+    for (t, labels, _), (t_conf, confidence, _), (t_masks, masks, _) in zip(
+            got[outputs["labels"]], got[outputs["confidence"]], got[outputs["class_masks"]], strict=True):
+        assert t == t_conf == t_masks and labels.encoding == confidence.encoding == "mono8"
+        assert image_array(labels).shape == image_array(confidence).shape == next(m.hw for m in good if m.t == t)
+        assert image_array(labels).max() < band_loaded.config.num_classes
+        assert list(masks.class_ids) == sorted(int(c) for c in np.unique(image_array(labels)))
+    for tp in (outputs["colored"], outputs["overlay"]):
+        assert [image_array(m).shape for _, m, _ in got[tp]] == [(*m.hw, 3) for m in good]
+
+    # key frames: the first, after a resolution change, a header stamp going back, a new frame_id,
+    # or a gap over max_gap_s before it; a time_gap key frame only after such a gap
+    previous, last_noted, gap, key_ns = None, None, False, None
+    for m in processed:
+        jump = m.noted and last_noted is not None and m.stamp_ns - last_noted > _MAX_GAP_NS
+        gap = gap or jump
+        last_noted = m.stamp_ns if m.noted else last_noted
+        if m.reason:
+            continue
+        info = infos[m.t]
+        forced = previous is None or jump or m.hw != previous.hw or m.stamp_ns < previous.stamp_ns or (
+            m.frame_id != previous.frame_id)
+        assert info.is_key_frame or not forced, (m, previous, info.key_frame_reason)
+        assert gap or info.key_frame_reason != "time_gap", (m, previous)
+        key_ns = m.stamp_ns if info.is_key_frame else key_ns
+        assert info.key_frame_stamp.sec * 10**9 + info.key_frame_stamp.nanosec == key_ns
+        previous, gap = m, False
