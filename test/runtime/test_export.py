@@ -26,13 +26,15 @@ import pytest
 import torch
 
 import mpvss_ros.io.samples as samples
+import mpvss_ros.model_loader as model_loader
+import mpvss_ros.runtime as runtime
 from helpers import live_copies
 from mpvss_ros.cli import main
 from mpvss_ros.config import load_model_config
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import semantic_scores
 from mpvss_ros.propagation import QueryFlowPropagator
-from mpvss_ros.runtime import BackendUnavailable, Missing, as_backend, load_backend
+from mpvss_ros.runtime import BackendUnavailable, Missing, as_backend, backend_missing, load_backend, padded_size
 from mpvss_ros.runtime import export as export_module
 from mpvss_ros.runtime import onnx_backend
 from mpvss_ros.runtime.export import (
@@ -58,7 +60,7 @@ from mpvss_ros.runtime.export import (
     read_contract,
     replace_canvas,
 )
-from mpvss_ros.runtime.onnx_backend import OnnxRuntimeBackend, make_session, without_outputs
+from mpvss_ros.runtime.onnx_backend import OnnxRuntimeBackend, make_session, onnxruntime_missing, without_outputs
 from mpvss_ros.runtime.torch_backend import TorchBackend
 from mpvss_ros.scheduling import FixedIntervalScheduler
 from mpvss_ros.segmenter import Letterbox, VideoSegmenter
@@ -398,6 +400,11 @@ def test_onnxruntime_cpu_warps_in_torch_and_matches_the_whole_graph(lite_small, 
     w_old = old_backend.propagate(old_backend.segment_key_frame(imgs[0], (96, 128)), imgs[1])
     assert old_backend._get((96, 128)).non_key_output == "warped_mask_logits"
     np.testing.assert_allclose(w_old.numpy(), w_graph, atol=1e-4, rtol=0)
+    active = torch.tensor([2, 5, 11])  # the whole graph's warp, too, returns the key frame's active queries
+    old_key = old_backend.segment_key_frame(imgs[0], (96, 128))
+    w_part = old_backend.propagate(dataclasses.replace(old_key, active=active), imgs[1])
+    assert w_part.shape[1] == 3
+    torch.testing.assert_close(w_part, w_old[:, active], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="no 'flows' output.*re-export"):  # chained flow needs the flows
         old_backend.query_flows(old_backend.segment_key_frame(imgs[0], (96, 128)), imgs[1], imgs[0])
 
@@ -459,6 +466,52 @@ def test_load_backend_variants_and_errors(lite):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="needs CUDA"):
             load_backend("torch", lite, precision="fp16")
+    with pytest.raises(ValueError, match="--onnx-dir needs --backend onnxruntime or tensorrt"):
+        load_backend("torch", onnx_dir="export/")  # not a default model loaded instead
+
+
+def test_load_backend_passes_motion_optional_to_the_loader(monkeypatch):
+    """Weights without a motion module load, when told, for every backend (the loader stops here)."""
+    seen = []
+
+    def load(*a, **k):
+        seen.append(k.get("motion_optional"))
+        raise RuntimeError("loaded")
+
+    monkeypatch.setattr(model_loader, "load_model", load)
+    for backend in ("torch", "onnxruntime"):
+        with pytest.raises(RuntimeError, match="loaded"):
+            load_backend(backend, model="mpvss_lite", motion_optional=True)
+    assert seen == [True, True]
+
+
+def test_backend_missing_resolves_auto_and_refuses_other_device_types(monkeypatch):
+    """``auto`` is what resolve_device makes of it (a GPU, simulated, that torch does not see here),
+    and a device torch knows but the backends do not run on is a ValueError."""
+    with pytest.raises(ValueError, match="unsupported device"):
+        backend_missing("torch", "meta")
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    monkeypatch.setattr(model_loader, "resolve_device", lambda device, backend="torch", precision="fp32": "cuda")
+    assert "CUDA was requested" in backend_missing("torch", "auto")
+
+
+def test_load_backend_gives_the_graph_source_the_weights_provenance(lite, tmp_path):
+    """The graphs exported for a LoadedModel record its weights file and whether it was trained."""
+    loaded = dataclasses.replace(lite, weights=Path("w.pt"), trained=True)
+    backend = load_backend("onnxruntime", loaded, input_hw=(64, 64), cache_dir=tmp_path, threads=1)
+    assert backend.source.weights == "w.pt" and backend.source.trained is True
+    contract = read_contract(backend.source.get((64, 64)))
+    assert contract["weights"] == "w.pt" and contract["trained"] is True
+
+
+def test_load_backend_gives_the_torch_backend_its_precision(monkeypatch):
+    """load_backend('torch', precision=...) builds a backend of that precision (bf16 here, its
+    hardware check patched out; the model of its own: bf16 converts it in place)."""
+    monkeypatch.setattr(runtime, "backend_missing", lambda *a, **k: None)
+    backend = load_backend("torch", load_model("mpvss_lite"), precision="bf16")
+    assert backend.precision == "bf16" and backend.describe()["precision"] == "bf16"
+    assert next(backend.model.backbone.parameters()).dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -534,6 +587,16 @@ def test_size_cache_keeps_the_most_recent_sizes():
     assert len(cache) == 0
     with pytest.raises(ValueError):
         SizeCache(0)
+    dropped = []
+    one = SizeCache(1, on_evict=lambda hw, value: dropped.append((hw, value)))  # the only size held is evicted too
+    one.get((1, 2), make)
+    one.get((3, 4), make)
+    assert dropped == [((1, 2), "s1x2")] and one.sizes() == [(3, 4)]
+
+
+def test_padded_size_rounds_each_side_up_to_the_divisibility():
+    assert padded_size((33, 65), 64) == (64, 128)
+    assert padded_size((64, 96)) == (64, 96) and padded_size((65, 97)) == (96, 128)
 
 
 def test_onnxruntime_backend_keeps_sessions_of_recent_sizes_only(tmp_path, lite, monkeypatch):
@@ -777,6 +840,31 @@ def test_onnxruntime_cuda_provider_listed_but_unusable(monkeypatch, lite_small):
             make_session(lite_small.key_frame, threads=1, device="cuda")
     finally:
         onnx_backend._cuda_provider_problem.cache_clear()
+
+
+def test_the_cuda_probe_names_a_session_that_raises(monkeypatch):
+    """A probe session that raises (CUDA libraries missing) is a problem, named by its first line."""
+    import onnxruntime as ort
+
+    def raises(*a, **k):
+        raise RuntimeError("CUDA_PATH is set but CUDA wasn't able to be loaded\nmore details")
+
+    monkeypatch.setattr(ort, "InferenceSession", raises)
+    onnx_backend._cuda_provider_problem.cache_clear()
+    try:
+        assert onnx_backend._cuda_provider_problem(0) == "RuntimeError: CUDA_PATH is set but CUDA wasn't able to be loaded"
+    finally:
+        onnx_backend._cuda_provider_problem.cache_clear()
+
+
+def test_onnxruntime_missing_probes_the_cuda_device_it_was_given(monkeypatch):
+    """cuda:1 is probed on device 1, not on GPU 0."""
+    import onnxruntime as ort
+
+    probed = []
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnx_backend, "_cuda_provider_problem", lambda device_id: probed.append(device_id))
+    assert onnxruntime_missing("cuda:1") is None and probed == [1]
 
 
 def test_a_torch_backend_on_the_same_model_does_not_break_new_sizes(tmp_path):
@@ -1209,7 +1297,7 @@ def test_export_of_weights_without_a_motion_module_says_so(fake_export, tmp_path
     assert json.loads((tmp_path / "x" / "contract.json").read_text())["motion_trained"] is False
 
 
-# The export path itself: sizes, modes, opset, parity tolerance, the cache key (stop 49's mutation pass).
+# The export path itself: sizes, modes, opset, parity tolerance, the cache key.
 
 @pytest.fixture(scope="module")
 def export_32(lite, tmp_path_factory):
@@ -1468,8 +1556,7 @@ def test_a_graph_source_lists_the_sizes_it_has_exported_in_order(lite, tmp_path,
     assert [(c["weights"], c["trained"]) for c in calls] == [("w.pt", True)] * 2
 
 
-# The onnxruntime backend and load_backend / as_backend (stop 49's mutation pass of onnx_backend.py and
-# runtime/__init__.py, base.py).
+# The onnxruntime backend and load_backend / as_backend (onnx_backend.py, runtime/__init__.py, base.py).
 
 def test_make_session_refuses_zero_threads(lite_small):
     """threads=0 (onnxruntime's 'default') must be refused as documented (threads >= 1)."""
@@ -1527,11 +1614,30 @@ def test_key_frame_of_another_batch_or_channel_count_is_refused(lite_small):
         backend.segment_key_frame(torch.zeros(2, 3, 96, 128), (96, 128))
 
 
+def test_a_reference_frame_of_another_canvas_is_refused(lite_small):
+    """A chained flow's reference frame must lie on the key frame's canvas too (a ValueError
+    naming it, not an onnxruntime error)."""
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
+    imgs = [torch.from_numpy(f).permute(2, 0, 1)[None].float() for f in _random_frames((96, 128), 2, seed=5)]
+    key = backend.segment_key_frame(imgs[0], (96, 128))
+    with pytest.raises(ValueError, match="reference frame canvas"):
+        backend.query_flows(key, imgs[1], torch.zeros(1, 3, 64, 128))
+
+
 def test_describe_names_the_threads(lite_small):
     """The summary records the intra-op thread count."""
     backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), threads=1)
     assert backend.describe() == {"backend": "onnxruntime[CPUExecutionProvider]", "device": "cpu",
                                   "precision": "fp32", "threads": 1}
+
+
+def test_a_cuda_backend_is_named_for_its_provider_and_warps_in_the_graph(lite_small, monkeypatch):
+    """onnxruntime on CUDA (simulated: no sessions are made without a size to preload) is named
+    for the CUDA provider, runs the graph's own warp, and keeps tensors on the CPU."""
+    monkeypatch.setattr(onnx_backend, "onnxruntime_missing", lambda device="cpu": None)
+    backend = OnnxRuntimeBackend(GraphSource.from_dir(lite_small.out_dir), "cuda", threads=1)
+    assert backend.name == "onnxruntime[CUDAExecutionProvider]" and backend._warp_in_torch is False
+    assert backend.device == torch.device("cpu")
 
 
 def test_load_backend_passes_threads_on(lite_small):
@@ -1554,6 +1660,8 @@ def test_as_backend_needs_every_attribute_of_a_duck_typed_backend():
     """An object with only some of cfg / num_classes / segment_key_frame is refused."""
     with pytest.raises(TypeError, match="expected an MPVSS model or an inference backend"):
         as_backend(SimpleNamespace(cfg=object()))
+    with pytest.raises(TypeError, match="no model to run.*load_backend"):  # an export folder's LoadedModel.model
+        as_backend(None)
 
 
 def test_load_backend_takes_a_list_of_two_sizes(lite_small):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mpvss_ros.model_loader import load_model
+from mpvss_ros.nn.backbones import Conv2dNorm
 from mpvss_ros.nn.motion import MotionOutput
 from mpvss_ros.runtime import BackendUnavailable, backend_missing
 from mpvss_ros.runtime.torch_backend import (BF16_MODULES, CHANNELS_LAST_MODULES, TorchBackend, _conv_output_length,
@@ -156,6 +157,14 @@ def test_run_in_bf16_keeps_a_float32_interface():
     torch.testing.assert_close(out["y"], expected, atol=0.05, rtol=0.02)
 
 
+def test_run_in_bf16_stores_the_weights_in_the_memory_format_given():
+    """The bf16 weights of an NCHW module become channels-last when asked (the backend's bf16
+    modules on CPU)."""
+    seq = nn.Sequential(nn.Conv2d(4, 4, 3))
+    run_in_bf16(seq, torch.channels_last)
+    assert seq[0].weight.dtype == torch.bfloat16 and _is_channels_last(seq[0].weight)
+
+
 @pytest.mark.skipif(bf16_missing() is not None, reason=f"{bf16_missing()}")
 @pytest.mark.parametrize("stride, width", [(2, 1), (2, 2), (3, 3), (2, 5)])
 def test_bf16_strided_convolutions_one_column_wide_read_only_their_input(stride, width):
@@ -253,6 +262,9 @@ def test_bf16_needs_the_instructions_not_only_onednn(monkeypatch):
     assert "AVX-512 BF16 or AMX" in bf16_missing("cpu")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert bf16_missing("cpu") is None
+    # and the other way round: the instructions without oneDNN's bfloat16 kernels are not enough
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert "AVX-512 BF16 or AMX" in bf16_missing("cpu")
 
 
 def test_bf16_on_a_torch_without_the_cpu_probes_names_torch_not_the_cpu(monkeypatch):
@@ -263,10 +275,13 @@ def test_bf16_on_a_torch_without_the_cpu_probes_names_torch_not_the_cpu(monkeypa
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     missing = bf16_missing("cpu")
     assert missing.reason.startswith(f"torch {torch.__version__} cannot tell") and "newer torch" in missing.remedy
+    # a torch with one of the two probes asks that one
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert bf16_missing("cpu") is None
 
 
-# Folding, layout, bf16 and the one-column guard without bf16 hardware (stop 49's mutation pass of
-# torch_backend.py): weights, hooks and layout, or tiny convolutions on torch's reference kernels.
+# Folding, layout, bf16 and the one-column guard without bf16 hardware: weights, hooks and layout,
+# or tiny convolutions on torch's reference kernels.
 
 @contextlib.contextmanager
 def _mkldnn(enabled: bool):
@@ -302,6 +317,12 @@ def test_folding_uses_each_batch_norms_own_eps():
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
+def test_fold_batch_norms_leaves_a_group_norm_alone():
+    """A Conv2dNorm with a GroupNorm (the pixel decoder's) keeps its norm: only BatchNorm2d folds."""
+    conv = Conv2dNorm(4, 4, 3, padding=1, norm=nn.GroupNorm(2, 4)).eval()
+    assert fold_batch_norms(conv) == 0 and isinstance(conv.norm, nn.GroupNorm)
+
+
 def test_to_channels_last_skips_a_missing_module_and_converts_the_next():
     model = nn.Module()
     model.add_module("motion", nn.Sequential(nn.Conv2d(4, 4, 3)))  # no "backbone" before it
@@ -316,16 +337,18 @@ def test_the_cpu_backend_runs_the_motion_module_channels_last():
     assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
 
 
-def _bf16_backend(monkeypatch, model, **kw):
+def _unchecked_backend(monkeypatch, model, precision="bf16", **kw):
+    """A CPU TorchBackend of ``precision`` without the hardware check (no bf16 instructions or
+    CUDA needed here; torch 2.13 autocasts to float16 on the CPU too)."""
     import mpvss_ros.runtime as runtime
 
-    monkeypatch.setattr(runtime, "backend_missing", lambda *a, **k: None)  # no bf16 hardware needed here
-    return TorchBackend(model, "cpu", precision="bf16", **kw)
+    monkeypatch.setattr(runtime, "backend_missing", lambda *a, **k: None)
+    return TorchBackend(model, "cpu", precision=precision, **kw)
 
 
 def test_bf16_converts_the_motion_encoder_channels_last(monkeypatch):
     model = load_model("mpvss_lite").model
-    _bf16_backend(monkeypatch, model)
+    _unchecked_backend(monkeypatch, model)
     enc = list(model.motion.encoder.parameters())
     assert enc and all(p.dtype == torch.bfloat16 for p in enc)
     weights = _conv_weights(model.motion.encoder)
@@ -333,16 +356,40 @@ def test_bf16_converts_the_motion_encoder_channels_last(monkeypatch):
     assert all(p.dtype == torch.float32 for p in model.sem_seg_head.parameters())
 
 
-def test_bf16_refuses_a_model_that_is_not_mpvss(monkeypatch, band_model):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_refuses_a_model_that_is_not_mpvss(monkeypatch, band_model, precision):
     with pytest.raises(BackendUnavailable, match="implemented for the MPVSS model"):
-        _bf16_backend(monkeypatch, band_model)
+        _unchecked_backend(monkeypatch, band_model, precision)
 
 
-@pytest.mark.parametrize("n, k, s, p", [(n, k, s, p) for n in range(1, 9) for k in (1, 3, 5) for s in (1, 2, 3) for p in (0, 1, 2)
-                                        if n + 2 * p >= k])
-def test_conv_output_length_is_nn_conv2ds(n, k, s, p):
-    conv = nn.Conv2d(1, 1, k, s, p)
-    assert _conv_output_length(n, k, s, p) == conv(torch.zeros(1, 1, k, n)).shape[-1]
+def test_fp16_autocasts_the_decoder_and_returns_float32(monkeypatch):
+    """fp16 (a CUDA precision, run here on the CPU's float16 autocast): the masked-attention
+    decoder computes in float16; the key frame's logits, the flows and the warped masks come
+    back float32, and the warp covers the key frame's active queries only."""
+    model = load_model("mpvss_lite").model
+    backend = _unchecked_backend(monkeypatch, model, "fp16")
+    assert backend.name == "torch[fp16 autocast]" and backend.describe()["precision"] == "fp16"
+    seen = []
+    model.sem_seg_head.predictor.class_embed.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    key_image, image = _pair()
+    keep = torch.tensor([1, 4, 7])
+    with torch.inference_mode():
+        key = backend.segment_key_frame(key_image, (90, 128))
+        flows = backend.query_flows(key, image)
+        warped = backend.propagate(key, image)
+        warped_part = backend.propagate(replace(key, active=keep), image)
+    assert seen and seen[0] == torch.float16
+    assert key.class_logits.dtype == key.mask_logits.dtype == key.query_embeddings.dtype == torch.float32
+    assert flows.dtype == warped.dtype == torch.float32
+    assert warped_part.shape[1] == 3
+    torch.testing.assert_close(warped_part, warped[:, keep], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, k, s, p, d", [(n, k, s, p, d) for n in range(1, 9) for k in (1, 3, 5) for s in (1, 2, 3)
+                                           for p in (0, 1, 2) for d in (1, 2) if n + 2 * p >= d * (k - 1) + 1])
+def test_conv_output_length_is_nn_conv2ds(n, k, s, p, d):
+    conv = nn.Conv2d(1, 1, k, s, p, dilation=d)
+    assert _conv_output_length(n, k, s, p, d) == conv(torch.zeros(1, 1, d * (k - 1) + 1, n)).shape[-1]
 
 
 def _seen_mkldnn(conv):
@@ -351,15 +398,18 @@ def _seen_mkldnn(conv):
     return seen
 
 
-@pytest.mark.parametrize("stride, padding, width, guarded", [
-    ((1, 2), (1, 1), 2, True),    # horizontal stride only, output one column wide
-    ((2, 1), (1, 1), 2, False),   # vertical stride only: 2 columns out
-    ((1, 2), (0, 1), 1, True),    # asymmetric padding: the horizontal one counts
-    ((1, 2), (1, 0), 3, True),
-    ((1, 2), (1, 1), 4, False),
+@pytest.mark.parametrize("stride, padding, width, guarded, more", [
+    ((1, 2), (1, 1), 2, True, {}),    # horizontal stride only, output one column wide
+    ((2, 1), (1, 1), 2, False, {}),   # vertical stride only: 2 columns out
+    ((1, 2), (0, 1), 1, True, {}),    # asymmetric padding: the horizontal one counts
+    ((1, 2), (1, 0), 3, True, {}),
+    ((1, 2), (1, 1), 4, False, {}),
+    (2, (0, 1), 2, True, {"kernel_size": (1, 3)}),     # the horizontal kernel counts
+    ((1, 2), (1, 2), 2, True, {"dilation": (1, 2)}),   # and the horizontal dilation
+    (2, "valid", 3, True, {}),                         # a string padding pads nothing
 ])
-def test_the_one_column_guard_follows_the_horizontal_stride_and_padding(stride, padding, width, guarded):
-    conv = nn.Conv2d(2, 2, 3, stride, padding)
+def test_the_one_column_guard_follows_the_horizontal_stride_and_padding(stride, padding, width, guarded, more):
+    conv = nn.Conv2d(2, 2, **{"kernel_size": 3, "stride": stride, "padding": padding, **more})
     run_in_bf16(conv)
     seen = _seen_mkldnn(conv)
     with _mkldnn(True), torch.inference_mode():
@@ -367,6 +417,15 @@ def test_the_one_column_guard_follows_the_horizontal_stride_and_padding(stride, 
         assert seen == [not guarded]
         assert (out.shape[-1] == 1) == guarded
         assert torch.backends.mkldnn.enabled
+
+
+def test_a_convolution_without_a_horizontal_stride_keeps_onednn():
+    """Only strided convolutions are guarded: a stride-1 one with an output one column wide keeps oneDNN."""
+    conv = nn.Conv2d(2, 2, 3, 1, 1)
+    run_in_bf16(conv)
+    seen = _seen_mkldnn(conv)
+    with _mkldnn(True), torch.inference_mode():
+        assert conv(torch.randn(1, 2, 5, 1)).shape[-1] == 1 and seen == [True]
 
 
 def test_the_guard_turns_onednn_back_on_when_the_convolution_raises():
@@ -379,8 +438,12 @@ def test_the_guard_turns_onednn_back_on_when_the_convolution_raises():
 
 
 def test_the_guard_leaves_a_user_disabled_onednn_off():
+    """Also after an earlier guarded run of the same convolution with oneDNN on."""
     conv = nn.Conv2d(2, 2, 3, 2, 1)
     run_in_bf16(conv)
+    with _mkldnn(True), torch.inference_mode():
+        conv(torch.randn(1, 2, 5, 1))
+        assert torch.backends.mkldnn.enabled
     with _mkldnn(False), torch.inference_mode():
         conv(torch.randn(1, 2, 5, 1))
         assert torch.backends.mkldnn.enabled is False
