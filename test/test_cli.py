@@ -1312,7 +1312,7 @@ def test_summary_fps_leaves_out_the_backend_setup_time(tmp_path, monkeypatch):
     assert s["fps"] == pytest.approx(s["frames"] / (s["wall_time_s"] - s["setup_s"]), rel=1e-9)
 
 
-# -- Flags, defaults and result lines (stop 49's mutation pass of cli.py)
+# -- Flags, defaults and result lines
 
 def test_optical_flow_scale_accepts_both_ends_of_its_range():
     """The help and the node parameter say 0.1 <= s <= 1: both ends parse."""

@@ -736,8 +736,7 @@ def test_a_crop_given_as_a_list_is_accepted():
     TrainOptions(run_dir="x", crop=[96, 128]).validate()
 
 
-# Options, optimiser groups, evaluation, the training loop's order and limits, run folders (stop 49's
-# mutation pass of trainer.py).
+# Options, optimiser groups, evaluation, the training loop's order and limits, run folders.
 
 def _lite():
     return MPVSS(load_model_config("mpvss_lite"))
