@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+import PIL.Image
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import with_exif_orientation
@@ -30,6 +34,7 @@ from mpvss_ros.io.video import (
     read_label_png,
     write_label_png,
 )
+from mpvss_ros.offline import SegmentOptions, segment_path
 
 
 def _bikes() -> Path:
@@ -995,3 +1000,322 @@ def test_a_container_frame_rate_is_kept_unless_outside_the_accepted_range(tmp_pa
     with open_source(path) as src:
         assert src.fps == pytest.approx(29.97)
         assert [f.stamp for f in src] == pytest.approx([0.0, 1 / 29.97, 2 / 29.97])
+
+
+# ------------------------------------------------------------------ property-based: generated folders and videos
+
+#: image files a generated folder holds: decodable ones, each with the RGB frame it must give ...
+_GOOD_FILES = ("png", "grey", "png16", "grey16", "rgba", "palette", "png_trailer", "jpeg", "jpeg_upright",
+               "jpeg_as_png", "bmp", "tif")
+#: ... and damaged or foreign ones, which must be skipped
+_BAD_FILES = ("zero_bytes", "garbage", "png_cut", "png_crc", "jpeg_cut", "tif_cut", "text")
+#: files no frame comes from and no index counts: hidden, a sub-folder named like an image, another suffix
+_IGNORED_FILES = ("hidden", "subfolder", "not_image")
+
+_folder_file = st.tuples(
+    st.sampled_from(_GOOD_FILES + _BAD_FILES + _IGNORED_FILES),
+    st.sampled_from(["", "f", "frame_", "F", "b-", "é ", "a.b"]),  # stem prefix
+    st.integers(0, 120),  # frame number
+    st.booleans(),  # zero-padded number
+    st.sampled_from([(1, 1), (2, 7), (7, 2), (24, 32), (25, 33), (31, 17)]),  # (H, W)
+    st.integers(0, 2**32 - 1),  # seed of the pixels and the damage
+    st.booleans(),  # upper-case suffix
+)
+
+
+def _encoded(ext: str, img: np.ndarray) -> bytes:
+    """``img`` (OpenCV's channel order) encoded by OpenCV as a file of suffix ``ext``."""
+    ok, buf = cv2.imencode(ext, img)
+    assert ok
+    return buf.tobytes()
+
+
+def _write_generated_file(folder: Path, file) -> tuple[str, str, np.ndarray | None] | None:
+    """Write one :data:`_folder_file`: (file name, kind, the RGB frame it must give or None) for an
+    image file the source considers, None for an ignored one."""
+    kind, prefix, number, padded, hw, seed, upper = file
+    stem = f"{prefix}{number:03d}" if padded else f"{prefix}{number}"
+    rng = np.random.default_rng(seed)
+    if kind.startswith("jpeg"):  # one flat colour, which the lossy codec keeps within a few levels
+        rgb = np.broadcast_to(rng.integers(30, 226, 3, dtype=np.uint8), (*hw, 3)).copy()
+    else:
+        rgb = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    expected = None
+    if kind in ("png", "rgba", "png_trailer", "jpeg", "jpeg_as_png", "bmp", "tif"):
+        ext = {"jpeg": ".jpg", "jpeg_as_png": ".jpg", "bmp": ".bmp", "tif": ".tiff"}.get(kind, ".png")
+        image = np.dstack([bgr, rng.integers(0, 256, hw, dtype=np.uint8)]) if kind == "rgba" else bgr
+        data, expected = _encoded(ext, image) + (b"trailer" if kind == "png_trailer" else b""), rgb
+    elif kind == "grey":
+        data, expected = _encoded(".png", rgb[..., 0]), np.repeat(rgb[..., :1], 3, axis=2)
+    elif kind in ("png16", "grey16"):  # scaled by round(v * 255 / 65535)
+        deep = rng.integers(0, 65536, (*hw, 3 if kind == "png16" else 1), dtype=np.uint16)
+        data = _encoded(".png", deep)
+        expected = np.broadcast_to(np.rint(deep[..., ::-1] * (255 / 65535)).astype(np.uint8), (*hw, 3)).copy()
+    elif kind == "palette":  # expanded to its colours
+        index, colours = rng.integers(0, 4, hw, dtype=np.uint8), rng.integers(0, 256, (4, 3), dtype=np.uint8)
+        img = PIL.Image.fromarray(index, mode="P")
+        img.putpalette(colours.ravel().tolist() + [0] * (256 * 3 - 12))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        data, expected = buf.getvalue(), colours[index]
+    elif kind == "jpeg_upright":  # EXIF orientation 6: stored W x H, turned clockwise to H x W
+        data, expected = with_exif_orientation(_encoded(".jpg", bgr), 6), np.ascontiguousarray(np.rot90(rgb, -1))
+    elif kind == "zero_bytes":
+        data = b""
+    elif kind == "garbage":
+        data = b"\x00" + rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tobytes()
+    elif kind in ("png_cut", "tif_cut"):
+        good = _encoded(".png" if kind == "png_cut" else ".tiff", bgr)
+        data = good[: int(rng.integers(1, len(good)))]
+    elif kind == "png_crc":
+        data = _with_a_bad_idat_crc(_encoded(".png", bgr))
+    elif kind == "jpeg_cut":  # cut inside the scan data, 8 bytes or more before its end
+        good = _encoded(".jpg", bgr)
+        sos = good.index(b"\xff\xda")
+        data = good[: int(rng.integers(sos + 20, len(good) - 8))] if len(good) - 8 > sos + 20 else good[:sos]
+    elif kind == "text":
+        data = b"not an image\n" * int(rng.integers(0, 5))
+    elif kind == "hidden":
+        (folder / f".{stem}.png").write_bytes(_encoded(".png", bgr))
+        return None
+    elif kind == "subfolder":
+        (folder / f"{stem}_dir.png").mkdir(exist_ok=True)
+        (folder / f"{stem}_dir.png" / "000.png").write_bytes(_encoded(".png", bgr))
+        return None
+    else:  # not_image: image data under a suffix no source reads
+        (folder / f"{stem}.txt").write_bytes(_encoded(".png", bgr))
+        return None
+    ext = {"jpeg": ".jpg", "jpeg_upright": ".jpg", "jpeg_cut": ".jpeg", "bmp": ".bmp", "tif": ".tiff",
+           "tif_cut": ".tif", "text": ".tif"}.get(kind, ".png")
+    name = stem + (ext.upper() if upper else ext)
+    (folder / name).write_bytes(data)
+    return name, kind, expected
+
+
+def _generated_folder(folder: Path, files) -> list[tuple[str, str, np.ndarray | None]]:
+    """Write ``files`` (:data:`_folder_file`) into ``folder``; its image files as
+    :func:`_write_generated_file` gives them, in the documented order (plain string order of the
+    file names). A name written twice holds the last file."""
+    folder.mkdir()
+    written = {}
+    for file in files:
+        image_file = _write_generated_file(folder, file)
+        if image_file is not None:
+            written[image_file[0]] = image_file
+    return sorted(written.values(), key=lambda f: f[0])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(_folder_file, max_size=12), fps=st.sampled_from([None, 1.0, 7.5, 29.97]),
+       max_pixels=st.sampled_from([None, None, 100, 24 * 32]))
+def test_a_generated_folder_yields_every_readable_image_once_in_file_name_order(caplog, files, fps, max_pixels):
+    """A folder of generated files (PNG, JPEG, BMP and TIFF frames; grey, 16-bit, RGBA and palette
+    PNGs; a JPEG turned by its EXIF orientation, one named .png; zero-byte, garbage, cut and
+    CRC-damaged files; hidden files, sub-folders, other suffixes; numbers with and without zero
+    padding, suffixes in either case): every image file counts once, in file-name order; each
+    readable one is yielded as its own (H, W, 3) uint8 RGB frame, index = its place, stamp =
+    index / fps (increasing), name = its stem; every other one is skipped with a warning naming it
+    and listed by stem in ``unreadable`` (``too_large`` when above ``max_pixels``, a damaged
+    PNG or JPEG too when its header says so); frames + unreadable + too_large = len(), on every
+    iteration. No exception but the documented ValueError (no image, two files of one stem)."""
+    caplog.clear()
+    with tempfile.TemporaryDirectory() as tmp, caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"):
+        image_files = _generated_folder(Path(tmp) / "clip", files)
+        stems = [Path(name).stem for name, _, _ in image_files]
+        if not image_files or len(set(stems)) < len(stems):
+            with pytest.raises(ValueError, match="no images|same name stem"):
+                open_source(Path(tmp) / "clip", fps=fps, max_pixels=max_pixels)
+            return
+        with open_source(Path(tmp) / "clip", fps=fps, max_pixels=max_pixels) as src:
+            rate = 30.0 if fps is None else fps
+            assert src.fps == rate and len(src) == len(image_files)
+            for _ in range(2):  # every iteration starts again from the first file
+                frames = list(src)
+                by_index = {f.index: f for f in frames}
+                assert [f.index for f in frames] == sorted(by_index)  # once each, in order
+                assert all(f.stamp == f.index / rate for f in frames)
+                assert all(a.stamp < b.stamp for a, b in zip(frames, frames[1:]))
+                too_large, skipped = [], []
+                for index, (name, kind, expected) in enumerate(image_files):
+                    large = expected is not None and max_pixels is not None and expected[..., 0].size > max_pixels
+                    if expected is None or large:
+                        assert index not in by_index, f"{name} ({kind}) was yielded"
+                        assert name in caplog.text, f"no warning names the skipped {name} ({kind})"
+                        (too_large if large else skipped).append(stems[index])
+                        continue
+                    frame = by_index.get(index)
+                    assert frame is not None, f"{name} ({kind}) was not yielded"
+                    assert frame.name == stems[index] and frame.image.dtype == np.uint8
+                    assert frame.image.shape == expected.shape and frame.image.flags.c_contiguous, name
+                    if kind.startswith("jpeg"):
+                        assert np.abs(frame.image.astype(int) - expected).max() <= 8, name
+                    else:
+                        np.testing.assert_array_equal(frame.image, expected, err_msg=name)
+                for listed in (src.unreadable, src.too_large):  # each in file order
+                    assert listed == [s for s in stems if s in listed]
+                # a damaged PNG or JPEG may be refused by its header's size first
+                assert sorted(src.unreadable + src.too_large) == sorted(skipped + too_large)
+                assert set(too_large) <= set(src.too_large)
+                assert len(frames) + len(src.unreadable) + len(src.too_large) == len(src)
+
+
+@settings(max_examples=25, deadline=None)
+@given(files=st.lists(_folder_file, min_size=1, max_size=6), fps=st.sampled_from([None, 5.0]),
+       max_pixels=st.sampled_from([None, 24 * 32]))
+def test_a_segment_run_of_a_generated_folder_accounts_for_every_file(lite, torch_single_thread, files, fps,
+                                                                     max_pixels):
+    """``segment_path`` (mpvss segment) on a generated folder: labels/ holds one PNG per readable
+    image, at its size; frames.jsonl lists them in file-name order with their source index and
+    stamp index / fps (increasing), the first a key frame; the summary's frames +
+    skipped_unreadable + skipped_too_large = the image files considered. A folder with no readable
+    image is a ValueError, not a crash or an empty run, and leaves an earlier run's outputs in
+    place; a run that reads a frame replaces them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, out = Path(tmp) / "clip", Path(tmp) / "out"
+        image_files = _generated_folder(folder, files)
+        stems = [Path(name).stem for name, _, _ in image_files]
+        readable = [(i, stems[i], e) for i, (_, _, e) in enumerate(image_files)
+                    if e is not None and (max_pixels is None or e[..., 0].size <= max_pixels)]
+        write_label_png(out / "labels" / "earlier.png", np.zeros((2, 2), np.uint8))  # an earlier run's outputs
+        (out / "frames.jsonl").write_text("{}\n")
+        options = SegmentOptions(propagator="copy", write_overlay=False, progress=False, fps=fps,
+                                 max_image_pixels=max_pixels)
+        if not image_files or len(set(stems)) < len(stems) or not readable:
+            with pytest.raises(ValueError, match="no images|same name stem|no frame"):
+                segment_path(folder, out, lite, options)
+            assert (out / "labels" / "earlier.png").is_file() and (out / "frames.jsonl").read_text() == "{}\n"
+            return
+        summary = segment_path(folder, out, lite, options)
+        rate = 30.0 if fps is None else fps
+        assert summary["frames"] == len(readable) and summary["missing_at_end"] == 0
+        assert summary["frames"] + len(summary["skipped_unreadable"]) + len(summary["skipped_too_large"]) \
+            == len(image_files)
+        assert sorted(p.name for p in (out / "labels").iterdir()) == sorted(f"{s}.png" for _, s, _ in readable)
+        for _, stem, expected in readable:
+            assert read_label_png(out / "labels" / f"{stem}.png").shape == expected.shape[:2]
+        records = [json.loads(line) for line in (out / "frames.jsonl").read_text().splitlines()]
+        assert [(r["name"], r["source_index"], r["stamp"]) for r in records] == [(s, i, i / rate) for i, s, _ in readable]
+        assert all(a["stamp"] < b["stamp"] for a, b in zip(records, records[1:]))
+        assert records[0]["is_key_frame"]
+
+
+#: damage done to a video file: none, cut short at a fraction of its bytes, or a stretch of its bytes zeroed
+_video_damage = st.one_of(st.none(), st.tuples(st.just("cut"), st.floats(0.05, 0.98), st.just(0.0)),
+                          st.tuples(st.just("zeroed"), st.floats(0.05, 0.95), st.floats(0.001, 0.2)))
+
+
+def _damaged(data: bytes, damage) -> bytes:
+    """``data`` with ``damage`` (:data:`_video_damage`) done to it."""
+    if damage is None:
+        return data
+    kind, at, length = damage
+    start = max(1, int(len(data) * at))
+    if kind == "cut":
+        return data[:start]
+    end = min(len(data), start + max(1, int(len(data) * length)))
+    return data[:start] + bytes(end - start) + data[end:]
+
+
+def _check_video_timeline(src, frames: list[Frame], count: int) -> None:
+    """Frames of a video source (iterated to its end): distinct indices in order, none of them a
+    skipped frame's, named by the zero-padded index, stamped index / fps (increasing); decoded +
+    skipped + missing = the container's ``count`` (or more, when it undercounts)."""
+    indices = [f.index for f in frames]
+    assert indices == sorted(set(indices))
+    names = [f.name for f in frames] + src.unreadable + src.too_large  # a skipped frame's index is left out
+    assert len(set(names)) == len(names), names
+    assert all(f.name == f"{f.index:06d}" and f.stamp == f.index / src.fps for f in frames)
+    assert all(a.stamp < b.stamp for a, b in zip(frames, frames[1:]))
+    accounted = len(frames) + len(src.too_large) + len(src.unreadable)
+    assert accounted + src.missing == max(count, accounted)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 6), hw=st.sampled_from([(16, 16), (17, 23), (24, 32), (9, 40)]),
+       suffix=st.sampled_from([".avi", ".mp4", ".mkv"]), fps=st.sampled_from([5.0, 12.5, 25.0]),
+       damage=_video_damage, override=st.sampled_from([None, 7.0]))
+def test_a_tiny_video_whole_or_damaged_yields_its_frames_in_order(caplog, n, hw, suffix, fps, damage, override):
+    """A tiny video written with VideoWriter (odd sizes encoded one pixel larger), whole, cut short or
+    with a stretch of bytes zeroed: refused when opened with the documented ValueError, or its
+    frames come as (H, W, 3) uint8 RGB of the encoded size on the timeline of
+    :func:`_check_video_timeline`, at the given or the container's rate. Whole, every frame comes, the
+    one written at its index, without a warning. (Damaged, the decoder may conceal a lost frame with
+    another without an error: mp4v shows a damaged P-frame as the frame before.)"""
+    colours = [np.array([(37 * i) % 200 + 30, 255 - (41 * i) % 200, (90 + 53 * i) % 256], np.uint8) for i in range(n)]
+    caplog.clear()
+    with tempfile.TemporaryDirectory() as tmp, caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"):
+        path = Path(tmp) / f"clip{suffix}"
+        with VideoWriter(path, fps) as writer:
+            for colour in colours:
+                writer.write(np.broadcast_to(colour, (*hw, 3)).copy())
+        caplog.clear()  # the odd-size warning
+        path.write_bytes(_damaged(path.read_bytes(), damage))
+        try:
+            src = open_source(path, fps=override)
+        except ValueError as exc:
+            assert damage is not None and "cannot read video" in str(exc)
+            return
+        with src:
+            assert src.fps == (override or pytest.approx(fps, rel=1e-3))
+            frames = list(src)
+        ew, eh = writer.encoded_size
+        assert all(f.image.shape == (eh, ew, 3) and f.image.dtype == np.uint8 for f in frames)
+        _check_video_timeline(src, frames, src.known_len() or 0)
+        if damage is None:
+            assert [f.index for f in frames] == list(range(n)) and src.known_len() in (None, n)
+            assert src.unreadable == [] and src.missing == 0 and not caplog.records
+            for f in frames:  # nearest to the colour written at its index
+                mean = f.image.reshape(-1, 3).mean(0)
+                assert int(np.argmin([np.abs(mean - c).sum() for c in colours])) == f.index
+
+
+@settings(max_examples=10, deadline=None)
+@given(damage=_video_damage)
+def test_the_sample_clip_damaged_anywhere_keeps_its_timeline(damage):
+    """bikes.mp4 (250 frames, 640 x 272, 25 fps) cut short or with a stretch zeroed: refused when
+    opened (documented ValueError), or its frames are 640 x 272 RGB on the timeline of
+    :func:`_check_video_timeline` with the container's count of 250."""
+    data = _bikes().read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bikes.mp4"
+        path.write_bytes(_damaged(data, damage))
+        try:
+            src = open_source(path)
+        except ValueError as exc:
+            assert damage is not None and "cannot read video" in str(exc)
+            return
+        with src:
+            frames = list(src)
+        assert src.known_len() == 250 and all(f.image.shape == (272, 640, 3) for f in frames)
+        assert all(0 <= f.index < 250 for f in frames)
+        _check_video_timeline(src, frames, 250)
+        if damage is None:
+            assert [f.index for f in frames] == list(range(250))
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 5), damage=_video_damage)
+def test_a_segment_run_of_a_damaged_video_accounts_for_every_frame(lite, torch_single_thread, n, damage):
+    """``segment_path`` on a tiny MJPG AVI, whole or damaged: a ValueError when nothing can be read;
+    otherwise labels/ holds one PNG per frame of frames.jsonl, named by its index, stamped index /
+    fps (increasing), and the summary's frames + skipped_unreadable + missing_at_end +
+    skipped_too_large = the container's count (all frames segmented when whole)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, out = _mjpg_avi(Path(tmp) / "clip.avi", frames=n), Path(tmp) / "out"
+        path.write_bytes(_damaged(path.read_bytes(), damage))
+        options = SegmentOptions(propagator="copy", write_overlay=True, progress=False)
+        try:
+            summary = segment_path(path, out, lite, options)
+        except ValueError as exc:
+            assert damage is not None and ("cannot read video" in str(exc) or "no frame" in str(exc))
+            return
+        records = [json.loads(line) for line in (out / "frames.jsonl").read_text().splitlines()]
+        assert summary["frames"] == len(records) >= 1
+        skipped = len(summary["skipped_unreadable"]) + summary["missing_at_end"] + len(summary["skipped_too_large"])
+        assert summary["frames"] + skipped == n
+        assert sorted(p.name for p in (out / "labels").iterdir()) == sorted(f"{r['name']}.png" for r in records)
+        assert all(r["name"] == f"{r['source_index']:06d}" and r["stamp"] == r["source_index"] / 10.0 for r in records)
+        assert all(a["stamp"] < b["stamp"] for a, b in zip(records, records[1:]))
+        if damage is None:
+            assert summary["frames"] == n
