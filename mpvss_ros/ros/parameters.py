@@ -9,8 +9,8 @@ ROS-free. Three things are derived from :data:`PARAMETERS` and nothing else:
 * validation of the values the node reads back (:func:`validate` -> :class:`NodeConfig`, raising
   ``ValueError`` that names the parameter), and of changes while it runs (:func:`reconfigure`).
 
-The parameters marked ``dynamic`` (schedule, propagation, the frame-age check, the frame-size
-limit, overlay opacity and palette) can be changed while the node runs (``ros2 param set``), as Nav2 does for its
+The parameters marked ``dynamic`` (the schedule with its thresholds, intervals and ``max_gap_s``,
+propagation, the frame-age check, the frame-size limit, overlay opacity and palette) can be changed while the node runs (``ros2 param set``), as Nav2 does for its
 dynamic parameters; the others (model, backend, device, input QoS, which outputs exist) are
 read-only and take a restart.
 
@@ -72,8 +72,9 @@ DEFAULT_CUT_THRESHOLD = 0.45
 #: ``input_reliability`` values: SensorDataQoS-like best effort, reliable, or the RMW default.
 RELIABILITIES = ("best_effort", "reliable", "system_default")
 
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")  # fullmatch: "$" would allow a final "\n"
-_SCHEDULE_RE = re.compile(r"adaptive|fixed:[1-9]\d*")
+# fullmatch: "$" would allow a final "\n"; ASCII digits only (\d also matches e.g. Arabic-Indic digits)
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+_SCHEDULE_RE = re.compile(r"adaptive|fixed:[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,12 @@ def _check(spec: ParamSpec, value: Any) -> Any:
     name = spec.name
 
     def fail(why: str) -> ValueError:
-        return ValueError(f"parameter '{name}': {why}, got {value!r}")
+        try:
+            shown = repr(value)
+        except ValueError:  # an int past Python's 4300-digit str() limit, alone or in a list
+            shown = ("an integer too long to print" if isinstance(value, int)
+                     else f"a {type(value).__name__} holding an integer too long to print")
+        return ValueError(f"parameter '{name}': {why}, got {shown}")
 
     def in_range(v: float) -> bool:
         return (spec.min is None or v >= spec.min) and (spec.max is None or v <= spec.max)
@@ -309,7 +315,10 @@ def _check(spec: ParamSpec, value: Any) -> Any:
     if spec.type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("must be a number")
-        v = float(value)
+        try:
+            v = float(value)
+        except OverflowError:  # an int too large for a float
+            v = math.inf
         if not math.isfinite(v) or not in_range(v):
             raise fail(f"must be a finite number in [{spec.min:g}, {spec.max:g}]")
         return v
@@ -371,7 +380,7 @@ def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
             ``onnx_dir`` with the torch backend.
     """
     values = dict(values or {})
-    unknown = sorted(set(values) - set(SPECS))
+    unknown = sorted(set(values) - set(SPECS), key=repr)  # key: names that are not strings sort too
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown}; known: {sorted(SPECS)}")
     merged = defaults()

@@ -12,11 +12,15 @@ import re
 import sys
 import tempfile
 import types
+from collections.abc import Sequence
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
 import yaml
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from mpvss_ros.ros.parameters import (
     DIS_PRESET_CHOICES,
@@ -28,6 +32,8 @@ from mpvss_ros.ros.parameters import (
     PROPAGATOR_CHOICES,
     SPECS,
     NodeConfig,
+    ParamSpec,
+    check_parameter,
     defaults,
     descriptor_fields,
     palette_to_rgb,
@@ -245,6 +251,8 @@ def test_validate_normalises_values():
     ("device", "cuda:0\n", "cpu, cuda or cuda:N"),
     ("device", "cuda:", "cpu, cuda or cuda:N"),
     ("device", "cuda0", "cpu, cuda or cuda:N"),
+    ("device", "cuda:\u0663", "cpu, cuda or cuda:N"),  # an Arabic-Indic 3: torch.device refuses it at start
+    ("schedule", "fixed:1\u0665", "fixed:N"),  # int() would read it as 15
     ("schedule", "fixed:0", "fixed:N"),
     ("schedule", "adaptive:0.3", "adaptive"),
     ("schedule", "every frame", "fixed:N"),
@@ -264,6 +272,17 @@ def test_validation_errors_name_the_parameter(name, value, words):
     assert f"'{name}'" in msg and words in msg
 
 
+def test_integers_too_large_to_print_or_to_convert_are_refused_by_name():
+    """A ValueError naming the parameter, not str()'s own past its 4300-digit limit or float()'s
+    OverflowError (not parametrised: pytest's test ids would print the integers)."""
+    for name, value, words in (("threads", 10**5000, "got an integer too long to print"),
+                               ("palette", [10**5000], "got a list holding an integer too long to print"),
+                               ("max_gap_s", 10**400, "finite number")):
+        with pytest.raises(ValueError) as exc:
+            validate({name: value})
+        assert f"'{name}'" in str(exc.value) and words in str(exc.value)
+
+
 def test_cross_parameter_and_unknown_name_errors():
     with pytest.raises(ValueError, match="'min_interval'.*max_interval"):
         validate({"min_interval": 20, "max_interval": 10})
@@ -274,6 +293,8 @@ def test_cross_parameter_and_unknown_name_errors():
         assert validate({"onnx_dir": "/opt/export", "backend": backend}).onnx_dir == "/opt/export"
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['image_topic'\]"):
         validate({"image_topic": "/camera/image_raw"})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['x', 1\]"):  # a name that is no string
+        validate({1: 2, "x": 3})
 
 
 def test_palette_to_rgb():
@@ -646,3 +667,324 @@ def test_defaults_are_fresh_lists():
     first["image_size"].extend([720, 1280])
     assert defaults()["palette"] == [] and defaults()["image_size"] == []
     assert SPECS["palette"].default == [] and validate({}).palette == ()
+
+
+# --------------------------------------------------------------------------------------------
+# Property-based: random parameter dicts and reconfigure sequences against the table's documented
+# types, ranges, choices and formats (validate / check_parameter / reconfigure docstrings).
+# --------------------------------------------------------------------------------------------
+
+_REFUSED = object()  # what documented_value() gives for a value the table refuses
+#: The documented device and schedule formats, N in ASCII digits (torch.device takes no others).
+DEVICE_FORMAT = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+SCHEDULE_FORMAT = re.compile(r"adaptive|fixed:[1-9][0-9]*")
+#: Names rclpy may hand over that the node does not declare: misspellings and other nodes' parameters.
+MISSPELT_NAMES = ("use_sim_time", "image_topic", "Schedule", "palete", "overlay-alpha", "max_interval ", "",
+                  "qos_overrides./image.subscription.depth")
+#: Values of every wrong kind (and for some parameters right kind, out of range).
+ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.sampled_from([2**63, -(2**63) - 1, 10**400, -(10**400), 10**5000, [10**5000]]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.sampled_from(["", " ", "fixed:5 ", "fixed:0", "fixed:05", "adaptive:0.3", "cuda:", "CPU", "cuda:1\n",
+                     "/no/such/weights.pt", "no_such_model", "0.5", "true", "[720, 1280]"]),
+    st.binary(max_size=4), st.binary(max_size=4).map(bytearray),
+    st.lists(st.one_of(st.integers(-2, 2**25), st.booleans(), st.floats(), st.none(), st.text(max_size=2)),
+             max_size=4),
+    st.lists(st.integers(1, 16384), min_size=2, max_size=2).map(tuple),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+    st.frozensets(st.integers(0, 3), max_size=2),
+)
+
+
+def documented_value(name: str, value):
+    """The value ``name`` takes for ``value`` by the table's documentation (its type, inclusive range,
+    choices, the device and schedule formats, image_size's length; a None list is []), normalised as
+    documented (a number for a float parameter as float, a list as tuple, the schedule stripped),
+    or ``_REFUSED``."""
+    spec = SPECS[name]
+    lo, hi = spec.min, spec.max
+    if spec.type == "bool":
+        return value if isinstance(value, bool) else _REFUSED
+    if spec.type in ("int", "float"):
+        numeric = (int,) if spec.type == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric) or value != value or not lo <= value <= hi:
+            return _REFUSED  # exact comparisons: a huge integer is out of range, not a float overflow
+        return float(value) if spec.type == "float" else value
+    if spec.type == "str":
+        if not isinstance(value, str) or (spec.choices is not None and value not in spec.choices):
+            return _REFUSED
+        if name == "device" and not DEVICE_FORMAT.fullmatch(value):
+            return _REFUSED
+        if name == "schedule":
+            return value.strip() if SCHEDULE_FORMAT.fullmatch(value.strip()) else _REFUSED
+        return value
+    if value is None:  # int_array: an empty list in a params file reaches rclpy as "not set"
+        return ()
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Sequence):  # ordered lists only
+        return _REFUSED
+    if any(isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi for v in value):
+        return _REFUSED
+    if name == "image_size" and len(value) not in (0, 2):
+        return _REFUSED
+    return tuple(value)
+
+
+def _documented_values(spec: ParamSpec):
+    """Values the table accepts for ``spec``, edges included, in the forms rclpy and YAML hand over."""
+    if spec.type == "bool":
+        return st.booleans()
+    if spec.type == "int":
+        return st.integers(int(spec.min), int(spec.max)) | st.sampled_from([int(spec.min), int(spec.max)])
+    if spec.type == "float":  # a whole number in a params file arrives as an integer
+        return (st.floats(spec.min, spec.max) | st.sampled_from([spec.min, spec.max])
+                | st.integers(math.ceil(spec.min), math.floor(spec.max)))
+    if spec.type == "int_array":
+        item = st.integers(int(spec.min), int(spec.max))
+        lists = (st.lists(item, min_size=2, max_size=2) if spec.name == "image_size"
+                 else st.lists(item, max_size=5))
+        return st.none() | st.just([]) | lists | lists.map(tuple) | lists.map(lambda v: array.array("q", v))
+    if spec.choices is not None:
+        return st.sampled_from(spec.choices)
+    if spec.name == "device":
+        return st.sampled_from(["auto", "cpu", "cuda"]) | st.integers(0, 15).map("cuda:{}".format)
+    if spec.name == "schedule":
+        return (st.just("adaptive") | st.integers(1, 10**6).map("fixed:{}".format)).flatmap(
+            lambda s: st.sampled_from([s, f" {s}", f"{s}\n", f"\t{s} "]))
+    return st.text(max_size=10) | st.sampled_from(["", "mpvss_lite", "/no/such/file.pt", "/no/such/export/"])
+
+
+def _out_of_range(spec: ParamSpec):
+    """Numbers just outside ``spec``'s range (int/float), lists with one entry outside or of the wrong
+    length (int_array)."""
+    if spec.type in ("int", "float"):
+        below = st.integers(max_value=math.ceil(spec.min) - 1)
+        above = st.integers(min_value=math.floor(spec.max) + 1)
+        if spec.type == "float":
+            below |= st.floats(max_value=spec.min, exclude_max=True, allow_nan=False)
+            above |= st.floats(min_value=spec.max, exclude_min=True, allow_nan=False)
+        return below | above
+    if spec.type == "int_array":
+        outside = st.sampled_from([[int(spec.min) - 1, int(spec.min)], [int(spec.max) + 1, int(spec.max)]])
+        if spec.name == "image_size":  # [height] or [height, width, channels]: in range, wrong length
+            outside |= st.lists(st.integers(1, 16384), min_size=1, max_size=4).filter(lambda v: len(v) != 2)
+        return outside
+    return st.nothing()
+
+
+def _wrong_kind(spec: ParamSpec):
+    """Values of a neighbouring type: what a params file or ``ros2 param set`` of the wrong type hands over."""
+    if spec.type == "bool":
+        return st.sampled_from([0, 1, "true", "false", None])
+    if spec.type == "int":
+        return st.booleans() | st.floats(spec.min, spec.max) | st.sampled_from([None, "1", [1]])
+    if spec.type == "float":
+        return st.booleans() | st.sampled_from([None, "0.5", [0.5], math.nan, math.inf, -math.inf, 10**400])
+    if spec.type == "str":
+        return st.sampled_from([None, 0, 1.5, True, b"cpu", ["cpu"]])
+    return st.sampled_from(["", "[1, 2]", 0, False, b"\x01\x02", bytearray(b"\x01"), {1, 2}, {1: 2}, [1.0, 2.0],
+                            [True, True], [None], [10**5000]])
+
+
+def parameter_values(name: str):
+    """Any value for parameter ``name``: accepted ones, out of range ones and every wrong kind."""
+    spec = SPECS[name]
+    documented = _documented_values(spec)
+    return st.one_of(documented, documented, _out_of_range(spec), _wrong_kind(spec), ODD_VALUES)
+
+
+#: Parameters checked against each other (min_interval <= max_interval; onnx_dir needs an export backend).
+LINKED_NAMES = (("min_interval", "max_interval"), ("onnx_dir", "backend"))
+
+
+@st.composite
+def parameter_dicts(draw, names=tuple(SPECS), unknown: bool = True):
+    """A dict of some of ``names`` (often both of a linked pair) with any values, sometimes with
+    names the node does not declare."""
+    chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=6))
+    for pair in LINKED_NAMES:
+        if set(pair) <= set(names) and draw(st.booleans()):
+            chosen += [n for n in pair if n not in chosen]
+    values = {name: draw(parameter_values(name)) for name in chosen}
+    if unknown and draw(st.integers(0, 9)) == 0:
+        values[draw(st.sampled_from(MISSPELT_NAMES))] = draw(ODD_VALUES)
+    return values
+
+
+def documented_outcome(values: dict) -> tuple[dict | None, set[str]]:
+    """(the documented configuration as a dict, or None when refused; the names a refusal may name)."""
+    unknown = set(values) - set(SPECS)
+    if unknown:
+        return None, unknown
+    merged = {**defaults(), **values}
+    expected = {name: documented_value(name, value) for name, value in merged.items()}
+    culprits = {name for name, value in expected.items() if value is _REFUSED}
+    if culprits:
+        return None, culprits
+    if expected["onnx_dir"] and expected["backend"] == "torch":
+        return None, {"onnx_dir"}
+    if expected["min_interval"] > expected["max_interval"]:
+        return None, {"min_interval"}
+    return expected, set()
+
+
+def assert_names_one_of(exc: ValueError, culprits: set[str]):
+    """The error names (quoted) one of the parameters that make the values wrong."""
+    assert any(repr(name) in str(exc) for name in culprits), (str(exc), culprits)
+
+
+def assert_documented_config(config: NodeConfig, expected: dict):
+    """Every field equals the documented value, with the documented type (float stays float)."""
+    for name, value in expected.items():
+        got = getattr(config, name)
+        assert got == value and type(got) is type(value), (name, got, value)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(values=parameter_dicts())
+@example(values={"max_gap_s": 10**400})  # an integer no float holds: out of range, not OverflowError
+@example(values={"threads": 10**5000})  # past str()'s 4300 digits: the error still names the parameter
+@example(values={"palette": [10**5000]})
+def test_validate_gives_the_documented_config_or_a_value_error_naming_a_parameter(values):
+    """validate() of random parameter dicts (every kind of wrong value, unknown names): either the
+    NodeConfig the table documents, with the documented normalisation, which round-trips through its
+    own values and a params file (YAML), or ValueError naming a parameter at fault; nothing else."""
+    expected, culprits = documented_outcome(values)
+    try:
+        config = validate(values)
+    except ValueError as exc:
+        assert expected is None, f"refused {values!r}: {exc}"
+        assert_names_one_of(exc, culprits)
+        return
+    assert expected is not None, f"accepted {values!r}; documented refusal naming one of {culprits}"
+    assert_documented_config(config, expected)
+    assert validate(config.as_dict()) == config
+    assert validate(yaml.safe_load(yaml.safe_dump(config.as_dict()))) == config
+
+
+@settings(max_examples=1000, deadline=None)
+@given(data=st.data(), name=st.sampled_from([p.name for p in PARAMETERS]))
+def test_check_parameter_checks_one_value_as_documented(data, name):
+    """check_parameter(name, value) alone: the documented normalised value, or ValueError naming it."""
+    value = data.draw(parameter_values(name))
+    expected = documented_value(name, value)
+    try:
+        got = check_parameter(name, value)
+    except ValueError as exc:
+        assert expected is _REFUSED, f"{name}={value!r} refused: {exc}"
+        assert repr(name) in str(exc)
+        return
+    assert expected is not _REFUSED, f"{name}={value!r} accepted as {got!r}"
+    assert got == expected and type(got) is type(expected)
+
+
+class ReconfigureMachine(RuleBasedStateMachine):
+    """``ros2 param set`` sequences on a running configuration (:func:`reconfigure`); the node's
+    machine below runs them through SegmentationCore.reconfigure instead."""
+
+    #: the model's class count, when the palette may hold no more colours than that
+    classes: int | None = None
+
+    def begin(self, config: NodeConfig) -> None:
+        """Run with ``config``."""
+        self.config = config
+
+    def running(self) -> NodeConfig:
+        """The running configuration."""
+        return self.config
+
+    def apply(self, changes: dict) -> NodeConfig:
+        """``ros2 param set`` of ``changes``: the new configuration, or ValueError."""
+        self.config = reconfigure(self.config, changes)
+        return self.config
+
+    @initialize(values=parameter_dicts(unknown=False))
+    def start(self, values):
+        """Start from any configuration validate accepts."""
+        expected, _ = documented_outcome(values)
+        self.begin(validate(values if expected is not None else {}))
+
+    @rule(changes=parameter_dicts(names=DYNAMIC_PARAMETERS, unknown=False))
+    def set_dynamic(self, changes):
+        """A change of dynamic parameters: the documented whole configuration, or refused as a
+        whole (the running configuration unchanged) naming a parameter at fault."""
+        before = self.running()
+        expected, culprits = documented_outcome({**before.as_dict(), **changes})
+        if expected is not None and self.classes is not None and len(expected["palette"]) > self.classes:
+            expected, culprits = None, {"palette"}  # more colours than the model has classes
+        try:
+            new = self.apply(changes)
+        except ValueError as exc:
+            assert self.running() is before, "a refused change leaves the running configuration"
+            assert expected is None, f"refused {changes!r}: {exc}"
+            assert_names_one_of(exc, culprits)
+            return
+        assert expected is not None, f"accepted {changes!r}; documented refusal naming one of {culprits}"
+        assert_documented_config(new, expected)
+        assert self.running() is new
+        assert reconfigure(new, {}) == new
+
+    @rule(palette=st.lists(st.integers(0, 0xFFFFFF), max_size=14))
+    def set_palette(self, palette):
+        """A palette of up to 14 colours (``mpvss_lite`` has 11 classes), alone or with a bad value."""
+        self.set_dynamic({"palette": palette})
+        self.set_dynamic({"palette": palette, "overlay_alpha": 2.0})
+
+    @rule(data=st.data(), read_only=st.sampled_from([p.name for p in PARAMETERS if not p.dynamic]),
+          same=st.booleans())
+    def set_read_only(self, data, read_only, same):
+        """A change that holds a read-only name, even at its running value, is refused naming a
+        read-only (or unknown) name, and nothing changes."""
+        before = self.running()
+        changes = data.draw(parameter_dicts())
+        changes[read_only] = getattr(before, read_only) if same else data.draw(parameter_values(read_only))
+        with pytest.raises(ValueError) as exc:
+            self.apply(changes)
+        assert self.running() is before
+        assert_names_one_of(exc.value, {n for n in changes if n not in SPECS or not SPECS[n].dynamic})
+        assert "read-only" in str(exc.value) or "unknown" in str(exc.value)
+
+    @invariant()
+    def config_round_trips(self):
+        """The running configuration is one validate gives back unchanged."""
+        assert validate(self.running().as_dict()) == self.running()
+
+
+TestReconfigureSequences = ReconfigureMachine.TestCase
+TestReconfigureSequences.settings = settings(max_examples=200, stateful_step_count=12, deadline=None)
+
+
+def test_node_reconfigure_sequences(lite, types):
+    """The same sequences through SegmentationCore.reconfigure (the node's on-set-parameters
+    callback): as parameters.reconfigure, plus a palette of more colours than the model's classes
+    refused; a refused change leaves the configuration and the palette as they were, an accepted
+    palette colours the classes from class 0."""
+    from mpvss_ros.ros.core import SegmentationCore, build_segmenter
+
+    segmenter = build_segmenter(validate({}), lite)  # reconfigure only reads the running engine
+
+    class NodeReconfigure(ReconfigureMachine):
+        classes = int(segmenter.num_classes)
+
+        def begin(self, config):
+            self.core = SegmentationCore(config, lite, types, segmenter=segmenter)
+
+        def running(self):
+            return self.core.config
+
+        def apply(self, changes):
+            palette = self.core.palette
+            try:
+                return self.core.reconfigure(changes)
+            except ValueError:
+                assert self.core.palette is palette, "a refused change leaves the palette"
+                raise
+
+        @invariant()
+        def palette_follows_the_parameter(self):
+            """The palette parameter's colours are the first classes' colours."""
+            colours = palette_to_rgb(self.core.config.palette)
+            assert self.core.palette.shape == (self.classes, 3)
+            assert self.core.palette[: len(colours)].tolist() == colours
+
+    run_state_machine_as_test(NodeReconfigure, settings=settings(max_examples=100, stateful_step_count=10,
+                                                                 deadline=None))
