@@ -386,8 +386,8 @@ def read_contract(export_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: export the model with 'mpvss export --out {d}'")
     try:
-        contract = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        contract = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a number past str()'s digit limit
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(contract, dict) or contract.get("format") != CONTRACT_FORMAT:
         found = contract.get("format") if isinstance(contract, dict) else type(contract).__name__

@@ -1082,11 +1082,14 @@ def test_read_contract_needs_both_graph_files(cfg, tmp_path):
 
 
 def test_read_contract_calls_a_contract_that_is_not_json_malformed(cfg, tmp_path):
-    """A contract.json that is not JSON is malformed (ValueError), not missing (FileNotFoundError)."""
+    """A contract.json that is not JSON is malformed (ValueError), not missing (FileNotFoundError);
+    bytes that are not UTF-8 and a number past str()'s 4300-digit limit too, each naming the file."""
     d = _folder(tmp_path, build_contract(cfg, (96, 128)))
-    (d / CONTRACT_FILE).write_text("{")
-    with pytest.raises(ValueError, match="is not valid JSON"):
-        read_contract(d)
+    good = (d / CONTRACT_FILE).read_bytes()
+    for text in (b"{", good.replace(b'"format"', b'"form\xffat"', 1), good.replace(b"96", b"9" * 5000, 1)):
+        (d / CONTRACT_FILE).write_bytes(text)
+        with pytest.raises(ValueError, match=f"{re.escape(str(d / CONTRACT_FILE))} is not valid JSON"):
+            read_contract(d)
 
 
 def _padded_divisibility(c):
