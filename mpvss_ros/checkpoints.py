@@ -232,7 +232,8 @@ def read_checkpoint(path: str | Path) -> CheckpointFile:
             # a newer layout may mean something else by the same keys: refused, not guessed at
             raise CheckpointError(f"checkpoint {path} has format version {version!r}; this mpvss_ros reads "
                                   f"versions 1 to {VERSION} (a newer release wrote it?)")
-        meta = obj.get("meta") or {}
+        meta = obj.get("meta")
+        meta = {} if meta is None else meta  # [], 0 or "" is as corrupt as any other non-mapping
         if not isinstance(meta, dict):
             raise CheckpointError(f"corrupt checkpoint {path}: its 'meta' must be a mapping, got {type(meta).__name__}")
         return CheckpointFile(_to_tensor_dict(obj.get("state_dict"), path), obj.get("model_config"), dict(meta))

@@ -1,17 +1,24 @@
 """Checkpoints: official detectron2 layout (.pth / .pkl), this project's format, failures."""
 
+import io
+import json
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mpvss_ros.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, read_state_dict, save_checkpoint
-from mpvss_ros.config import load_model_config
+from mpvss_ros.checkpoints import (CheckpointError, load_checkpoint, load_state_dict_strict, read_checkpoint,
+                                   read_state_dict, save_checkpoint)
+from mpvss_ros.config import load_model_config, model_config_from_dict
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.nn.mpvss import MPVSS
+from mpvss_ros.runtime.export import CONTRACT_FILE, build_contract, contract_problems, read_contract
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +305,7 @@ def test_float_weights_cast_to_integers_and_long_key_lists_are_refused(tmp_path)
     assert f"... and {n - 20} more" in text and len(text.splitlines()) < 30
 
 
-@pytest.mark.parametrize("meta", [[1, 2], 5, "ab"])
+@pytest.mark.parametrize("meta", [[1, 2], 5, "ab", [], 0, ""])  # empty ones too: only None means "no meta"
 def test_a_checkpoint_whose_meta_is_not_a_mapping_is_refused(tmp_path, meta):
     cfg = load_model_config("mpvss_lite")
     path = tmp_path / "meta.pt"
@@ -531,3 +538,240 @@ def test_a_tensor_of_another_shape_with_as_many_values_is_refused(tmp_path):
     torch.save(sd, path)
     with pytest.raises(CheckpointError, match=re.escape(f"{key}: file {tuple(sd[key].shape)} vs model")):
         load_checkpoint(model, path)
+
+
+def _tiny_swin_config():
+    """mpvss_lite narrowed to a 300 kB Swin model (it has derived relative_position_index buffers):
+    small enough to save, damage and load again in every fuzz example."""
+    d = load_model_config("mpvss_lite").to_dict()
+    d.update(name="tiny_swin", default_weights=None)
+    d["backbone"].update(type="swin", embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2,
+                         mlp_ratio=1.0, drop_path_rate=0.0)
+    d["pixel_decoder"].update(conv_dim=8, mask_dim=8, num_groups=4)
+    d["transformer_decoder"].update(hidden_dim=8, num_queries=3, num_layers=1, num_heads=1, ffn_dim=8)
+    d["motion"].update(encoder_channels=[4] * 6, deconv_channels=[4] * 4, hidden_dim=8, num_layers=1, num_heads=1,
+                       ffn_dim=8, flow_embed_dim=4, mlp_hidden_dim=8)
+    d["input"]["size"] = [64, 96]
+    return model_config_from_dict(d, where="tiny_swin")
+
+
+@pytest.fixture(scope="module")
+def tiny_swin(tmp_path_factory):
+    """A tiny model with random weights, the bytes of its checkpoint (this project's format) and
+    the raw dict they hold."""
+    cfg = _tiny_swin_config()
+    torch.manual_seed(5)
+    model = MPVSS(cfg)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t))
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    save_checkpoint(path, model, cfg.to_dict(), meta={"stage": "motion"})
+    return model, path.read_bytes(), torch.load(path, weights_only=True)
+
+
+def _first_key(sd):
+    """The first float weight of more than one value (what the edits below change)."""
+    return next(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)
+
+
+# Edits of the saved dict, each with what the module docstring says of it: refused (True) or
+# loaded exactly (False).
+_EDITS = {
+    "none": (False, lambda raw: None),
+    "drop_key": (True, lambda raw: raw["state_dict"].pop(_first_key(raw["state_dict"]))),
+    "extra_key": (True, lambda raw: raw["state_dict"].update({"sem_seg_head.extra.weight": torch.zeros(2)})),
+    "reshape": (True, lambda raw: raw["state_dict"].update(
+        {(k := _first_key(raw["state_dict"])): raw["state_dict"][k].unsqueeze(0)})),
+    "to_int": (True, lambda raw: raw["state_dict"].update(
+        {(k := _first_key(raw["state_dict"])): raw["state_dict"][k].long()})),
+    "nan": (True, lambda raw: raw["state_dict"][_first_key(raw["state_dict"])].view(-1).__setitem__(1, float("nan"))),
+    "meta_list": (True, lambda raw: raw.update(meta=[1, 2])),
+    "version": (True, lambda raw: raw.update(version=2)),
+    "numpy": (True, lambda raw: raw["state_dict"].update(
+        {(k := _first_key(raw["state_dict"])): raw["state_dict"][k].numpy()})),
+    "derived_changed": (True, lambda raw: raw["state_dict"][next(
+        k for k in raw["state_dict"] if k.endswith("relative_position_index"))].add_(1)),
+    "model_config_bad": (True, lambda raw: raw["model_config"].update(num_classes="eleven")),
+    "model_config_list": (True, lambda raw: raw.update(model_config=[1, 2])),
+    "derived_dropped": (False, lambda raw: [raw["state_dict"].pop(k) for k in list(raw["state_dict"])
+                                            if k.endswith("relative_position_index")]),
+    "ddp_prefix": (False, lambda raw: raw.update(state_dict={f"module.{k}": v for k, v in raw["state_dict"].items()})),
+    "ignored_key": (False, lambda raw: raw["state_dict"].update({"criterion.empty_weight": torch.ones(12)})),
+}
+
+
+def _zip_members(data: bytes, drop: int | None = None, rename: int | None = None) -> bytes:
+    """torch.save's zip rewritten without (or with a renamed) member number ``drop`` / ``rename``."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for i, info in enumerate(src.infolist()):
+            if i == drop:
+                continue
+            dst.writestr(info.filename + ("x" if i == rename else ""), src.read(info))
+    return out.getvalue()
+
+
+_byte_damage = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.just("flip"), st.floats(0, 1), st.integers(1, 255)),
+    st.tuples(st.just("zero"), st.floats(0, 1), st.integers(1, 4096)),
+    st.tuples(st.just("drop_member"), st.integers(0, 300)),
+    st.tuples(st.just("rename_member"), st.integers(0, 300)),
+)
+
+
+def _damage(data: bytes, op) -> bytes:
+    kind, *args = op
+    if kind in ("drop_member", "rename_member"):
+        try:
+            n = len(zipfile.ZipFile(io.BytesIO(data)).infolist())
+            return _zip_members(data, **{kind.split("_")[0]: args[0] % n})
+        except (zipfile.BadZipFile, ValueError):  # damaged already: not rewritten
+            return data
+    at = int(args[0] * max(len(data) - 1, 0))
+    if kind == "truncate":
+        return data[:at]
+    buf = bytearray(data)
+    if kind == "flip" and buf:
+        buf[at] ^= args[1]
+    elif kind == "zero":
+        buf[at:at + args[1]] = bytes(len(buf[at:at + args[1]]))
+    return bytes(buf)
+
+
+def _state(model):
+    """A copy of a model's state dict (to tell whether a refused file changed it)."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@settings(max_examples=150, deadline=None)
+@given(edit=st.sampled_from(sorted(_EDITS)), damages=st.just([]) | st.lists(_byte_damage, min_size=1, max_size=3),
+       replace=st.sampled_from([None] * 6 + ["folder", "empty", "missing"]), legacy=st.booleans())
+def test_damaged_checkpoints_are_refused_by_name_or_load_exactly(tmp_path_factory, tiny_swin, edit, damages, replace,
+                                                                  legacy):
+    """A checkpoint edited against the module docstring's rules (a key missing, extra, reshaped,
+    cast to integers, NaN, a numpy array, a bad meta, version or model_config, a changed derived
+    buffer), then truncated, byte-flipped, zeroed, stripped of or renamed a zip member, or replaced
+    by a folder, an empty file or nothing, in torch.save's zip or legacy format: read_checkpoint,
+    load_state_dict_strict and load_model raise only CheckpointError naming the file, leave a
+    target model as it was when they refuse, and what they accept holds exactly the saved weights
+    (damage to a zip fails its CRC check; the legacy format has no checksum)."""
+    source, data, raw = tiny_swin
+    refused, apply = _EDITS[edit]
+    raw = {**raw, "state_dict": {k: v.clone() for k, v in raw["state_dict"].items()},
+           "model_config": dict(raw["model_config"]), "meta": dict(raw["meta"])}
+    apply(raw)
+    buf = io.BytesIO()
+    torch.save(raw, buf, _use_new_zipfile_serialization=not legacy)
+    saved = damaged = buf.getvalue()
+    for op in damages:
+        damaged = _damage(damaged, op)
+    path = tmp_path_factory.mktemp("fuzz") / "model.pt"
+    if replace == "folder":
+        path.mkdir()
+    elif replace == "empty":
+        path.write_bytes(b"")
+    elif replace is None:
+        path.write_bytes(damaged)
+    intact = replace is None and damaged == saved and not refused
+    checked = intact or not legacy  # the legacy (pre-zip) format has no checksum: damaged weights may load
+    target = MPVSS(_tiny_swin_config())
+    before = _state(target)
+    try:
+        ckpt = read_checkpoint(path)
+        load_state_dict_strict(target, ckpt.state_dict, source=str(path))
+    except CheckpointError as exc:
+        assert str(path) in str(exc), f"the error does not name the file: {exc}"
+        after = target.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items()), "a refused checkpoint was partly loaded"
+        assert not intact, f"an intact checkpoint ({edit}) was refused: {exc}"
+    else:
+        if checked:  # loaded: exactly the saved weights
+            _assert_same(source, target)
+    try:
+        loaded = load_model(None, path)
+    except CheckpointError as exc:
+        assert str(path) in str(exc), f"the error does not name the file: {exc}"
+        assert not intact, f"an intact checkpoint ({edit}) was refused: {exc}"
+    else:
+        assert not refused, f"{edit}: a checkpoint the docstring refuses was loaded"
+        if checked:
+            _assert_same(source, loaded.model)
+
+
+def _json_paths(value, prefix=()):
+    """Every key path inside a JSON value (dict keys and list indices)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        yield prefix + (k,)
+        yield from _json_paths(v, prefix + (k,))
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+
+_contract_damage = st.one_of(
+    st.tuples(st.just("delete"), st.integers(0, 10**6)),
+    st.tuples(st.just("set"), st.integers(0, 10**6), _json_values),
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.sampled_from(["huge_int", "latin1", "unlink_key_frame", "unlink_non_key_frame", "folder",
+                               "missing"])),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(damages=st.lists(_contract_damage, max_size=3))
+def test_damaged_contracts_raise_the_documented_errors_by_name(tmp_path_factory, damages):
+    """A contract.json with keys removed or set to any JSON value (NaN, huge integers, wrong
+    types), cut short, a number of 5000 digits, bytes that are not UTF-8, a graph file removed, a
+    folder or nothing in its place: read_contract raises only FileNotFoundError or ValueError
+    naming the export folder; a contract it returns names graph files that exist and gives
+    contract_problems a list of lines, not an exception; the undamaged one reads back as written,
+    without problems."""
+    cfg = load_model_config("mpvss_lite")
+    contract = build_contract(cfg, tuple(cfg.input.size))
+    edited = json.loads(json.dumps(contract))
+    d = tmp_path_factory.mktemp("export")
+    for g in ("key_frame", "non_key_frame"):
+        (d / contract["graphs"][g]["file"]).write_bytes(b"placeholder")
+    for kind, *args in damages:
+        paths = list(_json_paths(edited))
+        if kind in ("delete", "set") and paths:
+            *parents, last = paths[args[0] % len(paths)]
+            holder = edited
+            for k in parents:
+                holder = holder[k]
+            if kind == "delete":
+                del holder[last]
+            else:
+                holder[last] = args[1]
+    text = json.dumps(edited).encode()
+    for kind, *args in damages:
+        if kind == "truncate":
+            text = text[:int(args[0] * len(text))]
+        elif kind == "huge_int":
+            text = text.replace(b"480", b"4" * 5000, 1)
+        elif kind == "latin1":
+            text = text.replace(b"Sky", "Sk\xff".encode("latin-1"), 1)
+    (d / CONTRACT_FILE).write_bytes(text)
+    for kind, *args in damages:
+        if kind.startswith("unlink_"):
+            (d / contract["graphs"][kind[len("unlink_"):]]["file"]).unlink(missing_ok=True)
+        elif kind in ("folder", "missing") and not (d / CONTRACT_FILE).is_dir():
+            (d / CONTRACT_FILE).unlink(missing_ok=True)
+            if kind == "folder":
+                (d / CONTRACT_FILE).mkdir(exist_ok=True)
+    try:
+        read = read_contract(d)
+    except (FileNotFoundError, ValueError) as exc:
+        assert str(d) in str(exc), f"the error does not name the export folder: {exc!r}"
+        assert damages, f"an intact contract was refused: {exc}"
+    else:
+        assert all((d / read["graphs"][g]["file"]).is_file() for g in ("key_frame", "non_key_frame"))
+        problems = contract_problems(read, cfg)
+        assert isinstance(problems, list) and all(isinstance(p, str) for p in problems)
+        if not damages:
+            assert read == contract and problems == []

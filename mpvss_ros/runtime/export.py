@@ -329,7 +329,7 @@ def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path |
 
 
 def _is_hw(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)
+    return isinstance(value, list) and len(value) == 2 and all(_positive_int(v) for v in value)
 
 
 def _positive_int(value: Any) -> bool:

@@ -1053,6 +1053,7 @@ def test_the_contract_copies_the_pre_and_postprocessing_of_its_model(name):
     (lambda c: c.update(motion_trained="false"), "motion_trained must be true or false"),
     (lambda c: c.update(motion_trained=0), "motion_trained must be true or false"),  # 0 is not False
     (lambda c: c["canvas"].update(valid_hw=[0, 128]), "canvas must hold valid_hw and padded_hw"),
+    (lambda c: c["canvas"].update(padded_hw=[True, True]), "canvas must hold valid_hw and padded_hw"),  # no bools
     (lambda c: c.update(num_queries=True), "num_queries must be a positive integer"),
     (lambda c: c["graphs"]["key_frame"]["outputs"][0].update(shape=[1, 32, "12"]),
      "graphs.key_frame.outputs must list tensors with a name and a static shape of integers"),
