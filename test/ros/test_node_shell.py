@@ -15,6 +15,9 @@ import fake_rclpy as fr
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 NODE = "/mpvss_segmenter"
 SEC = 1_700_000_000
@@ -1021,3 +1024,221 @@ def test_lifecycle_cleanup_releases_the_model(node_module, monkeypatch):
         feed(node, image(200_000_000), 0)  # new publishers
     finally:
         node.destroy_node()
+
+
+# -- lifecycle, property-based: random sequences of transitions, frames, parameters, services ----
+
+#: The ROS 2 managed-node state machine (design.ros2.org/articles/node_lifecycle.html): the
+#: states a transition may start from and its goal on SUCCESS.
+_LIFECYCLE_TRANSITIONS = {"configure": (("unconfigured",), "inactive"), "activate": (("inactive",), "active"),
+                          "deactivate": (("active",), "inactive"), "cleanup": (("inactive",), "unconfigured"),
+                          "shutdown": (("unconfigured", "inactive", "active"), "finalized")}
+#: (name, value, kind) of ``ros2 param set`` requests: ``dynamic`` changes apply in every state,
+#: ``fixed`` ones (read at configure) only while unconfigured, ``invalid`` ones never.
+_LIFECYCLE_PARAMETER_SETS = [
+    ("schedule", "fixed:100", "dynamic"), ("overlay_alpha", 0.3, "dynamic"), ("scene_threshold", 2, "dynamic"),
+    ("schedule", "every frame", "invalid"), ("overlay_alpha", 2.0, "invalid"), ("max_interval", 2.5, "invalid"),
+    ("backend", "torch", "fixed"), ("input_depth", 2, "fixed"), ("publish_overlay", True, "fixed"),
+    ("weights", "/nonexistent/model.pt", "fixed"), ("weights", "", "fixed"),
+]
+_OUTPUT_TOPICS = ("labels", "confidence", "info")
+#: Camera frames: good, a resolution change, a stamp going backwards, an undecodable encoding, cut data.
+_FRAME_KINDS = st.lists(st.sampled_from(["good", "good", "resized", "backwards", "32FC1", "truncated"]),
+                        min_size=1, max_size=4)
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    """One managed node driven through ``~/change_state`` (valid, invalid and repeated
+    transitions), camera frames (good, bad encoding, truncated data, resolution changes, stamps
+    going backwards), parameter sets, ``~/enable`` / ``~/reset`` calls, diagnostics ticks and
+    configures that fail on a missing weights file. Built by :func:`test_lifecycle_random_sequences`."""
+
+    node_class: type = None
+
+    def __init__(self):
+        super().__init__()
+        self.other_workers = set(threading.enumerate())  # the fixture's plain node runs one
+        self.nanosec = 100_000_000
+        self.new_node()
+
+    def new_node(self):
+        """A fresh managed node (unconfigured, the params file's values)."""
+        self.node = self.node_class()
+        self.state = "unconfigured"
+        self.weights_missing = False
+        self.enabled = False
+        self.expect_key_frame = False
+        self.last_pushed = None  # (stamp ns, (h, w)) of the last frame that reached the engine
+
+    def teardown(self):
+        """Destroying the node leaves no worker thread running."""
+        worker = self.node._worker
+        self.node.destroy_node()
+        assert worker is None or not worker.alive, "a worker thread outlives destroy_node"
+
+    @rule(data=st.data(), by_id=st.booleans())
+    def next_state(self, data, by_id):
+        """A transition the current state allows other than shutdown (bringing the node up more
+        often than :meth:`change_state` alone would)."""
+        allowed = [n for n, (sources, _) in _LIFECYCLE_TRANSITIONS.items() if self.state in sources and n != "shutdown"]
+        self.change_state(data.draw(st.sampled_from(allowed)), by_id)
+
+    @rule(name=st.sampled_from(["configure", "activate", "deactivate", "cleanup"] * 2 + ["shutdown"]),
+          by_id=st.booleans())
+    def change_state(self, name, by_id):
+        """Every transition is answered (never raised): SUCCESS moves to the goal state, one the
+        current state does not allow is ``success: false`` and changes nothing, and a configure
+        without its weights file fails back to unconfigured."""
+        ids = {"configure": 1, "cleanup": 2, "activate": 3, "deactivate": 4,
+               "shutdown": {"unconfigured": 5, "inactive": 6}.get(self.state, 7)}
+        request = SimpleNamespace(transition=SimpleNamespace(id=ids[name] if by_id else 0, label="" if by_id else name))
+        success = self.node._service_change_state.callback(request, SimpleNamespace(success=None)).success
+        sources, goal = _LIFECYCLE_TRANSITIONS[name]
+        allowed = self.state in sources
+        fails = name == "configure" and self.weights_missing
+        assert success is (allowed and not fails), (name, self.state, success)
+        if success:
+            self.state = goal
+            if name == "activate":
+                self.enabled, self.expect_key_frame = True, True
+            if name in ("deactivate", "cleanup", "shutdown"):
+                self.enabled = False
+        if name == "shutdown" and success:  # finalized: nothing is left and nothing more is allowed
+            self.entities_follow_the_state()
+            for refused in sorted(_LIFECYCLE_TRANSITIONS):
+                request = SimpleNamespace(transition=SimpleNamespace(id=0, label=refused))
+                assert self.node._service_change_state.callback(request, SimpleNamespace()).success is False
+            assert self.node.state == "finalized"
+            self.teardown()  # a finalized node can only be destroyed: go on with a new one
+            self.new_node()
+
+    @precondition(lambda self: self.state == "active")
+    @rule(kinds=_FRAME_KINDS)
+    def images_arrive(self, kinds):
+        """Frames reach the node through its subscription (which exists only while active: see
+        :meth:`entities_follow_the_state`), one at a time."""
+        for kind in kinds:
+            self.image_arrives(kind)
+
+    def image_arrives(self, kind):
+        """Once the worker is done with a frame, a good one while enabled is published with the
+        input's exact header and size (a key frame after activate, reset, re-enable, a resolution
+        change or a stamp going backwards), a bad one is counted as skipped, one while disabled as
+        dropped, and every received frame is counted once."""
+        sub = self.node.subscriptions["/image"]
+        h, w = (24, 32) if kind == "resized" else (48, 64)
+        self.nanosec += -5_000_000 if kind == "backwards" else 1_000_000
+        msg = image(self.nanosec, h, w)
+        if kind == "32FC1":
+            msg.encoding = "32FC1"
+        if kind == "truncated":
+            msg.data = msg.data[: len(msg.data) // 2]
+        core, labels = self.node.core, self.node.publishers[f"{NODE}/labels"]
+        before, count = dict(core.counters), len(labels.messages)
+        sub.callback(msg)
+        outcomes = ("published", "dropped_stale", "dropped_replaced", "dropped_disabled", "skipped_decode",
+                    "skipped_frame", "errors")
+        t0 = time.monotonic()
+        while sum(core.counters[k] for k in outcomes) < core.counters["received"] and time.monotonic() - t0 < 30:
+            time.sleep(0.005)
+        after = dict(core.counters)
+        delta = {k: after[k] - before[k] for k in ("received", *outcomes) if after[k] != before[k]}
+        good = kind in ("good", "resized", "backwards")
+        want = "dropped_disabled" if not self.enabled else "published" if good else "skipped_decode"
+        assert delta == {"received": 1, want: 1}, (kind, self.enabled, delta)
+        if want != "published":
+            assert len(labels.messages) == count
+            return
+        key = self.expect_key_frame or (self.last_pushed is not None and (
+            self.last_pushed[1] != (h, w) or self.nanosec < self.last_pushed[0]))
+        self.last_pushed, self.expect_key_frame = (self.nanosec, (h, w)), False
+        for topic in _OUTPUT_TOPICS:
+            out = self.node.publishers[f"{NODE}/{topic}"].messages[-1]
+            assert (out.header.stamp.sec, out.header.stamp.nanosec, out.header.frame_id) == (
+                SEC, self.nanosec, "camera_optical"), topic
+        assert (labels.messages[-1].height, labels.messages[-1].width) == (h, w) and len(labels.messages) == count + 1
+        info = self.node.publishers[f"{NODE}/info"].messages[-1]
+        if key:
+            assert info.is_key_frame, (kind, info.key_frame_reason)
+
+    @rule(entry=st.sampled_from(_LIFECYCLE_PARAMETER_SETS))
+    def set_parameter(self, entry):
+        """rclpy and the node refuse invalid values in every state, and read-at-configure ones once
+        configured; a refused set changes nothing."""
+        name, value, kind = entry
+        old = self.node.get_parameter(name).value
+        (result,) = self.node.set_parameters([fr.Parameter(name, fr.ParameterType.from_value(value), value)])
+        configured = self.state in ("inactive", "active")
+        ok = kind == "dynamic" or (kind == "fixed" and not configured)
+        assert result.successful is ok, (name, value, self.state, result.reason)
+        if kind == "fixed" and configured:
+            assert "read at configure" in result.reason
+        if not ok:
+            assert self.node.get_parameter(name).value == old
+        elif name == "weights":
+            self.weights_missing = bool(value)
+        elif name in ("schedule", "overlay_alpha", "scene_threshold") and configured:
+            assert getattr(self.node.core.config, name) == value
+
+    @rule(data=st.booleans())
+    def enable(self, data):
+        """~/enable exists while configured; ``true`` is refused while inactive; re-enabling
+        resets the engine (a key frame next)."""
+        service = self.node.services.get(f"{NODE}/enable")
+        if service is None:
+            return
+        reply = service[1](fr.SetBool.Request(data), fr.SetBool.Response())
+        assert reply.success is (not data or self.state == "active"), (data, self.state, reply.message)
+        if reply.success:
+            if data and not self.enabled:
+                self.expect_key_frame = True
+            self.enabled = data
+
+    @rule(kinds=_FRAME_KINDS)
+    def reset(self, kinds):
+        """~/reset: the next frame is a key frame (``kinds``: frames right after it, if active)."""
+        service = self.node.services.get(f"{NODE}/reset")
+        if service is None:
+            return
+        assert service[1](None, fr.Trigger.Response()).success
+        self.expect_key_frame = True
+        if self.state == "active":
+            self.images_arrive(kinds)
+
+    @rule()
+    def diagnostics_tick(self):
+        """The diagnostics timer fires without raising."""
+        for _, callback in list(self.node.timers):
+            callback()
+
+    @invariant()
+    def entities_follow_the_state(self):
+        """Publishers, services, timer and core exist exactly between configure and cleanup; the
+        subscription and a live worker thread exactly while active; lifecycle publishers enabled
+        only while active, and none was asked to publish while disabled."""
+        node, configured, active = self.node, self.state in ("inactive", "active"), self.state == "active"
+        assert node.state == self.state
+        assert (node.core is not None) is configured
+        expected = {f"{NODE}/{t}" for t in ("labels", "confidence", "info", "colored", "overlay", "class_masks",
+                                            "label_info")} | {"/diagnostics"}
+        assert set(node.publishers) == (expected if configured else set())
+        assert set(node.services) == ({f"{NODE}/enable", f"{NODE}/reset"} if configured else set())
+        assert len(node.timers) == (1 if configured else 0)
+        assert bool(node.subscriptions) is active
+        assert (node._worker is not None and node._worker.alive) is active
+        workers = [t for t in threading.enumerate() if t.name == "mpvss-worker" and t not in self.other_workers]
+        assert len(workers) == (1 if active else 0), workers
+        assert all(p.enabled is active for p in node._managed)
+        assert len(node._managed) == (len(expected) - 1 if configured else 0)
+        assert all(p.dropped == 0 for p in node._managed), "published while inactive"
+        if configured:
+            assert len(node.publishers[f"{NODE}/labels"].messages) == node.core.counters["published"]
+
+
+def test_lifecycle_random_sequences(node_module, monkeypatch):
+    """Random sequences of transitions, frames, parameter sets and service calls keep the managed
+    node to the lifecycle state machine and its outputs to the active state, with the input's
+    header (:class:`LifecycleMachine`; 5 to 15 s on one core)."""
+    LifecycleMachine.node_class = type(_lifecycle_node(node_module, monkeypatch, schedule="fixed:100"))
+    run_state_machine_as_test(LifecycleMachine, settings=settings(
+        max_examples=25, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)))
