@@ -21,15 +21,21 @@ from mpvss_ros.nn.mpvss import MPVSS
 from mpvss_ros.runtime.export import CONTRACT_FILE, build_contract, contract_problems, read_contract
 
 
+def _random_model(cfg, seed: int) -> MPVSS:
+    """An MPVSS of ``cfg`` whose every floating-point tensor (buffers too) is N(0, 1) from ``seed``."""
+    torch.manual_seed(seed)
+    model = MPVSS(cfg)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t))
+    return model
+
+
 @pytest.fixture(scope="module")
 def r50_pair():
     cfg = load_model_config("mpvss_r50")
-    torch.manual_seed(1)
-    source = MPVSS(cfg)
-    with torch.no_grad():
-        for t in source.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn_like(t))
+    source = _random_model(cfg, 1)
     torch.manual_seed(2)
     return source, MPVSS(cfg)
 
@@ -560,12 +566,7 @@ def tiny_swin(tmp_path_factory):
     """A tiny model with random weights, the bytes of its checkpoint (this project's format) and
     the raw dict they hold."""
     cfg = _tiny_swin_config()
-    torch.manual_seed(5)
-    model = MPVSS(cfg)
-    with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn_like(t))
+    model = _random_model(cfg, 5)
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
     save_checkpoint(path, model, cfg.to_dict(), meta={"stage": "motion"})
     return model, path.read_bytes(), torch.load(path, weights_only=True)
