@@ -527,7 +527,7 @@ class VideoSegmenter:
         image = check_frame(image)
         try:
             # no strings, arrays or None; no bools (True would be a stamp of 1 s: a caller's mistake)
-            if not isinstance(stamp, numbers.Real) or isinstance(stamp, (bool, np.bool_)):
+            if not isinstance(stamp, numbers.Real) or isinstance(stamp, bool):
                 raise TypeError
             stamp = float(stamp)
         except (TypeError, OverflowError):

@@ -96,8 +96,6 @@ def test_a_per_frame_mask2former_file_is_named_as_such(tmp_path, r50_pair):
 def test_a_missing_part_loads_only_when_asked_and_only_when_wholly_absent():
     """absent_part lets a per-frame Mask2Former file (no motion module) load into MPVSS; without
     it, or with some of the part's keys in the file, the missing keys are listed."""
-    from mpvss_ros.checkpoints import load_state_dict_strict
-
     torch.manual_seed(0)
     cfg = load_model_config("mpvss_lite")
     source, target = MPVSS(cfg), MPVSS(cfg)

@@ -799,8 +799,6 @@ def test_onnxruntime_backend_without_the_onnx_package_is_unavailable(monkeypatch
     exports and prunes its graphs with onnx, so it must say so in one line, not die on an import."""
     import sys
 
-    from mpvss_ros.runtime import backend_missing
-
     monkeypatch.setitem(sys.modules, "onnx", None)
     monkeypatch.setitem(sys.modules, "onnx.utils", None)
     why = backend_missing("onnxruntime")
@@ -826,7 +824,6 @@ def test_onnxruntime_cuda_provider_listed_but_unusable(monkeypatch, lite_small):
     import onnxruntime
 
     from mpvss_ros.model_loader import resolve_device
-    from mpvss_ros.runtime import backend_missing, onnx_backend
 
     real = onnxruntime.get_available_providers
     if "CUDAExecutionProvider" in real():
