@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .paths import REPO_ROOT, data_roots, find_data
+from .text import shown
 
 __all__ = [
     "BackboneConfig",
@@ -185,6 +186,9 @@ INTERPOLATIONS = ("area", "pil_bilinear")
 #: ``InputConfig.canvas_orientation`` values (:meth:`mpvss_ros.segmenter.Letterbox.for_input`).
 CANVAS_ORIENTATIONS = ("fixed", "frame")
 
+#: Integer fields must lie in [-2**63, 2**63): what a tensor size can be.
+_INT64_LIMIT = 2**63
+
 
 @dataclass
 class PostprocessConfig:
@@ -299,19 +303,25 @@ def _type_problem(value: Any, hint: Any) -> str | None:
         return _type_problem(value, next(a for a in args if a is not type(None)))
     if origin is list:
         if not isinstance(value, list):
-            return f"must be a list, got {value!r}"
+            return f"must be a list, got {shown(value)}"
         for item in value:
             why = _type_problem(item, args[0])
             if why:
                 return why if why.startswith("entries") else f"entries {why}"
         return None
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return None if ok else f"must be a finite number, got {value!r}"
+        try:  # float(): an int too large for a float overflows
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+        except OverflowError:
+            ok = False
+        return None if ok else f"must be a finite number, got {shown(value)}"
     if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else f"must be an integer, got {value!r}"
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be an integer, got {shown(value)}"
+        # a size or count beyond int64 fits no tensor, and past 4300 digits Python cannot print it
+        return None if -_INT64_LIMIT <= value < _INT64_LIMIT else f"must fit in 64 bits, got {shown(value)}"
     if hint is str:
-        return None if isinstance(value, str) else f"must be a string, got {value!r}"
+        return None if isinstance(value, str) else f"must be a string, got {shown(value)}"
     return None
 
 
@@ -487,4 +497,6 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    except ValueError as exc:  # PyYAML's int(): a number past Python's 4300-digit limit
+        raise ConfigError(f"{path}: a value YAML could not read: {exc}") from None
     return model_config_from_dict(data, where=str(path))

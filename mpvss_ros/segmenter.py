@@ -40,6 +40,7 @@ from PIL import Image
 from .nn.mpvss import MPVSS, KeyFrameState, semantic_scores
 from .propagation import Propagator
 from .scheduling import KeyFrameScheduler, ScheduleDecision
+from .text import shown
 
 if TYPE_CHECKING:
     from .runtime.base import Backend
@@ -531,7 +532,7 @@ class VideoSegmenter:
                 raise TypeError
             stamp = float(stamp)
         except (TypeError, OverflowError):
-            raise FrameError(f"stamp must be a number of seconds, got {stamp!r}") from None
+            raise FrameError(f"stamp must be a number of seconds, got {shown(stamp)}") from None
         if not math.isfinite(stamp):
             raise FrameError(f"stamp must be a finite number of seconds, got {stamp}")
         if source is not None:

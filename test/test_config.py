@@ -116,6 +116,31 @@ def test_unreadable_yaml_files_are_one_line_naming_the_file(tmp_path):
     assert "broken.yaml: not valid YAML at line" in str(err.value) and len(str(err.value).splitlines()) == 1
 
 
+def test_numbers_too_large_for_a_tensor_or_a_float_are_one_config_error(tmp_path):
+    """Integer fields past int64 and float fields past float's range are refused by name, also past
+    str()'s 4300-digit limit (which used to let str()'s or float()'s own error out); a YAML file
+    holding such a number is a ConfigError naming the file (PyYAML's int() refuses it first)."""
+    for path, value, words in (("num_classes", 2**63, "num_classes must fit in 64 bits, got 9223372036854775808"),
+                               ("num_classes", 10**5000, "num_classes must fit in 64 bits, got an integer too long"),
+                               ("transformer_decoder.num_queries", -(10**5000), "num_queries must fit in 64 bits"),
+                               ("input.size", [480, 10**5000], "input.size entries must fit in 64 bits, got an "
+                                                               "integer too long"),
+                               ("motion.image_scale", 10**400, "image_scale must be a finite number, got 1000"),
+                               ("motion.image_scale", 10**5000, "image_scale must be a finite number, got an integer"),
+                               ("postprocess.min_query_score", 10**5000, "min_query_score must be a finite number"),
+                               ("name", 10**5000, "name must be a string, got an integer too long"),
+                               ("class_names", [10**5000] * 11, "class_names entries must be a string, got an int"),
+                               ("motion.encoder_channels", 10**5000, "must be a list, got an integer too long")):
+        with pytest.raises(ConfigError, match=words):
+            model_config_from_dict(_with(path, value), where="custom.yaml")
+    model_config_from_dict(_with("transformer_decoder.num_queries", 2**63 - 1), where="custom.yaml")  # the edge
+    big = tmp_path / "big.yaml"
+    big.write_text((REPO_ROOT / "config" / "models" / "mpvss_lite.yaml").read_text().replace(
+        "num_classes: 11", "num_classes: " + "9" * 5000))
+    with pytest.raises(ConfigError, match="big.yaml: a value YAML could not read: .*4300 digits"):
+        load_model_config(big)
+
+
 def test_a_weights_file_given_as_model_says_where_it_goes():
     """`--model model.pt` (weights and model swapped): the unknown-model error says where weights go."""
     with pytest.raises(ConfigError, match=r"unknown model 'runs/x/model_final.pt'.*; weights files go to --weights$"):

@@ -442,6 +442,29 @@ def test_adaptive_rejects_bad_arguments(kwargs):
         AdaptiveScheduler(**kwargs)
 
 
+def test_integers_too_large_for_a_float_or_too_long_to_print_are_named():
+    """Ints past 1e308 (math.isfinite overflows) or past str()'s 4300 digits (repr raises) are
+    refused with the schedulers' own messages; an effectively infinite gap limit is one, as inf is."""
+    huge = 10**5000
+    for make, words in ((lambda: AdaptiveScheduler(scene_threshold=huge), "scene_threshold must be > 0 and finite, "
+                                                                          "got an integer too long to print"),
+                        (lambda: AdaptiveScheduler(cut_threshold=10**400), "cut_threshold must be > 0 and finite, "
+                                                                           "got 1000"),
+                        (lambda: AdaptiveScheduler(min_interval=huge), "min_interval <= max_interval .*got an "
+                                                                       "integer too long to print, 10$"),
+                        (lambda: FixedIntervalScheduler(5, max_gap_s=-huge), "max_gap_s must be > 0, got an integer"),
+                        (lambda: SceneScorer(pixel_scale=huge), "are required, got 64, an integer too long to print, "
+                                                                "32$")):
+        with pytest.raises(ValueError, match=words):
+            make()
+    sched = FixedIntervalScheduler(3, max_gap_s=10**400)
+    assert sched.describe()["max_gap_s"] is None  # as for math.inf: not a finite number of seconds
+    for stamp in (huge, 10**400):
+        with pytest.raises(ValueError, match="stamp must be a finite number of seconds, got (an integer|1000)"):
+            sched.decide(_textured(5), stamp)
+    assert _keys(_run(sched, [_textured(5)] * 4, [0.0, 0.1, 1e6, 1e6])) == [0, 3]  # the stamps above left no state
+
+
 def test_cut_score_range_and_hard_cut():
     scorer = SceneScorer()
     black, white = scorer.thumbnail(_solid(0, (90, 160))), scorer.thumbnail(_solid(255, (90, 160)))

@@ -1212,6 +1212,17 @@ def test_stamps_that_are_not_real_numbers_are_refused(band_model, stamp):
     assert seg._frame_index == 0
 
 
+def test_a_stamp_too_long_to_print_is_a_frame_error(band_model):
+    """An int past 1e308 is a Real that float() refuses; past 4300 digits repr() refuses it too, so
+    the message says so instead of letting str()'s own ValueError out."""
+    seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(2))
+    for stamp, shown in ((10**400, "1" + "0" * 400), (10**5000, "an integer too long to print"),
+                         (-10**5000, "an integer too long to print")):
+        with pytest.raises(FrameError, match=f"stamp must be a number of seconds, got {shown}$"):
+            seg.push(_image((30, 40)), stamp)
+    assert seg._frame_index == 0
+
+
 def test_the_first_tracked_source_after_untracked_frames_is_no_source_change(band_model):
     seg = VideoSegmenter(band_model, CopyPropagator(), FixedIntervalScheduler(10))
     img = _image((60, 80))

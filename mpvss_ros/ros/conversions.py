@@ -44,6 +44,7 @@ from ..io.video import PNG_SIGNATURE, decoded_to_rgb, png_damage, png_size
 from ..viz import colorize, frame_tag, overlay
 
 from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
+from ..text import shown
 
 __all__ = [
     "ConversionError",
@@ -101,6 +102,9 @@ SUPPORTED_ENCODINGS: tuple[str, ...] = tuple(_BYTES_PER_PIXEL)
 
 #: Encodings :func:`make_image` writes.
 OUTPUT_ENCODINGS: tuple[str, ...] = ("mono8", "mono16", "rgb8")
+
+#: Largest value of a uint32 field (sensor_msgs/Image height, width, step).
+_UINT32_MAX = 2**32 - 1
 
 _YUV_CODES = {
     "yuv422": cv2.COLOR_YUV2RGB_UYVY,
@@ -261,10 +265,20 @@ def _as_bytes(data: Any, what: str = "data") -> np.ndarray:
 
 
 def _int_field(msg: Any, name: str) -> int:
+    """A uint32 field of sensor_msgs/Image (height, width, step) as a Python int.
+
+    Raises:
+        ConversionError: not an integer, negative, or past 2**32 - 1.
+    """
     value = getattr(msg, name, None)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConversionError(f"image field {name!r} must be an integer, got {value!r}")
-    return int(value)
+        raise ConversionError(f"image field {name!r} must be an integer, got {shown(value)}")
+    value = int(value)
+    if value < 0:
+        raise ConversionError(f"image field {name!r} is negative, got {shown(value)} (a uint32 in sensor_msgs/Image)")
+    if value > _UINT32_MAX:
+        raise ConversionError(f"image field {name!r} is past the uint32 range of sensor_msgs/Image, got {shown(value)}")
+    return value
 
 
 def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) -> None:
@@ -308,7 +322,7 @@ def image_to_rgb(msg: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) ->
     _check_pixels(height, width, max_pixels, f"image ({encoding})")
     big = getattr(msg, "is_bigendian", 0)
     if not isinstance(big, (bool, int, np.integer, np.bool_)) or int(big) not in (0, 1):
-        raise ConversionError(f"is_bigendian must be 0 or 1, got {big!r}")
+        raise ConversionError(f"is_bigendian must be 0 or 1, got {shown(big)}")
     row_bytes = width * bpp
     if step < row_bytes:
         raise ConversionError(f"step {step} is smaller than one row of {width} {encoding} pixels "

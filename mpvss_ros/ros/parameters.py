@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..io import DEFAULT_MAX_IMAGE_PIXELS
+from ..text import shown
 
 __all__ = [
     "NODE_NAME",
@@ -292,12 +293,7 @@ def _check(spec: ParamSpec, value: Any) -> Any:
     name = spec.name
 
     def fail(why: str) -> ValueError:
-        try:
-            shown = repr(value)
-        except ValueError:  # an int past Python's 4300-digit str() limit, alone or in a list
-            shown = ("an integer too long to print" if isinstance(value, int)
-                     else f"a {type(value).__name__} holding an integer too long to print")
-        return ValueError(f"parameter '{name}': {why}, got {shown}")
+        return ValueError(f"parameter '{name}': {why}, got {shown(value)}")
 
     def in_range(v: float) -> bool:
         return (spec.min is None or v >= spec.min) and (spec.max is None or v <= spec.max)

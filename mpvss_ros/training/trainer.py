@@ -508,17 +508,19 @@ def sync_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_schedule
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop log records after ``step`` (written after the checkpoint a run resumes from)."""
+    """Drop log records after ``step`` (written after the checkpoint a run resumes from), and every
+    line that is no record: cut off by a kill, not JSON, not an object, bytes that are not UTF-8,
+    or a ``step`` that is no whole number (``[1]``, ``Infinity``). The log is rewritten as UTF-8."""
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             if int(json.loads(line).get("step", 0)) <= step:
                 kept.append(line)
-        except (ValueError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError):
             continue
-    path.write_text("".join(x + "\n" for x in kept))
+    path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
 
 def check_same_step(meta: dict[str, Any], state: dict[str, Any], model_path: Path, state_path: Path) -> None:

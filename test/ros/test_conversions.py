@@ -1086,6 +1086,23 @@ def test_bool_size_fields_are_refused(field):
         image_to_rgb(fake_image(**fields))
 
 
+@pytest.mark.parametrize("field", ["height", "width", "step"])
+def test_size_fields_outside_uint32_are_refused(field):
+    """sensor_msgs/Image's height, width and step are uint32: a duck-typed message with a size past
+    2**32 - 1 or negative is refused by name, even past str()'s 4300-digit limit, whose own
+    ValueError used to come out of the pixel-count message."""
+    for value, words in ((2**32, "is past the uint32 range of sensor_msgs/Image, got 4294967296"),
+                         (10**5000, "is past the uint32 range of sensor_msgs/Image, got an integer too long to print"),
+                         (-1, "is negative, got -1"), (-(10**5000), "is negative, got an integer too long to print"),
+                         ([10**5000], "must be an integer, got a list holding an integer too long to print")):
+        fields = dict(height=1, width=1, step=3, data=bytes(3))
+        fields[field] = value
+        with pytest.raises(ConversionError, match=f"'{field}' {words}"):
+            image_to_rgb(fake_image(**fields))
+    with pytest.raises(ConversionError, match="is_bigendian must be 0 or 1, got an integer too long to print"):
+        image_to_rgb(fake_image(height=1, width=1, step=3, data=bytes(3), is_bigendian=10**5000))
+
+
 # --- compressed Bayer mosaics ------------------------------------------------------------------------
 
 

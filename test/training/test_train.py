@@ -1147,6 +1147,16 @@ def test_truncate_log_drops_later_records_and_torn_lines(tmp_path):
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"val": true, "step": 2}\n{"step": 3}\n'
 
 
+def test_truncate_log_drops_lines_that_are_no_records_of_any_kind(tmp_path):
+    """Bytes that are not UTF-8, a step of a list, of infinity or of null are no records either;
+    they go, and the resume does not stop on them (UnicodeDecodeError, TypeError, OverflowError)."""
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"step": 1}\n\xff\xfe{"step": 2}\n{"step": [2]}\n{"step": Infinity}\n{"step": null}\n'
+                    b'{"step": 2, "note": "\xc3\xa9"}\n{"step": 9}\n')
+    trainer.truncate_log(log, 3)
+    assert log.read_text(encoding="utf-8") == '{"step": 1}\n{"step": 2, "note": "\u00e9"}\n'
+
+
 def test_the_final_file_is_written_again_when_steps_were_run(tmp_path):
     """A finished run resumed with a longer schedule writes its new final model."""
 
