@@ -32,6 +32,7 @@ import torch
 from .checkpoints import (MOTION_PREFIX, CheckpointError, CheckpointFile, holds_part, load_state_dict_strict,
                           motion_module_trained, read_checkpoint)
 from .config import ConfigError, ModelConfig, load_model_config, model_config_from_dict
+from .devices import as_torch_device, check_device
 from .nn.backbones import RESNET_BLOCKS
 from .nn.mpvss import MPVSS
 from .paths import find_data
@@ -126,12 +127,14 @@ def resolve_data_path(path: str | Path) -> Path | None:
 def resolve_device(device: str, backend: str = "torch", precision: str = "fp32") -> str:
     """``auto`` -> ``cuda`` when ``backend`` can run there with ``precision``
     (:func:`~mpvss_ros.runtime.backend_missing`: for torch, when torch sees a CUDA GPU; for
-    onnxruntime, when its CUDA provider is installed), else ``cpu``; any other string unchanged.
+    onnxruntime, when its CUDA provider is installed), else ``cpu``; any other valid device string
+    (:func:`~mpvss_ros.devices.check_device`) unchanged.
 
     Raises:
-        ValueError: unknown backend or precision (with ``auto``).
+        ValueError: a device string that is not ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N <= 127);
+            unknown backend or precision (with ``auto``).
     """
-    if device != "auto":
+    if check_device(device) != "auto":
         return device
     from .runtime import backend_missing
 
@@ -145,15 +148,9 @@ def select_device(device: str) -> torch.device:
         ValueError: unknown device string, or CUDA requested where torch has no CUDA (says to use
             ``--device cpu``).
     """
-    device = resolve_device(device)
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from exc
+    dev = as_torch_device(resolve_device(device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA was requested but this torch build sees no CUDA GPU; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
     return dev
 
 

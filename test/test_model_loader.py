@@ -15,8 +15,10 @@ from mpvss_ros.checkpoints import CheckpointError
 from mpvss_ros.config import load_model_config
 from mpvss_ros.model_loader import load_exported, load_model, published_model_name, resolve_device, select_device
 from mpvss_ros.paths import find_data
+from mpvss_ros.runtime import backend_missing
 from mpvss_ros.runtime.commands import cmd_export, load_model_and_backend
 from mpvss_ros.runtime.export import build_contract
+from mpvss_ros.runtime.torch_backend import TorchBackend
 from mpvss_ros.ros.parameters import validate
 
 
@@ -54,11 +56,25 @@ def test_explicit_devices_are_kept_and_bad_ones_named():
         with pytest.raises(ValueError, match="device"):
             select_device(bad)
     for other in ("meta", "mps"):  # devices torch knows but the model does not run on
-        with pytest.raises(ValueError, match="unsupported device"):
+        with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got '" + other):
             select_device(other)
     assert validate({"device": "auto"}).device == "auto"  # the node's parameter
     with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
         validate({"device": "gpu"})
+
+
+def test_device_indices_torch_would_wrap_are_refused_everywhere(lite):
+    """torch keeps a device index in 8 bits: cuda:256 would run on cuda:0 and cuda:255 on the current
+    GPU. Every way in (the command line's select/resolve, backend_missing, a backend built directly,
+    the node's parameter) refuses an index past 127 before torch sees it."""
+    assert torch.device("cuda:256").index == 0  # the wrap this guards against (torch 2.x)
+    for device in ("cuda:128", "cuda:255", "cuda:256", "cuda:99999999999999999999"):
+        for call in (lambda: select_device(device), lambda: resolve_device(device, "onnxruntime"),
+                     lambda: backend_missing("torch", device), lambda: TorchBackend(lite.model, device),
+                     lambda: validate({"device": device})):
+            with pytest.raises(ValueError, match="device index must be at most 127"):
+                call()
+    assert resolve_device("cuda:127") == "cuda:127"
 
 
 def test_model_that_contradicts_the_stored_configuration_says_so_first(lite_checkpoint, tmp_path):

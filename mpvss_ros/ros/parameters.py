@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..devices import DEVICE_CHOICES, MAX_CUDA_INDEX, check_device
 from ..io import DEFAULT_MAX_IMAGE_PIXELS
 from ..text import shown
 
@@ -74,7 +75,6 @@ DEFAULT_CUT_THRESHOLD = 0.45
 RELIABILITIES = ("best_effort", "reliable", "system_default")
 
 # fullmatch: "$" would allow a final "\n"; ASCII digits only (\d also matches e.g. Arabic-Indic digits)
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 _SCHEDULE_RE = re.compile(r"adaptive|fixed:[1-9][0-9]*")
 
 
@@ -125,7 +125,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               constraints="a folder path, or ''"),
     ParamSpec("device", "str", "auto", "Torch device for inference: auto = the GPU when the backend and "
               "precision below can run on it, else the CPU.",
-              constraints="auto, cpu, cuda or cuda:N"),
+              constraints=f"{DEVICE_CHOICES} (N <= {MAX_CUDA_INDEX})"),
     ParamSpec("backend", "str", "torch",
               "Inference backend: torch (CPU/CUDA), onnxruntime (CPU, CUDA provider when present) or "
               "tensorrt (cached engines built from the exported ONNX graphs; prebuild with "
@@ -354,8 +354,11 @@ def check_parameter(name: str, value: Any) -> Any:
     if name not in SPECS:
         raise ValueError(f"unknown parameter '{name}'; known: {sorted(SPECS)}")
     value = _check(SPECS[name], value)
-    if name == "device" and not _DEVICE_RE.fullmatch(value):
-        raise ValueError(f"parameter 'device': must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if name == "device":
+        try:
+            check_device(value)
+        except ValueError as exc:
+            raise ValueError(f"parameter 'device': {exc}") from None
     if name == "schedule":
         if not _SCHEDULE_RE.fullmatch(value.strip()):
             hint = ("; the command line's adaptive:T is schedule 'adaptive' plus parameter 'scene_threshold' here"

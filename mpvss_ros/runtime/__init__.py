@@ -16,6 +16,7 @@ import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..devices import as_torch_device
 from .base import BACKENDS, PRECISIONS, Backend, BackendUnavailable, Missing, as_backend, check_precision, padded_size
 
 __all__ = [
@@ -37,7 +38,8 @@ def backend_missing(backend: str, device: str = "cpu", precision: str = "fp32") 
     (:func:`~mpvss_ros.model_loader.resolve_device`).
 
     Raises:
-        ValueError: unknown backend or precision.
+        ValueError: unknown backend or precision, or a device string other than auto, cpu, cuda and
+            cuda:N with N <= 127 (:func:`~mpvss_ros.devices.check_device`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -49,12 +51,7 @@ def backend_missing(backend: str, device: str = "cpu", precision: str = "fp32") 
 
         device = resolve_device(device, backend, precision)
 
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda[:N]")
+    dev = as_torch_device(device)
     if backend == "torch":
         if dev.type == "cuda" and not torch.cuda.is_available():
             return Missing("CUDA was requested but this torch build sees no CUDA GPU", "use --device cpu")

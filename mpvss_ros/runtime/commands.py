@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ..devices import as_torch_device
 from ..paths import check_output_dir, make_output_dir
 from .base import BACKENDS, MIN_GRAPH_SIDE, PRECISIONS, BackendUnavailable
 
@@ -234,8 +235,6 @@ def cmd_check_export(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    import torch
-
     from ..model_loader import load_model
     from .export import GraphSource
     from .tensorrt_backend import DEFAULT_WORKSPACE_MB, build_engines, tensorrt_missing
@@ -243,7 +242,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     missing = tensorrt_missing(args.precision)
     if missing:
         raise BackendUnavailable(missing)
-    dev = torch.device(args.device)
+    dev = as_torch_device(args.device)
     if dev.type != "cuda":
         raise ValueError(f"build-engine needs a CUDA device, got {args.device!r}")
     loaded = load_model(args.model, args.weights, "cpu", motion_optional=True)

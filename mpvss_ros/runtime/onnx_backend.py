@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoints import first_line
+from ..devices import as_torch_device
 from ..nn.mpvss import KeyFrameState
 from ..nn.warp import warp_mask_logits
 from .base import Backend, BackendUnavailable, Missing, SizeCache, check_precision, nan_unless_finite
@@ -54,7 +55,7 @@ def onnxruntime_missing(device: str | torch.device = "cpu") -> str | None:
     except ImportError:
         return Missing("onnxruntime backend needs the onnx package too (export, graph pruning): pip install onnx",
                        "use --backend torch")
-    dev = torch.device(device)
+    dev = as_torch_device(device)
     if dev.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return Missing("onnxruntime on CUDA needs onnxruntime-gpu (CUDAExecutionProvider is not available here)",
@@ -130,7 +131,7 @@ def make_session(path: str | Path, threads: int | None = None, device: str | tor
     # does torch post-processing, decoding and scene scoring, and on a robot other nodes share the
     # cores: spinning workers then steal them. Measured on 2 cores: see docs/runtime.md.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    dev = torch.device(device)
+    dev = as_torch_device(device)
     providers: list[Any] = ["CPUExecutionProvider"]
     if dev.type == "cuda":
         providers = [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
@@ -205,7 +206,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable(missing)
         self.source = source
         self.cfg = source.cfg
-        self.exec_device = torch.device(device)
+        self.exec_device = as_torch_device(device)
         self.device = torch.device("cpu")
         self.precision = precision
         self.threads = threads

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..devices import as_torch_device
 from ..nn.mpvss import KeyFrameState
 from .base import Backend, BackendUnavailable, Missing, SizeCache, check_precision, nan_unless_finite
 from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
@@ -706,7 +707,7 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable(missing)
         import tensorrt as trt
 
-        dev = torch.device(device)
+        dev = as_torch_device(device)
         self.device_index = (dev.index or 0) if dev.type == "cuda" else 0
         self._trt = trt
         self.source = source

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from ..devices import as_torch_device
 from ..nn.backbones import Conv2dNorm
 from ..nn.mpvss import MPVSS, KeyFrameState
 from ..nn.warp import warp_mask_logits
@@ -248,7 +249,7 @@ class TorchBackend(Backend):
                  channels_last: bool | None = None, fold_batch_norm: bool = True) -> None:
         from . import backend_missing  # the package imports this module lazily: no cycle
 
-        dev = torch.device(device)
+        dev = as_torch_device(device)
         if why := backend_missing("torch", str(dev), precision):
             raise BackendUnavailable(why)
         if precision != "fp32" and not isinstance(model, MPVSS):
