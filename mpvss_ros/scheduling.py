@@ -243,7 +243,9 @@ class KeyFrameScheduler(ABC):
     def reset(self, reason: str = "reset") -> None:
         """Forget the key frame: the next frame is a key frame, with ``reason`` (a plain
         ``reset`` before any frame was seen gives ``first``; another reason, e.g. the engine's
-        ``frame_id_change`` on a scheduler swapped in just before, is kept)."""
+        ``frame_id_change`` on a scheduler swapped in just before, is kept; an empty one, which
+        would read as a non-key frame's, is ``reset``)."""
+        reason = reason or "reset"
         self._ref: tuple[np.ndarray, np.ndarray] | None = None  # key frame's (thumbnail, histogram)
         self._prev: tuple[np.ndarray, np.ndarray] | None = None  # previous frame's
         self._drift = 0.0

@@ -313,6 +313,9 @@ def test_reset_forces_key_frame():
     assert (d.is_key_frame, d.reason, d.frames_since_key) == (True, "reset", 0)
     d = sched.decide(_textured(0), 0.12)
     assert (d.is_key_frame, d.frames_since_key) == (False, 1)
+    sched.reset("")  # an empty reason is a non-key frame's: a key frame says why
+    d = sched.decide(_textured(0), 0.16)
+    assert (d.is_key_frame, d.reason) == (True, "reset")
 
 
 def test_reset_forgets_time():
