@@ -11,7 +11,9 @@
 clip), ``dashcam`` (solidWhiteRight.mp4 of the shared data) or a video file / image folder. On an
 unlabelled clip the reference is the model's own per-frame labels (agreement with segmenting
 every frame). Tables are written to ``OUT/<clip>_<propagator>[_chained|_direct].npz`` (flow
-propagators: chained flow unless ``--no-chain-flow``) and read back on later runs.
+propagators: chained flow unless ``--no-chain-flow``) and read back on later runs with the same
+clip length and ``--horizon`` (built again otherwise; a table of other weights is not told apart:
+give another ``--out``).
 
 For each key interval N it prints mIoU / pixel accuracy of ``fixed:N`` and of the adaptive
 schedule at the same key-frame count (the study's threshold search, ``max_interval`` 2N), and with
@@ -132,7 +134,11 @@ def main() -> None:
         mode = ("_chained" if args.chain_flow else "_direct") if prop in FLOW_PROPAGATORS else ""
         path = out / f"{name}_{prop}{mode}{suffix}.npz"
         if path.is_file():
-            return PairTable.load(path)
+            table = PairTable.load(path)
+            if (table.frames, table.horizon) == (len(frames), args.horizon):
+                return table
+            print(f"{path} holds {table.frames} frames up to {table.horizon} apart, not {len(frames)} up to "
+                  f"{args.horizon}: building it again")
         loaded = loaded or load_model(args.model, args.weights)
         table = build_pair_table(loaded, frames, prop, reference, horizon=args.horizon, fps=fps, progress=True,
                                  chain_flow=args.chain_flow)

@@ -7,18 +7,22 @@ trained, so the scores mean nothing: exactness against the real pipeline is what
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from mpvss_ros.evaluation.metrics import ConfusionMatrix
 from mpvss_ros.evaluation.pair_table import PairTable, build_pair_table, local_search
-from mpvss_ros.evaluation.study import evaluate_sequence, load_sequence
-from mpvss_ros.model_loader import load_model
+from mpvss_ros.evaluation.study import LabelledSequence, evaluate_sequence, load_sequence
+from mpvss_ros.model_loader import LoadedModel, load_model
 from mpvss_ros.propagation import build_propagator
-from mpvss_ros.scheduling import AdaptiveScheduler, FixedIntervalScheduler, schedule_key_frames
+from mpvss_ros.scheduling import AdaptiveScheduler, FixedIntervalScheduler, KeyFrameScheduler, schedule_key_frames
 from mpvss_ros.segmenter import VideoSegmenter
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -97,7 +101,11 @@ def test_confusion_sums_the_pairs_of_each_key_frame():
 
 
 @pytest.mark.parametrize("keys, words", [([1, 4], "frame 0"), ([], "frame 0"), ([0, 9], "outside"),
-                                         ([0, 7], "outside"), ([0, 5], "horizon")])
+                                         ([0, 7], "outside"), ([0, 5], "horizon"),
+                                         ([-1, 0, 3], "key frame -1 is outside"),  # not "frame 0 must be"
+                                         ([0, 2.7], "integer frame indices, got 2.7"),  # not frame 2
+                                         ([0, True], "integer frame indices, got True"),
+                                         ([0, "3"], "integer frame indices, got '3'")])
 def test_confusion_rejects_schedules_the_table_cannot_score(keys, words):
     with pytest.raises(ValueError, match=words):
         _random_table().confusion(keys)  # T = 7, horizon 3: [0, 5] leaves frame 4 four frames out
@@ -193,6 +201,9 @@ def test_schedule_table_script(bikes_frames, lite_checkpoint, tmp_path, load_scr
     assert "1 in 2: fixed" in first and "(3 key frames) | adaptive:" in first and "hindsight search" in first
     assert first.count("adaptive:0.5 max_interval 3 cut_threshold") == 2 and "not scored" not in first
     assert first.replace(f"wrote {table}\n", "") == second
+    third = run_script(module, *[("2" if a == "3" and args[i - 1] == "--horizon" else a) for i, a in enumerate(args)])
+    assert f"holds 6 frames up to 3 apart, not 6 up to 2: building it again\nwrote {table}" in third
+    assert PairTable.load(table).conf.shape == (6, 3, 11, 11)  # a table of another horizon is not reused
 
 
 def test_schedule_table_script_cut_scores(bikes_frames, tmp_path, load_script, run_script, frame_folder):
@@ -269,3 +280,210 @@ def test_local_search_keeps_its_key_frames_distinct_and_within_the_horizon():
     wide = _random_table(t=12, horizon=3)
     keys, value = local_search(wide, [0, 4, 8], max_gap=50)
     assert max(np.diff(keys + [wide.frames])) <= 4 and value == pytest.approx(100 * wide.confusion(keys).miou())
+
+
+# --- property-based: the table against running the schedule, its error contract, the search, the file
+
+# Bounded fuzzing: no "explain" phase (it traces every line of a failing example again: over a minute here).
+_FUZZ = settings(deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
+
+
+class _ListedKeyFrames(KeyFrameScheduler):
+    """Key frames at exactly the listed frame indices (counted from the scheduler's first frame)."""
+
+    def __init__(self, key_frames) -> None:
+        self.key_frames = frozenset(key_frames)
+        super().__init__(max_gap_s=math.inf)
+
+    def _policy(self, scene_score, cut_score, frames_since_key):
+        return "listed" if self._frames_seen - 1 in self.key_frames else ""
+
+
+def _tiny_clip(t: int, k: int, speed: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``t`` frames of 32 x 48 RGB: a grey ramp sliding by ``speed`` levels a frame under noise, and
+    label maps of its ``k`` grey bands with some pixels relabelled at random, some void (>= k)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:48]
+    frames, labels = [], []
+    for i in range(t):
+        grey = (xx * 5 + yy * 2 + speed * i) % 256
+        noisy = np.clip(grey + rng.integers(-12, 13, grey.shape), 0, 255).astype(np.uint8)
+        frames.append(np.stack([noisy, noisy, 255 - noisy], -1))
+        label = (grey * k // 256).astype(np.uint8)
+        flip = rng.random(label.shape)
+        label[flip < 0.1] = rng.integers(0, k, int((flip < 0.1).sum()))
+        label[flip > 0.95] = rng.choice([k, 255])
+        labels.append(label)
+    return frames, labels
+
+
+@st.composite
+def _schedules(draw, frames: int, horizon: int) -> list[int]:
+    """A schedule the table can score: key frame 0, then gaps of 1 .. horizon + 1 frames."""
+    keys = [0]
+    while True:
+        nxt = keys[-1] + draw(st.integers(1, horizon + 1))
+        if nxt >= frames:
+            return keys
+        keys.append(nxt)
+
+
+def _pairs_sum(table: PairTable, key_frames) -> np.ndarray:
+    """The confusion matrix of a schedule, frame by frame: each frame from the last key frame at or before it."""
+    key_of = [max(k for k in key_frames if k <= f) for f in range(table.frames)]
+    return sum(table.conf[k, f - k] for f, k in enumerate(key_of))
+
+
+@settings(_FUZZ, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), frames=st.integers(6, 12), classes=st.integers(2, 5), speed=st.integers(0, 9),
+       seed=st.integers(0, 2**16), horizon=st.integers(1, 4),
+       propagator=st.sampled_from([("copy", True), ("optical_flow", True), ("optical_flow", False)]),
+       per_frame=st.booleans())
+def test_table_scores_any_schedule_as_running_it(lite, make_band_model, data, frames, classes, speed, seed, horizon,
+                                                 propagator, per_frame):
+    """On a tiny synthetic clip, any schedule with key frames at most ``horizon`` apart scores in the
+    table exactly as segmenting the clip with exactly those key frames does (VideoSegmenter and
+    evaluate_sequence, same propagator, chained or direct flow), against the labels or the
+    per-frame labels."""
+    model = make_band_model(classes)
+    model.cfg.input = dataclasses.replace(model.cfg.input, size=[32, 48])  # a 32 x 48 canvas: fast
+    names = [f"c{i}" for i in range(classes)]
+    loaded = LoadedModel(model, dataclasses.replace(lite.config, num_classes=classes, class_names=names,
+                                                    input=model.cfg.input), None, False, lite.device)
+    images, labels = _tiny_clip(frames, classes, speed, seed)
+    name, chain_flow = propagator
+    if per_frame:
+        every = VideoSegmenter(model, build_propagator(name, model), FixedIntervalScheduler(1, max_gap_s=math.inf))
+        labels = [every.push(image, i / 15.0).labels for i, image in enumerate(images)]
+    table = build_pair_table(loaded, images, name, None if per_frame else labels, horizon=horizon, fps=15.0,
+                             chain_flow=chain_flow)
+    assert table.conf.shape == (frames, horizon + 1, classes, classes)
+    assert table.reference == ("per_frame" if per_frame else "labels") and table.propagator == name
+    assert table.conf[:, 0].trace(axis1=1, axis2=2).sum() > 0  # the clip is not all void
+    for _ in range(2):
+        keys = data.draw(_schedules(frames, horizon), label="key frames")
+        prop = build_propagator(name, model, chain_flow=chain_flow)
+        segmenter = VideoSegmenter(model, prop, _ListedKeyFrames(keys), device=lite.device)
+        expected = ConfusionMatrix(classes)
+        for i, image in enumerate(images):
+            result = segmenter.push(image, i / 15.0)
+            assert result.is_key_frame == (i in keys), (i, keys)
+            expected.update(result.labels, labels[i])
+        np.testing.assert_array_equal(table.confusion(keys).mat, expected.mat)
+        ran = evaluate_sequence(loaded, LabelledSequence([str(i) for i in range(frames)], images, labels, 15.0), prop,
+                                _ListedKeyFrames(keys))
+        scored = table.score(keys)
+        assert scored["key_frames"] == ran["key_frames"] == len(keys)
+        for field in ("mIoU", "fwIoU", "pACC", "mACC", "IoU", "pixels"):
+            assert scored[field] == ran[field], (keys, field)
+    if per_frame:
+        assert table.score(range(frames))["pACC"] == 100.0  # every frame a key frame: per-frame agrees with itself
+
+
+@settings(_FUZZ, max_examples=150)
+@given(data=st.data(), frames=st.integers(1, 12), horizon=st.integers(1, 5), seed=st.integers(0, 99))
+def test_confusion_scores_exactly_the_schedules_it_can(data, frames, horizon, seed):
+    """Any list of frame indices, in any order, repeats allowed: ValueError (nothing else) when frame 0
+    is not a key frame, an index is outside 0..T-1 or a frame is more than ``horizon`` from its key
+    frame; otherwise each frame's pair from the last key frame at or before it, summed."""
+    table = _random_table(t=frames, horizon=horizon, seed=seed)
+    scorable = _schedules(frames, horizon).flatmap(lambda keys: st.permutations(keys * 2)) | _schedules(frames, horizon)
+    key_frames = data.draw(scorable | st.lists(st.integers(-3, 15), max_size=8), label="key frames")
+    keys = sorted(set(key_frames))
+    ends = keys[1:] + [frames]
+    valid = (bool(keys) and keys[0] == 0 and keys[-1] < frames
+             and all(e - k - 1 <= horizon for k, e in zip(keys, ends)))
+    if not valid:
+        with pytest.raises(ValueError):
+            table.confusion(key_frames)
+        with pytest.raises(ValueError):
+            table.score(key_frames)
+        return
+    np.testing.assert_array_equal(table.confusion(key_frames).mat, _pairs_sum(table, key_frames))
+    assert table.score(np.array(key_frames, np.int64))["key_frames"] == len(keys)
+
+
+@st.composite
+def _search_cases(draw):
+    """A random table, a scorable start (maybe shuffled, with repeats), a max_gap and moves."""
+    frames, horizon = draw(st.integers(3, 14)), draw(st.integers(1, 5))
+    kind, seed = draw(st.sampled_from(["random", "spot", "noise"])), draw(st.integers(0, 99))
+    if kind == "random":
+        table = _random_table(t=frames, horizon=horizon, seed=seed)
+    elif kind == "spot":
+        table = _spot_table(frames, horizon, bad_frame=seed % frames, good_key=draw(st.integers(0, frames - 1)))
+    else:  # every pair, key frames' own included, an unrelated random matrix
+        conf = np.random.default_rng(seed).integers(0, 50, (frames, horizon + 1, 3, 3))
+        for d in range(1, horizon + 1):
+            conf[frames - d:, d] = 0
+        table = PairTable(conf, "test", "labels", ["a", "b", "c"])
+    max_gap = draw(st.none() | st.integers(1, horizon + 3) | st.integers(2, max(2, horizon)))  # often below the horizon + 1
+    loose = max_gap is None or draw(st.integers(0, 3)) == 0  # a start within the horizon only
+    within = horizon + 1 if loose else min(max_gap, horizon + 1)
+    start = list(range(0, frames, within)) if draw(st.booleans()) else draw(_schedules(frames, within - 1))
+    start = draw(st.permutations(start + draw(st.lists(st.sampled_from(start), max_size=2))))
+    moves = draw(st.lists(st.integers(-4, 4).filter(bool), min_size=1, max_size=4, unique=True))
+    return table, start, max_gap, moves
+
+
+@settings(_FUZZ, max_examples=200)
+@given(case=_search_cases())
+def test_local_search_keeps_its_documented_promises(case):
+    """local_search: never below its start, the start's count of key frames, frame 0 kept, key frames
+    distinct and sorted, gaps within max_gap (when the start's are) and never past the horizon + 1,
+    the mIoU it returns is its key frames', and no single move of ``moves`` improves on them."""
+    table, start, max_gap, moves = case
+    keys, value = local_search(table, start, max_gap=max_gap, moves=moves)
+    begin = 100 * table.confusion(start).miou()
+    assert value >= begin - 1e-9
+    assert keys[0] == 0 and keys == sorted(set(keys)) and len(keys) == len(set(start))
+    limit = table.horizon + 1 if max_gap is None else min(max_gap, table.horizon + 1)
+    gaps = np.diff(keys + [table.frames])
+    assert max(gaps) <= table.horizon + 1
+    if max(np.diff(sorted(set(start)) + [table.frames])) <= limit:
+        assert max(gaps) <= limit, (start, keys, max_gap)
+    assert value == pytest.approx(100 * table.confusion(keys).miou(), abs=1e-9)
+    for i in range(1, len(keys)):
+        for move in moves:
+            cand = keys[:i] + [keys[i] + move] + keys[i + 1:]
+            if cand == sorted(set(cand)) and cand[-1] < table.frames and max(np.diff(cand + [table.frames])) <= limit:
+                assert 100 * table.confusion(cand).miou() <= value + 1e-9, (keys, cand)
+
+
+@settings(_FUZZ, max_examples=40)
+@given(conf=st.integers(1, 5).flatmap(lambda k: arrays(np.int64, st.tuples(st.integers(1, 4), st.integers(1, 3),
+                                                                           st.just(k), st.just(k)),
+                                                       elements=st.integers(0, 2**62))),
+       propagator=st.text(st.characters(blacklist_characters="\x00"), max_size=12),
+       reference=st.sampled_from(["labels", "per_frame"]), suffix=st.sampled_from([".npz", ".pairs", ""]),
+       names=st.lists(st.text(st.characters(blacklist_characters="\x00"), max_size=8), min_size=5, max_size=5))
+def test_save_load_round_trips_exactly(tmp_path_factory, conf, propagator, reference, suffix, names):
+    """Whatever the path's suffix, PairTable.load(path) after save(path) gives the same conf
+    (int64), propagator, reference and class names."""
+    table = PairTable(conf, propagator, reference, names[:conf.shape[2]])
+    path = tmp_path_factory.getbasetemp() / f"round_trip{suffix}"
+    table.save(path)
+    back = PairTable.load(path)
+    assert back.conf.dtype == np.int64
+    np.testing.assert_array_equal(back.conf, table.conf)
+    assert (back.propagator, back.reference, back.class_names) == (propagator, reference, names[:conf.shape[2]])
+
+
+@settings(_FUZZ, max_examples=40)
+@given(cut=st.integers(0, 10**6), flip=st.none() | st.integers(0, 10**6))
+def test_load_rejects_a_damaged_file_with_the_documented_error(tmp_path_factory, cut, flip):
+    """A truncated or bit-flipped table file: FileNotFoundError or ValueError (the documented
+    errors), never another exception, or a table equal to the one written."""
+    table = _random_table()
+    path = tmp_path_factory.getbasetemp() / "damaged.npz"
+    table.save(path)
+    data = bytearray(path.read_bytes())
+    data = data[:cut % (len(data) + 1)]
+    if flip is not None and data:
+        data[flip % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+    try:
+        back = PairTable.load(path)
+    except (FileNotFoundError, ValueError):
+        return
+    np.testing.assert_array_equal(back.conf, table.conf)

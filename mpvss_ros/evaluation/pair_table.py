@@ -22,6 +22,10 @@ part of the table; :func:`~mpvss_ros.evaluation.study.evaluate_sequence` measure
 from __future__ import annotations
 
 import math
+import operator
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,10 +84,12 @@ class PairTable:
         """The clip's confusion matrix when exactly ``key_frames`` are key frames.
 
         Raises:
-            ValueError: frame 0 is not a key frame, an index is outside ``0..T-1``, or a frame is
-                further than ``horizon`` from its key frame.
+            ValueError: an index that is no integer (2.7 is not frame 2) or is outside ``0..T-1``,
+                frame 0 not a key frame, or a frame further than ``horizon`` from its key frame.
         """
-        keys = sorted(set(int(k) for k in key_frames))
+        keys = _frame_indices(key_frames)
+        if keys and keys[0] < 0:
+            raise ValueError(f"key frame {keys[0]} is outside the clip's {self.frames} frames")
         if not keys or keys[0] != 0:
             raise ValueError("frame 0 must be a key frame")
         if keys[-1] >= self.frames:
@@ -100,27 +106,68 @@ class PairTable:
         """:meth:`ConfusionMatrix.summary` (mIoU, fwIoU, pACC, ... in percent) of a schedule,
         plus ``key_frames`` (the count)."""
         out = self.confusion(key_frames).summary(self.class_names)
-        out["key_frames"] = len(set(int(k) for k in key_frames))
+        out["key_frames"] = len(_frame_indices(key_frames))
         return out
 
     def save(self, path: str | Path) -> None:
-        """Write the table as a compressed ``.npz``."""
-        np.savez_compressed(Path(path), conf=self.conf, propagator=self.propagator, reference=self.reference,
-                            class_names=np.array(self.class_names))
+        """Write the table as a compressed ``.npz`` at exactly ``path`` (numpy would append
+        ``.npz`` to another suffix), through a temporary file in the same folder, so an
+        interrupted write leaves no half-written table behind.
+
+        Raises:
+            OSError: the folder cannot be written.
+        """
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, conf=self.conf, propagator=self.propagator, reference=self.reference,
+                                    class_names=np.array(self.class_names))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> PairTable:
         """Read a table written by :meth:`save` (no pickled objects are loaded).
 
         Raises:
-            FileNotFoundError, ValueError: missing file or not a pair table.
+            FileNotFoundError: no file at ``path``.
+            ValueError: not a pair table: not a zip, truncated or damaged, arrays missing or of
+                the wrong kind; the message names the file.
         """
-        with np.load(Path(path), allow_pickle=False) as z:
-            missing = {"conf", "propagator", "reference", "class_names"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path} is not a pair table (missing {sorted(missing)})")
-            return cls(z["conf"].astype(np.int64), str(z["propagator"]), str(z["reference"]),
-                       [str(n) for n in z["class_names"]])
+        try:
+            z = np.load(Path(path), allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
+            with z:
+                missing = {"conf", "propagator", "reference", "class_names"} - set(z.files)
+                if missing:
+                    raise ValueError(f"missing {sorted(missing)}")
+                conf = z["conf"]
+                if conf.dtype.kind not in "iu":
+                    raise ValueError(f"conf holds {conf.dtype}, not integers")
+                return cls(conf.astype(np.int64), str(z["propagator"]), str(z["reference"]),
+                           [str(n) for n in z["class_names"].reshape(-1)])
+        except FileNotFoundError:
+            raise
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path} is not a pair table: {exc or type(exc).__name__}") from None
+
+
+def _frame_indices(key_frames: Sequence[int]) -> list[int]:
+    """Sorted distinct frame indices; Python or numpy integers only.
+
+    Raises:
+        ValueError: an entry that is no integer (a float, a bool, a string).
+    """
+    out = set()
+    for k in key_frames:
+        if isinstance(k, (bool, np.bool_)) or not hasattr(type(k), "__index__"):
+            raise ValueError(f"key frames must be integer frame indices, got {k!r}")
+        out.add(operator.index(k))
+    return sorted(out)
 
 
 def build_pair_table(loaded: LoadedModel, images: Sequence[np.ndarray], propagator: str | Propagator,
@@ -192,7 +239,7 @@ def local_search(table: PairTable, key_frames: Sequence[int], max_gap: int | Non
         (key frames, mIoU in percent).
     """
     max_gap = table.horizon + 1 if max_gap is None else min(max_gap, table.horizon + 1)
-    keys = sorted(set(int(k) for k in key_frames))
+    keys = _frame_indices(key_frames)
     best = table.confusion(keys).miou()
     improved = True
     while improved:
