@@ -34,15 +34,26 @@ __all__ = ["IGNORE_INDEX", "ConfusionMatrix", "VideoConsistency", "class_counts"
 #: Label value of pixels that are not scored or trained on (ground truth, training targets,
 #: low-confidence pseudo-labels); CamVid's void class K = 11 is ignored by range as well.
 IGNORE_INDEX = 255
+_INT64_MAX = np.iinfo(np.int64).max
 
 
-def _as_int_array(x: Any, name: str) -> np.ndarray:
-    """numpy int64 view of an array-like or a torch tensor (detached, on the CPU)."""
+def _as_int_array(x: Any, name: str, exact: bool = False) -> np.ndarray:
+    """numpy int64 view of an array-like or a torch tensor (detached, on the CPU).
+
+    A uint64 value past int64's range wraps to a negative one, which :class:`ConfusionMatrix`
+    ignores (ground truth) or refuses (predictions) as it does any negative value; with ``exact``
+    (values compared as they are, VC_n) it is refused instead.
+
+    Raises:
+        ValueError: not integers; with ``exact``, a value past int64's range.
+    """
     if hasattr(x, "detach"):  # torch.Tensor without importing torch here
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.dtype.kind not in "iub":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if exact and arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > _INT64_MAX:
+        raise ValueError(f"{name} holds {arr.max()}, past int64's range: label values are compared as int64")
     return arr.astype(np.int64, copy=False)
 
 
@@ -318,10 +329,11 @@ class VideoConsistency:
             gt: (H, W) integer raw ground truth.
 
         Raises:
-            ValueError: shapes differ from each other or from the clip's earlier frames.
+            ValueError: shapes differ from each other or from the clip's earlier frames; not integers,
+                or a value past int64 (a uint64 of 2**63 or more would wrap and compare equal to another).
         """
-        p = _as_int_array(pred, "pred")
-        g = _as_int_array(gt, "gt")
+        p = _as_int_array(pred, "pred", exact=True)
+        g = _as_int_array(gt, "gt", exact=True)
         if p.shape != g.shape:
             raise ValueError(f"pred shape {p.shape} differs from gt shape {g.shape}")
         if self._frames and self._frames[0][0].shape != p.shape:
