@@ -5,7 +5,11 @@ JPEG whose entropy-coded scan data lost or garbled bytes ("Corrupt JPEG data: pr
 data segment", "Premature end of JPEG file", ...) is refused with :class:`JpegDataError`, where
 OpenCV returns it with grey, smeared or shifted blocks and only prints a libjpeg line on stderr
 that names no file (an MJPEG camera dropping USB packets, a file cut short). JPEG has no checksum:
-a changed byte that keeps the entropy code valid still decodes. Without ``simplejpeg``
+a changed byte that keeps the entropy code valid still decodes, and libjpeg does not notice every
+loss either (in a property-based test, most single bytes lost from a small JPEG's scan data decoded
+without a warning; losses of several bytes are refused). Zero fill before the end-of-image marker
+(below) can stand in for lost scan bytes: libjpeg reads the zeros as the missing data, and the last
+blocks decode wrong; nothing in the bytes tells that apart from a scan whose own last bytes are zero. Without ``simplejpeg``
 (:data:`STRICT_JPEG` False) OpenCV decodes, and only a JPEG without an end-of-image marker after
 its first scan (a truncated one) is refused; so does a JPEG whose header TurboJPEG's probe cannot read but
 libjpeg can (a chroma-subsampled CMYK JPEG, stray bytes between header segments). One libjpeg
@@ -147,9 +151,16 @@ def decode_jpeg(data: Any, *, check_size: Callable[[int, int], None] | None = No
     try:
         height, width, _, _ = _simplejpeg.decode_jpeg_header(data)
     except ValueError:
-        # A header TurboJPEG's probe cannot read (e.g. a chroma-subsampled CMYK JPEG, or stray
-        # bytes among the header segments) that libjpeg itself may: OpenCV decodes it, as it would
-        # without simplejpeg, so an image folder and a CompressedImage give the same pixels.
+        # A header TurboJPEG's probe cannot read (e.g. a chroma-subsampled CMYK JPEG, an unknown
+        # JFIF version) that libjpeg itself may: OpenCV decodes it, as it would without simplejpeg,
+        # so an image folder and a CompressedImage give the same pixels. But only a header whose
+        # segments lead to a start-of-scan marker: OpenCV decodes without a word what libjpeg calls
+        # corrupt, e.g. a progressive JPEG whose first scan header was lost (its scan data then
+        # sits where a marker belongs, and the image comes out of the later scans alone).
+        raw = _bytes(data)
+        scan = _scan_start(raw)
+        if scan < len(raw) and raw[scan : scan + 2] != b"\xff\xda":
+            raise JpegDataError("bad data", "the header segments do not lead to a start-of-scan marker")
         return _decode_with_opencv(data, check_size, apply_orientation)
     if check_size is not None:
         check_size(int(height), int(width))
@@ -169,15 +180,16 @@ def _decode_without_zero_fill(data: Any, exc: ValueError) -> np.ndarray:
     which the strict decoder raises. The retry decodes the same file without the N bytes libjpeg
     names, then, if that fails, without every zero byte there (the scan data's own last byte can be
     0x00, as in about 1 in 8 JPEGs of flat images), strictly again: any other warning (lost scan
-    data, or fill bytes that were scan data) still refuses it.
+    data, or fill bytes that were scan data) still refuses it, unless the zeros stood in for the
+    lost scan bytes (module docstring).
 
     Raises:
         JpegDataError: from ``exc`` when it is another warning, or when the retries fail too.
     """
     message = str(exc)
+    raw = _bytes(data)
     found = re.search(r"(\d+) extraneous bytes before marker 0xd9", message.lower())
     if found:
-        raw = memoryview(data).cast("B").tobytes() if not isinstance(data, np.ndarray) else data.tobytes()
         eoi = raw.find(_EOI, _scan_start(raw))  # the end-of-image marker the fill runs up to
         zeros = eoi
         while zeros > 2 and raw[zeros - 1] == 0 and raw[zeros - 2] != 0xFF:  # FF 00 is a stuffed data byte
@@ -188,8 +200,15 @@ def _decode_without_zero_fill(data: Any, exc: ValueError) -> np.ndarray:
                 return _simplejpeg.decode_jpeg(raw[:start] + raw[eoi:], colorspace="RGB", strict=True)
             except ValueError:
                 pass  # refused with the first decode's warning
-    truncated = "premature end of jpeg file" in message.lower()
+    # cut short: libjpeg says so, or it stopped on a later segment cut in two (a progressive JPEG's
+    # next Huffman table or scan header), which leaves no end-of-image marker after the first scan
+    truncated = "premature end of jpeg file" in message.lower() or raw.find(_EOI, _scan_start(raw)) < 0
     raise JpegDataError("the data is truncated" if truncated else "bad data", message, truncated) from None
+
+
+def _bytes(data: Any) -> bytes:
+    """The bytes of a bytes-like object or a 1-D uint8 array (a copy)."""
+    return data.tobytes() if isinstance(data, np.ndarray) else memoryview(data).cast("B").tobytes()
 
 
 def _decode_with_opencv(data: Any, check_size: Callable[[int, int], None] | None,

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import re
 import struct
 import warnings
 
 import cv2
 import numpy as np
 import pytest
+import simplejpeg
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from PIL import Image
 
 from helpers import exif_tiff, with_exif_orientation
 
@@ -141,9 +147,38 @@ def test_damaged_and_truncated_data(decoder):
     with pytest.raises(JpegHeaderError, match="not a JPEG"):
         decode_jpeg(b"\x89PNG\r\n\x1a\n")
     garbage = b"\xff\xd8" + bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)) + b"\xff\xd9"
-    with pytest.raises(JpegDataError, match="OpenCV cannot decode it") as garbled:  # the strict header probe fails: OpenCV's turn
+    # the strict header probe fails; random bytes where the header segments belong do not go on to
+    # OpenCV (which decodes what libjpeg calls corrupt), without simplejpeg OpenCV refuses them itself
+    words = "header segments do not lead to a start-of-scan marker" if decoder == "strict" else "OpenCV cannot decode it"
+    with pytest.raises(JpegDataError, match=words) as garbled:
         decode_jpeg(garbage)
     assert not garbled.value.truncated  # damaged, not cut short: it has its end-of-image marker
+
+
+def test_a_progressive_jpeg_that_lost_its_first_scan_header_is_refused():
+    """TurboJPEG's probe cannot read it, and OpenCV decoded it from the later scans alone (pixels
+    off by up to 145) while libjpeg warned of corrupt data: header segments that do not lead to a
+    start-of-scan marker are not handed to OpenCV."""
+    clean = _jpeg(_gradient(37, 51), cv2.IMWRITE_JPEG_PROGRESSIVE, 1)
+    sos = clean.index(b"\xff\xda")
+    damaged = clean[:sos] + clean[sos + 2 + struct.unpack(">H", clean[sos + 2 : sos + 4])[0] :]
+    with pytest.raises(ValueError):
+        simplejpeg.decode_jpeg_header(damaged)
+    with pytest.raises(JpegDataError, match="header segments do not lead to a start-of-scan marker") as bad:
+        decode_jpeg(damaged)
+    assert not bad.value.truncated
+
+
+def test_a_progressive_jpeg_cut_within_a_later_scan_header_is_flagged_truncated():
+    """libjpeg stops there with "Bogus Huffman table definition", "Invalid component ID", ... and
+    not "premature end": no end-of-image marker after the first scan tells it was cut short."""
+    data = _jpeg(_gradient(37, 51), cv2.IMWRITE_JPEG_PROGRESSIVE, 1)
+    later_dht = data.index(b"\xff\xc4", data.index(b"\xff\xda"))  # the second scan's Huffman table
+    later_sos = data.index(b"\xff\xda", later_dht)
+    for cut in [*range(later_dht + 1, later_dht + 5), *range(later_sos + 1, later_sos + 8)]:
+        with pytest.raises(JpegDataError) as short:
+            decode_jpeg(data[:cut])
+        assert short.value.truncated, (cut, str(short.value))
 
 
 def test_the_size_is_checked_before_decoding(decoder, monkeypatch):
@@ -335,3 +370,197 @@ def test_the_opencv_fallback_steps_over_fill_bytes_in_the_header(monkeypatch):
     with pytest.raises(JpegDataError, match="truncated") as cut:
         decode_jpeg(filled[: len(filled) - len(raw) // 2])
     assert cut.value.truncated
+
+
+# --- property-based: random valid JPEGs, damaged at random -----------------------------------
+
+class _Refused(Exception):
+    """What the fuzz test's ``check_size`` raises to refuse a frame."""
+
+
+def _pil_jpeg(image: np.ndarray, **options) -> bytes:
+    """``image`` (RGB, or 2-D grey) as a JPEG written by Pillow (``quality``, ``subsampling``, ...)."""
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="JPEG", **options)
+    return out.getvalue()
+
+
+@st.composite
+def _valid_jpegs(draw) -> bytes:
+    """A JPEG written by OpenCV or Pillow: 1 x 1 to 64 x 96 pixels, grey or colour, any quality, chroma
+    subsampling 4:4:4 / 4:2:2 / 4:2:0, baseline or progressive, optimised Huffman tables or not,
+    restart intervals, and an EXIF orientation tag or none."""
+    h, w = draw(st.integers(1, 64)), draw(st.integers(1, 96))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    content = draw(st.sampled_from(["gradient", "noise", "flat"]))
+    image = {"gradient": lambda: _gradient(h, w) if h > 1 and w > 1 else np.full((h, w, 3), 77, np.uint8),
+             "noise": lambda: rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+             "flat": lambda: np.full((h, w, 3), rng.integers(0, 256, 3), np.uint8)}[content]()
+    if draw(st.booleans()):
+        image = np.ascontiguousarray(image[..., 1])
+    quality, sampling = draw(st.integers(1, 100)), draw(st.sampled_from(["444", "422", "420"]))
+    progressive, optimize, restart = draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 3))
+    if draw(st.booleans()):
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive),
+                  cv2.IMWRITE_JPEG_OPTIMIZE, int(optimize), cv2.IMWRITE_JPEG_RST_INTERVAL, restart]
+        if hasattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}"):
+            params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, getattr(cv2, f"IMWRITE_JPEG_SAMPLING_FACTOR_{sampling}")]
+        data = _jpeg(image, *params)
+    else:
+        data = _pil_jpeg(image, quality=quality, subsampling={"444": 0, "422": 1, "420": 2}[sampling],
+                         progressive=progressive, optimize=optimize, restart_marker_blocks=restart)
+    orientation = draw(st.sampled_from([None, *range(1, 9)]))
+    return data if orientation is None else with_exif_orientation(data, orientation, draw(st.sampled_from(["II", "MM"])))
+
+
+def _segments(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each header segment of a JPEG, up to and including its first start-of-scan header."""
+    spans, i = [], 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        spans.append((i, end))
+        if data[i + 1] == 0xDA:
+            break
+        i = end
+    return spans
+
+
+@st.composite
+def _damage(draw, data: bytes) -> tuple[str, bytes]:
+    """``data`` (a valid JPEG) damaged one way: (what was done, the damaged bytes)."""
+    spans = _segments(data)
+    scan, eoi = spans[-1][1], len(data) - 2  # the entropy-coded data: data[scan:eoi]
+    op = draw(st.sampled_from(["truncate", "flip header", "flip scan", "zero scan", "lose scan", "insert scan",
+                               "remove segment", "duplicate segment", "zero fill", "trailer", "png", "random"]))
+    if op == "truncate":
+        at = draw(st.one_of(st.integers(0, len(data) - 1), st.integers(scan, len(data) - 1)))  # in the scan data, or anywhere
+        return op, data[:at]
+    if op in ("flip header", "flip scan"):
+        at = draw(st.integers(0, scan - 1) if op == "flip header" else st.integers(scan, eoi - 1))
+        return op, data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1 :]
+    if op in ("zero scan", "lose scan", "insert scan"):
+        start = draw(st.integers(scan, eoi - 1))
+        end = draw(st.integers(start + 1, min(eoi, start + 64)))
+        middle = {"zero scan": bytes(end - start), "lose scan": b"",
+                  "insert scan": draw(st.binary(min_size=1, max_size=32)) + data[start:end]}[op]
+        return op, data[:start] + middle + data[end:]
+    if op in ("remove segment", "duplicate segment"):
+        start, end = draw(st.sampled_from(spans))
+        return op, data[:start] + data[start:end] * (2 if op == "duplicate segment" else 0) + data[end:]
+    if op == "zero fill":  # UVC webcams' padding before the end-of-image marker
+        return op, data[:eoi] + bytes(draw(st.integers(1, 300))) + data[eoi:]
+    if op == "trailer":
+        return op, data + draw(st.one_of(st.binary(min_size=1, max_size=300), st.integers(1, 300).map(bytes),
+                                         st.integers(1, 300).map(lambda n: b"\xff" * n)))
+    if op == "png":
+        ok, png = cv2.imencode(".png", np.zeros((4, 4), np.uint8))
+        return op, png.tobytes()
+    return op, draw(st.sampled_from([b"", b"\xff\xd8"])) + draw(st.binary(max_size=200))
+
+
+class _Logged:
+    """A module (``simplejpeg``, ``cv2``) whose decoding functions note their calls in ``log``."""
+
+    def __init__(self, module, log: list, *names: str) -> None:
+        self._module = module
+        for name in names:
+            real = getattr(module, name)
+            setattr(self, name, lambda *args, _real=real, _name=name, **kw: (log.append(_name), _real(*args, **kw))[1])
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def _as_buffer(data: bytes, kind: str):
+    """``data`` as a message's or file's buffer: bytes, bytearray, memoryview or a uint8 array."""
+    return {"bytes": lambda: data, "bytearray": lambda: bytearray(data), "memoryview": lambda: memoryview(bytearray(data)),
+            "array": lambda: np.frombuffer(data, np.uint8).copy(), "2-D array": lambda: np.frombuffer(data, np.uint8).reshape(1, -1).copy(),
+            }[kind]()
+
+
+def _decode_logged(data: bytes, buffer: str, strict: bool, apply_orientation: bool, refuse: bool):
+    """decode_jpeg of ``data`` as a ``buffer`` (strict, or on OpenCV's fallback): (pixels or None, the
+    JpegError or _Refused raised or None, the calls made in order, the sizes check_size was given)."""
+    log, sizes = [], []
+
+    def check_size(height: int, width: int) -> None:
+        log.append("check_size")
+        sizes.append((height, width))
+        if refuse:
+            raise _Refused
+
+    buf = _as_buffer(data, buffer)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jpeg, "_simplejpeg", _Logged(jpeg._simplejpeg, log, "decode_jpeg") if strict else None)
+        mp.setattr(jpeg, "cv2", _Logged(cv2, log, "imdecode"))
+        try:
+            out, error = decode_jpeg(buf, check_size=check_size, apply_orientation=apply_orientation), None
+        except (jpeg.JpegError, _Refused) as exc:
+            out, error = None, exc
+    assert bytes(memoryview(buf).cast("B") if not isinstance(buf, np.ndarray) else buf.tobytes()) == data
+    return out, error, log, sizes
+
+
+def _libjpeg_damage(data: bytes) -> str | None:
+    """What libjpeg-turbo (strict) finds corrupt in ``data`` ("Corrupt JPEG data: ...", "Premature end
+    of JPEG file"), or None: nothing, or only zero bytes before the end-of-image marker after the
+    scan (the UVC webcams' fill), or a header it cannot read at all (not damage it reports)."""
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError as exc:
+        message = str(exc)
+        fill = re.search(r"(\d+) extraneous bytes before marker 0xd9", message)
+        if fill:
+            eoi = data.find(b"\xff\xd9", jpeg._scan_start(data))
+            return None if data[eoi - int(fill.group(1)) : eoi].count(0) == int(fill.group(1)) else message
+        return message if message.startswith(("Corrupt JPEG data", "Premature end")) else None
+    return None
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), strict=st.booleans(), buffer=st.sampled_from(["bytes", "bytearray", "memoryview", "array", "2-D array"]),
+       apply_orientation=st.booleans(), refuse=st.integers(0, 4).map(lambda n: n == 4))
+def test_random_valid_and_damaged_jpegs_decode_as_documented_or_raise_jpeg_errors(data, strict, buffer, apply_orientation, refuse):
+    """A valid JPEG decodes to its header's size and OpenCV's exact pixels; truncated, damaged or
+    foreign bytes raise JpegHeaderError / JpegDataError (``truncated`` when cut short) and nothing
+    else, or decode to their header's size; what libjpeg finds corrupt is refused (strict); zero
+    fill before the end marker changes nothing on a JPEG that decodes, and a trailer after it is ignored; check_size gets
+    the header size before anything is decoded and what it raises propagates; the buffer is not
+    modified."""
+    clean = data.draw(_valid_jpegs(), label="jpeg")
+    op, damaged = data.draw(st.integers(0, 5).flatmap(lambda n: _damage(clean) if n else st.just(("none", clean))), label="damage")
+    out, error, log, sizes = _decode_logged(damaged, buffer, strict, apply_orientation, refuse)
+    note(f"{op}: {type(error).__name__} {error}; calls {log}")
+    assert len(sizes) <= 1
+    if sizes and log.index("check_size") > 0:  # measured once decoded: only where Pillow cannot read the header
+        assert jpeg._header_size(damaged) is None
+    if not damaged.startswith(b"\xff\xd8"):
+        assert isinstance(error, JpegHeaderError) and log == []
+        return
+    assert not isinstance(error, JpegHeaderError)
+    as_stored = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    if op in ("none", "zero fill", "trailer"):  # measured once, by the header, refused or not
+        assert sizes == [_opencv_rgb(clean, as_stored).shape[:2]]
+    if refuse:
+        assert isinstance(error, _Refused) == bool(sizes)  # refused exactly when measured
+        return
+    assert error is None or isinstance(error, JpegDataError)
+    if op == "truncate":
+        assert error is not None and error.truncated
+    if op in ("none", "zero fill", "trailer"):
+        assert error is None
+        np.testing.assert_array_equal(out, _opencv_rgb(clean, cv2.IMREAD_COLOR if apply_orientation else as_stored))
+    if error is None:
+        assert out.dtype == np.uint8 and out.flags.c_contiguous and len(sizes) == 1
+        assert out.shape == (*(sizes[0][::-1] if apply_orientation and exif_orientation(damaged) >= 5 else sizes[0]), 3)
+        if strict:  # libjpeg found nothing corrupt, and OpenCV's libjpeg-turbo gives the same pixels
+            assert _libjpeg_damage(damaged) is None
+            np.testing.assert_array_equal(out, _opencv_rgb(damaged, cv2.IMREAD_COLOR if apply_orientation else as_stored))
+    fill = data.draw(st.integers(0, 64), label="zero fill before the end marker")
+    # zero fill changes nothing on a JPEG that decodes (on a refused one it may stand in for lost scan
+    # bytes, which libjpeg cannot tell apart: the module docstring says so)
+    if strict and fill and error is None and damaged.endswith(b"\xff\xd9") and damaged[-3] != 0xFF:
+        filled_out, filled_error, _, _ = _decode_logged(damaged[:-2] + bytes(fill) + damaged[-2:], buffer, strict,
+                                                        apply_orientation, refuse)
+        assert filled_error is None
+        np.testing.assert_array_equal(filled_out, out)
