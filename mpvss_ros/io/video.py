@@ -44,6 +44,7 @@ __all__ = [
     "check_fps",
     "write_label_png",
     "read_label_png",
+    "read_image",
     "png_size",
     "PNG_SIGNATURE",
     "png_damage",
@@ -641,6 +642,21 @@ def _read_rgb(file: Path, max_pixels: int | None = None, limit_name: str = DEFAU
         return decoded_to_rgb(img)
     except ValueError as exc:
         raise _Skipped(f"skipping image {file}: {exc}") from None
+
+
+def read_image(file: str | Path) -> np.ndarray:
+    """One image file as (H, W, 3) uint8 RGB, decoded as :class:`ImageFolderSource` decodes its
+    files: JPEG strictly (:func:`~mpvss_ros.io.jpeg.decode_jpeg`, EXIF orientation applied), a PNG
+    only with every chunk whole (:func:`png_damage`), grey, 16-bit and RGBA by :func:`decoded_to_rgb`.
+
+    Raises:
+        ValueError: the file cannot be read or decoded (cut short, damaged, an unsupported pixel
+            type); the message names it.
+    """
+    try:
+        return _read_rgb(Path(file))
+    except _Skipped as exc:
+        raise ValueError(str(exc).removeprefix("skipping ")) from None
 
 
 def decoded_to_rgb(img: np.ndarray) -> np.ndarray:

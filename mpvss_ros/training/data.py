@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..evaluation.metrics import IGNORE_INDEX
-from ..io.video import read_label_png
+from ..io.video import read_image, read_label_png
 
 __all__ = ["CamVidFrames", "list_frames", "load_frame",
            "decode_frames", "BRIGHTNESS_DELTA", "CONTRAST_RANGE", "SATURATION_RANGE", "HUE_DELTA_DEG"]
@@ -87,28 +87,30 @@ def _check_ignore_index(ignore_index: int, num_classes: int) -> int:
 
 def load_frame(image_path: str | Path, label_path: str | Path, num_classes: int = 11,
                ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
-    """Read one frame.
+    """Read one frame; the image decoded as image folders decode theirs
+    (:func:`~mpvss_ros.io.video.read_image`: a JPEG strictly, a PNG only with its chunks whole).
 
     Returns:
         image (H, W, 3) uint8 RGB and label (H, W) uint8 with values outside
         ``0..num_classes-1`` set to ``ignore_index``.
 
     Raises:
-        FileNotFoundError: unreadable image, or no label file.
+        FileNotFoundError: unreadable image (missing, cut short, damaged), or no label file.
         ValueError: the label cannot be read as class IDs (:func:`~mpvss_ros.io.video.read_label_png`:
             damaged, a palette PNG, several distinct channels) or has another size than the image;
             ``ignore_index`` outside ``num_classes..255`` (:func:`_check_ignore_index`).
     """
     ignore_index = _check_ignore_index(ignore_index, num_classes)
-    bgr = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise FileNotFoundError(f"cannot read image {image_path}")
+    try:  # as image folders decode: cv2.imread returned a JPEG cut short with grey rows, without an error
+        rgb = read_image(image_path)
+    except ValueError as exc:
+        raise FileNotFoundError(f"cannot read image: {exc}") from None
     label = read_label_png(label_path)
-    if label.shape != bgr.shape[:2]:
-        raise ValueError(f"{label_path}: label {label.shape} vs image {bgr.shape[:2]}")
+    if label.shape != rgb.shape[:2]:
+        raise ValueError(f"{label_path}: label {label.shape} vs image {rgb.shape[:2]}")
     # void before the cast: a 16-bit ID of 256 or more must not wrap onto a class
     label = np.where(label >= num_classes, ignore_index, label).astype(np.uint8)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), label
+    return rgb, label
 
 
 def decode_frames(files: Sequence[tuple[Path, Path]], num_classes: int = 11, ignore_index: int = IGNORE_INDEX,

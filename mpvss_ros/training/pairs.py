@@ -221,7 +221,9 @@ class LabelledFrames:
     def decode_all(self) -> None:
         """Decode every frame now and keep them all (:func:`~mpvss_ros.training.data.decode_frames`;
         CamVid train: about 2 s and 242 MiB), so that a corrupt frame fails here rather than when
-        first drawn.
+        first drawn. Pairs of two frames of different sizes are dropped from :attr:`pairs`: one
+        would be cropped at the other's offsets or stretched to its size (:func:`video_shots` splits
+        clips at size changes for the same reason).
 
         Raises:
             FileNotFoundError, ValueError: an unreadable frame, a label not single-channel or of
@@ -229,6 +231,8 @@ class LabelledFrames:
         """
         images = [image for image, _ in self.files]
         self._decoded = dict(zip(images, decode_frames(self.files, num_classes=self.num_classes)))
+        size = {image: rgb.shape for image, (rgb, _) in self._decoded.items()}
+        self.pairs = [p for p in self.pairs if size[p[0]] == size[p[1]]]
 
     def frame(self, image: Path) -> tuple[np.ndarray, np.ndarray]:
         """The listed frame whose image is ``image``: (H, W, 3) uint8 RGB and its (H, W) uint8 label
@@ -326,7 +330,8 @@ class FramePairs:
 
         Raises:
             FileNotFoundError, ValueError: a labelled frame decoded now that cannot be read
-                (:meth:`LabelledFrames.frame`; none after :meth:`LabelledFrames.decode_all`).
+                (:meth:`LabelledFrames.frame`), or a pair of two frame sizes (neither after
+                :meth:`LabelledFrames.decode_all`).
         """
         if self.synthetic_fraction > 0:
             rng_s = np.random.default_rng([self.seed, 3, step, i])
@@ -342,6 +347,9 @@ class FramePairs:
             k_img, c_img, _ = self.camvid[int(rng.integers(len(self.camvid)))]
             cur, label = self.labelled.frame(c_img)
             sequence, source = [self.labelled.frame(k_img)[0], cur], "camvid"
+            if sequence[0].shape != cur.shape:  # only without decode_all, which drops such pairs
+                raise ValueError(f"{k_img} and {c_img} are consecutive frames of different sizes "
+                                 f"({sequence[0].shape[:2]} and {cur.shape[:2]}): no pair")
         # the draws do not depend on the number of frames: key, current and label are the same with chain
         seq_a, lab_a = augment_frames(sequence, label, rng, self.crop, self.scale, self.flip, self.color_jitter)
         key_a, cur_a = seq_a[0], seq_a[-1]

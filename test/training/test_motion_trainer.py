@@ -633,7 +633,7 @@ def test_a_corrupt_camvid_frame_is_refused_before_the_pseudo_labelling(needs_dat
     monkeypatch.setattr(motion_trainer, "camvid_annot_dir",
                         lambda split="val": ann if split == "train" else camvid_annot_dir(split))
     monkeypatch.setattr(motion_trainer, "pseudo_labels", lambda *a, **k: (_ for _ in ()).throw(AssertionError("reached")))
-    with pytest.raises(FileNotFoundError, match="cannot read image .*0016E5_06390.png"):
+    with pytest.raises(FileNotFoundError, match="cannot read image: damaged PNG .*0016E5_06390.png"):
         train_motion(_options(tmp_path / "run", lite_checkpoint, 2))
     assert not (tmp_path / "run").exists()
 

@@ -13,6 +13,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
 
 from mpvss_ros.config import InputConfig
 from mpvss_ros.io.samples import (
@@ -805,6 +808,23 @@ def test_synthetic_pairs_draw_every_labelled_frame(tmp_path):
     assert seen == {1, 2}, seen
 
 
+def test_consecutive_frames_of_two_sizes_are_no_pair(tmp_path):
+    """A key frame of another size than the current one was cropped at the current frame's offsets
+    (a malformed sample): decode_all drops such pairs, and a pair drawn without it is refused."""
+    img, ann = _labelled_folder(tmp_path, ["s_00000.png", "s_00030.png"])
+    cv2.imwrite(str(img / "s_00030.png"), np.zeros((32, 48, 3), np.uint8))
+    cv2.imwrite(str(ann / "s_00030.png"), np.zeros((32, 48), np.uint8))
+    lazy = LabelledFrames(img, ann)
+    assert len(lazy.pairs) == 2  # both orders, listed from the names alone
+    with pytest.raises(ValueError, match="s_00000.png and .*s_00030.png are consecutive frames of different sizes"):
+        FramePairs(lazy, [], crop=(24, 32), video_fraction=0.0, seed=0).sample(0, 0)
+    decoded = LabelledFrames(img, ann)
+    decoded.decode_all()
+    assert decoded.pairs == []
+    with pytest.raises(ValueError, match="holds no two consecutive labelled frames"):
+        FramePairs(decoded, [], crop=(24, 32), video_fraction=0.0, seed=0)
+
+
 def test_synthetic_pairs_are_flipped_as_the_other_pairs(tmp_path):
     """flip=True reaches the synthetic pairs' augmentation: some keys come mirrored."""
     img, ann = tmp_path / "train", tmp_path / "trainannot"
@@ -862,3 +882,249 @@ def test_an_ignore_index_that_is_no_uint8_void_is_refused(tmp_path, ignore_index
         CamVidFrames(*folders, num_classes=3, ignore_index=ignore_index)
     with pytest.raises(ValueError, match="ignore_index must be in 3..255"):
         load_frame(*list_frames(*folders)[0], num_classes=3, ignore_index=ignore_index)
+
+
+# --------------------------------------------------------------------------- property-based: frame folders
+# Random tiny CamVid-layout folders (train/, trainannot/) with random damage per frame, read as
+# `mpvss train` and `mpvss eval` read them. Each frame's label is a 4 x 4 block map of class IDs and
+# its image is drawn from the label (red and green 17 * id + 5, blue a per-frame tag), so image and
+# label can be checked against each other after augmentation and a pair's frames told apart.
+
+_FUZZ_SIZES = ((24, 32), (32, 48), (48, 64))
+_FUZZ_TAGS = tuple(180 + 12 * i for i in range(6))  # blue of frame i: above every class colour (<= 175)
+_FUZZ_SEQUENCES = ("0016E5", "cam_a", "s")
+#: damage -> (exception load_frame raises, "image" or "label": the file it must name); None: a good frame
+_FUZZ_DAMAGE = {
+    "none": None, "ids_16bit": None, "label_grey_rgb": None, "image_16bit": None, "image_jpeg": None,
+    "label_size": (ValueError, "label"), "label_empty": (ValueError, "label"), "label_cut": (ValueError, "label"),
+    "label_crc": (ValueError, "label"), "label_rgb": (ValueError, "label"), "label_palette": (ValueError, "label"),
+    "image_empty": (FileNotFoundError, "image"), "image_cut": (FileNotFoundError, "image"),
+    "image_text": (FileNotFoundError, "image"), "image_jpeg_cut": ((FileNotFoundError, ValueError), "image"),
+}
+_FUZZ_EXTRAS = ("hidden_file", "hidden_folder", "sub_folder", "text_file", "label_only", "no_label")
+
+
+def _fuzz_frame(ids: np.ndarray, tag: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a class-ID map: red and green 17 * id + 5 (ids >= 11 alike), blue ``tag``."""
+    colour = (17 * np.minimum(ids, 10) + 5).astype(np.uint8)
+    return np.stack([colour, colour, np.full_like(colour, tag)], axis=-1)
+
+
+def _fuzz_name(seq: str, number: int, padded: bool) -> str:
+    """``<sequence>_<frame number>``, the number zero-padded to 5 digits or not."""
+    return f"{seq}_{number:05d}" if padded else f"{seq}_{number}"
+
+
+def _fuzz_stem(frame: tuple) -> str:
+    """The file stem of a generated frame (sequence, frame number, zero padding, ...)."""
+    return _fuzz_name(*frame[:3])
+
+
+def _cut(data: bytes, keep: float) -> bytes:
+    """A file cut short: its first ``keep`` part (one byte at least)."""
+    return data[: max(1, int(len(data) * keep))]
+
+
+def _write_fuzz_frame(img_dir: Path, ann_dir: Path, stem: str, ids: np.ndarray, tag: int, damage: str,
+                      num_classes: int, rng: np.random.Generator) -> tuple[str, np.ndarray | None]:
+    """Write one frame with its damage; returns the image file name and the image the file holds (RGB)."""
+    image = _fuzz_frame(ids, tag)
+    bgr = image[..., ::-1]
+    suffix = ".jpg" if damage.startswith("image_jpeg") else ".png"
+    img_path, lab_path = img_dir / f"{stem}{suffix}", ann_dir / f"{stem}.png"
+    encoded = cv2.imencode(suffix, bgr)[1].tobytes()
+    if damage == "image_16bit":
+        encoded = cv2.imencode(".png", bgr.astype(np.uint16) * 257)[1].tobytes()  # v * 257 >> 8 = v
+    elif damage == "image_empty":
+        encoded = b""
+    elif damage in ("image_cut", "image_jpeg_cut"):
+        encoded = _cut(encoded, rng.uniform(0.3, 0.9))
+    elif damage == "image_text":
+        encoded = b"not an image\n"
+    img_path.write_bytes(encoded)
+    label = ids.astype(np.uint16 if damage == "ids_16bit" else np.uint8)
+    if damage == "ids_16bit":
+        # void IDs of 256 and more whose low byte is a class ID: void, not wrapped onto the class
+        label = np.where(ids >= num_classes, ids - num_classes + 256 * rng.integers(1, 3), ids).astype(np.uint16)
+    elif damage == "label_size":
+        label = cv2.resize(label, (label.shape[1] + 8, label.shape[0]), interpolation=cv2.INTER_NEAREST)
+    elif damage in ("label_rgb", "label_grey_rgb"):
+        second = (label + 1) % 4 if damage == "label_rgb" else label
+        label = np.stack([label, second, label], axis=-1)
+    if damage == "label_palette":
+        Image.fromarray(label, mode="L").convert("P").save(lab_path)
+        return img_path.name, None
+    data = cv2.imencode(".png", label)[1].tobytes()
+    if damage == "label_empty":
+        data = b""
+    elif damage == "label_cut":
+        data = _cut(data, rng.uniform(0.3, 0.95))
+    elif damage == "label_crc":
+        flipped = bytearray(data)
+        flipped[flipped.index(b"IDAT") + 5] ^= 0x01
+        data = bytes(flipped)
+    lab_path.write_bytes(data)
+    return img_path.name, image
+
+
+# (sequence, frame number, zero padding, size (None: the folder's), damage); half of them undamaged
+_fuzz_frames = st.lists(
+    st.tuples(st.sampled_from(_FUZZ_SEQUENCES), st.sampled_from([0, 30, 60, 90, 120, 150, 210, 300]),
+              st.booleans(), st.one_of(st.none(), st.none(), st.sampled_from(_FUZZ_SIZES)),  # 2/3 the folder's size
+              st.one_of(st.just("none"), st.sampled_from(sorted(_FUZZ_DAMAGE)))),
+    min_size=2, max_size=6, unique_by=_fuzz_stem)
+
+
+def _expected_pairs(names: list[str]) -> set[tuple[str, str]]:
+    """(key, current) stems: neighbours in frame-number order within a sequence, a step above 0 and at
+    most 1.5 times the sequence's median step, in both orders (the camvid_pairs docstring)."""
+    by_seq: dict[str, list[tuple[int, str]]] = {}
+    for stem in names:
+        seq, number = stem.rsplit("_", 1)
+        by_seq.setdefault(seq, []).append((int(number), stem))
+    pairs = set()
+    for frames in by_seq.values():
+        frames.sort()
+        steps = [b[0] - a[0] for a, b in itertools.pairwise(frames)]
+        moving = [s for s in steps if s > 0]
+        for (a, b), step in zip(itertools.pairwise(frames), steps):
+            if 0 < step <= 1.5 * float(np.median(moving)):
+                pairs |= {(a[1], b[1]), (b[1], a[1])}
+    return pairs
+
+
+def _crop_offset(big: np.ndarray, small: np.ndarray) -> tuple[int, int] | None:
+    """The (y, x) where ``small`` is a crop of ``big``, or None."""
+    h, w = small.shape[:2]
+    for y, x in itertools.product(range(big.shape[0] - h + 1), range(big.shape[1] - w + 1)):
+        if np.array_equal(big[y:y + h, x:x + w], small):
+            return y, x
+    return None
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=_fuzz_frames, size=st.sampled_from(_FUZZ_SIZES), extras=st.sets(st.sampled_from(_FUZZ_EXTRAS), max_size=3),
+       num_classes=st.integers(3, 8), void_at_classes=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_frame_folders_are_read_whole_or_refused_naming_the_file(tmp_path_factory, frames, size, extras,
+                                                                        num_classes, void_at_classes, seed):
+    """A folder of random good and damaged frames (labels missing, other sizes, cut, empty or CRC-damaged
+    files, colour or palette labels, 16-bit IDs and images, JPEG frames, hidden files, sub-folders, stray
+    files): list_frames gives exactly its (image, label) pairs sorted by name or a FileNotFoundError naming
+    the image without label; load_frame and decode_frames return (H, W, 3) uint8 RGB and (H, W) labels of
+    the classes or void, or raise only the documented FileNotFoundError / ValueError naming the damaged
+    file; CamVidFrames keeps image and label aligned through augmentation; stage 2 pairs only neighbours of
+    one sequence, in both orders, and its samples are the pair's frames and the current frame's label."""
+    rng = np.random.default_rng(seed)
+    ignore = num_classes if void_at_classes else 255
+    root = tmp_path_factory.mktemp("folder")
+    img_dir, ann_dir = root / "train", root / "trainannot"
+    img_dir.mkdir(), ann_dir.mkdir()
+    written = {}  # image file name -> (stem, damage, class IDs, image held, blue tag)
+    for i, (seq, number, padded, frame_size, damage) in enumerate(frames):
+        h, w = frame_size or size
+        stem = _fuzz_name(seq, number, padded)
+        ids = np.kron(rng.integers(0, num_classes + 3, (h // 4, w // 4)), np.ones((4, 4), np.int64))
+        name, image = _write_fuzz_frame(img_dir, ann_dir, stem, ids, _FUZZ_TAGS[i], damage, num_classes, rng)
+        written[name] = (stem, damage, ids, image, _FUZZ_TAGS[i])
+    no_label = "no_label" in extras
+    if no_label:  # the last frame's label goes missing
+        (ann_dir / f"{written[max(written)][0]}.png").unlink()
+    if "label_only" in extras:  # a label whose image is missing: not a frame
+        cv2.imwrite(str(ann_dir / "zz_99999.png"), np.zeros((24, 32), np.uint8))
+    if "hidden_file" in extras:
+        (img_dir / ".DS_Store").write_bytes(b"\0\1")
+    if "hidden_folder" in extras:
+        (img_dir / ".cache").mkdir()
+    if "sub_folder" in extras:  # frames of a sub-folder are no frames of this one
+        (img_dir / "sub").mkdir()
+        cv2.imwrite(str(img_dir / "sub" / "s_00030.png"), np.zeros((24, 32, 3), np.uint8))
+    if "text_file" in extras:
+        (img_dir / "notes.txt").write_text("frames of a test\n")
+
+    names = sorted(written)
+    if no_label:
+        with pytest.raises(FileNotFoundError) as raised:
+            list_frames(img_dir, ann_dir)
+        assert f"label missing for {max(written)}" in str(raised.value)
+        return
+    files = list_frames(img_dir, ann_dir)
+    assert files == [(img_dir / n, ann_dir / f"{written[n][0]}.png") for n in names]
+
+    expected = {}
+    for image_path, label_path in files:
+        stem, damage, ids, image, _ = written[image_path.name]
+        outcome = _FUZZ_DAMAGE[damage]
+        if outcome is not None:
+            error, named = outcome
+            with pytest.raises(error) as raised:
+                load_frame(image_path, label_path, num_classes=num_classes, ignore_index=ignore)
+            assert str(image_path if named == "image" else label_path) in str(raised.value), (damage, raised.value)
+            continue
+        got_image, got_label = load_frame(image_path, label_path, num_classes=num_classes, ignore_index=ignore)
+        assert got_image.shape == (*ids.shape, 3) and got_image.dtype == np.uint8, (damage, got_image.shape)
+        assert got_label.shape == ids.shape and got_label.dtype == np.uint8
+        np.testing.assert_array_equal(got_label, np.where(ids >= num_classes, ignore, ids), err_msg=damage)
+        if damage != "image_jpeg":
+            np.testing.assert_array_equal(got_image, image, err_msg=damage)
+        expected[image_path.name] = (got_image, got_label)
+
+    first_bad = next((n for n in names if n not in expected), None)
+    for keep in (True, False):
+        if first_bad is None:
+            decoded = decode_frames(files, num_classes=num_classes, ignore_index=ignore, keep=keep)
+            assert len(decoded) == (len(files) if keep else 0)
+            for (image, label), name in zip(decoded, names):
+                np.testing.assert_array_equal(image, expected[name][0])
+                np.testing.assert_array_equal(label, expected[name][1])
+        else:
+            with pytest.raises((FileNotFoundError, ValueError)) as raised:
+                decode_frames(files, num_classes=num_classes, ignore_index=ignore, keep=keep)
+            assert first_bad in str(raised.value) or written[first_bad][0] in str(raised.value), raised.value
+
+    good = [n for n in names if n in expected and written[n][1] != "image_jpeg"]
+    if good:
+        crop = tuple(int(v) for v in rng.choice([16, 24, 40], 2))
+        scale = tuple(sorted(rng.uniform(0.5, 1.5, 2)))
+        ds = CamVidFrames(img_dir, ann_dir, crop=crop, scale=scale, color_jitter=False, num_classes=num_classes,
+                          ignore_index=ignore, seed=seed, files=good)
+        whole = CamVidFrames(img_dir, ann_dir, train=False, num_classes=num_classes, ignore_index=ignore, files=good)
+        for idx, name in enumerate(good):
+            image, label = ds[idx]
+            assert image.shape == (3, *crop) and image.dtype == torch.float32 and label.shape == crop
+            assert set(torch.unique(label).tolist()) <= {*range(num_classes), ignore}
+            image, label = image.numpy().transpose(1, 2, 0), label.numpy()
+            # where a pixel and its 8 neighbours are one class, the image holds that class's colour
+            padded = np.pad(label, 1, constant_values=-1)
+            one_class = np.all([padded[1 + dy:1 + dy + crop[0], 1 + dx:1 + dx + crop[1]] == label
+                                for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0) & (label != ignore)
+            assert np.abs(image[..., 0] - (17 * label + 5))[one_class].max(initial=0) <= 0.5, (name, scale)
+            np.testing.assert_array_equal(whole[idx][0].numpy().transpose(1, 2, 0), expected[name][0])
+            np.testing.assert_array_equal(whole[idx][1].numpy(), expected[name][1])
+
+    stems = {written[n][0]: n for n in names}
+    want = _expected_pairs(list(stems))
+    got = [(k.stem, c.stem) for k, c, _ in camvid_pairs(files)]
+    assert sorted(got) == sorted(want)
+    assert all(lab == ann_dir / f"{c.stem}.png" for _, c, lab in camvid_pairs(files))
+    if want and first_bad is None:
+        labelled = LabelledFrames(img_dir, ann_dir, num_classes=num_classes)
+        labelled.decode_all()  # as the trainer does: a pair of two frame sizes is dropped
+        size = {written[n][0]: expected[n][0].shape for n in names}
+        want = {p for p in want if size[p[0]] == size[p[1]]}
+        assert sorted((k.stem, c.stem) for k, c, _ in labelled.pairs) == sorted(want)
+    if want and first_bad is None:
+        pairs = FramePairs(labelled, [], crop=(24, 32), video_fraction=0.0, scale=(1.0, 1.0), flip=False,
+                           color_jitter=False, seed=seed)
+        for i in range(4):
+            s = pairs.sample(0, i)
+            assert s.source == "camvid" and s.key.shape == s.current.shape == (3, 24, 32), s.key.shape
+            key, cur = (t.numpy().transpose(1, 2, 0) for t in (s.key, s.current))
+            key_name, cur_name = (min(names, key=lambda n: abs(written[n][4] - float(np.median(f[..., 2]))))
+                                  for f in (key, cur))
+            assert (written[key_name][0], written[cur_name][0]) in want, (key_name, cur_name)
+            if written[cur_name][1] != "image_jpeg":  # label 255 = void for LabelledFrames
+                full_label = np.where(written[cur_name][2] >= num_classes, 255, written[cur_name][2])
+                at = _crop_offset(np.dstack([expected[cur_name][0], full_label]), np.dstack([cur, s.label.numpy()]))
+                assert at is not None, (cur_name, "the current frame and its label are no crop of one frame")
+                if written[key_name][1] != "image_jpeg":  # the key frame cropped at the same place
+                    np.testing.assert_array_equal(key, expected[key_name][0][at[0]:at[0] + 24, at[1]:at[1] + 32])
