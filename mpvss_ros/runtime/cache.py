@@ -186,6 +186,12 @@ def mark_used(path: str | Path) -> None:
 
 
 def _remove(entry: CacheEntry) -> None:
+    """Remove one entry and its files.
+
+    Raises:
+        OSError: the entry is still in the cache under its own name (a read-only cache: an ONNX
+            folder neither renamed nor deleted, an engine file not unlinked).
+    """
     if entry.kind == "onnx":
         # renamed out of the way first: a removal cut short (kill, power loss) leaves a temporary
         # folder that a later prune removes, not an entry without its contract
@@ -195,6 +201,8 @@ def _remove(entry: CacheEntry) -> None:
         except OSError:
             doomed = entry.path
         shutil.rmtree(doomed, ignore_errors=True)
+        if doomed == entry.path and os.path.lexists(doomed):  # rmtree's errors were ignored
+            raise OSError(f"cannot remove {entry.path}")
         if doomed.exists():
             log.warning("could not delete all of %s (removed from the cache; a later prune retries)", doomed)
     else:

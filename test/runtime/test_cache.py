@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from mpvss_ros.cli import main
 from mpvss_ros.model_loader import load_model
 from mpvss_ros.runtime import cache
 from mpvss_ros.runtime.cache import (
     DEFAULT_MAX_MB,
+    RECENT_USE_SECONDS,
     STALE_TEMP_SECONDS,
+    build_lock,
     cache_budget_bytes,
     cache_entries,
     default_cache_dir,
@@ -26,24 +35,27 @@ from mpvss_ros.runtime.cache import (
 )
 from mpvss_ros.runtime.export import cached_export
 
-MIB = 2**20
+KIB, MIB = 2**10, 2**20
 T0 = 1_700_000_000.0  # mtimes of the fake entries, seconds since the epoch
 
 
-def _onnx(root, name, mib, stamp):
+def _onnx(root, name, size, stamp, unit=MIB):
+    """An ONNX entry folder of ``size`` ``unit``s (a graph and a contract in a sub-folder) used at ``stamp``."""
     d = root / "onnx" / name
     (d / "sub").mkdir(parents=True)
-    (d / "key_frame.onnx").write_bytes(b"k" * (mib * MIB - 100))
+    (d / "key_frame.onnx").write_bytes(b"k" * (size * unit - 100))
     (d / "sub" / "contract.json").write_bytes(b"c" * 100)
     os.utime(d, (stamp, stamp))
     return d
 
 
-def _engine(root, name, mib, stamp):
+def _engine(root, name, size, stamp, unit=MIB, side_car=True):
+    """An engine of ``size`` ``unit``s used at ``stamp``: 10 bytes of them in its .json side-car, if any."""
     (root / "engines").mkdir(parents=True, exist_ok=True)
     e = root / "engines" / f"{name}.engine"
-    e.write_bytes(b"e" * (mib * MIB - 10))
-    e.with_suffix(".json").write_bytes(b"j" * 10)
+    e.write_bytes(b"e" * (size * unit - 10 * side_car))
+    if side_car:
+        e.with_suffix(".json").write_bytes(b"j" * 10)
     os.utime(e, (stamp, stamp))
     return e
 
@@ -376,3 +388,340 @@ def test_automatic_pruning_spares_entries_used_in_the_last_minutes(tmp_path, mon
     removed = prune_to_budget(tmp_path, keep=())
     assert [e.path for e in removed] == [old]
     assert recent.is_dir() and not old.exists()
+
+
+#: Ages of last uses and of temporaries in seconds before the fuzzed tree's clock, ties on purpose;
+#: none within a minute of RECENT_USE_SECONDS or STALE_TEMP_SECONDS (later by 0, 1000 or 4000 s),
+#: so the test's own run time cannot move one across.
+_AGES = st.sampled_from([-600.0, 0.0, 30.0, 300.0, 1200.0, 3000.0, 5400.0, 86_400.0, 30 * 86_400.0])
+_LATER = st.sampled_from([0.0, 1000.0, 4000.0])
+#: $MPVSS_CACHE_MAX_MB values that are not a finite number of MiB >= 0.
+_BAD_BUDGETS = st.sampled_from(["lots", "-1", "-0.5", "nan", "inf", "-inf", "1e400", "1,5", "0x10", "5 MiB", "1 2"])
+_PAD = st.sampled_from(["", " ", "\t", "  \n"])
+
+
+class _Interrupted(Exception):
+    """An export or build that fails while it holds its entry's lock."""
+
+
+def _delete(path: Path) -> None:
+    """Remove an entry as another process's prune does: an engine with its side-car, a folder."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+        if path.suffix == ".engine":
+            path.with_suffix(".json").unlink(missing_ok=True)
+
+
+class _CacheTree(RuleBasedStateMachine):
+    """A random cache tree (ONNX folders, engines with and without side-cars, temporaries of any age,
+    stray files, empty folders, symlinks, lock files) under random uses, locks and prunes (by hand
+    and automatic, random budgets, keep sets and $MPVSS_CACHE_MAX_MB values, entries vanishing
+    meanwhile), checked after every step against a model of the tree."""
+
+    def __init__(self, base: Path, caplog) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(dir=base))
+        self.caplog = caplog
+        self.clock = time.time()
+        self.entries: dict[Path, tuple[str, int]] = {}  # entry -> (kind, size in bytes)
+        self.temps: dict[Path, float] = {}  # temporary of an interrupted write -> its mtime
+        self.fixed: set[Path] = set()  # strays, lock files, hidden and dangling names: never removed
+        self.gone: set[Path] = set()  # removed entries
+        self.count = 0
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _name(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}-{self.count:03d}"
+
+    def _touch(self, path: Path, age: float) -> float:
+        os.utime(path, (self.clock - age, self.clock - age))
+        return path.stat().st_mtime
+
+    @rule(size=st.integers(1, 6), age=_AGES)
+    def add_onnx_entry(self, size, age):
+        """An exported pair of graphs, used ``age`` seconds ago."""
+        d = _onnx(self.root, self._name("m-24x32"), size, self.clock - age, unit=KIB)
+        self.entries[d] = ("onnx", size * KIB)
+
+    @rule(size=st.integers(1, 6), age=_AGES, side_car=st.booleans())
+    def add_engine(self, size, age, side_car):
+        """An engine, with or without its side-car (a write cut short between the two)."""
+        e = _engine(self.root, self._name("key_frame-fp16"), size, self.clock - age, unit=KIB, side_car=side_car)
+        self.entries[e] = ("engine", size * KIB)
+
+    @rule(age=_AGES)
+    def add_empty_onnx_folder(self, age):
+        """An entry folder that holds nothing (yet): an entry of 0 bytes."""
+        d = self.root / "onnx" / self._name("m-24x32")
+        d.mkdir(parents=True)
+        self._touch(d, age)
+        self.entries[d] = ("onnx", 0)
+
+    @rule(size=st.integers(1, 6), age=_AGES)
+    def add_symlinked_engine(self, size, age):
+        """An engine that is a symlink to a file outside the cache: its target's size, the link removed."""
+        target = self.root / "elsewhere" / self._name("engine")
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(b"e" * size * KIB)
+        e = self.root / "engines" / f"{self._name('non_key_frame-fp32')}.engine"
+        e.parent.mkdir(exist_ok=True)
+        e.symlink_to(target)
+        self._touch(e, age)
+        self.entries[e] = ("engine", size * KIB)
+        self.fixed.add(target)
+
+    @rule(prefix=st.sampled_from([".export-", ".engine-", ".export-removed-"]), sub=st.sampled_from(["onnx", "engines"]),
+          folder=st.booleans(), age=_AGES)
+    def add_temporary(self, prefix, sub, folder, age):
+        """What an interrupted export, engine write or removal leaves."""
+        t = self.root / sub / self._name(prefix + "tmp")
+        if folder:
+            (t / "sub").mkdir(parents=True)
+            (t / "sub" / "key_frame.onnx").write_bytes(b"k" * 100)
+        else:
+            t.parent.mkdir(exist_ok=True)
+            t.write_bytes(b"x" * 10)
+        self.temps[t] = self._touch(t, age)
+
+    @rule(kind=st.sampled_from(["file in onnx", "orphan side-car", "notes", "hidden engine", "hidden folder", "lock",
+                                "empty engines folder", "dangling onnx", "dangling engine"]), age=_AGES)
+    def add_stray(self, kind, age):
+        """Names that are no entries and no temporaries: never listed, never removed."""
+        sub = "onnx" if kind in ("file in onnx", "hidden folder", "dangling onnx") else "engines"
+        name = self._name({"orphan side-car": "key_frame-fp32", "lock": ".m-24x32", "hidden engine": ".key_frame-fp32",
+                           "hidden folder": ".m-24x32"}.get(kind, "stray"))
+        suffix = {"orphan side-car": ".json", "notes": ".txt", "hidden engine": ".engine", "lock": ".lock",
+                  "dangling engine": ".engine"}.get(kind, "")
+        p = self.root / sub / f"{name}{suffix}"
+        p.parent.mkdir(exist_ok=True)
+        if kind.startswith("dangling"):
+            p.symlink_to(self.root / "absent" / name)
+        elif kind in ("hidden folder", "empty engines folder"):
+            p.mkdir()
+            self._touch(p, age)
+        else:
+            p.write_bytes(b"s" * 7)
+            self._touch(p, age)
+        self.fixed.add(p)
+
+    @invariant()
+    def listing_matches_the_tree(self):
+        """Every entry listed once with its kind and size, most recently used first (ties by path),
+        its last use its mtime; temporaries, strays, locks and dangling links are no entries."""
+        entries = cache_entries(self.root)
+        assert {e.path: (e.kind, e.size_bytes) for e in entries} == self.entries
+        assert len(entries) == len(self.entries)
+        assert [e.last_used for e in entries] == [e.path.stat().st_mtime for e in entries]
+        assert entries == sorted(entries, key=lambda e: (-e.last_used, str(e.path)))
+        assert all(os.path.lexists(p) for p in [*self.fixed, *self.temps])
+        assert not any(os.path.lexists(p) for p in self.gone)
+
+    def _check_prune(self, listed, removed, budget, protected, now, vanished=None):
+        """The documented pruning: LRU first, never a protected entry, down to the budget and no
+        further, the removed entries gone with all their files, stale temporaries gone, fresh ones kept."""
+        by_path = {e.path: e for e in listed}
+        removed_paths = [e.path for e in removed]
+        assert len(set(removed_paths)) == len(removed) and all(by_path.get(e.path) == e for e in removed)
+        assert not set(removed_paths) & (protected - {vanished}), "a kept or recently used entry was removed"
+        assert all(p.exists() for p in protected - {vanished})
+        assert not any(os.path.lexists(f) for e in removed for f in (e.path, *e.files))
+        assert [e.last_used for e in removed] == sorted(e.last_used for e in removed), "not least recently used first"
+        left = [e for e in listed if e.path not in removed_paths]
+        unprotected = [e for e in left if e.path not in protected]
+        if removed and unprotected:
+            assert max(e.last_used for e in removed) <= min(e.last_used for e in unprotected), \
+                "an entry was removed while a less recently used one stays"
+        left_bytes = sum(e.size_bytes for e in left)
+        assert left_bytes <= budget or not unprotected, "over budget with entries left to remove"
+        if removed:
+            assert left_bytes + removed[-1].size_bytes > budget, "removed more than the budget needs"
+        for t, stamp in list(self.temps.items()):
+            if now - stamp > STALE_TEMP_SECONDS:
+                assert not os.path.lexists(t), f"stale temporary {t.name} kept"
+                del self.temps[t]
+            else:
+                assert os.path.lexists(t), f"fresh temporary {t.name} removed"
+        leftovers = set((self.root / "onnx").glob(".export-removed-*")) - set(self.temps)
+        assert not leftovers, "a removal by rename left its folder behind"
+        for p in removed_paths + [vanished] * (vanished is not None):
+            self.entries.pop(p, None)
+            self.gone.add(p)
+
+    def _draw_keep(self, data, listed):
+        keep = data.draw(st.lists(st.sampled_from([e.path for e in listed]), unique=True)) if listed else []
+        return keep, [str(p) if i % 2 else p for i, p in enumerate(keep)]  # a str or a Path
+
+    @rule(data=st.data(), later=_LATER, spare=st.sampled_from([0.0, RECENT_USE_SECONDS]), vanish=st.booleans())
+    def prune_by_hand(self, data, later, spare, vanish):
+        """prune_cache with a random budget and keep set; another process may remove a listed entry
+        between the listing and the removals."""
+        listed = cache_entries(self.root)
+        sizes = [e.size_bytes for e in listed]
+        exact = [sum(sizes[:i]) for i in range(len(sizes) + 1)]  # what the i most recently used entries hold
+        budget = data.draw(st.integers(0, sum(sizes) + 2 * KIB) | st.sampled_from(exact), label="budget")
+        keep, keep_arg = self._draw_keep(data, listed)
+        vanished = data.draw(st.sampled_from(listed)).path if vanish and listed else None
+        now = self.clock + later
+        real_listing = cache.cache_entries
+
+        def listing_then_vanish(root):
+            found = real_listing(root)
+            _delete(vanished)
+            return found
+
+        with pytest.MonkeyPatch.context() as mp:
+            if vanished is not None:
+                mp.setattr(cache, "cache_entries", listing_then_vanish)
+            removed = prune_cache(self.root, budget, keep=keep_arg, now=now, spare_used_within_s=spare)
+        protected = set(keep) | {e.path for e in listed if now - e.last_used < spare}
+        self._check_prune(listed, removed, budget, protected, now, vanished)
+
+    @rule(budget=st.integers(-2**40, -1))
+    def prune_with_a_negative_budget(self, budget):
+        """A negative budget is a clear error that removes nothing (the invariant checks the tree)."""
+        with pytest.raises(ValueError, match="max_bytes"):
+            prune_cache(self.root, budget, now=self.clock + 4000.0)
+
+    @rule(data=st.data(), kib=st.integers(0, 40) | st.just(0), zero=st.sampled_from(["0", "0.0", "-0", "0e3"]), pad=_PAD)
+    def prune_automatically(self, data, kib, zero, pad):
+        """prune_to_budget with $MPVSS_CACHE_MAX_MB a number of MiB: down to it, sparing the kept and
+        the recently used; 0 (in any spelling) turns it off."""
+        listed = cache_entries(self.root)
+        keep, keep_arg = self._draw_keep(data, listed)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MPVSS_CACHE_MAX_MB", pad + (repr(kib / 1024) if kib else zero) + pad)  # exact: whole KiB
+            now = time.time()
+            removed = prune_to_budget(self.root, keep=keep_arg)
+        if kib == 0:
+            assert removed == [] and cache_entries(self.root) == listed
+            return
+        protected = set(keep) | {e.path for e in listed if now - e.last_used < RECENT_USE_SECONDS}
+        self._check_prune(listed, removed, kib * KIB, protected, now)
+
+    @rule(raw=st.one_of(st.none(), _PAD, _BAD_BUDGETS.flatmap(lambda bad: _PAD.map(lambda pad: pad + bad))))
+    def prune_automatically_with_a_default_or_bad_budget(self, raw):
+        """Unset or blank is DEFAULT_MAX_MB (far above this tree: stale temporaries go, no entry); a
+        bad value is a ValueError from cache_budget_bytes, and prune_to_budget logs it and removes nothing."""
+        listed = cache_entries(self.root)
+        self.caplog.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            if raw is None:
+                mp.delenv("MPVSS_CACHE_MAX_MB", raising=False)
+            else:
+                mp.setenv("MPVSS_CACHE_MAX_MB", raw)
+            if raw is None or not raw.strip():
+                assert cache_budget_bytes() == DEFAULT_MAX_MB * MIB
+                now = time.time()
+                assert prune_to_budget(self.root, keep=[]) == []
+                self._check_prune(listed, [], DEFAULT_MAX_MB * MIB, set(), now)
+                return
+            with pytest.raises(ValueError, match="MPVSS_CACHE_MAX_MB"):
+                cache_budget_bytes()
+            assert prune_to_budget(self.root, keep=[]) == []
+        assert "pruning skipped" in self.caplog.text and "MPVSS_CACHE_MAX_MB" in self.caplog.text
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.entries)
+    def an_io_error_while_pruning(self, data):
+        """A read-only cache or onnx/ folder (renames, unlinks, deletes refused): prune_to_budget never
+        raises, keeps the kept entries and reports as removed only entries that are gone."""
+        listed = cache_entries(self.root)
+        keep, keep_arg = self._draw_keep(data, listed)
+        failing = data.draw(st.sampled_from([("rename", "unlink", "rmtree"), ("rename", "rmtree"),  # or onnx/ alone
+                                             ("rename",), ("unlink",), ("rmtree",)]))
+
+        def refuse(*args, ignore_errors=False, **kwargs):
+            if not ignore_errors:
+                raise PermissionError("read-only cache")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MPVSS_CACHE_MAX_MB", repr(2**-20))  # 1 byte
+            for owner, name in [(os, "rename"), (Path, "unlink"), (cache.shutil, "rmtree")]:
+                if name in failing:
+                    mp.setattr(owner, name, refuse)
+            removed = prune_to_budget(self.root, keep=keep_arg)
+        left = {e.path for e in cache_entries(self.root)}
+        assert set(keep) <= left
+        assert not {e.path for e in removed} & left, "reported removed, still an entry"
+        if len(failing) == 3:  # nothing can be removed
+            assert left == {e.path for e in listed}
+        for p in {e.path for e in listed} - left:
+            del self.entries[p]
+            self.gone.add(p)
+        for t in [t for t in self.temps if not os.path.lexists(t)]:  # stale temporaries may go
+            assert time.time() - self.temps.pop(t) > STALE_TEMP_SECONDS
+        for t in set((self.root / "onnx").glob(".export-removed-*")) - set(self.temps):  # renamed, not deleted:
+            self.temps[t] = t.stat().st_mtime  # a later prune deletes it once stale
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.entries)
+    def an_entry_vanishes_while_listed(self, data):
+        """Another process removes an entry between the folder listing and its stat: not listed, no error."""
+        vanished = data.draw(st.sampled_from(sorted(self.entries)))
+        name = "_onnx_entry" if self.entries[vanished][0] == "onnx" else "_engine_entry"
+        real = getattr(cache, name)
+
+        def vanish_first(path):
+            if path == vanished:
+                _delete(path)
+            return real(path)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cache, name, vanish_first)
+            assert vanished not in [e.path for e in cache_entries(self.root)]
+        del self.entries[vanished]
+        self.gone.add(vanished)
+
+    @rule(data=st.data(), removed=st.booleans())
+    def use_an_entry(self, data, removed):
+        """A use stamps the entry now (the front of the listing); a removed entry stays removed, silently."""
+        if removed and self.gone:
+            path = data.draw(st.sampled_from(sorted(self.gone)))
+            mark_used(path)
+            assert not os.path.lexists(path)
+        elif self.entries:
+            path = data.draw(st.sampled_from(sorted(self.entries)))
+            before = time.time()
+            mark_used(str(path))
+            assert path.stat().st_mtime >= before - 1.0
+            ahead = [e for e in cache_entries(self.root) if e.last_used > path.stat().st_mtime]
+            assert all(e.last_used > before for e in ahead), "a use did not move the entry to the front"
+
+    @rule(data=st.data(), fail=st.booleans(), sub=st.sampled_from(["onnx", "engines", "new"]))
+    def hold_a_build_lock(self, data, fail, sub):
+        """build_lock excludes other holders until it is left, by an exception too; its lock file
+        (its folder made if needed) is no entry and no temporary, never removed."""
+        names = [p.name for p in self.entries if p.parent.name == sub]
+        name = data.draw(st.sampled_from(names)) if names and data.draw(st.booleans()) else self._name("m-24x32")
+        target = self.root / sub / name
+        lock = target.parent / f".{name}.lock"
+        with contextlib.suppress(_Interrupted), build_lock(target):
+            with open(lock) as other, pytest.raises(BlockingIOError):
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fail:
+                raise _Interrupted
+        with open(lock) as other:
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
+        self.fixed.add(lock)
+
+    @rule(later=st.floats(-1e5, 1e8))
+    def list_by_hand(self, later):
+        """`mpvss cache`: one line per entry in the listing's order (kind, MiB, path), then the count and total."""
+        entries = cache_entries(self.root)
+        lines = format_entries(entries, now=self.clock + later).splitlines()
+        assert len(lines) == len(entries) + 1
+        for line, e in zip(lines, entries):
+            assert line.split()[:3] == [e.kind, f"{e.size_bytes / MIB:.1f}", "MiB"] and line.endswith(f"  {e.path}")
+        assert lines[-1] == f"{len(entries)} entries, {sum(e.size_bytes for e in entries) / MIB:.1f} MiB"
+
+
+def test_random_cache_trees_keep_the_documented_pruning_rules(tmp_path, caplog):
+    """Random cache trees, uses, locks and prunes: see _CacheTree."""
+    with caplog.at_level(logging.DEBUG, logger="mpvss_ros.runtime.cache"):
+        run_state_machine_as_test(lambda: _CacheTree(tmp_path, caplog),
+                                  settings=settings(max_examples=200, stateful_step_count=40, deadline=None))
