@@ -186,6 +186,8 @@ INTERPOLATIONS = ("area", "pil_bilinear")
 #: ``InputConfig.canvas_orientation`` values (:meth:`mpvss_ros.segmenter.Letterbox.for_input`).
 CANVAS_ORIENTATIONS = ("fixed", "frame")
 
+#: Most classes a model may have: class IDs are published as ``mono16`` at most.
+MAX_CLASSES = 65535
 #: Integer fields must lie in [-2**63, 2**63): what a tensor size can be.
 _INT64_LIMIT = 2**63
 
@@ -260,9 +262,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names, key=repr)  # keys may be of mixed types (1: a, foo: b)
+    unknown = sorted(map(shown, set(data) - names))  # keys may be of mixed types (1: a, foo: b)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        raise ConfigError(f"{where}: unknown key(s) [{', '.join(unknown)}]; allowed: {sorted(names)}")
     return cls(**data)
 
 
@@ -363,8 +365,9 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}: input.pixel_std must be > 0 (it divides the pixels), got {cfg.input.pixel_std}")
     if not 0.0 < cfg.motion.image_scale <= 1.0:
         raise ConfigError(f"{where}: motion.image_scale must lie in (0, 1], got {cfg.motion.image_scale}")
-    if cfg.num_classes < 1:
-        raise ConfigError(f"{where}: num_classes must be >= 1, got {cfg.num_classes}")
+    if not 1 <= cfg.num_classes <= MAX_CLASSES:
+        raise ConfigError(f"{where}: num_classes must lie in [1, {MAX_CLASSES}] (class IDs are published as "
+                          f"mono16 at most), got {cfg.num_classes}")
     if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
         raise ConfigError(f"{where}: {len(cfg.class_names)} class_names for num_classes={cfg.num_classes}")
     if not cfg.class_names:
@@ -429,6 +432,8 @@ def _validate_swin(b: BackboneConfig, where: str) -> None:
         if (b.embed_dim * 2**s) % heads:
             raise ConfigError(f"{where}: stage {s} of swin is {b.embed_dim * 2**s} wide (backbone.embed_dim * "
                               f"2^{s}), not a multiple of its {heads} heads (backbone.num_heads)")
+    if not math.isfinite(b.embed_dim * 8 * b.mlp_ratio):  # the last stage's MLP width overflows a float
+        raise ConfigError(f"{where}: backbone.mlp_ratio ({b.mlp_ratio}) is too large for any MLP")
     if int(b.embed_dim * b.mlp_ratio) < 1:  # the first stage's MLP width, int(C * ratio) as Swin's
         raise ConfigError(f"{where}: backbone.mlp_ratio ({b.mlp_ratio}) leaves the first stage's MLP no channel "
                           f"(int(embed_dim * mlp_ratio) = {int(b.embed_dim * b.mlp_ratio)})")
@@ -445,6 +450,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     so a second ``input:`` block silently replaced the first)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # '!!map [a, b]': SafeLoader's own check comes later
+            raise yaml.constructor.ConstructorError(None, None, f"expected a mapping, found {node.id}", node.start_mark)
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor': its keys may be overridden
@@ -457,7 +464,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                                         "found unhashable key", key_node.start_mark) from None
             if twice:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"'{key}' is written twice (first at line {seen[key] + 1})", key_node.start_mark)
+                    None, None, f"{shown(key)} is written twice (first at line {seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -496,7 +503,11 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
-    except ValueError as exc:  # PyYAML's int(): a number past Python's 4300-digit limit
-        raise ConfigError(f"{path}: a value YAML could not read: {exc}") from None
+        why = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line (a ReaderError has two)
+        raise ConfigError(f"{path}: not valid YAML{at}: {why}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        # PyYAML's own constructors on a tag with a value they cannot take ('!!bool maybe',
+        # '!!int ""', '!!timestamp x'), int() past Python's 4300-digit limit, nesting too deep
+        raise ConfigError(f"{path}: a value YAML could not read ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())})") from None
     return model_config_from_dict(data, where=str(path))

@@ -1,8 +1,17 @@
 """Model configuration validation: a bad value is one ConfigError naming the key, before a model is built."""
 
-import pytest
+import builtins
+import dataclasses
+import math
+import types
+import typing
 
-from mpvss_ros.config import ConfigError, load_model_config, model_config_from_dict
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpvss_ros.config import ConfigError, ModelConfig, load_model_config, model_config_from_dict
 from mpvss_ros.paths import REPO_ROOT
 
 
@@ -61,7 +70,10 @@ def test_bad_values_are_one_config_error_naming_the_key(path, value, words):
 
 
 @pytest.mark.parametrize("model, path, value, words", [
-    ("mpvss_lite", "num_classes", 0, "num_classes must be >= 1, got 0"),
+    ("mpvss_lite", "num_classes", 0, "num_classes must lie in \\[1, 65535\\] .*got 0"),
+    ("mpvss_lite", "num_classes", 65536, "num_classes must lie in \\[1, 65535\\] .*got 65536"),  # no mono16 ID
+    ("mpvss_lite", "num_classes", 2**63 - 1, "num_classes must lie in"),  # its default names filled the memory
+    ("mpvss_swin_tiny", "backbone.mlp_ratio", 1e308, "mlp_ratio \\(1e\\+308\\) is too large"),  # OverflowError
     ("mpvss_lite", "class_names", ["a", "b", "c"], "3 class_names for num_classes=11"),
     ("mpvss_lite", "palette", [[0, 0]] * 11, "palette needs 11 RGB triples of 0..255"),
     ("mpvss_lite", "palette", [[0, 0, 0]] * 10, "palette needs 11 RGB triples of 0..255"),
@@ -137,8 +149,26 @@ def test_numbers_too_large_for_a_tensor_or_a_float_are_one_config_error(tmp_path
     big = tmp_path / "big.yaml"
     big.write_text((REPO_ROOT / "config" / "models" / "mpvss_lite.yaml").read_text().replace(
         "num_classes: 11", "num_classes: " + "9" * 5000))
-    with pytest.raises(ConfigError, match="big.yaml: a value YAML could not read: .*4300 digits"):
+    with pytest.raises(ConfigError, match="big.yaml: a value YAML could not read \\(ValueError: .*4300 digits"):
         load_model_config(big)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("!!bool maybe", "a value YAML could not read \\(KeyError"), ('!!int ""', "a value YAML could not read \\(IndexError"),
+    ('!!float ""', "a value YAML could not read \\(IndexError"), ("!!timestamp foo", "a value YAML could not read \\(AttributeError"),
+    ("!!map [a, b]", "not valid YAML at line .*expected a mapping, found sequence"),
+    ("[" * 1500 + "]" * 1500, "a value YAML could not read \\(RecursionError"),
+    ("x\x0cy", "not valid YAML: unacceptable character #x000c"),  # PyYAML's ReaderError: two lines of text
+])
+def test_yaml_values_pyyaml_cannot_construct_are_one_line_naming_the_file(tmp_path, value, words):
+    """PyYAML's own constructors raise KeyError, IndexError, AttributeError or TypeError on a tag with a
+    value they cannot take, and its composer RecursionError on deep nesting: each was let out."""
+    path = tmp_path / "tagged.yaml"
+    path.write_text((REPO_ROOT / "config" / "models" / "mpvss_lite.yaml").read_text().replace(
+        "name: mpvss_lite", f"name: {value}", 1))
+    with pytest.raises(ConfigError, match="tagged.yaml: " + words) as err:
+        load_model_config(path)
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_a_weights_file_given_as_model_says_where_it_goes():
@@ -289,3 +319,253 @@ def test_input_interpolation_and_canvas_orientation_are_checked_and_stored_only_
     data["input"]["canvas_orientation"] = "portrait"
     with pytest.raises(ConfigError, match="input.canvas_orientation must be one of fixed, frame, got 'portrait'"):
         model_config_from_dict(data, where="x.yaml")
+
+
+# Property-based damage of the shipped configurations: whatever a file or dict holds, loading it
+# is a configuration that round-trips or one ConfigError (a ValueError) of one line naming the file
+# (or the caller's `where`), never another exception and never an object built from a YAML tag.
+
+#: The shipped model files, the starting points of the damage.
+SHIPPED_CONFIGS = sorted((REPO_ROOT / "config" / "models").glob("*.yaml"))
+
+#: A YAML tag that, if any loader built it, would leave this mark in builtins.
+_CONSTRUCTED_MARK = "MPVSS_CONFIG_FUZZ_CONSTRUCTED"
+_CONSTRUCTING_TAG = f'!!python/object/apply:builtins.exec ["import builtins; builtins.{_CONSTRUCTED_MARK} = 1"]'
+
+
+def _huge_int(index: int) -> int:
+    """Integers past what a field may hold (int64, float, str()'s 4300 digits); 2**63 - 1 is left out:
+    as num_classes of a file without class_names it is legal and names 2**63 - 1 classes. (A
+    function, not a list: hypothesis cannot print a strategy holding an int past the digit limit.)"""
+    return (2**63, -(2**63) - 1, -(2**63), 10**400, 10**5000, -(10**5000))[index]
+
+
+_HUGE = st.integers(0, 5).map(_huge_int)
+#: The words the configuration chooses between, so that damage also reaches the other branches.
+_CHOICE_WORDS = ["swin", "resnet", "mobilenet_v2", "msdeformattn", "fpn", "canvas", "mask", "exact", "mmtrack",
+                 "area", "pil_bilinear", "fixed", "frame"]
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-70_000, 70_000), _HUGE,
+                     st.floats(), st.text(max_size=6), st.sampled_from(_CHOICE_WORDS))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
+    st.text(max_size=5), inner, max_size=3), max_leaves=8)
+_KEYS = st.one_of(_HUGE, st.sampled_from([f.name for c in (ModelConfig, *typing.get_type_hints(ModelConfig).values())
+                                            if dataclasses.is_dataclass(c) for f in dataclasses.fields(c)]),
+                  st.text(max_size=12), st.integers(), st.none() | st.booleans() | st.floats())
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` has the type the annotation ``hint`` documents: an int field an int64 (no
+    bool), a float field a finite int or float, a list field a list of fitting entries."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return type(value) is int and -(2**63) <= value < 2**63
+    if hint is float:
+        try:
+            return type(value) in (int, float) and math.isfinite(float(value))
+        except OverflowError:
+            return False
+    return isinstance(value, hint)
+
+
+def _violations(data, cls: type = ModelConfig, where: str = "") -> list[tuple[bool, str]]:
+    """What the annotations and the docs refuse in a configuration dict, each as (whether it is in
+    the file's structure, the part of the message that names it): a missing name or num_classes, an
+    unknown key, a section that is neither a mapping nor empty (structure), a value of the wrong type."""
+    if not isinstance(data, dict):
+        return [(True, f"{where}: expected a mapping" if where else "expected a mapping at the top level")]
+    hints = typing.get_type_hints(cls)
+    found = [(True, f"missing required key '{k}'") for k in ("name", "num_classes")
+             if cls is ModelConfig and k not in data]
+    for key, value in data.items():
+        if key not in hints:
+            found.append((True, f"{where}: unknown key"))
+        elif dataclasses.is_dataclass(hints[key]):
+            found += _violations({} if value is None else value, hints[key], key)
+        elif not _fits(value, hints[key]):
+            found.append((False, f": {where}.{key} " if where else f": {key} "))
+    return found
+
+
+def _check_loaded(cfg: ModelConfig, source) -> None:
+    """A configuration that loads: what it came from had nothing the annotations refuse, it holds
+    one class name per class and a palette of one triple per class (or none), the motion decoder
+    is as wide as the queries, and its stored form is YAML and reads back to the same."""
+    assert not _violations(source), _violations(source)  # the annotations refuse what it holds
+    stored = cfg.to_dict()
+    assert model_config_from_dict(stored) == cfg and model_config_from_dict(stored).to_dict() == stored
+    assert yaml.safe_load(yaml.safe_dump(stored)) == stored
+    assert len(cfg.class_names) == cfg.num_classes and len(cfg.palette) in (0, cfg.num_classes)
+    assert cfg.motion.hidden_dim == cfg.transformer_decoder.hidden_dim
+
+
+def _check_refusal(err: ConfigError, names: str) -> str:
+    """A refusal is a ValueError of one line naming the file or the caller's `where`."""
+    message = str(err)
+    assert isinstance(err, ValueError) and len(message.splitlines()) == 1, message
+    assert names in message, message
+    return message
+
+
+def _retyped(value) -> list:
+    """``value`` as a bool, None, float, string, list or mapping, and numbers at the edges (0, -1,
+    NaN, infinity, int64's ends): what a YAML file easily writes in place of the right value."""
+    numbers = [0, -1, 2**63, -(2**63) - 1, math.nan, math.inf, 1e308]  # (no large num_classes: see _huge_int)
+    if type(value) in (int, float) and abs(value) < 2**63:  # (not NaN)
+        numbers += [float(value), -value, str(value)]
+    return [True, False, None, [value], {"x": value}, *numbers]
+
+
+def _containers(node) -> list:
+    """``node`` and every mapping and list inside it, at any depth."""
+    found = [node]
+    for value in (node.values() if isinstance(node, dict) else node):
+        if isinstance(value, (dict, list)):
+            found += _containers(value)
+    return found
+
+
+def _damage_dict(draw, data: dict) -> None:
+    """One random damage at any depth of ``data``: a value replaced, a key removed, an unknown key
+    added, or a list cut short or made longer."""
+    containers = _containers(data)
+    mappings = [c for c in containers if isinstance(c, dict)]
+    node = draw(st.sampled_from(mappings if draw(st.booleans()) or len(mappings) == len(containers)
+                                else [c for c in containers if isinstance(c, list)]))
+    keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+    action = draw(st.sampled_from(["retype", "retype", "set", "delete", "add"] if isinstance(node, dict)
+                                  else ["retype", "set", "resize"]))
+    if action == "add" or not keys:
+        if isinstance(node, dict):
+            node[draw(_KEYS)] = draw(_VALUES)
+        else:
+            node.append(draw(_VALUES))
+    elif action == "set":
+        node[draw(st.sampled_from(keys))] = draw(_VALUES)
+    elif action == "retype":  # the same value in another type, or at an edge of its own
+        key = draw(st.sampled_from(keys))
+        node[key] = draw(st.sampled_from(_retyped(node[key])))
+    elif action == "delete":
+        del node[draw(st.sampled_from(keys))]
+    else:  # resize: cut the list, or repeat one of its entries
+        if draw(st.booleans()):
+            del node[draw(st.integers(0, len(node))):]
+        else:
+            node.extend([node[draw(st.sampled_from(keys))]] * draw(st.integers(1, 3)))
+
+
+@settings(max_examples=300, deadline=None, report_multiple_bugs=False)
+@given(st.data())
+def test_a_damaged_configuration_dict_loads_and_round_trips_or_is_one_config_error(tmp_path_factory, data):
+    """A shipped configuration (as YAML reads it, or in its stored form) damaged at random: wrong
+    types, huge ints, NaN, missing and unknown keys at any depth, sections that are no mapping,
+    lists of other lengths. model_config_from_dict gives a configuration that round-trips or one
+    ConfigError naming `where` and one of the damaged keys; the same dict written as a YAML file
+    gives the same outcome from load_model_config, naming the file."""
+    path = data.draw(st.sampled_from(SHIPPED_CONFIGS))
+    raw = yaml.safe_load(path.read_text()) if data.draw(st.booleans()) else load_model_config(path).to_dict()
+    damages = data.draw(st.integers(1, 4))
+    for _ in range(damages):
+        _damage_dict(data.draw, raw)
+    where = data.draw(st.sampled_from(["custom.yaml", "the model_config parameter"]))
+    violations = _violations(raw)
+    # a key or section is named before any value; a wrong type is named when it is the only damage
+    named = [text for structure, text in violations if structure] or (damages == 1 and [t for _, t in violations])
+    try:
+        cfg = model_config_from_dict(raw, where=where)
+    except ConfigError as err:
+        message = _check_refusal(err, where)
+        assert not named or any(text in message for text in named), (message, violations)
+        cfg = None
+    else:
+        _check_loaded(cfg, raw)
+    try:
+        text = yaml.safe_dump(raw)
+    except ValueError:  # an int past str()'s digit limit cannot be written
+        return
+    file = tmp_path_factory.mktemp("dict") / "damaged.yaml"
+    file.write_text(text)
+    try:
+        from_file = load_model_config(file)
+    except ConfigError as err:
+        _check_refusal(err, str(file))
+        assert cfg is None, f"the dict loads but its YAML file is refused: {err}"
+    else:
+        assert cfg is not None and from_file.to_dict() == cfg.to_dict()
+
+
+#: What damage writes in place of a value in the YAML text: tags (SafeLoader's, Python's, unknown
+#: ones, on the wrong kind of node), anchors and aliases, deep nesting, numbers YAML or a field
+#: cannot hold, strings with line breaks.
+_YAML_VALUES = st.one_of(
+    st.sampled_from([_CONSTRUCTING_TAG, "!!python/object:os.system {}", "!!python/name:os.system"]),
+    st.sampled_from(['!!int ""', '!!float ""', "!!bool maybe", "!!timestamp foo", "!!map [a, b]", "!!set [a]"]),
+    st.sampled_from(['!!int ""', "!!int 12", '!!float ""', "!!float nan", "!!bool maybe", "!!bool yes",
+                     "!!timestamp foo", "!!timestamp 2001-13-45", "!!binary '@@'", "!!str 3", "!!null x",
+                     "!custom 3"]),
+    st.sampled_from(["!!map [a, b]", "!!map ab", "!!set [a]", "!!set {a, b}", "!!seq {a: 1}", "!!omap [a]",
+                     "? [1]\n  : 2", "{[1]: 2}", "{{}: 2}"]),
+    st.sampled_from(["&a [1, 2]", "*a", "&a [*a]", "&a {x: *a}", "*undefined", "{<<: *a}", "{<<: [1]}"]),
+    st.sampled_from(["9" * 5000, "-" + "9" * 5000, "1e400", "-.inf", ".nan", "0x7fffffffffffffff",
+                     "0x8000000000000000", "0b1", "1_0", "2001-12-14", "~", "''", '"a\\nb"']),
+    st.integers(1, 1500).map(lambda n: "[" * n + "]" * n),
+    st.text(max_size=8).map(lambda s: yaml.safe_dump(s).removesuffix("\n...\n")),
+)
+
+
+def _damage_text(draw, text: bytes) -> bytes:
+    """One random damage of a YAML file's bytes: cut at any byte, a byte flipped, bytes that are no
+    UTF-8 or control characters inserted, a line repeated (a key written twice), indentation made a
+    tab, a value replaced by a tag, anchor, alias or a nesting deeper than the parser's stack."""
+    lines = text.split(b"\n")
+    action = draw(st.sampled_from(["cut", "flip", "insert", "repeat", "tab", "value", "value", "value"]))
+    at = draw(st.integers(0, max(len(text) - 1, 0)))
+    row = draw(st.integers(0, len(lines) - 1))
+    if action == "cut":
+        return text[:at]
+    if action == "flip":
+        return text[:at] + bytes([(text[at:at + 1] or b"\0")[0] ^ draw(st.integers(1, 255))]) + text[at + 1:]
+    if action == "insert":
+        return text[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\x80", b"\xed\xa0\x80", b"\x00", b"\x01",
+                                                 b"\x1b", b"\t", b"\r", b"\xef\xbb\xbf", b": ", b"- "])) + text[at:]
+    if action == "repeat":
+        lines.insert(draw(st.integers(0, len(lines))), lines[row])
+    elif action == "tab":
+        lines[row] = b"\t" + lines[row].lstrip(b" ")
+    else:  # a value: of a `key: value` line mostly, so that the rest still parses
+        keyed = [i for i, line in enumerate(lines) if b": " in line and not line.lstrip().startswith(b"#")]
+        row = draw(st.sampled_from(keyed)) if keyed and draw(st.booleans()) else row
+        key, colon, _ = lines[row].partition(b": ")
+        lines[row] = key + (colon or b": ") + draw(_YAML_VALUES).encode()
+    return b"\n".join(lines)
+
+
+@settings(max_examples=600, deadline=None, report_multiple_bugs=False)
+@given(st.data())
+def test_a_damaged_model_file_loads_and_round_trips_or_is_one_config_error_naming_it(tmp_path_factory, data):
+    """A shipped model file's bytes damaged at random (cut, flipped, not UTF-8, duplicate keys, tabs,
+    tags, anchors and aliases, deep nesting), or an empty file or a folder in its place:
+    load_model_config gives a configuration that round-trips or one ConfigError of one line naming
+    the file, and never builds an object from a Python tag."""
+    text = data.draw(st.sampled_from(SHIPPED_CONFIGS)).read_bytes()
+    for _ in range(data.draw(st.integers(1, 4))):
+        text = _damage_text(data.draw, text)
+    path = tmp_path_factory.mktemp("file") / "damaged.yaml"
+    form = data.draw(st.sampled_from(["file", "file", "file", "empty", "folder"]))
+    if form == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(text if form == "file" else b"")
+    try:
+        cfg = load_model_config(path)
+    except ConfigError as err:
+        _check_refusal(err, str(path))
+    else:
+        _check_loaded(cfg, yaml.safe_load(text))
+    finally:
+        assert not hasattr(builtins, _CONSTRUCTED_MARK), "a Python object was built from a YAML tag"
