@@ -494,6 +494,8 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         path = found
     else:  # a file: '~' expanded, a relative path looked for as model files are (find_data)
         path = find_data(path) or path.expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a model config file")
     if not path.is_file():
         raise ConfigError(f"model config file not found: {path}")
     try:

@@ -117,6 +117,9 @@ def test_the_shipped_configurations_pass():
 
 
 def test_unreadable_yaml_files_are_one_line_naming_the_file(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match="folder.yaml is a folder, not a model config file"):  # not "not found"
+        load_model_config(tmp_path / "folder.yaml")
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"na\x91me: x\n")
     with pytest.raises(ConfigError, match="binary.yaml: not a UTF-8 text file"):

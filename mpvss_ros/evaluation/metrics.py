@@ -201,13 +201,19 @@ class ConfusionMatrix:
         self.mat += np.bincount(g * k + p, minlength=k * k).reshape(k, k)
 
     def merge(self, other: ConfusionMatrix) -> None:
-        """Add the counts of another matrix with the same number of classes.
+        """Add the counts of another matrix with the same number of classes and the same ignored
+        ground truth (the two ``ignore_index`` may differ only where neither is a class: outside
+        ``0..K-1`` both ignore nothing that the range does not).
 
         Raises:
-            ValueError: different ``num_classes``.
+            ValueError: different ``num_classes``; different ``ignore_index`` of which one is a class.
         """
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes}-class matrix into {self.num_classes}-class one")
+        k = self.num_classes
+        if other.ignore_index != self.ignore_index and (0 <= other.ignore_index < k or 0 <= self.ignore_index < k):
+            raise ValueError(f"cannot merge a matrix that ignores ground truth {other.ignore_index} into one that "
+                             f"ignores {self.ignore_index} (of {k} classes): they count different pixels")
         self.mat += other.mat
 
     # -- per-class counts --------------------------------------------------------------------

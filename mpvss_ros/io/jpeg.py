@@ -260,8 +260,10 @@ def _header_size(raw: bytes) -> tuple[int, int] | None:
     segments without decoding (it does not mind what TurboJPEG's probe refuses, e.g. an unknown
     JFIF version); None when Pillow cannot read the header either."""
     try:
-        with JpegImagePlugin.JpegImageFile(io.BytesIO(raw)) as image:
-            width, height = image.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # of a corrupt EXIF block, once per frame (as exif_orientation)
+            with JpegImagePlugin.JpegImageFile(io.BytesIO(raw)) as image:
+                width, height = image.size
     except Exception:  # noqa: BLE001 - Pillow raises many types on headers it cannot parse
         return None
     return int(height), int(width)

@@ -49,7 +49,8 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 def list_frames(image_dir: str | Path, annot_dir: str | Path) -> list[tuple[Path, Path]]:
     """Sorted (image, label) path pairs: each image's label has its file name in ``annot_dir``,
-    or its stem with ``.png`` (JPEG frames with PNG labels, as ``mpvss eval`` reads them).
+    or its stem with ``.png`` (JPEG frames with PNG labels, as ``mpvss eval`` reads them). Hidden
+    files and folders are no images.
 
     Raises:
         FileNotFoundError: a folder is missing, it holds no images, or an image has no label.
@@ -58,7 +59,9 @@ def list_frames(image_dir: str | Path, annot_dir: str | Path) -> list[tuple[Path
     for d in (image_dir, annot_dir):
         if not d.is_dir():
             raise FileNotFoundError(f"folder not found: {d}")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    # as image folders list theirs: no hidden files (macOS's ._frame.png) and no folders named *.png
+    images = sorted(p for p in image_dir.iterdir()
+                    if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".") and not p.is_dir())
     if not images:
         raise FileNotFoundError(f"no images in {image_dir}")
     pairs = []

@@ -307,6 +307,18 @@ def test_the_opencv_fallback_checks_the_size_from_the_header_before_decoding(mon
     assert seen == [(H, W)]
 
 
+def test_the_fallbacks_header_size_does_not_warn_of_a_corrupt_exif_block():
+    """Pillow warns "Tag data larger than file" of an EXIF tag pointing past the data: the fallback's
+    header read let it through once per frame (exif_orientation already kept it quiet)."""
+    tiff = bytearray(exif_tiff(1))
+    tiff[8 + 2 + 4 : 8 + 2 + 12] = struct.pack("<II", 1000, 0x7000)  # the Make tag: 1000 bytes past the end
+    raw = _jpeg(_gradient())
+    data = raw[:2] + _app1(b"Exif\x00\x00" + bytes(tiff)) + raw[2:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert jpeg._header_size(data) == (H, W) and exif_orientation(data) == 1
+
+
 def test_the_opencv_fallback_looks_for_the_end_marker_after_the_scan(monkeypatch):
     """The fallback refused a whole JPEG followed by a trailer of more than 64 bytes (the strict
     path takes it). The end-of-image marker now counts anywhere after the first scan, and only

@@ -67,6 +67,10 @@ def test_torch_inputs_accumulate_and_merge(cm):
     cm.merge(c2)
     np.testing.assert_array_equal(cm.mat, 3 * c2.mat // 2)
     assert cm.miou() == pytest.approx((1 / 3 + 0.5) / 4)  # ratios unchanged
+    cm.merge(ConfusionMatrix(5, ignore_index=11))  # both ignore by range alone: the same pixels counted
+    with pytest.raises(ValueError, match="ignores ground truth 2 into one that ignores 255"):
+        cm.merge(ConfusionMatrix(5, ignore_index=2))  # class 2 is counted in one and not in the other
+    np.testing.assert_array_equal(cm.mat, 3 * c2.mat // 2)
 
 
 def test_summary_percent_and_none(cm):

@@ -808,6 +808,15 @@ def test_synthetic_pairs_draw_every_labelled_frame(tmp_path):
     assert seen == {1, 2}, seen
 
 
+def test_hidden_files_and_folders_are_no_frames(tmp_path):
+    """As image folders list theirs: macOS's ._frame.png and a folder named like an image were
+    listed as frames (and failed to decode, or to find a label)."""
+    img, ann = _labelled_folder(tmp_path, ["s_00000.png", "s_00030.png"])
+    (img / "._s_00000.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata
+    (img / "s_00060.png").mkdir()
+    assert [p.name for p, _ in list_frames(img, ann)] == ["s_00000.png", "s_00030.png"]
+
+
 def test_consecutive_frames_of_two_sizes_are_no_pair(tmp_path):
     """A key frame of another size than the current one was cropped at the current frame's offsets
     (a malformed sample): decode_all drops such pairs, and a pair drawn without it is refused."""
