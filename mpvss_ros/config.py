@@ -12,6 +12,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -277,7 +278,7 @@ def model_config_from_dict(data: dict[str, Any], where: str = "model config") ->
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
-    data = dict(data)
+    data = copy.deepcopy(data)  # the configuration shares no list with the caller's dict
     for key in ("name", "num_classes"):
         if key not in data:
             raise ConfigError(f"{where}: missing required key '{key}'")

@@ -116,6 +116,14 @@ def test_the_shipped_configurations_pass():
     assert model_config_from_dict(data).input.pixel_std == [58, 57, 57]
 
 
+def test_a_configuration_shares_no_list_with_the_dict_it_was_built_from():
+    data = _with("input.pixel_mean", [1.0, 2.0, 3.0])
+    cfg = model_config_from_dict(data)
+    data["class_names"].append("x")
+    data["input"]["pixel_mean"][0] = 99.0
+    assert len(cfg.class_names) == cfg.num_classes and cfg.input.pixel_mean == [1.0, 2.0, 3.0]
+
+
 def test_unreadable_yaml_files_are_one_line_naming_the_file(tmp_path):
     (tmp_path / "folder.yaml").mkdir()
     with pytest.raises(ConfigError, match="folder.yaml is a folder, not a model config file"):  # not "not found"

@@ -231,8 +231,9 @@ def local_search(table: PairTable, key_frames: Sequence[int], max_gap: int | Non
 
     Starting from ``key_frames`` (frame 0 stays), each pass tries every key frame shifted by each
     of ``moves``, keeping the order of the key frames and gaps of at most ``max_gap`` frames
-    (default and most: the table's horizon + 1), and accepts any move that raises the mIoU, until a pass
-    finds none. The count of key frames never changes. It uses the reference labels, so it
+    (default and most: the table's horizon + 1; from a start with a wider gap only a move that brings
+    every gap within it is taken, so the start may come back unchanged), and accepts any move that
+    raises the mIoU, until a pass finds none. The count of key frames never changes. It uses the reference labels, so it
     says how much a schedule *could* gain on this clip, not what a causal policy can.
 
     Returns:
