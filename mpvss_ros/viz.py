@@ -394,8 +394,16 @@ def draw_tag(image: np.ndarray, text: str, corner: str = "top-right",
 
 def frame_tag(is_key_frame: bool, frames_since_key: int) -> str:
     """The overlay's tag for a frame: ``key frame``, or ``propagated +N`` (N frames after its key
-    frame), so that warped labels are told from inferred ones at a glance."""
-    return "key frame" if is_key_frame else f"propagated +{int(frames_since_key)}"
+    frame), so that warped labels are told from inferred ones at a glance.
+
+    Raises:
+        ValueError: a non-key frame ``frames_since_key`` < 1 frames after its key frame.
+    """
+    if is_key_frame:
+        return "key frame"
+    if int(frames_since_key) < 1:
+        raise ValueError(f"a propagated frame comes at least 1 frame after its key frame, got {frames_since_key}")
+    return f"propagated +{int(frames_since_key)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,9 +449,14 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[in
     _check_labels(labels)
     if labels.shape != image.shape[:2]:
         raise ValueError(f"labels {labels.shape} and image {image.shape[:2]} differ in size")
-    alpha = float(alpha)
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}") from None
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if legend_corner not in LEGEND_CORNERS:  # places the tag too, with or without a legend
+        raise ValueError(f"legend_corner must be one of {LEGEND_CORNERS}, got {legend_corner!r}")
     pal = _as_palette(palette)
     colour = colorize(labels, pal)
     src = np.ascontiguousarray(image)

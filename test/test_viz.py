@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mpvss_ros.viz as viz
-from mpvss_ros.viz import LEGEND_CORNERS, colorize, draw_legend, draw_tag, legend_entries, make_palette, overlay
+from mpvss_ros.viz import (LEGEND_CORNERS, colorize, draw_legend, draw_tag, frame_tag, legend_entries, make_palette,
+                           overlay)
 
 
 def _scene(h: int = 272, w: int = 640) -> tuple[np.ndarray, np.ndarray]:
@@ -19,11 +24,22 @@ def _scene(h: int = 272, w: int = 640) -> tuple[np.ndarray, np.ndarray]:
     return image, labels
 
 
+def _recording_put_text(drawn: list[str]):
+    """cv2.putText as it is now, that also appends each text it draws to ``drawn``."""
+    put_text = viz.cv2.putText
+    return lambda im, text, *a, **k: (drawn.append(text), put_text(im, text, *a, **k))[1]
+
+
 def _drawn_texts(monkeypatch) -> list[str]:
     """The texts drawn with cv2.putText from now on (still drawn), in order."""
-    drawn, put_text = [], viz.cv2.putText
-    monkeypatch.setattr(viz.cv2, "putText", lambda im, text, *a, **k: (drawn.append(text), put_text(im, text, *a, **k))[1])
+    drawn: list[str] = []
+    monkeypatch.setattr(viz.cv2, "putText", _recording_put_text(drawn))
     return drawn
+
+
+def _meet(a, b) -> bool:
+    """Whether two (x0, y0, x1, y1) boxes (x1, y1 exclusive) share a pixel."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 # ------------------------------------------------------------------ palettes
@@ -308,6 +324,12 @@ def test_overlay_tags_key_and_propagated_frames_beside_the_legend():
     image, labels = _scene()
     pal = make_palette(11)
     assert frame_tag(True, 0) == "key frame" and frame_tag(False, 3) == "propagated +3"
+    for before_its_key in (0, -3):  # was "propagated +-3"
+        with pytest.raises(ValueError, match="at least 1 frame after its key frame"):
+            frame_tag(False, before_its_key)
+    for corner in (None, "middle"):  # placed the tag without a legend: AttributeError for None
+        with pytest.raises(ValueError, match="legend_corner must be one of"):
+            overlay(image, labels, pal, legend=False, legend_corner=corner, tag="key frame")
     plain = overlay(image, labels, pal)
     tagged = overlay(image, labels, pal, tag=frame_tag(False, 3))
     box = draw_tag(plain.copy(), "propagated +3", "top-right")
@@ -344,19 +366,15 @@ def test_the_tag_never_covers_the_legend(hw):
     legend = draw_legend(image, labels, make_palette(11), names)
     tag = draw_tag(image, "propagated +9", "top-right", avoid=legend.box)
     assert legend.box is not None
-
-    def meet(a, b):
-        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
     # Where the tag goes with nothing to avoid, and the other corner of its side; the text's width
     # depends on the OpenCV version (4.x draws Hershey text wider than 5.x), so room is worked out.
     top = draw_tag(np.zeros_like(image), "propagated +9", "top-right")
     bottom = (top[0], h - top[3], top[2], h - top[1])
-    if meet(top, legend.box) and meet(bottom, legend.box):
+    if _meet(top, legend.box) and _meet(bottom, legend.box):
         assert tag is None  # no room on either corner
     else:
-        assert tag == (bottom if meet(top, legend.box) else top)
-        assert not meet(tag, legend.box)
+        assert tag == (bottom if _meet(top, legend.box) else top)
+        assert not _meet(tag, legend.box)
     if h >= 240:  # room on every OpenCV version seen (4.5.4, 4.6.0, 5.1.0)
         assert tag is not None
     assert draw_tag(np.zeros((100, 100, 3), np.uint8), "propagated +9", "top-right", avoid=(0, 0, 100, 100)) is None
@@ -384,7 +402,7 @@ def test_overlay_keeps_the_image_under_void_255_with_a_255_colour_palette():
     assert not np.array_equal(out[labels == 0], image[labels == 0])
 
 
-@pytest.mark.parametrize("alpha", [-0.5, 1.5, float("nan")])
+@pytest.mark.parametrize("alpha", [-0.5, 1.5, float("nan"), None, "x"])  # None: TypeError; "x": float()'s words
 def test_overlay_refuses_alpha_outside_0_1_on_both_sides(alpha):
     image, labels = _scene(20, 30)
     with pytest.raises(ValueError, match="alpha"):
@@ -486,3 +504,297 @@ def test_a_narrow_legend_shortens_its_count_line_to_plus_n(monkeypatch):
         counts = [t for t in drawn if t.startswith("+")]
         forms.add("short" if counts == [f"+{legend.hidden}"] else "long" if counts else "none")
     assert "short" in forms and "long" in forms
+
+
+# ------------------------------------------------------------------ property-based (hypothesis)
+# viz keeps no state between calls: each example is one call on random sizes, label dtypes and
+# values (void 255, out-of-range, negative), palettes, names, corners and tags, checked against
+# the docstrings.
+
+_FUZZ = settings(max_examples=100, deadline=None)
+_NAME_POOL = ["", "road", "caf\u00e9", "\u65e5\u672c\u8a9e", "a very long class name " * 12, "sign_symbol", "W" * 40]
+
+
+@st.composite
+def _fuzz_scene(draw, max_h: int = 60, max_w: int = 90):
+    """(image, labels, palette, class_names): an (H, W, 3) uint8 image (C-contiguous or a strided
+    view), an (H, W) label map of a random integer dtype (C-contiguous or not) and a K-colour
+    palette (make_palette, a random array or a list of lists), K in 1..300."""
+    h, w = draw(st.integers(1, max_h)), draw(st.integers(1, max_w))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    k = draw(st.sampled_from([1, 2, 11, 40, 255, 256, 300]) | st.integers(1, 300))
+    kind = draw(st.sampled_from(["generated", "based", "uint8", "int64", "lists"]))
+    if kind in ("generated", "based"):
+        base = rng.integers(0, 256, (int(rng.integers(0, k + 1)), 3)).tolist() if kind == "based" else None
+        palette = make_palette(k, base)
+    else:
+        palette = rng.integers(0, 256, (k, 3)).astype(np.uint8 if kind == "uint8" else np.int64)
+        palette = palette.tolist() if kind == "lists" else palette
+    dtype = draw(st.sampled_from([np.uint8, np.uint16, np.int32, np.int64]))
+    info = np.iinfo(dtype)
+    values = [v for v in draw(st.lists(st.sampled_from([0, 1, 2, 3, 10, 11, k - 1, k, k + 1, 254, 255, 256, 299,
+                                                        300, -1, -300, int(info.max), int(info.min)]),
+                                       min_size=1, max_size=6)) if info.min <= v <= info.max]
+    values = values or [0]
+    weights = rng.random(len(values)) ** 3 + 1e-3  # uneven class sizes, so that a legend has to choose
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    shape = {"contiguous": (h, w), "transposed": (w, h), "strided": (h, 2 * w)}[layout]
+    labels = rng.choice(np.array(values, dtype), size=shape, p=weights / weights.sum())
+    labels = {"contiguous": labels, "transposed": labels.T, "strided": labels[:, ::2]}[layout]
+    image = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    image = image[..., :3] if draw(st.booleans()) else np.ascontiguousarray(image[..., :3])
+    names = None
+    if draw(st.booleans()):
+        special = draw(st.lists(st.sampled_from(_NAME_POOL) | st.text(max_size=30), min_size=1, max_size=4))
+        names = [special[i % len(special)] if i % 3 == 0 else f"c{i}" for i in range(k)]
+    return image, labels, palette, names
+
+
+def _valid(labels: np.ndarray, k: int) -> np.ndarray:
+    """Labels in 0..K-1 (the rest is void), computed independently of viz."""
+    wide = labels.astype(np.int64) if labels.dtype != np.uint64 else labels
+    return (wide >= 0) & (wide < k)
+
+
+def _present(labels: np.ndarray, k: int) -> list[int]:
+    return sorted(int(v) for v in np.unique(labels) if 0 <= int(v) < k)
+
+
+def _inside_with_margin(box, h: int, w: int) -> bool:
+    pad = viz._text_metrics(h)[4]
+    return pad <= box[0] < box[2] <= w - pad and pad <= box[1] < box[3] <= h - pad
+
+
+@_FUZZ
+@given(scene=_fuzz_scene())
+def test_fuzz_colorize_maps_each_label_to_its_palette_colour_and_void_to_black(scene):
+    """colorize: (H, W, 3) uint8, each label in 0..K-1 its palette colour, void/negative black;
+    labels and palette untouched."""
+    _, labels, palette, _ = scene
+    labels_before, palette_before = labels.copy(), np.array(palette)
+    out = colorize(labels, palette)
+    pal = np.asarray(palette).astype(np.uint8)
+    assert out.shape == (*labels.shape, 3) and out.dtype == np.uint8
+    valid = _valid(labels, len(pal))
+    np.testing.assert_array_equal(out[valid], pal[labels[valid].astype(np.int64)])
+    np.testing.assert_array_equal(out[~valid], 0)
+    np.testing.assert_array_equal(labels, labels_before)
+    np.testing.assert_array_equal(np.array(palette), palette_before)
+
+
+@_FUZZ
+@given(scene=_fuzz_scene(), corner=st.sampled_from(LEGEND_CORNERS),
+       max_entries=st.integers(1, 14) | st.just(10**6))
+def test_fuzz_legend_lists_the_largest_present_classes_inside_its_box(scene, corner, max_entries):
+    """draw_legend: only classes present and not void, in class-ID order, the largest by pixel
+    count when capped, listed + hidden = present, at most max_entries lines with the "+N"
+    line, an ASCII "+N more" / "+N" count never cut; box in its corner with a margin; nothing
+    drawn outside the box; legend_entries = every present class."""
+    image, labels, palette, names = scene
+    k = len(np.asarray(palette))
+    present = _present(labels, k)
+    shown_names = names if names is not None else [f"class_{i}" for i in range(k)]
+    assert legend_entries(labels, k, names) == [(i, shown_names[i]) for i in present]
+    h, w = labels.shape
+    canvas = np.ascontiguousarray(image)
+    before, labels_before = canvas.copy(), labels.copy()
+    texts: list[str] = []
+    with mock.patch.object(viz.cv2, "putText", _recording_put_text(texts)):
+        legend = draw_legend(canvas, labels, palette, names, corner=corner, max_entries=max_entries)
+    np.testing.assert_array_equal(labels, labels_before)
+    if legend.box is None:
+        assert legend.entries == [] and legend.hidden == 0 and texts == []
+        np.testing.assert_array_equal(canvas, before)
+        return
+    assert present, "a legend drawn with no class present"
+    x0, y0, x1, y1 = legend.box
+    assert _inside_with_margin(legend.box, h, w), (legend.box, h, w)
+    assert (x0 == viz._text_metrics(h)[4]) == corner.endswith("left") or x0 == w - x1
+    outside = np.ones((h, w), bool)
+    outside[y0:y1, x0:x1] = False
+    np.testing.assert_array_equal(canvas[outside], before[outside])
+    ids = [i for i, _ in legend.entries]
+    assert ids == sorted(set(ids)) and set(ids) <= set(present)
+    assert legend.entries == [(i, shown_names[i]) for i in ids]
+    assert len(ids) + legend.hidden == len(present) and len(ids) >= 1
+    counts = {i: int((labels.astype(np.int64) == i).sum()) for i in present}
+    hidden_ids = set(present) - set(ids)
+    if hidden_ids:
+        assert min(counts[i] for i in ids) >= max(counts[i] for i in hidden_ids), (counts, ids)
+    count_lines = texts[len(ids):]
+    assert len(texts) == len(ids) + len(count_lines) <= max(max_entries, 1)
+    if legend.hidden and max_entries >= 2:
+        assert len(ids) <= max_entries - 1
+    assert count_lines in ([], [f"+{legend.hidden} more"], [f"+{legend.hidden}"]) and (legend.hidden or not count_lines)
+    for (i, name), line in zip(legend.entries, texts):
+        ascii_name = "".join(c if 32 <= ord(c) < 127 else "?" for c in name)
+        assert all(32 <= ord(c) < 127 for c in line)
+        assert line == ascii_name or (line.endswith("..") and ascii_name.startswith(line[:-2])), (name, line)
+
+
+@_FUZZ
+@given(scene=_fuzz_scene(), corner=st.sampled_from(LEGEND_CORNERS), max_entries=st.integers(1, 14),
+       alpha=st.sampled_from([0.0, 1.0, 0.5]) | st.floats(-0.5, 1.5, allow_nan=False),
+       tag=st.none() | st.sampled_from(["key frame", "propagated +3", ""]) | st.text(max_size=40)
+       | st.builds(frame_tag, st.booleans(), st.integers(0, 10**6)))
+def test_fuzz_overlay_blends_only_outside_void_and_draws_only_legend_and_tag(scene, corner, max_entries, alpha, tag):
+    """overlay: alpha outside 0..1 is a ValueError; else a new (H, W, 3) uint8 image, input
+    image and labels untouched; void keeps the image; alpha 0 = image, alpha 1 = the colours,
+    between a rounded blend; outside the legend and tag boxes it is the plain blend; the
+    legend stays inside the image and the tag (in the other corner of the legend's side, or
+    the other row) never overlaps it."""
+    image, labels, palette, names = scene
+    image_before, labels_before = image.copy(), labels.copy()
+    kwargs = dict(alpha=alpha, class_names=names, legend_corner=corner, max_legend_entries=max_entries, tag=tag)
+    if not 0.0 <= alpha <= 1.0:
+        with pytest.raises(ValueError, match="alpha"):
+            overlay(image, labels, palette, **kwargs)
+        return
+    out = overlay(image, labels, palette, **kwargs)
+    np.testing.assert_array_equal(image, image_before)
+    np.testing.assert_array_equal(labels, labels_before)
+    h, w = labels.shape
+    assert out.shape == (h, w, 3) and out.dtype == np.uint8 and not np.shares_memory(out, image)
+    pal = np.asarray(palette).astype(np.uint8)
+    valid = _valid(labels, len(pal))
+    plain = overlay(image, labels, palette, alpha=alpha, legend=False)
+    np.testing.assert_array_equal(plain[~valid], image[~valid])
+    colours = pal[labels[valid].astype(np.int64)]
+    if alpha == 0.0:
+        np.testing.assert_array_equal(plain, image)
+    elif alpha == 1.0:
+        np.testing.assert_array_equal(plain[valid], colours)
+    else:
+        blend = (1 - alpha) * image[valid].astype(float) + alpha * colours.astype(float)
+        assert np.abs(plain[valid].astype(float) - blend).max(initial=0) <= 1
+    legend = draw_legend(plain.copy(), labels, palette, names, corner=corner, max_entries=max_entries)
+    changed = np.any(out != plain, axis=-1)
+    allowed = np.zeros((h, w), bool)
+    if legend.box is not None:
+        assert _inside_with_margin(legend.box, h, w)
+        x0, y0, x1, y1 = legend.box
+        allowed[y0:y1, x0:x1] = True
+    outside_legend = changed & ~allowed
+    if not tag:
+        assert not outside_legend.any()
+        return
+    if outside_legend.any():  # the tag: one box, in the corner opposite the legend's, apart from it
+        ys, xs = np.nonzero(outside_legend)
+        drawn = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        assert _inside_with_margin(drawn, h, w), (drawn, h, w)
+        assert legend.box is None or not _meet(drawn, legend.box), (drawn, legend.box)
+        pad = viz._text_metrics(h)[4]
+        if corner.endswith("left"):
+            assert drawn[2] > w // 2 or drawn[2] >= w - pad - 1
+        else:
+            assert drawn[0] < w // 2 or drawn[0] <= pad + 1
+
+
+@st.composite
+def _boxes(draw, h: int, w: int):
+    """An (x0, y0, x1, y1) box (x1, y1 exclusive) of at least one pixel, about an (H, W) image."""
+    x0, y0 = draw(st.integers(-5, w)), draw(st.integers(-5, h))
+    return x0, y0, x0 + draw(st.integers(1, w + 5)), y0 + draw(st.integers(1, h + 5))
+
+
+@_FUZZ
+@given(text=st.sampled_from(["key frame", "propagated +12", ""]) | st.text(max_size=60),
+       hw=st.tuples(st.integers(1, 80), st.integers(1, 120)), corner=st.sampled_from(LEGEND_CORNERS), data=st.data())
+def test_fuzz_tag_stays_in_its_corner_off_the_avoided_box(text, hw, corner, data):
+    """draw_tag: None, or a box inside the image with a margin, on the corner's side (left/right),
+    not meeting ``avoid``; only the box's pixels change."""
+    h, w = hw
+    avoid = data.draw(st.none() | _boxes(h, w), label="avoid")
+    image = np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    before = image.copy()
+    box = draw_tag(image, text, corner, avoid=avoid)
+    if box is None:
+        np.testing.assert_array_equal(image, before)
+        return
+    assert _inside_with_margin(box, h, w), (box, h, w)
+    assert avoid is None or not _meet(box, avoid), (box, avoid)
+    pad = viz._text_metrics(h)[4]
+    assert (box[0] == pad) if corner.endswith("left") else (box[2] == w - pad)
+    outside = np.ones((h, w), bool)
+    outside[box[1]:box[3], box[0]:box[2]] = False
+    np.testing.assert_array_equal(image[outside], before[outside])
+
+
+_BAD_INPUTS = {
+    "float labels": lambda lb, im, pal: dict(labels=lb.astype(np.float32)),
+    "bool labels": lambda lb, im, pal: dict(labels=lb > 0),
+    "3-D labels": lambda lb, im, pal: dict(labels=lb[..., None]),
+    "1-D labels": lambda lb, im, pal: dict(labels=lb.ravel()),
+    "empty labels": lambda lb, im, pal: dict(labels=lb[:0]),
+    "list labels": lambda lb, im, pal: dict(labels=lb.tolist()),
+    "palette (K, 4)": lambda lb, im, pal: dict(palette=np.zeros((len(pal), 4), np.uint8)),
+    "palette of no colour": lambda lb, im, pal: dict(palette=np.zeros((0, 3), np.uint8)),
+    "palette 256": lambda lb, im, pal: dict(palette=np.full((len(pal), 3), 256)),
+    "palette -1": lambda lb, im, pal: dict(palette=np.full((len(pal), 3), -1)),
+    "palette fractional": lambda lb, im, pal: dict(palette=np.full((len(pal), 3), 0.5)),
+    "palette nan": lambda lb, im, pal: dict(palette=np.full((len(pal), 3), np.nan)),
+    "palette strings": lambda lb, im, pal: dict(palette=[["a", "b", "c"]] * len(pal)),
+    "ragged palette": lambda lb, im, pal: dict(palette=[[1, 2, 3], [4, 5]]),
+    "float image": lambda lb, im, pal: dict(image=im.astype(np.float32)),
+    "grey image": lambda lb, im, pal: dict(image=im[..., 0]),
+    "RGBA image": lambda lb, im, pal: dict(image=np.concatenate([im, im[..., :1]], -1)),
+    "image of another size": lambda lb, im, pal: dict(image=np.zeros((im.shape[0] + 1, im.shape[1], 3), np.uint8)),
+    "alpha nan": lambda lb, im, pal: dict(alpha=float("nan")),
+    "alpha -inf": lambda lb, im, pal: dict(alpha=-float("inf")),
+    "alpha 1.01": lambda lb, im, pal: dict(alpha=1.01),
+    "too few names": lambda lb, im, pal: dict(class_names=["x"] * (len(pal) - 1)),
+    "too many names": lambda lb, im, pal: dict(class_names=["x"] * (len(pal) + 1)),
+    "corner middle": lambda lb, im, pal: dict(corner="middle"),
+    "corner None": lambda lb, im, pal: dict(corner=None),
+    "max_entries 0": lambda lb, im, pal: dict(max_entries=0),
+    "max_entries 2.0": lambda lb, im, pal: dict(max_entries=2.0),
+    "max_entries True": lambda lb, im, pal: dict(max_entries=True),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(_BAD_INPUTS))
+@settings(max_examples=8, deadline=None)
+@given(scene=_fuzz_scene(max_h=20, max_w=30))
+def test_fuzz_bad_input_is_a_value_error_and_modifies_nothing(scene, bad):
+    """Each documented bad input (labels, palette, image, alpha, names, corner, max_entries) of
+    each function is a ValueError/TypeError, nothing else, and leaves the inputs as they were;
+    the same call with the good inputs then works. overlay places its tag by legend_corner
+    with or without a legend, so a bad corner is refused there too."""
+    image, labels, palette, _ = scene
+    image = np.ascontiguousarray(image)
+    args = dict(labels=labels, image=image, palette=palette, alpha=0.5, class_names=None, corner="top-left",
+                max_entries=12)
+    good = dict(args)
+    args.update(_BAD_INPUTS[bad](labels, image, np.asarray(palette)))
+    calls = {
+        "colorize": (lambda a: colorize(a["labels"], a["palette"]), {"labels", "palette"}),
+        "overlay": (lambda a: overlay(a["image"], a["labels"], a["palette"], alpha=a["alpha"],
+                                      class_names=a["class_names"], legend_corner=a["corner"],
+                                      max_legend_entries=a["max_entries"], tag="key frame"), set(args)),
+        "overlay without legend": (lambda a: overlay(a["image"], a["labels"], a["palette"], alpha=a["alpha"],
+                                                     legend=False, legend_corner=a["corner"], tag="key frame"),
+                                   set(args) - {"class_names", "max_entries"}),
+        "draw_legend": (lambda a: draw_legend(a["image"], a["labels"], a["palette"], a["class_names"],
+                                              corner=a["corner"], max_entries=a["max_entries"]),
+                        set(args) - {"alpha"}),
+        "legend_entries": (lambda a: legend_entries(a["labels"], len(np.asarray(good["palette"])),
+                                                    a["class_names"]), {"labels", "class_names"}),
+        "draw_tag": (lambda a: draw_tag(a["image"], "key frame", a["corner"]), {"image", "corner"}),
+        "make_palette": (lambda a: make_palette(len(np.asarray(good["palette"])), a["palette"]), {"palette"}),
+    }
+    before = {key: np.array(val, copy=True) for key, val in good.items() if isinstance(val, np.ndarray)}
+    for call, (run, used) in calls.items():
+        changed = {key for key in args if args[key] is not good[key]}
+        if (call == "make_palette" and bad == "palette of no colour") or (bad == "image of another size"
+                                                                         and "labels" not in used):
+            changed = set()  # an empty base counts as None; an image alone has no size to match
+        if changed & used:
+            try:
+                run(args)
+            except (ValueError, TypeError):
+                pass
+            else:
+                raise AssertionError(f"{call} accepted {bad}")
+        for key, val in before.items():
+            np.testing.assert_array_equal(good[key], val)
+        run(dict(good, image=good["image"].copy()))
