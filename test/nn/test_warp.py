@@ -1,11 +1,19 @@
 """Warping of mask logits with per-mask flows (mpvss_ros.nn.warp)."""
 
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from mpvss_ros.nn.warp import compose_flows, warp_mask_logits
+from mpvss_ros.nn.warp import WARP_NORMALIZATIONS, compose_flows, mmtrack_to_exact, warp_mask_logits
+from mpvss_ros.propagation import FlowChain
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def _smooth_pattern(h: int, w: int, n: int = 1) -> torch.Tensor:
@@ -253,3 +261,289 @@ def test_a_flow_batch_other_than_the_masks_batch_is_a_value_error():
         warp_mask_logits(torch.zeros(1, 3, 8, 8), torch.zeros(2, 3, 2, 8, 8))
     with pytest.raises(ValueError, match="do not match"):
         warp_mask_logits(torch.zeros(2, 3, 8, 8), torch.zeros(1, 1, 2, 4, 4))
+
+
+# --------------------------------------------------------------- property-based (hypothesis)
+# Random masks (B 1-2, N 1-6, 4x4 to 24x32), per-mask or shared flows on the mask grid or a coarser
+# one (zero, whole-pixel, fractional, non-finite, far out of the frame), checked against the
+# docstrings' definition of the warp and of the composition.
+
+_PROPERTY_SETTINGS = settings(max_examples=100, deadline=None)
+
+
+def _translation(b: int, dx: float, dy: float, h: int, w: int) -> torch.Tensor:
+    """(b, 1, 2, h, w): one shared flow of (dx, dy) pixels everywhere."""
+    return torch.tensor([float(dx), float(dy)]).view(1, 1, 2, 1, 1).expand(b, 1, 2, h, w)
+
+
+@st.composite
+def _warp_case(draw, max_flow: float = 6.0):
+    """Random (masks, flows, normalization): B 1-2, N 1-6, masks 4x4..24x32, per-mask or shared
+    flows on the mask grid or a coarser one, of whole or fractional pixels (or zero)."""
+    b, n = draw(st.integers(1, 2)), draw(st.integers(1, 6))
+    h, w = draw(st.integers(4, 24)), draw(st.integers(4, 32))
+    hf = draw(st.sampled_from(sorted({h, max(1, h // 2), max(1, h // 3), draw(st.integers(1, h))})))
+    wf = draw(st.sampled_from(sorted({w, max(1, w // 2), max(1, w // 4), draw(st.integers(1, w))})))
+    fn = draw(st.sampled_from([1, n]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.randn(b, n, h, w, generator=g) * draw(st.sampled_from([1.0, 10.0]))
+    kind = draw(st.sampled_from(["zero", "whole", "fractional"]))
+    if kind == "zero":
+        flows = torch.zeros(b, fn, 2, hf, wf)
+    elif kind == "whole":
+        flows = torch.randint(-int(max_flow), int(max_flow) + 1, (b, fn, 2, hf, wf), generator=g).float()
+    else:
+        flows = (torch.rand(b, fn, 2, hf, wf, generator=g) * 2 - 1) * max_flow
+    return masks, flows, draw(st.sampled_from(WARP_NORMALIZATIONS))
+
+
+def _expected_warp(masks: torch.Tensor, flows: torch.Tensor, normalization: str) -> np.ndarray:
+    """The documented warp, computed pixel by pixel in float64: the flow upsampled bilinearly
+    (align_corners=False) to (h, w) and scaled per axis by w / wf, h / hf (mmtrack: both by w / wf);
+    pixel p samples the mask at p + flow(p) ('exact') or at (p + flow(p)) (W - 1) / W per axis
+    ('mmtrack'), bilinearly, the position clamped to the frame (border padding)."""
+    b, n, h, w = masks.shape
+    fb, fn, _, hf, wf = flows.shape
+    up = flows.double().reshape(b * fn, 2, hf, wf)
+    if (hf, wf) != (h, w):
+        up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
+    up = up.reshape(b, fn, 2, h, w).expand(b, n, 2, h, w).numpy()
+    sx, sy = (w / wf, w / wf) if normalization == "mmtrack" else (w / wf, h / hf)
+    ys, xs = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    px, py = xs + up[:, :, 0] * sx, ys + up[:, :, 1] * sy
+    if normalization == "mmtrack":
+        px, py = px * (w - 1) / w, py * (h - 1) / h
+    px, py = np.clip(px, 0, w - 1), np.clip(py, 0, h - 1)
+    x0, y0 = np.floor(px).astype(int), np.floor(py).astype(int)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    ax, ay = px - x0, py - y0
+    m = masks.double().numpy()
+    bi, ni = np.meshgrid(np.arange(b), np.arange(n), indexing="ij")
+    bi, ni = bi[:, :, None, None], ni[:, :, None, None]
+    return ((1 - ay) * ((1 - ax) * m[bi, ni, y0, x0] + ax * m[bi, ni, y0, x1])
+            + ay * ((1 - ax) * m[bi, ni, y1, x0] + ax * m[bi, ni, y1, x1]))
+
+
+@_PROPERTY_SETTINGS
+@given(case=_warp_case())
+def test_warp_samples_each_mask_where_its_flow_points(case):
+    """Every output pixel is the key mask sampled (bilinear, border) at the documented position;
+    float32 (B, N, h, w) out; the inputs are left as they were."""
+    masks, flows, normalization = case
+    masks_before, flows_before = masks.clone(), flows.clone()
+    out = warp_mask_logits(masks, flows, normalization)
+    assert out.dtype == torch.float32 and out.shape == masks.shape
+    assert torch.equal(masks, masks_before) and torch.equal(flows, flows_before)
+    scale = float(masks.abs().max()) + 1.0
+    np.testing.assert_allclose(out.numpy(), _expected_warp(masks, flows, normalization), rtol=0, atol=1e-4 * scale)
+
+
+@_PROPERTY_SETTINGS
+@given(case=_warp_case(), data=st.data())
+def test_warp_zero_flow_translation_permutation_and_shared_flow(case, data):
+    """Zero flow is the identity ('exact'); a whole-pixel constant flow on the mask grid moves the
+    masks by exactly that many pixels ('exact', clamped at the border); permuting masks with their
+    flows permutes the output; a shared flow warps as that flow repeated for every mask."""
+    masks, flows, normalization = case
+    b, n, h, w = masks.shape
+    hf, wf = flows.shape[-2:]
+    rng = float(masks.max() - masks.min()) + 1e-6
+    if normalization == "exact":
+        same = warp_mask_logits(masks, torch.zeros(b, flows.shape[1], 2, hf, wf), "exact")
+        assert (same - masks).abs().max().item() < 1e-5 * rng
+        dx, dy = data.draw(st.integers(-40, 40)), data.draw(st.integers(-40, 40))
+        moved = warp_mask_logits(masks, _translation(b, dx, dy, h, w), "exact")
+        rows = torch.arange(h).add(dy).clamp(0, h - 1)
+        cols = torch.arange(w).add(dx).clamp(0, w - 1)
+        torch.testing.assert_close(moved, masks[:, :, rows][..., cols], atol=1e-5 * rng, rtol=0)
+    out = warp_mask_logits(masks, flows, normalization)
+    perm = torch.tensor(data.draw(st.permutations(range(n))))
+    permuted = warp_mask_logits(masks[:, perm], flows[:, perm] if flows.shape[1] == n else flows, normalization)
+    torch.testing.assert_close(permuted, out[:, perm], atol=1e-6 * rng, rtol=0)
+    shared = flows[:, :1]
+    repeated = warp_mask_logits(masks, shared.expand(b, n, 2, hf, wf).contiguous(), normalization)
+    torch.testing.assert_close(warp_mask_logits(masks, shared, normalization), repeated, atol=1e-5 * rng, rtol=0)
+
+
+@_PROPERTY_SETTINGS
+@given(case=_warp_case(), data=st.data())
+def test_non_finite_and_out_of_frame_flows(case, data):
+    """A NaN or infinite flow value anywhere makes the whole output NaN (documented); a huge finite
+    flow pointing out of the frame gives the finite border row/column (border padding)."""
+    masks, flows, normalization = case
+    b, fn, _, hf, wf = flows.shape
+    bad = flows.clone()
+    idx = tuple(data.draw(st.integers(0, s - 1)) for s in bad.shape)
+    bad[idx] = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    before = bad.clone()
+    out = warp_mask_logits(masks, bad, normalization)
+    assert torch.isnan(out).all() and out.dtype == torch.float32
+    assert torch.equal(torch.isnan(bad), torch.isnan(before))
+    big = data.draw(st.sampled_from([1e4, 1e6, -1e4, -1e6]))
+    far = torch.zeros(b, fn, 2, hf, wf)
+    far[:, :, 0] = big
+    out = warp_mask_logits(masks, far, normalization)
+    edge = masks[..., -1:] if big > 0 else masks[..., :1]
+    assert torch.isfinite(out).all()
+    expected = edge.expand_as(masks) if normalization == "exact" else torch.from_numpy(
+        _expected_warp(masks, far, normalization)).float()
+    rng = float(masks.max() - masks.min()) + 1e-6  # float32 rounding of the normalised grid, as documented
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * rng)
+    if normalization == "exact":
+        far_y = torch.zeros(b, fn, 2, hf, wf)
+        far_y[:, :, 1] = big
+        edge = masks[..., -1:, :] if big > 0 else masks[..., :1, :]
+        torch.testing.assert_close(warp_mask_logits(masks, far_y, "exact"), edge.expand_as(masks), rtol=0,
+                                   atol=1e-5 * rng)
+
+
+_BAD_SHAPES = [
+    ((1, 3, 8, 8), (1, 2, 2, 8, 8)),      # N flows neither 1 nor the mask count
+    ((1, 3, 8, 8), (1, 3, 3, 8, 8)),      # 3 flow channels
+    ((1, 3, 8, 8), (1, 3, 1, 8, 8)),      # 1 flow channel
+    ((1, 3, 8, 8), (2, 3, 2, 8, 8)),      # batch sizes differ
+    ((2, 3, 8, 8), (1, 1, 2, 8, 8)),      # batch sizes differ, shared flow
+    ((3, 8, 8), (1, 3, 2, 8, 8)),         # masks without a batch axis
+    ((1, 3, 8, 8), (3, 2, 8, 8)),         # flows without a mask axis
+    ((1, 1, 3, 8, 8), (1, 1, 2, 8, 8)),   # masks with 5 axes
+]
+_BAD_STEPS = [(1, 3, 2, 8, 9), (1, 3, 2, 7, 8), (1, 2, 2, 8, 8), (2, 3, 2, 8, 8), (1, 3, 3, 8, 8), (3, 2, 8, 8)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=st.sampled_from(_BAD_SHAPES), step_shape=st.sampled_from(_BAD_STEPS),
+       normalization=st.sampled_from(WARP_NORMALIZATIONS + ("bogus", "")))
+def test_bad_shapes_and_normalisations_are_value_errors(shapes, step_shape, normalization):
+    """Mismatched batch/mask counts, a flow without 2 channels, wrong ranks or an unknown
+    normalisation raise ValueError (not another exception) from warp and compose alike."""
+    masks, flows = torch.zeros(shapes[0]), torch.zeros(shapes[1])
+    with pytest.raises(ValueError):
+        warp_mask_logits(masks, flows, normalization)
+    good = torch.zeros(1, 3, 2, 8, 8)
+    with pytest.raises(ValueError):
+        compose_flows(good, torch.zeros(step_shape), normalization, (8, 8))
+    if normalization not in WARP_NORMALIZATIONS:
+        with pytest.raises(ValueError):
+            warp_mask_logits(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 4, 4), normalization)
+        with pytest.raises(ValueError):
+            compose_flows(good, good, normalization, (8, 8))
+
+
+def _linear_masks(b: int, n: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
+    """Masks a x + c y + d per mask: bilinear sampling reproduces them exactly inside the frame."""
+    coef = torch.randn(b, n, 3, 1, 1, generator=g)
+    ys = torch.arange(h, dtype=torch.float32).view(h, 1)
+    xs = torch.arange(w, dtype=torch.float32).view(1, w)
+    return coef[:, :, 0] * xs + coef[:, :, 1] * ys + coef[:, :, 2]
+
+
+@_PROPERTY_SETTINGS
+@given(b=st.integers(1, 2), n=st.integers(1, 6), h=st.integers(12, 24), w=st.integers(12, 32),
+       shared=st.sampled_from(["none", "previous", "step"]), normalization=st.sampled_from(WARP_NORMALIZATIONS),
+       seed=st.integers(0, 2**31 - 1), steps=st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3)),
+                                                       min_size=2, max_size=2))
+def test_composed_flows_warp_as_the_links_in_turn(b, n, h, w, shared, normalization, seed, steps):
+    """compose(previous, step) warps as previous then step (linear masks, inside the frame, both
+    normalisations); composing with zero flow is the identity and two whole-pixel translations
+    compose to their sum ('exact'); the result is float32 (B, max(N, N_step), 2, h, w) and the
+    inputs are not modified."""
+    g = torch.Generator().manual_seed(seed)
+    n_prev, n_step = (1 if shared == "previous" else n), (1 if shared == "step" else n)
+    previous = torch.rand(b, n_prev, 2, h, w, generator=g) * 2 - 1
+    step = torch.rand(b, n_step, 2, h, w, generator=g) * 2 - 1
+    before = previous.clone(), step.clone()
+    composed = compose_flows(previous, step, normalization, (h, w))
+    assert composed.dtype == torch.float32 and composed.shape == (b, n, 2, h, w)
+    assert torch.equal(previous, before[0]) and torch.equal(step, before[1])
+    masks = _linear_masks(b, n, h, w, g)
+    once = warp_mask_logits(masks, composed, normalization)
+    in_turn = warp_mask_logits(warp_mask_logits(masks, previous, normalization), step, normalization)
+    m = 5  # |flow| <= 1 per link (plus mmtrack's shift of up to 1 px): no clamping inside this margin
+    torch.testing.assert_close(once[..., m:-m, m:-m], in_turn[..., m:-m, m:-m], atol=1e-3, rtol=0)
+    zero = torch.zeros(b, n_step, 2, h, w)
+    torch.testing.assert_close(compose_flows(previous, zero), previous.expand(b, n, 2, h, w), atol=1e-5, rtol=0)
+    torch.testing.assert_close(compose_flows(torch.zeros_like(previous), step), step.expand(b, n, 2, h, w),
+                               atol=1e-6, rtol=0)
+    (ax, ay), (bx, by) = steps
+    total = compose_flows(_translation(b, ax, ay, h, w), _translation(b, bx, by, h, w))
+    torch.testing.assert_close(total, _translation(b, ax + bx, ay + by, h, w), atol=1e-5, rtol=0)
+
+
+@_PROPERTY_SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), hf=st.integers(2, 12), wf=st.integers(2, 16), k=st.integers(1, 3))
+def test_mmtrack_to_exact_round_trips(seed, hf, wf, k):
+    """mmtrack_to_exact(inverse=True) undoes mmtrack_to_exact (masks k x the flow grid)."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(1, 2, 2, hf, wf, generator=g) * 3
+    back = mmtrack_to_exact(mmtrack_to_exact(f, (hf * k, wf * k)), (hf * k, wf * k), inverse=True)
+    torch.testing.assert_close(back, f, atol=1e-4, rtol=0)
+
+
+@_PROPERTY_SETTINGS
+@given(ops=st.lists(st.one_of(st.tuples(st.just("key"), st.integers(0, 2)),
+                              st.tuples(st.just("step"), st.integers(-2, 2), st.integers(-2, 2))),
+                    min_size=1, max_size=12),
+       normalization=st.sampled_from(WARP_NORMALIZATIONS), seed=st.integers(0, 2**31 - 1))
+def test_flow_chain_follows_key_frames_and_whole_pixel_steps(ops, normalization, seed):
+    """A FlowChain fed a random sequence of key frames and whole-pixel steps: start() gives the key
+    frame's reference right after a new key frame (and drops the old flow), else the last frame;
+    advance() returns a float32 flow of the step's shape that is the sum of the steps since the key
+    frame ('exact') and, both normalisations, warps the key frame's (linear) masks as the steps
+    since the key frame do in turn, inside the frame."""
+    h, w = 24, 32
+    g = torch.Generator().manual_seed(seed)
+    keys = [SimpleNamespace(mask_logits=_linear_masks(1, 2, h, w, g)) for _ in range(3)]
+    chain = FlowChain()
+    key_idx = 0
+    since_key, total, in_turn, moved = [], (0, 0), keys[0].mask_logits, 0
+    assert chain.start(keys[0], "key0") == "key0"
+    for frame, op in enumerate(ops):
+        if op[0] == "key":
+            if op[1] != key_idx:
+                key_idx, since_key, total, in_turn, moved = op[1], [], (0, 0), keys[op[1]].mask_logits, 0
+                assert chain.start(keys[key_idx], f"key{key_idx}") == f"key{key_idx}" and chain.flow is None
+            continue
+        assert chain.start(keys[key_idx], "ignored") == (since_key[-1] if since_key else f"key{key_idx}")
+        step = _translation(1, op[1], op[2], h, w)
+        flow = chain.advance(step, f"frame{frame}", normalization)
+        since_key.append(f"frame{frame}")
+        total = (total[0] + op[1], total[1] + op[2])
+        assert flow.dtype == torch.float32 and flow.shape == (1, 1, 2, h, w)
+        if normalization == "exact":
+            torch.testing.assert_close(flow, _translation(1, *total, h, w), atol=1e-4, rtol=0)
+        in_turn = warp_mask_logits(in_turn, step, normalization)
+        moved += max(abs(op[1]), abs(op[2])) + 1  # + mmtrack's shift of < 1 pixel per warp
+        if 2 * moved < min(h, w) - 2:
+            once = warp_mask_logits(keys[key_idx].mask_logits, flow, normalization)
+            torch.testing.assert_close(once[..., moved:-moved, moved:-moved],
+                                       in_turn[..., moved:-moved, moved:-moved], atol=1e-3, rtol=0)
+
+
+@_PROPERTY_SETTINGS
+@given(b=st.integers(1, 2), n=st.integers(1, 4), hf=st.integers(12, 18), wf=st.integers(12, 18),
+       ky=st.integers(1, 3), kx=st.integers(1, 3), normalization=st.sampled_from(WARP_NORMALIZATIONS),
+       seed=st.integers(0, 2**31 - 1))
+def test_composed_affine_flows_on_a_coarse_grid_warp_as_the_links_in_turn(b, n, hf, wf, ky, kx, normalization,
+                                                                           seed):
+    """Affine flows on a flow grid coarser than the masks (ratios per axis 1-3), linear masks:
+    warping once with compose(previous, step, mask_hw) equals warping with previous then step
+    inside the frame, both normalisations (mmtrack: y scaled by w / wf, as documented)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = hf * ky, wf * kx
+    ys = torch.arange(hf, dtype=torch.float32).view(hf, 1)
+    xs = torch.arange(wf, dtype=torch.float32).view(1, wf)
+
+    def affine() -> torch.Tensor:
+        c = (torch.rand(b, n, 2, 3, 1, 1, generator=g) * 2 - 1) * torch.tensor([0.3, 0.01, 0.01]).view(1, 1, 1, 3, 1, 1)
+        return c[:, :, :, 0] + c[:, :, :, 1] * xs + c[:, :, :, 2] * ys
+
+    previous, step = affine(), affine()
+    masks = _linear_masks(b, n, h, w, g)
+    composed = compose_flows(previous, step, normalization, (h, w))
+    once = warp_mask_logits(masks, composed, normalization)
+    in_turn = warp_mask_logits(warp_mask_logits(masks, previous, normalization), step, normalization)
+    # each link moves < 0.6 flow-grid pixels (mmtrack: y by w / wf mask rows, plus its shift of < 1)
+    my, mx = math.ceil(2.2 * (kx if normalization == "mmtrack" else ky)) + 2, math.ceil(2.2 * kx) + 2
+    assume(h > 2 * my + 2)
+    torch.testing.assert_close(once[..., my:-my, mx:-mx], in_turn[..., my:-my, mx:-mx], atol=2e-3, rtol=0)
