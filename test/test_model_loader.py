@@ -243,7 +243,6 @@ def test_weights_without_motion_load_only_for_a_run_that_needs_none(per_frame_fi
     import numpy as np
 
     from mpvss_ros.propagation import build_propagator
-    from mpvss_ros.runtime.torch_backend import TorchBackend
     from mpvss_ros.scheduling import FixedIntervalScheduler
     from mpvss_ros.segmenter import VideoSegmenter
 

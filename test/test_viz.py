@@ -319,8 +319,6 @@ def test_unnamed_classes_use_the_projects_default_names():
 
 
 def test_overlay_tags_key_and_propagated_frames_beside_the_legend():
-    from mpvss_ros.viz import draw_tag, frame_tag
-
     image, labels = _scene()
     pal = make_palette(11)
     assert frame_tag(True, 0) == "key frame" and frame_tag(False, 3) == "propagated +3"
