@@ -16,6 +16,7 @@ The tag (:func:`draw_tag`, beside the legend) tells propagated frames from key f
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -216,9 +217,12 @@ def legend_entries(labels: np.ndarray, num_classes: int,
         ``[(class_id, name), ...]`` in increasing class-ID order.
 
     Raises:
-        ValueError: bad ``labels``, or ``class_names`` not of length ``K``.
+        ValueError: bad ``labels``, ``num_classes`` not an integer >= 1, or ``class_names`` not of
+            length ``K``.
     """
     _check_labels(labels)
+    if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")  # -1: numpy's words; 2.7: 2
     names = _names(class_names, int(num_classes))
     counts = _class_counts(labels, int(num_classes))
     return [(int(i), names[i]) for i in np.flatnonzero(counts)]
@@ -367,9 +371,16 @@ def draw_tag(image: np.ndarray, text: str, corner: str = "top-right",
         too small for it or it has no room beside ``avoid``.
 
     Raises:
-        ValueError: bad image or corner.
+        ValueError: bad image or corner, or an ``avoid`` that is not four numbers.
     """
     _check_drawable(image, corner, "draw_tag")
+    if avoid is not None:
+        try:
+            box = len(avoid) == 4 and all(isinstance(v, numbers.Real) for v in avoid)
+        except TypeError:  # no sequence at all
+            box = False
+        if not box:
+            raise ValueError(f"avoid must be a box (x0, y0, x1, y1), got {avoid!r}")  # (1, 2) raised IndexError
     h, w = image.shape[:2]
     scale, thick, text_h, text_base, pad = _text_metrics(h)
     line = _fit(_ascii(text), w - 4 * pad, scale, thick)

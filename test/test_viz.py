@@ -168,6 +168,19 @@ def test_overlay_alpha0_only_changes_legend_area():
     assert (x1 - x0) * (y1 - y0) < 0.25 * 640 * 272
 
 
+def test_legend_entries_and_draw_tag_refuse_bad_arguments_with_a_value_error():
+    """num_classes -1 raised numpy's "negative dimensions", 2.7 was taken as 2; an avoid box of two
+    numbers raised IndexError."""
+    image, labels = _scene(40, 60)
+    for k in (-1, 0, 2.7, None, True):
+        with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
+            legend_entries(labels, k)
+    for avoid in ((1, 2), (0, 0, 10, "x"), 5):
+        with pytest.raises(ValueError, match="avoid must be a box"):
+            draw_tag(image.copy(), "key frame", avoid=avoid)
+    assert draw_tag(image.copy(), "key frame", avoid=np.array([0, 0, 5, 5])) is not None
+
+
 def test_legend_lists_exactly_present_classes():
     image, labels = _scene()
     names = [f"name{i}" for i in range(11)]
