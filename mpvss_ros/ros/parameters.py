@@ -379,9 +379,9 @@ def validate(values: Mapping[str, Any] | None = None) -> NodeConfig:
             ``onnx_dir`` with the torch backend.
     """
     values = dict(values or {})
-    unknown = sorted(set(values) - set(SPECS), key=repr)  # key: names that are not strings sort too
+    unknown = sorted(map(shown, set(values) - set(SPECS)))  # names that are not strings too (as config's keys)
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}; known: {sorted(SPECS)}")
+        raise ValueError(f"unknown parameter(s) [{', '.join(unknown)}]; known: {sorted(SPECS)}")
     merged = defaults()
     merged.update(values)
     checked = {name: check_parameter(name, v) for name, v in merged.items()}

@@ -295,6 +295,8 @@ def test_cross_parameter_and_unknown_name_errors():
         validate({"image_topic": "/camera/image_raw"})
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['x', 1\]"):  # a name that is no string
         validate({1: 2, "x": 3})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['x', an integer too long to print\]"):
+        validate({10**5000: 2, "x": 3})  # sorting by repr raised str()'s own ValueError
 
 
 def test_palette_to_rgb():
