@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .paths import write_atomic
+
 __all__ = [
     "CheckpointError",
     "CheckpointFile",
@@ -460,10 +462,4 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_config: dict[str, 
     except pickle.UnpicklingError as exc:
         raise ValueError(f"checkpoint for {path} would not load with weights_only=True: "
                          f"{_weights_only_cause(exc)} (use plain Python types in model_config and meta)") from exc
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)
-    except BaseException:  # a full disk: no half-written temporary left beside the checkpoint
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, buf.getbuffer())

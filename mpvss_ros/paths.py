@@ -1,4 +1,5 @@
-"""Where the package's data files live (``config/`` and ``models/``), and making output folders.
+"""Where the package's data files live (``config/`` and ``models/``), making output folders, and
+writing files atomically.
 
 Looked up, in order, in the source tree (a git checkout or ``pip install -e .``), the ament share
 directory of an installed ROS 2 package (``ros2 pkg prefix mpvss_ros``/share/mpvss_ros, via
@@ -9,10 +10,11 @@ directory of an installed ROS 2 package (``ros2 pkg prefix mpvss_ros``/share/mpv
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "check_output_dir", "data_roots", "find_data", "make_output_dir"]
+__all__ = ["REPO_ROOT", "check_output_dir", "data_roots", "find_data", "make_output_dir", "write_atomic"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,3 +101,48 @@ def make_output_dir(path: str | Path, what: str = "output folder") -> Path:
     except OSError as exc:
         raise OSError(f"cannot create the {what} {path}: {exc.strerror or exc}") from None
     return path
+
+
+def write_atomic(path: str | Path, data: bytes | bytearray | memoryview, *, prefix: str | None = None,
+                 sync: bool = True) -> None:
+    """Replace the file ``path`` with ``data`` so that a reader finds the earlier file or the new
+    one, never a part of either: the bytes go to a temporary file in the same folder, are flushed
+    (and, with ``sync``, ``fsync``-ed, so a power cut cannot leave a renamed file whose bytes never
+    reached the disk) and are renamed over ``path`` (``os.replace``: atomic within a file system,
+    POSIX ``rename(2)``). The folder itself is not synced.
+
+    The temporary file is created with mode ``0o666`` less the umask, as ``open`` would create
+    ``path`` (``tempfile.mkstemp`` would make it ``0o600``, unreadable to the other users of a model
+    or cache folder).
+
+    Args:
+        path: the file to write; its folder must exist.
+        data: the whole content.
+        prefix: the temporary file's name before a random suffix; default ``.<name of path>-``
+            (hidden). Folders that sweep stale temporaries by prefix (the engine cache) pass theirs.
+        sync: ``fsync`` the bytes before the rename.
+
+    Raises:
+        OSError: the temporary file could not be made, written or renamed (a full disk, no
+            permission, a read-only file system); it is then removed, and an earlier file at
+            ``path`` stays as it was.
+    """
+    path = Path(path)
+    start = prefix if prefix is not None else f".{path.name[:100]}-"
+    while True:  # O_EXCL: never open a file another writer made; 48 random bits make a clash rare
+        tmp = path.parent / f"{start}{secrets.token_hex(6)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -133,3 +135,28 @@ def reference_layer_norm(norm, x):
     import torch.nn.functional as F
 
     return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+
+
+def fill_the_disk_half_way(monkeypatch) -> None:
+    """Make :func:`mpvss_ros.paths.write_atomic` stop half-way through its write with ``ENOSPC``
+    (a disk that fills up): half the bytes reach the temporary file, then the write raises.
+    Patches ``os.fdopen`` until the test's ``monkeypatch`` is undone."""
+    real_fdopen = os.fdopen
+
+    class HalfWrittenFile:
+        def __init__(self, f):
+            self._f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+        def write(self, data):
+            data = bytes(data)
+            self._f.write(data[: len(data) // 2])
+            self._f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: HalfWrittenFile(real_fdopen(fd, *args, **kwargs)))

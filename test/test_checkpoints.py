@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import fill_the_disk_half_way
 from mpvss_ros.checkpoints import (CheckpointError, load_checkpoint, load_state_dict_strict, read_checkpoint,
                                    read_state_dict, save_checkpoint)
 from mpvss_ros.config import load_model_config, model_config_from_dict
@@ -474,22 +475,14 @@ def test_the_pass_model_hint_is_only_for_files_tried_on_the_default_model(tmp_pa
 
 
 def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    """A full disk while writing: the half-written ``.pt.tmp`` beside the checkpoint is removed and
+    """A full disk while writing: the half-written temporary beside the checkpoint is removed and
     the earlier checkpoint stays."""
-    import errno
-
     cfg = load_model_config("mpvss_lite")
     model = torch.nn.Linear(2, 2)
     path = tmp_path / "model.pt"
     save_checkpoint(path, model, cfg.to_dict())
     before = path.read_bytes()
-    real_write = Path.write_bytes
-
-    def full(self, data):
-        real_write(self, data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_bytes", full)
+    fill_the_disk_half_way(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(path, model, cfg.to_dict(), meta={"steps": 1})
     monkeypatch.undo()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from helpers import fill_the_disk_half_way
 from mpvss_ros.evaluation.metrics import ConfusionMatrix
 from mpvss_ros.evaluation.pair_table import PairTable, build_pair_table, local_search
 from mpvss_ros.evaluation.study import LabelledSequence, evaluate_sequence, load_sequence
@@ -161,6 +163,32 @@ def test_save_and_load_round_trip(tmp_path):
     np.savez(tmp_path / "other.npz", conf=table.conf)
     with pytest.raises(ValueError, match="not a pair table"):
         PairTable.load(tmp_path / "other.npz")
+
+
+def test_a_save_cut_short_keeps_the_earlier_table(tmp_path, monkeypatch):
+    """A disk that fills up half-way through a save leaves the earlier table whole and no
+    temporary file beside it."""
+    table = _random_table()
+    path = tmp_path / "t.npz"
+    table.save(path)
+    before = path.read_bytes()
+    fill_the_disk_half_way(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        dataclasses.replace(table, propagator="optical_flow").save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.npz"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_a_saved_table_has_the_mode_open_would_give_it(tmp_path):
+    """Readable by the group and others under umask 022, as any file the CLI writes (a temporary
+    from tempfile.mkstemp, renamed into place, was 0o600)."""
+    old = os.umask(0o022)
+    try:
+        _random_table().save(tmp_path / "t.npz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.npz").stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize("kwargs, words", [

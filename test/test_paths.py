@@ -1,4 +1,6 @@
-"""Tests of mpvss_ros.paths: the data roots, find_data, and the checks of output folders.
+"""Tests of mpvss_ros.paths: the data roots, find_data, the checks of output folders, and
+write_atomic (its callers' own tests check that checkpoints, pair tables, export contracts and
+TensorRT engines go through it).
 
 The command-line side of the output folders (a file given as --out, a folder that cannot be made,
 one under a folder that may not be searched, ``--out=~/x``) is tested in test_cli.py.
@@ -14,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from mpvss_ros import paths
-from mpvss_ros.paths import REPO_ROOT, check_output_dir, data_roots, find_data, make_output_dir
+from helpers import fill_the_disk_half_way
+from mpvss_ros.paths import REPO_ROOT, check_output_dir, data_roots, find_data, make_output_dir, write_atomic
 
 PIP_SHARE = Path(sys.prefix) / "share" / "mpvss_ros"
 
@@ -149,3 +152,108 @@ def test_output_folders_given_through_the_api_have_the_home_folder_expanded(monk
     monkeypatch.chdir(tmp_path / "cwd")
     assert make_output_dir("~/made", "--run-dir") == tmp_path / "made"
     assert (tmp_path / "made").is_dir() and not (tmp_path / "cwd" / "~").exists()
+
+
+# ------------------------------------------------------------------ write_atomic
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_write_atomic_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    path = tmp_path / "table.npz"
+    path.write_bytes(b"earlier")
+    write_atomic(path, b"new bytes")
+    assert path.read_bytes() == b"new bytes"
+    write_atomic(path, memoryview(b"from a buffer"), sync=False)
+    assert path.read_bytes() == b"from a buffer"
+    write_atomic(tmp_path / "empty", b"")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "table.npz"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_write_atomic_gives_the_file_the_mode_open_would(tmp_path):
+    """0o666 less the umask, as ``open(path, "wb")`` creates a file, not mkstemp's 0o600: a model
+    file or cache entry written by one user stays readable to the node run by another."""
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "model.pt", b"x")
+        (tmp_path / "by_open").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o644 == (tmp_path / "by_open").stat().st_mode & 0o777
+    write_atomic(tmp_path / "model.pt", b"y")
+    assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+@pytest.mark.parametrize("fault", ["half written", "at the rename", "at the fsync"])
+def test_a_failed_write_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path, monkeypatch, fault):
+    path = tmp_path / "contract.json"
+    path.write_bytes(b"earlier")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    if fault == "half written":
+        fill_the_disk_half_way(monkeypatch)
+    else:
+        monkeypatch.setattr(paths.os, "replace" if fault == "at the rename" else "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, b"new bytes" * 1000)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"earlier"
+    assert [p.name for p in tmp_path.iterdir()] == ["contract.json"]
+
+
+def test_an_interrupted_write_leaves_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C (a BaseException) during the write removes the temporary too."""
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(paths.os, "fsync", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "x", b"data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_syncs_only_when_asked(tmp_path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(paths.os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
+    write_atomic(tmp_path / "a", b"data")
+    assert len(synced) == 1
+    write_atomic(tmp_path / "b", b"data", sync=False)
+    assert len(synced) == 1
+
+
+def test_the_temporary_is_hidden_beside_the_file_and_never_another_writers(tmp_path, monkeypatch):
+    """The temporary is ``.<name>-<random>`` (or ``<prefix><random>``) in the same folder, so the
+    rename stays on one file system; a name another writer holds is skipped, not opened."""
+    names = iter(["aaaa", "aaaa", "bbbb", "cccc"])
+    monkeypatch.setattr(paths.secrets, "token_hex", lambda n: next(names))
+    seen = []
+    replace = os.replace
+    monkeypatch.setattr(paths.os, "replace", lambda src, dst: (seen.append(Path(src)), replace(src, dst)))
+    other = tmp_path / ".x.engine-aaaa"
+    other.write_bytes(b"another writer's")
+    write_atomic(tmp_path / "x.engine", b"mine")
+    assert seen == [tmp_path / ".x.engine-bbbb"]
+    assert other.read_bytes() == b"another writer's" and (tmp_path / "x.engine").read_bytes() == b"mine"
+    write_atomic(tmp_path / "y.engine", b"mine", prefix=".engine-")
+    assert seen[-1] == tmp_path / ".engine-cccc"
+
+
+def test_a_file_name_of_the_longest_length_can_be_written(tmp_path):
+    """The default temporary name keeps 100 characters of the file's, so a 255-character name
+    (the usual limit) does not make a temporary name too long."""
+    path = tmp_path / ("n" * 255)
+    write_atomic(path, b"data")
+    assert path.read_bytes() == b"data"
+
+
+def test_a_missing_folder_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        write_atomic(tmp_path / "missing" / "x", b"data")

@@ -21,10 +21,9 @@ part of the table; :func:`~mpvss_ros.evaluation.study.evaluate_sequence` measure
 
 from __future__ import annotations
 
+import io
 import math
 import operator
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..model_loader import LoadedModel
+from ..paths import write_atomic
 from ..propagation import Propagator, build_propagator
 from ..scheduling import FixedIntervalScheduler
 from ..segmenter import VideoSegmenter
@@ -111,22 +111,17 @@ class PairTable:
 
     def save(self, path: str | Path) -> None:
         """Write the table as a compressed ``.npz`` at exactly ``path`` (numpy would append
-        ``.npz`` to another suffix), through a temporary file in the same folder, so an
-        interrupted write leaves no half-written table behind.
+        ``.npz`` to another suffix), through a temporary file in the same folder
+        (:func:`~mpvss_ros.paths.write_atomic`), so an interrupted write leaves no half-written
+        table behind and an earlier table at ``path`` stays whole.
 
         Raises:
             OSError: the folder cannot be written.
         """
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, conf=self.conf, propagator=self.propagator, reference=self.reference,
-                                    class_names=np.array(self.class_names))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.savez_compressed(buf, conf=self.conf, propagator=self.propagator, reference=self.reference,
+                            class_names=np.array(self.class_names))
+        write_atomic(path, buf.getbuffer())
 
     @classmethod
     def load(cls, path: str | Path) -> PairTable:

@@ -68,7 +68,10 @@ STALE_TEMP_SECONDS = 3600.0
 #: Automatic pruning spares entries used this recently (seconds): another process may have just
 #: reused one and be opening its graphs (a node starting while another one exports a new size).
 RECENT_USE_SECONDS = 600.0
-_TEMP_PREFIXES = (".export-", ".engine-")
+#: Name prefixes of the temporaries of an ONNX export (a folder) and of an engine write (a file).
+EXPORT_TEMP_PREFIX = ".export-"
+ENGINE_TEMP_PREFIX = ".engine-"
+_TEMP_PREFIXES = (EXPORT_TEMP_PREFIX, ENGINE_TEMP_PREFIX)
 
 
 @contextlib.contextmanager
@@ -195,7 +198,7 @@ def _remove(entry: CacheEntry) -> None:
     if entry.kind == "onnx":
         # renamed out of the way first: a removal cut short (kill, power loss) leaves a temporary
         # folder that a later prune removes, not an entry without its contract
-        doomed = entry.path.with_name(f"{_TEMP_PREFIXES[0]}removed-{entry.path.name}-{os.getpid()}")
+        doomed = entry.path.with_name(f"{EXPORT_TEMP_PREFIX}removed-{entry.path.name}-{os.getpid()}")
         try:
             os.rename(entry.path, doomed)
         except OSError:

@@ -69,9 +69,9 @@ from ..config import ModelConfig
 from ..nn.motion import flow_grid_size
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..nn.warp import warp_mask_logits
-from ..paths import make_output_dir
+from ..paths import make_output_dir, write_atomic
 from .base import MIN_GRAPH_SIDE, padded_size
-from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
+from .cache import EXPORT_TEMP_PREFIX, build_lock, default_cache_dir, mark_used, prune_to_budget
 
 __all__ = [
     "OPSET",
@@ -539,9 +539,7 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------
@@ -889,7 +887,7 @@ def cached_export(model: MPVSS, valid_hw: tuple[int, int], cache_dir: str | Path
         if _reuse(final):
             return final
         log.info("exporting %s to ONNX for %dx%d (cached in %s)", model.cfg.name, h, w, final)
-        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=EXPORT_TEMP_PREFIX, dir=final.parent))
         try:
             export_onnx(model, tmp, (h, w), weights=weights, trained=trained)
             if final.exists():  # not a valid entry (_reuse said so): what a removal cut short left

@@ -35,10 +35,8 @@ import ctypes
 import hashlib
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -49,8 +47,9 @@ from torch import Tensor
 
 from ..devices import as_torch_device
 from ..nn.mpvss import KeyFrameState
+from ..paths import write_atomic
 from .base import Backend, BackendUnavailable, Missing, SizeCache, check_precision, nan_unless_finite
-from .cache import build_lock, default_cache_dir, mark_used, prune_to_budget
+from .cache import ENGINE_TEMP_PREFIX, build_lock, default_cache_dir, mark_used, prune_to_budget
 from .export import KEY_OUTPUTS, GraphSource, _sha256_file, read_contract
 
 __all__ = [
@@ -552,24 +551,10 @@ def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], gr
                 "engine_bytes": len(blob), "engine_sha256": hashlib.sha256(blob).hexdigest()}
         # side-car first, engine last, both synced before their rename: an engine file that exists
         # is complete, and _engine_intact can check it against the side-car
-        _write_synced(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode(), folder)
-        _write_synced(path, blob, folder)
+        write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode(), prefix=ENGINE_TEMP_PREFIX)
+        write_atomic(path, blob, prefix=ENGINE_TEMP_PREFIX)
     say(f"mpvss: engine built in {meta['build_seconds']} s: {path}")
     return path
-
-
-def _write_synced(path: Path, data: bytes, folder: Path) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".engine-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _engine_intact(path: Path) -> bool:

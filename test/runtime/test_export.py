@@ -28,7 +28,7 @@ import torch
 import mpvss_ros.io.samples as samples
 import mpvss_ros.model_loader as model_loader
 import mpvss_ros.runtime as runtime
-from helpers import live_copies
+from helpers import fill_the_disk_half_way, live_copies
 from mpvss_ros.cli import main
 from mpvss_ros.config import load_model_config
 from mpvss_ros.model_loader import load_model
@@ -1364,17 +1364,12 @@ def test_a_contract_write_cut_short_leaves_the_previous_contract(tmp_path, monke
     leaves the previous contract whole (mpvss export writes it again to add the parity figures)."""
     path = tmp_path / CONTRACT_FILE
     path.write_text(json.dumps({"format": "old"}))
-    write_text = Path.write_text
-
-    def half_then_disk_full(self, text, *args, **kwargs):
-        write_text(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", half_then_disk_full)
+    fill_the_disk_half_way(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         export_module._write_json(path, {"format": "new", "parity": {"passed": True}})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"format": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == [CONTRACT_FILE]
 
 
 def test_a_graph_with_a_forbidden_op_is_refused(lite, tmp_path, monkeypatch):

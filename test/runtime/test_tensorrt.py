@@ -18,17 +18,20 @@ import os
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import mpvss_ros.runtime.tensorrt_backend as tb
+from mpvss_ros import paths
 from mpvss_ros.cli import main
 from mpvss_ros.nn.mpvss import KeyFrameState
 from mpvss_ros.runtime import BackendUnavailable, backend_missing, load_backend
 from mpvss_ros.runtime.base import MAX_PREPARED_SIZES, SizeCache
 from mpvss_ros.runtime.bench import BackendSpec, default_backend_specs
+from mpvss_ros.runtime.cache import _TEMP_PREFIXES, ENGINE_TEMP_PREFIX
 from mpvss_ros.runtime.tensorrt_backend import FP32_LAYER_PATTERNS, engine_cache_key, tensorrt_missing
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -1172,17 +1175,49 @@ def test_fp16_builds_keep_the_fp32_layers_unless_keep_fp32_is_off(tmp_path, monk
 
 
 def test_a_failed_engine_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    """A write that fails (a full disk at the rename) removes its temporary file."""
-    folder = tmp_path / "engines"
-    folder.mkdir()
+    """A build whose engine write fails (a full disk at the rename) raises and leaves no
+    temporary file and no engine in the cache; the next call builds it again."""
+    built = _stand_in_engine_for(monkeypatch)
+    graph = tmp_path / "key_frame.onnx"
+    graph.write_bytes(b"graph")
+    args = (graph, {"image": [1, 3, 32, 32]}, "key_frame", "fp32", tmp_path / "cache")
+    replace = os.replace
 
-    def fail(src, dst):
-        raise OSError("disk full")
+    def fail_on_the_engine(src, dst):
+        if str(dst).endswith(".engine"):
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
 
-    monkeypatch.setattr(tb.os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        tb._write_synced(folder / "x.engine", b"data", folder)
-    assert list(folder.iterdir()) == []
+    monkeypatch.setattr(paths.os, "replace", fail_on_the_engine)
+    with pytest.raises(OSError, match="No space left"):
+        tb.engine_for(*args, progress=lambda m: None)
+    monkeypatch.setattr(paths.os, "replace", replace)
+    folder = tmp_path / "cache" / "engines"
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+    assert not list(folder.glob("*.engine"))
+    path = tb.engine_for(*args, progress=lambda m: None)
+    assert path.is_file() and len(built) == 2
+
+
+def test_engine_writes_go_through_temporaries_the_cache_sweeps(tmp_path, monkeypatch):
+    """The side-car and the engine are each renamed into place from a temporary named with the
+    prefix the cache's stale sweep removes (a build killed mid-write leaves only such files)."""
+    _stand_in_engine_for(monkeypatch)
+    graph = tmp_path / "key_frame.onnx"
+    graph.write_bytes(b"graph")
+    renamed = []
+    replace = os.replace
+
+    def record(src, dst):
+        renamed.append((Path(src).name, Path(dst).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(paths.os, "replace", record)
+    path = tb.engine_for(graph, {"image": [1, 3, 32, 32]}, "key_frame", "fp32", tmp_path / "cache",
+                         progress=lambda m: None)
+    assert [dst for _, dst in renamed] == [path.with_suffix(".json").name, path.name]
+    assert all(src.startswith(ENGINE_TEMP_PREFIX) for src, _ in renamed)
+    assert ENGINE_TEMP_PREFIX in _TEMP_PREFIXES
 
 
 def test_an_engine_is_intact_when_it_matches_its_side_car(tmp_path):
