@@ -16,7 +16,9 @@ every :func:`~mpvss_ros.runtime.tensorrt_backend.build_engines` prunes the cache
 least-recently-used entries until the whole cache holds at most the budget, never the entries
 the caller is about to load. The budget is ``$MPVSS_CACHE_MAX_MB`` MiB (default
 :data:`DEFAULT_MAX_MB`; ``0`` turns automatic pruning off). Left-over temporary files of crashed
-writes (``.export-*``, ``.engine-*``) older than :data:`STALE_TEMP_SECONDS` go as well.
+writes (``.export-*``, ``.engine-*``, and engine side-cars without their engine) older than
+:data:`STALE_TEMP_SECONDS` go as well. An entry that is a symbolic link (kept on another disk) is
+removed by removing the link.
 
 Exports and engine builds of one entry are serialised across processes by an advisory file lock
 (:func:`build_lock`, ``fcntl.flock`` on a hidden ``.<entry>.lock`` beside it): two nodes that
@@ -189,12 +191,17 @@ def mark_used(path: str | Path) -> None:
 
 
 def _remove(entry: CacheEntry) -> None:
-    """Remove one entry and its files.
+    """Remove one entry and its files. An entry that is a symbolic link (a folder or engine kept
+    on another disk) loses the link only: what it points to is not the cache's to delete.
 
     Raises:
         OSError: the entry is still in the cache under its own name (a read-only cache: an ONNX
-            folder neither renamed nor deleted, an engine file not unlinked).
+            folder neither renamed nor deleted, a link or an engine file not unlinked).
     """
+    if entry.kind == "onnx" and entry.path.is_symlink():  # (an engine's unlink below takes the link too)
+        entry.path.unlink(missing_ok=True)
+        log.info("removed the link %s from the cache; the folder it points to was left in place", entry.path)
+        return
     if entry.kind == "onnx":
         # renamed out of the way first: a removal cut short (kill, power loss) leaves a temporary
         # folder that a later prune removes, not an entry without its contract
@@ -214,23 +221,34 @@ def _remove(entry: CacheEntry) -> None:
 
 
 def _remove_stale_temps(root: Path, now: float) -> None:
+    """Remove what interrupted writes left, once older than :data:`STALE_TEMP_SECONDS`: temporary
+    files and folders (:data:`_TEMP_PREFIXES`), and engine side-cars whose engine never arrived
+    (the side-car is renamed into place first). Each removal is logged; what cannot be removed is
+    skipped (a later prune retries)."""
     for sub in ("onnx", "engines"):
         folder = root / sub
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
-            if not p.name.startswith(_TEMP_PREFIXES):
+            if p.name.startswith(_TEMP_PREFIXES):
+                what = "left by an interrupted cache write"
+            elif sub == "engines" and p.suffix == ".json" and not os.path.lexists(p.with_suffix(".engine")):
+                what = "the side-car of an engine whose write was interrupted"
+            else:
                 continue
             try:
-                if now - p.stat().st_mtime < STALE_TEMP_SECONDS:
+                if now - p.lstat().st_mtime < STALE_TEMP_SECONDS:
                     continue
-                if p.is_dir():
+                if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
-                else:
+                else:  # a file, or a link (rmtree refuses links; the link goes, not its target)
                     p.unlink(missing_ok=True)
             except OSError:
                 continue
-            log.info("removed %s, left by an interrupted cache write", p)
+            if os.path.lexists(p):
+                log.debug("could not remove %s (%s); a later prune retries", p, what)
+                continue
+            log.info("removed %s, %s", p, what)
 
 
 def prune_cache(cache_dir: str | Path | None = None, max_bytes: int = DEFAULT_MAX_MB * 2**20,

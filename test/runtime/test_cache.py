@@ -352,6 +352,73 @@ def test_an_entry_is_renamed_away_before_it_is_deleted(fake_cache, monkeypatch):
     assert not left.exists()
 
 
+def test_an_entry_that_is_a_link_is_removed_by_removing_the_link(fake_cache, tmp_path_factory, caplog):
+    """An ONNX folder or engine kept on another disk and linked into the cache: pruning it removes
+    the link, never what it points to, and says so; a later prune neither finds it again nor logs
+    it removed again (the link was renamed to a temporary that rmtree refused, and every sweep
+    logged it as removed)."""
+    root, p = fake_cache
+    elsewhere = tmp_path_factory.mktemp("other_disk")
+    shutil.move(p["a"], elsewhere / "kept")
+    p["a"].symlink_to(elsewhere / "kept", target_is_directory=True)
+    shutil.move(p["b"], elsewhere / "kept.engine")
+    p["b"].symlink_to(elsewhere / "kept.engine")
+    os.utime(p["a"], (T0, T0), follow_symlinks=False)
+    os.utime(elsewhere / "kept", (T0, T0))
+    os.utime(elsewhere / "kept.engine", (T0 + 10, T0 + 10))
+    assert [e.path for e in cache_entries(root)][2:] == [p["b"], p["a"]]
+    with caplog.at_level(logging.INFO, logger=cache.__name__):
+        removed = prune_cache(root, 7 * MIB, now=T0 + 40)
+    assert [e.path for e in removed] == [p["a"], p["b"]]
+    assert not os.path.lexists(p["a"]) and not os.path.lexists(p["b"]) and not p["b"].with_suffix(".json").exists()
+    assert (elsewhere / "kept" / "key_frame.onnx").is_file() and (elsewhere / "kept.engine").is_file()
+    assert "removed the link" in caplog.text and "could not delete" not in caplog.text
+    assert not [q for q in (root / "onnx").iterdir() if q.name.startswith(".export-removed")]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=cache.__name__):
+        prune_cache(root, 100 * MIB, now=time.time() + 2 * STALE_TEMP_SECONDS)
+    assert "m-64x64-aaaa" not in caplog.text and "kept" not in caplog.text
+
+
+def test_a_stale_temporary_that_is_a_link_goes_and_one_that_stays_is_not_logged_removed(fake_cache, tmp_path_factory,
+                                                                                         caplog, monkeypatch):
+    root, _ = fake_cache
+    target = tmp_path_factory.mktemp("target")
+    (target / "graph.onnx").write_bytes(b"g")
+    link = root / "onnx" / ".export-removed-linked-1"
+    link.symlink_to(target, target_is_directory=True)
+    os.utime(link, (T0, T0), follow_symlinks=False)
+    with caplog.at_level(logging.INFO, logger=cache.__name__):
+        prune_cache(root, 100 * MIB, now=time.time() + 2 * STALE_TEMP_SECONDS)
+    assert not os.path.lexists(link) and (target / "graph.onnx").is_file()
+    assert f"removed {link}" in caplog.text
+    stuck = root / "onnx" / ".export-stuck"
+    stuck.mkdir()
+    os.utime(stuck, (T0, T0))
+    monkeypatch.setattr(cache.shutil, "rmtree", lambda path, ignore_errors=False: None)  # a read-only folder
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=cache.__name__):
+        prune_cache(root, 100 * MIB, now=time.time() + 2 * STALE_TEMP_SECONDS)
+    assert stuck.exists() and f"removed {stuck}" not in caplog.text
+
+
+def test_a_side_car_whose_engine_never_arrived_goes_once_stale(fake_cache):
+    """engine_for renames the side-car into place before the engine: a build killed between the
+    two leaves a side-car alone, which no entry owns; it goes with the stale temporaries. A
+    side-car with its engine, a fresh lone one (a build finishing now) and other files stay."""
+    root, p = fake_cache
+    lone = root / "engines" / "key_frame-fp16-eeee.json"
+    lone.write_text("{}")
+    other = root / "engines" / "notes.txt"
+    other.write_text("mine")
+    prune_cache(root, 100 * MIB)
+    assert lone.exists()
+    prune_cache(root, 100 * MIB, now=lone.stat().st_mtime + STALE_TEMP_SECONDS + 1)
+    assert not lone.exists() and other.exists()
+    assert p["b"].with_suffix(".json").exists() and p["d"].with_suffix(".json").exists()
+    assert len(cache_entries(root)) == 4
+
+
 def test_listing_and_pruning_expand_a_tilde(fake_cache, monkeypatch):
     """Through the API (build_engines' automatic prune passes the folder as given), ~/c looked for a
     relative ./~/c, found nothing and pruned nothing while the cache grew."""
@@ -415,8 +482,8 @@ def _delete(path: Path) -> None:
 
 
 class _CacheTree(RuleBasedStateMachine):
-    """A random cache tree (ONNX folders, engines with and without side-cars, temporaries of any age,
-    stray files, empty folders, symlinks, lock files) under random uses, locks and prunes (by hand
+    """A random cache tree (ONNX folders, engines with and without side-cars, side-cars without
+    engines, temporaries of any age, stray files, empty folders, symlinks, lock files) under random uses, locks and prunes (by hand
     and automatic, random budgets, keep sets and $MPVSS_CACHE_MAX_MB values, entries vanishing
     meanwhile), checked after every step against a model of the tree."""
 
@@ -475,6 +542,26 @@ class _CacheTree(RuleBasedStateMachine):
         self.entries[e] = ("engine", size * KIB)
         self.fixed.add(target)
 
+    @rule(size=st.integers(1, 6), age=_AGES)
+    def add_symlinked_onnx_folder(self, size, age):
+        """An ONNX entry that is a symlink to a folder outside the cache: its target's size; a
+        prune removes the link and never the folder or its files."""
+        target = _onnx(self.root / "elsewhere", self._name("kept"), size, self.clock - age, unit=KIB)
+        d = self.root / "onnx" / self._name("m-24x32")
+        d.parent.mkdir(exist_ok=True)
+        d.symlink_to(target, target_is_directory=True)
+        self.entries[d] = ("onnx", size * KIB)
+        self.fixed.update([target, *target.rglob("*")])
+
+    @rule(age=_AGES)
+    def add_orphan_side_car(self, age):
+        """The side-car of an engine whose write was cut short (it is renamed into place first):
+        no entry; removed with the temporaries once stale."""
+        p = self.root / "engines" / f"{self._name('key_frame-fp32')}.json"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"{}")
+        self.temps[p] = self._touch(p, age)
+
     @rule(prefix=st.sampled_from([".export-", ".engine-", ".export-removed-"]), sub=st.sampled_from(["onnx", "engines"]),
           folder=st.booleans(), age=_AGES)
     def add_temporary(self, prefix, sub, folder, age):
@@ -488,14 +575,14 @@ class _CacheTree(RuleBasedStateMachine):
             t.write_bytes(b"x" * 10)
         self.temps[t] = self._touch(t, age)
 
-    @rule(kind=st.sampled_from(["file in onnx", "orphan side-car", "notes", "hidden engine", "hidden folder", "lock",
+    @rule(kind=st.sampled_from(["file in onnx", "notes", "hidden engine", "hidden folder", "lock",
                                 "empty engines folder", "dangling onnx", "dangling engine"]), age=_AGES)
     def add_stray(self, kind, age):
         """Names that are no entries and no temporaries: never listed, never removed."""
         sub = "onnx" if kind in ("file in onnx", "hidden folder", "dangling onnx") else "engines"
-        name = self._name({"orphan side-car": "key_frame-fp32", "lock": ".m-24x32", "hidden engine": ".key_frame-fp32",
+        name = self._name({"lock": ".m-24x32", "hidden engine": ".key_frame-fp32",
                            "hidden folder": ".m-24x32"}.get(kind, "stray"))
-        suffix = {"orphan side-car": ".json", "notes": ".txt", "hidden engine": ".engine", "lock": ".lock",
+        suffix = {"notes": ".txt", "hidden engine": ".engine", "lock": ".lock",
                   "dangling engine": ".engine"}.get(kind, "")
         p = self.root / sub / f"{name}{suffix}"
         p.parent.mkdir(exist_ok=True)
