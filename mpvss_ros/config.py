@@ -12,11 +12,13 @@ Usage::
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,6 +375,13 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}: {len(cfg.class_names)} class_names for num_classes={cfg.num_classes}")
     if not cfg.class_names:
         cfg.class_names = default_class_names(cfg.num_classes)
+    for i, name in enumerate(cfg.class_names):
+        if not name.strip() or any(unicodedata.category(ch) == "Cc" for ch in name):
+            raise ConfigError(f"{where}: class_names[{i}] must be a visible name without control characters "
+                              f"(it is published in vision_msgs/LabelInfo and keys the per-class IoU), got {shown(name)}")
+    repeated = sorted(n for n, count in collections.Counter(cfg.class_names).items() if count > 1)
+    if repeated:
+        raise ConfigError(f"{where}: class_names must differ (they key the per-class IoU), repeated: {repeated[:5]}")
     if cfg.palette:
         if len(cfg.palette) != cfg.num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c)
                                                        for c in cfg.palette):

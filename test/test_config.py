@@ -75,6 +75,12 @@ def test_bad_values_are_one_config_error_naming_the_key(path, value, words):
     ("mpvss_lite", "num_classes", 2**63 - 1, "num_classes must lie in"),  # its default names filled the memory
     ("mpvss_swin_tiny", "backbone.mlp_ratio", 1e308, "mlp_ratio \\(1e\\+308\\) is too large"),  # OverflowError
     ("mpvss_lite", "class_names", ["a", "b", "c"], "3 class_names for num_classes=11"),
+    # names publish in LabelInfo and key the per-class IoU: a repeat lost a class from eval's JSON
+    ("mpvss_lite", "class_names", ["Sky", "Sky"] + [f"c{i}" for i in range(9)], "must differ .*repeated: \\['Sky'\\]"),
+    ("mpvss_lite", "class_names", [f"c{i}" for i in range(10)] + [""], "class_names\\[10\\] must be a visible name"),
+    ("mpvss_lite", "class_names", [" "] + [f"c{i}" for i in range(10)], "class_names\\[0\\] must be a visible name"),
+    ("mpvss_lite", "class_names", ["sky\0"] + [f"c{i}" for i in range(10)], "without control characters.*'sky\\\\x00'"),
+    ("mpvss_lite", "class_names", ["road\nmarking"] + [f"c{i}" for i in range(10)], "class_names\\[0\\] must be a visible"),
     ("mpvss_lite", "palette", [[0, 0]] * 11, "palette needs 11 RGB triples of 0..255"),
     ("mpvss_lite", "palette", [[0, 0, 0]] * 10, "palette needs 11 RGB triples of 0..255"),
     ("mpvss_lite", "palette", [[0, 0, 256]] * 11, "palette needs 11 RGB triples of 0..255"),
@@ -580,3 +586,9 @@ def test_a_damaged_model_file_loads_and_round_trips_or_is_one_config_error_namin
         _check_loaded(cfg, yaml.safe_load(text))
     finally:
         assert not hasattr(builtins, _CONSTRUCTED_MARK), "a Python object was built from a YAML tag"
+
+
+def test_class_names_of_any_script_with_spaces_and_punctuation_are_kept():
+    data = load_model_config("mpvss_lite").to_dict()
+    data["class_names"] = ["road marking", "Straße", "道路", "car (parked)", "sky/cloud"] + [f"c{i}" for i in range(6)]
+    assert model_config_from_dict(data).class_names == data["class_names"]

@@ -196,6 +196,8 @@ def test_a_saved_table_has_the_mode_open_would_give_it(tmp_path):
     ({"conf": np.zeros((3, 2, 2, 3), np.int64)}, "T, horizon"),  # not K x K
     ({"conf": np.zeros((3, 0, 2, 2), np.int64)}, "T, horizon"),  # no distance 0
     ({"class_names": ["a"]}, "class names"),
+    ({"class_names": ["a", "b\0"]}, "without NUL"),  # an .npz drops trailing NULs: it came back as "b"
+    ({"class_names": ["a", 2]}, "without NUL"),
     ({"reference": "gt"}, "reference"),
 ])
 def test_pair_table_checks_its_fields(kwargs, words):

@@ -279,11 +279,14 @@ class ConfusionMatrix:
             "pixels": int (non-ignored pixels counted), "num_classes": K}``.
 
         Raises:
-            ValueError: ``class_names`` does not have K entries.
+            ValueError: ``class_names`` does not have K entries, or repeats one (two classes would
+                share one key of ``IoU``, and one of them would be lost).
         """
         names = list(class_names) if class_names is not None else default_class_names(self.num_classes)
         if len(names) != self.num_classes:
             raise ValueError(f"{len(names)} class names for {self.num_classes} classes")
+        if len(set(names)) != len(names):
+            raise ValueError(f"class names must differ (they key the per-class IoU), got {names}")
 
         def pct(v: float) -> float | None:
             return None if not np.isfinite(v) else round(100.0 * float(v), 4)

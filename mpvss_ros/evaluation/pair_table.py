@@ -54,7 +54,11 @@ class PairTable:
             propagated from key frame ``k`` (all zeros where ``k + d >= T``).
         propagator: the propagator's name.
         reference: ``labels`` or ``per_frame`` (module docstring).
-        class_names: K names.
+        class_names: K names, strings without NUL characters.
+
+    Raises:
+        ValueError: ``conf`` not of that shape, names not K strings without NUL, an unknown
+            ``reference``.
     """
 
     conf: np.ndarray
@@ -67,6 +71,9 @@ class PairTable:
             raise ValueError(f"conf must be (T, horizon + 1, K, K), got {self.conf.shape}")
         if len(self.class_names) != self.conf.shape[2]:
             raise ValueError(f"{len(self.class_names)} class names for {self.conf.shape[2]} classes")
+        if not all(isinstance(n, str) and "\0" not in n for n in self.class_names):
+            raise ValueError(f"class names must be strings without NUL characters (a saved table would lose "
+                             f"trailing ones), got {self.class_names}")
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
 

@@ -81,6 +81,8 @@ def test_summary_percent_and_none(cm):
     assert s["pixels"] == 6
     with pytest.raises(ValueError):
         cm.summary(["a"])
+    with pytest.raises(ValueError, match="class names must differ"):  # "a" twice: one IoU entry lost
+        cm.summary(["a", "b", "c", "d", "a"])
 
 
 def test_errors_and_empty():
