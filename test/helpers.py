@@ -138,10 +138,21 @@ def reference_layer_norm(norm, x):
 
 
 def fill_the_disk_half_way(monkeypatch) -> None:
-    """Make :func:`mpvss_ros.paths.write_atomic` stop half-way through its write with ``ENOSPC``
-    (a disk that fills up): half the bytes reach the temporary file, then the write raises.
-    Patches ``os.fdopen`` until the test's ``monkeypatch`` is undone."""
-    real_fdopen = os.fdopen
+    """Make file writes stop half-way with ``ENOSPC`` (a disk that fills up): half the bytes reach
+    the file, then the write raises. Covers :func:`mpvss_ros.paths.write_atomic` (``os.fdopen``)
+    and ``Path.write_bytes`` / ``Path.write_text``, until the test's ``monkeypatch`` is undone."""
+    real_fdopen, real_write_bytes, real_write_text = os.fdopen, Path.write_bytes, Path.write_text
+
+    def write_bytes(self, data):
+        real_write_bytes(self, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_text(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(Path, "write_text", write_text)
 
     class HalfWrittenFile:
         def __init__(self, f):

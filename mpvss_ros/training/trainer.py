@@ -84,7 +84,7 @@ from ..io.samples import check_default_data_classes, shared_data_dir
 from ..model_loader import select_device
 from ..nn.backbones import MobileNetV2, load_imagenet_weights
 from ..nn.mpvss import MPVSS, semantic_scores
-from ..paths import check_output_dir, make_output_dir
+from ..paths import check_output_dir, make_output_dir, write_atomic
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .data import CamVidFrames, decode_frames
 from .matcher import FixedMatcher, HungarianMatcher
@@ -510,7 +510,12 @@ def sync_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_schedule
 def truncate_log(path: Path, step: int) -> None:
     """Drop log records after ``step`` (written after the checkpoint a run resumes from), and every
     line that is no record: cut off by a kill, not JSON, not an object, bytes that are not UTF-8,
-    or a ``step`` that is no whole number (``[1]``, ``Infinity``). The log is rewritten as UTF-8."""
+    or a ``step`` that is no whole number (``[1]``, ``Infinity``). The log is rewritten as UTF-8,
+    atomically (:func:`~mpvss_ros.paths.write_atomic`): a rewrite that fails (a full disk) keeps the
+    log as it was.
+
+    Raises:
+        OSError: the log could not be rewritten."""
     if not path.is_file():
         return
     kept = []
@@ -520,7 +525,7 @@ def truncate_log(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, TypeError, AttributeError, OverflowError):
             continue
-    path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    write_atomic(path, "".join(x + "\n" for x in kept).encode("utf-8"))
 
 
 def check_same_step(meta: dict[str, Any], state: dict[str, Any], model_path: Path, state_path: Path) -> None:

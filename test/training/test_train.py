@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import fill_the_disk_half_way
 from mpvss_ros.checkpoints import read_checkpoint, save_checkpoint
 from mpvss_ros.config import load_model_config
 from mpvss_ros.evaluation.metrics import ConfusionMatrix
@@ -1155,6 +1156,19 @@ def test_truncate_log_drops_lines_that_are_no_records_of_any_kind(tmp_path):
                     b'{"step": 2, "note": "\xc3\xa9"}\n{"step": 9}\n')
     trainer.truncate_log(log, 3)
     assert log.read_text(encoding="utf-8") == '{"step": 1}\n{"step": 2, "note": "\u00e9"}\n'
+
+
+def test_a_log_rewrite_cut_short_keeps_the_log(tmp_path, monkeypatch):
+    """The disk fills up while --resume rewrites the log: it stays as it was (it was truncated to
+    half its records, or to nothing) and no temporary is left."""
+    log = tmp_path / "log.jsonl"
+    text = "".join(f'{{"step": {i}, "loss": 1.5}}\n' for i in range(1, 40))
+    log.write_text(text)
+    fill_the_disk_half_way(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.truncate_log(log, 30)
+    monkeypatch.undo()
+    assert log.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["log.jsonl"]
 
 
 def test_the_final_file_is_written_again_when_steps_were_run(tmp_path):
