@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from .paths import REPO_ROOT, data_roots, find_data
-from .text import shown
+from .values import fits_int64, is_finite, shown
 
 __all__ = [
     "BackboneConfig",
@@ -191,8 +191,6 @@ CANVAS_ORIENTATIONS = ("fixed", "frame")
 
 #: Most classes a model may have: class IDs are published as ``mono16`` at most.
 MAX_CLASSES = 65535
-#: Integer fields must lie in [-2**63, 2**63): what a tensor size can be.
-_INT64_LIMIT = 2**63
 
 
 @dataclass
@@ -315,16 +313,13 @@ def _type_problem(value: Any, hint: Any) -> str | None:
                 return why if why.startswith("entries") else f"entries {why}"
         return None
     if hint is float:
-        try:  # float(): an int too large for a float overflows
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
-        except OverflowError:
-            ok = False
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and is_finite(value)  # 10**400: no float
         return None if ok else f"must be a finite number, got {shown(value)}"
     if hint is int:
         if not isinstance(value, int) or isinstance(value, bool):
             return f"must be an integer, got {shown(value)}"
         # a size or count beyond int64 fits no tensor, and past 4300 digits Python cannot print it
-        return None if -_INT64_LIMIT <= value < _INT64_LIMIT else f"must fit in 64 bits, got {shown(value)}"
+        return None if fits_int64(value) else f"must fit in 64 bits, got {shown(value)}"
     if hint is str:
         return None if isinstance(value, str) else f"must be a string, got {shown(value)}"
     return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from .text import shown
+from .values import shown
 
 if TYPE_CHECKING:
     import torch

@@ -67,8 +67,6 @@ Policies:
 
 from __future__ import annotations
 
-import math
-import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,7 +76,7 @@ import cv2
 import numpy as np
 
 from .io.video import check_fps
-from .text import shown
+from .values import is_finite, is_integer, is_real, shown
 
 __all__ = [
     "ScheduleDecision",
@@ -138,8 +136,8 @@ class SceneScorer:
     """
 
     def __init__(self, thumb_width: int = 64, pixel_scale: float = 0.25, bins: int = 32) -> None:
-        if not (_is_count(thumb_width, 4) and _is_count(bins, 2) and isinstance(pixel_scale, numbers.Real)
-                and _is_finite(pixel_scale) and pixel_scale > 0):
+        if not (_is_count(thumb_width, 4) and _is_count(bins, 2) and is_real(pixel_scale)
+                and is_finite(pixel_scale) and pixel_scale > 0):
             raise ValueError(f"thumb_width (an integer >= 4), pixel_scale (finite, > 0) and bins (an integer >= 2) "
                              f"are required, got {shown(thumb_width)}, {shown(pixel_scale)}, {shown(bins)}")
         self.thumb_width = thumb_width
@@ -265,7 +263,7 @@ class KeyFrameScheduler(ABC):
         Raises:
             ValueError: a non-finite stamp (it would disable both time checks from then on).
         """
-        if not _is_finite(stamp):
+        if not is_finite(stamp):
             raise ValueError(f"stamp must be a finite number of seconds, got {shown(stamp)}")
         self._frames_seen += 1
         thumb, hist = self.scorer.thumbnail(frame)
@@ -285,7 +283,7 @@ class KeyFrameScheduler(ABC):
     def describe(self) -> dict[str, Any]:
         """The schedule (``repr``) and every setting that decides its key frames, JSON-ready
         (``max_gap_s`` None when disabled), for run summaries; subclasses add theirs."""
-        return {"schedule": repr(self), "max_gap_s": self.max_gap_s if _is_finite(self.max_gap_s) else None}
+        return {"schedule": repr(self), "max_gap_s": self.max_gap_s if is_finite(self.max_gap_s) else None}
 
     @abstractmethod
     def _policy(self, scene_score: float, cut_score: float, frames_since_key: int) -> str:
@@ -333,7 +331,7 @@ class FixedIntervalScheduler(KeyFrameScheduler):
 
     def __init__(self, interval: int, max_gap_s: float = 1.0, scorer: SceneScorer | None = None) -> None:
         if not _is_count(interval, 1):
-            raise ValueError(f"key-frame interval must be a whole number of frames >= 1, got {interval!r}")
+            raise ValueError(f"key-frame interval must be a whole number of frames >= 1, got {shown(interval)}")
         self.interval = interval
         super().__init__(max_gap_s, scorer)
 
@@ -372,9 +370,9 @@ class AdaptiveScheduler(KeyFrameScheduler):
     def __init__(self, scene_threshold: float = 0.5, min_interval: int = 1, max_interval: int = 10,
                  max_gap_s: float = 1.0, scorer: SceneScorer | None = None,
                  cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> None:
-        if not (scene_threshold > 0 and _is_finite(scene_threshold)):
+        if not (scene_threshold > 0 and is_finite(scene_threshold)):
             raise ValueError(f"scene_threshold must be > 0 and finite, got {shown(scene_threshold)}")
-        if not (cut_threshold > 0 and _is_finite(cut_threshold)):
+        if not (cut_threshold > 0 and is_finite(cut_threshold)):
             raise ValueError(f"cut_threshold must be > 0 and finite, got {shown(cut_threshold)}")
         if not (_is_count(min_interval, 1) and _is_count(max_interval, 1) and min_interval <= max_interval):
             raise ValueError(f"need 1 <= min_interval <= max_interval (the command line's --max-interval), got "
@@ -474,17 +472,9 @@ def schedule_key_frames(scheduler: KeyFrameScheduler, images: Sequence[np.ndarra
     return [i for i, image in enumerate(images) if scheduler.decide(image, i / fps).is_key_frame]
 
 
-def _is_finite(value: Any) -> bool:
-    """``math.isfinite``, False where the value does not fit a float (an int past 1e308)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def _is_count(value: Any, low: int) -> bool:
     """An integer (not a bool) >= ``low``."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+    return is_integer(value) and value >= low
 
 
 def parse_schedule(spec: str, max_gap_s: float = 1.0, min_interval: int = 1, max_interval: int = 10,

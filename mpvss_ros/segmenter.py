@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ from PIL import Image
 from .nn.mpvss import MPVSS, KeyFrameState, semantic_scores
 from .propagation import Propagator
 from .scheduling import KeyFrameScheduler, ScheduleDecision
-from .text import shown
+from .values import is_real, shown
 
 if TYPE_CHECKING:
     from .runtime.base import Backend
@@ -528,7 +527,7 @@ class VideoSegmenter:
         image = check_frame(image)
         try:
             # no strings, arrays or None; no bools (True would be a stamp of 1 s: a caller's mistake)
-            if not isinstance(stamp, numbers.Real) or isinstance(stamp, bool):
+            if not is_real(stamp):
                 raise TypeError
             stamp = float(stamp)
         except (TypeError, OverflowError):

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from .config import default_class_names
+from .values import is_integer, shown
 
 __all__ = [
     "make_palette",
@@ -70,11 +71,11 @@ def make_palette(num_classes: int, base: Sequence[Sequence[int]] | np.ndarray | 
         ValueError: ``num_classes`` < 1 or too large; ``base`` not ``(n, 3)`` integers in
             0..255, or longer than ``num_classes``.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise ValueError(f"num_classes must be an int, got {num_classes!r}")
+    if not is_integer(num_classes):
+        raise ValueError(f"num_classes must be an int, got {shown(num_classes)}")
     k = int(num_classes)
     if not 1 <= k <= _MAX_GENERATED:
-        raise ValueError(f"num_classes must be in 1..{_MAX_GENERATED}, got {k}")
+        raise ValueError(f"num_classes must be in 1..{_MAX_GENERATED}, got {shown(k)}")
     ids = np.arange(1, k + 1, dtype=np.int64)
     rgb = np.zeros((k, 3), dtype=np.int64)
     for bit in range(7, -1, -1):
@@ -273,8 +274,8 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
     _check_labels(labels)
     if labels.shape != image.shape[:2]:
         raise ValueError(f"labels {labels.shape} and image {image.shape[:2]} differ in size")
-    if isinstance(max_entries, bool) or not isinstance(max_entries, (int, np.integer)) or max_entries < 1:
-        raise ValueError(f"max_entries must be an int >= 1, got {max_entries!r}")
+    if not (is_integer(max_entries) and max_entries >= 1):
+        raise ValueError(f"max_entries must be an int >= 1, got {shown(max_entries)}")
     pal = _as_palette(palette)
     k = len(pal)
     names = _names(class_names, k)
@@ -293,12 +294,12 @@ def draw_legend(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequenc
         return Legend()
 
     if present.size <= capacity:
-        shown, hidden = present, 0
+        listed, hidden = present, 0
     else:
         n = max(capacity - 1, 1)  # the last line says "+N more", unless only one line fits
         order = sorted(present.tolist(), key=lambda i: (-counts[i], i))
-        shown, hidden = np.sort(np.array(order[:n])), int(present.size - n)
-    entries = [(int(i), names[i]) for i in shown]
+        listed, hidden = np.sort(np.array(order[:n])), int(present.size - n)
+    entries = [(int(i), names[i]) for i in listed]
     lines = [_fit(_ascii(name), max_text_w, scale, thick) for _, name in entries]
     more = None
     if hidden and capacity >= 2:  # a count is never cut: "+49 more", else "+49", else no line

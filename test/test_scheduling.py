@@ -270,7 +270,8 @@ def test_fixed_interval_rejects_bad_interval():
 
 
 @pytest.mark.parametrize("kwargs", [dict(pixel_scale=math.nan), dict(pixel_scale=math.inf), dict(pixel_scale=0.0),
-                                    dict(bins=math.nan), dict(bins=1), dict(thumb_width=64.5), dict(thumb_width=3)])
+                                    dict(bins=math.nan), dict(bins=1), dict(thumb_width=64.5), dict(thumb_width=3),
+                                    dict(pixel_scale=True)])  # a bool is no scale (True was taken as 1.0)
 def test_scene_scorer_rejects_bad_arguments(kwargs):
     """A NaN pixel_scale made every scene score NaN (no cut ever keyed); a float thumbnail width
     failed later inside OpenCV."""
@@ -457,7 +458,9 @@ def test_integers_too_large_for_a_float_or_too_long_to_print_are_named():
                                                                        "integer too long to print, 10$"),
                         (lambda: FixedIntervalScheduler(5, max_gap_s=-huge), "max_gap_s must be > 0, got an integer"),
                         (lambda: SceneScorer(pixel_scale=huge), "are required, got 64, an integer too long to print, "
-                                                                "32$")):
+                                                                "32$"),
+                        (lambda: FixedIntervalScheduler(-huge), "interval must be a whole number of frames >= 1, "
+                                                                "got an integer too long to print$")):
         with pytest.raises(ValueError, match=words):
             make()
     sched = FixedIntervalScheduler(3, max_gap_s=10**400)

@@ -29,6 +29,7 @@ from ..propagation import FLOW_PROPAGATORS, CopyPropagator, Propagator, build_pr
 from ..scheduling import (DEFAULT_CUT_THRESHOLD, AdaptiveScheduler, FixedIntervalScheduler, KeyFrameScheduler,
                           SceneScorer, parse_schedule, schedule_key_frames)
 from ..segmenter import VideoSegmenter
+from ..values import is_integer, shown
 from .bootstrap import paired_miou_difference
 from .metrics import IGNORE_INDEX, ConfusionMatrix, VideoConsistency, class_counts
 
@@ -117,9 +118,8 @@ def load_sequence(image_dir: str | Path, label_dir: str | Path, fps: float | Non
     label_dir = Path(label_dir)
     if not label_dir.is_dir():
         raise FileNotFoundError(f"label folder not found: {label_dir}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
-                                    or num_classes < 1):
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if num_classes is not None and not (is_integer(num_classes) and num_classes >= 1):
+        raise ValueError(f"num_classes must be an integer >= 1, got {shown(num_classes)}")
     if reduce_zero_label and num_classes is not None and int(num_classes) > IGNORE_INDEX - 1:
         raise ValueError(f"reduce_zero_label with {num_classes} classes: the shifted class IDs 254 and 255 would "
                          f"be scored as the ignore value {IGNORE_INDEX}")

@@ -3,8 +3,9 @@ of every input."""
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
+
+from ..values import is_integer, shown
 
 #: Default pixel limit (height x width) of every input: the node's ``max_image_pixels``, ``mpvss
 #: segment`` and ``mpvss bag``'s ``--max-image-pixels``, and :mod:`~mpvss_ros.ros.conversions`'
@@ -28,8 +29,8 @@ def check_pixel_limit(max_pixels: Any, name: str) -> int | None:
     """
     if max_pixels is None:
         return None
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
-        raise ValueError(f"{name} must be a whole number of pixels >= 1, got {max_pixels!r}")
+    if not (is_integer(max_pixels) and max_pixels >= 1):
+        raise ValueError(f"{name} must be a whole number of pixels >= 1, got {shown(max_pixels)}")
     return int(max_pixels)
 
 

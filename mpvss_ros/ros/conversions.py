@@ -44,7 +44,7 @@ from ..io.video import PNG_SIGNATURE, decoded_to_rgb, png_damage, png_size
 from ..viz import colorize, frame_tag, overlay
 
 from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
-from ..text import shown
+from ..values import is_integer, shown
 
 __all__ = [
     "ConversionError",
@@ -242,7 +242,7 @@ def _as_bytes(data: Any, what: str = "data") -> np.ndarray:
             raise ConversionError(f"{what} must hold uint8 bytes, got dtype {data.dtype}")
         return data.reshape(-1)
     if isinstance(data, (list, tuple)):
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in data):
+        if not all(is_integer(v) for v in data):
             raise ConversionError(f"{what} is not a byte sequence: it holds other values than integers")
         try:
             values = np.asarray(data, dtype=np.int64)  # not uint8 directly: that wraps numpy integers (300 -> 44)
@@ -271,7 +271,7 @@ def _int_field(msg: Any, name: str) -> int:
         ConversionError: not an integer, negative, or past 2**32 - 1.
     """
     value = getattr(msg, name, None)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_integer(value):
         raise ConversionError(f"image field {name!r} must be an integer, got {shown(value)}")
     value = int(value)
     if value < 0:

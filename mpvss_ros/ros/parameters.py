@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 from ..devices import DEVICE_CHOICES, MAX_CUDA_INDEX, check_device
 from ..io import DEFAULT_MAX_IMAGE_PIXELS
-from ..text import shown
+from ..values import is_finite, shown
 
 __all__ = [
     "NODE_NAME",
@@ -311,13 +310,9 @@ def _check(spec: ParamSpec, value: Any) -> Any:
     if spec.type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("must be a number")
-        try:
-            v = float(value)
-        except OverflowError:  # an int too large for a float
-            v = math.inf
-        if not math.isfinite(v) or not in_range(v):
+        if not is_finite(value) or not in_range(value):  # is_finite: 10**400 fits no float
             raise fail(f"must be a finite number in [{spec.min:g}, {spec.max:g}]")
-        return v
+        return float(value)
     if spec.type == "str":
         if not isinstance(value, str):
             raise fail("must be a string")

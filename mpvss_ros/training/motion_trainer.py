@@ -55,6 +55,7 @@ from ..propagation import QueryFlowPropagator
 from ..runtime.torch_backend import TorchBackend, to_channels_last
 from ..scheduling import FixedIntervalScheduler
 from ..segmenter import VideoSegmenter
+from ..values import shown
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .matcher import HungarianMatcher
 from .options import (check_at_least, check_crop, check_fractions, check_integers, check_numbers,
@@ -198,7 +199,7 @@ class MotionTrainOptions:
                                 note=", a video pair's two frames (leave it out for whole clips)")
         if self.videos is not None and (isinstance(self.videos, (str, os.PathLike)) or not all(
                 isinstance(v, (str, os.PathLike)) and str(v) for v in self.videos)):
-            raise ValueError(f"videos must be a list of paths (or None for the shared clips), got {self.videos!r}")
+            raise ValueError(f"videos must be a list of paths (or None for the shared clips), got {shown(self.videos)}")
 
 
 @dataclass

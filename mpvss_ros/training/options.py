@@ -7,10 +7,10 @@ the trainers call ``validate`` before any work, so a bad option costs nothing.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from ..values import INT64_MAX, INT64_MIN, fits_int64, is_finite, is_integer, is_real, shown
 
 __all__ = ["check_at_least", "check_crop", "check_fractions", "check_integers", "check_numbers",
            "check_optional_positive"]
@@ -21,20 +21,19 @@ def _flag(name: str) -> str:
     return f" (--{name.replace('_', '-')})"
 
 
-def _is_integer(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
-
-
 def check_integers(opts: Any, names: Iterable[str]) -> None:
-    """Each named setting of ``opts`` is an integer (not a bool).
+    """Each named setting of ``opts`` is an integer (not a bool) that fits in 64 bits (a seed, a
+    step count or a size past that fails in torch or in the run's JSON files, after work began).
 
     Raises:
         ValueError: the first setting that is not.
     """
     for name in names:
         value = getattr(opts, name)
-        if not _is_integer(value):
-            raise ValueError(f"{name} must be an integer, got {value!r}{_flag(name)}")
+        if not is_integer(value):
+            raise ValueError(f"{name} must be an integer, got {shown(value)}{_flag(name)}")
+        if not fits_int64(value):
+            raise ValueError(f"{name} must lie in [{INT64_MIN}, {INT64_MAX}] (64 bits), got {shown(value)}{_flag(name)}")
 
 
 def check_numbers(opts: Any, names: Iterable[str]) -> None:
@@ -45,8 +44,8 @@ def check_numbers(opts: Any, names: Iterable[str]) -> None:
     """
     for name in names:
         value = getattr(opts, name)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}{_flag(name)}")
+        if not (is_real(value) and is_finite(value)):  # 10**400: no float holds it
+            raise ValueError(f"{name} must be a finite number, got {shown(value)}{_flag(name)}")
 
 
 def check_at_least(opts: Any, lows: Mapping[str, float]) -> None:
@@ -57,7 +56,7 @@ def check_at_least(opts: Any, lows: Mapping[str, float]) -> None:
     """
     for name, low in lows.items():
         if getattr(opts, name) < low:
-            raise ValueError(f"{name} must be >= {low}, got {getattr(opts, name)!r}{_flag(name)}")
+            raise ValueError(f"{name} must be >= {low}, got {shown(getattr(opts, name))}{_flag(name)}")
 
 
 def check_fractions(opts: Any, notes: Mapping[str, str]) -> None:
@@ -69,7 +68,7 @@ def check_fractions(opts: Any, notes: Mapping[str, str]) -> None:
     """
     for name, note in notes.items():
         if not 0.0 <= getattr(opts, name) <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1]{note}, got {getattr(opts, name)!r}{_flag(name)}")
+            raise ValueError(f"{name} must be in [0, 1]{note}, got {shown(getattr(opts, name))}{_flag(name)}")
 
 
 def check_crop(crop: Any, minimum: int, why: str = "") -> None:
@@ -79,8 +78,8 @@ def check_crop(crop: Any, minimum: int, why: str = "") -> None:
         ValueError: ``crop`` is not two integers >= ``minimum``.
     """
     sides = tuple(crop) if isinstance(crop, (tuple, list)) else (crop,)
-    if len(sides) != 2 or not all(_is_integer(c) for c in sides) or min(sides) < minimum:
-        raise ValueError(f"crop must be (H, W) in pixels with both >= {minimum}{why}, got {crop!r} (--crop H W)")
+    if len(sides) != 2 or not all(is_integer(c) and fits_int64(c) for c in sides) or min(sides) < minimum:
+        raise ValueError(f"crop must be (H, W) in pixels with both >= {minimum}{why}, got {shown(crop)} (--crop H W)")
 
 
 def check_optional_positive(opts: Any, name: str, integer: bool = False, low: float = 0.0,
@@ -95,10 +94,10 @@ def check_optional_positive(opts: Any, name: str, integer: bool = False, low: fl
     if value is None:
         return
     if integer:
-        ok = _is_integer(value) and value >= low
+        ok = is_integer(value) and low <= value <= INT64_MAX
         bound = f">= {low:g}"
     else:
-        ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and low < value < math.inf
+        ok = is_real(value) and is_finite(value) and value > low
         bound = f"> {low:g}"
     if not ok:
-        raise ValueError(f"{name} must be {bound}{note}, got {value!r}{_flag(name)}")
+        raise ValueError(f"{name} must be {bound}{note}, got {shown(value)}{_flag(name)}")

@@ -61,7 +61,6 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
 import signal
 import threading
 import time
@@ -85,6 +84,7 @@ from ..model_loader import select_device
 from ..nn.backbones import MobileNetV2, load_imagenet_weights
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..paths import check_output_dir, make_output_dir, write_atomic
+from ..values import is_finite, is_real, shown
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .data import CamVidFrames, decode_frames
 from .matcher import FixedMatcher, HungarianMatcher
@@ -226,11 +226,11 @@ class TrainOptions:
                              "clip_grad_norm", "no_object_weight"))
         check_crop(self.crop, 32)
         scale = tuple(self.scale) if isinstance(self.scale, (tuple, list)) else (self.scale,)
-        if (len(scale) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in scale)
-                or not 0 < scale[0] <= scale[1] < math.inf):
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale!r}")
+        if (len(scale) != 2 or not all(is_real(v) and is_finite(v) for v in scale)
+                or not 0 < scale[0] <= scale[1]):
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, both finite, got {shown(self.scale)}")
         if self.matcher not in ("hungarian", "fixed"):
-            raise ValueError(f"matcher must be 'hungarian' or 'fixed', got {self.matcher!r}")
+            raise ValueError(f"matcher must be 'hungarian' or 'fixed', got {shown(self.matcher)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         check_at_least(self, {"steps": 1, "batch_size": 1, "num_points": 1, "warmup_steps": 0,

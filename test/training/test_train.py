@@ -722,6 +722,45 @@ def test_motion_options_refuse_bools_infinities_and_fractions(change, message):
         MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", **change).validate()
 
 
+_HUGE = 10**5000  # past Python's 4300-digit str() limit
+
+
+@pytest.mark.parametrize("change, message", [
+    pytest.param({"lr": 10**400}, "lr must be a finite number, got 1000", id="lr 10**400"),  # OverflowError
+    pytest.param({"lr": -_HUGE}, "lr must be a finite number, got an integer too long to print", id="lr -10**5000"),
+    pytest.param({"seed": 2**64 - 1}, r"seed must lie in \[-9223372036854775808, 9223372036854775807\] \(64 bits\), "
+                 "got 18446744073709551615 \\(--seed\\)", id="seed 2**64-1"),  # torch failed on seed + 1 mid-run
+    pytest.param({"steps": _HUGE}, "steps must lie in .* got an integer too long to print", id="steps 10**5000"),
+    pytest.param({"threads": -_HUGE}, "threads must lie in", id="threads -10**5000"),
+    pytest.param({"crop": (_HUGE, 64)}, "crop must be .* got a tuple holding an integer too long to print",
+                 id="crop 10**5000"),
+    pytest.param({"max_minutes": 10**400}, "max_minutes must be > 0", id="max_minutes 10**400"),
+    pytest.param({"max_minutes": _HUGE}, "max_minutes must be > 0 .*got an integer too long to print",
+                 id="max_minutes 10**5000"),
+])
+@pytest.mark.parametrize("stage", ["segmentor", "query_flow"])
+def test_options_past_a_float_or_64_bits_are_refused_by_name(change, message, stage):
+    """Numbers no float holds, integers past 64 bits and integers Python cannot print are refused
+    by the setting's name, as bad input elsewhere (OverflowError, str()'s own ValueError, or a torch
+    error after the run began, before)."""
+    if stage == "segmentor":
+        opts = TrainOptions(run_dir="x", **change)
+    else:
+        opts = MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", **change)
+    with pytest.raises(ValueError, match=message):
+        opts.validate()
+
+
+def test_a_stop_at_past_64_bits_is_refused():
+    with pytest.raises(ValueError, match="stop_at must be >= 1"):
+        TrainOptions(run_dir="x", stop_at=2**63).validate()
+
+
+def test_the_largest_64_bit_seed_is_taken():
+    TrainOptions(run_dir="x", seed=2**63 - 1).validate()
+    MotionTrainOptions(run_dir="r", init_checkpoint="c.pt", seed=2**63 - 1).validate()
+
+
 def test_motion_fractions_take_both_ends_of_zero_to_one():
     """video_fraction, synthetic_fraction, synthetic_travel and pseudo_label_confidence are in [0, 1],
     both ends included (all pairs from videos, every synthetic pair travelling)."""
