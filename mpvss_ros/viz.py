@@ -222,8 +222,8 @@ def legend_entries(labels: np.ndarray, num_classes: int,
             length ``K``.
     """
     _check_labels(labels)
-    if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")  # -1: numpy's words; 2.7: 2
+    if not (is_integer(num_classes) and num_classes >= 1):
+        raise ValueError(f"num_classes must be an integer >= 1, got {shown(num_classes)}")  # -1: numpy's words; 2.7: 2
     names = _names(class_names, int(num_classes))
     counts = _class_counts(labels, int(num_classes))
     return [(int(i), names[i]) for i in np.flatnonzero(counts)]
@@ -381,7 +381,7 @@ def draw_tag(image: np.ndarray, text: str, corner: str = "top-right",
         except TypeError:  # no sequence at all
             box = False
         if not box:
-            raise ValueError(f"avoid must be a box (x0, y0, x1, y1), got {avoid!r}")  # (1, 2) raised IndexError
+            raise ValueError(f"avoid must be a box (x0, y0, x1, y1), got {shown(avoid)}")  # (1, 2) raised IndexError
     h, w = image.shape[:2]
     scale, thick, text_h, text_base, pad = _text_metrics(h)
     line = _fit(_ascii(text), w - 4 * pad, scale, thick)
@@ -463,8 +463,8 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[in
         raise ValueError(f"labels {labels.shape} and image {image.shape[:2]} differ in size")
     try:
         alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int no float holds
+        raise ValueError(f"alpha must be a number in [0, 1], got {shown(alpha)}") from None
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if legend_corner not in LEGEND_CORNERS:  # places the tag too, with or without a legend

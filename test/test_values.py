@@ -65,9 +65,11 @@ def test_fits_int64_is_the_signed_64_bit_range():
 def test_callers_name_an_integer_too_long_to_print():
     """Each check that names the caller's integer in its message uses shown(): a negative integer
     past the digit limit gave str()'s own ValueError instead of the check's message."""
+    from mpvss_ros.evaluation.pair_table import PairTable
     from mpvss_ros.evaluation.study import load_sequence
     from mpvss_ros.io import check_pixel_limit
-    from mpvss_ros.viz import draw_legend, make_palette
+    from mpvss_ros.io.video import check_fps
+    from mpvss_ros.viz import draw_legend, legend_entries, make_palette, overlay
 
     huge = -(10**5000)
     with pytest.raises(ValueError, match="max_pixels must be a whole number of pixels >= 1, got an integer too long"):
@@ -79,3 +81,14 @@ def test_callers_name_an_integer_too_long_to_print():
         draw_legend(image, labels, make_palette(3), max_entries=huge)
     with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got an integer too long to print"):
         load_sequence(".", ".", num_classes=huge)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got an integer too long to print"):
+        legend_entries(labels, huge)
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got an integer too long to print"):
+        overlay(image, labels, make_palette(3), alpha=-huge)  # OverflowError escaped float()
+    for fps, words in ((10**400, "got 1000"), (-huge, "got an integer too long to print")):
+        with pytest.raises(ValueError, match=f"fps must be a positive finite number, {words}"):
+            check_fps(fps)  # 10**400: float() raised OverflowError
+    table = PairTable(np.zeros((3, 2, 2, 2), np.int64), "copy", "labels", ["a", "b"])
+    for keys in ([huge, 0], [0, -huge]):
+        with pytest.raises(ValueError, match="key frame an integer too long to print is outside the clip's 3 frames"):
+            table.confusion(keys)

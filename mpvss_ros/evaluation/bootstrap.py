@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..values import shown
 from .metrics import mean_iou_from_counts
 
 __all__ = ["circular_block_resamples", "paired_miou_difference"]
@@ -145,4 +146,4 @@ def _count(value: Any, name: str) -> int:
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        raise ValueError(f"{name} must be an integer, got {shown(value)}") from None

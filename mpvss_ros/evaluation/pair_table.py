@@ -37,6 +37,7 @@ from ..paths import write_atomic
 from ..propagation import Propagator, build_propagator
 from ..scheduling import FixedIntervalScheduler
 from ..segmenter import VideoSegmenter
+from ..values import shown
 from .metrics import ConfusionMatrix
 
 __all__ = ["PairTable", "build_pair_table", "local_search"]
@@ -96,11 +97,11 @@ class PairTable:
         """
         keys = _frame_indices(key_frames)
         if keys and keys[0] < 0:
-            raise ValueError(f"key frame {keys[0]} is outside the clip's {self.frames} frames")
+            raise ValueError(f"key frame {shown(keys[0])} is outside the clip's {self.frames} frames")
         if not keys or keys[0] != 0:
             raise ValueError("frame 0 must be a key frame")
         if keys[-1] >= self.frames:
-            raise ValueError(f"key frame {keys[-1]} is outside the clip's {self.frames} frames")
+            raise ValueError(f"key frame {shown(keys[-1])} is outside the clip's {self.frames} frames")
         ends = keys[1:] + [self.frames]
         if max(e - k for k, e in zip(keys, ends)) - 1 > self.horizon:
             raise ValueError(f"a frame is more than the table's horizon ({self.horizon}) from its key frame")
@@ -167,7 +168,7 @@ def _frame_indices(key_frames: Sequence[int]) -> list[int]:
     out = set()
     for k in key_frames:
         if isinstance(k, (bool, np.bool_)) or not hasattr(type(k), "__index__"):
-            raise ValueError(f"key frames must be integer frame indices, got {k!r}")
+            raise ValueError(f"key frames must be integer frame indices, got {shown(k)}")
         out.add(operator.index(k))
     return sorted(out)
 

@@ -29,6 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..values import shown
 from . import check_pixel_limit, pixel_excess
 from .jpeg import JpegError, decode_jpeg, is_jpeg
 
@@ -521,11 +522,13 @@ def check_fps(fps: float) -> float:
     try:
         value = float(fps)
     except (TypeError, ValueError):
-        raise ValueError(f"fps must be a positive number, got {fps!r}") from None
+        raise ValueError(f"fps must be a positive number, got {shown(fps)}") from None
+    except OverflowError:  # an int no float holds
+        value = math.inf if fps > 0 else -math.inf
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"fps must be a positive finite number, got {fps!r}")
+        raise ValueError(f"fps must be a positive finite number, got {shown(fps)}")
     if not FPS_RANGE[0] <= value <= FPS_RANGE[1]:
-        raise ValueError(f"fps must be in [{FPS_RANGE[0]:g}, {FPS_RANGE[1]:g}] frames/s, got {fps!r}")
+        raise ValueError(f"fps must be in [{FPS_RANGE[0]:g}, {FPS_RANGE[1]:g}] frames/s, got {shown(fps)}")
     return value
 
 
@@ -741,9 +744,9 @@ class VideoWriter:
         try:
             w, h = (int(v) for v in size)
         except (TypeError, ValueError):
-            raise ValueError(f"size must be (W, H), got {size!r}") from None
+            raise ValueError(f"size must be (W, H), got {shown(size)}") from None
         if w <= 0 or h <= 0:
-            raise ValueError(f"size must be positive (W, H), got {size!r}")
+            raise ValueError(f"size must be positive (W, H), got {shown(size)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # OpenCV's FFmpeg writer rounds odd sizes down (``width &= -2``): the frame's last column or
         # row would be lost without a word (and 1 x 1 fails). Encode at the even size above instead.
