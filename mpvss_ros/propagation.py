@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .nn.mpvss import MPVSS, KeyFrameState
 from .nn.warp import compose_flows, warp_mask_logits
+from .values import shown
 
 if TYPE_CHECKING:
     from .runtime.base import Backend
@@ -223,13 +224,13 @@ class OpticalFlowPropagator(Propagator):
             raise ValueError(f"DIS preset must be one of {', '.join(DIS_PRESETS)}, got {preset!r}")
         lo, hi = OPTICAL_FLOW_SCALE_RANGE
         if not lo <= flow_scale <= hi:
-            raise ValueError(f"flow_scale must be in [{lo:g}, {hi:g}], got {flow_scale}")
+            raise ValueError(f"flow_scale must be in [{lo:g}, {hi:g}], got {shown(flow_scale)}")
         if grid_stride is not None and grid_stride < 1:
-            raise ValueError(f"grid_stride must be >= 1 or None, got {grid_stride}")
+            raise ValueError(f"grid_stride must be >= 1 or None, got {shown(grid_stride)}")
         if grid_stride is not None and grid_stride * flow_scale < 1:
             # pool_flow only averages onto a grid no finer than the flow's (canvas x flow_scale)
             raise ValueError(f"grid_stride must be >= 1 / flow_scale = {1 / flow_scale:g} (the flow is computed at "
-                             f"{flow_scale:g} of the canvas), got {grid_stride}")
+                             f"{flow_scale:g} of the canvas), got {shown(grid_stride)}")
         self.method = method
         self.flow_scale = flow_scale
         self.grid_stride = grid_stride

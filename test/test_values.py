@@ -65,7 +65,11 @@ def test_fits_int64_is_the_signed_64_bit_range():
 def test_callers_name_an_integer_too_long_to_print():
     """Each check that names the caller's integer in its message uses shown(): a negative integer
     past the digit limit gave str()'s own ValueError instead of the check's message."""
+    from mpvss_ros.evaluation.bootstrap import circular_block_resamples
     from mpvss_ros.evaluation.pair_table import PairTable
+    from mpvss_ros.propagation import OpticalFlowPropagator
+    from mpvss_ros.runtime.base import SizeCache
+    from mpvss_ros.runtime.cache import prune_cache
     from mpvss_ros.evaluation.study import load_sequence
     from mpvss_ros.io import check_pixel_limit
     from mpvss_ros.io.video import check_fps
@@ -88,6 +92,19 @@ def test_callers_name_an_integer_too_long_to_print():
     for fps, words in ((10**400, "got 1000"), (-huge, "got an integer too long to print")):
         with pytest.raises(ValueError, match=f"fps must be a positive finite number, {words}"):
             check_fps(fps)  # 10**400: float() raised OverflowError
+    for kwargs, words in (({"frames": huge, "block": 1, "samples": 1}, "frames must be >= 1"),
+                          ({"frames": 3, "block": huge, "samples": 1}, r"block must be in 1\.\.3"),
+                          ({"frames": 3, "block": 1, "samples": huge}, "samples must be >= 1")):
+        with pytest.raises(ValueError, match=f"{words}.*, got an integer too long to print"):
+            circular_block_resamples(**kwargs)
+    with pytest.raises(ValueError, match="grid_stride must be >= 1 or None, got an integer too long to print"):
+        OpticalFlowPropagator(grid_stride=huge)
+    with pytest.raises(ValueError, match=r"flow_scale must be in \[.*\], got an integer too long to print"):
+        OpticalFlowPropagator(flow_scale=-huge)
+    with pytest.raises(ValueError, match="capacity must be >= 1, got an integer too long to print"):
+        SizeCache(capacity=huge)
+    with pytest.raises(ValueError, match="max_bytes must be >= 0, got an integer too long to print"):
+        prune_cache(".", huge)
     table = PairTable(np.zeros((3, 2, 2, 2), np.int64), "copy", "labels", ["a", "b"])
     for keys in ([huge, 0], [0, -huge]):
         with pytest.raises(ValueError, match="key frame an integer too long to print is outside the clip's 3 frames"):

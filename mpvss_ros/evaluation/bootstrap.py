@@ -51,11 +51,11 @@ def circular_block_resamples(frames: int, block: int, samples: int, seed: int = 
     """
     frames, block, samples = _count(frames, "frames"), _count(block, "block"), _count(samples, "samples")
     if frames < 1:
-        raise ValueError(f"frames must be >= 1, got {frames}")
+        raise ValueError(f"frames must be >= 1, got {shown(frames)}")
     if not 1 <= block <= frames:
-        raise ValueError(f"block must be in 1..{frames} (the clip's frames), got {block}")
+        raise ValueError(f"block must be in 1..{shown(frames)} (the clip's frames), got {shown(block)}")
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise ValueError(f"samples must be >= 1, got {shown(samples)}")
     rng = np.random.default_rng(seed)
     blocks = -(-frames // block)
     starts = rng.integers(0, frames, size=(samples, blocks))

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..values import shown
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no cross-process lock (exports may then run twice, harmlessly)
@@ -273,7 +275,7 @@ def prune_cache(cache_dir: str | Path | None = None, max_bytes: int = DEFAULT_MA
         ValueError: ``max_bytes`` < 0.
     """
     if max_bytes < 0:
-        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        raise ValueError(f"max_bytes must be >= 0, got {shown(max_bytes)}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     now = time.time() if now is None else now
     _remove_stale_temps(root, now)

@@ -70,6 +70,7 @@ from ..nn.motion import flow_grid_size
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..nn.warp import warp_mask_logits
 from ..paths import make_output_dir, write_atomic
+from ..values import shown
 from .base import MIN_GRAPH_SIDE, padded_size
 from .cache import EXPORT_TEMP_PREFIX, build_lock, default_cache_dir, mark_used, prune_to_budget
 
@@ -504,7 +505,7 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
         valid_hw = (int(cfg.input.size[0]), int(cfg.input.size[1]))
     valid_hw = (int(valid_hw[0]), int(valid_hw[1]))
     if min(valid_hw) < MIN_GRAPH_SIDE:
-        raise ValueError(f"export size must be at least {MIN_GRAPH_SIDE}x{MIN_GRAPH_SIDE}, got {valid_hw[0]}x{valid_hw[1]} "
+        raise ValueError(f"export size must be at least {MIN_GRAPH_SIDE}x{MIN_GRAPH_SIDE}, got {shown(valid_hw[0])}x{shown(valid_hw[1])} "
                          f"(a frame this thin once letterboxed to the model's canvas needs the torch backend: "
                          f"fixed-shape graphs need {MIN_GRAPH_SIDE} pixels a side)")
     padded = padded_size(valid_hw, cfg.input.size_divisibility)

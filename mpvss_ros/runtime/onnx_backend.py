@@ -29,6 +29,7 @@ from ..checkpoints import first_line
 from ..devices import as_torch_device
 from ..nn.mpvss import KeyFrameState
 from ..nn.warp import warp_mask_logits
+from ..values import shown
 from .base import Backend, BackendUnavailable, Missing, SizeCache, check_precision, nan_unless_finite
 from .export import KEY_OUTPUTS, GraphSource, read_contract
 
@@ -124,7 +125,7 @@ def make_session(path: str | Path, threads: int | None = None, device: str | tor
     so.inter_op_num_threads = 1
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise ValueError(f"threads must be >= 1, got {shown(threads)}")
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
     # onnxruntime's intra-op workers spin-wait after each run by default. Between runs this process
