@@ -95,7 +95,7 @@ def check_optional_positive(opts: Any, name: str, integer: bool = False, low: fl
         return
     if integer:
         ok = is_integer(value) and low <= value <= INT64_MAX
-        bound = f">= {low:g}"
+        bound = f"at most {INT64_MAX} (64 bits)" if is_integer(value) and value > INT64_MAX else f">= {low:g}"
     else:
         ok = is_real(value) and is_finite(value) and value > low
         bound = f"> {low:g}"
