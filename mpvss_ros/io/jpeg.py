@@ -224,16 +224,19 @@ def _decode_with_opencv(data: Any, check_size: Callable[[int, int], None] | None
     header_size = _header_size(raw)
     if check_size is not None and header_size is not None:
         check_size(*header_size)
-    flags = cv2.IMREAD_COLOR if apply_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    # as stored, then oriented by exif_orientation as the simplejpeg path is: OpenCV's own EXIF
+    # reader takes an Orientation entry of the wrong type (ASCII) as a SHORT, Pillow's refuses it, and
+    # a frame's orientation must not depend on which decoder ran
     try:
-        bgr = cv2.imdecode(buf, flags)
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as exc:
         raise JpegDataError("OpenCV cannot decode it", str(exc)) from None
     if bgr is None or bgr.size == 0:
         raise JpegDataError("OpenCV cannot decode it")
     if check_size is not None and header_size is None:
         check_size(int(bgr.shape[0]), int(bgr.shape[1]))
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return orient(rgb, exif_orientation(raw)) if apply_orientation else rgb
 
 
 def _scan_start(raw: bytes) -> int:
@@ -277,7 +280,9 @@ def exif_orientation(data: Any) -> int:
     segment) counts, as for OpenCV: an XMP ``tiff:Orientation``, which ``PIL.Image.getexif``
     would fall back on, is ignored, and so is Pillow's decompression-bomb limit (the frame size
     is the caller's ``check_size``). Bytes Pillow's JPEG reader cannot parse, a malformed EXIF
-    block, or a value outside 1-8 give 1, as OpenCV then leaves the image as stored.
+    block, or a value outside 1-8 give 1, as OpenCV then leaves the image as stored. (An
+    ``Orientation`` entry of another type than SHORT is malformed too and gives 1; OpenCV's own
+    reader takes its bytes as a SHORT. Both decoders of :func:`decode_jpeg` follow this function.)
 
     Args:
         data: the JPEG's bytes (bytes-like or a 1-D ``uint8`` array; Pillow reads a copy).

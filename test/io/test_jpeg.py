@@ -18,7 +18,7 @@ from PIL import Image
 from helpers import exif_tiff, with_exif_orientation
 
 from mpvss_ros.io import jpeg
-from mpvss_ros.io.jpeg import JpegDataError, JpegHeaderError, decode_jpeg, exif_orientation, is_jpeg
+from mpvss_ros.io.jpeg import JpegDataError, JpegHeaderError, decode_jpeg, exif_orientation, is_jpeg, orient
 
 H, W = 37, 51  # odd: the edges of subsampled chroma
 
@@ -83,6 +83,18 @@ def test_exif_orientation_is_applied_as_opencv_applies_it_and_only_when_asked(or
     np.testing.assert_array_equal(out, expected)
     as_stored = _opencv_rgb(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     np.testing.assert_array_equal(decode_jpeg(data), as_stored)
+
+
+def test_an_orientation_entry_of_the_wrong_type_leaves_the_image_as_stored_with_both_decoders(decoder):
+    """An Orientation entry typed ASCII (damaged; EXIF wants SHORT) is malformed: exif_orientation
+    says 1. OpenCV's own EXIF reader takes its bytes as a SHORT (5 here: transposed), so the OpenCV
+    fallback transposed the frame while simplejpeg did not; both follow exif_orientation now."""
+    data = with_exif_orientation(_jpeg(_gradient()), 5)
+    typed_ascii = data.replace(b"\x12\x01\x03\x00", b"\x12\x01\x02\x00", 1)
+    assert typed_ascii != data and exif_orientation(typed_ascii) == 1
+    assert _opencv_rgb(typed_ascii).shape[:2] == (W, H)  # OpenCV alone would transpose it
+    out = decode_jpeg(typed_ascii, apply_orientation=True)
+    np.testing.assert_array_equal(out, _opencv_rgb(typed_ascii, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION))
 
 
 def _app1(payload: bytes) -> bytes:
@@ -567,7 +579,9 @@ def test_random_valid_and_damaged_jpegs_decode_as_documented_or_raise_jpeg_error
         assert out.shape == (*(sizes[0][::-1] if apply_orientation and exif_orientation(damaged) >= 5 else sizes[0]), 3)
         if strict:  # libjpeg found nothing corrupt, and OpenCV's libjpeg-turbo gives the same pixels
             assert _libjpeg_damage(damaged) is None
-            np.testing.assert_array_equal(out, _opencv_rgb(damaged, cv2.IMREAD_COLOR if apply_orientation else as_stored))
+            stored = _opencv_rgb(damaged, as_stored)  # oriented by exif_orientation, as both decoders do:
+            # OpenCV's own reader would take a damaged Orientation entry of type ASCII as a SHORT
+            np.testing.assert_array_equal(out, orient(stored, exif_orientation(damaged)) if apply_orientation else stored)
     fill = data.draw(st.integers(0, 64), label="zero fill before the end marker")
     # zero fill changes nothing on a JPEG that decodes (on a refused one it may stand in for lost scan
     # bytes, which libjpeg cannot tell apart: the module docstring says so)
