@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .nn.mpvss import MPVSS, KeyFrameState
 from .nn.warp import compose_flows, warp_mask_logits
-from .values import shown
+from .values import is_finite, is_real, shown
 
 if TYPE_CHECKING:
     from .runtime.base import Backend
@@ -223,10 +223,10 @@ class OpticalFlowPropagator(Propagator):
         if preset not in DIS_PRESETS:
             raise ValueError(f"DIS preset must be one of {', '.join(DIS_PRESETS)}, got {preset!r}")
         lo, hi = OPTICAL_FLOW_SCALE_RANGE
-        if not lo <= flow_scale <= hi:
+        if not (is_real(flow_scale) and lo <= flow_scale <= hi):
             raise ValueError(f"flow_scale must be in [{lo:g}, {hi:g}], got {shown(flow_scale)}")
-        if grid_stride is not None and grid_stride < 1:
-            raise ValueError(f"grid_stride must be >= 1 or None, got {shown(grid_stride)}")
+        if grid_stride is not None and not (is_real(grid_stride) and is_finite(grid_stride) and grid_stride >= 1):
+            raise ValueError(f"grid_stride must be a finite number >= 1 or None, got {shown(grid_stride)}")
         if grid_stride is not None and grid_stride * flow_scale < 1:
             # pool_flow only averages onto a grid no finer than the flow's (canvas x flow_scale)
             raise ValueError(f"grid_stride must be >= 1 / flow_scale = {1 / flow_scale:g} (the flow is computed at "

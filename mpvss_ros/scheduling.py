@@ -128,17 +128,18 @@ class SceneScorer:
         thumb_width: thumbnail width in pixels (height keeps the aspect ratio).
         pixel_scale: pixel change that counts as a full scene change, as a fraction of the grey
             range 0..255 (see module docstring).
-        bins: grey-histogram bins.
+        bins: grey-histogram bins, 2..256 (one per grey level at most; OpenCV's calcHist takes no
+            count past an int).
 
     Raises:
         ValueError: ``thumb_width`` not an integer >= 4, ``pixel_scale`` not finite and > 0, or
-            ``bins`` not an integer >= 2.
+            ``bins`` not an integer in 2..256.
     """
 
     def __init__(self, thumb_width: int = 64, pixel_scale: float = 0.25, bins: int = 32) -> None:
-        if not (_is_count(thumb_width, 4) and _is_count(bins, 2) and is_real(pixel_scale)
+        if not (_is_count(thumb_width, 4) and _is_count(bins, 2) and bins <= 256 and is_real(pixel_scale)
                 and is_finite(pixel_scale) and pixel_scale > 0):
-            raise ValueError(f"thumb_width (an integer >= 4), pixel_scale (finite, > 0) and bins (an integer >= 2) "
+            raise ValueError(f"thumb_width (an integer >= 4), pixel_scale (finite, > 0) and bins (an integer in 2..256) "
                              f"are required, got {shown(thumb_width)}, {shown(pixel_scale)}, {shown(bins)}")
         self.thumb_width = thumb_width
         self.pixel_scale = pixel_scale
@@ -231,7 +232,7 @@ class KeyFrameScheduler(ABC):
     """
 
     def __init__(self, max_gap_s: float = 1.0, scorer: SceneScorer | None = None) -> None:
-        if not max_gap_s > 0:
+        if not (is_real(max_gap_s) and max_gap_s > 0):  # inf (or 10**400): no gap limit
             raise ValueError(f"max_gap_s must be > 0, got {shown(max_gap_s)}")
         self.max_gap_s = max_gap_s
         self.scorer = scorer or SceneScorer()
@@ -263,7 +264,7 @@ class KeyFrameScheduler(ABC):
         Raises:
             ValueError: a non-finite stamp (it would disable both time checks from then on).
         """
-        if not is_finite(stamp):
+        if not (is_real(stamp) and is_finite(stamp)):
             raise ValueError(f"stamp must be a finite number of seconds, got {shown(stamp)}")
         self._frames_seen += 1
         thumb, hist = self.scorer.thumbnail(frame)
@@ -370,9 +371,9 @@ class AdaptiveScheduler(KeyFrameScheduler):
     def __init__(self, scene_threshold: float = 0.5, min_interval: int = 1, max_interval: int = 10,
                  max_gap_s: float = 1.0, scorer: SceneScorer | None = None,
                  cut_threshold: float = DEFAULT_CUT_THRESHOLD) -> None:
-        if not (scene_threshold > 0 and is_finite(scene_threshold)):
+        if not (is_real(scene_threshold) and scene_threshold > 0 and is_finite(scene_threshold)):
             raise ValueError(f"scene_threshold must be > 0 and finite, got {shown(scene_threshold)}")
-        if not (cut_threshold > 0 and is_finite(cut_threshold)):
+        if not (is_real(cut_threshold) and cut_threshold > 0 and is_finite(cut_threshold)):
             raise ValueError(f"cut_threshold must be > 0 and finite, got {shown(cut_threshold)}")
         if not (_is_count(min_interval, 1) and _is_count(max_interval, 1) and min_interval <= max_interval):
             raise ValueError(f"need 1 <= min_interval <= max_interval (the command line's --max-interval), got "

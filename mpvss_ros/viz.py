@@ -16,7 +16,6 @@ The tag (:func:`draw_tag`, beside the legend) tells propagated frames from key f
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ import cv2
 import numpy as np
 
 from .config import default_class_names
-from .values import is_integer, shown
+from .values import INT64_MAX, is_finite, is_integer, is_real, shown
 
 __all__ = [
     "make_palette",
@@ -222,8 +221,8 @@ def legend_entries(labels: np.ndarray, num_classes: int,
             length ``K``.
     """
     _check_labels(labels)
-    if not (is_integer(num_classes) and num_classes >= 1):
-        raise ValueError(f"num_classes must be an integer >= 1, got {shown(num_classes)}")  # -1: numpy's words; 2.7: 2
+    if not (is_integer(num_classes) and 1 <= num_classes <= _MAX_GENERATED):  # 2**31 built as many names
+        raise ValueError(f"num_classes must be an integer >= 1 and at most {_MAX_GENERATED}, got {shown(num_classes)}")
     names = _names(class_names, int(num_classes))
     counts = _class_counts(labels, int(num_classes))
     return [(int(i), names[i]) for i in np.flatnonzero(counts)]
@@ -372,12 +371,12 @@ def draw_tag(image: np.ndarray, text: str, corner: str = "top-right",
         too small for it or it has no room beside ``avoid``.
 
     Raises:
-        ValueError: bad image or corner, or an ``avoid`` that is not four numbers.
+        ValueError: bad image or corner, or an ``avoid`` that is not four finite numbers.
     """
     _check_drawable(image, corner, "draw_tag")
     if avoid is not None:
         try:
-            box = len(avoid) == 4 and all(isinstance(v, numbers.Real) for v in avoid)
+            box = len(avoid) == 4 and all(is_real(v) and is_finite(v) for v in avoid)
         except TypeError:  # no sequence at all
             box = False
         if not box:
@@ -409,12 +408,13 @@ def frame_tag(is_key_frame: bool, frames_since_key: int) -> str:
     frame), so that warped labels are told from inferred ones at a glance.
 
     Raises:
-        ValueError: a non-key frame ``frames_since_key`` < 1 frames after its key frame.
+        ValueError: a non-key frame whose ``frames_since_key`` is not an integer in 1..2**63 - 1.
     """
     if is_key_frame:
         return "key frame"
-    if int(frames_since_key) < 1:
-        raise ValueError(f"a propagated frame comes at least 1 frame after its key frame, got {frames_since_key}")
+    if not (is_integer(frames_since_key) and 1 <= frames_since_key <= INT64_MAX):
+        raise ValueError(f"a propagated frame comes at least 1 frame after its key frame (frames_since_key, an "
+                         f"integer), got {shown(frames_since_key)}")
     return f"propagated +{int(frames_since_key)}"
 
 
@@ -461,12 +461,11 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[in
     _check_labels(labels)
     if labels.shape != image.shape[:2]:
         raise ValueError(f"labels {labels.shape} and image {image.shape[:2]} differ in size")
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int no float holds
-        raise ValueError(f"alpha must be a number in [0, 1], got {shown(alpha)}") from None
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not is_real(alpha):  # text, None, a bool
+        raise ValueError(f"alpha must be a number in [0, 1], got {shown(alpha)}")
+    if not 0.0 <= alpha <= 1.0:  # NaN too; an int past a float's range compares exactly
+        raise ValueError(f"alpha must be in [0, 1], got {shown(alpha)}")
+    alpha = float(alpha)
     if legend_corner not in LEGEND_CORNERS:  # places the tag too, with or without a legend
         raise ValueError(f"legend_corner must be one of {LEGEND_CORNERS}, got {legend_corner!r}")
     pal = _as_palette(palette)

@@ -27,10 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from ..values import shown
+from ..values import INT64_MAX, is_integer, is_real, shown
 from .metrics import mean_iou_from_counts
 
 __all__ = ["circular_block_resamples", "paired_miou_difference"]
+
+#: Most resampled frame indices (samples x frames) one call holds: about 270 MB of int64 per array
+#: (2000 resamples of a 101-frame clip, the study's, are 202,000).
+MAX_RESAMPLED_FRAMES = 2**25
 
 
 def circular_block_resamples(frames: int, block: int, samples: int, seed: int = 0) -> np.ndarray:
@@ -40,14 +44,16 @@ def circular_block_resamples(frames: int, block: int, samples: int, seed: int = 
         frames: T >= 1, the clip's length.
         block: L, 1 <= L <= T, frames per block (L = 1 is the ordinary bootstrap).
         samples: S >= 1 resamples.
-        seed: seed of numpy's default generator; the same arguments give the same indices.
+        seed: seed of numpy's default generator, an integer in [0, 2**63 - 1]; the same
+            arguments give the same indices.
 
     Returns:
         (S, T) int64 indices in ``0..T-1``: each row is ``ceil(T / L)`` runs ``s, s+1, ...,
         s+L-1`` (mod T) with uniform starts ``s``, concatenated and cut to T.
 
     Raises:
-        ValueError: an argument outside the ranges above.
+        ValueError: an argument outside the ranges above (bools are no integers), or samples x
+            frames above :data:`MAX_RESAMPLED_FRAMES`.
     """
     frames, block, samples = _count(frames, "frames"), _count(block, "block"), _count(samples, "samples")
     if frames < 1:
@@ -56,6 +62,12 @@ def circular_block_resamples(frames: int, block: int, samples: int, seed: int = 
         raise ValueError(f"block must be in 1..{shown(frames)} (the clip's frames), got {shown(block)}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {shown(samples)}")
+    if samples * frames > MAX_RESAMPLED_FRAMES:
+        raise ValueError(f"samples x frames must be at most {MAX_RESAMPLED_FRAMES} (the resamples' indices are "
+                         f"held in memory), got samples {shown(samples)} x frames {shown(frames)}")
+    seed = _count(seed, "seed")
+    if not 0 <= seed <= INT64_MAX:
+        raise ValueError(f"seed must be in [0, {INT64_MAX}], got {shown(seed)}")
     rng = np.random.default_rng(seed)
     blocks = -(-frames // block)
     starts = rng.integers(0, frames, size=(samples, blocks))
@@ -109,14 +121,20 @@ def paired_miou_difference(frame_counts_a: np.ndarray, frame_counts_b: np.ndarra
             raise ValueError(f"setting {name}'s counts are not (TP, GT, Pred): a TP_c exceeds GT_c or Pred_c")
     if not np.array_equal(a[:, 1], b[:, 1]):
         raise ValueError("the two settings' frames differ in their ground-truth pixels: not the same frames")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    if not (is_real(level) and 0.0 < level < 1.0):
+        raise ValueError(f"level must be in (0, 1), got {shown(level)}")
     frames, k = a.shape[0], a.shape[2]
     block, samples = _count(block, "block"), _count(samples, "samples")
     if block < 1:
-        raise ValueError(f"block must be in 1..{frames} (the clip's frames), got {block}")
+        raise ValueError(f"block must be in 1..{frames} (the clip's frames), got {shown(block)}")
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise ValueError(f"samples must be >= 1, got {shown(samples)}")
+    if samples * frames > MAX_RESAMPLED_FRAMES:
+        raise ValueError(f"samples x frames must be at most {MAX_RESAMPLED_FRAMES} (the resamples' indices are "
+                         f"held in memory), got samples {shown(samples)} x frames {frames}")
+    seed = _count(seed, "seed")
+    if not 0 <= seed <= INT64_MAX:
+        raise ValueError(f"seed must be in [0, {INT64_MAX}], got {shown(seed)}")
     blocks = -(-frames // block)
     delta = 100.0 * float(mean_iou_from_counts(a.sum(axis=0)) - mean_iou_from_counts(b.sum(axis=0)))
     out: dict[str, Any] = {"delta": delta, "ci": [float("nan")] * 2, "share_a_better": float("nan"),
@@ -142,8 +160,7 @@ def paired_miou_difference(frame_counts_a: np.ndarray, frame_counts_b: np.ndarra
 
 
 def _count(value: Any, name: str) -> int:
-    """``value`` as an int (an integral number only), for :func:`circular_block_resamples`'s checks."""
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {shown(value)}") from None
+    """``value`` as an int (an integer, not a bool), for :func:`circular_block_resamples`'s checks."""
+    if not is_integer(value):
+        raise ValueError(f"{name} must be an integer, got {shown(value)}")
+    return operator.index(value)

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import default_class_names
+from ..config import MAX_CLASSES, default_class_names
+from ..values import is_integer, shown
 
 __all__ = ["IGNORE_INDEX", "ConfusionMatrix", "VideoConsistency", "class_counts", "iou_from_counts", "iou_of", "mean_iou",
            "mean_iou_from_counts", "video_consistency"]
@@ -34,6 +35,8 @@ __all__ = ["IGNORE_INDEX", "ConfusionMatrix", "VideoConsistency", "class_counts"
 #: Label value of pixels that are not scored or trained on (ground truth, training targets,
 #: low-confidence pseudo-labels); CamVid's void class K = 11 is ignored by range as well.
 IGNORE_INDEX = 255
+#: Longest VC window (frames); VSPW uses 8 and 16. n + 1 frames are held in memory.
+MAX_VC_WINDOW = 4096
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -163,12 +166,15 @@ class ConfusionMatrix:
             ``0..K-1`` is ignored too, so the raw CamVid void label 11 needs no remapping.
 
     Raises:
-        ValueError: ``num_classes < 1``.
+        ValueError: ``num_classes`` not an integer in 1..:data:`~mpvss_ros.config.MAX_CLASSES` (a
+            K x K matrix is allocated), or ``ignore_index`` not an integer.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not (is_integer(num_classes) and 1 <= num_classes <= MAX_CLASSES):
+            raise ValueError(f"num_classes must be an integer in 1..{MAX_CLASSES}, got {shown(num_classes)}")
+        if not is_integer(ignore_index):
+            raise ValueError(f"ignore_index must be an integer, got {shown(ignore_index)}")
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)
         self.mat = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
@@ -320,12 +326,12 @@ class VideoConsistency:
         n: window length (8 and 16 in the VSPW protocol), >= 2.
 
     Raises:
-        ValueError: ``n < 2``.
+        ValueError: ``n`` not an integer in 2..:data:`MAX_VC_WINDOW`.
     """
 
     def __init__(self, n: int) -> None:
-        if n < 2:
-            raise ValueError(f"VC window n must be >= 2, got {n}")
+        if not (is_integer(n) and 2 <= n <= MAX_VC_WINDOW):
+            raise ValueError(f"VC window n must be an integer in 2..{MAX_VC_WINDOW}, got {shown(n)}")
         self.n = int(n)
         self.window_acc: list[float] = []
         self._frames: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=self.n + 1)

@@ -37,7 +37,7 @@ from ..paths import write_atomic
 from ..propagation import Propagator, build_propagator
 from ..scheduling import FixedIntervalScheduler
 from ..segmenter import VideoSegmenter
-from ..values import shown
+from ..values import is_integer, shown
 from .metrics import ConfusionMatrix
 
 __all__ = ["PairTable", "build_pair_table", "local_search"]
@@ -241,7 +241,16 @@ def local_search(table: PairTable, key_frames: Sequence[int], max_gap: int | Non
 
     Returns:
         (key frames, mIoU in percent).
+
+    Raises:
+        ValueError: ``max_gap`` neither None nor an integer >= 1, a move that is no integer, or
+            ``key_frames`` refused by :meth:`PairTable.confusion`.
     """
+    if max_gap is not None and not (is_integer(max_gap) and max_gap >= 1):
+        raise ValueError(f"max_gap must be None or an integer >= 1 (frames), got {shown(max_gap)}")
+    if not all(is_integer(m) for m in moves):
+        raise ValueError(f"moves must be integers (frames), got {shown(moves)}")
+    moves = [operator.index(m) for m in moves]  # Python ints: a numpy move would wrap past int64
     max_gap = table.horizon + 1 if max_gap is None else min(max_gap, table.horizon + 1)
     keys = _frame_indices(key_frames)
     best = table.confusion(keys).miou()

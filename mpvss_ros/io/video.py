@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..values import shown
+from ..values import is_integer, is_real, shown
 from . import check_pixel_limit, pixel_excess
 from .jpeg import JpegError, decode_jpeg, is_jpeg
 
@@ -65,6 +65,9 @@ FPS_RANGE = (1e-3, 1e5)
 #: Failed reads in a row, before the container's last frame, after which a video is taken as
 #: ending there (single damaged frames are skipped).
 MAX_BAD_READS = 50
+#: Largest side (pixels) of a video VideoWriter writes: MPEG-4 Part 2 and MJPEG code a side in
+#: 16 bits, and OpenCV takes no size past an int32.
+MAX_VIDEO_SIDE = 65535
 
 # Codec per output suffix for VideoWriter (FourCC); all four are available in opencv-python.
 _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
@@ -519,10 +522,10 @@ def check_fps(fps: float) -> float:
     Raises:
         ValueError: not a number, not finite and positive, or outside :data:`FPS_RANGE`.
     """
+    if not is_real(fps):  # text, None, a bool
+        raise ValueError(f"fps must be a positive number, got {shown(fps)}")
     try:
         value = float(fps)
-    except (TypeError, ValueError):
-        raise ValueError(f"fps must be a positive number, got {shown(fps)}") from None
     except OverflowError:  # an int no float holds
         value = math.inf if fps > 0 else -math.inf
     if not math.isfinite(value) or value <= 0:
@@ -742,11 +745,14 @@ class VideoWriter:
 
     def _open(self, size: tuple[int, int]) -> None:
         try:
-            w, h = (int(v) for v in size)
+            w, h = size
         except (TypeError, ValueError):
             raise ValueError(f"size must be (W, H), got {shown(size)}") from None
-        if w <= 0 or h <= 0:
-            raise ValueError(f"size must be positive (W, H), got {shown(size)}")
+        if not (is_integer(w) and is_integer(h)):  # 16.7 was written as 16
+            raise ValueError(f"size must be (W, H) in whole pixels, got {shown(size)}")
+        if not (0 < w <= MAX_VIDEO_SIDE and 0 < h <= MAX_VIDEO_SIDE):  # OpenCV takes no side past an int32
+            raise ValueError(f"size must be positive (W, H), each at most {MAX_VIDEO_SIDE} pixels, got {shown(size)}")
+        w, h = int(w), int(h)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # OpenCV's FFmpeg writer rounds odd sizes down (``width &= -2``): the frame's last column or
         # row would be lost without a word (and 1 x 1 fails). Encode at the even size above instead.

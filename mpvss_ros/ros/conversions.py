@@ -38,13 +38,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..io import DEFAULT_MAX_IMAGE_PIXELS, pixel_excess
+from ..io import DEFAULT_MAX_IMAGE_PIXELS, check_pixel_limit, pixel_excess
 from ..io.jpeg import STRICT_JPEG, JpegError, decode_jpeg, is_jpeg
 from ..io.video import PNG_SIGNATURE, decoded_to_rgb, png_damage, png_size
 from ..viz import colorize, frame_tag, overlay
 
 from ..segmenter import class_masks_from_labels  # noqa: F401  (re-exported: the one implementation)
-from ..values import is_integer, shown
+from ..values import is_finite, is_integer, is_real, shown
 
 __all__ = [
     "ConversionError",
@@ -282,6 +282,10 @@ def _int_field(msg: Any, name: str) -> int:
 
 
 def _check_pixels(height: int, width: int, max_pixels: int | None, what: str) -> None:
+    try:
+        max_pixels = check_pixel_limit(max_pixels, "max_pixels")
+    except ValueError as exc:  # the caller's limit, not the message: still a ConversionError
+        raise ConversionError(str(exc)) from None
     excess = pixel_excess(height, width, max_pixels)
     if excess is not None:
         raise ConversionError(f"{what} is {excess} (the node's max_image_pixels, mpvss bag's --max-image-pixels)")
@@ -537,11 +541,12 @@ def seconds_to_stamp(time_cls: type, t: float) -> Any:
     999999999 ns.
 
     Raises:
-        ConversionError: ``t`` is not finite, or outside the int32 seconds of a stamp.
+        ConversionError: ``t`` is not a finite number (a bool neither), or outside the int32
+            seconds of a stamp.
     """
+    if not (is_real(t) and is_finite(t)):  # is_finite: 10**400 fits no float
+        raise ConversionError(f"cannot convert {shown(t)} to a stamp: not a finite number of seconds")
     t = float(t)
-    if not math.isfinite(t):
-        raise ConversionError(f"cannot convert a non-finite time {t} to a stamp")
     if not -2.0**31 <= t <= 2.0**31:
         raise ConversionError(f"cannot convert {t} s to a stamp: its seconds are an int32 (builtin_interfaces/Time)")
     if t == 2.0**31:
@@ -666,11 +671,12 @@ def check_autoware_class_ids(ids: Sequence[int], name: str = "Autoware class IDs
         name: the option as its users know it, named in the error.
 
     Raises:
-        ValueError: an ID outside 0..255.
+        ValueError: an ID that is not an integer (a bool neither) in 0..255.
     """
-    values = [int(i) for i in ids]
-    if any(not 0 <= v <= 255 for v in values):
-        raise ValueError(f"{name} must be in 0..255, got {values}")
+    values = list(ids)
+    if any(not (is_integer(v) and 0 <= v <= 255) for v in values):
+        raise ValueError(f"{name} must be in 0..255, got {shown(values)}")  # 2.7 is not an ID either
+    values = [int(v) for v in values]
     return values
 
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..nn.mpvss import KeyFrameState
-from ..values import shown
+from ..values import is_integer, shown
 
 __all__ = [
     "BACKENDS",
@@ -84,8 +84,8 @@ class SizeCache:
     def __init__(self, capacity: int | None = None,
                  on_evict: Callable[[tuple[int, int], Any], None] | None = None) -> None:
         capacity = MAX_PREPARED_SIZES if capacity is None else capacity
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {shown(capacity)}")
+        if not (is_integer(capacity) and capacity >= 1):
+            raise ValueError(f"capacity must be an integer >= 1, got {shown(capacity)}")
         self.capacity = int(capacity)
         self._on_evict = on_evict
         self._items: OrderedDict[tuple[int, int], Any] = OrderedDict()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import time
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..values import shown
+from ..values import is_integer, shown
 
 try:
     import fcntl
@@ -59,6 +60,7 @@ __all__ = [
     "default_cache_dir",
     "format_entries",
     "mark_used",
+    "mib_to_bytes",
     "prune_to_budget",
     "prune_cache",
 ]
@@ -122,7 +124,15 @@ def cache_budget_bytes() -> int | None:
         raise ValueError(f"MPVSS_CACHE_MAX_MB must be a number of MiB (0 = no limit), got {raw!r}") from None
     if not mib >= 0 or mib == float("inf"):
         raise ValueError(f"MPVSS_CACHE_MAX_MB must be a finite number of MiB >= 0 (0 = no limit), got {raw!r}")
-    return None if mib == 0 else int(mib * 2**20)
+    return None if mib == 0 else mib_to_bytes(mib)
+
+
+def mib_to_bytes(mib: float) -> int:
+    """``mib`` MiB (a finite number >= 0) in whole bytes, rounded down. Exact for any such float:
+    ``int(1e308 * 2**20)`` raised ``OverflowError`` (the product is past a float's range), so a
+    budget of ``1e308`` failed every export instead of meaning "no practical limit"."""
+    scaled = mib * 2**20
+    return int(scaled) if math.isfinite(scaled) else int(mib) * 2**20
 
 
 @dataclass(frozen=True)
@@ -274,8 +284,8 @@ def prune_cache(cache_dir: str | Path | None = None, max_bytes: int = DEFAULT_MA
     Raises:
         ValueError: ``max_bytes`` < 0.
     """
-    if max_bytes < 0:
-        raise ValueError(f"max_bytes must be >= 0, got {shown(max_bytes)}")
+    if not (is_integer(max_bytes) and max_bytes >= 0):
+        raise ValueError(f"max_bytes must be an integer >= 0, got {shown(max_bytes)}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     now = time.time() if now is None else now
     _remove_stale_temps(root, now)

@@ -294,7 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .cache import cache_budget_bytes, cache_entries, default_cache_dir, format_entries, prune_cache
+    from .cache import cache_budget_bytes, cache_entries, default_cache_dir, format_entries, mib_to_bytes, prune_cache
 
     root = args.cache_dir or default_cache_dir()
     if args.max_mb is not None and not args.prune:
@@ -305,7 +305,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         elif args.max_mb is not None:
             if not 0 < args.max_mb < float("inf"):
                 raise ValueError(f"--max-mb must be a number of MiB > 0 (--clear empties the cache), got {args.max_mb}")
-            budget = int(args.max_mb * 2**20)
+            budget = mib_to_bytes(args.max_mb)
         else:
             budget = cache_budget_bytes()
             if budget is None:
