@@ -62,13 +62,7 @@ def circular_block_resamples(frames: int, block: int, samples: int, seed: int = 
         raise ValueError(f"block must be in 1..{shown(frames)} (the clip's frames), got {shown(block)}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {shown(samples)}")
-    if samples * frames > MAX_RESAMPLED_FRAMES:
-        raise ValueError(f"samples x frames must be at most {MAX_RESAMPLED_FRAMES} (the resamples' indices are "
-                         f"held in memory), got samples {shown(samples)} x frames {shown(frames)}")
-    seed = _count(seed, "seed")
-    if not 0 <= seed <= INT64_MAX:
-        raise ValueError(f"seed must be in [0, {INT64_MAX}], got {shown(seed)}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_resampling_seed(frames, samples, seed))
     blocks = -(-frames // block)
     starts = rng.integers(0, frames, size=(samples, blocks))
     runs = (starts[:, :, None] + np.arange(block)[None, None, :]) % frames
@@ -129,12 +123,7 @@ def paired_miou_difference(frame_counts_a: np.ndarray, frame_counts_b: np.ndarra
         raise ValueError(f"block must be in 1..{frames} (the clip's frames), got {shown(block)}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {shown(samples)}")
-    if samples * frames > MAX_RESAMPLED_FRAMES:
-        raise ValueError(f"samples x frames must be at most {MAX_RESAMPLED_FRAMES} (the resamples' indices are "
-                         f"held in memory), got samples {shown(samples)} x frames {frames}")
-    seed = _count(seed, "seed")
-    if not 0 <= seed <= INT64_MAX:
-        raise ValueError(f"seed must be in [0, {INT64_MAX}], got {shown(seed)}")
+    seed = _resampling_seed(frames, samples, seed)  # checked before any work, even without an interval
     blocks = -(-frames // block)
     delta = 100.0 * float(mean_iou_from_counts(a.sum(axis=0)) - mean_iou_from_counts(b.sum(axis=0)))
     out: dict[str, Any] = {"delta": delta, "ci": [float("nan")] * 2, "share_a_better": float("nan"),
@@ -157,6 +146,22 @@ def paired_miou_difference(frame_counts_a: np.ndarray, frame_counts_b: np.ndarra
                    share_a_better=float(np.mean(diffs > 0)), share_b_better=float(np.mean(diffs < 0)),
                    kept=int(diffs.size))
     return out
+
+
+def _resampling_seed(frames: int, samples: int, seed: Any) -> int:
+    """``seed`` as an int after the checks both functions share: samples x frames within
+    :data:`MAX_RESAMPLED_FRAMES`, and a seed numpy takes (an integer in [0, 2**63 - 1]).
+
+    Raises:
+        ValueError: either check fails.
+    """
+    if samples * frames > MAX_RESAMPLED_FRAMES:
+        raise ValueError(f"samples x frames must be at most {MAX_RESAMPLED_FRAMES} (the resamples' indices are "
+                         f"held in memory), got samples {shown(samples)} x frames {shown(frames)}")
+    seed = _count(seed, "seed")
+    if not 0 <= seed <= INT64_MAX:
+        raise ValueError(f"seed must be in [0, {INT64_MAX}], got {shown(seed)}")
+    return seed
 
 
 def _count(value: Any, name: str) -> int:
