@@ -75,6 +75,10 @@ _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJ
 #: reads back at 600 fps with frames missing (1001 fps: 4 of 6 frames); above 30000 fps the MKV
 #: output reads back at 30000 fps with no error (30001 and 65535 fps alike); above 65535 fps the
 #: MPEG-4 writer cannot be opened (its time base's denominator is at most 65535).
+#: VideoWriter needs more than this frame rate (OpenCV 5.1): its FFmpeg writer rounds the rate to
+#: (int)(fps + 0.5) / 10**k, stopping once within 0.001 of fps, so 0.001 fps (FPS_RANGE's lowest)
+#: becomes 0/1 and no writer opens, for every suffix; 0.0010000000000009 fps opens (measured).
+_MIN_WRITE_FPS = 0.001
 _MAX_FPS_BY_SUFFIX = {".avi": 1000.0, ".mkv": 30000.0, ".mp4": 65535.0, ".m4v": 65535.0, ".mov": 65535.0}
 
 #: The first eight bytes of every PNG file.
@@ -711,9 +715,9 @@ class VideoWriter:
         fourcc: four-character codec code, overriding the suffix's default.
 
     Raises:
-        ValueError: unknown suffix (without ``fourcc``), bad ``fps``/``size``/``fourcc``, or a
-            rate the suffix's container cannot hold: ``.avi`` above 1000 fps, ``.mkv`` above
-            30000, ``.mp4``/``.m4v``/``.mov`` above 65535.
+        ValueError: unknown suffix (without ``fourcc``), bad ``fps``/``size``/``fourcc``, a rate
+            of 0.001 fps or less (no writer opens), or a rate the suffix's container cannot hold:
+            ``.avi`` above 1000 fps, ``.mkv`` above 30000, ``.mp4``/``.m4v``/``.mov`` above 65535.
         OSError: OpenCV cannot open the file for writing (codec or path problem).
     """
 
@@ -728,6 +732,9 @@ class VideoWriter:
                                  f"use one of {sorted(_FOURCC_BY_SUFFIX)} or pass fourcc")
         if not isinstance(fourcc, str) or len(fourcc) != 4:
             raise ValueError(f"fourcc must be a 4-character code, got {fourcc!r}")
+        if self.fps <= _MIN_WRITE_FPS:
+            raise ValueError(f"video cannot be written at {self.fps:g} fps: OpenCV's FFmpeg writer rounds a rate of "
+                             f"{_MIN_WRITE_FPS:g} fps or less to 0/1 and cannot be opened (write above {_MIN_WRITE_FPS:g})")
         max_fps = _MAX_FPS_BY_SUFFIX.get(self.path.suffix.lower())
         if max_fps is not None and self.fps > max_fps:
             others = [s for s in (".mp4", ".mkv") if self.fps <= _MAX_FPS_BY_SUFFIX[s]]

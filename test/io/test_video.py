@@ -720,6 +720,21 @@ def test_video_writer_keeps_the_last_column_and_row_of_odd_frames(tmp_path, suff
     assert back[48, :64].mean(0)[2] > 200  # and the blue last row
 
 
+@pytest.mark.parametrize("suffix", [".avi", ".mp4", ".mkv"])
+def test_video_writer_refuses_the_lowest_rate_up_front_and_writes_just_above_it(tmp_path, suffix):
+    """0.001 fps (the lowest rate a source may have) opened no OpenCV writer: an OSError at the
+    first frame, after that frame was segmented. Refused by its rate when made; a rate just above
+    it writes and reads back."""
+    with pytest.raises(ValueError, match=r"cannot be written at 0\.001 fps: .*write above 0\.001"):
+        VideoWriter(tmp_path / f"slow{suffix}", 0.001, (16, 16))
+    assert list(tmp_path.iterdir()) == []
+    with VideoWriter(tmp_path / f"slow{suffix}", 0.002, (16, 16)) as writer:
+        for i in range(3):
+            writer.write(np.full((16, 16, 3), 60 * i, np.uint8))
+    with open_source(tmp_path / f"slow{suffix}") as src:
+        assert len(list(src)) == 3
+
+
 def test_video_writer_refuses_rates_its_container_cannot_hold(tmp_path):
     # 1001 fps .avi came back at 600 fps with 4 of 6 frames; 30001 fps .mkv at 30000 fps; .mp4
     # above 65535 fps could not be opened (an OSError at the first frame)
