@@ -9,12 +9,13 @@ Arguments:
     image: the camera image topic (sensor_msgs/Image); with input_compressed: true in the params
         file the node reads <image>/compressed (sensor_msgs/CompressedImage) instead.
     namespace: namespace of the node (one instance per camera); outputs are
-        /<namespace>/mpvss_segmenter/{labels,confidence,info,label_info,colored,overlay,class_masks}.
+        /<namespace>/mpvss_segmenter/{labels,confidence,info,label_info,colored,overlay,class_masks},
+        and autoware_mask with publish_autoware_mask: true.
         A namespace pushed by a launch file that includes this one (PushRosNamespace) comes in
         front of it, for the node, its params-file section and RViz alike.
     config: the parameters file (default: the package's config/segment.yaml).
     model, weights: override those parameters when not empty.
-    use_rviz: also start RViz2 showing the camera image, ~/overlay and ~/colored. RViz is not a
+    use_rviz: also start RViz2 showing the camera image, ~/overlay, ~/colored and ~/confidence. RViz is not a
         dependency of the package (robots run headless): install ros-<distro>-rviz2 where you view.
     lifecycle: start the managed (lifecycle) node ``mpvss_lifecycle_node`` instead of the plain
         one; it loads the model at ``configure`` and segments while ``active``.

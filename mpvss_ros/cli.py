@@ -32,6 +32,7 @@ import torch
 
 from .checkpoints import CheckpointError
 from .config import ConfigError
+from .dependencies import exit_if_unmet
 from .io.samples import bikes_clip
 from .paths import check_output_dir, make_output_dir
 from .propagation import DIS_PRESETS, OPTICAL_FLOW_SCALE_RANGE, PROPAGATORS
@@ -437,6 +438,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if labels is not None and not Path(labels).is_dir():
         raise FileNotFoundError(f"label folder not found: {labels}")
     out = check_output_dir(args.out, "--out") if args.out else None  # a file: refused before any work
+    if args.study and out:
+        exit_if_unmet("mpvss", 2, ("matplotlib",))  # the study's plot, before the study's minutes of work
+
     def check_classes(loaded: Any) -> None:  # CamVid val's labels would be read as the model's IDs
         if args.labels is None and not args.self_reference:
             from .io.samples import check_default_data_classes
@@ -482,14 +486,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    exit_if_unmet("mpvss", 2, ("scipy",))  # the Hungarian matcher's, before a run folder is made
     if args.stage == "segmentor":
         from .training.trainer import options_from_args, train_segmentor
 
         _print_train_result(train_segmentor(options_from_args(args)))
         return 0
     from .training.motion_trainer import MotionTrainOptions, train_motion
-
-    import dataclasses
 
     names = {f.name for f in dataclasses.fields(MotionTrainOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}

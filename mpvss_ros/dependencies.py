@@ -34,8 +34,9 @@ MINIMUM_VERSIONS: dict[str, tuple[str, str]] = {
     "scipy": ("scipy", "1.8.0"),
     "matplotlib": ("matplotlib", "3.5.1"),
 }
-#: What every entry point imports before it can do anything (SciPy and matplotlib come later,
-#: with training, evaluation and plots).
+#: What every entry point imports before it can do anything. SciPy and matplotlib come later:
+#: ``mpvss train`` checks SciPy (its Hungarian matcher) and ``mpvss eval --study --out``
+#: matplotlib (the study's plot) once their options are parsed, before any work.
 START_MODULES: tuple[str, ...] = ("numpy", "cv2", "torch", "yaml", "tqdm", "PIL")
 
 

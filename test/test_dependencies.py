@@ -232,3 +232,28 @@ def test_python_m_mpvss_ros_runs_the_command_line(tmp_path, capsys):
         main(["--help"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith("usage: mpvss")
+
+
+def test_scipy_and_matplotlib_are_checked_by_the_commands_that_need_them(tmp_path):
+    """The command line builds ``mpvss train``'s options from the training package: a missing SciPy
+    broke every command (``mpvss segment --help`` too) with a traceback. Now only ``mpvss train``
+    needs it, and names it in one line before a run folder is made; ``mpvss eval --study --out``
+    names a missing matplotlib (the study's plot) before the study's work."""
+    broken = "raise ImportError('{} was removed')\n"
+    env = _with_stand_ins(tmp_path, scipy=broken.format("scipy"), matplotlib=broken.format("matplotlib"))
+    mpvss = [sys.executable, "-m", "mpvss_ros"]
+    for command in (["--help"], ["segment", "--help"], ["train", "--help"], ["eval", "--help"]):
+        run = subprocess.run(mpvss + command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and run.stdout.startswith("usage: mpvss"), (command, run.stderr)
+    run = subprocess.run(mpvss + ["train", "segmentor", "--run-dir", "run"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == ("mpvss: error: scipy cannot be imported (ImportError: scipy was removed): reinstall it: "
+                          "pip install --force-reinstall 'scipy>=1.8.0'\n")
+    assert not (tmp_path / "run").exists()
+    run = subprocess.run(mpvss + ["eval", "sample:bikes", "--self-reference", "--study", "--out", "study"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == ("mpvss: error: matplotlib cannot be imported (ImportError: matplotlib was removed): "
+                          "reinstall it: pip install --force-reinstall 'matplotlib>=3.5.1'\n")
+    assert not (tmp_path / "study").exists()

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 __all__ = [
@@ -193,6 +192,10 @@ class HungarianMatcher:
                 continue
             if not torch.isfinite(cost).all():
                 raise ValueError("matching cost is not finite (NaN/inf in the predictions?)")
+            # imported here: the command line builds `mpvss train`'s options from this package, and
+            # `mpvss segment` must run where SciPy is missing (`mpvss train` checks it first)
+            from scipy.optimize import linear_sum_assignment
+
             rows, cols = linear_sum_assignment(cost.numpy())
             out.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return out
