@@ -336,6 +336,7 @@ def _warn_engine_failures(failed: int, handled: int, unit: str, listed: str) -> 
 
 
 def _cmd_bag(args: argparse.Namespace) -> int:
+    exit_if_unmet("mpvss", 2, ("rosbags",))  # reads and writes the bags
     from .ros.bag import BagOptions, normalize_namespace, process_bag
 
     if not Path(args.input).exists():

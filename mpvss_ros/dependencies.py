@@ -17,6 +17,7 @@ asks for a newer numpy than the distribution's, and such an OpenCV then cannot b
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import re
 import sys
 from typing import Sequence
@@ -33,10 +34,11 @@ MINIMUM_VERSIONS: dict[str, tuple[str, str]] = {
     "PIL": ("Pillow", "9.0.1"),
     "scipy": ("scipy", "1.8.0"),
     "matplotlib": ("matplotlib", "3.5.1"),
+    "rosbags": ("rosbags", "0.11.6"),
 }
-#: What every entry point imports before it can do anything. SciPy and matplotlib come later:
-#: ``mpvss train`` checks SciPy (its Hungarian matcher) and ``mpvss eval --study --out``
-#: matplotlib (the study's plot) once their options are parsed, before any work.
+#: What every entry point imports before it can do anything. The others come later: ``mpvss
+#: train`` checks SciPy (its Hungarian matcher), ``mpvss eval --study --out`` matplotlib (the
+#: study's plot) and ``mpvss bag`` rosbags once their options are parsed, before any work.
 START_MODULES: tuple[str, ...] = ("numpy", "cv2", "torch", "yaml", "tqdm", "PIL")
 
 
@@ -80,6 +82,15 @@ def _import_problem(module: str, name: str, exc: BaseException) -> str:
     return f"{line}: reinstall it: pip install --force-reinstall '{name}>={floor}'"
 
 
+def _installed_version(name: str) -> str:
+    """The version pip recorded for distribution ``name`` (rosbags has no ``__version__``); ``""``
+    when there is no record (an install without metadata passes on being importable)."""
+    try:
+        return importlib.metadata.version(name)
+    except Exception:  # noqa: BLE001 - PackageNotFoundError, or damaged metadata
+        return ""
+
+
 def unmet_dependencies(modules: Sequence[str] = START_MODULES) -> list[str]:
     """One line for each of ``modules`` that cannot be imported or is older than its floor.
 
@@ -88,8 +99,9 @@ def unmet_dependencies(modules: Sequence[str] = START_MODULES) -> list[str]:
 
     Returns:
         The problems, in the order of ``modules``; empty when all is well. A module without a
-        ``__version__``, or with one that does not start with a number (tqdm says ``UNKNOWN``
-        when its package metadata is missing), passes on being importable.
+        ``__version__`` is measured by the version pip recorded for it; one without either, or
+        with one that does not start with a number (tqdm says ``UNKNOWN`` when its package
+        metadata is missing), passes on being importable.
 
     Raises:
         KeyError: a name that is not in :data:`MINIMUM_VERSIONS`.
@@ -102,7 +114,7 @@ def unmet_dependencies(modules: Sequence[str] = START_MODULES) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - ImportError, or whatever a broken build raises
             problems.append(_import_problem(module, name, exc))
             continue
-        version = str(getattr(imported, "__version__", ""))
+        version = str(getattr(imported, "__version__", "") or _installed_version(name))
         release = version_tuple(version)
         if release and release < version_tuple(floor):
             remedy = f"pip install '{name}>={floor}'"

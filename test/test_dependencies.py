@@ -69,6 +69,29 @@ def test_the_floor_itself_and_a_module_without_a_version_pass(monkeypatch):
     assert unmet_dependencies(("tqdm",)) == []
 
 
+def test_a_module_without_a_version_is_measured_by_its_installed_metadata(monkeypatch):
+    """rosbags has no ``__version__``: the version pip recorded stands for it; without a record
+    it passes on being importable."""
+    monkeypatch.setitem(sys.modules, "rosbags", types.SimpleNamespace())
+    recorded = {"rosbags": "0.11.5"}
+
+    def version(name):
+        if name not in recorded:
+            raise dependencies.importlib.metadata.PackageNotFoundError(name)
+        return recorded[name]
+
+    monkeypatch.setattr(dependencies.importlib.metadata, "version", version)
+    assert unmet_dependencies(("rosbags",)) == ["rosbags 0.11.5 is older than 0.11.6, the oldest version mpvss_ros is "
+                                                "tested with: pip install 'rosbags>=0.11.6'"]
+    recorded["rosbags"] = "0.11.6"
+    assert unmet_dependencies(("rosbags",)) == []
+    del recorded["rosbags"]
+    assert unmet_dependencies(("rosbags",)) == []
+    _fake(monkeypatch, "rosbags", "0.1")  # a __version__ comes first
+    recorded["rosbags"] = "0.11.9"
+    assert unmet_dependencies(("rosbags",))[0].startswith("rosbags 0.1 is older")
+
+
 def _refuse_import(monkeypatch, module: str, message: str | BaseException, missing: bool = False) -> None:
     """``import module`` raises ImportError(message), or ``message`` itself when it is an exception."""
     real = dependencies.importlib.import_module
@@ -238,11 +261,13 @@ def test_scipy_and_matplotlib_are_checked_by_the_commands_that_need_them(tmp_pat
     """The command line builds ``mpvss train``'s options from the training package: a missing SciPy
     broke every command (``mpvss segment --help`` too) with a traceback. Now only ``mpvss train``
     needs it, and names it in one line before a run folder is made; ``mpvss eval --study --out``
-    names a missing matplotlib (the study's plot) before the study's work."""
+    names a missing matplotlib (the study's plot) before the study's work, and ``mpvss bag`` a
+    missing rosbags (a traceback before)."""
     broken = "raise ImportError('{} was removed')\n"
-    env = _with_stand_ins(tmp_path, scipy=broken.format("scipy"), matplotlib=broken.format("matplotlib"))
+    env = _with_stand_ins(tmp_path, scipy=broken.format("scipy"), matplotlib=broken.format("matplotlib"),
+                          rosbags=broken.format("rosbags"))
     mpvss = [sys.executable, "-m", "mpvss_ros"]
-    for command in (["--help"], ["segment", "--help"], ["train", "--help"], ["eval", "--help"]):
+    for command in (["--help"], ["segment", "--help"], ["train", "--help"], ["eval", "--help"], ["bag", "--help"]):
         run = subprocess.run(mpvss + command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and run.stdout.startswith("usage: mpvss"), (command, run.stderr)
     run = subprocess.run(mpvss + ["train", "segmentor", "--run-dir", "run"], env=env, cwd=tmp_path, capture_output=True,
@@ -257,3 +282,10 @@ def test_scipy_and_matplotlib_are_checked_by_the_commands_that_need_them(tmp_pat
     assert run.stderr == ("mpvss: error: matplotlib cannot be imported (ImportError: matplotlib was removed): "
                           "reinstall it: pip install --force-reinstall 'matplotlib>=3.5.1'\n")
     assert not (tmp_path / "study").exists()
+    (tmp_path / "in_bag").mkdir()
+    run = subprocess.run(mpvss + ["bag", "in_bag", "out_bag", "--topic", "/camera/image_raw"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == ("mpvss: error: rosbags cannot be imported (ImportError: rosbags was removed): reinstall it: "
+                          "pip install --force-reinstall 'rosbags>=0.11.6'\n")
+    assert not (tmp_path / "out_bag").exists()
