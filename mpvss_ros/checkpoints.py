@@ -35,6 +35,7 @@ import io
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,11 @@ def torch_load_checked(path: str | Path) -> Any:
             bad = archive.testzip()
         if bad is not None:
             raise CheckpointError(f"corrupt file {path}: member {bad} fails its CRC check")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        # a legacy (pre-zip) file with a damaged first bytes: torch warns of the "pickle
+        # protocol" it reads there before it fails or loads; the caller reports either
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_checkpoint(path: str | Path) -> CheckpointFile:

@@ -32,10 +32,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpvss_ros.checkpoints import CheckpointError, first_line, torch_load_checked
 from mpvss_ros.config import BACKBONE_TYPES, BackboneConfig
 from mpvss_ros.nn.swin import SwinTransformer
 
@@ -348,9 +348,10 @@ class MobileNetV2(nn.Module):
 def load_imagenet_weights(model: MobileNetV2, path: str | Path) -> None:
     """Load ``mobilenetv2_imagenet_features.pt`` into a :class:`MobileNetV2`, strictly.
 
-    The file is read with ``torch.load(path, map_location="cpu", weights_only=True)`` and must
-    be a mapping of parameter/buffer names to tensors that matches ``model.state_dict()``
-    exactly (same keys, same shapes), as ``shared/data/README.md`` describes.
+    The file is read with ``torch.load(path, map_location="cpu", weights_only=True)`` after the
+    CRC check of its zip members (:func:`mpvss_ros.checkpoints.torch_load_checked`) and must be
+    a mapping of parameter/buffer names to tensors that matches ``model.state_dict()`` exactly
+    (same keys, same shapes), as ``shared/data/README.md`` describes.
 
     Args:
         model: the module to fill (its tensors are overwritten in place; dtype float32).
@@ -358,13 +359,19 @@ def load_imagenet_weights(model: MobileNetV2, path: str | Path) -> None:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a state dict, or its keys or shapes do not match the model
-            (the message lists missing keys, unexpected keys and shape mismatches).
+        ValueError: the file cannot be read (empty, damaged, cut short, not written by
+            ``torch.save``, or holding objects other than tensors and plain data), is not a state
+            dict, or its keys or shapes do not match the model (the message lists missing keys,
+            unexpected keys and shape mismatches).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MobileNetV2 weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch_load_checked(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises KeyError, EOFError, RuntimeError, ...
+        cause = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {first_line(exc)[:200]}"
+        raise ValueError(f"cannot read the MobileNetV2 weights {path} (a damaged or foreign file?): {cause}") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}")
     own = model.state_dict()

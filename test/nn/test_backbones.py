@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,39 @@ def test_load_imagenet_weights_errors(tmp_path: Path) -> None:
         torch.save(state, tmp_path / f"alone{i}.pt")
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             load_imagenet_weights(model, tmp_path / f"alone{i}.pt")
+
+
+@pytest.mark.parametrize("damage", ["empty", "text", "pickle header only", "legacy cut in half", "zip cut in half",
+                                    "zip byte changed"])
+def test_a_damaged_imagenet_weights_file_is_a_value_error_naming_it(tmp_path: Path, damage: str) -> None:
+    """A damaged weights file raised torch's own KeyError, EOFError or RuntimeError (``mpvss
+    train --imagenet-weights`` ended in a traceback for the first two), and a changed byte in a
+    zip file's tensor loaded silently; each is now a ValueError naming the file, and the module
+    keeps its weights."""
+    model = MobileNetV2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "weights.pt"
+    state = MobileNetV2().state_dict()
+    if damage.startswith("zip"):
+        torch.save(state, path)
+    else:
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    if damage == "empty":
+        data = bytearray()
+    elif damage == "text":
+        data = bytearray(b"features.0.0.weight: [0.1, 0.2]\n")
+    elif damage == "pickle header only":
+        data = data[:2]
+    elif damage.endswith("cut in half"):
+        data = data[:len(data) // 2]
+    else:  # inside the largest tensor's bytes: the zip member's CRC no longer matches
+        at = data.index(state["features.18.0.weight"].numpy().tobytes()[:64]) + 100
+        data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"cannot read the MobileNetV2 weights {re.escape(str(path))}"):
+        load_imagenet_weights(model, path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_build_backbone() -> None:
