@@ -52,6 +52,7 @@ from ..model_loader import LoadedModel
 from ..offline import EngineFailures, EngineOptions, RunStats, check_frame_limits, terminate_unwinds
 from ..scheduling import StampGaps
 from ..segmenter import FrameError, NonFiniteOutputError
+from ..values import is_integer, shown
 from ..viz import make_palette
 from .conversions import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -189,7 +190,8 @@ def output_topics(namespace: str = "/mpvss") -> dict[str, str]:
 
 @contextlib.contextmanager
 def _open_reader(path: Path) -> Iterator[Any]:
-    """A rosbags ``Reader``, open; its errors become ValueError naming the bag."""
+    """A rosbags ``Reader``, open; its errors become ValueError naming the bag (a failure to
+    close it after the block is a logged warning: every message was read)."""
     from rosbags.rosbag2 import Reader, ReaderError
 
     try:
@@ -197,12 +199,22 @@ def _open_reader(path: Path) -> Iterator[Any]:
         reader.open()
     except ReaderError as exc:
         raise ValueError(f"cannot read bag {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a metadata.yaml of the wrong shapes: KeyError, TypeError, ...
+        raise ValueError(f"cannot read bag {path}: {type(exc).__name__}: {exc}") from None
     try:
         yield reader
-    except ReaderError as exc:
-        raise ValueError(f"cannot read bag {path}: {exc}") from None
-    finally:
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # the block's error is the one to report
+            reader.close()
+        if isinstance(exc, ReaderError):
+            raise ValueError(f"cannot read bag {path}: {exc}") from None
+        raise
+    try:
         reader.close()
+    except Exception as exc:  # noqa: BLE001 - rosbags' close trips over a damaged metadata.yaml (files: "x")
+        # every message was read: the output stands, and the damage is named
+        log.warning("bag %s read, but closing it failed (a damaged metadata.yaml?): %s: %s", path,
+                    type(exc).__name__, exc)
 
 
 def _read_messages(reader: Any, connections: list[Any], path: Path) -> Iterator[tuple[Any, int, bytes]]:
@@ -282,10 +294,18 @@ def _bag_storage_and_version(path: Path) -> tuple[str, int]:
         if not meta.is_file():
             raise FileNotFoundError(f"{path} is not a rosbag2 bag: it has no metadata.yaml")
         try:
-            info = yaml.safe_load(meta.read_text())["rosbag2_bagfile_information"]
-            return str(info.get("storage_identifier", "sqlite3")), int(info.get("version", 9))
-        except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+            data = yaml.safe_load(meta.read_text())
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8
             raise ValueError(f"cannot read {meta}: {exc}") from None
+        info = data.get("rosbag2_bagfile_information") if isinstance(data, dict) else None
+        if not isinstance(info, dict):
+            raise ValueError(f"cannot read {meta}: it holds no rosbag2_bagfile_information mapping")
+        storage, version = info.get("storage_identifier", "sqlite3"), info.get("version", 9)
+        if not isinstance(storage, str):
+            raise ValueError(f"cannot read {meta}: storage_identifier must be a name, got {shown(storage)}")
+        if not is_integer(version) or not 1 <= version <= 2**31 - 1:
+            raise ValueError(f"cannot read {meta}: version must be an integer >= 1, got {shown(version)}")
+        return storage, int(version)
     suffix = path.suffix.lower()
     if suffix == ".mcap":
         return "mcap", 9

@@ -518,11 +518,25 @@ def test_not_a_bag(ts, tmp_path, lite):
         process_bag(tmp_path / "empty", tmp_path / "out", TOPIC, lite)
     with pytest.raises(FileNotFoundError):
         process_bag(tmp_path / "missing", tmp_path / "out", TOPIC, lite)
-    for text in ("other: 1\n", "rosbag2_bagfile_information:\n  version: nine\n", "- a list\n"):
+    # the last six raised AttributeError, RecursionError or OverflowError (a traceback from mpvss bag)
+    for text in ("other: 1\n", "rosbag2_bagfile_information:\n  version: nine\n", "- a list\n",
+                 "rosbag2_bagfile_information: [1, 2]\n", "rosbag2_bagfile_information: 3\n",
+                 "a: " + "[" * 3000 + "]" * 3000 + "\n", "rosbag2_bagfile_information: {version: .inf}\n",
+                 "rosbag2_bagfile_information: {version: 9, storage_identifier: [sqlite3]}\n",
+                 "rosbag2_bagfile_information: {version: 1" + "0" * 5000 + "}\n"):
         (tmp_path / "empty" / "metadata.yaml").write_text(text)
         with pytest.raises(ValueError, match="cannot read .*empty/metadata.yaml"):
             process_bag(tmp_path / "empty", tmp_path / "out", TOPIC, lite)
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)))
+    meta_path = tmp_path / "in" / "metadata.yaml"
+    meta = meta_path.read_text()
+    for edit in ({"relative_file_paths": 3}, {"files": 3}):
+        info = yaml.safe_load(meta)
+        info["rosbag2_bagfile_information"].update(edit)
+        meta_path.write_text(yaml.safe_dump(info))
+        with pytest.raises(ValueError, match="cannot read bag .*in: "):  # files: 3 was rosbags' TypeError
+            process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite)
+    meta_path.write_text(meta)
     for db3 in (tmp_path / "in").glob("*.db3"):
         db3.unlink()
     with pytest.raises(ValueError, match="cannot read bag .*in: "):  # the reader's error
@@ -531,6 +545,23 @@ def test_not_a_bag(ts, tmp_path, lite):
     with pytest.raises(ValueError, match="cannot read bag .*junk.db3: "):  # no sqlite3 DatabaseError
         process_bag(tmp_path / "junk.db3", tmp_path / "out", TOPIC, lite)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bag_that_rosbags_reads_but_cannot_close_is_processed_with_a_warning(ts, tmp_path, band_loaded, caplog):
+    """rosbags opens and reads a bag whose metadata.yaml lists ``files: x`` and then fails in
+    ``close`` (AttributeError); that error escaped after the output bag was written. Every message
+    was read, so the output stands and the damage is a warning naming the bag."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(2)))
+    meta_path = tmp_path / "in" / "metadata.yaml"
+    info = yaml.safe_load(meta_path.read_text())
+    info["rosbag2_bagfile_information"]["files"] = "x"
+    meta_path.write_text(yaml.safe_dump(info))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.ros.bag"):
+        summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                              BagOptions(propagator="copy", progress=False))
+    assert summary["frames"] == 2
+    assert any(f"bag {tmp_path / 'in'} read, but closing it failed" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "out" / "metadata.yaml").is_file()
 
 
 def test_a_new_frame_id_forces_a_key_frame(ts, tmp_path, frames, band_loaded):
