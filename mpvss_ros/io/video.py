@@ -81,6 +81,31 @@ _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJ
 _MIN_WRITE_FPS = 0.001
 _MAX_FPS_BY_SUFFIX = {".avi": 1000.0, ".mkv": 30000.0, ".mp4": 65535.0, ".m4v": 65535.0, ".mov": 65535.0}
 
+#: Suffixes FFmpeg's image2 demuxer claims (besides :data:`IMAGE_SUFFIXES`, which never reach
+#: OpenCV's video reader): it reads a path holding ``%`` as a numbered sequence (``img%d.webp`` is
+#: ``img0.webp``, ``img1.webp``, ...), so such a file would be read in place of the one named.
+_IMAGE2_SUFFIXES = frozenset({".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".pam", ".pfm", ".tga", ".dpx", ".exr",
+                              ".hdr", ".jp2", ".j2k", ".j2c", ".jpc", ".jxl", ".jls", ".jps", ".mpo", ".pcx", ".pic",
+                              ".qoi", ".ras", ".sun", ".sgi", ".rgb", ".xbm", ".xpm", ".xwd", ".dds", ".vbn", ".y"})
+
+
+def _opencv_path(path: Path) -> str:
+    """``str(path)`` for OpenCV's video reader and writer.
+
+    Raises:
+        ValueError: the path is not valid UTF-8 (a file name of other bytes, which Python holds
+            as surrogate escapes): OpenCV's Python binding kills the process with SIGSEGV on
+            such a string (OpenCV 5.1, reader and writer alike).
+    """
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{shown(text)}: OpenCV's video reader and writer take only paths that are valid UTF-8 "
+                         "(its Python binding crashes on others); rename it") from None
+    return text
+
+
 #: The first eight bytes of every PNG file.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: How a source's ``max_pixels`` is named in its warnings and errors unless its caller names the
@@ -220,7 +245,10 @@ class VideoFileSource(FrameSource):
         FileNotFoundError: the file does not exist.
         ValueError: OpenCV cannot open the file, or none of its first frames can be decoded
             (the first only, when the container reports no frame count); its first frame has
-            more than ``max_pixels`` pixels; ``max_pixels`` below 1.
+            more than ``max_pixels`` pixels; ``max_pixels`` below 1; a path that is not valid
+            UTF-8 (OpenCV crashes on it), or a path holding ``%`` with a suffix FFmpeg's image2
+            demuxer claims (``.webp``, ``.ppm``, ...; it would read ``img0.webp`` for
+            ``img%d.webp``).
     """
 
     def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None,
@@ -228,6 +256,10 @@ class VideoFileSource(FrameSource):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path}")
+        if "%" in str(path) and path.suffix.lower() in _IMAGE2_SUFFIXES:
+            raise ValueError(f"cannot read video: {path}: FFmpeg reads a {path.suffix} path holding '%' as a numbered "
+                             f"sequence (img%d{path.suffix} is img0{path.suffix}, img1{path.suffix}, ...), not as "
+                             "this file; rename it")
         cap = self._open_capture(path)
         try:
             count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
@@ -266,7 +298,11 @@ class VideoFileSource(FrameSource):
 
     @staticmethod
     def _open_capture(path: Path) -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(str(path))
+        try:
+            name = _opencv_path(path)
+        except ValueError as exc:
+            raise ValueError(f"cannot read video: {exc}") from None
+        cap = cv2.VideoCapture(name)
         if not cap.isOpened():
             cap.release()
             raise ValueError(f"cannot read video: {path} (OpenCV cannot open it as a video)")
@@ -457,9 +493,10 @@ def _folder_images(path: Path) -> list[Path]:
         raise FileNotFoundError(f"input not found: {path}")
     files = sorted(
         (p for p in path.iterdir()
-         # a broken link keeps its place (read as unreadable, its index still advancing); a folder does not
-         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and (p.is_file() or p.is_symlink())
-         and not p.is_dir()),
+         # a broken link keeps its place (read as unreadable, its index still advancing); a folder,
+         # a FIFO or a device does not, nor a link to one (reading a FIFO blocks until a writer comes)
+         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+         and (p.is_file() or (p.is_symlink() and not p.exists()))),
         key=lambda p: p.name,
     )
     if not files:
@@ -717,13 +754,15 @@ class VideoWriter:
     Raises:
         ValueError: unknown suffix (without ``fourcc``), bad ``fps``/``size``/``fourcc``, a rate
             of 0.001 fps or less (no writer opens), or a rate the suffix's container cannot hold:
-            ``.avi`` above 1000 fps, ``.mkv`` above 30000, ``.mp4``/``.m4v``/``.mov`` above 65535.
+            ``.avi`` above 1000 fps, ``.mkv`` above 30000, ``.mp4``/``.m4v``/``.mov`` above 65535;
+            a path that is not valid UTF-8 (OpenCV crashes on it).
         OSError: OpenCV cannot open the file for writing (codec or path problem).
     """
 
     def __init__(self, path: str | Path, fps: float, size: tuple[int, int] | None = None,
                  fourcc: str | None = None) -> None:
         self.path = Path(path).expanduser()
+        _opencv_path(self.path)  # refused now, not with a crash at the first frame
         self.fps = check_fps(fps)
         if fourcc is None:
             fourcc = _FOURCC_BY_SUFFIX.get(self.path.suffix.lower())

@@ -1334,3 +1334,74 @@ def test_a_segment_run_of_a_damaged_video_accounts_for_every_frame(lite, torch_s
         assert all(a["stamp"] < b["stamp"] for a, b in zip(records, records[1:]))
         if damage is None:
             assert summary["frames"] == n
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: float = 10) -> None:
+    """``frames`` (RGB uint8, one size) as a video at ``path`` (the codec by its suffix)."""
+    with VideoWriter(path, fps) as writer:
+        for frame in frames:
+            writer.write(frame)
+
+
+def test_paths_that_are_not_utf8_are_refused_before_opencv_crashes_on_them(tmp_path):
+    """A video (or an output video) whose path holds bytes that are not UTF-8 killed the process
+    with SIGSEGV inside OpenCV's binding (helper-177); both are a ValueError naming the path now.
+    Run in a child process, so that the code before fails this test instead of killing pytest."""
+    import os
+    import subprocess
+    import sys
+
+    good = tmp_path / "clip.mp4"
+    _write_video(good, [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(3)])
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/clip\xff.mp4")
+    os.rename(good, bad)
+    code = ("import sys\n"
+            "from mpvss_ros.io.video import VideoWriter, open_source\n"
+            "for make in (lambda: open_source(sys.argv[1]), lambda: VideoWriter(sys.argv[1] + '.out.mp4', 10)):\n"
+            "    try:\n"
+            "        make()\n"
+            "    except ValueError as exc:\n"
+            "        print('refused:', exc)\n")
+    run = subprocess.run([sys.executable, "-c", code, bad], capture_output=True, text=True, errors="replace",
+                         timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stderr[-500:])
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2 and all("clip\\udcff.mp4" in line and "valid UTF-8" in line for line in lines), lines
+    assert lines[0].startswith("refused: cannot read video: ")
+
+
+def test_an_image_link_to_a_fifo_is_left_out_instead_of_blocking_the_run(tmp_path):
+    """A symlink to a named pipe in an image folder was kept as an image and its read blocked
+    forever (helper-177); it is left out as a FIFO itself is, while a broken link keeps its place."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    (folder / "a0.png").symlink_to(tmp_path / "pipe")
+    (folder / "a1.png").symlink_to(tmp_path / "missing.png")
+    cv2.imencode(".png", np.zeros((24, 32, 3), np.uint8))[1].tofile(str(folder / "a2.png"))
+    code = ("import sys\nfrom mpvss_ros.io.video import open_source\n"
+            "print([f.name for f in open_source(sys.argv[1])])\n")
+    run = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-500:]
+    assert run.stdout.strip() == "['a2']"  # a1, the broken link, is counted unreadable (its index kept)
+    with open_source(folder) as source:
+        assert [f.index for f in source] == [1] and source.unreadable == ["a1"]
+
+
+@pytest.mark.parametrize("suffix", [".webp", ".ppm"])
+def test_a_single_image_path_with_a_percent_sign_is_refused_not_read_as_a_sequence(tmp_path, suffix):
+    """``img%d.webp`` went to OpenCV's FFmpeg reader, whose image2 demuxer read it as the
+    sequence img0.webp, img1.webp, ...: the run segmented other files (helper-177). Refused now;
+    an .mp4 with '%' in its name is still read as itself."""
+    PIL.Image.fromarray(np.full((48, 64, 3), 9, np.uint8)).save(tmp_path / f"img%d{suffix}")
+    PIL.Image.fromarray(np.full((30, 20, 3), 200, np.uint8)).save(tmp_path / f"img0{suffix}")
+    with pytest.raises(ValueError, match=r"cannot read video: .*img%d.* numbered sequence"):
+        open_source(tmp_path / f"img%d{suffix}")
+    clip = tmp_path / "clip%d.mp4"
+    _write_video(clip, [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(3)])
+    with open_source(clip) as source:
+        assert [f.image.shape for f in source] == [(48, 64, 3)] * 3
