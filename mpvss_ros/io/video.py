@@ -89,6 +89,23 @@ _IMAGE2_SUFFIXES = frozenset({".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".pam", "
                               ".qoi", ".ras", ".sun", ".sgi", ".rgb", ".xbm", ".xpm", ".xwd", ".dds", ".vbn", ".y"})
 
 
+def _skipped_periods(times_ms: list[float]) -> int:
+    """Frame periods the container's frame times skip: for each step between consecutive times
+    (ms) more than 1.5 times the median step, the whole periods in it less one; 0 when the times
+    are even, missing (OpenCV reports 0 or -1 for some containers) or fewer than three.
+
+    OpenCV's FFmpeg reader (5.1) numbers frames by their time and stops once that number passes
+    the container's frame count, so each skipped period costs one frame at the end of a file."""
+    steps = np.diff(np.asarray(times_ms, np.float64))
+    if steps.size < 2 or not np.isfinite(steps).all():
+        return 0
+    period = float(np.median(steps))
+    if not period > 0:
+        return 0
+    long = steps[steps > 1.5 * period]
+    return int(np.maximum(np.rint(long / period) - 1, 0).sum())
+
+
 def _opencv_path(path: Path) -> str:
     """``str(path)`` for OpenCV's video reader and writer.
 
@@ -234,7 +251,10 @@ class VideoFileSource(FrameSource):
     frame of the container's count neither decoded nor skipped: reads that failed at the end (a
     truncated file) and frames that FFmpeg's demuxer dropped without a failed read (a damaged chunk
     of an AVI). The latter cannot be located (OpenCV's frame position counts decoded frames), so the
-    frames after such a gap come with names and stamps one index early per lost frame.
+    frames after such a gap come with names and stamps one index early per lost frame. A whole
+    file with a variable frame rate (a camera that dropped frames) loses frames at its end too:
+    OpenCV's reader numbers frames by their time and stops once that number passes the count, one
+    frame early per frame period its times skip; the warning says so when the times show it.
 
     A video whose first decodable frame has more than ``max_pixels`` pixels (height x width; None:
     no limit) is refused when opened. Later frames of more than ``max_pixels`` pixels (a size
@@ -339,6 +359,7 @@ class VideoFileSource(FrameSource):
         index = decoded = 0
         self.unreadable, self.too_large, self.missing = [], [], 0
         last_name = ""  # the last frame decoded
+        times_ms: list[float] = []  # the container's time of each frame decoded (CAP_PROP_POS_MSEC)
         skipped: list[int] = []  # damaged frames with decoded frames after them
         failing: list[int] = []  # failed reads since the last decoded frame
         try:
@@ -358,6 +379,7 @@ class VideoFileSource(FrameSource):
                 self.unreadable += [f"{i:06d}" for i in failing]
                 failing = []
                 last_name = f"{index:06d}"
+                times_ms.append(cap.get(cv2.CAP_PROP_POS_MSEC))
                 excess = _pixel_excess(bgr.shape[0], bgr.shape[1], self.max_pixels, self.limit_name)
                 if excess is not None:
                     if not self.too_large:
@@ -393,9 +415,20 @@ class VideoFileSource(FrameSource):
             # the last one decoded, or inside that one, which decoders fill up with grey or green
             cut = (f"; the last frame decoded, {last_name}, may be cut short (decoders fill the rest of a frame "
                    "with grey or green)") if failing and decoded else ""
-            logger.warning("video %s: decoded %d of the %d frames the container reports, %d missing (truncated or "
-                           "corrupt?)%s; frames lost before the end, if any, shift the names and stamps of the frames "
-                           "after them earlier by as many", self.path, decoded, self._count, missing, cut)
+            skips = _skipped_periods(times_ms)
+            if skips >= missing:  # a whole variable-frame-rate file, most likely
+                logger.warning("video %s: decoded %d of the %d frames the container reports, %d missing: its frame "
+                               "times skip %d frame periods, as a variable-frame-rate file's do (a camera that dropped "
+                               "frames), and OpenCV's reader, which numbers frames by their time, stops one frame "
+                               "before the container's count for each; the file is likely whole, and its last "
+                               "frames were not read", self.path, decoded, self._count, missing, skips)
+            else:
+                vfr = (f"; its frame times skip {skips} frame periods (a variable frame rate), which account for "
+                       f"{skips} of them") if skips else ""
+                logger.warning("video %s: decoded %d of the %d frames the container reports, %d missing (truncated or "
+                               "corrupt?)%s%s; frames lost before the end, if any, shift the names and stamps of the "
+                               "frames after them earlier by as many", self.path, decoded, self._count, missing, cut,
+                               vfr)
 
     def close(self) -> None:
         """Release every capture still held by an unfinished iteration; idempotent."""

@@ -1405,3 +1405,63 @@ def test_a_single_image_path_with_a_percent_sign_is_refused_not_read_as_a_sequen
     _write_video(clip, [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(3)])
     with open_source(clip) as source:
         assert [f.image.shape for f in source] == [(48, 64, 3)] * 3
+
+
+def _with_frame_durations(mp4: bytes, deltas: list[int]) -> bytes:
+    """An OpenCV-written MP4 (its moov box after mdat) with its one track's sample durations
+    (stts, in the track's time units) replaced by ``deltas``: a variable frame rate. Only moov and
+    the boxes holding stts change size; mdat, and the chunk offsets into it, stay where they are."""
+    import struct
+
+    def children(data: bytes, start: int, end: int) -> dict[bytes, tuple[int, int]]:
+        out, at = {}, start
+        while at + 8 <= end:
+            size, kind = struct.unpack(">I4s", data[at:at + 8])
+            out[kind] = (at, size)
+            at += size
+        return out
+
+    path, start, end, data = [], 0, len(mp4), bytearray(mp4)
+    for kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stts"):
+        at, size = children(bytes(data), start, end)[kind]
+        path.append((at, size))
+        start, end = at + 8, at + size
+    stts_at, stts_size = path[-1]
+    body = struct.pack(">4xI", len(deltas)) + b"".join(struct.pack(">II", 1, d) for d in deltas)
+    new = struct.pack(">I4s", 8 + len(body), b"stts") + body
+    grow = len(new) - stts_size
+    data[stts_at:stts_at + stts_size] = new
+    for at, size in path[:-1]:
+        struct.pack_into(">I", data, at, size + grow)
+    return bytes(data)
+
+
+def test_a_whole_variable_frame_rate_file_is_not_called_truncated(tmp_path, caplog):
+    """A whole MP4 whose frame times skip a period here and there (a camera that dropped frames):
+    OpenCV's reader stops one frame early per skipped period, and the warning blamed a truncated or
+    corrupt file (helper-177). It names the variable frame rate now; an even file loses nothing."""
+    frames = [np.full((32, 48, 3), 8 * i, np.uint8) for i in range(30)]
+    even = tmp_path / "even.mp4"
+    _write_video(even, frames, fps=30)
+    mp4 = even.read_bytes()
+    import struct
+
+    at = mp4.index(b"stts")
+    count, delta = struct.unpack(">II", mp4[at + 12:at + 20])  # one entry: 30 samples of one period
+    assert count == 30
+    deltas = [delta] * 30
+    for i in (7, 15, 22):  # three gaps of two periods
+        deltas[i] = 2 * delta
+    vfr = tmp_path / "vfr.mp4"
+    vfr.write_bytes(_with_frame_durations(mp4, deltas))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"):
+        with open_source(even) as source:
+            assert sum(1 for _ in source) == 30 and source.missing == 0
+        assert not caplog.records
+        with open_source(vfr) as source:
+            names = [f.name for f in source]
+            assert len(source) == 30 and source.missing == 3
+    assert names == [f"{i:06d}" for i in range(27)]
+    message = caplog.records[-1].getMessage()
+    assert "decoded 27 of the 30 frames" in message and "skip 3 frame periods" in message
+    assert "variable-frame-rate" in message and "truncated" not in message
