@@ -202,6 +202,12 @@ def _open_reader(path: Path) -> Iterator[Any]:
     except Exception as exc:  # noqa: BLE001 - a metadata.yaml of the wrong shapes: KeyError, TypeError, ...
         raise ValueError(f"cannot read bag {path}: {type(exc).__name__}: {exc}") from None
     try:
+        _check_connections(reader.connections, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            reader.close()
+        raise
+    try:
         yield reader
     except BaseException as exc:
         with contextlib.suppress(Exception):  # the block's error is the one to report
@@ -217,6 +223,35 @@ def _open_reader(path: Path) -> Iterator[Any]:
                     type(exc).__name__, exc)
 
 
+def _check_connections(connections: Any, path: Path) -> None:
+    """Refuse topics whose name, type or message count (as metadata.yaml or the storage gives them,
+    and rosbags passes them on) are not a name, a name and a count: they failed later in sorting,
+    hashing and sums with ``TypeError`` or ``OverflowError``."""
+    for c in connections:
+        topic, msgtype, count = getattr(c, "topic", None), getattr(c, "msgtype", None), getattr(c, "msgcount", 0)
+        if not (isinstance(topic, str) and topic and isinstance(msgtype, str) and msgtype
+                and (count is None or (is_integer(count) and count >= 0))):
+            raise ValueError(f"cannot read bag {path}: it gives a topic the name {shown(topic)}, the type "
+                             f"{shown(msgtype)} and the message count {shown(count)}; each must be a name, a "
+                             "name and an integer >= 0 (a damaged metadata.yaml or storage file?)")
+
+
+def _check_message_count(read: int, declared: list[Any], topic: str, path: Path) -> None:
+    """Compare the messages read on ``topic`` with the counts its connections declare: none read
+    of some declared is a ValueError (rosbags reads nothing when metadata.yaml's type, serialization
+    format or type hash disagrees with the storage), another number a warning."""
+    if not all(is_integer(n) for n in declared):
+        return
+    total = sum(declared)
+    if read == 0 and total > 0:
+        raise ValueError(f"cannot read bag {path}: it declares {total} messages on {topic} and none could be read "
+                         "(metadata.yaml disagrees with the storage file: the topic's type, serialization format or "
+                         "type hash?)")
+    if read != total:
+        log.warning("bag %s: read %d messages on %s where it declares %d (metadata.yaml and the storage disagree, or "
+                    "the storage is damaged)", path, read, topic, total)
+
+
 def _read_messages(reader: Any, connections: list[Any], path: Path) -> Iterator[tuple[Any, int, bytes]]:
     """``reader.messages(connections=...)``; what the storage raises on a damaged file (sqlite3's
     "database disk image is malformed", a broken MCAP chunk) becomes a ValueError naming the bag."""
@@ -228,6 +263,14 @@ def _read_messages(reader: Any, connections: list[Any], path: Path) -> Iterator[
             return
         except Exception as exc:  # noqa: BLE001 - apsw / sqlite3 / MCAP / rosbags errors alike
             raise ValueError(f"cannot read bag {path}: {type(exc).__name__}: {exc}") from None
+        conn, stamp_ns, raw = item
+        # SQLite columns keep whatever was stored: text, a real, NULL (the writer failed on them later)
+        if not is_integer(stamp_ns) or not 0 <= stamp_ns < 2**63:
+            raise ValueError(f"cannot read bag {path}: a message of {conn.topic} has the timestamp {shown(stamp_ns)}, "
+                             "not nanoseconds in [0, 2**63) (a damaged storage file?)")
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            raise ValueError(f"cannot read bag {path}: a message of {conn.topic} at {stamp_ns} ns holds "
+                             f"{type(raw).__name__} data, not bytes (a damaged storage file?)")
         yield item
 
 
@@ -284,7 +327,12 @@ def _db3_metadata_version(path: Path) -> int:
             row = con.execute("SELECT metadata_version FROM metadata ORDER BY metadata_version DESC LIMIT 1").fetchone()
     except sqlite3.Error:  # no metadata table (or not a database: the reader says so next)
         return 8
-    return int(row[0]) if row and row[0] is not None else 8
+    if not row or row[0] is None:
+        return 8
+    if not is_integer(row[0]) or not 1 <= row[0] <= 2**31 - 1:  # SQLite keeps whatever was stored: text, a real
+        raise ValueError(f"cannot read bag {path}: its metadata table holds metadata_version {shown(row[0])}, not an "
+                         "integer >= 1")
+    return int(row[0])
 
 
 def _bag_storage_and_version(path: Path) -> tuple[str, int]:
@@ -305,13 +353,31 @@ def _bag_storage_and_version(path: Path) -> tuple[str, int]:
             raise ValueError(f"cannot read {meta}: storage_identifier must be a name, got {shown(storage)}")
         if not is_integer(version) or not 1 <= version <= 2**31 - 1:
             raise ValueError(f"cannot read {meta}: version must be an integer >= 1, got {shown(version)}")
+        files = info.get("relative_file_paths", [])
+        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+            raise ValueError(f"cannot read bag {path}: metadata.yaml's relative_file_paths must be a list of file "
+                             f"names, got {shown(files)}")
+        if len(set(files)) < len(files):  # rosbags reads a file listed twice twice: every message doubled
+            raise ValueError(f"cannot read bag {path}: metadata.yaml's relative_file_paths lists a file twice: "
+                             f"{shown(files)}")
+        for name in files:
+            _check_storage_file(path / name)
         return storage, int(version)
+    _check_storage_file(path)
     suffix = path.suffix.lower()
     if suffix == ".mcap":
         return "mcap", 9
     if suffix == ".db3":
         return "sqlite3", _db3_metadata_version(path)
     raise ValueError(f"{path} is not a rosbag2 bag: give the bag folder, a .db3 or a .mcap file")
+
+
+def _check_storage_file(path: Path) -> None:
+    """Refuse a storage file that exists and is no regular file (a FIFO: opening it blocks until a
+    writer comes; a device, a folder). A missing one is the reader's to report."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"cannot read bag storage {path}: not a regular file (a named pipe, a device or a "
+                         "folder); record or copy the bag to a file first")
 
 
 def _transient_local_qos() -> list[Any]:
@@ -671,6 +737,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                     run_stats.add(result.to_record(), result.labels)
                     if skipped:
                         bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
+                else:  # every message read (no --max-frames stop): as many as the bag declares?
+                    _check_message_count(frames, counted, in_topic, in_path)
             finally:
                 bar.close()
     wall = time.perf_counter() - t_start

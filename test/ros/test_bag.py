@@ -8,10 +8,13 @@ with the header stamps as times.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
@@ -1562,3 +1565,101 @@ def test_random_bags_of_good_and_bad_messages(ts, tmp_path_factory, band_loaded,
         key_ns = m.stamp_ns if info.is_key_frame else key_ns
         assert info.key_frame_stamp.sec * 10**9 + info.key_frame_stamp.nanosec == key_ns
         previous, gap = m, False
+
+
+def _edit_metadata(bag: Path, change) -> None:
+    meta = yaml.safe_load((bag / "metadata.yaml").read_text())
+    change(meta["rosbag2_bagfile_information"])
+    (bag / "metadata.yaml").write_text(yaml.safe_dump(meta))
+
+
+def test_a_fifo_as_the_storage_is_refused_instead_of_blocking(ts, tmp_path, lite):
+    """A named pipe as the .mcap/.db3 given, or as a bag folder's storage file, blocked forever in
+    open() (helper-175); it is refused by name, with no output made."""
+    os.mkfifo(tmp_path / "x.mcap")
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)))
+    (db3,) = (tmp_path / "in").glob("*.db3")
+    db3.unlink()
+    os.mkfifo(db3)
+    for bag in (tmp_path / "x.mcap", tmp_path / "in"):
+        with pytest.raises(ValueError, match="not a regular file"):
+            process_bag(bag, tmp_path / "out", TOPIC, lite)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change", [
+    lambda i: i["topics_with_message_count"][0]["topic_metadata"].update(type=[IMAGE]),  # TypeError: unhashable
+    lambda i: i["topics_with_message_count"][0].update(message_count=float("inf")),      # OverflowError
+    lambda i: i["topics_with_message_count"][0].update(message_count="x"),
+    lambda i: i.update(relative_file_paths=i["relative_file_paths"] * 2),  # every message read twice
+])
+def test_metadata_of_the_wrong_kinds_is_refused_before_any_output(ts, tmp_path, lite, change):
+    """Topic types, message counts and storage file lists of the wrong kind escaped as TypeError
+    or OverflowError tracebacks, and a storage file listed twice had every frame segmented and
+    written twice (helper-175)."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(2)))
+    _edit_metadata(tmp_path / "in", change)
+    with pytest.raises(ValueError, match=f"cannot read bag {re.escape(str(tmp_path / 'in'))}: "):
+        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite, BagOptions(propagator="copy", progress=False,
+                                                                               copy_all_topics=True))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("column, value", [("timestamp", "abc"), ("timestamp", -5), ("timestamp", 1.7e18),
+                                           ("data", None), ("data", "text")])
+def test_stored_message_values_of_the_wrong_kind_are_a_value_error(ts, tmp_path, lite, column, value):
+    """SQLite keeps whatever a damaged writer stored; a text, negative or real timestamp or a NULL
+    or text payload escaped from the output writer (TypeError, OverflowError, AttributeError) or was
+    written on (a negative timestamp) (helper-175). A ValueError naming the bag now, no output."""
+    import sqlite3
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(2)))
+    (db3,) = (tmp_path / "in").glob("*.db3")
+    with contextlib.closing(sqlite3.connect(db3)) as con, con:
+        # without rosbags' NOT NULL constraints and column types (another recorder's table may lack them)
+        con.executescript("CREATE TABLE m2(id INTEGER PRIMARY KEY, topic_id, timestamp, data); "
+                          "INSERT INTO m2 SELECT * FROM messages; DROP TABLE messages; "
+                          "ALTER TABLE m2 RENAME TO messages;")
+        con.execute(f"UPDATE messages SET {column} = ? WHERE id = 2", (value,))
+    for storage in ("mcap", "sqlite3"):
+        with pytest.raises(ValueError, match=f"cannot read bag {re.escape(str(tmp_path / 'in'))}: a message of {TOPIC}"):
+            process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite, BagOptions(propagator="copy", progress=False),
+                        storage=storage)
+        assert not (tmp_path / "out").exists()
+
+
+def test_messages_read_are_checked_against_the_count_the_bag_declares(ts, tmp_path, band_loaded, caplog):
+    """rosbags reads nothing when metadata.yaml's type hash disagrees with the storage's: the run
+    returned 0 frames and left an empty output bag; now a ValueError. Another count than declared
+    is a warning (helper-175)."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(2)))
+    meta = (tmp_path / "in" / "metadata.yaml").read_text()
+    _edit_metadata(tmp_path / "in", lambda i: i["topics_with_message_count"][0]["topic_metadata"].update(
+        type_description_hash="RIHS01_" + "0" * 64))
+    options = BagOptions(propagator="copy", progress=False)
+    with pytest.raises(ValueError, match=f"declares 2 messages on {TOPIC} and none could be read"):
+        process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, options)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "in" / "metadata.yaml").write_text(meta)
+    _edit_metadata(tmp_path / "in", lambda i: i["topics_with_message_count"][0].update(message_count=5))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.ros.bag"):
+        summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, options)
+    assert summary["frames"] == 2
+    assert any(f"read 2 messages on {TOPIC} where it declares 5" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.ros.bag"):  # --max-frames: fewer read on purpose
+        process_bag(tmp_path / "in", tmp_path / "out2", TOPIC, band_loaded, dataclasses.replace(options, max_frames=1))
+    assert not any("declares" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("value", ["abc", float("inf")])
+def test_a_bare_db3_with_a_damaged_metadata_version_is_a_value_error(ts, tmp_path, lite, value):
+    """metadata_version 9e999 (inf) raised OverflowError, text an int() error naming nothing."""
+    import sqlite3
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)))
+    (db3,) = (tmp_path / "in").glob("*.db3")
+    with contextlib.closing(sqlite3.connect(db3)) as con, con:
+        con.execute("UPDATE metadata SET metadata_version = ?", (value,))
+    with pytest.raises(ValueError, match="metadata table holds metadata_version"):
+        process_bag(db3, tmp_path / "out", TOPIC, lite)
