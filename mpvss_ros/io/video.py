@@ -574,11 +574,16 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
         FileNotFoundError: ``input not found: <path>``.
         ValueError: ``cannot read video: <path>`` (OpenCV cannot open it or decode a frame at
             its start); a video whose first frame has more than ``max_pixels`` pixels; a folder
-            without images; ``fps`` not positive and finite; ``max_pixels`` below 1.
+            without images; ``fps`` not positive and finite; ``max_pixels`` below 1; a path that
+            is neither a folder nor a regular file (a named pipe blocked opening it; a video is
+            opened anew for each pass over it).
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
+    if not p.is_dir() and not p.is_file():  # a video is opened once per pass: a stream would be read once
+        raise ValueError(f"cannot read {p}: not a regular file (a named pipe or a device); write the stream to a "
+                         "file first, or run the ROS node on it")
     if p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES:
         return ImageFolderSource(p, fps, max_pixels, limit_name)
     return VideoFileSource(p, fps, max_pixels, limit_name)

@@ -1370,7 +1370,7 @@ def test_paths_that_are_not_utf8_are_refused_before_opencv_crashes_on_them(tmp_p
     assert lines[0].startswith("refused: cannot read video: ")
 
 
-def test_an_image_link_to_a_fifo_is_left_out_instead_of_blocking_the_run(tmp_path):
+def test_fifos_are_left_out_of_folders_and_refused_as_inputs_instead_of_blocking(tmp_path):
     """A symlink to a named pipe in an image folder was kept as an image and its read blocked
     forever (helper-177); it is left out as a FIFO itself is, while a broken link keeps its place."""
     import os
@@ -1390,6 +1390,14 @@ def test_an_image_link_to_a_fifo_is_left_out_instead_of_blocking_the_run(tmp_pat
     assert run.stdout.strip() == "['a2']"  # a1, the broken link, is counted unreadable (its index kept)
     with open_source(folder) as source:
         assert [f.index for f in source] == [1] and source.unreadable == ["a1"]
+    # a FIFO given as the input: a video's open blocked until a writer came; an image was "not found"
+    for name in ("pipe.mp4", "pipe.png"):
+        os.mkfifo(tmp_path / name)
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == (
+            f"ValueError: cannot read {tmp_path / name}: not a regular file (a named pipe or a device); write the "
+            "stream to a file first, or run the ROS node on it")
 
 
 @pytest.mark.parametrize("suffix", [".webp", ".ppm"])
