@@ -388,7 +388,9 @@ def read_contract(export_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: export the model with 'mpvss export --out {d}'")
     try:
         contract = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a number past str()'s digit limit
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, a number past str()'s
+        # digit limit, arrays nested past the interpreter's recursion limit (a damaged cache entry was
+        # never re-exported: every run with onnxruntime failed until the cache was cleared)
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(contract, dict) or contract.get("format") != CONTRACT_FORMAT:
         found = contract.get("format") if isinstance(contract, dict) else type(contract).__name__
@@ -407,7 +409,8 @@ def contract_problems(contract: dict[str, Any], cfg: ModelConfig) -> list[str]:
     """What in a contract (read by :func:`read_contract`) disagrees with itself, without opening
     the graphs: the canvas sizes (padded = valid rounded up to ``size_divisibility``, mask =
     padded / 4), the model configuration's canvas, classes and queries against the canvas and
-    ``class_logits``, and tensor dtypes other than float32. One line per problem."""
+    ``class_logits``, every listed tensor's shape against what the canvas and the configuration
+    give, and tensor dtypes other than float32. One line per problem."""
     problems = []
     canvas = contract["canvas"]
     valid, padded = tuple(canvas["valid_hw"]), tuple(canvas["padded_hw"])
@@ -435,6 +438,7 @@ def contract_problems(contract: dict[str, Any], cfg: ModelConfig) -> list[str]:
                              ("preprocess.interpolation", prep.get("interpolation"), cfg.input.interpolation)):
         if found is not None and found != want:
             problems.append(f"{key} {found} differs from model_config's {want}")
+    expected = _io_shapes(cfg, padded)
     for g in ("key_frame", "non_key_frame"):  # other entries of "graphs" are not this package's
         info = contract["graphs"][g]
         tensors = info["inputs"] + info["outputs"]
@@ -445,6 +449,11 @@ def contract_problems(contract: dict[str, Any], cfg: ModelConfig) -> list[str]:
             if t["name"] in ("class_logits", "key_class_logits") and t["shape"][1:] != [queries, classes + 1]:
                 problems.append(f"{g}: {t['name']} {t['shape']} does not fit model_config's {queries} queries and "
                                 f"{classes} classes (+ no-object)")
+            elif t["name"] in expected and t["shape"] != list(expected[t["name"]]):
+                # a canvas claimed bigger than the graphs' tensors: check-export allocated a frame of
+                # that size (107 GiB for 60000 x 80000) before onnxruntime refused it
+                problems.append(f"{g}: {t['name']} {t['shape']} is not {list(expected[t['name']])}, what the canvas "
+                                f"{list(padded)} and model_config give")
     return problems
 
 
@@ -683,6 +692,55 @@ def check_parity(export_dir: str | Path, model: MPVSS, frames: Sequence[np.ndarr
 _ONNX_FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
+def graph_problems(export_dir: str | Path, contract: dict[str, Any], optional: Sequence[str] = ()) -> list[str]:
+    """What the two graphs declare against what the contract (read by :func:`read_contract`)
+    lists: every input and output this package feeds or reads, by name, float32, with the
+    contract's static shape; and the contract listing each of them. Names in ``optional`` may be
+    absent from both the contract and the graph (``flows``, which exports before it lack: their
+    non-key frames warp in torch). Reads the graphs' structure only (no external data, no
+    session). One line per problem.
+
+    A contract edited after the export (its classes, a tensor renamed) passes its own checks and
+    the graphs' sha256 alike; a run on it gave labels of a class the contract does not name, or
+    failed on every frame as a backend failure.
+    """
+    import onnx
+
+    d = Path(export_dir)
+    problems = []
+    for g, (inputs, outputs) in {"key_frame": (KEY_INPUTS, KEY_OUTPUTS),
+                                 "non_key_frame": (NON_KEY_INPUTS, NON_KEY_OUTPUTS)}.items():
+        info = contract["graphs"][g]
+        path = d / info["file"]
+        spec = {t["name"]: [int(v) for v in t["shape"]] for t in info["inputs"] + info["outputs"]}
+        try:
+            graph = onnx.load(str(path), load_external_data=False).graph
+        except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and the like
+            problems.append(f"{g}: {path.name} is not a readable ONNX model ({type(exc).__name__}: {exc})")
+            graph = None
+        declared = {} if graph is None else {v.name: v for v in (*graph.input, *graph.output)}
+        names = [n for n in (*inputs, *outputs)
+                 if not (n in optional and n not in spec and (graph is None or n not in declared))]
+        missing = [n for n in names if n not in spec]
+        if missing:
+            problems.append(f"{g}: the contract does not list {missing}")
+        if graph is None:
+            continue
+        for name in names:
+            v = declared.get(name)
+            if v is None:
+                problems.append(f"{g}: {path.name} has no input/output {name!r}")
+                continue
+            t = v.type.tensor_type
+            dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in t.shape.dim]
+            if t.elem_type != _ONNX_FLOAT:
+                problems.append(f"{g}: {name} is not float32 (ONNX elem_type {t.elem_type})")
+            if name in spec and dims != spec[name]:
+                problems.append(f"{g}: {name} has shape {dims} in the graph, {spec[name]} in the contract "
+                                "(the graphs must be static)")
+    return problems
+
+
 def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, Any]:
     """Check an export folder against its ``contract.json``: ours (``mpvss export``) or a model of
     your own brought to the same contract (see ``docs/runtime.md``), before a robot runs it.
@@ -709,8 +767,6 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
         FileNotFoundError: no contract, or a graph file missing.
         ValueError: every problem found, one per line.
     """
-    import onnx
-
     from .base import BackendUnavailable
     from .onnx_backend import make_session
 
@@ -720,36 +776,13 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
     canvas = contract["canvas"]
     valid, padded = tuple(canvas["valid_hw"]), tuple(canvas["padded_hw"])
     problems = contract_problems(contract, cfg)
-    specs: dict[str, dict[str, list[int]]] = {}
-    for g, (inputs, outputs) in {"key_frame": (KEY_INPUTS, KEY_OUTPUTS),
-                                 "non_key_frame": (NON_KEY_INPUTS, NON_KEY_OUTPUTS)}.items():
+    for g in ("key_frame", "non_key_frame"):
         info = contract["graphs"][g]
-        path = d / info["file"]
         if not _graph_intact(d, info):
-            problems.append(f"{g}: {path.name} does not match the sha256 in the contract (changed or damaged)")
-        spec = {t["name"]: [int(v) for v in t["shape"]] for t in info["inputs"] + info["outputs"]}
-        specs[g] = spec
-        missing = [n for n in (*inputs, *outputs) if n not in spec]
-        if missing:
-            problems.append(f"{g}: the contract does not list {missing}")
-        try:
-            graph = onnx.load(str(path), load_external_data=False).graph
-        except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and the like
-            problems.append(f"{g}: {path.name} is not a readable ONNX model ({type(exc).__name__}: {exc})")
-            continue
-        declared = {v.name: v for v in (*graph.input, *graph.output)}
-        for name in (*inputs, *outputs):
-            v = declared.get(name)
-            if v is None:
-                problems.append(f"{g}: {path.name} has no input/output {name!r}")
-                continue
-            t = v.type.tensor_type
-            dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in t.shape.dim]
-            if t.elem_type != _ONNX_FLOAT:
-                problems.append(f"{g}: {name} is not float32 (ONNX elem_type {t.elem_type})")
-            if name in spec and dims != spec[name]:
-                problems.append(f"{g}: {name} has shape {dims} in the graph, {spec[name]} in the contract "
-                                "(the graphs must be static)")
+            problems.append(f"{g}: {info['file']} does not match the sha256 in the contract (changed or damaged)")
+    problems += graph_problems(d, contract)
+    specs = {g: {t["name"]: [int(v) for v in t["shape"]] for t in contract["graphs"][g]["inputs"]
+                 + contract["graphs"][g]["outputs"]} for g in ("key_frame", "non_key_frame")}
     if problems:
         raise ValueError("\n".join(problems))
 
@@ -998,7 +1031,8 @@ class GraphSource:
 
         Raises:
             FileNotFoundError, ValueError: missing or invalid contract (:func:`contract_problems`),
-                a missing graph, or a graph that does not match its recorded sha256.
+                a missing graph, a graph that does not match its recorded sha256, or graphs that
+                do not declare the contract's inputs and outputs (:func:`graph_problems`).
         """
         contract = read_contract(export_dir)
         problems = contract_problems(contract, contract_model_config(contract))
@@ -1008,6 +1042,9 @@ class GraphSource:
             raise ValueError(f"the graphs in {export_dir} do not match the sha256 their contract.json records (changed "
                              f"since the export, e.g. by an interrupted re-export): export again, or see mpvss "
                              f"check-export {export_dir}")
+        problems = graph_problems(export_dir, contract, optional=("flows",))
+        if problems:  # a contract edited after the export: its own checks and the sha256 pass
+            raise ValueError(f"{export_dir}: {'; '.join(problems)} (mpvss check-export lists everything)")
         return cls(contract_model_config(contract), export_dir=Path(export_dir), cache_dir=cache_dir,
                    weights=contract.get("weights"), trained=contract.get("trained"), contract=contract)
 

@@ -566,7 +566,7 @@ def _engine_intact(path: Path) -> bool:
         return False
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         meta = {}
     want = meta.get("engine_sha256") if isinstance(meta, dict) else None
     if not want:

@@ -523,7 +523,7 @@ def truncate_log(path: Path, step: int) -> None:
         try:
             if int(json.loads(line).get("step", 0)) <= step:
                 kept.append(line)
-        except (ValueError, TypeError, AttributeError, OverflowError):
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):  # nested past the limit
             continue
     write_atomic(path, "".join(x + "\n" for x in kept).encode("utf-8"))
 

@@ -655,7 +655,9 @@ def test_check_export_passes_an_export_and_lists_every_problem(lite_small, tmp_p
     assert any("mask_hw" in line for line in lines)
     assert any("key_frame: mask_logits has shape" in line and "[1, 7, 24, 32]" in line for line in lines)
     assert any("non_key_frame" in line and "sha256" in line for line in lines)
-    assert len(lines) == 3
+    # the contract's own mask_logits against its canvas and model_config, before the graph is opened
+    assert any(line.startswith("key_frame: mask_logits [1, 7, 24, 32] is not [1, 32, 24, 32]") for line in lines)
+    assert len(lines) == 4
 
     old = []
 
@@ -935,7 +937,8 @@ def test_a_damaged_graph_without_a_recorded_sha256_is_one_error_line(lite_small,
         d = _edited_copy(lite_small.out_dir, tmp_path / graph, no_sha256)
         data = (d / f"{graph}.onnx").read_bytes()
         (d / f"{graph}.onnx").write_bytes(data[: len(data) // 2])
-        with pytest.raises(ValueError, match=f"{d}: a graph cannot be loaded"):
+        with pytest.raises(ValueError, match=f"{d}: {graph}: {graph}.onnx is not a readable ONNX model "
+                                             r"\(DecodeError"):
             load_backend("onnxruntime", onnx_dir=d, input_hw=(96, 128))
 
 
@@ -992,17 +995,48 @@ def cfg():
     return load_model_config("mpvss_lite")
 
 
+def _declaring_graph(path, contract, graph, drop=()) -> None:
+    """An ONNX model at ``path`` that declares ``contract``'s inputs and outputs of ``graph``
+    (float32, the contract's shapes; ``drop`` left out) and computes nothing: what the structural
+    check (graph_problems) reads."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    info = contract["graphs"][graph]
+
+    def values(side):
+        return [helper.make_tensor_value_info(t["name"], TensorProto.FLOAT, t["shape"]) for t in info[side]
+                if t["name"] not in drop]
+
+    model = helper.make_model(helper.make_graph([], graph, values("inputs"), values("outputs")))
+    onnx.save(model, str(path))
+
+
 def _folder(tmp_path, contract):
-    """An export folder holding ``contract`` and two placeholder graph files (read_contract only
-    checks that they exist)."""
+    """An export folder holding ``contract`` and two graphs that declare its inputs and outputs
+    (and compute nothing; the sha256 recorded in ``contract``, if any, no longer match)."""
     for g in ("key_frame", "non_key_frame"):
-        (tmp_path / contract["graphs"][g]["file"]).write_bytes(b"placeholder")
+        _declaring_graph(tmp_path / contract["graphs"][g]["file"], contract, g)
     (tmp_path / CONTRACT_FILE).write_text(json.dumps(contract))
     return tmp_path
 
 
 def _problems(contract):
     return contract_problems(contract, contract_model_config(contract))
+
+
+def test_a_canvas_claimed_bigger_than_the_listed_tensors_is_a_contract_problem(cfg):
+    """A contract whose canvas (valid, padded and mask sizes and model_config's input size alike)
+    claims 60000 x 80000 over tensors of 96 x 128 passed its own checks, and check-export then
+    allocated a frame of that size (107 GiB, a numpy MemoryError traceback; helper-176)."""
+    contract = build_contract(cfg, (96, 128))
+    contract["canvas"].update(valid_hw=[60000, 80000], padded_hw=[60000, 80000], mask_hw=[15000, 20000])
+    contract["model_config"]["input"]["size"] = [60000, 80000]
+    problems = _problems(contract)
+    assert "key_frame: image [1, 3, 96, 128] is not [1, 3, 60000, 80000], what the canvas [60000, 80000] and " \
+           "model_config give" in problems
+    assert any(p.startswith("non_key_frame: flows ") for p in problems)
+    assert all(" is not [" in p for p in problems), problems  # nothing else wrong with it
 
 
 def test_a_built_contract_has_no_problems_padded_and_not(cfg):
@@ -1081,13 +1115,17 @@ def test_read_contract_needs_both_graph_files(cfg, tmp_path):
 
 def test_read_contract_calls_a_contract_that_is_not_json_malformed(cfg, tmp_path):
     """A contract.json that is not JSON is malformed (ValueError), not missing (FileNotFoundError);
-    bytes that are not UTF-8 and a number past str()'s 4300-digit limit too, each naming the file."""
+    bytes that are not UTF-8, a number past str()'s 4300-digit limit and arrays nested past the
+    recursion limit too, each naming the file."""
     d = _folder(tmp_path, build_contract(cfg, (96, 128)))
     good = (d / CONTRACT_FILE).read_bytes()
-    for text in (b"{", good.replace(b'"format"', b'"form\xffat"', 1), good.replace(b"96", b"9" * 5000, 1)):
+    nested = b"[" * 100_000 + b"]" * 100_000  # past the recursion limit: RecursionError escaped (helper-176)
+    for text in (b"{", good.replace(b'"format"', b'"form\xffat"', 1), good.replace(b"96", b"9" * 5000, 1), nested):
         (d / CONTRACT_FILE).write_bytes(text)
         with pytest.raises(ValueError, match=f"{re.escape(str(d / CONTRACT_FILE))} is not valid JSON"):
             read_contract(d)
+    # in the ONNX cache such an entry is removed and exported again; it was kept and failed every run
+    assert export_module._reuse(d) is False and not d.exists()
 
 
 def _padded_divisibility(c):
@@ -1211,10 +1249,12 @@ def test_check_export_refuses_a_graph_input_that_is_not_float32(lite_63, tmp_pat
     assert str(info.value) == f"key_frame: image is not float32 (ONNX elem_type {onnx.TensorProto.DOUBLE})"
 
 
-def test_check_export_compares_each_output_it_ran_with_the_contract(lite_63, tmp_path):
+def test_check_export_compares_each_output_it_ran_with_the_contract(lite_63, tmp_path, monkeypatch):
     """A graph whose declared output shape was edited together with the contract (both claiming
     one more query-embedding channel) still outputs its real shape when run: the shape that
-    came out is compared with the contract, not only the declared one."""
+    came out is compared with the contract, not only the declared one. (The contract's own check
+    of that shape against its model_config would refuse the edit first; it is widened here too, as
+    for a model of one's own whose tensors that check cannot derive.)"""
     shape = check_export(lite_63.out_dir)["outputs"]["query_embeddings"]  # [1, N, C]
     listed = shape[:2] + [shape[2] + 1]
 
@@ -1226,6 +1266,9 @@ def test_check_export_compares_each_output_it_ran_with_the_contract(lite_63, tmp
         (t,) = [t for t in contract["graphs"]["key_frame"]["outputs"] if t["name"] == "query_embeddings"]
         t["shape"] = listed
 
+    io_shapes = export_module._io_shapes
+    monkeypatch.setattr(export_module, "_io_shapes",
+                        lambda cfg, padded: {**io_shapes(cfg, padded), "query_embeddings": tuple(listed)})
     bad = _edited_graph(lite_63.out_dir, tmp_path / "wider", "key_frame", wider_declared, wider_listed)
     with pytest.raises(ValueError) as info:
         check_export(bad)
@@ -1510,13 +1553,50 @@ def test_a_graph_source_from_a_folder_refuses_a_changed_non_key_graph(cfg, tmp_p
     """Both graphs' sha256 are checked, the non-key one too."""
     d = tmp_path / "exp"
     d.mkdir()
-    for name in ("key_frame.onnx", "non_key_frame.onnx"):
-        (d / name).write_bytes(b"graph " + name.encode())
+    unhashed = build_contract(cfg, (96, 128))
+    for g in ("key_frame", "non_key_frame"):
+        _declaring_graph(d / f"{g}.onnx", unhashed, g)
     contract = build_contract(cfg, (96, 128), d / "key_frame.onnx", d / "non_key_frame.onnx")
     (d / CONTRACT_FILE).write_text(json.dumps(contract))
     assert GraphSource.from_dir(d).sizes == [(96, 128)]
-    (d / "non_key_frame.onnx").write_bytes(b"another graph")
+    _declaring_graph(d / "non_key_frame.onnx", unhashed, "non_key_frame", drop=("scores",))
     with pytest.raises(ValueError, match="do not match the sha256"):
+        GraphSource.from_dir(d)
+
+
+def test_a_graph_source_refuses_a_contract_edited_after_the_export(cfg, tmp_path):
+    """A contract edited after the export passes its own checks and the graphs' sha256 (helper-176):
+    one claiming 10 classes over graphs of 11 gave labels of class 10, which it does not name; a
+    renamed input failed on every frame as a backend failure. The graphs' declarations are
+    compared with the contract now; an older export without the non-key graph's flows, in both,
+    still loads (its non-key frames warp in torch)."""
+    import dataclasses as dc
+
+    d = tmp_path / "exp"
+    d.mkdir()
+    exported = build_contract(cfg, (96, 128))
+    for g in ("key_frame", "non_key_frame"):
+        _declaring_graph(d / f"{g}.onnx", exported, g)
+    fewer = dc.replace(cfg, num_classes=cfg.num_classes - 1, class_names=tuple(cfg.class_names[:-1]),
+                       palette=tuple(cfg.palette[:-1]))
+    (d / CONTRACT_FILE).write_text(json.dumps(build_contract(fewer, (96, 128))))
+    with pytest.raises(ValueError, match=r"key_frame: class_logits has shape \[1, \d+, 12\] in the graph, "
+                                         r"\[1, \d+, 11\] in the contract"):
+        GraphSource.from_dir(d)
+    renamed = json.loads(json.dumps(exported))
+    renamed["graphs"]["key_frame"]["inputs"][0]["name"] = "pixels"
+    (d / CONTRACT_FILE).write_text(json.dumps(renamed))
+    with pytest.raises(ValueError, match=r"key_frame: the contract does not list \['image'\]"):
+        GraphSource.from_dir(d)
+    old = json.loads(json.dumps(exported))
+    old["graphs"]["non_key_frame"]["outputs"] = [t for t in old["graphs"]["non_key_frame"]["outputs"]
+                                                 if t["name"] != "flows"]
+    _declaring_graph(d / "non_key_frame.onnx", exported, "non_key_frame", drop=("flows",))
+    (d / CONTRACT_FILE).write_text(json.dumps(old))
+    assert GraphSource.from_dir(d).sizes == [(96, 128)]
+    old["graphs"]["non_key_frame"]["outputs"] = exported["graphs"]["non_key_frame"]["outputs"]
+    (d / CONTRACT_FILE).write_text(json.dumps(old))  # the contract lists flows, the graph has none
+    with pytest.raises(ValueError, match="non_key_frame.onnx has no input/output 'flows'"):
         GraphSource.from_dir(d)
 
 

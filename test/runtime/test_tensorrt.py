@@ -1235,6 +1235,8 @@ def test_an_engine_is_intact_when_it_matches_its_side_car(tmp_path):
     assert tb._engine_intact(path) is False
     path.with_suffix(".json").write_text("{\"engine_by")  # side-car cut short
     assert tb._engine_intact(path) is True
+    path.with_suffix(".json").write_text("[" * 100_000 + "]" * 100_000)  # nested past the recursion limit
+    assert tb._engine_intact(path) is True
 
 
 def test_build_engines_hands_its_options_to_both_graphs_and_keeps_its_onnx_folder(tmp_path, monkeypatch):

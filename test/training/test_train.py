@@ -1192,7 +1192,8 @@ def test_truncate_log_drops_lines_that_are_no_records_of_any_kind(tmp_path):
     they go, and the resume does not stop on them (UnicodeDecodeError, TypeError, OverflowError)."""
     log = tmp_path / "log.jsonl"
     log.write_bytes(b'{"step": 1}\n\xff\xfe{"step": 2}\n{"step": [2]}\n{"step": Infinity}\n{"step": null}\n'
-                    b'{"step": 2, "note": "\xc3\xa9"}\n{"step": 9}\n')
+                    b'{"step": 2, "note": "\xc3\xa9"}\n{"step": 9}\n'
+                    + b"[" * 100_000 + b"]" * 100_000 + b"\n")  # nested past the recursion limit (RecursionError)
     trainer.truncate_log(log, 3)
     assert log.read_text(encoding="utf-8") == '{"step": 1}\n{"step": 2, "note": "\u00e9"}\n'
 
