@@ -1042,7 +1042,12 @@ class GraphSource:
             raise ValueError(f"the graphs in {export_dir} do not match the sha256 their contract.json records (changed "
                              f"since the export, e.g. by an interrupted re-export): export again, or see mpvss "
                              f"check-export {export_dir}")
-        problems = graph_problems(export_dir, contract, optional=("flows",))
+        try:
+            problems = graph_problems(export_dir, contract, optional=("flows",))
+        except ImportError:  # TensorRT parses the graphs without the onnx package: the check is skipped
+            log.info("the onnx package is not installed: the graphs in %s are not compared with their contract "
+                     "(pip install onnx; mpvss check-export does)", export_dir)
+            problems = []
         if problems:  # a contract edited after the export: its own checks and the sha256 pass
             raise ValueError(f"{export_dir}: {'; '.join(problems)} (mpvss check-export lists everything)")
         return cls(contract_model_config(contract), export_dir=Path(export_dir), cache_dir=cache_dir,

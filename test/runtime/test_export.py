@@ -12,9 +12,11 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -1793,3 +1795,14 @@ def test_a_size_off_the_32_grid_runs_on_its_padded_canvas(lite, tmp_path):
     assert key.valid_hw == (60, 64) and backend._sizes.sizes() == [(60, 64)]
     assert backend._get((60, 64)).padded_hw == (64, 64)
     assert key.mask_logits.shape[-2:] == (16, 16)
+
+
+def test_a_graph_source_without_the_onnx_package_skips_the_graph_check(cfg, tmp_path, monkeypatch, caplog):
+    """TensorRT parses the graphs without the onnx package (which has no rosdep key): a folder still
+    loads without it, the comparison of graphs and contract skipped with a log line."""
+    contract = build_contract(cfg, (96, 128))
+    d = _folder(tmp_path, contract)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    with caplog.at_level(logging.INFO, logger="mpvss_ros.runtime.export"):
+        assert GraphSource.from_dir(d).sizes == [(96, 128)]
+    assert any("the onnx package is not installed" in r.getMessage() for r in caplog.records)
