@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from mpvss_ros.checkpoints import read_checkpoint, read_state_dict, save_checkpoint
-from mpvss_ros.config import load_model_config, model_config_from_dict
+from mpvss_ros.checkpoints import CheckpointError, read_checkpoint, read_state_dict, save_checkpoint
+from mpvss_ros.config import ConfigError, load_model_config, model_config_from_dict
 from mpvss_ros.nn.mpvss import MPVSS
 from mpvss_ros.runtime.bench import hardware_info
 
@@ -53,9 +53,16 @@ def run_chain(checkpoint: str, follow: str = "init_checkpoint", part: str = "seg
             break
         if not options.is_file() or len(chain) > 10:
             break
-        opts = json.loads(options.read_text())
+        try:
+            opts = json.loads(options.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{options} is not a run's options (not JSON: {exc})") from None
+        if not isinstance(opts, dict):
+            raise ValueError(f"{options} is not a run's options (a JSON object), it holds a {type(opts).__name__}")
         chain.append({k: opts[k] for k in _KEEP if k in opts})
         path = opts.get(follow) or opts.get("init_checkpoint")
+        if path is not None and not isinstance(path, str):
+            raise ValueError(f"{options}: {follow} / init_checkpoint must be a checkpoint's path, got {path!r}")
     return chain[::-1]
 
 
@@ -103,6 +110,15 @@ def main() -> None:
     args = ap.parse_args()
     if len(set(args.motion)) != len(args.motion):
         ap.error("--motion lists a checkpoint twice (it would weigh double)")
+    try:
+        _ship(ap, args)
+    except (CheckpointError, ConfigError, ValueError, OSError) as exc:  # a damaged or mismatched input, the output
+        ap.exit(1, f"{ap.prog}: error: {exc}\n")
+    except RuntimeError as exc:  # load_state_dict: --model's shapes differ from the checkpoints'
+        ap.exit(1, f"{ap.prog}: error: the weights do not fit the configuration: {str(exc).strip()}\n")
+
+
+def _ship(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     seg, mots = read_state_dict(args.segmentor), [read_checkpoint(m) for m in args.motion]
     for path, mot in zip(args.motion, mots):
         differ = segmentor_differences(seg, mot.state_dict)
@@ -119,6 +135,12 @@ def main() -> None:
     cfg = load_model_config(args.model) if args.model else model_config_from_dict(mots[-1].model_config)
     cfg.default_weights = "models/mpvss_lite_camvid.pt"
     model = MPVSS(cfg)
+    missing = [k for k in model.state_dict()
+               if (k.startswith("motion.") and any(k not in m.state_dict for m in mots))
+               or (not k.startswith("motion.") and k not in seg)]
+    if missing:  # another model's configuration (--model): a KeyError before
+        raise ValueError(f"the checkpoints lack {len(missing)} of the {cfg.name} model's tensors "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): --model describes another model")
     model.load_state_dict({k: (average([m.state_dict[k] for m in mots]) if k.startswith("motion.") else seg[k])
                            for k in model.state_dict()})
     motion_chains = [run_chain(m, follow="init_motion", part="motion") for m in args.motion]

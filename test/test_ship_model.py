@@ -72,18 +72,52 @@ def test_model_option_replaces_the_config(stages, tmp_path, ship):
     assert load_model(None, tmp_path / "shipped.pt").model.motion.image_scale == want
 
 
-def test_model_option_that_changes_shapes_fails(stages, tmp_path, ship):
+def test_model_option_that_changes_shapes_fails(stages, tmp_path, ship, capsys):
+    """Another model's keys (a KeyError traceback before) or other shapes: one error line, exit 1."""
     stage1, stage2, _, _ = stages
-    with pytest.raises((KeyError, RuntimeError)):  # another model: other keys
+    with pytest.raises(SystemExit) as exc:  # another model: other keys
         ship(stage1, stage2, tmp_path / "shipped.pt", "--model", "mpvss_r50")
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.startswith("ship_model.py: error: the checkpoints lack ")
     assert not (tmp_path / "shipped.pt").exists()
     # the same keys with other shapes (a narrower flow embedding): load_state_dict refuses it
     cfg = load_model_config("mpvss_lite").to_dict()
     cfg["motion"]["flow_embed_dim"] = 32
     narrow = tmp_path / "narrow.yaml"
     narrow.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(SystemExit) as exc:
         ship(stage1, stage2, tmp_path / "shipped.pt", "--model", str(narrow))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ship_model.py: error: the weights do not fit the configuration: ") and "size mismatch" in err
+    assert not (tmp_path / "shipped.pt").exists()
+
+
+@pytest.mark.parametrize("options, words", [(b'{"seed": 1', "is not a run's options (not JSON"),
+                                            (b"\xff\xfe", "is not a run's options (not JSON"),
+                                            (b"[1, 2]", "it holds a list"),
+                                            (b'{"init_checkpoint": 5}', "must be a checkpoint's path, got 5")])
+def test_damaged_inputs_are_one_error_line(stages, tmp_path, ship, capsys, options, words):
+    """A damaged options.json beside a checkpoint, a missing checkpoint, an --out that is a folder:
+    each was a traceback (JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError,
+    CheckpointError, IsADirectoryError; helper-176)."""
+    import shutil
+
+    stage1, stage2, _, _ = stages
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(stage2, run / "model_final.pt")
+    (run / "options.json").write_bytes(options)
+    with pytest.raises(SystemExit) as exc:
+        ship(stage1, run / "model_final.pt", tmp_path / "shipped.pt")
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ship_model.py: error: ") and words in err and len(err.splitlines()) == 1, err
+    (run / "options.json").unlink()
+    for stage1_path, out in ((tmp_path / "missing.pt", tmp_path / "shipped.pt"), (stage1, tmp_path)):
+        with pytest.raises(SystemExit) as exc:
+            ship(stage1_path, run / "model_final.pt", out)
+        assert exc.value.code == 1 and capsys.readouterr().err.startswith("ship_model.py: error: ")
     assert not (tmp_path / "shipped.pt").exists()
 
 
