@@ -411,10 +411,6 @@ class VideoFileSource(FrameSource):
         missing = self._count - decoded - len(skipped) if self._count is not None else 0
         self.missing = max(missing, 0)
         if missing > 0:
-            # reads that failed up to the end: the file was cut, most likely inside the frame after
-            # the last one decoded, or inside that one, which decoders fill up with grey or green
-            cut = (f"; the last frame decoded, {last_name}, may be cut short (decoders fill the rest of a frame "
-                   "with grey or green)") if failing and decoded else ""
             skips = _skipped_periods(times_ms)
             if skips >= missing:  # a whole variable-frame-rate file, most likely
                 logger.warning("video %s: decoded %d of the %d frames the container reports, %d missing: its frame "
@@ -423,6 +419,10 @@ class VideoFileSource(FrameSource):
                                "before the container's count for each; the file is likely whole, and its last "
                                "frames were not read", self.path, decoded, self._count, missing, skips)
             else:
+                # reads that failed up to the end: the file was cut, most likely inside the frame after
+                # the last one decoded, or inside that one, which decoders fill up with grey or green
+                cut = (f"; the last frame decoded, {last_name}, may be cut short (decoders fill the rest of a "
+                       "frame with grey or green)") if failing and decoded else ""
                 vfr = (f"; its frame times skip {skips} frame periods (a variable frame rate), which account for "
                        f"{skips} of them") if skips else ""
                 logger.warning("video %s: decoded %d of the %d frames the container reports, %d missing (truncated or "
@@ -800,7 +800,7 @@ class VideoWriter:
     def __init__(self, path: str | Path, fps: float, size: tuple[int, int] | None = None,
                  fourcc: str | None = None) -> None:
         self.path = Path(path).expanduser()
-        _opencv_path(self.path)  # refused now, not with a crash at the first frame
+        self._opencv_name = _opencv_path(self.path)  # refused now, not with a crash at the first frame
         self.fps = check_fps(fps)
         if fourcc is None:
             fourcc = _FOURCC_BY_SUFFIX.get(self.path.suffix.lower())
@@ -844,7 +844,7 @@ class VideoWriter:
         if (ew, eh) != (w, h):
             logger.warning("video %s: odd frame size %dx%d is encoded as %dx%d (last column/row repeated)",
                            self.path, w, h, ew, eh)
-        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (ew, eh))
+        writer = cv2.VideoWriter(self._opencv_name, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (ew, eh))
         if not writer.isOpened():
             writer.release()
             raise OSError(f"cannot open video for writing: {self.path} (codec {self.fourcc!r}, {ew}x{eh}, "

@@ -203,11 +203,6 @@ def _open_reader(path: Path) -> Iterator[Any]:
         raise ValueError(f"cannot read bag {path}: {type(exc).__name__}: {exc}") from None
     try:
         _check_connections(reader.connections, path)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            reader.close()
-        raise
-    try:
         yield reader
     except BaseException as exc:
         with contextlib.suppress(Exception):  # the block's error is the one to report

@@ -692,6 +692,11 @@ def check_parity(export_dir: str | Path, model: MPVSS, frames: Sequence[np.ndarr
 _ONNX_FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
+def _listed_shapes(info: dict[str, Any]) -> dict[str, list[int]]:
+    """A contract graph entry's tensors: name -> the static shape it lists."""
+    return {t["name"]: [int(v) for v in t["shape"]] for t in info["inputs"] + info["outputs"]}
+
+
 def graph_problems(export_dir: str | Path, contract: dict[str, Any], optional: Sequence[str] = ()) -> list[str]:
     """What the two graphs declare against what the contract (read by :func:`read_contract`)
     lists: every input and output this package feeds or reads, by name, float32, with the
@@ -712,7 +717,7 @@ def graph_problems(export_dir: str | Path, contract: dict[str, Any], optional: S
                                  "non_key_frame": (NON_KEY_INPUTS, NON_KEY_OUTPUTS)}.items():
         info = contract["graphs"][g]
         path = d / info["file"]
-        spec = {t["name"]: [int(v) for v in t["shape"]] for t in info["inputs"] + info["outputs"]}
+        spec = _listed_shapes(info)
         try:
             graph = onnx.load(str(path), load_external_data=False).graph
         except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and the like
@@ -781,8 +786,7 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
         if not _graph_intact(d, info):
             problems.append(f"{g}: {info['file']} does not match the sha256 in the contract (changed or damaged)")
     problems += graph_problems(d, contract)
-    specs = {g: {t["name"]: [int(v) for v in t["shape"]] for t in contract["graphs"][g]["inputs"]
-                 + contract["graphs"][g]["outputs"]} for g in ("key_frame", "non_key_frame")}
+    specs = {g: _listed_shapes(contract["graphs"][g]) for g in ("key_frame", "non_key_frame")}
     if problems:
         raise ValueError("\n".join(problems))
 
@@ -1035,7 +1039,8 @@ class GraphSource:
                 do not declare the contract's inputs and outputs (:func:`graph_problems`).
         """
         contract = read_contract(export_dir)
-        problems = contract_problems(contract, contract_model_config(contract))
+        cfg = contract_model_config(contract)
+        problems = contract_problems(contract, cfg)
         if problems:  # as load_exported, for callers that come here without it (load_backend)
             raise ValueError(f"{export_dir}: {'; '.join(problems)} (mpvss check-export lists everything)")
         if not _graphs_intact(Path(export_dir), contract):
@@ -1050,7 +1055,7 @@ class GraphSource:
             problems = []
         if problems:  # a contract edited after the export: its own checks and the sha256 pass
             raise ValueError(f"{export_dir}: {'; '.join(problems)} (mpvss check-export lists everything)")
-        return cls(contract_model_config(contract), export_dir=Path(export_dir), cache_dir=cache_dir,
+        return cls(cfg, export_dir=Path(export_dir), cache_dir=cache_dir,
                    weights=contract.get("weights"), trained=contract.get("trained"), contract=contract)
 
     @property
