@@ -100,6 +100,13 @@ def write_bag(ts, path: Path, storage: str, entries: list[tuple[str, str, int, o
             writer.write(conns[topic], t, data)
 
 
+def _edit_metadata(bag: Path, change) -> None:
+    """Edit ``bag``'s metadata.yaml: ``change(info)`` on its rosbag2_bagfile_information."""
+    meta = yaml.safe_load((bag / "metadata.yaml").read_text())
+    change(meta["rosbag2_bagfile_information"])
+    (bag / "metadata.yaml").write_text(yaml.safe_dump(meta))
+
+
 def read_bag(ts, path: Path) -> dict[str, list[tuple[int, object, bytes]]]:
     """{topic: [(bag timestamp, message or None when undecodable, raw bytes)]}."""
     out: dict[str, list] = {}
@@ -534,9 +541,8 @@ def test_not_a_bag(ts, tmp_path, lite):
     meta_path = tmp_path / "in" / "metadata.yaml"
     meta = meta_path.read_text()
     for edit in ({"relative_file_paths": 3}, {"files": 3}):
-        info = yaml.safe_load(meta)
-        info["rosbag2_bagfile_information"].update(edit)
-        meta_path.write_text(yaml.safe_dump(info))
+        meta_path.write_text(meta)
+        _edit_metadata(tmp_path / "in", lambda info: info.update(edit))
         with pytest.raises(ValueError, match="cannot read bag .*in: "):  # files: 3 was rosbags' TypeError
             process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite)
     meta_path.write_text(meta)
@@ -555,10 +561,7 @@ def test_a_bag_that_rosbags_reads_but_cannot_close_is_processed_with_a_warning(t
     ``close`` (AttributeError); that error escaped after the output bag was written. Every message
     was read, so the output stands and the damage is a warning naming the bag."""
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(2)))
-    meta_path = tmp_path / "in" / "metadata.yaml"
-    info = yaml.safe_load(meta_path.read_text())
-    info["rosbag2_bagfile_information"]["files"] = "x"
-    meta_path.write_text(yaml.safe_dump(info))
+    _edit_metadata(tmp_path / "in", lambda info: info.update(files="x"))
     with caplog.at_level(logging.WARNING, logger="mpvss_ros.ros.bag"):
         summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
                               BagOptions(propagator="copy", progress=False))
@@ -991,10 +994,7 @@ def test_a_humble_sqlite3_bag_gets_output_humble_can_read(ts, tmp_path, band_loa
     small = np.zeros((8, 8, 3), np.uint8)
     write_bag(ts, tmp_path / "in", "sqlite3", [(TOPIC, IMAGE, 1, raw_image(ts, small, 1)),
                                                (TOPIC, IMAGE, 2, raw_image(ts, small, 2))])
-    meta_path = tmp_path / "in" / "metadata.yaml"
-    meta = yaml.safe_load(meta_path.read_text())
-    meta["rosbag2_bagfile_information"]["version"] = 5
-    meta_path.write_text(yaml.safe_dump(meta))
+    _edit_metadata(tmp_path / "in", lambda info: info.update(version=5))
     process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded, BagOptions(propagator="copy", progress=False))
     _assert_humble_decodes(tmp_path / "out" / "metadata.yaml")
     info = yaml.safe_load((tmp_path / "out" / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
@@ -1055,13 +1055,12 @@ def test_copies_keep_the_bags_own_definitions_without_hashes_and_in_idl(ts, tmp_
             writer.write(cam, 10 + 10 * i, ts.serialize_cdr(raw_image(ts, small, 10 + 10 * i), IMAGE))
             writer.write(tf, 11 + 10 * i, ts.serialize_cdr(ts.types["tf2_msgs/msg/TFMessage"](transforms=[]),
                                                            "tf2_msgs/msg/TFMessage"))
-    meta_path = humble / "metadata.yaml"
-    meta = yaml.safe_load(meta_path.read_text())
-    info = meta["rosbag2_bagfile_information"]
-    info["version"] = 5
-    for topic in info["topics_with_message_count"]:
-        topic["topic_metadata"].pop("type_description_hash", None)
-    meta_path.write_text(yaml.safe_dump(meta))
+    def humble_metadata(info):
+        info["version"] = 5
+        for topic in info["topics_with_message_count"]:
+            topic["topic_metadata"].pop("type_description_hash", None)
+
+    _edit_metadata(humble, humble_metadata)
     opts = dict(propagator="copy", progress=False, colored=False, overlay=False, class_masks=False)
     summary = process_bag(humble, tmp_path / "humble_out", TOPIC, band_loaded, BagOptions(copy_topics=("/tf",), **opts))
     assert summary["messages_per_topic"]["/tf"] == 2
@@ -1565,12 +1564,6 @@ def test_random_bags_of_good_and_bad_messages(ts, tmp_path_factory, band_loaded,
         key_ns = m.stamp_ns if info.is_key_frame else key_ns
         assert info.key_frame_stamp.sec * 10**9 + info.key_frame_stamp.nanosec == key_ns
         previous, gap = m, False
-
-
-def _edit_metadata(bag: Path, change) -> None:
-    meta = yaml.safe_load((bag / "metadata.yaml").read_text())
-    change(meta["rosbag2_bagfile_information"])
-    (bag / "metadata.yaml").write_text(yaml.safe_dump(meta))
 
 
 def test_a_fifo_as_the_storage_is_refused_instead_of_blocking(ts, tmp_path, lite):
