@@ -85,6 +85,7 @@ __all__ = [
     "NON_KEY_INPUTS",
     "NON_KEY_OUTPUTS",
     "FORBIDDEN_OPS",
+    "COMPILED_FACTS_KEY",
     "PARITY_ATOL",
     "PARITY_RTOL",
     "KeyFrameGraph",
@@ -92,9 +93,11 @@ __all__ = [
     "ExportResult",
     "export_onnx",
     "build_contract",
+    "compiled_facts",
     "read_contract",
     "contract_model_config",
     "contract_problems",
+    "graph_problems",
     "parity_frames",
     "check_parity",
     "check_export",
@@ -121,6 +124,11 @@ KEY_INPUTS = ("image",)
 KEY_OUTPUTS = ("class_logits", "mask_logits", "query_embeddings")
 NON_KEY_INPUTS = ("image", "key_image", "key_query_embeddings", "key_mask_logits", "key_class_logits")
 NON_KEY_OUTPUTS = ("warped_mask_logits", "scores", "flows")
+#: The ONNX ``metadata_props`` key under which ``mpvss export`` records, as JSON, what each graph
+#: compiled in that its tensors' shapes do not show (:func:`compiled_facts`). Loading a folder
+#: compares it with the contract (:func:`graph_problems`); a graph without it (an older export, or
+#: a model of one's own) is not compared.
+COMPILED_FACTS_KEY = "mpvss_ros.compiled"
 #: Data-dependent or control-flow ops that TensorRT handles badly (spec §6.3).
 FORBIDDEN_OPS = frozenset({"NonZero", "ScatterND", "Loop", "If"})
 #: Parity tolerance: max |onnx - torch| <= PARITY_ATOL + PARITY_RTOL * max |torch|.
@@ -255,6 +263,16 @@ def _exported_config(cfg: ModelConfig, valid_hw: tuple[int, int]) -> dict[str, A
     data["input"]["size"] = [int(valid_hw[0]), int(valid_hw[1])]
     data["default_weights"] = None
     return data
+
+
+def compiled_facts(cfg: ModelConfig, valid_hw: tuple[int, int]) -> dict[str, Any]:
+    """What the graphs of ``cfg`` at ``valid_hw``, (h, w) in pixels, compile in and the host must
+    agree with, though no tensor shape shows it: the valid size, which the graphs' normalisation
+    and crops assume (a contract claiming more valid rows or columns pads to the same canvas, and
+    the graphs then zero real pixels), and the warp convention, with which the CPU backend warps
+    the graph's flows in torch (``input.warp_normalization``). Recorded in each graph's ONNX
+    metadata under :data:`COMPILED_FACTS_KEY` as JSON."""
+    return {"valid_hw": [int(valid_hw[0]), int(valid_hw[1])], "warp_normalization": cfg.input.warp_normalization}
 
 
 def build_contract(cfg: ModelConfig, valid_hw: tuple[int, int], key_path: Path | None = None,
@@ -542,6 +560,8 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
         bad = sorted({n.op_type for n in graph.graph.node} & FORBIDDEN_OPS)
         if bad:
             raise RuntimeError(f"{path.name} contains data-dependent ops {bad}; TensorRT export would break")
+        graph.metadata_props.add(key=COMPILED_FACTS_KEY, value=json.dumps(compiled_facts(cfg, valid_hw)))
+        onnx.save(graph, str(path))
     contract = build_contract(cfg, valid_hw, key_path, non_key_path, weights=weights, trained=trained,
                               motion_trained=bool(getattr(model, "motion_trained", True)))
     _write_json(out / CONTRACT_FILE, contract)
@@ -697,21 +717,40 @@ def _listed_shapes(info: dict[str, Any]) -> dict[str, list[int]]:
     return {t["name"]: [int(v) for v in t["shape"]] for t in info["inputs"] + info["outputs"]}
 
 
-def graph_problems(export_dir: str | Path, contract: dict[str, Any], optional: Sequence[str] = ()) -> list[str]:
-    """What the two graphs declare against what the contract (read by :func:`read_contract`)
-    lists: every input and output this package feeds or reads, by name, float32, with the
-    contract's static shape; and the contract listing each of them. Names in ``optional`` may be
-    absent from both the contract and the graph (``flows``, which exports before it lack: their
-    non-key frames warp in torch). Reads the graphs' structure only (no external data, no
-    session). One line per problem.
+def _compiled_fact_problems(graph: str, file: str, recorded: str, expected: dict[str, Any]) -> list[str]:
+    """``recorded`` (a graph's :data:`COMPILED_FACTS_KEY` metadata) against ``expected``
+    (:func:`compiled_facts` of the contract): one line per fact that differs. A fact the graph
+    does not record is not compared."""
+    try:
+        facts = json.loads(recorded)
+    except (ValueError, RecursionError):
+        return [f"{graph}: {file}'s metadata {COMPILED_FACTS_KEY} is not JSON"]
+    if not isinstance(facts, dict):
+        return [f"{graph}: {file}'s metadata {COMPILED_FACTS_KEY} is not a JSON object"]
+    return [f"{graph}: {file} was exported with {key} {json.dumps(facts[key])}, the contract says {json.dumps(value)}"
+            for key, value in expected.items() if key in facts and facts[key] != value]
 
-    A contract edited after the export (its classes, a tensor renamed) passes its own checks and
-    the graphs' sha256 alike; a run on it gave labels of a class the contract does not name, or
-    failed on every frame as a backend failure.
+
+def graph_problems(export_dir: str | Path, contract: dict[str, Any], cfg: ModelConfig,
+                   optional: Sequence[str] = ()) -> list[str]:
+    """What the two graphs declare against what the contract (read by :func:`read_contract`; its
+    model configuration ``cfg``, :func:`contract_model_config`) lists: every input and output this
+    package feeds or reads, by name, float32, with the contract's static shape; the contract
+    listing each of them; and, where a graph records them (``mpvss export`` does), the facts it
+    compiled in that no shape shows (:func:`compiled_facts`: the valid size and the warp
+    convention). Names in ``optional`` may be absent from both the contract and the graph
+    (``flows``, which exports before it lack: their non-key frames warp in torch). Reads the
+    graphs' structure only (no external data, no session). One line per problem.
+
+    A contract edited after the export (its classes, a tensor renamed, more valid rows on the same
+    padded canvas) passes its own checks and the graphs' sha256 alike; a run on it gave labels of
+    a class the contract does not name, failed on every frame as a backend failure, or zeroed
+    real pixels.
     """
     import onnx
 
     d = Path(export_dir)
+    expected = compiled_facts(cfg, tuple(contract["canvas"]["valid_hw"]))
     problems = []
     for g, (inputs, outputs) in {"key_frame": (KEY_INPUTS, KEY_OUTPUTS),
                                  "non_key_frame": (NON_KEY_INPUTS, NON_KEY_OUTPUTS)}.items():
@@ -719,10 +758,15 @@ def graph_problems(export_dir: str | Path, contract: dict[str, Any], optional: S
         path = d / info["file"]
         spec = _listed_shapes(info)
         try:
-            graph = onnx.load(str(path), load_external_data=False).graph
+            proto = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and the like
             problems.append(f"{g}: {path.name} is not a readable ONNX model ({type(exc).__name__}: {exc})")
             graph = None
+        else:
+            graph = proto.graph
+            recorded = {p.key: p.value for p in proto.metadata_props}.get(COMPILED_FACTS_KEY)
+            if recorded is not None:
+                problems += _compiled_fact_problems(g, path.name, recorded, expected)
         declared = {} if graph is None else {v.name: v for v in (*graph.input, *graph.output)}
         names = [n for n in (*inputs, *outputs)
                  if not (n in optional and n not in spec and (graph is None or n not in declared))]
@@ -755,10 +799,13 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
     ``size_divisibility``, mask = padded / 4) and so does the model configuration (its canvas, its
     classes and queries against ``class_logits``); the contract lists float32 tensors; each graph's
     sha256 when the contract records one; each graph declares
-    the contract's inputs and outputs by name, float32, with the contract's static shapes; the
-    key-frame graph runs on a frame of ``valid_hw`` (zero padding) and the non-key graph on a
-    second frame with the key graph's outputs (onnxruntime, CPU), every output with the
-    contract's shape and finite.
+    the contract's inputs and outputs by name, float32, with the contract's static shapes, and,
+    where it records them (:func:`compiled_facts`), was exported for the contract's valid size and
+    warp convention; the key-frame graph runs on a frame of ``valid_hw`` (zero padding) and the
+    non-key graph on a second frame with the key graph's outputs (onnxruntime, CPU), every output
+    with the contract's shape and finite; the last valid row, and column, change the key frame's
+    mask logits (for graphs that record no valid size); the graph's warp equals its flows warped
+    in torch with the contract's ``warp_normalization``.
 
     Args:
         export_dir: the folder (``contract.json`` and the two graphs).
@@ -785,7 +832,7 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
         info = contract["graphs"][g]
         if not _graph_intact(d, info):
             problems.append(f"{g}: {info['file']} does not match the sha256 in the contract (changed or damaged)")
-    problems += graph_problems(d, contract)
+    problems += graph_problems(d, contract, cfg)
     specs = {g: _listed_shapes(contract["graphs"][g]) for g in ("key_frame", "non_key_frame")}
     if problems:
         raise ValueError("\n".join(problems))
@@ -1048,7 +1095,7 @@ class GraphSource:
                              f"since the export, e.g. by an interrupted re-export): export again, or see mpvss "
                              f"check-export {export_dir}")
         try:
-            problems = graph_problems(export_dir, contract, optional=("flows",))
+            problems = graph_problems(export_dir, contract, cfg, optional=("flows",))
         except ImportError:  # TensorRT parses the graphs without the onnx package: the check is skipped
             log.info("the onnx package is not installed: the graphs in %s are not compared with their contract "
                      "(pip install onnx; mpvss check-export does)", export_dir)

@@ -40,6 +40,7 @@ from mpvss_ros.runtime import BackendUnavailable, Missing, as_backend, backend_m
 from mpvss_ros.runtime import export as export_module
 from mpvss_ros.runtime import onnx_backend
 from mpvss_ros.runtime.export import (
+    COMPILED_FACTS_KEY,
     CONTRACT_FILE,
     FORBIDDEN_OPS,
     KEY_INPUTS,
@@ -54,9 +55,11 @@ from mpvss_ros.runtime.export import (
     cached_export,
     check_export,
     check_parity,
+    compiled_facts,
     contract_model_config,
     contract_problems,
     export_onnx,
+    graph_problems,
     model_fingerprint,
     parity_frames,
     read_contract,
@@ -101,6 +104,27 @@ def _edited_graph(export_dir, dst, graph, edit_graph, edit_contract=None):
     model = onnx.load(str(out / f"{graph}.onnx"))
     edit_graph(model)
     onnx.save(model, str(out / f"{graph}.onnx"))
+    return out
+
+
+def _without_compiled_facts(export_dir, dst, edit_contract=None):
+    """A copy of the export folder whose graphs record no compiled facts (as graphs of one's own
+    brought to the contract, or an export from before they were recorded; their sha256 dropped
+    from the contract) and whose contract is edited by ``edit_contract(contract)`` when given."""
+    def contract_edit(contract):
+        for g in ("key_frame", "non_key_frame"):
+            contract["graphs"][g]["sha256"] = None
+        if edit_contract is not None:
+            edit_contract(contract)
+
+    out = _edited_copy(export_dir, dst, contract_edit)
+    for g in ("key_frame", "non_key_frame"):
+        model = onnx.load(str(out / f"{g}.onnx"))
+        kept = [p for p in model.metadata_props if p.key != COMPILED_FACTS_KEY]
+        assert len(kept) == len(model.metadata_props) - 1
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+        onnx.save(model, str(out / f"{g}.onnx"))
     return out
 
 
@@ -745,15 +769,29 @@ def test_onnx_dir_with_a_graph_that_no_longer_matches_its_contract_is_refused(li
 @pytest.mark.parametrize("change, words", [
     ({"size_divisibility": 64}, "input.size_divisibility 64 pads valid_hw [96, 128] to [128, 128], not the graphs' "
                                 "padded_hw [96, 128]"),
-    ({"warp_normalization": "mmtrack"}, "warped_mask_logits differ by up to"),
+    ({"warp_normalization": "mmtrack"}, 'non_key_frame: non_key_frame.onnx was exported with warp_normalization '
+                                        '"exact", the contract says "mmtrack"'),
 ])
 def test_check_export_refuses_a_model_config_the_runtime_would_run_differently(lite_small, tmp_path, change, words):
     """The letterbox pads with model_config's size_divisibility (a mismatch failed every frame), and
     the CPU backend warps the graph's flows with model_config's warp_normalization while GPUs run
-    the graph's own warp (a mismatch gave CPU and GPU different labels)."""
+    the graph's own warp (a mismatch gave CPU and GPU different labels). Both are refused at load
+    too (the warp convention through the graphs' compiled facts)."""
     bad = _edited_copy(lite_small.out_dir, tmp_path / "bad", lambda c: c["model_config"]["input"].update(change))
     with pytest.raises(ValueError, match=re.escape(words)):
         check_export(bad)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        GraphSource.from_dir(bad)
+
+
+def test_check_export_runs_the_warp_of_graphs_that_record_no_warp_convention(lite_small, tmp_path):
+    """Graphs without compiled facts (one's own) are checked by running them: the graph's warp
+    against its flows warped in torch with the contract's convention."""
+    bad = _without_compiled_facts(lite_small.out_dir, tmp_path / "bad",
+                                  lambda c: c["model_config"]["input"].update(warp_normalization="mmtrack"))
+    with pytest.raises(ValueError, match="non_key_frame: warped_mask_logits differ by up to") as raised:
+        check_export(bad)
+    assert "exported with" not in str(raised.value)
 
 
 def test_the_flows_only_session_is_made_with_the_others(lite_small):
@@ -975,21 +1013,49 @@ def test_a_model_name_with_a_slash_is_one_cache_entry(tmp_path):
     assert entry.parent == tmp_path / "onnx" and entry.name.startswith("_lab_lite-64x64-")
 
 
-def test_check_export_refuses_a_contract_claiming_more_valid_pixels_than_the_graphs(lite, tmp_path):
+def _wider(contract):
+    """A contract edit: 64 x 96 valid pixels claimed (an export of 64 x 90: the same padded canvas)."""
+    contract["canvas"]["valid_hw"] = [64, 96]
+    contract["model_config"]["input"]["size"] = [64, 96]
+
+
+@pytest.fixture(scope="module")
+def lite_64x90(lite, tmp_path_factory):
+    return export_onnx(lite.model, tmp_path_factory.mktemp("lite64x90"), (64, 90))
+
+
+def test_a_contract_claiming_more_valid_pixels_than_the_graphs_is_refused_at_load(lite_64x90, tmp_path):
     """The valid size is a constant of the graphs: a contract edited from 64 x 90 to 64 x 96 (the
     same padded canvas) passed every check, and the graphs then zeroed real pixels (torch and
-    onnxruntime agreed on about 80 % of the labels)."""
-    res = export_onnx(lite.model, tmp_path / "exp", (64, 90))
-    assert check_export(res.out_dir)["passed"]
+    onnxruntime agreed on about 80 % of the labels; loaded, it ran, helper-176: 90.9 % label
+    agreement). Each graph records the valid size it was exported for, and loading compares it."""
+    assert check_export(lite_64x90.out_dir)["passed"]
+    edited = _edited_copy(lite_64x90.out_dir, tmp_path / "edited", _wider)
+    for g in ("key_frame", "non_key_frame"):
+        words = f"{g}: {g}.onnx was exported with valid_hw [64, 90], the contract says [64, 96]"
+        with pytest.raises(ValueError, match=re.escape(words)):
+            GraphSource.from_dir(edited)
+        with pytest.raises(ValueError, match=re.escape(words)):
+            check_export(edited)
 
-    def wider(contract):
-        contract["canvas"]["valid_hw"] = [64, 96]
-        contract["model_config"]["input"]["size"] = [64, 96]
 
-    edited = _edited_copy(res.out_dir, tmp_path / "edited", wider)
+def test_check_export_probes_the_valid_size_of_graphs_that_record_none(lite_64x90, tmp_path):
+    """Graphs without compiled facts (one's own, or an older export) are probed instead: the last
+    valid column must change the mask logits. Such a folder still loads (only check-export runs
+    the graphs)."""
+    edited = _without_compiled_facts(lite_64x90.out_dir, tmp_path / "edited", _wider)
     with pytest.raises(ValueError, match=re.escape("the last valid column (95) does not change the mask logits: the "
                                                    "graphs were exported for a smaller valid size than valid_hw [64, 96]")):
         check_export(edited)
+    assert GraphSource.from_dir(edited).sizes == [(64, 96)]
+
+
+def test_an_export_records_in_each_graph_what_it_compiled_in(lite_64x90, cfg):
+    """Both graphs carry compiled_facts as JSON metadata: the valid size (h, w) and the warp convention."""
+    assert compiled_facts(cfg, (64, 90)) == {"valid_hw": [64, 90], "warp_normalization": "exact"}
+    for g in ("key_frame", "non_key_frame"):
+        props = {p.key: p.value for p in onnx.load(str(lite_64x90.out_dir / f"{g}.onnx")).metadata_props}
+        assert json.loads(props[COMPILED_FACTS_KEY]) == {"valid_hw": [64, 90], "warp_normalization": "exact"}
 
 
 @pytest.fixture(scope="module")
@@ -997,11 +1063,11 @@ def cfg():
     return load_model_config("mpvss_lite")
 
 
-def _declaring_graph(path, contract, graph, drop=()) -> None:
+def _declaring_graph(path, contract, graph, drop=(), facts=None) -> None:
     """An ONNX model at ``path`` that declares ``contract``'s inputs and outputs of ``graph``
-    (float32, the contract's shapes; ``drop`` left out) and computes nothing: what the structural
-    check (graph_problems) reads."""
-    import onnx
+    (float32, the contract's shapes; ``drop`` left out), records ``facts`` (a string) as its
+    compiled facts when given, and computes nothing: what the structural check (graph_problems)
+    reads."""
     from onnx import TensorProto, helper
 
     info = contract["graphs"][graph]
@@ -1011,7 +1077,28 @@ def _declaring_graph(path, contract, graph, drop=()) -> None:
                 if t["name"] not in drop]
 
     model = helper.make_model(helper.make_graph([], graph, values("inputs"), values("outputs")))
+    if facts is not None:
+        model.metadata_props.add(key=COMPILED_FACTS_KEY, value=facts)
     onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("facts, words", [
+    ('{"valid_hw": [96, 128], "warp_normalization": "exact"}', None),
+    ('{"valid_hw": [96, 128]}', None),  # a fact not recorded is not compared
+    ('{"future_fact": 1}', None),
+    ('{"valid_hw": [96, 120]}', "key_frame: key_frame.onnx was exported with valid_hw [96, 120], the contract "
+                                "says [96, 128]"),
+    ('{"warp_normalization": "mmtrack"}', 'key_frame: key_frame.onnx was exported with warp_normalization '
+                                          '"mmtrack", the contract says "exact"'),
+    ('{"valid_hw": [96', f"key_frame: key_frame.onnx's metadata {COMPILED_FACTS_KEY} is not JSON"),
+    ('[' * 100000, f"key_frame: key_frame.onnx's metadata {COMPILED_FACTS_KEY} is not JSON"),
+    ('[96, 128]', f"key_frame: key_frame.onnx's metadata {COMPILED_FACTS_KEY} is not a JSON object"),
+], ids=["agrees", "valid_hw only", "unknown fact", "other valid_hw", "other warp", "cut", "nested deep", "a list"])
+def test_graph_problems_compares_the_facts_a_graph_records(cfg, tmp_path, facts, words):
+    contract = build_contract(cfg, (96, 128))
+    _declaring_graph(tmp_path / "key_frame.onnx", contract, "key_frame", facts=facts)
+    _declaring_graph(tmp_path / "non_key_frame.onnx", contract, "non_key_frame")
+    assert graph_problems(tmp_path, contract, cfg) == ([] if words is None else [words])
 
 
 def _folder(tmp_path, contract):
@@ -1202,7 +1289,7 @@ def lite_63(lite, tmp_path_factory):
 
 def test_check_export_refuses_a_contract_claiming_one_more_valid_row(lite_63, tmp_path):
     """The last valid row is probed: one row more than exported (63 -> 64, the same padded canvas)
-    is refused."""
+    is refused, by the recorded valid size and, for graphs that record none, by the probe."""
     report = check_export(lite_63.out_dir)
     assert report["passed"] and report["valid_hw"] == [63, 96] and report["padded_hw"] == [64, 96]
 
@@ -1210,8 +1297,10 @@ def test_check_export_refuses_a_contract_claiming_one_more_valid_row(lite_63, tm
         contract["canvas"]["valid_hw"] = [64, 96]
         contract["model_config"]["input"]["size"] = [64, 96]
 
-    with pytest.raises(ValueError, match=re.escape("the last valid row (63) does not change the mask logits")):
+    with pytest.raises(ValueError, match=re.escape("was exported with valid_hw [63, 96], the contract says [64, 96]")):
         check_export(_edited_copy(lite_63.out_dir, tmp_path / "taller", taller))
+    with pytest.raises(ValueError, match=re.escape("the last valid row (63) does not change the mask logits")):
+        check_export(_without_compiled_facts(lite_63.out_dir, tmp_path / "taller_own", taller))
 
 
 def test_check_export_names_an_output_the_contract_does_not_list(lite_63, tmp_path):
