@@ -65,7 +65,7 @@ from .pairs import FramePairs, LabelledFrames, check_camvid_pairs, check_crop_on
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
                       camvid_root, lr_factor, no_decay_parameters, resume_run, rng_state, save_run_checkpoint,
-                      options_dict, save_final_checkpoint, torch_threads, warn_option_changes)
+                      options_dict, save_final_checkpoint, torch_threads, warn_option_changes, write_run_json)
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels", "MIN_CROP"]
 
@@ -492,7 +492,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
 
     result = MotionTrainResult(run_dir, start, False, model_path)
     make_output_dir(run_dir, "--run-dir")  # only now: a run that fails to start leaves no folder
-    (run_dir / "options.json").write_text(json.dumps(options, indent=2))
+    write_run_json(run_dir / "options.json", options)
     hp = int(math.ceil(opts.crop[0] / 32) * 32)
     wp = int(math.ceil(opts.crop[1] / 32) * 32)
     last_val: dict[str, Any] | None = None

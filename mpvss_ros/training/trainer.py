@@ -61,6 +61,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -782,6 +783,17 @@ def rng_state(device: torch.device) -> dict[str, Tensor]:
     return state
 
 
+def write_run_json(path: Path, obj: Any) -> None:
+    """Write a run's JSON record (``options.json``, ``model_config.json``) atomically
+    (:func:`~mpvss_ros.paths.write_atomic`): a resumed run that fails to write it (a full disk)
+    keeps the previous one whole.
+
+    Raises:
+        OSError: the write failed.
+    """
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
 def save_run_checkpoint(model_path: Path, state_path: Path, model: nn.Module, config: dict[str, Any],
                         meta: dict[str, Any], state: dict[str, Any]) -> None:
     """Write a run's checkpoint pair: the model file (:func:`~mpvss_ros.checkpoints.save_checkpoint`)
@@ -798,6 +810,8 @@ def save_run_checkpoint(model_path: Path, state_path: Path, model: nn.Module, co
     tmp = state_path.with_suffix(".pt.tmp")
     try:
         torch.save(state, tmp)
+        with open(tmp, "rb+") as f:  # on the disk before the rename, as write_atomic does (a power cut)
+            os.fsync(f.fileno())
         save_checkpoint(model_path, model, config, meta=meta)
     except BaseException:  # a full disk: do not leave the optimizer state's size behind on it
         tmp.unlink(missing_ok=True)
@@ -896,8 +910,8 @@ def _train(opts: TrainOptions) -> TrainResult:
         p.requires_grad_(False)
 
     make_output_dir(run_dir, "--run-dir")  # only now: a run that fails to start leaves no folder
-    (run_dir / "options.json").write_text(json.dumps(options_dict(opts), indent=2))
-    (run_dir / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    write_run_json(run_dir / "options.json", options_dict(opts))
+    write_run_json(run_dir / "model_config.json", cfg.to_dict())
 
     stop = opts.steps if opts.stop_at is None else max(opts.stop_at, start)
     result = TrainResult(run_dir=run_dir, step=start, finished=start >= opts.steps, checkpoint=model_path)

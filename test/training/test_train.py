@@ -1211,6 +1211,44 @@ def test_a_log_rewrite_cut_short_keeps_the_log(tmp_path, monkeypatch):
     assert log.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["log.jsonl"]
 
 
+def test_a_run_record_rewrite_cut_short_keeps_the_record(tmp_path, monkeypatch):
+    """options.json and model_config.json are rewritten when a run resumes; a disk that fills up
+    then leaves the previous record whole (it was written in place: half a JSON file)."""
+    record = tmp_path / "options.json"
+    trainer.write_run_json(record, {"lr": 0.0001, "steps": 10})
+    before = record.read_text()
+    assert json.loads(before) == {"lr": 0.0001, "steps": 10} and before.endswith("}\n")
+    fill_the_disk_half_way(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.write_run_json(record, {"lr": 0.0002, "steps": 20, "note": "x" * 1000})
+    monkeypatch.undo()
+    assert record.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["options.json"]
+
+
+def test_the_trainer_state_reaches_the_disk_before_it_is_renamed(tmp_path, monkeypatch):
+    """As write_atomic does for the model file: the state's temporary file is fsync-ed before the
+    rename, so a power cut cannot leave a renamed state whose bytes never reached the disk."""
+    import os
+
+    events, real_fsync, real_save = [], os.fsync, trainer.save_checkpoint
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))  # the file's path (Linux)
+        real_fsync(fd)
+
+    def save(path, *args, **kwargs):
+        events.append(("model", str(path)))
+        real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    trainer.save_run_checkpoint(tmp_path / "checkpoint_last.pt", tmp_path / "trainer_state.pt", torch.nn.Linear(2, 2),
+                                {}, {"step": 1}, {"step": 1})
+    assert events[0] == ("fsync", str(tmp_path / "trainer_state.pt.tmp"))
+    assert ("model", str(tmp_path / "checkpoint_last.pt")) in events
+    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True) == {"step": 1}
+
+
 def test_the_final_file_is_written_again_when_steps_were_run(tmp_path):
     """A finished run resumed with a longer schedule writes its new final model."""
 
