@@ -76,6 +76,10 @@ def failures_warrant_warning(failed: float, handled: float) -> bool:
     return failed >= 2 and failed > FAILURE_WARN_SHARE * handled
 
 
+#: Seconds between two warnings that the input's frame_id is empty (the first frame warns at once):
+#: a camera without a frame_id sends every frame so, and the outputs carry it as given.
+EMPTY_FRAME_ID_LOG_PERIOD_S = 60.0
+
 #: Key-frame reasons that the schedule did not choose (see :mod:`mpvss_ros.scheduling`).
 FORCED_KEY_FRAME_REASONS = ("first", "reset", "resolution_change", "time_backwards", "time_gap",
                             "canvas_change", "frame_id_change", "non_finite")
@@ -656,6 +660,11 @@ class SegmentationCore:
             self._log_throttled("frame_id", "warning", (
                 f"input frame_id is now {header.frame_id!r}: a key frame (one camera per input topic is "
                 "expected; each change of frame_id makes one)"))
+        if not header.frame_id:  # published as given (the input's exact header), but worth saying
+            self._log_throttled("empty_frame_id", "warning", (
+                "input frame_id is empty, and so is the outputs': consumers that place labels through TF "
+                "and camera_info (Nav2's semantic layer, Autoware) cannot use them; set the camera "
+                "driver's frame_id (its optical frame, REP 103)"), period_s=EMPTY_FRAME_ID_LOG_PERIOD_S)
         try:
             outputs = self._conv.build_outputs(
                 self.types, header, result, rgb, palette, self.class_names,

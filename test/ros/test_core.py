@@ -30,6 +30,7 @@ from mpvss_ros.model_loader import LoadedModel
 from mpvss_ros.ros import conversions
 from mpvss_ros.ros.conversions import stamp_to_seconds
 from mpvss_ros.ros.core import (
+    EMPTY_FRAME_ID_LOG_PERIOD_S,
     ERROR,
     OK,
     WARN,
@@ -678,6 +679,29 @@ def test_latency_counts_from_receiving_the_message(make_core, types):
     clock.advance(6.0)  # those frames leave the window: the median is of the frames in it
     core.process(image_msg(types, frame(), 9.0))
     assert core.stats()["latency_median_ms"] == 0.0
+
+
+def test_an_empty_frame_id_is_published_as_given_and_warned_about(make_core, types):
+    """Nav2's semantic layer and Autoware place labels through TF and camera_info: an empty
+    frame_id (a camera driver left unset) breaks them silently. The outputs keep the input's exact
+    header all the same; the node says why they will be unusable, at once and then once a minute."""
+    core, clock, logger = make_core()
+
+    def warnings():
+        return [text for level, text in logger.lines if level == "warning" and "frame_id is empty" in text]
+
+    out = core.process(image_msg(types, frame(), 1.0, frame_id=""))
+    assert out.labels.header.frame_id == "" and out.confidence.header.frame_id == ""
+    assert len(warnings()) == 1 and "REP 103" in warnings()[0]
+    clock.advance(EMPTY_FRAME_ID_LOG_PERIOD_S - 1.0)
+    core.process(image_msg(types, frame(), 1.1, frame_id=""))
+    assert len(warnings()) == 1
+    clock.advance(1.0)
+    core.process(image_msg(types, frame(), 1.2, frame_id=""))
+    assert len(warnings()) == 2 and "(1 more like this since the last report)" in warnings()[1]
+    clock.advance(EMPTY_FRAME_ID_LOG_PERIOD_S)
+    core.process(image_msg(types, frame(), 1.3, frame_id="camera_optical"))
+    assert len(warnings()) == 2
 
 
 def test_a_new_frame_id_forces_a_key_frame(make_core, types):
