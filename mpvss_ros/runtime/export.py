@@ -804,8 +804,8 @@ def check_export(export_dir: str | Path, threads: int | None = 1) -> dict[str, A
     warp convention; the key-frame graph runs on a frame of ``valid_hw`` (zero padding) and the
     non-key graph on a second frame with the key graph's outputs (onnxruntime, CPU), every output
     with the contract's shape and finite; the last valid row, and column, change the key frame's
-    mask logits (for graphs that record no valid size); the graph's warp equals its flows warped
-    in torch with the contract's ``warp_normalization``.
+    mask logits (what catches a wrong valid size in graphs that record none); the graph's warp
+    equals its flows warped in torch with the contract's ``warp_normalization``.
 
     Args:
         export_dir: the folder (``contract.json`` and the two graphs).
