@@ -647,7 +647,7 @@ def test_fuzz_legend_lists_the_largest_present_classes_inside_its_box(scene, cor
 @given(scene=_fuzz_scene(), corner=st.sampled_from(LEGEND_CORNERS), max_entries=st.integers(1, 14),
        alpha=st.sampled_from([0.0, 1.0, 0.5]) | st.floats(-0.5, 1.5, allow_nan=False),
        tag=st.none() | st.sampled_from(["key frame", "propagated +3", ""]) | st.text(max_size=40)
-       | st.builds(frame_tag, st.booleans(), st.integers(0, 10**6)))
+       | st.builds(frame_tag, st.booleans(), st.integers(1, 10**6)))
 def test_fuzz_overlay_blends_only_outside_void_and_draws_only_legend_and_tag(scene, corner, max_entries, alpha, tag):
     """overlay: alpha outside 0..1 is a ValueError; else a new (H, W, 3) uint8 image, input
     image and labels untouched; void keeps the image; alpha 0 = image, alpha 1 = the colours,
