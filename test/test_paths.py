@@ -229,6 +229,16 @@ def test_write_atomic_syncs_only_when_asked(tmp_path, monkeypatch):
     assert len(synced) == 1
 
 
+def test_the_bytes_are_in_the_file_when_it_is_synced(tmp_path, monkeypatch):
+    """fsync syncs what the file holds: bytes still in Python's buffer at the fsync would reach the
+    disk only after it, unsynced, and a power cut could leave the renamed file empty."""
+    sizes = []
+    fsync = os.fsync
+    monkeypatch.setattr(paths.os, "fsync", lambda fd: (sizes.append(os.fstat(fd).st_size), fsync(fd)))
+    write_atomic(tmp_path / "small", b"data")  # well under the buffer's size
+    assert sizes == [4]
+
+
 def test_the_temporary_is_hidden_beside_the_file_and_never_another_writers(tmp_path, monkeypatch):
     """The temporary is ``.<name>-<random>`` (or ``<prefix><random>``) in the same folder, so the
     rename stays on one file system; a name another writer holds is skipped, not opened."""

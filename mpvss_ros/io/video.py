@@ -66,8 +66,10 @@ FPS_RANGE = (1e-3, 1e5)
 #: ending there (single damaged frames are skipped).
 MAX_BAD_READS = 50
 #: Largest side (pixels) of a video VideoWriter writes: MPEG-4 Part 2 and MJPEG code a side in
-#: 16 bits, and OpenCV takes no size past an int32.
-MAX_VIDEO_SIDE = 65535
+#: 16 bits (OpenCV takes no size past an int32), and an odd side is encoded one pixel larger, so
+#: the largest that fits is 65534 (65535 was encoded as 65536: an .avi that wrote without an
+#: error and could not be read back).
+MAX_VIDEO_SIDE = 65534
 
 # Codec per output suffix for VideoWriter (FourCC); all four are available in opencv-python.
 _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
@@ -81,12 +83,14 @@ _FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJ
 _MIN_WRITE_FPS = 0.001
 _MAX_FPS_BY_SUFFIX = {".avi": 1000.0, ".mkv": 30000.0, ".mp4": 65535.0, ".m4v": 65535.0, ".mov": 65535.0}
 
-#: Suffixes FFmpeg's image2 demuxer claims (besides :data:`IMAGE_SUFFIXES`, which never reach
-#: OpenCV's video reader): it reads a path holding ``%`` as a numbered sequence (``img%d.webp`` is
-#: ``img0.webp``, ``img1.webp``, ...), so such a file would be read in place of the one named.
-_IMAGE2_SUFFIXES = frozenset({".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".pam", ".pfm", ".tga", ".dpx", ".exr",
-                              ".hdr", ".jp2", ".j2k", ".j2c", ".jpc", ".jxl", ".jls", ".jps", ".mpo", ".pcx", ".pic",
-                              ".qoi", ".ras", ".sun", ".sgi", ".rgb", ".xbm", ".xpm", ".xwd", ".dds", ".vbn", ".y"})
+#: Container suffixes that OpenCV's FFmpeg reader opens as the file named even when the path holds
+#: ``%`` (each checked with OpenCV 5.1: ``c%d.<suffix>`` read as itself beside a ``c0.<suffix>``).
+#: FFmpeg's image2 demuxer claims many other suffixes (``.webp``, ``.ppm``, ``.sunras``, ``.ljpg``,
+#: ... and more with each FFmpeg release) and reads a path holding ``%`` as a numbered sequence
+#: (``img%d.webp`` is ``img0.webp``, ``img1.webp``, ...), so a path holding ``%`` with any
+#: other suffix is refused rather than read in place of another file.
+_PERCENT_SAFE_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".3gp", ".avi", ".mkv", ".webm", ".flv", ".wmv", ".asf",
+                                    ".m2ts", ".nut", ".y4m", ".mjpeg", ".mjpg", ".gif"})
 
 
 def _skipped_periods(times_ms: list[float]) -> int:
@@ -266,9 +270,10 @@ class VideoFileSource(FrameSource):
         ValueError: OpenCV cannot open the file, or none of its first frames can be decoded
             (the first only, when the container reports no frame count); its first frame has
             more than ``max_pixels`` pixels; ``max_pixels`` below 1; a path that is not valid
-            UTF-8 (OpenCV crashes on it), or a path holding ``%`` with a suffix FFmpeg's image2
-            demuxer claims (``.webp``, ``.ppm``, ...; it would read ``img0.webp`` for
-            ``img%d.webp``).
+            UTF-8 (OpenCV crashes on it), or a path holding ``%`` whose suffix is not a container
+            FFmpeg opens as named (:data:`_PERCENT_SAFE_SUFFIXES`; its image2 demuxer would read
+            ``img0.webp`` for ``img%d.webp``); a path that is not a regular file (a named pipe,
+            whose opening blocked, or a device).
     """
 
     def __init__(self, path: str | Path, fps: float | None = None, max_pixels: int | None = None,
@@ -276,10 +281,12 @@ class VideoFileSource(FrameSource):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path}")
-        if "%" in str(path) and path.suffix.lower() in _IMAGE2_SUFFIXES:
-            raise ValueError(f"cannot read video: {path}: FFmpeg reads a {path.suffix} path holding '%' as a numbered "
-                             f"sequence (img%d{path.suffix} is img0{path.suffix}, img1{path.suffix}, ...), not as "
-                             "this file; rename it")
+        _refuse_non_regular(path)
+        if "%" in str(path) and path.suffix.lower() not in _PERCENT_SAFE_SUFFIXES:
+            raise ValueError(f"cannot read video: {path}: FFmpeg may read a {path.suffix or 'suffix-less'} path "
+                             f"holding '%' as a numbered sequence (img%d.webp is img0.webp, img1.webp, ...), not as "
+                             f"this file; rename it (a path with '%' is read only with a suffix of "
+                             f"{', '.join(sorted(_PERCENT_SAFE_SUFFIXES))})")
         cap = self._open_capture(path)
         try:
             count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
@@ -581,12 +588,20 @@ def open_source(path: str | Path, fps: float | None = None, max_pixels: int | No
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"input not found: {p}")
-    if not p.is_dir() and not p.is_file():  # a video is opened once per pass: a stream would be read once
-        raise ValueError(f"cannot read {p}: not a regular file (a named pipe or a device); write the stream to a "
-                         "file first, or run the ROS node on it")
+    if not p.is_dir():
+        _refuse_non_regular(p)
     if p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES:
         return ImageFolderSource(p, fps, max_pixels, limit_name)
     return VideoFileSource(p, fps, max_pixels, limit_name)
+
+
+def _refuse_non_regular(path: Path) -> None:
+    """Raise ValueError for an existing ``path`` that is not a regular file (a named pipe, a
+    device): opening a FIFO blocked until a writer came, and a video is opened anew for each pass
+    over it, which a stream cannot give."""
+    if not path.is_file():
+        raise ValueError(f"cannot read {path}: not a regular file (a named pipe or a device); write the stream to "
+                         "a file first, or run the ROS node on it")
 
 
 def _pixel_excess(height: int, width: int, max_pixels: int | None, limit_name: str) -> str | None:

@@ -23,6 +23,7 @@ from mpvss_ros.io.video import (
     FPS_RANGE,
     Frame,
     MAX_BAD_READS,
+    MAX_VIDEO_SIDE,
     ImageFolderSource,
     VideoFileSource,
     VideoWriter,
@@ -759,6 +760,38 @@ def test_video_writer_refuses_rates_its_container_cannot_hold(tmp_path):
         assert src.fps == 30000 and len(list(src)) == 6
 
 
+def test_the_widest_video_the_writer_takes_reads_back(tmp_path):
+    """The largest side VideoWriter takes is written and reads back: 65535, odd, was encoded at
+    65536, and the .avi was written without an error and could not be read back."""
+    with VideoWriter(tmp_path / "wide.avi", 10, (MAX_VIDEO_SIDE, 16)) as writer:
+        writer.write(np.zeros((16, MAX_VIDEO_SIDE, 3), np.uint8))
+    with open_source(tmp_path / "wide.avi") as src:
+        assert src.frame_size == (MAX_VIDEO_SIDE, 16) and len(list(src)) == 1
+
+
+def test_video_writer_refuses_sizes_of_part_pixels_or_too_many_on_either_side(tmp_path):
+    """A size of 16.7 pixels was written as 16 without a word, and a side past what the codecs
+    hold was left to OpenCV; either side, width or height, is refused by name. numpy integers (a
+    frame's shape) are whole pixels."""
+    for size in ((16.7, 16), (16, 16.7)):
+        with pytest.raises(ValueError, match=r"size must be \(W, H\) in whole pixels"):
+            VideoWriter(tmp_path / "x.avi", 10, size)
+    for size in ((65535, 16), (16, 65535), (65536, 16)):  # 65535 is odd: encoded as 65536, past 16 bits
+        with pytest.raises(ValueError, match="each at most 65534 pixels"):
+            VideoWriter(tmp_path / "x.avi", 10, size)
+    assert list(tmp_path.iterdir()) == []
+    with VideoWriter(tmp_path / "x.avi", 10, (np.int64(16), np.int32(8))) as writer:
+        writer.write(np.zeros((8, 16, 3), np.uint8))
+    assert writer.size == (16, 8)
+
+
+def test_video_writer_refuses_the_lowest_rate_without_a_size_too(tmp_path):
+    """A writer made without a size (taken from the first frame, as the module's example does)
+    refuses 0.001 fps when made too, not with an OSError at the first frame."""
+    with pytest.raises(ValueError, match=r"cannot be written at 0\.001 fps"):
+        VideoWriter(tmp_path / "slow.mp4", 0.001)
+
+
 def test_damaged_first_frame_is_skipped_like_any_other(tmp_path, caplog):
     # the first frame's JPEG zeroed: frames 1.. decode, as they do when the same damage hits frame 2
     data = bytearray(_mjpg_avi(tmp_path / "good.avi", frames=6).read_bytes())
@@ -1398,21 +1431,43 @@ def test_fifos_are_left_out_of_folders_and_refused_as_inputs_instead_of_blocking
         assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == (
             f"ValueError: cannot read {tmp_path / name}: not a regular file (a named pipe or a device); write the "
             "stream to a file first, or run the ROS node on it")
+    # VideoFileSource made directly (a library caller) refuses it too: its open blocked (helper-179)
+    direct = ("import sys\nfrom mpvss_ros.io.video import VideoFileSource\nVideoFileSource(sys.argv[1])\n")
+    run = subprocess.run([sys.executable, "-c", direct, str(tmp_path / "pipe.mp4")], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1 and "not a regular file (a named pipe or a device)" in run.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("suffix", [".webp", ".ppm"])
-def test_a_single_image_path_with_a_percent_sign_is_refused_not_read_as_a_sequence(tmp_path, suffix):
+@pytest.mark.parametrize("suffix, ext", [(".webp", ".webp"), (".ppm", ".ppm"), (".sunras", ".ras"), (".ljpg", ".jpg")])
+def test_a_single_image_path_with_a_percent_sign_is_refused_not_read_as_a_sequence(tmp_path, suffix, ext):
     """``img%d.webp`` went to OpenCV's FFmpeg reader, whose image2 demuxer read it as the
-    sequence img0.webp, img1.webp, ...: the run segmented other files (helper-177). Refused now;
-    an .mp4 with '%' in its name is still read as itself."""
-    PIL.Image.fromarray(np.full((48, 64, 3), 9, np.uint8)).save(tmp_path / f"img%d{suffix}")
-    PIL.Image.fromarray(np.full((30, 20, 3), 200, np.uint8)).save(tmp_path / f"img0{suffix}")
+    sequence img0.webp, img1.webp, ...: the run segmented other files (helper-177). So did
+    ``.sunras``, ``.ljpg`` and other suffixes a list of image2's missed (helper-179): only the
+    containers FFmpeg opens as named take a path with '%' now. An .mp4 with '%' in its name is
+    still read as itself."""
+    (tmp_path / f"img%d{suffix}").write_bytes(cv2.imencode(ext, np.full((48, 64, 3), 9, np.uint8))[1].tobytes())
+    (tmp_path / f"img0{suffix}").write_bytes(cv2.imencode(ext, np.full((30, 20, 3), 200, np.uint8))[1].tobytes())
     with pytest.raises(ValueError, match=r"cannot read video: .*img%d.* numbered sequence"):
         open_source(tmp_path / f"img%d{suffix}")
     clip = tmp_path / "clip%d.mp4"
     _write_video(clip, [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(3)])
     with open_source(clip) as source:
         assert [f.image.shape for f in source] == [(48, 64, 3)] * 3
+
+
+def test_a_percent_sign_in_a_folder_name_or_before_an_upper_case_suffix_is_refused_too(tmp_path):
+    """FFmpeg reads the whole path as the pattern, folders included, and matches suffixes in any
+    letter case: ``run%d/clip.webp`` read ``run0/clip.webp`` and ``img%d.WEBP`` read
+    ``img0.WEBP`` (OpenCV 5.1, measured), each another file than the one named."""
+    for name in ("run%d/clip.webp", "run0/clip.webp"):
+        (tmp_path / name).parent.mkdir()
+    PIL.Image.fromarray(np.full((48, 64, 3), 9, np.uint8)).save(tmp_path / "run%d" / "clip.webp")
+    PIL.Image.fromarray(np.full((30, 20, 3), 200, np.uint8)).save(tmp_path / "run0" / "clip.webp")
+    PIL.Image.fromarray(np.full((48, 64, 3), 9, np.uint8)).save(tmp_path / "img%d.WEBP", format="WEBP")
+    PIL.Image.fromarray(np.full((30, 20, 3), 200, np.uint8)).save(tmp_path / "img0.WEBP", format="WEBP")
+    for path in (tmp_path / "run%d" / "clip.webp", tmp_path / "img%d.WEBP"):
+        with pytest.raises(ValueError, match=r"cannot read video: .*%d.* numbered sequence"):
+            open_source(path)
 
 
 def _with_frame_durations(mp4: bytes, deltas: list[int]) -> bytes:
@@ -1473,3 +1528,61 @@ def test_a_whole_variable_frame_rate_file_is_not_called_truncated(tmp_path, capl
     message = caplog.records[-1].getMessage()
     assert "decoded 27 of the 30 frames" in message and "skip 3 frame periods" in message
     assert "variable-frame-rate" in message and "truncated" not in message
+
+
+class _TimedCapture:
+    """A ``cv2.VideoCapture`` stand-in whose frames carry the container times ``times_ms``
+    (CAP_PROP_POS_MSEC after each read, as OpenCV reports them), then end; its container reports
+    ``count`` frames."""
+
+    def __init__(self, times_ms, count: int):
+        self.times_ms, self.count, self.position = list(times_ms), count, 0
+
+    def isOpened(self):
+        return True
+
+    def get(self, prop):
+        if prop == cv2.CAP_PROP_POS_MSEC:
+            return self.times_ms[self.position - 1] if self.position else 0.0
+        return {cv2.CAP_PROP_FRAME_COUNT: float(self.count), cv2.CAP_PROP_FPS: 25.0}.get(prop, 0.0)
+
+    def read(self):
+        if self.position >= len(self.times_ms):
+            return False, None
+        self.position += 1
+        return True, np.full((8, 8, 3), self.position, np.uint8)
+
+    def release(self):
+        pass
+
+
+def _missing_frames_warning(tmp_path, monkeypatch, caplog, times_ms, count) -> str:
+    """The one warning of reading a stand-in video whose frames have the times ``times_ms`` and
+    whose container reports ``count`` frames."""
+    path, _ = _stand_in_video(tmp_path, monkeypatch, lambda: _TimedCapture(times_ms, count))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.io.video"), open_source(path) as src:
+        assert len(list(src)) == len(times_ms)
+    assert src.missing == count - len(times_ms) and len(caplog.records) == 1
+    return caplog.records[0].getMessage()
+
+
+def test_a_skipped_period_whose_time_jitters_is_still_counted(tmp_path, monkeypatch, caplog):
+    """A camera's time stamps jitter: a dropped frame leaves a step of 1.9 periods (76 ms at 25
+    fps), not exactly 2. It counts as one skipped period (rounded, not cut down to whole periods),
+    so a whole file is not called truncated."""
+    message = _missing_frames_warning(tmp_path, monkeypatch, caplog, [0, 40, 80, 156, 196, 236], count=7)
+    assert "decoded 6 of the 7 frames" in message and "skip 1 frame periods" in message
+    assert "variable-frame-rate" in message and "truncated" not in message
+
+
+def test_a_truncated_variable_frame_rate_file_is_called_truncated_and_its_skips_named(tmp_path, monkeypatch,
+                                                                                     caplog):
+    """More frames missing than the frame times skip: the file was cut (or damaged) as well, and
+    the warning says so, naming how many of the missing frames the skipped periods account for;
+    a file whose times are even gets no word of skipped periods."""
+    message = _missing_frames_warning(tmp_path, monkeypatch, caplog, [0, 40, 120, 160, 200], count=8)
+    assert "decoded 5 of the 8 frames the container reports, 3 missing (truncated or corrupt?)" in message
+    assert "its frame times skip 1 frame periods (a variable frame rate), which account for 1 of them" in message
+    caplog.clear()
+    message = _missing_frames_warning(tmp_path, monkeypatch, caplog, [0, 40, 80, 120, 160], count=8)
+    assert "3 missing (truncated or corrupt?)" in message and "frame times skip" not in message
