@@ -41,7 +41,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, Iterator, Sequence
 
 import yaml
@@ -231,14 +231,15 @@ def _check_connections(connections: Any, path: Path) -> None:
                              "name and an integer >= 0 (a damaged metadata.yaml or storage file?)")
 
 
-def _check_message_count(read: int, declared: list[Any], topic: str, path: Path) -> None:
+def _check_message_count(read: int, declared: list[Any], topic: str, path: Path, required: bool = True) -> None:
     """Compare the messages read on ``topic`` with the counts its connections declare: none read
     of some declared is a ValueError (rosbags reads nothing when metadata.yaml's type, serialization
-    format or type hash disagrees with the storage), another number a warning."""
+    format or type hash disagrees with the storage) where the topic is ``required`` (the input
+    topic), a warning on a copied topic, as another number is on either."""
     if not all(is_integer(n) for n in declared):
         return
     total = sum(declared)
-    if read == 0 and total > 0:
+    if read == 0 and total > 0 and required:
         raise ValueError(f"cannot read bag {path}: it declares {total} messages on {topic} and none could be read "
                          "(metadata.yaml disagrees with the storage file: the topic's type, serialization format or "
                          "type hash?)")
@@ -352,10 +353,13 @@ def _bag_storage_and_version(path: Path) -> tuple[str, int]:
         if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
             raise ValueError(f"cannot read bag {path}: metadata.yaml's relative_file_paths must be a list of file "
                              f"names, got {shown(files)}")
-        if len(set(files)) < len(files):  # rosbags reads a file listed twice twice: every message doubled
+        # rosbags opens each entry's last part in the bag folder (older rosbag2 wrote names with
+        # the folder in front), so ``in.db3`` and ``./in.db3`` are one file
+        opened = [PurePath(name).name for name in files]
+        if len(set(opened)) < len(opened):  # rosbags reads a file listed twice twice: every message doubled
             raise ValueError(f"cannot read bag {path}: metadata.yaml's relative_file_paths lists a file twice: "
                              f"{shown(files)}")
-        for name in files:
+        for name in opened:
             _check_storage_file(path / name)
         return storage, int(version)
     _check_storage_file(path)
@@ -683,9 +687,11 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
             key_stamp = None  # the last info message's key_frame_stamp
             failures = EngineFailures("messages")
             bar = tqdm(total=total, unit="frame", desc="mpvss bag", disable=not _opt(options, "progress"))
+            copies_read: dict[str, int] = {}
             try:
                 for conn, stamp_ns, raw in _read_messages(reader, chosen + copied, in_path):
                     if output.copy(conn, stamp_ns, raw):
+                        copies_read[conn.topic] = copies_read.get(conn.topic, 0) + 1
                         continue
                     if max_frames is not None and frames >= max_frames:
                         break  # at the first image past the last frame: the copied topics end there too
@@ -734,6 +740,10 @@ def process_bag(in_path: str | Path, out_path: str | Path, topic: str, loaded: L
                         bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
                 else:  # every message read (no --max-frames stop): as many as the bag declares?
                     _check_message_count(frames, counted, in_topic, in_path)
+                    for name in sorted({c.topic for c in copied}):  # a copied topic emptied: data lost too
+                        _check_message_count(copies_read.get(name, 0),
+                                             [getattr(c, "msgcount", None) for c in copied if c.topic == name],
+                                             name, in_path, required=False)
             finally:
                 bar.close()
     wall = time.perf_counter() - t_start

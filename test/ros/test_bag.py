@@ -570,6 +570,18 @@ def test_a_bag_that_rosbags_reads_but_cannot_close_is_processed_with_a_warning(t
     assert (tmp_path / "out" / "metadata.yaml").is_file()
 
 
+def test_a_bag_that_cannot_close_still_reports_the_runs_own_error(ts, tmp_path, band_loaded):
+    """When the run fails inside the reader's block (here: a topic not in the bag) and rosbags'
+    close then fails too (``files: x``), the user gets the run's error, not close's AttributeError
+    traceback that hides it."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)))
+    _edit_metadata(tmp_path / "in", lambda info: info.update(files="x"))
+    with pytest.raises(ValueError, match="'/nope' is not in"):
+        process_bag(tmp_path / "in", tmp_path / "out", "/nope", band_loaded,
+                    BagOptions(propagator="copy", progress=False))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_new_frame_id_forces_a_key_frame(ts, tmp_path, frames, band_loaded):
     entries = [(TOPIC, IMAGE, s, raw_image(ts, f, s, frame_id=fid))
                for f, s, fid in zip(frames[:4], stamps(4), ("front", "front", "rear", "rear"))]
@@ -1566,18 +1578,35 @@ def test_random_bags_of_good_and_bad_messages(ts, tmp_path_factory, band_loaded,
         previous, gap = m, False
 
 
-def test_a_fifo_as_the_storage_is_refused_instead_of_blocking(ts, tmp_path, lite):
+def test_a_fifo_as_the_storage_is_refused_instead_of_blocking(ts, tmp_path):
     """A named pipe as the .mcap/.db3 given, or as a bag folder's storage file, blocked forever in
-    open() (helper-175); it is refused by name, with no output made."""
+    open() (helper-175); it is refused by name, with no output made. Each run is a child process
+    with a time limit, so a regression fails the test instead of hanging the suite (the refusal
+    comes before the model is used: none is given)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mpvss_ros.ros.bag import process_bag\n"
+            "process_bag(sys.argv[1], sys.argv[2], sys.argv[3], None)\n")
+
+    def refused(bag):
+        run = subprocess.run([sys.executable, "-c", code, str(bag), str(tmp_path / "out"), TOPIC],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 1, run.stderr[-800:]
+        assert not (tmp_path / "out").exists()
+        return run.stderr.strip().splitlines()[-1]
+
     os.mkfifo(tmp_path / "x.mcap")
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)))
     (db3,) = (tmp_path / "in").glob("*.db3")
     db3.unlink()
     os.mkfifo(db3)
     for bag in (tmp_path / "x.mcap", tmp_path / "in"):
-        with pytest.raises(ValueError, match="not a regular file"):
-            process_bag(bag, tmp_path / "out", TOPIC, lite)
-    assert not (tmp_path / "out").exists()
+        assert "not a regular file" in refused(bag)
+    # named with a folder in front, as older rosbag2 wrote it: rosbags opens the FIFO by its last part
+    # all the same, and the check had looked at the folder-prefixed path, which does not exist (helper-178)
+    _edit_metadata(tmp_path / "in", lambda i: i.update(relative_file_paths=[f"old/{db3.name}"]))
+    assert refused(tmp_path / "in").startswith(f"ValueError: cannot read bag storage {db3}: not a regular file")
 
 
 @pytest.mark.parametrize("change", [
@@ -1585,11 +1614,21 @@ def test_a_fifo_as_the_storage_is_refused_instead_of_blocking(ts, tmp_path, lite
     lambda i: i["topics_with_message_count"][0].update(message_count=float("inf")),      # OverflowError
     lambda i: i["topics_with_message_count"][0].update(message_count="x"),
     lambda i: i.update(relative_file_paths=i["relative_file_paths"] * 2),  # every message read twice
+    # another spelling of the same file (rosbags opens the last part of each name): read twice too
+    lambda i: i.update(relative_file_paths=i["relative_file_paths"] + ["./" + i["relative_file_paths"][0]]),
+    lambda i: i.update(relative_file_paths=[1]),                             # TypeError: path / 1
+    lambda i: i["topics_with_message_count"][0].update(message_count=-1),    # a count no bag holds
+    lambda i: i["topics_with_message_count"][0]["topic_metadata"].update(name=""),
+    lambda i: i["topics_with_message_count"][0]["topic_metadata"].update(name=5),
+    lambda i: i["topics_with_message_count"][0]["topic_metadata"].update(type=""),
 ])
 def test_metadata_of_the_wrong_kinds_is_refused_before_any_output(ts, tmp_path, lite, change):
     """Topic types, message counts and storage file lists of the wrong kind escaped as TypeError
     or OverflowError tracebacks, and a storage file listed twice had every frame segmented and
-    written twice (helper-175)."""
+    written twice (helper-175). A file name that is no string, a negative count and an empty or
+    non-string topic name or an empty type are the same damage: each is named as a damaged bag,
+    not met later as a traceback, a run with a nonsense progress total or a "topic not in the bag"
+    that sends the user looking for a typo."""
     write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(2)))
     _edit_metadata(tmp_path / "in", change)
     with pytest.raises(ValueError, match=f"cannot read bag {re.escape(str(tmp_path / 'in'))}: "):
@@ -1645,6 +1684,42 @@ def test_messages_read_are_checked_against_the_count_the_bag_declares(ts, tmp_pa
     assert not any("declares" in r.getMessage() for r in caplog.records)
 
 
+def test_a_copied_topic_read_short_of_its_declared_count_is_a_warning(ts, tmp_path, band_loaded, caplog):
+    """rosbags reads nothing of a topic whose type hash in metadata.yaml disagrees with the
+    storage's: a copied /tf came out empty without a word (helper-178), the data loss the input
+    topic's count check catches. The segmentation is still good, so a copied topic gets a warning,
+    not an error."""
+    _bag_with_other_topics(ts, tmp_path / "in", "sqlite3")
+
+    def other_hash(info):
+        for t in info["topics_with_message_count"]:
+            if t["topic_metadata"]["name"] == "/tf":
+                t["topic_metadata"]["type_description_hash"] = "RIHS01_" + "0" * 64
+
+    _edit_metadata(tmp_path / "in", other_hash)
+    opts = dict(propagator="copy", progress=False, colored=False, overlay=False, class_masks=False)
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.ros.bag"):
+        summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                              BagOptions(copy_topics=("/tf", "/wheel"), **opts))
+    assert summary["frames"] == 4 and summary["messages_per_topic"]["/wheel"] == 4
+    warned = [r.getMessage() for r in caplog.records if "declares" in r.getMessage()]
+    assert warned == [f"bag {tmp_path / 'in'}: read 0 messages on /tf where it declares 4 (metadata.yaml and the "
+                      "storage disagree, or the storage is damaged)"]
+
+
+def test_more_messages_read_than_the_bag_declares_is_a_warning(ts, tmp_path, band_loaded, caplog):
+    """A metadata.yaml that declares fewer messages than the storage holds (copied from another
+    recording, or edited) disagrees as much as one declaring more: the run goes on, and the
+    warning says so, so the user knows the bag's metadata cannot be trusted."""
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(2)))
+    _edit_metadata(tmp_path / "in", lambda i: i["topics_with_message_count"][0].update(message_count=1))
+    with caplog.at_level(logging.WARNING, logger="mpvss_ros.ros.bag"):
+        summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                              BagOptions(propagator="copy", progress=False))
+    assert summary["frames"] == 2
+    assert any(f"read 2 messages on {TOPIC} where it declares 1" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("value", ["abc", float("inf")])
 def test_a_bare_db3_with_a_damaged_metadata_version_is_a_value_error(ts, tmp_path, lite, value):
     """metadata_version 9e999 (inf) raised OverflowError, text an int() error naming nothing."""
@@ -1656,3 +1731,46 @@ def test_a_bare_db3_with_a_damaged_metadata_version_is_a_value_error(ts, tmp_pat
         con.execute("UPDATE metadata SET metadata_version = ?", (value,))
     with pytest.raises(ValueError, match="metadata table holds metadata_version"):
         process_bag(db3, tmp_path / "out", TOPIC, lite)
+
+
+def test_a_message_at_bag_time_zero_is_segmented(ts, tmp_path, band_loaded):
+    """0 ns is a valid bag timestamp (a simulation clock that starts at zero): the check that
+    refuses damaged timestamps must not refuse it."""
+    small = np.zeros((8, 8, 3), np.uint8)
+    write_bag(ts, tmp_path / "in", "sqlite3", [(TOPIC, IMAGE, 0, raw_image(ts, small, 0)),
+                                               (TOPIC, IMAGE, 1, raw_image(ts, small, 1))])
+    summary = process_bag(tmp_path / "in", tmp_path / "out", TOPIC, band_loaded,
+                          BagOptions(propagator="copy", progress=False))
+    assert summary["written"] == 2
+    assert [t for t, _, _ in read_bag(ts, tmp_path / "out")[TOPIC]] == [0, 1]
+
+
+def test_an_mcap_log_time_past_int64_is_a_value_error(ts, tmp_path, lite):
+    """MCAP stores log times as uint64; rosbag2 and a sqlite3 output bag take int64 nanoseconds.
+    A log time of 2**63 (a damaged or foreign MCAP) is refused by name, whatever the output
+    storage, instead of an OverflowError from the sqlite3 writer or an output bag ROS 2 reads as
+    a negative time."""
+    small = np.zeros((8, 8, 3), np.uint8)
+    write_bag(ts, tmp_path / "in", "mcap", [(TOPIC, IMAGE, 1, raw_image(ts, small, 1)),
+                                            (TOPIC, IMAGE, 2**63, raw_image(ts, small, 2))])
+    for storage in ("sqlite3", "mcap"):
+        with pytest.raises(ValueError, match=f"a message of {TOPIC} has the timestamp {2**63}, not nanoseconds"):
+            process_bag(tmp_path / "in", tmp_path / "out", TOPIC, lite, BagOptions(propagator="copy", progress=False),
+                        storage=storage)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_bare_db3_with_an_empty_metadata_table_gets_version_8(ts, tmp_path):
+    """rosbag2 fills the storage's metadata table when it closes the file: a recording that was
+    killed has the table but no row. It gets the version of a file without the table (8, output
+    that older and newer ROS 2 read), not 9."""
+    import sqlite3
+
+    from mpvss_ros.ros.bag import _db3_metadata_version
+
+    write_bag(ts, tmp_path / "in", "sqlite3", raw_entries(ts, _gradients(1)), version=9)
+    (db3,) = (tmp_path / "in").glob("*.db3")
+    assert _db3_metadata_version(db3) == 9
+    with contextlib.closing(sqlite3.connect(db3)) as con, con:
+        con.execute("DELETE FROM metadata")
+    assert _db3_metadata_version(db3) == 8
