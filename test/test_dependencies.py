@@ -92,6 +92,36 @@ def test_a_module_without_a_version_is_measured_by_its_installed_metadata(monkey
     assert unmet_dependencies(("rosbags",))[0].startswith("rosbags 0.1 is older")
 
 
+def test_a_module_without_a_version_is_measured_by_its_distributions_metadata(monkeypatch):
+    """The record is looked up by the distribution's name, not the import name: a Pillow older than
+    3.4 has no ``PIL.__version__``, and pip records it as Pillow (there is no distribution "PIL"),
+    so looking up "PIL" would let Pillow 3.1 pass the 9.0.1 floor."""
+    monkeypatch.setitem(sys.modules, "PIL", types.SimpleNamespace())
+    recorded = {"Pillow": "3.1.2"}
+
+    def version(name):
+        if name not in recorded:
+            raise dependencies.importlib.metadata.PackageNotFoundError(name)
+        return recorded[name]
+
+    monkeypatch.setattr(dependencies.importlib.metadata, "version", version)
+    assert unmet_dependencies(("PIL",)) == ["Pillow 3.1.2 is older than 9.0.1, the oldest version mpvss_ros is "
+                                            "tested with: pip install 'Pillow>=9.0.1'"]
+
+
+def test_damaged_installed_metadata_passes_on_being_importable(monkeypatch):
+    """A record pip cannot read (METADATA bytes that are not UTF-8 raise UnicodeDecodeError, no
+    PackageNotFoundError) is no record: the module passes on being importable instead of every
+    entry point stopping with a traceback before it can say anything."""
+    monkeypatch.setitem(sys.modules, "rosbags", types.SimpleNamespace())
+
+    def version(name):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(dependencies.importlib.metadata, "version", version)
+    assert unmet_dependencies(("rosbags",)) == []
+
+
 def _refuse_import(monkeypatch, module: str, message: str | BaseException, missing: bool = False) -> None:
     """``import module`` raises ImportError(message), or ``message`` itself when it is an exception."""
     real = dependencies.importlib.import_module

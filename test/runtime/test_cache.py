@@ -419,6 +419,24 @@ def test_a_side_car_whose_engine_never_arrived_goes_once_stale(fake_cache):
     assert len(cache_entries(root)) == 4
 
 
+def test_a_side_car_beside_a_linked_engine_and_json_files_in_onnx_stay(fake_cache):
+    """Only a side-car in engines/ with no engine of its name at all is a left-over: one beside an
+    engine that is a link (kept on another disk, not mounted during this prune) is that engine's,
+    which without it loses its size and sha256 check once the disk is back; a .json file in onnx/
+    is no side-car. Both stay however old."""
+    root, _ = fake_cache
+    linked = root / "engines" / "key_frame-fp16-ffff.engine"
+    linked.symlink_to(root / "unmounted" / "kept.engine")  # dangling while the disk is away
+    side_car = linked.with_suffix(".json")
+    side_car.write_text("{}")
+    notes = root / "onnx" / "notes.json"
+    notes.write_text("{}")
+    for p in (side_car, notes):
+        os.utime(p, (T0, T0))
+    prune_cache(root, 100 * MIB, now=time.time() + 2 * STALE_TEMP_SECONDS)
+    assert side_car.exists() and notes.exists()
+
+
 def test_listing_and_pruning_expand_a_tilde(fake_cache, monkeypatch):
     """Through the API (build_engines' automatic prune passes the folder as given), ~/c looked for a
     relative ./~/c, found nothing and pruned nothing while the cache grew."""

@@ -1128,6 +1128,16 @@ def test_a_canvas_claimed_bigger_than_the_listed_tensors_is_a_contract_problem(c
     assert all(" is not [" in p for p in problems), problems  # nothing else wrong with it
 
 
+def test_a_listed_shape_problem_names_the_padded_canvas(cfg):
+    """The graphs' tensors are on the padded canvas: a contract written by hand that lists the key
+    frame's image at the valid size (360 x 480, which pads to 384 x 480) is told the padded canvas
+    that gives the expected shape, not the valid size, which would not explain it."""
+    contract = build_contract(cfg, (360, 480))
+    contract["graphs"]["key_frame"]["inputs"][0]["shape"] = [1, 3, 360, 480]
+    assert _problems(contract) == ["key_frame: image [1, 3, 360, 480] is not [1, 3, 384, 480], what the canvas "
+                                   "[384, 480] and model_config give"]
+
+
 def test_a_built_contract_has_no_problems_padded_and_not(cfg):
     for hw in ((96, 128), (360, 480), (64, 90)):
         contract = build_contract(cfg, hw)
@@ -1310,6 +1320,26 @@ def test_check_export_names_an_output_the_contract_does_not_list(lite_63, tmp_pa
 
     with pytest.raises(ValueError, match=re.escape("non_key_frame: the contract does not list ['flows']")):
         check_export(_edited_copy(lite_63.out_dir, tmp_path / "unlisted", unlisted))
+
+
+def test_check_export_names_the_flows_an_older_export_lacks(lite_63, tmp_path):
+    """check-export runs the graph's warp against its flows warped in torch: an export from before
+    the non-key graph had flows (in neither the contract nor the graph; it still loads, warping
+    in the graph) is named by what it lacks, not reported as graphs that do not run on
+    onnxruntime (an InvalidArgument about the output name, which sends one looking for a
+    damaged graph or a broken onnxruntime)."""
+    def no_flows_output(model):
+        kept = [v for v in model.graph.output if v.name != "flows"]
+        del model.graph.output[:]
+        model.graph.output.extend(kept)
+
+    def unlisted(contract):
+        outputs = contract["graphs"]["non_key_frame"]["outputs"]
+        contract["graphs"]["non_key_frame"]["outputs"] = [t for t in outputs if t["name"] != "flows"]
+
+    old = _edited_graph(lite_63.out_dir, tmp_path / "old", "non_key_frame", no_flows_output, unlisted)
+    with pytest.raises(ValueError, match=re.escape("non_key_frame: the contract does not list ['flows']")):
+        check_export(old)
 
 
 def test_check_export_refuses_graphs_with_non_finite_class_logits(lite_63, tmp_path):
@@ -1691,6 +1721,22 @@ def test_a_graph_source_refuses_a_contract_edited_after_the_export(cfg, tmp_path
         GraphSource.from_dir(d)
 
 
+def test_a_graph_source_refuses_a_graph_input_of_another_shape_than_the_contract(cfg, tmp_path):
+    """A graph whose input is declared with another shape than its contract lists (a graph of one's
+    own exported at another size, or a contract edited after the export) would load and then fail
+    on every frame in onnxruntime, as a backend failure: the graph's inputs are compared with the
+    contract at load, as its outputs are."""
+    contract = build_contract(cfg, (96, 128))
+    d = _folder(tmp_path, contract)
+    other = json.loads(json.dumps(contract))
+    (key_image,) = [t for t in other["graphs"]["non_key_frame"]["inputs"] if t["name"] == "key_image"]
+    key_image["shape"] = [1, 3, 64, 128]
+    _declaring_graph(d / "non_key_frame.onnx", other, "non_key_frame")
+    with pytest.raises(ValueError, match=re.escape("non_key_frame: key_image has shape [1, 3, 64, 128] in the graph, "
+                                                   "[1, 3, 96, 128] in the contract")):
+        GraphSource.from_dir(d)
+
+
 def test_a_graph_source_from_a_folder_takes_its_provenance_from_the_contract(cfg, tmp_path):
     """weights and trained come from the contract; motion_trained too, true when the contract
     (an older one) has no such key, false only when it says false."""
@@ -1895,3 +1941,24 @@ def test_a_graph_source_without_the_onnx_package_skips_the_graph_check(cfg, tmp_
     with caplog.at_level(logging.INFO, logger="mpvss_ros.runtime.export"):
         assert GraphSource.from_dir(d).sizes == [(96, 128)]
     assert any("the onnx package is not installed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_graph_source_with_an_onnx_package_that_cannot_be_imported_skips_the_graph_check(cfg, tmp_path, monkeypatch,
+                                                                                          caplog):
+    """An onnx package that is installed but cannot be imported (built for another numpy: a plain
+    ImportError, no ModuleNotFoundError) does not stop a TensorRT node from loading its folder:
+    the comparison is skipped with the same log line as without the package."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken_onnx(name, *args, **kwargs):
+        if name == "onnx" or name.startswith("onnx."):
+            raise ImportError("numpy.core.multiarray failed to import")
+        return real_import(name, *args, **kwargs)
+
+    d = _folder(tmp_path, build_contract(cfg, (96, 128)))
+    monkeypatch.setattr(builtins, "__import__", broken_onnx)
+    with caplog.at_level(logging.INFO, logger="mpvss_ros.runtime.export"):
+        assert GraphSource.from_dir(d).sizes == [(96, 128)]
+    assert any("are not compared with their contract" in r.getMessage() for r in caplog.records)
