@@ -9,12 +9,14 @@ directory of an installed ROS 2 package (``ros2 pkg prefix mpvss_ros``/share/mpv
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import sys
 from pathlib import Path
 
-__all__ = ["REPO_ROOT", "check_output_dir", "data_roots", "find_data", "make_output_dir", "write_atomic"]
+__all__ = ["REPO_ROOT", "check_output_dir", "data_roots", "find_data", "make_output_dir", "write_atomic",
+           "write_json_atomic"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,3 +148,16 @@ def write_atomic(path: str | Path, data: bytes | bytearray | memoryview, *, pref
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, obj: object, *, prefix: str | None = None) -> None:
+    """Write ``obj`` as indented JSON (ASCII, a final newline) with :func:`write_atomic`: a reader
+    finds the earlier file or the new one whole, never half of a rewrite (a full disk). Used for
+    every JSON record the package rewrites: export contracts, engine side-cars, a training run's
+    ``options.json`` and ``model_config.json``.
+
+    Raises:
+        OSError: as :func:`write_atomic`.
+        TypeError, ValueError: ``obj`` is not JSON-serialisable (nothing is written).
+    """
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("ascii"), prefix=prefix)

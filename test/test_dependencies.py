@@ -69,11 +69,10 @@ def test_the_floor_itself_and_a_module_without_a_version_pass(monkeypatch):
     assert unmet_dependencies(("tqdm",)) == []
 
 
-def test_a_module_without_a_version_is_measured_by_its_installed_metadata(monkeypatch):
-    """rosbags has no ``__version__``: the version pip recorded stands for it; without a record
-    it passes on being importable."""
-    monkeypatch.setitem(sys.modules, "rosbags", types.SimpleNamespace())
-    recorded = {"rosbags": "0.11.5"}
+def _recorded_versions(monkeypatch, module: str, recorded: dict[str, str]) -> dict[str, str]:
+    """``module`` importable without ``__version__``, and pip's records (distribution name ->
+    version) replaced by ``recorded``, which the caller may change afterwards (it is returned)."""
+    monkeypatch.setitem(sys.modules, module, types.SimpleNamespace())
 
     def version(name):
         if name not in recorded:
@@ -81,6 +80,13 @@ def test_a_module_without_a_version_is_measured_by_its_installed_metadata(monkey
         return recorded[name]
 
     monkeypatch.setattr(dependencies.importlib.metadata, "version", version)
+    return recorded
+
+
+def test_a_module_without_a_version_is_measured_by_its_installed_metadata(monkeypatch):
+    """rosbags has no ``__version__``: the version pip recorded stands for it; without a record
+    it passes on being importable."""
+    recorded = _recorded_versions(monkeypatch, "rosbags", {"rosbags": "0.11.5"})
     assert unmet_dependencies(("rosbags",)) == ["rosbags 0.11.5 is older than 0.11.6, the oldest version mpvss_ros is "
                                                 "tested with: pip install 'rosbags>=0.11.6'"]
     recorded["rosbags"] = "0.11.6"
@@ -96,15 +102,7 @@ def test_a_module_without_a_version_is_measured_by_its_distributions_metadata(mo
     """The record is looked up by the distribution's name, not the import name: a Pillow older than
     3.4 has no ``PIL.__version__``, and pip records it as Pillow (there is no distribution "PIL"),
     so looking up "PIL" would let Pillow 3.1 pass the 9.0.1 floor."""
-    monkeypatch.setitem(sys.modules, "PIL", types.SimpleNamespace())
-    recorded = {"Pillow": "3.1.2"}
-
-    def version(name):
-        if name not in recorded:
-            raise dependencies.importlib.metadata.PackageNotFoundError(name)
-        return recorded[name]
-
-    monkeypatch.setattr(dependencies.importlib.metadata, "version", version)
+    _recorded_versions(monkeypatch, "PIL", {"Pillow": "3.1.2"})
     assert unmet_dependencies(("PIL",)) == ["Pillow 3.1.2 is older than 9.0.1, the oldest version mpvss_ros is "
                                             "tested with: pip install 'Pillow>=9.0.1'"]
 

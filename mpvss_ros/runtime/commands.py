@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..devices import as_torch_device
-from ..paths import check_output_dir, make_output_dir
+from ..paths import check_output_dir, make_output_dir, write_json_atomic
 from .base import BACKENDS, MIN_GRAPH_SIDE, PRECISIONS, BackendUnavailable
 
 __all__ = ["add_backend_options", "add_runtime_commands", "load_model_and_backend", "RUNTIME_COMMANDS"]
@@ -200,8 +200,7 @@ def _hw(args: argparse.Namespace, cfg: Any) -> tuple[int, int]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..model_loader import load_model
-    from ..paths import check_output_dir
-    from .export import export_onnx, check_parity, format_parity, _write_json
+    from .export import export_onnx, check_parity, format_parity
 
     check_output_dir(args.out, "--out")  # a file, or a folder that cannot be made: before the model loads
     loaded = load_model(args.model, args.weights, "cpu", motion_optional=True)
@@ -218,7 +217,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.no_parity:
         parity = check_parity(res.out_dir, loaded.model, threads=args.threads)
         res.contract["parity"] = parity
-        _write_json(res.out_dir / "contract.json", res.contract)
+        write_json_atomic(res.out_dir / "contract.json", res.contract)
         print(format_parity(parity))
         if not parity["passed"]:
             print("mpvss: error: onnxruntime differs from PyTorch beyond the tolerance", file=sys.stderr)

@@ -69,7 +69,7 @@ from ..config import ModelConfig
 from ..nn.motion import flow_grid_size
 from ..nn.mpvss import MPVSS, semantic_scores
 from ..nn.warp import warp_mask_logits
-from ..paths import make_output_dir, write_atomic
+from ..paths import make_output_dir, write_json_atomic
 from ..values import shown
 from .base import MIN_GRAPH_SIDE, padded_size
 from .cache import EXPORT_TEMP_PREFIX, build_lock, default_cache_dir, mark_used, prune_to_budget
@@ -564,12 +564,8 @@ def export_onnx(model: MPVSS, out_dir: str | Path, valid_hw: tuple[int, int] | N
         onnx.save(graph, str(path))
     contract = build_contract(cfg, valid_hw, key_path, non_key_path, weights=weights, trained=trained,
                               motion_trained=bool(getattr(model, "motion_trained", True)))
-    _write_json(out / CONTRACT_FILE, contract)
+    write_json_atomic(out / CONTRACT_FILE, contract)
     return ExportResult(out, key_path, non_key_path, contract, time.perf_counter() - t0)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..devices import as_torch_device
 from ..nn.mpvss import KeyFrameState
-from ..paths import write_atomic
+from ..paths import write_atomic, write_json_atomic
 from .base import Backend, BackendUnavailable, Missing, SizeCache, check_precision, nan_unless_finite
 from .cache import ENGINE_TEMP_PREFIX, build_lock, default_cache_dir, mark_used, prune_to_budget
 from .export import KEY_OUTPUTS, GraphSource, _sha256_file, read_contract
@@ -551,7 +551,7 @@ def engine_for(onnx_path: str | Path, input_shapes: dict[str, Sequence[int]], gr
                 "engine_bytes": len(blob), "engine_sha256": hashlib.sha256(blob).hexdigest()}
         # side-car first, engine last, both synced before their rename: an engine file that exists
         # is complete, and _engine_intact can check it against the side-car
-        write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode(), prefix=ENGINE_TEMP_PREFIX)
+        write_json_atomic(path.with_suffix(".json"), meta, prefix=ENGINE_TEMP_PREFIX)
         write_atomic(path, blob, prefix=ENGINE_TEMP_PREFIX)
     say(f"mpvss: engine built in {meta['build_seconds']} s: {path}")
     return path

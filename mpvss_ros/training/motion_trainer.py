@@ -50,7 +50,7 @@ from ..model_loader import checkpoint_model_config, select_device
 from ..nn.mpvss import MPVSS
 from ..nn.transformer_decoder import DecoderOutput
 from ..nn.warp import compose_flows, mmtrack_to_exact, warp_mask_logits
-from ..paths import make_output_dir
+from ..paths import make_output_dir, write_json_atomic
 from ..propagation import QueryFlowPropagator
 from ..runtime.torch_backend import TorchBackend, to_channels_last
 from ..scheduling import FixedIntervalScheduler
@@ -65,7 +65,7 @@ from .pairs import FramePairs, LabelledFrames, check_camvid_pairs, check_crop_on
 from .synthetic import SyntheticMotion
 from .trainer import (LOG_FILE, MODEL_FILE, STATE_FILE, InterruptAfterStep, check_run_dir, device_description,
                       camvid_root, lr_factor, no_decay_parameters, resume_run, rng_state, save_run_checkpoint,
-                      options_dict, save_final_checkpoint, torch_threads, warn_option_changes, write_run_json)
+                      options_dict, save_final_checkpoint, torch_threads, warn_option_changes)
 
 __all__ = ["MotionTrainOptions", "train_motion", "pseudo_labels", "MIN_CROP"]
 
@@ -492,7 +492,7 @@ def _train(opts: MotionTrainOptions) -> MotionTrainResult:
 
     result = MotionTrainResult(run_dir, start, False, model_path)
     make_output_dir(run_dir, "--run-dir")  # only now: a run that fails to start leaves no folder
-    write_run_json(run_dir / "options.json", options)
+    write_json_atomic(run_dir / "options.json", options)
     hp = int(math.ceil(opts.crop[0] / 32) * 32)
     wp = int(math.ceil(opts.crop[1] / 32) * 32)
     last_val: dict[str, Any] | None = None

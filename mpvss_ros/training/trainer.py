@@ -84,7 +84,7 @@ from ..io.samples import check_default_data_classes, shared_data_dir
 from ..model_loader import select_device
 from ..nn.backbones import MobileNetV2, load_imagenet_weights
 from ..nn.mpvss import MPVSS, semantic_scores
-from ..paths import check_output_dir, make_output_dir, write_atomic
+from ..paths import check_output_dir, make_output_dir, write_atomic, write_json_atomic
 from ..values import is_finite, is_real, shown
 from .criterion import SetCriterion, semantic_batch_to_targets
 from .data import CamVidFrames, decode_frames
@@ -783,17 +783,6 @@ def rng_state(device: torch.device) -> dict[str, Tensor]:
     return state
 
 
-def write_run_json(path: Path, obj: Any) -> None:
-    """Write a run's JSON record (``options.json``, ``model_config.json``) atomically
-    (:func:`~mpvss_ros.paths.write_atomic`): a resumed run that fails to write it (a full disk)
-    keeps the previous one whole.
-
-    Raises:
-        OSError: the write failed.
-    """
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
-
-
 def save_run_checkpoint(model_path: Path, state_path: Path, model: nn.Module, config: dict[str, Any],
                         meta: dict[str, Any], state: dict[str, Any]) -> None:
     """Write a run's checkpoint pair: the model file (:func:`~mpvss_ros.checkpoints.save_checkpoint`)
@@ -910,8 +899,8 @@ def _train(opts: TrainOptions) -> TrainResult:
         p.requires_grad_(False)
 
     make_output_dir(run_dir, "--run-dir")  # only now: a run that fails to start leaves no folder
-    write_run_json(run_dir / "options.json", options_dict(opts))
-    write_run_json(run_dir / "model_config.json", cfg.to_dict())
+    write_json_atomic(run_dir / "options.json", options_dict(opts))
+    write_json_atomic(run_dir / "model_config.json", cfg.to_dict())
 
     stop = opts.steps if opts.stop_at is None else max(opts.stop_at, start)
     result = TrainResult(run_dir=run_dir, step=start, finished=start >= opts.steps, checkpoint=model_path)

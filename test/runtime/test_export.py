@@ -31,6 +31,7 @@ import mpvss_ros.io.samples as samples
 import mpvss_ros.model_loader as model_loader
 import mpvss_ros.runtime as runtime
 from helpers import fill_the_disk_half_way, live_copies
+from mpvss_ros.paths import write_json_atomic
 from mpvss_ros.cli import main
 from mpvss_ros.config import load_model_config
 from mpvss_ros.model_loader import load_model
@@ -1530,7 +1531,7 @@ def test_a_contract_write_cut_short_leaves_the_previous_contract(tmp_path, monke
     path.write_text(json.dumps({"format": "old"}))
     fill_the_disk_half_way(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
-        export_module._write_json(path, {"format": "new", "parity": {"passed": True}})
+        write_json_atomic(path, {"format": "new", "parity": {"passed": True}})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"format": "old"}
     assert [p.name for p in tmp_path.iterdir()] == [CONTRACT_FILE]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import fill_the_disk_half_way
+from mpvss_ros.paths import write_json_atomic
 from mpvss_ros.checkpoints import read_checkpoint, save_checkpoint
 from mpvss_ros.config import load_model_config
 from mpvss_ros.evaluation.metrics import ConfusionMatrix
@@ -1215,12 +1216,12 @@ def test_a_run_record_rewrite_cut_short_keeps_the_record(tmp_path, monkeypatch):
     """options.json and model_config.json are rewritten when a run resumes; a disk that fills up
     then leaves the previous record whole (it was written in place: half a JSON file)."""
     record = tmp_path / "options.json"
-    trainer.write_run_json(record, {"lr": 0.0001, "steps": 10})
+    write_json_atomic(record, {"lr": 0.0001, "steps": 10})
     before = record.read_text()
     assert json.loads(before) == {"lr": 0.0001, "steps": 10} and before.endswith("}\n")
     fill_the_disk_half_way(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
-        trainer.write_run_json(record, {"lr": 0.0002, "steps": 20, "note": "x" * 1000})
+        write_json_atomic(record, {"lr": 0.0002, "steps": 20, "note": "x" * 1000})
     monkeypatch.undo()
     assert record.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["options.json"]
 
